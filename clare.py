@@ -29,6 +29,7 @@ import json
 import os
 import re
 import sqlite3
+import string
 import sys
 import time
 import uuid
@@ -62,7 +63,7 @@ class ClareError(Exception):
 
 
 class UsageError(ClareError):
-    exit_code = 2
+    exit_code, http_status = 2, 422
 
 
 class NotFound(ClareError):
@@ -351,6 +352,19 @@ def get_meta(cur: sqlite3.Cursor, key: str) -> str | None:
 def set_meta(cur: sqlite3.Cursor, key: str, value: str) -> None:
     """Store one value in the meta table."""
     cur.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def get_secret(db: Db, name: str) -> str:
+    """Return a random secret kept in this database's meta table, made on first use; never synced."""
+    row = db.conn.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()
+    if row is not None:
+        return row[0]
+    import secrets  # only the server needs secrets
+
+    with write_txn(db) as cur:
+        value = get_meta(cur, name) or secrets.token_urlsafe(32)
+        set_meta(cur, name, value)
+    return value
 
 
 def load_clock(cur: sqlite3.Cursor, *, machine_id: str, now_ms: int) -> Hlc | None:
@@ -1206,6 +1220,808 @@ SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
 # 8. HTTP: routing table, HTML templates, JSON API and sync endpoints.
 # ==========================================================================
 
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+MAX_BODY_BYTES = 1024 * 1024  # JSON and form bodies; larger ones get 413 before a byte is read
+MAX_SYNC_BODY_BYTES = 8 * 1024 * 1024  # a sync batch of events
+SYNC_PATH_PREFIX = "/api/v1/sync/"
+REQUEST_TIMEOUT_S = 10.0  # per socket read or write: a slow or silent client loses its connection
+LISTEN_BACKLOG = 128  # with the default 5, p99 latency under load is near a second (DESIGN §8)
+SHUTDOWN_GRACE_S = 10.0  # how long SIGTERM waits for requests in flight to finish
+POLL_S = 5  # how often htmx refreshes a polled fragment
+MAX_EVENTS_PAGE = 1000
+LOGIN_COOKIE = "clare_login"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 411: "length_required",
+               413: "payload_too_large", 414: "uri_too_long", 415: "unsupported_media_type",
+               422: "invalid", 431: "headers_too_large", 500: "internal", 501: "not_implemented"}
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+HTMX_VERSION = "2.0.11"
+SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    # Inline CSS lives in the page template; scripts only from /static, never inline.
+    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
+)
+
+
+class HttpError(ClareError):
+    """A refusal decided by the HTTP layer itself: auth, size, media type, routing."""
+
+    def __init__(self, http_status: int, message: str, *, headers: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        self.http_status = http_status
+        self.headers = headers
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    host: str  # the address the server binds
+    port: int  # 0 picks a free port; the server then knows the real one
+    token: str | None  # with a token, every non-public route needs it (bearer or login cookie)
+    allowed_hosts: frozenset[str]  # Host header names accepted (DNS rebinding defence)
+    csrf_token: str  # per-install secret that every HTML form and htmx request carries
+    db_path: str
+    log_requests: bool = False  # one line per request costs ~16% throughput (DESIGN §8)
+    timeout_s: float = REQUEST_TIMEOUT_S
+
+    @property
+    def has_token(self) -> bool:
+        """Tell whether requests must authenticate."""
+        return self.token is not None
+
+    @property
+    def login_cookie(self) -> str:
+        """Return the login cookie's value: derived from the token, so the token itself never sits in a cookie."""
+        return hmac_hex(self.token or "", "clare login cookie")
+
+
+def hmac_hex(key: str, message: str) -> str:
+    """Return HMAC-SHA256 of message under key, as hex."""
+    import hmac  # only the server and the remote client need it
+
+    return hmac.new(key.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def same_secret(given: str | None, expected: str) -> bool:
+    """Compare a secret in constant time; None never matches."""
+    import hmac
+
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def is_loopback(host: str) -> bool:
+    """Tell whether binding `host` keeps the server on this machine."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def web_config(paths: Paths, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+               env: dict[str, str] | None = None, log_requests: bool = False) -> WebConfig:
+    """Read token and allowed host names from CLARE_TOKEN and clare.toml; refuse an open bind without a token."""
+    import socket
+
+    env = os.environ if env is None else env
+    config = load_config(paths.config)
+    token = env.get("CLARE_TOKEN") or config.get("token") or None
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        raise UsageError("the token is shorter than 16 characters; make one with: "
+                         "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    if not is_loopback(host) and token is None:
+        raise UsageError(f"binding {host or '*'} exposes Clare to the network without a token; set CLARE_TOKEN "
+                         "or token = \"...\" in clare.toml (python3 -c 'import secrets; "
+                         "print(secrets.token_urlsafe(32))'), or bind 127.0.0.1")
+    names = config.get("allowed_hosts", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UsageError(f"{paths.config}: allowed_hosts must be a list of host names")
+    allowed = {host.lower(), *LOOPBACK_HOSTS, *(n.lower() for n in names)}
+    if host in WILDCARD_HOSTS:
+        allowed.add(socket.gethostname().lower())
+    db = open_db(paths.db)
+    try:
+        csrf = get_secret(db, "csrf_secret")
+    finally:
+        db.close()
+    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str  # the raw (percent-encoded) path, without the query
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # names lowercased
+    body: bytes
+    params: dict[str, str]  # the route's named groups, percent-decoded
+    db: Db  # this thread's connection, borrowed for the request
+    config: WebConfig
+
+    @property
+    def svc(self) -> Services:
+        """Return the services bound to this request's database."""
+        return Services(self.db)
+
+    def arg(self, name: str, default: str | None = None) -> str | None:
+        """Return the last value of one query parameter."""
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+    def int_arg(self, name: str, default: int, *, lo: int, hi: int) -> int:
+        """Return an integer query parameter within [lo, hi]; 400 otherwise."""
+        text = self.arg(name)
+        if text is None or text == "":
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise HttpError(400, f"query parameter {name}={text[:40]!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise HttpError(400, f"query parameter {name}={value} is outside {lo}-{hi}")
+        return value
+
+    def json(self, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Return the JSON object body holding the required fields and no unknown ones."""
+        try:
+            value = json.loads(self.body or b"{}")
+        except ValueError as err:
+            raise HttpError(400, f"the body is not valid JSON ({err}); send a JSON object") from err
+        if not isinstance(value, dict):
+            raise UsageError("the body must be a JSON object")
+        missing = [k for k in required if k not in value]
+        if missing:
+            raise UsageError(f"the body lacks {', '.join(missing)}")
+        unknown = sorted(set(value) - set(required) - set(optional))
+        if unknown:
+            raise UsageError(f"unknown field {', '.join(unknown)}; known: {', '.join(required + optional)}")
+        return value
+
+    def form(self) -> dict[str, str]:
+        """Return the urlencoded form body, the last value of each field."""
+        from urllib.parse import parse_qsl
+
+        try:
+            return dict(parse_qsl(self.body.decode(), keep_blank_values=True, max_num_fields=200))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise HttpError(400, f"the form body cannot be read ({err})") from err
+
+    @property
+    def is_htmx(self) -> bool:
+        """Tell whether htmx sent this request (it then wants a fragment, not a page)."""
+        return self.headers.get("hx-request") == "true"
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def json_response(value: Any, *, status: int = 200) -> Response:
+    """Return a JSON response of a value, dataclasses included."""
+    return Response(status, json.dumps(_jsonable(value), ensure_ascii=False).encode())
+
+
+def error_json(status: int, message: str) -> bytes:
+    """Return the JSON body of an error: {"error": {"code", "message"}}."""
+    return json.dumps({"error": {"code": ERROR_CODES.get(status, "error"), "message": message}}).encode()
+
+
+def _route(method: str, path: str) -> tuple[Callable[[Request], Response], dict[str, str]]:
+    """Find the handler of a path and method; 404 when no path matches, 405 with Allow when no method does."""
+    from urllib.parse import unquote
+
+    allowed = []
+    for route_method, pattern, handler in ROUTES:
+        m = pattern.fullmatch(path)
+        if m is None:
+            continue
+        if route_method == method or (method == "HEAD" and route_method == "GET"):
+            return handler, {k: unquote(v) for k, v in m.groupdict().items()}
+        allowed.append(route_method)
+    if allowed:
+        allow = ", ".join(sorted(set(allowed) | ({"HEAD"} if "GET" in allowed else set())))
+        raise HttpError(405, f"{method} is not allowed on {path}; use {allow}", headers=(("Allow", allow),))
+    raise HttpError(404, f"no such path {path}; the API lives under /api/v1 (see /api/v1/openapi.json)")
+
+
+def host_name(value: str) -> str:
+    """Return the host part of a Host header value, lowercased, without port or IPv6 brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    name, sep, port = value.rpartition(":")
+    return name if sep and port.isdigit() else value
+
+
+def _is_ip(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def check_host(config: WebConfig, hosts: list[str]) -> None:
+    """Refuse a request whose Host is not a name this server answers to."""
+    # SECURITY: DNS rebinding. A page on evil.example whose name is re-pointed at 127.0.0.1
+    # reaches us with Host: evil.example. An IP literal cannot be rebound, so on a wildcard
+    # bind (token required there) any literal address of this machine is fine.
+    if len(hosts) != 1:
+        raise HttpError(400, "a request needs exactly one Host header")
+    name = host_name(hosts[0])
+    if name in config.allowed_hosts or (config.host in WILDCARD_HOSTS and _is_ip(name)):
+        return
+    raise HttpError(403, f"host {name[:80]!r} is not one this server answers to; add it to allowed_hosts "
+                         "in clare.toml if it is yours")
+
+
+def check_origin(headers: dict[str, str]) -> None:
+    """Refuse a state-changing request that a browser sent from another site."""
+    # SECURITY: cross-site request forgery. Browsers send Origin on every non-GET fetch and
+    # form post; a request with neither Origin nor Sec-Fetch-Site came from a non-browser client.
+    if headers.get("sec-fetch-site", "").lower() == "cross-site":
+        raise HttpError(403, "cross-site requests may not change anything here")
+    origin = headers.get("origin")
+    if origin is None:
+        return
+    from urllib.parse import urlsplit
+
+    own = headers.get("host", "").lower()
+    parts = urlsplit(origin.lower())
+    if parts.scheme not in ("http", "https") or parts.netloc != own:
+        raise HttpError(403, f"origin {origin[:80]!r} is not this server ({own}); "
+                             "state changes must come from Clare's own pages or an API client")
+
+
+def check_auth(config: WebConfig, headers: dict[str, str]) -> None:
+    """Require the bearer token or the login cookie when the server has a token."""
+    if config.token is None:
+        return
+    auth = headers.get("authorization", "")
+    scheme, _, given = auth.partition(" ")
+    if scheme.lower() == "bearer" and same_secret(given.strip(), config.token):
+        return
+    if same_secret(_cookie(headers.get("cookie", ""), LOGIN_COOKIE), config.login_cookie):
+        return
+    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or open the login URL "
+                         "that 'clare serve' printed", headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
+
+
+def _cookie(header: str, name: str) -> str | None:
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value
+    return None
+
+
+def check_media(config: WebConfig, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
+    """Require JSON on the API and the CSRF token on forms, for a state-changing request."""
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    if path.startswith("/api/"):
+        # SECURITY: a cross-site page can POST text/plain or a form without a preflight;
+        # application/json it cannot.
+        if (body or method != "DELETE") and ctype != "application/json":
+            raise HttpError(415, f"send the body as JSON with 'Content-Type: application/json' (got {ctype or 'none'!r})")
+        return
+    if body and ctype != "application/x-www-form-urlencoded":
+        raise HttpError(415, f"send the form as application/x-www-form-urlencoded (got {ctype or 'none'!r})")
+    token = headers.get("x-csrf-token")
+    if token is None and body:
+        from urllib.parse import parse_qs
+
+        token = (parse_qs(body.decode(errors="replace"), max_num_fields=200).get("csrf") or [None])[-1]
+    # SECURITY: the per-install CSRF token rides in every page (hx-headers and a hidden field).
+    if not same_secret(token, config.csrf_token):
+        raise HttpError(403, "missing or stale form token; reload the page and try again")
+
+
+def check_length(path: str, headers: dict[str, str]) -> int:
+    """Return the declared body size; 411 without a length, 413 over the limit, before a byte is read."""
+    if "transfer-encoding" in headers:
+        raise HttpError(411, "chunked bodies are not accepted; send Content-Length")
+    text = headers.get("content-length", "0").strip() or "0"
+    if not text.isdigit():
+        raise HttpError(400, f"bad Content-Length {text[:20]!r}")
+    size = int(text)
+    limit = MAX_SYNC_BODY_BYTES if path.startswith(SYNC_PATH_PREFIX) else MAX_BODY_BYTES
+    if size > limit:
+        raise HttpError(413, f"the body is {size} bytes, over the limit of {limit}; send less at a time")
+    return size
+
+
+def _is_public(handler: Callable) -> bool:
+    return handler in (page_login, get_static)
+
+
+def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
+    """Answer one request: check it, route it, run its handler and write the response in one buffer.
+
+    The only code that writes to the socket. `error` answers a request http.server refused to parse.
+    """
+    server, method, started = h.server, getattr(h, "command", None) or "GET", time.perf_counter()
+    config: WebConfig = server.config
+    path, _, query_text = str(getattr(h, "path", "/")).partition("?")
+    message = getattr(h, "headers", None)  # absent when the request line itself was bad
+    headers = {k.lower(): v for k, v in message.items()} if message is not None else {}
+    is_api = path.startswith("/api/") or error is not None  # a broken request gets the plain JSON error
+    db = None
+    h.body_is_read = False
+    try:
+        if error is not None:
+            raise error
+        check_host(config, message.get_all("Host") or [])
+        size = check_length(path, headers)
+        handler, params = _route(method, path)
+        if not _is_public(handler):
+            check_auth(config, headers)
+        if method in STATE_CHANGING:
+            check_origin(headers)
+        body = h.rfile.read(size) if size else b""
+        if len(body) != size:
+            raise ConnectionError("the client closed the connection inside the body")
+        h.body_is_read = True
+        if method in STATE_CHANGING:
+            check_media(config, method, path, headers, body)
+        from urllib.parse import parse_qs
+
+        db = server.take_db()
+        req = Request(method, path, parse_qs(query_text, max_num_fields=100), headers, body, params, db, config)
+        resp = handler(req)
+    except (TimeoutError, ConnectionError):
+        h.close_connection = True  # the client is too slow or gone: nobody to answer
+        return
+    except ClareError as err:
+        extra = err.headers if isinstance(err, HttpError) else ()
+        status = err.http_status
+        resp = (Response(status, error_json(status, str(err)), headers=extra) if is_api
+                else Response(status, error_page(status, str(err)).encode(), "text/html; charset=utf-8", extra))
+    except Exception:  # noqa: BLE001 - the edge: a bug must cost one 500, not the server
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        resp = Response(500, error_json(500, "internal error; see the server's log"))
+    finally:
+        if db is not None:
+            server.give_db(db)
+    if resp.status >= 400 and not h.body_is_read and headers.get("content-length", "0") not in ("", "0"):
+        h.close_connection = True  # the unread body would be parsed as the next request
+    if server.is_stopping:
+        h.close_connection = True
+    from http.server import BaseHTTPRequestHandler
+
+    reason = BaseHTTPRequestHandler.responses.get(resp.status, ("",))[0]
+    lines = [f"HTTP/1.1 {resp.status} {reason}", f"Content-Type: {resp.content_type}",
+             f"Content-Length: {len(resp.body)}", *(f"{k}: {v}" for k, v in SECURITY_HEADERS)]
+    if not any(k.lower() == "cache-control" for k, _ in resp.headers):
+        lines.append("Cache-Control: no-store")
+    lines += [f"{k}: {v}" for k, v in resp.headers]
+    if h.close_connection:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
+    if config.log_requests:
+        h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+
+
+_SERVER_CLASS: list[type] = []  # made on first use: http.server is too heavy for every CLI start
+
+
+def make_server(config: WebConfig) -> Any:
+    """Bind a ThreadingHTTPServer for `config` (port 0 picks a free port); serve it with serve_forever."""
+    if not _SERVER_CLASS:
+        _SERVER_CLASS.append(_define_server())
+    try:
+        return _SERVER_CLASS[0](config)
+    except OSError as err:
+        raise ClareError(f"cannot listen on {config.host}:{config.port}: {err.strerror}; "
+                         "pick another --port or stop what holds it") from err
+
+
+def _define_server() -> type:
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive
+        server_version = f"clare/{__version__}"
+        sys_version = ""
+
+        def setup(self) -> None:
+            self.timeout = self.server.config.timeout_s  # every read and write on the socket
+            super().setup()
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except ConnectionError:  # the client went away: nothing to answer
+                self.close_connection = True
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            self.close_connection = True
+            _dispatch(self, error=HttpError(code, message or explain or "the request cannot be read"))
+
+        def log_message(self, format: str, *args: Any) -> None:
+            if self.server.config.log_requests:
+                super().log_message(format, *args)
+
+        def do_any(self) -> None:
+            self.server.enter()  # counted from the request line on, so SIGTERM waits for it
+            try:
+                _dispatch(self)
+            finally:
+                self.server.leave()
+
+        do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_any
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True  # idle keep-alive connections must not hold up exit; see drain()
+        request_queue_size = LISTEN_BACKLOG
+
+        def __init__(self, config: WebConfig):
+            if ":" in config.host:
+                self.address_family = socket.AF_INET6
+            self.config = config
+            self.is_stopping = False
+            self._dbs: list[Db] = []  # idle connections: one per thread at a time, reused
+            self._lock = threading.Lock()
+            self._idle = threading.Condition(self._lock)
+            self._n_busy = 0  # requests being handled now
+            super().__init__((config.host, config.port), Handler)
+            self.config = dataclasses.replace(config, port=self.server_address[1])
+
+        def take_db(self) -> Db:
+            """Borrow an open connection (a new connection per request costs ~4x, DESIGN §8)."""
+            with self._lock:
+                if self._dbs:
+                    return self._dbs.pop()
+            return open_db(self.config.db_path)
+
+        def give_db(self, db: Db) -> None:
+            """Return a borrowed connection."""
+            if db.conn.in_transaction:  # a bug left a transaction open: do not lend this one again
+                db.close()
+                return
+            with self._lock:
+                self._dbs.append(db)
+
+        def enter(self) -> None:
+            with self._lock:
+                self._n_busy += 1
+
+        def leave(self) -> None:
+            with self._lock:
+                self._n_busy -= 1
+                self._idle.notify_all()
+
+        def drain(self, timeout_s: float) -> bool:
+            """Wait until no request is being handled; say whether that happened in time."""
+            self.is_stopping = True
+            with self._lock:
+                return self._idle.wait_for(lambda: self._n_busy == 0, timeout=timeout_s)
+
+        def server_close(self) -> None:
+            super().server_close()
+            with self._lock:
+                dbs, self._dbs = self._dbs, []
+            for db in dbs:
+                db.close()
+
+        @property
+        def url(self) -> str:
+            """Return the base URL people should open."""
+            host = self.config.host
+            host = "127.0.0.1" if host in WILDCARD_HOSTS else host
+            return f"http://[{host}]:{self.config.port}" if ":" in host else f"http://{host}:{self.config.port}"
+
+    return Server
+
+
+def run_server(server: Any, *, on_start: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then finish the requests in flight and close."""
+    import signal
+    import threading
+
+    def stop(signum: int, frame: Any) -> None:
+        server.is_stopping = True
+        # shutdown() waits for serve_forever, which runs in this very thread: ask from another.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if on_start is not None:
+            on_start()
+        server.serve_forever(poll_interval=0.2)
+        server.drain(SHUTDOWN_GRACE_S)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        server.server_close()
+
+
+# --- HTML building blocks -------------------------------------------------
+
+_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"})
+
+
+class Html(str):
+    """Text that is already safe HTML: render() inserts it as it is."""
+
+    __slots__ = ()
+
+
+def escape(value: object) -> Html:
+    """Return a value as HTML text: Html stays as it is, anything else is escaped."""
+    return value if isinstance(value, Html) else Html(str(value).translate(_ESCAPES))
+
+
+def render(template: "string.Template", **values: Any) -> Html:
+    """Fill a template, escaping every value that is not Html; a missing key raises KeyError."""
+    return Html(template.substitute({k: escape(v) for k, v in values.items()}))
+
+
+def join(parts: Iterable[Html]) -> Html:
+    """Concatenate rendered pieces."""
+    return Html("".join(parts))
+
+
+def html_response(body: Html, *, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    """Return an HTML response."""
+    return Response(status, body.encode(), "text/html; charset=utf-8", headers)
+
+
+PAGE_ERROR = string.Template("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>$status · Clare</title>
+<style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
+@media (prefers-color-scheme:dark){body{background:#111418;color:#e6e8eb}}</style></head>
+<body><h1>$status</h1><p>$message</p><p><a href="/">Back to the dashboard</a></p></body></html>
+""")
+
+
+def error_page(status: int, message: str) -> Html:
+    """Return the full page shown for an HTTP error."""
+    return render(PAGE_ERROR, status=status, message=message)
+
+
+# --- JSON API ------------------------------------------------------------
+
+
+def _event_json(ev: Event) -> dict[str, Any]:
+    return {**ev.to_json(), "rseq": ev.rseq}
+
+
+def api_list_projects(req: Request) -> Response:
+    """List projects with task counts; ?status= filters."""
+    return json_response(req.svc.list_projects(status=req.arg("status")))
+
+
+def api_create_project(req: Request) -> Response:
+    """Create a project from {name, goal?, owner?}."""
+    b = req.json(required=("name",), optional=("goal", "owner"))
+    return json_response(req.svc.create_project(b["name"], goal=b.get("goal", ""), owner=b.get("owner", "")),
+                         status=201)
+
+
+def api_get_project(req: Request) -> Response:
+    """Return one project by name or id prefix."""
+    return json_response(req.svc.get_project(req.params["project"]))
+
+
+def api_edit_project(req: Request) -> Response:
+    """Change a project from {name?, goal?, owner?, status?}."""
+    b = req.json(optional=("name", "goal", "owner", "status"))
+    return json_response(req.svc.edit_project(req.params["project"], **b))
+
+
+def api_project_history(req: Request) -> Response:
+    """Return the events about a project and its tasks, oldest first."""
+    svc = req.svc
+    limit = req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE)
+    return json_response([_event_json(e) for e in svc.project_history(svc.get_project(req.params["project"]),
+                                                                        limit=limit)])
+
+
+def api_list_tasks(req: Request) -> Response:
+    """List tasks, most urgent first; ?project= ?status= ?session= ?group= filter."""
+    svc = req.svc
+    project, group = req.arg("project"), req.arg("group")
+    return json_response(svc.list_tasks(project_id=svc.get_project(project).id if project else None,
+                                        status=req.arg("status"), session_id=req.arg("session"),
+                                        group_id=svc.get_group(group).id if group else None))
+
+
+def api_create_task(req: Request) -> Response:
+    """Add a task from {project, title, priority?, description?}."""
+    b = req.json(required=("project", "title"), optional=("priority", "description"))
+    return json_response(req.svc.create_task(b["project"], b["title"], priority=b.get("priority", DEFAULT_PRIORITY),
+                                             description=b.get("description", "")), status=201)
+
+
+def api_get_task(req: Request) -> Response:
+    """Return one task by id prefix."""
+    return json_response(req.svc.get_task(req.params["task"]))
+
+
+def api_edit_task(req: Request) -> Response:
+    """Change a task from {title?, description?, priority?, status?}."""
+    b = req.json(optional=("title", "description", "priority", "status"))
+    return json_response(req.svc.edit_task(req.params["task"], **b))
+
+
+def api_task_history(req: Request) -> Response:
+    """Return the events about one task, oldest first."""
+    svc = req.svc
+    limit = req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE)
+    return json_response([_event_json(e) for e in svc.list_history([svc.get_task(req.params["task"]).id],
+                                                                   limit=limit)])
+
+
+def api_assign_task(req: Request) -> Response:
+    """Assign a task from {session_id} or {group}."""
+    b = req.json(optional=("session_id", "group"))
+    return json_response(req.svc.assign_task(req.params["task"], session_id=b.get("session_id"),
+                                             group_ref=b.get("group")))
+
+
+def api_unassign_task(req: Request) -> Response:
+    """End a task's assignment."""
+    return json_response(req.svc.unassign_task(req.params["task"]))
+
+
+def api_list_groups(req: Request) -> Response:
+    """List the groups."""
+    return json_response(req.svc.list_groups())
+
+
+def api_create_group(req: Request) -> Response:
+    """Create a group from {name, cwd?, host?, tmux_name?}."""
+    b = req.json(required=("name",), optional=("cwd", "host", "tmux_name"))
+    return json_response(req.svc.create_group(b.pop("name"), **b), status=201)
+
+
+def api_remove_group(req: Request) -> Response:
+    """Remove a group; its tasks become unassigned."""
+    return json_response(req.svc.remove_group(req.params["group"]))
+
+
+def api_list_updates(req: Request) -> Response:
+    """Return the newest updates, newest last; ?task= narrows to one task."""
+    svc = req.svc
+    task = req.arg("task")
+    limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
+    return json_response(svc.list_updates(task_ids=[svc.get_task(task).id] if task else None, limit=limit))
+
+
+def api_post_update(req: Request) -> Response:
+    """Post a progress note from {task, text, source?, session_id?}."""
+    b = req.json(required=("text",), optional=("task", "source", "session_id"))
+    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id"),
+                                             source=b.get("source", "message")), status=201)
+
+
+def api_status(req: Request) -> Response:
+    """Return the roll-up: projects with task counts, and the size of the log."""
+    svc = req.svc
+    return json_response({"projects": svc.list_projects(), "n_events": svc.count_events(),
+                          "machine_id": req.db.machine_id})
+
+
+def api_list_events(req: Request) -> Response:
+    """Page through the log: ?after=RSEQ in receipt order, or without it the newest, newest last."""
+    limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
+    after = req.int_arg("after", -1, lo=0, hi=2**62)
+    if after < 0:
+        events = req.svc.list_events(limit=limit)
+        has_more = False
+    else:
+        import itertools
+
+        events = list(itertools.islice(iter_events(req.db, after=after, batch=limit + 1), limit + 1))
+        has_more, events = len(events) > limit, events[:limit]
+    next_after = max((e.rseq for e in events), default=max(after, 0))
+    return json_response({"events": [_event_json(e) for e in events], "next_after": next_after,
+                          "has_more": has_more})
+
+
+def api_history(req: Request) -> Response:
+    """Return the newest events naming any ?entity= id, oldest first."""
+    ids = req.query.get("entity", [])
+    if not ids or len(ids) > 100:
+        raise HttpError(400, "give 1 to 100 entity ids as ?entity=ID&entity=ID")
+    return json_response([_event_json(e) for e in req.svc.list_history(
+        ids, limit=req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE))])
+
+
+def api_import_events(req: Request) -> Response:
+    """Store the events of {lines: [JSON text, ...]} not yet here; report what happened to each."""
+    lines = req.json(required=("lines",))["lines"]
+    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+        raise UsageError("lines must be a list of JSON texts, one event each")
+    result, bad = req.svc.import_events(lines)
+    return json_response({"inserted": [_event_json(e) for e in result.inserted],
+                          "duplicates": result.n_duplicates, "conflicts": result.conflicts, "rejected": bad})
+
+
+def api_replay(req: Request) -> Response:
+    """Rebuild every projection from the log."""
+    return json_response({"events": req.svc.replay()})
+
+
+def get_static(req: Request) -> Response:
+    """Serve a vendored file from static/ with a year-long cache (the URL carries its version)."""
+    name = req.params["name"]
+    kind = STATIC_TYPES.get(os.path.splitext(name)[1])
+    path = os.path.join(STATIC_DIR, name)
+    if kind is None or not os.path.isfile(path):
+        raise NotFound(f"no static file {name!r}")
+    with open(path, "rb") as f:
+        body = f.read()
+    return Response(200, body, kind, (("Cache-Control", "public, max-age=31536000, immutable"),))
+
+
+def page_login(req: Request) -> Response:
+    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie, then go to the dashboard."""
+    config = req.config
+    if config.token is not None:
+        if not same_secret(req.arg("token"), config.token):
+            raise HttpError(401, "wrong or missing token; open the exact login URL that 'clare serve' printed")
+        cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
+        return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
+    return Response(303, b"", "text/plain", (("Location", "/"),))
+
+
+_REF = r"(?P<%s>[^/]+)"
+ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
+    (method, re.compile(pattern), handler) for method, pattern, handler in (
+        ("GET", r"/api/v1/projects", api_list_projects),
+        ("POST", r"/api/v1/projects", api_create_project),
+        ("GET", r"/api/v1/projects/" + _REF % "project", api_get_project),
+        ("PATCH", r"/api/v1/projects/" + _REF % "project", api_edit_project),
+        ("GET", r"/api/v1/projects/" + _REF % "project" + "/history", api_project_history),
+        ("GET", r"/api/v1/tasks", api_list_tasks),
+        ("POST", r"/api/v1/tasks", api_create_task),
+        ("GET", r"/api/v1/tasks/" + _REF % "task", api_get_task),
+        ("PATCH", r"/api/v1/tasks/" + _REF % "task", api_edit_task),
+        ("GET", r"/api/v1/tasks/" + _REF % "task" + "/history", api_task_history),
+        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_assign_task),
+        ("DELETE", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_unassign_task),
+        ("GET", r"/api/v1/groups", api_list_groups),
+        ("POST", r"/api/v1/groups", api_create_group),
+        ("DELETE", r"/api/v1/groups/" + _REF % "group", api_remove_group),
+        ("GET", r"/api/v1/updates", api_list_updates),
+        ("POST", r"/api/v1/updates", api_post_update),
+        ("GET", r"/api/v1/status", api_status),
+        ("GET", r"/api/v1/events", api_list_events),
+        ("GET", r"/api/v1/history", api_history),
+        ("POST", r"/api/v1/import", api_import_events),
+        ("POST", r"/api/v1/replay", api_replay),
+        ("GET", r"/static/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)", get_static),
+        ("GET", r"/login", page_login),
+    )
+]
+
 
 # ==========================================================================
 # 9. CLI: the argparse tree built from COMMANDS, handlers and text output.
@@ -1263,16 +2079,6 @@ def emit(ctx: Context, value: Any, text: str | Callable[[], str]) -> None:
         out = text() if callable(text) else text
         if out:
             print(out)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "to_json"):
-        return value.to_json()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
 
 
 def table(headers: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
@@ -1519,6 +2325,19 @@ def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
     return 1 if bad or result.conflicts else 0
 
 
+def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
+    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C."""
+    config = web_config(ctx.paths, host=args.host, port=args.port, log_requests=args.log)
+    server = make_server(config)
+
+    def started() -> None:
+        print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
+        if config.token is not None:
+            print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
+    run_server(server, on_start=started)
+    print("clare: stopped", flush=True)
+
+
 GROUP_HELP = {
     "project": "create, list, show and change projects",
     "task": "add, list, show and move tasks",
@@ -1526,6 +2345,12 @@ GROUP_HELP = {
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
 _JSON = arg("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
+
+_SERVE_ARGS = (
+    arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
+    arg("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"),
+    arg("--log", action="store_true", help="print one line per request to stderr"),
+)
 
 COMMANDS: list[Command] = [
     Command(("init",), cmd_init, "create the database and this host's machine id (idempotent)",
@@ -1590,6 +2415,9 @@ COMMANDS: list[Command] = [
     Command(("export",), cmd_export, "write the event log as JSON lines",
             "clare export backup.jsonl\n  clare export | gzip > backup.jsonl.gz",
             (arg("file", nargs="?", help="output file; '-' or none for stdout"),)),
+    Command(("serve",), cmd_serve, "serve the dashboard and the JSON API (alias: web)",
+            "clare serve\n  CLARE_TOKEN=$(cat ~/.clare-token) clare serve --host 0.0.0.0 --port 8765", _SERVE_ARGS),
+    Command(("web",), cmd_serve, "the same as serve", "clare web --port 9000", _SERVE_ARGS),
     Command(("import",), cmd_import, "add the events of a JSON-lines file (idempotent)",
             "clare import backup.jsonl", (arg("file", help="input file; '-' for stdin"),)),
 ]
