@@ -1901,17 +1901,23 @@ def api_create_group(req: Request) -> Response:
     return json_response(req.svc.create_group(b.pop("name"), **b), status=201)
 
 
+def api_get_group(req: Request) -> Response:
+    """Return one group by name or id prefix."""
+    return json_response(req.svc.get_group(req.params["group"]))
+
+
 def api_remove_group(req: Request) -> Response:
     """Remove a group; its tasks become unassigned."""
     return json_response(req.svc.remove_group(req.params["group"]))
 
 
 def api_list_updates(req: Request) -> Response:
-    """Return the newest updates, newest last; ?task= narrows to one task."""
+    """Return the newest updates, newest last; ?task= (repeatable) or ?id= narrows them."""
     svc = req.svc
-    task = req.arg("task")
+    tasks = req.query.get("task")
     limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
-    return json_response(svc.list_updates(task_ids=[svc.get_task(task).id] if task else None, limit=limit))
+    return json_response(svc.list_updates(task_ids=[svc.get_task(t).id for t in tasks] if tasks else None,
+                                          update_id=req.arg("id"), limit=limit))
 
 
 def api_post_update(req: Request) -> Response:
@@ -1992,6 +1998,175 @@ def page_login(req: Request) -> Response:
     return Response(303, b"", "text/plain", (("Location", "/"),))
 
 
+# --- the remote twin of Services ----------------------------------------
+
+REMOTE_TIMEOUT_S = 30.0
+_REMOTE_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
+
+
+def _build(cls: type, obj: dict[str, Any]) -> Any:
+    """Rebuild a dataclass from its JSON object; fields the server added are ignored."""
+    return cls(**{name: obj[name] for name in cls.__slots__ if name in obj})
+
+
+class RemoteServices:
+    """The services of Services, run by a remote Clare through its JSON API: same names, same values.
+
+    Raises the same error classes as a local call, with the server's message.
+    """
+
+    __slots__ = ("url", "token")
+
+    def __init__(self, url: str, *, token: str | None = None):
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
+        """Send one API request and return its decoded JSON; raise the server's error as a ClareError."""
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        pairs = [(k, x) for k, v in (query or {}).items() if v is not None
+                 for x in (v if isinstance(v, list) else [v])]
+        url = self.url + path + ("?" + urllib.parse.urlencode(pairs) if pairs else "")
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Accept": "application/json", **({"Content-Type": "application/json"} if data is not None else {}),
+                   **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=REMOTE_TIMEOUT_S) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as err:
+            try:
+                message = json.loads(err.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = f"{self.url} answered {err.code} {err.reason}"
+            raise _REMOTE_ERRORS.get(err.code, ClareError)(message) from err
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ClareError(f"cannot reach {self.url} ({reason}); check --remote / CLARE_URL and that "
+                             "'clare serve' runs there") from err
+        except ValueError as err:
+            raise ClareError(f"{self.url} did not answer JSON; is it a Clare server?") from err
+
+    @staticmethod
+    def _path(ref: str) -> str:
+        from urllib.parse import quote
+
+        return quote(ref, safe="")
+
+    def create_project(self, name: str, *, goal: str = "", owner: str = "") -> Project:
+        """Create a project."""
+        return _build(Project, self.call("POST", "/api/v1/projects", body={"name": name, "goal": goal, "owner": owner}))
+
+    def edit_project(self, ref: str, **changes: Any) -> Project:
+        """Change some fields of a project."""
+        body = {k: v for k, v in changes.items() if v is not None}
+        return _build(Project, self.call("PATCH", f"/api/v1/projects/{self._path(ref)}", body=body))
+
+    def get_project(self, ref: str) -> Project:
+        """Return one project by name or id prefix."""
+        return _build(Project, self.call("GET", f"/api/v1/projects/{self._path(ref)}"))
+
+    def list_projects(self, *, status: str | None = None) -> list[Project]:
+        """Return the projects."""
+        return [_build(Project, p) for p in self.call("GET", "/api/v1/projects", query={"status": status})]
+
+    def project_history(self, project: Project, *, limit: int = 200) -> list[Event]:
+        """Return the events about a project and its tasks."""
+        return [_build(Event, e) for e in self.call("GET", f"/api/v1/projects/{project.id}/history",
+                                                    query={"limit": limit})]
+
+    def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
+                    description: str = "") -> Task:
+        """Add a task to a project."""
+        return _build(Task, self.call("POST", "/api/v1/tasks", body={
+            "project": project_ref, "title": title, "priority": priority, "description": description}))
+
+    def edit_task(self, ref: str, **changes: Any) -> Task:
+        """Change some fields of a task."""
+        body = {k: v for k, v in changes.items() if v is not None}
+        return _build(Task, self.call("PATCH", f"/api/v1/tasks/{self._path(ref)}", body=body))
+
+    def get_task(self, ref: str) -> Task:
+        """Return one task by id prefix."""
+        return _build(Task, self.call("GET", f"/api/v1/tasks/{self._path(ref)}"))
+
+    def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
+                   session_id: str | None = None, group_id: str | None = None) -> list[Task]:
+        """Return tasks, most urgent first."""
+        query = {"project": project_id, "status": status, "session": session_id, "group": group_id}
+        return [_build(Task, t) for t in self.call("GET", "/api/v1/tasks", query=query)]
+
+    def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
+        """Bind a task to a session or a group."""
+        body = {k: v for k, v in (("session_id", session_id), ("group", group_ref)) if v is not None}
+        return _build(Task, self.call("POST", f"/api/v1/tasks/{self._path(ref)}/assignment", body=body))
+
+    def unassign_task(self, ref: str) -> Task:
+        """End a task's binding."""
+        return _build(Task, self.call("DELETE", f"/api/v1/tasks/{self._path(ref)}/assignment"))
+
+    def create_group(self, name: str, *, cwd: str | None = None, host: str | None = None,
+                     tmux_name: str | None = None) -> Group:
+        """Create a group of sessions."""
+        body = {k: v for k, v in (("name", name), ("cwd", cwd), ("host", host), ("tmux_name", tmux_name))
+                if v is not None}
+        return _build(Group, self.call("POST", "/api/v1/groups", body=body))
+
+    def remove_group(self, ref: str) -> Group:
+        """Remove a group."""
+        return _build(Group, self.call("DELETE", f"/api/v1/groups/{self._path(ref)}"))
+
+    def get_group(self, ref: str) -> Group:
+        """Return one group by name or id prefix."""
+        return _build(Group, self.call("GET", f"/api/v1/groups/{self._path(ref)}"))
+
+    def list_groups(self) -> list[Group]:
+        """Return the groups."""
+        return [_build(Group, g) for g in self.call("GET", "/api/v1/groups")]
+
+    def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
+                    source: str = "message") -> Update:
+        """Post a progress note."""
+        body = {k: v for k, v in (("text", text), ("task", task_ref), ("session_id", session_id),
+                                  ("source", source)) if v is not None}
+        return _build(Update, self.call("POST", "/api/v1/updates", body=body))
+
+    def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
+                     limit: int = 50) -> list[Update]:
+        """Return the newest updates, newest last."""
+        if task_ids == []:
+            return []
+        query = {"task": task_ids, "id": update_id, "limit": limit}
+        return [_build(Update, u) for u in self.call("GET", "/api/v1/updates", query=query)]
+
+    def list_history(self, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
+        """Return the events naming any of these entities, oldest first."""
+        return [_build(Event, e) for e in self.call("GET", "/api/v1/history",
+                                                    query={"entity": entity_ids, "limit": limit})]
+
+    def list_events(self, *, limit: int = 50) -> list[Event]:
+        """Return the newest events, newest last."""
+        page = self.call("GET", "/api/v1/events", query={"limit": min(limit, MAX_EVENTS_PAGE)})
+        return [_build(Event, e) for e in page["events"]]
+
+    def import_events(self, lines: Iterable[str]) -> tuple[InsertResult, list[str]]:
+        """Send JSON lines of events; return what the server stored and one reason per bad line."""
+        got = self.call("POST", "/api/v1/import", body={"lines": [x.rstrip("\n") for x in lines]})
+        return (InsertResult([_build(Event, e) for e in got["inserted"]], got["duplicates"], got["conflicts"]),
+                got["rejected"])
+
+    def replay(self) -> int:
+        """Rebuild the server's projections; return how many events it applied."""
+        return self.call("POST", "/api/v1/replay", body={})["events"]
+
+    def count_events(self) -> int:
+        """Return how many events the server's log holds."""
+        return self.call("GET", "/api/v1/status")["n_events"]
+
+
 _REF = r"(?P<%s>[^/]+)"
 ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
     (method, re.compile(pattern), handler) for method, pattern, handler in (
@@ -2009,6 +2184,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("DELETE", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_unassign_task),
         ("GET", r"/api/v1/groups", api_list_groups),
         ("POST", r"/api/v1/groups", api_create_group),
+        ("GET", r"/api/v1/groups/" + _REF % "group", api_get_group),
         ("DELETE", r"/api/v1/groups/" + _REF % "group", api_remove_group),
         ("GET", r"/api/v1/updates", api_list_updates),
         ("POST", r"/api/v1/updates", api_post_update),
@@ -2051,24 +2227,41 @@ class Context:
         self.args = args
         self.paths = resolve_paths(home=args.home, db=args.db)
         self.as_json = bool(getattr(args, "json", False))
+        self.remote_url: str | None = getattr(args, "remote", None) or os.environ.get("CLARE_URL") or None
         self._db: Db | None = None
+        self._svc: Services | RemoteServices | None = None
 
     @property
     def db(self) -> Db:
         """Open the local database (creating it on first use)."""
+        if self.remote_url is not None:
+            raise UsageError(f"this command works on the local database only; run it without --remote "
+                             f"(now {self.remote_url}) and unset CLARE_URL")
         if self._db is None:
             self._db = open_db(self.paths.db)
         return self._db
 
     @property
-    def svc(self) -> Services:
-        """Return the services this command runs against."""
-        return Services(self.db)
+    def svc(self) -> "Services | RemoteServices":
+        """Return the services this command runs against: the local database, or --remote / CLARE_URL."""
+        if self._svc is None:
+            if self.remote_url is not None:
+                token = os.environ.get("CLARE_TOKEN") or load_config(self.paths.config).get("token")
+                self._svc = RemoteServices(_check_url(self.remote_url), token=token)
+            else:
+                self._svc = Services(self.db)
+        return self._svc
 
     def close(self) -> None:
         """Close what was opened."""
         if self._db is not None:
             self._db.close()
+
+
+def _check_url(url: str) -> str:
+    if not re.match(r"\Ahttps?://[^/\s]+/?\Z", url):
+        raise UsageError(f"remote URL {url!r} is not of the form http://HOST:PORT; check --remote or CLARE_URL")
+    return url
 
 
 def emit(ctx: Context, value: Any, text: str | Callable[[], str]) -> None:
@@ -2434,6 +2627,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", metavar="DIR", help="folder of clare.db and clare.toml (env CLARE_HOME)")
     parser.add_argument("--db", metavar="FILE", help="use this database file")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--remote", metavar="URL",
+                        help="run the command on the Clare server at URL, e.g. http://apricot:8765 (env CLARE_URL; "
+                             "token from CLARE_TOKEN)")
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {
         (): parser.add_subparsers(title="commands", metavar="COMMAND")}
     for cmd in COMMANDS:

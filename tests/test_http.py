@@ -377,3 +377,88 @@ def _read_all(s) -> bytes:
     while chunk := s.recv(65536):
         data += chunk
     return data
+
+
+# --- clare --remote ----------------------------------------------------------
+
+def _normalized(text: str) -> str:
+    import re
+
+    text = re.sub(r"\d{13}\.\d{6}\.[a-z0-9_-]+", "HLC", text)
+    text = re.sub(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+Z)?", "TIME", text)
+    text = re.sub(r"[0-9a-f]{32}|[0-9a-f-]{36}", "ID", text)
+    return re.sub(r"\b[0-9a-f]{8}\b", "SHORT", text)
+
+
+def test_remote_cli_prints_what_the_local_cli_prints(server, cli, tmp_path):
+    local = ("--home", str(tmp_path / "local"))
+    remote = ("--remote", server.url)
+    assert cli(*local, "init", "--machine-id", "testhost").code == 0  # the server's machine id
+    script = [
+        ("project", "new", "alpha", "--goal", "ship v1", "--owner", "ana"),
+        ("project", "new", "alpha"),
+        ("task", "add", "alpha", "write the parser", "--prio", "1"),
+        ("task", "add", "alpha", "docs"),
+        ("group", "add", "backend", "--cwd", "/srv/api"),
+        ("task", "list"), ("task", "list", "--project", "alpha", "--status", "todo"),
+        ("project", "list"), ("project", "show", "alpha", "--history"),
+        ("project", "set", "alpha", "--status", "paused"), ("status",), ("status", "--project", "alpha"),
+        ("group", "list"), ("task", "show", "ffff"), ("project", "show", "nope"),
+        ("--json", "task", "list"), ("--json", "status"),
+    ]
+    for argv in script:
+        mine, theirs = cli(*local, *argv), cli(*remote, *argv)
+        assert (mine.code, _normalized(mine.out), _normalized(mine.err)) == (
+            theirs.code, _normalized(theirs.out), _normalized(theirs.err)), argv
+    # Then the verbs that name a task by id, each side with its own ids.
+    for side in (local, remote):
+        task_id = cli(*side, "--json", "task", "list").json()[0]["id"][:6]
+        outs = [cli(*side, *argv) for argv in (
+            ("task", "start", task_id), ("assign", task_id, "7c1e9b"), ("update", task_id, "halfway"),
+            ("unassign", task_id), ("assign", task_id, "--group", "backend"), ("task", "show", task_id),
+            ("task", "edit", task_id, "--title", "parse v2"), ("group", "rm", "backend"), ("log", "--limit", "3"))]
+        if side is local:
+            expected = [(r.code, _normalized(r.out), _normalized(r.err)) for r in outs]
+        else:
+            assert [(r.code, _normalized(r.out), _normalized(r.err)) for r in outs] == expected
+    assert [p.name for p in clare.list_projects(clare.open_db(clare.resolve_paths().db))] == ["alpha"]
+
+
+def test_remote_export_and_import_round_trip(server, cli, tmp_path):
+    cli("project", "new", "alpha")
+    cli("export", str(tmp_path / "log.jsonl"))
+    r = cli("--remote", server.url, "import", str(tmp_path / "log.jsonl"))
+    assert r.code == 0 and "0 events (1 already here" in r.out
+    assert cli("--remote", server.url, "replay").out.startswith("replayed 1 events")
+    r = cli("--remote", server.url, "export")
+    assert r.code == 2 and "--remote" in r.err
+
+
+def test_remote_needs_the_token_when_the_server_has_one(serve, cli, monkeypatch):
+    s = serve(token="t0ken-" + "z" * 20)
+    r = cli("--remote", s.url, "project", "list")
+    assert r.code == 1 and "token" in r.err and r.err.count("\n") == 1
+    monkeypatch.setenv("CLARE_TOKEN", s.token)
+    assert cli("--remote", s.url, "project", "new", "alpha").code == 0
+    monkeypatch.setenv("CLARE_URL", s.url)
+    assert "alpha" in cli("project", "list").out
+
+
+def test_remote_that_is_down_or_malformed_is_one_clear_line(cli):
+    r = cli("--remote", "http://127.0.0.1:9", "project", "list")
+    assert r.code == 1 and "cannot reach" in r.err
+    r = cli("--remote", "ftp://x", "project", "list")
+    assert r.code == 2 and "http://HOST:PORT" in r.err
+
+
+def test_remote_services_offer_every_service_with_the_same_signature():
+    import inspect
+
+    for name, fn in clare.SERVICES.items():
+        remote = getattr(clare.RemoteServices, name, None)
+        assert remote is not None, f"RemoteServices lacks {name}"
+        local = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("db", "now_ms")]
+        theirs = list(inspect.signature(remote).parameters.values())[1:]
+        if any(p.kind is p.VAR_KEYWORD for p in theirs):
+            continue  # edit_* take **changes: the server checks the names
+        assert [(p.name, p.kind, p.default) for p in local] == [(p.name, p.kind, p.default) for p in theirs], name
