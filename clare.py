@@ -1549,6 +1549,17 @@ def check_length(path: str, headers: dict[str, str]) -> int:
     return size
 
 
+def _discard_body(h: Any) -> bool:
+    """Read and drop a refused request's body if its size passed the limit, so the client sees the answer."""
+    # Closing with unread data makes the kernel send RST, and the client may lose our reply.
+    if h.body_size is None:
+        return False
+    try:
+        return len(h.rfile.read(h.body_size)) == h.body_size
+    except OSError:
+        return False
+
+
 def _is_public(handler: Callable) -> bool:
     return handler in (page_login, get_static)
 
@@ -1565,12 +1576,12 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     headers = {k.lower(): v for k, v in message.items()} if message is not None else {}
     is_api = path.startswith("/api/") or error is not None  # a broken request gets the plain JSON error
     db = None
-    h.body_is_read = False
+    h.body_is_read, h.body_size = False, None
     try:
         if error is not None:
             raise error
         check_host(config, message.get_all("Host") or [])
-        size = check_length(path, headers)
+        size = h.body_size = check_length(path, headers)
         handler, params = _route(method, path)
         if not _is_public(handler):
             check_auth(config, headers)
@@ -1604,7 +1615,8 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         if db is not None:
             server.give_db(db)
     if resp.status >= 400 and not h.body_is_read and headers.get("content-length", "0") not in ("", "0"):
-        h.close_connection = True  # the unread body would be parsed as the next request
+        if not _discard_body(h):
+            h.close_connection = True  # the unread body would be parsed as the next request
     if server.is_stopping:
         h.close_connection = True
     from http.server import BaseHTTPRequestHandler
