@@ -973,7 +973,7 @@ def create_project(db: Db, name: str, *, goal: str = "", owner: str = "", now_ms
 
 def _check_name(name: object) -> str:
     name = _check_text("project name", name, limit=MAX_NAME_CHARS, required=True)
-    if ID_PREFIX_RE.match(name) and len(name) >= 4:
+    if ID_PREFIX_RE.match(name) and len(name) >= SHORT_ID:
         # A hex-looking name would be read as an id prefix by every command.
         raise UsageError(f"project name {name!r} looks like an id; add a letter outside a-f")
     return name
@@ -1078,7 +1078,7 @@ def create_group(db: Db, name: str, *, cwd: str | None = None, host: str | None 
         raise UsageError("a group needs at least one pattern: --cwd SUBSTRING, --host HOST or --name PATTERN")
     group_id = new_id()
     with write_txn(db) as cur:
-        if find_groups(db, name) and find_groups(db, name)[0].name == name:
+        if any(g.name == name for g in find_groups(db, name)):
             raise Conflict(f"a group named {name!r} exists already; remove it first with: clare group rm {name}")
         record(db, cur, "group.created", {"group_id": group_id, "name": name, "cwd": None, "host": None,
                                           "tmux_name": None, **patterns}, now_ms=now_ms)

@@ -42,7 +42,7 @@ def test_json_field_names_are_the_contract(cli):
     (["project", "new", "alpha"], "a project named 'alpha' exists already"),
     (["task", "start", "zz"], "is not a hex id or prefix"),
     (["task", "start", "0000"], "no task '0000'"),
-    (["project", "set", "alpha", "--name", "beef"], "looks like an id"),
+    (["project", "set", "alpha", "--name", "deadbeef"], "looks like an id"),
     (["task", "edit", "0"], "nothing to change"),
     (["log", "--limit", "0"], "--limit 0 must be at least 1"),
 ])
