@@ -130,3 +130,17 @@ def test_import_keeps_good_lines_and_names_the_bad_ones(cli, tmp_path):
     assert r.code == 1
     assert "line 1:" in r.err and "line 3: event lacks" in r.err
     assert "imported 1 events" in r.out
+
+
+@pytest.mark.parametrize("payload, reason", [
+    ({"title": "x"}, "task.created payload lacks task_id"),
+    ({"task_id": "ab", "project_id": "cd", "title": "x", "description": "", "priority": 9, "status": "todo"},
+     "bad priority"),
+    ({"task_id": "ab", "project_id": "cd", "title": "x", "description": "", "priority": 1, "status": "zzz"},
+     "bad status"),
+    ({"task_id": ["ab"], "project_id": "cd", "title": "x", "description": "", "priority": 1, "status": "todo"},
+     "bad task_id"),
+])
+def test_a_known_event_type_with_a_malformed_payload_is_refused(payload, reason):
+    with pytest.raises(clare.ClareError, match=reason):
+        clare.check_received(_event(event_type="task.created", payload=payload))
