@@ -1654,8 +1654,13 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     except ClareError as err:
         extra = err.headers if isinstance(err, HttpError) else ()
         status = err.http_status
-        resp = (Response(status, error_json(status, str(err)), headers=extra) if is_api
-                else Response(status, error_page(status, str(err)).encode(), "text/html; charset=utf-8", extra))
+        if is_api:
+            resp = Response(status, error_json(status, str(err)), headers=extra)
+        elif headers.get("hx-request") == "true":  # show the reason in the page's message box
+            resp = html_response(flash(str(err)), status=status,
+                                 headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
+        else:
+            resp = html_response(error_page(status, str(err)), status=status, headers=extra)
     except Exception:  # noqa: BLE001 - the edge: a bug must cost one 500, not the server
         import traceback
 
@@ -1848,23 +1853,580 @@ def join(parts: Iterable[Html]) -> Html:
     return Html("".join(parts))
 
 
+POLL_ATTRS = string.Template('hx-get="$url" hx-trigger="every ${every}s" hx-swap="outerHTML"')
+FORM_ATTRS = string.Template('method="post" action="$url" hx-post="$url" hx-target="$target" hx-swap="$swap" '
+                             'hx-trigger="$trigger"')
+
+
+def poll_attrs(url: str, *, every_s: int = POLL_S) -> Html:
+    """Return the htmx attributes that make an element replace itself from `url` every few seconds."""
+    return render(POLL_ATTRS, url=url, every=every_s)
+
+
+def form_attrs(url: str, *, target: str, swap: str = "outerHTML", trigger: str = "submit") -> Html:
+    """Return the attributes of a form that posts through htmx and still posts plainly without JavaScript."""
+    return render(FORM_ATTRS, url=url, target=target, swap=swap, trigger=trigger)
+
+
 def html_response(body: Html, *, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Response:
     """Return an HTML response."""
     return Response(status, body.encode(), "text/html; charset=utf-8", headers)
 
 
+def redirect(url: str) -> Response:
+    """Return a 303 See Other to `url`: where a plain form post lands."""
+    return Response(303, b"", "text/plain", (("Location", url),))
+
+
+# htmx swaps 4xx bodies too, so a refused form shows its one-line reason in #flash.
+HTMX_CONFIG = {"includeIndicatorStyles": False, "defaultSwapStyle": "outerHTML", "historyCacheSize": 0,
+               "responseHandling": [{"code": "204", "swap": False}, {"code": "[23]..", "swap": True},
+                                    {"code": "[45]..", "swap": True, "error": True}]}
+NAV = (("/", "Dashboard"), ("/projects", "Projects"), ("/sessions", "Sessions"), ("/broadcast", "Broadcast"))
+
+PAGE = string.Template("""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="htmx-config" content="$htmx_config">
+<link rel="icon" href="data:,">
+<title>$title · Clare</title>
+<style>
+:root{--bg:#f5f6f8;--fg:#1b2129;--muted:#5f6b78;--card:#fff;--line:#e1e5ea;--soft:#eef1f5;--accent:#3b5bdb;
+--on-accent:#fff;--gray:#6b7785;--blue:#1c7ed6;--orange:#e8590c;--green:#2f9e44;--amber:#e67700;--red:#e03131;
+--violet:#7048e8;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#0e1115;--fg:#e2e6eb;--muted:#939eab;--card:#161a20;--line:#272d36;
+--soft:#1d222a;--accent:#7b93ff;--on-accent:#0e1115;--gray:#8d98a5;--blue:#4dabf7;--orange:#ff922b;--green:#51cf66;
+--amber:#fcc419;--red:#ff6b6b;--violet:#9775fa}}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%}
+body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,
+"Helvetica Neue",sans-serif}
+a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
+header.top{position:sticky;top:0;z-index:2;display:flex;flex-wrap:wrap;align-items:center;gap:.4rem 1.2rem;
+padding:.6rem 1.2rem;background:var(--card);border-bottom:1px solid var(--line)}
+.brand{font-weight:700;font-size:1.05rem;color:var(--fg);letter-spacing:.01em}
+.brand:hover{text-decoration:none}.brand b{color:var(--accent)}
+nav{display:flex;flex-wrap:wrap;gap:.15rem}
+nav a{color:var(--muted);padding:.3rem .65rem;border-radius:7px;font-weight:500}
+nav a:hover{background:var(--soft);text-decoration:none}
+nav a[aria-current=page]{background:var(--soft);color:var(--fg)}
+.host{margin-left:auto;color:var(--muted);font-size:.8rem}
+main{max-width:76rem;margin:0 auto;padding:1.2rem 1.2rem 2rem}
+h1{font-size:1.45rem;line-height:1.25;margin:.3rem 0 .3rem;overflow-wrap:anywhere}
+h2{font-size:.8rem;margin:0 0 .75rem;color:var(--muted);text-transform:uppercase;letter-spacing:.06em}
+.sub{color:var(--muted);margin:0 0 1.1rem}
+.card{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:1rem 1.1rem;margin:0 0 1rem;
+min-width:0}
+.grid{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(20rem,1fr));align-items:start}
+.grid>.card{margin:0}.grid+.grid,.grid+.card,.card+.grid{margin-top:1rem}
+.stats{display:grid;gap:.8rem;grid-template-columns:repeat(auto-fit,minmax(9rem,1fr));margin:0 0 1rem}
+.stat{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:.75rem 1rem}
+.stat b{display:block;font-size:1.6rem;line-height:1.2}.stat span{color:var(--muted);font-size:.82rem}
+.scroll{overflow-x:auto;margin:0 -.3rem}
+table{width:100%;border-collapse:collapse;font-size:.92rem}
+th{text-align:left;color:var(--muted);font-weight:600;font-size:.72rem;text-transform:uppercase;letter-spacing:.05em;
+padding:.35rem .45rem;border-bottom:1px solid var(--line);white-space:nowrap}
+td{padding:.5rem .45rem;border-bottom:1px solid var(--line);vertical-align:middle}
+tr:last-child td{border-bottom:0}
+td.title{min-width:12rem;overflow-wrap:anywhere}
+.badge{display:inline-block;padding:.05rem .55rem;border-radius:999px;font-size:.76rem;font-weight:600;
+white-space:nowrap;color:var(--c);background:color-mix(in srgb,var(--c) 14%,transparent);
+border:1px solid color-mix(in srgb,var(--c) 30%,transparent)}
+.c-gray{--c:var(--gray)}.c-blue{--c:var(--blue)}.c-orange{--c:var(--orange)}.c-green{--c:var(--green)}
+.c-amber{--c:var(--amber)}.c-red{--c:var(--red)}.c-violet{--c:var(--violet)}
+.counts{display:flex;flex-wrap:wrap;gap:.3rem}
+progress{width:6rem;height:.45rem;border:0;border-radius:4px;background:var(--soft);vertical-align:middle}
+progress::-webkit-progress-bar{background:var(--soft);border-radius:4px}
+progress::-webkit-progress-value{background:var(--green);border-radius:4px}
+progress::-moz-progress-bar{background:var(--green);border-radius:4px}
+.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.84em}
+.muted{color:var(--muted)}.small{font-size:.85rem}
+.empty{color:var(--muted);margin:.2rem 0}
+ul.feed{list-style:none;margin:0;padding:0}
+ul.feed li{padding:.45rem 0;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
+ul.feed li:last-child{border-bottom:0}
+ul.feed time{display:block;color:var(--muted);font-size:.76rem}
+pre.text{white-space:pre-wrap;overflow-wrap:anywhere;font:inherit;margin:.2rem 0}
+form.row{display:flex;flex-wrap:wrap;gap:.55rem;align-items:flex-end;margin:0 0 .8rem}
+form.row label{flex:1 1 10rem}form.row label.wide{flex-basis:100%}
+form.tight{display:inline-flex;gap:.3rem;align-items:center;margin:0}
+label{display:flex;flex-direction:column;gap:.2rem;font-size:.78rem;color:var(--muted);font-weight:500}
+input,select,textarea{font:inherit;font-size:.92rem;color:var(--fg);background:var(--bg);border:1px solid var(--line);
+border-radius:7px;padding:.4rem .55rem;min-width:0}
+textarea{min-height:4.5rem;resize:vertical}
+input:focus,select:focus,textarea:focus{outline:2px solid color-mix(in srgb,var(--accent) 55%,transparent);
+outline-offset:0;border-color:var(--accent)}
+button{font:inherit;font-size:.9rem;font-weight:600;cursor:pointer;border-radius:7px;padding:.42rem .9rem;
+border:1px solid var(--accent);background:var(--accent);color:var(--on-accent)}
+button.ghost{background:transparent;color:var(--fg);border-color:var(--line)}
+button:hover{filter:brightness(1.08)}
+select.status{padding:.2rem .4rem;font-size:.85rem}
+dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:.35rem 1rem;margin:0}
+dl.facts dt{color:var(--muted);font-size:.85rem}dl.facts dd{margin:0;overflow-wrap:anywhere}
+#flash:empty{display:none}
+.flash{border-radius:10px;padding:.65rem .9rem;margin:0 auto 1rem;max-width:76rem}
+.flash.error{background:color-mix(in srgb,var(--red) 12%,var(--card));border:1px solid var(--red)}
+.flash.ok{background:color-mix(in srgb,var(--green) 12%,var(--card));border:1px solid var(--green)}
+.htmx-request{opacity:.65;transition:opacity .2s}
+footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
+@media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
+.host{display:none}.hide-sm{display:none}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
+</style>
+<script src="/static/htmx.min.js?v=$htmx_version" defer></script>
+</head>
+<body hx-headers="$hx_headers">
+<header class="top"><a class="brand" href="/"><b>◆</b> Clare</a><nav>$nav</nav><span class="host">$host</span></header>
+<main>
+<div id="flash" role="status" aria-live="polite"></div>
+$main
+</main>
+<footer>clare $version · parts of this page refresh every $poll_s s</footer>
+</body>
+</html>
+""")
+NAV_LINK = string.Template('<a href="$href"$current>$label</a>')
+FLASH = string.Template('<div id="flash" role="status" aria-live="polite"$oob>$message</div>')
+FLASH_MESSAGE = string.Template('<p class="flash $kind">$text</p>')
+
+
+def page(req: Request, title: str, main: Html, *, status: int = 200) -> Response:
+    """Return a full page: the shared head, styles, navigation and htmx setup around `main`."""
+    current = "/" + req.path.split("/")[1] if req.path != "/" else "/"
+    nav = join(render(NAV_LINK, href=href, label=label,
+                      current=Html(' aria-current="page"') if href == current else Html(""))
+               for href, label in NAV)
+    return html_response(render(
+        PAGE, title=title, main=main, nav=nav, host=req.db.machine_id, version=__version__, poll_s=POLL_S,
+        htmx_version=HTMX_VERSION, htmx_config=json.dumps(HTMX_CONFIG),
+        hx_headers=json.dumps({"X-CSRF-Token": req.config.csrf_token})), status=status)
+
+
+def flash(text: str, *, kind: str = "error", oob: bool = False) -> Html:
+    """Return the #flash box with one message (empty text clears it); oob swaps it beside another answer."""
+    return render(FLASH, oob=Html(' hx-swap-oob="true"') if oob else Html(""),
+                  message=render(FLASH_MESSAGE, kind=kind, text=text) if text else Html(""))
+
+
+def error_page(status: int, message: str) -> Html:
+    """Return the full page shown for an HTTP error, without the database (it may be the problem)."""
+    return render(PAGE_ERROR, status=status, message=message)
+
+
 PAGE_ERROR = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>$status · Clare</title>
+<meta name="color-scheme" content="light dark"><title>$status · Clare</title>
 <style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
-@media (prefers-color-scheme:dark){body{background:#111418;color:#e6e8eb}}</style></head>
+@media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
 <body><h1>$status</h1><p>$message</p><p><a href="/">Back to the dashboard</a></p></body></html>
 """)
 
 
-def error_page(status: int, message: str) -> Html:
-    """Return the full page shown for an HTTP error."""
-    return render(PAGE_ERROR, status=status, message=message)
+# --- dashboard pages and their htmx fragments -----------------------------
+
+TASK_COLORS = {"todo": "gray", "in_progress": "blue", "blocked": "orange", "done": "green"}
+PROJECT_COLORS = {"active": "blue", "paused": "amber", "done": "green"}
+
+BADGE = string.Template('<span class="badge c-$color">$label</span>')
+CSRF_FIELD = string.Template('<input type="hidden" name="csrf" value="$csrf">')
+OPTION = string.Template('<option value="$value"$selected>$label</option>')
+STAT = string.Template('<div class="stat"><b>$n</b><span>$label</span></div>')
+EMPTY = string.Template('<p class="empty">$text</p>')
+FEED = string.Template('<ul class="feed">$items</ul>')
+FEED_ITEM = string.Template('<li>$text<time datetime="$at">$when · $where</time></li>')
+
+FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
+<div class="stats">$stats</div>
+<section class="card"><h2>Projects</h2>$table</section>
+</div>""")
+PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>Project</th><th>Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Owner</th></tr></thead>
+<tbody>$rows</tbody></table></div>""")
+PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a><div class="muted small">$goal</div></td>
+<td>$status</td><td><div class="counts">$counts</div></td>
+<td class="hide-sm"><progress value="$n_done" max="$n_total" title="$n_done of $n_total done">$n_done/$n_total</progress></td>
+<td class="hide-sm muted">$owner</td></tr>""")
+FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
+<h2>Recent activity</h2>$body</section>""")
+PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
+<h2>New project</h2>
+<form class="row" $attrs>$csrf
+<label>Name<input name="name" required maxlength="100" placeholder="alpha" autocomplete="off"></label>
+<label>Goal<input name="goal" maxlength="2000" placeholder="what done looks like"></label>
+<label>Owner<input name="owner" maxlength="100" placeholder="who answers for it"></label>
+<button type="submit">Create</button>
+</form></section>""")
+MAIN_DASHBOARD = string.Template("""<h1>Dashboard</h1>
+<p class="sub">What needs you first, then where every project stands.</p>
+$attention
+$projects
+<div class="grid">$fleet$activity$project_form</div>""")
+MAIN_PROJECTS = string.Template("""<h1>Projects</h1>
+<p class="sub">Every project on this Clare, with its tasks by status.</p>
+$project_form
+$projects""")
+
+MAIN_PROJECT = string.Template("""<p class="muted small"><a href="/projects">Projects</a> /</p>
+<h1>$name</h1>
+<p class="sub">$status $goal</p>
+$tasks
+<div class="grid">
+$task_form
+<section class="card"><h2>About</h2>
+<dl class="facts"><dt>Status</dt><dd><form class="tight" $status_attrs>$csrf
+<select name="status" class="status" aria-label="project status">$status_options</select>
+<noscript><button class="ghost">Set</button></noscript></form></dd>
+<dt>Owner</dt><dd>$owner</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
+</div>
+<div class="grid">
+<section class="card"><h2>Recent updates</h2>$updates</section>
+<section class="card"><h2>History</h2>$history</section>
+</div>""")
+FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
+<h2>Tasks</h2>$table</section>""")
+TASKS_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>Pri</th><th>Task</th><th>Status</th><th>Assigned</th><th class="hide-sm">Id</th></tr></thead>
+<tbody>$rows</tbody></table></div>""")
+TASK_ROW = string.Template("""<tr><td><span class="badge c-$pri_color">P$priority</span></td>
+<td class="title"><a href="/tasks/$id">$title</a></td>
+<td>$status_form</td><td>$assignee</td><td class="hide-sm mono muted">$short_id</td></tr>""")
+STATUS_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
+<select name="status" class="status" aria-label="task status">$options</select>
+<noscript><button class="ghost">Set</button></noscript></form>""")
+TASK_FORM = string.Template("""<section class="card" id="task-form"$oob>
+<h2>Add a task</h2>
+<form class="row" $attrs>$csrf
+<label class="wide">Title<input name="title" required maxlength="300" placeholder="write the parser" autocomplete="off"></label>
+<label>Priority<select name="priority">$priorities</select></label>
+<label class="wide">Description<textarea name="description" maxlength="20000"></textarea></label>
+<button type="submit">Add task</button>
+</form></section>""")
+
+MAIN_TASK = string.Template("""<p class="muted small"><a href="/projects">Projects</a> / <a href="/projects/$project_id">$project</a> /</p>
+<h1>$title</h1>
+<p class="sub">$short_id · P$priority</p>
+<div class="grid">
+$task_card
+<section class="card"><h2>Assign</h2>
+<form class="row" $assign_attrs>$csrf<input type="hidden" name="view" value="task">
+<label>Session id<input name="session_id" placeholder="7c1e9b" autocomplete="off" list="session-ids"></label>
+<label>or group<select name="group"><option value="">—</option>$group_options</select></label>
+<button type="submit">Assign</button></form>
+$session_list</section>
+</div>
+<div class="grid">
+<section class="card"><h2>Updates</h2>
+$update_form
+$updates</section>
+<section class="card"><h2>History</h2>$history</section>
+</div>""")
+FRAG_TASK = string.Template("""<section class="card" id="frag-task" $poll>
+<h2>Task</h2>
+<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
+<dt>Assigned</dt><dd>$assignee $unassign</dd>
+<dt>Priority</dt><dd>P$priority</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl>
+$description</section>""")
+UNASSIGN_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="task">
+<button class="ghost" type="submit">Unassign</button></form>""")
+UPDATE_FORM = string.Template("""<form class="row" id="update-form" $attrs$oob>$csrf
+<label class="wide">Note<textarea name="text" required maxlength="20000" placeholder="what happened"></textarea></label>
+<button type="submit">Post update</button></form>""")
+FRAG_UPDATES = string.Template("""<div id="frag-updates" $poll>$items</div>""")
+ASSIGNEE = string.Template('<span class="mono">$kind $id</span>')
+DESCRIPTION = string.Template('<pre class="text">$text</pre>')
+
+
+def badge(label: str, color: str) -> Html:
+    """Return a coloured state badge."""
+    return render(BADGE, label=label, color=color)
+
+
+def options(choices: Iterable[tuple[str, str]], selected: str | None) -> Html:
+    """Return <option> elements, marking the selected value."""
+    return join(render(OPTION, value=value, label=label,
+                       selected=Html(" selected") if value == selected else Html("")) for value, label in choices)
+
+
+def csrf_field(req: Request) -> Html:
+    """Return the hidden CSRF field of a form that must also work without JavaScript."""
+    return render(CSRF_FIELD, csrf=req.config.csrf_token)
+
+
+def feed(events: list[Event], *, empty: str) -> Html:
+    """Return events as a newest-first list of sentences."""
+    if not events:
+        return render(EMPTY, text=empty)
+    return render(FEED, items=join(
+        render(FEED_ITEM, text=describe_event(ev), at=ev.created_at, when=_short_time(ev.created_at),
+               where=ev.machine_id) for ev in reversed(events)))
+
+
+def _short_time(created_at: str) -> str:
+    return created_at[:16].replace("T", " ")
+
+
+def assignee_text(task: Task) -> Html:
+    """Return who a task is bound to, for a table cell."""
+    if task.session_id:
+        return render(ASSIGNEE, kind="session", id=task.session_id[:SHORT_ID])
+    if task.group_id:
+        return render(ASSIGNEE, kind="group", id=task.group_id[:SHORT_ID])
+    return Html('<span class="muted">—</span>')
+
+
+def projects_fragment(req: Request) -> Html:
+    """Render the project roll-up (stat tiles and table), polled in place."""
+    projects = req.svc.list_projects()
+    totals = {s: sum(p.task_counts[s] for p in projects) for s in TASK_STATUSES}
+    stats = join(render(STAT, n=n, label=label) for n, label in (
+        (sum(p.status == "active" for p in projects), "active projects"),
+        (totals["todo"], "tasks to do"), (totals["in_progress"], "in progress"), (totals["blocked"], "blocked"),
+        (totals["done"], "done")))
+    if not projects:
+        table_html = render(EMPTY, text="No projects yet. Create one below, or: clare project new NAME")
+    else:
+        table_html = render(PROJECTS_TABLE, rows=join(render(
+            PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
+            status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
+            counts=join(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
+                        for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
+            n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1) for p in projects))
+    return render(FRAG_PROJECTS, poll=poll_attrs("/frag/projects"), stats=stats, table=table_html)
+
+
+def activity_fragment(req: Request) -> Html:
+    """Render the newest events of the log, polled in place."""
+    return render(FRAG_ACTIVITY, poll=poll_attrs("/frag/activity"),
+                  body=feed(req.svc.list_events(limit=12), empty="Nothing has happened yet."))
+
+
+def project_form(req: Request, *, oob: bool = False) -> Html:
+    """Render the new-project form (oob: to reset it beside another answer)."""
+    return render(PROJECT_FORM, csrf=csrf_field(req), attrs=form_attrs("/projects", target="#frag-projects"),
+                  oob=Html(' hx-swap-oob="true"') if oob else Html(""))
+
+
+def page_dashboard(req: Request) -> Response:
+    """Show what needs attention, the project roll-up, the fleet and recent activity."""
+    return page(req, "Dashboard", render(
+        MAIN_DASHBOARD, attention=attention_fragment(req), projects=projects_fragment(req),
+        fleet=fleet_fragment(req), activity=activity_fragment(req), project_form=project_form(req)))
+
+
+def page_projects(req: Request) -> Response:
+    """List the projects, with a form to create one."""
+    return page(req, "Projects", render(MAIN_PROJECTS, projects=projects_fragment(req),
+                                        project_form=project_form(req)))
+
+
+def frag_projects(req: Request) -> Response:
+    """Answer the projects poll."""
+    return html_response(projects_fragment(req))
+
+
+def frag_activity(req: Request) -> Response:
+    """Answer the activity poll."""
+    return html_response(activity_fragment(req))
+
+
+def frag_create_project(req: Request) -> Response:
+    """Create a project from the form; htmx gets the refreshed roll-up, a plain post a redirect."""
+    f = req.form()
+    p = req.svc.create_project(f.get("name", ""), goal=f.get("goal", ""), owner=f.get("owner", ""))
+    if not req.is_htmx:
+        return redirect(f"/projects/{p.id}")
+    return html_response(join([projects_fragment(req), project_form(req, oob=True),
+                               flash(f"Created project {p.name}.", kind="ok", oob=True)]))
+
+
+def tasks_fragment(req: Request, project: Project) -> Html:
+    """Render a project's task table, polled in place."""
+    tasks = req.svc.list_tasks(project_id=project.id)
+    if not tasks:
+        table_html = render(EMPTY, text="No tasks yet. Add the first one below.")
+    else:
+        table_html = render(TASKS_TABLE, rows=join(render(
+            TASK_ROW, id=t.id, short_id=t.id[:SHORT_ID], title=t.title, priority=t.priority,
+            pri_color="red" if t.priority == 0 else "orange" if t.priority == 1 else "gray",
+            status_form=status_form(req, t, view="tasks"), assignee=assignee_text(t)) for t in tasks))
+    return render(FRAG_PROJECT_TASKS, poll=poll_attrs(f"/frag/projects/{project.id}/tasks"), table=table_html)
+
+
+def status_form(req: Request, task: Task, *, view: str) -> Html:
+    """Render the select that changes a task's status as soon as it changes."""
+    target = "#frag-task" if view == "task" else "#frag-tasks"
+    return render(STATUS_FORM, attrs=form_attrs(f"/tasks/{task.id}/status", target=target, trigger="change"),
+                  csrf=csrf_field(req),
+                  view=view, options=options(((s, STATUS_LABEL[s]) for s in TASK_STATUSES), task.status))
+
+
+def task_form(req: Request, project: Project, *, oob: bool = False) -> Html:
+    """Render the add-task form of a project."""
+    return render(TASK_FORM, csrf=csrf_field(req), oob=Html(' hx-swap-oob="true"') if oob else Html(""),
+                  attrs=form_attrs(f"/projects/{project.id}/tasks", target="#frag-tasks"),
+                  priorities=options(((str(n), f"P{n}") for n in PRIORITIES), str(DEFAULT_PRIORITY)))
+
+
+def page_project(req: Request) -> Response:
+    """Show a project: its tasks, a form to add one, its updates and history."""
+    svc = req.svc
+    p = svc.get_project(req.params["project"])
+    tasks = svc.list_tasks(project_id=p.id)
+    updates = svc.list_updates(task_ids=[t.id for t in tasks], limit=10)
+    return page(req, p.name, render(
+        MAIN_PROJECT, name=p.name, id=p.id, owner=p.owner or "—", created=_short_time(p.created_at),
+        status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")), goal=p.goal, csrf=csrf_field(req),
+        status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
+        status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
+        tasks=tasks_fragment(req, p), task_form=task_form(req, p),
+        updates=updates_list(updates, empty="No updates on these tasks yet."),
+        history=feed(svc.project_history(p, limit=30), empty="No history.")))
+
+
+def updates_list(updates: list[Update], *, empty: str) -> Html:
+    """Render progress notes, newest first."""
+    if not updates:
+        return render(EMPTY, text=empty)
+    return render(FEED, items=join(
+        render(FEED_ITEM, text=u.text, at=u.created_at, when=_short_time(u.created_at),
+               where=f"{u.source} · {u.machine_id}") for u in reversed(updates)))
+
+
+def frag_project_tasks(req: Request) -> Response:
+    """Answer the task-table poll of a project."""
+    return html_response(tasks_fragment(req, req.svc.get_project(req.params["project"])))
+
+
+def frag_add_task(req: Request) -> Response:
+    """Add a task from the form; htmx gets the refreshed task table."""
+    f = req.form()
+    t = req.svc.create_task(req.params["project"], f.get("title", ""), description=f.get("description", ""),
+                            priority=_form_int(f.get("priority", str(DEFAULT_PRIORITY)), "priority"))
+    if not req.is_htmx:
+        return redirect(f"/projects/{t.project_id}")
+    p = req.svc.get_project(t.project_id)
+    return html_response(join([tasks_fragment(req, p), task_form(req, p, oob=True),
+                               flash(f"Added {t.title}.", kind="ok", oob=True)]))
+
+
+def _form_int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{what} {text[:20]!r} is not a whole number") from None
+
+
+def frag_set_project_status(req: Request) -> Response:
+    """Change a project's status from its select."""
+    p = req.svc.edit_project(req.params["project"], status=req.form().get("status", ""))
+    if not req.is_htmx:
+        return redirect(f"/projects/{p.id}")
+    return html_response(flash(f"Project {p.name} is now {p.status}.", kind="ok", oob=True))
+
+
+def task_fragment(req: Request, task: Task) -> Html:
+    """Render a task's facts card, polled in place."""
+    unassign = (render(UNASSIGN_FORM, csrf=csrf_field(req),
+                       attrs=form_attrs(f"/tasks/{task.id}/unassign", target="#frag-task"))
+                if task.session_id or task.group_id else Html(""))
+    return render(FRAG_TASK, poll=poll_attrs(f"/frag/tasks/{task.id}"), id=task.id, priority=task.priority,
+                  status_form=status_form(req, task, view="task"), assignee=assignee_text(task), unassign=unassign,
+                  created=_short_time(task.created_at),
+                  description=render(DESCRIPTION, text=task.description) if task.description else Html(""))
+
+
+def updates_fragment(req: Request, task: Task) -> Html:
+    """Render a task's updates, polled in place."""
+    items = updates_list(req.svc.list_updates(task_ids=[task.id], limit=50), empty="No updates yet.")
+    return render(FRAG_UPDATES, poll=poll_attrs(f"/frag/tasks/{task.id}/updates"), items=items)
+
+
+def update_form(req: Request, task: Task, *, oob: bool = False) -> Html:
+    """Render the post-update form of a task."""
+    return render(UPDATE_FORM, csrf=csrf_field(req), oob=Html(' hx-swap-oob="true"') if oob else Html(""),
+                  attrs=form_attrs(f"/tasks/{task.id}/updates", target="#frag-updates"))
+
+
+def page_task(req: Request) -> Response:
+    """Show a task: status, assignment, updates and history, with forms to change them."""
+    svc = req.svc
+    t = svc.get_task(req.params["task"])
+    return page(req, t.title, render(
+        MAIN_TASK, title=t.title, project=t.project, project_id=t.project_id, short_id=t.id[:SHORT_ID],
+        priority=t.priority, task_card=task_fragment(req, t), csrf=csrf_field(req),
+        assign_attrs=form_attrs(f"/tasks/{t.id}/assignment", target="#frag-task"),
+        group_options=options(((g.name, g.name) for g in svc.list_groups()), None),
+        session_list=session_datalist(req), update_form=update_form(req, t), updates=updates_fragment(req, t),
+        history=feed(svc.list_history([t.id], limit=50), empty="No history.")))
+
+
+def frag_task(req: Request) -> Response:
+    """Answer the task-card poll."""
+    return html_response(task_fragment(req, req.svc.get_task(req.params["task"])))
+
+
+def frag_task_updates(req: Request) -> Response:
+    """Answer the updates poll of a task."""
+    return html_response(updates_fragment(req, req.svc.get_task(req.params["task"])))
+
+
+def _after_task_change(req: Request, task: Task, message: str) -> Response:
+    view = req.form().get("view")
+    if not req.is_htmx:
+        return redirect(f"/tasks/{task.id}" if view == "task" else f"/projects/{task.project_id}")
+    if view == "task":
+        body = task_fragment(req, task)
+    else:
+        body = tasks_fragment(req, req.svc.get_project(task.project_id))
+    return html_response(join([body, flash(message, kind="ok", oob=True)]))
+
+
+def frag_set_task_status(req: Request) -> Response:
+    """Change a task's status from its select."""
+    t = req.svc.edit_task(req.params["task"], status=req.form().get("status", ""))
+    return _after_task_change(req, t, f"{t.title}: {STATUS_LABEL[t.status]}.")
+
+
+def frag_assign_task(req: Request) -> Response:
+    """Assign a task to the session id or the group of the form."""
+    f = req.form()
+    t = req.svc.assign_task(req.params["task"], session_id=f.get("session_id", "").strip() or None,
+                            group_ref=f.get("group") or None)
+    return _after_task_change(req, t, f"{t.title}: assigned.")
+
+
+def frag_unassign_task(req: Request) -> Response:
+    """End a task's assignment."""
+    t = req.svc.unassign_task(req.params["task"])
+    return _after_task_change(req, t, f"{t.title}: unassigned.")
+
+
+def frag_post_update(req: Request) -> Response:
+    """Post a progress note on a task; htmx gets the refreshed list and an empty form."""
+    svc = req.svc
+    t = svc.get_task(req.params["task"])
+    svc.post_update(req.form().get("text", ""), task_ref=t.id)
+    if not req.is_htmx:
+        return redirect(f"/tasks/{t.id}")
+    return html_response(join([updates_fragment(req, t), update_form(req, t, oob=True),
+                               flash("Update posted.", kind="ok", oob=True)]))
+
+
+def attention_fragment(req: Request) -> Html:
+    """Render the sessions that wait for a person, longest-waiting first."""
+    return Html("")  # TODO(#4): sessions arrive with the fleet work
+
+
+def fleet_fragment(req: Request) -> Html:
+    """Render every session with its state and current task."""
+    return Html("")  # TODO(#4): sessions arrive with the fleet work
+
+
+def session_datalist(req: Request) -> Html:
+    """Render the known session ids for the assign form."""
+    return Html("")  # TODO(#4): sessions arrive with the fleet work
 
 
 # --- JSON API ------------------------------------------------------------
@@ -2255,6 +2817,22 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/api/v1/history", api_history),
         ("POST", r"/api/v1/import", api_import_events),
         ("POST", r"/api/v1/replay", api_replay),
+        ("GET", r"/", page_dashboard),
+        ("GET", r"/projects", page_projects),
+        ("POST", r"/projects", frag_create_project),
+        ("GET", r"/projects/" + _REF % "project", page_project),
+        ("POST", r"/projects/" + _REF % "project" + "/tasks", frag_add_task),
+        ("POST", r"/projects/" + _REF % "project" + "/status", frag_set_project_status),
+        ("GET", r"/tasks/" + _REF % "task", page_task),
+        ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
+        ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
+        ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
+        ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
+        ("GET", r"/frag/projects", frag_projects),
+        ("GET", r"/frag/activity", frag_activity),
+        ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", frag_project_tasks),
+        ("GET", r"/frag/tasks/" + _REF % "task", frag_task),
+        ("GET", r"/frag/tasks/" + _REF % "task" + "/updates", frag_task_updates),
         ("GET", r"/static/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)", get_static),
         ("GET", r"/login", page_login),
     )
