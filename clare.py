@@ -2622,6 +2622,136 @@ def page_login(req: Request) -> Response:
     return Response(303, b"", "text/plain", (("Location", "/"),))
 
 
+# --- OpenAPI --------------------------------------------------------------
+
+_PRIMITIVES = {str: "string", int: "integer", bool: "boolean", float: "number", dict: "object", list: "array"}
+
+
+def json_schema(cls: type) -> dict[str, Any]:
+    """Return the JSON Schema of a dataclass's to_json() object, from its field types."""
+    import types
+    import typing
+
+    def one(tp: Any) -> dict[str, Any]:
+        if isinstance(tp, types.UnionType):
+            return {"type": [one(a)["type"] for a in typing.get_args(tp)]}
+        if tp is type(None):
+            return {"type": "null"}
+        return {"type": _PRIMITIVES[typing.get_origin(tp) or tp]}
+
+    fields = dataclasses.fields(cls)
+    return {"type": "object", "required": [f.name for f in fields],
+            "properties": {f.name: one(f.type) for f in fields}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _array(name: str) -> dict[str, Any]:
+    return {"type": "array", "items": _ref(name)}
+
+
+def _body(required: tuple[str, ...], optional: tuple[str, ...], **types_: str) -> dict[str, Any]:
+    props = {k: {"type": types_.get(k, "string")} for k in required + optional}
+    return {"type": "object", "required": list(required), "properties": props, "additionalProperties": False}
+
+
+_OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+    "Status": {"type": "object", "required": ["projects", "n_events", "machine_id"], "properties": {
+        "projects": _array("Project"), "n_events": {"type": "integer"}, "machine_id": {"type": "string"}}},
+    "EventPage": {"type": "object", "required": ["events", "next_after", "has_more"], "properties": {
+        "events": _array("Event"), "next_after": {"type": "integer"}, "has_more": {"type": "boolean"}}},
+    "ImportResult": {"type": "object", "required": ["inserted", "duplicates", "conflicts", "rejected"], "properties": {
+        "inserted": _array("Event"), "duplicates": {"type": "integer"},
+        "conflicts": {"type": "array", "items": {"type": "string"}},
+        "rejected": {"type": "array", "items": {"type": "string"}}}},
+    "ReplayResult": {"type": "object", "required": ["events"], "properties": {"events": {"type": "integer"}}},
+}
+
+# (method, path) -> summary, query parameters, request body schema, success status, response schema
+API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]] = {
+    ("GET", "/api/v1/projects"): ("List projects with task counts", ("status",), None, 200, _array("Project")),
+    ("POST", "/api/v1/projects"): ("Create a project", (), _body(("name",), ("goal", "owner")), 201, _ref("Project")),
+    ("GET", "/api/v1/projects/{project}"): ("Get a project by name or id prefix", (), None, 200, _ref("Project")),
+    ("PATCH", "/api/v1/projects/{project}"): ("Change a project", (), _body((), ("name", "goal", "owner", "status")),
+                                              200, _ref("Project")),
+    ("GET", "/api/v1/projects/{project}/history"): ("Events about a project and its tasks", ("limit",), None, 200,
+                                                    _array("Event")),
+    ("GET", "/api/v1/tasks"): ("List tasks, most urgent first", ("project", "status", "session", "group"), None, 200,
+                               _array("Task")),
+    ("POST", "/api/v1/tasks"): ("Add a task", (), _body(("project", "title"), ("priority", "description"),
+                                                       priority="integer"), 201, _ref("Task")),
+    ("GET", "/api/v1/tasks/{task}"): ("Get a task by id prefix", (), None, 200, _ref("Task")),
+    ("PATCH", "/api/v1/tasks/{task}"): ("Change a task", (), _body((), ("title", "description", "priority", "status"),
+                                                                   priority="integer"), 200, _ref("Task")),
+    ("GET", "/api/v1/tasks/{task}/history"): ("Events about a task", ("limit",), None, 200, _array("Event")),
+    ("POST", "/api/v1/tasks/{task}/assignment"): ("Assign a task to a session or a group", (),
+                                                  _body((), ("session_id", "group")), 200, _ref("Task")),
+    ("DELETE", "/api/v1/tasks/{task}/assignment"): ("End a task's assignment", (), None, 200, _ref("Task")),
+    ("GET", "/api/v1/groups"): ("List groups", (), None, 200, _array("Group")),
+    ("POST", "/api/v1/groups"): ("Create a group", (), _body(("name",), ("cwd", "host", "tmux_name")), 201,
+                                 _ref("Group")),
+    ("GET", "/api/v1/groups/{group}"): ("Get a group by name or id prefix", (), None, 200, _ref("Group")),
+    ("DELETE", "/api/v1/groups/{group}"): ("Remove a group", (), None, 200, _ref("Group")),
+    ("GET", "/api/v1/updates"): ("List updates, newest last", ("task", "id", "limit"), None, 200, _array("Update")),
+    ("POST", "/api/v1/updates"): ("Post a progress note", (), _body(("text",), ("task", "source", "session_id")), 201,
+                                  _ref("Update")),
+    ("GET", "/api/v1/status"): ("The roll-up", (), None, 200, _ref("Status")),
+    ("GET", "/api/v1/events"): ("Page through the log by receipt order (after), or the newest (no after)",
+                                ("after", "limit"), None, 200, _ref("EventPage")),
+    ("GET", "/api/v1/history"): ("Events naming any of the given entity ids", ("entity", "limit"), None, 200,
+                                 _array("Event")),
+    ("POST", "/api/v1/import"): ("Store events given as JSON lines", (),
+                                 {"type": "object", "required": ["lines"], "properties": {
+                                     "lines": {"type": "array", "items": {"type": "string"}}}}, 200,
+                                 _ref("ImportResult")),
+    ("POST", "/api/v1/replay"): ("Rebuild every projection from the log", (), {"type": "object"}, 200,
+                                 _ref("ReplayResult")),
+    ("GET", "/api/v1/openapi.json"): ("This document", (), None, 200, {"type": "object"}),
+}
+
+
+def openapi_path(pattern: "re.Pattern[str]") -> str:
+    """Return the OpenAPI path template of a route pattern: named groups become {name}."""
+    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern).replace("\\", "")
+
+
+def openapi_document() -> dict[str, Any]:
+    """Return the OpenAPI 3.1 description of every /api/ route."""
+    errors = {str(code): {"description": ERROR_CODES[code], "content": {"application/json": {"schema": _ref("Error")}}}
+              for code in (400, 401, 403, 404, 405, 409, 413, 415, 422)}
+    paths: dict[str, dict[str, Any]] = {}
+    for (method, path), (summary, query, body, status, schema) in API_DOCS.items():
+        op: dict[str, Any] = {"summary": summary, "parameters": [
+            *({"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+              for name in re.findall(r"\{(\w+)\}", path)),
+            *({"name": name, "in": "query", "required": False, "schema": {"type": "string"}} for name in query)],
+            "responses": {str(status): {"description": "OK", "content": {"application/json": {"schema": schema}}},
+                          **errors}}
+        if body is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        paths.setdefault(path, {})[method.lower()] = op
+    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event)}
+    return {"openapi": "3.1.0",
+            "info": {"title": "Clare", "version": __version__,
+                     "description": "Projects and tasks for a fleet of Claude Code sessions. With a token configured, "
+                                    "send 'Authorization: Bearer TOKEN'. Bodies are JSON (Content-Type: "
+                                    "application/json), at most 1 MB."},
+            "paths": paths,
+            "components": {"schemas": {**schemas, **_OPEN_API_EXTRA_SCHEMAS},
+                           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+            "security": [{"bearer": []}, {}]}
+
+
+def api_openapi(req: Request) -> Response:
+    """Return the OpenAPI 3.1 document of this API."""
+    return json_response(openapi_document())
+
+
 # --- the remote twin of Services ----------------------------------------
 
 REMOTE_TIMEOUT_S = 30.0
@@ -2817,6 +2947,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/api/v1/history", api_history),
         ("POST", r"/api/v1/import", api_import_events),
         ("POST", r"/api/v1/replay", api_replay),
+        ("GET", r"/api/v1/openapi\.json", api_openapi),
         ("GET", r"/", page_dashboard),
         ("GET", r"/projects", page_projects),
         ("POST", r"/projects", frag_create_project),

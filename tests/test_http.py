@@ -1,6 +1,7 @@
 """The JSON API and the HTTP rules, against a real server on 127.0.0.1 port 0."""
 
 import json
+import re
 import os
 import signal
 import socket
@@ -462,3 +463,64 @@ def test_remote_services_offer_every_service_with_the_same_signature():
         if any(p.kind is p.VAR_KEYWORD for p in theirs):
             continue  # edit_* take **changes: the server checks the names
         assert [(p.name, p.kind, p.default) for p in local] == [(p.name, p.kind, p.default) for p in theirs], name
+
+
+# --- OpenAPI -------------------------------------------------------------------
+
+def _validate(value, schema, doc, where="$"):
+    """Check a JSON value against the subset of JSON Schema the document uses."""
+    if "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        py = {"string": str, "integer": int, "boolean": bool, "number": (int, float), "object": dict,
+              "array": list, "null": type(None)}
+        assert any(isinstance(value, py[k]) and not (k == "integer" and isinstance(value, bool)) for k in kinds), \
+            f"{where}: {value!r} is not {kinds}"
+    if isinstance(value, dict):
+        for key in schema.get("required", []):
+            assert key in value, f"{where}: lacks {key}"
+        props = schema.get("properties", {})
+        if props:
+            assert set(value) <= set(props), f"{where}: undocumented {set(value) - set(props)}"
+        for key, sub in props.items():
+            if key in value:
+                _validate(value[key], sub, doc, f"{where}.{key}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            _validate(item, schema["items"], doc, f"{where}[{i}]")
+
+
+def test_openapi_document_lists_exactly_the_api_routes(server):
+    doc = server.request("GET", "/api/v1/openapi.json").json()
+    assert doc["openapi"].startswith("3.1")
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    routed = {(m, clare.openapi_path(rx)) for m, rx, _ in clare.ROUTES if rx.pattern.startswith("/api/")}
+    assert documented == routed
+
+
+def test_api_answers_match_the_openapi_schemas(server):
+    doc = server.request("GET", "/api/v1/openapi.json").json()
+    p = make_project(server, "alpha")
+    t = make_task(server)
+    server.request("POST", f"/api/v1/tasks/{t['id']}/assignment", json_body={"session_id": "7c1e9b"})
+    server.request("POST", "/api/v1/groups", json_body={"name": "backend", "host": "apricot"})
+    server.request("POST", "/api/v1/updates", json_body={"task": t["id"], "text": "note"})
+    concrete = {"project": p["id"], "task": t["id"], "group": "backend"}
+    checked = 0
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if method != "get":
+                continue
+            url = re.sub(r"\{(\w+)\}", lambda m: concrete[m[1]], path)
+            if path == "/api/v1/history":
+                url += f"?entity={t['id']}"
+            r = server.request("GET", url)
+            assert r.status == 200, (url, r.body)
+            _validate(r.json(), op["responses"]["200"]["content"]["application/json"]["schema"], doc, url)
+            checked += 1
+    assert checked >= 12
+    r = server.request("GET", "/api/v1/projects/nope")
+    _validate(r.json(), doc["paths"]["/api/v1/projects/{project}"]["get"]["responses"]["404"]["content"][
+        "application/json"]["schema"], doc)
