@@ -1294,7 +1294,8 @@ HTMX_VERSION = "2.0.11"
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "no-referrer"),
+    # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on our own form posts.
+    ("Referrer-Policy", "same-origin"),
     # Inline CSS lives in the page template; scripts only from /static, never inline.
     ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                                 "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
@@ -1881,7 +1882,7 @@ def redirect(url: str) -> Response:
 # htmx swaps 4xx bodies too, so a refused form shows its one-line reason in #flash.
 HTMX_CONFIG = {"includeIndicatorStyles": False, "defaultSwapStyle": "outerHTML", "historyCacheSize": 0,
                "responseHandling": [{"code": "204", "swap": False}, {"code": "[23]..", "swap": True},
-                                    {"code": "[45]..", "swap": True, "error": True}]}
+                                    {"code": "[45]..", "swap": True, "error": False}]}
 NAV = (("/", "Dashboard"), ("/projects", "Projects"), ("/sessions", "Sessions"), ("/broadcast", "Broadcast"))
 
 PAGE = string.Template("""<!doctype html>
@@ -2017,7 +2018,7 @@ def error_page(status: int, message: str) -> Html:
 
 PAGE_ERROR = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark"><title>$status · Clare</title>
+<meta name="color-scheme" content="light dark"><link rel="icon" href="data:,"><title>$status · Clare</title>
 <style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
 @media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
 <body><h1>$status</h1><p>$message</p><p><a href="/">Back to the dashboard</a></p></body></html>
@@ -2070,7 +2071,7 @@ $projects""")
 
 MAIN_PROJECT = string.Template("""<p class="muted small"><a href="/projects">Projects</a> /</p>
 <h1>$name</h1>
-<p class="sub">$status $goal</p>
+$head
 $tasks
 <div class="grid">
 $task_form
@@ -2084,6 +2085,7 @@ $task_form
 <section class="card"><h2>Recent updates</h2>$updates</section>
 <section class="card"><h2>History</h2>$history</section>
 </div>""")
+PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
 TASKS_TABLE = string.Template("""<div class="scroll"><table>
@@ -2277,12 +2279,18 @@ def page_project(req: Request) -> Response:
     updates = svc.list_updates(task_ids=[t.id for t in tasks], limit=10)
     return page(req, p.name, render(
         MAIN_PROJECT, name=p.name, id=p.id, owner=p.owner or "—", created=_short_time(p.created_at),
-        status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")), goal=p.goal, csrf=csrf_field(req),
+        head=project_head(p), csrf=csrf_field(req),
         status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
         tasks=tasks_fragment(req, p), task_form=task_form(req, p),
         updates=updates_list(updates, empty="No updates on these tasks yet."),
         history=feed(svc.project_history(p, limit=30), empty="No history.")))
+
+
+def project_head(project: Project, *, oob: bool = False) -> Html:
+    """Render the status badge and goal under a project's name."""
+    return render(PROJECT_HEAD, status=badge(project.status, PROJECT_COLORS.get(project.status, "gray")),
+                  goal=project.goal, oob=Html(' hx-swap-oob="true"') if oob else Html(""))
 
 
 def updates_list(updates: list[Update], *, empty: str) -> Html:
@@ -2323,7 +2331,8 @@ def frag_set_project_status(req: Request) -> Response:
     p = req.svc.edit_project(req.params["project"], status=req.form().get("status", ""))
     if not req.is_htmx:
         return redirect(f"/projects/{p.id}")
-    return html_response(flash(f"Project {p.name} is now {p.status}.", kind="ok", oob=True))
+    return html_response(join([project_head(p, oob=True),
+                               flash(f"Project {p.name} is now {p.status}.", kind="ok", oob=True)]))
 
 
 def task_fragment(req: Request, task: Task) -> Html:

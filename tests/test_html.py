@@ -181,7 +181,7 @@ def test_task_forms_add_move_assign_and_note(server, seeded):
     r = server.form(f"/tasks/{t.id}/updates", {"text": "half way"})
     assert r.status == 200 and 'id="frag-updates"' in r.text and "half way" in r.text
     r = server.form(f"/projects/{p.id}/status", {"status": "paused"})
-    assert r.status == 200 and "now paused" in r.text
+    assert r.status == 200 and "now paused" in r.text and 'id="project-head" hx-swap-oob="true"' in r.text
     db = clare.open_db(server.config.db_path)
     task = clare.get_task(db, t.id)
     assert (task.status, task.session_id) == ("done", "abc123")
