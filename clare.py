@@ -894,21 +894,35 @@ def _session_fields(p: dict[str, Any], ev: Event) -> dict[str, Any]:
     return fields
 
 
-@applies("session.appeared")
+def _is_opt_int(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _is_tokens(v: Any) -> bool:
+    return isinstance(v, dict) and len(v) <= 8 and all(_is_id(k) and _is_opt_int(n) for k, n in v.items())
+
+
+_SESSION_PAYLOAD = {"session_id": _is_id, "host": _is_id, "cwd?": _is_str, "tmux_socket?": _is_opt_str,
+                    "tmux_target?": _is_opt_str, "pane_id?": _is_opt_id, "pid?": _is_opt_int, "command?": _is_str,
+                    "state?": _is_one_of(SESSION_STATES), "last_activity_at?": _is_opt_str, "label?": _is_str,
+                    "tokens?": _is_tokens}
+
+
+@applies("session.appeared", {**_SESSION_PAYLOAD, "cwd": _is_str, "state": _is_one_of(SESSION_STATES)})
 def apply_session_appeared(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid); the first sighting sets every field."""
     p = ev.payload  # {session_id, host, cwd, tmux_socket, tmux_target, pane_id, pid, command, state, ...}
     _lww(cur, "sessions", p["session_id"], {"created_at": ev.created_at, **_session_fields(p, ev)}, ev)
 
 
-@applies("session.changed")
+@applies("session.changed", _SESSION_PAYLOAD)
 def apply_session_changed(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid): only the fields that changed are in the payload."""
     p = ev.payload  # {session_id, host, state?, tmux_target?, ..., last_activity_at, tokens}
     _lww(cur, "sessions", p["session_id"], _session_fields(p, ev), ev)
 
 
-@applies("session.gone")
+@applies("session.gone", {"session_id": _is_id, "host": _is_id, "reason?": _is_str})
 def apply_session_gone(cur: sqlite3.Cursor, ev: Event) -> None:
     """Last writer wins on state: a newer sighting brings a gone session back (claude --resume)."""
     p = ev.payload  # {session_id, host, reason}
