@@ -269,14 +269,14 @@ class Db:
 _MIGRATIONS: dict[int, list[str]] = {}  # version -> SQL scripts; filled by sections 3-4 below
 
 
-def open_db(path: str, *, machine_id: str | None = None) -> Db:
+def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Db:
     """Open (creating if needed) the Clare database at `path` and bring its schema up to date."""
     if path != ":memory:":
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000,
                                check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -579,6 +579,7 @@ CREATE TABLE hook_marks (                       -- the newest hook report per se
     tmux_socket TEXT,
     pane_id TEXT,
     state TEXT,
+    hook_event TEXT NOT NULL,                   -- hook_event_name of the newest report
     at_ms INTEGER NOT NULL
 );
 """
@@ -1102,23 +1103,35 @@ def save_transcript_cache(db: Db, rows: list[tuple[str, str | None, int, int, di
                         "VALUES (?, ?, ?, ?, ?)", [(*r[:4], canonical_json(r[4])) for r in rows])
 
 
-def list_hook_marks(db: Db) -> dict[str, tuple[str | None, str | None, str | None, int]]:
-    """Return the newest hook report per session: id -> (tmux socket, pane id, state, at_ms)."""
-    return {r[0]: tuple(r[1:]) for r in db.conn.execute(
-        "SELECT session_id, tmux_socket, pane_id, state, at_ms FROM hook_marks")}
+@dataclass(frozen=True, slots=True)
+class HookMark:
+    tmux_socket: str | None
+    pane_id: str | None
+    state: str | None  # the state the newest state-bearing report implied
+    hook_event: str  # hook_event_name of the newest report
+    at_ms: int
 
 
-def save_hook_mark(cur: sqlite3.Cursor, session_id: str, *, tmux_socket: str | None, pane_id: str | None,
-                   state: str | None, at_ms: int) -> None:
+def list_hook_marks(db: Db, *, session_id: str | None = None) -> dict[str, HookMark]:
+    """Return the newest hook report per session of this host (or of one session)."""
+    sql = "SELECT session_id, tmux_socket, pane_id, state, hook_event, at_ms FROM hook_marks"
+    rows = db.conn.execute(sql + " WHERE session_id = ?", (session_id,)) if session_id else db.conn.execute(sql)
+    return {r[0]: HookMark(*r[1:]) for r in rows}
+
+
+def save_hook_mark(cur: sqlite3.Cursor, session_id: str, mark: HookMark) -> None:
     """Remember a hook report unless a newer one is stored; keep the known pane and state. In a txn."""
     cur.execute(
-        """INSERT INTO hook_marks (session_id, tmux_socket, pane_id, state, at_ms) VALUES (?, ?, ?, ?, ?)
+        """INSERT INTO hook_marks (session_id, tmux_socket, pane_id, state, hook_event, at_ms)
+           VALUES (?, ?, ?, ?, ?, ?)
            ON CONFLICT (session_id) DO UPDATE SET
              tmux_socket = coalesce(excluded.tmux_socket, tmux_socket),
              pane_id = coalesce(excluded.pane_id, pane_id),
              state = coalesce(excluded.state, state),
-             at_ms = max(at_ms, excluded.at_ms)
-           WHERE excluded.at_ms >= at_ms""", (session_id, tmux_socket, pane_id, state, at_ms))
+             hook_event = excluded.hook_event,
+             at_ms = excluded.at_ms
+           WHERE excluded.at_ms >= at_ms""",
+        (session_id, mark.tmux_socket, mark.pane_id, mark.state, mark.hook_event, mark.at_ms))
 
 
 def list_history(db: Db, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
@@ -1466,6 +1479,41 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
     return events
 
 
+def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
+                is_end: bool = False, now_ms: int) -> list[Event]:
+    """Fold one hook report in: remember it, and record the session's new state at once.
+
+    A report older than the one stored (a spooled report ingested late) is kept out of the state.
+    """
+    _check_prefix("session", session_id)
+    if mark.state is not None:
+        _check_choice("session state", mark.state, SESSION_STATES)
+    events = []
+    with write_txn(db) as cur:
+        save_hook_mark(cur, session_id, mark)
+        stored = list_hook_marks(db, session_id=session_id)[session_id]
+        if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event):
+            return events
+        old = next((s for s in find_sessions(db, prefix=session_id) if s.id == session_id), None)
+        head = {"session_id": session_id, "host": db.machine_id}
+        if is_end:
+            if old is not None and old.state != "gone":
+                events.append(record(db, cur, "session.gone", {**head, "reason": "session ended"}, now_ms=now_ms))
+        elif old is None and mark.state is not None:
+            events.append(record(db, cur, "session.appeared", {
+                **head, "cwd": cwd, "tmux_socket": mark.tmux_socket, "tmux_target": tmux_target,
+                "pane_id": mark.pane_id, "pid": None, "command": "", "state": mark.state,
+                "last_activity_at": iso_ms(mark.at_ms), "label": "", "tokens": {}}, now_ms=now_ms))
+        elif old is not None and mark.state is not None:
+            changed = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
+                                         ("tmux_socket", mark.tmux_socket), ("tmux_target", tmux_target))
+                       if v is not None and getattr(old, k) != v}
+            if changed:
+                events.append(record(db, cur, "session.changed", {
+                    **head, **changed, "last_activity_at": iso_ms(mark.at_ms)}, now_ms=now_ms))
+    return events
+
+
 def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertResult, list[str]]:
     """Store the events of JSON lines not yet here; return the result and one reason per bad line."""
     good, bad = [], []
@@ -1549,7 +1597,7 @@ SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
     create_project, edit_project, get_project, list_projects, project_history,
     create_task, edit_task, get_task, list_tasks, assign_task, unassign_task,
     create_group, remove_group, get_group, list_groups,
-    get_session, list_sessions, list_group_sessions, get_pane_session, observe_sessions,
+    get_session, list_sessions, list_group_sessions, get_pane_session, observe_sessions, report_hook,
     post_update, list_updates, list_history, list_events, import_events, replay, count_events,
 )}
 
@@ -2040,9 +2088,9 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int
     registry = read_registry(claude_dir, procs)
     marks = list_hook_marks(db)
     hooked: dict[tuple[str | None, str], tuple[int, str]] = {}
-    for sid, (sock, pane, _, at) in marks.items():
-        if pane and (at, sid) > hooked.get((sock, pane), (0, "")):
-            hooked[(sock, pane)] = (at, sid)
+    for sid, m in marks.items():
+        if m.pane_id and (m.at_ms, sid) > hooked.get((m.tmux_socket, m.pane_id), (0, "")):
+            hooked[(m.tmux_socket, m.pane_id)] = (m.at_ms, sid)
     boot_ms, tick_ms = _boot_ms(), 1000 / os.sysconf("SC_CLK_TCK")
     claude_panes, unreachable = [], []
     for socket in tmux_sockets():
@@ -2091,7 +2139,7 @@ def _proc_cwd(pid: int) -> str | None:
 
 
 def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dict[int, dict[str, Any]],
-             marks: dict[str, tuple], cwd_of: dict[int, str], argv_of: Callable[[int], list[str]],
+             marks: dict[str, HookMark], cwd_of: dict[int, str], argv_of: Callable[[int], list[str]],
              claude_dir: str, idle_after_ms: int, now_ms: int) -> list[Observation]:
     cache = get_transcript_cache(db)
     fresh, observations, seen = [], [], set()
@@ -2107,9 +2155,10 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
             fresh.append((path, sid, *reading))
         info = reading[2] if reading else {}
         screen = capture_pane(pane) if pane else None
-        _, _, hook_state, hook_ms = marks.get(sid, (None, None, None, None))
+        mark = marks.get(sid)
         state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=entry.get("status"),
-                             registry_ms=entry.get("statusUpdatedAt"), hook=hook_state, hook_ms=hook_ms,
+                             registry_ms=entry.get("statusUpdatedAt"), hook=mark and mark.state,
+                             hook_ms=mark and mark.at_ms,
                              shows_dialog=bool(screen and shows_permission_dialog(screen)), now_ms=now_ms,
                              idle_after_ms=idle_after_ms)
         observations.append(Observation(
@@ -2123,6 +2172,7 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
 
 def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, env: dict[str, str] | None = None) -> PullResult:
     """Look at this host's Claude sessions and record what changed (nothing when nothing did)."""
+    ingest_spool(db, now_ms=now_ms)
     fleet = config.get("fleet", {})
     idle_after_ms = int(fleet.get("idle_after_s", DEFAULT_IDLE_AFTER_S) * 1000)
     observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env),
@@ -2138,6 +2188,212 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, env: dict[str, st
 def list_ambiguous_panes(db: Db) -> list[Pane]:
     """Return the Claude panes the last pull could not tie to one session."""
     return [Pane(**p) for p in json.loads(get_meta(db.conn.cursor(), "ambiguous_panes") or "[]")]
+
+
+HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PermissionRequest", "Notification", "Stop",
+               "StopFailure", "SessionEnd")
+HOOK_STATES = {"SessionStart": "waiting", "UserPromptSubmit": "working", "PreToolUse": "working",
+               "PostToolUse": "working", "PermissionRequest": "permission", "Stop": "waiting",
+               "StopFailure": "waiting"}
+NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission",
+                       "idle_prompt": "waiting"}
+HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
+MAX_HOOK_INPUT_BYTES = 1024 * 1024
+HOOK_TIMEOUT_S = 10
+CLARE_HOOK_RE = re.compile(r"clare(?:\.py)?['\"]?(?:\s+\S+)*\s+hook\s*$")
+
+
+def hook_state(payload: dict[str, Any]) -> str | None:
+    """Return the session state a hook report implies, or None when it implies none."""
+    event = payload.get("hook_event_name")
+    if event != "Notification":
+        return HOOK_STATES.get(event)
+    state = NOTIFICATION_STATES.get(payload.get("notification_type"))
+    message = str(payload.get("message", ""))
+    # COMPAT: versions before notification_type said it only in the message.
+    if state is None and "permission" in message:
+        return "permission"
+    if state is None and "waiting for your input" in message:
+        return "waiting"
+    return state
+
+
+def spool_dir(db_path: str) -> str:
+    """Return the folder where hook reports wait while the database cannot take them."""
+    return os.path.join(os.path.dirname(os.path.abspath(db_path)), "spool")
+
+
+def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> None:
+    """Take one Claude Code hook report: record it now, or spool it for the next pull; never raise.
+
+    This is an edge (STYLE §5): Claude's session must never see Clare fail, so whatever goes
+    wrong while recording ends in the spool, and whatever goes wrong while spooling is dropped.
+    """
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return  # not a report: nothing to keep
+    if not isinstance(payload, dict):
+        return
+    report = {"payload": payload, "tmux_pane": env.get("TMUX_PANE") or None,
+              "tmux_socket": (env.get("TMUX") or "").split(",")[0] or None, "at_ms": at_ms}
+    try:
+        if not os.path.exists(db_path):
+            raise ClareError(f"no database at {db_path} yet")
+        db = open_db(db_path, busy_timeout_ms=HOOK_BUSY_TIMEOUT_MS)
+        try:
+            ingest_report(db, report, now_ms=at_ms)
+        finally:
+            db.close()
+    except Exception:  # the hook runner is an edge: spool whatever it could not record
+        with contextlib.suppress(OSError):
+            spool_report(db_path, report)
+
+
+def spool_report(db_path: str, report: dict[str, Any]) -> str:
+    """Write one hook report to the spool, atomically; return its path."""
+    folder = spool_dir(db_path)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{report['at_ms']:013d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(report, f)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]:
+    """Record one hook report (live or spooled); reports of sub-agents or without a session are ignored."""
+    # SECURITY: the payload comes from a hook's stdin: only known fields of known types are used.
+    p = report.get("payload") or {}
+    sid = p.get("session_id")
+    if not isinstance(sid, str) or not UUID_RE.match(sid) or p.get("agent_id"):
+        return []
+    event = str(p.get("hook_event_name", ""))[:64]
+    pane, socket = report.get("tmux_pane"), report.get("tmux_socket")
+    mark = HookMark(socket if isinstance(socket, str) else None,
+                    pane if isinstance(pane, str) and pane.startswith("%") else None,
+                    hook_state(p), event, int(report.get("at_ms") or now_ms))
+    cwd = p.get("cwd") if isinstance(p.get("cwd"), str) else ""
+    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", now_ms=now_ms)
+
+
+def ingest_spool(db: Db, *, now_ms: int) -> int:
+    """Record the hook reports spooled while the database was busy or missing; return how many."""
+    folder = spool_dir(db.path)
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+        except ValueError:
+            os.replace(path, path + ".bad")  # kept for a human, never read again
+            continue
+        ingest_report(db, report, now_ms=now_ms)
+        os.remove(path)
+    return len(names)
+
+
+def settings_path(env: dict[str, str] | None = None) -> str:
+    """Return Claude Code's user settings file."""
+    return os.path.join(claude_home(env), "settings.json")
+
+
+def hook_command(db_path: str) -> str:
+    """Return the shell command Claude Code runs for Clare's hooks: this interpreter, file and database."""
+    import shlex
+
+    return shlex.join([sys.executable, os.path.abspath(__file__), "--db", os.path.abspath(db_path), "hook"])
+
+
+def _read_settings(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except ValueError as err:
+        raise ClareError(f"{path} is not valid JSON ({err}); fix it, then run this again") from err
+    if not isinstance(settings, dict) or not isinstance(settings.get("hooks", {}), dict):
+        raise ClareError(f"{path} is not a settings object with a 'hooks' object; fix it, then run this again")
+    return settings
+
+
+def _write_settings(path: str, settings: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".clare-tmp", "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(path + ".clare-tmp", path)
+
+
+def _is_clare_hook(h: object) -> bool:
+    return isinstance(h, dict) and isinstance(h.get("command"), str) and bool(CLARE_HOOK_RE.search(h["command"]))
+
+
+def _strip_clare_hooks(groups: list[Any]) -> bool:
+    removed = False
+    for g in list(groups):
+        if isinstance(g, dict) and isinstance(g.get("hooks"), list):
+            keep = [h for h in g["hooks"] if not _is_clare_hook(h)]
+            if len(keep) != len(g["hooks"]):
+                removed = True
+                if keep:
+                    g["hooks"] = keep
+                else:
+                    groups.remove(g)
+    return removed
+
+
+def install_hooks(path: str, command: str) -> list[str]:
+    """Add Clare's hook to every event it reads, keeping the user's own hooks; return the events changed."""
+    settings = _read_settings(path)
+    hooks = settings.setdefault("hooks", {})
+    entry = {"type": "command", "command": command, "timeout": HOOK_TIMEOUT_S, "async": True}
+    changed = []
+    for event in HOOK_EVENTS:
+        groups = hooks.setdefault(event, [])
+        if not isinstance(groups, list):
+            raise ClareError(f"{path}: hooks.{event} is not a list; fix it, then run this again")
+        ours = [h for g in groups if isinstance(g, dict) for h in g.get("hooks") or () if _is_clare_hook(h)]
+        if ours == [entry]:
+            continue
+        _strip_clare_hooks(groups)
+        groups.append({"matcher": "", "hooks": [entry]})
+        changed.append(event)
+    if changed:
+        _write_settings(path, settings)
+    return changed
+
+
+def uninstall_hooks(path: str) -> list[str]:
+    """Remove Clare's hooks and nothing else; return the events changed."""
+    settings = _read_settings(path)
+    hooks = settings.get("hooks", {})
+    changed = [event for event, groups in hooks.items() if isinstance(groups, list) and _strip_clare_hooks(groups)]
+    for event in changed:
+        if not hooks[event]:
+            del hooks[event]
+    if changed:
+        if not hooks:
+            del settings["hooks"]
+        _write_settings(path, settings)
+    return changed
+
+
+def hooks_status(path: str, command: str) -> dict[str, str]:
+    """Return, per hook event Clare reads: installed, outdated (another Clare command) or missing."""
+    hooks = _read_settings(path).get("hooks", {})
+    status = {}
+    for event in HOOK_EVENTS:
+        groups = hooks.get(event) if isinstance(hooks.get(event), list) else []
+        ours = [h for g in groups if isinstance(g, dict) for h in g.get("hooks") or () if _is_clare_hook(h)]
+        status[event] = ("installed" if any(h.get("command") == command for h in ours)
+                         else "outdated" if ours else "missing")
+    return status
 
 
 SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes)})
@@ -2458,6 +2714,40 @@ def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, sessions, lambda: format_sessions(sessions, ambiguous))
 
 
+def cmd_hook(args: argparse.Namespace, ctx: Context) -> int:
+    """Take one Claude Code hook report on stdin; print nothing and exit 0 whatever happens."""
+    run_hook(ctx.paths.db, sys.stdin.buffer.read(MAX_HOOK_INPUT_BYTES), env=dict(os.environ), at_ms=now_ms())
+    return 0
+
+
+def cmd_hooks_install(args: argparse.Namespace, ctx: Context) -> None:
+    """Add Clare's hooks to Claude Code's settings, keeping the user's own."""
+    path = settings_path()
+    changed = install_hooks(path, hook_command(ctx.paths.db))
+    emit(ctx, {"settings": path, "changed": changed},
+         f"installed Clare's hooks for {len(changed)} events in {path}; sessions started before now get them "
+         "only when restarted (pull still sees them)" if changed else f"Clare's hooks are already in {path}")
+
+
+def cmd_hooks_uninstall(args: argparse.Namespace, ctx: Context) -> None:
+    """Remove Clare's hooks from Claude Code's settings, and nothing else."""
+    path = settings_path()
+    changed = uninstall_hooks(path)
+    emit(ctx, {"settings": path, "changed": changed},
+         f"removed Clare's hooks from {len(changed)} events in {path}" if changed else f"no Clare hooks in {path}")
+
+
+def cmd_hooks_status(args: argparse.Namespace, ctx: Context) -> None:
+    """Show which hook events run Clare, and how many reports wait in the spool."""
+    path = settings_path()
+    status = hooks_status(path, hook_command(ctx.paths.db))
+    folder = spool_dir(ctx.paths.db)
+    n_spooled = len([n for n in os.listdir(folder) if n.endswith(".json")]) if os.path.isdir(folder) else 0
+    emit(ctx, {"settings": path, "events": status, "spooled": n_spooled}, lambda: "\n".join([
+        f"settings: {path}", table(("EVENT", "CLARE HOOK"), status.items()),
+        f"{n_spooled} reports wait in {folder} for the next 'clare pull'" if n_spooled else "spool: empty"]))
+
+
 def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
     """Show the roll-up: task counts per project."""
     projects = ctx.svc.list_projects()
@@ -2520,6 +2810,7 @@ GROUP_HELP = {
     "project": "create, list, show and change projects",
     "task": "add, list, show and move tasks",
     "group": "name groups of sessions by cwd, host or tmux session name",
+    "hooks": "install, remove and check Clare's Claude Code hooks",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
 _JSON = arg("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
@@ -2583,6 +2874,14 @@ COMMANDS: list[Command] = [
              arg("text", nargs="?"))),
     Command(("pull",), cmd_pull, "look at this host's Claude sessions and record what changed",
             "clare pull\n  clare pull --json", ()),
+    Command(("hook",), cmd_hook, "what Claude Code runs on a hook event (JSON on stdin; always exits 0)",
+            "echo '{\"session_id\": \"…\", \"hook_event_name\": \"Stop\"}' | clare hook"),
+    Command(("hooks", "install"), cmd_hooks_install, "add Clare's hooks to ~/.claude/settings.json (idempotent)",
+            "clare hooks install"),
+    Command(("hooks", "uninstall"), cmd_hooks_uninstall, "remove Clare's hooks, keeping the user's own",
+            "clare hooks uninstall"),
+    Command(("hooks", "status"), cmd_hooks_status, "show which Claude Code hook events run Clare",
+            "clare hooks status --json"),
     Command(("sessions",), cmd_sessions, "list Claude sessions: host, tmux target, state, activity, task",
             "clare sessions\n  clare sessions --all --json",
             (arg("--all", action="store_true", help="also sessions that are gone"),)),

@@ -289,3 +289,99 @@ def test_session_events_replay_to_the_same_tables(db):
     clare.replay(db)
     assert clare.projection_digest(db) == before
     assert [s.state for s in clare.list_sessions(db, include_gone=True)] == ["gone"]
+
+
+# --- hooks -----------------------------------------------------------------------------------------
+
+SID = "9d1c2b3a-4e5f-4a6b-8c7d-0e1f2a3b4c5d"
+
+
+def hook_payload(event: str, **fields) -> str:
+    """A hook report as Claude Code sends it on stdin."""
+    return json.dumps({"session_id": SID, "transcript_path": f"/home/ana/.claude/projects/-srv-api/{SID}.jsonl",
+                       "cwd": "/srv/api", "hook_event_name": event, "permission_mode": "default", **fields})
+
+
+def test_hooks_install_keeps_the_users_hooks_and_twice_changes_nothing(cli, home):
+    settings = Path(os.environ["HOME"]) / ".claude" / "settings.json"
+    settings.parent.mkdir(parents=True)
+    user_hook = {"matcher": "Bash", "hooks": [{"type": "command", "command": "~/bin/audit.sh"}]}
+    settings.write_text(json.dumps({"model": "opus", "hooks": {"PreToolUse": [user_hook]}}))
+    assert cli("hooks", "install").code == 0
+    installed = settings.read_bytes()
+    config = json.loads(installed)
+    assert config["model"] == "opus" and config["hooks"]["PreToolUse"][0] == user_hook
+    assert set(config["hooks"]) == set(clare.HOOK_EVENTS)
+    [ours] = config["hooks"]["Stop"][0]["hooks"]
+    assert ours["async"] is True and ours["command"].endswith(" hook") and "clare.py" in ours["command"]
+    r = cli("hooks", "install")
+    assert "already" in r.out and settings.read_bytes() == installed
+    assert set(cli("--json", "hooks", "status").json()["events"].values()) == {"installed"}
+    assert cli("hooks", "uninstall").code == 0
+    assert json.loads(settings.read_text()) == {"model": "opus", "hooks": {"PreToolUse": [user_hook]}}
+    assert set(cli("--json", "hooks", "status").json()["events"].values()) == {"missing"}
+
+
+def test_hooks_install_refuses_a_broken_settings_file_and_leaves_it(cli, home):
+    settings = Path(os.environ["HOME"]) / ".claude" / "settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text('{"hooks": {')
+    r = cli("hooks", "install")
+    assert r.code == 1 and "not valid JSON" in r.err and settings.read_text() == '{"hooks": {'
+
+
+def test_hook_reports_set_the_exact_state_and_bind_the_pane(run_clare, db):
+    env = {"TMUX_PANE": "%7", "TMUX": "/tmp/tmux-1000/default,4242,0"}
+    for event, fields, state in [("SessionStart", {"source": "startup"}, "waiting"),
+                                 ("UserPromptSubmit", {"prompt": "go"}, "working"),
+                                 ("PermissionRequest", {"tool_name": "Bash"}, "permission"),
+                                 ("PreToolUse", {"tool_name": "Bash"}, "working"),
+                                 ("Notification", {"notification_type": "permission_prompt"}, "permission"),
+                                 ("Stop", {"last_assistant_message": "done"}, "waiting")]:
+        r = run_clare("hook", input=hook_payload(event, **fields), env=env)
+        assert (r.code, r.out, r.err) == (0, "", "")
+        [s] = clare.list_sessions(db)
+        assert (s.state, s.pane_id, s.tmux_socket, s.cwd) == (state, "%7", "/tmp/tmux-1000/default", "/srv/api")
+    n_events = clare.count_events(db)
+    run_clare("hook", input=hook_payload("PreToolUse", agent_id="a1", tool_name="Read"), env=env)
+    run_clare("hook", input=hook_payload("Stop"), env=env)  # same state: no event
+    run_clare("hook", input="not json", env=env)
+    assert clare.count_events(db) == n_events
+    run_clare("hook", input=hook_payload("SessionEnd", reason="logout"), env=env)
+    assert clare.list_sessions(db) == [] and clare.list_sessions(db, include_gone=True)[0].state == "gone"
+
+
+def test_hook_under_a_write_lock_exits_at_once_and_pull_ingests_its_report(run_clare, db, cli, tmux):
+    holder = clare.open_db(db.path)
+    holder.conn.execute("BEGIN IMMEDIATE")
+    try:
+        r = run_clare("hook", input=hook_payload("PermissionRequest", tool_name="Bash"), timeout=10)
+        assert (r.code, r.out, r.err) == (0, "", "")
+    finally:
+        holder.conn.execute("ROLLBACK")
+        holder.close()
+    spooled = list((Path(db.path).parent / "spool").glob("*.json"))
+    assert len(spooled) == 1 and clare.list_sessions(db) == []
+    assert cli("--json", "hooks", "status").json()["spooled"] == 1
+    pull(cli)
+    assert not list((Path(db.path).parent / "spool").glob("*.json"))
+    [ev] = [e for e in session_events(db) if e.event_type == "session.appeared"]
+    assert ev.payload["state"] == "permission"
+
+
+def test_hook_without_a_database_spools_and_creates_nothing_else(run_clare, home):
+    r = run_clare("hook", input=hook_payload("Stop"))
+    assert r.code == 0 and not (home / "clare.db").exists()
+    assert len(list((home / "spool").glob("*.json"))) == 1
+
+
+def test_installed_hooks_run_by_claude_record_state_before_any_pull(tmux, cli, db, tmp_path):
+    cli("hooks", "install")
+    pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = wait_for(lambda: clare.list_sessions(db), what="the SessionStart hook to record the session")
+    assert s.pane_id == pane and s.state == "waiting" and s.tmux_target is None
+    tmux.type_prompt(pane, "perm")
+    wait_for(lambda: clare.list_sessions(db)[0].state == "permission", what="the PermissionRequest hook")
+    pull(cli)
+    [s] = clare.list_sessions(db)
+    assert s.state == "permission" and s.tmux_target == "work:0.0"
