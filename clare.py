@@ -3101,6 +3101,7 @@ progress::-moz-progress-bar{background:var(--green);border-radius:4px}
 ul.feed{list-style:none;margin:0;padding:0}
 ul.feed li{padding:.45rem 0;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
 ul.feed li:last-child{border-bottom:0}
+.attention{border-left:4px solid var(--amber)}.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
 ul.feed time{display:block;color:var(--muted);font-size:.76rem}
 pre.text{white-space:pre-wrap;overflow-wrap:anywhere;font:inherit;margin:.2rem 0}
 form.row{display:flex;flex-wrap:wrap;gap:.55rem;align-items:flex-end;margin:0 0 .8rem}
@@ -3179,6 +3180,15 @@ PAGE_ERROR = string.Template("""<!doctype html>
 
 # --- dashboard pages and their htmx fragments -----------------------------
 
+def _ago(at: str | None, now: int) -> str:
+    ms = _iso_to_ms(at)
+    if ms is None:
+        return "-"
+    s = max(0, (now - ms) // 1000)
+    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago" if s < 172800 \
+        else f"{s // 86400}d ago"
+
+
 TASK_COLORS = {"todo": "gray", "in_progress": "blue", "blocked": "orange", "done": "green"}
 PROJECT_COLORS = {"active": "blue", "paused": "amber", "done": "green"}
 
@@ -3212,10 +3222,11 @@ PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
 <button type="submit">Create</button>
 </form></section>""")
 MAIN_DASHBOARD = string.Template("""<h1>Dashboard</h1>
-<p class="sub">What needs you first, then where every project stands.</p>
+<p class="sub">What needs you first, then where every project stands, then every session.</p>
 $attention
 $projects
-<div class="grid">$fleet$activity$project_form</div>""")
+$fleet
+<div class="grid">$activity$project_form</div>""")
 MAIN_PROJECTS = string.Template("""<h1>Projects</h1>
 <p class="sub">Every project on this Clare, with its tasks by status.</p>
 $project_form
@@ -3575,19 +3586,112 @@ def frag_post_update(req: Request) -> Response:
                                flash("Update posted.", kind="ok", oob=True)]))
 
 
+SESSION_COLORS = {"working": "blue", "waiting": "amber", "permission": "red", "idle": "gray", "gone": "gray"}
+SESSION_LABELS = {"working": "working", "waiting": "waiting for you", "permission": "needs permission",
+                  "idle": "idle", "gone": "gone"}
+NEEDS_PERSON = ("permission", "waiting")
+
+FRAG_ATTENTION = string.Template("""<section class="card attention" id="frag-attention" $poll>
+<h2>Needs you</h2>$body</section>""")
+ATTENTION_LIST = string.Template('<ul class="feed" hx-disable>$items</ul>')
+ATTENTION_ITEM = string.Template("""<li><div class="line">$state <b>$label</b> <span class="muted small">$since</span></div>
+<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>$task</li>""")
+TASK_LINK = string.Template('<div class="small">task <a href="/tasks/$id">$title</a></div>')
+FRAG_FLEET = string.Template("""<section class="card" id="frag-fleet" $poll>
+<h2>Sessions</h2>$table</section>""")
+FLEET_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>State</th><th>Session</th><th>Where</th><th>Task</th><th>Active</th><th class="hide-sm">Tokens</th></tr></thead>
+<tbody hx-disable>$rows</tbody></table></div>""")
+FLEET_ROW = string.Template("""<tr><td>$state</td>
+<td class="title"><b>$label</b><div class="mono muted small">$id</div></td>
+<td><span class="mono small">$host · $where</span><div class="muted small">$cwd</div></td>
+<td class="title">$task</td><td class="muted small">$active</td><td class="hide-sm mono small">$tokens</td></tr>""")
+TASK_CELL = string.Template('<a href="/tasks/$id">$title</a>')
+MAIN_SESSIONS = string.Template("""<h1>Sessions</h1>
+<p class="sub">Claude sessions on every host, as each host last saw them. Run <span class="mono">clare pull</span>
+on a host (or install its hooks) to refresh what it sees.</p>
+$attention
+$fleet
+$ambiguous""")
+AMBIGUOUS = string.Template("""<section class="card"><h2>Panes Clare cannot tell apart</h2>
+<ul class="feed" hx-disable>$items</ul></section>""")
+AMBIGUOUS_ITEM = string.Template(
+    '<li><span class="mono">$target</span> in <span class="mono">$cwd</span>: Claude runs here, but its session '
+    'cannot be told apart from another in this folder</li>')
+DATALIST = string.Template('<datalist id="session-ids">$options</datalist>')
+
+
+def session_badge(session: Session) -> Html:
+    """Return the state badge of a session."""
+    return badge(SESSION_LABELS.get(session.state, session.state), SESSION_COLORS.get(session.state, "gray"))
+
+
+def _task_titles(req: Request, sessions: list[Session]) -> dict[str, Task]:
+    svc = req.svc
+    return {t: svc.get_task(t) for t in {s.task_id for s in sessions if s.task_id}}
+
+
+def _tokens_text(tokens: dict[str, int]) -> str:
+    n = sum(v for v in tokens.values() if isinstance(v, int))
+    return "—" if not n else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
+
+
 def attention_fragment(req: Request) -> Html:
     """Render the sessions that wait for a person, longest-waiting first."""
-    return Html("")  # TODO(#4): sessions arrive with the fleet work
+    now = now_ms()
+    sessions = sorted((s for s in req.svc.list_sessions() if s.state in NEEDS_PERSON),
+                      key=lambda s: (s.state_at or s.last_activity_at or "", s.id))
+    tasks = _task_titles(req, sessions)
+    # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
+    body = render(ATTENTION_LIST, items=join(render(
+        ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
+        since="since " + _ago(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
+        where=s.tmux_target or "-", cwd=s.cwd,
+        task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id else Html(""))
+        for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
+    return render(FRAG_ATTENTION, poll=poll_attrs("/frag/attention"), body=body)
 
 
 def fleet_fragment(req: Request) -> Html:
-    """Render every session with its state and current task."""
-    return Html("")  # TODO(#4): sessions arrive with the fleet work
+    """Render every live session with its state and current task."""
+    now = now_ms()
+    sessions = req.svc.list_sessions()
+    tasks = _task_titles(req, sessions)
+    if not sessions:
+        table_html = render(EMPTY, text="No Claude sessions seen yet; run 'clare pull' on each host.")
+    else:
+        table_html = render(FLEET_TABLE, rows=join(render(
+            FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
+            where=s.tmux_target or "-", cwd=s.cwd, active=_ago(s.last_activity_at, now),
+            tokens=_tokens_text(s.tokens),
+            task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id
+            else Html('<span class="muted">—</span>')) for s in sessions))
+    return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
 
 
 def session_datalist(req: Request) -> Html:
     """Render the known session ids for the assign form."""
-    return Html("")  # TODO(#4): sessions arrive with the fleet work
+    return render(DATALIST, options=join(render(OPTION, value=s.id, label=f"{s.label or s.cwd} ({s.host})",
+                                                selected=Html("")) for s in req.svc.list_sessions()))
+
+
+def page_sessions(req: Request) -> Response:
+    """Show the fleet: who waits for a person, then every session with its task."""
+    panes = req.svc.list_ambiguous_panes()
+    ambiguous = render(AMBIGUOUS, items=join(render(AMBIGUOUS_ITEM, target=p.target, cwd=p.cwd) for p in panes)) \
+        if panes else Html("")
+    return page(req, "Sessions", render(MAIN_SESSIONS, attention=attention_fragment(req), fleet=fleet_fragment(req),
+                                        ambiguous=ambiguous))
+
+
+def frag_attention(req: Request) -> Response:
+    """Answer the needs-you poll."""
+    return html_response(attention_fragment(req))
+
+
+def frag_fleet(req: Request) -> Response:
+    """Answer the sessions poll."""
+    return html_response(fleet_fragment(req))
 
 
 # --- JSON API ------------------------------------------------------------
@@ -3694,6 +3798,26 @@ def api_get_group(req: Request) -> Response:
 def api_remove_group(req: Request) -> Response:
     """Remove a group; its tasks become unassigned."""
     return json_response(req.svc.remove_group(req.params["group"]))
+
+
+def api_list_sessions(req: Request) -> Response:
+    """List Claude sessions of every host; ?host= narrows, ?all=1 adds gone ones."""
+    return json_response(req.svc.list_sessions(host=req.arg("host") or None, include_gone=req.arg("all") == "1"))
+
+
+def api_get_session(req: Request) -> Response:
+    """Return one session by id prefix."""
+    return json_response(req.svc.get_session(req.params["session"]))
+
+
+def api_group_sessions(req: Request) -> Response:
+    """List the sessions a group's patterns match now."""
+    return json_response(req.svc.list_group_sessions(req.params["group"], include_gone=req.arg("all") == "1"))
+
+
+def api_ambiguous_panes(req: Request) -> Response:
+    """List the Claude panes the last pull could not tie to one session."""
+    return json_response(req.svc.list_ambiguous_panes())
 
 
 def api_list_updates(req: Request) -> Response:
@@ -3858,6 +3982,12 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
                                  _ref("Group")),
     ("GET", "/api/v1/groups/{group}"): ("Get a group by name or id prefix", (), None, 200, _ref("Group")),
     ("DELETE", "/api/v1/groups/{group}"): ("Remove a group", (), None, 200, _ref("Group")),
+    ("GET", "/api/v1/groups/{group}/sessions"): ("Sessions a group's patterns match now", ("all",), None, 200,
+                                                 _array("Session")),
+    ("GET", "/api/v1/sessions"): ("List Claude sessions of every host", ("host", "all"), None, 200, _array("Session")),
+    ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix", (), None, 200, _ref("Session")),
+    ("GET", "/api/v1/panes/ambiguous"): ("Claude panes whose session cannot be told apart", (), None, 200,
+                                         _array("Pane")),
     ("GET", "/api/v1/updates"): ("List updates, newest last", ("task", "id", "limit"), None, 200, _array("Update")),
     ("POST", "/api/v1/updates"): ("Post a progress note", (), _body(("text",), ("task", "source", "session_id")), 201,
                                   _ref("Update")),
@@ -3896,7 +4026,7 @@ def openapi_document() -> dict[str, Any]:
         if body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
-    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event)}
+    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event, Session, Pane)}
     return {"openapi": "3.1.0",
             "info": {"title": "Clare", "version": __version__,
                      "description": "Projects and tasks for a fleet of Claude Code sessions. With a token configured, "
@@ -3916,6 +4046,7 @@ def api_openapi(req: Request) -> Response:
 # --- the remote twin of Services ----------------------------------------
 
 REMOTE_TIMEOUT_S = 30.0
+LOCAL_ONLY_SERVICES = frozenset({"pull_fleet", "observe_sessions", "report_hook", "get_pane_session"})
 _REMOTE_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
 
 
@@ -3935,6 +4066,12 @@ class RemoteServices:
     def __init__(self, url: str, *, token: str | None = None):
         self.url = url.rstrip("/")
         self.token = token
+
+    def __getattr__(self, name: str) -> Callable:
+        if name in LOCAL_ONLY_SERVICES:
+            raise UsageError(f"{name} works on this host's own tmux and hooks; run the command on that host "
+                             "without --remote (and without CLARE_URL)")
+        raise AttributeError(name)
 
     def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
         """Send one API request and return its decoded JSON; raise the server's error as a ClareError."""
@@ -4042,9 +4179,31 @@ class RemoteServices:
         """Return the groups."""
         return [_build(Group, g) for g in self.call("GET", "/api/v1/groups")]
 
+    def get_session(self, ref: str) -> Session:
+        """Return one session by id prefix."""
+        return _build(Session, self.call("GET", f"/api/v1/sessions/{self._path(ref)}"))
+
+    def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
+        """Return the sessions of every host."""
+        query = {"host": host, "all": "1" if include_gone else None}
+        return [_build(Session, x) for x in self.call("GET", "/api/v1/sessions", query=query)]
+
+    def list_group_sessions(self, group_ref: str, *, include_gone: bool = False) -> list[Session]:
+        """Return the sessions a group's patterns match now."""
+        query = {"all": "1" if include_gone else None}
+        return [_build(Session, x) for x in self.call("GET", f"/api/v1/groups/{self._path(group_ref)}/sessions",
+                                                      query=query)]
+
+    def list_ambiguous_panes(self) -> list[Pane]:
+        """Return the panes the server's last pull could not tie to one session."""
+        return [_build(Pane, x) for x in self.call("GET", "/api/v1/panes/ambiguous")]
+
     def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                    source: str = "message") -> Update:
+                    pane: tuple[str | None, str] | None = None, source: str = "message") -> Update:
         """Post a progress note."""
+        if pane is not None and task_ref is None:
+            raise UsageError("a note from inside a pane finds its task on this host; name the task "
+                             "(clare update TASK TEXT) or run without --remote")
         body = {k: v for k, v in (("text", text), ("task", task_ref), ("session_id", session_id),
                                   ("source", source)) if v is not None}
         return _build(Update, self.call("POST", "/api/v1/updates", body=body))
@@ -4101,6 +4260,10 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/api/v1/groups", api_create_group),
         ("GET", r"/api/v1/groups/" + _REF % "group", api_get_group),
         ("DELETE", r"/api/v1/groups/" + _REF % "group", api_remove_group),
+        ("GET", r"/api/v1/groups/" + _REF % "group" + "/sessions", api_group_sessions),
+        ("GET", r"/api/v1/sessions", api_list_sessions),
+        ("GET", r"/api/v1/sessions/" + _REF % "session", api_get_session),
+        ("GET", r"/api/v1/panes/ambiguous", api_ambiguous_panes),
         ("GET", r"/api/v1/updates", api_list_updates),
         ("POST", r"/api/v1/updates", api_post_update),
         ("GET", r"/api/v1/status", api_status),
@@ -4120,6 +4283,9 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
+        ("GET", r"/sessions", page_sessions),
+        ("GET", r"/frag/attention", frag_attention),
+        ("GET", r"/frag/fleet", frag_fleet),
         ("GET", r"/frag/projects", frag_projects),
         ("GET", r"/frag/activity", frag_activity),
         ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", frag_project_tasks),
@@ -4397,15 +4563,6 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
         socket = os.environ.get("TMUX", "").split(",")[0] or None
         u = ctx.svc.post_update(args.task, pane=(socket, pane_id))
     emit(ctx, u, f"noted on task {u.task_id[:SHORT_ID]}: {_short(u.text, 70)}")
-
-
-def _ago(at: str | None, now: int) -> str:
-    ms = _iso_to_ms(at)
-    if ms is None:
-        return "-"
-    s = max(0, (now - ms) // 1000)
-    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago" if s < 172800 \
-        else f"{s // 86400}d ago"
 
 
 def format_sessions(sessions: list[Session], ambiguous: list[Pane] = ()) -> str:

@@ -458,6 +458,10 @@ def test_remote_services_offer_every_service_with_the_same_signature():
     import inspect
 
     for name, fn in clare.SERVICES.items():
+        if name in clare.LOCAL_ONLY_SERVICES:
+            with pytest.raises(clare.UsageError, match="without --remote"):
+                getattr(clare.RemoteServices("http://x"), name)
+            continue
         remote = getattr(clare.RemoteServices, name, None)
         assert remote is not None, f"RemoteServices lacks {name}"
         local = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("db", "now_ms")]
@@ -506,10 +510,12 @@ def test_api_answers_match_the_openapi_schemas(server):
     doc = server.request("GET", "/api/v1/openapi.json").json()
     p = make_project(server, "alpha")
     t = make_task(server)
-    server.request("POST", f"/api/v1/tasks/{t['id']}/assignment", json_body={"session_id": "7c1e9b"})
+    observe(clare.open_db(server.config.db_path), ["7c1e9b00-0000-4000-8000-000000000001"], now_ms=clare.now_ms())
+    r = server.request("POST", f"/api/v1/tasks/{t['id']}/assignment", json_body={"session_id": "7c1e9b"})
+    assert r.status == 200
     server.request("POST", "/api/v1/groups", json_body={"name": "backend", "host": "apricot"})
     server.request("POST", "/api/v1/updates", json_body={"task": t["id"], "text": "note"})
-    concrete = {"project": p["id"], "task": t["id"], "group": "backend"}
+    concrete = {"project": p["id"], "task": t["id"], "group": "backend", "session": "7c1e9b"}
     checked = 0
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
@@ -526,3 +532,29 @@ def test_api_answers_match_the_openapi_schemas(server):
     r = server.request("GET", "/api/v1/projects/nope")
     _validate(r.json(), doc["paths"]["/api/v1/projects/{project}"]["get"]["responses"]["404"]["content"][
         "application/json"]["schema"], doc)
+
+
+# --- sessions ------------------------------------------------------------------
+
+def test_sessions_are_listed_fetched_and_matched_by_group(server, db):
+    observe(db, [{"session_id": "11111111-aaaa-4aaa-8aaa-000000000001", "cwd": "/srv/api", "label": "api work"},
+                 {"session_id": "22222222-bbbb-4bbb-8bbb-000000000002", "cwd": "/srv/web", "state": "working"}],
+            now_ms=clare.now_ms())
+    sessions = server.request("GET", "/api/v1/sessions").json()
+    assert [(s["id"][:8], s["state"], s["host"]) for s in sessions] == [("11111111", "waiting", "testhost"),
+                                                                       ("22222222", "working", "testhost")]
+    assert server.request("GET", "/api/v1/sessions/2222").json()["cwd"] == "/srv/web"
+    assert server.request("GET", "/api/v1/sessions/ffff").status == 404
+    assert len(server.request("GET", "/api/v1/sessions?host=testhost").json()) == 2
+    assert server.request("GET", "/api/v1/sessions?host=other").json() == []
+    server.request("POST", "/api/v1/groups", json_body={"name": "api", "cwd": "/srv/api"})
+    assert [s["label"] for s in server.request("GET", "/api/v1/groups/api/sessions").json()] == ["api work"]
+    assert server.request("GET", "/api/v1/panes/ambiguous").json() == []
+
+
+def test_remote_sessions_print_what_local_sessions_print(server, db, cli):
+    observe(db, [{"session_id": "11111111-aaaa-4aaa-8aaa-000000000001", "label": "api work"}], now_ms=clare.now_ms())
+    local, remote = cli("sessions"), cli("--remote", server.url, "sessions")
+    assert (local.code, local.out) == (remote.code, remote.out) and "api work" in remote.out
+    r = cli("--remote", server.url, "pull")
+    assert r.code == 2 and "without --remote" in r.err
