@@ -3127,7 +3127,7 @@ dl.facts dt{color:var(--muted);font-size:.85rem}dl.facts dd{margin:0;overflow-wr
 .htmx-request{opacity:.65;transition:opacity .2s}
 footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
 @media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
-.host{display:none}.hide-sm{display:none}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
+.host{display:none}.hide-sm{display:none}header.top{gap:.3rem .8rem}nav a{padding:.25rem .4rem;font-size:.93rem}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 </style>
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
 </head>
@@ -3645,7 +3645,7 @@ def attention_fragment(req: Request) -> Html:
     # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
     body = render(ATTENTION_LIST, items=join(render(
         ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
-        since="since " + _ago(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
+        since=_ago(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
         where=s.tmux_target or "-", cwd=s.cwd,
         task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id else Html(""))
         for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
