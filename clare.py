@@ -733,14 +733,58 @@ def _as_json(obj: Any) -> dict[str, Any]:
 
 
 APPLIERS: dict[str, Callable[[sqlite3.Cursor, Event], None]] = {}
+PAYLOADS: dict[str, dict[str, Callable[[Any], bool]]] = {}  # event type -> field -> check; "name?" is optional
 
 
-def applies(event_type: str) -> Callable:
-    """Register the decorated function as the applier of one event type."""
+def applies(event_type: str, payload: dict[str, Callable[[Any], bool]]) -> Callable:
+    """Register the decorated function as the applier of one event type with its payload's form."""
     def register(fn: Callable[[sqlite3.Cursor, Event], None]) -> Callable:
         APPLIERS[event_type] = fn
+        PAYLOADS[event_type] = payload
         return fn
     return register
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str) and len(v) <= MAX_TEXT_CHARS
+
+
+def _is_id(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= 64
+
+
+def _is_opt_str(v: Any) -> bool:
+    return v is None or _is_str(v)
+
+
+def _is_opt_id(v: Any) -> bool:
+    return v is None or _is_id(v)
+
+
+def _is_priority(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v in PRIORITIES
+
+
+def _is_one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+def check_payload(ev: Event) -> Event:
+    """Check the payload of a known event type field by field; unknown types pass (a newer Clare)."""
+    for key, check in PAYLOADS.get(ev.event_type, {}).items():
+        name = key.rstrip("?")
+        if name not in ev.payload:
+            if key.endswith("?"):
+                continue
+            raise ClareError(f"{ev.event_type} payload lacks {name}")
+        if not check(ev.payload[name]):
+            raise ClareError(f"{ev.event_type} payload has a bad {name}: {str(ev.payload[name])[:60]!r}")
+    return ev
+
+
+def check_received(obj: object) -> Event:
+    """Validate an event from outside (file, peer): its form and, for a known type, its payload."""
+    return check_payload(check_event(obj))
 
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
@@ -758,7 +802,7 @@ def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
 def record(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any], *, now_ms: int) -> Event:
     """Append a new local event and apply it. Call inside write_txn."""
     ev = make_event(db, cur, event_type, payload, now_ms=now_ms)
-    apply_event(cur, ev)
+    apply_event(cur, check_payload(ev))
     return ev
 
 
@@ -812,7 +856,8 @@ def _pick(payload: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     return {n: payload[n] for n in names if n in payload}
 
 
-@applies("project.created")
+@applies("project.created", {"project_id": _is_id, "name": _is_str, "goal": _is_str, "owner": _is_str,
+                             "status": _is_one_of(PROJECT_STATUSES)})
 def apply_project_created(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid); the create sets every field."""
     p = ev.payload  # {project_id, name, goal, owner, status}
@@ -820,7 +865,8 @@ def apply_project_created(cur: sqlite3.Cursor, ev: Event) -> None:
          {"created_at": ev.created_at, **_pick(p, ("name", "goal", "owner", "status"))}, ev)
 
 
-@applies("project.updated")
+@applies("project.updated", {"project_id": _is_id, "name?": _is_str, "goal?": _is_str, "owner?": _is_str,
+                             "status?": _is_one_of(PROJECT_STATUSES)})
 def apply_project_updated(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid): a late old edit never overwrites a newer one."""
     p = ev.payload  # {project_id, name?, goal?, owner?, status?}
@@ -829,7 +875,8 @@ def apply_project_updated(cur: sqlite3.Cursor, ev: Event) -> None:
         _lww(cur, "projects", p["project_id"], fields, ev)
 
 
-@applies("task.created")
+@applies("task.created", {"task_id": _is_id, "project_id": _is_id, "title": _is_str, "description": _is_str,
+                          "priority": _is_priority, "status": _is_one_of(TASK_STATUSES)})
 def apply_task_created(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid); the create sets every field."""
     p = ev.payload  # {task_id, project_id, title, description, priority, status}
@@ -838,7 +885,8 @@ def apply_task_created(cur: sqlite3.Cursor, ev: Event) -> None:
         **_pick(p, ("project_id", "title", "description", "priority", "status"))}, ev)
 
 
-@applies("task.updated")
+@applies("task.updated", {"task_id": _is_id, "title?": _is_str, "description?": _is_str,
+                          "priority?": _is_priority, "status?": _is_one_of(TASK_STATUSES)})
 def apply_task_updated(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid): a title edit and a status change both survive."""
     p = ev.payload  # {task_id, title?, description?, priority?, status?}
@@ -847,7 +895,7 @@ def apply_task_updated(cur: sqlite3.Cursor, ev: Event) -> None:
         _lww(cur, "tasks", p["task_id"], fields, ev)
 
 
-@applies("task.assigned")
+@applies("task.assigned", {"task_id": _is_id, "session_id?": _is_opt_id, "group_id?": _is_opt_id})
 def apply_task_assigned(cur: sqlite3.Cursor, ev: Event) -> None:
     """Last writer wins per task, by (hlc, uuid): a late old event never overwrites."""
     p = ev.payload  # {task_id, session_id | group_id}
@@ -855,14 +903,15 @@ def apply_task_assigned(cur: sqlite3.Cursor, ev: Event) -> None:
     _lww(cur, "tasks", p["task_id"], {"assignee": target}, ev)
 
 
-@applies("task.unassigned")
+@applies("task.unassigned", {"task_id": _is_id})
 def apply_task_unassigned(cur: sqlite3.Cursor, ev: Event) -> None:
     """Last writer wins per task with task.assigned: the newer of the two decides."""
     p = ev.payload  # {task_id}
     _lww(cur, "tasks", p["task_id"], {"assignee": None}, ev)
 
 
-@applies("group.created")
+@applies("group.created", {"group_id": _is_id, "name": _is_str, "cwd": _is_opt_str, "host": _is_opt_str,
+                           "tmux_name": _is_opt_str})
 def apply_group_created(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid); the create sets the patterns."""
     p = ev.payload  # {group_id, name, cwd, host, tmux_name}
@@ -870,14 +919,15 @@ def apply_group_created(cur: sqlite3.Cursor, ev: Event) -> None:
          {"created_at": ev.created_at, **_pick(p, ("name", "cwd", "host", "tmux_name"))}, ev)
 
 
-@applies("group.removed")
+@applies("group.removed", {"group_id": _is_id})
 def apply_group_removed(cur: sqlite3.Cursor, ev: Event) -> None:
     """Removal wins over everything: a removed group never comes back (make a new one)."""
     p = ev.payload  # {group_id}
     _lww(cur, "groups", p["group_id"], {"removed_at": ev.created_at}, ev)
 
 
-@applies("update.posted")
+@applies("update.posted", {"update_id": _is_id, "task_id?": _is_opt_id, "session_id?": _is_opt_id,
+                          "source": _is_one_of(UPDATE_SOURCES), "text": _is_str})
 def apply_update_posted(cur: sqlite3.Cursor, ev: Event) -> None:
     """Updates are immutable: insert once by id, whatever the order."""
     p = ev.payload  # {update_id, task_id?, session_id?, source, text}
@@ -1095,7 +1145,7 @@ def create_project(db: Db, name: str, *, goal: str = "", owner: str = "", now_ms
 
 def _check_name(name: object) -> str:
     name = _check_text("project name", name, limit=MAX_NAME_CHARS, required=True)
-    if ID_PREFIX_RE.match(name) and len(name) >= 4:
+    if ID_PREFIX_RE.match(name) and len(name) >= SHORT_ID:
         # A hex-looking name would be read as an id prefix by every command.
         raise UsageError(f"project name {name!r} looks like an id; add a letter outside a-f")
     return name
@@ -1200,7 +1250,7 @@ def create_group(db: Db, name: str, *, cwd: str | None = None, host: str | None 
         raise UsageError("a group needs at least one pattern: --cwd SUBSTRING, --host HOST or --name PATTERN")
     group_id = new_id()
     with write_txn(db) as cur:
-        if find_groups(db, name) and find_groups(db, name)[0].name == name:
+        if any(g.name == name for g in find_groups(db, name)):
             raise Conflict(f"a group named {name!r} exists already; remove it first with: clare group rm {name}")
         record(db, cur, "group.created", {"group_id": group_id, "name": name, "cwd": None, "host": None,
                                           "tmux_name": None, **patterns}, now_ms=now_ms)
@@ -1239,7 +1289,7 @@ def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertR
         if not line.strip():
             continue
         try:
-            good.append(check_event(json.loads(line)))
+            good.append(check_received(json.loads(line)))
         except (ClareError, ValueError) as err:
             bad.append(f"line {n}: {err}")
     with write_txn(db) as cur:

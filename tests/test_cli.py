@@ -1,0 +1,135 @@
+"""The CLI as a user drives it: main(argv) in-process, and a few real processes."""
+
+import json
+
+import pytest
+
+import clare
+
+
+def test_the_readme_tour_works_end_to_end(cli):
+    assert cli("project", "new", "alpha", "--goal", "ship v1", "--owner", "ana").code == 0
+    added = cli("task", "add", "alpha", "write the parser", "--prio", "1", "--desc", "tokens first", "--json")
+    task = added.json()
+    assert {k: task[k] for k in ("title", "description", "status", "priority")} == {
+        "title": "write the parser", "description": "tokens first", "status": "todo", "priority": 1}
+    listed = cli("task", "list", "--project", "alpha")
+    assert task["id"][:8] in listed.out and "write the parser" in listed.out
+    assert "started" in cli("task", "start", task["id"][:4]).out
+    assert "done" in cli("task", "done", task["id"][:4]).out
+    shown = cli("project", "show", "alpha", "--history")
+    assert "created project 'alpha'" in shown.out
+    assert "status='in_progress'" in shown.out and "status='done'" in shown.out
+    assert "0 todo, 0 in progress, 0 blocked, 1 done" in shown.out
+
+
+def test_json_field_names_are_the_contract(cli):
+    project = cli("project", "new", "alpha", "--json").json()
+    assert {"id", "name", "goal", "owner", "status"} <= project.keys()
+    cli("task", "add", "alpha", "x")
+    task = cli("task", "list", "--json").json()[0]
+    assert {"id", "project_id", "title", "description", "status", "priority"} <= task.keys()
+    event = cli("log", "--json").json()[0]
+    assert set(event) == {"uuid", "hlc", "machine_id", "event_type", "payload", "created_at"}
+    assert isinstance(event["payload"], dict)
+    assert cli("--json", "project", "list").json()[0]["name"] == "alpha"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["task", "add", "nope", "x"], "no project 'nope'; list them with: clare project list"),
+    (["task", "add", "alpha", "x", "--prio", "5"], "priority 5 is outside 0-4"),
+    (["task", "add", "alpha", "   "], "title is empty"),
+    (["project", "new", "alpha"], "a project named 'alpha' exists already"),
+    (["task", "start", "zz"], "is not a hex id or prefix"),
+    (["task", "start", "0000"], "no task '0000'"),
+    (["project", "set", "alpha", "--name", "deadbeef"], "looks like an id"),
+    (["task", "edit", "0"], "nothing to change"),
+    (["log", "--limit", "0"], "--limit 0 must be at least 1"),
+])
+def test_bad_input_is_one_line_naming_the_fix_and_writes_nothing(cli, argv, message):
+    cli("project", "new", "alpha")
+    before = clare.count_events(clare.open_db(clare.resolve_paths().db))
+    r = cli(*argv)
+    assert r.code != 0
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clare: error: ") and message in lines[0], r.err
+    assert clare.count_events(clare.open_db(clare.resolve_paths().db)) == before
+
+
+def test_an_ambiguous_prefix_lists_the_candidates(cli):
+    cli("project", "new", "alpha")
+    ids = [cli("task", "add", "alpha", f"t{i}", "--json").json()["id"] for i in range(40)]
+    first = max("0123456789abcdef", key=lambda c: sum(i[0] == c for i in ids))
+    same = sorted(i for i in ids if i[0] == first)
+    assert len(same) >= 2
+    r = cli("task", "start", first)
+    assert r.code == 1 and "is ambiguous" in r.err and same[0][:8] in r.err
+
+
+def test_editing_to_the_same_value_records_nothing(cli):
+    cli("project", "new", "alpha")
+    t = cli("task", "add", "alpha", "x", "--json").json()
+    n = len(cli("log", "--json").json())
+    assert cli("task", "edit", t["id"], "--title", "x").code == 0
+    assert len(cli("log", "--json").json()) == n
+
+
+def test_init_is_idempotent_and_keeps_its_machine_id(cli):
+    first = cli("init", "--machine-id", "apricot", "--json").json()
+    again = cli("init", "--json").json()
+    assert first["created"] and not again["created"] and again["machine_id"] == "apricot"
+    assert cli("init", "--machine-id", "banana").code == 1
+    assert cli("init", "--machine-id", "Bad.Name").code == 2
+
+
+def test_replay_rebuilds_the_same_tables(cli):
+    cli("project", "new", "alpha")
+    cli("task", "add", "alpha", "x")
+    db = clare.open_db(clare.resolve_paths().db)
+    before = clare.projection_digest(db)
+    r = cli("replay")
+    assert r.code == 0 and r.out.startswith("replayed 2 events")
+    assert clare.projection_digest(db) == before
+
+
+def test_every_command_has_help_with_an_example(capsys):
+    for cmd in clare.COMMANDS:
+        with pytest.raises(SystemExit) as exit_:
+            clare.main([*cmd.path, "--help"])
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0
+        assert f"example:\n  {cmd.example.splitlines()[0]}" in out, cmd.path
+        assert "--json" in out, f"{cmd.path} lacks --json"
+        assert cmd.handler.__doc__, f"{cmd.path} handler lacks a docstring"
+
+
+def test_help_shows_the_example(capsys):
+    with pytest.raises(SystemExit):
+        clare.main(["task", "add", "--help"])
+    out = capsys.readouterr().out
+    assert "example:\n  clare task add alpha" in out
+
+
+def test_default_paths_follow_xdg(tmp_path):
+    env = {"XDG_DATA_HOME": str(tmp_path / "d"), "XDG_CONFIG_HOME": str(tmp_path / "c")}
+    p = clare.resolve_paths(env=env)
+    assert p.db == str(tmp_path / "d" / "clare" / "clare.db")
+    assert p.config == str(tmp_path / "c" / "clare" / "clare.toml")
+    assert clare.resolve_paths(env={"CLARE_HOME": str(tmp_path)}).db == str(tmp_path / "clare.db")
+
+
+def test_a_real_process_creates_its_database_on_first_use(run_clare, home):
+    r = run_clare("project", "new", "alpha", "--goal", "ship v1")
+    assert r.code == 0 and r.out.startswith("created project alpha"), r.err
+    assert (home / "clare.db").exists()
+    r = run_clare("task", "add", "alpha", "quote ' and \" and $(rm -rf /) stay text")
+    assert r.code == 0
+    listed = json.loads(run_clare("task", "list", "--json").out)
+    assert listed[0]["title"] == "quote ' and \" and $(rm -rf /) stay text"
+
+
+def test_a_real_process_reports_errors_without_a_traceback(run_clare):
+    r = run_clare("task", "done", "abcd")
+    assert r.code == 1 and r.err == "clare: error: no task 'abcd'; list them with: clare task list\n"
+    r = run_clare("task", "add")
+    assert r.code == 2 and "Traceback" not in r.err and "the following arguments are required" in r.err
