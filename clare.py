@@ -1519,7 +1519,7 @@ def check_events(items: list[object]) -> tuple[list[Event], list[dict[str, Any]]
     good, rejected = [], []
     for index, obj in enumerate(items):
         try:
-            good.append(check_event(obj))
+            good.append(check_received(obj))
         except ClareError as err:
             uid = obj.get("uuid") if isinstance(obj, dict) else None
             rejected.append({"index": index, "uuid": uid[:60] if isinstance(uid, str) else None,
@@ -1914,8 +1914,7 @@ def peer_token(peer: Peer, config: dict[str, Any], *, env: dict[str, str] | None
     if peer.token_env:
         token = env.get(peer.token_env)
         if not token:
-            raise ClareError(f"peer {peer.name}: the variable {peer.token_env} is not set; export the token of "
-                             "that host in it")
+            raise ClareError(f"the variable {peer.token_env} is not set; export the token of {peer.name} in it")
         return token
     token = env.get("CLARE_TOKEN") or config.get("token")
     return token if isinstance(token, str) and token else None
@@ -2323,10 +2322,118 @@ def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
     return 1 if bad or result.conflicts else 0
 
 
+def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
+    """Add a peer to clare.toml."""
+    peer = add_peer(ctx.paths.config, args.url, name=args.name, token_env=args.token_env)
+    token = f"its token is read from ${peer.token_env}" if peer.token_env else "its token is CLARE_TOKEN's"
+    emit(ctx, peer, f"added peer {peer.name} ({peer.url}) to {ctx.paths.config}; {token}\n"
+                    f"sync now with: clare sync {peer.name}")
+
+
+def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
+    """List peers with their last sync, lag, clock offset and last error."""
+    rows = list_peers(ctx.db, load_peers(load_config(ctx.paths.config), path=ctx.paths.config))
+    now = now_ms()
+    emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "ERROR"), (
+        (r["name"] + ("" if r["is_configured"] else " (not in clare.toml)"), r["url"],
+         _ago(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
+         _short(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
+        for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
+
+
+def _ago(ms: int | None, now: int) -> str:
+    if ms is None:
+        return "never"
+    return f"{_duration(max(now - ms, 0))} ago" if now - ms >= 1000 else "just now"
+
+
+def _offset(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    text = ("+" if ms >= 0 else "-") + _duration(abs(ms))
+    return text + " SKEWED" if abs(ms) > MAX_OFFSET_MS else text
+
+
+def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
+    """Run one round (pull, then push) with every configured peer or one; print what moved."""
+    config = load_config(ctx.paths.config)
+    peers = load_peers(config, path=ctx.paths.config)
+    if args.peer:
+        peers = [find_peer(peers, args.peer)]
+    elif not peers:
+        raise UsageError("no peers configured; add one with: clare peer add http://HOST:8765 --name NAME "
+                         "(or sync once with: clare sync http://HOST:8765)")
+    results: list[Any] = []
+    for peer in peers:
+        progress = ProgressLine(peer.name)
+        try:
+            transport = HttpPeer(peer.url, token=peer_token(peer, config))
+            report = sync_with(ctx.db, transport, name=peer.name, progress=progress, verify=args.verify)
+        except ClareError as err:  # the per-peer loop: one dead peer never stops the others
+            progress.close()
+            print(f"clare: error: {peer.name}: {err}", file=sys.stderr)
+            results.append({"name": peer.name, "url": peer.url, "error": str(err)})
+            continue
+        progress.close()
+        if report.is_skewed:
+            print(f"clare: warning: {skew_message(peer.name, report.offset_ms)}", file=sys.stderr)
+        for r in report.rejected[:5]:
+            print(f"clare: {peer.name}: event {r.get('uuid')} refused: {r.get('reason')}", file=sys.stderr)
+        results.append(report)
+    emit(ctx, results, lambda: "\n".join(
+        f"{r['name']}: failed" if isinstance(r, dict) else format_sync_report(r) for r in results))
+    return 1 if any(isinstance(r, dict) for r in results) else 0
+
+
+def format_sync_report(r: SyncReport) -> str:
+    """Return one line saying what a round with one peer moved."""
+    line = f"{r.name}: pulled {r.n_pulled}, pushed {r.n_pushed}"
+    if r.offset_ms is not None:
+        line += f", clock {_offset(r.offset_ms)}"
+    if r.conflicts:
+        line += f", {len(r.conflicts)} conflicting (same uuid, other content; ours kept)"
+    if r.rejected:
+        line += f", {len(r.rejected)} refused as malformed"
+    if r.verify is not None:
+        v = r.verify
+        line += (f"; verify: {v['days']} days compared, {len(v['days_differ'])} differed, "
+                 f"fetched {v['fetched']}, sent {v['sent']}")
+    return line
+
+
+class ProgressLine:
+    """A progress line on stderr: rewritten in place on a terminal, else printed every few seconds."""
+
+    def __init__(self, name: str, *, stream: Any = None):
+        self.name = name
+        self.stream = stream or sys.stderr
+        self.is_tty = self.stream.isatty()
+        self.last_s = -1e9
+        self.is_open = False  # a rewritten line waits for its newline
+
+    def __call__(self, what: str, moved: int, total: int) -> None:
+        """Show how many of the events have moved."""
+        now_s = time.monotonic()
+        if moved < total and now_s - self.last_s < (0.1 if self.is_tty else 5.0):
+            return
+        self.last_s = now_s
+        line = f"{self.name}: {what} {moved}/{total} events"
+        self.stream.write(f"\r{line}\x1b[K" if self.is_tty else line + "\n")
+        self.stream.flush()
+        self.is_open = self.is_tty
+
+    def close(self) -> None:
+        """End the line."""
+        if self.is_open:
+            self.stream.write("\n")
+            self.is_open = False
+
+
 GROUP_HELP = {
     "project": "create, list, show and change projects",
     "task": "add, list, show and move tasks",
     "group": "name groups of sessions by cwd, host or tmux session name",
+    "peer": "add and list the hosts this one syncs with",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
 _JSON = arg("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
@@ -2396,6 +2503,18 @@ COMMANDS: list[Command] = [
             (arg("file", nargs="?", help="output file; '-' or none for stdout"),)),
     Command(("import",), cmd_import, "add the events of a JSON-lines file (idempotent)",
             "clare import backup.jsonl", (arg("file", help="input file; '-' for stdin"),)),
+    Command(("peer", "add"), cmd_peer_add, "add a peer to clare.toml",
+            "clare peer add http://10.9.0.2:8765 --name apricot --token-env APRICOT_TOKEN",
+            (arg("url", help="where the peer's 'clare serve' answers"),
+             arg("--name", help="what to call it (default: from the URL's host)"),
+             arg("--token-env", help="environment variable holding its token (default: CLARE_TOKEN)"))),
+    Command(("peer", "list"), cmd_peer_list, "list peers: last sync, events behind, clock offset, last error",
+            "clare peer list --json"),
+    Command(("sync",), cmd_sync, "sync once with every peer, or one: pull, then push; print what moved",
+            "clare sync\n  clare sync apricot\n  clare sync http://10.9.0.2:8765 --verify",
+            (arg("peer", nargs="?", help="a configured peer's name or URL, or any peer's URL"),
+             arg("--verify", action="store_true",
+                 help="also compare per-day digests and fetch or send anything missing (anti-entropy)"))),
 ]
 
 
