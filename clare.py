@@ -32,7 +32,7 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -438,9 +438,9 @@ def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
     return InsertResult(inserted, n_duplicates, conflicts)
 
 
-def _event_from_row(row: sqlite3.Row) -> Event:
-    return Event(row["uuid"], row["hlc"], row["machine_id"], row["event_type"],
-                 json.loads(row["payload"]), row["created_at"], row["rseq"])
+def _event_from_row(row: Sequence[Any]) -> Event:
+    rseq, uuid_, hlc, machine_id, event_type, payload, created_at = row  # as in _EVENT_COLUMNS
+    return Event(uuid_, hlc, machine_id, event_type, json.loads(payload), created_at, rseq)
 
 
 _EVENT_COLUMNS = "rseq, uuid, hlc, machine_id, event_type, payload, created_at"
@@ -455,13 +455,15 @@ def list_events(db: Db, *, limit: int = 50) -> list[Event]:
 
 def iter_events(db: Db, *, after: int = 0, batch: int = 1000) -> Iterator[Event]:
     """Yield every event with rseq > after, in local receipt order, a page at a time."""
+    cur = db.conn.cursor()
+    cur.row_factory = None  # plain tuples: a replay reads a million rows, sqlite3.Row costs a third more
     while True:
-        rows = db.conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE rseq > ? ORDER BY rseq LIMIT ?",
-                               (after, batch)).fetchall()
+        rows = cur.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE rseq > ? ORDER BY rseq LIMIT ?",
+                           (after, batch)).fetchall()
         yield from map(_event_from_row, rows)
         if len(rows) < batch:
             return
-        after = rows[-1]["rseq"]
+        after = rows[-1][0]
 
 
 def get_events_by_uuid(db: Db, uuids: Iterable[str]) -> list[Event]:
@@ -667,7 +669,7 @@ def check_received(obj: object) -> Event:
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
     """Fold one stored event into the projections; unknown types only get history refs."""
-    for key in REF_KEYS:
+    for key in REF_KEYS:  # replay() does the same in bulk: keep the two rules alike
         ref = ev.payload.get(key)
         if isinstance(ref, str):
             cur.execute("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
@@ -702,8 +704,16 @@ def replay(db: Db) -> int:
     with write_txn(db) as cur:
         for table in PROJECTION_TABLES:
             cur.execute(f"DELETE FROM {table}")
+        # apply_event's history refs, for all events at once: in C, and in index order.
+        for key in REF_KEYS:
+            cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
+                            SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
+                             WHERE json_type(payload, '$.{key}') = 'text' ORDER BY 1, 2, 3""")
+        appliers = APPLIERS
         for ev in iter_events(db, batch=5000):
-            apply_event(cur, ev)
+            applier = appliers.get(ev.event_type)
+            if applier is not None:
+                applier(cur, ev)
             n_events += 1
     return n_events
 
