@@ -437,7 +437,8 @@ def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
                VALUES (?, ?, ?, ?, ?, ?, ?)""",
             (ev.uuid, ev.hlc, ev.machine_id, ev.event_type, payload_text, ev.created_at, digest))
         if cur.rowcount == 1:
-            inserted.append(dataclasses.replace(ev, rseq=cur.lastrowid))
+            inserted.append(Event(ev.uuid, ev.hlc, ev.machine_id, ev.event_type, ev.payload, ev.created_at,
+                                  cur.lastrowid))  # dataclasses.replace costs 3x as much
         elif cur.execute("SELECT hash FROM events WHERE uuid = ?", (ev.uuid,)).fetchone()[0] == digest:
             n_duplicates += 1
         else:
@@ -697,7 +698,7 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
     """Store events made elsewhere, merge the clock once, apply the new ones. Call inside write_txn."""
     result = insert_events(cur, events)
     if result.inserted:
-        newest = max(parse_hlc(ev.hlc) for ev in result.inserted)
+        newest = parse_hlc(max(ev.hlc for ev in result.inserted))  # the text sorts like the clock
         clock = load_clock(cur, machine_id=db.machine_id, now_ms=now_ms)
         save_clock(cur, merge(clock, newest, machine_id=db.machine_id, now_ms=now_ms))
         for ev in result.inserted:
