@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sqlite3
+import string
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -60,7 +61,7 @@ class ClareError(Exception):
 
 
 class UsageError(ClareError):
-    exit_code = 2
+    exit_code, http_status = 2, 422
 
 
 class NotFound(ClareError):
@@ -356,6 +357,19 @@ def get_meta(cur: sqlite3.Cursor, key: str) -> str | None:
 def set_meta(cur: sqlite3.Cursor, key: str, value: str) -> None:
     """Store one value in the meta table."""
     cur.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def get_secret(db: Db, name: str) -> str:
+    """Return a random secret kept in this database's meta table, made on first use; never synced."""
+    row = db.conn.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()
+    if row is not None:
+        return row[0]
+    import secrets  # only the server needs secrets
+
+    with write_txn(db) as cur:
+        value = get_meta(cur, name) or secrets.token_urlsafe(32)
+        set_meta(cur, name, value)
+    return value
 
 
 def load_clock(cur: sqlite3.Cursor, *, machine_id: str, now_ms: int) -> Hlc | None:
@@ -1274,6 +1288,1574 @@ SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
 # 8. HTTP: routing table, HTML templates, JSON API and sync endpoints.
 # ==========================================================================
 
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+MAX_BODY_BYTES = 1024 * 1024  # JSON and form bodies; larger ones get 413 before a byte is read
+MAX_SYNC_BODY_BYTES = 8 * 1024 * 1024  # a sync batch of events
+SYNC_PATH_PREFIX = "/api/v1/sync/"
+REQUEST_TIMEOUT_S = 10.0  # per socket read or write: a slow or silent client loses its connection
+LISTEN_BACKLOG = 128  # with the default 5, p99 latency under load is near a second (DESIGN §8)
+SHUTDOWN_GRACE_S = 10.0  # how long SIGTERM waits for requests in flight to finish
+POLL_S = 5  # how often htmx refreshes a polled fragment
+MAX_EVENTS_PAGE = 1000
+LOGIN_COOKIE = "clare_login"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 411: "length_required",
+               413: "payload_too_large", 414: "uri_too_long", 415: "unsupported_media_type",
+               422: "invalid", 431: "headers_too_large", 500: "internal", 501: "not_implemented"}
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+HTMX_VERSION = "2.0.11"
+SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    # Inline CSS lives in the page template; scripts only from /static, never inline.
+    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
+)
+
+
+class HttpError(ClareError):
+    """A refusal decided by the HTTP layer itself: auth, size, media type, routing."""
+
+    def __init__(self, http_status: int, message: str, *, headers: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        self.http_status = http_status
+        self.headers = headers
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    host: str  # the address the server binds
+    port: int  # 0 picks a free port; the server then knows the real one
+    token: str | None  # with a token, every non-public route needs it (bearer or login cookie)
+    allowed_hosts: frozenset[str]  # Host header names accepted (DNS rebinding defence)
+    csrf_token: str  # per-install secret that every HTML form and htmx request carries
+    db_path: str
+    log_requests: bool = False  # one line per request costs ~16% throughput (DESIGN §8)
+    timeout_s: float = REQUEST_TIMEOUT_S
+
+    @property
+    def has_token(self) -> bool:
+        """Tell whether requests must authenticate."""
+        return self.token is not None
+
+    @property
+    def login_cookie(self) -> str:
+        """Return the login cookie's value: derived from the token, so the token itself never sits in a cookie."""
+        return hmac_hex(self.token or "", "clare login cookie")
+
+
+def hmac_hex(key: str, message: str) -> str:
+    """Return HMAC-SHA256 of message under key, as hex."""
+    import hmac  # only the server and the remote client need it
+
+    return hmac.new(key.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def same_secret(given: str | None, expected: str) -> bool:
+    """Compare a secret in constant time; None never matches."""
+    import hmac
+
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def is_loopback(host: str) -> bool:
+    """Tell whether binding `host` keeps the server on this machine."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def web_config(paths: Paths, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+               env: dict[str, str] | None = None, log_requests: bool = False) -> WebConfig:
+    """Read token and allowed host names from CLARE_TOKEN and clare.toml; refuse an open bind without a token."""
+    import socket
+
+    env = os.environ if env is None else env
+    config = load_config(paths.config)
+    token = env.get("CLARE_TOKEN") or config.get("token") or None
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        raise UsageError("the token is shorter than 16 characters; make one with: "
+                         "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    if not is_loopback(host) and token is None:
+        raise UsageError(f"binding {host or '*'} exposes Clare to the network without a token; set CLARE_TOKEN "
+                         "or token = \"...\" in clare.toml (python3 -c 'import secrets; "
+                         "print(secrets.token_urlsafe(32))'), or bind 127.0.0.1")
+    names = config.get("allowed_hosts", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UsageError(f"{paths.config}: allowed_hosts must be a list of host names")
+    allowed = {host.lower(), *LOOPBACK_HOSTS, *(n.lower() for n in names)}
+    if host in WILDCARD_HOSTS:
+        allowed.add(socket.gethostname().lower())
+    db = open_db(paths.db)
+    try:
+        csrf = get_secret(db, "csrf_secret")
+    finally:
+        db.close()
+    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str  # the raw (percent-encoded) path, without the query
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # names lowercased
+    body: bytes
+    params: dict[str, str]  # the route's named groups, percent-decoded
+    db: Db  # this thread's connection, borrowed for the request
+    config: WebConfig
+
+    @property
+    def svc(self) -> Services:
+        """Return the services bound to this request's database."""
+        return Services(self.db)
+
+    def arg(self, name: str, default: str | None = None) -> str | None:
+        """Return the last value of one query parameter."""
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+    def int_arg(self, name: str, default: int, *, lo: int, hi: int) -> int:
+        """Return an integer query parameter within [lo, hi]; 400 otherwise."""
+        text = self.arg(name)
+        if text is None or text == "":
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise HttpError(400, f"query parameter {name}={text[:40]!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise HttpError(400, f"query parameter {name}={value} is outside {lo}-{hi}")
+        return value
+
+    def json(self, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Return the JSON object body holding the required fields and no unknown ones."""
+        try:
+            value = json.loads(self.body or b"{}")
+        except ValueError as err:
+            raise HttpError(400, f"the body is not valid JSON ({err}); send a JSON object") from err
+        if not isinstance(value, dict):
+            raise UsageError("the body must be a JSON object")
+        missing = [k for k in required if k not in value]
+        if missing:
+            raise UsageError(f"the body lacks {', '.join(missing)}")
+        unknown = sorted(set(value) - set(required) - set(optional))
+        if unknown:
+            raise UsageError(f"unknown field {', '.join(unknown)}; known: {', '.join(required + optional)}")
+        return value
+
+    def form(self) -> dict[str, str]:
+        """Return the urlencoded form body, the last value of each field."""
+        from urllib.parse import parse_qsl
+
+        try:
+            return dict(parse_qsl(self.body.decode(), keep_blank_values=True, max_num_fields=200))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise HttpError(400, f"the form body cannot be read ({err})") from err
+
+    @property
+    def is_htmx(self) -> bool:
+        """Tell whether htmx sent this request (it then wants a fragment, not a page)."""
+        return self.headers.get("hx-request") == "true"
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def json_response(value: Any, *, status: int = 200) -> Response:
+    """Return a JSON response of a value, dataclasses included."""
+    return Response(status, json.dumps(_jsonable(value), ensure_ascii=False).encode())
+
+
+def error_json(status: int, message: str) -> bytes:
+    """Return the JSON body of an error: {"error": {"code", "message"}}."""
+    return json.dumps({"error": {"code": ERROR_CODES.get(status, "error"), "message": message}}).encode()
+
+
+def _route(method: str, path: str) -> tuple[Callable[[Request], Response], dict[str, str]]:
+    """Find the handler of a path and method; 404 when no path matches, 405 with Allow when no method does."""
+    from urllib.parse import unquote
+
+    allowed = []
+    for route_method, pattern, handler in ROUTES:
+        m = pattern.fullmatch(path)
+        if m is None:
+            continue
+        if route_method == method or (method == "HEAD" and route_method == "GET"):
+            return handler, {k: unquote(v) for k, v in m.groupdict().items()}
+        allowed.append(route_method)
+    if allowed:
+        allow = ", ".join(sorted(set(allowed) | ({"HEAD"} if "GET" in allowed else set())))
+        raise HttpError(405, f"{method} is not allowed on {path}; use {allow}", headers=(("Allow", allow),))
+    raise HttpError(404, f"no such path {path}; the API lives under /api/v1 (see /api/v1/openapi.json)")
+
+
+def host_name(value: str) -> str:
+    """Return the host part of a Host header value, lowercased, without port or IPv6 brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    name, sep, port = value.rpartition(":")
+    return name if sep and port.isdigit() else value
+
+
+def _is_ip(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def check_host(config: WebConfig, hosts: list[str]) -> None:
+    """Refuse a request whose Host is not a name this server answers to."""
+    # SECURITY: DNS rebinding. A page on evil.example whose name is re-pointed at 127.0.0.1
+    # reaches us with Host: evil.example. An IP literal cannot be rebound, so on a wildcard
+    # bind (token required there) any literal address of this machine is fine.
+    if len(hosts) != 1:
+        raise HttpError(400, "a request needs exactly one Host header")
+    name = host_name(hosts[0])
+    if name in config.allowed_hosts or (config.host in WILDCARD_HOSTS and _is_ip(name)):
+        return
+    raise HttpError(403, f"host {name[:80]!r} is not one this server answers to; add it to allowed_hosts "
+                         "in clare.toml if it is yours")
+
+
+def check_origin(headers: dict[str, str]) -> None:
+    """Refuse a state-changing request that a browser sent from another site."""
+    # SECURITY: cross-site request forgery. Browsers send Origin on every non-GET fetch and
+    # form post; a request with neither Origin nor Sec-Fetch-Site came from a non-browser client.
+    if headers.get("sec-fetch-site", "").lower() == "cross-site":
+        raise HttpError(403, "cross-site requests may not change anything here")
+    origin = headers.get("origin")
+    if origin is None:
+        return
+    from urllib.parse import urlsplit
+
+    own = headers.get("host", "").lower()
+    parts = urlsplit(origin.lower())
+    if parts.scheme not in ("http", "https") or parts.netloc != own:
+        raise HttpError(403, f"origin {origin[:80]!r} is not this server ({own}); "
+                             "state changes must come from Clare's own pages or an API client")
+
+
+def check_auth(config: WebConfig, headers: dict[str, str]) -> None:
+    """Require the bearer token or the login cookie when the server has a token."""
+    if config.token is None:
+        return
+    auth = headers.get("authorization", "")
+    scheme, _, given = auth.partition(" ")
+    if scheme.lower() == "bearer" and same_secret(given.strip(), config.token):
+        return
+    if same_secret(_cookie(headers.get("cookie", ""), LOGIN_COOKIE), config.login_cookie):
+        return
+    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or open the login URL "
+                         "that 'clare serve' printed", headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
+
+
+def _cookie(header: str, name: str) -> str | None:
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value
+    return None
+
+
+def check_media(config: WebConfig, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
+    """Require JSON on the API and the CSRF token on forms, for a state-changing request."""
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    if path.startswith("/api/"):
+        # SECURITY: a cross-site page can POST text/plain or a form without a preflight;
+        # application/json it cannot.
+        if (body or method != "DELETE") and ctype != "application/json":
+            raise HttpError(415, f"send the body as JSON with 'Content-Type: application/json' (got {ctype or 'none'!r})")
+        return
+    if body and ctype != "application/x-www-form-urlencoded":
+        raise HttpError(415, f"send the form as application/x-www-form-urlencoded (got {ctype or 'none'!r})")
+    token = headers.get("x-csrf-token")
+    if token is None and body:
+        from urllib.parse import parse_qs
+
+        token = (parse_qs(body.decode(errors="replace"), max_num_fields=200).get("csrf") or [None])[-1]
+    # SECURITY: the per-install CSRF token rides in every page (hx-headers and a hidden field).
+    if not same_secret(token, config.csrf_token):
+        raise HttpError(403, "missing or stale form token; reload the page and try again")
+
+
+def check_length(path: str, headers: dict[str, str]) -> int:
+    """Return the declared body size; 411 without a length, 413 over the limit, before a byte is read."""
+    if "transfer-encoding" in headers:
+        raise HttpError(411, "chunked bodies are not accepted; send Content-Length")
+    text = headers.get("content-length", "0").strip() or "0"
+    if not text.isdigit():
+        raise HttpError(400, f"bad Content-Length {text[:20]!r}")
+    size = int(text)
+    limit = MAX_SYNC_BODY_BYTES if path.startswith(SYNC_PATH_PREFIX) else MAX_BODY_BYTES
+    if size > limit:
+        raise HttpError(413, f"the body is {size} bytes, over the limit of {limit}; send less at a time")
+    return size
+
+
+def _discard_body(h: Any) -> bool:
+    """Read and drop a refused request's body if its size passed the limit, so the client sees the answer."""
+    # Closing with unread data makes the kernel send RST, and the client may lose our reply.
+    if h.body_size is None:
+        return False
+    try:
+        return len(h.rfile.read(h.body_size)) == h.body_size
+    except OSError:
+        return False
+
+
+def _is_public(handler: Callable) -> bool:
+    return handler in (page_login, get_static)
+
+
+def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
+    """Answer one request: check it, route it, run its handler and write the response in one buffer.
+
+    The only code that writes to the socket. `error` answers a request http.server refused to parse.
+    """
+    server, method, started = h.server, getattr(h, "command", None) or "GET", time.perf_counter()
+    config: WebConfig = server.config
+    path, _, query_text = str(getattr(h, "path", "/")).partition("?")
+    message = getattr(h, "headers", None)  # absent when the request line itself was bad
+    headers = {k.lower(): v for k, v in message.items()} if message is not None else {}
+    is_api = path.startswith("/api/") or error is not None  # a broken request gets the plain JSON error
+    db = None
+    h.body_is_read, h.body_size = False, None
+    try:
+        if error is not None:
+            raise error
+        check_host(config, message.get_all("Host") or [])
+        size = h.body_size = check_length(path, headers)
+        handler, params = _route(method, path)
+        if not _is_public(handler):
+            check_auth(config, headers)
+        if method in STATE_CHANGING:
+            check_origin(headers)
+        body = h.rfile.read(size) if size else b""
+        if len(body) != size:
+            raise ConnectionError("the client closed the connection inside the body")
+        h.body_is_read = True
+        if method in STATE_CHANGING:
+            check_media(config, method, path, headers, body)
+        from urllib.parse import parse_qs
+
+        db = server.take_db()
+        req = Request(method, path, parse_qs(query_text, max_num_fields=100), headers, body, params, db, config)
+        resp = handler(req)
+    except (TimeoutError, ConnectionError):
+        h.close_connection = True  # the client is too slow or gone: nobody to answer
+        return
+    except ClareError as err:
+        extra = err.headers if isinstance(err, HttpError) else ()
+        status = err.http_status
+        if is_api:
+            resp = Response(status, error_json(status, str(err)), headers=extra)
+        elif headers.get("hx-request") == "true":  # show the reason in the page's message box
+            resp = html_response(flash(str(err)), status=status,
+                                 headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
+        else:
+            resp = html_response(error_page(status, str(err)), status=status, headers=extra)
+    except Exception:  # noqa: BLE001 - the edge: a bug must cost one 500, not the server
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        resp = Response(500, error_json(500, "internal error; see the server's log"))
+    finally:
+        if db is not None:
+            server.give_db(db)
+    if resp.status >= 400 and not h.body_is_read and headers.get("content-length", "0") not in ("", "0"):
+        if not _discard_body(h):
+            h.close_connection = True  # the unread body would be parsed as the next request
+    if server.is_stopping:
+        h.close_connection = True
+    from http.server import BaseHTTPRequestHandler
+
+    reason = BaseHTTPRequestHandler.responses.get(resp.status, ("",))[0]
+    lines = [f"HTTP/1.1 {resp.status} {reason}", f"Content-Type: {resp.content_type}",
+             f"Content-Length: {len(resp.body)}", *(f"{k}: {v}" for k, v in SECURITY_HEADERS)]
+    if not any(k.lower() == "cache-control" for k, _ in resp.headers):
+        lines.append("Cache-Control: no-store")
+    lines += [f"{k}: {v}" for k, v in resp.headers]
+    if h.close_connection:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
+    if config.log_requests:
+        h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+
+
+_SERVER_CLASS: list[type] = []  # made on first use: http.server is too heavy for every CLI start
+
+
+def make_server(config: WebConfig) -> Any:
+    """Bind a ThreadingHTTPServer for `config` (port 0 picks a free port); serve it with serve_forever."""
+    if not _SERVER_CLASS:
+        _SERVER_CLASS.append(_define_server())
+    try:
+        return _SERVER_CLASS[0](config)
+    except OSError as err:
+        raise ClareError(f"cannot listen on {config.host}:{config.port}: {err.strerror}; "
+                         "pick another --port or stop what holds it") from err
+
+
+def _define_server() -> type:
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive
+        server_version = f"clare/{__version__}"
+        sys_version = ""
+
+        def setup(self) -> None:
+            self.timeout = self.server.config.timeout_s  # every read and write on the socket
+            super().setup()
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except ConnectionError:  # the client went away: nothing to answer
+                self.close_connection = True
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            self.close_connection = True
+            _dispatch(self, error=HttpError(code, message or explain or "the request cannot be read"))
+
+        def log_message(self, format: str, *args: Any) -> None:
+            if self.server.config.log_requests:
+                super().log_message(format, *args)
+
+        def do_any(self) -> None:
+            self.server.enter()  # counted from the request line on, so SIGTERM waits for it
+            try:
+                _dispatch(self)
+            finally:
+                self.server.leave()
+
+        do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_any
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True  # idle keep-alive connections must not hold up exit; see drain()
+        request_queue_size = LISTEN_BACKLOG
+
+        def __init__(self, config: WebConfig):
+            if ":" in config.host:
+                self.address_family = socket.AF_INET6
+            self.config = config
+            self.is_stopping = False
+            self._dbs: list[Db] = []  # idle connections: one per thread at a time, reused
+            self._lock = threading.Lock()
+            self._idle = threading.Condition(self._lock)
+            self._n_busy = 0  # requests being handled now
+            super().__init__((config.host, config.port), Handler)
+            self.config = dataclasses.replace(config, port=self.server_address[1])
+
+        def take_db(self) -> Db:
+            """Borrow an open connection (a new connection per request costs ~4x, DESIGN §8)."""
+            with self._lock:
+                if self._dbs:
+                    return self._dbs.pop()
+            return open_db(self.config.db_path)
+
+        def give_db(self, db: Db) -> None:
+            """Return a borrowed connection."""
+            if db.conn.in_transaction:  # a bug left a transaction open: do not lend this one again
+                db.close()
+                return
+            with self._lock:
+                self._dbs.append(db)
+
+        def enter(self) -> None:
+            with self._lock:
+                self._n_busy += 1
+
+        def leave(self) -> None:
+            with self._lock:
+                self._n_busy -= 1
+                self._idle.notify_all()
+
+        def drain(self, timeout_s: float) -> bool:
+            """Wait until no request is being handled; say whether that happened in time."""
+            self.is_stopping = True
+            with self._lock:
+                return self._idle.wait_for(lambda: self._n_busy == 0, timeout=timeout_s)
+
+        def server_close(self) -> None:
+            super().server_close()
+            with self._lock:
+                dbs, self._dbs = self._dbs, []
+            for db in dbs:
+                db.close()
+
+        @property
+        def url(self) -> str:
+            """Return the base URL people should open."""
+            host = self.config.host
+            host = "127.0.0.1" if host in WILDCARD_HOSTS else host
+            return f"http://[{host}]:{self.config.port}" if ":" in host else f"http://{host}:{self.config.port}"
+
+    return Server
+
+
+def run_server(server: Any, *, on_start: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then finish the requests in flight and close."""
+    import signal
+    import threading
+
+    def stop(signum: int, frame: Any) -> None:
+        server.is_stopping = True
+        # shutdown() waits for serve_forever, which runs in this very thread: ask from another.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if on_start is not None:
+            on_start()
+        server.serve_forever(poll_interval=0.2)
+        server.drain(SHUTDOWN_GRACE_S)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        server.server_close()
+
+
+# --- HTML building blocks -------------------------------------------------
+
+_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"})
+
+
+class Html(str):
+    """Text that is already safe HTML: render() inserts it as it is."""
+
+    __slots__ = ()
+
+
+def escape(value: object) -> Html:
+    """Return a value as HTML text: Html stays as it is, anything else is escaped."""
+    return value if isinstance(value, Html) else Html(str(value).translate(_ESCAPES))
+
+
+def render(template: "string.Template", **values: Any) -> Html:
+    """Fill a template, escaping every value that is not Html; a missing key raises KeyError."""
+    return Html(template.substitute({k: escape(v) for k, v in values.items()}))
+
+
+def join(parts: Iterable[Html]) -> Html:
+    """Concatenate rendered pieces."""
+    return Html("".join(parts))
+
+
+POLL_ATTRS = string.Template('hx-get="$url" hx-trigger="every ${every}s" hx-swap="outerHTML"')
+FORM_ATTRS = string.Template('method="post" action="$url" hx-post="$url" hx-target="$target" hx-swap="$swap" '
+                             'hx-trigger="$trigger"')
+
+
+def poll_attrs(url: str, *, every_s: int = POLL_S) -> Html:
+    """Return the htmx attributes that make an element replace itself from `url` every few seconds."""
+    return render(POLL_ATTRS, url=url, every=every_s)
+
+
+def form_attrs(url: str, *, target: str, swap: str = "outerHTML", trigger: str = "submit") -> Html:
+    """Return the attributes of a form that posts through htmx and still posts plainly without JavaScript."""
+    return render(FORM_ATTRS, url=url, target=target, swap=swap, trigger=trigger)
+
+
+def html_response(body: Html, *, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    """Return an HTML response."""
+    return Response(status, body.encode(), "text/html; charset=utf-8", headers)
+
+
+def redirect(url: str) -> Response:
+    """Return a 303 See Other to `url`: where a plain form post lands."""
+    return Response(303, b"", "text/plain", (("Location", url),))
+
+
+# htmx swaps 4xx bodies too, so a refused form shows its one-line reason in #flash.
+HTMX_CONFIG = {"includeIndicatorStyles": False, "defaultSwapStyle": "outerHTML", "historyCacheSize": 0,
+               "responseHandling": [{"code": "204", "swap": False}, {"code": "[23]..", "swap": True},
+                                    {"code": "[45]..", "swap": True, "error": True}]}
+NAV = (("/", "Dashboard"), ("/projects", "Projects"), ("/sessions", "Sessions"), ("/broadcast", "Broadcast"))
+
+PAGE = string.Template("""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="htmx-config" content="$htmx_config">
+<link rel="icon" href="data:,">
+<title>$title · Clare</title>
+<style>
+:root{--bg:#f5f6f8;--fg:#1b2129;--muted:#5f6b78;--card:#fff;--line:#e1e5ea;--soft:#eef1f5;--accent:#3b5bdb;
+--on-accent:#fff;--gray:#6b7785;--blue:#1c7ed6;--orange:#e8590c;--green:#2f9e44;--amber:#e67700;--red:#e03131;
+--violet:#7048e8;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#0e1115;--fg:#e2e6eb;--muted:#939eab;--card:#161a20;--line:#272d36;
+--soft:#1d222a;--accent:#7b93ff;--on-accent:#0e1115;--gray:#8d98a5;--blue:#4dabf7;--orange:#ff922b;--green:#51cf66;
+--amber:#fcc419;--red:#ff6b6b;--violet:#9775fa}}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%}
+body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,
+"Helvetica Neue",sans-serif}
+a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
+header.top{position:sticky;top:0;z-index:2;display:flex;flex-wrap:wrap;align-items:center;gap:.4rem 1.2rem;
+padding:.6rem 1.2rem;background:var(--card);border-bottom:1px solid var(--line)}
+.brand{font-weight:700;font-size:1.05rem;color:var(--fg);letter-spacing:.01em}
+.brand:hover{text-decoration:none}.brand b{color:var(--accent)}
+nav{display:flex;flex-wrap:wrap;gap:.15rem}
+nav a{color:var(--muted);padding:.3rem .65rem;border-radius:7px;font-weight:500}
+nav a:hover{background:var(--soft);text-decoration:none}
+nav a[aria-current=page]{background:var(--soft);color:var(--fg)}
+.host{margin-left:auto;color:var(--muted);font-size:.8rem}
+main{max-width:76rem;margin:0 auto;padding:1.2rem 1.2rem 2rem}
+h1{font-size:1.45rem;line-height:1.25;margin:.3rem 0 .3rem;overflow-wrap:anywhere}
+h2{font-size:.8rem;margin:0 0 .75rem;color:var(--muted);text-transform:uppercase;letter-spacing:.06em}
+.sub{color:var(--muted);margin:0 0 1.1rem}
+.card{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:1rem 1.1rem;margin:0 0 1rem;
+min-width:0}
+.grid{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(20rem,1fr));align-items:start}
+.grid>.card{margin:0}.grid+.grid,.grid+.card,.card+.grid{margin-top:1rem}
+.stats{display:grid;gap:.8rem;grid-template-columns:repeat(auto-fit,minmax(9rem,1fr));margin:0 0 1rem}
+.stat{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:.75rem 1rem}
+.stat b{display:block;font-size:1.6rem;line-height:1.2}.stat span{color:var(--muted);font-size:.82rem}
+.scroll{overflow-x:auto;margin:0 -.3rem}
+table{width:100%;border-collapse:collapse;font-size:.92rem}
+th{text-align:left;color:var(--muted);font-weight:600;font-size:.72rem;text-transform:uppercase;letter-spacing:.05em;
+padding:.35rem .45rem;border-bottom:1px solid var(--line);white-space:nowrap}
+td{padding:.5rem .45rem;border-bottom:1px solid var(--line);vertical-align:middle}
+tr:last-child td{border-bottom:0}
+td.title{min-width:12rem;overflow-wrap:anywhere}
+.badge{display:inline-block;padding:.05rem .55rem;border-radius:999px;font-size:.76rem;font-weight:600;
+white-space:nowrap;color:var(--c);background:color-mix(in srgb,var(--c) 14%,transparent);
+border:1px solid color-mix(in srgb,var(--c) 30%,transparent)}
+.c-gray{--c:var(--gray)}.c-blue{--c:var(--blue)}.c-orange{--c:var(--orange)}.c-green{--c:var(--green)}
+.c-amber{--c:var(--amber)}.c-red{--c:var(--red)}.c-violet{--c:var(--violet)}
+.counts{display:flex;flex-wrap:wrap;gap:.3rem}
+progress{width:6rem;height:.45rem;border:0;border-radius:4px;background:var(--soft);vertical-align:middle}
+progress::-webkit-progress-bar{background:var(--soft);border-radius:4px}
+progress::-webkit-progress-value{background:var(--green);border-radius:4px}
+progress::-moz-progress-bar{background:var(--green);border-radius:4px}
+.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.84em}
+.muted{color:var(--muted)}.small{font-size:.85rem}
+.empty{color:var(--muted);margin:.2rem 0}
+ul.feed{list-style:none;margin:0;padding:0}
+ul.feed li{padding:.45rem 0;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
+ul.feed li:last-child{border-bottom:0}
+ul.feed time{display:block;color:var(--muted);font-size:.76rem}
+pre.text{white-space:pre-wrap;overflow-wrap:anywhere;font:inherit;margin:.2rem 0}
+form.row{display:flex;flex-wrap:wrap;gap:.55rem;align-items:flex-end;margin:0 0 .8rem}
+form.row label{flex:1 1 10rem}form.row label.wide{flex-basis:100%}
+form.tight{display:inline-flex;gap:.3rem;align-items:center;margin:0}
+label{display:flex;flex-direction:column;gap:.2rem;font-size:.78rem;color:var(--muted);font-weight:500}
+input,select,textarea{font:inherit;font-size:.92rem;color:var(--fg);background:var(--bg);border:1px solid var(--line);
+border-radius:7px;padding:.4rem .55rem;min-width:0}
+textarea{min-height:4.5rem;resize:vertical}
+input:focus,select:focus,textarea:focus{outline:2px solid color-mix(in srgb,var(--accent) 55%,transparent);
+outline-offset:0;border-color:var(--accent)}
+button{font:inherit;font-size:.9rem;font-weight:600;cursor:pointer;border-radius:7px;padding:.42rem .9rem;
+border:1px solid var(--accent);background:var(--accent);color:var(--on-accent)}
+button.ghost{background:transparent;color:var(--fg);border-color:var(--line)}
+button:hover{filter:brightness(1.08)}
+select.status{padding:.2rem .4rem;font-size:.85rem}
+dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:.35rem 1rem;margin:0}
+dl.facts dt{color:var(--muted);font-size:.85rem}dl.facts dd{margin:0;overflow-wrap:anywhere}
+#flash:empty{display:none}
+.flash{border-radius:10px;padding:.65rem .9rem;margin:0 auto 1rem;max-width:76rem}
+.flash.error{background:color-mix(in srgb,var(--red) 12%,var(--card));border:1px solid var(--red)}
+.flash.ok{background:color-mix(in srgb,var(--green) 12%,var(--card));border:1px solid var(--green)}
+.htmx-request{opacity:.65;transition:opacity .2s}
+footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
+@media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
+.host{display:none}.hide-sm{display:none}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
+</style>
+<script src="/static/htmx.min.js?v=$htmx_version" defer></script>
+</head>
+<body hx-headers="$hx_headers">
+<header class="top"><a class="brand" href="/"><b>◆</b> Clare</a><nav>$nav</nav><span class="host">$host</span></header>
+<main>
+<div id="flash" role="status" aria-live="polite"></div>
+$main
+</main>
+<footer>clare $version · parts of this page refresh every $poll_s s</footer>
+</body>
+</html>
+""")
+NAV_LINK = string.Template('<a href="$href"$current>$label</a>')
+FLASH = string.Template('<div id="flash" role="status" aria-live="polite"$oob>$message</div>')
+FLASH_MESSAGE = string.Template('<p class="flash $kind">$text</p>')
+
+
+def page(req: Request, title: str, main: Html, *, status: int = 200) -> Response:
+    """Return a full page: the shared head, styles, navigation and htmx setup around `main`."""
+    current = "/" + req.path.split("/")[1] if req.path != "/" else "/"
+    nav = join(render(NAV_LINK, href=href, label=label,
+                      current=Html(' aria-current="page"') if href == current else Html(""))
+               for href, label in NAV)
+    return html_response(render(
+        PAGE, title=title, main=main, nav=nav, host=req.db.machine_id, version=__version__, poll_s=POLL_S,
+        htmx_version=HTMX_VERSION, htmx_config=json.dumps(HTMX_CONFIG),
+        hx_headers=json.dumps({"X-CSRF-Token": req.config.csrf_token})), status=status)
+
+
+def flash(text: str, *, kind: str = "error", oob: bool = False) -> Html:
+    """Return the #flash box with one message (empty text clears it); oob swaps it beside another answer."""
+    return render(FLASH, oob=Html(' hx-swap-oob="true"') if oob else Html(""),
+                  message=render(FLASH_MESSAGE, kind=kind, text=text) if text else Html(""))
+
+
+def error_page(status: int, message: str) -> Html:
+    """Return the full page shown for an HTTP error, without the database (it may be the problem)."""
+    return render(PAGE_ERROR, status=status, message=message)
+
+
+PAGE_ERROR = string.Template("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark"><title>$status · Clare</title>
+<style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
+@media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
+<body><h1>$status</h1><p>$message</p><p><a href="/">Back to the dashboard</a></p></body></html>
+""")
+
+
+# --- dashboard pages and their htmx fragments -----------------------------
+
+TASK_COLORS = {"todo": "gray", "in_progress": "blue", "blocked": "orange", "done": "green"}
+PROJECT_COLORS = {"active": "blue", "paused": "amber", "done": "green"}
+
+BADGE = string.Template('<span class="badge c-$color">$label</span>')
+CSRF_FIELD = string.Template('<input type="hidden" name="csrf" value="$csrf">')
+OPTION = string.Template('<option value="$value"$selected>$label</option>')
+STAT = string.Template('<div class="stat"><b>$n</b><span>$label</span></div>')
+EMPTY = string.Template('<p class="empty">$text</p>')
+FEED = string.Template('<ul class="feed">$items</ul>')
+FEED_ITEM = string.Template('<li>$text<time datetime="$at">$when · $where</time></li>')
+
+FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
+<div class="stats">$stats</div>
+<section class="card"><h2>Projects</h2>$table</section>
+</div>""")
+PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>Project</th><th>Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Owner</th></tr></thead>
+<tbody>$rows</tbody></table></div>""")
+PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a><div class="muted small">$goal</div></td>
+<td>$status</td><td><div class="counts">$counts</div></td>
+<td class="hide-sm"><progress value="$n_done" max="$n_total" title="$n_done of $n_total done">$n_done/$n_total</progress></td>
+<td class="hide-sm muted">$owner</td></tr>""")
+FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
+<h2>Recent activity</h2>$body</section>""")
+PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
+<h2>New project</h2>
+<form class="row" $attrs>$csrf
+<label>Name<input name="name" required maxlength="100" placeholder="alpha" autocomplete="off"></label>
+<label>Goal<input name="goal" maxlength="2000" placeholder="what done looks like"></label>
+<label>Owner<input name="owner" maxlength="100" placeholder="who answers for it"></label>
+<button type="submit">Create</button>
+</form></section>""")
+MAIN_DASHBOARD = string.Template("""<h1>Dashboard</h1>
+<p class="sub">What needs you first, then where every project stands.</p>
+$attention
+$projects
+<div class="grid">$fleet$activity$project_form</div>""")
+MAIN_PROJECTS = string.Template("""<h1>Projects</h1>
+<p class="sub">Every project on this Clare, with its tasks by status.</p>
+$project_form
+$projects""")
+
+MAIN_PROJECT = string.Template("""<p class="muted small"><a href="/projects">Projects</a> /</p>
+<h1>$name</h1>
+<p class="sub">$status $goal</p>
+$tasks
+<div class="grid">
+$task_form
+<section class="card"><h2>About</h2>
+<dl class="facts"><dt>Status</dt><dd><form class="tight" $status_attrs>$csrf
+<select name="status" class="status" aria-label="project status">$status_options</select>
+<noscript><button class="ghost">Set</button></noscript></form></dd>
+<dt>Owner</dt><dd>$owner</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
+</div>
+<div class="grid">
+<section class="card"><h2>Recent updates</h2>$updates</section>
+<section class="card"><h2>History</h2>$history</section>
+</div>""")
+FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
+<h2>Tasks</h2>$table</section>""")
+TASKS_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>Pri</th><th>Task</th><th>Status</th><th>Assigned</th><th class="hide-sm">Id</th></tr></thead>
+<tbody>$rows</tbody></table></div>""")
+TASK_ROW = string.Template("""<tr><td><span class="badge c-$pri_color">P$priority</span></td>
+<td class="title"><a href="/tasks/$id">$title</a></td>
+<td>$status_form</td><td>$assignee</td><td class="hide-sm mono muted">$short_id</td></tr>""")
+STATUS_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
+<select name="status" class="status" aria-label="task status">$options</select>
+<noscript><button class="ghost">Set</button></noscript></form>""")
+TASK_FORM = string.Template("""<section class="card" id="task-form"$oob>
+<h2>Add a task</h2>
+<form class="row" $attrs>$csrf
+<label class="wide">Title<input name="title" required maxlength="300" placeholder="write the parser" autocomplete="off"></label>
+<label>Priority<select name="priority">$priorities</select></label>
+<label class="wide">Description<textarea name="description" maxlength="20000"></textarea></label>
+<button type="submit">Add task</button>
+</form></section>""")
+
+MAIN_TASK = string.Template("""<p class="muted small"><a href="/projects">Projects</a> / <a href="/projects/$project_id">$project</a> /</p>
+<h1>$title</h1>
+<p class="sub">$short_id · P$priority</p>
+<div class="grid">
+$task_card
+<section class="card"><h2>Assign</h2>
+<form class="row" $assign_attrs>$csrf<input type="hidden" name="view" value="task">
+<label>Session id<input name="session_id" placeholder="7c1e9b" autocomplete="off" list="session-ids"></label>
+<label>or group<select name="group"><option value="">—</option>$group_options</select></label>
+<button type="submit">Assign</button></form>
+$session_list</section>
+</div>
+<div class="grid">
+<section class="card"><h2>Updates</h2>
+$update_form
+$updates</section>
+<section class="card"><h2>History</h2>$history</section>
+</div>""")
+FRAG_TASK = string.Template("""<section class="card" id="frag-task" $poll>
+<h2>Task</h2>
+<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
+<dt>Assigned</dt><dd>$assignee $unassign</dd>
+<dt>Priority</dt><dd>P$priority</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl>
+$description</section>""")
+UNASSIGN_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="task">
+<button class="ghost" type="submit">Unassign</button></form>""")
+UPDATE_FORM = string.Template("""<form class="row" id="update-form" $attrs$oob>$csrf
+<label class="wide">Note<textarea name="text" required maxlength="20000" placeholder="what happened"></textarea></label>
+<button type="submit">Post update</button></form>""")
+FRAG_UPDATES = string.Template("""<div id="frag-updates" $poll>$items</div>""")
+ASSIGNEE = string.Template('<span class="mono">$kind $id</span>')
+DESCRIPTION = string.Template('<pre class="text">$text</pre>')
+
+
+def badge(label: str, color: str) -> Html:
+    """Return a coloured state badge."""
+    return render(BADGE, label=label, color=color)
+
+
+def options(choices: Iterable[tuple[str, str]], selected: str | None) -> Html:
+    """Return <option> elements, marking the selected value."""
+    return join(render(OPTION, value=value, label=label,
+                       selected=Html(" selected") if value == selected else Html("")) for value, label in choices)
+
+
+def csrf_field(req: Request) -> Html:
+    """Return the hidden CSRF field of a form that must also work without JavaScript."""
+    return render(CSRF_FIELD, csrf=req.config.csrf_token)
+
+
+def feed(events: list[Event], *, empty: str) -> Html:
+    """Return events as a newest-first list of sentences."""
+    if not events:
+        return render(EMPTY, text=empty)
+    return render(FEED, items=join(
+        render(FEED_ITEM, text=describe_event(ev), at=ev.created_at, when=_short_time(ev.created_at),
+               where=ev.machine_id) for ev in reversed(events)))
+
+
+def _short_time(created_at: str) -> str:
+    return created_at[:16].replace("T", " ")
+
+
+def assignee_text(task: Task) -> Html:
+    """Return who a task is bound to, for a table cell."""
+    if task.session_id:
+        return render(ASSIGNEE, kind="session", id=task.session_id[:SHORT_ID])
+    if task.group_id:
+        return render(ASSIGNEE, kind="group", id=task.group_id[:SHORT_ID])
+    return Html('<span class="muted">—</span>')
+
+
+def projects_fragment(req: Request) -> Html:
+    """Render the project roll-up (stat tiles and table), polled in place."""
+    projects = req.svc.list_projects()
+    totals = {s: sum(p.task_counts[s] for p in projects) for s in TASK_STATUSES}
+    stats = join(render(STAT, n=n, label=label) for n, label in (
+        (sum(p.status == "active" for p in projects), "active projects"),
+        (totals["todo"], "tasks to do"), (totals["in_progress"], "in progress"), (totals["blocked"], "blocked"),
+        (totals["done"], "done")))
+    if not projects:
+        table_html = render(EMPTY, text="No projects yet. Create one below, or: clare project new NAME")
+    else:
+        table_html = render(PROJECTS_TABLE, rows=join(render(
+            PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
+            status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
+            counts=join(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
+                        for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
+            n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1) for p in projects))
+    return render(FRAG_PROJECTS, poll=poll_attrs("/frag/projects"), stats=stats, table=table_html)
+
+
+def activity_fragment(req: Request) -> Html:
+    """Render the newest events of the log, polled in place."""
+    return render(FRAG_ACTIVITY, poll=poll_attrs("/frag/activity"),
+                  body=feed(req.svc.list_events(limit=12), empty="Nothing has happened yet."))
+
+
+def project_form(req: Request, *, oob: bool = False) -> Html:
+    """Render the new-project form (oob: to reset it beside another answer)."""
+    return render(PROJECT_FORM, csrf=csrf_field(req), attrs=form_attrs("/projects", target="#frag-projects"),
+                  oob=Html(' hx-swap-oob="true"') if oob else Html(""))
+
+
+def page_dashboard(req: Request) -> Response:
+    """Show what needs attention, the project roll-up, the fleet and recent activity."""
+    return page(req, "Dashboard", render(
+        MAIN_DASHBOARD, attention=attention_fragment(req), projects=projects_fragment(req),
+        fleet=fleet_fragment(req), activity=activity_fragment(req), project_form=project_form(req)))
+
+
+def page_projects(req: Request) -> Response:
+    """List the projects, with a form to create one."""
+    return page(req, "Projects", render(MAIN_PROJECTS, projects=projects_fragment(req),
+                                        project_form=project_form(req)))
+
+
+def frag_projects(req: Request) -> Response:
+    """Answer the projects poll."""
+    return html_response(projects_fragment(req))
+
+
+def frag_activity(req: Request) -> Response:
+    """Answer the activity poll."""
+    return html_response(activity_fragment(req))
+
+
+def frag_create_project(req: Request) -> Response:
+    """Create a project from the form; htmx gets the refreshed roll-up, a plain post a redirect."""
+    f = req.form()
+    p = req.svc.create_project(f.get("name", ""), goal=f.get("goal", ""), owner=f.get("owner", ""))
+    if not req.is_htmx:
+        return redirect(f"/projects/{p.id}")
+    return html_response(join([projects_fragment(req), project_form(req, oob=True),
+                               flash(f"Created project {p.name}.", kind="ok", oob=True)]))
+
+
+def tasks_fragment(req: Request, project: Project) -> Html:
+    """Render a project's task table, polled in place."""
+    tasks = req.svc.list_tasks(project_id=project.id)
+    if not tasks:
+        table_html = render(EMPTY, text="No tasks yet. Add the first one below.")
+    else:
+        table_html = render(TASKS_TABLE, rows=join(render(
+            TASK_ROW, id=t.id, short_id=t.id[:SHORT_ID], title=t.title, priority=t.priority,
+            pri_color="red" if t.priority == 0 else "orange" if t.priority == 1 else "gray",
+            status_form=status_form(req, t, view="tasks"), assignee=assignee_text(t)) for t in tasks))
+    return render(FRAG_PROJECT_TASKS, poll=poll_attrs(f"/frag/projects/{project.id}/tasks"), table=table_html)
+
+
+def status_form(req: Request, task: Task, *, view: str) -> Html:
+    """Render the select that changes a task's status as soon as it changes."""
+    target = "#frag-task" if view == "task" else "#frag-tasks"
+    return render(STATUS_FORM, attrs=form_attrs(f"/tasks/{task.id}/status", target=target, trigger="change"),
+                  csrf=csrf_field(req),
+                  view=view, options=options(((s, STATUS_LABEL[s]) for s in TASK_STATUSES), task.status))
+
+
+def task_form(req: Request, project: Project, *, oob: bool = False) -> Html:
+    """Render the add-task form of a project."""
+    return render(TASK_FORM, csrf=csrf_field(req), oob=Html(' hx-swap-oob="true"') if oob else Html(""),
+                  attrs=form_attrs(f"/projects/{project.id}/tasks", target="#frag-tasks"),
+                  priorities=options(((str(n), f"P{n}") for n in PRIORITIES), str(DEFAULT_PRIORITY)))
+
+
+def page_project(req: Request) -> Response:
+    """Show a project: its tasks, a form to add one, its updates and history."""
+    svc = req.svc
+    p = svc.get_project(req.params["project"])
+    tasks = svc.list_tasks(project_id=p.id)
+    updates = svc.list_updates(task_ids=[t.id for t in tasks], limit=10)
+    return page(req, p.name, render(
+        MAIN_PROJECT, name=p.name, id=p.id, owner=p.owner or "—", created=_short_time(p.created_at),
+        status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")), goal=p.goal, csrf=csrf_field(req),
+        status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
+        status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
+        tasks=tasks_fragment(req, p), task_form=task_form(req, p),
+        updates=updates_list(updates, empty="No updates on these tasks yet."),
+        history=feed(svc.project_history(p, limit=30), empty="No history.")))
+
+
+def updates_list(updates: list[Update], *, empty: str) -> Html:
+    """Render progress notes, newest first."""
+    if not updates:
+        return render(EMPTY, text=empty)
+    return render(FEED, items=join(
+        render(FEED_ITEM, text=u.text, at=u.created_at, when=_short_time(u.created_at),
+               where=f"{u.source} · {u.machine_id}") for u in reversed(updates)))
+
+
+def frag_project_tasks(req: Request) -> Response:
+    """Answer the task-table poll of a project."""
+    return html_response(tasks_fragment(req, req.svc.get_project(req.params["project"])))
+
+
+def frag_add_task(req: Request) -> Response:
+    """Add a task from the form; htmx gets the refreshed task table."""
+    f = req.form()
+    t = req.svc.create_task(req.params["project"], f.get("title", ""), description=f.get("description", ""),
+                            priority=_form_int(f.get("priority", str(DEFAULT_PRIORITY)), "priority"))
+    if not req.is_htmx:
+        return redirect(f"/projects/{t.project_id}")
+    p = req.svc.get_project(t.project_id)
+    return html_response(join([tasks_fragment(req, p), task_form(req, p, oob=True),
+                               flash(f"Added {t.title}.", kind="ok", oob=True)]))
+
+
+def _form_int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{what} {text[:20]!r} is not a whole number") from None
+
+
+def frag_set_project_status(req: Request) -> Response:
+    """Change a project's status from its select."""
+    p = req.svc.edit_project(req.params["project"], status=req.form().get("status", ""))
+    if not req.is_htmx:
+        return redirect(f"/projects/{p.id}")
+    return html_response(flash(f"Project {p.name} is now {p.status}.", kind="ok", oob=True))
+
+
+def task_fragment(req: Request, task: Task) -> Html:
+    """Render a task's facts card, polled in place."""
+    unassign = (render(UNASSIGN_FORM, csrf=csrf_field(req),
+                       attrs=form_attrs(f"/tasks/{task.id}/unassign", target="#frag-task"))
+                if task.session_id or task.group_id else Html(""))
+    return render(FRAG_TASK, poll=poll_attrs(f"/frag/tasks/{task.id}"), id=task.id, priority=task.priority,
+                  status_form=status_form(req, task, view="task"), assignee=assignee_text(task), unassign=unassign,
+                  created=_short_time(task.created_at),
+                  description=render(DESCRIPTION, text=task.description) if task.description else Html(""))
+
+
+def updates_fragment(req: Request, task: Task) -> Html:
+    """Render a task's updates, polled in place."""
+    items = updates_list(req.svc.list_updates(task_ids=[task.id], limit=50), empty="No updates yet.")
+    return render(FRAG_UPDATES, poll=poll_attrs(f"/frag/tasks/{task.id}/updates"), items=items)
+
+
+def update_form(req: Request, task: Task, *, oob: bool = False) -> Html:
+    """Render the post-update form of a task."""
+    return render(UPDATE_FORM, csrf=csrf_field(req), oob=Html(' hx-swap-oob="true"') if oob else Html(""),
+                  attrs=form_attrs(f"/tasks/{task.id}/updates", target="#frag-updates"))
+
+
+def page_task(req: Request) -> Response:
+    """Show a task: status, assignment, updates and history, with forms to change them."""
+    svc = req.svc
+    t = svc.get_task(req.params["task"])
+    return page(req, t.title, render(
+        MAIN_TASK, title=t.title, project=t.project, project_id=t.project_id, short_id=t.id[:SHORT_ID],
+        priority=t.priority, task_card=task_fragment(req, t), csrf=csrf_field(req),
+        assign_attrs=form_attrs(f"/tasks/{t.id}/assignment", target="#frag-task"),
+        group_options=options(((g.name, g.name) for g in svc.list_groups()), None),
+        session_list=session_datalist(req), update_form=update_form(req, t), updates=updates_fragment(req, t),
+        history=feed(svc.list_history([t.id], limit=50), empty="No history.")))
+
+
+def frag_task(req: Request) -> Response:
+    """Answer the task-card poll."""
+    return html_response(task_fragment(req, req.svc.get_task(req.params["task"])))
+
+
+def frag_task_updates(req: Request) -> Response:
+    """Answer the updates poll of a task."""
+    return html_response(updates_fragment(req, req.svc.get_task(req.params["task"])))
+
+
+def _after_task_change(req: Request, task: Task, message: str) -> Response:
+    view = req.form().get("view")
+    if not req.is_htmx:
+        return redirect(f"/tasks/{task.id}" if view == "task" else f"/projects/{task.project_id}")
+    if view == "task":
+        body = task_fragment(req, task)
+    else:
+        body = tasks_fragment(req, req.svc.get_project(task.project_id))
+    return html_response(join([body, flash(message, kind="ok", oob=True)]))
+
+
+def frag_set_task_status(req: Request) -> Response:
+    """Change a task's status from its select."""
+    t = req.svc.edit_task(req.params["task"], status=req.form().get("status", ""))
+    return _after_task_change(req, t, f"{t.title}: {STATUS_LABEL[t.status]}.")
+
+
+def frag_assign_task(req: Request) -> Response:
+    """Assign a task to the session id or the group of the form."""
+    f = req.form()
+    t = req.svc.assign_task(req.params["task"], session_id=f.get("session_id", "").strip() or None,
+                            group_ref=f.get("group") or None)
+    return _after_task_change(req, t, f"{t.title}: assigned.")
+
+
+def frag_unassign_task(req: Request) -> Response:
+    """End a task's assignment."""
+    t = req.svc.unassign_task(req.params["task"])
+    return _after_task_change(req, t, f"{t.title}: unassigned.")
+
+
+def frag_post_update(req: Request) -> Response:
+    """Post a progress note on a task; htmx gets the refreshed list and an empty form."""
+    svc = req.svc
+    t = svc.get_task(req.params["task"])
+    svc.post_update(req.form().get("text", ""), task_ref=t.id)
+    if not req.is_htmx:
+        return redirect(f"/tasks/{t.id}")
+    return html_response(join([updates_fragment(req, t), update_form(req, t, oob=True),
+                               flash("Update posted.", kind="ok", oob=True)]))
+
+
+def attention_fragment(req: Request) -> Html:
+    """Render the sessions that wait for a person, longest-waiting first."""
+    return Html("")  # TODO(#4): sessions arrive with the fleet work
+
+
+def fleet_fragment(req: Request) -> Html:
+    """Render every session with its state and current task."""
+    return Html("")  # TODO(#4): sessions arrive with the fleet work
+
+
+def session_datalist(req: Request) -> Html:
+    """Render the known session ids for the assign form."""
+    return Html("")  # TODO(#4): sessions arrive with the fleet work
+
+
+# --- JSON API ------------------------------------------------------------
+
+
+def _event_json(ev: Event) -> dict[str, Any]:
+    return {**ev.to_json(), "rseq": ev.rseq}
+
+
+def api_list_projects(req: Request) -> Response:
+    """List projects with task counts; ?status= filters."""
+    return json_response(req.svc.list_projects(status=req.arg("status")))
+
+
+def api_create_project(req: Request) -> Response:
+    """Create a project from {name, goal?, owner?}."""
+    b = req.json(required=("name",), optional=("goal", "owner"))
+    return json_response(req.svc.create_project(b["name"], goal=b.get("goal", ""), owner=b.get("owner", "")),
+                         status=201)
+
+
+def api_get_project(req: Request) -> Response:
+    """Return one project by name or id prefix."""
+    return json_response(req.svc.get_project(req.params["project"]))
+
+
+def api_edit_project(req: Request) -> Response:
+    """Change a project from {name?, goal?, owner?, status?}."""
+    b = req.json(optional=("name", "goal", "owner", "status"))
+    return json_response(req.svc.edit_project(req.params["project"], **b))
+
+
+def api_project_history(req: Request) -> Response:
+    """Return the events about a project and its tasks, oldest first."""
+    svc = req.svc
+    limit = req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE)
+    return json_response([_event_json(e) for e in svc.project_history(svc.get_project(req.params["project"]),
+                                                                        limit=limit)])
+
+
+def api_list_tasks(req: Request) -> Response:
+    """List tasks, most urgent first; ?project= ?status= ?session= ?group= filter."""
+    svc = req.svc
+    project, group = req.arg("project"), req.arg("group")
+    return json_response(svc.list_tasks(project_id=svc.get_project(project).id if project else None,
+                                        status=req.arg("status"), session_id=req.arg("session"),
+                                        group_id=svc.get_group(group).id if group else None))
+
+
+def api_create_task(req: Request) -> Response:
+    """Add a task from {project, title, priority?, description?}."""
+    b = req.json(required=("project", "title"), optional=("priority", "description"))
+    return json_response(req.svc.create_task(b["project"], b["title"], priority=b.get("priority", DEFAULT_PRIORITY),
+                                             description=b.get("description", "")), status=201)
+
+
+def api_get_task(req: Request) -> Response:
+    """Return one task by id prefix."""
+    return json_response(req.svc.get_task(req.params["task"]))
+
+
+def api_edit_task(req: Request) -> Response:
+    """Change a task from {title?, description?, priority?, status?}."""
+    b = req.json(optional=("title", "description", "priority", "status"))
+    return json_response(req.svc.edit_task(req.params["task"], **b))
+
+
+def api_task_history(req: Request) -> Response:
+    """Return the events about one task, oldest first."""
+    svc = req.svc
+    limit = req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE)
+    return json_response([_event_json(e) for e in svc.list_history([svc.get_task(req.params["task"]).id],
+                                                                   limit=limit)])
+
+
+def api_assign_task(req: Request) -> Response:
+    """Assign a task from {session_id} or {group}."""
+    b = req.json(optional=("session_id", "group"))
+    return json_response(req.svc.assign_task(req.params["task"], session_id=b.get("session_id"),
+                                             group_ref=b.get("group")))
+
+
+def api_unassign_task(req: Request) -> Response:
+    """End a task's assignment."""
+    return json_response(req.svc.unassign_task(req.params["task"]))
+
+
+def api_list_groups(req: Request) -> Response:
+    """List the groups."""
+    return json_response(req.svc.list_groups())
+
+
+def api_create_group(req: Request) -> Response:
+    """Create a group from {name, cwd?, host?, tmux_name?}."""
+    b = req.json(required=("name",), optional=("cwd", "host", "tmux_name"))
+    return json_response(req.svc.create_group(b.pop("name"), **b), status=201)
+
+
+def api_get_group(req: Request) -> Response:
+    """Return one group by name or id prefix."""
+    return json_response(req.svc.get_group(req.params["group"]))
+
+
+def api_remove_group(req: Request) -> Response:
+    """Remove a group; its tasks become unassigned."""
+    return json_response(req.svc.remove_group(req.params["group"]))
+
+
+def api_list_updates(req: Request) -> Response:
+    """Return the newest updates, newest last; ?task= (repeatable) or ?id= narrows them."""
+    svc = req.svc
+    tasks = req.query.get("task")
+    limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
+    return json_response(svc.list_updates(task_ids=[svc.get_task(t).id for t in tasks] if tasks else None,
+                                          update_id=req.arg("id"), limit=limit))
+
+
+def api_post_update(req: Request) -> Response:
+    """Post a progress note from {task, text, source?, session_id?}."""
+    b = req.json(required=("text",), optional=("task", "source", "session_id"))
+    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id"),
+                                             source=b.get("source", "message")), status=201)
+
+
+def api_status(req: Request) -> Response:
+    """Return the roll-up: projects with task counts, and the size of the log."""
+    svc = req.svc
+    return json_response({"projects": svc.list_projects(), "n_events": svc.count_events(),
+                          "machine_id": req.db.machine_id})
+
+
+def api_list_events(req: Request) -> Response:
+    """Page through the log: ?after=RSEQ in receipt order, or without it the newest, newest last."""
+    limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
+    after = req.int_arg("after", -1, lo=0, hi=2**62)
+    if after < 0:
+        events = req.svc.list_events(limit=limit)
+        has_more = False
+    else:
+        import itertools
+
+        events = list(itertools.islice(iter_events(req.db, after=after, batch=limit + 1), limit + 1))
+        has_more, events = len(events) > limit, events[:limit]
+    next_after = max((e.rseq for e in events), default=max(after, 0))
+    return json_response({"events": [_event_json(e) for e in events], "next_after": next_after,
+                          "has_more": has_more})
+
+
+def api_history(req: Request) -> Response:
+    """Return the newest events naming any ?entity= id, oldest first."""
+    ids = req.query.get("entity", [])
+    if not ids or len(ids) > 100:
+        raise HttpError(400, "give 1 to 100 entity ids as ?entity=ID&entity=ID")
+    return json_response([_event_json(e) for e in req.svc.list_history(
+        ids, limit=req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE))])
+
+
+def api_import_events(req: Request) -> Response:
+    """Store the events of {lines: [JSON text, ...]} not yet here; report what happened to each."""
+    lines = req.json(required=("lines",))["lines"]
+    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+        raise UsageError("lines must be a list of JSON texts, one event each")
+    result, bad = req.svc.import_events(lines)
+    return json_response({"inserted": [_event_json(e) for e in result.inserted],
+                          "duplicates": result.n_duplicates, "conflicts": result.conflicts, "rejected": bad})
+
+
+def api_replay(req: Request) -> Response:
+    """Rebuild every projection from the log."""
+    return json_response({"events": req.svc.replay()})
+
+
+def get_static(req: Request) -> Response:
+    """Serve a vendored file from static/ with a year-long cache (the URL carries its version)."""
+    name = req.params["name"]
+    kind = STATIC_TYPES.get(os.path.splitext(name)[1])
+    path = os.path.join(STATIC_DIR, name)
+    if kind is None or not os.path.isfile(path):
+        raise NotFound(f"no static file {name!r}")
+    with open(path, "rb") as f:
+        body = f.read()
+    return Response(200, body, kind, (("Cache-Control", "public, max-age=31536000, immutable"),))
+
+
+def page_login(req: Request) -> Response:
+    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie, then go to the dashboard."""
+    config = req.config
+    if config.token is not None:
+        if not same_secret(req.arg("token"), config.token):
+            raise HttpError(401, "wrong or missing token; open the exact login URL that 'clare serve' printed")
+        cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
+        return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
+    return Response(303, b"", "text/plain", (("Location", "/"),))
+
+
+# --- the remote twin of Services ----------------------------------------
+
+REMOTE_TIMEOUT_S = 30.0
+_REMOTE_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
+
+
+def _build(cls: type, obj: dict[str, Any]) -> Any:
+    """Rebuild a dataclass from its JSON object; fields the server added are ignored."""
+    return cls(**{name: obj[name] for name in cls.__slots__ if name in obj})
+
+
+class RemoteServices:
+    """The services of Services, run by a remote Clare through its JSON API: same names, same values.
+
+    Raises the same error classes as a local call, with the server's message.
+    """
+
+    __slots__ = ("url", "token")
+
+    def __init__(self, url: str, *, token: str | None = None):
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
+        """Send one API request and return its decoded JSON; raise the server's error as a ClareError."""
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        pairs = [(k, x) for k, v in (query or {}).items() if v is not None
+                 for x in (v if isinstance(v, list) else [v])]
+        url = self.url + path + ("?" + urllib.parse.urlencode(pairs) if pairs else "")
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Accept": "application/json", **({"Content-Type": "application/json"} if data is not None else {}),
+                   **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=REMOTE_TIMEOUT_S) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as err:
+            try:
+                message = json.loads(err.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = f"{self.url} answered {err.code} {err.reason}"
+            raise _REMOTE_ERRORS.get(err.code, ClareError)(message) from err
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ClareError(f"cannot reach {self.url} ({reason}); check --remote / CLARE_URL and that "
+                             "'clare serve' runs there") from err
+        except ValueError as err:
+            raise ClareError(f"{self.url} did not answer JSON; is it a Clare server?") from err
+
+    @staticmethod
+    def _path(ref: str) -> str:
+        from urllib.parse import quote
+
+        return quote(ref, safe="")
+
+    def create_project(self, name: str, *, goal: str = "", owner: str = "") -> Project:
+        """Create a project."""
+        return _build(Project, self.call("POST", "/api/v1/projects", body={"name": name, "goal": goal, "owner": owner}))
+
+    def edit_project(self, ref: str, **changes: Any) -> Project:
+        """Change some fields of a project."""
+        body = {k: v for k, v in changes.items() if v is not None}
+        return _build(Project, self.call("PATCH", f"/api/v1/projects/{self._path(ref)}", body=body))
+
+    def get_project(self, ref: str) -> Project:
+        """Return one project by name or id prefix."""
+        return _build(Project, self.call("GET", f"/api/v1/projects/{self._path(ref)}"))
+
+    def list_projects(self, *, status: str | None = None) -> list[Project]:
+        """Return the projects."""
+        return [_build(Project, p) for p in self.call("GET", "/api/v1/projects", query={"status": status})]
+
+    def project_history(self, project: Project, *, limit: int = 200) -> list[Event]:
+        """Return the events about a project and its tasks."""
+        return [_build(Event, e) for e in self.call("GET", f"/api/v1/projects/{project.id}/history",
+                                                    query={"limit": limit})]
+
+    def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
+                    description: str = "") -> Task:
+        """Add a task to a project."""
+        return _build(Task, self.call("POST", "/api/v1/tasks", body={
+            "project": project_ref, "title": title, "priority": priority, "description": description}))
+
+    def edit_task(self, ref: str, **changes: Any) -> Task:
+        """Change some fields of a task."""
+        body = {k: v for k, v in changes.items() if v is not None}
+        return _build(Task, self.call("PATCH", f"/api/v1/tasks/{self._path(ref)}", body=body))
+
+    def get_task(self, ref: str) -> Task:
+        """Return one task by id prefix."""
+        return _build(Task, self.call("GET", f"/api/v1/tasks/{self._path(ref)}"))
+
+    def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
+                   session_id: str | None = None, group_id: str | None = None) -> list[Task]:
+        """Return tasks, most urgent first."""
+        query = {"project": project_id, "status": status, "session": session_id, "group": group_id}
+        return [_build(Task, t) for t in self.call("GET", "/api/v1/tasks", query=query)]
+
+    def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
+        """Bind a task to a session or a group."""
+        body = {k: v for k, v in (("session_id", session_id), ("group", group_ref)) if v is not None}
+        return _build(Task, self.call("POST", f"/api/v1/tasks/{self._path(ref)}/assignment", body=body))
+
+    def unassign_task(self, ref: str) -> Task:
+        """End a task's binding."""
+        return _build(Task, self.call("DELETE", f"/api/v1/tasks/{self._path(ref)}/assignment"))
+
+    def create_group(self, name: str, *, cwd: str | None = None, host: str | None = None,
+                     tmux_name: str | None = None) -> Group:
+        """Create a group of sessions."""
+        body = {k: v for k, v in (("name", name), ("cwd", cwd), ("host", host), ("tmux_name", tmux_name))
+                if v is not None}
+        return _build(Group, self.call("POST", "/api/v1/groups", body=body))
+
+    def remove_group(self, ref: str) -> Group:
+        """Remove a group."""
+        return _build(Group, self.call("DELETE", f"/api/v1/groups/{self._path(ref)}"))
+
+    def get_group(self, ref: str) -> Group:
+        """Return one group by name or id prefix."""
+        return _build(Group, self.call("GET", f"/api/v1/groups/{self._path(ref)}"))
+
+    def list_groups(self) -> list[Group]:
+        """Return the groups."""
+        return [_build(Group, g) for g in self.call("GET", "/api/v1/groups")]
+
+    def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
+                    source: str = "message") -> Update:
+        """Post a progress note."""
+        body = {k: v for k, v in (("text", text), ("task", task_ref), ("session_id", session_id),
+                                  ("source", source)) if v is not None}
+        return _build(Update, self.call("POST", "/api/v1/updates", body=body))
+
+    def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
+                     limit: int = 50) -> list[Update]:
+        """Return the newest updates, newest last."""
+        if task_ids == []:
+            return []
+        query = {"task": task_ids, "id": update_id, "limit": limit}
+        return [_build(Update, u) for u in self.call("GET", "/api/v1/updates", query=query)]
+
+    def list_history(self, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
+        """Return the events naming any of these entities, oldest first."""
+        return [_build(Event, e) for e in self.call("GET", "/api/v1/history",
+                                                    query={"entity": entity_ids, "limit": limit})]
+
+    def list_events(self, *, limit: int = 50) -> list[Event]:
+        """Return the newest events, newest last."""
+        page = self.call("GET", "/api/v1/events", query={"limit": min(limit, MAX_EVENTS_PAGE)})
+        return [_build(Event, e) for e in page["events"]]
+
+    def import_events(self, lines: Iterable[str]) -> tuple[InsertResult, list[str]]:
+        """Send JSON lines of events; return what the server stored and one reason per bad line."""
+        got = self.call("POST", "/api/v1/import", body={"lines": [x.rstrip("\n") for x in lines]})
+        return (InsertResult([_build(Event, e) for e in got["inserted"]], got["duplicates"], got["conflicts"]),
+                got["rejected"])
+
+    def replay(self) -> int:
+        """Rebuild the server's projections; return how many events it applied."""
+        return self.call("POST", "/api/v1/replay", body={})["events"]
+
+    def count_events(self) -> int:
+        """Return how many events the server's log holds."""
+        return self.call("GET", "/api/v1/status")["n_events"]
+
+
+_REF = r"(?P<%s>[^/]+)"
+ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
+    (method, re.compile(pattern), handler) for method, pattern, handler in (
+        ("GET", r"/api/v1/projects", api_list_projects),
+        ("POST", r"/api/v1/projects", api_create_project),
+        ("GET", r"/api/v1/projects/" + _REF % "project", api_get_project),
+        ("PATCH", r"/api/v1/projects/" + _REF % "project", api_edit_project),
+        ("GET", r"/api/v1/projects/" + _REF % "project" + "/history", api_project_history),
+        ("GET", r"/api/v1/tasks", api_list_tasks),
+        ("POST", r"/api/v1/tasks", api_create_task),
+        ("GET", r"/api/v1/tasks/" + _REF % "task", api_get_task),
+        ("PATCH", r"/api/v1/tasks/" + _REF % "task", api_edit_task),
+        ("GET", r"/api/v1/tasks/" + _REF % "task" + "/history", api_task_history),
+        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_assign_task),
+        ("DELETE", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_unassign_task),
+        ("GET", r"/api/v1/groups", api_list_groups),
+        ("POST", r"/api/v1/groups", api_create_group),
+        ("GET", r"/api/v1/groups/" + _REF % "group", api_get_group),
+        ("DELETE", r"/api/v1/groups/" + _REF % "group", api_remove_group),
+        ("GET", r"/api/v1/updates", api_list_updates),
+        ("POST", r"/api/v1/updates", api_post_update),
+        ("GET", r"/api/v1/status", api_status),
+        ("GET", r"/api/v1/events", api_list_events),
+        ("GET", r"/api/v1/history", api_history),
+        ("POST", r"/api/v1/import", api_import_events),
+        ("POST", r"/api/v1/replay", api_replay),
+        ("GET", r"/", page_dashboard),
+        ("GET", r"/projects", page_projects),
+        ("POST", r"/projects", frag_create_project),
+        ("GET", r"/projects/" + _REF % "project", page_project),
+        ("POST", r"/projects/" + _REF % "project" + "/tasks", frag_add_task),
+        ("POST", r"/projects/" + _REF % "project" + "/status", frag_set_project_status),
+        ("GET", r"/tasks/" + _REF % "task", page_task),
+        ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
+        ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
+        ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
+        ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
+        ("GET", r"/frag/projects", frag_projects),
+        ("GET", r"/frag/activity", frag_activity),
+        ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", frag_project_tasks),
+        ("GET", r"/frag/tasks/" + _REF % "task", frag_task),
+        ("GET", r"/frag/tasks/" + _REF % "task" + "/updates", frag_task_updates),
+        ("GET", r"/static/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)", get_static),
+        ("GET", r"/login", page_login),
+    )
+]
+
 
 # ==========================================================================
 # 9. CLI: the argparse tree built from COMMANDS, handlers and text output.
@@ -1303,24 +2885,41 @@ class Context:
         self.args = args
         self.paths = resolve_paths(home=args.home, db=args.db)
         self.as_json = bool(getattr(args, "json", False))
+        self.remote_url: str | None = getattr(args, "remote", None) or os.environ.get("CLARE_URL") or None
         self._db: Db | None = None
+        self._svc: Services | RemoteServices | None = None
 
     @property
     def db(self) -> Db:
         """Open the local database (creating it on first use)."""
+        if self.remote_url is not None:
+            raise UsageError(f"this command works on the local database only; run it without --remote "
+                             f"(now {self.remote_url}) and unset CLARE_URL")
         if self._db is None:
             self._db = open_db(self.paths.db)
         return self._db
 
     @property
-    def svc(self) -> Services:
-        """Return the services this command runs against."""
-        return Services(self.db)
+    def svc(self) -> "Services | RemoteServices":
+        """Return the services this command runs against: the local database, or --remote / CLARE_URL."""
+        if self._svc is None:
+            if self.remote_url is not None:
+                token = os.environ.get("CLARE_TOKEN") or load_config(self.paths.config).get("token")
+                self._svc = RemoteServices(_check_url(self.remote_url), token=token)
+            else:
+                self._svc = Services(self.db)
+        return self._svc
 
     def close(self) -> None:
         """Close what was opened."""
         if self._db is not None:
             self._db.close()
+
+
+def _check_url(url: str) -> str:
+    if not re.match(r"\Ahttps?://[^/\s]+/?\Z", url):
+        raise UsageError(f"remote URL {url!r} is not of the form http://HOST:PORT; check --remote or CLARE_URL")
+    return url
 
 
 def emit(ctx: Context, value: Any, text: str | Callable[[], str]) -> None:
@@ -1331,16 +2930,6 @@ def emit(ctx: Context, value: Any, text: str | Callable[[], str]) -> None:
         out = text() if callable(text) else text
         if out:
             print(out)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "to_json"):
-        return value.to_json()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
 
 
 def table(headers: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
@@ -1587,6 +3176,19 @@ def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
     return 1 if bad or result.conflicts else 0
 
 
+def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
+    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C."""
+    config = web_config(ctx.paths, host=args.host, port=args.port, log_requests=args.log)
+    server = make_server(config)
+
+    def started() -> None:
+        print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
+        if config.token is not None:
+            print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
+    run_server(server, on_start=started)
+    print("clare: stopped", flush=True)
+
+
 GROUP_HELP = {
     "project": "create, list, show and change projects",
     "task": "add, list, show and move tasks",
@@ -1594,6 +3196,12 @@ GROUP_HELP = {
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
 _JSON = arg("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
+
+_SERVE_ARGS = (
+    arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
+    arg("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"),
+    arg("--log", action="store_true", help="print one line per request to stderr"),
+)
 
 COMMANDS: list[Command] = [
     Command(("init",), cmd_init, "create the database and this host's machine id (idempotent)",
@@ -1658,6 +3266,9 @@ COMMANDS: list[Command] = [
     Command(("export",), cmd_export, "write the event log as JSON lines",
             "clare export backup.jsonl\n  clare export | gzip > backup.jsonl.gz",
             (arg("file", nargs="?", help="output file; '-' or none for stdout"),)),
+    Command(("serve",), cmd_serve, "serve the dashboard and the JSON API (alias: web)",
+            "clare serve\n  CLARE_TOKEN=$(cat ~/.clare-token) clare serve --host 0.0.0.0 --port 8765", _SERVE_ARGS),
+    Command(("web",), cmd_serve, "the same as serve", "clare web --port 9000", _SERVE_ARGS),
     Command(("import",), cmd_import, "add the events of a JSON-lines file (idempotent)",
             "clare import backup.jsonl", (arg("file", help="input file; '-' for stdin"),)),
 ]
@@ -1679,6 +3290,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--home", metavar="DIR", help="folder of clare.db and clare.toml (env CLARE_HOME)")
     parser.add_argument("--db", metavar="FILE", help="use this database file")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--remote", metavar="URL",
+                        help="run the command on the Clare server at URL, e.g. http://apricot:8765 (env CLARE_URL; "
+                             "token from CLARE_TOKEN)")
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {
         (): parser.add_subparsers(title="commands", metavar="COMMAND")}
     for cmd in COMMANDS:
