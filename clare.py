@@ -1352,7 +1352,8 @@ class WebConfig:
 
 def hmac_hex(key: str, message: str) -> str:
     """Return HMAC-SHA256 of message under key, as hex."""
-    import hmac  # only the server and the remote client need it
+    import hashlib  # with hmac: only the server and the remote client need them
+    import hmac
 
     return hmac.new(key.encode(), message.encode(), hashlib.sha256).hexdigest()
 
