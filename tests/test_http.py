@@ -1,12 +1,13 @@
 """The JSON API and the HTTP rules, against a real server on 127.0.0.1 port 0."""
 
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -558,3 +559,11 @@ def test_remote_sessions_print_what_local_sessions_print(server, db, cli):
     assert (local.code, local.out) == (remote.code, remote.out) and "api work" in remote.out
     r = cli("--remote", server.url, "pull")
     assert r.code == 2 and "without --remote" in r.err
+
+
+def test_vendored_htmx_is_the_pinned_release():
+    import hashlib
+
+    data = (Path(clare.STATIC_DIR) / "htmx.min.js").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == clare.HTMX_SHA256
+    assert f'version:"{clare.HTMX_VERSION}"'.encode() in data
