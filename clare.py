@@ -3527,6 +3527,18 @@ def check_length(path: str, headers: dict[str, str]) -> int:
     return size
 
 
+def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response:
+    """Return the answer to a refused request: JSON for the API, the message box for htmx, else a page."""
+    extra = err.headers if isinstance(err, HttpError) else ()
+    status = err.http_status
+    if is_api:
+        return Response(status, error_json(status, str(err)), headers=extra)
+    if is_htmx:  # htmx swaps it into the page's message box instead of the fragment it asked for
+        return html_response(flash(str(err)), status=status,
+                             headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
+    return html_response(error_page(status, str(err)), status=status, headers=extra)
+
+
 def _discard_body(h: Any) -> bool:
     """Read and drop a refused request's body if its size passed the limit, so the client sees the answer."""
     # Closing with unread data makes the kernel send RST, and the client may lose our reply.
@@ -3580,15 +3592,7 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         h.close_connection = True  # the client is too slow or gone: nobody to answer
         return
     except ClareError as err:
-        extra = err.headers if isinstance(err, HttpError) else ()
-        status = err.http_status
-        if is_api:
-            resp = Response(status, error_json(status, str(err)), headers=extra)
-        elif headers.get("hx-request") == "true":  # show the reason in the page's message box
-            resp = html_response(flash(str(err)), status=status,
-                                 headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
-        else:
-            resp = html_response(error_page(status, str(err)), status=status, headers=extra)
+        resp = _error_response(err, is_api=is_api, is_htmx=headers.get("hx-request") == "true")
     except Exception:  # noqa: BLE001 - the edge: a bug must cost one 500, not the server
         import traceback
 
