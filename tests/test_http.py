@@ -567,3 +567,11 @@ def test_vendored_htmx_is_the_pinned_release():
     data = (Path(clare.STATIC_DIR) / "htmx.min.js").read_bytes()
     assert hashlib.sha256(data).hexdigest() == clare.HTMX_SHA256
     assert f'version:"{clare.HTMX_VERSION}"'.encode() in data
+
+
+def test_a_port_in_use_is_one_clear_line(run_clare):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run_clare("serve", "--port", str(s.getsockname()[1]))
+    assert r.code == 1 and "cannot listen on 127.0.0.1" in r.err and r.err.count("\n") == 1
