@@ -537,7 +537,7 @@ CREATE TABLE event_refs (                       -- which events name which entit
     PRIMARY KEY (entity_id, hlc, uuid)
 ) WITHOUT ROWID;
 """
-PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs", "sessions")
+PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs", "sessions", "broadcasts", "deliveries")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
 UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 
@@ -547,6 +547,8 @@ SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
 SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
                   "last_activity_at", "label", "tokens")
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
+DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
+MAX_RECIPIENTS = 500
 
 FLEET_SCHEMA = """
 CREATE TABLE sessions (
@@ -566,6 +568,23 @@ CREATE TABLE sessions (
     tokens TEXT, tokens_v TEXT                  -- JSON {input, output, cache_creation, cache_read}
 );
 CREATE INDEX sessions_host ON sessions (host, state);
+CREATE TABLE broadcasts (
+    id TEXT PRIMARY KEY,
+    created_at TEXT, created_at_v TEXT,
+    target TEXT, target_v TEXT,                 -- as the sender named it: project, group:NAME or session:ID
+    text TEXT, text_v TEXT,
+    expires_at TEXT, expires_at_v TEXT          -- after this, an undelivered copy expires instead of arriving
+);
+CREATE TABLE deliveries (                       -- one per broadcast and recipient session
+    id TEXT PRIMARY KEY,                        -- broadcast_id:session_id
+    broadcast_id TEXT, broadcast_id_v TEXT,
+    session_id TEXT, session_id_v TEXT,
+    result TEXT, result_v TEXT,                 -- one of DELIVERY_RESULTS
+    reason TEXT, reason_v TEXT,
+    by_host TEXT, by_host_v TEXT,               -- the host that tried it; NULL until one did
+    updated_at TEXT, updated_at_v TEXT
+);
+CREATE INDEX deliveries_broadcast ON deliveries (broadcast_id);
 CREATE TABLE transcript_cache (                 -- this host's reading of its transcripts: a cache, never synced
     path TEXT PRIMARY KEY,
     session_id TEXT,
@@ -673,6 +692,21 @@ class Session:
 
     def to_json(self) -> dict[str, Any]:
         """Return the session as the JSON object the CLI and API print."""
+        return _as_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    broadcast_id: str
+    session_id: str
+    host: str | None  # the session's host, None when this host has not heard of the session
+    tmux_target: str | None
+    result: str  # one of DELIVERY_RESULTS
+    reason: str
+    updated_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the delivery as the JSON object the CLI and API print."""
         return _as_json(self)
 
 
@@ -930,6 +964,30 @@ def apply_session_gone(cur: sqlite3.Cursor, ev: Event) -> None:
     _lww(cur, "sessions", p["session_id"], _session_fields({**p, "state": "gone"}, ev), ev)
 
 
+@applies("broadcast.sent", {"broadcast_id": _is_id, "target": _is_str, "text": _is_str, "expires_at": _is_str,
+                            "session_ids": lambda v: isinstance(v, list) and len(v) <= MAX_RECIPIENTS
+                            and all(map(_is_id, v))})
+def apply_broadcast_sent(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Immutable once sent; each recipient starts queued, and any receipt (always newer) overrides that."""
+    p = ev.payload  # {broadcast_id, target, text, expires_at, session_ids}
+    _lww(cur, "broadcasts", p["broadcast_id"], {"created_at": ev.created_at, "target": p["target"],
+                                                "text": p["text"], "expires_at": p["expires_at"]}, ev)
+    for sid in p["session_ids"]:
+        _lww(cur, "deliveries", f"{p['broadcast_id']}:{sid}",
+             {"broadcast_id": p["broadcast_id"], "session_id": sid, "result": "queued", "reason": "",
+              "by_host": None, "updated_at": ev.created_at}, ev)
+
+
+@applies("broadcast.delivered", {"broadcast_id": _is_id, "session_id": _is_id,
+                                 "result": _is_one_of(DELIVERY_RESULTS), "reason": _is_str})
+def apply_broadcast_delivered(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins per (broadcast, session): the newest receipt is the result."""
+    p = ev.payload  # {broadcast_id, session_id, result, reason}
+    _lww(cur, "deliveries", f"{p['broadcast_id']}:{p['session_id']}",
+         {"broadcast_id": p["broadcast_id"], "session_id": p["session_id"], "result": p["result"],
+          "reason": p["reason"], "by_host": ev.machine_id, "updated_at": ev.created_at}, ev)
+
+
 _PROJECT_SELECT = """
 SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
        (SELECT json_group_object(status, n) FROM
@@ -1132,6 +1190,27 @@ def save_hook_mark(cur: sqlite3.Cursor, session_id: str, mark: HookMark) -> None
              at_ms = excluded.at_ms
            WHERE excluded.at_ms >= at_ms""",
         (session_id, mark.tmux_socket, mark.pane_id, mark.state, mark.hook_event, mark.at_ms))
+
+
+def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
+    """Return deliveries of one broadcast, or those no host has tried yet for sessions of host `pending_on`."""
+    sql = """SELECT d.broadcast_id, d.session_id, s.host, s.tmux_target, d.result, d.reason, d.updated_at
+               FROM deliveries d LEFT JOIN sessions s ON s.id = d.session_id WHERE 1"""
+    params: list[Any] = []
+    if broadcast_id is not None:
+        sql += " AND d.broadcast_id = ?"
+        params.append(broadcast_id)
+    if pending_on is not None:
+        sql += " AND d.by_host IS NULL AND s.host = ?"
+        params.append(pending_on)
+    return [Delivery(*r) for r in db.conn.execute(sql + " ORDER BY d.updated_at, d.id", params)]
+
+
+def get_broadcast_text(db: Db, broadcast_id: str) -> tuple[str, str] | None:
+    """Return (text, expires_at) of a broadcast, or None if unknown."""
+    row = db.conn.execute("SELECT text, expires_at FROM broadcasts WHERE id = ? AND created_at_v IS NOT NULL",
+                          (broadcast_id,)).fetchone()
+    return (row[0], row[1]) if row else None
 
 
 def list_history(db: Db, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
@@ -1514,6 +1593,82 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
     return events
 
 
+BROADCAST_TTL_MS = 15 * 60 * 1000  # an undelivered broadcast older than this expires instead of arriving late
+COMMAND_PREFIX = "[clare] "  # keeps a text that starts like a command out of Claude's command modes
+COMMAND_CHARS = ("/", "!", "#", "@", "&")
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastResult:
+    broadcast_id: str
+    target: str
+    text: str  # as delivered (normalised, maybe prefixed)
+    deliveries: list[Delivery]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the result as the JSON object the CLI and API print."""
+        return {"broadcast_id": self.broadcast_id, "target": self.target, "text": self.text,
+                "deliveries": [d.to_json() for d in self.deliveries]}
+
+
+def list_broadcast_recipients(db: Db, target: str) -> list[Session]:
+    """Return the live sessions a broadcast target names: a project's open tasks' sessions, a group, one session."""
+    target = _check_text("broadcast target", target, limit=MAX_NAME_CHARS + 8, required=True)
+    kind, _, ref = target.partition(":")
+    if kind == "session" and ref:
+        found = [get_session(db, ref)]
+    elif kind == "group" and ref:
+        found = list_group_sessions(db, ref)
+    else:
+        project = get_project(db, target)
+        by_id = {s.id: s for s in list_sessions(db)}
+        found = []
+        for t in list_tasks(db, project_id=project.id):
+            if t.status != "done" and t.session_id in by_id:
+                found.append(by_id[t.session_id])
+            elif t.status != "done" and t.group_id:
+                found += list_group_sessions(db, t.group_id)
+    unique = {s.id: s for s in found if s.state != "gone"}
+    return sorted(unique.values(), key=lambda s: (s.host, s.tmux_target or "", s.id))
+
+
+def broadcast_text(text: str, *, is_command: bool = False) -> str:
+    """Return the text as it will be typed: LF line ends, no control characters, command marks defused."""
+    text = _check_text("broadcast text", text, limit=MAX_TEXT_CHARS, required=True)
+    text = text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
+    # SECURITY: an ESC could end the bracketed paste early ("\x1b[201~") and type the rest as keys.
+    text = "".join(c for c in text if c in "\n\t" or not (ord(c) < 32 or ord(c) == 127))
+    if not is_command and text.lstrip().startswith(COMMAND_CHARS):
+        text = COMMAND_PREFIX + text
+    return text
+
+
+def start_broadcast(db: Db, target: str, text: str, *, is_command: bool = False,
+                    now_ms: int) -> tuple[str, str, list[Session]]:
+    """Record a broadcast to a target's sessions; return its id, its text and the recipients."""
+    text = broadcast_text(text, is_command=is_command)
+    with write_txn(db) as cur:
+        recipients = list_broadcast_recipients(db, target)
+        if not recipients:
+            raise NotFound(f"broadcast target {target!r} has no live sessions; check with: clare sessions")
+        if len(recipients) > MAX_RECIPIENTS:
+            raise UsageError(f"{len(recipients)} recipients; the limit is {MAX_RECIPIENTS}: pick a smaller target")
+        broadcast_id = new_id()
+        record(db, cur, "broadcast.sent", {"broadcast_id": broadcast_id, "target": target, "text": text,
+                                           "expires_at": iso_ms(now_ms + BROADCAST_TTL_MS),
+                                           "session_ids": [s.id for s in recipients]}, now_ms=now_ms)
+    return broadcast_id, text, recipients
+
+
+def record_delivery(db: Db, broadcast_id: str, session_id: str, *, result: str, reason: str,
+                    now_ms: int) -> Event:
+    """Record this host's receipt for one recipient of a broadcast."""
+    _check_choice("delivery result", result, DELIVERY_RESULTS)
+    with write_txn(db) as cur:
+        return record(db, cur, "broadcast.delivered", {"broadcast_id": broadcast_id, "session_id": session_id,
+                                                       "result": result, "reason": reason[:500]}, now_ms=now_ms)
+
+
 def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertResult, list[str]]:
     """Store the events of JSON lines not yet here; return the result and one reason per bad line."""
     good, bad = [], []
@@ -1566,6 +1721,11 @@ DESCRIBE.update({
     "session.changed": lambda p: f"session {p['session_id'][:SHORT_ID]}: "
                                  + _fields({k: v for k, v in p.items() if k in _OBSERVED_KEYS}, "session_id"),
     "session.gone": lambda p: f"session {p['session_id'][:SHORT_ID]} is gone ({p.get('reason', '')})",
+    "broadcast.sent": lambda p: f"broadcast to {p['target']} ({len(p['session_ids'])} sessions): "
+                                f"{p['text'][:60]!r}",
+    "broadcast.delivered": lambda p: f"broadcast {p['broadcast_id'][:SHORT_ID]} to session "
+                                     f"{p['session_id'][:SHORT_ID]}: {p['result']}"
+                                     + (f" ({p['reason']})" if p.get("reason") else ""),
     "update.posted": lambda p: f"{p['source']} update" + (f" on task {p['task_id'][:SHORT_ID]}"
                                                          if p.get("task_id") else "") + f": {p['text'][:80]}",
 })
@@ -1598,6 +1758,7 @@ SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
     create_task, edit_task, get_task, list_tasks, assign_task, unassign_task,
     create_group, remove_group, get_group, list_groups,
     get_session, list_sessions, list_group_sessions, get_pane_session, observe_sessions, report_hook,
+    list_broadcast_recipients, list_deliveries,
     post_update, list_updates, list_history, list_events, import_events, replay, count_events,
 )}
 
@@ -2178,6 +2339,7 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, env: dict[str, st
     observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env),
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
     events = observe_sessions(db, observations, keep_sockets=unreachable, now_ms=now_ms)
+    deliver_pending(db, now_ms=now_ms)
     text = canonical_json([p.to_json() for p in ambiguous])
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
         with write_txn(db) as cur:
@@ -2396,7 +2558,141 @@ def hooks_status(path: str, command: str) -> dict[str, str]:
     return status
 
 
-SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes)})
+BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
+BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
+BROADCAST_ENTER_TRIES = 3
+
+
+def send_broadcast(db: Db, target: str, text: str, *, now_ms: int, is_command: bool = False,
+                   confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
+    """Send a text to every live session of a target; type it into this host's panes now.
+
+    Sessions of other hosts get it when their host next pulls (DESIGN §5): queued until then.
+    Every result is recorded as a broadcast.delivered event, and returned.
+    """
+    broadcast_id, text, recipients = start_broadcast(db, target, text, is_command=is_command, now_ms=now_ms)
+    started = time.monotonic()
+    for s in recipients:
+        if s.host == db.machine_id:
+            result, reason = deliver_text(db, s, text, confirm_s=confirm_s)
+            record_delivery(db, broadcast_id, s.id, result=result, reason=reason,
+                            now_ms=now_ms + int((time.monotonic() - started) * 1000))
+    return BroadcastResult(broadcast_id, target, text, list_deliveries(db, broadcast_id=broadcast_id))
+
+
+def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM_S) -> list[Delivery]:
+    """Deliver the broadcasts other hosts sent to this host's sessions; expire the stale ones."""
+    done = []
+    sessions = {s.id: s for s in list_sessions(db, host=db.machine_id, include_gone=True)}
+    for d in list_deliveries(db, pending_on=db.machine_id):
+        text, expires_at = get_broadcast_text(db, d.broadcast_id) or ("", "")
+        if (_iso_to_ms(expires_at) or 0) < now_ms:
+            result, reason = "expired", f"not delivered before {expires_at}"
+        else:
+            result, reason = deliver_text(db, sessions[d.session_id], text, confirm_s=confirm_s)
+        record_delivery(db, d.broadcast_id, d.session_id, result=result, reason=reason, now_ms=now_ms)
+        done.append(dataclasses.replace(d, result=result, reason=reason))
+    return done
+
+
+def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tuple[str, str]:
+    """Type a text into a session's tmux pane as one paste and an Enter; return (result, reason).
+
+    Never into a pane that does not run Claude (a shell would run the text) and never while a
+    permission dialog shows (Enter would approve it). The text goes through a tmux buffer loaded
+    from stdin, never through a shell, so it arrives literally.
+    """
+    if session.state == "gone":
+        return "refused", "the session is gone"
+    if session.pane_id is None or session.tmux_socket is None:
+        return "refused", "the session does not run in a tmux pane"
+    pane = next((p for p in list_panes(session.tmux_socket) or () if p.pane_id == session.pane_id), None)
+    if pane is None:
+        return "refused", f"tmux pane {session.pane_id} is gone"
+    procs = read_procs()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    claude_pid = find_claude(pane.pid, children, proc_argv)
+    if claude_pid is None:
+        return "refused", f"pane {pane.pane_id} does not run Claude now; a shell would run the text"
+    entry = read_registry(claude_home(), procs).get(claude_pid)
+    if entry is not None and entry["sessionId"] != session.id:
+        return "refused", f"pane {pane.pane_id} now runs another session ({entry['sessionId'][:SHORT_ID]})"
+    if pane.in_mode:
+        run_tmux(pane.socket, "send-keys", "-t", pane.pane_id, "-X", "cancel")
+    refusal = _dialog_refusal(db, session, pane)
+    if refusal:
+        return "refused", refusal
+    name = f"clare-{uuid.uuid4().hex}"  # buffer names are server-wide
+    for args, stdin in ((("load-buffer", "-b", name, "-"), text),
+                        (("paste-buffer", "-p", "-r", "-d", "-b", name, "-t", pane.pane_id), None)):
+        p = run_tmux(pane.socket, *args, input_text=stdin)
+        if p.returncode != 0:
+            run_tmux(pane.socket, "delete-buffer", "-b", name)
+            return "failed", f"tmux {args[0]}: {(p.stderr.strip().splitlines() or ['failed'])[0]}"
+    was_working = session.state == "working"
+    for _ in range(BROADCAST_ENTER_TRIES):
+        time.sleep(BROADCAST_PAUSE_S)
+        refusal = _dialog_refusal(db, session, pane)
+        if refusal:  # a dialog opened after the paste: leave the text in the composer
+            return "refused", refusal + "; the text waits in the composer"
+        sent_ms = now_ms()
+        run_tmux(pane.socket, "send-keys", "-t", pane.pane_id, "Enter")
+        if _wait_for_prompt(db, session, text, since_ms=sent_ms, timeout_s=confirm_s):
+            return "delivered", ""
+        if was_working:
+            return "queued", "Claude is busy; it takes the text after this turn"
+    return "failed", f"Claude did not take the text after {BROADCAST_ENTER_TRIES} Enters"
+
+
+def _dialog_refusal(db: Db, session: Session, pane: Pane) -> str | None:
+    screen = capture_pane(pane)
+    if screen is None or shows_permission_dialog(screen):
+        return "needs permission: a dialog is open (Enter would approve it)"
+    # The hook is the dependable signal when the screen text changes between versions: a
+    # permission report counts until the transcript moves on after it.
+    mark = list_hook_marks(db, session_id=session.id).get(session.id)
+    if mark and mark.state == "permission":
+        path = find_transcript(claude_home(), session.cwd, session.id)
+        with contextlib.suppress(OSError):
+            if path is None or os.stat(path).st_mtime_ns // 1_000_000 < mark.at_ms:
+                return "needs permission: Claude asked for it and has not moved on since"
+    return None
+
+
+def _wait_for_prompt(db: Db, session: Session, text: str, *, since_ms: int, timeout_s: float) -> bool:
+    """Wait until the UserPromptSubmit hook or the transcript shows that Claude took the text."""
+    path = find_transcript(claude_home(), session.cwd, session.id)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        mark = list_hook_marks(db, session_id=session.id).get(session.id)
+        if mark and mark.hook_event == "UserPromptSubmit" and mark.at_ms >= since_ms - 1000:
+            return True
+        if path is None:
+            path = find_transcript(claude_home(), session.cwd, session.id)
+        if path and _transcript_has_prompt(path, text, since_ms=since_ms - 1000):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _transcript_has_prompt(path: str, text: str, *, since_ms: int) -> bool:
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - TAIL_BLOCK_BYTES))
+        lines = f.read().split(b"\n")
+    for raw in reversed(lines):
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            obj = json.loads(raw)
+            if obj.get("type") == "user" and (_iso_to_ms(obj.get("timestamp")) or 0) >= since_ms:
+                if _text_of(obj["message"].get("content")).strip() == text.strip():
+                    return True
+    return False
+
+
+SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes, send_broadcast)})
 
 
 # ==========================================================================
@@ -2748,6 +3044,24 @@ def cmd_hooks_status(args: argparse.Namespace, ctx: Context) -> None:
         f"{n_spooled} reports wait in {folder} for the next 'clare pull'" if n_spooled else "spool: empty"]))
 
 
+def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
+    """Type a text into every live session of a project, a group or one session."""
+    text = " ".join(args.text)
+    if not args.yes:
+        recipients = ctx.svc.list_broadcast_recipients(args.target)
+        print(f"{len(recipients)} recipients:\n" + format_sessions(recipients), file=sys.stderr)
+        if not sys.stdin.isatty():
+            raise UsageError(f"no terminal to confirm on; add --yes to send to these {len(recipients)} sessions")
+        if input("send? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("not sent", file=sys.stderr)
+            return 1
+    result = ctx.svc.send_broadcast(args.target, text, is_command=args.command)
+    emit(ctx, result, lambda: f"broadcast {result.broadcast_id[:SHORT_ID]} to {result.target}:\n" + table(
+        ("SESSION", "HOST", "TMUX", "RESULT", "REASON"),
+        ((d.session_id[:SHORT_ID], d.host, d.tmux_target or "-", d.result, d.reason) for d in result.deliveries)))
+    return 0 if all(d.result in ("delivered", "queued") for d in result.deliveries) else 1
+
+
 def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
     """Show the roll-up: task counts per project."""
     projects = ctx.svc.list_projects()
@@ -2882,6 +3196,14 @@ COMMANDS: list[Command] = [
             "clare hooks uninstall"),
     Command(("hooks", "status"), cmd_hooks_status, "show which Claude Code hook events run Clare",
             "clare hooks status --json"),
+    Command(("broadcast",), cmd_broadcast, "type a text into the Claude sessions of a project, group or session",
+            'clare broadcast alpha --yes -- "run the tests and commit"\n  clare broadcast group:backend -- "pull main"'
+            '\n  clare broadcast session:7c1e9b --yes --command -- "/compact"',
+            (arg("target", help="project name or id, group:NAME or session:ID"),
+             arg("text", nargs="+", help="the text (after --); several words are joined by spaces"),
+             arg("--yes", action="store_true", help="send without asking (needed without a terminal)"),
+             arg("--command", action="store_true",
+                 help="let a leading / ! # @ & reach Claude as a command (otherwise it is prefixed)"))),
     Command(("sessions",), cmd_sessions, "list Claude sessions: host, tmux target, state, activity, task",
             "clare sessions\n  clare sessions --all --json",
             (arg("--all", action="store_true", help="also sessions that are gone"),)),

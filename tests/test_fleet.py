@@ -51,6 +51,11 @@ def test_state_follows_the_turn_and_is_recorded_only_on_change(tmux, cli, db, tm
     assert pull(cli)["changed"] == 1
     assert cli("--json", "sessions").json()[0]["state"] == "working"
     assert pull(cli)["events"] == 0
+    tmux.run("send-keys", "-t", pane, "Escape")  # an interrupt: no hook fires, the transcript shows it
+    wait_for(lambda: "interrupted" in next((tmux.claude_dir / "projects").glob("*/*.jsonl")).read_text(),
+             what="the interrupt marker")
+    pull(cli)
+    assert cli("--json", "sessions").json()[0]["state"] == "waiting"
     tmux.type_prompt(pane, "thanks")
     wait_for(lambda: len(tmux.received()) == 2, what="the second prompt")
     pull(cli)
@@ -385,3 +390,122 @@ def test_installed_hooks_run_by_claude_record_state_before_any_pull(tmux, cli, d
     pull(cli)
     [s] = clare.list_sessions(db)
     assert s.state == "permission" and s.tmux_target == "work:0.0"
+
+
+# --- broadcast ---------------------------------------------------------------------------------------
+
+HOSTILE = ("it's \"quoted\" $(touch {marker}) `touch {marker}`; touch {marker} & echo ünïcödé ✓ 'single'\n"
+           "second line \\ with a backslash\n\tindented third; exit")
+
+
+def test_broadcast_types_hostile_multiline_text_literally(tmux, cli, db, tmp_path):
+    pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    marker = tmp_path / "pwned"
+    text = HOSTILE.format(marker=marker)
+    r = cli("--json", "broadcast", f"session:{s['id'][:8]}", "--yes", "--", text)
+    assert r.code == 0, r.err
+    [d] = r.json()["deliveries"]
+    assert (d["result"], d["session_id"], d["tmux_target"]) == ("delivered", s["id"], "work:0.0")
+    assert [x["prompt"] for x in tmux.received()] == [text]
+    assert not marker.exists()
+    results = [ev.payload["result"] for ev in clare.iter_events(db) if ev.event_type == "broadcast.delivered"]
+    assert results == ["delivered"]
+    assert "clare-" not in tmux.run("list-buffers")  # the named buffer was dropped
+    assert tmux.capture(pane)  # the pane still runs
+
+
+def test_broadcast_crlf_and_command_marks_are_normalised(tmux, cli, tmp_path):
+    tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    cli("broadcast", f"session:{s['id']}", "--yes", "--", "/clear\r\nnow\x1b[201~ typed")
+    cli("broadcast", f"session:{s['id']}", "--yes", "--command", "--", "/compact")
+    assert [x["prompt"] for x in tmux.received()] == ["[clare] /clear\nnow[201~ typed", "/compact"]
+
+
+def test_broadcast_is_refused_while_a_permission_dialog_shows(tmux, cli, db, tmp_path):
+    pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    tmux.type_prompt(pane, "perm")
+    wait_for(lambda: "Do you want to proceed?" in tmux.capture(pane), what="the dialog")
+    [s] = pull(cli)["sessions"]
+    r = cli("--json", "broadcast", f"session:{s['id']}", "--yes", "--", "go on")
+    assert r.code == 1
+    [d] = r.json()["deliveries"]
+    assert d["result"] == "refused" and "permission" in d["reason"]
+    assert not any(x.get("approved") for x in tmux.received())
+    assert "go on" not in tmux.capture(pane)
+
+
+def test_broadcast_is_refused_when_the_pane_no_longer_runs_claude(tmux, cli, tmp_path):
+    import shlex
+    import sys
+    from conftest import FAKE_CLAUDE
+    line = (f"(exec -a claude {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_CLAUDE))}); "
+            "exec bash --norc --noprofile")
+    pane = tmux.spawn("bash", "-c", line, cwd=tmp_path / "proj", name="work")
+    wait_for(lambda: "fake claude" in tmux.capture(pane), what="fake claude")
+    [s] = pull(cli)["sessions"]
+    os.kill(s["pid"], 15)
+    wait_for(lambda: not list((tmux.claude_dir / "sessions").glob("*.json")), what="claude to exit")
+    marker = tmp_path / "ran"
+    r = cli("--json", "broadcast", f"session:{s['id']}", "--yes", "--", f"touch {marker}")
+    [d] = r.json()["deliveries"]
+    assert r.code == 1 and d["result"] == "refused" and "does not run Claude" in d["reason"]
+    assert not marker.exists()
+
+
+def test_broadcast_to_a_project_reaches_its_sessions_and_asks_first(tmux, cli, db, tmp_path):
+    tmux.spawn_claude(cwd=tmp_path / "srv" / "api", name="api")
+    tmux.spawn_claude(cwd=tmp_path / "srv" / "web", name="web")
+    tmux.spawn_claude(cwd=tmp_path / "other", name="other")
+    pull(cli)
+    by_target = {s.tmux_target: s for s in clare.list_sessions(db)}
+    cli("project", "new", "alpha")
+    t1 = cli("--json", "task", "add", "alpha", "api").json()["id"]
+    t2 = cli("--json", "task", "add", "alpha", "web").json()["id"]
+    cli("assign", t1, by_target["api:0.0"].id)
+    cli("group", "add", "webs", "--cwd", "/srv/web")
+    cli("assign", t2, "--group", "webs")
+    n_events = clare.count_events(db)
+    r = cli("broadcast", "alpha", "--", "run the tests")  # no terminal here, no --yes
+    assert r.code == 2 and "add --yes" in r.err and "api:0.0" in r.err and "other:0.0" not in r.err
+    assert clare.count_events(db) == n_events and tmux.received() == []
+    r = cli("--json", "broadcast", "alpha", "--yes", "--", "run the tests")
+    assert r.code == 0
+    assert sorted(d["tmux_target"] for d in r.json()["deliveries"]) == ["api:0.0", "web:0.0"]
+    assert len(tmux.received()) == 2 and {x["prompt"] for x in tmux.received()} == {"run the tests"}
+
+
+def test_broadcast_to_a_busy_session_is_queued(tmux, cli, db, tmp_path):
+    pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    tmux.type_prompt(pane, "work")
+    wait_for(lambda: tmux.received(), what="the work prompt")
+    [s] = pull(cli)["sessions"]
+    assert s["state"] == "working"
+    result = clare.send_broadcast(db, f"session:{s['id']}", "after this, commit", now_ms=clare.now_ms(),
+                                  confirm_s=0.5)
+    [d] = result.deliveries
+    assert d.result == "queued" and "busy" in d.reason
+    assert tmux.received()[-1] == {"session_id": s["id"], "queued": "after this, commit"}
+
+
+def test_broadcast_from_another_host_is_delivered_by_the_owner_on_pull_unless_expired(tmux, cli, db, tmp_path):
+    tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    now = clare.now_ms()
+
+    def sent(text: str, expires_ms: int) -> str:
+        return json.dumps({"uuid": str(__import__("uuid").uuid4()),
+                           "hlc": f"{now:013d}.000000.otherhost", "machine_id": "otherhost",
+                           "event_type": "broadcast.sent", "created_at": clare.iso_ms(now),
+                           "payload": {"broadcast_id": clare.new_id(), "target": f"session:{s['id']}",
+                                       "text": text, "expires_at": clare.iso_ms(expires_ms),
+                                       "session_ids": [s["id"]]}})
+    (tmp_path / "in.jsonl").write_text(sent("from afar", now + 60_000) + "\n" + sent("too old", now - 1) + "\n")
+    assert cli("import", str(tmp_path / "in.jsonl")).code == 0
+    assert {d.result for d in clare.list_deliveries(db)} == {"queued"}
+    pull(cli)
+    assert [x["prompt"] for x in tmux.received()] == ["from afar"]
+    assert sorted(d.result for d in clare.list_deliveries(db)) == ["delivered", "expired"]
+    pull(cli)
+    assert len(tmux.received()) == 1  # delivered once
