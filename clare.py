@@ -1213,6 +1213,13 @@ def get_broadcast_text(db: Db, broadcast_id: str) -> tuple[str, str] | None:
     return (row[0], row[1]) if row else None
 
 
+def last_update_text(db: Db, *, session_id: str, source: str) -> str | None:
+    """Return the text of a session's newest update of one source."""
+    row = db.conn.execute("SELECT text FROM updates WHERE session_id = ? AND source = ? ORDER BY hlc DESC LIMIT 1",
+                          (session_id, source)).fetchone()
+    return row[0] if row else None
+
+
 def list_history(db: Db, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
     """Return the newest events that name any of these entities, oldest first."""
     marks = ",".join("?" * len(entity_ids))
@@ -1593,6 +1600,54 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
     return events
 
 
+@dataclass(frozen=True, slots=True)
+class ProjectStatus:
+    project: Project
+    tokens: dict[str, int]  # usage of the sessions working on its open tasks, summed
+    n_sessions: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the project with its roll-up, as the CLI and API print it."""
+        return {**self.project.to_json(), "tokens": self.tokens, "n_sessions": self.n_sessions}
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    projects: list[ProjectStatus]
+    sessions: list[Session]
+    tasks: dict[str, Task]  # the sessions' tasks, by id
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the roll-up as the JSON object the CLI and API print."""
+        return {"projects": [p.to_json() for p in self.projects], "sessions": [s.to_json() for s in self.sessions]}
+
+
+def get_status(db: Db, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
+    """Return the roll-up: per project its task counts and tokens, per live session its task and state.
+
+    A session's tokens count for the task it works on now (its most urgent open one), so each
+    session counts once; a project sums its tasks.
+    """
+    if project_ref is not None and group_ref is not None:
+        raise UsageError("give --project or --group, not both")
+    sessions = list_group_sessions(db, group_ref) if group_ref is not None else list_sessions(db)
+    tasks = {t.id: t for t in list_assigned_tasks(db)}
+    if project_ref is not None:
+        project = get_project(db, project_ref)
+        projects = [project]
+        sessions = [s for s in sessions if s.task_id in tasks and tasks[s.task_id].project_id == project.id]
+    elif group_ref is not None:
+        wanted = {tasks[s.task_id].project_id for s in sessions if s.task_id in tasks}
+        projects = [p for p in list_projects(db) if p.id in wanted]
+    else:
+        projects = list_projects(db)
+    rollups = []
+    for p in projects:
+        mine = [s for s in sessions if s.task_id in tasks and tasks[s.task_id].project_id == p.id]
+        rollups.append(ProjectStatus(p, {k: sum(s.tokens.get(k, 0) for s in mine) for k in TOKEN_KINDS}, len(mine)))
+    return StatusReport(rollups, sessions, {s.task_id: tasks[s.task_id] for s in sessions if s.task_id in tasks})
+
+
 BROADCAST_TTL_MS = 15 * 60 * 1000  # an undelivered broadcast older than this expires instead of arriving late
 COMMAND_PREFIX = "[clare] "  # keeps a text that starts like a command out of Claude's command modes
 COMMAND_CHARS = ("/", "!", "#", "@", "&")
@@ -1758,7 +1813,7 @@ SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
     create_task, edit_task, get_task, list_tasks, assign_task, unassign_task,
     create_group, remove_group, get_group, list_groups,
     get_session, list_sessions, list_group_sessions, get_pane_session, observe_sessions, report_hook,
-    list_broadcast_recipients, list_deliveries,
+    list_broadcast_recipients, list_deliveries, get_status,
     post_update, list_updates, list_history, list_events, import_events, replay, count_events,
 )}
 
@@ -1815,6 +1870,8 @@ class PullResult:
     events: list[Event]  # what changed, as recorded
     ambiguous: list[Pane]  # Claude panes whose session cannot be told apart from another's
     unreachable: list[str]  # tmux sockets that did not answer: their sessions are kept as they were
+    updates: list[Update]  # pane tails and triage notes stored by this pull
+    warnings: list[str]  # adapters and commands that failed; the pull went on without them
 
 
 def claude_home(env: dict[str, str] | None = None) -> str:
@@ -1896,9 +1953,9 @@ def list_panes(socket: str) -> list[Pane] | None:
     return parse_panes(p.stdout, socket=socket)
 
 
-def capture_pane(pane: Pane, *, lines: int = SCREEN_LINES) -> str | None:
+def capture_pane(socket: str, pane_id: str, *, lines: int = SCREEN_LINES) -> str | None:
     """Return the last lines of a pane's screen, or None when tmux cannot show it."""
-    p = run_tmux(pane.socket, "capture-pane", "-p", "-J", "-t", pane.pane_id, "-S", f"-{lines}")
+    p = run_tmux(socket, "capture-pane", "-p", "-J", "-t", pane_id, "-S", f"-{lines}")
     return p.stdout if p.returncode == 0 else None
 
 
@@ -2227,14 +2284,15 @@ def derive_state(*, turn: str | None, turn_ms: int | None, registry: str | None,
     return state
 
 
-def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int
-                 ) -> tuple[list[Observation], list[Pane], list[str]]:
+def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
+                 rclaude: dict[str, str] | None = None) -> tuple[list[Observation], list[Pane], list[str]]:
     """Look at this host's tmux panes, processes and Claude files; return sessions, ambiguous panes, failed sockets.
 
     Pane to session, strongest evidence first: Claude's registry entry of the pane's Claude
-    process; the pane Clare's hook recorded; --session-id/--resume; the newest transcript of the
-    cwd, only when no other Claude pane shares that cwd.
+    process; the pane Clare's hook recorded; --session-id/--resume; rclaude's word (tmux target
+    -> session id); the newest transcript of the cwd, only when no other Claude pane shares that cwd.
     """
+    rclaude = rclaude or {}
     procs = read_procs()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in procs.items():
@@ -2270,7 +2328,7 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int
         hook = hooked.get((pane.socket, pane.pane_id)) or hooked.get((None, pane.pane_id))
         sid = ((registry.get(pid) or {}).get("sessionId")
                or (hook[1] if hook and hook[0] >= started_ms - 2000 else None)
-               or session_id_from_argv(argv_of(pid)))
+               or session_id_from_argv(argv_of(pid)) or rclaude.get(pane.target))
         if sid:
             found.append((sid, pane, pid))
         else:
@@ -2315,7 +2373,7 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         if reading is not None and reading is not cache.get(path):
             fresh.append((path, sid, *reading))
         info = reading[2] if reading else {}
-        screen = capture_pane(pane) if pane else None
+        screen = capture_pane(pane.socket, pane.pane_id) if pane else None
         mark = marks.get(sid)
         state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=entry.get("status"),
                              registry_ms=entry.get("statusUpdatedAt"), hook=mark and mark.state,
@@ -2331,12 +2389,19 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
     return observations
 
 
-def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, env: dict[str, str] | None = None) -> PullResult:
-    """Look at this host's Claude sessions and record what changed (nothing when nothing did)."""
+def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = False,
+               env: dict[str, str] | None = None) -> PullResult:
+    """Look at this host's Claude sessions and record what changed (nothing when nothing did).
+
+    Also: ingest spooled hook reports, deliver other hosts' broadcasts, and with `tails` store
+    each assigned pane's last lines (and the triage command's reading of them) when they changed.
+    """
     ingest_spool(db, now_ms=now_ms)
     fleet = config.get("fleet", {})
     idle_after_ms = int(fleet.get("idle_after_s", DEFAULT_IDLE_AFTER_S) * 1000)
-    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env),
+    warnings: list[str] = []
+    rclaude = read_rclaude(config.get("rclaude", {}), machine_id=db.machine_id, warnings=warnings)
+    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env), rclaude=rclaude,
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
     events = observe_sessions(db, observations, keep_sockets=unreachable, now_ms=now_ms)
     deliver_pending(db, now_ms=now_ms)
@@ -2344,7 +2409,87 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, env: dict[str, st
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
         with write_txn(db) as cur:
             set_meta(cur, "ambiguous_panes", text)
-    return PullResult(observations, events, ambiguous, unreachable)
+    updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
+    return PullResult(observations, events, ambiguous, unreachable, updates, warnings)
+
+
+RCLAUDE_TIMEOUT_S = 10
+TRIAGE_TIMEOUT_S = 60
+TAIL_LINES = 40
+
+
+def read_rclaude(section: dict[str, Any], *, machine_id: str, warnings: list[str]) -> dict[str, str]:
+    """Run the optional rclaude adapter; return this host's tmux target -> session id.
+
+    Contract: `sessions_command` prints JSON lines `{uuid, cwd, host, tmux_target, last_seen_ms}`,
+    one per session; lines of other hosts and lines that do not fit are skipped.
+    """
+    import shlex
+    import subprocess
+
+    command = section.get("sessions_command")
+    if not command:
+        return {}
+    try:
+        p = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=RCLAUDE_TIMEOUT_S)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as err:
+        warnings.append(f"rclaude sessions_command failed: {err}")
+        return {}
+    if p.returncode != 0:
+        warnings.append(f"rclaude sessions_command exited {p.returncode}: {p.stderr.strip()[:200]}")
+    return parse_rclaude(p.stdout, hosts=(machine_id, default_machine_id()))
+
+
+def parse_rclaude(text: str, *, hosts: tuple[str, ...]) -> dict[str, str]:
+    """Parse rclaude's JSON lines into tmux target -> session id for the sessions of `hosts`."""
+    found = {}
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError, AttributeError):
+            obj = json.loads(line)
+            host = str(obj.get("host") or "").split(".")[0].lower()
+            if (not host or host in hosts) and UUID_RE.match(obj.get("uuid", "")) and obj.get("tmux_target"):
+                found[str(obj["tmux_target"])] = obj["uuid"]
+    return found
+
+
+def post_pane_tails(db: Db, *, triage: dict[str, Any], now_ms: int, warnings: list[str]) -> list[Update]:
+    """Store the last lines of each assigned pane of this host as a pane-tail update when they changed.
+
+    With `[triage] command`, that command reads the tail on stdin and its stdout becomes a triage update.
+    """
+    posted = []
+    for s in list_sessions(db, host=db.machine_id):
+        if s.task_id is None or s.pane_id is None or s.tmux_socket is None:
+            continue
+        screen = capture_pane(s.tmux_socket, s.pane_id, lines=TAIL_LINES)
+        tail = "\n".join(line.rstrip() for line in (screen or "").splitlines()).strip("\n")[-MAX_TEXT_CHARS:]
+        if not tail.strip() or tail == last_update_text(db, session_id=s.id, source="pane-tail"):
+            continue
+        posted.append(post_update(db, tail, task_ref=s.task_id, session_id=s.id, source="pane-tail", now_ms=now_ms))
+        verdict = run_triage(triage.get("command"), tail, warnings=warnings)
+        if verdict:
+            posted.append(post_update(db, verdict, task_ref=s.task_id, session_id=s.id, source="triage",
+                                      now_ms=now_ms))
+    return posted
+
+
+def run_triage(command: str | None, tail: str, *, warnings: list[str]) -> str | None:
+    """Run the triage command on a pane tail; return its verdict, or None."""
+    import shlex
+    import subprocess
+
+    if not command:
+        return None
+    try:
+        p = subprocess.run(shlex.split(command), input=tail, capture_output=True, text=True,
+                           timeout=TRIAGE_TIMEOUT_S)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as err:
+        warnings.append(f"triage command failed: {err}")
+        return None
+    if p.returncode != 0:
+        warnings.append(f"triage command exited {p.returncode}: {p.stderr.strip()[:200]}")
+        return None
+    return p.stdout.strip()[:MAX_TEXT_CHARS] or None
 
 
 def list_ambiguous_panes(db: Db) -> list[Pane]:
@@ -2647,7 +2792,7 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
 
 
 def _dialog_refusal(db: Db, session: Session, pane: Pane) -> str | None:
-    screen = capture_pane(pane)
+    screen = capture_pane(pane.socket, pane.pane_id)
     if screen is None or shows_permission_dialog(screen):
         return "needs permission: a dialog is open (Enter would approve it)"
     # The hook is the dependable signal when the screen text changes between versions: a
@@ -2989,17 +3134,20 @@ def format_sessions(sessions: list[Session], ambiguous: list[Pane] = ()) -> str:
 
 def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
     """Look at this host's Claude sessions and record what changed."""
-    result = ctx.svc.pull_fleet(config=load_config(ctx.paths.config))
+    result = ctx.svc.pull_fleet(config=load_config(ctx.paths.config), tails=args.tails)
     sessions = ctx.svc.list_sessions(host=ctx.db.machine_id)
     counts = {t: sum(ev.event_type == f"session.{t}" for ev in result.events) for t in ("appeared", "changed", "gone")}
-    value = {"sessions": sessions, "events": len(result.events), **counts,
-             "ambiguous": result.ambiguous, "unreachable": result.unreachable}
+    value = {"sessions": sessions, "events": len(result.events), **counts, "ambiguous": result.ambiguous,
+             "unreachable": result.unreachable, "updates": result.updates, "warnings": result.warnings}
+    for warning in result.warnings:
+        print(f"clare: warning: {warning}", file=sys.stderr)
 
     def text() -> str:
         head = (f"{len(result.observations)} sessions here: {counts['appeared']} appeared, "
                 f"{counts['changed']} changed, {counts['gone']} gone")
         warn = [f"tmux server {s} did not answer; its sessions keep their last state" for s in result.unreachable]
-        return "\n".join([head, *warn, format_sessions(sessions, result.ambiguous)])
+        notes = [f"stored {len(result.updates)} pane tails and triage notes"] if args.tails else []
+        return "\n".join([head, *warn, *notes, format_sessions(sessions, result.ambiguous)])
     emit(ctx, value, text)
 
 
@@ -3062,15 +3210,27 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
     return 0 if all(d.result in ("delivered", "queued") for d in result.deliveries) else 1
 
 
+def _tokens(tokens: dict[str, int]) -> str:
+    total = sum(tokens.values())
+    return "-" if not total else f"{total / 1e6:.1f}M" if total >= 1e6 else f"{total / 1e3:.1f}k" \
+        if total >= 1e3 else str(total)
+
+
 def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
-    """Show the roll-up: task counts per project."""
-    projects = ctx.svc.list_projects()
-    if args.project:
-        projects = [ctx.svc.get_project(args.project)]
-    emit(ctx, {"projects": projects}, lambda: table(
-        ("PROJECT", "STATUS", "TODO", "DOING", "BLOCKED", "DONE"),
-        ((p.name, p.status, *(p.task_counts[s] for s in TASK_STATUSES)) for p in projects))
-        if projects else "no projects")
+    """Show the roll-up: per project task counts and tokens, per session its task and state."""
+    report = ctx.svc.get_status(project_ref=args.project, group_ref=args.group)
+
+    def text() -> str:
+        now = now_ms()
+        projects = table(("PROJECT", "STATUS", "TODO", "DOING", "BLOCKED", "DONE", "SESSIONS", "TOKENS"), (
+            (r.project.name, r.project.status, *(r.project.task_counts[s] for s in TASK_STATUSES), r.n_sessions,
+             _tokens(r.tokens)) for r in report.projects)) if report.projects else "no projects"
+        sessions = table(("SESSION", "HOST", "TMUX", "STATE", "ACTIVE", "TOKENS", "TASK"), (
+            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(s.last_activity_at, now), _tokens(s.tokens),
+             f"{s.task_id[:SHORT_ID]} {_short(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
+             else "-") for s in report.sessions)) if report.sessions else "no live sessions"
+        return f"{projects}\n\n{sessions}"
+    emit(ctx, report, text)
 
 
 def cmd_log(args: argparse.Namespace, ctx: Context) -> None:
@@ -3187,7 +3347,9 @@ COMMANDS: list[Command] = [
             (arg("task", metavar="TASK|TEXT", help="task id or unique prefix; inside a Claude pane just the text"),
              arg("text", nargs="?"))),
     Command(("pull",), cmd_pull, "look at this host's Claude sessions and record what changed",
-            "clare pull\n  clare pull --json", ()),
+            "clare pull\n  clare pull --tails --json",
+            (arg("--tails", action="store_true",
+                 help="also store each assigned pane's last lines (and [triage] command's note) when changed"),)),
     Command(("hook",), cmd_hook, "what Claude Code runs on a hook event (JSON on stdin; always exits 0)",
             "echo '{\"session_id\": \"…\", \"hook_event_name\": \"Stop\"}' | clare hook"),
     Command(("hooks", "install"), cmd_hooks_install, "add Clare's hooks to ~/.claude/settings.json (idempotent)",
@@ -3207,8 +3369,9 @@ COMMANDS: list[Command] = [
     Command(("sessions",), cmd_sessions, "list Claude sessions: host, tmux target, state, activity, task",
             "clare sessions\n  clare sessions --all --json",
             (arg("--all", action="store_true", help="also sessions that are gone"),)),
-    Command(("status",), cmd_status, "the roll-up: task counts per project",
-            "clare status --project alpha", (arg("--project", help="name or id prefix"),)),
+    Command(("status",), cmd_status, "the roll-up: per project task counts and tokens, per session its task",
+            "clare status --project alpha\n  clare status --group backend --json",
+            (arg("--project", help="name or id prefix"), arg("--group", help="group name or id prefix"))),
     Command(("log",), cmd_log, "print the newest events, newest last", "clare log --limit 20",
             (arg("--limit", type=int, default=50),)),
     Command(("replay",), cmd_replay, "rebuild every projection from the event log", "clare replay"),

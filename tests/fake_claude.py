@@ -1,7 +1,7 @@
 """A stand-in for Claude Code in a tmux pane: registry entry, transcript, hooks, bracketed paste.
 
 Start it as `exec -a claude <python> fake_claude.py [--session-id ID] [--no-registry] [--greet]`
-under bash, so that argv[0] is `claude` as for the real program. It writes what it receives
+under bash (FAKE_CLAUDE_SESSION_ID in the environment sets the id without a flag), so that argv[0] is `claude` as for the real program. It writes what it receives
 (one JSON line per submitted prompt, and any Enter that would approve its permission dialog)
 to $CLAUDE_CONFIG_DIR (or ~/.claude)/fake-received.jsonl.
 
@@ -34,7 +34,8 @@ def iso_now() -> str:
 
 class Fake:
     def __init__(self, argv: list[str]):
-        self.session_id = argv[argv.index("--session-id") + 1] if "--session-id" in argv else str(uuid.uuid4())
+        self.session_id = (argv[argv.index("--session-id") + 1] if "--session-id" in argv
+                           else os.environ.get("FAKE_CLAUDE_SESSION_ID") or str(uuid.uuid4()))
         self.has_registry = "--no-registry" not in argv
         self.cwd = os.getcwd()
         slug = re.sub(r"[^A-Za-z0-9]", "-", self.cwd)

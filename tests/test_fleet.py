@@ -509,3 +509,85 @@ def test_broadcast_from_another_host_is_delivered_by_the_owner_on_pull_unless_ex
     assert sorted(d.result for d in clare.list_deliveries(db)) == ["delivered", "expired"]
     pull(cli)
     assert len(tmux.received()) == 1  # delivered once
+
+
+# --- pane tails, triage, roll-up, rclaude ------------------------------------------------------------
+
+def test_pull_tails_stores_assigned_pane_tails_and_triage_only_when_changed(tmux, cli, db, home, tmp_path):
+    import shlex
+    import sys
+    stub = tmp_path / "triage.py"
+    stub.write_text("import sys\nprint('triage: ' + sys.stdin.read().splitlines()[-1].strip())\n")
+    (home / "clare.toml").write_text(f"[triage]\ncommand = {json.dumps(shlex.join([sys.executable, str(stub)]))}\n")
+    pane = tmux.spawn_claude(cwd=tmp_path / "a", name="a")
+    tmux.spawn_claude(cwd=tmp_path / "b", name="b")  # not assigned: no tail
+    pull(cli)
+    [s] = [s for s in clare.list_sessions(db) if s.pane_id == pane]
+    cli("project", "new", "alpha")
+    task = cli("--json", "task", "add", "alpha", "parse").json()["id"]
+    cli("assign", task, s.id)
+    tmux.type_prompt(pane, "half typed")  # stays on screen as the last prompt
+    wait_for(lambda: tmux.received(), what="the prompt")
+    tmux.run("send-keys", "-t", pane, "-l", "draft")
+    wait_for(lambda: "> draft" in tmux.capture(pane), what="the draft")
+    r = cli("--json", "pull", "--tails")
+    assert r.code == 0, r.err
+    updates = r.json()["updates"]
+    assert [u["source"] for u in updates] == ["pane-tail", "triage"]
+    assert updates[0]["task_id"] == task and "> draft" in updates[0]["text"]
+    assert updates[1]["text"] == "triage: > draft"
+    assert cli("--json", "pull", "--tails").json()["updates"] == []
+    tmux.run("send-keys", "-t", pane, "-l", " more")
+    wait_for(lambda: "draft more" in tmux.capture(pane), what="more text")
+    assert len(cli("--json", "pull", "--tails").json()["updates"]) == 2
+    assert [u.source for u in clare.list_updates(db, task_ids=[task])].count("pane-tail") == 2
+
+
+def test_status_rolls_up_tokens_per_project_and_shows_each_sessions_task(tmux, cli, db, tmp_path):
+    a = tmux.spawn_claude(cwd=tmp_path / "srv" / "api", name="api")
+    b = tmux.spawn_claude(cwd=tmp_path / "srv" / "web", name="web")
+    for pane in (a, b):
+        tmux.type_prompt(pane, "hello")
+    wait_for(lambda: len(tmux.received()) == 2, what="both prompts")
+    pull(cli)
+    by_pane = {s.pane_id: s for s in clare.list_sessions(db)}
+    cli("project", "new", "alpha")
+    cli("project", "new", "beta")
+    t1 = cli("--json", "task", "add", "alpha", "api work").json()["id"]
+    t2 = cli("--json", "task", "add", "beta", "web work").json()["id"]
+    cli("assign", t1, by_pane[a].id)
+    cli("group", "add", "webs", "--cwd", "/srv/web")
+    cli("assign", t2, "--group", "webs")
+    report = cli("--json", "status").json()
+    per_project = {p["name"]: p for p in report["projects"]}
+    one = {"input": 10, "output": 5, "cache_creation": 100, "cache_read": 1000}
+    assert per_project["alpha"]["tokens"] == one and per_project["alpha"]["n_sessions"] == 1
+    assert per_project["beta"]["tokens"] == one
+    assert {s["tmux_target"]: s["task_id"] for s in report["sessions"]} == {"api:0.0": t1, "web:0.0": t2}
+    only = cli("--json", "status", "--group", "webs").json()
+    assert [p["name"] for p in only["projects"]] == ["beta"] and len(only["sessions"]) == 1
+    text = cli("status", "--project", "alpha").out
+    assert "api work" in text and "1.1k" in text and "web work" not in text
+    assert cli("status", "--project", "alpha", "--group", "webs").code == 2
+
+
+def test_rclaude_adapter_tells_apart_panes_that_share_a_cwd(tmux, cli, db, home, tmp_path):
+    import shlex
+    import sys
+    ids = {"a:0.0": "aaaaaaaa-0000-4000-8000-000000000001", "b:0.0": "bbbbbbbb-0000-4000-8000-000000000002"}
+    for target, sid in ids.items():
+        tmux.spawn_claude("--no-registry", cwd=tmp_path / "proj", name=target[0],
+                          env={"FAKE_CLAUDE_SESSION_ID": sid})
+    assert len(pull(cli)["ambiguous"]) == 2
+    lines = [{"uuid": sid, "cwd": str(tmp_path / "proj"), "host": "testhost", "tmux_target": t,
+              "last_seen_ms": 1} for t, sid in ids.items()]
+    lines.append({"uuid": "cccccccc-0000-4000-8000-000000000003", "host": "elsewhere", "tmux_target": "a:0.0"})
+    out = tmp_path / "rclaude.jsonl"
+    out.write_text("".join(json.dumps(x) + "\n" for x in lines) + "not json\n")
+    command = shlex.join([sys.executable, "-c", f"print(open({str(out)!r}).read(), end='')"])
+    (home / "clare.toml").write_text(f"[rclaude]\nsessions_command = {json.dumps(command)}\n")
+    result = pull(cli)
+    assert result["ambiguous"] == [] and {s["tmux_target"]: s["id"] for s in result["sessions"]} == ids
+    (home / "clare.toml").write_text('[rclaude]\nsessions_command = "/nonexistent/rclaude ls"\n')
+    r = cli("pull")
+    assert r.code == 0 and "warning: rclaude sessions_command failed" in r.err
