@@ -24,15 +24,14 @@ Sections (each uses only the ones above it):
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import re
 import sqlite3
+import string
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +61,7 @@ class ClareError(Exception):
 
 
 class UsageError(ClareError):
-    exit_code = 2
+    exit_code, http_status = 2, 422
 
 
 class NotFound(ClareError):
@@ -123,7 +122,14 @@ def iso_ms(ms: int) -> str:
 
 def new_id() -> str:
     """Return a fresh random id: 32 lowercase hex digits (a uuid4 without dashes)."""
-    return uuid.uuid4().hex
+    return new_uuid().replace("-", "")
+
+
+def new_uuid() -> str:
+    """Return a fresh random uuid4 as text."""
+    import uuid  # loads `platform` too (2 ms): commands that only read never pay for it
+
+    return str(uuid.uuid4())
 
 
 # ==========================================================================
@@ -168,7 +174,7 @@ def default_machine_id() -> str:
     """Derive a machine id from the host name: its first label, lowercased, cleaned."""
     label = os.uname().nodename.split(".")[0].lower()
     label = re.sub(r"[^a-z0-9_-]+", "-", label).strip("-_")[:63]
-    return label or "host-" + uuid.uuid4().hex[:8]
+    return label or "host-" + new_id()[:8]
 
 
 def tick(last: Hlc | None, *, machine_id: str, now_ms: int) -> Hlc:
@@ -225,6 +231,29 @@ CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
 CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
     BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 """
+SYNC_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sync_cursors (
+    peer_machine_id TEXT NOT NULL,
+    peer_db_id      TEXT NOT NULL,               -- a restored peer has a new db_id, so a new cursor at 0
+    pulled_rseq     INTEGER NOT NULL DEFAULT 0,  -- this host holds every event of the peer's log up to here
+    pushed_rseq     INTEGER NOT NULL DEFAULT 0,  -- the peer holds every event of this log up to here
+    PRIMARY KEY (peer_machine_id, peer_db_id)
+);
+CREATE TABLE IF NOT EXISTS sync_peers (          -- what the last sync with each peer did, for people
+    url          TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    machine_id   TEXT,
+    db_id        TEXT,
+    last_ok_ms   INTEGER,
+    last_error   TEXT,
+    last_try_ms  INTEGER,
+    n_failures   INTEGER NOT NULL DEFAULT 0,      -- in a row: drives the background backoff
+    n_behind     INTEGER,                         -- peer events not yet pulled, as of the last try
+    offset_ms    INTEGER,                         -- peer wall clock minus ours
+    n_pulled     INTEGER NOT NULL DEFAULT 0,      -- events new to this host, all time
+    n_pushed     INTEGER NOT NULL DEFAULT 0       -- events new to the peer, all time
+);
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +277,26 @@ class InsertResult:
     inserted: list[Event]  # new to this host, in the order given
     n_duplicates: int  # already here, same content
     conflicts: list[str]  # uuids already here with different content (the stored one is kept)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    url: str
+    name: str
+    machine_id: str | None  # None until the first answer
+    db_id: str | None
+    last_ok_ms: int | None  # the end of the last round that succeeded
+    last_error: str | None  # the message of the last round, if it failed
+    last_try_ms: int | None
+    n_failures: int  # failed rounds in a row
+    n_behind: int | None  # the peer's events this host has not pulled yet
+    offset_ms: int | None  # the peer's wall clock minus ours
+    n_pulled: int
+    n_pushed: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the status as the JSON object the CLI and API print."""
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class Db:
@@ -313,7 +362,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
                         conn.execute(statement)
         fresh = {"schema_version": str(SCHEMA_VERSION),
                  "machine_id": meta.get("machine_id") or check_machine_id(machine_id or default_machine_id()),
-                 "db_id": meta.get("db_id") or str(uuid.uuid4())}
+                 "db_id": meta.get("db_id") or new_uuid()}
         conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", fresh.items())
         conn.execute("COMMIT")
     except BaseException:
@@ -322,7 +371,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
     return {**meta, **fresh}
 
 
-_MIGRATIONS[1] = [EVENTS_SCHEMA]
+_MIGRATIONS[1] = [EVENTS_SCHEMA, SYNC_SCHEMA]
 
 
 @contextlib.contextmanager
@@ -353,6 +402,19 @@ def set_meta(cur: sqlite3.Cursor, key: str, value: str) -> None:
     cur.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
 
+def get_secret(db: Db, name: str) -> str:
+    """Return a random secret kept in this database's meta table, made on first use; never synced."""
+    row = db.conn.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()
+    if row is not None:
+        return row[0]
+    import secrets  # only the server needs secrets
+
+    with write_txn(db) as cur:
+        value = get_meta(cur, name) or secrets.token_urlsafe(32)
+        set_meta(cur, name, value)
+    return value
+
+
 def load_clock(cur: sqlite3.Cursor, *, machine_id: str, now_ms: int) -> Hlc | None:
     """Return the last HLC this host issued or merged, seeded from the log when unknown.
 
@@ -378,6 +440,8 @@ def canonical_json(value: Any) -> str:
 def event_hash(ev: Event, payload_text: str) -> str:
     """Return the content hash of an event (everything but the local rseq)."""
     text = "\x1f".join((ev.uuid, ev.hlc, ev.machine_id, ev.event_type, payload_text, ev.created_at))
+    import hashlib  # loads OpenSSL (2 ms): commands that only read never pay for it
+
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -387,7 +451,7 @@ def make_event(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, 
     clock = tick(load_clock(cur, machine_id=db.machine_id, now_ms=now_ms),
                  machine_id=db.machine_id, now_ms=now_ms)
     save_clock(cur, clock)
-    ev = Event(str(uuid.uuid4()), str(clock), db.machine_id, event_type, payload, iso_ms(now_ms))
+    ev = Event(new_uuid(), str(clock), db.machine_id, event_type, payload, iso_ms(now_ms))
     result = insert_events(cur, [check_event(ev.to_json())])
     return result.inserted[0]
 
@@ -430,7 +494,8 @@ def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
                VALUES (?, ?, ?, ?, ?, ?, ?)""",
             (ev.uuid, ev.hlc, ev.machine_id, ev.event_type, payload_text, ev.created_at, digest))
         if cur.rowcount == 1:
-            inserted.append(dataclasses.replace(ev, rseq=cur.lastrowid))
+            inserted.append(Event(ev.uuid, ev.hlc, ev.machine_id, ev.event_type, ev.payload, ev.created_at,
+                                  cur.lastrowid))  # dataclasses.replace costs 3x as much
         elif cur.execute("SELECT hash FROM events WHERE uuid = ?", (ev.uuid,)).fetchone()[0] == digest:
             n_duplicates += 1
         else:
@@ -438,9 +503,9 @@ def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
     return InsertResult(inserted, n_duplicates, conflicts)
 
 
-def _event_from_row(row: sqlite3.Row) -> Event:
-    return Event(row["uuid"], row["hlc"], row["machine_id"], row["event_type"],
-                 json.loads(row["payload"]), row["created_at"], row["rseq"])
+def _event_from_row(row: Sequence[Any]) -> Event:
+    rseq, uuid_, hlc, machine_id, event_type, payload, created_at = row  # as in _EVENT_COLUMNS
+    return Event(uuid_, hlc, machine_id, event_type, json.loads(payload), created_at, rseq)
 
 
 _EVENT_COLUMNS = "rseq, uuid, hlc, machine_id, event_type, payload, created_at"
@@ -455,13 +520,15 @@ def list_events(db: Db, *, limit: int = 50) -> list[Event]:
 
 def iter_events(db: Db, *, after: int = 0, batch: int = 1000) -> Iterator[Event]:
     """Yield every event with rseq > after, in local receipt order, a page at a time."""
+    cur = db.conn.cursor()
+    cur.row_factory = None  # plain tuples: a replay reads a million rows, sqlite3.Row costs a third more
     while True:
-        rows = db.conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE rseq > ? ORDER BY rseq LIMIT ?",
-                               (after, batch)).fetchall()
+        rows = cur.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE rseq > ? ORDER BY rseq LIMIT ?",
+                           (after, batch)).fetchall()
         yield from map(_event_from_row, rows)
         if len(rows) < batch:
             return
-        after = rows[-1]["rseq"]
+        after = rows[-1][0]
 
 
 def get_events_by_uuid(db: Db, uuids: Iterable[str]) -> list[Event]:
@@ -478,6 +545,85 @@ def get_events_by_uuid(db: Db, uuids: Iterable[str]) -> list[Event]:
 def count_events(db: Db) -> int:
     """Return how many events the log holds."""
     return db.conn.execute("SELECT count(*) FROM events").fetchone()[0]
+
+
+def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
+    """Return the receipt number of the newest stored event, 0 for an empty log."""
+    return cur.execute("SELECT coalesce(max(rseq), 0) FROM events").fetchone()[0]
+
+
+def renew_db_id(db: Db) -> str:
+    """Give this database a new db_id, as after a restore: peers then re-read it from 0."""
+    db_id = str(uuid.uuid4())
+    with write_txn(db) as cur:
+        set_meta(cur, "db_id", db_id)
+    db.db_id = db_id
+    return db_id
+
+
+def get_cursor(db: Db, peer_machine_id: str, peer_db_id: str) -> tuple[int, int]:
+    """Return (pulled_rseq, pushed_rseq) for one peer log; (0, 0) for a log never synced."""
+    row = db.conn.execute(
+        """SELECT pulled_rseq, pushed_rseq FROM sync_cursors
+            WHERE peer_machine_id = ? AND peer_db_id = ?""", (peer_machine_id, peer_db_id)).fetchone()
+    return (row[0], row[1]) if row else (0, 0)
+
+
+def save_cursor(cur: sqlite3.Cursor, peer_machine_id: str, peer_db_id: str, *,
+                pulled_rseq: int | None = None, pushed_rseq: int | None = None, reset: bool = False) -> None:
+    """Advance the cursors of one peer log (never backwards unless `reset`). Call inside write_txn.
+
+    Two syncs with one peer may run at once (serve's thread and the CLI): each stored its
+    page before this, so the larger of the two positions is right.
+    """
+    cur.execute("INSERT OR IGNORE INTO sync_cursors (peer_machine_id, peer_db_id) VALUES (?, ?)",
+                (peer_machine_id, peer_db_id))
+    for column, value in (("pulled_rseq", pulled_rseq), ("pushed_rseq", pushed_rseq)):
+        if value is not None:
+            new = "?" if reset else f"max({column}, ?)"
+            cur.execute(f"""UPDATE sync_cursors SET {column} = {new}
+                             WHERE peer_machine_id = ? AND peer_db_id = ?""",
+                        (value, peer_machine_id, peer_db_id))
+
+
+def iter_event_keys(db: Db) -> Iterator[tuple[str, str]]:
+    """Yield (hlc, uuid) of every event in (hlc, uuid) order, from the index alone."""
+    yield from db.conn.execute("SELECT hlc, uuid FROM events ORDER BY hlc, uuid")
+
+
+def list_uuids_between(db: Db, *, start_ms: int, end_ms: int) -> list[str]:
+    """Return the uuids of the events whose HLC wall time is in [start_ms, end_ms), in (hlc, uuid) order."""
+    rows = db.conn.execute("SELECT uuid FROM events WHERE hlc >= ? AND hlc < ? ORDER BY hlc, uuid",
+                           (f"{start_ms:013d}", f"{end_ms:013d}"))
+    return [r[0] for r in rows]
+
+
+def save_peer_status(db: Db, url: str, *, name: str, now_ms: int, error: str | None = None,
+                     machine_id: str | None = None, db_id: str | None = None, n_behind: int | None = None,
+                     offset_ms: int | None = None, n_pulled: int = 0, n_pushed: int = 0) -> None:
+    """Record how a round with one peer ended: its identity and lag on success, the message on failure."""
+    with write_txn(db) as cur:
+        cur.execute("INSERT OR IGNORE INTO sync_peers (url, name) VALUES (?, ?)", (url, name))
+        if error is None:
+            cur.execute(
+                """UPDATE sync_peers SET name = ?, machine_id = ?, db_id = ?, last_ok_ms = ?, last_try_ms = ?,
+                          last_error = NULL, n_failures = 0, n_behind = ?, offset_ms = ?,
+                          n_pulled = n_pulled + ?, n_pushed = n_pushed + ?
+                    WHERE url = ?""",
+                (name, machine_id, db_id, now_ms, now_ms, n_behind, offset_ms, n_pulled, n_pushed, url))
+        else:
+            cur.execute(
+                """UPDATE sync_peers SET name = ?, last_error = ?, last_try_ms = ?, n_failures = n_failures + 1,
+                          n_pulled = n_pulled + ?, n_pushed = n_pushed + ?
+                    WHERE url = ?""", (name, error, now_ms, n_pulled, n_pushed, url))
+
+
+def list_peer_status(db: Db) -> list[PeerStatus]:
+    """Return what the last round with each peer did, by name."""
+    rows = db.conn.execute(
+        """SELECT url, name, machine_id, db_id, last_ok_ms, last_error, last_try_ms, n_failures, n_behind,
+                  offset_ms, n_pulled, n_pushed FROM sync_peers ORDER BY name, url""")
+    return [PeerStatus(*r) for r in rows]
 
 
 # ==========================================================================
@@ -771,7 +917,7 @@ def check_received(obj: object) -> Event:
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
     """Fold one stored event into the projections; unknown types only get history refs."""
-    for key in REF_KEYS:
+    for key in REF_KEYS:  # replay() does the same in bulk: keep the two rules alike
         ref = ev.payload.get(key)
         if isinstance(ref, str):
             cur.execute("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
@@ -792,7 +938,7 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
     """Store events made elsewhere, merge the clock once, apply the new ones. Call inside write_txn."""
     result = insert_events(cur, events)
     if result.inserted:
-        newest = max(parse_hlc(ev.hlc) for ev in result.inserted)
+        newest = parse_hlc(max(ev.hlc for ev in result.inserted))  # the text sorts like the clock
         clock = load_clock(cur, machine_id=db.machine_id, now_ms=now_ms)
         save_clock(cur, merge(clock, newest, machine_id=db.machine_id, now_ms=now_ms))
         for ev in result.inserted:
@@ -806,8 +952,16 @@ def replay(db: Db) -> int:
     with write_txn(db) as cur:
         for table in PROJECTION_TABLES:
             cur.execute(f"DELETE FROM {table}")
+        # apply_event's history refs, for all events at once: in C, and in index order.
+        for key in REF_KEYS:
+            cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
+                            SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
+                             WHERE json_type(payload, '$.{key}') = 'text' ORDER BY 1, 2, 3""")
+        appliers = APPLIERS
         for ev in iter_events(db, batch=5000):
-            apply_event(cur, ev)
+            applier = appliers.get(ev.event_type)
+            if applier is not None:
+                applier(cur, ev)
             n_events += 1
     return n_events
 
@@ -2843,11 +2997,2211 @@ SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes, se
 # ==========================================================================
 # 7. Sync: the peer protocol, cursors per peer, and the client that pulls and pushes.
 # ==========================================================================
+# A puller asks a peer for the events it stored after receipt number N (the peer's rseq,
+# never an HLC: an event relayed to the peer later can carry an older HLC) and keeps one
+# cursor per peer log. Storing a page, merging the clock and advancing the cursor are one
+# transaction, so a crash anywhere leaves either all of it or none. Pushing is the same
+# walk over this host's own rseq; the receiver stores idempotently by uuid.
+
+SYNC_PAGE_LIMIT = 1000  # events per pulled page at most
+MAX_SYNC_BATCH = 5000  # events in one pushed batch at most; a larger batch is refused whole
+PUSH_BATCH_EVENTS = 1000
+PUSH_BATCH_BYTES = 4 * 1024 * 1024  # half the 8 MB body limit of the sync endpoints
+MAX_FETCH_UUIDS = 5000  # uuids asked for in one anti-entropy fetch
+DAY_MS = 86_400_000
+PROGRESS_MIN_EVENTS = 2000  # a transfer larger than this shows a progress line
+SYNC_INTERVAL_S = 30.0  # background sync: the pause between two good rounds with a peer
+MAX_BACKOFF_S = 900.0  # ... and the longest pause after failed ones
+PEER_TIMEOUT_S = 20.0  # one HTTP request to a peer
+MAX_RESPONSE_BYTES = 512 * 1024 * 1024  # a peer answer larger than this is refused unread
+PEER_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+PEER_URL_RE = re.compile(r"\Ahttps?://[^\s/?#]+(/[^\s?#]*)?\Z")
+DAY_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}\Z")
+
+Progress = Callable[[str, int, int], None]  # (what moves, events moved, events to move)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    name: str  # what people call it in `peer list` and `sync NAME`
+    url: str  # where its `clare serve` answers, without a trailing slash
+    token_env: str | None  # the variable that holds its token; None: CLARE_TOKEN or clare.toml's token
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the peer as the JSON object the CLI prints."""
+        return {"name": self.name, "url": self.url, "token_env": self.token_env}
+
+
+@dataclass(slots=True)
+class SyncReport:
+    """What one round with one peer moved; mutable because it fills while the round runs,
+    so a round that fails half-way still says what it stored."""
+
+    name: str
+    url: str
+    machine_id: str | None = None
+    db_id: str | None = None
+    n_pulled: int = 0  # events new to this host
+    n_pushed: int = 0  # events new to the peer
+    n_duplicates: int = 0  # events sent that the other side held already
+    conflicts: list[str] = dataclasses.field(default_factory=list)  # same uuid, different content
+    rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # malformed, with reasons
+    n_behind: int | None = None  # the peer's events not pulled yet, at the end of the round
+    offset_ms: int | None = None  # the peer's wall clock minus ours
+    verify: dict[str, Any] | None = None  # what the anti-entropy check found, with --verify
+
+    @property
+    def is_skewed(self) -> bool:
+        """Say whether the peer's clock is further from ours than MAX_OFFSET_MS."""
+        return self.offset_ms is not None and abs(self.offset_ms) > MAX_OFFSET_MS
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the report as the JSON object the CLI and API print."""
+        return {**{name: getattr(self, name) for name in self.__slots__}, "is_skewed": self.is_skewed}
+
+
+class PeerTransport:
+    """How this host reaches a peer's sync endpoints: HTTP for real, a function call in tests."""
+
+    url: str
+
+    def pull(self, *, after: int, limit: int) -> dict[str, Any]:
+        """GET /api/v1/sync/events: the peer's events stored after receipt number `after`."""
+        raise NotImplementedError
+
+    def push(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /api/v1/sync/events: give the peer a batch of events."""
+        raise NotImplementedError
+
+    def digest(self) -> dict[str, Any]:
+        """GET /api/v1/sync/days: the peer's event count and uuid hash per day."""
+        raise NotImplementedError
+
+    def day(self, day: str) -> dict[str, Any]:
+        """GET /api/v1/sync/days/DAY: the uuids of the peer's events of one day."""
+        raise NotImplementedError
+
+    def fetch(self, uuids: list[str]) -> dict[str, Any]:
+        """POST /api/v1/sync/fetch: the peer's events among these uuids."""
+        raise NotImplementedError
+
+
+# --- the serving side: what the sync endpoints call ------------------------------------
+
+def sync_page(db: Db, *, after: object, limit: object = SYNC_PAGE_LIMIT, now_ms: int) -> dict[str, Any]:
+    """Return the events stored after receipt number `after`: GET /api/v1/sync/events."""
+    after = _check_count("after", after)
+    limit = min(max(_check_count("limit", limit), 1), SYNC_PAGE_LIMIT)
+    events: list[Event] = []
+    for ev in iter_events(db, after=after, batch=limit):
+        events.append(ev)
+        if len(events) == limit:
+            break
+    next_after = events[-1].rseq if events else after
+    head = head_rseq(db.conn)  # read after the page: an event stored meanwhile shows as has_more
+    return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms,
+            "events": [ev.to_json() for ev in events], "next_after": next_after,
+            "has_more": next_after < head, "head": head}
+
+
+def _check_count(what: str, value: object) -> int:
+    # SECURITY: query parameters and JSON numbers from a peer.
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ClareError(f"{what} must be a whole number from 0 up, not {str(value)[:40]!r}")
+    return value
+
+
+def sync_accept(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
+    """Store a batch of events a peer pushed: POST /api/v1/sync/events.
+
+    A batch of the wrong shape or size is refused whole; a malformed event is refused with
+    its reason and the good ones of the batch are kept. Sending a batch twice stores it once.
+    """
+    # SECURITY: everything in body comes from the network.
+    if not isinstance(body, dict) or not isinstance(body.get("events"), list):
+        raise ClareError('a sync batch must be a JSON object with an "events" list; '
+                         'send {"events": [...]} as the body')
+    if len(body["events"]) > MAX_SYNC_BATCH:
+        raise ClareError(f"a sync batch holds {len(body['events'])} events, over the limit of {MAX_SYNC_BATCH}; "
+                         "send smaller batches")
+    good, rejected = check_events(body["events"])
+    with write_txn(db) as cur:
+        head_before = head_rseq(cur)
+        result = receive_events(db, cur, good, now_ms=now_ms)
+        head_after = head_rseq(cur)
+    # head_before/head_after let a sender that had pulled up to head_before skip pulling its
+    # own events back: nothing else can be stored inside this transaction.
+    return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms,
+            "accepted": len(result.inserted), "duplicates": result.n_duplicates, "rejected": rejected,
+            "conflicts": result.conflicts, "head_before": head_before, "head_after": head_after}
+
+
+def check_events(items: list[object]) -> tuple[list[Event], list[dict[str, Any]]]:
+    """Split events from outside into the valid ones and {index, uuid, reason} for the others."""
+    good, rejected = [], []
+    for index, obj in enumerate(items):
+        try:
+            good.append(check_received(obj))
+        except ClareError as err:
+            uid = obj.get("uuid") if isinstance(obj, dict) else None
+            rejected.append({"index": index, "uuid": uid[:60] if isinstance(uid, str) else None,
+                             "reason": str(err)})
+    return good, rejected
+
+
+def sync_digest(db: Db, *, now_ms: int) -> dict[str, Any]:
+    """Return the count and a hash of the uuids of the events of each day: GET /api/v1/sync/days.
+
+    Days come from the HLC, which is part of the event, so two hosts holding the same
+    events give the same digest; the (hlc, uuid) order makes the hash independent of arrival.
+    """
+    days: dict[str, dict[str, Any]] = {}
+    day, n_events, h = None, 0, hashlib.sha256()
+    for hlc, uid in iter_event_keys(db):
+        d = int(hlc[:13]) // DAY_MS
+        if d != day:
+            if day is not None:
+                days[_day_name(day)] = {"n": n_events, "hash": h.hexdigest()}
+            day, n_events, h = d, 0, hashlib.sha256()
+        n_events += 1
+        h.update(uid.encode())
+    if day is not None:
+        days[_day_name(day)] = {"n": n_events, "hash": h.hexdigest()}
+    return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms, "days": days}
+
+
+def _day_name(day: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
+
+
+def sync_day(db: Db, day: str, *, now_ms: int) -> dict[str, Any]:
+    """Return the uuids of the events of one UTC day (by HLC): GET /api/v1/sync/days/DAY."""
+    import calendar  # only anti-entropy needs it
+
+    # SECURITY: the day comes from the URL.
+    try:
+        if not isinstance(day, str) or not DAY_RE.match(day):
+            raise ValueError(day)
+        start_ms = calendar.timegm(time.strptime(day, "%Y-%m-%d")) * 1000
+    except ValueError as err:
+        raise ClareError(f"bad day {str(day)[:20]!r}; give a date as YYYY-MM-DD") from err
+    return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms, "day": day,
+            "uuids": list_uuids_between(db, start_ms=start_ms, end_ms=start_ms + DAY_MS)}
+
+
+def sync_fetch(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
+    """Return the stored events among the uuids asked for: POST /api/v1/sync/fetch."""
+    # SECURITY: everything in body comes from the network.
+    uuids = body.get("uuids") if isinstance(body, dict) else None
+    if not isinstance(uuids, list) or not all(isinstance(u, str) and UUID_RE.match(u) for u in uuids):
+        raise ClareError('a fetch must be a JSON object with a "uuids" list of event uuids')
+    if len(uuids) > MAX_FETCH_UUIDS:
+        raise ClareError(f"a fetch asks for {len(uuids)} events, over the limit of {MAX_FETCH_UUIDS}; "
+                         "ask in smaller parts")
+    return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms,
+            "events": [ev.to_json() for ev in get_events_by_uuid(db, uuids)]}
+
+
+# --- the pulling and pushing side --------------------------------------------------------
+
+def sync_with(db: Db, peer: PeerTransport, *, name: str, wall: Callable[[], int] = now_ms,
+              progress: Progress | None = None, verify: bool = False) -> SyncReport:
+    """Run one round with one peer (pull, push, and with `verify` anti-entropy); record how it went.
+
+    A failure is recorded in the peer's status and raised again for the caller's loop.
+    """
+    report = SyncReport(name=name, url=peer.url)
+    try:
+        pull_from(db, peer, report, wall=wall, progress=progress)
+        push_to(db, peer, report, wall=wall, progress=progress)
+        if verify:
+            verify_with(db, peer, report, wall=wall)
+    except ClareError as err:
+        save_peer_status(db, peer.url, name=name, now_ms=wall(), error=str(err),
+                         n_pulled=report.n_pulled, n_pushed=report.n_pushed)
+        raise
+    save_peer_status(db, peer.url, name=name, now_ms=wall(), machine_id=report.machine_id, db_id=report.db_id,
+                     n_behind=report.n_behind, offset_ms=report.offset_ms,
+                     n_pulled=report.n_pulled, n_pushed=report.n_pushed)
+    return report
+
+
+def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms,
+              progress: Progress | None = None) -> None:
+    """Store every event the peer holds past our cursor on its log, a page per transaction."""
+    known = {s.url: (s.machine_id, s.db_id) for s in list_peer_status(db)}.get(peer.url)
+    after = get_cursor(db, *known)[0] if known and known[0] else 0
+    total = None
+    while True:
+        page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
+        identity, head, next_after = _check_page(page, after=after)
+        if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
+            known = identity
+            if get_cursor(db, *identity)[0] != after:
+                after = get_cursor(db, *identity)[0]
+                continue
+        if head < after:
+            # The peer's log is shorter than what we read of it: restored without a new db_id.
+            with write_txn(db) as cur:
+                save_cursor(cur, *identity, pulled_rseq=0, reset=True)
+            after = 0
+            continue
+        report.machine_id, report.db_id = identity
+        total = head - after if total is None else total
+        events, rejected = check_events(page["events"])
+        report.rejected += rejected
+        with write_txn(db) as cur:
+            head_before = head_rseq(cur)
+            result = receive_events(db, cur, events, now_ms=wall())
+            save_cursor(cur, *identity, pulled_rseq=next_after)
+            if get_cursor(db, *identity)[1] == head_before:
+                # The peer held all of ours before this page, and the page is all that was
+                # stored since: it need not be pushed back.
+                save_cursor(cur, *identity, pushed_rseq=head_rseq(cur))
+        report.n_pulled += len(result.inserted)
+        report.n_duplicates += result.n_duplicates
+        report.conflicts += result.conflicts
+        report.n_behind = head - next_after
+        if progress and total > PROGRESS_MIN_EVENTS:
+            progress("pulled", max(total - report.n_behind, 0), total)
+        if not page["has_more"]:
+            return
+        after = next_after
+
+
+def _check_page(page: object, *, after: int) -> tuple[tuple[str, str], int, int]:
+    """Return the identity, head and next cursor of a pulled page; raise if it is malformed."""
+    # SECURITY: the whole page comes from the network.
+    ok = (isinstance(page, dict) and isinstance(page.get("events"), list)
+          and isinstance(page.get("has_more"), bool) and len(page["events"]) <= MAX_SYNC_BATCH)
+    try:
+        if not ok:
+            raise ClareError("no events list")
+        identity = _check_identity(page)
+        head = _check_count("head", page.get("head"))
+        next_after = _check_count("next_after", page.get("next_after"))
+    except ClareError as err:
+        raise ClareError(f"the peer sent a malformed page ({err}); is it a Clare of this version?") from err
+    is_stuck = page["has_more"] and next_after <= after
+    if is_stuck or (head >= after and not after <= next_after <= head):
+        raise ClareError(f"the peer sent a page that does not advance (after {after}, next {next_after}, "
+                         f"head {head}); report this bug with both versions")
+    return identity, head, next_after
+
+
+def _check_identity(answer: dict[str, Any]) -> tuple[str, str]:
+    machine_id, db_id = answer.get("machine_id"), answer.get("db_id")
+    if not isinstance(machine_id, str) or not MACHINE_ID_RE.match(machine_id) or not isinstance(db_id, str) \
+            or not 0 < len(db_id) <= 64:
+        raise ClareError("bad machine_id or db_id")
+    return machine_id, db_id
+
+
+def _call_timed(call: Callable[..., dict[str, Any]], report: SyncReport, wall: Callable[[], int],
+                *args: Any, **kw: Any) -> dict[str, Any]:
+    """Call the peer and note its clock offset from the answer's now_ms (at the round trip's middle)."""
+    sent_ms = wall()
+    answer = call(*args, **kw)
+    received_ms = wall()
+    if isinstance(answer, dict) and isinstance(answer.get("now_ms"), int):
+        report.offset_ms = answer["now_ms"] - (sent_ms + received_ms) // 2
+    return answer
+
+
+def push_to(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms,
+            progress: Progress | None = None) -> None:
+    """Send the peer every event of ours past its push cursor, a batch per request."""
+    if report.machine_id is None:
+        raise ClareError("push before pull: the peer's identity is not known yet")
+    identity = (report.machine_id, report.db_id)
+    pushed = get_cursor(db, *identity)[1]
+    total, moved = head_rseq(db.conn) - pushed, 0
+    for batch in _batches(iter_events(db, after=pushed)):
+        answer = _call_timed(peer.push, report, wall, {
+            "machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
+            "events": [ev.to_json() for ev in batch]})
+        _count_accept(answer, identity, report)
+        with write_txn(db) as cur:
+            save_cursor(cur, *identity, pushed_rseq=batch[-1].rseq)
+            if get_cursor(db, *identity)[0] == answer["head_before"]:
+                save_cursor(cur, *identity, pulled_rseq=answer["head_after"])  # our own events: no need to pull back
+        moved += len(batch)
+        if progress and total > PROGRESS_MIN_EVENTS:
+            progress("pushed", moved, total)
+
+
+def _batches(events: Iterable[Event]) -> Iterator[list[Event]]:
+    """Group events into batches under PUSH_BATCH_EVENTS and PUSH_BATCH_BYTES."""
+    batch, n_bytes = [], 0
+    for ev in events:
+        size = len(canonical_json(ev.payload)) + 300  # the payload dominates; 300 covers the other fields
+        if batch and (len(batch) == PUSH_BATCH_EVENTS or n_bytes + size > PUSH_BATCH_BYTES):
+            yield batch
+            batch, n_bytes = [], 0
+        batch.append(ev)
+        n_bytes += size
+    if batch:
+        yield batch
+
+
+def _count_accept(answer: object, identity: tuple[str, str], report: SyncReport) -> None:
+    """Check the answer to a push and add what it says to the report."""
+    # SECURITY: the answer comes from the network.
+    try:
+        if not isinstance(answer, dict):
+            raise ClareError("not an object")
+        if _check_identity(answer) != identity:
+            raise ClareError(f"it answers as {answer['machine_id']} {answer['db_id']}, not as {identity[0]} "
+                             f"{identity[1]}: another Clare now answers at that address; sync again")
+        counts = [_check_count(k, answer.get(k)) for k in ("accepted", "duplicates", "head_before", "head_after")]
+        if not isinstance(answer.get("rejected"), list) or not isinstance(answer.get("conflicts"), list):
+            raise ClareError("no rejected or conflicts list")
+    except ClareError as err:
+        raise ClareError(f"the peer's answer to a push is malformed ({err})") from err
+    report.n_pushed += counts[0]
+    report.n_duplicates += counts[1]
+    report.rejected += answer["rejected"]
+    report.conflicts += [c for c in answer["conflicts"] if isinstance(c, str)]
+
+
+def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms) -> None:
+    """Compare per-day digests with the peer; fetch what we lack by uuid and push what it lacks."""
+    theirs = _call_timed(peer.digest, report, wall).get("days")
+    if not isinstance(theirs, dict):
+        raise ClareError("the peer's digest is malformed (no days object); is it a Clare of this version?")
+    ours = sync_digest(db, now_ms=wall())["days"]
+    days = sorted(d for d in set(theirs) | set(ours) if theirs.get(d) != ours.get(d))
+    found = {"days": len(set(theirs) | set(ours)), "days_differ": days, "fetched": 0, "sent": 0}
+    for day in days:
+        their_uuids = peer.day(day).get("uuids") if day in theirs else []
+        if not isinstance(their_uuids, list):
+            raise ClareError(f"the peer's uuid list for {day} is malformed; is it a Clare of this version?")
+        our_uuids = set(sync_day(db, day, now_ms=wall())["uuids"]) if day in ours else set()
+        missing_here = sorted({u for u in their_uuids if isinstance(u, str)} - our_uuids)
+        for i in range(0, len(missing_here), MAX_FETCH_UUIDS):
+            answer = peer.fetch(missing_here[i:i + MAX_FETCH_UUIDS])
+            events, rejected = check_events(answer.get("events") if isinstance(answer.get("events"), list) else [])
+            report.rejected += rejected
+            with write_txn(db) as cur:
+                result = receive_events(db, cur, events, now_ms=wall())
+            found["fetched"] += len(result.inserted)
+            report.n_pulled += len(result.inserted)
+        missing_there = sorted(our_uuids - set(their_uuids))
+        for batch in _batches(get_events_by_uuid(db, missing_there)):
+            answer = peer.push({"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
+                                "events": [ev.to_json() for ev in batch]})
+            before = report.n_pushed
+            _count_accept(answer, (report.machine_id, report.db_id), report)
+            found["sent"] += report.n_pushed - before
+    report.verify = found
+
+
+# --- peers: clare.toml, the HTTP client, the background loop -------------------------------
+
+class HttpPeer(PeerTransport):
+    """A peer's sync endpoints over HTTP; urllib is imported on the first request."""
+
+    def __init__(self, url: str, *, token: str | None, timeout_s: float = PEER_TIMEOUT_S):
+        self.url = url.rstrip("/")
+        self.token = token  # never printed: messages name the variable instead
+        self.timeout_s = timeout_s
+
+    def pull(self, *, after: int, limit: int) -> dict[str, Any]:
+        """GET /api/v1/sync/events."""
+        return self._call("GET", f"/api/v1/sync/events?after={after}&limit={limit}")
+
+    def push(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /api/v1/sync/events."""
+        return self._call("POST", "/api/v1/sync/events", body)
+
+    def digest(self) -> dict[str, Any]:
+        """GET /api/v1/sync/days."""
+        return self._call("GET", "/api/v1/sync/days")
+
+    def day(self, day: str) -> dict[str, Any]:
+        """GET /api/v1/sync/days/DAY."""
+        return self._call("GET", f"/api/v1/sync/days/{day}")
+
+    def fetch(self, uuids: list[str]) -> dict[str, Any]:
+        """POST /api/v1/sync/fetch."""
+        return self._call("POST", "/api/v1/sync/fetch", {"uuids": uuids})
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        import http.client
+        import urllib.error
+        import urllib.request
+
+        data = None if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = {"Accept": "application/json", "User-Agent": f"clare/{__version__}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        # Peers are reached directly: an http_proxy meant for the internet must not see fleet traffic.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=self.timeout_s) as response:
+                raw = response.read(MAX_RESPONSE_BYTES + 1)
+        except urllib.error.HTTPError as err:
+            raise ClareError(f"{self.url} answered {err.code} to {method} {path.split('?')[0]}: "
+                             f"{_http_error_message(err)}") from err
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            reason = getattr(err, "reason", None) or err
+            raise ClareError(f"cannot reach {self.url} ({reason}); check that 'clare serve' runs there "
+                             "and that the address is right") from err
+        if len(raw) > MAX_RESPONSE_BYTES:
+            raise ClareError(f"{self.url} sent more than {MAX_RESPONSE_BYTES} bytes; is it a Clare?")
+        try:
+            return json.loads(raw)
+        except ValueError as err:
+            raise ClareError(f"{self.url} sent something that is not JSON ({err}); is it a Clare?") from err
+
+
+def _http_error_message(err: Any) -> str:
+    """Return the message of a Clare error body, or the HTTP reason, plus a hint for auth failures."""
+    try:
+        message = json.loads(err.read(64 * 1024))["error"]["message"]
+    except (ValueError, KeyError, TypeError, OSError):
+        message = str(err.reason)
+    if err.code == 401:
+        message += " (set the peer's token: token_env in clare.toml, or CLARE_TOKEN)"
+    return str(message)[:500]
+
+
+def load_peers(config: dict[str, Any], *, path: str = "clare.toml") -> list[Peer]:
+    """Return the peers of clare.toml's [[peers]] tables; raise naming a bad entry."""
+    entries = config.get("peers", [])
+    if not isinstance(entries, list):
+        raise ClareError(f"{path}: 'peers' must be [[peers]] tables with name and url")
+    peers = []
+    for n, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise ClareError(f"{path}: peer {n} is not a table; write it as [[peers]] with name = and url =")
+        try:
+            peers.append(check_peer(entry.get("url"), name=entry.get("name"), token_env=entry.get("token_env")))
+        except ClareError as err:
+            raise ClareError(f"{path}: peer {n}: {err}") from err
+    return peers
+
+
+def check_peer(url: object, *, name: object = None, token_env: object = None) -> Peer:
+    """Return a Peer from raw values, its name taken from the URL's host when not given."""
+    if not isinstance(url, str) or not PEER_URL_RE.match(url):
+        raise UsageError(f"peer url {str(url)[:80]!r} is not an http:// or https:// address; "
+                         "give one like http://10.9.0.2:8765")
+    url = url.rstrip("/")
+    if name is None:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", url.split("://", 1)[1].split("/")[0]).strip("-.")
+    if not isinstance(name, str) or not PEER_NAME_RE.match(name):
+        raise UsageError(f"peer name {str(name)[:80]!r} is not 1-63 letters, digits, '.', '_' or '-'")
+    if token_env is not None and (not isinstance(token_env, str) or not ENV_NAME_RE.match(token_env)):
+        raise UsageError(f"token_env {str(token_env)[:80]!r} is not an environment variable name")
+    return Peer(name, url, token_env)
+
+
+def add_peer(path: str, url: str, *, name: str | None = None, token_env: str | None = None) -> Peer:
+    """Append a [[peers]] table to clare.toml; refuse a name or url configured already."""
+    peers = load_peers(load_config(path), path=path)
+    peer = check_peer(url, name=name, token_env=token_env)
+    for other in peers:
+        if other.name == peer.name or other.url == peer.url:
+            raise Conflict(f"peer {other.name} ({other.url}) is configured already; pick another --name, "
+                           f"or edit {path}")
+    # json.dumps of these validated strings is a valid TOML basic string.
+    lines = ["[[peers]]", f"name = {json.dumps(peer.name)}", f"url = {json.dumps(peer.url)}"]
+    if peer.token_env:
+        lines.append(f"token_env = {json.dumps(peer.token_env)}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        f.seek(0)
+        text = f.read()
+        f.write(("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + "\n".join(lines) + "\n")
+    return peer
+
+
+def find_peer(peers: list[Peer], ref: str) -> Peer:
+    """Return the configured peer named `ref` or at URL `ref`; a URL not configured is a new peer."""
+    for peer in peers:
+        if ref in (peer.name, peer.url, peer.url + "/"):
+            return peer
+    if "://" in ref:
+        return check_peer(ref)
+    raise NotFound(f"no peer named {ref!r}; list them with: clare peer list (or give its URL)")
+
+
+def peer_token(peer: Peer, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str | None:
+    """Return the token to send to a peer: its token_env variable, else CLARE_TOKEN, else clare.toml's token."""
+    env = os.environ if env is None else env
+    if peer.token_env:
+        token = env.get(peer.token_env)
+        if not token:
+            raise ClareError(f"the variable {peer.token_env} is not set; export the token of {peer.name} in it")
+        return token
+    token = env.get("CLARE_TOKEN") or config.get("token")
+    return token if isinstance(token, str) and token else None
+
+
+def list_peers(db: Db, peers: list[Peer]) -> list[dict[str, Any]]:
+    """Return each configured peer with what its last sync did, then peers synced by URL only."""
+    status = {s.url: s for s in list_peer_status(db)}
+    rows = [{**p.to_json(), "is_configured": True, **_status_json(status.pop(p.url, None))} for p in peers]
+    rows += [{"name": s.name, "url": s.url, "token_env": None, "is_configured": False, **_status_json(s)}
+             for s in status.values()]
+    return rows
+
+
+def _status_json(s: PeerStatus | None) -> dict[str, Any]:
+    keys = ("machine_id", "last_ok_ms", "last_try_ms", "last_error", "n_failures", "n_behind", "offset_ms",
+            "n_pulled", "n_pushed")
+    if s is None:
+        return {**dict.fromkeys(keys), "n_failures": 0, "n_pulled": 0, "n_pushed": 0, "is_skewed": False}
+    return {k: getattr(s, k) for k in keys} | {
+        "is_skewed": s.offset_ms is not None and abs(s.offset_ms) > MAX_OFFSET_MS}
+
+
+def backoff_s(n_failures: int, *, interval_s: float = SYNC_INTERVAL_S) -> float:
+    """Return the pause before the next round with a peer: doubled per failure in a row, capped, jittered."""
+    if n_failures <= 0:
+        return interval_s
+    jitter = 0.75 + 0.5 * int.from_bytes(os.urandom(2), "big") / 65536  # peers that failed together spread out
+    return min(interval_s * 2 ** min(n_failures, 30), MAX_BACKOFF_S) * jitter
+
+
+def start_background_sync(db_path: str, peers: list[Peer], config: dict[str, Any], *, stop: Any,
+                          log: Callable[[str], None], interval_s: float = SYNC_INTERVAL_S) -> list[Any]:
+    """Start one daemon thread per peer that syncs until `stop` (a threading.Event) is set.
+
+    One thread per peer, each with its own connection, so a dead peer that makes its thread
+    wait for timeouts never delays the others or the server.
+    """
+    import threading
+
+    threads = []
+    for peer in peers:
+        thread = threading.Thread(target=_sync_loop, name=f"clare-sync-{peer.name}", daemon=True,
+                                  args=(db_path, peer, config), kwargs={"stop": stop, "log": log,
+                                                                        "interval_s": interval_s})
+        thread.start()
+        threads.append(thread)
+    return threads
+
+
+def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, log: Callable[[str], None],
+               interval_s: float) -> None:
+    """Sync with one peer until stopped, backing off while it fails."""
+    db = open_db(db_path)
+    n_failures, was_skewed = 0, False
+    try:
+        while not stop.is_set():
+            try:
+                report = sync_with(db, HttpPeer(peer.url, token=peer_token(peer, config)), name=peer.name)
+                if n_failures:
+                    log(f"sync with {peer.name}: reachable again")
+                n_failures = 0
+                if report.is_skewed and not was_skewed:
+                    log(f"warning: {skew_message(peer.name, report.offset_ms)}")
+                was_skewed = report.is_skewed
+            except Exception as err:  # the per-peer loop is an edge: one peer's failure never ends the thread
+                n_failures += 1
+                if not isinstance(err, ClareError):
+                    save_peer_status(db, peer.url, name=peer.name, now_ms=now_ms(), error=f"internal error: {err!r}")
+                log(f"sync with {peer.name} failed ({n_failures} in a row): {err}")
+            stop.wait(backoff_s(n_failures, interval_s=interval_s))
+    finally:
+        db.close()
+
+
+def skew_message(name: str, offset_ms: int) -> str:
+    """Say loudly that a peer's clock is off, by how much, and what Clare does about it."""
+    ahead = "ahead of" if offset_ms > 0 else "behind"
+    return (f"{name}'s clock is {_duration(abs(offset_ms))} {ahead} this host's, more than the "
+            f"{MAX_OFFSET_MS // 60000} min allowed: its events keep their times but never move this "
+            "host's clock past that limit; fix the clock (NTP) on whichever host is wrong")
+
+
+def _duration(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1000)):
+        if ms >= size:
+            return f"{ms / size:.1f} {unit}"
+    return f"{ms} ms"
 
 
 # ==========================================================================
 # 8. HTTP: routing table, HTML templates, JSON API and sync endpoints.
 # ==========================================================================
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+MAX_BODY_BYTES = 1024 * 1024  # JSON and form bodies; larger ones get 413 before a byte is read
+MAX_SYNC_BODY_BYTES = 8 * 1024 * 1024  # a sync batch of events
+SYNC_PATH_PREFIX = "/api/v1/sync/"
+REQUEST_TIMEOUT_S = 10.0  # per socket read or write: a slow or silent client loses its connection
+LISTEN_BACKLOG = 128  # with the default 5, p99 latency under load is near a second (DESIGN §8)
+SHUTDOWN_GRACE_S = 10.0  # how long SIGTERM waits for requests in flight to finish
+POLL_S = 5  # how often htmx refreshes a polled fragment
+MAX_EVENTS_PAGE = 1000
+LOGIN_COOKIE = "clare_login"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 411: "length_required",
+               413: "payload_too_large", 414: "uri_too_long", 415: "unsupported_media_type",
+               422: "invalid", 431: "headers_too_large", 500: "internal", 501: "not_implemented"}
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+HTMX_VERSION = "2.0.11"
+SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    # Inline CSS lives in the page template; scripts only from /static, never inline.
+    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
+)
+
+
+class HttpError(ClareError):
+    """A refusal decided by the HTTP layer itself: auth, size, media type, routing."""
+
+    def __init__(self, http_status: int, message: str, *, headers: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        self.http_status = http_status
+        self.headers = headers
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    host: str  # the address the server binds
+    port: int  # 0 picks a free port; the server then knows the real one
+    token: str | None  # with a token, every non-public route needs it (bearer or login cookie)
+    allowed_hosts: frozenset[str]  # Host header names accepted (DNS rebinding defence)
+    csrf_token: str  # per-install secret that every HTML form and htmx request carries
+    db_path: str
+    log_requests: bool = False  # one line per request costs ~16% throughput (DESIGN §8)
+    timeout_s: float = REQUEST_TIMEOUT_S
+
+    @property
+    def has_token(self) -> bool:
+        """Tell whether requests must authenticate."""
+        return self.token is not None
+
+    @property
+    def login_cookie(self) -> str:
+        """Return the login cookie's value: derived from the token, so the token itself never sits in a cookie."""
+        return hmac_hex(self.token or "", "clare login cookie")
+
+
+def hmac_hex(key: str, message: str) -> str:
+    """Return HMAC-SHA256 of message under key, as hex."""
+    import hashlib  # with hmac: only the server and the remote client need them
+    import hmac
+
+    return hmac.new(key.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def same_secret(given: str | None, expected: str) -> bool:
+    """Compare a secret in constant time; None never matches."""
+    import hmac
+
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def is_loopback(host: str) -> bool:
+    """Tell whether binding `host` keeps the server on this machine."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def web_config(paths: Paths, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+               env: dict[str, str] | None = None, log_requests: bool = False) -> WebConfig:
+    """Read token and allowed host names from CLARE_TOKEN and clare.toml; refuse an open bind without a token."""
+    import socket
+
+    env = os.environ if env is None else env
+    config = load_config(paths.config)
+    token = env.get("CLARE_TOKEN") or config.get("token") or None
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        raise UsageError("the token is shorter than 16 characters; make one with: "
+                         "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    if not is_loopback(host) and token is None:
+        raise UsageError(f"binding {host or '*'} exposes Clare to the network without a token; set CLARE_TOKEN "
+                         "or token = \"...\" in clare.toml (python3 -c 'import secrets; "
+                         "print(secrets.token_urlsafe(32))'), or bind 127.0.0.1")
+    names = config.get("allowed_hosts", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UsageError(f"{paths.config}: allowed_hosts must be a list of host names")
+    allowed = {host.lower(), *LOOPBACK_HOSTS, *(n.lower() for n in names)}
+    if host in WILDCARD_HOSTS:
+        allowed.add(socket.gethostname().lower())
+    db = open_db(paths.db)
+    try:
+        csrf = get_secret(db, "csrf_secret")
+    finally:
+        db.close()
+    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str  # the raw (percent-encoded) path, without the query
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # names lowercased
+    body: bytes
+    params: dict[str, str]  # the route's named groups, percent-decoded
+    db: Db  # this thread's connection, borrowed for the request
+    config: WebConfig
+
+    @property
+    def svc(self) -> Services:
+        """Return the services bound to this request's database."""
+        return Services(self.db)
+
+    def arg(self, name: str, default: str | None = None) -> str | None:
+        """Return the last value of one query parameter."""
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+    def int_arg(self, name: str, default: int, *, lo: int, hi: int) -> int:
+        """Return an integer query parameter within [lo, hi]; 400 otherwise."""
+        text = self.arg(name)
+        if text is None or text == "":
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise HttpError(400, f"query parameter {name}={text[:40]!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise HttpError(400, f"query parameter {name}={value} is outside {lo}-{hi}")
+        return value
+
+    def json(self, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Return the JSON object body holding the required fields and no unknown ones."""
+        try:
+            value = json.loads(self.body or b"{}")
+        except ValueError as err:
+            raise HttpError(400, f"the body is not valid JSON ({err}); send a JSON object") from err
+        if not isinstance(value, dict):
+            raise UsageError("the body must be a JSON object")
+        missing = [k for k in required if k not in value]
+        if missing:
+            raise UsageError(f"the body lacks {', '.join(missing)}")
+        unknown = sorted(set(value) - set(required) - set(optional))
+        if unknown:
+            raise UsageError(f"unknown field {', '.join(unknown)}; known: {', '.join(required + optional)}")
+        return value
+
+    def form(self) -> dict[str, str]:
+        """Return the urlencoded form body, the last value of each field."""
+        from urllib.parse import parse_qsl
+
+        try:
+            return dict(parse_qsl(self.body.decode(), keep_blank_values=True, max_num_fields=200))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise HttpError(400, f"the form body cannot be read ({err})") from err
+
+    @property
+    def is_htmx(self) -> bool:
+        """Tell whether htmx sent this request (it then wants a fragment, not a page)."""
+        return self.headers.get("hx-request") == "true"
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def json_response(value: Any, *, status: int = 200) -> Response:
+    """Return a JSON response of a value, dataclasses included."""
+    return Response(status, json.dumps(_jsonable(value), ensure_ascii=False).encode())
+
+
+def error_json(status: int, message: str) -> bytes:
+    """Return the JSON body of an error: {"error": {"code", "message"}}."""
+    return json.dumps({"error": {"code": ERROR_CODES.get(status, "error"), "message": message}}).encode()
+
+
+def _route(method: str, path: str) -> tuple[Callable[[Request], Response], dict[str, str]]:
+    """Find the handler of a path and method; 404 when no path matches, 405 with Allow when no method does."""
+    from urllib.parse import unquote
+
+    allowed = []
+    for route_method, pattern, handler in ROUTES:
+        m = pattern.fullmatch(path)
+        if m is None:
+            continue
+        if route_method == method or (method == "HEAD" and route_method == "GET"):
+            return handler, {k: unquote(v) for k, v in m.groupdict().items()}
+        allowed.append(route_method)
+    if allowed:
+        allow = ", ".join(sorted(set(allowed) | ({"HEAD"} if "GET" in allowed else set())))
+        raise HttpError(405, f"{method} is not allowed on {path}; use {allow}", headers=(("Allow", allow),))
+    raise HttpError(404, f"no such path {path}; the API lives under /api/v1 (see /api/v1/openapi.json)")
+
+
+def host_name(value: str) -> str:
+    """Return the host part of a Host header value, lowercased, without port or IPv6 brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    name, sep, port = value.rpartition(":")
+    return name if sep and port.isdigit() else value
+
+
+def _is_ip(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def check_host(config: WebConfig, hosts: list[str]) -> None:
+    """Refuse a request whose Host is not a name this server answers to."""
+    # SECURITY: DNS rebinding. A page on evil.example whose name is re-pointed at 127.0.0.1
+    # reaches us with Host: evil.example. An IP literal cannot be rebound, so on a wildcard
+    # bind (token required there) any literal address of this machine is fine.
+    if len(hosts) != 1:
+        raise HttpError(400, "a request needs exactly one Host header")
+    name = host_name(hosts[0])
+    if name in config.allowed_hosts or (config.host in WILDCARD_HOSTS and _is_ip(name)):
+        return
+    raise HttpError(403, f"host {name[:80]!r} is not one this server answers to; add it to allowed_hosts "
+                         "in clare.toml if it is yours")
+
+
+def check_origin(headers: dict[str, str]) -> None:
+    """Refuse a state-changing request that a browser sent from another site."""
+    # SECURITY: cross-site request forgery. Browsers send Origin on every non-GET fetch and
+    # form post; a request with neither Origin nor Sec-Fetch-Site came from a non-browser client.
+    if headers.get("sec-fetch-site", "").lower() == "cross-site":
+        raise HttpError(403, "cross-site requests may not change anything here")
+    origin = headers.get("origin")
+    if origin is None:
+        return
+    from urllib.parse import urlsplit
+
+    own = headers.get("host", "").lower()
+    parts = urlsplit(origin.lower())
+    if parts.scheme not in ("http", "https") or parts.netloc != own:
+        raise HttpError(403, f"origin {origin[:80]!r} is not this server ({own}); "
+                             "state changes must come from Clare's own pages or an API client")
+
+
+def check_auth(config: WebConfig, headers: dict[str, str]) -> None:
+    """Require the bearer token or the login cookie when the server has a token."""
+    if config.token is None:
+        return
+    auth = headers.get("authorization", "")
+    scheme, _, given = auth.partition(" ")
+    if scheme.lower() == "bearer" and same_secret(given.strip(), config.token):
+        return
+    if same_secret(_cookie(headers.get("cookie", ""), LOGIN_COOKIE), config.login_cookie):
+        return
+    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or open the login URL "
+                         "that 'clare serve' printed", headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
+
+
+def _cookie(header: str, name: str) -> str | None:
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value
+    return None
+
+
+def check_media(config: WebConfig, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
+    """Require JSON on the API and the CSRF token on forms, for a state-changing request."""
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    if path.startswith("/api/"):
+        # SECURITY: a cross-site page can POST text/plain or a form without a preflight;
+        # application/json it cannot.
+        if (body or method != "DELETE") and ctype != "application/json":
+            raise HttpError(415, f"send the body as JSON with 'Content-Type: application/json' (got {ctype or 'none'!r})")
+        return
+    if body and ctype != "application/x-www-form-urlencoded":
+        raise HttpError(415, f"send the form as application/x-www-form-urlencoded (got {ctype or 'none'!r})")
+    token = headers.get("x-csrf-token")
+    if token is None and body:
+        from urllib.parse import parse_qs
+
+        token = (parse_qs(body.decode(errors="replace"), max_num_fields=200).get("csrf") or [None])[-1]
+    # SECURITY: the per-install CSRF token rides in every page (hx-headers and a hidden field).
+    if not same_secret(token, config.csrf_token):
+        raise HttpError(403, "missing or stale form token; reload the page and try again")
+
+
+def check_length(path: str, headers: dict[str, str]) -> int:
+    """Return the declared body size; 411 without a length, 413 over the limit, before a byte is read."""
+    if "transfer-encoding" in headers:
+        raise HttpError(411, "chunked bodies are not accepted; send Content-Length")
+    text = headers.get("content-length", "0").strip() or "0"
+    if not text.isdigit():
+        raise HttpError(400, f"bad Content-Length {text[:20]!r}")
+    size = int(text)
+    limit = MAX_SYNC_BODY_BYTES if path.startswith(SYNC_PATH_PREFIX) else MAX_BODY_BYTES
+    if size > limit:
+        raise HttpError(413, f"the body is {size} bytes, over the limit of {limit}; send less at a time")
+    return size
+
+
+def _discard_body(h: Any) -> bool:
+    """Read and drop a refused request's body if its size passed the limit, so the client sees the answer."""
+    # Closing with unread data makes the kernel send RST, and the client may lose our reply.
+    if h.body_size is None:
+        return False
+    try:
+        return len(h.rfile.read(h.body_size)) == h.body_size
+    except OSError:
+        return False
+
+
+def _is_public(handler: Callable) -> bool:
+    return handler in (page_login, get_static)
+
+
+def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
+    """Answer one request: check it, route it, run its handler and write the response in one buffer.
+
+    The only code that writes to the socket. `error` answers a request http.server refused to parse.
+    """
+    server, method, started = h.server, getattr(h, "command", None) or "GET", time.perf_counter()
+    config: WebConfig = server.config
+    path, _, query_text = str(getattr(h, "path", "/")).partition("?")
+    message = getattr(h, "headers", None)  # absent when the request line itself was bad
+    headers = {k.lower(): v for k, v in message.items()} if message is not None else {}
+    is_api = path.startswith("/api/") or error is not None  # a broken request gets the plain JSON error
+    db = None
+    h.body_is_read, h.body_size = False, None
+    try:
+        if error is not None:
+            raise error
+        check_host(config, message.get_all("Host") or [])
+        size = h.body_size = check_length(path, headers)
+        handler, params = _route(method, path)
+        if not _is_public(handler):
+            check_auth(config, headers)
+        if method in STATE_CHANGING:
+            check_origin(headers)
+        body = h.rfile.read(size) if size else b""
+        if len(body) != size:
+            raise ConnectionError("the client closed the connection inside the body")
+        h.body_is_read = True
+        if method in STATE_CHANGING:
+            check_media(config, method, path, headers, body)
+        from urllib.parse import parse_qs
+
+        db = server.take_db()
+        req = Request(method, path, parse_qs(query_text, max_num_fields=100), headers, body, params, db, config)
+        resp = handler(req)
+    except (TimeoutError, ConnectionError):
+        h.close_connection = True  # the client is too slow or gone: nobody to answer
+        return
+    except ClareError as err:
+        extra = err.headers if isinstance(err, HttpError) else ()
+        status = err.http_status
+        if is_api:
+            resp = Response(status, error_json(status, str(err)), headers=extra)
+        elif headers.get("hx-request") == "true":  # show the reason in the page's message box
+            resp = html_response(flash(str(err)), status=status,
+                                 headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
+        else:
+            resp = html_response(error_page(status, str(err)), status=status, headers=extra)
+    except Exception:  # noqa: BLE001 - the edge: a bug must cost one 500, not the server
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        resp = Response(500, error_json(500, "internal error; see the server's log"))
+    finally:
+        if db is not None:
+            server.give_db(db)
+    if resp.status >= 400 and not h.body_is_read and headers.get("content-length", "0") not in ("", "0"):
+        if not _discard_body(h):
+            h.close_connection = True  # the unread body would be parsed as the next request
+    if server.is_stopping:
+        h.close_connection = True
+    from http.server import BaseHTTPRequestHandler
+
+    reason = BaseHTTPRequestHandler.responses.get(resp.status, ("",))[0]
+    lines = [f"HTTP/1.1 {resp.status} {reason}", f"Content-Type: {resp.content_type}",
+             f"Content-Length: {len(resp.body)}", *(f"{k}: {v}" for k, v in SECURITY_HEADERS)]
+    if not any(k.lower() == "cache-control" for k, _ in resp.headers):
+        lines.append("Cache-Control: no-store")
+    lines += [f"{k}: {v}" for k, v in resp.headers]
+    if h.close_connection:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
+    if config.log_requests:
+        h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+
+
+_SERVER_CLASS: list[type] = []  # made on first use: http.server is too heavy for every CLI start
+
+
+def make_server(config: WebConfig) -> Any:
+    """Bind a ThreadingHTTPServer for `config` (port 0 picks a free port); serve it with serve_forever."""
+    if not _SERVER_CLASS:
+        _SERVER_CLASS.append(_define_server())
+    try:
+        return _SERVER_CLASS[0](config)
+    except OSError as err:
+        raise ClareError(f"cannot listen on {config.host}:{config.port}: {err.strerror}; "
+                         "pick another --port or stop what holds it") from err
+
+
+def _define_server() -> type:
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive
+        server_version = f"clare/{__version__}"
+        sys_version = ""
+
+        def setup(self) -> None:
+            self.timeout = self.server.config.timeout_s  # every read and write on the socket
+            super().setup()
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except ConnectionError:  # the client went away: nothing to answer
+                self.close_connection = True
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            self.close_connection = True
+            _dispatch(self, error=HttpError(code, message or explain or "the request cannot be read"))
+
+        def log_message(self, format: str, *args: Any) -> None:
+            if self.server.config.log_requests:
+                super().log_message(format, *args)
+
+        def do_any(self) -> None:
+            self.server.enter()  # counted from the request line on, so SIGTERM waits for it
+            try:
+                _dispatch(self)
+            finally:
+                self.server.leave()
+
+        do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_any
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True  # idle keep-alive connections must not hold up exit; see drain()
+        request_queue_size = LISTEN_BACKLOG
+
+        def __init__(self, config: WebConfig):
+            if ":" in config.host:
+                self.address_family = socket.AF_INET6
+            self.config = config
+            self.is_stopping = False
+            self._dbs: list[Db] = []  # idle connections: one per thread at a time, reused
+            self._lock = threading.Lock()
+            self._idle = threading.Condition(self._lock)
+            self._n_busy = 0  # requests being handled now
+            super().__init__((config.host, config.port), Handler)
+            self.config = dataclasses.replace(config, port=self.server_address[1])
+
+        def take_db(self) -> Db:
+            """Borrow an open connection (a new connection per request costs ~4x, DESIGN §8)."""
+            with self._lock:
+                if self._dbs:
+                    return self._dbs.pop()
+            return open_db(self.config.db_path)
+
+        def give_db(self, db: Db) -> None:
+            """Return a borrowed connection."""
+            if db.conn.in_transaction:  # a bug left a transaction open: do not lend this one again
+                db.close()
+                return
+            with self._lock:
+                self._dbs.append(db)
+
+        def enter(self) -> None:
+            with self._lock:
+                self._n_busy += 1
+
+        def leave(self) -> None:
+            with self._lock:
+                self._n_busy -= 1
+                self._idle.notify_all()
+
+        def drain(self, timeout_s: float) -> bool:
+            """Wait until no request is being handled; say whether that happened in time."""
+            self.is_stopping = True
+            with self._lock:
+                return self._idle.wait_for(lambda: self._n_busy == 0, timeout=timeout_s)
+
+        def server_close(self) -> None:
+            super().server_close()
+            with self._lock:
+                dbs, self._dbs = self._dbs, []
+            for db in dbs:
+                db.close()
+
+        @property
+        def url(self) -> str:
+            """Return the base URL people should open."""
+            host = self.config.host
+            host = "127.0.0.1" if host in WILDCARD_HOSTS else host
+            return f"http://[{host}]:{self.config.port}" if ":" in host else f"http://{host}:{self.config.port}"
+
+    return Server
+
+
+def run_server(server: Any, *, on_start: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then finish the requests in flight and close."""
+    import signal
+    import threading
+
+    def stop(signum: int, frame: Any) -> None:
+        server.is_stopping = True
+        # shutdown() waits for serve_forever, which runs in this very thread: ask from another.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if on_start is not None:
+            on_start()
+        server.serve_forever(poll_interval=0.2)
+        server.drain(SHUTDOWN_GRACE_S)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        server.server_close()
+
+
+# --- HTML building blocks -------------------------------------------------
+
+_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"})
+
+
+class Html(str):
+    """Text that is already safe HTML: render() inserts it as it is."""
+
+    __slots__ = ()
+
+
+def escape(value: object) -> Html:
+    """Return a value as HTML text: Html stays as it is, anything else is escaped."""
+    return value if isinstance(value, Html) else Html(str(value).translate(_ESCAPES))
+
+
+def render(template: "string.Template", **values: Any) -> Html:
+    """Fill a template, escaping every value that is not Html; a missing key raises KeyError."""
+    return Html(template.substitute({k: escape(v) for k, v in values.items()}))
+
+
+def join(parts: Iterable[Html]) -> Html:
+    """Concatenate rendered pieces."""
+    return Html("".join(parts))
+
+
+POLL_ATTRS = string.Template('hx-get="$url" hx-trigger="every ${every}s" hx-swap="outerHTML"')
+FORM_ATTRS = string.Template('method="post" action="$url" hx-post="$url" hx-target="$target" hx-swap="$swap" '
+                             'hx-trigger="$trigger"')
+
+
+def poll_attrs(url: str, *, every_s: int = POLL_S) -> Html:
+    """Return the htmx attributes that make an element replace itself from `url` every few seconds."""
+    return render(POLL_ATTRS, url=url, every=every_s)
+
+
+def form_attrs(url: str, *, target: str, swap: str = "outerHTML", trigger: str = "submit") -> Html:
+    """Return the attributes of a form that posts through htmx and still posts plainly without JavaScript."""
+    return render(FORM_ATTRS, url=url, target=target, swap=swap, trigger=trigger)
+
+
+def html_response(body: Html, *, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    """Return an HTML response."""
+    return Response(status, body.encode(), "text/html; charset=utf-8", headers)
+
+
+def redirect(url: str) -> Response:
+    """Return a 303 See Other to `url`: where a plain form post lands."""
+    return Response(303, b"", "text/plain", (("Location", url),))
+
+
+# htmx swaps 4xx bodies too, so a refused form shows its one-line reason in #flash.
+HTMX_CONFIG = {"includeIndicatorStyles": False, "defaultSwapStyle": "outerHTML", "historyCacheSize": 0,
+               "responseHandling": [{"code": "204", "swap": False}, {"code": "[23]..", "swap": True},
+                                    {"code": "[45]..", "swap": True, "error": True}]}
+NAV = (("/", "Dashboard"), ("/projects", "Projects"), ("/sessions", "Sessions"), ("/broadcast", "Broadcast"))
+
+PAGE = string.Template("""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="htmx-config" content="$htmx_config">
+<link rel="icon" href="data:,">
+<title>$title · Clare</title>
+<style>
+:root{--bg:#f5f6f8;--fg:#1b2129;--muted:#5f6b78;--card:#fff;--line:#e1e5ea;--soft:#eef1f5;--accent:#3b5bdb;
+--on-accent:#fff;--gray:#6b7785;--blue:#1c7ed6;--orange:#e8590c;--green:#2f9e44;--amber:#e67700;--red:#e03131;
+--violet:#7048e8;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#0e1115;--fg:#e2e6eb;--muted:#939eab;--card:#161a20;--line:#272d36;
+--soft:#1d222a;--accent:#7b93ff;--on-accent:#0e1115;--gray:#8d98a5;--blue:#4dabf7;--orange:#ff922b;--green:#51cf66;
+--amber:#fcc419;--red:#ff6b6b;--violet:#9775fa}}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%}
+body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,
+"Helvetica Neue",sans-serif}
+a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
+header.top{position:sticky;top:0;z-index:2;display:flex;flex-wrap:wrap;align-items:center;gap:.4rem 1.2rem;
+padding:.6rem 1.2rem;background:var(--card);border-bottom:1px solid var(--line)}
+.brand{font-weight:700;font-size:1.05rem;color:var(--fg);letter-spacing:.01em}
+.brand:hover{text-decoration:none}.brand b{color:var(--accent)}
+nav{display:flex;flex-wrap:wrap;gap:.15rem}
+nav a{color:var(--muted);padding:.3rem .65rem;border-radius:7px;font-weight:500}
+nav a:hover{background:var(--soft);text-decoration:none}
+nav a[aria-current=page]{background:var(--soft);color:var(--fg)}
+.host{margin-left:auto;color:var(--muted);font-size:.8rem}
+main{max-width:76rem;margin:0 auto;padding:1.2rem 1.2rem 2rem}
+h1{font-size:1.45rem;line-height:1.25;margin:.3rem 0 .3rem;overflow-wrap:anywhere}
+h2{font-size:.8rem;margin:0 0 .75rem;color:var(--muted);text-transform:uppercase;letter-spacing:.06em}
+.sub{color:var(--muted);margin:0 0 1.1rem}
+.card{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:1rem 1.1rem;margin:0 0 1rem;
+min-width:0}
+.grid{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(20rem,1fr));align-items:start}
+.grid>.card{margin:0}.grid+.grid,.grid+.card,.card+.grid{margin-top:1rem}
+.stats{display:grid;gap:.8rem;grid-template-columns:repeat(auto-fit,minmax(9rem,1fr));margin:0 0 1rem}
+.stat{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:.75rem 1rem}
+.stat b{display:block;font-size:1.6rem;line-height:1.2}.stat span{color:var(--muted);font-size:.82rem}
+.scroll{overflow-x:auto;margin:0 -.3rem}
+table{width:100%;border-collapse:collapse;font-size:.92rem}
+th{text-align:left;color:var(--muted);font-weight:600;font-size:.72rem;text-transform:uppercase;letter-spacing:.05em;
+padding:.35rem .45rem;border-bottom:1px solid var(--line);white-space:nowrap}
+td{padding:.5rem .45rem;border-bottom:1px solid var(--line);vertical-align:middle}
+tr:last-child td{border-bottom:0}
+td.title{min-width:12rem;overflow-wrap:anywhere}
+.badge{display:inline-block;padding:.05rem .55rem;border-radius:999px;font-size:.76rem;font-weight:600;
+white-space:nowrap;color:var(--c);background:color-mix(in srgb,var(--c) 14%,transparent);
+border:1px solid color-mix(in srgb,var(--c) 30%,transparent)}
+.c-gray{--c:var(--gray)}.c-blue{--c:var(--blue)}.c-orange{--c:var(--orange)}.c-green{--c:var(--green)}
+.c-amber{--c:var(--amber)}.c-red{--c:var(--red)}.c-violet{--c:var(--violet)}
+.counts{display:flex;flex-wrap:wrap;gap:.3rem}
+progress{width:6rem;height:.45rem;border:0;border-radius:4px;background:var(--soft);vertical-align:middle}
+progress::-webkit-progress-bar{background:var(--soft);border-radius:4px}
+progress::-webkit-progress-value{background:var(--green);border-radius:4px}
+progress::-moz-progress-bar{background:var(--green);border-radius:4px}
+.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.84em}
+.muted{color:var(--muted)}.small{font-size:.85rem}
+.empty{color:var(--muted);margin:.2rem 0}
+ul.feed{list-style:none;margin:0;padding:0}
+ul.feed li{padding:.45rem 0;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
+ul.feed li:last-child{border-bottom:0}
+ul.feed time{display:block;color:var(--muted);font-size:.76rem}
+pre.text{white-space:pre-wrap;overflow-wrap:anywhere;font:inherit;margin:.2rem 0}
+form.row{display:flex;flex-wrap:wrap;gap:.55rem;align-items:flex-end;margin:0 0 .8rem}
+form.row label{flex:1 1 10rem}form.row label.wide{flex-basis:100%}
+form.tight{display:inline-flex;gap:.3rem;align-items:center;margin:0}
+label{display:flex;flex-direction:column;gap:.2rem;font-size:.78rem;color:var(--muted);font-weight:500}
+input,select,textarea{font:inherit;font-size:.92rem;color:var(--fg);background:var(--bg);border:1px solid var(--line);
+border-radius:7px;padding:.4rem .55rem;min-width:0}
+textarea{min-height:4.5rem;resize:vertical}
+input:focus,select:focus,textarea:focus{outline:2px solid color-mix(in srgb,var(--accent) 55%,transparent);
+outline-offset:0;border-color:var(--accent)}
+button{font:inherit;font-size:.9rem;font-weight:600;cursor:pointer;border-radius:7px;padding:.42rem .9rem;
+border:1px solid var(--accent);background:var(--accent);color:var(--on-accent)}
+button.ghost{background:transparent;color:var(--fg);border-color:var(--line)}
+button:hover{filter:brightness(1.08)}
+select.status{padding:.2rem .4rem;font-size:.85rem}
+dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:.35rem 1rem;margin:0}
+dl.facts dt{color:var(--muted);font-size:.85rem}dl.facts dd{margin:0;overflow-wrap:anywhere}
+#flash:empty{display:none}
+.flash{border-radius:10px;padding:.65rem .9rem;margin:0 auto 1rem;max-width:76rem}
+.flash.error{background:color-mix(in srgb,var(--red) 12%,var(--card));border:1px solid var(--red)}
+.flash.ok{background:color-mix(in srgb,var(--green) 12%,var(--card));border:1px solid var(--green)}
+.htmx-request{opacity:.65;transition:opacity .2s}
+footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
+@media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
+.host{display:none}.hide-sm{display:none}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
+</style>
+<script src="/static/htmx.min.js?v=$htmx_version" defer></script>
+</head>
+<body hx-headers="$hx_headers">
+<header class="top"><a class="brand" href="/"><b>◆</b> Clare</a><nav>$nav</nav><span class="host">$host</span></header>
+<main>
+<div id="flash" role="status" aria-live="polite"></div>
+$main
+</main>
+<footer>clare $version · parts of this page refresh every $poll_s s</footer>
+</body>
+</html>
+""")
+NAV_LINK = string.Template('<a href="$href"$current>$label</a>')
+FLASH = string.Template('<div id="flash" role="status" aria-live="polite"$oob>$message</div>')
+FLASH_MESSAGE = string.Template('<p class="flash $kind">$text</p>')
+
+
+def page(req: Request, title: str, main: Html, *, status: int = 200) -> Response:
+    """Return a full page: the shared head, styles, navigation and htmx setup around `main`."""
+    current = "/" + req.path.split("/")[1] if req.path != "/" else "/"
+    nav = join(render(NAV_LINK, href=href, label=label,
+                      current=Html(' aria-current="page"') if href == current else Html(""))
+               for href, label in NAV)
+    return html_response(render(
+        PAGE, title=title, main=main, nav=nav, host=req.db.machine_id, version=__version__, poll_s=POLL_S,
+        htmx_version=HTMX_VERSION, htmx_config=json.dumps(HTMX_CONFIG),
+        hx_headers=json.dumps({"X-CSRF-Token": req.config.csrf_token})), status=status)
+
+
+def flash(text: str, *, kind: str = "error", oob: bool = False) -> Html:
+    """Return the #flash box with one message (empty text clears it); oob swaps it beside another answer."""
+    return render(FLASH, oob=Html(' hx-swap-oob="true"') if oob else Html(""),
+                  message=render(FLASH_MESSAGE, kind=kind, text=text) if text else Html(""))
+
+
+def error_page(status: int, message: str) -> Html:
+    """Return the full page shown for an HTTP error, without the database (it may be the problem)."""
+    return render(PAGE_ERROR, status=status, message=message)
+
+
+PAGE_ERROR = string.Template("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark"><title>$status · Clare</title>
+<style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
+@media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
+<body><h1>$status</h1><p>$message</p><p><a href="/">Back to the dashboard</a></p></body></html>
+""")
+
+
+# --- dashboard pages and their htmx fragments -----------------------------
+
+TASK_COLORS = {"todo": "gray", "in_progress": "blue", "blocked": "orange", "done": "green"}
+PROJECT_COLORS = {"active": "blue", "paused": "amber", "done": "green"}
+
+BADGE = string.Template('<span class="badge c-$color">$label</span>')
+CSRF_FIELD = string.Template('<input type="hidden" name="csrf" value="$csrf">')
+OPTION = string.Template('<option value="$value"$selected>$label</option>')
+STAT = string.Template('<div class="stat"><b>$n</b><span>$label</span></div>')
+EMPTY = string.Template('<p class="empty">$text</p>')
+FEED = string.Template('<ul class="feed">$items</ul>')
+FEED_ITEM = string.Template('<li>$text<time datetime="$at">$when · $where</time></li>')
+
+FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
+<div class="stats">$stats</div>
+<section class="card"><h2>Projects</h2>$table</section>
+</div>""")
+PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>Project</th><th>Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Owner</th></tr></thead>
+<tbody>$rows</tbody></table></div>""")
+PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a><div class="muted small">$goal</div></td>
+<td>$status</td><td><div class="counts">$counts</div></td>
+<td class="hide-sm"><progress value="$n_done" max="$n_total" title="$n_done of $n_total done">$n_done/$n_total</progress></td>
+<td class="hide-sm muted">$owner</td></tr>""")
+FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
+<h2>Recent activity</h2>$body</section>""")
+PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
+<h2>New project</h2>
+<form class="row" $attrs>$csrf
+<label>Name<input name="name" required maxlength="100" placeholder="alpha" autocomplete="off"></label>
+<label>Goal<input name="goal" maxlength="2000" placeholder="what done looks like"></label>
+<label>Owner<input name="owner" maxlength="100" placeholder="who answers for it"></label>
+<button type="submit">Create</button>
+</form></section>""")
+MAIN_DASHBOARD = string.Template("""<h1>Dashboard</h1>
+<p class="sub">What needs you first, then where every project stands.</p>
+$attention
+$projects
+<div class="grid">$fleet$activity$project_form</div>""")
+MAIN_PROJECTS = string.Template("""<h1>Projects</h1>
+<p class="sub">Every project on this Clare, with its tasks by status.</p>
+$project_form
+$projects""")
+
+MAIN_PROJECT = string.Template("""<p class="muted small"><a href="/projects">Projects</a> /</p>
+<h1>$name</h1>
+<p class="sub">$status $goal</p>
+$tasks
+<div class="grid">
+$task_form
+<section class="card"><h2>About</h2>
+<dl class="facts"><dt>Status</dt><dd><form class="tight" $status_attrs>$csrf
+<select name="status" class="status" aria-label="project status">$status_options</select>
+<noscript><button class="ghost">Set</button></noscript></form></dd>
+<dt>Owner</dt><dd>$owner</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
+</div>
+<div class="grid">
+<section class="card"><h2>Recent updates</h2>$updates</section>
+<section class="card"><h2>History</h2>$history</section>
+</div>""")
+FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
+<h2>Tasks</h2>$table</section>""")
+TASKS_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>Pri</th><th>Task</th><th>Status</th><th>Assigned</th><th class="hide-sm">Id</th></tr></thead>
+<tbody>$rows</tbody></table></div>""")
+TASK_ROW = string.Template("""<tr><td><span class="badge c-$pri_color">P$priority</span></td>
+<td class="title"><a href="/tasks/$id">$title</a></td>
+<td>$status_form</td><td>$assignee</td><td class="hide-sm mono muted">$short_id</td></tr>""")
+STATUS_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
+<select name="status" class="status" aria-label="task status">$options</select>
+<noscript><button class="ghost">Set</button></noscript></form>""")
+TASK_FORM = string.Template("""<section class="card" id="task-form"$oob>
+<h2>Add a task</h2>
+<form class="row" $attrs>$csrf
+<label class="wide">Title<input name="title" required maxlength="300" placeholder="write the parser" autocomplete="off"></label>
+<label>Priority<select name="priority">$priorities</select></label>
+<label class="wide">Description<textarea name="description" maxlength="20000"></textarea></label>
+<button type="submit">Add task</button>
+</form></section>""")
+
+MAIN_TASK = string.Template("""<p class="muted small"><a href="/projects">Projects</a> / <a href="/projects/$project_id">$project</a> /</p>
+<h1>$title</h1>
+<p class="sub">$short_id · P$priority</p>
+<div class="grid">
+$task_card
+<section class="card"><h2>Assign</h2>
+<form class="row" $assign_attrs>$csrf<input type="hidden" name="view" value="task">
+<label>Session id<input name="session_id" placeholder="7c1e9b" autocomplete="off" list="session-ids"></label>
+<label>or group<select name="group"><option value="">—</option>$group_options</select></label>
+<button type="submit">Assign</button></form>
+$session_list</section>
+</div>
+<div class="grid">
+<section class="card"><h2>Updates</h2>
+$update_form
+$updates</section>
+<section class="card"><h2>History</h2>$history</section>
+</div>""")
+FRAG_TASK = string.Template("""<section class="card" id="frag-task" $poll>
+<h2>Task</h2>
+<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
+<dt>Assigned</dt><dd>$assignee $unassign</dd>
+<dt>Priority</dt><dd>P$priority</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl>
+$description</section>""")
+UNASSIGN_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="task">
+<button class="ghost" type="submit">Unassign</button></form>""")
+UPDATE_FORM = string.Template("""<form class="row" id="update-form" $attrs$oob>$csrf
+<label class="wide">Note<textarea name="text" required maxlength="20000" placeholder="what happened"></textarea></label>
+<button type="submit">Post update</button></form>""")
+FRAG_UPDATES = string.Template("""<div id="frag-updates" $poll>$items</div>""")
+ASSIGNEE = string.Template('<span class="mono">$kind $id</span>')
+DESCRIPTION = string.Template('<pre class="text">$text</pre>')
+
+
+def badge(label: str, color: str) -> Html:
+    """Return a coloured state badge."""
+    return render(BADGE, label=label, color=color)
+
+
+def options(choices: Iterable[tuple[str, str]], selected: str | None) -> Html:
+    """Return <option> elements, marking the selected value."""
+    return join(render(OPTION, value=value, label=label,
+                       selected=Html(" selected") if value == selected else Html("")) for value, label in choices)
+
+
+def csrf_field(req: Request) -> Html:
+    """Return the hidden CSRF field of a form that must also work without JavaScript."""
+    return render(CSRF_FIELD, csrf=req.config.csrf_token)
+
+
+def feed(events: list[Event], *, empty: str) -> Html:
+    """Return events as a newest-first list of sentences."""
+    if not events:
+        return render(EMPTY, text=empty)
+    return render(FEED, items=join(
+        render(FEED_ITEM, text=describe_event(ev), at=ev.created_at, when=_short_time(ev.created_at),
+               where=ev.machine_id) for ev in reversed(events)))
+
+
+def _short_time(created_at: str) -> str:
+    return created_at[:16].replace("T", " ")
+
+
+def assignee_text(task: Task) -> Html:
+    """Return who a task is bound to, for a table cell."""
+    if task.session_id:
+        return render(ASSIGNEE, kind="session", id=task.session_id[:SHORT_ID])
+    if task.group_id:
+        return render(ASSIGNEE, kind="group", id=task.group_id[:SHORT_ID])
+    return Html('<span class="muted">—</span>')
+
+
+def projects_fragment(req: Request) -> Html:
+    """Render the project roll-up (stat tiles and table), polled in place."""
+    projects = req.svc.list_projects()
+    totals = {s: sum(p.task_counts[s] for p in projects) for s in TASK_STATUSES}
+    stats = join(render(STAT, n=n, label=label) for n, label in (
+        (sum(p.status == "active" for p in projects), "active projects"),
+        (totals["todo"], "tasks to do"), (totals["in_progress"], "in progress"), (totals["blocked"], "blocked"),
+        (totals["done"], "done")))
+    if not projects:
+        table_html = render(EMPTY, text="No projects yet. Create one below, or: clare project new NAME")
+    else:
+        table_html = render(PROJECTS_TABLE, rows=join(render(
+            PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
+            status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
+            counts=join(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
+                        for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
+            n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1) for p in projects))
+    return render(FRAG_PROJECTS, poll=poll_attrs("/frag/projects"), stats=stats, table=table_html)
+
+
+def activity_fragment(req: Request) -> Html:
+    """Render the newest events of the log, polled in place."""
+    return render(FRAG_ACTIVITY, poll=poll_attrs("/frag/activity"),
+                  body=feed(req.svc.list_events(limit=12), empty="Nothing has happened yet."))
+
+
+def project_form(req: Request, *, oob: bool = False) -> Html:
+    """Render the new-project form (oob: to reset it beside another answer)."""
+    return render(PROJECT_FORM, csrf=csrf_field(req), attrs=form_attrs("/projects", target="#frag-projects"),
+                  oob=Html(' hx-swap-oob="true"') if oob else Html(""))
+
+
+def page_dashboard(req: Request) -> Response:
+    """Show what needs attention, the project roll-up, the fleet and recent activity."""
+    return page(req, "Dashboard", render(
+        MAIN_DASHBOARD, attention=attention_fragment(req), projects=projects_fragment(req),
+        fleet=fleet_fragment(req), activity=activity_fragment(req), project_form=project_form(req)))
+
+
+def page_projects(req: Request) -> Response:
+    """List the projects, with a form to create one."""
+    return page(req, "Projects", render(MAIN_PROJECTS, projects=projects_fragment(req),
+                                        project_form=project_form(req)))
+
+
+def frag_projects(req: Request) -> Response:
+    """Answer the projects poll."""
+    return html_response(projects_fragment(req))
+
+
+def frag_activity(req: Request) -> Response:
+    """Answer the activity poll."""
+    return html_response(activity_fragment(req))
+
+
+def frag_create_project(req: Request) -> Response:
+    """Create a project from the form; htmx gets the refreshed roll-up, a plain post a redirect."""
+    f = req.form()
+    p = req.svc.create_project(f.get("name", ""), goal=f.get("goal", ""), owner=f.get("owner", ""))
+    if not req.is_htmx:
+        return redirect(f"/projects/{p.id}")
+    return html_response(join([projects_fragment(req), project_form(req, oob=True),
+                               flash(f"Created project {p.name}.", kind="ok", oob=True)]))
+
+
+def tasks_fragment(req: Request, project: Project) -> Html:
+    """Render a project's task table, polled in place."""
+    tasks = req.svc.list_tasks(project_id=project.id)
+    if not tasks:
+        table_html = render(EMPTY, text="No tasks yet. Add the first one below.")
+    else:
+        table_html = render(TASKS_TABLE, rows=join(render(
+            TASK_ROW, id=t.id, short_id=t.id[:SHORT_ID], title=t.title, priority=t.priority,
+            pri_color="red" if t.priority == 0 else "orange" if t.priority == 1 else "gray",
+            status_form=status_form(req, t, view="tasks"), assignee=assignee_text(t)) for t in tasks))
+    return render(FRAG_PROJECT_TASKS, poll=poll_attrs(f"/frag/projects/{project.id}/tasks"), table=table_html)
+
+
+def status_form(req: Request, task: Task, *, view: str) -> Html:
+    """Render the select that changes a task's status as soon as it changes."""
+    target = "#frag-task" if view == "task" else "#frag-tasks"
+    return render(STATUS_FORM, attrs=form_attrs(f"/tasks/{task.id}/status", target=target, trigger="change"),
+                  csrf=csrf_field(req),
+                  view=view, options=options(((s, STATUS_LABEL[s]) for s in TASK_STATUSES), task.status))
+
+
+def task_form(req: Request, project: Project, *, oob: bool = False) -> Html:
+    """Render the add-task form of a project."""
+    return render(TASK_FORM, csrf=csrf_field(req), oob=Html(' hx-swap-oob="true"') if oob else Html(""),
+                  attrs=form_attrs(f"/projects/{project.id}/tasks", target="#frag-tasks"),
+                  priorities=options(((str(n), f"P{n}") for n in PRIORITIES), str(DEFAULT_PRIORITY)))
+
+
+def page_project(req: Request) -> Response:
+    """Show a project: its tasks, a form to add one, its updates and history."""
+    svc = req.svc
+    p = svc.get_project(req.params["project"])
+    tasks = svc.list_tasks(project_id=p.id)
+    updates = svc.list_updates(task_ids=[t.id for t in tasks], limit=10)
+    return page(req, p.name, render(
+        MAIN_PROJECT, name=p.name, id=p.id, owner=p.owner or "—", created=_short_time(p.created_at),
+        status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")), goal=p.goal, csrf=csrf_field(req),
+        status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
+        status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
+        tasks=tasks_fragment(req, p), task_form=task_form(req, p),
+        updates=updates_list(updates, empty="No updates on these tasks yet."),
+        history=feed(svc.project_history(p, limit=30), empty="No history.")))
+
+
+def updates_list(updates: list[Update], *, empty: str) -> Html:
+    """Render progress notes, newest first."""
+    if not updates:
+        return render(EMPTY, text=empty)
+    return render(FEED, items=join(
+        render(FEED_ITEM, text=u.text, at=u.created_at, when=_short_time(u.created_at),
+               where=f"{u.source} · {u.machine_id}") for u in reversed(updates)))
+
+
+def frag_project_tasks(req: Request) -> Response:
+    """Answer the task-table poll of a project."""
+    return html_response(tasks_fragment(req, req.svc.get_project(req.params["project"])))
+
+
+def frag_add_task(req: Request) -> Response:
+    """Add a task from the form; htmx gets the refreshed task table."""
+    f = req.form()
+    t = req.svc.create_task(req.params["project"], f.get("title", ""), description=f.get("description", ""),
+                            priority=_form_int(f.get("priority", str(DEFAULT_PRIORITY)), "priority"))
+    if not req.is_htmx:
+        return redirect(f"/projects/{t.project_id}")
+    p = req.svc.get_project(t.project_id)
+    return html_response(join([tasks_fragment(req, p), task_form(req, p, oob=True),
+                               flash(f"Added {t.title}.", kind="ok", oob=True)]))
+
+
+def _form_int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{what} {text[:20]!r} is not a whole number") from None
+
+
+def frag_set_project_status(req: Request) -> Response:
+    """Change a project's status from its select."""
+    p = req.svc.edit_project(req.params["project"], status=req.form().get("status", ""))
+    if not req.is_htmx:
+        return redirect(f"/projects/{p.id}")
+    return html_response(flash(f"Project {p.name} is now {p.status}.", kind="ok", oob=True))
+
+
+def task_fragment(req: Request, task: Task) -> Html:
+    """Render a task's facts card, polled in place."""
+    unassign = (render(UNASSIGN_FORM, csrf=csrf_field(req),
+                       attrs=form_attrs(f"/tasks/{task.id}/unassign", target="#frag-task"))
+                if task.session_id or task.group_id else Html(""))
+    return render(FRAG_TASK, poll=poll_attrs(f"/frag/tasks/{task.id}"), id=task.id, priority=task.priority,
+                  status_form=status_form(req, task, view="task"), assignee=assignee_text(task), unassign=unassign,
+                  created=_short_time(task.created_at),
+                  description=render(DESCRIPTION, text=task.description) if task.description else Html(""))
+
+
+def updates_fragment(req: Request, task: Task) -> Html:
+    """Render a task's updates, polled in place."""
+    items = updates_list(req.svc.list_updates(task_ids=[task.id], limit=50), empty="No updates yet.")
+    return render(FRAG_UPDATES, poll=poll_attrs(f"/frag/tasks/{task.id}/updates"), items=items)
+
+
+def update_form(req: Request, task: Task, *, oob: bool = False) -> Html:
+    """Render the post-update form of a task."""
+    return render(UPDATE_FORM, csrf=csrf_field(req), oob=Html(' hx-swap-oob="true"') if oob else Html(""),
+                  attrs=form_attrs(f"/tasks/{task.id}/updates", target="#frag-updates"))
+
+
+def page_task(req: Request) -> Response:
+    """Show a task: status, assignment, updates and history, with forms to change them."""
+    svc = req.svc
+    t = svc.get_task(req.params["task"])
+    return page(req, t.title, render(
+        MAIN_TASK, title=t.title, project=t.project, project_id=t.project_id, short_id=t.id[:SHORT_ID],
+        priority=t.priority, task_card=task_fragment(req, t), csrf=csrf_field(req),
+        assign_attrs=form_attrs(f"/tasks/{t.id}/assignment", target="#frag-task"),
+        group_options=options(((g.name, g.name) for g in svc.list_groups()), None),
+        session_list=session_datalist(req), update_form=update_form(req, t), updates=updates_fragment(req, t),
+        history=feed(svc.list_history([t.id], limit=50), empty="No history.")))
+
+
+def frag_task(req: Request) -> Response:
+    """Answer the task-card poll."""
+    return html_response(task_fragment(req, req.svc.get_task(req.params["task"])))
+
+
+def frag_task_updates(req: Request) -> Response:
+    """Answer the updates poll of a task."""
+    return html_response(updates_fragment(req, req.svc.get_task(req.params["task"])))
+
+
+def _after_task_change(req: Request, task: Task, message: str) -> Response:
+    view = req.form().get("view")
+    if not req.is_htmx:
+        return redirect(f"/tasks/{task.id}" if view == "task" else f"/projects/{task.project_id}")
+    if view == "task":
+        body = task_fragment(req, task)
+    else:
+        body = tasks_fragment(req, req.svc.get_project(task.project_id))
+    return html_response(join([body, flash(message, kind="ok", oob=True)]))
+
+
+def frag_set_task_status(req: Request) -> Response:
+    """Change a task's status from its select."""
+    t = req.svc.edit_task(req.params["task"], status=req.form().get("status", ""))
+    return _after_task_change(req, t, f"{t.title}: {STATUS_LABEL[t.status]}.")
+
+
+def frag_assign_task(req: Request) -> Response:
+    """Assign a task to the session id or the group of the form."""
+    f = req.form()
+    t = req.svc.assign_task(req.params["task"], session_id=f.get("session_id", "").strip() or None,
+                            group_ref=f.get("group") or None)
+    return _after_task_change(req, t, f"{t.title}: assigned.")
+
+
+def frag_unassign_task(req: Request) -> Response:
+    """End a task's assignment."""
+    t = req.svc.unassign_task(req.params["task"])
+    return _after_task_change(req, t, f"{t.title}: unassigned.")
+
+
+def frag_post_update(req: Request) -> Response:
+    """Post a progress note on a task; htmx gets the refreshed list and an empty form."""
+    svc = req.svc
+    t = svc.get_task(req.params["task"])
+    svc.post_update(req.form().get("text", ""), task_ref=t.id)
+    if not req.is_htmx:
+        return redirect(f"/tasks/{t.id}")
+    return html_response(join([updates_fragment(req, t), update_form(req, t, oob=True),
+                               flash("Update posted.", kind="ok", oob=True)]))
+
+
+def attention_fragment(req: Request) -> Html:
+    """Render the sessions that wait for a person, longest-waiting first."""
+    return Html("")  # TODO(#4): sessions arrive with the fleet work
+
+
+def fleet_fragment(req: Request) -> Html:
+    """Render every session with its state and current task."""
+    return Html("")  # TODO(#4): sessions arrive with the fleet work
+
+
+def session_datalist(req: Request) -> Html:
+    """Render the known session ids for the assign form."""
+    return Html("")  # TODO(#4): sessions arrive with the fleet work
+
+
+# --- JSON API ------------------------------------------------------------
+
+
+def _event_json(ev: Event) -> dict[str, Any]:
+    return {**ev.to_json(), "rseq": ev.rseq}
+
+
+def api_list_projects(req: Request) -> Response:
+    """List projects with task counts; ?status= filters."""
+    return json_response(req.svc.list_projects(status=req.arg("status")))
+
+
+def api_create_project(req: Request) -> Response:
+    """Create a project from {name, goal?, owner?}."""
+    b = req.json(required=("name",), optional=("goal", "owner"))
+    return json_response(req.svc.create_project(b["name"], goal=b.get("goal", ""), owner=b.get("owner", "")),
+                         status=201)
+
+
+def api_get_project(req: Request) -> Response:
+    """Return one project by name or id prefix."""
+    return json_response(req.svc.get_project(req.params["project"]))
+
+
+def api_edit_project(req: Request) -> Response:
+    """Change a project from {name?, goal?, owner?, status?}."""
+    b = req.json(optional=("name", "goal", "owner", "status"))
+    return json_response(req.svc.edit_project(req.params["project"], **b))
+
+
+def api_project_history(req: Request) -> Response:
+    """Return the events about a project and its tasks, oldest first."""
+    svc = req.svc
+    limit = req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE)
+    return json_response([_event_json(e) for e in svc.project_history(svc.get_project(req.params["project"]),
+                                                                        limit=limit)])
+
+
+def api_list_tasks(req: Request) -> Response:
+    """List tasks, most urgent first; ?project= ?status= ?session= ?group= filter."""
+    svc = req.svc
+    project, group = req.arg("project"), req.arg("group")
+    return json_response(svc.list_tasks(project_id=svc.get_project(project).id if project else None,
+                                        status=req.arg("status"), session_id=req.arg("session"),
+                                        group_id=svc.get_group(group).id if group else None))
+
+
+def api_create_task(req: Request) -> Response:
+    """Add a task from {project, title, priority?, description?}."""
+    b = req.json(required=("project", "title"), optional=("priority", "description"))
+    return json_response(req.svc.create_task(b["project"], b["title"], priority=b.get("priority", DEFAULT_PRIORITY),
+                                             description=b.get("description", "")), status=201)
+
+
+def api_get_task(req: Request) -> Response:
+    """Return one task by id prefix."""
+    return json_response(req.svc.get_task(req.params["task"]))
+
+
+def api_edit_task(req: Request) -> Response:
+    """Change a task from {title?, description?, priority?, status?}."""
+    b = req.json(optional=("title", "description", "priority", "status"))
+    return json_response(req.svc.edit_task(req.params["task"], **b))
+
+
+def api_task_history(req: Request) -> Response:
+    """Return the events about one task, oldest first."""
+    svc = req.svc
+    limit = req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE)
+    return json_response([_event_json(e) for e in svc.list_history([svc.get_task(req.params["task"]).id],
+                                                                   limit=limit)])
+
+
+def api_assign_task(req: Request) -> Response:
+    """Assign a task from {session_id} or {group}."""
+    b = req.json(optional=("session_id", "group"))
+    return json_response(req.svc.assign_task(req.params["task"], session_id=b.get("session_id"),
+                                             group_ref=b.get("group")))
+
+
+def api_unassign_task(req: Request) -> Response:
+    """End a task's assignment."""
+    return json_response(req.svc.unassign_task(req.params["task"]))
+
+
+def api_list_groups(req: Request) -> Response:
+    """List the groups."""
+    return json_response(req.svc.list_groups())
+
+
+def api_create_group(req: Request) -> Response:
+    """Create a group from {name, cwd?, host?, tmux_name?}."""
+    b = req.json(required=("name",), optional=("cwd", "host", "tmux_name"))
+    return json_response(req.svc.create_group(b.pop("name"), **b), status=201)
+
+
+def api_get_group(req: Request) -> Response:
+    """Return one group by name or id prefix."""
+    return json_response(req.svc.get_group(req.params["group"]))
+
+
+def api_remove_group(req: Request) -> Response:
+    """Remove a group; its tasks become unassigned."""
+    return json_response(req.svc.remove_group(req.params["group"]))
+
+
+def api_list_updates(req: Request) -> Response:
+    """Return the newest updates, newest last; ?task= (repeatable) or ?id= narrows them."""
+    svc = req.svc
+    tasks = req.query.get("task")
+    limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
+    return json_response(svc.list_updates(task_ids=[svc.get_task(t).id for t in tasks] if tasks else None,
+                                          update_id=req.arg("id"), limit=limit))
+
+
+def api_post_update(req: Request) -> Response:
+    """Post a progress note from {task, text, source?, session_id?}."""
+    b = req.json(required=("text",), optional=("task", "source", "session_id"))
+    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id"),
+                                             source=b.get("source", "message")), status=201)
+
+
+def api_status(req: Request) -> Response:
+    """Return the roll-up: projects with task counts, and the size of the log."""
+    svc = req.svc
+    return json_response({"projects": svc.list_projects(), "n_events": svc.count_events(),
+                          "machine_id": req.db.machine_id})
+
+
+def api_list_events(req: Request) -> Response:
+    """Page through the log: ?after=RSEQ in receipt order, or without it the newest, newest last."""
+    limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
+    after = req.int_arg("after", -1, lo=0, hi=2**62)
+    if after < 0:
+        events = req.svc.list_events(limit=limit)
+        has_more = False
+    else:
+        import itertools
+
+        events = list(itertools.islice(iter_events(req.db, after=after, batch=limit + 1), limit + 1))
+        has_more, events = len(events) > limit, events[:limit]
+    next_after = max((e.rseq for e in events), default=max(after, 0))
+    return json_response({"events": [_event_json(e) for e in events], "next_after": next_after,
+                          "has_more": has_more})
+
+
+def api_history(req: Request) -> Response:
+    """Return the newest events naming any ?entity= id, oldest first."""
+    ids = req.query.get("entity", [])
+    if not ids or len(ids) > 100:
+        raise HttpError(400, "give 1 to 100 entity ids as ?entity=ID&entity=ID")
+    return json_response([_event_json(e) for e in req.svc.list_history(
+        ids, limit=req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE))])
+
+
+def api_import_events(req: Request) -> Response:
+    """Store the events of {lines: [JSON text, ...]} not yet here; report what happened to each."""
+    lines = req.json(required=("lines",))["lines"]
+    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+        raise UsageError("lines must be a list of JSON texts, one event each")
+    result, bad = req.svc.import_events(lines)
+    return json_response({"inserted": [_event_json(e) for e in result.inserted],
+                          "duplicates": result.n_duplicates, "conflicts": result.conflicts, "rejected": bad})
+
+
+def api_replay(req: Request) -> Response:
+    """Rebuild every projection from the log."""
+    return json_response({"events": req.svc.replay()})
+
+
+def get_static(req: Request) -> Response:
+    """Serve a vendored file from static/ with a year-long cache (the URL carries its version)."""
+    name = req.params["name"]
+    kind = STATIC_TYPES.get(os.path.splitext(name)[1])
+    path = os.path.join(STATIC_DIR, name)
+    if kind is None or not os.path.isfile(path):
+        raise NotFound(f"no static file {name!r}")
+    with open(path, "rb") as f:
+        body = f.read()
+    return Response(200, body, kind, (("Cache-Control", "public, max-age=31536000, immutable"),))
+
+
+def page_login(req: Request) -> Response:
+    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie, then go to the dashboard."""
+    config = req.config
+    if config.token is not None:
+        if not same_secret(req.arg("token"), config.token):
+            raise HttpError(401, "wrong or missing token; open the exact login URL that 'clare serve' printed")
+        cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
+        return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
+    return Response(303, b"", "text/plain", (("Location", "/"),))
+
+
+# --- the remote twin of Services ----------------------------------------
+
+REMOTE_TIMEOUT_S = 30.0
+_REMOTE_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
+
+
+def _build(cls: type, obj: dict[str, Any]) -> Any:
+    """Rebuild a dataclass from its JSON object; fields the server added are ignored."""
+    return cls(**{name: obj[name] for name in cls.__slots__ if name in obj})
+
+
+class RemoteServices:
+    """The services of Services, run by a remote Clare through its JSON API: same names, same values.
+
+    Raises the same error classes as a local call, with the server's message.
+    """
+
+    __slots__ = ("url", "token")
+
+    def __init__(self, url: str, *, token: str | None = None):
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
+        """Send one API request and return its decoded JSON; raise the server's error as a ClareError."""
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        pairs = [(k, x) for k, v in (query or {}).items() if v is not None
+                 for x in (v if isinstance(v, list) else [v])]
+        url = self.url + path + ("?" + urllib.parse.urlencode(pairs) if pairs else "")
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Accept": "application/json", **({"Content-Type": "application/json"} if data is not None else {}),
+                   **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=REMOTE_TIMEOUT_S) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as err:
+            try:
+                message = json.loads(err.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = f"{self.url} answered {err.code} {err.reason}"
+            raise _REMOTE_ERRORS.get(err.code, ClareError)(message) from err
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ClareError(f"cannot reach {self.url} ({reason}); check --remote / CLARE_URL and that "
+                             "'clare serve' runs there") from err
+        except ValueError as err:
+            raise ClareError(f"{self.url} did not answer JSON; is it a Clare server?") from err
+
+    @staticmethod
+    def _path(ref: str) -> str:
+        from urllib.parse import quote
+
+        return quote(ref, safe="")
+
+    def create_project(self, name: str, *, goal: str = "", owner: str = "") -> Project:
+        """Create a project."""
+        return _build(Project, self.call("POST", "/api/v1/projects", body={"name": name, "goal": goal, "owner": owner}))
+
+    def edit_project(self, ref: str, **changes: Any) -> Project:
+        """Change some fields of a project."""
+        body = {k: v for k, v in changes.items() if v is not None}
+        return _build(Project, self.call("PATCH", f"/api/v1/projects/{self._path(ref)}", body=body))
+
+    def get_project(self, ref: str) -> Project:
+        """Return one project by name or id prefix."""
+        return _build(Project, self.call("GET", f"/api/v1/projects/{self._path(ref)}"))
+
+    def list_projects(self, *, status: str | None = None) -> list[Project]:
+        """Return the projects."""
+        return [_build(Project, p) for p in self.call("GET", "/api/v1/projects", query={"status": status})]
+
+    def project_history(self, project: Project, *, limit: int = 200) -> list[Event]:
+        """Return the events about a project and its tasks."""
+        return [_build(Event, e) for e in self.call("GET", f"/api/v1/projects/{project.id}/history",
+                                                    query={"limit": limit})]
+
+    def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
+                    description: str = "") -> Task:
+        """Add a task to a project."""
+        return _build(Task, self.call("POST", "/api/v1/tasks", body={
+            "project": project_ref, "title": title, "priority": priority, "description": description}))
+
+    def edit_task(self, ref: str, **changes: Any) -> Task:
+        """Change some fields of a task."""
+        body = {k: v for k, v in changes.items() if v is not None}
+        return _build(Task, self.call("PATCH", f"/api/v1/tasks/{self._path(ref)}", body=body))
+
+    def get_task(self, ref: str) -> Task:
+        """Return one task by id prefix."""
+        return _build(Task, self.call("GET", f"/api/v1/tasks/{self._path(ref)}"))
+
+    def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
+                   session_id: str | None = None, group_id: str | None = None) -> list[Task]:
+        """Return tasks, most urgent first."""
+        query = {"project": project_id, "status": status, "session": session_id, "group": group_id}
+        return [_build(Task, t) for t in self.call("GET", "/api/v1/tasks", query=query)]
+
+    def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
+        """Bind a task to a session or a group."""
+        body = {k: v for k, v in (("session_id", session_id), ("group", group_ref)) if v is not None}
+        return _build(Task, self.call("POST", f"/api/v1/tasks/{self._path(ref)}/assignment", body=body))
+
+    def unassign_task(self, ref: str) -> Task:
+        """End a task's binding."""
+        return _build(Task, self.call("DELETE", f"/api/v1/tasks/{self._path(ref)}/assignment"))
+
+    def create_group(self, name: str, *, cwd: str | None = None, host: str | None = None,
+                     tmux_name: str | None = None) -> Group:
+        """Create a group of sessions."""
+        body = {k: v for k, v in (("name", name), ("cwd", cwd), ("host", host), ("tmux_name", tmux_name))
+                if v is not None}
+        return _build(Group, self.call("POST", "/api/v1/groups", body=body))
+
+    def remove_group(self, ref: str) -> Group:
+        """Remove a group."""
+        return _build(Group, self.call("DELETE", f"/api/v1/groups/{self._path(ref)}"))
+
+    def get_group(self, ref: str) -> Group:
+        """Return one group by name or id prefix."""
+        return _build(Group, self.call("GET", f"/api/v1/groups/{self._path(ref)}"))
+
+    def list_groups(self) -> list[Group]:
+        """Return the groups."""
+        return [_build(Group, g) for g in self.call("GET", "/api/v1/groups")]
+
+    def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
+                    source: str = "message") -> Update:
+        """Post a progress note."""
+        body = {k: v for k, v in (("text", text), ("task", task_ref), ("session_id", session_id),
+                                  ("source", source)) if v is not None}
+        return _build(Update, self.call("POST", "/api/v1/updates", body=body))
+
+    def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
+                     limit: int = 50) -> list[Update]:
+        """Return the newest updates, newest last."""
+        if task_ids == []:
+            return []
+        query = {"task": task_ids, "id": update_id, "limit": limit}
+        return [_build(Update, u) for u in self.call("GET", "/api/v1/updates", query=query)]
+
+    def list_history(self, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
+        """Return the events naming any of these entities, oldest first."""
+        return [_build(Event, e) for e in self.call("GET", "/api/v1/history",
+                                                    query={"entity": entity_ids, "limit": limit})]
+
+    def list_events(self, *, limit: int = 50) -> list[Event]:
+        """Return the newest events, newest last."""
+        page = self.call("GET", "/api/v1/events", query={"limit": min(limit, MAX_EVENTS_PAGE)})
+        return [_build(Event, e) for e in page["events"]]
+
+    def import_events(self, lines: Iterable[str]) -> tuple[InsertResult, list[str]]:
+        """Send JSON lines of events; return what the server stored and one reason per bad line."""
+        got = self.call("POST", "/api/v1/import", body={"lines": [x.rstrip("\n") for x in lines]})
+        return (InsertResult([_build(Event, e) for e in got["inserted"]], got["duplicates"], got["conflicts"]),
+                got["rejected"])
+
+    def replay(self) -> int:
+        """Rebuild the server's projections; return how many events it applied."""
+        return self.call("POST", "/api/v1/replay", body={})["events"]
+
+    def count_events(self) -> int:
+        """Return how many events the server's log holds."""
+        return self.call("GET", "/api/v1/status")["n_events"]
+
+
+_REF = r"(?P<%s>[^/]+)"
+ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
+    (method, re.compile(pattern), handler) for method, pattern, handler in (
+        ("GET", r"/api/v1/projects", api_list_projects),
+        ("POST", r"/api/v1/projects", api_create_project),
+        ("GET", r"/api/v1/projects/" + _REF % "project", api_get_project),
+        ("PATCH", r"/api/v1/projects/" + _REF % "project", api_edit_project),
+        ("GET", r"/api/v1/projects/" + _REF % "project" + "/history", api_project_history),
+        ("GET", r"/api/v1/tasks", api_list_tasks),
+        ("POST", r"/api/v1/tasks", api_create_task),
+        ("GET", r"/api/v1/tasks/" + _REF % "task", api_get_task),
+        ("PATCH", r"/api/v1/tasks/" + _REF % "task", api_edit_task),
+        ("GET", r"/api/v1/tasks/" + _REF % "task" + "/history", api_task_history),
+        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_assign_task),
+        ("DELETE", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_unassign_task),
+        ("GET", r"/api/v1/groups", api_list_groups),
+        ("POST", r"/api/v1/groups", api_create_group),
+        ("GET", r"/api/v1/groups/" + _REF % "group", api_get_group),
+        ("DELETE", r"/api/v1/groups/" + _REF % "group", api_remove_group),
+        ("GET", r"/api/v1/updates", api_list_updates),
+        ("POST", r"/api/v1/updates", api_post_update),
+        ("GET", r"/api/v1/status", api_status),
+        ("GET", r"/api/v1/events", api_list_events),
+        ("GET", r"/api/v1/history", api_history),
+        ("POST", r"/api/v1/import", api_import_events),
+        ("POST", r"/api/v1/replay", api_replay),
+        ("GET", r"/", page_dashboard),
+        ("GET", r"/projects", page_projects),
+        ("POST", r"/projects", frag_create_project),
+        ("GET", r"/projects/" + _REF % "project", page_project),
+        ("POST", r"/projects/" + _REF % "project" + "/tasks", frag_add_task),
+        ("POST", r"/projects/" + _REF % "project" + "/status", frag_set_project_status),
+        ("GET", r"/tasks/" + _REF % "task", page_task),
+        ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
+        ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
+        ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
+        ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
+        ("GET", r"/frag/projects", frag_projects),
+        ("GET", r"/frag/activity", frag_activity),
+        ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", frag_project_tasks),
+        ("GET", r"/frag/tasks/" + _REF % "task", frag_task),
+        ("GET", r"/frag/tasks/" + _REF % "task" + "/updates", frag_task_updates),
+        ("GET", r"/static/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)", get_static),
+        ("GET", r"/login", page_login),
+    )
+]
 
 
 # ==========================================================================
@@ -2878,24 +5232,41 @@ class Context:
         self.args = args
         self.paths = resolve_paths(home=args.home, db=args.db)
         self.as_json = bool(getattr(args, "json", False))
+        self.remote_url: str | None = getattr(args, "remote", None) or os.environ.get("CLARE_URL") or None
         self._db: Db | None = None
+        self._svc: Services | RemoteServices | None = None
 
     @property
     def db(self) -> Db:
         """Open the local database (creating it on first use)."""
+        if self.remote_url is not None:
+            raise UsageError(f"this command works on the local database only; run it without --remote "
+                             f"(now {self.remote_url}) and unset CLARE_URL")
         if self._db is None:
             self._db = open_db(self.paths.db)
         return self._db
 
     @property
-    def svc(self) -> Services:
-        """Return the services this command runs against."""
-        return Services(self.db)
+    def svc(self) -> "Services | RemoteServices":
+        """Return the services this command runs against: the local database, or --remote / CLARE_URL."""
+        if self._svc is None:
+            if self.remote_url is not None:
+                token = os.environ.get("CLARE_TOKEN") or load_config(self.paths.config).get("token")
+                self._svc = RemoteServices(_check_url(self.remote_url), token=token)
+            else:
+                self._svc = Services(self.db)
+        return self._svc
 
     def close(self) -> None:
         """Close what was opened."""
         if self._db is not None:
             self._db.close()
+
+
+def _check_url(url: str) -> str:
+    if not re.match(r"\Ahttps?://[^/\s]+/?\Z", url):
+        raise UsageError(f"remote URL {url!r} is not of the form http://HOST:PORT; check --remote or CLARE_URL")
+    return url
 
 
 def emit(ctx: Context, value: Any, text: str | Callable[[], str]) -> None:
@@ -2906,16 +5277,6 @@ def emit(ctx: Context, value: Any, text: str | Callable[[], str]) -> None:
         out = text() if callable(text) else text
         if out:
             print(out)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "to_json"):
-        return value.to_json()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
 
 
 def table(headers: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
@@ -3280,14 +5641,141 @@ def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
     return 1 if bad or result.conflicts else 0
 
 
+def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
+    """Add a peer to clare.toml."""
+    peer = add_peer(ctx.paths.config, args.url, name=args.name, token_env=args.token_env)
+    token = f"its token is read from ${peer.token_env}" if peer.token_env else "its token is CLARE_TOKEN's"
+    emit(ctx, peer, f"added peer {peer.name} ({peer.url}) to {ctx.paths.config}; {token}\n"
+                    f"sync now with: clare sync {peer.name}")
+
+
+def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
+    """List peers with their last sync, lag, clock offset and last error."""
+    rows = list_peers(ctx.db, load_peers(load_config(ctx.paths.config), path=ctx.paths.config))
+    now = now_ms()
+    emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "ERROR"), (
+        (r["name"] + ("" if r["is_configured"] else " (not in clare.toml)"), r["url"],
+         _ago(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
+         _short(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
+        for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
+
+
+def _ago(ms: int | None, now: int) -> str:
+    if ms is None:
+        return "never"
+    return f"{_duration(max(now - ms, 0))} ago" if now - ms >= 1000 else "just now"
+
+
+def _offset(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    text = ("+" if ms >= 0 else "-") + _duration(abs(ms))
+    return text + " SKEWED" if abs(ms) > MAX_OFFSET_MS else text
+
+
+def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
+    """Run one round (pull, then push) with every configured peer or one; print what moved."""
+    config = load_config(ctx.paths.config)
+    peers = load_peers(config, path=ctx.paths.config)
+    if args.peer:
+        peers = [find_peer(peers, args.peer)]
+    elif not peers:
+        raise UsageError("no peers configured; add one with: clare peer add http://HOST:8765 --name NAME "
+                         "(or sync once with: clare sync http://HOST:8765)")
+    results: list[Any] = []
+    for peer in peers:
+        progress = ProgressLine(peer.name)
+        try:
+            transport = HttpPeer(peer.url, token=peer_token(peer, config))
+            report = sync_with(ctx.db, transport, name=peer.name, progress=progress, verify=args.verify)
+        except ClareError as err:  # the per-peer loop: one dead peer never stops the others
+            progress.close()
+            print(f"clare: error: {peer.name}: {err}", file=sys.stderr)
+            results.append({"name": peer.name, "url": peer.url, "error": str(err)})
+            continue
+        progress.close()
+        if report.is_skewed:
+            print(f"clare: warning: {skew_message(peer.name, report.offset_ms)}", file=sys.stderr)
+        for r in report.rejected[:5]:
+            print(f"clare: {peer.name}: event {r.get('uuid')} refused: {r.get('reason')}", file=sys.stderr)
+        results.append(report)
+    emit(ctx, results, lambda: "\n".join(
+        f"{r['name']}: failed" if isinstance(r, dict) else format_sync_report(r) for r in results))
+    return 1 if any(isinstance(r, dict) for r in results) else 0
+
+
+def format_sync_report(r: SyncReport) -> str:
+    """Return one line saying what a round with one peer moved."""
+    line = f"{r.name}: pulled {r.n_pulled}, pushed {r.n_pushed}"
+    if r.offset_ms is not None:
+        line += f", clock {_offset(r.offset_ms)}"
+    if r.conflicts:
+        line += f", {len(r.conflicts)} conflicting (same uuid, other content; ours kept)"
+    if r.rejected:
+        line += f", {len(r.rejected)} refused as malformed"
+    if r.verify is not None:
+        v = r.verify
+        line += (f"; verify: {v['days']} days compared, {len(v['days_differ'])} differed, "
+                 f"fetched {v['fetched']}, sent {v['sent']}")
+    return line
+
+
+class ProgressLine:
+    """A progress line on stderr: rewritten in place on a terminal, else printed every few seconds."""
+
+    def __init__(self, name: str, *, stream: Any = None):
+        self.name = name
+        self.stream = stream or sys.stderr
+        self.is_tty = self.stream.isatty()
+        self.last_s = -1e9
+        self.is_open = False  # a rewritten line waits for its newline
+
+    def __call__(self, what: str, moved: int, total: int) -> None:
+        """Show how many of the events have moved."""
+        now_s = time.monotonic()
+        if moved < total and now_s - self.last_s < (0.1 if self.is_tty else 5.0):
+            return
+        self.last_s = now_s
+        line = f"{self.name}: {what} {moved}/{total} events"
+        self.stream.write(f"\r{line}\x1b[K" if self.is_tty else line + "\n")
+        self.stream.flush()
+        self.is_open = self.is_tty
+
+    def close(self) -> None:
+        """End the line."""
+        if self.is_open:
+            self.stream.write("\n")
+            self.is_open = False
+
+
+def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
+    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C."""
+    config = web_config(ctx.paths, host=args.host, port=args.port, log_requests=args.log)
+    server = make_server(config)
+
+    def started() -> None:
+        print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
+        if config.token is not None:
+            print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
+    run_server(server, on_start=started)
+    print("clare: stopped", flush=True)
+
+
 GROUP_HELP = {
     "project": "create, list, show and change projects",
     "task": "add, list, show and move tasks",
     "group": "name groups of sessions by cwd, host or tmux session name",
     "hooks": "install, remove and check Clare's Claude Code hooks",
+    "peer": "add and list the hosts this one syncs with",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
 _JSON = arg("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
+
+_SERVE_ARGS = (
+    arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
+    arg("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"),
+    arg("--log", action="store_true", help="print one line per request to stderr"),
+)
 
 COMMANDS: list[Command] = [
     Command(("init",), cmd_init, "create the database and this host's machine id (idempotent)",
@@ -3378,13 +5866,33 @@ COMMANDS: list[Command] = [
     Command(("export",), cmd_export, "write the event log as JSON lines",
             "clare export backup.jsonl\n  clare export | gzip > backup.jsonl.gz",
             (arg("file", nargs="?", help="output file; '-' or none for stdout"),)),
+    Command(("serve",), cmd_serve, "serve the dashboard and the JSON API (alias: web)",
+            "clare serve\n  CLARE_TOKEN=$(cat ~/.clare-token) clare serve --host 0.0.0.0 --port 8765", _SERVE_ARGS),
+    Command(("web",), cmd_serve, "the same as serve", "clare web --port 9000", _SERVE_ARGS),
     Command(("import",), cmd_import, "add the events of a JSON-lines file (idempotent)",
             "clare import backup.jsonl", (arg("file", help="input file; '-' for stdin"),)),
+    Command(("peer", "add"), cmd_peer_add, "add a peer to clare.toml",
+            "clare peer add http://10.9.0.2:8765 --name apricot --token-env APRICOT_TOKEN",
+            (arg("url", help="where the peer's 'clare serve' answers"),
+             arg("--name", help="what to call it (default: from the URL's host)"),
+             arg("--token-env", help="environment variable holding its token (default: CLARE_TOKEN)"))),
+    Command(("peer", "list"), cmd_peer_list, "list peers: last sync, events behind, clock offset, last error",
+            "clare peer list --json"),
+    Command(("sync",), cmd_sync, "sync once with every peer, or one: pull, then push; print what moved",
+            "clare sync\n  clare sync apricot\n  clare sync http://10.9.0.2:8765 --verify",
+            (arg("peer", nargs="?", help="a configured peer's name or URL, or any peer's URL"),
+             arg("--verify", action="store_true",
+                 help="also compare per-day digests and fetch or send anything missing (anti-entropy)"))),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argparse tree from COMMANDS."""
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Build the argparse tree from COMMANDS: all of it, or only the command that argv names.
+
+    Every leaf costs argparse a quarter of a millisecond, so a run that names a whole
+    command builds just that branch; help, errors and anything unrecognised get the full tree.
+    """
+    wanted = _named_command(argv) if argv is not None else None
     parser = argparse.ArgumentParser(
         prog="clare", description="Clare: projects and tasks for a fleet of Claude Code sessions.",
         epilog="example:\n  clare project new alpha --goal 'ship v1'\n  clare task add alpha 'write the parser'"
@@ -3394,9 +5902,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", metavar="DIR", help="folder of clare.db and clare.toml (env CLARE_HOME)")
     parser.add_argument("--db", metavar="FILE", help="use this database file")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--remote", metavar="URL",
+                        help="run the command on the Clare server at URL, e.g. http://apricot:8765 (env CLARE_URL; "
+                             "token from CLARE_TOKEN)")
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {
         (): parser.add_subparsers(title="commands", metavar="COMMAND")}
     for cmd in COMMANDS:
+        if wanted is not None and cmd.path != wanted:
+            continue
         for depth in range(1, len(cmd.path)):
             prefix = cmd.path[:depth]
             if prefix not in groups:
@@ -3410,6 +5923,22 @@ def build_parser() -> argparse.ArgumentParser:
             leaf.add_argument(*flags, **options)
         leaf.set_defaults(handler=cmd.handler)
     return parser
+
+
+def _named_command(argv: list[str]) -> tuple[str, ...] | None:
+    words = []
+    tokens = iter(argv)
+    for token in tokens:
+        if token in ("--home", "--db"):
+            next(tokens, None)
+        elif token in ("-h", "--help"):
+            return None
+        elif not token.startswith("-"):
+            words.append(token)
+    for cmd in COMMANDS:
+        if tuple(words[:len(cmd.path)]) == cmd.path:
+            return cmd.path
+    return None
 
 
 def _group_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace, Context], int]:
@@ -3426,7 +5955,8 @@ def _group_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
 
 def main(argv: list[str] | None = None) -> int:
     """Run one CLI command; return its exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help()

@@ -80,6 +80,91 @@ def seeds(n: int, salt: str) -> list[int]:
     return [rng.randrange(2**32) for _ in range(n)]
 
 
+@dataclass
+class Reply:
+    status: int
+    headers: dict  # names lowercased
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+class Served:
+    """A live Clare server on 127.0.0.1 and a small HTTP client for it."""
+
+    def __init__(self, server, token):
+        self.server = server
+        self.config = server.config
+        self.port = server.config.port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = token
+
+    def request(self, method: str, path: str, *, json_body=None, body: bytes | None = None,
+                headers: dict | None = None, auth: bool = True, timeout: float = 10) -> Reply:
+        """Send one request on a fresh connection; the token goes along unless auth=False."""
+        import http.client
+
+        hdrs = dict(headers or {})
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        if auth and self.token:
+            hdrs.setdefault("Authorization", f"Bearer {self.token}")
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=hdrs)
+            resp = conn.getresponse()
+            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def form(self, path: str, fields: dict, *, csrf: bool = True, headers: dict | None = None) -> Reply:
+        """Post an urlencoded form as the dashboard's htmx would."""
+        from urllib.parse import urlencode
+
+        hdrs = {"Content-Type": "application/x-www-form-urlencoded", "HX-Request": "true", **(headers or {})}
+        if csrf:
+            hdrs["X-CSRF-Token"] = self.config.csrf_token
+        return self.request("POST", path, body=urlencode(fields).encode(), headers=hdrs)
+
+
+@pytest.fixture
+def serve(home, db):
+    """Start Clare servers on 127.0.0.1 port 0 (serve_forever in a daemon thread); stop them at teardown."""
+    import threading
+
+    started = []
+
+    def start(*, token: str | None = None, timeout_s: float = clare.REQUEST_TIMEOUT_S,
+              allowed_hosts: tuple = ()) -> Served:
+        if allowed_hosts:
+            (home / "clare.toml").write_text(f"allowed_hosts = {json.dumps(list(allowed_hosts))}\n")
+        config = clare.web_config(clare.resolve_paths(), host="127.0.0.1", port=0,
+                                  env={"CLARE_TOKEN": token} if token else {})
+        server = clare.make_server(clare.dataclasses.replace(config, timeout_s=timeout_s))
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        return Served(server, token)
+
+    yield start
+    for server, thread in started:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.fixture
+def server(serve) -> Served:
+    """A live Clare server without a token on 127.0.0.1."""
+    return serve()
+
+
 FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
 
 
@@ -156,3 +241,12 @@ def tmux(home, monkeypatch):
     yield server
     server.run("kill-server", check=False)
     shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def observe(db, session_ids, *, now_ms: int, cwd: str = "/srv/app", state: str = "waiting"):
+    """Record that these Claude sessions (and no others) run on the db's host, as `pull` would."""
+    seen = [clare.Observation(session_id=sid, cwd=cwd, tmux_socket=None, tmux_target=f"main:{i}.0",
+                              pane_id=f"%{i}", pid=None, command="claude", state=state,
+                              last_activity_ms=now_ms, label="", tokens={})
+            for i, sid in enumerate(session_ids)]
+    return clare.observe_sessions(db, seen, now_ms=now_ms)

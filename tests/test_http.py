@@ -1,0 +1,466 @@
+"""The JSON API and the HTTP rules, against a real server on 127.0.0.1 port 0."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import clare
+from conftest import observe, CLARE_PY
+
+
+def make_project(server, name="alpha", **extra):
+    r = server.request("POST", "/api/v1/projects", json_body={"name": name, **extra})
+    assert r.status == 201, r.body
+    return r.json()
+
+
+def make_task(server, project="alpha", title="write the parser", **extra):
+    r = server.request("POST", "/api/v1/tasks", json_body={"project": project, "title": title, **extra})
+    assert r.status == 201, r.body
+    return r.json()
+
+
+def error_of(reply):
+    body = reply.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    return body["error"]["code"]
+
+
+# --- routes ----------------------------------------------------------------
+
+def test_projects_can_be_created_listed_fetched_and_changed(server):
+    p = make_project(server, "alpha", goal="ship v1", owner="ana")
+    assert p["name"] == "alpha" and p["status"] == "active" and p["task_counts"]["todo"] == 0
+    assert [x["id"] for x in server.request("GET", "/api/v1/projects").json()] == [p["id"]]
+    assert server.request("GET", "/api/v1/projects/alpha").json()["id"] == p["id"]
+    assert server.request("GET", f"/api/v1/projects/{p['id'][:6]}").json()["name"] == "alpha"
+    r = server.request("PATCH", "/api/v1/projects/alpha", json_body={"status": "paused", "goal": "v2"})
+    assert r.status == 200 and r.json()["status"] == "paused" and r.json()["goal"] == "v2"
+    assert server.request("GET", "/api/v1/projects?status=active").json() == []
+    assert len(server.request("GET", "/api/v1/projects?status=paused").json()) == 1
+    history = server.request("GET", "/api/v1/projects/alpha/history").json()
+    assert [e["event_type"] for e in history] == ["project.created", "project.updated"]
+
+
+def test_project_json_matches_the_cli_json(server, cli):
+    make_project(server, "alpha")
+    assert server.request("GET", "/api/v1/projects").json() == json.loads(cli("--json", "project", "list").out)
+
+
+def test_a_name_with_a_slash_or_space_is_reachable_percent_encoded(server):
+    make_project(server, "ops/web team")
+    assert server.request("GET", "/api/v1/projects/ops%2Fweb%20team").json()["name"] == "ops/web team"
+
+
+def test_tasks_can_be_added_filtered_changed_and_assigned(server, db):
+    observe(db, ["7c1e9b00-0000-4000-8000-000000000001"], now_ms=clare.now_ms())
+    make_project(server, "alpha")
+    make_project(server, "beta")
+    t = make_task(server, "alpha", "write the parser", priority=1, description="tokens first")
+    make_task(server, "beta", "other")
+    assert t["project"] == "alpha" and t["priority"] == 1 and t["status"] == "todo"
+    assert [x["id"] for x in server.request("GET", "/api/v1/tasks?project=alpha").json()] == [t["id"]]
+    assert len(server.request("GET", "/api/v1/tasks").json()) == 2
+    r = server.request("PATCH", f"/api/v1/tasks/{t['id'][:8]}", json_body={"status": "in_progress"})
+    assert r.json()["status"] == "in_progress"
+    assert [x["id"] for x in server.request("GET", "/api/v1/tasks?status=in_progress").json()] == [t["id"]]
+    assert server.request("GET", f"/api/v1/tasks/{t['id']}").json()["title"] == "write the parser"
+
+    r = server.request("POST", f"/api/v1/tasks/{t['id']}/assignment", json_body={"session_id": "7c1e9b"})
+    assert r.status == 200 and r.json()["session_id"] == "7c1e9b00-0000-4000-8000-000000000001"
+    assert [x["id"] for x in server.request(
+        "GET", "/api/v1/tasks?session=7c1e9b00-0000-4000-8000-000000000001").json()] == [t["id"]]
+    r = server.request("DELETE", f"/api/v1/tasks/{t['id']}/assignment")
+    assert r.status == 200 and r.json()["session_id"] is None
+    history = server.request("GET", f"/api/v1/tasks/{t['id']}/history").json()
+    assert [e["event_type"] for e in history] == ["task.created", "task.updated", "task.assigned",
+                                                  "task.unassigned"]
+
+
+def test_groups_can_be_created_used_and_removed(server):
+    make_project(server)
+    t = make_task(server)
+    r = server.request("POST", "/api/v1/groups", json_body={"name": "backend", "cwd": "/srv/api"})
+    assert r.status == 201 and r.json()["cwd"] == "/srv/api"
+    r = server.request("POST", f"/api/v1/tasks/{t['id']}/assignment", json_body={"group": "backend"})
+    assert r.json()["group_id"] == r.json()["group_id"] and r.json()["group_id"]
+    assert len(server.request("GET", "/api/v1/tasks?group=backend").json()) == 1
+    assert [g["name"] for g in server.request("GET", "/api/v1/groups").json()] == ["backend"]
+    assert server.request("DELETE", "/api/v1/groups/backend").status == 200
+    assert server.request("GET", "/api/v1/groups").json() == []
+    assert server.request("GET", f"/api/v1/tasks/{t['id']}").json()["group_id"] is None
+
+
+def test_updates_are_posted_and_listed_per_task(server):
+    make_project(server)
+    t = make_task(server)
+    r = server.request("POST", "/api/v1/updates", json_body={"task": t["id"][:8], "text": "blocked on review"})
+    assert r.status == 201 and r.json()["task_id"] == t["id"] and r.json()["source"] == "message"
+    assert [u["text"] for u in server.request("GET", f"/api/v1/updates?task={t['id']}").json()] == [
+        "blocked on review"]
+    assert len(server.request("GET", "/api/v1/updates").json()) == 1
+
+
+def test_status_rolls_up_task_counts(server):
+    make_project(server)
+    make_task(server)
+    body = server.request("GET", "/api/v1/status").json()
+    assert body["projects"][0]["task_counts"]["todo"] == 1
+    assert body["n_events"] == 2 and body["machine_id"] == "testhost"
+
+
+def test_events_page_by_receipt_order(server):
+    make_project(server)
+    for i in range(4):
+        make_task(server, title=f"t{i}")
+    page = server.request("GET", "/api/v1/events?after=0&limit=2").json()
+    assert [e["rseq"] for e in page["events"]] == [1, 2] and page["has_more"] and page["next_after"] == 2
+    page = server.request("GET", "/api/v1/events?after=2&limit=10").json()
+    assert [e["rseq"] for e in page["events"]] == [3, 4, 5] and not page["has_more"] and page["next_after"] == 5
+    newest = server.request("GET", "/api/v1/events?limit=2").json()["events"]
+    assert [e["payload"]["title"] for e in newest] == ["t2", "t3"]
+    assert server.request("GET", "/api/v1/events?after=5").json() == {"events": [], "next_after": 5,
+                                                                     "has_more": False}
+
+
+def test_history_import_and_replay(server, cli):
+    p = make_project(server)
+    events = server.request("GET", f"/api/v1/history?entity={p['id']}").json()
+    assert [e["event_type"] for e in events] == ["project.created"]
+    line = json.dumps({k: events[0][k] for k in clare.EVENT_KEYS})
+    r = server.request("POST", "/api/v1/import", json_body={"lines": [line, "{not json"]})
+    assert r.json()["duplicates"] == 1 and r.json()["inserted"] == [] and len(r.json()["rejected"]) == 1
+    assert server.request("POST", "/api/v1/replay", json_body={}).json() == {"events": 1}
+
+
+def test_static_htmx_is_served_with_a_long_cache_lifetime(server):
+    r = server.request("GET", "/static/htmx.min.js")
+    assert r.status == 200 and r.headers["content-type"].startswith("text/javascript")
+    assert "max-age=31536000" in r.headers["cache-control"] and b"htmx" in r.body[:2000]
+    assert server.request("GET", "/static/nothing.js").status == 404
+    assert server.request("GET", "/static/..%2Fclare.py").status == 404
+
+
+def test_head_answers_like_get_without_a_body(server):
+    r = server.request("HEAD", "/api/v1/status")
+    assert r.status == 200 and r.body == b"" and int(r.headers["content-length"]) > 0
+
+
+def test_every_response_carries_the_security_headers(server):
+    r = server.request("GET", "/api/v1/projects")
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    assert r.headers["cache-control"] == "no-store"
+
+
+# --- error statuses --------------------------------------------------------
+
+def test_unknown_path_is_404_and_unknown_entity_is_404(server):
+    r = server.request("GET", "/api/v1/nothing")
+    assert r.status == 404 and error_of(r) == "not_found"
+    r = server.request("GET", "/api/v1/projects/nope")
+    assert r.status == 404 and "clare project list" in r.json()["error"]["message"]
+    assert server.request("GET", "/api/v1/tasks/abcdef").status == 404
+
+
+def test_wrong_method_is_405_with_allow(server):
+    r = server.request("DELETE", "/api/v1/projects")
+    assert r.status == 405 and error_of(r) == "method_not_allowed"
+    assert r.headers["allow"] == "GET, HEAD, POST"
+
+
+def test_malformed_json_is_400_and_bad_values_are_422(server):
+    r = server.request("POST", "/api/v1/projects", body=b"{oops", headers={"Content-Type": "application/json"})
+    assert r.status == 400 and error_of(r) == "bad_request"
+    r = server.request("POST", "/api/v1/projects", json_body=["alpha"])
+    assert r.status == 422 and error_of(r) == "invalid"
+    r = server.request("POST", "/api/v1/projects", json_body={"name": "  "})
+    assert r.status == 422 and "empty" in r.json()["error"]["message"]
+    r = server.request("POST", "/api/v1/projects", json_body={"name": "x", "colour": "red"})
+    assert r.status == 422 and "colour" in r.json()["error"]["message"]
+    r = server.request("POST", "/api/v1/projects", json_body={"goal": "x"})
+    assert r.status == 422 and "name" in r.json()["error"]["message"]
+    assert server.request("GET", "/api/v1/events?limit=zero").status == 400
+    assert server.request("GET", "/api/v1/events?limit=100000").status == 400
+    assert server.request("GET", "/api/v1/tasks/not-hex").status == 422
+
+
+def test_a_taken_name_is_409_and_nothing_is_recorded(server):
+    make_project(server, "alpha")
+    n_before = server.request("GET", "/api/v1/status").json()["n_events"]
+    r = server.request("POST", "/api/v1/projects", json_body={"name": "alpha"})
+    assert r.status == 409 and error_of(r) == "conflict"
+    assert server.request("GET", "/api/v1/status").json()["n_events"] == n_before
+
+
+def test_text_plain_post_is_415(server):
+    r = server.request("POST", "/api/v1/projects", body=b'{"name":"x"}', headers={"Content-Type": "text/plain"})
+    assert r.status == 415 and error_of(r) == "unsupported_media_type"
+    assert server.request("GET", "/api/v1/projects").json() == []
+
+
+def test_body_over_one_megabyte_is_413_before_it_is_read(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 2000000\r\n\r\n")
+        head = _read_head(s)
+    assert head.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in head
+
+
+def test_sync_paths_accept_bodies_up_to_eight_megabytes(server):
+    # No sync route is needed to see the limit: a 2 MB body passes the size check, then finds no route.
+    r = server.request("POST", "/api/v1/sync/nothing", body=b"x" * 2_000_000,
+                       headers={"Content-Type": "application/json"})
+    assert r.status == 404
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /api/v1/sync/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (8 * 1024 * 1024 + 1))
+        assert _read_head(s).startswith(b"HTTP/1.1 413 ")
+
+
+def test_chunked_body_is_411(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        assert _read_head(s).startswith(b"HTTP/1.1 411 ")
+
+
+def test_garbage_request_line_gets_a_json_400(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"BLAH\r\n\r\n")
+        data = _read_all(s)
+    assert data.startswith(b"HTTP/1.1 400 ") and b'"code": "bad_request"' in data
+
+
+# --- security --------------------------------------------------------------
+
+def test_foreign_host_is_403(server):
+    r = server.request("GET", "/api/v1/projects", headers={"Host": "evil.example:8765"})
+    assert r.status == 403 and error_of(r) == "forbidden"
+    for ok in ("localhost", f"127.0.0.1:{server.port}", "LOCALHOST:80"):
+        assert server.request("GET", "/api/v1/projects", headers={"Host": ok}).status == 200, ok
+
+
+def test_configured_host_name_is_accepted(serve):
+    s = serve(allowed_hosts=("clare.lan",))
+    assert s.request("GET", "/api/v1/projects", headers={"Host": "clare.lan:8765"}).status == 200
+    assert s.request("GET", "/api/v1/projects", headers={"Host": "other.lan"}).status == 403
+
+
+def test_cross_site_origin_or_fetch_site_is_403_and_changes_nothing(server):
+    r = server.request("POST", "/api/v1/projects", json_body={"name": "x"},
+                       headers={"Origin": "http://evil.example"})
+    assert r.status == 403
+    r = server.request("POST", "/api/v1/projects", json_body={"name": "x"}, headers={"Sec-Fetch-Site": "cross-site"})
+    assert r.status == 403
+    r = server.request("POST", "/api/v1/projects", json_body={"name": "x"}, headers={"Origin": "null"})
+    assert r.status == 403
+    assert server.request("GET", "/api/v1/projects").json() == []
+    r = server.request("POST", "/api/v1/projects", json_body={"name": "x"},
+                       headers={"Origin": server.url, "Sec-Fetch-Site": "same-origin"})
+    assert r.status == 201
+
+
+def test_with_a_token_the_api_needs_the_bearer(serve):
+    s = serve(token="t0ken-" + "x" * 20)
+    r = s.request("GET", "/api/v1/projects", auth=False)
+    assert r.status == 401 and error_of(r) == "unauthorized" and r.headers["www-authenticate"].startswith("Bearer")
+    r = s.request("GET", "/api/v1/projects", auth=False, headers={"Authorization": "Bearer wrong"})
+    assert r.status == 401 and "t0ken" not in r.text
+    assert s.request("GET", "/api/v1/projects").status == 200
+    assert s.request("GET", "/static/htmx.min.js", auth=False).status == 200
+
+
+def test_login_url_sets_a_strict_httponly_cookie_that_opens_the_api(serve):
+    token = "t0ken-" + "y" * 20
+    s = serve(token=token)
+    assert s.request("GET", "/login?token=wrong", auth=False).status == 401
+    r = s.request("GET", f"/login?token={token}", auth=False)
+    assert r.status == 303 and r.headers["location"] == "/"
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and token not in cookie
+    value = cookie.split(";")[0]
+    assert s.request("GET", "/api/v1/projects", auth=False, headers={"Cookie": value}).status == 200
+    assert s.request("GET", "/api/v1/projects", auth=False, headers={"Cookie": value + "0"}).status == 401
+
+
+def test_binding_beyond_loopback_without_a_token_refuses_to_start(run_clare):
+    r = run_clare("serve", "--host", "0.0.0.0", "--port", "0")
+    assert r.code == 2 and "CLARE_TOKEN" in r.err and r.err.count("\n") == 1
+
+
+def test_a_short_token_is_refused(run_clare):
+    r = run_clare("serve", "--port", "0", env={"CLARE_TOKEN": "short"})
+    assert r.code == 2 and "16 characters" in r.err
+
+
+def test_slow_client_is_cut_off(serve):
+    s = serve(timeout_s=0.3)
+    with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+        c.sendall(b"GET /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers never end
+        assert _read_all(c) == b""  # the server hung up without answering
+    with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+        c.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{")  # the body never ends
+        assert _read_all(c) == b""
+    assert s.request("GET", "/api/v1/projects").json() == []
+
+
+def test_sixty_half_open_connections_do_not_block_a_real_client(server):
+    idle = []
+    try:
+        for _ in range(60):
+            c = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            c.sendall(b"GET /api/v1/pro")
+            idle.append(c)
+        r = server.request("GET", "/api/v1/projects", timeout=5)
+        assert r.status == 200
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(server):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        for _ in range(3):
+            conn.request("GET", "/api/v1/status")
+            assert conn.getresponse().read()
+        sock = conn.sock
+        conn.request("GET", "/api/v1/projects")
+        assert conn.getresponse().status == 200 and conn.sock is sock
+    finally:
+        conn.close()
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(home, db):
+    proc = subprocess.Popen([sys.executable, str(CLARE_PY), "serve", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "CLARE_HOME": str(home)})
+    try:
+        line = proc.stdout.readline()
+        port = int(line.split("127.0.0.1:")[1].split("/")[0])
+        body = json.dumps({"name": "late"}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+            assert _read_head(c).startswith(b"HTTP/1.1 100 ")  # the server holds the request now
+            proc.send_signal(signal.SIGTERM)
+            c.sendall(body)
+            head = _read_head(c)
+        assert head.startswith(b"HTTP/1.1 201 ")
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and "stopped" in out, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [p.name for p in clare.list_projects(db)] == ["late"]
+
+
+def _read_head(s) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _read_all(s) -> bytes:
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+# --- clare --remote ----------------------------------------------------------
+
+def _normalized(text: str) -> str:
+    import re
+
+    text = re.sub(r"\d{13}\.\d{6}\.[a-z0-9_-]+", "HLC", text)
+    text = re.sub(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+Z)?", "TIME", text)
+    text = re.sub(r"[0-9a-f]{32}|[0-9a-f-]{36}", "ID", text)
+    return re.sub(r"\b[0-9a-f]{8}\b", "SHORT", text)
+
+
+def test_remote_cli_prints_what_the_local_cli_prints(server, cli, tmp_path):
+    local = ("--home", str(tmp_path / "local"))
+    remote = ("--remote", server.url)
+    assert cli(*local, "init", "--machine-id", "testhost").code == 0  # the server's machine id
+    script = [
+        ("project", "new", "alpha", "--goal", "ship v1", "--owner", "ana"),
+        ("project", "new", "alpha"),
+        ("task", "add", "alpha", "write the parser", "--prio", "1"),
+        ("task", "add", "alpha", "docs"),
+        ("group", "add", "backend", "--cwd", "/srv/api"),
+        ("task", "list"), ("task", "list", "--project", "alpha", "--status", "todo"),
+        ("project", "list"), ("project", "show", "alpha", "--history"),
+        ("project", "set", "alpha", "--status", "paused"), ("status",), ("status", "--project", "alpha"),
+        ("group", "list"), ("task", "show", "ffff"), ("project", "show", "nope"),
+        ("--json", "task", "list"), ("--json", "status"),
+    ]
+    for argv in script:
+        mine, theirs = cli(*local, *argv), cli(*remote, *argv)
+        assert (mine.code, _normalized(mine.out), _normalized(mine.err)) == (
+            theirs.code, _normalized(theirs.out), _normalized(theirs.err)), argv
+    # Then the verbs that name a task by id, each side with its own ids.
+    for side in (local, remote):
+        task_id = cli(*side, "--json", "task", "list").json()[0]["id"][:6]
+        outs = [cli(*side, *argv) for argv in (
+            ("task", "start", task_id), ("assign", task_id, "7c1e9b"), ("update", task_id, "halfway"),
+            ("unassign", task_id), ("assign", task_id, "--group", "backend"), ("task", "show", task_id),
+            ("task", "edit", task_id, "--title", "parse v2"), ("group", "rm", "backend"), ("log", "--limit", "3"))]
+        if side is local:
+            expected = [(r.code, _normalized(r.out), _normalized(r.err)) for r in outs]
+        else:
+            assert [(r.code, _normalized(r.out), _normalized(r.err)) for r in outs] == expected
+    assert [p.name for p in clare.list_projects(clare.open_db(clare.resolve_paths().db))] == ["alpha"]
+
+
+def test_remote_export_and_import_round_trip(server, cli, tmp_path):
+    cli("project", "new", "alpha")
+    cli("export", str(tmp_path / "log.jsonl"))
+    r = cli("--remote", server.url, "import", str(tmp_path / "log.jsonl"))
+    assert r.code == 0 and "0 events (1 already here" in r.out
+    assert cli("--remote", server.url, "replay").out.startswith("replayed 1 events")
+    r = cli("--remote", server.url, "export")
+    assert r.code == 2 and "--remote" in r.err
+
+
+def test_remote_needs_the_token_when_the_server_has_one(serve, cli, monkeypatch):
+    s = serve(token="t0ken-" + "z" * 20)
+    r = cli("--remote", s.url, "project", "list")
+    assert r.code == 1 and "token" in r.err and r.err.count("\n") == 1
+    monkeypatch.setenv("CLARE_TOKEN", s.token)
+    assert cli("--remote", s.url, "project", "new", "alpha").code == 0
+    monkeypatch.setenv("CLARE_URL", s.url)
+    assert "alpha" in cli("project", "list").out
+
+
+def test_remote_that_is_down_or_malformed_is_one_clear_line(cli):
+    r = cli("--remote", "http://127.0.0.1:9", "project", "list")
+    assert r.code == 1 and "cannot reach" in r.err
+    r = cli("--remote", "ftp://x", "project", "list")
+    assert r.code == 2 and "http://HOST:PORT" in r.err
+
+
+def test_remote_services_offer_every_service_with_the_same_signature():
+    import inspect
+
+    for name, fn in clare.SERVICES.items():
+        remote = getattr(clare.RemoteServices, name, None)
+        assert remote is not None, f"RemoteServices lacks {name}"
+        local = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("db", "now_ms")]
+        theirs = list(inspect.signature(remote).parameters.values())[1:]
+        if any(p.kind is p.VAR_KEYWORD for p in theirs):
+            continue  # edit_* take **changes: the server checks the names
+        assert [(p.name, p.kind, p.default) for p in local] == [(p.name, p.kind, p.default) for p in theirs], name
