@@ -554,7 +554,7 @@ def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
 
 def renew_db_id(db: Db) -> str:
     """Give this database a new db_id, as after a restore: peers then re-read it from 0."""
-    db_id = str(uuid.uuid4())
+    db_id = new_uuid()
     with write_txn(db) as cur:
         set_meta(cur, "db_id", db_id)
     db.db_id = db_id
@@ -1773,7 +1773,8 @@ class StatusReport:
 
     def to_json(self) -> dict[str, Any]:
         """Return the roll-up as the JSON object the CLI and API print."""
-        return {"projects": [p.to_json() for p in self.projects], "sessions": [s.to_json() for s in self.sessions]}
+        return {"projects": [p.to_json() for p in self.projects], "sessions": [s.to_json() for s in self.sessions],
+                "tasks": [t.to_json() for t in self.tasks.values()]}
 
 
 def get_status(db: Db, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
@@ -2715,7 +2716,7 @@ def spool_report(db_path: str, report: dict[str, Any]) -> str:
     """Write one hook report to the spool, atomically; return its path."""
     folder = spool_dir(db_path)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{report['at_ms']:013d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+    path = os.path.join(folder, f"{report['at_ms']:013d}-{os.getpid()}-{new_id()[:8]}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(report, f)
     os.replace(path + ".tmp", path)
@@ -2923,7 +2924,7 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
     refusal = _dialog_refusal(db, session, pane)
     if refusal:
         return "refused", refusal
-    name = f"clare-{uuid.uuid4().hex}"  # buffer names are server-wide
+    name = f"clare-{new_id()}"  # buffer names are server-wide
     for args, stdin in ((("load-buffer", "-b", name, "-"), text),
                         (("paste-buffer", "-p", "-r", "-d", "-b", name, "-t", pane.pane_id), None)):
         p = run_tmux(pane.socket, *args, input_text=stdin)
@@ -3158,6 +3159,8 @@ def sync_digest(db: Db, *, now_ms: int) -> dict[str, Any]:
     Days come from the HLC, which is part of the event, so two hosts holding the same
     events give the same digest; the (hlc, uuid) order makes the hash independent of arrival.
     """
+    import hashlib  # only sync pays for OpenSSL
+
     days: dict[str, dict[str, Any]] = {}
     day, n_events, h = None, 0, hashlib.sha256()
     for hlc, uid in iter_event_keys(db):
@@ -4917,10 +4920,10 @@ def api_post_update(req: Request) -> Response:
 
 
 def api_status(req: Request) -> Response:
-    """Return the roll-up: projects with task counts, and the size of the log."""
+    """Return the roll-up (?project= or ?group=): projects with counts and tokens, sessions, the log's size."""
     svc = req.svc
-    return json_response({"projects": svc.list_projects(), "n_events": svc.count_events(),
-                          "machine_id": req.db.machine_id})
+    report = svc.get_status(project_ref=req.arg("project"), group_ref=req.arg("group"))
+    return json_response({**report.to_json(), "n_events": svc.count_events(), "machine_id": req.db.machine_id})
 
 
 def api_list_events(req: Request) -> Response:
@@ -5150,6 +5153,13 @@ class RemoteServices:
     def replay(self) -> int:
         """Rebuild the server's projections; return how many events it applied."""
         return self.call("POST", "/api/v1/replay", body={})["events"]
+
+    def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
+        """Return the roll-up."""
+        got = self.call("GET", "/api/v1/status", query={"project": project_ref, "group": group_ref})
+        return StatusReport([ProjectStatus(_build(Project, p), p["tokens"], p["n_sessions"]) for p in got["projects"]],
+                            [_build(Session, x) for x in got["sessions"]],
+                            {t["id"]: _build(Task, t) for t in got["tasks"]})
 
     def count_events(self) -> int:
         """Return how many events the server's log holds."""
@@ -5472,20 +5482,11 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, u, f"noted on task {u.task_id[:SHORT_ID]}: {_short(u.text, 70)}")
 
 
-def _ago(at: str | None, now: int) -> str:
-    ms = _iso_to_ms(at)
-    if ms is None:
-        return "-"
-    s = max(0, (now - ms) // 1000)
-    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago" if s < 172800 \
-        else f"{s // 86400}d ago"
-
-
 def format_sessions(sessions: list[Session], ambiguous: list[Pane] = ()) -> str:
     """Return a session table, then one line per pane whose session is unknown."""
     now = now_ms()
     lines = [table(("ID", "HOST", "TMUX", "STATE", "ACTIVE", "TASK", "CWD", "LABEL"), (
-        (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(s.last_activity_at, now),
+        (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(_iso_to_ms(s.last_activity_at), now),
          (s.task_id or "-")[:SHORT_ID], _short(s.cwd, 40), _short(s.label, 40)) for s in sessions))
         if sessions else "no Claude sessions seen; run 'clare pull' on each host"]
     lines += [f"? pane {p.pane_id} ({p.target}) in {p.cwd}: Claude runs here, but its session cannot be told "
@@ -5587,7 +5588,7 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
             (r.project.name, r.project.status, *(r.project.task_counts[s] for s in TASK_STATUSES), r.n_sessions,
              _tokens(r.tokens)) for r in report.projects)) if report.projects else "no projects"
         sessions = table(("SESSION", "HOST", "TMUX", "STATE", "ACTIVE", "TOKENS", "TASK"), (
-            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(s.last_activity_at, now), _tokens(s.tokens),
+            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(_iso_to_ms(s.last_activity_at), now), _tokens(s.tokens),
              f"{s.task_id[:SHORT_ID]} {_short(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
              else "-") for s in report.sessions)) if report.sessions else "no live sessions"
         return f"{projects}\n\n{sessions}"
