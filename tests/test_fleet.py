@@ -318,7 +318,7 @@ def test_hooks_install_keeps_the_users_hooks_and_twice_changes_nothing(cli, home
     assert config["model"] == "opus" and config["hooks"]["PreToolUse"][0] == user_hook
     assert set(config["hooks"]) == set(clare.HOOK_EVENTS)
     [ours] = config["hooks"]["Stop"][0]["hooks"]
-    assert ours["async"] is True and ours["command"].endswith(" hook") and "clare.py" in ours["command"]
+    assert ours["async"] is True and ours["command"].endswith(" hook") and "import clare" in ours["command"]
     r = cli("hooks", "install")
     assert "already" in r.out and settings.read_bytes() == installed
     assert set(cli("--json", "hooks", "status").json()["events"].values()) == {"installed"}
@@ -591,3 +591,16 @@ def test_rclaude_adapter_tells_apart_panes_that_share_a_cwd(tmux, cli, db, home,
     (home / "clare.toml").write_text('[rclaude]\nsessions_command = "/nonexistent/rclaude ls"\n')
     r = cli("pull")
     assert r.code == 0 and "warning: rclaude sessions_command failed" in r.err
+
+
+def test_hooks_install_replaces_an_older_clare_hook_instead_of_adding_a_second(cli, home):
+    settings = Path(os.environ["HOME"]) / ".claude" / "settings.json"
+    settings.parent.mkdir(parents=True)
+    old = {"type": "command", "command": "python3 /opt/old/clare.py hook"}
+    mine = {"type": "command", "command": "notify-send done"}
+    settings.write_text(json.dumps({"hooks": {"Stop": [{"matcher": "", "hooks": [old, mine]}]}}))
+    assert cli("--json", "hooks", "status").json()["events"]["Stop"] == "outdated"
+    cli("hooks", "install")
+    stop = json.loads(settings.read_text())["hooks"]["Stop"]
+    commands = [h["command"] for g in stop for h in g["hooks"]]
+    assert commands[0] == "notify-send done" and len(commands) == 2 and "import clare" in commands[1]
