@@ -33,6 +33,7 @@ def home(tmp_path, monkeypatch) -> Path:
     h.mkdir()
     monkeypatch.setenv("CLARE_HOME", str(h))
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("TMUX_TMPDIR", str(tmp_path / "no-tmux"))  # no tmux server unless a test starts one
     for var in ("CLARE_TOKEN", "CLARE_URL", "TMUX", "TMUX_PANE", "CLAUDE_CONFIG_DIR"):
         monkeypatch.delenv(var, raising=False)
     return h

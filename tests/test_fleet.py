@@ -604,3 +604,38 @@ def test_hooks_install_replaces_an_older_clare_hook_instead_of_adding_a_second(c
     stop = json.loads(settings.read_text())["hooks"]["Stop"]
     commands = [h["command"] for g in stop for h in g["hooks"]]
     assert commands[0] == "notify-send done" and len(commands) == 2 and "import clare" in commands[1]
+
+
+def test_hook_binding_tells_apart_panes_that_share_a_cwd(tmux, cli, db, tmp_path):
+    cli("hooks", "install")
+    a = tmux.spawn_claude("--no-registry", cwd=tmp_path / "proj", name="a")
+    b = tmux.spawn_claude("--no-registry", cwd=tmp_path / "proj", name="b")
+    wait_for(lambda: len(clare.list_sessions(db)) == 2, what="both SessionStart hooks")
+    result = pull(cli)
+    assert result["ambiguous"] == []
+    assert {s["pane_id"]: s["tmux_target"] for s in result["sessions"]} == {a: "a:0.0", b: "b:0.0"}
+
+
+def test_claude_outside_tmux_is_seen_through_its_registry_entry(cli, db, home, tmp_path):
+    import pty
+    import signal
+    import subprocess
+    import sys
+    from conftest import FAKE_CLAUDE
+    master, slave = pty.openpty()
+    (tmp_path / "proj").mkdir()
+    p = subprocess.Popen(["claude", str(FAKE_CLAUDE)], executable=sys.executable, stdin=slave, stdout=slave,
+                         stderr=slave, cwd=tmp_path / "proj", start_new_session=True)
+    try:
+        registry = Path(os.environ["HOME"]) / ".claude" / "sessions" / f"{p.pid}.json"
+        wait_for(registry.exists, what="the registry entry")
+        [s] = pull(cli)["sessions"]
+        assert (s["pid"], s["tmux_target"], s["pane_id"], s["cwd"]) == (p.pid, None, None, str(tmp_path / "proj"))
+        r = cli("--json", "broadcast", f"session:{s['id']}", "--yes", "--", "hi")
+        assert r.json()["deliveries"][0]["result"] == "refused"
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=10)
+        os.close(master)
+        os.close(slave)
+    assert pull(cli)["gone"] == 1
