@@ -1998,8 +1998,26 @@ PERMISSION_SCREEN = (
 )
 INTERRUPT_MARK = "[Request interrupted by user"
 SESSION_ID_FLAGS = ("--session-id", "--resume", "-r")
-REGISTRY_STATES = {"busy": "working", "shell": "working", "idle": "waiting", "waiting": "waiting"}
+# Registry status -> state; "waiting" is left out: it can mean a prompt or a dialog, the hook and screen tell.
+REGISTRY_STATES = {"busy": "working", "shell": "working", "idle": "waiting"}
 TITLE_TYPES = {"summary": "summary", "custom-title": "customTitle", "ai-title": "aiTitle"}
+RCLAUDE_TIMEOUT_S = 10
+TRIAGE_TIMEOUT_S = 60
+TAIL_LINES = 40
+HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PermissionRequest", "Notification", "Stop",
+               "StopFailure", "SessionEnd")
+HOOK_STATES = {"SessionStart": "waiting", "UserPromptSubmit": "working", "PreToolUse": "working",
+               "PostToolUse": "working", "PermissionRequest": "permission", "Stop": "waiting",
+               "StopFailure": "waiting"}
+NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission",
+                       "idle_prompt": "waiting"}
+HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
+MAX_HOOK_INPUT_BYTES = 1024 * 1024
+HOOK_TIMEOUT_S = 10
+CLARE_HOOK_RE = re.compile(r"\bclare\b.*\shook\s*$")  # how uninstall knows Clare's hooks from the user's
+BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
+BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
+BROADCAST_ENTER_TRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -2074,15 +2092,16 @@ def tmux_sockets(env: dict[str, str] | None = None) -> list[str]:
 
 
 def run_tmux(socket: str, *args: str, input_text: str | None = None) -> "subprocess.CompletedProcess[str]":
-    """Run one tmux command against one server; the caller checks the return code."""
+    """Run one tmux command against one server; the caller checks the return code (a timeout is one)."""
     import subprocess
 
+    argv = [tmux_binary(), "-S", socket, *args]
     try:
-        return subprocess.run([tmux_binary(), "-S", socket, *args], input=input_text, capture_output=True,
-                              text=True, timeout=TMUX_TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:
-        raise ClareError(f"tmux at {socket} did not answer within {TMUX_TIMEOUT_S:.0f} s; "
-                         "check that server with: tmux -S SOCKET ls") from err
+        return subprocess.run(argv, input=input_text, capture_output=True, text=True, timeout=TMUX_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # A hung server must not stop the look at the others: report it like any failed command.
+        return subprocess.CompletedProcess(argv, -1, "", f"tmux at {socket} did not answer within "
+                                                         f"{TMUX_TIMEOUT_S:.0f} s")
 
 
 def parse_panes(text: str, *, socket: str) -> list[Pane]:
@@ -2118,6 +2137,15 @@ def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
     return any(rule.search(tail) for rule in PERMISSION_SCREEN)
+
+
+def process_tree() -> tuple[dict[int, tuple[int, int]], dict[int, list[int]]]:
+    """Return every process (pid -> (ppid, start ticks)) and each one's children."""
+    procs = read_procs()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    return procs, children
 
 
 def read_procs() -> dict[int, tuple[int, int]]:
@@ -2448,10 +2476,7 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
     -> session id); the newest transcript of the cwd, only when no other Claude pane shares that cwd.
     """
     rclaude = rclaude or {}
-    procs = read_procs()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
+    procs, children = process_tree()
     argv_cache: dict[int, list[str]] = {}
 
     def argv_of(pid: int) -> list[str]:
@@ -2530,8 +2555,10 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         info = reading[2] if reading else {}
         screen = capture_pane(pane.socket, pane.pane_id) if pane else None
         mark = marks.get(sid)
-        state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=entry.get("status"),
-                             registry_ms=entry.get("statusUpdatedAt"), hook=mark and mark.state,
+        registry_ms = entry.get("statusUpdatedAt")
+        state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=str(entry.get("status")),
+                             registry_ms=registry_ms if isinstance(registry_ms, int) else None,
+                             hook=mark and mark.state,
                              hook_ms=mark and mark.at_ms,
                              shows_dialog=bool(screen and shows_permission_dialog(screen)), now_ms=now_ms,
                              idle_after_ms=idle_after_ms)
@@ -2552,8 +2579,10 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     each assigned pane's last lines (and the triage command's reading of them) when they changed.
     """
     ingest_spool(db, now_ms=now_ms)
-    fleet = config.get("fleet", {})
-    idle_after_ms = int(fleet.get("idle_after_s", DEFAULT_IDLE_AFTER_S) * 1000)
+    idle_after_s = config.get("fleet", {}).get("idle_after_s", DEFAULT_IDLE_AFTER_S)
+    if isinstance(idle_after_s, bool) or not isinstance(idle_after_s, int | float) or idle_after_s < 0:
+        raise ClareError(f"clare.toml: [fleet] idle_after_s = {idle_after_s!r} is not a number of seconds; fix it")
+    idle_after_ms = int(idle_after_s * 1000)
     warnings: list[str] = []
     rclaude = read_rclaude(config.get("rclaude", {}), machine_id=db.machine_id, warnings=warnings)
     observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env), rclaude=rclaude,
@@ -2566,11 +2595,6 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
             set_meta(cur, "ambiguous_panes", text)
     updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
     return PullResult(observations, events, ambiguous, unreachable, updates, warnings)
-
-
-RCLAUDE_TIMEOUT_S = 10
-TRIAGE_TIMEOUT_S = 60
-TAIL_LINES = 40
 
 
 def read_rclaude(section: dict[str, Any], *, machine_id: str, warnings: list[str]) -> dict[str, str]:
@@ -2650,19 +2674,6 @@ def run_triage(command: str | None, tail: str, *, warnings: list[str]) -> str | 
 def list_ambiguous_panes(db: Db) -> list[Pane]:
     """Return the Claude panes the last pull could not tie to one session."""
     return [Pane(**p) for p in json.loads(get_meta(db.conn.cursor(), "ambiguous_panes") or "[]")]
-
-
-HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PermissionRequest", "Notification", "Stop",
-               "StopFailure", "SessionEnd")
-HOOK_STATES = {"SessionStart": "waiting", "UserPromptSubmit": "working", "PreToolUse": "working",
-               "PostToolUse": "working", "PermissionRequest": "permission", "Stop": "waiting",
-               "StopFailure": "waiting"}
-NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission",
-                       "idle_prompt": "waiting"}
-HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
-MAX_HOOK_INPUT_BYTES = 1024 * 1024
-HOOK_TIMEOUT_S = 10
-CLARE_HOOK_RE = re.compile(r"\bclare\b.*\shook\s*$")  # how uninstall knows Clare's hooks from the user's
 
 
 def hook_state(payload: dict[str, Any]) -> str | None:
@@ -2864,11 +2875,6 @@ def hooks_status(path: str, command: str) -> dict[str, str]:
     return status
 
 
-BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
-BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
-BROADCAST_ENTER_TRIES = 3
-
-
 def send_broadcast(db: Db, target: str, text: str, *, now_ms: int, is_command: bool = False,
                    confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
     """Send a text to every live session of a target; type it into this host's panes now.
@@ -2876,29 +2882,48 @@ def send_broadcast(db: Db, target: str, text: str, *, now_ms: int, is_command: b
     Sessions of other hosts get it when their host next pulls (DESIGN §5): queued until then.
     Every result is recorded as a broadcast.delivered event, and returned.
     """
-    broadcast_id, text, recipients = start_broadcast(db, target, text, is_command=is_command, now_ms=now_ms)
-    started = time.monotonic()
-    for s in recipients:
-        if s.host == db.machine_id:
-            result, reason = deliver_text(db, s, text, confirm_s=confirm_s)
-            record_delivery(db, broadcast_id, s.id, result=result, reason=reason,
-                            now_ms=now_ms + int((time.monotonic() - started) * 1000))
+    with _delivery_lock(db):
+        broadcast_id, text, recipients = start_broadcast(db, target, text, is_command=is_command, now_ms=now_ms)
+        started = time.monotonic()
+        for s in recipients:
+            if s.host == db.machine_id:
+                result, reason = deliver_text(db, s, text, confirm_s=confirm_s)
+                record_delivery(db, broadcast_id, s.id, result=result, reason=reason,
+                                now_ms=now_ms + int((time.monotonic() - started) * 1000))
     return BroadcastResult(broadcast_id, target, text, list_deliveries(db, broadcast_id=broadcast_id))
+
+
+@contextlib.contextmanager
+def _delivery_lock(db: Db) -> Iterator[None]:
+    """Hold this database's delivery lock: a pull must not type a broadcast that a sender is typing."""
+    import fcntl
+
+    path = os.path.join(os.path.dirname(os.path.abspath(db.path)), "delivery.lock")
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM_S) -> list[Delivery]:
     """Deliver the broadcasts other hosts sent to this host's sessions; expire the stale ones."""
     done = []
-    sessions = {s.id: s for s in list_sessions(db, host=db.machine_id, include_gone=True)}
-    for d in list_deliveries(db, pending_on=db.machine_id):
-        text, expires_at = get_broadcast_text(db, d.broadcast_id) or ("", "")
-        if (_iso_to_ms(expires_at) or 0) < now_ms:
-            result, reason = "expired", f"not delivered before {expires_at}"
-        else:
-            result, reason = deliver_text(db, sessions[d.session_id], text, confirm_s=confirm_s)
-        record_delivery(db, d.broadcast_id, d.session_id, result=result, reason=reason, now_ms=now_ms)
-        done.append(dataclasses.replace(d, result=result, reason=reason))
+    if not list_deliveries(db, pending_on=db.machine_id):
+        return done
+    with _delivery_lock(db):
+        sessions = {s.id: s for s in list_sessions(db, host=db.machine_id, include_gone=True)}
+        for d in list_deliveries(db, pending_on=db.machine_id):  # again, now that no one else delivers
+            done.append(_deliver_one(db, d, sessions[d.session_id], now_ms=now_ms, confirm_s=confirm_s))
     return done
+
+
+def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_s: float) -> Delivery:
+    text, expires_at = get_broadcast_text(db, d.broadcast_id) or ("", "")
+    if (_iso_to_ms(expires_at) or 0) < now_ms:
+        result, reason = "expired", f"not delivered before {expires_at}"
+    else:
+        result, reason = deliver_text(db, session, text, confirm_s=confirm_s)
+    record_delivery(db, d.broadcast_id, d.session_id, result=result, reason=reason, now_ms=now_ms)
+    return dataclasses.replace(d, result=result, reason=reason)
 
 
 def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tuple[str, str]:
@@ -2915,10 +2940,7 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
     pane = next((p for p in list_panes(session.tmux_socket) or () if p.pane_id == session.pane_id), None)
     if pane is None:
         return "refused", f"tmux pane {session.pane_id} is gone"
-    procs = read_procs()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
+    procs, children = process_tree()
     claude_pid = find_claude(pane.pid, children, proc_argv)
     if claude_pid is None:
         return "refused", f"pane {pane.pane_id} does not run Claude now; a shell would run the text"
