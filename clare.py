@@ -3187,7 +3187,7 @@ def sync_digest(db: Db, *, now_ms: int) -> dict[str, Any]:
     Days come from the HLC, which is part of the event, so two hosts holding the same
     events give the same digest; the (hlc, uuid) order makes the hash independent of arrival.
     """
-    import hashlib  # only sync pays for OpenSSL
+    import hashlib  # see event_hash: read-only commands never load it
 
     days: dict[str, dict[str, Any]] = {}
     day, n_events, h = None, 0, hashlib.sha256()
@@ -5510,11 +5510,17 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, u, f"noted on task {u.task_id[:SHORT_ID]}: {_short(u.text, 70)}")
 
 
+def _ago(at: str | None, now: int) -> str:
+    """Say how long ago an ISO time was, or '-' when unknown."""
+    ms = _iso_to_ms(at)
+    return "-" if ms is None else _ago_ms(ms, now)
+
+
 def format_sessions(sessions: list[Session], ambiguous: list[Pane] = ()) -> str:
     """Return a session table, then one line per pane whose session is unknown."""
     now = now_ms()
     lines = [table(("ID", "HOST", "TMUX", "STATE", "ACTIVE", "TASK", "CWD", "LABEL"), (
-        (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(_iso_to_ms(s.last_activity_at), now),
+        (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(s.last_activity_at, now),
          (s.task_id or "-")[:SHORT_ID], _short(s.cwd, 40), _short(s.label, 40)) for s in sessions))
         if sessions else "no Claude sessions seen; run 'clare pull' on each host"]
     lines += [f"? pane {p.pane_id} ({p.target}) in {p.cwd}: Claude runs here, but its session cannot be told "
@@ -5616,7 +5622,7 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
             (r.project.name, r.project.status, *(r.project.task_counts[s] for s in TASK_STATUSES), r.n_sessions,
              _tokens(r.tokens)) for r in report.projects)) if report.projects else "no projects"
         sessions = table(("SESSION", "HOST", "TMUX", "STATE", "ACTIVE", "TOKENS", "TASK"), (
-            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(_iso_to_ms(s.last_activity_at), now), _tokens(s.tokens),
+            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(s.last_activity_at, now), _tokens(s.tokens),
              f"{s.task_id[:SHORT_ID]} {_short(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
              else "-") for s in report.sessions)) if report.sessions else "no live sessions"
         return f"{projects}\n\n{sessions}"
@@ -5684,12 +5690,12 @@ def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
     now = now_ms()
     emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "ERROR"), (
         (r["name"] + ("" if r["is_configured"] else " (not in clare.toml)"), r["url"],
-         _ago(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
+         _ago_ms(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
          _short(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
         for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
 
 
-def _ago(ms: int | None, now: int) -> str:
+def _ago_ms(ms: int | None, now: int) -> str:
     if ms is None:
         return "never"
     return f"{_duration(max(now - ms, 0))} ago" if now - ms >= 1000 else "just now"
