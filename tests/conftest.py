@@ -33,6 +33,7 @@ def home(tmp_path, monkeypatch) -> Path:
     h.mkdir()
     monkeypatch.setenv("CLARE_HOME", str(h))
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("TMUX_TMPDIR", str(tmp_path / "no-tmux"))  # no tmux server unless a test starts one
     for var in ("CLARE_TOKEN", "CLARE_URL", "TMUX", "TMUX_PANE", "CLAUDE_CONFIG_DIR"):
         monkeypatch.delenv(var, raising=False)
     return h
@@ -195,17 +196,18 @@ class TmuxServer:
             raise AssertionError(f"tmux {' '.join(args)}: {p.stderr.strip()}")
         return p.stdout
 
-    def spawn(self, *command: str, cwd: Path, name: str) -> str:
+    def spawn(self, *command: str, cwd: Path, name: str, env: dict | None = None) -> str:
         """Start `command` (argv) in a new tmux session; return its pane id."""
         cwd.mkdir(parents=True, exist_ok=True)
-        return self.run("new-session", "-d", "-s", name, "-x", "120", "-y", "40", "-c", str(cwd),
+        flags = [f for k, v in (env or {}).items() for f in ("-e", f"{k}={v}")]
+        return self.run("new-session", "-d", "-s", name, "-x", "120", "-y", "40", "-c", str(cwd), *flags,
                         "-P", "-F", "#{pane_id}", *command).strip()
 
-    def spawn_claude(self, *args: str, cwd: Path, name: str) -> str:
+    def spawn_claude(self, *args: str, cwd: Path, name: str, env: dict | None = None) -> str:
         """Start the fake Claude as `claude` in a new tmux session; wait until it draws; return its pane."""
         import shlex
         line = f"exec -a claude {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_CLAUDE))} " + shlex.join(args)
-        pane = self.spawn("bash", "-c", line, cwd=cwd, name=name)
+        pane = self.spawn("bash", "-c", line, cwd=cwd, name=name, env=env)
         wait_for(lambda: "fake claude" in self.capture(pane), what=f"fake claude to start in {pane}")
         return pane
 
