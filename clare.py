@@ -1960,6 +1960,15 @@ def backoff_s(n_failures: int, *, interval_s: float = SYNC_INTERVAL_S) -> float:
     return min(interval_s * 2 ** min(n_failures, 30), MAX_BACKOFF_S) * jitter
 
 
+def sync_interval_s(config: dict[str, Any], *, path: str = "clare.toml") -> float:
+    """Return the pause between good background rounds: [sync] interval_s in clare.toml, else the default."""
+    value = config.get("sync", {}).get("interval_s", SYNC_INTERVAL_S) if isinstance(config.get("sync"), dict) \
+        else SYNC_INTERVAL_S
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.1 <= value <= 86_400:
+        raise ClareError(f"{path}: [sync] interval_s must be a number of seconds from 0.1 to 86400")
+    return float(value)
+
+
 def start_background_sync(db_path: str, peers: list[Peer], config: dict[str, Any], *, stop: Any,
                           log: Callable[[str], None], interval_s: float = SYNC_INTERVAL_S) -> list[Any]:
     """Start one daemon thread per peer that syncs until `stop` (a threading.Event) is set.
@@ -2073,6 +2082,7 @@ class WebConfig:
     db_path: str
     log_requests: bool = False  # one line per request costs ~16% throughput (DESIGN §8)
     timeout_s: float = REQUEST_TIMEOUT_S
+    config_path: str = ""  # clare.toml, read again for the peers' status
 
     @property
     def has_token(self) -> bool:
@@ -2130,7 +2140,7 @@ def web_config(paths: Paths, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         csrf = get_secret(db, "csrf_secret")
     finally:
         db.close()
-    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests)
+    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests, config_path=paths.config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -2171,8 +2181,8 @@ class Request:
         """Return the JSON object body holding the required fields and no unknown ones."""
         try:
             value = json.loads(self.body or b"{}")
-        except ValueError as err:
-            raise HttpError(400, f"the body is not valid JSON ({err}); send a JSON object") from err
+        except (ValueError, RecursionError) as err:  # SECURITY: '[[[[...' nested deeper than the stack
+            raise HttpError(400, f"the body is not valid JSON ({str(err)[:100]}); send a JSON object") from err
         if not isinstance(value, dict):
             raise UsageError("the body must be a JSON object")
         missing = [k for k in required if k not in value]
@@ -3375,6 +3385,41 @@ def page_login(req: Request) -> Response:
     return Response(303, b"", "text/plain", (("Location", "/"),))
 
 
+# --- sync endpoints: thin wrappers over section 7 ---------------------------
+
+def sync_get_events(req: Request) -> Response:
+    """Page through the log in receipt order for a peer: ?after=RSEQ&limit=N."""
+    return json_response(sync_page(req.db, after=req.arg("after", "0"), limit=req.arg("limit", str(SYNC_PAGE_LIMIT)),
+                                   now_ms=now_ms()))
+
+
+def sync_post_events(req: Request) -> Response:
+    """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
+    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
+    return json_response(sync_accept(req.db, body, now_ms=now_ms()))
+
+
+def sync_get_days(req: Request) -> Response:
+    """Return the per-day event counts and uuid hashes (anti-entropy)."""
+    return json_response(sync_digest(req.db, now_ms=now_ms()))
+
+
+def sync_get_day(req: Request) -> Response:
+    """Return the uuids of the events of one day (anti-entropy)."""
+    return json_response(sync_day(req.db, req.params["day"], now_ms=now_ms()))
+
+
+def sync_post_fetch(req: Request) -> Response:
+    """Return the events among {uuids: [...]} (anti-entropy)."""
+    return json_response(sync_fetch(req.db, req.json(required=("uuids",)), now_ms=now_ms()))
+
+
+def sync_get_peers(req: Request) -> Response:
+    """Return each peer with what its last sync did: for the dashboard and remote `peer list`."""
+    peers = load_peers(load_config(req.config.config_path), path=req.config.config_path)
+    return json_response(list_peers(req.db, peers))
+
+
 # --- the remote twin of Services ----------------------------------------
 
 REMOTE_TIMEOUT_S = 30.0
@@ -3570,6 +3615,12 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/api/v1/history", api_history),
         ("POST", r"/api/v1/import", api_import_events),
         ("POST", r"/api/v1/replay", api_replay),
+        ("GET", r"/api/v1/sync/events", sync_get_events),
+        ("POST", r"/api/v1/sync/events", sync_post_events),
+        ("GET", r"/api/v1/sync/days", sync_get_days),
+        ("GET", r"/api/v1/sync/days/(?P<day>[0-9-]{10})", sync_get_day),
+        ("POST", r"/api/v1/sync/fetch", sync_post_fetch),
+        ("GET", r"/api/v1/sync/peers", sync_get_peers),
         ("GET", r"/", page_dashboard),
         ("GET", r"/projects", page_projects),
         ("POST", r"/projects", frag_create_project),
@@ -4019,15 +4070,28 @@ class ProgressLine:
 
 
 def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
-    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C."""
+    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync with the peers meanwhile."""
+    import threading
+
     config = web_config(ctx.paths, host=args.host, port=args.port, log_requests=args.log)
+    settings = load_config(ctx.paths.config)
+    peers = [] if args.no_sync else load_peers(settings, path=ctx.paths.config)
+    interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
+    stop_sync = threading.Event()
 
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
         if config.token is not None:
             print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
-    run_server(server, on_start=started)
+        if peers:
+            print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
+        start_background_sync(ctx.paths.db, peers, settings, stop=stop_sync, interval_s=interval_s,
+                              log=lambda line: print(f"clare: {line}", file=sys.stderr, flush=True))
+    try:
+        run_server(server, on_start=started)
+    finally:
+        stop_sync.set()
     print("clare: stopped", flush=True)
 
 
@@ -4044,6 +4108,7 @@ _SERVE_ARGS = (
     arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
     arg("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"),
     arg("--log", action="store_true", help="print one line per request to stderr"),
+    arg("--no-sync", action="store_true", help="do not sync with the peers of clare.toml in the background"),
 )
 
 COMMANDS: list[Command] = [

@@ -690,3 +690,92 @@ def test_the_progress_line_rewrites_itself_on_a_terminal_and_ends_with_a_newline
     line("pulled", 5000, 5000)
     line.close()
     assert out.getvalue() == "\rapricot: pulled 1000/5000 events\x1b[K\rapricot: pulled 5000/5000 events\x1b[K\n"
+
+
+# --- over HTTP: one in-process server -----------------------------------------------------------
+
+TOKEN = "sync-test-token-0123456789"
+
+
+@pytest.fixture
+def remote(serve):
+    """A live server with a token, holding one project, and a client database beside it."""
+    served = serve(token=TOKEN)
+    clare.create_project(clare.open_db(served.config.db_path), "served", now_ms=clare.now_ms())
+    return served
+
+
+def test_sync_over_http_pulls_pushes_and_verifies(remote, tmp_path):
+    mine = clare.open_db(str(tmp_path / "mine.db"), machine_id="mine")
+    clare.create_project(mine, "mine", now_ms=clare.now_ms())
+    peer = clare.HttpPeer(remote.url, token=TOKEN)
+    report = clare.sync_with(mine, peer, name="srv", verify=True)
+    assert (report.n_pulled, report.n_pushed, report.verify["days_differ"]) == (1, 1, [])
+    assert abs(report.offset_ms) < 5000 and not report.is_skewed
+    assert sorted(p["name"] for p in remote.request("GET", "/api/v1/projects").json()) == ["mine", "served"]
+    with pytest.raises(clare.ClareError, match="answered 401.*token"):
+        clare.sync_with(mine, clare.HttpPeer(remote.url, token="wrong-token-0123456789"), name="srv")
+    peers = remote.request("GET", "/api/v1/sync/peers").json()
+    assert peers == []  # the server itself syncs with nobody
+
+
+def _post_raw(remote, body: bytes, *, ctype: str = "application/json"):
+    return remote.request("POST", "/api/v1/sync/events", body=body, headers={"Content-Type": ctype})
+
+
+@pytest.mark.parametrize("body, status, says", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[" * 100_000, 400, "not valid JSON"),
+    (b'"events"', 422, "JSON object"),
+    (b'{"events": "all of them"}', 400, '"events" list'),
+    (b'{"events": [], "hack": 1}', 422, "unknown field"),
+    (json.dumps({"events": [_event()] * 6000}).encode(), 400, "over the limit of 5000"),
+], ids=["bad-json", "deep-nesting", "string", "events-string", "unknown-field", "6000-events"])
+def test_garbage_posted_to_the_sync_endpoint_gets_a_4xx_naming_it(remote, body, status, says):
+    n_before = remote.request("GET", "/api/v1/status").json()["n_events"]
+    reply = _post_raw(remote, body)
+    assert reply.status == status and says in reply.json()["error"]["message"]
+    assert remote.request("GET", "/api/v1/status").json()["n_events"] == n_before
+
+
+def test_100000_events_in_one_post_get_413_before_the_body_is_read(remote):
+    import http.client
+
+    body = json.dumps({"events": [_event()] * 100_000}).encode()
+    assert len(body) > clare.MAX_SYNC_BODY_BYTES
+    conn = http.client.HTTPConnection("127.0.0.1", remote.port, timeout=10)
+    conn.putrequest("POST", "/api/v1/sync/events")
+    for k, v in (("Content-Type", "application/json"), ("Authorization", f"Bearer {TOKEN}"),
+                 ("Content-Length", str(len(body)))):
+        conn.putheader(k, v)
+    conn.endheaders()  # the body is never sent: the answer comes first
+    reply = conn.getresponse()
+    assert reply.status == 413 and "over the limit" in json.loads(reply.read())["error"]["message"]
+    conn.close()
+    assert remote.request("GET", "/api/v1/status").status == 200  # and it keeps serving
+
+
+def test_a_mixed_batch_over_http_keeps_the_good_events(remote):
+    bad = _event(uuid="2b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c", hlc="13 o'clock")
+    reply = remote.request("POST", "/api/v1/sync/events", json_body={"events": [_event(), bad]})
+    answer = reply.json()
+    assert reply.status == 200 and answer["accepted"] == 1
+    assert answer["rejected"] == [{"index": 1, "uuid": bad["uuid"], "reason": answer["rejected"][0]["reason"]}]
+    assert "HLC" in answer["rejected"][0]["reason"]
+
+
+@pytest.mark.parametrize("method, path, body, status", [
+    ("GET", "/api/v1/sync/events?after=abc", None, 400),
+    ("GET", "/api/v1/sync/days/2026-02-31", None, 400),
+    ("GET", "/api/v1/sync/days/..%2F..%2Fx", None, 404),
+    ("POST", "/api/v1/sync/fetch", {"uuids": "all"}, 400),
+    ("DELETE", "/api/v1/sync/events", None, 405),
+], ids=["after-word", "bad-date", "path-day", "uuids-string", "delete"])
+def test_bad_sync_requests_over_http_get_4xx(remote, method, path, body, status):
+    assert remote.request(method, path, json_body=body).status == status
+
+
+def test_sync_endpoints_need_the_token(remote):
+    assert remote.request("GET", "/api/v1/sync/events", auth=False).status == 401
+    assert remote.request("POST", "/api/v1/sync/events", json_body={"events": []}, auth=False).status == 401
+    assert _post_raw(remote, b'{"events": []}', ctype="text/plain").status == 415
