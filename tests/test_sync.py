@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import time
 
 import pytest
 
@@ -779,3 +780,135 @@ def test_sync_endpoints_need_the_token(remote):
     assert remote.request("GET", "/api/v1/sync/events", auth=False).status == 401
     assert remote.request("POST", "/api/v1/sync/events", json_body={"events": []}, auth=False).status == 401
     assert _post_raw(remote, b'{"events": []}', ctype="text/plain").status == 415
+
+
+# --- end to end: three real `clare serve` processes ---------------------------------------------
+
+class Clare:
+    """One host: its own home, a `clare serve` process with its own token, and its CLI."""
+
+    def __init__(self, tmp, name: str, env: dict):
+        self.name, self.home, self.env = name, tmp / name, env
+        self.token = f"token-of-{name}-" + "x" * 16
+        self.proc = None
+        self.url = None
+        assert self.cli("init", "--machine-id", name).code == 0
+
+    def cli(self, *argv: str):
+        import subprocess
+        import sys
+        from conftest import CLARE_PY, Ran
+
+        p = subprocess.run([sys.executable, str(CLARE_PY), "--home", str(self.home), *argv], capture_output=True,
+                           text=True, timeout=60, env=self.env)
+        return Ran(p.returncode, p.stdout, p.stderr)
+
+    def serve(self, *extra: str) -> None:
+        import selectors
+        import subprocess
+        import sys
+        import time
+        from conftest import CLARE_PY
+
+        self.proc = subprocess.Popen(
+            [sys.executable, str(CLARE_PY), "--home", str(self.home), "serve", "--port", "0", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**self.env, "CLARE_TOKEN": self.token})
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 20
+        while self.url is None and time.monotonic() < deadline:
+            if sel.select(timeout=deadline - time.monotonic()):
+                line = self.proc.stdout.readline()
+                assert line, f"clare serve of {self.name} exited: {self.proc.stderr.read()}"
+                if line.startswith("clare: serving "):
+                    self.url = line.split()[2].rstrip("/")
+        assert self.url, f"clare serve of {self.name} did not start in time"
+
+    def add_peer(self, other: "Clare", *, token_env: str) -> None:
+        assert self.cli("peer", "add", other.url, "--name", other.name, "--token-env", token_env).code == 0
+
+    def stop(self) -> str:
+        """Stop the server (SIGTERM); return what it wrote on stderr."""
+        if self.proc is None or self.proc.returncode is not None:
+            return ""
+        self.proc.terminate()
+        return self.proc.communicate(timeout=15)[1]
+
+
+@pytest.fixture
+def fleet(tmp_path, home):
+    import os as _os
+
+    env = {k: v for k, v in _os.environ.items() if k not in ("CLARE_TOKEN", "CLARE_HOME", "CLARE_URL")}
+    hosts: dict[str, Clare] = {}
+
+    def make(*names: str) -> list[Clare]:
+        for name in names:
+            hosts[name] = Clare(tmp_path, name, env)
+        for name in names:
+            env[f"{name.upper()}_TOKEN"] = hosts[name].token  # each host's CLI knows the others' tokens
+        return [hosts[n] for n in names]
+    yield make
+    for host in hosts.values():
+        host.stop()
+
+
+def _task(host: Clare, task_id: str) -> dict:
+    ran = host.cli("task", "show", task_id, "--json")
+    assert ran.code == 0, ran.err
+    return ran.json()
+
+
+def test_three_servers_relay_an_older_event_and_merge_fields_through_the_cli(fleet):
+    a, b, c = fleet("a", "b", "c")
+    for host in (a, b, c):
+        host.serve("--no-sync")
+    a.add_peer(b, token_env="B_TOKEN")
+    c.add_peer(b, token_env="B_TOKEN")  # no a <-> c: everything goes through b
+    assert c.cli("project", "new", "from-c").code == 0  # made first: the oldest HLC of all
+    assert a.cli("project", "new", "alpha").code == 0
+    task_id = a.cli("task", "add", "alpha", "parse", "--json").json()["id"]
+    ran = a.cli("sync")
+    assert ran.code == 0 and "b: pulled 0, pushed 2" in ran.out, ran.err
+    ran = c.cli("sync")  # b gets from-c after a's last pull, with an HLC older than all a has seen
+    assert ran.code == 0 and "pulled 2, pushed 1" in ran.out, ran.err
+    ran = a.cli("sync", "b")
+    assert ran.code == 0 and "b: pulled 1, pushed 0" in ran.out, ran.err
+    assert sorted(p["name"] for p in a.cli("project", "list", "--json").json()) == ["alpha", "from-c"]
+
+    assert a.cli("task", "edit", task_id, "--title", "parse v2 files").code == 0
+    assert c.cli("task", "start", task_id).code == 0
+    for host in (a, c, a):
+        ran = host.cli("sync")
+        assert ran.code == 0, ran.err
+    for host in (a, b, c):
+        t = _task(host, task_id)
+        assert (t["title"], t["status"]) == ("parse v2 files", "in_progress"), host.name
+    status = a.cli("peer", "list", "--json").json()
+    assert [(s["name"], s["n_behind"], s["last_error"]) for s in status] == [("b", 0, None)]
+    assert abs(status[0]["offset_ms"]) < 5000
+
+
+def test_serve_syncs_in_the_background_and_a_dead_peer_delays_nobody(fleet):
+    a, b, c = fleet("a", "b", "c")
+    b.serve("--no-sync")
+    for host in (a, c):
+        (host.home / "clare.toml").write_text("[sync]\ninterval_s = 0.3\n")
+        host.add_peer(b, token_env="B_TOKEN")
+    # a's first peer is dead (nothing listens on port 9): its thread backs off, b's goes on.
+    (a.home / "clare.toml").write_text((a.home / "clare.toml").read_text().replace(
+        "[[peers]]", '[[peers]]\nname = "dead"\nurl = "http://127.0.0.1:9"\n\n[[peers]]', 1))
+    a.serve()
+    c.serve()
+    assert a.cli("project", "new", "alpha").code == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        names = [p["name"] for p in c.cli("project", "list", "--json").json()]
+        if names == ["alpha"]:
+            break
+        time.sleep(0.2)
+    assert names == ["alpha"], "a's project did not reach c through b in the background"
+    status = {s["name"]: s for s in a.cli("peer", "list", "--json").json()}
+    assert status["b"]["last_error"] is None and status["b"]["last_ok_ms"] is not None
+    assert "cannot reach" in status["dead"]["last_error"] and status["dead"]["n_failures"] >= 1
+    assert "sync with dead failed (1 in a row)" in a.stop()
