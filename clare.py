@@ -578,7 +578,8 @@ def save_cursor(cur: sqlite3.Cursor, peer_machine_id: str, peer_db_id: str, *,
 
 def iter_event_keys(db: Db) -> Iterator[tuple[str, str]]:
     """Yield (hlc, uuid) of every event in (hlc, uuid) order, from the index alone."""
-    yield from db.conn.execute("SELECT hlc, uuid FROM events ORDER BY hlc, uuid")
+    for row in db.conn.execute("SELECT hlc, uuid FROM events ORDER BY hlc, uuid"):
+        yield row[0], row[1]
 
 
 def list_uuids_between(db: Db, *, start_ms: int, end_ms: int) -> list[str]:
