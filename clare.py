@@ -24,7 +24,6 @@ Sections (each uses only the ones above it):
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -32,8 +31,7 @@ import sqlite3
 import string
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +122,14 @@ def iso_ms(ms: int) -> str:
 
 def new_id() -> str:
     """Return a fresh random id: 32 lowercase hex digits (a uuid4 without dashes)."""
-    return uuid.uuid4().hex
+    return new_uuid().replace("-", "")
+
+
+def new_uuid() -> str:
+    """Return a fresh random uuid4 as text."""
+    import uuid  # loads `platform` too (2 ms): commands that only read never pay for it
+
+    return str(uuid.uuid4())
 
 
 # ==========================================================================
@@ -169,7 +174,7 @@ def default_machine_id() -> str:
     """Derive a machine id from the host name: its first label, lowercased, cleaned."""
     label = os.uname().nodename.split(".")[0].lower()
     label = re.sub(r"[^a-z0-9_-]+", "-", label).strip("-_")[:63]
-    return label or "host-" + uuid.uuid4().hex[:8]
+    return label or "host-" + new_id()[:8]
 
 
 def tick(last: Hlc | None, *, machine_id: str, now_ms: int) -> Hlc:
@@ -313,14 +318,14 @@ class Db:
 _MIGRATIONS: dict[int, list[str]] = {}  # version -> SQL scripts; filled by sections 3-4 below
 
 
-def open_db(path: str, *, machine_id: str | None = None) -> Db:
+def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Db:
     """Open (creating if needed) the Clare database at `path` and bring its schema up to date."""
     if path != ":memory:":
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000,
                                check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -357,7 +362,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
                         conn.execute(statement)
         fresh = {"schema_version": str(SCHEMA_VERSION),
                  "machine_id": meta.get("machine_id") or check_machine_id(machine_id or default_machine_id()),
-                 "db_id": meta.get("db_id") or str(uuid.uuid4())}
+                 "db_id": meta.get("db_id") or new_uuid()}
         conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", fresh.items())
         conn.execute("COMMIT")
     except BaseException:
@@ -435,6 +440,8 @@ def canonical_json(value: Any) -> str:
 def event_hash(ev: Event, payload_text: str) -> str:
     """Return the content hash of an event (everything but the local rseq)."""
     text = "\x1f".join((ev.uuid, ev.hlc, ev.machine_id, ev.event_type, payload_text, ev.created_at))
+    import hashlib  # loads OpenSSL (2 ms): commands that only read never pay for it
+
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -444,7 +451,7 @@ def make_event(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, 
     clock = tick(load_clock(cur, machine_id=db.machine_id, now_ms=now_ms),
                  machine_id=db.machine_id, now_ms=now_ms)
     save_clock(cur, clock)
-    ev = Event(str(uuid.uuid4()), str(clock), db.machine_id, event_type, payload, iso_ms(now_ms))
+    ev = Event(new_uuid(), str(clock), db.machine_id, event_type, payload, iso_ms(now_ms))
     result = insert_events(cur, [check_event(ev.to_json())])
     return result.inserted[0]
 
@@ -487,7 +494,8 @@ def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
                VALUES (?, ?, ?, ?, ?, ?, ?)""",
             (ev.uuid, ev.hlc, ev.machine_id, ev.event_type, payload_text, ev.created_at, digest))
         if cur.rowcount == 1:
-            inserted.append(dataclasses.replace(ev, rseq=cur.lastrowid))
+            inserted.append(Event(ev.uuid, ev.hlc, ev.machine_id, ev.event_type, ev.payload, ev.created_at,
+                                  cur.lastrowid))  # dataclasses.replace costs 3x as much
         elif cur.execute("SELECT hash FROM events WHERE uuid = ?", (ev.uuid,)).fetchone()[0] == digest:
             n_duplicates += 1
         else:
@@ -495,9 +503,9 @@ def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
     return InsertResult(inserted, n_duplicates, conflicts)
 
 
-def _event_from_row(row: sqlite3.Row) -> Event:
-    return Event(row["uuid"], row["hlc"], row["machine_id"], row["event_type"],
-                 json.loads(row["payload"]), row["created_at"], row["rseq"])
+def _event_from_row(row: Sequence[Any]) -> Event:
+    rseq, uuid_, hlc, machine_id, event_type, payload, created_at = row  # as in _EVENT_COLUMNS
+    return Event(uuid_, hlc, machine_id, event_type, json.loads(payload), created_at, rseq)
 
 
 _EVENT_COLUMNS = "rseq, uuid, hlc, machine_id, event_type, payload, created_at"
@@ -512,13 +520,15 @@ def list_events(db: Db, *, limit: int = 50) -> list[Event]:
 
 def iter_events(db: Db, *, after: int = 0, batch: int = 1000) -> Iterator[Event]:
     """Yield every event with rseq > after, in local receipt order, a page at a time."""
+    cur = db.conn.cursor()
+    cur.row_factory = None  # plain tuples: a replay reads a million rows, sqlite3.Row costs a third more
     while True:
-        rows = db.conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE rseq > ? ORDER BY rseq LIMIT ?",
-                               (after, batch)).fetchall()
+        rows = cur.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE rseq > ? ORDER BY rseq LIMIT ?",
+                           (after, batch)).fetchall()
         yield from map(_event_from_row, rows)
         if len(rows) < batch:
             return
-        after = rows[-1]["rseq"]
+        after = rows[-1][0]
 
 
 def get_events_by_uuid(db: Db, uuids: Iterable[str]) -> list[Event]:
@@ -544,7 +554,7 @@ def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
 
 def renew_db_id(db: Db) -> str:
     """Give this database a new db_id, as after a restore: peers then re-read it from 0."""
-    db_id = str(uuid.uuid4())
+    db_id = new_uuid()
     with write_txn(db) as cur:
         set_meta(cur, "db_id", db_id)
     db.db_id = db_id
@@ -674,11 +684,53 @@ CREATE TABLE event_refs (                       -- which events name which entit
     PRIMARY KEY (entity_id, hlc, uuid)
 ) WITHOUT ROWID;
 """
-PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs")
+PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs", "sessions")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
 UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
+
+SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
+SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
+                  "last_activity_at", "label", "tokens")
+TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
+
+FLEET_SCHEMA = """
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY,                        -- Claude's session uuid
+    created_at TEXT, created_at_v TEXT,
+    host TEXT, host_v TEXT,
+    cwd TEXT, cwd_v TEXT,
+    tmux_socket TEXT, tmux_socket_v TEXT,
+    tmux_target TEXT, tmux_target_v TEXT,
+    pane_id TEXT, pane_id_v TEXT,
+    pid INTEGER, pid_v TEXT,
+    command TEXT, command_v TEXT,
+    state TEXT, state_v TEXT,
+    state_at TEXT, state_at_v TEXT,
+    last_activity_at TEXT, last_activity_at_v TEXT,
+    label TEXT, label_v TEXT,
+    tokens TEXT, tokens_v TEXT                  -- JSON {input, output, cache_creation, cache_read}
+);
+CREATE INDEX sessions_host ON sessions (host, state);
+CREATE TABLE transcript_cache (                 -- this host's reading of its transcripts: a cache, never synced
+    path TEXT PRIMARY KEY,
+    session_id TEXT,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    info TEXT NOT NULL                          -- JSON: what the tail said, token sums and scan offset
+);
+CREATE INDEX transcript_cache_session ON transcript_cache (session_id);
+CREATE TABLE hook_marks (                       -- the newest hook report per session on this host, never synced
+    session_id TEXT PRIMARY KEY,
+    tmux_socket TEXT,
+    pane_id TEXT,
+    state TEXT,
+    hook_event TEXT NOT NULL,                   -- hook_event_name of the newest report
+    at_ms INTEGER NOT NULL
+);
+"""
+_MIGRATIONS[1].append(FLEET_SCHEMA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -743,6 +795,34 @@ class Update:
         return _as_json(self)
 
 
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str  # Claude's own session uuid
+    host: str  # machine id of the host that runs it (only that host observes it)
+    cwd: str
+    tmux_socket: str | None  # the tmux server's socket path, None outside tmux
+    tmux_target: str | None  # session:window.pane
+    pane_id: str | None  # %N, stable for the pane's life on that server
+    pid: int | None  # the Claude process
+    command: str  # its command line
+    state: str  # one of SESSION_STATES
+    state_at: str | None  # when it entered that state
+    last_activity_at: str | None
+    label: str  # the transcript's summary title
+    task_id: str | None  # the most urgent open task assigned to it (directly, else through a group)
+    tokens: dict[str, int]  # usage summed over its transcript
+    created_at: str  # first seen
+
+    @property
+    def tmux_session(self) -> str:
+        """Return the tmux session name, or '' outside tmux."""
+        return (self.tmux_target or "").rpartition(":")[0]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the session as the JSON object the CLI and API print."""
+        return _as_json(self)
+
+
 def _as_json(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
 
@@ -804,7 +884,7 @@ def check_received(obj: object) -> Event:
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
     """Fold one stored event into the projections; unknown types only get history refs."""
-    for key in REF_KEYS:
+    for key in REF_KEYS:  # replay() does the same in bulk: keep the two rules alike
         ref = ev.payload.get(key)
         if isinstance(ref, str):
             cur.execute("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
@@ -825,7 +905,7 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
     """Store events made elsewhere, merge the clock once, apply the new ones. Call inside write_txn."""
     result = insert_events(cur, events)
     if result.inserted:
-        newest = max(parse_hlc(ev.hlc) for ev in result.inserted)
+        newest = parse_hlc(max(ev.hlc for ev in result.inserted))  # the text sorts like the clock
         clock = load_clock(cur, machine_id=db.machine_id, now_ms=now_ms)
         save_clock(cur, merge(clock, newest, machine_id=db.machine_id, now_ms=now_ms))
         for ev in result.inserted:
@@ -839,8 +919,16 @@ def replay(db: Db) -> int:
     with write_txn(db) as cur:
         for table in PROJECTION_TABLES:
             cur.execute(f"DELETE FROM {table}")
+        # apply_event's history refs, for all events at once: in C, and in index order.
+        for key in REF_KEYS:
+            cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
+                            SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
+                             WHERE json_type(payload, '$.{key}') = 'text' ORDER BY 1, 2, 3""")
+        appliers = APPLIERS
         for ev in iter_events(db, batch=5000):
-            apply_event(cur, ev)
+            applier = appliers.get(ev.event_type)
+            if applier is not None:
+                applier(cur, ev)
             n_events += 1
     return n_events
 
@@ -951,6 +1039,50 @@ def apply_update_posted(cur: sqlite3.Cursor, ev: Event) -> None:
            VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
         (p["update_id"], p.get("task_id"), p.get("session_id"), p["source"], p["text"], ev.hlc,
          ev.created_at, ev.machine_id))
+
+
+def _session_fields(p: dict[str, Any], ev: Event) -> dict[str, Any]:
+    fields = _pick(p, SESSION_FIELDS)
+    if "tokens" in fields:
+        fields["tokens"] = canonical_json(fields["tokens"])
+    if "state" in fields:
+        fields["state_at"] = ev.created_at
+    return fields
+
+
+def _is_opt_int(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _is_tokens(v: Any) -> bool:
+    return isinstance(v, dict) and len(v) <= 8 and all(_is_id(k) and _is_opt_int(n) for k, n in v.items())
+
+
+_SESSION_PAYLOAD = {"session_id": _is_id, "host": _is_id, "cwd?": _is_str, "tmux_socket?": _is_opt_str,
+                    "tmux_target?": _is_opt_str, "pane_id?": _is_opt_id, "pid?": _is_opt_int, "command?": _is_str,
+                    "state?": _is_one_of(SESSION_STATES), "last_activity_at?": _is_opt_str, "label?": _is_str,
+                    "tokens?": _is_tokens}
+
+
+@applies("session.appeared", {**_SESSION_PAYLOAD, "cwd": _is_str, "state": _is_one_of(SESSION_STATES)})
+def apply_session_appeared(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins, by (hlc, uuid); the first sighting sets every field."""
+    p = ev.payload  # {session_id, host, cwd, tmux_socket, tmux_target, pane_id, pid, command, state, ...}
+    _lww(cur, "sessions", p["session_id"], {"created_at": ev.created_at, **_session_fields(p, ev)}, ev)
+
+
+@applies("session.changed", _SESSION_PAYLOAD)
+def apply_session_changed(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins, by (hlc, uuid): only the fields that changed are in the payload."""
+    p = ev.payload  # {session_id, host, state?, tmux_target?, ..., last_activity_at, tokens}
+    _lww(cur, "sessions", p["session_id"], _session_fields(p, ev), ev)
+
+
+@applies("session.gone", {"session_id": _is_id, "host": _is_id, "reason?": _is_str})
+def apply_session_gone(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Last writer wins on state: a newer sighting brings a gone session back (claude --resume)."""
+    p = ev.payload  # {session_id, host, reason}
+    _lww(cur, "sessions", p["session_id"], _session_fields({**p, "state": "gone"}, ev), ev)
 
 
 _PROJECT_SELECT = """
@@ -1064,6 +1196,99 @@ def list_updates(db: Db, *, task_ids: list[str] | None = None, update_id: str | 
     return [Update(*r) for r in reversed(rows)]
 
 
+_SESSION_SELECT = """
+SELECT s.id, s.host, s.cwd, s.tmux_socket, s.tmux_target, s.pane_id, s.pid, s.command, s.state, s.state_at,
+       s.last_activity_at, s.label, s.tokens, s.created_at,
+       (SELECT max(json_extract(c.info, '$.last_activity_at')) FROM transcript_cache c WHERE c.session_id = s.id)
+           AS fresh_activity_at,
+       (SELECT json_extract(c.info, '$.tokens') FROM transcript_cache c WHERE c.session_id = s.id
+         ORDER BY c.mtime_ns DESC LIMIT 1) AS fresh_tokens,
+       (SELECT t.id FROM tasks t WHERE t.assignee = 'session:' || s.id AND t.status != 'done'
+           AND t.created_at_v IS NOT NULL ORDER BY t.priority, t.created_at_v LIMIT 1) AS task_id
+  FROM sessions s
+ WHERE s.created_at_v IS NOT NULL"""
+
+
+def _session_from_row(row: sqlite3.Row) -> Session:
+    # This host's transcript cache is fresher than the last event (events are written only on a change).
+    activity = max(filter(None, (row["last_activity_at"], row["fresh_activity_at"])), default=None)
+    tokens = json.loads(row["fresh_tokens"] or row["tokens"] or "{}")
+    return Session(row["id"], row["host"], row["cwd"] or "", row["tmux_socket"], row["tmux_target"],
+                   row["pane_id"], row["pid"], row["command"] or "", row["state"], row["state_at"], activity,
+                   row["label"] or "", row["task_id"], {k: int(tokens.get(k, 0)) for k in TOKEN_KINDS},
+                   row["created_at"])
+
+
+def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
+                  include_gone: bool = True, pane_id: str | None = None) -> list[Session]:
+    """Return sessions by id prefix, host or pane, ordered by host, tmux target and id."""
+    sql, params = _SESSION_SELECT, []
+    if prefix is not None:
+        sql += " AND s.id >= ? AND s.id < ?"
+        params += (prefix, prefix + "~")
+    if host is not None:
+        sql += " AND s.host = ?"
+        params.append(host)
+    if pane_id is not None:
+        sql += " AND s.pane_id = ?"
+        params.append(pane_id)
+    if not include_gone:
+        sql += " AND s.state != 'gone'"
+    rows = db.conn.execute(sql + " ORDER BY s.host, s.tmux_target, s.id", params).fetchall()
+    return [_session_from_row(r) for r in rows]
+
+
+def list_group_tasks(db: Db) -> list[tuple[str, str]]:
+    """Return (group id, task id) of open group assignments, most urgent task first."""
+    return [tuple(r) for r in db.conn.execute(
+        """SELECT substr(assignee, 7), id FROM tasks WHERE assignee LIKE 'group:%' AND status != 'done'
+              AND created_at_v IS NOT NULL ORDER BY priority, created_at_v""")]
+
+
+def get_transcript_cache(db: Db) -> dict[str, tuple[int, int, dict[str, Any]]]:
+    """Return this host's transcript readings: path -> (size, mtime_ns, info)."""
+    return {r[0]: (r[1], r[2], json.loads(r[3]))
+            for r in db.conn.execute("SELECT path, size, mtime_ns, info FROM transcript_cache")}
+
+
+def save_transcript_cache(db: Db, rows: list[tuple[str, str | None, int, int, dict[str, Any]]]) -> None:
+    """Store new readings (path, session_id, size, mtime_ns, info) of transcripts."""
+    with write_txn(db) as cur:
+        cur.executemany("INSERT OR REPLACE INTO transcript_cache (path, session_id, size, mtime_ns, info) "
+                        "VALUES (?, ?, ?, ?, ?)", [(*r[:4], canonical_json(r[4])) for r in rows])
+
+
+@dataclass(frozen=True, slots=True)
+class HookMark:
+    tmux_socket: str | None
+    pane_id: str | None
+    state: str | None  # the state the newest state-bearing report implied
+    hook_event: str  # hook_event_name of the newest report
+    at_ms: int
+
+
+def list_hook_marks(db: Db, *, session_id: str | None = None) -> dict[str, HookMark]:
+    """Return the newest hook report per session of this host (or of one session)."""
+    sql = "SELECT session_id, tmux_socket, pane_id, state, hook_event, at_ms FROM hook_marks"
+    rows = db.conn.execute(sql + " WHERE session_id = ?", (session_id,)) if session_id else db.conn.execute(sql)
+    return {r[0]: HookMark(*r[1:]) for r in rows}
+
+
+def save_hook_mark(cur: sqlite3.Cursor, session_id: str, mark: HookMark) -> None:
+    """Remember a hook report unless a newer one is stored; keep the known pane and state. In a txn."""
+    cur.execute(
+        """INSERT INTO hook_marks (session_id, tmux_socket, pane_id, state, hook_event, at_ms)
+           VALUES (?, ?, ?, ?, ?, ?)
+           ON CONFLICT (session_id) DO UPDATE SET
+             tmux_socket = coalesce(excluded.tmux_socket, tmux_socket),
+             pane_id = coalesce(excluded.pane_id, pane_id),
+             state = coalesce(excluded.state, state),
+             hook_event = excluded.hook_event,
+             at_ms = excluded.at_ms
+           WHERE excluded.at_ms >= at_ms""",
+        (session_id, mark.tmux_socket, mark.pane_id, mark.state, mark.hook_event, mark.at_ms))
+
+
 def list_history(db: Db, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
     """Return the newest events that name any of these entities, oldest first."""
     marks = ",".join("?" * len(entity_ids))
@@ -1124,7 +1349,7 @@ def _one(what: str, ref: str, found: list, list_cmd: str) -> Any:
         return found[0]
     if not found:
         raise NotFound(f"no {what} {ref!r}; list them with: {list_cmd}")
-    ids = ", ".join(f"{x.id[:SHORT_ID + 4]}" + (f" ({x.name})" if hasattr(x, "name") else f" ({x.title})")
+    ids = ", ".join(f"{x.id[:SHORT_ID + 4]} ({getattr(x, 'name', None) or getattr(x, 'title', None) or x.cwd})"
                     for x in found)
     raise Conflict(f"{what} {ref!r} is ambiguous: {ids}; give more of the id")
 
@@ -1143,6 +1368,41 @@ def get_task(db: Db, ref: str) -> Task:
 def get_group(db: Db, ref: str) -> Group:
     """Return the group named `ref` or whose id starts with `ref`."""
     return _one("group", ref, find_groups(db, ref), "clare group list")
+
+
+def get_session(db: Db, ref: str) -> Session:
+    """Return the session whose id starts with `ref` (gone ones too)."""
+    return _one("session", ref, find_sessions(db, prefix=_check_prefix("session", ref)), "clare sessions --all")
+
+
+def list_sessions(db: Db, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
+    """Return the sessions, with each one's task: its own, else its groups' most urgent one."""
+    sessions = find_sessions(db, host=host, include_gone=include_gone)
+    group_tasks = list_group_tasks(db)
+    if not group_tasks or all(s.task_id for s in sessions):
+        return sessions
+    groups = {g.id: g for g in list_groups(db)}
+    out = []
+    for s in sessions:
+        if s.task_id is None:
+            task_id = next((t for g, t in group_tasks if g in groups and _in_group(s, groups[g])), None)
+            s = dataclasses.replace(s, task_id=task_id)
+        out.append(s)
+    return out
+
+
+def _in_group(session: Session, group: Group) -> bool:
+    import fnmatch  # only group matching needs it
+
+    return ((group.cwd is None or group.cwd in session.cwd)
+            and (group.host is None or group.host == session.host)
+            and (group.tmux_name is None or fnmatch.fnmatchcase(session.tmux_session, group.tmux_name)))
+
+
+def list_group_sessions(db: Db, group_ref: str, *, include_gone: bool = False) -> list[Session]:
+    """Return the sessions a group's patterns match now (membership is computed, never stored)."""
+    group = get_group(db, group_ref)
+    return [s for s in list_sessions(db, include_gone=include_gone) if _in_group(s, group)]
 
 
 def create_project(db: Db, name: str, *, goal: str = "", owner: str = "", now_ms: int) -> Project:
@@ -1239,7 +1499,7 @@ def assign_task(db: Db, ref: str, *, session_id: str | None = None, group_ref: s
         session_id = _check_prefix("session", session_id)
     with write_txn(db) as cur:
         task = get_task(db, ref)
-        target = ({"session_id": session_id} if session_id is not None
+        target = ({"session_id": get_session(db, session_id).id} if session_id is not None
                   else {"group_id": get_group(db, group_ref).id})
         if (task.session_id, task.group_id) != (target.get("session_id"), target.get("group_id")):
             record(db, cur, "task.assigned", {"task_id": task.id, **target}, now_ms=now_ms)
@@ -1283,18 +1543,130 @@ def remove_group(db: Db, ref: str, *, now_ms: int) -> Group:
 
 
 def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                source: str = "message", now_ms: int) -> Update:
-    """Add a progress note (or pane tail, triage, hook note) to a task and/or a session."""
+                pane: tuple[str | None, str] | None = None, source: str = "message", now_ms: int) -> Update:
+    """Add a progress note (or pane tail, triage, hook note) to a task and/or a session.
+
+    `pane` is (tmux socket or None, pane id) of the caller's pane: the note goes to the task of
+    the Claude session in that pane.
+    """
     text = _check_text("update text", text, limit=MAX_TEXT_CHARS, required=True)
     source = _check_choice("update source", source, UPDATE_SOURCES)
-    if task_ref is None and session_id is None:
+    if task_ref is None and session_id is None and pane is None:
         raise UsageError("an update needs a task (clare update TASK TEXT) or must run inside a session's pane")
     update_id = new_id()
     with write_txn(db) as cur:
+        if pane is not None and task_ref is None:
+            session = get_pane_session(db, *pane)
+            if session.task_id is None:
+                raise UsageError(f"session {session.id[:SHORT_ID]} in pane {pane[1]} has no task; assign one "
+                                 f"with: clare assign TASK {session.id[:SHORT_ID]} (or name the task)")
+            session_id, task_ref = session.id, session.task_id
         task_id = get_task(db, task_ref).id if task_ref is not None else None
         record(db, cur, "update.posted", {"update_id": update_id, "task_id": task_id, "session_id": session_id,
                                           "source": source, "text": text}, now_ms=now_ms)
     return list_updates(db, update_id=update_id)[0]
+
+
+def get_pane_session(db: Db, tmux_socket: str | None, pane_id: str) -> Session:
+    """Return the live session this host last saw in a tmux pane."""
+    found = [s for s in list_sessions(db, host=db.machine_id)
+             if s.pane_id == pane_id and (tmux_socket is None or s.tmux_socket == tmux_socket)]
+    if not found:
+        raise NotFound(f"no Claude session is known in tmux pane {pane_id}; run 'clare pull' first, "
+                       "or name the task: clare update TASK TEXT")
+    return max(found, key=lambda s: s.state_at or "")
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one look at this host says about one of its Claude sessions."""
+
+    session_id: str
+    cwd: str
+    tmux_socket: str | None
+    tmux_target: str | None
+    pane_id: str | None
+    pid: int | None
+    command: str
+    state: str
+    last_activity_ms: int | None
+    label: str
+    tokens: dict[str, int]
+
+
+_OBSERVED_KEYS = ("cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state", "label")
+
+
+def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
+                     now_ms: int) -> list[Event]:
+    """Record how this host's sessions changed since the last look: appeared, changed, gone.
+
+    A session of this host that is not seen is gone, unless its tmux server could not be asked
+    (keep_sockets). Nothing is written when nothing changed: the log must not grow with polling.
+    Last activity and tokens ride along with an event but never cause one.
+    """
+    for ob in seen:
+        _check_prefix("session", ob.session_id)
+        _check_choice("session state", ob.state, SESSION_STATES)
+    keep = set(keep_sockets)
+    events = []
+    with write_txn(db) as cur:
+        known = {s.id: s for s in find_sessions(db, host=db.machine_id)}
+        for ob in seen:
+            payload = {"session_id": ob.session_id, "host": db.machine_id,
+                       **{k: getattr(ob, k) for k in _OBSERVED_KEYS}}
+            extra = {"last_activity_at": iso_ms(ob.last_activity_ms) if ob.last_activity_ms else None,
+                     "tokens": ob.tokens}
+            old = known.get(ob.session_id)
+            if old is None:
+                events.append(record(db, cur, "session.appeared", {**payload, **extra}, now_ms=now_ms))
+                continue
+            changed = {k: payload[k] for k in _OBSERVED_KEYS if getattr(old, k) != payload[k]}
+            if changed:
+                events.append(record(db, cur, "session.changed", {"session_id": ob.session_id,
+                                                                  "host": db.machine_id, **changed, **extra},
+                                     now_ms=now_ms))
+        seen_ids = {ob.session_id for ob in seen}
+        for s in known.values():
+            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep:
+                events.append(record(db, cur, "session.gone", {"session_id": s.id, "host": db.machine_id,
+                                                               "reason": "no longer running"}, now_ms=now_ms))
+    return events
+
+
+def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
+                is_end: bool = False, now_ms: int) -> list[Event]:
+    """Fold one hook report in: remember it, and record the session's new state at once.
+
+    A report older than the one stored (a spooled report ingested late) is kept out of the state.
+    """
+    _check_prefix("session", session_id)
+    if mark.state is not None:
+        _check_choice("session state", mark.state, SESSION_STATES)
+    events = []
+    with write_txn(db) as cur:
+        save_hook_mark(cur, session_id, mark)
+        stored = list_hook_marks(db, session_id=session_id)[session_id]
+        if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event):
+            return events
+        old = next((s for s in find_sessions(db, prefix=session_id) if s.id == session_id), None)
+        head = {"session_id": session_id, "host": db.machine_id}
+        if is_end:
+            if old is not None and old.state != "gone":
+                events.append(record(db, cur, "session.gone", {**head, "reason": "session ended"}, now_ms=now_ms))
+        elif old is None and mark.state is not None:
+            events.append(record(db, cur, "session.appeared", {
+                **head, "cwd": cwd, "tmux_socket": mark.tmux_socket, "tmux_target": tmux_target,
+                "pane_id": mark.pane_id, "pid": None, "command": "", "state": mark.state,
+                "last_activity_at": iso_ms(mark.at_ms), "label": "", "tokens": {}}, now_ms=now_ms))
+        elif old is not None and mark.state is not None:
+            changed = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
+                                         ("tmux_socket", mark.tmux_socket), ("tmux_target", tmux_target))
+                       if v is not None and getattr(old, k) != v}
+            if changed:
+                events.append(record(db, cur, "session.changed", {
+                    **head, **changed, "last_activity_at": iso_ms(mark.at_ms)}, now_ms=now_ms))
+    return events
 
 
 def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertResult, list[str]]:
@@ -1344,6 +1716,11 @@ DESCRIBE.update({
     "task.unassigned": lambda p: f"unassigned task {p['task_id'][:SHORT_ID]}",
     "group.created": lambda p: f"created group {p['name']!r}",
     "group.removed": lambda p: f"removed group {p['group_id'][:SHORT_ID]}",
+    "session.appeared": lambda p: f"session {p['session_id'][:SHORT_ID]} appeared on {p['host']} "
+                                  f"({p.get('tmux_target') or 'no tmux'}, {p['state']})",
+    "session.changed": lambda p: f"session {p['session_id'][:SHORT_ID]}: "
+                                 + _fields({k: v for k, v in p.items() if k in _OBSERVED_KEYS}, "session_id"),
+    "session.gone": lambda p: f"session {p['session_id'][:SHORT_ID]} is gone ({p.get('reason', '')})",
     "update.posted": lambda p: f"{p['source']} update" + (f" on task {p['task_id'][:SHORT_ID]}"
                                                          if p.get("task_id") else "") + f": {p['text'][:80]}",
 })
@@ -1375,6 +1752,7 @@ SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
     create_project, edit_project, get_project, list_projects, project_history,
     create_task, edit_task, get_task, list_tasks, assign_task, unassign_task,
     create_group, remove_group, get_group, list_groups,
+    get_session, list_sessions, list_group_sessions, get_pane_session, observe_sessions, report_hook,
     post_update, list_updates, list_history, list_events, import_events, replay, count_events,
 )}
 
@@ -1382,6 +1760,798 @@ SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
 # ==========================================================================
 # 6. Fleet: Claude Code sessions in tmux panes, their state, hooks, broadcast delivery.
 # ==========================================================================
+
+CLAUDE_ENV_DIR = "CLAUDE_CONFIG_DIR"
+TMUX_TIMEOUT_S = 5.0
+PANE_FORMAT = "\t".join(("#{pane_id}", "#{pane_pid}", "#{pane_in_mode}", "#{pane_dead}",
+                         "#{session_name}:#{window_index}.#{pane_index}", "#{pane_current_command}",
+                         "#{pane_current_path}", "#{pane_title}"))
+TAIL_BLOCK_BYTES = 64 * 1024  # the first read from a transcript's end; grows 4x until the turn is known
+TAIL_MAX_BYTES = 1024 * 1024  # never read more than this from a transcript's end per look
+HEAD_BYTES = 16 * 1024  # the start of a transcript, for its title when the tail has none
+TOKEN_SCAN_MAX_BYTES = 16 * 1024 * 1024  # a first look at a bigger transcript sums only its tail's usage
+SCAN_BLOCK_BYTES = 1024 * 1024
+RECENT_IDS = 64  # message ids remembered across looks: one response spans several lines
+DEFAULT_IDLE_AFTER_S = 600
+SCREEN_LINES = 40
+MAX_COMMAND_CHARS = 500
+# Screen text of Claude Code's permission and choice dialogs, where Enter would approve: data, not code.
+PERMISSION_SCREEN = (
+    re.compile(r"Do you want to (?:proceed|make this edit|create|overwrite|allow|run|fetch)"),
+    re.compile(r"^\W*(?:❯|›|>)\s*1\.\s*Yes\b", re.M),
+)
+INTERRUPT_MARK = "[Request interrupted by user"
+SESSION_ID_FLAGS = ("--session-id", "--resume", "-r")
+REGISTRY_STATES = {"busy": "working", "shell": "working", "idle": "waiting", "waiting": "waiting"}
+TITLE_TYPES = {"summary": "summary", "custom-title": "customTitle", "ai-title": "aiTitle"}
+
+
+@dataclass(frozen=True, slots=True)
+class Pane:
+    socket: str  # the tmux server's socket path
+    pane_id: str
+    pid: int
+    in_mode: bool  # copy-mode or another mode that eats keys
+    is_dead: bool
+    target: str  # session:window.pane
+    command: str  # tmux's guess at the foreground program: a hint only
+    cwd: str
+    title: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the pane as a JSON object."""
+        return _as_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    observations: list[Observation]
+    events: list[Event]  # what changed, as recorded
+    ambiguous: list[Pane]  # Claude panes whose session cannot be told apart from another's
+    unreachable: list[str]  # tmux sockets that did not answer: their sessions are kept as they were
+
+
+def claude_home(env: dict[str, str] | None = None) -> str:
+    """Return Claude Code's folder: $CLAUDE_CONFIG_DIR, else ~/.claude."""
+    env = os.environ if env is None else env
+    return env.get(CLAUDE_ENV_DIR) or os.path.join(os.path.expanduser("~"), ".claude")
+
+
+def cwd_slug(cwd: str) -> str:
+    """Return the folder name Claude Code keeps a cwd's transcripts under."""
+    return re.sub(r"[^A-Za-z0-9]", "-", cwd)
+
+
+def tmux_binary() -> str:
+    """Return tmux's absolute path; a systemd service's PATH is minimal, so look in the usual places."""
+    import shutil  # only the fleet verbs need it
+
+    found = shutil.which("tmux") or next(
+        (p for p in ("/usr/bin/tmux", "/usr/local/bin/tmux", "/opt/homebrew/bin/tmux") if os.access(p, os.X_OK)),
+        None)
+    if found is None:
+        raise ClareError("tmux is not installed or not on PATH; install it (apt install tmux) to see sessions")
+    return os.path.abspath(found)
+
+
+def tmux_sockets(env: dict[str, str] | None = None) -> list[str]:
+    """Return the socket of every tmux server of this user, found the way tmux finds its own."""
+    import stat
+
+    env = os.environ if env is None else env
+    folder = os.path.join(env.get("TMUX_TMPDIR") or "/tmp", f"tmux-{os.getuid()}")
+    found = []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        entries = []
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(entry.stat().st_mode):
+                found.append(entry.path)
+    inside = (env.get("TMUX") or "").split(",")[0]
+    if inside and inside not in found and os.path.exists(inside):
+        found.append(inside)
+    return found
+
+
+def run_tmux(socket: str, *args: str, input_text: str | None = None) -> "subprocess.CompletedProcess[str]":
+    """Run one tmux command against one server; the caller checks the return code."""
+    import subprocess
+
+    try:
+        return subprocess.run([tmux_binary(), "-S", socket, *args], input=input_text, capture_output=True,
+                              text=True, timeout=TMUX_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        raise ClareError(f"tmux at {socket} did not answer within {TMUX_TIMEOUT_S:.0f} s; "
+                         "check that server with: tmux -S SOCKET ls") from err
+
+
+def parse_panes(text: str, *, socket: str) -> list[Pane]:
+    """Parse `list-panes -a -F PANE_FORMAT` output; skip lines that do not fit."""
+    panes = []
+    for line in text.splitlines():
+        f = line.split("\t", 7)
+        if len(f) != 8 or not f[0].startswith("%") or not f[1].isdigit():
+            continue
+        panes.append(Pane(socket, f[0], int(f[1]), f[2] == "1", f[3] == "1", f[4], f[5], f[6], f[7]))
+    return panes
+
+
+def list_panes(socket: str) -> list[Pane] | None:
+    """Return every pane of one tmux server: [] when no server runs there, None when it fails."""
+    p = run_tmux(socket, "list-panes", "-a", "-F", PANE_FORMAT)
+    if p.returncode != 0:
+        err = p.stderr.strip()
+        # A socket file left by a server that exited is normal: nothing runs there.
+        if "no server running" in err or "Connection refused" in err or "No such file" in err:
+            return []
+        return None
+    return parse_panes(p.stdout, socket=socket)
+
+
+def capture_pane(pane: Pane, *, lines: int = SCREEN_LINES) -> str | None:
+    """Return the last lines of a pane's screen, or None when tmux cannot show it."""
+    p = run_tmux(pane.socket, "capture-pane", "-p", "-J", "-t", pane.pane_id, "-S", f"-{lines}")
+    return p.stdout if p.returncode == 0 else None
+
+
+def shows_permission_dialog(screen: str) -> bool:
+    """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
+    tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
+    return any(rule.search(tail) for rule in PERMISSION_SCREEN)
+
+
+def read_procs() -> dict[int, tuple[int, int]]:
+    """Return every process of this host as pid -> (ppid, start time in clock ticks)."""
+    procs = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # the process ended while we looked
+            continue
+        # The command name may hold spaces and parentheses: split after the last ')'.
+        rest = stat[stat.rfind(b")") + 2:].split()
+        procs[int(name)] = (int(rest[1]), int(rest[19]))
+    return procs
+
+
+def proc_argv(pid: int) -> list[str]:
+    """Return a process's argv, [] when it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return []
+
+
+def is_claude_argv(argv: list[str]) -> bool:
+    """Tell whether a command line is Claude Code: argv[0] is claude, or node/bun running a claude script."""
+    if not argv:
+        return False
+    if os.path.basename(argv[0]) == "claude":
+        return True
+    return (os.path.basename(argv[0]) in ("node", "bun") and len(argv) > 1
+            and ("claude" in os.path.basename(argv[1]) or "claude-code" in argv[1]))
+
+
+def find_claude(pid: int, children: dict[int, list[int]], argv_of: Callable[[int], list[str]]) -> int | None:
+    """Return the first Claude process at or below `pid`, walking the process tree breadth first."""
+    queue = [pid]
+    while queue:
+        p = queue.pop(0)
+        if is_claude_argv(argv_of(p)):
+            return p
+        queue += children.get(p, ())
+    return None
+
+
+def session_id_from_argv(argv: list[str]) -> str | None:
+    """Return the session id given by --session-id or --resume on a command line."""
+    for i, a in enumerate(argv):
+        name, eq, value = a.partition("=")
+        if name in SESSION_ID_FLAGS:
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            if UUID_RE.match(value):
+                return value
+    return None
+
+
+def read_registry(claude_dir: str, procs: dict[int, tuple[int, int]]) -> dict[int, dict[str, Any]]:
+    """Return Claude's live registry (sessions/<pid>.json) as pid -> entry, skipping dead or reused pids."""
+    folder = os.path.join(claude_dir, "sessions")
+    found = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return {}
+    for name in names:
+        stem = name.removesuffix(".json")
+        if not stem.isdigit() or int(stem) not in procs:
+            continue
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                entry = json.load(f)
+        except (OSError, ValueError):  # being rewritten, or not ours to judge
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("sessionId"), str):
+            continue
+        start = entry.get("procStart")
+        if start is not None and str(start) != str(procs[int(stem)][1]):
+            continue  # the pid was reused by another process
+        found[int(stem)] = entry
+    return found
+
+
+def _boot_ms() -> int:
+    with open("/proc/stat", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return int(line.split()[1]) * 1000
+    return 0  # pragma: no cover - every Linux /proc/stat has btime
+
+
+def find_transcript(claude_dir: str, cwd: str, session_id: str) -> str | None:
+    """Return the transcript path of a session: in its cwd's folder, else in any project folder."""
+    projects = os.path.join(claude_dir, "projects")
+    path = os.path.join(projects, cwd_slug(cwd), session_id + ".jsonl")
+    if os.path.exists(path):
+        return path
+    try:
+        folders = list(os.scandir(projects))
+    except OSError:
+        return None
+    for d in folders:  # a long cwd's folder carries a hash, and cwds can move
+        path = os.path.join(d.path, session_id + ".jsonl")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def newest_transcript(claude_dir: str, cwd: str, *, since_ms: int) -> str | None:
+    """Return the newest session transcript of a cwd's folder written after since_ms, if any."""
+    projects = os.path.join(claude_dir, "projects")
+    slug = cwd_slug(cwd)
+    try:
+        folders = [d.path for d in os.scandir(projects)
+                   if d.name == slug or (len(slug) > 200 and d.name.startswith(slug[:200]))]
+    except OSError:
+        return None
+    best: tuple[int, str] | None = None
+    for folder in folders:
+        for e in os.scandir(folder):
+            if e.name.endswith(".jsonl") and UUID_RE.match(e.name[:-6]):
+                mtime_ms = e.stat().st_mtime_ns // 1_000_000
+                if mtime_ms >= since_ms and (best is None or mtime_ms > best[0]):
+                    best = (mtime_ms, e.path)
+    return best[1] if best else None
+
+
+def _iso_to_ms(text: object) -> int | None:
+    import datetime
+
+    if not isinstance(text, str):
+        return None
+    try:
+        return int(datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
+def _text_of(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+    return ""
+
+
+def turn_of_line(obj: dict[str, Any]) -> str | None:
+    """Return what one transcript line says of the turn: 'working', 'waiting' or None (says nothing)."""
+    kind = obj.get("type")
+    if kind == "system":
+        return "waiting" if obj.get("subtype") == "turn_duration" or "durationMs" in obj else None
+    message = obj.get("message")
+    if not isinstance(message, dict) or obj.get("isSidechain") or obj.get("isMeta"):
+        return None
+    content = message.get("content")
+    if kind == "user":
+        return "waiting" if _text_of(content).startswith(INTERRUPT_MARK) else "working"
+    if kind == "assistant":
+        has_tool = isinstance(content, list) and any(
+            isinstance(b, dict) and b.get("type") == "tool_use" for b in content)
+        return "working" if has_tool else "waiting"
+    return None
+
+
+def parse_tail(lines: list[bytes]) -> dict[str, Any]:
+    """Return what the newest transcript lines say: turn, its time, last activity, last text, title.
+
+    `lines` are oldest first; a line that does not parse (half-written, or not JSON) is skipped.
+    """
+    info: dict[str, Any] = {}
+    for raw in reversed(lines):
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        key = TITLE_TYPES.get(obj.get("type"))
+        if key and "label" not in info and isinstance(obj.get(key), str):
+            info["label"] = obj[key]
+        when = _iso_to_ms(obj.get("timestamp"))
+        if when and not obj.get("isSidechain"):
+            info["last_activity_ms"] = max(info.get("last_activity_ms", 0), when)
+        if "turn" not in info:
+            turn = turn_of_line(obj)
+            if turn:
+                info["turn"], info["turn_ms"] = turn, when
+        if "last_text" not in info and obj.get("type") == "assistant" and not obj.get("isSidechain"):
+            text = _text_of((obj.get("message") or {}).get("content"))
+            if text:
+                info["last_text"] = text[-2000:]
+        if "cwd" not in info and isinstance(obj.get("cwd"), str):
+            info["cwd"] = obj["cwd"]
+        if {"turn", "label", "last_text", "cwd"} <= info.keys():
+            break
+    return info
+
+
+def _first_prompt(lines: list[bytes]) -> str | None:
+    for raw in lines:
+        with contextlib.suppress(ValueError, AttributeError):
+            obj = json.loads(raw)
+            if obj.get("type") == "user" and not obj.get("isMeta") and not obj.get("isSidechain"):
+                text = _text_of(obj["message"].get("content")).strip()
+                if text and not text.startswith(("<", INTERRUPT_MARK)):
+                    return " ".join(text.split())[:80]
+    return None
+
+
+def read_transcript(path: str, cached: tuple[int, int, dict[str, Any]] | None
+                    ) -> tuple[int, int, dict[str, Any]] | None:
+    """Return (size, mtime_ns, info) of a transcript, reading only what changed since `cached`.
+
+    The tail is read from the end in growing blocks (at most TAIL_MAX_BYTES) and token usage is
+    summed over the bytes appended since the last look: a transcript is never read whole twice,
+    and one over TOKEN_SCAN_MAX_BYTES is never read whole at all (its tokens are then partial).
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
+        return cached
+    old = cached[2] if cached and cached[0] <= st.st_size else {}
+    with open(path, "rb") as f:
+        info = {**_read_tail(f, st.st_size)}
+        if "label" not in info:
+            f.seek(0)
+            head = f.read(HEAD_BYTES).split(b"\n")[:-1]
+            title = parse_tail(head).get("label") if head else None
+            info["label"] = title or old.get("label") or _first_prompt(head) or ""
+        info.update(_scan_tokens(f, st.st_size, old))
+    info.setdefault("last_activity_ms", st.st_mtime_ns // 1_000_000)
+    if info.get("turn") and not info.get("turn_ms"):
+        info["turn_ms"] = st.st_mtime_ns // 1_000_000
+    info["last_activity_at"] = iso_ms(info["last_activity_ms"])
+    return st.st_size, st.st_mtime_ns, info
+
+
+def _read_tail(f: Any, size: int) -> dict[str, Any]:
+    want = TAIL_BLOCK_BYTES
+    while True:
+        start = max(0, size - want)
+        f.seek(start)
+        lines = f.read(size - start).split(b"\n")
+        if start > 0:
+            lines = lines[1:]  # cut mid-line
+        info = parse_tail(lines)
+        if "turn" in info or start == 0 or want >= TAIL_MAX_BYTES:
+            return info
+        want = min(want * 4, TAIL_MAX_BYTES)
+
+
+def _scan_tokens(f: Any, size: int, old: dict[str, Any]) -> dict[str, Any]:
+    totals = dict.fromkeys(TOKEN_KINDS, 0) | old.get("tokens", {})
+    recent = list(old.get("recent_ids", []))
+    start, is_partial = old.get("scanned_to", 0), old.get("is_partial", False)
+    if not old and size > TOKEN_SCAN_MAX_BYTES:
+        start, is_partial = size - TAIL_MAX_BYTES, True
+    f.seek(start)
+    carry, skip_first, pos = b"", bool(start and not old), start
+    while pos < size:
+        block = f.read(min(SCAN_BLOCK_BYTES, size - pos))
+        if not block:
+            break
+        pos += len(block)
+        lines = (carry + block).split(b"\n")
+        carry = lines.pop()
+        if skip_first and lines:
+            lines, skip_first = lines[1:], False
+        for line in lines:
+            if b'"usage"' in line:
+                _add_usage(line, totals, recent)
+    return {"tokens": totals, "recent_ids": recent[-RECENT_IDS:], "scanned_to": pos - len(carry),
+            "is_partial": is_partial}
+
+
+def _add_usage(line: bytes, totals: dict[str, int], recent: list[str]) -> None:
+    try:
+        obj = json.loads(line)
+        message = obj["message"]
+        usage = message["usage"]
+    except (ValueError, KeyError, TypeError):
+        return
+    if obj.get("type") != "assistant" or not isinstance(usage, dict):
+        return
+    key = message.get("id") or obj.get("uuid")
+    if key in recent:
+        return  # one response spans several lines that repeat its usage: count it once
+    recent.append(key)
+    del recent[:-RECENT_IDS]
+    for kind in TOKEN_KINDS:
+        value = usage.get("input_tokens" if kind == "input" else "output_tokens" if kind == "output"
+                          else f"{kind}_input_tokens")
+        if isinstance(value, int) and value > 0:
+            totals[kind] += value
+
+
+def derive_state(*, turn: str | None, turn_ms: int | None, registry: str | None, registry_ms: int | None,
+                 hook: str | None, hook_ms: int | None, shows_dialog: bool, now_ms: int,
+                 idle_after_ms: int) -> str:
+    """Combine the signals into one state: the newest signal wins, a dialog on screen beats all.
+
+    Each source has holes (no hook on an Esc interrupt, a transcript that lags the hook, a registry
+    only in newer versions), so none is trusted alone; waiting turns into idle after idle_after_ms.
+    """
+    if shows_dialog:
+        return "permission"
+    signals = [(ms or 0, i, s) for i, (ms, s) in enumerate(
+        ((turn_ms, turn), (registry_ms, REGISTRY_STATES.get(registry or "")), (hook_ms, hook))) if s]
+    if not signals:
+        return "waiting"
+    last_ms, _, state = max(signals)
+    if state == "waiting" and last_ms and now_ms - last_ms >= idle_after_ms:
+        return "idle"
+    return state
+
+
+def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int
+                 ) -> tuple[list[Observation], list[Pane], list[str]]:
+    """Look at this host's tmux panes, processes and Claude files; return sessions, ambiguous panes, failed sockets.
+
+    Pane to session, strongest evidence first: Claude's registry entry of the pane's Claude
+    process; the pane Clare's hook recorded; --session-id/--resume; the newest transcript of the
+    cwd, only when no other Claude pane shares that cwd.
+    """
+    procs = read_procs()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    argv_cache: dict[int, list[str]] = {}
+
+    def argv_of(pid: int) -> list[str]:
+        if pid not in argv_cache:
+            argv_cache[pid] = proc_argv(pid)
+        return argv_cache[pid]
+
+    registry = read_registry(claude_dir, procs)
+    marks = list_hook_marks(db)
+    hooked: dict[tuple[str | None, str], tuple[int, str]] = {}
+    for sid, m in marks.items():
+        if m.pane_id and (m.at_ms, sid) > hooked.get((m.tmux_socket, m.pane_id), (0, "")):
+            hooked[(m.tmux_socket, m.pane_id)] = (m.at_ms, sid)
+    boot_ms, tick_ms = _boot_ms(), 1000 / os.sysconf("SC_CLK_TCK")
+    claude_panes, unreachable = [], []
+    for socket in tmux_sockets():
+        panes = list_panes(socket)
+        if panes is None:
+            unreachable.append(socket)
+            continue
+        for pane in panes:
+            pid = None if pane.is_dead else find_claude(pane.pid, children, argv_of)
+            if pid is not None:
+                claude_panes.append((pane, pid))
+    found: list[tuple[str, Pane | None, int]] = []
+    unresolved = []
+    for pane, pid in claude_panes:
+        started_ms = boot_ms + int(procs[pid][1] * tick_ms) if pid in procs else 0
+        hook = hooked.get((pane.socket, pane.pane_id)) or hooked.get((None, pane.pane_id))
+        sid = ((registry.get(pid) or {}).get("sessionId")
+               or (hook[1] if hook and hook[0] >= started_ms - 2000 else None)
+               or session_id_from_argv(argv_of(pid)))
+        if sid:
+            found.append((sid, pane, pid))
+        else:
+            unresolved.append((pane, pid, started_ms))
+    cwd_of = {pid: _proc_cwd(pid) or pane.cwd for pane, pid in claude_panes}
+    sharing = {}
+    for _, pid in claude_panes:
+        sharing[cwd_of[pid]] = sharing.get(cwd_of[pid], 0) + 1
+    ambiguous = []
+    for pane, pid, started_ms in unresolved:
+        path = newest_transcript(claude_dir, cwd_of[pid], since_ms=started_ms - 2000)
+        if sharing[cwd_of[pid]] == 1 and path:
+            found.append((os.path.basename(path)[:-6], pane, pid))
+        else:
+            ambiguous.append(pane)
+    in_panes = {pid for _, _, pid in found}
+    found += [(e["sessionId"], None, pid) for pid, e in registry.items() if pid not in in_panes]
+    return _observe(db, found, registry=registry, marks=marks, cwd_of=cwd_of, argv_of=argv_of,
+                    claude_dir=claude_dir, idle_after_ms=idle_after_ms, now_ms=now_ms), ambiguous, unreachable
+
+
+def _proc_cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dict[int, dict[str, Any]],
+             marks: dict[str, HookMark], cwd_of: dict[int, str], argv_of: Callable[[int], list[str]],
+             claude_dir: str, idle_after_ms: int, now_ms: int) -> list[Observation]:
+    cache = get_transcript_cache(db)
+    fresh, observations, seen = [], [], set()
+    for sid, pane, pid in found:
+        if sid in seen or not UUID_RE.match(sid):
+            continue
+        seen.add(sid)
+        entry = registry.get(pid) or {}
+        cwd = cwd_of.get(pid) or entry.get("cwd") or _proc_cwd(pid) or ""
+        path = find_transcript(claude_dir, cwd, sid)
+        reading = read_transcript(path, cache.get(path)) if path else None
+        if reading is not None and reading is not cache.get(path):
+            fresh.append((path, sid, *reading))
+        info = reading[2] if reading else {}
+        screen = capture_pane(pane) if pane else None
+        mark = marks.get(sid)
+        state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=entry.get("status"),
+                             registry_ms=entry.get("statusUpdatedAt"), hook=mark and mark.state,
+                             hook_ms=mark and mark.at_ms,
+                             shows_dialog=bool(screen and shows_permission_dialog(screen)), now_ms=now_ms,
+                             idle_after_ms=idle_after_ms)
+        observations.append(Observation(
+            sid, cwd, pane.socket if pane else None, pane.target if pane else None, pane.pane_id if pane else None,
+            pid, " ".join(argv_of(pid))[:MAX_COMMAND_CHARS], state, info.get("last_activity_ms"),
+            (info.get("label") or entry.get("name") or "")[:MAX_TITLE_CHARS], info.get("tokens") or {}))
+    if fresh:
+        save_transcript_cache(db, fresh)
+    return observations
+
+
+def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, env: dict[str, str] | None = None) -> PullResult:
+    """Look at this host's Claude sessions and record what changed (nothing when nothing did)."""
+    ingest_spool(db, now_ms=now_ms)
+    fleet = config.get("fleet", {})
+    idle_after_ms = int(fleet.get("idle_after_s", DEFAULT_IDLE_AFTER_S) * 1000)
+    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env),
+                                                        idle_after_ms=idle_after_ms, now_ms=now_ms)
+    events = observe_sessions(db, observations, keep_sockets=unreachable, now_ms=now_ms)
+    text = canonical_json([p.to_json() for p in ambiguous])
+    if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
+        with write_txn(db) as cur:
+            set_meta(cur, "ambiguous_panes", text)
+    return PullResult(observations, events, ambiguous, unreachable)
+
+
+def list_ambiguous_panes(db: Db) -> list[Pane]:
+    """Return the Claude panes the last pull could not tie to one session."""
+    return [Pane(**p) for p in json.loads(get_meta(db.conn.cursor(), "ambiguous_panes") or "[]")]
+
+
+HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PermissionRequest", "Notification", "Stop",
+               "StopFailure", "SessionEnd")
+HOOK_STATES = {"SessionStart": "waiting", "UserPromptSubmit": "working", "PreToolUse": "working",
+               "PostToolUse": "working", "PermissionRequest": "permission", "Stop": "waiting",
+               "StopFailure": "waiting"}
+NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission",
+                       "idle_prompt": "waiting"}
+HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
+MAX_HOOK_INPUT_BYTES = 1024 * 1024
+HOOK_TIMEOUT_S = 10
+CLARE_HOOK_RE = re.compile(r"clare(?:\.py)?['\"]?(?:\s+\S+)*\s+hook\s*$")
+
+
+def hook_state(payload: dict[str, Any]) -> str | None:
+    """Return the session state a hook report implies, or None when it implies none."""
+    event = payload.get("hook_event_name")
+    if event != "Notification":
+        return HOOK_STATES.get(event)
+    state = NOTIFICATION_STATES.get(payload.get("notification_type"))
+    message = str(payload.get("message", ""))
+    # COMPAT: versions before notification_type said it only in the message.
+    if state is None and "permission" in message:
+        return "permission"
+    if state is None and "waiting for your input" in message:
+        return "waiting"
+    return state
+
+
+def spool_dir(db_path: str) -> str:
+    """Return the folder where hook reports wait while the database cannot take them."""
+    return os.path.join(os.path.dirname(os.path.abspath(db_path)), "spool")
+
+
+def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> None:
+    """Take one Claude Code hook report: record it now, or spool it for the next pull; never raise.
+
+    This is an edge (STYLE §5): Claude's session must never see Clare fail, so whatever goes
+    wrong while recording ends in the spool, and whatever goes wrong while spooling is dropped.
+    """
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return  # not a report: nothing to keep
+    if not isinstance(payload, dict):
+        return
+    report = {"payload": payload, "tmux_pane": env.get("TMUX_PANE") or None,
+              "tmux_socket": (env.get("TMUX") or "").split(",")[0] or None, "at_ms": at_ms}
+    try:
+        if not os.path.exists(db_path):
+            raise ClareError(f"no database at {db_path} yet")
+        db = open_db(db_path, busy_timeout_ms=HOOK_BUSY_TIMEOUT_MS)
+        try:
+            ingest_report(db, report, now_ms=at_ms)
+        finally:
+            db.close()
+    except Exception:  # the hook runner is an edge: spool whatever it could not record
+        with contextlib.suppress(OSError):
+            spool_report(db_path, report)
+
+
+def spool_report(db_path: str, report: dict[str, Any]) -> str:
+    """Write one hook report to the spool, atomically; return its path."""
+    folder = spool_dir(db_path)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{report['at_ms']:013d}-{os.getpid()}-{new_id()[:8]}.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(report, f)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]:
+    """Record one hook report (live or spooled); reports of sub-agents or without a session are ignored."""
+    # SECURITY: the payload comes from a hook's stdin: only known fields of known types are used.
+    p = report.get("payload") or {}
+    sid = p.get("session_id")
+    if not isinstance(sid, str) or not UUID_RE.match(sid) or p.get("agent_id"):
+        return []
+    event = str(p.get("hook_event_name", ""))[:64]
+    pane, socket = report.get("tmux_pane"), report.get("tmux_socket")
+    mark = HookMark(socket if isinstance(socket, str) else None,
+                    pane if isinstance(pane, str) and pane.startswith("%") else None,
+                    hook_state(p), event, int(report.get("at_ms") or now_ms))
+    cwd = p.get("cwd") if isinstance(p.get("cwd"), str) else ""
+    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", now_ms=now_ms)
+
+
+def ingest_spool(db: Db, *, now_ms: int) -> int:
+    """Record the hook reports spooled while the database was busy or missing; return how many."""
+    folder = spool_dir(db.path)
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+        except ValueError:
+            os.replace(path, path + ".bad")  # kept for a human, never read again
+            continue
+        ingest_report(db, report, now_ms=now_ms)
+        os.remove(path)
+    return len(names)
+
+
+def settings_path(env: dict[str, str] | None = None) -> str:
+    """Return Claude Code's user settings file."""
+    return os.path.join(claude_home(env), "settings.json")
+
+
+def hook_command(db_path: str) -> str:
+    """Return the shell command Claude Code runs for Clare's hooks: this interpreter, file and database."""
+    import shlex
+
+    return shlex.join([sys.executable, os.path.abspath(__file__), "--db", os.path.abspath(db_path), "hook"])
+
+
+def _read_settings(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except ValueError as err:
+        raise ClareError(f"{path} is not valid JSON ({err}); fix it, then run this again") from err
+    if not isinstance(settings, dict) or not isinstance(settings.get("hooks", {}), dict):
+        raise ClareError(f"{path} is not a settings object with a 'hooks' object; fix it, then run this again")
+    return settings
+
+
+def _write_settings(path: str, settings: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".clare-tmp", "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(path + ".clare-tmp", path)
+
+
+def _is_clare_hook(h: object) -> bool:
+    return isinstance(h, dict) and isinstance(h.get("command"), str) and bool(CLARE_HOOK_RE.search(h["command"]))
+
+
+def _strip_clare_hooks(groups: list[Any]) -> bool:
+    removed = False
+    for g in list(groups):
+        if isinstance(g, dict) and isinstance(g.get("hooks"), list):
+            keep = [h for h in g["hooks"] if not _is_clare_hook(h)]
+            if len(keep) != len(g["hooks"]):
+                removed = True
+                if keep:
+                    g["hooks"] = keep
+                else:
+                    groups.remove(g)
+    return removed
+
+
+def install_hooks(path: str, command: str) -> list[str]:
+    """Add Clare's hook to every event it reads, keeping the user's own hooks; return the events changed."""
+    settings = _read_settings(path)
+    hooks = settings.setdefault("hooks", {})
+    entry = {"type": "command", "command": command, "timeout": HOOK_TIMEOUT_S, "async": True}
+    changed = []
+    for event in HOOK_EVENTS:
+        groups = hooks.setdefault(event, [])
+        if not isinstance(groups, list):
+            raise ClareError(f"{path}: hooks.{event} is not a list; fix it, then run this again")
+        ours = [h for g in groups if isinstance(g, dict) for h in g.get("hooks") or () if _is_clare_hook(h)]
+        if ours == [entry]:
+            continue
+        _strip_clare_hooks(groups)
+        groups.append({"matcher": "", "hooks": [entry]})
+        changed.append(event)
+    if changed:
+        _write_settings(path, settings)
+    return changed
+
+
+def uninstall_hooks(path: str) -> list[str]:
+    """Remove Clare's hooks and nothing else; return the events changed."""
+    settings = _read_settings(path)
+    hooks = settings.get("hooks", {})
+    changed = [event for event, groups in hooks.items() if isinstance(groups, list) and _strip_clare_hooks(groups)]
+    for event in changed:
+        if not hooks[event]:
+            del hooks[event]
+    if changed:
+        if not hooks:
+            del settings["hooks"]
+        _write_settings(path, settings)
+    return changed
+
+
+def hooks_status(path: str, command: str) -> dict[str, str]:
+    """Return, per hook event Clare reads: installed, outdated (another Clare command) or missing."""
+    hooks = _read_settings(path).get("hooks", {})
+    status = {}
+    for event in HOOK_EVENTS:
+        groups = hooks.get(event) if isinstance(hooks.get(event), list) else []
+        ours = [h for g in groups if isinstance(g, dict) for h in g.get("hooks") or () if _is_clare_hook(h)]
+        status[event] = ("installed" if any(h.get("command") == command for h in ours)
+                         else "outdated" if ours else "missing")
+    return status
+
+
+SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes)})
 
 
 # ==========================================================================
@@ -1548,6 +2718,8 @@ def sync_digest(db: Db, *, now_ms: int) -> dict[str, Any]:
     Days come from the HLC, which is part of the event, so two hosts holding the same
     events give the same digest; the (hlc, uuid) order makes the hash independent of arrival.
     """
+    import hashlib  # see event_hash: read-only commands never load it
+
     days: dict[str, dict[str, Any]] = {}
     day, n_events, h = None, 0, hashlib.sha256()
     for hlc, uid in iter_event_keys(db):
@@ -2098,7 +3270,8 @@ class WebConfig:
 
 def hmac_hex(key: str, message: str) -> str:
     """Return HMAC-SHA256 of message under key, as hex."""
-    import hmac  # only the server and the remote client need it
+    import hashlib  # with hmac: only the server and the remote client need them
+    import hmac
 
     return hmac.new(key.encode(), message.encode(), hashlib.sha256).hexdigest()
 
@@ -3900,9 +5073,91 @@ def cmd_group_rm(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
-    """Add a progress note to a task."""
-    u = ctx.svc.post_update(args.text, task_ref=args.task)
+    """Add a progress note to a task, or inside a Claude pane to that session's task."""
+    if args.text is not None:
+        u = ctx.svc.post_update(args.text, task_ref=args.task)
+    else:
+        pane_id = os.environ.get("TMUX_PANE")
+        if not pane_id:
+            raise UsageError("not inside a tmux pane; name the task: clare update TASK TEXT")
+        socket = os.environ.get("TMUX", "").split(",")[0] or None
+        u = ctx.svc.post_update(args.task, pane=(socket, pane_id))
     emit(ctx, u, f"noted on task {u.task_id[:SHORT_ID]}: {_short(u.text, 70)}")
+
+
+def _ago(at: str | None, now: int) -> str:
+    """Say how long ago an ISO time was, or '-' when unknown."""
+    ms = _iso_to_ms(at)
+    return "-" if ms is None else _ago_ms(ms, now)
+
+
+def format_sessions(sessions: list[Session], ambiguous: list[Pane] = ()) -> str:
+    """Return a session table, then one line per pane whose session is unknown."""
+    now = now_ms()
+    lines = [table(("ID", "HOST", "TMUX", "STATE", "ACTIVE", "TASK", "CWD", "LABEL"), (
+        (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(s.last_activity_at, now),
+         (s.task_id or "-")[:SHORT_ID], _short(s.cwd, 40), _short(s.label, 40)) for s in sessions))
+        if sessions else "no Claude sessions seen; run 'clare pull' on each host"]
+    lines += [f"? pane {p.pane_id} ({p.target}) in {p.cwd}: Claude runs here, but its session cannot be told "
+              "apart from another in this cwd" for p in ambiguous]
+    return "\n".join(lines)
+
+
+def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
+    """Look at this host's Claude sessions and record what changed."""
+    result = ctx.svc.pull_fleet(config=load_config(ctx.paths.config))
+    sessions = ctx.svc.list_sessions(host=ctx.db.machine_id)
+    counts = {t: sum(ev.event_type == f"session.{t}" for ev in result.events) for t in ("appeared", "changed", "gone")}
+    value = {"sessions": sessions, "events": len(result.events), **counts,
+             "ambiguous": result.ambiguous, "unreachable": result.unreachable}
+
+    def text() -> str:
+        head = (f"{len(result.observations)} sessions here: {counts['appeared']} appeared, "
+                f"{counts['changed']} changed, {counts['gone']} gone")
+        warn = [f"tmux server {s} did not answer; its sessions keep their last state" for s in result.unreachable]
+        return "\n".join([head, *warn, format_sessions(sessions, result.ambiguous)])
+    emit(ctx, value, text)
+
+
+def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
+    """List the Claude sessions of every host, as last pulled."""
+    sessions = ctx.svc.list_sessions(include_gone=args.all)
+    ambiguous = ctx.svc.list_ambiguous_panes()
+    emit(ctx, sessions, lambda: format_sessions(sessions, ambiguous))
+
+
+def cmd_hook(args: argparse.Namespace, ctx: Context) -> int:
+    """Take one Claude Code hook report on stdin; print nothing and exit 0 whatever happens."""
+    run_hook(ctx.paths.db, sys.stdin.buffer.read(MAX_HOOK_INPUT_BYTES), env=dict(os.environ), at_ms=now_ms())
+    return 0
+
+
+def cmd_hooks_install(args: argparse.Namespace, ctx: Context) -> None:
+    """Add Clare's hooks to Claude Code's settings, keeping the user's own."""
+    path = settings_path()
+    changed = install_hooks(path, hook_command(ctx.paths.db))
+    emit(ctx, {"settings": path, "changed": changed},
+         f"installed Clare's hooks for {len(changed)} events in {path}; sessions started before now get them "
+         "only when restarted (pull still sees them)" if changed else f"Clare's hooks are already in {path}")
+
+
+def cmd_hooks_uninstall(args: argparse.Namespace, ctx: Context) -> None:
+    """Remove Clare's hooks from Claude Code's settings, and nothing else."""
+    path = settings_path()
+    changed = uninstall_hooks(path)
+    emit(ctx, {"settings": path, "changed": changed},
+         f"removed Clare's hooks from {len(changed)} events in {path}" if changed else f"no Clare hooks in {path}")
+
+
+def cmd_hooks_status(args: argparse.Namespace, ctx: Context) -> None:
+    """Show which hook events run Clare, and how many reports wait in the spool."""
+    path = settings_path()
+    status = hooks_status(path, hook_command(ctx.paths.db))
+    folder = spool_dir(ctx.paths.db)
+    n_spooled = len([n for n in os.listdir(folder) if n.endswith(".json")]) if os.path.isdir(folder) else 0
+    emit(ctx, {"settings": path, "events": status, "spooled": n_spooled}, lambda: "\n".join([
+        f"settings: {path}", table(("EVENT", "CLARE HOOK"), status.items()),
+        f"{n_spooled} reports wait in {folder} for the next 'clare pull'" if n_spooled else "spool: empty"]))
 
 
 def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
@@ -3977,12 +5232,12 @@ def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
     now = now_ms()
     emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "ERROR"), (
         (r["name"] + ("" if r["is_configured"] else " (not in clare.toml)"), r["url"],
-         _ago(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
+         _ago_ms(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
          _short(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
         for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
 
 
-def _ago(ms: int | None, now: int) -> str:
+def _ago_ms(ms: int | None, now: int) -> str:
     if ms is None:
         return "never"
     return f"{_duration(max(now - ms, 0))} ago" if now - ms >= 1000 else "just now"
@@ -4100,6 +5355,7 @@ GROUP_HELP = {
     "project": "create, list, show and change projects",
     "task": "add, list, show and move tasks",
     "group": "name groups of sessions by cwd, host or tmux session name",
+    "hooks": "install, remove and check Clare's Claude Code hooks",
     "peer": "add and list the hosts this one syncs with",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
@@ -4165,8 +5421,23 @@ COMMANDS: list[Command] = [
     Command(("group", "list"), cmd_group_list, "list groups", "clare group list"),
     Command(("group", "rm"), cmd_group_rm, "remove a group (its tasks become unassigned)",
             "clare group rm backend", (arg("group", help="name or id prefix"),)),
-    Command(("update",), cmd_update, "add a progress note to a task",
-            'clare update 3f2a "blocked on review"', (_TASK_REF, arg("text"))),
+    Command(("update",), cmd_update, "add a progress note to a task (inside a Claude pane: to its task)",
+            'clare update "parser done, starting tests"\n  clare update 3f2a "blocked on review"',
+            (arg("task", metavar="TASK|TEXT", help="task id or unique prefix; inside a Claude pane just the text"),
+             arg("text", nargs="?"))),
+    Command(("pull",), cmd_pull, "look at this host's Claude sessions and record what changed",
+            "clare pull\n  clare pull --json", ()),
+    Command(("hook",), cmd_hook, "what Claude Code runs on a hook event (JSON on stdin; always exits 0)",
+            "echo '{\"session_id\": \"…\", \"hook_event_name\": \"Stop\"}' | clare hook"),
+    Command(("hooks", "install"), cmd_hooks_install, "add Clare's hooks to ~/.claude/settings.json (idempotent)",
+            "clare hooks install"),
+    Command(("hooks", "uninstall"), cmd_hooks_uninstall, "remove Clare's hooks, keeping the user's own",
+            "clare hooks uninstall"),
+    Command(("hooks", "status"), cmd_hooks_status, "show which Claude Code hook events run Clare",
+            "clare hooks status --json"),
+    Command(("sessions",), cmd_sessions, "list Claude sessions: host, tmux target, state, activity, task",
+            "clare sessions\n  clare sessions --all --json",
+            (arg("--all", action="store_true", help="also sessions that are gone"),)),
     Command(("status",), cmd_status, "the roll-up: task counts per project",
             "clare status --project alpha", (arg("--project", help="name or id prefix"),)),
     Command(("log",), cmd_log, "print the newest events, newest last", "clare log --limit 20",
@@ -4195,8 +5466,13 @@ COMMANDS: list[Command] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argparse tree from COMMANDS."""
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Build the argparse tree from COMMANDS: all of it, or only the command that argv names.
+
+    Every leaf costs argparse a quarter of a millisecond, so a run that names a whole
+    command builds just that branch; help, errors and anything unrecognised get the full tree.
+    """
+    wanted = _named_command(argv) if argv is not None else None
     parser = argparse.ArgumentParser(
         prog="clare", description="Clare: projects and tasks for a fleet of Claude Code sessions.",
         epilog="example:\n  clare project new alpha --goal 'ship v1'\n  clare task add alpha 'write the parser'"
@@ -4212,6 +5488,8 @@ def build_parser() -> argparse.ArgumentParser:
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {
         (): parser.add_subparsers(title="commands", metavar="COMMAND")}
     for cmd in COMMANDS:
+        if wanted is not None and cmd.path != wanted:
+            continue
         for depth in range(1, len(cmd.path)):
             prefix = cmd.path[:depth]
             if prefix not in groups:
@@ -4225,6 +5503,22 @@ def build_parser() -> argparse.ArgumentParser:
             leaf.add_argument(*flags, **options)
         leaf.set_defaults(handler=cmd.handler)
     return parser
+
+
+def _named_command(argv: list[str]) -> tuple[str, ...] | None:
+    words = []
+    tokens = iter(argv)
+    for token in tokens:
+        if token in ("--home", "--db"):
+            next(tokens, None)
+        elif token in ("-h", "--help"):
+            return None
+        elif not token.startswith("-"):
+            words.append(token)
+    for cmd in COMMANDS:
+        if tuple(words[:len(cmd.path)]) == cmd.path:
+            return cmd.path
+    return None
 
 
 def _group_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace, Context], int]:
@@ -4241,7 +5535,8 @@ def _group_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
 
 def main(argv: list[str] | None = None) -> int:
     """Run one CLI command; return its exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help()

@@ -1,0 +1,670 @@
+#!/usr/bin/env python3
+"""Clare's benchmarks: one table of metric, Clare, baseline, ratio and goal (issue #6).
+
+    make bench                                  # full sizes: about ten minutes on 2 cores
+    CLARE_BENCH_QUICK=1 make bench              # tiny sizes, under a minute (tests/test_bench.py)
+    .venv/bin/python bench/run.py --only replay # rows whose key starts with "replay"
+    .venv/bin/python bench/run.py --json out.json
+
+Every figure is the median of several runs; every baseline is measured in the same run,
+interleaved with the Clare figure beside it, so the ratio holds when the machine is busy.
+Rows at 10x less and 10x more data show how a cost grows. The bench reports and exits 0:
+a missed goal is a "no" in the last column, a missing peer is "n/a (install X)".
+Standard library only; the peers are Taskwarrior (Debian `taskwarrior`) and wrk (Debian `wrk`).
+"""
+
+import argparse
+import contextlib
+import datetime
+import http.server
+import itertools
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLARE_PY = ROOT / "clare.py"
+sys.path.insert(0, str(ROOT))
+import clare  # noqa: E402  (the file under test, found beside bench/)
+
+PY = sys.executable  # the interpreter itself: a version-manager shim would add its own start-up
+FLOOR = [PY, "-c", "import sqlite3, json, argparse"]
+TASKRC_LINES = ("confirmation=off", "bulk=0", "recurrence.confirmation=no", "verbose=nothing",
+                "hooks=off", "news.version=2.6.2", "color=off")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much data each metric runs on; QUICK keeps the same rows with tiny sizes."""
+    tasks: tuple[int, ...]  # task list / task add: 10x less, goal, 10x more around 100 and 10,000
+    cli_runs: int  # runs per CLI figure (the median is shown)
+    replay: tuple[int, ...]  # events; the last one carries the goal
+    replay_runs: int
+    append: int  # events appended through the services
+    sync: int  # events moved by a full sync / import
+    wrk_seconds: int
+    transcripts: int  # files for `clare pull`
+    transcript_bytes: int  # their total size (sparse files: only the tails use disk)
+    serve_events: int
+
+
+FULL = Sizes(tasks=(10, 100, 1_000, 10_000, 100_000), cli_runs=9, replay=(10_000, 100_000, 1_000_000),
+             replay_runs=3, append=20_000, sync=100_000, wrk_seconds=5, transcripts=1_000,
+             transcript_bytes=2 * 1024**3, serve_events=1_000_000)
+QUICK = Sizes(tasks=(2, 5, 10, 20, 40), cli_runs=3, replay=(200, 1_000, 3_000), replay_runs=3,
+              append=300, sync=1_000, wrk_seconds=1, transcripts=20, transcript_bytes=20 * 256 * 1024,
+              serve_events=1_000)
+
+# Every row the table has, in order: the test checks that a quick run prints each of them.
+ROW_KEYS = (
+    *(f"list.{i}.floor" for i in range(5)), *(f"list.{i}.taskwarrior" for i in range(5)),
+    *(f"add.{i}.floor" for i in range(5)), *(f"add.{i}.taskwarrior" for i in range(5)),
+    *(f"replay.{i}" for i in range(3)),
+    "append.services", "append.import",
+    "sync.full", "sync.incremental",
+    "http.rate", "http.p99",
+    "pull.cold", "pull.warm",
+    "serve.rss",
+)
+
+
+@dataclass
+class Row:
+    key: str
+    metric: str
+    goal: str = ""  # "<= 1.5x" (times: lower is better) or ">= 0.5x" (rates: higher is better)
+    unit: str = "ms"  # ms, ev/s, req/s, MB
+    clare: float | None = None
+    base: float | None = None
+    base_name: str = ""
+    note: str = ""  # why a figure is missing
+
+    @property
+    def ratio(self) -> float | None:
+        """Return Clare over the baseline."""
+        if self.clare is None or self.base is None or self.base == 0:
+            return None
+        return self.clare / self.base
+
+    @property
+    def is_met(self) -> bool | None:
+        """Return whether the goal holds; None when there is no goal or no figure."""
+        m = re.fullmatch(r"([<>]=?) ([0-9.]+)(x| ms| MB)", self.goal)
+        value = self.ratio if m and m[3] == "x" else self.clare
+        if not m or value is None:
+            return None
+        bound = float(m[2])
+        return {"<=": value <= bound, "<": value < bound, ">=": value >= bound, ">": value > bound}[m[1]]
+
+
+class BenchError(Exception):
+    """A step of the bench failed; its row shows the message."""
+
+
+# --------------------------------------------------------------------------
+# Running and timing
+# --------------------------------------------------------------------------
+
+def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 600,
+        stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run a command to completion; raise BenchError with its stderr when it fails."""
+    p = subprocess.run(argv, env=env, input=stdin, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise BenchError(f"{' '.join(argv[:4])}: exit {p.returncode}: {(p.stderr or p.stdout).strip()[:200]}")
+    return p
+
+
+def time_cmd(argv: list[str], env: dict[str, str] | None) -> float:
+    """Return the wall time of one run of a command, in ms, output discarded."""
+    started = time.perf_counter()
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # wait(timeout=) polls with growing sleeps, which rounds every time up to its steps: a timer kills instead.
+    watchdog = threading.Timer(600, child.kill)
+    watchdog.start()
+    code = child.wait()
+    elapsed = (time.perf_counter() - started) * 1000
+    watchdog.cancel()
+    if code != 0:
+        raise BenchError(f"{' '.join(argv[:4])} exited {code}")
+    return elapsed
+
+
+def time_interleaved(cmds: dict[str, tuple[list[str], dict[str, str] | None]], runs: int) -> dict[str, float]:
+    """Return the median ms of each command, run in turn so drift hits them all alike."""
+    times: dict[str, list[float]] = {name: [] for name in cmds}
+    for name, (argv, env) in cmds.items():  # warm the page cache and the interpreter's files
+        time_cmd(argv, env)
+    for _ in range(runs):
+        for name, (argv, env) in cmds.items():
+            times[name].append(time_cmd(argv, env))
+    return {name: statistics.median(xs) for name, xs in times.items()}
+
+
+def median_of(fn: Callable[[], float], runs: int) -> float:
+    """Return the median of several calls of fn."""
+    return statistics.median(fn() for _ in range(runs))
+
+
+# --------------------------------------------------------------------------
+# Data: written through Clare's own functions, one transaction per data set
+# --------------------------------------------------------------------------
+
+def clare_env(home: Path) -> dict[str, str]:
+    """Return the environment of a clare.py process on `home`."""
+    return {**os.environ, "CLARE_HOME": str(home)}
+
+
+def make_tasks_home(home: Path, n_tasks: int) -> None:
+    """Create a Clare home holding n_tasks tasks in projects of 100, through record() in one txn."""
+    home.mkdir(parents=True, exist_ok=True)
+    db = clare.open_db(str(home / "clare.db"), machine_id="bench")
+    now = clare.now_ms()
+    try:
+        with clare.write_txn(db) as cur:
+            project_id = ""
+            for i in range(n_tasks):
+                if i % 100 == 0:
+                    project_id = clare.new_id()
+                    name = "alpha" if i == 0 else f"project-{i // 100}"
+                    clare.record(db, cur, "project.created", {
+                        "project_id": project_id, "name": name, "goal": "ship it", "owner": "ana",
+                        "status": "active"}, now_ms=now)
+                clare.record(db, cur, "task.created", {
+                    "task_id": clare.new_id(), "project_id": project_id, "title": f"write part {i} of the parser",
+                    "description": "tokens first, then the tree", "priority": i % 5, "status": "todo"},
+                    now_ms=now)
+    finally:
+        db.close()
+
+
+def task_payloads(n_events: int) -> Iterator[tuple[str, dict]]:
+    """Yield n_events of a realistic mix: each task is made, moved, assigned and noted on."""
+    yield from itertools.islice(_task_story(), n_events)
+
+
+def _task_story() -> Iterator[tuple[str, dict]]:
+    for i in itertools.count():
+        if i % 100 == 0:
+            project_id = clare.new_id()
+            yield "project.created", {"project_id": project_id, "name": f"project-{i // 100}", "goal": "",
+                                      "owner": "", "status": "active"}
+        task_id = clare.new_id()
+        note = {"task_id": task_id, "session_id": None, "source": "message", "text": "progress: " + "x" * 60}
+        yield "task.created", {"task_id": task_id, "project_id": project_id, "title": f"task {i}",
+                               "description": "d" * 40, "priority": 2, "status": "todo"}
+        yield "task.updated", {"task_id": task_id, "status": "in_progress"}
+        yield "task.assigned", {"task_id": task_id, "session_id": clare.new_id()}
+        yield "update.posted", {**note, "update_id": clare.new_id()}
+        yield "update.posted", {**note, "update_id": clare.new_id()}
+        yield "task.updated", {"task_id": task_id, "title": f"task {i}, second try", "priority": 1}
+        yield "update.posted", {**note, "update_id": clare.new_id(), "source": "hook", "text": "ok"}
+        yield "task.updated", {"task_id": task_id, "status": "blocked"}
+        yield "task.unassigned", {"task_id": task_id}
+        yield "task.updated", {"task_id": task_id, "status": "done"}
+
+
+def make_events(n_events: int, *, machine_id: str = "bench") -> Iterator[clare.Event]:
+    """Yield n_events well-formed events with increasing HLCs, one per millisecond."""
+    wall = 1_700_000_000_000
+    for k, (event_type, payload) in enumerate(task_payloads(n_events)):
+        yield clare.Event(str(uuid.uuid4()), f"{wall + k:013d}.000000.{machine_id}", machine_id, event_type,
+                          payload, clare.iso_ms(wall + k))
+
+
+def make_log(path: Path, n_events: int) -> int:
+    """Create a database holding n_events events (stored by insert_events in one txn, then replayed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = clare.open_db(str(path), machine_id="bench")
+    try:
+        with clare.write_txn(db) as cur:
+            clare.insert_events(cur, make_events(n_events))
+        clare.replay(db)
+        return clare.count_events(db)
+    finally:
+        db.close()
+
+
+def export_log(db_path: Path, out: Path) -> None:
+    """Write a database's log as JSON lines with `clare export`."""
+    run([PY, str(CLARE_PY), "--db", str(db_path), "export", str(out)])
+
+
+# --------------------------------------------------------------------------
+# Peers
+# --------------------------------------------------------------------------
+
+class Taskwarrior:
+    """A private Taskwarrior: its own TASKRC and TASKDATA, no prompts, no hooks."""
+
+    def __init__(self, where: Path):
+        where.mkdir(parents=True, exist_ok=True)
+        self.rc = where / "taskrc"
+        self.rc.write_text("\n".join(TASKRC_LINES) + "\n")
+        self.data = where / "data"
+        self.data.mkdir(exist_ok=True)
+        self.env = {**os.environ, "TASKRC": str(self.rc), "TASKDATA": str(self.data)}
+
+    def fill(self, n_tasks: int) -> None:
+        """Import n_tasks pending tasks in projects of 100, as one JSON file."""
+        src = self.data.parent / "import.json"
+        with open(src, "w") as f:
+            for i in range(n_tasks):
+                f.write(json.dumps({"uuid": str(uuid.uuid4()), "description": f"write part {i} of the parser",
+                                    "status": "pending", "entry": "20260101T000000Z",
+                                    "project": "alpha" if i < 100 else f"project-{i // 100}",
+                                    "priority": "HML"[i % 3]}) + "\n")
+        run(["task", "import", str(src)], env=self.env, timeout=1800)
+        src.unlink()
+
+
+def missing(program: str, package: str) -> str | None:
+    """Return the n/a note when a peer program is not installed."""
+    return None if shutil.which(program) else f"n/a (install {package})"
+
+
+# --------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------
+
+def bench_cli(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
+    """`task list --json` and `task add` at each size, beside the floor and Taskwarrior."""
+    tw_missing = missing("task", "taskwarrior")
+    goals = {1: ("<= 1.5x", "<= 0.71x", "<= 1.5x", "< 1x"), 3: ("<= 2x", "<= 0.71x", "<= 2x", "< 1x")}
+    for i, n in enumerate(sizes.tasks):
+        home = work / f"tasks-{n}"
+        make_tasks_home(home, n)
+        tw = None if tw_missing else Taskwarrior(work / f"tw-{n}")
+        if tw:
+            tw.fill(n)
+        size_note = {0: ", 10x less", 2: ", growth", 4: ", 10x more"}.get(i, "")
+        g_list, g_tw, g_add, g_add_tw = goals.get(i, ("", "", "", ""))
+        cmds = {"clare": ([PY, str(CLARE_PY), "task", "list", "--json"], clare_env(home)), "floor": (FLOOR, None)}
+        if tw:
+            cmds["tw"] = (["task", "export"], tw.env)
+        check = json.loads(run(cmds["clare"][0], env=cmds["clare"][1]).stdout)
+        if len(check) != n:
+            raise BenchError(f"task list printed {len(check)} tasks, expected {n}")
+        t = time_interleaved(cmds, sizes.cli_runs)
+        rows[f"list.{i}.floor"] = Row(f"list.{i}.floor", f"`task list --json`, {n:,} tasks{size_note}", g_list,
+                                      clare=t["clare"], base=t["floor"], base_name="interpreter floor")
+        rows[f"list.{i}.taskwarrior"] = Row(
+            f"list.{i}.taskwarrior", f"`task list --json` vs `task export`, {n:,} tasks{size_note}", g_tw,
+            clare=t["clare"], base=t.get("tw"), base_name="Taskwarrior", note=tw_missing or "")
+        add = {"clare": ([PY, str(CLARE_PY), "task", "add", "alpha", "one more task"], clare_env(home)),
+               "floor": (FLOOR, None)}
+        if tw:
+            add["tw"] = (["task", "add", "one more task", "project:alpha"], tw.env)
+        t = time_interleaved(add, sizes.cli_runs)
+        rows[f"add.{i}.floor"] = Row(f"add.{i}.floor", f"`task add`, {n:,} tasks{size_note}", g_add,
+                                     clare=t["clare"], base=t["floor"], base_name="interpreter floor")
+        rows[f"add.{i}.taskwarrior"] = Row(
+            f"add.{i}.taskwarrior", f"`task add` vs Taskwarrior, {n:,} tasks{size_note}", g_add_tw,
+            clare=t["clare"], base=t.get("tw"), base_name="Taskwarrior", note=tw_missing or "")
+        shutil.rmtree(home)
+        if tw:
+            shutil.rmtree(tw.data.parent)
+
+
+def bare_replay(path: Path) -> float:
+    """Read every event, parse its JSON and upsert one table, in one transaction; return seconds."""
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_bare (id TEXT PRIMARY KEY, event_type TEXT, v TEXT)")
+        started = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM bench_bare")
+        upsert = ("INSERT INTO bench_bare (id, event_type, v) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE "
+                  "SET event_type = excluded.event_type, v = excluded.v")
+        for rseq, ev_uuid, hlc, event_type, payload in conn.execute(
+                "SELECT rseq, uuid, hlc, event_type, payload FROM events ORDER BY rseq"):
+            p = json.loads(payload)
+            conn.execute(upsert, (p.get("task_id") or p.get("project_id"), event_type, f"{hlc} {ev_uuid}"))
+        conn.execute("COMMIT")
+        seconds = time.perf_counter() - started
+        conn.execute("DROP TABLE bench_bare")
+        return seconds
+    finally:
+        conn.close()
+
+
+def clare_replay(path: Path) -> float:
+    """Run Clare's replay on a freshly opened database; return seconds."""
+    db = clare.open_db(str(path))
+    try:
+        started = time.perf_counter()
+        clare.replay(db)
+        return time.perf_counter() - started
+    finally:
+        db.close()
+
+
+def bench_replay(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
+    """Replay of the whole log beside a bare read-parse-upsert loop over the same rows."""
+    for i, n in enumerate(sizes.replay):
+        path = work / f"replay-{n}.db"
+        n = make_log(path, n)
+        clare_s, bare_s = [], []
+        for _ in range(sizes.replay_runs):
+            clare_s.append(clare_replay(path))
+            bare_s.append(bare_replay(path))
+        last = i == len(sizes.replay) - 1
+        rows[f"replay.{i}"] = Row(f"replay.{i}", f"`replay`, {n:,} events" + ("" if last else ", growth"),
+                                  ">= 0.5x" if last else "", unit="ev/s", clare=n / statistics.median(clare_s),
+                                  base=n / statistics.median(bare_s), base_name="bare loop")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f"{path}{suffix}")
+
+
+def bench_append(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
+    """Appending through the services beside a bare INSERT of the same rows in one transaction."""
+    n = sizes.append
+    home = work / "append"
+    make_tasks_home(home, 1)
+    db = clare.open_db(str(home / "clare.db"))
+    svc = clare.Services(db)
+    started = time.perf_counter()
+    for i in range(n):  # each service call is its own transaction, as the CLI and the server make them
+        svc.create_task("alpha", f"task {i}")
+    services_s = time.perf_counter() - started
+    rows_ = db.conn.execute("SELECT uuid, hlc, machine_id, event_type, payload, created_at, hash FROM events "
+                            "ORDER BY rseq").fetchall()
+    db.close()
+    n_rows = len(rows_)
+    bare_s = bare_insert(work / "bare-insert.db", [tuple(r) for r in rows_])
+    rows["append.services"] = Row("append.services", f"append via services, one call per event, {n:,} tasks",
+                                  ">= 0.25x", unit="ev/s", clare=n / services_s, base=n_rows / bare_s,
+                                  base_name="bare INSERT, one txn")
+    lines = work / "append.jsonl"
+    export_log(home / "clare.db", lines)
+    db = clare.open_db(str(work / "import.db"), machine_id="other")
+    with open(lines) as f:
+        text = f.readlines()
+    started = time.perf_counter()
+    result, bad = clare.Services(db).import_events(text)
+    import_s = time.perf_counter() - started
+    db.close()
+    if bad or len(result.inserted) != n_rows:
+        raise BenchError(f"import stored {len(result.inserted)} of {n_rows} events: {bad[:1]}")
+    rows["append.import"] = Row("append.import", f"append via services, one batch (import), {n_rows:,} events",
+                                ">= 0.25x", unit="ev/s", clare=n_rows / import_s, base=n_rows / bare_s,
+                                base_name="bare INSERT, one txn")
+    shutil.rmtree(home)
+
+
+def bare_insert(path: Path, rows_: list[tuple]) -> float:
+    """INSERT rows into an events table of the same schema in one transaction; return seconds."""
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.executescript(clare.EVENTS_SCHEMA)
+        started = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        for r in rows_:
+            conn.execute("INSERT OR IGNORE INTO events (uuid, hlc, machine_id, event_type, payload, created_at, "
+                         "hash) VALUES (?, ?, ?, ?, ?, ?, ?)", r)
+        conn.execute("COMMIT")
+        return time.perf_counter() - started
+    finally:
+        conn.close()
+
+
+def has_command(*path: str) -> bool:
+    """Return whether clare.py has a CLI command."""
+    return any(c.path == path for c in clare.COMMANDS)
+
+
+def bench_sync(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
+    """A full sync into an empty peer beside `clare import` of the same events; an incremental sync."""
+    n = sizes.sync
+    src = work / "sync-src.db"
+    n = make_log(src, n)
+    lines = work / "sync.jsonl"
+    export_log(src, lines)
+
+    def import_once() -> float:
+        home = work / "sync-import"
+        shutil.rmtree(home, ignore_errors=True)
+        started = time.perf_counter()
+        run([PY, str(CLARE_PY), "--home", str(home), "import", str(lines)])
+        return (time.perf_counter() - started) * 1000
+    import_ms = median_of(import_once, 3)
+    note = "" if has_command("sync") and has_command("serve") else "n/a (needs `clare sync` and `clare serve`)"
+    rows["sync.full"] = Row("sync.full", f"sync of {n:,} events into an empty peer", "<= 2x",
+                            base=import_ms, base_name="`clare import`", note=note)
+    rows["sync.incremental"] = Row("sync.incremental", "incremental sync of 10 events", "<= 3x",
+                                   base_name="one HTTP round trip", note=note)
+    for p in (src, lines):
+        p.unlink()
+
+
+class FixedPage(http.server.BaseHTTPRequestHandler):
+    """The HTTP baseline: a fixed 2 KB page, keep-alive, no log line, no Nagle stall."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    body = b"<!doctype html><title>fixed</title>" + b"x" * (2048 - 35)
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class FixedPageServer(http.server.ThreadingHTTPServer):
+    request_queue_size = 128  # the default 5 drops connections under wrk and spoils p99
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # wrk resets its connections when it stops: not news
+
+
+def serve_fixed_page() -> None:
+    """Serve FixedPage on a free port; print the port; run until killed (a child process)."""
+    server = FixedPageServer(("127.0.0.1", 0), FixedPage)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+def wrk(url: str, seconds: int) -> tuple[float, float]:
+    """Return req/s and p99 latency in ms of `wrk -c16` against url."""
+    out = run(["wrk", "-t2", "-c16", f"-d{seconds}s", "--latency", url], timeout=seconds + 60).stdout
+    rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", out)[1])
+    value, unit = re.search(r"^\s+99%\s+([0-9.]+)(us|ms|s)\s*$", out, re.M).groups()
+    return rate, float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+
+
+def bench_http(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
+    """`GET /` under wrk at 16 connections beside a fixed 2 KB page from ThreadingHTTPServer."""
+    note = missing("wrk", "wrk")
+    rate_row = Row("http.rate", "`GET /`, 50 projects, 5,000 tasks, 200 sessions: req/s at 16 connections",
+                   ">= 0.33x", unit="req/s", base_name="fixed 2 KB page", note=note or "")
+    p99_row = Row("http.p99", "`GET /` p99 latency at 16 connections", "<= 50 ms",
+                  base_name="fixed 2 KB page", note=note or "")
+    rows["http.rate"], rows["http.p99"] = rate_row, p99_row
+    if note:
+        return
+    child = subprocess.Popen([PY, str(Path(__file__).resolve()), "--serve-fixed-page"], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        port = int(child.stdout.readline())
+        results = [wrk(f"http://127.0.0.1:{port}/", sizes.wrk_seconds) for _ in range(3)]
+    finally:
+        child.terminate()
+        child.wait(timeout=10)
+    rate_row.base = statistics.median(r[0] for r in results)
+    p99_row.base = statistics.median(r[1] for r in results)
+    if not has_command("serve"):
+        rate_row.note = p99_row.note = "n/a (needs `clare serve`)"
+
+
+def make_transcripts(where: Path, n_files: int, total_bytes: int) -> list[Path]:
+    """Write n_files sparse JSON-lines transcripts of total_bytes; only their last 128 KB take disk."""
+    where.mkdir(parents=True, exist_ok=True)
+    size = total_bytes // n_files
+    tail_bytes = min(size, 128 * 1024)
+    line = json.dumps({"type": "assistant", "message": {"role": "assistant", "content": [
+        {"type": "text", "text": "done: " + "y" * 300}], "usage": {"input_tokens": 10, "output_tokens": 20}}}) + "\n"
+    tail = (line * (tail_bytes // len(line) + 1))[-tail_bytes:]
+    tail = "\n" + tail[tail.index("\n") + 1:]
+    paths = []
+    for i in range(n_files):
+        p = where / f"{uuid.UUID(int=i)}.jsonl"
+        with open(p, "wb") as f:
+            f.truncate(size - len(tail))
+            f.seek(size - len(tail))
+            f.write(tail.encode())
+        paths.append(p)
+    return paths
+
+
+def read_tails(paths: list[Path], *, cold: bool) -> float:
+    """Read the last 64 KB of each file in a bare loop; return ms. Cold: evict the files first."""
+    if cold:
+        for p in paths:
+            fd = os.open(p, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+    started = time.perf_counter()
+    for p in paths:
+        with open(p, "rb") as f:
+            f.seek(-65536, os.SEEK_END)
+            f.read(65536)
+    return (time.perf_counter() - started) * 1000
+
+
+def bench_pull(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
+    """`clare pull` over many transcripts, cold and warm, beside reading their tails in a bare loop."""
+    paths = make_transcripts(work / "transcripts", sizes.transcripts, sizes.transcript_bytes)
+    cold = median_of(lambda: read_tails(paths, cold=True), 3)
+    warm = median_of(lambda: read_tails(paths, cold=False), 5)
+    note = "" if has_command("pull") else "n/a (needs `clare pull`)"
+    what = f"{sizes.transcripts:,} transcripts, {sizes.transcript_bytes / 1024**3:.2g} GB"
+    rows["pull.cold"] = Row("pull.cold", f"`clare pull`, {what}, cold", "", base=cold,
+                            base_name="bare tail loop", note=note)
+    rows["pull.warm"] = Row("pull.warm", f"`clare pull`, {what}, warm", "<= 2x", base=warm,
+                            base_name="bare tail loop", note=note)
+    shutil.rmtree(work / "transcripts")
+
+
+def bench_serve(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
+    """Peak RSS of `clare serve` over a large log."""
+    rows["serve.rss"] = Row("serve.rss", f"peak RSS of `serve`, {sizes.serve_events:,} events", "<= 100 MB",
+                            unit="MB", note="" if has_command("serve") else "n/a (needs `clare serve`)")
+
+
+BENCHES: list[tuple[str, Callable[[dict[str, Row], Sizes, Path], None]]] = [
+    ("list", bench_cli), ("replay", bench_replay), ("append", bench_append), ("sync", bench_sync),
+    ("http", bench_http), ("pull", bench_pull), ("serve", bench_serve),
+]
+
+
+# --------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------
+
+def fmt(value: float | None, unit: str) -> str:
+    """Format one figure with its unit."""
+    if value is None:
+        return ""
+    if unit in ("ev/s", "req/s"):
+        return f"{value / 1000:,.1f}k {unit}" if value >= 10_000 else f"{value:,.0f} {unit}"
+    if unit == "ms" and value < 10:
+        return f"{value:.2f} ms"
+    return f"{value:,.1f} {unit}" if value < 1000 else f"{value:,.0f} {unit}"
+
+
+def table(rows: list[Row]) -> str:
+    """Return the rows as a Markdown table: metric, Clare, baseline, ratio, goal, met."""
+    out = ["| metric | Clare | baseline | ratio | goal | met |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        clare_cell = fmt(r.clare, r.unit) or r.note or "n/a"
+        base_cell = f"{fmt(r.base, r.unit)} ({r.base_name})" if r.base is not None else (
+            r.note if r.note and r.clare is not None else "—")
+        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
+        met = {True: "yes", False: "**no**", None: ""}[r.is_met]
+        out.append(f"| {r.metric} | {clare_cell} | {base_cell} | {ratio} | {r.goal} | {met} |")
+    return "\n".join(out)
+
+
+def machine() -> str:
+    """Return a line naming the date, machine and versions the table was measured on."""
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    peers = []
+    for argv in (["task", "--version"], ["wrk", "-v"]):
+        if shutil.which(argv[0]):
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            first = (p.stdout or p.stderr).strip().splitlines()
+            peers.append(f"{argv[0]} {first[0].split()[1] if argv[0] == 'wrk' else first[0]}" if first else argv[0])
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"{when} · {os.cpu_count()} cores ({cpu}) · Python {platform.python_version()} "
+            f"({os.path.realpath(PY)}) · SQLite {sqlite3.sqlite_version} · " + " · ".join(peers))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quick", action="store_true", default=bool(os.environ.get("CLARE_BENCH_QUICK")),
+                        help="tiny sizes, for a smoke run (env CLARE_BENCH_QUICK=1)")
+    parser.add_argument("--only", action="append", default=[], metavar="PREFIX", help="run only these groups")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--serve-fixed-page", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_fixed_page:
+        serve_fixed_page()
+        return 0
+    sizes = QUICK if args.quick else FULL
+    rows: dict[str, Row] = {}
+    print(f"Clare bench{' (quick)' if args.quick else ''}: {machine()}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="clare-bench-") as tmp:
+        for name, bench in BENCHES:
+            if args.only and not any(name.startswith(p) or p.startswith(name) for p in args.only):
+                continue
+            started = time.perf_counter()
+            try:
+                bench(rows, sizes, Path(tmp) / name)
+            except (BenchError, OSError, sqlite3.Error, clare.ClareError, subprocess.SubprocessError) as err:
+                for key in ROW_KEYS:
+                    if key.split(".")[0] == name.split(".")[0] and key not in rows:
+                        rows[key] = Row(key, key, note=f"error: {err}")
+            print(f"  {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    ordered = [rows[k] for k in ROW_KEYS if k in rows]
+    print(f"\nMeasured {machine()}{' (quick sizes)' if args.quick else ''}\n")
+    print(table(ordered))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "quick": args.quick, "rows": [
+                {"key": r.key, "metric": r.metric, "clare": r.clare, "baseline": r.base, "ratio": r.ratio,
+                 "unit": r.unit, "goal": r.goal, "met": r.is_met, "note": r.note} for r in ordered]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
