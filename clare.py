@@ -561,6 +561,27 @@ def renew_db_id(db: Db) -> str:
     return db_id
 
 
+def restore_db(db: Db, backup_path: str) -> str:
+    """Replace the whole database by a backup file of it, then give it a new db_id; return that id.
+
+    The new db_id makes every peer read this log again from 0: receipt numbers after the
+    backup's last one will name other events than before.
+    """
+    try:
+        src = sqlite3.connect(f"file:{os.path.abspath(backup_path)}?mode=ro", uri=True)
+        try:
+            meta = _read_meta(src)
+            if meta.get("machine_id") != db.machine_id:
+                raise ClareError(f"{backup_path} is not a backup of this database (machine id "
+                                 f"{meta.get('machine_id')!r}, not {db.machine_id!r}); give a copy of {db.path}")
+            src.backup(db.conn)
+        finally:
+            src.close()
+    except sqlite3.DatabaseError as err:
+        raise ClareError(f"cannot read {backup_path} as a Clare database ({err}); check the path") from err
+    return renew_db_id(db)
+
+
 def get_cursor(db: Db, peer_machine_id: str, peer_db_id: str) -> tuple[int, int]:
     """Return (pulled_rseq, pushed_rseq) for one peer log; (0, 0) for a log never synced."""
     row = db.conn.execute(
@@ -2800,6 +2821,8 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
         identity, head, next_after = _check_page(page, after=after)
+        if identity == (db.machine_id, db.db_id):
+            raise ClareError(f"{peer.url} is this very database; remove it from the peers in clare.toml")
         if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
             known = identity
             if get_cursor(db, *identity)[0] != after:
@@ -5351,6 +5374,22 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     print("clare: stopped", flush=True)
 
 
+def cmd_restore(args: argparse.Namespace, ctx: Context) -> None:
+    """Replace the database by a backup copy of it; peers then send back what came after."""
+    if not os.path.isfile(args.backup):
+        raise UsageError(f"no file {args.backup!r}; give a copy of clare.db made earlier")
+    if not args.yes:
+        raise UsageError("restoring replaces everything in this database by the backup (events since then come "
+                         "back only from peers); run again with --yes")
+    db_id = restore_db(ctx.db, args.backup)
+    ctx.close()
+    ctx._db = None
+    db = ctx.db  # reopened: an older backup is migrated here
+    emit(ctx, {"db": db.path, "db_id": db_id, "n_events": count_events(db)},
+         f"restored {db.path} from {args.backup}: {count_events(db)} events, new db id {db_id}\n"
+         "get back what peers hold since the backup with: clare sync")
+
+
 GROUP_HELP = {
     "project": "create, list, show and change projects",
     "task": "add, list, show and move tasks",
@@ -5451,6 +5490,10 @@ COMMANDS: list[Command] = [
     Command(("web",), cmd_serve, "the same as serve", "clare web --port 9000", _SERVE_ARGS),
     Command(("import",), cmd_import, "add the events of a JSON-lines file (idempotent)",
             "clare import backup.jsonl", (arg("file", help="input file; '-' for stdin"),)),
+    Command(("restore",), cmd_restore, "replace the database by a backup copy of it (new db id)",
+            "clare restore ~/backups/clare.db --yes",
+            (arg("backup", help="a copy of this host's clare.db"),
+             arg("--yes", action="store_true", help="really replace what the database holds now"))),
     Command(("peer", "add"), cmd_peer_add, "add a peer to clare.toml",
             "clare peer add http://10.9.0.2:8765 --name apricot --token-env APRICOT_TOKEN",
             (arg("url", help="where the peer's 'clare serve' answers"),

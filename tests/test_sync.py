@@ -912,3 +912,36 @@ def test_serve_syncs_in_the_background_and_a_dead_peer_delays_nobody(fleet):
     assert status["b"]["last_error"] is None and status["b"]["last_ok_ms"] is not None
     assert "cannot reach" in status["dead"]["last_error"] and status["dead"]["n_failures"] >= 1
     assert "sync with dead failed (1 in a row)" in a.stop()
+
+
+def test_restore_from_a_backup_gets_a_new_db_id_and_peers_give_back_the_rest(home, cli, nodes, tmp_path):
+    a = Node(tmp_path, "a")
+    a.db.close()
+    a.db = clare.open_db(str(home / "clare.db"), machine_id="a")
+    b = nodes("b")
+    clare.create_project(a.db, "alpha", now_ms=a.now())
+    backup = str(tmp_path / "backup.db")
+    a.db.conn.execute("VACUUM INTO ?", (backup,))
+    clare.create_project(a.db, "beta", now_ms=a.now())
+    b.sync(a)
+    old_id = a.db.db_id
+    a.db.close()
+    assert cli("restore", backup).code == 2  # without --yes: says what it would do
+    ran = cli("restore", backup, "--yes", "--json")
+    assert ran.code == 0 and ran.json()["n_events"] == 1 and ran.json()["db_id"] != old_id
+    a.db = clare.open_db(str(home / "clare.db"))
+    assert [p.name for p in clare.list_projects(a.db)] == ["alpha"]
+    clare.create_project(a.db, "gamma", now_ms=a.now())
+    report = b.sync(a)  # b reads the restored log from 0 under its new db_id, and pushes it all back
+    assert (report.n_pulled, report.n_pushed) == (1, 1)  # gamma in, beta back
+    assert clare.projection_digest(a.db) == clare.projection_digest(b.db)
+    other = nodes("other")
+    ran = cli("restore", other.db.path, "--yes")
+    assert ran.code == 1 and "not a backup of this database" in ran.err
+    assert cli("restore", str(tmp_path / "missing.db"), "--yes").code == 2
+
+
+def test_syncing_with_itself_is_refused(nodes):
+    a = nodes("a")
+    with pytest.raises(clare.ClareError, match="this very database"):
+        a.sync(a)
