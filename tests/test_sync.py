@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import time
+import uuid
 
 import pytest
 
@@ -142,8 +143,10 @@ class Sim:
         projects = clare.list_projects(db)
         tasks = clare.list_tasks(db)
         groups = clare.list_groups(db)
+        sessions = clare.find_sessions(db)
         op = rng.choice(["project", "project", "task", "task", "task", "edit_task", "edit_task", "edit_task",
-                         "edit_project", "assign", "assign", "unassign", "group", "rm_group", "update", "future"])
+                         "edit_project", "assign", "assign", "unassign", "group", "rm_group", "update", "future",
+                         "observe", "observe"])
         try:
             if op == "project" or (not projects and op in ("task", "edit_project")):
                 clare.create_project(db, rng.choice(["alpha", "beta", "gamma", "delta"]), goal=f"g{rng.random():.3f}",
@@ -168,8 +171,8 @@ class Sim:
                 t = rng.choice(tasks)
                 if groups and rng.random() < 0.4:
                     clare.assign_task(db, t.id, group_ref=rng.choice(groups).id, now_ms=now)
-                else:
-                    clare.assign_task(db, t.id, session_id=rng.choice(["a1b2c3", "d4e5f6"]), now_ms=now)
+                elif sessions:
+                    clare.assign_task(db, t.id, session_id=rng.choice(sessions).id, now_ms=now)
             elif op == "unassign" and tasks:
                 clare.unassign_task(db, rng.choice(tasks).id, now_ms=now)
             elif op == "group":
@@ -178,6 +181,12 @@ class Sim:
                 clare.remove_group(db, rng.choice(groups).id, now_ms=now)
             elif op == "update" and tasks:
                 clare.post_update(db, f"note {rng.randrange(999)}", task_ref=rng.choice(tasks).id, now_ms=now)
+            elif op == "observe":  # this host looks at its own Claude sessions: some appear, change, go
+                mine = [f"{host.name[1]}{k}" + "0" * 30 for k in range(4)]
+                clare.observe_sessions(db, [clare.Observation(
+                    sid, f"/srv/{sid[:2]}", None, f"main:{k}", f"%{k}", None, "claude",
+                    rng.choice(clare.SESSION_STATES[:4]), now - rng.randrange(60_000), "", {"input": k})
+                    for k, sid in enumerate(mine) if rng.random() < 0.6], now_ms=now)
             elif op == "future":  # an event type from a newer Clare: stored and relayed, never applied
                 with clare.write_txn(db) as cur:
                     clare.record(db, cur, "widget.spun", {"widget_id": clare.new_id(), "n": rng.randrange(9)},
@@ -225,6 +234,10 @@ class Sim:
                 self.restore(rng.choice(backed), renew=not self.needs_verify or rng.random() < 0.5)
         elif self.needs_verify and r < 0.99:
             self.skip_cursor(rng.choice(self.hosts))
+
+    def close(self) -> None:
+        for host in self.hosts:
+            host.db.close()
 
     def restore(self, host: Host, *, renew: bool) -> None:
         """Put an old backup in place of the host's file; a proper restore gives it a new db_id."""
@@ -298,6 +311,8 @@ def _crashing_save_cursor(sim: Sim, real):
 
 
 def run_sim(seed: int, tmp, monkeypatch, *, n_steps: int, needs_verify: bool = False) -> Sim:
+    ids = random.Random(f"ids-{seed}")  # ids from the seed too, so CLARE_SEED replays a run exactly
+    monkeypatch.setattr(clare, "new_uuid", lambda: str(uuid.UUID(int=ids.getrandbits(128), version=4)))
     sim = Sim(seed, tmp, needs_verify=needs_verify)
     sim.crash_rate = 0.05
     monkeypatch.setattr(clare, "save_cursor", _crashing_save_cursor(sim, clare.save_cursor))
@@ -311,6 +326,18 @@ def test_random_fleet_converges_after_heal(seed, tmp_path, monkeypatch):
     sim = run_sim(seed, tmp_path, monkeypatch, n_steps=120)
     sim.heal()
     assert_converged(sim)
+    sim.close()
+
+
+def test_a_seed_replays_the_same_run(tmp_path, monkeypatch):
+    runs = []
+    for attempt in ("first", "second"):
+        (tmp_path / attempt).mkdir()
+        sim = run_sim(20261125, tmp_path / attempt, monkeypatch, n_steps=60)
+        runs.append([sorted(event_set(h.db)) for h in sim.hosts])
+        sim.close()
+        monkeypatch.undo()
+    assert runs[0] == runs[1] and any(runs[0])
 
 
 @pytest.mark.parametrize("seed", seeds(40, "sync-sim-verify"), ids=lambda s: f"seed={s}")
@@ -318,6 +345,7 @@ def test_anti_entropy_repairs_lost_pages_and_unmarked_restores(seed, tmp_path, m
     sim = run_sim(seed, tmp_path, monkeypatch, n_steps=120, needs_verify=True)
     sim.heal(verify=True)
     assert_converged(sim)
+    sim.close()
 
 
 # --- named cases -----------------------------------------------------------------------------
