@@ -561,6 +561,27 @@ def renew_db_id(db: Db) -> str:
     return db_id
 
 
+def restore_db(db: Db, backup_path: str) -> str:
+    """Replace the whole database by a backup file of it, then give it a new db_id; return that id.
+
+    The new db_id makes every peer read this log again from 0: receipt numbers after the
+    backup's last one will name other events than before.
+    """
+    try:
+        src = sqlite3.connect(f"file:{os.path.abspath(backup_path)}?mode=ro", uri=True)
+        try:
+            meta = _read_meta(src)
+            if meta.get("machine_id") != db.machine_id:
+                raise ClareError(f"{backup_path} is not a backup of this database (machine id "
+                                 f"{meta.get('machine_id')!r}, not {db.machine_id!r}); give a copy of {db.path}")
+            src.backup(db.conn)
+        finally:
+            src.close()
+    except sqlite3.DatabaseError as err:
+        raise ClareError(f"cannot read {backup_path} as a Clare database ({err}); check the path") from err
+    return renew_db_id(db)
+
+
 def get_cursor(db: Db, peer_machine_id: str, peer_db_id: str) -> tuple[int, int]:
     """Return (pulled_rseq, pushed_rseq) for one peer log; (0, 0) for a log never synced."""
     row = db.conn.execute(
@@ -588,7 +609,8 @@ def save_cursor(cur: sqlite3.Cursor, peer_machine_id: str, peer_db_id: str, *,
 
 def iter_event_keys(db: Db) -> Iterator[tuple[str, str]]:
     """Yield (hlc, uuid) of every event in (hlc, uuid) order, from the index alone."""
-    yield from db.conn.execute("SELECT hlc, uuid FROM events ORDER BY hlc, uuid")
+    for row in db.conn.execute("SELECT hlc, uuid FROM events ORDER BY hlc, uuid"):
+        yield row[0], row[1]
 
 
 def list_uuids_between(db: Db, *, start_ms: int, end_ms: int) -> list[str]:
@@ -3269,6 +3291,8 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
         identity, head, next_after = _check_page(page, after=after)
+        if identity == (db.machine_id, db.db_id):
+            raise ClareError(f"{peer.url} is this very database; remove it from the peers in clare.toml")
         if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
             known = identity
             if get_cursor(db, *identity)[0] != after:
@@ -3602,6 +3626,15 @@ def backoff_s(n_failures: int, *, interval_s: float = SYNC_INTERVAL_S) -> float:
     return min(interval_s * 2 ** min(n_failures, 30), MAX_BACKOFF_S) * jitter
 
 
+def sync_interval_s(config: dict[str, Any], *, path: str = "clare.toml") -> float:
+    """Return the pause between good background rounds: [sync] interval_s in clare.toml, else the default."""
+    value = config.get("sync", {}).get("interval_s", SYNC_INTERVAL_S) if isinstance(config.get("sync"), dict) \
+        else SYNC_INTERVAL_S
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.1 <= value <= 86_400:
+        raise ClareError(f"{path}: [sync] interval_s must be a number of seconds from 0.1 to 86400")
+    return float(value)
+
+
 def start_background_sync(db_path: str, peers: list[Peer], config: dict[str, Any], *, stop: Any,
                           log: Callable[[str], None], interval_s: float = SYNC_INTERVAL_S) -> list[Any]:
     """Start one daemon thread per peer that syncs until `stop` (a threading.Event) is set.
@@ -3717,6 +3750,7 @@ class WebConfig:
     db_path: str
     log_requests: bool = False  # one line per request costs ~16% throughput (DESIGN §8)
     timeout_s: float = REQUEST_TIMEOUT_S
+    config_path: str = ""  # clare.toml, read again for the peers' status
 
     @property
     def has_token(self) -> bool:
@@ -3775,7 +3809,7 @@ def web_config(paths: Paths, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         csrf = get_secret(db, "csrf_secret")
     finally:
         db.close()
-    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests)
+    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests, config_path=paths.config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -3816,8 +3850,8 @@ class Request:
         """Return the JSON object body holding the required fields and no unknown ones."""
         try:
             value = json.loads(self.body or b"{}")
-        except ValueError as err:
-            raise HttpError(400, f"the body is not valid JSON ({err}); send a JSON object") from err
+        except (ValueError, RecursionError) as err:  # SECURITY: '[[[[...' nested deeper than the stack
+            raise HttpError(400, f"the body is not valid JSON ({str(err)[:100]}); send a JSON object") from err
         if not isinstance(value, dict):
             raise UsageError("the body must be a JSON object")
         missing = [k for k in required if k not in value]
@@ -5292,6 +5326,41 @@ def api_openapi(req: Request) -> Response:
     return json_response(openapi_document())
 
 
+# --- sync endpoints: thin wrappers over section 7 ---------------------------
+
+def sync_get_events(req: Request) -> Response:
+    """Page through the log in receipt order for a peer: ?after=RSEQ&limit=N."""
+    return json_response(sync_page(req.db, after=req.arg("after", "0"), limit=req.arg("limit", str(SYNC_PAGE_LIMIT)),
+                                   now_ms=now_ms()))
+
+
+def sync_post_events(req: Request) -> Response:
+    """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
+    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
+    return json_response(sync_accept(req.db, body, now_ms=now_ms()))
+
+
+def sync_get_days(req: Request) -> Response:
+    """Return the per-day event counts and uuid hashes (anti-entropy)."""
+    return json_response(sync_digest(req.db, now_ms=now_ms()))
+
+
+def sync_get_day(req: Request) -> Response:
+    """Return the uuids of the events of one day (anti-entropy)."""
+    return json_response(sync_day(req.db, req.params["day"], now_ms=now_ms()))
+
+
+def sync_post_fetch(req: Request) -> Response:
+    """Return the events among {uuids: [...]} (anti-entropy)."""
+    return json_response(sync_fetch(req.db, req.json(required=("uuids",)), now_ms=now_ms()))
+
+
+def sync_get_peers(req: Request) -> Response:
+    """Return each peer with what its last sync did: for the dashboard and remote `peer list`."""
+    peers = load_peers(load_config(req.config.config_path), path=req.config.config_path)
+    return json_response(list_peers(req.db, peers))
+
+
 # --- the remote twin of Services ----------------------------------------
 
 REMOTE_TIMEOUT_S = 30.0
@@ -5528,6 +5597,12 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/api/v1/import", api_import_events),
         ("POST", r"/api/v1/replay", api_replay),
         ("GET", r"/api/v1/openapi\.json", api_openapi),
+        ("GET", r"/api/v1/sync/events", sync_get_events),
+        ("POST", r"/api/v1/sync/events", sync_post_events),
+        ("GET", r"/api/v1/sync/days", sync_get_days),
+        ("GET", r"/api/v1/sync/days/(?P<day>[0-9-]{10})", sync_get_day),
+        ("POST", r"/api/v1/sync/fetch", sync_post_fetch),
+        ("GET", r"/api/v1/sync/peers", sync_get_peers),
         ("GET", r"/", page_dashboard),
         ("GET", r"/projects", page_projects),
         ("POST", r"/projects", frag_create_project),
@@ -6095,16 +6170,45 @@ class ProgressLine:
 
 
 def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
-    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C."""
+    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync with the peers meanwhile."""
+    import threading
+
     config = web_config(ctx.paths, host=args.host, port=args.port, log_requests=args.log)
+    settings = load_config(ctx.paths.config)
+    peers = [] if args.no_sync else load_peers(settings, path=ctx.paths.config)
+    interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
+    stop_sync = threading.Event()
 
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
         if config.token is not None:
             print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
-    run_server(server, on_start=started)
+        if peers:
+            print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
+        start_background_sync(ctx.paths.db, peers, settings, stop=stop_sync, interval_s=interval_s,
+                              log=lambda line: print(f"clare: {line}", file=sys.stderr, flush=True))
+    try:
+        run_server(server, on_start=started)
+    finally:
+        stop_sync.set()
     print("clare: stopped", flush=True)
+
+
+def cmd_restore(args: argparse.Namespace, ctx: Context) -> None:
+    """Replace the database by a backup copy of it; peers then send back what came after."""
+    if not os.path.isfile(args.backup):
+        raise UsageError(f"no file {args.backup!r}; give a copy of clare.db made earlier")
+    if not args.yes:
+        raise UsageError("restoring replaces everything in this database by the backup (events since then come "
+                         "back only from peers); run again with --yes")
+    db_id = restore_db(ctx.db, args.backup)
+    ctx.close()
+    ctx._db = None
+    db = ctx.db  # reopened: an older backup is migrated here
+    emit(ctx, {"db": db.path, "db_id": db_id, "n_events": count_events(db)},
+         f"restored {db.path} from {args.backup}: {count_events(db)} events, new db id {db_id}\n"
+         "get back what peers hold since the backup with: clare sync")
 
 
 GROUP_HELP = {
@@ -6121,6 +6225,7 @@ _SERVE_ARGS = (
     arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
     arg("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"),
     arg("--log", action="store_true", help="print one line per request to stderr"),
+    arg("--no-sync", action="store_true", help="do not sync with the peers of clare.toml in the background"),
 )
 
 COMMANDS: list[Command] = [
@@ -6217,6 +6322,10 @@ COMMANDS: list[Command] = [
     Command(("web",), cmd_serve, "the same as serve", "clare web --port 9000", _SERVE_ARGS),
     Command(("import",), cmd_import, "add the events of a JSON-lines file (idempotent)",
             "clare import backup.jsonl", (arg("file", help="input file; '-' for stdin"),)),
+    Command(("restore",), cmd_restore, "replace the database by a backup copy of it (new db id)",
+            "clare restore ~/backups/clare.db --yes",
+            (arg("backup", help="a copy of this host's clare.db"),
+             arg("--yes", action="store_true", help="really replace what the database holds now"))),
     Command(("peer", "add"), cmd_peer_add, "add a peer to clare.toml",
             "clare peer add http://10.9.0.2:8765 --name apricot --token-env APRICOT_TOKEN",
             (arg("url", help="where the peer's 'clare serve' answers"),

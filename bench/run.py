@@ -433,7 +433,8 @@ def has_command(*path: str) -> bool:
 def bench_sync(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     """A full sync into an empty peer beside `clare import` of the same events; an incremental sync."""
     n = sizes.sync
-    src = work / "sync-src.db"
+    src_home = work / "sync-src"
+    src = src_home / "clare.db"
     n = make_log(src, n)
     lines = work / "sync.jsonl"
     export_log(src, lines)
@@ -446,12 +447,52 @@ def bench_sync(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
         return (time.perf_counter() - started) * 1000
     import_ms = median_of(import_once, 3)
     note = "" if has_command("sync") and has_command("serve") else "n/a (needs `clare sync` and `clare serve`)"
-    rows["sync.full"] = Row("sync.full", f"sync of {n:,} events into an empty peer", "<= 2x",
-                            base=import_ms, base_name="`clare import`", note=note)
-    rows["sync.incremental"] = Row("sync.incremental", "incremental sync of 10 events", "<= 3x",
-                                   base_name="one HTTP round trip", note=note)
-    for p in (src, lines):
-        p.unlink()
+    full = rows["sync.full"] = Row("sync.full", f"sync of {n:,} events into an empty peer", "<= 2x",
+                                   base=import_ms, base_name="`clare import`", note=note)
+    incremental = rows["sync.incremental"] = Row("sync.incremental", "incremental sync of 10 events", "<= 3x",
+                                                 base_name="one HTTP round trip", note=note)
+    if not note:
+        with clare_server(src_home) as url:
+            dst = work / "sync-dst"
+
+            def sync_once(*, fresh: bool) -> float:
+                if fresh:
+                    shutil.rmtree(dst, ignore_errors=True)
+                started = time.perf_counter()
+                run([PY, str(CLARE_PY), "--home", str(dst), "sync", url])
+                return (time.perf_counter() - started) * 1000
+            full.clare = median_of(lambda: sync_once(fresh=True), 3)
+
+            def add_ten_then_sync() -> float:
+                db = clare.open_db(str(src))
+                try:
+                    with clare.write_txn(db) as cur:
+                        for i in range(10):
+                            clare.record(db, cur, "widget.spun", {"n": i}, now_ms=clare.now_ms())
+                finally:
+                    db.close()
+                return sync_once(fresh=False)
+            incremental.clare = median_of(add_ten_then_sync, 5)
+            get = [PY, "-c", "import sys, urllib.request; urllib.request.urlopen(sys.argv[1]).read()",
+                   url + "/api/v1/sync/events?after=0&limit=1"]
+            incremental.base = median_of(lambda: time_cmd(get, None), 5)
+    shutil.rmtree(src_home)
+    lines.unlink()
+
+
+@contextlib.contextmanager
+def clare_server(home: Path) -> Iterator[str]:
+    """Run `clare serve --no-sync` on a free port over `home`; yield its URL."""
+    child = subprocess.Popen([PY, str(CLARE_PY), "--home", str(home), "serve", "--port", "0", "--no-sync"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = child.stdout.readline()
+        if not line.startswith("clare: serving "):
+            raise BenchError(f"clare serve did not start: {line.strip()[:200]}")
+        yield line.split()[2].rstrip("/")
+    finally:
+        child.terminate()
+        child.wait(timeout=15)
 
 
 class FixedPage(http.server.BaseHTTPRequestHandler):
