@@ -231,6 +231,29 @@ CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
 CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
     BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 """
+SYNC_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sync_cursors (
+    peer_machine_id TEXT NOT NULL,
+    peer_db_id      TEXT NOT NULL,               -- a restored peer has a new db_id, so a new cursor at 0
+    pulled_rseq     INTEGER NOT NULL DEFAULT 0,  -- this host holds every event of the peer's log up to here
+    pushed_rseq     INTEGER NOT NULL DEFAULT 0,  -- the peer holds every event of this log up to here
+    PRIMARY KEY (peer_machine_id, peer_db_id)
+);
+CREATE TABLE IF NOT EXISTS sync_peers (          -- what the last sync with each peer did, for people
+    url          TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    machine_id   TEXT,
+    db_id        TEXT,
+    last_ok_ms   INTEGER,
+    last_error   TEXT,
+    last_try_ms  INTEGER,
+    n_failures   INTEGER NOT NULL DEFAULT 0,      -- in a row: drives the background backoff
+    n_behind     INTEGER,                         -- peer events not yet pulled, as of the last try
+    offset_ms    INTEGER,                         -- peer wall clock minus ours
+    n_pulled     INTEGER NOT NULL DEFAULT 0,      -- events new to this host, all time
+    n_pushed     INTEGER NOT NULL DEFAULT 0       -- events new to the peer, all time
+);
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +279,26 @@ class InsertResult:
     conflicts: list[str]  # uuids already here with different content (the stored one is kept)
 
 
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    url: str
+    name: str
+    machine_id: str | None  # None until the first answer
+    db_id: str | None
+    last_ok_ms: int | None  # the end of the last round that succeeded
+    last_error: str | None  # the message of the last round, if it failed
+    last_try_ms: int | None
+    n_failures: int  # failed rounds in a row
+    n_behind: int | None  # the peer's events this host has not pulled yet
+    offset_ms: int | None  # the peer's wall clock minus ours
+    n_pulled: int
+    n_pushed: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the status as the JSON object the CLI and API print."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
 class Db:
     """One SQLite connection with the identity of the log it holds."""
 
@@ -275,14 +318,14 @@ class Db:
 _MIGRATIONS: dict[int, list[str]] = {}  # version -> SQL scripts; filled by sections 3-4 below
 
 
-def open_db(path: str, *, machine_id: str | None = None) -> Db:
+def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Db:
     """Open (creating if needed) the Clare database at `path` and bring its schema up to date."""
     if path != ":memory:":
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000,
                                check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -328,7 +371,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
     return {**meta, **fresh}
 
 
-_MIGRATIONS[1] = [EVENTS_SCHEMA]
+_MIGRATIONS[1] = [EVENTS_SCHEMA, SYNC_SCHEMA]
 
 
 @contextlib.contextmanager
@@ -504,6 +547,85 @@ def count_events(db: Db) -> int:
     return db.conn.execute("SELECT count(*) FROM events").fetchone()[0]
 
 
+def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
+    """Return the receipt number of the newest stored event, 0 for an empty log."""
+    return cur.execute("SELECT coalesce(max(rseq), 0) FROM events").fetchone()[0]
+
+
+def renew_db_id(db: Db) -> str:
+    """Give this database a new db_id, as after a restore: peers then re-read it from 0."""
+    db_id = str(uuid.uuid4())
+    with write_txn(db) as cur:
+        set_meta(cur, "db_id", db_id)
+    db.db_id = db_id
+    return db_id
+
+
+def get_cursor(db: Db, peer_machine_id: str, peer_db_id: str) -> tuple[int, int]:
+    """Return (pulled_rseq, pushed_rseq) for one peer log; (0, 0) for a log never synced."""
+    row = db.conn.execute(
+        """SELECT pulled_rseq, pushed_rseq FROM sync_cursors
+            WHERE peer_machine_id = ? AND peer_db_id = ?""", (peer_machine_id, peer_db_id)).fetchone()
+    return (row[0], row[1]) if row else (0, 0)
+
+
+def save_cursor(cur: sqlite3.Cursor, peer_machine_id: str, peer_db_id: str, *,
+                pulled_rseq: int | None = None, pushed_rseq: int | None = None, reset: bool = False) -> None:
+    """Advance the cursors of one peer log (never backwards unless `reset`). Call inside write_txn.
+
+    Two syncs with one peer may run at once (serve's thread and the CLI): each stored its
+    page before this, so the larger of the two positions is right.
+    """
+    cur.execute("INSERT OR IGNORE INTO sync_cursors (peer_machine_id, peer_db_id) VALUES (?, ?)",
+                (peer_machine_id, peer_db_id))
+    for column, value in (("pulled_rseq", pulled_rseq), ("pushed_rseq", pushed_rseq)):
+        if value is not None:
+            new = "?" if reset else f"max({column}, ?)"
+            cur.execute(f"""UPDATE sync_cursors SET {column} = {new}
+                             WHERE peer_machine_id = ? AND peer_db_id = ?""",
+                        (value, peer_machine_id, peer_db_id))
+
+
+def iter_event_keys(db: Db) -> Iterator[tuple[str, str]]:
+    """Yield (hlc, uuid) of every event in (hlc, uuid) order, from the index alone."""
+    yield from db.conn.execute("SELECT hlc, uuid FROM events ORDER BY hlc, uuid")
+
+
+def list_uuids_between(db: Db, *, start_ms: int, end_ms: int) -> list[str]:
+    """Return the uuids of the events whose HLC wall time is in [start_ms, end_ms), in (hlc, uuid) order."""
+    rows = db.conn.execute("SELECT uuid FROM events WHERE hlc >= ? AND hlc < ? ORDER BY hlc, uuid",
+                           (f"{start_ms:013d}", f"{end_ms:013d}"))
+    return [r[0] for r in rows]
+
+
+def save_peer_status(db: Db, url: str, *, name: str, now_ms: int, error: str | None = None,
+                     machine_id: str | None = None, db_id: str | None = None, n_behind: int | None = None,
+                     offset_ms: int | None = None, n_pulled: int = 0, n_pushed: int = 0) -> None:
+    """Record how a round with one peer ended: its identity and lag on success, the message on failure."""
+    with write_txn(db) as cur:
+        cur.execute("INSERT OR IGNORE INTO sync_peers (url, name) VALUES (?, ?)", (url, name))
+        if error is None:
+            cur.execute(
+                """UPDATE sync_peers SET name = ?, machine_id = ?, db_id = ?, last_ok_ms = ?, last_try_ms = ?,
+                          last_error = NULL, n_failures = 0, n_behind = ?, offset_ms = ?,
+                          n_pulled = n_pulled + ?, n_pushed = n_pushed + ?
+                    WHERE url = ?""",
+                (name, machine_id, db_id, now_ms, now_ms, n_behind, offset_ms, n_pulled, n_pushed, url))
+        else:
+            cur.execute(
+                """UPDATE sync_peers SET name = ?, last_error = ?, last_try_ms = ?, n_failures = n_failures + 1,
+                          n_pulled = n_pulled + ?, n_pushed = n_pushed + ?
+                    WHERE url = ?""", (name, error, now_ms, n_pulled, n_pushed, url))
+
+
+def list_peer_status(db: Db) -> list[PeerStatus]:
+    """Return what the last round with each peer did, by name."""
+    rows = db.conn.execute(
+        """SELECT url, name, machine_id, db_id, last_ok_ms, last_error, last_try_ms, n_failures, n_behind,
+                  offset_ms, n_pulled, n_pushed FROM sync_peers ORDER BY name, url""")
+    return [PeerStatus(*r) for r in rows]
+
+
 # ==========================================================================
 # 4. Projections: the tables derived from the log, their appliers, replay and queries.
 # ==========================================================================
@@ -561,11 +683,53 @@ CREATE TABLE event_refs (                       -- which events name which entit
     PRIMARY KEY (entity_id, hlc, uuid)
 ) WITHOUT ROWID;
 """
-PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs")
+PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs", "sessions")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
 UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
+
+SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
+SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
+                  "last_activity_at", "label", "tokens")
+TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
+
+FLEET_SCHEMA = """
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY,                        -- Claude's session uuid
+    created_at TEXT, created_at_v TEXT,
+    host TEXT, host_v TEXT,
+    cwd TEXT, cwd_v TEXT,
+    tmux_socket TEXT, tmux_socket_v TEXT,
+    tmux_target TEXT, tmux_target_v TEXT,
+    pane_id TEXT, pane_id_v TEXT,
+    pid INTEGER, pid_v TEXT,
+    command TEXT, command_v TEXT,
+    state TEXT, state_v TEXT,
+    state_at TEXT, state_at_v TEXT,
+    last_activity_at TEXT, last_activity_at_v TEXT,
+    label TEXT, label_v TEXT,
+    tokens TEXT, tokens_v TEXT                  -- JSON {input, output, cache_creation, cache_read}
+);
+CREATE INDEX sessions_host ON sessions (host, state);
+CREATE TABLE transcript_cache (                 -- this host's reading of its transcripts: a cache, never synced
+    path TEXT PRIMARY KEY,
+    session_id TEXT,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    info TEXT NOT NULL                          -- JSON: what the tail said, token sums and scan offset
+);
+CREATE INDEX transcript_cache_session ON transcript_cache (session_id);
+CREATE TABLE hook_marks (                       -- the newest hook report per session on this host, never synced
+    session_id TEXT PRIMARY KEY,
+    tmux_socket TEXT,
+    pane_id TEXT,
+    state TEXT,
+    hook_event TEXT NOT NULL,                   -- hook_event_name of the newest report
+    at_ms INTEGER NOT NULL
+);
+"""
+_MIGRATIONS[1].append(FLEET_SCHEMA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -627,6 +791,34 @@ class Update:
 
     def to_json(self) -> dict[str, Any]:
         """Return the update as the JSON object the CLI and API print."""
+        return _as_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str  # Claude's own session uuid
+    host: str  # machine id of the host that runs it (only that host observes it)
+    cwd: str
+    tmux_socket: str | None  # the tmux server's socket path, None outside tmux
+    tmux_target: str | None  # session:window.pane
+    pane_id: str | None  # %N, stable for the pane's life on that server
+    pid: int | None  # the Claude process
+    command: str  # its command line
+    state: str  # one of SESSION_STATES
+    state_at: str | None  # when it entered that state
+    last_activity_at: str | None
+    label: str  # the transcript's summary title
+    task_id: str | None  # the most urgent open task assigned to it (directly, else through a group)
+    tokens: dict[str, int]  # usage summed over its transcript
+    created_at: str  # first seen
+
+    @property
+    def tmux_session(self) -> str:
+        """Return the tmux session name, or '' outside tmux."""
+        return (self.tmux_target or "").rpartition(":")[0]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the session as the JSON object the CLI and API print."""
         return _as_json(self)
 
 
@@ -848,6 +1040,50 @@ def apply_update_posted(cur: sqlite3.Cursor, ev: Event) -> None:
          ev.created_at, ev.machine_id))
 
 
+def _session_fields(p: dict[str, Any], ev: Event) -> dict[str, Any]:
+    fields = _pick(p, SESSION_FIELDS)
+    if "tokens" in fields:
+        fields["tokens"] = canonical_json(fields["tokens"])
+    if "state" in fields:
+        fields["state_at"] = ev.created_at
+    return fields
+
+
+def _is_opt_int(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _is_tokens(v: Any) -> bool:
+    return isinstance(v, dict) and len(v) <= 8 and all(_is_id(k) and _is_opt_int(n) for k, n in v.items())
+
+
+_SESSION_PAYLOAD = {"session_id": _is_id, "host": _is_id, "cwd?": _is_str, "tmux_socket?": _is_opt_str,
+                    "tmux_target?": _is_opt_str, "pane_id?": _is_opt_id, "pid?": _is_opt_int, "command?": _is_str,
+                    "state?": _is_one_of(SESSION_STATES), "last_activity_at?": _is_opt_str, "label?": _is_str,
+                    "tokens?": _is_tokens}
+
+
+@applies("session.appeared", {**_SESSION_PAYLOAD, "cwd": _is_str, "state": _is_one_of(SESSION_STATES)})
+def apply_session_appeared(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins, by (hlc, uuid); the first sighting sets every field."""
+    p = ev.payload  # {session_id, host, cwd, tmux_socket, tmux_target, pane_id, pid, command, state, ...}
+    _lww(cur, "sessions", p["session_id"], {"created_at": ev.created_at, **_session_fields(p, ev)}, ev)
+
+
+@applies("session.changed", _SESSION_PAYLOAD)
+def apply_session_changed(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins, by (hlc, uuid): only the fields that changed are in the payload."""
+    p = ev.payload  # {session_id, host, state?, tmux_target?, ..., last_activity_at, tokens}
+    _lww(cur, "sessions", p["session_id"], _session_fields(p, ev), ev)
+
+
+@applies("session.gone", {"session_id": _is_id, "host": _is_id, "reason?": _is_str})
+def apply_session_gone(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Last writer wins on state: a newer sighting brings a gone session back (claude --resume)."""
+    p = ev.payload  # {session_id, host, reason}
+    _lww(cur, "sessions", p["session_id"], _session_fields({**p, "state": "gone"}, ev), ev)
+
+
 _PROJECT_SELECT = """
 SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
        (SELECT json_group_object(status, n) FROM
@@ -959,6 +1195,99 @@ def list_updates(db: Db, *, task_ids: list[str] | None = None, update_id: str | 
     return [Update(*r) for r in reversed(rows)]
 
 
+_SESSION_SELECT = """
+SELECT s.id, s.host, s.cwd, s.tmux_socket, s.tmux_target, s.pane_id, s.pid, s.command, s.state, s.state_at,
+       s.last_activity_at, s.label, s.tokens, s.created_at,
+       (SELECT max(json_extract(c.info, '$.last_activity_at')) FROM transcript_cache c WHERE c.session_id = s.id)
+           AS fresh_activity_at,
+       (SELECT json_extract(c.info, '$.tokens') FROM transcript_cache c WHERE c.session_id = s.id
+         ORDER BY c.mtime_ns DESC LIMIT 1) AS fresh_tokens,
+       (SELECT t.id FROM tasks t WHERE t.assignee = 'session:' || s.id AND t.status != 'done'
+           AND t.created_at_v IS NOT NULL ORDER BY t.priority, t.created_at_v LIMIT 1) AS task_id
+  FROM sessions s
+ WHERE s.created_at_v IS NOT NULL"""
+
+
+def _session_from_row(row: sqlite3.Row) -> Session:
+    # This host's transcript cache is fresher than the last event (events are written only on a change).
+    activity = max(filter(None, (row["last_activity_at"], row["fresh_activity_at"])), default=None)
+    tokens = json.loads(row["fresh_tokens"] or row["tokens"] or "{}")
+    return Session(row["id"], row["host"], row["cwd"] or "", row["tmux_socket"], row["tmux_target"],
+                   row["pane_id"], row["pid"], row["command"] or "", row["state"], row["state_at"], activity,
+                   row["label"] or "", row["task_id"], {k: int(tokens.get(k, 0)) for k in TOKEN_KINDS},
+                   row["created_at"])
+
+
+def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
+                  include_gone: bool = True, pane_id: str | None = None) -> list[Session]:
+    """Return sessions by id prefix, host or pane, ordered by host, tmux target and id."""
+    sql, params = _SESSION_SELECT, []
+    if prefix is not None:
+        sql += " AND s.id >= ? AND s.id < ?"
+        params += (prefix, prefix + "~")
+    if host is not None:
+        sql += " AND s.host = ?"
+        params.append(host)
+    if pane_id is not None:
+        sql += " AND s.pane_id = ?"
+        params.append(pane_id)
+    if not include_gone:
+        sql += " AND s.state != 'gone'"
+    rows = db.conn.execute(sql + " ORDER BY s.host, s.tmux_target, s.id", params).fetchall()
+    return [_session_from_row(r) for r in rows]
+
+
+def list_group_tasks(db: Db) -> list[tuple[str, str]]:
+    """Return (group id, task id) of open group assignments, most urgent task first."""
+    return [tuple(r) for r in db.conn.execute(
+        """SELECT substr(assignee, 7), id FROM tasks WHERE assignee LIKE 'group:%' AND status != 'done'
+              AND created_at_v IS NOT NULL ORDER BY priority, created_at_v""")]
+
+
+def get_transcript_cache(db: Db) -> dict[str, tuple[int, int, dict[str, Any]]]:
+    """Return this host's transcript readings: path -> (size, mtime_ns, info)."""
+    return {r[0]: (r[1], r[2], json.loads(r[3]))
+            for r in db.conn.execute("SELECT path, size, mtime_ns, info FROM transcript_cache")}
+
+
+def save_transcript_cache(db: Db, rows: list[tuple[str, str | None, int, int, dict[str, Any]]]) -> None:
+    """Store new readings (path, session_id, size, mtime_ns, info) of transcripts."""
+    with write_txn(db) as cur:
+        cur.executemany("INSERT OR REPLACE INTO transcript_cache (path, session_id, size, mtime_ns, info) "
+                        "VALUES (?, ?, ?, ?, ?)", [(*r[:4], canonical_json(r[4])) for r in rows])
+
+
+@dataclass(frozen=True, slots=True)
+class HookMark:
+    tmux_socket: str | None
+    pane_id: str | None
+    state: str | None  # the state the newest state-bearing report implied
+    hook_event: str  # hook_event_name of the newest report
+    at_ms: int
+
+
+def list_hook_marks(db: Db, *, session_id: str | None = None) -> dict[str, HookMark]:
+    """Return the newest hook report per session of this host (or of one session)."""
+    sql = "SELECT session_id, tmux_socket, pane_id, state, hook_event, at_ms FROM hook_marks"
+    rows = db.conn.execute(sql + " WHERE session_id = ?", (session_id,)) if session_id else db.conn.execute(sql)
+    return {r[0]: HookMark(*r[1:]) for r in rows}
+
+
+def save_hook_mark(cur: sqlite3.Cursor, session_id: str, mark: HookMark) -> None:
+    """Remember a hook report unless a newer one is stored; keep the known pane and state. In a txn."""
+    cur.execute(
+        """INSERT INTO hook_marks (session_id, tmux_socket, pane_id, state, hook_event, at_ms)
+           VALUES (?, ?, ?, ?, ?, ?)
+           ON CONFLICT (session_id) DO UPDATE SET
+             tmux_socket = coalesce(excluded.tmux_socket, tmux_socket),
+             pane_id = coalesce(excluded.pane_id, pane_id),
+             state = coalesce(excluded.state, state),
+             hook_event = excluded.hook_event,
+             at_ms = excluded.at_ms
+           WHERE excluded.at_ms >= at_ms""",
+        (session_id, mark.tmux_socket, mark.pane_id, mark.state, mark.hook_event, mark.at_ms))
+
+
 def list_history(db: Db, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
     """Return the newest events that name any of these entities, oldest first."""
     marks = ",".join("?" * len(entity_ids))
@@ -1019,7 +1348,7 @@ def _one(what: str, ref: str, found: list, list_cmd: str) -> Any:
         return found[0]
     if not found:
         raise NotFound(f"no {what} {ref!r}; list them with: {list_cmd}")
-    ids = ", ".join(f"{x.id[:SHORT_ID + 4]}" + (f" ({x.name})" if hasattr(x, "name") else f" ({x.title})")
+    ids = ", ".join(f"{x.id[:SHORT_ID + 4]} ({getattr(x, 'name', None) or getattr(x, 'title', None) or x.cwd})"
                     for x in found)
     raise Conflict(f"{what} {ref!r} is ambiguous: {ids}; give more of the id")
 
@@ -1038,6 +1367,41 @@ def get_task(db: Db, ref: str) -> Task:
 def get_group(db: Db, ref: str) -> Group:
     """Return the group named `ref` or whose id starts with `ref`."""
     return _one("group", ref, find_groups(db, ref), "clare group list")
+
+
+def get_session(db: Db, ref: str) -> Session:
+    """Return the session whose id starts with `ref` (gone ones too)."""
+    return _one("session", ref, find_sessions(db, prefix=_check_prefix("session", ref)), "clare sessions --all")
+
+
+def list_sessions(db: Db, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
+    """Return the sessions, with each one's task: its own, else its groups' most urgent one."""
+    sessions = find_sessions(db, host=host, include_gone=include_gone)
+    group_tasks = list_group_tasks(db)
+    if not group_tasks or all(s.task_id for s in sessions):
+        return sessions
+    groups = {g.id: g for g in list_groups(db)}
+    out = []
+    for s in sessions:
+        if s.task_id is None:
+            task_id = next((t for g, t in group_tasks if g in groups and _in_group(s, groups[g])), None)
+            s = dataclasses.replace(s, task_id=task_id)
+        out.append(s)
+    return out
+
+
+def _in_group(session: Session, group: Group) -> bool:
+    import fnmatch  # only group matching needs it
+
+    return ((group.cwd is None or group.cwd in session.cwd)
+            and (group.host is None or group.host == session.host)
+            and (group.tmux_name is None or fnmatch.fnmatchcase(session.tmux_session, group.tmux_name)))
+
+
+def list_group_sessions(db: Db, group_ref: str, *, include_gone: bool = False) -> list[Session]:
+    """Return the sessions a group's patterns match now (membership is computed, never stored)."""
+    group = get_group(db, group_ref)
+    return [s for s in list_sessions(db, include_gone=include_gone) if _in_group(s, group)]
 
 
 def create_project(db: Db, name: str, *, goal: str = "", owner: str = "", now_ms: int) -> Project:
@@ -1134,7 +1498,7 @@ def assign_task(db: Db, ref: str, *, session_id: str | None = None, group_ref: s
         session_id = _check_prefix("session", session_id)
     with write_txn(db) as cur:
         task = get_task(db, ref)
-        target = ({"session_id": session_id} if session_id is not None
+        target = ({"session_id": get_session(db, session_id).id} if session_id is not None
                   else {"group_id": get_group(db, group_ref).id})
         if (task.session_id, task.group_id) != (target.get("session_id"), target.get("group_id")):
             record(db, cur, "task.assigned", {"task_id": task.id, **target}, now_ms=now_ms)
@@ -1178,18 +1542,130 @@ def remove_group(db: Db, ref: str, *, now_ms: int) -> Group:
 
 
 def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                source: str = "message", now_ms: int) -> Update:
-    """Add a progress note (or pane tail, triage, hook note) to a task and/or a session."""
+                pane: tuple[str | None, str] | None = None, source: str = "message", now_ms: int) -> Update:
+    """Add a progress note (or pane tail, triage, hook note) to a task and/or a session.
+
+    `pane` is (tmux socket or None, pane id) of the caller's pane: the note goes to the task of
+    the Claude session in that pane.
+    """
     text = _check_text("update text", text, limit=MAX_TEXT_CHARS, required=True)
     source = _check_choice("update source", source, UPDATE_SOURCES)
-    if task_ref is None and session_id is None:
+    if task_ref is None and session_id is None and pane is None:
         raise UsageError("an update needs a task (clare update TASK TEXT) or must run inside a session's pane")
     update_id = new_id()
     with write_txn(db) as cur:
+        if pane is not None and task_ref is None:
+            session = get_pane_session(db, *pane)
+            if session.task_id is None:
+                raise UsageError(f"session {session.id[:SHORT_ID]} in pane {pane[1]} has no task; assign one "
+                                 f"with: clare assign TASK {session.id[:SHORT_ID]} (or name the task)")
+            session_id, task_ref = session.id, session.task_id
         task_id = get_task(db, task_ref).id if task_ref is not None else None
         record(db, cur, "update.posted", {"update_id": update_id, "task_id": task_id, "session_id": session_id,
                                           "source": source, "text": text}, now_ms=now_ms)
     return list_updates(db, update_id=update_id)[0]
+
+
+def get_pane_session(db: Db, tmux_socket: str | None, pane_id: str) -> Session:
+    """Return the live session this host last saw in a tmux pane."""
+    found = [s for s in list_sessions(db, host=db.machine_id)
+             if s.pane_id == pane_id and (tmux_socket is None or s.tmux_socket == tmux_socket)]
+    if not found:
+        raise NotFound(f"no Claude session is known in tmux pane {pane_id}; run 'clare pull' first, "
+                       "or name the task: clare update TASK TEXT")
+    return max(found, key=lambda s: s.state_at or "")
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one look at this host says about one of its Claude sessions."""
+
+    session_id: str
+    cwd: str
+    tmux_socket: str | None
+    tmux_target: str | None
+    pane_id: str | None
+    pid: int | None
+    command: str
+    state: str
+    last_activity_ms: int | None
+    label: str
+    tokens: dict[str, int]
+
+
+_OBSERVED_KEYS = ("cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state", "label")
+
+
+def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
+                     now_ms: int) -> list[Event]:
+    """Record how this host's sessions changed since the last look: appeared, changed, gone.
+
+    A session of this host that is not seen is gone, unless its tmux server could not be asked
+    (keep_sockets). Nothing is written when nothing changed: the log must not grow with polling.
+    Last activity and tokens ride along with an event but never cause one.
+    """
+    for ob in seen:
+        _check_prefix("session", ob.session_id)
+        _check_choice("session state", ob.state, SESSION_STATES)
+    keep = set(keep_sockets)
+    events = []
+    with write_txn(db) as cur:
+        known = {s.id: s for s in find_sessions(db, host=db.machine_id)}
+        for ob in seen:
+            payload = {"session_id": ob.session_id, "host": db.machine_id,
+                       **{k: getattr(ob, k) for k in _OBSERVED_KEYS}}
+            extra = {"last_activity_at": iso_ms(ob.last_activity_ms) if ob.last_activity_ms else None,
+                     "tokens": ob.tokens}
+            old = known.get(ob.session_id)
+            if old is None:
+                events.append(record(db, cur, "session.appeared", {**payload, **extra}, now_ms=now_ms))
+                continue
+            changed = {k: payload[k] for k in _OBSERVED_KEYS if getattr(old, k) != payload[k]}
+            if changed:
+                events.append(record(db, cur, "session.changed", {"session_id": ob.session_id,
+                                                                  "host": db.machine_id, **changed, **extra},
+                                     now_ms=now_ms))
+        seen_ids = {ob.session_id for ob in seen}
+        for s in known.values():
+            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep:
+                events.append(record(db, cur, "session.gone", {"session_id": s.id, "host": db.machine_id,
+                                                               "reason": "no longer running"}, now_ms=now_ms))
+    return events
+
+
+def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
+                is_end: bool = False, now_ms: int) -> list[Event]:
+    """Fold one hook report in: remember it, and record the session's new state at once.
+
+    A report older than the one stored (a spooled report ingested late) is kept out of the state.
+    """
+    _check_prefix("session", session_id)
+    if mark.state is not None:
+        _check_choice("session state", mark.state, SESSION_STATES)
+    events = []
+    with write_txn(db) as cur:
+        save_hook_mark(cur, session_id, mark)
+        stored = list_hook_marks(db, session_id=session_id)[session_id]
+        if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event):
+            return events
+        old = next((s for s in find_sessions(db, prefix=session_id) if s.id == session_id), None)
+        head = {"session_id": session_id, "host": db.machine_id}
+        if is_end:
+            if old is not None and old.state != "gone":
+                events.append(record(db, cur, "session.gone", {**head, "reason": "session ended"}, now_ms=now_ms))
+        elif old is None and mark.state is not None:
+            events.append(record(db, cur, "session.appeared", {
+                **head, "cwd": cwd, "tmux_socket": mark.tmux_socket, "tmux_target": tmux_target,
+                "pane_id": mark.pane_id, "pid": None, "command": "", "state": mark.state,
+                "last_activity_at": iso_ms(mark.at_ms), "label": "", "tokens": {}}, now_ms=now_ms))
+        elif old is not None and mark.state is not None:
+            changed = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
+                                         ("tmux_socket", mark.tmux_socket), ("tmux_target", tmux_target))
+                       if v is not None and getattr(old, k) != v}
+            if changed:
+                events.append(record(db, cur, "session.changed", {
+                    **head, **changed, "last_activity_at": iso_ms(mark.at_ms)}, now_ms=now_ms))
+    return events
 
 
 def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertResult, list[str]]:
@@ -1239,6 +1715,11 @@ DESCRIBE.update({
     "task.unassigned": lambda p: f"unassigned task {p['task_id'][:SHORT_ID]}",
     "group.created": lambda p: f"created group {p['name']!r}",
     "group.removed": lambda p: f"removed group {p['group_id'][:SHORT_ID]}",
+    "session.appeared": lambda p: f"session {p['session_id'][:SHORT_ID]} appeared on {p['host']} "
+                                  f"({p.get('tmux_target') or 'no tmux'}, {p['state']})",
+    "session.changed": lambda p: f"session {p['session_id'][:SHORT_ID]}: "
+                                 + _fields({k: v for k, v in p.items() if k in _OBSERVED_KEYS}, "session_id"),
+    "session.gone": lambda p: f"session {p['session_id'][:SHORT_ID]} is gone ({p.get('reason', '')})",
     "update.posted": lambda p: f"{p['source']} update" + (f" on task {p['task_id'][:SHORT_ID]}"
                                                          if p.get("task_id") else "") + f": {p['text'][:80]}",
 })
@@ -1270,6 +1751,7 @@ SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
     create_project, edit_project, get_project, list_projects, project_history,
     create_task, edit_task, get_task, list_tasks, assign_task, unassign_task,
     create_group, remove_group, get_group, list_groups,
+    get_session, list_sessions, list_group_sessions, get_pane_session, observe_sessions, report_hook,
     post_update, list_updates, list_history, list_events, import_events, replay, count_events,
 )}
 
@@ -1278,10 +1760,1433 @@ SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
 # 6. Fleet: Claude Code sessions in tmux panes, their state, hooks, broadcast delivery.
 # ==========================================================================
 
+CLAUDE_ENV_DIR = "CLAUDE_CONFIG_DIR"
+TMUX_TIMEOUT_S = 5.0
+PANE_FORMAT = "\t".join(("#{pane_id}", "#{pane_pid}", "#{pane_in_mode}", "#{pane_dead}",
+                         "#{session_name}:#{window_index}.#{pane_index}", "#{pane_current_command}",
+                         "#{pane_current_path}", "#{pane_title}"))
+TAIL_BLOCK_BYTES = 64 * 1024  # the first read from a transcript's end; grows 4x until the turn is known
+TAIL_MAX_BYTES = 1024 * 1024  # never read more than this from a transcript's end per look
+HEAD_BYTES = 16 * 1024  # the start of a transcript, for its title when the tail has none
+TOKEN_SCAN_MAX_BYTES = 16 * 1024 * 1024  # a first look at a bigger transcript sums only its tail's usage
+SCAN_BLOCK_BYTES = 1024 * 1024
+RECENT_IDS = 64  # message ids remembered across looks: one response spans several lines
+DEFAULT_IDLE_AFTER_S = 600
+SCREEN_LINES = 40
+MAX_COMMAND_CHARS = 500
+# Screen text of Claude Code's permission and choice dialogs, where Enter would approve: data, not code.
+PERMISSION_SCREEN = (
+    re.compile(r"Do you want to (?:proceed|make this edit|create|overwrite|allow|run|fetch)"),
+    re.compile(r"^\W*(?:❯|›|>)\s*1\.\s*Yes\b", re.M),
+)
+INTERRUPT_MARK = "[Request interrupted by user"
+SESSION_ID_FLAGS = ("--session-id", "--resume", "-r")
+REGISTRY_STATES = {"busy": "working", "shell": "working", "idle": "waiting", "waiting": "waiting"}
+TITLE_TYPES = {"summary": "summary", "custom-title": "customTitle", "ai-title": "aiTitle"}
+
+
+@dataclass(frozen=True, slots=True)
+class Pane:
+    socket: str  # the tmux server's socket path
+    pane_id: str
+    pid: int
+    in_mode: bool  # copy-mode or another mode that eats keys
+    is_dead: bool
+    target: str  # session:window.pane
+    command: str  # tmux's guess at the foreground program: a hint only
+    cwd: str
+    title: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the pane as a JSON object."""
+        return _as_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    observations: list[Observation]
+    events: list[Event]  # what changed, as recorded
+    ambiguous: list[Pane]  # Claude panes whose session cannot be told apart from another's
+    unreachable: list[str]  # tmux sockets that did not answer: their sessions are kept as they were
+
+
+def claude_home(env: dict[str, str] | None = None) -> str:
+    """Return Claude Code's folder: $CLAUDE_CONFIG_DIR, else ~/.claude."""
+    env = os.environ if env is None else env
+    return env.get(CLAUDE_ENV_DIR) or os.path.join(os.path.expanduser("~"), ".claude")
+
+
+def cwd_slug(cwd: str) -> str:
+    """Return the folder name Claude Code keeps a cwd's transcripts under."""
+    return re.sub(r"[^A-Za-z0-9]", "-", cwd)
+
+
+def tmux_binary() -> str:
+    """Return tmux's absolute path; a systemd service's PATH is minimal, so look in the usual places."""
+    import shutil  # only the fleet verbs need it
+
+    found = shutil.which("tmux") or next(
+        (p for p in ("/usr/bin/tmux", "/usr/local/bin/tmux", "/opt/homebrew/bin/tmux") if os.access(p, os.X_OK)),
+        None)
+    if found is None:
+        raise ClareError("tmux is not installed or not on PATH; install it (apt install tmux) to see sessions")
+    return os.path.abspath(found)
+
+
+def tmux_sockets(env: dict[str, str] | None = None) -> list[str]:
+    """Return the socket of every tmux server of this user, found the way tmux finds its own."""
+    import stat
+
+    env = os.environ if env is None else env
+    folder = os.path.join(env.get("TMUX_TMPDIR") or "/tmp", f"tmux-{os.getuid()}")
+    found = []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        entries = []
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(entry.stat().st_mode):
+                found.append(entry.path)
+    inside = (env.get("TMUX") or "").split(",")[0]
+    if inside and inside not in found and os.path.exists(inside):
+        found.append(inside)
+    return found
+
+
+def run_tmux(socket: str, *args: str, input_text: str | None = None) -> "subprocess.CompletedProcess[str]":
+    """Run one tmux command against one server; the caller checks the return code."""
+    import subprocess
+
+    try:
+        return subprocess.run([tmux_binary(), "-S", socket, *args], input=input_text, capture_output=True,
+                              text=True, timeout=TMUX_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        raise ClareError(f"tmux at {socket} did not answer within {TMUX_TIMEOUT_S:.0f} s; "
+                         "check that server with: tmux -S SOCKET ls") from err
+
+
+def parse_panes(text: str, *, socket: str) -> list[Pane]:
+    """Parse `list-panes -a -F PANE_FORMAT` output; skip lines that do not fit."""
+    panes = []
+    for line in text.splitlines():
+        f = line.split("\t", 7)
+        if len(f) != 8 or not f[0].startswith("%") or not f[1].isdigit():
+            continue
+        panes.append(Pane(socket, f[0], int(f[1]), f[2] == "1", f[3] == "1", f[4], f[5], f[6], f[7]))
+    return panes
+
+
+def list_panes(socket: str) -> list[Pane] | None:
+    """Return every pane of one tmux server: [] when no server runs there, None when it fails."""
+    p = run_tmux(socket, "list-panes", "-a", "-F", PANE_FORMAT)
+    if p.returncode != 0:
+        err = p.stderr.strip()
+        # A socket file left by a server that exited is normal: nothing runs there.
+        if "no server running" in err or "Connection refused" in err or "No such file" in err:
+            return []
+        return None
+    return parse_panes(p.stdout, socket=socket)
+
+
+def capture_pane(pane: Pane, *, lines: int = SCREEN_LINES) -> str | None:
+    """Return the last lines of a pane's screen, or None when tmux cannot show it."""
+    p = run_tmux(pane.socket, "capture-pane", "-p", "-J", "-t", pane.pane_id, "-S", f"-{lines}")
+    return p.stdout if p.returncode == 0 else None
+
+
+def shows_permission_dialog(screen: str) -> bool:
+    """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
+    tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
+    return any(rule.search(tail) for rule in PERMISSION_SCREEN)
+
+
+def read_procs() -> dict[int, tuple[int, int]]:
+    """Return every process of this host as pid -> (ppid, start time in clock ticks)."""
+    procs = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # the process ended while we looked
+            continue
+        # The command name may hold spaces and parentheses: split after the last ')'.
+        rest = stat[stat.rfind(b")") + 2:].split()
+        procs[int(name)] = (int(rest[1]), int(rest[19]))
+    return procs
+
+
+def proc_argv(pid: int) -> list[str]:
+    """Return a process's argv, [] when it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return []
+
+
+def is_claude_argv(argv: list[str]) -> bool:
+    """Tell whether a command line is Claude Code: argv[0] is claude, or node/bun running a claude script."""
+    if not argv:
+        return False
+    if os.path.basename(argv[0]) == "claude":
+        return True
+    return (os.path.basename(argv[0]) in ("node", "bun") and len(argv) > 1
+            and ("claude" in os.path.basename(argv[1]) or "claude-code" in argv[1]))
+
+
+def find_claude(pid: int, children: dict[int, list[int]], argv_of: Callable[[int], list[str]]) -> int | None:
+    """Return the first Claude process at or below `pid`, walking the process tree breadth first."""
+    queue = [pid]
+    while queue:
+        p = queue.pop(0)
+        if is_claude_argv(argv_of(p)):
+            return p
+        queue += children.get(p, ())
+    return None
+
+
+def session_id_from_argv(argv: list[str]) -> str | None:
+    """Return the session id given by --session-id or --resume on a command line."""
+    for i, a in enumerate(argv):
+        name, eq, value = a.partition("=")
+        if name in SESSION_ID_FLAGS:
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            if UUID_RE.match(value):
+                return value
+    return None
+
+
+def read_registry(claude_dir: str, procs: dict[int, tuple[int, int]]) -> dict[int, dict[str, Any]]:
+    """Return Claude's live registry (sessions/<pid>.json) as pid -> entry, skipping dead or reused pids."""
+    folder = os.path.join(claude_dir, "sessions")
+    found = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return {}
+    for name in names:
+        stem = name.removesuffix(".json")
+        if not stem.isdigit() or int(stem) not in procs:
+            continue
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                entry = json.load(f)
+        except (OSError, ValueError):  # being rewritten, or not ours to judge
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("sessionId"), str):
+            continue
+        start = entry.get("procStart")
+        if start is not None and str(start) != str(procs[int(stem)][1]):
+            continue  # the pid was reused by another process
+        found[int(stem)] = entry
+    return found
+
+
+def _boot_ms() -> int:
+    with open("/proc/stat", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return int(line.split()[1]) * 1000
+    return 0  # pragma: no cover - every Linux /proc/stat has btime
+
+
+def find_transcript(claude_dir: str, cwd: str, session_id: str) -> str | None:
+    """Return the transcript path of a session: in its cwd's folder, else in any project folder."""
+    projects = os.path.join(claude_dir, "projects")
+    path = os.path.join(projects, cwd_slug(cwd), session_id + ".jsonl")
+    if os.path.exists(path):
+        return path
+    try:
+        folders = list(os.scandir(projects))
+    except OSError:
+        return None
+    for d in folders:  # a long cwd's folder carries a hash, and cwds can move
+        path = os.path.join(d.path, session_id + ".jsonl")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def newest_transcript(claude_dir: str, cwd: str, *, since_ms: int) -> str | None:
+    """Return the newest session transcript of a cwd's folder written after since_ms, if any."""
+    projects = os.path.join(claude_dir, "projects")
+    slug = cwd_slug(cwd)
+    try:
+        folders = [d.path for d in os.scandir(projects)
+                   if d.name == slug or (len(slug) > 200 and d.name.startswith(slug[:200]))]
+    except OSError:
+        return None
+    best: tuple[int, str] | None = None
+    for folder in folders:
+        for e in os.scandir(folder):
+            if e.name.endswith(".jsonl") and UUID_RE.match(e.name[:-6]):
+                mtime_ms = e.stat().st_mtime_ns // 1_000_000
+                if mtime_ms >= since_ms and (best is None or mtime_ms > best[0]):
+                    best = (mtime_ms, e.path)
+    return best[1] if best else None
+
+
+def _iso_to_ms(text: object) -> int | None:
+    import datetime
+
+    if not isinstance(text, str):
+        return None
+    try:
+        return int(datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
+def _text_of(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+    return ""
+
+
+def turn_of_line(obj: dict[str, Any]) -> str | None:
+    """Return what one transcript line says of the turn: 'working', 'waiting' or None (says nothing)."""
+    kind = obj.get("type")
+    if kind == "system":
+        return "waiting" if obj.get("subtype") == "turn_duration" or "durationMs" in obj else None
+    message = obj.get("message")
+    if not isinstance(message, dict) or obj.get("isSidechain") or obj.get("isMeta"):
+        return None
+    content = message.get("content")
+    if kind == "user":
+        return "waiting" if _text_of(content).startswith(INTERRUPT_MARK) else "working"
+    if kind == "assistant":
+        has_tool = isinstance(content, list) and any(
+            isinstance(b, dict) and b.get("type") == "tool_use" for b in content)
+        return "working" if has_tool else "waiting"
+    return None
+
+
+def parse_tail(lines: list[bytes]) -> dict[str, Any]:
+    """Return what the newest transcript lines say: turn, its time, last activity, last text, title.
+
+    `lines` are oldest first; a line that does not parse (half-written, or not JSON) is skipped.
+    """
+    info: dict[str, Any] = {}
+    for raw in reversed(lines):
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        key = TITLE_TYPES.get(obj.get("type"))
+        if key and "label" not in info and isinstance(obj.get(key), str):
+            info["label"] = obj[key]
+        when = _iso_to_ms(obj.get("timestamp"))
+        if when and not obj.get("isSidechain"):
+            info["last_activity_ms"] = max(info.get("last_activity_ms", 0), when)
+        if "turn" not in info:
+            turn = turn_of_line(obj)
+            if turn:
+                info["turn"], info["turn_ms"] = turn, when
+        if "last_text" not in info and obj.get("type") == "assistant" and not obj.get("isSidechain"):
+            text = _text_of((obj.get("message") or {}).get("content"))
+            if text:
+                info["last_text"] = text[-2000:]
+        if "cwd" not in info and isinstance(obj.get("cwd"), str):
+            info["cwd"] = obj["cwd"]
+        if {"turn", "label", "last_text", "cwd"} <= info.keys():
+            break
+    return info
+
+
+def _first_prompt(lines: list[bytes]) -> str | None:
+    for raw in lines:
+        with contextlib.suppress(ValueError, AttributeError):
+            obj = json.loads(raw)
+            if obj.get("type") == "user" and not obj.get("isMeta") and not obj.get("isSidechain"):
+                text = _text_of(obj["message"].get("content")).strip()
+                if text and not text.startswith(("<", INTERRUPT_MARK)):
+                    return " ".join(text.split())[:80]
+    return None
+
+
+def read_transcript(path: str, cached: tuple[int, int, dict[str, Any]] | None
+                    ) -> tuple[int, int, dict[str, Any]] | None:
+    """Return (size, mtime_ns, info) of a transcript, reading only what changed since `cached`.
+
+    The tail is read from the end in growing blocks (at most TAIL_MAX_BYTES) and token usage is
+    summed over the bytes appended since the last look: a transcript is never read whole twice,
+    and one over TOKEN_SCAN_MAX_BYTES is never read whole at all (its tokens are then partial).
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
+        return cached
+    old = cached[2] if cached and cached[0] <= st.st_size else {}
+    with open(path, "rb") as f:
+        info = {**_read_tail(f, st.st_size)}
+        if "label" not in info:
+            f.seek(0)
+            head = f.read(HEAD_BYTES).split(b"\n")[:-1]
+            title = parse_tail(head).get("label") if head else None
+            info["label"] = title or old.get("label") or _first_prompt(head) or ""
+        info.update(_scan_tokens(f, st.st_size, old))
+    info.setdefault("last_activity_ms", st.st_mtime_ns // 1_000_000)
+    if info.get("turn") and not info.get("turn_ms"):
+        info["turn_ms"] = st.st_mtime_ns // 1_000_000
+    info["last_activity_at"] = iso_ms(info["last_activity_ms"])
+    return st.st_size, st.st_mtime_ns, info
+
+
+def _read_tail(f: Any, size: int) -> dict[str, Any]:
+    want = TAIL_BLOCK_BYTES
+    while True:
+        start = max(0, size - want)
+        f.seek(start)
+        lines = f.read(size - start).split(b"\n")
+        if start > 0:
+            lines = lines[1:]  # cut mid-line
+        info = parse_tail(lines)
+        if "turn" in info or start == 0 or want >= TAIL_MAX_BYTES:
+            return info
+        want = min(want * 4, TAIL_MAX_BYTES)
+
+
+def _scan_tokens(f: Any, size: int, old: dict[str, Any]) -> dict[str, Any]:
+    totals = dict.fromkeys(TOKEN_KINDS, 0) | old.get("tokens", {})
+    recent = list(old.get("recent_ids", []))
+    start, is_partial = old.get("scanned_to", 0), old.get("is_partial", False)
+    if not old and size > TOKEN_SCAN_MAX_BYTES:
+        start, is_partial = size - TAIL_MAX_BYTES, True
+    f.seek(start)
+    carry, skip_first, pos = b"", bool(start and not old), start
+    while pos < size:
+        block = f.read(min(SCAN_BLOCK_BYTES, size - pos))
+        if not block:
+            break
+        pos += len(block)
+        lines = (carry + block).split(b"\n")
+        carry = lines.pop()
+        if skip_first and lines:
+            lines, skip_first = lines[1:], False
+        for line in lines:
+            if b'"usage"' in line:
+                _add_usage(line, totals, recent)
+    return {"tokens": totals, "recent_ids": recent[-RECENT_IDS:], "scanned_to": pos - len(carry),
+            "is_partial": is_partial}
+
+
+def _add_usage(line: bytes, totals: dict[str, int], recent: list[str]) -> None:
+    try:
+        obj = json.loads(line)
+        message = obj["message"]
+        usage = message["usage"]
+    except (ValueError, KeyError, TypeError):
+        return
+    if obj.get("type") != "assistant" or not isinstance(usage, dict):
+        return
+    key = message.get("id") or obj.get("uuid")
+    if key in recent:
+        return  # one response spans several lines that repeat its usage: count it once
+    recent.append(key)
+    del recent[:-RECENT_IDS]
+    for kind in TOKEN_KINDS:
+        value = usage.get("input_tokens" if kind == "input" else "output_tokens" if kind == "output"
+                          else f"{kind}_input_tokens")
+        if isinstance(value, int) and value > 0:
+            totals[kind] += value
+
+
+def derive_state(*, turn: str | None, turn_ms: int | None, registry: str | None, registry_ms: int | None,
+                 hook: str | None, hook_ms: int | None, shows_dialog: bool, now_ms: int,
+                 idle_after_ms: int) -> str:
+    """Combine the signals into one state: the newest signal wins, a dialog on screen beats all.
+
+    Each source has holes (no hook on an Esc interrupt, a transcript that lags the hook, a registry
+    only in newer versions), so none is trusted alone; waiting turns into idle after idle_after_ms.
+    """
+    if shows_dialog:
+        return "permission"
+    signals = [(ms or 0, i, s) for i, (ms, s) in enumerate(
+        ((turn_ms, turn), (registry_ms, REGISTRY_STATES.get(registry or "")), (hook_ms, hook))) if s]
+    if not signals:
+        return "waiting"
+    last_ms, _, state = max(signals)
+    if state == "waiting" and last_ms and now_ms - last_ms >= idle_after_ms:
+        return "idle"
+    return state
+
+
+def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int
+                 ) -> tuple[list[Observation], list[Pane], list[str]]:
+    """Look at this host's tmux panes, processes and Claude files; return sessions, ambiguous panes, failed sockets.
+
+    Pane to session, strongest evidence first: Claude's registry entry of the pane's Claude
+    process; the pane Clare's hook recorded; --session-id/--resume; the newest transcript of the
+    cwd, only when no other Claude pane shares that cwd.
+    """
+    procs = read_procs()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    argv_cache: dict[int, list[str]] = {}
+
+    def argv_of(pid: int) -> list[str]:
+        if pid not in argv_cache:
+            argv_cache[pid] = proc_argv(pid)
+        return argv_cache[pid]
+
+    registry = read_registry(claude_dir, procs)
+    marks = list_hook_marks(db)
+    hooked: dict[tuple[str | None, str], tuple[int, str]] = {}
+    for sid, m in marks.items():
+        if m.pane_id and (m.at_ms, sid) > hooked.get((m.tmux_socket, m.pane_id), (0, "")):
+            hooked[(m.tmux_socket, m.pane_id)] = (m.at_ms, sid)
+    boot_ms, tick_ms = _boot_ms(), 1000 / os.sysconf("SC_CLK_TCK")
+    claude_panes, unreachable = [], []
+    for socket in tmux_sockets():
+        panes = list_panes(socket)
+        if panes is None:
+            unreachable.append(socket)
+            continue
+        for pane in panes:
+            pid = None if pane.is_dead else find_claude(pane.pid, children, argv_of)
+            if pid is not None:
+                claude_panes.append((pane, pid))
+    found: list[tuple[str, Pane | None, int]] = []
+    unresolved = []
+    for pane, pid in claude_panes:
+        started_ms = boot_ms + int(procs[pid][1] * tick_ms) if pid in procs else 0
+        hook = hooked.get((pane.socket, pane.pane_id)) or hooked.get((None, pane.pane_id))
+        sid = ((registry.get(pid) or {}).get("sessionId")
+               or (hook[1] if hook and hook[0] >= started_ms - 2000 else None)
+               or session_id_from_argv(argv_of(pid)))
+        if sid:
+            found.append((sid, pane, pid))
+        else:
+            unresolved.append((pane, pid, started_ms))
+    cwd_of = {pid: _proc_cwd(pid) or pane.cwd for pane, pid in claude_panes}
+    sharing = {}
+    for _, pid in claude_panes:
+        sharing[cwd_of[pid]] = sharing.get(cwd_of[pid], 0) + 1
+    ambiguous = []
+    for pane, pid, started_ms in unresolved:
+        path = newest_transcript(claude_dir, cwd_of[pid], since_ms=started_ms - 2000)
+        if sharing[cwd_of[pid]] == 1 and path:
+            found.append((os.path.basename(path)[:-6], pane, pid))
+        else:
+            ambiguous.append(pane)
+    in_panes = {pid for _, _, pid in found}
+    found += [(e["sessionId"], None, pid) for pid, e in registry.items() if pid not in in_panes]
+    return _observe(db, found, registry=registry, marks=marks, cwd_of=cwd_of, argv_of=argv_of,
+                    claude_dir=claude_dir, idle_after_ms=idle_after_ms, now_ms=now_ms), ambiguous, unreachable
+
+
+def _proc_cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dict[int, dict[str, Any]],
+             marks: dict[str, HookMark], cwd_of: dict[int, str], argv_of: Callable[[int], list[str]],
+             claude_dir: str, idle_after_ms: int, now_ms: int) -> list[Observation]:
+    cache = get_transcript_cache(db)
+    fresh, observations, seen = [], [], set()
+    for sid, pane, pid in found:
+        if sid in seen or not UUID_RE.match(sid):
+            continue
+        seen.add(sid)
+        entry = registry.get(pid) or {}
+        cwd = cwd_of.get(pid) or entry.get("cwd") or _proc_cwd(pid) or ""
+        path = find_transcript(claude_dir, cwd, sid)
+        reading = read_transcript(path, cache.get(path)) if path else None
+        if reading is not None and reading is not cache.get(path):
+            fresh.append((path, sid, *reading))
+        info = reading[2] if reading else {}
+        screen = capture_pane(pane) if pane else None
+        mark = marks.get(sid)
+        state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=entry.get("status"),
+                             registry_ms=entry.get("statusUpdatedAt"), hook=mark and mark.state,
+                             hook_ms=mark and mark.at_ms,
+                             shows_dialog=bool(screen and shows_permission_dialog(screen)), now_ms=now_ms,
+                             idle_after_ms=idle_after_ms)
+        observations.append(Observation(
+            sid, cwd, pane.socket if pane else None, pane.target if pane else None, pane.pane_id if pane else None,
+            pid, " ".join(argv_of(pid))[:MAX_COMMAND_CHARS], state, info.get("last_activity_ms"),
+            (info.get("label") or entry.get("name") or "")[:MAX_TITLE_CHARS], info.get("tokens") or {}))
+    if fresh:
+        save_transcript_cache(db, fresh)
+    return observations
+
+
+def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, env: dict[str, str] | None = None) -> PullResult:
+    """Look at this host's Claude sessions and record what changed (nothing when nothing did)."""
+    ingest_spool(db, now_ms=now_ms)
+    fleet = config.get("fleet", {})
+    idle_after_ms = int(fleet.get("idle_after_s", DEFAULT_IDLE_AFTER_S) * 1000)
+    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env),
+                                                        idle_after_ms=idle_after_ms, now_ms=now_ms)
+    events = observe_sessions(db, observations, keep_sockets=unreachable, now_ms=now_ms)
+    text = canonical_json([p.to_json() for p in ambiguous])
+    if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
+        with write_txn(db) as cur:
+            set_meta(cur, "ambiguous_panes", text)
+    return PullResult(observations, events, ambiguous, unreachable)
+
+
+def list_ambiguous_panes(db: Db) -> list[Pane]:
+    """Return the Claude panes the last pull could not tie to one session."""
+    return [Pane(**p) for p in json.loads(get_meta(db.conn.cursor(), "ambiguous_panes") or "[]")]
+
+
+HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PermissionRequest", "Notification", "Stop",
+               "StopFailure", "SessionEnd")
+HOOK_STATES = {"SessionStart": "waiting", "UserPromptSubmit": "working", "PreToolUse": "working",
+               "PostToolUse": "working", "PermissionRequest": "permission", "Stop": "waiting",
+               "StopFailure": "waiting"}
+NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission",
+                       "idle_prompt": "waiting"}
+HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
+MAX_HOOK_INPUT_BYTES = 1024 * 1024
+HOOK_TIMEOUT_S = 10
+CLARE_HOOK_RE = re.compile(r"clare(?:\.py)?['\"]?(?:\s+\S+)*\s+hook\s*$")
+
+
+def hook_state(payload: dict[str, Any]) -> str | None:
+    """Return the session state a hook report implies, or None when it implies none."""
+    event = payload.get("hook_event_name")
+    if event != "Notification":
+        return HOOK_STATES.get(event)
+    state = NOTIFICATION_STATES.get(payload.get("notification_type"))
+    message = str(payload.get("message", ""))
+    # COMPAT: versions before notification_type said it only in the message.
+    if state is None and "permission" in message:
+        return "permission"
+    if state is None and "waiting for your input" in message:
+        return "waiting"
+    return state
+
+
+def spool_dir(db_path: str) -> str:
+    """Return the folder where hook reports wait while the database cannot take them."""
+    return os.path.join(os.path.dirname(os.path.abspath(db_path)), "spool")
+
+
+def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> None:
+    """Take one Claude Code hook report: record it now, or spool it for the next pull; never raise.
+
+    This is an edge (STYLE §5): Claude's session must never see Clare fail, so whatever goes
+    wrong while recording ends in the spool, and whatever goes wrong while spooling is dropped.
+    """
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return  # not a report: nothing to keep
+    if not isinstance(payload, dict):
+        return
+    report = {"payload": payload, "tmux_pane": env.get("TMUX_PANE") or None,
+              "tmux_socket": (env.get("TMUX") or "").split(",")[0] or None, "at_ms": at_ms}
+    try:
+        if not os.path.exists(db_path):
+            raise ClareError(f"no database at {db_path} yet")
+        db = open_db(db_path, busy_timeout_ms=HOOK_BUSY_TIMEOUT_MS)
+        try:
+            ingest_report(db, report, now_ms=at_ms)
+        finally:
+            db.close()
+    except Exception:  # the hook runner is an edge: spool whatever it could not record
+        with contextlib.suppress(OSError):
+            spool_report(db_path, report)
+
+
+def spool_report(db_path: str, report: dict[str, Any]) -> str:
+    """Write one hook report to the spool, atomically; return its path."""
+    folder = spool_dir(db_path)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{report['at_ms']:013d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(report, f)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]:
+    """Record one hook report (live or spooled); reports of sub-agents or without a session are ignored."""
+    # SECURITY: the payload comes from a hook's stdin: only known fields of known types are used.
+    p = report.get("payload") or {}
+    sid = p.get("session_id")
+    if not isinstance(sid, str) or not UUID_RE.match(sid) or p.get("agent_id"):
+        return []
+    event = str(p.get("hook_event_name", ""))[:64]
+    pane, socket = report.get("tmux_pane"), report.get("tmux_socket")
+    mark = HookMark(socket if isinstance(socket, str) else None,
+                    pane if isinstance(pane, str) and pane.startswith("%") else None,
+                    hook_state(p), event, int(report.get("at_ms") or now_ms))
+    cwd = p.get("cwd") if isinstance(p.get("cwd"), str) else ""
+    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", now_ms=now_ms)
+
+
+def ingest_spool(db: Db, *, now_ms: int) -> int:
+    """Record the hook reports spooled while the database was busy or missing; return how many."""
+    folder = spool_dir(db.path)
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+        except ValueError:
+            os.replace(path, path + ".bad")  # kept for a human, never read again
+            continue
+        ingest_report(db, report, now_ms=now_ms)
+        os.remove(path)
+    return len(names)
+
+
+def settings_path(env: dict[str, str] | None = None) -> str:
+    """Return Claude Code's user settings file."""
+    return os.path.join(claude_home(env), "settings.json")
+
+
+def hook_command(db_path: str) -> str:
+    """Return the shell command Claude Code runs for Clare's hooks: this interpreter, file and database."""
+    import shlex
+
+    return shlex.join([sys.executable, os.path.abspath(__file__), "--db", os.path.abspath(db_path), "hook"])
+
+
+def _read_settings(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except ValueError as err:
+        raise ClareError(f"{path} is not valid JSON ({err}); fix it, then run this again") from err
+    if not isinstance(settings, dict) or not isinstance(settings.get("hooks", {}), dict):
+        raise ClareError(f"{path} is not a settings object with a 'hooks' object; fix it, then run this again")
+    return settings
+
+
+def _write_settings(path: str, settings: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".clare-tmp", "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(path + ".clare-tmp", path)
+
+
+def _is_clare_hook(h: object) -> bool:
+    return isinstance(h, dict) and isinstance(h.get("command"), str) and bool(CLARE_HOOK_RE.search(h["command"]))
+
+
+def _strip_clare_hooks(groups: list[Any]) -> bool:
+    removed = False
+    for g in list(groups):
+        if isinstance(g, dict) and isinstance(g.get("hooks"), list):
+            keep = [h for h in g["hooks"] if not _is_clare_hook(h)]
+            if len(keep) != len(g["hooks"]):
+                removed = True
+                if keep:
+                    g["hooks"] = keep
+                else:
+                    groups.remove(g)
+    return removed
+
+
+def install_hooks(path: str, command: str) -> list[str]:
+    """Add Clare's hook to every event it reads, keeping the user's own hooks; return the events changed."""
+    settings = _read_settings(path)
+    hooks = settings.setdefault("hooks", {})
+    entry = {"type": "command", "command": command, "timeout": HOOK_TIMEOUT_S, "async": True}
+    changed = []
+    for event in HOOK_EVENTS:
+        groups = hooks.setdefault(event, [])
+        if not isinstance(groups, list):
+            raise ClareError(f"{path}: hooks.{event} is not a list; fix it, then run this again")
+        ours = [h for g in groups if isinstance(g, dict) for h in g.get("hooks") or () if _is_clare_hook(h)]
+        if ours == [entry]:
+            continue
+        _strip_clare_hooks(groups)
+        groups.append({"matcher": "", "hooks": [entry]})
+        changed.append(event)
+    if changed:
+        _write_settings(path, settings)
+    return changed
+
+
+def uninstall_hooks(path: str) -> list[str]:
+    """Remove Clare's hooks and nothing else; return the events changed."""
+    settings = _read_settings(path)
+    hooks = settings.get("hooks", {})
+    changed = [event for event, groups in hooks.items() if isinstance(groups, list) and _strip_clare_hooks(groups)]
+    for event in changed:
+        if not hooks[event]:
+            del hooks[event]
+    if changed:
+        if not hooks:
+            del settings["hooks"]
+        _write_settings(path, settings)
+    return changed
+
+
+def hooks_status(path: str, command: str) -> dict[str, str]:
+    """Return, per hook event Clare reads: installed, outdated (another Clare command) or missing."""
+    hooks = _read_settings(path).get("hooks", {})
+    status = {}
+    for event in HOOK_EVENTS:
+        groups = hooks.get(event) if isinstance(hooks.get(event), list) else []
+        ours = [h for g in groups if isinstance(g, dict) for h in g.get("hooks") or () if _is_clare_hook(h)]
+        status[event] = ("installed" if any(h.get("command") == command for h in ours)
+                         else "outdated" if ours else "missing")
+    return status
+
+
+SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes)})
+
 
 # ==========================================================================
 # 7. Sync: the peer protocol, cursors per peer, and the client that pulls and pushes.
 # ==========================================================================
+# A puller asks a peer for the events it stored after receipt number N (the peer's rseq,
+# never an HLC: an event relayed to the peer later can carry an older HLC) and keeps one
+# cursor per peer log. Storing a page, merging the clock and advancing the cursor are one
+# transaction, so a crash anywhere leaves either all of it or none. Pushing is the same
+# walk over this host's own rseq; the receiver stores idempotently by uuid.
+
+SYNC_PAGE_LIMIT = 1000  # events per pulled page at most
+MAX_SYNC_BATCH = 5000  # events in one pushed batch at most; a larger batch is refused whole
+PUSH_BATCH_EVENTS = 1000
+PUSH_BATCH_BYTES = 4 * 1024 * 1024  # half the 8 MB body limit of the sync endpoints
+MAX_FETCH_UUIDS = 5000  # uuids asked for in one anti-entropy fetch
+DAY_MS = 86_400_000
+PROGRESS_MIN_EVENTS = 2000  # a transfer larger than this shows a progress line
+SYNC_INTERVAL_S = 30.0  # background sync: the pause between two good rounds with a peer
+MAX_BACKOFF_S = 900.0  # ... and the longest pause after failed ones
+PEER_TIMEOUT_S = 20.0  # one HTTP request to a peer
+MAX_RESPONSE_BYTES = 512 * 1024 * 1024  # a peer answer larger than this is refused unread
+PEER_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+PEER_URL_RE = re.compile(r"\Ahttps?://[^\s/?#]+(/[^\s?#]*)?\Z")
+DAY_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}\Z")
+
+Progress = Callable[[str, int, int], None]  # (what moves, events moved, events to move)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    name: str  # what people call it in `peer list` and `sync NAME`
+    url: str  # where its `clare serve` answers, without a trailing slash
+    token_env: str | None  # the variable that holds its token; None: CLARE_TOKEN or clare.toml's token
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the peer as the JSON object the CLI prints."""
+        return {"name": self.name, "url": self.url, "token_env": self.token_env}
+
+
+@dataclass(slots=True)
+class SyncReport:
+    """What one round with one peer moved; mutable because it fills while the round runs,
+    so a round that fails half-way still says what it stored."""
+
+    name: str
+    url: str
+    machine_id: str | None = None
+    db_id: str | None = None
+    n_pulled: int = 0  # events new to this host
+    n_pushed: int = 0  # events new to the peer
+    n_duplicates: int = 0  # events sent that the other side held already
+    conflicts: list[str] = dataclasses.field(default_factory=list)  # same uuid, different content
+    rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # malformed, with reasons
+    n_behind: int | None = None  # the peer's events not pulled yet, at the end of the round
+    offset_ms: int | None = None  # the peer's wall clock minus ours
+    verify: dict[str, Any] | None = None  # what the anti-entropy check found, with --verify
+
+    @property
+    def is_skewed(self) -> bool:
+        """Say whether the peer's clock is further from ours than MAX_OFFSET_MS."""
+        return self.offset_ms is not None and abs(self.offset_ms) > MAX_OFFSET_MS
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the report as the JSON object the CLI and API print."""
+        return {**{name: getattr(self, name) for name in self.__slots__}, "is_skewed": self.is_skewed}
+
+
+class PeerTransport:
+    """How this host reaches a peer's sync endpoints: HTTP for real, a function call in tests."""
+
+    url: str
+
+    def pull(self, *, after: int, limit: int) -> dict[str, Any]:
+        """GET /api/v1/sync/events: the peer's events stored after receipt number `after`."""
+        raise NotImplementedError
+
+    def push(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /api/v1/sync/events: give the peer a batch of events."""
+        raise NotImplementedError
+
+    def digest(self) -> dict[str, Any]:
+        """GET /api/v1/sync/days: the peer's event count and uuid hash per day."""
+        raise NotImplementedError
+
+    def day(self, day: str) -> dict[str, Any]:
+        """GET /api/v1/sync/days/DAY: the uuids of the peer's events of one day."""
+        raise NotImplementedError
+
+    def fetch(self, uuids: list[str]) -> dict[str, Any]:
+        """POST /api/v1/sync/fetch: the peer's events among these uuids."""
+        raise NotImplementedError
+
+
+# --- the serving side: what the sync endpoints call ------------------------------------
+
+def sync_page(db: Db, *, after: object, limit: object = SYNC_PAGE_LIMIT, now_ms: int) -> dict[str, Any]:
+    """Return the events stored after receipt number `after`: GET /api/v1/sync/events."""
+    after = _check_count("after", after)
+    limit = min(max(_check_count("limit", limit), 1), SYNC_PAGE_LIMIT)
+    events: list[Event] = []
+    for ev in iter_events(db, after=after, batch=limit):
+        events.append(ev)
+        if len(events) == limit:
+            break
+    next_after = events[-1].rseq if events else after
+    head = head_rseq(db.conn)  # read after the page: an event stored meanwhile shows as has_more
+    return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms,
+            "events": [ev.to_json() for ev in events], "next_after": next_after,
+            "has_more": next_after < head, "head": head}
+
+
+def _check_count(what: str, value: object) -> int:
+    # SECURITY: query parameters and JSON numbers from a peer.
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ClareError(f"{what} must be a whole number from 0 up, not {str(value)[:40]!r}")
+    return value
+
+
+def sync_accept(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
+    """Store a batch of events a peer pushed: POST /api/v1/sync/events.
+
+    A batch of the wrong shape or size is refused whole; a malformed event is refused with
+    its reason and the good ones of the batch are kept. Sending a batch twice stores it once.
+    """
+    # SECURITY: everything in body comes from the network.
+    if not isinstance(body, dict) or not isinstance(body.get("events"), list):
+        raise ClareError('a sync batch must be a JSON object with an "events" list; '
+                         'send {"events": [...]} as the body')
+    if len(body["events"]) > MAX_SYNC_BATCH:
+        raise ClareError(f"a sync batch holds {len(body['events'])} events, over the limit of {MAX_SYNC_BATCH}; "
+                         "send smaller batches")
+    good, rejected = check_events(body["events"])
+    with write_txn(db) as cur:
+        head_before = head_rseq(cur)
+        result = receive_events(db, cur, good, now_ms=now_ms)
+        head_after = head_rseq(cur)
+    # head_before/head_after let a sender that had pulled up to head_before skip pulling its
+    # own events back: nothing else can be stored inside this transaction.
+    return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms,
+            "accepted": len(result.inserted), "duplicates": result.n_duplicates, "rejected": rejected,
+            "conflicts": result.conflicts, "head_before": head_before, "head_after": head_after}
+
+
+def check_events(items: list[object]) -> tuple[list[Event], list[dict[str, Any]]]:
+    """Split events from outside into the valid ones and {index, uuid, reason} for the others."""
+    good, rejected = [], []
+    for index, obj in enumerate(items):
+        try:
+            good.append(check_received(obj))
+        except ClareError as err:
+            uid = obj.get("uuid") if isinstance(obj, dict) else None
+            rejected.append({"index": index, "uuid": uid[:60] if isinstance(uid, str) else None,
+                             "reason": str(err)})
+    return good, rejected
+
+
+def sync_digest(db: Db, *, now_ms: int) -> dict[str, Any]:
+    """Return the count and a hash of the uuids of the events of each day: GET /api/v1/sync/days.
+
+    Days come from the HLC, which is part of the event, so two hosts holding the same
+    events give the same digest; the (hlc, uuid) order makes the hash independent of arrival.
+    """
+    days: dict[str, dict[str, Any]] = {}
+    day, n_events, h = None, 0, hashlib.sha256()
+    for hlc, uid in iter_event_keys(db):
+        d = int(hlc[:13]) // DAY_MS
+        if d != day:
+            if day is not None:
+                days[_day_name(day)] = {"n": n_events, "hash": h.hexdigest()}
+            day, n_events, h = d, 0, hashlib.sha256()
+        n_events += 1
+        h.update(uid.encode())
+    if day is not None:
+        days[_day_name(day)] = {"n": n_events, "hash": h.hexdigest()}
+    return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms, "days": days}
+
+
+def _day_name(day: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
+
+
+def sync_day(db: Db, day: str, *, now_ms: int) -> dict[str, Any]:
+    """Return the uuids of the events of one UTC day (by HLC): GET /api/v1/sync/days/DAY."""
+    import calendar  # only anti-entropy needs it
+
+    # SECURITY: the day comes from the URL.
+    try:
+        if not isinstance(day, str) or not DAY_RE.match(day):
+            raise ValueError(day)
+        start_ms = calendar.timegm(time.strptime(day, "%Y-%m-%d")) * 1000
+    except ValueError as err:
+        raise ClareError(f"bad day {str(day)[:20]!r}; give a date as YYYY-MM-DD") from err
+    return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms, "day": day,
+            "uuids": list_uuids_between(db, start_ms=start_ms, end_ms=start_ms + DAY_MS)}
+
+
+def sync_fetch(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
+    """Return the stored events among the uuids asked for: POST /api/v1/sync/fetch."""
+    # SECURITY: everything in body comes from the network.
+    uuids = body.get("uuids") if isinstance(body, dict) else None
+    if not isinstance(uuids, list) or not all(isinstance(u, str) and UUID_RE.match(u) for u in uuids):
+        raise ClareError('a fetch must be a JSON object with a "uuids" list of event uuids')
+    if len(uuids) > MAX_FETCH_UUIDS:
+        raise ClareError(f"a fetch asks for {len(uuids)} events, over the limit of {MAX_FETCH_UUIDS}; "
+                         "ask in smaller parts")
+    return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms,
+            "events": [ev.to_json() for ev in get_events_by_uuid(db, uuids)]}
+
+
+# --- the pulling and pushing side --------------------------------------------------------
+
+def sync_with(db: Db, peer: PeerTransport, *, name: str, wall: Callable[[], int] = now_ms,
+              progress: Progress | None = None, verify: bool = False) -> SyncReport:
+    """Run one round with one peer (pull, push, and with `verify` anti-entropy); record how it went.
+
+    A failure is recorded in the peer's status and raised again for the caller's loop.
+    """
+    report = SyncReport(name=name, url=peer.url)
+    try:
+        pull_from(db, peer, report, wall=wall, progress=progress)
+        push_to(db, peer, report, wall=wall, progress=progress)
+        if verify:
+            verify_with(db, peer, report, wall=wall)
+    except ClareError as err:
+        save_peer_status(db, peer.url, name=name, now_ms=wall(), error=str(err),
+                         n_pulled=report.n_pulled, n_pushed=report.n_pushed)
+        raise
+    save_peer_status(db, peer.url, name=name, now_ms=wall(), machine_id=report.machine_id, db_id=report.db_id,
+                     n_behind=report.n_behind, offset_ms=report.offset_ms,
+                     n_pulled=report.n_pulled, n_pushed=report.n_pushed)
+    return report
+
+
+def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms,
+              progress: Progress | None = None) -> None:
+    """Store every event the peer holds past our cursor on its log, a page per transaction."""
+    known = {s.url: (s.machine_id, s.db_id) for s in list_peer_status(db)}.get(peer.url)
+    after = get_cursor(db, *known)[0] if known and known[0] else 0
+    total = None
+    while True:
+        page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
+        identity, head, next_after = _check_page(page, after=after)
+        if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
+            known = identity
+            if get_cursor(db, *identity)[0] != after:
+                after = get_cursor(db, *identity)[0]
+                continue
+        if head < after:
+            # The peer's log is shorter than what we read of it: restored without a new db_id.
+            with write_txn(db) as cur:
+                save_cursor(cur, *identity, pulled_rseq=0, reset=True)
+            after = 0
+            continue
+        report.machine_id, report.db_id = identity
+        total = head - after if total is None else total
+        events, rejected = check_events(page["events"])
+        report.rejected += rejected
+        with write_txn(db) as cur:
+            head_before = head_rseq(cur)
+            result = receive_events(db, cur, events, now_ms=wall())
+            save_cursor(cur, *identity, pulled_rseq=next_after)
+            if get_cursor(db, *identity)[1] == head_before:
+                # The peer held all of ours before this page, and the page is all that was
+                # stored since: it need not be pushed back.
+                save_cursor(cur, *identity, pushed_rseq=head_rseq(cur))
+        report.n_pulled += len(result.inserted)
+        report.n_duplicates += result.n_duplicates
+        report.conflicts += result.conflicts
+        report.n_behind = head - next_after
+        if progress and total > PROGRESS_MIN_EVENTS:
+            progress("pulled", max(total - report.n_behind, 0), total)
+        if not page["has_more"]:
+            return
+        after = next_after
+
+
+def _check_page(page: object, *, after: int) -> tuple[tuple[str, str], int, int]:
+    """Return the identity, head and next cursor of a pulled page; raise if it is malformed."""
+    # SECURITY: the whole page comes from the network.
+    ok = (isinstance(page, dict) and isinstance(page.get("events"), list)
+          and isinstance(page.get("has_more"), bool) and len(page["events"]) <= MAX_SYNC_BATCH)
+    try:
+        if not ok:
+            raise ClareError("no events list")
+        identity = _check_identity(page)
+        head = _check_count("head", page.get("head"))
+        next_after = _check_count("next_after", page.get("next_after"))
+    except ClareError as err:
+        raise ClareError(f"the peer sent a malformed page ({err}); is it a Clare of this version?") from err
+    is_stuck = page["has_more"] and next_after <= after
+    if is_stuck or (head >= after and not after <= next_after <= head):
+        raise ClareError(f"the peer sent a page that does not advance (after {after}, next {next_after}, "
+                         f"head {head}); report this bug with both versions")
+    return identity, head, next_after
+
+
+def _check_identity(answer: dict[str, Any]) -> tuple[str, str]:
+    machine_id, db_id = answer.get("machine_id"), answer.get("db_id")
+    if not isinstance(machine_id, str) or not MACHINE_ID_RE.match(machine_id) or not isinstance(db_id, str) \
+            or not 0 < len(db_id) <= 64:
+        raise ClareError("bad machine_id or db_id")
+    return machine_id, db_id
+
+
+def _call_timed(call: Callable[..., dict[str, Any]], report: SyncReport, wall: Callable[[], int],
+                *args: Any, **kw: Any) -> dict[str, Any]:
+    """Call the peer and note its clock offset from the answer's now_ms (at the round trip's middle)."""
+    sent_ms = wall()
+    answer = call(*args, **kw)
+    received_ms = wall()
+    if isinstance(answer, dict) and isinstance(answer.get("now_ms"), int):
+        report.offset_ms = answer["now_ms"] - (sent_ms + received_ms) // 2
+    return answer
+
+
+def push_to(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms,
+            progress: Progress | None = None) -> None:
+    """Send the peer every event of ours past its push cursor, a batch per request."""
+    if report.machine_id is None:
+        raise ClareError("push before pull: the peer's identity is not known yet")
+    identity = (report.machine_id, report.db_id)
+    pushed = get_cursor(db, *identity)[1]
+    total, moved = head_rseq(db.conn) - pushed, 0
+    for batch in _batches(iter_events(db, after=pushed)):
+        answer = _call_timed(peer.push, report, wall, {
+            "machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
+            "events": [ev.to_json() for ev in batch]})
+        _count_accept(answer, identity, report)
+        with write_txn(db) as cur:
+            save_cursor(cur, *identity, pushed_rseq=batch[-1].rseq)
+            if get_cursor(db, *identity)[0] == answer["head_before"]:
+                save_cursor(cur, *identity, pulled_rseq=answer["head_after"])  # our own events: no need to pull back
+        moved += len(batch)
+        if progress and total > PROGRESS_MIN_EVENTS:
+            progress("pushed", moved, total)
+
+
+def _batches(events: Iterable[Event]) -> Iterator[list[Event]]:
+    """Group events into batches under PUSH_BATCH_EVENTS and PUSH_BATCH_BYTES."""
+    batch, n_bytes = [], 0
+    for ev in events:
+        size = len(canonical_json(ev.payload)) + 300  # the payload dominates; 300 covers the other fields
+        if batch and (len(batch) == PUSH_BATCH_EVENTS or n_bytes + size > PUSH_BATCH_BYTES):
+            yield batch
+            batch, n_bytes = [], 0
+        batch.append(ev)
+        n_bytes += size
+    if batch:
+        yield batch
+
+
+def _count_accept(answer: object, identity: tuple[str, str], report: SyncReport) -> None:
+    """Check the answer to a push and add what it says to the report."""
+    # SECURITY: the answer comes from the network.
+    try:
+        if not isinstance(answer, dict):
+            raise ClareError("not an object")
+        if _check_identity(answer) != identity:
+            raise ClareError(f"it answers as {answer['machine_id']} {answer['db_id']}, not as {identity[0]} "
+                             f"{identity[1]}: another Clare now answers at that address; sync again")
+        counts = [_check_count(k, answer.get(k)) for k in ("accepted", "duplicates", "head_before", "head_after")]
+        if not isinstance(answer.get("rejected"), list) or not isinstance(answer.get("conflicts"), list):
+            raise ClareError("no rejected or conflicts list")
+    except ClareError as err:
+        raise ClareError(f"the peer's answer to a push is malformed ({err})") from err
+    report.n_pushed += counts[0]
+    report.n_duplicates += counts[1]
+    report.rejected += answer["rejected"]
+    report.conflicts += [c for c in answer["conflicts"] if isinstance(c, str)]
+
+
+def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms) -> None:
+    """Compare per-day digests with the peer; fetch what we lack by uuid and push what it lacks."""
+    theirs = _call_timed(peer.digest, report, wall).get("days")
+    if not isinstance(theirs, dict):
+        raise ClareError("the peer's digest is malformed (no days object); is it a Clare of this version?")
+    ours = sync_digest(db, now_ms=wall())["days"]
+    days = sorted(d for d in set(theirs) | set(ours) if theirs.get(d) != ours.get(d))
+    found = {"days": len(set(theirs) | set(ours)), "days_differ": days, "fetched": 0, "sent": 0}
+    for day in days:
+        their_uuids = peer.day(day).get("uuids") if day in theirs else []
+        if not isinstance(their_uuids, list):
+            raise ClareError(f"the peer's uuid list for {day} is malformed; is it a Clare of this version?")
+        our_uuids = set(sync_day(db, day, now_ms=wall())["uuids"]) if day in ours else set()
+        missing_here = sorted({u for u in their_uuids if isinstance(u, str)} - our_uuids)
+        for i in range(0, len(missing_here), MAX_FETCH_UUIDS):
+            answer = peer.fetch(missing_here[i:i + MAX_FETCH_UUIDS])
+            events, rejected = check_events(answer.get("events") if isinstance(answer.get("events"), list) else [])
+            report.rejected += rejected
+            with write_txn(db) as cur:
+                result = receive_events(db, cur, events, now_ms=wall())
+            found["fetched"] += len(result.inserted)
+            report.n_pulled += len(result.inserted)
+        missing_there = sorted(our_uuids - set(their_uuids))
+        for batch in _batches(get_events_by_uuid(db, missing_there)):
+            answer = peer.push({"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
+                                "events": [ev.to_json() for ev in batch]})
+            before = report.n_pushed
+            _count_accept(answer, (report.machine_id, report.db_id), report)
+            found["sent"] += report.n_pushed - before
+    report.verify = found
+
+
+# --- peers: clare.toml, the HTTP client, the background loop -------------------------------
+
+class HttpPeer(PeerTransport):
+    """A peer's sync endpoints over HTTP; urllib is imported on the first request."""
+
+    def __init__(self, url: str, *, token: str | None, timeout_s: float = PEER_TIMEOUT_S):
+        self.url = url.rstrip("/")
+        self.token = token  # never printed: messages name the variable instead
+        self.timeout_s = timeout_s
+
+    def pull(self, *, after: int, limit: int) -> dict[str, Any]:
+        """GET /api/v1/sync/events."""
+        return self._call("GET", f"/api/v1/sync/events?after={after}&limit={limit}")
+
+    def push(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /api/v1/sync/events."""
+        return self._call("POST", "/api/v1/sync/events", body)
+
+    def digest(self) -> dict[str, Any]:
+        """GET /api/v1/sync/days."""
+        return self._call("GET", "/api/v1/sync/days")
+
+    def day(self, day: str) -> dict[str, Any]:
+        """GET /api/v1/sync/days/DAY."""
+        return self._call("GET", f"/api/v1/sync/days/{day}")
+
+    def fetch(self, uuids: list[str]) -> dict[str, Any]:
+        """POST /api/v1/sync/fetch."""
+        return self._call("POST", "/api/v1/sync/fetch", {"uuids": uuids})
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        import http.client
+        import urllib.error
+        import urllib.request
+
+        data = None if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = {"Accept": "application/json", "User-Agent": f"clare/{__version__}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        # Peers are reached directly: an http_proxy meant for the internet must not see fleet traffic.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=self.timeout_s) as response:
+                raw = response.read(MAX_RESPONSE_BYTES + 1)
+        except urllib.error.HTTPError as err:
+            raise ClareError(f"{self.url} answered {err.code} to {method} {path.split('?')[0]}: "
+                             f"{_http_error_message(err)}") from err
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            reason = getattr(err, "reason", None) or err
+            raise ClareError(f"cannot reach {self.url} ({reason}); check that 'clare serve' runs there "
+                             "and that the address is right") from err
+        if len(raw) > MAX_RESPONSE_BYTES:
+            raise ClareError(f"{self.url} sent more than {MAX_RESPONSE_BYTES} bytes; is it a Clare?")
+        try:
+            return json.loads(raw)
+        except ValueError as err:
+            raise ClareError(f"{self.url} sent something that is not JSON ({err}); is it a Clare?") from err
+
+
+def _http_error_message(err: Any) -> str:
+    """Return the message of a Clare error body, or the HTTP reason, plus a hint for auth failures."""
+    try:
+        message = json.loads(err.read(64 * 1024))["error"]["message"]
+    except (ValueError, KeyError, TypeError, OSError):
+        message = str(err.reason)
+    if err.code == 401:
+        message += " (set the peer's token: token_env in clare.toml, or CLARE_TOKEN)"
+    return str(message)[:500]
+
+
+def load_peers(config: dict[str, Any], *, path: str = "clare.toml") -> list[Peer]:
+    """Return the peers of clare.toml's [[peers]] tables; raise naming a bad entry."""
+    entries = config.get("peers", [])
+    if not isinstance(entries, list):
+        raise ClareError(f"{path}: 'peers' must be [[peers]] tables with name and url")
+    peers = []
+    for n, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise ClareError(f"{path}: peer {n} is not a table; write it as [[peers]] with name = and url =")
+        try:
+            peers.append(check_peer(entry.get("url"), name=entry.get("name"), token_env=entry.get("token_env")))
+        except ClareError as err:
+            raise ClareError(f"{path}: peer {n}: {err}") from err
+    return peers
+
+
+def check_peer(url: object, *, name: object = None, token_env: object = None) -> Peer:
+    """Return a Peer from raw values, its name taken from the URL's host when not given."""
+    if not isinstance(url, str) or not PEER_URL_RE.match(url):
+        raise UsageError(f"peer url {str(url)[:80]!r} is not an http:// or https:// address; "
+                         "give one like http://10.9.0.2:8765")
+    url = url.rstrip("/")
+    if name is None:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", url.split("://", 1)[1].split("/")[0]).strip("-.")
+    if not isinstance(name, str) or not PEER_NAME_RE.match(name):
+        raise UsageError(f"peer name {str(name)[:80]!r} is not 1-63 letters, digits, '.', '_' or '-'")
+    if token_env is not None and (not isinstance(token_env, str) or not ENV_NAME_RE.match(token_env)):
+        raise UsageError(f"token_env {str(token_env)[:80]!r} is not an environment variable name")
+    return Peer(name, url, token_env)
+
+
+def add_peer(path: str, url: str, *, name: str | None = None, token_env: str | None = None) -> Peer:
+    """Append a [[peers]] table to clare.toml; refuse a name or url configured already."""
+    peers = load_peers(load_config(path), path=path)
+    peer = check_peer(url, name=name, token_env=token_env)
+    for other in peers:
+        if other.name == peer.name or other.url == peer.url:
+            raise Conflict(f"peer {other.name} ({other.url}) is configured already; pick another --name, "
+                           f"or edit {path}")
+    # json.dumps of these validated strings is a valid TOML basic string.
+    lines = ["[[peers]]", f"name = {json.dumps(peer.name)}", f"url = {json.dumps(peer.url)}"]
+    if peer.token_env:
+        lines.append(f"token_env = {json.dumps(peer.token_env)}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        f.seek(0)
+        text = f.read()
+        f.write(("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + "\n".join(lines) + "\n")
+    return peer
+
+
+def find_peer(peers: list[Peer], ref: str) -> Peer:
+    """Return the configured peer named `ref` or at URL `ref`; a URL not configured is a new peer."""
+    for peer in peers:
+        if ref in (peer.name, peer.url, peer.url + "/"):
+            return peer
+    if "://" in ref:
+        return check_peer(ref)
+    raise NotFound(f"no peer named {ref!r}; list them with: clare peer list (or give its URL)")
+
+
+def peer_token(peer: Peer, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str | None:
+    """Return the token to send to a peer: its token_env variable, else CLARE_TOKEN, else clare.toml's token."""
+    env = os.environ if env is None else env
+    if peer.token_env:
+        token = env.get(peer.token_env)
+        if not token:
+            raise ClareError(f"the variable {peer.token_env} is not set; export the token of {peer.name} in it")
+        return token
+    token = env.get("CLARE_TOKEN") or config.get("token")
+    return token if isinstance(token, str) and token else None
+
+
+def list_peers(db: Db, peers: list[Peer]) -> list[dict[str, Any]]:
+    """Return each configured peer with what its last sync did, then peers synced by URL only."""
+    status = {s.url: s for s in list_peer_status(db)}
+    rows = [{**p.to_json(), "is_configured": True, **_status_json(status.pop(p.url, None))} for p in peers]
+    rows += [{"name": s.name, "url": s.url, "token_env": None, "is_configured": False, **_status_json(s)}
+             for s in status.values()]
+    return rows
+
+
+def _status_json(s: PeerStatus | None) -> dict[str, Any]:
+    keys = ("machine_id", "last_ok_ms", "last_try_ms", "last_error", "n_failures", "n_behind", "offset_ms",
+            "n_pulled", "n_pushed")
+    if s is None:
+        return {**dict.fromkeys(keys), "n_failures": 0, "n_pulled": 0, "n_pushed": 0, "is_skewed": False}
+    return {k: getattr(s, k) for k in keys} | {
+        "is_skewed": s.offset_ms is not None and abs(s.offset_ms) > MAX_OFFSET_MS}
+
+
+def backoff_s(n_failures: int, *, interval_s: float = SYNC_INTERVAL_S) -> float:
+    """Return the pause before the next round with a peer: doubled per failure in a row, capped, jittered."""
+    if n_failures <= 0:
+        return interval_s
+    jitter = 0.75 + 0.5 * int.from_bytes(os.urandom(2), "big") / 65536  # peers that failed together spread out
+    return min(interval_s * 2 ** min(n_failures, 30), MAX_BACKOFF_S) * jitter
+
+
+def start_background_sync(db_path: str, peers: list[Peer], config: dict[str, Any], *, stop: Any,
+                          log: Callable[[str], None], interval_s: float = SYNC_INTERVAL_S) -> list[Any]:
+    """Start one daemon thread per peer that syncs until `stop` (a threading.Event) is set.
+
+    One thread per peer, each with its own connection, so a dead peer that makes its thread
+    wait for timeouts never delays the others or the server.
+    """
+    import threading
+
+    threads = []
+    for peer in peers:
+        thread = threading.Thread(target=_sync_loop, name=f"clare-sync-{peer.name}", daemon=True,
+                                  args=(db_path, peer, config), kwargs={"stop": stop, "log": log,
+                                                                        "interval_s": interval_s})
+        thread.start()
+        threads.append(thread)
+    return threads
+
+
+def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, log: Callable[[str], None],
+               interval_s: float) -> None:
+    """Sync with one peer until stopped, backing off while it fails."""
+    db = open_db(db_path)
+    n_failures, was_skewed = 0, False
+    try:
+        while not stop.is_set():
+            try:
+                report = sync_with(db, HttpPeer(peer.url, token=peer_token(peer, config)), name=peer.name)
+                if n_failures:
+                    log(f"sync with {peer.name}: reachable again")
+                n_failures = 0
+                if report.is_skewed and not was_skewed:
+                    log(f"warning: {skew_message(peer.name, report.offset_ms)}")
+                was_skewed = report.is_skewed
+            except Exception as err:  # the per-peer loop is an edge: one peer's failure never ends the thread
+                n_failures += 1
+                if not isinstance(err, ClareError):
+                    save_peer_status(db, peer.url, name=peer.name, now_ms=now_ms(), error=f"internal error: {err!r}")
+                log(f"sync with {peer.name} failed ({n_failures} in a row): {err}")
+            stop.wait(backoff_s(n_failures, interval_s=interval_s))
+    finally:
+        db.close()
+
+
+def skew_message(name: str, offset_ms: int) -> str:
+    """Say loudly that a peer's clock is off, by how much, and what Clare does about it."""
+    ahead = "ahead of" if offset_ms > 0 else "behind"
+    return (f"{name}'s clock is {_duration(abs(offset_ms))} {ahead} this host's, more than the "
+            f"{MAX_OFFSET_MS // 60000} min allowed: its events keep their times but never move this "
+            "host's clock past that limit; fix the clock (NTP) on whichever host is wrong")
+
+
+def _duration(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1000)):
+        if ms >= size:
+            return f"{ms / size:.1f} {unit}"
+    return f"{ms} ms"
 
 
 # ==========================================================================
@@ -3114,9 +5019,94 @@ def cmd_group_rm(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
-    """Add a progress note to a task."""
-    u = ctx.svc.post_update(args.text, task_ref=args.task)
+    """Add a progress note to a task, or inside a Claude pane to that session's task."""
+    if args.text is not None:
+        u = ctx.svc.post_update(args.text, task_ref=args.task)
+    else:
+        pane_id = os.environ.get("TMUX_PANE")
+        if not pane_id:
+            raise UsageError("not inside a tmux pane; name the task: clare update TASK TEXT")
+        socket = os.environ.get("TMUX", "").split(",")[0] or None
+        u = ctx.svc.post_update(args.task, pane=(socket, pane_id))
     emit(ctx, u, f"noted on task {u.task_id[:SHORT_ID]}: {_short(u.text, 70)}")
+
+
+def _ago(at: str | None, now: int) -> str:
+    ms = _iso_to_ms(at)
+    if ms is None:
+        return "-"
+    s = max(0, (now - ms) // 1000)
+    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago" if s < 172800 \
+        else f"{s // 86400}d ago"
+
+
+def format_sessions(sessions: list[Session], ambiguous: list[Pane] = ()) -> str:
+    """Return a session table, then one line per pane whose session is unknown."""
+    now = now_ms()
+    lines = [table(("ID", "HOST", "TMUX", "STATE", "ACTIVE", "TASK", "CWD", "LABEL"), (
+        (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(s.last_activity_at, now),
+         (s.task_id or "-")[:SHORT_ID], _short(s.cwd, 40), _short(s.label, 40)) for s in sessions))
+        if sessions else "no Claude sessions seen; run 'clare pull' on each host"]
+    lines += [f"? pane {p.pane_id} ({p.target}) in {p.cwd}: Claude runs here, but its session cannot be told "
+              "apart from another in this cwd" for p in ambiguous]
+    return "\n".join(lines)
+
+
+def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
+    """Look at this host's Claude sessions and record what changed."""
+    result = ctx.svc.pull_fleet(config=load_config(ctx.paths.config))
+    sessions = ctx.svc.list_sessions(host=ctx.db.machine_id)
+    counts = {t: sum(ev.event_type == f"session.{t}" for ev in result.events) for t in ("appeared", "changed", "gone")}
+    value = {"sessions": sessions, "events": len(result.events), **counts,
+             "ambiguous": result.ambiguous, "unreachable": result.unreachable}
+
+    def text() -> str:
+        head = (f"{len(result.observations)} sessions here: {counts['appeared']} appeared, "
+                f"{counts['changed']} changed, {counts['gone']} gone")
+        warn = [f"tmux server {s} did not answer; its sessions keep their last state" for s in result.unreachable]
+        return "\n".join([head, *warn, format_sessions(sessions, result.ambiguous)])
+    emit(ctx, value, text)
+
+
+def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
+    """List the Claude sessions of every host, as last pulled."""
+    sessions = ctx.svc.list_sessions(include_gone=args.all)
+    ambiguous = ctx.svc.list_ambiguous_panes()
+    emit(ctx, sessions, lambda: format_sessions(sessions, ambiguous))
+
+
+def cmd_hook(args: argparse.Namespace, ctx: Context) -> int:
+    """Take one Claude Code hook report on stdin; print nothing and exit 0 whatever happens."""
+    run_hook(ctx.paths.db, sys.stdin.buffer.read(MAX_HOOK_INPUT_BYTES), env=dict(os.environ), at_ms=now_ms())
+    return 0
+
+
+def cmd_hooks_install(args: argparse.Namespace, ctx: Context) -> None:
+    """Add Clare's hooks to Claude Code's settings, keeping the user's own."""
+    path = settings_path()
+    changed = install_hooks(path, hook_command(ctx.paths.db))
+    emit(ctx, {"settings": path, "changed": changed},
+         f"installed Clare's hooks for {len(changed)} events in {path}; sessions started before now get them "
+         "only when restarted (pull still sees them)" if changed else f"Clare's hooks are already in {path}")
+
+
+def cmd_hooks_uninstall(args: argparse.Namespace, ctx: Context) -> None:
+    """Remove Clare's hooks from Claude Code's settings, and nothing else."""
+    path = settings_path()
+    changed = uninstall_hooks(path)
+    emit(ctx, {"settings": path, "changed": changed},
+         f"removed Clare's hooks from {len(changed)} events in {path}" if changed else f"no Clare hooks in {path}")
+
+
+def cmd_hooks_status(args: argparse.Namespace, ctx: Context) -> None:
+    """Show which hook events run Clare, and how many reports wait in the spool."""
+    path = settings_path()
+    status = hooks_status(path, hook_command(ctx.paths.db))
+    folder = spool_dir(ctx.paths.db)
+    n_spooled = len([n for n in os.listdir(folder) if n.endswith(".json")]) if os.path.isdir(folder) else 0
+    emit(ctx, {"settings": path, "events": status, "spooled": n_spooled}, lambda: "\n".join([
+        f"settings: {path}", table(("EVENT", "CLARE HOOK"), status.items()),
+        f"{n_spooled} reports wait in {folder} for the next 'clare pull'" if n_spooled else "spool: empty"]))
 
 
 def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
@@ -3177,6 +5167,113 @@ def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
     return 1 if bad or result.conflicts else 0
 
 
+def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
+    """Add a peer to clare.toml."""
+    peer = add_peer(ctx.paths.config, args.url, name=args.name, token_env=args.token_env)
+    token = f"its token is read from ${peer.token_env}" if peer.token_env else "its token is CLARE_TOKEN's"
+    emit(ctx, peer, f"added peer {peer.name} ({peer.url}) to {ctx.paths.config}; {token}\n"
+                    f"sync now with: clare sync {peer.name}")
+
+
+def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
+    """List peers with their last sync, lag, clock offset and last error."""
+    rows = list_peers(ctx.db, load_peers(load_config(ctx.paths.config), path=ctx.paths.config))
+    now = now_ms()
+    emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "ERROR"), (
+        (r["name"] + ("" if r["is_configured"] else " (not in clare.toml)"), r["url"],
+         _ago(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
+         _short(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
+        for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
+
+
+def _ago(ms: int | None, now: int) -> str:
+    if ms is None:
+        return "never"
+    return f"{_duration(max(now - ms, 0))} ago" if now - ms >= 1000 else "just now"
+
+
+def _offset(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    text = ("+" if ms >= 0 else "-") + _duration(abs(ms))
+    return text + " SKEWED" if abs(ms) > MAX_OFFSET_MS else text
+
+
+def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
+    """Run one round (pull, then push) with every configured peer or one; print what moved."""
+    config = load_config(ctx.paths.config)
+    peers = load_peers(config, path=ctx.paths.config)
+    if args.peer:
+        peers = [find_peer(peers, args.peer)]
+    elif not peers:
+        raise UsageError("no peers configured; add one with: clare peer add http://HOST:8765 --name NAME "
+                         "(or sync once with: clare sync http://HOST:8765)")
+    results: list[Any] = []
+    for peer in peers:
+        progress = ProgressLine(peer.name)
+        try:
+            transport = HttpPeer(peer.url, token=peer_token(peer, config))
+            report = sync_with(ctx.db, transport, name=peer.name, progress=progress, verify=args.verify)
+        except ClareError as err:  # the per-peer loop: one dead peer never stops the others
+            progress.close()
+            print(f"clare: error: {peer.name}: {err}", file=sys.stderr)
+            results.append({"name": peer.name, "url": peer.url, "error": str(err)})
+            continue
+        progress.close()
+        if report.is_skewed:
+            print(f"clare: warning: {skew_message(peer.name, report.offset_ms)}", file=sys.stderr)
+        for r in report.rejected[:5]:
+            print(f"clare: {peer.name}: event {r.get('uuid')} refused: {r.get('reason')}", file=sys.stderr)
+        results.append(report)
+    emit(ctx, results, lambda: "\n".join(
+        f"{r['name']}: failed" if isinstance(r, dict) else format_sync_report(r) for r in results))
+    return 1 if any(isinstance(r, dict) for r in results) else 0
+
+
+def format_sync_report(r: SyncReport) -> str:
+    """Return one line saying what a round with one peer moved."""
+    line = f"{r.name}: pulled {r.n_pulled}, pushed {r.n_pushed}"
+    if r.offset_ms is not None:
+        line += f", clock {_offset(r.offset_ms)}"
+    if r.conflicts:
+        line += f", {len(r.conflicts)} conflicting (same uuid, other content; ours kept)"
+    if r.rejected:
+        line += f", {len(r.rejected)} refused as malformed"
+    if r.verify is not None:
+        v = r.verify
+        line += (f"; verify: {v['days']} days compared, {len(v['days_differ'])} differed, "
+                 f"fetched {v['fetched']}, sent {v['sent']}")
+    return line
+
+
+class ProgressLine:
+    """A progress line on stderr: rewritten in place on a terminal, else printed every few seconds."""
+
+    def __init__(self, name: str, *, stream: Any = None):
+        self.name = name
+        self.stream = stream or sys.stderr
+        self.is_tty = self.stream.isatty()
+        self.last_s = -1e9
+        self.is_open = False  # a rewritten line waits for its newline
+
+    def __call__(self, what: str, moved: int, total: int) -> None:
+        """Show how many of the events have moved."""
+        now_s = time.monotonic()
+        if moved < total and now_s - self.last_s < (0.1 if self.is_tty else 5.0):
+            return
+        self.last_s = now_s
+        line = f"{self.name}: {what} {moved}/{total} events"
+        self.stream.write(f"\r{line}\x1b[K" if self.is_tty else line + "\n")
+        self.stream.flush()
+        self.is_open = self.is_tty
+
+    def close(self) -> None:
+        """End the line."""
+        if self.is_open:
+            self.stream.write("\n")
+            self.is_open = False
+
+
 def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C."""
     config = web_config(ctx.paths, host=args.host, port=args.port, log_requests=args.log)
@@ -3194,6 +5291,8 @@ GROUP_HELP = {
     "project": "create, list, show and change projects",
     "task": "add, list, show and move tasks",
     "group": "name groups of sessions by cwd, host or tmux session name",
+    "hooks": "install, remove and check Clare's Claude Code hooks",
+    "peer": "add and list the hosts this one syncs with",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
 _JSON = arg("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
@@ -3257,8 +5356,23 @@ COMMANDS: list[Command] = [
     Command(("group", "list"), cmd_group_list, "list groups", "clare group list"),
     Command(("group", "rm"), cmd_group_rm, "remove a group (its tasks become unassigned)",
             "clare group rm backend", (arg("group", help="name or id prefix"),)),
-    Command(("update",), cmd_update, "add a progress note to a task",
-            'clare update 3f2a "blocked on review"', (_TASK_REF, arg("text"))),
+    Command(("update",), cmd_update, "add a progress note to a task (inside a Claude pane: to its task)",
+            'clare update "parser done, starting tests"\n  clare update 3f2a "blocked on review"',
+            (arg("task", metavar="TASK|TEXT", help="task id or unique prefix; inside a Claude pane just the text"),
+             arg("text", nargs="?"))),
+    Command(("pull",), cmd_pull, "look at this host's Claude sessions and record what changed",
+            "clare pull\n  clare pull --json", ()),
+    Command(("hook",), cmd_hook, "what Claude Code runs on a hook event (JSON on stdin; always exits 0)",
+            "echo '{\"session_id\": \"…\", \"hook_event_name\": \"Stop\"}' | clare hook"),
+    Command(("hooks", "install"), cmd_hooks_install, "add Clare's hooks to ~/.claude/settings.json (idempotent)",
+            "clare hooks install"),
+    Command(("hooks", "uninstall"), cmd_hooks_uninstall, "remove Clare's hooks, keeping the user's own",
+            "clare hooks uninstall"),
+    Command(("hooks", "status"), cmd_hooks_status, "show which Claude Code hook events run Clare",
+            "clare hooks status --json"),
+    Command(("sessions",), cmd_sessions, "list Claude sessions: host, tmux target, state, activity, task",
+            "clare sessions\n  clare sessions --all --json",
+            (arg("--all", action="store_true", help="also sessions that are gone"),)),
     Command(("status",), cmd_status, "the roll-up: task counts per project",
             "clare status --project alpha", (arg("--project", help="name or id prefix"),)),
     Command(("log",), cmd_log, "print the newest events, newest last", "clare log --limit 20",
@@ -3272,6 +5386,18 @@ COMMANDS: list[Command] = [
     Command(("web",), cmd_serve, "the same as serve", "clare web --port 9000", _SERVE_ARGS),
     Command(("import",), cmd_import, "add the events of a JSON-lines file (idempotent)",
             "clare import backup.jsonl", (arg("file", help="input file; '-' for stdin"),)),
+    Command(("peer", "add"), cmd_peer_add, "add a peer to clare.toml",
+            "clare peer add http://10.9.0.2:8765 --name apricot --token-env APRICOT_TOKEN",
+            (arg("url", help="where the peer's 'clare serve' answers"),
+             arg("--name", help="what to call it (default: from the URL's host)"),
+             arg("--token-env", help="environment variable holding its token (default: CLARE_TOKEN)"))),
+    Command(("peer", "list"), cmd_peer_list, "list peers: last sync, events behind, clock offset, last error",
+            "clare peer list --json"),
+    Command(("sync",), cmd_sync, "sync once with every peer, or one: pull, then push; print what moved",
+            "clare sync\n  clare sync apricot\n  clare sync http://10.9.0.2:8765 --verify",
+            (arg("peer", nargs="?", help="a configured peer's name or URL, or any peer's URL"),
+             arg("--verify", action="store_true",
+                 help="also compare per-day digests and fetch or send anything missing (anti-entropy)"))),
 ]
 
 

@@ -163,3 +163,89 @@ def serve(home, db):
 def server(serve) -> Served:
     """A live Clare server without a token on 127.0.0.1."""
     return serve()
+
+
+FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
+
+
+def wait_for(predicate, *, timeout: float = 10.0, what: str = "a condition"):
+    """Poll `predicate` until it returns a truthy value (returned) or the deadline passes (fail)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class TmuxServer:
+    """A private tmux server (own TMUX_TMPDIR, own -L name, no config) for one test."""
+
+    def __init__(self, tmpdir: Path, name: str, claude_dir: Path):
+        self.tmpdir, self.name, self.claude_dir = tmpdir, name, claude_dir
+        self.socket = str(tmpdir / f"tmux-{os.getuid()}" / name)
+
+    def run(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        p = subprocess.run(["tmux", "-L", self.name, "-f", "/dev/null", *args], input=input,
+                           capture_output=True, text=True, timeout=10)
+        if check and p.returncode != 0:
+            raise AssertionError(f"tmux {' '.join(args)}: {p.stderr.strip()}")
+        return p.stdout
+
+    def spawn(self, *command: str, cwd: Path, name: str) -> str:
+        """Start `command` (argv) in a new tmux session; return its pane id."""
+        cwd.mkdir(parents=True, exist_ok=True)
+        return self.run("new-session", "-d", "-s", name, "-x", "120", "-y", "40", "-c", str(cwd),
+                        "-P", "-F", "#{pane_id}", *command).strip()
+
+    def spawn_claude(self, *args: str, cwd: Path, name: str) -> str:
+        """Start the fake Claude as `claude` in a new tmux session; wait until it draws; return its pane."""
+        import shlex
+        line = f"exec -a claude {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_CLAUDE))} " + shlex.join(args)
+        pane = self.spawn("bash", "-c", line, cwd=cwd, name=name)
+        wait_for(lambda: "fake claude" in self.capture(pane), what=f"fake claude to start in {pane}")
+        return pane
+
+    def capture(self, pane: str) -> str:
+        return self.run("capture-pane", "-p", "-J", "-t", pane, check=False)
+
+    def type_prompt(self, pane: str, text: str) -> None:
+        """Type a prompt and Enter, as a user would."""
+        self.run("send-keys", "-t", pane, "-l", text)
+        wait_for(lambda: text in self.capture(pane), what=f"{text!r} to show in {pane}")
+        self.run("send-keys", "-t", pane, "Enter")
+
+    def received(self) -> list[dict]:
+        path = self.claude_dir / "fake-received.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def tmux(home, monkeypatch):
+    """A private tmux server; Clare finds it through TMUX_TMPDIR as tmux itself would."""
+    import shutil
+    import tempfile
+    import uuid
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (CI installs it: .ci/run)")
+    # A socket path must fit in 108 bytes: pytest's tmp_path can be longer.
+    tmpdir = Path(tempfile.mkdtemp(prefix="clare-tmux-"))
+    monkeypatch.setenv("TMUX_TMPDIR", str(tmpdir))
+    claude_dir = Path(os.environ["HOME"]) / ".claude"
+    claude_dir.mkdir(parents=True, exist_ok=True)
+    server = TmuxServer(tmpdir, f"t{uuid.uuid4().hex[:8]}", claude_dir)
+    yield server
+    server.run("kill-server", check=False)
+    shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def observe(db, session_ids, *, now_ms: int, cwd: str = "/srv/app", state: str = "waiting"):
+    """Record that these Claude sessions (and no others) run on the db's host, as `pull` would."""
+    seen = [clare.Observation(session_id=sid, cwd=cwd, tmux_socket=None, tmux_target=f"main:{i}.0",
+                              pane_id=f"%{i}", pid=None, command="claude", state=state,
+                              last_activity_ms=now_ms, label="", tokens={})
+            for i, sid in enumerate(session_ids)]
+    return clare.observe_sessions(db, seen, now_ms=now_ms)

@@ -6,6 +6,7 @@ import string
 import pytest
 
 import clare
+from conftest import observe
 
 EVIL = "<script>alert(1)</script>"
 EVIL_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
@@ -17,6 +18,7 @@ def seeded(server, db):
     p = clare.create_project(db, "alpha", goal="ship v1", owner="ana", now_ms=1)
     t = clare.create_task(db, "alpha", "write the parser", priority=1, now_ms=2)
     clare.create_task(db, "alpha", "docs", now_ms=3)
+    observe(db, ["7c1e9b22-0000-4000-8000-000000000001"], now_ms=3)
     clare.assign_task(db, t.id, session_id="7c1e9b22", now_ms=4)
     clare.post_update(db, "tokens done", task_ref=t.id, now_ms=5)
     return p, t
@@ -176,15 +178,15 @@ def test_task_forms_add_move_assign_and_note(server, seeded):
     assert 'id="frag-task"' in r.text and '<option value="done" selected>' in r.text
     r = server.form(f"/tasks/{t.id}/unassign", {"view": "task"})
     assert r.status == 200 and "Unassign" not in r.text
-    r = server.form(f"/tasks/{t.id}/assignment", {"session_id": "abc123", "group": "", "view": "task"})
-    assert "session abc123" in r.text
+    r = server.form(f"/tasks/{t.id}/assignment", {"session_id": "7c1e9b", "group": "", "view": "task"})
+    assert "session 7c1e9b22" in r.text
     r = server.form(f"/tasks/{t.id}/updates", {"text": "half way"})
     assert r.status == 200 and 'id="frag-updates"' in r.text and "half way" in r.text
     r = server.form(f"/projects/{p.id}/status", {"status": "paused"})
     assert r.status == 200 and "now paused" in r.text
     db = clare.open_db(server.config.db_path)
     task = clare.get_task(db, t.id)
-    assert (task.status, task.session_id) == ("done", "abc123")
+    assert (task.status, task.session_id) == ("done", "7c1e9b22-0000-4000-8000-000000000001")
     assert clare.get_project(db, "alpha").status == "paused"
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import clare
-from conftest import CLARE_PY
+from conftest import observe, CLARE_PY
 
 
 def make_project(server, name="alpha", **extra):
@@ -57,7 +57,8 @@ def test_a_name_with_a_slash_or_space_is_reachable_percent_encoded(server):
     assert server.request("GET", "/api/v1/projects/ops%2Fweb%20team").json()["name"] == "ops/web team"
 
 
-def test_tasks_can_be_added_filtered_changed_and_assigned(server):
+def test_tasks_can_be_added_filtered_changed_and_assigned(server, db):
+    observe(db, ["7c1e9b00-0000-4000-8000-000000000001"], now_ms=clare.now_ms())
     make_project(server, "alpha")
     make_project(server, "beta")
     t = make_task(server, "alpha", "write the parser", priority=1, description="tokens first")
@@ -71,8 +72,9 @@ def test_tasks_can_be_added_filtered_changed_and_assigned(server):
     assert server.request("GET", f"/api/v1/tasks/{t['id']}").json()["title"] == "write the parser"
 
     r = server.request("POST", f"/api/v1/tasks/{t['id']}/assignment", json_body={"session_id": "7c1e9b"})
-    assert r.status == 200 and r.json()["session_id"] == "7c1e9b"
-    assert [x["id"] for x in server.request("GET", "/api/v1/tasks?session=7c1e9b").json()] == [t["id"]]
+    assert r.status == 200 and r.json()["session_id"] == "7c1e9b00-0000-4000-8000-000000000001"
+    assert [x["id"] for x in server.request(
+        "GET", "/api/v1/tasks?session=7c1e9b00-0000-4000-8000-000000000001").json()] == [t["id"]]
     r = server.request("DELETE", f"/api/v1/tasks/{t['id']}/assignment")
     assert r.status == 200 and r.json()["session_id"] is None
     history = server.request("GET", f"/api/v1/tasks/{t['id']}/history").json()

@@ -5,13 +5,14 @@ import random
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import clare
+from conftest import observe
 
 HOSTS = ("ash", "birch", "cedar")
 T0 = 1_750_000_000_000
 
 OP = st.tuples(
     st.sampled_from(["project", "project_set", "task", "task_edit", "task_status", "assign", "unassign",
-                     "group", "group_rm", "update", "sync"]),
+                     "group", "group_rm", "update", "sync", "sessions"]),
     st.integers(0, len(HOSTS) - 1),  # which host acts
     st.integers(0, 10**6),  # which entity / which value
     st.integers(-2_000, 5_000),  # how the acting host's wall clock moves
@@ -25,6 +26,7 @@ def _apply_op(dbs, clocks, op):
     clocks[h] = max(0, clocks[h] + step)
     now = T0 + clocks[h]
     projects, tasks, groups = clare.list_projects(db), clare.list_tasks(db), clare.list_groups(db)
+    sessions = clare.list_sessions(db, include_gone=True)
     try:
         if kind == "project":
             clare.create_project(db, f"p{pick % 7}", goal=f"g{pick}", now_ms=now)
@@ -38,8 +40,12 @@ def _apply_op(dbs, clocks, op):
             clare.edit_task(db, tasks[pick % len(tasks)].id, title=f"title {pick}", priority=pick % 5, now_ms=now)
         elif kind == "task_status" and tasks:
             clare.edit_task(db, tasks[pick % len(tasks)].id, status=clare.TASK_STATUSES[pick % 4], now_ms=now)
-        elif kind == "assign" and tasks:
-            clare.assign_task(db, tasks[pick % len(tasks)].id, session_id=f"{pick:08x}", now_ms=now)
+        elif kind == "assign" and tasks and sessions:
+            clare.assign_task(db, tasks[pick % len(tasks)].id, session_id=sessions[pick % len(sessions)].id,
+                              now_ms=now)
+        elif kind == "sessions":  # this host now runs a random subset of six known sessions
+            ids = [f"{h:x}{n:07x}-0000-4000-8000-000000000000" for n in range(6) if pick >> n & 1]
+            observe(db, ids, now_ms=now, state=clare.SESSION_STATES[pick % len(clare.SESSION_STATES)])
         elif kind == "unassign" and tasks:
             clare.unassign_task(db, tasks[pick % len(tasks)].id, now_ms=now)
         elif kind == "group":

@@ -1,0 +1,192 @@
+"""A stand-in for Claude Code in a tmux pane: registry entry, transcript, hooks, bracketed paste.
+
+Start it as `exec -a claude <python> fake_claude.py [--session-id ID] [--no-registry] [--greet]`
+under bash, so that argv[0] is `claude` as for the real program. It writes what it receives
+(one JSON line per submitted prompt, and any Enter that would approve its permission dialog)
+to $CLAUDE_CONFIG_DIR (or ~/.claude)/fake-received.jsonl.
+
+Prompts it understands: `perm` opens a permission dialog (Enter would approve it; `2` or Esc
+closes it), `work` starts a turn that runs a tool and stays working until the next prompt;
+anything else gets a one-line answer and ends the turn.
+"""
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import termios
+import time
+import tty
+import uuid
+
+ROOT = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".claude")
+PASTE_START, PASTE_END = b"\x1b[200~", b"\x1b[201~"
+
+
+def iso_now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+class Fake:
+    def __init__(self, argv: list[str]):
+        self.session_id = argv[argv.index("--session-id") + 1] if "--session-id" in argv else str(uuid.uuid4())
+        self.has_registry = "--no-registry" not in argv
+        self.cwd = os.getcwd()
+        slug = re.sub(r"[^A-Za-z0-9]", "-", self.cwd)
+        self.transcript = os.path.join(ROOT, "projects", slug, self.session_id + ".jsonl")
+        self.registry = os.path.join(ROOT, "sessions", f"{os.getpid()}.json")
+        self.received = os.path.join(ROOT, "fake-received.jsonl")
+        self.parent = None
+        self.dialog = False
+        self.buffer = b""
+        self.n_msg = 0
+        os.makedirs(os.path.dirname(self.transcript), exist_ok=True)
+        self.set_status("idle")
+        self.hook("SessionStart", source="startup")
+        if "--greet" in argv:
+            self.line("user", {"role": "user", "content": "hello"})
+            self.answer("hello to you")
+
+    def set_status(self, status: str) -> None:
+        if not self.has_registry:
+            return
+        os.makedirs(os.path.dirname(self.registry), exist_ok=True)
+        with open(f"/proc/{os.getpid()}/stat", "rb") as f:
+            stat = f.read()
+        entry = {"pid": os.getpid(), "procStart": stat[stat.rfind(b")") + 2:].split()[19].decode(),
+                 "sessionId": self.session_id, "cwd": self.cwd, "status": status,
+                 "statusUpdatedAt": int(time.time() * 1000), "version": "2.0.0-fake", "kind": "interactive"}
+        with open(self.registry + ".tmp", "w") as f:
+            json.dump(entry, f)
+        os.replace(self.registry + ".tmp", self.registry)
+
+    def hook(self, event: str, **fields) -> None:
+        try:
+            with open(os.path.join(ROOT, "settings.json")) as f:
+                groups = json.load(f).get("hooks", {}).get(event, [])
+        except (OSError, ValueError):
+            return
+        payload = {"session_id": self.session_id, "transcript_path": self.transcript, "cwd": self.cwd,
+                   "hook_event_name": event, "permission_mode": "default", **fields}
+        for group in groups:
+            for h in group.get("hooks", []):
+                # Claude Code runs hook commands through a shell, as here.
+                subprocess.run(h["command"], shell=True, input=json.dumps(payload), text=True,
+                               capture_output=True, timeout=h.get("timeout", 60))
+
+    def line(self, kind: str, message: dict | None = None, **extra) -> None:
+        obj = {"parentUuid": self.parent, "isSidechain": False, "userType": "external", "cwd": self.cwd,
+               "sessionId": self.session_id, "version": "2.0.0-fake", "gitBranch": "main", "type": kind,
+               **({"message": message} if message else {}), **extra, "uuid": str(uuid.uuid4()),
+               "timestamp": iso_now()}
+        self.parent = obj["uuid"]
+        with open(self.transcript, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+
+    def answer(self, text: str) -> None:
+        self.n_msg += 1
+        self.line("assistant", {"id": f"msg_{self.session_id[:8]}_{self.n_msg}", "type": "message",
+                                "role": "assistant", "model": "claude-fake",
+                                "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                                "usage": {"input_tokens": 10, "cache_creation_input_tokens": 100,
+                                          "cache_read_input_tokens": 1000, "output_tokens": 5}},
+                  requestId=f"req_{self.n_msg}")
+        self.line("system", None, subtype="turn_duration", durationMs=1200, isMeta=False)
+        self.set_status("idle")
+        self.hook("Stop", last_assistant_message=text, stop_hook_active=False)
+
+    def record(self, **what) -> None:
+        with open(self.received, "a") as f:
+            f.write(json.dumps({"session_id": self.session_id, **what}) + "\n")
+
+    def draw(self) -> None:
+        out = "\x1b[2J\x1b[H" + f"* fake claude {self.session_id}\r\n"
+        if self.dialog:
+            out += ("Bash command\r\n  rm -rf build\r\nDo you want to proceed?\r\n"
+                    "\u276f 1. Yes\r\n  2. No, and tell Claude what to do differently (esc)\r\n")
+        else:
+            out += "> " + self.buffer.decode(errors="replace").replace("\n", "\r\n  ")
+        os.write(1, out.encode())
+
+    def submit(self) -> None:
+        text = self.buffer.decode(errors="replace")
+        self.buffer = b""
+        if self.dialog:
+            self.record(approved=True)  # Enter in a permission dialog approves it: a test asserts never
+            self.dialog = False
+            return
+        self.record(prompt=text)
+        self.line("user", {"role": "user", "content": text})
+        self.hook("UserPromptSubmit", prompt=text)
+        if text == "perm":
+            self.dialog = True
+            self.set_status("waiting")
+            self.hook("PermissionRequest", tool_name="Bash", tool_input={"command": "rm -rf build"})
+        elif text == "work":
+            self.n_msg += 1
+            self.line("assistant", {"id": f"msg_{self.session_id[:8]}_{self.n_msg}", "role": "assistant",
+                                    "model": "claude-fake", "stop_reason": "tool_use",
+                                    "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                                                 "input": {"command": "sleep 1000"}}],
+                                    "usage": {"input_tokens": 3, "output_tokens": 7}})
+            self.set_status("busy")
+        else:
+            self.answer(f"ok: {text[:60]}")
+
+    def feed(self, data: bytes) -> None:
+        self.buffer_raw = getattr(self, "buffer_raw", b"") + data
+        while self.buffer_raw:
+            raw = self.buffer_raw
+            if getattr(self, "in_paste", False):
+                end = raw.find(PASTE_END)
+                if end < 0:
+                    self.buffer, self.buffer_raw = self.buffer + raw, b""
+                    return
+                self.buffer += raw[:end]
+                self.buffer_raw, self.in_paste = raw[end + len(PASTE_END):], False
+            elif raw.startswith(PASTE_START):
+                self.buffer_raw, self.in_paste = raw[len(PASTE_START):], True
+            elif raw.startswith(b"\x1b") and len(raw) < len(PASTE_START) and PASTE_START.startswith(raw):
+                return  # wait for the rest of the escape sequence
+            else:
+                ch, self.buffer_raw = raw[:1], raw[1:]
+                if ch in (b"\r", b"\n"):
+                    self.submit()
+                elif ch == b"\x1b" or (self.dialog and ch == b"2"):
+                    self.dialog = False
+                elif ch == b"\x7f":
+                    self.buffer = self.buffer[:-1]
+                elif not self.dialog:
+                    self.buffer += ch
+
+    def run(self) -> None:
+        old = termios.tcgetattr(0)
+        tty.setraw(0)
+        os.write(1, b"\x1b[?2004h")  # ask the terminal for bracketed paste, as Claude Code does
+        try:
+            self.draw()
+            while True:
+                ready, _, _ = select.select([0], [], [], 1.0)
+                if ready:
+                    data = os.read(0, 65536)
+                    if not data:
+                        break
+                    self.feed(data)
+                    self.draw()
+        finally:
+            if self.has_registry and os.path.exists(self.registry):
+                os.remove(self.registry)
+            try:
+                termios.tcsetattr(0, termios.TCSADRAIN, old)
+            except termios.error:  # the pane is already closed
+                pass
+
+
+if __name__ == "__main__":
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))  # leave the registry clean, as Claude does
+    Fake(sys.argv[1:]).run()

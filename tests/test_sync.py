@@ -1,0 +1,692 @@
+"""Sync: the protocol functions, cursors, and the seeded multi-host convergence simulation.
+
+The simulation (DESIGN §4) runs in-process: a SimLink calls the serving host's sync
+functions through a JSON round trip and injects faults. CLARE_SEED=N replays one seed.
+"""
+
+import json
+import os
+import random
+import shutil
+
+import pytest
+
+import clare
+from conftest import seeds
+
+START_MS = 1_780_000_000_000  # 2026-05-28, a fixed start so runs are reproducible
+YEAR_MS = 365 * 86_400_000
+
+
+class SimCrash(Exception):
+    """The process died: whatever its open transaction held is rolled back."""
+
+
+class Host:
+    """One Clare: a real SQLite file and a wall clock that is the simulation's time plus a skew."""
+
+    def __init__(self, sim: "Sim", name: str):
+        self.sim, self.name = sim, name
+        self.path = str(sim.tmp / f"{name}.db")
+        self.db = clare.open_db(self.path, machine_id=name)
+        self.skew_ms = 0
+        self.max_now_ms = 0  # the latest this host's wall clock ever read
+        self.backup: str | None = None
+
+    def now(self) -> int:
+        ms = self.sim.t + self.skew_ms
+        self.max_now_ms = max(self.max_now_ms, ms)
+        return ms
+
+    def reopen(self) -> None:
+        self.db.close()
+        self.db = clare.open_db(self.path)
+
+
+class SimLink(clare.PeerTransport):
+    """The client's view of one serving host: JSON in and out, with faults when the sim says so."""
+
+    def __init__(self, sim: "Sim", server: Host):
+        self.sim, self.server = sim, server
+        self.url = f"sim://{server.name}"
+
+    def pull(self, *, after: int, limit: int) -> dict:
+        return self._deliver(lambda b: clare.sync_page(self.server.db, after=b["after"], limit=b["limit"],
+                                                       now_ms=self.server.now()), {"after": after, "limit": limit})
+
+    def push(self, body: dict) -> dict:
+        return self._deliver(lambda b: clare.sync_accept(self.server.db, b, now_ms=self.server.now()), body)
+
+    def digest(self) -> dict:
+        return self._deliver(lambda b: clare.sync_digest(self.server.db, now_ms=self.server.now()), {})
+
+    def day(self, day: str) -> dict:
+        return self._deliver(lambda b: clare.sync_day(self.server.db, b["day"], now_ms=self.server.now()),
+                             {"day": day})
+
+    def fetch(self, uuids: list[str]) -> dict:
+        return self._deliver(lambda b: clare.sync_fetch(self.server.db, b, now_ms=self.server.now()),
+                             {"uuids": uuids})
+
+    def _deliver(self, handle, request: dict) -> dict:
+        rng, fault = self.sim.rng, self.sim.pick_fault()
+        text = json.dumps(request)
+        if fault == "drop_request":
+            raise clare.ClareError("sim: connection refused")
+        if fault == "cut_request":
+            text = text[:rng.randrange(len(text))]
+        try:
+            body = json.loads(text)
+        except ValueError:
+            raise clare.ClareError("sim: 400 the body is not JSON") from None
+        if self.sim.faults_on and rng.random() < 0.1:
+            self.sim.local_op(self.server)  # the serving host's people keep working during a sync
+        answer = handle(body)  # a ClareError here is the server's 4xx
+        if fault == "duplicate":
+            handle(json.loads(text))
+        if fault == "delay":
+            self.sim.delayed.append((handle, text))
+        if fault == "drop_response":
+            raise clare.ClareError("sim: connection reset by peer")
+        out = json.dumps(answer)
+        if fault == "cut_response":
+            out = out[:rng.randrange(len(out))]
+        try:
+            answer = json.loads(out)
+        except ValueError:
+            raise clare.ClareError("sim: the answer is not JSON") from None
+        if fault == "reorder" and isinstance(answer.get("events"), list):
+            rng.shuffle(answer["events"])
+        return answer
+
+
+TOPOLOGIES = {
+    "chain": lambda n: [(i, i + 1) for i in range(n - 1)],
+    "star": lambda n: [(0, i) for i in range(1, n)],
+    "ring": lambda n: [(i, (i + 1) % n) for i in range(n)] if n > 3 else [(0, 1), (1, 2)],
+}
+FAULTS = ("drop_request", "drop_response", "duplicate", "delay", "cut_request", "cut_response", "reorder")
+
+
+class Sim:
+    def __init__(self, seed: int, tmp, *, needs_verify: bool = False):
+        self.rng = random.Random(seed)
+        self.tmp = tmp
+        self.t = START_MS
+        self.faults_on = True
+        self.delayed: list = []
+        self.needs_verify = needs_verify  # faults only anti-entropy can repair happened
+        n_hosts = self.rng.randint(3, 5)
+        self.hosts = [Host(self, f"h{i}") for i in range(n_hosts)]
+        self.topology = self.rng.choice(sorted(TOPOLOGIES))
+        self.edges = TOPOLOGIES[self.topology](n_hosts)
+        # Some hosts never run `clare serve` (a laptop): their events travel only by push.
+        self.is_serving = [self.rng.random() < 0.6 for _ in self.hosts]
+        for a, b in self.edges:
+            if not (self.is_serving[a] or self.is_serving[b]):
+                self.is_serving[self.rng.choice((a, b))] = True
+        self.links = {(x, y): SimLink(self, self.hosts[y]) for a, b in self.edges for x, y in ((a, b), (b, a))
+                      if self.is_serving[y]}
+        self.crash_rate = 0.0
+        self.log: list[str] = []
+
+    def pick_fault(self) -> str | None:
+        if not self.faults_on or self.rng.random() > 0.25:
+            return None
+        return self.rng.choice(FAULTS)
+
+    # --- random operations through the real service functions ---
+    def local_op(self, host: Host) -> None:
+        rng, db, now = self.rng, host.db, host.now()
+        projects = clare.list_projects(db)
+        tasks = clare.list_tasks(db)
+        groups = clare.list_groups(db)
+        op = rng.choice(["project", "project", "task", "task", "task", "edit_task", "edit_task", "edit_task",
+                         "edit_project", "assign", "assign", "unassign", "group", "rm_group", "update", "future"])
+        try:
+            if op == "project" or (not projects and op in ("task", "edit_project")):
+                clare.create_project(db, rng.choice(["alpha", "beta", "gamma", "delta"]), goal=f"g{rng.random():.3f}",
+                                     now_ms=now)
+            elif op == "task":
+                clare.create_task(db, rng.choice(projects).id, f"t{rng.randrange(1000)}",
+                                  priority=rng.randrange(5), now_ms=now)
+            elif op == "edit_project":
+                p = rng.choice(projects)
+                clare.edit_project(db, p.id, **rng.choice([{"goal": f"g{rng.randrange(99)}"},
+                                                           {"status": rng.choice(clare.PROJECT_STATUSES)},
+                                                           {"name": rng.choice(["alpha", "omega", "zeta"])},
+                                                           {"owner": rng.choice(["ana", "bo"])}]), now_ms=now)
+            elif op == "edit_task" and tasks:
+                t = rng.choice(tasks)
+                clare.edit_task(db, t.id, **rng.choice([{"title": f"T{rng.randrange(99)}"},
+                                                        {"status": rng.choice(clare.TASK_STATUSES)},
+                                                        {"priority": rng.randrange(5)},
+                                                        {"description": f"d{rng.randrange(99)}",
+                                                         "status": rng.choice(clare.TASK_STATUSES)}]), now_ms=now)
+            elif op == "assign" and tasks:
+                t = rng.choice(tasks)
+                if groups and rng.random() < 0.4:
+                    clare.assign_task(db, t.id, group_ref=rng.choice(groups).id, now_ms=now)
+                else:
+                    clare.assign_task(db, t.id, session_id=rng.choice(["a1b2c3", "d4e5f6"]), now_ms=now)
+            elif op == "unassign" and tasks:
+                clare.unassign_task(db, rng.choice(tasks).id, now_ms=now)
+            elif op == "group":
+                clare.create_group(db, rng.choice(["backend", "night"]), cwd="/srv/" + host.name, now_ms=now)
+            elif op == "rm_group" and groups:
+                clare.remove_group(db, rng.choice(groups).id, now_ms=now)
+            elif op == "update" and tasks:
+                clare.post_update(db, f"note {rng.randrange(999)}", task_ref=rng.choice(tasks).id, now_ms=now)
+            elif op == "future":  # an event type from a newer Clare: stored and relayed, never applied
+                with clare.write_txn(db) as cur:
+                    clare.record(db, cur, "widget.spun", {"widget_id": clare.new_id(), "n": rng.randrange(9)},
+                                 now_ms=now)
+        except clare.ClareError:
+            pass  # a refusal (a name taken here, say) is a normal outcome and leaves no trace
+
+    def sync(self, a: int, b: int, *, verify: bool = False) -> clare.SyncReport | None:
+        client = self.hosts[a]
+        try:
+            return clare.sync_with(client.db, self.links[(a, b)], name=f"h{b}", wall=client.now, verify=verify)
+        except clare.ClareError:
+            return None
+        except SimCrash:
+            client.reopen()
+            return None
+
+    def step(self) -> None:
+        rng = self.rng
+        self.t += rng.randrange(0, 4000)
+        r = rng.random()
+        if r < 0.5:
+            self.local_op(rng.choice(self.hosts))
+        elif r < 0.88:
+            self.sync(*rng.choice(sorted(self.links)))
+        elif r < 0.92:
+            host = rng.choice(self.hosts)
+            host.skew_ms = rng.choice([0, 0, -rng.randrange(10 * 60_000), rng.randrange(4 * 60_000),
+                                       rng.randrange(20 * 60_000), YEAR_MS])
+        elif r < 0.95 and self.delayed:
+            handle, text = self.delayed.pop(rng.randrange(len(self.delayed)))
+            try:
+                handle(json.loads(text))
+            except clare.ClareError:
+                pass
+        elif r < 0.97:
+            host = rng.choice(self.hosts)
+            host.backup = f"{host.path}.bak"
+            if os.path.exists(host.backup):
+                os.remove(host.backup)
+            host.db.conn.execute("VACUUM INTO ?", (host.backup,))
+        elif r < 0.98:
+            backed = [h for h in self.hosts if h.backup]
+            if backed:
+                self.restore(rng.choice(backed), renew=not self.needs_verify or rng.random() < 0.5)
+        elif self.needs_verify and r < 0.99:
+            self.skip_cursor(rng.choice(self.hosts))
+
+    def restore(self, host: Host, *, renew: bool) -> None:
+        """Put an old backup in place of the host's file; a proper restore gives it a new db_id."""
+        host.db.close()
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(host.path + suffix):
+                os.remove(host.path + suffix)
+        shutil.copyfile(host.backup, host.path)
+        host.db = clare.open_db(host.path)
+        if renew:
+            clare.renew_db_id(host.db)
+
+    def skip_cursor(self, host: Host) -> None:
+        """Move a pull cursor past events never stored: a lost page only anti-entropy can find."""
+        rows = host.db.conn.execute("SELECT peer_machine_id, peer_db_id, pulled_rseq FROM sync_cursors").fetchall()
+        if rows:
+            m, d, r = self.rng.choice(rows)
+            rate, self.crash_rate = self.crash_rate, 0.0
+            with clare.write_txn(host.db) as cur:
+                clare.save_cursor(cur, m, d, pulled_rseq=r + self.rng.randrange(1, 5))
+            self.crash_rate = rate
+
+    def heal(self, *, verify: bool = False) -> int:
+        """Sync along every edge, both ways, without faults, until a whole pass moves nothing."""
+        self.faults_on = False
+        self.crash_rate = 0.0
+        for handle, text in self.delayed:
+            try:
+                handle(json.loads(text))
+            except clare.ClareError:
+                pass
+        self.delayed.clear()
+        for n_pass in range(1, 3 * len(self.hosts) + 2):
+            moved = 0
+            for x, y in sorted(self.links):
+                self.t += 1000
+                report = self.sync(x, y, verify=verify)
+                assert report is not None, f"sync h{x} -> h{y} failed during heal"
+                moved += report.n_pulled + report.n_pushed
+            if not moved:
+                return n_pass
+        raise AssertionError("no quiescence after many passes")
+
+
+def event_set(db: clare.Db) -> set[tuple]:
+    return {(e.uuid, e.hlc, e.machine_id, e.event_type, clare.canonical_json(e.payload), e.created_at)
+            for e in clare.iter_events(db)}
+
+
+def assert_converged(sim: Sim) -> None:
+    first = sim.hosts[0]
+    events = event_set(first.db)
+    digest = clare.projection_digest(first.db)
+    for host in sim.hosts:
+        assert event_set(host.db) == events, f"{host.name} holds other events than {first.name}"
+        assert clare.projection_digest(host.db) == digest, f"{host.name}'s projections differ from {first.name}'s"
+    for host in sim.hosts:
+        clare.replay(host.db)
+        assert clare.projection_digest(host.db) == digest, f"{host.name}: incremental != replay"
+        clock = clare.load_clock(host.db.conn.cursor(), machine_id=host.name, now_ms=host.now())
+        assert clock is None or clock.wall_ms <= host.max_now_ms + clare.MAX_OFFSET_MS, \
+            f"{host.name}'s clock was dragged past its now + MAX_OFFSET"
+
+
+def _crashing_save_cursor(sim: Sim, real):
+    def save_cursor(cur, *args, **kw):
+        if kw.get("pulled_rseq") is not None and sim.rng.random() < sim.crash_rate:
+            raise SimCrash("killed between storing a page and saving the cursor")
+        return real(cur, *args, **kw)
+    return save_cursor
+
+
+def run_sim(seed: int, tmp, monkeypatch, *, n_steps: int, needs_verify: bool = False) -> Sim:
+    sim = Sim(seed, tmp, needs_verify=needs_verify)
+    sim.crash_rate = 0.05
+    monkeypatch.setattr(clare, "save_cursor", _crashing_save_cursor(sim, clare.save_cursor))
+    for _ in range(n_steps):
+        sim.step()
+    return sim
+
+
+@pytest.mark.parametrize("seed", seeds(250, "sync-sim"), ids=lambda s: f"seed={s}")
+def test_random_fleet_converges_after_heal(seed, tmp_path, monkeypatch):
+    sim = run_sim(seed, tmp_path, monkeypatch, n_steps=120)
+    sim.heal()
+    assert_converged(sim)
+
+
+@pytest.mark.parametrize("seed", seeds(40, "sync-sim-verify"), ids=lambda s: f"seed={s}")
+def test_anti_entropy_repairs_lost_pages_and_unmarked_restores(seed, tmp_path, monkeypatch):
+    sim = run_sim(seed, tmp_path, monkeypatch, n_steps=120, needs_verify=True)
+    sim.heal(verify=True)
+    assert_converged(sim)
+
+
+# --- named cases -----------------------------------------------------------------------------
+
+class Link(clare.PeerTransport):
+    """A fault-free in-process link to one host, through JSON, counting the events it carries."""
+
+    def __init__(self, server: "Node"):
+        self.server = server
+        self.url = f"sim://{server.db.machine_id}"
+        self.n_events_carried = 0
+
+    def _json(self, value: dict) -> dict:
+        value = json.loads(json.dumps(value))
+        self.n_events_carried += len(value.get("events", []))
+        return value
+
+    def pull(self, *, after: int, limit: int) -> dict:
+        return self._json(clare.sync_page(self.server.db, after=after, limit=limit, now_ms=self.server.now()))
+
+    def push(self, body: dict) -> dict:
+        return self._json(clare.sync_accept(self.server.db, self._json(body), now_ms=self.server.now()))
+
+    def digest(self) -> dict:
+        return self._json(clare.sync_digest(self.server.db, now_ms=self.server.now()))
+
+    def day(self, day: str) -> dict:
+        return self._json(clare.sync_day(self.server.db, day, now_ms=self.server.now()))
+
+    def fetch(self, uuids: list[str]) -> dict:
+        return self._json(clare.sync_fetch(self.server.db, {"uuids": uuids}, now_ms=self.server.now()))
+
+
+class Node:
+    """A host for hand-written scenarios: a database and a clock that moves 1 s per reading."""
+
+    def __init__(self, tmp, name: str, *, skew_ms: int = 0):
+        self.db = clare.open_db(str(tmp / f"{name}.db"), machine_id=name)
+        self.t = START_MS + skew_ms
+
+    def now(self) -> int:
+        self.t += 1000
+        return self.t
+
+    def sync(self, other: "Node", **kw) -> clare.SyncReport:
+        return clare.sync_with(self.db, Link(other), name=other.db.machine_id, wall=self.now, **kw)
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    made = []
+
+    def make(name: str, **kw) -> Node:
+        made.append(Node(tmp_path, name, **kw))
+        return made[-1]
+    yield make
+    for n in made:
+        n.db.close()
+
+
+def test_relay_delivers_an_older_hlc_that_reached_the_relay_after_the_last_pull(nodes):
+    a, b, c = nodes("a"), nodes("b"), nodes("c", skew_ms=-120_000)  # c's clock runs 2 min late
+    clare.create_project(b.db, "alpha", now_ms=b.now())
+    a.sync(b)
+    newest_at_a = max(e.hlc for e in clare.iter_events(a.db))
+    late = clare.create_project(c.db, "from-c", now_ms=c.now())  # made after a's pull, older HLC
+    b.sync(c)
+    assert [p.name for p in clare.list_projects(b.db)] == ["alpha", "from-c"]
+    old_event = next(e for e in clare.iter_events(b.db) if e.payload.get("project_id") == late.id)
+    assert old_event.hlc < newest_at_a  # a cursor "since the newest HLC a has seen" would skip it forever
+    report = a.sync(b)
+    assert report.n_pulled == 1
+    assert [p.name for p in clare.list_projects(a.db)] == ["alpha", "from-c"]
+
+
+def test_title_edited_on_a_and_status_on_c_both_survive_everywhere(nodes):
+    a, b, c = nodes("a"), nodes("b"), nodes("c")
+    task = clare.create_task(a.db, clare.create_project(a.db, "alpha", now_ms=a.now()).id, "parse", now_ms=a.now())
+    a.sync(b), c.sync(b)
+    clare.edit_task(a.db, task.id, title="parse v2 files", now_ms=a.now())
+    clare.edit_task(c.db, task.id, status="in_progress", now_ms=c.now())
+    clare.edit_task(a.db, task.id, priority=0, now_ms=a.now())  # the same field on both: one winner
+    clare.edit_task(c.db, task.id, priority=4, now_ms=c.now())
+    for _ in range(2):
+        a.sync(b), c.sync(b)
+    results = [clare.get_task(n.db, task.id) for n in (a, b, c)]
+    assert {(t.title, t.status) for t in results} == {("parse v2 files", "in_progress")}
+    assert len({t.priority for t in results}) == 1
+    last_priority_edit = max((e for e in clare.iter_events(a.db) if "priority" in e.payload and
+                              e.event_type == "task.updated"), key=lambda e: (e.hlc, e.uuid))
+    assert results[0].priority == last_priority_edit.payload["priority"]
+
+
+def test_same_project_name_on_two_hosts_keeps_both_and_a_name_refuses_with_the_ids(nodes, home, cli):
+    a = Node(home.parent, "a")
+    a.db.close()
+    a.db = clare.open_db(str(home / "clare.db"), machine_id="a")  # the database the CLI uses
+    b = nodes("b")
+    p1 = clare.create_project(a.db, "alpha", now_ms=a.now())
+    p2 = clare.create_project(b.db, "alpha", now_ms=b.now())
+    a.sync(b)
+    for node in (a, b):
+        assert sorted(p.id for p in clare.list_projects(node.db)) == sorted([p1.id, p2.id])
+        with pytest.raises(clare.Conflict) as err:
+            clare.get_project(node.db, "alpha")
+        assert p1.id[:8] in str(err.value) and p2.id[:8] in str(err.value)
+    a.db.close()
+    ran = cli("task", "add", "alpha", "write the parser")
+    assert ran.code != 0
+    assert "ambiguous" in ran.err and p1.id[:8] in ran.err and p2.id[:8] in ran.err
+    assert cli("task", "add", p1.id[:12], "write the parser").code == 0
+
+
+def test_a_crash_between_storing_a_page_and_saving_the_cursor_stores_neither(nodes, monkeypatch):
+    a, b = nodes("a"), nodes("b")
+    for name in ("alpha", "beta"):
+        clare.create_project(b.db, name, now_ms=b.now())
+
+    def crash(*args, **kw):
+        raise SimCrash("killed")
+    real = clare.save_cursor
+    monkeypatch.setattr(clare, "save_cursor", crash)
+    with pytest.raises(SimCrash):
+        a.sync(b)
+    monkeypatch.setattr(clare, "save_cursor", real)
+    assert clare.count_events(a.db) == 0 and clare.list_projects(a.db) == []
+    assert a.sync(b).n_pulled == 2
+
+
+def test_pull_then_push_does_not_send_events_back_and_push_then_pull_does_not_fetch_them(nodes):
+    a, b = nodes("a"), nodes("b")
+    for i in range(5):
+        clare.create_project(b.db, f"b{i}", now_ms=b.now())
+    link = Link(b)
+    report = clare.sync_with(a.db, link, name="b", wall=a.now)
+    assert (report.n_pulled, report.n_pushed, link.n_events_carried) == (5, 0, 5)
+    for i in range(3):
+        clare.create_project(a.db, f"a{i}", now_ms=a.now())
+    link = Link(b)
+    report = clare.sync_with(a.db, link, name="b", wall=a.now)
+    assert (report.n_pulled, report.n_pushed) == (0, 3)
+    assert link.n_events_carried == 3
+    link = Link(b)
+    assert clare.sync_with(a.db, link, name="b", wall=a.now).n_duplicates == 0
+    assert link.n_events_carried == 0  # a's own events are not pulled back
+
+
+def test_a_restored_peer_with_a_new_db_id_is_read_again_from_zero(nodes, tmp_path):
+    a, b = nodes("a"), nodes("b")
+    clare.create_project(b.db, "alpha", now_ms=b.now())
+    backup = str(tmp_path / "b.bak")
+    b.db.conn.execute("VACUUM INTO ?", (backup,))
+    clare.create_project(b.db, "beta", now_ms=b.now())
+    a.sync(b)
+    b.db.close()
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(str(tmp_path / "b.db") + suffix):
+            os.remove(str(tmp_path / "b.db") + suffix)
+    shutil.copyfile(backup, tmp_path / "b.db")
+    b.db = clare.open_db(str(tmp_path / "b.db"))
+    old_id = b.db.db_id
+    assert clare.renew_db_id(b.db) != old_id
+    clare.create_project(b.db, "gamma", now_ms=b.now())  # reuses the receipt number beta had
+    report = a.sync(b)
+    assert report.db_id == b.db.db_id and report.n_pulled == 1 and report.n_pushed == 1  # gamma in, beta back
+    assert {p.name for p in clare.list_projects(b.db)} == {"alpha", "beta", "gamma"}
+
+
+def test_a_peer_log_shorter_than_our_cursor_is_read_again_from_zero(nodes, tmp_path):
+    a, b = nodes("a"), nodes("b")
+    clare.create_project(b.db, "alpha", now_ms=b.now())
+    a.sync(b)
+    with clare.write_txn(a.db) as cur:  # as if b had been restored without a new db_id
+        clare.save_cursor(cur, "b", b.db.db_id, pulled_rseq=50)
+    clare.create_project(b.db, "beta", now_ms=b.now())
+    assert a.sync(b).n_pulled == 1
+    assert clare.get_cursor(a.db, "b", b.db.db_id)[0] == clare.head_rseq(b.db.conn)
+
+
+def test_a_peer_a_year_ahead_is_reported_and_never_drags_our_clock(nodes):
+    a, b = nodes("a"), nodes("b", skew_ms=YEAR_MS)
+    clare.create_project(b.db, "future", now_ms=b.now())
+    report = a.sync(b)
+    assert report.is_skewed and report.offset_ms > YEAR_MS - 60_000
+    assert "ahead of" in clare.skew_message("b", report.offset_ms)
+    mine = clare.create_project(a.db, "mine", now_ms=a.now())
+    mine_hlc = clare.parse_hlc(clare.list_history(a.db, [mine.id])[0].hlc)
+    assert mine_hlc.wall_ms <= a.t + clare.MAX_OFFSET_MS  # not minted from the peer's future
+    status = clare.list_peer_status(a.db)[0]
+    assert status.offset_ms == report.offset_ms and status.last_error is None
+
+
+def test_verify_finds_what_cursors_missed_in_both_directions(nodes):
+    a, b = nodes("a"), nodes("b")
+    clare.create_project(b.db, "alpha", now_ms=b.now())
+    a.sync(b)
+    clare.create_project(b.db, "beta", now_ms=b.now())
+    clare.create_project(a.db, "gamma", now_ms=a.now())
+    with clare.write_txn(a.db) as cur:  # both cursors wrongly past the new events
+        clare.save_cursor(cur, "b", b.db.db_id, pulled_rseq=clare.head_rseq(b.db.conn),
+                          pushed_rseq=clare.head_rseq(a.db.conn))
+    assert (a.sync(b).n_pulled, a.sync(b).n_pushed) == (0, 0)
+    report = a.sync(b, verify=True)
+    assert report.verify["fetched"] == 1 and report.verify["sent"] == 1 and report.verify["days_differ"]
+    assert clare.projection_digest(a.db) == clare.projection_digest(b.db)
+    assert a.sync(b, verify=True).verify["days_differ"] == []
+
+
+def test_a_long_sync_reports_progress_up_to_the_total(nodes):
+    a, b = nodes("a"), nodes("b")
+    with clare.write_txn(b.db) as cur:
+        for i in range(2500):
+            clare.record(b.db, cur, "widget.spun", {"n": i}, now_ms=b.now())
+    seen = []
+    report = clare.sync_with(a.db, Link(b), name="b", wall=a.now, progress=lambda *p: seen.append(p))
+    assert report.n_pulled == 2500 and report.n_behind == 0
+    assert seen[-1] == ("pulled", 2500, 2500) and len(seen) == 3
+    assert [moved for _, moved, _ in seen] == sorted(moved for _, moved, _ in seen)
+
+
+# --- garbage from a peer ------------------------------------------------------------------------
+
+def _event(**over) -> dict:
+    ev = {"uuid": "0b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c", "hlc": f"{START_MS:013d}.000000.peer",
+          "machine_id": "peer", "event_type": "project.created", "created_at": "2026-05-28T00:00:00.000Z",
+          "payload": {"project_id": "p" * 32, "name": "alpha", "goal": "", "owner": "", "status": "active"}}
+    return {**ev, **over}
+
+
+@pytest.mark.parametrize("body, says", [
+    (None, '"events" list'), ([], '"events" list'), ("events", '"events" list'), ({"events": {}}, '"events" list'),
+    ({"events": [_event()] * 100_000}, "over the limit"),
+], ids=["null", "list", "string", "events-object", "100000-events"])
+def test_a_malformed_batch_is_refused_whole_with_a_4xx_reason(db, body, says):
+    with pytest.raises(clare.ClareError) as err:
+        clare.sync_accept(db, body, now_ms=START_MS)
+    assert says in str(err.value) and 400 <= err.value.http_status < 500
+    assert clare.count_events(db) == 0
+
+
+def test_a_mixed_batch_keeps_the_good_events_and_gives_a_reason_for_each_bad_one(db):
+    good = _event()
+    unknown = _event(uuid="1b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c", event_type="widget.spun", payload={"n": 1})
+    bad = [
+        _event(uuid="2b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c", hlc="yesterday"),
+        _event(uuid="3b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c", payload="not an object"),
+        _event(uuid="4b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c", payload={"big": "x" * (clare.MAX_PAYLOAD_BYTES + 1)}),
+        _event(uuid="5b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c", payload={"project_id": 7}),
+        _event(uuid=12),
+        "not an event",
+        {k: v for k, v in _event(uuid="6b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c").items() if k != "hlc"},
+        _event(uuid="7b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c", hlc=f"{START_MS:013d}.000000.other"),
+    ]
+    answer = clare.sync_accept(db, {"events": [good, *bad, unknown]}, now_ms=START_MS)
+    assert answer["accepted"] == 2 and answer["conflicts"] == [] and answer["duplicates"] == 0
+    reasons = {r["index"]: r["reason"] for r in answer["rejected"]}
+    assert sorted(reasons) == list(range(1, 9))
+    assert "HLC" in reasons[1] and "payload" in reasons[2] and "bytes" in reasons[3] and "project_id" in reasons[4]
+    assert "string" in reasons[5] and "object" in reasons[6] and "hlc" in reasons[7] and "machine_id" in reasons[8]
+    assert {e.uuid for e in clare.iter_events(db)} == {good["uuid"], unknown["uuid"]}
+    assert [p.name for p in clare.list_projects(db)] == ["alpha"]
+    again = clare.sync_accept(db, {"events": [good, unknown]}, now_ms=START_MS)
+    assert (again["accepted"], again["duplicates"]) == (0, 2)
+    changed = clare.sync_accept(db, {"events": [_event(created_at="another time")]}, now_ms=START_MS)
+    assert changed["conflicts"] == [good["uuid"]] and clare.count_events(db) == 2
+
+
+def test_an_unknown_event_type_is_stored_and_relayed(nodes):
+    a, b, c = nodes("a"), nodes("b"), nodes("c")
+    with clare.write_txn(a.db) as cur:
+        clare.record(a.db, cur, "widget.spun", {"n": 1}, now_ms=a.now())
+    b.sync(a), c.sync(b)
+    assert [e.event_type for e in clare.iter_events(c.db)] == ["widget.spun"]
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda db: clare.sync_page(db, after="-1", now_ms=0), "whole number"),
+    (lambda db: clare.sync_page(db, after="1e9", now_ms=0), "whole number"),
+    (lambda db: clare.sync_page(db, after=0, limit="many", now_ms=0), "whole number"),
+    (lambda db: clare.sync_day(db, "2026-13-45", now_ms=0), "YYYY-MM-DD"),
+    (lambda db: clare.sync_day(db, "../etc", now_ms=0), "YYYY-MM-DD"),
+    (lambda db: clare.sync_fetch(db, {"uuids": ["x"]}, now_ms=0), "uuids"),
+    (lambda db: clare.sync_fetch(db, {"uuids": [_event()["uuid"]] * 5001}, now_ms=0), "over the limit"),
+], ids=["negative-after", "float-after", "word-limit", "bad-date", "path-day", "bad-uuid", "too-many-uuids"])
+def test_bad_sync_requests_get_a_4xx_reason(db, call, says):
+    with pytest.raises(clare.ClareError) as err:
+        call(db)
+    assert says in str(err.value) and 400 <= err.value.http_status < 500
+
+
+def test_a_page_is_limited_and_says_what_comes_next(db):
+    clare.sync_accept(db, {"events": [_event()]}, now_ms=START_MS)
+    with clare.write_txn(db) as cur:
+        for i in range(5):
+            clare.record(db, cur, "widget.spun", {"n": i}, now_ms=START_MS)
+    page = clare.sync_page(db, after="2", limit="3", now_ms=START_MS)
+    assert [e["payload"]["n"] for e in page["events"]] == [1, 2, 3]
+    assert (page["next_after"], page["has_more"], page["head"]) == (5, True, 6)
+    assert clare.sync_page(db, after=6, limit=10**6, now_ms=0)["events"] == []
+
+
+def test_a_malformed_page_from_a_peer_fails_the_round_and_stores_nothing(db):
+    class Liar(clare.PeerTransport):
+        url = "sim://liar"
+
+        def pull(self, *, after, limit):
+            return {"machine_id": "liar", "db_id": "x", "now_ms": 0, "events": [_event()], "next_after": after,
+                    "has_more": True, "head": after + 5}
+    with pytest.raises(clare.ClareError, match="does not advance"):
+        clare.sync_with(db, Liar(), name="liar", wall=lambda: START_MS)
+    assert clare.count_events(db) == 0
+    assert "does not advance" in clare.list_peer_status(db)[0].last_error
+
+
+def test_backoff_doubles_per_failure_in_a_row_and_is_capped():
+    assert clare.backoff_s(0, interval_s=30) == 30
+    assert 45 <= clare.backoff_s(1, interval_s=30) <= 75
+    assert 90 <= clare.backoff_s(2, interval_s=30) <= 150
+    assert clare.backoff_s(40, interval_s=30) <= clare.MAX_BACKOFF_S * 1.25
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+def test_peer_add_appends_to_clare_toml_keeping_what_is_there(home, cli):
+    import tomllib
+    (home / "clare.toml").write_text('token = "s3cret"\n[rclaude]\nsessions_command = "rclaude ls"')
+    ran = cli("peer", "add", "http://10.9.0.2:8765/", "--name", "apricot", "--token-env", "APRICOT_TOKEN")
+    assert ran.code == 0 and "apricot" in ran.out
+    assert cli("peer", "add", "http://10.9.0.3:8765").code == 0  # named after its host
+    config = tomllib.loads((home / "clare.toml").read_text())
+    assert config["token"] == "s3cret" and config["rclaude"] == {"sessions_command": "rclaude ls"}
+    assert config["peers"] == [{"name": "apricot", "url": "http://10.9.0.2:8765", "token_env": "APRICOT_TOKEN"},
+                               {"name": "10.9.0.3-8765", "url": "http://10.9.0.3:8765"}]
+    again = cli("peer", "add", "http://10.9.0.9:8765", "--name", "apricot")
+    assert again.code == 1 and "configured already" in again.err
+    for bad in (["ftp://x"], ["http://x", "--name", "a b"], ["http://x", "--token-env", "1X"]):
+        ran = cli("peer", "add", *bad)
+        assert ran.code == 2 and ran.err.startswith("clare: error: ")
+    listed = cli("peer", "list", "--json").json()
+    assert [(p["name"], p["last_ok_ms"], p["is_configured"]) for p in listed] == [
+        ("apricot", None, True), ("10.9.0.3-8765", None, True)]
+
+
+def test_sync_with_an_unreachable_peer_fails_that_peer_and_records_why(home, cli):
+    assert cli("sync").code == 2  # no peers yet: says how to add one
+    assert cli("peer", "add", "http://127.0.0.1:9", "--name", "dead").code == 0
+    ran = cli("sync")
+    assert ran.code == 1 and "cannot reach http://127.0.0.1:9" in ran.err
+    assert cli("sync", "nobody").code == 1
+    listed = cli("peer", "list").out
+    assert "dead" in listed and "never" in listed and "cannot reach" in listed and "(1 in a row)" in listed
+
+
+def test_a_token_variable_that_is_not_set_is_named(home, cli, monkeypatch):
+    monkeypatch.delenv("APRICOT_TOKEN", raising=False)
+    cli("peer", "add", "http://127.0.0.1:9", "--name", "apricot", "--token-env", "APRICOT_TOKEN")
+    ran = cli("sync", "apricot")
+    assert ran.code == 1 and "APRICOT_TOKEN is not set" in ran.err
+
+
+def test_the_progress_line_rewrites_itself_on_a_terminal_and_ends_with_a_newline():
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    out = Tty()
+    line = clare.ProgressLine("apricot", stream=out)
+    line("pulled", 1000, 5000)
+    line("pulled", 1001, 5000)  # too soon after the last: skipped
+    line("pulled", 5000, 5000)
+    line.close()
+    assert out.getvalue() == "\rapricot: pulled 1000/5000 events\x1b[K\rapricot: pulled 5000/5000 events\x1b[K\n"
