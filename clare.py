@@ -554,7 +554,7 @@ def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
 
 def renew_db_id(db: Db) -> str:
     """Give this database a new db_id, as after a restore: peers then re-read it from 0."""
-    db_id = str(uuid.uuid4())
+    db_id = new_uuid()
     with write_txn(db) as cur:
         set_meta(cur, "db_id", db_id)
     db.db_id = db_id
@@ -2408,7 +2408,7 @@ def spool_report(db_path: str, report: dict[str, Any]) -> str:
     """Write one hook report to the spool, atomically; return its path."""
     folder = spool_dir(db_path)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{report['at_ms']:013d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+    path = os.path.join(folder, f"{report['at_ms']:013d}-{os.getpid()}-{new_id()[:8]}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(report, f)
     os.replace(path + ".tmp", path)
@@ -2717,6 +2717,8 @@ def sync_digest(db: Db, *, now_ms: int) -> dict[str, Any]:
     Days come from the HLC, which is part of the event, so two hosts holding the same
     events give the same digest; the (hlc, uuid) order makes the hash independent of arrival.
     """
+    import hashlib  # loads OpenSSL: only sync pays for it
+
     days: dict[str, dict[str, Any]] = {}
     day, n_events, h = None, 0, hashlib.sha256()
     for hlc, uid in iter_event_keys(db):

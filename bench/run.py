@@ -435,13 +435,18 @@ def has_command(*path: str) -> bool:
     return any(c.path == path for c in clare.COMMANDS)
 
 
+def has_route(method: str, path: str) -> bool:
+    """Return whether `clare serve` answers a method and path."""
+    return any(m == method and rx.fullmatch(path) for m, rx, _ in getattr(clare, "ROUTES", ()))
+
+
 def bench_sync(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     """A full sync into an empty peer beside `clare import` of the same events; an incremental sync."""
     n = sizes.sync
-    src = work / "sync-src.db"
-    n = make_log(src, n)
+    src = work / "sync-src"
+    n = make_log(src / "clare.db", n)
     lines = work / "sync.jsonl"
-    export_log(src, lines)
+    export_log(src / "clare.db", lines)
 
     def import_once() -> float:
         home = work / "sync-import"
@@ -450,13 +455,75 @@ def bench_sync(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
         run([PY, str(CLARE_PY), "--home", str(home), "import", str(lines)])
         return (time.perf_counter() - started) * 1000
     import_ms = median_of(import_once, 3)
-    note = "" if has_command("sync") and has_command("serve") else "n/a (needs `clare sync` and `clare serve`)"
-    rows["sync.full"] = Row("sync.full", f"sync of {n:,} events into an empty peer", "<= 2x",
-                            base=import_ms, base_name="`clare import`", note=note)
-    rows["sync.incremental"] = Row("sync.incremental", "incremental sync of 10 events", "<= 3x",
-                                   base_name="one HTTP round trip", note=note)
-    for p in (src, lines):
+    full = Row("sync.full", f"`clare sync` of {n:,} events into an empty peer, loopback", "<= 2x",
+               base=import_ms, base_name="`clare import` of the same events")
+    incremental = Row("sync.incremental", "incremental sync of 10 new events between up-to-date peers", "<= 3x",
+                      base_name="one HTTP round trip")
+    rows["sync.full"], rows["sync.incremental"] = full, incremental
+    if not (has_command("sync") and has_route("GET", "/api/v1/sync/events")):
+        full.note = incremental.note = "n/a (needs `clare sync` and the sync routes of `clare serve`)"
+        return
+    server = ClareServer(src)
+    try:
+        def sync_once() -> float:
+            home = work / "sync-dst"
+            shutil.rmtree(home, ignore_errors=True)
+            started = time.perf_counter()
+            run([PY, str(CLARE_PY), "--home", str(home), "sync", server.url])
+            return (time.perf_counter() - started) * 1000
+        full.clare = median_of(sync_once, 3)
+        if count_events(work / "sync-dst" / "clare.db") != n:
+            raise BenchError("the synced peer does not hold every event")
+        incremental.clare, incremental.base = incremental_sync(src / "clare.db", work / "sync-dst" / "clare.db",
+                                                               server.url)
+    finally:
+        server.stop()
+    for p in (lines,):
         p.unlink()
+
+
+def count_events(path: Path) -> int:
+    """Return how many events a database holds."""
+    db = clare.open_db(str(path))
+    try:
+        return clare.count_events(db)
+    finally:
+        db.close()
+
+
+def incremental_sync(src: Path, dst: Path, url: str, *, runs: int = 7) -> tuple[float, float]:
+    """Return the median ms of a sync round that moves 10 new events, and of one HTTP round trip.
+
+    Both in this process, so neither pays an interpreter start: the round trip is a GET of the
+    sync page after the newest event, what a peer asks when it is up to date.
+    """
+    import urllib.request
+
+    src_db, dst_db = clare.open_db(str(src)), clare.open_db(str(dst))
+    svc = clare.Services(src_db)
+    project = svc.list_projects()[0].id
+    peer = clare.HttpPeer(url, token=None)
+    sync_ms, trip_ms = [], []
+    try:
+        clare.sync_with(dst_db, peer, name="bench")  # up to date, cursor saved
+        for i in range(runs):
+            for k in range(10):
+                svc.create_task(project, f"new task {i}.{k}")
+            started = time.perf_counter()
+            report = clare.sync_with(dst_db, peer, name="bench")
+            sync_ms.append((time.perf_counter() - started) * 1000)
+            if report.n_pulled != 10:
+                raise BenchError(f"an incremental sync pulled {report.n_pulled} events, expected 10")
+            head = clare.count_events(src_db)
+            started = time.perf_counter()
+            with urllib.request.urlopen(f"{url}/api/v1/sync/events?after={head + 10**9}&limit=1000",
+                                        timeout=30) as reply:
+                reply.read()
+            trip_ms.append((time.perf_counter() - started) * 1000)
+    finally:
+        src_db.close()
+        dst_db.close()
+    return statistics.median(sync_ms), statistics.median(trip_ms)
 
 
 class FixedPage(http.server.BaseHTTPRequestHandler):
@@ -575,32 +642,43 @@ def bench_http(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
 
 
 def make_transcripts(where: Path, n_files: int, total_bytes: int) -> list[Path]:
-    """Write n_files sparse JSON-lines transcripts of total_bytes; only their last 128 KB take disk."""
+    """Write n_files Claude Code transcripts (JSON lines with token usage) of total_bytes in all."""
     where.mkdir(parents=True, exist_ok=True)
     size = total_bytes // n_files
-    tail_bytes = min(size, 128 * 1024)
-    line = json.dumps({"type": "assistant", "message": {"role": "assistant", "content": [
-        {"type": "text", "text": "done: " + "y" * 300}], "usage": {"input_tokens": 10, "output_tokens": 20}}}) + "\n"
-    tail = (line * (tail_bytes // len(line) + 1))[-tail_bytes:]
-    tail = "\n" + tail[tail.index("\n") + 1:]
+    lines = []
+    for k in range(40):
+        lines.append(json.dumps({"type": "user", "message": {"role": "user", "content": f"step {k}: go on"},
+                                 "uuid": str(uuid.UUID(int=2 * k))}))
+        lines.append(json.dumps({"type": "assistant", "uuid": str(uuid.UUID(int=2 * k + 1)), "message": {
+            "id": f"msg_{k}", "role": "assistant", "content": [{"type": "text", "text": "done: " + "y" * 600}],
+            "stop_reason": "end_turn", "usage": {"input_tokens": 10, "output_tokens": 20,
+                                                 "cache_read_input_tokens": 300}}}))
+    block = ("\n".join(lines) + "\n").encode()
+    body = block * (size // len(block) + 1)
+    body = body[:body.rindex(b"\n", 0, size) + 1]
     paths = []
     for i in range(n_files):
         p = where / f"{uuid.UUID(int=i)}.jsonl"
-        with open(p, "wb") as f:
-            f.truncate(size - len(tail))
-            f.seek(size - len(tail))
-            f.write(tail.encode())
+        p.write_bytes(body)
         paths.append(p)
     return paths
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache (their own pages only, nothing else's)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def read_tails(paths: list[Path], *, cold: bool) -> float:
     """Read the last 64 KB of each file in a bare loop; return ms. Cold: evict the files first."""
     if cold:
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+        evict(paths)
     started = time.perf_counter()
     for p in paths:
         with open(p, "rb") as f:
@@ -609,17 +687,63 @@ def read_tails(paths: list[Path], *, cold: bool) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+PULL_PASS = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import clare
+db = clare.open_db(sys.argv[2])
+paths = sys.argv[3:]
+started = time.perf_counter()
+cache = clare.get_transcript_cache(db)
+fresh = []
+for path in paths:  # what _observe does for each session's transcript
+    reading = clare.read_transcript(path, cache.get(path))
+    if reading is not None and reading is not cache.get(path):
+        fresh.append((path, path[-42:-6], *reading))
+if fresh:
+    clare.save_transcript_cache(db, fresh)
+ms = (time.perf_counter() - started) * 1000
+print(json.dumps({"ms": ms, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "n_read": len(fresh)}))
+"""
+
+
+def pull_pass(paths: list[Path], db_path: Path) -> dict:
+    """Run pull's transcript pass over the files in a fresh process; return ms, peak RSS, files read."""
+    out = run([PY, "-c", PULL_PASS, str(ROOT), str(db_path), *map(str, paths)]).stdout
+    return json.loads(out)
+
+
 def bench_pull(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
-    """`clare pull` over many transcripts, cold and warm, beside reading their tails in a bare loop."""
+    """`clare pull`'s transcript pass, cold and warm, beside reading the files' tails in a bare loop."""
     paths = make_transcripts(work / "transcripts", sizes.transcripts, sizes.transcript_bytes)
     cold = median_of(lambda: read_tails(paths, cold=True), 3)
     warm = median_of(lambda: read_tails(paths, cold=False), 5)
-    note = "" if has_command("pull") else "n/a (needs `clare pull`)"
-    what = f"{sizes.transcripts:,} transcripts, {sizes.transcript_bytes / 1024**3:.2g} GB"
-    rows["pull.cold"] = Row("pull.cold", f"`clare pull`, {what}, cold", "", base=cold,
-                            base_name="bare tail loop", note=note)
-    rows["pull.warm"] = Row("pull.warm", f"`clare pull`, {what}, warm", "<= 2x", base=warm,
-                            base_name="bare tail loop", note=note)
+    what = f"{sizes.transcripts:,} transcripts, {sizes.transcript_bytes / 1024**3:.3g} GB"
+    cold_row = Row("pull.cold", f"`clare pull` transcript pass, {what}, cold (first look, files not cached)", "",
+                   base=cold, base_name="bare loop reading each file's last 64 KB")
+    warm_row = Row("pull.warm", f"`clare pull` transcript pass, {what}, warm (unchanged since the last pull)",
+                   "<= 2x", base=warm, base_name="bare loop reading each file's last 64 KB")
+    rows["pull.cold"], rows["pull.warm"] = cold_row, warm_row
+    if not hasattr(clare, "read_transcript"):
+        cold_row.note = warm_row.note = "n/a (needs `clare pull`)"
+        return
+    colds, warms = [], []
+    for _ in range(3):
+        db_path = work / "pull.db"
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f"{db_path}{suffix}")
+        clare.open_db(str(db_path), machine_id="bench").close()
+        evict(paths)
+        colds.append(pull_pass(paths, db_path))
+        warms.append(pull_pass(paths, db_path))
+    cold_row.clare = statistics.median(r["ms"] for r in colds)
+    warm_row.clare = statistics.median(r["ms"] for r in warms)
+    cold_row.metric += f"; peak RSS {max(r['rss_mb'] for r in colds):.0f} MB"
+    warm_row.metric += f"; peak RSS {max(r['rss_mb'] for r in warms):.0f} MB"
+    if any(r["n_read"] != len(paths) for r in colds) or any(r["n_read"] for r in warms):
+        raise BenchError("the transcript pass did not read every file once")
     shutil.rmtree(work / "transcripts")
 
 
