@@ -2719,7 +2719,7 @@ def sync_digest(db: Db, *, now_ms: int) -> dict[str, Any]:
     Days come from the HLC, which is part of the event, so two hosts holding the same
     events give the same digest; the (hlc, uuid) order makes the hash independent of arrival.
     """
-    import hashlib  # loads OpenSSL: only sync pays for it
+    import hashlib  # see event_hash: read-only commands never load it
 
     days: dict[str, dict[str, Any]] = {}
     day, n_events, h = None, 0, hashlib.sha256()
@@ -5036,12 +5036,9 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def _ago(at: str | None, now: int) -> str:
+    """Say how long ago an ISO time was, or '-' when unknown."""
     ms = _iso_to_ms(at)
-    if ms is None:
-        return "-"
-    s = max(0, (now - ms) // 1000)
-    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago" if s < 172800 \
-        else f"{s // 86400}d ago"
+    return "-" if ms is None else _ago_ms(ms, now)
 
 
 def format_sessions(sessions: list[Session], ambiguous: list[Pane] = ()) -> str:
@@ -5185,12 +5182,12 @@ def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
     now = now_ms()
     emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "ERROR"), (
         (r["name"] + ("" if r["is_configured"] else " (not in clare.toml)"), r["url"],
-         _ago(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
+         _ago_ms(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
          _short(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
         for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
 
 
-def _ago(ms: int | None, now: int) -> str:
+def _ago_ms(ms: int | None, now: int) -> str:
     if ms is None:
         return "never"
     return f"{_duration(max(now - ms, 0))} ago" if now - ms >= 1000 else "just now"
