@@ -3,8 +3,11 @@
 
     make bench                                  # full sizes: about ten minutes on 2 cores
     CLARE_BENCH_QUICK=1 make bench              # tiny sizes, under a minute (tests/test_bench.py)
-    .venv/bin/python bench/run.py --only replay # rows whose key starts with "replay"
+    .venv/bin/python bench/run.py --only replay # one group: list replay append sync http pull serve
     .venv/bin/python bench/run.py --json out.json
+
+A full run writes about 2 GB of transcripts and 1.5 GB of databases under $TMPDIR and
+removes them. The peers: `apt-get install -y taskwarrior wrk`.
 
 Every figure is the median of several runs; every baseline is measured in the same run,
 interleaved with the Clare figure beside it, so the ratio holds when the machine is busy.
@@ -839,7 +842,8 @@ def machine() -> str:
             first = (p.stdout or p.stderr).strip().splitlines()
             peers.append(f"{argv[0]} {first[0].split()[1] if argv[0] == 'wrk' else first[0]}" if first else argv[0])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"{when} · {os.cpu_count()} cores ({cpu}) · Python {platform.python_version()} "
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{when} · {os.cpu_count()} cores ({cpu}), load {load} · Python {platform.python_version()} "
             f"({os.path.realpath(PY)}) · SQLite {sqlite3.sqlite_version} · " + " · ".join(peers))
 
 
