@@ -678,6 +678,8 @@ CREATE TABLE tasks (
     assignee TEXT, assignee_v TEXT              -- 'session:ID', 'group:ID' or NULL
 );
 CREATE INDEX tasks_project ON tasks (project_id, priority);
+-- the task counts of a project, read from this index alone (the rows are wide with versions)
+CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NOT NULL;
 CREATE TABLE groups (
     id TEXT PRIMARY KEY,
     created_at TEXT, created_at_v TEXT,
