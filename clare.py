@@ -4386,11 +4386,11 @@ progress::-moz-progress-bar{background:var(--green);border-radius:4px}
 ul.feed{list-style:none;margin:0;padding:0}
 ul.feed li{padding:.45rem 0;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
 ul.feed li:last-child{border-bottom:0}
-.attention{border-left:4px solid var(--amber)}.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
+.attention{border-left:4px solid var(--amber)}label.check{flex-basis:100%;flex-direction:row;font-size:.85rem}.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
 ul.feed time{display:block;color:var(--muted);font-size:.76rem}
 pre.text{white-space:pre-wrap;overflow-wrap:anywhere;font:inherit;margin:.2rem 0}
 form.row{display:flex;flex-wrap:wrap;gap:.55rem;align-items:flex-end;margin:0 0 .8rem}
-form.row label{flex:1 1 10rem}form.row label.wide{flex-basis:100%}
+form.row label{flex:1 1 10rem;min-width:0}select{max-width:100%}form.row label.wide{flex-basis:100%}
 form.tight{display:inline-flex;gap:.3rem;align-items:center;margin:0}
 label{display:flex;flex-direction:column;gap:.2rem;font-size:.78rem;color:var(--muted);font-weight:500}
 input,select,textarea{font:inherit;font-size:.92rem;color:var(--fg);background:var(--bg);border:1px solid var(--line);
@@ -4979,6 +4979,127 @@ def frag_fleet(req: Request) -> Response:
     return html_response(fleet_fragment(req))
 
 
+DELIVERY_COLORS = {"delivered": "green", "queued": "blue", "refused": "orange", "failed": "red", "expired": "gray"}
+
+MAIN_BROADCAST = string.Template("""<h1>Broadcast</h1>
+<p class="sub">Type one message into every live Claude session of a project, a group or one session. It arrives
+as if typed at each keyboard: Claude may run commands because of it.</p>
+<div class="grid">
+<section class="card"><h2>Message</h2>
+<form class="row" id="broadcast-form" $attrs>$csrf
+<label class="wide">To<select name="target" required $preview_attrs>$targets</select></label>
+<label class="wide">Text<textarea name="text" required maxlength="20000" placeholder="run the tests and commit"></textarea></label>
+<label class="check"><span><input type="checkbox" name="is_command" value="1"> a Claude command (/compact, !ls):
+send it without the [clare] prefix</span></label>
+<noscript><button class="ghost" type="submit" formmethod="get" formaction="/broadcast">Show recipients</button></noscript>
+<button type="submit">Send</button>
+</form></section>
+$recipients
+</div>
+$result""")
+FRAG_RECIPIENTS = string.Template("""<section class="card" id="frag-recipients">
+<h2>Recipients</h2>$body</section>""")
+RECIPIENT_ITEM = string.Template("""<li><div class="line">$state <b>$label</b></div>
+<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>$note</li>""")
+RECIPIENT_NOTE = string.Template('<div class="small muted">$text</div>')
+COUNT_LINE = string.Template('<p class="small muted">$text</p>')
+FRAG_BROADCAST = string.Template("""<section class="card" id="broadcast-result" $poll>
+<h2>Broadcast $short_id</h2>$body</section>""")
+DELIVERY_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>Session</th><th>Where</th><th>Result</th><th>Why</th></tr></thead>
+<tbody hx-disable>$rows</tbody></table></div>""")
+DELIVERY_ROW = string.Template("""<tr><td class="mono">$id</td><td class="mono small">$host · $where</td>
+<td>$result</td><td class="small">$reason</td></tr>""")
+OPTGROUP = string.Template('<optgroup label="$label">$options</optgroup>')
+PREVIEW_ATTRS = string.Template('hx-get="$url" hx-trigger="change" hx-target="$target" hx-swap="outerHTML"')
+
+
+def _short_text(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def preview_attrs(url: str, *, target: str) -> Html:
+    """Return the htmx attributes that fetch a preview fragment when a field changes."""
+    return render(PREVIEW_ATTRS, url=url, target=target)
+
+
+def broadcast_targets(req: Request, selected: str | None) -> Html:
+    """Render the target choices: projects, groups, then live sessions."""
+    svc = req.svc
+    groups = [("Projects", [(p.id, p.name) for p in svc.list_projects()]),
+              ("Groups", [(f"group:{g.name}", g.name) for g in svc.list_groups()]),
+              ("Sessions", [(f"session:{s.id}", f"{_short_text(s.label or os.path.basename(s.cwd), 40)} · {s.host} "
+                                                f"{s.tmux_target or ''} · {SESSION_LABELS.get(s.state, s.state)}")
+                            for s in svc.list_sessions()])]
+    return join([render(OPTION, value="", label="— pick a project, group or session —", selected=Html("")),
+                 *(render(OPTGROUP, label=label, options=options(choices, selected)) for label, choices in groups
+                   if choices)])
+
+
+def recipients_fragment(req: Request, target: str | None) -> Html:
+    """Render who a broadcast to `target` would reach."""
+    if not target:
+        return render(FRAG_RECIPIENTS, body=render(EMPTY, text="Pick a project, group or session to see who gets it."))
+    sessions = req.svc.list_broadcast_recipients(target)
+    if not sessions:
+        return render(FRAG_RECIPIENTS, body=render(EMPTY, text="No live session would get it."))
+    # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
+    items = join(render(
+        RECIPIENT_ITEM, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
+        where=s.tmux_target or "-", cwd=s.cwd,
+        note=render(RECIPIENT_NOTE, text="a permission dialog is open: it will be refused, not answered")
+        if s.state == "permission" else Html("")) for s in sessions)
+    count = f"{len(sessions)} session{'s' if len(sessions) != 1 else ''}"
+    return render(FRAG_RECIPIENTS, body=join([render(COUNT_LINE, text=count),
+                                              render(ATTENTION_LIST, items=items)]))
+
+
+def broadcast_fragment(req: Request, broadcast_id: str) -> Html:
+    """Render the per-session results of a broadcast, polled while some wait for their host."""
+    deliveries = req.svc.list_deliveries(broadcast_id=broadcast_id)
+    if not deliveries:
+        raise NotFound(f"no broadcast {broadcast_id!r}; send one from /broadcast")
+    rows = join(render(DELIVERY_ROW, id=d.session_id[:SHORT_ID], host=d.host or "?", where=d.tmux_target or "-",
+                       result=badge(d.result, DELIVERY_COLORS.get(d.result, "gray")), reason=d.reason or "—")
+                for d in deliveries)
+    is_waiting = any(d.result == "queued" for d in deliveries)
+    return render(FRAG_BROADCAST, short_id=broadcast_id[:SHORT_ID], body=render(DELIVERY_TABLE, rows=rows),
+                  poll=poll_attrs(f"/frag/broadcasts/{broadcast_id}") if is_waiting else Html(""))
+
+
+def page_broadcast(req: Request, *, result: Html = Html("")) -> Response:
+    """Show the composer: pick a target, see its recipients, send."""
+    target = req.arg("target") or None
+    return page(req, "Broadcast", render(
+        MAIN_BROADCAST, csrf=csrf_field(req), attrs=form_attrs("/broadcast", target="#broadcast-result"),
+        preview_attrs=preview_attrs("/frag/broadcast/recipients", target="#frag-recipients"),
+        targets=broadcast_targets(req, target), recipients=recipients_fragment(req, target),
+        result=result or Html('<div id="broadcast-result"></div>')))
+
+
+def frag_broadcast_recipients(req: Request) -> Response:
+    """Answer the recipients preview of the target picked."""
+    return html_response(recipients_fragment(req, req.arg("target")))
+
+
+def frag_broadcast(req: Request) -> Response:
+    """Answer the poll of one broadcast's results."""
+    return html_response(broadcast_fragment(req, req.params["broadcast"]))
+
+
+def frag_send_broadcast(req: Request) -> Response:
+    """Send the composed broadcast; answer with its per-session results."""
+    f = req.form()
+    sent = req.svc.send_broadcast(f.get("target", ""), f.get("text", ""), is_command=f.get("is_command") == "1")
+    result = broadcast_fragment(req, sent.broadcast_id)
+    if not req.is_htmx:
+        return page_broadcast(req, result=result)
+    n_ok = sum(d.result in ("delivered", "queued") for d in sent.deliveries)
+    return html_response(join([result, flash(f"Sent to {n_ok} of {len(sent.deliveries)} sessions.",
+                                             kind="ok" if n_ok == len(sent.deliveries) else "error", oob=True)]))
+
+
 # --- JSON API ------------------------------------------------------------
 
 
@@ -5105,6 +5226,22 @@ def api_ambiguous_panes(req: Request) -> Response:
     return json_response(req.svc.list_ambiguous_panes())
 
 
+def api_send_broadcast(req: Request) -> Response:
+    """Type a text into every live session of {target}: a project, group:NAME or session:ID."""
+    b = req.json(required=("target", "text"), optional=("is_command",))
+    return json_response(req.svc.send_broadcast(b["target"], b["text"], is_command=b.get("is_command") is True))
+
+
+def api_broadcast_recipients(req: Request) -> Response:
+    """List the live sessions a broadcast to ?target= would reach."""
+    return json_response(req.svc.list_broadcast_recipients(req.arg("target") or ""))
+
+
+def api_list_deliveries(req: Request) -> Response:
+    """List the per-session results of ?broadcast=ID (or those pending on ?pending_on=HOST)."""
+    return json_response(req.svc.list_deliveries(broadcast_id=req.arg("broadcast"), pending_on=req.arg("pending_on")))
+
+
 def api_list_updates(req: Request) -> Response:
     """Return the newest updates, newest last; ?task= (repeatable) or ?id= narrows them."""
     svc = req.svc
@@ -5227,12 +5364,25 @@ def _body(required: tuple[str, ...], optional: tuple[str, ...], **types_: str) -
     return {"type": "object", "required": list(required), "properties": props, "additionalProperties": False}
 
 
+def _sync_reply(**fields: str) -> dict[str, Any]:
+    names = {"machine_id": "string", "db_id": "string", "now_ms": "integer", **fields}
+    return {"type": "object", "required": list(names), "properties": {k: {"type": v} for k, v in names.items()}}
+
+
 _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
+    "SyncPage": _sync_reply(events="array", next_after="integer", has_more="boolean", head="integer"),
+    "SyncAccepted": _sync_reply(accepted="integer", duplicates="integer", rejected="array", conflicts="array",
+                                head_before="integer", head_after="integer"),
+    "BroadcastResult": {"type": "object", "required": ["broadcast_id", "target", "text", "deliveries"], "properties": {
+        "broadcast_id": {"type": "string"}, "target": {"type": "string"}, "text": {"type": "string"},
+        "deliveries": _array("Delivery")}},
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
-    "Status": {"type": "object", "required": ["projects", "n_events", "machine_id"], "properties": {
-        "projects": _array("Project"), "n_events": {"type": "integer"}, "machine_id": {"type": "string"}}},
+    "Status": {"type": "object", "required": ["projects", "sessions", "tasks", "n_events", "machine_id"],
+               "properties": {"projects": _array("ProjectStatus"), "sessions": _array("Session"),
+                              "tasks": _array("Task"), "n_events": {"type": "integer"},
+                              "machine_id": {"type": "string"}}},
     "EventPage": {"type": "object", "required": ["events", "next_after", "has_more"], "properties": {
         "events": _array("Event"), "next_after": {"type": "integer"}, "has_more": {"type": "boolean"}}},
     "ImportResult": {"type": "object", "required": ["inserted", "duplicates", "conflicts", "rejected"], "properties": {
@@ -5273,6 +5423,13 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
     ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix", (), None, 200, _ref("Session")),
     ("GET", "/api/v1/panes/ambiguous"): ("Claude panes whose session cannot be told apart", (), None, 200,
                                          _array("Pane")),
+    ("POST", "/api/v1/broadcast"): ("Type a text into every live session of a target (project, group:NAME, "
+                                    "session:ID)", (), _body(("target", "text"), ("is_command",), is_command="boolean"),
+                                    200, _ref("BroadcastResult")),
+    ("GET", "/api/v1/broadcast/recipients"): ("The live sessions a broadcast target reaches", ("target",), None, 200,
+                                              _array("Session")),
+    ("GET", "/api/v1/deliveries"): ("Per-session results of a broadcast", ("broadcast", "pending_on"), None, 200,
+                                    _array("Delivery")),
     ("GET", "/api/v1/updates"): ("List updates, newest last", ("task", "id", "limit"), None, 200, _array("Update")),
     ("POST", "/api/v1/updates"): ("Post a progress note", (), _body(("text",), ("task", "source", "session_id")), 201,
                                   _ref("Update")),
@@ -5288,6 +5445,19 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
     ("POST", "/api/v1/replay"): ("Rebuild every projection from the log", (), {"type": "object"}, 200,
                                  _ref("ReplayResult")),
     ("GET", "/api/v1/openapi.json"): ("This document", (), None, 200, {"type": "object"}),
+    ("GET", "/api/v1/sync/events"): ("Sync: the events stored after receipt number ?after=", ("after", "limit"),
+                                     None, 200, _ref("SyncPage")),
+    ("POST", "/api/v1/sync/events"): ("Sync: store a batch of a peer's events (idempotent by uuid)", (),
+                                      _body(("events",), ("machine_id", "db_id", "now_ms"), events="array",
+                                            now_ms="integer"), 200, _ref("SyncAccepted")),
+    ("GET", "/api/v1/sync/days"): ("Sync: event count and uuid hash per day (anti-entropy)", (), None, 200,
+                                   _sync_reply(days="object")),
+    ("GET", "/api/v1/sync/days/{day}"): ("Sync: the uuids of one day's events (anti-entropy)", (), None, 200,
+                                         _sync_reply(day="string", uuids="array")),
+    ("POST", "/api/v1/sync/fetch"): ("Sync: the events among the uuids given", (), _body(("uuids",), (), uuids="array"),
+                                     200, _sync_reply(events="array")),
+    ("GET", "/api/v1/sync/peers"): ("Sync: each configured peer and what its last sync did", (), None, 200,
+                                    {"type": "array", "items": {"type": "object"}}),
 }
 
 
@@ -5311,7 +5481,12 @@ def openapi_document() -> dict[str, Any]:
         if body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
-    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event, Session, Pane)}
+    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event, Session, Pane,
+                                                            Delivery)}
+    project = schemas["Project"]
+    schemas["ProjectStatus"] = {**project, "required": [*project["required"], "tokens", "n_sessions"],
+                                "properties": {**project["properties"], "tokens": {"type": "object"},
+                                               "n_sessions": {"type": "integer"}}}
     return {"openapi": "3.1.0",
             "info": {"title": "Clare", "version": __version__,
                      "description": "Projects and tasks for a fleet of Claude Code sessions. With a token configured, "
@@ -5518,6 +5693,22 @@ class RemoteServices:
         """Return the panes the server's last pull could not tie to one session."""
         return [_build(Pane, x) for x in self.call("GET", "/api/v1/panes/ambiguous")]
 
+    def list_broadcast_recipients(self, target: str) -> list[Session]:
+        """Return the live sessions a broadcast target names."""
+        return [_build(Session, x) for x in self.call("GET", "/api/v1/broadcast/recipients", query={"target": target})]
+
+    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
+        """Return the per-session results of a broadcast."""
+        query = {"broadcast": broadcast_id, "pending_on": pending_on}
+        return [_build(Delivery, x) for x in self.call("GET", "/api/v1/deliveries", query=query)]
+
+    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
+                       confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
+        """Have the server type a text into a target's sessions (it waits for confirmations its own way)."""
+        got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
+        return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
+                               [_build(Delivery, d) for d in got["deliveries"]])
+
     def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
                     pane: tuple[str | None, str] | None = None, source: str = "message") -> Update:
         """Post a progress note."""
@@ -5591,6 +5782,9 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/api/v1/sessions", api_list_sessions),
         ("GET", r"/api/v1/sessions/" + _REF % "session", api_get_session),
         ("GET", r"/api/v1/panes/ambiguous", api_ambiguous_panes),
+        ("POST", r"/api/v1/broadcast", api_send_broadcast),
+        ("GET", r"/api/v1/broadcast/recipients", api_broadcast_recipients),
+        ("GET", r"/api/v1/deliveries", api_list_deliveries),
         ("GET", r"/api/v1/updates", api_list_updates),
         ("POST", r"/api/v1/updates", api_post_update),
         ("GET", r"/api/v1/status", api_status),
@@ -5617,6 +5811,10 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
         ("GET", r"/sessions", page_sessions),
+        ("GET", r"/broadcast", page_broadcast),
+        ("POST", r"/broadcast", frag_send_broadcast),
+        ("GET", r"/frag/broadcast/recipients", frag_broadcast_recipients),
+        ("GET", r"/frag/broadcasts/(?P<broadcast>[0-9a-f]{32})", frag_broadcast),
         ("GET", r"/frag/attention", frag_attention),
         ("GET", r"/frag/fleet", frag_fleet),
         ("GET", r"/frag/projects", frag_projects),

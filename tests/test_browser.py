@@ -124,3 +124,20 @@ def test_pages_read_fine_without_javascript(server, db, browser):
         assert pg.locator("h1").inner_text() == "gamma"
     finally:
         context.close()
+
+
+def test_broadcast_form_delivers_to_a_fake_session(server, db, tmux, cli, tmp_path, page_of):
+    tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = cli("--json", "pull").json()["sessions"]
+    pg = page_of(viewport={"width": 1280, "height": 900})
+    pg.goto(server.url + "/broadcast")
+    pg.wait_for_function("() => window.htmx !== undefined")
+    pg.select_option("#broadcast-form select[name=target]", f"session:{s['id']}")
+    pg.locator("#frag-recipients", has_text="1 session").wait_for(timeout=5000)
+    pg.fill("#broadcast-form textarea[name=text]", "run the tests; then commit")
+    pg.click("#broadcast-form button[type=submit]:not(.ghost)")
+    pg.locator("#broadcast-result", has_text="delivered").wait_for(timeout=15000)
+    assert [x["prompt"] for x in tmux.received()] == ["run the tests; then commit"]
+    assert "Sent to 1 of 1 sessions." in pg.locator("#flash").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    pg.screenshot(path=str(ARTIFACTS / "broadcast.png"), full_page=True)
