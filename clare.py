@@ -4490,12 +4490,13 @@ FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
 <section class="card"><h2>Projects</h2>$table</section>
 </div>""")
 PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
-<thead><tr><th>Project</th><th>Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Owner</th></tr></thead>
+<thead><tr><th>Project</th><th>Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Sessions</th>
+<th class="hide-sm">Owner</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
 PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a><div class="muted small">$goal</div></td>
 <td>$status</td><td><div class="counts">$counts</div></td>
 <td class="hide-sm"><progress value="$n_done" max="$n_total" title="$n_done of $n_total done">$n_done/$n_total</progress></td>
-<td class="hide-sm muted">$owner</td></tr>""")
+<td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td><td class="hide-sm muted">$owner</td></tr>""")
 FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
 <h2>Recent activity</h2>$body</section>""")
 PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
@@ -4628,7 +4629,8 @@ def assignee_text(task: Task) -> Html:
 
 def projects_fragment(req: Request) -> Html:
     """Render the project roll-up (stat tiles and table), polled in place."""
-    projects = req.svc.list_projects()
+    rollups = req.svc.get_status().projects
+    projects = [r.project for r in rollups]
     totals = {s: sum(p.task_counts[s] for p in projects) for s in TASK_STATUSES}
     stats = join(render(STAT, n=n, label=label) for n, label in (
         (sum(p.status == "active" for p in projects), "active projects"),
@@ -4637,13 +4639,19 @@ def projects_fragment(req: Request) -> Html:
     if not projects:
         table_html = render(EMPTY, text="No projects yet. Create one below, or: clare project new NAME")
     else:
-        table_html = render(PROJECTS_TABLE, rows=join(render(
-            PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
-            status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
-            counts=join(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
-                        for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
-            n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1) for p in projects))
+        table_html = render(PROJECTS_TABLE, rows=join(map(_project_row, rollups)))
     return render(FRAG_PROJECTS, poll=poll_attrs("/frag/projects"), stats=stats, table=table_html)
+
+
+def _project_row(rollup: ProjectStatus) -> Html:
+    p = rollup.project
+    return render(PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
+                  status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
+                  counts=join(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
+                              for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
+                  n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1,
+                  n_sessions=rollup.n_sessions or "—",
+                  tokens=_tokens_text(rollup.tokens) if rollup.n_sessions else "")
 
 
 def activity_fragment(req: Request) -> Html:

@@ -238,6 +238,7 @@ def test_fleet_shows_every_session_with_its_task(server, db):
     html = get(server, "/sessions")
     assert "<h1>Sessions</h1>" in html and frag in html and 'id="frag-attention"' in html
     assert f'<option value="{S1}">' in get(server, f"/tasks/{t.id}")  # the assign form offers it
+    assert '<td class="hide-sm small">1 <span' in get(server, "/frag/projects")  # one session works on alpha
 
 
 def test_no_sessions_says_how_to_see_them(server, db):
