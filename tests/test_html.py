@@ -286,3 +286,22 @@ def test_sending_shows_each_sessions_result(server, db):
                        .encode(), headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert r.status == 200 and "<h1>Broadcast</h1>" in r.text and ">refused</span>" in r.text
     assert server.form("/broadcast", {"target": f"session:{S1}", "text": "x"}, csrf=False).status == 403
+
+
+def test_a_page_is_built_again_as_soon_as_the_log_grows(server, db):
+    calls = []
+
+    def page(req):
+        calls.append(req.path)
+        return clare.html_response(clare.Html(str(len(calls))))
+
+    cached = clare.cached(page)
+    req = clare.Request("GET", "/x", {}, {}, b"", {}, db, server.config)
+    assert [cached(req).body, cached(req).body] == [b"1", b"1"]  # nothing changed: built once
+    clare.create_project(db, "alpha", now_ms=1)
+    assert cached(req).body == b"2"
+    other = clare.Request("GET", "/x", {"target": ["a"]}, {}, b"", {}, db, server.config)
+    assert cached(other).body == b"3"  # another query string is another page
+    html = get(server, "/frag/projects")
+    clare.create_project(db, "beta", now_ms=2)
+    assert ">beta</a>" not in html and ">beta</a>" in get(server, "/frag/projects")
