@@ -2133,6 +2133,18 @@ def capture_pane(socket: str, pane_id: str, *, lines: int = SCREEN_LINES) -> str
     return p.stdout if p.returncode == 0 else None
 
 
+def capture_panes(socket: str, pane_ids: list[str], *, lines: int = SCREEN_LINES) -> dict[str, str]:
+    """Return the last lines of several panes of one server, asked in one tmux run."""
+    mark = f"\x1eclare-{new_id()}"  # a line no screen shows: it separates the captures
+    args: list[str] = []
+    for pane_id in pane_ids:
+        args += ["capture-pane", "-p", "-J", "-t", pane_id, "-S", f"-{lines}", ";", "display-message", "-p", mark, ";"]
+    p = run_tmux(socket, *args[:-1]) if args else None
+    if p is None or p.returncode != 0:  # tmux stops at a failed command: one pane closed meanwhile
+        return {i: screen for i in pane_ids if (screen := capture_pane(socket, i, lines=lines)) is not None}
+    return dict(zip(pane_ids, p.stdout.split(mark + "\n")))
+
+
 def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
@@ -2541,6 +2553,10 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
              marks: dict[str, HookMark], cwd_of: dict[int, str], argv_of: Callable[[int], list[str]],
              claude_dir: str, idle_after_ms: int, now_ms: int) -> list[Observation]:
     cache = get_transcript_cache(db)
+    screens: dict[tuple[str, str], str] = {}
+    for socket in {pane.socket for _, pane, _ in found if pane}:
+        ids = [pane.pane_id for _, pane, _ in found if pane and pane.socket == socket]
+        screens.update({(socket, i): text for i, text in capture_panes(socket, ids).items()})
     fresh, observations, seen = [], [], set()
     for sid, pane, pid in found:
         if sid in seen or not UUID_RE.match(sid):
@@ -2553,7 +2569,7 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         if reading is not None and reading is not cache.get(path):
             fresh.append((path, sid, *reading))
         info = reading[2] if reading else {}
-        screen = capture_pane(pane.socket, pane.pane_id) if pane else None
+        screen = screens.get((pane.socket, pane.pane_id)) if pane else None
         mark = marks.get(sid)
         registry_ms = entry.get("statusUpdatedAt")
         state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=str(entry.get("status")),

@@ -639,3 +639,24 @@ def test_claude_outside_tmux_is_seen_through_its_registry_entry(cli, db, home, t
         os.close(master)
         os.close(slave)
     assert pull(cli)["gone"] == 1
+
+
+def test_broadcast_leaves_copy_mode_first(tmux, cli, tmp_path):
+    pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    tmux.run("copy-mode", "-t", pane)
+    assert tmux.run("display", "-p", "-t", pane, "#{pane_in_mode}").strip() == "1"
+    r = cli("--json", "broadcast", f"session:{s['id']}", "--yes", "--", "look again")
+    assert r.json()["deliveries"][0]["result"] == "delivered"
+    assert [x["prompt"] for x in tmux.received()] == ["look again"]
+
+
+def test_screens_of_several_panes_are_captured_in_one_run_and_kept_apart(tmux, cli, db, tmp_path):
+    a = tmux.spawn_claude(cwd=tmp_path / "a", name="a")
+    b = tmux.spawn_claude(cwd=tmp_path / "b", name="b")
+    tmux.type_prompt(b, "perm")
+    wait_for(lambda: "Do you want to proceed?" in tmux.capture(b), what="the dialog in b")
+    screens = clare.capture_panes(tmux.socket, [a, b, "%999"])
+    assert "Do you want to proceed?" in screens[b] and "Do you want" not in screens[a] and "%999" not in screens
+    pull(cli)
+    assert {s.pane_id: s.state for s in clare.list_sessions(db)} == {a: "waiting", b: "permission"}
