@@ -2012,12 +2012,13 @@ HOOK_STATES = {"SessionStart": "waiting", "UserPromptSubmit": "working", "PreToo
 NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission",
                        "idle_prompt": "waiting"}
 HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
-MAX_HOOK_INPUT_BYTES = 1024 * 1024
+MAX_HOOK_INPUT_BYTES = 32 * 1024 * 1024  # a prompt can be long; a report cut short would be lost
 HOOK_TIMEOUT_S = 10
 CLARE_HOOK_RE = re.compile(r"\bclare\b.*\shook\s*$")  # how uninstall knows Clare's hooks from the user's
 BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
 BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
 BROADCAST_ENTER_TRIES = 3
+DEFAULT_PULL_EVERY_S = 10  # how often `serve` looks at this host's sessions; [fleet] pull_every_s, 0 = never
 
 
 @dataclass(frozen=True, slots=True)
@@ -2613,6 +2614,45 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     return PullResult(observations, events, ambiguous, unreachable, updates, warnings)
 
 
+def start_background_pull(db_path: str, config: dict[str, Any], *, stop: Any,
+                          log: Callable[[str], None]) -> Any:
+    """Start a daemon thread that pulls this host's fleet every [fleet] pull_every_s until `stop` is set.
+
+    Returns the thread, or None when the setting is 0. The thread has its own connection.
+    """
+    import threading
+
+    every_s = config.get("fleet", {}).get("pull_every_s", DEFAULT_PULL_EVERY_S)
+    if isinstance(every_s, bool) or not isinstance(every_s, int | float) or every_s < 0:
+        raise ClareError(f"clare.toml: [fleet] pull_every_s = {every_s!r} is not a number of seconds; fix it")
+    if not every_s:
+        return None
+    thread = threading.Thread(target=_pull_loop, name="clare-fleet", daemon=True,
+                              args=(db_path, config), kwargs={"stop": stop, "log": log, "every_s": every_s})
+    thread.start()
+    return thread
+
+
+def _pull_loop(db_path: str, config: dict[str, Any], *, stop: Any, log: Callable[[str], None],
+               every_s: float) -> None:
+    db = open_db(db_path)
+    last_error = ""
+    try:
+        while not stop.is_set():
+            try:
+                result = pull_fleet(db, config=config, now_ms=now_ms())
+                for warning in result.warnings:
+                    log(f"fleet: warning: {warning}")
+                last_error = ""
+            except Exception as err:  # the background loop is an edge: a bad look never ends it
+                if str(err) != last_error:  # say it once, not every few seconds
+                    log(f"fleet: pull failed: {err}")
+                last_error = str(err)
+            stop.wait(every_s)
+    finally:
+        db.close()
+
+
 def read_rclaude(section: dict[str, Any], *, machine_id: str, warnings: list[str]) -> dict[str, str]:
     """Run the optional rclaude adapter; return this host's tmux target -> session id.
 
@@ -3011,7 +3051,7 @@ def _wait_for_prompt(db: Db, session: Session, text: str, *, since_ms: int, time
     deadline = time.monotonic() + timeout_s
     while True:
         mark = list_hook_marks(db, session_id=session.id).get(session.id)
-        if mark and mark.hook_event == "UserPromptSubmit" and mark.at_ms >= since_ms - 1000:
+        if mark and mark.hook_event == "UserPromptSubmit" and mark.at_ms >= since_ms:
             return True
         if path is None:
             path = find_transcript(claude_home(), session.cwd, session.id)
@@ -5801,14 +5841,22 @@ class ProgressLine:
 
 def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C."""
+    import threading
+
     config = web_config(ctx.paths, host=args.host, port=args.port, log_requests=args.log)
     server = make_server(config)
+    stop = threading.Event()
 
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
         if config.token is not None:
             print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
-    run_server(server, on_start=started)
+        start_background_pull(ctx.paths.db, load_config(ctx.paths.config), stop=stop,
+                              log=lambda line: print(f"clare: {line}", file=sys.stderr, flush=True))
+    try:
+        run_server(server, on_start=started)
+    finally:
+        stop.set()
     print("clare: stopped", flush=True)
 
 

@@ -660,3 +660,23 @@ def test_screens_of_several_panes_are_captured_in_one_run_and_kept_apart(tmux, c
     assert "Do you want to proceed?" in screens[b] and "Do you want" not in screens[a] and "%999" not in screens
     pull(cli)
     assert {s.pane_id: s.state for s in clare.list_sessions(db)} == {a: "waiting", b: "permission"}
+
+
+def test_serve_pulls_the_fleet_in_the_background(tmux, db, home, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from conftest import CLARE_PY
+    (home / "clare.toml").write_text("[fleet]\npull_every_s = 0.2\n")
+    pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    p = subprocess.Popen([sys.executable, str(CLARE_PY), "serve", "--port", "0"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        [s] = wait_for(lambda: clare.list_sessions(db), what="serve's background pull")
+        assert s.pane_id == pane and s.state == "waiting"
+        tmux.type_prompt(pane, "work")
+        wait_for(lambda: clare.list_sessions(db)[0].state == "working", what="the next background pull")
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=20)
+    assert p.returncode == 0 and "stopped" in out and "pull failed" not in err
