@@ -1771,10 +1771,15 @@ class StatusReport:
     sessions: list[Session]
     tasks: dict[str, Task]  # the sessions' tasks, by id
 
+    def task_tokens(self, task_id: str) -> dict[str, int]:
+        """Return the token usage of the sessions working on one task, summed."""
+        mine = [s for s in self.sessions if s.task_id == task_id]
+        return {k: sum(s.tokens.get(k, 0) for s in mine) for k in TOKEN_KINDS}
+
     def to_json(self) -> dict[str, Any]:
         """Return the roll-up as the JSON object the CLI and API print."""
         return {"projects": [p.to_json() for p in self.projects], "sessions": [s.to_json() for s in self.sessions],
-                "tasks": [t.to_json() for t in self.tasks.values()]}
+                "tasks": [{**t.to_json(), "tokens": self.task_tokens(t.id)} for t in self.tasks.values()]}
 
 
 def get_status(db: Db, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:

@@ -564,6 +564,7 @@ def test_status_rolls_up_tokens_per_project_and_shows_each_sessions_task(tmux, c
     assert per_project["alpha"]["tokens"] == one and per_project["alpha"]["n_sessions"] == 1
     assert per_project["beta"]["tokens"] == one
     assert {s["tmux_target"]: s["task_id"] for s in report["sessions"]} == {"api:0.0": t1, "web:0.0": t2}
+    assert {t["id"]: t["tokens"] for t in report["tasks"]} == {t1: one, t2: one}
     only = cli("--json", "status", "--group", "webs").json()
     assert [p["name"] for p in only["projects"]] == ["beta"] and len(only["sessions"]) == 1
     text = cli("status", "--project", "alpha").out
