@@ -561,6 +561,27 @@ def renew_db_id(db: Db) -> str:
     return db_id
 
 
+def restore_db(db: Db, backup_path: str) -> str:
+    """Replace the whole database by a backup file of it, then give it a new db_id; return that id.
+
+    The new db_id makes every peer read this log again from 0: receipt numbers after the
+    backup's last one will name other events than before.
+    """
+    try:
+        src = sqlite3.connect(f"file:{os.path.abspath(backup_path)}?mode=ro", uri=True)
+        try:
+            meta = _read_meta(src)
+            if meta.get("machine_id") != db.machine_id:
+                raise ClareError(f"{backup_path} is not a backup of this database (machine id "
+                                 f"{meta.get('machine_id')!r}, not {db.machine_id!r}); give a copy of {db.path}")
+            src.backup(db.conn)
+        finally:
+            src.close()
+    except sqlite3.DatabaseError as err:
+        raise ClareError(f"cannot read {backup_path} as a Clare database ({err}); check the path") from err
+    return renew_db_id(db)
+
+
 def get_cursor(db: Db, peer_machine_id: str, peer_db_id: str) -> tuple[int, int]:
     """Return (pulled_rseq, pushed_rseq) for one peer log; (0, 0) for a log never synced."""
     row = db.conn.execute(
@@ -588,7 +609,8 @@ def save_cursor(cur: sqlite3.Cursor, peer_machine_id: str, peer_db_id: str, *,
 
 def iter_event_keys(db: Db) -> Iterator[tuple[str, str]]:
     """Yield (hlc, uuid) of every event in (hlc, uuid) order, from the index alone."""
-    yield from db.conn.execute("SELECT hlc, uuid FROM events ORDER BY hlc, uuid")
+    for row in db.conn.execute("SELECT hlc, uuid FROM events ORDER BY hlc, uuid"):
+        yield row[0], row[1]
 
 
 def list_uuids_between(db: Db, *, start_ms: int, end_ms: int) -> list[str]:
@@ -656,6 +678,8 @@ CREATE TABLE tasks (
     assignee TEXT, assignee_v TEXT              -- 'session:ID', 'group:ID' or NULL
 );
 CREATE INDEX tasks_project ON tasks (project_id, priority);
+-- the task counts of a project, read from this index alone (the rows are wide with versions)
+CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NOT NULL;
 CREATE TABLE groups (
     id TEXT PRIMARY KEY,
     created_at TEXT, created_at_v TEXT,
@@ -3330,6 +3354,8 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
         identity, head, next_after = _check_page(page, after=after)
+        if identity == (db.machine_id, db.db_id):
+            raise ClareError(f"{peer.url} is this very database; remove it from the peers in clare.toml")
         if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
             known = identity
             if get_cursor(db, *identity)[0] != after:
@@ -3663,6 +3689,15 @@ def backoff_s(n_failures: int, *, interval_s: float = SYNC_INTERVAL_S) -> float:
     return min(interval_s * 2 ** min(n_failures, 30), MAX_BACKOFF_S) * jitter
 
 
+def sync_interval_s(config: dict[str, Any], *, path: str = "clare.toml") -> float:
+    """Return the pause between good background rounds: [sync] interval_s in clare.toml, else the default."""
+    value = config.get("sync", {}).get("interval_s", SYNC_INTERVAL_S) if isinstance(config.get("sync"), dict) \
+        else SYNC_INTERVAL_S
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.1 <= value <= 86_400:
+        raise ClareError(f"{path}: [sync] interval_s must be a number of seconds from 0.1 to 86400")
+    return float(value)
+
+
 def start_background_sync(db_path: str, peers: list[Peer], config: dict[str, Any], *, stop: Any,
                           log: Callable[[str], None], interval_s: float = SYNC_INTERVAL_S) -> list[Any]:
     """Start one daemon thread per peer that syncs until `stop` (a threading.Event) is set.
@@ -3746,11 +3781,13 @@ ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                422: "invalid", 431: "headers_too_large", 500: "internal", 501: "not_implemented"}
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
-HTMX_VERSION = "2.0.11"
+HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both together
+HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "no-referrer"),
+    # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on our own form posts.
+    ("Referrer-Policy", "same-origin"),
     # Inline CSS lives in the page template; scripts only from /static, never inline.
     ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                                 "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
@@ -3776,6 +3813,7 @@ class WebConfig:
     db_path: str
     log_requests: bool = False  # one line per request costs ~16% throughput (DESIGN §8)
     timeout_s: float = REQUEST_TIMEOUT_S
+    config_path: str = ""  # clare.toml, read again for the peers' status
 
     @property
     def has_token(self) -> bool:
@@ -3834,7 +3872,7 @@ def web_config(paths: Paths, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         csrf = get_secret(db, "csrf_secret")
     finally:
         db.close()
-    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests)
+    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests, config_path=paths.config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -3875,8 +3913,8 @@ class Request:
         """Return the JSON object body holding the required fields and no unknown ones."""
         try:
             value = json.loads(self.body or b"{}")
-        except ValueError as err:
-            raise HttpError(400, f"the body is not valid JSON ({err}); send a JSON object") from err
+        except (ValueError, RecursionError) as err:  # SECURITY: '[[[[...' nested deeper than the stack
+            raise HttpError(400, f"the body is not valid JSON ({str(err)[:100]}); send a JSON object") from err
         if not isinstance(value, dict):
             raise UsageError("the body must be a JSON object")
         missing = [k for k in required if k not in value]
@@ -4056,6 +4094,18 @@ def check_length(path: str, headers: dict[str, str]) -> int:
     return size
 
 
+def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response:
+    """Return the answer to a refused request: JSON for the API, the message box for htmx, else a page."""
+    extra = err.headers if isinstance(err, HttpError) else ()
+    status = err.http_status
+    if is_api:
+        return Response(status, error_json(status, str(err)), headers=extra)
+    if is_htmx:  # htmx swaps it into the page's message box instead of the fragment it asked for
+        return html_response(flash(str(err)), status=status,
+                             headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
+    return html_response(error_page(status, str(err)), status=status, headers=extra)
+
+
 def _discard_body(h: Any) -> bool:
     """Read and drop a refused request's body if its size passed the limit, so the client sees the answer."""
     # Closing with unread data makes the kernel send RST, and the client may lose our reply.
@@ -4109,15 +4159,7 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         h.close_connection = True  # the client is too slow or gone: nobody to answer
         return
     except ClareError as err:
-        extra = err.headers if isinstance(err, HttpError) else ()
-        status = err.http_status
-        if is_api:
-            resp = Response(status, error_json(status, str(err)), headers=extra)
-        elif headers.get("hx-request") == "true":  # show the reason in the page's message box
-            resp = html_response(flash(str(err)), status=status,
-                                 headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
-        else:
-            resp = html_response(error_page(status, str(err)), status=status, headers=extra)
+        resp = _error_response(err, is_api=is_api, is_htmx=headers.get("hx-request") == "true")
     except Exception:  # noqa: BLE001 - the edge: a bug must cost one 500, not the server
         import traceback
 
@@ -4338,7 +4380,7 @@ def redirect(url: str) -> Response:
 # htmx swaps 4xx bodies too, so a refused form shows its one-line reason in #flash.
 HTMX_CONFIG = {"includeIndicatorStyles": False, "defaultSwapStyle": "outerHTML", "historyCacheSize": 0,
                "responseHandling": [{"code": "204", "swap": False}, {"code": "[23]..", "swap": True},
-                                    {"code": "[45]..", "swap": True, "error": True}]}
+                                    {"code": "[45]..", "swap": True, "error": False}]}
 NAV = (("/", "Dashboard"), ("/projects", "Projects"), ("/sessions", "Sessions"), ("/broadcast", "Broadcast"))
 
 PAGE = string.Template("""<!doctype html>
@@ -4405,6 +4447,7 @@ progress::-moz-progress-bar{background:var(--green);border-radius:4px}
 ul.feed{list-style:none;margin:0;padding:0}
 ul.feed li{padding:.45rem 0;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
 ul.feed li:last-child{border-bottom:0}
+.attention{border-left:4px solid var(--amber)}.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
 ul.feed time{display:block;color:var(--muted);font-size:.76rem}
 pre.text{white-space:pre-wrap;overflow-wrap:anywhere;font:inherit;margin:.2rem 0}
 form.row{display:flex;flex-wrap:wrap;gap:.55rem;align-items:flex-end;margin:0 0 .8rem}
@@ -4430,7 +4473,7 @@ dl.facts dt{color:var(--muted);font-size:.85rem}dl.facts dd{margin:0;overflow-wr
 .htmx-request{opacity:.65;transition:opacity .2s}
 footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
 @media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
-.host{display:none}.hide-sm{display:none}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
+.host{display:none}.hide-sm{display:none}header.top{gap:.3rem .8rem}nav a{padding:.25rem .4rem;font-size:.93rem}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 </style>
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
 </head>
@@ -4474,7 +4517,7 @@ def error_page(status: int, message: str) -> Html:
 
 PAGE_ERROR = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark"><title>$status · Clare</title>
+<meta name="color-scheme" content="light dark"><link rel="icon" href="data:,"><title>$status · Clare</title>
 <style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
 @media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
 <body><h1>$status</h1><p>$message</p><p><a href="/">Back to the dashboard</a></p></body></html>
@@ -4482,6 +4525,15 @@ PAGE_ERROR = string.Template("""<!doctype html>
 
 
 # --- dashboard pages and their htmx fragments -----------------------------
+
+def age_text(at: str | None, now: int) -> str:
+    """Say compactly how long ago an ISO time was (12s, 5m, 3h, 2d), or '—' when unknown."""
+    ms = _iso_to_ms(at)
+    if ms is None:
+        return "—"
+    s = max(0, (now - ms) // 1000)
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
+
 
 TASK_COLORS = {"todo": "gray", "in_progress": "blue", "blocked": "orange", "done": "green"}
 PROJECT_COLORS = {"active": "blue", "paused": "amber", "done": "green"}
@@ -4516,10 +4568,11 @@ PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
 <button type="submit">Create</button>
 </form></section>""")
 MAIN_DASHBOARD = string.Template("""<h1>Dashboard</h1>
-<p class="sub">What needs you first, then where every project stands.</p>
+<p class="sub">What needs you first, then where every project stands, then every session.</p>
 $attention
 $projects
-<div class="grid">$fleet$activity$project_form</div>""")
+$fleet
+<div class="grid">$activity$project_form</div>""")
 MAIN_PROJECTS = string.Template("""<h1>Projects</h1>
 <p class="sub">Every project on this Clare, with its tasks by status.</p>
 $project_form
@@ -4527,7 +4580,7 @@ $projects""")
 
 MAIN_PROJECT = string.Template("""<p class="muted small"><a href="/projects">Projects</a> /</p>
 <h1>$name</h1>
-<p class="sub">$status $goal</p>
+$head
 $tasks
 <div class="grid">
 $task_form
@@ -4541,6 +4594,7 @@ $task_form
 <section class="card"><h2>Recent updates</h2>$updates</section>
 <section class="card"><h2>History</h2>$history</section>
 </div>""")
+PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
 TASKS_TABLE = string.Template("""<div class="scroll"><table>
@@ -4734,12 +4788,18 @@ def page_project(req: Request) -> Response:
     updates = svc.list_updates(task_ids=[t.id for t in tasks], limit=10)
     return page(req, p.name, render(
         MAIN_PROJECT, name=p.name, id=p.id, owner=p.owner or "—", created=_short_time(p.created_at),
-        status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")), goal=p.goal, csrf=csrf_field(req),
+        head=project_head(p), csrf=csrf_field(req),
         status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
         tasks=tasks_fragment(req, p), task_form=task_form(req, p),
         updates=updates_list(updates, empty="No updates on these tasks yet."),
         history=feed(svc.project_history(p, limit=30), empty="No history.")))
+
+
+def project_head(project: Project, *, oob: bool = False) -> Html:
+    """Render the status badge and goal under a project's name."""
+    return render(PROJECT_HEAD, status=badge(project.status, PROJECT_COLORS.get(project.status, "gray")),
+                  goal=project.goal, oob=Html(' hx-swap-oob="true"') if oob else Html(""))
 
 
 def updates_list(updates: list[Update], *, empty: str) -> Html:
@@ -4780,7 +4840,8 @@ def frag_set_project_status(req: Request) -> Response:
     p = req.svc.edit_project(req.params["project"], status=req.form().get("status", ""))
     if not req.is_htmx:
         return redirect(f"/projects/{p.id}")
-    return html_response(flash(f"Project {p.name} is now {p.status}.", kind="ok", oob=True))
+    return html_response(join([project_head(p, oob=True),
+                               flash(f"Project {p.name} is now {p.status}.", kind="ok", oob=True)]))
 
 
 def task_fragment(req: Request, task: Task) -> Html:
@@ -4871,19 +4932,112 @@ def frag_post_update(req: Request) -> Response:
                                flash("Update posted.", kind="ok", oob=True)]))
 
 
+SESSION_COLORS = {"working": "blue", "waiting": "amber", "permission": "red", "idle": "gray", "gone": "gray"}
+SESSION_LABELS = {"working": "working", "waiting": "waiting for you", "permission": "needs permission",
+                  "idle": "idle", "gone": "gone"}
+NEEDS_PERSON = ("permission", "waiting")
+
+FRAG_ATTENTION = string.Template("""<section class="card attention" id="frag-attention" $poll>
+<h2>Needs you</h2>$body</section>""")
+ATTENTION_LIST = string.Template('<ul class="feed" hx-disable>$items</ul>')
+ATTENTION_ITEM = string.Template("""<li><div class="line">$state <b>$label</b> <span class="muted small">$since</span></div>
+<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>$task</li>""")
+TASK_LINK = string.Template('<div class="small">task <a href="/tasks/$id">$title</a></div>')
+FRAG_FLEET = string.Template("""<section class="card" id="frag-fleet" $poll>
+<h2>Sessions</h2>$table</section>""")
+FLEET_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>State</th><th>Session</th><th>Where</th><th>Task</th><th>Active</th><th class="hide-sm">Tokens</th></tr></thead>
+<tbody hx-disable>$rows</tbody></table></div>""")
+FLEET_ROW = string.Template("""<tr><td>$state</td>
+<td class="title"><b>$label</b><div class="mono muted small">$id</div></td>
+<td><span class="mono small">$host · $where</span><div class="muted small">$cwd</div></td>
+<td class="title">$task</td><td class="muted small">$active</td><td class="hide-sm mono small">$tokens</td></tr>""")
+TASK_CELL = string.Template('<a href="/tasks/$id">$title</a>')
+MAIN_SESSIONS = string.Template("""<h1>Sessions</h1>
+<p class="sub">Claude sessions on every host, as each host last saw them. Run <span class="mono">clare pull</span>
+on a host (or install its hooks) to refresh what it sees.</p>
+$attention
+$fleet
+$ambiguous""")
+AMBIGUOUS = string.Template("""<section class="card"><h2>Panes Clare cannot tell apart</h2>
+<ul class="feed" hx-disable>$items</ul></section>""")
+AMBIGUOUS_ITEM = string.Template(
+    '<li><span class="mono">$target</span> in <span class="mono">$cwd</span>: Claude runs here, but its session '
+    'cannot be told apart from another in this folder</li>')
+DATALIST = string.Template('<datalist id="session-ids">$options</datalist>')
+
+
+def session_badge(session: Session) -> Html:
+    """Return the state badge of a session."""
+    return badge(SESSION_LABELS.get(session.state, session.state), SESSION_COLORS.get(session.state, "gray"))
+
+
+def _task_titles(req: Request, sessions: list[Session]) -> dict[str, Task]:
+    svc = req.svc
+    return {t: svc.get_task(t) for t in {s.task_id for s in sessions if s.task_id}}
+
+
+def _tokens_text(tokens: dict[str, int]) -> str:
+    n = sum(v for v in tokens.values() if isinstance(v, int))
+    return "—" if not n else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
+
+
 def attention_fragment(req: Request) -> Html:
     """Render the sessions that wait for a person, longest-waiting first."""
-    return Html("")  # TODO(#4): sessions arrive with the fleet work
+    now = now_ms()
+    sessions = sorted((s for s in req.svc.list_sessions() if s.state in NEEDS_PERSON),
+                      key=lambda s: (s.state_at or s.last_activity_at or "", s.id))
+    tasks = _task_titles(req, sessions)
+    # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
+    body = render(ATTENTION_LIST, items=join(render(
+        ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
+        since="for " + age_text(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
+        where=s.tmux_target or "-", cwd=s.cwd,
+        task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id else Html(""))
+        for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
+    return render(FRAG_ATTENTION, poll=poll_attrs("/frag/attention"), body=body)
 
 
 def fleet_fragment(req: Request) -> Html:
-    """Render every session with its state and current task."""
-    return Html("")  # TODO(#4): sessions arrive with the fleet work
+    """Render every live session with its state and current task."""
+    now = now_ms()
+    sessions = req.svc.list_sessions()
+    tasks = _task_titles(req, sessions)
+    if not sessions:
+        table_html = render(EMPTY, text="No Claude sessions seen yet; run 'clare pull' on each host.")
+    else:
+        table_html = render(FLEET_TABLE, rows=join(render(
+            FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
+            where=s.tmux_target or "-", cwd=s.cwd, active=age_text(s.last_activity_at, now) + " ago",
+            tokens=_tokens_text(s.tokens),
+            task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id
+            else Html('<span class="muted">—</span>')) for s in sessions))
+    return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
 
 
 def session_datalist(req: Request) -> Html:
     """Render the known session ids for the assign form."""
-    return Html("")  # TODO(#4): sessions arrive with the fleet work
+    return render(DATALIST, options=join(render(OPTION, value=s.id, label=f"{s.label or s.cwd} ({s.host})",
+                                                selected=Html("")) for s in req.svc.list_sessions()))
+
+
+def page_sessions(req: Request) -> Response:
+    """Show the fleet: who waits for a person, then every session with its task."""
+    panes = req.svc.list_ambiguous_panes()
+    ambiguous = render(AMBIGUOUS, items=join(render(AMBIGUOUS_ITEM, target=p.target, cwd=p.cwd) for p in panes)) \
+        if panes else Html("")
+    return page(req, "Sessions", render(MAIN_SESSIONS, attention=attention_fragment(req), fleet=fleet_fragment(req),
+                                        ambiguous=ambiguous))
+
+
+def frag_attention(req: Request) -> Response:
+    """Answer the needs-you poll."""
+    return html_response(attention_fragment(req))
+
+
+def frag_fleet(req: Request) -> Response:
+    """Answer the sessions poll."""
+    return html_response(fleet_fragment(req))
 
 
 # --- JSON API ------------------------------------------------------------
@@ -4992,6 +5146,51 @@ def api_remove_group(req: Request) -> Response:
     return json_response(req.svc.remove_group(req.params["group"]))
 
 
+def api_list_sessions(req: Request) -> Response:
+    """List Claude sessions of every host; ?host= narrows, ?all=1 adds gone ones."""
+    return json_response(req.svc.list_sessions(host=req.arg("host") or None, include_gone=req.arg("all") == "1"))
+
+
+def api_broadcast_recipients(req: Request) -> Response:
+    """List the live sessions a broadcast to ?target= would reach (project, group:NAME or session:ID)."""
+    target = req.arg("target")
+    if not target:
+        raise UsageError("give ?target=PROJECT, group:NAME or session:ID")
+    return json_response(req.svc.list_broadcast_recipients(target))
+
+
+def api_send_broadcast(req: Request) -> Response:
+    """Type a text into the sessions of {target, text, is_command?}; answer each session's result."""
+    # SECURITY: this types into AI agents that run shell commands; the server's token and
+    # cross-site rules guard every POST, and the fleet refuses non-Claude panes and open dialogs.
+    b = req.json(required=("target", "text"), optional=("is_command",))
+    if not isinstance(b.get("is_command", False), bool):
+        raise UsageError("is_command must be true or false")
+    return json_response(req.svc.send_broadcast(b["target"], b["text"], is_command=b.get("is_command", False)),
+                         status=201)
+
+
+def api_list_deliveries(req: Request) -> Response:
+    """List broadcast deliveries; ?broadcast=ID for one broadcast, ?pending_on=HOST for those not tried yet."""
+    return json_response(req.svc.list_deliveries(broadcast_id=req.arg("broadcast") or None,
+                                                 pending_on=req.arg("pending_on") or None))
+
+
+def api_get_session(req: Request) -> Response:
+    """Return one session by id prefix."""
+    return json_response(req.svc.get_session(req.params["session"]))
+
+
+def api_group_sessions(req: Request) -> Response:
+    """List the sessions a group's patterns match now."""
+    return json_response(req.svc.list_group_sessions(req.params["group"], include_gone=req.arg("all") == "1"))
+
+
+def api_ambiguous_panes(req: Request) -> Response:
+    """List the Claude panes the last pull could not tie to one session."""
+    return json_response(req.svc.list_ambiguous_panes())
+
+
 def api_list_updates(req: Request) -> Response:
     """Return the newest updates, newest last; ?task= (repeatable) or ?id= narrows them."""
     svc = req.svc
@@ -5079,9 +5278,197 @@ def page_login(req: Request) -> Response:
     return Response(303, b"", "text/plain", (("Location", "/"),))
 
 
+# --- OpenAPI --------------------------------------------------------------
+
+_PRIMITIVES = {str: "string", int: "integer", bool: "boolean", float: "number", dict: "object", list: "array"}
+
+
+def json_schema(cls: type) -> dict[str, Any]:
+    """Return the JSON Schema of a dataclass's to_json() object, from its field types."""
+    import types
+    import typing
+
+    def one(tp: Any) -> dict[str, Any]:
+        if isinstance(tp, types.UnionType):
+            return {"type": [one(a)["type"] for a in typing.get_args(tp)]}
+        if tp is type(None):
+            return {"type": "null"}
+        return {"type": _PRIMITIVES[typing.get_origin(tp) or tp]}
+
+    fields = dataclasses.fields(cls)
+    return {"type": "object", "required": [f.name for f in fields],
+            "properties": {f.name: one(f.type) for f in fields}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _array(name: str) -> dict[str, Any]:
+    return {"type": "array", "items": _ref(name)}
+
+
+def _body(required: tuple[str, ...], optional: tuple[str, ...], **types_: str) -> dict[str, Any]:
+    props = {k: {"type": types_.get(k, "string")} for k in required + optional}
+    return {"type": "object", "required": list(required), "properties": props, "additionalProperties": False}
+
+
+_OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+    "Status": {"type": "object", "required": ["projects", "sessions", "tasks", "n_events", "machine_id"],
+               "properties": {"projects": _array("ProjectStatus"), "sessions": _array("Session"),
+                              "tasks": _array("TaskStatus"), "n_events": {"type": "integer"},
+                              "machine_id": {"type": "string"}}},
+    "EventPage": {"type": "object", "required": ["events", "next_after", "has_more"], "properties": {
+        "events": _array("Event"), "next_after": {"type": "integer"}, "has_more": {"type": "boolean"}}},
+    "ImportResult": {"type": "object", "required": ["inserted", "duplicates", "conflicts", "rejected"], "properties": {
+        "inserted": _array("Event"), "duplicates": {"type": "integer"},
+        "conflicts": {"type": "array", "items": {"type": "string"}},
+        "rejected": {"type": "array", "items": {"type": "string"}}}},
+    "ReplayResult": {"type": "object", "required": ["events"], "properties": {"events": {"type": "integer"}}},
+    "BroadcastResult": {"type": "object", "required": ["broadcast_id", "target", "text", "deliveries"], "properties": {
+        "broadcast_id": {"type": "string"}, "target": {"type": "string"}, "text": {"type": "string"},
+        "deliveries": _array("Delivery")}},
+}
+
+# (method, path) -> summary, query parameters, request body schema, success status, response schema
+API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]] = {
+    ("GET", "/api/v1/projects"): ("List projects with task counts", ("status",), None, 200, _array("Project")),
+    ("POST", "/api/v1/projects"): ("Create a project", (), _body(("name",), ("goal", "owner")), 201, _ref("Project")),
+    ("GET", "/api/v1/projects/{project}"): ("Get a project by name or id prefix", (), None, 200, _ref("Project")),
+    ("PATCH", "/api/v1/projects/{project}"): ("Change a project", (), _body((), ("name", "goal", "owner", "status")),
+                                              200, _ref("Project")),
+    ("GET", "/api/v1/projects/{project}/history"): ("Events about a project and its tasks", ("limit",), None, 200,
+                                                    _array("Event")),
+    ("GET", "/api/v1/tasks"): ("List tasks, most urgent first", ("project", "status", "session", "group"), None, 200,
+                               _array("Task")),
+    ("POST", "/api/v1/tasks"): ("Add a task", (), _body(("project", "title"), ("priority", "description"),
+                                                       priority="integer"), 201, _ref("Task")),
+    ("GET", "/api/v1/tasks/{task}"): ("Get a task by id prefix", (), None, 200, _ref("Task")),
+    ("PATCH", "/api/v1/tasks/{task}"): ("Change a task", (), _body((), ("title", "description", "priority", "status"),
+                                                                   priority="integer"), 200, _ref("Task")),
+    ("GET", "/api/v1/tasks/{task}/history"): ("Events about a task", ("limit",), None, 200, _array("Event")),
+    ("POST", "/api/v1/tasks/{task}/assignment"): ("Assign a task to a session or a group", (),
+                                                  _body((), ("session_id", "group")), 200, _ref("Task")),
+    ("DELETE", "/api/v1/tasks/{task}/assignment"): ("End a task's assignment", (), None, 200, _ref("Task")),
+    ("GET", "/api/v1/groups"): ("List groups", (), None, 200, _array("Group")),
+    ("POST", "/api/v1/groups"): ("Create a group", (), _body(("name",), ("cwd", "host", "tmux_name")), 201,
+                                 _ref("Group")),
+    ("GET", "/api/v1/groups/{group}"): ("Get a group by name or id prefix", (), None, 200, _ref("Group")),
+    ("DELETE", "/api/v1/groups/{group}"): ("Remove a group", (), None, 200, _ref("Group")),
+    ("GET", "/api/v1/groups/{group}/sessions"): ("Sessions a group's patterns match now", ("all",), None, 200,
+                                                 _array("Session")),
+    ("GET", "/api/v1/sessions"): ("List Claude sessions of every host", ("host", "all"), None, 200, _array("Session")),
+    ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix", (), None, 200, _ref("Session")),
+    ("GET", "/api/v1/panes/ambiguous"): ("Claude panes whose session cannot be told apart", (), None, 200,
+                                         _array("Pane")),
+    ("GET", "/api/v1/broadcast/recipients"): ("Live sessions a broadcast target names", ("target",), None, 200,
+                                              _array("Session")),
+    ("POST", "/api/v1/broadcast"): ("Type a text into the sessions of a target", (),
+                                    _body(("target", "text"), ("is_command",), is_command="boolean"), 201,
+                                    _ref("BroadcastResult")),
+    ("GET", "/api/v1/deliveries"): ("Broadcast deliveries and their results", ("broadcast", "pending_on"), None, 200,
+                                    _array("Delivery")),
+    ("GET", "/api/v1/updates"): ("List updates, newest last", ("task", "id", "limit"), None, 200, _array("Update")),
+    ("POST", "/api/v1/updates"): ("Post a progress note", (), _body(("text",), ("task", "source", "session_id")), 201,
+                                  _ref("Update")),
+    ("GET", "/api/v1/status"): ("The roll-up", (), None, 200, _ref("Status")),
+    ("GET", "/api/v1/events"): ("Page through the log by receipt order (after), or the newest (no after)",
+                                ("after", "limit"), None, 200, _ref("EventPage")),
+    ("GET", "/api/v1/history"): ("Events naming any of the given entity ids", ("entity", "limit"), None, 200,
+                                 _array("Event")),
+    ("POST", "/api/v1/import"): ("Store events given as JSON lines", (),
+                                 {"type": "object", "required": ["lines"], "properties": {
+                                     "lines": {"type": "array", "items": {"type": "string"}}}}, 200,
+                                 _ref("ImportResult")),
+    ("POST", "/api/v1/replay"): ("Rebuild every projection from the log", (), {"type": "object"}, 200,
+                                 _ref("ReplayResult")),
+    ("GET", "/api/v1/openapi.json"): ("This document", (), None, 200, {"type": "object"}),
+}
+
+
+def openapi_path(pattern: "re.Pattern[str]") -> str:
+    """Return the OpenAPI path template of a route pattern: named groups become {name}."""
+    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern).replace("\\", "")
+
+
+def openapi_document() -> dict[str, Any]:
+    """Return the OpenAPI 3.1 description of every /api/ route."""
+    errors = {str(code): {"description": ERROR_CODES[code], "content": {"application/json": {"schema": _ref("Error")}}}
+              for code in (400, 401, 403, 404, 405, 409, 413, 415, 422)}
+    paths: dict[str, dict[str, Any]] = {}
+    for (method, path), (summary, query, body, status, schema) in API_DOCS.items():
+        op: dict[str, Any] = {"summary": summary, "parameters": [
+            *({"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+              for name in re.findall(r"\{(\w+)\}", path)),
+            *({"name": name, "in": "query", "required": False, "schema": {"type": "string"}} for name in query)],
+            "responses": {str(status): {"description": "OK", "content": {"application/json": {"schema": schema}}},
+                          **errors}}
+        if body is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        paths.setdefault(path, {})[method.lower()] = op
+    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery)}
+    for name, base, extra in (("ProjectStatus", "Project", {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
+                              ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
+        schemas[name] = {**schemas[base], "required": [*schemas[base]["required"], *extra],
+                         "properties": {**schemas[base]["properties"], **extra}}
+    return {"openapi": "3.1.0",
+            "info": {"title": "Clare", "version": __version__,
+                     "description": "Projects and tasks for a fleet of Claude Code sessions. With a token configured, "
+                                    "send 'Authorization: Bearer TOKEN'. Bodies are JSON (Content-Type: "
+                                    "application/json), at most 1 MB."},
+            "paths": paths,
+            "components": {"schemas": {**schemas, **_OPEN_API_EXTRA_SCHEMAS},
+                           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+            "security": [{"bearer": []}, {}]}
+
+
+def api_openapi(req: Request) -> Response:
+    """Return the OpenAPI 3.1 document of this API."""
+    return json_response(openapi_document())
+
+
+# --- sync endpoints: thin wrappers over section 7 ---------------------------
+
+def sync_get_events(req: Request) -> Response:
+    """Page through the log in receipt order for a peer: ?after=RSEQ&limit=N."""
+    return json_response(sync_page(req.db, after=req.arg("after", "0"), limit=req.arg("limit", str(SYNC_PAGE_LIMIT)),
+                                   now_ms=now_ms()))
+
+
+def sync_post_events(req: Request) -> Response:
+    """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
+    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
+    return json_response(sync_accept(req.db, body, now_ms=now_ms()))
+
+
+def sync_get_days(req: Request) -> Response:
+    """Return the per-day event counts and uuid hashes (anti-entropy)."""
+    return json_response(sync_digest(req.db, now_ms=now_ms()))
+
+
+def sync_get_day(req: Request) -> Response:
+    """Return the uuids of the events of one day (anti-entropy)."""
+    return json_response(sync_day(req.db, req.params["day"], now_ms=now_ms()))
+
+
+def sync_post_fetch(req: Request) -> Response:
+    """Return the events among {uuids: [...]} (anti-entropy)."""
+    return json_response(sync_fetch(req.db, req.json(required=("uuids",)), now_ms=now_ms()))
+
+
+def sync_get_peers(req: Request) -> Response:
+    """Return each peer with what its last sync did: for the dashboard and remote `peer list`."""
+    peers = load_peers(load_config(req.config.config_path), path=req.config.config_path)
+    return json_response(list_peers(req.db, peers))
+
+
 # --- the remote twin of Services ----------------------------------------
 
 REMOTE_TIMEOUT_S = 30.0
+LOCAL_ONLY_SERVICES = frozenset({"pull_fleet", "observe_sessions", "report_hook", "get_pane_session"})
 _REMOTE_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
 
 
@@ -5101,6 +5488,12 @@ class RemoteServices:
     def __init__(self, url: str, *, token: str | None = None):
         self.url = url.rstrip("/")
         self.token = token
+
+    def __getattr__(self, name: str) -> Callable:
+        if name in LOCAL_ONLY_SERVICES:
+            raise UsageError(f"{name} works on this host's own tmux and hooks; run the command on that host "
+                             "without --remote (and without CLARE_URL)")
+        raise AttributeError(name)
 
     def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
         """Send one API request and return its decoded JSON; raise the server's error as a ClareError."""
@@ -5208,9 +5601,31 @@ class RemoteServices:
         """Return the groups."""
         return [_build(Group, g) for g in self.call("GET", "/api/v1/groups")]
 
+    def get_session(self, ref: str) -> Session:
+        """Return one session by id prefix."""
+        return _build(Session, self.call("GET", f"/api/v1/sessions/{self._path(ref)}"))
+
+    def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
+        """Return the sessions of every host."""
+        query = {"host": host, "all": "1" if include_gone else None}
+        return [_build(Session, x) for x in self.call("GET", "/api/v1/sessions", query=query)]
+
+    def list_group_sessions(self, group_ref: str, *, include_gone: bool = False) -> list[Session]:
+        """Return the sessions a group's patterns match now."""
+        query = {"all": "1" if include_gone else None}
+        return [_build(Session, x) for x in self.call("GET", f"/api/v1/groups/{self._path(group_ref)}/sessions",
+                                                      query=query)]
+
+    def list_ambiguous_panes(self) -> list[Pane]:
+        """Return the panes the server's last pull could not tie to one session."""
+        return [_build(Pane, x) for x in self.call("GET", "/api/v1/panes/ambiguous")]
+
     def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                    source: str = "message") -> Update:
+                    pane: tuple[str | None, str] | None = None, source: str = "message") -> Update:
         """Post a progress note."""
+        if pane is not None and task_ref is None:
+            raise UsageError("a note from inside a pane finds its task on this host; name the task "
+                             "(clare update TASK TEXT) or run without --remote")
         body = {k: v for k, v in (("text", text), ("task", task_ref), ("session_id", session_id),
                                   ("source", source)) if v is not None}
         return _build(Update, self.call("POST", "/api/v1/updates", body=body))
@@ -5243,6 +5658,22 @@ class RemoteServices:
         """Rebuild the server's projections; return how many events it applied."""
         return self.call("POST", "/api/v1/replay", body={})["events"]
 
+    def list_broadcast_recipients(self, target: str) -> list[Session]:
+        """Return the live sessions a broadcast target names."""
+        return [_build(Session, x) for x in self.call("GET", "/api/v1/broadcast/recipients", query={"target": target})]
+
+    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
+                       confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
+        """Send a broadcast through the remote Clare (it types into its own host's panes)."""
+        got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
+        return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
+                               [_build(Delivery, d) for d in got["deliveries"]])
+
+    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
+        """Return broadcast deliveries."""
+        query = {"broadcast": broadcast_id, "pending_on": pending_on}
+        return [_build(Delivery, d) for d in self.call("GET", "/api/v1/deliveries", query=query)]
+
     def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
         """Return the roll-up."""
         got = self.call("GET", "/api/v1/status", query={"project": project_ref, "group": group_ref})
@@ -5274,6 +5705,13 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/api/v1/groups", api_create_group),
         ("GET", r"/api/v1/groups/" + _REF % "group", api_get_group),
         ("DELETE", r"/api/v1/groups/" + _REF % "group", api_remove_group),
+        ("GET", r"/api/v1/groups/" + _REF % "group" + "/sessions", api_group_sessions),
+        ("GET", r"/api/v1/sessions", api_list_sessions),
+        ("GET", r"/api/v1/sessions/" + _REF % "session", api_get_session),
+        ("GET", r"/api/v1/panes/ambiguous", api_ambiguous_panes),
+        ("GET", r"/api/v1/broadcast/recipients", api_broadcast_recipients),
+        ("POST", r"/api/v1/broadcast", api_send_broadcast),
+        ("GET", r"/api/v1/deliveries", api_list_deliveries),
         ("GET", r"/api/v1/updates", api_list_updates),
         ("POST", r"/api/v1/updates", api_post_update),
         ("GET", r"/api/v1/status", api_status),
@@ -5281,6 +5719,13 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/api/v1/history", api_history),
         ("POST", r"/api/v1/import", api_import_events),
         ("POST", r"/api/v1/replay", api_replay),
+        ("GET", r"/api/v1/openapi\.json", api_openapi),
+        ("GET", r"/api/v1/sync/events", sync_get_events),
+        ("POST", r"/api/v1/sync/events", sync_post_events),
+        ("GET", r"/api/v1/sync/days", sync_get_days),
+        ("GET", r"/api/v1/sync/days/(?P<day>[0-9-]{10})", sync_get_day),
+        ("POST", r"/api/v1/sync/fetch", sync_post_fetch),
+        ("GET", r"/api/v1/sync/peers", sync_get_peers),
         ("GET", r"/", page_dashboard),
         ("GET", r"/projects", page_projects),
         ("POST", r"/projects", frag_create_project),
@@ -5292,6 +5737,9 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
+        ("GET", r"/sessions", page_sessions),
+        ("GET", r"/frag/attention", frag_attention),
+        ("GET", r"/frag/fleet", frag_fleet),
         ("GET", r"/frag/projects", frag_projects),
         ("GET", r"/frag/activity", frag_activity),
         ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", frag_project_tasks),
@@ -5845,24 +6293,48 @@ class ProgressLine:
 
 
 def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
-    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C."""
+    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync and pull the fleet meanwhile."""
     import threading
 
     config = web_config(ctx.paths, host=args.host, port=args.port, log_requests=args.log)
+    settings = load_config(ctx.paths.config)
+    peers = [] if args.no_sync else load_peers(settings, path=ctx.paths.config)
+    interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
     stop = threading.Event()
+
+    def log(line: str) -> None:
+        print(f"clare: {line}", file=sys.stderr, flush=True)
 
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
         if config.token is not None:
             print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
-        start_background_pull(ctx.paths.db, load_config(ctx.paths.config), stop=stop,
-                              log=lambda line: print(f"clare: {line}", file=sys.stderr, flush=True))
+        if peers:
+            print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
+        start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log)
+        start_background_pull(ctx.paths.db, settings, stop=stop, log=log)
     try:
         run_server(server, on_start=started)
     finally:
         stop.set()
     print("clare: stopped", flush=True)
+
+
+def cmd_restore(args: argparse.Namespace, ctx: Context) -> None:
+    """Replace the database by a backup copy of it; peers then send back what came after."""
+    if not os.path.isfile(args.backup):
+        raise UsageError(f"no file {args.backup!r}; give a copy of clare.db made earlier")
+    if not args.yes:
+        raise UsageError("restoring replaces everything in this database by the backup (events since then come "
+                         "back only from peers); run again with --yes")
+    db_id = restore_db(ctx.db, args.backup)
+    ctx.close()
+    ctx._db = None
+    db = ctx.db  # reopened: an older backup is migrated here
+    emit(ctx, {"db": db.path, "db_id": db_id, "n_events": count_events(db)},
+         f"restored {db.path} from {args.backup}: {count_events(db)} events, new db id {db_id}\n"
+         "get back what peers hold since the backup with: clare sync")
 
 
 GROUP_HELP = {
@@ -5879,6 +6351,7 @@ _SERVE_ARGS = (
     arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
     arg("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"),
     arg("--log", action="store_true", help="print one line per request to stderr"),
+    arg("--no-sync", action="store_true", help="do not sync with the peers of clare.toml in the background"),
 )
 
 COMMANDS: list[Command] = [
@@ -5975,6 +6448,10 @@ COMMANDS: list[Command] = [
     Command(("web",), cmd_serve, "the same as serve", "clare web --port 9000", _SERVE_ARGS),
     Command(("import",), cmd_import, "add the events of a JSON-lines file (idempotent)",
             "clare import backup.jsonl", (arg("file", help="input file; '-' for stdin"),)),
+    Command(("restore",), cmd_restore, "replace the database by a backup copy of it (new db id)",
+            "clare restore ~/backups/clare.db --yes",
+            (arg("backup", help="a copy of this host's clare.db"),
+             arg("--yes", action="store_true", help="really replace what the database holds now"))),
     Command(("peer", "add"), cmd_peer_add, "add a peer to clare.toml",
             "clare peer add http://10.9.0.2:8765 --name apricot --token-env APRICOT_TOKEN",
             (arg("url", help="where the peer's 'clare serve' answers"),

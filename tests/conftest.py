@@ -245,9 +245,15 @@ def tmux(home, monkeypatch):
 
 
 def observe(db, session_ids, *, now_ms: int, cwd: str = "/srv/app", state: str = "waiting"):
-    """Record that these Claude sessions (and no others) run on the db's host, as `pull` would."""
-    seen = [clare.Observation(session_id=sid, cwd=cwd, tmux_socket=None, tmux_target=f"main:{i}.0",
-                              pane_id=f"%{i}", pid=None, command="claude", state=state,
-                              last_activity_ms=now_ms, label="", tokens={})
-            for i, sid in enumerate(session_ids)]
+    """Record that these Claude sessions (and no others) run on the db's host, as `pull` would.
+
+    An item is a session id, or a dict of Observation fields (session_id, state, label, cwd...) for that one.
+    """
+    seen = []
+    for i, item in enumerate(session_ids):
+        fields = {"session_id": item} if isinstance(item, str) else dict(item)
+        seen.append(clare.Observation(**{
+            "cwd": cwd, "tmux_socket": None, "tmux_target": f"main:{i}.0", "pane_id": f"%{i}", "pid": None,
+            "command": "claude", "state": state, "last_activity_ms": now_ms, "label": "", "tokens": {}, **fields}))
     return clare.observe_sessions(db, seen, now_ms=now_ms)
+

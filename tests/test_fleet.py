@@ -681,3 +681,19 @@ def test_serve_pulls_the_fleet_in_the_background(tmux, db, home, tmp_path):
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=20)
     assert p.returncode == 0 and "stopped" in out and "pull failed" not in err
+
+
+def test_broadcast_through_the_api_and_the_remote_cli(tmux, server, cli, db, tmp_path):
+    tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    target = f"session:{s['id'][:8]}"
+    r = server.request("GET", f"/api/v1/broadcast/recipients?target={target}")
+    assert [x["id"] for x in r.json()] == [s["id"]]
+    r = server.request("POST", "/api/v1/broadcast", json_body={"target": target, "text": "from the API"})
+    assert r.status == 201 and r.json()["deliveries"][0]["result"] == "delivered"
+    r = cli("--remote", server.url, "--json", "broadcast", target, "--yes", "--", "from afar; $(x)")
+    assert r.code == 0, r.err
+    assert [x["prompt"] for x in tmux.received()] == ["from the API", "from afar; $(x)"]
+    bid = r.json()["broadcast_id"]
+    assert [d["result"] for d in server.request("GET", f"/api/v1/deliveries?broadcast={bid}").json()] == ["delivered"]
+    assert server.request("POST", "/api/v1/broadcast", json_body={"target": "nope", "text": "x"}).status == 404
