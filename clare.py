@@ -2026,6 +2026,8 @@ PERMISSION_SCREEN = (
     re.compile(r"^\W*(?:❯|›|>)\s*1\.\s*Yes\b", re.M),
 )
 INTERRUPT_MARK = "[Request interrupted by user"
+# User lines that a local slash command writes (/clear, /model …): no turn starts with them.
+LOCAL_COMMAND_MARKS = ("<command-name>", "<local-command-stdout>", "<local-command-caveat>", "<command-message>")
 SESSION_ID_FLAGS = ("--session-id", "--resume", "-r")
 # Registry status -> state; "waiting" is left out: it can mean a prompt or a dialog, the hook and screen tell.
 REGISTRY_STATES = {"busy": "working", "shell": "working", "idle": "waiting"}
@@ -2347,7 +2349,10 @@ def turn_of_line(obj: dict[str, Any]) -> str | None:
         return None
     content = message.get("content")
     if kind == "user":
-        return "waiting" if _text_of(content).startswith(INTERRUPT_MARK) else "working"
+        text = _text_of(content).lstrip()
+        if text.startswith(LOCAL_COMMAND_MARKS):
+            return None
+        return "waiting" if text.startswith(INTERRUPT_MARK) else "working"
     if kind == "assistant":
         has_tool = isinstance(content, list) and any(
             isinstance(b, dict) and b.get("type") == "tool_use" for b in content)

@@ -697,3 +697,19 @@ def test_broadcast_through_the_api_and_the_remote_cli(tmux, server, cli, db, tmp
     bid = r.json()["broadcast_id"]
     assert [d["result"] for d in server.request("GET", f"/api/v1/deliveries?broadcast={bid}").json()] == ["delivered"]
     assert server.request("POST", "/api/v1/broadcast", json_body={"target": "nope", "text": "x"}).status == 404
+
+
+@pytest.mark.parametrize("line, turn", [
+    ({"type": "user", "message": {"role": "user", "content": "fix it"}}, "working"),
+    ({"type": "user", "message": {"role": "user", "content": [{"type": "tool_result", "content": "ok"}]}}, "working"),
+    ({"type": "user", "message": {"role": "user", "content": "<command-name>/model</command-name>"}}, None),
+    ({"type": "user", "isMeta": True, "message": {"role": "user", "content": "Caveat: ..."}}, None),
+    ({"type": "user", "isSidechain": True, "message": {"role": "user", "content": "sub-agent"}}, None),
+    ({"type": "assistant", "message": {"content": [{"type": "tool_use", "name": "Bash"}]}}, "working"),
+    ({"type": "assistant", "message": {"content": [{"type": "text", "text": "done"}]}}, "waiting"),
+    ({"type": "system", "subtype": "turn_duration", "durationMs": 5}, "waiting"),
+    ({"type": "system", "subtype": "compact_boundary"}, None),
+    ({"type": "file-history-snapshot"}, None),
+])
+def test_what_one_transcript_line_says_of_the_turn(line, turn):
+    assert clare.turn_of_line(line) == turn
