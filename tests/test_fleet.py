@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import clare
-from conftest import wait_for
+from conftest import seeds, wait_for
 
 DATA = Path(__file__).parent / "data"
 
@@ -713,3 +713,36 @@ def test_broadcast_through_the_api_and_the_remote_cli(tmux, server, cli, db, tmp
 ])
 def test_what_one_transcript_line_says_of_the_turn(line, turn):
     assert clare.turn_of_line(line) == turn
+
+
+@pytest.mark.parametrize("seed", seeds(5, "fleet-any-order"), ids=lambda s: f"seed={s}")
+def test_fleet_events_in_any_order_give_the_tables_of_a_replay(seed, tmp_path):
+    import random
+    rng = random.Random(seed)
+    src = clare.open_db(str(tmp_path / "src.db"), machine_id="alpha")
+    ids = [f"{i:08x}-0000-4000-8000-000000000000" for i in range(3)]
+    now = 1_700_000_000_000
+    for step in range(12):
+        now += 1000
+        seen = [clare.Observation(sid, "/srv", None, f"w:{i}.0", f"%{i}", 100 + i, "claude",
+                                  rng.choice(["working", "waiting", "permission"]), now, rng.choice(["", "t"]),
+                                  {"output": step}) for i, sid in enumerate(ids) if rng.random() < 0.8]
+        clare.observe_sessions(src, seen, now_ms=now)
+        mark = clare.HookMark(None, "%0", rng.choice(["working", "waiting"]), "Stop", now + 1)
+        clare.report_hook(src, ids[0], mark, cwd="/srv", now_ms=now + 1)
+    live = [s.id for s in clare.list_sessions(src)] or ids[:1]
+    bid, _, _ = clare.start_broadcast(src, f"session:{live[0]}", "hi", now_ms=now + 2)
+    clare.record_delivery(src, bid, live[0], result="delivered", reason="", now_ms=now + 3)
+    events = list(clare.iter_events(src))
+    expected = clare.projection_digest(src)
+    for n in range(3):
+        dst = clare.open_db(str(tmp_path / f"dst{n}.db"), machine_id="beta")
+        order = events[:]
+        rng.shuffle(order)
+        with clare.write_txn(dst) as cur:
+            clare.receive_events(dst, cur, order, now_ms=now)
+        got = clare.projection_digest(dst)
+        assert {t: got[t] for t in ("sessions", "broadcasts", "deliveries")} == \
+               {t: expected[t] for t in ("sessions", "broadcasts", "deliveries")}
+        dst.close()
+    src.close()
