@@ -1301,8 +1301,8 @@ def _session_from_row(row: sqlite3.Row) -> Session:
 
 
 def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
-                  include_gone: bool = True, pane_id: str | None = None) -> list[Session]:
-    """Return sessions by id prefix, host or pane, ordered by host, tmux target and id."""
+                  include_gone: bool = True) -> list[Session]:
+    """Return sessions by id prefix or host, ordered by host, tmux target and id."""
     sql, params = _SESSION_SELECT, []
     if prefix is not None:
         sql += " AND s.id >= ? AND s.id < ?"
@@ -1310,9 +1310,6 @@ def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
     if host is not None:
         sql += " AND s.host = ?"
         params.append(host)
-    if pane_id is not None:
-        sql += " AND s.pane_id = ?"
-        params.append(pane_id)
     if not include_gone:
         sql += " AND s.state != 'gone'"
     rows = db.conn.execute(sql + " ORDER BY s.host, s.tmux_target, s.id", params).fetchall()
