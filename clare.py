@@ -1675,8 +1675,10 @@ def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: s
 
 def get_pane_session(db: Db, tmux_socket: str | None, pane_id: str) -> Session:
     """Return the live session this host last saw in a tmux pane."""
-    found = [s for s in list_sessions(db, host=db.machine_id)
-             if s.pane_id == pane_id and (tmux_socket is None or s.tmux_socket == tmux_socket)]
+    found = [s for s in list_sessions(db, host=db.machine_id) if s.pane_id == pane_id]
+    # Pane ids are per tmux server: prefer the caller's server, but a socket path spelled another
+    # way (a symlinked TMUX_TMPDIR) must not hide the only match.
+    found = [s for s in found if s.tmux_socket == tmux_socket] or found
     if not found:
         raise NotFound(f"no Claude session is known in tmux pane {pane_id}; run 'clare pull' first, "
                        "or name the task: clare update TASK TEXT")
