@@ -2227,12 +2227,16 @@ def is_claude_argv(argv: list[str]) -> bool:
             and ("claude" in os.path.basename(argv[1]) or "claude-code" in argv[1]))
 
 
-def find_claude(pid: int, children: dict[int, list[int]], argv_of: Callable[[int], list[str]]) -> int | None:
-    """Return the first Claude process at or below `pid`, walking the process tree breadth first."""
-    queue = [pid]
+def find_claude(pid: int, children: dict[int, list[int]], argv_of: Callable[[int], list[str]], *,
+                registered: Iterable[int] = ()) -> int | None:
+    """Return the first Claude process at or below `pid`, walking the process tree breadth first.
+
+    A process with a live registry entry is Claude whatever its argv (a versioned binary's name).
+    """
+    queue, registered = [pid], set(registered)
     while queue:
         p = queue.pop(0)
-        if is_claude_argv(argv_of(p)):
+        if p in registered or is_claude_argv(argv_of(p)):
             return p
         queue += children.get(p, ())
     return None
@@ -2544,7 +2548,7 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
             unreachable.append(socket)
             continue
         for pane in panes:
-            pid = None if pane.is_dead else find_claude(pane.pid, children, argv_of)
+            pid = None if pane.is_dead else find_claude(pane.pid, children, argv_of, registered=registry)
             if pid is not None:
                 claude_panes.append((pane, pid))
     found: list[tuple[str, Pane | None, int]] = []
@@ -3030,10 +3034,11 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
     if pane is None:
         return "refused", f"tmux pane {session.pane_id} is gone"
     procs, children = process_tree()
-    claude_pid = find_claude(pane.pid, children, proc_argv)
+    registry = read_registry(claude_home(), procs)
+    claude_pid = find_claude(pane.pid, children, proc_argv, registered=registry)
     if claude_pid is None:
         return "refused", f"pane {pane.pane_id} does not run Claude now; a shell would run the text"
-    entry = read_registry(claude_home(), procs).get(claude_pid)
+    entry = registry.get(claude_pid)
     if entry is not None and entry["sessionId"] != session.id:
         return "refused", f"pane {pane.pane_id} now runs another session ({entry['sessionId'][:SHORT_ID]})"
     if pane.in_mode:

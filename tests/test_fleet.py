@@ -746,3 +746,14 @@ def test_fleet_events_in_any_order_give_the_tables_of_a_replay(seed, tmp_path):
                {t: expected[t] for t in ("sessions", "broadcasts", "deliveries")}
         dst.close()
     src.close()
+
+
+def test_a_registered_claude_is_found_whatever_its_argv0(tmux, cli, tmp_path):
+    import shlex
+    import sys
+    from conftest import FAKE_CLAUDE
+    line = f"exec -a 2.0.14 {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_CLAUDE))}"  # a versioned binary
+    pane = tmux.spawn("bash", "-c", line, cwd=tmp_path / "proj", name="work")
+    wait_for(lambda: list((tmux.claude_dir / "sessions").glob("*.json")), what="the registry entry")
+    [s] = pull(cli)["sessions"]
+    assert s["pane_id"] == pane and s["command"].startswith("2.0.14 ")
