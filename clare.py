@@ -1706,17 +1706,18 @@ _OBSERVED_KEYS = ("cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "comman
 
 
 def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
-                     now_ms: int) -> list[Event]:
+                     keep_ids: Iterable[str] = (), now_ms: int) -> list[Event]:
     """Record how this host's sessions changed since the last look: appeared, changed, gone.
 
     A session of this host that is not seen is gone, unless its tmux server could not be asked
-    (keep_sockets). Nothing is written when nothing changed: the log must not grow with polling.
-    Last activity and tokens ride along with an event but never cause one.
+    (keep_sockets) or other evidence says it lives (keep_ids). Nothing is written when nothing
+    changed: the log must not grow with polling. Last activity and tokens ride along with an
+    event but never cause one.
     """
     for ob in seen:
         _check_prefix("session", ob.session_id)
         _check_choice("session state", ob.state, SESSION_STATES)
-    keep = set(keep_sockets)
+    keep, keep_ids = set(keep_sockets), set(keep_ids)
     events = []
     with write_txn(db) as cur:
         known = {s.id: s for s in find_sessions(db, host=db.machine_id)}
@@ -1736,7 +1737,7 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
                                      now_ms=now_ms))
         seen_ids = {ob.session_id for ob in seen}
         for s in known.values():
-            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep:
+            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep and s.id not in keep_ids:
                 events.append(record(db, cur, "session.gone", {"session_id": s.id, "host": db.machine_id,
                                                                "reason": "no longer running"}, now_ms=now_ms))
     return events
@@ -2044,6 +2045,7 @@ NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": 
 HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
 MAX_HOOK_INPUT_BYTES = 32 * 1024 * 1024  # a prompt can be long; a report cut short would be lost
 HOOK_TIMEOUT_S = 10
+HOOK_ALIVE_MS = 10 * 60 * 1000  # a session that sent a hook report this recently is not gone
 CLARE_HOOK_RE = re.compile(r"\bclare\b.*\shook\s*$")  # how uninstall knows Clare's hooks from the user's
 BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
 BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
@@ -2641,7 +2643,11 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     rclaude = read_rclaude(config.get("rclaude", {}), machine_id=db.machine_id, warnings=warnings)
     observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env), rclaude=rclaude,
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
-    events = observe_sessions(db, observations, keep_sockets=unreachable, now_ms=now_ms)
+    # A session that reported through a hook lately lives even when this look cannot find it (an old
+    # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
+    alive = [sid for sid, m in list_hook_marks(db).items()
+             if m.hook_event != "SessionEnd" and now_ms - m.at_ms < HOOK_ALIVE_MS]
+    events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, now_ms=now_ms)
     deliver_pending(db, now_ms=now_ms)
     text = canonical_json([p.to_json() for p in ambiguous])
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:

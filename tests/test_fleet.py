@@ -757,3 +757,13 @@ def test_a_registered_claude_is_found_whatever_its_argv0(tmux, cli, tmp_path):
     wait_for(lambda: list((tmux.claude_dir / "sessions").glob("*.json")), what="the registry entry")
     [s] = pull(cli)["sessions"]
     assert s["pane_id"] == pane and s["command"].startswith("2.0.14 ")
+
+
+def test_a_session_known_only_from_hooks_is_not_gone_at_every_pull(run_clare, cli, db, tmux):
+    assert run_clare("hook", input=hook_payload("UserPromptSubmit", prompt="go")).code == 0  # no tmux, no registry
+    for _ in range(2):
+        assert pull(cli)["events"] == 0
+    [s] = clare.list_sessions(db)
+    assert s.state == "working"
+    run_clare("hook", input=hook_payload("SessionEnd", reason="exit"))
+    assert clare.list_sessions(db) == [] and pull(cli)["events"] == 0
