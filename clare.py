@@ -3080,7 +3080,9 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
 
 def _dialog_refusal(db: Db, session: Session, pane: Pane) -> str | None:
     screen = capture_pane(pane.socket, pane.pane_id)
-    if screen is None or shows_permission_dialog(screen):
+    if screen is None:
+        return f"cannot read pane {pane.pane_id}'s screen; not typing blind"
+    if shows_permission_dialog(screen):
         return "needs permission: a dialog is open (Enter would approve it)"
     # The hook is the dependable signal when the screen text changes between versions: a
     # permission report counts until the transcript moves on after it.
