@@ -5513,9 +5513,6 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
         "conflicts": {"type": "array", "items": {"type": "string"}},
         "rejected": {"type": "array", "items": {"type": "string"}}}},
     "ReplayResult": {"type": "object", "required": ["events"], "properties": {"events": {"type": "integer"}}},
-    "BroadcastResult": {"type": "object", "required": ["broadcast_id", "target", "text", "deliveries"], "properties": {
-        "broadcast_id": {"type": "string"}, "target": {"type": "string"}, "text": {"type": "string"},
-        "deliveries": _array("Delivery")}},
 }
 
 # (method, path) -> summary, query parameters, request body schema, success status, response schema

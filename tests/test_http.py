@@ -585,7 +585,7 @@ def test_broadcast_through_the_api_types_into_the_session_and_reports_it(server,
     r = server.request("GET", f"/api/v1/broadcast/recipients?target=session:{s['id'][:8]}")
     assert [x["id"] for x in r.json()] == [s["id"]]
     r = server.request("POST", "/api/v1/broadcast", json_body={"target": f"session:{s['id']}", "text": "run the tests"})
-    assert r.status == 200, r.body
+    assert r.status == 201, r.body
     sent = r.json()
     assert [(d["session_id"], d["result"]) for d in sent["deliveries"]] == [(s["id"], "delivered")]
     assert [x["prompt"] for x in tmux.received()] == ["run the tests"]
