@@ -531,6 +531,19 @@ def iter_events(db: Db, *, after: int = 0, batch: int = 1000) -> Iterator[Event]
         after = rows[-1][0]
 
 
+def list_events_after(db: Db, *, after: int, limit: int, max_chars: int) -> list[Event]:
+    """Return up to `limit` events with rseq > after in receipt order, stopping once payloads pass max_chars."""
+    rows = db.conn.execute(f"SELECT {_EVENT_COLUMNS}, length(payload) AS n_chars FROM events "
+                           "WHERE rseq > ? ORDER BY rseq LIMIT ?", (after, limit)).fetchall()
+    events, n_chars = [], 0
+    for row in rows:
+        events.append(_event_from_row(tuple(row)[:-1]))
+        n_chars += row["n_chars"]
+        if n_chars >= max_chars:
+            break
+    return events
+
+
 def get_events_by_uuid(db: Db, uuids: Iterable[str]) -> list[Event]:
     """Return the stored events among `uuids`, in (hlc, uuid) order."""
     wanted = list(uuids)
@@ -2584,9 +2597,12 @@ SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes)})
 # transaction, so a crash anywhere leaves either all of it or none. Pushing is the same
 # walk over this host's own rseq; the receiver stores idempotently by uuid.
 
-SYNC_PAGE_LIMIT = 1000  # events per pulled page at most
+# Pages and batches are large because the puller stores each in one transaction, and a
+# transaction of 1,000 events costs ~30% more per event than one of 5,000 (measured).
+SYNC_PAGE_LIMIT = 5000  # events per pulled page at most
+SYNC_PAGE_CHARS = 4 * 1024 * 1024  # ... and a page ends once its payloads pass this size
 MAX_SYNC_BATCH = 5000  # events in one pushed batch at most; a larger batch is refused whole
-PUSH_BATCH_EVENTS = 1000
+PUSH_BATCH_EVENTS = 5000
 PUSH_BATCH_BYTES = 4 * 1024 * 1024  # half the 8 MB body limit of the sync endpoints
 MAX_FETCH_UUIDS = 5000  # uuids asked for in one anti-entropy fetch
 DAY_MS = 86_400_000
@@ -2674,11 +2690,7 @@ def sync_page(db: Db, *, after: object, limit: object = SYNC_PAGE_LIMIT, now_ms:
     """Return the events stored after receipt number `after`: GET /api/v1/sync/events."""
     after = _check_count("after", after)
     limit = min(max(_check_count("limit", limit), 1), SYNC_PAGE_LIMIT)
-    events: list[Event] = []
-    for ev in iter_events(db, after=after, batch=limit):
-        events.append(ev)
-        if len(events) == limit:
-            break
+    events = list_events_after(db, after=after, limit=limit, max_chars=SYNC_PAGE_CHARS)
     next_after = events[-1].rseq if events else after
     head = head_rseq(db.conn)  # read after the page: an event stored meanwhile shows as has_more
     return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms,

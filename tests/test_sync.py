@@ -557,13 +557,12 @@ def test_verify_finds_what_cursors_missed_in_both_directions(nodes):
 def test_a_long_sync_reports_progress_up_to_the_total(nodes):
     a, b = nodes("a"), nodes("b")
     with clare.write_txn(b.db) as cur:
-        for i in range(2500):
+        for i in range(7000):
             clare.record(b.db, cur, "widget.spun", {"n": i}, now_ms=b.now())
     seen = []
     report = clare.sync_with(a.db, Link(b), name="b", wall=a.now, progress=lambda *p: seen.append(p))
-    assert report.n_pulled == 2500 and report.n_behind == 0
-    assert seen[-1] == ("pulled", 2500, 2500) and len(seen) == 3
-    assert [moved for _, moved, _ in seen] == sorted(moved for _, moved, _ in seen)
+    assert report.n_pulled == 7000 and report.n_behind == 0
+    assert seen == [("pulled", clare.SYNC_PAGE_LIMIT, 7000), ("pulled", 7000, 7000)]
 
 
 # --- garbage from a peer ------------------------------------------------------------------------
@@ -645,6 +644,16 @@ def test_a_page_is_limited_and_says_what_comes_next(db):
     assert [e["payload"]["n"] for e in page["events"]] == [1, 2, 3]
     assert (page["next_after"], page["has_more"], page["head"]) == (5, True, 6)
     assert clare.sync_page(db, after=6, limit=10**6, now_ms=0)["events"] == []
+
+
+def test_a_page_of_large_events_ends_at_its_size_limit(db):
+    with clare.write_txn(db) as cur:
+        for i in range(80):
+            clare.record(db, cur, "widget.spun", {"n": i, "blob": "x" * 60_000}, now_ms=START_MS)
+    page = clare.sync_page(db, after=0, now_ms=START_MS)
+    n = len(page["events"])
+    assert n * 60_000 >= clare.SYNC_PAGE_CHARS > (n - 1) * 60_000 and page["has_more"]
+    assert page["next_after"] == n
 
 
 def test_a_malformed_page_from_a_peer_fails_the_round_and_stores_nothing(db):
