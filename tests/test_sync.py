@@ -982,3 +982,20 @@ def test_syncing_with_itself_is_refused(nodes):
     a = nodes("a")
     with pytest.raises(clare.ClareError, match="this very database"):
         a.sync(a)
+
+
+def test_sync_answers_match_the_openapi_schemas(server):
+    from test_http import _validate
+
+    doc = server.request("GET", "/api/v1/openapi.json").json()
+    clare.create_project(clare.open_db(server.config.db_path), "alpha", now_ms=clare.now_ms())
+    day = clare.sync_digest(clare.open_db(server.config.db_path), now_ms=0)["days"].popitem()[0]
+    for path in ("/api/v1/sync/events", "/api/v1/sync/days", "/api/v1/sync/days/{day}", "/api/v1/sync/peers"):
+        r = server.request("GET", path.replace("{day}", day))
+        assert r.status == 200
+        _validate(r.json(), doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"], doc, path)
+    uid = server.request("GET", "/api/v1/sync/events").json()["events"][0]["uuid"]
+    for path, body in (("/api/v1/sync/fetch", {"uuids": [uid]}), ("/api/v1/sync/events", {"events": [{"x": 1}]})):
+        r = server.request("POST", path, json_body=body)
+        assert r.status == 200, r.body
+        _validate(r.json(), doc["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"], doc, path)
