@@ -3320,6 +3320,9 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
         total = head - after if total is None else total
         events, rejected = check_events(page["events"])
         report.rejected += rejected
+        if not page["events"] and next_after == after:
+            report.n_behind = head - after
+            return  # nothing new: no transaction at all
         with write_txn(db) as cur:
             head_before = head_rseq(cur)
             result = receive_events(db, cur, events, now_ms=wall())
