@@ -533,12 +533,14 @@ def iter_events(db: Db, *, after: int = 0, batch: int = 1000) -> Iterator[Event]
 
 def list_events_after(db: Db, *, after: int, limit: int, max_chars: int) -> list[Event]:
     """Return up to `limit` events with rseq > after in receipt order, stopping once payloads pass max_chars."""
-    rows = db.conn.execute(f"SELECT {_EVENT_COLUMNS}, length(payload) AS n_chars FROM events "
-                           "WHERE rseq > ? ORDER BY rseq LIMIT ?", (after, limit)).fetchall()
+    cur = db.conn.cursor()
+    cur.row_factory = None  # plain tuples, as in iter_events
+    rows = cur.execute(f"SELECT {_EVENT_COLUMNS}, length(payload) FROM events WHERE rseq > ? ORDER BY rseq LIMIT ?",
+                       (after, limit)).fetchall()
     events, n_chars = [], 0
     for row in rows:
-        events.append(_event_from_row(tuple(row)[:-1]))
-        n_chars += row["n_chars"]
+        events.append(_event_from_row(row[:-1]))
+        n_chars += row[-1]
         if n_chars >= max_chars:
             break
     return events
@@ -691,6 +693,8 @@ CREATE TABLE tasks (
     assignee TEXT, assignee_v TEXT              -- 'session:ID', 'group:ID' or NULL
 );
 CREATE INDEX tasks_project ON tasks (project_id, priority);
+-- the task counts of a project, read from this index alone (the rows are wide with versions)
+CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NOT NULL;
 CREATE TABLE groups (
     id TEXT PRIMARY KEY,
     created_at TEXT, created_at_v TEXT,
@@ -5205,41 +5209,6 @@ def page_login(req: Request) -> Response:
     return Response(303, b"", "text/plain", (("Location", "/"),))
 
 
-# --- sync endpoints: thin wrappers over section 7 ---------------------------
-
-def sync_get_events(req: Request) -> Response:
-    """Page through the log in receipt order for a peer: ?after=RSEQ&limit=N."""
-    return json_response(sync_page(req.db, after=req.arg("after", "0"), limit=req.arg("limit", str(SYNC_PAGE_LIMIT)),
-                                   now_ms=now_ms()))
-
-
-def sync_post_events(req: Request) -> Response:
-    """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
-    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
-    return json_response(sync_accept(req.db, body, now_ms=now_ms()))
-
-
-def sync_get_days(req: Request) -> Response:
-    """Return the per-day event counts and uuid hashes (anti-entropy)."""
-    return json_response(sync_digest(req.db, now_ms=now_ms()))
-
-
-def sync_get_day(req: Request) -> Response:
-    """Return the uuids of the events of one day (anti-entropy)."""
-    return json_response(sync_day(req.db, req.params["day"], now_ms=now_ms()))
-
-
-def sync_post_fetch(req: Request) -> Response:
-    """Return the events among {uuids: [...]} (anti-entropy)."""
-    return json_response(sync_fetch(req.db, req.json(required=("uuids",)), now_ms=now_ms()))
-
-
-def sync_get_peers(req: Request) -> Response:
-    """Return each peer with what its last sync did: for the dashboard and remote `peer list`."""
-    peers = load_peers(load_config(req.config.config_path), path=req.config.config_path)
-    return json_response(list_peers(req.db, peers))
-
-
 # --- OpenAPI --------------------------------------------------------------
 
 _PRIMITIVES = {str: "string", int: "integer", bool: "boolean", float: "number", dict: "object", list: "array"}
@@ -5414,6 +5383,41 @@ def openapi_document() -> dict[str, Any]:
 def api_openapi(req: Request) -> Response:
     """Return the OpenAPI 3.1 document of this API."""
     return json_response(openapi_document())
+
+
+# --- sync endpoints: thin wrappers over section 7 ---------------------------
+
+def sync_get_events(req: Request) -> Response:
+    """Page through the log in receipt order for a peer: ?after=RSEQ&limit=N."""
+    return json_response(sync_page(req.db, after=req.arg("after", "0"), limit=req.arg("limit", str(SYNC_PAGE_LIMIT)),
+                                   now_ms=now_ms()))
+
+
+def sync_post_events(req: Request) -> Response:
+    """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
+    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
+    return json_response(sync_accept(req.db, body, now_ms=now_ms()))
+
+
+def sync_get_days(req: Request) -> Response:
+    """Return the per-day event counts and uuid hashes (anti-entropy)."""
+    return json_response(sync_digest(req.db, now_ms=now_ms()))
+
+
+def sync_get_day(req: Request) -> Response:
+    """Return the uuids of the events of one day (anti-entropy)."""
+    return json_response(sync_day(req.db, req.params["day"], now_ms=now_ms()))
+
+
+def sync_post_fetch(req: Request) -> Response:
+    """Return the events among {uuids: [...]} (anti-entropy)."""
+    return json_response(sync_fetch(req.db, req.json(required=("uuids",)), now_ms=now_ms()))
+
+
+def sync_get_peers(req: Request) -> Response:
+    """Return each peer with what its last sync did: for the dashboard and remote `peer list`."""
+    peers = load_peers(load_config(req.config.config_path), path=req.config.config_path)
+    return json_response(list_peers(req.db, peers))
 
 
 # --- the remote twin of Services ----------------------------------------
@@ -5651,13 +5655,13 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/api/v1/history", api_history),
         ("POST", r"/api/v1/import", api_import_events),
         ("POST", r"/api/v1/replay", api_replay),
+        ("GET", r"/api/v1/openapi\.json", api_openapi),
         ("GET", r"/api/v1/sync/events", sync_get_events),
         ("POST", r"/api/v1/sync/events", sync_post_events),
         ("GET", r"/api/v1/sync/days", sync_get_days),
         ("GET", r"/api/v1/sync/days/(?P<day>[0-9-]{10})", sync_get_day),
         ("POST", r"/api/v1/sync/fetch", sync_post_fetch),
         ("GET", r"/api/v1/sync/peers", sync_get_peers),
-        ("GET", r"/api/v1/openapi\.json", api_openapi),
         ("GET", r"/", page_dashboard),
         ("GET", r"/projects", page_projects),
         ("POST", r"/projects", frag_create_project),

@@ -3,8 +3,11 @@
 
     make bench                                  # full sizes: about ten minutes on 2 cores
     CLARE_BENCH_QUICK=1 make bench              # tiny sizes, under a minute (tests/test_bench.py)
-    .venv/bin/python bench/run.py --only replay # rows whose key starts with "replay"
+    .venv/bin/python bench/run.py --only replay # one group: list replay append sync http pull serve
     .venv/bin/python bench/run.py --json out.json
+
+A full run writes about 2 GB of transcripts and 1.5 GB of databases under $TMPDIR and
+removes them. The peers: `apt-get install -y taskwarrior wrk`.
 
 Every figure is the median of several runs; every baseline is measured in the same run,
 interleaved with the Clare figure beside it, so the ratio holds when the machine is busy.
@@ -43,6 +46,7 @@ import clare  # noqa: E402  (the file under test, found beside bench/)
 
 PY = sys.executable  # the interpreter itself: a version-manager shim would add its own start-up
 FLOOR = [PY, "-c", "import sqlite3, json, argparse"]
+HAS_SESSIONS = "session.appeared" in clare.APPLIERS  # the fleet section has landed
 TASKRC_LINES = ("confirmation=off", "bulk=0", "recurrence.confirmation=no", "verbose=nothing",
                 "hooks=off", "news.version=2.6.2", "color=off")
 
@@ -72,6 +76,7 @@ QUICK = Sizes(tasks=(2, 5, 10, 20, 40), cli_runs=3, replay=(200, 1_000, 3_000), 
 # Every row the table has, in order: the test checks that a quick run prints each of them.
 ROW_KEYS = (
     *(f"list.{i}.floor" for i in range(5)), *(f"list.{i}.taskwarrior" for i in range(5)),
+    "list.1.module",
     *(f"add.{i}.floor" for i in range(5)), *(f"add.{i}.taskwarrior" for i in range(5)),
     *(f"replay.{i}" for i in range(3)),
     "append.services", "append.import",
@@ -168,13 +173,17 @@ def clare_env(home: Path) -> dict[str, str]:
     return {**os.environ, "CLARE_HOME": str(home)}
 
 
-def make_tasks_home(home: Path, n_tasks: int) -> None:
+def make_tasks_home(home: Path, n_tasks: int, *, n_sessions: int = 0) -> None:
     """Create a Clare home holding n_tasks tasks in projects of 100, through record() in one txn."""
     home.mkdir(parents=True, exist_ok=True)
     db = clare.open_db(str(home / "clare.db"), machine_id="bench")
     now = clare.now_ms()
     try:
         with clare.write_txn(db) as cur:
+            for i in range(n_sessions if HAS_SESSIONS else 0):
+                clare.record(db, cur, "session.appeared", {
+                    "session_id": str(uuid.uuid4()), "host": "bench", "cwd": f"/srv/app-{i % 20}/worktree-{i}",
+                    "state": ("working", "waiting", "idle")[i % 3]}, now_ms=now)
             project_id = ""
             for i in range(n_tasks):
                 if i % 100 == 0:
@@ -301,6 +310,8 @@ def bench_cli(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
         t = time_interleaved(cmds, sizes.cli_runs)
         rows[f"list.{i}.floor"] = Row(f"list.{i}.floor", f"`task list --json`, {n:,} tasks{size_note}", g_list,
                                       clare=t["clare"], base=t["floor"], base_name="interpreter floor")
+        if i == 1:
+            rows["list.1.module"] = list_as_module(home, n, size_note, work, sizes)
         rows[f"list.{i}.taskwarrior"] = Row(
             f"list.{i}.taskwarrior", f"`task list --json` vs `task export`, {n:,} tasks{size_note}", g_tw,
             clare=t["clare"], base=t.get("tw"), base_name="Taskwarrior", note=tw_missing or "")
@@ -317,6 +328,20 @@ def bench_cli(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
         shutil.rmtree(home)
         if tw:
             shutil.rmtree(tw.data.parent)
+
+
+def list_as_module(home: Path, n: int, size_note: str, work: Path, sizes: Sizes) -> Row:
+    """`task list --json` run as `python3 -m clare`: bytecode cached, so no compile of clare.py per run.
+
+    `python3 clare.py` compiles the whole file on every start (a script's bytecode is never
+    cached); this row shows what an installed launcher that imports clare would cost.
+    """
+    env = {**clare_env(home), "PYTHONPATH": str(ROOT), "PYTHONPYCACHEPREFIX": str(work / "pycache")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    cmds = {"clare": ([PY, "-m", "clare", "task", "list", "--json"], env), "floor": (FLOOR, None)}
+    t = time_interleaved(cmds, sizes.cli_runs)
+    return Row("list.1.module", f"`task list --json`, {n:,} tasks{size_note}, as `python3 -m clare` "
+               "(bytecode cached)", "<= 1.5x", clare=t["clare"], base=t["floor"], base_name="interpreter floor")
 
 
 def bare_replay(path: Path) -> float:
@@ -375,15 +400,17 @@ def bench_append(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     """Appending through the services beside a bare INSERT of the same rows in one transaction."""
     n = sizes.append
     home = work / "append"
-    make_tasks_home(home, 1)
+    make_tasks_home(home, n)  # the projects: alpha, project-1, ... of 100 tasks each
     db = clare.open_db(str(home / "clare.db"))
     svc = clare.Services(db)
+    names = [p.name for p in svc.list_projects()]
+    n_before = svc.count_events()
     started = time.perf_counter()
     for i in range(n):  # each service call is its own transaction, as the CLI and the server make them
-        svc.create_task("alpha", f"task {i}")
+        svc.create_task(names[i % len(names)], f"task {i}")
     services_s = time.perf_counter() - started
     rows_ = db.conn.execute("SELECT uuid, hlc, machine_id, event_type, payload, created_at, hash FROM events "
-                            "ORDER BY rseq").fetchall()
+                            "WHERE rseq > ? ORDER BY rseq", (n_before,)).fetchall()
     db.close()
     n_rows = len(rows_)
     bare_s = bare_insert(work / "bare-insert.db", [tuple(r) for r in rows_])
@@ -399,10 +426,10 @@ def bench_append(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     result, bad = clare.Services(db).import_events(text)
     import_s = time.perf_counter() - started
     db.close()
-    if bad or len(result.inserted) != n_rows:
-        raise BenchError(f"import stored {len(result.inserted)} of {n_rows} events: {bad[:1]}")
-    rows["append.import"] = Row("append.import", f"append via services, one batch (import), {n_rows:,} events",
-                                ">= 0.25x", unit="ev/s", clare=n_rows / import_s, base=n_rows / bare_s,
+    if bad or len(result.inserted) != len(text):
+        raise BenchError(f"import stored {len(result.inserted)} of {len(text)} events: {bad[:1]}")
+    rows["append.import"] = Row("append.import", f"append via services, one batch (import), {len(text):,} events",
+                                ">= 0.25x", unit="ev/s", clare=len(text) / import_s, base=n_rows / bare_s,
                                 base_name="bare INSERT, one txn")
     shutil.rmtree(home)
 
@@ -430,14 +457,18 @@ def has_command(*path: str) -> bool:
     return any(c.path == path for c in clare.COMMANDS)
 
 
+def has_route(method: str, path: str) -> bool:
+    """Return whether `clare serve` answers a method and path."""
+    return any(m == method and rx.fullmatch(path) for m, rx, _ in getattr(clare, "ROUTES", ()))
+
+
 def bench_sync(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     """A full sync into an empty peer beside `clare import` of the same events; an incremental sync."""
     n = sizes.sync
-    src_home = work / "sync-src"
-    src = src_home / "clare.db"
-    n = make_log(src, n)
+    src = work / "sync-src"
+    n = make_log(src / "clare.db", n)
     lines = work / "sync.jsonl"
-    export_log(src, lines)
+    export_log(src / "clare.db", lines)
 
     def import_once() -> float:
         home = work / "sync-import"
@@ -446,53 +477,75 @@ def bench_sync(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
         run([PY, str(CLARE_PY), "--home", str(home), "import", str(lines)])
         return (time.perf_counter() - started) * 1000
     import_ms = median_of(import_once, 3)
-    note = "" if has_command("sync") and has_command("serve") else "n/a (needs `clare sync` and `clare serve`)"
-    full = rows["sync.full"] = Row("sync.full", f"sync of {n:,} events into an empty peer", "<= 2x",
-                                   base=import_ms, base_name="`clare import`", note=note)
-    incremental = rows["sync.incremental"] = Row("sync.incremental", "incremental sync of 10 events", "<= 3x",
-                                                 base_name="one HTTP round trip", note=note)
-    if not note:
-        with clare_server(src_home) as url:
-            dst = work / "sync-dst"
-
-            def sync_once(*, fresh: bool) -> float:
-                if fresh:
-                    shutil.rmtree(dst, ignore_errors=True)
-                started = time.perf_counter()
-                run([PY, str(CLARE_PY), "--home", str(dst), "sync", url])
-                return (time.perf_counter() - started) * 1000
-            full.clare = median_of(lambda: sync_once(fresh=True), 3)
-
-            def add_ten_then_sync() -> float:
-                db = clare.open_db(str(src))
-                try:
-                    with clare.write_txn(db) as cur:
-                        for i in range(10):
-                            clare.record(db, cur, "widget.spun", {"n": i}, now_ms=clare.now_ms())
-                finally:
-                    db.close()
-                return sync_once(fresh=False)
-            incremental.clare = median_of(add_ten_then_sync, 5)
-            get = [PY, "-c", "import sys, urllib.request; urllib.request.urlopen(sys.argv[1]).read()",
-                   url + "/api/v1/sync/events?after=0&limit=1"]
-            incremental.base = median_of(lambda: time_cmd(get, None), 5)
-    shutil.rmtree(src_home)
-    lines.unlink()
-
-
-@contextlib.contextmanager
-def clare_server(home: Path) -> Iterator[str]:
-    """Run `clare serve --no-sync` on a free port over `home`; yield its URL."""
-    child = subprocess.Popen([PY, str(CLARE_PY), "--home", str(home), "serve", "--port", "0", "--no-sync"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    full = Row("sync.full", f"`clare sync` of {n:,} events into an empty peer, loopback", "<= 2x",
+               base=import_ms, base_name="`clare import` of the same events")
+    incremental = Row("sync.incremental", "incremental sync of 10 new events between up-to-date peers", "<= 3x",
+                      base_name="one HTTP round trip")
+    rows["sync.full"], rows["sync.incremental"] = full, incremental
+    if not (has_command("sync") and has_route("GET", "/api/v1/sync/events")):
+        full.note = incremental.note = "n/a (needs `clare sync` and the sync routes of `clare serve`)"
+        return
+    server = ClareServer(src)
     try:
-        line = child.stdout.readline()
-        if not line.startswith("clare: serving "):
-            raise BenchError(f"clare serve did not start: {line.strip()[:200]}")
-        yield line.split()[2].rstrip("/")
+        def sync_once() -> float:
+            home = work / "sync-dst"
+            shutil.rmtree(home, ignore_errors=True)
+            started = time.perf_counter()
+            run([PY, str(CLARE_PY), "--home", str(home), "sync", server.url])
+            return (time.perf_counter() - started) * 1000
+        full.clare = median_of(sync_once, 3)
+        if count_events(work / "sync-dst" / "clare.db") != n:
+            raise BenchError("the synced peer does not hold every event")
+        incremental.clare, incremental.base = incremental_sync(src / "clare.db", work / "sync-dst" / "clare.db",
+                                                               server.url)
     finally:
-        child.terminate()
-        child.wait(timeout=15)
+        server.stop()
+    for p in (lines,):
+        p.unlink()
+
+
+def count_events(path: Path) -> int:
+    """Return how many events a database holds."""
+    db = clare.open_db(str(path))
+    try:
+        return clare.count_events(db)
+    finally:
+        db.close()
+
+
+def incremental_sync(src: Path, dst: Path, url: str, *, runs: int = 7) -> tuple[float, float]:
+    """Return the median ms of a sync round that moves 10 new events, and of one HTTP round trip.
+
+    Both in this process, so neither pays an interpreter start: the round trip is a GET of the
+    sync page after the newest event, what a peer asks when it is up to date.
+    """
+    import urllib.request
+
+    src_db, dst_db = clare.open_db(str(src)), clare.open_db(str(dst))
+    svc = clare.Services(src_db)
+    project = svc.list_projects()[0].id
+    peer = clare.HttpPeer(url, token=None)
+    sync_ms, trip_ms = [], []
+    try:
+        clare.sync_with(dst_db, peer, name="bench")  # up to date, cursor saved
+        for i in range(runs):
+            for k in range(10):
+                svc.create_task(project, f"new task {i}.{k}")
+            started = time.perf_counter()
+            report = clare.sync_with(dst_db, peer, name="bench")
+            sync_ms.append((time.perf_counter() - started) * 1000)
+            if report.n_pulled != 10:
+                raise BenchError(f"an incremental sync pulled {report.n_pulled} events, expected 10")
+            head = clare.count_events(src_db)
+            started = time.perf_counter()
+            with urllib.request.urlopen(f"{url}/api/v1/sync/events?after={head + 10**9}&limit=1000",
+                                        timeout=30) as reply:
+                reply.read()
+            trip_ms.append((time.perf_counter() - started) * 1000)
+    finally:
+        src_db.close()
+        dst_db.close()
+    return statistics.median(sync_ms), statistics.median(trip_ms)
 
 
 class FixedPage(http.server.BaseHTTPRequestHandler):
@@ -536,11 +589,50 @@ def wrk(url: str, seconds: int) -> tuple[float, float]:
     return rate, float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
 
 
+class ClareServer:
+    """`clare serve` on a free port, as a child process; stopped with SIGTERM."""
+
+    def __init__(self, home: Path):
+        self.child = subprocess.Popen([PY, str(CLARE_PY), "--home", str(home), "serve", "--port", "0"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.child.stdout.readline()
+        m = re.search(r"(http://[0-9.:]+)/", line)
+        if not m:
+            self.stop()
+            raise BenchError(f"clare serve did not say where it serves: {line.strip()!r}")
+        self.url = m[1]
+
+    def get(self, path: str) -> int:
+        """GET a path; return the size of the body."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + path, timeout=120) as reply:
+            return len(reply.read())
+
+    def peak_rss_mb(self) -> float:
+        """Return the server's peak resident memory so far (VmHWM)."""
+        with open(f"/proc/{self.child.pid}/status") as f:
+            kb = int(re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)[1])
+        return kb / 1024
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM: a clean shutdown) and reap it."""
+        self.child.terminate()
+        try:
+            self.child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+            self.child.wait()
+
+
 def bench_http(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     """`GET /` under wrk at 16 connections beside a fixed 2 KB page from ThreadingHTTPServer."""
     note = missing("wrk", "wrk")
-    rate_row = Row("http.rate", "`GET /`, 50 projects, 5,000 tasks, 200 sessions: req/s at 16 connections",
-                   ">= 0.33x", unit="req/s", base_name="fixed 2 KB page", note=note or "")
+    n_tasks = 5_000 if sizes is FULL else 500
+    what = f"{n_tasks // 100} projects, {n_tasks:,} tasks" + (
+        ", 200 sessions" if HAS_SESSIONS else " (no sessions: fleet not on main)")
+    rate_row = Row("http.rate", f"`GET /`, {what}: req/s at 16 connections", ">= 0.33x", unit="req/s",
+                   base_name="fixed 2 KB page", note=note or "")
     p99_row = Row("http.p99", "`GET /` p99 latency at 16 connections", "<= 50 ms",
                   base_name="fixed 2 KB page", note=note or "")
     rows["http.rate"], rows["http.p99"] = rate_row, p99_row
@@ -550,43 +642,65 @@ def bench_http(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
                              text=True)
     try:
         port = int(child.stdout.readline())
-        results = [wrk(f"http://127.0.0.1:{port}/", sizes.wrk_seconds) for _ in range(3)]
+        base = [wrk(f"http://127.0.0.1:{port}/", sizes.wrk_seconds) for _ in range(3)]
     finally:
         child.terminate()
         child.wait(timeout=10)
-    rate_row.base = statistics.median(r[0] for r in results)
-    p99_row.base = statistics.median(r[1] for r in results)
+    rate_row.base = statistics.median(r[0] for r in base)
+    p99_row.base = statistics.median(r[1] for r in base)
     if not has_command("serve"):
         rate_row.note = p99_row.note = "n/a (needs `clare serve`)"
+        return
+    home = work / "dashboard"
+    make_tasks_home(home, n_tasks, n_sessions=200)
+    server = ClareServer(home)
+    try:
+        server.get("/")  # warm: the first request opens the database and builds the page caches
+        results = [wrk(server.url + "/", sizes.wrk_seconds) for _ in range(3)]
+    finally:
+        server.stop()
+    rate_row.clare = statistics.median(r[0] for r in results)
+    p99_row.clare = statistics.median(r[1] for r in results)
 
 
 def make_transcripts(where: Path, n_files: int, total_bytes: int) -> list[Path]:
-    """Write n_files sparse JSON-lines transcripts of total_bytes; only their last 128 KB take disk."""
+    """Write n_files Claude Code transcripts (JSON lines with token usage) of total_bytes in all."""
     where.mkdir(parents=True, exist_ok=True)
     size = total_bytes // n_files
-    tail_bytes = min(size, 128 * 1024)
-    line = json.dumps({"type": "assistant", "message": {"role": "assistant", "content": [
-        {"type": "text", "text": "done: " + "y" * 300}], "usage": {"input_tokens": 10, "output_tokens": 20}}}) + "\n"
-    tail = (line * (tail_bytes // len(line) + 1))[-tail_bytes:]
-    tail = "\n" + tail[tail.index("\n") + 1:]
+    lines = []
+    for k in range(40):
+        lines.append(json.dumps({"type": "user", "message": {"role": "user", "content": f"step {k}: go on"},
+                                 "uuid": str(uuid.UUID(int=2 * k))}))
+        lines.append(json.dumps({"type": "assistant", "uuid": str(uuid.UUID(int=2 * k + 1)), "message": {
+            "id": f"msg_{k}", "role": "assistant", "content": [{"type": "text", "text": "done: " + "y" * 600}],
+            "stop_reason": "end_turn", "usage": {"input_tokens": 10, "output_tokens": 20,
+                                                 "cache_read_input_tokens": 300}}}))
+    block = ("\n".join(lines) + "\n").encode()
+    body = block * (size // len(block) + 1)
+    body = body[:body.rindex(b"\n", 0, size) + 1]
     paths = []
     for i in range(n_files):
         p = where / f"{uuid.UUID(int=i)}.jsonl"
-        with open(p, "wb") as f:
-            f.truncate(size - len(tail))
-            f.seek(size - len(tail))
-            f.write(tail.encode())
+        p.write_bytes(body)
         paths.append(p)
     return paths
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache (their own pages only, nothing else's)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def read_tails(paths: list[Path], *, cold: bool) -> float:
     """Read the last 64 KB of each file in a bare loop; return ms. Cold: evict the files first."""
     if cold:
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+        evict(paths)
     started = time.perf_counter()
     for p in paths:
         with open(p, "rb") as f:
@@ -595,24 +709,88 @@ def read_tails(paths: list[Path], *, cold: bool) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+PULL_PASS = """
+import json, re, sys, time
+sys.path.insert(0, sys.argv[1])
+import clare
+db = clare.open_db(sys.argv[2])
+paths = sys.argv[3:]
+started = time.perf_counter()
+cache = clare.get_transcript_cache(db)
+fresh = []
+for path in paths:  # what _observe does for each session's transcript
+    reading = clare.read_transcript(path, cache.get(path))
+    if reading is not None and reading is not cache.get(path):
+        fresh.append((path, path[-42:-6], *reading))
+if fresh:
+    clare.save_transcript_cache(db, fresh)
+ms = (time.perf_counter() - started) * 1000
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's size at fork
+hwm_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1])
+print(json.dumps({"ms": ms, "rss_mb": hwm_kb / 1024, "n_read": len(fresh)}))
+"""
+
+
+def pull_pass(paths: list[Path], db_path: Path) -> dict:
+    """Run pull's transcript pass over the files in a fresh process; return ms, peak RSS, files read."""
+    out = run([PY, "-c", PULL_PASS, str(ROOT), str(db_path), *map(str, paths)]).stdout
+    return json.loads(out)
+
+
 def bench_pull(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
-    """`clare pull` over many transcripts, cold and warm, beside reading their tails in a bare loop."""
+    """`clare pull`'s transcript pass, cold and warm, beside reading the files' tails in a bare loop."""
     paths = make_transcripts(work / "transcripts", sizes.transcripts, sizes.transcript_bytes)
     cold = median_of(lambda: read_tails(paths, cold=True), 3)
     warm = median_of(lambda: read_tails(paths, cold=False), 5)
-    note = "" if has_command("pull") else "n/a (needs `clare pull`)"
-    what = f"{sizes.transcripts:,} transcripts, {sizes.transcript_bytes / 1024**3:.2g} GB"
-    rows["pull.cold"] = Row("pull.cold", f"`clare pull`, {what}, cold", "", base=cold,
-                            base_name="bare tail loop", note=note)
-    rows["pull.warm"] = Row("pull.warm", f"`clare pull`, {what}, warm", "<= 2x", base=warm,
-                            base_name="bare tail loop", note=note)
+    what = f"{sizes.transcripts:,} transcripts, {sizes.transcript_bytes / 1024**3:.3g} GB"
+    cold_row = Row("pull.cold", f"`clare pull` transcript pass, {what}, cold (first look, files not cached)", "",
+                   base=cold, base_name="bare loop reading each file's last 64 KB")
+    warm_row = Row("pull.warm", f"`clare pull` transcript pass, {what}, warm (unchanged since the last pull)",
+                   "<= 2x", base=warm, base_name="bare loop reading each file's last 64 KB")
+    rows["pull.cold"], rows["pull.warm"] = cold_row, warm_row
+    if not hasattr(clare, "read_transcript"):
+        cold_row.note = warm_row.note = "n/a (needs `clare pull`)"
+        return
+    colds, warms = [], []
+    for _ in range(3):
+        db_path = work / "pull.db"
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f"{db_path}{suffix}")
+        clare.open_db(str(db_path), machine_id="bench").close()
+        evict(paths)
+        colds.append(pull_pass(paths, db_path))
+        warms.append(pull_pass(paths, db_path))
+    cold_row.clare = statistics.median(r["ms"] for r in colds)
+    warm_row.clare = statistics.median(r["ms"] for r in warms)
+    cold_row.metric += f"; peak RSS {max(r['rss_mb'] for r in colds):.0f} MB"
+    warm_row.metric += f"; peak RSS {max(r['rss_mb'] for r in warms):.0f} MB"
+    if any(r["n_read"] != len(paths) for r in colds) or any(r["n_read"] for r in warms):
+        raise BenchError("the transcript pass did not read every file once")
     shutil.rmtree(work / "transcripts")
 
 
+SERVE_PATHS = ("/", "/projects", "/frag/projects", "/frag/activity", "/api/v1/status", "/api/v1/projects",
+               "/api/v1/tasks", "/api/v1/events", "/api/v1/updates")
+
+
 def bench_serve(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
-    """Peak RSS of `clare serve` over a large log."""
-    rows["serve.rss"] = Row("serve.rss", f"peak RSS of `serve`, {sizes.serve_events:,} events", "<= 100 MB",
-                            unit="MB", note="" if has_command("serve") else "n/a (needs `clare serve`)")
+    """Peak RSS of `clare serve` over a large log, after it served each page and list once."""
+    row = Row("serve.rss", f"peak RSS of `serve`, {sizes.serve_events:,} events", "<= 100 MB", unit="MB")
+    rows["serve.rss"] = row
+    if not has_command("serve"):
+        row.note = "n/a (needs `clare serve`)"
+        return
+    home = work / "serve"
+    make_log(home / "clare.db", sizes.serve_events)
+    server = ClareServer(home)
+    try:
+        for path in SERVE_PATHS:
+            server.get(path)
+        row.clare = server.peak_rss_mb()
+    finally:
+        server.stop()
+    row.base_name = f"none; measured after GET of {len(SERVE_PATHS)} pages and lists"
 
 
 BENCHES: list[tuple[str, Callable[[dict[str, Row], Sizes, Path], None]]] = [
@@ -642,7 +820,7 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         clare_cell = fmt(r.clare, r.unit) or r.note or "n/a"
         base_cell = f"{fmt(r.base, r.unit)} ({r.base_name})" if r.base is not None else (
-            r.note if r.note and r.clare is not None else "—")
+            r.note if r.note and r.clare is not None else r.base_name or "—")
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
         met = {True: "yes", False: "**no**", None: ""}[r.is_met]
         out.append(f"| {r.metric} | {clare_cell} | {base_cell} | {ratio} | {r.goal} | {met} |")
@@ -664,7 +842,8 @@ def machine() -> str:
             first = (p.stdout or p.stderr).strip().splitlines()
             peers.append(f"{argv[0]} {first[0].split()[1] if argv[0] == 'wrk' else first[0]}" if first else argv[0])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"{when} · {os.cpu_count()} cores ({cpu}) · Python {platform.python_version()} "
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{when} · {os.cpu_count()} cores ({cpu}), load {load} · Python {platform.python_version()} "
             f"({os.path.realpath(PY)}) · SQLite {sqlite3.sqlite_version} · " + " · ".join(peers))
 
 
@@ -693,8 +872,10 @@ def main(argv: list[str] | None = None) -> int:
                 bench(rows, sizes, Path(tmp) / name)
             except (BenchError, OSError, sqlite3.Error, clare.ClareError, subprocess.SubprocessError) as err:
                 for key in ROW_KEYS:
-                    if key.split(".")[0] == name.split(".")[0] and key not in rows:
-                        rows[key] = Row(key, key, note=f"error: {err}")
+                    if key.split(".")[0] == name:
+                        row = rows.setdefault(key, Row(key, key))
+                        if row.clare is None and not row.note:
+                            row.note = f"error: {err}"
             print(f"  {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     ordered = [rows[k] for k in ROW_KEYS if k in rows]
     print(f"\nMeasured {machine()}{' (quick sizes)' if args.quick else ''}\n")
