@@ -3690,9 +3690,11 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
                 was_skewed = report.is_skewed
             except Exception as err:  # the per-peer loop is an edge: one peer's failure never ends the thread
                 n_failures += 1
-                if not isinstance(err, ClareError):
-                    save_peer_status(db, peer.url, name=peer.name, now_ms=now_ms(), error=f"internal error: {err!r}")
                 log(f"sync with {peer.name} failed ({n_failures} in a row): {err}")
+                if not isinstance(err, ClareError):
+                    with contextlib.suppress(ClareError, sqlite3.Error):  # a busy database: next round
+                        save_peer_status(db, peer.url, name=peer.name, now_ms=now_ms(),
+                                         error=f"internal error: {err!r}")
             stop.wait(backoff_s(n_failures, interval_s=interval_s))
     finally:
         db.close()
@@ -5333,17 +5335,17 @@ _OPEN_API_EXTRA_SCHEMAS.update({
 API_DOCS.update({
     ("GET", "/api/v1/sync/events"): ("Sync: the events stored after receipt number `after` (the cursor)",
                                      ("after", "limit"), None, 200, _ref("SyncPage")),
-    ("POST", "/api/v1/sync/events"): ("Sync: store a pushed batch; malformed events are refused one by one",
-                                      (), {"type": "object", "required": ["events"], "properties": {
-                                          "events": _array("SyncEvent"), **{k: {"type": v} for k, v in _SYNC_HEAD.items()}},
-                                          "additionalProperties": False}, 200, _ref("SyncAccepted")),
+    ("POST", "/api/v1/sync/events"): ("Sync: store a pushed batch; malformed events are refused one by one", (), {
+        "type": "object", "required": ["events"], "additionalProperties": False, "properties": {
+            "events": _array("SyncEvent"), **{k: {"type": v} for k, v in _SYNC_HEAD.items()}}},
+        200, _ref("SyncAccepted")),
     ("GET", "/api/v1/sync/days"): ("Sync: per-day event counts and uuid hashes (anti-entropy)", (), None, 200,
                                    _ref("SyncDigest")),
     ("GET", "/api/v1/sync/days/{day}"): ("Sync: the uuids of one day's events (YYYY-MM-DD)", (), None, 200,
                                          _ref("SyncDay")),
     ("POST", "/api/v1/sync/fetch"): ("Sync: the events among the given uuids", (), {
-        "type": "object", "required": ["uuids"], "properties": {"uuids": {"type": "array", "items": {"type": "string"}}},
-        "additionalProperties": False}, 200, _ref("SyncEvents")),
+        "type": "object", "required": ["uuids"], "additionalProperties": False,
+        "properties": {"uuids": {"type": "array", "items": {"type": "string"}}}}, 200, _ref("SyncEvents")),
     ("GET", "/api/v1/sync/peers"): ("Sync: each peer and what its last sync did", (), None, 200, _array("PeerStatus")),
 })
 
