@@ -3715,6 +3715,19 @@ def _duration(ms: int) -> str:
     return f"{ms} ms"
 
 
+def _ago_ms(ms: int | None, now: int) -> str:
+    if ms is None:
+        return "never"
+    return f"{_duration(max(now - ms, 0))} ago" if now - ms >= 1000 else "just now"
+
+
+def _offset(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    text = ("+" if ms >= 0 else "-") + _duration(abs(ms))
+    return text + " SKEWED" if abs(ms) > MAX_OFFSET_MS else text
+
+
 # ==========================================================================
 # 8. HTTP: routing table, HTML templates, JSON API and sync endpoints.
 # ==========================================================================
@@ -4530,6 +4543,7 @@ MAIN_DASHBOARD = string.Template("""<h1>Dashboard</h1>
 $attention
 $projects
 $fleet
+$peers
 <div class="grid">$activity$project_form</div>""")
 MAIN_PROJECTS = string.Template("""<h1>Projects</h1>
 <p class="sub">Every project on this Clare, with its tasks by status.</p>
@@ -4681,7 +4695,8 @@ def page_dashboard(req: Request) -> Response:
     """Show what needs attention, the project roll-up, the fleet and recent activity."""
     return page(req, "Dashboard", render(
         MAIN_DASHBOARD, attention=attention_fragment(req), projects=projects_fragment(req),
-        fleet=fleet_fragment(req), activity=activity_fragment(req), project_form=project_form(req)))
+        fleet=fleet_fragment(req), peers=peers_fragment(req), activity=activity_fragment(req),
+        project_form=project_form(req)))
 
 
 def page_projects(req: Request) -> Response:
@@ -4996,6 +5011,43 @@ def frag_attention(req: Request) -> Response:
 def frag_fleet(req: Request) -> Response:
     """Answer the sessions poll."""
     return html_response(fleet_fragment(req))
+
+
+FRAG_PEERS = string.Template("""<section class="card" id="frag-peers" $poll>
+<h2>Peers</h2>$table</section>""")
+PEERS_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>Sync</th><th>Peer</th><th>Last sync</th><th>Behind</th><th class="hide-sm">Clock</th></tr></thead>
+<tbody hx-disable>$rows</tbody></table></div>""")
+PEER_ROW = string.Template("""<tr><td>$state</td>
+<td class="title"><b>$name</b><div class="mono muted small">$url</div><div class="muted small">$error</div></td>
+<td class="muted small">$last</td><td>$behind</td><td class="hide-sm mono small">$offset</td></tr>""")
+
+
+def peers_fragment(req: Request) -> Html:
+    """Render each peer with how its last sync went, polled in place."""
+    peers = list_peers(req.db, load_peers(load_config(req.config.config_path), path=req.config.config_path))
+    now = now_ms()
+
+    def state(p: dict[str, Any]) -> Html:
+        if p["last_error"]:
+            return badge(f"failing ×{p['n_failures']}", "red")
+        if p["last_ok_ms"] is None:
+            return badge("never synced", "gray")
+        return badge("clock skewed", "amber") if p["is_skewed"] else badge("in sync", "green")
+    if not peers:
+        table_html = render(EMPTY, text="No peers; add one with: clare peer add http://HOST:8765 --name NAME")
+    else:
+        # SECURITY: a peer's error text came from the network; render() escapes it. Tokens are never in it.
+        table_html = render(PEERS_TABLE, rows=join(render(
+            PEER_ROW, state=state(p), name=p["name"], url=p["url"], error=(p["last_error"] or "")[:160],
+            last=_ago_ms(p["last_ok_ms"], now), behind="—" if p["n_behind"] is None else p["n_behind"],
+            offset=_offset(p["offset_ms"])) for p in peers))
+    return render(FRAG_PEERS, poll=poll_attrs("/frag/peers"), table=table_html)
+
+
+def frag_peers(req: Request) -> Response:
+    """Answer the peers poll."""
+    return html_response(peers_fragment(req))
 
 
 # --- JSON API ------------------------------------------------------------
@@ -5678,6 +5730,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/sessions", page_sessions),
         ("GET", r"/frag/attention", frag_attention),
         ("GET", r"/frag/fleet", frag_fleet),
+        ("GET", r"/frag/peers", frag_peers),
         ("GET", r"/frag/projects", frag_projects),
         ("GET", r"/frag/activity", frag_activity),
         ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", frag_project_tasks),
@@ -6140,19 +6193,6 @@ def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
          _ago_ms(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
          _short(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
         for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
-
-
-def _ago_ms(ms: int | None, now: int) -> str:
-    if ms is None:
-        return "never"
-    return f"{_duration(max(now - ms, 0))} ago" if now - ms >= 1000 else "just now"
-
-
-def _offset(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    text = ("+" if ms >= 0 else "-") + _duration(abs(ms))
-    return text + " SKEWED" if abs(ms) > MAX_OFFSET_MS else text
 
 
 def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:

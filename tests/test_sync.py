@@ -999,3 +999,18 @@ def test_sync_answers_match_the_openapi_schemas(server):
         r = server.request("POST", path, json_body=body)
         assert r.status == 200, r.body
         _validate(r.json(), doc["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"], doc, path)
+
+
+def test_the_dashboard_shows_each_peer_and_how_its_last_sync_went(server, home, db):
+    (home / "clare.toml").write_text('[[peers]]\nname = "apricot"\nurl = "http://10.9.0.2:8765"\n'
+                                     '[[peers]]\nname = "fig"\nurl = "http://10.9.0.3:8765"\n')
+    clare.save_peer_status(db, "http://10.9.0.2:8765", name="apricot", now_ms=clare.now_ms(),
+                           error="cannot reach <script>alert(1)</script>")
+    clare.save_peer_status(db, "http://10.9.0.3:8765", name="fig", now_ms=clare.now_ms() - 120_000,
+                           machine_id="fig", db_id="d", n_behind=3, offset_ms=200)
+    page = server.request("GET", "/").text
+    assert 'id="frag-peers"' in page and "apricot" in page and "failing ×1" in page
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+    frag = server.request("GET", "/frag/peers").text
+    assert frag.startswith('<section class="card" id="frag-peers" hx-get="/frag/peers"')
+    assert "in sync" in frag and "2.0 min ago" in frag and "+200 ms" in frag and ">3<" in frag
