@@ -3443,34 +3443,39 @@ def _count_accept(answer: object, identity: tuple[str, str], report: SyncReport)
 
 def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms) -> None:
     """Compare per-day digests with the peer; fetch what we lack by uuid and push what it lacks."""
-    theirs = _call_timed(peer.digest, report, wall).get("days")
-    if not isinstance(theirs, dict):
-        raise ClareError("the peer's digest is malformed (no days object); is it a Clare of this version?")
+    theirs = _answer_field(_call_timed(peer.digest, report, wall), "days", dict)
     ours = sync_digest(db, now_ms=wall())["days"]
-    days = sorted(d for d in set(theirs) | set(ours) if theirs.get(d) != ours.get(d))
+    days = sorted(d for d in set(theirs) | set(ours) if theirs.get(d) != ours.get(d) and DAY_RE.match(d))
     found = {"days": len(set(theirs) | set(ours)), "days_differ": days, "fetched": 0, "sent": 0}
     for day in days:
-        their_uuids = peer.day(day).get("uuids") if day in theirs else []
-        if not isinstance(their_uuids, list):
-            raise ClareError(f"the peer's uuid list for {day} is malformed; is it a Clare of this version?")
+        their_uuids = {u for u in _answer_field(peer.day(day), "uuids", list) if isinstance(u, str)} \
+            if day in theirs else set()
         our_uuids = set(sync_day(db, day, now_ms=wall())["uuids"]) if day in ours else set()
-        missing_here = sorted({u for u in their_uuids if isinstance(u, str)} - our_uuids)
+        missing_here = sorted(their_uuids - our_uuids)
         for i in range(0, len(missing_here), MAX_FETCH_UUIDS):
-            answer = peer.fetch(missing_here[i:i + MAX_FETCH_UUIDS])
-            events, rejected = check_events(answer.get("events") if isinstance(answer.get("events"), list) else [])
+            events, rejected = check_events(_answer_field(peer.fetch(missing_here[i:i + MAX_FETCH_UUIDS]),
+                                                          "events", list))
             report.rejected += rejected
             with write_txn(db) as cur:
                 result = receive_events(db, cur, events, now_ms=wall())
             found["fetched"] += len(result.inserted)
             report.n_pulled += len(result.inserted)
-        missing_there = sorted(our_uuids - set(their_uuids))
-        for batch in _batches(get_events_by_uuid(db, missing_there)):
+        for batch in _batches(get_events_by_uuid(db, sorted(our_uuids - their_uuids))):
             answer = peer.push({"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
                                 "events": [ev.to_json() for ev in batch]})
             before = report.n_pushed
             _count_accept(answer, (report.machine_id, report.db_id), report)
             found["sent"] += report.n_pushed - before
     report.verify = found
+
+
+def _answer_field(answer: object, key: str, kind: type) -> Any:
+    """Return one field of a peer's answer if it has the expected type; raise naming it otherwise."""
+    # SECURITY: the answer comes from the network.
+    value = answer.get(key) if isinstance(answer, dict) else None
+    if not isinstance(value, kind):
+        raise ClareError(f"the peer's answer lacks a {kind.__name__} {key!r}; is it a Clare of this version?")
+    return value
 
 
 # --- peers: clare.toml, the HTTP client, the background loop -------------------------------

@@ -1014,3 +1014,32 @@ def test_the_dashboard_shows_each_peer_and_how_its_last_sync_went(server, home, 
     frag = server.request("GET", "/frag/peers").text
     assert frag.startswith('<section class="card" id="frag-peers" hx-get="/frag/peers"')
     assert "in sync" in frag and "2.0 min ago" in frag and "+200 ms" in frag and ">3<" in frag
+
+
+@pytest.mark.parametrize("digest, day, fetch", [
+    (["not", "a", "dict"], None, None),
+    ({"days": {"2026-05-28": {"n": 9, "hash": "x"}}}, {"uuids": [{"a": 1}, 7]}, None),
+    ({"days": {"2026-05-28": {"n": 9, "hash": "x"}}}, {"uuids": [_event()["uuid"]]}, "events"),
+    ({"days": {"2026-05-28": {"n": 9, "hash": "x"}}}, {"uuids": [_event()["uuid"]]}, {"events": [{"x": 1}]}),
+], ids=["digest-list", "uuids-garbage", "fetch-string", "fetch-bad-event"])
+def test_verify_against_a_lying_peer_fails_cleanly_or_stores_nothing_invalid(nodes, digest, day, fetch):
+    a, b = nodes("a"), nodes("b")
+    a.sync(b)
+
+    class Liar(Link):
+        def digest(self):
+            return digest
+
+        def day(self, d):
+            return day
+
+        def fetch(self, uuids):
+            return fetch
+    report = None
+    try:
+        report = clare.sync_with(a.db, Liar(b), name="b", wall=a.now, verify=True)
+    except clare.ClareError as err:
+        assert "is it a Clare" in str(err)
+    assert clare.count_events(a.db) == 0
+    if report is not None:
+        assert report.verify["fetched"] == 0
