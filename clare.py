@@ -3536,8 +3536,8 @@ class HttpPeer(PeerTransport):
             raise ClareError(f"{self.url} sent more than {MAX_RESPONSE_BYTES} bytes; is it a Clare?")
         try:
             return json.loads(raw)
-        except ValueError as err:
-            raise ClareError(f"{self.url} sent something that is not JSON ({err}); is it a Clare?") from err
+        except (ValueError, RecursionError) as err:  # SECURITY: a peer may nest '[' deeper than the stack
+            raise ClareError(f"{self.url} sent something that is not JSON ({str(err)[:100]}); is it a Clare?") from err
 
 
 def _http_error_message(err: Any) -> str:
