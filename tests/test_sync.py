@@ -7,6 +7,7 @@ functions through a JSON round trip and injects faults. CLARE_SEED=N replays one
 import json
 import os
 import random
+import re
 import shutil
 import time
 import uuid
@@ -1043,3 +1044,36 @@ def test_verify_against_a_lying_peer_fails_cleanly_or_stores_nothing_invalid(nod
     assert clare.count_events(a.db) == 0
     if report is not None:
         assert report.verify["fetched"] == 0
+
+
+@pytest.mark.parametrize("status, body, says", [
+    (200, b"<html>hello</html>", "not JSON"),
+    (200, b"[" * 100_000, "not JSON"),
+    (500, b'{"error": {"code": "internal", "message": "boom"}}', "answered 500 to GET /api/v1/sync/events: boom"),
+    (401, b"{}", "set the peer's token"),
+], ids=["html", "deep-nesting", "error-500", "unauthorized"])
+def test_the_http_client_turns_a_bad_answer_into_one_clear_error(tmp_path, status, body, says):
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    db = clare.open_db(str(tmp_path / "a.db"), machine_id="a")
+    try:
+        with pytest.raises(clare.ClareError, match=re.escape(says)):
+            clare.sync_with(db, clare.HttpPeer(f"http://127.0.0.1:{server.server_address[1]}",
+                                               token="s3cr3t-value"), name="x")
+        assert "s3cr3t" not in clare.list_peer_status(db)[0].last_error
+    finally:
+        server.shutdown()
+        server.server_close()
+        db.close()
