@@ -3411,7 +3411,8 @@ def _batches(events: Iterable[Event]) -> Iterator[list[Event]]:
     """Group events into batches under PUSH_BATCH_EVENTS and PUSH_BATCH_BYTES."""
     batch, n_bytes = [], 0
     for ev in events:
-        size = len(canonical_json(ev.payload)) + 300  # the payload dominates; 300 covers the other fields
+        # Bytes, not characters: a payload of CJK text is three times longer in UTF-8.
+        size = len(canonical_json(ev.payload).encode()) + 300  # the payload dominates; 300 covers the rest
         if batch and (len(batch) == PUSH_BATCH_EVENTS or n_bytes + size > PUSH_BATCH_BYTES):
             yield batch
             batch, n_bytes = [], 0

@@ -1077,3 +1077,13 @@ def test_the_http_client_turns_a_bad_answer_into_one_clear_error(tmp_path, statu
         server.shutdown()
         server.server_close()
         db.close()
+
+
+def test_a_push_of_large_non_ascii_events_is_split_under_the_body_limit(remote, tmp_path):
+    mine = clare.open_db(str(tmp_path / "mine.db"), machine_id="mine")
+    with clare.write_txn(mine) as cur:
+        for i in range(150):  # 150 × ~60 KB of UTF-8: over the 8 MB limit in one body
+            clare.record(mine, cur, "note.kept", {"n": i, "text": "中" * 20_000}, now_ms=clare.now_ms())
+    report = clare.sync_with(mine, clare.HttpPeer(remote.url, token=TOKEN), name="srv")
+    assert report.n_pushed == 150
+    assert remote.request("GET", "/api/v1/status").json()["n_events"] == 151
