@@ -3303,14 +3303,17 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
     """Store every event the peer holds past our cursor on its log, a page per transaction."""
     known = {s.url: (s.machine_id, s.db_id) for s in list_peer_status(db)}.get(peer.url)
     after = get_cursor(db, *known)[0] if known and known[0] else 0
-    total = None
+    total, n_restarts = None, 0
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
         identity, head, next_after = _check_page(page, after=after)
         if identity == (db.machine_id, db.db_id):
             raise ClareError(f"{peer.url} is this very database; remove it from the peers in clare.toml")
         if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
-            known = identity
+            known, n_restarts = identity, n_restarts + 1
+            if n_restarts > 3:
+                raise ClareError(f"{peer.url} answers as a different Clare at every request; point the peer's "
+                                 "url at one host, not at a load balancer")
             if get_cursor(db, *identity)[0] != after:
                 after = get_cursor(db, *identity)[0]
                 continue

@@ -1087,3 +1087,18 @@ def test_a_push_of_large_non_ascii_events_is_split_under_the_body_limit(remote, 
     report = clare.sync_with(mine, clare.HttpPeer(remote.url, token=TOKEN), name="srv")
     assert report.n_pushed == 150
     assert remote.request("GET", "/api/v1/status").json()["n_events"] == 151
+
+
+def test_a_peer_whose_identity_changes_at_every_request_is_refused(nodes):
+    a, b, c = nodes("a"), nodes("b"), nodes("c")
+    clare.create_project(c.db, "gamma", now_ms=c.now())
+
+    class Flip(Link):
+        n = 1
+
+        def pull(self, *, after, limit):  # behind a load balancer: c, then b, c, b, ...
+            Flip.n += 1
+            return clare.sync_page((b if Flip.n % 2 else c).db, after=after, limit=limit, now_ms=0)
+    assert clare.sync_with(a.db, Flip(b), name="lb", wall=a.now).n_pulled == 1  # from c: cursor 1 on c
+    with pytest.raises(clare.ClareError, match="different Clare at every request"):
+        clare.sync_with(a.db, Flip(b), name="lb", wall=a.now)  # b wants 0, c wants 1, b wants 0, ...
