@@ -1102,3 +1102,45 @@ def test_a_peer_whose_identity_changes_at_every_request_is_refused(nodes):
     assert clare.sync_with(a.db, Flip(b), name="lb", wall=a.now).n_pulled == 1  # from c: cursor 1 on c
     with pytest.raises(clare.ClareError, match="different Clare at every request"):
         clare.sync_with(a.db, Flip(b), name="lb", wall=a.now)  # b wants 0, c wants 1, b wants 0, ...
+
+
+def _fuzzed_events():
+    """Batches of valid events with some fields replaced by any JSON, dropped, or the whole item garbage."""
+    from hypothesis import strategies as st
+
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                               lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                             max_size=3), max_leaves=8)
+    uuids = ["0b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c", "1b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c",
+             "2b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c"]
+    fields = {"uuid": st.sampled_from([*uuids, "nope"]) | json_values,
+              "hlc": st.sampled_from([f"{START_MS + 1:013d}.000000.peer", "1.2.3"]) | json_values,
+              "machine_id": st.sampled_from(["other"]) | json_values,
+              "event_type": st.sampled_from(["task.updated", "widget.spun", "Bad"]) | json_values,
+              "payload": st.sampled_from([{"task_id": "t" * 32, "title": "x"}, {}, {"title": 5}]) | json_values,
+              "created_at": st.sampled_from(["x" * 41]) | json_values}
+    mutated = st.builds(
+        lambda uid, changes, drops: {k: v for k, v in {**_event(uuid=uid), **changes}.items() if k not in drops},
+        st.sampled_from(uuids), st.fixed_dictionaries({}, optional=fields),
+        st.sets(st.sampled_from(sorted(fields)), max_size=2))
+    return st.lists(mutated | json_values, max_size=6)
+
+
+def test_fuzzed_batches_store_only_valid_events_and_never_crash(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+
+    db = clare.open_db(str(tmp_path / "fuzz.db"), machine_id="fuzz")
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(_fuzzed_events())
+    def check(items):
+        n_before = clare.count_events(db)
+        answer = clare.sync_accept(db, {"events": items}, now_ms=START_MS)
+        assert answer["accepted"] + answer["duplicates"] + len(answer["conflicts"]) + len(answer["rejected"]) \
+            == len(items)
+        assert clare.count_events(db) == n_before + answer["accepted"]
+        for ev in clare.iter_events(db):
+            clare.check_received(ev.to_json())  # everything stored passes the checks a peer would apply
+    check()
+    assert clare.count_events(db) >= 2  # well-formed events were among the examples, and were kept
+    db.close()
