@@ -561,6 +561,27 @@ def renew_db_id(db: Db) -> str:
     return db_id
 
 
+def restore_db(db: Db, backup_path: str) -> str:
+    """Replace the whole database by a backup file of it, then give it a new db_id; return that id.
+
+    The new db_id makes every peer read this log again from 0: receipt numbers after the
+    backup's last one will name other events than before.
+    """
+    try:
+        src = sqlite3.connect(f"file:{os.path.abspath(backup_path)}?mode=ro", uri=True)
+        try:
+            meta = _read_meta(src)
+            if meta.get("machine_id") != db.machine_id:
+                raise ClareError(f"{backup_path} is not a backup of this database (machine id "
+                                 f"{meta.get('machine_id')!r}, not {db.machine_id!r}); give a copy of {db.path}")
+            src.backup(db.conn)
+        finally:
+            src.close()
+    except sqlite3.DatabaseError as err:
+        raise ClareError(f"cannot read {backup_path} as a Clare database ({err}); check the path") from err
+    return renew_db_id(db)
+
+
 def get_cursor(db: Db, peer_machine_id: str, peer_db_id: str) -> tuple[int, int]:
     """Return (pulled_rseq, pushed_rseq) for one peer log; (0, 0) for a log never synced."""
     row = db.conn.execute(
@@ -588,7 +609,8 @@ def save_cursor(cur: sqlite3.Cursor, peer_machine_id: str, peer_db_id: str, *,
 
 def iter_event_keys(db: Db) -> Iterator[tuple[str, str]]:
     """Yield (hlc, uuid) of every event in (hlc, uuid) order, from the index alone."""
-    yield from db.conn.execute("SELECT hlc, uuid FROM events ORDER BY hlc, uuid")
+    for row in db.conn.execute("SELECT hlc, uuid FROM events ORDER BY hlc, uuid"):
+        yield row[0], row[1]
 
 
 def list_uuids_between(db: Db, *, start_ms: int, end_ms: int) -> list[str]:
@@ -685,7 +707,7 @@ CREATE TABLE event_refs (                       -- which events name which entit
     PRIMARY KEY (entity_id, hlc, uuid)
 ) WITHOUT ROWID;
 """
-PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs", "sessions")
+PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs", "sessions", "broadcasts", "deliveries")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
 UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 
@@ -695,6 +717,8 @@ SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
 SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
                   "last_activity_at", "label", "tokens")
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
+DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
+MAX_RECIPIENTS = 500
 
 FLEET_SCHEMA = """
 CREATE TABLE sessions (
@@ -714,6 +738,23 @@ CREATE TABLE sessions (
     tokens TEXT, tokens_v TEXT                  -- JSON {input, output, cache_creation, cache_read}
 );
 CREATE INDEX sessions_host ON sessions (host, state);
+CREATE TABLE broadcasts (
+    id TEXT PRIMARY KEY,
+    created_at TEXT, created_at_v TEXT,
+    target TEXT, target_v TEXT,                 -- as the sender named it: project, group:NAME or session:ID
+    text TEXT, text_v TEXT,
+    expires_at TEXT, expires_at_v TEXT          -- after this, an undelivered copy expires instead of arriving
+);
+CREATE TABLE deliveries (                       -- one per broadcast and recipient session
+    id TEXT PRIMARY KEY,                        -- broadcast_id:session_id
+    broadcast_id TEXT, broadcast_id_v TEXT,
+    session_id TEXT, session_id_v TEXT,
+    result TEXT, result_v TEXT,                 -- one of DELIVERY_RESULTS
+    reason TEXT, reason_v TEXT,
+    by_host TEXT, by_host_v TEXT,               -- the host that tried it; NULL until one did
+    updated_at TEXT, updated_at_v TEXT
+);
+CREATE INDEX deliveries_broadcast ON deliveries (broadcast_id);
 CREATE TABLE transcript_cache (                 -- this host's reading of its transcripts: a cache, never synced
     path TEXT PRIMARY KEY,
     session_id TEXT,
@@ -821,6 +862,21 @@ class Session:
 
     def to_json(self) -> dict[str, Any]:
         """Return the session as the JSON object the CLI and API print."""
+        return _as_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    broadcast_id: str
+    session_id: str
+    host: str | None  # the session's host, None when this host has not heard of the session
+    tmux_target: str | None
+    result: str  # one of DELIVERY_RESULTS
+    reason: str
+    updated_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the delivery as the JSON object the CLI and API print."""
         return _as_json(self)
 
 
@@ -1086,6 +1142,30 @@ def apply_session_gone(cur: sqlite3.Cursor, ev: Event) -> None:
     _lww(cur, "sessions", p["session_id"], _session_fields({**p, "state": "gone"}, ev), ev)
 
 
+@applies("broadcast.sent", {"broadcast_id": _is_id, "target": _is_str, "text": _is_str, "expires_at": _is_str,
+                            "session_ids": lambda v: isinstance(v, list) and len(v) <= MAX_RECIPIENTS
+                            and all(map(_is_id, v))})
+def apply_broadcast_sent(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Immutable once sent; each recipient starts queued, and any receipt (always newer) overrides that."""
+    p = ev.payload  # {broadcast_id, target, text, expires_at, session_ids}
+    _lww(cur, "broadcasts", p["broadcast_id"], {"created_at": ev.created_at, "target": p["target"],
+                                                "text": p["text"], "expires_at": p["expires_at"]}, ev)
+    for sid in p["session_ids"]:
+        _lww(cur, "deliveries", f"{p['broadcast_id']}:{sid}",
+             {"broadcast_id": p["broadcast_id"], "session_id": sid, "result": "queued", "reason": "",
+              "by_host": None, "updated_at": ev.created_at}, ev)
+
+
+@applies("broadcast.delivered", {"broadcast_id": _is_id, "session_id": _is_id,
+                                 "result": _is_one_of(DELIVERY_RESULTS), "reason": _is_str})
+def apply_broadcast_delivered(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins per (broadcast, session): the newest receipt is the result."""
+    p = ev.payload  # {broadcast_id, session_id, result, reason}
+    _lww(cur, "deliveries", f"{p['broadcast_id']}:{p['session_id']}",
+         {"broadcast_id": p["broadcast_id"], "session_id": p["session_id"], "result": p["result"],
+          "reason": p["reason"], "by_host": ev.machine_id, "updated_at": ev.created_at}, ev)
+
+
 _PROJECT_SELECT = """
 SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
        (SELECT json_group_object(status, n) FROM
@@ -1288,6 +1368,34 @@ def save_hook_mark(cur: sqlite3.Cursor, session_id: str, mark: HookMark) -> None
              at_ms = excluded.at_ms
            WHERE excluded.at_ms >= at_ms""",
         (session_id, mark.tmux_socket, mark.pane_id, mark.state, mark.hook_event, mark.at_ms))
+
+
+def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
+    """Return deliveries of one broadcast, or those no host has tried yet for sessions of host `pending_on`."""
+    sql = """SELECT d.broadcast_id, d.session_id, s.host, s.tmux_target, d.result, d.reason, d.updated_at
+               FROM deliveries d LEFT JOIN sessions s ON s.id = d.session_id WHERE 1"""
+    params: list[Any] = []
+    if broadcast_id is not None:
+        sql += " AND d.broadcast_id = ?"
+        params.append(broadcast_id)
+    if pending_on is not None:
+        sql += " AND d.by_host IS NULL AND s.host = ?"
+        params.append(pending_on)
+    return [Delivery(*r) for r in db.conn.execute(sql + " ORDER BY d.updated_at, d.id", params)]
+
+
+def get_broadcast_text(db: Db, broadcast_id: str) -> tuple[str, str] | None:
+    """Return (text, expires_at) of a broadcast, or None if unknown."""
+    row = db.conn.execute("SELECT text, expires_at FROM broadcasts WHERE id = ? AND created_at_v IS NOT NULL",
+                          (broadcast_id,)).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def last_update_text(db: Db, *, session_id: str, source: str) -> str | None:
+    """Return the text of a session's newest update of one source."""
+    row = db.conn.execute("SELECT text FROM updates WHERE session_id = ? AND source = ? ORDER BY hlc DESC LIMIT 1",
+                          (session_id, source)).fetchone()
+    return row[0] if row else None
 
 
 def list_history(db: Db, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
@@ -1670,6 +1778,131 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
     return events
 
 
+@dataclass(frozen=True, slots=True)
+class ProjectStatus:
+    project: Project
+    tokens: dict[str, int]  # usage of the sessions working on its open tasks, summed
+    n_sessions: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the project with its roll-up, as the CLI and API print it."""
+        return {**self.project.to_json(), "tokens": self.tokens, "n_sessions": self.n_sessions}
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    projects: list[ProjectStatus]
+    sessions: list[Session]
+    tasks: dict[str, Task]  # the sessions' tasks, by id
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the roll-up as the JSON object the CLI and API print."""
+        return {"projects": [p.to_json() for p in self.projects], "sessions": [s.to_json() for s in self.sessions],
+                "tasks": [t.to_json() for t in self.tasks.values()]}
+
+
+def get_status(db: Db, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
+    """Return the roll-up: per project its task counts and tokens, per live session its task and state.
+
+    A session's tokens count for the task it works on now (its most urgent open one), so each
+    session counts once; a project sums its tasks.
+    """
+    if project_ref is not None and group_ref is not None:
+        raise UsageError("give --project or --group, not both")
+    sessions = list_group_sessions(db, group_ref) if group_ref is not None else list_sessions(db)
+    tasks = {t.id: t for t in list_assigned_tasks(db)}
+    if project_ref is not None:
+        project = get_project(db, project_ref)
+        projects = [project]
+        sessions = [s for s in sessions if s.task_id in tasks and tasks[s.task_id].project_id == project.id]
+    elif group_ref is not None:
+        wanted = {tasks[s.task_id].project_id for s in sessions if s.task_id in tasks}
+        projects = [p for p in list_projects(db) if p.id in wanted]
+    else:
+        projects = list_projects(db)
+    rollups = []
+    for p in projects:
+        mine = [s for s in sessions if s.task_id in tasks and tasks[s.task_id].project_id == p.id]
+        rollups.append(ProjectStatus(p, {k: sum(s.tokens.get(k, 0) for s in mine) for k in TOKEN_KINDS}, len(mine)))
+    return StatusReport(rollups, sessions, {s.task_id: tasks[s.task_id] for s in sessions if s.task_id in tasks})
+
+
+BROADCAST_TTL_MS = 15 * 60 * 1000  # an undelivered broadcast older than this expires instead of arriving late
+COMMAND_PREFIX = "[clare] "  # keeps a text that starts like a command out of Claude's command modes
+COMMAND_CHARS = ("/", "!", "#", "@", "&")
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastResult:
+    broadcast_id: str
+    target: str
+    text: str  # as delivered (normalised, maybe prefixed)
+    deliveries: list[Delivery]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the result as the JSON object the CLI and API print."""
+        return {"broadcast_id": self.broadcast_id, "target": self.target, "text": self.text,
+                "deliveries": [d.to_json() for d in self.deliveries]}
+
+
+def list_broadcast_recipients(db: Db, target: str) -> list[Session]:
+    """Return the live sessions a broadcast target names: a project's open tasks' sessions, a group, one session."""
+    target = _check_text("broadcast target", target, limit=MAX_NAME_CHARS + 8, required=True)
+    kind, _, ref = target.partition(":")
+    if kind == "session" and ref:
+        found = [get_session(db, ref)]
+    elif kind == "group" and ref:
+        found = list_group_sessions(db, ref)
+    else:
+        project = get_project(db, target)
+        by_id = {s.id: s for s in list_sessions(db)}
+        found = []
+        for t in list_tasks(db, project_id=project.id):
+            if t.status != "done" and t.session_id in by_id:
+                found.append(by_id[t.session_id])
+            elif t.status != "done" and t.group_id:
+                found += list_group_sessions(db, t.group_id)
+    unique = {s.id: s for s in found if s.state != "gone"}
+    return sorted(unique.values(), key=lambda s: (s.host, s.tmux_target or "", s.id))
+
+
+def broadcast_text(text: str, *, is_command: bool = False) -> str:
+    """Return the text as it will be typed: LF line ends, no control characters, command marks defused."""
+    text = _check_text("broadcast text", text, limit=MAX_TEXT_CHARS, required=True)
+    text = text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
+    # SECURITY: an ESC could end the bracketed paste early ("\x1b[201~") and type the rest as keys.
+    text = "".join(c for c in text if c in "\n\t" or not (ord(c) < 32 or ord(c) == 127))
+    if not is_command and text.lstrip().startswith(COMMAND_CHARS):
+        text = COMMAND_PREFIX + text
+    return text
+
+
+def start_broadcast(db: Db, target: str, text: str, *, is_command: bool = False,
+                    now_ms: int) -> tuple[str, str, list[Session]]:
+    """Record a broadcast to a target's sessions; return its id, its text and the recipients."""
+    text = broadcast_text(text, is_command=is_command)
+    with write_txn(db) as cur:
+        recipients = list_broadcast_recipients(db, target)
+        if not recipients:
+            raise NotFound(f"broadcast target {target!r} has no live sessions; check with: clare sessions")
+        if len(recipients) > MAX_RECIPIENTS:
+            raise UsageError(f"{len(recipients)} recipients; the limit is {MAX_RECIPIENTS}: pick a smaller target")
+        broadcast_id = new_id()
+        record(db, cur, "broadcast.sent", {"broadcast_id": broadcast_id, "target": target, "text": text,
+                                           "expires_at": iso_ms(now_ms + BROADCAST_TTL_MS),
+                                           "session_ids": [s.id for s in recipients]}, now_ms=now_ms)
+    return broadcast_id, text, recipients
+
+
+def record_delivery(db: Db, broadcast_id: str, session_id: str, *, result: str, reason: str,
+                    now_ms: int) -> Event:
+    """Record this host's receipt for one recipient of a broadcast."""
+    _check_choice("delivery result", result, DELIVERY_RESULTS)
+    with write_txn(db) as cur:
+        return record(db, cur, "broadcast.delivered", {"broadcast_id": broadcast_id, "session_id": session_id,
+                                                       "result": result, "reason": reason[:500]}, now_ms=now_ms)
+
+
 def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertResult, list[str]]:
     """Store the events of JSON lines not yet here; return the result and one reason per bad line."""
     good, bad = [], []
@@ -1722,6 +1955,11 @@ DESCRIBE.update({
     "session.changed": lambda p: f"session {p['session_id'][:SHORT_ID]}: "
                                  + _fields({k: v for k, v in p.items() if k in _OBSERVED_KEYS}, "session_id"),
     "session.gone": lambda p: f"session {p['session_id'][:SHORT_ID]} is gone ({p.get('reason', '')})",
+    "broadcast.sent": lambda p: f"broadcast to {p['target']} ({len(p['session_ids'])} sessions): "
+                                f"{p['text'][:60]!r}",
+    "broadcast.delivered": lambda p: f"broadcast {p['broadcast_id'][:SHORT_ID]} to session "
+                                     f"{p['session_id'][:SHORT_ID]}: {p['result']}"
+                                     + (f" ({p['reason']})" if p.get("reason") else ""),
     "update.posted": lambda p: f"{p['source']} update" + (f" on task {p['task_id'][:SHORT_ID]}"
                                                          if p.get("task_id") else "") + f": {p['text'][:80]}",
 })
@@ -1754,6 +1992,7 @@ SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
     create_task, edit_task, get_task, list_tasks, assign_task, unassign_task,
     create_group, remove_group, get_group, list_groups,
     get_session, list_sessions, list_group_sessions, get_pane_session, observe_sessions, report_hook,
+    list_broadcast_recipients, list_deliveries, get_status,
     post_update, list_updates, list_history, list_events, import_events, replay, count_events,
 )}
 
@@ -1783,8 +2022,26 @@ PERMISSION_SCREEN = (
 )
 INTERRUPT_MARK = "[Request interrupted by user"
 SESSION_ID_FLAGS = ("--session-id", "--resume", "-r")
-REGISTRY_STATES = {"busy": "working", "shell": "working", "idle": "waiting", "waiting": "waiting"}
+# Registry status -> state; "waiting" is left out: it can mean a prompt or a dialog, the hook and screen tell.
+REGISTRY_STATES = {"busy": "working", "shell": "working", "idle": "waiting"}
 TITLE_TYPES = {"summary": "summary", "custom-title": "customTitle", "ai-title": "aiTitle"}
+RCLAUDE_TIMEOUT_S = 10
+TRIAGE_TIMEOUT_S = 60
+TAIL_LINES = 40
+HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PermissionRequest", "Notification", "Stop",
+               "StopFailure", "SessionEnd")
+HOOK_STATES = {"SessionStart": "waiting", "UserPromptSubmit": "working", "PreToolUse": "working",
+               "PostToolUse": "working", "PermissionRequest": "permission", "Stop": "waiting",
+               "StopFailure": "waiting"}
+NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission",
+                       "idle_prompt": "waiting"}
+HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
+MAX_HOOK_INPUT_BYTES = 1024 * 1024
+HOOK_TIMEOUT_S = 10
+CLARE_HOOK_RE = re.compile(r"\bclare\b.*\shook\s*$")  # how uninstall knows Clare's hooks from the user's
+BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
+BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
+BROADCAST_ENTER_TRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -1810,6 +2067,8 @@ class PullResult:
     events: list[Event]  # what changed, as recorded
     ambiguous: list[Pane]  # Claude panes whose session cannot be told apart from another's
     unreachable: list[str]  # tmux sockets that did not answer: their sessions are kept as they were
+    updates: list[Update]  # pane tails and triage notes stored by this pull
+    warnings: list[str]  # adapters and commands that failed; the pull went on without them
 
 
 def claude_home(env: dict[str, str] | None = None) -> str:
@@ -1857,15 +2116,16 @@ def tmux_sockets(env: dict[str, str] | None = None) -> list[str]:
 
 
 def run_tmux(socket: str, *args: str, input_text: str | None = None) -> "subprocess.CompletedProcess[str]":
-    """Run one tmux command against one server; the caller checks the return code."""
+    """Run one tmux command against one server; the caller checks the return code (a timeout is one)."""
     import subprocess
 
+    argv = [tmux_binary(), "-S", socket, *args]
     try:
-        return subprocess.run([tmux_binary(), "-S", socket, *args], input=input_text, capture_output=True,
-                              text=True, timeout=TMUX_TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:
-        raise ClareError(f"tmux at {socket} did not answer within {TMUX_TIMEOUT_S:.0f} s; "
-                         "check that server with: tmux -S SOCKET ls") from err
+        return subprocess.run(argv, input=input_text, capture_output=True, text=True, timeout=TMUX_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # A hung server must not stop the look at the others: report it like any failed command.
+        return subprocess.CompletedProcess(argv, -1, "", f"tmux at {socket} did not answer within "
+                                                         f"{TMUX_TIMEOUT_S:.0f} s")
 
 
 def parse_panes(text: str, *, socket: str) -> list[Pane]:
@@ -1891,9 +2151,9 @@ def list_panes(socket: str) -> list[Pane] | None:
     return parse_panes(p.stdout, socket=socket)
 
 
-def capture_pane(pane: Pane, *, lines: int = SCREEN_LINES) -> str | None:
+def capture_pane(socket: str, pane_id: str, *, lines: int = SCREEN_LINES) -> str | None:
     """Return the last lines of a pane's screen, or None when tmux cannot show it."""
-    p = run_tmux(pane.socket, "capture-pane", "-p", "-J", "-t", pane.pane_id, "-S", f"-{lines}")
+    p = run_tmux(socket, "capture-pane", "-p", "-J", "-t", pane_id, "-S", f"-{lines}")
     return p.stdout if p.returncode == 0 else None
 
 
@@ -1901,6 +2161,15 @@ def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
     return any(rule.search(tail) for rule in PERMISSION_SCREEN)
+
+
+def process_tree() -> tuple[dict[int, tuple[int, int]], dict[int, list[int]]]:
+    """Return every process (pid -> (ppid, start ticks)) and each one's children."""
+    procs = read_procs()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    return procs, children
 
 
 def read_procs() -> dict[int, tuple[int, int]]:
@@ -2222,18 +2491,16 @@ def derive_state(*, turn: str | None, turn_ms: int | None, registry: str | None,
     return state
 
 
-def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int
-                 ) -> tuple[list[Observation], list[Pane], list[str]]:
+def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
+                 rclaude: dict[str, str] | None = None) -> tuple[list[Observation], list[Pane], list[str]]:
     """Look at this host's tmux panes, processes and Claude files; return sessions, ambiguous panes, failed sockets.
 
     Pane to session, strongest evidence first: Claude's registry entry of the pane's Claude
-    process; the pane Clare's hook recorded; --session-id/--resume; the newest transcript of the
-    cwd, only when no other Claude pane shares that cwd.
+    process; the pane Clare's hook recorded; --session-id/--resume; rclaude's word (tmux target
+    -> session id); the newest transcript of the cwd, only when no other Claude pane shares that cwd.
     """
-    procs = read_procs()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
+    rclaude = rclaude or {}
+    procs, children = process_tree()
     argv_cache: dict[int, list[str]] = {}
 
     def argv_of(pid: int) -> list[str]:
@@ -2265,7 +2532,7 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int
         hook = hooked.get((pane.socket, pane.pane_id)) or hooked.get((None, pane.pane_id))
         sid = ((registry.get(pid) or {}).get("sessionId")
                or (hook[1] if hook and hook[0] >= started_ms - 2000 else None)
-               or session_id_from_argv(argv_of(pid)))
+               or session_id_from_argv(argv_of(pid)) or rclaude.get(pane.target))
         if sid:
             found.append((sid, pane, pid))
         else:
@@ -2310,10 +2577,12 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         if reading is not None and reading is not cache.get(path):
             fresh.append((path, sid, *reading))
         info = reading[2] if reading else {}
-        screen = capture_pane(pane) if pane else None
+        screen = capture_pane(pane.socket, pane.pane_id) if pane else None
         mark = marks.get(sid)
-        state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=entry.get("status"),
-                             registry_ms=entry.get("statusUpdatedAt"), hook=mark and mark.state,
+        registry_ms = entry.get("statusUpdatedAt")
+        state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=str(entry.get("status")),
+                             registry_ms=registry_ms if isinstance(registry_ms, int) else None,
+                             hook=mark and mark.state,
                              hook_ms=mark and mark.at_ms,
                              shows_dialog=bool(screen and shows_permission_dialog(screen)), now_ms=now_ms,
                              idle_after_ms=idle_after_ms)
@@ -2326,37 +2595,109 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
     return observations
 
 
-def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, env: dict[str, str] | None = None) -> PullResult:
-    """Look at this host's Claude sessions and record what changed (nothing when nothing did)."""
+def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = False,
+               env: dict[str, str] | None = None) -> PullResult:
+    """Look at this host's Claude sessions and record what changed (nothing when nothing did).
+
+    Also: ingest spooled hook reports, deliver other hosts' broadcasts, and with `tails` store
+    each assigned pane's last lines (and the triage command's reading of them) when they changed.
+    """
     ingest_spool(db, now_ms=now_ms)
-    fleet = config.get("fleet", {})
-    idle_after_ms = int(fleet.get("idle_after_s", DEFAULT_IDLE_AFTER_S) * 1000)
-    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env),
+    idle_after_s = config.get("fleet", {}).get("idle_after_s", DEFAULT_IDLE_AFTER_S)
+    if isinstance(idle_after_s, bool) or not isinstance(idle_after_s, int | float) or idle_after_s < 0:
+        raise ClareError(f"clare.toml: [fleet] idle_after_s = {idle_after_s!r} is not a number of seconds; fix it")
+    idle_after_ms = int(idle_after_s * 1000)
+    warnings: list[str] = []
+    rclaude = read_rclaude(config.get("rclaude", {}), machine_id=db.machine_id, warnings=warnings)
+    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env), rclaude=rclaude,
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
     events = observe_sessions(db, observations, keep_sockets=unreachable, now_ms=now_ms)
+    deliver_pending(db, now_ms=now_ms)
     text = canonical_json([p.to_json() for p in ambiguous])
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
         with write_txn(db) as cur:
             set_meta(cur, "ambiguous_panes", text)
-    return PullResult(observations, events, ambiguous, unreachable)
+    updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
+    return PullResult(observations, events, ambiguous, unreachable, updates, warnings)
+
+
+def read_rclaude(section: dict[str, Any], *, machine_id: str, warnings: list[str]) -> dict[str, str]:
+    """Run the optional rclaude adapter; return this host's tmux target -> session id.
+
+    Contract: `sessions_command` prints JSON lines `{uuid, cwd, host, tmux_target, last_seen_ms}`,
+    one per session; lines of other hosts and lines that do not fit are skipped.
+    """
+    import shlex
+    import subprocess
+
+    command = section.get("sessions_command")
+    if not command:
+        return {}
+    try:
+        p = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=RCLAUDE_TIMEOUT_S)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as err:
+        warnings.append(f"rclaude sessions_command failed: {err}")
+        return {}
+    if p.returncode != 0:
+        warnings.append(f"rclaude sessions_command exited {p.returncode}: {p.stderr.strip()[:200]}")
+    return parse_rclaude(p.stdout, hosts=(machine_id, default_machine_id()))
+
+
+def parse_rclaude(text: str, *, hosts: tuple[str, ...]) -> dict[str, str]:
+    """Parse rclaude's JSON lines into tmux target -> session id for the sessions of `hosts`."""
+    found = {}
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError, AttributeError):
+            obj = json.loads(line)
+            host = str(obj.get("host") or "").split(".")[0].lower()
+            if (not host or host in hosts) and UUID_RE.match(obj.get("uuid", "")) and obj.get("tmux_target"):
+                found[str(obj["tmux_target"])] = obj["uuid"]
+    return found
+
+
+def post_pane_tails(db: Db, *, triage: dict[str, Any], now_ms: int, warnings: list[str]) -> list[Update]:
+    """Store the last lines of each assigned pane of this host as a pane-tail update when they changed.
+
+    With `[triage] command`, that command reads the tail on stdin and its stdout becomes a triage update.
+    """
+    posted = []
+    for s in list_sessions(db, host=db.machine_id):
+        if s.task_id is None or s.pane_id is None or s.tmux_socket is None:
+            continue
+        screen = capture_pane(s.tmux_socket, s.pane_id, lines=TAIL_LINES)
+        tail = "\n".join(line.rstrip() for line in (screen or "").splitlines()).strip("\n")[-MAX_TEXT_CHARS:]
+        if not tail.strip() or tail == last_update_text(db, session_id=s.id, source="pane-tail"):
+            continue
+        posted.append(post_update(db, tail, task_ref=s.task_id, session_id=s.id, source="pane-tail", now_ms=now_ms))
+        verdict = run_triage(triage.get("command"), tail, warnings=warnings)
+        if verdict:
+            posted.append(post_update(db, verdict, task_ref=s.task_id, session_id=s.id, source="triage",
+                                      now_ms=now_ms))
+    return posted
+
+
+def run_triage(command: str | None, tail: str, *, warnings: list[str]) -> str | None:
+    """Run the triage command on a pane tail; return its verdict, or None."""
+    import shlex
+    import subprocess
+
+    if not command:
+        return None
+    try:
+        p = subprocess.run(shlex.split(command), input=tail, capture_output=True, text=True,
+                           timeout=TRIAGE_TIMEOUT_S)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as err:
+        warnings.append(f"triage command failed: {err}")
+        return None
+    if p.returncode != 0:
+        warnings.append(f"triage command exited {p.returncode}: {p.stderr.strip()[:200]}")
+        return None
+    return p.stdout.strip()[:MAX_TEXT_CHARS] or None
 
 
 def list_ambiguous_panes(db: Db) -> list[Pane]:
     """Return the Claude panes the last pull could not tie to one session."""
     return [Pane(**p) for p in json.loads(get_meta(db.conn.cursor(), "ambiguous_panes") or "[]")]
-
-
-HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PermissionRequest", "Notification", "Stop",
-               "StopFailure", "SessionEnd")
-HOOK_STATES = {"SessionStart": "waiting", "UserPromptSubmit": "working", "PreToolUse": "working",
-               "PostToolUse": "working", "PermissionRequest": "permission", "Stop": "waiting",
-               "StopFailure": "waiting"}
-NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission",
-                       "idle_prompt": "waiting"}
-HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
-MAX_HOOK_INPUT_BYTES = 1024 * 1024
-HOOK_TIMEOUT_S = 10
-CLARE_HOOK_RE = re.compile(r"clare(?:\.py)?['\"]?(?:\s+\S+)*\s+hook\s*$")
 
 
 def hook_state(payload: dict[str, Any]) -> str | None:
@@ -2459,10 +2800,16 @@ def settings_path(env: dict[str, str] | None = None) -> str:
 
 
 def hook_command(db_path: str) -> str:
-    """Return the shell command Claude Code runs for Clare's hooks: this interpreter, file and database."""
+    """Return the shell command Claude Code runs for Clare's hooks: this interpreter, file and database.
+
+    It imports clare rather than running clare.py as a script: an imported module loads from its
+    cached bytecode, a script is compiled on every run (about 2x the hook's cost).
+    """
     import shlex
 
-    return shlex.join([sys.executable, os.path.abspath(__file__), "--db", os.path.abspath(db_path), "hook"])
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            "import clare; raise SystemExit(clare.main())")
+    return shlex.join([sys.executable, "-I", "-c", code, "--db", os.path.abspath(db_path), "hook"])
 
 
 def _read_settings(path: str) -> dict[str, Any]:
@@ -2552,7 +2899,152 @@ def hooks_status(path: str, command: str) -> dict[str, str]:
     return status
 
 
-SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes)})
+def send_broadcast(db: Db, target: str, text: str, *, now_ms: int, is_command: bool = False,
+                   confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
+    """Send a text to every live session of a target; type it into this host's panes now.
+
+    Sessions of other hosts get it when their host next pulls (DESIGN §5): queued until then.
+    Every result is recorded as a broadcast.delivered event, and returned.
+    """
+    with _delivery_lock(db):
+        broadcast_id, text, recipients = start_broadcast(db, target, text, is_command=is_command, now_ms=now_ms)
+        started = time.monotonic()
+        for s in recipients:
+            if s.host == db.machine_id:
+                result, reason = deliver_text(db, s, text, confirm_s=confirm_s)
+                record_delivery(db, broadcast_id, s.id, result=result, reason=reason,
+                                now_ms=now_ms + int((time.monotonic() - started) * 1000))
+    return BroadcastResult(broadcast_id, target, text, list_deliveries(db, broadcast_id=broadcast_id))
+
+
+@contextlib.contextmanager
+def _delivery_lock(db: Db) -> Iterator[None]:
+    """Hold this database's delivery lock: a pull must not type a broadcast that a sender is typing."""
+    import fcntl
+
+    path = os.path.join(os.path.dirname(os.path.abspath(db.path)), "delivery.lock")
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM_S) -> list[Delivery]:
+    """Deliver the broadcasts other hosts sent to this host's sessions; expire the stale ones."""
+    done = []
+    if not list_deliveries(db, pending_on=db.machine_id):
+        return done
+    with _delivery_lock(db):
+        sessions = {s.id: s for s in list_sessions(db, host=db.machine_id, include_gone=True)}
+        for d in list_deliveries(db, pending_on=db.machine_id):  # again, now that no one else delivers
+            done.append(_deliver_one(db, d, sessions[d.session_id], now_ms=now_ms, confirm_s=confirm_s))
+    return done
+
+
+def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_s: float) -> Delivery:
+    text, expires_at = get_broadcast_text(db, d.broadcast_id) or ("", "")
+    if (_iso_to_ms(expires_at) or 0) < now_ms:
+        result, reason = "expired", f"not delivered before {expires_at}"
+    else:
+        result, reason = deliver_text(db, session, text, confirm_s=confirm_s)
+    record_delivery(db, d.broadcast_id, d.session_id, result=result, reason=reason, now_ms=now_ms)
+    return dataclasses.replace(d, result=result, reason=reason)
+
+
+def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tuple[str, str]:
+    """Type a text into a session's tmux pane as one paste and an Enter; return (result, reason).
+
+    Never into a pane that does not run Claude (a shell would run the text) and never while a
+    permission dialog shows (Enter would approve it). The text goes through a tmux buffer loaded
+    from stdin, never through a shell, so it arrives literally.
+    """
+    if session.state == "gone":
+        return "refused", "the session is gone"
+    if session.pane_id is None or session.tmux_socket is None:
+        return "refused", "the session does not run in a tmux pane"
+    pane = next((p for p in list_panes(session.tmux_socket) or () if p.pane_id == session.pane_id), None)
+    if pane is None:
+        return "refused", f"tmux pane {session.pane_id} is gone"
+    procs, children = process_tree()
+    claude_pid = find_claude(pane.pid, children, proc_argv)
+    if claude_pid is None:
+        return "refused", f"pane {pane.pane_id} does not run Claude now; a shell would run the text"
+    entry = read_registry(claude_home(), procs).get(claude_pid)
+    if entry is not None and entry["sessionId"] != session.id:
+        return "refused", f"pane {pane.pane_id} now runs another session ({entry['sessionId'][:SHORT_ID]})"
+    if pane.in_mode:
+        run_tmux(pane.socket, "send-keys", "-t", pane.pane_id, "-X", "cancel")
+    refusal = _dialog_refusal(db, session, pane)
+    if refusal:
+        return "refused", refusal
+    name = f"clare-{new_id()}"  # buffer names are server-wide
+    for args, stdin in ((("load-buffer", "-b", name, "-"), text),
+                        (("paste-buffer", "-p", "-r", "-d", "-b", name, "-t", pane.pane_id), None)):
+        p = run_tmux(pane.socket, *args, input_text=stdin)
+        if p.returncode != 0:
+            run_tmux(pane.socket, "delete-buffer", "-b", name)
+            return "failed", f"tmux {args[0]}: {(p.stderr.strip().splitlines() or ['failed'])[0]}"
+    was_working = session.state == "working"
+    for _ in range(BROADCAST_ENTER_TRIES):
+        time.sleep(BROADCAST_PAUSE_S)
+        refusal = _dialog_refusal(db, session, pane)
+        if refusal:  # a dialog opened after the paste: leave the text in the composer
+            return "refused", refusal + "; the text waits in the composer"
+        sent_ms = now_ms()
+        run_tmux(pane.socket, "send-keys", "-t", pane.pane_id, "Enter")
+        if _wait_for_prompt(db, session, text, since_ms=sent_ms, timeout_s=confirm_s):
+            return "delivered", ""
+        if was_working:
+            return "queued", "Claude is busy; it takes the text after this turn"
+    return "failed", f"Claude did not take the text after {BROADCAST_ENTER_TRIES} Enters"
+
+
+def _dialog_refusal(db: Db, session: Session, pane: Pane) -> str | None:
+    screen = capture_pane(pane.socket, pane.pane_id)
+    if screen is None or shows_permission_dialog(screen):
+        return "needs permission: a dialog is open (Enter would approve it)"
+    # The hook is the dependable signal when the screen text changes between versions: a
+    # permission report counts until the transcript moves on after it.
+    mark = list_hook_marks(db, session_id=session.id).get(session.id)
+    if mark and mark.state == "permission":
+        path = find_transcript(claude_home(), session.cwd, session.id)
+        with contextlib.suppress(OSError):
+            if path is None or os.stat(path).st_mtime_ns // 1_000_000 < mark.at_ms:
+                return "needs permission: Claude asked for it and has not moved on since"
+    return None
+
+
+def _wait_for_prompt(db: Db, session: Session, text: str, *, since_ms: int, timeout_s: float) -> bool:
+    """Wait until the UserPromptSubmit hook or the transcript shows that Claude took the text."""
+    path = find_transcript(claude_home(), session.cwd, session.id)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        mark = list_hook_marks(db, session_id=session.id).get(session.id)
+        if mark and mark.hook_event == "UserPromptSubmit" and mark.at_ms >= since_ms - 1000:
+            return True
+        if path is None:
+            path = find_transcript(claude_home(), session.cwd, session.id)
+        if path and _transcript_has_prompt(path, text, since_ms=since_ms - 1000):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _transcript_has_prompt(path: str, text: str, *, since_ms: int) -> bool:
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - TAIL_BLOCK_BYTES))
+        lines = f.read().split(b"\n")
+    for raw in reversed(lines):
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            obj = json.loads(raw)
+            if obj.get("type") == "user" and (_iso_to_ms(obj.get("timestamp")) or 0) >= since_ms:
+                if _text_of(obj["message"].get("content")).strip() == text.strip():
+                    return True
+    return False
+
+
+SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes, send_broadcast)})
 
 
 # ==========================================================================
@@ -2801,6 +3293,8 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
         identity, head, next_after = _check_page(page, after=after)
+        if identity == (db.machine_id, db.db_id):
+            raise ClareError(f"{peer.url} is this very database; remove it from the peers in clare.toml")
         if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
             known = identity
             if get_cursor(db, *identity)[0] != after:
@@ -3134,6 +3628,15 @@ def backoff_s(n_failures: int, *, interval_s: float = SYNC_INTERVAL_S) -> float:
     return min(interval_s * 2 ** min(n_failures, 30), MAX_BACKOFF_S) * jitter
 
 
+def sync_interval_s(config: dict[str, Any], *, path: str = "clare.toml") -> float:
+    """Return the pause between good background rounds: [sync] interval_s in clare.toml, else the default."""
+    value = config.get("sync", {}).get("interval_s", SYNC_INTERVAL_S) if isinstance(config.get("sync"), dict) \
+        else SYNC_INTERVAL_S
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.1 <= value <= 86_400:
+        raise ClareError(f"{path}: [sync] interval_s must be a number of seconds from 0.1 to 86400")
+    return float(value)
+
+
 def start_background_sync(db_path: str, peers: list[Peer], config: dict[str, Any], *, stop: Any,
                           log: Callable[[str], None], interval_s: float = SYNC_INTERVAL_S) -> list[Any]:
     """Start one daemon thread per peer that syncs until `stop` (a threading.Event) is set.
@@ -3217,11 +3720,13 @@ ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                422: "invalid", 431: "headers_too_large", 500: "internal", 501: "not_implemented"}
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
-HTMX_VERSION = "2.0.11"
+HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both together
+HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "no-referrer"),
+    # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on our own form posts.
+    ("Referrer-Policy", "same-origin"),
     # Inline CSS lives in the page template; scripts only from /static, never inline.
     ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                                 "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
@@ -3247,6 +3752,7 @@ class WebConfig:
     db_path: str
     log_requests: bool = False  # one line per request costs ~16% throughput (DESIGN §8)
     timeout_s: float = REQUEST_TIMEOUT_S
+    config_path: str = ""  # clare.toml, read again for the peers' status
 
     @property
     def has_token(self) -> bool:
@@ -3305,7 +3811,7 @@ def web_config(paths: Paths, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         csrf = get_secret(db, "csrf_secret")
     finally:
         db.close()
-    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests)
+    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests, config_path=paths.config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -3346,8 +3852,8 @@ class Request:
         """Return the JSON object body holding the required fields and no unknown ones."""
         try:
             value = json.loads(self.body or b"{}")
-        except ValueError as err:
-            raise HttpError(400, f"the body is not valid JSON ({err}); send a JSON object") from err
+        except (ValueError, RecursionError) as err:  # SECURITY: '[[[[...' nested deeper than the stack
+            raise HttpError(400, f"the body is not valid JSON ({str(err)[:100]}); send a JSON object") from err
         if not isinstance(value, dict):
             raise UsageError("the body must be a JSON object")
         missing = [k for k in required if k not in value]
@@ -3527,6 +4033,18 @@ def check_length(path: str, headers: dict[str, str]) -> int:
     return size
 
 
+def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response:
+    """Return the answer to a refused request: JSON for the API, the message box for htmx, else a page."""
+    extra = err.headers if isinstance(err, HttpError) else ()
+    status = err.http_status
+    if is_api:
+        return Response(status, error_json(status, str(err)), headers=extra)
+    if is_htmx:  # htmx swaps it into the page's message box instead of the fragment it asked for
+        return html_response(flash(str(err)), status=status,
+                             headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
+    return html_response(error_page(status, str(err)), status=status, headers=extra)
+
+
 def _discard_body(h: Any) -> bool:
     """Read and drop a refused request's body if its size passed the limit, so the client sees the answer."""
     # Closing with unread data makes the kernel send RST, and the client may lose our reply.
@@ -3580,15 +4098,7 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         h.close_connection = True  # the client is too slow or gone: nobody to answer
         return
     except ClareError as err:
-        extra = err.headers if isinstance(err, HttpError) else ()
-        status = err.http_status
-        if is_api:
-            resp = Response(status, error_json(status, str(err)), headers=extra)
-        elif headers.get("hx-request") == "true":  # show the reason in the page's message box
-            resp = html_response(flash(str(err)), status=status,
-                                 headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
-        else:
-            resp = html_response(error_page(status, str(err)), status=status, headers=extra)
+        resp = _error_response(err, is_api=is_api, is_htmx=headers.get("hx-request") == "true")
     except Exception:  # noqa: BLE001 - the edge: a bug must cost one 500, not the server
         import traceback
 
@@ -3809,7 +4319,7 @@ def redirect(url: str) -> Response:
 # htmx swaps 4xx bodies too, so a refused form shows its one-line reason in #flash.
 HTMX_CONFIG = {"includeIndicatorStyles": False, "defaultSwapStyle": "outerHTML", "historyCacheSize": 0,
                "responseHandling": [{"code": "204", "swap": False}, {"code": "[23]..", "swap": True},
-                                    {"code": "[45]..", "swap": True, "error": True}]}
+                                    {"code": "[45]..", "swap": True, "error": False}]}
 NAV = (("/", "Dashboard"), ("/projects", "Projects"), ("/sessions", "Sessions"), ("/broadcast", "Broadcast"))
 
 PAGE = string.Template("""<!doctype html>
@@ -3876,6 +4386,7 @@ progress::-moz-progress-bar{background:var(--green);border-radius:4px}
 ul.feed{list-style:none;margin:0;padding:0}
 ul.feed li{padding:.45rem 0;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
 ul.feed li:last-child{border-bottom:0}
+.attention{border-left:4px solid var(--amber)}.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
 ul.feed time{display:block;color:var(--muted);font-size:.76rem}
 pre.text{white-space:pre-wrap;overflow-wrap:anywhere;font:inherit;margin:.2rem 0}
 form.row{display:flex;flex-wrap:wrap;gap:.55rem;align-items:flex-end;margin:0 0 .8rem}
@@ -3901,7 +4412,7 @@ dl.facts dt{color:var(--muted);font-size:.85rem}dl.facts dd{margin:0;overflow-wr
 .htmx-request{opacity:.65;transition:opacity .2s}
 footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
 @media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
-.host{display:none}.hide-sm{display:none}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
+.host{display:none}.hide-sm{display:none}header.top{gap:.3rem .8rem}nav a{padding:.25rem .4rem;font-size:.93rem}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 </style>
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
 </head>
@@ -3945,7 +4456,7 @@ def error_page(status: int, message: str) -> Html:
 
 PAGE_ERROR = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark"><title>$status · Clare</title>
+<meta name="color-scheme" content="light dark"><link rel="icon" href="data:,"><title>$status · Clare</title>
 <style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
 @media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
 <body><h1>$status</h1><p>$message</p><p><a href="/">Back to the dashboard</a></p></body></html>
@@ -3953,6 +4464,15 @@ PAGE_ERROR = string.Template("""<!doctype html>
 
 
 # --- dashboard pages and their htmx fragments -----------------------------
+
+def age_text(at: str | None, now: int) -> str:
+    """Say compactly how long ago an ISO time was (12s, 5m, 3h, 2d), or '—' when unknown."""
+    ms = _iso_to_ms(at)
+    if ms is None:
+        return "—"
+    s = max(0, (now - ms) // 1000)
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
+
 
 TASK_COLORS = {"todo": "gray", "in_progress": "blue", "blocked": "orange", "done": "green"}
 PROJECT_COLORS = {"active": "blue", "paused": "amber", "done": "green"}
@@ -3987,10 +4507,11 @@ PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
 <button type="submit">Create</button>
 </form></section>""")
 MAIN_DASHBOARD = string.Template("""<h1>Dashboard</h1>
-<p class="sub">What needs you first, then where every project stands.</p>
+<p class="sub">What needs you first, then where every project stands, then every session.</p>
 $attention
 $projects
-<div class="grid">$fleet$activity$project_form</div>""")
+$fleet
+<div class="grid">$activity$project_form</div>""")
 MAIN_PROJECTS = string.Template("""<h1>Projects</h1>
 <p class="sub">Every project on this Clare, with its tasks by status.</p>
 $project_form
@@ -3998,7 +4519,7 @@ $projects""")
 
 MAIN_PROJECT = string.Template("""<p class="muted small"><a href="/projects">Projects</a> /</p>
 <h1>$name</h1>
-<p class="sub">$status $goal</p>
+$head
 $tasks
 <div class="grid">
 $task_form
@@ -4012,6 +4533,7 @@ $task_form
 <section class="card"><h2>Recent updates</h2>$updates</section>
 <section class="card"><h2>History</h2>$history</section>
 </div>""")
+PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
 TASKS_TABLE = string.Template("""<div class="scroll"><table>
@@ -4205,12 +4727,18 @@ def page_project(req: Request) -> Response:
     updates = svc.list_updates(task_ids=[t.id for t in tasks], limit=10)
     return page(req, p.name, render(
         MAIN_PROJECT, name=p.name, id=p.id, owner=p.owner or "—", created=_short_time(p.created_at),
-        status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")), goal=p.goal, csrf=csrf_field(req),
+        head=project_head(p), csrf=csrf_field(req),
         status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
         tasks=tasks_fragment(req, p), task_form=task_form(req, p),
         updates=updates_list(updates, empty="No updates on these tasks yet."),
         history=feed(svc.project_history(p, limit=30), empty="No history.")))
+
+
+def project_head(project: Project, *, oob: bool = False) -> Html:
+    """Render the status badge and goal under a project's name."""
+    return render(PROJECT_HEAD, status=badge(project.status, PROJECT_COLORS.get(project.status, "gray")),
+                  goal=project.goal, oob=Html(' hx-swap-oob="true"') if oob else Html(""))
 
 
 def updates_list(updates: list[Update], *, empty: str) -> Html:
@@ -4251,7 +4779,8 @@ def frag_set_project_status(req: Request) -> Response:
     p = req.svc.edit_project(req.params["project"], status=req.form().get("status", ""))
     if not req.is_htmx:
         return redirect(f"/projects/{p.id}")
-    return html_response(flash(f"Project {p.name} is now {p.status}.", kind="ok", oob=True))
+    return html_response(join([project_head(p, oob=True),
+                               flash(f"Project {p.name} is now {p.status}.", kind="ok", oob=True)]))
 
 
 def task_fragment(req: Request, task: Task) -> Html:
@@ -4342,19 +4871,112 @@ def frag_post_update(req: Request) -> Response:
                                flash("Update posted.", kind="ok", oob=True)]))
 
 
+SESSION_COLORS = {"working": "blue", "waiting": "amber", "permission": "red", "idle": "gray", "gone": "gray"}
+SESSION_LABELS = {"working": "working", "waiting": "waiting for you", "permission": "needs permission",
+                  "idle": "idle", "gone": "gone"}
+NEEDS_PERSON = ("permission", "waiting")
+
+FRAG_ATTENTION = string.Template("""<section class="card attention" id="frag-attention" $poll>
+<h2>Needs you</h2>$body</section>""")
+ATTENTION_LIST = string.Template('<ul class="feed" hx-disable>$items</ul>')
+ATTENTION_ITEM = string.Template("""<li><div class="line">$state <b>$label</b> <span class="muted small">$since</span></div>
+<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>$task</li>""")
+TASK_LINK = string.Template('<div class="small">task <a href="/tasks/$id">$title</a></div>')
+FRAG_FLEET = string.Template("""<section class="card" id="frag-fleet" $poll>
+<h2>Sessions</h2>$table</section>""")
+FLEET_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>State</th><th>Session</th><th>Where</th><th>Task</th><th>Active</th><th class="hide-sm">Tokens</th></tr></thead>
+<tbody hx-disable>$rows</tbody></table></div>""")
+FLEET_ROW = string.Template("""<tr><td>$state</td>
+<td class="title"><b>$label</b><div class="mono muted small">$id</div></td>
+<td><span class="mono small">$host · $where</span><div class="muted small">$cwd</div></td>
+<td class="title">$task</td><td class="muted small">$active</td><td class="hide-sm mono small">$tokens</td></tr>""")
+TASK_CELL = string.Template('<a href="/tasks/$id">$title</a>')
+MAIN_SESSIONS = string.Template("""<h1>Sessions</h1>
+<p class="sub">Claude sessions on every host, as each host last saw them. Run <span class="mono">clare pull</span>
+on a host (or install its hooks) to refresh what it sees.</p>
+$attention
+$fleet
+$ambiguous""")
+AMBIGUOUS = string.Template("""<section class="card"><h2>Panes Clare cannot tell apart</h2>
+<ul class="feed" hx-disable>$items</ul></section>""")
+AMBIGUOUS_ITEM = string.Template(
+    '<li><span class="mono">$target</span> in <span class="mono">$cwd</span>: Claude runs here, but its session '
+    'cannot be told apart from another in this folder</li>')
+DATALIST = string.Template('<datalist id="session-ids">$options</datalist>')
+
+
+def session_badge(session: Session) -> Html:
+    """Return the state badge of a session."""
+    return badge(SESSION_LABELS.get(session.state, session.state), SESSION_COLORS.get(session.state, "gray"))
+
+
+def _task_titles(req: Request, sessions: list[Session]) -> dict[str, Task]:
+    svc = req.svc
+    return {t: svc.get_task(t) for t in {s.task_id for s in sessions if s.task_id}}
+
+
+def _tokens_text(tokens: dict[str, int]) -> str:
+    n = sum(v for v in tokens.values() if isinstance(v, int))
+    return "—" if not n else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
+
+
 def attention_fragment(req: Request) -> Html:
     """Render the sessions that wait for a person, longest-waiting first."""
-    return Html("")  # TODO(#4): sessions arrive with the fleet work
+    now = now_ms()
+    sessions = sorted((s for s in req.svc.list_sessions() if s.state in NEEDS_PERSON),
+                      key=lambda s: (s.state_at or s.last_activity_at or "", s.id))
+    tasks = _task_titles(req, sessions)
+    # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
+    body = render(ATTENTION_LIST, items=join(render(
+        ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
+        since="for " + age_text(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
+        where=s.tmux_target or "-", cwd=s.cwd,
+        task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id else Html(""))
+        for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
+    return render(FRAG_ATTENTION, poll=poll_attrs("/frag/attention"), body=body)
 
 
 def fleet_fragment(req: Request) -> Html:
-    """Render every session with its state and current task."""
-    return Html("")  # TODO(#4): sessions arrive with the fleet work
+    """Render every live session with its state and current task."""
+    now = now_ms()
+    sessions = req.svc.list_sessions()
+    tasks = _task_titles(req, sessions)
+    if not sessions:
+        table_html = render(EMPTY, text="No Claude sessions seen yet; run 'clare pull' on each host.")
+    else:
+        table_html = render(FLEET_TABLE, rows=join(render(
+            FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
+            where=s.tmux_target or "-", cwd=s.cwd, active=age_text(s.last_activity_at, now) + " ago",
+            tokens=_tokens_text(s.tokens),
+            task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id
+            else Html('<span class="muted">—</span>')) for s in sessions))
+    return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
 
 
 def session_datalist(req: Request) -> Html:
     """Render the known session ids for the assign form."""
-    return Html("")  # TODO(#4): sessions arrive with the fleet work
+    return render(DATALIST, options=join(render(OPTION, value=s.id, label=f"{s.label or s.cwd} ({s.host})",
+                                                selected=Html("")) for s in req.svc.list_sessions()))
+
+
+def page_sessions(req: Request) -> Response:
+    """Show the fleet: who waits for a person, then every session with its task."""
+    panes = req.svc.list_ambiguous_panes()
+    ambiguous = render(AMBIGUOUS, items=join(render(AMBIGUOUS_ITEM, target=p.target, cwd=p.cwd) for p in panes)) \
+        if panes else Html("")
+    return page(req, "Sessions", render(MAIN_SESSIONS, attention=attention_fragment(req), fleet=fleet_fragment(req),
+                                        ambiguous=ambiguous))
+
+
+def frag_attention(req: Request) -> Response:
+    """Answer the needs-you poll."""
+    return html_response(attention_fragment(req))
+
+
+def frag_fleet(req: Request) -> Response:
+    """Answer the sessions poll."""
+    return html_response(fleet_fragment(req))
 
 
 # --- JSON API ------------------------------------------------------------
@@ -4463,6 +5085,26 @@ def api_remove_group(req: Request) -> Response:
     return json_response(req.svc.remove_group(req.params["group"]))
 
 
+def api_list_sessions(req: Request) -> Response:
+    """List Claude sessions of every host; ?host= narrows, ?all=1 adds gone ones."""
+    return json_response(req.svc.list_sessions(host=req.arg("host") or None, include_gone=req.arg("all") == "1"))
+
+
+def api_get_session(req: Request) -> Response:
+    """Return one session by id prefix."""
+    return json_response(req.svc.get_session(req.params["session"]))
+
+
+def api_group_sessions(req: Request) -> Response:
+    """List the sessions a group's patterns match now."""
+    return json_response(req.svc.list_group_sessions(req.params["group"], include_gone=req.arg("all") == "1"))
+
+
+def api_ambiguous_panes(req: Request) -> Response:
+    """List the Claude panes the last pull could not tie to one session."""
+    return json_response(req.svc.list_ambiguous_panes())
+
+
 def api_list_updates(req: Request) -> Response:
     """Return the newest updates, newest last; ?task= (repeatable) or ?id= narrows them."""
     svc = req.svc
@@ -4480,10 +5122,10 @@ def api_post_update(req: Request) -> Response:
 
 
 def api_status(req: Request) -> Response:
-    """Return the roll-up: projects with task counts, and the size of the log."""
+    """Return the roll-up (?project= or ?group=): projects with counts and tokens, sessions, the log's size."""
     svc = req.svc
-    return json_response({"projects": svc.list_projects(), "n_events": svc.count_events(),
-                          "machine_id": req.db.machine_id})
+    report = svc.get_status(project_ref=req.arg("project"), group_ref=req.arg("group"))
+    return json_response({**report.to_json(), "n_events": svc.count_events(), "machine_id": req.db.machine_id})
 
 
 def api_list_events(req: Request) -> Response:
@@ -4550,9 +5192,181 @@ def page_login(req: Request) -> Response:
     return Response(303, b"", "text/plain", (("Location", "/"),))
 
 
+# --- OpenAPI --------------------------------------------------------------
+
+_PRIMITIVES = {str: "string", int: "integer", bool: "boolean", float: "number", dict: "object", list: "array"}
+
+
+def json_schema(cls: type) -> dict[str, Any]:
+    """Return the JSON Schema of a dataclass's to_json() object, from its field types."""
+    import types
+    import typing
+
+    def one(tp: Any) -> dict[str, Any]:
+        if isinstance(tp, types.UnionType):
+            return {"type": [one(a)["type"] for a in typing.get_args(tp)]}
+        if tp is type(None):
+            return {"type": "null"}
+        return {"type": _PRIMITIVES[typing.get_origin(tp) or tp]}
+
+    fields = dataclasses.fields(cls)
+    return {"type": "object", "required": [f.name for f in fields],
+            "properties": {f.name: one(f.type) for f in fields}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _array(name: str) -> dict[str, Any]:
+    return {"type": "array", "items": _ref(name)}
+
+
+def _body(required: tuple[str, ...], optional: tuple[str, ...], **types_: str) -> dict[str, Any]:
+    props = {k: {"type": types_.get(k, "string")} for k in required + optional}
+    return {"type": "object", "required": list(required), "properties": props, "additionalProperties": False}
+
+
+_OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+    "Status": {"type": "object", "required": ["projects", "n_events", "machine_id"], "properties": {
+        "projects": _array("Project"), "n_events": {"type": "integer"}, "machine_id": {"type": "string"}}},
+    "EventPage": {"type": "object", "required": ["events", "next_after", "has_more"], "properties": {
+        "events": _array("Event"), "next_after": {"type": "integer"}, "has_more": {"type": "boolean"}}},
+    "ImportResult": {"type": "object", "required": ["inserted", "duplicates", "conflicts", "rejected"], "properties": {
+        "inserted": _array("Event"), "duplicates": {"type": "integer"},
+        "conflicts": {"type": "array", "items": {"type": "string"}},
+        "rejected": {"type": "array", "items": {"type": "string"}}}},
+    "ReplayResult": {"type": "object", "required": ["events"], "properties": {"events": {"type": "integer"}}},
+}
+
+# (method, path) -> summary, query parameters, request body schema, success status, response schema
+API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]] = {
+    ("GET", "/api/v1/projects"): ("List projects with task counts", ("status",), None, 200, _array("Project")),
+    ("POST", "/api/v1/projects"): ("Create a project", (), _body(("name",), ("goal", "owner")), 201, _ref("Project")),
+    ("GET", "/api/v1/projects/{project}"): ("Get a project by name or id prefix", (), None, 200, _ref("Project")),
+    ("PATCH", "/api/v1/projects/{project}"): ("Change a project", (), _body((), ("name", "goal", "owner", "status")),
+                                              200, _ref("Project")),
+    ("GET", "/api/v1/projects/{project}/history"): ("Events about a project and its tasks", ("limit",), None, 200,
+                                                    _array("Event")),
+    ("GET", "/api/v1/tasks"): ("List tasks, most urgent first", ("project", "status", "session", "group"), None, 200,
+                               _array("Task")),
+    ("POST", "/api/v1/tasks"): ("Add a task", (), _body(("project", "title"), ("priority", "description"),
+                                                       priority="integer"), 201, _ref("Task")),
+    ("GET", "/api/v1/tasks/{task}"): ("Get a task by id prefix", (), None, 200, _ref("Task")),
+    ("PATCH", "/api/v1/tasks/{task}"): ("Change a task", (), _body((), ("title", "description", "priority", "status"),
+                                                                   priority="integer"), 200, _ref("Task")),
+    ("GET", "/api/v1/tasks/{task}/history"): ("Events about a task", ("limit",), None, 200, _array("Event")),
+    ("POST", "/api/v1/tasks/{task}/assignment"): ("Assign a task to a session or a group", (),
+                                                  _body((), ("session_id", "group")), 200, _ref("Task")),
+    ("DELETE", "/api/v1/tasks/{task}/assignment"): ("End a task's assignment", (), None, 200, _ref("Task")),
+    ("GET", "/api/v1/groups"): ("List groups", (), None, 200, _array("Group")),
+    ("POST", "/api/v1/groups"): ("Create a group", (), _body(("name",), ("cwd", "host", "tmux_name")), 201,
+                                 _ref("Group")),
+    ("GET", "/api/v1/groups/{group}"): ("Get a group by name or id prefix", (), None, 200, _ref("Group")),
+    ("DELETE", "/api/v1/groups/{group}"): ("Remove a group", (), None, 200, _ref("Group")),
+    ("GET", "/api/v1/groups/{group}/sessions"): ("Sessions a group's patterns match now", ("all",), None, 200,
+                                                 _array("Session")),
+    ("GET", "/api/v1/sessions"): ("List Claude sessions of every host", ("host", "all"), None, 200, _array("Session")),
+    ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix", (), None, 200, _ref("Session")),
+    ("GET", "/api/v1/panes/ambiguous"): ("Claude panes whose session cannot be told apart", (), None, 200,
+                                         _array("Pane")),
+    ("GET", "/api/v1/updates"): ("List updates, newest last", ("task", "id", "limit"), None, 200, _array("Update")),
+    ("POST", "/api/v1/updates"): ("Post a progress note", (), _body(("text",), ("task", "source", "session_id")), 201,
+                                  _ref("Update")),
+    ("GET", "/api/v1/status"): ("The roll-up", (), None, 200, _ref("Status")),
+    ("GET", "/api/v1/events"): ("Page through the log by receipt order (after), or the newest (no after)",
+                                ("after", "limit"), None, 200, _ref("EventPage")),
+    ("GET", "/api/v1/history"): ("Events naming any of the given entity ids", ("entity", "limit"), None, 200,
+                                 _array("Event")),
+    ("POST", "/api/v1/import"): ("Store events given as JSON lines", (),
+                                 {"type": "object", "required": ["lines"], "properties": {
+                                     "lines": {"type": "array", "items": {"type": "string"}}}}, 200,
+                                 _ref("ImportResult")),
+    ("POST", "/api/v1/replay"): ("Rebuild every projection from the log", (), {"type": "object"}, 200,
+                                 _ref("ReplayResult")),
+    ("GET", "/api/v1/openapi.json"): ("This document", (), None, 200, {"type": "object"}),
+}
+
+
+def openapi_path(pattern: "re.Pattern[str]") -> str:
+    """Return the OpenAPI path template of a route pattern: named groups become {name}."""
+    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern).replace("\\", "")
+
+
+def openapi_document() -> dict[str, Any]:
+    """Return the OpenAPI 3.1 description of every /api/ route."""
+    errors = {str(code): {"description": ERROR_CODES[code], "content": {"application/json": {"schema": _ref("Error")}}}
+              for code in (400, 401, 403, 404, 405, 409, 413, 415, 422)}
+    paths: dict[str, dict[str, Any]] = {}
+    for (method, path), (summary, query, body, status, schema) in API_DOCS.items():
+        op: dict[str, Any] = {"summary": summary, "parameters": [
+            *({"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+              for name in re.findall(r"\{(\w+)\}", path)),
+            *({"name": name, "in": "query", "required": False, "schema": {"type": "string"}} for name in query)],
+            "responses": {str(status): {"description": "OK", "content": {"application/json": {"schema": schema}}},
+                          **errors}}
+        if body is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        paths.setdefault(path, {})[method.lower()] = op
+    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event, Session, Pane)}
+    return {"openapi": "3.1.0",
+            "info": {"title": "Clare", "version": __version__,
+                     "description": "Projects and tasks for a fleet of Claude Code sessions. With a token configured, "
+                                    "send 'Authorization: Bearer TOKEN'. Bodies are JSON (Content-Type: "
+                                    "application/json), at most 1 MB."},
+            "paths": paths,
+            "components": {"schemas": {**schemas, **_OPEN_API_EXTRA_SCHEMAS},
+                           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+            "security": [{"bearer": []}, {}]}
+
+
+def api_openapi(req: Request) -> Response:
+    """Return the OpenAPI 3.1 document of this API."""
+    return json_response(openapi_document())
+
+
+# --- sync endpoints: thin wrappers over section 7 ---------------------------
+
+def sync_get_events(req: Request) -> Response:
+    """Page through the log in receipt order for a peer: ?after=RSEQ&limit=N."""
+    return json_response(sync_page(req.db, after=req.arg("after", "0"), limit=req.arg("limit", str(SYNC_PAGE_LIMIT)),
+                                   now_ms=now_ms()))
+
+
+def sync_post_events(req: Request) -> Response:
+    """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
+    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
+    return json_response(sync_accept(req.db, body, now_ms=now_ms()))
+
+
+def sync_get_days(req: Request) -> Response:
+    """Return the per-day event counts and uuid hashes (anti-entropy)."""
+    return json_response(sync_digest(req.db, now_ms=now_ms()))
+
+
+def sync_get_day(req: Request) -> Response:
+    """Return the uuids of the events of one day (anti-entropy)."""
+    return json_response(sync_day(req.db, req.params["day"], now_ms=now_ms()))
+
+
+def sync_post_fetch(req: Request) -> Response:
+    """Return the events among {uuids: [...]} (anti-entropy)."""
+    return json_response(sync_fetch(req.db, req.json(required=("uuids",)), now_ms=now_ms()))
+
+
+def sync_get_peers(req: Request) -> Response:
+    """Return each peer with what its last sync did: for the dashboard and remote `peer list`."""
+    peers = load_peers(load_config(req.config.config_path), path=req.config.config_path)
+    return json_response(list_peers(req.db, peers))
+
+
 # --- the remote twin of Services ----------------------------------------
 
 REMOTE_TIMEOUT_S = 30.0
+LOCAL_ONLY_SERVICES = frozenset({"pull_fleet", "observe_sessions", "report_hook", "get_pane_session"})
 _REMOTE_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
 
 
@@ -4572,6 +5386,12 @@ class RemoteServices:
     def __init__(self, url: str, *, token: str | None = None):
         self.url = url.rstrip("/")
         self.token = token
+
+    def __getattr__(self, name: str) -> Callable:
+        if name in LOCAL_ONLY_SERVICES:
+            raise UsageError(f"{name} works on this host's own tmux and hooks; run the command on that host "
+                             "without --remote (and without CLARE_URL)")
+        raise AttributeError(name)
 
     def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
         """Send one API request and return its decoded JSON; raise the server's error as a ClareError."""
@@ -4679,9 +5499,31 @@ class RemoteServices:
         """Return the groups."""
         return [_build(Group, g) for g in self.call("GET", "/api/v1/groups")]
 
+    def get_session(self, ref: str) -> Session:
+        """Return one session by id prefix."""
+        return _build(Session, self.call("GET", f"/api/v1/sessions/{self._path(ref)}"))
+
+    def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
+        """Return the sessions of every host."""
+        query = {"host": host, "all": "1" if include_gone else None}
+        return [_build(Session, x) for x in self.call("GET", "/api/v1/sessions", query=query)]
+
+    def list_group_sessions(self, group_ref: str, *, include_gone: bool = False) -> list[Session]:
+        """Return the sessions a group's patterns match now."""
+        query = {"all": "1" if include_gone else None}
+        return [_build(Session, x) for x in self.call("GET", f"/api/v1/groups/{self._path(group_ref)}/sessions",
+                                                      query=query)]
+
+    def list_ambiguous_panes(self) -> list[Pane]:
+        """Return the panes the server's last pull could not tie to one session."""
+        return [_build(Pane, x) for x in self.call("GET", "/api/v1/panes/ambiguous")]
+
     def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                    source: str = "message") -> Update:
+                    pane: tuple[str | None, str] | None = None, source: str = "message") -> Update:
         """Post a progress note."""
+        if pane is not None and task_ref is None:
+            raise UsageError("a note from inside a pane finds its task on this host; name the task "
+                             "(clare update TASK TEXT) or run without --remote")
         body = {k: v for k, v in (("text", text), ("task", task_ref), ("session_id", session_id),
                                   ("source", source)) if v is not None}
         return _build(Update, self.call("POST", "/api/v1/updates", body=body))
@@ -4714,6 +5556,13 @@ class RemoteServices:
         """Rebuild the server's projections; return how many events it applied."""
         return self.call("POST", "/api/v1/replay", body={})["events"]
 
+    def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
+        """Return the roll-up."""
+        got = self.call("GET", "/api/v1/status", query={"project": project_ref, "group": group_ref})
+        return StatusReport([ProjectStatus(_build(Project, p), p["tokens"], p["n_sessions"]) for p in got["projects"]],
+                            [_build(Session, x) for x in got["sessions"]],
+                            {t["id"]: _build(Task, t) for t in got["tasks"]})
+
     def count_events(self) -> int:
         """Return how many events the server's log holds."""
         return self.call("GET", "/api/v1/status")["n_events"]
@@ -4738,6 +5587,10 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/api/v1/groups", api_create_group),
         ("GET", r"/api/v1/groups/" + _REF % "group", api_get_group),
         ("DELETE", r"/api/v1/groups/" + _REF % "group", api_remove_group),
+        ("GET", r"/api/v1/groups/" + _REF % "group" + "/sessions", api_group_sessions),
+        ("GET", r"/api/v1/sessions", api_list_sessions),
+        ("GET", r"/api/v1/sessions/" + _REF % "session", api_get_session),
+        ("GET", r"/api/v1/panes/ambiguous", api_ambiguous_panes),
         ("GET", r"/api/v1/updates", api_list_updates),
         ("POST", r"/api/v1/updates", api_post_update),
         ("GET", r"/api/v1/status", api_status),
@@ -4745,6 +5598,13 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/api/v1/history", api_history),
         ("POST", r"/api/v1/import", api_import_events),
         ("POST", r"/api/v1/replay", api_replay),
+        ("GET", r"/api/v1/openapi\.json", api_openapi),
+        ("GET", r"/api/v1/sync/events", sync_get_events),
+        ("POST", r"/api/v1/sync/events", sync_post_events),
+        ("GET", r"/api/v1/sync/days", sync_get_days),
+        ("GET", r"/api/v1/sync/days/(?P<day>[0-9-]{10})", sync_get_day),
+        ("POST", r"/api/v1/sync/fetch", sync_post_fetch),
+        ("GET", r"/api/v1/sync/peers", sync_get_peers),
         ("GET", r"/", page_dashboard),
         ("GET", r"/projects", page_projects),
         ("POST", r"/projects", frag_create_project),
@@ -4756,6 +5616,9 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
+        ("GET", r"/sessions", page_sessions),
+        ("GET", r"/frag/attention", frag_attention),
+        ("GET", r"/frag/fleet", frag_fleet),
         ("GET", r"/frag/projects", frag_projects),
         ("GET", r"/frag/activity", frag_activity),
         ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", frag_project_tasks),
@@ -5055,17 +5918,20 @@ def format_sessions(sessions: list[Session], ambiguous: list[Pane] = ()) -> str:
 
 def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
     """Look at this host's Claude sessions and record what changed."""
-    result = ctx.svc.pull_fleet(config=load_config(ctx.paths.config))
+    result = ctx.svc.pull_fleet(config=load_config(ctx.paths.config), tails=args.tails)
     sessions = ctx.svc.list_sessions(host=ctx.db.machine_id)
     counts = {t: sum(ev.event_type == f"session.{t}" for ev in result.events) for t in ("appeared", "changed", "gone")}
-    value = {"sessions": sessions, "events": len(result.events), **counts,
-             "ambiguous": result.ambiguous, "unreachable": result.unreachable}
+    value = {"sessions": sessions, "events": len(result.events), **counts, "ambiguous": result.ambiguous,
+             "unreachable": result.unreachable, "updates": result.updates, "warnings": result.warnings}
+    for warning in result.warnings:
+        print(f"clare: warning: {warning}", file=sys.stderr)
 
     def text() -> str:
         head = (f"{len(result.observations)} sessions here: {counts['appeared']} appeared, "
                 f"{counts['changed']} changed, {counts['gone']} gone")
         warn = [f"tmux server {s} did not answer; its sessions keep their last state" for s in result.unreachable]
-        return "\n".join([head, *warn, format_sessions(sessions, result.ambiguous)])
+        notes = [f"stored {len(result.updates)} pane tails and triage notes"] if args.tails else []
+        return "\n".join([head, *warn, *notes, format_sessions(sessions, result.ambiguous)])
     emit(ctx, value, text)
 
 
@@ -5110,15 +5976,45 @@ def cmd_hooks_status(args: argparse.Namespace, ctx: Context) -> None:
         f"{n_spooled} reports wait in {folder} for the next 'clare pull'" if n_spooled else "spool: empty"]))
 
 
+def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
+    """Type a text into every live session of a project, a group or one session."""
+    text = " ".join(args.text)
+    if not args.yes:
+        recipients = ctx.svc.list_broadcast_recipients(args.target)
+        print(f"{len(recipients)} recipients:\n" + format_sessions(recipients), file=sys.stderr)
+        if not sys.stdin.isatty():
+            raise UsageError(f"no terminal to confirm on; add --yes to send to these {len(recipients)} sessions")
+        if input("send? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("not sent", file=sys.stderr)
+            return 1
+    result = ctx.svc.send_broadcast(args.target, text, is_command=args.command)
+    emit(ctx, result, lambda: f"broadcast {result.broadcast_id[:SHORT_ID]} to {result.target}:\n" + table(
+        ("SESSION", "HOST", "TMUX", "RESULT", "REASON"),
+        ((d.session_id[:SHORT_ID], d.host, d.tmux_target or "-", d.result, d.reason) for d in result.deliveries)))
+    return 0 if all(d.result in ("delivered", "queued") for d in result.deliveries) else 1
+
+
+def _tokens(tokens: dict[str, int]) -> str:
+    total = sum(tokens.values())
+    return "-" if not total else f"{total / 1e6:.1f}M" if total >= 1e6 else f"{total / 1e3:.1f}k" \
+        if total >= 1e3 else str(total)
+
+
 def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
-    """Show the roll-up: task counts per project."""
-    projects = ctx.svc.list_projects()
-    if args.project:
-        projects = [ctx.svc.get_project(args.project)]
-    emit(ctx, {"projects": projects}, lambda: table(
-        ("PROJECT", "STATUS", "TODO", "DOING", "BLOCKED", "DONE"),
-        ((p.name, p.status, *(p.task_counts[s] for s in TASK_STATUSES)) for p in projects))
-        if projects else "no projects")
+    """Show the roll-up: per project task counts and tokens, per session its task and state."""
+    report = ctx.svc.get_status(project_ref=args.project, group_ref=args.group)
+
+    def text() -> str:
+        now = now_ms()
+        projects = table(("PROJECT", "STATUS", "TODO", "DOING", "BLOCKED", "DONE", "SESSIONS", "TOKENS"), (
+            (r.project.name, r.project.status, *(r.project.task_counts[s] for s in TASK_STATUSES), r.n_sessions,
+             _tokens(r.tokens)) for r in report.projects)) if report.projects else "no projects"
+        sessions = table(("SESSION", "HOST", "TMUX", "STATE", "ACTIVE", "TOKENS", "TASK"), (
+            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(s.last_activity_at, now), _tokens(s.tokens),
+             f"{s.task_id[:SHORT_ID]} {_short(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
+             else "-") for s in report.sessions)) if report.sessions else "no live sessions"
+        return f"{projects}\n\n{sessions}"
+    emit(ctx, report, text)
 
 
 def cmd_log(args: argparse.Namespace, ctx: Context) -> None:
@@ -5276,16 +6172,45 @@ class ProgressLine:
 
 
 def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
-    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C."""
+    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync with the peers meanwhile."""
+    import threading
+
     config = web_config(ctx.paths, host=args.host, port=args.port, log_requests=args.log)
+    settings = load_config(ctx.paths.config)
+    peers = [] if args.no_sync else load_peers(settings, path=ctx.paths.config)
+    interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
+    stop_sync = threading.Event()
 
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
         if config.token is not None:
             print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
-    run_server(server, on_start=started)
+        if peers:
+            print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
+        start_background_sync(ctx.paths.db, peers, settings, stop=stop_sync, interval_s=interval_s,
+                              log=lambda line: print(f"clare: {line}", file=sys.stderr, flush=True))
+    try:
+        run_server(server, on_start=started)
+    finally:
+        stop_sync.set()
     print("clare: stopped", flush=True)
+
+
+def cmd_restore(args: argparse.Namespace, ctx: Context) -> None:
+    """Replace the database by a backup copy of it; peers then send back what came after."""
+    if not os.path.isfile(args.backup):
+        raise UsageError(f"no file {args.backup!r}; give a copy of clare.db made earlier")
+    if not args.yes:
+        raise UsageError("restoring replaces everything in this database by the backup (events since then come "
+                         "back only from peers); run again with --yes")
+    db_id = restore_db(ctx.db, args.backup)
+    ctx.close()
+    ctx._db = None
+    db = ctx.db  # reopened: an older backup is migrated here
+    emit(ctx, {"db": db.path, "db_id": db_id, "n_events": count_events(db)},
+         f"restored {db.path} from {args.backup}: {count_events(db)} events, new db id {db_id}\n"
+         "get back what peers hold since the backup with: clare sync")
 
 
 GROUP_HELP = {
@@ -5302,6 +6227,7 @@ _SERVE_ARGS = (
     arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
     arg("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"),
     arg("--log", action="store_true", help="print one line per request to stderr"),
+    arg("--no-sync", action="store_true", help="do not sync with the peers of clare.toml in the background"),
 )
 
 COMMANDS: list[Command] = [
@@ -5362,7 +6288,9 @@ COMMANDS: list[Command] = [
             (arg("task", metavar="TASK|TEXT", help="task id or unique prefix; inside a Claude pane just the text"),
              arg("text", nargs="?"))),
     Command(("pull",), cmd_pull, "look at this host's Claude sessions and record what changed",
-            "clare pull\n  clare pull --json", ()),
+            "clare pull\n  clare pull --tails --json",
+            (arg("--tails", action="store_true",
+                 help="also store each assigned pane's last lines (and [triage] command's note) when changed"),)),
     Command(("hook",), cmd_hook, "what Claude Code runs on a hook event (JSON on stdin; always exits 0)",
             "echo '{\"session_id\": \"…\", \"hook_event_name\": \"Stop\"}' | clare hook"),
     Command(("hooks", "install"), cmd_hooks_install, "add Clare's hooks to ~/.claude/settings.json (idempotent)",
@@ -5371,11 +6299,20 @@ COMMANDS: list[Command] = [
             "clare hooks uninstall"),
     Command(("hooks", "status"), cmd_hooks_status, "show which Claude Code hook events run Clare",
             "clare hooks status --json"),
+    Command(("broadcast",), cmd_broadcast, "type a text into the Claude sessions of a project, group or session",
+            'clare broadcast alpha --yes -- "run the tests and commit"\n  clare broadcast group:backend -- "pull main"'
+            '\n  clare broadcast session:7c1e9b --yes --command -- "/compact"',
+            (arg("target", help="project name or id, group:NAME or session:ID"),
+             arg("text", nargs="+", help="the text (after --); several words are joined by spaces"),
+             arg("--yes", action="store_true", help="send without asking (needed without a terminal)"),
+             arg("--command", action="store_true",
+                 help="let a leading / ! # @ & reach Claude as a command (otherwise it is prefixed)"))),
     Command(("sessions",), cmd_sessions, "list Claude sessions: host, tmux target, state, activity, task",
             "clare sessions\n  clare sessions --all --json",
             (arg("--all", action="store_true", help="also sessions that are gone"),)),
-    Command(("status",), cmd_status, "the roll-up: task counts per project",
-            "clare status --project alpha", (arg("--project", help="name or id prefix"),)),
+    Command(("status",), cmd_status, "the roll-up: per project task counts and tokens, per session its task",
+            "clare status --project alpha\n  clare status --group backend --json",
+            (arg("--project", help="name or id prefix"), arg("--group", help="group name or id prefix"))),
     Command(("log",), cmd_log, "print the newest events, newest last", "clare log --limit 20",
             (arg("--limit", type=int, default=50),)),
     Command(("replay",), cmd_replay, "rebuild every projection from the event log", "clare replay"),
@@ -5387,6 +6324,10 @@ COMMANDS: list[Command] = [
     Command(("web",), cmd_serve, "the same as serve", "clare web --port 9000", _SERVE_ARGS),
     Command(("import",), cmd_import, "add the events of a JSON-lines file (idempotent)",
             "clare import backup.jsonl", (arg("file", help="input file; '-' for stdin"),)),
+    Command(("restore",), cmd_restore, "replace the database by a backup copy of it (new db id)",
+            "clare restore ~/backups/clare.db --yes",
+            (arg("backup", help="a copy of this host's clare.db"),
+             arg("--yes", action="store_true", help="really replace what the database holds now"))),
     Command(("peer", "add"), cmd_peer_add, "add a peer to clare.toml",
             "clare peer add http://10.9.0.2:8765 --name apricot --token-env APRICOT_TOKEN",
             (arg("url", help="where the peer's 'clare serve' answers"),

@@ -33,6 +33,7 @@ def home(tmp_path, monkeypatch) -> Path:
     h.mkdir()
     monkeypatch.setenv("CLARE_HOME", str(h))
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("TMUX_TMPDIR", str(tmp_path / "no-tmux"))  # no tmux server unless a test starts one
     for var in ("CLARE_TOKEN", "CLARE_URL", "TMUX", "TMUX_PANE", "CLAUDE_CONFIG_DIR"):
         monkeypatch.delenv(var, raising=False)
     return h
@@ -195,17 +196,18 @@ class TmuxServer:
             raise AssertionError(f"tmux {' '.join(args)}: {p.stderr.strip()}")
         return p.stdout
 
-    def spawn(self, *command: str, cwd: Path, name: str) -> str:
+    def spawn(self, *command: str, cwd: Path, name: str, env: dict | None = None) -> str:
         """Start `command` (argv) in a new tmux session; return its pane id."""
         cwd.mkdir(parents=True, exist_ok=True)
-        return self.run("new-session", "-d", "-s", name, "-x", "120", "-y", "40", "-c", str(cwd),
+        flags = [f for k, v in (env or {}).items() for f in ("-e", f"{k}={v}")]
+        return self.run("new-session", "-d", "-s", name, "-x", "120", "-y", "40", "-c", str(cwd), *flags,
                         "-P", "-F", "#{pane_id}", *command).strip()
 
-    def spawn_claude(self, *args: str, cwd: Path, name: str) -> str:
+    def spawn_claude(self, *args: str, cwd: Path, name: str, env: dict | None = None) -> str:
         """Start the fake Claude as `claude` in a new tmux session; wait until it draws; return its pane."""
         import shlex
         line = f"exec -a claude {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_CLAUDE))} " + shlex.join(args)
-        pane = self.spawn("bash", "-c", line, cwd=cwd, name=name)
+        pane = self.spawn("bash", "-c", line, cwd=cwd, name=name, env=env)
         wait_for(lambda: "fake claude" in self.capture(pane), what=f"fake claude to start in {pane}")
         return pane
 
@@ -243,9 +245,15 @@ def tmux(home, monkeypatch):
 
 
 def observe(db, session_ids, *, now_ms: int, cwd: str = "/srv/app", state: str = "waiting"):
-    """Record that these Claude sessions (and no others) run on the db's host, as `pull` would."""
-    seen = [clare.Observation(session_id=sid, cwd=cwd, tmux_socket=None, tmux_target=f"main:{i}.0",
-                              pane_id=f"%{i}", pid=None, command="claude", state=state,
-                              last_activity_ms=now_ms, label="", tokens={})
-            for i, sid in enumerate(session_ids)]
+    """Record that these Claude sessions (and no others) run on the db's host, as `pull` would.
+
+    An item is a session id, or a dict of Observation fields (session_id, state, label, cwd...) for that one.
+    """
+    seen = []
+    for i, item in enumerate(session_ids):
+        fields = {"session_id": item} if isinstance(item, str) else dict(item)
+        seen.append(clare.Observation(**{
+            "cwd": cwd, "tmux_socket": None, "tmux_target": f"main:{i}.0", "pane_id": f"%{i}", "pid": None,
+            "command": "claude", "state": state, "last_activity_ms": now_ms, "label": "", "tokens": {}, **fields}))
     return clare.observe_sessions(db, seen, now_ms=now_ms)
+

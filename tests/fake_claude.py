@@ -1,13 +1,14 @@
 """A stand-in for Claude Code in a tmux pane: registry entry, transcript, hooks, bracketed paste.
 
 Start it as `exec -a claude <python> fake_claude.py [--session-id ID] [--no-registry] [--greet]`
-under bash, so that argv[0] is `claude` as for the real program. It writes what it receives
+under bash (FAKE_CLAUDE_SESSION_ID in the environment sets the id without a flag), so that argv[0] is `claude` as for the real program. It writes what it receives
 (one JSON line per submitted prompt, and any Enter that would approve its permission dialog)
 to $CLAUDE_CONFIG_DIR (or ~/.claude)/fake-received.jsonl.
 
 Prompts it understands: `perm` opens a permission dialog (Enter would approve it; `2` or Esc
-closes it), `work` starts a turn that runs a tool and stays working until the next prompt;
-anything else gets a one-line answer and ends the turn.
+closes it), `work` starts a turn that runs a tool and stays working (prompts typed meanwhile are
+queued, as Claude does) until Esc interrupts it; anything else gets a one-line answer and ends
+the turn.
 """
 
 import json
@@ -33,7 +34,8 @@ def iso_now() -> str:
 
 class Fake:
     def __init__(self, argv: list[str]):
-        self.session_id = argv[argv.index("--session-id") + 1] if "--session-id" in argv else str(uuid.uuid4())
+        self.session_id = (argv[argv.index("--session-id") + 1] if "--session-id" in argv
+                           else os.environ.get("FAKE_CLAUDE_SESSION_ID") or str(uuid.uuid4()))
         self.has_registry = "--no-registry" not in argv
         self.cwd = os.getcwd()
         slug = re.sub(r"[^A-Za-z0-9]", "-", self.cwd)
@@ -42,6 +44,7 @@ class Fake:
         self.received = os.path.join(ROOT, "fake-received.jsonl")
         self.parent = None
         self.dialog = False
+        self.working = False
         self.buffer = b""
         self.n_msg = 0
         os.makedirs(os.path.dirname(self.transcript), exist_ok=True)
@@ -119,6 +122,9 @@ class Fake:
             self.record(approved=True)  # Enter in a permission dialog approves it: a test asserts never
             self.dialog = False
             return
+        if self.working:
+            self.record(queued=text)  # Claude queues a prompt typed during a turn
+            return
         self.record(prompt=text)
         self.line("user", {"role": "user", "content": text})
         self.hook("UserPromptSubmit", prompt=text)
@@ -134,10 +140,11 @@ class Fake:
                                                  "input": {"command": "sleep 1000"}}],
                                     "usage": {"input_tokens": 3, "output_tokens": 7}})
             self.set_status("busy")
+            self.working = True
         else:
             self.answer(f"ok: {text[:60]}")
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes, *, flush: bool = False) -> None:
         self.buffer_raw = getattr(self, "buffer_raw", b"") + data
         while self.buffer_raw:
             raw = self.buffer_raw
@@ -150,12 +157,18 @@ class Fake:
                 self.buffer_raw, self.in_paste = raw[end + len(PASTE_END):], False
             elif raw.startswith(PASTE_START):
                 self.buffer_raw, self.in_paste = raw[len(PASTE_START):], True
-            elif raw.startswith(b"\x1b") and len(raw) < len(PASTE_START) and PASTE_START.startswith(raw):
+            elif not flush and len(raw) < len(PASTE_START) and PASTE_START.startswith(raw):
                 return  # wait for the rest of the escape sequence
             else:
                 ch, self.buffer_raw = raw[:1], raw[1:]
                 if ch in (b"\r", b"\n"):
                     self.submit()
+                elif ch == b"\x1b" and self.working:
+                    # Esc interrupts the turn: a transcript marker and no hook, as with Claude Code.
+                    self.working = False
+                    self.line("user", {"role": "user", "content": [
+                        {"type": "text", "text": "[Request interrupted by user]"}]})
+                    self.set_status("idle")
                 elif ch == b"\x1b" or (self.dialog and ch == b"2"):
                     self.dialog = False
                 elif ch == b"\x7f":
@@ -170,12 +183,16 @@ class Fake:
         try:
             self.draw()
             while True:
-                ready, _, _ = select.select([0], [], [], 1.0)
+                pending = getattr(self, "buffer_raw", b"")
+                ready, _, _ = select.select([0], [], [], 0.05 if pending else 1.0)
                 if ready:
                     data = os.read(0, 65536)
                     if not data:
                         break
                     self.feed(data)
+                    self.draw()
+                elif pending:  # a lone Esc: nothing followed it
+                    self.feed(b"", flush=True)
                     self.draw()
         finally:
             if self.has_registry and os.path.exists(self.registry):

@@ -51,6 +51,11 @@ def test_state_follows_the_turn_and_is_recorded_only_on_change(tmux, cli, db, tm
     assert pull(cli)["changed"] == 1
     assert cli("--json", "sessions").json()[0]["state"] == "working"
     assert pull(cli)["events"] == 0
+    tmux.run("send-keys", "-t", pane, "Escape")  # an interrupt: no hook fires, the transcript shows it
+    wait_for(lambda: "interrupted" in next((tmux.claude_dir / "projects").glob("*/*.jsonl")).read_text(),
+             what="the interrupt marker")
+    pull(cli)
+    assert cli("--json", "sessions").json()[0]["state"] == "waiting"
     tmux.type_prompt(pane, "thanks")
     wait_for(lambda: len(tmux.received()) == 2, what="the second prompt")
     pull(cli)
@@ -313,7 +318,7 @@ def test_hooks_install_keeps_the_users_hooks_and_twice_changes_nothing(cli, home
     assert config["model"] == "opus" and config["hooks"]["PreToolUse"][0] == user_hook
     assert set(config["hooks"]) == set(clare.HOOK_EVENTS)
     [ours] = config["hooks"]["Stop"][0]["hooks"]
-    assert ours["async"] is True and ours["command"].endswith(" hook") and "clare.py" in ours["command"]
+    assert ours["async"] is True and ours["command"].endswith(" hook") and "import clare" in ours["command"]
     r = cli("hooks", "install")
     assert "already" in r.out and settings.read_bytes() == installed
     assert set(cli("--json", "hooks", "status").json()["events"].values()) == {"installed"}
@@ -385,3 +390,252 @@ def test_installed_hooks_run_by_claude_record_state_before_any_pull(tmux, cli, d
     pull(cli)
     [s] = clare.list_sessions(db)
     assert s.state == "permission" and s.tmux_target == "work:0.0"
+
+
+# --- broadcast ---------------------------------------------------------------------------------------
+
+HOSTILE = ("it's \"quoted\" $(touch {marker}) `touch {marker}`; touch {marker} & echo ünïcödé ✓ 'single'\n"
+           "second line \\ with a backslash\n\tindented third; exit")
+
+
+def test_broadcast_types_hostile_multiline_text_literally(tmux, cli, db, tmp_path):
+    pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    marker = tmp_path / "pwned"
+    text = HOSTILE.format(marker=marker)
+    r = cli("--json", "broadcast", f"session:{s['id'][:8]}", "--yes", "--", text)
+    assert r.code == 0, r.err
+    [d] = r.json()["deliveries"]
+    assert (d["result"], d["session_id"], d["tmux_target"]) == ("delivered", s["id"], "work:0.0")
+    assert [x["prompt"] for x in tmux.received()] == [text]
+    assert not marker.exists()
+    results = [ev.payload["result"] for ev in clare.iter_events(db) if ev.event_type == "broadcast.delivered"]
+    assert results == ["delivered"]
+    assert "clare-" not in tmux.run("list-buffers")  # the named buffer was dropped
+    assert tmux.capture(pane)  # the pane still runs
+
+
+def test_broadcast_crlf_and_command_marks_are_normalised(tmux, cli, tmp_path):
+    tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    cli("broadcast", f"session:{s['id']}", "--yes", "--", "/clear\r\nnow\x1b[201~ typed")
+    cli("broadcast", f"session:{s['id']}", "--yes", "--command", "--", "/compact")
+    assert [x["prompt"] for x in tmux.received()] == ["[clare] /clear\nnow[201~ typed", "/compact"]
+
+
+def test_broadcast_is_refused_while_a_permission_dialog_shows(tmux, cli, db, tmp_path):
+    pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    tmux.type_prompt(pane, "perm")
+    wait_for(lambda: "Do you want to proceed?" in tmux.capture(pane), what="the dialog")
+    [s] = pull(cli)["sessions"]
+    r = cli("--json", "broadcast", f"session:{s['id']}", "--yes", "--", "go on")
+    assert r.code == 1
+    [d] = r.json()["deliveries"]
+    assert d["result"] == "refused" and "permission" in d["reason"]
+    assert not any(x.get("approved") for x in tmux.received())
+    assert "go on" not in tmux.capture(pane)
+
+
+def test_broadcast_is_refused_when_the_pane_no_longer_runs_claude(tmux, cli, tmp_path):
+    import shlex
+    import sys
+    from conftest import FAKE_CLAUDE
+    line = (f"(exec -a claude {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_CLAUDE))}); "
+            "exec bash --norc --noprofile")
+    pane = tmux.spawn("bash", "-c", line, cwd=tmp_path / "proj", name="work")
+    wait_for(lambda: "fake claude" in tmux.capture(pane), what="fake claude")
+    [s] = pull(cli)["sessions"]
+    os.kill(s["pid"], 15)
+    wait_for(lambda: not list((tmux.claude_dir / "sessions").glob("*.json")), what="claude to exit")
+    marker = tmp_path / "ran"
+    r = cli("--json", "broadcast", f"session:{s['id']}", "--yes", "--", f"touch {marker}")
+    [d] = r.json()["deliveries"]
+    assert r.code == 1 and d["result"] == "refused" and "does not run Claude" in d["reason"]
+    assert not marker.exists()
+
+
+def test_broadcast_to_a_project_reaches_its_sessions_and_asks_first(tmux, cli, db, tmp_path):
+    tmux.spawn_claude(cwd=tmp_path / "srv" / "api", name="api")
+    tmux.spawn_claude(cwd=tmp_path / "srv" / "web", name="web")
+    tmux.spawn_claude(cwd=tmp_path / "other", name="other")
+    pull(cli)
+    by_target = {s.tmux_target: s for s in clare.list_sessions(db)}
+    cli("project", "new", "alpha")
+    t1 = cli("--json", "task", "add", "alpha", "api").json()["id"]
+    t2 = cli("--json", "task", "add", "alpha", "web").json()["id"]
+    cli("assign", t1, by_target["api:0.0"].id)
+    cli("group", "add", "webs", "--cwd", "/srv/web")
+    cli("assign", t2, "--group", "webs")
+    n_events = clare.count_events(db)
+    r = cli("broadcast", "alpha", "--", "run the tests")  # no terminal here, no --yes
+    assert r.code == 2 and "add --yes" in r.err and "api:0.0" in r.err and "other:0.0" not in r.err
+    assert clare.count_events(db) == n_events and tmux.received() == []
+    r = cli("--json", "broadcast", "alpha", "--yes", "--", "run the tests")
+    assert r.code == 0
+    assert sorted(d["tmux_target"] for d in r.json()["deliveries"]) == ["api:0.0", "web:0.0"]
+    assert len(tmux.received()) == 2 and {x["prompt"] for x in tmux.received()} == {"run the tests"}
+
+
+def test_broadcast_to_a_busy_session_is_queued(tmux, cli, db, tmp_path):
+    pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    tmux.type_prompt(pane, "work")
+    wait_for(lambda: tmux.received(), what="the work prompt")
+    [s] = pull(cli)["sessions"]
+    assert s["state"] == "working"
+    result = clare.send_broadcast(db, f"session:{s['id']}", "after this, commit", now_ms=clare.now_ms(),
+                                  confirm_s=0.5)
+    [d] = result.deliveries
+    assert d.result == "queued" and "busy" in d.reason
+    assert tmux.received()[-1] == {"session_id": s["id"], "queued": "after this, commit"}
+
+
+def test_broadcast_from_another_host_is_delivered_by_the_owner_on_pull_unless_expired(tmux, cli, db, tmp_path):
+    tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    now = clare.now_ms()
+
+    def sent(text: str, expires_ms: int) -> str:
+        return json.dumps({"uuid": str(__import__("uuid").uuid4()),
+                           "hlc": f"{now:013d}.000000.otherhost", "machine_id": "otherhost",
+                           "event_type": "broadcast.sent", "created_at": clare.iso_ms(now),
+                           "payload": {"broadcast_id": clare.new_id(), "target": f"session:{s['id']}",
+                                       "text": text, "expires_at": clare.iso_ms(expires_ms),
+                                       "session_ids": [s["id"]]}})
+    (tmp_path / "in.jsonl").write_text(sent("from afar", now + 60_000) + "\n" + sent("too old", now - 1) + "\n")
+    assert cli("import", str(tmp_path / "in.jsonl")).code == 0
+    assert {d.result for d in clare.list_deliveries(db)} == {"queued"}
+    pull(cli)
+    assert [x["prompt"] for x in tmux.received()] == ["from afar"]
+    assert sorted(d.result for d in clare.list_deliveries(db)) == ["delivered", "expired"]
+    pull(cli)
+    assert len(tmux.received()) == 1  # delivered once
+
+
+# --- pane tails, triage, roll-up, rclaude ------------------------------------------------------------
+
+def test_pull_tails_stores_assigned_pane_tails_and_triage_only_when_changed(tmux, cli, db, home, tmp_path):
+    import shlex
+    import sys
+    stub = tmp_path / "triage.py"
+    stub.write_text("import sys\nprint('triage: ' + sys.stdin.read().splitlines()[-1].strip())\n")
+    (home / "clare.toml").write_text(f"[triage]\ncommand = {json.dumps(shlex.join([sys.executable, str(stub)]))}\n")
+    pane = tmux.spawn_claude(cwd=tmp_path / "a", name="a")
+    tmux.spawn_claude(cwd=tmp_path / "b", name="b")  # not assigned: no tail
+    pull(cli)
+    [s] = [s for s in clare.list_sessions(db) if s.pane_id == pane]
+    cli("project", "new", "alpha")
+    task = cli("--json", "task", "add", "alpha", "parse").json()["id"]
+    cli("assign", task, s.id)
+    tmux.type_prompt(pane, "half typed")  # stays on screen as the last prompt
+    wait_for(lambda: tmux.received(), what="the prompt")
+    tmux.run("send-keys", "-t", pane, "-l", "draft")
+    wait_for(lambda: "> draft" in tmux.capture(pane), what="the draft")
+    r = cli("--json", "pull", "--tails")
+    assert r.code == 0, r.err
+    updates = r.json()["updates"]
+    assert [u["source"] for u in updates] == ["pane-tail", "triage"]
+    assert updates[0]["task_id"] == task and "> draft" in updates[0]["text"]
+    assert updates[1]["text"] == "triage: > draft"
+    assert cli("--json", "pull", "--tails").json()["updates"] == []
+    tmux.run("send-keys", "-t", pane, "-l", " more")
+    wait_for(lambda: "draft more" in tmux.capture(pane), what="more text")
+    assert len(cli("--json", "pull", "--tails").json()["updates"]) == 2
+    assert [u.source for u in clare.list_updates(db, task_ids=[task])].count("pane-tail") == 2
+
+
+def test_status_rolls_up_tokens_per_project_and_shows_each_sessions_task(tmux, cli, db, tmp_path):
+    a = tmux.spawn_claude(cwd=tmp_path / "srv" / "api", name="api")
+    b = tmux.spawn_claude(cwd=tmp_path / "srv" / "web", name="web")
+    for pane in (a, b):
+        tmux.type_prompt(pane, "hello")
+    wait_for(lambda: len(tmux.received()) == 2, what="both prompts")
+    pull(cli)
+    by_pane = {s.pane_id: s for s in clare.list_sessions(db)}
+    cli("project", "new", "alpha")
+    cli("project", "new", "beta")
+    t1 = cli("--json", "task", "add", "alpha", "api work").json()["id"]
+    t2 = cli("--json", "task", "add", "beta", "web work").json()["id"]
+    cli("assign", t1, by_pane[a].id)
+    cli("group", "add", "webs", "--cwd", "/srv/web")
+    cli("assign", t2, "--group", "webs")
+    report = cli("--json", "status").json()
+    per_project = {p["name"]: p for p in report["projects"]}
+    one = {"input": 10, "output": 5, "cache_creation": 100, "cache_read": 1000}
+    assert per_project["alpha"]["tokens"] == one and per_project["alpha"]["n_sessions"] == 1
+    assert per_project["beta"]["tokens"] == one
+    assert {s["tmux_target"]: s["task_id"] for s in report["sessions"]} == {"api:0.0": t1, "web:0.0": t2}
+    only = cli("--json", "status", "--group", "webs").json()
+    assert [p["name"] for p in only["projects"]] == ["beta"] and len(only["sessions"]) == 1
+    text = cli("status", "--project", "alpha").out
+    assert "api work" in text and "1.1k" in text and "web work" not in text
+    assert cli("status", "--project", "alpha", "--group", "webs").code == 2
+
+
+def test_rclaude_adapter_tells_apart_panes_that_share_a_cwd(tmux, cli, db, home, tmp_path):
+    import shlex
+    import sys
+    ids = {"a:0.0": "aaaaaaaa-0000-4000-8000-000000000001", "b:0.0": "bbbbbbbb-0000-4000-8000-000000000002"}
+    for target, sid in ids.items():
+        tmux.spawn_claude("--no-registry", cwd=tmp_path / "proj", name=target[0],
+                          env={"FAKE_CLAUDE_SESSION_ID": sid})
+    assert len(pull(cli)["ambiguous"]) == 2
+    lines = [{"uuid": sid, "cwd": str(tmp_path / "proj"), "host": "testhost", "tmux_target": t,
+              "last_seen_ms": 1} for t, sid in ids.items()]
+    lines.append({"uuid": "cccccccc-0000-4000-8000-000000000003", "host": "elsewhere", "tmux_target": "a:0.0"})
+    out = tmp_path / "rclaude.jsonl"
+    out.write_text("".join(json.dumps(x) + "\n" for x in lines) + "not json\n")
+    command = shlex.join([sys.executable, "-c", f"print(open({str(out)!r}).read(), end='')"])
+    (home / "clare.toml").write_text(f"[rclaude]\nsessions_command = {json.dumps(command)}\n")
+    result = pull(cli)
+    assert result["ambiguous"] == [] and {s["tmux_target"]: s["id"] for s in result["sessions"]} == ids
+    (home / "clare.toml").write_text('[rclaude]\nsessions_command = "/nonexistent/rclaude ls"\n')
+    r = cli("pull")
+    assert r.code == 0 and "warning: rclaude sessions_command failed" in r.err
+
+
+def test_hooks_install_replaces_an_older_clare_hook_instead_of_adding_a_second(cli, home):
+    settings = Path(os.environ["HOME"]) / ".claude" / "settings.json"
+    settings.parent.mkdir(parents=True)
+    old = {"type": "command", "command": "python3 /opt/old/clare.py hook"}
+    mine = {"type": "command", "command": "notify-send done"}
+    settings.write_text(json.dumps({"hooks": {"Stop": [{"matcher": "", "hooks": [old, mine]}]}}))
+    assert cli("--json", "hooks", "status").json()["events"]["Stop"] == "outdated"
+    cli("hooks", "install")
+    stop = json.loads(settings.read_text())["hooks"]["Stop"]
+    commands = [h["command"] for g in stop for h in g["hooks"]]
+    assert commands[0] == "notify-send done" and len(commands) == 2 and "import clare" in commands[1]
+
+
+def test_hook_binding_tells_apart_panes_that_share_a_cwd(tmux, cli, db, tmp_path):
+    cli("hooks", "install")
+    a = tmux.spawn_claude("--no-registry", cwd=tmp_path / "proj", name="a")
+    b = tmux.spawn_claude("--no-registry", cwd=tmp_path / "proj", name="b")
+    wait_for(lambda: len(clare.list_sessions(db)) == 2, what="both SessionStart hooks")
+    result = pull(cli)
+    assert result["ambiguous"] == []
+    assert {s["pane_id"]: s["tmux_target"] for s in result["sessions"]} == {a: "a:0.0", b: "b:0.0"}
+
+
+def test_claude_outside_tmux_is_seen_through_its_registry_entry(cli, db, home, tmp_path):
+    import pty
+    import signal
+    import subprocess
+    import sys
+    from conftest import FAKE_CLAUDE
+    master, slave = pty.openpty()
+    (tmp_path / "proj").mkdir()
+    p = subprocess.Popen(["claude", str(FAKE_CLAUDE)], executable=sys.executable, stdin=slave, stdout=slave,
+                         stderr=slave, cwd=tmp_path / "proj", start_new_session=True)
+    try:
+        registry = Path(os.environ["HOME"]) / ".claude" / "sessions" / f"{p.pid}.json"
+        wait_for(registry.exists, what="the registry entry")
+        [s] = pull(cli)["sessions"]
+        assert (s["pid"], s["tmux_target"], s["pane_id"], s["cwd"]) == (p.pid, None, None, str(tmp_path / "proj"))
+        r = cli("--json", "broadcast", f"session:{s['id']}", "--yes", "--", "hi")
+        assert r.json()["deliveries"][0]["result"] == "refused"
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=10)
+        os.close(master)
+        os.close(slave)
+    assert pull(cli)["gone"] == 1

@@ -183,7 +183,7 @@ def test_task_forms_add_move_assign_and_note(server, seeded):
     r = server.form(f"/tasks/{t.id}/updates", {"text": "half way"})
     assert r.status == 200 and 'id="frag-updates"' in r.text and "half way" in r.text
     r = server.form(f"/projects/{p.id}/status", {"status": "paused"})
-    assert r.status == 200 and "now paused" in r.text
+    assert r.status == 200 and "now paused" in r.text and 'id="project-head" hx-swap-oob="true"' in r.text
     db = clare.open_db(server.config.db_path)
     task = clare.get_task(db, t.id)
     assert (task.status, task.session_id) == ("done", "7c1e9b22-0000-4000-8000-000000000001")
@@ -205,3 +205,48 @@ def test_a_hostile_name_renders_as_text_everywhere(server, db):
         assert html.count("<script") == (1 if path[:5] != "/frag" else 0), path
     r = server.form("/projects", {"name": EVIL})
     assert r.status == 409 and EVIL not in r.text and EVIL_ESCAPED in r.text
+
+
+# --- sessions ---------------------------------------------------------------
+
+S1, S2, S3 = ("aaaa0001-0000-4000-8000-000000000001", "bbbb0002-0000-4000-8000-000000000002",
+              "cccc0003-0000-4000-8000-000000000003")
+
+
+def test_sessions_that_wait_come_first_longest_waiting_on_top(server, db):
+    observe(db, [{"session_id": S1, "state": "working", "label": "busy one"},
+                 {"session_id": S2, "label": "waits long"}, {"session_id": S3, "label": "waits short"}], now_ms=1000)
+    observe(db, [{"session_id": S1, "state": "working", "label": "busy one"},
+                 {"session_id": S2, "label": "waits long"},
+                 {"session_id": S3, "label": "waits short", "state": "permission"}], now_ms=9000)
+    frag = get(server, "/frag/attention")
+    assert 'hx-get="/frag/attention"' in frag and "hx-disable" in frag
+    assert frag.index("waits long") < frag.index("waits short") and "busy one" not in frag
+    assert "needs permission" in frag and "waiting for you" in frag
+    html = get(server, "/")
+    assert html.index('id="frag-attention"') < html.index('id="frag-projects"') < html.index('id="frag-fleet"')
+
+
+def test_fleet_shows_every_session_with_its_task(server, db):
+    observe(db, [{"session_id": S1, "state": "working", "label": "parser work", "cwd": "/srv/api"}], now_ms=1000)
+    clare.create_project(db, "alpha", now_ms=1)
+    t = clare.create_task(db, "alpha", "write the parser", now_ms=2)
+    clare.assign_task(db, t.id, session_id=S1[:8], now_ms=3)
+    frag = get(server, "/frag/fleet")
+    assert "parser work" in frag and "/srv/api" in frag and f'<a href="/tasks/{t.id}">write the parser</a>' in frag
+    assert ">working</span>" in frag and "<tbody hx-disable>" in frag
+    html = get(server, "/sessions")
+    assert "<h1>Sessions</h1>" in html and frag in html and 'id="frag-attention"' in html
+    assert f'<option value="{S1}">' in get(server, f"/tasks/{t.id}")  # the assign form offers it
+
+
+def test_no_sessions_says_how_to_see_them(server, db):
+    assert "clare pull" in get(server, "/frag/fleet") and "Nobody is waiting on you." in get(server, "/frag/attention")
+
+
+def test_text_from_transcripts_and_panes_renders_as_text(server, db):
+    observe(db, [{"session_id": S1, "label": EVIL, "cwd": "/srv/" + EVIL, "tmux_target": EVIL + ":0.0"}],
+            now_ms=1000)
+    for path in ("/", "/sessions", "/frag/fleet", "/frag/attention"):
+        html = get(server, path)
+        assert EVIL not in html and EVIL_ESCAPED in html, path

@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -457,6 +459,10 @@ def test_remote_services_offer_every_service_with_the_same_signature():
     import inspect
 
     for name, fn in clare.SERVICES.items():
+        if name in clare.LOCAL_ONLY_SERVICES:
+            with pytest.raises(clare.UsageError, match="without --remote"):
+                getattr(clare.RemoteServices("http://x"), name)
+            continue
         remote = getattr(clare.RemoteServices, name, None)
         assert remote is not None, f"RemoteServices lacks {name}"
         local = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("db", "now_ms")]
@@ -464,3 +470,108 @@ def test_remote_services_offer_every_service_with_the_same_signature():
         if any(p.kind is p.VAR_KEYWORD for p in theirs):
             continue  # edit_* take **changes: the server checks the names
         assert [(p.name, p.kind, p.default) for p in local] == [(p.name, p.kind, p.default) for p in theirs], name
+
+
+# --- OpenAPI -------------------------------------------------------------------
+
+def _validate(value, schema, doc, where="$"):
+    """Check a JSON value against the subset of JSON Schema the document uses."""
+    if "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        py = {"string": str, "integer": int, "boolean": bool, "number": (int, float), "object": dict,
+              "array": list, "null": type(None)}
+        assert any(isinstance(value, py[k]) and not (k == "integer" and isinstance(value, bool)) for k in kinds), \
+            f"{where}: {value!r} is not {kinds}"
+    if isinstance(value, dict):
+        for key in schema.get("required", []):
+            assert key in value, f"{where}: lacks {key}"
+        props = schema.get("properties", {})
+        if props:
+            assert set(value) <= set(props), f"{where}: undocumented {set(value) - set(props)}"
+        for key, sub in props.items():
+            if key in value:
+                _validate(value[key], sub, doc, f"{where}.{key}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            _validate(item, schema["items"], doc, f"{where}[{i}]")
+
+
+def test_openapi_document_lists_exactly_the_api_routes(server):
+    doc = server.request("GET", "/api/v1/openapi.json").json()
+    assert doc["openapi"].startswith("3.1")
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    routed = {(m, clare.openapi_path(rx)) for m, rx, _ in clare.ROUTES if rx.pattern.startswith("/api/")}
+    assert documented == routed
+
+
+def test_api_answers_match_the_openapi_schemas(server):
+    doc = server.request("GET", "/api/v1/openapi.json").json()
+    p = make_project(server, "alpha")
+    t = make_task(server)
+    observe(clare.open_db(server.config.db_path), ["7c1e9b00-0000-4000-8000-000000000001"], now_ms=clare.now_ms())
+    r = server.request("POST", f"/api/v1/tasks/{t['id']}/assignment", json_body={"session_id": "7c1e9b"})
+    assert r.status == 200
+    server.request("POST", "/api/v1/groups", json_body={"name": "backend", "host": "apricot"})
+    server.request("POST", "/api/v1/updates", json_body={"task": t["id"], "text": "note"})
+    concrete = {"project": p["id"], "task": t["id"], "group": "backend", "session": "7c1e9b"}
+    checked = 0
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if method != "get":
+                continue
+            url = re.sub(r"\{(\w+)\}", lambda m: concrete[m[1]], path)
+            if path == "/api/v1/history":
+                url += f"?entity={t['id']}"
+            r = server.request("GET", url)
+            assert r.status == 200, (url, r.body)
+            _validate(r.json(), op["responses"]["200"]["content"]["application/json"]["schema"], doc, url)
+            checked += 1
+    assert checked >= 12
+    r = server.request("GET", "/api/v1/projects/nope")
+    _validate(r.json(), doc["paths"]["/api/v1/projects/{project}"]["get"]["responses"]["404"]["content"][
+        "application/json"]["schema"], doc)
+
+
+# --- sessions ------------------------------------------------------------------
+
+def test_sessions_are_listed_fetched_and_matched_by_group(server, db):
+    observe(db, [{"session_id": "11111111-aaaa-4aaa-8aaa-000000000001", "cwd": "/srv/api", "label": "api work"},
+                 {"session_id": "22222222-bbbb-4bbb-8bbb-000000000002", "cwd": "/srv/web", "state": "working"}],
+            now_ms=clare.now_ms())
+    sessions = server.request("GET", "/api/v1/sessions").json()
+    assert [(s["id"][:8], s["state"], s["host"]) for s in sessions] == [("11111111", "waiting", "testhost"),
+                                                                       ("22222222", "working", "testhost")]
+    assert server.request("GET", "/api/v1/sessions/2222").json()["cwd"] == "/srv/web"
+    assert server.request("GET", "/api/v1/sessions/ffff").status == 404
+    assert len(server.request("GET", "/api/v1/sessions?host=testhost").json()) == 2
+    assert server.request("GET", "/api/v1/sessions?host=other").json() == []
+    server.request("POST", "/api/v1/groups", json_body={"name": "api", "cwd": "/srv/api"})
+    assert [s["label"] for s in server.request("GET", "/api/v1/groups/api/sessions").json()] == ["api work"]
+    assert server.request("GET", "/api/v1/panes/ambiguous").json() == []
+
+
+def test_remote_sessions_print_what_local_sessions_print(server, db, cli):
+    observe(db, [{"session_id": "11111111-aaaa-4aaa-8aaa-000000000001", "label": "api work"}], now_ms=clare.now_ms())
+    local, remote = cli("sessions"), cli("--remote", server.url, "sessions")
+    assert (local.code, local.out) == (remote.code, remote.out) and "api work" in remote.out
+    r = cli("--remote", server.url, "pull")
+    assert r.code == 2 and "without --remote" in r.err
+
+
+def test_vendored_htmx_is_the_pinned_release():
+    import hashlib
+
+    data = (Path(clare.STATIC_DIR) / "htmx.min.js").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == clare.HTMX_SHA256
+    assert f'version:"{clare.HTMX_VERSION}"'.encode() in data
+
+
+def test_a_port_in_use_is_one_clear_line(run_clare):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run_clare("serve", "--port", str(s.getsockname()[1]))
+    assert r.code == 1 and "cannot listen on 127.0.0.1" in r.err and r.err.count("\n") == 1

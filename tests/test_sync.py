@@ -8,6 +8,8 @@ import json
 import os
 import random
 import shutil
+import time
+import uuid
 
 import pytest
 
@@ -141,8 +143,10 @@ class Sim:
         projects = clare.list_projects(db)
         tasks = clare.list_tasks(db)
         groups = clare.list_groups(db)
+        sessions = clare.find_sessions(db)
         op = rng.choice(["project", "project", "task", "task", "task", "edit_task", "edit_task", "edit_task",
-                         "edit_project", "assign", "assign", "unassign", "group", "rm_group", "update", "future"])
+                         "edit_project", "assign", "assign", "unassign", "group", "rm_group", "update", "future",
+                         "observe", "observe"])
         try:
             if op == "project" or (not projects and op in ("task", "edit_project")):
                 clare.create_project(db, rng.choice(["alpha", "beta", "gamma", "delta"]), goal=f"g{rng.random():.3f}",
@@ -167,8 +171,8 @@ class Sim:
                 t = rng.choice(tasks)
                 if groups and rng.random() < 0.4:
                     clare.assign_task(db, t.id, group_ref=rng.choice(groups).id, now_ms=now)
-                else:
-                    clare.assign_task(db, t.id, session_id=rng.choice(["a1b2c3", "d4e5f6"]), now_ms=now)
+                elif sessions:
+                    clare.assign_task(db, t.id, session_id=rng.choice(sessions).id, now_ms=now)
             elif op == "unassign" and tasks:
                 clare.unassign_task(db, rng.choice(tasks).id, now_ms=now)
             elif op == "group":
@@ -177,6 +181,12 @@ class Sim:
                 clare.remove_group(db, rng.choice(groups).id, now_ms=now)
             elif op == "update" and tasks:
                 clare.post_update(db, f"note {rng.randrange(999)}", task_ref=rng.choice(tasks).id, now_ms=now)
+            elif op == "observe":  # this host looks at its own Claude sessions: some appear, change, go
+                mine = [f"{host.name[1]}{k}" + "0" * 30 for k in range(4)]
+                clare.observe_sessions(db, [clare.Observation(
+                    sid, f"/srv/{sid[:2]}", None, f"main:{k}", f"%{k}", None, "claude",
+                    rng.choice(clare.SESSION_STATES[:4]), now - rng.randrange(60_000), "", {"input": k})
+                    for k, sid in enumerate(mine) if rng.random() < 0.6], now_ms=now)
             elif op == "future":  # an event type from a newer Clare: stored and relayed, never applied
                 with clare.write_txn(db) as cur:
                     clare.record(db, cur, "widget.spun", {"widget_id": clare.new_id(), "n": rng.randrange(9)},
@@ -224,6 +234,10 @@ class Sim:
                 self.restore(rng.choice(backed), renew=not self.needs_verify or rng.random() < 0.5)
         elif self.needs_verify and r < 0.99:
             self.skip_cursor(rng.choice(self.hosts))
+
+    def close(self) -> None:
+        for host in self.hosts:
+            host.db.close()
 
     def restore(self, host: Host, *, renew: bool) -> None:
         """Put an old backup in place of the host's file; a proper restore gives it a new db_id."""
@@ -297,6 +311,8 @@ def _crashing_save_cursor(sim: Sim, real):
 
 
 def run_sim(seed: int, tmp, monkeypatch, *, n_steps: int, needs_verify: bool = False) -> Sim:
+    ids = random.Random(f"ids-{seed}")  # ids from the seed too, so CLARE_SEED replays a run exactly
+    monkeypatch.setattr(clare, "new_uuid", lambda: str(uuid.UUID(int=ids.getrandbits(128), version=4)))
     sim = Sim(seed, tmp, needs_verify=needs_verify)
     sim.crash_rate = 0.05
     monkeypatch.setattr(clare, "save_cursor", _crashing_save_cursor(sim, clare.save_cursor))
@@ -310,6 +326,18 @@ def test_random_fleet_converges_after_heal(seed, tmp_path, monkeypatch):
     sim = run_sim(seed, tmp_path, monkeypatch, n_steps=120)
     sim.heal()
     assert_converged(sim)
+    sim.close()
+
+
+def test_a_seed_replays_the_same_run(tmp_path, monkeypatch):
+    runs = []
+    for attempt in ("first", "second"):
+        (tmp_path / attempt).mkdir()
+        sim = run_sim(20261125, tmp_path / attempt, monkeypatch, n_steps=60)
+        runs.append([sorted(event_set(h.db)) for h in sim.hosts])
+        sim.close()
+        monkeypatch.undo()
+    assert runs[0] == runs[1] and any(runs[0])
 
 
 @pytest.mark.parametrize("seed", seeds(40, "sync-sim-verify"), ids=lambda s: f"seed={s}")
@@ -317,6 +345,7 @@ def test_anti_entropy_repairs_lost_pages_and_unmarked_restores(seed, tmp_path, m
     sim = run_sim(seed, tmp_path, monkeypatch, n_steps=120, needs_verify=True)
     sim.heal(verify=True)
     assert_converged(sim)
+    sim.close()
 
 
 # --- named cases -----------------------------------------------------------------------------
@@ -690,3 +719,257 @@ def test_the_progress_line_rewrites_itself_on_a_terminal_and_ends_with_a_newline
     line("pulled", 5000, 5000)
     line.close()
     assert out.getvalue() == "\rapricot: pulled 1000/5000 events\x1b[K\rapricot: pulled 5000/5000 events\x1b[K\n"
+
+
+# --- over HTTP: one in-process server -----------------------------------------------------------
+
+TOKEN = "sync-test-token-0123456789"
+
+
+@pytest.fixture
+def remote(serve):
+    """A live server with a token, holding one project, and a client database beside it."""
+    served = serve(token=TOKEN)
+    clare.create_project(clare.open_db(served.config.db_path), "served", now_ms=clare.now_ms())
+    return served
+
+
+def test_sync_over_http_pulls_pushes_and_verifies(remote, tmp_path):
+    mine = clare.open_db(str(tmp_path / "mine.db"), machine_id="mine")
+    clare.create_project(mine, "mine", now_ms=clare.now_ms())
+    peer = clare.HttpPeer(remote.url, token=TOKEN)
+    report = clare.sync_with(mine, peer, name="srv", verify=True)
+    assert (report.n_pulled, report.n_pushed, report.verify["days_differ"]) == (1, 1, [])
+    assert abs(report.offset_ms) < 5000 and not report.is_skewed
+    assert sorted(p["name"] for p in remote.request("GET", "/api/v1/projects").json()) == ["mine", "served"]
+    with pytest.raises(clare.ClareError, match="answered 401.*token"):
+        clare.sync_with(mine, clare.HttpPeer(remote.url, token="wrong-token-0123456789"), name="srv")
+    peers = remote.request("GET", "/api/v1/sync/peers").json()
+    assert peers == []  # the server itself syncs with nobody
+
+
+def _post_raw(remote, body: bytes, *, ctype: str = "application/json"):
+    return remote.request("POST", "/api/v1/sync/events", body=body, headers={"Content-Type": ctype})
+
+
+@pytest.mark.parametrize("body, status, says", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[" * 100_000, 400, "not valid JSON"),
+    (b'"events"', 422, "JSON object"),
+    (b'{"events": "all of them"}', 400, '"events" list'),
+    (b'{"events": [], "hack": 1}', 422, "unknown field"),
+    (json.dumps({"events": [_event()] * 6000}).encode(), 400, "over the limit of 5000"),
+], ids=["bad-json", "deep-nesting", "string", "events-string", "unknown-field", "6000-events"])
+def test_garbage_posted_to_the_sync_endpoint_gets_a_4xx_naming_it(remote, body, status, says):
+    n_before = remote.request("GET", "/api/v1/status").json()["n_events"]
+    reply = _post_raw(remote, body)
+    assert reply.status == status and says in reply.json()["error"]["message"]
+    assert remote.request("GET", "/api/v1/status").json()["n_events"] == n_before
+
+
+def test_100000_events_in_one_post_get_413_before_the_body_is_read(remote):
+    import http.client
+
+    body = json.dumps({"events": [_event()] * 100_000}).encode()
+    assert len(body) > clare.MAX_SYNC_BODY_BYTES
+    conn = http.client.HTTPConnection("127.0.0.1", remote.port, timeout=10)
+    conn.putrequest("POST", "/api/v1/sync/events")
+    for k, v in (("Content-Type", "application/json"), ("Authorization", f"Bearer {TOKEN}"),
+                 ("Content-Length", str(len(body)))):
+        conn.putheader(k, v)
+    conn.endheaders()  # the body is never sent: the answer comes first
+    reply = conn.getresponse()
+    assert reply.status == 413 and "over the limit" in json.loads(reply.read())["error"]["message"]
+    conn.close()
+    assert remote.request("GET", "/api/v1/status").status == 200  # and it keeps serving
+
+
+def test_a_mixed_batch_over_http_keeps_the_good_events(remote):
+    bad = _event(uuid="2b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c", hlc="13 o'clock")
+    reply = remote.request("POST", "/api/v1/sync/events", json_body={"events": [_event(), bad]})
+    answer = reply.json()
+    assert reply.status == 200 and answer["accepted"] == 1
+    assert answer["rejected"] == [{"index": 1, "uuid": bad["uuid"], "reason": answer["rejected"][0]["reason"]}]
+    assert "HLC" in answer["rejected"][0]["reason"]
+
+
+@pytest.mark.parametrize("method, path, body, status", [
+    ("GET", "/api/v1/sync/events?after=abc", None, 400),
+    ("GET", "/api/v1/sync/days/2026-02-31", None, 400),
+    ("GET", "/api/v1/sync/days/..%2F..%2Fx", None, 404),
+    ("POST", "/api/v1/sync/fetch", {"uuids": "all"}, 400),
+    ("DELETE", "/api/v1/sync/events", None, 405),
+], ids=["after-word", "bad-date", "path-day", "uuids-string", "delete"])
+def test_bad_sync_requests_over_http_get_4xx(remote, method, path, body, status):
+    assert remote.request(method, path, json_body=body).status == status
+
+
+def test_sync_endpoints_need_the_token(remote):
+    assert remote.request("GET", "/api/v1/sync/events", auth=False).status == 401
+    assert remote.request("POST", "/api/v1/sync/events", json_body={"events": []}, auth=False).status == 401
+    assert _post_raw(remote, b'{"events": []}', ctype="text/plain").status == 415
+
+
+# --- end to end: three real `clare serve` processes ---------------------------------------------
+
+class Clare:
+    """One host: its own home, a `clare serve` process with its own token, and its CLI."""
+
+    def __init__(self, tmp, name: str, env: dict):
+        self.name, self.home, self.env = name, tmp / name, env
+        self.token = f"token-of-{name}-" + "x" * 16
+        self.proc = None
+        self.url = None
+        assert self.cli("init", "--machine-id", name).code == 0
+
+    def cli(self, *argv: str):
+        import subprocess
+        import sys
+        from conftest import CLARE_PY, Ran
+
+        p = subprocess.run([sys.executable, str(CLARE_PY), "--home", str(self.home), *argv], capture_output=True,
+                           text=True, timeout=60, env=self.env)
+        return Ran(p.returncode, p.stdout, p.stderr)
+
+    def serve(self, *extra: str) -> None:
+        import selectors
+        import subprocess
+        import sys
+        import time
+        from conftest import CLARE_PY
+
+        self.proc = subprocess.Popen(
+            [sys.executable, str(CLARE_PY), "--home", str(self.home), "serve", "--port", "0", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**self.env, "CLARE_TOKEN": self.token})
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 20
+        while self.url is None and time.monotonic() < deadline:
+            if sel.select(timeout=deadline - time.monotonic()):
+                line = self.proc.stdout.readline()
+                assert line, f"clare serve of {self.name} exited: {self.proc.stderr.read()}"
+                if line.startswith("clare: serving "):
+                    self.url = line.split()[2].rstrip("/")
+        assert self.url, f"clare serve of {self.name} did not start in time"
+
+    def add_peer(self, other: "Clare", *, token_env: str) -> None:
+        assert self.cli("peer", "add", other.url, "--name", other.name, "--token-env", token_env).code == 0
+
+    def stop(self) -> str:
+        """Stop the server (SIGTERM); return what it wrote on stderr."""
+        if self.proc is None or self.proc.returncode is not None:
+            return ""
+        self.proc.terminate()
+        return self.proc.communicate(timeout=15)[1]
+
+
+@pytest.fixture
+def fleet(tmp_path, home):
+    import os as _os
+
+    env = {k: v for k, v in _os.environ.items() if k not in ("CLARE_TOKEN", "CLARE_HOME", "CLARE_URL")}
+    hosts: dict[str, Clare] = {}
+
+    def make(*names: str) -> list[Clare]:
+        for name in names:
+            hosts[name] = Clare(tmp_path, name, env)
+        for name in names:
+            env[f"{name.upper()}_TOKEN"] = hosts[name].token  # each host's CLI knows the others' tokens
+        return [hosts[n] for n in names]
+    yield make
+    for host in hosts.values():
+        host.stop()
+
+
+def _task(host: Clare, task_id: str) -> dict:
+    ran = host.cli("task", "show", task_id, "--json")
+    assert ran.code == 0, ran.err
+    return ran.json()
+
+
+def test_three_servers_relay_an_older_event_and_merge_fields_through_the_cli(fleet):
+    a, b, c = fleet("a", "b", "c")
+    for host in (a, b, c):
+        host.serve("--no-sync")
+    a.add_peer(b, token_env="B_TOKEN")
+    c.add_peer(b, token_env="B_TOKEN")  # no a <-> c: everything goes through b
+    assert c.cli("project", "new", "from-c").code == 0  # made first: the oldest HLC of all
+    assert a.cli("project", "new", "alpha").code == 0
+    task_id = a.cli("task", "add", "alpha", "parse", "--json").json()["id"]
+    ran = a.cli("sync")
+    assert ran.code == 0 and "b: pulled 0, pushed 2" in ran.out, ran.err
+    ran = c.cli("sync")  # b gets from-c after a's last pull, with an HLC older than all a has seen
+    assert ran.code == 0 and "pulled 2, pushed 1" in ran.out, ran.err
+    ran = a.cli("sync", "b")
+    assert ran.code == 0 and "b: pulled 1, pushed 0" in ran.out, ran.err
+    assert sorted(p["name"] for p in a.cli("project", "list", "--json").json()) == ["alpha", "from-c"]
+
+    assert a.cli("task", "edit", task_id, "--title", "parse v2 files").code == 0
+    assert c.cli("task", "start", task_id).code == 0
+    for host in (a, c, a):
+        ran = host.cli("sync")
+        assert ran.code == 0, ran.err
+    for host in (a, b, c):
+        t = _task(host, task_id)
+        assert (t["title"], t["status"]) == ("parse v2 files", "in_progress"), host.name
+    status = a.cli("peer", "list", "--json").json()
+    assert [(s["name"], s["n_behind"], s["last_error"]) for s in status] == [("b", 0, None)]
+    assert abs(status[0]["offset_ms"]) < 5000
+
+
+def test_serve_syncs_in_the_background_and_a_dead_peer_delays_nobody(fleet):
+    a, b, c = fleet("a", "b", "c")
+    b.serve("--no-sync")
+    for host in (a, c):
+        (host.home / "clare.toml").write_text("[sync]\ninterval_s = 0.3\n")
+        host.add_peer(b, token_env="B_TOKEN")
+    # a's first peer is dead (nothing listens on port 9): its thread backs off, b's goes on.
+    (a.home / "clare.toml").write_text((a.home / "clare.toml").read_text().replace(
+        "[[peers]]", '[[peers]]\nname = "dead"\nurl = "http://127.0.0.1:9"\n\n[[peers]]', 1))
+    a.serve()
+    c.serve()
+    assert a.cli("project", "new", "alpha").code == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        names = [p["name"] for p in c.cli("project", "list", "--json").json()]
+        if names == ["alpha"]:
+            break
+        time.sleep(0.2)
+    assert names == ["alpha"], "a's project did not reach c through b in the background"
+    status = {s["name"]: s for s in a.cli("peer", "list", "--json").json()}
+    assert status["b"]["last_error"] is None and status["b"]["last_ok_ms"] is not None
+    assert "cannot reach" in status["dead"]["last_error"] and status["dead"]["n_failures"] >= 1
+    assert "sync with dead failed (1 in a row)" in a.stop()
+
+
+def test_restore_from_a_backup_gets_a_new_db_id_and_peers_give_back_the_rest(home, cli, nodes, tmp_path):
+    a = Node(tmp_path, "a")
+    a.db.close()
+    a.db = clare.open_db(str(home / "clare.db"), machine_id="a")
+    b = nodes("b")
+    clare.create_project(a.db, "alpha", now_ms=a.now())
+    backup = str(tmp_path / "backup.db")
+    a.db.conn.execute("VACUUM INTO ?", (backup,))
+    clare.create_project(a.db, "beta", now_ms=a.now())
+    b.sync(a)
+    old_id = a.db.db_id
+    a.db.close()
+    assert cli("restore", backup).code == 2  # without --yes: says what it would do
+    ran = cli("restore", backup, "--yes", "--json")
+    assert ran.code == 0 and ran.json()["n_events"] == 1 and ran.json()["db_id"] != old_id
+    a.db = clare.open_db(str(home / "clare.db"))
+    assert [p.name for p in clare.list_projects(a.db)] == ["alpha"]
+    clare.create_project(a.db, "gamma", now_ms=a.now())
+    report = b.sync(a)  # b reads the restored log from 0 under its new db_id, and pushes it all back
+    assert (report.n_pulled, report.n_pushed) == (1, 1)  # gamma in, beta back
+    assert clare.projection_digest(a.db) == clare.projection_digest(b.db)
+    other = nodes("other")
+    ran = cli("restore", other.db.path, "--yes")
+    assert ran.code == 1 and "not a backup of this database" in ran.err
+    assert cli("restore", str(tmp_path / "missing.db"), "--yes").code == 2
+
+
+def test_syncing_with_itself_is_refused(nodes):
+    a = nodes("a")
+    with pytest.raises(clare.ClareError, match="this very database"):
+        a.sync(a)
