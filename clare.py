@@ -683,6 +683,8 @@ CREATE TABLE tasks (
 CREATE INDEX tasks_project ON tasks (project_id, priority);
 -- the task counts of a project, read from this index alone (the rows are wide with versions)
 CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NOT NULL;
+-- a session's or group's tasks, most urgent first: the fleet list asks this once per session
+CREATE INDEX tasks_assignee ON tasks (assignee, priority, created_at_v) WHERE assignee IS NOT NULL;
 CREATE TABLE groups (
     id TEXT PRIMARY KEY,
     created_at TEXT, created_at_v TEXT,
