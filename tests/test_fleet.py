@@ -127,6 +127,8 @@ def test_session_is_gone_when_its_pane_closes_and_back_when_seen_again(tmux, cli
     pull(cli)
     tmux.run("kill-pane", "-t", pane)
     wait_for(lambda: not list((tmux.claude_dir / "sessions").glob("*.json")), what="claude to exit")
+    wait_for(lambda: pane not in tmux.run("list-panes", "-a", "-F", "#{pane_id}", check=False),
+             what="the pane to close")
     assert pull(cli)["gone"] == 1
     assert cli("--json", "sessions").json() == []
     [s] = cli("--json", "sessions", "--all").json()
