@@ -448,7 +448,7 @@ def test_broadcast_is_refused_when_the_pane_no_longer_runs_claude(tmux, cli, tmp
     wait_for(lambda: "fake claude" in tmux.capture(pane), what="fake claude")
     [s] = pull(cli)["sessions"]
     os.kill(s["pid"], 15)
-    wait_for(lambda: not list((tmux.claude_dir / "sessions").glob("*.json")), what="claude to exit")
+    wait_for(lambda: not clare.proc_argv(s["pid"]), what="claude to exit")
     marker = tmp_path / "ran"
     r = cli("--json", "broadcast", f"session:{s['id']}", "--yes", "--", f"touch {marker}")
     [d] = r.json()["deliveries"]
