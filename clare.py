@@ -126,10 +126,13 @@ def new_id() -> str:
 
 
 def new_uuid() -> str:
-    """Return a fresh random uuid4 as text."""
-    import uuid  # loads `platform` too (2 ms): commands that only read never pay for it
-
-    return str(uuid.uuid4())
+    """Return a fresh random uuid4 as text, made as uuid.uuid4() makes it."""
+    # Not `import uuid`: it loads `platform` (2.5 ms), paid by every write and every hook run.
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40  # version 4
+    b[8] = b[8] & 0x3F | 0x80  # the RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # ==========================================================================
@@ -531,6 +534,21 @@ def iter_events(db: Db, *, after: int = 0, batch: int = 1000) -> Iterator[Event]
         after = rows[-1][0]
 
 
+def list_events_after(db: Db, *, after: int, limit: int, max_chars: int) -> list[Event]:
+    """Return up to `limit` events with rseq > after in receipt order, stopping once payloads pass max_chars."""
+    cur = db.conn.cursor()
+    cur.row_factory = None  # plain tuples, as in iter_events
+    rows = cur.execute(f"SELECT {_EVENT_COLUMNS}, length(payload) FROM events WHERE rseq > ? ORDER BY rseq LIMIT ?",
+                       (after, limit)).fetchall()
+    events, n_chars = [], 0
+    for row in rows:
+        events.append(_event_from_row(row[:-1]))
+        n_chars += row[-1]
+        if n_chars >= max_chars:
+            break
+    return events
+
+
 def get_events_by_uuid(db: Db, uuids: Iterable[str]) -> list[Event]:
     """Return the stored events among `uuids`, in (hlc, uuid) order."""
     wanted = list(uuids)
@@ -680,6 +698,8 @@ CREATE TABLE tasks (
 CREATE INDEX tasks_project ON tasks (project_id, priority);
 -- the task counts of a project, read from this index alone (the rows are wide with versions)
 CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NOT NULL;
+-- a session's or group's tasks, most urgent first: the fleet list asks this once per session
+CREATE INDEX tasks_assignee ON tasks (assignee, priority, created_at_v) WHERE assignee IS NOT NULL;
 CREATE TABLE groups (
     id TEXT PRIMARY KEY,
     created_at TEXT, created_at_v TEXT,
@@ -3138,9 +3158,12 @@ SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes, se
 # transaction, so a crash anywhere leaves either all of it or none. Pushing is the same
 # walk over this host's own rseq; the receiver stores idempotently by uuid.
 
-SYNC_PAGE_LIMIT = 1000  # events per pulled page at most
+# Pages and batches are large because the puller stores each in one transaction, and a
+# transaction of 1,000 events costs ~30% more per event than one of 5,000 (measured).
+SYNC_PAGE_LIMIT = 5000  # events per pulled page at most
+SYNC_PAGE_CHARS = 4 * 1024 * 1024  # ... and a page ends once its payloads pass this size
 MAX_SYNC_BATCH = 5000  # events in one pushed batch at most; a larger batch is refused whole
-PUSH_BATCH_EVENTS = 1000
+PUSH_BATCH_EVENTS = 5000
 PUSH_BATCH_BYTES = 4 * 1024 * 1024  # half the 8 MB body limit of the sync endpoints
 MAX_FETCH_UUIDS = 5000  # uuids asked for in one anti-entropy fetch
 DAY_MS = 86_400_000
@@ -3228,11 +3251,7 @@ def sync_page(db: Db, *, after: object, limit: object = SYNC_PAGE_LIMIT, now_ms:
     """Return the events stored after receipt number `after`: GET /api/v1/sync/events."""
     after = _check_count("after", after)
     limit = min(max(_check_count("limit", limit), 1), SYNC_PAGE_LIMIT)
-    events: list[Event] = []
-    for ev in iter_events(db, after=after, batch=limit):
-        events.append(ev)
-        if len(events) == limit:
-            break
+    events = list_events_after(db, after=after, limit=limit, max_chars=SYNC_PAGE_CHARS)
     next_after = events[-1].rseq if events else after
     head = head_rseq(db.conn)  # read after the page: an event stored meanwhile shows as has_more
     return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms,
@@ -3371,14 +3390,17 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
     """Store every event the peer holds past our cursor on its log, a page per transaction."""
     known = {s.url: (s.machine_id, s.db_id) for s in list_peer_status(db)}.get(peer.url)
     after = get_cursor(db, *known)[0] if known and known[0] else 0
-    total = None
+    total, n_restarts = None, 0
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
         identity, head, next_after = _check_page(page, after=after)
         if identity == (db.machine_id, db.db_id):
             raise ClareError(f"{peer.url} is this very database; remove it from the peers in clare.toml")
         if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
-            known = identity
+            known, n_restarts = identity, n_restarts + 1
+            if n_restarts > 3:
+                raise ClareError(f"{peer.url} answers as a different Clare at every request; point the peer's "
+                                 "url at one host, not at a load balancer")
             if get_cursor(db, *identity)[0] != after:
                 after = get_cursor(db, *identity)[0]
                 continue
@@ -3392,6 +3414,9 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
         total = head - after if total is None else total
         events, rejected = check_events(page["events"])
         report.rejected += rejected
+        if not page["events"] and next_after == after:
+            report.n_behind = head - after
+            return  # nothing new: no transaction at all
         with write_txn(db) as cur:
             head_before = head_rseq(cur)
             result = receive_events(db, cur, events, now_ms=wall())
@@ -3476,7 +3501,8 @@ def _batches(events: Iterable[Event]) -> Iterator[list[Event]]:
     """Group events into batches under PUSH_BATCH_EVENTS and PUSH_BATCH_BYTES."""
     batch, n_bytes = [], 0
     for ev in events:
-        size = len(canonical_json(ev.payload)) + 300  # the payload dominates; 300 covers the other fields
+        # Bytes, not characters: a payload of CJK text is three times longer in UTF-8.
+        size = len(canonical_json(ev.payload).encode()) + 300  # the payload dominates; 300 covers the rest
         if batch and (len(batch) == PUSH_BATCH_EVENTS or n_bytes + size > PUSH_BATCH_BYTES):
             yield batch
             batch, n_bytes = [], 0
@@ -3508,34 +3534,39 @@ def _count_accept(answer: object, identity: tuple[str, str], report: SyncReport)
 
 def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms) -> None:
     """Compare per-day digests with the peer; fetch what we lack by uuid and push what it lacks."""
-    theirs = _call_timed(peer.digest, report, wall).get("days")
-    if not isinstance(theirs, dict):
-        raise ClareError("the peer's digest is malformed (no days object); is it a Clare of this version?")
+    theirs = _answer_field(_call_timed(peer.digest, report, wall), "days", dict)
     ours = sync_digest(db, now_ms=wall())["days"]
-    days = sorted(d for d in set(theirs) | set(ours) if theirs.get(d) != ours.get(d))
+    days = sorted(d for d in set(theirs) | set(ours) if theirs.get(d) != ours.get(d) and DAY_RE.match(d))
     found = {"days": len(set(theirs) | set(ours)), "days_differ": days, "fetched": 0, "sent": 0}
     for day in days:
-        their_uuids = peer.day(day).get("uuids") if day in theirs else []
-        if not isinstance(their_uuids, list):
-            raise ClareError(f"the peer's uuid list for {day} is malformed; is it a Clare of this version?")
+        their_uuids = {u for u in _answer_field(peer.day(day), "uuids", list) if isinstance(u, str)} \
+            if day in theirs else set()
         our_uuids = set(sync_day(db, day, now_ms=wall())["uuids"]) if day in ours else set()
-        missing_here = sorted({u for u in their_uuids if isinstance(u, str)} - our_uuids)
+        missing_here = sorted(their_uuids - our_uuids)
         for i in range(0, len(missing_here), MAX_FETCH_UUIDS):
-            answer = peer.fetch(missing_here[i:i + MAX_FETCH_UUIDS])
-            events, rejected = check_events(answer.get("events") if isinstance(answer.get("events"), list) else [])
+            events, rejected = check_events(_answer_field(peer.fetch(missing_here[i:i + MAX_FETCH_UUIDS]),
+                                                          "events", list))
             report.rejected += rejected
             with write_txn(db) as cur:
                 result = receive_events(db, cur, events, now_ms=wall())
             found["fetched"] += len(result.inserted)
             report.n_pulled += len(result.inserted)
-        missing_there = sorted(our_uuids - set(their_uuids))
-        for batch in _batches(get_events_by_uuid(db, missing_there)):
+        for batch in _batches(get_events_by_uuid(db, sorted(our_uuids - their_uuids))):
             answer = peer.push({"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
                                 "events": [ev.to_json() for ev in batch]})
             before = report.n_pushed
             _count_accept(answer, (report.machine_id, report.db_id), report)
             found["sent"] += report.n_pushed - before
     report.verify = found
+
+
+def _answer_field(answer: object, key: str, kind: type) -> Any:
+    """Return one field of a peer's answer if it has the expected type; raise naming it otherwise."""
+    # SECURITY: the answer comes from the network.
+    value = answer.get(key) if isinstance(answer, dict) else None
+    if not isinstance(value, kind):
+        raise ClareError(f"the peer's answer lacks a {kind.__name__} {key!r}; is it a Clare of this version?")
+    return value
 
 
 # --- peers: clare.toml, the HTTP client, the background loop -------------------------------
@@ -3596,8 +3627,8 @@ class HttpPeer(PeerTransport):
             raise ClareError(f"{self.url} sent more than {MAX_RESPONSE_BYTES} bytes; is it a Clare?")
         try:
             return json.loads(raw)
-        except ValueError as err:
-            raise ClareError(f"{self.url} sent something that is not JSON ({err}); is it a Clare?") from err
+        except (ValueError, RecursionError) as err:  # SECURITY: a peer may nest '[' deeper than the stack
+            raise ClareError(f"{self.url} sent something that is not JSON ({str(err)[:100]}); is it a Clare?") from err
 
 
 def _http_error_message(err: Any) -> str:
@@ -3755,9 +3786,11 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
                 was_skewed = report.is_skewed
             except Exception as err:  # the per-peer loop is an edge: one peer's failure never ends the thread
                 n_failures += 1
-                if not isinstance(err, ClareError):
-                    save_peer_status(db, peer.url, name=peer.name, now_ms=now_ms(), error=f"internal error: {err!r}")
                 log(f"sync with {peer.name} failed ({n_failures} in a row): {err}")
+                if not isinstance(err, ClareError):
+                    with contextlib.suppress(ClareError, sqlite3.Error):  # a busy database: next round
+                        save_peer_status(db, peer.url, name=peer.name, now_ms=now_ms(),
+                                         error=f"internal error: {err!r}")
             stop.wait(backoff_s(n_failures, interval_s=interval_s))
     finally:
         db.close()
@@ -3776,6 +3809,19 @@ def _duration(ms: int) -> str:
         if ms >= size:
             return f"{ms / size:.1f} {unit}"
     return f"{ms} ms"
+
+
+def _ago_ms(ms: int | None, now: int) -> str:
+    if ms is None:
+        return "never"
+    return f"{_duration(max(now - ms, 0))} ago" if now - ms >= 1000 else "just now"
+
+
+def _offset(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    text = ("+" if ms >= 0 else "-") + _duration(abs(ms))
+    return text + " SKEWED" if abs(ms) > MAX_OFFSET_MS else text
 
 
 # ==========================================================================
@@ -4468,11 +4514,11 @@ progress::-moz-progress-bar{background:var(--green);border-radius:4px}
 ul.feed{list-style:none;margin:0;padding:0}
 ul.feed li{padding:.45rem 0;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
 ul.feed li:last-child{border-bottom:0}
-.attention{border-left:4px solid var(--amber)}.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
+.attention{border-left:4px solid var(--amber)}label.check{flex-basis:100%;flex-direction:row;font-size:.85rem}.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
 ul.feed time{display:block;color:var(--muted);font-size:.76rem}
 pre.text{white-space:pre-wrap;overflow-wrap:anywhere;font:inherit;margin:.2rem 0}
 form.row{display:flex;flex-wrap:wrap;gap:.55rem;align-items:flex-end;margin:0 0 .8rem}
-form.row label{flex:1 1 10rem}form.row label.wide{flex-basis:100%}
+form.row label{flex:1 1 10rem;min-width:0}select{max-width:100%}form.row label.wide{flex-basis:100%}
 form.tight{display:inline-flex;gap:.3rem;align-items:center;margin:0}
 label{display:flex;flex-direction:column;gap:.2rem;font-size:.78rem;color:var(--muted);font-weight:500}
 input,select,textarea{font:inherit;font-size:.92rem;color:var(--fg);background:var(--bg);border:1px solid var(--line);
@@ -4547,6 +4593,32 @@ PAGE_ERROR = string.Template("""<!doctype html>
 
 # --- dashboard pages and their htmx fragments -----------------------------
 
+PAGE_CACHE_TTL_S = 2.0  # "5m ago" and transcript activity move without events: serve a page this long at most
+MAX_CACHED_PAGES = 256  # by URL; a flood of distinct query strings empties the cache, never grows it
+_PAGE_CACHE: dict[tuple[str, str], tuple[int, float, Response]] = {}  # (db, url) -> (log head, built at, page)
+
+
+def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
+    """Wrap a GET page or fragment: answer from memory while the log has not grown, for up to 2 s.
+
+    Every browser tab polls every fragment every 5 s; a dashboard of 200 sessions and 5,000
+    tasks costs ~45 ms of CPU to build, and the projections change only when an event lands.
+    """
+    def answer(req: Request) -> Response:
+        key = (req.config.db_path, req.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(req.query.items())))
+        head, now = head_rseq(req.db.conn), time.monotonic()
+        hit = _PAGE_CACHE.get(key)
+        if hit is not None and hit[0] == head and now - hit[1] < PAGE_CACHE_TTL_S:
+            return hit[2]
+        resp = handler(req)
+        if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
+            _PAGE_CACHE.clear()
+        _PAGE_CACHE[key] = (head, now, resp)
+        return resp
+    answer.__name__, answer.__doc__ = handler.__name__, handler.__doc__
+    return answer
+
+
 def age_text(at: str | None, now: int) -> str:
     """Say compactly how long ago an ISO time was (12s, 5m, 3h, 2d), or '—' when unknown."""
     ms = _iso_to_ms(at)
@@ -4572,12 +4644,13 @@ FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
 <section class="card"><h2>Projects</h2>$table</section>
 </div>""")
 PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
-<thead><tr><th>Project</th><th>Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Owner</th></tr></thead>
+<thead><tr><th>Project</th><th>Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Sessions</th>
+<th class="hide-sm">Owner</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
 PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a><div class="muted small">$goal</div></td>
 <td>$status</td><td><div class="counts">$counts</div></td>
 <td class="hide-sm"><progress value="$n_done" max="$n_total" title="$n_done of $n_total done">$n_done/$n_total</progress></td>
-<td class="hide-sm muted">$owner</td></tr>""")
+<td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td><td class="hide-sm muted">$owner</td></tr>""")
 FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
 <h2>Recent activity</h2>$body</section>""")
 PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
@@ -4593,6 +4666,7 @@ MAIN_DASHBOARD = string.Template("""<h1>Dashboard</h1>
 $attention
 $projects
 $fleet
+$peers
 <div class="grid">$activity$project_form</div>""")
 MAIN_PROJECTS = string.Template("""<h1>Projects</h1>
 <p class="sub">Every project on this Clare, with its tasks by status.</p>
@@ -4710,7 +4784,8 @@ def assignee_text(task: Task) -> Html:
 
 def projects_fragment(req: Request) -> Html:
     """Render the project roll-up (stat tiles and table), polled in place."""
-    projects = req.svc.list_projects()
+    rollups = req.svc.get_status().projects
+    projects = [r.project for r in rollups]
     totals = {s: sum(p.task_counts[s] for p in projects) for s in TASK_STATUSES}
     stats = join(render(STAT, n=n, label=label) for n, label in (
         (sum(p.status == "active" for p in projects), "active projects"),
@@ -4719,13 +4794,19 @@ def projects_fragment(req: Request) -> Html:
     if not projects:
         table_html = render(EMPTY, text="No projects yet. Create one below, or: clare project new NAME")
     else:
-        table_html = render(PROJECTS_TABLE, rows=join(render(
-            PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
-            status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
-            counts=join(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
-                        for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
-            n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1) for p in projects))
+        table_html = render(PROJECTS_TABLE, rows=join(map(_project_row, rollups)))
     return render(FRAG_PROJECTS, poll=poll_attrs("/frag/projects"), stats=stats, table=table_html)
+
+
+def _project_row(rollup: ProjectStatus) -> Html:
+    p = rollup.project
+    return render(PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
+                  status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
+                  counts=join(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
+                              for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
+                  n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1,
+                  n_sessions=rollup.n_sessions or "—",
+                  tokens=_tokens_text(rollup.tokens) if rollup.n_sessions else "")
 
 
 def activity_fragment(req: Request) -> Html:
@@ -4744,7 +4825,8 @@ def page_dashboard(req: Request) -> Response:
     """Show what needs attention, the project roll-up, the fleet and recent activity."""
     return page(req, "Dashboard", render(
         MAIN_DASHBOARD, attention=attention_fragment(req), projects=projects_fragment(req),
-        fleet=fleet_fragment(req), activity=activity_fragment(req), project_form=project_form(req)))
+        fleet=fleet_fragment(req), peers=peers_fragment(req), activity=activity_fragment(req),
+        project_form=project_form(req)))
 
 
 def page_projects(req: Request) -> Response:
@@ -4993,11 +5075,6 @@ def session_badge(session: Session) -> Html:
     return badge(SESSION_LABELS.get(session.state, session.state), SESSION_COLORS.get(session.state, "gray"))
 
 
-def _task_titles(req: Request, sessions: list[Session]) -> dict[str, Task]:
-    svc = req.svc
-    return {t: svc.get_task(t) for t in {s.task_id for s in sessions if s.task_id}}
-
-
 def _tokens_text(tokens: dict[str, int]) -> str:
     n = sum(v for v in tokens.values() if isinstance(v, int))
     return "—" if not n else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
@@ -5006,15 +5083,16 @@ def _tokens_text(tokens: dict[str, int]) -> str:
 def attention_fragment(req: Request) -> Html:
     """Render the sessions that wait for a person, longest-waiting first."""
     now = now_ms()
-    sessions = sorted((s for s in req.svc.list_sessions() if s.state in NEEDS_PERSON),
+    report = req.svc.get_status()
+    sessions = sorted((s for s in report.sessions if s.state in NEEDS_PERSON),
                       key=lambda s: (s.state_at or s.last_activity_at or "", s.id))
-    tasks = _task_titles(req, sessions)
+    tasks = report.tasks
     # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
     body = render(ATTENTION_LIST, items=join(render(
         ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
         since="for " + age_text(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
         where=s.tmux_target or "-", cwd=s.cwd,
-        task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id else Html(""))
+        task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks else Html(""))
         for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
     return render(FRAG_ATTENTION, poll=poll_attrs("/frag/attention"), body=body)
 
@@ -5022,8 +5100,8 @@ def attention_fragment(req: Request) -> Html:
 def fleet_fragment(req: Request) -> Html:
     """Render every live session with its state and current task."""
     now = now_ms()
-    sessions = req.svc.list_sessions()
-    tasks = _task_titles(req, sessions)
+    report = req.svc.get_status()
+    sessions, tasks = report.sessions, report.tasks
     if not sessions:
         table_html = render(EMPTY, text="No Claude sessions seen yet; run 'clare pull' on each host.")
     else:
@@ -5031,7 +5109,7 @@ def fleet_fragment(req: Request) -> Html:
             FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
             where=s.tmux_target or "-", cwd=s.cwd, active=age_text(s.last_activity_at, now) + " ago",
             tokens=_tokens_text(s.tokens),
-            task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id
+            task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
             else Html('<span class="muted">—</span>')) for s in sessions))
     return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
 
@@ -5059,6 +5137,164 @@ def frag_attention(req: Request) -> Response:
 def frag_fleet(req: Request) -> Response:
     """Answer the sessions poll."""
     return html_response(fleet_fragment(req))
+
+
+DELIVERY_COLORS = {"delivered": "green", "queued": "blue", "refused": "orange", "failed": "red", "expired": "gray"}
+
+MAIN_BROADCAST = string.Template("""<h1>Broadcast</h1>
+<p class="sub">Type one message into every live Claude session of a project, a group or one session. It arrives
+as if typed at each keyboard: Claude may run commands because of it.</p>
+<div class="grid">
+<section class="card"><h2>Message</h2>
+<form class="row" id="broadcast-form" $attrs>$csrf
+<label class="wide">To<select name="target" required $preview_attrs>$targets</select></label>
+<label class="wide">Text<textarea name="text" required maxlength="20000" placeholder="run the tests and commit"></textarea></label>
+<label class="check"><span><input type="checkbox" name="is_command" value="1"> a Claude command (/compact, !ls):
+send it without the [clare] prefix</span></label>
+<noscript><button class="ghost" type="submit" formmethod="get" formaction="/broadcast">Show recipients</button></noscript>
+<button type="submit">Send</button>
+</form></section>
+$recipients
+</div>
+$result""")
+FRAG_RECIPIENTS = string.Template("""<section class="card" id="frag-recipients">
+<h2>Recipients</h2>$body</section>""")
+RECIPIENT_ITEM = string.Template("""<li><div class="line">$state <b>$label</b></div>
+<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>$note</li>""")
+RECIPIENT_NOTE = string.Template('<div class="small muted">$text</div>')
+COUNT_LINE = string.Template('<p class="small muted">$text</p>')
+FRAG_BROADCAST = string.Template("""<section class="card" id="broadcast-result" $poll>
+<h2>Broadcast $short_id</h2>$body</section>""")
+DELIVERY_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>Session</th><th>Where</th><th>Result</th><th>Why</th></tr></thead>
+<tbody hx-disable>$rows</tbody></table></div>""")
+DELIVERY_ROW = string.Template("""<tr><td class="mono">$id</td><td class="mono small">$host · $where</td>
+<td>$result</td><td class="small">$reason</td></tr>""")
+OPTGROUP = string.Template('<optgroup label="$label">$options</optgroup>')
+PREVIEW_ATTRS = string.Template('hx-get="$url" hx-trigger="change" hx-target="$target" hx-swap="outerHTML"')
+
+
+def _short_text(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def preview_attrs(url: str, *, target: str) -> Html:
+    """Return the htmx attributes that fetch a preview fragment when a field changes."""
+    return render(PREVIEW_ATTRS, url=url, target=target)
+
+
+def broadcast_targets(req: Request, selected: str | None) -> Html:
+    """Render the target choices: projects, groups, then live sessions."""
+    svc = req.svc
+    groups = [("Projects", [(p.id, p.name) for p in svc.list_projects()]),
+              ("Groups", [(f"group:{g.name}", g.name) for g in svc.list_groups()]),
+              ("Sessions", [(f"session:{s.id}", f"{_short_text(s.label or os.path.basename(s.cwd), 40)} · {s.host} "
+                                                f"{s.tmux_target or ''} · {SESSION_LABELS.get(s.state, s.state)}")
+                            for s in svc.list_sessions()])]
+    return join([render(OPTION, value="", label="— pick a project, group or session —", selected=Html("")),
+                 *(render(OPTGROUP, label=label, options=options(choices, selected)) for label, choices in groups
+                   if choices)])
+
+
+def recipients_fragment(req: Request, target: str | None) -> Html:
+    """Render who a broadcast to `target` would reach."""
+    if not target:
+        return render(FRAG_RECIPIENTS, body=render(EMPTY, text="Pick a project, group or session to see who gets it."))
+    sessions = req.svc.list_broadcast_recipients(target)
+    if not sessions:
+        return render(FRAG_RECIPIENTS, body=render(EMPTY, text="No live session would get it."))
+    # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
+    items = join(render(
+        RECIPIENT_ITEM, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
+        where=s.tmux_target or "-", cwd=s.cwd,
+        note=render(RECIPIENT_NOTE, text="a permission dialog is open: it will be refused, not answered")
+        if s.state == "permission" else Html("")) for s in sessions)
+    count = f"{len(sessions)} session{'s' if len(sessions) != 1 else ''}"
+    return render(FRAG_RECIPIENTS, body=join([render(COUNT_LINE, text=count),
+                                              render(ATTENTION_LIST, items=items)]))
+
+
+def broadcast_fragment(req: Request, broadcast_id: str) -> Html:
+    """Render the per-session results of a broadcast, polled while some wait for their host."""
+    deliveries = req.svc.list_deliveries(broadcast_id=broadcast_id)
+    if not deliveries:
+        raise NotFound(f"no broadcast {broadcast_id!r}; send one from /broadcast")
+    rows = join(render(DELIVERY_ROW, id=d.session_id[:SHORT_ID], host=d.host or "?", where=d.tmux_target or "-",
+                       result=badge(d.result, DELIVERY_COLORS.get(d.result, "gray")), reason=d.reason or "—")
+                for d in deliveries)
+    is_waiting = any(d.result == "queued" for d in deliveries)
+    return render(FRAG_BROADCAST, short_id=broadcast_id[:SHORT_ID], body=render(DELIVERY_TABLE, rows=rows),
+                  poll=poll_attrs(f"/frag/broadcasts/{broadcast_id}") if is_waiting else Html(""))
+
+
+def page_broadcast(req: Request, *, result: Html = Html("")) -> Response:
+    """Show the composer: pick a target, see its recipients, send."""
+    target = req.arg("target") or None
+    return page(req, "Broadcast", render(
+        MAIN_BROADCAST, csrf=csrf_field(req), attrs=form_attrs("/broadcast", target="#broadcast-result"),
+        preview_attrs=preview_attrs("/frag/broadcast/recipients", target="#frag-recipients"),
+        targets=broadcast_targets(req, target), recipients=recipients_fragment(req, target),
+        result=result or Html('<div id="broadcast-result"></div>')))
+
+
+def frag_broadcast_recipients(req: Request) -> Response:
+    """Answer the recipients preview of the target picked."""
+    return html_response(recipients_fragment(req, req.arg("target")))
+
+
+def frag_broadcast(req: Request) -> Response:
+    """Answer the poll of one broadcast's results."""
+    return html_response(broadcast_fragment(req, req.params["broadcast"]))
+
+
+def frag_send_broadcast(req: Request) -> Response:
+    """Send the composed broadcast; answer with its per-session results."""
+    f = req.form()
+    sent = req.svc.send_broadcast(f.get("target", ""), f.get("text", ""), is_command=f.get("is_command") == "1")
+    result = broadcast_fragment(req, sent.broadcast_id)
+    if not req.is_htmx:
+        return page_broadcast(req, result=result)
+    n_ok = sum(d.result in ("delivered", "queued") for d in sent.deliveries)
+    return html_response(join([result, flash(f"Sent to {n_ok} of {len(sent.deliveries)} sessions.",
+                                             kind="ok" if n_ok == len(sent.deliveries) else "error", oob=True)]))
+
+
+FRAG_PEERS = string.Template("""<section class="card" id="frag-peers" $poll>
+<h2>Peers</h2>$table</section>""")
+PEERS_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>Sync</th><th>Peer</th><th>Last sync</th><th>Behind</th><th class="hide-sm">Clock</th></tr></thead>
+<tbody hx-disable>$rows</tbody></table></div>""")
+PEER_ROW = string.Template("""<tr><td>$state</td>
+<td class="title"><b>$name</b><div class="mono muted small">$url</div><div class="muted small">$error</div></td>
+<td class="muted small">$last</td><td>$behind</td><td class="hide-sm mono small">$offset</td></tr>""")
+
+
+def peers_fragment(req: Request) -> Html:
+    """Render each peer with how its last sync went, polled in place."""
+    peers = list_peers(req.db, load_peers(load_config(req.config.config_path), path=req.config.config_path))
+    now = now_ms()
+
+    def state(p: dict[str, Any]) -> Html:
+        if p["last_error"]:
+            return badge(f"failing ×{p['n_failures']}", "red")
+        if p["last_ok_ms"] is None:
+            return badge("never synced", "gray")
+        return badge("clock skewed", "amber") if p["is_skewed"] else badge("in sync", "green")
+    if not peers:
+        table_html = render(EMPTY, text="No peers; add one with: clare peer add http://HOST:8765 --name NAME")
+    else:
+        # SECURITY: a peer's error text came from the network; render() escapes it. Tokens are never in it.
+        table_html = render(PEERS_TABLE, rows=join(render(
+            PEER_ROW, state=state(p), name=p["name"], url=p["url"], error=(p["last_error"] or "")[:160],
+            last=_ago_ms(p["last_ok_ms"], now), behind="—" if p["n_behind"] is None else p["n_behind"],
+            offset=_offset(p["offset_ms"])) for p in peers))
+    return render(FRAG_PEERS, poll=poll_attrs("/frag/peers"), table=table_html)
+
+
+def frag_peers(req: Request) -> Response:
+    """Answer the peers poll."""
+    return html_response(peers_fragment(req))
 
 
 # --- JSON API ------------------------------------------------------------
@@ -5334,7 +5570,18 @@ def _body(required: tuple[str, ...], optional: tuple[str, ...], **types_: str) -
     return {"type": "object", "required": list(required), "properties": props, "additionalProperties": False}
 
 
+def _sync_reply(**fields: str) -> dict[str, Any]:
+    names = {"machine_id": "string", "db_id": "string", "now_ms": "integer", **fields}
+    return {"type": "object", "required": list(names), "properties": {k: {"type": v} for k, v in names.items()}}
+
+
 _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
+    "SyncPage": _sync_reply(events="array", next_after="integer", has_more="boolean", head="integer"),
+    "SyncAccepted": _sync_reply(accepted="integer", duplicates="integer", rejected="array", conflicts="array",
+                                head_before="integer", head_after="integer"),
+    "BroadcastResult": {"type": "object", "required": ["broadcast_id", "target", "text", "deliveries"], "properties": {
+        "broadcast_id": {"type": "string"}, "target": {"type": "string"}, "text": {"type": "string"},
+        "deliveries": _array("Delivery")}},
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
@@ -5349,9 +5596,6 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
         "conflicts": {"type": "array", "items": {"type": "string"}},
         "rejected": {"type": "array", "items": {"type": "string"}}}},
     "ReplayResult": {"type": "object", "required": ["events"], "properties": {"events": {"type": "integer"}}},
-    "BroadcastResult": {"type": "object", "required": ["broadcast_id", "target", "text", "deliveries"], "properties": {
-        "broadcast_id": {"type": "string"}, "target": {"type": "string"}, "text": {"type": "string"},
-        "deliveries": _array("Delivery")}},
 }
 
 # (method, path) -> summary, query parameters, request body schema, success status, response schema
@@ -5385,12 +5629,12 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
     ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix", (), None, 200, _ref("Session")),
     ("GET", "/api/v1/panes/ambiguous"): ("Claude panes whose session cannot be told apart", (), None, 200,
                                          _array("Pane")),
-    ("GET", "/api/v1/broadcast/recipients"): ("Live sessions a broadcast target names", ("target",), None, 200,
+    ("POST", "/api/v1/broadcast"): ("Type a text into every live session of a target (project, group:NAME, "
+                                    "session:ID)", (), _body(("target", "text"), ("is_command",), is_command="boolean"),
+                                    201, _ref("BroadcastResult")),
+    ("GET", "/api/v1/broadcast/recipients"): ("The live sessions a broadcast target reaches", ("target",), None, 200,
                                               _array("Session")),
-    ("POST", "/api/v1/broadcast"): ("Type a text into the sessions of a target", (),
-                                    _body(("target", "text"), ("is_command",), is_command="boolean"), 201,
-                                    _ref("BroadcastResult")),
-    ("GET", "/api/v1/deliveries"): ("Broadcast deliveries and their results", ("broadcast", "pending_on"), None, 200,
+    ("GET", "/api/v1/deliveries"): ("Per-session results of a broadcast", ("broadcast", "pending_on"), None, 200,
                                     _array("Delivery")),
     ("GET", "/api/v1/updates"): ("List updates, newest last", ("task", "id", "limit"), None, 200, _array("Update")),
     ("POST", "/api/v1/updates"): ("Post a progress note", (), _body(("text",), ("task", "source", "session_id")), 201,
@@ -5407,7 +5651,60 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
     ("POST", "/api/v1/replay"): ("Rebuild every projection from the log", (), {"type": "object"}, 200,
                                  _ref("ReplayResult")),
     ("GET", "/api/v1/openapi.json"): ("This document", (), None, 200, {"type": "object"}),
+    ("GET", "/api/v1/sync/events"): ("Sync: the events stored after receipt number ?after=", ("after", "limit"),
+                                     None, 200, _ref("SyncPage")),
+    ("POST", "/api/v1/sync/events"): ("Sync: store a batch of a peer's events (idempotent by uuid)", (),
+                                      _body(("events",), ("machine_id", "db_id", "now_ms"), events="array",
+                                            now_ms="integer"), 200, _ref("SyncAccepted")),
+    ("GET", "/api/v1/sync/days"): ("Sync: event count and uuid hash per day (anti-entropy)", (), None, 200,
+                                   _sync_reply(days="object")),
+    ("GET", "/api/v1/sync/days/{day}"): ("Sync: the uuids of one day's events (anti-entropy)", (), None, 200,
+                                         _sync_reply(day="string", uuids="array")),
+    ("POST", "/api/v1/sync/fetch"): ("Sync: the events among the uuids given", (), _body(("uuids",), (), uuids="array"),
+                                     200, _sync_reply(events="array")),
+    ("GET", "/api/v1/sync/peers"): ("Sync: each configured peer and what its last sync did", (), None, 200,
+                                    {"type": "array", "items": {"type": "object"}}),
 }
+
+
+def _obj(**props: Any) -> dict[str, Any]:
+    return {"type": "object", "required": list(props), "properties": {
+        k: v if isinstance(v, dict) else {"type": v} for k, v in props.items()}}
+
+
+_SYNC_HEAD = {"machine_id": "string", "db_id": "string", "now_ms": "integer"}
+_OPEN_API_EXTRA_SCHEMAS.update({
+    "SyncEvent": _obj(uuid="string", hlc="string", machine_id="string", event_type="string", payload="object",
+                      created_at="string"),
+    "SyncPage": _obj(**_SYNC_HEAD, events=_array("SyncEvent"), next_after="integer", has_more="boolean",
+                     head="integer"),
+    "SyncAccepted": _obj(**_SYNC_HEAD, accepted="integer", duplicates="integer", rejected={
+        "type": "array", "items": _obj(index="integer", uuid=["string", "null"], reason="string")},
+        conflicts={"type": "array", "items": {"type": "string"}}, head_before="integer", head_after="integer"),
+    "SyncDigest": _obj(**_SYNC_HEAD, days={"type": "object", "additionalProperties": _obj(n="integer", hash="string")}),
+    "SyncDay": _obj(**_SYNC_HEAD, day="string", uuids={"type": "array", "items": {"type": "string"}}),
+    "SyncEvents": _obj(**_SYNC_HEAD, events=_array("SyncEvent")),
+    "PeerStatus": _obj(name="string", url="string", token_env=["string", "null"], is_configured="boolean",
+                       machine_id=["string", "null"], last_ok_ms=["integer", "null"], last_try_ms=["integer", "null"],
+                       last_error=["string", "null"], n_failures="integer", n_behind=["integer", "null"],
+                       offset_ms=["integer", "null"], n_pulled="integer", n_pushed="integer", is_skewed="boolean"),
+})
+API_DOCS.update({
+    ("GET", "/api/v1/sync/events"): ("Sync: the events stored after receipt number `after` (the cursor)",
+                                     ("after", "limit"), None, 200, _ref("SyncPage")),
+    ("POST", "/api/v1/sync/events"): ("Sync: store a pushed batch; malformed events are refused one by one", (), {
+        "type": "object", "required": ["events"], "additionalProperties": False, "properties": {
+            "events": _array("SyncEvent"), **{k: {"type": v} for k, v in _SYNC_HEAD.items()}}},
+        200, _ref("SyncAccepted")),
+    ("GET", "/api/v1/sync/days"): ("Sync: per-day event counts and uuid hashes (anti-entropy)", (), None, 200,
+                                   _ref("SyncDigest")),
+    ("GET", "/api/v1/sync/days/{day}"): ("Sync: the uuids of one day's events (YYYY-MM-DD)", (), None, 200,
+                                         _ref("SyncDay")),
+    ("POST", "/api/v1/sync/fetch"): ("Sync: the events among the given uuids", (), {
+        "type": "object", "required": ["uuids"], "additionalProperties": False,
+        "properties": {"uuids": {"type": "array", "items": {"type": "string"}}}}, 200, _ref("SyncEvents")),
+    ("GET", "/api/v1/sync/peers"): ("Sync: each peer and what its last sync did", (), None, 200, _array("PeerStatus")),
+})
 
 
 def openapi_path(pattern: "re.Pattern[str]") -> str:
@@ -5641,6 +5938,22 @@ class RemoteServices:
         """Return the panes the server's last pull could not tie to one session."""
         return [_build(Pane, x) for x in self.call("GET", "/api/v1/panes/ambiguous")]
 
+    def list_broadcast_recipients(self, target: str) -> list[Session]:
+        """Return the live sessions a broadcast target names."""
+        return [_build(Session, x) for x in self.call("GET", "/api/v1/broadcast/recipients", query={"target": target})]
+
+    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
+        """Return the per-session results of a broadcast."""
+        query = {"broadcast": broadcast_id, "pending_on": pending_on}
+        return [_build(Delivery, x) for x in self.call("GET", "/api/v1/deliveries", query=query)]
+
+    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
+                       confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
+        """Have the server type a text into a target's sessions (it waits for confirmations its own way)."""
+        got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
+        return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
+                               [_build(Delivery, d) for d in got["deliveries"]])
+
     def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
                     pane: tuple[str | None, str] | None = None, source: str = "message") -> Update:
         """Post a progress note."""
@@ -5679,22 +5992,6 @@ class RemoteServices:
         """Rebuild the server's projections; return how many events it applied."""
         return self.call("POST", "/api/v1/replay", body={})["events"]
 
-    def list_broadcast_recipients(self, target: str) -> list[Session]:
-        """Return the live sessions a broadcast target names."""
-        return [_build(Session, x) for x in self.call("GET", "/api/v1/broadcast/recipients", query={"target": target})]
-
-    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
-                       confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
-        """Send a broadcast through the remote Clare (it types into its own host's panes)."""
-        got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
-        return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
-                               [_build(Delivery, d) for d in got["deliveries"]])
-
-    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
-        """Return broadcast deliveries."""
-        query = {"broadcast": broadcast_id, "pending_on": pending_on}
-        return [_build(Delivery, d) for d in self.call("GET", "/api/v1/deliveries", query=query)]
-
     def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
         """Return the roll-up."""
         got = self.call("GET", "/api/v1/status", query={"project": project_ref, "group": group_ref})
@@ -5730,8 +6027,8 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/api/v1/sessions", api_list_sessions),
         ("GET", r"/api/v1/sessions/" + _REF % "session", api_get_session),
         ("GET", r"/api/v1/panes/ambiguous", api_ambiguous_panes),
-        ("GET", r"/api/v1/broadcast/recipients", api_broadcast_recipients),
         ("POST", r"/api/v1/broadcast", api_send_broadcast),
+        ("GET", r"/api/v1/broadcast/recipients", api_broadcast_recipients),
         ("GET", r"/api/v1/deliveries", api_list_deliveries),
         ("GET", r"/api/v1/updates", api_list_updates),
         ("POST", r"/api/v1/updates", api_post_update),
@@ -5747,25 +6044,30 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/api/v1/sync/days/(?P<day>[0-9-]{10})", sync_get_day),
         ("POST", r"/api/v1/sync/fetch", sync_post_fetch),
         ("GET", r"/api/v1/sync/peers", sync_get_peers),
-        ("GET", r"/", page_dashboard),
-        ("GET", r"/projects", page_projects),
+        ("GET", r"/", cached(page_dashboard)),
+        ("GET", r"/projects", cached(page_projects)),
         ("POST", r"/projects", frag_create_project),
-        ("GET", r"/projects/" + _REF % "project", page_project),
+        ("GET", r"/projects/" + _REF % "project", cached(page_project)),
         ("POST", r"/projects/" + _REF % "project" + "/tasks", frag_add_task),
         ("POST", r"/projects/" + _REF % "project" + "/status", frag_set_project_status),
-        ("GET", r"/tasks/" + _REF % "task", page_task),
+        ("GET", r"/tasks/" + _REF % "task", cached(page_task)),
         ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
-        ("GET", r"/sessions", page_sessions),
-        ("GET", r"/frag/attention", frag_attention),
-        ("GET", r"/frag/fleet", frag_fleet),
-        ("GET", r"/frag/projects", frag_projects),
-        ("GET", r"/frag/activity", frag_activity),
-        ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", frag_project_tasks),
-        ("GET", r"/frag/tasks/" + _REF % "task", frag_task),
-        ("GET", r"/frag/tasks/" + _REF % "task" + "/updates", frag_task_updates),
+        ("GET", r"/sessions", cached(page_sessions)),
+        ("GET", r"/broadcast", page_broadcast),
+        ("POST", r"/broadcast", frag_send_broadcast),
+        ("GET", r"/frag/broadcast/recipients", frag_broadcast_recipients),
+        ("GET", r"/frag/broadcasts/(?P<broadcast>[0-9a-f]{32})", frag_broadcast),
+        ("GET", r"/frag/attention", cached(frag_attention)),
+        ("GET", r"/frag/fleet", cached(frag_fleet)),
+        ("GET", r"/frag/peers", frag_peers),
+        ("GET", r"/frag/projects", cached(frag_projects)),
+        ("GET", r"/frag/activity", cached(frag_activity)),
+        ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", cached(frag_project_tasks)),
+        ("GET", r"/frag/tasks/" + _REF % "task", cached(frag_task)),
+        ("GET", r"/frag/tasks/" + _REF % "task" + "/updates", cached(frag_task_updates)),
         ("GET", r"/static/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)", get_static),
         ("GET", r"/login", page_login),
     )
@@ -6223,19 +6525,6 @@ def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
          _ago_ms(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
          _short(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
         for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
-
-
-def _ago_ms(ms: int | None, now: int) -> str:
-    if ms is None:
-        return "never"
-    return f"{_duration(max(now - ms, 0))} ago" if now - ms >= 1000 else "just now"
-
-
-def _offset(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    text = ("+" if ms >= 0 else "-") + _duration(abs(ms))
-    return text + " SKEWED" if abs(ms) > MAX_OFFSET_MS else text
 
 
 def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
