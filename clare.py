@@ -4470,6 +4470,7 @@ PAGE_ERROR = string.Template("""<!doctype html>
 PAGE_CACHE_TTL_S = 2.0  # "5m ago" and transcript activity move without events: serve a page this long at most
 MAX_CACHED_PAGES = 256  # by URL; a flood of distinct query strings empties the cache, never grows it
 _PAGE_CACHE: dict[tuple[str, str], tuple[int, float, Response]] = {}  # (db, url) -> (log head, built at, page)
+_PAGE_BUILDERS: dict[tuple[str, str], object] = {}  # pages being rebuilt now; setdefault claims one atomically
 
 
 def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
@@ -4482,9 +4483,16 @@ def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Respon
         key = (req.config.db_path, req.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(req.query.items())))
         head, now = head_rseq(req.db.conn), time.monotonic()
         hit = _PAGE_CACHE.get(key)
-        if hit is not None and hit[0] == head and now - hit[1] < PAGE_CACHE_TTL_S:
-            return hit[2]
-        resp = handler(req)
+        if hit is not None and hit[0] == head:
+            if now - hit[1] < PAGE_CACHE_TTL_S:
+                return hit[2]
+            token = object()
+            if _PAGE_BUILDERS.setdefault(key, token) is not token:
+                return hit[2]  # only older by the clock, and another thread rebuilds it: no stampede
+        try:
+            resp = handler(req)
+        finally:
+            _PAGE_BUILDERS.pop(key, None)
         if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
             _PAGE_CACHE.clear()
         _PAGE_CACHE[key] = (head, now, resp)
