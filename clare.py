@@ -4173,12 +4173,22 @@ def _define_server() -> type:
             if self.server.config.log_requests:
                 super().log_message(format, *args)
 
-        def do_any(self) -> None:
-            self.server.enter()  # counted from the request line on, so SIGTERM waits for it
+        def handle_one_request(self) -> None:
+            self.is_counted = False
             try:
-                _dispatch(self)
+                super().handle_one_request()
             finally:
-                self.server.leave()
+                if self.is_counted:
+                    self.server.leave()
+
+        def parse_request(self) -> bool:
+            # Counted from the request line on (before a 100 Continue goes out), so SIGTERM waits for it.
+            self.server.enter()
+            self.is_counted = True
+            return super().parse_request()
+
+        def do_any(self) -> None:
+            _dispatch(self)
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_any
 
