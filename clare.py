@@ -126,10 +126,13 @@ def new_id() -> str:
 
 
 def new_uuid() -> str:
-    """Return a fresh random uuid4 as text."""
-    import uuid  # loads `platform` too (2 ms): commands that only read never pay for it
-
-    return str(uuid.uuid4())
+    """Return a fresh random uuid4 as text, made as uuid.uuid4() makes it."""
+    # Not `import uuid`: it loads `platform` (2.5 ms), paid by every write and every hook run.
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40  # version 4
+    b[8] = b[8] & 0x3F | 0x80  # the RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # ==========================================================================
@@ -531,6 +534,21 @@ def iter_events(db: Db, *, after: int = 0, batch: int = 1000) -> Iterator[Event]
         after = rows[-1][0]
 
 
+def list_events_after(db: Db, *, after: int, limit: int, max_chars: int) -> list[Event]:
+    """Return up to `limit` events with rseq > after in receipt order, stopping once payloads pass max_chars."""
+    cur = db.conn.cursor()
+    cur.row_factory = None  # plain tuples, as in iter_events
+    rows = cur.execute(f"SELECT {_EVENT_COLUMNS}, length(payload) FROM events WHERE rseq > ? ORDER BY rseq LIMIT ?",
+                       (after, limit)).fetchall()
+    events, n_chars = [], 0
+    for row in rows:
+        events.append(_event_from_row(row[:-1]))
+        n_chars += row[-1]
+        if n_chars >= max_chars:
+            break
+    return events
+
+
 def get_events_by_uuid(db: Db, uuids: Iterable[str]) -> list[Event]:
     """Return the stored events among `uuids`, in (hlc, uuid) order."""
     wanted = list(uuids)
@@ -680,8 +698,8 @@ CREATE TABLE tasks (
 CREATE INDEX tasks_project ON tasks (project_id, priority);
 -- the task counts of a project, read from this index alone (the rows are wide with versions)
 CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NOT NULL;
--- a session's task, looked up for every session on every dashboard poll (480 ms -> 7 ms at 5,000 tasks)
-CREATE INDEX tasks_assignee ON tasks (assignee) WHERE assignee IS NOT NULL;
+-- a session's or group's tasks, most urgent first: the fleet list asks this once per session
+CREATE INDEX tasks_assignee ON tasks (assignee, priority, created_at_v) WHERE assignee IS NOT NULL;
 CREATE TABLE groups (
     id TEXT PRIMARY KEY,
     created_at TEXT, created_at_v TEXT,
@@ -1303,8 +1321,8 @@ def _session_from_row(row: sqlite3.Row) -> Session:
 
 
 def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
-                  include_gone: bool = True, pane_id: str | None = None) -> list[Session]:
-    """Return sessions by id prefix, host or pane, ordered by host, tmux target and id."""
+                  include_gone: bool = True) -> list[Session]:
+    """Return sessions by id prefix or host, ordered by host, tmux target and id."""
     sql, params = _SESSION_SELECT, []
     if prefix is not None:
         sql += " AND s.id >= ? AND s.id < ?"
@@ -1312,9 +1330,6 @@ def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
     if host is not None:
         sql += " AND s.host = ?"
         params.append(host)
-    if pane_id is not None:
-        sql += " AND s.pane_id = ?"
-        params.append(pane_id)
     if not include_gone:
         sql += " AND s.state != 'gone'"
     rows = db.conn.execute(sql + " ORDER BY s.host, s.tmux_target, s.id", params).fetchall()
@@ -1680,8 +1695,10 @@ def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: s
 
 def get_pane_session(db: Db, tmux_socket: str | None, pane_id: str) -> Session:
     """Return the live session this host last saw in a tmux pane."""
-    found = [s for s in list_sessions(db, host=db.machine_id)
-             if s.pane_id == pane_id and (tmux_socket is None or s.tmux_socket == tmux_socket)]
+    found = [s for s in list_sessions(db, host=db.machine_id) if s.pane_id == pane_id]
+    # Pane ids are per tmux server: prefer the caller's server, but a socket path spelled another
+    # way (a symlinked TMUX_TMPDIR) must not hide the only match.
+    found = [s for s in found if s.tmux_socket == tmux_socket] or found
     if not found:
         raise NotFound(f"no Claude session is known in tmux pane {pane_id}; run 'clare pull' first, "
                        "or name the task: clare update TASK TEXT")
@@ -1709,17 +1726,18 @@ _OBSERVED_KEYS = ("cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "comman
 
 
 def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
-                     now_ms: int) -> list[Event]:
+                     keep_ids: Iterable[str] = (), now_ms: int) -> list[Event]:
     """Record how this host's sessions changed since the last look: appeared, changed, gone.
 
     A session of this host that is not seen is gone, unless its tmux server could not be asked
-    (keep_sockets). Nothing is written when nothing changed: the log must not grow with polling.
-    Last activity and tokens ride along with an event but never cause one.
+    (keep_sockets) or other evidence says it lives (keep_ids). Nothing is written when nothing
+    changed: the log must not grow with polling. Last activity and tokens ride along with an
+    event but never cause one.
     """
     for ob in seen:
         _check_prefix("session", ob.session_id)
         _check_choice("session state", ob.state, SESSION_STATES)
-    keep = set(keep_sockets)
+    keep, keep_ids = set(keep_sockets), set(keep_ids)
     events = []
     with write_txn(db) as cur:
         known = {s.id: s for s in find_sessions(db, host=db.machine_id)}
@@ -1739,7 +1757,7 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
                                      now_ms=now_ms))
         seen_ids = {ob.session_id for ob in seen}
         for s in known.values():
-            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep:
+            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep and s.id not in keep_ids:
                 events.append(record(db, cur, "session.gone", {"session_id": s.id, "host": db.machine_id,
                                                                "reason": "no longer running"}, now_ms=now_ms))
     return events
@@ -1797,10 +1815,15 @@ class StatusReport:
     sessions: list[Session]
     tasks: dict[str, Task]  # the sessions' tasks, by id
 
+    def task_tokens(self, task_id: str) -> dict[str, int]:
+        """Return the token usage of the sessions working on one task, summed."""
+        mine = [s for s in self.sessions if s.task_id == task_id]
+        return {k: sum(s.tokens.get(k, 0) for s in mine) for k in TOKEN_KINDS}
+
     def to_json(self) -> dict[str, Any]:
         """Return the roll-up as the JSON object the CLI and API print."""
         return {"projects": [p.to_json() for p in self.projects], "sessions": [s.to_json() for s in self.sessions],
-                "tasks": [t.to_json() for t in self.tasks.values()]}
+                "tasks": [{**t.to_json(), "tokens": self.task_tokens(t.id)} for t in self.tasks.values()]}
 
 
 def get_status(db: Db, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
@@ -2023,6 +2046,8 @@ PERMISSION_SCREEN = (
     re.compile(r"^\W*(?:❯|›|>)\s*1\.\s*Yes\b", re.M),
 )
 INTERRUPT_MARK = "[Request interrupted by user"
+# User lines that a local slash command writes (/clear, /model …): no turn starts with them.
+LOCAL_COMMAND_MARKS = ("<command-name>", "<local-command-stdout>", "<local-command-caveat>", "<command-message>")
 SESSION_ID_FLAGS = ("--session-id", "--resume", "-r")
 # Registry status -> state; "waiting" is left out: it can mean a prompt or a dialog, the hook and screen tell.
 REGISTRY_STATES = {"busy": "working", "shell": "working", "idle": "waiting"}
@@ -2038,12 +2063,14 @@ HOOK_STATES = {"SessionStart": "waiting", "UserPromptSubmit": "working", "PreToo
 NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission",
                        "idle_prompt": "waiting"}
 HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
-MAX_HOOK_INPUT_BYTES = 1024 * 1024
+MAX_HOOK_INPUT_BYTES = 32 * 1024 * 1024  # a prompt can be long; a report cut short would be lost
 HOOK_TIMEOUT_S = 10
+HOOK_ALIVE_MS = 10 * 60 * 1000  # a session that sent a hook report this recently is not gone
 CLARE_HOOK_RE = re.compile(r"\bclare\b.*\shook\s*$")  # how uninstall knows Clare's hooks from the user's
 BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
 BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
 BROADCAST_ENTER_TRIES = 3
+DEFAULT_PULL_EVERY_S = 10  # how often `serve` looks at this host's sessions; [fleet] pull_every_s, 0 = never
 
 
 @dataclass(frozen=True, slots=True)
@@ -2159,6 +2186,18 @@ def capture_pane(socket: str, pane_id: str, *, lines: int = SCREEN_LINES) -> str
     return p.stdout if p.returncode == 0 else None
 
 
+def capture_panes(socket: str, pane_ids: list[str], *, lines: int = SCREEN_LINES) -> dict[str, str]:
+    """Return the last lines of several panes of one server, asked in one tmux run."""
+    mark = f"\x1eclare-{new_id()}"  # a line no screen shows: it separates the captures
+    args: list[str] = []
+    for pane_id in pane_ids:
+        args += ["capture-pane", "-p", "-J", "-t", pane_id, "-S", f"-{lines}", ";", "display-message", "-p", mark, ";"]
+    p = run_tmux(socket, *args[:-1]) if args else None
+    if p is None or p.returncode != 0:  # tmux stops at a failed command: one pane closed meanwhile
+        return {i: screen for i in pane_ids if (screen := capture_pane(socket, i, lines=lines)) is not None}
+    return dict(zip(pane_ids, p.stdout.split(mark + "\n")))
+
+
 def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
@@ -2177,7 +2216,11 @@ def process_tree() -> tuple[dict[int, tuple[int, int]], dict[int, list[int]]]:
 def read_procs() -> dict[int, tuple[int, int]]:
     """Return every process of this host as pid -> (ppid, start time in clock ticks)."""
     procs = {}
-    for name in os.listdir("/proc"):
+    try:
+        names = os.listdir("/proc")
+    except OSError:  # no /proc (not Linux): no process is found, and the pull still works
+        return procs
+    for name in names:
         if not name.isdigit():
             continue
         try:
@@ -2210,12 +2253,16 @@ def is_claude_argv(argv: list[str]) -> bool:
             and ("claude" in os.path.basename(argv[1]) or "claude-code" in argv[1]))
 
 
-def find_claude(pid: int, children: dict[int, list[int]], argv_of: Callable[[int], list[str]]) -> int | None:
-    """Return the first Claude process at or below `pid`, walking the process tree breadth first."""
-    queue = [pid]
+def find_claude(pid: int, children: dict[int, list[int]], argv_of: Callable[[int], list[str]], *,
+                registered: Iterable[int] = ()) -> int | None:
+    """Return the first Claude process at or below `pid`, walking the process tree breadth first.
+
+    A process with a live registry entry is Claude whatever its argv (a versioned binary's name).
+    """
+    queue, registered = [pid], set(registered)
     while queue:
         p = queue.pop(0)
-        if is_claude_argv(argv_of(p)):
+        if p in registered or is_claude_argv(argv_of(p)):
             return p
         queue += children.get(p, ())
     return None
@@ -2259,11 +2306,11 @@ def read_registry(claude_dir: str, procs: dict[int, tuple[int, int]]) -> dict[in
 
 
 def _boot_ms() -> int:
-    with open("/proc/stat", encoding="ascii") as f:
+    with contextlib.suppress(OSError), open("/proc/stat", encoding="ascii") as f:
         for line in f:
             if line.startswith("btime "):
                 return int(line.split()[1]) * 1000
-    return 0  # pragma: no cover - every Linux /proc/stat has btime
+    return 0
 
 
 def find_transcript(claude_dir: str, cwd: str, session_id: str) -> str | None:
@@ -2331,7 +2378,10 @@ def turn_of_line(obj: dict[str, Any]) -> str | None:
         return None
     content = message.get("content")
     if kind == "user":
-        return "waiting" if _text_of(content).startswith(INTERRUPT_MARK) else "working"
+        text = _text_of(content).lstrip()
+        if text.startswith(LOCAL_COMMAND_MARKS):
+            return None
+        return "waiting" if text.startswith(INTERRUPT_MARK) else "working"
     if kind == "assistant":
         has_tool = isinstance(content, list) and any(
             isinstance(b, dict) and b.get("type") == "tool_use" for b in content)
@@ -2524,7 +2574,7 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
             unreachable.append(socket)
             continue
         for pane in panes:
-            pid = None if pane.is_dead else find_claude(pane.pid, children, argv_of)
+            pid = None if pane.is_dead else find_claude(pane.pid, children, argv_of, registered=registry)
             if pid is not None:
                 claude_panes.append((pane, pid))
     found: list[tuple[str, Pane | None, int]] = []
@@ -2567,6 +2617,10 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
              marks: dict[str, HookMark], cwd_of: dict[int, str], argv_of: Callable[[int], list[str]],
              claude_dir: str, idle_after_ms: int, now_ms: int) -> list[Observation]:
     cache = get_transcript_cache(db)
+    screens: dict[tuple[str, str], str] = {}
+    for socket in {pane.socket for _, pane, _ in found if pane}:
+        ids = [pane.pane_id for _, pane, _ in found if pane and pane.socket == socket]
+        screens.update({(socket, i): text for i, text in capture_panes(socket, ids).items()})
     fresh, observations, seen = [], [], set()
     for sid, pane, pid in found:
         if sid in seen or not UUID_RE.match(sid):
@@ -2579,7 +2633,7 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         if reading is not None and reading is not cache.get(path):
             fresh.append((path, sid, *reading))
         info = reading[2] if reading else {}
-        screen = capture_pane(pane.socket, pane.pane_id) if pane else None
+        screen = screens.get((pane.socket, pane.pane_id)) if pane else None
         mark = marks.get(sid)
         registry_ms = entry.get("statusUpdatedAt")
         state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=str(entry.get("status")),
@@ -2613,7 +2667,11 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     rclaude = read_rclaude(config.get("rclaude", {}), machine_id=db.machine_id, warnings=warnings)
     observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env), rclaude=rclaude,
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
-    events = observe_sessions(db, observations, keep_sockets=unreachable, now_ms=now_ms)
+    # A session that reported through a hook lately lives even when this look cannot find it (an old
+    # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
+    alive = [sid for sid, m in list_hook_marks(db).items()
+             if m.hook_event != "SessionEnd" and now_ms - m.at_ms < HOOK_ALIVE_MS]
+    events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, now_ms=now_ms)
     deliver_pending(db, now_ms=now_ms)
     text = canonical_json([p.to_json() for p in ambiguous])
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
@@ -2621,6 +2679,45 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
             set_meta(cur, "ambiguous_panes", text)
     updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
     return PullResult(observations, events, ambiguous, unreachable, updates, warnings)
+
+
+def start_background_pull(db_path: str, config: dict[str, Any], *, stop: Any,
+                          log: Callable[[str], None]) -> Any:
+    """Start a daemon thread that pulls this host's fleet every [fleet] pull_every_s until `stop` is set.
+
+    Returns the thread, or None when the setting is 0. The thread has its own connection.
+    """
+    import threading
+
+    every_s = config.get("fleet", {}).get("pull_every_s", DEFAULT_PULL_EVERY_S)
+    if isinstance(every_s, bool) or not isinstance(every_s, int | float) or every_s < 0:
+        raise ClareError(f"clare.toml: [fleet] pull_every_s = {every_s!r} is not a number of seconds; fix it")
+    if not every_s:
+        return None
+    thread = threading.Thread(target=_pull_loop, name="clare-fleet", daemon=True,
+                              args=(db_path, config), kwargs={"stop": stop, "log": log, "every_s": every_s})
+    thread.start()
+    return thread
+
+
+def _pull_loop(db_path: str, config: dict[str, Any], *, stop: Any, log: Callable[[str], None],
+               every_s: float) -> None:
+    db = open_db(db_path)
+    last_error = ""
+    try:
+        while not stop.is_set():
+            try:
+                result = pull_fleet(db, config=config, now_ms=now_ms())
+                for warning in result.warnings:
+                    log(f"fleet: warning: {warning}")
+                last_error = ""
+            except Exception as err:  # the background loop is an edge: a bad look never ends it
+                if str(err) != last_error:  # say it once, not every few seconds
+                    log(f"fleet: pull failed: {err}")
+                last_error = str(err)
+            stop.wait(every_s)
+    finally:
+        db.close()
 
 
 def read_rclaude(section: dict[str, Any], *, machine_id: str, warnings: list[str]) -> dict[str, str]:
@@ -2967,10 +3064,11 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
     if pane is None:
         return "refused", f"tmux pane {session.pane_id} is gone"
     procs, children = process_tree()
-    claude_pid = find_claude(pane.pid, children, proc_argv)
+    registry = read_registry(claude_home(), procs)
+    claude_pid = find_claude(pane.pid, children, proc_argv, registered=registry)
     if claude_pid is None:
         return "refused", f"pane {pane.pane_id} does not run Claude now; a shell would run the text"
-    entry = read_registry(claude_home(), procs).get(claude_pid)
+    entry = registry.get(claude_pid)
     if entry is not None and entry["sessionId"] != session.id:
         return "refused", f"pane {pane.pane_id} now runs another session ({entry['sessionId'][:SHORT_ID]})"
     if pane.in_mode:
@@ -3002,7 +3100,9 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
 
 def _dialog_refusal(db: Db, session: Session, pane: Pane) -> str | None:
     screen = capture_pane(pane.socket, pane.pane_id)
-    if screen is None or shows_permission_dialog(screen):
+    if screen is None:
+        return f"cannot read pane {pane.pane_id}'s screen; not typing blind"
+    if shows_permission_dialog(screen):
         return "needs permission: a dialog is open (Enter would approve it)"
     # The hook is the dependable signal when the screen text changes between versions: a
     # permission report counts until the transcript moves on after it.
@@ -3021,7 +3121,7 @@ def _wait_for_prompt(db: Db, session: Session, text: str, *, since_ms: int, time
     deadline = time.monotonic() + timeout_s
     while True:
         mark = list_hook_marks(db, session_id=session.id).get(session.id)
-        if mark and mark.hook_event == "UserPromptSubmit" and mark.at_ms >= since_ms - 1000:
+        if mark and mark.hook_event == "UserPromptSubmit" and mark.at_ms >= since_ms:
             return True
         if path is None:
             path = find_transcript(claude_home(), session.cwd, session.id)
@@ -3058,9 +3158,12 @@ SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes, se
 # transaction, so a crash anywhere leaves either all of it or none. Pushing is the same
 # walk over this host's own rseq; the receiver stores idempotently by uuid.
 
-SYNC_PAGE_LIMIT = 1000  # events per pulled page at most
+# Pages and batches are large because the puller stores each in one transaction, and a
+# transaction of 1,000 events costs ~30% more per event than one of 5,000 (measured).
+SYNC_PAGE_LIMIT = 5000  # events per pulled page at most
+SYNC_PAGE_CHARS = 4 * 1024 * 1024  # ... and a page ends once its payloads pass this size
 MAX_SYNC_BATCH = 5000  # events in one pushed batch at most; a larger batch is refused whole
-PUSH_BATCH_EVENTS = 1000
+PUSH_BATCH_EVENTS = 5000
 PUSH_BATCH_BYTES = 4 * 1024 * 1024  # half the 8 MB body limit of the sync endpoints
 MAX_FETCH_UUIDS = 5000  # uuids asked for in one anti-entropy fetch
 DAY_MS = 86_400_000
@@ -3148,11 +3251,7 @@ def sync_page(db: Db, *, after: object, limit: object = SYNC_PAGE_LIMIT, now_ms:
     """Return the events stored after receipt number `after`: GET /api/v1/sync/events."""
     after = _check_count("after", after)
     limit = min(max(_check_count("limit", limit), 1), SYNC_PAGE_LIMIT)
-    events: list[Event] = []
-    for ev in iter_events(db, after=after, batch=limit):
-        events.append(ev)
-        if len(events) == limit:
-            break
+    events = list_events_after(db, after=after, limit=limit, max_chars=SYNC_PAGE_CHARS)
     next_after = events[-1].rseq if events else after
     head = head_rseq(db.conn)  # read after the page: an event stored meanwhile shows as has_more
     return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms,
@@ -3291,14 +3390,17 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
     """Store every event the peer holds past our cursor on its log, a page per transaction."""
     known = {s.url: (s.machine_id, s.db_id) for s in list_peer_status(db)}.get(peer.url)
     after = get_cursor(db, *known)[0] if known and known[0] else 0
-    total = None
+    total, n_restarts = None, 0
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
         identity, head, next_after = _check_page(page, after=after)
         if identity == (db.machine_id, db.db_id):
             raise ClareError(f"{peer.url} is this very database; remove it from the peers in clare.toml")
         if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
-            known = identity
+            known, n_restarts = identity, n_restarts + 1
+            if n_restarts > 3:
+                raise ClareError(f"{peer.url} answers as a different Clare at every request; point the peer's "
+                                 "url at one host, not at a load balancer")
             if get_cursor(db, *identity)[0] != after:
                 after = get_cursor(db, *identity)[0]
                 continue
@@ -3312,6 +3414,9 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
         total = head - after if total is None else total
         events, rejected = check_events(page["events"])
         report.rejected += rejected
+        if not page["events"] and next_after == after:
+            report.n_behind = head - after
+            return  # nothing new: no transaction at all
         with write_txn(db) as cur:
             head_before = head_rseq(cur)
             result = receive_events(db, cur, events, now_ms=wall())
@@ -3396,7 +3501,8 @@ def _batches(events: Iterable[Event]) -> Iterator[list[Event]]:
     """Group events into batches under PUSH_BATCH_EVENTS and PUSH_BATCH_BYTES."""
     batch, n_bytes = [], 0
     for ev in events:
-        size = len(canonical_json(ev.payload)) + 300  # the payload dominates; 300 covers the other fields
+        # Bytes, not characters: a payload of CJK text is three times longer in UTF-8.
+        size = len(canonical_json(ev.payload).encode()) + 300  # the payload dominates; 300 covers the rest
         if batch and (len(batch) == PUSH_BATCH_EVENTS or n_bytes + size > PUSH_BATCH_BYTES):
             yield batch
             batch, n_bytes = [], 0
@@ -3428,34 +3534,39 @@ def _count_accept(answer: object, identity: tuple[str, str], report: SyncReport)
 
 def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms) -> None:
     """Compare per-day digests with the peer; fetch what we lack by uuid and push what it lacks."""
-    theirs = _call_timed(peer.digest, report, wall).get("days")
-    if not isinstance(theirs, dict):
-        raise ClareError("the peer's digest is malformed (no days object); is it a Clare of this version?")
+    theirs = _answer_field(_call_timed(peer.digest, report, wall), "days", dict)
     ours = sync_digest(db, now_ms=wall())["days"]
-    days = sorted(d for d in set(theirs) | set(ours) if theirs.get(d) != ours.get(d))
+    days = sorted(d for d in set(theirs) | set(ours) if theirs.get(d) != ours.get(d) and DAY_RE.match(d))
     found = {"days": len(set(theirs) | set(ours)), "days_differ": days, "fetched": 0, "sent": 0}
     for day in days:
-        their_uuids = peer.day(day).get("uuids") if day in theirs else []
-        if not isinstance(their_uuids, list):
-            raise ClareError(f"the peer's uuid list for {day} is malformed; is it a Clare of this version?")
+        their_uuids = {u for u in _answer_field(peer.day(day), "uuids", list) if isinstance(u, str)} \
+            if day in theirs else set()
         our_uuids = set(sync_day(db, day, now_ms=wall())["uuids"]) if day in ours else set()
-        missing_here = sorted({u for u in their_uuids if isinstance(u, str)} - our_uuids)
+        missing_here = sorted(their_uuids - our_uuids)
         for i in range(0, len(missing_here), MAX_FETCH_UUIDS):
-            answer = peer.fetch(missing_here[i:i + MAX_FETCH_UUIDS])
-            events, rejected = check_events(answer.get("events") if isinstance(answer.get("events"), list) else [])
+            events, rejected = check_events(_answer_field(peer.fetch(missing_here[i:i + MAX_FETCH_UUIDS]),
+                                                          "events", list))
             report.rejected += rejected
             with write_txn(db) as cur:
                 result = receive_events(db, cur, events, now_ms=wall())
             found["fetched"] += len(result.inserted)
             report.n_pulled += len(result.inserted)
-        missing_there = sorted(our_uuids - set(their_uuids))
-        for batch in _batches(get_events_by_uuid(db, missing_there)):
+        for batch in _batches(get_events_by_uuid(db, sorted(our_uuids - their_uuids))):
             answer = peer.push({"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
                                 "events": [ev.to_json() for ev in batch]})
             before = report.n_pushed
             _count_accept(answer, (report.machine_id, report.db_id), report)
             found["sent"] += report.n_pushed - before
     report.verify = found
+
+
+def _answer_field(answer: object, key: str, kind: type) -> Any:
+    """Return one field of a peer's answer if it has the expected type; raise naming it otherwise."""
+    # SECURITY: the answer comes from the network.
+    value = answer.get(key) if isinstance(answer, dict) else None
+    if not isinstance(value, kind):
+        raise ClareError(f"the peer's answer lacks a {kind.__name__} {key!r}; is it a Clare of this version?")
+    return value
 
 
 # --- peers: clare.toml, the HTTP client, the background loop -------------------------------
@@ -3516,8 +3627,8 @@ class HttpPeer(PeerTransport):
             raise ClareError(f"{self.url} sent more than {MAX_RESPONSE_BYTES} bytes; is it a Clare?")
         try:
             return json.loads(raw)
-        except ValueError as err:
-            raise ClareError(f"{self.url} sent something that is not JSON ({err}); is it a Clare?") from err
+        except (ValueError, RecursionError) as err:  # SECURITY: a peer may nest '[' deeper than the stack
+            raise ClareError(f"{self.url} sent something that is not JSON ({str(err)[:100]}); is it a Clare?") from err
 
 
 def _http_error_message(err: Any) -> str:
@@ -3675,9 +3786,11 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
                 was_skewed = report.is_skewed
             except Exception as err:  # the per-peer loop is an edge: one peer's failure never ends the thread
                 n_failures += 1
-                if not isinstance(err, ClareError):
-                    save_peer_status(db, peer.url, name=peer.name, now_ms=now_ms(), error=f"internal error: {err!r}")
                 log(f"sync with {peer.name} failed ({n_failures} in a row): {err}")
+                if not isinstance(err, ClareError):
+                    with contextlib.suppress(ClareError, sqlite3.Error):  # a busy database: next round
+                        save_peer_status(db, peer.url, name=peer.name, now_ms=now_ms(),
+                                         error=f"internal error: {err!r}")
             stop.wait(backoff_s(n_failures, interval_s=interval_s))
     finally:
         db.close()
@@ -3696,6 +3809,19 @@ def _duration(ms: int) -> str:
         if ms >= size:
             return f"{ms / size:.1f} {unit}"
     return f"{ms} ms"
+
+
+def _ago_ms(ms: int | None, now: int) -> str:
+    if ms is None:
+        return "never"
+    return f"{_duration(max(now - ms, 0))} ago" if now - ms >= 1000 else "just now"
+
+
+def _offset(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    text = ("+" if ms >= 0 else "-") + _duration(abs(ms))
+    return text + " SKEWED" if abs(ms) > MAX_OFFSET_MS else text
 
 
 # ==========================================================================
@@ -4558,6 +4684,7 @@ MAIN_DASHBOARD = string.Template("""<h1>Dashboard</h1>
 $attention
 $projects
 $fleet
+$peers
 <div class="grid">$activity$project_form</div>""")
 MAIN_PROJECTS = string.Template("""<h1>Projects</h1>
 <p class="sub">Every project on this Clare, with its tasks by status.</p>
@@ -4716,7 +4843,8 @@ def page_dashboard(req: Request) -> Response:
     """Show what needs attention, the project roll-up, the fleet and recent activity."""
     return page(req, "Dashboard", render(
         MAIN_DASHBOARD, attention=attention_fragment(req), projects=projects_fragment(req),
-        fleet=fleet_fragment(req), activity=activity_fragment(req), project_form=project_form(req)))
+        fleet=fleet_fragment(req), peers=peers_fragment(req), activity=activity_fragment(req),
+        project_form=project_form(req)))
 
 
 def page_projects(req: Request) -> Response:
@@ -5150,6 +5278,43 @@ def frag_send_broadcast(req: Request) -> Response:
                                              kind="ok" if n_ok == len(sent.deliveries) else "error", oob=True)]))
 
 
+FRAG_PEERS = string.Template("""<section class="card" id="frag-peers" $poll>
+<h2>Peers</h2>$table</section>""")
+PEERS_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>Sync</th><th>Peer</th><th>Last sync</th><th>Behind</th><th class="hide-sm">Clock</th></tr></thead>
+<tbody hx-disable>$rows</tbody></table></div>""")
+PEER_ROW = string.Template("""<tr><td>$state</td>
+<td class="title"><b>$name</b><div class="mono muted small">$url</div><div class="muted small">$error</div></td>
+<td class="muted small">$last</td><td>$behind</td><td class="hide-sm mono small">$offset</td></tr>""")
+
+
+def peers_fragment(req: Request) -> Html:
+    """Render each peer with how its last sync went, polled in place."""
+    peers = list_peers(req.db, load_peers(load_config(req.config.config_path), path=req.config.config_path))
+    now = now_ms()
+
+    def state(p: dict[str, Any]) -> Html:
+        if p["last_error"]:
+            return badge(f"failing ×{p['n_failures']}", "red")
+        if p["last_ok_ms"] is None:
+            return badge("never synced", "gray")
+        return badge("clock skewed", "amber") if p["is_skewed"] else badge("in sync", "green")
+    if not peers:
+        table_html = render(EMPTY, text="No peers; add one with: clare peer add http://HOST:8765 --name NAME")
+    else:
+        # SECURITY: a peer's error text came from the network; render() escapes it. Tokens are never in it.
+        table_html = render(PEERS_TABLE, rows=join(render(
+            PEER_ROW, state=state(p), name=p["name"], url=p["url"], error=(p["last_error"] or "")[:160],
+            last=_ago_ms(p["last_ok_ms"], now), behind="—" if p["n_behind"] is None else p["n_behind"],
+            offset=_offset(p["offset_ms"])) for p in peers))
+    return render(FRAG_PEERS, poll=poll_attrs("/frag/peers"), table=table_html)
+
+
+def frag_peers(req: Request) -> Response:
+    """Answer the peers poll."""
+    return html_response(peers_fragment(req))
+
+
 # --- JSON API ------------------------------------------------------------
 
 
@@ -5261,6 +5426,31 @@ def api_list_sessions(req: Request) -> Response:
     return json_response(req.svc.list_sessions(host=req.arg("host") or None, include_gone=req.arg("all") == "1"))
 
 
+def api_broadcast_recipients(req: Request) -> Response:
+    """List the live sessions a broadcast to ?target= would reach (project, group:NAME or session:ID)."""
+    target = req.arg("target")
+    if not target:
+        raise UsageError("give ?target=PROJECT, group:NAME or session:ID")
+    return json_response(req.svc.list_broadcast_recipients(target))
+
+
+def api_send_broadcast(req: Request) -> Response:
+    """Type a text into the sessions of {target, text, is_command?}; answer each session's result."""
+    # SECURITY: this types into AI agents that run shell commands; the server's token and
+    # cross-site rules guard every POST, and the fleet refuses non-Claude panes and open dialogs.
+    b = req.json(required=("target", "text"), optional=("is_command",))
+    if not isinstance(b.get("is_command", False), bool):
+        raise UsageError("is_command must be true or false")
+    return json_response(req.svc.send_broadcast(b["target"], b["text"], is_command=b.get("is_command", False)),
+                         status=201)
+
+
+def api_list_deliveries(req: Request) -> Response:
+    """List broadcast deliveries; ?broadcast=ID for one broadcast, ?pending_on=HOST for those not tried yet."""
+    return json_response(req.svc.list_deliveries(broadcast_id=req.arg("broadcast") or None,
+                                                 pending_on=req.arg("pending_on") or None))
+
+
 def api_get_session(req: Request) -> Response:
     """Return one session by id prefix."""
     return json_response(req.svc.get_session(req.params["session"]))
@@ -5274,22 +5464,6 @@ def api_group_sessions(req: Request) -> Response:
 def api_ambiguous_panes(req: Request) -> Response:
     """List the Claude panes the last pull could not tie to one session."""
     return json_response(req.svc.list_ambiguous_panes())
-
-
-def api_send_broadcast(req: Request) -> Response:
-    """Type a text into every live session of {target}: a project, group:NAME or session:ID."""
-    b = req.json(required=("target", "text"), optional=("is_command",))
-    return json_response(req.svc.send_broadcast(b["target"], b["text"], is_command=b.get("is_command") is True))
-
-
-def api_broadcast_recipients(req: Request) -> Response:
-    """List the live sessions a broadcast to ?target= would reach."""
-    return json_response(req.svc.list_broadcast_recipients(req.arg("target") or ""))
-
-
-def api_list_deliveries(req: Request) -> Response:
-    """List the per-session results of ?broadcast=ID (or those pending on ?pending_on=HOST)."""
-    return json_response(req.svc.list_deliveries(broadcast_id=req.arg("broadcast"), pending_on=req.arg("pending_on")))
 
 
 def api_list_updates(req: Request) -> Response:
@@ -5431,7 +5605,7 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
     "Status": {"type": "object", "required": ["projects", "sessions", "tasks", "n_events", "machine_id"],
                "properties": {"projects": _array("ProjectStatus"), "sessions": _array("Session"),
-                              "tasks": _array("Task"), "n_events": {"type": "integer"},
+                              "tasks": _array("TaskStatus"), "n_events": {"type": "integer"},
                               "machine_id": {"type": "string"}}},
     "EventPage": {"type": "object", "required": ["events", "next_after", "has_more"], "properties": {
         "events": _array("Event"), "next_after": {"type": "integer"}, "has_more": {"type": "boolean"}}},
@@ -5475,7 +5649,7 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
                                          _array("Pane")),
     ("POST", "/api/v1/broadcast"): ("Type a text into every live session of a target (project, group:NAME, "
                                     "session:ID)", (), _body(("target", "text"), ("is_command",), is_command="boolean"),
-                                    200, _ref("BroadcastResult")),
+                                    201, _ref("BroadcastResult")),
     ("GET", "/api/v1/broadcast/recipients"): ("The live sessions a broadcast target reaches", ("target",), None, 200,
                                               _array("Session")),
     ("GET", "/api/v1/deliveries"): ("Per-session results of a broadcast", ("broadcast", "pending_on"), None, 200,
@@ -5511,6 +5685,46 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
 }
 
 
+def _obj(**props: Any) -> dict[str, Any]:
+    return {"type": "object", "required": list(props), "properties": {
+        k: v if isinstance(v, dict) else {"type": v} for k, v in props.items()}}
+
+
+_SYNC_HEAD = {"machine_id": "string", "db_id": "string", "now_ms": "integer"}
+_OPEN_API_EXTRA_SCHEMAS.update({
+    "SyncEvent": _obj(uuid="string", hlc="string", machine_id="string", event_type="string", payload="object",
+                      created_at="string"),
+    "SyncPage": _obj(**_SYNC_HEAD, events=_array("SyncEvent"), next_after="integer", has_more="boolean",
+                     head="integer"),
+    "SyncAccepted": _obj(**_SYNC_HEAD, accepted="integer", duplicates="integer", rejected={
+        "type": "array", "items": _obj(index="integer", uuid=["string", "null"], reason="string")},
+        conflicts={"type": "array", "items": {"type": "string"}}, head_before="integer", head_after="integer"),
+    "SyncDigest": _obj(**_SYNC_HEAD, days={"type": "object", "additionalProperties": _obj(n="integer", hash="string")}),
+    "SyncDay": _obj(**_SYNC_HEAD, day="string", uuids={"type": "array", "items": {"type": "string"}}),
+    "SyncEvents": _obj(**_SYNC_HEAD, events=_array("SyncEvent")),
+    "PeerStatus": _obj(name="string", url="string", token_env=["string", "null"], is_configured="boolean",
+                       machine_id=["string", "null"], last_ok_ms=["integer", "null"], last_try_ms=["integer", "null"],
+                       last_error=["string", "null"], n_failures="integer", n_behind=["integer", "null"],
+                       offset_ms=["integer", "null"], n_pulled="integer", n_pushed="integer", is_skewed="boolean"),
+})
+API_DOCS.update({
+    ("GET", "/api/v1/sync/events"): ("Sync: the events stored after receipt number `after` (the cursor)",
+                                     ("after", "limit"), None, 200, _ref("SyncPage")),
+    ("POST", "/api/v1/sync/events"): ("Sync: store a pushed batch; malformed events are refused one by one", (), {
+        "type": "object", "required": ["events"], "additionalProperties": False, "properties": {
+            "events": _array("SyncEvent"), **{k: {"type": v} for k, v in _SYNC_HEAD.items()}}},
+        200, _ref("SyncAccepted")),
+    ("GET", "/api/v1/sync/days"): ("Sync: per-day event counts and uuid hashes (anti-entropy)", (), None, 200,
+                                   _ref("SyncDigest")),
+    ("GET", "/api/v1/sync/days/{day}"): ("Sync: the uuids of one day's events (YYYY-MM-DD)", (), None, 200,
+                                         _ref("SyncDay")),
+    ("POST", "/api/v1/sync/fetch"): ("Sync: the events among the given uuids", (), {
+        "type": "object", "required": ["uuids"], "additionalProperties": False,
+        "properties": {"uuids": {"type": "array", "items": {"type": "string"}}}}, 200, _ref("SyncEvents")),
+    ("GET", "/api/v1/sync/peers"): ("Sync: each peer and what its last sync did", (), None, 200, _array("PeerStatus")),
+})
+
+
 def openapi_path(pattern: "re.Pattern[str]") -> str:
     """Return the OpenAPI path template of a route pattern: named groups become {name}."""
     return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern).replace("\\", "")
@@ -5531,12 +5745,11 @@ def openapi_document() -> dict[str, Any]:
         if body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
-    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event, Session, Pane,
-                                                            Delivery)}
-    project = schemas["Project"]
-    schemas["ProjectStatus"] = {**project, "required": [*project["required"], "tokens", "n_sessions"],
-                                "properties": {**project["properties"], "tokens": {"type": "object"},
-                                               "n_sessions": {"type": "integer"}}}
+    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery)}
+    for name, base, extra in (("ProjectStatus", "Project", {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
+                              ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
+        schemas[name] = {**schemas[base], "required": [*schemas[base]["required"], *extra],
+                         "properties": {**schemas[base]["properties"], **extra}}
     return {"openapi": "3.1.0",
             "info": {"title": "Clare", "version": __version__,
                      "description": "Projects and tasks for a fleet of Claude Code sessions. With a token configured, "
@@ -5867,6 +6080,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/frag/broadcasts/(?P<broadcast>[0-9a-f]{32})", frag_broadcast),
         ("GET", r"/frag/attention", cached(frag_attention)),
         ("GET", r"/frag/fleet", cached(frag_fleet)),
+        ("GET", r"/frag/peers", frag_peers),
         ("GET", r"/frag/projects", cached(frag_projects)),
         ("GET", r"/frag/activity", cached(frag_activity)),
         ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", cached(frag_project_tasks)),
@@ -6331,19 +6545,6 @@ def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
         for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
 
 
-def _ago_ms(ms: int | None, now: int) -> str:
-    if ms is None:
-        return "never"
-    return f"{_duration(max(now - ms, 0))} ago" if now - ms >= 1000 else "just now"
-
-
-def _offset(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    text = ("+" if ms >= 0 else "-") + _duration(abs(ms))
-    return text + " SKEWED" if abs(ms) > MAX_OFFSET_MS else text
-
-
 def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
     """Run one round (pull, then push) with every configured peer or one; print what moved."""
     config = load_config(ctx.paths.config)
@@ -6420,7 +6621,7 @@ class ProgressLine:
 
 
 def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
-    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync with the peers meanwhile."""
+    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync and pull the fleet meanwhile."""
     import threading
 
     config = web_config(ctx.paths, host=args.host, port=args.port, log_requests=args.log)
@@ -6428,7 +6629,10 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     peers = [] if args.no_sync else load_peers(settings, path=ctx.paths.config)
     interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
-    stop_sync = threading.Event()
+    stop = threading.Event()
+
+    def log(line: str) -> None:
+        print(f"clare: {line}", file=sys.stderr, flush=True)
 
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
@@ -6436,12 +6640,12 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
             print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
         if peers:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
-        start_background_sync(ctx.paths.db, peers, settings, stop=stop_sync, interval_s=interval_s,
-                              log=lambda line: print(f"clare: {line}", file=sys.stderr, flush=True))
+        start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log)
+        start_background_pull(ctx.paths.db, settings, stop=stop, log=log)
     try:
         run_server(server, on_start=started)
     finally:
-        stop_sync.set()
+        stop.set()
     print("clare: stopped", flush=True)
 
 

@@ -7,6 +7,7 @@ functions through a JSON round trip and injects faults. CLARE_SEED=N replays one
 import json
 import os
 import random
+import re
 import shutil
 import time
 import uuid
@@ -557,13 +558,12 @@ def test_verify_finds_what_cursors_missed_in_both_directions(nodes):
 def test_a_long_sync_reports_progress_up_to_the_total(nodes):
     a, b = nodes("a"), nodes("b")
     with clare.write_txn(b.db) as cur:
-        for i in range(2500):
+        for i in range(7000):
             clare.record(b.db, cur, "widget.spun", {"n": i}, now_ms=b.now())
     seen = []
     report = clare.sync_with(a.db, Link(b), name="b", wall=a.now, progress=lambda *p: seen.append(p))
-    assert report.n_pulled == 2500 and report.n_behind == 0
-    assert seen[-1] == ("pulled", 2500, 2500) and len(seen) == 3
-    assert [moved for _, moved, _ in seen] == sorted(moved for _, moved, _ in seen)
+    assert report.n_pulled == 7000 and report.n_behind == 0
+    assert seen == [("pulled", clare.SYNC_PAGE_LIMIT, 7000), ("pulled", 7000, 7000)]
 
 
 # --- garbage from a peer ------------------------------------------------------------------------
@@ -645,6 +645,16 @@ def test_a_page_is_limited_and_says_what_comes_next(db):
     assert [e["payload"]["n"] for e in page["events"]] == [1, 2, 3]
     assert (page["next_after"], page["has_more"], page["head"]) == (5, True, 6)
     assert clare.sync_page(db, after=6, limit=10**6, now_ms=0)["events"] == []
+
+
+def test_a_page_of_large_events_ends_at_its_size_limit(db):
+    with clare.write_txn(db) as cur:
+        for i in range(80):
+            clare.record(db, cur, "widget.spun", {"n": i, "blob": "x" * 60_000}, now_ms=START_MS)
+    page = clare.sync_page(db, after=0, now_ms=START_MS)
+    n = len(page["events"])
+    assert n * 60_000 >= clare.SYNC_PAGE_CHARS > (n - 1) * 60_000 and page["has_more"]
+    assert page["next_after"] == n
 
 
 def test_a_malformed_page_from_a_peer_fails_the_round_and_stores_nothing(db):
@@ -973,3 +983,164 @@ def test_syncing_with_itself_is_refused(nodes):
     a = nodes("a")
     with pytest.raises(clare.ClareError, match="this very database"):
         a.sync(a)
+
+
+def test_sync_answers_match_the_openapi_schemas(server):
+    from test_http import _validate
+
+    doc = server.request("GET", "/api/v1/openapi.json").json()
+    clare.create_project(clare.open_db(server.config.db_path), "alpha", now_ms=clare.now_ms())
+    day = clare.sync_digest(clare.open_db(server.config.db_path), now_ms=0)["days"].popitem()[0]
+    for path in ("/api/v1/sync/events", "/api/v1/sync/days", "/api/v1/sync/days/{day}", "/api/v1/sync/peers"):
+        r = server.request("GET", path.replace("{day}", day))
+        assert r.status == 200
+        _validate(r.json(), doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"], doc, path)
+    uid = server.request("GET", "/api/v1/sync/events").json()["events"][0]["uuid"]
+    for path, body in (("/api/v1/sync/fetch", {"uuids": [uid]}), ("/api/v1/sync/events", {"events": [{"x": 1}]})):
+        r = server.request("POST", path, json_body=body)
+        assert r.status == 200, r.body
+        _validate(r.json(), doc["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"], doc, path)
+
+
+def test_the_dashboard_shows_each_peer_and_how_its_last_sync_went(server, home, db):
+    (home / "clare.toml").write_text('[[peers]]\nname = "apricot"\nurl = "http://10.9.0.2:8765"\n'
+                                     '[[peers]]\nname = "fig"\nurl = "http://10.9.0.3:8765"\n')
+    clare.save_peer_status(db, "http://10.9.0.2:8765", name="apricot", now_ms=clare.now_ms(),
+                           error="cannot reach <script>alert(1)</script>")
+    clare.save_peer_status(db, "http://10.9.0.3:8765", name="fig", now_ms=clare.now_ms() - 120_000,
+                           machine_id="fig", db_id="d", n_behind=3, offset_ms=200)
+    page = server.request("GET", "/").text
+    assert 'id="frag-peers"' in page and "apricot" in page and "failing ×1" in page
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+    frag = server.request("GET", "/frag/peers").text
+    assert frag.startswith('<section class="card" id="frag-peers" hx-get="/frag/peers"')
+    assert "in sync" in frag and "2.0 min ago" in frag and "+200 ms" in frag and ">3<" in frag
+
+
+@pytest.mark.parametrize("digest, day, fetch", [
+    (["not", "a", "dict"], None, None),
+    ({"days": {"2026-05-28": {"n": 9, "hash": "x"}}}, {"uuids": [{"a": 1}, 7]}, None),
+    ({"days": {"2026-05-28": {"n": 9, "hash": "x"}}}, {"uuids": [_event()["uuid"]]}, "events"),
+    ({"days": {"2026-05-28": {"n": 9, "hash": "x"}}}, {"uuids": [_event()["uuid"]]}, {"events": [{"x": 1}]}),
+], ids=["digest-list", "uuids-garbage", "fetch-string", "fetch-bad-event"])
+def test_verify_against_a_lying_peer_fails_cleanly_or_stores_nothing_invalid(nodes, digest, day, fetch):
+    a, b = nodes("a"), nodes("b")
+    a.sync(b)
+
+    class Liar(Link):
+        def digest(self):
+            return digest
+
+        def day(self, d):
+            return day
+
+        def fetch(self, uuids):
+            return fetch
+    report = None
+    try:
+        report = clare.sync_with(a.db, Liar(b), name="b", wall=a.now, verify=True)
+    except clare.ClareError as err:
+        assert "is it a Clare" in str(err)
+    assert clare.count_events(a.db) == 0
+    if report is not None:
+        assert report.verify["fetched"] == 0
+
+
+@pytest.mark.parametrize("status, body, says", [
+    (200, b"<html>hello</html>", "not JSON"),
+    (200, b"[" * 100_000, "not JSON"),
+    (500, b'{"error": {"code": "internal", "message": "boom"}}', "answered 500 to GET /api/v1/sync/events: boom"),
+    (401, b"{}", "set the peer's token"),
+], ids=["html", "deep-nesting", "error-500", "unauthorized"])
+def test_the_http_client_turns_a_bad_answer_into_one_clear_error(tmp_path, status, body, says):
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    db = clare.open_db(str(tmp_path / "a.db"), machine_id="a")
+    try:
+        with pytest.raises(clare.ClareError, match=re.escape(says)):
+            clare.sync_with(db, clare.HttpPeer(f"http://127.0.0.1:{server.server_address[1]}",
+                                               token="s3cr3t-value"), name="x")
+        assert "s3cr3t" not in clare.list_peer_status(db)[0].last_error
+    finally:
+        server.shutdown()
+        server.server_close()
+        db.close()
+
+
+def test_a_push_of_large_non_ascii_events_is_split_under_the_body_limit(remote, tmp_path):
+    mine = clare.open_db(str(tmp_path / "mine.db"), machine_id="mine")
+    with clare.write_txn(mine) as cur:
+        for i in range(150):  # 150 × ~60 KB of UTF-8: over the 8 MB limit in one body
+            clare.record(mine, cur, "note.kept", {"n": i, "text": "中" * 20_000}, now_ms=clare.now_ms())
+    report = clare.sync_with(mine, clare.HttpPeer(remote.url, token=TOKEN), name="srv")
+    assert report.n_pushed == 150
+    assert remote.request("GET", "/api/v1/status").json()["n_events"] == 151
+
+
+def test_a_peer_whose_identity_changes_at_every_request_is_refused(nodes):
+    a, b, c = nodes("a"), nodes("b"), nodes("c")
+    clare.create_project(c.db, "gamma", now_ms=c.now())
+
+    class Flip(Link):
+        n = 1
+
+        def pull(self, *, after, limit):  # behind a load balancer: c, then b, c, b, ...
+            Flip.n += 1
+            return clare.sync_page((b if Flip.n % 2 else c).db, after=after, limit=limit, now_ms=0)
+    assert clare.sync_with(a.db, Flip(b), name="lb", wall=a.now).n_pulled == 1  # from c: cursor 1 on c
+    with pytest.raises(clare.ClareError, match="different Clare at every request"):
+        clare.sync_with(a.db, Flip(b), name="lb", wall=a.now)  # b wants 0, c wants 1, b wants 0, ...
+
+
+def _fuzzed_events():
+    """Batches of valid events with some fields replaced by any JSON, dropped, or the whole item garbage."""
+    from hypothesis import strategies as st
+
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                               lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                             max_size=3), max_leaves=8)
+    uuids = ["0b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c", "1b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c",
+             "2b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c"]
+    fields = {"uuid": st.sampled_from([*uuids, "nope"]) | json_values,
+              "hlc": st.sampled_from([f"{START_MS + 1:013d}.000000.peer", "1.2.3"]) | json_values,
+              "machine_id": st.sampled_from(["other"]) | json_values,
+              "event_type": st.sampled_from(["task.updated", "widget.spun", "Bad"]) | json_values,
+              "payload": st.sampled_from([{"task_id": "t" * 32, "title": "x"}, {}, {"title": 5}]) | json_values,
+              "created_at": st.sampled_from(["x" * 41]) | json_values}
+    mutated = st.builds(
+        lambda uid, changes, drops: {k: v for k, v in {**_event(uuid=uid), **changes}.items() if k not in drops},
+        st.sampled_from(uuids), st.fixed_dictionaries({}, optional=fields),
+        st.sets(st.sampled_from(sorted(fields)), max_size=2))
+    return st.lists(mutated | json_values, max_size=6)
+
+
+def test_fuzzed_batches_store_only_valid_events_and_never_crash(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+
+    db = clare.open_db(str(tmp_path / "fuzz.db"), machine_id="fuzz")
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(_fuzzed_events())
+    def check(items):
+        n_before = clare.count_events(db)
+        answer = clare.sync_accept(db, {"events": items}, now_ms=START_MS)
+        assert answer["accepted"] + answer["duplicates"] + len(answer["conflicts"]) + len(answer["rejected"]) \
+            == len(items)
+        assert clare.count_events(db) == n_before + answer["accepted"]
+        for ev in clare.iter_events(db):
+            clare.check_received(ev.to_json())  # everything stored passes the checks a peer would apply
+    check()
+    assert clare.count_events(db) >= 2  # well-formed events were among the examples, and were kept
+    db.close()
