@@ -4550,7 +4550,7 @@ dl.facts dt{color:var(--muted);font-size:.85rem}dl.facts dd{margin:0;overflow-wr
 .htmx-request{opacity:.65;transition:opacity .2s}
 footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
 @media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
-.host{display:none}.hide-sm{display:none}header.top{gap:.3rem .8rem}nav a{padding:.25rem .4rem;font-size:.93rem}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
+.host{display:none}.hide-sm{display:none}.stats{grid-template-columns:repeat(3,1fr);gap:.5rem}.stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}nav a{padding:.25rem .4rem;font-size:.93rem}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 </style>
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
 </head>
@@ -4662,11 +4662,11 @@ FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
 <section class="card"><h2>Projects</h2>$table</section>
 </div>""")
 PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
-<thead><tr><th>Project</th><th>Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Sessions</th>
+<thead><tr><th>Project</th><th class="hide-sm">Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Sessions</th>
 <th class="hide-sm">Owner</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
 PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a><div class="muted small">$goal</div></td>
-<td>$status</td><td><div class="counts">$counts</div></td>
+<td class="hide-sm">$status</td><td><div class="counts">$counts</div></td>
 <td class="hide-sm"><progress value="$n_done" max="$n_total" title="$n_done of $n_total done">$n_done/$n_total</progress></td>
 <td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td><td class="hide-sm muted">$owner</td></tr>""")
 FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
