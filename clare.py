@@ -4147,10 +4147,12 @@ def check_media(config: WebConfig, method: str, path: str, headers: dict[str, st
         raise HttpError(403, "missing or stale form token; reload the page and try again")
 
 
-def check_length(path: str, headers: dict[str, str]) -> int:
+def check_length(path: str, headers: dict[str, str], *, n_lengths: int = 1) -> int:
     """Return the declared body size; 411 without a length, 413 over the limit, before a byte is read."""
     if "transfer-encoding" in headers:
         raise HttpError(411, "chunked bodies are not accepted; send Content-Length")
+    if n_lengths > 1:  # SECURITY: two lengths are how requests get smuggled past a proxy
+        raise HttpError(400, "a request needs at most one Content-Length header")
     text = headers.get("content-length", "0").strip() or "0"
     if not text.isdigit():
         raise HttpError(400, f"bad Content-Length {text[:20]!r}")
@@ -4205,7 +4207,7 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         if error is not None:
             raise error
         check_host(config, message.get_all("Host") or [])
-        size = h.body_size = check_length(path, headers)
+        size = h.body_size = check_length(path, headers, n_lengths=len(message.get_all("Content-Length") or []))
         handler, params = _route(method, path)
         if not _is_public(handler):
             check_auth(config, headers)

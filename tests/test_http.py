@@ -232,6 +232,14 @@ def test_chunked_body_is_411(server):
         assert _read_head(s).startswith(b"HTTP/1.1 411 ")
 
 
+def test_two_content_lengths_are_refused(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 2\r\nContent-Length: 14\r\n\r\n{}")
+        assert _read_head(s).startswith(b"HTTP/1.1 400 ")
+    assert server.request("GET", "/api/v1/projects").json() == []
+
+
 def test_garbage_request_line_gets_a_json_400(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(b"BLAH\r\n\r\n")
