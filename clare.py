@@ -6669,7 +6669,9 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
         if config.token is not None:
-            print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
+            # SECURITY: under systemd stdout is the journal; the token goes only to a person's terminal.
+            token = config.token if sys.stdout.isatty() else "YOUR_TOKEN"
+            print(f"clare: log in once with {server.url}/login?token={token}", flush=True)
         if peers:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
         start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log)

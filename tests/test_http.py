@@ -622,3 +622,20 @@ def test_broadcast_errors_are_statuses(server, db):
     assert r.status == 422
     r = server.request("POST", "/api/v1/broadcast", json_body={"target": "session:abc"})
     assert r.status == 422 and "text" in r.json()["error"]["message"]
+
+
+def test_serve_keeps_the_token_out_of_a_log(home, db):
+    token = "t0ken-" + "q" * 20
+    proc = subprocess.Popen([sys.executable, str(CLARE_PY), "serve", "--port", "0", "--no-sync"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CLARE_HOME": str(home), "CLARE_TOKEN": token})
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "login?token=YOUR_TOKEN" in lines[1]
+    assert token not in "".join(lines) + out + err
