@@ -126,10 +126,13 @@ def new_id() -> str:
 
 
 def new_uuid() -> str:
-    """Return a fresh random uuid4 as text."""
-    import uuid  # loads `platform` too (2 ms): commands that only read never pay for it
-
-    return str(uuid.uuid4())
+    """Return a fresh random uuid4 as text, made as uuid.uuid4() makes it."""
+    # Not `import uuid`: it loads `platform` (2.5 ms), paid by every write and every hook run.
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40  # version 4
+    b[8] = b[8] & 0x3F | 0x80  # the RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # ==========================================================================
@@ -695,6 +698,8 @@ CREATE TABLE tasks (
 CREATE INDEX tasks_project ON tasks (project_id, priority);
 -- the task counts of a project, read from this index alone (the rows are wide with versions)
 CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NOT NULL;
+-- a session's or group's tasks, most urgent first: the fleet list asks this once per session
+CREATE INDEX tasks_assignee ON tasks (assignee, priority, created_at_v) WHERE assignee IS NOT NULL;
 CREATE TABLE groups (
     id TEXT PRIMARY KEY,
     created_at TEXT, created_at_v TEXT,
@@ -1316,8 +1321,8 @@ def _session_from_row(row: sqlite3.Row) -> Session:
 
 
 def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
-                  include_gone: bool = True, pane_id: str | None = None) -> list[Session]:
-    """Return sessions by id prefix, host or pane, ordered by host, tmux target and id."""
+                  include_gone: bool = True) -> list[Session]:
+    """Return sessions by id prefix or host, ordered by host, tmux target and id."""
     sql, params = _SESSION_SELECT, []
     if prefix is not None:
         sql += " AND s.id >= ? AND s.id < ?"
@@ -1325,9 +1330,6 @@ def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
     if host is not None:
         sql += " AND s.host = ?"
         params.append(host)
-    if pane_id is not None:
-        sql += " AND s.pane_id = ?"
-        params.append(pane_id)
     if not include_gone:
         sql += " AND s.state != 'gone'"
     rows = db.conn.execute(sql + " ORDER BY s.host, s.tmux_target, s.id", params).fetchall()
@@ -1693,8 +1695,10 @@ def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: s
 
 def get_pane_session(db: Db, tmux_socket: str | None, pane_id: str) -> Session:
     """Return the live session this host last saw in a tmux pane."""
-    found = [s for s in list_sessions(db, host=db.machine_id)
-             if s.pane_id == pane_id and (tmux_socket is None or s.tmux_socket == tmux_socket)]
+    found = [s for s in list_sessions(db, host=db.machine_id) if s.pane_id == pane_id]
+    # Pane ids are per tmux server: prefer the caller's server, but a socket path spelled another
+    # way (a symlinked TMUX_TMPDIR) must not hide the only match.
+    found = [s for s in found if s.tmux_socket == tmux_socket] or found
     if not found:
         raise NotFound(f"no Claude session is known in tmux pane {pane_id}; run 'clare pull' first, "
                        "or name the task: clare update TASK TEXT")
@@ -1722,17 +1726,18 @@ _OBSERVED_KEYS = ("cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "comman
 
 
 def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
-                     now_ms: int) -> list[Event]:
+                     keep_ids: Iterable[str] = (), now_ms: int) -> list[Event]:
     """Record how this host's sessions changed since the last look: appeared, changed, gone.
 
     A session of this host that is not seen is gone, unless its tmux server could not be asked
-    (keep_sockets). Nothing is written when nothing changed: the log must not grow with polling.
-    Last activity and tokens ride along with an event but never cause one.
+    (keep_sockets) or other evidence says it lives (keep_ids). Nothing is written when nothing
+    changed: the log must not grow with polling. Last activity and tokens ride along with an
+    event but never cause one.
     """
     for ob in seen:
         _check_prefix("session", ob.session_id)
         _check_choice("session state", ob.state, SESSION_STATES)
-    keep = set(keep_sockets)
+    keep, keep_ids = set(keep_sockets), set(keep_ids)
     events = []
     with write_txn(db) as cur:
         known = {s.id: s for s in find_sessions(db, host=db.machine_id)}
@@ -1752,7 +1757,7 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
                                      now_ms=now_ms))
         seen_ids = {ob.session_id for ob in seen}
         for s in known.values():
-            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep:
+            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep and s.id not in keep_ids:
                 events.append(record(db, cur, "session.gone", {"session_id": s.id, "host": db.machine_id,
                                                                "reason": "no longer running"}, now_ms=now_ms))
     return events
@@ -1810,10 +1815,15 @@ class StatusReport:
     sessions: list[Session]
     tasks: dict[str, Task]  # the sessions' tasks, by id
 
+    def task_tokens(self, task_id: str) -> dict[str, int]:
+        """Return the token usage of the sessions working on one task, summed."""
+        mine = [s for s in self.sessions if s.task_id == task_id]
+        return {k: sum(s.tokens.get(k, 0) for s in mine) for k in TOKEN_KINDS}
+
     def to_json(self) -> dict[str, Any]:
         """Return the roll-up as the JSON object the CLI and API print."""
         return {"projects": [p.to_json() for p in self.projects], "sessions": [s.to_json() for s in self.sessions],
-                "tasks": [t.to_json() for t in self.tasks.values()]}
+                "tasks": [{**t.to_json(), "tokens": self.task_tokens(t.id)} for t in self.tasks.values()]}
 
 
 def get_status(db: Db, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
@@ -2036,6 +2046,8 @@ PERMISSION_SCREEN = (
     re.compile(r"^\W*(?:❯|›|>)\s*1\.\s*Yes\b", re.M),
 )
 INTERRUPT_MARK = "[Request interrupted by user"
+# User lines that a local slash command writes (/clear, /model …): no turn starts with them.
+LOCAL_COMMAND_MARKS = ("<command-name>", "<local-command-stdout>", "<local-command-caveat>", "<command-message>")
 SESSION_ID_FLAGS = ("--session-id", "--resume", "-r")
 # Registry status -> state; "waiting" is left out: it can mean a prompt or a dialog, the hook and screen tell.
 REGISTRY_STATES = {"busy": "working", "shell": "working", "idle": "waiting"}
@@ -2051,12 +2063,14 @@ HOOK_STATES = {"SessionStart": "waiting", "UserPromptSubmit": "working", "PreToo
 NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission",
                        "idle_prompt": "waiting"}
 HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
-MAX_HOOK_INPUT_BYTES = 1024 * 1024
+MAX_HOOK_INPUT_BYTES = 32 * 1024 * 1024  # a prompt can be long; a report cut short would be lost
 HOOK_TIMEOUT_S = 10
+HOOK_ALIVE_MS = 10 * 60 * 1000  # a session that sent a hook report this recently is not gone
 CLARE_HOOK_RE = re.compile(r"\bclare\b.*\shook\s*$")  # how uninstall knows Clare's hooks from the user's
 BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
 BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
 BROADCAST_ENTER_TRIES = 3
+DEFAULT_PULL_EVERY_S = 10  # how often `serve` looks at this host's sessions; [fleet] pull_every_s, 0 = never
 
 
 @dataclass(frozen=True, slots=True)
@@ -2172,6 +2186,18 @@ def capture_pane(socket: str, pane_id: str, *, lines: int = SCREEN_LINES) -> str
     return p.stdout if p.returncode == 0 else None
 
 
+def capture_panes(socket: str, pane_ids: list[str], *, lines: int = SCREEN_LINES) -> dict[str, str]:
+    """Return the last lines of several panes of one server, asked in one tmux run."""
+    mark = f"\x1eclare-{new_id()}"  # a line no screen shows: it separates the captures
+    args: list[str] = []
+    for pane_id in pane_ids:
+        args += ["capture-pane", "-p", "-J", "-t", pane_id, "-S", f"-{lines}", ";", "display-message", "-p", mark, ";"]
+    p = run_tmux(socket, *args[:-1]) if args else None
+    if p is None or p.returncode != 0:  # tmux stops at a failed command: one pane closed meanwhile
+        return {i: screen for i in pane_ids if (screen := capture_pane(socket, i, lines=lines)) is not None}
+    return dict(zip(pane_ids, p.stdout.split(mark + "\n")))
+
+
 def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
@@ -2190,7 +2216,11 @@ def process_tree() -> tuple[dict[int, tuple[int, int]], dict[int, list[int]]]:
 def read_procs() -> dict[int, tuple[int, int]]:
     """Return every process of this host as pid -> (ppid, start time in clock ticks)."""
     procs = {}
-    for name in os.listdir("/proc"):
+    try:
+        names = os.listdir("/proc")
+    except OSError:  # no /proc (not Linux): no process is found, and the pull still works
+        return procs
+    for name in names:
         if not name.isdigit():
             continue
         try:
@@ -2223,12 +2253,16 @@ def is_claude_argv(argv: list[str]) -> bool:
             and ("claude" in os.path.basename(argv[1]) or "claude-code" in argv[1]))
 
 
-def find_claude(pid: int, children: dict[int, list[int]], argv_of: Callable[[int], list[str]]) -> int | None:
-    """Return the first Claude process at or below `pid`, walking the process tree breadth first."""
-    queue = [pid]
+def find_claude(pid: int, children: dict[int, list[int]], argv_of: Callable[[int], list[str]], *,
+                registered: Iterable[int] = ()) -> int | None:
+    """Return the first Claude process at or below `pid`, walking the process tree breadth first.
+
+    A process with a live registry entry is Claude whatever its argv (a versioned binary's name).
+    """
+    queue, registered = [pid], set(registered)
     while queue:
         p = queue.pop(0)
-        if is_claude_argv(argv_of(p)):
+        if p in registered or is_claude_argv(argv_of(p)):
             return p
         queue += children.get(p, ())
     return None
@@ -2272,11 +2306,11 @@ def read_registry(claude_dir: str, procs: dict[int, tuple[int, int]]) -> dict[in
 
 
 def _boot_ms() -> int:
-    with open("/proc/stat", encoding="ascii") as f:
+    with contextlib.suppress(OSError), open("/proc/stat", encoding="ascii") as f:
         for line in f:
             if line.startswith("btime "):
                 return int(line.split()[1]) * 1000
-    return 0  # pragma: no cover - every Linux /proc/stat has btime
+    return 0
 
 
 def find_transcript(claude_dir: str, cwd: str, session_id: str) -> str | None:
@@ -2344,7 +2378,10 @@ def turn_of_line(obj: dict[str, Any]) -> str | None:
         return None
     content = message.get("content")
     if kind == "user":
-        return "waiting" if _text_of(content).startswith(INTERRUPT_MARK) else "working"
+        text = _text_of(content).lstrip()
+        if text.startswith(LOCAL_COMMAND_MARKS):
+            return None
+        return "waiting" if text.startswith(INTERRUPT_MARK) else "working"
     if kind == "assistant":
         has_tool = isinstance(content, list) and any(
             isinstance(b, dict) and b.get("type") == "tool_use" for b in content)
@@ -2537,7 +2574,7 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
             unreachable.append(socket)
             continue
         for pane in panes:
-            pid = None if pane.is_dead else find_claude(pane.pid, children, argv_of)
+            pid = None if pane.is_dead else find_claude(pane.pid, children, argv_of, registered=registry)
             if pid is not None:
                 claude_panes.append((pane, pid))
     found: list[tuple[str, Pane | None, int]] = []
@@ -2580,6 +2617,10 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
              marks: dict[str, HookMark], cwd_of: dict[int, str], argv_of: Callable[[int], list[str]],
              claude_dir: str, idle_after_ms: int, now_ms: int) -> list[Observation]:
     cache = get_transcript_cache(db)
+    screens: dict[tuple[str, str], str] = {}
+    for socket in {pane.socket for _, pane, _ in found if pane}:
+        ids = [pane.pane_id for _, pane, _ in found if pane and pane.socket == socket]
+        screens.update({(socket, i): text for i, text in capture_panes(socket, ids).items()})
     fresh, observations, seen = [], [], set()
     for sid, pane, pid in found:
         if sid in seen or not UUID_RE.match(sid):
@@ -2592,7 +2633,7 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         if reading is not None and reading is not cache.get(path):
             fresh.append((path, sid, *reading))
         info = reading[2] if reading else {}
-        screen = capture_pane(pane.socket, pane.pane_id) if pane else None
+        screen = screens.get((pane.socket, pane.pane_id)) if pane else None
         mark = marks.get(sid)
         registry_ms = entry.get("statusUpdatedAt")
         state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=str(entry.get("status")),
@@ -2626,7 +2667,11 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     rclaude = read_rclaude(config.get("rclaude", {}), machine_id=db.machine_id, warnings=warnings)
     observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env), rclaude=rclaude,
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
-    events = observe_sessions(db, observations, keep_sockets=unreachable, now_ms=now_ms)
+    # A session that reported through a hook lately lives even when this look cannot find it (an old
+    # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
+    alive = [sid for sid, m in list_hook_marks(db).items()
+             if m.hook_event != "SessionEnd" and now_ms - m.at_ms < HOOK_ALIVE_MS]
+    events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, now_ms=now_ms)
     deliver_pending(db, now_ms=now_ms)
     text = canonical_json([p.to_json() for p in ambiguous])
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
@@ -2634,6 +2679,45 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
             set_meta(cur, "ambiguous_panes", text)
     updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
     return PullResult(observations, events, ambiguous, unreachable, updates, warnings)
+
+
+def start_background_pull(db_path: str, config: dict[str, Any], *, stop: Any,
+                          log: Callable[[str], None]) -> Any:
+    """Start a daemon thread that pulls this host's fleet every [fleet] pull_every_s until `stop` is set.
+
+    Returns the thread, or None when the setting is 0. The thread has its own connection.
+    """
+    import threading
+
+    every_s = config.get("fleet", {}).get("pull_every_s", DEFAULT_PULL_EVERY_S)
+    if isinstance(every_s, bool) or not isinstance(every_s, int | float) or every_s < 0:
+        raise ClareError(f"clare.toml: [fleet] pull_every_s = {every_s!r} is not a number of seconds; fix it")
+    if not every_s:
+        return None
+    thread = threading.Thread(target=_pull_loop, name="clare-fleet", daemon=True,
+                              args=(db_path, config), kwargs={"stop": stop, "log": log, "every_s": every_s})
+    thread.start()
+    return thread
+
+
+def _pull_loop(db_path: str, config: dict[str, Any], *, stop: Any, log: Callable[[str], None],
+               every_s: float) -> None:
+    db = open_db(db_path)
+    last_error = ""
+    try:
+        while not stop.is_set():
+            try:
+                result = pull_fleet(db, config=config, now_ms=now_ms())
+                for warning in result.warnings:
+                    log(f"fleet: warning: {warning}")
+                last_error = ""
+            except Exception as err:  # the background loop is an edge: a bad look never ends it
+                if str(err) != last_error:  # say it once, not every few seconds
+                    log(f"fleet: pull failed: {err}")
+                last_error = str(err)
+            stop.wait(every_s)
+    finally:
+        db.close()
 
 
 def read_rclaude(section: dict[str, Any], *, machine_id: str, warnings: list[str]) -> dict[str, str]:
@@ -2980,10 +3064,11 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
     if pane is None:
         return "refused", f"tmux pane {session.pane_id} is gone"
     procs, children = process_tree()
-    claude_pid = find_claude(pane.pid, children, proc_argv)
+    registry = read_registry(claude_home(), procs)
+    claude_pid = find_claude(pane.pid, children, proc_argv, registered=registry)
     if claude_pid is None:
         return "refused", f"pane {pane.pane_id} does not run Claude now; a shell would run the text"
-    entry = read_registry(claude_home(), procs).get(claude_pid)
+    entry = registry.get(claude_pid)
     if entry is not None and entry["sessionId"] != session.id:
         return "refused", f"pane {pane.pane_id} now runs another session ({entry['sessionId'][:SHORT_ID]})"
     if pane.in_mode:
@@ -3015,7 +3100,9 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
 
 def _dialog_refusal(db: Db, session: Session, pane: Pane) -> str | None:
     screen = capture_pane(pane.socket, pane.pane_id)
-    if screen is None or shows_permission_dialog(screen):
+    if screen is None:
+        return f"cannot read pane {pane.pane_id}'s screen; not typing blind"
+    if shows_permission_dialog(screen):
         return "needs permission: a dialog is open (Enter would approve it)"
     # The hook is the dependable signal when the screen text changes between versions: a
     # permission report counts until the transcript moves on after it.
@@ -3034,7 +3121,7 @@ def _wait_for_prompt(db: Db, session: Session, text: str, *, since_ms: int, time
     deadline = time.monotonic() + timeout_s
     while True:
         mark = list_hook_marks(db, session_id=session.id).get(session.id)
-        if mark and mark.hook_event == "UserPromptSubmit" and mark.at_ms >= since_ms - 1000:
+        if mark and mark.hook_event == "UserPromptSubmit" and mark.at_ms >= since_ms:
             return True
         if path is None:
             path = find_transcript(claude_home(), session.cwd, session.id)
@@ -4427,11 +4514,11 @@ progress::-moz-progress-bar{background:var(--green);border-radius:4px}
 ul.feed{list-style:none;margin:0;padding:0}
 ul.feed li{padding:.45rem 0;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
 ul.feed li:last-child{border-bottom:0}
-.attention{border-left:4px solid var(--amber)}.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
+.attention{border-left:4px solid var(--amber)}label.check{flex-basis:100%;flex-direction:row;font-size:.85rem}.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
 ul.feed time{display:block;color:var(--muted);font-size:.76rem}
 pre.text{white-space:pre-wrap;overflow-wrap:anywhere;font:inherit;margin:.2rem 0}
 form.row{display:flex;flex-wrap:wrap;gap:.55rem;align-items:flex-end;margin:0 0 .8rem}
-form.row label{flex:1 1 10rem}form.row label.wide{flex-basis:100%}
+form.row label{flex:1 1 10rem;min-width:0}select{max-width:100%}form.row label.wide{flex-basis:100%}
 form.tight{display:inline-flex;gap:.3rem;align-items:center;margin:0}
 label{display:flex;flex-direction:column;gap:.2rem;font-size:.78rem;color:var(--muted);font-weight:500}
 input,select,textarea{font:inherit;font-size:.92rem;color:var(--fg);background:var(--bg);border:1px solid var(--line);
@@ -4506,6 +4593,32 @@ PAGE_ERROR = string.Template("""<!doctype html>
 
 # --- dashboard pages and their htmx fragments -----------------------------
 
+PAGE_CACHE_TTL_S = 2.0  # "5m ago" and transcript activity move without events: serve a page this long at most
+MAX_CACHED_PAGES = 256  # by URL; a flood of distinct query strings empties the cache, never grows it
+_PAGE_CACHE: dict[tuple[str, str], tuple[int, float, Response]] = {}  # (db, url) -> (log head, built at, page)
+
+
+def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
+    """Wrap a GET page or fragment: answer from memory while the log has not grown, for up to 2 s.
+
+    Every browser tab polls every fragment every 5 s; a dashboard of 200 sessions and 5,000
+    tasks costs ~45 ms of CPU to build, and the projections change only when an event lands.
+    """
+    def answer(req: Request) -> Response:
+        key = (req.config.db_path, req.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(req.query.items())))
+        head, now = head_rseq(req.db.conn), time.monotonic()
+        hit = _PAGE_CACHE.get(key)
+        if hit is not None and hit[0] == head and now - hit[1] < PAGE_CACHE_TTL_S:
+            return hit[2]
+        resp = handler(req)
+        if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
+            _PAGE_CACHE.clear()
+        _PAGE_CACHE[key] = (head, now, resp)
+        return resp
+    answer.__name__, answer.__doc__ = handler.__name__, handler.__doc__
+    return answer
+
+
 def age_text(at: str | None, now: int) -> str:
     """Say compactly how long ago an ISO time was (12s, 5m, 3h, 2d), or '—' when unknown."""
     ms = _iso_to_ms(at)
@@ -4531,12 +4644,13 @@ FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
 <section class="card"><h2>Projects</h2>$table</section>
 </div>""")
 PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
-<thead><tr><th>Project</th><th>Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Owner</th></tr></thead>
+<thead><tr><th>Project</th><th>Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Sessions</th>
+<th class="hide-sm">Owner</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
 PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a><div class="muted small">$goal</div></td>
 <td>$status</td><td><div class="counts">$counts</div></td>
 <td class="hide-sm"><progress value="$n_done" max="$n_total" title="$n_done of $n_total done">$n_done/$n_total</progress></td>
-<td class="hide-sm muted">$owner</td></tr>""")
+<td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td><td class="hide-sm muted">$owner</td></tr>""")
 FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
 <h2>Recent activity</h2>$body</section>""")
 PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
@@ -4670,7 +4784,8 @@ def assignee_text(task: Task) -> Html:
 
 def projects_fragment(req: Request) -> Html:
     """Render the project roll-up (stat tiles and table), polled in place."""
-    projects = req.svc.list_projects()
+    rollups = req.svc.get_status().projects
+    projects = [r.project for r in rollups]
     totals = {s: sum(p.task_counts[s] for p in projects) for s in TASK_STATUSES}
     stats = join(render(STAT, n=n, label=label) for n, label in (
         (sum(p.status == "active" for p in projects), "active projects"),
@@ -4679,13 +4794,19 @@ def projects_fragment(req: Request) -> Html:
     if not projects:
         table_html = render(EMPTY, text="No projects yet. Create one below, or: clare project new NAME")
     else:
-        table_html = render(PROJECTS_TABLE, rows=join(render(
-            PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
-            status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
-            counts=join(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
-                        for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
-            n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1) for p in projects))
+        table_html = render(PROJECTS_TABLE, rows=join(map(_project_row, rollups)))
     return render(FRAG_PROJECTS, poll=poll_attrs("/frag/projects"), stats=stats, table=table_html)
+
+
+def _project_row(rollup: ProjectStatus) -> Html:
+    p = rollup.project
+    return render(PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
+                  status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
+                  counts=join(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
+                              for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
+                  n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1,
+                  n_sessions=rollup.n_sessions or "—",
+                  tokens=_tokens_text(rollup.tokens) if rollup.n_sessions else "")
 
 
 def activity_fragment(req: Request) -> Html:
@@ -4954,11 +5075,6 @@ def session_badge(session: Session) -> Html:
     return badge(SESSION_LABELS.get(session.state, session.state), SESSION_COLORS.get(session.state, "gray"))
 
 
-def _task_titles(req: Request, sessions: list[Session]) -> dict[str, Task]:
-    svc = req.svc
-    return {t: svc.get_task(t) for t in {s.task_id for s in sessions if s.task_id}}
-
-
 def _tokens_text(tokens: dict[str, int]) -> str:
     n = sum(v for v in tokens.values() if isinstance(v, int))
     return "—" if not n else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
@@ -4967,15 +5083,16 @@ def _tokens_text(tokens: dict[str, int]) -> str:
 def attention_fragment(req: Request) -> Html:
     """Render the sessions that wait for a person, longest-waiting first."""
     now = now_ms()
-    sessions = sorted((s for s in req.svc.list_sessions() if s.state in NEEDS_PERSON),
+    report = req.svc.get_status()
+    sessions = sorted((s for s in report.sessions if s.state in NEEDS_PERSON),
                       key=lambda s: (s.state_at or s.last_activity_at or "", s.id))
-    tasks = _task_titles(req, sessions)
+    tasks = report.tasks
     # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
     body = render(ATTENTION_LIST, items=join(render(
         ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
         since="for " + age_text(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
         where=s.tmux_target or "-", cwd=s.cwd,
-        task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id else Html(""))
+        task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks else Html(""))
         for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
     return render(FRAG_ATTENTION, poll=poll_attrs("/frag/attention"), body=body)
 
@@ -4983,8 +5100,8 @@ def attention_fragment(req: Request) -> Html:
 def fleet_fragment(req: Request) -> Html:
     """Render every live session with its state and current task."""
     now = now_ms()
-    sessions = req.svc.list_sessions()
-    tasks = _task_titles(req, sessions)
+    report = req.svc.get_status()
+    sessions, tasks = report.sessions, report.tasks
     if not sessions:
         table_html = render(EMPTY, text="No Claude sessions seen yet; run 'clare pull' on each host.")
     else:
@@ -4992,7 +5109,7 @@ def fleet_fragment(req: Request) -> Html:
             FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
             where=s.tmux_target or "-", cwd=s.cwd, active=age_text(s.last_activity_at, now) + " ago",
             tokens=_tokens_text(s.tokens),
-            task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id
+            task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
             else Html('<span class="muted">—</span>')) for s in sessions))
     return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
 
@@ -5020,6 +5137,127 @@ def frag_attention(req: Request) -> Response:
 def frag_fleet(req: Request) -> Response:
     """Answer the sessions poll."""
     return html_response(fleet_fragment(req))
+
+
+DELIVERY_COLORS = {"delivered": "green", "queued": "blue", "refused": "orange", "failed": "red", "expired": "gray"}
+
+MAIN_BROADCAST = string.Template("""<h1>Broadcast</h1>
+<p class="sub">Type one message into every live Claude session of a project, a group or one session. It arrives
+as if typed at each keyboard: Claude may run commands because of it.</p>
+<div class="grid">
+<section class="card"><h2>Message</h2>
+<form class="row" id="broadcast-form" $attrs>$csrf
+<label class="wide">To<select name="target" required $preview_attrs>$targets</select></label>
+<label class="wide">Text<textarea name="text" required maxlength="20000" placeholder="run the tests and commit"></textarea></label>
+<label class="check"><span><input type="checkbox" name="is_command" value="1"> a Claude command (/compact, !ls):
+send it without the [clare] prefix</span></label>
+<noscript><button class="ghost" type="submit" formmethod="get" formaction="/broadcast">Show recipients</button></noscript>
+<button type="submit">Send</button>
+</form></section>
+$recipients
+</div>
+$result""")
+FRAG_RECIPIENTS = string.Template("""<section class="card" id="frag-recipients">
+<h2>Recipients</h2>$body</section>""")
+RECIPIENT_ITEM = string.Template("""<li><div class="line">$state <b>$label</b></div>
+<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>$note</li>""")
+RECIPIENT_NOTE = string.Template('<div class="small muted">$text</div>')
+COUNT_LINE = string.Template('<p class="small muted">$text</p>')
+FRAG_BROADCAST = string.Template("""<section class="card" id="broadcast-result" $poll>
+<h2>Broadcast $short_id</h2>$body</section>""")
+DELIVERY_TABLE = string.Template("""<div class="scroll"><table>
+<thead><tr><th>Session</th><th>Where</th><th>Result</th><th>Why</th></tr></thead>
+<tbody hx-disable>$rows</tbody></table></div>""")
+DELIVERY_ROW = string.Template("""<tr><td class="mono">$id</td><td class="mono small">$host · $where</td>
+<td>$result</td><td class="small">$reason</td></tr>""")
+OPTGROUP = string.Template('<optgroup label="$label">$options</optgroup>')
+PREVIEW_ATTRS = string.Template('hx-get="$url" hx-trigger="change" hx-target="$target" hx-swap="outerHTML"')
+
+
+def _short_text(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def preview_attrs(url: str, *, target: str) -> Html:
+    """Return the htmx attributes that fetch a preview fragment when a field changes."""
+    return render(PREVIEW_ATTRS, url=url, target=target)
+
+
+def broadcast_targets(req: Request, selected: str | None) -> Html:
+    """Render the target choices: projects, groups, then live sessions."""
+    svc = req.svc
+    groups = [("Projects", [(p.id, p.name) for p in svc.list_projects()]),
+              ("Groups", [(f"group:{g.name}", g.name) for g in svc.list_groups()]),
+              ("Sessions", [(f"session:{s.id}", f"{_short_text(s.label or os.path.basename(s.cwd), 40)} · {s.host} "
+                                                f"{s.tmux_target or ''} · {SESSION_LABELS.get(s.state, s.state)}")
+                            for s in svc.list_sessions()])]
+    return join([render(OPTION, value="", label="— pick a project, group or session —", selected=Html("")),
+                 *(render(OPTGROUP, label=label, options=options(choices, selected)) for label, choices in groups
+                   if choices)])
+
+
+def recipients_fragment(req: Request, target: str | None) -> Html:
+    """Render who a broadcast to `target` would reach."""
+    if not target:
+        return render(FRAG_RECIPIENTS, body=render(EMPTY, text="Pick a project, group or session to see who gets it."))
+    sessions = req.svc.list_broadcast_recipients(target)
+    if not sessions:
+        return render(FRAG_RECIPIENTS, body=render(EMPTY, text="No live session would get it."))
+    # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
+    items = join(render(
+        RECIPIENT_ITEM, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
+        where=s.tmux_target or "-", cwd=s.cwd,
+        note=render(RECIPIENT_NOTE, text="a permission dialog is open: it will be refused, not answered")
+        if s.state == "permission" else Html("")) for s in sessions)
+    count = f"{len(sessions)} session{'s' if len(sessions) != 1 else ''}"
+    return render(FRAG_RECIPIENTS, body=join([render(COUNT_LINE, text=count),
+                                              render(ATTENTION_LIST, items=items)]))
+
+
+def broadcast_fragment(req: Request, broadcast_id: str) -> Html:
+    """Render the per-session results of a broadcast, polled while some wait for their host."""
+    deliveries = req.svc.list_deliveries(broadcast_id=broadcast_id)
+    if not deliveries:
+        raise NotFound(f"no broadcast {broadcast_id!r}; send one from /broadcast")
+    rows = join(render(DELIVERY_ROW, id=d.session_id[:SHORT_ID], host=d.host or "?", where=d.tmux_target or "-",
+                       result=badge(d.result, DELIVERY_COLORS.get(d.result, "gray")), reason=d.reason or "—")
+                for d in deliveries)
+    is_waiting = any(d.result == "queued" for d in deliveries)
+    return render(FRAG_BROADCAST, short_id=broadcast_id[:SHORT_ID], body=render(DELIVERY_TABLE, rows=rows),
+                  poll=poll_attrs(f"/frag/broadcasts/{broadcast_id}") if is_waiting else Html(""))
+
+
+def page_broadcast(req: Request, *, result: Html = Html("")) -> Response:
+    """Show the composer: pick a target, see its recipients, send."""
+    target = req.arg("target") or None
+    return page(req, "Broadcast", render(
+        MAIN_BROADCAST, csrf=csrf_field(req), attrs=form_attrs("/broadcast", target="#broadcast-result"),
+        preview_attrs=preview_attrs("/frag/broadcast/recipients", target="#frag-recipients"),
+        targets=broadcast_targets(req, target), recipients=recipients_fragment(req, target),
+        result=result or Html('<div id="broadcast-result"></div>')))
+
+
+def frag_broadcast_recipients(req: Request) -> Response:
+    """Answer the recipients preview of the target picked."""
+    return html_response(recipients_fragment(req, req.arg("target")))
+
+
+def frag_broadcast(req: Request) -> Response:
+    """Answer the poll of one broadcast's results."""
+    return html_response(broadcast_fragment(req, req.params["broadcast"]))
+
+
+def frag_send_broadcast(req: Request) -> Response:
+    """Send the composed broadcast; answer with its per-session results."""
+    f = req.form()
+    sent = req.svc.send_broadcast(f.get("target", ""), f.get("text", ""), is_command=f.get("is_command") == "1")
+    result = broadcast_fragment(req, sent.broadcast_id)
+    if not req.is_htmx:
+        return page_broadcast(req, result=result)
+    n_ok = sum(d.result in ("delivered", "queued") for d in sent.deliveries)
+    return html_response(join([result, flash(f"Sent to {n_ok} of {len(sent.deliveries)} sessions.",
+                                             kind="ok" if n_ok == len(sent.deliveries) else "error", oob=True)]))
 
 
 FRAG_PEERS = string.Template("""<section class="card" id="frag-peers" $poll>
@@ -5170,6 +5408,31 @@ def api_list_sessions(req: Request) -> Response:
     return json_response(req.svc.list_sessions(host=req.arg("host") or None, include_gone=req.arg("all") == "1"))
 
 
+def api_broadcast_recipients(req: Request) -> Response:
+    """List the live sessions a broadcast to ?target= would reach (project, group:NAME or session:ID)."""
+    target = req.arg("target")
+    if not target:
+        raise UsageError("give ?target=PROJECT, group:NAME or session:ID")
+    return json_response(req.svc.list_broadcast_recipients(target))
+
+
+def api_send_broadcast(req: Request) -> Response:
+    """Type a text into the sessions of {target, text, is_command?}; answer each session's result."""
+    # SECURITY: this types into AI agents that run shell commands; the server's token and
+    # cross-site rules guard every POST, and the fleet refuses non-Claude panes and open dialogs.
+    b = req.json(required=("target", "text"), optional=("is_command",))
+    if not isinstance(b.get("is_command", False), bool):
+        raise UsageError("is_command must be true or false")
+    return json_response(req.svc.send_broadcast(b["target"], b["text"], is_command=b.get("is_command", False)),
+                         status=201)
+
+
+def api_list_deliveries(req: Request) -> Response:
+    """List broadcast deliveries; ?broadcast=ID for one broadcast, ?pending_on=HOST for those not tried yet."""
+    return json_response(req.svc.list_deliveries(broadcast_id=req.arg("broadcast") or None,
+                                                 pending_on=req.arg("pending_on") or None))
+
+
 def api_get_session(req: Request) -> Response:
     """Return one session by id prefix."""
     return json_response(req.svc.get_session(req.params["session"]))
@@ -5307,12 +5570,25 @@ def _body(required: tuple[str, ...], optional: tuple[str, ...], **types_: str) -
     return {"type": "object", "required": list(required), "properties": props, "additionalProperties": False}
 
 
+def _sync_reply(**fields: str) -> dict[str, Any]:
+    names = {"machine_id": "string", "db_id": "string", "now_ms": "integer", **fields}
+    return {"type": "object", "required": list(names), "properties": {k: {"type": v} for k, v in names.items()}}
+
+
 _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
+    "SyncPage": _sync_reply(events="array", next_after="integer", has_more="boolean", head="integer"),
+    "SyncAccepted": _sync_reply(accepted="integer", duplicates="integer", rejected="array", conflicts="array",
+                                head_before="integer", head_after="integer"),
+    "BroadcastResult": {"type": "object", "required": ["broadcast_id", "target", "text", "deliveries"], "properties": {
+        "broadcast_id": {"type": "string"}, "target": {"type": "string"}, "text": {"type": "string"},
+        "deliveries": _array("Delivery")}},
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
-    "Status": {"type": "object", "required": ["projects", "n_events", "machine_id"], "properties": {
-        "projects": _array("Project"), "n_events": {"type": "integer"}, "machine_id": {"type": "string"}}},
+    "Status": {"type": "object", "required": ["projects", "sessions", "tasks", "n_events", "machine_id"],
+               "properties": {"projects": _array("ProjectStatus"), "sessions": _array("Session"),
+                              "tasks": _array("TaskStatus"), "n_events": {"type": "integer"},
+                              "machine_id": {"type": "string"}}},
     "EventPage": {"type": "object", "required": ["events", "next_after", "has_more"], "properties": {
         "events": _array("Event"), "next_after": {"type": "integer"}, "has_more": {"type": "boolean"}}},
     "ImportResult": {"type": "object", "required": ["inserted", "duplicates", "conflicts", "rejected"], "properties": {
@@ -5353,6 +5629,13 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
     ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix", (), None, 200, _ref("Session")),
     ("GET", "/api/v1/panes/ambiguous"): ("Claude panes whose session cannot be told apart", (), None, 200,
                                          _array("Pane")),
+    ("POST", "/api/v1/broadcast"): ("Type a text into every live session of a target (project, group:NAME, "
+                                    "session:ID)", (), _body(("target", "text"), ("is_command",), is_command="boolean"),
+                                    201, _ref("BroadcastResult")),
+    ("GET", "/api/v1/broadcast/recipients"): ("The live sessions a broadcast target reaches", ("target",), None, 200,
+                                              _array("Session")),
+    ("GET", "/api/v1/deliveries"): ("Per-session results of a broadcast", ("broadcast", "pending_on"), None, 200,
+                                    _array("Delivery")),
     ("GET", "/api/v1/updates"): ("List updates, newest last", ("task", "id", "limit"), None, 200, _array("Update")),
     ("POST", "/api/v1/updates"): ("Post a progress note", (), _body(("text",), ("task", "source", "session_id")), 201,
                                   _ref("Update")),
@@ -5368,6 +5651,19 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
     ("POST", "/api/v1/replay"): ("Rebuild every projection from the log", (), {"type": "object"}, 200,
                                  _ref("ReplayResult")),
     ("GET", "/api/v1/openapi.json"): ("This document", (), None, 200, {"type": "object"}),
+    ("GET", "/api/v1/sync/events"): ("Sync: the events stored after receipt number ?after=", ("after", "limit"),
+                                     None, 200, _ref("SyncPage")),
+    ("POST", "/api/v1/sync/events"): ("Sync: store a batch of a peer's events (idempotent by uuid)", (),
+                                      _body(("events",), ("machine_id", "db_id", "now_ms"), events="array",
+                                            now_ms="integer"), 200, _ref("SyncAccepted")),
+    ("GET", "/api/v1/sync/days"): ("Sync: event count and uuid hash per day (anti-entropy)", (), None, 200,
+                                   _sync_reply(days="object")),
+    ("GET", "/api/v1/sync/days/{day}"): ("Sync: the uuids of one day's events (anti-entropy)", (), None, 200,
+                                         _sync_reply(day="string", uuids="array")),
+    ("POST", "/api/v1/sync/fetch"): ("Sync: the events among the uuids given", (), _body(("uuids",), (), uuids="array"),
+                                     200, _sync_reply(events="array")),
+    ("GET", "/api/v1/sync/peers"): ("Sync: each configured peer and what its last sync did", (), None, 200,
+                                    {"type": "array", "items": {"type": "object"}}),
 }
 
 
@@ -5431,7 +5727,11 @@ def openapi_document() -> dict[str, Any]:
         if body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
-    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event, Session, Pane)}
+    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery)}
+    for name, base, extra in (("ProjectStatus", "Project", {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
+                              ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
+        schemas[name] = {**schemas[base], "required": [*schemas[base]["required"], *extra],
+                         "properties": {**schemas[base]["properties"], **extra}}
     return {"openapi": "3.1.0",
             "info": {"title": "Clare", "version": __version__,
                      "description": "Projects and tasks for a fleet of Claude Code sessions. With a token configured, "
@@ -5638,6 +5938,22 @@ class RemoteServices:
         """Return the panes the server's last pull could not tie to one session."""
         return [_build(Pane, x) for x in self.call("GET", "/api/v1/panes/ambiguous")]
 
+    def list_broadcast_recipients(self, target: str) -> list[Session]:
+        """Return the live sessions a broadcast target names."""
+        return [_build(Session, x) for x in self.call("GET", "/api/v1/broadcast/recipients", query={"target": target})]
+
+    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
+        """Return the per-session results of a broadcast."""
+        query = {"broadcast": broadcast_id, "pending_on": pending_on}
+        return [_build(Delivery, x) for x in self.call("GET", "/api/v1/deliveries", query=query)]
+
+    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
+                       confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
+        """Have the server type a text into a target's sessions (it waits for confirmations its own way)."""
+        got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
+        return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
+                               [_build(Delivery, d) for d in got["deliveries"]])
+
     def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
                     pane: tuple[str | None, str] | None = None, source: str = "message") -> Update:
         """Post a progress note."""
@@ -5711,6 +6027,9 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/api/v1/sessions", api_list_sessions),
         ("GET", r"/api/v1/sessions/" + _REF % "session", api_get_session),
         ("GET", r"/api/v1/panes/ambiguous", api_ambiguous_panes),
+        ("POST", r"/api/v1/broadcast", api_send_broadcast),
+        ("GET", r"/api/v1/broadcast/recipients", api_broadcast_recipients),
+        ("GET", r"/api/v1/deliveries", api_list_deliveries),
         ("GET", r"/api/v1/updates", api_list_updates),
         ("POST", r"/api/v1/updates", api_post_update),
         ("GET", r"/api/v1/status", api_status),
@@ -5725,26 +6044,30 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/api/v1/sync/days/(?P<day>[0-9-]{10})", sync_get_day),
         ("POST", r"/api/v1/sync/fetch", sync_post_fetch),
         ("GET", r"/api/v1/sync/peers", sync_get_peers),
-        ("GET", r"/", page_dashboard),
-        ("GET", r"/projects", page_projects),
+        ("GET", r"/", cached(page_dashboard)),
+        ("GET", r"/projects", cached(page_projects)),
         ("POST", r"/projects", frag_create_project),
-        ("GET", r"/projects/" + _REF % "project", page_project),
+        ("GET", r"/projects/" + _REF % "project", cached(page_project)),
         ("POST", r"/projects/" + _REF % "project" + "/tasks", frag_add_task),
         ("POST", r"/projects/" + _REF % "project" + "/status", frag_set_project_status),
-        ("GET", r"/tasks/" + _REF % "task", page_task),
+        ("GET", r"/tasks/" + _REF % "task", cached(page_task)),
         ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
-        ("GET", r"/sessions", page_sessions),
-        ("GET", r"/frag/attention", frag_attention),
-        ("GET", r"/frag/fleet", frag_fleet),
+        ("GET", r"/sessions", cached(page_sessions)),
+        ("GET", r"/broadcast", page_broadcast),
+        ("POST", r"/broadcast", frag_send_broadcast),
+        ("GET", r"/frag/broadcast/recipients", frag_broadcast_recipients),
+        ("GET", r"/frag/broadcasts/(?P<broadcast>[0-9a-f]{32})", frag_broadcast),
+        ("GET", r"/frag/attention", cached(frag_attention)),
+        ("GET", r"/frag/fleet", cached(frag_fleet)),
         ("GET", r"/frag/peers", frag_peers),
-        ("GET", r"/frag/projects", frag_projects),
-        ("GET", r"/frag/activity", frag_activity),
-        ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", frag_project_tasks),
-        ("GET", r"/frag/tasks/" + _REF % "task", frag_task),
-        ("GET", r"/frag/tasks/" + _REF % "task" + "/updates", frag_task_updates),
+        ("GET", r"/frag/projects", cached(frag_projects)),
+        ("GET", r"/frag/activity", cached(frag_activity)),
+        ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", cached(frag_project_tasks)),
+        ("GET", r"/frag/tasks/" + _REF % "task", cached(frag_task)),
+        ("GET", r"/frag/tasks/" + _REF % "task" + "/updates", cached(frag_task_updates)),
         ("GET", r"/static/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)", get_static),
         ("GET", r"/login", page_login),
     )
@@ -6280,7 +6603,7 @@ class ProgressLine:
 
 
 def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
-    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync with the peers meanwhile."""
+    """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync and pull the fleet meanwhile."""
     import threading
 
     config = web_config(ctx.paths, host=args.host, port=args.port, log_requests=args.log)
@@ -6288,7 +6611,10 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     peers = [] if args.no_sync else load_peers(settings, path=ctx.paths.config)
     interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
-    stop_sync = threading.Event()
+    stop = threading.Event()
+
+    def log(line: str) -> None:
+        print(f"clare: {line}", file=sys.stderr, flush=True)
 
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
@@ -6296,12 +6622,12 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
             print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
         if peers:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
-        start_background_sync(ctx.paths.db, peers, settings, stop=stop_sync, interval_s=interval_s,
-                              log=lambda line: print(f"clare: {line}", file=sys.stderr, flush=True))
+        start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log)
+        start_background_pull(ctx.paths.db, settings, stop=stop, log=log)
     try:
         run_server(server, on_start=started)
     finally:
-        stop_sync.set()
+        stop.set()
     print("clare: stopped", flush=True)
 
 

@@ -62,7 +62,7 @@ class Sizes:
     sync: int  # events moved by a full sync / import
     wrk_seconds: int
     transcripts: int  # files for `clare pull`
-    transcript_bytes: int  # their total size (sparse files: only the tails use disk)
+    transcript_bytes: int  # their total size, written for real (make_transcripts)
     serve_events: int
 
 
@@ -292,7 +292,9 @@ def missing(program: str, package: str) -> str | None:
 def bench_cli(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     """`task list --json` and `task add` at each size, beside the floor and Taskwarrior."""
     tw_missing = missing("task", "taskwarrior")
-    goals = {1: ("<= 1.5x", "<= 0.71x", "<= 1.5x", "< 1x"), 3: ("<= 2x", "<= 0.71x", "<= 2x", "< 1x")}
+    # The issue's goals: list <= 1.5x the floor at 100 tasks and <= 2x at 10,000, 1.4x faster than
+    # `task export` at 10,000; add <= 1.5x the floor and faster than `task add`.
+    goals = {1: ("<= 1.5x", "", "<= 1.5x", "< 1x"), 3: ("<= 2x", "<= 0.71x", "<= 1.5x", "< 1x")}
     for i, n in enumerate(sizes.tasks):
         home = work / f"tasks-{n}"
         make_tasks_home(home, n)
@@ -585,6 +587,8 @@ def wrk(url: str, seconds: int) -> tuple[float, float]:
     """Return req/s and p99 latency in ms of `wrk -c16` against url."""
     out = run(["wrk", "-t2", "-c16", f"-d{seconds}s", "--latency", url], timeout=seconds + 60).stdout
     rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", out)[1])
+    if rate == 0:
+        raise BenchError(f"wrk completed no request in {seconds} s at {url}: each takes longer")
     value, unit = re.search(r"^\s+99%\s+([0-9.]+)(us|ms|s)\s*$", out, re.M).groups()
     return rate, float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
 

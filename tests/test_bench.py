@@ -57,3 +57,16 @@ def test_the_parser_built_for_one_command_parses_like_the_whole_tree():
         assert vars(clare.build_parser(argv).parse_args(argv)) == vars(clare.build_parser().parse_args(argv))
     assert clare._named_command(["task", "--help"]) is None
     assert clare._named_command(["tsak", "list"]) is None
+
+
+def test_new_uuid_is_a_random_rfc4122_uuid4():
+    import uuid
+
+    import clare
+
+    made = {clare.new_uuid() for _ in range(1000)}
+    assert len(made) == 1000
+    for text in made:
+        u = uuid.UUID(text)
+        assert (str(u), u.version, u.variant) == (text, 4, uuid.RFC_4122)
+        assert clare.UUID_RE.match(text)

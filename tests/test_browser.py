@@ -52,6 +52,12 @@ def page_of(browser):
     assert [e for e in errors if not any(e.startswith(x) for x in expected)] == []
 
 
+def settle(pg) -> None:
+    """Wait until htmx has finished swapping and wired up what it swapped in (a person is never that fast)."""
+    pg.wait_for_function("() => !document.querySelector('.htmx-request, .htmx-swapping, .htmx-settling, "
+                         ".htmx-added')")
+
+
 def test_dashboard_renders_and_a_cli_task_appears_without_reload(server, db, cli, page_of):
     clare.create_project(db, "alpha", goal="ship v1", owner="ana", now_ms=1)
     p = clare.create_project(db, "<script>alert(1)</script>", now_ms=2)
@@ -95,6 +101,7 @@ def test_forms_create_a_project_add_a_task_and_move_it_without_reload(server, db
     pg.locator("#flash .error").wait_for(timeout=5000)
     assert "exists already" in pg.locator("#flash").inner_text()
 
+    settle(pg)
     pg.locator("#frag-projects").get_by_role("link", name="beta").click()
     pg.wait_for_url("**/projects/*")
     pg.wait_for_function("() => window.htmx !== undefined")
@@ -103,6 +110,7 @@ def test_forms_create_a_project_add_a_task_and_move_it_without_reload(server, db
     pg.click("#task-form button")
     row = pg.locator("#frag-tasks tr", has_text="click through the dashboard")
     row.wait_for(timeout=5000)
+    settle(pg)
     row.locator("select[name=status]").select_option("in_progress")
     pg.locator("#flash .ok", has_text="in progress").wait_for(timeout=5000)
     task = clare.list_tasks(db)[0]
@@ -124,3 +132,21 @@ def test_pages_read_fine_without_javascript(server, db, browser):
         assert pg.locator("h1").inner_text() == "gamma"
     finally:
         context.close()
+
+
+def test_broadcast_form_delivers_to_a_fake_session(server, db, tmux, cli, tmp_path, page_of):
+    tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = cli("--json", "pull").json()["sessions"]
+    pg = page_of(viewport={"width": 1280, "height": 900})
+    pg.goto(server.url + "/broadcast")
+    pg.wait_for_function("() => window.htmx !== undefined")
+    pg.select_option("#broadcast-form select[name=target]", f"session:{s['id']}")
+    pg.locator("#frag-recipients", has_text="1 session").wait_for(timeout=5000)
+    settle(pg)
+    pg.fill("#broadcast-form textarea[name=text]", "run the tests; then commit")
+    pg.click("#broadcast-form button[type=submit]:not(.ghost)")
+    pg.locator("#broadcast-result", has_text="delivered").wait_for(timeout=15000)
+    assert [x["prompt"] for x in tmux.received()] == ["run the tests; then commit"]
+    assert "Sent to 1 of 1 sessions." in pg.locator("#flash").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    pg.screenshot(path=str(ARTIFACTS / "broadcast.png"), full_page=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import clare
-from conftest import wait_for
+from conftest import seeds, wait_for
 
 DATA = Path(__file__).parent / "data"
 
@@ -564,6 +564,7 @@ def test_status_rolls_up_tokens_per_project_and_shows_each_sessions_task(tmux, c
     assert per_project["alpha"]["tokens"] == one and per_project["alpha"]["n_sessions"] == 1
     assert per_project["beta"]["tokens"] == one
     assert {s["tmux_target"]: s["task_id"] for s in report["sessions"]} == {"api:0.0": t1, "web:0.0": t2}
+    assert {t["id"]: t["tokens"] for t in report["tasks"]} == {t1: one, t2: one}
     only = cli("--json", "status", "--group", "webs").json()
     assert [p["name"] for p in only["projects"]] == ["beta"] and len(only["sessions"]) == 1
     text = cli("status", "--project", "alpha").out
@@ -639,3 +640,130 @@ def test_claude_outside_tmux_is_seen_through_its_registry_entry(cli, db, home, t
         os.close(master)
         os.close(slave)
     assert pull(cli)["gone"] == 1
+
+
+def test_broadcast_leaves_copy_mode_first(tmux, cli, tmp_path):
+    pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    tmux.run("copy-mode", "-t", pane)
+    assert tmux.run("display", "-p", "-t", pane, "#{pane_in_mode}").strip() == "1"
+    r = cli("--json", "broadcast", f"session:{s['id']}", "--yes", "--", "look again")
+    assert r.json()["deliveries"][0]["result"] == "delivered"
+    assert [x["prompt"] for x in tmux.received()] == ["look again"]
+
+
+def test_screens_of_several_panes_are_captured_in_one_run_and_kept_apart(tmux, cli, db, tmp_path):
+    a = tmux.spawn_claude(cwd=tmp_path / "a", name="a")
+    b = tmux.spawn_claude(cwd=tmp_path / "b", name="b")
+    tmux.type_prompt(b, "perm")
+    wait_for(lambda: "Do you want to proceed?" in tmux.capture(b), what="the dialog in b")
+    screens = clare.capture_panes(tmux.socket, [a, b, "%999"])
+    assert "Do you want to proceed?" in screens[b] and "Do you want" not in screens[a] and "%999" not in screens
+    pull(cli)
+    assert {s.pane_id: s.state for s in clare.list_sessions(db)} == {a: "waiting", b: "permission"}
+
+
+def test_serve_pulls_the_fleet_in_the_background(tmux, db, home, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from conftest import CLARE_PY
+    (home / "clare.toml").write_text("[fleet]\npull_every_s = 0.2\n")
+    pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    p = subprocess.Popen([sys.executable, str(CLARE_PY), "serve", "--port", "0"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        [s] = wait_for(lambda: clare.list_sessions(db), what="serve's background pull")
+        assert s.pane_id == pane and s.state == "waiting"
+        tmux.type_prompt(pane, "work")
+        wait_for(lambda: clare.list_sessions(db)[0].state == "working", what="the next background pull")
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=20)
+    assert p.returncode == 0 and "stopped" in out and "pull failed" not in err
+
+
+def test_broadcast_through_the_api_and_the_remote_cli(tmux, server, cli, db, tmp_path):
+    tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    target = f"session:{s['id'][:8]}"
+    r = server.request("GET", f"/api/v1/broadcast/recipients?target={target}")
+    assert [x["id"] for x in r.json()] == [s["id"]]
+    r = server.request("POST", "/api/v1/broadcast", json_body={"target": target, "text": "from the API"})
+    assert r.status == 201 and r.json()["deliveries"][0]["result"] == "delivered"
+    r = cli("--remote", server.url, "--json", "broadcast", target, "--yes", "--", "from afar; $(x)")
+    assert r.code == 0, r.err
+    assert [x["prompt"] for x in tmux.received()] == ["from the API", "from afar; $(x)"]
+    bid = r.json()["broadcast_id"]
+    assert [d["result"] for d in server.request("GET", f"/api/v1/deliveries?broadcast={bid}").json()] == ["delivered"]
+    assert server.request("POST", "/api/v1/broadcast", json_body={"target": "nope", "text": "x"}).status == 404
+
+
+@pytest.mark.parametrize("line, turn", [
+    ({"type": "user", "message": {"role": "user", "content": "fix it"}}, "working"),
+    ({"type": "user", "message": {"role": "user", "content": [{"type": "tool_result", "content": "ok"}]}}, "working"),
+    ({"type": "user", "message": {"role": "user", "content": "<command-name>/model</command-name>"}}, None),
+    ({"type": "user", "isMeta": True, "message": {"role": "user", "content": "Caveat: ..."}}, None),
+    ({"type": "user", "isSidechain": True, "message": {"role": "user", "content": "sub-agent"}}, None),
+    ({"type": "assistant", "message": {"content": [{"type": "tool_use", "name": "Bash"}]}}, "working"),
+    ({"type": "assistant", "message": {"content": [{"type": "text", "text": "done"}]}}, "waiting"),
+    ({"type": "system", "subtype": "turn_duration", "durationMs": 5}, "waiting"),
+    ({"type": "system", "subtype": "compact_boundary"}, None),
+    ({"type": "file-history-snapshot"}, None),
+])
+def test_what_one_transcript_line_says_of_the_turn(line, turn):
+    assert clare.turn_of_line(line) == turn
+
+
+@pytest.mark.parametrize("seed", seeds(5, "fleet-any-order"), ids=lambda s: f"seed={s}")
+def test_fleet_events_in_any_order_give_the_tables_of_a_replay(seed, tmp_path):
+    import random
+    rng = random.Random(seed)
+    src = clare.open_db(str(tmp_path / "src.db"), machine_id="alpha")
+    ids = [f"{i:08x}-0000-4000-8000-000000000000" for i in range(3)]
+    now = 1_700_000_000_000
+    for step in range(12):
+        now += 1000
+        seen = [clare.Observation(sid, "/srv", None, f"w:{i}.0", f"%{i}", 100 + i, "claude",
+                                  rng.choice(["working", "waiting", "permission"]), now, rng.choice(["", "t"]),
+                                  {"output": step}) for i, sid in enumerate(ids) if rng.random() < 0.8]
+        clare.observe_sessions(src, seen, now_ms=now)
+        mark = clare.HookMark(None, "%0", rng.choice(["working", "waiting"]), "Stop", now + 1)
+        clare.report_hook(src, ids[0], mark, cwd="/srv", now_ms=now + 1)
+    live = [s.id for s in clare.list_sessions(src)] or ids[:1]
+    bid, _, _ = clare.start_broadcast(src, f"session:{live[0]}", "hi", now_ms=now + 2)
+    clare.record_delivery(src, bid, live[0], result="delivered", reason="", now_ms=now + 3)
+    events = list(clare.iter_events(src))
+    expected = clare.projection_digest(src)
+    for n in range(3):
+        dst = clare.open_db(str(tmp_path / f"dst{n}.db"), machine_id="beta")
+        order = events[:]
+        rng.shuffle(order)
+        with clare.write_txn(dst) as cur:
+            clare.receive_events(dst, cur, order, now_ms=now)
+        got = clare.projection_digest(dst)
+        assert {t: got[t] for t in ("sessions", "broadcasts", "deliveries")} == \
+               {t: expected[t] for t in ("sessions", "broadcasts", "deliveries")}
+        dst.close()
+    src.close()
+
+
+def test_a_registered_claude_is_found_whatever_its_argv0(tmux, cli, tmp_path):
+    import shlex
+    import sys
+    from conftest import FAKE_CLAUDE
+    line = f"exec -a 2.0.14 {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_CLAUDE))}"  # a versioned binary
+    pane = tmux.spawn("bash", "-c", line, cwd=tmp_path / "proj", name="work")
+    wait_for(lambda: list((tmux.claude_dir / "sessions").glob("*.json")), what="the registry entry")
+    [s] = pull(cli)["sessions"]
+    assert s["pane_id"] == pane and s["command"].startswith("2.0.14 ")
+
+
+def test_a_session_known_only_from_hooks_is_not_gone_at_every_pull(run_clare, cli, db, tmux):
+    assert run_clare("hook", input=hook_payload("UserPromptSubmit", prompt="go")).code == 0  # no tmux, no registry
+    for _ in range(2):
+        assert pull(cli)["events"] == 0
+    [s] = clare.list_sessions(db)
+    assert s.state == "working"
+    run_clare("hook", input=hook_payload("SessionEnd", reason="exit"))
+    assert clare.list_sessions(db) == [] and pull(cli)["events"] == 0

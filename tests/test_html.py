@@ -238,6 +238,7 @@ def test_fleet_shows_every_session_with_its_task(server, db):
     html = get(server, "/sessions")
     assert "<h1>Sessions</h1>" in html and frag in html and 'id="frag-attention"' in html
     assert f'<option value="{S1}">' in get(server, f"/tasks/{t.id}")  # the assign form offers it
+    assert '<td class="hide-sm small">1 <span' in get(server, "/frag/projects")  # one session works on alpha
 
 
 def test_no_sessions_says_how_to_see_them(server, db):
@@ -250,3 +251,57 @@ def test_text_from_transcripts_and_panes_renders_as_text(server, db):
     for path in ("/", "/sessions", "/frag/fleet", "/frag/attention"):
         html = get(server, path)
         assert EVIL not in html and EVIL_ESCAPED in html, path
+
+
+# --- broadcast ----------------------------------------------------------------
+
+def test_broadcast_composer_offers_projects_groups_and_sessions(server, db):
+    observe(db, [{"session_id": S1, "label": "parser work"}], now_ms=1000)
+    clare.create_project(db, "alpha", now_ms=1)
+    clare.create_group(db, "backend", cwd="/srv", now_ms=2)
+    html = get(server, "/broadcast")
+    assert "<h1>Broadcast</h1>" in html and '<optgroup label="Projects">' in html
+    assert '<option value="group:backend">backend</option>' in html and f'value="session:{S1}"' in html
+    assert 'hx-get="/frag/broadcast/recipients" hx-trigger="change"' in html
+    assert 'id="frag-recipients"' in html and 'id="broadcast-result"' in html
+
+
+def test_recipients_preview_lists_who_gets_it(server, db):
+    observe(db, [{"session_id": S1, "label": EVIL, "state": "permission"}], now_ms=1000)
+    frag = get(server, f"/frag/broadcast/recipients?target=session:{S1[:8]}")
+    assert "1 session" in frag and EVIL_ESCAPED in frag and EVIL not in frag and "will be refused" in frag
+    assert "Pick a project" in get(server, "/frag/broadcast/recipients")
+    assert get(server, f"/broadcast?target=session:{S1}").count(EVIL_ESCAPED) >= 2  # works without JS too
+
+
+def test_sending_shows_each_sessions_result(server, db):
+    observe(db, [{"session_id": S1, "label": "no pane"}], now_ms=1000)  # outside tmux: refused, not typed
+    r = server.form("/broadcast", {"target": f"session:{S1}", "text": "run the tests"})
+    assert r.status == 200 and 'id="broadcast-result"' in r.text
+    assert ">refused</span>" in r.text and "tmux pane" in r.text and "Sent to 0 of 1 sessions." in r.text
+    assert 'hx-trigger="every 5s"' not in r.text.split("</section>")[0]  # nothing left to wait for
+    [d] = clare.list_deliveries(db)
+    assert get(server, f"/frag/broadcasts/{d.broadcast_id}").count(">refused</span>") == 1
+    r = server.request("POST", "/broadcast", body=f"target=session:{S1}&text=hi&csrf={server.config.csrf_token}"
+                       .encode(), headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status == 200 and "<h1>Broadcast</h1>" in r.text and ">refused</span>" in r.text
+    assert server.form("/broadcast", {"target": f"session:{S1}", "text": "x"}, csrf=False).status == 403
+
+
+def test_a_page_is_built_again_as_soon_as_the_log_grows(server, db):
+    calls = []
+
+    def page(req):
+        calls.append(req.path)
+        return clare.html_response(clare.Html(str(len(calls))))
+
+    cached = clare.cached(page)
+    req = clare.Request("GET", "/x", {}, {}, b"", {}, db, server.config)
+    assert [cached(req).body, cached(req).body] == [b"1", b"1"]  # nothing changed: built once
+    clare.create_project(db, "alpha", now_ms=1)
+    assert cached(req).body == b"2"
+    other = clare.Request("GET", "/x", {"target": ["a"]}, {}, b"", {}, db, server.config)
+    assert cached(other).body == b"3"  # another query string is another page
+    html = get(server, "/frag/projects")
+    clare.create_project(db, "beta", now_ms=2)
+    assert ">beta</a>" not in html and ">beta</a>" in get(server, "/frag/projects")
