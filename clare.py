@@ -2144,7 +2144,7 @@ def tmux_sockets(env: dict[str, str] | None = None) -> list[str]:
     return found
 
 
-def run_tmux(socket: str, *args: str, input_text: str | None = None) -> "subprocess.CompletedProcess[str]":
+def run_tmux(socket: str, *args: str, input_text: str | None = None) -> Any:
     """Run one tmux command against one server; the caller checks the return code (a timeout is one)."""
     import subprocess
 
