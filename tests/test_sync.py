@@ -1155,3 +1155,14 @@ def test_fuzzed_batches_store_only_valid_events_and_never_crash(tmp_path):
     check()
     assert clare.count_events(db) >= 2  # well-formed events were among the examples, and were kept
     db.close()
+
+
+def test_cli_sync_warns_loudly_about_a_peer_a_year_ahead(remote, cli, monkeypatch, tmp_path):
+    real_now = clare.now_ms
+    monkeypatch.setattr(clare, "now_ms", lambda: real_now() + YEAR_MS)  # the server's clock; the CLI keeps its own
+    monkeypatch.setenv("CLARE_TOKEN", TOKEN)
+    other = tmp_path / "other"  # the CLI's own host, beside the server's
+    ran = cli("--home", other, "sync", remote.url)
+    assert ran.code == 0 and "pulled 1" in ran.out and "SKEWED" in ran.out
+    assert "clare: warning: " in ran.err and "365.0 d ahead of this host's" in ran.err
+    assert "SKEWED" in cli("--home", other, "peer", "list").out
