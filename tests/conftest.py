@@ -220,6 +220,11 @@ class TmuxServer:
         wait_for(lambda: text in self.capture(pane), what=f"{text!r} to show in {pane}")
         self.run("send-keys", "-t", pane, "Enter")
 
+    def wait_settled(self, n: int) -> None:
+        """Wait until the fake Claudes have fully handled n submits in all (transcript, registry, hooks)."""
+        path = self.claude_dir / "fake-settled.txt"
+        wait_for(lambda: path.exists() and len(path.read_text().splitlines()) >= n, what=f"{n} submits handled")
+
     def received(self) -> list[dict]:
         path = self.claude_dir / "fake-received.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

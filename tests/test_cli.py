@@ -133,3 +133,18 @@ def test_a_real_process_reports_errors_without_a_traceback(run_clare):
     assert r.code == 1 and r.err == "clare: error: no task 'abcd'; list them with: clare task list\n"
     r = run_clare("task", "add")
     assert r.code == 2 and "Traceback" not in r.err and "the following arguments are required" in r.err
+
+
+def test_install_writes_a_launcher_that_runs_clare_as_a_module(run_clare, tmp_path, home):
+    bin_dir = tmp_path / "bin"
+    r = run_clare("install", "--bin", bin_dir, "--json")
+    assert r.code == 0, r.err
+    launcher = bin_dir / "clare"
+    assert r.json()["launcher"] == str(launcher) and launcher.stat().st_mode & 0o111
+    assert run_clare("project", "new", "alpha").code == 0
+    import subprocess
+    p = subprocess.run([str(launcher), "project", "list", "--json"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert [x["name"] for x in json.loads(p.stdout)] == ["alpha"]
+    p = subprocess.run([str(launcher), "task", "start", "zz"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.startswith("clare: error: task id 'zz'")

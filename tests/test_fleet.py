@@ -47,7 +47,7 @@ def test_state_follows_the_turn_and_is_recorded_only_on_change(tmux, cli, db, tm
     pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
     pull(cli)
     tmux.type_prompt(pane, "work")
-    wait_for(lambda: tmux.received(), what="the prompt to arrive")
+    tmux.wait_settled(1)
     assert pull(cli)["changed"] == 1
     assert cli("--json", "sessions").json()[0]["state"] == "working"
     assert pull(cli)["events"] == 0
@@ -57,7 +57,7 @@ def test_state_follows_the_turn_and_is_recorded_only_on_change(tmux, cli, db, tm
     pull(cli)
     assert cli("--json", "sessions").json()[0]["state"] == "waiting"
     tmux.type_prompt(pane, "thanks")
-    wait_for(lambda: len(tmux.received()) == 2, what="the second prompt")
+    tmux.wait_settled(2)
     pull(cli)
     [s] = cli("--json", "sessions").json()
     assert s["state"] == "waiting"
@@ -76,7 +76,7 @@ def test_permission_dialog_on_screen_is_state_permission(tmux, cli, tmp_path):
 def test_waiting_session_turns_idle_after_the_configured_time(tmux, cli, home, tmp_path):
     pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
     tmux.type_prompt(pane, "hello")
-    wait_for(lambda: tmux.received(), what="the prompt")
+    tmux.wait_settled(1)
     pull(cli)
     assert cli("--json", "sessions").json()[0]["state"] == "waiting"
     (home / "clare.toml").write_text("[fleet]\nidle_after_s = 0\n")
@@ -127,6 +127,8 @@ def test_session_is_gone_when_its_pane_closes_and_back_when_seen_again(tmux, cli
     pull(cli)
     tmux.run("kill-pane", "-t", pane)
     wait_for(lambda: not list((tmux.claude_dir / "sessions").glob("*.json")), what="claude to exit")
+    wait_for(lambda: pane not in tmux.run("list-panes", "-a", "-F", "#{pane_id}", check=False),
+             what="the pane to close")
     assert pull(cli)["gone"] == 1
     assert cli("--json", "sessions").json() == []
     [s] = cli("--json", "sessions", "--all").json()
@@ -446,7 +448,7 @@ def test_broadcast_is_refused_when_the_pane_no_longer_runs_claude(tmux, cli, tmp
     wait_for(lambda: "fake claude" in tmux.capture(pane), what="fake claude")
     [s] = pull(cli)["sessions"]
     os.kill(s["pid"], 15)
-    wait_for(lambda: not list((tmux.claude_dir / "sessions").glob("*.json")), what="claude to exit")
+    wait_for(lambda: not clare.proc_argv(s["pid"]), what="claude to exit")
     marker = tmp_path / "ran"
     r = cli("--json", "broadcast", f"session:{s['id']}", "--yes", "--", f"touch {marker}")
     [d] = r.json()["deliveries"]
@@ -479,7 +481,7 @@ def test_broadcast_to_a_project_reaches_its_sessions_and_asks_first(tmux, cli, d
 def test_broadcast_to_a_busy_session_is_queued(tmux, cli, db, tmp_path):
     pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
     tmux.type_prompt(pane, "work")
-    wait_for(lambda: tmux.received(), what="the work prompt")
+    tmux.wait_settled(1)
     [s] = pull(cli)["sessions"]
     assert s["state"] == "working"
     result = clare.send_broadcast(db, f"session:{s['id']}", "after this, commit", now_ms=clare.now_ms(),
@@ -527,7 +529,7 @@ def test_pull_tails_stores_assigned_pane_tails_and_triage_only_when_changed(tmux
     task = cli("--json", "task", "add", "alpha", "parse").json()["id"]
     cli("assign", task, s.id)
     tmux.type_prompt(pane, "half typed")  # stays on screen as the last prompt
-    wait_for(lambda: tmux.received(), what="the prompt")
+    tmux.wait_settled(1)
     tmux.run("send-keys", "-t", pane, "-l", "draft")
     wait_for(lambda: "> draft" in tmux.capture(pane), what="the draft")
     r = cli("--json", "pull", "--tails")
@@ -548,7 +550,7 @@ def test_status_rolls_up_tokens_per_project_and_shows_each_sessions_task(tmux, c
     b = tmux.spawn_claude(cwd=tmp_path / "srv" / "web", name="web")
     for pane in (a, b):
         tmux.type_prompt(pane, "hello")
-    wait_for(lambda: len(tmux.received()) == 2, what="both prompts")
+    tmux.wait_settled(2)
     pull(cli)
     by_pane = {s.pane_id: s for s in clare.list_sessions(db)}
     cli("project", "new", "alpha")
