@@ -305,13 +305,21 @@ class PeerStatus:
 class Db:
     """One SQLite connection with the identity of the log it holds."""
 
-    __slots__ = ("conn", "path", "machine_id", "db_id")
+    __slots__ = ("conn", "path", "machine_id")
 
-    def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str, db_id: str):
+    def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str):
         self.conn = conn  # autocommit mode: write_txn() opens every write transaction
         self.path = path
         self.machine_id = machine_id  # stamps every event made here
-        self.db_id = db_id  # changes when the file is reset, so peers restart their cursors
+
+    @property
+    def db_id(self) -> str:
+        """Return the id of the log in the file now; a new one after a restore, so peers restart their cursors.
+
+        Read at every use, never cached: a restore by another process (or a server's other
+        connection) changes it under this one, and an old id would make peers skip events.
+        """
+        return self.conn.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()[0]
 
     def close(self) -> None:
         """Close the connection."""
@@ -344,7 +352,7 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
     except sqlite3.DatabaseError as err:
         raise ClareError(f"cannot open database {path}: {err}; check the path, or move a damaged "
                          "file aside and restore it from a peer with 'clare sync'") from err
-    return Db(conn, path, meta["machine_id"], meta["db_id"])
+    return Db(conn, path, meta["machine_id"])
 
 
 def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
@@ -397,6 +405,19 @@ def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
         cur.execute("ROLLBACK")
         raise
     cur.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def read_txn(db: Db) -> Iterator[None]:
+    """Run the block's reads on one snapshot of the file: a write or a restore meanwhile is not seen."""
+    if db.conn.in_transaction:  # already inside one: that snapshot holds
+        yield
+        return
+    db.conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        db.conn.execute("COMMIT")
 
 
 def get_meta(cur: sqlite3.Cursor, key: str) -> str | None:
@@ -580,29 +601,42 @@ def renew_db_id(db: Db) -> str:
     db_id = new_uuid()
     with write_txn(db) as cur:
         set_meta(cur, "db_id", db_id)
-    db.db_id = db_id
     return db_id
 
 
 def restore_db(db: Db, backup_path: str) -> str:
-    """Replace the whole database by a backup file of it, then give it a new db_id; return that id.
+    """Replace the whole database by a backup file of it under a new db_id; return that id.
 
     The new db_id makes every peer read this log again from 0: receipt numbers after the
-    backup's last one will name other events than before.
+    backup's last one will name other events than before. So the id is set in a copy of the
+    backup first, and the copy goes into place in one SQLite write transaction: a crash leaves
+    the old file or the restored one with its new id, never the backup's events under the old id.
+    Not a file rename: open connections (a running server's) would keep the old file, and a
+    stale -wal beside the renamed file would corrupt it.
     """
+    staging = f"{db.path}.restore"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(staging)  # left by a restore that crashed
     try:
         src = sqlite3.connect(f"file:{os.path.abspath(backup_path)}?mode=ro", uri=True)
+        copy = sqlite3.connect(staging, isolation_level=None)
         try:
             meta = _read_meta(src)
             if meta.get("machine_id") != db.machine_id:
                 raise ClareError(f"{backup_path} is not a backup of this database (machine id "
                                  f"{meta.get('machine_id')!r}, not {db.machine_id!r}); give a copy of {db.path}")
-            src.backup(db.conn)
+            src.backup(copy)
+            db_id = new_uuid()
+            set_meta(copy.cursor(), "db_id", db_id)
+            copy.backup(db.conn)
         finally:
             src.close()
+            copy.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(staging)
     except sqlite3.DatabaseError as err:
         raise ClareError(f"cannot read {backup_path} as a Clare database ({err}); check the path") from err
-    return renew_db_id(db)
+    return db_id
 
 
 def get_cursor(db: Db, peer_machine_id: str, peer_db_id: str) -> tuple[int, int]:
@@ -3261,10 +3295,12 @@ def sync_page(db: Db, *, after: object, limit: object = SYNC_PAGE_LIMIT, now_ms:
     """Return the events stored after receipt number `after`: GET /api/v1/sync/events."""
     after = _check_count("after", after)
     limit = min(max(_check_count("limit", limit), 1), SYNC_PAGE_LIMIT)
-    events = list_events_after(db, after=after, limit=limit, max_chars=SYNC_PAGE_CHARS)
-    next_after = events[-1].rseq if events else after
-    head = head_rseq(db.conn)  # read after the page: an event stored meanwhile shows as has_more
-    return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms,
+    with read_txn(db):  # the db_id names the log the page comes from, even if a restore runs meanwhile
+        db_id = db.db_id
+        events = list_events_after(db, after=after, limit=limit, max_chars=SYNC_PAGE_CHARS)
+        next_after = events[-1].rseq if events else after
+        head = head_rseq(db.conn)
+    return {"machine_id": db.machine_id, "db_id": db_id, "now_ms": now_ms,
             "events": [ev.to_json() for ev in events], "next_after": next_after,
             "has_more": next_after < head, "head": head}
 
@@ -3293,12 +3329,13 @@ def sync_accept(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
                          "send smaller batches")
     good, rejected = check_events(body["events"])
     with write_txn(db) as cur:
+        db_id = get_meta(cur, "db_id")  # in the transaction: the log the batch went into
         head_before = head_rseq(cur)
         result = receive_events(db, cur, good, now_ms=now_ms)
         head_after = head_rseq(cur)
     # head_before/head_after let a sender that had pulled up to head_before skip pulling its
     # own events back: nothing else can be stored inside this transaction.
-    return {"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms,
+    return {"machine_id": db.machine_id, "db_id": db_id, "now_ms": now_ms,
             "accepted": len(result.inserted), "duplicates": result.n_duplicates, "rejected": rejected,
             "conflicts": result.conflicts, "head_before": head_before, "head_after": head_after}
 

@@ -10,13 +10,15 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
 
 import clare
-from conftest import seeds
+from conftest import ROOT, seeds
 
 START_MS = 1_780_000_000_000  # 2026-05-28, a fixed start so runs are reproducible
 YEAR_MS = 365 * 86_400_000
@@ -1166,3 +1168,51 @@ def test_cli_sync_warns_loudly_about_a_peer_a_year_ahead(remote, cli, monkeypatc
     assert ran.code == 0 and "pulled 1" in ran.out and "SKEWED" in ran.out
     assert "clare: warning: " in ran.err and "365.0 d ahead of this host's" in ran.err
     assert "SKEWED" in cli("--home", other, "peer", "list").out
+
+
+# --- restore under a running server ---------------------------------------------------------------
+
+def _backup(db: clare.Db, path) -> str:
+    """Copy a live database to `path` with SQLite's backup API, as a user's backup would."""
+    dest = clare.sqlite3.connect(str(path))
+    db.conn.backup(dest)
+    dest.close()
+    return str(path)
+
+
+def test_a_running_server_advertises_the_new_db_id_after_a_restore_underneath_it(remote, tmp_path):
+    served = clare.open_db(remote.config.db_path)
+    backup = _backup(served, tmp_path / "backup.db")
+    clare.create_project(served, "after the backup", now_ms=clare.now_ms())
+    before = remote.request("GET", "/api/v1/sync/events?after=0").json()
+    new_db_id = clare.restore_db(clare.open_db(remote.config.db_path), backup)
+    after = remote.request("GET", "/api/v1/sync/events?after=0").json()
+    assert before["db_id"] != new_db_id and after["db_id"] == new_db_id
+    assert after["head"] < before["head"]
+    accepted = remote.request("POST", "/api/v1/sync/events", json_body={"events": []}).json()
+    assert accepted["db_id"] == new_db_id
+
+
+_CRASH_IN_RESTORE = """
+import os, sys
+import clare
+db = clare.open_db(sys.argv[1])
+clare.new_uuid = lambda: os._exit(9)  # the process dies where restore makes the new db_id
+clare.restore_db(db, sys.argv[2])
+"""
+
+
+def test_a_crash_during_restore_leaves_the_old_file_or_the_backup_with_a_new_db_id(db, tmp_path):
+    backup = _backup(db, tmp_path / "backup.db")
+    old_db_id = db.db_id
+    clare.create_project(db, "after the backup", now_ms=clare.now_ms())
+    n_events = clare.count_events(db)
+    db.close()
+    ran = subprocess.run([sys.executable, "-c", _CRASH_IN_RESTORE, db.path, backup], capture_output=True,
+                         timeout=60, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert ran.returncode == 9, ran.stderr
+    reopened = clare.open_db(db.path)
+    if reopened.db_id == old_db_id:
+        assert clare.count_events(reopened) == n_events  # the old file, untouched
+    else:
+        assert clare.count_events(reopened) < n_events  # the backup, under a new db_id
