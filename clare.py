@@ -697,6 +697,12 @@ def save_peer_status(db: Db, url: str, *, name: str, now_ms: int, error: str | N
                     WHERE url = ?""", (name, error, now_ms, n_pulled, n_pushed, url))
 
 
+def forget_peer_status(db: Db, url: str) -> None:
+    """Drop what the syncs with one peer did; its cursors stay, so adding it again resumes."""
+    with write_txn(db) as cur:
+        cur.execute("DELETE FROM sync_peers WHERE url = ?", (url,))
+
+
 def list_peer_status(db: Db) -> list[PeerStatus]:
     """Return what the last round with each peer did, by name."""
     rows = db.conn.execute(
@@ -3740,6 +3746,46 @@ def add_peer(path: str, url: str, *, name: str | None = None, token_env: str | N
     return peer
 
 
+def remove_peer(path: str, ref: str) -> Peer:
+    """Remove one [[peers]] table (by name or url) from clare.toml, keeping every other line and comment."""
+    config = load_config(path)
+    peers = load_peers(config, path=path)
+    index = next((i for i, p in enumerate(peers) if ref in (p.name, p.url, p.url + "/")), None)
+    if index is None:
+        names = ", ".join(p.name for p in peers) or "none"
+        raise NotFound(f"no peer named {ref!r} in {path}; the peers are: {names}")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    headers = [i for i, line in enumerate(lines) if _PEERS_HEADER_RE.match(line)]
+    text = None
+    if len(headers) == len(peers):  # else peers is written another way (an inline array): not edited here
+        start = headers[index]
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+        # Comments just above the next table are about that table: they stay; blank lines go with the peer.
+        while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
+            end -= 1
+        while end < len(lines) and not lines[end].strip():
+            end += 1
+        text = "".join(lines[:start] + lines[end:])
+    import tomllib
+
+    expected = {**config, "peers": config["peers"][:index] + config["peers"][index + 1:]}
+    if not expected["peers"]:
+        del expected["peers"]
+    if text is None or tomllib.loads(text) != expected:
+        raise ClareError(f"cannot remove peer {peers[index].name} from {path} without touching other settings; "
+                         "delete its [[peers]] table there by hand")
+    staging = path + ".tmp"
+    with open(staging, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(staging, os.stat(path).st_mode & 0o777)  # clare.toml may hold a token: keep it private
+    os.replace(staging, path)
+    return peers[index]
+
+
+_PEERS_HEADER_RE = re.compile(r"\A\s*\[\[\s*peers\s*\]\]\s*(#.*)?\Z", re.S)
+
+
 def find_peer(peers: list[Peer], ref: str) -> Peer:
     """Return the configured peer named `ref` or at URL `ref`; a URL not configured is a new peer."""
     for peer in peers:
@@ -6620,6 +6666,14 @@ def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
                     f"sync now with: clare sync {peer.name}")
 
 
+def cmd_peer_rm(args: argparse.Namespace, ctx: Context) -> None:
+    """Remove a peer from clare.toml and forget what its syncs did (its cursors stay)."""
+    peer = remove_peer(ctx.paths.config, args.peer)
+    forget_peer_status(ctx.db, peer.url)
+    emit(ctx, peer, f"removed peer {peer.name} ({peer.url}) from {ctx.paths.config}; "
+                    "a running 'clare serve' syncs with it until restarted")
+
+
 def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
     """List peers with their last sync, lag, clock offset and last error."""
     rows = list_peers(ctx.db, load_peers(load_config(ctx.paths.config), path=ctx.paths.config))
@@ -6758,7 +6812,7 @@ GROUP_HELP = {
     "task": "add, list, show and move tasks",
     "group": "name groups of sessions by cwd, host or tmux session name",
     "hooks": "install, remove and check Clare's Claude Code hooks",
-    "peer": "add and list the hosts this one syncs with",
+    "peer": "add, list and remove the hosts this one syncs with",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
 _JSON = arg("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
@@ -6876,6 +6930,9 @@ COMMANDS: list[Command] = [
             (arg("url", help="where the peer's 'clare serve' answers"),
              arg("--name", help="what to call it (default: from the URL's host)"),
              arg("--token-env", help="environment variable holding its token (default: CLARE_TOKEN)"))),
+    Command(("peer", "rm"), cmd_peer_rm, "remove a peer from clare.toml",
+            "clare peer rm apricot\n  clare peer rm http://10.9.0.2:8765 --json",
+            (arg("peer", help="the name (or url) of a configured peer"),)),
     Command(("peer", "list"), cmd_peer_list, "list peers: last sync, events behind, clock offset, last error",
             "clare peer list --json"),
     Command(("sync",), cmd_sync, "sync once with every peer, or one: pull, then push; print what moved",

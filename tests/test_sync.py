@@ -712,6 +712,52 @@ def test_peer_add_appends_to_clare_toml_keeping_what_is_there(home, cli):
         ("apricot", None, True), ("10.9.0.3-8765", None, True)]
 
 
+PEERS_TOML = """# Clare on this laptop
+token = "s3cret"
+
+[[peers]]  # the build box
+name = "apricot"
+url = "http://10.9.0.2:8765"
+token_env = "APRICOT_TOKEN"
+
+# the NAS, always on
+[[peers]]
+name = "nas"
+url = "http://10.9.0.3:8765"
+
+[rclaude]
+sessions_command = "rclaude ls"  # see docs
+"""
+
+
+def test_peer_rm_removes_one_peer_and_keeps_the_rest_of_clare_toml_with_its_comments(home, cli):
+    import tomllib
+    (home / "clare.toml").write_text(PEERS_TOML)
+    (home / "clare.toml").chmod(0o600)  # it holds a token
+    ran = cli("peer", "rm", "apricot", "--json")
+    assert ran.code == 0 and ran.json()["name"] == "apricot"
+    text = (home / "clare.toml").read_text()
+    assert text == PEERS_TOML.replace(
+        '[[peers]]  # the build box\nname = "apricot"\nurl = "http://10.9.0.2:8765"\n'
+        'token_env = "APRICOT_TOKEN"\n\n', "")
+    assert [p["name"] for p in tomllib.loads(text)["peers"]] == ["nas"]
+    assert (home / "clare.toml").stat().st_mode & 0o777 == 0o600
+    assert [p["name"] for p in cli("peer", "list", "--json").json()] == ["nas"]
+    gone = cli("peer", "rm", "apricot")
+    assert gone.code == 1 and gone.err.count("\n") == 1 and "nas" in gone.err and "apricot" in gone.err
+    assert (home / "clare.toml").read_text() == text  # nothing lost on a bad name
+    ran = cli("peer", "rm", "nas")
+    assert ran.code == 0 and "removed peer nas" in ran.out
+    assert "peers" not in tomllib.loads((home / "clare.toml").read_text())
+
+
+def test_peer_rm_refuses_to_rewrite_peers_written_as_an_inline_array(home, cli):
+    text = 'peers = [{name = "apricot", url = "http://10.9.0.2:8765"}]\n'
+    (home / "clare.toml").write_text(text)
+    ran = cli("peer", "rm", "apricot")
+    assert ran.code == 1 and "by hand" in ran.err and (home / "clare.toml").read_text() == text
+
+
 def test_sync_with_an_unreachable_peer_fails_that_peer_and_records_why(home, cli):
     assert cli("sync").code == 2  # no peers yet: says how to add one
     assert cli("peer", "add", "http://127.0.0.1:9", "--name", "dead").code == 0
