@@ -3674,6 +3674,9 @@ class HttpPeer(PeerTransport):
                              f"{_http_error_message(err)}") from err
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
             reason = getattr(err, "reason", None) or err
+            if data is not None and isinstance(reason, (BrokenPipeError, ConnectionResetError)):
+                raise ClareError(f"{self.url} cut the connection while {method} {path} sent {len(data)} bytes; "
+                                 "it may refuse bodies that large (413): run one Clare version on both") from err
             raise ClareError(f"cannot reach {self.url} ({reason}); check that 'clare serve' runs there "
                              "and that the address is right") from err
         if len(raw) > MAX_RESPONSE_BYTES:
@@ -3692,6 +3695,8 @@ def _http_error_message(err: Any) -> str:
         message = str(err.reason)
     if err.code == 401:
         message += " (set the peer's token: token_env in clare.toml, or CLARE_TOKEN)"
+    if err.code == 413:
+        message += " (the peer takes smaller bodies than this Clare sends: run one Clare version on both)"
     return str(message)[:500]
 
 
@@ -3925,6 +3930,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 MAX_BODY_BYTES = 1024 * 1024  # JSON and form bodies; larger ones get 413 before a byte is read
 MAX_SYNC_BODY_BYTES = 8 * 1024 * 1024  # a sync batch of events
+MAX_DRAIN_BYTES = 64 * 1024 * 1024  # of a body refused as too large, read and dropped after the 413
 SYNC_PATH_PREFIX = "/api/v1/sync/"
 REQUEST_TIMEOUT_S = 10.0  # per socket read or write: a slow or silent client loses its connection
 LISTEN_BACKLOG = 128  # with the default 5, p99 latency under load is near a second (DESIGN §8)
@@ -4279,6 +4285,23 @@ def _discard_body(h: Any) -> bool:
         return False
 
 
+def _drain_refused_body(h: Any, headers: dict[str, str]) -> None:
+    """Read and drop the body of a request answered 413, after the answer, up to MAX_DRAIN_BYTES.
+
+    A client still sending it then reads our 413; closing on it unread makes the kernel send
+    RST, and the client saw "broken pipe" instead of the limit.
+    """
+    text = headers.get("content-length", "").strip()
+    n_left = min(int(text), MAX_DRAIN_BYTES) if text.isdigit() else 0
+    with contextlib.suppress(OSError):  # a client that stops sending times out like any slow one
+        h.wfile.flush()
+        while n_left > 0:
+            chunk = h.rfile.read(min(n_left, 64 * 1024))
+            if not chunk:
+                return
+            n_left -= len(chunk)
+
+
 def _is_public(handler: Callable) -> bool:
     return handler in (page_login, get_static)
 
@@ -4347,6 +4370,8 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         lines.append("Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
     h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
+    if resp.status == 413 and not h.body_is_read:
+        _drain_refused_body(h, headers)
     if config.log_requests:
         h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
 

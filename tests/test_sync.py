@@ -853,6 +853,54 @@ def test_100000_events_in_one_post_get_413_before_the_body_is_read(remote):
     assert remote.request("GET", "/api/v1/status").status == 200  # and it keeps serving
 
 
+def test_a_push_over_the_servers_body_limit_fails_with_one_line_naming_the_limit(remote, tmp_path, monkeypatch):
+    mine = clare.open_db(str(tmp_path / "mine.db"), machine_id="mine")
+    with clare.write_txn(mine) as cur:
+        for _ in range(800):  # one 4 MB batch: more than the sockets buffer
+            clare.make_event(mine, cur, "note.added", {"text": "x" * 5000}, now_ms=clare.now_ms())
+    monkeypatch.setattr(clare, "MAX_SYNC_BODY_BYTES", 64 * 1024)  # a server that takes less than we send
+    with pytest.raises(clare.ClareError) as err:
+        clare.sync_with(mine, clare.HttpPeer(remote.url, token=TOKEN), name="srv")
+    message = str(err.value)
+    assert "413" in message and "over the limit of 65536" in message and "\n" not in message
+    assert remote.request("GET", "/api/v1/status").status == 200  # and it keeps serving
+
+
+def test_a_peer_that_cuts_the_connection_during_a_large_push_is_named_without_broken_pipe(tmp_path):
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))  # an old server: reads the head, then closes
+
+    def cut():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.close()
+
+    thread = threading.Thread(target=cut, daemon=True)
+    thread.start()
+    peer = clare.HttpPeer(f"http://127.0.0.1:{listener.getsockname()[1]}", token=None)
+    with pytest.raises(clare.ClareError) as err:
+        peer.push({"events": [{"payload": "x" * 8_000_000}]})
+    thread.join(10)
+    listener.close()
+    assert "cut the connection" in str(err.value) and "413" in str(err.value)
+    assert "Broken pipe" not in str(err.value)
+
+
+def test_pushed_batches_stay_under_the_servers_body_limit():
+    mid = "m" * 63
+    events = [clare.Event(str(uuid.uuid4()), f"{1_700_000_000_000 + i:013d}.{i % 999_999:06d}.{mid}", mid,
+                          "e" * 30 + "." + "d" * 33, {"t": '"\n' * (200 + i % 700)}, "2026-11-25T14:00:00.000Z")
+              for i in range(12_000)]
+    batches = list(clare._batches(events))
+    assert sum(map(len, batches)) == len(events) and len(batches) > 1
+    for batch in batches:
+        body = {"machine_id": mid, "db_id": str(uuid.uuid4()), "now_ms": 0, "events": [e.to_json() for e in batch]}
+        size = len(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
+        assert size <= clare.MAX_SYNC_BODY_BYTES and len(batch) <= clare.MAX_SYNC_BATCH
+
+
 def test_a_mixed_batch_over_http_keeps_the_good_events(remote):
     bad = _event(uuid="2b7e3c1a-2f4d-4e5a-9b6c-7d8e9f0a1b2c", hlc="13 o'clock")
     reply = remote.request("POST", "/api/v1/sync/events", json_body={"events": [_event(), bad]})
