@@ -1013,8 +1013,13 @@ def replay(db: Db) -> int:
 _LWW_SQL: dict[tuple[str, tuple[str, ...]], str] = {}
 
 
-def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], ev: Event) -> None:
-    """Set each field of one row whose stored version is older than this event's; create the row."""
+def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], ev: Event, *,
+         is_default: bool = False) -> None:
+    """Set each field of one row whose stored version is older than this event's; create the row.
+
+    With `is_default` the fields get a version below every real one (a leading space sorts before
+    any digit): a value that any event about the row overrides, whatever its HLC.
+    """
     names = tuple(fields)
     sql = _LWW_SQL.get((table, names))
     if sql is None:
@@ -1025,7 +1030,7 @@ def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], e
         sql = (f"INSERT INTO {table} (id{cols}) VALUES (?{', ?, ?' * len(names)}) "
                f"ON CONFLICT (id) DO UPDATE SET {sets}")
         _LWW_SQL[(table, names)] = sql
-    version = f"{ev.hlc} {ev.uuid}"
+    version = f"{' ' if is_default else ''}{ev.hlc} {ev.uuid}"
     params = [row_id]
     for value in fields.values():
         params += (value, version)
@@ -1166,14 +1171,19 @@ def apply_session_gone(cur: sqlite3.Cursor, ev: Event) -> None:
                             "session_ids": lambda v: isinstance(v, list) and len(v) <= MAX_RECIPIENTS
                             and all(map(_is_id, v))})
 def apply_broadcast_sent(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Immutable once sent; each recipient starts queued, and any receipt (always newer) overrides that."""
+    """Immutable once sent; each recipient starts queued, a default that any receipt overrides.
+
+    A receipt is not always newer by HLC: the receiving host caps its clock at now + MAX_OFFSET_MS,
+    so a sender whose clock runs ahead stamps the send later than the receipt. Queued by HLC
+    would then win, and the owner would type the text again at every pull.
+    """
     p = ev.payload  # {broadcast_id, target, text, expires_at, session_ids}
     _lww(cur, "broadcasts", p["broadcast_id"], {"created_at": ev.created_at, "target": p["target"],
                                                 "text": p["text"], "expires_at": p["expires_at"]}, ev)
     for sid in p["session_ids"]:
         _lww(cur, "deliveries", f"{p['broadcast_id']}:{sid}",
              {"broadcast_id": p["broadcast_id"], "session_id": sid, "result": "queued", "reason": "",
-              "by_host": None, "updated_at": ev.created_at}, ev)
+              "by_host": None, "updated_at": ev.created_at}, ev, is_default=True)
 
 
 @applies("broadcast.delivered", {"broadcast_id": _is_id, "session_id": _is_id,

@@ -513,6 +513,29 @@ def test_broadcast_from_another_host_is_delivered_by_the_owner_on_pull_unless_ex
     assert len(tmux.received()) == 1  # delivered once
 
 
+def _sent_line(session_id: str, text: str, *, hlc_ms: int, expires_ms: int, host: str = "otherhost") -> str:
+    """Return a broadcast.sent event of another host as one JSON line, as `clare import` reads it."""
+    import uuid
+    return json.dumps({"uuid": str(uuid.uuid4()), "hlc": f"{hlc_ms:013d}.000000.{host}", "machine_id": host,
+                       "event_type": "broadcast.sent", "created_at": clare.iso_ms(hlc_ms),
+                       "payload": {"broadcast_id": clare.new_id(), "target": f"session:{session_id}", "text": text,
+                                   "expires_at": clare.iso_ms(expires_ms), "session_ids": [session_id]}})
+
+
+def test_broadcast_from_a_host_whose_clock_runs_ahead_is_typed_once(tmux, cli, db, tmp_path):
+    tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    now = clare.now_ms()
+    ahead = now + 2 * clare.MAX_OFFSET_MS  # the receipt's HLC, capped at now + MAX_OFFSET, is older than this
+    (tmp_path / "in.jsonl").write_text(_sent_line(s["id"], "from the future", hlc_ms=ahead,
+                                                  expires_ms=ahead + 60_000) + "\n")
+    assert cli("import", str(tmp_path / "in.jsonl")).code == 0
+    pull(cli)
+    pull(cli)
+    assert [x["prompt"] for x in tmux.received()] == ["from the future"]
+    assert [d.result for d in clare.list_deliveries(db)] == ["delivered"]
+
+
 # --- pane tails, triage, roll-up, rclaude ------------------------------------------------------------
 
 def test_pull_tails_stores_assigned_pane_tails_and_triage_only_when_changed(tmux, cli, db, home, tmp_path):
@@ -735,6 +758,14 @@ def test_fleet_events_in_any_order_give_the_tables_of_a_replay(seed, tmp_path):
     live = [s.id for s in clare.list_sessions(src)] or ids[:1]
     bid, _, _ = clare.start_broadcast(src, f"session:{live[0]}", "hi", now_ms=now + 2)
     clare.record_delivery(src, bid, live[0], result="delivered", reason="", now_ms=now + 3)
+    # A sender whose clock runs ahead: its send has a newer HLC than the owner's receipt.
+    skewed = clare.check_received(json.loads(_sent_line(live[0], "skewed", hlc_ms=now + 3 * clare.MAX_OFFSET_MS,
+                                                        expires_ms=now + 4 * clare.MAX_OFFSET_MS, host="gamma")))
+    with clare.write_txn(src) as cur:
+        clare.receive_events(src, cur, [skewed], now_ms=now + 4)
+    skewed_id = skewed.payload["broadcast_id"]
+    clare.record_delivery(src, skewed_id, live[0], result="delivered", reason="", now_ms=now + 5)
+    assert [d.result for d in clare.list_deliveries(src, broadcast_id=skewed_id)] == ["delivered"]
     events = list(clare.iter_events(src))
     expected = clare.projection_digest(src)
     for n in range(3):
@@ -743,9 +774,11 @@ def test_fleet_events_in_any_order_give_the_tables_of_a_replay(seed, tmp_path):
         rng.shuffle(order)
         with clare.write_txn(dst) as cur:
             clare.receive_events(dst, cur, order, now_ms=now)
-        got = clare.projection_digest(dst)
-        assert {t: got[t] for t in ("sessions", "broadcasts", "deliveries")} == \
-               {t: expected[t] for t in ("sessions", "broadcasts", "deliveries")}
+        for _ in range(2):  # as received in this order, then as a replay rebuilds it
+            got = clare.projection_digest(dst)
+            assert {t: got[t] for t in ("sessions", "broadcasts", "deliveries")} == \
+                   {t: expected[t] for t in ("sessions", "broadcasts", "deliveries")}
+            clare.replay(dst)
         dst.close()
     src.close()
 
