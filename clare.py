@@ -906,13 +906,17 @@ def _as_json(obj: Any) -> dict[str, Any]:
 
 APPLIERS: dict[str, Callable[[sqlite3.Cursor, Event], None]] = {}
 PAYLOADS: dict[str, dict[str, Callable[[Any], bool]]] = {}  # event type -> field -> check; "name?" is optional
+# event type -> (what a good payload does, check of the whole payload): rules across fields
+PAYLOAD_RULES: dict[str, tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...]] = {}
 
 
-def applies(event_type: str, payload: dict[str, Callable[[Any], bool]]) -> Callable:
+def applies(event_type: str, payload: dict[str, Callable[[Any], bool]], *,
+            rules: tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...] = ()) -> Callable:
     """Register the decorated function as the applier of one event type with its payload's form."""
     def register(fn: Callable[[sqlite3.Cursor, Event], None]) -> Callable:
         APPLIERS[event_type] = fn
         PAYLOADS[event_type] = payload
+        PAYLOAD_RULES[event_type] = rules
         return fn
     return register
 
@@ -951,6 +955,9 @@ def check_payload(ev: Event) -> Event:
             raise ClareError(f"{ev.event_type} payload lacks {name}")
         if not check(ev.payload[name]):
             raise ClareError(f"{ev.event_type} payload has a bad {name}: {str(ev.payload[name])[:60]!r}")
+    for rule, check in PAYLOAD_RULES.get(ev.event_type, ()):
+        if not check(ev.payload):
+            raise ClareError(f"{ev.event_type} payload breaks a rule: it {rule}")
     return ev
 
 
@@ -1080,7 +1087,9 @@ def apply_task_updated(cur: sqlite3.Cursor, ev: Event) -> None:
         _lww(cur, "tasks", p["task_id"], fields, ev)
 
 
-@applies("task.assigned", {"task_id": _is_id, "session_id?": _is_opt_id, "group_id?": _is_opt_id})
+@applies("task.assigned", {"task_id": _is_id, "session_id?": _is_opt_id, "group_id?": _is_opt_id},
+         rules=(("must name exactly one of session_id and group_id",
+                 lambda p: (p.get("session_id") is None) != (p.get("group_id") is None)),))
 def apply_task_assigned(cur: sqlite3.Cursor, ev: Event) -> None:
     """Last writer wins per task, by (hlc, uuid): a late old event never overwrites."""
     p = ev.payload  # {task_id, session_id | group_id}
