@@ -1238,10 +1238,17 @@ def find_projects(db: Db, ref: str) -> list[Project]:
     return [_project_from_row(r) for r in rows]
 
 
-_TASK_SELECT = """
+# Delete versus assign: a task bound to a group that is removed (or not known here yet) counts
+# as unassigned in every query. A newer assignment to a group that another host removed
+# meanwhile must not leave a task bound to nothing that can be listed or messaged.
+_LIVE_GROUP = "g.created_at_v IS NOT NULL AND g.removed_at_v IS NULL"
+_TASK_SELECT = f"""
 SELECT t.id, t.project_id, coalesce(p.name, '') AS project, t.title, t.description, t.status,
-       t.priority, t.created_at, t.assignee
+       t.priority, t.created_at,
+       CASE WHEN substr(t.assignee, 1, 6) = 'group:' AND NOT ({_LIVE_GROUP}) THEN NULL
+            ELSE t.assignee END AS assignee
   FROM tasks t LEFT JOIN projects p ON p.id = t.project_id
+       LEFT JOIN groups g ON substr(t.assignee, 1, 6) = 'group:' AND g.id = substr(t.assignee, 7)
  WHERE t.created_at_v IS NOT NULL"""
 
 
@@ -1262,9 +1269,12 @@ def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = No
     if status:
         sql += " AND t.status = ?"
         params.append(status)
-    if session_id or group_id:
+    if session_id:
         sql += " AND t.assignee = ?"
-        params.append(f"session:{session_id}" if session_id else f"group:{group_id}")
+        params.append(f"session:{session_id}")
+    elif group_id:
+        sql += f" AND t.assignee = ? AND {_LIVE_GROUP}"
+        params.append(f"group:{group_id}")
     rows = db.conn.execute(sql + " ORDER BY t.priority, t.created_at_v", params).fetchall()
     return [_task_from_row(r) for r in rows]
 
@@ -1278,7 +1288,8 @@ def find_tasks(db: Db, prefix: str) -> list[Task]:
 
 def list_assigned_tasks(db: Db) -> list[Task]:
     """Return every task that is assigned to a session or a group."""
-    rows = db.conn.execute(_TASK_SELECT + " AND t.assignee IS NOT NULL ORDER BY t.priority, t.created_at_v")
+    rows = db.conn.execute(_TASK_SELECT + f" AND t.assignee IS NOT NULL AND (g.id IS NULL OR {_LIVE_GROUP})"
+                           " ORDER BY t.priority, t.created_at_v")
     return [_task_from_row(r) for r in rows]
 
 
@@ -1358,8 +1369,9 @@ def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
 def list_group_tasks(db: Db) -> list[tuple[str, str]]:
     """Return (group id, task id) of open group assignments, most urgent task first."""
     return [tuple(r) for r in db.conn.execute(
-        """SELECT substr(assignee, 7), id FROM tasks WHERE assignee LIKE 'group:%' AND status != 'done'
-              AND created_at_v IS NOT NULL ORDER BY priority, created_at_v""")]
+        f"""SELECT g.id, t.id FROM tasks t JOIN groups g ON g.id = substr(t.assignee, 7)
+             WHERE t.assignee LIKE 'group:%' AND t.status != 'done' AND t.created_at_v IS NOT NULL
+               AND {_LIVE_GROUP} ORDER BY t.priority, t.created_at_v""")]
 
 
 def get_transcript_cache(db: Db) -> dict[str, tuple[int, int, dict[str, Any]]]:
@@ -1681,8 +1693,9 @@ def remove_group(db: Db, ref: str, *, now_ms: int) -> Group:
     """Remove a group; tasks assigned to it keep the binding in their history only."""
     with write_txn(db) as cur:
         group = get_group(db, ref)
+        bound = list_tasks(db, group_id=group.id)  # before the removal hides the binding
         record(db, cur, "group.removed", {"group_id": group.id}, now_ms=now_ms)
-        for task in list_tasks(db, group_id=group.id):
+        for task in bound:
             record(db, cur, "task.unassigned", {"task_id": task.id}, now_ms=now_ms)
     return group
 
