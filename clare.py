@@ -2912,17 +2912,25 @@ def ingest_spool(db: Db, *, now_ms: int) -> int:
         names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
     except FileNotFoundError:
         return 0
+    n_reports = 0
     for name in names:
         path = os.path.join(folder, name)
+        # Two pulls (the CLI and serve's thread) may read the spool at once: a file the other one
+        # took meanwhile is simply done. Recording a report twice changes nothing.
         try:
             with open(path, encoding="utf-8") as f:
                 report = json.load(f)
+        except FileNotFoundError:
+            continue
         except ValueError:
-            os.replace(path, path + ".bad")  # kept for a human, never read again
+            with contextlib.suppress(OSError):
+                os.replace(path, path + ".bad")  # kept for a human, never read again
             continue
         ingest_report(db, report, now_ms=now_ms)
-        os.remove(path)
-    return len(names)
+        n_reports += 1
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return n_reports
 
 
 def settings_path(env: dict[str, str] | None = None) -> str:

@@ -376,6 +376,48 @@ def test_hook_under_a_write_lock_exits_at_once_and_pull_ingests_its_report(run_c
     assert ev.payload["state"] == "permission"
 
 
+def _spool(db_path: str, event: str, *, at_ms: int, **fields) -> str:
+    report = {"payload": json.loads(hook_payload(event, **fields)), "tmux_pane": None, "tmux_socket": None,
+              "at_ms": at_ms}
+    return clare.spool_report(db_path, report)
+
+
+def test_pull_skips_a_spooled_report_another_pull_took_meanwhile(cli, db):
+    path = Path(_spool(db.path, "UserPromptSubmit", at_ms=clare.now_ms(), prompt="go"))
+    taken = path.parent / "0000000000000-1-taken.json"  # listed, then gone when opened
+    taken.symlink_to(path.parent / "removed-by-the-other-pull.json")
+    r = cli("--json", "pull")
+    assert r.code == 0, r.err
+    [s] = clare.list_sessions(db)
+    assert s.state == "working" and not path.exists()
+
+
+def test_two_pulls_ingesting_one_spool_at_once_both_finish(home, db):
+    import threading
+    now = clare.now_ms()
+    for i in range(200):
+        _spool(db.path, "UserPromptSubmit" if i % 2 else "Stop", at_ms=now + i, prompt="go")
+    errors = []
+
+    def ingest():
+        mine = clare.open_db(db.path)
+        try:
+            clare.ingest_spool(mine, now_ms=now + 1000)
+        except OSError as err:  # what a racing pull met, reported below
+            errors.append(repr(err))
+        finally:
+            mine.close()
+    threads = [threading.Thread(target=ingest) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert not list((home / "spool").glob("*.json"))
+    [s] = clare.list_sessions(db)
+    assert s.state == "working"  # the newest report (i = 199)
+
+
 def test_hook_without_a_database_spools_and_creates_nothing_else(run_clare, home):
     r = run_clare("hook", input=hook_payload("Stop"))
     assert r.code == 0 and not (home / "clare.db").exists()
