@@ -739,6 +739,9 @@ SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid",
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
 DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
 MAX_RECIPIENTS = 500
+# What a typed text must never hold: an ESC could end the bracketed paste ("\x1b[201~") and type
+# the rest as keys; C1 codes are escapes to some terminals. Newline and tab stay.
+CONTROL_CHARS_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 FLEET_SCHEMA = """
 CREATE TABLE sessions (
@@ -1176,7 +1179,18 @@ def apply_session_gone(cur: sqlite3.Cursor, ev: Event) -> None:
     _lww(cur, "sessions", p["session_id"], _session_fields({**p, "state": "gone"}, ev), ev)
 
 
-@applies("broadcast.sent", {"broadcast_id": _is_id, "target": _is_str, "text": _is_str, "expires_at": _is_str,
+def typable_text(text: str) -> str:
+    """Return a text as it may be typed into a pane: LF line ends, no control characters."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return CONTROL_CHARS_RE.sub("", text)
+
+
+def _is_typable(v: Any) -> bool:
+    # SECURITY: a peer's broadcast text is typed into this host's panes: refuse what could escape the paste.
+    return _is_str(v) and typable_text(v) == v
+
+
+@applies("broadcast.sent", {"broadcast_id": _is_id, "target": _is_str, "text": _is_typable, "expires_at": _is_str,
                             "session_ids": lambda v: isinstance(v, list) and len(v) <= MAX_RECIPIENTS
                             and all(map(_is_id, v))})
 def apply_broadcast_sent(cur: sqlite3.Cursor, ev: Event) -> None:
@@ -1926,9 +1940,8 @@ def list_broadcast_recipients(db: Db, target: str) -> list[Session]:
 def broadcast_text(text: str, *, is_command: bool = False) -> str:
     """Return the text as it will be typed: LF line ends, no control characters, command marks defused."""
     text = _check_text("broadcast text", text, limit=MAX_TEXT_CHARS, required=True)
-    text = text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
     # SECURITY: an ESC could end the bracketed paste early ("\x1b[201~") and type the rest as keys.
-    text = "".join(c for c in text if c in "\n\t" or not (ord(c) < 32 or ord(c) == 127))
+    text = typable_text(text).rstrip("\n")
     if not is_command and text.lstrip().startswith(COMMAND_CHARS):
         text = COMMAND_PREFIX + text
     return text
@@ -3081,6 +3094,9 @@ def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM
 
 def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_s: float) -> Delivery:
     text, expires_at = get_broadcast_text(db, d.broadcast_id) or ("", "")
+    # SECURITY: the text may come from a peer (or from a log older than the broadcast.sent check):
+    # only the sending host ran broadcast_text(), so strip again what could escape the paste.
+    text = typable_text(text)
     if (_iso_to_ms(expires_at) or 0) < now_ms:
         result, reason = "expired", f"not delivered before {expires_at}"
     else:

@@ -578,6 +578,27 @@ def test_broadcast_from_a_host_whose_clock_runs_ahead_is_typed_once(tmux, cli, d
     assert [d.result for d in clare.list_deliveries(db)] == ["delivered"]
 
 
+def test_a_peers_broadcast_that_could_escape_the_paste_is_refused_at_import(cli, db, tmp_path):
+    sid = "5e551011-0000-4000-8000-000000000001"
+    now = clare.now_ms()
+    f = tmp_path / "in.jsonl"
+    f.write_text(_sent_line(sid, "hi\x1b[201~rm -rf ~\r", hlc_ms=now, expires_ms=now + 60_000) + "\n")
+    r = cli("import", str(f))
+    assert r.code == 1 and "line 1: broadcast.sent payload has a bad text" in r.err
+    assert clare.list_deliveries(db) == []
+
+
+def test_a_stored_peer_broadcast_is_stripped_of_control_characters_when_typed(tmux, cli, db, tmp_path):
+    tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    now = clare.now_ms()
+    line = _sent_line(s["id"], "one\x1b[201~two\x07\r\nthree", hlc_ms=now, expires_ms=now + 60_000)
+    with clare.write_txn(db) as cur:  # as a log from before the check holds it: received, never checked
+        clare.receive_events(db, cur, [clare.check_event(json.loads(line))], now_ms=now)
+    pull(cli)
+    assert [x["prompt"] for x in tmux.received()] == ["one[201~two\nthree"]
+
+
 # --- pane tails, triage, roll-up, rclaude ------------------------------------------------------------
 
 def test_pull_tails_stores_assigned_pane_tails_and_triage_only_when_changed(tmux, cli, db, home, tmp_path):
