@@ -2646,9 +2646,32 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
         else:
             ambiguous.append(pane)
     in_panes = {pid for _, _, pid in found}
+    found = _one_pane_per_session(found, registry=registry, ambiguous=ambiguous)
     found += [(e["sessionId"], None, pid) for pid, e in registry.items() if pid not in in_panes]
     return _observe(db, found, registry=registry, marks=marks, cwd_of=cwd_of, argv_of=argv_of,
                     claude_dir=claude_dir, idle_after_ms=idle_after_ms, now_ms=now_ms), ambiguous, unreachable
+
+
+def _one_pane_per_session(found: list[tuple[str, Pane, int]], *, registry: dict[int, dict[str, Any]],
+                          ambiguous: list[Pane]) -> list[tuple[str, Pane | None, int]]:
+    """Keep the sessions claimed by one pane; for one claimed by several, add the panes to `ambiguous`.
+
+    Two panes can claim one id (two `claude --resume ID`, a stale hook binding): which one holds
+    the session is a guess, so the session is kept without a pane and nothing is typed into either.
+    """
+    claims: dict[str, list[tuple[Pane, int]]] = {}
+    for sid, pane, pid in found:
+        claims.setdefault(sid, []).append((pane, pid))
+    kept: list[tuple[str, Pane | None, int]] = []
+    for sid, claimants in claims.items():
+        if len(claimants) == 1:
+            kept.append((sid, *claimants[0]))
+            continue
+        ambiguous += [pane for pane, _ in claimants]
+        # The process only lends its cwd and command line: the registry's word first, if any.
+        pid = next((p for _, p in claimants if (registry.get(p) or {}).get("sessionId") == sid), claimants[0][1])
+        kept.append((sid, None, pid))
+    return kept
 
 
 def _proc_cwd(pid: int) -> str | None:

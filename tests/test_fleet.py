@@ -106,6 +106,21 @@ def test_two_claude_panes_in_one_cwd_without_registry_are_ambiguous_not_guessed(
     assert f"? pane {a} (a:0.0)" in text and f"? pane {b} (b:0.0)" in text
 
 
+def test_two_panes_claiming_one_session_are_ambiguous_and_nothing_is_typed_into_either(tmux, cli, tmp_path):
+    sid = "0b7d5d1e-8f3c-4c4e-9d55-1e2f3a4b5c6d"
+    a = tmux.spawn_claude("--no-registry", "--session-id", sid, cwd=tmp_path / "p1", name="a")
+    b = tmux.spawn_claude("--no-registry", "--resume", sid, cwd=tmp_path / "p1", name="b")
+    result = pull(cli)
+    assert {p["pane_id"] for p in result["ambiguous"]} == {a, b}
+    [s] = cli("--json", "sessions").json()
+    assert s["id"] == sid and (s["pane_id"], s["tmux_target"]) == (None, None)
+    text = cli("sessions").out
+    assert f"? pane {a} (a:0.0)" in text and f"? pane {b} (b:0.0)" in text
+    r = cli("--json", "broadcast", f"session:{sid}", "--yes", "--", "which one?")
+    assert r.code == 1 and r.json()["deliveries"][0]["result"] == "refused"
+    assert tmux.received() == []
+
+
 def test_lone_claude_pane_without_registry_takes_the_newest_transcript_of_its_cwd(tmux, cli, tmp_path):
     pane = tmux.spawn_claude("--no-registry", "--greet", cwd=tmp_path / "proj", name="a")
     [path] = (tmux.claude_dir / "projects").glob("*/*.jsonl")
