@@ -324,7 +324,12 @@ _MIGRATIONS: dict[int, list[str]] = {}  # version -> SQL scripts; filled by sect
 def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Db:
     """Open (creating if needed) the Clare database at `path` and bring its schema up to date."""
     if path != ":memory:":
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise ClareError(f"cannot create the folder {folder} for the database: {err.strerror}; "
+                             "pick another --home or --db") from err
     try:
         conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000,
                                check_same_thread=False)
@@ -1980,7 +1985,12 @@ def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertR
         if not line.strip():
             continue
         try:
+            line.encode()  # a file read with surrogateescape keeps bytes that are not UTF-8 visible here
             good.append(check_received(json.loads(line)))
+        except UnicodeEncodeError:
+            bad.append(f"line {n}: not UTF-8 text")
+        except RecursionError:
+            bad.append(f"line {n}: JSON nested too deeply")
         except (ClareError, ValueError) as err:
             bad.append(f"line {n}: {err}")
     with write_txn(db) as cur:
@@ -4226,10 +4236,12 @@ def check_media(config: WebConfig, method: str, path: str, headers: dict[str, st
         raise HttpError(403, "missing or stale form token; reload the page and try again")
 
 
-def check_length(path: str, headers: dict[str, str]) -> int:
+def check_length(path: str, headers: dict[str, str], *, n_lengths: int = 1) -> int:
     """Return the declared body size; 411 without a length, 413 over the limit, before a byte is read."""
     if "transfer-encoding" in headers:
         raise HttpError(411, "chunked bodies are not accepted; send Content-Length")
+    if n_lengths > 1:  # SECURITY: two lengths are how requests get smuggled past a proxy
+        raise HttpError(400, "a request needs at most one Content-Length header")
     text = headers.get("content-length", "0").strip() or "0"
     if not text.isdigit():
         raise HttpError(400, f"bad Content-Length {text[:20]!r}")
@@ -4284,7 +4296,7 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         if error is not None:
             raise error
         check_host(config, message.get_all("Host") or [])
-        size = h.body_size = check_length(path, headers)
+        size = h.body_size = check_length(path, headers, n_lengths=len(message.get_all("Content-Length") or []))
         handler, params = _route(method, path)
         if not _is_public(handler):
             check_auth(config, headers)
@@ -4378,12 +4390,22 @@ def _define_server() -> type:
             if self.server.config.log_requests:
                 super().log_message(format, *args)
 
-        def do_any(self) -> None:
-            self.server.enter()  # counted from the request line on, so SIGTERM waits for it
+        def handle_one_request(self) -> None:
+            self.is_counted = False
             try:
-                _dispatch(self)
+                super().handle_one_request()
             finally:
-                self.server.leave()
+                if self.is_counted:
+                    self.server.leave()
+
+        def parse_request(self) -> bool:
+            # Counted from the request line on (before a 100 Continue goes out), so SIGTERM waits for it.
+            self.server.enter()
+            self.is_counted = True
+            return super().parse_request()
+
+        def do_any(self) -> None:
+            _dispatch(self)
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_any
 
@@ -4619,7 +4641,7 @@ dl.facts dt{color:var(--muted);font-size:.85rem}dl.facts dd{margin:0;overflow-wr
 .htmx-request{opacity:.65;transition:opacity .2s}
 footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
 @media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
-.host{display:none}.hide-sm{display:none}header.top{gap:.3rem .8rem}nav a{padding:.25rem .4rem;font-size:.93rem}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
+.host{display:none}.hide-sm{display:none}.stats{grid-template-columns:repeat(3,1fr);gap:.5rem}.stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}nav a{padding:.25rem .4rem;font-size:.93rem}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 </style>
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
 </head>
@@ -4675,6 +4697,7 @@ PAGE_ERROR = string.Template("""<!doctype html>
 PAGE_CACHE_TTL_S = 2.0  # "5m ago" and transcript activity move without events: serve a page this long at most
 MAX_CACHED_PAGES = 256  # by URL; a flood of distinct query strings empties the cache, never grows it
 _PAGE_CACHE: dict[tuple[str, str], tuple[int, float, Response]] = {}  # (db, url) -> (log head, built at, page)
+_PAGE_BUILDERS: dict[tuple[str, str], object] = {}  # pages being rebuilt now; setdefault claims one atomically
 
 
 def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
@@ -4687,9 +4710,16 @@ def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Respon
         key = (req.config.db_path, req.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(req.query.items())))
         head, now = head_rseq(req.db.conn), time.monotonic()
         hit = _PAGE_CACHE.get(key)
-        if hit is not None and hit[0] == head and now - hit[1] < PAGE_CACHE_TTL_S:
-            return hit[2]
-        resp = handler(req)
+        if hit is not None and hit[0] == head:
+            if now - hit[1] < PAGE_CACHE_TTL_S:
+                return hit[2]
+            token = object()
+            if _PAGE_BUILDERS.setdefault(key, token) is not token:
+                return hit[2]  # only older by the clock, and another thread rebuilds it: no stampede
+        try:
+            resp = handler(req)
+        finally:
+            _PAGE_BUILDERS.pop(key, None)
         if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
             _PAGE_CACHE.clear()
         _PAGE_CACHE[key] = (head, now, resp)
@@ -4715,7 +4745,7 @@ CSRF_FIELD = string.Template('<input type="hidden" name="csrf" value="$csrf">')
 OPTION = string.Template('<option value="$value"$selected>$label</option>')
 STAT = string.Template('<div class="stat"><b>$n</b><span>$label</span></div>')
 EMPTY = string.Template('<p class="empty">$text</p>')
-FEED = string.Template('<ul class="feed">$items</ul>')
+FEED = string.Template('<ul class="feed" hx-disable>$items</ul>')  # items quote pane and transcript text
 FEED_ITEM = string.Template('<li>$text<time datetime="$at">$when · $where</time></li>')
 
 FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
@@ -4723,11 +4753,11 @@ FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
 <section class="card"><h2>Projects</h2>$table</section>
 </div>""")
 PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
-<thead><tr><th>Project</th><th>Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Sessions</th>
+<thead><tr><th>Project</th><th class="hide-sm">Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Sessions</th>
 <th class="hide-sm">Owner</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
 PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a><div class="muted small">$goal</div></td>
-<td>$status</td><td><div class="counts">$counts</div></td>
+<td class="hide-sm">$status</td><td><div class="counts">$counts</div></td>
 <td class="hide-sm"><progress value="$n_done" max="$n_total" title="$n_done of $n_total done">$n_done/$n_total</progress></td>
 <td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td><td class="hide-sm muted">$owner</td></tr>""")
 FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
@@ -6352,6 +6382,8 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
 
 def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
     """Change a project's name, goal, owner or status."""
+    if (args.name, args.goal, args.owner, args.status) == (None, None, None, None):
+        raise UsageError("nothing to change; give --name, --goal, --owner or --status")
     p = ctx.svc.edit_project(args.project, name=args.name, goal=args.goal, owner=args.owner, status=args.status)
     emit(ctx, p, f"project {p.name} ({p.id[:SHORT_ID]}): {p.status}, owner {p.owner or '-'}, goal {p.goal or '-'}")
 
@@ -6591,7 +6623,11 @@ def cmd_replay(args: argparse.Namespace, ctx: Context) -> None:
 def cmd_export(args: argparse.Namespace, ctx: Context) -> None:
     """Write the whole log as JSON lines, in receipt order."""
     out = sys.stdout if args.file in (None, "-") else None
-    with (contextlib.nullcontext(out) if out else open(args.file, "w", encoding="utf-8")) as f:
+    try:
+        target = contextlib.nullcontext(out) if out else open(args.file, "w", encoding="utf-8")
+    except OSError as err:
+        raise ClareError(f"cannot write {args.file}: {err.strerror}; check the folder exists and is writable") from err
+    with target as f:
         n_events = 0
         for ev in iter_events(ctx.db):
             f.write(json.dumps(ev.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n")
@@ -6603,7 +6639,8 @@ def cmd_export(args: argparse.Namespace, ctx: Context) -> None:
 def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
     """Add the events of a JSON-lines file that this log lacks (idempotent)."""
     try:
-        f = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+        f = (open(sys.stdin.fileno(), encoding="utf-8", errors="surrogateescape", closefd=False) if args.file == "-"
+             else open(args.file, encoding="utf-8", errors="surrogateescape"))
     except OSError as err:
         raise ClareError(f"cannot read {args.file}: {err.strerror}; check the path") from err
     with f:
@@ -6728,7 +6765,9 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
         if config.token is not None:
-            print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
+            # SECURITY: under systemd stdout is the journal; the token goes only to a person's terminal.
+            token = config.token if sys.stdout.isatty() else "YOUR_TOKEN"
+            print(f"clare: log in once with {server.url}/login?token={token}", flush=True)
         if peers:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
         start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log)
@@ -6916,7 +6955,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         for depth in range(1, len(cmd.path)):
             prefix = cmd.path[:depth]
             if prefix not in groups:
-                sub = groups[prefix[:-1]].add_parser(prefix[-1], help=GROUP_HELP.get(prefix[-1]))
+                examples = "\n  ".join(c.example.splitlines()[0] for c in COMMANDS if c.path[:depth] == prefix)
+                sub = groups[prefix[:-1]].add_parser(prefix[-1], help=GROUP_HELP.get(prefix[-1]),
+                                                     description=GROUP_HELP.get(prefix[-1]),
+                                                     epilog=f"examples:\n  {examples}",
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter)
                 sub.set_defaults(handler=_group_help(sub))
                 groups[prefix] = sub.add_subparsers(title="commands", metavar="COMMAND")
         leaf = groups[cmd.path[:-1]].add_parser(
@@ -6973,6 +7016,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         sys.stderr.close()  # the reader (head, less) left: not an error
         return 0
+    except KeyboardInterrupt:
+        print("clare: interrupted; what was committed before Ctrl-C is kept", file=sys.stderr)
+        return 130
     finally:
         ctx.close()
 

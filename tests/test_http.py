@@ -232,6 +232,14 @@ def test_chunked_body_is_411(server):
         assert _read_head(s).startswith(b"HTTP/1.1 411 ")
 
 
+def test_two_content_lengths_are_refused(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 2\r\nContent-Length: 14\r\n\r\n{}")
+        assert _read_head(s).startswith(b"HTTP/1.1 400 ")
+    assert server.request("GET", "/api/v1/projects").json() == []
+
+
 def test_garbage_request_line_gets_a_json_400(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(b"BLAH\r\n\r\n")
@@ -614,3 +622,20 @@ def test_broadcast_errors_are_statuses(server, db):
     assert r.status == 422
     r = server.request("POST", "/api/v1/broadcast", json_body={"target": "session:abc"})
     assert r.status == 422 and "text" in r.json()["error"]["message"]
+
+
+def test_serve_keeps_the_token_out_of_a_log(home, db):
+    token = "t0ken-" + "q" * 20
+    proc = subprocess.Popen([sys.executable, str(CLARE_PY), "serve", "--port", "0", "--no-sync"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CLARE_HOME": str(home), "CLARE_TOKEN": token})
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "login?token=YOUR_TOKEN" in lines[1]
+    assert token not in "".join(lines) + out + err
