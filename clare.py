@@ -1730,6 +1730,8 @@ def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: s
     source = _check_choice("update source", source, UPDATE_SOURCES)
     if task_ref is None and session_id is None and pane is None:
         raise UsageError("an update needs a task (clare update TASK TEXT) or must run inside a session's pane")
+    if session_id is not None:
+        _check_prefix("session", session_id)
     update_id = new_id()
     with write_txn(db) as cur:
         if pane is not None and task_ref is None:
@@ -1738,6 +1740,8 @@ def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: s
                 raise UsageError(f"session {session.id[:SHORT_ID]} in pane {pane[1]} has no task; assign one "
                                  f"with: clare assign TASK {session.id[:SHORT_ID]} (or name the task)")
             session_id, task_ref = session.id, session.task_id
+        if session_id is not None:
+            session_id = get_session(db, session_id).id
         task_id = get_task(db, task_ref).id if task_ref is not None else None
         record(db, cur, "update.posted", {"update_id": update_id, "task_id": task_id, "session_id": session_id,
                                           "source": source, "text": text}, now_ms=now_ms)
@@ -5569,8 +5573,13 @@ def api_list_updates(req: Request) -> Response:
 def api_post_update(req: Request) -> Response:
     """Post a progress note from {task, text, source?, session_id?}."""
     b = req.json(required=("text",), optional=("task", "source", "session_id"))
-    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id"),
-                                             source=b.get("source", "message")), status=201)
+    # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
+    # client that could post them would put words in a session's or a hook's mouth.
+    if b.get("source", "message") != "message":
+        raise UsageError(f"update source {b['source']!r} is not allowed here; only 'message' may be posted "
+                         "(pane tails, triage and hook notes are written by 'clare pull')")
+    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id")),
+                         status=201)
 
 
 def api_status(req: Request) -> Response:
