@@ -1543,7 +1543,8 @@ def get_task(db: Db, ref: str) -> Task:
 
 def get_group(db: Db, ref: str) -> Group:
     """Return the group named `ref` or whose id starts with `ref`."""
-    return _one("group", ref, find_groups(db, ref), "clare group list")
+    return _one("group", ref, find_groups(db, _check_text("group", ref, limit=MAX_NAME_CHARS, required=True)),
+                "clare group list")
 
 
 def get_session(db: Db, ref: str) -> Session:
