@@ -1929,7 +1929,10 @@ class BroadcastResult:
 def list_broadcast_recipients(db: Db, target: str) -> list[Session]:
     """Return the live sessions a broadcast target names: a project's open tasks' sessions, a group, one session."""
     target = _check_text("broadcast target", target, limit=MAX_NAME_CHARS + 8, required=True)
-    kind, _, ref = target.partition(":")
+    kind, colon, ref = target.partition(":")
+    if kind in ("session", "group") and colon and not ref.strip():
+        raise UsageError(f"broadcast target {target!r} lacks the {kind} after '{kind}:'; "
+                         f"e.g. {kind}:{'5e55a1' if kind == 'session' else 'backend'}")
     if kind == "session" and ref:
         found = [get_session(db, ref)]
     elif kind == "group" and ref:
@@ -1945,6 +1948,12 @@ def list_broadcast_recipients(db: Db, target: str) -> list[Session]:
                 found += list_group_sessions(db, t.group_id)
     unique = {s.id: s for s in found if s.state != "gone"}
     return sorted(unique.values(), key=lambda s: (s.host, s.tmux_target or "", s.id))
+
+
+def no_recipients_error(target: str) -> NotFound:
+    """Return the error for a broadcast target that reaches no live session."""
+    return NotFound(f"broadcast target {target!r} reaches no live session; run 'clare pull' on the sessions' "
+                    "hosts, or assign a task to a session (clare assign TASK SESSION), then check: clare sessions")
 
 
 def broadcast_text(text: str, *, is_command: bool = False) -> str:
@@ -1964,7 +1973,7 @@ def start_broadcast(db: Db, target: str, text: str, *, is_command: bool = False,
     with write_txn(db) as cur:
         recipients = list_broadcast_recipients(db, target)
         if not recipients:
-            raise NotFound(f"broadcast target {target!r} has no live sessions; check with: clare sessions")
+            raise no_recipients_error(target)
         if len(recipients) > MAX_RECIPIENTS:
             raise UsageError(f"{len(recipients)} recipients; the limit is {MAX_RECIPIENTS}: pick a smaller target")
         broadcast_id = new_id()
@@ -6576,9 +6585,13 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
     text = " ".join(args.text)
     if not args.yes:
         recipients = ctx.svc.list_broadcast_recipients(args.target)
-        print(f"{len(recipients)} recipients:\n" + format_sessions(recipients), file=sys.stderr)
+        if not recipients:
+            raise no_recipients_error(args.target)
+        n = len(recipients)
+        print(f"{n} recipient{'s' * (n != 1)}:\n" + format_sessions(recipients), file=sys.stderr)
         if not sys.stdin.isatty():
-            raise UsageError(f"no terminal to confirm on; add --yes to send to these {len(recipients)} sessions")
+            raise UsageError("no terminal to confirm on; add --yes to send to "
+                             + ("this session" if n == 1 else f"these {n} sessions"))
         if input("send? [y/N] ").strip().lower() not in ("y", "yes"):
             print("not sent", file=sys.stderr)
             return 1
