@@ -1099,7 +1099,11 @@ def apply_task_updated(cur: sqlite3.Cursor, ev: Event) -> None:
          rules=(("must name exactly one of session_id and group_id",
                  lambda p: (p.get("session_id") is None) != (p.get("group_id") is None)),))
 def apply_task_assigned(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Last writer wins per task, by (hlc, uuid): a late old event never overwrites."""
+    """Last writer wins per task, by (hlc, uuid): a late old event never overwrites.
+
+    Versus group.removed: the binding is kept, and the queries read a binding to a removed group
+    as no binding (_TASK_SELECT), so the result does not depend on which of the two came first.
+    """
     p = ev.payload  # {task_id, session_id | group_id}
     target = f"session:{p['session_id']}" if p.get("session_id") else f"group:{p.get('group_id')}"
     _lww(cur, "tasks", p["task_id"], {"assignee": target}, ev)

@@ -11,8 +11,8 @@ HOSTS = ("ash", "birch", "cedar")
 T0 = 1_750_000_000_000
 
 OP = st.tuples(
-    st.sampled_from(["project", "project_set", "task", "task_edit", "task_status", "assign", "unassign",
-                     "group", "group_rm", "update", "sync", "sessions"]),
+    st.sampled_from(["project", "project_set", "task", "task_edit", "task_status", "assign", "assign_group",
+                     "unassign", "group", "group_rm", "update", "sync", "sessions"]),
     st.integers(0, len(HOSTS) - 1),  # which host acts
     st.integers(0, 10**6),  # which entity / which value
     st.integers(-2_000, 5_000),  # how the acting host's wall clock moves
@@ -43,6 +43,8 @@ def _apply_op(dbs, clocks, op):
         elif kind == "assign" and tasks and sessions:
             clare.assign_task(db, tasks[pick % len(tasks)].id, session_id=sessions[pick % len(sessions)].id,
                               now_ms=now)
+        elif kind == "assign_group" and tasks and groups:
+            clare.assign_task(db, tasks[pick % len(tasks)].id, group_ref=groups[pick % len(groups)].id, now_ms=now)
         elif kind == "sessions":  # this host now runs a random subset of six known sessions
             ids = [f"{h:x}{n:07x}-0000-4000-8000-000000000000" for n in range(6) if pick >> n & 1]
             observe(db, ids, now_ms=now, state=clare.SESSION_STATES[pick % len(clare.SESSION_STATES)])
