@@ -615,8 +615,7 @@ def restore_db(db: Db, backup_path: str) -> str:
     stale -wal beside the renamed file would corrupt it.
     """
     staging = f"{db.path}.restore"
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(staging)  # left by a restore that crashed
+    _remove_db_files(staging)  # left by a restore that crashed; a stale journal would be rolled into the copy
     try:
         src = sqlite3.connect(f"file:{os.path.abspath(backup_path)}?mode=ro", uri=True)
         copy = sqlite3.connect(staging, isolation_level=None)
@@ -632,11 +631,16 @@ def restore_db(db: Db, backup_path: str) -> str:
         finally:
             src.close()
             copy.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(staging)
+            _remove_db_files(staging)
     except sqlite3.DatabaseError as err:
         raise ClareError(f"cannot read {backup_path} as a Clare database ({err}); check the path") from err
     return db_id
+
+
+def _remove_db_files(path: str) -> None:
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
 
 
 def get_cursor(db: Db, peer_machine_id: str, peer_db_id: str) -> tuple[int, int]:

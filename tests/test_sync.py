@@ -1310,3 +1310,5 @@ def test_a_crash_during_restore_leaves_the_old_file_or_the_backup_with_a_new_db_
         assert clare.count_events(reopened) == n_events  # the old file, untouched
     else:
         assert clare.count_events(reopened) < n_events  # the backup, under a new db_id
+    assert clare.restore_db(reopened, backup) != old_db_id  # the next restore works, whatever the crash left
+    assert not [p for p in os.listdir(os.path.dirname(db.path)) if ".restore" in p]
