@@ -324,7 +324,12 @@ _MIGRATIONS: dict[int, list[str]] = {}  # version -> SQL scripts; filled by sect
 def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Db:
     """Open (creating if needed) the Clare database at `path` and bring its schema up to date."""
     if path != ":memory:":
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise ClareError(f"cannot create the folder {folder} for the database: {err.strerror}; "
+                             "pick another --home or --db") from err
     try:
         conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000,
                                check_same_thread=False)
@@ -1935,7 +1940,12 @@ def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertR
         if not line.strip():
             continue
         try:
+            line.encode()  # a file read with surrogateescape keeps bytes that are not UTF-8 visible here
             good.append(check_received(json.loads(line)))
+        except UnicodeEncodeError:
+            bad.append(f"line {n}: not UTF-8 text")
+        except RecursionError:
+            bad.append(f"line {n}: JSON nested too deeply")
         except (ClareError, ValueError) as err:
             bad.append(f"line {n}: {err}")
     with write_txn(db) as cur:
@@ -4636,7 +4646,7 @@ CSRF_FIELD = string.Template('<input type="hidden" name="csrf" value="$csrf">')
 OPTION = string.Template('<option value="$value"$selected>$label</option>')
 STAT = string.Template('<div class="stat"><b>$n</b><span>$label</span></div>')
 EMPTY = string.Template('<p class="empty">$text</p>')
-FEED = string.Template('<ul class="feed">$items</ul>')
+FEED = string.Template('<ul class="feed" hx-disable>$items</ul>')  # items quote pane and transcript text
 FEED_ITEM = string.Template('<li>$text<time datetime="$at">$when · $where</time></li>')
 
 FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
@@ -6273,6 +6283,8 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
 
 def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
     """Change a project's name, goal, owner or status."""
+    if (args.name, args.goal, args.owner, args.status) == (None, None, None, None):
+        raise UsageError("nothing to change; give --name, --goal, --owner or --status")
     p = ctx.svc.edit_project(args.project, name=args.name, goal=args.goal, owner=args.owner, status=args.status)
     emit(ctx, p, f"project {p.name} ({p.id[:SHORT_ID]}): {p.status}, owner {p.owner or '-'}, goal {p.goal or '-'}")
 
@@ -6512,7 +6524,11 @@ def cmd_replay(args: argparse.Namespace, ctx: Context) -> None:
 def cmd_export(args: argparse.Namespace, ctx: Context) -> None:
     """Write the whole log as JSON lines, in receipt order."""
     out = sys.stdout if args.file in (None, "-") else None
-    with (contextlib.nullcontext(out) if out else open(args.file, "w", encoding="utf-8")) as f:
+    try:
+        target = contextlib.nullcontext(out) if out else open(args.file, "w", encoding="utf-8")
+    except OSError as err:
+        raise ClareError(f"cannot write {args.file}: {err.strerror}; check the folder exists and is writable") from err
+    with target as f:
         n_events = 0
         for ev in iter_events(ctx.db):
             f.write(json.dumps(ev.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n")
@@ -6524,7 +6540,8 @@ def cmd_export(args: argparse.Namespace, ctx: Context) -> None:
 def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
     """Add the events of a JSON-lines file that this log lacks (idempotent)."""
     try:
-        f = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+        f = (open(sys.stdin.fileno(), encoding="utf-8", errors="surrogateescape", closefd=False) if args.file == "-"
+             else open(args.file, encoding="utf-8", errors="surrogateescape"))
     except OSError as err:
         raise ClareError(f"cannot read {args.file}: {err.strerror}; check the path") from err
     with f:
@@ -6648,8 +6665,12 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
 
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
-        if config.token is not None:
+        if config.token is not None and sys.stdout.isatty():
             print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
+        elif config.token is not None:
+            # SECURITY: stdout of a service goes to the journal; a token must never be logged.
+            print(f"clare: log in once with {server.url}/login?token=TOKEN (the token from CLARE_TOKEN "
+                  "or clare.toml)", flush=True)
         if peers:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
         start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log)
@@ -6837,7 +6858,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         for depth in range(1, len(cmd.path)):
             prefix = cmd.path[:depth]
             if prefix not in groups:
+                examples = "\n  ".join(c.example.splitlines()[0] for c in COMMANDS if c.path[:depth] == prefix)
                 sub = groups[prefix[:-1]].add_parser(prefix[-1], help=GROUP_HELP.get(prefix[-1]),
+                                                     description=GROUP_HELP.get(prefix[-1]),
+                                                     epilog=f"examples:\n  {examples}",
                                                      formatter_class=_HelpFormatter)
                 sub.set_defaults(handler=_group_help(sub))
                 groups[prefix] = sub.add_subparsers(title="commands", metavar="COMMAND")
@@ -6917,6 +6941,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         sys.stderr.close()  # the reader (head, less) left: not an error
         return 0
+    except KeyboardInterrupt:
+        print("clare: interrupted; what was committed before Ctrl-C is kept", file=sys.stderr)
+        return 130
     finally:
         ctx.close()
 

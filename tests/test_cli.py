@@ -148,3 +148,25 @@ def test_install_writes_a_launcher_that_runs_clare_as_a_module(run_clare, tmp_pa
     assert [x["name"] for x in json.loads(p.stdout)] == ["alpha"]
     p = subprocess.run([str(launcher), "task", "start", "zz"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.startswith("clare: error: task id 'zz'")
+
+
+def test_io_and_input_errors_are_one_line_not_tracebacks(cli, tmp_path):
+    cli("project", "new", "alpha")
+    r = cli("export", tmp_path / "missing" / "x.jsonl")
+    assert r.code == 1 and r.err.startswith("clare: error: cannot write") and "Traceback" not in r.err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\xff\xfe{}\n" + b"[" * 100_000 + b"\n")
+    r = cli("import", bad)
+    assert r.code == 1 and "line 1: not UTF-8 text" in r.err and "line 2:" in r.err
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    r = cli("--home", afile, "init")
+    assert r.code == 1 and r.err.startswith("clare: error: cannot create the folder")
+    r = cli("project", "set", "alpha")
+    assert r.code == 2 and "nothing to change" in r.err
+
+
+def test_group_commands_show_examples_in_their_help(capsys):
+    with pytest.raises(SystemExit):
+        clare.main(["task", "--help"])
+    assert "examples:\n  clare task add alpha" in capsys.readouterr().out
