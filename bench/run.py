@@ -80,8 +80,8 @@ ROW_KEYS = (
     *(f"add.{i}.floor" for i in range(5)), *(f"add.{i}.taskwarrior" for i in range(5)),
     *(f"replay.{i}" for i in range(3)),
     "append.services", "append.import",
-    "sync.full", "sync.incremental",
-    "http.rate", "http.p99",
+    "sync.less", "sync.full", "sync.incremental",
+    "http.rate", "http.p99", "http.less", "http.more",
     "pull.cold", "pull.warm",
     "serve.rss",
 )
@@ -470,44 +470,41 @@ def has_route(method: str, path: str) -> bool:
 
 def bench_sync(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     """A full sync into an empty peer beside `clare import` of the same events; an incremental sync."""
-    n = sizes.sync
-    src = work / "sync-src"
-    n = make_log(src / "clare.db", n)
-    lines = work / "sync.jsonl"
-    export_log(src / "clare.db", lines)
-
-    def import_once() -> float:
-        home = work / "sync-import"
-        shutil.rmtree(home, ignore_errors=True)
-        started = time.perf_counter()
-        run([PY, str(CLARE_PY), "--home", str(home), "import", str(lines)])
-        return (time.perf_counter() - started) * 1000
-    import_ms = median_of(import_once, 3)
-    full = Row("sync.full", f"`clare sync` of {n:,} events into an empty peer, loopback", "<= 2x",
-               base=import_ms, base_name="`clare import` of the same events")
+    is_ready = has_command("sync") and has_route("GET", "/api/v1/sync/events")
     incremental = Row("sync.incremental", "incremental sync of 10 new events between up-to-date peers", "<= 3x",
                       base_name="one HTTP round trip")
-    rows["sync.full"], rows["sync.incremental"] = full, incremental
-    if not (has_command("sync") and has_route("GET", "/api/v1/sync/events")):
-        full.note = incremental.note = "n/a (needs `clare sync` and the sync routes of `clare serve`)"
-        return
-    server = ClareServer(src)
-    try:
-        def sync_once() -> float:
-            home = work / "sync-dst"
-            shutil.rmtree(home, ignore_errors=True)
-            started = time.perf_counter()
-            run([PY, str(CLARE_PY), "--home", str(home), "sync", server.url])
-            return (time.perf_counter() - started) * 1000
-        full.clare = median_of(sync_once, 3)
-        if count_events(work / "sync-dst" / "clare.db") != n:
-            raise BenchError("the synced peer does not hold every event")
-        incremental.clare, incremental.base = incremental_sync(src / "clare.db", work / "sync-dst" / "clare.db",
-                                                               server.url)
-    finally:
-        server.stop()
-    for p in (lines,):
-        p.unlink()
+    rows["sync.incremental"] = incremental
+    for key, n, goal in (("sync.less", sizes.sync // 10, ""), ("sync.full", sizes.sync, "<= 2x")):
+        src = work / f"sync-src-{n}"
+        n = make_log(src / "clare.db", n)
+        row = rows[key] = Row(key, f"`clare sync` of {n:,} events into an empty peer, loopback"
+                              + (", 10x less" if key == "sync.less" else ""), goal,
+                              base_name="`clare import` of the same events")
+        lines = work / "sync.jsonl"
+        export_log(src / "clare.db", lines)
+        row.base = median_of(lambda: time_clare(work / "sync-import", "import", str(lines)), 3)
+        lines.unlink()
+        if not is_ready:
+            row.note = incremental.note = "n/a (needs `clare sync` and the sync routes of `clare serve`)"
+            continue
+        server = ClareServer(src)
+        try:
+            row.clare = median_of(lambda: time_clare(work / "sync-dst", "sync", server.url), 3)
+            if count_events(work / "sync-dst" / "clare.db") != n:
+                raise BenchError("the synced peer does not hold every event")
+            if key == "sync.full":
+                incremental.clare, incremental.base = incremental_sync(
+                    src / "clare.db", work / "sync-dst" / "clare.db", server.url)
+        finally:
+            server.stop()
+
+
+def time_clare(home: Path, *argv: str) -> float:
+    """Return the ms of one `clare` command on a new, empty home."""
+    shutil.rmtree(home, ignore_errors=True)
+    started = time.perf_counter()
+    run([PY, str(CLARE_PY), "--home", str(home), *argv])
+    return (time.perf_counter() - started) * 1000
 
 
 def count_events(path: Path) -> int:
@@ -637,13 +634,14 @@ def bench_http(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     """`GET /` under wrk at 16 connections beside a fixed 2 KB page from ThreadingHTTPServer."""
     note = missing("wrk", "wrk")
     n_tasks = 5_000 if sizes is FULL else 500
-    what = f"{n_tasks // 100} projects, {n_tasks:,} tasks" + (
-        ", 200 sessions" if HAS_SESSIONS else " (no sessions: fleet not on main)")
-    rate_row = Row("http.rate", f"`GET /`, {what}: req/s at 16 connections", ">= 0.33x", unit="req/s",
-                   base_name="fixed 2 KB page", note=note or "")
+    rate_row = Row("http.rate", f"`GET /`, {dashboard_what(n_tasks)}: req/s at 16 connections", ">= 0.33x",
+                   unit="req/s", base_name="fixed 2 KB page", note=note or "")
     p99_row = Row("http.p99", "`GET /` p99 latency at 16 connections", "<= 50 ms",
                   base_name="fixed 2 KB page", note=note or "")
-    rows["http.rate"], rows["http.p99"] = rate_row, p99_row
+    growth = {key: Row(key, f"`GET /`, {dashboard_what(n)}, {what}: req/s at 16 connections", unit="req/s",
+                       base_name="fixed 2 KB page", note=note or "")
+              for key, n, what in (("http.less", n_tasks // 10, "10x less"), ("http.more", n_tasks * 10, "10x more"))}
+    rows.update({"http.rate": rate_row, "http.p99": p99_row, **growth})
     if note:
         return
     child = subprocess.Popen([PY, str(Path(__file__).resolve()), "--serve-fixed-page"], stdout=subprocess.PIPE,
@@ -654,21 +652,38 @@ def bench_http(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     finally:
         child.terminate()
         child.wait(timeout=10)
-    rate_row.base = statistics.median(r[0] for r in base)
-    p99_row.base = statistics.median(r[1] for r in base)
+    base_rate, base_p99 = statistics.median(r[0] for r in base), statistics.median(r[1] for r in base)
+    for row in (rate_row, *growth.values()):
+        row.base = base_rate
+    p99_row.base = base_p99
     if not has_command("serve"):
-        rate_row.note = p99_row.note = "n/a (needs `clare serve`)"
+        for row in (rate_row, p99_row, *growth.values()):
+            row.note = "n/a (needs `clare serve`)"
         return
-    home = work / "dashboard"
-    make_tasks_home(home, n_tasks, n_sessions=200)
+    rate_row.clare, p99_row.clare = dashboard_under_wrk(work / "dashboard", n_tasks, sizes)
+    for row, n in ((growth["http.less"], n_tasks // 10), (growth["http.more"], n_tasks * 10)):
+        row.clare, p99 = dashboard_under_wrk(work / f"dashboard-{n}", n, sizes, runs=1)
+        row.metric += f"; p99 {p99:.1f} ms"
+
+
+def dashboard_what(n_tasks: int) -> str:
+    """Describe the data behind a dashboard row: projects of 100 tasks, a session per 25 tasks."""
+    n_projects = max(1, n_tasks // 100)
+    return f"{n_projects:,} project{'s' * (n_projects > 1)}, {n_tasks:,} tasks" + (
+        f", {n_tasks // 25:,} sessions" if HAS_SESSIONS else " (no sessions: fleet not on main)")
+
+
+def dashboard_under_wrk(home: Path, n_tasks: int, sizes: Sizes, *, runs: int = 3) -> tuple[float, float]:
+    """Return the median req/s and p99 ms of `GET /` from `clare serve` over a home of n_tasks."""
+    make_tasks_home(home, n_tasks, n_sessions=n_tasks // 25)
     server = ClareServer(home)
     try:
-        server.get("/")  # warm: the first request opens the database and builds the page caches
-        results = [wrk(server.url + "/", sizes.wrk_seconds) for _ in range(3)]
+        server.get("/")  # warm: the first request opens the database and fills the page cache
+        results = [wrk(server.url + "/", sizes.wrk_seconds) for _ in range(runs)]
     finally:
         server.stop()
-    rate_row.clare = statistics.median(r[0] for r in results)
-    p99_row.clare = statistics.median(r[1] for r in results)
+    shutil.rmtree(home)
+    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
 
 
 def make_transcripts(where: Path, n_files: int, total_bytes: int) -> list[Path]:
