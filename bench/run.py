@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Clare's benchmarks: one table of metric, Clare, baseline, ratio and goal (issue #6).
 
-    make bench                                  # full sizes: about ten minutes on 2 cores
+    make bench                                  # full sizes: about seven minutes on 2 cores
     CLARE_BENCH_QUICK=1 make bench              # tiny sizes, under a minute (tests/test_bench.py)
     .venv/bin/python bench/run.py --only replay # one group: list replay append sync http pull serve
     .venv/bin/python bench/run.py --json out.json
