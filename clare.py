@@ -3182,6 +3182,7 @@ SYNC_INTERVAL_S = 30.0  # background sync: the pause between two good rounds wit
 MAX_BACKOFF_S = 900.0  # ... and the longest pause after failed ones
 PEER_TIMEOUT_S = 20.0  # one HTTP request to a peer
 MAX_RESPONSE_BYTES = 512 * 1024 * 1024  # a peer answer larger than this is refused unread
+HTTP_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
 PEER_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 PEER_URL_RE = re.compile(r"\Ahttps?://[^\s/?#]+(/[^\s?#]*)?\Z")
@@ -3610,46 +3611,68 @@ class HttpPeer(PeerTransport):
         return self._call("POST", "/api/v1/sync/fetch", {"uuids": uuids})
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        import http.client
-        import urllib.error
-        import urllib.request
-
-        data = None if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        headers = {"Accept": "application/json", "User-Agent": f"clare/{__version__}"}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        # Peers are reached directly: an http_proxy meant for the internet must not see fleet traffic.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(request, timeout=self.timeout_s) as response:
-                raw = response.read(MAX_RESPONSE_BYTES + 1)
-        except urllib.error.HTTPError as err:
-            raise ClareError(f"{self.url} answered {err.code} to {method} {path.split('?')[0]}: "
-                             f"{_http_error_message(err)}") from err
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-            reason = getattr(err, "reason", None) or err
-            raise ClareError(f"cannot reach {self.url} ({reason}); check that 'clare serve' runs there "
-                             "and that the address is right") from err
-        if len(raw) > MAX_RESPONSE_BYTES:
-            raise ClareError(f"{self.url} sent more than {MAX_RESPONSE_BYTES} bytes; is it a Clare?")
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError) as err:  # SECURITY: a peer may nest '[' deeper than the stack
-            raise ClareError(f"{self.url} sent something that is not JSON ({str(err)[:100]}); is it a Clare?") from err
+        return http_json(self.url, path, method=method, body=body, token=self.token, timeout_s=self.timeout_s,
+                         hint_401="set the peer's token: token_env in clare.toml, or CLARE_TOKEN")
 
 
-def _http_error_message(err: Any) -> str:
-    """Return the message of a Clare error body, or the HTTP reason, plus a hint for auth failures."""
+def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, token: str | None = None,
+              timeout_s: float = PEER_TIMEOUT_S, hint_401: str = "", say_where: bool = True) -> Any:
+    """Send one JSON request to a Clare server, never through a proxy, and return its decoded answer.
+
+    Every failure is one ClareError line: unreachable, truncated, too large or not JSON; an error status
+    raises the class of HTTP_ERRORS with the server's message (after "BASE answered N to METHOD PATH: "
+    when `say_where`). The token is never part of a message.
+    """
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    headers = {"Accept": "application/json", "User-Agent": f"clare/{__version__}"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    # SECURITY: Clare servers are reached directly: an http_proxy meant for the internet must never see the
+    # bearer token or fleet traffic.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        message = json.loads(err.read(64 * 1024))["error"]["message"]
-    except (ValueError, KeyError, TypeError, OSError):
-        message = str(err.reason)
-    if err.code == 401:
-        message += " (set the peer's token: token_env in clare.toml, or CLARE_TOKEN)"
-    return str(message)[:500]
+        with opener.open(request, timeout=timeout_s) as response:
+            raw = response.read(MAX_RESPONSE_BYTES + 1)
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) != len(raw) and len(raw) <= MAX_RESPONSE_BYTES:
+                raise http.client.IncompleteRead(raw, int(length) - len(raw))  # read(n) returns a cut body as is
+    except urllib.error.HTTPError as err:
+        said = _error_body_message(err)
+        message = said if said is not None and not say_where else \
+            f"{base} answered {err.code} to {method} {path.split('?')[0]}: {said or err.reason}"
+        if err.code == 401 and hint_401:
+            message += f" ({hint_401})"
+        raise HTTP_ERRORS.get(err.code, ClareError)(message[:600]) from err
+    except http.client.HTTPException as err:  # SECURITY: a garbled status line, a body cut short
+        raise ClareError(f"{base} broke off or garbled its answer ({type(err).__name__}: {' '.join(str(err).split())[:100]}); "
+                         "is it a Clare, and is it still running?") from err
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise ClareError(f"cannot reach {base} ({str(reason)[:200]}); check that 'clare serve' runs there "
+                         "and that the address is right") from err
+    if len(raw) > MAX_RESPONSE_BYTES:
+        raise ClareError(f"{base} sent more than {MAX_RESPONSE_BYTES} bytes; is it a Clare?")
+    try:
+        return json.loads(raw or b"null")  # a 204 has no body
+    except (ValueError, RecursionError) as err:  # SECURITY: a server may nest '[' deeper than the stack
+        raise ClareError(f"{base} sent something that is not JSON ({str(err)[:100]}); is it a Clare?") from err
+
+
+def _error_body_message(err: Any) -> str | None:
+    """Return the message of a Clare error body (`{"error": {"message": ...}}`), or None for any other body."""
+    import http.client
+
+    try:
+        return str(json.loads(err.read(64 * 1024))["error"]["message"])[:500]
+    except (ValueError, KeyError, TypeError, RecursionError, OSError, http.client.HTTPException):
+        return None
 
 
 def load_peers(config: dict[str, Any], *, path: str = "clare.toml") -> list[Peer]:
@@ -5817,7 +5840,6 @@ def sync_get_peers(req: Request) -> Response:
 
 REMOTE_TIMEOUT_S = 30.0
 LOCAL_ONLY_SERVICES = frozenset({"pull_fleet", "observe_sessions", "report_hook", "get_pane_session"})
-_REMOTE_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
 
 
 def _build(cls: type, obj: dict[str, Any]) -> Any:
@@ -5845,32 +5867,13 @@ class RemoteServices:
 
     def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
         """Send one API request and return its decoded JSON; raise the server's error as a ClareError."""
-        import urllib.error
         import urllib.parse
-        import urllib.request
 
         pairs = [(k, x) for k, v in (query or {}).items() if v is not None
                  for x in (v if isinstance(v, list) else [v])]
-        url = self.url + path + ("?" + urllib.parse.urlencode(pairs) if pairs else "")
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Accept": "application/json", **({"Content-Type": "application/json"} if data is not None else {}),
-                   **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
-        request = urllib.request.Request(url, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=REMOTE_TIMEOUT_S) as resp:
-                return json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as err:
-            try:
-                message = json.loads(err.read())["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = f"{self.url} answered {err.code} {err.reason}"
-            raise _REMOTE_ERRORS.get(err.code, ClareError)(message) from err
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise ClareError(f"cannot reach {self.url} ({reason}); check --remote / CLARE_URL and that "
-                             "'clare serve' runs there") from err
-        except ValueError as err:
-            raise ClareError(f"{self.url} did not answer JSON; is it a Clare server?") from err
+        path += "?" + urllib.parse.urlencode(pairs) if pairs else ""
+        return http_json(self.url, path, method=method, body=body, token=self.token, timeout_s=REMOTE_TIMEOUT_S,
+                         say_where=False)
 
     @staticmethod
     def _path(ref: str) -> str:

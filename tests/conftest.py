@@ -262,3 +262,43 @@ def observe(db, session_ids, *, now_ms: int, cwd: str = "/srv/app", state: str =
             "command": "claude", "state": state, "last_activity_ms": now_ms, "label": "", "tokens": {}, **fields}))
     return clare.observe_sessions(db, seen, now_ms=now_ms)
 
+
+
+@pytest.fixture
+def fake_server():
+    """Start raw servers on 127.0.0.1 port 0 that answer every request with fixed bytes, then close."""
+    import socket
+    import threading
+
+    started = []
+
+    def start(answer: bytes) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.1)
+        stop = threading.Event()
+
+        def loop():
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except (TimeoutError, OSError):
+                    continue
+                with conn:
+                    conn.settimeout(5)
+                    head = b""
+                    while b"\r\n\r\n" not in head and len(head) < 65536:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        head += chunk
+                    conn.sendall(answer)
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        started.append((listener, stop, thread))
+        return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    yield start
+    for listener, stop, thread in started:
+        stop.set()
+        thread.join(5)
+        listener.close()

@@ -639,3 +639,35 @@ def test_serve_keeps_the_token_out_of_a_log(home, db):
             proc.wait()
     assert "login?token=YOUR_TOKEN" in lines[1]
     assert token not in "".join(lines) + out + err
+
+
+def _answer(status: str, body: bytes, *, content_type: str = "application/json", length: int | None = None) -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body) if length is None else length}\r\n" \
+           "Connection: close\r\n\r\n"
+    return head.encode() + body
+
+
+@pytest.mark.parametrize("answer, says", [
+    (b"garbage, not HTTP at all\r\n\r\n", "garbled"),
+    (_answer("200 OK", b'[{"id": "abc", "na', length=5000), "broke off"),
+    (_answer("200 OK", b"[" * 100_000), "not JSON"),
+    (_answer("200 OK", b"<html><body>a login page</body></html>", content_type="text/html"), "not JSON"),
+    (_answer("502 Bad Gateway", b"<html>proxy error</html>", content_type="text/html"), "answered 502"),
+    (_answer("404 Not Found", b"[" * 100_000), "answered 404"),
+], ids=["garbage", "truncated", "deep-nesting", "html", "html-error", "deep-error-body"])
+def test_remote_that_answers_nonsense_is_one_error_line(cli, fake_server, answer, says):
+    r = cli("--remote", fake_server(answer), "project", "list")
+    assert r.code == 1 and r.err.startswith("clare: error: ") and says in r.err
+    assert r.err.count("\n") == 1 and "Traceback" not in r.err
+
+
+def test_remote_and_peer_traffic_never_go_through_a_proxy(serve, cli, monkeypatch, fake_server):
+    s = serve()
+    assert cli("--remote", s.url, "project", "new", "alpha").code == 0
+    proxy = fake_server(_answer("200 OK", b'["from the proxy"]'))
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy"):
+        monkeypatch.setenv(var, proxy)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    r = cli("--remote", s.url.replace("127.0.0.1", "localhost"), "--json", "project", "list")
+    assert r.code == 0 and [p["name"] for p in r.json()] == ["alpha"]
