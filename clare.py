@@ -52,6 +52,7 @@ MAX_TEXT_CHARS = 20_000  # descriptions, goals, update texts
 MAX_PAYLOAD_BYTES = 64 * 1024  # one event's JSON payload, as stored
 ID_PREFIX_RE = re.compile(r"\A[0-9a-f][0-9a-f-]*\Z")
 SHORT_ID = 8  # characters of an id shown to people
+MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is refused wherever it is read
 
 
 class ClareError(Exception):
@@ -108,6 +109,26 @@ def load_config(path: str) -> dict[str, Any]:
         return {}
     except tomllib.TOMLDecodeError as err:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
+
+
+def resolve_token(config: dict[str, Any], *, env: dict[str, str] | None = None,
+                  path: str = "clare.toml") -> str | None:
+    """Return the bearer token: CLARE_TOKEN, else `token` in clare.toml, else None; refuse a weak one.
+
+    The one place the shared token is read, for the server, its peers and --remote alike.
+    """
+    env = os.environ if env is None else env
+    if env.get("CLARE_TOKEN"):
+        return check_token(env["CLARE_TOKEN"], where="$CLARE_TOKEN")
+    return check_token(config.get("token") or None, where=f"'token' in {path}")
+
+
+def check_token(token: object, *, where: str) -> str | None:
+    """Return the token if it is text of MIN_TOKEN_CHARS or more; None stays None."""
+    if token is not None and (not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS):
+        raise UsageError(f"the token in {where} is shorter than {MIN_TOKEN_CHARS} characters (or not text); make "
+                         "one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return token
 
 
 def now_ms() -> int:
@@ -3743,9 +3764,8 @@ def peer_token(peer: Peer, config: dict[str, Any], *, env: dict[str, str] | None
         token = env.get(peer.token_env)
         if not token:
             raise ClareError(f"the variable {peer.token_env} is not set; export the token of {peer.name} in it")
-        return token
-    token = env.get("CLARE_TOKEN") or config.get("token")
-    return token if isinstance(token, str) and token else None
+        return check_token(token, where=f"${peer.token_env}")
+    return resolve_token(config, env=env)
 
 
 def list_peers(db: Db, peers: list[Peer]) -> list[dict[str, Any]]:
@@ -3951,12 +3971,8 @@ def web_config(paths: Paths, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
     """Read token and allowed host names from CLARE_TOKEN and clare.toml; refuse an open bind without a token."""
     import socket
 
-    env = os.environ if env is None else env
     config = load_config(paths.config)
-    token = env.get("CLARE_TOKEN") or config.get("token") or None
-    if token is not None and (not isinstance(token, str) or len(token) < 16):
-        raise UsageError("the token is shorter than 16 characters; make one with: "
-                         "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    token = resolve_token(config, env=env, path=paths.config)
     if not is_loopback(host) and token is None:
         raise UsageError(f"binding {host or '*'} exposes Clare to the network without a token; set CLARE_TOKEN "
                          "or token = \"...\" in clare.toml (python3 -c 'import secrets; "
@@ -6154,7 +6170,7 @@ class Context:
         """Return the services this command runs against: the local database, or --remote / CLARE_URL."""
         if self._svc is None:
             if self.remote_url is not None:
-                token = os.environ.get("CLARE_TOKEN") or load_config(self.paths.config).get("token")
+                token = resolve_token(load_config(self.paths.config), path=self.paths.config)
                 self._svc = RemoteServices(_check_url(self.remote_url), token=token)
             else:
                 self._svc = Services(self.db)

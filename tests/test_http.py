@@ -671,3 +671,21 @@ def test_remote_and_peer_traffic_never_go_through_a_proxy(serve, cli, monkeypatc
     monkeypatch.delenv("NO_PROXY", raising=False)
     r = cli("--remote", s.url.replace("127.0.0.1", "localhost"), "--json", "project", "list")
     assert r.code == 0 and [p["name"] for p in r.json()] == ["alpha"]
+
+
+def test_a_short_token_is_refused_alike_by_serve_remote_and_sync(home, cli, monkeypatch, db):
+    (home / "clare.toml").write_text('token = "short"\n[[peers]]\nname = "b"\nurl = "http://127.0.0.1:9"\n')
+    paths = clare.resolve_paths()
+    with pytest.raises(clare.UsageError, match="'token' in .*clare.toml.* 16 characters"):
+        clare.web_config(paths, port=0, env={})
+    r = cli("--remote", "http://127.0.0.1:9", "project", "list")
+    assert r.code == 2 and "16 characters" in r.err and "cannot reach" not in r.err
+    r = cli("sync")
+    assert r.code == 1 and "b: the token in 'token' in" in r.err and "16 characters" in r.err
+    monkeypatch.setenv("CLARE_TOKEN", "also-short")
+    with pytest.raises(clare.UsageError, match=r"\$CLARE_TOKEN"):
+        clare.peer_token(clare.Peer("b", "http://x", None), {})
+    monkeypatch.setenv("CLARE_TOKEN", "long-enough-token-0123456789")
+    assert clare.resolve_token(clare.load_config(paths.config)) == "long-enough-token-0123456789"
+    assert clare.peer_token(clare.Peer("b", "http://x", "B_TOKEN"), {}, env={"B_TOKEN": "b-token-0123456789"}) \
+        == "b-token-0123456789"
