@@ -3933,7 +3933,7 @@ class WebConfig:
     db_path: str
     log_requests: bool = False  # one line per request costs ~16% throughput (DESIGN §8)
     timeout_s: float = REQUEST_TIMEOUT_S
-    config_path: str = ""  # clare.toml, read again for the peers' status
+    peers: tuple[Peer, ...] = ()  # clare.toml's peers as read at start: a later typo there never breaks a poll
 
     @property
     def has_token(self) -> bool:
@@ -3966,12 +3966,15 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
-def web_config(paths: Paths, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-               env: dict[str, str] | None = None, log_requests: bool = False) -> WebConfig:
-    """Read token and allowed host names from CLARE_TOKEN and clare.toml; refuse an open bind without a token."""
+def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: str = DEFAULT_HOST,
+               port: int = DEFAULT_PORT, env: dict[str, str] | None = None, log_requests: bool = False) -> WebConfig:
+    """Take token, allowed host names and peers from CLARE_TOKEN and clare.toml (`settings`, else read here).
+
+    Refuse an open bind without a token.
+    """
     import socket
 
-    config = load_config(paths.config)
+    config = load_config(paths.config) if settings is None else settings
     token = resolve_token(config, env=env, path=paths.config)
     if not is_loopback(host) and token is None:
         raise UsageError(f"binding {host or '*'} exposes Clare to the network without a token; set CLARE_TOKEN "
@@ -3988,7 +3991,8 @@ def web_config(paths: Paths, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         csrf = get_secret(db, "csrf_secret")
     finally:
         db.close()
-    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests, config_path=paths.config)
+    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests,
+                     peers=tuple(load_peers(config, path=paths.config)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -5341,7 +5345,7 @@ PEER_ROW = string.Template("""<tr><td>$state</td>
 
 def peers_fragment(req: Request) -> Html:
     """Render each peer with how its last sync went, polled in place."""
-    peers = list_peers(req.db, load_peers(load_config(req.config.config_path), path=req.config.config_path))
+    peers = list_peers(req.db, req.config.peers)
     now = now_ms()
 
     def state(p: dict[str, Any]) -> Html:
@@ -5848,8 +5852,7 @@ def sync_post_fetch(req: Request) -> Response:
 
 def sync_get_peers(req: Request) -> Response:
     """Return each peer with what its last sync did: for the dashboard and remote `peer list`."""
-    peers = load_peers(load_config(req.config.config_path), path=req.config.config_path)
-    return json_response(list_peers(req.db, peers))
+    return json_response(list_peers(req.db, req.config.peers))
 
 
 # --- the remote twin of Services ----------------------------------------
@@ -6154,6 +6157,7 @@ class Context:
         self.remote_url: str | None = getattr(args, "remote", None) or os.environ.get("CLARE_URL") or None
         self._db: Db | None = None
         self._svc: Services | RemoteServices | None = None
+        self._config: dict[str, Any] | None = None  # clare.toml, read on first use
 
     @property
     def db(self) -> Db:
@@ -6166,11 +6170,18 @@ class Context:
         return self._db
 
     @property
+    def config(self) -> dict[str, Any]:
+        """Return clare.toml's settings, read once per command."""
+        if self._config is None:
+            self._config = load_config(self.paths.config)
+        return self._config
+
+    @property
     def svc(self) -> "Services | RemoteServices":
         """Return the services this command runs against: the local database, or --remote / CLARE_URL."""
         if self._svc is None:
             if self.remote_url is not None:
-                token = resolve_token(load_config(self.paths.config), path=self.paths.config)
+                token = resolve_token(self.config, path=self.paths.config)
                 self._svc = RemoteServices(_check_url(self.remote_url), token=token)
             else:
                 self._svc = Services(self.db)
@@ -6443,7 +6454,7 @@ def format_sessions(sessions: list[Session], ambiguous: list[Pane] = ()) -> str:
 
 def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
     """Look at this host's Claude sessions and record what changed."""
-    result = ctx.svc.pull_fleet(config=load_config(ctx.paths.config), tails=args.tails)
+    result = ctx.svc.pull_fleet(config=ctx.config, tails=args.tails)
     sessions = ctx.svc.list_sessions(host=ctx.db.machine_id)
     counts = {t: sum(ev.event_type == f"session.{t}" for ev in result.events) for t in ("appeared", "changed", "gone")}
     value = {"sessions": sessions, "events": len(result.events), **counts, "ambiguous": result.ambiguous,
@@ -6604,7 +6615,7 @@ def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
 
 def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
     """List peers with their last sync, lag, clock offset and last error."""
-    rows = list_peers(ctx.db, load_peers(load_config(ctx.paths.config), path=ctx.paths.config))
+    rows = list_peers(ctx.db, load_peers(ctx.config, path=ctx.paths.config))
     now = now_ms()
     emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "ERROR"), (
         (r["name"] + ("" if r["is_configured"] else " (not in clare.toml)"), r["url"],
@@ -6615,7 +6626,7 @@ def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
 
 def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
     """Run one round (pull, then push) with every configured peer or one; print what moved."""
-    config = load_config(ctx.paths.config)
+    config = ctx.config
     peers = load_peers(config, path=ctx.paths.config)
     if args.peer:
         peers = [find_peer(peers, args.peer)]
@@ -6692,9 +6703,9 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync and pull the fleet meanwhile."""
     import threading
 
-    config = web_config(ctx.paths, host=args.host, port=args.port, log_requests=args.log)
-    settings = load_config(ctx.paths.config)
-    peers = [] if args.no_sync else load_peers(settings, path=ctx.paths.config)
+    settings = ctx.config
+    config = web_config(ctx.paths, settings=settings, host=args.host, port=args.port, log_requests=args.log)
+    peers = [] if args.no_sync else list(config.peers)
     interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
     stop = threading.Event()

@@ -689,3 +689,14 @@ def test_a_short_token_is_refused_alike_by_serve_remote_and_sync(home, cli, monk
     assert clare.resolve_token(clare.load_config(paths.config)) == "long-enough-token-0123456789"
     assert clare.peer_token(clare.Peer("b", "http://x", "B_TOKEN"), {}, env={"B_TOKEN": "b-token-0123456789"}) \
         == "b-token-0123456789"
+
+
+def test_peers_poll_uses_the_config_read_at_start_so_a_later_typo_breaks_nothing(home, serve):
+    (home / "clare.toml").write_text('[[peers]]\nname = "apricot"\nurl = "http://10.9.0.2:8765"\n')
+    s = serve()
+    (home / "clare.toml").write_text('[[peers]\nname = "apricot"  # a typo made while serving\n')
+    frag = s.request("GET", "/frag/peers")
+    assert frag.status == 200 and "apricot" in frag.text
+    peers = s.request("GET", "/api/v1/sync/peers")
+    assert peers.status == 200 and [p["name"] for p in peers.json()] == ["apricot"]
+
