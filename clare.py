@@ -3887,6 +3887,8 @@ MAX_BODY_BYTES = 1024 * 1024  # JSON and form bodies; larger ones get 413 before
 MAX_SYNC_BODY_BYTES = 8 * 1024 * 1024  # a sync batch of events
 SYNC_PATH_PREFIX = "/api/v1/sync/"
 REQUEST_TIMEOUT_S = 10.0  # per socket read or write: a slow or silent client loses its connection
+REQUEST_DEADLINE_S = 60.0  # a request's head and body, from its first byte: a trickling client is cut off
+MAX_HANDLER_THREADS = 128  # connections handled at once; one more gets a quick 503
 LISTEN_BACKLOG = 128  # with the default 5, p99 latency under load is near a second (DESIGN §8)
 SHUTDOWN_GRACE_S = 10.0  # how long SIGTERM waits for requests in flight to finish
 POLL_S = 5  # how often htmx refreshes a polled fragment
@@ -3933,6 +3935,8 @@ class WebConfig:
     db_path: str
     log_requests: bool = False  # one line per request costs ~16% throughput (DESIGN §8)
     timeout_s: float = REQUEST_TIMEOUT_S
+    deadline_s: float = REQUEST_DEADLINE_S
+    max_threads: int = MAX_HANDLER_THREADS
     peers: tuple[Peer, ...] = ()  # clare.toml's peers as read at start: a later typo there never breaks a poll
 
     @property
@@ -4325,10 +4329,42 @@ def make_server(config: WebConfig) -> Any:
                          "pick another --port or stop what holds it") from err
 
 
+BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+               b"Connection: close\r\nContent-Length: 84\r\n\r\n"
+               b'{"error": {"code": "busy", "message": "the server is busy; try again in a second"}}\n')
+
+
 def _define_server() -> type:
+    import io
     import socket
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class DeadlineReader(io.RawIOBase):
+        """A socket's reads: each under timeout_s, and all of one request under one deadline."""
+
+        def __init__(self, sock: socket.socket, *, timeout_s: float, deadline_s: float):
+            self.sock, self.timeout_s, self.deadline_s = sock, timeout_s, deadline_s
+            self.deadline: float | None = None  # set by the request's first byte; None between requests
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buf: Any) -> int:
+            # SECURITY: a per-read timeout alone lets a client that sends a byte every few seconds hold
+            # its thread forever (slowloris).
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the request took too long to arrive")
+                self.sock.settimeout(min(self.timeout_s, left))
+            try:
+                n = self.sock.recv_into(buf)
+            finally:
+                self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
+            if n and self.deadline is None:
+                self.deadline = time.monotonic() + self.deadline_s
+            return n
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive
@@ -4336,9 +4372,13 @@ def _define_server() -> type:
         sys_version = ""
 
         def setup(self) -> None:
-            self.timeout = self.server.config.timeout_s  # every read and write on the socket
+            config = self.server.config
+            self.timeout = config.timeout_s  # every read and write on the socket
             super().setup()
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.rfile.close()  # its socket file would keep the socket open after the request
+            self.reader = DeadlineReader(self.connection, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
+            self.rfile = io.BufferedReader(self.reader)
 
         def handle(self) -> None:
             try:
@@ -4356,6 +4396,7 @@ def _define_server() -> type:
 
         def handle_one_request(self) -> None:
             self.is_counted = False
+            self.reader.deadline = None  # a keep-alive connection's idle wait is not part of the next request
             try:
                 super().handle_one_request()
             finally:
@@ -4386,8 +4427,32 @@ def _define_server() -> type:
             self._lock = threading.Lock()
             self._idle = threading.Condition(self._lock)
             self._n_busy = 0  # requests being handled now
+            self._slots = threading.BoundedSemaphore(config.max_threads)  # one per handler thread
             super().__init__((config.host, config.port), Handler)
             self.config = dataclasses.replace(config, port=self.server_address[1])
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self._slots.acquire(blocking=False):
+                # SECURITY: unlimited threads let idle connections exhaust memory. This canned answer is the
+                # one write outside _dispatch: there is no handler thread to dispatch on.
+                with contextlib.suppress(OSError):
+                    request.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        request.recv(65536)  # unread data would turn our close into a reset that hides the 503
+                    request.send(BUSY_ANSWER)
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self._slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self._slots.release()
 
         def take_db(self) -> Db:
             """Borrow an open connection (a new connection per request costs ~4x, DESIGN §8)."""

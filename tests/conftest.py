@@ -142,12 +142,14 @@ def serve(home, db):
     started = []
 
     def start(*, token: str | None = None, timeout_s: float = clare.REQUEST_TIMEOUT_S,
+              deadline_s: float = clare.REQUEST_DEADLINE_S, max_threads: int = clare.MAX_HANDLER_THREADS,
               allowed_hosts: tuple = ()) -> Served:
         if allowed_hosts:
             (home / "clare.toml").write_text(f"allowed_hosts = {json.dumps(list(allowed_hosts))}\n")
         config = clare.web_config(clare.resolve_paths(), host="127.0.0.1", port=0,
                                   env={"CLARE_TOKEN": token} if token else {})
-        server = clare.make_server(clare.dataclasses.replace(config, timeout_s=timeout_s))
+        server = clare.make_server(clare.dataclasses.replace(config, timeout_s=timeout_s, deadline_s=deadline_s,
+                                                             max_threads=max_threads))
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))

@@ -321,6 +321,49 @@ def test_slow_client_is_cut_off(serve):
     assert s.request("GET", "/api/v1/projects").json() == []
 
 
+def test_a_client_trickling_its_request_is_cut_off_at_the_deadline(serve):
+    import select
+    import time
+
+    s = serve(timeout_s=0.5, deadline_s=1.0)
+    request = b"GET /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"a" * 400
+    with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+        is_cut = False
+        for byte in request:  # one byte per 0.2 s: each read is quick, the whole never ends
+            try:
+                c.sendall(bytes([byte]))
+            except OSError:
+                is_cut = True
+                break
+            if select.select([c], [], [], 0.2)[0]:
+                is_cut = True
+                break
+        assert is_cut, "the server kept reading a request trickled for 80 s"
+        try:
+            assert _read_all(c) == b""  # hung up without answering
+        except ConnectionResetError:
+            pass  # it closed with our last bytes unread: the kernel says so with a reset
+    assert s.request("GET", "/api/v1/projects").status == 200
+
+
+def test_connections_past_the_thread_cap_get_a_quick_503(serve):
+    from conftest import wait_for
+
+    s = serve(max_threads=2)
+    idle = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(2)]
+    try:
+        for c in idle:
+            c.sendall(b"GET /api/v1/pro")
+        wait_for(lambda: s.server._slots._value == 0, what="both handler threads taken")
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            answer = _read_all(c)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer and b'"busy"' in answer
+    finally:
+        for c in idle:
+            c.close()
+    assert wait_for(lambda: s.request("GET", "/api/v1/projects").status == 200, what="a slot freed")
+
+
 def test_sixty_half_open_connections_do_not_block_a_real_client(server):
     idle = []
     try:
