@@ -4,6 +4,7 @@ The simulation (DESIGN §4) runs in-process: a SimLink calls the serving host's 
 functions through a JSON round trip and injects faults. CLARE_SEED=N replays one seed.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -54,6 +55,7 @@ class SimLink(clare.PeerTransport):
         self.url = f"sim://{server.name}"
 
     def pull(self, *, after: int, limit: int) -> dict:
+        limit = self.sim.rng.choice([1, 2, 3, 7, limit])  # small pages: many pages per pull
         return self._deliver(lambda b: clare.sync_page(self.server.db, after=b["after"], limit=b["limit"],
                                                        now_ms=self.server.now()), {"after": after, "limit": limit})
 
@@ -71,6 +73,14 @@ class SimLink(clare.PeerTransport):
         return self._deliver(lambda b: clare.sync_fetch(self.server.db, b, now_ms=self.server.now()),
                              {"uuids": uuids})
 
+    def serve(self, handle, body: dict) -> dict:
+        """Run the serving host's handler; if that host dies meanwhile, it restarts and the client sees a reset."""
+        try:
+            return handle(body)
+        except SimCrash:
+            self.server.reopen()
+            raise clare.ClareError("sim: connection reset (the server died)") from None
+
     def _deliver(self, handle, request: dict) -> dict:
         rng, fault = self.sim.rng, self.sim.pick_fault()
         text = json.dumps(request)
@@ -84,11 +94,11 @@ class SimLink(clare.PeerTransport):
             raise clare.ClareError("sim: 400 the body is not JSON") from None
         if self.sim.faults_on and rng.random() < 0.1:
             self.sim.local_op(self.server)  # the serving host's people keep working during a sync
-        answer = handle(body)  # a ClareError here is the server's 4xx
+        answer = self.serve(handle, body)  # a ClareError here is the server's 4xx
         if fault == "duplicate":
-            handle(json.loads(text))
+            self.serve(handle, json.loads(text))
         if fault == "delay":
-            self.sim.delayed.append((handle, text))
+            self.sim.delayed.append((self, handle, text))
         if fault == "drop_response":
             raise clare.ClareError("sim: connection reset by peer")
         out = json.dumps(answer)
@@ -218,11 +228,9 @@ class Sim:
             host.skew_ms = rng.choice([0, 0, -rng.randrange(10 * 60_000), rng.randrange(4 * 60_000),
                                        rng.randrange(20 * 60_000), YEAR_MS])
         elif r < 0.95 and self.delayed:
-            handle, text = self.delayed.pop(rng.randrange(len(self.delayed)))
-            try:
-                handle(json.loads(text))
-            except clare.ClareError:
-                pass
+            link, handle, text = self.delayed.pop(rng.randrange(len(self.delayed)))
+            with contextlib.suppress(clare.ClareError):
+                link.serve(handle, json.loads(text))
         elif r < 0.97:
             host = rng.choice(self.hosts)
             host.backup = f"{host.path}.bak"
@@ -265,11 +273,9 @@ class Sim:
         """Sync along every edge, both ways, without faults, until a whole pass moves nothing."""
         self.faults_on = False
         self.crash_rate = 0.0
-        for handle, text in self.delayed:
-            try:
-                handle(json.loads(text))
-            except clare.ClareError:
-                pass
+        for link, handle, text in self.delayed:
+            with contextlib.suppress(clare.ClareError):
+                link.serve(handle, json.loads(text))
         self.delayed.clear()
         for n_pass in range(1, 3 * len(self.hosts) + 2):
             moved = 0
@@ -303,12 +309,13 @@ def assert_converged(sim: Sim) -> None:
             f"{host.name}'s clock was dragged past its now + MAX_OFFSET"
 
 
-def _crashing_save_cursor(sim: Sim, real):
-    def save_cursor(cur, *args, **kw):
-        if kw.get("pulled_rseq") is not None and sim.rng.random() < sim.crash_rate:
-            raise SimCrash("killed between storing a page and saving the cursor")
-        return real(cur, *args, **kw)
-    return save_cursor
+def _crashing(sim: Sim, real, *, when):
+    """Wrap a clare function so the process 'dies' just before some of its calls."""
+    def crashing(*args, **kw):
+        if when(kw) and sim.rng.random() < sim.crash_rate:
+            raise SimCrash(f"killed before {real.__name__}")
+        return real(*args, **kw)
+    return crashing
 
 
 def run_sim(seed: int, tmp, monkeypatch, *, n_steps: int, needs_verify: bool = False) -> Sim:
@@ -316,7 +323,11 @@ def run_sim(seed: int, tmp, monkeypatch, *, n_steps: int, needs_verify: bool = F
     monkeypatch.setattr(clare, "new_uuid", lambda: str(uuid.UUID(int=ids.getrandbits(128), version=4)))
     sim = Sim(seed, tmp, needs_verify=needs_verify)
     sim.crash_rate = 0.05
-    monkeypatch.setattr(clare, "save_cursor", _crashing_save_cursor(sim, clare.save_cursor))
+    monkeypatch.setattr(clare, "PUSH_BATCH_EVENTS", sim.rng.choice([2, 5, 1000]))  # many batches per push
+    # Deaths between storing a page and saving its cursor, and in the middle of storing it.
+    monkeypatch.setattr(clare, "save_cursor", _crashing(sim, clare.save_cursor,
+                                                        when=lambda kw: kw.get("pulled_rseq") is not None))
+    monkeypatch.setattr(clare, "receive_events", _crashing(sim, clare.receive_events, when=lambda kw: True))
     for _ in range(n_steps):
         sim.step()
     return sim
@@ -1144,3 +1155,14 @@ def test_fuzzed_batches_store_only_valid_events_and_never_crash(tmp_path):
     check()
     assert clare.count_events(db) >= 2  # well-formed events were among the examples, and were kept
     db.close()
+
+
+def test_cli_sync_warns_loudly_about_a_peer_a_year_ahead(remote, cli, monkeypatch, tmp_path):
+    real_now = clare.now_ms
+    monkeypatch.setattr(clare, "now_ms", lambda: real_now() + YEAR_MS)  # the server's clock; the CLI keeps its own
+    monkeypatch.setenv("CLARE_TOKEN", TOKEN)
+    other = tmp_path / "other"  # the CLI's own host, beside the server's
+    ran = cli("--home", other, "sync", remote.url)
+    assert ran.code == 0 and "pulled 1" in ran.out and "SKEWED" in ran.out
+    assert "clare: warning: " in ran.err and "365.0 d ahead of this host's" in ran.err
+    assert "SKEWED" in cli("--home", other, "peer", "list").out
