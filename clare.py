@@ -4757,13 +4757,28 @@ def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Respon
     return answer
 
 
-def age_text(at: str | None, now: int) -> str:
-    """Say compactly how long ago an ISO time was (12s, 5m, 3h, 2d), or '—' when unknown."""
-    ms = _iso_to_ms(at)
-    if ms is None:
-        return "—"
-    s = max(0, (now - ms) // 1000)
-    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
+# --- text formatters, shared by the dashboard and the CLI ----------------------------------
+
+def short_text(text: str, width: int) -> str:
+    """Return text on one line, cut to `width` characters with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def when_text(created_at: str) -> str:
+    """Return an ISO time as 'YYYY-MM-DD HH:MM:SS' (UTC)."""
+    return created_at[:19].replace("T", " ")
+
+
+def tokens_text(tokens: dict[str, int]) -> str:
+    """Return a token count compactly: 950, 1.5k, 2.3M, or '—' for none."""
+    n = sum(v for v in tokens.values() if isinstance(v, int))
+    return "—" if not n else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def ago_text(at: str | None, now: int) -> str:
+    """Say how long ago an ISO time was ('2.0 min ago', 'just now'), or 'never' when unknown."""
+    return _ago_ms(_iso_to_ms(at), now)
 
 
 TASK_COLORS = {"todo": "gray", "in_progress": "blue", "blocked": "orange", "done": "green"}
@@ -4903,12 +4918,8 @@ def feed(events: list[Event], *, empty: str) -> Html:
     if not events:
         return render(EMPTY, text=empty)
     return render(FEED, items=join(
-        render(FEED_ITEM, text=describe_event(ev), at=ev.created_at, when=_short_time(ev.created_at),
+        render(FEED_ITEM, text=describe_event(ev), at=ev.created_at, when=when_text(ev.created_at),
                where=ev.machine_id) for ev in reversed(events)))
-
-
-def _short_time(created_at: str) -> str:
-    return created_at[:16].replace("T", " ")
 
 
 def assignee_text(task: Task) -> Html:
@@ -4944,7 +4955,7 @@ def _project_row(rollup: ProjectStatus) -> Html:
                               for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
                   n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1,
                   n_sessions=rollup.n_sessions or "—",
-                  tokens=_tokens_text(rollup.tokens) if rollup.n_sessions else "")
+                  tokens=tokens_text(rollup.tokens) if rollup.n_sessions else "")
 
 
 def activity_fragment(req: Request) -> Html:
@@ -5028,7 +5039,7 @@ def page_project(req: Request) -> Response:
     tasks = svc.list_tasks(project_id=p.id)
     updates = svc.list_updates(task_ids=[t.id for t in tasks], limit=10)
     return page(req, p.name, render(
-        MAIN_PROJECT, name=p.name, id=p.id, owner=p.owner or "—", created=_short_time(p.created_at),
+        MAIN_PROJECT, name=p.name, id=p.id, owner=p.owner or "—", created=when_text(p.created_at),
         head=project_head(p), csrf=csrf_field(req),
         status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
@@ -5048,7 +5059,7 @@ def updates_list(updates: list[Update], *, empty: str) -> Html:
     if not updates:
         return render(EMPTY, text=empty)
     return render(FEED, items=join(
-        render(FEED_ITEM, text=u.text, at=u.created_at, when=_short_time(u.created_at),
+        render(FEED_ITEM, text=u.text, at=u.created_at, when=when_text(u.created_at),
                where=f"{u.source} · {u.machine_id}") for u in reversed(updates)))
 
 
@@ -5092,7 +5103,7 @@ def task_fragment(req: Request, task: Task) -> Html:
                 if task.session_id or task.group_id else Html(""))
     return render(FRAG_TASK, poll=poll_attrs(f"/frag/tasks/{task.id}"), id=task.id, priority=task.priority,
                   status_form=status_form(req, task, view="task"), assignee=assignee_text(task), unassign=unassign,
-                  created=_short_time(task.created_at),
+                  created=when_text(task.created_at),
                   description=render(DESCRIPTION, text=task.description) if task.description else Html(""))
 
 
@@ -5213,11 +5224,6 @@ def session_badge(session: Session) -> Html:
     return badge(SESSION_LABELS.get(session.state, session.state), SESSION_COLORS.get(session.state, "gray"))
 
 
-def _tokens_text(tokens: dict[str, int]) -> str:
-    n = sum(v for v in tokens.values() if isinstance(v, int))
-    return "—" if not n else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
-
-
 def attention_fragment(req: Request) -> Html:
     """Render the sessions that wait for a person, longest-waiting first."""
     now = now_ms()
@@ -5228,7 +5234,7 @@ def attention_fragment(req: Request) -> Html:
     # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
     body = render(ATTENTION_LIST, items=join(render(
         ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
-        since="for " + age_text(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
+        since=ago_text(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
         where=s.tmux_target or "-", cwd=s.cwd,
         task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks else Html(""))
         for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
@@ -5245,8 +5251,8 @@ def fleet_fragment(req: Request) -> Html:
     else:
         table_html = render(FLEET_TABLE, rows=join(render(
             FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
-            where=s.tmux_target or "-", cwd=s.cwd, active=age_text(s.last_activity_at, now) + " ago",
-            tokens=_tokens_text(s.tokens),
+            where=s.tmux_target or "-", cwd=s.cwd, active=ago_text(s.last_activity_at, now),
+            tokens=tokens_text(s.tokens),
             task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
             else Html('<span class="muted">—</span>')) for s in sessions))
     return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
@@ -5312,11 +5318,6 @@ OPTGROUP = string.Template('<optgroup label="$label">$options</optgroup>')
 PREVIEW_ATTRS = string.Template('hx-get="$url" hx-trigger="change" hx-target="$target" hx-swap="outerHTML"')
 
 
-def _short_text(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
 def preview_attrs(url: str, *, target: str) -> Html:
     """Return the htmx attributes that fetch a preview fragment when a field changes."""
     return render(PREVIEW_ATTRS, url=url, target=target)
@@ -5327,7 +5328,7 @@ def broadcast_targets(req: Request, selected: str | None) -> Html:
     svc = req.svc
     groups = [("Projects", [(p.id, p.name) for p in svc.list_projects()]),
               ("Groups", [(f"group:{g.name}", g.name) for g in svc.list_groups()]),
-              ("Sessions", [(f"session:{s.id}", f"{_short_text(s.label or os.path.basename(s.cwd), 40)} · {s.host} "
+              ("Sessions", [(f"session:{s.id}", f"{short_text(s.label or os.path.basename(s.cwd), 40)} · {s.host} "
                                                 f"{s.tmux_target or ''} · {SESSION_LABELS.get(s.state, s.state)}")
                             for s in svc.list_sessions()])]
     return join([render(OPTION, value="", label="— pick a project, group or session —", selected=Html("")),
@@ -6282,15 +6283,6 @@ def table(headers: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
     return "\n".join(lines)
 
 
-def _short(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def _when(created_at: str) -> str:
-    return created_at[:19].replace("T", " ")
-
-
 def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{counts.get(s, 0)} {STATUS_LABEL[s]}" for s in TASK_STATUSES)
 
@@ -6309,15 +6301,15 @@ def format_tasks(tasks: list[Task], *, with_project: bool = True) -> str:
         return "no tasks"
     headers = ("ID", "PRI", "STATUS", *(("PROJECT",) if with_project else ()), "ASSIGNED", "TITLE")
     return table(headers, ((t.id[:SHORT_ID], f"P{t.priority}", STATUS_LABEL[t.status],
-                            *((_short(t.project, 20),) if with_project else ()), _assignee(t),
-                            _short(t.title, 70)) for t in tasks))
+                            *((short_text(t.project, 20),) if with_project else ()), _assignee(t),
+                            short_text(t.title, 70)) for t in tasks))
 
 
 def format_history(events: list[Event]) -> str:
     """Return one line per event: when, where, what."""
     if not events:
         return "no history"
-    return "\n".join(f"{_when(ev.created_at)}  {ev.machine_id:<12}  {describe_event(ev)}" for ev in events)
+    return "\n".join(f"{when_text(ev.created_at)}  {ev.machine_id:<12}  {describe_event(ev)}" for ev in events)
 
 
 def cmd_init(args: argparse.Namespace, ctx: Context) -> None:
@@ -6377,7 +6369,7 @@ def cmd_project_list(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, projects, lambda: table(
         ("ID", "NAME", "STATUS", "TODO", "DOING", "BLOCKED", "DONE", "OWNER", "GOAL"),
         ((p.id[:SHORT_ID], p.name, p.status, *(p.task_counts[s] for s in TASK_STATUSES), p.owner,
-          _short(p.goal, 50)) for p in projects)) if projects else "no projects; create one with: clare project new NAME")
+          short_text(p.goal, 50)) for p in projects)) if projects else "no projects; create one with: clare project new NAME")
 
 
 def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
@@ -6427,11 +6419,11 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
     def text() -> str:
         lines = [f"{t.title}", f"id:       {t.id}", f"project:  {t.project} ({t.project_id[:SHORT_ID]})",
                  f"status:   {STATUS_LABEL[t.status]}", f"priority: P{t.priority}",
-                 f"assigned: {_assignee(t) or '-'}", f"created:  {_when(t.created_at)}"]
+                 f"assigned: {_assignee(t) or '-'}", f"created:  {when_text(t.created_at)}"]
         if t.description:
             lines += ["", t.description]
         if updates:
-            lines += ["", "updates:"] + [f"{_when(u.created_at)}  [{u.source}]  {u.text}" for u in updates]
+            lines += ["", "updates:"] + [f"{when_text(u.created_at)}  [{u.source}]  {u.text}" for u in updates]
         lines += ["", "history:", format_history(history)]
         return "\n".join(lines)
     emit(ctx, value, text)
@@ -6496,21 +6488,15 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
             raise UsageError("not inside a tmux pane; name the task: clare update TASK TEXT")
         socket = os.environ.get("TMUX", "").split(",")[0] or None
         u = ctx.svc.post_update(args.task, pane=(socket, pane_id))
-    emit(ctx, u, f"noted on task {u.task_id[:SHORT_ID]}: {_short(u.text, 70)}")
-
-
-def _ago(at: str | None, now: int) -> str:
-    """Say how long ago an ISO time was, or '-' when unknown."""
-    ms = _iso_to_ms(at)
-    return "-" if ms is None else _ago_ms(ms, now)
+    emit(ctx, u, f"noted on task {u.task_id[:SHORT_ID]}: {short_text(u.text, 70)}")
 
 
 def format_sessions(sessions: list[Session], ambiguous: list[Pane] = ()) -> str:
     """Return a session table, then one line per pane whose session is unknown."""
     now = now_ms()
     lines = [table(("ID", "HOST", "TMUX", "STATE", "ACTIVE", "TASK", "CWD", "LABEL"), (
-        (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(s.last_activity_at, now),
-         (s.task_id or "-")[:SHORT_ID], _short(s.cwd, 40), _short(s.label, 40)) for s in sessions))
+        (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
+         (s.task_id or "-")[:SHORT_ID], short_text(s.cwd, 40), short_text(s.label, 40)) for s in sessions))
         if sessions else "no Claude sessions seen; run 'clare pull' on each host"]
     lines += [f"? pane {p.pane_id} ({p.target}) in {p.cwd}: Claude runs here, but its session cannot be told "
               "apart from another in this cwd" for p in ambiguous]
@@ -6595,12 +6581,6 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
     return 0 if all(d.result in ("delivered", "queued") for d in result.deliveries) else 1
 
 
-def _tokens(tokens: dict[str, int]) -> str:
-    total = sum(tokens.values())
-    return "-" if not total else f"{total / 1e6:.1f}M" if total >= 1e6 else f"{total / 1e3:.1f}k" \
-        if total >= 1e3 else str(total)
-
-
 def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
     """Show the roll-up: per project task counts and tokens, per session its task and state."""
     report = ctx.svc.get_status(project_ref=args.project, group_ref=args.group)
@@ -6609,10 +6589,10 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
         now = now_ms()
         projects = table(("PROJECT", "STATUS", "TODO", "DOING", "BLOCKED", "DONE", "SESSIONS", "TOKENS"), (
             (r.project.name, r.project.status, *(r.project.task_counts[s] for s in TASK_STATUSES), r.n_sessions,
-             _tokens(r.tokens)) for r in report.projects)) if report.projects else "no projects"
+             tokens_text(r.tokens)) for r in report.projects)) if report.projects else "no projects"
         sessions = table(("SESSION", "HOST", "TMUX", "STATE", "ACTIVE", "TOKENS", "TASK"), (
-            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(s.last_activity_at, now), _tokens(s.tokens),
-             f"{s.task_id[:SHORT_ID]} {_short(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
+            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now), tokens_text(s.tokens),
+             f"{s.task_id[:SHORT_ID]} {short_text(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
              else "-") for s in report.sessions)) if report.sessions else "no live sessions"
         return f"{projects}\n\n{sessions}"
     emit(ctx, report, text)
@@ -6685,7 +6665,7 @@ def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "ERROR"), (
         (r["name"] + ("" if r["is_configured"] else " (not in clare.toml)"), r["url"],
          _ago_ms(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
-         _short(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
+         short_text(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
         for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
 
 
