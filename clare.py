@@ -3803,6 +3803,24 @@ def sync_interval_s(config: dict[str, Any], *, path: str = "clare.toml") -> floa
     return float(value)
 
 
+def sync_round(db: Db, peer: Peer, config: dict[str, Any], *, progress: Progress | None = None,
+               verify: bool = False) -> SyncReport:
+    """Run one round with a configured peer for `clare sync` and the background loop alike.
+
+    The per-peer edge: any failure leaves as a ClareError, recorded in the peer's status.
+    """
+    try:
+        return sync_with(db, HttpPeer(peer.url, token=peer_token(peer, config)), name=peer.name,
+                         progress=progress, verify=verify)
+    except ClareError:
+        raise
+    except Exception as err:  # a bug or a broken database must not end the loop nor print a traceback
+        with contextlib.suppress(ClareError, sqlite3.Error):  # a busy database: the next round records it
+            save_peer_status(db, peer.url, name=peer.name, now_ms=now_ms(), error=f"internal error: {err!r}")
+        raise ClareError(f"internal error ({err!r:.200}); run 'clare sync {peer.name}' again, and report it "
+                         "if it stays") from err
+
+
 def start_background_sync(db_path: str, peers: list[Peer], config: dict[str, Any], *, stop: Any,
                           log: Callable[[str], None], interval_s: float = SYNC_INTERVAL_S) -> list[Any]:
     """Start one daemon thread per peer that syncs until `stop` (a threading.Event) is set.
@@ -3830,20 +3848,16 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
     try:
         while not stop.is_set():
             try:
-                report = sync_with(db, HttpPeer(peer.url, token=peer_token(peer, config)), name=peer.name)
+                report = sync_round(db, peer, config)
                 if n_failures:
                     log(f"sync with {peer.name}: reachable again")
                 n_failures = 0
                 if report.is_skewed and not was_skewed:
                     log(f"warning: {skew_message(peer.name, report.offset_ms)}")
                 was_skewed = report.is_skewed
-            except Exception as err:  # the per-peer loop is an edge: one peer's failure never ends the thread
+            except ClareError as err:  # one peer's failure never ends the thread
                 n_failures += 1
                 log(f"sync with {peer.name} failed ({n_failures} in a row): {err}")
-                if not isinstance(err, ClareError):
-                    with contextlib.suppress(ClareError, sqlite3.Error):  # a busy database: next round
-                        save_peer_status(db, peer.url, name=peer.name, now_ms=now_ms(),
-                                         error=f"internal error: {err!r}")
             stop.wait(backoff_s(n_failures, interval_s=interval_s))
     finally:
         db.close()
@@ -6682,8 +6696,7 @@ def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
     for peer in peers:
         progress = ProgressLine(peer.name)
         try:
-            transport = HttpPeer(peer.url, token=peer_token(peer, config))
-            report = sync_with(ctx.db, transport, name=peer.name, progress=progress, verify=args.verify)
+            report = sync_round(ctx.db, peer, config, progress=progress, verify=args.verify)
         except ClareError as err:  # the per-peer loop: one dead peer never stops the others
             progress.close()
             print(f"clare: error: {peer.name}: {err}", file=sys.stderr)

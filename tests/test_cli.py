@@ -170,3 +170,23 @@ def test_group_commands_show_examples_in_their_help(capsys):
     with pytest.raises(SystemExit):
         clare.main(["task", "--help"])
     assert "examples:\n  clare task add alpha" in capsys.readouterr().out
+
+
+def test_sync_turns_a_foreign_error_into_one_line_for_cli_and_loop(cli, db, monkeypatch):
+    import sqlite3
+    import threading
+
+    def broken(*args, **kwargs):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+    monkeypatch.setattr(clare, "sync_with", broken)
+    r = cli("sync", "http://127.0.0.1:9")
+    assert r.code == 1 and r.err.startswith("clare: error: 127.0.0.1-9: internal error (DatabaseError(")
+    assert r.err.count("\n") == 1
+    assert "internal error: DatabaseError(" in clare.list_peer_status(db)[0].last_error
+    stop, lines = threading.Event(), []
+
+    def log(line):
+        lines.append(line)
+        stop.set()
+    clare._sync_loop(db.path, clare.check_peer("http://127.0.0.1:9"), {}, stop=stop, log=log, interval_s=0.1)
+    assert len(lines) == 1 and "failed (1 in a row): internal error (DatabaseError(" in lines[0]
