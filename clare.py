@@ -1974,6 +1974,35 @@ def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertR
     return result, bad
 
 
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: list[Event]  # in receipt order (rseq), or the newest in (hlc, uuid) order when paged from the end
+    next_after: int  # the `after` that reads on from here
+    has_more: bool  # more events follow past next_after
+
+
+def page_events(db: Db, *, after: int | None = None, limit: int = 50) -> EventPage:
+    """Return the events past receipt number `after` in receipt order; without it the newest `limit`, newest last."""
+    if after is None:
+        events, has_more = list_events(db, limit=limit), False
+    else:
+        import itertools
+
+        events = list(itertools.islice(iter_events(db, after=after, batch=limit + 1), limit + 1))
+        has_more, events = len(events) > limit, events[:limit]
+    return EventPage(events, max((e.rseq for e in events), default=after or 0), has_more)
+
+
+def restore_backup(db: Db, backup_path: str) -> tuple[str, int]:
+    """Replace the database by a backup copy of it, migrated to this version; return (new db id, n_events)."""
+    db_id = restore_db(db, backup_path)
+    restored = open_db(db.path)  # opening migrates an older backup
+    try:
+        return db_id, count_events(restored)
+    finally:
+        restored.close()
+
+
 def project_history(db: Db, project: Project, *, limit: int = 200) -> list[Event]:
     """Return the events about a project and its tasks, oldest first."""
     ids = [project.id] + [t.id for t in list_tasks(db, project_id=project.id)]
@@ -5628,17 +5657,9 @@ def api_list_events(req: Request) -> Response:
     """Page through the log: ?after=RSEQ in receipt order, or without it the newest, newest last."""
     limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
     after = req.int_arg("after", -1, lo=0, hi=2**62)
-    if after < 0:
-        events = req.svc.list_events(limit=limit)
-        has_more = False
-    else:
-        import itertools
-
-        events = list(itertools.islice(iter_events(req.db, after=after, batch=limit + 1), limit + 1))
-        has_more, events = len(events) > limit, events[:limit]
-    next_after = max((e.rseq for e in events), default=max(after, 0))
-    return json_response({"events": [_event_json(e) for e in events], "next_after": next_after,
-                          "has_more": has_more})
+    page = page_events(req.db, after=None if after < 0 else after, limit=limit)
+    return json_response({"events": [_event_json(e) for e in page.events], "next_after": page.next_after,
+                          "has_more": page.has_more})
 
 
 def api_history(req: Request) -> Response:
@@ -6638,10 +6659,12 @@ def cmd_export(args: argparse.Namespace, ctx: Context) -> None:
     except OSError as err:
         raise ClareError(f"cannot write {args.file}: {err.strerror}; check the folder exists and is writable") from err
     with target as f:
-        n_events = 0
-        for ev in iter_events(ctx.db):
-            f.write(json.dumps(ev.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n")
-            n_events += 1
+        n_events, page = 0, EventPage([], 0, True)
+        while page.has_more:
+            page = page_events(ctx.db, after=page.next_after, limit=MAX_EVENTS_PAGE)
+            f.writelines(json.dumps(ev.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n"
+                         for ev in page.events)
+            n_events += len(page.events)
     if out is None:
         print(f"exported {n_events} events to {args.file}", file=sys.stderr)
 
@@ -6795,12 +6818,9 @@ def cmd_restore(args: argparse.Namespace, ctx: Context) -> None:
     if not args.yes:
         raise UsageError("restoring replaces everything in this database by the backup (events since then come "
                          "back only from peers); run again with --yes")
-    db_id = restore_db(ctx.db, args.backup)
-    ctx.close()
-    ctx._db = None
-    db = ctx.db  # reopened: an older backup is migrated here
-    emit(ctx, {"db": db.path, "db_id": db_id, "n_events": count_events(db)},
-         f"restored {db.path} from {args.backup}: {count_events(db)} events, new db id {db_id}\n"
+    db_id, n_events = restore_backup(ctx.db, args.backup)
+    emit(ctx, {"db": ctx.db.path, "db_id": db_id, "n_events": n_events},
+         f"restored {ctx.db.path} from {args.backup}: {n_events} events, new db id {db_id}\n"
          "get back what peers hold since the backup with: clare sync")
 
 

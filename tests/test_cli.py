@@ -190,3 +190,16 @@ def test_sync_turns_a_foreign_error_into_one_line_for_cli_and_loop(cli, db, monk
         stop.set()
     clare._sync_loop(db.path, clare.check_peer("http://127.0.0.1:9"), {}, stop=stop, log=log, interval_s=0.1)
     assert len(lines) == 1 and "failed (1 in a row): internal error (DatabaseError(" in lines[0]
+
+
+def test_export_pages_through_a_log_longer_than_one_page_in_receipt_order(cli, db, tmp_path, server):
+    with clare.write_txn(db) as cur:
+        for i in range(2 * clare.MAX_EVENTS_PAGE + 5):
+            clare.record(db, cur, "note.kept", {"n": i}, now_ms=clare.now_ms())
+    assert cli("export", tmp_path / "log.jsonl").code == 0
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["payload"]["n"] for e in lines] == list(range(2 * clare.MAX_EVENTS_PAGE + 5))
+    last3 = clare.list_events(db, limit=3)
+    page = server.request("GET", f"/api/v1/events?after={last3[0].rseq}&limit=2").json()
+    assert [e["payload"]["n"] for e in page["events"]] == [2 * clare.MAX_EVENTS_PAGE + 3, 2 * clare.MAX_EVENTS_PAGE + 4]
+    assert page["has_more"] is False and page["next_after"] == last3[-1].rseq
