@@ -3701,7 +3701,8 @@ def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, to
             message += f" ({hint_401})"
         raise HTTP_ERRORS.get(err.code, ClareError)(message[:600]) from err
     except http.client.HTTPException as err:  # SECURITY: a garbled status line, a body cut short
-        raise ClareError(f"{base} broke off or garbled its answer ({type(err).__name__}: {' '.join(str(err).split())[:100]}); "
+        said = " ".join(str(err).split())[:100]  # a garbled status line may hold any bytes, newlines too
+        raise ClareError(f"{base} broke off or garbled its answer ({type(err).__name__}: {said}); "
                          "is it a Clare, and is it still running?") from err
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", None) or err
@@ -3932,6 +3933,9 @@ SYNC_PATH_PREFIX = "/api/v1/sync/"
 REQUEST_TIMEOUT_S = 10.0  # per socket read or write: a slow or silent client loses its connection
 REQUEST_DEADLINE_S = 60.0  # a request's head and body, from its first byte: a trickling client is cut off
 MAX_HANDLER_THREADS = 128  # connections handled at once; one more gets a quick 503
+BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+               b"Connection: close\r\nContent-Length: 84\r\n\r\n"
+               b'{"error": {"code": "busy", "message": "the server is busy; try again in a second"}}\n')  # past the cap
 LISTEN_BACKLOG = 128  # with the default 5, p99 latency under load is near a second (DESIGN §8)
 SHUTDOWN_GRACE_S = 10.0  # how long SIGTERM waits for requests in flight to finish
 POLL_S = 5  # how often htmx refreshes a polled fragment
@@ -4370,11 +4374,6 @@ def make_server(config: WebConfig) -> Any:
     except OSError as err:
         raise ClareError(f"cannot listen on {config.host}:{config.port}: {err.strerror}; "
                          "pick another --port or stop what holds it") from err
-
-
-BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-               b"Connection: close\r\nContent-Length: 84\r\n\r\n"
-               b'{"error": {"code": "busy", "message": "the server is busy; try again in a second"}}\n')
 
 
 def _define_server() -> type:
@@ -6404,7 +6403,8 @@ def cmd_project_list(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, projects, lambda: table(
         ("ID", "NAME", "STATUS", "TODO", "DOING", "BLOCKED", "DONE", "OWNER", "GOAL"),
         ((p.id[:SHORT_ID], p.name, p.status, *(p.task_counts[s] for s in TASK_STATUSES), p.owner,
-          short_text(p.goal, 50)) for p in projects)) if projects else "no projects; create one with: clare project new NAME")
+          short_text(p.goal, 50)) for p in projects)) \
+        if projects else "no projects; create one with: clare project new NAME")
 
 
 def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
@@ -6626,7 +6626,8 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
             (r.project.name, r.project.status, *(r.project.task_counts[s] for s in TASK_STATUSES), r.n_sessions,
              tokens_text(r.tokens)) for r in report.projects)) if report.projects else "no projects"
         sessions = table(("SESSION", "HOST", "TMUX", "STATE", "ACTIVE", "TOKENS", "TASK"), (
-            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now), tokens_text(s.tokens),
+            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
+             tokens_text(s.tokens),
              f"{s.task_id[:SHORT_ID]} {short_text(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
              else "-") for s in report.sessions)) if report.sessions else "no live sessions"
         return f"{projects}\n\n{sessions}"

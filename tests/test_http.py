@@ -685,8 +685,8 @@ def test_serve_keeps_the_token_out_of_a_log(home, db):
 
 
 def _answer(status: str, body: bytes, *, content_type: str = "application/json", length: int | None = None) -> bytes:
-    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body) if length is None else length}\r\n" \
-           "Connection: close\r\n\r\n"
+    n = len(body) if length is None else length
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
     return head.encode() + body
 
 
