@@ -765,6 +765,9 @@ SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid",
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
 DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
 MAX_RECIPIENTS = 500
+# What a typed text must never hold: an ESC could end the bracketed paste ("\x1b[201~") and type
+# the rest as keys; C1 codes are escapes to some terminals. Newline and tab stay.
+CONTROL_CHARS_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 FLEET_SCHEMA = """
 CREATE TABLE sessions (
@@ -932,13 +935,17 @@ def _as_json(obj: Any) -> dict[str, Any]:
 
 APPLIERS: dict[str, Callable[[sqlite3.Cursor, Event], None]] = {}
 PAYLOADS: dict[str, dict[str, Callable[[Any], bool]]] = {}  # event type -> field -> check; "name?" is optional
+# event type -> (what a good payload does, check of the whole payload): rules across fields
+PAYLOAD_RULES: dict[str, tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...]] = {}
 
 
-def applies(event_type: str, payload: dict[str, Callable[[Any], bool]]) -> Callable:
+def applies(event_type: str, payload: dict[str, Callable[[Any], bool]], *,
+            rules: tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...] = ()) -> Callable:
     """Register the decorated function as the applier of one event type with its payload's form."""
     def register(fn: Callable[[sqlite3.Cursor, Event], None]) -> Callable:
         APPLIERS[event_type] = fn
         PAYLOADS[event_type] = payload
+        PAYLOAD_RULES[event_type] = rules
         return fn
     return register
 
@@ -977,6 +984,9 @@ def check_payload(ev: Event) -> Event:
             raise ClareError(f"{ev.event_type} payload lacks {name}")
         if not check(ev.payload[name]):
             raise ClareError(f"{ev.event_type} payload has a bad {name}: {str(ev.payload[name])[:60]!r}")
+    for rule, check in PAYLOAD_RULES.get(ev.event_type, ()):
+        if not check(ev.payload):
+            raise ClareError(f"{ev.event_type} payload breaks a rule: it {rule}")
     return ev
 
 
@@ -1039,8 +1049,13 @@ def replay(db: Db) -> int:
 _LWW_SQL: dict[tuple[str, tuple[str, ...]], str] = {}
 
 
-def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], ev: Event) -> None:
-    """Set each field of one row whose stored version is older than this event's; create the row."""
+def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], ev: Event, *,
+         is_default: bool = False) -> None:
+    """Set each field of one row whose stored version is older than this event's; create the row.
+
+    With `is_default` the fields get a version below every real one (a leading space sorts before
+    any digit): a value that any event about the row overrides, whatever its HLC.
+    """
     names = tuple(fields)
     sql = _LWW_SQL.get((table, names))
     if sql is None:
@@ -1051,7 +1066,7 @@ def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], e
         sql = (f"INSERT INTO {table} (id{cols}) VALUES (?{', ?, ?' * len(names)}) "
                f"ON CONFLICT (id) DO UPDATE SET {sets}")
         _LWW_SQL[(table, names)] = sql
-    version = f"{ev.hlc} {ev.uuid}"
+    version = f"{' ' if is_default else ''}{ev.hlc} {ev.uuid}"
     params = [row_id]
     for value in fields.values():
         params += (value, version)
@@ -1101,9 +1116,15 @@ def apply_task_updated(cur: sqlite3.Cursor, ev: Event) -> None:
         _lww(cur, "tasks", p["task_id"], fields, ev)
 
 
-@applies("task.assigned", {"task_id": _is_id, "session_id?": _is_opt_id, "group_id?": _is_opt_id})
+@applies("task.assigned", {"task_id": _is_id, "session_id?": _is_opt_id, "group_id?": _is_opt_id},
+         rules=(("must name exactly one of session_id and group_id",
+                 lambda p: (p.get("session_id") is None) != (p.get("group_id") is None)),))
 def apply_task_assigned(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Last writer wins per task, by (hlc, uuid): a late old event never overwrites."""
+    """Last writer wins per task, by (hlc, uuid): a late old event never overwrites.
+
+    Versus group.removed: the binding is kept, and the queries read a binding to a removed group
+    as no binding (_TASK_SELECT), so the result does not depend on which of the two came first.
+    """
     p = ev.payload  # {task_id, session_id | group_id}
     target = f"session:{p['session_id']}" if p.get("session_id") else f"group:{p.get('group_id')}"
     _lww(cur, "tasks", p["task_id"], {"assignee": target}, ev)
@@ -1188,18 +1209,34 @@ def apply_session_gone(cur: sqlite3.Cursor, ev: Event) -> None:
     _lww(cur, "sessions", p["session_id"], _session_fields({**p, "state": "gone"}, ev), ev)
 
 
-@applies("broadcast.sent", {"broadcast_id": _is_id, "target": _is_str, "text": _is_str, "expires_at": _is_str,
+def typable_text(text: str) -> str:
+    """Return a text as it may be typed into a pane: LF line ends, no control characters."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return CONTROL_CHARS_RE.sub("", text)
+
+
+def _is_typable(v: Any) -> bool:
+    # SECURITY: a peer's broadcast text is typed into this host's panes: refuse what could escape the paste.
+    return _is_str(v) and typable_text(v) == v
+
+
+@applies("broadcast.sent", {"broadcast_id": _is_id, "target": _is_str, "text": _is_typable, "expires_at": _is_str,
                             "session_ids": lambda v: isinstance(v, list) and len(v) <= MAX_RECIPIENTS
                             and all(map(_is_id, v))})
 def apply_broadcast_sent(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Immutable once sent; each recipient starts queued, and any receipt (always newer) overrides that."""
+    """Immutable once sent; each recipient starts queued, a default that any receipt overrides.
+
+    A receipt is not always newer by HLC: the receiving host caps its clock at now + MAX_OFFSET_MS,
+    so a sender whose clock runs ahead stamps the send later than the receipt. Queued by HLC
+    would then win, and the owner would type the text again at every pull.
+    """
     p = ev.payload  # {broadcast_id, target, text, expires_at, session_ids}
     _lww(cur, "broadcasts", p["broadcast_id"], {"created_at": ev.created_at, "target": p["target"],
                                                 "text": p["text"], "expires_at": p["expires_at"]}, ev)
     for sid in p["session_ids"]:
         _lww(cur, "deliveries", f"{p['broadcast_id']}:{sid}",
              {"broadcast_id": p["broadcast_id"], "session_id": sid, "result": "queued", "reason": "",
-              "by_host": None, "updated_at": ev.created_at}, ev)
+              "by_host": None, "updated_at": ev.created_at}, ev, is_default=True)
 
 
 @applies("broadcast.delivered", {"broadcast_id": _is_id, "session_id": _is_id,
@@ -1245,10 +1282,17 @@ def find_projects(db: Db, ref: str) -> list[Project]:
     return [_project_from_row(r) for r in rows]
 
 
-_TASK_SELECT = """
+# Delete versus assign: a task bound to a group that is removed (or not known here yet) counts
+# as unassigned in every query. A newer assignment to a group that another host removed
+# meanwhile must not leave a task bound to nothing that can be listed or messaged.
+_LIVE_GROUP = "g.created_at_v IS NOT NULL AND g.removed_at_v IS NULL"
+_TASK_SELECT = f"""
 SELECT t.id, t.project_id, coalesce(p.name, '') AS project, t.title, t.description, t.status,
-       t.priority, t.created_at, t.assignee
+       t.priority, t.created_at,
+       CASE WHEN substr(t.assignee, 1, 6) = 'group:' AND NOT ({_LIVE_GROUP}) THEN NULL
+            ELSE t.assignee END AS assignee
   FROM tasks t LEFT JOIN projects p ON p.id = t.project_id
+       LEFT JOIN groups g ON substr(t.assignee, 1, 6) = 'group:' AND g.id = substr(t.assignee, 7)
  WHERE t.created_at_v IS NOT NULL"""
 
 
@@ -1269,9 +1313,12 @@ def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = No
     if status:
         sql += " AND t.status = ?"
         params.append(status)
-    if session_id or group_id:
+    if session_id:
         sql += " AND t.assignee = ?"
-        params.append(f"session:{session_id}" if session_id else f"group:{group_id}")
+        params.append(f"session:{session_id}")
+    elif group_id:
+        sql += f" AND t.assignee = ? AND {_LIVE_GROUP}"
+        params.append(f"group:{group_id}")
     rows = db.conn.execute(sql + " ORDER BY t.priority, t.created_at_v", params).fetchall()
     return [_task_from_row(r) for r in rows]
 
@@ -1285,7 +1332,8 @@ def find_tasks(db: Db, prefix: str) -> list[Task]:
 
 def list_assigned_tasks(db: Db) -> list[Task]:
     """Return every task that is assigned to a session or a group."""
-    rows = db.conn.execute(_TASK_SELECT + " AND t.assignee IS NOT NULL ORDER BY t.priority, t.created_at_v")
+    rows = db.conn.execute(_TASK_SELECT + f" AND t.assignee IS NOT NULL AND (g.id IS NULL OR {_LIVE_GROUP})"
+                           " ORDER BY t.priority, t.created_at_v")
     return [_task_from_row(r) for r in rows]
 
 
@@ -1365,8 +1413,9 @@ def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
 def list_group_tasks(db: Db) -> list[tuple[str, str]]:
     """Return (group id, task id) of open group assignments, most urgent task first."""
     return [tuple(r) for r in db.conn.execute(
-        """SELECT substr(assignee, 7), id FROM tasks WHERE assignee LIKE 'group:%' AND status != 'done'
-              AND created_at_v IS NOT NULL ORDER BY priority, created_at_v""")]
+        f"""SELECT g.id, t.id FROM tasks t JOIN groups g ON g.id = substr(t.assignee, 7)
+             WHERE t.assignee LIKE 'group:%' AND t.status != 'done' AND t.created_at_v IS NOT NULL
+               AND {_LIVE_GROUP} ORDER BY t.priority, t.created_at_v""")]
 
 
 def get_transcript_cache(db: Db) -> dict[str, tuple[int, int, dict[str, Any]]]:
@@ -1519,7 +1568,8 @@ def get_task(db: Db, ref: str) -> Task:
 
 def get_group(db: Db, ref: str) -> Group:
     """Return the group named `ref` or whose id starts with `ref`."""
-    return _one("group", ref, find_groups(db, ref), "clare group list")
+    return _one("group", ref, find_groups(db, _check_text("group", ref, limit=MAX_NAME_CHARS, required=True)),
+                "clare group list")
 
 
 def get_session(db: Db, ref: str) -> Session:
@@ -1688,8 +1738,9 @@ def remove_group(db: Db, ref: str, *, now_ms: int) -> Group:
     """Remove a group; tasks assigned to it keep the binding in their history only."""
     with write_txn(db) as cur:
         group = get_group(db, ref)
+        bound = list_tasks(db, group_id=group.id)  # before the removal hides the binding
         record(db, cur, "group.removed", {"group_id": group.id}, now_ms=now_ms)
-        for task in list_tasks(db, group_id=group.id):
+        for task in bound:
             record(db, cur, "task.unassigned", {"task_id": task.id}, now_ms=now_ms)
     return group
 
@@ -1705,6 +1756,8 @@ def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: s
     source = _check_choice("update source", source, UPDATE_SOURCES)
     if task_ref is None and session_id is None and pane is None:
         raise UsageError("an update needs a task (clare update TASK TEXT) or must run inside a session's pane")
+    if session_id is not None:
+        _check_prefix("session", session_id)
     update_id = new_id()
     with write_txn(db) as cur:
         if pane is not None and task_ref is None:
@@ -1713,6 +1766,8 @@ def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: s
                 raise UsageError(f"session {session.id[:SHORT_ID]} in pane {pane[1]} has no task; assign one "
                                  f"with: clare assign TASK {session.id[:SHORT_ID]} (or name the task)")
             session_id, task_ref = session.id, session.task_id
+        if session_id is not None:
+            session_id = get_session(db, session_id).id
         task_id = get_task(db, task_ref).id if task_ref is not None else None
         record(db, cur, "update.posted", {"update_id": update_id, "task_id": task_id, "session_id": session_id,
                                           "source": source, "text": text}, now_ms=now_ms)
@@ -1899,7 +1954,10 @@ class BroadcastResult:
 def list_broadcast_recipients(db: Db, target: str) -> list[Session]:
     """Return the live sessions a broadcast target names: a project's open tasks' sessions, a group, one session."""
     target = _check_text("broadcast target", target, limit=MAX_NAME_CHARS + 8, required=True)
-    kind, _, ref = target.partition(":")
+    kind, colon, ref = target.partition(":")
+    if kind in ("session", "group") and colon and not ref.strip():
+        raise UsageError(f"broadcast target {target!r} lacks the {kind} after '{kind}:'; "
+                         f"e.g. {kind}:{'5e55a1' if kind == 'session' else 'backend'}")
     if kind == "session" and ref:
         found = [get_session(db, ref)]
     elif kind == "group" and ref:
@@ -1917,12 +1975,17 @@ def list_broadcast_recipients(db: Db, target: str) -> list[Session]:
     return sorted(unique.values(), key=lambda s: (s.host, s.tmux_target or "", s.id))
 
 
+def no_recipients_error(target: str) -> NotFound:
+    """Return the error for a broadcast target that reaches no live session."""
+    return NotFound(f"broadcast target {target!r} reaches no live session; run 'clare pull' on the sessions' "
+                    "hosts, or assign a task to a session (clare assign TASK SESSION), then check: clare sessions")
+
+
 def broadcast_text(text: str, *, is_command: bool = False) -> str:
     """Return the text as it will be typed: LF line ends, no control characters, command marks defused."""
     text = _check_text("broadcast text", text, limit=MAX_TEXT_CHARS, required=True)
-    text = text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
     # SECURITY: an ESC could end the bracketed paste early ("\x1b[201~") and type the rest as keys.
-    text = "".join(c for c in text if c in "\n\t" or not (ord(c) < 32 or ord(c) == 127))
+    text = typable_text(text).rstrip("\n")
     if not is_command and text.lstrip().startswith(COMMAND_CHARS):
         text = COMMAND_PREFIX + text
     return text
@@ -1935,7 +1998,7 @@ def start_broadcast(db: Db, target: str, text: str, *, is_command: bool = False,
     with write_txn(db) as cur:
         recipients = list_broadcast_recipients(db, target)
         if not recipients:
-            raise NotFound(f"broadcast target {target!r} has no live sessions; check with: clare sessions")
+            raise no_recipients_error(target)
         if len(recipients) > MAX_RECIPIENTS:
             raise UsageError(f"{len(recipients)} recipients; the limit is {MAX_RECIPIENTS}: pick a smaller target")
         broadcast_id = new_id()
@@ -2661,9 +2724,32 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
         else:
             ambiguous.append(pane)
     in_panes = {pid for _, _, pid in found}
+    found = _one_pane_per_session(found, registry=registry, ambiguous=ambiguous)
     found += [(e["sessionId"], None, pid) for pid, e in registry.items() if pid not in in_panes]
     return _observe(db, found, registry=registry, marks=marks, cwd_of=cwd_of, argv_of=argv_of,
                     claude_dir=claude_dir, idle_after_ms=idle_after_ms, now_ms=now_ms), ambiguous, unreachable
+
+
+def _one_pane_per_session(found: list[tuple[str, Pane, int]], *, registry: dict[int, dict[str, Any]],
+                          ambiguous: list[Pane]) -> list[tuple[str, Pane | None, int]]:
+    """Keep the sessions claimed by one pane; for one claimed by several, add the panes to `ambiguous`.
+
+    Two panes can claim one id (two `claude --resume ID`, a stale hook binding): which one holds
+    the session is a guess, so the session is kept without a pane and nothing is typed into either.
+    """
+    claims: dict[str, list[tuple[Pane, int]]] = {}
+    for sid, pane, pid in found:
+        claims.setdefault(sid, []).append((pane, pid))
+    kept: list[tuple[str, Pane | None, int]] = []
+    for sid, claimants in claims.items():
+        if len(claimants) == 1:
+            kept.append((sid, *claimants[0]))
+            continue
+        ambiguous += [pane for pane, _ in claimants]
+        # The process only lends its cwd and command line: the registry's word first, if any.
+        pid = next((p for _, p in claimants if (registry.get(p) or {}).get("sessionId") == sid), claimants[0][1])
+        kept.append((sid, None, pid))
+    return kept
 
 
 def _proc_cwd(pid: int) -> str | None:
@@ -2940,17 +3026,25 @@ def ingest_spool(db: Db, *, now_ms: int) -> int:
         names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
     except FileNotFoundError:
         return 0
+    n_reports = 0
     for name in names:
         path = os.path.join(folder, name)
+        # Two pulls (the CLI and serve's thread) may read the spool at once: a file the other one
+        # took meanwhile is simply done. Recording a report twice changes nothing.
         try:
             with open(path, encoding="utf-8") as f:
                 report = json.load(f)
+        except FileNotFoundError:
+            continue
         except ValueError:
-            os.replace(path, path + ".bad")  # kept for a human, never read again
+            with contextlib.suppress(OSError):
+                os.replace(path, path + ".bad")  # kept for a human, never read again
             continue
         ingest_report(db, report, now_ms=now_ms)
-        os.remove(path)
-    return len(names)
+        n_reports += 1
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return n_reports
 
 
 def settings_path(env: dict[str, str] | None = None) -> str:
@@ -3101,6 +3195,9 @@ def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM
 
 def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_s: float) -> Delivery:
     text, expires_at = get_broadcast_text(db, d.broadcast_id) or ("", "")
+    # SECURITY: the text may come from a peer (or from a log older than the broadcast.sent check):
+    # only the sending host ran broadcast_text(), so strip again what could escape the paste.
+    text = typable_text(text)
     if (_iso_to_ms(expires_at) or 0) < now_ms:
         result, reason = "expired", f"not delivered before {expires_at}"
     else:
@@ -5641,8 +5738,13 @@ def api_list_updates(req: Request) -> Response:
 def api_post_update(req: Request) -> Response:
     """Post a progress note from {task, text, source?, session_id?}."""
     b = req.json(required=("text",), optional=("task", "source", "session_id"))
-    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id"),
-                                             source=b.get("source", "message")), status=201)
+    # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
+    # client that could post them would put words in a session's or a hook's mouth.
+    if b.get("source", "message") != "message":
+        raise UsageError(f"update source {b['source']!r} is not allowed here; only 'message' may be posted "
+                         "(pane tails, triage and hook notes are written by 'clare pull')")
+    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id")),
+                         status=201)
 
 
 def api_status(req: Request) -> Response:
@@ -6603,9 +6705,13 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
     text = " ".join(args.text)
     if not args.yes:
         recipients = ctx.svc.list_broadcast_recipients(args.target)
-        print(f"{len(recipients)} recipients:\n" + format_sessions(recipients), file=sys.stderr)
+        if not recipients:
+            raise no_recipients_error(args.target)
+        n = len(recipients)
+        print(f"{n} recipient{'s' * (n != 1)}:\n" + format_sessions(recipients), file=sys.stderr)
         if not sys.stdin.isatty():
-            raise UsageError(f"no terminal to confirm on; add --yes to send to these {len(recipients)} sessions")
+            raise UsageError("no terminal to confirm on; add --yes to send to "
+                             + ("this session" if n == 1 else f"these {n} sessions"))
         if input("send? [y/N] ").strip().lower() not in ("y", "yes"):
             print("not sent", file=sys.stderr)
             return 1

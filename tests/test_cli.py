@@ -203,3 +203,29 @@ def test_export_pages_through_a_log_longer_than_one_page_in_receipt_order(cli, d
     page = server.request("GET", f"/api/v1/events?after={last3[0].rseq}&limit=2").json()
     assert [e["payload"]["n"] for e in page["events"]] == [2 * clare.MAX_EVENTS_PAGE + 3, 2 * clare.MAX_EVENTS_PAGE + 4]
     assert page["has_more"] is False and page["next_after"] == last3[-1].rseq
+
+
+def test_broadcast_without_live_recipients_fails_at_once_saying_why(cli, db):
+    cli("project", "new", "alpha")
+    n_events = clare.count_events(db)
+    for argv in (("broadcast", "alpha", "--", "hi"), ("broadcast", "alpha", "--yes", "--", "hi")):
+        r = cli(*argv)
+        assert r.code == 1 and r.out == ""
+        assert r.err.startswith("clare: error: broadcast target 'alpha' reaches no live session; run 'clare pull'")
+        assert "recipients" not in r.err and len(r.err.strip().splitlines()) == 1
+    assert clare.count_events(db) == n_events
+
+
+@pytest.mark.parametrize("target, kind", [("group:", "group"), ("session:", "session"), ("group: ", "group")])
+def test_broadcast_to_a_group_or_session_without_its_name_says_the_name_is_missing(cli, target, kind):
+    r = cli("broadcast", target, "--yes", "--", "x")
+    assert r.code == 2 and f"lacks the {kind} after '{kind}:'" in r.err and "no project" not in r.err
+
+
+def test_broadcast_to_one_recipient_asks_in_the_singular(cli, db):
+    from conftest import observe
+    sid = "5e551011-0000-4000-8000-000000000001"
+    observe(db, [sid], now_ms=clare.now_ms())
+    r = cli("broadcast", f"session:{sid[:8]}", "--", "hi")
+    assert r.code == 2 and r.err.startswith("1 recipient:\n")
+    assert "add --yes to send to this session" in r.err

@@ -106,6 +106,21 @@ def test_two_claude_panes_in_one_cwd_without_registry_are_ambiguous_not_guessed(
     assert f"? pane {a} (a:0.0)" in text and f"? pane {b} (b:0.0)" in text
 
 
+def test_two_panes_claiming_one_session_are_ambiguous_and_nothing_is_typed_into_either(tmux, cli, tmp_path):
+    sid = "0b7d5d1e-8f3c-4c4e-9d55-1e2f3a4b5c6d"
+    a = tmux.spawn_claude("--no-registry", "--session-id", sid, cwd=tmp_path / "p1", name="a")
+    b = tmux.spawn_claude("--no-registry", "--resume", sid, cwd=tmp_path / "p1", name="b")
+    result = pull(cli)
+    assert {p["pane_id"] for p in result["ambiguous"]} == {a, b}
+    [s] = cli("--json", "sessions").json()
+    assert s["id"] == sid and (s["pane_id"], s["tmux_target"]) == (None, None)
+    text = cli("sessions").out
+    assert f"? pane {a} (a:0.0)" in text and f"? pane {b} (b:0.0)" in text
+    r = cli("--json", "broadcast", f"session:{sid}", "--yes", "--", "which one?")
+    assert r.code == 1 and r.json()["deliveries"][0]["result"] == "refused"
+    assert tmux.received() == []
+
+
 def test_lone_claude_pane_without_registry_takes_the_newest_transcript_of_its_cwd(tmux, cli, tmp_path):
     pane = tmux.spawn_claude("--no-registry", "--greet", cwd=tmp_path / "proj", name="a")
     [path] = (tmux.claude_dir / "projects").glob("*/*.jsonl")
@@ -376,6 +391,48 @@ def test_hook_under_a_write_lock_exits_at_once_and_pull_ingests_its_report(run_c
     assert ev.payload["state"] == "permission"
 
 
+def _spool(db_path: str, event: str, *, at_ms: int, **fields) -> str:
+    report = {"payload": json.loads(hook_payload(event, **fields)), "tmux_pane": None, "tmux_socket": None,
+              "at_ms": at_ms}
+    return clare.spool_report(db_path, report)
+
+
+def test_pull_skips_a_spooled_report_another_pull_took_meanwhile(cli, db):
+    path = Path(_spool(db.path, "UserPromptSubmit", at_ms=clare.now_ms(), prompt="go"))
+    taken = path.parent / "0000000000000-1-taken.json"  # listed, then gone when opened
+    taken.symlink_to(path.parent / "removed-by-the-other-pull.json")
+    r = cli("--json", "pull")
+    assert r.code == 0, r.err
+    [s] = clare.list_sessions(db)
+    assert s.state == "working" and not path.exists()
+
+
+def test_two_pulls_ingesting_one_spool_at_once_both_finish(home, db):
+    import threading
+    now = clare.now_ms()
+    for i in range(200):
+        _spool(db.path, "UserPromptSubmit" if i % 2 else "Stop", at_ms=now + i, prompt="go")
+    errors = []
+
+    def ingest():
+        mine = clare.open_db(db.path)
+        try:
+            clare.ingest_spool(mine, now_ms=now + 1000)
+        except OSError as err:  # what a racing pull met, reported below
+            errors.append(repr(err))
+        finally:
+            mine.close()
+    threads = [threading.Thread(target=ingest) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert not list((home / "spool").glob("*.json"))
+    [s] = clare.list_sessions(db)
+    assert s.state == "working"  # the newest report (i = 199)
+
+
 def test_hook_without_a_database_spools_and_creates_nothing_else(run_clare, home):
     r = run_clare("hook", input=hook_payload("Stop"))
     assert r.code == 0 and not (home / "clare.db").exists()
@@ -511,6 +568,50 @@ def test_broadcast_from_another_host_is_delivered_by_the_owner_on_pull_unless_ex
     assert sorted(d.result for d in clare.list_deliveries(db)) == ["delivered", "expired"]
     pull(cli)
     assert len(tmux.received()) == 1  # delivered once
+
+
+def _sent_line(session_id: str, text: str, *, hlc_ms: int, expires_ms: int, host: str = "otherhost") -> str:
+    """Return a broadcast.sent event of another host as one JSON line, as `clare import` reads it."""
+    import uuid
+    return json.dumps({"uuid": str(uuid.uuid4()), "hlc": f"{hlc_ms:013d}.000000.{host}", "machine_id": host,
+                       "event_type": "broadcast.sent", "created_at": clare.iso_ms(hlc_ms),
+                       "payload": {"broadcast_id": clare.new_id(), "target": f"session:{session_id}", "text": text,
+                                   "expires_at": clare.iso_ms(expires_ms), "session_ids": [session_id]}})
+
+
+def test_broadcast_from_a_host_whose_clock_runs_ahead_is_typed_once(tmux, cli, db, tmp_path):
+    tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    now = clare.now_ms()
+    ahead = now + 2 * clare.MAX_OFFSET_MS  # the receipt's HLC, capped at now + MAX_OFFSET, is older than this
+    (tmp_path / "in.jsonl").write_text(_sent_line(s["id"], "from the future", hlc_ms=ahead,
+                                                  expires_ms=ahead + 60_000) + "\n")
+    assert cli("import", str(tmp_path / "in.jsonl")).code == 0
+    pull(cli)
+    pull(cli)
+    assert [x["prompt"] for x in tmux.received()] == ["from the future"]
+    assert [d.result for d in clare.list_deliveries(db)] == ["delivered"]
+
+
+def test_a_peers_broadcast_that_could_escape_the_paste_is_refused_at_import(cli, db, tmp_path):
+    sid = "5e551011-0000-4000-8000-000000000001"
+    now = clare.now_ms()
+    f = tmp_path / "in.jsonl"
+    f.write_text(_sent_line(sid, "hi\x1b[201~rm -rf ~\r", hlc_ms=now, expires_ms=now + 60_000) + "\n")
+    r = cli("import", str(f))
+    assert r.code == 1 and "line 1: broadcast.sent payload has a bad text" in r.err
+    assert clare.list_deliveries(db) == []
+
+
+def test_a_stored_peer_broadcast_is_stripped_of_control_characters_when_typed(tmux, cli, db, tmp_path):
+    tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    [s] = pull(cli)["sessions"]
+    now = clare.now_ms()
+    line = _sent_line(s["id"], "one\x1b[201~two\x07\r\nthree", hlc_ms=now, expires_ms=now + 60_000)
+    with clare.write_txn(db) as cur:  # as a log from before the check holds it: received, never checked
+        clare.receive_events(db, cur, [clare.check_event(json.loads(line))], now_ms=now)
+    pull(cli)
+    assert [x["prompt"] for x in tmux.received()] == ["one[201~two\nthree"]
 
 
 # --- pane tails, triage, roll-up, rclaude ------------------------------------------------------------
@@ -735,6 +836,14 @@ def test_fleet_events_in_any_order_give_the_tables_of_a_replay(seed, tmp_path):
     live = [s.id for s in clare.list_sessions(src)] or ids[:1]
     bid, _, _ = clare.start_broadcast(src, f"session:{live[0]}", "hi", now_ms=now + 2)
     clare.record_delivery(src, bid, live[0], result="delivered", reason="", now_ms=now + 3)
+    # A sender whose clock runs ahead: its send has a newer HLC than the owner's receipt.
+    skewed = clare.check_received(json.loads(_sent_line(live[0], "skewed", hlc_ms=now + 3 * clare.MAX_OFFSET_MS,
+                                                        expires_ms=now + 4 * clare.MAX_OFFSET_MS, host="gamma")))
+    with clare.write_txn(src) as cur:
+        clare.receive_events(src, cur, [skewed], now_ms=now + 4)
+    skewed_id = skewed.payload["broadcast_id"]
+    clare.record_delivery(src, skewed_id, live[0], result="delivered", reason="", now_ms=now + 5)
+    assert [d.result for d in clare.list_deliveries(src, broadcast_id=skewed_id)] == ["delivered"]
     events = list(clare.iter_events(src))
     expected = clare.projection_digest(src)
     for n in range(3):
@@ -743,9 +852,11 @@ def test_fleet_events_in_any_order_give_the_tables_of_a_replay(seed, tmp_path):
         rng.shuffle(order)
         with clare.write_txn(dst) as cur:
             clare.receive_events(dst, cur, order, now_ms=now)
-        got = clare.projection_digest(dst)
-        assert {t: got[t] for t in ("sessions", "broadcasts", "deliveries")} == \
-               {t: expected[t] for t in ("sessions", "broadcasts", "deliveries")}
+        for _ in range(2):  # as received in this order, then as a replay rebuilds it
+            got = clare.projection_digest(dst)
+            assert {t: got[t] for t in ("sessions", "broadcasts", "deliveries")} == \
+                   {t: expected[t] for t in ("sessions", "broadcasts", "deliveries")}
+            clare.replay(dst)
         dst.close()
     src.close()
 

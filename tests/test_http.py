@@ -108,6 +108,32 @@ def test_updates_are_posted_and_listed_per_task(server):
     assert len(server.request("GET", "/api/v1/updates").json()) == 1
 
 
+def test_an_assignment_to_a_group_that_is_not_text_is_a_422(server):
+    make_project(server)
+    t = make_task(server)
+    for group in (5, ["backend"], {"name": "x"}, None, ""):
+        r = server.request("POST", f"/api/v1/tasks/{t['id']}/assignment", json_body={"group": group})
+        assert r.status == 422 and r.json()["error"], (group, r.status, r.text)
+    assert server.request("GET", f"/api/v1/tasks/{t['id']}").json()["group_id"] is None
+
+
+def test_an_update_names_a_known_session_and_users_post_only_messages(server, db):
+    sid = "5e551011-0000-4000-8000-000000000001"
+    observe(db, [sid], now_ms=clare.now_ms())
+    make_project(server)
+    t = make_task(server)
+    n_events = clare.count_events(db)
+    for body, status, reason in (({"session_id": "zz"}, 422, "not a hex id"),
+                                 ({"session_id": "abcdef12"}, 404, "no session 'abcdef12'"),
+                                 ({"source": "hook"}, 422, "only 'message'"),
+                                 ({"source": "triage", "session_id": sid[:8]}, 422, "only 'message'")):
+        r = server.request("POST", "/api/v1/updates", json_body={"task": t["id"], "text": "spoof", **body})
+        assert (r.status, reason in r.text) == (status, True), (body, r.text)
+    assert clare.count_events(db) == n_events
+    r = server.request("POST", "/api/v1/updates", json_body={"task": t["id"], "text": "ok", "session_id": sid[:8]})
+    assert r.status == 201 and (r.json()["session_id"], r.json()["source"]) == (sid, "message")
+
+
 def test_status_rolls_up_task_counts(server):
     make_project(server)
     make_task(server)

@@ -11,8 +11,8 @@ HOSTS = ("ash", "birch", "cedar")
 T0 = 1_750_000_000_000
 
 OP = st.tuples(
-    st.sampled_from(["project", "project_set", "task", "task_edit", "task_status", "assign", "unassign",
-                     "group", "group_rm", "update", "sync", "sessions"]),
+    st.sampled_from(["project", "project_set", "task", "task_edit", "task_status", "assign", "assign_group",
+                     "unassign", "group", "group_rm", "update", "sync", "sessions"]),
     st.integers(0, len(HOSTS) - 1),  # which host acts
     st.integers(0, 10**6),  # which entity / which value
     st.integers(-2_000, 5_000),  # how the acting host's wall clock moves
@@ -43,6 +43,8 @@ def _apply_op(dbs, clocks, op):
         elif kind == "assign" and tasks and sessions:
             clare.assign_task(db, tasks[pick % len(tasks)].id, session_id=sessions[pick % len(sessions)].id,
                               now_ms=now)
+        elif kind == "assign_group" and tasks and groups:
+            clare.assign_task(db, tasks[pick % len(tasks)].id, group_ref=groups[pick % len(groups)].id, now_ms=now)
         elif kind == "sessions":  # this host now runs a random subset of six known sessions
             ids = [f"{h:x}{n:07x}-0000-4000-8000-000000000000" for n in range(6) if pick >> n & 1]
             observe(db, ids, now_ms=now, state=clare.SESSION_STATES[pick % len(clare.SESSION_STATES)])
@@ -133,3 +135,30 @@ def test_a_removed_group_stays_removed_whatever_the_order():
             with clare.write_txn(b) as cur:
                 clare.receive_events(b, cur, [ev], now_ms=T0 + 2)
         assert clare.list_groups(b) == []
+
+
+def _sync_both(a, b, *, now_ms):
+    for src, dst in ((a, b), (b, a)):
+        with clare.write_txn(dst) as cur:
+            clare.receive_events(dst, cur, list(clare.iter_events(src)), now_ms=now_ms)
+
+
+def test_a_task_assigned_to_a_group_removed_meanwhile_counts_as_unassigned_and_broadcast_works():
+    a, b = _fresh("ash"), _fresh("birch")
+    sid = "5e551011-0000-4000-8000-000000000001"
+    observe(a, [sid], now_ms=T0)
+    p = clare.create_project(a, "alpha", now_ms=T0)
+    direct = clare.create_task(a, p.id, "direct", now_ms=T0 + 1)
+    grouped = clare.create_task(a, p.id, "grouped", now_ms=T0 + 2)
+    clare.assign_task(a, direct.id, session_id=sid, now_ms=T0 + 3)
+    g = clare.create_group(a, "webs", cwd="/srv/web", now_ms=T0 + 4)
+    _sync_both(a, b, now_ms=T0 + 5)
+    clare.remove_group(a, g.id, now_ms=T0 + 10)
+    clare.assign_task(b, grouped.id, group_ref=g.id, now_ms=T0 + 20)  # newer than the removal
+    _sync_both(a, b, now_ms=T0 + 30)
+    for db in (a, b):
+        assert clare.get_task(db, grouped.id).group_id is None
+        assert clare.list_tasks(db, group_id=g.id) == []
+        assert [t.id for t in clare.list_assigned_tasks(db)] == [direct.id]
+        assert [s.id for s in clare.list_broadcast_recipients(db, "alpha")] == [sid]
+        assert clare.get_status(db, project_ref="alpha").projects[0].n_sessions == 1

@@ -144,3 +144,19 @@ def test_import_keeps_good_lines_and_names_the_bad_ones(cli, tmp_path):
 def test_a_known_event_type_with_a_malformed_payload_is_refused(payload, reason):
     with pytest.raises(clare.ClareError, match=reason):
         clare.check_received(_event(event_type="task.created", payload=payload))
+
+
+@pytest.mark.parametrize("binding", [{}, {"session_id": None, "group_id": None},
+                                     {"session_id": "5e55", "group_id": "96a1"}], ids=["neither", "nulls", "both"])
+def test_an_assignment_naming_neither_or_both_a_session_and_a_group_is_refused(cli, tmp_path, binding):
+    import uuid
+    cli("project", "new", "alpha")
+    task = cli("--json", "task", "add", "alpha", "one").json()["id"]
+    bad = _event(uuid=str(uuid.uuid4()), hlc="9999999999999.000000.beta", event_type="task.assigned",
+                 payload={"task_id": task, **binding})
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps(bad) + "\n")
+    r = cli("import", f)
+    assert r.code == 1 and "line 1: task.assigned payload breaks a rule: it must name exactly one" in r.err
+    [t] = cli("--json", "task", "list").json()
+    assert (t["session_id"], t["group_id"]) == (None, None)
