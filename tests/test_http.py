@@ -740,7 +740,8 @@ def test_remote_and_peer_traffic_never_go_through_a_proxy(serve, cli, monkeypatc
     monkeypatch.delenv("NO_PROXY", raising=False)
     r = cli("--remote", s.url.replace("127.0.0.1", "localhost"), "--json", "project", "list")
     assert r.code == 0 and [p["name"] for p in r.json()] == ["alpha"]
-    assert cli("sync", s.url.replace("127.0.0.1", "localhost")).code == 0
+    r = cli("sync", s.url.replace("127.0.0.1", "localhost"))
+    assert "is this very database" in r.err  # the sync client reached the server itself, not the proxy
 
 
 def test_a_short_token_is_refused_alike_by_serve_remote_and_sync(home, cli, monkeypatch, db):
