@@ -7075,7 +7075,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         prog="clare", description="Clare: projects and tasks for a fleet of Claude Code sessions.",
         epilog="example:\n  clare project new alpha --goal 'ship v1'\n  clare task add alpha 'write the parser'"
                "\n\nrun 'clare COMMAND --help' for the options of one command",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"clare {__version__}")
     parser.add_argument("--home", metavar="DIR", help="folder of clare.db and clare.toml (env CLARE_HOME)")
     parser.add_argument("--db", metavar="FILE", help="use this database file")
@@ -7095,23 +7095,45 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                 sub = groups[prefix[:-1]].add_parser(prefix[-1], help=GROUP_HELP.get(prefix[-1]),
                                                      description=GROUP_HELP.get(prefix[-1]),
                                                      epilog=f"examples:\n  {examples}",
-                                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                                     formatter_class=_HelpFormatter)
                 sub.set_defaults(handler=_group_help(sub))
                 groups[prefix] = sub.add_subparsers(title="commands", metavar="COMMAND")
         leaf = groups[cmd.path[:-1]].add_parser(
             cmd.path[-1], help=cmd.help, description=cmd.help[:1].upper() + cmd.help[1:] + ".",
-            epilog=f"example:\n  {cmd.example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+            epilog=f"example:\n  {cmd.example}", formatter_class=_HelpFormatter)
         for flags, options in (*cmd.args, _JSON):
             leaf.add_argument(*flags, **options)
         leaf.set_defaults(handler=cmd.handler)
     return parser
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, sized as argparse sizes it but without importing shutil (2 ms a start)."""
+
+    def __init__(self, prog: str, **options: Any):
+        options.setdefault("width", _terminal_columns() - 2)
+        super().__init__(prog, **options)
+
+
+def _terminal_columns() -> int:
+    """Return the width shutil.get_terminal_size() would: $COLUMNS, the terminal, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 def _named_command(argv: list[str]) -> tuple[str, ...] | None:
     words = []
     tokens = iter(argv)
     for token in tokens:
-        if token in ("--home", "--db"):
+        if token in ("--home", "--db", "--remote"):  # the global options that take a value
             next(tokens, None)
         elif token in ("-h", "--help"):
             return None

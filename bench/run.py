@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Clare's benchmarks: one table of metric, Clare, baseline, ratio and goal (issue #6).
 
-    make bench                                  # full sizes: about ten minutes on 2 cores
+    make bench                                  # full sizes: about seven minutes on 2 cores
     CLARE_BENCH_QUICK=1 make bench              # tiny sizes, under a minute (tests/test_bench.py)
     .venv/bin/python bench/run.py --only replay # one group: list replay append sync http pull serve
     .venv/bin/python bench/run.py --json out.json
@@ -76,12 +76,12 @@ QUICK = Sizes(tasks=(2, 5, 10, 20, 40), cli_runs=3, replay=(200, 1_000, 3_000), 
 # Every row the table has, in order: the test checks that a quick run prints each of them.
 ROW_KEYS = (
     *(f"list.{i}.floor" for i in range(5)), *(f"list.{i}.taskwarrior" for i in range(5)),
-    "list.1.module",
+    "list.1.script",
     *(f"add.{i}.floor" for i in range(5)), *(f"add.{i}.taskwarrior" for i in range(5)),
     *(f"replay.{i}" for i in range(3)),
     "append.services", "append.import",
-    "sync.full", "sync.incremental",
-    "http.rate", "http.p99",
+    "sync.less", "sync.full", "sync.incremental",
+    "http.rate", "http.p99", "http.less", "http.more",
     "pull.cold", "pull.warm",
     "serve.rss",
 )
@@ -292,6 +292,7 @@ def missing(program: str, package: str) -> str | None:
 def bench_cli(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     """`task list --json` and `task add` at each size, beside the floor and Taskwarrior."""
     tw_missing = missing("task", "taskwarrior")
+    clare_cmd = clare_command(work)
     # The issue's goals: list <= 1.5x the floor at 100 tasks and <= 2x at 10,000, 1.4x faster than
     # `task export` at 10,000; add <= 1.5x the floor and faster than `task add`.
     goals = {1: ("<= 1.5x", "", "<= 1.5x", "< 1x"), 3: ("<= 2x", "<= 0.71x", "<= 1.5x", "< 1x")}
@@ -303,7 +304,7 @@ def bench_cli(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
             tw.fill(n)
         size_note = {0: ", 10x less", 2: ", growth", 4: ", 10x more"}.get(i, "")
         g_list, g_tw, g_add, g_add_tw = goals.get(i, ("", "", "", ""))
-        cmds = {"clare": ([PY, str(CLARE_PY), "task", "list", "--json"], clare_env(home)), "floor": (FLOOR, None)}
+        cmds = {"clare": ([*clare_cmd, "task", "list", "--json"], clare_env(home)), "floor": (FLOOR, None)}
         if tw:
             cmds["tw"] = (["task", "export"], tw.env)
         check = json.loads(run(cmds["clare"][0], env=cmds["clare"][1]).stdout)
@@ -313,11 +314,11 @@ def bench_cli(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
         rows[f"list.{i}.floor"] = Row(f"list.{i}.floor", f"`task list --json`, {n:,} tasks{size_note}", g_list,
                                       clare=t["clare"], base=t["floor"], base_name="interpreter floor")
         if i == 1:
-            rows["list.1.module"] = list_as_module(home, n, size_note, work, sizes)
+            rows["list.1.script"] = list_as_script(home, n, size_note, sizes)
         rows[f"list.{i}.taskwarrior"] = Row(
             f"list.{i}.taskwarrior", f"`task list --json` vs `task export`, {n:,} tasks{size_note}", g_tw,
             clare=t["clare"], base=t.get("tw"), base_name="Taskwarrior", note=tw_missing or "")
-        add = {"clare": ([PY, str(CLARE_PY), "task", "add", "alpha", "one more task"], clare_env(home)),
+        add = {"clare": ([*clare_cmd, "task", "add", "alpha", "one more task"], clare_env(home)),
                "floor": (FLOOR, None)}
         if tw:
             add["tw"] = (["task", "add", "one more task", "project:alpha"], tw.env)
@@ -332,18 +333,21 @@ def bench_cli(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
             shutil.rmtree(tw.data.parent)
 
 
-def list_as_module(home: Path, n: int, size_note: str, work: Path, sizes: Sizes) -> Row:
-    """`task list --json` run as `python3 -m clare`: bytecode cached, so no compile of clare.py per run.
+def clare_command(work: Path) -> list[str]:
+    """Return how a user runs Clare: the launcher `clare install` writes, else `python3 clare.py`."""
+    if not has_command("install"):
+        return [PY, str(CLARE_PY)]
+    run([PY, str(CLARE_PY), "install", "--bin", str(work / "bin")])
+    return [str(work / "bin" / "clare")]
 
-    `python3 clare.py` compiles the whole file on every start (a script's bytecode is never
-    cached); this row shows what an installed launcher that imports clare would cost.
-    """
-    env = {**clare_env(home), "PYTHONPATH": str(ROOT), "PYTHONPYCACHEPREFIX": str(work / "pycache")}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    cmds = {"clare": ([PY, "-m", "clare", "task", "list", "--json"], env), "floor": (FLOOR, None)}
+
+def list_as_script(home: Path, n: int, size_note: str, sizes: Sizes) -> Row:
+    """`task list --json` run as `python3 clare.py`, which compiles the whole file on every start."""
+    cmds = {"clare": ([PY, str(CLARE_PY), "task", "list", "--json"], clare_env(home)), "floor": (FLOOR, None)}
     t = time_interleaved(cmds, sizes.cli_runs)
-    return Row("list.1.module", f"`task list --json`, {n:,} tasks{size_note}, as `python3 -m clare` "
-               "(bytecode cached)", "<= 1.5x", clare=t["clare"], base=t["floor"], base_name="interpreter floor")
+    return Row("list.1.script", f"`task list --json`, {n:,} tasks{size_note}, as `python3 clare.py` "
+               "(no launcher: the file is compiled on every run)", "", clare=t["clare"], base=t["floor"],
+               base_name="interpreter floor")
 
 
 def bare_replay(path: Path) -> float:
@@ -466,44 +470,41 @@ def has_route(method: str, path: str) -> bool:
 
 def bench_sync(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     """A full sync into an empty peer beside `clare import` of the same events; an incremental sync."""
-    n = sizes.sync
-    src = work / "sync-src"
-    n = make_log(src / "clare.db", n)
-    lines = work / "sync.jsonl"
-    export_log(src / "clare.db", lines)
-
-    def import_once() -> float:
-        home = work / "sync-import"
-        shutil.rmtree(home, ignore_errors=True)
-        started = time.perf_counter()
-        run([PY, str(CLARE_PY), "--home", str(home), "import", str(lines)])
-        return (time.perf_counter() - started) * 1000
-    import_ms = median_of(import_once, 3)
-    full = Row("sync.full", f"`clare sync` of {n:,} events into an empty peer, loopback", "<= 2x",
-               base=import_ms, base_name="`clare import` of the same events")
+    is_ready = has_command("sync") and has_route("GET", "/api/v1/sync/events")
     incremental = Row("sync.incremental", "incremental sync of 10 new events between up-to-date peers", "<= 3x",
                       base_name="one HTTP round trip")
-    rows["sync.full"], rows["sync.incremental"] = full, incremental
-    if not (has_command("sync") and has_route("GET", "/api/v1/sync/events")):
-        full.note = incremental.note = "n/a (needs `clare sync` and the sync routes of `clare serve`)"
-        return
-    server = ClareServer(src)
-    try:
-        def sync_once() -> float:
-            home = work / "sync-dst"
-            shutil.rmtree(home, ignore_errors=True)
-            started = time.perf_counter()
-            run([PY, str(CLARE_PY), "--home", str(home), "sync", server.url])
-            return (time.perf_counter() - started) * 1000
-        full.clare = median_of(sync_once, 3)
-        if count_events(work / "sync-dst" / "clare.db") != n:
-            raise BenchError("the synced peer does not hold every event")
-        incremental.clare, incremental.base = incremental_sync(src / "clare.db", work / "sync-dst" / "clare.db",
-                                                               server.url)
-    finally:
-        server.stop()
-    for p in (lines,):
-        p.unlink()
+    rows["sync.incremental"] = incremental
+    for key, n, goal in (("sync.less", sizes.sync // 10, ""), ("sync.full", sizes.sync, "<= 2x")):
+        src = work / f"sync-src-{n}"
+        n = make_log(src / "clare.db", n)
+        row = rows[key] = Row(key, f"`clare sync` of {n:,} events into an empty peer, loopback"
+                              + (", 10x less" if key == "sync.less" else ""), goal,
+                              base_name="`clare import` of the same events")
+        lines = work / "sync.jsonl"
+        export_log(src / "clare.db", lines)
+        row.base = median_of(lambda: time_clare(work / "sync-import", "import", str(lines)), 3)
+        lines.unlink()
+        if not is_ready:
+            row.note = incremental.note = "n/a (needs `clare sync` and the sync routes of `clare serve`)"
+            continue
+        server = ClareServer(src)
+        try:
+            row.clare = median_of(lambda: time_clare(work / "sync-dst", "sync", server.url), 3)
+            if count_events(work / "sync-dst" / "clare.db") != n:
+                raise BenchError("the synced peer does not hold every event")
+            if key == "sync.full":
+                incremental.clare, incremental.base = incremental_sync(
+                    src / "clare.db", work / "sync-dst" / "clare.db", server.url)
+        finally:
+            server.stop()
+
+
+def time_clare(home: Path, *argv: str) -> float:
+    """Return the ms of one `clare` command on a new, empty home."""
+    shutil.rmtree(home, ignore_errors=True)
+    started = time.perf_counter()
+    run([PY, str(CLARE_PY), "--home", str(home), *argv])
+    return (time.perf_counter() - started) * 1000
 
 
 def count_events(path: Path) -> int:
@@ -633,13 +634,14 @@ def bench_http(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     """`GET /` under wrk at 16 connections beside a fixed 2 KB page from ThreadingHTTPServer."""
     note = missing("wrk", "wrk")
     n_tasks = 5_000 if sizes is FULL else 500
-    what = f"{n_tasks // 100} projects, {n_tasks:,} tasks" + (
-        ", 200 sessions" if HAS_SESSIONS else " (no sessions: fleet not on main)")
-    rate_row = Row("http.rate", f"`GET /`, {what}: req/s at 16 connections", ">= 0.33x", unit="req/s",
-                   base_name="fixed 2 KB page", note=note or "")
+    rate_row = Row("http.rate", f"`GET /`, {dashboard_what(n_tasks)}: req/s at 16 connections", ">= 0.33x",
+                   unit="req/s", base_name="fixed 2 KB page", note=note or "")
     p99_row = Row("http.p99", "`GET /` p99 latency at 16 connections", "<= 50 ms",
                   base_name="fixed 2 KB page", note=note or "")
-    rows["http.rate"], rows["http.p99"] = rate_row, p99_row
+    growth = {key: Row(key, f"`GET /`, {dashboard_what(n)}, {what}: req/s at 16 connections", unit="req/s",
+                       base_name="fixed 2 KB page", note=note or "")
+              for key, n, what in (("http.less", n_tasks // 10, "10x less"), ("http.more", n_tasks * 10, "10x more"))}
+    rows.update({"http.rate": rate_row, "http.p99": p99_row, **growth})
     if note:
         return
     child = subprocess.Popen([PY, str(Path(__file__).resolve()), "--serve-fixed-page"], stdout=subprocess.PIPE,
@@ -650,21 +652,38 @@ def bench_http(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     finally:
         child.terminate()
         child.wait(timeout=10)
-    rate_row.base = statistics.median(r[0] for r in base)
-    p99_row.base = statistics.median(r[1] for r in base)
+    base_rate, base_p99 = statistics.median(r[0] for r in base), statistics.median(r[1] for r in base)
+    for row in (rate_row, *growth.values()):
+        row.base = base_rate
+    p99_row.base = base_p99
     if not has_command("serve"):
-        rate_row.note = p99_row.note = "n/a (needs `clare serve`)"
+        for row in (rate_row, p99_row, *growth.values()):
+            row.note = "n/a (needs `clare serve`)"
         return
-    home = work / "dashboard"
-    make_tasks_home(home, n_tasks, n_sessions=200)
+    rate_row.clare, p99_row.clare = dashboard_under_wrk(work / "dashboard", n_tasks, sizes)
+    for row, n in ((growth["http.less"], n_tasks // 10), (growth["http.more"], n_tasks * 10)):
+        row.clare, p99 = dashboard_under_wrk(work / f"dashboard-{n}", n, sizes, runs=1)
+        row.metric += f"; p99 {p99:.1f} ms"
+
+
+def dashboard_what(n_tasks: int) -> str:
+    """Describe the data behind a dashboard row: projects of 100 tasks, a session per 25 tasks."""
+    n_projects = max(1, n_tasks // 100)
+    return f"{n_projects:,} project{'s' * (n_projects > 1)}, {n_tasks:,} tasks" + (
+        f", {n_tasks // 25:,} sessions" if HAS_SESSIONS else " (no sessions: fleet not on main)")
+
+
+def dashboard_under_wrk(home: Path, n_tasks: int, sizes: Sizes, *, runs: int = 3) -> tuple[float, float]:
+    """Return the median req/s and p99 ms of `GET /` from `clare serve` over a home of n_tasks."""
+    make_tasks_home(home, n_tasks, n_sessions=n_tasks // 25)
     server = ClareServer(home)
     try:
-        server.get("/")  # warm: the first request opens the database and builds the page caches
-        results = [wrk(server.url + "/", sizes.wrk_seconds) for _ in range(3)]
+        server.get("/")  # warm: the first request opens the database and fills the page cache
+        results = [wrk(server.url + "/", sizes.wrk_seconds) for _ in range(runs)]
     finally:
         server.stop()
-    rate_row.clare = statistics.median(r[0] for r in results)
-    p99_row.clare = statistics.median(r[1] for r in results)
+    shutil.rmtree(home)
+    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
 
 
 def make_transcripts(where: Path, n_files: int, total_bytes: int) -> list[Path]:

@@ -36,11 +36,13 @@ def test_quick_bench_prints_every_row_with_a_figure_or_a_reason(tmp_path):
 
 # What the start-up figures rely on; structure only, never a timing.
 
-HEAVY_MODULES = ("uuid", "hashlib", "http.server", "socketserver", "urllib.request", "email", "tomllib", "ssl")
+HEAVY_MODULES = ("uuid", "hashlib", "http.server", "socketserver", "urllib.request", "email", "tomllib", "ssl",
+                 "shutil", "platform")
 
 
-def test_import_clare_loads_no_heavy_module():
-    code = f"import sys, clare; print([m for m in {HEAVY_MODULES!r} if m in sys.modules])"
+def test_import_clare_and_parsing_a_command_load_no_heavy_module():
+    code = (f"import sys, clare; clare.build_parser(['task', 'list']).parse_args(['task', 'list']); "
+            f"print([m for m in {HEAVY_MODULES!r} if m in sys.modules])")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        cwd=BENCH_PY.parent.parent)
     assert p.returncode == 0, p.stderr
@@ -52,7 +54,8 @@ def test_the_parser_built_for_one_command_parses_like_the_whole_tree():
 
     for argv in (["--home", "h", "task", "add", "alpha", "a title", "--prio", "1", "--json"],
                  ["--db", "task", "task", "list", "--status", "todo"],
-                 ["project", "set", "alpha", "--status", "paused"], ["assign", "3f2a", "--group", "g"]):
+                 ["project", "set", "alpha", "--status", "paused"], ["assign", "3f2a", "--group", "g"],
+                 ["--remote", "http://apricot:8765", "task", "list"]):
         assert clare._named_command(argv) is not None, argv
         assert vars(clare.build_parser(argv).parse_args(argv)) == vars(clare.build_parser().parse_args(argv))
     assert clare._named_command(["task", "--help"]) is None
@@ -70,3 +73,16 @@ def test_new_uuid_is_a_random_rfc4122_uuid4():
         u = uuid.UUID(text)
         assert (str(u), u.version, u.variant) == (text, 4, uuid.RFC_4122)
         assert clare.UUID_RE.match(text)
+
+
+def test_help_is_as_wide_as_argparse_would_make_it(monkeypatch):
+    import shutil
+
+    import clare
+
+    for columns in ("60", "132", "0", "junk", None):
+        if columns is None:
+            monkeypatch.delenv("COLUMNS", raising=False)
+        else:
+            monkeypatch.setenv("COLUMNS", columns)
+        assert clare._terminal_columns() == shutil.get_terminal_size().columns
