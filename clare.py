@@ -52,6 +52,7 @@ MAX_TEXT_CHARS = 20_000  # descriptions, goals, update texts
 MAX_PAYLOAD_BYTES = 64 * 1024  # one event's JSON payload, as stored
 ID_PREFIX_RE = re.compile(r"\A[0-9a-f][0-9a-f-]*\Z")
 SHORT_ID = 8  # characters of an id shown to people
+MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is refused wherever it is read
 
 
 class ClareError(Exception):
@@ -108,6 +109,26 @@ def load_config(path: str) -> dict[str, Any]:
         return {}
     except tomllib.TOMLDecodeError as err:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
+
+
+def resolve_token(config: dict[str, Any], *, env: dict[str, str] | None = None,
+                  path: str = "clare.toml") -> str | None:
+    """Return the bearer token: CLARE_TOKEN, else `token` in clare.toml, else None; refuse a weak one.
+
+    The one place the shared token is read, for the server, its peers and --remote alike.
+    """
+    env = os.environ if env is None else env
+    if env.get("CLARE_TOKEN"):
+        return check_token(env["CLARE_TOKEN"], where="$CLARE_TOKEN")
+    return check_token(config.get("token") or None, where=f"'token' in {path}")
+
+
+def check_token(token: object, *, where: str) -> str | None:
+    """Return the token if it is text of MIN_TOKEN_CHARS or more; None stays None."""
+    if token is not None and (not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS):
+        raise UsageError(f"the token in {where} is shorter than {MIN_TOKEN_CHARS} characters (or not text); make "
+                         "one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return token
 
 
 def now_ms() -> int:
@@ -2060,6 +2081,35 @@ def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertR
     return result, bad
 
 
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: list[Event]  # in receipt order (rseq), or the newest in (hlc, uuid) order when paged from the end
+    next_after: int  # the `after` that reads on from here
+    has_more: bool  # more events follow past next_after
+
+
+def page_events(db: Db, *, after: int | None = None, limit: int = 50) -> EventPage:
+    """Return the events past receipt number `after` in receipt order; without it the newest `limit`, newest last."""
+    if after is None:
+        events, has_more = list_events(db, limit=limit), False
+    else:
+        import itertools
+
+        events = list(itertools.islice(iter_events(db, after=after, batch=limit + 1), limit + 1))
+        has_more, events = len(events) > limit, events[:limit]
+    return EventPage(events, max((e.rseq for e in events), default=after or 0), has_more)
+
+
+def restore_backup(db: Db, backup_path: str) -> tuple[str, int]:
+    """Replace the database by a backup copy of it, migrated to this version; return (new db id, n_events)."""
+    db_id = restore_db(db, backup_path)
+    restored = open_db(db.path)  # opening migrates an older backup
+    try:
+        return db_id, count_events(restored)
+    finally:
+        restored.close()
+
+
 def project_history(db: Db, project: Project, *, limit: int = 200) -> list[Event]:
     """Return the events about a project and its tasks, oldest first."""
     ids = [project.id] + [t.id for t in list_tasks(db, project_id=project.id)]
@@ -3323,6 +3373,7 @@ SYNC_INTERVAL_S = 30.0  # background sync: the pause between two good rounds wit
 MAX_BACKOFF_S = 900.0  # ... and the longest pause after failed ones
 PEER_TIMEOUT_S = 20.0  # one HTTP request to a peer
 MAX_RESPONSE_BYTES = 512 * 1024 * 1024  # a peer answer larger than this is refused unread
+HTTP_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
 PEER_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 PEER_URL_RE = re.compile(r"\Ahttps?://[^\s/?#]+(/[^\s?#]*)?\Z")
@@ -3754,51 +3805,74 @@ class HttpPeer(PeerTransport):
         return self._call("POST", "/api/v1/sync/fetch", {"uuids": uuids})
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        import http.client
-        import urllib.error
-        import urllib.request
-
-        data = None if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        headers = {"Accept": "application/json", "User-Agent": f"clare/{__version__}"}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        # Peers are reached directly: an http_proxy meant for the internet must not see fleet traffic.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(request, timeout=self.timeout_s) as response:
-                raw = response.read(MAX_RESPONSE_BYTES + 1)
-        except urllib.error.HTTPError as err:
-            raise ClareError(f"{self.url} answered {err.code} to {method} {path.split('?')[0]}: "
-                             f"{_http_error_message(err)}") from err
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-            reason = getattr(err, "reason", None) or err
-            if data is not None and isinstance(reason, (BrokenPipeError, ConnectionResetError)):
-                raise ClareError(f"{self.url} cut the connection while {method} {path} sent {len(data)} bytes; "
-                                 "it may refuse bodies that large (413): run one Clare version on both") from err
-            raise ClareError(f"cannot reach {self.url} ({reason}); check that 'clare serve' runs there "
-                             "and that the address is right") from err
-        if len(raw) > MAX_RESPONSE_BYTES:
-            raise ClareError(f"{self.url} sent more than {MAX_RESPONSE_BYTES} bytes; is it a Clare?")
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError) as err:  # SECURITY: a peer may nest '[' deeper than the stack
-            raise ClareError(f"{self.url} sent something that is not JSON ({str(err)[:100]}); is it a Clare?") from err
+        return http_json(self.url, path, method=method, body=body, token=self.token, timeout_s=self.timeout_s,
+                         hint_401="set the peer's token: token_env in clare.toml, or CLARE_TOKEN")
 
 
-def _http_error_message(err: Any) -> str:
-    """Return the message of a Clare error body, or the HTTP reason, plus a hint for auth failures."""
+def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, token: str | None = None,
+              timeout_s: float = PEER_TIMEOUT_S, hint_401: str = "", say_where: bool = True) -> Any:
+    """Send one JSON request to a Clare server, never through a proxy, and return its decoded answer.
+
+    Every failure is one ClareError line: unreachable, truncated, too large or not JSON; an error status
+    raises the class of HTTP_ERRORS with the server's message (after "BASE answered N to METHOD PATH: "
+    when `say_where`). The token is never part of a message.
+    """
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    headers = {"Accept": "application/json", "User-Agent": f"clare/{__version__}"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    # SECURITY: Clare servers are reached directly: an http_proxy meant for the internet must never see the
+    # bearer token or fleet traffic.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        message = json.loads(err.read(64 * 1024))["error"]["message"]
-    except (ValueError, KeyError, TypeError, OSError):
-        message = str(err.reason)
-    if err.code == 401:
-        message += " (set the peer's token: token_env in clare.toml, or CLARE_TOKEN)"
-    if err.code == 413:
-        message += " (the peer takes smaller bodies than this Clare sends: run one Clare version on both)"
-    return str(message)[:500]
+        with opener.open(request, timeout=timeout_s) as response:
+            raw = response.read(MAX_RESPONSE_BYTES + 1)
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) != len(raw) and len(raw) <= MAX_RESPONSE_BYTES:
+                raise http.client.IncompleteRead(raw, int(length) - len(raw))  # read(n) returns a cut body as is
+    except urllib.error.HTTPError as err:
+        said = _error_body_message(err)
+        message = said if said is not None and not say_where else \
+            f"{base} answered {err.code} to {method} {path.split('?')[0]}: {said or err.reason}"
+        if err.code == 401 and hint_401:
+            message += f" ({hint_401})"
+        if err.code == 413:
+            message += " (the server takes smaller bodies than this Clare sends: run one Clare version on both)"
+        raise HTTP_ERRORS.get(err.code, ClareError)(message[:600]) from err
+    except http.client.HTTPException as err:  # SECURITY: a garbled status line, a body cut short
+        said = " ".join(str(err).split())[:100]  # a garbled status line may hold any bytes, newlines too
+        raise ClareError(f"{base} broke off or garbled its answer ({type(err).__name__}: {said}); "
+                         "is it a Clare, and is it still running?") from err
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", None) or err
+        if data is not None and isinstance(reason, (BrokenPipeError, ConnectionResetError)):
+            raise ClareError(f"{base} cut the connection while {method} {path} sent {len(data)} bytes; "
+                             "it may refuse bodies that large (413): run one Clare version on both") from err
+        raise ClareError(f"cannot reach {base} ({str(reason)[:200]}); check that 'clare serve' runs there "
+                         "and that the address is right") from err
+    if len(raw) > MAX_RESPONSE_BYTES:
+        raise ClareError(f"{base} sent more than {MAX_RESPONSE_BYTES} bytes; is it a Clare?")
+    try:
+        return json.loads(raw or b"null")  # a 204 has no body
+    except (ValueError, RecursionError) as err:  # SECURITY: a server may nest '[' deeper than the stack
+        raise ClareError(f"{base} sent something that is not JSON ({str(err)[:100]}); is it a Clare?") from err
+
+
+def _error_body_message(err: Any) -> str | None:
+    """Return the message of a Clare error body (`{"error": {"message": ...}}`), or None for any other body."""
+    import http.client
+
+    try:
+        return str(json.loads(err.read(64 * 1024))["error"]["message"])[:500]
+    except (ValueError, KeyError, TypeError, RecursionError, OSError, http.client.HTTPException):
+        return None
 
 
 def load_peers(config: dict[str, Any], *, path: str = "clare.toml") -> list[Peer]:
@@ -3909,9 +3983,8 @@ def peer_token(peer: Peer, config: dict[str, Any], *, env: dict[str, str] | None
         token = env.get(peer.token_env)
         if not token:
             raise ClareError(f"the variable {peer.token_env} is not set; export the token of {peer.name} in it")
-        return token
-    token = env.get("CLARE_TOKEN") or config.get("token")
-    return token if isinstance(token, str) and token else None
+        return check_token(token, where=f"${peer.token_env}")
+    return resolve_token(config, env=env)
 
 
 def list_peers(db: Db, peers: list[Peer]) -> list[dict[str, Any]]:
@@ -3949,6 +4022,24 @@ def sync_interval_s(config: dict[str, Any], *, path: str = "clare.toml") -> floa
     return float(value)
 
 
+def sync_round(db: Db, peer: Peer, config: dict[str, Any], *, progress: Progress | None = None,
+               verify: bool = False) -> SyncReport:
+    """Run one round with a configured peer for `clare sync` and the background loop alike.
+
+    The per-peer edge: any failure leaves as a ClareError, recorded in the peer's status.
+    """
+    try:
+        return sync_with(db, HttpPeer(peer.url, token=peer_token(peer, config)), name=peer.name,
+                         progress=progress, verify=verify)
+    except ClareError:
+        raise
+    except Exception as err:  # a bug or a broken database must not end the loop nor print a traceback
+        with contextlib.suppress(ClareError, sqlite3.Error):  # a busy database: the next round records it
+            save_peer_status(db, peer.url, name=peer.name, now_ms=now_ms(), error=f"internal error: {err!r}")
+        raise ClareError(f"internal error ({err!r:.200}); run 'clare sync {peer.name}' again, and report it "
+                         "if it stays") from err
+
+
 def start_background_sync(db_path: str, peers: list[Peer], config: dict[str, Any], *, stop: Any,
                           log: Callable[[str], None], interval_s: float = SYNC_INTERVAL_S) -> list[Any]:
     """Start one daemon thread per peer that syncs until `stop` (a threading.Event) is set.
@@ -3976,20 +4067,16 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
     try:
         while not stop.is_set():
             try:
-                report = sync_with(db, HttpPeer(peer.url, token=peer_token(peer, config)), name=peer.name)
+                report = sync_round(db, peer, config)
                 if n_failures:
                     log(f"sync with {peer.name}: reachable again")
                 n_failures = 0
                 if report.is_skewed and not was_skewed:
                     log(f"warning: {skew_message(peer.name, report.offset_ms)}")
                 was_skewed = report.is_skewed
-            except Exception as err:  # the per-peer loop is an edge: one peer's failure never ends the thread
+            except ClareError as err:  # one peer's failure never ends the thread
                 n_failures += 1
                 log(f"sync with {peer.name} failed ({n_failures} in a row): {err}")
-                if not isinstance(err, ClareError):
-                    with contextlib.suppress(ClareError, sqlite3.Error):  # a busy database: next round
-                        save_peer_status(db, peer.url, name=peer.name, now_ms=now_ms(),
-                                         error=f"internal error: {err!r}")
             stop.wait(backoff_s(n_failures, interval_s=interval_s))
     finally:
         db.close()
@@ -4034,6 +4121,11 @@ MAX_SYNC_BODY_BYTES = 8 * 1024 * 1024  # a sync batch of events
 MAX_DRAIN_BYTES = 64 * 1024 * 1024  # of a body refused as too large, read and dropped after the 413
 SYNC_PATH_PREFIX = "/api/v1/sync/"
 REQUEST_TIMEOUT_S = 10.0  # per socket read or write: a slow or silent client loses its connection
+REQUEST_DEADLINE_S = 60.0  # a request's head and body, from its first byte: a trickling client is cut off
+MAX_HANDLER_THREADS = 128  # connections handled at once; one more gets a quick 503
+BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+               b"Connection: close\r\nContent-Length: 84\r\n\r\n"
+               b'{"error": {"code": "busy", "message": "the server is busy; try again in a second"}}\n')  # past the cap
 LISTEN_BACKLOG = 128  # with the default 5, p99 latency under load is near a second (DESIGN §8)
 SHUTDOWN_GRACE_S = 10.0  # how long SIGTERM waits for requests in flight to finish
 POLL_S = 5  # how often htmx refreshes a polled fragment
@@ -4080,7 +4172,9 @@ class WebConfig:
     db_path: str
     log_requests: bool = False  # one line per request costs ~16% throughput (DESIGN §8)
     timeout_s: float = REQUEST_TIMEOUT_S
-    config_path: str = ""  # clare.toml, read again for the peers' status
+    deadline_s: float = REQUEST_DEADLINE_S
+    max_threads: int = MAX_HANDLER_THREADS
+    peers: tuple[Peer, ...] = ()  # clare.toml's peers as read at start: a later typo there never breaks a poll
 
     @property
     def has_token(self) -> bool:
@@ -4113,17 +4207,16 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
-def web_config(paths: Paths, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-               env: dict[str, str] | None = None, log_requests: bool = False) -> WebConfig:
-    """Read token and allowed host names from CLARE_TOKEN and clare.toml; refuse an open bind without a token."""
+def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: str = DEFAULT_HOST,
+               port: int = DEFAULT_PORT, env: dict[str, str] | None = None, log_requests: bool = False) -> WebConfig:
+    """Take token, allowed host names and peers from CLARE_TOKEN and clare.toml (`settings`, else read here).
+
+    Refuse an open bind without a token.
+    """
     import socket
 
-    env = os.environ if env is None else env
-    config = load_config(paths.config)
-    token = env.get("CLARE_TOKEN") or config.get("token") or None
-    if token is not None and (not isinstance(token, str) or len(token) < 16):
-        raise UsageError("the token is shorter than 16 characters; make one with: "
-                         "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    config = load_config(paths.config) if settings is None else settings
+    token = resolve_token(config, env=env, path=paths.config)
     if not is_loopback(host) and token is None:
         raise UsageError(f"binding {host or '*'} exposes Clare to the network without a token; set CLARE_TOKEN "
                          "or token = \"...\" in clare.toml (python3 -c 'import secrets; "
@@ -4139,7 +4232,8 @@ def web_config(paths: Paths, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         csrf = get_secret(db, "csrf_secret")
     finally:
         db.close()
-    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests, config_path=paths.config)
+    return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests,
+                     peers=tuple(load_peers(config, path=paths.config)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -4492,9 +4586,36 @@ def make_server(config: WebConfig) -> Any:
 
 
 def _define_server() -> type:
+    import io
     import socket
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class DeadlineReader(io.RawIOBase):
+        """A socket's reads: each under timeout_s, and all of one request under one deadline."""
+
+        def __init__(self, sock: socket.socket, *, timeout_s: float, deadline_s: float):
+            self.sock, self.timeout_s, self.deadline_s = sock, timeout_s, deadline_s
+            self.deadline: float | None = None  # set by the request's first byte; None between requests
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buf: Any) -> int:
+            # SECURITY: a per-read timeout alone lets a client that sends a byte every few seconds hold
+            # its thread forever (slowloris).
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the request took too long to arrive")
+                self.sock.settimeout(min(self.timeout_s, left))
+            try:
+                n = self.sock.recv_into(buf)
+            finally:
+                self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
+            if n and self.deadline is None:
+                self.deadline = time.monotonic() + self.deadline_s
+            return n
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive
@@ -4502,9 +4623,13 @@ def _define_server() -> type:
         sys_version = ""
 
         def setup(self) -> None:
-            self.timeout = self.server.config.timeout_s  # every read and write on the socket
+            config = self.server.config
+            self.timeout = config.timeout_s  # every read and write on the socket
             super().setup()
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.rfile.close()  # its socket file would keep the socket open after the request
+            self.reader = DeadlineReader(self.connection, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
+            self.rfile = io.BufferedReader(self.reader)
 
         def handle(self) -> None:
             try:
@@ -4522,6 +4647,7 @@ def _define_server() -> type:
 
         def handle_one_request(self) -> None:
             self.is_counted = False
+            self.reader.deadline = None  # a keep-alive connection's idle wait is not part of the next request
             try:
                 super().handle_one_request()
             finally:
@@ -4552,8 +4678,32 @@ def _define_server() -> type:
             self._lock = threading.Lock()
             self._idle = threading.Condition(self._lock)
             self._n_busy = 0  # requests being handled now
+            self._slots = threading.BoundedSemaphore(config.max_threads)  # one per handler thread
             super().__init__((config.host, config.port), Handler)
             self.config = dataclasses.replace(config, port=self.server_address[1])
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self._slots.acquire(blocking=False):
+                # SECURITY: unlimited threads let idle connections exhaust memory. This canned answer is the
+                # one write outside _dispatch: there is no handler thread to dispatch on.
+                with contextlib.suppress(OSError):
+                    request.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        request.recv(65536)  # unread data would turn our close into a reset that hides the 503
+                    request.send(BUSY_ANSWER)
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self._slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self._slots.release()
 
         def take_db(self) -> Db:
             """Borrow an open connection (a new connection per request costs ~4x, DESIGN §8)."""
@@ -4858,13 +5008,28 @@ def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Respon
     return answer
 
 
-def age_text(at: str | None, now: int) -> str:
-    """Say compactly how long ago an ISO time was (12s, 5m, 3h, 2d), or '—' when unknown."""
-    ms = _iso_to_ms(at)
-    if ms is None:
-        return "—"
-    s = max(0, (now - ms) // 1000)
-    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
+# --- text formatters, shared by the dashboard and the CLI ----------------------------------
+
+def short_text(text: str, width: int) -> str:
+    """Return text on one line, cut to `width` characters with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def when_text(created_at: str) -> str:
+    """Return an ISO time as 'YYYY-MM-DD HH:MM:SS' (UTC)."""
+    return created_at[:19].replace("T", " ")
+
+
+def tokens_text(tokens: dict[str, int]) -> str:
+    """Return a token count compactly: 950, 1.5k, 2.3M, or '—' for none."""
+    n = sum(v for v in tokens.values() if isinstance(v, int))
+    return "—" if not n else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def ago_text(at: str | None, now: int) -> str:
+    """Say how long ago an ISO time was ('2.0 min ago', 'just now'), or 'never' when unknown."""
+    return _ago_ms(_iso_to_ms(at), now)
 
 
 TASK_COLORS = {"todo": "gray", "in_progress": "blue", "blocked": "orange", "done": "green"}
@@ -5004,12 +5169,8 @@ def feed(events: list[Event], *, empty: str) -> Html:
     if not events:
         return render(EMPTY, text=empty)
     return render(FEED, items=join(
-        render(FEED_ITEM, text=describe_event(ev), at=ev.created_at, when=_short_time(ev.created_at),
+        render(FEED_ITEM, text=describe_event(ev), at=ev.created_at, when=when_text(ev.created_at),
                where=ev.machine_id) for ev in reversed(events)))
-
-
-def _short_time(created_at: str) -> str:
-    return created_at[:16].replace("T", " ")
 
 
 def assignee_text(task: Task) -> Html:
@@ -5045,7 +5206,7 @@ def _project_row(rollup: ProjectStatus) -> Html:
                               for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
                   n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1,
                   n_sessions=rollup.n_sessions or "—",
-                  tokens=_tokens_text(rollup.tokens) if rollup.n_sessions else "")
+                  tokens=tokens_text(rollup.tokens) if rollup.n_sessions else "")
 
 
 def activity_fragment(req: Request) -> Html:
@@ -5129,7 +5290,7 @@ def page_project(req: Request) -> Response:
     tasks = svc.list_tasks(project_id=p.id)
     updates = svc.list_updates(task_ids=[t.id for t in tasks], limit=10)
     return page(req, p.name, render(
-        MAIN_PROJECT, name=p.name, id=p.id, owner=p.owner or "—", created=_short_time(p.created_at),
+        MAIN_PROJECT, name=p.name, id=p.id, owner=p.owner or "—", created=when_text(p.created_at),
         head=project_head(p), csrf=csrf_field(req),
         status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
@@ -5149,7 +5310,7 @@ def updates_list(updates: list[Update], *, empty: str) -> Html:
     if not updates:
         return render(EMPTY, text=empty)
     return render(FEED, items=join(
-        render(FEED_ITEM, text=u.text, at=u.created_at, when=_short_time(u.created_at),
+        render(FEED_ITEM, text=u.text, at=u.created_at, when=when_text(u.created_at),
                where=f"{u.source} · {u.machine_id}") for u in reversed(updates)))
 
 
@@ -5193,7 +5354,7 @@ def task_fragment(req: Request, task: Task) -> Html:
                 if task.session_id or task.group_id else Html(""))
     return render(FRAG_TASK, poll=poll_attrs(f"/frag/tasks/{task.id}"), id=task.id, priority=task.priority,
                   status_form=status_form(req, task, view="task"), assignee=assignee_text(task), unassign=unassign,
-                  created=_short_time(task.created_at),
+                  created=when_text(task.created_at),
                   description=render(DESCRIPTION, text=task.description) if task.description else Html(""))
 
 
@@ -5314,11 +5475,6 @@ def session_badge(session: Session) -> Html:
     return badge(SESSION_LABELS.get(session.state, session.state), SESSION_COLORS.get(session.state, "gray"))
 
 
-def _tokens_text(tokens: dict[str, int]) -> str:
-    n = sum(v for v in tokens.values() if isinstance(v, int))
-    return "—" if not n else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
-
-
 def attention_fragment(req: Request) -> Html:
     """Render the sessions that wait for a person, longest-waiting first."""
     now = now_ms()
@@ -5329,7 +5485,7 @@ def attention_fragment(req: Request) -> Html:
     # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
     body = render(ATTENTION_LIST, items=join(render(
         ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
-        since="for " + age_text(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
+        since=ago_text(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
         where=s.tmux_target or "-", cwd=s.cwd,
         task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks else Html(""))
         for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
@@ -5346,8 +5502,8 @@ def fleet_fragment(req: Request) -> Html:
     else:
         table_html = render(FLEET_TABLE, rows=join(render(
             FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
-            where=s.tmux_target or "-", cwd=s.cwd, active=age_text(s.last_activity_at, now) + " ago",
-            tokens=_tokens_text(s.tokens),
+            where=s.tmux_target or "-", cwd=s.cwd, active=ago_text(s.last_activity_at, now),
+            tokens=tokens_text(s.tokens),
             task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
             else Html('<span class="muted">—</span>')) for s in sessions))
     return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
@@ -5413,11 +5569,6 @@ OPTGROUP = string.Template('<optgroup label="$label">$options</optgroup>')
 PREVIEW_ATTRS = string.Template('hx-get="$url" hx-trigger="change" hx-target="$target" hx-swap="outerHTML"')
 
 
-def _short_text(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
 def preview_attrs(url: str, *, target: str) -> Html:
     """Return the htmx attributes that fetch a preview fragment when a field changes."""
     return render(PREVIEW_ATTRS, url=url, target=target)
@@ -5428,7 +5579,7 @@ def broadcast_targets(req: Request, selected: str | None) -> Html:
     svc = req.svc
     groups = [("Projects", [(p.id, p.name) for p in svc.list_projects()]),
               ("Groups", [(f"group:{g.name}", g.name) for g in svc.list_groups()]),
-              ("Sessions", [(f"session:{s.id}", f"{_short_text(s.label or os.path.basename(s.cwd), 40)} · {s.host} "
+              ("Sessions", [(f"session:{s.id}", f"{short_text(s.label or os.path.basename(s.cwd), 40)} · {s.host} "
                                                 f"{s.tmux_target or ''} · {SESSION_LABELS.get(s.state, s.state)}")
                             for s in svc.list_sessions()])]
     return join([render(OPTION, value="", label="— pick a project, group or session —", selected=Html("")),
@@ -5511,7 +5662,7 @@ PEER_ROW = string.Template("""<tr><td>$state</td>
 
 def peers_fragment(req: Request) -> Html:
     """Render each peer with how its last sync went, polled in place."""
-    peers = list_peers(req.db, load_peers(load_config(req.config.config_path), path=req.config.config_path))
+    peers = list_peers(req.db, req.config.peers)
     now = now_ms()
 
     def state(p: dict[str, Any]) -> Html:
@@ -5719,17 +5870,9 @@ def api_list_events(req: Request) -> Response:
     """Page through the log: ?after=RSEQ in receipt order, or without it the newest, newest last."""
     limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
     after = req.int_arg("after", -1, lo=0, hi=2**62)
-    if after < 0:
-        events = req.svc.list_events(limit=limit)
-        has_more = False
-    else:
-        import itertools
-
-        events = list(itertools.islice(iter_events(req.db, after=after, batch=limit + 1), limit + 1))
-        has_more, events = len(events) > limit, events[:limit]
-    next_after = max((e.rseq for e in events), default=max(after, 0))
-    return json_response({"events": [_event_json(e) for e in events], "next_after": next_after,
-                          "has_more": has_more})
+    page = page_events(req.db, after=None if after < 0 else after, limit=limit)
+    return json_response({"events": [_event_json(e) for e in page.events], "next_after": page.next_after,
+                          "has_more": page.has_more})
 
 
 def api_history(req: Request) -> Response:
@@ -6023,15 +6166,13 @@ def sync_post_fetch(req: Request) -> Response:
 
 def sync_get_peers(req: Request) -> Response:
     """Return each peer with what its last sync did: for the dashboard and remote `peer list`."""
-    peers = load_peers(load_config(req.config.config_path), path=req.config.config_path)
-    return json_response(list_peers(req.db, peers))
+    return json_response(list_peers(req.db, req.config.peers))
 
 
 # --- the remote twin of Services ----------------------------------------
 
 REMOTE_TIMEOUT_S = 30.0
 LOCAL_ONLY_SERVICES = frozenset({"pull_fleet", "observe_sessions", "report_hook", "get_pane_session"})
-_REMOTE_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
 
 
 def _build(cls: type, obj: dict[str, Any]) -> Any:
@@ -6059,32 +6200,13 @@ class RemoteServices:
 
     def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
         """Send one API request and return its decoded JSON; raise the server's error as a ClareError."""
-        import urllib.error
         import urllib.parse
-        import urllib.request
 
         pairs = [(k, x) for k, v in (query or {}).items() if v is not None
                  for x in (v if isinstance(v, list) else [v])]
-        url = self.url + path + ("?" + urllib.parse.urlencode(pairs) if pairs else "")
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Accept": "application/json", **({"Content-Type": "application/json"} if data is not None else {}),
-                   **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
-        request = urllib.request.Request(url, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=REMOTE_TIMEOUT_S) as resp:
-                return json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as err:
-            try:
-                message = json.loads(err.read())["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = f"{self.url} answered {err.code} {err.reason}"
-            raise _REMOTE_ERRORS.get(err.code, ClareError)(message) from err
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise ClareError(f"cannot reach {self.url} ({reason}); check --remote / CLARE_URL and that "
-                             "'clare serve' runs there") from err
-        except ValueError as err:
-            raise ClareError(f"{self.url} did not answer JSON; is it a Clare server?") from err
+        path += "?" + urllib.parse.urlencode(pairs) if pairs else ""
+        return http_json(self.url, path, method=method, body=body, token=self.token, timeout_s=REMOTE_TIMEOUT_S,
+                         say_where=False)
 
     @staticmethod
     def _path(ref: str) -> str:
@@ -6349,6 +6471,7 @@ class Context:
         self.remote_url: str | None = getattr(args, "remote", None) or os.environ.get("CLARE_URL") or None
         self._db: Db | None = None
         self._svc: Services | RemoteServices | None = None
+        self._config: dict[str, Any] | None = None  # clare.toml, read on first use
 
     @property
     def db(self) -> Db:
@@ -6361,11 +6484,18 @@ class Context:
         return self._db
 
     @property
+    def config(self) -> dict[str, Any]:
+        """Return clare.toml's settings, read once per command."""
+        if self._config is None:
+            self._config = load_config(self.paths.config)
+        return self._config
+
+    @property
     def svc(self) -> "Services | RemoteServices":
         """Return the services this command runs against: the local database, or --remote / CLARE_URL."""
         if self._svc is None:
             if self.remote_url is not None:
-                token = os.environ.get("CLARE_TOKEN") or load_config(self.paths.config).get("token")
+                token = resolve_token(self.config, path=self.paths.config)
                 self._svc = RemoteServices(_check_url(self.remote_url), token=token)
             else:
                 self._svc = Services(self.db)
@@ -6401,15 +6531,6 @@ def table(headers: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
     return "\n".join(lines)
 
 
-def _short(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def _when(created_at: str) -> str:
-    return created_at[:19].replace("T", " ")
-
-
 def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{counts.get(s, 0)} {STATUS_LABEL[s]}" for s in TASK_STATUSES)
 
@@ -6428,15 +6549,15 @@ def format_tasks(tasks: list[Task], *, with_project: bool = True) -> str:
         return "no tasks"
     headers = ("ID", "PRI", "STATUS", *(("PROJECT",) if with_project else ()), "ASSIGNED", "TITLE")
     return table(headers, ((t.id[:SHORT_ID], f"P{t.priority}", STATUS_LABEL[t.status],
-                            *((_short(t.project, 20),) if with_project else ()), _assignee(t),
-                            _short(t.title, 70)) for t in tasks))
+                            *((short_text(t.project, 20),) if with_project else ()), _assignee(t),
+                            short_text(t.title, 70)) for t in tasks))
 
 
 def format_history(events: list[Event]) -> str:
     """Return one line per event: when, where, what."""
     if not events:
         return "no history"
-    return "\n".join(f"{_when(ev.created_at)}  {ev.machine_id:<12}  {describe_event(ev)}" for ev in events)
+    return "\n".join(f"{when_text(ev.created_at)}  {ev.machine_id:<12}  {describe_event(ev)}" for ev in events)
 
 
 def cmd_init(args: argparse.Namespace, ctx: Context) -> None:
@@ -6496,7 +6617,8 @@ def cmd_project_list(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, projects, lambda: table(
         ("ID", "NAME", "STATUS", "TODO", "DOING", "BLOCKED", "DONE", "OWNER", "GOAL"),
         ((p.id[:SHORT_ID], p.name, p.status, *(p.task_counts[s] for s in TASK_STATUSES), p.owner,
-          _short(p.goal, 50)) for p in projects)) if projects else "no projects; create one with: clare project new NAME")
+          short_text(p.goal, 50)) for p in projects)) \
+        if projects else "no projects; create one with: clare project new NAME")
 
 
 def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
@@ -6546,11 +6668,11 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
     def text() -> str:
         lines = [f"{t.title}", f"id:       {t.id}", f"project:  {t.project} ({t.project_id[:SHORT_ID]})",
                  f"status:   {STATUS_LABEL[t.status]}", f"priority: P{t.priority}",
-                 f"assigned: {_assignee(t) or '-'}", f"created:  {_when(t.created_at)}"]
+                 f"assigned: {_assignee(t) or '-'}", f"created:  {when_text(t.created_at)}"]
         if t.description:
             lines += ["", t.description]
         if updates:
-            lines += ["", "updates:"] + [f"{_when(u.created_at)}  [{u.source}]  {u.text}" for u in updates]
+            lines += ["", "updates:"] + [f"{when_text(u.created_at)}  [{u.source}]  {u.text}" for u in updates]
         lines += ["", "history:", format_history(history)]
         return "\n".join(lines)
     emit(ctx, value, text)
@@ -6615,21 +6737,15 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
             raise UsageError("not inside a tmux pane; name the task: clare update TASK TEXT")
         socket = os.environ.get("TMUX", "").split(",")[0] or None
         u = ctx.svc.post_update(args.task, pane=(socket, pane_id))
-    emit(ctx, u, f"noted on task {u.task_id[:SHORT_ID]}: {_short(u.text, 70)}")
-
-
-def _ago(at: str | None, now: int) -> str:
-    """Say how long ago an ISO time was, or '-' when unknown."""
-    ms = _iso_to_ms(at)
-    return "-" if ms is None else _ago_ms(ms, now)
+    emit(ctx, u, f"noted on task {u.task_id[:SHORT_ID]}: {short_text(u.text, 70)}")
 
 
 def format_sessions(sessions: list[Session], ambiguous: list[Pane] = ()) -> str:
     """Return a session table, then one line per pane whose session is unknown."""
     now = now_ms()
     lines = [table(("ID", "HOST", "TMUX", "STATE", "ACTIVE", "TASK", "CWD", "LABEL"), (
-        (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(s.last_activity_at, now),
-         (s.task_id or "-")[:SHORT_ID], _short(s.cwd, 40), _short(s.label, 40)) for s in sessions))
+        (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
+         (s.task_id or "-")[:SHORT_ID], short_text(s.cwd, 40), short_text(s.label, 40)) for s in sessions))
         if sessions else "no Claude sessions seen; run 'clare pull' on each host"]
     lines += [f"? pane {p.pane_id} ({p.target}) in {p.cwd}: Claude runs here, but its session cannot be told "
               "apart from another in this cwd" for p in ambiguous]
@@ -6638,7 +6754,7 @@ def format_sessions(sessions: list[Session], ambiguous: list[Pane] = ()) -> str:
 
 def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
     """Look at this host's Claude sessions and record what changed."""
-    result = ctx.svc.pull_fleet(config=load_config(ctx.paths.config), tails=args.tails)
+    result = ctx.svc.pull_fleet(config=ctx.config, tails=args.tails)
     sessions = ctx.svc.list_sessions(host=ctx.db.machine_id)
     counts = {t: sum(ev.event_type == f"session.{t}" for ev in result.events) for t in ("appeared", "changed", "gone")}
     value = {"sessions": sessions, "events": len(result.events), **counts, "ambiguous": result.ambiguous,
@@ -6718,12 +6834,6 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
     return 0 if all(d.result in ("delivered", "queued") for d in result.deliveries) else 1
 
 
-def _tokens(tokens: dict[str, int]) -> str:
-    total = sum(tokens.values())
-    return "-" if not total else f"{total / 1e6:.1f}M" if total >= 1e6 else f"{total / 1e3:.1f}k" \
-        if total >= 1e3 else str(total)
-
-
 def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
     """Show the roll-up: per project task counts and tokens, per session its task and state."""
     report = ctx.svc.get_status(project_ref=args.project, group_ref=args.group)
@@ -6732,10 +6842,11 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
         now = now_ms()
         projects = table(("PROJECT", "STATUS", "TODO", "DOING", "BLOCKED", "DONE", "SESSIONS", "TOKENS"), (
             (r.project.name, r.project.status, *(r.project.task_counts[s] for s in TASK_STATUSES), r.n_sessions,
-             _tokens(r.tokens)) for r in report.projects)) if report.projects else "no projects"
+             tokens_text(r.tokens)) for r in report.projects)) if report.projects else "no projects"
         sessions = table(("SESSION", "HOST", "TMUX", "STATE", "ACTIVE", "TOKENS", "TASK"), (
-            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, _ago(s.last_activity_at, now), _tokens(s.tokens),
-             f"{s.task_id[:SHORT_ID]} {_short(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
+            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
+             tokens_text(s.tokens),
+             f"{s.task_id[:SHORT_ID]} {short_text(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
              else "-") for s in report.sessions)) if report.sessions else "no live sessions"
         return f"{projects}\n\n{sessions}"
     emit(ctx, report, text)
@@ -6767,10 +6878,12 @@ def cmd_export(args: argparse.Namespace, ctx: Context) -> None:
     except OSError as err:
         raise ClareError(f"cannot write {args.file}: {err.strerror}; check the folder exists and is writable") from err
     with target as f:
-        n_events = 0
-        for ev in iter_events(ctx.db):
-            f.write(json.dumps(ev.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n")
-            n_events += 1
+        n_events, page = 0, EventPage([], 0, True)
+        while page.has_more:
+            page = page_events(ctx.db, after=page.next_after, limit=MAX_EVENTS_PAGE)
+            f.writelines(json.dumps(ev.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n"
+                         for ev in page.events)
+            n_events += len(page.events)
     if out is None:
         print(f"exported {n_events} events to {args.file}", file=sys.stderr)
 
@@ -6811,18 +6924,18 @@ def cmd_peer_rm(args: argparse.Namespace, ctx: Context) -> None:
 
 def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
     """List peers with their last sync, lag, clock offset and last error."""
-    rows = list_peers(ctx.db, load_peers(load_config(ctx.paths.config), path=ctx.paths.config))
+    rows = list_peers(ctx.db, load_peers(ctx.config, path=ctx.paths.config))
     now = now_ms()
     emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "ERROR"), (
         (r["name"] + ("" if r["is_configured"] else " (not in clare.toml)"), r["url"],
          _ago_ms(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
-         _short(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
+         short_text(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
         for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
 
 
 def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
     """Run one round (pull, then push) with every configured peer or one; print what moved."""
-    config = load_config(ctx.paths.config)
+    config = ctx.config
     peers = load_peers(config, path=ctx.paths.config)
     if args.peer:
         peers = [find_peer(peers, args.peer)]
@@ -6833,8 +6946,7 @@ def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
     for peer in peers:
         progress = ProgressLine(peer.name)
         try:
-            transport = HttpPeer(peer.url, token=peer_token(peer, config))
-            report = sync_with(ctx.db, transport, name=peer.name, progress=progress, verify=args.verify)
+            report = sync_round(ctx.db, peer, config, progress=progress, verify=args.verify)
         except ClareError as err:  # the per-peer loop: one dead peer never stops the others
             progress.close()
             print(f"clare: error: {peer.name}: {err}", file=sys.stderr)
@@ -6899,9 +7011,9 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync and pull the fleet meanwhile."""
     import threading
 
-    config = web_config(ctx.paths, host=args.host, port=args.port, log_requests=args.log)
-    settings = load_config(ctx.paths.config)
-    peers = [] if args.no_sync else load_peers(settings, path=ctx.paths.config)
+    settings = ctx.config
+    config = web_config(ctx.paths, settings=settings, host=args.host, port=args.port, log_requests=args.log)
+    peers = [] if args.no_sync else list(config.peers)
     interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
     stop = threading.Event()
@@ -6933,12 +7045,9 @@ def cmd_restore(args: argparse.Namespace, ctx: Context) -> None:
     if not args.yes:
         raise UsageError("restoring replaces everything in this database by the backup (events since then come "
                          "back only from peers); run again with --yes")
-    db_id = restore_db(ctx.db, args.backup)
-    ctx.close()
-    ctx._db = None
-    db = ctx.db  # reopened: an older backup is migrated here
-    emit(ctx, {"db": db.path, "db_id": db_id, "n_events": count_events(db)},
-         f"restored {db.path} from {args.backup}: {count_events(db)} events, new db id {db_id}\n"
+    db_id, n_events = restore_backup(ctx.db, args.backup)
+    emit(ctx, {"db": ctx.db.path, "db_id": db_id, "n_events": n_events},
+         f"restored {ctx.db.path} from {args.backup}: {n_events} events, new db id {db_id}\n"
          "get back what peers hold since the backup with: clare sync")
 
 

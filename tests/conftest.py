@@ -142,12 +142,14 @@ def serve(home, db):
     started = []
 
     def start(*, token: str | None = None, timeout_s: float = clare.REQUEST_TIMEOUT_S,
+              deadline_s: float = clare.REQUEST_DEADLINE_S, max_threads: int = clare.MAX_HANDLER_THREADS,
               allowed_hosts: tuple = ()) -> Served:
         if allowed_hosts:
             (home / "clare.toml").write_text(f"allowed_hosts = {json.dumps(list(allowed_hosts))}\n")
         config = clare.web_config(clare.resolve_paths(), host="127.0.0.1", port=0,
                                   env={"CLARE_TOKEN": token} if token else {})
-        server = clare.make_server(clare.dataclasses.replace(config, timeout_s=timeout_s))
+        server = clare.make_server(clare.dataclasses.replace(config, timeout_s=timeout_s, deadline_s=deadline_s,
+                                                             max_threads=max_threads))
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))
@@ -262,3 +264,43 @@ def observe(db, session_ids, *, now_ms: int, cwd: str = "/srv/app", state: str =
             "command": "claude", "state": state, "last_activity_ms": now_ms, "label": "", "tokens": {}, **fields}))
     return clare.observe_sessions(db, seen, now_ms=now_ms)
 
+
+
+@pytest.fixture
+def fake_server():
+    """Start raw servers on 127.0.0.1 port 0 that answer every request with fixed bytes, then close."""
+    import socket
+    import threading
+
+    started = []
+
+    def start(answer: bytes) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.1)
+        stop = threading.Event()
+
+        def loop():
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except (TimeoutError, OSError):
+                    continue
+                with conn:
+                    conn.settimeout(5)
+                    head = b""
+                    while b"\r\n\r\n" not in head and len(head) < 65536:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        head += chunk
+                    conn.sendall(answer)
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        started.append((listener, stop, thread))
+        return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    yield start
+    for listener, stop, thread in started:
+        stop.set()
+        thread.join(5)
+        listener.close()

@@ -172,6 +172,39 @@ def test_group_commands_show_examples_in_their_help(capsys):
     assert "examples:\n  clare task add alpha" in capsys.readouterr().out
 
 
+def test_sync_turns_a_foreign_error_into_one_line_for_cli_and_loop(cli, db, monkeypatch):
+    import sqlite3
+    import threading
+
+    def broken(*args, **kwargs):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+    monkeypatch.setattr(clare, "sync_with", broken)
+    r = cli("sync", "http://127.0.0.1:9")
+    assert r.code == 1 and r.err.startswith("clare: error: 127.0.0.1-9: internal error (DatabaseError(")
+    assert r.err.count("\n") == 1
+    assert "internal error: DatabaseError(" in clare.list_peer_status(db)[0].last_error
+    stop, lines = threading.Event(), []
+
+    def log(line):
+        lines.append(line)
+        stop.set()
+    clare._sync_loop(db.path, clare.check_peer("http://127.0.0.1:9"), {}, stop=stop, log=log, interval_s=0.1)
+    assert len(lines) == 1 and "failed (1 in a row): internal error (DatabaseError(" in lines[0]
+
+
+def test_export_pages_through_a_log_longer_than_one_page_in_receipt_order(cli, db, tmp_path, server):
+    with clare.write_txn(db) as cur:
+        for i in range(2 * clare.MAX_EVENTS_PAGE + 5):
+            clare.record(db, cur, "note.kept", {"n": i}, now_ms=clare.now_ms())
+    assert cli("export", tmp_path / "log.jsonl").code == 0
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["payload"]["n"] for e in lines] == list(range(2 * clare.MAX_EVENTS_PAGE + 5))
+    last3 = clare.list_events(db, limit=3)
+    page = server.request("GET", f"/api/v1/events?after={last3[0].rseq}&limit=2").json()
+    assert [e["payload"]["n"] for e in page["events"]] == [2 * clare.MAX_EVENTS_PAGE + 3, 2 * clare.MAX_EVENTS_PAGE + 4]
+    assert page["has_more"] is False and page["next_after"] == last3[-1].rseq
+
+
 def test_broadcast_without_live_recipients_fails_at_once_saying_why(cli, db):
     cli("project", "new", "alpha")
     n_events = clare.count_events(db)

@@ -305,3 +305,15 @@ def test_a_page_is_built_again_as_soon_as_the_log_grows(server, db):
     html = get(server, "/frag/projects")
     clare.create_project(db, "beta", now_ms=2)
     assert ">beta</a>" not in html and ">beta</a>" in get(server, "/frag/projects")
+
+
+def test_cli_and_dashboard_show_tokens_and_ages_alike(db, server, cli):
+    now = clare.now_ms()
+    observe(db, [{"session_id": "5e55a0b2-0000-4000-8000-000000000001", "label": "alike",
+                  "tokens": {"input": 1000, "output": 500}, "last_activity_ms": now - 3 * 3_600_000}], now_ms=now)
+    dashboard = server.request("GET", "/frag/fleet").text
+    status = cli("status").out
+    for text in ("1.5k", "3.0 h ago"):
+        assert text in dashboard and text in status, text
+    assert clare.tokens_text({}) == "—" and clare.ago_text(None, now) == "never"
+    assert clare.short_text("a\n  b  c", 4) == "a b…"

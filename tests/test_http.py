@@ -347,6 +347,49 @@ def test_slow_client_is_cut_off(serve):
     assert s.request("GET", "/api/v1/projects").json() == []
 
 
+def test_a_client_trickling_its_request_is_cut_off_at_the_deadline(serve):
+    import select
+    import time
+
+    s = serve(timeout_s=0.5, deadline_s=1.0)
+    request = b"GET /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"a" * 400
+    with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+        is_cut = False
+        for byte in request:  # one byte per 0.2 s: each read is quick, the whole never ends
+            try:
+                c.sendall(bytes([byte]))
+            except OSError:
+                is_cut = True
+                break
+            if select.select([c], [], [], 0.2)[0]:
+                is_cut = True
+                break
+        assert is_cut, "the server kept reading a request trickled for 80 s"
+        try:
+            assert _read_all(c) == b""  # hung up without answering
+        except ConnectionResetError:
+            pass  # it closed with our last bytes unread: the kernel says so with a reset
+    assert s.request("GET", "/api/v1/projects").status == 200
+
+
+def test_connections_past_the_thread_cap_get_a_quick_503(serve):
+    from conftest import wait_for
+
+    s = serve(max_threads=2)
+    idle = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(2)]
+    try:
+        for c in idle:
+            c.sendall(b"GET /api/v1/pro")
+        wait_for(lambda: s.server._slots._value == 0, what="both handler threads taken")
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            answer = _read_all(c)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer and b'"busy"' in answer
+    finally:
+        for c in idle:
+            c.close()
+    assert wait_for(lambda: s.request("GET", "/api/v1/projects").status == 200, what="a slot freed")
+
+
 def test_sixty_half_open_connections_do_not_block_a_real_client(server):
     idle = []
     try:
@@ -665,3 +708,66 @@ def test_serve_keeps_the_token_out_of_a_log(home, db):
             proc.wait()
     assert "login?token=YOUR_TOKEN" in lines[1]
     assert token not in "".join(lines) + out + err
+
+
+def _answer(status: str, body: bytes, *, content_type: str = "application/json", length: int | None = None) -> bytes:
+    n = len(body) if length is None else length
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+@pytest.mark.parametrize("answer, says", [
+    (b"garbage, not HTTP at all\r\n\r\n", "garbled"),
+    (_answer("200 OK", b'[{"id": "abc", "na', length=5000), "broke off"),
+    (_answer("200 OK", b"[" * 100_000), "not JSON"),
+    (_answer("200 OK", b"<html><body>a login page</body></html>", content_type="text/html"), "not JSON"),
+    (_answer("502 Bad Gateway", b"<html>proxy error</html>", content_type="text/html"), "answered 502"),
+    (_answer("404 Not Found", b"[" * 100_000), "answered 404"),
+], ids=["garbage", "truncated", "deep-nesting", "html", "html-error", "deep-error-body"])
+def test_remote_that_answers_nonsense_is_one_error_line(cli, fake_server, answer, says):
+    r = cli("--remote", fake_server(answer), "project", "list")
+    assert r.code == 1 and r.err.startswith("clare: error: ") and says in r.err
+    assert r.err.count("\n") == 1 and "Traceback" not in r.err
+
+
+def test_remote_and_peer_traffic_never_go_through_a_proxy(serve, cli, monkeypatch, fake_server):
+    s = serve()
+    assert cli("--remote", s.url, "project", "new", "alpha").code == 0
+    proxy = fake_server(_answer("200 OK", b'["from the proxy"]'))
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy"):
+        monkeypatch.setenv(var, proxy)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    r = cli("--remote", s.url.replace("127.0.0.1", "localhost"), "--json", "project", "list")
+    assert r.code == 0 and [p["name"] for p in r.json()] == ["alpha"]
+    r = cli("sync", s.url.replace("127.0.0.1", "localhost"))
+    assert "is this very database" in r.err  # the sync client reached the server itself, not the proxy
+
+
+def test_a_short_token_is_refused_alike_by_serve_remote_and_sync(home, cli, monkeypatch, db):
+    (home / "clare.toml").write_text('token = "short"\n[[peers]]\nname = "b"\nurl = "http://127.0.0.1:9"\n')
+    paths = clare.resolve_paths()
+    with pytest.raises(clare.UsageError, match="'token' in .*clare.toml.* 16 characters"):
+        clare.web_config(paths, port=0, env={})
+    r = cli("--remote", "http://127.0.0.1:9", "project", "list")
+    assert r.code == 2 and "16 characters" in r.err and "cannot reach" not in r.err
+    r = cli("sync")
+    assert r.code == 1 and "b: the token in 'token' in" in r.err and "16 characters" in r.err
+    monkeypatch.setenv("CLARE_TOKEN", "also-short")
+    with pytest.raises(clare.UsageError, match=r"\$CLARE_TOKEN"):
+        clare.peer_token(clare.Peer("b", "http://x", None), {})
+    monkeypatch.setenv("CLARE_TOKEN", "long-enough-token-0123456789")
+    assert clare.resolve_token(clare.load_config(paths.config)) == "long-enough-token-0123456789"
+    assert clare.peer_token(clare.Peer("b", "http://x", "B_TOKEN"), {}, env={"B_TOKEN": "b-token-0123456789"}) \
+        == "b-token-0123456789"
+
+
+def test_peers_poll_uses_the_config_read_at_start_so_a_later_typo_breaks_nothing(home, serve):
+    (home / "clare.toml").write_text('[[peers]]\nname = "apricot"\nurl = "http://10.9.0.2:8765"\n')
+    s = serve()
+    (home / "clare.toml").write_text('[[peers]\nname = "apricot"  # a typo made while serving\n')
+    frag = s.request("GET", "/frag/peers")
+    assert frag.status == 200 and "apricot" in frag.text
+    peers = s.request("GET", "/api/v1/sync/peers")
+    assert peers.status == 200 and [p["name"] for p in peers.json()] == ["apricot"]
+
