@@ -2127,6 +2127,10 @@ def describe_event(ev: Event) -> str:
         return f"{ev.event_type} (malformed payload)"
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _fields(p: dict[str, Any], skip: str) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in p.items() if k != skip)
 
@@ -2147,7 +2151,7 @@ DESCRIBE.update({
     "session.changed": lambda p: f"session {p['session_id'][:SHORT_ID]}: "
                                  + _fields({k: v for k, v in p.items() if k in _OBSERVED_KEYS}, "session_id"),
     "session.gone": lambda p: f"session {p['session_id'][:SHORT_ID]} is gone ({p.get('reason', '')})",
-    "broadcast.sent": lambda p: f"broadcast to {p['target']} ({len(p['session_ids'])} sessions): "
+    "broadcast.sent": lambda p: f"broadcast to {p['target']} ({_n(len(p['session_ids']), 'session')}): "
                                 f"{p['text'][:60]!r}",
     "broadcast.delivered": lambda p: f"broadcast {p['broadcast_id'][:SHORT_ID]} to session "
                                      f"{p['session_id'][:SHORT_ID]}: {p['result']}"
