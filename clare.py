@@ -3897,7 +3897,7 @@ def load_peers(config: dict[str, Any], *, path: str = "clare.toml") -> list[Peer
 
 def check_peer(url: object, *, name: object = None, token_env: object = None) -> Peer:
     """Return a Peer from raw values, its name taken from the URL's host when not given."""
-    if not isinstance(url, str) or not PEER_URL_RE.match(url):
+    if not isinstance(url, str) or not PEER_URL_RE.match(url) or not _has_host_and_port(url):
         raise UsageError(f"peer url {str(url)[:80]!r} is not an http:// or https:// address; "
                          "give one like http://10.9.0.2:8765")
     url = url.rstrip("/")
@@ -3908,6 +3908,16 @@ def check_peer(url: object, *, name: object = None, token_env: object = None) ->
     if token_env is not None and (not isinstance(token_env, str) or not ENV_NAME_RE.match(token_env)):
         raise UsageError(f"token_env {str(token_env)[:80]!r} is not an environment variable name")
     return Peer(name, url, token_env)
+
+
+def _has_host_and_port(url: str) -> bool:
+    from urllib.parse import urlsplit  # urllib.parse alone is light; only sync and peer verbs get here
+
+    try:
+        parts = urlsplit(url)
+        return bool(parts.hostname) and (parts.port is None or 0 < parts.port)
+    except ValueError:  # an unclosed IPv6 bracket, a port out of range
+        return False
 
 
 def add_peer(path: str, url: str, *, name: str | None = None, token_env: str | None = None) -> Peer:
@@ -6517,6 +6527,9 @@ def _check_url(url: str) -> str:
     return url
 
 
+TERMINAL_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def emit(ctx: Context, value: Any, text: str | Callable[[], str]) -> None:
     """Print `value` as JSON with --json, else the text (or what the callable returns)."""
     if ctx.as_json:
@@ -6524,7 +6537,8 @@ def emit(ctx: Context, value: Any, text: str | Callable[[], str]) -> None:
     else:
         out = text() if callable(text) else text
         if out:
-            print(out)
+            # SECURITY: titles, notes and pane text may hold terminal escapes; show them, never obey them.
+            print(TERMINAL_CONTROL_RE.sub(lambda m: f"\\x{ord(m[0]):02x}", out))
 
 
 def table(headers: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
@@ -6858,8 +6872,9 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
 
 def cmd_log(args: argparse.Namespace, ctx: Context) -> None:
     """Print the newest events of the log, newest last."""
-    if args.limit < 1:
-        raise UsageError(f"--limit {args.limit} must be at least 1")
+    if not 1 <= args.limit <= MAX_EVENTS_PAGE:
+        raise UsageError(f"--limit {args.limit} must be from 1 to {MAX_EVENTS_PAGE}; "
+                         "for the whole log use: clare export")
     events = ctx.svc.list_events(limit=args.limit)
     emit(ctx, events, lambda: "\n".join(
         f"{ev.hlc}  {ev.event_type:<16}  {describe_event(ev)}" for ev in events) or "the log is empty")
@@ -7072,6 +7087,13 @@ _SERVE_ARGS = (
     arg("--no-sync", action="store_true", help="do not sync with the peers of clare.toml in the background"),
 )
 
+# Verbs that act on this host's own database file, config, tmux or hooks: --remote cannot carry them.
+# `hook` is not here: Claude runs it with the user's environment (CLARE_URL too), and it must record
+# locally and exit 0 whatever that environment says.
+LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("hooks", "install"), ("hooks", "uninstall"),
+                            ("hooks", "status"), ("serve",), ("web",), ("peer", "add"), ("peer", "rm"),
+                            ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",)})
+
 COMMANDS: list[Command] = [
     Command(("init",), cmd_init, "create the database and this host's machine id (idempotent)",
             "clare init\n  clare --home /tmp/c2 init --machine-id apricot",
@@ -7231,7 +7253,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             epilog=f"example:\n  {cmd.example}", formatter_class=_HelpFormatter)
         for flags, options in (*cmd.args, _JSON):
             leaf.add_argument(*flags, **options)
-        leaf.set_defaults(handler=cmd.handler)
+        leaf.set_defaults(handler=cmd.handler, command_path=cmd.path)
     return parser
 
 
@@ -7295,6 +7317,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctx = Context(args)
     try:
+        if ctx.remote_url is not None and getattr(args, "command_path", ()) in LOCAL_COMMANDS:
+            raise UsageError(f"clare {' '.join(args.command_path)} works on this host's own files, tmux or "
+                             "Claude hooks; run it on that host without --remote (and unset CLARE_URL)")
         return args.handler(args, ctx) or 0
     except ClareError as err:
         print(f"clare: error: {err}", file=sys.stderr)

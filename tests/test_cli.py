@@ -44,7 +44,7 @@ def test_json_field_names_are_the_contract(cli):
     (["task", "start", "0000"], "no task '0000'"),
     (["project", "set", "alpha", "--name", "deadbeef"], "looks like an id"),
     (["task", "edit", "0"], "nothing to change"),
-    (["log", "--limit", "0"], "--limit 0 must be at least 1"),
+    (["log", "--limit", "0"], "--limit 0 must be from 1 to 1000"),
 ])
 def test_bad_input_is_one_line_naming_the_fix_and_writes_nothing(cli, argv, message):
     cli("project", "new", "alpha")
@@ -229,3 +229,27 @@ def test_broadcast_to_one_recipient_asks_in_the_singular(cli, db):
     r = cli("broadcast", f"session:{sid[:8]}", "--", "hi")
     assert r.code == 2 and r.err.startswith("1 recipient:\n")
     assert "add --yes to send to this session" in r.err
+
+
+@pytest.mark.parametrize("argv", [["init"], ["pull"], ["sync"], ["peer", "list"], ["export"], ["install"]])
+def test_local_only_verbs_refuse_remote_in_one_line(cli, argv):
+    r = cli("--remote", "http://127.0.0.1:9", *argv)
+    assert r.code == 2 and r.err.startswith(f"clare: error: clare {' '.join(argv)} works on this host's own")
+
+
+def test_terminal_escapes_in_titles_are_shown_not_obeyed(cli):
+    cli("project", "new", "alpha")
+    r = cli("task", "add", "alpha", "e\x1b]0;pwn\x07x")
+    assert "\x1b" not in r.out and "e\\x1b]0;pwn\\x07x" in r.out
+    assert cli("task", "list", "--json").json()[0]["title"] == "e\x1b]0;pwn\x07x"
+
+
+def test_log_limit_is_bounded_in_one_line(cli):
+    r = cli("log", "--limit", "99999999999999999999")
+    assert r.code == 2 and r.err.startswith("clare: error: --limit") and "clare export" in r.err
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://h:99999", "ftp://h"])
+def test_peer_add_refuses_a_url_sync_could_not_use(cli, url):
+    r = cli("peer", "add", url)
+    assert r.code == 2 and "is not an http:// or https:// address" in r.err
