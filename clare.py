@@ -6052,19 +6052,6 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
     ("POST", "/api/v1/replay"): ("Rebuild every projection from the log", (), {"type": "object"}, 200,
                                  _ref("ReplayResult")),
     ("GET", "/api/v1/openapi.json"): ("This document", (), None, 200, {"type": "object"}),
-    ("GET", "/api/v1/sync/events"): ("Sync: the events stored after receipt number ?after=", ("after", "limit"),
-                                     None, 200, _ref("SyncPage")),
-    ("POST", "/api/v1/sync/events"): ("Sync: store a batch of a peer's events (idempotent by uuid)", (),
-                                      _body(("events",), ("machine_id", "db_id", "now_ms"), events="array",
-                                            now_ms="integer"), 200, _ref("SyncAccepted")),
-    ("GET", "/api/v1/sync/days"): ("Sync: event count and uuid hash per day (anti-entropy)", (), None, 200,
-                                   _sync_reply(days="object")),
-    ("GET", "/api/v1/sync/days/{day}"): ("Sync: the uuids of one day's events (anti-entropy)", (), None, 200,
-                                         _sync_reply(day="string", uuids="array")),
-    ("POST", "/api/v1/sync/fetch"): ("Sync: the events among the uuids given", (), _body(("uuids",), (), uuids="array"),
-                                     200, _sync_reply(events="array")),
-    ("GET", "/api/v1/sync/peers"): ("Sync: each configured peer and what its last sync did", (), None, 200,
-                                    {"type": "array", "items": {"type": "object"}}),
 }
 
 
