@@ -6745,13 +6745,14 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, u, f"noted on task {u.task_id[:SHORT_ID]}: {short_text(u.text, 70)}")
 
 
-def format_sessions(sessions: list[Session], ambiguous: list[Pane] = ()) -> str:
+def format_sessions(sessions: list[Session], ambiguous: list[Pane] = (), *,
+                    empty: str = "no Claude sessions seen; run 'clare pull' on each host") -> str:
     """Return a session table, then one line per pane whose session is unknown."""
     now = now_ms()
     lines = [table(("ID", "HOST", "TMUX", "STATE", "ACTIVE", "TASK", "CWD", "LABEL"), (
         (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
          (s.task_id or "-")[:SHORT_ID], short_text(s.cwd, 40), short_text(s.label, 40)) for s in sessions))
-        if sessions else "no Claude sessions seen; run 'clare pull' on each host"]
+        if sessions else empty]
     lines += [f"? pane {p.pane_id} ({p.target}) in {p.cwd}: Claude runs here, but its session cannot be told "
               "apart from another in this cwd" for p in ambiguous]
     return "\n".join(lines)
@@ -6772,7 +6773,8 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
                 f"{counts['changed']} changed, {counts['gone']} gone")
         warn = [f"tmux server {s} did not answer; its sessions keep their last state" for s in result.unreachable]
         notes = [f"stored {len(result.updates)} pane tails and triage notes"] if args.tails else []
-        return "\n".join([head, *warn, *notes, format_sessions(sessions, result.ambiguous)])
+        return "\n".join([head, *warn, *notes, format_sessions(
+            sessions, result.ambiguous, empty="no Claude session runs in this host's tmux servers now")])
     emit(ctx, value, text)
 
 
