@@ -6966,8 +6966,10 @@ def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
         for r in report.rejected[:5]:
             print(f"clare: {peer.name}: event {r.get('uuid')} refused: {r.get('reason')}", file=sys.stderr)
         results.append(report)
+    # A failure was said on stderr already; the summary repeats it only to place it among other peers.
     emit(ctx, results, lambda: "\n".join(
-        f"{r['name']}: failed" if isinstance(r, dict) else format_sync_report(r) for r in results))
+        f"{r['name']}: failed" if isinstance(r, dict) else format_sync_report(r) for r in results
+        if len(results) > 1 or not isinstance(r, dict)))
     return 1 if any(isinstance(r, dict) for r in results) else 0
 
 
