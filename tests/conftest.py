@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# A loaded 2-core CI machine makes per-example deadlines flaky; a failure prints its reproduction blob.
+settings.register_profile("clare", deadline=None, print_blob=True)
+settings.load_profile("clare")
 
 import clare
 
