@@ -7211,7 +7211,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     command builds just that branch; help, errors and anything unrecognised get the full tree.
     """
     wanted = _named_command(argv) if argv is not None else None
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="clare", description="Clare: projects and tasks for a fleet of Claude Code sessions.",
         epilog="example:\n  clare project new alpha --goal 'ship v1'\n  clare task add alpha 'write the parser'"
                "\n  clare pull && clare sessions\n  clare serve"
@@ -7246,6 +7246,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             leaf.add_argument(*flags, **options)
         leaf.set_defaults(handler=cmd.handler, command_path=cmd.path)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with Clare's error form: one line naming the problem and where the help is."""
+
+    def error(self, message: str) -> Any:
+        """Print the problem as one line and exit 2, as argparse does after its usage block."""
+        self.exit(2, f"clare: error: {message}; see: {self.prog} --help\n")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -253,3 +253,9 @@ def test_log_limit_is_bounded_in_one_line(cli):
 def test_peer_add_refuses_a_url_sync_could_not_use(cli, url):
     r = cli("peer", "add", url)
     assert r.code == 2 and "is not an http:// or https:// address" in r.err
+
+
+def test_argument_errors_are_one_line_pointing_at_the_help(run_clare):
+    r = run_clare("task", "add", "alpha", "x", "--prio", "abc")
+    assert r.code == 2 and r.err == ("clare: error: argument --prio: invalid int value: 'abc'; "
+                                     "see: clare task add --help\n")
