@@ -6509,7 +6509,8 @@ class Context:
 
 
 def _check_url(url: str) -> str:
-    if not re.match(r"\Ahttps?://[^/\s]+/?\Z", url):
+    # One rule for every Clare server address: the one peers are checked with.
+    if not PEER_URL_RE.match(url) or not _has_host_and_port(url):
         raise UsageError(f"remote URL {url!r} is not of the form http://HOST:PORT; check --remote or CLARE_URL")
     return url
 
