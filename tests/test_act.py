@@ -110,7 +110,9 @@ def test_session_page_shows_state_ask_pane_transcript_attach_and_history(tmux, c
     assert cli("pull").code == 0
     [s] = clare.list_sessions(db)
     server = serve(token=TOKEN)
-    html = get(server, f"/sessions/{s.id}")
+    # The fake redraws its whole screen per key: wait for a capture between two draws.
+    html = wait_for(lambda: (h := get(server, f"/sessions/{s.id}")) and "Do you want to proceed?\n" in h and h,
+                    what="the pane on the page")
     assert "needs permission" in html and "Asks permission" in html and "rm -rf build" in html
     socket = tmux.socket
     assert f"tmux -S {socket} attach -t work:0.0" in html and 'data-copy="attach-cmd"' in html
