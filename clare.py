@@ -5532,6 +5532,7 @@ pre.tail{white-space:pre-wrap;overflow-wrap:anywhere;font:12px/1.35 ui-monospace
 .cmd{display:flex;flex-wrap:wrap;gap:.5rem;align-items:center}.cmd code{flex:1 1 16rem;overflow-wrap:anywhere;
 padding:.4rem .55rem;background:var(--soft);border-radius:7px;font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}
 [data-row].is-current{outline:2px solid var(--accent);outline-offset:-2px;border-radius:6px}
+ul.feed li[data-row]{padding-left:.4rem;padding-right:.4rem}
 .asked{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace;overflow-wrap:anywhere}.actions{display:flex;gap:.6rem;
 flex-wrap:wrap;margin-top:.2rem}.turn{display:grid;grid-template-columns:4.5rem 1fr;gap:.5rem}
 kbd{font:12px ui-monospace,Menlo,monospace;border:1px solid var(--line);border-radius:4px;padding:0 .3rem}
@@ -6270,9 +6271,10 @@ FRAG_SESSION = string.Template("""<section class="card" id="frag-session" $poll>
 <dt>Active</dt><dd>$active</dd><dt>Tokens</dt><dd class="mono" title="$tokens_title">$tokens</dd>
 <dt>Command</dt><dd class="mono small">$command</dd><dt>Id</dt><dd class="mono">$id</dd></dl></div></section>""")
 ASKED_CARD = string.Template("""<p class="flash error"><b>Asks permission</b> · $tool<br><span class="asked">$input</span></p>""")
-ATTACH = string.Template("""<div class="cmd"><code id="attach-cmd">$command</code>
+ATTACH = string.Template("""<p class="small muted">$where</p>
+<div class="cmd"><code id="attach-cmd">$command</code>
 <button type="button" class="ghost" data-copy="attach-cmd">Copy</button></div>
-<p class="small muted">$where From any terminal with Clare: <span class="mono">clare attach $short_id</span>.
+<p class="small muted">Or, from any terminal with Clare: <span class="mono">clare attach $short_id</span>.
 This page only shows the pane; it never types into it.</p>""")
 FRAG_PANE = string.Template("""<section class="card" id="frag-pane" $poll>
 <h2>Pane <span class="muted">· $where · $when</span></h2>$body</section>""")
@@ -6312,7 +6314,8 @@ def attach_card(req: Request, s: Session) -> Html:
         return render(EMPTY, text="This session runs outside tmux: there is no pane to attach to.")
     import shlex
 
-    where = "On this host:" if s.host == req.db.machine_id else f"From here, through ssh to {s.host}:"
+    where = ("In a terminal on this host:" if s.host == req.db.machine_id
+             else f"In a terminal here, through ssh to {s.host} ([hosts.{s.host}] ssh in clare.toml names it):")
     return render(ATTACH, command=shlex.join(argv), where=where, short_id=s.id[:SHORT_ID])
 
 
