@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+import clare
+
 # A loaded 2-core CI machine makes per-example deadlines flaky; a failure prints its reproduction blob.
 settings.register_profile("clare", deadline=None, print_blob=True)
 settings.load_profile("clare")
-
-import clare
 
 ROOT = Path(__file__).resolve().parent.parent
 CLARE_PY = ROOT / "clare.py"
