@@ -44,6 +44,10 @@ __version__ = "0.1.0"
 
 PROJECT_STATUSES = ("active", "paused", "done")
 TASK_STATUSES = ("todo", "in_progress", "blocked", "done")
+STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocked", "done": "done"}
+SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
+UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
+DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
 PRIORITIES = range(5)  # 0 is the most urgent, as in P0
 DEFAULT_PRIORITY = 2
 MAX_NAME_CHARS = 100
@@ -799,15 +803,12 @@ CREATE TABLE event_refs (                       -- which events name which entit
 """
 PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs", "sessions", "broadcasts", "deliveries")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
-UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
 
-SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
 SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
                   "last_activity_at", "label", "tokens")
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
-DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
 MAX_RECIPIENTS = 500
 # What a typed text must never hold: an ESC could end the bracketed paste ("\x1b[201~") and type
 # the rest as keys; C1 codes are escapes to some terminals. Newline and tab stay.
@@ -6473,8 +6474,6 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
 # 9. CLI: the argparse tree built from COMMANDS, handlers and text output.
 # ==========================================================================
 
-STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocked", "done": "done"}
-
 
 @dataclass(frozen=True, slots=True)
 class Command:
@@ -6504,10 +6503,7 @@ class Context:
 
     @property
     def db(self) -> Db:
-        """Open the local database (creating it on first use)."""
-        if self.remote_url is not None:
-            raise UsageError(f"this command works on the local database only; run it without --remote "
-                             f"(now {self.remote_url}) and unset CLARE_URL")
+        """Open this host's database (creating it on first use); only LOCAL_COMMANDS handlers use it directly."""
         if self._db is None:
             self._db = open_db(self.paths.db)
         return self._db
@@ -7111,6 +7107,9 @@ _SERVE_ARGS = (
 # Verbs that act on this host's own database file, config, tmux or hooks: --remote cannot carry them.
 # `hook` is not here: Claude runs it with the user's environment (CLARE_URL too), and it must record
 # locally and exit 0 whatever that environment says.
+# The one statement of what works on this host only (its database file, tmux, Claude hooks,
+# clare.toml): main() refuses these under --remote before they run. Only their handlers use
+# ctx.db (a test keeps that true); the others reach data through ctx.svc, local or remote.
 LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("hooks", "install"), ("hooks", "uninstall"),
                             ("hooks", "status"), ("serve",), ("web",), ("peer", "add"), ("peer", "rm"),
                             ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",)})
