@@ -31,7 +31,7 @@ import sqlite3
 import string
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,11 @@ __version__ = "0.1.0"
 
 PROJECT_STATUSES = ("active", "paused", "done")
 TASK_STATUSES = ("todo", "in_progress", "blocked", "done")
-PRIORITIES = range(0, 5)  # 0 is the most urgent, as in P0
+STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocked", "done": "done"}
+SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
+UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
+DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
+PRIORITIES = range(5)  # 0 is the most urgent, as in P0
 DEFAULT_PRIORITY = 2
 MAX_NAME_CHARS = 100
 MAX_TITLE_CHARS = 300
@@ -84,7 +88,7 @@ class Paths:
 
 
 def resolve_paths(*, home: str | None = None, db: str | None = None,
-                  env: dict[str, str] | None = None) -> Paths:
+                  env: Mapping[str, str] | None = None) -> Paths:
     """Return where the database and config live: --db, --home, CLARE_HOME, then XDG."""
     env = os.environ if env is None else env
     home = home or env.get("CLARE_HOME")
@@ -111,7 +115,7 @@ def load_config(path: str) -> dict[str, Any]:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
 
 
-def resolve_token(config: dict[str, Any], *, env: dict[str, str] | None = None,
+def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = None,
                   path: str = "clare.toml") -> str | None:
     """Return the bearer token: CLARE_TOKEN, else `token` in clare.toml, else None; refuse a weak one.
 
@@ -545,7 +549,7 @@ def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
             (ev.uuid, ev.hlc, ev.machine_id, ev.event_type, payload_text, ev.created_at, digest))
         if cur.rowcount == 1:
             inserted.append(Event(ev.uuid, ev.hlc, ev.machine_id, ev.event_type, ev.payload, ev.created_at,
-                                  cur.lastrowid))  # dataclasses.replace costs 3x as much
+                                  cur.lastrowid or 0))  # dataclasses.replace costs 3x as much
         elif cur.execute("SELECT hash FROM events WHERE uuid = ?", (ev.uuid,)).fetchone()[0] == digest:
             n_duplicates += 1
         else:
@@ -599,7 +603,7 @@ def list_events_after(db: Db, *, after: int, limit: int, max_chars: int) -> list
 def get_events_by_uuid(db: Db, uuids: Iterable[str]) -> list[Event]:
     """Return the stored events among `uuids`, in (hlc, uuid) order."""
     wanted = list(uuids)
-    found = []
+    found: list[sqlite3.Row] = []
     for i in range(0, len(wanted), 500):  # stay under SQLite's host-parameter limit
         chunk = wanted[i:i + 500]
         found += db.conn.execute(
@@ -799,16 +803,13 @@ CREATE TABLE event_refs (                       -- which events name which entit
 """
 PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs", "sessions", "broadcasts", "deliveries")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
-UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
 
-SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
 SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
                   "last_activity_at", "label", "tokens", "asked")
 MAX_ASKED_CHARS = 2000  # what a permission dialog asks, as kept with the session's state
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
-DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
 MAX_RECIPIENTS = 500
 # What a typed text must never hold: an ESC could end the bracketed paste ("\x1b[201~") and type
 # the rest as keys; C1 codes are escapes to some terminals. Newline and tab stay.
@@ -1462,7 +1463,7 @@ def _session_from_row(row: sqlite3.Row) -> Session:
 def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
                   include_gone: bool = True) -> list[Session]:
     """Return sessions by id prefix or host, ordered by host, tmux target and id."""
-    sql, params = _SESSION_SELECT, []
+    sql, params = _SESSION_SELECT, list[str]()
     if prefix is not None:
         sql += " AND s.id >= ? AND s.id < ?"
         params += (prefix, prefix + "~")
@@ -1778,8 +1779,10 @@ def assign_task(db: Db, ref: str, *, session_id: str | None = None, group_ref: s
         session_id = _check_prefix("session", session_id)
     with write_txn(db) as cur:
         task = get_task(db, ref)
-        target = ({"session_id": get_session(db, session_id).id} if session_id is not None
-                  else {"group_id": get_group(db, group_ref).id})
+        if session_id is not None:
+            target = {"session_id": get_session(db, session_id).id}
+        elif group_ref is not None:
+            target = {"group_id": get_group(db, group_ref).id}
         if (task.session_id, task.group_id) != (target.get("session_id"), target.get("group_id")):
             record(db, cur, "task.assigned", {"task_id": task.id, **target}, now_ms=now_ms)
     return get_task(db, task.id)
@@ -1936,7 +1939,7 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
         _check_choice("session state", mark.state, SESSION_STATES)
     if not _is_asked(asked):
         raise UsageError(f"asked must be {{tool, input}} texts of at most {MAX_ASKED_CHARS} characters")
-    events = []
+    events: list[Event] = []
     with write_txn(db) as cur:
         save_hook_mark(cur, session_id, mark)
         stored = list_hook_marks(db, session_id=session_id)[session_id]
@@ -1954,7 +1957,7 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
                 "last_activity_at": iso_ms(mark.at_ms), "label": "", "tokens": {},
                 **({"asked": asked} if asked else {})}, now_ms=now_ms))
         elif old is not None and mark.state is not None:
-            changed = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
+            changed: dict[str, Any] = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
                                          ("tmux_socket", mark.tmux_socket), ("tmux_target", tmux_target))
                        if v is not None and getattr(old, k) != v}
             if mark.state == "permission" and asked and old.asked != asked:
@@ -2035,18 +2038,34 @@ class SessionDetail:
     session: Session
     task: Task | None  # the task it works on now
     history: list[Event]  # the newest events about it, oldest first
+    attach: list[str] | None  # the command that attaches a terminal here to its pane; None outside tmux
 
     def to_json(self) -> dict[str, Any]:
-        """Return the session's fields with its task and history, as the API and `sessions show` print."""
+        """Return the session's fields with its task, history and attach command, as the API and CLI print."""
         return {**self.session.to_json(), "task": self.task.to_json() if self.task else None,
-                "history": [{**e.to_json(), "text": describe_event(e)} for e in self.history]}
+                "history": [{**e.to_json(), "text": describe_event(e)} for e in self.history], "attach": self.attach}
 
 
-def get_session_detail(db: Db, ref: str, *, limit: int = 50) -> SessionDetail:
-    """Return one session by id prefix with its task and its history."""
+def get_session_detail(db: Db, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
+    """Return one session by id prefix with its task, its history and how to attach to it from this host."""
     s = get_session(db, ref)
     task = get_task(db, s.task_id) if s.task_id else None  # directly, or through a group
-    return SessionDetail(s, task, list_history(db, [s.id], limit=limit))
+    return SessionDetail(s, task, list_history(db, [s.id], limit=limit),
+                         attach_command(s, here=db.machine_id, hosts=hosts or {}))
+
+
+def attach_command(session: Session, *, here: str, hosts: dict[str, Any]) -> list[str] | None:
+    """Return the command that attaches a terminal to a session's pane, from host `here`; None outside tmux.
+
+    From another host it goes through ssh to `[hosts.NAME] ssh` of clare.toml (default: the host's name).
+    """
+    if not session.tmux_socket or not (session.tmux_target or session.pane_id):
+        return None
+    local = ["tmux", "-S", session.tmux_socket, "attach", "-t", session.tmux_target or session.pane_id or ""]
+    if session.host == here:
+        return local
+    dest = (hosts.get(session.host) or {}).get("ssh") if isinstance(hosts.get(session.host), dict) else None
+    return ["ssh", dest if isinstance(dest, str) and dest else session.host, "-t", *local]
 
 
 BROADCAST_TTL_MS = 15 * 60 * 1000  # an undelivered broadcast older than this expires instead of arriving late
@@ -2362,7 +2381,7 @@ class PullResult:
     warnings: list[str]  # adapters and commands that failed; the pull went on without them
 
 
-def claude_home(env: dict[str, str] | None = None) -> str:
+def claude_home(env: Mapping[str, str] | None = None) -> str:
     """Return Claude Code's folder: $CLAUDE_CONFIG_DIR, else ~/.claude."""
     env = os.environ if env is None else env
     return env.get(CLAUDE_ENV_DIR) or os.path.join(os.path.expanduser("~"), ".claude")
@@ -2385,7 +2404,7 @@ def tmux_binary() -> str:
     return os.path.abspath(found)
 
 
-def tmux_sockets(env: dict[str, str] | None = None) -> list[str]:
+def tmux_sockets(env: Mapping[str, str] | None = None) -> list[str]:
     """Return the socket of every tmux server of this user, found the way tmux finds its own."""
     import stat
 
@@ -2457,7 +2476,7 @@ def capture_panes(socket: str, pane_ids: list[str], *, lines: int = SCREEN_LINES
     p = run_tmux(socket, *args[:-1]) if args else None
     if p is None or p.returncode != 0:  # tmux stops at a failed command: one pane closed meanwhile
         return {i: screen for i in pane_ids if (screen := capture_pane(socket, i, lines=lines)) is not None}
-    return dict(zip(pane_ids, p.stdout.split(mark + "\n")))
+    return dict(zip(pane_ids, p.stdout.split(mark + "\n"), strict=False))
 
 
 def shows_permission_dialog(screen: str) -> bool:
@@ -2517,20 +2536,6 @@ def read_pane(db: Db, session: Session, *, lines: int = PANE_LINES, now_ms: int)
     return view
 
 
-def attach_command(session: Session, *, here: str, hosts: dict[str, Any]) -> list[str] | None:
-    """Return the command that attaches a terminal to a session's pane, from host `here`; None outside tmux.
-
-    From another host it goes through ssh to `[hosts.NAME] ssh` of clare.toml (default: the host's name).
-    """
-    if not session.tmux_socket or not (session.tmux_target or session.pane_id):
-        return None
-    local = ["tmux", "-S", session.tmux_socket, "attach", "-t", session.tmux_target or session.pane_id or ""]
-    if session.host == here:
-        return local
-    dest = (hosts.get(session.host) or {}).get("ssh") if isinstance(hosts.get(session.host), dict) else None
-    return ["ssh", dest if isinstance(dest, str) and dest else session.host, "-t", *local]
-
-
 def process_tree() -> tuple[dict[int, tuple[int, int]], dict[int, list[int]]]:
     """Return every process (pid -> (ppid, start ticks)) and each one's children."""
     procs = read_procs()
@@ -2542,7 +2547,7 @@ def process_tree() -> tuple[dict[int, tuple[int, int]], dict[int, list[int]]]:
 
 def read_procs() -> dict[int, tuple[int, int]]:
     """Return every process of this host as pid -> (ppid, start time in clock ticks)."""
-    procs = {}
+    procs: dict[int, tuple[int, int]] = {}
     try:
         names = os.listdir("/proc")
     except OSError:  # no /proc (not Linux): no process is found, and the pull still works
@@ -2729,7 +2734,7 @@ def parse_tail(lines: list[bytes]) -> dict[str, Any]:
             continue
         if not isinstance(obj, dict):
             continue
-        key = TITLE_TYPES.get(obj.get("type"))
+        key = TITLE_TYPES.get(str(obj.get("type")))
         if key and "label" not in info and isinstance(obj.get(key), str):
             info["label"] = obj[key]
         when = _iso_to_ms(obj.get("timestamp"))
@@ -2937,9 +2942,9 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
     registry = read_registry(claude_dir, procs)
     marks = list_hook_marks(db)
     hooked: dict[tuple[str | None, str], tuple[int, str]] = {}
-    for sid, m in marks.items():
-        if m.pane_id and (m.at_ms, sid) > hooked.get((m.tmux_socket, m.pane_id), (0, "")):
-            hooked[(m.tmux_socket, m.pane_id)] = (m.at_ms, sid)
+    for marked, m in marks.items():
+        if m.pane_id and (m.at_ms, marked) > hooked.get((m.tmux_socket, m.pane_id), (0, "")):
+            hooked[(m.tmux_socket, m.pane_id)] = (m.at_ms, marked)
     boot_ms, tick_ms = _boot_ms(), 1000 / os.sysconf("SC_CLK_TCK")
     claude_panes, unreachable = [], []
     for socket in tmux_sockets():
@@ -2951,7 +2956,7 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
             pid = None if pane.is_dead else find_claude(pane.pid, children, argv_of, registered=registry)
             if pid is not None:
                 claude_panes.append((pane, pid))
-    found: list[tuple[str, Pane | None, int]] = []
+    found: list[tuple[str, Pane, int]] = []
     unresolved = []
     for pane, pid in claude_panes:
         started_ms = boot_ms + int(procs[pid][1] * tick_ms) if pid in procs else 0
@@ -2964,7 +2969,7 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
         else:
             unresolved.append((pane, pid, started_ms))
     cwd_of = {pid: _proc_cwd(pid) or pane.cwd for pane, pid in claude_panes}
-    sharing = {}
+    sharing: dict[str, int] = {}
     for _, pid in claude_panes:
         sharing[cwd_of[pid]] = sharing.get(cwd_of[pid], 0) + 1
     ambiguous = []
@@ -2975,9 +2980,9 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
         else:
             ambiguous.append(pane)
     in_panes = {pid for _, _, pid in found}
-    found = _one_pane_per_session(found, registry=registry, ambiguous=ambiguous)
-    found += [(e["sessionId"], None, pid) for pid, e in registry.items() if pid not in in_panes]
-    return _observe(db, found, registry=registry, marks=marks, cwd_of=cwd_of, argv_of=argv_of,
+    kept = _one_pane_per_session(found, registry=registry, ambiguous=ambiguous)
+    kept += [(e["sessionId"], None, pid) for pid, e in registry.items() if pid not in in_panes]
+    return _observe(db, kept, registry=registry, marks=marks, cwd_of=cwd_of, argv_of=argv_of,
                     claude_dir=claude_dir, idle_after_ms=idle_after_ms, now_ms=now_ms), ambiguous, unreachable
 
 
@@ -3018,7 +3023,8 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
     for socket in {pane.socket for _, pane, _ in found if pane}:
         ids = [pane.pane_id for _, pane, _ in found if pane and pane.socket == socket]
         screens.update({(socket, i): text for i, text in capture_panes(socket, ids).items()})
-    fresh, observations, seen = [], [], set()
+    fresh: list[tuple[str, str | None, int, int, dict[str, Any]]] = []
+    observations, seen = [], set()
     for sid, pane, pid in found:
         if sid in seen or not UUID_RE.match(sid):
             continue
@@ -3027,7 +3033,7 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         cwd = cwd_of.get(pid) or entry.get("cwd") or _proc_cwd(pid) or ""
         path = find_transcript(claude_dir, cwd, sid)
         reading = read_transcript(path, cache.get(path)) if path else None
-        if reading is not None and reading is not cache.get(path):
+        if path is not None and reading is not None and reading is not cache.get(path):
             fresh.append((path, sid, *reading))
         info = reading[2] if reading else {}
         screen = screens.get((pane.socket, pane.pane_id)) if pane else None
@@ -3035,8 +3041,8 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         registry_ms = entry.get("statusUpdatedAt")
         state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=str(entry.get("status")),
                              registry_ms=registry_ms if isinstance(registry_ms, int) else None,
-                             hook=mark and mark.state,
-                             hook_ms=mark and mark.at_ms,
+                             hook=mark.state if mark else None,
+                             hook_ms=mark.at_ms if mark else None,
                              shows_dialog=bool(screen and shows_permission_dialog(screen)), now_ms=now_ms,
                              idle_after_ms=idle_after_ms)
         observations.append(Observation(
@@ -3049,7 +3055,7 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
 
 
 def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = False,
-               env: dict[str, str] | None = None) -> PullResult:
+               env: Mapping[str, str] | None = None) -> PullResult:
     """Look at this host's Claude sessions and record what changed (nothing when nothing did).
 
     Also: ingest spooled hook reports, deliver other hosts' broadcasts, and with `tails` store
@@ -3220,7 +3226,8 @@ def notify_changes(db: Db, *, config: dict[str, Any], base_url: str, now_ms: int
     due: dict[str, str] = {}
     for ev in events:
         p = ev.payload
-        if not ev.event_type.startswith("session.") or p.get("host") != db.machine_id or not _is_id(p.get("session_id")):
+        is_mine = p.get("host") == db.machine_id and _is_id(p.get("session_id"))
+        if not ev.event_type.startswith("session.") or not is_mine:
             continue
         state = "gone" if ev.event_type == "session.gone" else p.get("state")
         sid = p["session_id"]
@@ -3256,7 +3263,8 @@ def notify_settings(section: dict[str, Any]) -> tuple[list[str] | None, float, f
         try:
             command = shlex.split(command)
         except ValueError as err:
-            raise ClareError(f"clare.toml: [notify] command cannot be split into words ({err}); fix its quotes") from err
+            raise ClareError(f"clare.toml: [notify] command cannot be split into words ({err}); "
+                             "fix its quotes") from err
     if command is not None and (not isinstance(command, list) or not command
                                 or not all(isinstance(w, str) for w in command)):
         raise ClareError("clare.toml: [notify] command must be a command line or a list of words")
@@ -3339,8 +3347,8 @@ def hook_state(payload: dict[str, Any]) -> str | None:
     """Return the session state a hook report implies, or None when it implies none."""
     event = payload.get("hook_event_name")
     if event != "Notification":
-        return HOOK_STATES.get(event)
-    state = NOTIFICATION_STATES.get(payload.get("notification_type"))
+        return HOOK_STATES.get(str(event))
+    state = NOTIFICATION_STATES.get(str(payload.get("notification_type")))
     message = str(payload.get("message", ""))
     # COMPAT: versions before notification_type said it only in the message.
     if state is None and "permission" in message:
@@ -3405,7 +3413,7 @@ def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]
     mark = HookMark(socket if isinstance(socket, str) else None,
                     pane if isinstance(pane, str) and pane.startswith("%") else None,
                     hook_state(p), event, int(report.get("at_ms") or now_ms))
-    cwd = p.get("cwd") if isinstance(p.get("cwd"), str) else ""
+    cwd = p["cwd"] if isinstance(p.get("cwd"), str) else ""
     asked = asked_of(p) if event == "PermissionRequest" else None
     return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", asked=asked, now_ms=now_ms)
 
@@ -3453,7 +3461,7 @@ def ingest_spool(db: Db, *, now_ms: int) -> int:
     return n_reports
 
 
-def settings_path(env: dict[str, str] | None = None) -> str:
+def settings_path(env: Mapping[str, str] | None = None) -> str:
     """Return Claude Code's user settings file."""
     return os.path.join(claude_home(env), "settings.json")
 
@@ -3589,7 +3597,7 @@ def _delivery_lock(db: Db) -> Iterator[None]:
 
 def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM_S) -> list[Delivery]:
     """Deliver the broadcasts other hosts sent to this host's sessions; expire the stale ones."""
-    done = []
+    done: list[Delivery] = []
     if not list_deliveries(db, pending_on=db.machine_id):
         return done
     with _delivery_lock(db):
@@ -3957,8 +3965,8 @@ def sync_with(db: Db, peer: PeerTransport, *, name: str, wall: Callable[[], int]
 def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms,
               progress: Progress | None = None) -> None:
     """Store every event the peer holds past our cursor on its log, a page per transaction."""
-    known = {s.url: (s.machine_id, s.db_id) for s in list_peer_status(db)}.get(peer.url)
-    after = get_cursor(db, *known)[0] if known and known[0] else 0
+    known = {s.url: (s.machine_id, s.db_id) for s in list_peer_status(db) if s.machine_id and s.db_id}.get(peer.url)
+    after = get_cursor(db, *known)[0] if known else 0
     total, n_restarts = None, 0
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
@@ -4008,10 +4016,9 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
 def _check_page(page: object, *, after: int) -> tuple[tuple[str, str], int, int]:
     """Return the identity, head and next cursor of a pulled page; raise if it is malformed."""
     # SECURITY: the whole page comes from the network.
-    ok = (isinstance(page, dict) and isinstance(page.get("events"), list)
-          and isinstance(page.get("has_more"), bool) and len(page["events"]) <= MAX_SYNC_BATCH)
     try:
-        if not ok:
+        if not (isinstance(page, dict) and isinstance(page.get("events"), list)
+                and isinstance(page.get("has_more"), bool) and len(page["events"]) <= MAX_SYNC_BATCH):
             raise ClareError("no events list")
         identity = _check_identity(page)
         head = _check_count("head", page.get("head"))
@@ -4047,7 +4054,7 @@ def _call_timed(call: Callable[..., dict[str, Any]], report: SyncReport, wall: C
 def push_to(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms,
             progress: Progress | None = None) -> None:
     """Send the peer every event of ours past its push cursor, a batch per request."""
-    if report.machine_id is None:
+    if report.machine_id is None or report.db_id is None:
         raise ClareError("push before pull: the peer's identity is not known yet")
     identity = (report.machine_id, report.db_id)
     pushed = get_cursor(db, *identity)[1]
@@ -4068,7 +4075,8 @@ def push_to(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[
 
 def _batches(events: Iterable[Event]) -> Iterator[list[Event]]:
     """Group events into batches under PUSH_BATCH_EVENTS and PUSH_BATCH_BYTES."""
-    batch, n_bytes = [], 0
+    batch: list[Event] = []
+    n_bytes = 0
     for ev in events:
         # Bytes, not characters: a payload of CJK text is three times longer in UTF-8.
         size = len(canonical_json(ev.payload).encode()) + 300  # the payload dominates; 300 covers the rest
@@ -4106,7 +4114,10 @@ def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callab
     theirs = _answer_field(_call_timed(peer.digest, report, wall), "days", dict)
     ours = sync_digest(db, now_ms=wall())["days"]
     days = sorted(d for d in set(theirs) | set(ours) if theirs.get(d) != ours.get(d) and DAY_RE.match(d))
-    found = {"days": len(set(theirs) | set(ours)), "days_differ": days, "fetched": 0, "sent": 0}
+    if report.machine_id is None or report.db_id is None:
+        raise ClareError("verify before pull: the peer's identity is not known yet")
+    identity = (report.machine_id, report.db_id)
+    found: dict[str, Any] = {"days": len(set(theirs) | set(ours)), "days_differ": days, "fetched": 0, "sent": 0}
     for day in days:
         their_uuids = {u for u in _answer_field(peer.day(day), "uuids", list) if isinstance(u, str)} \
             if day in theirs else set()
@@ -4124,7 +4135,7 @@ def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callab
             answer = peer.push({"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
                                 "events": [ev.to_json() for ev in batch]})
             before = report.n_pushed
-            _count_accept(answer, (report.machine_id, report.db_id), report)
+            _count_accept(answer, identity, report)
             found["sent"] += report.n_pushed - before
     report.verify = found
 
@@ -4351,7 +4362,7 @@ def find_peer(peers: list[Peer], ref: str) -> Peer:
     raise NotFound(f"no peer named {ref!r}; list them with: clare peer list (or give its URL)")
 
 
-def peer_token(peer: Peer, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str | None:
+def peer_token(peer: Peer, config: dict[str, Any], *, env: Mapping[str, str] | None = None) -> str | None:
     """Return the token to send to a peer: its token_env variable, else CLARE_TOKEN, else clare.toml's token."""
     env = os.environ if env is None else env
     if peer.token_env:
@@ -4362,7 +4373,7 @@ def peer_token(peer: Peer, config: dict[str, Any], *, env: dict[str, str] | None
     return resolve_token(config, env=env)
 
 
-def list_peers(db: Db, peers: list[Peer]) -> list[dict[str, Any]]:
+def list_peers(db: Db, peers: Sequence[Peer]) -> list[dict[str, Any]]:
     """Return each configured peer with what its last sync did, then peers synced by URL only."""
     status = {s.url: s for s in list_peer_status(db)}
     rows = [{**p.to_json(), "is_configured": True, **_status_json(status.pop(p.url, None))} for p in peers]
@@ -4447,7 +4458,7 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
                     log(f"sync with {peer.name}: reachable again")
                 n_failures = 0
                 if report.is_skewed and not was_skewed:
-                    log(f"warning: {skew_message(peer.name, report.offset_ms)}")
+                    log(f"warning: {skew_message(peer.name, report.offset_ms or 0)}")
                 was_skewed = report.is_skewed
             except ClareError as err:  # one peer's failure never ends the thread
                 n_failures += 1
@@ -4646,7 +4657,7 @@ def is_loopback(host: str) -> bool:
 
 
 def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: str = DEFAULT_HOST,
-               port: int = DEFAULT_PORT, env: dict[str, str] | None = None, log_requests: bool = False) -> WebConfig:
+               port: int = DEFAULT_PORT, env: Mapping[str, str] | None = None, log_requests: bool = False) -> WebConfig:
     """Take token, allowed host names and peers from CLARE_TOKEN and clare.toml (`settings`, else read here).
 
     Refuse an open bind without a token.
@@ -4875,7 +4886,8 @@ def check_media(config: WebConfig, method: str, path: str, headers: dict[str, st
         # SECURITY: a cross-site page can POST text/plain or a form without a preflight;
         # application/json it cannot.
         if (body or method != "DELETE") and ctype != "application/json":
-            raise HttpError(415, f"send the body as JSON with 'Content-Type: application/json' (got {ctype or 'none'!r})")
+            raise HttpError(415, "send the body as JSON with 'Content-Type: application/json' "
+                                 f"(got {ctype or 'none'!r})")
         return
     if body and ctype != "application/x-www-form-urlencoded":
         raise HttpError(415, f"send the form as application/x-www-form-urlencoded (got {ctype or 'none'!r})")
@@ -4883,7 +4895,8 @@ def check_media(config: WebConfig, method: str, path: str, headers: dict[str, st
     if token is None and body:
         from urllib.parse import parse_qs
 
-        token = (parse_qs(body.decode(errors="replace"), max_num_fields=200).get("csrf") or [None])[-1]
+        fields = parse_qs(body.decode(errors="replace"), max_num_fields=200).get("csrf")
+        token = fields[-1] if fields else None
     # SECURITY: the per-install CSRF token rides in every page (hx-headers and a hidden field).
     if not same_secret(token, config.csrf_token):
         raise HttpError(403, "missing or stale form token; reload the page and try again")
@@ -4963,8 +4976,8 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     db = None
     h.body_is_read, h.body_size = False, None
     try:
-        if error is not None:
-            raise error
+        if error is not None or message is None:
+            raise error or HttpError(400, "the request cannot be read")
         check_host(config, message.get_all("Host") or [])
         size = h.body_size = check_length(path, headers, n_lengths=len(message.get_all("Content-Length") or []))
         handler, params = _route(method, path)
@@ -4988,7 +5001,7 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         return
     except ClareError as err:
         resp = _error_response(err, is_api=is_api, is_htmx=headers.get("hx-request") == "true")
-    except Exception:  # noqa: BLE001 - the edge: a bug must cost one 500, not the server
+    except Exception:
         import traceback
 
         traceback.print_exc(file=sys.stderr)
@@ -5066,13 +5079,15 @@ def _define_server() -> type:
             return n
 
     class Handler(BaseHTTPRequestHandler):
+        server: "Server"  # the class below: its config, enter() and leave()
         protocol_version = "HTTP/1.1"  # keep-alive
         server_version = f"clare/{__version__}"
         sys_version = ""
 
         def setup(self) -> None:
             config = self.server.config
-            self.timeout = config.timeout_s  # every read and write on the socket
+            # typeshed calls `timeout` a ClassVar, but setup() reads it from the instance: one value per server.
+            self.timeout = config.timeout_s  # type: ignore[misc]  # every read and write on the socket
             super().setup()
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.rfile.close()  # its socket file would keep the socket open after the request
@@ -5497,7 +5512,8 @@ progress::-moz-progress-bar{background:var(--green);border-radius:4px}
 ul.feed{list-style:none;margin:0;padding:0}
 ul.feed li{padding:.45rem 0;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
 ul.feed li:last-child{border-bottom:0}
-.attention{border-left:4px solid var(--amber)}label.check{flex-basis:100%;flex-direction:row;font-size:.85rem}.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
+.attention{border-left:4px solid var(--amber)}label.check{flex-basis:100%;flex-direction:row;font-size:.85rem}
+.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
 ul.feed time{display:block;color:var(--muted);font-size:.76rem}
 pre.text{white-space:pre-wrap;overflow-wrap:anywhere;font:inherit;margin:.2rem 0}
 form.row{display:flex;flex-wrap:wrap;gap:.55rem;align-items:flex-end;margin:0 0 .8rem}
@@ -5528,7 +5544,8 @@ box-shadow:0 4px 18px rgba(0,0,0,.18)}
 text-align:center;background:var(--red);color:#fff}.count:empty{display:none}
 pre.pane{margin:0;padding:.6rem .7rem;background:#0e1115;color:#d8dee6;border-radius:8px;font:12px/1.35 ui-monospace,
 SFMono-Regular,Menlo,Consolas,monospace;white-space:pre;overflow:auto;max-height:70vh}
-pre.tail{white-space:pre-wrap;overflow-wrap:anywhere;font:12px/1.35 ui-monospace,Menlo,Consolas,monospace;margin:.2rem 0}
+pre.tail{white-space:pre-wrap;overflow-wrap:anywhere;font:12px/1.35 ui-monospace,Menlo,Consolas,monospace;
+margin:.2rem 0}
 .cmd{display:flex;flex-wrap:wrap;gap:.5rem;align-items:center}.cmd code{flex:1 1 16rem;overflow-wrap:anywhere;
 padding:.4rem .55rem;background:var(--soft);border-radius:7px;font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}
 [data-row].is-current{outline:2px solid var(--accent);outline-offset:-2px;border-radius:6px}
@@ -5536,14 +5553,18 @@ ul.feed li[data-row]{padding-left:.4rem;padding-right:.4rem}
 .asked{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace;overflow-wrap:anywhere}.actions{display:flex;gap:.6rem;
 flex-wrap:wrap;margin-top:.2rem}.turn{display:grid;grid-template-columns:4.5rem 1fr;gap:.5rem}
 kbd{font:12px ui-monospace,Menlo,monospace;border:1px solid var(--line);border-radius:4px;padding:0 .3rem}
-details#keys{display:inline-block;margin-left:.6rem}details#keys[open]{display:block;max-width:20rem;margin:.6rem auto 0;
+details#keys{display:inline-block;margin-left:.6rem}
+details#keys[open]{display:block;max-width:20rem;margin:.6rem auto 0;
 text-align:left}button.small{font-size:.78rem;padding:.15rem .5rem}
 @media (max-width:40rem){table.cards thead{display:none}table.cards tr{display:block;padding:.45rem 0;
 border-bottom:1px solid var(--line)}table.cards tr:last-child{border-bottom:0}table.cards td{display:block;border:0;
 padding:.1rem .2rem}table.cards td.hide-sm{display:none}table.cards td.title{min-width:0}.scroll{overflow-x:visible}
 pre.pane{font-size:10.5px}}
 @media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
-.host{display:none}.hide-sm{display:none}.stats{grid-template-columns:repeat(3,1fr);gap:.5rem}.stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}nav a{padding:.25rem .4rem;font-size:.93rem}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
+.host{display:none}.hide-sm{display:none}.stats{grid-template-columns:repeat(3,1fr);gap:.5rem}
+.stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}
+nav a{padding:.25rem .4rem;font-size:.93rem}
+.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 </style>
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
 <script src="/static/clare.js?v=$js_version" defer></script>
@@ -5556,14 +5577,16 @@ $main
 </main>
 <footer>clare $version · parts of this page refresh every $poll_s s · <button type="button" class="ghost small"
 id="notify-optin" hidden>Notify me in this browser</button>
-<details id="keys"><summary>Keys</summary><dl class="facts keys"><dt><kbd>j</kbd> <kbd>k</kbd></dt><dd>next, previous row</dd>
+<details id="keys"><summary>Keys</summary><dl class="facts keys">
+<dt><kbd>j</kbd> <kbd>k</kbd></dt><dd>next, previous row</dd>
 <dt><kbd>o</kbd></dt><dd>open the row</dd><dt><kbd>/</kbd></dt><dd>filter the list</dd>
 <dt><kbd>?</kbd></dt><dd>show these keys</dd></dl></details></footer>
 </body>
 </html>
 """)
 NAV_LINK = string.Template('<a href="$href"$current>$label$count</a>')
-NAV_NEEDS = string.Template('<span id="nav-needs" class="count" $poll data-count="$n" data-needs="$needs">$label</span>')
+NAV_NEEDS = string.Template(
+    '<span id="nav-needs" class="count" $poll data-count="$n" data-needs="$needs">$label</span>')
 FLASH = string.Template('<div id="flash" role="status" aria-live="polite"$oob>$message</div>')
 FLASH_MESSAGE = string.Template('<p class="flash $kind">$text</p>')
 
@@ -5688,13 +5711,17 @@ FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
 <section class="card"><h2>Projects</h2>$table</section>
 </div>""")
 PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
-<thead><tr><th>Project</th><th class="hide-sm">Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Sessions</th>
+<thead><tr><th>Project</th><th class="hide-sm">Status</th><th>Tasks</th><th class="hide-sm">Done</th>
+<th class="hide-sm">Sessions</th>
 <th class="hide-sm">Owner</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
-PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a><div class="muted small">$goal</div></td>
+PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a>
+<div class="muted small">$goal</div></td>
 <td class="hide-sm">$status</td><td><div class="counts">$counts</div></td>
-<td class="hide-sm"><progress value="$n_done" max="$n_total" title="$n_done of $n_total done">$n_done/$n_total</progress></td>
-<td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td><td class="hide-sm muted">$owner</td></tr>""")
+<td class="hide-sm"><progress value="$n_done" max="$n_total"
+title="$n_done of $n_total done">$n_done/$n_total</progress></td>
+<td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td>
+<td class="hide-sm muted">$owner</td></tr>""")
 FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
 <h2>Recent activity</h2>$body</section>""")
 PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
@@ -5748,13 +5775,15 @@ STATUS_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hi
 TASK_FORM = string.Template("""<section class="card" id="task-form"$oob>
 <h2>Add a task</h2>
 <form class="row" $attrs>$csrf
-<label class="wide">Title<input name="title" required maxlength="300" placeholder="write the parser" autocomplete="off"></label>
+<label class="wide">Title<input name="title" required maxlength="300" placeholder="write the parser"
+autocomplete="off"></label>
 <label>Priority<select name="priority">$priorities</select></label>
 <label class="wide">Description<textarea name="description" maxlength="20000"></textarea></label>
 <button type="submit">Add task</button>
 </form></section>""")
 
-MAIN_TASK = string.Template("""<p class="muted small"><a href="/projects">Projects</a> / <a href="/projects/$project_id">$project</a> /</p>
+MAIN_TASK = string.Template("""<p class="muted small"><a href="/projects">Projects</a> /
+<a href="/projects/$project_id">$project</a> /</p>
 <h1>$title</h1>
 <p class="sub">$short_id · P$priority</p>
 <div class="grid">
@@ -6098,7 +6127,8 @@ SESSION_LABELS = {"working": "working", "waiting": "waiting for you", "permissio
 FRAG_ATTENTION = string.Template("""<section class="card attention" id="frag-attention" $poll>
 <h2>Needs you</h2>$body</section>""")
 ATTENTION_LIST = string.Template('<ul class="feed" hx-disable>$items</ul>')
-ATTENTION_ITEM = string.Template("""<li data-row="/sessions/$id"><div class="line">$state <a href="/sessions/$id"><b>$label</b></a>
+ATTENTION_ITEM = string.Template("""<li data-row="/sessions/$id"><div class="line">$state
+<a href="/sessions/$id"><b>$label</b></a>
 <span class="muted small">$since</span></div>$asked
 <div class="small">$project$task</div>
 <div class="muted small"><span class="mono">$short_id</span> · $host · <span class="mono">$where</span> · $cwd</div>
@@ -6117,7 +6147,8 @@ $attention""")
 FRAG_FLEET = string.Template("""<section class="card" id="frag-fleet" $poll>
 <h2>Sessions</h2>$table</section>""")
 FLEET_TABLE = string.Template("""<div class="scroll"><table class="cards">
-<thead><tr><th>State</th><th>Session</th><th>Where</th><th>Task</th><th>Active</th><th class="hide-sm">Tokens</th></tr></thead>
+<thead><tr><th>State</th><th>Session</th><th>Where</th><th>Task</th><th>Active</th><th class="hide-sm">Tokens</th>
+</tr></thead>
 <tbody hx-disable>$rows</tbody></table></div>""")
 FLEET_ROW = string.Template("""<tr data-row="/sessions/$full_id"><td>$state</td>
 <td class="title"><a href="/sessions/$full_id"><b>$label</b></a><div class="mono muted small">$id</div></td>
@@ -6270,7 +6301,8 @@ FRAG_SESSION = string.Template("""<section class="card" id="frag-session" $poll>
 <dt>Host</dt><dd>$host</dd><dt>Folder</dt><dd class="mono">$cwd</dd><dt>tmux</dt><dd class="mono">$where</dd>
 <dt>Active</dt><dd>$active</dd><dt>Tokens</dt><dd class="mono" title="$tokens_title">$tokens</dd>
 <dt>Command</dt><dd class="mono small">$command</dd><dt>Id</dt><dd class="mono">$id</dd></dl></div></section>""")
-ASKED_CARD = string.Template("""<p class="flash error"><b>Asks permission</b> · $tool<br><span class="asked">$input</span></p>""")
+ASKED_CARD = string.Template(
+    """<p class="flash error"><b>Asks permission</b> · $tool<br><span class="asked">$input</span></p>""")
 ATTACH = string.Template("""<p class="small muted">$where</p>
 <div class="cmd"><code id="attach-cmd">$command</code>
 <button type="button" class="ghost" data-copy="attach-cmd">Copy</button></div>
@@ -6280,7 +6312,8 @@ FRAG_PANE = string.Template("""<section class="card" id="frag-pane" $poll>
 <h2>Pane <span class="muted">· $where · $when</span></h2>$body</section>""")
 PANE_TEXT = string.Template('<pre class="pane" hx-disable>$text</pre>')
 FRAG_TURNS = string.Template("""<section class="card" id="frag-turns" $poll><h2>Transcript</h2>$body</section>""")
-TURN_ITEM = string.Template('<li class="turn"><b class="small">$who</b><span>$text<time datetime="$at">$when</time></span></li>')
+TURN_ITEM = string.Template(
+    '<li class="turn"><b class="small">$who</b><span>$text<time datetime="$at">$when</time></span></li>')
 TURN_WHO = {"user": "prompt", "assistant": "Claude", "tool": "tools"}
 
 
@@ -6299,7 +6332,8 @@ def session_fragment(req: Request, s: Session, task: Task | None) -> Html:
     return render(
         FRAG_SESSION, poll=poll_attrs(f"/frag/sessions/{s.id}"), state=session_badge(s),
         since=ago_text(s.state_at, now), host=s.host, cwd=s.cwd or "—", where=s.tmux_target or "not in tmux",
-        active=ago_text(s.last_activity_at, now), tokens=tokens_text(s.tokens), command=short_text(s.command, 200) or "—",
+        active=ago_text(s.last_activity_at, now), tokens=tokens_text(s.tokens),
+        command=short_text(s.command, 200) or "—",
         tokens_title=", ".join(f"{k} {v}" for k, v in s.tokens.items()), id=s.id,
         asked=render(ASKED_CARD, tool=s.asked["tool"], input=s.asked["input"]) if s.state == "permission" and s.asked
         else Html(""),
@@ -6307,9 +6341,8 @@ def session_fragment(req: Request, s: Session, task: Task | None) -> Html:
         else Html('<span class="muted">none</span>'))
 
 
-def attach_card(req: Request, s: Session) -> Html:
+def attach_card(req: Request, s: Session, argv: list[str] | None) -> Html:
     """Render the exact command that attaches a terminal to a session's pane, with a copy button."""
-    argv = attach_command(s, here=req.db.machine_id, hosts=(req.config.settings or {}).get("hosts") or {})
     if argv is None:
         return render(EMPTY, text="This session runs outside tmux: there is no pane to attach to.")
     import shlex
@@ -6364,13 +6397,13 @@ def task_choices(req: Request, s: Session) -> Html:
 
 def page_session(req: Request) -> Response:
     """Show one session: state, what it asks, task, the way in, its live pane, transcript and history."""
-    d = req.svc.get_session_detail(req.params["session"])
+    d = req.svc.get_session_detail(req.params["session"], hosts=(req.config.settings or {}).get("hosts") or {})
     s, now = d.session, now_ms()
     is_live = not is_cross_site(req.headers)  # a link from elsewhere gets the page; the pane loads from here
     return page(req, s.label or s.id[:SHORT_ID], render(
         MAIN_SESSION, label=s.label or f"Session {s.id[:SHORT_ID]}", state=session_badge(s),
         since=ago_text(s.state_at, now), host=s.host, where=s.tmux_target or "not in tmux",
-        facts=session_fragment(req, s, d.task), attach=attach_card(req, s), csrf=csrf_field(req),
+        facts=session_fragment(req, s, d.task), attach=attach_card(req, s, d.attach), csrf=csrf_field(req),
         task_attrs=form_attrs(f"/sessions/{s.id}/task", target="#frag-session"), task_options=task_choices(req, s),
         pane=pane_fragment(req, s, is_live=is_live), turns=turns_fragment(req, s, is_live=is_live),
         history=history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history")))
@@ -6433,10 +6466,12 @@ as if typed at each keyboard: Claude may run commands because of it.</p>
 <section class="card"><h2>Message</h2>
 <form class="row" id="broadcast-form" $attrs>$csrf
 <label class="wide">To<select name="target" required $preview_attrs>$targets</select></label>
-<label class="wide">Text<textarea name="text" required maxlength="20000" placeholder="run the tests and commit"></textarea></label>
+<label class="wide">Text<textarea name="text" required maxlength="20000"
+placeholder="run the tests and commit"></textarea></label>
 <label class="check"><span><input type="checkbox" name="is_command" value="1"> a Claude command (/compact, !ls):
 send it without the [clare] prefix</span></label>
-<noscript><button class="ghost" type="submit" formmethod="get" formaction="/broadcast">Show recipients</button></noscript>
+<noscript><button class="ghost" type="submit" formmethod="get" formaction="/broadcast">Show recipients</button>
+</noscript>
 <button type="submit">Send</button>
 </form></section>
 $recipients
@@ -6445,7 +6480,8 @@ $result""")
 FRAG_RECIPIENTS = string.Template("""<section class="card" id="frag-recipients">
 <h2>Recipients</h2>$body</section>""")
 RECIPIENT_ITEM = string.Template("""<li><div class="line">$state <b>$label</b></div>
-<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>$note</li>""")
+<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>
+$note</li>""")
 RECIPIENT_NOTE = string.Template('<div class="small muted">$text</div>')
 COUNT_LINE = string.Template('<p class="small muted">$text</p>')
 FRAG_BROADCAST = string.Template("""<section class="card" id="broadcast-result" $poll>
@@ -6715,9 +6751,8 @@ def api_list_deliveries(req: Request) -> Response:
 
 def api_get_session(req: Request) -> Response:
     """Return one session by id prefix, with its task, its history and the command that attaches to it."""
-    d = req.svc.get_session_detail(req.params["session"])
-    argv = attach_command(d.session, here=req.db.machine_id, hosts=(req.config.settings or {}).get("hosts") or {})
-    return json_response({**d.to_json(), "attach": argv})
+    return json_response(req.svc.get_session_detail(req.params["session"],
+                                                    hosts=(req.config.settings or {}).get("hosts") or {}))
 
 
 def api_session_pane(req: Request) -> Response:
@@ -6729,7 +6764,10 @@ def api_session_pane(req: Request) -> Response:
 
 
 def api_session_transcript(req: Request) -> Response:
-    """Return the last entries of a session's transcript, read by this host (its own sessions only); refused cross-site."""
+    """Return the last entries of a session's transcript, read by this host (its own sessions only).
+
+    Refused cross-site, like the pane.
+    """
     check_same_origin(req.headers)
     s = req.svc.get_session(req.params["session"])
     return json_response({"session_id": s.id, "host": s.host,
@@ -7035,9 +7073,10 @@ def openapi_document() -> dict[str, Any]:
         if body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
-    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery,
-                                                          PaneView)}
-    for name, base, extra in (("ProjectStatus", "Project", {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
+    schemas = {cls.__name__: json_schema(cls)
+               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, PaneView)}
+    for name, base, extra in (("ProjectStatus", "Project",
+                               {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
                               ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
         schemas[name] = {**schemas[base], "required": [*schemas[base]["required"], *extra],
                          "properties": {**schemas[base]["properties"], **extra}}
@@ -7099,7 +7138,7 @@ LOCAL_ONLY_SERVICES = frozenset({"pull_fleet", "observe_sessions", "report_hook"
 
 def _build(cls: type, obj: dict[str, Any]) -> Any:
     """Rebuild a dataclass from its JSON object; fields the server added are ignored."""
-    return cls(**{name: obj[name] for name in cls.__slots__ if name in obj})
+    return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name in obj})
 
 
 class RemoteServices:
@@ -7211,11 +7250,11 @@ class RemoteServices:
         """Return one session by id prefix."""
         return _build(Session, self.call("GET", f"/api/v1/sessions/{self._path(ref)}"))
 
-    def get_session_detail(self, ref: str, *, limit: int = 50) -> SessionDetail:
-        """Return one session with its task and history."""
+    def get_session_detail(self, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
+        """Return one session with its task and history; its attach command is the server's (from the server)."""
         got = self.call("GET", f"/api/v1/sessions/{self._path(ref)}")
         return SessionDetail(_build(Session, got), _build(Task, got["task"]) if got.get("task") else None,
-                             [_build(Event, e) for e in got.get("history", [])][-limit:])
+                             [_build(Event, e) for e in got.get("history", [])][-limit:], got.get("attach"))
 
     def list_needs(self) -> list[Session]:
         """Return the sessions that wait on a person, for triage."""
@@ -7388,8 +7427,6 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
 # 9. CLI: the argparse tree built from COMMANDS, handlers and text output.
 # ==========================================================================
 
-STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocked", "done": "done"}
-
 
 @dataclass(frozen=True, slots=True)
 class Command:
@@ -7419,10 +7456,7 @@ class Context:
 
     @property
     def db(self) -> Db:
-        """Open the local database (creating it on first use)."""
-        if self.remote_url is not None:
-            raise UsageError(f"this command works on the local database only; run it without --remote "
-                             f"(now {self.remote_url}) and unset CLARE_URL")
+        """Open this host's database (creating it on first use); only LOCAL_COMMANDS handlers use it directly."""
         if self._db is None:
             self._db = open_db(self.paths.db)
         return self._db
@@ -7476,7 +7510,7 @@ def table(headers: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
     """Return rows as aligned columns under a header; the last column is never padded."""
     rows = [tuple("" if c is None else str(c) for c in r) for r in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in [headers, *rows]]
     return "\n".join(lines)
 
 
@@ -7686,10 +7720,10 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
             raise UsageError("not inside a tmux pane; name the task: clare update TASK TEXT")
         socket = os.environ.get("TMUX", "").split(",")[0] or None
         u = ctx.svc.post_update(args.task, pane=(socket, pane_id))
-    emit(ctx, u, f"noted on task {u.task_id[:SHORT_ID]}: {short_text(u.text, 70)}")
+    emit(ctx, u, f"noted on task {(u.task_id or '-')[:SHORT_ID]}: {short_text(u.text, 70)}")
 
 
-def format_sessions(sessions: list[Session], ambiguous: list[Pane] = (), *,
+def format_sessions(sessions: list[Session], ambiguous: Sequence[Pane] = (), *,
                     empty: str = "no Claude sessions seen; run 'clare pull' on each host") -> str:
     """Return a session table, then one line per pane whose session is unknown."""
     now = now_ms()
@@ -7737,15 +7771,8 @@ def cmd_sessions_show(args: argparse.Namespace, ctx: Context) -> None:
     """Show one session: state, what it asks, task, where, the command that attaches to it, history."""
     if args.session is None:
         raise UsageError("name the session: clare sessions show ID (ids: clare sessions)")
-    d = ctx.svc.get_session_detail(args.session)
-    s = d.session
-    here = ctx.db.machine_id if ctx.remote_url is None else ""
-    argv = attach_command(s, here=here, hosts=ctx.config.get("hosts") or {})
-    turns: list[dict[str, Any]] = []
-    if ctx.remote_url is None and s.host == here:
-        with contextlib.suppress(OSError):
-            turns = read_turns(ctx.db, s, claude_dir=claude_home())
-    value = {**d.to_json(), "attach": argv, "turns": turns}
+    d = ctx.svc.get_session_detail(args.session, hosts=ctx.config.get("hosts") or {})
+    s, argv = d.session, d.attach
 
     def text() -> str:
         import shlex
@@ -7759,11 +7786,8 @@ def cmd_sessions_show(args: argparse.Namespace, ctx: Context) -> None:
                  ("active", ago_text(s.last_activity_at, now)), ("tokens", tokens_text(s.tokens)),
                  ("attach", shlex.join(argv) if argv else "- (not in tmux)")]
         lines = [f"{k:<8} {v}" for k, v in facts]
-        if turns:
-            lines += ["", "last turns:"] + [f"  {TURN_WHO.get(t['role'], t['role']):<7} {short_text(t['text'], 100)}"
-                                            for t in turns]
-        return "\n".join(lines + ["", "history:", format_history(d.history) or "  (none)"])
-    emit(ctx, value, text)
+        return "\n".join(lines + ["", "history:", format_history(d.history)])
+    emit(ctx, d, text)
 
 
 def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
@@ -7861,7 +7885,8 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
         sessions = table(("SESSION", "HOST", "TMUX", "STATE", "ACTIVE", "TOKENS", "TASK"), (
             (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
              tokens_text(s.tokens),
-             f"{s.task_id[:SHORT_ID]} {short_text(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
+             f"{s.task_id[:SHORT_ID]} {short_text(report.tasks[s.task_id].title, 50)}"
+             if s.task_id is not None and s.task_id in report.tasks
              else "-") for s in report.sessions)) if report.sessions else "no live sessions"
         return f"{projects}\n\n{sessions}"
     emit(ctx, report, text)
@@ -7970,7 +7995,7 @@ def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
             continue
         progress.close()
         if report.is_skewed:
-            print(f"clare: warning: {skew_message(peer.name, report.offset_ms)}", file=sys.stderr)
+            print(f"clare: warning: {skew_message(peer.name, report.offset_ms or 0)}", file=sys.stderr)
         for r in report.rejected[:5]:
             print(f"clare: {peer.name}: event {r.get('uuid')} refused: {r.get('reason')}", file=sys.stderr)
         results.append(report)
@@ -8091,6 +8116,9 @@ _SERVE_ARGS = (
 # Verbs that act on this host's own database file, config, tmux or hooks: --remote cannot carry them.
 # `hook` is not here: Claude runs it with the user's environment (CLARE_URL too), and it must record
 # locally and exit 0 whatever that environment says.
+# The one statement of what works on this host only (its database file, tmux, Claude hooks,
+# clare.toml): main() refuses these under --remote before they run. Only their handlers use
+# ctx.db (a test keeps that true); the others reach data through ctx.svc, local or remote.
 LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("attach",), ("hooks", "install"), ("hooks", "uninstall"),
                             ("hooks", "status"), ("serve",), ("web",), ("peer", "add"), ("peer", "rm"),
                             ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",)})
@@ -8288,7 +8316,7 @@ def _terminal_columns() -> int:
         columns = 0
     if columns <= 0:
         try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]  # None: caught below
         except (AttributeError, ValueError, OSError):
             columns = 0
     return columns or 80

@@ -97,7 +97,8 @@ def test_parse_turns_says_who_said_what_and_names_tools():
         {"type": "assistant", "message": {"role": "assistant", "content": "done " * 200}})] + [b'{"half']
     turns = clare.parse_turns(lines)
     assert [(t["role"], t["text"][:20]) for t in turns] == [
-        ("user", "fix the parser"), ("assistant", "Looking."), ("tool", "Bash, Read"), ("assistant", "done done done done ")]
+        ("user", "fix the parser"), ("assistant", "Looking."), ("tool", "Bash, Read"),
+        ("assistant", "done done done done ")]
     assert len(turns[-1]["text"]) == clare.TURN_CHARS and turns[2]["tools"] == ["Bash", "Read"]
 
 
@@ -183,7 +184,8 @@ def test_clare_attach_runs_tmux_attach_outside_and_switch_client_inside(tmux, cl
     stub.mkdir()
     log = tmp_path / "tmux-argv.jsonl"
     (stub / "tmux").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                               f"open({str(log)!r}, 'a').write(json.dumps([sys.argv[1:], os.environ.get('TMUX')]) + '\\n')\n")
+                               f"open({str(log)!r}, 'a').write(json.dumps([sys.argv[1:], os.environ.get('TMUX')])"
+                               " + '\\n')\n")
     (stub / "tmux").chmod(0o755)
     env = {**os.environ, "PATH": f"{stub}:{os.environ['PATH']}"}
     env.pop("TMUX", None)
@@ -333,7 +335,8 @@ def host_b(tmux, tmp_path, home):
                           capture_output=True, timeout=30).returncode == 0
     config, out = notify_config(tmp_path, min_gap_s=0)
     (b_home / "clare.toml").write_text(
-        "[fleet]\npull_every_s = 1\n[notify]\nmin_gap_s = 0\ncommand = " + json.dumps(config["notify"]["command"]) + "\n")
+        "[fleet]\npull_every_s = 1\n[notify]\nmin_gap_s = 0\n"
+        f"command = {json.dumps(config['notify']['command'])}\n")
     proc, url = start_serve(b_home, env)
     yield url, out
     stop_serve(proc)

@@ -1,15 +1,14 @@
 """Act in a real browser: the session page and its live pane, pickers, needs-you keys, title count, notifications."""
 
 import pytest
+import test_browser
+from test_browser import ARTIFACTS, settle
 
 import clare
-from conftest import observe, wait_for
-from test_browser import ARTIFACTS, CHROMIUM, browser, page_of, settle  # noqa: F401 - fixtures shared
+from conftest import observe
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason=f"Chromium is not installed at {CHROMIUM}"),
-]
+browser, page_of = test_browser.browser, test_browser.page_of  # the shared fixtures: Chromium, checked pages
+pytestmark = pytest.mark.browser
 S1, S2, S3, S4 = ("aaaa0001-0000-4000-8000-000000000001", "bbbb0002-0000-4000-8000-000000000002",
                   "cccc0003-0000-4000-8000-000000000003", "dddd0004-0000-4000-8000-000000000004")
 WIDTHS = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
