@@ -5814,6 +5814,7 @@ UPDATE_FORM = string.Template("""<form class="row" id="update-form" $attrs$oob>$
 <button type="submit">Post update</button></form>""")
 FRAG_UPDATES = string.Template("""<div id="frag-updates" $poll>$items</div>""")
 ASSIGNEE = string.Template('<span class="mono">$kind $id</span>')
+SESSION_ASSIGNEE = string.Template('<a class="mono" href="/sessions/$full_id">session $id</a>')
 DESCRIPTION = string.Template('<pre class="text">$text</pre>')
 TAIL = string.Template('<pre class="tail">$text</pre>')  # a pane tail: its lines are the point
 
@@ -5846,7 +5847,7 @@ def feed(events: list[Event], *, empty: str) -> Html:
 def assignee_text(task: Task) -> Html:
     """Return who a task is bound to, for a table cell."""
     if task.session_id:
-        return render(ASSIGNEE, kind="session", id=task.session_id[:SHORT_ID])
+        return render(SESSION_ASSIGNEE, full_id=task.session_id, id=task.session_id[:SHORT_ID])
     if task.group_id:
         return render(ASSIGNEE, kind="group", id=task.group_id[:SHORT_ID])
     return Html('<span class="muted">—</span>')
@@ -6479,7 +6480,8 @@ $recipients
 $result""")
 FRAG_RECIPIENTS = string.Template("""<section class="card" id="frag-recipients">
 <h2>Recipients</h2>$body</section>""")
-RECIPIENT_ITEM = string.Template("""<li><div class="line">$state <b>$label</b></div>
+RECIPIENT_ITEM = string.Template("""<li><div class="line">$state
+<a href="/sessions/$full_id"><b>$label</b></a></div>
 <div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>
 $note</li>""")
 RECIPIENT_NOTE = string.Template('<div class="small muted">$text</div>')
@@ -6489,7 +6491,8 @@ FRAG_BROADCAST = string.Template("""<section class="card" id="broadcast-result" 
 DELIVERY_TABLE = string.Template("""<div class="scroll"><table>
 <thead><tr><th>Session</th><th>Where</th><th>Result</th><th>Why</th></tr></thead>
 <tbody hx-disable>$rows</tbody></table></div>""")
-DELIVERY_ROW = string.Template("""<tr><td class="mono">$id</td><td class="mono small">$host · $where</td>
+DELIVERY_ROW = string.Template("""<tr><td class="mono"><a href="/sessions/$full_id">$id</a></td>
+<td class="mono small">$host · $where</td>
 <td>$result</td><td class="small">$reason</td></tr>""")
 OPTGROUP = string.Template('<optgroup label="$label">$options</optgroup>')
 PREVIEW_ATTRS = string.Template('hx-get="$url" hx-trigger="change" hx-target="$target" hx-swap="outerHTML"')
@@ -6522,7 +6525,8 @@ def recipients_fragment(req: Request, target: str | None) -> Html:
         return render(FRAG_RECIPIENTS, body=render(EMPTY, text="No live session would get it."))
     # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
     items = join(render(
-        RECIPIENT_ITEM, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
+        RECIPIENT_ITEM, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], full_id=s.id,
+        host=s.host,
         where=s.tmux_target or "-", cwd=s.cwd,
         note=render(RECIPIENT_NOTE, text="a permission dialog is open: it will be refused, not answered")
         if s.state == "permission" else Html("")) for s in sessions)
@@ -6536,7 +6540,8 @@ def broadcast_fragment(req: Request, broadcast_id: str) -> Html:
     deliveries = req.svc.list_deliveries(broadcast_id=broadcast_id)
     if not deliveries:
         raise NotFound(f"no broadcast {broadcast_id!r}; send one from /broadcast")
-    rows = join(render(DELIVERY_ROW, id=d.session_id[:SHORT_ID], host=d.host or "?", where=d.tmux_target or "-",
+    rows = join(render(DELIVERY_ROW, id=d.session_id[:SHORT_ID], full_id=d.session_id, host=d.host or "?",
+                       where=d.tmux_target or "-",
                        result=badge(d.result, DELIVERY_COLORS.get(d.result, "gray")), reason=d.reason or "—")
                 for d in deliveries)
     is_waiting = any(d.result == "queued" for d in deliveries)

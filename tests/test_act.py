@@ -372,3 +372,40 @@ def test_a_pane_of_another_host_is_shown_through_its_serve_with_the_token(host_b
     frag = wait_for(lambda: (f := get(server2, f"/frag/sessions/{s.id}/pane")) and "token" in f and f, timeout=5,
                     what="a's refusal")  # once the 1 s cache of the good view has passed
     assert "Do you want" not in frag
+
+
+# --- smaller frictions ------------------------------------------------------------------------------
+
+def test_serve_takes_pane_tails_of_assigned_sessions_and_the_task_page_keeps_their_lines(tmux, cli, db, tmp_path,
+                                                                                         server, home):
+    import threading
+    tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    assert cli("pull").code == 0
+    [s] = clare.list_sessions(db)
+    clare.create_project(db, "alpha", now_ms=1)
+    t = clare.create_task(db, "alpha", "write the parser", now_ms=2)
+    clare.assign_task(db, t.id, session_id=s.id, now_ms=3)
+    stop = threading.Event()
+    thread = clare.start_background_pull(str(home / "clare.db"), {"fleet": {"pull_every_s": 0.2, "tails_every_s": 60}},
+                                         stop=stop, log=print)
+    try:
+        [u] = wait_for(lambda: clare.list_updates(db, task_ids=[t.id]), what="serve's pane tail")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert u.source == "pane-tail" and u.text.startswith(f"* fake claude {s.id}\n")
+    html = get(server, f"/tasks/{t.id}")
+    assert f'<pre class="tail">* fake claude {s.id}\n' in html  # the lines stay lines
+    assert f'<a class="mono" href="/sessions/{s.id}">session {s.id[:8]}</a>' in html  # linked where it appears
+    assert f'href="/sessions/{s.id}"' in get(server, "/frag/fleet")
+
+
+def test_task_history_card_follows_a_change_made_on_the_page(server, db):
+    observe(db, [S1], now_ms=1000)
+    clare.create_project(db, "alpha", now_ms=1)
+    t = clare.create_task(db, "alpha", "write the parser", now_ms=2)
+    r = server.form(f"/tasks/{t.id}/assignment", {"view": "task", "session_id": S1})
+    assert r.status == 200 and 'id="frag-history" hx-get' in r.text and 'hx-swap-oob="true"' in r.text
+    assert f"assigned task {t.id[:8]} to session {S1[:8]}" in r.text
+    r = server.form(f"/tasks/{t.id}/updates", {"text": "halfway"})
+    assert "update on task" in r.text.split('id="frag-history"')[1]
