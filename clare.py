@@ -2000,7 +2000,7 @@ def undo_change(db: Db, *, now_ms: int) -> UndoResult:
                            "see what happened with: clare log")
         change = changes[0]
         if change.refusal is not None:
-            raise Conflict(f"cannot undo '{change.description}': {change.refusal}")
+            raise Conflict(f"cannot undo the last change ({change.description}): {change.refusal}")
         recorded, n_kept = [], 0
         for ev in reversed(change.events):
             event_type, payload, kept = _inverse(db, ev)

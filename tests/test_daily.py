@@ -1,0 +1,154 @@
+"""Daily use (#22): task rm/restore, undo, task list filters, tags, and the CLI's habits, driven as a user would."""
+
+import clare
+
+T0 = 1_750_000_000_000
+
+
+def _add(run_clare, *argv):
+    r = run_clare("task", "add", *argv, "--json")
+    assert r.code == 0, r.err
+    return r.json()["id"]
+
+
+def test_task_rm_leaves_lists_keeps_history_and_restore_brings_it_back(run_clare):
+    run_clare("project", "new", "alpha")
+    keep = _add(run_clare, "alpha", "keep me")
+    typo = _add(run_clare, "alpha", "wirte teh parser")
+    r = run_clare("task", "rm", typo[:6])
+    assert r.code == 0 and f"removed task {typo[:8]}: wirte teh parser" in r.out
+    assert f"clare task restore {typo[:8]}" in r.out
+    listed = run_clare("task", "list").out
+    assert keep[:8] in listed and typo[:8] not in listed
+    assert [t["id"] for t in run_clare("task", "list", "--json").json()] == [keep]
+    everything = run_clare("task", "list", "--all").out
+    assert f"{typo[:8]}  P2   todo (removed)" in everything
+    assert "tasks: 1 todo" in run_clare("project", "show", "alpha").out
+    history = run_clare("project", "show", "alpha", "--history").out
+    assert f"removed task {typo[:8]}" in history
+    shown = run_clare("task", "show", typo[:8], "--json").json()
+    assert shown["removed_at"] and shown["history"][-1]["event_type"] == "task.removed"
+    again = run_clare("task", "rm", typo[:8])
+    assert again.code == 1 and again.err == (f"clare: error: task {typo[:8]} is removed already; bring it back "
+                                             f"with: clare task restore {typo[:8]}\n")
+    r = run_clare("task", "restore", typo[:8])
+    assert r.code == 0 and f"restored task {typo[:8]}" in r.out
+    assert {t["id"] for t in run_clare("task", "list", "--json").json()} == {keep, typo}
+
+
+def test_undo_records_the_inverse_event_prints_it_and_never_deletes(run_clare):
+    run_clare("init", "--machine-id", "ash")
+    run_clare("project", "new", "alpha")
+    task = _add(run_clare, "alpha", "parser", "--tag", "backend")
+    run_clare("task", "edit", task[:8], "--title", "parse v2", "--prio", "0", "--untag", "backend", "--tag", "x")
+    run_clare("task", "done", task[:8])
+    n_before = len(run_clare("log", "--json", "--limit", "1000").json())
+    listed = run_clare("undo", "--list")
+    assert listed.code == 0
+    lines = listed.out.splitlines()
+    assert lines[0].split() == ["WHEN", "CHANGE"]
+    assert "changed task" in lines[1] and "status='done'" in lines[1]
+    assert "cannot undo: Clare keeps every project" in lines[-1]
+    r = run_clare("undo")
+    assert r.code == 0 and r.out == f"undid: changed task {task[:8]}: status='done'\n"
+    assert run_clare("task", "show", task[:8], "--json").json()["status"] == "todo"
+    r = run_clare("undo")
+    assert r.out.startswith(f"undid: changed task {task[:8]}: priority=0, title='parse v2', tags -backend +x")
+    t = run_clare("task", "show", task[:8], "--json").json()
+    assert (t["title"], t["priority"], t["tags"]) == ("parser", 2, ["backend"])
+    r = run_clare("undo")
+    assert r.out.startswith(f"undid: added task {task[:8]}")
+    assert run_clare("task", "list", "--json").json() == []
+    refused = run_clare("undo")
+    assert refused.code == 1 and refused.err.startswith("clare: error: cannot undo the last change "
+                                                        "(created project 'alpha'): Clare keeps every project")
+    log = run_clare("log", "--json", "--limit", "1000").json()
+    assert len(log) == n_before + 3  # three inverse events added, none deleted
+    undos = [e for e in log if "undoes" in e["payload"]]
+    assert [e["event_type"] for e in undos] == ["task.updated", "task.updated", "task.removed"]
+    assert "undo: removed task" in run_clare("log").out
+
+
+def test_undo_keeps_a_newer_change_from_another_host():
+    a, b = clare.open_db(":memory:", machine_id="ash"), clare.open_db(":memory:", machine_id="birch")
+    p = clare.create_project(a, "alpha", now_ms=T0)
+    t = clare.create_task(a, p.id, "first", now_ms=T0 + 1)
+    clare.edit_task(a, t.id, title="mine", priority=0, now_ms=T0 + 2)
+    _copy(a, b, T0 + 3)
+    clare.edit_task(b, t.id, title="theirs", now_ms=T0 + 4)
+    _copy(b, a, T0 + 5)
+    result = clare.undo_change(a, now_ms=T0 + 6)
+    assert result.n_kept == 1  # the title another host set later stays
+    got = clare.get_task(a, t.id)
+    assert (got.title, got.priority) == ("theirs", 2)
+
+
+def _copy(src, dst, now):
+    with clare.write_txn(dst) as cur:
+        clare.receive_events(dst, cur, list(clare.iter_events(src)), now_ms=now)
+
+
+def test_tags_merge_across_hosts_as_a_set_with_add_and_remove_per_tag():
+    a, b = clare.open_db(":memory:", machine_id="ash"), clare.open_db(":memory:", machine_id="birch")
+    p = clare.create_project(a, "alpha", now_ms=T0)
+    t = clare.create_task(a, p.id, "first", tags=["old", "shared"], now_ms=T0 + 1)
+    _copy(a, b, T0 + 2)
+    clare.edit_task(a, t.id, tags=["backend"], untags=["old"], now_ms=T0 + 10)  # concurrent with b's edit
+    clare.edit_task(b, t.id, tags=["urgent", "old"], untags=["shared"], now_ms=T0 + 5)
+    _copy(a, b, T0 + 20)
+    _copy(b, a, T0 + 20)
+    for db in (a, b):  # both adds survive; for 'old' the newer (a's removal) wins; 'shared' was removed by b
+        assert clare.get_task(db, t.id).tags == ("backend", "urgent")
+    assert clare.projection_digest(a) == clare.projection_digest(b)
+    assert [x.id for x in clare.list_tasks(a, tag="urgent")] == [t.id]
+
+
+def test_task_list_shows_open_tasks_of_active_projects_and_filters_like_taskwarrior(run_clare):
+    run_clare("project", "new", "alpha")
+    run_clare("project", "new", "beta")
+    parser = _add(run_clare, "alpha", "write the parser", "--prio", "0", "--tag", "backend")
+    docs = _add(run_clare, "alpha", "Docs for the PARSER", "--prio", "3")
+    done = _add(run_clare, "alpha", "shipped", "--prio", "1")
+    paused = _add(run_clare, "beta", "later", "--prio", "1")
+    run_clare("task", "done", done[:8])
+    run_clare("project", "set", "beta", "--status", "paused")
+    run_clare("group", "add", "backend", "--cwd", "/srv/api")
+    run_clare("assign", parser[:8], "--group", "backend")
+
+    def ids(*argv):
+        r = run_clare("task", "list", *argv, "--json")
+        assert r.code == 0, r.err
+        return [t["id"] for t in r.json()]
+    assert ids() == [parser, docs]
+    assert ids("--all") == [parser, done, paused, docs]
+    assert ids("--status", "done") == [done]
+    assert ids("beta") == [paused]  # a named project shows whatever its status
+    assert ids("--project", "beta") == [paused]
+    assert ids("--assigned") == [parser] and ids("--unassigned") == [docs]
+    assert ids("--group", "backend") == [parser]
+    assert ids("--prio", "0") == [parser] and ids("--prio", "1-3") == [docs] and ids("--all", "--prio", "P1") == [done, paused]
+    assert ids("--search", "parser") == [parser, docs]
+    assert ids("--tag", "backend") == [parser]
+    text = run_clare("task", "list").out
+    assert "write the parser #backend" in text and "group " in text
+    empty = run_clare("task", "list", "--tag", "nope")
+    assert empty.code == 0 and empty.out == "no tasks match\n"
+    assert run_clare("task", "list", "beta", "--status", "todo").out.startswith("ID")
+    both = run_clare("task", "list", "--assigned", "--unassigned")
+    assert both.code == 2 and both.err == "clare: error: give --assigned or --unassigned, not both\n"
+
+
+def test_priority_words_are_refused_naming_the_range(run_clare):
+    run_clare("project", "new", "alpha")
+    r = run_clare("task", "add", "alpha", "x", "--prio", "high")
+    assert r.code == 2 and r.err == ("clare: error: priority 'high' is outside 0-4; use a number from 0 "
+                                     "(most urgent) to 4, e.g. --prio 1\n")
+    assert run_clare("task", "list", "--all", "--json").json() == []
+    assert run_clare("task", "add", "alpha", "x", "--prio", "P1", "--json").json()["priority"] == 1
+
+
+def test_a_bad_tag_is_refused_and_writes_nothing(run_clare):
+    run_clare("project", "new", "alpha")
+    r = run_clare("task", "add", "alpha", "x", "--tag", "two words")
+    assert r.code == 2 and "tag 'two words' is not one word" in r.err
+    assert run_clare("task", "list", "--all", "--json").json() == []
