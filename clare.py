@@ -988,6 +988,8 @@ class Session:
     task_id: str | None  # the most urgent open task assigned to it (directly, else through a group)
     tokens: dict[str, int]  # usage summed over its transcript
     created_at: str  # first seen
+    task_ids: tuple[str, ...] = ()  # every open task it holds, most urgent first (task_id is the first)
+    group: str | None = None  # the name of the group that binds task_id to it, None when bound directly
 
     @property
     def tmux_session(self) -> str:
@@ -1535,7 +1537,10 @@ SELECT s.id, s.host, s.cwd, s.tmux_socket, s.tmux_target, s.pane_id, s.pid, s.co
          ORDER BY c.mtime_ns DESC LIMIT 1) AS fresh_tokens,
        (SELECT t.id FROM tasks t WHERE t.assignee = 'session:' || s.id AND t.status != 'done'
            AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL ORDER BY t.priority, t.created_at_v LIMIT 1)
-           AS task_id
+           AS task_id,
+       (SELECT group_concat(id, ' ') FROM (SELECT t.id FROM tasks t WHERE t.assignee = 'session:' || s.id
+           AND t.status != 'done' AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
+         ORDER BY t.priority, t.created_at_v)) AS task_ids
   FROM sessions s
  WHERE s.created_at_v IS NOT NULL"""
 
@@ -1547,7 +1552,7 @@ def _session_from_row(row: sqlite3.Row) -> Session:
     return Session(row["id"], row["host"], row["cwd"] or "", row["tmux_socket"], row["tmux_target"],
                    row["pane_id"], row["pid"], row["command"] or "", row["state"], row["state_at"], activity,
                    row["label"] or "", row["task_id"], {k: int(tokens.get(k, 0)) for k in TOKEN_KINDS},
-                   row["created_at"])
+                   row["created_at"], tuple((row["task_ids"] or "").split()))
 
 
 def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
@@ -1750,19 +1755,30 @@ def get_session(db: Db, ref: str) -> Session:
 
 
 def list_sessions(db: Db, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
-    """Return the sessions, with each one's task: its own, else its groups' most urgent one."""
+    """Return the sessions, with each one's tasks: its own, then its groups' (task_id: the most urgent)."""
     sessions = find_sessions(db, host=host, include_gone=include_gone)
     group_tasks = list_group_tasks(db)
-    if not group_tasks or all(s.task_id for s in sessions):
+    if not group_tasks:
         return sessions
     groups = {g.id: g for g in list_groups(db)}
     out = []
     for s in sessions:
-        if s.task_id is None:
-            task_id = next((t for g, t in group_tasks if g in groups and _in_group(s, groups[g])), None)
-            s = dataclasses.replace(s, task_id=task_id)
+        mine = [(g, t) for g, t in group_tasks if g in groups and _in_group(s, groups[g])]
+        if mine:
+            group = groups[mine[0][0]].name if s.task_id is None else None
+            s = dataclasses.replace(s, task_id=s.task_id or mine[0][1], group=group,
+                                    task_ids=tuple(dict.fromkeys([*s.task_ids, *(t for _, t in mine)])))
         out.append(s)
     return out
+
+
+URGENCY = {"permission": 0, "waiting": 1, "working": 2, "idle": 3, "gone": 4}  # who needs a person first
+
+
+def by_urgency(sessions: Iterable[Session]) -> list[Session]:
+    """Return sessions most urgent first: a permission dialog, then waiting longest, then working, idle, gone."""
+    return sorted(sessions, key=lambda s: (URGENCY.get(s.state, 5), s.state_at or "", s.host, s.tmux_target or "",
+                                           s.id))
 
 
 def _in_group(session: Session, group: Group) -> bool:
@@ -2277,7 +2293,8 @@ def get_status(db: Db, *, project_ref: str | None = None, group_ref: str | None 
     for p in projects:
         mine = [s for s in sessions if s.task_id in tasks and tasks[s.task_id].project_id == p.id]
         rollups.append(ProjectStatus(p, {k: sum(s.tokens.get(k, 0) for s in mine) for k in TOKEN_KINDS}, len(mine)))
-    return StatusReport(rollups, sessions, {s.task_id: tasks[s.task_id] for s in sessions if s.task_id in tasks})
+    return StatusReport(rollups, sessions, {t: tasks[t] for s in sessions for t in (s.task_id, *s.task_ids)
+                                            if t in tasks})
 
 
 BROADCAST_TTL_MS = 15 * 60 * 1000  # an undelivered broadcast older than this expires instead of arriving late
@@ -7199,11 +7216,16 @@ def format_sessions(sessions: list[Session], ambiguous: list[Pane] = (), *,
     now = now_ms()
     lines = [table(("ID", "HOST", "TMUX", "STATE", "ACTIVE", "TASK", "CWD", "LABEL"), (
         (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
-         (s.task_id or "-")[:SHORT_ID], short_text(s.cwd, 40), short_text(s.label, 40)) for s in sessions))
+         _session_tasks(s), short_text(s.cwd, 40), short_text(s.label, 40)) for s in sessions))
         if sessions else empty]
     lines += [f"? pane {p.pane_id} ({p.target}) in {p.cwd}: Claude runs here, but its session cannot be told "
               "apart from another in this cwd" for p in ambiguous]
     return "\n".join(lines)
+
+
+def _session_tasks(s: Session) -> str:
+    ids = [t[:SHORT_ID] for t in dict.fromkeys(filter(None, (s.task_id, *s.task_ids)))]
+    return (", ".join(ids) or "-") + (f" (group {s.group})" if s.group else "")
 
 
 def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
@@ -7227,10 +7249,14 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
-    """List the Claude sessions of every host, as last pulled."""
-    sessions = ctx.svc.list_sessions(include_gone=args.all)
+    """List the Claude sessions of every host, as last pulled, the one that needs a person most first."""
+    sessions = by_urgency(ctx.svc.list_sessions(include_gone=args.all or args.state == "gone"))
+    if args.state:
+        sessions = [s for s in sessions if s.state == args.state]
     ambiguous = ctx.svc.list_ambiguous_panes()
-    emit(ctx, sessions, lambda: format_sessions(sessions, ambiguous))
+    empty = f"no session is {args.state} now; see them all with: clare sessions" if args.state else \
+        "no Claude sessions seen; run 'clare pull' on each host (a running 'clare serve' pulls by itself)"
+    emit(ctx, sessions, lambda: format_sessions(sessions, ambiguous, empty=empty))
 
 
 def cmd_hook(args: argparse.Namespace, ctx: Context) -> int:
@@ -7293,17 +7319,28 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
     """Show the roll-up: per project task counts and tokens, per session its task and state."""
     report = ctx.svc.get_status(project_ref=args.project, group_ref=args.group)
 
+    def rows(sessions: list[Session], now: int) -> Iterator[tuple[str, ...]]:
+        for s in sessions:
+            ids = [t for t in dict.fromkeys(filter(None, (s.task_id, *s.task_ids))) if t in report.tasks] or [None]
+            for n, t in enumerate(ids):  # a session holding two tasks shows both, one line each
+                task = (f"{t[:SHORT_ID]} {short_text(report.tasks[t].title, 50)}"
+                        + (f" (group {s.group})" if s.group and t == s.task_id else "")) if t else "-"
+                yield ((s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.state_at, now),
+                        ago_text(s.last_activity_at, now), tokens_text(s.tokens), task) if n == 0
+                       else ("", "", "", "", "", "", "", task))
+
     def text() -> str:
         now = now_ms()
+        sessions = by_urgency(report.sessions)
+        heads = ("SESSION", "HOST", "TMUX", "STATE", "SINCE", "ACTIVE", "TOKENS", "TASK")
+        needy = [s for s in sessions if s.state in ("permission", "waiting")]
+        needs_you = ("needs you:\n" + table(heads, rows(needy, now)) if needy
+                     else "needs you: nothing (no session waits for an answer or a permission)")
         projects = table(("PROJECT", "STATUS", "TODO", "DOING", "BLOCKED", "DONE", "SESSIONS", "TOKENS"), (
             (r.project.name, r.project.status, *(r.project.task_counts[s] for s in TASK_STATUSES), r.n_sessions,
              tokens_text(r.tokens)) for r in report.projects)) if report.projects else "no projects"
-        sessions = table(("SESSION", "HOST", "TMUX", "STATE", "ACTIVE", "TOKENS", "TASK"), (
-            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
-             tokens_text(s.tokens),
-             f"{s.task_id[:SHORT_ID]} {short_text(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
-             else "-") for s in report.sessions)) if report.sessions else "no live sessions"
-        return f"{projects}\n\n{sessions}"
+        listed = table(heads, rows(sessions, now)) if sessions else "no live sessions"
+        return f"{needs_you}\n\n{projects}\n\n{listed}"
     emit(ctx, report, text)
 
 
@@ -7616,9 +7653,10 @@ COMMANDS: list[Command] = [
     Command(("status",), cmd_status, "the roll-up: per project task counts and tokens, per session its task",
             "clare status --project alpha\n  clare status --group backend --json",
             (arg("--project", help="name or id prefix"), arg("--group", help="group name or id prefix"))),
-    Command(("sessions",), cmd_sessions, "list Claude sessions: host, tmux target, state, activity, task",
-            "clare sessions\n  clare sessions --all --json",
-            (arg("--all", action="store_true", help="also sessions that are gone"),)),
+    Command(("sessions",), cmd_sessions, "list Claude sessions, most urgent first: host, tmux, state, activity, task",
+            "clare sessions\n  clare sessions --state waiting\n  clare sessions --all --json",
+            (arg("--all", action="store_true", help="also sessions that are gone"),
+             arg("--state", choices=SESSION_STATES, help="only sessions in this state"))),
     Command(("pull",), cmd_pull, "look at this host's Claude sessions and record what changed",
             "clare pull\n  clare pull --tails --json",
             (arg("--tails", action="store_true",

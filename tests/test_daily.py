@@ -152,3 +152,61 @@ def test_a_bad_tag_is_refused_and_writes_nothing(run_clare):
     r = run_clare("task", "add", "alpha", "x", "--tag", "two words")
     assert r.code == 2 and "tag 'two words' is not one word" in r.err
     assert run_clare("task", "list", "--all", "--json").json() == []
+
+
+def _seed_fleet(home):
+    """Four sessions on this host, as two pulls would record them: two wait, one asks permission."""
+    from conftest import observe
+
+    db = clare.open_db(str(home / "clare.db"), machine_id="ash")
+    now = clare.now_ms()
+    ids = [f"{n}aaaaaaa-0000-4000-8000-000000000000" for n in range(1, 5)]
+    first = [{"session_id": ids[0], "state": "working"}, {"session_id": ids[1], "state": "waiting"},
+             {"session_id": ids[2], "state": "working", "cwd": "/srv/api/one"}, {"session_id": ids[3], "state": "idle"}]
+    observe(db, first, now_ms=now - 600_000)
+    later = [first[0], first[1], {**first[2], "state": "permission"}, {**first[3], "state": "waiting"}]
+    observe(db, later, now_ms=now - 60_000)
+    db.close()
+    return ids
+
+
+def test_sessions_are_sorted_by_urgency_filtered_by_state_and_name_the_group(home, run_clare):
+    working, waiting_long, permission, waiting_new = _seed_fleet(home)
+    run_clare("project", "new", "alpha")
+    run_clare("group", "add", "backend", "--cwd", "/srv/api")
+    grouped = _add(run_clare, "alpha", "api work")
+    run_clare("assign", grouped[:8], "--group", "backend")
+    got = [s["id"] for s in run_clare("sessions", "--json").json()]
+    assert got == [permission, waiting_long, waiting_new, working]
+    assert [s["id"] for s in run_clare("sessions", "--state", "waiting", "--json").json()] == [waiting_long, waiting_new]
+    text = run_clare("sessions").out.splitlines()
+    assert text[1].startswith(permission[:8]) and f"{grouped[:8]} (group backend)" in text[1]
+    none = run_clare("sessions", "--state", "gone")
+    assert none.out == "no session is gone now; see them all with: clare sessions\n"
+
+
+def test_status_puts_what_needs_you_first_and_shows_both_tasks_of_a_session(home, run_clare):
+    working, waiting_long, permission, waiting_new = _seed_fleet(home)
+    run_clare("project", "new", "alpha")
+    one = _add(run_clare, "alpha", "first task", "--prio", "1")
+    two = _add(run_clare, "alpha", "second task", "--prio", "2")
+    run_clare("assign", one[:8], waiting_long[:8])
+    moved = run_clare("assign", two[:8], working[:8])
+    assert moved.out == f"task {two[:8]} assigned to session {working[:8]}: second task\n"
+    moved = run_clare("assign", two[:8], waiting_long[:8])
+    assert moved.out == (f"task {two[:8]} assigned to session {waiting_long[:8]} "
+                         f"(moved from session {working[:8]}): second task\n")
+    out = run_clare("status").out
+    head, projects, sessions = out.split("\n\n")
+    lines = head.splitlines()
+    assert lines[0] == "needs you:"
+    assert lines[2].startswith(permission[:8]) and "permission" in lines[2]
+    assert lines[3].startswith(waiting_long[:8]) and f"{one[:8]} first task" in lines[3]
+    assert lines[4].strip() == f"{two[:8]} second task"  # the same session's second task, on its own line
+    assert lines[5].startswith(waiting_new[:8]) and len(lines) == 6
+    assert projects.startswith("PROJECT")
+    assert working[:8] in sessions and sessions.splitlines()[1].startswith(permission[:8])
+    report = run_clare("status", "--json").json()
+    assert {t["id"] for t in report["tasks"]} == {one, two}
+    held = next(s for s in report["sessions"] if s["id"] == waiting_long)
+    assert held["task_ids"] == [one, two]
