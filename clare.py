@@ -1715,9 +1715,14 @@ def parse_priorities(text: str) -> tuple[int, int]:
     return (lo, hi) if lo <= hi else (hi, lo)
 
 
+LIST_COMMANDS = {"task": "clare task list", "session": "clare sessions", "project": "clare project list",
+                 "group": "clare group list"}  # where a person finds the ids of each kind
+
+
 def _check_prefix(what: str, ref: object) -> str:
     if not isinstance(ref, str) or not ID_PREFIX_RE.match(ref):
-        raise UsageError(f"{what} id {ref!r} is not a hex id or prefix; copy one from the list")
+        raise UsageError(f"{what} id {str(ref)[:60]!r} is not a hex id or prefix; copy one from the list: "
+                         f"{LIST_COMMANDS.get(what, 'clare --help')}")
     return ref
 
 
@@ -5301,8 +5306,20 @@ def flash(text: str, *, kind: str = "error", oob: bool = False) -> Html:
 
 
 def error_page(status: int, message: str) -> Html:
-    """Return the full page shown for an HTTP error, without the database (it may be the problem)."""
-    return render(PAGE_ERROR, status=status, message=message)
+    """Return the full page shown for an HTTP error, without the database (it may be the problem).
+
+    A 401 page carries the login form: a link back to the dashboard would only answer 401 again.
+    """
+    return render(PAGE_ERROR, status=status, message=message,
+                  after=Html(LOGIN_FORM) if status == 401 else Html('<p><a href="/">Back to the dashboard</a></p>'))
+
+
+# The token goes in the URL exactly as in the login link `clare serve` prints; /login trades it for a cookie.
+LOGIN_FORM = """<form action="/login" method="get"><p><label for="token">Token</label><br>
+<input id="token" name="token" type="password" autocomplete="current-password" required size="40">
+<button type="submit">Log in</button></p></form>
+<p>The token is the one in this server's clare.toml (<code>token = ...</code>) or the CLARE_TOKEN it was started
+with; <code>clare serve</code> on a terminal prints a login link that holds it.</p>"""
 
 
 PAGE_ERROR = string.Template("""<!doctype html>
@@ -5310,7 +5327,7 @@ PAGE_ERROR = string.Template("""<!doctype html>
 <meta name="color-scheme" content="light dark"><link rel="icon" href="data:,"><title>$status · Clare</title>
 <style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
 @media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
-<body><h1>$status</h1><p>$message</p><p><a href="/">Back to the dashboard</a></p></body></html>
+<body><h1>$status</h1><p>$message</p>$after</body></html>
 """)
 
 
@@ -5442,7 +5459,7 @@ TASKS_TABLE = string.Template("""<div class="scroll"><table>
 <thead><tr><th>Pri</th><th>Task</th><th>Status</th><th>Assigned</th><th class="hide-sm">Id</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
 TASK_ROW = string.Template("""<tr><td><span class="badge c-$pri_color">P$priority</span></td>
-<td class="title"><a href="/tasks/$id">$title</a></td>
+<td class="title"><a href="/tasks/$id">$title</a>$tags</td>
 <td>$status_form</td><td>$assignee</td><td class="hide-sm mono muted">$short_id</td></tr>""")
 STATUS_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
 <select name="status" class="status" aria-label="task status">$options</select>
@@ -5476,9 +5493,9 @@ $updates</section>
 </div>""")
 FRAG_TASK = string.Template("""<section class="card" id="frag-task" $poll>
 <h2>Task</h2>
-<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
+$removed<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
 <dt>Assigned</dt><dd>$assignee $unassign</dd>
-<dt>Priority</dt><dd>P$priority</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl>
+<dt>Priority</dt><dd>P$priority</dd><dt>Tags</dt><dd>$tags</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl>
 $description</section>""")
 UNASSIGN_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="task">
 <button class="ghost" type="submit">Unassign</button></form>""")
@@ -5487,6 +5504,8 @@ UPDATE_FORM = string.Template("""<form class="row" id="update-form" $attrs$oob>$
 <button type="submit">Post update</button></form>""")
 FRAG_UPDATES = string.Template("""<div id="frag-updates" $poll>$items</div>""")
 ASSIGNEE = string.Template('<span class="mono">$kind $id</span>')
+REMOVED_NOTE = string.Template("""<p class="removed">$badge This task was removed $when; it shows in no list.
+Bring it back with <code>clare task restore $short_id</code> (or <code>clare undo</code> on the host that removed it).</p>""")
 DESCRIPTION = string.Template('<pre class="text">$text</pre>')
 
 
@@ -5606,8 +5625,13 @@ def tasks_fragment(req: Request, project: Project) -> Html:
         table_html = render(TASKS_TABLE, rows=join(render(
             TASK_ROW, id=t.id, short_id=t.id[:SHORT_ID], title=t.title, priority=t.priority,
             pri_color="red" if t.priority == 0 else "orange" if t.priority == 1 else "gray",
-            status_form=status_form(req, t, view="tasks"), assignee=assignee_text(t)) for t in tasks))
+            status_form=status_form(req, t, view="tasks"), assignee=assignee_text(t), tags=tag_badges(t)) for t in tasks))
     return render(FRAG_PROJECT_TASKS, poll=poll_attrs(f"/frag/projects/{project.id}/tasks"), table=table_html)
+
+
+def tag_badges(task: Task) -> Html:
+    """Return a task's tags as small badges, each after a space."""
+    return join(Html(" ") + badge(f"#{tag}", "gray") for tag in task.tags)
 
 
 def status_form(req: Request, task: Task, *, view: str) -> Html:
@@ -5694,7 +5718,10 @@ def task_fragment(req: Request, task: Task) -> Html:
     unassign = (render(UNASSIGN_FORM, csrf=csrf_field(req),
                        attrs=form_attrs(f"/tasks/{task.id}/unassign", target="#frag-task"))
                 if task.session_id or task.group_id else Html(""))
+    removed = (render(REMOVED_NOTE, badge=badge("removed", "orange"), when=when_text(task.removed_at),
+                      short_id=task.id[:SHORT_ID]) if task.removed_at else Html(""))
     return render(FRAG_TASK, poll=poll_attrs(f"/frag/tasks/{task.id}"), id=task.id, priority=task.priority,
+                  removed=removed, tags=tag_badges(task) or "—",
                   status_form=status_form(req, task, view="task"), assignee=assignee_text(task), unassign=unassign,
                   created=when_text(task.created_at),
                   description=render(DESCRIPTION, text=task.description) if task.description else Html(""))
@@ -6591,7 +6618,8 @@ class RemoteServices:
                  for x in (v if isinstance(v, list) else [v])]
         path += "?" + urllib.parse.urlencode(pairs) if pairs else ""
         return http_json(self.url, path, method=method, body=body, token=self.token, timeout_s=REMOTE_TIMEOUT_S,
-                         say_where=False)
+                         say_where=False, hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
+                                                   "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
 
     @staticmethod
     def _path(ref: str) -> str:
@@ -7201,6 +7229,9 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
     """Add a progress note to a task, or inside a Claude pane to that session's task."""
     if args.text is not None:
         u = ctx.svc.post_update(args.text, task_ref=args.task)
+    elif ID_PREFIX_RE.match(args.task) and len(args.task) >= 4:
+        raise UsageError(f"the update text is missing after the task id; e.g. clare update {args.task} "
+                         "\"parser done, tests next\"")
     else:
         pane_id = os.environ.get("TMUX_PANE")
         if not pane_id:
@@ -7351,7 +7382,8 @@ def cmd_log(args: argparse.Namespace, ctx: Context) -> None:
                          "for the whole log use: clare export")
     events = ctx.svc.list_events(limit=args.limit)
     emit(ctx, events, lambda: "\n".join(
-        f"{ev.hlc}  {ev.event_type:<16}  {describe_event(ev)}" for ev in events) or "the log is empty")
+        f"{when_text(ev.created_at)}  {ev.machine_id:<12}  " + (f"{ev.hlc}  {ev.event_type:<16}  " if args.verbose else "")
+        + describe_event(ev) for ev in events) or "the log is empty")
 
 
 def cmd_replay(args: argparse.Namespace, ctx: Context) -> None:
@@ -7554,7 +7586,15 @@ GROUP_HELP = {
     "peer": "add, list and remove the hosts this one syncs with",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
-_JSON = arg("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
+_GLOBAL_ARGS = (
+    arg("--home", metavar="DIR", help="folder of clare.db and clare.toml (env CLARE_HOME)"),
+    arg("--db", metavar="FILE", help="use this database file"),
+    arg("--json", action="store_true", help="print JSON instead of text"),
+    arg("--remote", metavar="URL", help="run the command on the Clare server at URL, e.g. http://apricot:8765 "
+                                        "(env CLARE_URL; token from CLARE_TOKEN)"),
+)
+# The same options after the verb (`clare task list --home /tmp/c2`): SUPPRESS keeps a value given before it.
+_LEAF_GLOBAL_ARGS = tuple((flags, {**options, "default": argparse.SUPPRESS}) for flags, options in _GLOBAL_ARGS)
 
 _SERVE_ARGS = (
     arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
@@ -7695,8 +7735,10 @@ COMMANDS: list[Command] = [
             (arg("peer", nargs="?", help="a configured peer's name or URL, or any peer's URL"),
              arg("--verify", action="store_true",
                  help="also compare per-day digests and fetch or send anything missing (anti-entropy)"))),
-    Command(("log",), cmd_log, "print the newest events, newest last", "clare log --limit 20",
-            (arg("--limit", type=int, default=50),)),
+    Command(("log",), cmd_log, "print the newest events, newest last: when, which host, what",
+            "clare log --limit 20\n  clare log --verbose      # with each event's HLC and type",
+            (arg("--limit", type=int, default=50),
+             arg("--verbose", "-v", action="store_true", help="also print each event's HLC and type"))),
     Command(("export",), cmd_export, "write the event log as JSON lines",
             "clare export backup.jsonl\n  clare export | gzip > backup.jsonl.gz",
             (arg("file", nargs="?", help="output file; '-' or none for stdout"),)),
@@ -7727,12 +7769,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                "\n\nrun 'clare COMMAND --help' for the options of one command",
         formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"clare {__version__}")
-    parser.add_argument("--home", metavar="DIR", help="folder of clare.db and clare.toml (env CLARE_HOME)")
-    parser.add_argument("--db", metavar="FILE", help="use this database file")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("--remote", metavar="URL",
-                        help="run the command on the Clare server at URL, e.g. http://apricot:8765 (env CLARE_URL; "
-                             "token from CLARE_TOKEN)")
+    for flags, options in _GLOBAL_ARGS:
+        parser.add_argument(*flags, **options)
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {
         (): parser.add_subparsers(title="commands", metavar="COMMAND")}
     for cmd in COMMANDS:
@@ -7751,7 +7789,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         leaf = groups[cmd.path[:-1]].add_parser(
             cmd.path[-1], help=cmd.help, description=cmd.help[:1].upper() + cmd.help[1:] + ".",
             epilog=f"example:\n  {cmd.example}", formatter_class=_HelpFormatter)
-        for flags, options in (*cmd.args, _JSON):
+        for flags, options in (*cmd.args, *_LEAF_GLOBAL_ARGS):
             leaf.add_argument(*flags, **options)
         leaf.set_defaults(handler=cmd.handler, command_path=cmd.path)
     return parser
@@ -7762,6 +7800,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:
         """Print the problem as one line and exit 2, as argparse does after its usage block."""
+        typo = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)\Z", message)
+        if typo:  # a mistyped word: name the nearest choice
+            import difflib
+
+            what, word, choices = typo[1], typo[2], re.findall(r"'([^']*)'", typo[3])
+            near = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+            if what == "COMMAND":  # a verb: the nearest one says more than the list of all of them
+                message = f"unknown command {word!r}"
+            if near:
+                self.exit(2, f"clare: error: {message}; did you mean {near[0]!r}? see: {self.prog} --help\n")
         self.exit(2, f"clare: error: {message}; see: {self.prog} --help\n")
 
 

@@ -210,3 +210,59 @@ def test_status_puts_what_needs_you_first_and_shows_both_tasks_of_a_session(home
     assert {t["id"] for t in report["tasks"]} == {one, two}
     held = next(s for s in report["sessions"] if s["id"] == waiting_long)
     assert held["task_ids"] == [one, two]
+
+
+def test_a_mistyped_verb_names_the_nearest_one(run_clare):
+    r = run_clare("tsk", "list")
+    assert r.code == 2 and r.err == "clare: error: unknown command 'tsk'; did you mean 'task'? see: clare --help\n"
+    r = run_clare("task", "lst")
+    assert r.err == "clare: error: unknown command 'lst'; did you mean 'list'? see: clare task --help\n"
+    r = run_clare("task", "list", "--status", "don")
+    assert r.code == 2 and r.err.endswith("did you mean 'done'? see: clare task list --help\n")
+    assert run_clare("xyzzy").err == "clare: error: unknown command 'xyzzy'; see: clare --help\n"
+
+
+def test_an_update_with_the_text_missing_says_so(run_clare):
+    r = run_clare("update", "3620")
+    assert r.code == 2 and r.err == ("clare: error: the update text is missing after the task id; "
+                                     "e.g. clare update 3620 \"parser done, tests next\"\n")
+
+
+def test_a_bad_id_names_the_command_that_lists_good_ones(run_clare):
+    run_clare("project", "new", "alpha")
+    task = _add(run_clare, "alpha", "x")
+    assert run_clare("task", "show", "zz").err == ("clare: error: task id 'zz' is not a hex id or prefix; "
+                                                   "copy one from the list: clare task list\n")
+    assert run_clare("assign", task[:8], "qq").err == ("clare: error: session id 'qq' is not a hex id or prefix; "
+                                                       "copy one from the list: clare sessions\n")
+
+
+def test_global_options_are_taken_after_the_verb(run_clare, tmp_path):
+    other = tmp_path / "other"
+    assert run_clare("project", "new", "beta", "--home", str(other)).code == 0
+    assert [p["name"] for p in run_clare("project", "list", "--json", "--home", str(other)).json()] == ["beta"]
+    assert run_clare("project", "list", "--json").json() == []  # the default home was not touched
+    assert run_clare("task", "list", "--db", str(other / "clare.db"), "--all").out == "no tasks\n"
+    r = run_clare("task", "list", "--remote", "http://127.0.0.1:1")
+    assert r.code == 1 and r.err.startswith("clare: error: cannot reach http://127.0.0.1:1")
+
+
+def test_log_prints_times_a_person_reads_and_the_hlc_when_verbose(run_clare):
+    run_clare("init", "--machine-id", "ash")
+    run_clare("project", "new", "alpha")
+    line = run_clare("log").out.splitlines()[-1]
+    import re
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  ash           created project 'alpha'", line), line
+    verbose = run_clare("log", "--verbose").out.splitlines()[-1]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  ash           \d{13}\.\d{6}\.ash  project\.created "
+                        r"  created project 'alpha'", verbose), verbose
+    assert "hlc" in run_clare("log", "--json").json()[-1]
+
+
+def test_remote_without_the_token_says_to_set_clare_token(serve, run_clare):
+    server = serve(token="a-token-of-sixteen-or-more")
+    r = run_clare("task", "list", "--remote", server.url)
+    assert r.code == 1 and "set CLARE_TOKEN to the token of the Clare at " + server.url in r.err
+    assert len(r.err.splitlines()) == 1
+    ok = run_clare("task", "list", "--remote", server.url, env={"CLARE_TOKEN": "a-token-of-sixteen-or-more"})
+    assert ok.code == 0, ok.err
