@@ -1,11 +1,9 @@
 """Daily use (#22) in a real browser: tags and a removed task on the dashboard, the 401 page's login form."""
 
-import pytest
-
-from test_browser import ARTIFACTS, CHROMIUM, browser, page_of, pytestmark, settle  # noqa: F401 (fixtures)
+from test_browser import ARTIFACTS, browser, page_of, pytestmark, settle  # noqa: F401 (fixtures used by name)
 
 
-def test_tags_show_and_a_removed_task_leaves_the_dashboard_but_keeps_its_page(server, run_clare, page_of):
+def test_tags_show_and_a_removed_task_leaves_the_dashboard_but_keeps_its_page(server, run_clare, page_of):  # noqa: F811
     run_clare("project", "new", "alpha")
     kept = run_clare("task", "add", "alpha", "write the parser", "--tag", "backend", "--tag", "urgent", "--json").json()
     gone = run_clare("task", "add", "alpha", "wirte teh parser", "--json").json()
@@ -32,7 +30,7 @@ def test_tags_show_and_a_removed_task_leaves_the_dashboard_but_keeps_its_page(se
     assert pg.locator("#frag-tasks").get_by_text("wirte teh parser").count() == 1
 
 
-def test_the_401_page_has_a_token_field_that_logs_in(serve, page_of):
+def test_the_401_page_has_a_token_field_that_logs_in(serve, page_of):  # noqa: F811
     token = "t0ken-for-the-daily-browser-test"
     server = serve(token=token)
     page_of.expected_statuses = {401}
