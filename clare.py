@@ -2180,11 +2180,14 @@ _OBSERVED_KEYS = ("cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "comman
 
 
 def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
-                     keep_ids: Iterable[str] = (), now_ms: int) -> list[Event]:
+                     keep_ids: Iterable[str] = (), live_panes: Mapping[str, Iterable[str]] | None = None,
+                     now_ms: int) -> list[Event]:
     """Record how this host's sessions changed since the last look: appeared, changed, gone.
 
     A session of this host that is not seen is gone, unless its tmux server could not be asked
-    (keep_sockets) or other evidence says it lives (keep_ids). Nothing is written when nothing
+    (keep_sockets) or other evidence says it lives (keep_ids). That evidence loses to tmux itself:
+    when the session's tmux server answered (`live_panes`: socket -> its pane ids) without the
+    session's pane, the pane was killed and the session is gone now. Nothing is written when nothing
     changed: the log must not grow with polling. Last activity and tokens ride along with an
     event but never cause one.
     """
@@ -2210,10 +2213,14 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
                                                                   "host": db.machine_id, **changed, **extra},
                                      now_ms=now_ms))
         seen_ids = {ob.session_id for ob in seen}
+        panes = {socket: set(ids) for socket, ids in (live_panes or {}).items()}
         for s in known.values():
-            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep and s.id not in keep_ids:
+            pane_gone = s.tmux_socket in panes and s.pane_id is not None and s.pane_id not in panes[s.tmux_socket]
+            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep and (
+                    s.id not in keep_ids or pane_gone):
+                reason = f"its tmux pane {s.pane_id} is gone" if pane_gone else "no longer running"
                 events.append(record(db, cur, "session.gone", {"session_id": s.id, "host": db.machine_id,
-                                                               "reason": "no longer running"}, now_ms=now_ms))
+                                                               "reason": reason}, now_ms=now_ms))
     return events
 
 
@@ -3204,7 +3211,15 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
     alive = [sid for sid, m in list_hook_marks(db).items()
              if m.hook_event != "SessionEnd" and now_ms - m.at_ms < HOOK_ALIVE_MS]
-    events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, now_ms=now_ms)
+    # ... but not when its tmux server runs without its pane (killed, so no SessionEnd came): ask
+    # only the servers of such sessions, which this look did not find.
+    found = {ob.session_id for ob in observations}
+    sockets = {s.tmux_socket for s in find_sessions(db, host=db.machine_id, include_gone=False)
+               if s.id in alive and s.id not in found and s.tmux_socket and s.tmux_socket not in unreachable}
+    live_panes = {socket: [p.pane_id for p in panes] for socket in sockets
+                  if (panes := list_panes(socket)) is not None}
+    events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, live_panes=live_panes,
+                              now_ms=now_ms)
     deliver_pending(db, now_ms=now_ms)
     text = canonical_json([p.to_json() for p in ambiguous])
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:

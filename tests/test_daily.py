@@ -268,3 +268,23 @@ def test_remote_without_the_token_says_to_set_clare_token(serve, run_clare):
     assert len(r.err.splitlines()) == 1
     ok = run_clare("task", "list", "--remote", server.url, env={"CLARE_TOKEN": "a-token-of-sixteen-or-more"})
     assert ok.code == 0, ok.err
+
+
+def test_a_session_whose_pane_was_killed_is_gone_at_the_next_pull_despite_a_recent_hook(home, tmux, run_clare):
+    import json
+
+    run_clare("init", "--machine-id", "ash")
+    tmux.spawn("sleep", "600", cwd=home / "keep", name="keep")  # keeps the tmux server running
+    pane = tmux.spawn("sleep", "600", cwd=home / "app", name="ghost")
+    sid = "5e55a1b2-0000-4000-8000-000000000000"
+    report = {"session_id": sid, "hook_event_name": "Stop", "cwd": str(home / "app")}
+    hooked = run_clare("hook", input=json.dumps(report), env={"TMUX": f"{tmux.socket},1,0", "TMUX_PANE": pane})
+    assert hooked.code == 0
+    assert [(s["id"], s["state"], s["pane_id"]) for s in run_clare("sessions", "--json").json()] == [
+        (sid, "waiting", pane)]
+    tmux.run("kill-pane", "-t", pane)  # killed: Claude sends no SessionEnd
+    assert run_clare("pull").code == 0
+    assert run_clare("sessions", "--json").json() == []
+    gone = run_clare("sessions", "--state", "gone", "--json").json()
+    assert [(s["id"], s["state"]) for s in gone] == [(sid, "gone")]
+    assert f"session {sid[:8]} is gone (its tmux pane {pane} is gone)" in run_clare("log").out
