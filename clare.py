@@ -5870,8 +5870,9 @@ FLEET_ROW = string.Template("""<tr><td>$state</td>
 <td class="title">$task</td><td class="muted small">$active</td><td class="hide-sm mono small">$tokens</td></tr>""")
 TASK_CELL = string.Template('<a href="/tasks/$id">$title</a>')
 MAIN_SESSIONS = string.Template("""<h1>Sessions</h1>
-<p class="sub">Claude sessions on every host, as each host last saw them. Run <span class="mono">clare pull</span>
-on a host (or install its hooks) to refresh what it sees.</p>
+<p class="sub">Claude sessions on every host, as each host last saw them: a host's
+<span class="mono">clare serve</span> looks at its own sessions every few seconds and its hooks report at once,
+so there is nothing to run.</p>
 $attention
 $fleet
 $ambiguous""")
@@ -5911,7 +5912,8 @@ def fleet_fragment(req: Request) -> Html:
     report = req.svc.get_status()
     sessions, tasks = report.sessions, report.tasks
     if not sessions:
-        table_html = render(EMPTY, text="No Claude sessions seen yet; run 'clare pull' on each host.")
+        table_html = render(EMPTY, text="No Claude sessions seen yet. Each host's 'clare serve' finds the sessions "
+                                        "in its tmux panes by itself; start it on the hosts that run Claude.")
     else:
         table_html = render(FLEET_TABLE, rows=join(render(
             FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
