@@ -3555,20 +3555,24 @@ def hooks_status(path: str, command: str) -> dict[str, str]:
 
 
 def send_broadcast(db: Db, target: str, text: str, *, now_ms: int, is_command: bool = False,
-                   confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
+                   confirm_s: float = BROADCAST_CONFIRM_S,
+                   on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
     """Send a text to every live session of a target; type it into this host's panes now.
 
     Sessions of other hosts get it when their host next pulls (DESIGN §5): queued until then.
-    Every result is recorded as a broadcast.delivered event, and returned.
+    Every result is recorded as a broadcast.delivered event, and returned; `on_delivery(session,
+    result, reason, n_done, n_here)` hears of each of this host's as it lands (each takes seconds).
     """
     with _delivery_lock(db):
         broadcast_id, text, recipients = start_broadcast(db, target, text, is_command=is_command, now_ms=now_ms)
         started = time.monotonic()
-        for s in recipients:
-            if s.host == db.machine_id:
-                result, reason = deliver_text(db, s, text, confirm_s=confirm_s)
-                record_delivery(db, broadcast_id, s.id, result=result, reason=reason,
-                                now_ms=now_ms + int((time.monotonic() - started) * 1000))
+        here = [s for s in recipients if s.host == db.machine_id]
+        for n, s in enumerate(here, 1):
+            result, reason = deliver_text(db, s, text, confirm_s=confirm_s)
+            record_delivery(db, broadcast_id, s.id, result=result, reason=reason,
+                            now_ms=now_ms + int((time.monotonic() - started) * 1000))
+            if on_delivery is not None:
+                on_delivery(s, result, reason, n, len(here))
     return BroadcastResult(broadcast_id, target, text, list_deliveries(db, broadcast_id=broadcast_id))
 
 
@@ -7387,11 +7391,57 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
         if input("send? [y/N] ").strip().lower() not in ("y", "yes"):
             print("not sent", file=sys.stderr)
             return 1
-    result = ctx.svc.send_broadcast(args.target, text, is_command=args.command)
-    emit(ctx, result, lambda: f"broadcast {result.broadcast_id[:SHORT_ID]} to {result.target}:\n" + table(
-        ("SESSION", "HOST", "TMUX", "RESULT", "REASON"),
-        ((d.session_id[:SHORT_ID], d.host, d.tmux_target or "-", d.result, d.reason) for d in result.deliveries)))
+    landed = BroadcastLines(as_json=ctx.as_json)
+    landed.start(args.target)
+    options = {"on_delivery": landed} if isinstance(ctx.svc, Services) else {}  # a server answers all at once
+    result = ctx.svc.send_broadcast(args.target, text, is_command=args.command, **options)
+    landed.close()
+    rest = [d for d in result.deliveries if d.session_id not in landed.shown]
+    counts = {r: sum(d.result == r for d in result.deliveries) for r in ("delivered", *DELIVERY_RESULTS)}
+    emit(ctx, result, lambda: "\n".join([*(landed.line(d.session_id, d.host, d.tmux_target, d.result, d.reason)
+                                           for d in rest),
+                                         f"broadcast {result.broadcast_id[:SHORT_ID]} to {result.target}: "
+                                         + ", ".join(f"{n} {r}" for r, n in counts.items() if n)]))
     return 0 if all(d.result in ("delivered", "queued") for d in result.deliveries) else 1
+
+
+class BroadcastLines:
+    """Print one line per session of a broadcast as it lands, with a progress line on a terminal."""
+
+    def __init__(self, *, as_json: bool, stream: Any = None):
+        self.as_json = as_json
+        self.stream = stream or sys.stderr
+        self.is_tty = self.stream.isatty()
+        self.shown: set[str] = set()  # session ids printed already
+
+    @staticmethod
+    def line(session_id: str, host: str | None, tmux_target: str | None, result: str, reason: str) -> str:
+        """Return one session's result as a line: session, host, tmux target, result, reason."""
+        return f"{session_id[:SHORT_ID]}  {host or '?':<12}  {tmux_target or '-':<14}  {result:<9}  {reason}".rstrip()
+
+    def __call__(self, s: Session, result: str, reason: str, n_done: int, n_total: int) -> None:
+        """Print the line of a session that was just typed into, then say how far the rest is."""
+        self.shown.add(s.id)
+        if self.is_tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+        if not self.as_json:
+            print(TERMINAL_CONTROL_RE.sub("?", self.line(s.id, s.host, s.tmux_target, result, reason)), flush=True)
+        if self.is_tty and n_done < n_total:
+            self.stream.write(f"typing into {n_done + 1} of {n_total} sessions on this host…")
+            self.stream.flush()
+
+    def start(self, target: str) -> None:
+        """Say on a terminal that the typing has begun (the first session takes seconds)."""
+        if self.is_tty:
+            self.stream.write(f"broadcasting to {TERMINAL_CONTROL_RE.sub('?', target)}…")
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Clear the progress line."""
+        if self.is_tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
 
 
 def cmd_status(args: argparse.Namespace, ctx: Context) -> None:

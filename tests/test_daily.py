@@ -288,3 +288,54 @@ def test_a_session_whose_pane_was_killed_is_gone_at_the_next_pull_despite_a_rece
     gone = run_clare("sessions", "--state", "gone", "--json").json()
     assert [(s["id"], s["state"]) for s in gone] == [(sid, "gone")]
     assert f"session {sid[:8]} is gone (its tmux pane {pane} is gone)" in run_clare("log").out
+
+
+def test_broadcast_prints_each_session_as_it_lands_with_a_progress_line_on_a_terminal(home, tmux, run_clare, tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+    import time
+
+    from conftest import CLARE_PY
+
+    tmux.spawn_claude(cwd=tmp_path / "a", name="a-idle")
+    busy = tmux.spawn_claude(cwd=tmp_path / "b", name="b-busy")
+    tmux.type_prompt(busy, "work")  # Claude is busy there: the text waits its 3 s for a confirmation, then queues
+    tmux.wait_settled(1)
+    sessions = run_clare("pull", "--json").json()["sessions"]
+    by_target = {s["tmux_target"]: s["id"] for s in sessions}
+    run_clare("project", "new", "alpha")
+    for target in ("a-idle:0.0", "b-busy:0.0"):
+        task = _add(run_clare, "alpha", f"work in {target}")
+        run_clare("assign", task[:8], by_target[target][:8])
+    master, slave = pty.openpty()  # stderr on a terminal: the progress line shows there
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(CLARE_PY), "broadcast", "alpha", "--yes", "--", "run the tests"],
+                            stdout=subprocess.PIPE, stderr=slave, text=True, env=os.environ)
+    os.close(slave)
+    first = proc.stdout.readline()
+    first_at = time.monotonic() - started
+    assert proc.poll() is None  # the first session's line came while the second was still being typed into
+    rest = proc.stdout.read()
+    assert proc.wait(30) == 0
+    total = time.monotonic() - started
+    word = first.split()
+    assert (word[0], word[2], word[3]) == (by_target["a-idle:0.0"][:8], "a-idle:0.0", "delivered")
+    lines = rest.splitlines()
+    assert lines[0].split()[2:4] == ["b-busy:0.0", "queued"]
+    assert lines[1].startswith("broadcast ") and lines[1].endswith("to alpha: 1 delivered, 1 queued")
+    assert total - first_at > 1.0  # the busy session's wait came after the first line, not before it
+    err = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    assert "broadcasting to alpha…".encode() in err
+    assert "typing into 2 of 2 sessions on this host…".encode() in err
+    assert err.endswith(b"\r\x1b[K")  # the progress line is cleared at the end
