@@ -7393,8 +7393,11 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
             return 1
     landed = BroadcastLines(as_json=ctx.as_json)
     landed.start(args.target)
-    options = {"on_delivery": landed} if isinstance(ctx.svc, Services) else {}  # a server answers all at once
-    result = ctx.svc.send_broadcast(args.target, text, is_command=args.command, **options)
+    svc = ctx.svc
+    if isinstance(svc, Services):
+        result = svc.send_broadcast(args.target, text, is_command=args.command, on_delivery=landed)
+    else:  # a server answers once, with every result
+        result = svc.send_broadcast(args.target, text, is_command=args.command)
     landed.close()
     rest = [d for d in result.deliveries if d.session_id not in landed.shown]
     counts = {r: sum(d.result == r for d in result.deliveries) for r in ("delivered", *DELIVERY_RESULTS)}
