@@ -7212,7 +7212,11 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
     def text() -> str:
         lines = [f"{t.title}", f"id:       {t.id}", f"project:  {t.project} ({t.project_id[:SHORT_ID]})",
                  f"status:   {STATUS_LABEL[t.status]}", f"priority: P{t.priority}",
-                 f"assigned: {_assignee(t) or '-'}", f"created:  {when_text(t.created_at)}"]
+                 f"assigned: {_assignee(t) or '-'}", f"tags:     {' '.join(f'#{x}' for x in t.tags) or '-'}",
+                 f"created:  {when_text(t.created_at)}"]
+        if t.removed_at:
+            lines.append(f"removed:  {when_text(t.removed_at)} "
+                         f"(bring it back with: clare task restore {t.id[:SHORT_ID]})")
         if t.description:
             lines += ["", t.description]
         if updates:

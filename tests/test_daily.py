@@ -26,6 +26,7 @@ def test_task_rm_leaves_lists_keeps_history_and_restore_brings_it_back(run_clare
     assert "tasks: 1 todo" in run_clare("project", "show", "alpha").out
     history = run_clare("project", "show", "alpha", "--history").out
     assert f"removed task {typo[:8]}" in history
+    assert "removed:  " in run_clare("task", "show", typo[:8]).out
     shown = run_clare("task", "show", typo[:8], "--json").json()
     assert shown["removed_at"] and shown["history"][-1]["event_type"] == "task.removed"
     again = run_clare("task", "rm", typo[:8])
