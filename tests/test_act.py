@@ -71,7 +71,7 @@ def test_schema_1_database_upgrades_and_keeps_every_event(tmp_path):
     d = clare.open_db(str(path))
     try:
         n_events = clare.count_events(d)
-        assert d.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+        assert d.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(clare.SCHEMA_VERSION)
         assert clare.replay(d) == n_events and all(s.asked is None for s in clare.list_sessions(d, include_gone=True))
     finally:
         d.close()
