@@ -3028,6 +3028,12 @@ def capture_pane(socket: str, pane_id: str, *, lines: int = SCREEN_LINES) -> str
     return p.stdout if p.returncode == 0 else None
 
 
+def capture_screen(socket: str, pane_id: str) -> str | None:
+    """Return what a pane shows now (its visible area, no scrollback), or None when tmux cannot show it."""
+    p = run_tmux(socket, "capture-pane", "-p", "-J", "-t", pane_id)
+    return p.stdout if p.returncode == 0 else None
+
+
 def capture_panes(socket: str, pane_ids: list[str], *, lines: int = SCREEN_LINES) -> dict[str, str]:
     """Return the last lines of several panes of one server, asked in one tmux run."""
     mark = f"\x1eclare-{new_id()}"  # a line no screen shows: it separates the captures
@@ -3672,7 +3678,7 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, live_panes=live_panes,
                               now_ms=now_ms)
     deliver_pending(db, now_ms=now_ms)
-    deliver_answers(db, now_ms=now_ms)
+    deliver_answers(db, now_ms=now_ms, config=config)
     text = canonical_json([p.to_json() for p in ambiguous])
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
         with write_txn(db) as cur:
@@ -3911,6 +3917,7 @@ def start_background_act(db_path: str, config: dict[str, Any], *, base_url: str,
 
     if config.get("notify"):
         notify_settings(config["notify"])  # a typo there stops `serve` at start, not later in a log line
+    answer_settings(config)
     thread = threading.Thread(target=_act_loop, name="clare-act", daemon=True, args=(db_path, config),
                               kwargs={"base_url": base_url, "stop": stop, "log": log})
     thread.start()
@@ -3924,7 +3931,7 @@ def _act_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
     try:
         while not stop.is_set():
             try:
-                for a in deliver_answers(db, now_ms=now_ms()):
+                for a in deliver_answers(db, now_ms=now_ms(), config=config):
                     log(f"answer {a.id[:SHORT_ID]} to session {a.session_id[:SHORT_ID]}: {a.result} "
                         f"({a.result_reason})")
                 if config.get("notify"):
@@ -3939,26 +3946,50 @@ def _act_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
         db.close()
 
 
-def deliver_answers(db: Db, *, now_ms: int, confirm_s: float = ANSWER_CONFIRM_S) -> list[Answer]:
-    """Type the pending answers to this host's sessions' dialogs; record what became of each."""
+def answer_settings(config: dict[str, Any]) -> tuple[int, int]:
+    """Return [answers] ttl_s and clock_slack_s of clare.toml, in ms; refuse values that do not fit."""
+    section = config.get("answers") or {}
+    values = []
+    for name, default in (("ttl_s", ANSWER_TTL_MS / 1000), ("clock_slack_s", MAX_OFFSET_MS / 1000)):
+        value = section.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ClareError(f"clare.toml: [answers] {name} = {value!r} is not a number of seconds; fix it")
+        values.append(int(value * 1000))
+    return values[0], values[1]
+
+
+def deliver_answers(db: Db, *, now_ms: int, config: dict[str, Any] | None = None,
+                    confirm_s: float = ANSWER_CONFIRM_S) -> list[Answer]:
+    """Type the pending answers to this host's sessions' dialogs; record what became of each.
+
+    An answer expires `ttl_s` after this host stored it, by this host's clock; one whose maker's
+    clock says it is older than ttl_s + clock_slack_s (it came hours late by sync) expires too.
+    """
+    ttl_ms, slack_ms = answer_settings(config or {})
     done = []
     with _delivery_lock(db):
         for a in list_answers(db, pending_on=db.machine_id):
-            result, reason = _act_on_answer(db, a, now_ms=now_ms, confirm_s=confirm_s)
+            result, reason = _act_on_answer(db, a, now_ms=now_ms, confirm_s=confirm_s, ttl_ms=ttl_ms,
+                                            slack_ms=slack_ms)
             done.append(resolve_answer(db, a, result=result, reason=reason, now_ms=now_ms))
     return done
 
 
-def _act_on_answer(db: Db, a: Answer, *, now_ms: int, confirm_s: float) -> tuple[str, str]:
+def _act_on_answer(db: Db, a: Answer, *, now_ms: int, confirm_s: float, ttl_ms: int,
+                   slack_ms: int) -> tuple[str, str]:
     """Re-read the session's latest signals and its screen; type the answer's key only if its dialog is open.
 
     Never Enter: a digit picks a dialog option and, if the dialog closed in between, lands as
     one character in Claude's composer, never submitted.
     """
     received = answer_received_ms(db, a.id) or now_ms
-    if now_ms - received > ANSWER_TTL_MS:
+    if now_ms - received > ttl_ms:
         return "expired", (f"stored here {(now_ms - received) // 1000} s ago; answers expire after "
-                           f"{ANSWER_TTL_MS // 1000} s, so nothing was typed")
+                           f"{ttl_ms // 1000} s, so nothing was typed")
+    made_ms = _iso_to_ms(a.created_at) or now_ms
+    if now_ms - made_ms > ttl_ms + slack_ms:
+        return "expired", (f"made {(now_ms - made_ms) // 1000} s ago on {a.by_host} (it came late); answers expire "
+                           f"after {ttl_ms // 1000} s, so nothing was typed")
     s = next((x for x in find_sessions(db, prefix=a.session_id) if x.id == a.session_id), None)
     if s is None or s.state == "gone":
         return "stale", "the session is gone: nothing was typed"
@@ -3970,8 +4001,8 @@ def _act_on_answer(db: Db, a: Answer, *, now_ms: int, confirm_s: float) -> tuple
         return "stale", f"the session asks about {s.asked['tool']} now, not this: nothing was typed"
     if s.pane_id is None or s.tmux_socket is None:
         return "failed", "the session has no tmux pane to type into"
-    screen = capture_pane(s.tmux_socket, s.pane_id, lines=SCREEN_LINES)
-    dialog = parse_dialog(screen or "")
+    # Only the visible screen: a dialog answered a moment ago still shows in the scrollback.
+    dialog = parse_dialog(capture_screen(s.tmux_socket, s.pane_id) or "")
     if dialog is None:
         return "stale", "no dialog is on its screen now (answered at the terminal?): nothing was typed"
     first = " ".join((a.input.strip().splitlines() or [""])[0].split())[:30]
@@ -3986,13 +4017,18 @@ def _act_on_answer(db: Db, a: Answer, *, now_ms: int, confirm_s: float) -> tuple
         return "failed", f"tmux could not type into {s.pane_id}: {p.stderr.strip()[:200]}"
     deadline = time.monotonic() + confirm_s
     while True:
-        after = parse_dialog(capture_pane(s.tmux_socket, s.pane_id, lines=SCREEN_LINES) or "")
+        after = parse_dialog(capture_screen(s.tmux_socket, s.pane_id) or "")
         if after is None or after != dialog:
             break
         if time.monotonic() > deadline:
             return "failed", f"typed {n} ({wording}), but the dialog is still open"
         time.sleep(0.1)
     said = f"typed {n} ({wording})"
+    # First-hand evidence that the dialog closed: an approved tool runs, a denied turn stops. Later hooks win.
+    state = "waiting" if wording.startswith("No") else "working"
+    report_hook(db, s.id, HookMark(s.tmux_socket, s.pane_id, state, "ClareAnswer", int(time.time() * 1000)),
+                cwd=s.cwd, now_ms=now_ms)
+    s = next(x for x in find_sessions(db, prefix=s.id) if x.id == s.id)
     if a.answer == "deny" and a.reason:
         result, why = deliver_text(db, s, a.reason, confirm_s=confirm_s)
         said += f"; the reason was {result}" + (f" ({why})" if why else "")
@@ -4361,7 +4397,7 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
 
 
 def _dialog_refusal(db: Db, session: Session, pane: Pane) -> str | None:
-    screen = capture_pane(pane.socket, pane.pane_id)
+    screen = capture_screen(pane.socket, pane.pane_id)  # what shows now: a closed dialog lingers in the scrollback
     if screen is None:
         return f"cannot read pane {pane.pane_id}'s screen; not typing blind"
     if shows_permission_dialog(screen):
@@ -5253,7 +5289,7 @@ def answer_session(db: Db, session_ref: str, answer: str, *, option: int | None 
                           tool_use_id=tool_use_id, client=client, now_ms=now_ms)
     if a.host != db.machine_id:
         return AnswerResult(a, push_answer(db, a, peers=peers, settings=settings or {}))
-    deliver_answers(db, now_ms=now_ms)
+    deliver_answers(db, now_ms=now_ms, config=settings)
     a = list_answers(db, answer_id=a.id)[0]
     return AnswerResult(a, f"{a.result}: {a.result_reason}")
 

@@ -6,9 +6,10 @@ under bash (FAKE_CLAUDE_SESSION_ID in the environment sets the id without a flag
 (one JSON line per submitted prompt, and any Enter that would approve its permission dialog)
 to $CLAUDE_CONFIG_DIR (or ~/.claude)/fake-received.jsonl.
 
-Prompts it understands: `perm` opens a permission dialog (Enter would approve it; `2` or Esc
-closes it), `work` starts a turn that runs a tool and stays working (prompts typed meanwhile are
-queued, as Claude does) until Esc interrupts it; anything else gets a one-line answer and ends
+Prompts it understands: `perm` opens a permission dialog (Enter or `1` approves it, `2` or Esc
+denies it; each is recorded with the dialog's tool_use_id, which its PreToolUse hook reported),
+`work` starts a turn that runs a tool and stays working (prompts typed meanwhile are queued, as
+Claude does) until Esc interrupts it; anything else gets a one-line answer and ends
 the turn.
 """
 
@@ -45,6 +46,8 @@ class Fake:
         self.received = os.path.join(ROOT, "fake-received.jsonl")
         self.parent = None
         self.dialog = False
+        self.tool_use_id = None
+        self.n_tools = 0
         self.working = False
         self.buffer = b""
         self.n_msg = 0
@@ -134,6 +137,10 @@ class Fake:
         self.line("user", {"role": "user", "content": text})
         self.hook("UserPromptSubmit", prompt=text)
         if text == "perm":
+            self.n_tools += 1
+            self.tool_use_id = f"toolu_fake_{self.n_tools:03d}"
+            self.hook("PreToolUse", tool_name="Bash", tool_input={"command": "rm -rf build"},
+                      tool_use_id=self.tool_use_id)
             self.dialog = True
             self.set_status("waiting")
             self.hook("PermissionRequest", tool_name="Bash", tool_input={"command": "rm -rf build"})
@@ -174,7 +181,14 @@ class Fake:
                     self.line("user", {"role": "user", "content": [
                         {"type": "text", "text": "[Request interrupted by user]"}]})
                     self.set_status("idle")
+                elif self.dialog and ch == b"1":
+                    self.record(approved=True, key="1", tool_use_id=self.tool_use_id)
+                    self.dialog = False
+                    self.hook("PostToolUse", tool_name="Bash", tool_input={"command": "rm -rf build"},
+                              tool_use_id=self.tool_use_id)
                 elif ch == b"\x1b" or (self.dialog and ch == b"2"):
+                    if self.dialog:
+                        self.record(denied=True, key=ch.decode(), tool_use_id=self.tool_use_id)
                     self.dialog = False
                 elif ch == b"\x7f":
                     self.buffer = self.buffer[:-1]
