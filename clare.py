@@ -6328,6 +6328,7 @@ margin:.2rem 0}
 padding:.4rem .55rem;background:var(--soft);border-radius:7px;font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}
 [data-row].is-current{outline:2px solid var(--accent);outline-offset:-2px;border-radius:6px}
 ul.feed li[data-row]{padding-left:.4rem;padding-right:.4rem}
+.answer{margin-top:.9rem;padding-top:.8rem;border-top:1px solid var(--line)}.answer input{min-width:12rem}
 .asked{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace;overflow-wrap:anywhere}.actions{display:flex;gap:.6rem;
 flex-wrap:wrap;margin-top:.2rem}.turn{display:grid;grid-template-columns:4.5rem 1fr;gap:.5rem}
 kbd{font:12px ui-monospace,Menlo,monospace;border:1px solid var(--line);border-radius:4px;padding:0 .3rem}
