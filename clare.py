@@ -3833,7 +3833,7 @@ def make_worktree(folder: str, branch: str) -> str:
     made = _run([git, "-C", root, "worktree", "add", "-b", branch, path])
     if made.returncode != 0:
         raise ClareError(f"git worktree add {path} failed: {_first_line(made)}")
-    return os.path.normpath(os.path.join(path, os.path.relpath(folder, root)))
+    return os.path.normpath(os.path.join(path, os.path.relpath(os.path.realpath(folder), root)))
 
 
 def _outside_unit(argv: list[str], env: dict[str, str]) -> list[str]:

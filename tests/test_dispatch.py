@@ -273,3 +273,134 @@ def test_stop_is_refused_while_it_works_unless_forced_and_spares_a_pane_it_did_n
     assert cli("sessions", "--all", "--json").json()[0]["state"] == "gone"
     orders = cli("session", "orders", "--session", sid, "--json").json()
     assert [(o["action"], o["result"]) for o in orders] == [("stop", "stopped")]
+
+
+# --- real `clare serve` processes ----------------------------------------------------------
+
+class Host:
+    """One Clare host: its own home, user folder and tmux folder, a `clare serve` process and its CLI."""
+
+    def __init__(self, tmp: Path, name: str, claude: Path):
+        self.name, self.home = name, tmp / name
+        self.tmux_dir = Path(tempfile.mkdtemp(prefix=f"clare-{name}-"))
+        self.token = f"token-of-{name}-" + "x" * 16
+        self.env = {**{k: v for k, v in os.environ.items() if k not in ("CLARE_TOKEN", "CLARE_URL", "TMUX", "TMUX_PANE")},
+                    "CLARE_HOME": str(self.home), "HOME": str(tmp / f"{name}-user"), "TMUX_TMPDIR": str(self.tmux_dir)}
+        self.claude_dir = tmp / f"{name}-user" / ".claude"
+        self.proc, self.url = None, None
+        assert self.cli("init", "--machine-id", name).code == 0
+        set_config(self.home, claude, "[sync]\ninterval_s = 3600\n")
+
+    def cli(self, *argv: str, env: dict | None = None):
+        from conftest import CLARE_PY, Ran
+
+        p = subprocess.run([sys.executable, str(CLARE_PY), *argv], capture_output=True, text=True, timeout=90,
+                           env={**self.env, **(env or {})})
+        return Ran(p.returncode, p.stdout, p.stderr)
+
+    def serve(self) -> None:
+        import selectors
+        import time
+        from conftest import CLARE_PY
+
+        # its own process group: stopping it the way systemd stops a unit reaches every process it made
+        self.proc = subprocess.Popen([sys.executable, str(CLARE_PY), "serve", "--port", "0"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                     env={**self.env, "CLARE_TOKEN": self.token})
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline, self.url = time.monotonic() + 20, None
+        while self.url is None and time.monotonic() < deadline:
+            if sel.select(timeout=deadline - time.monotonic()):
+                line = self.proc.stdout.readline()
+                assert line, f"clare serve of {self.name} exited: {self.proc.stderr.read()}"
+                if line.startswith("clare: serving "):
+                    self.url = line.split()[2].rstrip("/")
+        assert self.url, f"clare serve of {self.name} did not start in time"
+
+    def stop_group(self) -> None:
+        """SIGTERM to serve's whole process group, and wait for serve to end."""
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.communicate(timeout=20)
+
+    def tmux(self, *args: str) -> str:
+        p = subprocess.run(["tmux", "-S", str(self.tmux_dir / f"tmux-{os.getuid()}" / "default"), *args],
+                           capture_output=True, text=True, timeout=10)
+        return p.stdout
+
+    def received(self) -> list[dict]:
+        path = self.claude_dir / "fake-received.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+    def close(self) -> None:
+        self.stop_group()
+        self.tmux("kill-server")
+        shutil.rmtree(self.tmux_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def hosts(tmp_path, home):
+    _require("tmux")
+    made: list[Host] = []
+    claude = write_claude(tmp_path / "bin")
+
+    def make(name: str) -> Host:
+        made.append(Host(tmp_path, name, claude))
+        return made[-1]
+    yield make
+    for h in made:
+        h.close()
+
+
+def test_sessions_clare_started_survive_a_restart_of_serve(hosts, tmp_path):
+    solo = hosts("solo")
+    folder = tmp_path / "code"
+    folder.mkdir()
+    assert solo.cli("project", "new", "api", "--dir", str(folder)).code == 0
+    task_id = solo.cli("task", "add", "api", "parse", "--json").json()["id"]
+    solo.serve()
+    # through serve, so the tmux server is started by serve's process
+    r = solo.cli("--remote", solo.url, "session", "start", task_id, "--json", env={"CLARE_TOKEN": solo.token})
+    assert r.code == 0, r.err
+    order = r.json()
+    assert order["result"] == "started", order
+    solo.stop_group()
+    assert order["outcome"]["pane_id"] in solo.tmux("list-panes", "-a", "-F", "#{pane_id}")
+    solo.serve()
+    solo.cli("pull")
+    s = solo.cli("sessions", "--json").json()
+    assert [(x["id"], x["state"], x["task_id"]) for x in s] == [(order["session_id"], "waiting", task_id)]
+
+
+def test_a_start_placed_on_one_host_is_carried_out_once_by_the_other(hosts, tmp_path):
+    a, b = hosts("a"), hosts("b")
+    b.serve()
+    folder = tmp_path / "b-code"
+    folder.mkdir()
+    env = {"B_TOKEN": b.token}
+    assert a.cli("peer", "add", b.url, "--name", "bee", "--token-env", "B_TOKEN").code == 0
+    assert a.cli("sync", env=env).code == 0  # a learns b's machine id
+    assert a.cli("project", "new", "api", "--dir", f"bee:{folder}").code == 0
+    task_id = a.cli("task", "add", "api", "parse", "--desc", "on b", "--json").json()["id"]
+    r = a.cli("session", "start", task_id, "--json", env=env)
+    assert r.code == 0, r.err
+    order = r.json()
+    assert (order["host"], order["result"]) == ("b", "pending")
+    assert a.cli("task", "show", task_id, "--json").json()["session_id"] == order["session_id"]  # bound at once
+    # pushed to b at once: b carries it out without its own pull or sync running (both are off)
+    done = wait_for(lambda: [o for o in b.cli("session", "orders", "--json").json() if o["result"] == "started"],
+                    timeout=30, what="b to start the session")
+    assert done[0]["id"] == order["id"]
+    assert [x["prompt"].split("\n")[0] for x in b.received() if "prompt" in x] == ["parse"]
+    # later syncs and pulls on both sides never start it again
+    for host in (b, a, b):
+        host.cli("pull")
+        host.cli("sync", env=env)
+    assert len([x for x in b.received() if "argv" in x]) == 1
+    assert len(b.tmux("list-panes", "-a", "-F", "#{pane_id}").split()) == 1
+    assert a.tmux("list-panes", "-a") == ""
+    mine = a.cli("session", "orders", "--json").json()
+    assert [(o["id"], o["result"], o["by_host"]) for o in mine] == [(order["id"], "started", "b")]
