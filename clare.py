@@ -5813,12 +5813,23 @@ $task_form
 <dl class="facts"><dt>Status</dt><dd><form class="tight" $status_attrs>$csrf
 <select name="status" class="status" aria-label="project status">$status_options</select>
 <noscript><button class="ghost">Set</button></noscript></form></dd>
-<dt>Owner</dt><dd>$owner</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
+<dt>Owner</dt><dd>$owner</dd><dt>Code</dt><dd>$dirs</dd>
+<dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
 </div>
 <div class="grid">
 <section class="card"><h2>Recent updates</h2>$updates</section>
 <section class="card"><h2>History</h2>$history</section>
 </div>""")
+PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> <span class="muted small">on $host</span></div>')
+START_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
+<button class="ghost" type="submit" title="start a Claude session for this task">Start session</button></form>""")
+START_CARD = string.Template("""<section class="card" id="start-session"><h2>Start a Claude session</h2>
+<form class="row" $attrs>$csrf<input type="hidden" name="view" value="task">
+<label>Host<select name="host">$hosts</select></label>
+<label>Model<input name="model" placeholder="default" autocomplete="off" maxlength="100"></label>
+<label><input type="checkbox" name="worktree" value="1"> in a new git worktree</label>
+<button type="submit"$disabled>Start session</button></form>
+<p class="small muted">$note</p></section>""")
 PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
@@ -5851,6 +5862,7 @@ $task_card
 <label>or group<select name="group"><option value="">—</option>$group_options</select></label>
 <button type="submit">Assign</button></form>
 $session_list</section>
+$start_card
 </div>
 <div class="grid">
 <section class="card"><h2>Updates</h2>
@@ -5897,6 +5909,17 @@ def feed(events: list[Event], *, empty: str) -> Html:
     return render(FEED, items=join(
         render(FEED_ITEM, text=describe_event(ev), at=ev.created_at, when=when_text(ev.created_at),
                where=ev.machine_id) for ev in reversed(events)))
+
+
+def order_text(o: Order) -> str:
+    """Return one line saying what came of an order, and the fix when it did not work."""
+    what = f"{o.action} session {o.session_id[:SHORT_ID]} on {o.host}"
+    where = " in " + o.outcome["tmux_target"] if o.outcome.get("tmux_target") else ""
+    branch = f" (branch {o.outcome['branch']})" if o.outcome.get("branch") else ""
+    if o.result == "pending":
+        return (f"{what}: pending until {o.host} takes it (pushed at once when it is a reachable peer, else at its "
+                f"next sync; expires {when_text(o.expires_at)}); follow it with: clare session orders")
+    return f"{what}{where}{branch}: {o.result}" + (f": {o.reason}" if o.reason else "")
 
 
 def assignee_text(task: Task) -> Html:
@@ -5990,8 +6013,30 @@ def tasks_fragment(req: Request, project: Project) -> Html:
         table_html = render(TASKS_TABLE, rows=join(render(
             TASK_ROW, id=t.id, short_id=t.id[:SHORT_ID], title=t.title, priority=t.priority,
             pri_color="red" if t.priority == 0 else "orange" if t.priority == 1 else "gray",
-            status_form=status_form(req, t, view="tasks"), assignee=assignee_text(t)) for t in tasks))
+            status_form=status_form(req, t, view="tasks"),
+            assignee=join([assignee_text(t), start_button(req, t, view="tasks")
+                           if project.dirs and t.status != "done" and not t.session_id else Html("")]))
+            for t in tasks))
     return render(FRAG_PROJECT_TASKS, poll=poll_attrs(f"/frag/projects/{project.id}/tasks"), table=table_html)
+
+
+def start_button(req: Request, task: Task, *, view: str) -> Html:
+    """Render the button that starts a session for a task where its project's code lives."""
+    return render(START_BUTTON, csrf=csrf_field(req), view=view,
+                  attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#frag-task" if view == "task" else "#frag-tasks"))
+
+
+def start_card(req: Request, task: Task) -> Html:
+    """Render the form that starts a session for a task: host, model, worktree."""
+    project = req.svc.get_project(task.project_id)
+    here = req.db.machine_id
+    hosts = sorted(project.dirs, key=lambda h: (h != here, h))
+    note = (f"Claude runs in a new window of tmux session {tmux_session_name(project.name)} on that host, and gets "
+            "the task as its first prompt." if hosts else
+            f"Say where the code lives first: clare project set {project.name} --dir /PATH")
+    return render(START_CARD, csrf=csrf_field(req), attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#frag-task"),
+                  hosts=options(((h, f"{h} · {project.dirs[h]}") for h in hosts), here),
+                  disabled=Html("" if hosts and task.status != "done" else " disabled"), note=note)
 
 
 def status_form(req: Request, task: Task, *, view: str) -> Html:
@@ -6020,6 +6065,7 @@ def page_project(req: Request) -> Response:
         head=project_head(p), csrf=csrf_field(req),
         status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
+        dirs=join(render(PROJECT_DIR, path=d, host=h) for h, d in p.dirs.items()) if p.dirs else Html("—"),
         tasks=tasks_fragment(req, p), task_form=task_form(req, p),
         updates=updates_list(updates, empty="No updates on these tasks yet."),
         history=feed(svc.project_history(p, limit=30), empty="No history.")))
@@ -6105,7 +6151,8 @@ def page_task(req: Request) -> Response:
         priority=t.priority, task_card=task_fragment(req, t), csrf=csrf_field(req),
         assign_attrs=form_attrs(f"/tasks/{t.id}/assignment", target="#frag-task"),
         group_options=options(((g.name, g.name) for g in svc.list_groups()), None),
-        session_list=session_datalist(req), update_form=update_form(req, t), updates=updates_fragment(req, t),
+        session_list=session_datalist(req), start_card=start_card(req, t), update_form=update_form(req, t),
+        updates=updates_fragment(req, t),
         history=feed(svc.list_history([t.id], limit=50), empty="No history.")))
 
 
@@ -6119,7 +6166,7 @@ def frag_task_updates(req: Request) -> Response:
     return html_response(updates_fragment(req, req.svc.get_task(req.params["task"])))
 
 
-def _after_task_change(req: Request, task: Task, message: str) -> Response:
+def _after_task_change(req: Request, task: Task, message: str, *, kind: str = "ok") -> Response:
     view = req.form().get("view")
     if not req.is_htmx:
         return redirect(f"/tasks/{task.id}" if view == "task" else f"/projects/{task.project_id}")
@@ -6127,7 +6174,7 @@ def _after_task_change(req: Request, task: Task, message: str) -> Response:
         body = task_fragment(req, task)
     else:
         body = tasks_fragment(req, req.svc.get_project(task.project_id))
-    return html_response(join([body, flash(message, kind="ok", oob=True)]))
+    return html_response(join([body, flash(message, kind=kind, oob=True)]))
 
 
 def frag_set_task_status(req: Request) -> Response:
@@ -6142,6 +6189,17 @@ def frag_assign_task(req: Request) -> Response:
     t = req.svc.assign_task(req.params["task"], session_id=f.get("session_id", "").strip() or None,
                             group_ref=f.get("group") or None)
     return _after_task_change(req, t, f"{t.title}: assigned.")
+
+
+def frag_start_session(req: Request) -> Response:
+    """Start a session for a task from its button or form; the flash says what came of it."""
+    # SECURITY: this runs Claude and types into it: a POST under the token and the CSRF check.
+    f = req.form()
+    order = req.svc.start_session(req.params["task"], host=f.get("host") or None, is_worktree=f.get("worktree") == "1",
+                                  model=f.get("model", "").strip() or None, config=load_config(req.config.config_path))
+    ok = order.result in ("started", "pending")
+    return _after_task_change(req, req.svc.get_task(order.task_id or req.params["task"]), order_text(order),
+                              kind="ok" if ok else "error")
 
 
 def frag_unassign_task(req: Request) -> Response:
@@ -7220,6 +7278,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
+        ("POST", r"/tasks/" + _REF % "task" + "/sessions", frag_start_session),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
         ("GET", r"/sessions", cached(page_sessions)),
         ("GET", r"/broadcast", page_broadcast),
@@ -7589,36 +7648,25 @@ def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, sessions, lambda: format_sessions(sessions, ambiguous))
 
 
-def format_order(o: Order) -> str:
-    """Return one line saying what came of an order, and the fix when it did not work."""
-    what = f"{o.action} session {o.session_id[:SHORT_ID]} on {o.host}"
-    where = " in " + o.outcome["tmux_target"] if o.outcome.get("tmux_target") else ""
-    branch = f" (branch {o.outcome['branch']})" if o.outcome.get("branch") else ""
-    if o.result == "pending":
-        return (f"{what}: pending until {o.host} takes it (pushed at once when it is a reachable peer, else at its "
-                f"next sync; expires {when_text(o.expires_at)}); follow it with: clare session orders")
-    return f"{what}{where}{branch}: {o.result}" + (f": {o.reason}" if o.reason else "")
-
-
 def cmd_session_start(args: argparse.Namespace, ctx: Context) -> int:
     """Start a Claude session for a task in a new tmux window, on this host or another."""
     o = ctx.svc.start_session(args.task, host=args.host, is_worktree=args.worktree, model=args.model,
                               config=ctx.config)
-    emit(ctx, o, format_order(o))
+    emit(ctx, o, order_text(o))
     return 0 if o.result in ("started", "pending") else 1
 
 
 def cmd_session_resume(args: argparse.Namespace, ctx: Context) -> int:
     """Resume a gone session (claude --resume) in a new tmux window of its host."""
     o = ctx.svc.resume_session(args.session, config=ctx.config)
-    emit(ctx, o, format_order(o))
+    emit(ctx, o, order_text(o))
     return 0 if o.result in ("started", "pending") else 1
 
 
 def cmd_session_stop(args: argparse.Namespace, ctx: Context) -> int:
     """Stop a session: /exit while it waits; --force sends SIGTERM even while it works."""
     o = ctx.svc.stop_session(args.session, is_force=args.force, config=ctx.config)
-    emit(ctx, o, format_order(o))
+    emit(ctx, o, order_text(o))
     return 0 if o.result in ("stopped", "pending") else 1
 
 

@@ -6,7 +6,7 @@ under bash (FAKE_CLAUDE_SESSION_ID in the environment sets the id without a flag
 to $CLAUDE_CONFIG_DIR (or ~/.claude)/fake-received.jsonl.
 
 `--resume ID` continues session ID; `--trust` first shows the trust-this-folder screen (Enter would
-trust it: recorded as {"trusted": true}); the command line is recorded as {"argv": [...]} at start.
+trust it: recorded as {"trusted": true}); each start is recorded as {"session_id", "argv", "cwd"} in fake-started.jsonl.
 
 Prompts it understands: `/exit` ends the session, `perm` opens a permission dialog (Enter would approve it; `2` or Esc
 closes it), `work` starts a turn that runs a tool and stays working (prompts typed meanwhile are
@@ -53,7 +53,8 @@ class Fake:
         self.buffer = b""
         self.n_msg = 0
         os.makedirs(os.path.dirname(self.transcript), exist_ok=True)
-        self.record(argv=argv, cwd=self.cwd)
+        with open(os.path.join(ROOT, "fake-started.jsonl"), "a") as f:
+            f.write(json.dumps({"session_id": self.session_id, "argv": argv, "cwd": self.cwd}) + "\n")
         self.set_status("idle")
         self.hook("SessionStart", source="startup")
         if "--greet" in argv:
