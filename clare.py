@@ -2368,7 +2368,12 @@ def record_order_result(db: Db, order_id: str, *, result: str, reason: str = "",
     with write_txn(db) as cur:
         record(db, cur, "order.carried_out", {"order_id": order_id, "result": result, "reason": reason[:1000],
                                               "outcome": outcome or {}}, now_ms=now_ms)
-    return list_orders(db, order_id=order_id)[0]
+        order = list_orders(db, order_id=order_id)[0]
+        if order.action == "start" and result in ("refused", "expired") and order.task_id:
+            task = get_task(db, order.task_id)
+            if task.session_id == order.session_id:  # no Claude runs under that id: the task is free again
+                record(db, cur, "task.unassigned", {"task_id": task.id}, now_ms=now_ms)
+    return order
 
 
 def get_order(db: Db, ref: str) -> Order:
@@ -3811,10 +3816,11 @@ def worktree_branch(task: Task) -> str:
     return f"clare/{task.id[:SHORT_ID]}-{slug or 'task'}"
 
 
-def make_worktree(folder: str, branch: str) -> str:
+def make_worktree(folder: str, branch: str, *, dry_run: bool = False) -> str:
     """Make a git worktree and branch beside the repository holding `folder`; return the folder to work in.
 
-    Refused with the reason when `folder` is not in a git repository or the branch exists.
+    Refused with the reason when `folder` is not in a git repository or the branch exists; with
+    `dry_run` only these checks run.
     """
     import shutil
 
@@ -3830,6 +3836,8 @@ def make_worktree(folder: str, branch: str) -> str:
     path = os.path.join(os.path.dirname(root), f"{os.path.basename(root)}-{branch.removeprefix('clare/')}")
     if os.path.exists(path):
         raise ClareError(f"{path} exists already; move it away or start without --worktree")
+    if dry_run:
+        return path
     made = _run([git, "-C", root, "worktree", "add", "-b", branch, path])
     if made.returncode != 0:
         raise ClareError(f"git worktree add {path} failed: {_first_line(made)}")
@@ -3925,19 +3933,31 @@ def carry_out(db: Db, order: Order, *, config: dict[str, Any], now_ms: int) -> O
                                now_ms=now_ms + int((time.monotonic() - started) * 1000))
 
 
-def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    """Start (or resume) Claude for an order in a new tmux window; for a start, type the task in."""
-    folder = order.request["cwd"]
+def check_launch(db: Db, folder: str, *, config: dict[str, Any], branch: str | None = None) -> list[str]:
+    """Check on this host what a start or resume needs; return Claude's argv. Raise the reason when it cannot.
+
+    Run by the host before it acts, and before anything is recorded when the host is this one.
+    """
     if not os.path.isdir(folder):
         raise ClareError(f"directory {folder} does not exist on host {db.machine_id}; create it, or fix the "
                          f"project's directory: clare project set PROJECT --dir {db.machine_id}:/PATH")
     argv = claude_argv(config)
+    if branch is not None:
+        make_worktree(folder, branch, dry_run=True)
+    return argv
+
+
+def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """Start (or resume) Claude for an order in a new tmux window; for a start, type the task in."""
+    folder = order.request["cwd"]
     task = get_task(db, order.task_id) if order.task_id else None
     outcome: dict[str, Any] = {}
     if order.action == "start" and order.request.get("is_worktree"):
         if task is None:
             raise ClareError("a worktree is named after a task, and this order has none")
         outcome["branch"] = worktree_branch(task)
+    argv = check_launch(db, folder, config=config, branch=outcome.get("branch"))
+    if outcome.get("branch"):
         folder = make_worktree(folder, outcome["branch"])
     launcher = agent_launcher(db.path)
     argv += (["--session-id", order.session_id] if order.action == "start" else ["--resume", order.session_id])
@@ -4789,12 +4809,20 @@ def _send_order(db: Db, order: Order, *, config: dict[str, Any], now_ms: int) ->
 def start_session(db: Db, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
                   model: str | None = None, config: dict[str, Any], now_ms: int) -> Order:
     """Start a Claude session for a task: on this host at once, on another through the log, pushed there now."""
+    if host is None or resolve_host(db, host) == db.machine_id:  # checked here first: a refusal leaves no trace
+        task = get_task(db, task_ref)
+        folder = get_project(db, task.project_id).dirs.get(db.machine_id)
+        if folder is not None:
+            check_launch(db, folder, config=config, branch=worktree_branch(task) if is_worktree else None)
     order = place_start(db, task_ref, host=host, is_worktree=is_worktree, model=model, now_ms=now_ms)
     return _send_order(db, order, config=config, now_ms=now_ms)
 
 
 def resume_session(db: Db, session_ref: str, *, config: dict[str, Any], now_ms: int) -> Order:
     """Resume a gone session (claude --resume) on its host, in its directory; its task stays bound."""
+    session = get_session(db, session_ref)
+    if session.host == db.machine_id and session.state == "gone" and session.cwd:
+        check_launch(db, session.cwd, config=config)  # here first: a refusal leaves no trace
     return _send_order(db, place_resume(db, session_ref, now_ms=now_ms), config=config, now_ms=now_ms)
 
 

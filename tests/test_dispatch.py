@@ -180,30 +180,47 @@ def test_start_in_a_new_worktree_of_a_git_repository(cli, fleet, tmp_path):
     head = subprocess.run(["git", "-C", str(worktree), "branch", "--show-current"], capture_output=True, text=True)
     assert head.stdout.strip() == branch
     # the same branch again is refused with the reason, and nothing is started
-    cli("task", "reopen", task_id)
     r = cli("session", "start", task_id, "--worktree")
-    assert r.code == 1 and f"branch {branch} exists in {repo}" in r.err + r.out and "git -C" in r.out
+    assert r.code == 1 and f"branch {branch} exists in {repo}" in r.err and "git -C" in r.err
 
 
-def test_refusals_name_the_problem_and_the_fix(cli, fleet, home, tmp_path):
+def test_refusals_name_the_problem_and_the_fix_and_leave_no_trace(cli, fleet, db, home, tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
     task_id = project_with_task(cli, plain)
+    before = clare.count_events(db)
     r = cli("session", "start", task_id, "--worktree")
-    assert r.code == 1 and f"refused: {plain} is not a git repository" in r.out and "git init" in r.out
+    assert r.code == 1 and f"error: {plain} is not a git repository" in r.err and "git init" in r.err
     cli("project", "set", "alpha.v2", "--dir", str(tmp_path / "missing"))
+    before = clare.count_events(db)
     r = cli("session", "start", task_id)
-    assert r.code == 1 and f"directory {tmp_path / 'missing'} does not exist on host testhost" in r.out
-    assert "clare project set" in r.out
+    assert r.code == 1 and f"directory {tmp_path / 'missing'} does not exist on host testhost" in r.err
+    assert "clare project set" in r.err
     cli("project", "set", "alpha.v2", "--dir", str(plain))
     set_config(home, "no-such-claude")
+    before = clare.count_events(db)
     r = cli("session", "start", task_id)
-    assert r.code == 1 and "the claude command 'no-such-claude' is not found on this host" in r.out
-    assert "claude_command" in r.out
+    assert r.code == 1 and "the claude command 'no-such-claude' is not found on this host" in r.err
+    assert "claude_command" in r.err
+    assert clare.count_events(db) == before  # nothing recorded: no order, no binding
     assert fleet.run("list-panes", "-a", check=False) == ""  # no refusal left a window behind
     assert not (fleet.claude_dir / "fake-started.jsonl").exists()
-    orders = cli("session", "orders", "--json").json()
-    assert [o["result"] for o in orders] == ["refused"] * 3
+    assert cli("session", "orders", "--json").json() == []
+    assert cli("task", "show", task_id, "--json").json()["session_id"] is None
+
+
+def test_a_refusal_on_the_host_frees_the_task_again(cli, fleet, db, tmp_path):
+    """An order the host refuses (checked there, later than at placing) leaves the task unbound."""
+    folder = tmp_path / "code"
+    folder.mkdir()
+    task_id = project_with_task(cli, folder)
+    order = clare.place_start(db, task_id, now_ms=clare.now_ms())
+    assert clare.get_task(db, task_id).session_id == order.session_id
+    folder.rmdir()
+    cli("pull")  # the host's look carries out what is pending for it
+    [done] = clare.list_orders(db)
+    assert done.result == "refused" and "does not exist on host testhost" in done.reason
+    assert clare.get_task(db, task_id).session_id is None
 
 
 def test_a_trust_screen_is_never_answered(cli, fleet, home, tmp_path):
