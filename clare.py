@@ -31,7 +31,7 @@ import sqlite3
 import string
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,11 @@ __version__ = "0.1.0"
 
 PROJECT_STATUSES = ("active", "paused", "done")
 TASK_STATUSES = ("todo", "in_progress", "blocked", "done")
-PRIORITIES = range(0, 5)  # 0 is the most urgent, as in P0
+STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocked", "done": "done"}
+SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
+UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
+DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
+PRIORITIES = range(5)  # 0 is the most urgent, as in P0
 DEFAULT_PRIORITY = 2
 MAX_NAME_CHARS = 100
 MAX_TITLE_CHARS = 300
@@ -84,7 +88,7 @@ class Paths:
 
 
 def resolve_paths(*, home: str | None = None, db: str | None = None,
-                  env: dict[str, str] | None = None) -> Paths:
+                  env: Mapping[str, str] | None = None) -> Paths:
     """Return where the database and config live: --db, --home, CLARE_HOME, then XDG."""
     env = os.environ if env is None else env
     home = home or env.get("CLARE_HOME")
@@ -111,7 +115,7 @@ def load_config(path: str) -> dict[str, Any]:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
 
 
-def resolve_token(config: dict[str, Any], *, env: dict[str, str] | None = None,
+def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = None,
                   path: str = "clare.toml") -> str | None:
     """Return the bearer token: CLARE_TOKEN, else `token` in clare.toml, else None; refuse a weak one.
 
@@ -545,7 +549,7 @@ def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
             (ev.uuid, ev.hlc, ev.machine_id, ev.event_type, payload_text, ev.created_at, digest))
         if cur.rowcount == 1:
             inserted.append(Event(ev.uuid, ev.hlc, ev.machine_id, ev.event_type, ev.payload, ev.created_at,
-                                  cur.lastrowid))  # dataclasses.replace costs 3x as much
+                                  cur.lastrowid or 0))  # dataclasses.replace costs 3x as much
         elif cur.execute("SELECT hash FROM events WHERE uuid = ?", (ev.uuid,)).fetchone()[0] == digest:
             n_duplicates += 1
         else:
@@ -599,7 +603,7 @@ def list_events_after(db: Db, *, after: int, limit: int, max_chars: int) -> list
 def get_events_by_uuid(db: Db, uuids: Iterable[str]) -> list[Event]:
     """Return the stored events among `uuids`, in (hlc, uuid) order."""
     wanted = list(uuids)
-    found = []
+    found: list[sqlite3.Row] = []
     for i in range(0, len(wanted), 500):  # stay under SQLite's host-parameter limit
         chunk = wanted[i:i + 500]
         found += db.conn.execute(
@@ -800,15 +804,12 @@ CREATE TABLE event_refs (                       -- which events name which entit
 PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs", "sessions", "broadcasts", "deliveries",
                      "project_dirs", "orders")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
-UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
 
-SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
 SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
                   "last_activity_at", "label", "tokens")
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
-DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
 MAX_RECIPIENTS = 500
 # What a typed text must never hold: an ESC could end the bracketed paste ("\x1b[201~") and type
 # the rest as keys; C1 codes are escapes to some terminals. Newline and tab stay.
@@ -1545,7 +1546,7 @@ def _session_from_row(row: sqlite3.Row) -> Session:
 def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
                   include_gone: bool = True) -> list[Session]:
     """Return sessions by id prefix or host, ordered by host, tmux target and id."""
-    sql, params = _SESSION_SELECT, []
+    sql, params = _SESSION_SELECT, list[str]()
     if prefix is not None:
         sql += " AND s.id >= ? AND s.id < ?"
         params += (prefix, prefix + "~")
@@ -1943,8 +1944,10 @@ def assign_task(db: Db, ref: str, *, session_id: str | None = None, group_ref: s
         session_id = _check_prefix("session", session_id)
     with write_txn(db) as cur:
         task = get_task(db, ref)
-        target = ({"session_id": get_session(db, session_id).id} if session_id is not None
-                  else {"group_id": get_group(db, group_ref).id})
+        if session_id is not None:
+            target = {"session_id": get_session(db, session_id).id}
+        elif group_ref is not None:
+            target = {"group_id": get_group(db, group_ref).id}
         if (task.session_id, task.group_id) != (target.get("session_id"), target.get("group_id")):
             record(db, cur, "task.assigned", {"task_id": task.id, **target}, now_ms=now_ms)
     return get_task(db, task.id)
@@ -2100,7 +2103,7 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
     _check_prefix("session", session_id)
     if mark.state is not None:
         _check_choice("session state", mark.state, SESSION_STATES)
-    events = []
+    events: list[Event] = []
     with write_txn(db) as cur:
         save_hook_mark(cur, session_id, mark)
         stored = list_hook_marks(db, session_id=session_id)[session_id]
@@ -2312,7 +2315,8 @@ def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: 
     with write_txn(db) as cur:
         task = get_task(db, task_ref)
         if task.status == "done":
-            raise Conflict(f"task {task.id[:SHORT_ID]} is done; reopen it first: clare task reopen {task.id[:SHORT_ID]}")
+            raise Conflict(f"task {task.id[:SHORT_ID]} is done; reopen it first: "
+                           f"clare task reopen {task.id[:SHORT_ID]}")
         project = get_project(db, task.project_id)
         machine = resolve_host(db, host) if host is not None else _default_host(db, project)
         folder = project.dirs.get(machine)
@@ -2342,7 +2346,7 @@ def place_resume(db: Db, session_ref: str, *, now_ms: int) -> Order:
         task = get_task(db, session.task_id) if session.task_id else None
         name = (tmux_session_name(task.project) if task else session.tmux_session) or "clare"
         order_id = _place(db, cur, "resume", host=session.host, session_id=session.id,
-                          task_id=task and task.id, cwd=session.cwd, tmux_session=name, now_ms=now_ms)
+                          task_id=task.id if task else None, cwd=session.cwd, tmux_session=name, now_ms=now_ms)
     return list_orders(db, order_id=order_id)[0]
 
 
@@ -2484,8 +2488,9 @@ DESCRIBE.update({
                                      + (f" ({p['reason']})" if p.get("reason") else ""),
     "update.posted": lambda p: f"{p['source']} update" + (f" on task {p['task_id'][:SHORT_ID]}"
                                                          if p.get("task_id") else "") + f": {p['text'][:80]}",
-    "project.dir_set": lambda p: f"project {p['project_id'][:SHORT_ID]} lives in {p['dir']} on {p['host']}"
-                                 if p.get("dir") else f"project {p['project_id'][:SHORT_ID]}: no directory on {p['host']}",
+    "project.dir_set": lambda p: (f"project {p['project_id'][:SHORT_ID]} lives in {p['dir']} on {p['host']}"
+                                  if p.get("dir") else
+                                  f"project {p['project_id'][:SHORT_ID]}: no directory on {p['host']}"),
     "order.placed": lambda p: f"{p['action']} session {p['session_id'][:SHORT_ID]} on {p['host']}"
                               + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else "")
                               + (" in a new worktree" if p.get("is_worktree") else "")
@@ -2606,7 +2611,7 @@ class PullResult:
     warnings: list[str]  # adapters and commands that failed; the pull went on without them
 
 
-def claude_home(env: dict[str, str] | None = None) -> str:
+def claude_home(env: Mapping[str, str] | None = None) -> str:
     """Return Claude Code's folder: $CLAUDE_CONFIG_DIR, else ~/.claude."""
     env = os.environ if env is None else env
     return env.get(CLAUDE_ENV_DIR) or os.path.join(os.path.expanduser("~"), ".claude")
@@ -2629,7 +2634,7 @@ def tmux_binary() -> str:
     return os.path.abspath(found)
 
 
-def tmux_sockets(env: dict[str, str] | None = None) -> list[str]:
+def tmux_sockets(env: Mapping[str, str] | None = None) -> list[str]:
     """Return the socket of every tmux server of this user, found the way tmux finds its own."""
     import stat
 
@@ -2701,7 +2706,7 @@ def capture_panes(socket: str, pane_ids: list[str], *, lines: int = SCREEN_LINES
     p = run_tmux(socket, *args[:-1]) if args else None
     if p is None or p.returncode != 0:  # tmux stops at a failed command: one pane closed meanwhile
         return {i: screen for i in pane_ids if (screen := capture_pane(socket, i, lines=lines)) is not None}
-    return dict(zip(pane_ids, p.stdout.split(mark + "\n")))
+    return dict(zip(pane_ids, p.stdout.split(mark + "\n"), strict=False))
 
 
 def shows_permission_dialog(screen: str) -> bool:
@@ -2721,7 +2726,7 @@ def process_tree() -> tuple[dict[int, tuple[int, int]], dict[int, list[int]]]:
 
 def read_procs() -> dict[int, tuple[int, int]]:
     """Return every process of this host as pid -> (ppid, start time in clock ticks)."""
-    procs = {}
+    procs: dict[int, tuple[int, int]] = {}
     try:
         names = os.listdir("/proc")
     except OSError:  # no /proc (not Linux): no process is found, and the pull still works
@@ -2908,7 +2913,7 @@ def parse_tail(lines: list[bytes]) -> dict[str, Any]:
             continue
         if not isinstance(obj, dict):
             continue
-        key = TITLE_TYPES.get(obj.get("type"))
+        key = TITLE_TYPES.get(str(obj.get("type")))
         if key and "label" not in info and isinstance(obj.get(key), str):
             info["label"] = obj[key]
         when = _iso_to_ms(obj.get("timestamp"))
@@ -3069,9 +3074,9 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
     registry = read_registry(claude_dir, procs)
     marks = list_hook_marks(db)
     hooked: dict[tuple[str | None, str], tuple[int, str]] = {}
-    for sid, m in marks.items():
-        if m.pane_id and (m.at_ms, sid) > hooked.get((m.tmux_socket, m.pane_id), (0, "")):
-            hooked[(m.tmux_socket, m.pane_id)] = (m.at_ms, sid)
+    for marked, m in marks.items():
+        if m.pane_id and (m.at_ms, marked) > hooked.get((m.tmux_socket, m.pane_id), (0, "")):
+            hooked[(m.tmux_socket, m.pane_id)] = (m.at_ms, marked)
     boot_ms, tick_ms = _boot_ms(), 1000 / os.sysconf("SC_CLK_TCK")
     claude_panes, unreachable = [], []
     for socket in tmux_sockets():
@@ -3083,7 +3088,7 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
             pid = None if pane.is_dead else find_claude(pane.pid, children, argv_of, registered=registry)
             if pid is not None:
                 claude_panes.append((pane, pid))
-    found: list[tuple[str, Pane | None, int]] = []
+    found: list[tuple[str, Pane, int]] = []
     unresolved = []
     for pane, pid in claude_panes:
         started_ms = boot_ms + int(procs[pid][1] * tick_ms) if pid in procs else 0
@@ -3096,7 +3101,7 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
         else:
             unresolved.append((pane, pid, started_ms))
     cwd_of = {pid: _proc_cwd(pid) or pane.cwd for pane, pid in claude_panes}
-    sharing = {}
+    sharing: dict[str, int] = {}
     for _, pid in claude_panes:
         sharing[cwd_of[pid]] = sharing.get(cwd_of[pid], 0) + 1
     ambiguous = []
@@ -3107,9 +3112,9 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
         else:
             ambiguous.append(pane)
     in_panes = {pid for _, _, pid in found}
-    found = _one_pane_per_session(found, registry=registry, ambiguous=ambiguous)
-    found += [(e["sessionId"], None, pid) for pid, e in registry.items() if pid not in in_panes]
-    return _observe(db, found, registry=registry, marks=marks, cwd_of=cwd_of, argv_of=argv_of,
+    kept = _one_pane_per_session(found, registry=registry, ambiguous=ambiguous)
+    kept += [(e["sessionId"], None, pid) for pid, e in registry.items() if pid not in in_panes]
+    return _observe(db, kept, registry=registry, marks=marks, cwd_of=cwd_of, argv_of=argv_of,
                     claude_dir=claude_dir, idle_after_ms=idle_after_ms, now_ms=now_ms), ambiguous, unreachable
 
 
@@ -3150,7 +3155,8 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
     for socket in {pane.socket for _, pane, _ in found if pane}:
         ids = [pane.pane_id for _, pane, _ in found if pane and pane.socket == socket]
         screens.update({(socket, i): text for i, text in capture_panes(socket, ids).items()})
-    fresh, observations, seen = [], [], set()
+    fresh: list[tuple[str, str | None, int, int, dict[str, Any]]] = []
+    observations, seen = [], set()
     for sid, pane, pid in found:
         if sid in seen or not UUID_RE.match(sid):
             continue
@@ -3159,7 +3165,7 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         cwd = cwd_of.get(pid) or entry.get("cwd") or _proc_cwd(pid) or ""
         path = find_transcript(claude_dir, cwd, sid)
         reading = read_transcript(path, cache.get(path)) if path else None
-        if reading is not None and reading is not cache.get(path):
+        if path is not None and reading is not None and reading is not cache.get(path):
             fresh.append((path, sid, *reading))
         info = reading[2] if reading else {}
         screen = screens.get((pane.socket, pane.pane_id)) if pane else None
@@ -3167,8 +3173,8 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         registry_ms = entry.get("statusUpdatedAt")
         state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=str(entry.get("status")),
                              registry_ms=registry_ms if isinstance(registry_ms, int) else None,
-                             hook=mark and mark.state,
-                             hook_ms=mark and mark.at_ms,
+                             hook=mark.state if mark else None,
+                             hook_ms=mark.at_ms if mark else None,
                              shows_dialog=bool(screen and shows_permission_dialog(screen)), now_ms=now_ms,
                              idle_after_ms=idle_after_ms)
         observations.append(Observation(
@@ -3181,7 +3187,7 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
 
 
 def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = False,
-               env: dict[str, str] | None = None) -> PullResult:
+               env: Mapping[str, str] | None = None) -> PullResult:
     """Look at this host's Claude sessions and record what changed (nothing when nothing did).
 
     Also: ingest spooled hook reports, carry out the orders placed for this host (start, resume,
@@ -3351,8 +3357,8 @@ def hook_state(payload: dict[str, Any]) -> str | None:
     """Return the session state a hook report implies, or None when it implies none."""
     event = payload.get("hook_event_name")
     if event != "Notification":
-        return HOOK_STATES.get(event)
-    state = NOTIFICATION_STATES.get(payload.get("notification_type"))
+        return HOOK_STATES.get(str(event))
+    state = NOTIFICATION_STATES.get(str(payload.get("notification_type")))
     message = str(payload.get("message", ""))
     # COMPAT: versions before notification_type said it only in the message.
     if state is None and "permission" in message:
@@ -3417,7 +3423,7 @@ def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]
     mark = HookMark(socket if isinstance(socket, str) else None,
                     pane if isinstance(pane, str) and pane.startswith("%") else None,
                     hook_state(p), event, int(report.get("at_ms") or now_ms))
-    cwd = p.get("cwd") if isinstance(p.get("cwd"), str) else ""
+    cwd = p["cwd"] if isinstance(p.get("cwd"), str) else ""
     return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", now_ms=now_ms)
 
 
@@ -3449,7 +3455,7 @@ def ingest_spool(db: Db, *, now_ms: int) -> int:
     return n_reports
 
 
-def settings_path(env: dict[str, str] | None = None) -> str:
+def settings_path(env: Mapping[str, str] | None = None) -> str:
     """Return Claude Code's user settings file."""
     return os.path.join(claude_home(env), "settings.json")
 
@@ -3585,7 +3591,7 @@ def _delivery_lock(db: Db) -> Iterator[None]:
 
 def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM_S) -> list[Delivery]:
     """Deliver the broadcasts other hosts sent to this host's sessions; expire the stale ones."""
-    done = []
+    done: list[Delivery] = []
     if not list_deliveries(db, pending_on=db.machine_id):
         return done
     with _delivery_lock(db):
@@ -3733,13 +3739,13 @@ CLAUDE_PLACES = ("~/.local/bin", "~/.claude/local", "~/.npm-global/bin", "/usr/l
                  "/opt/homebrew/bin")
 
 
-def default_tmux_socket(env: dict[str, str] | None = None) -> str:
+def default_tmux_socket(env: Mapping[str, str] | None = None) -> str:
     """Return the socket of the user's default tmux server (where plain `tmux attach` looks)."""
     env = os.environ if env is None else env
     return os.path.join(env.get("TMUX_TMPDIR") or "/tmp", f"tmux-{os.getuid()}", "default")
 
 
-def claude_argv(config: dict[str, Any], *, env: dict[str, str] | None = None) -> list[str]:
+def claude_argv(config: dict[str, Any], *, env: Mapping[str, str] | None = None) -> list[str]:
     """Return [fleet] claude_command as argv with an absolute program path; a systemd unit's PATH is short."""
     import shlex
     import shutil
@@ -3844,7 +3850,7 @@ def make_worktree(folder: str, branch: str, *, dry_run: bool = False) -> str:
     return os.path.normpath(os.path.join(path, os.path.relpath(os.path.realpath(folder), root)))
 
 
-def _outside_unit(argv: list[str], env: dict[str, str]) -> list[str]:
+def _outside_unit(argv: list[str], env: Mapping[str, str]) -> list[str]:
     """Wrap a command that may start the tmux server so that the server leaves this systemd unit's cgroup.
 
     A unit's stop kills its whole cgroup: a tmux server started from `clare serve` would take
@@ -3857,7 +3863,7 @@ def _outside_unit(argv: list[str], env: dict[str, str]) -> list[str]:
     return argv
 
 
-def open_window(session_name: str, cwd: str, argv: list[str], *, env: dict[str, str] | None = None
+def open_window(session_name: str, cwd: str, argv: list[str], *, env: Mapping[str, str] | None = None
                 ) -> tuple[str, str, str]:
     """Run argv in a new tmux window of session `session_name` (made when missing); return (socket, pane, target)."""
     env = os.environ if env is None else env
@@ -3890,11 +3896,13 @@ def wait_until_ready(socket: str, pane_id: str, *, timeout_s: float = START_READ
         pane = next((x for x in list_panes(socket) or () if x.pane_id == pane_id), None)
         if pane is None or pane.is_dead:
             last = " | ".join(line.strip() for line in screen.strip().splitlines()[-3:] if line.strip())
-            return "failed", f"Claude ended at once in pane {pane_id}" + (f"; its screen said: {last[:300]}" if last else "")
+            said = f"; its screen said: {last[:300]}" if last else ""
+            return "failed", f"Claude ended at once in pane {pane_id}{said}"
         screen = capture_pane(socket, pane_id) or ""
         if any(rule.search(screen) for rule in TRUST_SCREEN):
+            name = pane.target.rpartition(":")[0]
             return "needs trust", (f"Claude asks whether to trust {pane.cwd} in pane {pane_id} ({pane.target}); Clare "
-                                   f"never answers that: answer it there (tmux attach -t {pane.target.rpartition(':')[0]}), "
+                                   f"never answers that: answer it there (tmux attach -t {name}), "
                                    "then give it the task (clare broadcast session:ID), or trust the folder once by "
                                    "running claude there")
         if any(rule.search(screen) for rule in ONBOARDING_SCREEN):
@@ -4282,8 +4290,8 @@ def sync_with(db: Db, peer: PeerTransport, *, name: str, wall: Callable[[], int]
 def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms,
               progress: Progress | None = None) -> None:
     """Store every event the peer holds past our cursor on its log, a page per transaction."""
-    known = {s.url: (s.machine_id, s.db_id) for s in list_peer_status(db)}.get(peer.url)
-    after = get_cursor(db, *known)[0] if known and known[0] else 0
+    known = {s.url: (s.machine_id, s.db_id) for s in list_peer_status(db) if s.machine_id and s.db_id}.get(peer.url)
+    after = get_cursor(db, *known)[0] if known else 0
     total, n_restarts = None, 0
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
@@ -4333,10 +4341,9 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
 def _check_page(page: object, *, after: int) -> tuple[tuple[str, str], int, int]:
     """Return the identity, head and next cursor of a pulled page; raise if it is malformed."""
     # SECURITY: the whole page comes from the network.
-    ok = (isinstance(page, dict) and isinstance(page.get("events"), list)
-          and isinstance(page.get("has_more"), bool) and len(page["events"]) <= MAX_SYNC_BATCH)
     try:
-        if not ok:
+        if not (isinstance(page, dict) and isinstance(page.get("events"), list)
+                and isinstance(page.get("has_more"), bool) and len(page["events"]) <= MAX_SYNC_BATCH):
             raise ClareError("no events list")
         identity = _check_identity(page)
         head = _check_count("head", page.get("head"))
@@ -4372,7 +4379,7 @@ def _call_timed(call: Callable[..., dict[str, Any]], report: SyncReport, wall: C
 def push_to(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms,
             progress: Progress | None = None) -> None:
     """Send the peer every event of ours past its push cursor, a batch per request."""
-    if report.machine_id is None:
+    if report.machine_id is None or report.db_id is None:
         raise ClareError("push before pull: the peer's identity is not known yet")
     identity = (report.machine_id, report.db_id)
     pushed = get_cursor(db, *identity)[1]
@@ -4393,7 +4400,8 @@ def push_to(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[
 
 def _batches(events: Iterable[Event]) -> Iterator[list[Event]]:
     """Group events into batches under PUSH_BATCH_EVENTS and PUSH_BATCH_BYTES."""
-    batch, n_bytes = [], 0
+    batch: list[Event] = []
+    n_bytes = 0
     for ev in events:
         # Bytes, not characters: a payload of CJK text is three times longer in UTF-8.
         size = len(canonical_json(ev.payload).encode()) + 300  # the payload dominates; 300 covers the rest
@@ -4431,7 +4439,10 @@ def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callab
     theirs = _answer_field(_call_timed(peer.digest, report, wall), "days", dict)
     ours = sync_digest(db, now_ms=wall())["days"]
     days = sorted(d for d in set(theirs) | set(ours) if theirs.get(d) != ours.get(d) and DAY_RE.match(d))
-    found = {"days": len(set(theirs) | set(ours)), "days_differ": days, "fetched": 0, "sent": 0}
+    if report.machine_id is None or report.db_id is None:
+        raise ClareError("verify before pull: the peer's identity is not known yet")
+    identity = (report.machine_id, report.db_id)
+    found: dict[str, Any] = {"days": len(set(theirs) | set(ours)), "days_differ": days, "fetched": 0, "sent": 0}
     for day in days:
         their_uuids = {u for u in _answer_field(peer.day(day), "uuids", list) if isinstance(u, str)} \
             if day in theirs else set()
@@ -4449,7 +4460,7 @@ def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callab
             answer = peer.push({"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
                                 "events": [ev.to_json() for ev in batch]})
             before = report.n_pushed
-            _count_accept(answer, (report.machine_id, report.db_id), report)
+            _count_accept(answer, identity, report)
             found["sent"] += report.n_pushed - before
     report.verify = found
 
@@ -4675,7 +4686,7 @@ def find_peer(peers: list[Peer], ref: str) -> Peer:
     raise NotFound(f"no peer named {ref!r}; list them with: clare peer list (or give its URL)")
 
 
-def peer_token(peer: Peer, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str | None:
+def peer_token(peer: Peer, config: dict[str, Any], *, env: Mapping[str, str] | None = None) -> str | None:
     """Return the token to send to a peer: its token_env variable, else CLARE_TOKEN, else clare.toml's token."""
     env = os.environ if env is None else env
     if peer.token_env:
@@ -4686,7 +4697,7 @@ def peer_token(peer: Peer, config: dict[str, Any], *, env: dict[str, str] | None
     return resolve_token(config, env=env)
 
 
-def list_peers(db: Db, peers: list[Peer]) -> list[dict[str, Any]]:
+def list_peers(db: Db, peers: Sequence[Peer]) -> list[dict[str, Any]]:
     """Return each configured peer with what its last sync did, then peers synced by URL only."""
     status = {s.url: s for s in list_peer_status(db)}
     rows = [{**p.to_json(), "is_configured": True, **_status_json(status.pop(p.url, None))} for p in peers]
@@ -4773,7 +4784,7 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
                     log(f"sync with {peer.name}: reachable again")
                 n_failures = 0
                 if report.is_skewed and not was_skewed:
-                    log(f"warning: {skew_message(peer.name, report.offset_ms)}")
+                    log(f"warning: {skew_message(peer.name, report.offset_ms or 0)}")
                 was_skewed = report.is_skewed
             except ClareError as err:  # one peer's failure never ends the thread
                 n_failures += 1
@@ -4962,7 +4973,7 @@ def is_loopback(host: str) -> bool:
 
 
 def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: str = DEFAULT_HOST,
-               port: int = DEFAULT_PORT, env: dict[str, str] | None = None, log_requests: bool = False) -> WebConfig:
+               port: int = DEFAULT_PORT, env: Mapping[str, str] | None = None, log_requests: bool = False) -> WebConfig:
     """Take token, allowed host names and peers from CLARE_TOKEN and clare.toml (`settings`, else read here).
 
     Refuse an open bind without a token.
@@ -5181,7 +5192,8 @@ def check_media(config: WebConfig, method: str, path: str, headers: dict[str, st
         # SECURITY: a cross-site page can POST text/plain or a form without a preflight;
         # application/json it cannot.
         if (body or method != "DELETE") and ctype != "application/json":
-            raise HttpError(415, f"send the body as JSON with 'Content-Type: application/json' (got {ctype or 'none'!r})")
+            raise HttpError(415, "send the body as JSON with 'Content-Type: application/json' "
+                                 f"(got {ctype or 'none'!r})")
         return
     if body and ctype != "application/x-www-form-urlencoded":
         raise HttpError(415, f"send the form as application/x-www-form-urlencoded (got {ctype or 'none'!r})")
@@ -5189,7 +5201,8 @@ def check_media(config: WebConfig, method: str, path: str, headers: dict[str, st
     if token is None and body:
         from urllib.parse import parse_qs
 
-        token = (parse_qs(body.decode(errors="replace"), max_num_fields=200).get("csrf") or [None])[-1]
+        fields = parse_qs(body.decode(errors="replace"), max_num_fields=200).get("csrf")
+        token = fields[-1] if fields else None
     # SECURITY: the per-install CSRF token rides in every page (hx-headers and a hidden field).
     if not same_secret(token, config.csrf_token):
         raise HttpError(403, "missing or stale form token; reload the page and try again")
@@ -5269,8 +5282,8 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     db = None
     h.body_is_read, h.body_size = False, None
     try:
-        if error is not None:
-            raise error
+        if error is not None or message is None:
+            raise error or HttpError(400, "the request cannot be read")
         check_host(config, message.get_all("Host") or [])
         size = h.body_size = check_length(path, headers, n_lengths=len(message.get_all("Content-Length") or []))
         handler, params = _route(method, path)
@@ -5294,7 +5307,7 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         return
     except ClareError as err:
         resp = _error_response(err, is_api=is_api, is_htmx=headers.get("hx-request") == "true")
-    except Exception:  # noqa: BLE001 - the edge: a bug must cost one 500, not the server
+    except Exception:
         import traceback
 
         traceback.print_exc(file=sys.stderr)
@@ -5372,13 +5385,15 @@ def _define_server() -> type:
             return n
 
     class Handler(BaseHTTPRequestHandler):
+        server: "Server"  # the class below: its config, enter() and leave()
         protocol_version = "HTTP/1.1"  # keep-alive
         server_version = f"clare/{__version__}"
         sys_version = ""
 
         def setup(self) -> None:
             config = self.server.config
-            self.timeout = config.timeout_s  # every read and write on the socket
+            # typeshed calls `timeout` a ClassVar, but setup() reads it from the instance: one value per server.
+            self.timeout = config.timeout_s  # type: ignore[misc]  # every read and write on the socket
             super().setup()
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.rfile.close()  # its socket file would keep the socket open after the request
@@ -5649,7 +5664,8 @@ progress::-moz-progress-bar{background:var(--green);border-radius:4px}
 ul.feed{list-style:none;margin:0;padding:0}
 ul.feed li{padding:.45rem 0;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
 ul.feed li:last-child{border-bottom:0}
-.attention{border-left:4px solid var(--amber)}label.check{flex-basis:100%;flex-direction:row;font-size:.85rem}.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
+.attention{border-left:4px solid var(--amber)}label.check{flex-basis:100%;flex-direction:row;font-size:.85rem}
+.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
 ul.feed time{display:block;color:var(--muted);font-size:.76rem}
 pre.text{white-space:pre-wrap;overflow-wrap:anywhere;font:inherit;margin:.2rem 0}
 form.row{display:flex;flex-wrap:wrap;gap:.55rem;align-items:flex-end;margin:0 0 .8rem}
@@ -5675,7 +5691,10 @@ dl.facts dt{color:var(--muted);font-size:.85rem}dl.facts dd{margin:0;overflow-wr
 .htmx-request{opacity:.65;transition:opacity .2s}
 footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
 @media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
-.host{display:none}.hide-sm{display:none}.stats{grid-template-columns:repeat(3,1fr);gap:.5rem}.stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}nav a{padding:.25rem .4rem;font-size:.93rem}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
+.host{display:none}.hide-sm{display:none}.stats{grid-template-columns:repeat(3,1fr);gap:.5rem}
+.stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}
+nav a{padding:.25rem .4rem;font-size:.93rem}
+.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 </style>
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
 </head>
@@ -5802,13 +5821,17 @@ FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
 <section class="card"><h2>Projects</h2>$table</section>
 </div>""")
 PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
-<thead><tr><th>Project</th><th class="hide-sm">Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Sessions</th>
+<thead><tr><th>Project</th><th class="hide-sm">Status</th><th>Tasks</th><th class="hide-sm">Done</th>
+<th class="hide-sm">Sessions</th>
 <th class="hide-sm">Owner</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
-PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a><div class="muted small">$goal</div></td>
+PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a>
+<div class="muted small">$goal</div></td>
 <td class="hide-sm">$status</td><td><div class="counts">$counts</div></td>
-<td class="hide-sm"><progress value="$n_done" max="$n_total" title="$n_done of $n_total done">$n_done/$n_total</progress></td>
-<td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td><td class="hide-sm muted">$owner</td></tr>""")
+<td class="hide-sm"><progress value="$n_done" max="$n_total"
+title="$n_done of $n_total done">$n_done/$n_total</progress></td>
+<td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td>
+<td class="hide-sm muted">$owner</td></tr>""")
 FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
 <h2>Recent activity</h2>$body</section>""")
 PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
@@ -5848,7 +5871,8 @@ $task_form
 <section class="card"><h2>Recent updates</h2>$updates</section>
 <section class="card"><h2>History</h2>$history</section>
 </div>""")
-PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> <span class="muted small">on $host</span></div>')
+PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> '
+                              '<span class="muted small">on $host</span></div>')
 START_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
 <button class="ghost" type="submit" title="start a Claude session for this task">Start session</button></form>""")
 START_CARD = string.Template("""<section class="card" id="start-session"><h2>Start a Claude session</h2>
@@ -5873,13 +5897,15 @@ STATUS_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hi
 TASK_FORM = string.Template("""<section class="card" id="task-form"$oob>
 <h2>Add a task</h2>
 <form class="row" $attrs>$csrf
-<label class="wide">Title<input name="title" required maxlength="300" placeholder="write the parser" autocomplete="off"></label>
+<label class="wide">Title<input name="title" required maxlength="300" placeholder="write the parser"
+autocomplete="off"></label>
 <label>Priority<select name="priority">$priorities</select></label>
 <label class="wide">Description<textarea name="description" maxlength="20000"></textarea></label>
 <button type="submit">Add task</button>
 </form></section>""")
 
-MAIN_TASK = string.Template("""<p class="muted small"><a href="/projects">Projects</a> / <a href="/projects/$project_id">$project</a> /</p>
+MAIN_TASK = string.Template("""<p class="muted small"><a href="/projects">Projects</a> /
+<a href="/projects/$project_id">$project</a> /</p>
 <h1>$title</h1>
 <p class="sub">$short_id · P$priority</p>
 <div class="grid">
@@ -6051,7 +6077,8 @@ def tasks_fragment(req: Request, project: Project) -> Html:
 def start_button(req: Request, task: Task, *, view: str) -> Html:
     """Render the button that starts a session for a task where its project's code lives."""
     return render(START_BUTTON, csrf=csrf_field(req), view=view,
-                  attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#frag-task" if view == "task" else "#frag-tasks"))
+                  attrs=form_attrs(f"/tasks/{task.id}/sessions",
+                                   target="#frag-task" if view == "task" else "#frag-tasks"))
 
 
 def start_card(req: Request, task: Task) -> Html:
@@ -6255,13 +6282,16 @@ NEEDS_PERSON = ("permission", "waiting")
 FRAG_ATTENTION = string.Template("""<section class="card attention" id="frag-attention" $poll>
 <h2>Needs you</h2>$body</section>""")
 ATTENTION_LIST = string.Template('<ul class="feed" hx-disable>$items</ul>')
-ATTENTION_ITEM = string.Template("""<li><div class="line">$state <b>$label</b> <span class="muted small">$since</span></div>
-<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>$task</li>""")
+ATTENTION_ITEM = string.Template("""<li><div class="line">$state <b>$label</b> <span class="muted small">$since</span>
+</div>
+<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>
+$task</li>""")
 TASK_LINK = string.Template('<div class="small">task <a href="/tasks/$id">$title</a></div>')
 FRAG_FLEET = string.Template("""<section class="card" id="frag-fleet" $poll>
 <h2>Sessions</h2>$table</section>""")
 FLEET_TABLE = string.Template("""<div class="scroll"><table>
-<thead><tr><th>State</th><th>Session</th><th>Where</th><th>Task</th><th>Active</th><th class="hide-sm">Tokens</th></tr></thead>
+<thead><tr><th>State</th><th>Session</th><th>Where</th><th>Task</th><th>Active</th><th class="hide-sm">Tokens</th>
+</tr></thead>
 <tbody hx-disable>$rows</tbody></table></div>""")
 FLEET_ROW = string.Template("""<tr><td>$state</td>
 <td class="title"><b>$label</b><div class="mono muted small">$id</div></td>
@@ -6355,10 +6385,12 @@ as if typed at each keyboard: Claude may run commands because of it.</p>
 <section class="card"><h2>Message</h2>
 <form class="row" id="broadcast-form" $attrs>$csrf
 <label class="wide">To<select name="target" required $preview_attrs>$targets</select></label>
-<label class="wide">Text<textarea name="text" required maxlength="20000" placeholder="run the tests and commit"></textarea></label>
+<label class="wide">Text<textarea name="text" required maxlength="20000"
+placeholder="run the tests and commit"></textarea></label>
 <label class="check"><span><input type="checkbox" name="is_command" value="1"> a Claude command (/compact, !ls):
 send it without the [clare] prefix</span></label>
-<noscript><button class="ghost" type="submit" formmethod="get" formaction="/broadcast">Show recipients</button></noscript>
+<noscript><button class="ghost" type="submit" formmethod="get" formaction="/broadcast">Show recipients</button>
+</noscript>
 <button type="submit">Send</button>
 </form></section>
 $recipients
@@ -6367,7 +6399,8 @@ $result""")
 FRAG_RECIPIENTS = string.Template("""<section class="card" id="frag-recipients">
 <h2>Recipients</h2>$body</section>""")
 RECIPIENT_ITEM = string.Template("""<li><div class="line">$state <b>$label</b></div>
-<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>$note</li>""")
+<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>
+$note</li>""")
 RECIPIENT_NOTE = string.Template('<div class="small muted">$text</div>')
 COUNT_LINE = string.Template('<p class="small muted">$text</p>')
 FRAG_BROADCAST = string.Template("""<section class="card" id="broadcast-result" $poll>
@@ -6969,9 +7002,10 @@ def openapi_document() -> dict[str, Any]:
         if body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
-    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery,
-                                                         Order)}
-    for name, base, extra in (("ProjectStatus", "Project", {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
+    schemas = {cls.__name__: json_schema(cls)
+               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order)}
+    for name, base, extra in (("ProjectStatus", "Project",
+                               {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
                               ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
         schemas[name] = {**schemas[base], "required": [*schemas[base]["required"], *extra],
                          "properties": {**schemas[base]["properties"], **extra}}
@@ -7036,7 +7070,7 @@ LOCAL_ONLY_SERVICES = frozenset({"pull_fleet", "observe_sessions", "report_hook"
 
 def _build(cls: type, obj: dict[str, Any]) -> Any:
     """Rebuild a dataclass from its JSON object; fields the server added are ignored."""
-    return cls(**{name: obj[name] for name in cls.__slots__ if name in obj})
+    return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name in obj})
 
 
 class RemoteServices:
@@ -7203,7 +7237,8 @@ class RemoteServices:
         return [_build(Order, o) for o in self.call("GET", "/api/v1/orders", query=query)]
 
     def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                    pane: tuple[str | None, str] | None = None, source: str = "message", is_done: bool = False) -> Update:
+                    pane: tuple[str | None, str] | None = None, source: str = "message",
+                    is_done: bool = False) -> Update:
         """Post a progress note."""
         if pane is not None and task_ref is None:
             raise UsageError("a note from inside a pane finds its task on this host; name the task "
@@ -7331,8 +7366,6 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
 # 9. CLI: the argparse tree built from COMMANDS, handlers and text output.
 # ==========================================================================
 
-STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocked", "done": "done"}
-
 
 @dataclass(frozen=True, slots=True)
 class Command:
@@ -7362,10 +7395,7 @@ class Context:
 
     @property
     def db(self) -> Db:
-        """Open the local database (creating it on first use)."""
-        if self.remote_url is not None:
-            raise UsageError(f"this command works on the local database only; run it without --remote "
-                             f"(now {self.remote_url}) and unset CLARE_URL")
+        """Open this host's database (creating it on first use); only LOCAL_COMMANDS handlers use it directly."""
         if self._db is None:
             self._db = open_db(self.paths.db)
         return self._db
@@ -7419,7 +7449,7 @@ def table(headers: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
     """Return rows as aligned columns under a header; the last column is never padded."""
     rows = [tuple("" if c is None else str(c) for c in r) for r in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in [headers, *rows]]
     return "\n".join(lines)
 
 
@@ -7633,10 +7663,11 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
             raise UsageError("not inside a tmux pane; name the task: clare update TASK TEXT")
         socket = os.environ.get("TMUX", "").split(",")[0] or None
         u = ctx.svc.post_update(args.task, pane=(socket, pane_id), is_done=args.done)
-    emit(ctx, u, f"{'done' if args.done else 'noted on'} task {u.task_id[:SHORT_ID]}: {short_text(u.text, 70)}")
+    emit(ctx, u, f"{'done' if args.done else 'noted on'} task {(u.task_id or '-')[:SHORT_ID]}: "
+                 f"{short_text(u.text, 70)}")
 
 
-def format_sessions(sessions: list[Session], ambiguous: list[Pane] = (), *,
+def format_sessions(sessions: list[Session], ambiguous: Sequence[Pane] = (), *,
                     empty: str = "no Claude sessions seen; run 'clare pull' on each host") -> str:
     """Return a session table, then one line per pane whose session is unknown."""
     now = now_ms()
@@ -7774,7 +7805,8 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
         sessions = table(("SESSION", "HOST", "TMUX", "STATE", "ACTIVE", "TOKENS", "TASK"), (
             (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
              tokens_text(s.tokens),
-             f"{s.task_id[:SHORT_ID]} {short_text(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
+             f"{s.task_id[:SHORT_ID]} {short_text(report.tasks[s.task_id].title, 50)}"
+             if s.task_id is not None and s.task_id in report.tasks
              else "-") for s in report.sessions)) if report.sessions else "no live sessions"
         return f"{projects}\n\n{sessions}"
     emit(ctx, report, text)
@@ -7883,7 +7915,7 @@ def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
             continue
         progress.close()
         if report.is_skewed:
-            print(f"clare: warning: {skew_message(peer.name, report.offset_ms)}", file=sys.stderr)
+            print(f"clare: warning: {skew_message(peer.name, report.offset_ms or 0)}", file=sys.stderr)
         for r in report.rejected[:5]:
             print(f"clare: {peer.name}: event {r.get('uuid')} refused: {r.get('reason')}", file=sys.stderr)
         results.append(report)
@@ -8006,6 +8038,9 @@ _SERVE_ARGS = (
 # Verbs that act on this host's own database file, config, tmux or hooks: --remote cannot carry them.
 # `hook` is not here: Claude runs it with the user's environment (CLARE_URL too), and it must record
 # locally and exit 0 whatever that environment says.
+# The one statement of what works on this host only (its database file, tmux, Claude hooks,
+# clare.toml): main() refuses these under --remote before they run. Only their handlers use
+# ctx.db (a test keeps that true); the others reach data through ctx.svc, local or remote.
 LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("hooks", "install"), ("hooks", "uninstall"),
                             ("hooks", "status"), ("serve",), ("web",), ("peer", "add"), ("peer", "rm"),
                             ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",)})
@@ -8015,7 +8050,8 @@ COMMANDS: list[Command] = [
             "clare init\n  clare --home /tmp/c2 init --machine-id apricot",
             (arg("--machine-id", help="this host's id in every event (default: the host name)"),)),
     Command(("project", "new"), cmd_project_new, "create a project",
-            'clare project new alpha --goal "ship v1" --owner ana\n  clare project new api --dir /srv/api --dir apricot:/home/ana/api',
+            'clare project new alpha --goal "ship v1" --owner ana'
+            '\n  clare project new api --dir /srv/api --dir apricot:/home/ana/api',
             (arg("name"), arg("--goal", default="", help="what done looks like"),
              arg("--owner", default="", help="who answers for it"), _DIR_ARG)),
     Command(("project", "list"), cmd_project_list, "list projects with task counts",
@@ -8214,7 +8250,7 @@ def _terminal_columns() -> int:
         columns = 0
     if columns <= 0:
         try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]  # None: caught below
         except (AttributeError, ValueError, OSError):
             columns = 0
     return columns or 80

@@ -13,14 +13,11 @@ from pathlib import Path
 import pytest
 
 import clare
-from conftest import FAKE_CLAUDE, TmuxServer, wait_for
+from conftest import FAKE_CLAUDE, TmuxServer, require_program, wait_for
 
 
 def _require(program: str) -> None:
-    if shutil.which(program) is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{program} is not installed; CI must have it (.ci/run installs it)")
-        pytest.skip(f"{program} is not installed")
+    require_program(program, f"apt-get install {program} (.ci/run does it)")
 
 
 def write_claude(folder: Path, *extra: str) -> Path:
@@ -83,7 +80,7 @@ def test_project_dirs_per_host_are_set_shown_and_removed(cli, db, tmp_path):
     assert r.code == 0, r.err
     assert r.json()["dirs"] == {"m-apricot": "/srv/api", "testhost": str(tmp_path)}
     shown = cli("project", "show", "api").out
-    assert f"code:  /srv/api on m-apricot" in shown and f"code:  {tmp_path} on testhost" in shown
+    assert "code:  /srv/api on m-apricot" in shown and f"code:  {tmp_path} on testhost" in shown
     r = cli("project", "set", "api", "--dir", "m-apricot:", "--dir", "m-one:/opt/api", "--json")
     assert r.json()["dirs"] == {"m-one": "/opt/api", "testhost": str(tmp_path)}
     r = cli("project", "set", "api", "--dir", "twin:/x")
@@ -304,7 +301,8 @@ class Host:
         self.name, self.home = name, tmp / name
         self.tmux_dir = Path(tempfile.mkdtemp(prefix=f"clare-{name}-"))
         self.token = f"token-of-{name}-" + "x" * 16
-        self.env = {**{k: v for k, v in os.environ.items() if k not in ("CLARE_TOKEN", "CLARE_URL", "TMUX", "TMUX_PANE")},
+        drop = ("CLARE_TOKEN", "CLARE_URL", "TMUX", "TMUX_PANE")
+        self.env = {**{k: v for k, v in os.environ.items() if k not in drop},
                     "CLARE_HOME": str(self.home), "HOME": str(tmp / f"{name}-user"), "TMUX_TMPDIR": str(self.tmux_dir)}
         self.claude_dir = tmp / f"{name}-user" / ".claude"
         self.proc, self.url = None, None
@@ -321,6 +319,7 @@ class Host:
     def serve(self) -> None:
         import selectors
         import time
+
         from conftest import CLARE_PY
 
         # its own process group: stopping it the way systemd stops a unit reaches every process it made
