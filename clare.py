@@ -1661,11 +1661,12 @@ def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None =
 
 
 def list_known_hosts(db: Db) -> dict[str, set[str]]:
-    """Return every host this log knows (machine id -> its display names): makers of events, peers, session hosts."""
+    """Return every host this log knows (machine id -> its display names): event makers, peers, session and code hosts."""
     hosts: dict[str, set[str]] = {db.machine_id: set()}
     for (machine_id,) in db.conn.execute("SELECT DISTINCT machine_id FROM events"):
         hosts.setdefault(machine_id, set())
-    for (machine_id,) in db.conn.execute("SELECT DISTINCT host FROM sessions WHERE host IS NOT NULL"):
+    for (machine_id,) in db.conn.execute("""SELECT host FROM sessions WHERE host IS NOT NULL
+                                            UNION SELECT host FROM project_dirs WHERE dir IS NOT NULL"""):
         hosts.setdefault(machine_id, set())
     for name, machine_id in db.conn.execute("SELECT name, machine_id FROM sync_peers WHERE machine_id IS NOT NULL"):
         hosts.setdefault(machine_id, set()).add(name)

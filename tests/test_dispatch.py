@@ -94,28 +94,40 @@ def test_project_dirs_per_host_are_set_shown_and_removed(cli, db, tmp_path):
     assert clare.count_events(db) == before  # the same value is not recorded again
 
 
-def test_project_dirs_converge_in_any_order_like_a_replay(db, tmp_path):
-    """Two hosts set one project's directory concurrently: the newer (hlc, uuid) wins everywhere."""
+def test_dirs_orders_and_receipts_in_any_order_give_the_tables_of_a_replay(db, tmp_path):
+    """Dirs set concurrently, an order and its receipts (one stamped before the order by a slow clock):
+    applied one by one in any order, they give the tables a replay gives, and pending never wins."""
     import random
 
-    p = clare.create_project(db, "api", now_ms=1000)
-    events = []
-    for i, host in enumerate(["testhost", "testhost", "other", "testhost"]):
+    p = clare.create_project(db, "api", dirs=[str(tmp_path)], now_ms=1000)
+    t = clare.create_task(db, "api", "parse", now_ms=1001)
+    with clare.write_txn(db) as cur:
+        for i, host in enumerate(["testhost", "other", "other", "testhost"]):
+            clare.record(db, cur, "project.dir_set", {"project_id": p.id, "host": host,
+                                                      "dir": f"/d{i}" if i != 3 else None}, now_ms=2000 + i)
+    order = clare.place_start(db, t.id, host="other", now_ms=3000)
+    for result, at in (("claimed", 2400), ("started", 2500)):  # stamped by a host whose clock is behind
+        ev = clare.check_received({"uuid": clare.new_uuid(), "hlc": f"{at:013d}.000000.other", "machine_id": "other",
+                                   "event_type": "order.carried_out", "created_at": clare.iso_ms(at), "payload": {
+                                       "order_id": order.id, "result": result, "reason": "",
+                                       "outcome": {"pane_id": "%1"}}})
         with clare.write_txn(db) as cur:
-            events.append(clare.record(db, cur, "project.dir_set", {"project_id": p.id, "host": host,
-                                                                   "dir": f"/d{i}" if i != 3 else None},
-                                       now_ms=2000 + i))
-    want = clare.projection_digest(db)["project_dirs"]
+            clare.receive_events(db, cur, [ev], now_ms=at)
+    clare.replay(db)
+    want = clare.projection_digest(db)
     assert clare.get_project(db, "api").dirs == {"other": "/d2"}
-    for seed in range(5):
+    assert [(o.result, o.by_host) for o in clare.list_orders(db)] == [("started", "other")]
+    for seed in range(8):
         rng = random.Random(seed)
         other = clare.open_db(str(tmp_path / f"o{seed}.db"), machine_id="o")
         shuffled = clare.list_events(db, limit=100)
         rng.shuffle(shuffled)
         for ev in shuffled:
             with clare.write_txn(other) as cur:
-                clare.receive_events(other, cur, [ev], now_ms=3000)
-        assert clare.projection_digest(other)["project_dirs"] == want
+                clare.receive_events(other, cur, [ev], now_ms=5000)
+        got = clare.projection_digest(other)
+        assert {k: got[k] for k in ("project_dirs", "orders", "tasks")} == \
+               {k: want[k] for k in ("project_dirs", "orders", "tasks")}, seed
         other.close()
 
 
