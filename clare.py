@@ -1661,7 +1661,7 @@ def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None =
 
 
 def list_known_hosts(db: Db) -> dict[str, set[str]]:
-    """Return every host this log knows (machine id -> its display names): event makers, peers, session and code hosts."""
+    """Return every host this log knows (machine id -> display names): event makers, peers, session and code hosts."""
     hosts: dict[str, set[str]] = {db.machine_id: set()}
     for (machine_id,) in db.conn.execute("SELECT DISTINCT machine_id FROM events"):
         hosts.setdefault(machine_id, set())
