@@ -35,6 +35,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# The first statement after the imports, so that every command (and `import clare`) on an older
+# Python says this in one line instead of a traceback. The lines above, and the grammar of this
+# whole file, must stay readable by Python 3.8 (tests/test_hosts.py parses it so).
+if sys.version_info < (3, 11):
+    sys.exit("clare: error: Clare needs Python 3.11 or newer, this is Python %d.%d; install python3.11 "
+             "(e.g. apt install python3.11, or from python.org) and run: python3.11 clare.py ..."
+             % tuple(sys.version_info[:2]))
+
 __version__ = "0.1.0"
 
 
@@ -165,6 +173,9 @@ HLC_RE = re.compile(r"\A(\d{13})\.(\d{6})\.([a-z0-9][a-z0-9_-]{0,62})\Z")
 MAX_COUNTER = 999_999
 MAX_WALL_MS = 10**13 - 1
 MAX_OFFSET_MS = 5 * 60 * 1000  # how far a peer's clock may pull ours ahead of our wall clock
+MACHINE_SUFFIX_CHARS = 6  # hex digits after the host name in a machine id init makes
+MAX_LABEL_CHARS = 63 - 1 - MACHINE_SUFFIX_CHARS
+MADE_MACHINE_ID_RE = re.compile(r"\A(.+)-[0-9a-f]{6}\Z")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -194,11 +205,25 @@ def check_machine_id(machine_id: str) -> str:
     return machine_id
 
 
-def default_machine_id() -> str:
-    """Derive a machine id from the host name: its first label, lowercased, cleaned."""
+def host_label() -> str:
+    """Return this host's name as a machine id would spell it: its first label, lowercased, cleaned."""
     label = os.uname().nodename.split(".")[0].lower()
-    label = re.sub(r"[^a-z0-9_-]+", "-", label).strip("-_")[:63]
-    return label or "host-" + new_id()[:8]
+    return re.sub(r"[^a-z0-9_-]+", "-", label).strip("-_")[:MAX_LABEL_CHARS] or "host"
+
+
+def new_machine_id() -> str:
+    """Return a machine id unique by construction: the host name plus a random suffix (apricot-3f9a2c).
+
+    The host name alone collides: two homes on one machine, two containers, two hosts named
+    alike. Two Clares with one id mark each other's sessions gone at every sync.
+    """
+    return f"{host_label()}-{new_id()[:MACHINE_SUFFIX_CHARS]}"
+
+
+def machine_host_name(machine_id: str) -> str:
+    """Return the display name in a machine id: the host name of an id made by new_machine_id, else all of it."""
+    m = MADE_MACHINE_ID_RE.match(machine_id)
+    return m[1] if m else machine_id
 
 
 def tick(last: Hlc | None, *, machine_id: str, now_ms: int) -> Hlc:
@@ -230,6 +255,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
 UUID_RE = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 EVENT_KEYS = ("uuid", "hlc", "machine_id", "event_type", "payload", "created_at")
@@ -326,12 +352,13 @@ class PeerStatus:
 class Db:
     """One SQLite connection with the identity of the log it holds."""
 
-    __slots__ = ("conn", "path", "machine_id")
+    __slots__ = ("conn", "path", "machine_id", "refusal")
 
-    def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str):
+    def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str, *, refusal: str | None = None):
         self.conn = conn  # autocommit mode: write_txn() opens every write transaction
         self.path = path
         self.machine_id = machine_id  # stamps every event made here
+        self.refusal = refusal  # why writes are refused (a copy made elsewhere: see check_home), or None
 
     @property
     def db_id(self) -> str:
@@ -370,10 +397,11 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
         meta = _read_meta(conn)
         if meta.get("schema_version") != str(SCHEMA_VERSION) or "machine_id" not in meta:
             meta = _migrate(conn, meta, machine_id=machine_id)
+        refusal = None if path == ":memory:" else _check_home(conn, meta, path=os.path.realpath(path))
     except sqlite3.DatabaseError as err:
         raise ClareError(f"cannot open database {path}: {err}; check the path, or move a damaged "
                          "file aside and restore it from a peer with 'clare sync'") from err
-    return Db(conn, path, meta["machine_id"])
+    return Db(conn, path, meta["machine_id"], refusal=refusal)
 
 
 def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
@@ -398,7 +426,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
                     if statement.strip():
                         conn.execute(statement)
         fresh = {"schema_version": str(SCHEMA_VERSION),
-                 "machine_id": meta.get("machine_id") or check_machine_id(machine_id or default_machine_id()),
+                 "machine_id": meta.get("machine_id") or check_machine_id(machine_id or new_machine_id()),
                  "db_id": meta.get("db_id") or new_uuid()}
         conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", fresh.items())
         conn.execute("COMMIT")
@@ -411,9 +439,83 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
 _MIGRATIONS[1] = [EVENTS_SCHEMA, SYNC_SCHEMA]
 
 
+# --- where the database runs: a copy made elsewhere must not write under the same machine id ----
+
+def machine_key() -> str:
+    """Return what names this machine: /etc/machine-id (or D-Bus's copy of it), else the host name."""
+    for path in MACHINE_ID_FILES:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(path, encoding="ascii") as f:
+                text = f.read(200).strip()
+            if text:
+                return text
+    return "host:" + os.uname().nodename  # a container without a machine-id file: its own host name
+
+
+def check_home(recorded: tuple[str, str] | None, *, machine: str, path: str,
+               db_id: str, db_id_at: Callable[[str], str | None]) -> str | None:
+    """Return why a database is a copy made elsewhere, or None when it may write here.
+
+    `recorded` is the (machine, real path) the database last ran at. The rule:
+    - another machine (a cloned VM or disk, a copied home): a copy;
+    - the same machine, another path: a copy only while the recorded path still holds this
+      very log (same db_id), i.e. two live copies; otherwise the file was moved, and may write.
+    So a backup copied back over the same path, a moved home, and a test's fresh database in a
+    new temporary folder all write; `cp -r ~/.local/share/clare /elsewhere` does not.
+    """
+    if recorded is None or recorded == (machine, path):
+        return None
+    was_machine, was_path = recorded
+    if was_machine != machine:
+        return (f"{path} was set up on another machine (machine-id {was_machine[:12]}, here {machine[:12]}): "
+                "it is a copy")
+    if db_id_at(was_path) == db_id:
+        return f"{path} is a copy of {was_path}, which is still in use"
+    return None
+
+
+def _check_home(conn: sqlite3.Connection, meta: dict[str, str], *, path: str) -> str | None:
+    machine = machine_key()
+    recorded = (meta["home_machine"], meta["home_path"]) if "home_machine" in meta and "home_path" in meta else None
+    problem = check_home(recorded, machine=machine, path=path, db_id=meta["db_id"], db_id_at=_db_id_at)
+    if problem is not None:
+        return (f"{problem}; writes are refused so that two Clares never share one machine id "
+                f"({meta['machine_id']}): give this copy its own with: clare init --new-id (the log is kept)")
+    if recorded != (machine, path):  # a new or older database, or a moved one: remember where it runs now
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _set_home(conn.cursor(), machine=machine, path=path)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return None
+
+
+def _set_home(cur: sqlite3.Cursor, *, machine: str, path: str) -> None:
+    cur.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (("home_machine", machine), ("home_path", path)))
+
+
+def _db_id_at(path: str) -> str | None:
+    """Return the db_id of the Clare database at `path`, or None if there is none (moved, deleted)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            return _read_meta(conn).get("db_id")
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:  # not a database any more: the copy is the one in use
+        return None
+
+
 @contextlib.contextmanager
 def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
     """Run the block in one BEGIN IMMEDIATE transaction: all of it is stored, or none."""
+    if db.refusal is not None:
+        raise Conflict(db.refusal)
     cur = db.conn.cursor()
     try:
         cur.execute("BEGIN IMMEDIATE")
@@ -625,6 +727,25 @@ def renew_db_id(db: Db) -> str:
     return db_id
 
 
+def renew_identity(db: Db, *, machine_id: str | None = None) -> tuple[str, str]:
+    """Give this database a new machine id and db_id, keep its log, and record where it runs now.
+
+    The fix for a copy (check_home): events already made keep the id they were made under,
+    and peers read this log again from 0 under its new db_id.
+    """
+    machine_id = check_machine_id(machine_id or new_machine_id())
+    if machine_id == db.machine_id:
+        raise UsageError(f"{machine_id!r} is this database's machine id already; give another, or none")
+    db_id = new_uuid()
+    db.refusal = None  # the one write a copy may make: the one that makes it a host of its own
+    with write_txn(db) as cur:
+        for key, value in (("machine_id", machine_id), ("db_id", db_id)):
+            set_meta(cur, key, value)
+        _set_home(cur, machine=machine_key(), path=os.path.realpath(db.path))
+    db.machine_id = machine_id
+    return machine_id, db_id
+
+
 def restore_db(db: Db, backup_path: str) -> str:
     """Replace the whole database by a backup file of it under a new db_id; return that id.
 
@@ -635,6 +756,8 @@ def restore_db(db: Db, backup_path: str) -> str:
     Not a file rename: open connections (a running server's) would keep the old file, and a
     stale -wal beside the renamed file would corrupt it.
     """
+    if db.refusal is not None:
+        raise Conflict(db.refusal)
     staging = f"{db.path}.restore"
     _remove_db_files(staging)  # left by a restore that crashed; a stale journal would be rolled into the copy
     try:
@@ -648,6 +771,7 @@ def restore_db(db: Db, backup_path: str) -> str:
             src.backup(copy)
             db_id = new_uuid()
             set_meta(copy.cursor(), "db_id", db_id)
+            _set_home(copy.cursor(), machine=machine_key(), path=os.path.realpath(db.path))
             copy.backup(db.conn)
         finally:
             src.close()
@@ -1641,7 +1765,7 @@ def _in_group(session: Session, group: Group) -> bool:
     import fnmatch  # only group matching needs it
 
     return ((group.cwd is None or group.cwd in session.cwd)
-            and (group.host is None or group.host == session.host)
+            and (group.host is None or group.host in (session.host, machine_host_name(session.host)))
             and (group.tmux_name is None or fnmatch.fnmatchcase(session.tmux_session, group.tmux_name)))
 
 
@@ -2933,7 +3057,7 @@ def read_rclaude(section: dict[str, Any], *, machine_id: str, warnings: list[str
         return {}
     if p.returncode != 0:
         warnings.append(f"rclaude sessions_command exited {p.returncode}: {p.stderr.strip()[:200]}")
-    return parse_rclaude(p.stdout, hosts=(machine_id, default_machine_id()))
+    return parse_rclaude(p.stdout, hosts=(machine_id, machine_host_name(machine_id), host_label()))
 
 
 def parse_rclaude(text: str, *, hosts: tuple[str, ...]) -> dict[str, str]:
@@ -3489,6 +3613,9 @@ def sync_accept(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
     if len(body["events"]) > MAX_SYNC_BATCH:
         raise ClareError(f"a sync batch holds {len(body['events'])} events, over the limit of {MAX_SYNC_BATCH}; "
                          "send smaller batches")
+    sender = (body.get("machine_id"), body.get("db_id"))
+    if all(isinstance(v, str) for v in sender):
+        check_peer_identity(db, sender, where="the sending peer")  # type: ignore[arg-type]
     good, rejected = check_events(body["events"])
     with write_txn(db) as cur:
         db_id = get_meta(cur, "db_id")  # in the transaction: the log the batch went into
@@ -3603,8 +3730,7 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
         identity, head, next_after = _check_page(page, after=after)
-        if identity == (db.machine_id, db.db_id):
-            raise ClareError(f"{peer.url} is this very database; remove it from the peers in clare.toml")
+        check_peer_identity(db, identity, where=peer.url)
         if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
             known, n_restarts = identity, n_restarts + 1
             if n_restarts > 3:
@@ -3643,6 +3769,18 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
         if not page["has_more"]:
             return
         after = next_after
+
+
+def check_peer_identity(db: Db, identity: tuple[str, str], *, where: str) -> None:
+    """Refuse a peer that presents this host's own machine id: this very database, or a copy of it."""
+    machine_id, db_id = identity
+    if machine_id != db.machine_id:
+        return
+    if db_id == db.db_id:
+        raise Conflict(f"{where} is this very database (machine id {machine_id}): remove it from the peers in "
+                       "clare.toml; if it is another host, it is a copy of this one: run there clare init --new-id")
+    raise Conflict(f"{where} presents this host's own machine id {machine_id} with another db id: one of the two "
+                   "databases is a copy of the other; on the copy run: clare init --new-id")
 
 
 def _check_page(page: object, *, after: int) -> tuple[tuple[str, str], int, int]:
@@ -6567,18 +6705,29 @@ def format_history(events: list[Event]) -> str:
 
 
 def cmd_init(args: argparse.Namespace, ctx: Context) -> None:
-    """Create the database (idempotent); report its identity."""
-    if args.machine_id:
-        check_machine_id(args.machine_id)
+    """Create the database (idempotent); report its identity; --new-id gives a copy one of its own."""
+    info = init_host(ctx, machine_id=args.machine_id, is_new_id=args.new_id)
+    verb = ("new identity for" if info["renewed"] else "initialized" if info["created"] else "already initialized")
+    emit(ctx, info, f"{verb} {info['db']}\nmachine id {info['machine_id']} (host {info['host_name']}), "
+                    f"db id {info['db_id']}")
+
+
+def init_host(ctx: Context, *, machine_id: str | None = None, is_new_id: bool = False) -> dict[str, Any]:
+    """Open or create the database and return its identity; with is_new_id give it a new one (log kept)."""
+    if machine_id:
+        check_machine_id(machine_id)
     existed = os.path.exists(ctx.paths.db)
-    db = open_db(ctx.paths.db, machine_id=args.machine_id)
+    db = open_db(ctx.paths.db, machine_id=None if is_new_id else machine_id)
     ctx._db = db
-    if args.machine_id and db.machine_id != args.machine_id:
+    if is_new_id and existed:
+        renew_identity(db, machine_id=machine_id)
+    elif db.refusal is not None:
+        raise Conflict(db.refusal)
+    elif machine_id and db.machine_id != machine_id:
         raise Conflict(f"{db.path} already has machine id {db.machine_id!r}; a database keeps its machine id "
-                       "(use another --home for another one)")
-    info = {"db": db.path, "machine_id": db.machine_id, "db_id": db.db_id, "created": not existed}
-    emit(ctx, info, f"{'initialized' if not existed else 'already initialized'} {db.path}\n"
-                    f"machine id {db.machine_id}, db id {db.db_id}")
+                       "(use another --home for another one, or init --new-id to change it)")
+    return {"db": db.path, "machine_id": db.machine_id, "host_name": machine_host_name(db.machine_id), "db_id": db.db_id,
+            "created": not existed, "renewed": is_new_id and existed}
 
 
 def launcher_text(python: str, folder: str) -> str:
@@ -7088,8 +7237,12 @@ LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("hooks", "install"), ("hooks"
 
 COMMANDS: list[Command] = [
     Command(("init",), cmd_init, "create the database and this host's machine id (idempotent)",
-            "clare init\n  clare --home /tmp/c2 init --machine-id apricot",
-            (arg("--machine-id", help="this host's id in every event (default: the host name)"),)),
+            "clare init\n  clare --home /tmp/c2 init --machine-id apricot\n  clare init --new-id   # on a copy",
+            (arg("--machine-id", help="this host's id in every event (default: the host name and a random "
+                 "suffix, e.g. apricot-3f9a2c; one you give must be unique in the fleet)"),
+             arg("--new-id", action="store_true",
+                 help="give this database a new machine id and db id, keeping its log: the fix for a copy "
+                      "(a cloned VM or a copied home)"))),
     Command(("project", "new"), cmd_project_new, "create a project",
             'clare project new alpha --goal "ship v1" --owner ana',
             (arg("name"), arg("--goal", default="", help="what done looks like"),
