@@ -139,6 +139,44 @@ def check_token(token: object, *, where: str) -> str | None:
     return token
 
 
+def ensure_token(path: str, *, given: str | None = None) -> tuple[str, str]:
+    """Return clare.toml's token and what was done: kept, stored (`given`, from another host) or made.
+
+    The file is made private (0600) either way: it holds the key to every host of the fleet.
+    """
+    config = load_config(path)
+    token = check_token(config.get("token") or None, where=f"'token' in {path}")
+    given = check_token(given, where="$CLARE_TOKEN")
+    if token is not None and given is not None and token != given:
+        raise Conflict(f"{path} holds another token than CLARE_TOKEN; a fleet shares one: unset CLARE_TOKEN to "
+                       "keep this host's, or delete the token line there to take CLARE_TOKEN's")
+    done = "kept"
+    if token is None:
+        import secrets  # only setup and serve make tokens
+
+        token, done = (given, "stored") if given else (secrets.token_urlsafe(32), "made")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = ""
+        # A top-level key must come before the first [table]: the line goes first.
+        _write_private(path, f"token = {json.dumps(token)}\n" + text)
+    os.chmod(path, 0o600)
+    return token, done
+
+
+def _write_private(path: str, text: str) -> None:
+    """Replace a file by `text` at once, readable by its owner only (0700 folders, 0600 file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    staging = path + ".tmp"
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(staging, 0o600)
+    os.replace(staging, path)
+
+
 def now_ms() -> int:
     """Return the wall clock in integer milliseconds."""
     return time.time_ns() // 1_000_000
@@ -6584,6 +6622,42 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
 # ==========================================================================
 
 STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocked", "done": "done"}
+STEP_MARKS = {"ok": "ok", "changed": "done", "planned": "plan", "todo": "todo", "failed": "FAIL"}  # setup, doctor
+STEP_NAME_CHARS = 11  # the name column of setup's and doctor's lines
+JOIN_FILE = "join-command.txt"  # beside clare.toml: setup's command for the other side, without a terminal
+DOCTOR_TIMEOUT_S = 5.0  # per peer and for this host's own server
+MIN_FREE_BYTES = 256 * 2**20  # doctor fails below this much free space beside the database
+CLAUDE_PLACES = ("~/.claude/local/claude", "~/.local/bin/claude", "/usr/local/bin/claude")  # off a service's PATH
+# The systemd user unit `clare setup` writes; clare.service in the repository is this, filled in with defaults.
+UNIT_TEMPLATE = string.Template("""\
+# systemd user unit for Clare: the dashboard, the JSON API and background peer sync.
+# Written by `clare setup` to ~/.config/systemd/user/clare.service (run setup again to change it).
+# Logs: journalctl --user -u clare    State: systemctl --user status clare    Check: clare doctor
+[Unit]
+Description=Clare: dashboard, JSON API and peer sync for a fleet of Claude Code sessions
+
+[Service]
+Type=simple
+# The interpreter setup ran with and clare.py, by absolute path; serve reads its token from clare.toml.
+ExecStart=$exec_start
+$environment
+Restart=on-failure
+RestartSec=5
+# SIGTERM lets serve finish in-flight writes before it exits.
+KillSignal=SIGTERM
+TimeoutStopSec=20
+# Hardening that keeps what Clare needs: no PrivateTmp (tmux's sockets live in /tmp), no ProtectHome
+# (~/.claude and the database live in the home), no PrivateUsers (the fleet reads Claude's /proc entries).
+NoNewPrivileges=yes
+LockPersonality=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+SystemCallArchitectures=native
+UMask=0077
+
+[Install]
+WantedBy=default.target
+""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -6742,22 +6816,442 @@ def launcher_text(python: str, folder: str) -> str:
 
 def cmd_install(args: argparse.Namespace, ctx: Context) -> None:
     """Write a `clare` launcher that starts faster than `python3 clare.py`."""
+    path, _ = install_launcher(args.bin)
     folder = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.abspath(os.path.expanduser(args.bin)), "clare")
-    if os.path.abspath(path) == os.path.abspath(__file__):
-        raise UsageError(f"{path} is clare.py itself; pick another --bin folder")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(launcher_text(sys.executable, folder))
-        os.chmod(path + ".tmp", 0o755)
-        os.replace(path + ".tmp", path)
-    except OSError as err:
-        raise ClareError(f"cannot write {path}: {err.strerror}; pick a writable folder with --bin") from err
     on_path = os.path.dirname(path) in os.environ.get("PATH", "").split(os.pathsep)
     emit(ctx, {"launcher": path, "clare_py": os.path.join(folder, "clare.py"), "on_path": on_path},
          f"wrote {path} (runs {folder}/clare.py with {sys.executable})"
          + ("" if on_path else f"\n{os.path.dirname(path)} is not on PATH; add it, or run {path} by its full path"))
+
+
+def install_launcher(bin_dir: str, *, is_dry_run: bool = False) -> tuple[str, bool]:
+    """Write the `clare` launcher into bin_dir; return its path and whether it changed."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(os.path.abspath(os.path.expanduser(bin_dir)), "clare")
+    if os.path.abspath(path) == os.path.abspath(__file__):
+        raise UsageError(f"{path} is clare.py itself; pick another --bin folder")
+    text = launcher_text(sys.executable, folder)
+    if _read_text(path) == text or is_dry_run:
+        return path, _read_text(path) != text
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(path + ".tmp", 0o755)
+        os.replace(path + ".tmp", path)
+    except OSError as err:
+        raise ClareError(f"cannot write {path}: {err.strerror}; pick a writable folder with --bin") from err
+    return path, True
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+# --- setup and doctor: one host's installation, done in steps and checked in lines -------------
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    name: str  # what was set up or checked: "unit", "linger", "peer apricot"
+    state: str  # a value of STEP_STATES
+    detail: str  # one line: what was found or done
+    fix: str = ""  # the command or action that fixes a failure or a to-do
+
+    def to_json(self) -> dict[str, str]:
+        """Return the step as the JSON object setup and doctor print."""
+        return {"name": self.name, "state": self.state, "detail": self.detail, "fix": self.fix}
+
+
+def unit_path(env: dict[str, str] | None = None) -> str:
+    """Return where the systemd user unit lives: $XDG_CONFIG_HOME/systemd/user/clare.service."""
+    env = os.environ if env is None else env
+    config = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(config, "systemd", "user", "clare.service")
+
+
+def unit_text(*, home: str | None, host: str, port: int, env: dict[str, str] | None = None) -> str:
+    """Return the unit setup writes: this interpreter and clare.py by absolute path, bound to host:port."""
+    import shutil  # only setup and doctor need it
+
+    env = os.environ if env is None else env
+    script = os.path.abspath(__file__)
+    argv = [sys.executable, script, *(("--home", home) if home else ()), "serve", "--host", host, "--port", str(port)]
+    # The folders of the programs serve runs (tmux, Claude Code): a user service starts with a minimal PATH.
+    found = [shutil.which(p, path=env.get("PATH")) for p in ("tmux", "claude")]
+    folders = [os.path.dirname(os.path.abspath(p)) for p in found if p] + ["/usr/local/bin", "/usr/bin", "/bin"]
+    path = ":".join(dict.fromkeys(folders))
+    settings = [(k, env[k]) for k in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", CLAUDE_ENV_DIR) if env.get(k) and not home]
+    lines = [f"Environment={_unit_word(f'{k}={v}')}" for k, v in (("PATH", path), *settings)]
+    return UNIT_TEMPLATE.substitute(exec_start=" ".join(map(_unit_word, argv)), environment="\n".join(lines))
+
+
+def _unit_word(word: str) -> str:
+    """Quote one word of a unit line: systemd expands % specifiers and $ variables, and splits at spaces."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if re.fullmatch(r"[A-Za-z0-9_./:@+=,-]+", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def setup_steps(ctx: Context, *, bind: str, port: int, peer_url: str | None, bin_dir: str,
+                is_dry_run: bool, env: dict[str, str] | None = None) -> Iterator[Step]:
+    """Set this host up, one step at a time (each idempotent); yield what each step found or did.
+
+    Over 80 lines: one step after the other, in the order a user would do them by hand.
+    """
+    import shlex
+
+    env = os.environ if env is None else env
+    would = "would " if is_dry_run else ""
+    home = ctx.args.home or env.get("CLARE_HOME") or None
+    home = os.path.abspath(os.path.expanduser(home)) if home else None
+
+    # 1. The database, with a machine id unique by construction.
+    if is_dry_run:
+        yield _dry_init_step(ctx.paths.db)
+    else:
+        info = init_host(ctx)
+        yield Step("database", "changed" if info["created"] else "ok",
+                   f"{'created' if info['created'] else 'kept'} {info['db']}, machine id {info['machine_id']}")
+
+    # 2. The token every request and every peer needs, in clare.toml (0600).
+    given = env.get("CLARE_TOKEN") or None
+    if is_dry_run:
+        has = bool(load_config(ctx.paths.config).get("token"))
+        yield Step("token", "ok" if has else "changed",
+                   f"{'keep the' if has else would + ('store CLARE_TOKEN as the' if given else 'make a')} "
+                   f"token in {ctx.paths.config} (0600)")
+        token = "TOKEN"
+    else:
+        token, done = ensure_token(ctx.paths.config, given=given)
+        yield Step("token", "ok" if done == "kept" else "changed",
+                   {"kept": "kept the", "stored": "stored CLARE_TOKEN as the", "made": "made a new"}[done]
+                   + f" token in {ctx.paths.config} (0600)")
+
+    # 3. The launcher.
+    launcher, changed = install_launcher(bin_dir, is_dry_run=is_dry_run)
+    yield Step("launcher", "changed" if changed else "ok",
+               f"{would + 'write' if changed and is_dry_run else 'wrote' if changed else 'kept'} {launcher} "
+               f"(runs clare.py with {sys.executable})")
+
+    # 4. The systemd user unit.
+    path, text = unit_path(env), unit_text(home=home, host=bind, port=port, env=env)
+    unit_changed = _read_text(path) != text
+    if unit_changed and not is_dry_run:
+        _write_private(path, text)
+    yield Step("unit", "changed" if unit_changed else "ok",
+               f"{(would + 'write') if unit_changed and is_dry_run else 'wrote' if unit_changed else 'kept'} "
+               f"{path} (serve on {bind}:{port})")
+
+    # 5. systemd: reload, enable, start (restart when the unit changed).
+    start_cmd = shlex.join(_unit_argv(text))
+    systemd = _systemd_step(unit_changed=unit_changed, is_dry_run=is_dry_run, start_cmd=start_cmd)
+    yield systemd
+
+    # 6. Linger: without it a user unit stops at logout.
+    yield _linger_step(has_systemd=systemd.state != "todo")
+
+    # 7. Claude Code's hooks.
+    settings = settings_path(env)
+    if is_dry_run:
+        status = hooks_status(settings, hook_command(ctx.paths.db))
+        missing = [e for e, v in status.items() if v != "installed"]
+        yield Step("hooks", "changed" if missing else "ok",
+                   f"{would}install Clare's hooks for {len(missing)} events in {settings}" if missing
+                   else f"Clare's hooks are in {settings}")
+    else:
+        added = install_hooks(settings, hook_command(ctx.paths.db))
+        yield Step("hooks", "changed" if added else "ok",
+                   f"installed Clare's hooks for {len(added)} events in {settings}" if added
+                   else f"Clare's hooks are in {settings}")
+
+    # 8. The peer, and the command that joins the other side to this host.
+    if peer_url is not None:
+        yield _peer_step(ctx.paths.config, peer_url, is_dry_run=is_dry_run)
+    yield _join_step(ctx.paths.config, bind=bind, port=port, peer_url=peer_url, token=token,
+                     is_dry_run=is_dry_run)
+
+
+def _unit_argv(text: str) -> list[str]:
+    """Return the command a unit's ExecStart runs, as words (for 'run this yourself')."""
+    import shlex
+
+    line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
+    return [w.replace("%%", "%").replace("$$", "$") for w in shlex.split(line[len("ExecStart="):])]
+
+
+def _dry_init_step(db_path: str) -> Step:
+    if not os.path.exists(db_path):
+        return Step("database", "changed", f"would create {db_path} with machine id {host_label()}-XXXXXX")
+    conn = sqlite3.connect(f"file:{os.path.abspath(db_path)}?mode=ro", uri=True)
+    try:
+        meta = _read_meta(conn)
+    finally:
+        conn.close()
+    return Step("database", "ok", f"keep {db_path}, machine id {meta.get('machine_id')}")
+
+
+def run_tool(argv: list[str], *, timeout_s: float = 30) -> tuple[int, str]:
+    """Run a system program (systemctl, loginctl); return its exit code and its output, or stderr's first line."""
+    import subprocess
+
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return 127, str(err)
+    if p.returncode != 0:
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        return p.returncode, lines[0] if lines else f"exit code {p.returncode}"
+    return 0, p.stdout.strip()
+
+
+def _systemd_step(*, unit_changed: bool, is_dry_run: bool, start_cmd: str) -> Step:
+    import shutil
+
+    systemctl = shutil.which("systemctl")
+    yourself = f"start Clare yourself (under your container's supervisor, or tmux) with: {start_cmd}"
+    if systemctl is None:
+        return Step("systemd", "todo", "no systemctl here, so no unit runs Clare", yourself)
+    if is_dry_run:
+        verb = "restart" if unit_changed else "enable --now"
+        return Step("systemd", "changed", f"would run systemctl --user daemon-reload and {verb} clare")
+    code, out = run_tool([systemctl, "--user", "daemon-reload"])
+    if code != 0:
+        return Step("systemd", "todo", f"no user systemd answers here ({out})", yourself)
+    runs = ([["enable", "clare"], ["restart", "clare"]] if unit_changed else [["enable", "--now", "clare"]])
+    for words in runs:
+        code, out = run_tool([systemctl, "--user", *words])
+        if code != 0:
+            return Step("systemd", "failed", f"systemctl --user {' '.join(words)} failed: {out}",
+                        "see why with: systemctl --user status clare; journalctl --user -u clare")
+    return Step("systemd", "changed" if unit_changed else "ok",
+                "clare.service " + ("enabled and (re)started" if unit_changed else "enabled and running"))
+
+
+def _user_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _linger_step(*, has_systemd: bool) -> Step:
+    import shutil
+
+    user = _user_name()
+    fix = f"sudo loginctl enable-linger {user}"
+    loginctl = shutil.which("loginctl")
+    if not has_systemd:
+        return Step("linger", "ok", "no user systemd here: linger does not apply")
+    if loginctl is None:
+        return Step("linger", "todo", "no loginctl here: cannot tell if the unit outlives your login", fix)
+    code, out = run_tool([loginctl, "show-user", user, "--property=Linger", "--value"])
+    if code != 0:
+        return Step("linger", "todo", f"cannot tell if the unit outlives your login ({out})", fix)
+    if out == "yes":
+        return Step("linger", "ok", f"linger is on for {user}: the unit runs without a login")
+    return Step("linger", "todo", f"linger is off for {user}: the unit stops when you log out", fix)
+
+
+def _peer_step(config_path: str, url: str, *, is_dry_run: bool) -> Step:
+    peer = check_peer(url)
+    configured = {p.url for p in load_peers(load_config(config_path), path=config_path)}
+    if peer.url in configured:
+        return Step(f"peer {peer.name}", "ok", f"{peer.url} is a peer already")
+    if not is_dry_run:
+        add_peer(config_path, peer.url, name=peer.name)
+    return Step(f"peer {peer.name}", "changed",
+                f"{'would add' if is_dry_run else 'added'} {peer.url} to {config_path}; serve syncs with it")
+
+
+def _join_step(config_path: str, *, bind: str, port: int, peer_url: str | None, token: str,
+               is_dry_run: bool) -> Step:
+    """Give the command that joins another host to this one, with the token: on a terminal only."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if is_loopback(bind):
+        return Step("join", "ok", f"bound to {bind}: other hosts cannot reach this one",
+                    "to join others, run setup again with --bind ADDRESS (this host's address on their network)")
+    here = socket.gethostname() if bind in WILDCARD_HOSTS else bind
+    url = f"http://{'[' + here + ']' if ':' in here else here}:{port}"
+    there = urlsplit(peer_url).hostname if peer_url else "THEIR_ADDRESS"
+    python = os.path.basename(sys.executable)
+    line = f"CLARE_TOKEN={token} {python} clare.py setup --bind {there} --peer {url}"
+    who = "on that host" if peer_url else "on each other host (its own address)"
+    if is_dry_run:
+        return Step("join", "ok", f"would give the command to run {who}")
+    if sys.stdout.isatty():
+        # SECURITY: the token goes to a person's terminal only, never into a log or a pipe.
+        return Step("join", "todo", f"run {who}:", line)
+    path = os.path.join(os.path.dirname(os.path.abspath(config_path)), JOIN_FILE)
+    _write_private(path, line + "\n")
+    return Step("join", "todo", f"the command to run {who} (with the token) is in {path} (0600)",
+                f"run what {path} holds {who}")
+
+
+def format_steps(steps: list[Step]) -> str:
+    """Return one line per step (and its fix), for setup and doctor."""
+    width = max([STEP_NAME_CHARS, *(len(s.name) for s in steps)])
+    lines = []
+    for s in steps:
+        lines.append(f"{STEP_MARKS[s.state]:<6} {s.name:<{width}}  {s.detail}")
+        if s.fix:
+            lines.append(f"{'':<6} {'':<{width}}  fix: {s.fix}" if s.state == "failed" else
+                         f"{'':<6} {'':<{width}}  -> {s.fix}")
+    return "\n".join(lines)
+
+
+def cmd_setup(args: argparse.Namespace, ctx: Context) -> int:
+    """Set this host up in one idempotent run: database, token, launcher, unit, systemd, linger, hooks, peer."""
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port} is not a port; give 1-65535 (default {DEFAULT_PORT})")
+    if args.peer is not None:
+        check_peer(args.peer)
+    steps: list[Step] = []
+    for step in setup_steps(ctx, bind=args.bind, port=args.port, peer_url=args.peer, bin_dir=args.bin,
+                            is_dry_run=args.dry_run):
+        if args.dry_run and step.state == "changed":
+            step = dataclasses.replace(step, state="planned")
+        steps.append(step)
+        if not ctx.as_json:
+            print(format_steps([step]), flush=True)  # each step as it is done: a slow one shows where it is
+    n_todo = sum(s.state == "todo" for s in steps)
+    failed = [s for s in steps if s.state == "failed"]
+    summary = ("dry run: nothing was changed" if args.dry_run else
+               f"setup failed at {failed[0].name}" if failed else
+               f"set up; {n_todo} to do by hand (-> above), then check with: clare doctor" if n_todo else
+               "set up; check with: clare doctor")
+    emit(ctx, {"steps": steps, "dry_run": args.dry_run, "ok": not failed}, summary)
+    return 1 if failed else 0
+
+
+def doctor_checks(ctx: Context, *, env: dict[str, str] | None = None) -> Iterator[Step]:
+    """Check a host: unit, bind, token, peers, hooks, tmux, Claude Code, schema, fingerprint, disk space."""
+    import shutil
+
+    env = os.environ if env is None else env
+    unit = _read_text(unit_path(env))
+    argv = _unit_argv(unit) if unit else []
+    host, port = _arg_after(argv, "--host", DEFAULT_HOST), int(_arg_after(argv, "--port", str(DEFAULT_PORT)))
+    yield _unit_check(unit is not None, unit_path(env))
+    config, token = _config_and_token(ctx)
+    yield _bind_check(host, port, token=token)
+    yield _token_check(ctx.paths.config, token, host=host)
+    if not os.path.exists(ctx.paths.db):
+        yield Step("database", "failed", f"no database at {ctx.paths.db}", "clare setup")
+        return
+    db = ctx.db
+    for peer in load_peers(config, path=ctx.paths.config):
+        yield _peer_check(db, peer, config)
+    status = hooks_status(settings_path(env), hook_command(ctx.paths.db))
+    missing = [e for e, v in status.items() if v != "installed"]
+    yield (Step("hooks", "failed", f"Clare's hooks are {'missing' if len(missing) == len(status) else 'not all'} "
+                f"in {settings_path(env)} ({', '.join(missing)})", "clare hooks install")
+           if missing else Step("hooks", "ok", f"installed in {settings_path(env)}"))
+    try:
+        yield Step("tmux", "ok", tmux_binary())
+    except ClareError as err:
+        yield Step("tmux", "failed", str(err).split(";")[0], "apt install tmux")
+    claude = shutil.which("claude", path=env.get("PATH")) or next(
+        (p for p in CLAUDE_PLACES if os.access(os.path.expanduser(p), os.X_OK)), None)
+    yield (Step("claude", "ok", os.path.abspath(os.path.expanduser(claude))) if claude else
+           Step("claude", "failed", "Claude Code (claude) is not on PATH nor in ~/.claude/local or ~/.local/bin",
+                "install Claude Code, or put the folder of 'claude' on PATH"))
+    version = get_meta(db.conn.cursor(), "schema_version")
+    yield Step("schema", "ok" if version == str(SCHEMA_VERSION) else "failed",
+               f"schema {version}, this clare.py's is {SCHEMA_VERSION}", "" if version == str(SCHEMA_VERSION)
+               else "upgrade clare.py on this host")
+    yield (Step("fingerprint", "failed", db.refusal.split("; ")[0], "clare init --new-id (the log is kept)")
+           if db.refusal else Step("fingerprint", "ok", f"this database was made here ({db.machine_id})"))
+    usage = shutil.disk_usage(os.path.dirname(os.path.abspath(ctx.paths.db)))
+    free = f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB"
+    yield (Step("disk", "ok", f"{free} where the database is") if usage.free >= MIN_FREE_BYTES else
+           Step("disk", "failed", f"only {free} where the database is (under {MIN_FREE_BYTES // 2**20} MiB)",
+                f"free space on the disk of {ctx.paths.db}"))
+
+
+def _arg_after(argv: list[str], flag: str, default: str) -> str:
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else default
+
+
+def _config_and_token(ctx: Context) -> tuple[dict[str, Any], str | None]:
+    try:
+        config = ctx.config
+        return config, resolve_token(config, path=ctx.paths.config)
+    except ClareError:
+        return {}, None  # the token check says what is wrong
+
+
+def _unit_check(has_unit: bool, path: str) -> Step:
+    import shutil
+
+    systemctl = shutil.which("systemctl")
+    if not has_unit:
+        return Step("unit", "failed", f"no unit at {path}", "clare setup")
+    if systemctl is None:
+        return Step("unit", "failed", "no systemctl here: the unit cannot run", "start clare serve yourself")
+    code, out = run_tool([systemctl, "--user", "is-active", "clare"])
+    if code == 0 and out == "active":
+        return Step("unit", "ok", "clare.service is active")
+    return Step("unit", "failed", f"clare.service is {out or 'not active'}",
+                "systemctl --user enable --now clare; see why: journalctl --user -u clare")
+
+
+def _bind_check(host: str, port: int, *, token: str | None) -> Step:
+    where = f"{'127.0.0.1' if host in WILDCARD_HOSTS else host}:{port}"
+    try:
+        answer = http_json(f"http://{where}", "/api/v1/sync/events?after=0&limit=1", method="GET", body=None,
+                           token=token, timeout_s=DOCTOR_TIMEOUT_S, hint_401="the token in clare.toml is not the "
+                           "one serve uses: restart it (systemctl --user restart clare)")
+    except ClareError as err:
+        return Step("bind", "failed", f"nothing answers as Clare on {where}: {str(err).split(';')[0]}",
+                    "systemctl --user restart clare (or run: clare serve)")
+    return Step("bind", "ok", f"Clare answers on {where} (machine id {answer.get('machine_id')})")
+
+
+def _token_check(path: str, token: str | None, *, host: str) -> Step:
+    if token is None:
+        return Step("token", "ok" if is_loopback(host) else "failed", f"no token in {path}",
+                    "" if is_loopback(host) else "clare setup (it makes one)")
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o600
+    if mode & 0o077:
+        return Step("token", "failed", f"{path} holds the token and others may read it (mode {mode:o})",
+                    f"chmod 600 {path}")
+    return Step("token", "ok", f"set, {path} is private ({mode:o})")
+
+
+def _peer_check(db: Db, peer: Peer, config: dict[str, Any]) -> Step:
+    report = SyncReport(name=peer.name, url=peer.url)
+    try:
+        transport = HttpPeer(peer.url, token=peer_token(peer, config), timeout_s=DOCTOR_TIMEOUT_S)
+        page = _call_timed(transport.pull, report, now_ms, after=0, limit=1)
+        check_peer_identity(db, _check_page(page, after=0)[0], where=peer.url)
+    except ClareError as err:
+        fix = "clare init --new-id (on the copy)" if "init --new-id" in str(err) else \
+            f"check that clare serve runs on {peer.url} and shares this host's token"
+        return Step(f"peer {peer.name}", "failed", str(err).split(";")[0], fix)
+    offset = report.offset_ms or 0
+    if abs(offset) > MAX_OFFSET_MS:
+        return Step(f"peer {peer.name}", "failed", f"{peer.url} answers; {skew_message(peer.name, offset)}",
+                    "fix the clock (NTP) on whichever host is wrong")
+    return Step(f"peer {peer.name}", "ok", f"{peer.url} answers, clock {_offset(offset)}")
+
+
+def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
+    """Check this host, one line per check with the fix for each failure; exit 1 if any failed."""
+    steps: list[Step] = []
+    for step in doctor_checks(ctx):
+        steps.append(step)
+        if not ctx.as_json:
+            print(format_steps([step]), flush=True)  # a peer that times out shows which one it is
+    failed = [s for s in steps if s.state == "failed"]
+    emit(ctx, {"checks": steps, "ok": not failed},
+         f"{len(failed)} of {len(steps)} checks failed" if failed else f"all {len(steps)} checks passed")
+    return 1 if failed else 0
 
 
 def cmd_project_new(args: argparse.Namespace, ctx: Context) -> None:
@@ -7233,7 +7727,8 @@ _SERVE_ARGS = (
 # locally and exit 0 whatever that environment says.
 LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("hooks", "install"), ("hooks", "uninstall"),
                             ("hooks", "status"), ("serve",), ("web",), ("peer", "add"), ("peer", "rm"),
-                            ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",)})
+                            ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",),
+                            ("setup",), ("doctor",)})
 
 COMMANDS: list[Command] = [
     Command(("init",), cmd_init, "create the database and this host's machine id (idempotent)",
@@ -7352,6 +7847,19 @@ COMMANDS: list[Command] = [
             "clare restore ~/backups/clare.db --yes",
             (arg("backup", help="a copy of this host's clare.db"),
              arg("--yes", action="store_true", help="really replace what the database holds now"))),
+    Command(("setup",), cmd_setup, "set this host up: database, token, launcher, systemd unit, hooks, peer "
+            "(idempotent)",
+            "python3 clare.py setup --bind 10.9.0.2\n  python3 clare.py setup --bind 10.9.0.3 --peer "
+            "http://10.9.0.2:8765\n  clare setup --dry-run",
+            (arg("--bind", default=DEFAULT_HOST, metavar="ADDR",
+                 help=f"the address serve listens on, this host's on the peers' network (default {DEFAULT_HOST}: "
+                      "no peer can reach it)"),
+             arg("--port", type=int, default=DEFAULT_PORT, help=f"its port (default {DEFAULT_PORT})"),
+             arg("--peer", metavar="URL", help="a host to sync with, e.g. http://10.9.0.2:8765"),
+             arg("--bin", default="~/.local/bin", help="folder for the launcher (default ~/.local/bin)"),
+             arg("--dry-run", action="store_true", help="print each step and change nothing"))),
+    Command(("doctor",), cmd_doctor, "check this host: unit, bind, token, peers, hooks, tmux, Claude Code, "
+            "database, disk", "clare doctor\n  clare doctor --json"),
     Command(("install",), cmd_install, "write a `clare` launcher that starts faster than python3 clare.py",
             "python3 clare.py install          # writes ~/.local/bin/clare\n  clare task list",
             (arg("--bin", default="~/.local/bin", help="folder for the launcher (default ~/.local/bin)"),)),
