@@ -7079,7 +7079,8 @@ def _join_step(config_path: str, *, bind: str, port: int, peer_url: str | None, 
     here = socket.gethostname() if bind in WILDCARD_HOSTS else bind
     url = f"http://{'[' + here + ']' if ':' in here else here}:{port}"
     there = urlsplit(peer_url).hostname if peer_url else "THEIR_ADDRESS"
-    python = os.path.basename(sys.executable)
+    python = os.path.basename(sys.executable)  # python3.11 where python3 is older: the other host likely too
+    python = python if re.fullmatch(r"python3(\.\d+)?", python) else "python3"
     line = f"CLARE_TOKEN={token} {python} clare.py setup --bind {there} --peer {url}"
     who = "on that host" if peer_url else "on each other host (its own address)"
     if is_dry_run:
@@ -7139,12 +7140,12 @@ def doctor_checks(ctx: Context, *, env: dict[str, str] | None = None) -> Iterato
     host, port = _arg_after(argv, "--host", DEFAULT_HOST), int(_arg_after(argv, "--port", str(DEFAULT_PORT)))
     yield _unit_check(unit is not None, unit_path(env))
     config, token = _config_and_token(ctx)
-    yield _bind_check(host, port, token=token)
+    db = ctx.db if os.path.exists(ctx.paths.db) else None
+    yield _bind_check(host, port, token=token, machine_id=db.machine_id if db else None)
     yield _token_check(ctx.paths.config, token, host=host)
-    if not os.path.exists(ctx.paths.db):
+    if db is None:
         yield Step("database", "failed", f"no database at {ctx.paths.db}", "clare setup")
         return
-    db = ctx.db
     for peer in load_peers(config, path=ctx.paths.config):
         yield _peer_check(db, peer, config)
     status = hooks_status(settings_path(env), hook_command(ctx.paths.db))
@@ -7201,7 +7202,7 @@ def _unit_check(has_unit: bool, path: str) -> Step:
                 "systemctl --user enable --now clare; see why: journalctl --user -u clare")
 
 
-def _bind_check(host: str, port: int, *, token: str | None) -> Step:
+def _bind_check(host: str, port: int, *, token: str | None, machine_id: str | None) -> Step:
     where = f"{'127.0.0.1' if host in WILDCARD_HOSTS else host}:{port}"
     try:
         answer = http_json(f"http://{where}", "/api/v1/sync/events?after=0&limit=1", method="GET", body=None,
@@ -7210,7 +7211,11 @@ def _bind_check(host: str, port: int, *, token: str | None) -> Step:
     except ClareError as err:
         return Step("bind", "failed", f"nothing answers as Clare on {where}: {str(err).split(';')[0]}",
                     "systemctl --user restart clare (or run: clare serve)")
-    return Step("bind", "ok", f"Clare answers on {where} (machine id {answer.get('machine_id')})")
+    if machine_id is not None and answer.get("machine_id") != machine_id:
+        return Step("bind", "failed", f"another Clare answers on {where} (machine id "
+                    f"{str(answer.get('machine_id'))[:63]}, this database's is {machine_id})",
+                    "stop the other one, or give this host another port: clare setup --port PORT")
+    return Step("bind", "ok", f"Clare answers on {where} (machine id {machine_id})")
 
 
 def _token_check(path: str, token: str | None, *, host: str) -> Step:
