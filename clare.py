@@ -31,17 +31,17 @@ import sqlite3
 import string
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 # The first statement after the imports, so that every command (and `import clare`) on an older
 # Python says this in one line instead of a traceback. The lines above, and the grammar of this
 # whole file, must stay readable by Python 3.8 (tests/test_hosts.py parses it so).
-if sys.version_info < (3, 11):
-    sys.exit("clare: error: Clare needs Python 3.11 or newer, this is Python %d.%d; install python3.11 "
-             "(e.g. apt install python3.11, or from python.org) and run: python3.11 clare.py ..."
-             % tuple(sys.version_info[:2]))
+if sys.version_info < (3, 11):  # noqa: UP036 (ruff targets 3.11; this line is for the Pythons before it)
+    sys.exit(f"clare: error: Clare needs Python 3.11 or newer, this is Python {sys.version_info[0]}."
+             f"{sys.version_info[1]}; install python3.11 (e.g. apt install python3.11, or from python.org) "
+             "and run: python3.11 clare.py ...")
 
 __version__ = "0.1.0"
 
@@ -52,7 +52,11 @@ __version__ = "0.1.0"
 
 PROJECT_STATUSES = ("active", "paused", "done")
 TASK_STATUSES = ("todo", "in_progress", "blocked", "done")
-PRIORITIES = range(0, 5)  # 0 is the most urgent, as in P0
+STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocked", "done": "done"}
+SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
+UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
+DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
+PRIORITIES = range(5)  # 0 is the most urgent, as in P0
 DEFAULT_PRIORITY = 2
 MAX_NAME_CHARS = 100
 MAX_TITLE_CHARS = 300
@@ -92,7 +96,7 @@ class Paths:
 
 
 def resolve_paths(*, home: str | None = None, db: str | None = None,
-                  env: dict[str, str] | None = None) -> Paths:
+                  env: Mapping[str, str] | None = None) -> Paths:
     """Return where the database and config live: --db, --home, CLARE_HOME, then XDG."""
     env = os.environ if env is None else env
     home = home or env.get("CLARE_HOME")
@@ -119,7 +123,7 @@ def load_config(path: str) -> dict[str, Any]:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
 
 
-def resolve_token(config: dict[str, Any], *, env: dict[str, str] | None = None,
+def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = None,
                   path: str = "clare.toml") -> str | None:
     """Return the bearer token: CLARE_TOKEN, else `token` in clare.toml, else None; refuse a weak one.
 
@@ -685,7 +689,7 @@ def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
             (ev.uuid, ev.hlc, ev.machine_id, ev.event_type, payload_text, ev.created_at, digest))
         if cur.rowcount == 1:
             inserted.append(Event(ev.uuid, ev.hlc, ev.machine_id, ev.event_type, ev.payload, ev.created_at,
-                                  cur.lastrowid))  # dataclasses.replace costs 3x as much
+                                  cur.lastrowid or 0))  # dataclasses.replace costs 3x as much
         elif cur.execute("SELECT hash FROM events WHERE uuid = ?", (ev.uuid,)).fetchone()[0] == digest:
             n_duplicates += 1
         else:
@@ -739,7 +743,7 @@ def list_events_after(db: Db, *, after: int, limit: int, max_chars: int) -> list
 def get_events_by_uuid(db: Db, uuids: Iterable[str]) -> list[Event]:
     """Return the stored events among `uuids`, in (hlc, uuid) order."""
     wanted = list(uuids)
-    found = []
+    found: list[sqlite3.Row] = []
     for i in range(0, len(wanted), 500):  # stay under SQLite's host-parameter limit
         chunk = wanted[i:i + 500]
         found += db.conn.execute(
@@ -961,15 +965,12 @@ CREATE TABLE event_refs (                       -- which events name which entit
 """
 PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs", "sessions", "broadcasts", "deliveries")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
-UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
 
-SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
 SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
                   "last_activity_at", "label", "tokens")
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
-DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
 MAX_RECIPIENTS = 500
 # What a typed text must never hold: an ESC could end the bracketed paste ("\x1b[201~") and type
 # the rest as keys; C1 codes are escapes to some terminals. Newline and tab stay.
@@ -1603,7 +1604,7 @@ def _session_from_row(row: sqlite3.Row) -> Session:
 def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
                   include_gone: bool = True) -> list[Session]:
     """Return sessions by id prefix or host, ordered by host, tmux target and id."""
-    sql, params = _SESSION_SELECT, []
+    sql, params = _SESSION_SELECT, list[str]()
     if prefix is not None:
         sql += " AND s.id >= ? AND s.id < ?"
         params += (prefix, prefix + "~")
@@ -1907,8 +1908,10 @@ def assign_task(db: Db, ref: str, *, session_id: str | None = None, group_ref: s
         session_id = _check_prefix("session", session_id)
     with write_txn(db) as cur:
         task = get_task(db, ref)
-        target = ({"session_id": get_session(db, session_id).id} if session_id is not None
-                  else {"group_id": get_group(db, group_ref).id})
+        if session_id is not None:
+            target = {"session_id": get_session(db, session_id).id}
+        elif group_ref is not None:
+            target = {"group_id": get_group(db, group_ref).id}
         if (task.session_id, task.group_id) != (target.get("session_id"), target.get("group_id")):
             record(db, cur, "task.assigned", {"task_id": task.id, **target}, now_ms=now_ms)
     return get_task(db, task.id)
@@ -2059,7 +2062,7 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
     _check_prefix("session", session_id)
     if mark.state is not None:
         _check_choice("session state", mark.state, SESSION_STATES)
-    events = []
+    events: list[Event] = []
     with write_txn(db) as cur:
         save_hook_mark(cur, session_id, mark)
         stored = list_hook_marks(db, session_id=session_id)[session_id]
@@ -2433,7 +2436,7 @@ class PullResult:
     warnings: list[str]  # adapters and commands that failed; the pull went on without them
 
 
-def claude_home(env: dict[str, str] | None = None) -> str:
+def claude_home(env: Mapping[str, str] | None = None) -> str:
     """Return Claude Code's folder: $CLAUDE_CONFIG_DIR, else ~/.claude."""
     env = os.environ if env is None else env
     return env.get(CLAUDE_ENV_DIR) or os.path.join(os.path.expanduser("~"), ".claude")
@@ -2456,7 +2459,7 @@ def tmux_binary() -> str:
     return os.path.abspath(found)
 
 
-def tmux_sockets(env: dict[str, str] | None = None) -> list[str]:
+def tmux_sockets(env: Mapping[str, str] | None = None) -> list[str]:
     """Return the socket of every tmux server of this user, found the way tmux finds its own."""
     import stat
 
@@ -2528,7 +2531,7 @@ def capture_panes(socket: str, pane_ids: list[str], *, lines: int = SCREEN_LINES
     p = run_tmux(socket, *args[:-1]) if args else None
     if p is None or p.returncode != 0:  # tmux stops at a failed command: one pane closed meanwhile
         return {i: screen for i in pane_ids if (screen := capture_pane(socket, i, lines=lines)) is not None}
-    return dict(zip(pane_ids, p.stdout.split(mark + "\n")))
+    return dict(zip(pane_ids, p.stdout.split(mark + "\n"), strict=False))
 
 
 def shows_permission_dialog(screen: str) -> bool:
@@ -2548,7 +2551,7 @@ def process_tree() -> tuple[dict[int, tuple[int, int]], dict[int, list[int]]]:
 
 def read_procs() -> dict[int, tuple[int, int]]:
     """Return every process of this host as pid -> (ppid, start time in clock ticks)."""
-    procs = {}
+    procs: dict[int, tuple[int, int]] = {}
     try:
         names = os.listdir("/proc")
     except OSError:  # no /proc (not Linux): no process is found, and the pull still works
@@ -2735,7 +2738,7 @@ def parse_tail(lines: list[bytes]) -> dict[str, Any]:
             continue
         if not isinstance(obj, dict):
             continue
-        key = TITLE_TYPES.get(obj.get("type"))
+        key = TITLE_TYPES.get(str(obj.get("type")))
         if key and "label" not in info and isinstance(obj.get(key), str):
             info["label"] = obj[key]
         when = _iso_to_ms(obj.get("timestamp"))
@@ -2896,9 +2899,9 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
     registry = read_registry(claude_dir, procs)
     marks = list_hook_marks(db)
     hooked: dict[tuple[str | None, str], tuple[int, str]] = {}
-    for sid, m in marks.items():
-        if m.pane_id and (m.at_ms, sid) > hooked.get((m.tmux_socket, m.pane_id), (0, "")):
-            hooked[(m.tmux_socket, m.pane_id)] = (m.at_ms, sid)
+    for marked, m in marks.items():
+        if m.pane_id and (m.at_ms, marked) > hooked.get((m.tmux_socket, m.pane_id), (0, "")):
+            hooked[(m.tmux_socket, m.pane_id)] = (m.at_ms, marked)
     boot_ms, tick_ms = _boot_ms(), 1000 / os.sysconf("SC_CLK_TCK")
     claude_panes, unreachable = [], []
     for socket in tmux_sockets():
@@ -2910,7 +2913,7 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
             pid = None if pane.is_dead else find_claude(pane.pid, children, argv_of, registered=registry)
             if pid is not None:
                 claude_panes.append((pane, pid))
-    found: list[tuple[str, Pane | None, int]] = []
+    found: list[tuple[str, Pane, int]] = []
     unresolved = []
     for pane, pid in claude_panes:
         started_ms = boot_ms + int(procs[pid][1] * tick_ms) if pid in procs else 0
@@ -2923,7 +2926,7 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
         else:
             unresolved.append((pane, pid, started_ms))
     cwd_of = {pid: _proc_cwd(pid) or pane.cwd for pane, pid in claude_panes}
-    sharing = {}
+    sharing: dict[str, int] = {}
     for _, pid in claude_panes:
         sharing[cwd_of[pid]] = sharing.get(cwd_of[pid], 0) + 1
     ambiguous = []
@@ -2934,9 +2937,9 @@ def observe_host(db: Db, *, claude_dir: str, idle_after_ms: int, now_ms: int,
         else:
             ambiguous.append(pane)
     in_panes = {pid for _, _, pid in found}
-    found = _one_pane_per_session(found, registry=registry, ambiguous=ambiguous)
-    found += [(e["sessionId"], None, pid) for pid, e in registry.items() if pid not in in_panes]
-    return _observe(db, found, registry=registry, marks=marks, cwd_of=cwd_of, argv_of=argv_of,
+    kept = _one_pane_per_session(found, registry=registry, ambiguous=ambiguous)
+    kept += [(e["sessionId"], None, pid) for pid, e in registry.items() if pid not in in_panes]
+    return _observe(db, kept, registry=registry, marks=marks, cwd_of=cwd_of, argv_of=argv_of,
                     claude_dir=claude_dir, idle_after_ms=idle_after_ms, now_ms=now_ms), ambiguous, unreachable
 
 
@@ -2977,7 +2980,8 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
     for socket in {pane.socket for _, pane, _ in found if pane}:
         ids = [pane.pane_id for _, pane, _ in found if pane and pane.socket == socket]
         screens.update({(socket, i): text for i, text in capture_panes(socket, ids).items()})
-    fresh, observations, seen = [], [], set()
+    fresh: list[tuple[str, str | None, int, int, dict[str, Any]]] = []
+    observations, seen = [], set()
     for sid, pane, pid in found:
         if sid in seen or not UUID_RE.match(sid):
             continue
@@ -2986,7 +2990,7 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         cwd = cwd_of.get(pid) or entry.get("cwd") or _proc_cwd(pid) or ""
         path = find_transcript(claude_dir, cwd, sid)
         reading = read_transcript(path, cache.get(path)) if path else None
-        if reading is not None and reading is not cache.get(path):
+        if path is not None and reading is not None and reading is not cache.get(path):
             fresh.append((path, sid, *reading))
         info = reading[2] if reading else {}
         screen = screens.get((pane.socket, pane.pane_id)) if pane else None
@@ -2994,8 +2998,8 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         registry_ms = entry.get("statusUpdatedAt")
         state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=str(entry.get("status")),
                              registry_ms=registry_ms if isinstance(registry_ms, int) else None,
-                             hook=mark and mark.state,
-                             hook_ms=mark and mark.at_ms,
+                             hook=mark.state if mark else None,
+                             hook_ms=mark.at_ms if mark else None,
                              shows_dialog=bool(screen and shows_permission_dialog(screen)), now_ms=now_ms,
                              idle_after_ms=idle_after_ms)
         observations.append(Observation(
@@ -3008,7 +3012,7 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
 
 
 def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = False,
-               env: dict[str, str] | None = None) -> PullResult:
+               env: Mapping[str, str] | None = None) -> PullResult:
     """Look at this host's Claude sessions and record what changed (nothing when nothing did).
 
     Also: ingest spooled hook reports, deliver other hosts' broadcasts, and with `tails` store
@@ -3159,8 +3163,8 @@ def hook_state(payload: dict[str, Any]) -> str | None:
     """Return the session state a hook report implies, or None when it implies none."""
     event = payload.get("hook_event_name")
     if event != "Notification":
-        return HOOK_STATES.get(event)
-    state = NOTIFICATION_STATES.get(payload.get("notification_type"))
+        return HOOK_STATES.get(str(event))
+    state = NOTIFICATION_STATES.get(str(payload.get("notification_type")))
     message = str(payload.get("message", ""))
     # COMPAT: versions before notification_type said it only in the message.
     if state is None and "permission" in message:
@@ -3225,7 +3229,7 @@ def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]
     mark = HookMark(socket if isinstance(socket, str) else None,
                     pane if isinstance(pane, str) and pane.startswith("%") else None,
                     hook_state(p), event, int(report.get("at_ms") or now_ms))
-    cwd = p.get("cwd") if isinstance(p.get("cwd"), str) else ""
+    cwd = p["cwd"] if isinstance(p.get("cwd"), str) else ""
     return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", now_ms=now_ms)
 
 
@@ -3257,7 +3261,7 @@ def ingest_spool(db: Db, *, now_ms: int) -> int:
     return n_reports
 
 
-def settings_path(env: dict[str, str] | None = None) -> str:
+def settings_path(env: Mapping[str, str] | None = None) -> str:
     """Return Claude Code's user settings file."""
     return os.path.join(claude_home(env), "settings.json")
 
@@ -3393,7 +3397,7 @@ def _delivery_lock(db: Db) -> Iterator[None]:
 
 def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM_S) -> list[Delivery]:
     """Deliver the broadcasts other hosts sent to this host's sessions; expire the stale ones."""
-    done = []
+    done: list[Delivery] = []
     if not list_deliveries(db, pending_on=db.machine_id):
         return done
     with _delivery_lock(db):
@@ -3762,8 +3766,8 @@ def sync_with(db: Db, peer: PeerTransport, *, name: str, wall: Callable[[], int]
 def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms,
               progress: Progress | None = None) -> None:
     """Store every event the peer holds past our cursor on its log, a page per transaction."""
-    known = {s.url: (s.machine_id, s.db_id) for s in list_peer_status(db)}.get(peer.url)
-    after = get_cursor(db, *known)[0] if known and known[0] else 0
+    known = {s.url: (s.machine_id, s.db_id) for s in list_peer_status(db) if s.machine_id and s.db_id}.get(peer.url)
+    after = get_cursor(db, *known)[0] if known else 0
     total, n_restarts = None, 0
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
@@ -3824,10 +3828,9 @@ def check_peer_identity(db: Db, identity: tuple[str, str], *, where: str) -> Non
 def _check_page(page: object, *, after: int) -> tuple[tuple[str, str], int, int]:
     """Return the identity, head and next cursor of a pulled page; raise if it is malformed."""
     # SECURITY: the whole page comes from the network.
-    ok = (isinstance(page, dict) and isinstance(page.get("events"), list)
-          and isinstance(page.get("has_more"), bool) and len(page["events"]) <= MAX_SYNC_BATCH)
     try:
-        if not ok:
+        if not (isinstance(page, dict) and isinstance(page.get("events"), list)
+                and isinstance(page.get("has_more"), bool) and len(page["events"]) <= MAX_SYNC_BATCH):
             raise ClareError("no events list")
         identity = _check_identity(page)
         head = _check_count("head", page.get("head"))
@@ -3863,7 +3866,7 @@ def _call_timed(call: Callable[..., dict[str, Any]], report: SyncReport, wall: C
 def push_to(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms,
             progress: Progress | None = None) -> None:
     """Send the peer every event of ours past its push cursor, a batch per request."""
-    if report.machine_id is None:
+    if report.machine_id is None or report.db_id is None:
         raise ClareError("push before pull: the peer's identity is not known yet")
     identity = (report.machine_id, report.db_id)
     pushed = get_cursor(db, *identity)[1]
@@ -3884,7 +3887,8 @@ def push_to(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[
 
 def _batches(events: Iterable[Event]) -> Iterator[list[Event]]:
     """Group events into batches under PUSH_BATCH_EVENTS and PUSH_BATCH_BYTES."""
-    batch, n_bytes = [], 0
+    batch: list[Event] = []
+    n_bytes = 0
     for ev in events:
         # Bytes, not characters: a payload of CJK text is three times longer in UTF-8.
         size = len(canonical_json(ev.payload).encode()) + 300  # the payload dominates; 300 covers the rest
@@ -3922,7 +3926,10 @@ def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callab
     theirs = _answer_field(_call_timed(peer.digest, report, wall), "days", dict)
     ours = sync_digest(db, now_ms=wall())["days"]
     days = sorted(d for d in set(theirs) | set(ours) if theirs.get(d) != ours.get(d) and DAY_RE.match(d))
-    found = {"days": len(set(theirs) | set(ours)), "days_differ": days, "fetched": 0, "sent": 0}
+    if report.machine_id is None or report.db_id is None:
+        raise ClareError("verify before pull: the peer's identity is not known yet")
+    identity = (report.machine_id, report.db_id)
+    found: dict[str, Any] = {"days": len(set(theirs) | set(ours)), "days_differ": days, "fetched": 0, "sent": 0}
     for day in days:
         their_uuids = {u for u in _answer_field(peer.day(day), "uuids", list) if isinstance(u, str)} \
             if day in theirs else set()
@@ -3940,7 +3947,7 @@ def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callab
             answer = peer.push({"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
                                 "events": [ev.to_json() for ev in batch]})
             before = report.n_pushed
-            _count_accept(answer, (report.machine_id, report.db_id), report)
+            _count_accept(answer, identity, report)
             found["sent"] += report.n_pushed - before
     report.verify = found
 
@@ -4166,7 +4173,7 @@ def find_peer(peers: list[Peer], ref: str) -> Peer:
     raise NotFound(f"no peer named {ref!r}; list them with: clare peer list (or give its URL)")
 
 
-def peer_token(peer: Peer, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str | None:
+def peer_token(peer: Peer, config: dict[str, Any], *, env: Mapping[str, str] | None = None) -> str | None:
     """Return the token to send to a peer: its token_env variable, else CLARE_TOKEN, else clare.toml's token."""
     env = os.environ if env is None else env
     if peer.token_env:
@@ -4177,7 +4184,7 @@ def peer_token(peer: Peer, config: dict[str, Any], *, env: dict[str, str] | None
     return resolve_token(config, env=env)
 
 
-def list_peers(db: Db, peers: list[Peer]) -> list[dict[str, Any]]:
+def list_peers(db: Db, peers: Sequence[Peer]) -> list[dict[str, Any]]:
     """Return each configured peer with what its last sync did, then peers synced by URL only."""
     status = {s.url: s for s in list_peer_status(db)}
     rows = [{**p.to_json(), "is_configured": True, **_status_json(status.pop(p.url, None))} for p in peers]
@@ -4262,7 +4269,7 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
                     log(f"sync with {peer.name}: reachable again")
                 n_failures = 0
                 if report.is_skewed and not was_skewed:
-                    log(f"warning: {skew_message(peer.name, report.offset_ms)}")
+                    log(f"warning: {skew_message(peer.name, report.offset_ms or 0)}")
                 was_skewed = report.is_skewed
             except ClareError as err:  # one peer's failure never ends the thread
                 n_failures += 1
@@ -4398,7 +4405,7 @@ def is_loopback(host: str) -> bool:
 
 
 def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: str = DEFAULT_HOST,
-               port: int = DEFAULT_PORT, env: dict[str, str] | None = None, log_requests: bool = False) -> WebConfig:
+               port: int = DEFAULT_PORT, env: Mapping[str, str] | None = None, log_requests: bool = False) -> WebConfig:
     """Take token, allowed host names and peers from CLARE_TOKEN and clare.toml (`settings`, else read here).
 
     Refuse an open bind without a token.
@@ -4617,7 +4624,8 @@ def check_media(config: WebConfig, method: str, path: str, headers: dict[str, st
         # SECURITY: a cross-site page can POST text/plain or a form without a preflight;
         # application/json it cannot.
         if (body or method != "DELETE") and ctype != "application/json":
-            raise HttpError(415, f"send the body as JSON with 'Content-Type: application/json' (got {ctype or 'none'!r})")
+            raise HttpError(415, "send the body as JSON with 'Content-Type: application/json' "
+                                 f"(got {ctype or 'none'!r})")
         return
     if body and ctype != "application/x-www-form-urlencoded":
         raise HttpError(415, f"send the form as application/x-www-form-urlencoded (got {ctype or 'none'!r})")
@@ -4625,7 +4633,8 @@ def check_media(config: WebConfig, method: str, path: str, headers: dict[str, st
     if token is None and body:
         from urllib.parse import parse_qs
 
-        token = (parse_qs(body.decode(errors="replace"), max_num_fields=200).get("csrf") or [None])[-1]
+        fields = parse_qs(body.decode(errors="replace"), max_num_fields=200).get("csrf")
+        token = fields[-1] if fields else None
     # SECURITY: the per-install CSRF token rides in every page (hx-headers and a hidden field).
     if not same_secret(token, config.csrf_token):
         raise HttpError(403, "missing or stale form token; reload the page and try again")
@@ -4705,8 +4714,8 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     db = None
     h.body_is_read, h.body_size = False, None
     try:
-        if error is not None:
-            raise error
+        if error is not None or message is None:
+            raise error or HttpError(400, "the request cannot be read")
         check_host(config, message.get_all("Host") or [])
         size = h.body_size = check_length(path, headers, n_lengths=len(message.get_all("Content-Length") or []))
         handler, params = _route(method, path)
@@ -4730,7 +4739,7 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         return
     except ClareError as err:
         resp = _error_response(err, is_api=is_api, is_htmx=headers.get("hx-request") == "true")
-    except Exception:  # noqa: BLE001 - the edge: a bug must cost one 500, not the server
+    except Exception:
         import traceback
 
         traceback.print_exc(file=sys.stderr)
@@ -4808,13 +4817,15 @@ def _define_server() -> type:
             return n
 
     class Handler(BaseHTTPRequestHandler):
+        server: "Server"  # the class below: its config, enter() and leave()
         protocol_version = "HTTP/1.1"  # keep-alive
         server_version = f"clare/{__version__}"
         sys_version = ""
 
         def setup(self) -> None:
             config = self.server.config
-            self.timeout = config.timeout_s  # every read and write on the socket
+            # typeshed calls `timeout` a ClassVar, but setup() reads it from the instance: one value per server.
+            self.timeout = config.timeout_s  # type: ignore[misc]  # every read and write on the socket
             super().setup()
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.rfile.close()  # its socket file would keep the socket open after the request
@@ -5085,7 +5096,8 @@ progress::-moz-progress-bar{background:var(--green);border-radius:4px}
 ul.feed{list-style:none;margin:0;padding:0}
 ul.feed li{padding:.45rem 0;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
 ul.feed li:last-child{border-bottom:0}
-.attention{border-left:4px solid var(--amber)}label.check{flex-basis:100%;flex-direction:row;font-size:.85rem}.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
+.attention{border-left:4px solid var(--amber)}label.check{flex-basis:100%;flex-direction:row;font-size:.85rem}
+.line{display:flex;flex-wrap:wrap;gap:.2rem .5rem;align-items:center}
 ul.feed time{display:block;color:var(--muted);font-size:.76rem}
 pre.text{white-space:pre-wrap;overflow-wrap:anywhere;font:inherit;margin:.2rem 0}
 form.row{display:flex;flex-wrap:wrap;gap:.55rem;align-items:flex-end;margin:0 0 .8rem}
@@ -5111,7 +5123,10 @@ dl.facts dt{color:var(--muted);font-size:.85rem}dl.facts dd{margin:0;overflow-wr
 .htmx-request{opacity:.65;transition:opacity .2s}
 footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
 @media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
-.host{display:none}.hide-sm{display:none}.stats{grid-template-columns:repeat(3,1fr);gap:.5rem}.stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}nav a{padding:.25rem .4rem;font-size:.93rem}.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
+.host{display:none}.hide-sm{display:none}.stats{grid-template-columns:repeat(3,1fr);gap:.5rem}
+.stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}
+nav a{padding:.25rem .4rem;font-size:.93rem}
+.card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 </style>
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
 </head>
@@ -5238,13 +5253,17 @@ FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
 <section class="card"><h2>Projects</h2>$table</section>
 </div>""")
 PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
-<thead><tr><th>Project</th><th class="hide-sm">Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Sessions</th>
+<thead><tr><th>Project</th><th class="hide-sm">Status</th><th>Tasks</th><th class="hide-sm">Done</th>
+<th class="hide-sm">Sessions</th>
 <th class="hide-sm">Owner</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
-PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a><div class="muted small">$goal</div></td>
+PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a>
+<div class="muted small">$goal</div></td>
 <td class="hide-sm">$status</td><td><div class="counts">$counts</div></td>
-<td class="hide-sm"><progress value="$n_done" max="$n_total" title="$n_done of $n_total done">$n_done/$n_total</progress></td>
-<td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td><td class="hide-sm muted">$owner</td></tr>""")
+<td class="hide-sm"><progress value="$n_done" max="$n_total"
+title="$n_done of $n_total done">$n_done/$n_total</progress></td>
+<td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td>
+<td class="hide-sm muted">$owner</td></tr>""")
 FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
 <h2>Recent activity</h2>$body</section>""")
 PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
@@ -5298,13 +5317,15 @@ STATUS_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hi
 TASK_FORM = string.Template("""<section class="card" id="task-form"$oob>
 <h2>Add a task</h2>
 <form class="row" $attrs>$csrf
-<label class="wide">Title<input name="title" required maxlength="300" placeholder="write the parser" autocomplete="off"></label>
+<label class="wide">Title<input name="title" required maxlength="300" placeholder="write the parser"
+autocomplete="off"></label>
 <label>Priority<select name="priority">$priorities</select></label>
 <label class="wide">Description<textarea name="description" maxlength="20000"></textarea></label>
 <button type="submit">Add task</button>
 </form></section>""")
 
-MAIN_TASK = string.Template("""<p class="muted small"><a href="/projects">Projects</a> / <a href="/projects/$project_id">$project</a> /</p>
+MAIN_TASK = string.Template("""<p class="muted small"><a href="/projects">Projects</a> /
+<a href="/projects/$project_id">$project</a> /</p>
 <h1>$title</h1>
 <p class="sub">$short_id · P$priority</p>
 <div class="grid">
@@ -5633,13 +5654,16 @@ NEEDS_PERSON = ("permission", "waiting")
 FRAG_ATTENTION = string.Template("""<section class="card attention" id="frag-attention" $poll>
 <h2>Needs you</h2>$body</section>""")
 ATTENTION_LIST = string.Template('<ul class="feed" hx-disable>$items</ul>')
-ATTENTION_ITEM = string.Template("""<li><div class="line">$state <b>$label</b> <span class="muted small">$since</span></div>
-<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>$task</li>""")
+ATTENTION_ITEM = string.Template("""<li><div class="line">$state <b>$label</b> <span class="muted small">$since</span>
+</div>
+<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>
+$task</li>""")
 TASK_LINK = string.Template('<div class="small">task <a href="/tasks/$id">$title</a></div>')
 FRAG_FLEET = string.Template("""<section class="card" id="frag-fleet" $poll>
 <h2>Sessions</h2>$table</section>""")
 FLEET_TABLE = string.Template("""<div class="scroll"><table>
-<thead><tr><th>State</th><th>Session</th><th>Where</th><th>Task</th><th>Active</th><th class="hide-sm">Tokens</th></tr></thead>
+<thead><tr><th>State</th><th>Session</th><th>Where</th><th>Task</th><th>Active</th><th class="hide-sm">Tokens</th>
+</tr></thead>
 <tbody hx-disable>$rows</tbody></table></div>""")
 FLEET_ROW = string.Template("""<tr><td>$state</td>
 <td class="title"><b>$label</b><div class="mono muted small">$id</div></td>
@@ -5733,10 +5757,12 @@ as if typed at each keyboard: Claude may run commands because of it.</p>
 <section class="card"><h2>Message</h2>
 <form class="row" id="broadcast-form" $attrs>$csrf
 <label class="wide">To<select name="target" required $preview_attrs>$targets</select></label>
-<label class="wide">Text<textarea name="text" required maxlength="20000" placeholder="run the tests and commit"></textarea></label>
+<label class="wide">Text<textarea name="text" required maxlength="20000"
+placeholder="run the tests and commit"></textarea></label>
 <label class="check"><span><input type="checkbox" name="is_command" value="1"> a Claude command (/compact, !ls):
 send it without the [clare] prefix</span></label>
-<noscript><button class="ghost" type="submit" formmethod="get" formaction="/broadcast">Show recipients</button></noscript>
+<noscript><button class="ghost" type="submit" formmethod="get" formaction="/broadcast">Show recipients</button>
+</noscript>
 <button type="submit">Send</button>
 </form></section>
 $recipients
@@ -5745,7 +5771,8 @@ $result""")
 FRAG_RECIPIENTS = string.Template("""<section class="card" id="frag-recipients">
 <h2>Recipients</h2>$body</section>""")
 RECIPIENT_ITEM = string.Template("""<li><div class="line">$state <b>$label</b></div>
-<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>$note</li>""")
+<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>
+$note</li>""")
 RECIPIENT_NOTE = string.Template('<div class="small muted">$text</div>')
 COUNT_LINE = string.Template('<p class="small muted">$text</p>')
 FRAG_BROADCAST = string.Template("""<section class="card" id="broadcast-result" $poll>
@@ -6291,8 +6318,10 @@ def openapi_document() -> dict[str, Any]:
         if body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
-    schemas = {cls.__name__: json_schema(cls) for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery)}
-    for name, base, extra in (("ProjectStatus", "Project", {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
+    schemas = {cls.__name__: json_schema(cls)
+               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery)}
+    for name, base, extra in (("ProjectStatus", "Project",
+                               {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
                               ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
         schemas[name] = {**schemas[base], "required": [*schemas[base]["required"], *extra],
                          "properties": {**schemas[base]["properties"], **extra}}
@@ -6354,7 +6383,7 @@ LOCAL_ONLY_SERVICES = frozenset({"pull_fleet", "observe_sessions", "report_hook"
 
 def _build(cls: type, obj: dict[str, Any]) -> Any:
     """Rebuild a dataclass from its JSON object; fields the server added are ignored."""
-    return cls(**{name: obj[name] for name in cls.__slots__ if name in obj})
+    return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name in obj})
 
 
 class RemoteServices:
@@ -6621,7 +6650,6 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
 # 9. CLI: the argparse tree built from COMMANDS, handlers and text output.
 # ==========================================================================
 
-STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocked", "done": "done"}
 STEP_MARKS = {"ok": "ok", "changed": "done", "planned": "plan", "todo": "todo", "failed": "FAIL"}  # setup, doctor
 STEP_NAME_CHARS = 11  # the name column of setup's and doctor's lines
 JOIN_FILE = "join-command.txt"  # beside clare.toml: setup's command for the other side, without a terminal
@@ -6659,7 +6687,6 @@ UMask=0077
 WantedBy=default.target
 """)
 
-
 @dataclass(frozen=True, slots=True)
 class Command:
     path: tuple[str, ...]  # ("task", "add") is `clare task add`
@@ -6688,10 +6715,7 @@ class Context:
 
     @property
     def db(self) -> Db:
-        """Open the local database (creating it on first use)."""
-        if self.remote_url is not None:
-            raise UsageError(f"this command works on the local database only; run it without --remote "
-                             f"(now {self.remote_url}) and unset CLARE_URL")
+        """Open this host's database (creating it on first use); only LOCAL_COMMANDS handlers use it directly."""
         if self._db is None:
             self._db = open_db(self.paths.db)
         return self._db
@@ -6745,7 +6769,7 @@ def table(headers: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
     """Return rows as aligned columns under a header; the last column is never padded."""
     rows = [tuple("" if c is None else str(c) for c in r) for r in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in [headers, *rows]]
     return "\n".join(lines)
 
 
@@ -6800,8 +6824,8 @@ def init_host(ctx: Context, *, machine_id: str | None = None, is_new_id: bool = 
     elif machine_id and db.machine_id != machine_id:
         raise Conflict(f"{db.path} already has machine id {db.machine_id!r}; a database keeps its machine id "
                        "(use another --home for another one, or init --new-id to change it)")
-    return {"db": db.path, "machine_id": db.machine_id, "host_name": machine_host_name(db.machine_id), "db_id": db.db_id,
-            "created": not existed, "renewed": is_new_id and existed}
+    return {"db": db.path, "machine_id": db.machine_id, "host_name": machine_host_name(db.machine_id),
+            "db_id": db.db_id, "created": not existed, "renewed": is_new_id and existed}
 
 
 def launcher_text(python: str, folder: str) -> str:
@@ -6866,14 +6890,14 @@ class Step:
         return {"name": self.name, "state": self.state, "detail": self.detail, "fix": self.fix}
 
 
-def unit_path(env: dict[str, str] | None = None) -> str:
+def unit_path(env: Mapping[str, str] | None = None) -> str:
     """Return where the systemd user unit lives: $XDG_CONFIG_HOME/systemd/user/clare.service."""
     env = os.environ if env is None else env
     config = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return os.path.join(config, "systemd", "user", "clare.service")
 
 
-def unit_text(*, home: str | None, host: str, port: int, env: dict[str, str] | None = None) -> str:
+def unit_text(*, home: str | None, host: str, port: int, env: Mapping[str, str] | None = None) -> str:
     """Return the unit setup writes: this interpreter and clare.py by absolute path, bound to host:port."""
     import shutil  # only setup and doctor need it
 
@@ -6898,7 +6922,7 @@ def _unit_word(word: str) -> str:
 
 
 def setup_steps(ctx: Context, *, bind: str, port: int, peer_url: str | None, bin_dir: str,
-                is_dry_run: bool, env: dict[str, str] | None = None) -> Iterator[Step]:
+                is_dry_run: bool, env: Mapping[str, str] | None = None) -> Iterator[Step]:
     """Set this host up, one step at a time (each idempotent); yield what each step found or did.
 
     Over 80 lines: one step after the other, in the order a user would do them by hand.
@@ -7130,7 +7154,7 @@ def cmd_setup(args: argparse.Namespace, ctx: Context) -> int:
     return 1 if failed else 0
 
 
-def doctor_checks(ctx: Context, *, env: dict[str, str] | None = None) -> Iterator[Step]:
+def doctor_checks(ctx: Context, *, env: Mapping[str, str] | None = None) -> Iterator[Step]:
     """Check a host: unit, bind, token, peers, hooks, tmux, Claude Code, schema, fingerprint, disk space."""
     import shutil
 
@@ -7391,10 +7415,10 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
             raise UsageError("not inside a tmux pane; name the task: clare update TASK TEXT")
         socket = os.environ.get("TMUX", "").split(",")[0] or None
         u = ctx.svc.post_update(args.task, pane=(socket, pane_id))
-    emit(ctx, u, f"noted on task {u.task_id[:SHORT_ID]}: {short_text(u.text, 70)}")
+    emit(ctx, u, f"noted on task {(u.task_id or '-')[:SHORT_ID]}: {short_text(u.text, 70)}")
 
 
-def format_sessions(sessions: list[Session], ambiguous: list[Pane] = (), *,
+def format_sessions(sessions: list[Session], ambiguous: Sequence[Pane] = (), *,
                     empty: str = "no Claude sessions seen; run 'clare pull' on each host") -> str:
     """Return a session table, then one line per pane whose session is unknown."""
     now = now_ms()
@@ -7502,7 +7526,8 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
         sessions = table(("SESSION", "HOST", "TMUX", "STATE", "ACTIVE", "TOKENS", "TASK"), (
             (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
              tokens_text(s.tokens),
-             f"{s.task_id[:SHORT_ID]} {short_text(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
+             f"{s.task_id[:SHORT_ID]} {short_text(report.tasks[s.task_id].title, 50)}"
+             if s.task_id is not None and s.task_id in report.tasks
              else "-") for s in report.sessions)) if report.sessions else "no live sessions"
         return f"{projects}\n\n{sessions}"
     emit(ctx, report, text)
@@ -7611,7 +7636,7 @@ def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
             continue
         progress.close()
         if report.is_skewed:
-            print(f"clare: warning: {skew_message(peer.name, report.offset_ms)}", file=sys.stderr)
+            print(f"clare: warning: {skew_message(peer.name, report.offset_ms or 0)}", file=sys.stderr)
         for r in report.rejected[:5]:
             print(f"clare: {peer.name}: event {r.get('uuid')} refused: {r.get('reason')}", file=sys.stderr)
         results.append(report)
@@ -7730,6 +7755,9 @@ _SERVE_ARGS = (
 # Verbs that act on this host's own database file, config, tmux or hooks: --remote cannot carry them.
 # `hook` is not here: Claude runs it with the user's environment (CLARE_URL too), and it must record
 # locally and exit 0 whatever that environment says.
+# The one statement of what works on this host only (its database file, tmux, Claude hooks,
+# clare.toml): main() refuses these under --remote before they run. Only their handlers use
+# ctx.db (a test keeps that true); the others reach data through ctx.svc, local or remote.
 LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("hooks", "install"), ("hooks", "uninstall"),
                             ("hooks", "status"), ("serve",), ("web",), ("peer", "add"), ("peer", "rm"),
                             ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",),
@@ -7939,7 +7967,7 @@ def _terminal_columns() -> int:
         columns = 0
     if columns <= 0:
         try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]  # None: caught below
         except (AttributeError, ValueError, OSError):
             columns = 0
     return columns or 80

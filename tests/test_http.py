@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import clare
-from conftest import observe, CLARE_PY
+from conftest import CLARE_PY, observe
 
 
 def make_project(server, name="alpha", **extra):
@@ -349,7 +349,6 @@ def test_slow_client_is_cut_off(serve):
 
 def test_a_client_trickling_its_request_is_cut_off_at_the_deadline(serve):
     import select
-    import time
 
     s = serve(timeout_s=0.5, deadline_s=1.0)
     request = b"GET /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"a" * 400
