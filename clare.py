@@ -7695,6 +7695,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync and pull the fleet meanwhile."""
     import threading
 
+    if ctx.db.refusal is not None:  # a copy: everything serve does in the background writes
+        raise Conflict(ctx.db.refusal)
     settings = ctx.config
     config = web_config(ctx.paths, settings=settings, host=args.host, port=args.port, log_requests=args.log)
     peers = [] if args.no_sync else list(config.peers)

@@ -36,7 +36,7 @@ exit 0
 class Host:
     """One host on this machine: its own HOME, CLARE_HOME and PATH with stand-in systemctl and loginctl."""
 
-    def __init__(self, root: Path, *, tools: tuple[str, ...] = ("systemctl", "loginctl")):
+    def __init__(self, root: Path, *, tools: tuple[str, ...] = ("systemctl", "loginctl"), has_home: bool = True):
         self.root = root
         self.user = root / "user"
         self.home = root / "clare"
@@ -55,6 +55,9 @@ class Host:
                                  "TMUX", "TMUX_PANE")}
         self.env.update(HOME=str(self.user), CLARE_HOME=str(self.home), STAND_IN_LOG=str(self.log),
                         PATH=f"{self.bin}:{os.environ['PATH']}", TMUX_TMPDIR=str(root / "no-tmux"))
+        if not has_home:  # Clare's default places under HOME, as on a real host
+            del self.env["CLARE_HOME"]
+            self.home = self.user / ".config" / "clare"
 
     def run(self, *argv: str, env: dict | None = None, timeout: float = 60) -> Ran:
         p = subprocess.run([sys.executable, str(CLARE_PY), *map(str, argv)], capture_output=True, text=True,
@@ -160,6 +163,8 @@ def test_a_copied_database_refuses_writes_and_init_new_id_recovers_it(tmp_path):
     assert _n_events(b.home / "clare.db") == n_before  # nothing half-written
     assert "alpha" in b.run("project", "list").out  # reads still work
     assert b.run("init").code == 1  # init names the fix too
+    serve = b.run("serve", "--port", "0")  # serve writes in the background: it refuses to start
+    assert serve.code == 1 and "clare init --new-id" in serve.err
     assert a.run("project", "new", "gamma").code == 0  # the original is not affected
 
     renewed = b.run("init", "--new-id", "--json").json()
@@ -451,3 +456,47 @@ def test_doctor_without_a_database_says_to_run_setup(host):
     ran = host.run("doctor")
     assert ran.code == 1 and "no database at" in ran.out and "fix: clare setup" in ran.out
     assert not (host.home / "clare.db").exists()
+
+
+# --- the README's setup lines, run as written -----------------------------------------------------
+
+README_LINE = re.compile(r"\Ascp -r clare.py static (\w+): && ssh -t (\w+) (.+)\Z")
+
+
+def _readme_setup_lines() -> list[tuple[str, str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Three hosts in ten minutes", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = [README_LINE.match(line) for line in block.splitlines() if line.strip()]
+    assert all(lines) and len(lines) == 3, block
+    assert all(m[1] == m[2] for m in lines)
+    return [(m[1], m[3]) for m in lines]
+
+
+def test_the_readme_sets_up_three_hosts_with_setup_alone(tmp_path):
+    """Each line: scp copies clare.py and static/ into the host's HOME; ssh -t runs the rest there."""
+    hosts = {}
+    token = join_line = None
+    for name, command in _readme_setup_lines():
+        h = hosts[name] = Host(tmp_path / name, has_home=False)
+        shutil.copyfile(CLARE_PY, h.user / "clare.py")
+        shutil.copytree(ROOT / "static", h.user / "static")
+        if "TOKEN" in command:
+            address = re.search(r"--bind (\S+)", command)[1]
+            # The line the first host gave (in a private file, as there is no terminal in a test).
+            command = command.replace("CLARE_TOKEN=TOKEN", f"CLARE_TOKEN={token}")
+            assert command.replace(address, "THEIR_ADDRESS") == join_line
+        p = subprocess.run(["bash", "-c", command], cwd=h.user, env=h.env, capture_output=True, text=True,
+                           timeout=120, stdin=subprocess.DEVNULL)
+        assert p.returncode == 0, p.stdout + p.stderr
+        if token is None:
+            token = h.token()
+            join_line = (h.home / clare.JOIN_FILE).read_text().strip()
+    ids = {name: _meta(h.user / ".local" / "share" / "clare" / "clare.db")["machine_id"] for name, h in hosts.items()}
+    assert len(set(ids.values())) == 3
+    assert {h.token() for h in hosts.values()} == {token}
+    for name, address in (("apricot", "10.9.0.2"), ("banana", "10.9.0.3"), ("cherry", "10.9.0.4")):
+        h = hosts[name]
+        assert f"clare.py serve --host {address} --port 8765" in h.unit.read_text()
+        assert h.calls("systemctl")[:2] == ["--user daemon-reload", "--user enable clare"]
+        assert ('url = "http://10.9.0.2:8765"' in h.config.read_text()) == (name != "apricot")
