@@ -6651,6 +6651,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
 # ==========================================================================
 
 STEP_MARKS = {"ok": "ok", "changed": "done", "planned": "plan", "todo": "todo", "failed": "FAIL"}  # setup, doctor
+BIND_RE = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?\Z")  # a host name or IPv4 (IPv6: _is_ip)
 STEP_NAME_CHARS = 11  # the name column of setup's and doctor's lines
 JOIN_FILE = "join-command.txt"  # beside clare.toml: setup's command for the other side, without a terminal
 DOCTOR_TIMEOUT_S = 5.0  # per peer and for this host's own server
@@ -7134,6 +7135,9 @@ def cmd_setup(args: argparse.Namespace, ctx: Context) -> int:
     """Set this host up in one idempotent run: database, token, launcher, unit, systemd, linger, hooks, peer."""
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} is not a port; give 1-65535 (default {DEFAULT_PORT})")
+    if not BIND_RE.match(args.bind) and not _is_ip(args.bind):
+        raise UsageError(f"--bind {args.bind[:80]!r} is not an address; give this host's IP address or name on "
+                         "the peers' network (a port goes in --port)")
     if args.peer is not None:
         check_peer(args.peer)
     steps: list[Step] = []

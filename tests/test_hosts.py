@@ -500,3 +500,10 @@ def test_the_readme_sets_up_three_hosts_with_setup_alone(tmp_path):
         assert f"clare.py serve --host {address} --port 8765" in h.unit.read_text()
         assert h.calls("systemctl")[:2] == ["--user daemon-reload", "--user enable clare"]
         assert ('url = "http://10.9.0.2:8765"' in h.config.read_text()) == (name != "apricot")
+
+
+@pytest.mark.parametrize("argv", [["--bind", "10.9.0.2:8765"], ["--port", "70000"], ["--peer", "10.9.0.3"]])
+def test_setup_refuses_a_bad_argument_in_one_line_and_writes_nothing(host, argv):
+    ran = host.run("setup", *argv)
+    assert ran.code == 2 and ran.err.count("\n") == 1 and ran.err.startswith("clare: error: ")
+    assert not host.home.exists() and not host.unit.exists() and host.calls("systemctl") == []
