@@ -123,6 +123,27 @@ def load_config(path: str) -> dict[str, Any]:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
 
 
+def make_private_dir(folder: str) -> None:
+    """Create a folder (and missing parents) that only this user can enter (0700)."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+
+
+def write_private(path: str, text: str) -> None:
+    """Replace a file by `text` at once, readable by this user alone (0600), its folder made 0700 if new."""
+    make_private_dir(os.path.dirname(os.path.abspath(path)))
+    staging = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(staging, 0o600)  # O_CREAT's mode does not apply to a staging file left by a crash
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
+
+
 def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = None,
                   path: str = "clare.toml") -> str | None:
     """Return the bearer token: CLARE_TOKEN, else `token` in clare.toml, else None; refuse a weak one.
@@ -135,50 +156,35 @@ def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = Non
     return check_token(config.get("token") or None, where=f"'token' in {path}")
 
 
+def ensure_token(path: str, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str:
+    """Return the host's token; without CLARE_TOKEN or `token` in clare.toml, make one and write it there."""
+    token = resolve_token(config, env=env, path=path)
+    if token is not None:
+        return token
+    import secrets
+    import tomllib
+
+    token = secrets.token_urlsafe(32)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    # A top-level key must come before the first [table]: the token goes on the first line.
+    new_text = f"token = {json.dumps(token)}  # made by clare on first serve; the fleet may share one\n" + text
+    if tomllib.loads(new_text) != {**config, "token": token}:
+        raise ClareError(f"cannot add a token to {path} without changing its other settings; add a line "
+                         "token = \"...\" at its top (python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    write_private(path, new_text)
+    return token
+
+
 def check_token(token: object, *, where: str) -> str | None:
     """Return the token if it is text of MIN_TOKEN_CHARS or more; None stays None."""
     if token is not None and (not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS):
         raise UsageError(f"the token in {where} is shorter than {MIN_TOKEN_CHARS} characters (or not text); make "
                          "one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
     return token
-
-
-def ensure_token(path: str, *, given: str | None = None) -> tuple[str, str]:
-    """Return clare.toml's token and what was done: kept, stored (`given`, from another host) or made.
-
-    The file is made private (0600) either way: it holds the key to every host of the fleet.
-    """
-    config = load_config(path)
-    token = check_token(config.get("token") or None, where=f"'token' in {path}")
-    given = check_token(given, where="$CLARE_TOKEN")
-    if token is not None and given is not None and token != given:
-        raise Conflict(f"{path} holds another token than CLARE_TOKEN; a fleet shares one: unset CLARE_TOKEN to "
-                       "keep this host's, or delete the token line there to take CLARE_TOKEN's")
-    done = "kept"
-    if token is None:
-        import secrets  # only setup and serve make tokens
-
-        token, done = (given, "stored") if given else (secrets.token_urlsafe(32), "made")
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            text = ""
-        # A top-level key must come before the first [table]: the line goes first.
-        _write_private(path, f"token = {json.dumps(token)}\n" + text)
-    os.chmod(path, 0o600)
-    return token, done
-
-
-def _write_private(path: str, text: str) -> None:
-    """Replace a file by `text` at once, readable by its owner only (0700 folders, 0600 file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-    staging = path + ".tmp"
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(staging, 0o600)
-    os.replace(staging, path)
 
 
 def now_ms() -> int:
@@ -6952,7 +6958,7 @@ def setup_steps(ctx: Context, *, bind: str, port: int, peer_url: str | None, bin
                    f"token in {ctx.paths.config} (0600)")
         token = "TOKEN"
     else:
-        token, done = ensure_token(ctx.paths.config, given=given)
+        token, done = setup_token(ctx.paths.config, given=given)
         yield Step("token", "ok" if done == "kept" else "changed",
                    {"kept": "kept the", "stored": "stored CLARE_TOKEN as the", "made": "made a new"}[done]
                    + f" token in {ctx.paths.config} (0600)")
@@ -6967,7 +6973,7 @@ def setup_steps(ctx: Context, *, bind: str, port: int, peer_url: str | None, bin
     path, text = unit_path(env), unit_text(home=home, host=bind, port=port, env=env)
     unit_changed = _read_text(path) != text
     if unit_changed and not is_dry_run:
-        _write_private(path, text)
+        write_private(path, text)
     yield Step("unit", "changed" if unit_changed else "ok",
                f"{(would + 'write') if unit_changed and is_dry_run else 'wrote' if unit_changed else 'kept'} "
                f"{path} (serve on {bind}:{port})")
@@ -6999,6 +7005,28 @@ def setup_steps(ctx: Context, *, bind: str, port: int, peer_url: str | None, bin
         yield _peer_step(ctx.paths.config, peer_url, is_dry_run=is_dry_run)
     yield _join_step(ctx.paths.config, bind=bind, port=port, peer_url=peer_url, token=token,
                      is_dry_run=is_dry_run)
+
+
+def setup_token(path: str, *, given: str | None) -> tuple[str, str]:
+    """Return the fleet's token and what was done: kept, stored (`given`: CLARE_TOKEN, from another host) or made.
+
+    clare.toml ends private (0600) either way: the unit's serve reads the token there.
+    """
+    config = load_config(path)
+    token = check_token(config.get("token") or None, where=f"'token' in {path}")
+    given = check_token(given, where="$CLARE_TOKEN")
+    if token is not None and given is not None and token != given:
+        raise Conflict(f"{path} holds another token than CLARE_TOKEN; a fleet shares one: unset CLARE_TOKEN to "
+                       "keep this host's, or delete the token line there to take CLARE_TOKEN's")
+    if token is not None:
+        os.chmod(path, 0o600)
+        return token, "kept"
+    if given is None:
+        return ensure_token(path, config, env={}), "made"
+    text = _read_text(path) or ""
+    # As ensure_token writes it: a top-level key goes before the first [table].
+    write_private(path, f"token = {json.dumps(given)}  # the fleet's, given to setup in CLARE_TOKEN\n" + text)
+    return given, "stored"
 
 
 def _unit_argv(text: str) -> list[str]:
@@ -7114,7 +7142,7 @@ def _join_step(config_path: str, *, bind: str, port: int, peer_url: str | None, 
         # SECURITY: the token goes to a person's terminal only, never into a log or a pipe.
         return Step("join", "todo", f"run {who}:", line)
     path = os.path.join(os.path.dirname(os.path.abspath(config_path)), JOIN_FILE)
-    _write_private(path, line + "\n")
+    write_private(path, line + "\n")
     return Step("join", "todo", f"the command to run {who} (with the token) is in {path} (0600)",
                 f"run what {path} holds {who}")
 
@@ -7167,10 +7195,11 @@ def doctor_checks(ctx: Context, *, env: Mapping[str, str] | None = None) -> Iter
     argv = _unit_argv(unit) if unit else []
     host, port = _arg_after(argv, "--host", DEFAULT_HOST), int(_arg_after(argv, "--port", str(DEFAULT_PORT)))
     yield _unit_check(unit is not None, unit_path(env))
-    config, token = _config_and_token(ctx)
+    config, token, problem = _config_and_token(ctx)
     db = ctx.db if os.path.exists(ctx.paths.db) else None
     yield _bind_check(host, port, token=token, machine_id=db.machine_id if db else None)
-    yield _token_check(ctx.paths.config, token, host=host)
+    yield (Step("token", "failed", problem.split("; ")[0], f"chmod 600 {ctx.paths.config}, or fix what it says")
+           if problem else _token_check(ctx.paths.config, token, host=host))
     if db is None:
         yield Step("database", "failed", f"no database at {ctx.paths.db}", "clare setup")
         return
@@ -7207,12 +7236,12 @@ def _arg_after(argv: list[str], flag: str, default: str) -> str:
     return argv[argv.index(flag) + 1] if flag in argv[:-1] else default
 
 
-def _config_and_token(ctx: Context) -> tuple[dict[str, Any], str | None]:
+def _config_and_token(ctx: Context) -> tuple[dict[str, Any], str | None, str | None]:
     try:
         config = ctx.config
-        return config, resolve_token(config, path=ctx.paths.config)
-    except ClareError:
-        return {}, None  # the token check says what is wrong
+        return config, resolve_token(config, path=ctx.paths.config), None
+    except ClareError as err:
+        return {}, None, str(err)  # the token check says what is wrong
 
 
 def _unit_check(has_unit: bool, path: str) -> Step:
