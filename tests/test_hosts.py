@@ -452,6 +452,14 @@ def test_doctor_on_a_copied_database_names_init_new_id(tmp_path):
     assert checks["fingerprint"]["fix"].startswith("clare init --new-id")
 
 
+def test_doctor_where_no_user_systemd_runs_leaves_the_unit_to_the_bind_check(host):
+    host.run("setup")
+    ran = host.run("doctor", "--json", env={"FAIL_SYSTEMCTL": "is-active"})
+    checks = {c["name"]: c for c in ran.json()["checks"]}
+    assert checks["unit"]["state"] == "ok" and "no user systemd answers here" in checks["unit"]["detail"]
+    assert checks["bind"]["state"] == "failed" and "clare serve" in checks["bind"]["fix"]
+
+
 def test_doctor_without_a_database_says_to_run_setup(host):
     ran = host.run("doctor")
     assert ran.code == 1 and "no database at" in ran.out and "fix: clare setup" in ran.out
