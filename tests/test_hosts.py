@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import clare
-from conftest import CLARE_PY, ROOT, Ran, wait_for
+from conftest import CLARE_PY, ROOT, Ran, require_program, wait_for
 
 # A stand-in for systemctl / loginctl: records its arguments, answers like the real one, fails on demand.
 # FAIL_<NAME>="WORD" makes a call whose arguments contain WORD fail as a missing user bus does.
@@ -353,13 +353,10 @@ def test_setup_takes_the_fleet_token_from_clare_token_and_refuses_another(host):
 
 
 def _verify(unit: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    if shutil.which("systemd-analyze") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("systemd-analyze is missing: .ci/run installs systemd")
-        pytest.skip("systemd-analyze is not installed (CI installs systemd: .ci/run)")
+    analyze = require_program("systemd-analyze", "install systemd (.ci/run does) to verify the unit setup writes")
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700, exist_ok=True)
-    return subprocess.run(["systemd-analyze", "--user", "verify", str(unit)], capture_output=True, text=True,
+    return subprocess.run([analyze, "--user", "verify", str(unit)], capture_output=True, text=True,
                           timeout=60, env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
 
 
