@@ -35,6 +35,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# The first statement after the imports, so that every command (and `import clare`) on an older
+# Python says this in one line instead of a traceback. The lines above, and the grammar of this
+# whole file, must stay readable by Python 3.8 (tests/test_hosts.py parses it so).
+if sys.version_info < (3, 11):  # noqa: UP036 (ruff targets 3.11; this line is for the Pythons before it)
+    sys.exit(f"clare: error: Clare needs Python 3.11 or newer, this is Python {sys.version_info[0]}."
+             f"{sys.version_info[1]}; install python3.11 (e.g. apt install python3.11, or from python.org) "
+             "and run: python3.11 clare.py ...")
+
 __version__ = "0.1.0"
 
 
@@ -115,6 +123,27 @@ def load_config(path: str) -> dict[str, Any]:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
 
 
+def make_private_dir(folder: str) -> None:
+    """Create a folder (and missing parents) that only this user can enter (0700)."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+
+
+def write_private(path: str, text: str) -> None:
+    """Replace a file by `text` at once, readable by this user alone (0600), its folder made 0700 if new."""
+    make_private_dir(os.path.dirname(os.path.abspath(path)))
+    staging = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(staging, 0o600)  # O_CREAT's mode does not apply to a staging file left by a crash
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
+
+
 def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = None,
                   path: str = "clare.toml") -> str | None:
     """Return the bearer token: CLARE_TOKEN, else `token` in clare.toml, else None; refuse a weak one.
@@ -125,6 +154,29 @@ def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = Non
     if env.get("CLARE_TOKEN"):
         return check_token(env["CLARE_TOKEN"], where="$CLARE_TOKEN")
     return check_token(config.get("token") or None, where=f"'token' in {path}")
+
+
+def ensure_token(path: str, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str:
+    """Return the host's token; without CLARE_TOKEN or `token` in clare.toml, make one and write it there."""
+    token = resolve_token(config, env=env, path=path)
+    if token is not None:
+        return token
+    import secrets
+    import tomllib
+
+    token = secrets.token_urlsafe(32)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    # A top-level key must come before the first [table]: the token goes on the first line.
+    new_text = f"token = {json.dumps(token)}  # made by clare on first serve; the fleet may share one\n" + text
+    if tomllib.loads(new_text) != {**config, "token": token}:
+        raise ClareError(f"cannot add a token to {path} without changing its other settings; add a line "
+                         "token = \"...\" at its top (python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    write_private(path, new_text)
+    return token
 
 
 def check_token(token: object, *, where: str) -> str | None:
@@ -169,6 +221,9 @@ HLC_RE = re.compile(r"\A(\d{13})\.(\d{6})\.([a-z0-9][a-z0-9_-]{0,62})\Z")
 MAX_COUNTER = 999_999
 MAX_WALL_MS = 10**13 - 1
 MAX_OFFSET_MS = 5 * 60 * 1000  # how far a peer's clock may pull ours ahead of our wall clock
+MACHINE_SUFFIX_CHARS = 6  # hex digits after the host name in a machine id init makes
+MAX_LABEL_CHARS = 63 - 1 - MACHINE_SUFFIX_CHARS
+MADE_MACHINE_ID_RE = re.compile(r"\A(.+)-[0-9a-f]{6}\Z")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -198,11 +253,25 @@ def check_machine_id(machine_id: str) -> str:
     return machine_id
 
 
-def default_machine_id() -> str:
-    """Derive a machine id from the host name: its first label, lowercased, cleaned."""
+def host_label() -> str:
+    """Return this host's name as a machine id would spell it: its first label, lowercased, cleaned."""
     label = os.uname().nodename.split(".")[0].lower()
-    label = re.sub(r"[^a-z0-9_-]+", "-", label).strip("-_")[:63]
-    return label or "host-" + new_id()[:8]
+    return re.sub(r"[^a-z0-9_-]+", "-", label).strip("-_")[:MAX_LABEL_CHARS] or "host"
+
+
+def new_machine_id() -> str:
+    """Return a machine id unique by construction: the host name plus a random suffix (apricot-3f9a2c).
+
+    The host name alone collides: two homes on one machine, two containers, two hosts named
+    alike. Two Clares with one id mark each other's sessions gone at every sync.
+    """
+    return f"{host_label()}-{new_id()[:MACHINE_SUFFIX_CHARS]}"
+
+
+def machine_host_name(machine_id: str) -> str:
+    """Return the display name in a machine id: the host name of an id made by new_machine_id, else all of it."""
+    m = MADE_MACHINE_ID_RE.match(machine_id)
+    return m[1] if m else machine_id
 
 
 def tick(last: Hlc | None, *, machine_id: str, now_ms: int) -> Hlc:
@@ -234,6 +303,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 
 SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
 UUID_RE = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 EVENT_KEYS = ("uuid", "hlc", "machine_id", "event_type", "payload", "created_at")
@@ -330,12 +400,13 @@ class PeerStatus:
 class Db:
     """One SQLite connection with the identity of the log it holds."""
 
-    __slots__ = ("conn", "path", "machine_id")
+    __slots__ = ("conn", "path", "machine_id", "refusal")
 
-    def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str):
+    def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str, *, refusal: str | None = None):
         self.conn = conn  # autocommit mode: write_txn() opens every write transaction
         self.path = path
         self.machine_id = machine_id  # stamps every event made here
+        self.refusal = refusal  # why writes are refused (a copy made elsewhere: see check_home), or None
 
     @property
     def db_id(self) -> str:
@@ -374,10 +445,11 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
         meta = _read_meta(conn)
         if meta.get("schema_version") != str(SCHEMA_VERSION) or "machine_id" not in meta:
             meta = _migrate(conn, meta, machine_id=machine_id)
+        refusal = None if path == ":memory:" else _check_home(conn, meta, path=os.path.realpath(path))
     except sqlite3.DatabaseError as err:
         raise ClareError(f"cannot open database {path}: {err}; check the path, or move a damaged "
                          "file aside and restore it from a peer with 'clare sync'") from err
-    return Db(conn, path, meta["machine_id"])
+    return Db(conn, path, meta["machine_id"], refusal=refusal)
 
 
 def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
@@ -402,7 +474,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
                     if statement.strip():
                         conn.execute(statement)
         fresh = {"schema_version": str(SCHEMA_VERSION),
-                 "machine_id": meta.get("machine_id") or check_machine_id(machine_id or default_machine_id()),
+                 "machine_id": meta.get("machine_id") or check_machine_id(machine_id or new_machine_id()),
                  "db_id": meta.get("db_id") or new_uuid()}
         conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", fresh.items())
         conn.execute("COMMIT")
@@ -415,9 +487,83 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
 _MIGRATIONS[1] = [EVENTS_SCHEMA, SYNC_SCHEMA]
 
 
+# --- where the database runs: a copy made elsewhere must not write under the same machine id ----
+
+def machine_key() -> str:
+    """Return what names this machine: /etc/machine-id (or D-Bus's copy of it), else the host name."""
+    for path in MACHINE_ID_FILES:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(path, encoding="ascii") as f:
+                text = f.read(200).strip()
+            if text:
+                return text
+    return "host:" + os.uname().nodename  # a container without a machine-id file: its own host name
+
+
+def check_home(recorded: tuple[str, str] | None, *, machine: str, path: str,
+               db_id: str, db_id_at: Callable[[str], str | None]) -> str | None:
+    """Return why a database is a copy made elsewhere, or None when it may write here.
+
+    `recorded` is the (machine, real path) the database last ran at. The rule:
+    - another machine (a cloned VM or disk, a copied home): a copy;
+    - the same machine, another path: a copy only while the recorded path still holds this
+      very log (same db_id), i.e. two live copies; otherwise the file was moved, and may write.
+    So a backup copied back over the same path, a moved home, and a test's fresh database in a
+    new temporary folder all write; `cp -r ~/.local/share/clare /elsewhere` does not.
+    """
+    if recorded is None or recorded == (machine, path):
+        return None
+    was_machine, was_path = recorded
+    if was_machine != machine:
+        return (f"{path} was set up on another machine (machine-id {was_machine[:12]}, here {machine[:12]}): "
+                "it is a copy")
+    if db_id_at(was_path) == db_id:
+        return f"{path} is a copy of {was_path}, which is still in use"
+    return None
+
+
+def _check_home(conn: sqlite3.Connection, meta: dict[str, str], *, path: str) -> str | None:
+    machine = machine_key()
+    recorded = (meta["home_machine"], meta["home_path"]) if "home_machine" in meta and "home_path" in meta else None
+    problem = check_home(recorded, machine=machine, path=path, db_id=meta["db_id"], db_id_at=_db_id_at)
+    if problem is not None:
+        return (f"{problem}; writes are refused so that two Clares never share one machine id "
+                f"({meta['machine_id']}): give this copy its own with: clare init --new-id (the log is kept)")
+    if recorded != (machine, path):  # a new or older database, or a moved one: remember where it runs now
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _set_home(conn.cursor(), machine=machine, path=path)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return None
+
+
+def _set_home(cur: sqlite3.Cursor, *, machine: str, path: str) -> None:
+    cur.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (("home_machine", machine), ("home_path", path)))
+
+
+def _db_id_at(path: str) -> str | None:
+    """Return the db_id of the Clare database at `path`, or None if there is none (moved, deleted)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            return _read_meta(conn).get("db_id")
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:  # not a database any more: the copy is the one in use
+        return None
+
+
 @contextlib.contextmanager
 def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
     """Run the block in one BEGIN IMMEDIATE transaction: all of it is stored, or none."""
+    if db.refusal is not None:
+        raise Conflict(db.refusal)
     cur = db.conn.cursor()
     try:
         cur.execute("BEGIN IMMEDIATE")
@@ -646,6 +792,25 @@ def renew_db_id(db: Db) -> str:
     return db_id
 
 
+def renew_identity(db: Db, *, machine_id: str | None = None) -> tuple[str, str]:
+    """Give this database a new machine id and db_id, keep its log, and record where it runs now.
+
+    The fix for a copy (check_home): events already made keep the id they were made under,
+    and peers read this log again from 0 under its new db_id.
+    """
+    machine_id = check_machine_id(machine_id or new_machine_id())
+    if machine_id == db.machine_id:
+        raise UsageError(f"{machine_id!r} is this database's machine id already; give another, or none")
+    db_id = new_uuid()
+    db.refusal = None  # the one write a copy may make: the one that makes it a host of its own
+    with write_txn(db) as cur:
+        for key, value in (("machine_id", machine_id), ("db_id", db_id)):
+            set_meta(cur, key, value)
+        _set_home(cur, machine=machine_key(), path=os.path.realpath(db.path))
+    db.machine_id = machine_id
+    return machine_id, db_id
+
+
 def restore_db(db: Db, backup_path: str) -> str:
     """Replace the whole database by a backup file of it under a new db_id; return that id.
 
@@ -656,6 +821,8 @@ def restore_db(db: Db, backup_path: str) -> str:
     Not a file rename: open connections (a running server's) would keep the old file, and a
     stale -wal beside the renamed file would corrupt it.
     """
+    if db.refusal is not None:
+        raise Conflict(db.refusal)
     staging = f"{db.path}.restore"
     _remove_db_files(staging)  # left by a restore that crashed; a stale journal would be rolled into the copy
     try:
@@ -669,6 +836,7 @@ def restore_db(db: Db, backup_path: str) -> str:
             src.backup(copy)
             db_id = new_uuid()
             set_meta(copy.cursor(), "db_id", db_id)
+            _set_home(copy.cursor(), machine=machine_key(), path=os.path.realpath(db.path))
             copy.backup(db.conn)
         finally:
             src.close()
@@ -1935,7 +2103,7 @@ def _in_group(session: Session, group: Group) -> bool:
     import fnmatch  # only group matching needs it
 
     return ((group.cwd is None or group.cwd in session.cwd)
-            and (group.host is None or group.host == session.host)
+            and (group.host is None or group.host in (session.host, machine_host_name(session.host)))
             and (group.tmux_name is None or fnmatch.fnmatchcase(session.tmux_session, group.tmux_name)))
 
 
@@ -3643,7 +3811,7 @@ def read_rclaude(section: dict[str, Any], *, machine_id: str, warnings: list[str
         return {}
     if p.returncode != 0:
         warnings.append(f"rclaude sessions_command exited {p.returncode}: {p.stderr.strip()[:200]}")
-    return parse_rclaude(p.stdout, hosts=(machine_id, default_machine_id()))
+    return parse_rclaude(p.stdout, hosts=(machine_id, machine_host_name(machine_id), host_label()))
 
 
 def parse_rclaude(text: str, *, hosts: tuple[str, ...]) -> dict[str, str]:
@@ -4536,6 +4704,9 @@ def sync_accept(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
     if len(body["events"]) > MAX_SYNC_BATCH:
         raise ClareError(f"a sync batch holds {len(body['events'])} events, over the limit of {MAX_SYNC_BATCH}; "
                          "send smaller batches")
+    sender = (body.get("machine_id"), body.get("db_id"))
+    if all(isinstance(v, str) for v in sender):
+        check_peer_identity(db, sender, where="the sending peer")  # type: ignore[arg-type]
     good, rejected = check_events(body["events"])
     with write_txn(db) as cur:
         db_id = get_meta(cur, "db_id")  # in the transaction: the log the batch went into
@@ -4650,8 +4821,7 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
         identity, head, next_after = _check_page(page, after=after)
-        if identity == (db.machine_id, db.db_id):
-            raise ClareError(f"{peer.url} is this very database; remove it from the peers in clare.toml")
+        check_peer_identity(db, identity, where=peer.url)
         if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
             known, n_restarts = identity, n_restarts + 1
             if n_restarts > 3:
@@ -4690,6 +4860,18 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
         if not page["has_more"]:
             return
         after = next_after
+
+
+def check_peer_identity(db: Db, identity: tuple[str, str], *, where: str) -> None:
+    """Refuse a peer that presents this host's own machine id: this very database, or a copy of it."""
+    machine_id, db_id = identity
+    if machine_id != db.machine_id:
+        return
+    if db_id == db.db_id:
+        raise Conflict(f"{where} is this very database (machine id {machine_id}): remove it from the peers in "
+                       "clare.toml; if it is another host, it is a copy of this one: run there clare init --new-id")
+    raise Conflict(f"{where} presents this host's own machine id {machine_id} with another db id: one of the two "
+                   "databases is a copy of the other; on the copy run: clare init --new-id")
 
 
 def _check_page(page: object, *, after: int) -> tuple[tuple[str, str], int, int]:
@@ -7830,6 +8012,43 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
 # 9. CLI: the argparse tree built from COMMANDS, handlers and text output.
 # ==========================================================================
 
+STEP_MARKS = {"ok": "ok", "changed": "done", "planned": "plan", "todo": "todo", "failed": "FAIL"}  # setup, doctor
+BIND_RE = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?\Z")  # a host name or IPv4 (IPv6: _is_ip)
+STEP_NAME_CHARS = 11  # the name column of setup's and doctor's lines
+JOIN_FILE = "join-command.txt"  # beside clare.toml: setup's command for the other side, without a terminal
+DOCTOR_TIMEOUT_S = 5.0  # per peer and for this host's own server
+MIN_FREE_BYTES = 256 * 2**20  # doctor fails below this much free space beside the database
+CLAUDE_PLACES = ("~/.claude/local/claude", "~/.local/bin/claude", "/usr/local/bin/claude")  # off a service's PATH
+# The systemd user unit `clare setup` writes; clare.service in the repository is this, filled in with defaults.
+UNIT_TEMPLATE = string.Template("""\
+# systemd user unit for Clare: the dashboard, the JSON API and background peer sync.
+# Written by `clare setup` to ~/.config/systemd/user/clare.service (run setup again to change it).
+# Logs: journalctl --user -u clare    State: systemctl --user status clare    Check: clare doctor
+[Unit]
+Description=Clare: dashboard, JSON API and peer sync for a fleet of Claude Code sessions
+
+[Service]
+Type=simple
+# The interpreter setup ran with and clare.py, by absolute path; serve reads its token from clare.toml.
+ExecStart=$exec_start
+$environment
+Restart=on-failure
+RestartSec=5
+# SIGTERM lets serve finish in-flight writes before it exits.
+KillSignal=SIGTERM
+TimeoutStopSec=20
+# Hardening that keeps what Clare needs: no PrivateTmp (tmux's sockets live in /tmp), no ProtectHome
+# (~/.claude and the database live in the home), no PrivateUsers (the fleet reads Claude's /proc entries).
+NoNewPrivileges=yes
+LockPersonality=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+SystemCallArchitectures=native
+UMask=0077
+
+[Install]
+WantedBy=default.target
+""")
 
 @dataclass(frozen=True, slots=True)
 class Command:
@@ -7948,18 +8167,29 @@ def format_history(events: list[Event]) -> str:
 
 
 def cmd_init(args: argparse.Namespace, ctx: Context) -> None:
-    """Create the database (idempotent); report its identity."""
-    if args.machine_id:
-        check_machine_id(args.machine_id)
+    """Create the database (idempotent); report its identity; --new-id gives a copy one of its own."""
+    info = init_host(ctx, machine_id=args.machine_id, is_new_id=args.new_id)
+    verb = ("new identity for" if info["renewed"] else "initialized" if info["created"] else "already initialized")
+    emit(ctx, info, f"{verb} {info['db']}\nmachine id {info['machine_id']} (host {info['host_name']}), "
+                    f"db id {info['db_id']}")
+
+
+def init_host(ctx: Context, *, machine_id: str | None = None, is_new_id: bool = False) -> dict[str, Any]:
+    """Open or create the database and return its identity; with is_new_id give it a new one (log kept)."""
+    if machine_id:
+        check_machine_id(machine_id)
     existed = os.path.exists(ctx.paths.db)
-    db = open_db(ctx.paths.db, machine_id=args.machine_id)
+    db = open_db(ctx.paths.db, machine_id=None if is_new_id else machine_id)
     ctx._db = db
-    if args.machine_id and db.machine_id != args.machine_id:
+    if is_new_id and existed:
+        renew_identity(db, machine_id=machine_id)
+    elif db.refusal is not None:
+        raise Conflict(db.refusal)
+    elif machine_id and db.machine_id != machine_id:
         raise Conflict(f"{db.path} already has machine id {db.machine_id!r}; a database keeps its machine id "
-                       "(use another --home for another one)")
-    info = {"db": db.path, "machine_id": db.machine_id, "db_id": db.db_id, "created": not existed}
-    emit(ctx, info, f"{'initialized' if not existed else 'already initialized'} {db.path}\n"
-                    f"machine id {db.machine_id}, db id {db.db_id}")
+                       "(use another --home for another one, or init --new-id to change it)")
+    return {"db": db.path, "machine_id": db.machine_id, "host_name": machine_host_name(db.machine_id),
+            "db_id": db.db_id, "created": not existed, "renewed": is_new_id and existed}
 
 
 def launcher_text(python: str, folder: str) -> str:
@@ -7974,22 +8204,475 @@ def launcher_text(python: str, folder: str) -> str:
 
 def cmd_install(args: argparse.Namespace, ctx: Context) -> None:
     """Write a `clare` launcher that starts faster than `python3 clare.py`."""
+    path, _ = install_launcher(args.bin)
     folder = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.abspath(os.path.expanduser(args.bin)), "clare")
-    if os.path.abspath(path) == os.path.abspath(__file__):
-        raise UsageError(f"{path} is clare.py itself; pick another --bin folder")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(launcher_text(sys.executable, folder))
-        os.chmod(path + ".tmp", 0o755)
-        os.replace(path + ".tmp", path)
-    except OSError as err:
-        raise ClareError(f"cannot write {path}: {err.strerror}; pick a writable folder with --bin") from err
     on_path = os.path.dirname(path) in os.environ.get("PATH", "").split(os.pathsep)
     emit(ctx, {"launcher": path, "clare_py": os.path.join(folder, "clare.py"), "on_path": on_path},
          f"wrote {path} (runs {folder}/clare.py with {sys.executable})"
          + ("" if on_path else f"\n{os.path.dirname(path)} is not on PATH; add it, or run {path} by its full path"))
+
+
+def install_launcher(bin_dir: str, *, is_dry_run: bool = False) -> tuple[str, bool]:
+    """Write the `clare` launcher into bin_dir; return its path and whether it changed."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(os.path.abspath(os.path.expanduser(bin_dir)), "clare")
+    if os.path.abspath(path) == os.path.abspath(__file__):
+        raise UsageError(f"{path} is clare.py itself; pick another --bin folder")
+    text = launcher_text(sys.executable, folder)
+    if _read_text(path) == text or is_dry_run:
+        return path, _read_text(path) != text
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(path + ".tmp", 0o755)
+        os.replace(path + ".tmp", path)
+    except OSError as err:
+        raise ClareError(f"cannot write {path}: {err.strerror}; pick a writable folder with --bin") from err
+    return path, True
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+# --- setup and doctor: one host's installation, done in steps and checked in lines -------------
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    name: str  # what was set up or checked: "unit", "linger", "peer apricot"
+    state: str  # a value of STEP_STATES
+    detail: str  # one line: what was found or done
+    fix: str = ""  # the command or action that fixes a failure or a to-do
+
+    def to_json(self) -> dict[str, str]:
+        """Return the step as the JSON object setup and doctor print."""
+        return {"name": self.name, "state": self.state, "detail": self.detail, "fix": self.fix}
+
+
+def unit_path(env: Mapping[str, str] | None = None) -> str:
+    """Return where the systemd user unit lives: $XDG_CONFIG_HOME/systemd/user/clare.service."""
+    env = os.environ if env is None else env
+    config = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(config, "systemd", "user", "clare.service")
+
+
+def unit_text(*, home: str | None, host: str, port: int, env: Mapping[str, str] | None = None) -> str:
+    """Return the unit setup writes: this interpreter and clare.py by absolute path, bound to host:port."""
+    import shutil  # only setup and doctor need it
+
+    env = os.environ if env is None else env
+    script = os.path.abspath(__file__)
+    argv = [sys.executable, script, *(("--home", home) if home else ()), "serve", "--host", host, "--port", str(port)]
+    # The folders of the programs serve runs (tmux, Claude Code): a user service starts with a minimal PATH.
+    found = [shutil.which(p, path=env.get("PATH")) for p in ("tmux", "claude")]
+    folders = [os.path.dirname(os.path.abspath(p)) for p in found if p] + ["/usr/local/bin", "/usr/bin", "/bin"]
+    path = ":".join(dict.fromkeys(folders))
+    settings = [(k, env[k]) for k in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", CLAUDE_ENV_DIR) if env.get(k) and not home]
+    lines = [f"Environment={_unit_word(f'{k}={v}')}" for k, v in (("PATH", path), *settings)]
+    return UNIT_TEMPLATE.substitute(exec_start=" ".join(map(_unit_word, argv)), environment="\n".join(lines))
+
+
+def _unit_word(word: str) -> str:
+    """Quote one word of a unit line: systemd expands % specifiers and $ variables, and splits at spaces."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if re.fullmatch(r"[A-Za-z0-9_./:@+=,-]+", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def setup_steps(ctx: Context, *, bind: str, port: int, peer_url: str | None, bin_dir: str,
+                is_dry_run: bool, env: Mapping[str, str] | None = None) -> Iterator[Step]:
+    """Set this host up, one step at a time (each idempotent); yield what each step found or did.
+
+    Over 80 lines: one step after the other, in the order a user would do them by hand.
+    """
+    import shlex
+
+    env = os.environ if env is None else env
+    would = "would " if is_dry_run else ""
+    home = ctx.args.home or env.get("CLARE_HOME") or None
+    home = os.path.abspath(os.path.expanduser(home)) if home else None
+
+    # 1. The database, with a machine id unique by construction.
+    if is_dry_run:
+        yield _dry_init_step(ctx.paths.db)
+    else:
+        info = init_host(ctx)
+        yield Step("database", "changed" if info["created"] else "ok",
+                   f"{'created' if info['created'] else 'kept'} {info['db']}, machine id {info['machine_id']}")
+
+    # 2. The token every request and every peer needs, in clare.toml (0600).
+    given = env.get("CLARE_TOKEN") or None
+    if is_dry_run:
+        has = bool(load_config(ctx.paths.config).get("token"))
+        yield Step("token", "ok" if has else "changed",
+                   f"{'keep the' if has else would + ('store CLARE_TOKEN as the' if given else 'make a')} "
+                   f"token in {ctx.paths.config} (0600)")
+        token = "TOKEN"
+    else:
+        token, done = setup_token(ctx.paths.config, given=given)
+        yield Step("token", "ok" if done == "kept" else "changed",
+                   {"kept": "kept the", "stored": "stored CLARE_TOKEN as the", "made": "made a new"}[done]
+                   + f" token in {ctx.paths.config} (0600)")
+
+    # 3. The launcher.
+    launcher, changed = install_launcher(bin_dir, is_dry_run=is_dry_run)
+    yield Step("launcher", "changed" if changed else "ok",
+               f"{would + 'write' if changed and is_dry_run else 'wrote' if changed else 'kept'} {launcher} "
+               f"(runs clare.py with {sys.executable})")
+
+    # 4. The systemd user unit.
+    path, text = unit_path(env), unit_text(home=home, host=bind, port=port, env=env)
+    unit_changed = _read_text(path) != text
+    if unit_changed and not is_dry_run:
+        write_private(path, text)
+    yield Step("unit", "changed" if unit_changed else "ok",
+               f"{(would + 'write') if unit_changed and is_dry_run else 'wrote' if unit_changed else 'kept'} "
+               f"{path} (serve on {bind}:{port})")
+
+    # 5. systemd: reload, enable, start (restart when the unit changed).
+    start_cmd = shlex.join(_unit_argv(text))
+    systemd = _systemd_step(unit_changed=unit_changed, is_dry_run=is_dry_run, start_cmd=start_cmd)
+    yield systemd
+
+    # 6. Linger: without it a user unit stops at logout.
+    yield _linger_step(has_systemd=systemd.state != "todo")
+
+    # 7. Claude Code's hooks.
+    settings = settings_path(env)
+    if is_dry_run:
+        status = hooks_status(settings, hook_command(ctx.paths.db))
+        missing = [e for e, v in status.items() if v != "installed"]
+        yield Step("hooks", "changed" if missing else "ok",
+                   f"{would}install Clare's hooks for {len(missing)} events in {settings}" if missing
+                   else f"Clare's hooks are in {settings}")
+    else:
+        added = install_hooks(settings, hook_command(ctx.paths.db))
+        yield Step("hooks", "changed" if added else "ok",
+                   f"installed Clare's hooks for {len(added)} events in {settings}" if added
+                   else f"Clare's hooks are in {settings}")
+
+    # 8. The peer, and the command that joins the other side to this host.
+    if peer_url is not None:
+        yield _peer_step(ctx.paths.config, peer_url, is_dry_run=is_dry_run)
+    yield _join_step(ctx.paths.config, bind=bind, port=port, peer_url=peer_url, token=token,
+                     is_dry_run=is_dry_run)
+
+
+def setup_token(path: str, *, given: str | None) -> tuple[str, str]:
+    """Return the fleet's token and what was done: kept, stored (`given`: CLARE_TOKEN, from another host) or made.
+
+    clare.toml ends private (0600) either way: the unit's serve reads the token there.
+    """
+    config = load_config(path)
+    token = check_token(config.get("token") or None, where=f"'token' in {path}")
+    given = check_token(given, where="$CLARE_TOKEN")
+    if token is not None and given is not None and token != given:
+        raise Conflict(f"{path} holds another token than CLARE_TOKEN; a fleet shares one: unset CLARE_TOKEN to "
+                       "keep this host's, or delete the token line there to take CLARE_TOKEN's")
+    if token is not None:
+        os.chmod(path, 0o600)
+        return token, "kept"
+    if given is None:
+        return ensure_token(path, config, env={}), "made"
+    text = _read_text(path) or ""
+    # As ensure_token writes it: a top-level key goes before the first [table].
+    write_private(path, f"token = {json.dumps(given)}  # the fleet's, given to setup in CLARE_TOKEN\n" + text)
+    return given, "stored"
+
+
+def _unit_argv(text: str) -> list[str]:
+    """Return the command a unit's ExecStart runs, as words (for 'run this yourself')."""
+    import shlex
+
+    line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
+    return [w.replace("%%", "%").replace("$$", "$") for w in shlex.split(line[len("ExecStart="):])]
+
+
+def _dry_init_step(db_path: str) -> Step:
+    if not os.path.exists(db_path):
+        return Step("database", "changed", f"would create {db_path} with machine id {host_label()}-XXXXXX")
+    conn = sqlite3.connect(f"file:{os.path.abspath(db_path)}?mode=ro", uri=True)
+    try:
+        meta = _read_meta(conn)
+    finally:
+        conn.close()
+    return Step("database", "ok", f"keep {db_path}, machine id {meta.get('machine_id')}")
+
+
+def run_tool(argv: list[str], *, timeout_s: float = 30) -> tuple[int, str]:
+    """Run a system program (systemctl, loginctl); return its exit code and its output, or stderr's first line."""
+    import subprocess
+
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return 127, str(err)
+    if p.returncode != 0:
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        return p.returncode, lines[0] if lines else f"exit code {p.returncode}"
+    return 0, p.stdout.strip()
+
+
+def _systemd_step(*, unit_changed: bool, is_dry_run: bool, start_cmd: str) -> Step:
+    import shutil
+
+    systemctl = shutil.which("systemctl")
+    yourself = f"start Clare yourself (under your container's supervisor, or tmux) with: {start_cmd}"
+    if systemctl is None:
+        return Step("systemd", "todo", "no systemctl here, so no unit runs Clare", yourself)
+    if is_dry_run:
+        verb = "restart" if unit_changed else "enable --now"
+        return Step("systemd", "changed", f"would run systemctl --user daemon-reload and {verb} clare")
+    code, out = run_tool([systemctl, "--user", "daemon-reload"])
+    if code != 0:
+        return Step("systemd", "todo", f"no user systemd answers here ({out})", yourself)
+    runs = ([["enable", "clare"], ["restart", "clare"]] if unit_changed else [["enable", "--now", "clare"]])
+    for words in runs:
+        code, out = run_tool([systemctl, "--user", *words])
+        if code != 0:
+            return Step("systemd", "failed", f"systemctl --user {' '.join(words)} failed: {out}",
+                        "see why with: systemctl --user status clare; journalctl --user -u clare")
+    return Step("systemd", "changed" if unit_changed else "ok",
+                "clare.service " + ("enabled and (re)started" if unit_changed else "enabled and running"))
+
+
+def _user_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _linger_step(*, has_systemd: bool) -> Step:
+    import shutil
+
+    user = _user_name()
+    fix = f"sudo loginctl enable-linger {user}"
+    loginctl = shutil.which("loginctl")
+    if not has_systemd:
+        return Step("linger", "ok", "no user systemd here: linger does not apply")
+    if loginctl is None:
+        return Step("linger", "todo", "no loginctl here: cannot tell if the unit outlives your login", fix)
+    code, out = run_tool([loginctl, "show-user", user, "--property=Linger", "--value"])
+    if code != 0:
+        return Step("linger", "todo", f"cannot tell if the unit outlives your login ({out})", fix)
+    if out == "yes":
+        return Step("linger", "ok", f"linger is on for {user}: the unit runs without a login")
+    return Step("linger", "todo", f"linger is off for {user}: the unit stops when you log out", fix)
+
+
+def _peer_step(config_path: str, url: str, *, is_dry_run: bool) -> Step:
+    peer = check_peer(url)
+    configured = {p.url for p in load_peers(load_config(config_path), path=config_path)}
+    if peer.url in configured:
+        return Step(f"peer {peer.name}", "ok", f"{peer.url} is a peer already")
+    if not is_dry_run:
+        add_peer(config_path, peer.url, name=peer.name)
+    return Step(f"peer {peer.name}", "changed",
+                f"{'would add' if is_dry_run else 'added'} {peer.url} to {config_path}; serve syncs with it")
+
+
+def _join_step(config_path: str, *, bind: str, port: int, peer_url: str | None, token: str,
+               is_dry_run: bool) -> Step:
+    """Give the command that joins another host to this one, with the token: on a terminal only."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if is_loopback(bind):
+        return Step("join", "ok", f"bound to {bind}: other hosts cannot reach this one",
+                    "to join others, run setup again with --bind ADDRESS (this host's address on their network)")
+    here = socket.gethostname() if bind in WILDCARD_HOSTS else bind
+    url = f"http://{'[' + here + ']' if ':' in here else here}:{port}"
+    there = urlsplit(peer_url).hostname if peer_url else "THEIR_ADDRESS"
+    python = os.path.basename(sys.executable)  # python3.11 where python3 is older: the other host likely too
+    python = python if re.fullmatch(r"python3(\.\d+)?", python) else "python3"
+    line = f"CLARE_TOKEN={token} {python} clare.py setup --bind {there} --peer {url}"
+    who = "on that host" if peer_url else "on each other host (its own address)"
+    if is_dry_run:
+        return Step("join", "ok", f"would give the command to run {who}")
+    if sys.stdout.isatty():
+        # SECURITY: the token goes to a person's terminal only, never into a log or a pipe.
+        return Step("join", "todo", f"run {who}:", line)
+    path = os.path.join(os.path.dirname(os.path.abspath(config_path)), JOIN_FILE)
+    write_private(path, line + "\n")
+    return Step("join", "todo", f"the command to run {who} (with the token) is in {path} (0600)",
+                f"run what {path} holds {who}")
+
+
+def format_steps(steps: list[Step]) -> str:
+    """Return one line per step (and its fix), for setup and doctor."""
+    width = max([STEP_NAME_CHARS, *(len(s.name) for s in steps)])
+    lines = []
+    for s in steps:
+        lines.append(f"{STEP_MARKS[s.state]:<6} {s.name:<{width}}  {s.detail}")
+        if s.fix:
+            lines.append(f"{'':<6} {'':<{width}}  fix: {s.fix}" if s.state == "failed" else
+                         f"{'':<6} {'':<{width}}  -> {s.fix}")
+    return "\n".join(lines)
+
+
+def cmd_setup(args: argparse.Namespace, ctx: Context) -> int:
+    """Set this host up in one idempotent run: database, token, launcher, unit, systemd, linger, hooks, peer."""
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port} is not a port; give 1-65535 (default {DEFAULT_PORT})")
+    if not BIND_RE.match(args.bind) and not _is_ip(args.bind):
+        raise UsageError(f"--bind {args.bind[:80]!r} is not an address; give this host's IP address or name on "
+                         "the peers' network (a port goes in --port)")
+    if args.peer is not None:
+        check_peer(args.peer)
+    steps: list[Step] = []
+    for step in setup_steps(ctx, bind=args.bind, port=args.port, peer_url=args.peer, bin_dir=args.bin,
+                            is_dry_run=args.dry_run):
+        if args.dry_run and step.state == "changed":
+            step = dataclasses.replace(step, state="planned")
+        steps.append(step)
+        if not ctx.as_json:
+            print(format_steps([step]), flush=True)  # each step as it is done: a slow one shows where it is
+    n_todo = sum(s.state == "todo" for s in steps)
+    failed = [s for s in steps if s.state == "failed"]
+    summary = ("dry run: nothing was changed" if args.dry_run else
+               f"setup failed at {failed[0].name}" if failed else
+               f"set up; {n_todo} to do by hand (-> above), then check with: clare doctor" if n_todo else
+               "set up; check with: clare doctor")
+    emit(ctx, {"steps": steps, "dry_run": args.dry_run, "ok": not failed}, summary)
+    return 1 if failed else 0
+
+
+def doctor_checks(ctx: Context, *, env: Mapping[str, str] | None = None) -> Iterator[Step]:
+    """Check a host: unit, bind, token, peers, hooks, tmux, Claude Code, schema, fingerprint, disk space."""
+    import shutil
+
+    env = os.environ if env is None else env
+    unit = _read_text(unit_path(env))
+    argv = _unit_argv(unit) if unit else []
+    host, port = _arg_after(argv, "--host", DEFAULT_HOST), int(_arg_after(argv, "--port", str(DEFAULT_PORT)))
+    yield _unit_check(unit is not None, unit_path(env))
+    config, token, problem = _config_and_token(ctx)
+    db = ctx.db if os.path.exists(ctx.paths.db) else None
+    yield _bind_check(host, port, token=token, machine_id=db.machine_id if db else None)
+    yield (Step("token", "failed", problem.split("; ")[0], f"chmod 600 {ctx.paths.config}, or fix what it says")
+           if problem else _token_check(ctx.paths.config, token, host=host))
+    if db is None:
+        yield Step("database", "failed", f"no database at {ctx.paths.db}", "clare setup")
+        return
+    for peer in load_peers(config, path=ctx.paths.config):
+        yield _peer_check(db, peer, config)
+    status = hooks_status(settings_path(env), hook_command(ctx.paths.db))
+    missing = [e for e, v in status.items() if v != "installed"]
+    yield (Step("hooks", "failed", f"Clare's hooks are {'missing' if len(missing) == len(status) else 'not all'} "
+                f"in {settings_path(env)} ({', '.join(missing)})", "clare hooks install")
+           if missing else Step("hooks", "ok", f"installed in {settings_path(env)}"))
+    try:
+        yield Step("tmux", "ok", tmux_binary())
+    except ClareError as err:
+        yield Step("tmux", "failed", str(err).split(";")[0], "apt install tmux")
+    claude = shutil.which("claude", path=env.get("PATH")) or next(
+        (p for p in CLAUDE_PLACES if os.access(os.path.expanduser(p), os.X_OK)), None)
+    yield (Step("claude", "ok", os.path.abspath(os.path.expanduser(claude))) if claude else
+           Step("claude", "failed", "Claude Code (claude) is not on PATH nor in ~/.claude/local or ~/.local/bin",
+                "install Claude Code, or put the folder of 'claude' on PATH"))
+    version = get_meta(db.conn.cursor(), "schema_version")
+    yield Step("schema", "ok" if version == str(SCHEMA_VERSION) else "failed",
+               f"schema {version}, this clare.py's is {SCHEMA_VERSION}", "" if version == str(SCHEMA_VERSION)
+               else "upgrade clare.py on this host")
+    yield (Step("fingerprint", "failed", db.refusal.split("; ")[0], "clare init --new-id (the log is kept)")
+           if db.refusal else Step("fingerprint", "ok", f"this database was made here ({db.machine_id})"))
+    usage = shutil.disk_usage(os.path.dirname(os.path.abspath(ctx.paths.db)))
+    free = f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB"
+    yield (Step("disk", "ok", f"{free} where the database is") if usage.free >= MIN_FREE_BYTES else
+           Step("disk", "failed", f"only {free} where the database is (under {MIN_FREE_BYTES // 2**20} MiB)",
+                f"free space on the disk of {ctx.paths.db}"))
+
+
+def _arg_after(argv: list[str], flag: str, default: str) -> str:
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else default
+
+
+def _config_and_token(ctx: Context) -> tuple[dict[str, Any], str | None, str | None]:
+    try:
+        config = ctx.config
+        return config, resolve_token(config, path=ctx.paths.config), None
+    except ClareError as err:
+        return {}, None, str(err)  # the token check says what is wrong
+
+
+def _unit_check(has_unit: bool, path: str) -> Step:
+    import shutil
+
+    systemctl = shutil.which("systemctl")
+    if not has_unit:
+        return Step("unit", "failed", f"no unit at {path}", "clare setup")
+    if systemctl is None:  # a container: serve runs under something else, and the bind check sees it
+        return Step("unit", "ok", "no systemd here: serve runs without the unit")
+    code, out = run_tool([systemctl, "--user", "is-active", "clare"])
+    if code == 0 and out == "active":
+        return Step("unit", "ok", "clare.service is active")
+    if out.startswith("Failed to connect"):
+        return Step("unit", "ok", f"no user systemd answers here ({out}): serve runs without the unit")
+    return Step("unit", "failed", f"clare.service is {out or 'not active'}",
+                "systemctl --user enable --now clare; see why: journalctl --user -u clare")
+
+
+def _bind_check(host: str, port: int, *, token: str | None, machine_id: str | None) -> Step:
+    where = f"{'127.0.0.1' if host in WILDCARD_HOSTS else host}:{port}"
+    try:
+        answer = http_json(f"http://{where}", "/api/v1/sync/events?after=0&limit=1", method="GET", body=None,
+                           token=token, timeout_s=DOCTOR_TIMEOUT_S, hint_401="the token in clare.toml is not the "
+                           "one serve uses: restart it (systemctl --user restart clare)")
+    except ClareError as err:
+        return Step("bind", "failed", f"nothing answers as Clare on {where}: {str(err).split(';')[0]}",
+                    "systemctl --user restart clare (or run: clare serve)")
+    if machine_id is not None and answer.get("machine_id") != machine_id:
+        return Step("bind", "failed", f"another Clare answers on {where} (machine id "
+                    f"{str(answer.get('machine_id'))[:63]}, this database's is {machine_id})",
+                    "stop the other one, or give this host another port: clare setup --port PORT")
+    return Step("bind", "ok", f"Clare answers on {where} (machine id {machine_id})")
+
+
+def _token_check(path: str, token: str | None, *, host: str) -> Step:
+    if token is None:
+        return Step("token", "ok" if is_loopback(host) else "failed", f"no token in {path}",
+                    "" if is_loopback(host) else "clare setup (it makes one)")
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o600
+    if mode & 0o077:
+        return Step("token", "failed", f"{path} holds the token and others may read it (mode {mode:o})",
+                    f"chmod 600 {path}")
+    return Step("token", "ok", f"set, {path} is private ({mode:o})")
+
+
+def _peer_check(db: Db, peer: Peer, config: dict[str, Any]) -> Step:
+    report = SyncReport(name=peer.name, url=peer.url)
+    try:
+        transport = HttpPeer(peer.url, token=peer_token(peer, config), timeout_s=DOCTOR_TIMEOUT_S)
+        page = _call_timed(transport.pull, report, now_ms, after=0, limit=1)
+        check_peer_identity(db, _check_page(page, after=0)[0], where=peer.url)
+    except ClareError as err:
+        fix = "clare init --new-id (on the copy)" if "init --new-id" in str(err) else \
+            f"check that clare serve runs on {peer.url} and shares this host's token"
+        return Step(f"peer {peer.name}", "failed", str(err).split(";")[0], fix)
+    offset = report.offset_ms or 0
+    if abs(offset) > MAX_OFFSET_MS:
+        return Step(f"peer {peer.name}", "failed", f"{peer.url} answers; {skew_message(peer.name, offset)}",
+                    "fix the clock (NTP) on whichever host is wrong")
+    return Step(f"peer {peer.name}", "ok", f"{peer.url} answers, clock {_offset(offset)}")
+
+
+def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
+    """Check this host, one line per check with the fix for each failure; exit 1 if any failed."""
+    steps: list[Step] = []
+    for step in doctor_checks(ctx):
+        steps.append(step)
+        if not ctx.as_json:
+            print(format_steps([step]), flush=True)  # a peer that times out shows which one it is
+    failed = [s for s in steps if s.state == "failed"]
+    emit(ctx, {"checks": steps, "ok": not failed},
+         f"{len(failed)} of {len(steps)} checks failed" if failed else f"all {len(steps)} checks passed")
+    return 1 if failed else 0
 
 
 def cmd_project_new(args: argparse.Namespace, ctx: Context) -> None:
@@ -8569,6 +9252,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync and pull the fleet meanwhile."""
     import threading
 
+    if ctx.db.refusal is not None:  # a copy: everything serve does in the background writes
+        raise Conflict(ctx.db.refusal)
     settings = ctx.config
     config = web_config(ctx.paths, settings=settings, host=args.host, port=args.port, log_requests=args.log)
     peers = [] if args.no_sync else list(config.peers)
@@ -8646,12 +9331,17 @@ _SERVE_ARGS = (
 # ctx.db (a test keeps that true); the others reach data through ctx.svc, local or remote.
 LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("hooks", "install"), ("hooks", "uninstall"),
                             ("hooks", "status"), ("serve",), ("web",), ("peer", "add"), ("peer", "rm"),
-                            ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",)})
+                            ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",),
+                            ("setup",), ("doctor",)})
 
 COMMANDS: list[Command] = [
     Command(("init",), cmd_init, "create the database and this host's machine id (idempotent)",
-            "clare init\n  clare --home /tmp/c2 init --machine-id apricot",
-            (arg("--machine-id", help="this host's id in every event (default: the host name)"),)),
+            "clare init\n  clare --home /tmp/c2 init --machine-id apricot\n  clare init --new-id   # on a copy",
+            (arg("--machine-id", help="this host's id in every event (default: the host name and a random "
+                 "suffix, e.g. apricot-3f9a2c; one you give must be unique in the fleet)"),
+             arg("--new-id", action="store_true",
+                 help="give this database a new machine id and db id, keeping its log: the fix for a copy "
+                      "(a cloned VM or a copied home)"))),
     Command(("project", "new"), cmd_project_new, "create a project",
             'clare project new alpha --goal "ship v1" --owner ana'
             '\n  clare project new api --dir /srv/api --dir apricot:/home/ana/api',
@@ -8806,6 +9496,19 @@ COMMANDS: list[Command] = [
             "clare restore ~/backups/clare.db --yes",
             (arg("backup", help="a copy of this host's clare.db"),
              arg("--yes", action="store_true", help="really replace what the database holds now"))),
+    Command(("setup",), cmd_setup, "set this host up: database, token, launcher, systemd unit, hooks, peer "
+            "(idempotent)",
+            "python3 clare.py setup --bind 10.9.0.2\n  python3 clare.py setup --bind 10.9.0.3 --peer "
+            "http://10.9.0.2:8765\n  clare setup --dry-run",
+            (arg("--bind", default=DEFAULT_HOST, metavar="ADDR",
+                 help=f"the address serve listens on, this host's on the peers' network (default {DEFAULT_HOST}: "
+                      "no peer can reach it)"),
+             arg("--port", type=int, default=DEFAULT_PORT, help=f"its port (default {DEFAULT_PORT})"),
+             arg("--peer", metavar="URL", help="a host to sync with, e.g. http://10.9.0.2:8765"),
+             arg("--bin", default="~/.local/bin", help="folder for the launcher (default ~/.local/bin)"),
+             arg("--dry-run", action="store_true", help="print each step and change nothing"))),
+    Command(("doctor",), cmd_doctor, "check this host: unit, bind, token, peers, hooks, tmux, Claude Code, "
+            "database, disk", "clare doctor\n  clare doctor --json"),
     Command(("install",), cmd_install, "write a `clare` launcher that starts faster than python3 clare.py",
             "python3 clare.py install          # writes ~/.local/bin/clare\n  clare task list",
             (arg("--bin", default="~/.local/bin", help="folder for the launcher (default ~/.local/bin)"),)),
