@@ -8018,7 +8018,6 @@ STEP_NAME_CHARS = 11  # the name column of setup's and doctor's lines
 JOIN_FILE = "join-command.txt"  # beside clare.toml: setup's command for the other side, without a terminal
 DOCTOR_TIMEOUT_S = 5.0  # per peer and for this host's own server
 MIN_FREE_BYTES = 256 * 2**20  # doctor fails below this much free space beside the database
-CLAUDE_PLACES = ("~/.claude/local/claude", "~/.local/bin/claude", "/usr/local/bin/claude")  # off a service's PATH
 # The systemd user unit `clare setup` writes; clare.service in the repository is this, filled in with defaults.
 UNIT_TEMPLATE = string.Template("""\
 # systemd user unit for Clare: the dashboard, the JSON API and background peer sync.
@@ -8036,6 +8035,10 @@ Restart=on-failure
 RestartSec=5
 # SIGTERM lets serve finish in-flight writes before it exits.
 KillSignal=SIGTERM
+# Stopping or restarting Clare must never end the Claude sessions it started: only serve itself
+# gets the signal, not the tmux servers it launched (it also starts them in their own scope with
+# systemd-run --user --scope when a user bus is there).
+KillMode=process
 TimeoutStopSec=20
 # Hardening that keeps what Clare needs: no PrivateTmp (tmux's sockets live in /tmp), no ProtectHome
 # (~/.claude and the database live in the home), no PrivateUsers (the fleet reads Claude's /proc entries).
@@ -8571,11 +8574,11 @@ def doctor_checks(ctx: Context, *, env: Mapping[str, str] | None = None) -> Iter
         yield Step("tmux", "ok", tmux_binary())
     except ClareError as err:
         yield Step("tmux", "failed", str(err).split(";")[0], "apt install tmux")
-    claude = shutil.which("claude", path=env.get("PATH")) or next(
-        (p for p in CLAUDE_PLACES if os.access(os.path.expanduser(p), os.X_OK)), None)
-    yield (Step("claude", "ok", os.path.abspath(os.path.expanduser(claude))) if claude else
-           Step("claude", "failed", "Claude Code (claude) is not on PATH nor in ~/.claude/local or ~/.local/bin",
-                "install Claude Code, or put the folder of 'claude' on PATH"))
+    try:
+        yield Step("claude", "ok", claude_argv(config, env=env)[0])
+    except ClareError as err:
+        yield Step("claude", "failed", str(err).split(";")[0],
+                   'install Claude Code, or set [fleet] claude_command = "/full/path/to/claude" in clare.toml')
     version = get_meta(db.conn.cursor(), "schema_version")
     yield Step("schema", "ok" if version == str(SCHEMA_VERSION) else "failed",
                f"schema {version}, this clare.py's is {SCHEMA_VERSION}", "" if version == str(SCHEMA_VERSION)
