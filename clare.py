@@ -35,6 +35,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# The first statement after the imports, so that every command (and `import clare`) on an older
+# Python says this in one line instead of a traceback. The lines above, and the grammar of this
+# whole file, must stay readable by Python 3.8 (tests/test_hosts.py parses it so).
+if sys.version_info < (3, 11):  # noqa: UP036 (ruff targets 3.11; this line is for the Pythons before it)
+    sys.exit(f"clare: error: Clare needs Python 3.11 or newer, this is Python {sys.version_info[0]}."
+             f"{sys.version_info[1]}; install python3.11 (e.g. apt install python3.11, or from python.org) "
+             "and run: python3.11 clare.py ...")
+
 __version__ = "0.1.0"
 
 
@@ -117,6 +125,27 @@ def load_config(path: str) -> dict[str, Any]:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
 
 
+def make_private_dir(folder: str) -> None:
+    """Create a folder (and missing parents) that only this user can enter (0700)."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+
+
+def write_private(path: str, text: str) -> None:
+    """Replace a file by `text` at once, readable by this user alone (0600), its folder made 0700 if new."""
+    make_private_dir(os.path.dirname(os.path.abspath(path)))
+    staging = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(staging, 0o600)  # O_CREAT's mode does not apply to a staging file left by a crash
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
+
+
 def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = None,
                   path: str = "clare.toml") -> str | None:
     """Return the bearer token: CLARE_TOKEN, else `token` in clare.toml, else None; refuse a weak one.
@@ -127,6 +156,29 @@ def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = Non
     if env.get("CLARE_TOKEN"):
         return check_token(env["CLARE_TOKEN"], where="$CLARE_TOKEN")
     return check_token(config.get("token") or None, where=f"'token' in {path}")
+
+
+def ensure_token(path: str, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str:
+    """Return the host's token; without CLARE_TOKEN or `token` in clare.toml, make one and write it there."""
+    token = resolve_token(config, env=env, path=path)
+    if token is not None:
+        return token
+    import secrets
+    import tomllib
+
+    token = secrets.token_urlsafe(32)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    # A top-level key must come before the first [table]: the token goes on the first line.
+    new_text = f"token = {json.dumps(token)}  # made by clare on first serve; the fleet may share one\n" + text
+    if tomllib.loads(new_text) != {**config, "token": token}:
+        raise ClareError(f"cannot add a token to {path} without changing its other settings; add a line "
+                         "token = \"...\" at its top (python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    write_private(path, new_text)
+    return token
 
 
 def check_token(token: object, *, where: str) -> str | None:
@@ -171,6 +223,9 @@ HLC_RE = re.compile(r"\A(\d{13})\.(\d{6})\.([a-z0-9][a-z0-9_-]{0,62})\Z")
 MAX_COUNTER = 999_999
 MAX_WALL_MS = 10**13 - 1
 MAX_OFFSET_MS = 5 * 60 * 1000  # how far a peer's clock may pull ours ahead of our wall clock
+MACHINE_SUFFIX_CHARS = 6  # hex digits after the host name in a machine id init makes
+MAX_LABEL_CHARS = 63 - 1 - MACHINE_SUFFIX_CHARS
+MADE_MACHINE_ID_RE = re.compile(r"\A(.+)-[0-9a-f]{6}\Z")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -200,11 +255,25 @@ def check_machine_id(machine_id: str) -> str:
     return machine_id
 
 
-def default_machine_id() -> str:
-    """Derive a machine id from the host name: its first label, lowercased, cleaned."""
+def host_label() -> str:
+    """Return this host's name as a machine id would spell it: its first label, lowercased, cleaned."""
     label = os.uname().nodename.split(".")[0].lower()
-    label = re.sub(r"[^a-z0-9_-]+", "-", label).strip("-_")[:63]
-    return label or "host-" + new_id()[:8]
+    return re.sub(r"[^a-z0-9_-]+", "-", label).strip("-_")[:MAX_LABEL_CHARS] or "host"
+
+
+def new_machine_id() -> str:
+    """Return a machine id unique by construction: the host name plus a random suffix (apricot-3f9a2c).
+
+    The host name alone collides: two homes on one machine, two containers, two hosts named
+    alike. Two Clares with one id mark each other's sessions gone at every sync.
+    """
+    return f"{host_label()}-{new_id()[:MACHINE_SUFFIX_CHARS]}"
+
+
+def machine_host_name(machine_id: str) -> str:
+    """Return the display name in a machine id: the host name of an id made by new_machine_id, else all of it."""
+    m = MADE_MACHINE_ID_RE.match(machine_id)
+    return m[1] if m else machine_id
 
 
 def tick(last: Hlc | None, *, machine_id: str, now_ms: int) -> Hlc:
@@ -234,8 +303,9 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
 UUID_RE = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 EVENT_KEYS = ("uuid", "hlc", "machine_id", "event_type", "payload", "created_at")
@@ -332,12 +402,13 @@ class PeerStatus:
 class Db:
     """One SQLite connection with the identity of the log it holds."""
 
-    __slots__ = ("conn", "path", "machine_id")
+    __slots__ = ("conn", "path", "machine_id", "refusal")
 
-    def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str):
+    def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str, *, refusal: str | None = None):
         self.conn = conn  # autocommit mode: write_txn() opens every write transaction
         self.path = path
         self.machine_id = machine_id  # stamps every event made here
+        self.refusal = refusal  # why writes are refused (a copy made elsewhere: see check_home), or None
 
     @property
     def db_id(self) -> str:
@@ -376,10 +447,11 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
         meta = _read_meta(conn)
         if meta.get("schema_version") != str(SCHEMA_VERSION) or "machine_id" not in meta:
             meta = _migrate(conn, meta, machine_id=machine_id)
+        refusal = None if path == ":memory:" else _check_home(conn, meta, path=os.path.realpath(path))
     except sqlite3.DatabaseError as err:
         raise ClareError(f"cannot open database {path}: {err}; check the path, or move a damaged "
                          "file aside and restore it from a peer with 'clare sync'") from err
-    return Db(conn, path, meta["machine_id"])
+    return Db(conn, path, meta["machine_id"], refusal=refusal)
 
 
 def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
@@ -404,7 +476,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
                     if statement.strip():
                         conn.execute(statement)
         fresh = {"schema_version": str(SCHEMA_VERSION),
-                 "machine_id": meta.get("machine_id") or check_machine_id(machine_id or default_machine_id()),
+                 "machine_id": meta.get("machine_id") or check_machine_id(machine_id or new_machine_id()),
                  "db_id": meta.get("db_id") or new_uuid()}
         conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", fresh.items())
         conn.execute("COMMIT")
@@ -417,9 +489,83 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
 _MIGRATIONS[1] = [EVENTS_SCHEMA, SYNC_SCHEMA]
 
 
+# --- where the database runs: a copy made elsewhere must not write under the same machine id ----
+
+def machine_key() -> str:
+    """Return what names this machine: /etc/machine-id (or D-Bus's copy of it), else the host name."""
+    for path in MACHINE_ID_FILES:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(path, encoding="ascii") as f:
+                text = f.read(200).strip()
+            if text:
+                return text
+    return "host:" + os.uname().nodename  # a container without a machine-id file: its own host name
+
+
+def check_home(recorded: tuple[str, str] | None, *, machine: str, path: str,
+               db_id: str, db_id_at: Callable[[str], str | None]) -> str | None:
+    """Return why a database is a copy made elsewhere, or None when it may write here.
+
+    `recorded` is the (machine, real path) the database last ran at. The rule:
+    - another machine (a cloned VM or disk, a copied home): a copy;
+    - the same machine, another path: a copy only while the recorded path still holds this
+      very log (same db_id), i.e. two live copies; otherwise the file was moved, and may write.
+    So a backup copied back over the same path, a moved home, and a test's fresh database in a
+    new temporary folder all write; `cp -r ~/.local/share/clare /elsewhere` does not.
+    """
+    if recorded is None or recorded == (machine, path):
+        return None
+    was_machine, was_path = recorded
+    if was_machine != machine:
+        return (f"{path} was set up on another machine (machine-id {was_machine[:12]}, here {machine[:12]}): "
+                "it is a copy")
+    if db_id_at(was_path) == db_id:
+        return f"{path} is a copy of {was_path}, which is still in use"
+    return None
+
+
+def _check_home(conn: sqlite3.Connection, meta: dict[str, str], *, path: str) -> str | None:
+    machine = machine_key()
+    recorded = (meta["home_machine"], meta["home_path"]) if "home_machine" in meta and "home_path" in meta else None
+    problem = check_home(recorded, machine=machine, path=path, db_id=meta["db_id"], db_id_at=_db_id_at)
+    if problem is not None:
+        return (f"{problem}; writes are refused so that two Clares never share one machine id "
+                f"({meta['machine_id']}): give this copy its own with: clare init --new-id (the log is kept)")
+    if recorded != (machine, path):  # a new or older database, or a moved one: remember where it runs now
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _set_home(conn.cursor(), machine=machine, path=path)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return None
+
+
+def _set_home(cur: sqlite3.Cursor, *, machine: str, path: str) -> None:
+    cur.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (("home_machine", machine), ("home_path", path)))
+
+
+def _db_id_at(path: str) -> str | None:
+    """Return the db_id of the Clare database at `path`, or None if there is none (moved, deleted)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            return _read_meta(conn).get("db_id")
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:  # not a database any more: the copy is the one in use
+        return None
+
+
 @contextlib.contextmanager
 def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
     """Run the block in one BEGIN IMMEDIATE transaction: all of it is stored, or none."""
+    if db.refusal is not None:
+        raise Conflict(db.refusal)
     cur = db.conn.cursor()
     try:
         cur.execute("BEGIN IMMEDIATE")
@@ -648,6 +794,25 @@ def renew_db_id(db: Db) -> str:
     return db_id
 
 
+def renew_identity(db: Db, *, machine_id: str | None = None) -> tuple[str, str]:
+    """Give this database a new machine id and db_id, keep its log, and record where it runs now.
+
+    The fix for a copy (check_home): events already made keep the id they were made under,
+    and peers read this log again from 0 under its new db_id.
+    """
+    machine_id = check_machine_id(machine_id or new_machine_id())
+    if machine_id == db.machine_id:
+        raise UsageError(f"{machine_id!r} is this database's machine id already; give another, or none")
+    db_id = new_uuid()
+    db.refusal = None  # the one write a copy may make: the one that makes it a host of its own
+    with write_txn(db) as cur:
+        for key, value in (("machine_id", machine_id), ("db_id", db_id)):
+            set_meta(cur, key, value)
+        _set_home(cur, machine=machine_key(), path=os.path.realpath(db.path))
+    db.machine_id = machine_id
+    return machine_id, db_id
+
+
 def restore_db(db: Db, backup_path: str) -> str:
     """Replace the whole database by a backup file of it under a new db_id; return that id.
 
@@ -658,6 +823,8 @@ def restore_db(db: Db, backup_path: str) -> str:
     Not a file rename: open connections (a running server's) would keep the old file, and a
     stale -wal beside the renamed file would corrupt it.
     """
+    if db.refusal is not None:
+        raise Conflict(db.refusal)
     staging = f"{db.path}.restore"
     _remove_db_files(staging)  # left by a restore that crashed; a stale journal would be rolled into the copy
     try:
@@ -671,6 +838,7 @@ def restore_db(db: Db, backup_path: str) -> str:
             src.backup(copy)
             db_id = new_uuid()
             set_meta(copy.cursor(), "db_id", db_id)
+            _set_home(copy.cursor(), machine=machine_key(), path=os.path.realpath(db.path))
             copy.backup(db.conn)
         finally:
             src.close()
@@ -821,7 +989,7 @@ CREATE TABLE event_refs (                       -- which events name which entit
 ) WITHOUT ROWID;
 """
 PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
-                     "deliveries", "answers")
+                     "deliveries", "project_dirs", "orders", "answers")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
@@ -909,7 +1077,7 @@ CREATE TABLE hook_marks (                       -- the newest hook report per se
 );
 """
 _MIGRATIONS[1].append(FLEET_SCHEMA)
-# Schema 3: what a permission dialog asks is kept with the state; this host's notification marks.
+# Schema 4: what a permission dialog asks is kept with the state; this host's notification marks.
 ASKED_SCHEMA = """
 -- asked: JSON {tool, input} while a permission dialog is open, else NULL
 ALTER TABLE sessions ADD COLUMN asked TEXT;
@@ -919,6 +1087,10 @@ CREATE TABLE notify_marks (                     -- this host's notifications per
     state TEXT,                                 -- the state last seen by the notifier
     notified_ms INTEGER                         -- when the [notify] command last ran for it
 );
+"""
+_MIGRATIONS[4] = [ASKED_SCHEMA]
+# Schema 5: answers to permission dialogs, when this host stored each, and the tool uses that name dialogs.
+ANSWERS_SCHEMA = """
 CREATE TABLE answers (                          -- answers to permission dialogs, one per answer made anywhere
     id TEXT PRIMARY KEY,
     created_at TEXT, created_at_v TEXT,
@@ -951,7 +1123,43 @@ CREATE TABLE tool_uses (                        -- this host's PreToolUse report
     PRIMARY KEY (session_id, tool_use_id)
 );
 """
-_MIGRATIONS[3] = [ASKED_SCHEMA]
+_MIGRATIONS[5] = [ANSWERS_SCHEMA]
+
+ORDER_ACTIONS = ("start", "resume", "stop")
+# pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
+ORDER_RESULTS = ("pending", "claimed", "started", "needs trust", "stopped", "refused", "failed", "expired")
+ORDER_FINAL = ("started", "needs trust", "stopped", "refused", "failed", "expired")
+MAX_PATH_CHARS = 4096
+
+DISPATCH_SCHEMA = """
+CREATE TABLE project_dirs (                     -- where a project's code lives, per host
+    id TEXT PRIMARY KEY,                        -- project_id:host
+    project_id TEXT, project_id_v TEXT,
+    host TEXT, host_v TEXT,                     -- machine id
+    dir TEXT, dir_v TEXT                        -- absolute path on that host; NULL once removed
+);
+CREATE INDEX project_dirs_project ON project_dirs (project_id);
+CREATE TABLE orders (                           -- start, resume or stop a session, carried out by one host
+    id TEXT PRIMARY KEY,
+    created_at TEXT, created_at_v TEXT,
+    action TEXT, action_v TEXT,                 -- one of ORDER_ACTIONS
+    host TEXT, host_v TEXT,                     -- the host that carries it out
+    session_id TEXT, session_id_v TEXT,         -- for a start: the id Clare made and passes to Claude
+    task_id TEXT, task_id_v TEXT,
+    request TEXT, request_v TEXT,               -- JSON: the order.placed payload
+    expires_at TEXT, expires_at_v TEXT,
+    result TEXT, result_v TEXT,                 -- one of ORDER_RESULTS
+    reason TEXT, reason_v TEXT,
+    outcome TEXT, outcome_v TEXT,               -- JSON: pane, tmux target, cwd, branch of what was done
+    by_host TEXT, by_host_v TEXT,
+    updated_at TEXT, updated_at_v TEXT
+);
+CREATE INDEX orders_host ON orders (host, result);
+CREATE INDEX orders_session ON orders (session_id);
+"""
+# Version 2 adds tables only. COMPAT: a version-1 peer stores and relays project.dir_set and the
+# order events without applying them; `clare replay` after the upgrade applies what it kept.
+_MIGRATIONS[3] = [DISPATCH_SCHEMA]
 
 
 @dataclass(frozen=True, slots=True)
@@ -963,6 +1171,7 @@ class Project:
     status: str
     created_at: str
     task_counts: dict[str, int]  # status -> number of tasks
+    dirs: dict[str, str] = dataclasses.field(default_factory=dict)  # host (machine id) -> where its code lives
 
     def to_json(self) -> dict[str, Any]:
         """Return the project as the JSON object the CLI and API print."""
@@ -1046,6 +1255,29 @@ class Session:
 
     def to_json(self) -> dict[str, Any]:
         """Return the session as the JSON object the CLI and API print."""
+        return _as_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """A start, resume or stop of a Claude session, placed anywhere and carried out once by its host."""
+
+    id: str
+    action: str  # one of ORDER_ACTIONS
+    host: str  # the machine id that carries it out
+    session_id: str
+    task_id: str | None
+    request: dict[str, Any]  # the order.placed payload: cwd, tmux_session, is_worktree, model, is_force ...
+    expires_at: str
+    result: str  # one of ORDER_RESULTS
+    reason: str  # why it was refused or failed, or what the user must do (needs trust)
+    outcome: dict[str, Any]  # what the host did: pane_id, tmux_target, tmux_socket, cwd, branch
+    by_host: str | None
+    created_at: str
+    updated_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the order as the JSON object the CLI and API print."""
         return _as_json(self)
 
 
@@ -1464,6 +1696,46 @@ def apply_broadcast_delivered(cur: sqlite3.Cursor, ev: Event) -> None:
           "reason": p["reason"], "by_host": ev.machine_id, "updated_at": ev.created_at}, ev)
 
 
+@applies("project.dir_set", {"project_id": _is_id, "host": _is_id, "dir": _is_opt_str})
+def apply_project_dir_set(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Last writer wins per (project, host), by (hlc, uuid); a None dir removes that host's entry."""
+    p = ev.payload  # {project_id, host, dir | None}
+    _lww(cur, "project_dirs", f"{p['project_id']}:{p['host']}",
+         {"project_id": p["project_id"], "host": p["host"], "dir": p["dir"]}, ev)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+@applies("order.placed", {"order_id": _is_id, "action": _is_one_of(ORDER_ACTIONS), "host": _is_id,
+                          "session_id": lambda v: isinstance(v, str) and bool(UUID_RE.match(v)),
+                          "task_id": _is_opt_id, "cwd": _is_str, "tmux_session": _is_str, "expires_at": _is_str,
+                          "is_worktree": _is_bool, "model": _is_opt_str, "is_force": _is_bool})
+def apply_order_placed(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Immutable once placed; the result starts pending, a default that any receipt overrides.
+
+    As with broadcast receipts, a receipt is not always newer by HLC than its order (a placer's
+    clock ahead of the host's): pending must never win over a receipt.
+    """
+    p = ev.payload  # {order_id, action, host, session_id, task_id, cwd, tmux_session, expires_at, is_worktree, ...}
+    _lww(cur, "orders", p["order_id"], {
+        "created_at": ev.created_at, "action": p["action"], "host": p["host"], "session_id": p["session_id"],
+        "task_id": p["task_id"], "request": canonical_json(p), "expires_at": p["expires_at"]}, ev)
+    _lww(cur, "orders", p["order_id"], {"result": "pending", "reason": "", "outcome": "{}", "by_host": None,
+                                        "updated_at": ev.created_at}, ev, is_default=True)
+
+
+@applies("order.carried_out", {"order_id": _is_id, "result": _is_one_of(ORDER_RESULTS[1:]), "reason": _is_str,
+                               "outcome": lambda v: isinstance(v, dict) and len(v) <= 16})
+def apply_order_carried_out(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins per order: the newest receipt (claimed, then the result) is the result."""
+    p = ev.payload  # {order_id, result, reason, outcome}
+    _lww(cur, "orders", p["order_id"], {"result": p["result"], "reason": p["reason"],
+                                        "outcome": canonical_json(p["outcome"]), "by_host": ev.machine_id,
+                                        "updated_at": ev.created_at}, ev)
+
+
 def _is_opt_option(v: Any) -> bool:
     return v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 9)
 
@@ -1498,14 +1770,17 @@ SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
        (SELECT json_group_object(status, n) FROM
            (SELECT t.status, count(*) AS n FROM tasks t
              WHERE t.project_id = p.id AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
-             GROUP BY t.status)) AS counts
+             GROUP BY t.status)) AS counts,
+       (SELECT json_group_object(d.host, d.dir) FROM project_dirs d
+         WHERE d.project_id = p.id AND d.dir IS NOT NULL) AS dirs
   FROM projects p
  WHERE p.created_at_v IS NOT NULL"""
 
 
 def _project_from_row(row: sqlite3.Row) -> Project:
     counts = dict.fromkeys(TASK_STATUSES, 0) | json.loads(row["counts"] or "{}")
-    return Project(row["id"], row["name"], row["goal"], row["owner"], row["status"], row["created_at"], counts)
+    return Project(row["id"], row["name"], row["goal"], row["owner"], row["status"], row["created_at"], counts,
+                   dict(sorted(json.loads(row["dirs"] or "{}").items())))
 
 
 def list_projects(db: Db, *, status: str | None = None) -> list[Project]:
@@ -1824,6 +2099,47 @@ def get_broadcast_text(db: Db, broadcast_id: str) -> tuple[str, str] | None:
     return (row[0], row[1]) if row else None
 
 
+_ORDER_SELECT = """
+SELECT id, action, host, session_id, task_id, request, expires_at, result, reason, outcome, by_host,
+       created_at, updated_at
+  FROM orders WHERE created_at_v IS NOT NULL"""
+
+
+def _order_from_row(row: sqlite3.Row) -> Order:
+    return Order(row["id"], row["action"], row["host"], row["session_id"], row["task_id"],
+                 json.loads(row["request"] or "{}"), row["expires_at"], row["result"], row["reason"] or "",
+                 json.loads(row["outcome"] or "{}"), row["by_host"], row["created_at"], row["updated_at"])
+
+
+def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None = None,
+                pending_on: str | None = None) -> list[Order]:
+    """Return orders, oldest first: one, a session's, or those still pending on one host."""
+    sql, params = _ORDER_SELECT, []
+    if order_id is not None:
+        sql += " AND id = ?"
+        params.append(order_id)
+    if session_id is not None:
+        sql += " AND session_id = ?"
+        params.append(session_id)
+    if pending_on is not None:
+        sql += " AND host = ? AND result = 'pending'"
+        params.append(pending_on)
+    return [_order_from_row(r) for r in db.conn.execute(sql + " ORDER BY created_at_v, id", params)]
+
+
+def list_known_hosts(db: Db) -> dict[str, set[str]]:
+    """Return every host this log knows (machine id -> display names): event makers, peers, session and code hosts."""
+    hosts: dict[str, set[str]] = {db.machine_id: set()}
+    for (machine_id,) in db.conn.execute("SELECT DISTINCT machine_id FROM events"):
+        hosts.setdefault(machine_id, set())
+    for (machine_id,) in db.conn.execute("""SELECT host FROM sessions WHERE host IS NOT NULL
+                                            UNION SELECT host FROM project_dirs WHERE dir IS NOT NULL"""):
+        hosts.setdefault(machine_id, set())
+    for name, machine_id in db.conn.execute("SELECT name, machine_id FROM sync_peers WHERE machine_id IS NOT NULL"):
+        hosts.setdefault(machine_id, set()).add(name)
+    return hosts
+
+
 def last_update_text(db: Db, *, session_id: str, source: str) -> str | None:
     """Return the text of a session's newest update of one source."""
     row = db.conn.execute("SELECT text FROM updates WHERE session_id = ? AND source = ? ORDER BY hlc DESC LIMIT 1",
@@ -1970,7 +2286,7 @@ def _in_group(session: Session, group: Group) -> bool:
     import fnmatch  # only group matching needs it
 
     return ((group.cwd is None or group.cwd in session.cwd)
-            and (group.host is None or group.host == session.host)
+            and (group.host is None or group.host in (session.host, machine_host_name(session.host)))
             and (group.tmux_name is None or fnmatch.fnmatchcase(session.tmux_session, group.tmux_name)))
 
 
@@ -1980,17 +2296,65 @@ def list_group_sessions(db: Db, group_ref: str, *, include_gone: bool = False) -
     return [s for s in list_sessions(db, include_gone=include_gone) if _in_group(s, group)]
 
 
-def create_project(db: Db, name: str, *, goal: str = "", owner: str = "", now_ms: int) -> Project:
-    """Create a project; its name must not be taken here."""
+def create_project(db: Db, name: str, *, goal: str = "", owner: str = "", dirs: Sequence[str] = (),
+                   now_ms: int) -> Project:
+    """Create a project; its name must not be taken here. `dirs`: where its code lives (parse_dir_spec)."""
     name = _check_name(name)
     goal = _check_text("goal", goal, limit=MAX_TEXT_CHARS)
     owner = _check_text("owner", owner, limit=MAX_NAME_CHARS)
     project_id = new_id()
     with write_txn(db) as cur:
         _check_name_free(db, name)
+        placed = _project_dirs(db, dirs)
         record(db, cur, "project.created", {"project_id": project_id, "name": name, "goal": goal,
                                             "owner": owner, "status": "active"}, now_ms=now_ms)
+        for host, folder in placed.items():
+            record(db, cur, "project.dir_set", {"project_id": project_id, "host": host, "dir": folder}, now_ms=now_ms)
     return get_project(db, project_id)
+
+
+def resolve_host(db: Db, ref: str) -> str:
+    """Return the machine id a host reference names: a machine id, or a display name only one host has."""
+    ref = _check_text("host", ref, limit=MAX_NAME_CHARS, required=True)
+    hosts = list_known_hosts(db)
+    if ref in hosts:
+        return ref
+    named = sorted(m for m, names in hosts.items() if ref in names)
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise Conflict(f"host name {ref!r} is ambiguous: machine ids {', '.join(named)}; give the machine id")
+    raise NotFound(f"no host {ref!r} is known here (known: {', '.join(sorted(hosts))}); give a machine id or a "
+                   "peer name, after one sync with that host: clare sync")
+
+
+def parse_dir_spec(spec: str) -> tuple[str | None, str | None]:
+    """Split `--dir` text into (host or None for this host, absolute path or None to remove).
+
+    `/srv/api` is this host's; `apricot:/srv/api` is apricot's; `apricot:` removes apricot's entry.
+    """
+    spec = _check_text("--dir", spec, limit=MAX_PATH_CHARS)
+    host, colon, path = (None, "", spec) if spec.startswith(("/", "~")) else spec.partition(":")
+    if not colon:
+        host, path = None, spec
+    if path == "" and host:
+        return host, None
+    path = os.path.expanduser(path) if host is None else path
+    if not path.startswith("/"):
+        raise UsageError(f"--dir {spec!r} is not an absolute path; give /PATH (this host) or HOST:/PATH")
+    return host, os.path.normpath(path)
+
+
+def _project_dirs(db: Db, specs: Sequence[str]) -> dict[str, str | None]:
+    """Resolve `--dir` texts to machine id -> path (None removes); a host named twice is refused."""
+    dirs: dict[str, str | None] = {}
+    for spec in specs:
+        ref, path = parse_dir_spec(spec)
+        host = db.machine_id if ref is None else resolve_host(db, ref)
+        if host in dirs:
+            raise UsageError(f"--dir names host {host} twice; give one directory per host")
+        dirs[host] = path
+    return dirs
 
 
 def _check_name(name: object) -> str:
@@ -2009,8 +2373,9 @@ def _check_name_free(db: Db, name: str) -> None:
 
 
 def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None = None,
-                 owner: str | None = None, status: str | None = None, now_ms: int) -> Project:
-    """Change some fields of a project; fields equal to the current value are not recorded."""
+                 owner: str | None = None, status: str | None = None, dirs: Sequence[str] = (),
+                 now_ms: int) -> Project:
+    """Change some fields of a project (and where its code lives); values equal to the current ones are not recorded."""
     changes: dict[str, Any] = {}
     if name is not None:
         changes["name"] = _check_name(name)
@@ -2025,8 +2390,13 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
         changes = {k: v for k, v in changes.items() if getattr(project, k) != v}
         if "name" in changes:
             _check_name_free(db, changes["name"])
+        placed = _project_dirs(db, dirs)
         if changes:
             record(db, cur, "project.updated", {"project_id": project.id, **changes}, now_ms=now_ms)
+        for host, folder in placed.items():
+            if project.dirs.get(host) != folder:
+                record(db, cur, "project.dir_set", {"project_id": project.id, "host": host, "dir": folder},
+                       now_ms=now_ms)
     return get_project(db, project.id)
 
 
@@ -2298,11 +2668,12 @@ def remove_group(db: Db, ref: str, *, now_ms: int) -> Group:
 
 
 def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                pane: tuple[str | None, str] | None = None, source: str = "message", now_ms: int) -> Update:
+                pane: tuple[str | None, str] | None = None, source: str = "message", is_done: bool = False,
+                now_ms: int) -> Update:
     """Add a progress note (or pane tail, triage, hook note) to a task and/or a session.
 
     `pane` is (tmux socket or None, pane id) of the caller's pane: the note goes to the task of
-    the Claude session in that pane.
+    the Claude session in that pane. With `is_done` the note is the summary and the task is done.
     """
     text = _check_text("update text", text, limit=MAX_TEXT_CHARS, required=True)
     source = _check_choice("update source", source, UPDATE_SOURCES)
@@ -2320,9 +2691,13 @@ def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: s
             session_id, task_ref = session.id, session.task_id
         if session_id is not None:
             session_id = get_session(db, session_id).id
-        task_id = get_task(db, task_ref).id if task_ref is not None else None
-        record(db, cur, "update.posted", {"update_id": update_id, "task_id": task_id, "session_id": session_id,
-                                          "source": source, "text": text}, now_ms=now_ms)
+        task = get_task(db, task_ref) if task_ref is not None else None
+        if is_done and task is None:
+            raise UsageError("--done needs a task: name it (clare update TASK --done SUMMARY) or run inside its pane")
+        record(db, cur, "update.posted", {"update_id": update_id, "task_id": task and task.id,
+                                          "session_id": session_id, "source": source, "text": text}, now_ms=now_ms)
+        if is_done and task is not None and task.status != "done":
+            record(db, cur, "task.updated", {"task_id": task.id, "status": "done"}, now_ms=now_ms)
     return list_updates(db, update_id=update_id)[0]
 
 
@@ -2693,6 +3068,130 @@ def record_delivery(db: Db, broadcast_id: str, session_id: str, *, result: str, 
                                                        "result": result, "reason": reason[:500]}, now_ms=now_ms)
 
 
+ORDER_TTL_MS = 15 * 60 * 1000  # an order its host has not taken by then expires instead of acting late
+MODEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:\[\]-]{0,99}\Z")
+
+
+def tmux_session_name(name: str) -> str:
+    """Return a project name as a tmux session name: tmux reads '.' and ':' in a target as separators."""
+    return re.sub(r"[.:\s]", "_", name)[:MAX_NAME_CHARS] or "clare"
+
+
+def _default_host(db: Db, project: Project) -> str:
+    if db.machine_id in project.dirs:
+        return db.machine_id
+    if len(project.dirs) == 1:
+        return next(iter(project.dirs))
+    if not project.dirs:
+        raise UsageError(f"project {project.name} does not say where its code lives; set it with: "
+                         f"clare project set {project.name} --dir /PATH (or --dir HOST:/PATH)")
+    raise UsageError(f"project {project.name} lives on several hosts ({', '.join(project.dirs)}); pick one with --host")
+
+
+def _place(db: Db, cur: sqlite3.Cursor, action: str, *, host: str, session_id: str, task_id: str | None,
+           cwd: str, tmux_session: str, is_worktree: bool = False, model: str | None = None,
+           is_force: bool = False, now_ms: int) -> str:
+    busy = [o for o in list_orders(db, session_id=session_id) if o.result in ("pending", "claimed")]
+    if busy:
+        raise Conflict(f"session {session_id[:SHORT_ID]} has a {busy[0].action} order still {busy[0].result} on "
+                       f"{busy[0].host} (order {busy[0].id[:SHORT_ID]}); wait for it: clare session orders")
+    order_id = new_id()
+    record(db, cur, "order.placed", {
+        "order_id": order_id, "action": action, "host": host, "session_id": session_id, "task_id": task_id,
+        "cwd": cwd, "tmux_session": tmux_session, "is_worktree": is_worktree, "model": model,
+        "is_force": is_force, "expires_at": iso_ms(now_ms + ORDER_TTL_MS)}, now_ms=now_ms)
+    return order_id
+
+
+def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
+                model: str | None = None, now_ms: int) -> Order:
+    """Order a new Claude session for a task on a host, with the task bound to its session id at once.
+
+    Clare makes the session id and passes it to Claude (--session-id), so the binding is part of
+    the start, never a guess. The host defaults to this one when the project's code lives here,
+    else the only host it lives on.
+    """
+    if model is not None and not MODEL_RE.match(model):
+        raise UsageError(f"--model {model[:40]!r} is not a model name; e.g. --model sonnet or --model claude-opus-4-1")
+    with write_txn(db) as cur:
+        task = get_task(db, task_ref)
+        if task.status == "done":
+            raise Conflict(f"task {task.id[:SHORT_ID]} is done; reopen it first: "
+                           f"clare task reopen {task.id[:SHORT_ID]}")
+        project = get_project(db, task.project_id)
+        machine = resolve_host(db, host) if host is not None else _default_host(db, project)
+        folder = project.dirs.get(machine)
+        if folder is None:
+            raise UsageError(f"project {project.name} has no directory on host {machine}; say where its code "
+                             f"lives there: clare project set {project.name} --dir {machine}:/PATH")
+        session_id = new_uuid()
+        order_id = _place(db, cur, "start", host=machine, session_id=session_id, task_id=task.id, cwd=folder,
+                          tmux_session=tmux_session_name(project.name), is_worktree=is_worktree, model=model,
+                          now_ms=now_ms)
+        record(db, cur, "task.assigned", {"task_id": task.id, "session_id": session_id}, now_ms=now_ms)
+        if task.status == "todo":
+            record(db, cur, "task.updated", {"task_id": task.id, "status": "in_progress"}, now_ms=now_ms)
+    return list_orders(db, order_id=order_id)[0]
+
+
+def place_resume(db: Db, session_ref: str, *, now_ms: int) -> Order:
+    """Order `claude --resume ID` for a gone session, on its host, in its cwd; its task stays bound."""
+    with write_txn(db) as cur:
+        session = get_session(db, session_ref)
+        if session.state != "gone":
+            raise Conflict(f"session {session.id[:SHORT_ID]} is {session.state} on {session.host} "
+                           f"({session.tmux_target or 'no tmux'}); only a gone session is resumed")
+        if not session.cwd:
+            raise UsageError(f"session {session.id[:SHORT_ID]} has no known directory to resume in; "
+                             "resume it by hand: claude --resume " + session.id)
+        task = get_task(db, session.task_id) if session.task_id else None
+        name = (tmux_session_name(task.project) if task else session.tmux_session) or "clare"
+        order_id = _place(db, cur, "resume", host=session.host, session_id=session.id,
+                          task_id=task.id if task else None, cwd=session.cwd, tmux_session=name, now_ms=now_ms)
+    return list_orders(db, order_id=order_id)[0]
+
+
+def place_stop(db: Db, session_ref: str, *, is_force: bool = False, now_ms: int) -> Order:
+    """Order a session to end: /exit typed while it waits; with `is_force`, SIGTERM to Claude even while it works."""
+    with write_txn(db) as cur:
+        session = get_session(db, session_ref)
+        if session.state == "gone":
+            raise Conflict(f"session {session.id[:SHORT_ID]} is gone already; nothing to stop")
+        if session.state in ("working", "permission") and not is_force:
+            what = "is working" if session.state == "working" else "shows a dialog"
+            raise Conflict(f"session {session.id[:SHORT_ID]} {what}; stop it once it waits, or now with --force "
+                           "(SIGTERM to Claude)")
+        order_id = _place(db, cur, "stop", host=session.host, session_id=session.id, task_id=session.task_id,
+                          cwd=session.cwd, tmux_session=session.tmux_session, is_force=is_force, now_ms=now_ms)
+    return list_orders(db, order_id=order_id)[0]
+
+
+def record_order_result(db: Db, order_id: str, *, result: str, reason: str = "",
+                        outcome: dict[str, Any] | None = None, now_ms: int) -> Order:
+    """Record this host's receipt for an order: claimed first, then what came of it."""
+    _check_choice("order result", result, ORDER_RESULTS[1:])
+    with write_txn(db) as cur:
+        record(db, cur, "order.carried_out", {"order_id": order_id, "result": result, "reason": reason[:1000],
+                                              "outcome": outcome or {}}, now_ms=now_ms)
+        order = list_orders(db, order_id=order_id)[0]
+        if order.action == "start" and result in ("refused", "expired") and order.task_id:
+            task = get_task(db, order.task_id)
+            if task.session_id == order.session_id:  # no Claude runs under that id: the task is free again
+                record(db, cur, "task.unassigned", {"task_id": task.id}, now_ms=now_ms)
+    return order
+
+
+def get_order(db: Db, ref: str) -> Order:
+    """Return the order whose id starts with `ref`."""
+    _check_prefix("order", ref)
+    found = [o for o in list_orders(db) if o.id.startswith(ref)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise NotFound(f"no order {ref!r}; list them with: clare session orders")
+    raise Conflict(f"order {ref!r} is ambiguous; give more of the id")
+
+
 def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertResult, list[str]]:
     """Store the events of JSON lines not yet here; return the result and one reason per bad line."""
     good, bad = [], []
@@ -2805,6 +3304,15 @@ DESCRIBE.update({
                                      f"{p['result']} ({p['reason']})",
     "update.posted": lambda p: f"{p['source']} update" + (f" on task {p['task_id'][:SHORT_ID]}"
                                                          if p.get("task_id") else "") + f": {p['text'][:80]}",
+    "project.dir_set": lambda p: (f"project {p['project_id'][:SHORT_ID]} lives in {p['dir']} on {p['host']}"
+                                  if p.get("dir") else
+                                  f"project {p['project_id'][:SHORT_ID]}: no directory on {p['host']}"),
+    "order.placed": lambda p: f"{p['action']} session {p['session_id'][:SHORT_ID]} on {p['host']}"
+                              + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else "")
+                              + (" in a new worktree" if p.get("is_worktree") else "")
+                              + (" (--force)" if p.get("is_force") else ""),
+    "order.carried_out": lambda p: f"order {p['order_id'][:SHORT_ID]}: {p['result']}"
+                                   + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
 })
 
 
@@ -2840,6 +3348,7 @@ SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
     observe_sessions, report_hook,
     list_broadcast_recipients, list_deliveries, get_status,
     post_update, list_updates, list_history, list_events, import_events, replay, count_events,
+    list_orders,
 )}
 
 
@@ -3652,10 +4161,12 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
                env: Mapping[str, str] | None = None) -> PullResult:
     """Look at this host's Claude sessions and record what changed (nothing when nothing did).
 
-    Also: ingest spooled hook reports, deliver other hosts' broadcasts, and with `tails` store
+    Also: ingest spooled hook reports, carry out the orders placed for this host (start, resume,
+    stop), deliver other hosts' broadcasts, and with `tails` store
     each assigned pane's last lines (and the triage command's reading of them) when they changed.
     """
     ingest_spool(db, now_ms=now_ms)
+    carry_out_pending(db, config=config, now_ms=now_ms)  # first: this look then sees what it started or stopped
     idle_after_s = config.get("fleet", {}).get("idle_after_s", DEFAULT_IDLE_AFTER_S)
     if isinstance(idle_after_s, bool) or not isinstance(idle_after_s, int | float) or idle_after_s < 0:
         raise ClareError(f"clare.toml: [fleet] idle_after_s = {idle_after_s!r} is not a number of seconds; fix it")
@@ -3706,6 +4217,23 @@ def start_background_pull(db_path: str, config: dict[str, Any], *, stop: Any,
     return thread
 
 
+def carry_out_soon(db_path: str, config: dict[str, Any]) -> Any:
+    """Carry out this host's pending orders now, in a thread with its own connection (after a peer pushed one)."""
+    import threading
+
+    def run() -> None:
+        db = open_db(db_path)
+        try:
+            pull_fleet(db, config=config, now_ms=now_ms())
+        except ClareError:
+            pass  # the background pull tries again and logs what fails
+        finally:
+            db.close()
+    thread = threading.Thread(target=run, name="clare-orders", daemon=True)
+    thread.start()
+    return thread
+
+
 def _pull_loop(db_path: str, config: dict[str, Any], *, stop: Any, log: Callable[[str], None],
                every_s: float) -> None:
     db = open_db(db_path)
@@ -3752,7 +4280,7 @@ def read_rclaude(section: dict[str, Any], *, machine_id: str, warnings: list[str
         return {}
     if p.returncode != 0:
         warnings.append(f"rclaude sessions_command exited {p.returncode}: {p.stderr.strip()[:200]}")
-    return parse_rclaude(p.stdout, hosts=(machine_id, default_machine_id()))
+    return parse_rclaude(p.stdout, hosts=(machine_id, machine_host_name(machine_id), host_label()))
 
 
 def parse_rclaude(text: str, *, hosts: tuple[str, ...]) -> dict[str, str]:
@@ -4347,12 +4875,14 @@ def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_
     return dataclasses.replace(d, result=result, reason=reason)
 
 
-def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tuple[str, str]:
+def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float,
+                 is_done: Callable[[], bool] | None = None) -> tuple[str, str]:
     """Type a text into a session's tmux pane as one paste and an Enter; return (result, reason).
 
     Never into a pane that does not run Claude (a shell would run the text) and never while a
     permission dialog shows (Enter would approve it). The text goes through a tmux buffer loaded
-    from stdin, never through a shell, so it arrives literally.
+    from stdin, never through a shell, so it arrives literally. `is_done` tells when a command
+    (/exit) took effect, where no prompt is submitted to confirm it.
     """
     if session.state == "gone":
         return "refused", "the session is gone"
@@ -4389,11 +4919,22 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
             return "refused", refusal + "; the text waits in the composer"
         sent_ms = now_ms()
         run_tmux(pane.socket, "send-keys", "-t", pane.pane_id, "Enter")
-        if _wait_for_prompt(db, session, text, since_ms=sent_ms, timeout_s=confirm_s):
+        if is_done is not None and _wait_until(is_done, timeout_s=confirm_s):
+            return "delivered", ""
+        if is_done is None and _wait_for_prompt(db, session, text, since_ms=sent_ms, timeout_s=confirm_s):
             return "delivered", ""
         if was_working:
             return "queued", "Claude is busy; it takes the text after this turn"
     return "failed", f"Claude did not take the text after {BROADCAST_ENTER_TRIES} Enters"
+
+
+def _wait_until(predicate: Callable[[], bool], *, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _dialog_refusal(db: Db, session: Session, pane: Pane) -> str | None:
@@ -4442,6 +4983,326 @@ def _transcript_has_prompt(path: str, text: str, *, since_ms: int) -> bool:
                 if _text_of(obj["message"].get("content")).strip() == text.strip():
                     return True
     return False
+
+
+# --- starting, resuming and stopping sessions: the host's side of an order --------------------
+
+START_READY_S = 30.0  # how long a new Claude may take to show its composer (or a screen Clare never answers)
+STOP_WAIT_S = 10.0  # how long Claude may take to end after /exit or SIGTERM
+WORKTREE_SLUG_CHARS = 40
+# Screens where a typed prompt and Enter would answer for the user: data, not code. Clare never answers them.
+TRUST_SCREEN = (re.compile(r"Do you trust the files in this folder"), re.compile(r"Is this a project you created"),
+                re.compile(r"I trust this folder"), re.compile(r"Accessing workspace"))
+ONBOARDING_SCREEN = (re.compile(r"Choose the text style"), re.compile(r"Select login method"),
+                     re.compile(r"use this API key\?"), re.compile(r"Press Enter to continue"))
+COMPOSER_SCREEN = re.compile(r"^\s*[│|]?\s*[>❯](?:\s|$)", re.M)  # the prompt line of an empty composer
+CLAUDE_PLACES = ("~/.local/bin", "~/.claude/local", "~/.npm-global/bin", "/usr/local/bin", "/usr/bin",
+                 "/opt/homebrew/bin")
+
+
+def default_tmux_socket(env: Mapping[str, str] | None = None) -> str:
+    """Return the socket of the user's default tmux server (where plain `tmux attach` looks)."""
+    env = os.environ if env is None else env
+    return os.path.join(env.get("TMUX_TMPDIR") or "/tmp", f"tmux-{os.getuid()}", "default")
+
+
+def claude_argv(config: dict[str, Any], *, env: Mapping[str, str] | None = None) -> list[str]:
+    """Return [fleet] claude_command as argv with an absolute program path; a systemd unit's PATH is short."""
+    import shlex
+    import shutil
+
+    text = config.get("fleet", {}).get("claude_command", "claude")
+    try:
+        argv = shlex.split(text) if isinstance(text, str) else []
+    except ValueError:
+        argv = []
+    if not argv:
+        raise ClareError(f"clare.toml: [fleet] claude_command = {text!r} is not a command; e.g. "
+                         'claude_command = "/home/me/.local/bin/claude"')
+    program = os.path.expanduser(argv[0])
+    if "/" in program:
+        found = program if os.path.isfile(program) and os.access(program, os.X_OK) else None
+    else:
+        env = os.environ if env is None else env
+        path = os.pathsep.join([env.get("PATH", ""), *map(os.path.expanduser, CLAUDE_PLACES)])
+        found = shutil.which(program, path=path)
+    if found is None:
+        raise ClareError(f"the claude command {argv[0]!r} is not found on this host; set its full path in "
+                         'clare.toml: [fleet] claude_command = "/full/path/to/claude" (see: which claude)')
+    return [os.path.abspath(found), *argv[1:]]
+
+
+def agent_launcher(db_path: str) -> str:
+    """Write (when missing or stale) the launcher Claude runs to report to this database; return its path.
+
+    It sits beside the database, runs this clare.py with this interpreter, and ignores CLARE_URL:
+    an agent's `update --done` must reach the host that knows its pane.
+    """
+    folder = os.path.dirname(os.path.abspath(db_path))
+    path = os.path.join(folder, "clare")
+    here = os.path.dirname(os.path.abspath(__file__))
+    text = (f"#!{sys.executable} -I\n# Written by Clare for the Claude sessions it starts: reports to one database.\n"
+            f"import os, sys\nos.environ.pop('CLARE_URL', None)\nsys.path.insert(0, {here!r})\nimport clare\n"
+            f"raise SystemExit(clare.main(['--db', {os.path.abspath(db_path)!r}, *sys.argv[1:]]))\n")
+    with contextlib.suppress(OSError), open(path, encoding="utf-8") as f:
+        if f.read() == text:
+            return path
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path + ".tmp", 0o700)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def first_prompt(task: Task, *, launcher: str) -> str:
+    """Return what Clare types into a session it started: the task, and how to report on it."""
+    parts = [task.title, task.description.strip(),
+             f"(Task {task.id[:SHORT_ID]} of project {task.project}, from Clare.) Post progress notes with:\n"
+             f'  {launcher} update "what you did"\nWhen the task is finished, report it with:\n'
+             f'  {launcher} update --done "one-line summary"']
+    return broadcast_text("\n\n".join(p for p in parts if p))
+
+
+def _run(argv: list[str], *, cwd: str | None = None) -> Any:
+    """Run a helper program (git, systemd-run); the caller checks the return code."""
+    import subprocess
+
+    try:
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return subprocess.CompletedProcess(argv, -1, "", str(err))
+
+
+def _first_line(p: Any) -> str:
+    return ((p.stderr or p.stdout or "").strip().splitlines() or ["failed"])[0][:300]
+
+
+def worktree_branch(task: Task) -> str:
+    """Return the branch a task's worktree gets: clare/<short id>-<slug of the title>."""
+    slug = "-".join(re.findall(r"[a-z0-9]+", task.title.lower()))[:WORKTREE_SLUG_CHARS].strip("-")
+    return f"clare/{task.id[:SHORT_ID]}-{slug or 'task'}"
+
+
+def make_worktree(folder: str, branch: str, *, dry_run: bool = False) -> str:
+    """Make a git worktree and branch beside the repository holding `folder`; return the folder to work in.
+
+    Refused with the reason when `folder` is not in a git repository or the branch exists; with
+    `dry_run` only these checks run.
+    """
+    import shutil
+
+    git = shutil.which("git") or "/usr/bin/git"
+    top = _run([git, "-C", folder, "rev-parse", "--show-toplevel"])
+    if top.returncode != 0:
+        raise ClareError(f"{folder} is not a git repository, so --worktree cannot branch it; start without "
+                         "--worktree, or run 'git init' there")
+    root = top.stdout.strip()
+    if _run([git, "-C", root, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"]).returncode == 0:
+        raise ClareError(f"branch {branch} exists in {root}; delete it (git -C {root} branch -D {branch}) "
+                         "or start without --worktree")
+    path = os.path.join(os.path.dirname(root), f"{os.path.basename(root)}-{branch.removeprefix('clare/')}")
+    if os.path.exists(path):
+        raise ClareError(f"{path} exists already; move it away or start without --worktree")
+    if dry_run:
+        return path
+    made = _run([git, "-C", root, "worktree", "add", "-b", branch, path])
+    if made.returncode != 0:
+        raise ClareError(f"git worktree add {path} failed: {_first_line(made)}")
+    return os.path.normpath(os.path.join(path, os.path.relpath(os.path.realpath(folder), root)))
+
+
+def _outside_unit(argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """Wrap a command that may start the tmux server so that the server leaves this systemd unit's cgroup.
+
+    A unit's stop kills its whole cgroup: a tmux server started from `clare serve` would take
+    every Claude session with it. clare.service also sets KillMode=process for hosts without a user bus.
+    """
+    import shutil
+
+    if env.get("INVOCATION_ID") and shutil.which("systemd-run"):
+        return ["systemd-run", "--user", "--scope", "--quiet", "--collect", *argv]
+    return argv
+
+
+def open_window(session_name: str, cwd: str, argv: list[str], *, env: Mapping[str, str] | None = None
+                ) -> tuple[str, str, str]:
+    """Run argv in a new tmux window of session `session_name` (made when missing); return (socket, pane, target)."""
+    env = os.environ if env is None else env
+    socket = default_tmux_socket(env)
+    os.makedirs(os.path.dirname(socket), mode=0o700, exist_ok=True)
+    fmt = "#{pane_id}\t#{session_name}:#{window_index}.#{pane_index}"
+    # tmux ends a command at an argument ";": no argv word here is one (paths, a uuid, a checked model name).
+    p = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt, "--", *argv)
+    if p.returncode != 0:
+        made = _run(_outside_unit([tmux_binary(), "-S", socket, "new-session", "-d", "-s", session_name,
+                                   "-x", "200", "-y", "50", "-c", cwd, "-P", "-F", fmt, "--", *argv], env))
+        if made.returncode != 0 and "duplicate session" in (made.stderr or ""):  # made meanwhile by another start
+            made = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt,
+                            "--", *argv)
+        if made.returncode != 0:
+            raise ClareError(f"tmux could not open a window in session {session_name}: {_first_line(made)}")
+        p = made
+    pane_id, _, target = p.stdout.strip().partition("\t")
+    return socket, pane_id, target
+
+
+def wait_until_ready(socket: str, pane_id: str, *, timeout_s: float = START_READY_S) -> tuple[str, str]:
+    """Wait until the Claude in a new pane shows its composer; return ("ready", "") or why not.
+
+    A trust or onboarding screen is never answered: Enter there would decide for the user.
+    """
+    deadline = time.monotonic() + timeout_s
+    screen = ""
+    while True:
+        pane = next((x for x in list_panes(socket) or () if x.pane_id == pane_id), None)
+        if pane is None or pane.is_dead:
+            last = " | ".join(line.strip() for line in screen.strip().splitlines()[-3:] if line.strip())
+            said = f"; its screen said: {last[:300]}" if last else ""
+            return "failed", f"Claude ended at once in pane {pane_id}{said}"
+        screen = capture_pane(socket, pane_id) or ""
+        if any(rule.search(screen) for rule in TRUST_SCREEN):
+            name = pane.target.rpartition(":")[0]
+            return "needs trust", (f"Claude asks whether to trust {pane.cwd} in pane {pane_id} ({pane.target}); Clare "
+                                   f"never answers that: answer it there (tmux attach -t {name}), "
+                                   "then give it the task (clare broadcast session:ID), or trust the folder once by "
+                                   "running claude there")
+        if any(rule.search(screen) for rule in ONBOARDING_SCREEN):
+            return "needs trust", (f"Claude shows its first-run setup in pane {pane_id} ({pane.target}); Clare never "
+                                   "answers it: finish it once by running claude in a terminal on this host")
+        if not shows_permission_dialog(screen) and COMPOSER_SCREEN.search(screen):
+            return "ready", ""
+        if time.monotonic() > deadline:
+            return "failed", f"Claude showed no composer in pane {pane_id} within {timeout_s:.0f} s; look at it there"
+        time.sleep(0.1)
+
+
+def carry_out_pending(db: Db, *, config: dict[str, Any], now_ms: int) -> list[Order]:
+    """Carry out the orders placed for this host that no one took yet, each once; expire the stale ones."""
+    if not list_orders(db, pending_on=db.machine_id):
+        return []
+    done = []
+    with _delivery_lock(db):  # one typist per host: a pull, a start and a broadcast never type at once
+        for order in list_orders(db, pending_on=db.machine_id):  # again, now that no one else acts
+            done.append(carry_out(db, order, config=config, now_ms=now_ms))
+    return done
+
+
+def carry_out(db: Db, order: Order, *, config: dict[str, Any], now_ms: int) -> Order:
+    """Carry out one order of this host and record its receipt; claimed first, so a crash never repeats it."""
+    if (_iso_to_ms(order.expires_at) or 0) < now_ms:
+        return record_order_result(db, order.id, result="expired", reason=f"not carried out before {order.expires_at}",
+                                   now_ms=now_ms)
+    record_order_result(db, order.id, result="claimed", now_ms=now_ms)
+    started = time.monotonic()
+    try:
+        result, reason, outcome = ORDER_HANDLERS[order.action](db, order, config)
+    except ClareError as err:
+        result, reason, outcome = "refused", str(err), {}
+    return record_order_result(db, order.id, result=result, reason=reason, outcome=outcome,
+                               now_ms=now_ms + int((time.monotonic() - started) * 1000))
+
+
+def check_launch(db: Db, folder: str, *, config: dict[str, Any], branch: str | None = None) -> list[str]:
+    """Check on this host what a start or resume needs; return Claude's argv. Raise the reason when it cannot.
+
+    Run by the host before it acts, and before anything is recorded when the host is this one.
+    """
+    if not os.path.isdir(folder):
+        raise ClareError(f"directory {folder} does not exist on host {db.machine_id}; create it, or fix the "
+                         f"project's directory: clare project set PROJECT --dir {db.machine_id}:/PATH")
+    argv = claude_argv(config)
+    if branch is not None:
+        make_worktree(folder, branch, dry_run=True)
+    return argv
+
+
+def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """Start (or resume) Claude for an order in a new tmux window; for a start, type the task in."""
+    folder = order.request["cwd"]
+    task = get_task(db, order.task_id) if order.task_id else None
+    outcome: dict[str, Any] = {}
+    if order.action == "start" and order.request.get("is_worktree"):
+        if task is None:
+            raise ClareError("a worktree is named after a task, and this order has none")
+        outcome["branch"] = worktree_branch(task)
+    argv = check_launch(db, folder, config=config, branch=outcome.get("branch"))
+    if outcome.get("branch"):
+        folder = make_worktree(folder, outcome["branch"])
+    launcher = agent_launcher(db.path)
+    argv += (["--session-id", order.session_id] if order.action == "start" else ["--resume", order.session_id])
+    if order.request.get("model"):
+        argv += ["--model", order.request["model"]]
+    argv += ["--allowedTools", f"Bash({launcher} update:*)"]  # reporting never opens a permission dialog
+    socket, pane_id, target = open_window(order.request["tmux_session"], folder, argv)
+    outcome |= {"tmux_socket": socket, "pane_id": pane_id, "tmux_target": target, "cwd": folder}
+    state, reason = wait_until_ready(socket, pane_id)
+    if state != "ready" or order.action != "start" or task is None:
+        return ("started" if state == "ready" else state), reason, outcome
+    session = Session(order.session_id, db.machine_id, folder, socket, target, pane_id, None, "", "waiting", None,
+                      None, "", task.id, {}, "")
+    result, why = deliver_text(db, session, first_prompt(task, launcher=launcher), confirm_s=BROADCAST_CONFIRM_S)
+    if result != "delivered":
+        return "failed", f"Claude started in pane {pane_id} ({target}) but the task was not typed in: {why}", outcome
+    return "started", "", outcome
+
+
+def _stop(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """End a session: /exit typed while it waits, SIGTERM with --force; its pane goes only if Clare made it."""
+    import signal
+
+    session = get_session(db, order.session_id)
+    if session.pane_id is None or session.tmux_socket is None:
+        raise ClareError(f"session {session.id[:SHORT_ID]} does not run in a tmux pane here; stop it where it runs")
+    pane = next((p for p in list_panes(session.tmux_socket) or () if p.pane_id == session.pane_id), None)
+    if pane is None:
+        raise ClareError(f"tmux pane {session.pane_id} is gone; the session ended already")
+    procs, children = process_tree()
+    registry = read_registry(claude_home(), procs)
+    pid = find_claude(pane.pid, children, proc_argv, registered=registry)
+    if pid is None:
+        raise ClareError(f"pane {pane.pane_id} does not run Claude now; nothing to stop there")
+    entry = registry.get(pid) or {}
+    if entry.get("sessionId") not in (None, session.id):
+        raise ClareError(f"pane {pane.pane_id} now runs another session ({entry['sessionId'][:SHORT_ID]})")
+    outcome = {"pane_id": pane.pane_id, "tmux_target": pane.target, "pid": pid}
+    if order.request.get("is_force"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        how = "SIGTERM"
+    else:
+        if entry.get("status") == "busy":
+            raise ClareError(f"session {session.id[:SHORT_ID]} is working; stop it once it waits, or now with "
+                             "--force (SIGTERM to Claude)")
+        result, why = deliver_text(db, dataclasses.replace(session, state="waiting"), "/exit", confirm_s=STOP_WAIT_S,
+                                   is_done=lambda: not _is_alive(pid, procs))
+        if result != "delivered":
+            return "failed", f"/exit was not taken: {why}", outcome
+        how = "/exit"
+    deadline = time.monotonic() + STOP_WAIT_S
+    while _is_alive(pid, procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _is_alive(pid, procs):
+        return "failed", f"Claude (pid {pid}) still runs {STOP_WAIT_S:.0f} s after {how}", outcome
+    ours = any(o.action in ("start", "resume") and o.outcome.get("pane_id") == pane.pane_id
+               and o.outcome.get("tmux_socket") == pane.socket for o in list_orders(db, session_id=session.id))
+    if ours:
+        run_tmux(pane.socket, "kill-pane", "-t", pane.pane_id)  # ours: nothing of the user's lives in it
+    return "stopped", f"ended by {how}" + ("; its pane was closed" if ours else "; the pane is left as it was"), outcome
+
+
+def _is_alive(pid: int, procs: dict[int, tuple[int, int]]) -> bool:
+    """Tell whether a process still runs as the same process (a reused pid has another start time)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    rest = stat[stat.rfind(b")") + 2:].split()
+    return rest[0] != b"Z" and int(rest[19]) == procs.get(pid, (0, int(rest[19])))[1]
+
+
+ORDER_HANDLERS: dict[str, Callable[[Db, Order, dict[str, Any]], tuple[str, str, dict[str, Any]]]] = {
+    "start": _launch, "resume": _launch, "stop": _stop}
 
 
 SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes, send_broadcast)})
@@ -4584,6 +5445,9 @@ def sync_accept(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
     if len(body["events"]) > MAX_SYNC_BATCH:
         raise ClareError(f"a sync batch holds {len(body['events'])} events, over the limit of {MAX_SYNC_BATCH}; "
                          "send smaller batches")
+    sender = (body.get("machine_id"), body.get("db_id"))
+    if all(isinstance(v, str) for v in sender):
+        check_peer_identity(db, sender, where="the sending peer")  # type: ignore[arg-type]
     good, rejected = check_events(body["events"])
     with write_txn(db) as cur:
         db_id = get_meta(cur, "db_id")  # in the transaction: the log the batch went into
@@ -4698,8 +5562,7 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
         identity, head, next_after = _check_page(page, after=after)
-        if identity == (db.machine_id, db.db_id):
-            raise ClareError(f"{peer.url} is this very database; remove it from the peers in clare.toml")
+        check_peer_identity(db, identity, where=peer.url)
         if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
             known, n_restarts = identity, n_restarts + 1
             if n_restarts > 3:
@@ -4738,6 +5601,18 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
         if not page["has_more"]:
             return
         after = next_after
+
+
+def check_peer_identity(db: Db, identity: tuple[str, str], *, where: str) -> None:
+    """Refuse a peer that presents this host's own machine id: this very database, or a copy of it."""
+    machine_id, db_id = identity
+    if machine_id != db.machine_id:
+        return
+    if db_id == db.db_id:
+        raise Conflict(f"{where} is this very database (machine id {machine_id}): remove it from the peers in "
+                       "clare.toml; if it is another host, it is a copy of this one: run there clare init --new-id")
+    raise Conflict(f"{where} presents this host's own machine id {machine_id} with another db id: one of the two "
+                   "databases is a copy of the other; on the copy run: clare init --new-id")
 
 
 def _check_page(page: object, *, after: int) -> tuple[tuple[str, str], int, int]:
@@ -5181,6 +6056,8 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
         while not stop.is_set():
             try:
                 report = sync_round(db, peer, config)
+                if report.n_pulled and list_orders(db, pending_on=db.machine_id):
+                    carry_out_soon(db_path, config)  # an order for this host came in: now, not at the next pull
                 if n_failures:
                     log(f"sync with {peer.name}: reachable again")
                 n_failures = 0
@@ -5195,6 +6072,56 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
         db.close()
 
 
+def push_order(db: Db, order: Order, *, config: dict[str, Any]) -> list[str]:
+    """Sync now with the configured peers that are the order's host; return the names reached.
+
+    None reached is fine: the order waits in the log for the host's next sync, until it expires.
+    """
+    known = {s.url: s.machine_id for s in list_peer_status(db)}
+    reached = []
+    for peer in load_peers(config):
+        if known.get(peer.url) == order.host:
+            with contextlib.suppress(ClareError):  # unreachable now: the periodic sync is the fallback
+                sync_round(db, peer, config)
+                reached.append(peer.name)
+    return reached
+
+
+def _send_order(db: Db, order: Order, *, config: dict[str, Any], now_ms: int) -> Order:
+    if order.host == db.machine_id:
+        pull_fleet(db, config=config, now_ms=now_ms)  # carries it out, then sees the session
+    else:
+        push_order(db, order, config=config)
+    return list_orders(db, order_id=order.id)[0]
+
+
+def start_session(db: Db, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
+                  model: str | None = None, config: dict[str, Any], now_ms: int) -> Order:
+    """Start a Claude session for a task: on this host at once, on another through the log, pushed there now."""
+    if host is None or resolve_host(db, host) == db.machine_id:  # checked here first: a refusal leaves no trace
+        task = get_task(db, task_ref)
+        folder = get_project(db, task.project_id).dirs.get(db.machine_id)
+        if folder is not None:
+            check_launch(db, folder, config=config, branch=worktree_branch(task) if is_worktree else None)
+    order = place_start(db, task_ref, host=host, is_worktree=is_worktree, model=model, now_ms=now_ms)
+    return _send_order(db, order, config=config, now_ms=now_ms)
+
+
+def resume_session(db: Db, session_ref: str, *, config: dict[str, Any], now_ms: int) -> Order:
+    """Resume a gone session (claude --resume) on its host, in its directory; its task stays bound."""
+    session = get_session(db, session_ref)
+    if session.host == db.machine_id and session.state == "gone" and session.cwd:
+        check_launch(db, session.cwd, config=config)  # here first: a refusal leaves no trace
+    return _send_order(db, place_resume(db, session_ref, now_ms=now_ms), config=config, now_ms=now_ms)
+
+
+def stop_session(db: Db, session_ref: str, *, is_force: bool = False, config: dict[str, Any], now_ms: int) -> Order:
+    """Stop a session on its host: /exit while it waits; --force sends SIGTERM even while it works."""
+    return _send_order(db, place_stop(db, session_ref, is_force=is_force, now_ms=now_ms), config=config,
+                       now_ms=now_ms)
+
+
+SERVICES.update({fn.__name__: fn for fn in (start_session, resume_session, stop_session)})
 def peer_of_host(db: Db, peers: Iterable[Peer], host: str) -> Peer | None:
     """Return the configured peer whose last sync answered as machine `host`, or None (not a direct peer)."""
     ids = {s.url: s.machine_id for s in list_peer_status(db)}
@@ -5401,6 +6328,7 @@ class WebConfig:
     deadline_s: float = REQUEST_DEADLINE_S
     max_threads: int = MAX_HANDLER_THREADS
     peers: tuple[Peer, ...] = ()  # clare.toml's peers as read at start: a later typo there never breaks a poll
+    config_path: str = ""  # clare.toml, read again where a service needs settings (starting a session)
     settings: Any = None  # clare.toml as read at start: peer tokens, [hosts.NAME] ssh
 
     @property
@@ -5460,7 +6388,8 @@ def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: st
     finally:
         db.close()
     return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests,
-                     peers=tuple(load_peers(config, path=paths.config)), settings=config)
+                     peers=tuple(load_peers(config, path=paths.config)), config_path=paths.config,
+                     settings=config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -6545,12 +7474,24 @@ $task_form
 <dl class="facts"><dt>Status</dt><dd><form class="tight" $status_attrs>$csrf
 <select name="status" class="status" aria-label="project status">$status_options</select>
 <noscript><button class="ghost">Set</button></noscript></form></dd>
-<dt>Owner</dt><dd>$owner</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
+<dt>Owner</dt><dd>$owner</dd><dt>Code</dt><dd>$dirs</dd>
+<dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
 </div>
 <div class="grid">
 <section class="card"><h2>Recent updates</h2>$updates</section>
 <section class="card"><h2>History</h2>$history</section>
 </div>""")
+PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> '
+                              '<span class="muted small">on $host</span></div>')
+START_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
+<button class="ghost" type="submit" title="start a Claude session for this task">Start session</button></form>""")
+START_CARD = string.Template("""<section class="card" id="start-session"><h2>Start a Claude session</h2>
+<form class="row" $attrs>$csrf<input type="hidden" name="view" value="task">
+<label>Host<select name="host">$hosts</select></label>
+<label>Model<input name="model" placeholder="default" autocomplete="off" maxlength="100"></label>
+<label><input type="checkbox" name="worktree" value="1"> in a new git worktree</label>
+<button type="submit"$disabled>Start session</button></form>
+<p class="small muted">$note</p></section>""")
 PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
@@ -6584,6 +7525,7 @@ $task_card
 $session_picker
 <label>or group<select name="group"><option value="">—</option>$group_options</select></label>
 <button type="submit">Assign</button></form></section>
+$start_card
 </div>
 <div class="grid">
 <section class="card"><h2>Updates</h2>
@@ -6637,6 +7579,17 @@ def feed(events: list[Event], *, empty: str) -> Html:
     return render(FEED, items=join(
         render(FEED_ITEM, text=describe_event(ev), at=ev.created_at, when=when_text(ev.created_at),
                where=ev.machine_id) for ev in reversed(events)))
+
+
+def order_text(o: Order) -> str:
+    """Return one line saying what came of an order, and the fix when it did not work."""
+    what = f"{o.action} session {o.session_id[:SHORT_ID]} on {o.host}"
+    where = " in " + o.outcome["tmux_target"] if o.outcome.get("tmux_target") else ""
+    branch = f" (branch {o.outcome['branch']})" if o.outcome.get("branch") else ""
+    if o.result == "pending":
+        return (f"{what}: pending until {o.host} takes it (pushed at once when it is a reachable peer, else at its "
+                f"next sync; expires {when_text(o.expires_at)}); follow it with: clare session orders")
+    return f"{what}{where}{branch}: {o.result}" + (f": {o.reason}" if o.reason else "")
 
 
 def assignee_text(task: Task) -> Html:
@@ -6730,7 +7683,9 @@ def tasks_fragment(req: Request, project: Project) -> Html:
         table_html = render(TASKS_TABLE, rows=join(render(
             TASK_ROW, id=t.id, short_id=t.id[:SHORT_ID], title=t.title, priority=t.priority,
             pri_color="red" if t.priority == 0 else "orange" if t.priority == 1 else "gray",
-            status_form=status_form(req, t, view="tasks"), assignee=assignee_text(t), tags=tag_badges(t))
+            status_form=status_form(req, t, view="tasks"), tags=tag_badges(t),
+            assignee=join([assignee_text(t), start_button(req, t, view="tasks")
+                           if project.dirs and t.status != "done" and not t.session_id else Html("")]))
             for t in tasks))
     return render(FRAG_PROJECT_TASKS, poll=poll_attrs(f"/frag/projects/{project.id}/tasks"), table=table_html)
 
@@ -6738,6 +7693,24 @@ def tasks_fragment(req: Request, project: Project) -> Html:
 def tag_badges(task: Task) -> Html:
     """Return a task's tags as small badges, each after a space."""
     return join(Html(f" {badge(f'#{tag}', 'gray')}") for tag in task.tags)
+def start_button(req: Request, task: Task, *, view: str) -> Html:
+    """Render the button that starts a session for a task where its project's code lives."""
+    return render(START_BUTTON, csrf=csrf_field(req), view=view,
+                  attrs=form_attrs(f"/tasks/{task.id}/sessions",
+                                   target="#frag-task" if view == "task" else "#frag-tasks"))
+
+
+def start_card(req: Request, task: Task) -> Html:
+    """Render the form that starts a session for a task: host, model, worktree."""
+    project = req.svc.get_project(task.project_id)
+    here = req.db.machine_id
+    hosts = sorted(project.dirs, key=lambda h: (h != here, h))
+    note = (f"Claude runs in a new window of tmux session {tmux_session_name(project.name)} on that host, and gets "
+            "the task as its first prompt." if hosts else
+            f"Say where the code lives first: clare project set {project.name} --dir /PATH")
+    return render(START_CARD, csrf=csrf_field(req), attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#frag-task"),
+                  hosts=options(((h, f"{h} · {project.dirs[h]}") for h in hosts), here),
+                  disabled=Html("" if hosts and task.status != "done" else " disabled"), note=note)
 
 
 def status_form(req: Request, task: Task, *, view: str) -> Html:
@@ -6766,6 +7739,7 @@ def page_project(req: Request) -> Response:
         head=project_head(p), csrf=csrf_field(req),
         status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
+        dirs=join(render(PROJECT_DIR, path=d, host=h) for h, d in p.dirs.items()) if p.dirs else Html("—"),
         tasks=tasks_fragment(req, p), task_form=task_form(req, p),
         updates=updates_list(updates, empty="No updates on these tasks yet."),
         history=feed(svc.project_history(p, limit=30), empty="No history.")))
@@ -6854,7 +7828,8 @@ def page_task(req: Request) -> Response:
         priority=t.priority, task_card=task_fragment(req, t), csrf=csrf_field(req),
         assign_attrs=form_attrs(f"/tasks/{t.id}/assignment", target="#frag-task"),
         group_options=options(((g.name, g.name) for g in svc.list_groups()), None),
-        session_picker=session_picker(req, t.session_id), update_form=update_form(req, t),
+        session_picker=session_picker(req, t.session_id), start_card=start_card(req, t),
+        update_form=update_form(req, t),
         updates=updates_fragment(req, t),
         history=history_fragment(req, [t.id], url=f"/frag/tasks/{t.id}/history")))
 
@@ -6881,7 +7856,7 @@ def frag_task_updates(req: Request) -> Response:
     return html_response(updates_fragment(req, req.svc.get_task(req.params["task"])))
 
 
-def _after_task_change(req: Request, task: Task, message: str) -> Response:
+def _after_task_change(req: Request, task: Task, message: str, *, kind: str = "ok") -> Response:
     view = req.form().get("view")
     if not req.is_htmx:
         return redirect(f"/tasks/{task.id}" if view == "task" else f"/projects/{task.project_id}")
@@ -6890,7 +7865,7 @@ def _after_task_change(req: Request, task: Task, message: str) -> Response:
                      history_fragment(req, [task.id], url=f"/frag/tasks/{task.id}/history", oob=True)])
     else:
         body = tasks_fragment(req, req.svc.get_project(task.project_id))
-    return html_response(join([body, flash(message, kind="ok", oob=True)]))
+    return html_response(join([body, flash(message, kind=kind, oob=True)]))
 
 
 def frag_set_task_status(req: Request) -> Response:
@@ -6905,6 +7880,17 @@ def frag_assign_task(req: Request) -> Response:
     t = req.svc.assign_task(req.params["task"], session_id=f.get("session_id", "").strip() or None,
                             group_ref=f.get("group") or None)
     return _after_task_change(req, t, f"{t.title}: assigned.")
+
+
+def frag_start_session(req: Request) -> Response:
+    """Start a session for a task from its button or form; the flash says what came of it."""
+    # SECURITY: this runs Claude and types into it: a POST under the token and the CSRF check.
+    f = req.form()
+    order = req.svc.start_session(req.params["task"], host=f.get("host") or None, is_worktree=f.get("worktree") == "1",
+                                  model=f.get("model", "").strip() or None, config=load_config(req.config.config_path))
+    ok = order.result in ("started", "pending")
+    return _after_task_change(req, req.svc.get_task(order.task_id or req.params["task"]), order_text(order),
+                              kind="ok" if ok else "error")
 
 
 def frag_unassign_task(req: Request) -> Response:
@@ -7526,9 +8512,15 @@ def api_list_projects(req: Request) -> Response:
 
 def api_create_project(req: Request) -> Response:
     """Create a project from {name, goal?, owner?}."""
-    b = req.json(required=("name",), optional=("goal", "owner"))
-    return json_response(req.svc.create_project(b["name"], goal=b.get("goal", ""), owner=b.get("owner", "")),
-                         status=201)
+    b = req.json(required=("name",), optional=("goal", "owner", "dirs"))
+    return json_response(req.svc.create_project(b["name"], goal=b.get("goal", ""), owner=b.get("owner", ""),
+                                                dirs=_text_list(b.get("dirs", []), "dirs")), status=201)
+
+
+def _text_list(value: object, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value) or len(value) > 100:
+        raise UsageError(f"{what} must be a list of texts, e.g. [\"/srv/api\", \"apricot:/srv/api\"]")
+    return value
 
 
 def api_get_project(req: Request) -> Response:
@@ -7537,8 +8529,10 @@ def api_get_project(req: Request) -> Response:
 
 
 def api_edit_project(req: Request) -> Response:
-    """Change a project from {name?, goal?, owner?, status?}."""
-    b = req.json(optional=("name", "goal", "owner", "status"))
+    """Change a project from {name?, goal?, owner?, status?, dirs?: ["/path" | "HOST:/path" | "HOST:"]}."""
+    b = req.json(optional=("name", "goal", "owner", "status", "dirs"))
+    if "dirs" in b:
+        b["dirs"] = _text_list(b["dirs"], "dirs")
     return json_response(req.svc.edit_project(req.params["project"], **b))
 
 
@@ -7680,6 +8674,39 @@ def api_send_broadcast(req: Request) -> Response:
                          status=201)
 
 
+def api_start_session(req: Request) -> Response:
+    """Start a Claude session for a task from {host?, is_worktree?, model?}; answer the order and its result."""
+    # SECURITY: this runs a program and types into an AI agent: the token and cross-site rules guard it.
+    b = req.json(optional=("host", "is_worktree", "model"))
+    if not isinstance(b.get("is_worktree", False), bool):
+        raise UsageError("is_worktree must be true or false")
+    order = req.svc.start_session(req.params["task"], host=b.get("host") or None,
+                                  is_worktree=b.get("is_worktree", False), model=b.get("model") or None,
+                                  config=load_config(req.config.config_path))
+    return json_response(order, status=201)
+
+
+def api_resume_session(req: Request) -> Response:
+    """Resume a gone session on its host (claude --resume); answer the order."""
+    return json_response(req.svc.resume_session(req.params["session"], config=load_config(req.config.config_path)),
+                         status=201)
+
+
+def api_stop_session(req: Request) -> Response:
+    """Stop a session from {is_force?}: /exit while it waits, SIGTERM with is_force; answer the order."""
+    b = req.json(optional=("is_force",))
+    if not isinstance(b.get("is_force", False), bool):
+        raise UsageError("is_force must be true or false")
+    return json_response(req.svc.stop_session(req.params["session"], is_force=b.get("is_force", False),
+                                              config=load_config(req.config.config_path)), status=201)
+
+
+def api_list_orders(req: Request) -> Response:
+    """List session orders (start, resume, stop) with their results; ?id=, ?session= or ?pending_on=HOST."""
+    return json_response(req.svc.list_orders(order_id=req.arg("id") or None, session_id=req.arg("session") or None,
+                                             pending_on=req.arg("pending_on") or None))
+
+
 def api_list_deliveries(req: Request) -> Response:
     """List broadcast deliveries; ?broadcast=ID for one broadcast, ?pending_on=HOST for those not tried yet."""
     return json_response(req.svc.list_deliveries(broadcast_id=req.arg("broadcast") or None,
@@ -7750,15 +8777,17 @@ def api_list_updates(req: Request) -> Response:
 
 
 def api_post_update(req: Request) -> Response:
-    """Post a progress note from {task, text, source?, session_id?}."""
-    b = req.json(required=("text",), optional=("task", "source", "session_id"))
+    """Post a progress note from {task, text, source?, session_id?, is_done?} (is_done: the task is done too)."""
+    b = req.json(required=("text",), optional=("task", "source", "session_id", "is_done"))
+    if not isinstance(b.get("is_done", False), bool):
+        raise UsageError("is_done must be true or false")
     # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
     # client that could post them would put words in a session's or a hook's mouth.
     if b.get("source", "message") != "message":
         raise UsageError(f"update source {b['source']!r} is not allowed here; only 'message' may be posted "
                          "(pane tails, triage and hook notes are written by 'clare pull')")
-    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id")),
-                         status=201)
+    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id"),
+                                             is_done=b.get("is_done", False)), status=201)
 
 
 def api_status(req: Request) -> Response:
@@ -7906,9 +8935,11 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
 # (method, path) -> summary, query parameters, request body schema, success status, response schema
 API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]] = {
     ("GET", "/api/v1/projects"): ("List projects with task counts", ("status",), None, 200, _array("Project")),
-    ("POST", "/api/v1/projects"): ("Create a project", (), _body(("name",), ("goal", "owner")), 201, _ref("Project")),
+    ("POST", "/api/v1/projects"): ("Create a project", (), _body(("name",), ("goal", "owner", "dirs"), dirs="array"),
+                                   201, _ref("Project")),
     ("GET", "/api/v1/projects/{project}"): ("Get a project by name or id prefix", (), None, 200, _ref("Project")),
-    ("PATCH", "/api/v1/projects/{project}"): ("Change a project", (), _body((), ("name", "goal", "owner", "status")),
+    ("PATCH", "/api/v1/projects/{project}"): ("Change a project (dirs: \"/path\", \"HOST:/path\", \"HOST:\" removes)",
+                                              (), _body((), ("name", "goal", "owner", "status", "dirs"), dirs="array"),
                                               200, _ref("Project")),
     ("GET", "/api/v1/projects/{project}/history"): ("Events about a project and its tasks", ("limit",), None, 200,
                                                     _array("Event")),
@@ -7954,6 +8985,16 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
         "typed by the session's host only if the same dialog is still open", (),
         _body(("answer",), ("option", "option_text", "reason", "tool_use_id", "client"), option="integer"), 201,
         _ref("AnswerResult")),
+    ("POST", "/api/v1/tasks/{task}/sessions"): ("Start a Claude session for a task on a host (in a new worktree)", (),
+                                                _body((), ("host", "is_worktree", "model"), is_worktree="boolean"),
+                                                201, _ref("Order")),
+    ("POST", "/api/v1/sessions/{session}/resume"): ("Resume a gone session on its host", (), _body((), ()), 201,
+                                                    _ref("Order")),
+    ("POST", "/api/v1/sessions/{session}/stop"): ("Stop a session: /exit while it waits, SIGTERM with is_force", (),
+                                                  _body((), ("is_force",), is_force="boolean"), 201, _ref("Order")),
+    ("GET", "/api/v1/orders"): ("Session orders (start, resume, stop) and their results",
+                                ("id", "session", "pending_on"), None, 200,
+                                _array("Order")),
     ("GET", "/api/v1/panes/ambiguous"): ("Claude panes whose session cannot be told apart", (), None, 200,
                                          _array("Pane")),
     ("POST", "/api/v1/broadcast"): ("Type a text into every live session of a target (project, group:NAME, "
@@ -7964,7 +9005,8 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
     ("GET", "/api/v1/deliveries"): ("Per-session results of a broadcast", ("broadcast", "pending_on"), None, 200,
                                     _array("Delivery")),
     ("GET", "/api/v1/updates"): ("List updates, newest last", ("task", "id", "limit"), None, 200, _array("Update")),
-    ("POST", "/api/v1/updates"): ("Post a progress note", (), _body(("text",), ("task", "source", "session_id")), 201,
+    ("POST", "/api/v1/updates"): ("Post a progress note (is_done: the task is done too)", (),
+                                  _body(("text",), ("task", "source", "session_id", "is_done"), is_done="boolean"), 201,
                                   _ref("Update")),
     ("GET", "/api/v1/status"): ("The roll-up", (), None, 200, _ref("Status")),
     ("GET", "/api/v1/events"): ("Page through the log by receipt order (after), or the newest (no after)",
@@ -8046,7 +9088,7 @@ def openapi_document() -> dict[str, Any]:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
     schemas = {cls.__name__: json_schema(cls)
-               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, PaneView, Answer)}
+               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order, PaneView, Answer)}
     for name, base, extra in (("ProjectStatus", "Project",
                                {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
                               ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
@@ -8079,7 +9121,10 @@ def sync_get_events(req: Request) -> Response:
 def sync_post_events(req: Request) -> Response:
     """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
     body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
-    return json_response(sync_accept(req.db, body, now_ms=now_ms()))
+    answer = sync_accept(req.db, body, now_ms=now_ms())
+    if answer["accepted"] and list_orders(req.db, pending_on=req.db.machine_id):
+        carry_out_soon(req.config.db_path, load_config(req.config.config_path))  # pushed to us: act now
+    return json_response(answer)
 
 
 def sync_get_days(req: Request) -> Response:
@@ -8152,13 +9197,14 @@ class RemoteServices:
 
         return quote(ref, safe="")
 
-    def create_project(self, name: str, *, goal: str = "", owner: str = "") -> Project:
+    def create_project(self, name: str, *, goal: str = "", owner: str = "", dirs: Sequence[str] = ()) -> Project:
         """Create a project."""
-        return _build(Project, self.call("POST", "/api/v1/projects", body={"name": name, "goal": goal, "owner": owner}))
+        return _build(Project, self.call("POST", "/api/v1/projects", body={"name": name, "goal": goal, "owner": owner,
+                                                                           "dirs": list(dirs)}))
 
     def edit_project(self, ref: str, **changes: Any) -> Project:
         """Change some fields of a project."""
-        body = {k: v for k, v in changes.items() if v is not None}
+        body = {k: list(v) if k == "dirs" else v for k, v in changes.items() if v is not None and v != ()}
         return _build(Project, self.call("PATCH", f"/api/v1/projects/{self._path(ref)}", body=body))
 
     def get_project(self, ref: str) -> Project:
@@ -8297,20 +9343,47 @@ class RemoteServices:
         return [_build(Delivery, x) for x in self.call("GET", "/api/v1/deliveries", query=query)]
 
     def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
-                       confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
-        """Have the server type a text into a target's sessions (it waits for confirmations its own way)."""
+                       confirm_s: float = BROADCAST_CONFIRM_S,
+                       on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
+        """Have the server type a text into a target's sessions (it waits for confirmations its own way).
+
+        The server answers once every session is done: `on_delivery` is not called (no lines as they land).
+        """
         got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
         return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
                                [_build(Delivery, d) for d in got["deliveries"]])
 
+    def start_session(self, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
+                      model: str | None = None, config: dict[str, Any]) -> Order:
+        """Have the server start a session for a task (with its own clare.toml)."""
+        body = {"host": host, "is_worktree": is_worktree, "model": model}
+        return _build(Order, self.call("POST", f"/api/v1/tasks/{self._path(task_ref)}/sessions",
+                                       body={k: v for k, v in body.items() if v is not None}))
+
+    def resume_session(self, session_ref: str, *, config: dict[str, Any]) -> Order:
+        """Have the server resume a gone session on its host."""
+        return _build(Order, self.call("POST", f"/api/v1/sessions/{self._path(session_ref)}/resume", body={}))
+
+    def stop_session(self, session_ref: str, *, is_force: bool = False, config: dict[str, Any]) -> Order:
+        """Have the server stop a session on its host."""
+        return _build(Order, self.call("POST", f"/api/v1/sessions/{self._path(session_ref)}/stop",
+                                       body={"is_force": is_force}))
+
+    def list_orders(self, *, order_id: str | None = None, session_id: str | None = None,
+                    pending_on: str | None = None) -> list[Order]:
+        """Return the session orders and their results."""
+        query = {"id": order_id, "session": session_id, "pending_on": pending_on}
+        return [_build(Order, o) for o in self.call("GET", "/api/v1/orders", query=query)]
+
     def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                    pane: tuple[str | None, str] | None = None, source: str = "message") -> Update:
+                    pane: tuple[str | None, str] | None = None, source: str = "message",
+                    is_done: bool = False) -> Update:
         """Post a progress note."""
         if pane is not None and task_ref is None:
             raise UsageError("a note from inside a pane finds its task on this host; name the task "
                              "(clare update TASK TEXT) or run without --remote")
         body = {k: v for k, v in (("text", text), ("task", task_ref), ("session_id", session_id),
-                                  ("source", source)) if v is not None}
+                                  ("source", source), ("is_done", is_done or None)) if v is not None}
         return _build(Update, self.call("POST", "/api/v1/updates", body=body))
 
     def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
@@ -8379,6 +9452,10 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/api/v1/groups/" + _REF % "group" + "/sessions", api_group_sessions),
         ("GET", r"/api/v1/sessions", api_list_sessions),
         ("GET", r"/api/v1/sessions/" + _REF % "session", api_get_session),
+        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/sessions", api_start_session),
+        ("POST", r"/api/v1/sessions/" + _REF % "session" + "/resume", api_resume_session),
+        ("POST", r"/api/v1/sessions/" + _REF % "session" + "/stop", api_stop_session),
+        ("GET", r"/api/v1/orders", api_list_orders),
         ("GET", r"/api/v1/sessions/" + _REF % "session" + "/pane", api_session_pane),
         ("GET", r"/api/v1/sessions/" + _REF % "session" + "/transcript", api_session_transcript),
         ("GET", r"/api/v1/needs", api_list_needs),
@@ -8411,6 +9488,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
+        ("POST", r"/tasks/" + _REF % "task" + "/sessions", frag_start_session),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
         ("GET", r"/sessions", cached(page_sessions)),
         ("GET", r"/sessions/" + _REF % "session", page_session),
@@ -8445,6 +9523,46 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
 # 9. CLI: the argparse tree built from COMMANDS, handlers and text output.
 # ==========================================================================
 
+STEP_MARKS = {"ok": "ok", "changed": "done", "planned": "plan", "todo": "todo", "failed": "FAIL"}  # setup, doctor
+BIND_RE = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?\Z")  # a host name or IPv4 (IPv6: _is_ip)
+STEP_NAME_CHARS = 11  # the name column of setup's and doctor's lines
+JOIN_FILE = "join-command.txt"  # beside clare.toml: setup's command for the other side, without a terminal
+DOCTOR_TIMEOUT_S = 5.0  # per peer and for this host's own server
+MIN_FREE_BYTES = 256 * 2**20  # doctor fails below this much free space beside the database
+# The systemd user unit `clare setup` writes; clare.service in the repository is this, filled in with defaults.
+UNIT_TEMPLATE = string.Template("""\
+# systemd user unit for Clare: the dashboard, the JSON API and background peer sync.
+# Written by `clare setup` to ~/.config/systemd/user/clare.service (run setup again to change it).
+# Logs: journalctl --user -u clare    State: systemctl --user status clare    Check: clare doctor
+[Unit]
+Description=Clare: dashboard, JSON API and peer sync for a fleet of Claude Code sessions
+
+[Service]
+Type=simple
+# The interpreter setup ran with and clare.py, by absolute path; serve reads its token from clare.toml.
+ExecStart=$exec_start
+$environment
+Restart=on-failure
+RestartSec=5
+# SIGTERM lets serve finish in-flight writes before it exits.
+KillSignal=SIGTERM
+# Stopping or restarting Clare must never end the Claude sessions it started: only serve itself
+# gets the signal, not the tmux servers it launched (it also starts them in their own scope with
+# systemd-run --user --scope when a user bus is there).
+KillMode=process
+TimeoutStopSec=20
+# Hardening that keeps what Clare needs: no PrivateTmp (tmux's sockets live in /tmp), no ProtectHome
+# (~/.claude and the database live in the home), no PrivateUsers (the fleet reads Claude's /proc entries).
+NoNewPrivileges=yes
+LockPersonality=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+SystemCallArchitectures=native
+UMask=0077
+
+[Install]
+WantedBy=default.target
+""")
 
 @dataclass(frozen=True, slots=True)
 class Command:
@@ -8563,18 +9681,29 @@ def format_history(events: list[Event]) -> str:
 
 
 def cmd_init(args: argparse.Namespace, ctx: Context) -> None:
-    """Create the database (idempotent); report its identity."""
-    if args.machine_id:
-        check_machine_id(args.machine_id)
+    """Create the database (idempotent); report its identity; --new-id gives a copy one of its own."""
+    info = init_host(ctx, machine_id=args.machine_id, is_new_id=args.new_id)
+    verb = ("new identity for" if info["renewed"] else "initialized" if info["created"] else "already initialized")
+    emit(ctx, info, f"{verb} {info['db']}\nmachine id {info['machine_id']} (host {info['host_name']}), "
+                    f"db id {info['db_id']}")
+
+
+def init_host(ctx: Context, *, machine_id: str | None = None, is_new_id: bool = False) -> dict[str, Any]:
+    """Open or create the database and return its identity; with is_new_id give it a new one (log kept)."""
+    if machine_id:
+        check_machine_id(machine_id)
     existed = os.path.exists(ctx.paths.db)
-    db = open_db(ctx.paths.db, machine_id=args.machine_id)
+    db = open_db(ctx.paths.db, machine_id=None if is_new_id else machine_id)
     ctx._db = db
-    if args.machine_id and db.machine_id != args.machine_id:
+    if is_new_id and existed:
+        renew_identity(db, machine_id=machine_id)
+    elif db.refusal is not None:
+        raise Conflict(db.refusal)
+    elif machine_id and db.machine_id != machine_id:
         raise Conflict(f"{db.path} already has machine id {db.machine_id!r}; a database keeps its machine id "
-                       "(use another --home for another one)")
-    info = {"db": db.path, "machine_id": db.machine_id, "db_id": db.db_id, "created": not existed}
-    emit(ctx, info, f"{'initialized' if not existed else 'already initialized'} {db.path}\n"
-                    f"machine id {db.machine_id}, db id {db.db_id}")
+                       "(use another --home for another one, or init --new-id to change it)")
+    return {"db": db.path, "machine_id": db.machine_id, "host_name": machine_host_name(db.machine_id),
+            "db_id": db.db_id, "created": not existed, "renewed": is_new_id and existed}
 
 
 def launcher_text(python: str, folder: str) -> str:
@@ -8589,28 +9718,482 @@ def launcher_text(python: str, folder: str) -> str:
 
 def cmd_install(args: argparse.Namespace, ctx: Context) -> None:
     """Write a `clare` launcher that starts faster than `python3 clare.py`."""
+    path, _ = install_launcher(args.bin)
     folder = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.abspath(os.path.expanduser(args.bin)), "clare")
-    if os.path.abspath(path) == os.path.abspath(__file__):
-        raise UsageError(f"{path} is clare.py itself; pick another --bin folder")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(launcher_text(sys.executable, folder))
-        os.chmod(path + ".tmp", 0o755)
-        os.replace(path + ".tmp", path)
-    except OSError as err:
-        raise ClareError(f"cannot write {path}: {err.strerror}; pick a writable folder with --bin") from err
     on_path = os.path.dirname(path) in os.environ.get("PATH", "").split(os.pathsep)
     emit(ctx, {"launcher": path, "clare_py": os.path.join(folder, "clare.py"), "on_path": on_path},
          f"wrote {path} (runs {folder}/clare.py with {sys.executable})"
          + ("" if on_path else f"\n{os.path.dirname(path)} is not on PATH; add it, or run {path} by its full path"))
 
 
+def install_launcher(bin_dir: str, *, is_dry_run: bool = False) -> tuple[str, bool]:
+    """Write the `clare` launcher into bin_dir; return its path and whether it changed."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(os.path.abspath(os.path.expanduser(bin_dir)), "clare")
+    if os.path.abspath(path) == os.path.abspath(__file__):
+        raise UsageError(f"{path} is clare.py itself; pick another --bin folder")
+    text = launcher_text(sys.executable, folder)
+    if _read_text(path) == text or is_dry_run:
+        return path, _read_text(path) != text
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(path + ".tmp", 0o755)
+        os.replace(path + ".tmp", path)
+    except OSError as err:
+        raise ClareError(f"cannot write {path}: {err.strerror}; pick a writable folder with --bin") from err
+    return path, True
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+# --- setup and doctor: one host's installation, done in steps and checked in lines -------------
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    name: str  # what was set up or checked: "unit", "linger", "peer apricot"
+    state: str  # a value of STEP_STATES
+    detail: str  # one line: what was found or done
+    fix: str = ""  # the command or action that fixes a failure or a to-do
+
+    def to_json(self) -> dict[str, str]:
+        """Return the step as the JSON object setup and doctor print."""
+        return {"name": self.name, "state": self.state, "detail": self.detail, "fix": self.fix}
+
+
+def unit_path(env: Mapping[str, str] | None = None) -> str:
+    """Return where the systemd user unit lives: $XDG_CONFIG_HOME/systemd/user/clare.service."""
+    env = os.environ if env is None else env
+    config = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(config, "systemd", "user", "clare.service")
+
+
+def unit_text(*, home: str | None, host: str, port: int, env: Mapping[str, str] | None = None) -> str:
+    """Return the unit setup writes: this interpreter and clare.py by absolute path, bound to host:port."""
+    import shutil  # only setup and doctor need it
+
+    env = os.environ if env is None else env
+    script = os.path.abspath(__file__)
+    argv = [sys.executable, script, *(("--home", home) if home else ()), "serve", "--host", host, "--port", str(port)]
+    # The folders of the programs serve runs (tmux, Claude Code): a user service starts with a minimal PATH.
+    found = [shutil.which(p, path=env.get("PATH")) for p in ("tmux", "claude")]
+    folders = [os.path.dirname(os.path.abspath(p)) for p in found if p] + ["/usr/local/bin", "/usr/bin", "/bin"]
+    path = ":".join(dict.fromkeys(folders))
+    settings = [(k, env[k]) for k in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", CLAUDE_ENV_DIR) if env.get(k) and not home]
+    lines = [f"Environment={_unit_word(f'{k}={v}')}" for k, v in (("PATH", path), *settings)]
+    return UNIT_TEMPLATE.substitute(exec_start=" ".join(map(_unit_word, argv)), environment="\n".join(lines))
+
+
+def _unit_word(word: str) -> str:
+    """Quote one word of a unit line: systemd expands % specifiers and $ variables, and splits at spaces."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if re.fullmatch(r"[A-Za-z0-9_./:@+=,-]+", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def setup_steps(ctx: Context, *, bind: str, port: int, peer_url: str | None, bin_dir: str,
+                is_dry_run: bool, env: Mapping[str, str] | None = None) -> Iterator[Step]:
+    """Set this host up, one step at a time (each idempotent); yield what each step found or did.
+
+    Over 80 lines: one step after the other, in the order a user would do them by hand.
+    """
+    import shlex
+
+    env = os.environ if env is None else env
+    would = "would " if is_dry_run else ""
+    home = ctx.args.home or env.get("CLARE_HOME") or None
+    home = os.path.abspath(os.path.expanduser(home)) if home else None
+
+    # 1. The database, with a machine id unique by construction.
+    if is_dry_run:
+        yield _dry_init_step(ctx.paths.db)
+    else:
+        info = init_host(ctx)
+        yield Step("database", "changed" if info["created"] else "ok",
+                   f"{'created' if info['created'] else 'kept'} {info['db']}, machine id {info['machine_id']}")
+
+    # 2. The token every request and every peer needs, in clare.toml (0600).
+    given = env.get("CLARE_TOKEN") or None
+    if is_dry_run:
+        has = bool(load_config(ctx.paths.config).get("token"))
+        yield Step("token", "ok" if has else "changed",
+                   f"{'keep the' if has else would + ('store CLARE_TOKEN as the' if given else 'make a')} "
+                   f"token in {ctx.paths.config} (0600)")
+        token = "TOKEN"
+    else:
+        token, done = setup_token(ctx.paths.config, given=given)
+        yield Step("token", "ok" if done == "kept" else "changed",
+                   {"kept": "kept the", "stored": "stored CLARE_TOKEN as the", "made": "made a new"}[done]
+                   + f" token in {ctx.paths.config} (0600)")
+
+    # 3. The launcher.
+    launcher, changed = install_launcher(bin_dir, is_dry_run=is_dry_run)
+    yield Step("launcher", "changed" if changed else "ok",
+               f"{would + 'write' if changed and is_dry_run else 'wrote' if changed else 'kept'} {launcher} "
+               f"(runs clare.py with {sys.executable})")
+
+    # 4. The systemd user unit.
+    path, text = unit_path(env), unit_text(home=home, host=bind, port=port, env=env)
+    unit_changed = _read_text(path) != text
+    if unit_changed and not is_dry_run:
+        write_private(path, text)
+    yield Step("unit", "changed" if unit_changed else "ok",
+               f"{(would + 'write') if unit_changed and is_dry_run else 'wrote' if unit_changed else 'kept'} "
+               f"{path} (serve on {bind}:{port})")
+
+    # 5. systemd: reload, enable, start (restart when the unit changed).
+    start_cmd = shlex.join(_unit_argv(text))
+    systemd = _systemd_step(unit_changed=unit_changed, is_dry_run=is_dry_run, start_cmd=start_cmd)
+    yield systemd
+
+    # 6. Linger: without it a user unit stops at logout.
+    yield _linger_step(has_systemd=systemd.state != "todo")
+
+    # 7. Claude Code's hooks.
+    settings = settings_path(env)
+    if is_dry_run:
+        status = hooks_status(settings, hook_command(ctx.paths.db))
+        missing = [e for e, v in status.items() if v != "installed"]
+        yield Step("hooks", "changed" if missing else "ok",
+                   f"{would}install Clare's hooks for {len(missing)} events in {settings}" if missing
+                   else f"Clare's hooks are in {settings}")
+    else:
+        added = install_hooks(settings, hook_command(ctx.paths.db))
+        yield Step("hooks", "changed" if added else "ok",
+                   f"installed Clare's hooks for {len(added)} events in {settings}" if added
+                   else f"Clare's hooks are in {settings}")
+
+    # 8. The peer, and the command that joins the other side to this host.
+    if peer_url is not None:
+        yield _peer_step(ctx.paths.config, peer_url, is_dry_run=is_dry_run)
+    yield _join_step(ctx.paths.config, bind=bind, port=port, peer_url=peer_url, token=token,
+                     is_dry_run=is_dry_run)
+
+
+def setup_token(path: str, *, given: str | None) -> tuple[str, str]:
+    """Return the fleet's token and what was done: kept, stored (`given`: CLARE_TOKEN, from another host) or made.
+
+    clare.toml ends private (0600) either way: the unit's serve reads the token there.
+    """
+    config = load_config(path)
+    token = check_token(config.get("token") or None, where=f"'token' in {path}")
+    given = check_token(given, where="$CLARE_TOKEN")
+    if token is not None and given is not None and token != given:
+        raise Conflict(f"{path} holds another token than CLARE_TOKEN; a fleet shares one: unset CLARE_TOKEN to "
+                       "keep this host's, or delete the token line there to take CLARE_TOKEN's")
+    if token is not None:
+        os.chmod(path, 0o600)
+        return token, "kept"
+    if given is None:
+        return ensure_token(path, config, env={}), "made"
+    text = _read_text(path) or ""
+    # As ensure_token writes it: a top-level key goes before the first [table].
+    write_private(path, f"token = {json.dumps(given)}  # the fleet's, given to setup in CLARE_TOKEN\n" + text)
+    return given, "stored"
+
+
+def _unit_argv(text: str) -> list[str]:
+    """Return the command a unit's ExecStart runs, as words (for 'run this yourself')."""
+    import shlex
+
+    line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
+    return [w.replace("%%", "%").replace("$$", "$") for w in shlex.split(line[len("ExecStart="):])]
+
+
+def _dry_init_step(db_path: str) -> Step:
+    if not os.path.exists(db_path):
+        return Step("database", "changed", f"would create {db_path} with machine id {host_label()}-XXXXXX")
+    conn = sqlite3.connect(f"file:{os.path.abspath(db_path)}?mode=ro", uri=True)
+    try:
+        meta = _read_meta(conn)
+    finally:
+        conn.close()
+    return Step("database", "ok", f"keep {db_path}, machine id {meta.get('machine_id')}")
+
+
+def run_tool(argv: list[str], *, timeout_s: float = 30) -> tuple[int, str]:
+    """Run a system program (systemctl, loginctl); return its exit code and its output, or stderr's first line."""
+    import subprocess
+
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return 127, str(err)
+    if p.returncode != 0:
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        return p.returncode, lines[0] if lines else f"exit code {p.returncode}"
+    return 0, p.stdout.strip()
+
+
+def _systemd_step(*, unit_changed: bool, is_dry_run: bool, start_cmd: str) -> Step:
+    import shutil
+
+    systemctl = shutil.which("systemctl")
+    yourself = f"start Clare yourself (under your container's supervisor, or tmux) with: {start_cmd}"
+    if systemctl is None:
+        return Step("systemd", "todo", "no systemctl here, so no unit runs Clare", yourself)
+    if is_dry_run:
+        verb = "restart" if unit_changed else "enable --now"
+        return Step("systemd", "changed", f"would run systemctl --user daemon-reload and {verb} clare")
+    code, out = run_tool([systemctl, "--user", "daemon-reload"])
+    if code != 0:
+        return Step("systemd", "todo", f"no user systemd answers here ({out})", yourself)
+    runs = ([["enable", "clare"], ["restart", "clare"]] if unit_changed else [["enable", "--now", "clare"]])
+    for words in runs:
+        code, out = run_tool([systemctl, "--user", *words])
+        if code != 0:
+            return Step("systemd", "failed", f"systemctl --user {' '.join(words)} failed: {out}",
+                        "see why with: systemctl --user status clare; journalctl --user -u clare")
+    return Step("systemd", "changed" if unit_changed else "ok",
+                "clare.service " + ("enabled and (re)started" if unit_changed else "enabled and running"))
+
+
+def _user_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _linger_step(*, has_systemd: bool) -> Step:
+    import shutil
+
+    user = _user_name()
+    fix = f"sudo loginctl enable-linger {user}"
+    loginctl = shutil.which("loginctl")
+    if not has_systemd:
+        return Step("linger", "ok", "no user systemd here: linger does not apply")
+    if loginctl is None:
+        return Step("linger", "todo", "no loginctl here: cannot tell if the unit outlives your login", fix)
+    code, out = run_tool([loginctl, "show-user", user, "--property=Linger", "--value"])
+    if code != 0:
+        return Step("linger", "todo", f"cannot tell if the unit outlives your login ({out})", fix)
+    if out == "yes":
+        return Step("linger", "ok", f"linger is on for {user}: the unit runs without a login")
+    return Step("linger", "todo", f"linger is off for {user}: the unit stops when you log out", fix)
+
+
+def _peer_step(config_path: str, url: str, *, is_dry_run: bool) -> Step:
+    peer = check_peer(url)
+    configured = {p.url for p in load_peers(load_config(config_path), path=config_path)}
+    if peer.url in configured:
+        return Step(f"peer {peer.name}", "ok", f"{peer.url} is a peer already")
+    if not is_dry_run:
+        add_peer(config_path, peer.url, name=peer.name)
+    return Step(f"peer {peer.name}", "changed",
+                f"{'would add' if is_dry_run else 'added'} {peer.url} to {config_path}; serve syncs with it")
+
+
+def _join_step(config_path: str, *, bind: str, port: int, peer_url: str | None, token: str,
+               is_dry_run: bool) -> Step:
+    """Give the command that joins another host to this one, with the token: on a terminal only."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if is_loopback(bind):
+        return Step("join", "ok", f"bound to {bind}: other hosts cannot reach this one",
+                    "to join others, run setup again with --bind ADDRESS (this host's address on their network)")
+    here = socket.gethostname() if bind in WILDCARD_HOSTS else bind
+    url = f"http://{'[' + here + ']' if ':' in here else here}:{port}"
+    there = urlsplit(peer_url).hostname if peer_url else "THEIR_ADDRESS"
+    python = os.path.basename(sys.executable)  # python3.11 where python3 is older: the other host likely too
+    python = python if re.fullmatch(r"python3(\.\d+)?", python) else "python3"
+    line = f"CLARE_TOKEN={token} {python} clare.py setup --bind {there} --peer {url}"
+    who = "on that host" if peer_url else "on each other host (its own address)"
+    if is_dry_run:
+        return Step("join", "ok", f"would give the command to run {who}")
+    if sys.stdout.isatty():
+        # SECURITY: the token goes to a person's terminal only, never into a log or a pipe.
+        return Step("join", "todo", f"run {who}:", line)
+    path = os.path.join(os.path.dirname(os.path.abspath(config_path)), JOIN_FILE)
+    write_private(path, line + "\n")
+    return Step("join", "todo", f"the command to run {who} (with the token) is in {path} (0600)",
+                f"run what {path} holds {who}")
+
+
+def format_steps(steps: list[Step]) -> str:
+    """Return one line per step (and its fix), for setup and doctor."""
+    width = max([STEP_NAME_CHARS, *(len(s.name) for s in steps)])
+    lines = []
+    for s in steps:
+        lines.append(f"{STEP_MARKS[s.state]:<6} {s.name:<{width}}  {s.detail}")
+        if s.fix:
+            lines.append(f"{'':<6} {'':<{width}}  fix: {s.fix}" if s.state == "failed" else
+                         f"{'':<6} {'':<{width}}  -> {s.fix}")
+    return "\n".join(lines)
+
+
+def cmd_setup(args: argparse.Namespace, ctx: Context) -> int:
+    """Set this host up in one idempotent run: database, token, launcher, unit, systemd, linger, hooks, peer."""
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port} is not a port; give 1-65535 (default {DEFAULT_PORT})")
+    if not BIND_RE.match(args.bind) and not _is_ip(args.bind):
+        raise UsageError(f"--bind {args.bind[:80]!r} is not an address; give this host's IP address or name on "
+                         "the peers' network (a port goes in --port)")
+    if args.peer is not None:
+        check_peer(args.peer)
+    steps: list[Step] = []
+    for step in setup_steps(ctx, bind=args.bind, port=args.port, peer_url=args.peer, bin_dir=args.bin,
+                            is_dry_run=args.dry_run):
+        if args.dry_run and step.state == "changed":
+            step = dataclasses.replace(step, state="planned")
+        steps.append(step)
+        if not ctx.as_json:
+            print(format_steps([step]), flush=True)  # each step as it is done: a slow one shows where it is
+    n_todo = sum(s.state == "todo" for s in steps)
+    failed = [s for s in steps if s.state == "failed"]
+    summary = ("dry run: nothing was changed" if args.dry_run else
+               f"setup failed at {failed[0].name}" if failed else
+               f"set up; {n_todo} to do by hand (-> above), then check with: clare doctor" if n_todo else
+               "set up; check with: clare doctor")
+    emit(ctx, {"steps": steps, "dry_run": args.dry_run, "ok": not failed}, summary)
+    return 1 if failed else 0
+
+
+def doctor_checks(ctx: Context, *, env: Mapping[str, str] | None = None) -> Iterator[Step]:
+    """Check a host: unit, bind, token, peers, hooks, tmux, Claude Code, schema, fingerprint, disk space."""
+    import shutil
+
+    env = os.environ if env is None else env
+    unit = _read_text(unit_path(env))
+    argv = _unit_argv(unit) if unit else []
+    host, port = _arg_after(argv, "--host", DEFAULT_HOST), int(_arg_after(argv, "--port", str(DEFAULT_PORT)))
+    yield _unit_check(unit is not None, unit_path(env))
+    config, token, problem = _config_and_token(ctx)
+    db = ctx.db if os.path.exists(ctx.paths.db) else None
+    yield _bind_check(host, port, token=token, machine_id=db.machine_id if db else None)
+    yield (Step("token", "failed", problem.split("; ")[0], f"chmod 600 {ctx.paths.config}, or fix what it says")
+           if problem else _token_check(ctx.paths.config, token, host=host))
+    if db is None:
+        yield Step("database", "failed", f"no database at {ctx.paths.db}", "clare setup")
+        return
+    for peer in load_peers(config, path=ctx.paths.config):
+        yield _peer_check(db, peer, config)
+    status = hooks_status(settings_path(env), hook_command(ctx.paths.db))
+    missing = [e for e, v in status.items() if v != "installed"]
+    yield (Step("hooks", "failed", f"Clare's hooks are {'missing' if len(missing) == len(status) else 'not all'} "
+                f"in {settings_path(env)} ({', '.join(missing)})", "clare hooks install")
+           if missing else Step("hooks", "ok", f"installed in {settings_path(env)}"))
+    try:
+        yield Step("tmux", "ok", tmux_binary())
+    except ClareError as err:
+        yield Step("tmux", "failed", str(err).split(";")[0], "apt install tmux")
+    try:
+        yield Step("claude", "ok", claude_argv(config, env=env)[0])
+    except ClareError as err:
+        yield Step("claude", "failed", str(err).split(";")[0],
+                   'install Claude Code, or set [fleet] claude_command = "/full/path/to/claude" in clare.toml')
+    version = get_meta(db.conn.cursor(), "schema_version")
+    yield Step("schema", "ok" if version == str(SCHEMA_VERSION) else "failed",
+               f"schema {version}, this clare.py's is {SCHEMA_VERSION}", "" if version == str(SCHEMA_VERSION)
+               else "upgrade clare.py on this host")
+    yield (Step("fingerprint", "failed", db.refusal.split("; ")[0], "clare init --new-id (the log is kept)")
+           if db.refusal else Step("fingerprint", "ok", f"this database was made here ({db.machine_id})"))
+    usage = shutil.disk_usage(os.path.dirname(os.path.abspath(ctx.paths.db)))
+    free = f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB"
+    yield (Step("disk", "ok", f"{free} where the database is") if usage.free >= MIN_FREE_BYTES else
+           Step("disk", "failed", f"only {free} where the database is (under {MIN_FREE_BYTES // 2**20} MiB)",
+                f"free space on the disk of {ctx.paths.db}"))
+
+
+def _arg_after(argv: list[str], flag: str, default: str) -> str:
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else default
+
+
+def _config_and_token(ctx: Context) -> tuple[dict[str, Any], str | None, str | None]:
+    try:
+        config = ctx.config
+        return config, resolve_token(config, path=ctx.paths.config), None
+    except ClareError as err:
+        return {}, None, str(err)  # the token check says what is wrong
+
+
+def _unit_check(has_unit: bool, path: str) -> Step:
+    import shutil
+
+    systemctl = shutil.which("systemctl")
+    if not has_unit:
+        return Step("unit", "failed", f"no unit at {path}", "clare setup")
+    if systemctl is None:  # a container: serve runs under something else, and the bind check sees it
+        return Step("unit", "ok", "no systemd here: serve runs without the unit")
+    code, out = run_tool([systemctl, "--user", "is-active", "clare"])
+    if code == 0 and out == "active":
+        return Step("unit", "ok", "clare.service is active")
+    if out.startswith("Failed to connect"):
+        return Step("unit", "ok", f"no user systemd answers here ({out}): serve runs without the unit")
+    return Step("unit", "failed", f"clare.service is {out or 'not active'}",
+                "systemctl --user enable --now clare; see why: journalctl --user -u clare")
+
+
+def _bind_check(host: str, port: int, *, token: str | None, machine_id: str | None) -> Step:
+    where = f"{'127.0.0.1' if host in WILDCARD_HOSTS else host}:{port}"
+    try:
+        answer = http_json(f"http://{where}", "/api/v1/sync/events?after=0&limit=1", method="GET", body=None,
+                           token=token, timeout_s=DOCTOR_TIMEOUT_S, hint_401="the token in clare.toml is not the "
+                           "one serve uses: restart it (systemctl --user restart clare)")
+    except ClareError as err:
+        return Step("bind", "failed", f"nothing answers as Clare on {where}: {str(err).split(';')[0]}",
+                    "systemctl --user restart clare (or run: clare serve)")
+    if machine_id is not None and answer.get("machine_id") != machine_id:
+        return Step("bind", "failed", f"another Clare answers on {where} (machine id "
+                    f"{str(answer.get('machine_id'))[:63]}, this database's is {machine_id})",
+                    "stop the other one, or give this host another port: clare setup --port PORT")
+    return Step("bind", "ok", f"Clare answers on {where} (machine id {machine_id})")
+
+
+def _token_check(path: str, token: str | None, *, host: str) -> Step:
+    if token is None:
+        return Step("token", "ok" if is_loopback(host) else "failed", f"no token in {path}",
+                    "" if is_loopback(host) else "clare setup (it makes one)")
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o600
+    if mode & 0o077:
+        return Step("token", "failed", f"{path} holds the token and others may read it (mode {mode:o})",
+                    f"chmod 600 {path}")
+    return Step("token", "ok", f"set, {path} is private ({mode:o})")
+
+
+def _peer_check(db: Db, peer: Peer, config: dict[str, Any]) -> Step:
+    report = SyncReport(name=peer.name, url=peer.url)
+    try:
+        transport = HttpPeer(peer.url, token=peer_token(peer, config), timeout_s=DOCTOR_TIMEOUT_S)
+        page = _call_timed(transport.pull, report, now_ms, after=0, limit=1)
+        check_peer_identity(db, _check_page(page, after=0)[0], where=peer.url)
+    except ClareError as err:
+        fix = "clare init --new-id (on the copy)" if "init --new-id" in str(err) else \
+            f"check that clare serve runs on {peer.url} and shares this host's token"
+        return Step(f"peer {peer.name}", "failed", str(err).split(";")[0], fix)
+    offset = report.offset_ms or 0
+    if abs(offset) > MAX_OFFSET_MS:
+        return Step(f"peer {peer.name}", "failed", f"{peer.url} answers; {skew_message(peer.name, offset)}",
+                    "fix the clock (NTP) on whichever host is wrong")
+    return Step(f"peer {peer.name}", "ok", f"{peer.url} answers, clock {_offset(offset)}")
+
+
+def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
+    """Check this host, one line per check with the fix for each failure; exit 1 if any failed."""
+    steps: list[Step] = []
+    for step in doctor_checks(ctx):
+        steps.append(step)
+        if not ctx.as_json:
+            print(format_steps([step]), flush=True)  # a peer that times out shows which one it is
+    failed = [s for s in steps if s.state == "failed"]
+    emit(ctx, {"checks": steps, "ok": not failed},
+         f"{len(failed)} of {len(steps)} checks failed" if failed else f"all {len(steps)} checks passed")
+    return 1 if failed else 0
+
+
 def cmd_project_new(args: argparse.Namespace, ctx: Context) -> None:
     """Create a project."""
-    p = ctx.svc.create_project(args.name, goal=args.goal, owner=args.owner)
-    emit(ctx, p, f"created project {p.name} ({p.id[:SHORT_ID]})")
+    p = ctx.svc.create_project(args.name, goal=args.goal, owner=args.owner, dirs=args.dir)
+    emit(ctx, p, f"created project {p.name} ({p.id[:SHORT_ID]})" + "".join(
+        f"\ncode on {host}: {folder}" for host, folder in p.dirs.items()))
 
 
 def cmd_project_list(args: argparse.Namespace, ctx: Context) -> None:
@@ -8632,6 +10215,7 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
 
     def text() -> str:
         lines = [f"{p.name}  ({p.id})  {p.status}", f"goal:  {p.goal or '-'}", f"owner: {p.owner or '-'}",
+                 *(f"code:  {folder} on {host}" for host, folder in p.dirs.items()),
                  f"tasks: {_counts(p.task_counts)}", "", format_tasks(tasks, with_project=False)]
         if history is not None:
             lines += ["", "history:", format_history(history)]
@@ -8641,10 +10225,12 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
 
 def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
     """Change a project's name, goal, owner or status."""
-    if (args.name, args.goal, args.owner, args.status) == (None, None, None, None):
-        raise UsageError("nothing to change; give --name, --goal, --owner or --status")
-    p = ctx.svc.edit_project(args.project, name=args.name, goal=args.goal, owner=args.owner, status=args.status)
-    emit(ctx, p, f"project {p.name} ({p.id[:SHORT_ID]}): {p.status}, owner {p.owner or '-'}, goal {p.goal or '-'}")
+    if (args.name, args.goal, args.owner, args.status, args.dir) == (None, None, None, None, []):
+        raise UsageError("nothing to change; give --name, --goal, --owner, --status or --dir")
+    p = ctx.svc.edit_project(args.project, name=args.name, goal=args.goal, owner=args.owner, status=args.status,
+                             dirs=args.dir)
+    emit(ctx, p, f"project {p.name} ({p.id[:SHORT_ID]}): {p.status}, owner {p.owner or '-'}, goal {p.goal or '-'}"
+         + "".join(f"\ncode on {host}: {folder}" for host, folder in p.dirs.items()))
 
 
 def cmd_task_add(args: argparse.Namespace, ctx: Context) -> None:
@@ -8786,9 +10372,9 @@ def cmd_group_rm(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
-    """Add a progress note to a task, or inside a Claude pane to that session's task."""
+    """Add a progress note to a task, or inside a Claude pane to that session's task; --done also finishes it."""
     if args.text is not None:
-        u = ctx.svc.post_update(args.text, task_ref=args.task)
+        u = ctx.svc.post_update(args.text, task_ref=args.task, is_done=args.done)
     elif ID_PREFIX_RE.match(args.task) and len(args.task) >= 4:
         raise UsageError(f"the update text is missing after the task id; e.g. clare update {args.task} "
                          "\"parser done, tests next\"")
@@ -8797,8 +10383,9 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
         if not pane_id:
             raise UsageError("not inside a tmux pane; name the task: clare update TASK TEXT")
         socket = os.environ.get("TMUX", "").split(",")[0] or None
-        u = ctx.svc.post_update(args.task, pane=(socket, pane_id))
-    emit(ctx, u, f"noted on task {(u.task_id or '-')[:SHORT_ID]}: {short_text(u.text, 70)}")
+        u = ctx.svc.post_update(args.task, pane=(socket, pane_id), is_done=args.done)
+    emit(ctx, u, f"{'done' if args.done else 'noted on'} task {(u.task_id or '-')[:SHORT_ID]}: "
+                 f"{short_text(u.text, 70)}")
 
 
 def format_sessions(sessions: list[Session], ambiguous: Sequence[Pane] = (), *,
@@ -8857,6 +10444,34 @@ def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, sessions, lambda: format_sessions(sessions, ambiguous, empty=empty))
 
 
+def cmd_session_start(args: argparse.Namespace, ctx: Context) -> int:
+    """Start a Claude session for a task in a new tmux window, on this host or another."""
+    o = ctx.svc.start_session(args.task, host=args.host, is_worktree=args.worktree, model=args.model,
+                              config=ctx.config)
+    emit(ctx, o, order_text(o))
+    return 0 if o.result in ("started", "pending") else 1
+
+
+def cmd_session_resume(args: argparse.Namespace, ctx: Context) -> int:
+    """Resume a gone session (claude --resume) in a new tmux window of its host."""
+    o = ctx.svc.resume_session(args.session, config=ctx.config)
+    emit(ctx, o, order_text(o))
+    return 0 if o.result in ("started", "pending") else 1
+
+
+def cmd_session_stop(args: argparse.Namespace, ctx: Context) -> int:
+    """Stop a session: /exit while it waits; --force sends SIGTERM even while it works."""
+    o = ctx.svc.stop_session(args.session, is_force=args.force, config=ctx.config)
+    emit(ctx, o, order_text(o))
+    return 0 if o.result in ("stopped", "pending") else 1
+
+
+def cmd_session_orders(args: argparse.Namespace, ctx: Context) -> None:
+    """List the starts, resumes and stops ordered, with what came of each."""
+    orders = ctx.svc.list_orders(session_id=args.session)
+    emit(ctx, orders, lambda: table(("ORDER", "WHEN", "ACTION", "SESSION", "HOST", "RESULT", "REASON"), (
+        (o.id[:SHORT_ID], when_text(o.created_at), o.action, o.session_id[:SHORT_ID], o.host, o.result,
+         short_text(o.reason, 90)) for o in orders)) if orders else "no session orders")
 def cmd_sessions_show(args: argparse.Namespace, ctx: Context) -> None:
     """Show one session: state, what it asks, task, where, the command that attaches to it, history."""
     if args.session is None:
@@ -9224,6 +10839,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync and pull the fleet meanwhile."""
     import threading
 
+    if ctx.db.refusal is not None:  # a copy: everything serve does in the background writes
+        raise Conflict(ctx.db.refusal)
     settings = ctx.config
     config = web_config(ctx.paths, settings=settings, host=args.host, port=args.port, log_requests=args.log)
     peers = [] if args.no_sync else list(config.peers)
@@ -9272,6 +10889,7 @@ GROUP_HELP = {
     "group": "name groups of sessions by cwd, host or tmux session name",
     "hooks": "install, remove and check Clare's Claude Code hooks",
     "peer": "add, list and remove the hosts this one syncs with",
+    "session": "start, resume and stop Claude sessions for tasks, on any host",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
 _GLOBAL_ARGS = (
@@ -9283,6 +10901,9 @@ _GLOBAL_ARGS = (
 )
 # The same options after the verb (`clare task list --home /tmp/c2`): SUPPRESS keeps a value given before it.
 _LEAF_GLOBAL_ARGS = tuple((flags, {**options, "default": argparse.SUPPRESS}) for flags, options in _GLOBAL_ARGS)
+_DIR_ARG = arg("--dir", action="append", default=[], metavar="[HOST:]PATH",
+               help="where the code lives: /PATH on this host, HOST:/PATH on another (machine id or unique peer "
+                    "name), HOST: to forget it; repeat per host")
 
 _SERVE_ARGS = (
     arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
@@ -9299,16 +10920,22 @@ _SERVE_ARGS = (
 # ctx.db (a test keeps that true); the others reach data through ctx.svc, local or remote.
 LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("attach",), ("hooks", "install"), ("hooks", "uninstall"),
                             ("hooks", "status"), ("serve",), ("web",), ("peer", "add"), ("peer", "rm"),
-                            ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",)})
+                            ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",),
+                            ("setup",), ("doctor",)})
 
 COMMANDS: list[Command] = [
     Command(("init",), cmd_init, "create the database and this host's machine id (idempotent)",
-            "clare init\n  clare --home /tmp/c2 init --machine-id apricot",
-            (arg("--machine-id", help="this host's id in every event (default: the host name)"),)),
+            "clare init\n  clare --home /tmp/c2 init --machine-id apricot\n  clare init --new-id   # on a copy",
+            (arg("--machine-id", help="this host's id in every event (default: the host name and a random "
+                 "suffix, e.g. apricot-3f9a2c; one you give must be unique in the fleet)"),
+             arg("--new-id", action="store_true",
+                 help="give this database a new machine id and db id, keeping its log: the fix for a copy "
+                      "(a cloned VM or a copied home)"))),
     Command(("project", "new"), cmd_project_new, "create a project",
-            'clare project new alpha --goal "ship v1" --owner ana',
+            'clare project new alpha --goal "ship v1" --owner ana'
+            '\n  clare project new api --dir /srv/api --dir apricot:/home/ana/api',
             (arg("name"), arg("--goal", default="", help="what done looks like"),
-             arg("--owner", default="", help="who answers for it"))),
+             arg("--owner", default="", help="who answers for it"), _DIR_ARG)),
     Command(("project", "list"), cmd_project_list, "list projects with task counts",
             "clare project list --status active",
             (arg("--status", choices=PROJECT_STATUSES),)),
@@ -9317,9 +10944,9 @@ COMMANDS: list[Command] = [
             (arg("project", help="name or id prefix"), arg("--history", action="store_true",
                                                             help="also list what happened, oldest first"))),
     Command(("project", "set"), cmd_project_set, "change a project's name, goal, owner or status",
-            "clare project set alpha --status paused",
+            "clare project set alpha --status paused\n  clare project set alpha --dir apricot:/srv/api --dir fig:",
             (arg("project", help="name or id prefix"), arg("--status", choices=PROJECT_STATUSES),
-             arg("--goal"), arg("--owner"), arg("--name", help="rename it"))),
+             arg("--goal"), arg("--owner"), arg("--name", help="rename it"), _DIR_ARG)),
     Command(("task", "add"), cmd_task_add, "add a task to a project",
             'clare task add alpha "write the parser" --prio 1 --desc "tokens first" --tag backend',
             (arg("project", help="name or id prefix"), arg("title"),
@@ -9379,9 +11006,11 @@ COMMANDS: list[Command] = [
     Command(("group", "rm"), cmd_group_rm, "remove a group (its tasks become unassigned)",
             "clare group rm backend", (arg("group", help="name or id prefix"),)),
     Command(("update",), cmd_update, "add a progress note to a task (inside a Claude pane: to its task)",
-            'clare update "parser done, starting tests"\n  clare update 3f2a "blocked on review"',
+            'clare update "parser done, starting tests"\n  clare update 3f2a "blocked on review"'
+            '\n  clare update --done "parser and tests merged"',
             (arg("task", metavar="TASK|TEXT", help="task id or unique prefix; inside a Claude pane just the text"),
-             arg("text", nargs="?"))),
+             arg("text", nargs="?"),
+             arg("--done", action="store_true", help="the note is the summary and the task is done"))),
     Command(("status",), cmd_status, "the roll-up: per project task counts and tokens, per session its task",
             "clare status --project alpha\n  clare status --group backend --json",
             (arg("--project", help="name or id prefix"), arg("--group", help="group name or id prefix"))),
@@ -9401,6 +11030,21 @@ COMMANDS: list[Command] = [
             'clare deny 7c1e9b\n  clare deny 7c1e9b --reason "use make clean instead"',
             (arg("session", help="session id or unique prefix"),
              arg("--reason", help="what Claude should do instead (typed after the dialog closes)"))),
+    Command(("session", "start"), cmd_session_start, "start a Claude session for a task in a new tmux window",
+            "clare session start 3f2a\n  clare session start 3f2a --host apricot --worktree --model sonnet",
+            (_TASK_REF, arg("--host", help="machine id or unique peer name (default: where the project's code is)"),
+             arg("--worktree", action="store_true",
+                 help="work in a new git worktree and branch clare/<id>-<title> beside the repository"),
+             arg("--model", help="the model Claude uses (claude --model)"))),
+    Command(("session", "resume"), cmd_session_resume, "resume a gone session in a new tmux window of its host",
+            "clare session resume 7c1e9b", (arg("session", help="session id or unique prefix"),)),
+    Command(("session", "stop"), cmd_session_stop, "stop a session: /exit while it waits (--force: SIGTERM)",
+            "clare session stop 7c1e9b\n  clare session stop 7c1e9b --force",
+            (arg("session", help="session id or unique prefix"),
+             arg("--force", action="store_true", help="send SIGTERM to Claude even while it works"))),
+    Command(("session", "orders"), cmd_session_orders, "list session starts, resumes and stops with their results",
+            "clare session orders\n  clare session orders --session 7c1e9b --json",
+            (arg("--session", help="only this session's (full id)"),)),
     Command(("attach",), cmd_attach, "attach this terminal to a session's tmux pane (over ssh for another host)",
             "clare attach 7c1e9b\n  clare attach 7c1e9b --print",
             (arg("session", help="session id or unique prefix"),
@@ -9457,6 +11101,19 @@ COMMANDS: list[Command] = [
             "clare restore ~/backups/clare.db --yes",
             (arg("backup", help="a copy of this host's clare.db"),
              arg("--yes", action="store_true", help="really replace what the database holds now"))),
+    Command(("setup",), cmd_setup, "set this host up: database, token, launcher, systemd unit, hooks, peer "
+            "(idempotent)",
+            "python3 clare.py setup --bind 10.9.0.2\n  python3 clare.py setup --bind 10.9.0.3 --peer "
+            "http://10.9.0.2:8765\n  clare setup --dry-run",
+            (arg("--bind", default=DEFAULT_HOST, metavar="ADDR",
+                 help=f"the address serve listens on, this host's on the peers' network (default {DEFAULT_HOST}: "
+                      "no peer can reach it)"),
+             arg("--port", type=int, default=DEFAULT_PORT, help=f"its port (default {DEFAULT_PORT})"),
+             arg("--peer", metavar="URL", help="a host to sync with, e.g. http://10.9.0.2:8765"),
+             arg("--bin", default="~/.local/bin", help="folder for the launcher (default ~/.local/bin)"),
+             arg("--dry-run", action="store_true", help="print each step and change nothing"))),
+    Command(("doctor",), cmd_doctor, "check this host: unit, bind, token, peers, hooks, tmux, Claude Code, "
+            "database, disk", "clare doctor\n  clare doctor --json"),
     Command(("install",), cmd_install, "write a `clare` launcher that starts faster than python3 clare.py",
             "python3 clare.py install          # writes ~/.local/bin/clare\n  clare task list",
             (arg("--bin", default="~/.local/bin", help="folder for the launcher (default ~/.local/bin)"),)),
