@@ -2510,9 +2510,9 @@ def composer_text(screen: str) -> str | None:
 
 
 def _typed_chars(line: str) -> str:
-    out, is_faint, is_reverse, pos = [], False, False, 0
+    out, is_dim, is_grey, is_reverse, pos = [], False, False, False, 0
     for m in ANSI_RE.finditer(line + "\x1b[0m"):
-        if not is_faint and not is_reverse:
+        if not (is_dim or is_grey or is_reverse):
             out.append(line[pos:m.start()])
         pos = m.end()
         if m.group(2) != "m":
@@ -2522,23 +2522,18 @@ def _typed_chars(line: str) -> str:
         while k < len(codes):
             c = codes[k]
             if c in ("", "0"):
-                is_faint = is_reverse = False
-            elif c == "2" or c in ("30", "90"):
-                is_faint = True
-            elif c in ("22", "39"):
-                is_faint = False
-            elif c == "7":
-                is_reverse = True
-            elif c == "27":
-                is_reverse = False
+                is_dim = is_grey = is_reverse = False
+            elif c in ("2", "22"):
+                is_dim = c == "2"
+            elif c in ("7", "27"):
+                is_reverse = c == "7"
             elif c == "38" and k + 2 < len(codes) and codes[k + 1] == "5":
                 n = int(codes[k + 2] or 0)
-                is_faint, k = n == 8 or n >= 232, k + 2  # the grey ramp: placeholder colours
+                is_grey, k = n == 8 or n >= 232, k + 2  # the grey ramp: placeholder colours
             elif c == "38" and k + 4 < len(codes) and codes[k + 1] == "2":
-                rgb = codes[k + 2:k + 5]
-                is_faint, k = len(set(rgb)) == 1, k + 4  # r = g = b: a grey
-            elif c.isdigit() and (30 <= int(c) <= 37 or 91 <= int(c) <= 97):
-                is_faint = False
+                is_grey, k = len(set(codes[k + 2:k + 5])) == 1, k + 4  # r = g = b: a grey
+            elif c.isdigit() and (30 <= int(c) <= 39 or 90 <= int(c) <= 97):
+                is_grey = c in ("30", "90")
             k += 1
     return "".join(out)
 
