@@ -2459,18 +2459,22 @@ def list_panes(socket: str) -> list[Pane] | None:
     return parse_panes(p.stdout, socket=socket)
 
 
-def capture_pane(socket: str, pane_id: str, *, lines: int = SCREEN_LINES) -> str | None:
-    """Return the last lines of a pane's screen, or None when tmux cannot show it."""
-    p = run_tmux(socket, "capture-pane", "-p", "-J", "-t", pane_id, "-S", f"-{lines}")
+def capture_pane(socket: str, pane_id: str, *, lines: int | None = SCREEN_LINES) -> str | None:
+    """Return the last lines of a pane (its history too), or with lines=None its visible screen only."""
+    p = run_tmux(socket, "capture-pane", "-p", "-J", "-t", pane_id, *(("-S", f"-{lines}") if lines else ()))
     return p.stdout if p.returncode == 0 else None
 
 
-def capture_panes(socket: str, pane_ids: list[str], *, lines: int = SCREEN_LINES) -> dict[str, str]:
-    """Return the last lines of several panes of one server, asked in one tmux run."""
+def capture_panes(socket: str, pane_ids: list[str], *, lines: int | None = None) -> dict[str, str]:
+    """Return the visible screens (or the last lines) of several panes of one server, asked in one tmux run.
+
+    A dialog is judged on the visible screen only: one that closed may linger in the history.
+    """
     mark = f"\x1eclare-{new_id()}"  # a line no screen shows: it separates the captures
     args: list[str] = []
     for pane_id in pane_ids:
-        args += ["capture-pane", "-p", "-J", "-t", pane_id, "-S", f"-{lines}", ";", "display-message", "-p", mark, ";"]
+        args += ["capture-pane", "-p", "-J", "-t", pane_id, *(("-S", f"-{lines}") if lines else ()), ";",
+                 "display-message", "-p", mark, ";"]
     p = run_tmux(socket, *args[:-1]) if args else None
     if p is None or p.returncode != 0:  # tmux stops at a failed command: one pane closed meanwhile
         return {i: screen for i in pane_ids if (screen := capture_pane(socket, i, lines=lines)) is not None}
@@ -3541,12 +3545,12 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
 
 
 def _capture_styled(pane: Pane) -> str | None:
-    p = run_tmux(pane.socket, "capture-pane", "-p", "-e", "-J", "-t", pane.pane_id, "-S", f"-{SCREEN_LINES}")
+    p = run_tmux(pane.socket, "capture-pane", "-p", "-e", "-J", "-t", pane.pane_id)
     return p.stdout if p.returncode == 0 else None
 
 
 def _dialog_refusal(db: Db, session: Session, pane: Pane, *, pid: int | None = None) -> str | None:
-    screen = capture_pane(pane.socket, pane.pane_id)
+    screen = capture_pane(pane.socket, pane.pane_id, lines=None)
     if screen is None:
         return f"cannot read pane {pane.pane_id}'s screen; not typing blind"
     if shows_permission_dialog(screen):
