@@ -3039,10 +3039,14 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
     # A session that reported through a hook lately lives even when this look cannot find it (an old
     # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
-    alive = [sid for sid, m in list_hook_marks(db).items()
-             if m.hook_event != "SessionEnd" and now_ms - m.at_ms < HOOK_ALIVE_MS]
-    # A pane that cannot be told apart from another still runs Claude: its session is not gone.
+    # But a report from a tmux pane this look could ask, that no longer runs Claude, keeps nothing alive.
     unsure = {(p.socket, p.pane_id) for p in ambiguous}
+    claude_panes = unsure | {(ob.tmux_socket, ob.pane_id) for ob in observations if ob.pane_id}
+    alive = [sid for sid, m in list_hook_marks(db).items()
+             if m.hook_event != "SessionEnd" and now_ms - m.at_ms < HOOK_ALIVE_MS
+             and (m.pane_id is None or m.tmux_socket is None or m.tmux_socket in unreachable
+                  or (m.tmux_socket, m.pane_id) in claude_panes)]
+    # A pane that cannot be told apart from another still runs Claude: its session is not gone.
     alive += [s.id for s in find_sessions(db, host=db.machine_id, include_gone=False)
               if (s.tmux_socket, s.pane_id) in unsure]
     events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, now_ms=now_ms)

@@ -326,3 +326,14 @@ def test_deliveries_accept_the_broadcast_id_prefix_the_cli_prints(server, cli, d
     got = server.request("GET", f"/api/v1/deliveries?broadcast={broadcast_id[:8]}").json()
     assert [d["session_id"] for d in got] == [sid]
     assert server.request("GET", f"/api/v1/deliveries?broadcast={broadcast_id}").json() == got
+
+
+def test_a_killed_pane_is_gone_although_its_hooks_reported_lately(tmux, cli, db, tmp_path):
+    """#11.4's 'gone' sessions: a recent hook report does not keep alive a session whose pane stopped running it."""
+    _install_hooks(cli)
+    pane = tmux.spawn_claude(cwd=tmp_path / "p", name="a")
+    [s] = pull(cli)["sessions"]
+    assert clare.list_hook_marks(db)[s["id"]].pane_id == pane
+    tmux.run("kill-session", "-t", "a")
+    pull(cli)
+    assert clare.get_session(db, s["id"]).state == "gone"
