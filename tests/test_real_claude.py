@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,14 @@ class RealFleet:
         time.sleep(0.3)  # an Enter in the same burst as the text is swallowed
         self.tmux("send-keys", "-t", self.panes[name], "Enter")
 
+    def notified(self, session_id: str) -> int | None:
+        """Return when Claude started the user's Notification hook for a session (epoch ms), if it did."""
+        for path in sorted((self.base / "notified").glob("*.json")):
+            with suppress(OSError, ValueError):
+                if json.loads(path.read_text()).get("session_id") == session_id:
+                    return int(path.name.split(".")[0]) // 1_000_000
+        return None
+
     def marks(self) -> dict:
         db = clare.open_db(str(self.clare_home / "clare.db"))
         try:
@@ -164,6 +173,11 @@ def real():
     fleet = RealFleet(binary, base, api)
     try:
         assert fleet.clare("init").code == 0
+        # The user's own hook, beside Clare's: it notes when Claude sent each Notification (and must survive).
+        (base / "notified").mkdir()
+        fleet.user_hook = {"type": "command", "command": f"cat > {base}/notified/$(date +%s%N).json"}
+        (fleet.home / ".claude" / "settings.json").write_text(json.dumps(
+            {"hooks": {"Notification": [{"matcher": "", "hooks": [fleet.user_hook]}]}}))
         assert fleet.clare("hooks", "install").code == 0
         # The one 60 s idle wait of the module starts now: its session ends a turn first.
         fleet.start("idle")
@@ -192,7 +206,8 @@ def test_real_esc_right_after_the_permission_notification_never_sticks(real):
         real.type(name, f"BASH:touch {real.base}/{name}.txt")
         entry = real.wait(lambda: (e := real.registry(name)) and e.get("waitingFor") and e, f"{name}'s dialog")
         opened[name] = entry["statusUpdatedAt"]
-        time.sleep(max(0.0, opened[name] / 1000 + 6.3 - time.time()))
+        sent = real.wait(lambda: real.notified(entry["sessionId"]), f"{name}'s permission Notification", timeout=40)
+        time.sleep(max(0.0, sent / 1000 + 0.3 - time.time()))  # the user presses Esc right after it
         real.tmux("send-keys", "-t", real.panes[name], "Escape")
         escaped[name] = clare.now_ms()
 
@@ -203,12 +218,15 @@ def test_real_esc_right_after_the_permission_notification_never_sticks(real):
         t.join(120)
     assert len(escaped) == N_ESC_TRIES
     real.wait(lambda: all((e := real.registry(n)) and not e.get("waitingFor") for n in names), "the dialogs to close")
-    time.sleep(2.5)  # let every async hook report land, late as they may be
+    time.sleep(3)  # let Clare's async reports land, late as they may be
+    ids = {n: real.registry(n)["sessionId"] for n in names}
     sessions = real.sessions()
     marks = real.marks()
     states = {n: sessions[n]["state"] for n in names}
-    deltas = {n: marks[sessions[n]["id"]].at_ms - opened[n] for n in names}
-    print(f"\nEsc after notification: states {states}; newest hook report minus dialog open, ms: {deltas}")
+    timing = {n: (real.notified(ids[n]) - opened[n], escaped[n] - real.notified(ids[n]),
+                  marks[ids[n]].hook_event) for n in names}
+    print(f"\nEsc after notification: states {states}; (Notification sent - dialog open in the registry, "
+          f"Esc - Notification sent, Clare's newest report), ms: {timing}")
     assert list(states.values()).count("waiting") == N_ESC_TRIES, states
     for n in names:
         r = real.clare("--json", "broadcast", f"session:{sessions[n]['id'][:8]}", "--yes", "--", f"go on {n}")
@@ -262,6 +280,8 @@ def test_real_broadcast_never_submits_a_draft_and_confirms_a_tab_once(real):
         assert real.marks().get(sid) == before  # uninstalled hooks stopped reporting at once
     finally:
         assert real.clare("hooks", "install").code == 0
+    settings = json.loads((real.home / ".claude" / "settings.json").read_text())
+    assert real.user_hook in settings["hooks"]["Notification"][0]["hooks"]  # the user's own hook survived both
     time.sleep(1.5)
     real.type("draft", "hooks again")
     real.wait(lambda: (m := real.marks().get(sid)) and m != before, "a hook report after install")
@@ -295,7 +315,7 @@ def test_real_project_broadcast_follows_clear_and_reports_every_task(real):
     assert len(lines) == 2, r.out
     assert any(new_id[:8] in line and "delivered" in line for line in lines)
     assert any("no live session" in line and "'killed'" in line for line in lines)
-    assert "project wide" in real.api.prompts()
+    real.wait(lambda: "project wide" in real.api.prompts(), "the broadcast to reach the API")
 
 
 def test_real_idle_prompt_does_not_bring_an_idle_session_back(real):
