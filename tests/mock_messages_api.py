@@ -125,8 +125,9 @@ class MockMessagesApi:
                             for j, word in enumerate(words):
                                 if pause:
                                     time.sleep(pause)
-                                self._event("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {
-                                    "type": "text_delta", "text": word + (" " if j < len(words) - 1 else "")}})
+                                delta = {"type": "text_delta", "text": word + (" " if j < len(words) - 1 else "")}
+                                self._event("content_block_delta",
+                                            {"type": "content_block_delta", "index": i, "delta": delta})
                         else:
                             self._event("content_block_start", {"type": "content_block_start", "index": i,
                                                                 "content_block": {**block, "input": {}}})

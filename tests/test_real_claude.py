@@ -22,17 +22,17 @@ from contextlib import suppress
 from pathlib import Path
 
 import pytest
+from mock_messages_api import MockMessagesApi
 
 import clare
-from conftest import CLARE_PY, ROOT, Ran
-from mock_messages_api import MockMessagesApi
+from conftest import CLARE_PY, ROOT, Ran, require, require_program
 
 pytestmark = pytest.mark.slow
 
 VERSION = (ROOT / "tests" / "claude_code_version.txt").read_text().strip()
 CACHE = Path(os.environ.get("CLARE_TEST_CACHE") or Path.home() / ".cache" / "clare-tests")
-BINARY = Path(os.environ.get("CLARE_CLAUDE_CODE") or
-              CACHE / f"claude-code-{VERSION}" / "node_modules" / "@anthropic-ai" / "claude-code" / "bin" / "claude.exe")
+PACKAGE = CACHE / f"claude-code-{VERSION}" / "node_modules" / "@anthropic-ai" / "claude-code"
+BINARY = Path(os.environ.get("CLARE_CLAUDE_CODE") or PACKAGE / "bin" / "claude.exe")
 API_KEY = "sk-ant-api03-" + "m" * 60 + "mockkey0123456789ABCD"
 IDLE_AFTER_S = 30  # below Claude's 60 s idle_prompt: the notification must not flip idle back to waiting
 N_ESC_TRIES = 5
@@ -41,21 +41,14 @@ PANES = ("idle", *(f"esc{i}" for i in range(N_ESC_TRIES)), "perm", "draft", "cle
 
 
 def _claude_binary() -> Path:
-    """Return the pinned Claude Code binary, or fail (CI) / skip (elsewhere) saying why and how to fix it."""
-    why = None
-    if shutil.which("tmux") is None:
-        why = "tmux is not installed (apt install tmux; CI: .ci/run)"
-    elif not BINARY.exists():
-        why = (f"Claude Code {VERSION} is not installed at {BINARY}: run `make claude-code` (npm install of "
-               f"@anthropic-ai/claude-code@{VERSION}; without --ignore-scripts or --omit=optional, which leave no binary)")
-    else:
-        p = subprocess.run([str(BINARY), "--version"], capture_output=True, text=True, timeout=60)
-        if not p.stdout.startswith(VERSION):
-            why = f"{BINARY} is Claude Code {p.stdout.strip() or p.stderr.strip()!r}, not the pinned {VERSION}"
-    if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(why, pytrace=False)
-        pytest.skip(why)
+    """Return the pinned Claude Code binary, or fail (CI=true) / skip (elsewhere) saying why and how to fix it."""
+    require_program("tmux", "apt install tmux (CI: .ci/run)")
+    require(BINARY.exists(), f"Claude Code {VERSION} ({BINARY})",
+            f"run `make claude-code` (npm install of @anthropic-ai/claude-code@{VERSION}; not with "
+            "--ignore-scripts or --omit=optional: its native binary comes through those)")
+    p = subprocess.run([str(BINARY), "--version"], capture_output=True, text=True, timeout=60)
+    require(p.stdout.startswith(VERSION), f"Claude Code {VERSION} at {BINARY} (it says "
+            f"{(p.stdout or p.stderr).strip()[:80]!r})", "run `make claude-code` to install the pinned version")
     return BINARY
 
 
