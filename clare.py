@@ -3251,6 +3251,7 @@ SCAN_BLOCK_BYTES = 1024 * 1024
 RECENT_IDS = 64  # message ids remembered across looks: one response spans several lines
 DEFAULT_IDLE_AFTER_S = 600
 SCREEN_LINES = 40
+CAPTURE_BATCH = 50  # panes captured per tmux run: 200 in one run is "command too long"
 MAX_COMMAND_CHARS = 500
 # Screen text of Claude Code's permission and choice dialogs, where Enter would approve: data, not code.
 PERMISSION_SCREEN = (
@@ -3294,7 +3295,9 @@ CLARE_HOOK_CODE_RE = re.compile(r"import sys; sys\.path\.insert\(0, '[^']*'\); i
 BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
 BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
 BROADCAST_ENTER_TRIES = 3
-DEFAULT_PULL_EVERY_S = 10  # how often `serve` looks at this host's sessions; [fleet] pull_every_s, 0 = never
+# How often `serve` looks at this host's sessions ([fleet] pull_every_s, 0 = never): with the
+# dashboard's FLEET_POLL_S, a change without hooks shows within 3 s; a pull that finds nothing changed is cheap.
+DEFAULT_PULL_EVERY_S = 1
 DEFAULT_TAILS_EVERY_S = 300  # ... and stores assigned panes' tails (when changed); [fleet] tails_every_s, 0 = never
 PANE_LINES = 60  # the live pane view shows this many last lines
 MAX_PANE_LINES = 200  # ... and never more, whoever asks
@@ -3429,6 +3432,9 @@ def capture_panes(socket: str, pane_ids: list[str], *, lines: int | None = None)
 
     A dialog is judged on the visible screen only: one that closed may linger in the history.
     """
+    if len(pane_ids) > CAPTURE_BATCH:  # tmux refuses a longer command line ("command too long")
+        return {k: v for n in range(0, len(pane_ids), CAPTURE_BATCH)
+                for k, v in capture_panes(socket, pane_ids[n:n + CAPTURE_BATCH], lines=lines).items()}
     mark = f"\x1eclare-{new_id()}"  # a line no screen shows: it separates the captures
     args: list[str] = []
     for pane_id in pane_ids:
@@ -6129,6 +6135,7 @@ STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; char
 HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both together
 HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"
 PANE_POLL_S = 2  # how often an open session page refreshes its live pane
+FLEET_POLL_S = 2  # how often the dashboard's sessions refresh: a hook's report shows within 2.5 s
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
@@ -7854,7 +7861,7 @@ def fleet_fragment(req: Request) -> Html:
             tokens=tokens_text(s.tokens),
             task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
             else Html('<span class="muted">—</span>')) for s in sessions))
-    return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
+    return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet", every_s=FLEET_POLL_S), table=table_html)
 
 
 def session_picker(req: Request, selected: str | None) -> Html:
@@ -10299,16 +10306,16 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
     landed.close()
     rest = [d for d in result.deliveries if d.session_id not in landed.shown]
     counts = {r: sum(d.result == r for d in result.deliveries) for r in ("delivered", *DELIVERY_RESULTS)}
+    # Every open assigned task of a project target gets a line: those no live session works on too.
+    counts["no live session"] = len(result.unreached)
+    unreached = [TERMINAL_CONTROL_RE.sub("?", landed.line(
+        u["session_id"] or "-", "-", "-", "no live session",
+        f"task {u['task_id'][:SHORT_ID]} {u['title']!r}: " + u["reason"].removeprefix("no live session: ")))
+        for u in result.unreached]
     emit(ctx, result, lambda: "\n".join([*(landed.line(d.session_id, d.host, d.tmux_target, d.result, d.reason)
-                                           for d in rest),
+                                           for d in rest), *unreached,
                                          f"broadcast {result.broadcast_id[:SHORT_ID]} to {result.target}: "
                                          + ", ".join(f"{n} {r}" for r, n in counts.items() if n)]))
-    # Every open assigned task of a project target gets a line: those no live session works on too.
-    for u in result.unreached:
-        if not ctx.as_json:
-            print(TERMINAL_CONTROL_RE.sub("?", landed.line(
-                u["session_id"] or "-", "-", "-", "no live session",
-                f"task {u['task_id'][:SHORT_ID]} {u['title']!r}: {u['reason'].removeprefix('no live session: ')}")))
     return 0 if result.is_complete else 1
 
 

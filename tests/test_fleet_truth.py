@@ -290,7 +290,8 @@ def test_project_broadcast_prints_a_line_for_every_task(tmux, cli, db, tmp_path)
     cli("assign", tasks[2], "--group", "nobody")
     r = cli("broadcast", "alpha", "--yes", "--", "status please")
     assert r.code == 1, r.out + r.err
-    lines = r.out.splitlines()
+    lines = [line for line in r.out.splitlines() if not line.startswith("broadcast ")]
+    assert r.out.splitlines()[-1].endswith(": 1 delivered, 2 no live session")
     assert any("delivered" in line for line in lines)
     assert sum("no live session" in line for line in lines) == 2
     assert any("'lost'" in line and "gone" in line for line in lines)
@@ -337,3 +338,21 @@ def test_a_killed_pane_is_gone_although_its_hooks_reported_lately(tmux, cli, db,
     tmux.run("kill-session", "-t", "a")
     pull(cli)
     assert clare.get_session(db, s["id"]).state == "gone"
+
+
+def test_panes_are_captured_in_batches_tmux_accepts(tmux, tmp_path, monkeypatch):
+    """#10.7: one tmux run per batch; 120 panes in one run is 'command too long' and a run per pane costs seconds."""
+    panes = [tmux.spawn("bash", "-c", f"echo screen-{i}; exec sleep 600", cwd=tmp_path / "p", name=f"s{i}")
+             for i in range(clare.CAPTURE_BATCH + 70)]
+    wait_for(lambda: "screen-0" in tmux.capture(panes[0]), what="the first screen")
+    wait_for(lambda: f"screen-{len(panes) - 1}" in tmux.capture(panes[-1]), what="the last screen")
+    calls = []
+    run_tmux = clare.run_tmux
+
+    def counted(*args, **kw):
+        calls.append(args[1])
+        return run_tmux(*args, **kw)
+    monkeypatch.setattr(clare, "run_tmux", counted)  # counts the real tmux runs
+    screens = clare.capture_panes(tmux.socket, panes)
+    assert [screens[p].split("\n")[0] for p in panes] == [f"screen-{i}" for i in range(len(panes))]
+    assert len(calls) == 3  # batches of CAPTURE_BATCH, never one run per pane

@@ -304,10 +304,11 @@ def test_real_project_broadcast_follows_clear_and_reports_every_task(real):
     r = real.clare("broadcast", "realproj", "--yes", "--", "project wide")
     print("\n" + r.out)
     assert r.code == 1
-    lines = [line for line in r.out.splitlines()[2:] if line.strip()]
+    lines = [line for line in r.out.splitlines() if line.strip() and not line.startswith("broadcast ")]
     assert len(lines) == 2, r.out
     assert any(new_id[:8] in line and "delivered" in line for line in lines)
     assert any("no live session" in line and "'killed'" in line for line in lines)
+    assert r.out.splitlines()[-1].endswith("1 delivered, 1 no live session")
     real.wait(lambda: "project wide" in real.api.prompts(), "the broadcast to reach the API")
 
 
