@@ -7911,6 +7911,7 @@ def frag_fleet(req: Request) -> Response:
 MAIN_SESSION = string.Template("""<p class="muted small"><a href="/sessions">Sessions</a> /</p>
 <h1 hx-disable>$label</h1>
 <p class="sub">$state $since · $host · <span class="mono">$where</span></p>
+$lineage
 <div class="grid">
 $facts
 <div>
@@ -8039,7 +8040,27 @@ def page_session(req: Request) -> Response:
         facts=session_fragment(req, s, d.task), attach=attach_card(req, s, d.attach), csrf=csrf_field(req),
         task_attrs=form_attrs(f"/sessions/{s.id}/task", target="#frag-session"), task_options=task_choices(req, s),
         pane=pane_fragment(req, s, is_live=is_live), turns=turns_fragment(req, s, is_live=is_live),
-        history=history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history")))
+        history=history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history"),
+        lineage=lineage_html(s.id, d.history)))
+
+
+SESSION_LINEAGE = string.Template("""<p class="sub">$what <a href="/sessions/$id" class="mono">$short</a>
+(the same Claude process and pane, after /clear)</p>""")
+
+
+def lineage_html(session_id: str, history: list[Event]) -> Html:
+    """Link a session to the one its process went on as after /clear, and to the one it went on from."""
+    links = []
+    for ev in history:
+        p = ev.payload
+        if ev.event_type == "session.gone" and p.get("successor_id"):
+            if p["session_id"] == session_id:
+                links.append(render(SESSION_LINEAGE, what="Continued as", id=p["successor_id"],
+                                    short=p["successor_id"][:SHORT_ID]))
+            elif p["successor_id"] == session_id:
+                links.append(render(SESSION_LINEAGE, what="Continues", id=p["session_id"],
+                                    short=p["session_id"][:SHORT_ID]))
+    return join(links)
 
 
 def frag_session(req: Request) -> Response:

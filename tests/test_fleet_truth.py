@@ -356,3 +356,16 @@ def test_panes_are_captured_in_batches_tmux_accepts(tmux, tmp_path, monkeypatch)
     screens = clare.capture_panes(tmux.socket, panes)
     assert [screens[p].split("\n")[0] for p in panes] == [f"screen-{i}" for i in range(len(panes))]
     assert len(calls) == 3  # batches of CAPTURE_BATCH, never one run per pane
+
+
+def test_the_old_session_page_links_to_its_successor_after_clear(tmux, cli, db, server, tmp_path):
+    """#10.4: the page of the session /clear ended links to the one that went on in its pane, and back."""
+    pane = tmux.spawn_claude(cwd=tmp_path / "p", name="a")
+    [old] = pull(cli)["sessions"]
+    tmux.type_prompt(pane, "/clear")
+    tmux.wait_settled(1)
+    [new] = [s for s in pull(cli)["sessions"] if s["state"] != "gone"]
+    page = server.request("GET", f"/sessions/{old['id']}").text
+    assert f'Continued as <a href="/sessions/{new["id"]}"' in page
+    page = server.request("GET", f"/sessions/{new['id']}").text
+    assert f'Continues <a href="/sessions/{old["id"]}"' in page
