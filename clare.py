@@ -2689,13 +2689,14 @@ def _hand_over(db: Db, cur: sqlite3.Cursor, old_id: str, new_id: str, *, now_ms:
 
 def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
                 is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
-                now_ms: int) -> list[Event]:
+                is_stale: bool = False, now_ms: int) -> list[Event]:
     """Fold one hook report in: remember it, and record the session's new state at once.
 
     A report older than the one stored (a spooled report ingested late) is kept out of the state.
     `asked` ({tool, input}) is what a PermissionRequest asks: kept with the state until it leaves
     `permission`. `is_clear` (SessionStart after /clear) hands the session last seen in that pane
-    over to this one.
+    over to this one. An `is_stale` report (newer signals exist already) is remembered but
+    changes no state at once: the next pull weighs it against them.
     """
     _check_prefix("session", session_id)
     if mark.state is not None:
@@ -2706,7 +2707,7 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
     with write_txn(db) as cur:
         save_hook_mark(cur, session_id, mark)
         stored = list_hook_marks(db, session_id=session_id)[session_id]
-        if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event):
+        if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event) or is_stale:
             return events
         old = next((s for s in find_sessions(db, prefix=session_id) if s.id == session_id), None)
         head = {"session_id": session_id, "host": db.machine_id}
@@ -3287,6 +3288,7 @@ MAX_HOOK_INPUT_BYTES = 32 * 1024 * 1024  # a prompt can be long; a report cut sh
 HOOK_TIMEOUT_S = 10
 # Which field of a tool's input says what a dialog asks: Bash's command, Edit's file, WebFetch's URL...
 ASKED_INPUT_KEYS = ("command", "file_path", "notebook_path", "url", "path", "pattern", "query", "prompt")
+STALE_MARGIN_MS = 100  # Claude writes one event's transcript line and registry status within this of its hook
 HOOK_ALIVE_MS = 10 * 60 * 1000  # a session that sent a hook report this recently is not gone
 CLARE_HOOK_MARK = "# clare-hook"  # ends the -c code of the command only Clare writes: how it knows its own
 # The -c code of Clare's hook commands, the mark optional: entries written before the mark are Clare's too.
@@ -4494,9 +4496,33 @@ def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]
                     state, event, int(report.get("at_ms") or now_ms))
     cwd = p["cwd"] if isinstance(p.get("cwd"), str) else ""
     asked = asked_of(p) if event == "PermissionRequest" else None
+    # A permission report recorded late, after the user answered or pressed Esc, must not show (or
+    # notify) `permission` even for the second until the next pull.
+    is_stale = state == "permission" and _moved_on_since(sid, p.get("transcript_path"), mark.at_ms)
     # /clear ends a session and starts another in the same process: the second report hands over.
     return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd" and p.get("reason") != "clear",
-                       is_clear=event == "SessionStart" and p.get("source") == "clear", asked=asked, now_ms=now_ms)
+                       is_clear=event == "SessionStart" and p.get("source") == "clear", asked=asked,
+                       is_stale=is_stale, now_ms=now_ms)
+
+
+def _moved_on_since(session_id: str, transcript_path: object, at_ms: int) -> bool:
+    """Tell whether the transcript or the registry moved on after a permission report (no dialog waits then)."""
+    # SECURITY: the path comes from the hook's stdin: only a transcript's metadata is read.
+    if isinstance(transcript_path, str) and transcript_path.endswith(".jsonl"):
+        with contextlib.suppress(OSError):
+            if os.stat(transcript_path).st_mtime_ns // 1_000_000 > at_ms + STALE_MARGIN_MS:
+                return True
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(os.path.join(claude_home(), "sessions")):
+            with contextlib.suppress(OSError, ValueError):
+                with open(entry.path, encoding="utf-8") as f:
+                    reg = json.load(f)
+                if isinstance(reg, dict) and reg.get("sessionId") == session_id:
+                    at = reg.get("statusUpdatedAt")
+                    waiting_for = reg.get("waitingFor")
+                    return (isinstance(at, int) and at > at_ms + STALE_MARGIN_MS
+                            and not (isinstance(waiting_for, str) and REGISTRY_PERMISSION_RE.search(waiting_for)))
+    return False
 
 
 def asked_of(payload: dict[str, Any]) -> dict[str, str]:

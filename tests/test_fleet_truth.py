@@ -65,6 +65,10 @@ def test_late_permission_notification_after_esc_does_not_stick(tmux, cli, db, ho
     perm.send(sample("PermissionRequest", sid, cwd))
     notif.send(sample("Notification-permission_prompt", sid, cwd))
     pre.send(sample("PreToolUse", sid, cwd))
+    # Not even for a moment (a notification would fire): the late reports change no state at once ...
+    assert [ev.payload.get("state") for ev in clare.iter_events(db)
+            if ev.event_type == "session.changed" and ev.payload.get("state") == "permission"] == []
+    # ... and the pull, weighing every signal by when it happened, says waiting.
     [s] = pull(cli)["sessions"]
     assert s["state"] == "waiting"
     r = cli("--json", "broadcast", f"session:{sid[:8]}", "--yes", "--", "carry on")
