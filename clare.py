@@ -56,6 +56,8 @@ STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocke
 SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
 UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
+# The reason of a queued delivery that was not typed: its host tries again at each pull until it expires.
+DRAFT_WAIT_REASON = "the composer holds unsent text; the broadcast waits until the draft is sent or cleared"
 PRIORITIES = range(5)  # 0 is the most urgent, as in P0
 DEFAULT_PRIORITY = 2
 MAX_NAME_CHARS = 100
@@ -988,7 +990,7 @@ CREATE TABLE event_refs (                       -- which events name which entit
 """
 PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
                      "deliveries", "project_dirs", "orders")
-REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
+REF_KEYS = ("project_id", "task_id", "session_id", "group_id", "successor_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
 
@@ -1578,10 +1580,14 @@ def apply_session_changed(cur: sqlite3.Cursor, ev: Event) -> None:
     _lww(cur, "sessions", p["session_id"], _session_fields(p, ev), ev)
 
 
-@applies("session.gone", {"session_id": _is_id, "host": _is_id, "reason?": _is_str})
+@applies("session.gone", {"session_id": _is_id, "host": _is_id, "reason?": _is_str, "successor_id?": _is_id})
 def apply_session_gone(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Last writer wins on state: a newer sighting brings a gone session back (claude --resume)."""
-    p = ev.payload  # {session_id, host, reason}
+    """Last writer wins on state: a newer sighting brings a gone session back (claude --resume).
+
+    successor_id names the session that took over its process and pane (/clear); the history
+    of both links the two (REF_KEYS).
+    """
+    p = ev.payload  # {session_id, host, reason, successor_id?}
     _lww(cur, "sessions", p["session_id"], _session_fields({**p, "state": "gone"}, ev), ev)
 
 
@@ -1929,18 +1935,47 @@ def save_notify_marks(cur: sqlite3.Cursor, marks: dict[str, tuple[str | None, in
     set_meta(cur, "notify_after", str(after))
 
 
-def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
-    """Return deliveries of one broadcast, or those no host has tried yet for sessions of host `pending_on`."""
+def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None,
+                    ) -> list[Delivery]:
+    """Return deliveries of one broadcast (an id or a prefix), or those host `pending_on` has to try.
+
+    To try: those no host has tried yet, and those waiting for a draft to go.
+    """
+    return _list_deliveries(db, broadcast_id=broadcast_id, pending_on=pending_on)
+
+
+def list_unconfirmed_deliveries(db: Db, *, host: str) -> list[Delivery]:
+    """Return the deliveries Claude took (queued) in sessions of `host` that are not confirmed yet."""
+    return _list_deliveries(db, queued_on=host)
+
+
+def _list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None,
+                     queued_on: str | None = None) -> list[Delivery]:
     sql = """SELECT d.broadcast_id, d.session_id, s.host, s.tmux_target, d.result, d.reason, d.updated_at
                FROM deliveries d LEFT JOIN sessions s ON s.id = d.session_id WHERE 1"""
     params: list[Any] = []
     if broadcast_id is not None:
         sql += " AND d.broadcast_id = ?"
-        params.append(broadcast_id)
+        params.append(get_broadcast_id(db, broadcast_id))
     if pending_on is not None:
-        sql += " AND d.by_host IS NULL AND s.host = ?"
-        params.append(pending_on)
+        sql += " AND (d.by_host IS NULL OR (d.result = 'queued' AND d.reason = ?)) AND s.host = ?"
+        params += [DRAFT_WAIT_REASON, pending_on]
+    if queued_on is not None:
+        sql += " AND d.result = 'queued' AND d.reason != ? AND s.host = ?"
+        params += [DRAFT_WAIT_REASON, queued_on]
     return [Delivery(*r) for r in db.conn.execute(sql + " ORDER BY d.updated_at, d.id", params)]
+
+
+def get_broadcast_id(db: Db, ref: str) -> str:
+    """Return the id of the broadcast whose id starts with `ref` (the CLI prints 8 characters)."""
+    if not isinstance(ref, str) or not ID_PREFIX_RE.match(ref):
+        raise UsageError(f"broadcast id {ref!r} is not a hex id or prefix; copy one from the broadcast's output")
+    rows = db.conn.execute("SELECT id FROM broadcasts WHERE id LIKE ? AND created_at_v IS NOT NULL",
+                           (ref.lower() + "%",)).fetchall()
+    if len(rows) > 1:
+        raise UsageError(f"broadcast id {ref!r} is ambiguous ({len(rows)} broadcasts); give more characters")
+    # An unknown id is no error here: a receipt can arrive before its broadcast.sent event.
+    return rows[0][0] if rows else ref
 
 
 def get_broadcast_text(db: Db, broadcast_id: str) -> tuple[str, str] | None:
@@ -2601,6 +2636,7 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
         _check_choice("session state", ob.state, SESSION_STATES)
     keep, keep_ids = set(keep_sockets), set(keep_ids)
     events = []
+    seen_ids = {ob.session_id for ob in seen}
     with write_txn(db) as cur:
         known = {s.id: s for s in find_sessions(db, host=db.machine_id)}
         for ob in seen:
@@ -2611,6 +2647,13 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
             old = known.get(ob.session_id)
             if old is None:
                 events.append(record(db, cur, "session.appeared", {**payload, **extra}, now_ms=now_ms))
+                # /clear (or /resume inside Claude) starts another session in the same process and pane.
+                before = next((s for s in known.values() if s.state != "gone" and s.id not in seen_ids
+                               and ob.pid is not None and s.pid == ob.pid and ob.pane_id is not None
+                               and (s.pane_id, s.tmux_socket) == (ob.pane_id, ob.tmux_socket)), None)
+                if before is not None:
+                    events += _hand_over(db, cur, before.id, ob.session_id, now_ms=now_ms)
+                    known[before.id] = dataclasses.replace(before, state="gone")
                 continue
             changed = {k: payload[k] for k in _OBSERVED_KEYS if getattr(old, k) != payload[k]}
             if "state" in changed and ob.state != "permission" and old.asked is not None:
@@ -2631,13 +2674,29 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
     return events
 
 
+def _hand_over(db: Db, cur: sqlite3.Cursor, old_id: str, new_id: str, *, now_ms: int) -> list[Event]:
+    """Record that a session's process went on as another session: the old one is gone, its tasks follow."""
+    events = [record(db, cur, "session.gone", {"session_id": old_id, "host": db.machine_id,
+                                               "reason": f"cleared: the same process and pane went on as "
+                                                         f"{new_id[:SHORT_ID]}", "successor_id": new_id},
+                     now_ms=now_ms)]
+    for task in list_tasks(db, session_id=old_id):
+        if task.status != "done":
+            events.append(record(db, cur, "task.assigned", {"task_id": task.id, "session_id": new_id},
+                                 now_ms=now_ms))
+    return events
+
+
 def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
-                is_end: bool = False, asked: dict[str, str] | None = None, now_ms: int) -> list[Event]:
+                is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
+                is_stale: bool = False, now_ms: int) -> list[Event]:
     """Fold one hook report in: remember it, and record the session's new state at once.
 
     A report older than the one stored (a spooled report ingested late) is kept out of the state.
     `asked` ({tool, input}) is what a PermissionRequest asks: kept with the state until it leaves
-    `permission`.
+    `permission`. `is_clear` (SessionStart after /clear) hands the session last seen in that pane
+    over to this one. An `is_stale` report (newer signals exist already) is remembered but
+    changes no state at once: the next pull weighs it against them.
     """
     _check_prefix("session", session_id)
     if mark.state is not None:
@@ -2648,7 +2707,7 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
     with write_txn(db) as cur:
         save_hook_mark(cur, session_id, mark)
         stored = list_hook_marks(db, session_id=session_id)[session_id]
-        if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event):
+        if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event) or is_stale:
             return events
         old = next((s for s in find_sessions(db, prefix=session_id) if s.id == session_id), None)
         head = {"session_id": session_id, "host": db.machine_id}
@@ -2661,6 +2720,16 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
                 "pane_id": mark.pane_id, "pid": None, "command": "", "state": mark.state,
                 "last_activity_at": iso_ms(mark.at_ms), "label": "", "tokens": {},
                 **({"asked": asked} if asked else {})}, now_ms=now_ms))
+            # The session that ended with reason clear in this pane (a pull may have called it gone
+            # meanwhile), else the one live session last seen there.
+            ended = {sid for sid, m in list_hook_marks(db).items() if m.hook_event == "SessionEnd"
+                     and m.pane_id == mark.pane_id and m.tmux_socket in (None, mark.tmux_socket)}
+            in_pane = [s for s in find_sessions(db, host=db.machine_id, include_gone=True) if is_clear
+                       and mark.pane_id and s.id != session_id and s.pane_id == mark.pane_id
+                       and (mark.tmux_socket is None or s.tmux_socket in (None, mark.tmux_socket))]
+            before = [s for s in in_pane if s.id in ended] or [s for s in in_pane if s.state != "gone"]
+            if len(before) == 1:
+                events += _hand_over(db, cur, before[0].id, session_id, now_ms=now_ms)
         elif old is not None and mark.state is not None:
             changed: dict[str, Any] = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
                                          ("tmux_socket", mark.tmux_socket), ("tmux_target", tmux_target))
@@ -2784,11 +2853,17 @@ class BroadcastResult:
     target: str
     text: str  # as delivered (normalised, maybe prefixed)
     deliveries: list[Delivery]
+    unreached: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # {task_id, title, session_id, reason}
 
     def to_json(self) -> dict[str, Any]:
         """Return the result as the JSON object the CLI and API print."""
         return {"broadcast_id": self.broadcast_id, "target": self.target, "text": self.text,
-                "deliveries": [d.to_json() for d in self.deliveries]}
+                "deliveries": [d.to_json() for d in self.deliveries], "unreached": self.unreached}
+
+    @property
+    def is_complete(self) -> bool:
+        """Tell whether every line is delivered or queued (the CLI's exit 0)."""
+        return not self.unreached and all(d.result in ("delivered", "queued") for d in self.deliveries)
 
 
 def list_broadcast_recipients(db: Db, target: str) -> list[Session]:
@@ -2813,6 +2888,32 @@ def list_broadcast_recipients(db: Db, target: str) -> list[Session]:
                 found += list_group_sessions(db, t.group_id)
     unique = {s.id: s for s in found if s.state != "gone"}
     return sorted(unique.values(), key=lambda s: (s.host, s.tmux_target or "", s.id))
+
+
+def list_unreached_tasks(db: Db, target: str) -> list[dict[str, Any]]:
+    """Return the open assigned tasks of a project target that no live session works on, each with why.
+
+    A broadcast reports them beside its deliveries (a line of the report, not a delivery in the log).
+    """
+    kind, colon, ref = target.partition(":")
+    if colon and kind in ("session", "group"):
+        return []
+    project = get_project(db, target)
+    sessions = {s.id: s for s in find_sessions(db)}
+    unreached: list[dict[str, Any]] = []
+    for t in list_tasks(db, project_id=project.id):
+        if t.status == "done":
+            continue
+        if t.session_id:
+            s = sessions.get(t.session_id)
+            if s is None or s.state == "gone":
+                unreached.append({"task_id": t.id, "title": t.title, "session_id": t.session_id,
+                                  "reason": f"no live session: {t.session_id[:SHORT_ID]} is "
+                                            f"{'gone' if s else 'not seen on any host'}"})
+        elif t.group_id and not list_group_sessions(db, t.group_id):
+            unreached.append({"task_id": t.id, "title": t.title, "session_id": None,
+                              "reason": "no live session: its group matches none now"})
+    return unreached
 
 
 def no_recipients_error(target: str) -> NotFound:
@@ -3151,18 +3252,26 @@ SCAN_BLOCK_BYTES = 1024 * 1024
 RECENT_IDS = 64  # message ids remembered across looks: one response spans several lines
 DEFAULT_IDLE_AFTER_S = 600
 SCREEN_LINES = 40
+CAPTURE_BATCH = 50  # panes captured per tmux run: 200 in one run is "command too long"
 MAX_COMMAND_CHARS = 500
 # Screen text of Claude Code's permission and choice dialogs, where Enter would approve: data, not code.
 PERMISSION_SCREEN = (
     re.compile(r"Do you want to (?:proceed|make this edit|create|overwrite|allow|run|fetch)"),
     re.compile(r"^\W*(?:❯|›|>)\s*1\.\s*Yes\b", re.M),
 )
+# Claude's composer on a `capture-pane -e` screen: a prompt glyph line between two rules (2.1.x).
+COMPOSER_GLYPHS = ("\u276f\xa0", "\u276f ", "> ")
+RULE_RE = re.compile(r"^\s*\u2500{20,}\s*$")
+ANSI_RE = re.compile(r"\x1b\[([0-9;:?<=>]*)([ -/]*[@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]")
+DRAFT_REFUSAL = "the composer holds unsent text; send or clear that draft, then broadcast again"
 INTERRUPT_MARK = "[Request interrupted by user"
 # User lines that a local slash command writes (/clear, /model …): no turn starts with them.
 LOCAL_COMMAND_MARKS = ("<command-name>", "<local-command-stdout>", "<local-command-caveat>", "<command-message>")
 SESSION_ID_FLAGS = ("--session-id", "--resume", "-r")
 # Registry status -> state; "waiting" is left out: it can mean a prompt or a dialog, the hook and screen tell.
 REGISTRY_STATES = {"busy": "working", "shell": "working", "idle": "waiting"}
+# The registry's waitingFor while a permission dialog is open (2.1.x: "permission prompt"): exact and cheap.
+REGISTRY_PERMISSION_RE = re.compile(r"permission", re.I)
 TITLE_TYPES = {"summary": "summary", "custom-title": "customTitle", "ai-title": "aiTitle"}
 RCLAUDE_TIMEOUT_S = 10
 TRIAGE_TIMEOUT_S = 60
@@ -3172,19 +3281,25 @@ HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PermissionRequ
 HOOK_STATES = {"SessionStart": "waiting", "UserPromptSubmit": "working", "PreToolUse": "working",
                "PostToolUse": "working", "PermissionRequest": "permission", "Stop": "waiting",
                "StopFailure": "waiting"}
-NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission",
-                       "idle_prompt": "waiting"}
+# idle_prompt (60 s after a turn) is not activity: it says what Stop said, and must not restart the idle clock.
+NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission"}
 HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
 MAX_HOOK_INPUT_BYTES = 32 * 1024 * 1024  # a prompt can be long; a report cut short would be lost
 HOOK_TIMEOUT_S = 10
 # Which field of a tool's input says what a dialog asks: Bash's command, Edit's file, WebFetch's URL...
 ASKED_INPUT_KEYS = ("command", "file_path", "notebook_path", "url", "path", "pattern", "query", "prompt")
+STALE_MARGIN_MS = 100  # Claude writes one event's transcript line and registry status within this of its hook
 HOOK_ALIVE_MS = 10 * 60 * 1000  # a session that sent a hook report this recently is not gone
-CLARE_HOOK_RE = re.compile(r"\bclare\b.*\shook\s*$")  # how uninstall knows Clare's hooks from the user's
+CLARE_HOOK_MARK = "# clare-hook"  # ends the -c code of the command only Clare writes: how it knows its own
+# The -c code of Clare's hook commands, the mark optional: entries written before the mark are Clare's too.
+CLARE_HOOK_CODE_RE = re.compile(r"import sys; sys\.path\.insert\(0, '[^']*'\); import clare; "
+                                r"raise SystemExit\(clare\.main\(\)\)(?:  # clare-hook)?")
 BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
 BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
 BROADCAST_ENTER_TRIES = 3
-DEFAULT_PULL_EVERY_S = 10  # how often `serve` looks at this host's sessions; [fleet] pull_every_s, 0 = never
+# How often `serve` looks at this host's sessions ([fleet] pull_every_s, 0 = never): with the
+# dashboard's FLEET_POLL_S, a change without hooks shows within 3 s; a pull that finds nothing changed is cheap.
+DEFAULT_PULL_EVERY_S = 1
 DEFAULT_TAILS_EVERY_S = 300  # ... and stores assigned panes' tails (when changed); [fleet] tails_every_s, 0 = never
 PANE_LINES = 60  # the live pane view shows this many last lines
 MAX_PANE_LINES = 200  # ... and never more, whoever asks
@@ -3308,18 +3423,25 @@ def list_panes(socket: str) -> list[Pane] | None:
     return parse_panes(p.stdout, socket=socket)
 
 
-def capture_pane(socket: str, pane_id: str, *, lines: int = SCREEN_LINES) -> str | None:
-    """Return the last lines of a pane's screen, or None when tmux cannot show it."""
-    p = run_tmux(socket, "capture-pane", "-p", "-J", "-t", pane_id, "-S", f"-{lines}")
+def capture_pane(socket: str, pane_id: str, *, lines: int | None = SCREEN_LINES) -> str | None:
+    """Return the last lines of a pane (its history too), or with lines=None its visible screen only."""
+    p = run_tmux(socket, "capture-pane", "-p", "-J", "-t", pane_id, *(("-S", f"-{lines}") if lines else ()))
     return p.stdout if p.returncode == 0 else None
 
 
-def capture_panes(socket: str, pane_ids: list[str], *, lines: int = SCREEN_LINES) -> dict[str, str]:
-    """Return the last lines of several panes of one server, asked in one tmux run."""
+def capture_panes(socket: str, pane_ids: list[str], *, lines: int | None = None) -> dict[str, str]:
+    """Return the visible screens (or the last lines) of several panes of one server, asked in one tmux run.
+
+    A dialog is judged on the visible screen only: one that closed may linger in the history.
+    """
+    if len(pane_ids) > CAPTURE_BATCH:  # tmux refuses a longer command line ("command too long")
+        return {k: v for n in range(0, len(pane_ids), CAPTURE_BATCH)
+                for k, v in capture_panes(socket, pane_ids[n:n + CAPTURE_BATCH], lines=lines).items()}
     mark = f"\x1eclare-{new_id()}"  # a line no screen shows: it separates the captures
     args: list[str] = []
     for pane_id in pane_ids:
-        args += ["capture-pane", "-p", "-J", "-t", pane_id, "-S", f"-{lines}", ";", "display-message", "-p", mark, ";"]
+        args += ["capture-pane", "-p", "-J", "-t", pane_id, *(("-S", f"-{lines}") if lines else ()), ";",
+                 "display-message", "-p", mark, ";"]
     p = run_tmux(socket, *args[:-1]) if args else None
     if p is None or p.returncode != 0:  # tmux stops at a failed command: one pane closed meanwhile
         return {i: screen for i in pane_ids if (screen := capture_pane(socket, i, lines=lines)) is not None}
@@ -3330,6 +3452,66 @@ def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
     return any(rule.search(tail) for rule in PERMISSION_SCREEN)
+
+
+def strip_ansi(text: str) -> str:
+    """Return a `capture-pane -e` screen without its escape sequences."""
+    return ANSI_RE.sub("", text)
+
+
+def composer_text(screen: str) -> str | None:
+    """Return what is typed in Claude's composer on a `capture-pane -e` screen; None when no composer shows.
+
+    Only typed text counts, not decoration: a placeholder is dim or grey and the cursor is a
+    reverse-video cell, so characters in those styles are left out (a refusal for a placeholder
+    would refuse every broadcast).
+    """
+    lines = screen.rstrip("\n").split("\n")
+    plain = [strip_ansi(line) for line in lines]
+    for i in range(len(plain) - 1, 0, -1):
+        if plain[i].startswith(COMPOSER_GLYPHS) and RULE_RE.match(plain[i - 1]):
+            end = next((j for j in range(i + 1, len(plain)) if RULE_RE.match(plain[j])), None)
+            if end is None:
+                continue
+            typed = "\n".join(_typed_chars(line) for line in lines[i:end])
+            for glyph in COMPOSER_GLYPHS:
+                typed = typed.removeprefix(glyph.rstrip()).removeprefix(glyph)
+            return typed.strip().replace("\xa0", " ")
+    return None
+
+
+def _typed_chars(line: str) -> str:
+    out, is_dim, is_grey, is_reverse, pos = [], False, False, False, 0
+    for m in ANSI_RE.finditer(line + "\x1b[0m"):
+        if not (is_dim or is_grey or is_reverse):
+            out.append(line[pos:m.start()])
+        pos = m.end()
+        if m.group(2) != "m":
+            continue
+        codes = (m.group(1) or "0").replace(":", ";").split(";")
+        k = 0
+        while k < len(codes):
+            c = codes[k]
+            if c in ("", "0"):
+                is_dim = is_grey = is_reverse = False
+            elif c in ("2", "22"):
+                is_dim = c == "2"
+            elif c in ("7", "27"):
+                is_reverse = c == "7"
+            elif c == "38" and k + 2 < len(codes) and codes[k + 1] == "5":
+                n = int(codes[k + 2] or 0)
+                is_grey, k = n == 8 or n >= 232, k + 2  # the grey ramp: placeholder colours
+            elif c == "38" and k + 4 < len(codes) and codes[k + 1] == "2":
+                is_grey, k = len(set(codes[k + 2:k + 5])) == 1, k + 4  # r = g = b: a grey
+            elif c.isdigit() and (30 <= int(c) <= 39 or 90 <= int(c) <= 97):
+                is_grey = c in ("30", "90")
+            k += 1
+    return "".join(out)
+
+
+def claude_text(text: str) -> str:
+    """Return a text as Claude Code stores a typed or pasted prompt: LF line ends, a TAB as 4 spaces."""
+    return text.replace("\r\n", "\n").replace("\t", "    ").strip()
 
 
 def clean_screen(screen: str, *, lines: int) -> str:
@@ -3751,13 +3933,15 @@ def _add_usage(line: bytes, totals: dict[str, int], recent: list[str]) -> None:
 
 def derive_state(*, turn: str | None, turn_ms: int | None, registry: str | None, registry_ms: int | None,
                  hook: str | None, hook_ms: int | None, shows_dialog: bool, now_ms: int,
-                 idle_after_ms: int) -> str:
-    """Combine the signals into one state: the newest signal wins, a dialog on screen beats all.
+                 idle_after_ms: int, waiting_for: str | None = None) -> str:
+    """Combine the signals into one state: the newest signal wins, a dialog open (screen or registry) beats all.
 
-    Each source has holes (no hook on an Esc interrupt, a transcript that lags the hook, a registry
-    only in newer versions), so none is trusted alone; waiting turns into idle after idle_after_ms.
+    Signals are ordered by when they happened (a hook report by its process's start, not when it
+    was recorded), so a late report never outranks a newer interrupt. Each source has holes (no
+    hook on an Esc interrupt, a transcript that lags the hook, a registry only in newer versions),
+    so none is trusted alone; waiting turns into idle after idle_after_ms.
     """
-    if shows_dialog:
+    if shows_dialog or (waiting_for and REGISTRY_PERMISSION_RE.search(waiting_for)):
         return "permission"
     signals = [(ms or 0, i, s) for i, (ms, s) in enumerate(
         ((turn_ms, turn), (registry_ms, REGISTRY_STATES.get(registry or "")), (hook_ms, hook))) if s]
@@ -3886,12 +4070,14 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         screen = screens.get((pane.socket, pane.pane_id)) if pane else None
         mark = marks.get(sid)
         registry_ms = entry.get("statusUpdatedAt")
+        waiting_for = entry.get("waitingFor")
         state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=str(entry.get("status")),
                              registry_ms=registry_ms if isinstance(registry_ms, int) else None,
                              hook=mark.state if mark else None,
                              hook_ms=mark.at_ms if mark else None,
                              shows_dialog=bool(screen and shows_permission_dialog(screen)), now_ms=now_ms,
-                             idle_after_ms=idle_after_ms)
+                             idle_after_ms=idle_after_ms,
+                             waiting_for=waiting_for if isinstance(waiting_for, str) else None)
         observations.append(Observation(
             sid, cwd, pane.socket if pane else None, pane.target if pane else None, pane.pane_id if pane else None,
             pid, " ".join(argv_of(pid))[:MAX_COMMAND_CHARS], state, info.get("last_activity_ms"),
@@ -3921,8 +4107,12 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
     # A session that reported through a hook lately lives even when this look cannot find it (an old
     # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
+    unsure = {(p.socket, p.pane_id) for p in ambiguous}
     alive = [sid for sid, m in list_hook_marks(db).items()
              if m.hook_event != "SessionEnd" and now_ms - m.at_ms < HOOK_ALIVE_MS]
+    # A pane that cannot be told apart from another still runs Claude: its session is not gone.
+    alive += [s.id for s in find_sessions(db, host=db.machine_id, include_gone=False)
+              if (s.tmux_socket, s.pane_id) in unsure]
     # ... but not when its tmux server runs without its pane (killed, so no SessionEnd came): ask
     # only the servers of such sessions, which this look did not find.
     found = {ob.session_id for ob in observations}
@@ -4227,14 +4417,28 @@ def hook_state(payload: dict[str, Any]) -> str | None:
     # COMPAT: versions before notification_type said it only in the message.
     if state is None and "permission" in message:
         return "permission"
-    if state is None and "waiting for your input" in message:
-        return "waiting"
     return state
 
 
 def spool_dir(db_path: str) -> str:
     """Return the folder where hook reports wait while the database cannot take them."""
     return os.path.join(os.path.dirname(os.path.abspath(db_path)), "spool")
+
+
+def process_started_ms(pid: int | str = "self") -> int | None:
+    """Return when a process started, in epoch ms, from the kernel's record (10 ms steps); None if unknown.
+
+    A hook report is stamped with this, not with the time Python got to read it: a loaded machine
+    takes a second or more to start Python, and async hooks start out of order (DESIGN §5).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rfind(b")") + 2:].split()[19])
+        age_s = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux: the caller uses the clock
+        return None
+    return now_ms() - max(0, int(age_s * 1000))
 
 
 def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> None:
@@ -4283,13 +4487,42 @@ def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]
     if not isinstance(sid, str) or not UUID_RE.match(sid) or p.get("agent_id"):
         return []
     event = str(p.get("hook_event_name", ""))[:64]
+    state = hook_state(p)
+    if state is None and event != "SessionEnd":
+        return []  # says nothing of the state (idle_prompt is not activity): the stored report stays newest
     pane, socket = report.get("tmux_pane"), report.get("tmux_socket")
     mark = HookMark(socket if isinstance(socket, str) else None,
                     pane if isinstance(pane, str) and pane.startswith("%") else None,
-                    hook_state(p), event, int(report.get("at_ms") or now_ms))
+                    state, event, int(report.get("at_ms") or now_ms))
     cwd = p["cwd"] if isinstance(p.get("cwd"), str) else ""
     asked = asked_of(p) if event == "PermissionRequest" else None
-    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", asked=asked, now_ms=now_ms)
+    # A permission report recorded late, after the user answered or pressed Esc, must not show (or
+    # notify) `permission` even for the second until the next pull.
+    is_stale = state == "permission" and _moved_on_since(sid, p.get("transcript_path"), mark.at_ms)
+    # /clear ends a session and starts another in the same process: the second report hands over.
+    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd" and p.get("reason") != "clear",
+                       is_clear=event == "SessionStart" and p.get("source") == "clear", asked=asked,
+                       is_stale=is_stale, now_ms=now_ms)
+
+
+def _moved_on_since(session_id: str, transcript_path: object, at_ms: int) -> bool:
+    """Tell whether the transcript or the registry moved on after a permission report (no dialog waits then)."""
+    # SECURITY: the path comes from the hook's stdin: only a transcript's metadata is read.
+    if isinstance(transcript_path, str) and transcript_path.endswith(".jsonl"):
+        with contextlib.suppress(OSError):
+            if os.stat(transcript_path).st_mtime_ns // 1_000_000 > at_ms + STALE_MARGIN_MS:
+                return True
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(os.path.join(claude_home(), "sessions")):
+            with contextlib.suppress(OSError, ValueError):
+                with open(entry.path, encoding="utf-8") as f:
+                    reg = json.load(f)
+                if isinstance(reg, dict) and reg.get("sessionId") == session_id:
+                    at = reg.get("statusUpdatedAt")
+                    waiting_for = reg.get("waitingFor")
+                    return (isinstance(at, int) and at > at_ms + STALE_MARGIN_MS
+                            and not (isinstance(waiting_for, str) and REGISTRY_PERMISSION_RE.search(waiting_for)))
+    return False
 
 
 def asked_of(payload: dict[str, Any]) -> dict[str, str]:
@@ -4349,7 +4582,7 @@ def hook_command(db_path: str) -> str:
     import shlex
 
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            "import clare; raise SystemExit(clare.main())")
+            f"import clare; raise SystemExit(clare.main())  {CLARE_HOOK_MARK}")
     return shlex.join([sys.executable, "-I", "-c", code, "--db", os.path.abspath(db_path), "hook"])
 
 
@@ -4375,7 +4608,20 @@ def _write_settings(path: str, settings: dict[str, Any]) -> None:
 
 
 def _is_clare_hook(h: object) -> bool:
-    return isinstance(h, dict) and isinstance(h.get("command"), str) and bool(CLARE_HOOK_RE.search(h["command"]))
+    """Tell whether a hook entry is one Clare wrote (now or from an older path or version): exactly, never by a word."""
+    import shlex
+
+    if not isinstance(h, dict) or not isinstance(h.get("command"), str):
+        return False
+    try:
+        argv = shlex.split(h["command"])
+    except ValueError:
+        return False
+    if len(argv) == 7 and argv[1:3] == ["-I", "-c"] and argv[4] == "--db" and argv[6] == "hook":
+        return bool(CLARE_HOOK_CODE_RE.fullmatch(argv[3]))
+    # COMPAT: the first hooks ran the script itself: python /path/clare.py [--db DB] hook.
+    return (len(argv) in (3, 5) and os.path.basename(argv[1]) == "clare.py" and argv[-1] == "hook"
+            and (len(argv) == 3 or argv[2] == "--db"))
 
 
 def _strip_clare_hooks(groups: list[Any]) -> bool:
@@ -4459,7 +4705,8 @@ def send_broadcast(db: Db, target: str, text: str, *, now_ms: int, is_command: b
                             now_ms=now_ms + int((time.monotonic() - started) * 1000))
             if on_delivery is not None:
                 on_delivery(s, result, reason, n, len(here))
-    return BroadcastResult(broadcast_id, target, text, list_deliveries(db, broadcast_id=broadcast_id))
+    return BroadcastResult(broadcast_id, target, text, list_deliveries(db, broadcast_id=broadcast_id),
+                           list_unreached_tasks(db, target))
 
 
 @contextlib.contextmanager
@@ -4474,8 +4721,13 @@ def _delivery_lock(db: Db) -> Iterator[None]:
 
 
 def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM_S) -> list[Delivery]:
-    """Deliver the broadcasts other hosts sent to this host's sessions; expire the stale ones."""
-    done: list[Delivery] = []
+    """Deliver the broadcasts other hosts sent to this host's sessions; expire the stale ones.
+
+    Also confirm the queued ones Claude has taken since: queued becomes delivered once the text is
+    in the session's transcript.
+    """
+    done = [c for d in list_unconfirmed_deliveries(db, host=db.machine_id)
+            if (c := _confirm_queued(db, d, now_ms=now_ms)) is not None]
     if not list_deliveries(db, pending_on=db.machine_id):
         return done
     with _delivery_lock(db):
@@ -4483,6 +4735,17 @@ def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM
         for d in list_deliveries(db, pending_on=db.machine_id):  # again, now that no one else delivers
             done.append(_deliver_one(db, d, sessions[d.session_id], now_ms=now_ms, confirm_s=confirm_s))
     return done
+
+
+def _confirm_queued(db: Db, d: Delivery, *, now_ms: int) -> Delivery | None:
+    """Record a queued delivery as delivered once its text is in the session's transcript."""
+    text = (get_broadcast_text(db, d.broadcast_id) or ("", ""))[0]
+    session = next((s for s in find_sessions(db, prefix=d.session_id) if s.id == d.session_id), None)
+    path = session and find_transcript(claude_home(), session.cwd, session.id)
+    if not text or not path or not _transcript_has_prompt(path, text, since_ms=(_iso_to_ms(d.updated_at) or 0) - 5000):
+        return None
+    record_delivery(db, d.broadcast_id, d.session_id, result="delivered", reason="", now_ms=now_ms)
+    return dataclasses.replace(d, result="delivered", reason="")
 
 
 def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_s: float) -> Delivery:
@@ -4494,6 +4757,11 @@ def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_
         result, reason = "expired", f"not delivered before {expires_at}"
     else:
         result, reason = deliver_text(db, session, text, confirm_s=confirm_s)
+    if (result, reason) == ("refused", DRAFT_REFUSAL):
+        # The sender is not at this keyboard: never submit the user's draft, wait until it is gone.
+        result, reason = "queued", DRAFT_WAIT_REASON
+        if (d.result, d.reason) == (result, reason):
+            return d  # still waiting: the log must not grow with polling
     record_delivery(db, d.broadcast_id, d.session_id, result=result, reason=reason, now_ms=now_ms)
     return dataclasses.replace(d, result=result, reason=reason)
 
@@ -4524,9 +4792,12 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float,
         return "refused", f"pane {pane.pane_id} now runs another session ({entry['sessionId'][:SHORT_ID]})"
     if pane.in_mode:
         run_tmux(pane.socket, "send-keys", "-t", pane.pane_id, "-X", "cancel")
-    refusal = _dialog_refusal(db, session, pane)
+    refusal = _dialog_refusal(db, session, pane, pid=claude_pid)
     if refusal:
         return "refused", refusal
+    # Never submit someone's unsent draft: a paste is appended to it and Enter sends both.
+    if composer_text(_capture_styled(pane) or ""):
+        return "refused", DRAFT_REFUSAL
     name = f"clare-{new_id()}"  # buffer names are server-wide
     for args, stdin in ((("load-buffer", "-b", name, "-"), text),
                         (("paste-buffer", "-p", "-r", "-d", "-b", name, "-t", pane.pane_id), None)):
@@ -4537,7 +4808,7 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float,
     was_working = session.state == "working"
     for _ in range(BROADCAST_ENTER_TRIES):
         time.sleep(BROADCAST_PAUSE_S)
-        refusal = _dialog_refusal(db, session, pane)
+        refusal = _dialog_refusal(db, session, pane, pid=claude_pid)
         if refusal:  # a dialog opened after the paste: leave the text in the composer
             return "refused", refusal + "; the text waits in the composer"
         sent_ms = now_ms()
@@ -4546,8 +4817,12 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float,
             return "delivered", ""
         if is_done is None and _wait_for_prompt(db, session, text, since_ms=sent_ms, timeout_s=confirm_s):
             return "delivered", ""
-        if was_working:
-            return "queued", "Claude is busy; it takes the text after this turn"
+        # Once the text left the composer Claude has it (sent, or queued after its turn): another
+        # Enter would send whatever the user types next.
+        left = composer_text(_capture_styled(pane) or "") if is_done is None else None
+        if was_working or left == "":
+            return "queued", ("Claude is busy; it takes the text after this turn" if was_working
+                              else "Claude took the text; it is not in the transcript yet")
     return "failed", f"Claude did not take the text after {BROADCAST_ENTER_TRIES} Enters"
 
 
@@ -4560,20 +4835,39 @@ def _wait_until(predicate: Callable[[], bool], *, timeout_s: float) -> bool:
     return True
 
 
-def _dialog_refusal(db: Db, session: Session, pane: Pane) -> str | None:
-    screen = capture_pane(pane.socket, pane.pane_id)
+def _capture_styled(pane: Pane) -> str | None:
+    p = run_tmux(pane.socket, "capture-pane", "-p", "-e", "-J", "-t", pane.pane_id)
+    return p.stdout if p.returncode == 0 else None
+
+
+def _dialog_refusal(db: Db, session: Session, pane: Pane, *, pid: int | None = None) -> str | None:
+    screen = capture_pane(pane.socket, pane.pane_id, lines=None)
     if screen is None:
         return f"cannot read pane {pane.pane_id}'s screen; not typing blind"
     if shows_permission_dialog(screen):
         return "needs permission: a dialog is open (Enter would approve it)"
+    entry = _registry_entry(pid) if pid else None
+    waiting_for = (entry or {}).get("waitingFor")
+    if isinstance(waiting_for, str) and REGISTRY_PERMISSION_RE.search(waiting_for):
+        return "needs permission: Claude's registry says a permission prompt is open"
     # The hook is the dependable signal when the screen text changes between versions: a
-    # permission report counts until the transcript moves on after it.
+    # permission report counts until the transcript or the registry moves on after it.
     mark = list_hook_marks(db, session_id=session.id).get(session.id)
     if mark and mark.state == "permission":
         path = find_transcript(claude_home(), session.cwd, session.id)
+        newer = [(entry or {}).get("statusUpdatedAt")]
         with contextlib.suppress(OSError):
-            if path is None or os.stat(path).st_mtime_ns // 1_000_000 < mark.at_ms:
-                return "needs permission: Claude asked for it and has not moved on since"
+            newer.append(os.stat(path).st_mtime_ns // 1_000_000 if path else None)
+        if not any(isinstance(t, int) and t > mark.at_ms for t in newer):
+            return "needs permission: Claude asked for it and has not moved on since"
+    return None
+
+
+def _registry_entry(pid: int) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(claude_home(), "sessions", f"{pid}.json"), encoding="utf-8") as f:
+            entry = json.load(f)
+        return entry if isinstance(entry, dict) else None
     return None
 
 
@@ -4603,7 +4897,7 @@ def _transcript_has_prompt(path: str, text: str, *, since_ms: int) -> bool:
         with contextlib.suppress(ValueError, AttributeError, TypeError):
             obj = json.loads(raw)
             if obj.get("type") == "user" and (_iso_to_ms(obj.get("timestamp")) or 0) >= since_ms:
-                if _text_of(obj["message"].get("content")).strip() == text.strip():
+                if claude_text(_text_of(obj["message"].get("content"))) == claude_text(text):
                     return True
     return False
 
@@ -5867,6 +6161,7 @@ STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; char
 HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both together
 HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"
 PANE_POLL_S = 2  # how often an open session page refreshes its live pane
+FLEET_POLL_S = 2  # how often the dashboard's sessions refresh: a hook's report shows within 2.5 s
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
@@ -7592,7 +7887,7 @@ def fleet_fragment(req: Request) -> Html:
             tokens=tokens_text(s.tokens),
             task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
             else Html('<span class="muted">—</span>')) for s in sessions))
-    return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
+    return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet", every_s=FLEET_POLL_S), table=table_html)
 
 
 def session_picker(req: Request, selected: str | None) -> Html:
@@ -7642,6 +7937,7 @@ def frag_fleet(req: Request) -> Response:
 MAIN_SESSION = string.Template("""<p class="muted small"><a href="/sessions">Sessions</a> /</p>
 <h1 hx-disable>$label</h1>
 <p class="sub">$state $since · $host · <span class="mono">$where</span></p>
+$lineage
 <div class="grid">
 $facts
 <div>
@@ -7770,7 +8066,27 @@ def page_session(req: Request) -> Response:
         facts=session_fragment(req, s, d.task), attach=attach_card(req, s, d.attach), csrf=csrf_field(req),
         task_attrs=form_attrs(f"/sessions/{s.id}/task", target="#frag-session"), task_options=task_choices(req, s),
         pane=pane_fragment(req, s, is_live=is_live), turns=turns_fragment(req, s, is_live=is_live),
-        history=history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history")))
+        history=history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history"),
+        lineage=lineage_html(s.id, d.history)))
+
+
+SESSION_LINEAGE = string.Template("""<p class="sub">$what <a href="/sessions/$id" class="mono">$short</a>
+(the same Claude process and pane, after /clear)</p>""")
+
+
+def lineage_html(session_id: str, history: list[Event]) -> Html:
+    """Link a session to the one its process went on as after /clear, and to the one it went on from."""
+    links = []
+    for ev in history:
+        p = ev.payload
+        if ev.event_type == "session.gone" and p.get("successor_id"):
+            if p["session_id"] == session_id:
+                links.append(render(SESSION_LINEAGE, what="Continued as", id=p["successor_id"],
+                                    short=p["successor_id"][:SHORT_ID]))
+            elif p["successor_id"] == session_id:
+                links.append(render(SESSION_LINEAGE, what="Continues", id=p["session_id"],
+                                    short=p["session_id"][:SHORT_ID]))
+    return join(links)
 
 
 def frag_session(req: Request) -> Response:
@@ -8372,7 +8688,11 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
                                 head_before="integer", head_after="integer"),
     "BroadcastResult": {"type": "object", "required": ["broadcast_id", "target", "text", "deliveries"], "properties": {
         "broadcast_id": {"type": "string"}, "target": {"type": "string"}, "text": {"type": "string"},
-        "deliveries": _array("Delivery")}},
+        "deliveries": _array("Delivery"),
+        "unreached": {"type": "array", "description": "open tasks of a project target that no live session works on",
+                      "items": {"type": "object", "properties": {
+                          "task_id": {"type": "string"}, "title": {"type": "string"},
+                          "session_id": {"type": ["string", "null"]}, "reason": {"type": "string"}}}}}},
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
@@ -8803,7 +9123,7 @@ class RemoteServices:
         """
         got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
         return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
-                               [_build(Delivery, d) for d in got["deliveries"]])
+                               [_build(Delivery, d) for d in got["deliveries"]], list(got.get("unreached") or []))
 
     def start_session(self, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
                       model: str | None = None, config: dict[str, Any]) -> Order:
@@ -9974,7 +10294,8 @@ def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_hook(args: argparse.Namespace, ctx: Context) -> int:
     """Take one Claude Code hook report on stdin; print nothing and exit 0 whatever happens."""
-    run_hook(ctx.paths.db, sys.stdin.buffer.read(MAX_HOOK_INPUT_BYTES), env=dict(os.environ), at_ms=now_ms())
+    started_ms = process_started_ms() or now_ms()  # before anything else: when Claude started this hook
+    run_hook(ctx.paths.db, sys.stdin.buffer.read(MAX_HOOK_INPUT_BYTES), env=dict(os.environ), at_ms=started_ms)
     return 0
 
 
@@ -9983,8 +10304,9 @@ def cmd_hooks_install(args: argparse.Namespace, ctx: Context) -> None:
     path = settings_path()
     changed = install_hooks(path, hook_command(ctx.paths.db))
     emit(ctx, {"settings": path, "changed": changed},
-         f"installed Clare's hooks for {len(changed)} events in {path}; sessions started before now get them "
-         "only when restarted (pull still sees them)" if changed else f"Clare's hooks are already in {path}")
+         f"installed Clare's hooks for {len(changed)} events in {path}; Claude Code 2.1.x reloads this file, so "
+         "running sessions report from now on too (older versions only after a restart; pull sees them either way)"
+         if changed else f"Clare's hooks are already in {path}")
 
 
 def cmd_hooks_uninstall(args: argparse.Namespace, ctx: Context) -> None:
@@ -10031,11 +10353,17 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
     landed.close()
     rest = [d for d in result.deliveries if d.session_id not in landed.shown]
     counts = {r: sum(d.result == r for d in result.deliveries) for r in ("delivered", *DELIVERY_RESULTS)}
+    # Every open assigned task of a project target gets a line: those no live session works on too.
+    counts["no live session"] = len(result.unreached)
+    unreached = [TERMINAL_CONTROL_RE.sub("?", landed.line(
+        u["session_id"] or "-", "-", "-", "no live session",
+        f"task {u['task_id'][:SHORT_ID]} {u['title']!r}: " + u["reason"].removeprefix("no live session: ")))
+        for u in result.unreached]
     emit(ctx, result, lambda: "\n".join([*(landed.line(d.session_id, d.host, d.tmux_target, d.result, d.reason)
-                                           for d in rest),
+                                           for d in rest), *unreached,
                                          f"broadcast {result.broadcast_id[:SHORT_ID]} to {result.target}: "
                                          + ", ".join(f"{n} {r}" for r, n in counts.items() if n)]))
-    return 0 if all(d.result in ("delivered", "queued") for d in result.deliveries) else 1
+    return 0 if result.is_complete else 1
 
 
 class BroadcastLines:
