@@ -139,6 +139,8 @@ def test_a_group_by_host_name_matches_the_sessions_of_a_unique_machine_id(tmp_pa
 def test_the_release_database_keeps_its_machine_id(tmp_path, host):
     fixture = ROOT / "tests" / "data" / "release-0.1.0.db"
     before = _meta(fixture)
+    # Opened in place once, it would name tests/data as its home, and every copy of it would be refused.
+    assert "home_path" not in before, "tests/data/release-0.1.0.db was opened in place; git checkout it"
     copy = tmp_path / "release.db"
     shutil.copyfile(fixture, copy)
     ran = host.run("--db", copy, "project", "new", "after-upgrade")
