@@ -307,6 +307,12 @@ def test_setup_sets_a_host_up_and_a_second_run_changes_nothing(host):
     assert host.calls("systemctl")[3:] == ["--user daemon-reload", "--user enable --now clare"]
 
 
+def test_the_unit_serves_the_database_setup_was_given(host, tmp_path):
+    assert host.run("--db", tmp_path / "elsewhere.db", "setup").code == 0
+    assert f"--home {host.home} --db {tmp_path / 'elsewhere.db'} serve" in host.unit.read_text()
+    assert (tmp_path / "elsewhere.db").exists()
+
+
 def test_setup_dry_run_prints_every_step_and_changes_nothing(host):
     ran = host.run("setup", "--bind", "10.9.0.2", "--peer", "http://10.9.0.3:8765", "--dry-run")
     assert ran.code == 0, ran.err
