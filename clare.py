@@ -301,7 +301,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -987,7 +987,7 @@ CREATE TABLE event_refs (                       -- which events name which entit
 ) WITHOUT ROWID;
 """
 PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
-                     "deliveries")
+                     "deliveries", "project_dirs", "orders")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
@@ -1075,6 +1075,42 @@ CREATE TABLE hook_marks (                       -- the newest hook report per se
 """
 _MIGRATIONS[1].append(FLEET_SCHEMA)
 
+ORDER_ACTIONS = ("start", "resume", "stop")
+# pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
+ORDER_RESULTS = ("pending", "claimed", "started", "needs trust", "stopped", "refused", "failed", "expired")
+ORDER_FINAL = ("started", "needs trust", "stopped", "refused", "failed", "expired")
+MAX_PATH_CHARS = 4096
+
+DISPATCH_SCHEMA = """
+CREATE TABLE project_dirs (                     -- where a project's code lives, per host
+    id TEXT PRIMARY KEY,                        -- project_id:host
+    project_id TEXT, project_id_v TEXT,
+    host TEXT, host_v TEXT,                     -- machine id
+    dir TEXT, dir_v TEXT                        -- absolute path on that host; NULL once removed
+);
+CREATE INDEX project_dirs_project ON project_dirs (project_id);
+CREATE TABLE orders (                           -- start, resume or stop a session, carried out by one host
+    id TEXT PRIMARY KEY,
+    created_at TEXT, created_at_v TEXT,
+    action TEXT, action_v TEXT,                 -- one of ORDER_ACTIONS
+    host TEXT, host_v TEXT,                     -- the host that carries it out
+    session_id TEXT, session_id_v TEXT,         -- for a start: the id Clare made and passes to Claude
+    task_id TEXT, task_id_v TEXT,
+    request TEXT, request_v TEXT,               -- JSON: the order.placed payload
+    expires_at TEXT, expires_at_v TEXT,
+    result TEXT, result_v TEXT,                 -- one of ORDER_RESULTS
+    reason TEXT, reason_v TEXT,
+    outcome TEXT, outcome_v TEXT,               -- JSON: pane, tmux target, cwd, branch of what was done
+    by_host TEXT, by_host_v TEXT,
+    updated_at TEXT, updated_at_v TEXT
+);
+CREATE INDEX orders_host ON orders (host, result);
+CREATE INDEX orders_session ON orders (session_id);
+"""
+# Version 2 adds tables only. COMPAT: a version-1 peer stores and relays project.dir_set and the
+# order events without applying them; `clare replay` after the upgrade applies what it kept.
+_MIGRATIONS[3] = [DISPATCH_SCHEMA]
+
 
 @dataclass(frozen=True, slots=True)
 class Project:
@@ -1085,6 +1121,7 @@ class Project:
     status: str
     created_at: str
     task_counts: dict[str, int]  # status -> number of tasks
+    dirs: dict[str, str] = dataclasses.field(default_factory=dict)  # host (machine id) -> where its code lives
 
     def to_json(self) -> dict[str, Any]:
         """Return the project as the JSON object the CLI and API print."""
@@ -1167,6 +1204,29 @@ class Session:
 
     def to_json(self) -> dict[str, Any]:
         """Return the session as the JSON object the CLI and API print."""
+        return _as_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """A start, resume or stop of a Claude session, placed anywhere and carried out once by its host."""
+
+    id: str
+    action: str  # one of ORDER_ACTIONS
+    host: str  # the machine id that carries it out
+    session_id: str
+    task_id: str | None
+    request: dict[str, Any]  # the order.placed payload: cwd, tmux_session, is_worktree, model, is_force ...
+    expires_at: str
+    result: str  # one of ORDER_RESULTS
+    reason: str  # why it was refused or failed, or what the user must do (needs trust)
+    outcome: dict[str, Any]  # what the host did: pane_id, tmux_target, tmux_socket, cwd, branch
+    by_host: str | None
+    created_at: str
+    updated_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the order as the JSON object the CLI and API print."""
         return _as_json(self)
 
 
@@ -1544,19 +1604,62 @@ def apply_broadcast_delivered(cur: sqlite3.Cursor, ev: Event) -> None:
           "reason": p["reason"], "by_host": ev.machine_id, "updated_at": ev.created_at}, ev)
 
 
+@applies("project.dir_set", {"project_id": _is_id, "host": _is_id, "dir": _is_opt_str})
+def apply_project_dir_set(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Last writer wins per (project, host), by (hlc, uuid); a None dir removes that host's entry."""
+    p = ev.payload  # {project_id, host, dir | None}
+    _lww(cur, "project_dirs", f"{p['project_id']}:{p['host']}",
+         {"project_id": p["project_id"], "host": p["host"], "dir": p["dir"]}, ev)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+@applies("order.placed", {"order_id": _is_id, "action": _is_one_of(ORDER_ACTIONS), "host": _is_id,
+                          "session_id": lambda v: isinstance(v, str) and bool(UUID_RE.match(v)),
+                          "task_id": _is_opt_id, "cwd": _is_str, "tmux_session": _is_str, "expires_at": _is_str,
+                          "is_worktree": _is_bool, "model": _is_opt_str, "is_force": _is_bool})
+def apply_order_placed(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Immutable once placed; the result starts pending, a default that any receipt overrides.
+
+    As with broadcast receipts, a receipt is not always newer by HLC than its order (a placer's
+    clock ahead of the host's): pending must never win over a receipt.
+    """
+    p = ev.payload  # {order_id, action, host, session_id, task_id, cwd, tmux_session, expires_at, is_worktree, ...}
+    _lww(cur, "orders", p["order_id"], {
+        "created_at": ev.created_at, "action": p["action"], "host": p["host"], "session_id": p["session_id"],
+        "task_id": p["task_id"], "request": canonical_json(p), "expires_at": p["expires_at"]}, ev)
+    _lww(cur, "orders", p["order_id"], {"result": "pending", "reason": "", "outcome": "{}", "by_host": None,
+                                        "updated_at": ev.created_at}, ev, is_default=True)
+
+
+@applies("order.carried_out", {"order_id": _is_id, "result": _is_one_of(ORDER_RESULTS[1:]), "reason": _is_str,
+                               "outcome": lambda v: isinstance(v, dict) and len(v) <= 16})
+def apply_order_carried_out(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins per order: the newest receipt (claimed, then the result) is the result."""
+    p = ev.payload  # {order_id, result, reason, outcome}
+    _lww(cur, "orders", p["order_id"], {"result": p["result"], "reason": p["reason"],
+                                        "outcome": canonical_json(p["outcome"]), "by_host": ev.machine_id,
+                                        "updated_at": ev.created_at}, ev)
+
+
 _PROJECT_SELECT = """
 SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
        (SELECT json_group_object(status, n) FROM
            (SELECT t.status, count(*) AS n FROM tasks t
              WHERE t.project_id = p.id AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
-             GROUP BY t.status)) AS counts
+             GROUP BY t.status)) AS counts,
+       (SELECT json_group_object(d.host, d.dir) FROM project_dirs d
+         WHERE d.project_id = p.id AND d.dir IS NOT NULL) AS dirs
   FROM projects p
  WHERE p.created_at_v IS NOT NULL"""
 
 
 def _project_from_row(row: sqlite3.Row) -> Project:
     counts = dict.fromkeys(TASK_STATUSES, 0) | json.loads(row["counts"] or "{}")
-    return Project(row["id"], row["name"], row["goal"], row["owner"], row["status"], row["created_at"], counts)
+    return Project(row["id"], row["name"], row["goal"], row["owner"], row["status"], row["created_at"], counts,
+                   dict(sorted(json.loads(row["dirs"] or "{}").items())))
 
 
 def list_projects(db: Db, *, status: str | None = None) -> list[Project]:
@@ -1813,6 +1916,47 @@ def get_broadcast_text(db: Db, broadcast_id: str) -> tuple[str, str] | None:
     return (row[0], row[1]) if row else None
 
 
+_ORDER_SELECT = """
+SELECT id, action, host, session_id, task_id, request, expires_at, result, reason, outcome, by_host,
+       created_at, updated_at
+  FROM orders WHERE created_at_v IS NOT NULL"""
+
+
+def _order_from_row(row: sqlite3.Row) -> Order:
+    return Order(row["id"], row["action"], row["host"], row["session_id"], row["task_id"],
+                 json.loads(row["request"] or "{}"), row["expires_at"], row["result"], row["reason"] or "",
+                 json.loads(row["outcome"] or "{}"), row["by_host"], row["created_at"], row["updated_at"])
+
+
+def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None = None,
+                pending_on: str | None = None) -> list[Order]:
+    """Return orders, oldest first: one, a session's, or those still pending on one host."""
+    sql, params = _ORDER_SELECT, []
+    if order_id is not None:
+        sql += " AND id = ?"
+        params.append(order_id)
+    if session_id is not None:
+        sql += " AND session_id = ?"
+        params.append(session_id)
+    if pending_on is not None:
+        sql += " AND host = ? AND result = 'pending'"
+        params.append(pending_on)
+    return [_order_from_row(r) for r in db.conn.execute(sql + " ORDER BY created_at_v, id", params)]
+
+
+def list_known_hosts(db: Db) -> dict[str, set[str]]:
+    """Return every host this log knows (machine id -> display names): event makers, peers, session and code hosts."""
+    hosts: dict[str, set[str]] = {db.machine_id: set()}
+    for (machine_id,) in db.conn.execute("SELECT DISTINCT machine_id FROM events"):
+        hosts.setdefault(machine_id, set())
+    for (machine_id,) in db.conn.execute("""SELECT host FROM sessions WHERE host IS NOT NULL
+                                            UNION SELECT host FROM project_dirs WHERE dir IS NOT NULL"""):
+        hosts.setdefault(machine_id, set())
+    for name, machine_id in db.conn.execute("SELECT name, machine_id FROM sync_peers WHERE machine_id IS NOT NULL"):
+        hosts.setdefault(machine_id, set()).add(name)
+    return hosts
+
+
 def last_update_text(db: Db, *, session_id: str, source: str) -> str | None:
     """Return the text of a session's newest update of one source."""
     row = db.conn.execute("SELECT text FROM updates WHERE session_id = ? AND source = ? ORDER BY hlc DESC LIMIT 1",
@@ -1969,17 +2113,65 @@ def list_group_sessions(db: Db, group_ref: str, *, include_gone: bool = False) -
     return [s for s in list_sessions(db, include_gone=include_gone) if _in_group(s, group)]
 
 
-def create_project(db: Db, name: str, *, goal: str = "", owner: str = "", now_ms: int) -> Project:
-    """Create a project; its name must not be taken here."""
+def create_project(db: Db, name: str, *, goal: str = "", owner: str = "", dirs: Sequence[str] = (),
+                   now_ms: int) -> Project:
+    """Create a project; its name must not be taken here. `dirs`: where its code lives (parse_dir_spec)."""
     name = _check_name(name)
     goal = _check_text("goal", goal, limit=MAX_TEXT_CHARS)
     owner = _check_text("owner", owner, limit=MAX_NAME_CHARS)
     project_id = new_id()
     with write_txn(db) as cur:
         _check_name_free(db, name)
+        placed = _project_dirs(db, dirs)
         record(db, cur, "project.created", {"project_id": project_id, "name": name, "goal": goal,
                                             "owner": owner, "status": "active"}, now_ms=now_ms)
+        for host, folder in placed.items():
+            record(db, cur, "project.dir_set", {"project_id": project_id, "host": host, "dir": folder}, now_ms=now_ms)
     return get_project(db, project_id)
+
+
+def resolve_host(db: Db, ref: str) -> str:
+    """Return the machine id a host reference names: a machine id, or a display name only one host has."""
+    ref = _check_text("host", ref, limit=MAX_NAME_CHARS, required=True)
+    hosts = list_known_hosts(db)
+    if ref in hosts:
+        return ref
+    named = sorted(m for m, names in hosts.items() if ref in names)
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise Conflict(f"host name {ref!r} is ambiguous: machine ids {', '.join(named)}; give the machine id")
+    raise NotFound(f"no host {ref!r} is known here (known: {', '.join(sorted(hosts))}); give a machine id or a "
+                   "peer name, after one sync with that host: clare sync")
+
+
+def parse_dir_spec(spec: str) -> tuple[str | None, str | None]:
+    """Split `--dir` text into (host or None for this host, absolute path or None to remove).
+
+    `/srv/api` is this host's; `apricot:/srv/api` is apricot's; `apricot:` removes apricot's entry.
+    """
+    spec = _check_text("--dir", spec, limit=MAX_PATH_CHARS)
+    host, colon, path = (None, "", spec) if spec.startswith(("/", "~")) else spec.partition(":")
+    if not colon:
+        host, path = None, spec
+    if path == "" and host:
+        return host, None
+    path = os.path.expanduser(path) if host is None else path
+    if not path.startswith("/"):
+        raise UsageError(f"--dir {spec!r} is not an absolute path; give /PATH (this host) or HOST:/PATH")
+    return host, os.path.normpath(path)
+
+
+def _project_dirs(db: Db, specs: Sequence[str]) -> dict[str, str | None]:
+    """Resolve `--dir` texts to machine id -> path (None removes); a host named twice is refused."""
+    dirs: dict[str, str | None] = {}
+    for spec in specs:
+        ref, path = parse_dir_spec(spec)
+        host = db.machine_id if ref is None else resolve_host(db, ref)
+        if host in dirs:
+            raise UsageError(f"--dir names host {host} twice; give one directory per host")
+        dirs[host] = path
+    return dirs
 
 
 def _check_name(name: object) -> str:
@@ -1998,8 +2190,9 @@ def _check_name_free(db: Db, name: str) -> None:
 
 
 def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None = None,
-                 owner: str | None = None, status: str | None = None, now_ms: int) -> Project:
-    """Change some fields of a project; fields equal to the current value are not recorded."""
+                 owner: str | None = None, status: str | None = None, dirs: Sequence[str] = (),
+                 now_ms: int) -> Project:
+    """Change some fields of a project (and where its code lives); values equal to the current ones are not recorded."""
     changes: dict[str, Any] = {}
     if name is not None:
         changes["name"] = _check_name(name)
@@ -2014,8 +2207,13 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
         changes = {k: v for k, v in changes.items() if getattr(project, k) != v}
         if "name" in changes:
             _check_name_free(db, changes["name"])
+        placed = _project_dirs(db, dirs)
         if changes:
             record(db, cur, "project.updated", {"project_id": project.id, **changes}, now_ms=now_ms)
+        for host, folder in placed.items():
+            if project.dirs.get(host) != folder:
+                record(db, cur, "project.dir_set", {"project_id": project.id, "host": host, "dir": folder},
+                       now_ms=now_ms)
     return get_project(db, project.id)
 
 
@@ -2287,11 +2485,12 @@ def remove_group(db: Db, ref: str, *, now_ms: int) -> Group:
 
 
 def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                pane: tuple[str | None, str] | None = None, source: str = "message", now_ms: int) -> Update:
+                pane: tuple[str | None, str] | None = None, source: str = "message", is_done: bool = False,
+                now_ms: int) -> Update:
     """Add a progress note (or pane tail, triage, hook note) to a task and/or a session.
 
     `pane` is (tmux socket or None, pane id) of the caller's pane: the note goes to the task of
-    the Claude session in that pane.
+    the Claude session in that pane. With `is_done` the note is the summary and the task is done.
     """
     text = _check_text("update text", text, limit=MAX_TEXT_CHARS, required=True)
     source = _check_choice("update source", source, UPDATE_SOURCES)
@@ -2309,9 +2508,13 @@ def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: s
             session_id, task_ref = session.id, session.task_id
         if session_id is not None:
             session_id = get_session(db, session_id).id
-        task_id = get_task(db, task_ref).id if task_ref is not None else None
-        record(db, cur, "update.posted", {"update_id": update_id, "task_id": task_id, "session_id": session_id,
-                                          "source": source, "text": text}, now_ms=now_ms)
+        task = get_task(db, task_ref) if task_ref is not None else None
+        if is_done and task is None:
+            raise UsageError("--done needs a task: name it (clare update TASK --done SUMMARY) or run inside its pane")
+        record(db, cur, "update.posted", {"update_id": update_id, "task_id": task and task.id,
+                                          "session_id": session_id, "source": source, "text": text}, now_ms=now_ms)
+        if is_done and task is not None and task.status != "done":
+            record(db, cur, "task.updated", {"task_id": task.id, "status": "done"}, now_ms=now_ms)
     return list_updates(db, update_id=update_id)[0]
 
 
@@ -2566,6 +2769,130 @@ def record_delivery(db: Db, broadcast_id: str, session_id: str, *, result: str, 
                                                        "result": result, "reason": reason[:500]}, now_ms=now_ms)
 
 
+ORDER_TTL_MS = 15 * 60 * 1000  # an order its host has not taken by then expires instead of acting late
+MODEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:\[\]-]{0,99}\Z")
+
+
+def tmux_session_name(name: str) -> str:
+    """Return a project name as a tmux session name: tmux reads '.' and ':' in a target as separators."""
+    return re.sub(r"[.:\s]", "_", name)[:MAX_NAME_CHARS] or "clare"
+
+
+def _default_host(db: Db, project: Project) -> str:
+    if db.machine_id in project.dirs:
+        return db.machine_id
+    if len(project.dirs) == 1:
+        return next(iter(project.dirs))
+    if not project.dirs:
+        raise UsageError(f"project {project.name} does not say where its code lives; set it with: "
+                         f"clare project set {project.name} --dir /PATH (or --dir HOST:/PATH)")
+    raise UsageError(f"project {project.name} lives on several hosts ({', '.join(project.dirs)}); pick one with --host")
+
+
+def _place(db: Db, cur: sqlite3.Cursor, action: str, *, host: str, session_id: str, task_id: str | None,
+           cwd: str, tmux_session: str, is_worktree: bool = False, model: str | None = None,
+           is_force: bool = False, now_ms: int) -> str:
+    busy = [o for o in list_orders(db, session_id=session_id) if o.result in ("pending", "claimed")]
+    if busy:
+        raise Conflict(f"session {session_id[:SHORT_ID]} has a {busy[0].action} order still {busy[0].result} on "
+                       f"{busy[0].host} (order {busy[0].id[:SHORT_ID]}); wait for it: clare session orders")
+    order_id = new_id()
+    record(db, cur, "order.placed", {
+        "order_id": order_id, "action": action, "host": host, "session_id": session_id, "task_id": task_id,
+        "cwd": cwd, "tmux_session": tmux_session, "is_worktree": is_worktree, "model": model,
+        "is_force": is_force, "expires_at": iso_ms(now_ms + ORDER_TTL_MS)}, now_ms=now_ms)
+    return order_id
+
+
+def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
+                model: str | None = None, now_ms: int) -> Order:
+    """Order a new Claude session for a task on a host, with the task bound to its session id at once.
+
+    Clare makes the session id and passes it to Claude (--session-id), so the binding is part of
+    the start, never a guess. The host defaults to this one when the project's code lives here,
+    else the only host it lives on.
+    """
+    if model is not None and not MODEL_RE.match(model):
+        raise UsageError(f"--model {model[:40]!r} is not a model name; e.g. --model sonnet or --model claude-opus-4-1")
+    with write_txn(db) as cur:
+        task = get_task(db, task_ref)
+        if task.status == "done":
+            raise Conflict(f"task {task.id[:SHORT_ID]} is done; reopen it first: "
+                           f"clare task reopen {task.id[:SHORT_ID]}")
+        project = get_project(db, task.project_id)
+        machine = resolve_host(db, host) if host is not None else _default_host(db, project)
+        folder = project.dirs.get(machine)
+        if folder is None:
+            raise UsageError(f"project {project.name} has no directory on host {machine}; say where its code "
+                             f"lives there: clare project set {project.name} --dir {machine}:/PATH")
+        session_id = new_uuid()
+        order_id = _place(db, cur, "start", host=machine, session_id=session_id, task_id=task.id, cwd=folder,
+                          tmux_session=tmux_session_name(project.name), is_worktree=is_worktree, model=model,
+                          now_ms=now_ms)
+        record(db, cur, "task.assigned", {"task_id": task.id, "session_id": session_id}, now_ms=now_ms)
+        if task.status == "todo":
+            record(db, cur, "task.updated", {"task_id": task.id, "status": "in_progress"}, now_ms=now_ms)
+    return list_orders(db, order_id=order_id)[0]
+
+
+def place_resume(db: Db, session_ref: str, *, now_ms: int) -> Order:
+    """Order `claude --resume ID` for a gone session, on its host, in its cwd; its task stays bound."""
+    with write_txn(db) as cur:
+        session = get_session(db, session_ref)
+        if session.state != "gone":
+            raise Conflict(f"session {session.id[:SHORT_ID]} is {session.state} on {session.host} "
+                           f"({session.tmux_target or 'no tmux'}); only a gone session is resumed")
+        if not session.cwd:
+            raise UsageError(f"session {session.id[:SHORT_ID]} has no known directory to resume in; "
+                             "resume it by hand: claude --resume " + session.id)
+        task = get_task(db, session.task_id) if session.task_id else None
+        name = (tmux_session_name(task.project) if task else session.tmux_session) or "clare"
+        order_id = _place(db, cur, "resume", host=session.host, session_id=session.id,
+                          task_id=task.id if task else None, cwd=session.cwd, tmux_session=name, now_ms=now_ms)
+    return list_orders(db, order_id=order_id)[0]
+
+
+def place_stop(db: Db, session_ref: str, *, is_force: bool = False, now_ms: int) -> Order:
+    """Order a session to end: /exit typed while it waits; with `is_force`, SIGTERM to Claude even while it works."""
+    with write_txn(db) as cur:
+        session = get_session(db, session_ref)
+        if session.state == "gone":
+            raise Conflict(f"session {session.id[:SHORT_ID]} is gone already; nothing to stop")
+        if session.state in ("working", "permission") and not is_force:
+            what = "is working" if session.state == "working" else "shows a dialog"
+            raise Conflict(f"session {session.id[:SHORT_ID]} {what}; stop it once it waits, or now with --force "
+                           "(SIGTERM to Claude)")
+        order_id = _place(db, cur, "stop", host=session.host, session_id=session.id, task_id=session.task_id,
+                          cwd=session.cwd, tmux_session=session.tmux_session, is_force=is_force, now_ms=now_ms)
+    return list_orders(db, order_id=order_id)[0]
+
+
+def record_order_result(db: Db, order_id: str, *, result: str, reason: str = "",
+                        outcome: dict[str, Any] | None = None, now_ms: int) -> Order:
+    """Record this host's receipt for an order: claimed first, then what came of it."""
+    _check_choice("order result", result, ORDER_RESULTS[1:])
+    with write_txn(db) as cur:
+        record(db, cur, "order.carried_out", {"order_id": order_id, "result": result, "reason": reason[:1000],
+                                              "outcome": outcome or {}}, now_ms=now_ms)
+        order = list_orders(db, order_id=order_id)[0]
+        if order.action == "start" and result in ("refused", "expired") and order.task_id:
+            task = get_task(db, order.task_id)
+            if task.session_id == order.session_id:  # no Claude runs under that id: the task is free again
+                record(db, cur, "task.unassigned", {"task_id": task.id}, now_ms=now_ms)
+    return order
+
+
+def get_order(db: Db, ref: str) -> Order:
+    """Return the order whose id starts with `ref`."""
+    _check_prefix("order", ref)
+    found = [o for o in list_orders(db) if o.id.startswith(ref)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise NotFound(f"no order {ref!r}; list them with: clare session orders")
+    raise Conflict(f"order {ref!r} is ambiguous; give more of the id")
+
+
 def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertResult, list[str]]:
     """Store the events of JSON lines not yet here; return the result and one reason per bad line."""
     good, bad = [], []
@@ -2670,6 +2997,15 @@ DESCRIBE.update({
                                      + (f" ({p['reason']})" if p.get("reason") else ""),
     "update.posted": lambda p: f"{p['source']} update" + (f" on task {p['task_id'][:SHORT_ID]}"
                                                          if p.get("task_id") else "") + f": {p['text'][:80]}",
+    "project.dir_set": lambda p: (f"project {p['project_id'][:SHORT_ID]} lives in {p['dir']} on {p['host']}"
+                                  if p.get("dir") else
+                                  f"project {p['project_id'][:SHORT_ID]}: no directory on {p['host']}"),
+    "order.placed": lambda p: f"{p['action']} session {p['session_id'][:SHORT_ID]} on {p['host']}"
+                              + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else "")
+                              + (" in a new worktree" if p.get("is_worktree") else "")
+                              + (" (--force)" if p.get("is_force") else ""),
+    "order.carried_out": lambda p: f"order {p['order_id'][:SHORT_ID]}: {p['result']}"
+                                   + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
 })
 
 
@@ -2703,6 +3039,7 @@ SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
     get_session, list_sessions, list_group_sessions, get_pane_session, observe_sessions, report_hook,
     list_broadcast_recipients, list_deliveries, get_status,
     post_update, list_updates, list_history, list_events, import_events, replay, count_events,
+    list_orders,
 )}
 
 
@@ -3363,10 +3700,12 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
                env: Mapping[str, str] | None = None) -> PullResult:
     """Look at this host's Claude sessions and record what changed (nothing when nothing did).
 
-    Also: ingest spooled hook reports, deliver other hosts' broadcasts, and with `tails` store
+    Also: ingest spooled hook reports, carry out the orders placed for this host (start, resume,
+    stop), deliver other hosts' broadcasts, and with `tails` store
     each assigned pane's last lines (and the triage command's reading of them) when they changed.
     """
     ingest_spool(db, now_ms=now_ms)
+    carry_out_pending(db, config=config, now_ms=now_ms)  # first: this look then sees what it started or stopped
     idle_after_s = config.get("fleet", {}).get("idle_after_s", DEFAULT_IDLE_AFTER_S)
     if isinstance(idle_after_s, bool) or not isinstance(idle_after_s, int | float) or idle_after_s < 0:
         raise ClareError(f"clare.toml: [fleet] idle_after_s = {idle_after_s!r} is not a number of seconds; fix it")
@@ -3412,6 +3751,23 @@ def start_background_pull(db_path: str, config: dict[str, Any], *, stop: Any,
         return None
     thread = threading.Thread(target=_pull_loop, name="clare-fleet", daemon=True,
                               args=(db_path, config), kwargs={"stop": stop, "log": log, "every_s": every_s})
+    thread.start()
+    return thread
+
+
+def carry_out_soon(db_path: str, config: dict[str, Any]) -> Any:
+    """Carry out this host's pending orders now, in a thread with its own connection (after a peer pushed one)."""
+    import threading
+
+    def run() -> None:
+        db = open_db(db_path)
+        try:
+            pull_fleet(db, config=config, now_ms=now_ms())
+        except ClareError:
+            pass  # the background pull tries again and logs what fails
+        finally:
+            db.close()
+    thread = threading.Thread(target=run, name="clare-orders", daemon=True)
     thread.start()
     return thread
 
@@ -3780,12 +4136,14 @@ def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_
     return dataclasses.replace(d, result=result, reason=reason)
 
 
-def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tuple[str, str]:
+def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float,
+                 is_done: Callable[[], bool] | None = None) -> tuple[str, str]:
     """Type a text into a session's tmux pane as one paste and an Enter; return (result, reason).
 
     Never into a pane that does not run Claude (a shell would run the text) and never while a
     permission dialog shows (Enter would approve it). The text goes through a tmux buffer loaded
-    from stdin, never through a shell, so it arrives literally.
+    from stdin, never through a shell, so it arrives literally. `is_done` tells when a command
+    (/exit) took effect, where no prompt is submitted to confirm it.
     """
     if session.state == "gone":
         return "refused", "the session is gone"
@@ -3822,11 +4180,22 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
             return "refused", refusal + "; the text waits in the composer"
         sent_ms = now_ms()
         run_tmux(pane.socket, "send-keys", "-t", pane.pane_id, "Enter")
-        if _wait_for_prompt(db, session, text, since_ms=sent_ms, timeout_s=confirm_s):
+        if is_done is not None and _wait_until(is_done, timeout_s=confirm_s):
+            return "delivered", ""
+        if is_done is None and _wait_for_prompt(db, session, text, since_ms=sent_ms, timeout_s=confirm_s):
             return "delivered", ""
         if was_working:
             return "queued", "Claude is busy; it takes the text after this turn"
     return "failed", f"Claude did not take the text after {BROADCAST_ENTER_TRIES} Enters"
+
+
+def _wait_until(predicate: Callable[[], bool], *, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _dialog_refusal(db: Db, session: Session, pane: Pane) -> str | None:
@@ -3875,6 +4244,326 @@ def _transcript_has_prompt(path: str, text: str, *, since_ms: int) -> bool:
                 if _text_of(obj["message"].get("content")).strip() == text.strip():
                     return True
     return False
+
+
+# --- starting, resuming and stopping sessions: the host's side of an order --------------------
+
+START_READY_S = 30.0  # how long a new Claude may take to show its composer (or a screen Clare never answers)
+STOP_WAIT_S = 10.0  # how long Claude may take to end after /exit or SIGTERM
+WORKTREE_SLUG_CHARS = 40
+# Screens where a typed prompt and Enter would answer for the user: data, not code. Clare never answers them.
+TRUST_SCREEN = (re.compile(r"Do you trust the files in this folder"), re.compile(r"Is this a project you created"),
+                re.compile(r"I trust this folder"), re.compile(r"Accessing workspace"))
+ONBOARDING_SCREEN = (re.compile(r"Choose the text style"), re.compile(r"Select login method"),
+                     re.compile(r"use this API key\?"), re.compile(r"Press Enter to continue"))
+COMPOSER_SCREEN = re.compile(r"^\s*[│|]?\s*[>❯](?:\s|$)", re.M)  # the prompt line of an empty composer
+CLAUDE_PLACES = ("~/.local/bin", "~/.claude/local", "~/.npm-global/bin", "/usr/local/bin", "/usr/bin",
+                 "/opt/homebrew/bin")
+
+
+def default_tmux_socket(env: Mapping[str, str] | None = None) -> str:
+    """Return the socket of the user's default tmux server (where plain `tmux attach` looks)."""
+    env = os.environ if env is None else env
+    return os.path.join(env.get("TMUX_TMPDIR") or "/tmp", f"tmux-{os.getuid()}", "default")
+
+
+def claude_argv(config: dict[str, Any], *, env: Mapping[str, str] | None = None) -> list[str]:
+    """Return [fleet] claude_command as argv with an absolute program path; a systemd unit's PATH is short."""
+    import shlex
+    import shutil
+
+    text = config.get("fleet", {}).get("claude_command", "claude")
+    try:
+        argv = shlex.split(text) if isinstance(text, str) else []
+    except ValueError:
+        argv = []
+    if not argv:
+        raise ClareError(f"clare.toml: [fleet] claude_command = {text!r} is not a command; e.g. "
+                         'claude_command = "/home/me/.local/bin/claude"')
+    program = os.path.expanduser(argv[0])
+    if "/" in program:
+        found = program if os.path.isfile(program) and os.access(program, os.X_OK) else None
+    else:
+        env = os.environ if env is None else env
+        path = os.pathsep.join([env.get("PATH", ""), *map(os.path.expanduser, CLAUDE_PLACES)])
+        found = shutil.which(program, path=path)
+    if found is None:
+        raise ClareError(f"the claude command {argv[0]!r} is not found on this host; set its full path in "
+                         'clare.toml: [fleet] claude_command = "/full/path/to/claude" (see: which claude)')
+    return [os.path.abspath(found), *argv[1:]]
+
+
+def agent_launcher(db_path: str) -> str:
+    """Write (when missing or stale) the launcher Claude runs to report to this database; return its path.
+
+    It sits beside the database, runs this clare.py with this interpreter, and ignores CLARE_URL:
+    an agent's `update --done` must reach the host that knows its pane.
+    """
+    folder = os.path.dirname(os.path.abspath(db_path))
+    path = os.path.join(folder, "clare")
+    here = os.path.dirname(os.path.abspath(__file__))
+    text = (f"#!{sys.executable} -I\n# Written by Clare for the Claude sessions it starts: reports to one database.\n"
+            f"import os, sys\nos.environ.pop('CLARE_URL', None)\nsys.path.insert(0, {here!r})\nimport clare\n"
+            f"raise SystemExit(clare.main(['--db', {os.path.abspath(db_path)!r}, *sys.argv[1:]]))\n")
+    with contextlib.suppress(OSError), open(path, encoding="utf-8") as f:
+        if f.read() == text:
+            return path
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path + ".tmp", 0o700)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def first_prompt(task: Task, *, launcher: str) -> str:
+    """Return what Clare types into a session it started: the task, and how to report on it."""
+    parts = [task.title, task.description.strip(),
+             f"(Task {task.id[:SHORT_ID]} of project {task.project}, from Clare.) Post progress notes with:\n"
+             f'  {launcher} update "what you did"\nWhen the task is finished, report it with:\n'
+             f'  {launcher} update --done "one-line summary"']
+    return broadcast_text("\n\n".join(p for p in parts if p))
+
+
+def _run(argv: list[str], *, cwd: str | None = None) -> Any:
+    """Run a helper program (git, systemd-run); the caller checks the return code."""
+    import subprocess
+
+    try:
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return subprocess.CompletedProcess(argv, -1, "", str(err))
+
+
+def _first_line(p: Any) -> str:
+    return ((p.stderr or p.stdout or "").strip().splitlines() or ["failed"])[0][:300]
+
+
+def worktree_branch(task: Task) -> str:
+    """Return the branch a task's worktree gets: clare/<short id>-<slug of the title>."""
+    slug = "-".join(re.findall(r"[a-z0-9]+", task.title.lower()))[:WORKTREE_SLUG_CHARS].strip("-")
+    return f"clare/{task.id[:SHORT_ID]}-{slug or 'task'}"
+
+
+def make_worktree(folder: str, branch: str, *, dry_run: bool = False) -> str:
+    """Make a git worktree and branch beside the repository holding `folder`; return the folder to work in.
+
+    Refused with the reason when `folder` is not in a git repository or the branch exists; with
+    `dry_run` only these checks run.
+    """
+    import shutil
+
+    git = shutil.which("git") or "/usr/bin/git"
+    top = _run([git, "-C", folder, "rev-parse", "--show-toplevel"])
+    if top.returncode != 0:
+        raise ClareError(f"{folder} is not a git repository, so --worktree cannot branch it; start without "
+                         "--worktree, or run 'git init' there")
+    root = top.stdout.strip()
+    if _run([git, "-C", root, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"]).returncode == 0:
+        raise ClareError(f"branch {branch} exists in {root}; delete it (git -C {root} branch -D {branch}) "
+                         "or start without --worktree")
+    path = os.path.join(os.path.dirname(root), f"{os.path.basename(root)}-{branch.removeprefix('clare/')}")
+    if os.path.exists(path):
+        raise ClareError(f"{path} exists already; move it away or start without --worktree")
+    if dry_run:
+        return path
+    made = _run([git, "-C", root, "worktree", "add", "-b", branch, path])
+    if made.returncode != 0:
+        raise ClareError(f"git worktree add {path} failed: {_first_line(made)}")
+    return os.path.normpath(os.path.join(path, os.path.relpath(os.path.realpath(folder), root)))
+
+
+def _outside_unit(argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """Wrap a command that may start the tmux server so that the server leaves this systemd unit's cgroup.
+
+    A unit's stop kills its whole cgroup: a tmux server started from `clare serve` would take
+    every Claude session with it. clare.service also sets KillMode=process for hosts without a user bus.
+    """
+    import shutil
+
+    if env.get("INVOCATION_ID") and shutil.which("systemd-run"):
+        return ["systemd-run", "--user", "--scope", "--quiet", "--collect", *argv]
+    return argv
+
+
+def open_window(session_name: str, cwd: str, argv: list[str], *, env: Mapping[str, str] | None = None
+                ) -> tuple[str, str, str]:
+    """Run argv in a new tmux window of session `session_name` (made when missing); return (socket, pane, target)."""
+    env = os.environ if env is None else env
+    socket = default_tmux_socket(env)
+    os.makedirs(os.path.dirname(socket), mode=0o700, exist_ok=True)
+    fmt = "#{pane_id}\t#{session_name}:#{window_index}.#{pane_index}"
+    # tmux ends a command at an argument ";": no argv word here is one (paths, a uuid, a checked model name).
+    p = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt, "--", *argv)
+    if p.returncode != 0:
+        made = _run(_outside_unit([tmux_binary(), "-S", socket, "new-session", "-d", "-s", session_name,
+                                   "-x", "200", "-y", "50", "-c", cwd, "-P", "-F", fmt, "--", *argv], env))
+        if made.returncode != 0 and "duplicate session" in (made.stderr or ""):  # made meanwhile by another start
+            made = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt,
+                            "--", *argv)
+        if made.returncode != 0:
+            raise ClareError(f"tmux could not open a window in session {session_name}: {_first_line(made)}")
+        p = made
+    pane_id, _, target = p.stdout.strip().partition("\t")
+    return socket, pane_id, target
+
+
+def wait_until_ready(socket: str, pane_id: str, *, timeout_s: float = START_READY_S) -> tuple[str, str]:
+    """Wait until the Claude in a new pane shows its composer; return ("ready", "") or why not.
+
+    A trust or onboarding screen is never answered: Enter there would decide for the user.
+    """
+    deadline = time.monotonic() + timeout_s
+    screen = ""
+    while True:
+        pane = next((x for x in list_panes(socket) or () if x.pane_id == pane_id), None)
+        if pane is None or pane.is_dead:
+            last = " | ".join(line.strip() for line in screen.strip().splitlines()[-3:] if line.strip())
+            said = f"; its screen said: {last[:300]}" if last else ""
+            return "failed", f"Claude ended at once in pane {pane_id}{said}"
+        screen = capture_pane(socket, pane_id) or ""
+        if any(rule.search(screen) for rule in TRUST_SCREEN):
+            name = pane.target.rpartition(":")[0]
+            return "needs trust", (f"Claude asks whether to trust {pane.cwd} in pane {pane_id} ({pane.target}); Clare "
+                                   f"never answers that: answer it there (tmux attach -t {name}), "
+                                   "then give it the task (clare broadcast session:ID), or trust the folder once by "
+                                   "running claude there")
+        if any(rule.search(screen) for rule in ONBOARDING_SCREEN):
+            return "needs trust", (f"Claude shows its first-run setup in pane {pane_id} ({pane.target}); Clare never "
+                                   "answers it: finish it once by running claude in a terminal on this host")
+        if not shows_permission_dialog(screen) and COMPOSER_SCREEN.search(screen):
+            return "ready", ""
+        if time.monotonic() > deadline:
+            return "failed", f"Claude showed no composer in pane {pane_id} within {timeout_s:.0f} s; look at it there"
+        time.sleep(0.1)
+
+
+def carry_out_pending(db: Db, *, config: dict[str, Any], now_ms: int) -> list[Order]:
+    """Carry out the orders placed for this host that no one took yet, each once; expire the stale ones."""
+    if not list_orders(db, pending_on=db.machine_id):
+        return []
+    done = []
+    with _delivery_lock(db):  # one typist per host: a pull, a start and a broadcast never type at once
+        for order in list_orders(db, pending_on=db.machine_id):  # again, now that no one else acts
+            done.append(carry_out(db, order, config=config, now_ms=now_ms))
+    return done
+
+
+def carry_out(db: Db, order: Order, *, config: dict[str, Any], now_ms: int) -> Order:
+    """Carry out one order of this host and record its receipt; claimed first, so a crash never repeats it."""
+    if (_iso_to_ms(order.expires_at) or 0) < now_ms:
+        return record_order_result(db, order.id, result="expired", reason=f"not carried out before {order.expires_at}",
+                                   now_ms=now_ms)
+    record_order_result(db, order.id, result="claimed", now_ms=now_ms)
+    started = time.monotonic()
+    try:
+        result, reason, outcome = ORDER_HANDLERS[order.action](db, order, config)
+    except ClareError as err:
+        result, reason, outcome = "refused", str(err), {}
+    return record_order_result(db, order.id, result=result, reason=reason, outcome=outcome,
+                               now_ms=now_ms + int((time.monotonic() - started) * 1000))
+
+
+def check_launch(db: Db, folder: str, *, config: dict[str, Any], branch: str | None = None) -> list[str]:
+    """Check on this host what a start or resume needs; return Claude's argv. Raise the reason when it cannot.
+
+    Run by the host before it acts, and before anything is recorded when the host is this one.
+    """
+    if not os.path.isdir(folder):
+        raise ClareError(f"directory {folder} does not exist on host {db.machine_id}; create it, or fix the "
+                         f"project's directory: clare project set PROJECT --dir {db.machine_id}:/PATH")
+    argv = claude_argv(config)
+    if branch is not None:
+        make_worktree(folder, branch, dry_run=True)
+    return argv
+
+
+def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """Start (or resume) Claude for an order in a new tmux window; for a start, type the task in."""
+    folder = order.request["cwd"]
+    task = get_task(db, order.task_id) if order.task_id else None
+    outcome: dict[str, Any] = {}
+    if order.action == "start" and order.request.get("is_worktree"):
+        if task is None:
+            raise ClareError("a worktree is named after a task, and this order has none")
+        outcome["branch"] = worktree_branch(task)
+    argv = check_launch(db, folder, config=config, branch=outcome.get("branch"))
+    if outcome.get("branch"):
+        folder = make_worktree(folder, outcome["branch"])
+    launcher = agent_launcher(db.path)
+    argv += (["--session-id", order.session_id] if order.action == "start" else ["--resume", order.session_id])
+    if order.request.get("model"):
+        argv += ["--model", order.request["model"]]
+    argv += ["--allowedTools", f"Bash({launcher} update:*)"]  # reporting never opens a permission dialog
+    socket, pane_id, target = open_window(order.request["tmux_session"], folder, argv)
+    outcome |= {"tmux_socket": socket, "pane_id": pane_id, "tmux_target": target, "cwd": folder}
+    state, reason = wait_until_ready(socket, pane_id)
+    if state != "ready" or order.action != "start" or task is None:
+        return ("started" if state == "ready" else state), reason, outcome
+    session = Session(order.session_id, db.machine_id, folder, socket, target, pane_id, None, "", "waiting", None,
+                      None, "", task.id, {}, "")
+    result, why = deliver_text(db, session, first_prompt(task, launcher=launcher), confirm_s=BROADCAST_CONFIRM_S)
+    if result != "delivered":
+        return "failed", f"Claude started in pane {pane_id} ({target}) but the task was not typed in: {why}", outcome
+    return "started", "", outcome
+
+
+def _stop(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """End a session: /exit typed while it waits, SIGTERM with --force; its pane goes only if Clare made it."""
+    import signal
+
+    session = get_session(db, order.session_id)
+    if session.pane_id is None or session.tmux_socket is None:
+        raise ClareError(f"session {session.id[:SHORT_ID]} does not run in a tmux pane here; stop it where it runs")
+    pane = next((p for p in list_panes(session.tmux_socket) or () if p.pane_id == session.pane_id), None)
+    if pane is None:
+        raise ClareError(f"tmux pane {session.pane_id} is gone; the session ended already")
+    procs, children = process_tree()
+    registry = read_registry(claude_home(), procs)
+    pid = find_claude(pane.pid, children, proc_argv, registered=registry)
+    if pid is None:
+        raise ClareError(f"pane {pane.pane_id} does not run Claude now; nothing to stop there")
+    entry = registry.get(pid) or {}
+    if entry.get("sessionId") not in (None, session.id):
+        raise ClareError(f"pane {pane.pane_id} now runs another session ({entry['sessionId'][:SHORT_ID]})")
+    outcome = {"pane_id": pane.pane_id, "tmux_target": pane.target, "pid": pid}
+    if order.request.get("is_force"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        how = "SIGTERM"
+    else:
+        if entry.get("status") == "busy":
+            raise ClareError(f"session {session.id[:SHORT_ID]} is working; stop it once it waits, or now with "
+                             "--force (SIGTERM to Claude)")
+        result, why = deliver_text(db, dataclasses.replace(session, state="waiting"), "/exit", confirm_s=STOP_WAIT_S,
+                                   is_done=lambda: not _is_alive(pid, procs))
+        if result != "delivered":
+            return "failed", f"/exit was not taken: {why}", outcome
+        how = "/exit"
+    deadline = time.monotonic() + STOP_WAIT_S
+    while _is_alive(pid, procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _is_alive(pid, procs):
+        return "failed", f"Claude (pid {pid}) still runs {STOP_WAIT_S:.0f} s after {how}", outcome
+    ours = any(o.action in ("start", "resume") and o.outcome.get("pane_id") == pane.pane_id
+               and o.outcome.get("tmux_socket") == pane.socket for o in list_orders(db, session_id=session.id))
+    if ours:
+        run_tmux(pane.socket, "kill-pane", "-t", pane.pane_id)  # ours: nothing of the user's lives in it
+    return "stopped", f"ended by {how}" + ("; its pane was closed" if ours else "; the pane is left as it was"), outcome
+
+
+def _is_alive(pid: int, procs: dict[int, tuple[int, int]]) -> bool:
+    """Tell whether a process still runs as the same process (a reused pid has another start time)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    rest = stat[stat.rfind(b")") + 2:].split()
+    return rest[0] != b"Z" and int(rest[19]) == procs.get(pid, (0, int(rest[19])))[1]
+
+
+ORDER_HANDLERS: dict[str, Callable[[Db, Order, dict[str, Any]], tuple[str, str, dict[str, Any]]]] = {
+    "start": _launch, "resume": _launch, "stop": _stop}
 
 
 SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes, send_broadcast)})
@@ -4625,6 +5314,8 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
         while not stop.is_set():
             try:
                 report = sync_round(db, peer, config)
+                if report.n_pulled and list_orders(db, pending_on=db.machine_id):
+                    carry_out_soon(db_path, config)  # an order for this host came in: now, not at the next pull
                 if n_failures:
                     log(f"sync with {peer.name}: reachable again")
                 n_failures = 0
@@ -4637,6 +5328,58 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
             stop.wait(backoff_s(n_failures, interval_s=interval_s))
     finally:
         db.close()
+
+
+def push_order(db: Db, order: Order, *, config: dict[str, Any]) -> list[str]:
+    """Sync now with the configured peers that are the order's host; return the names reached.
+
+    None reached is fine: the order waits in the log for the host's next sync, until it expires.
+    """
+    known = {s.url: s.machine_id for s in list_peer_status(db)}
+    reached = []
+    for peer in load_peers(config):
+        if known.get(peer.url) == order.host:
+            with contextlib.suppress(ClareError):  # unreachable now: the periodic sync is the fallback
+                sync_round(db, peer, config)
+                reached.append(peer.name)
+    return reached
+
+
+def _send_order(db: Db, order: Order, *, config: dict[str, Any], now_ms: int) -> Order:
+    if order.host == db.machine_id:
+        pull_fleet(db, config=config, now_ms=now_ms)  # carries it out, then sees the session
+    else:
+        push_order(db, order, config=config)
+    return list_orders(db, order_id=order.id)[0]
+
+
+def start_session(db: Db, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
+                  model: str | None = None, config: dict[str, Any], now_ms: int) -> Order:
+    """Start a Claude session for a task: on this host at once, on another through the log, pushed there now."""
+    if host is None or resolve_host(db, host) == db.machine_id:  # checked here first: a refusal leaves no trace
+        task = get_task(db, task_ref)
+        folder = get_project(db, task.project_id).dirs.get(db.machine_id)
+        if folder is not None:
+            check_launch(db, folder, config=config, branch=worktree_branch(task) if is_worktree else None)
+    order = place_start(db, task_ref, host=host, is_worktree=is_worktree, model=model, now_ms=now_ms)
+    return _send_order(db, order, config=config, now_ms=now_ms)
+
+
+def resume_session(db: Db, session_ref: str, *, config: dict[str, Any], now_ms: int) -> Order:
+    """Resume a gone session (claude --resume) on its host, in its directory; its task stays bound."""
+    session = get_session(db, session_ref)
+    if session.host == db.machine_id and session.state == "gone" and session.cwd:
+        check_launch(db, session.cwd, config=config)  # here first: a refusal leaves no trace
+    return _send_order(db, place_resume(db, session_ref, now_ms=now_ms), config=config, now_ms=now_ms)
+
+
+def stop_session(db: Db, session_ref: str, *, is_force: bool = False, config: dict[str, Any], now_ms: int) -> Order:
+    """Stop a session on its host: /exit while it waits; --force sends SIGTERM even while it works."""
+    return _send_order(db, place_stop(db, session_ref, is_force=is_force, now_ms=now_ms), config=config,
+                       now_ms=now_ms)
+
+
+SERVICES.update({fn.__name__: fn for fn in (start_session, resume_session, stop_session)})
 
 
 def skew_message(name: str, offset_ms: int) -> str:
@@ -4732,6 +5475,7 @@ class WebConfig:
     deadline_s: float = REQUEST_DEADLINE_S
     max_threads: int = MAX_HANDLER_THREADS
     peers: tuple[Peer, ...] = ()  # clare.toml's peers as read at start: a later typo there never breaks a poll
+    config_path: str = ""  # clare.toml, read again where a service needs settings (starting a session)
 
     @property
     def has_token(self) -> bool:
@@ -4790,7 +5534,7 @@ def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: st
     finally:
         db.close()
     return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests,
-                     peers=tuple(load_peers(config, path=paths.config)))
+                     peers=tuple(load_peers(config, path=paths.config)), config_path=paths.config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -5668,12 +6412,24 @@ $task_form
 <dl class="facts"><dt>Status</dt><dd><form class="tight" $status_attrs>$csrf
 <select name="status" class="status" aria-label="project status">$status_options</select>
 <noscript><button class="ghost">Set</button></noscript></form></dd>
-<dt>Owner</dt><dd>$owner</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
+<dt>Owner</dt><dd>$owner</dd><dt>Code</dt><dd>$dirs</dd>
+<dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
 </div>
 <div class="grid">
 <section class="card"><h2>Recent updates</h2>$updates</section>
 <section class="card"><h2>History</h2>$history</section>
 </div>""")
+PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> '
+                              '<span class="muted small">on $host</span></div>')
+START_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
+<button class="ghost" type="submit" title="start a Claude session for this task">Start session</button></form>""")
+START_CARD = string.Template("""<section class="card" id="start-session"><h2>Start a Claude session</h2>
+<form class="row" $attrs>$csrf<input type="hidden" name="view" value="task">
+<label>Host<select name="host">$hosts</select></label>
+<label>Model<input name="model" placeholder="default" autocomplete="off" maxlength="100"></label>
+<label><input type="checkbox" name="worktree" value="1"> in a new git worktree</label>
+<button type="submit"$disabled>Start session</button></form>
+<p class="small muted">$note</p></section>""")
 PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
@@ -5708,6 +6464,7 @@ $task_card
 <label>or group<select name="group"><option value="">—</option>$group_options</select></label>
 <button type="submit">Assign</button></form>
 $session_list</section>
+$start_card
 </div>
 <div class="grid">
 <section class="card"><h2>Updates</h2>
@@ -5758,6 +6515,17 @@ def feed(events: list[Event], *, empty: str) -> Html:
     return render(FEED, items=join(
         render(FEED_ITEM, text=describe_event(ev), at=ev.created_at, when=when_text(ev.created_at),
                where=ev.machine_id) for ev in reversed(events)))
+
+
+def order_text(o: Order) -> str:
+    """Return one line saying what came of an order, and the fix when it did not work."""
+    what = f"{o.action} session {o.session_id[:SHORT_ID]} on {o.host}"
+    where = " in " + o.outcome["tmux_target"] if o.outcome.get("tmux_target") else ""
+    branch = f" (branch {o.outcome['branch']})" if o.outcome.get("branch") else ""
+    if o.result == "pending":
+        return (f"{what}: pending until {o.host} takes it (pushed at once when it is a reachable peer, else at its "
+                f"next sync; expires {when_text(o.expires_at)}); follow it with: clare session orders")
+    return f"{what}{where}{branch}: {o.result}" + (f": {o.reason}" if o.reason else "")
 
 
 def assignee_text(task: Task) -> Html:
@@ -5851,7 +6619,9 @@ def tasks_fragment(req: Request, project: Project) -> Html:
         table_html = render(TASKS_TABLE, rows=join(render(
             TASK_ROW, id=t.id, short_id=t.id[:SHORT_ID], title=t.title, priority=t.priority,
             pri_color="red" if t.priority == 0 else "orange" if t.priority == 1 else "gray",
-            status_form=status_form(req, t, view="tasks"), assignee=assignee_text(t), tags=tag_badges(t))
+            status_form=status_form(req, t, view="tasks"), tags=tag_badges(t),
+            assignee=join([assignee_text(t), start_button(req, t, view="tasks")
+                           if project.dirs and t.status != "done" and not t.session_id else Html("")]))
             for t in tasks))
     return render(FRAG_PROJECT_TASKS, poll=poll_attrs(f"/frag/projects/{project.id}/tasks"), table=table_html)
 
@@ -5859,6 +6629,24 @@ def tasks_fragment(req: Request, project: Project) -> Html:
 def tag_badges(task: Task) -> Html:
     """Return a task's tags as small badges, each after a space."""
     return join(Html(f" {badge(f'#{tag}', 'gray')}") for tag in task.tags)
+def start_button(req: Request, task: Task, *, view: str) -> Html:
+    """Render the button that starts a session for a task where its project's code lives."""
+    return render(START_BUTTON, csrf=csrf_field(req), view=view,
+                  attrs=form_attrs(f"/tasks/{task.id}/sessions",
+                                   target="#frag-task" if view == "task" else "#frag-tasks"))
+
+
+def start_card(req: Request, task: Task) -> Html:
+    """Render the form that starts a session for a task: host, model, worktree."""
+    project = req.svc.get_project(task.project_id)
+    here = req.db.machine_id
+    hosts = sorted(project.dirs, key=lambda h: (h != here, h))
+    note = (f"Claude runs in a new window of tmux session {tmux_session_name(project.name)} on that host, and gets "
+            "the task as its first prompt." if hosts else
+            f"Say where the code lives first: clare project set {project.name} --dir /PATH")
+    return render(START_CARD, csrf=csrf_field(req), attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#frag-task"),
+                  hosts=options(((h, f"{h} · {project.dirs[h]}") for h in hosts), here),
+                  disabled=Html("" if hosts and task.status != "done" else " disabled"), note=note)
 
 
 def status_form(req: Request, task: Task, *, view: str) -> Html:
@@ -5887,6 +6675,7 @@ def page_project(req: Request) -> Response:
         head=project_head(p), csrf=csrf_field(req),
         status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
+        dirs=join(render(PROJECT_DIR, path=d, host=h) for h, d in p.dirs.items()) if p.dirs else Html("—"),
         tasks=tasks_fragment(req, p), task_form=task_form(req, p),
         updates=updates_list(updates, empty="No updates on these tasks yet."),
         history=feed(svc.project_history(p, limit=30), empty="No history.")))
@@ -5975,7 +6764,8 @@ def page_task(req: Request) -> Response:
         priority=t.priority, task_card=task_fragment(req, t), csrf=csrf_field(req),
         assign_attrs=form_attrs(f"/tasks/{t.id}/assignment", target="#frag-task"),
         group_options=options(((g.name, g.name) for g in svc.list_groups()), None),
-        session_list=session_datalist(req), update_form=update_form(req, t), updates=updates_fragment(req, t),
+        session_list=session_datalist(req), start_card=start_card(req, t), update_form=update_form(req, t),
+        updates=updates_fragment(req, t),
         history=feed(svc.list_history([t.id], limit=50), empty="No history.")))
 
 
@@ -5989,7 +6779,7 @@ def frag_task_updates(req: Request) -> Response:
     return html_response(updates_fragment(req, req.svc.get_task(req.params["task"])))
 
 
-def _after_task_change(req: Request, task: Task, message: str) -> Response:
+def _after_task_change(req: Request, task: Task, message: str, *, kind: str = "ok") -> Response:
     view = req.form().get("view")
     if not req.is_htmx:
         return redirect(f"/tasks/{task.id}" if view == "task" else f"/projects/{task.project_id}")
@@ -5997,7 +6787,7 @@ def _after_task_change(req: Request, task: Task, message: str) -> Response:
         body = task_fragment(req, task)
     else:
         body = tasks_fragment(req, req.svc.get_project(task.project_id))
-    return html_response(join([body, flash(message, kind="ok", oob=True)]))
+    return html_response(join([body, flash(message, kind=kind, oob=True)]))
 
 
 def frag_set_task_status(req: Request) -> Response:
@@ -6012,6 +6802,17 @@ def frag_assign_task(req: Request) -> Response:
     t = req.svc.assign_task(req.params["task"], session_id=f.get("session_id", "").strip() or None,
                             group_ref=f.get("group") or None)
     return _after_task_change(req, t, f"{t.title}: assigned.")
+
+
+def frag_start_session(req: Request) -> Response:
+    """Start a session for a task from its button or form; the flash says what came of it."""
+    # SECURITY: this runs Claude and types into it: a POST under the token and the CSRF check.
+    f = req.form()
+    order = req.svc.start_session(req.params["task"], host=f.get("host") or None, is_worktree=f.get("worktree") == "1",
+                                  model=f.get("model", "").strip() or None, config=load_config(req.config.config_path))
+    ok = order.result in ("started", "pending")
+    return _after_task_change(req, req.svc.get_task(order.task_id or req.params["task"]), order_text(order),
+                              kind="ok" if ok else "error")
 
 
 def frag_unassign_task(req: Request) -> Response:
@@ -6305,9 +7106,15 @@ def api_list_projects(req: Request) -> Response:
 
 def api_create_project(req: Request) -> Response:
     """Create a project from {name, goal?, owner?}."""
-    b = req.json(required=("name",), optional=("goal", "owner"))
-    return json_response(req.svc.create_project(b["name"], goal=b.get("goal", ""), owner=b.get("owner", "")),
-                         status=201)
+    b = req.json(required=("name",), optional=("goal", "owner", "dirs"))
+    return json_response(req.svc.create_project(b["name"], goal=b.get("goal", ""), owner=b.get("owner", ""),
+                                                dirs=_text_list(b.get("dirs", []), "dirs")), status=201)
+
+
+def _text_list(value: object, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value) or len(value) > 100:
+        raise UsageError(f"{what} must be a list of texts, e.g. [\"/srv/api\", \"apricot:/srv/api\"]")
+    return value
 
 
 def api_get_project(req: Request) -> Response:
@@ -6316,8 +7123,10 @@ def api_get_project(req: Request) -> Response:
 
 
 def api_edit_project(req: Request) -> Response:
-    """Change a project from {name?, goal?, owner?, status?}."""
-    b = req.json(optional=("name", "goal", "owner", "status"))
+    """Change a project from {name?, goal?, owner?, status?, dirs?: ["/path" | "HOST:/path" | "HOST:"]}."""
+    b = req.json(optional=("name", "goal", "owner", "status", "dirs"))
+    if "dirs" in b:
+        b["dirs"] = _text_list(b["dirs"], "dirs")
     return json_response(req.svc.edit_project(req.params["project"], **b))
 
 
@@ -6459,6 +7268,39 @@ def api_send_broadcast(req: Request) -> Response:
                          status=201)
 
 
+def api_start_session(req: Request) -> Response:
+    """Start a Claude session for a task from {host?, is_worktree?, model?}; answer the order and its result."""
+    # SECURITY: this runs a program and types into an AI agent: the token and cross-site rules guard it.
+    b = req.json(optional=("host", "is_worktree", "model"))
+    if not isinstance(b.get("is_worktree", False), bool):
+        raise UsageError("is_worktree must be true or false")
+    order = req.svc.start_session(req.params["task"], host=b.get("host") or None,
+                                  is_worktree=b.get("is_worktree", False), model=b.get("model") or None,
+                                  config=load_config(req.config.config_path))
+    return json_response(order, status=201)
+
+
+def api_resume_session(req: Request) -> Response:
+    """Resume a gone session on its host (claude --resume); answer the order."""
+    return json_response(req.svc.resume_session(req.params["session"], config=load_config(req.config.config_path)),
+                         status=201)
+
+
+def api_stop_session(req: Request) -> Response:
+    """Stop a session from {is_force?}: /exit while it waits, SIGTERM with is_force; answer the order."""
+    b = req.json(optional=("is_force",))
+    if not isinstance(b.get("is_force", False), bool):
+        raise UsageError("is_force must be true or false")
+    return json_response(req.svc.stop_session(req.params["session"], is_force=b.get("is_force", False),
+                                              config=load_config(req.config.config_path)), status=201)
+
+
+def api_list_orders(req: Request) -> Response:
+    """List session orders (start, resume, stop) with their results; ?id=, ?session= or ?pending_on=HOST."""
+    return json_response(req.svc.list_orders(order_id=req.arg("id") or None, session_id=req.arg("session") or None,
+                                             pending_on=req.arg("pending_on") or None))
+
+
 def api_list_deliveries(req: Request) -> Response:
     """List broadcast deliveries; ?broadcast=ID for one broadcast, ?pending_on=HOST for those not tried yet."""
     return json_response(req.svc.list_deliveries(broadcast_id=req.arg("broadcast") or None,
@@ -6490,15 +7332,17 @@ def api_list_updates(req: Request) -> Response:
 
 
 def api_post_update(req: Request) -> Response:
-    """Post a progress note from {task, text, source?, session_id?}."""
-    b = req.json(required=("text",), optional=("task", "source", "session_id"))
+    """Post a progress note from {task, text, source?, session_id?, is_done?} (is_done: the task is done too)."""
+    b = req.json(required=("text",), optional=("task", "source", "session_id", "is_done"))
+    if not isinstance(b.get("is_done", False), bool):
+        raise UsageError("is_done must be true or false")
     # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
     # client that could post them would put words in a session's or a hook's mouth.
     if b.get("source", "message") != "message":
         raise UsageError(f"update source {b['source']!r} is not allowed here; only 'message' may be posted "
                          "(pane tails, triage and hook notes are written by 'clare pull')")
-    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id")),
-                         status=201)
+    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id"),
+                                             is_done=b.get("is_done", False)), status=201)
 
 
 def api_status(req: Request) -> Response:
@@ -6631,9 +7475,11 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
 # (method, path) -> summary, query parameters, request body schema, success status, response schema
 API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]] = {
     ("GET", "/api/v1/projects"): ("List projects with task counts", ("status",), None, 200, _array("Project")),
-    ("POST", "/api/v1/projects"): ("Create a project", (), _body(("name",), ("goal", "owner")), 201, _ref("Project")),
+    ("POST", "/api/v1/projects"): ("Create a project", (), _body(("name",), ("goal", "owner", "dirs"), dirs="array"),
+                                   201, _ref("Project")),
     ("GET", "/api/v1/projects/{project}"): ("Get a project by name or id prefix", (), None, 200, _ref("Project")),
-    ("PATCH", "/api/v1/projects/{project}"): ("Change a project", (), _body((), ("name", "goal", "owner", "status")),
+    ("PATCH", "/api/v1/projects/{project}"): ("Change a project (dirs: \"/path\", \"HOST:/path\", \"HOST:\" removes)",
+                                              (), _body((), ("name", "goal", "owner", "status", "dirs"), dirs="array"),
                                               200, _ref("Project")),
     ("GET", "/api/v1/projects/{project}/history"): ("Events about a project and its tasks", ("limit",), None, 200,
                                                     _array("Event")),
@@ -6666,6 +7512,16 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
                                                  _array("Session")),
     ("GET", "/api/v1/sessions"): ("List Claude sessions of every host", ("host", "all"), None, 200, _array("Session")),
     ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix", (), None, 200, _ref("Session")),
+    ("POST", "/api/v1/tasks/{task}/sessions"): ("Start a Claude session for a task on a host (in a new worktree)", (),
+                                                _body((), ("host", "is_worktree", "model"), is_worktree="boolean"),
+                                                201, _ref("Order")),
+    ("POST", "/api/v1/sessions/{session}/resume"): ("Resume a gone session on its host", (), _body((), ()), 201,
+                                                    _ref("Order")),
+    ("POST", "/api/v1/sessions/{session}/stop"): ("Stop a session: /exit while it waits, SIGTERM with is_force", (),
+                                                  _body((), ("is_force",), is_force="boolean"), 201, _ref("Order")),
+    ("GET", "/api/v1/orders"): ("Session orders (start, resume, stop) and their results",
+                                ("id", "session", "pending_on"), None, 200,
+                                _array("Order")),
     ("GET", "/api/v1/panes/ambiguous"): ("Claude panes whose session cannot be told apart", (), None, 200,
                                          _array("Pane")),
     ("POST", "/api/v1/broadcast"): ("Type a text into every live session of a target (project, group:NAME, "
@@ -6676,7 +7532,8 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
     ("GET", "/api/v1/deliveries"): ("Per-session results of a broadcast", ("broadcast", "pending_on"), None, 200,
                                     _array("Delivery")),
     ("GET", "/api/v1/updates"): ("List updates, newest last", ("task", "id", "limit"), None, 200, _array("Update")),
-    ("POST", "/api/v1/updates"): ("Post a progress note", (), _body(("text",), ("task", "source", "session_id")), 201,
+    ("POST", "/api/v1/updates"): ("Post a progress note (is_done: the task is done too)", (),
+                                  _body(("text",), ("task", "source", "session_id", "is_done"), is_done="boolean"), 201,
                                   _ref("Update")),
     ("GET", "/api/v1/status"): ("The roll-up", (), None, 200, _ref("Status")),
     ("GET", "/api/v1/events"): ("Page through the log by receipt order (after), or the newest (no after)",
@@ -6758,7 +7615,7 @@ def openapi_document() -> dict[str, Any]:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
     schemas = {cls.__name__: json_schema(cls)
-               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery)}
+               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order)}
     for name, base, extra in (("ProjectStatus", "Project",
                                {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
                               ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
@@ -6791,7 +7648,10 @@ def sync_get_events(req: Request) -> Response:
 def sync_post_events(req: Request) -> Response:
     """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
     body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
-    return json_response(sync_accept(req.db, body, now_ms=now_ms()))
+    answer = sync_accept(req.db, body, now_ms=now_ms())
+    if answer["accepted"] and list_orders(req.db, pending_on=req.db.machine_id):
+        carry_out_soon(req.config.db_path, load_config(req.config.config_path))  # pushed to us: act now
+    return json_response(answer)
 
 
 def sync_get_days(req: Request) -> Response:
@@ -6864,13 +7724,14 @@ class RemoteServices:
 
         return quote(ref, safe="")
 
-    def create_project(self, name: str, *, goal: str = "", owner: str = "") -> Project:
+    def create_project(self, name: str, *, goal: str = "", owner: str = "", dirs: Sequence[str] = ()) -> Project:
         """Create a project."""
-        return _build(Project, self.call("POST", "/api/v1/projects", body={"name": name, "goal": goal, "owner": owner}))
+        return _build(Project, self.call("POST", "/api/v1/projects", body={"name": name, "goal": goal, "owner": owner,
+                                                                           "dirs": list(dirs)}))
 
     def edit_project(self, ref: str, **changes: Any) -> Project:
         """Change some fields of a project."""
-        body = {k: v for k, v in changes.items() if v is not None}
+        body = {k: list(v) if k == "dirs" else v for k, v in changes.items() if v is not None and v != ()}
         return _build(Project, self.call("PATCH", f"/api/v1/projects/{self._path(ref)}", body=body))
 
     def get_project(self, ref: str) -> Project:
@@ -6995,14 +7856,37 @@ class RemoteServices:
         return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
                                [_build(Delivery, d) for d in got["deliveries"]])
 
+    def start_session(self, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
+                      model: str | None = None, config: dict[str, Any]) -> Order:
+        """Have the server start a session for a task (with its own clare.toml)."""
+        body = {"host": host, "is_worktree": is_worktree, "model": model}
+        return _build(Order, self.call("POST", f"/api/v1/tasks/{self._path(task_ref)}/sessions",
+                                       body={k: v for k, v in body.items() if v is not None}))
+
+    def resume_session(self, session_ref: str, *, config: dict[str, Any]) -> Order:
+        """Have the server resume a gone session on its host."""
+        return _build(Order, self.call("POST", f"/api/v1/sessions/{self._path(session_ref)}/resume", body={}))
+
+    def stop_session(self, session_ref: str, *, is_force: bool = False, config: dict[str, Any]) -> Order:
+        """Have the server stop a session on its host."""
+        return _build(Order, self.call("POST", f"/api/v1/sessions/{self._path(session_ref)}/stop",
+                                       body={"is_force": is_force}))
+
+    def list_orders(self, *, order_id: str | None = None, session_id: str | None = None,
+                    pending_on: str | None = None) -> list[Order]:
+        """Return the session orders and their results."""
+        query = {"id": order_id, "session": session_id, "pending_on": pending_on}
+        return [_build(Order, o) for o in self.call("GET", "/api/v1/orders", query=query)]
+
     def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                    pane: tuple[str | None, str] | None = None, source: str = "message") -> Update:
+                    pane: tuple[str | None, str] | None = None, source: str = "message",
+                    is_done: bool = False) -> Update:
         """Post a progress note."""
         if pane is not None and task_ref is None:
             raise UsageError("a note from inside a pane finds its task on this host; name the task "
                              "(clare update TASK TEXT) or run without --remote")
         body = {k: v for k, v in (("text", text), ("task", task_ref), ("session_id", session_id),
-                                  ("source", source)) if v is not None}
+                                  ("source", source), ("is_done", is_done or None)) if v is not None}
         return _build(Update, self.call("POST", "/api/v1/updates", body=body))
 
     def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
@@ -7071,6 +7955,10 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/api/v1/groups/" + _REF % "group" + "/sessions", api_group_sessions),
         ("GET", r"/api/v1/sessions", api_list_sessions),
         ("GET", r"/api/v1/sessions/" + _REF % "session", api_get_session),
+        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/sessions", api_start_session),
+        ("POST", r"/api/v1/sessions/" + _REF % "session" + "/resume", api_resume_session),
+        ("POST", r"/api/v1/sessions/" + _REF % "session" + "/stop", api_stop_session),
+        ("GET", r"/api/v1/orders", api_list_orders),
         ("GET", r"/api/v1/panes/ambiguous", api_ambiguous_panes),
         ("POST", r"/api/v1/broadcast", api_send_broadcast),
         ("GET", r"/api/v1/broadcast/recipients", api_broadcast_recipients),
@@ -7099,6 +7987,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
+        ("POST", r"/tasks/" + _REF % "task" + "/sessions", frag_start_session),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
         ("GET", r"/sessions", cached(page_sessions)),
         ("GET", r"/broadcast", page_broadcast),
@@ -7129,7 +8018,6 @@ STEP_NAME_CHARS = 11  # the name column of setup's and doctor's lines
 JOIN_FILE = "join-command.txt"  # beside clare.toml: setup's command for the other side, without a terminal
 DOCTOR_TIMEOUT_S = 5.0  # per peer and for this host's own server
 MIN_FREE_BYTES = 256 * 2**20  # doctor fails below this much free space beside the database
-CLAUDE_PLACES = ("~/.claude/local/claude", "~/.local/bin/claude", "/usr/local/bin/claude")  # off a service's PATH
 # The systemd user unit `clare setup` writes; clare.service in the repository is this, filled in with defaults.
 UNIT_TEMPLATE = string.Template("""\
 # systemd user unit for Clare: the dashboard, the JSON API and background peer sync.
@@ -7147,6 +8035,10 @@ Restart=on-failure
 RestartSec=5
 # SIGTERM lets serve finish in-flight writes before it exits.
 KillSignal=SIGTERM
+# Stopping or restarting Clare must never end the Claude sessions it started: only serve itself
+# gets the signal, not the tmux servers it launched (it also starts them in their own scope with
+# systemd-run --user --scope when a user bus is there).
+KillMode=process
 TimeoutStopSec=20
 # Hardening that keeps what Clare needs: no PrivateTmp (tmux's sockets live in /tmp), no ProtectHome
 # (~/.claude and the database live in the home), no PrivateUsers (the fleet reads Claude's /proc entries).
@@ -7684,11 +8576,11 @@ def doctor_checks(ctx: Context, *, env: Mapping[str, str] | None = None) -> Iter
         yield Step("tmux", "ok", tmux_binary())
     except ClareError as err:
         yield Step("tmux", "failed", str(err).split(";")[0], "apt install tmux")
-    claude = shutil.which("claude", path=env.get("PATH")) or next(
-        (p for p in CLAUDE_PLACES if os.access(os.path.expanduser(p), os.X_OK)), None)
-    yield (Step("claude", "ok", os.path.abspath(os.path.expanduser(claude))) if claude else
-           Step("claude", "failed", "Claude Code (claude) is not on PATH nor in ~/.claude/local or ~/.local/bin",
-                "install Claude Code, or put the folder of 'claude' on PATH"))
+    try:
+        yield Step("claude", "ok", claude_argv(config, env=env)[0])
+    except ClareError as err:
+        yield Step("claude", "failed", str(err).split(";")[0],
+                   'install Claude Code, or set [fleet] claude_command = "/full/path/to/claude" in clare.toml')
     version = get_meta(db.conn.cursor(), "schema_version")
     yield Step("schema", "ok" if version == str(SCHEMA_VERSION) else "failed",
                f"schema {version}, this clare.py's is {SCHEMA_VERSION}", "" if version == str(SCHEMA_VERSION)
@@ -7790,8 +8682,9 @@ def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_project_new(args: argparse.Namespace, ctx: Context) -> None:
     """Create a project."""
-    p = ctx.svc.create_project(args.name, goal=args.goal, owner=args.owner)
-    emit(ctx, p, f"created project {p.name} ({p.id[:SHORT_ID]})")
+    p = ctx.svc.create_project(args.name, goal=args.goal, owner=args.owner, dirs=args.dir)
+    emit(ctx, p, f"created project {p.name} ({p.id[:SHORT_ID]})" + "".join(
+        f"\ncode on {host}: {folder}" for host, folder in p.dirs.items()))
 
 
 def cmd_project_list(args: argparse.Namespace, ctx: Context) -> None:
@@ -7813,6 +8706,7 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
 
     def text() -> str:
         lines = [f"{p.name}  ({p.id})  {p.status}", f"goal:  {p.goal or '-'}", f"owner: {p.owner or '-'}",
+                 *(f"code:  {folder} on {host}" for host, folder in p.dirs.items()),
                  f"tasks: {_counts(p.task_counts)}", "", format_tasks(tasks, with_project=False)]
         if history is not None:
             lines += ["", "history:", format_history(history)]
@@ -7822,10 +8716,12 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
 
 def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
     """Change a project's name, goal, owner or status."""
-    if (args.name, args.goal, args.owner, args.status) == (None, None, None, None):
-        raise UsageError("nothing to change; give --name, --goal, --owner or --status")
-    p = ctx.svc.edit_project(args.project, name=args.name, goal=args.goal, owner=args.owner, status=args.status)
-    emit(ctx, p, f"project {p.name} ({p.id[:SHORT_ID]}): {p.status}, owner {p.owner or '-'}, goal {p.goal or '-'}")
+    if (args.name, args.goal, args.owner, args.status, args.dir) == (None, None, None, None, []):
+        raise UsageError("nothing to change; give --name, --goal, --owner, --status or --dir")
+    p = ctx.svc.edit_project(args.project, name=args.name, goal=args.goal, owner=args.owner, status=args.status,
+                             dirs=args.dir)
+    emit(ctx, p, f"project {p.name} ({p.id[:SHORT_ID]}): {p.status}, owner {p.owner or '-'}, goal {p.goal or '-'}"
+         + "".join(f"\ncode on {host}: {folder}" for host, folder in p.dirs.items()))
 
 
 def cmd_task_add(args: argparse.Namespace, ctx: Context) -> None:
@@ -7967,9 +8863,9 @@ def cmd_group_rm(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
-    """Add a progress note to a task, or inside a Claude pane to that session's task."""
+    """Add a progress note to a task, or inside a Claude pane to that session's task; --done also finishes it."""
     if args.text is not None:
-        u = ctx.svc.post_update(args.text, task_ref=args.task)
+        u = ctx.svc.post_update(args.text, task_ref=args.task, is_done=args.done)
     elif ID_PREFIX_RE.match(args.task) and len(args.task) >= 4:
         raise UsageError(f"the update text is missing after the task id; e.g. clare update {args.task} "
                          "\"parser done, tests next\"")
@@ -7978,8 +8874,9 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
         if not pane_id:
             raise UsageError("not inside a tmux pane; name the task: clare update TASK TEXT")
         socket = os.environ.get("TMUX", "").split(",")[0] or None
-        u = ctx.svc.post_update(args.task, pane=(socket, pane_id))
-    emit(ctx, u, f"noted on task {(u.task_id or '-')[:SHORT_ID]}: {short_text(u.text, 70)}")
+        u = ctx.svc.post_update(args.task, pane=(socket, pane_id), is_done=args.done)
+    emit(ctx, u, f"{'done' if args.done else 'noted on'} task {(u.task_id or '-')[:SHORT_ID]}: "
+                 f"{short_text(u.text, 70)}")
 
 
 def format_sessions(sessions: list[Session], ambiguous: Sequence[Pane] = (), *,
@@ -8029,6 +8926,36 @@ def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
     empty = f"no session is {args.state} now; see them all with: clare sessions" if args.state else \
         "no Claude sessions seen; run 'clare pull' on each host (a running 'clare serve' pulls by itself)"
     emit(ctx, sessions, lambda: format_sessions(sessions, ambiguous, empty=empty))
+
+
+def cmd_session_start(args: argparse.Namespace, ctx: Context) -> int:
+    """Start a Claude session for a task in a new tmux window, on this host or another."""
+    o = ctx.svc.start_session(args.task, host=args.host, is_worktree=args.worktree, model=args.model,
+                              config=ctx.config)
+    emit(ctx, o, order_text(o))
+    return 0 if o.result in ("started", "pending") else 1
+
+
+def cmd_session_resume(args: argparse.Namespace, ctx: Context) -> int:
+    """Resume a gone session (claude --resume) in a new tmux window of its host."""
+    o = ctx.svc.resume_session(args.session, config=ctx.config)
+    emit(ctx, o, order_text(o))
+    return 0 if o.result in ("started", "pending") else 1
+
+
+def cmd_session_stop(args: argparse.Namespace, ctx: Context) -> int:
+    """Stop a session: /exit while it waits; --force sends SIGTERM even while it works."""
+    o = ctx.svc.stop_session(args.session, is_force=args.force, config=ctx.config)
+    emit(ctx, o, order_text(o))
+    return 0 if o.result in ("stopped", "pending") else 1
+
+
+def cmd_session_orders(args: argparse.Namespace, ctx: Context) -> None:
+    """List the starts, resumes and stops ordered, with what came of each."""
+    orders = ctx.svc.list_orders(session_id=args.session)
+    emit(ctx, orders, lambda: table(("ORDER", "WHEN", "ACTION", "SESSION", "HOST", "RESULT", "REASON"), (
+        (o.id[:SHORT_ID], when_text(o.created_at), o.action, o.session_id[:SHORT_ID], o.host, o.result,
+         short_text(o.reason, 90)) for o in orders)) if orders else "no session orders")
 
 
 def cmd_hook(args: argparse.Namespace, ctx: Context) -> int:
@@ -8378,6 +9305,7 @@ GROUP_HELP = {
     "group": "name groups of sessions by cwd, host or tmux session name",
     "hooks": "install, remove and check Clare's Claude Code hooks",
     "peer": "add, list and remove the hosts this one syncs with",
+    "session": "start, resume and stop Claude sessions for tasks, on any host",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
 _GLOBAL_ARGS = (
@@ -8389,6 +9317,9 @@ _GLOBAL_ARGS = (
 )
 # The same options after the verb (`clare task list --home /tmp/c2`): SUPPRESS keeps a value given before it.
 _LEAF_GLOBAL_ARGS = tuple((flags, {**options, "default": argparse.SUPPRESS}) for flags, options in _GLOBAL_ARGS)
+_DIR_ARG = arg("--dir", action="append", default=[], metavar="[HOST:]PATH",
+               help="where the code lives: /PATH on this host, HOST:/PATH on another (machine id or unique peer "
+                    "name), HOST: to forget it; repeat per host")
 
 _SERVE_ARGS = (
     arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
@@ -8417,9 +9348,10 @@ COMMANDS: list[Command] = [
                  help="give this database a new machine id and db id, keeping its log: the fix for a copy "
                       "(a cloned VM or a copied home)"))),
     Command(("project", "new"), cmd_project_new, "create a project",
-            'clare project new alpha --goal "ship v1" --owner ana',
+            'clare project new alpha --goal "ship v1" --owner ana'
+            '\n  clare project new api --dir /srv/api --dir apricot:/home/ana/api',
             (arg("name"), arg("--goal", default="", help="what done looks like"),
-             arg("--owner", default="", help="who answers for it"))),
+             arg("--owner", default="", help="who answers for it"), _DIR_ARG)),
     Command(("project", "list"), cmd_project_list, "list projects with task counts",
             "clare project list --status active",
             (arg("--status", choices=PROJECT_STATUSES),)),
@@ -8428,9 +9360,9 @@ COMMANDS: list[Command] = [
             (arg("project", help="name or id prefix"), arg("--history", action="store_true",
                                                             help="also list what happened, oldest first"))),
     Command(("project", "set"), cmd_project_set, "change a project's name, goal, owner or status",
-            "clare project set alpha --status paused",
+            "clare project set alpha --status paused\n  clare project set alpha --dir apricot:/srv/api --dir fig:",
             (arg("project", help="name or id prefix"), arg("--status", choices=PROJECT_STATUSES),
-             arg("--goal"), arg("--owner"), arg("--name", help="rename it"))),
+             arg("--goal"), arg("--owner"), arg("--name", help="rename it"), _DIR_ARG)),
     Command(("task", "add"), cmd_task_add, "add a task to a project",
             'clare task add alpha "write the parser" --prio 1 --desc "tokens first" --tag backend',
             (arg("project", help="name or id prefix"), arg("title"),
@@ -8490,9 +9422,11 @@ COMMANDS: list[Command] = [
     Command(("group", "rm"), cmd_group_rm, "remove a group (its tasks become unassigned)",
             "clare group rm backend", (arg("group", help="name or id prefix"),)),
     Command(("update",), cmd_update, "add a progress note to a task (inside a Claude pane: to its task)",
-            'clare update "parser done, starting tests"\n  clare update 3f2a "blocked on review"',
+            'clare update "parser done, starting tests"\n  clare update 3f2a "blocked on review"'
+            '\n  clare update --done "parser and tests merged"',
             (arg("task", metavar="TASK|TEXT", help="task id or unique prefix; inside a Claude pane just the text"),
-             arg("text", nargs="?"))),
+             arg("text", nargs="?"),
+             arg("--done", action="store_true", help="the note is the summary and the task is done"))),
     Command(("status",), cmd_status, "the roll-up: per project task counts and tokens, per session its task",
             "clare status --project alpha\n  clare status --group backend --json",
             (arg("--project", help="name or id prefix"), arg("--group", help="group name or id prefix"))),
@@ -8500,6 +9434,21 @@ COMMANDS: list[Command] = [
             "clare sessions\n  clare sessions --state waiting\n  clare sessions --all --json",
             (arg("--all", action="store_true", help="also sessions that are gone"),
              arg("--state", choices=SESSION_STATES, help="only sessions in this state"))),
+    Command(("session", "start"), cmd_session_start, "start a Claude session for a task in a new tmux window",
+            "clare session start 3f2a\n  clare session start 3f2a --host apricot --worktree --model sonnet",
+            (_TASK_REF, arg("--host", help="machine id or unique peer name (default: where the project's code is)"),
+             arg("--worktree", action="store_true",
+                 help="work in a new git worktree and branch clare/<id>-<title> beside the repository"),
+             arg("--model", help="the model Claude uses (claude --model)"))),
+    Command(("session", "resume"), cmd_session_resume, "resume a gone session in a new tmux window of its host",
+            "clare session resume 7c1e9b", (arg("session", help="session id or unique prefix"),)),
+    Command(("session", "stop"), cmd_session_stop, "stop a session: /exit while it waits (--force: SIGTERM)",
+            "clare session stop 7c1e9b\n  clare session stop 7c1e9b --force",
+            (arg("session", help="session id or unique prefix"),
+             arg("--force", action="store_true", help="send SIGTERM to Claude even while it works"))),
+    Command(("session", "orders"), cmd_session_orders, "list session starts, resumes and stops with their results",
+            "clare session orders\n  clare session orders --session 7c1e9b --json",
+            (arg("--session", help="only this session's (full id)"),)),
     Command(("pull",), cmd_pull, "look at this host's Claude sessions and record what changed",
             "clare pull\n  clare pull --tails --json",
             (arg("--tails", action="store_true",
