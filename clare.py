@@ -301,7 +301,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -1014,7 +1014,8 @@ CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NO
 _MIGRATIONS[2] = [TAGS_SCHEMA]
 
 SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
-                  "last_activity_at", "label", "tokens")
+                  "last_activity_at", "label", "tokens", "asked")
+MAX_ASKED_CHARS = 2000  # what a permission dialog asks, as kept with the session's state
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
 MAX_RECIPIENTS = 500
 # What a typed text must never hold: an ESC could end the bracketed paste ("\x1b[201~") and type
@@ -1074,6 +1075,18 @@ CREATE TABLE hook_marks (                       -- the newest hook report per se
 );
 """
 _MIGRATIONS[1].append(FLEET_SCHEMA)
+# Schema 3: what a permission dialog asks is kept with the state; this host's notification marks.
+ASKED_SCHEMA = """
+-- asked: JSON {tool, input} while a permission dialog is open, else NULL
+ALTER TABLE sessions ADD COLUMN asked TEXT;
+ALTER TABLE sessions ADD COLUMN asked_v TEXT;
+CREATE TABLE notify_marks (                     -- this host's notifications per session: never synced
+    session_id TEXT PRIMARY KEY,
+    state TEXT,                                 -- the state last seen by the notifier
+    notified_ms INTEGER                         -- when the [notify] command last ran for it
+);
+"""
+_MIGRATIONS[4] = [ASKED_SCHEMA]
 
 ORDER_ACTIONS = ("start", "resume", "stop")
 # pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
@@ -1196,6 +1209,7 @@ class Session:
     created_at: str  # first seen
     task_ids: tuple[str, ...] = ()  # every open task it holds, most urgent first (task_id is the first)
     group: str | None = None  # the name of the group that binds task_id to it, None when bound directly
+    asked: dict[str, str] | None = None  # {tool, input} of the open permission dialog, as its hook reported it
 
     @property
     def tmux_session(self) -> str:
@@ -1524,6 +1538,8 @@ def _session_fields(p: dict[str, Any], ev: Event) -> dict[str, Any]:
     fields = _pick(p, SESSION_FIELDS)
     if "tokens" in fields:
         fields["tokens"] = canonical_json(fields["tokens"])
+    if "asked" in fields:
+        fields["asked"] = None if fields["asked"] is None else canonical_json(fields["asked"])
     if "state" in fields:
         fields["state_at"] = ev.created_at
     return fields
@@ -1537,10 +1553,15 @@ def _is_tokens(v: Any) -> bool:
     return isinstance(v, dict) and len(v) <= 8 and all(_is_id(k) and _is_opt_int(n) for k, n in v.items())
 
 
+def _is_asked(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and set(v) == {"tool", "input"} and all(
+        isinstance(x, str) and len(x) <= MAX_ASKED_CHARS for x in v.values()))
+
+
 _SESSION_PAYLOAD = {"session_id": _is_id, "host": _is_id, "cwd?": _is_str, "tmux_socket?": _is_opt_str,
                     "tmux_target?": _is_opt_str, "pane_id?": _is_opt_id, "pid?": _is_opt_int, "command?": _is_str,
                     "state?": _is_one_of(SESSION_STATES), "last_activity_at?": _is_opt_str, "label?": _is_str,
-                    "tokens?": _is_tokens}
+                    "tokens?": _is_tokens, "asked?": _is_asked}
 
 
 @applies("session.appeared", {**_SESSION_PAYLOAD, "cwd": _is_str, "state": _is_one_of(SESSION_STATES)})
@@ -1802,7 +1823,7 @@ def list_updates(db: Db, *, task_ids: list[str] | None = None, update_id: str | 
 
 _SESSION_SELECT = """
 SELECT s.id, s.host, s.cwd, s.tmux_socket, s.tmux_target, s.pane_id, s.pid, s.command, s.state, s.state_at,
-       s.last_activity_at, s.label, s.tokens, s.created_at,
+       s.last_activity_at, s.label, s.tokens, s.created_at, s.asked,
        (SELECT max(json_extract(c.info, '$.last_activity_at')) FROM transcript_cache c WHERE c.session_id = s.id)
            AS fresh_activity_at,
        (SELECT json_extract(c.info, '$.tokens') FROM transcript_cache c WHERE c.session_id = s.id
@@ -1824,7 +1845,8 @@ def _session_from_row(row: sqlite3.Row) -> Session:
     return Session(row["id"], row["host"], row["cwd"] or "", row["tmux_socket"], row["tmux_target"],
                    row["pane_id"], row["pid"], row["command"] or "", row["state"], row["state_at"], activity,
                    row["label"] or "", row["task_id"], {k: int(tokens.get(k, 0)) for k in TOKEN_KINDS},
-                   row["created_at"], tuple((row["task_ids"] or "").split()))
+                   row["created_at"], tuple((row["task_ids"] or "").split()),
+                   asked=json.loads(row["asked"]) if row["asked"] else None)
 
 
 def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
@@ -1893,6 +1915,18 @@ def save_hook_mark(cur: sqlite3.Cursor, session_id: str, mark: HookMark) -> None
              at_ms = excluded.at_ms
            WHERE excluded.at_ms >= at_ms""",
         (session_id, mark.tmux_socket, mark.pane_id, mark.state, mark.hook_event, mark.at_ms))
+
+
+def list_notify_marks(db: Db) -> dict[str, tuple[str | None, int | None]]:
+    """Return the notifier's marks on this host: session id -> (state last seen, when it last notified)."""
+    return {r[0]: (r[1], r[2]) for r in db.conn.execute("SELECT session_id, state, notified_ms FROM notify_marks")}
+
+
+def save_notify_marks(cur: sqlite3.Cursor, marks: dict[str, tuple[str | None, int | None]], *, after: int) -> None:
+    """Store the notifier's marks and how far into the log it has read. In a txn."""
+    cur.executemany("INSERT OR REPLACE INTO notify_marks (session_id, state, notified_ms) VALUES (?, ?, ?)",
+                    [(sid, state, at) for sid, (state, at) in marks.items()])
+    set_meta(cur, "notify_after", str(after))
 
 
 def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
@@ -2579,6 +2613,8 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
                 events.append(record(db, cur, "session.appeared", {**payload, **extra}, now_ms=now_ms))
                 continue
             changed = {k: payload[k] for k in _OBSERVED_KEYS if getattr(old, k) != payload[k]}
+            if "state" in changed and ob.state != "permission" and old.asked is not None:
+                changed["asked"] = None  # the dialog is over: what it asked goes with it
             if changed:
                 events.append(record(db, cur, "session.changed", {"session_id": ob.session_id,
                                                                   "host": db.machine_id, **changed, **extra},
@@ -2596,14 +2632,18 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
 
 
 def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
-                is_end: bool = False, now_ms: int) -> list[Event]:
+                is_end: bool = False, asked: dict[str, str] | None = None, now_ms: int) -> list[Event]:
     """Fold one hook report in: remember it, and record the session's new state at once.
 
     A report older than the one stored (a spooled report ingested late) is kept out of the state.
+    `asked` ({tool, input}) is what a PermissionRequest asks: kept with the state until it leaves
+    `permission`.
     """
     _check_prefix("session", session_id)
     if mark.state is not None:
         _check_choice("session state", mark.state, SESSION_STATES)
+    if not _is_asked(asked):
+        raise UsageError(f"asked must be {{tool, input}} texts of at most {MAX_ASKED_CHARS} characters")
     events: list[Event] = []
     with write_txn(db) as cur:
         save_hook_mark(cur, session_id, mark)
@@ -2619,11 +2659,16 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
             events.append(record(db, cur, "session.appeared", {
                 **head, "cwd": cwd, "tmux_socket": mark.tmux_socket, "tmux_target": tmux_target,
                 "pane_id": mark.pane_id, "pid": None, "command": "", "state": mark.state,
-                "last_activity_at": iso_ms(mark.at_ms), "label": "", "tokens": {}}, now_ms=now_ms))
+                "last_activity_at": iso_ms(mark.at_ms), "label": "", "tokens": {},
+                **({"asked": asked} if asked else {})}, now_ms=now_ms))
         elif old is not None and mark.state is not None:
-            changed = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
+            changed: dict[str, Any] = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
                                          ("tmux_socket", mark.tmux_socket), ("tmux_target", tmux_target))
                        if v is not None and getattr(old, k) != v}
+            if mark.state == "permission" and asked and old.asked != asked:
+                changed["asked"] = asked
+            elif mark.state != "permission" and old.asked is not None:
+                changed["asked"] = None  # the dialog is over: what it asked goes with it
             if changed:
                 events.append(record(db, cur, "session.changed", {
                     **head, **changed, "last_activity_at": iso_ms(mark.at_ms)}, now_ms=now_ms))
@@ -2683,6 +2728,49 @@ def get_status(db: Db, *, project_ref: str | None = None, group_ref: str | None 
         rollups.append(ProjectStatus(p, {k: sum(s.tokens.get(k, 0) for s in mine) for k in TOKEN_KINDS}, len(mine)))
     return StatusReport(rollups, sessions, {t: tasks[t] for s in sessions for t in (s.task_id, *s.task_ids)
                                             if t in tasks})
+
+
+NEEDS_PERSON = ("permission", "waiting")  # the states where a session waits on a person
+
+
+def list_needs(db: Db) -> list[Session]:
+    """Return the sessions that wait on a person, for triage: permission dialogs first, then the longest waiting."""
+    return [s for s in by_urgency(list_sessions(db)) if s.state in NEEDS_PERSON]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDetail:
+    session: Session
+    task: Task | None  # the task it works on now
+    history: list[Event]  # the newest events about it, oldest first
+    attach: list[str] | None  # the command that attaches a terminal here to its pane; None outside tmux
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the session's fields with its task, history and attach command, as the API and CLI print."""
+        return {**self.session.to_json(), "task": self.task.to_json() if self.task else None,
+                "history": [{**e.to_json(), "text": describe_event(e)} for e in self.history], "attach": self.attach}
+
+
+def get_session_detail(db: Db, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
+    """Return one session by id prefix with its task, its history and how to attach to it from this host."""
+    s = get_session(db, ref)
+    task = get_task(db, s.task_id) if s.task_id else None  # directly, or through a group
+    return SessionDetail(s, task, list_history(db, [s.id], limit=limit),
+                         attach_command(s, here=db.machine_id, hosts=hosts or {}))
+
+
+def attach_command(session: Session, *, here: str, hosts: dict[str, Any]) -> list[str] | None:
+    """Return the command that attaches a terminal to a session's pane, from host `here`; None outside tmux.
+
+    From another host it goes through ssh to `[hosts.NAME] ssh` of clare.toml (default: the host's name).
+    """
+    if not session.tmux_socket or not (session.tmux_target or session.pane_id):
+        return None
+    local = ["tmux", "-S", session.tmux_socket, "attach", "-t", session.tmux_target or session.pane_id or ""]
+    if session.host == here:
+        return local
+    dest = (hosts.get(session.host) or {}).get("ssh") if isinstance(hosts.get(session.host), dict) else None
+    return ["ssh", dest if isinstance(dest, str) and dest else session.host, "-t", *local]
 
 
 BROADCAST_TTL_MS = 15 * 60 * 1000  # an undelivered broadcast older than this expires instead of arriving late
@@ -2988,7 +3076,9 @@ DESCRIBE.update({
     "session.appeared": lambda p: f"session {p['session_id'][:SHORT_ID]} appeared on {p['host']} "
                                   f"({p.get('tmux_target') or 'no tmux'}, {p['state']})",
     "session.changed": lambda p: f"session {p['session_id'][:SHORT_ID]}: "
-                                 + _fields({k: v for k, v in p.items() if k in _OBSERVED_KEYS}, "session_id"),
+                                 + _fields({k: v for k, v in p.items() if k in _OBSERVED_KEYS}, "session_id")
+                                 + (f"; asks {p['asked']['tool']}: {p['asked']['input'][:80]!r}"
+                                    if p.get("asked") else ""),
     "session.gone": lambda p: f"session {p['session_id'][:SHORT_ID]} is gone ({p.get('reason', '')})",
     "broadcast.sent": lambda p: f"broadcast to {p['target']} ({_n(len(p['session_ids']), 'session')}): "
                                 f"{p['text'][:60]!r}",
@@ -3036,7 +3126,8 @@ SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
     create_task, edit_task, get_task, list_tasks, assign_task, unassign_task, remove_task, restore_task,
     list_changes, undo_change,
     create_group, remove_group, get_group, list_groups,
-    get_session, list_sessions, list_group_sessions, get_pane_session, observe_sessions, report_hook,
+    get_session, get_session_detail, list_needs, list_sessions, list_group_sessions, get_pane_session,
+    observe_sessions, report_hook,
     list_broadcast_recipients, list_deliveries, get_status,
     post_update, list_updates, list_history, list_events, import_events, replay, count_events,
     list_orders,
@@ -3086,12 +3177,28 @@ NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": 
 HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
 MAX_HOOK_INPUT_BYTES = 32 * 1024 * 1024  # a prompt can be long; a report cut short would be lost
 HOOK_TIMEOUT_S = 10
+# Which field of a tool's input says what a dialog asks: Bash's command, Edit's file, WebFetch's URL...
+ASKED_INPUT_KEYS = ("command", "file_path", "notebook_path", "url", "path", "pattern", "query", "prompt")
 HOOK_ALIVE_MS = 10 * 60 * 1000  # a session that sent a hook report this recently is not gone
 CLARE_HOOK_RE = re.compile(r"\bclare\b.*\shook\s*$")  # how uninstall knows Clare's hooks from the user's
 BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
 BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
 BROADCAST_ENTER_TRIES = 3
 DEFAULT_PULL_EVERY_S = 10  # how often `serve` looks at this host's sessions; [fleet] pull_every_s, 0 = never
+DEFAULT_TAILS_EVERY_S = 300  # ... and stores assigned panes' tails (when changed); [fleet] tails_every_s, 0 = never
+PANE_LINES = 60  # the live pane view shows this many last lines
+MAX_PANE_LINES = 200  # ... and never more, whoever asks
+MAX_PANE_CHARS = 32 * 1024  # one pane view's text at most (a peer's answer included)
+PANE_MIN_INTERVAL_S = 1.0  # one capture per session per second at most, however many pages watch it
+TURNS_TAIL_BYTES = 256 * 1024  # how much of a transcript's end the turns view reads
+MAX_TURNS = 12  # transcript entries shown on a session page
+TURN_CHARS = 300  # of each entry's text
+# Terminal escapes (CSI, OSC, DCS and the two-byte ones), and the control characters left after them.
+ESCAPE_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[PX^_][^\x1b]*\x1b\\|[@-Z\\-_]?)")
+PANE_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+DEFAULT_NOTIFY_GAP_S = 60  # [notify] min_gap_s: one session notifies at most this often (against flapping)
+DEFAULT_NOTIFY_TIMEOUT_S = 10  # [notify] timeout_s: the command is killed after this
+NOTIFY_EVERY_S = 1.0  # how often `serve` looks for sessions that started to need a person
 
 
 @dataclass(frozen=True, slots=True)
@@ -3223,6 +3330,57 @@ def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
     return any(rule.search(tail) for rule in PERMISSION_SCREEN)
+
+
+def clean_screen(screen: str, *, lines: int) -> str:
+    """Return a pane's last `lines` lines as plain text: newlines kept, escapes and control characters gone."""
+    text = PANE_CONTROL_RE.sub("", ESCAPE_RE.sub("", screen.replace("\r\n", "\n")))
+    rows = [row.rstrip() for row in text.split("\n")]
+    while rows and not rows[-1]:
+        rows.pop()
+    return "\n".join(rows[-lines:])[-MAX_PANE_CHARS:]
+
+
+@dataclass(frozen=True, slots=True)
+class PaneView:
+    session_id: str
+    host: str  # the host that captured it
+    text: str  # the last lines, plain text, newline-separated
+    lines: int  # how many lines were asked for
+    captured_at: str
+    error: str | None = None  # why there is no text (no pane, tmux failed, host unreachable)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the view as the JSON object the API sends."""
+        return _as_json(self)
+
+
+_PANE_CACHE: dict[tuple[str, str, int], tuple[float, PaneView]] = {}  # (db, session, lines) -> (taken at, view)
+
+
+def read_pane(db: Db, session: Session, *, lines: int = PANE_LINES, now_ms: int) -> PaneView:
+    """Capture a session of this host: its pane's last lines, at most once a second per session.
+
+    Read-only: nothing is ever typed. Sessions of other hosts are read by their own host.
+    """
+    if session.host != db.machine_id:
+        raise Conflict(f"session {session.id[:SHORT_ID]} runs on {session.host}; its pane is read there")
+    lines = max(1, min(int(lines), MAX_PANE_LINES))
+    key, now = (db.path, session.id, lines), time.monotonic()
+    hit = _PANE_CACHE.get(key)
+    if hit is not None and now - hit[0] < PANE_MIN_INTERVAL_S:
+        return hit[1]
+    if session.pane_id is None or session.tmux_socket is None or session.state == "gone":
+        view = PaneView(session.id, db.machine_id, "", lines, iso_ms(now_ms),
+                        "this session has no live tmux pane" if session.state != "gone" else "this session is gone")
+    else:
+        screen = capture_pane(session.tmux_socket, session.pane_id, lines=lines + 20)
+        view = PaneView(session.id, db.machine_id, clean_screen(screen or "", lines=lines), lines, iso_ms(now_ms),
+                        None if screen is not None else f"tmux cannot show pane {session.pane_id} now")
+    if len(_PANE_CACHE) > 512:
+        _PANE_CACHE.clear()
+    _PANE_CACHE[key] = (now, view)
+    return view
 
 
 def process_tree() -> tuple[dict[int, tuple[int, int]], dict[int, list[int]]]:
@@ -3483,6 +3641,53 @@ def read_transcript(path: str, cached: tuple[int, int, dict[str, Any]] | None
         info["turn_ms"] = st.st_mtime_ns // 1_000_000
     info["last_activity_at"] = iso_ms(info["last_activity_ms"])
     return st.st_size, st.st_mtime_ns, info
+
+
+def parse_turns(lines: list[bytes], *, n: int = MAX_TURNS) -> list[dict[str, Any]]:
+    """Return the last entries of a transcript, oldest first: {role, text, tools, at}, short.
+
+    role is 'user' (a prompt, or an interrupt), 'assistant' (its text) or 'tool' (the tools it
+    called, by name). Sub-agent lines, local command output and tool results are left out.
+    """
+    turns: list[dict[str, Any]] = []
+    for raw in lines:
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict) or obj.get("isSidechain") or obj.get("isMeta"):
+            continue
+        message, at = obj.get("message"), obj.get("timestamp") if isinstance(obj.get("timestamp"), str) else ""
+        if not isinstance(message, dict) or obj.get("type") not in ("user", "assistant"):
+            continue
+        content = message.get("content")
+        text = " ".join(_text_of(content).split())
+        if obj["type"] == "user":
+            if text and not text.startswith(LOCAL_COMMAND_MARKS):
+                turns.append({"role": "user", "text": text[:TURN_CHARS], "tools": [], "at": at})
+            continue
+        tools = [str(b.get("name"))[:60] for b in content if isinstance(b, dict) and b.get("type") == "tool_use"] \
+            if isinstance(content, list) else []
+        if text:
+            turns.append({"role": "assistant", "text": text[:TURN_CHARS], "tools": [], "at": at})
+        if tools:
+            turns.append({"role": "tool", "text": ", ".join(tools), "tools": tools, "at": at})
+    return turns[-n:]
+
+
+def read_turns(db: Db, session: Session, *, claude_dir: str, n: int = MAX_TURNS) -> list[dict[str, Any]]:
+    """Return the last entries of a session's transcript on this host (see parse_turns)."""
+    if session.host != db.machine_id:
+        raise Conflict(f"session {session.id[:SHORT_ID]} runs on {session.host}; its transcript is read there")
+    path = find_transcript(claude_dir, session.cwd, session.id)
+    if path is None:
+        return []
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = max(0, size - TURNS_TAIL_BYTES)
+        f.seek(start)
+        lines = f.read(size - start).split(b"\n")
+    return parse_turns(lines[1:] if start else lines, n=n)
 
 
 def _read_tail(f: Any, size: int) -> dict[str, Any]:
@@ -3776,10 +3981,17 @@ def _pull_loop(db_path: str, config: dict[str, Any], *, stop: Any, log: Callable
                every_s: float) -> None:
     db = open_db(db_path)
     last_error = ""
+    tails_every_s = config.get("fleet", {}).get("tails_every_s", DEFAULT_TAILS_EVERY_S)
+    if isinstance(tails_every_s, bool) or not isinstance(tails_every_s, int | float) or tails_every_s < 0:
+        log(f"fleet: [fleet] tails_every_s = {tails_every_s!r} is not a number of seconds; pane tails are off")
+        tails_every_s = 0
+    last_tails = -float("inf")
     try:
         while not stop.is_set():
             try:
-                result = pull_fleet(db, config=config, now_ms=now_ms())
+                is_tails = bool(tails_every_s) and time.monotonic() - last_tails >= tails_every_s
+                result = pull_fleet(db, config=config, now_ms=now_ms(), tails=is_tails)
+                last_tails = time.monotonic() if is_tails else last_tails
                 for warning in result.warnings:
                     log(f"fleet: warning: {warning}")
                 last_error = ""
@@ -3866,6 +4078,140 @@ def run_triage(command: str | None, tail: str, *, warnings: list[str]) -> str | 
     return p.stdout.strip()[:MAX_TEXT_CHARS] or None
 
 
+def notify_changes(db: Db, *, config: dict[str, Any], base_url: str, now_ms: int,
+                   log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run `[notify] command` once per session of this host that started to need a person; return what was sent.
+
+    Follows the log from where it stopped: a change into `permission`, or into `waiting` from
+    `working`, is one notification, unless that session notified less than `min_gap_s` ago (a
+    flapping session). Marks are stored before the commands run: a crash never repeats one. Only
+    the session's own host notifies. A failing command is logged and the next one runs anyway.
+    """
+    section = config.get("notify") or {}
+    command, gap_s, timeout_s = notify_settings(section)
+    marks = list_notify_marks(db)
+    after_text = get_meta(db.conn.cursor(), "notify_after")
+    if after_text is None:  # the first look starts from now: history is not news
+        with write_txn(db) as cur:
+            save_notify_marks(cur, {s.id: (s.state, None) for s in list_sessions(db, host=db.machine_id)},
+                              after=head_rseq(cur))
+        return []
+    events = list_events_after(db, after=int(after_text), limit=1000, max_chars=4 * 1024 * 1024)
+    due: dict[str, str] = {}
+    for ev in events:
+        p = ev.payload
+        is_mine = p.get("host") == db.machine_id and _is_id(p.get("session_id"))
+        if not ev.event_type.startswith("session.") or not is_mine:
+            continue
+        state = "gone" if ev.event_type == "session.gone" else p.get("state")
+        sid = p["session_id"]
+        old, notified = marks.get(sid, (None, None))
+        if state is None or state == old:
+            continue
+        if state == "permission" or (state == "waiting" and old == "working"):
+            if notified is None or now_ms - notified >= gap_s * 1000 or sid in due:
+                due[sid] = state
+                notified = now_ms
+        marks[sid] = (state, notified)
+    if not events:
+        return []
+    with write_txn(db) as cur:
+        save_notify_marks(cur, marks, after=max(ev.rseq for ev in events))
+    sent = []
+    for sid, state in due.items():
+        message = notify_message(db, sid, state, base_url=base_url)
+        if command:
+            error = run_notify(command, message, timeout_s=timeout_s)
+            if error:
+                log(f"notify: {error}")
+        sent.append(message)
+    return sent
+
+
+def notify_settings(section: dict[str, Any]) -> tuple[list[str] | None, float, float]:
+    """Return [notify]'s command (argv), min_gap_s and timeout_s; refuse values that do not fit."""
+    import shlex
+
+    command = section.get("command")
+    if isinstance(command, str):
+        try:
+            command = shlex.split(command)
+        except ValueError as err:
+            raise ClareError(f"clare.toml: [notify] command cannot be split into words ({err}); "
+                             "fix its quotes") from err
+    if command is not None and (not isinstance(command, list) or not command
+                                or not all(isinstance(w, str) for w in command)):
+        raise ClareError("clare.toml: [notify] command must be a command line or a list of words")
+    values = []
+    for name, default in (("min_gap_s", DEFAULT_NOTIFY_GAP_S), ("timeout_s", DEFAULT_NOTIFY_TIMEOUT_S)):
+        value = section.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ClareError(f"clare.toml: [notify] {name} = {value!r} is not a number of seconds; fix it")
+        values.append(float(value))
+    return command, values[0], values[1]
+
+
+def notify_message(db: Db, session_id: str, state: str, *, base_url: str) -> dict[str, Any]:
+    """Return the JSON object a notification carries: who needs you, where, for what, and the page's URL."""
+    s = next(x for x in find_sessions(db, prefix=session_id) if x.id == session_id)
+    task = next((t for t in list_tasks(db) if t.id == s.task_id), None) if s.task_id else None
+    return {"session": s.id, "label": s.label, "host": s.host, "state": state, "since": s.state_at,
+            "cwd": s.cwd, "tmux_target": s.tmux_target,
+            "task": {"id": task.id, "title": task.title} if task else None,
+            "project": {"id": task.project_id, "name": task.project} if task else None,
+            "asked": s.asked if state == "permission" else None,
+            "url": f"{base_url.rstrip('/')}/sessions/{s.id}"}
+
+
+def run_notify(command: list[str], message: dict[str, Any], *, timeout_s: float) -> str | None:
+    """Run the notify command (no shell) with the message as JSON on stdin; return why it failed, or None."""
+    import subprocess
+
+    try:
+        p = subprocess.run(command, input=json.dumps(message, ensure_ascii=False) + "\n", capture_output=True,
+                           text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"command {command[0]!r} did not finish within {timeout_s:g} s; it was stopped"
+    except OSError as err:
+        return f"command {command[0]!r} cannot run: {err.strerror or err}; fix [notify] command in clare.toml"
+    if p.returncode != 0:
+        first = (p.stderr.strip().splitlines() or [""])[0][:200]
+        return f"command {command[0]!r} exited {p.returncode}" + (f": {first}" if first else "")
+    return None
+
+
+def start_background_notify(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+                            log: Callable[[str], None]) -> Any:
+    """Start a daemon thread that runs notify_changes every second until `stop` is set; None without [notify]."""
+    import threading
+
+    if not config.get("notify"):
+        return None
+    notify_settings(config["notify"])  # a typo there stops `serve` at start, not later in a log line
+    thread = threading.Thread(target=_notify_loop, name="clare-notify", daemon=True, args=(db_path, config),
+                              kwargs={"base_url": base_url, "stop": stop, "log": log})
+    thread.start()
+    return thread
+
+
+def _notify_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+                 log: Callable[[str], None]) -> None:
+    db = open_db(db_path)
+    last_error = ""
+    try:
+        while not stop.is_set():
+            try:
+                notify_changes(db, config=config, base_url=base_url, now_ms=now_ms(), log=log)
+                last_error = ""
+            except Exception as err:  # the background loop is an edge: one bad look never ends it
+                if str(err) != last_error:
+                    log(f"notify: failed: {err}")
+                last_error = str(err)
+            stop.wait(NOTIFY_EVERY_S)
+    finally:
+        db.close()
+
+
 def list_ambiguous_panes(db: Db) -> list[Pane]:
     """Return the Claude panes the last pull could not tie to one session."""
     return [Pane(**p) for p in json.loads(get_meta(db.conn.cursor(), "ambiguous_panes") or "[]")]
@@ -3942,7 +4288,23 @@ def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]
                     pane if isinstance(pane, str) and pane.startswith("%") else None,
                     hook_state(p), event, int(report.get("at_ms") or now_ms))
     cwd = p["cwd"] if isinstance(p.get("cwd"), str) else ""
-    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", now_ms=now_ms)
+    asked = asked_of(p) if event == "PermissionRequest" else None
+    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", asked=asked, now_ms=now_ms)
+
+
+def asked_of(payload: dict[str, Any]) -> dict[str, str]:
+    """Return what a PermissionRequest asks, {tool, input}: the tool and its command, file or URL as text."""
+    # SECURITY: hook stdin; any JSON shape may come, so only text is kept, cut to size.
+    tool = payload.get("tool_name")
+    tool = tool[:100] if isinstance(tool, str) else "?"
+    tool_input = payload.get("tool_input")
+    if isinstance(tool_input, dict):
+        text = next((tool_input[k] for k in ASKED_INPUT_KEYS if isinstance(tool_input.get(k), str)), None)
+        if text is None:
+            text = json.dumps(tool_input, ensure_ascii=False, sort_keys=True)
+    else:
+        text = "" if tool_input is None else json.dumps(tool_input, ensure_ascii=False)
+    return {"tool": tool, "input": text[:MAX_ASKED_CHARS]}
 
 
 def ingest_spool(db: Db, *, now_ms: int) -> int:
@@ -4591,6 +4953,8 @@ PROGRESS_MIN_EVENTS = 2000  # a transfer larger than this shows a progress line
 SYNC_INTERVAL_S = 30.0  # background sync: the pause between two good rounds with a peer
 MAX_BACKOFF_S = 900.0  # ... and the longest pause after failed ones
 PEER_TIMEOUT_S = 20.0  # one HTTP request to a peer
+PEEK_TIMEOUT_S = 3.0  # a peer's live pane or transcript view: a page waits this long at most
+MAX_PEEK_BYTES = 256 * 1024  # ... and takes an answer this large at most
 MAX_RESPONSE_BYTES = 512 * 1024 * 1024  # a peer answer larger than this is refused unread
 HTTP_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
 PEER_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
@@ -5046,7 +5410,8 @@ class HttpPeer(PeerTransport):
 
 
 def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, token: str | None = None,
-              timeout_s: float = PEER_TIMEOUT_S, hint_401: str = "", say_where: bool = True) -> Any:
+              timeout_s: float = PEER_TIMEOUT_S, hint_401: str = "", say_where: bool = True,
+              max_bytes: int = MAX_RESPONSE_BYTES) -> Any:
     """Send one JSON request to a Clare server, never through a proxy, and return its decoded answer.
 
     Every failure is one ClareError line: unreachable, truncated, too large or not JSON; an error status
@@ -5069,9 +5434,9 @@ def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, to
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=timeout_s) as response:
-            raw = response.read(MAX_RESPONSE_BYTES + 1)
+            raw = response.read(max_bytes + 1)
             length = response.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) != len(raw) and len(raw) <= MAX_RESPONSE_BYTES:
+            if length.isdigit() and int(length) != len(raw) and len(raw) <= max_bytes:
                 raise http.client.IncompleteRead(raw, int(length) - len(raw))  # read(n) returns a cut body as is
     except urllib.error.HTTPError as err:
         said = _error_body_message(err)
@@ -5093,8 +5458,8 @@ def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, to
                              "it may refuse bodies that large (413): run one Clare version on both") from err
         raise ClareError(f"cannot reach {base} ({str(reason)[:200]}); check that 'clare serve' runs there "
                          "and that the address is right") from err
-    if len(raw) > MAX_RESPONSE_BYTES:
-        raise ClareError(f"{base} sent more than {MAX_RESPONSE_BYTES} bytes; is it a Clare?")
+    if len(raw) > max_bytes:
+        raise ClareError(f"{base} sent more than {max_bytes} bytes; is it a Clare?")
     try:
         return json.loads(raw or b"null")  # a 204 has no body
     except (ValueError, RecursionError) as err:  # SECURITY: a server may nest '[' deeper than the stack
@@ -5380,6 +5745,65 @@ def stop_session(db: Db, session_ref: str, *, is_force: bool = False, config: di
 
 
 SERVICES.update({fn.__name__: fn for fn in (start_session, resume_session, stop_session)})
+def peer_of_host(db: Db, peers: Iterable[Peer], host: str) -> Peer | None:
+    """Return the configured peer whose last sync answered as machine `host`, or None (not a direct peer)."""
+    ids = {s.url: s.machine_id for s in list_peer_status(db)}
+    return next((p for p in peers if ids.get(p.url) == host), None)
+
+
+def view_pane(db: Db, session: Session, *, peers: Iterable[Peer], settings: dict[str, Any],
+              lines: int = PANE_LINES, now_ms: int) -> PaneView:
+    """Return a session's live pane from whichever host runs it: here by tmux, elsewhere from that peer.
+
+    Wire: GET PEER/api/v1/sessions/ID/pane?lines=N with the peer's bearer token, within
+    PEEK_TIMEOUT_S, an answer of at most MAX_PEEK_BYTES; at most one request per session per
+    PANE_MIN_INTERVAL_S from this host, however many pages watch. Never a key is sent.
+    """
+    if session.host == db.machine_id:
+        return read_pane(db, session, lines=lines, now_ms=now_ms)
+    lines = max(1, min(int(lines), MAX_PANE_LINES))
+    key, now = (db.path, session.id, -lines), time.monotonic()
+    hit = _PANE_CACHE.get(key)
+    if hit is not None and now - hit[0] < PANE_MIN_INTERVAL_S:
+        return hit[1]
+    try:
+        got = _peek(db, session, peers=peers, settings=settings, path=f"pane?lines={lines}")
+        # SECURITY: a peer's text is untrusted like any pane: cleaned again here, cut to size, escaped when shown.
+        if not isinstance(got, dict) or not isinstance(got.get("text"), str):
+            raise ClareError(f"{session.host} sent a pane view this Clare cannot read; run one Clare version")
+        error = got.get("error") if isinstance(got.get("error"), str) else None
+        view = PaneView(session.id, session.host, clean_screen(got["text"], lines=lines), lines, iso_ms(now_ms),
+                        error[:300] if error else None)
+    except ClareError as err:
+        view = PaneView(session.id, session.host, "", lines, iso_ms(now_ms), str(err)[:300])
+    _PANE_CACHE[key] = (now, view)
+    return view
+
+
+def view_turns(db: Db, session: Session, *, peers: Iterable[Peer], settings: dict[str, Any],
+               claude_dir: str) -> list[dict[str, Any]]:
+    """Return the last entries of a session's transcript from whichever host runs it (see parse_turns)."""
+    if session.host == db.machine_id:
+        return read_turns(db, session, claude_dir=claude_dir)
+    got = _peek(db, session, peers=peers, settings=settings, path="transcript")
+    turns = got.get("turns") if isinstance(got, dict) else None
+    if not isinstance(turns, list):
+        raise ClareError(f"{session.host} sent a transcript view this Clare cannot read; run one Clare version")
+    # SECURITY: from the network: only the known fields, as short text.
+    return [{"role": t["role"], "text": PANE_CONTROL_RE.sub("", t["text"])[:TURN_CHARS], "tools": [],
+             "at": str(t.get("at", ""))[:40]}
+            for t in turns[-MAX_TURNS:] if isinstance(t, dict) and t.get("role") in ("user", "assistant", "tool")
+            and isinstance(t.get("text"), str)]
+
+
+def _peek(db: Db, session: Session, *, peers: Iterable[Peer], settings: dict[str, Any], path: str) -> Any:
+    peer = peer_of_host(db, peers, session.host)
+    if peer is None:
+        raise ClareError(f"{session.host} is not a direct peer of this host; open the dashboard of "
+                         f"{session.host} (or of a host that syncs with it) to see this session live")
+    return http_json(peer.url, f"/api/v1/sessions/{session.id}/{path}", token=peer_token(peer, settings),
+                     timeout_s=PEEK_TIMEOUT_S, max_bytes=MAX_PEEK_BYTES, say_where=False,
+                     hint_401="set the peer's token: token_env in clare.toml, or CLARE_TOKEN")
 
 
 def skew_message(name: str, offset_ms: int) -> str:
@@ -5442,6 +5866,7 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both together
 HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"
+PANE_POLL_S = 2  # how often an open session page refreshes its live pane
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
@@ -5476,6 +5901,7 @@ class WebConfig:
     max_threads: int = MAX_HANDLER_THREADS
     peers: tuple[Peer, ...] = ()  # clare.toml's peers as read at start: a later typo there never breaks a poll
     config_path: str = ""  # clare.toml, read again where a service needs settings (starting a session)
+    settings: Any = None  # clare.toml as read at start: peer tokens, [hosts.NAME] ssh
 
     @property
     def has_token(self) -> bool:
@@ -5534,7 +5960,8 @@ def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: st
     finally:
         db.close()
     return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests,
-                     peers=tuple(load_peers(config, path=paths.config)), config_path=paths.config)
+                     peers=tuple(load_peers(config, path=paths.config)), config_path=paths.config,
+                     settings=config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -5697,6 +6124,16 @@ def check_origin(headers: dict[str, str]) -> None:
     if parts.scheme not in ("http", "https") or parts.netloc != own:
         raise HttpError(403, f"origin {origin[:80]!r} is not this server ({own}); "
                              "state changes must come from Clare's own pages or an API client")
+
+
+def check_same_origin(headers: dict[str, str]) -> None:
+    """Refuse a read of a pane or a transcript that a browser made for another site, even a same-site one."""
+    # SECURITY: a page on another port of this host is "same-site"; only our own pages (same-origin)
+    # and clients that are not browsers (no Sec-Fetch-Site, no Origin) may read what a session shows.
+    site = headers.get("sec-fetch-site", "").lower()
+    if site and site not in ("same-origin", "none"):
+        raise HttpError(403, f"a {site} request may not read a session's pane or transcript; open Clare's own page")
+    check_origin(headers)
 
 
 def check_auth(config: WebConfig, headers: dict[str, str]) -> None:
@@ -6130,11 +6567,165 @@ def redirect(url: str) -> Response:
     return Response(303, b"", "text/plain", (("Location", url),))
 
 
+# The page's own script, served from memory at /static/clare.js (CSP: script-src 'self', nothing inline).
+CLARE_JS = r"""// Clare's page script: keys, the tab title's count, opt-in browser notifications, copy buttons.
+// Everything here is a convenience: with JavaScript off every page reads and every form posts.
+(function () {
+  "use strict";
+  var baseTitle = document.title.replace(/^\(\d+\) /, "");
+  var seen = null;  // the needs-you keys known already: only new ones notify
+  var currentRow = null;  // the data-row (a URL) that j/k stand on, kept across polls
+
+  function byId(id) { return document.getElementById(id); }
+
+  function readNeeds() {
+    var el = byId("nav-needs");
+    if (!el) return;
+    var n = parseInt(el.getAttribute("data-count") || "0", 10);
+    document.title = (n > 0 ? "(" + n + ") " : "") + baseTitle;
+    var items = [];
+    try { items = JSON.parse(el.getAttribute("data-needs") || "[]"); } catch (err) { items = []; }
+    var keys = items.map(function (x) { return x.key; });
+    if (seen !== null && notifyOn()) {
+      items.forEach(function (x) {
+        if (seen.indexOf(x.key) >= 0) return;
+        var note = new Notification(x.title, {body: x.body, tag: x.key});
+        note.onclick = function () { window.focus(); location.href = x.url; };
+      });
+    }
+    seen = keys;
+  }
+
+  function notifyOn() {
+    return window.isSecureContext && "Notification" in window && Notification.permission === "granted" &&
+      localStorage.getItem("clare-notify") === "on";
+  }
+
+  function setupOptIn() {
+    var b = byId("notify-optin");
+    if (!b || !window.isSecureContext || !("Notification" in window)) return;
+    b.hidden = false;
+    b.textContent = notifyOn() ? "Browser notifications: on" : "Notify me in this browser";
+    b.addEventListener("click", function () {
+      if (notifyOn()) { localStorage.removeItem("clare-notify"); setupLabel(b); return; }
+      Notification.requestPermission().then(function (answer) {
+        if (answer === "granted") localStorage.setItem("clare-notify", "on");
+        setupLabel(b);
+      });
+    });
+  }
+
+  function setupLabel(b) {
+    b.textContent = notifyOn() ? "Browser notifications: on" : "Notify me in this browser";
+  }
+
+  function rows() {
+    return Array.prototype.slice.call(document.querySelectorAll("[data-row]")).filter(function (r) {
+      return !r.hidden && r.offsetParent !== null;
+    });
+  }
+
+  function mark() {
+    rows().forEach(function (r) { r.classList.toggle("is-current", r.getAttribute("data-row") === currentRow); });
+  }
+
+  function move(step) {
+    var rs = rows();
+    if (!rs.length) return;
+    var i = rs.map(function (r) { return r.getAttribute("data-row"); }).indexOf(currentRow);
+    i = i < 0 ? (step > 0 ? 0 : rs.length - 1) : Math.max(0, Math.min(rs.length - 1, i + step));
+    currentRow = rs[i].getAttribute("data-row");
+    mark();
+    rs[i].scrollIntoView({block: "nearest"});
+  }
+
+  function filter() {
+    var f = byId("filter");
+    if (!f) return;
+    var q = f.value.trim().toLowerCase();
+    document.querySelectorAll("[data-row]").forEach(function (r) {
+      r.hidden = q !== "" && r.textContent.toLowerCase().indexOf(q) < 0;
+    });
+  }
+
+  document.addEventListener("keydown", function (e) {
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    var t = e.target;
+    if (t && (t.isContentEditable || /^(input|textarea|select)$/i.test(t.tagName))) {
+      if (e.key === "Escape") t.blur();
+      return;
+    }
+    if (e.key === "j") move(1);
+    else if (e.key === "k") move(-1);
+    else if (e.key === "o" || (e.key === "Enter" && currentRow)) {
+      if (!currentRow) return;
+      location.href = currentRow;
+    } else if (e.key === "/") {
+      var f = byId("filter");
+      if (!f) return;
+      f.focus();
+      f.select();
+    } else if (e.key === "?") {
+      var k = byId("keys");
+      if (!k) return;
+      k.open = !k.open;
+      if (k.open) k.scrollIntoView({block: "nearest"});
+    } else return;
+    e.preventDefault();
+  });
+
+  document.addEventListener("input", function (e) { if (e.target && e.target.id === "filter") filter(); });
+
+  document.addEventListener("click", function (e) {
+    var b = e.target.closest ? e.target.closest("[data-copy]") : null;
+    if (b) {
+      var src = byId(b.getAttribute("data-copy"));
+      if (!src) return;
+      var selectIt = function () {
+        var range = document.createRange();
+        range.selectNodeContents(src);
+        var sel = window.getSelection();
+        sel.removeAllRanges();
+        sel.addRange(range);
+        b.textContent = "Selected: press Ctrl+C";
+      };
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(src.textContent).then(function () { b.textContent = "Copied"; }, selectIt);
+      } else selectIt();
+      return;
+    }
+    var flash = e.target.closest ? e.target.closest("#flash .flash") : null;
+    if (flash) flash.remove();
+  });
+
+  document.addEventListener("htmx:afterSettle", function () {
+    readNeeds();
+    filter();
+    mark();
+    var ok = document.querySelector("#flash .flash.ok");
+    if (ok) setTimeout(function () { if (ok.isConnected) ok.remove(); }, 5000);
+  });
+
+  readNeeds();
+  setupOptIn();
+})();
+"""
+STATIC_MEMORY = {"clare.js": CLARE_JS.encode()}  # files served from memory, by name
+
+
+def static_version(name: str) -> str:
+    """Return a short hash of a file served from memory: its URL changes whenever its text does."""
+    import hashlib
+
+    return hashlib.sha256(STATIC_MEMORY[name]).hexdigest()[:12]
+
+
 # htmx swaps 4xx bodies too, so a refused form shows its one-line reason in #flash.
 HTMX_CONFIG = {"includeIndicatorStyles": False, "defaultSwapStyle": "outerHTML", "historyCacheSize": 0,
                "responseHandling": [{"code": "204", "swap": False}, {"code": "[23]..", "swap": True},
                                     {"code": "[45]..", "swap": True, "error": False}]}
-NAV = (("/", "Dashboard"), ("/projects", "Projects"), ("/sessions", "Sessions"), ("/broadcast", "Broadcast"))
+NAV = (("/", "Dashboard"), ("/needs", "Needs you"), ("/projects", "Projects"), ("/sessions", "Sessions"),
+       ("/broadcast", "Broadcast"))
 
 PAGE = string.Template("""<!doctype html>
 <html lang="en">
@@ -6144,7 +6735,7 @@ PAGE = string.Template("""<!doctype html>
 <meta name="color-scheme" content="light dark">
 <meta name="htmx-config" content="$htmx_config">
 <link rel="icon" href="data:,">
-<title>$title · Clare</title>
+<title>$count$title · Clare</title>
 <style>
 :root{--bg:#f5f6f8;--fg:#1b2129;--muted:#5f6b78;--card:#fff;--line:#e1e5ea;--soft:#eef1f5;--accent:#3b5bdb;
 --on-accent:#fff;--gray:#6b7785;--blue:#1c7ed6;--orange:#e8590c;--green:#2f9e44;--amber:#e67700;--red:#e03131;
@@ -6226,6 +6817,28 @@ dl.facts dt{color:var(--muted);font-size:.85rem}dl.facts dd{margin:0;overflow-wr
 .flash.ok{background:color-mix(in srgb,var(--green) 12%,var(--card));border:1px solid var(--green)}
 .htmx-request{opacity:.65;transition:opacity .2s}
 footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
+#flash{position:fixed;left:0;right:0;bottom:.8rem;z-index:5;padding:0 .8rem}#flash .flash{margin:0 auto;cursor:pointer;
+box-shadow:0 4px 18px rgba(0,0,0,.18)}
+.count{display:inline-block;min-width:1.2rem;margin-left:.3rem;padding:0 .35rem;border-radius:999px;font-size:.74rem;
+text-align:center;background:var(--red);color:#fff}.count:empty{display:none}
+pre.pane{margin:0;padding:.6rem .7rem;background:#0e1115;color:#d8dee6;border-radius:8px;font:12px/1.35 ui-monospace,
+SFMono-Regular,Menlo,Consolas,monospace;white-space:pre;overflow:auto;max-height:70vh}
+pre.tail{white-space:pre-wrap;overflow-wrap:anywhere;font:12px/1.35 ui-monospace,Menlo,Consolas,monospace;
+margin:.2rem 0}
+.cmd{display:flex;flex-wrap:wrap;gap:.5rem;align-items:center}.cmd code{flex:1 1 16rem;overflow-wrap:anywhere;
+padding:.4rem .55rem;background:var(--soft);border-radius:7px;font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}
+[data-row].is-current{outline:2px solid var(--accent);outline-offset:-2px;border-radius:6px}
+ul.feed li[data-row]{padding-left:.4rem;padding-right:.4rem}
+.asked{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace;overflow-wrap:anywhere}.actions{display:flex;gap:.6rem;
+flex-wrap:wrap;margin-top:.2rem}.turn{display:grid;grid-template-columns:4.5rem 1fr;gap:.5rem}
+kbd{font:12px ui-monospace,Menlo,monospace;border:1px solid var(--line);border-radius:4px;padding:0 .3rem}
+details#keys{display:inline-block;margin-left:.6rem}
+details#keys[open]{display:block;max-width:20rem;margin:.6rem auto 0;
+text-align:left}button.small{font-size:.78rem;padding:.15rem .5rem}
+@media (max-width:40rem){table.cards thead{display:none}table.cards tr{display:block;padding:.45rem 0;
+border-bottom:1px solid var(--line)}table.cards tr:last-child{border-bottom:0}table.cards td{display:block;border:0;
+padding:.1rem .2rem}table.cards td.hide-sm{display:none}table.cards td.title{min-width:0}.scroll{overflow-x:visible}
+pre.pane{font-size:10.5px}}
 @media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
 .host{display:none}.hide-sm{display:none}.stats{grid-template-columns:repeat(3,1fr);gap:.5rem}
 .stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}
@@ -6233,6 +6846,7 @@ nav a{padding:.25rem .4rem;font-size:.93rem}
 .card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 </style>
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
+<script src="/static/clare.js?v=$js_version" defer></script>
 </head>
 <body hx-headers="$hx_headers">
 <header class="top"><a class="brand" href="/"><b>◆</b> Clare</a><nav>$nav</nav><span class="host">$host</span></header>
@@ -6240,11 +6854,18 @@ nav a{padding:.25rem .4rem;font-size:.93rem}
 <div id="flash" role="status" aria-live="polite"></div>
 $main
 </main>
-<footer>clare $version · parts of this page refresh every $poll_s s</footer>
+<footer>clare $version · parts of this page refresh every $poll_s s · <button type="button" class="ghost small"
+id="notify-optin" hidden>Notify me in this browser</button>
+<details id="keys"><summary>Keys</summary><dl class="facts keys">
+<dt><kbd>j</kbd> <kbd>k</kbd></dt><dd>next, previous row</dd>
+<dt><kbd>o</kbd></dt><dd>open the row</dd><dt><kbd>/</kbd></dt><dd>filter the list</dd>
+<dt><kbd>?</kbd></dt><dd>show these keys</dd></dl></details></footer>
 </body>
 </html>
 """)
-NAV_LINK = string.Template('<a href="$href"$current>$label</a>')
+NAV_LINK = string.Template('<a href="$href"$current>$label$count</a>')
+NAV_NEEDS = string.Template(
+    '<span id="nav-needs" class="count" $poll data-count="$n" data-needs="$needs">$label</span>')
 FLASH = string.Template('<div id="flash" role="status" aria-live="polite"$oob>$message</div>')
 FLASH_MESSAGE = string.Template('<p class="flash $kind">$text</p>')
 
@@ -6252,13 +6873,25 @@ FLASH_MESSAGE = string.Template('<p class="flash $kind">$text</p>')
 def page(req: Request, title: str, main: Html, *, status: int = 200) -> Response:
     """Return a full page: the shared head, styles, navigation and htmx setup around `main`."""
     current = "/" + req.path.split("/")[1] if req.path != "/" else "/"
-    nav = join(render(NAV_LINK, href=href, label=label,
+    needs = list_needs(req.db)
+    nav = join(render(NAV_LINK, href=href, label=label, count=nav_needs(needs) if href == "/needs" else Html(""),
                       current=Html(' aria-current="page"') if href == current else Html(""))
                for href, label in NAV)
     return html_response(render(
         PAGE, title=title, main=main, nav=nav, host=req.db.machine_id, version=__version__, poll_s=POLL_S,
-        htmx_version=HTMX_VERSION, htmx_config=json.dumps(HTMX_CONFIG),
+        htmx_version=HTMX_VERSION, htmx_config=json.dumps(HTMX_CONFIG), js_version=static_version("clare.js"),
+        count=f"({len(needs)}) " if needs else "",
         hx_headers=json.dumps({"X-CSRF-Token": req.config.csrf_token})), status=status)
+
+
+def nav_needs(needs: list[Session]) -> Html:
+    """Render the needs-you count of the navigation, polled; it carries the list the page script notifies from."""
+    items = [{"key": f"{s.id}:{s.state}:{s.state_at}", "url": f"/sessions/{s.id}",
+              "title": f"{SESSION_LABELS.get(s.state, s.state)}: {short_text(s.label or s.id[:SHORT_ID], 60)}",
+              "body": short_text(f"{s.asked['tool']}: {s.asked['input']}" if s.asked else f"{s.host} · {s.cwd}", 120)}
+             for s in needs]
+    return render(NAV_NEEDS, poll=poll_attrs("/frag/nav-needs"), n=len(needs), label=len(needs) or "",
+                  needs=json.dumps(items, ensure_ascii=False))
 
 
 def flash(text: str, *, kind: str = "error", oob: bool = False) -> Html:
@@ -6433,7 +7066,7 @@ START_CARD = string.Template("""<section class="card" id="start-session"><h2>Sta
 PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
-TASKS_TABLE = string.Template("""<div class="scroll"><table>
+TASKS_TABLE = string.Template("""<div class="scroll"><table class="cards">
 <thead><tr><th>Pri</th><th>Task</th><th>Status</th><th>Assigned</th><th class="hide-sm">Id</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
 TASK_ROW = string.Template("""<tr><td><span class="badge c-$pri_color">P$priority</span></td>
@@ -6460,18 +7093,18 @@ MAIN_TASK = string.Template("""<p class="muted small"><a href="/projects">Projec
 $task_card
 <section class="card"><h2>Assign</h2>
 <form class="row" $assign_attrs>$csrf<input type="hidden" name="view" value="task">
-<label>Session id<input name="session_id" placeholder="7c1e9b" autocomplete="off" list="session-ids"></label>
+$session_picker
 <label>or group<select name="group"><option value="">—</option>$group_options</select></label>
-<button type="submit">Assign</button></form>
-$session_list</section>
+<button type="submit">Assign</button></form></section>
 $start_card
 </div>
 <div class="grid">
 <section class="card"><h2>Updates</h2>
 $update_form
 $updates</section>
-<section class="card"><h2>History</h2>$history</section>
+$history
 </div>""")
+FRAG_HISTORY = string.Template("""<section class="card" id="frag-history" $poll$oob><h2>History</h2>$feed</section>""")
 FRAG_TASK = string.Template("""<section class="card" id="frag-task" $poll>
 <h2>Task</h2>
 $removed<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
@@ -6486,10 +7119,12 @@ UPDATE_FORM = string.Template("""<form class="row" id="update-form" $attrs$oob>$
 <button type="submit">Post update</button></form>""")
 FRAG_UPDATES = string.Template("""<div id="frag-updates" $poll>$items</div>""")
 ASSIGNEE = string.Template('<span class="mono">$kind $id</span>')
+SESSION_ASSIGNEE = string.Template('<a class="mono" href="/sessions/$full_id">session $id</a>')
 REMOVED_NOTE = string.Template("""<p class="removed">$badge This task was removed $when; it shows in no list.
 Bring it back with <code>clare task restore $short_id</code>
 (or <code>clare undo</code> on the host that removed it).</p>""")
 DESCRIPTION = string.Template('<pre class="text">$text</pre>')
+TAIL = string.Template('<pre class="tail">$text</pre>')  # a pane tail: its lines are the point
 
 
 def badge(label: str, color: str) -> Html:
@@ -6531,7 +7166,7 @@ def order_text(o: Order) -> str:
 def assignee_text(task: Task) -> Html:
     """Return who a task is bound to, for a table cell."""
     if task.session_id:
-        return render(ASSIGNEE, kind="session", id=task.session_id[:SHORT_ID])
+        return render(SESSION_ASSIGNEE, full_id=task.session_id, id=task.session_id[:SHORT_ID])
     if task.group_id:
         return render(ASSIGNEE, kind="group", id=task.group_id[:SHORT_ID])
     return Html('<span class="muted">—</span>')
@@ -6692,8 +7327,8 @@ def updates_list(updates: list[Update], *, empty: str) -> Html:
     if not updates:
         return render(EMPTY, text=empty)
     return render(FEED, items=join(
-        render(FEED_ITEM, text=u.text, at=u.created_at, when=when_text(u.created_at),
-               where=f"{u.source} · {u.machine_id}") for u in reversed(updates)))
+        render(FEED_ITEM, text=render(TAIL, text=u.text) if u.source == "pane-tail" else u.text, at=u.created_at,
+               when=when_text(u.created_at), where=f"{u.source} · {u.machine_id}") for u in reversed(updates)))
 
 
 def frag_project_tasks(req: Request) -> Response:
@@ -6764,9 +7399,22 @@ def page_task(req: Request) -> Response:
         priority=t.priority, task_card=task_fragment(req, t), csrf=csrf_field(req),
         assign_attrs=form_attrs(f"/tasks/{t.id}/assignment", target="#frag-task"),
         group_options=options(((g.name, g.name) for g in svc.list_groups()), None),
-        session_list=session_datalist(req), start_card=start_card(req, t), update_form=update_form(req, t),
+        session_picker=session_picker(req, t.session_id), start_card=start_card(req, t),
+        update_form=update_form(req, t),
         updates=updates_fragment(req, t),
-        history=feed(svc.list_history([t.id], limit=50), empty="No history.")))
+        history=history_fragment(req, [t.id], url=f"/frag/tasks/{t.id}/history")))
+
+
+def history_fragment(req: Request, entity_ids: list[str], *, url: str, oob: bool = False) -> Html:
+    """Render the history card of a task or a session, polled in place (oob: beside another answer)."""
+    return render(FRAG_HISTORY, poll=poll_attrs(url), oob=Html(' hx-swap-oob="true"') if oob else Html(""),
+                  feed=feed(req.svc.list_history(entity_ids, limit=50), empty="No history."))
+
+
+def frag_task_history(req: Request) -> Response:
+    """Answer the history poll of a task."""
+    t = req.svc.get_task(req.params["task"])
+    return html_response(history_fragment(req, [t.id], url=f"/frag/tasks/{t.id}/history"))
 
 
 def frag_task(req: Request) -> Response:
@@ -6784,7 +7432,8 @@ def _after_task_change(req: Request, task: Task, message: str, *, kind: str = "o
     if not req.is_htmx:
         return redirect(f"/tasks/{task.id}" if view == "task" else f"/projects/{task.project_id}")
     if view == "task":
-        body = task_fragment(req, task)
+        body = join([task_fragment(req, task),
+                     history_fragment(req, [task.id], url=f"/frag/tasks/{task.id}/history", oob=True)])
     else:
         body = tasks_fragment(req, req.svc.get_project(task.project_id))
     return html_response(join([body, flash(message, kind=kind, oob=True)]))
@@ -6829,30 +7478,42 @@ def frag_post_update(req: Request) -> Response:
     if not req.is_htmx:
         return redirect(f"/tasks/{t.id}")
     return html_response(join([updates_fragment(req, t), update_form(req, t, oob=True),
+                               history_fragment(req, [t.id], url=f"/frag/tasks/{t.id}/history", oob=True),
                                flash("Update posted.", kind="ok", oob=True)]))
 
 
 SESSION_COLORS = {"working": "blue", "waiting": "amber", "permission": "red", "idle": "gray", "gone": "gray"}
 SESSION_LABELS = {"working": "working", "waiting": "waiting for you", "permission": "needs permission",
                   "idle": "idle", "gone": "gone"}
-NEEDS_PERSON = ("permission", "waiting")
 
 FRAG_ATTENTION = string.Template("""<section class="card attention" id="frag-attention" $poll>
 <h2>Needs you</h2>$body</section>""")
 ATTENTION_LIST = string.Template('<ul class="feed" hx-disable>$items</ul>')
-ATTENTION_ITEM = string.Template("""<li><div class="line">$state <b>$label</b> <span class="muted small">$since</span>
-</div>
-<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>
-$task</li>""")
-TASK_LINK = string.Template('<div class="small">task <a href="/tasks/$id">$title</a></div>')
+ATTENTION_ITEM = string.Template("""<li data-row="/sessions/$id"><div class="line">$state
+<a href="/sessions/$id"><b>$label</b></a>
+<span class="muted small">$since</span></div>$asked
+<div class="small">$project$task</div>
+<div class="muted small"><span class="mono">$short_id</span> · $host · <span class="mono">$where</span> · $cwd</div>
+<div class="actions small"><a href="/sessions/$id">Open</a><a href="/sessions/$id#attach">Attach</a></div></li>""")
+ASKED = string.Template('<div class="asked">$tool: $input</div>')
+TASK_LINK = string.Template('task <a href="/tasks/$id">$title</a>')
+PROJECT_LINK = string.Template('<a href="/projects/$id">$name</a> · ')
+FILTER_FORM = string.Template("""<form class="row" method="get" action="/needs" role="search">
+<label class="wide">Filter (press /)<input id="filter" name="q" value="$q" placeholder="project, task, host, folder"
+autocomplete="off"></label><noscript><button class="ghost">Filter</button></noscript></form>""")
+MAIN_NEEDS = string.Template("""<h1>Needs you</h1>
+<p class="sub">Permission dialogs first, then the sessions that have waited longest. <kbd>j</kbd>/<kbd>k</kbd> move,
+<kbd>o</kbd> opens, <kbd>/</kbd> filters, <kbd>?</kbd> lists the keys.</p>
+$filter
+$attention""")
 FRAG_FLEET = string.Template("""<section class="card" id="frag-fleet" $poll>
 <h2>Sessions</h2>$table</section>""")
-FLEET_TABLE = string.Template("""<div class="scroll"><table>
+FLEET_TABLE = string.Template("""<div class="scroll"><table class="cards">
 <thead><tr><th>State</th><th>Session</th><th>Where</th><th>Task</th><th>Active</th><th class="hide-sm">Tokens</th>
 </tr></thead>
 <tbody hx-disable>$rows</tbody></table></div>""")
-FLEET_ROW = string.Template("""<tr><td>$state</td>
-<td class="title"><b>$label</b><div class="mono muted small">$id</div></td>
+FLEET_ROW = string.Template("""<tr data-row="/sessions/$full_id"><td>$state</td>
+<td class="title"><a href="/sessions/$full_id"><b>$label</b></a><div class="mono muted small">$id</div></td>
 <td><span class="mono small">$host · $where</span><div class="muted small">$cwd</div></td>
 <td class="title">$task</td><td class="muted small">$active</td><td class="hide-sm mono small">$tokens</td></tr>""")
 TASK_CELL = string.Template('<a href="/tasks/$id">$title</a>')
@@ -6868,7 +7529,7 @@ AMBIGUOUS = string.Template("""<section class="card"><h2>Panes Clare cannot tell
 AMBIGUOUS_ITEM = string.Template(
     '<li><span class="mono">$target</span> in <span class="mono">$cwd</span>: Claude runs here, but its session '
     'cannot be told apart from another in this folder</li>')
-DATALIST = string.Template('<datalist id="session-ids">$options</datalist>')
+SESSION_PICKER = string.Template("""<label class="wide">Session<select name="session_id">$options</select></label>""")
 
 
 def session_badge(session: Session) -> Html:
@@ -6876,21 +7537,43 @@ def session_badge(session: Session) -> Html:
     return badge(SESSION_LABELS.get(session.state, session.state), SESSION_COLORS.get(session.state, "gray"))
 
 
-def attention_fragment(req: Request) -> Html:
-    """Render the sessions that wait for a person, longest-waiting first."""
+def asked_text(session: Session) -> Html:
+    """Render what a session's permission dialog asks (tool and command), or nothing."""
+    if session.state != "permission" or not session.asked:
+        return Html("")
+    return render(ASKED, tool=session.asked["tool"], input=short_text(session.asked["input"], 300))
+
+
+def attention_fragment(req: Request, *, query: str = "") -> Html:
+    """Render the sessions that wait for a person, for triage: permission dialogs first, then the longest waiting."""
     now = now_ms()
-    report = req.svc.get_status()
-    sessions = sorted((s for s in report.sessions if s.state in NEEDS_PERSON),
-                      key=lambda s: (s.state_at or s.last_activity_at or "", s.id))
-    tasks = report.tasks
-    # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
+    svc = req.svc
+    sessions = svc.list_needs()
+    tasks = {t.id: t for t in svc.list_tasks()} if sessions else {}
+    if query:
+        q = query.lower()
+        sessions = [s for s in sessions if q in " ".join((
+            s.label, s.cwd, s.host, s.tmux_target or "", tasks[s.task_id].title if s.task_id in tasks else "",
+            tasks[s.task_id].project if s.task_id in tasks else "")).lower()]
+    # SECURITY: labels, cwds and what a dialog asks come from transcripts, hooks and panes: escaped, in hx-disable.
     body = render(ATTENTION_LIST, items=join(render(
         ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
-        since=ago_text(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
-        where=s.tmux_target or "-", cwd=s.cwd,
-        task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks else Html(""))
+        since=ago_text(s.state_at or s.last_activity_at, now), id=s.id, short_id=s.id[:SHORT_ID], host=s.host,
+        where=s.tmux_target or "-", cwd=s.cwd, asked=asked_text(s),
+        project=render(PROJECT_LINK, id=tasks[s.task_id].project_id, name=tasks[s.task_id].project)
+        if s.task_id in tasks else Html(""),
+        task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
+        else Html('<span class="muted">no task</span>'))
         for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
-    return render(FRAG_ATTENTION, poll=poll_attrs("/frag/attention"), body=body)
+    url = "/frag/attention" + (f"?q={quote_query(query)}" if query else "")
+    return render(FRAG_ATTENTION, poll=poll_attrs(url), body=body)
+
+
+def quote_query(text: str) -> str:
+    """Return text quoted for a URL's query string."""
+    from urllib.parse import quote
+
+    return quote(text, safe="")
 
 
 def fleet_fragment(req: Request) -> Html:
@@ -6903,7 +7586,8 @@ def fleet_fragment(req: Request) -> Html:
                                         "in its tmux panes by itself; start it on the hosts that run Claude.")
     else:
         table_html = render(FLEET_TABLE, rows=join(render(
-            FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
+            FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], full_id=s.id,
+            host=s.host,
             where=s.tmux_target or "-", cwd=s.cwd, active=ago_text(s.last_activity_at, now),
             tokens=tokens_text(s.tokens),
             task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
@@ -6911,10 +7595,29 @@ def fleet_fragment(req: Request) -> Html:
     return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
 
 
-def session_datalist(req: Request) -> Html:
-    """Render the known session ids for the assign form."""
-    return render(DATALIST, options=join(render(OPTION, value=s.id, label=f"{s.label or s.cwd} ({s.host})",
-                                                selected=Html("")) for s in req.svc.list_sessions()))
+def session_picker(req: Request, selected: str | None) -> Html:
+    """Render the live sessions to assign a task to: by label, project, host and folder, never by typed id."""
+    svc = req.svc
+    report = svc.get_status()
+
+    def label(s: Session) -> str:
+        project = report.tasks[s.task_id].project if s.task_id in report.tasks else "no project"
+        return (f"{short_text(s.label or '(no title yet)', 50)} · {project} · {s.host} · "
+                f"{short_text(s.cwd, 40)} · {SESSION_LABELS.get(s.state, s.state)}")
+    choices = [("", "— pick a live session —")] + [(s.id, label(s)) for s in report.sessions]
+    return render(SESSION_PICKER, options=options(choices, selected))
+
+
+def page_needs(req: Request) -> Response:
+    """Show who needs you, for triage, with a filter that also works without JavaScript."""
+    query = (req.arg("q") or "").strip()[:100]
+    return page(req, "Needs you", render(MAIN_NEEDS, filter=render(FILTER_FORM, q=query),
+                                         attention=attention_fragment(req, query=query)))
+
+
+def frag_nav_needs(req: Request) -> Response:
+    """Answer the poll of the navigation's needs-you count."""
+    return html_response(nav_needs(req.svc.list_needs()))
 
 
 def page_sessions(req: Request) -> Response:
@@ -6928,12 +7631,194 @@ def page_sessions(req: Request) -> Response:
 
 def frag_attention(req: Request) -> Response:
     """Answer the needs-you poll."""
-    return html_response(attention_fragment(req))
+    return html_response(attention_fragment(req, query=(req.arg("q") or "").strip()[:100]))
 
 
 def frag_fleet(req: Request) -> Response:
     """Answer the sessions poll."""
     return html_response(fleet_fragment(req))
+
+
+MAIN_SESSION = string.Template("""<p class="muted small"><a href="/sessions">Sessions</a> /</p>
+<h1 hx-disable>$label</h1>
+<p class="sub">$state $since · $host · <span class="mono">$where</span></p>
+<div class="grid">
+$facts
+<div>
+<section class="card" id="attach"><h2>Attach</h2>$attach</section>
+<section class="card" id="session-task"><h2>Task</h2>
+<form class="row" $task_attrs>$csrf
+<label class="wide">Work on<select name="task">$task_options</select></label>
+<button type="submit">Set task</button></form></section>
+</div>
+</div>
+$pane
+<div class="grid">
+$turns
+$history
+</div>""")
+FRAG_SESSION = string.Template("""<section class="card" id="frag-session" $poll>
+<h2>Session</h2>
+<div hx-disable>$asked
+<dl class="facts"><dt>State</dt><dd>$state <span class="muted small">since $since</span></dd>
+<dt>Task</dt><dd>$task</dd>
+<dt>Host</dt><dd>$host</dd><dt>Folder</dt><dd class="mono">$cwd</dd><dt>tmux</dt><dd class="mono">$where</dd>
+<dt>Active</dt><dd>$active</dd><dt>Tokens</dt><dd class="mono" title="$tokens_title">$tokens</dd>
+<dt>Command</dt><dd class="mono small">$command</dd><dt>Id</dt><dd class="mono">$id</dd></dl></div></section>""")
+ASKED_CARD = string.Template(
+    """<p class="flash error"><b>Asks permission</b> · $tool<br><span class="asked">$input</span></p>""")
+ATTACH = string.Template("""<p class="small muted">$where</p>
+<div class="cmd"><code id="attach-cmd">$command</code>
+<button type="button" class="ghost" data-copy="attach-cmd">Copy</button></div>
+<p class="small muted">Or, from any terminal with Clare: <span class="mono">clare attach $short_id</span>.
+This page only shows the pane; it never types into it.</p>""")
+FRAG_PANE = string.Template("""<section class="card" id="frag-pane" $poll>
+<h2>Pane <span class="muted">· $where · $when</span></h2>$body</section>""")
+PANE_TEXT = string.Template('<pre class="pane" hx-disable>$text</pre>')
+FRAG_TURNS = string.Template("""<section class="card" id="frag-turns" $poll><h2>Transcript</h2>$body</section>""")
+TURN_ITEM = string.Template(
+    '<li class="turn"><b class="small">$who</b><span>$text<time datetime="$at">$when</time></span></li>')
+TURN_WHO = {"user": "prompt", "assistant": "Claude", "tool": "tools"}
+
+
+def is_cross_site(headers: dict[str, str]) -> bool:
+    """Tell whether a browser sent this request for another site (a link from elsewhere included)."""
+    try:
+        check_same_origin(headers)
+    except HttpError:
+        return True
+    return False
+
+
+def session_fragment(req: Request, s: Session, task: Task | None) -> Html:
+    """Render a session's facts: state and since when, what a dialog asks, task, host, folder, pane, tokens."""
+    now = now_ms()
+    return render(
+        FRAG_SESSION, poll=poll_attrs(f"/frag/sessions/{s.id}"), state=session_badge(s),
+        since=ago_text(s.state_at, now), host=s.host, cwd=s.cwd or "—", where=s.tmux_target or "not in tmux",
+        active=ago_text(s.last_activity_at, now), tokens=tokens_text(s.tokens),
+        command=short_text(s.command, 200) or "—",
+        tokens_title=", ".join(f"{k} {v}" for k, v in s.tokens.items()), id=s.id,
+        asked=render(ASKED_CARD, tool=s.asked["tool"], input=s.asked["input"]) if s.state == "permission" and s.asked
+        else Html(""),
+        task=render(TASK_CELL, id=task.id, title=f"{task.project}: {task.title}") if task
+        else Html('<span class="muted">none</span>'))
+
+
+def attach_card(req: Request, s: Session, argv: list[str] | None) -> Html:
+    """Render the exact command that attaches a terminal to a session's pane, with a copy button."""
+    if argv is None:
+        return render(EMPTY, text="This session runs outside tmux: there is no pane to attach to.")
+    import shlex
+
+    where = ("In a terminal on this host:" if s.host == req.db.machine_id
+             else f"In a terminal here, through ssh to {s.host} ([hosts.{s.host}] ssh in clare.toml names it):")
+    return render(ATTACH, command=shlex.join(argv), where=where, short_id=s.id[:SHORT_ID])
+
+
+def pane_fragment(req: Request, s: Session, *, is_live: bool = True) -> Html:
+    """Render the live view of a session's pane (read from its host), refreshed while the page is open."""
+    poll = poll_attrs(f"/frag/sessions/{s.id}/pane", every_s=PANE_POLL_S) if s.state != "gone" else Html("")
+    if not is_live:
+        return render(FRAG_PANE, poll=poll, where=s.host, when="loading",
+                      body=render(EMPTY, text="The pane shows once this page loads from Clare itself."))
+    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings or {}, now_ms=now_ms())
+    body = render(PANE_TEXT, text=view.text) if view.text else render(EMPTY, text=view.error or "The pane is empty.")
+    return render(FRAG_PANE, poll=poll, where=f"{view.host} {s.tmux_target or ''}".strip(),
+                  when=f"{when_text(view.captured_at)} UTC", body=body)
+
+
+def turns_fragment(req: Request, s: Session, *, is_live: bool = True) -> Html:
+    """Render the last entries of a session's transcript: who said what, and the tools Claude called."""
+    poll = poll_attrs(f"/frag/sessions/{s.id}/transcript") if s.state != "gone" else Html("")
+    if not is_live:
+        return render(FRAG_TURNS, poll=poll, body=render(EMPTY, text="The transcript shows once this page loads."))
+    try:
+        turns = view_turns(req.db, s, peers=req.config.peers, settings=req.config.settings or {},
+                           claude_dir=claude_home())
+    except (ClareError, OSError) as err:
+        return render(FRAG_TURNS, poll=poll, body=render(EMPTY, text=f"The transcript cannot be read: {err}"))
+    if not turns:
+        return render(FRAG_TURNS, poll=poll, body=render(EMPTY, text="No transcript lines yet."))
+    # SECURITY: transcript text is untrusted: escaped, inside hx-disable.
+    items = join(render(TURN_ITEM, who=TURN_WHO.get(t["role"], t["role"]), text=t["text"], at=t["at"],
+                        when=when_text(t["at"]) if t["at"] else "") for t in reversed(turns))
+    return render(FRAG_TURNS, poll=poll, body=render(FEED, items=items))
+
+
+def task_choices(req: Request, s: Session) -> Html:
+    """Render the open tasks, by project, that a session can be set to work on."""
+    tasks = [t for t in req.svc.list_tasks() if t.status != "done"]
+    by_project: dict[str, list[tuple[str, str]]] = {}
+    for t in tasks:
+        elsewhere = t.session_id and t.session_id != s.id or t.group_id
+        by_project.setdefault(t.project, []).append(
+            (t.id, f"P{t.priority} {short_text(t.title, 60)}" + (" (assigned elsewhere)" if elsewhere else "")))
+    return join([render(OPTION, value="", label="— no task —", selected=Html("")),
+                 *(render(OPTGROUP, label=name, options=options(choices, s.task_id))
+                   for name, choices in sorted(by_project.items()))])
+
+
+def page_session(req: Request) -> Response:
+    """Show one session: state, what it asks, task, the way in, its live pane, transcript and history."""
+    d = req.svc.get_session_detail(req.params["session"], hosts=(req.config.settings or {}).get("hosts") or {})
+    s, now = d.session, now_ms()
+    is_live = not is_cross_site(req.headers)  # a link from elsewhere gets the page; the pane loads from here
+    return page(req, s.label or s.id[:SHORT_ID], render(
+        MAIN_SESSION, label=s.label or f"Session {s.id[:SHORT_ID]}", state=session_badge(s),
+        since=ago_text(s.state_at, now), host=s.host, where=s.tmux_target or "not in tmux",
+        facts=session_fragment(req, s, d.task), attach=attach_card(req, s, d.attach), csrf=csrf_field(req),
+        task_attrs=form_attrs(f"/sessions/{s.id}/task", target="#frag-session"), task_options=task_choices(req, s),
+        pane=pane_fragment(req, s, is_live=is_live), turns=turns_fragment(req, s, is_live=is_live),
+        history=history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history")))
+
+
+def frag_session(req: Request) -> Response:
+    """Answer the poll of a session's facts."""
+    d = req.svc.get_session_detail(req.params["session"])
+    return html_response(session_fragment(req, d.session, d.task))
+
+
+def frag_session_pane(req: Request) -> Response:
+    """Answer the poll of a session's live pane; refused cross-site."""
+    check_same_origin(req.headers)
+    return html_response(pane_fragment(req, req.svc.get_session(req.params["session"])))
+
+
+def frag_session_turns(req: Request) -> Response:
+    """Answer the poll of a session's transcript; refused cross-site."""
+    check_same_origin(req.headers)
+    return html_response(turns_fragment(req, req.svc.get_session(req.params["session"])))
+
+
+def frag_session_history(req: Request) -> Response:
+    """Answer the history poll of a session."""
+    s = req.svc.get_session(req.params["session"])
+    return html_response(history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history"))
+
+
+def frag_set_session_task(req: Request) -> Response:
+    """Set the task a session works on from the picker ("— no task —" ends its current one)."""
+    svc = req.svc
+    s = svc.get_session(req.params["session"])
+    task_ref = req.form().get("task", "").strip()
+    if task_ref:
+        t = svc.assign_task(task_ref, session_id=s.id)
+        message = f"{short_text(s.label or s.id[:SHORT_ID], 40)} now works on {t.title}."
+    elif s.task_id:
+        t = svc.get_task(s.task_id)
+        if t.session_id != s.id:
+            raise Conflict(f"{t.title} is assigned to a group, not to this session; change it on the task's page")
+        svc.unassign_task(t.id)
+        message = f"{t.title} is no longer assigned."
+    else:
+        raise UsageError("pick a task for this session to work on")
+    if not req.is_htmx:
+        return redirect(f"/sessions/{s.id}")
+    d = svc.get_session_detail(s.id)
+    return html_response(join([session_fragment(req, d.session, d.task),
+                               history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history", oob=True),
+                               flash(message, kind="ok", oob=True)]))
 
 
 DELIVERY_COLORS = {"delivered": "green", "queued": "blue", "refused": "orange", "failed": "red", "expired": "gray"}
@@ -6958,7 +7843,8 @@ $recipients
 $result""")
 FRAG_RECIPIENTS = string.Template("""<section class="card" id="frag-recipients">
 <h2>Recipients</h2>$body</section>""")
-RECIPIENT_ITEM = string.Template("""<li><div class="line">$state <b>$label</b></div>
+RECIPIENT_ITEM = string.Template("""<li><div class="line">$state
+<a href="/sessions/$full_id"><b>$label</b></a></div>
 <div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>
 $note</li>""")
 RECIPIENT_NOTE = string.Template('<div class="small muted">$text</div>')
@@ -6968,7 +7854,8 @@ FRAG_BROADCAST = string.Template("""<section class="card" id="broadcast-result" 
 DELIVERY_TABLE = string.Template("""<div class="scroll"><table>
 <thead><tr><th>Session</th><th>Where</th><th>Result</th><th>Why</th></tr></thead>
 <tbody hx-disable>$rows</tbody></table></div>""")
-DELIVERY_ROW = string.Template("""<tr><td class="mono">$id</td><td class="mono small">$host · $where</td>
+DELIVERY_ROW = string.Template("""<tr><td class="mono"><a href="/sessions/$full_id">$id</a></td>
+<td class="mono small">$host · $where</td>
 <td>$result</td><td class="small">$reason</td></tr>""")
 OPTGROUP = string.Template('<optgroup label="$label">$options</optgroup>')
 PREVIEW_ATTRS = string.Template('hx-get="$url" hx-trigger="change" hx-target="$target" hx-swap="outerHTML"')
@@ -7001,7 +7888,8 @@ def recipients_fragment(req: Request, target: str | None) -> Html:
         return render(FRAG_RECIPIENTS, body=render(EMPTY, text="No live session would get it."))
     # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
     items = join(render(
-        RECIPIENT_ITEM, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
+        RECIPIENT_ITEM, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], full_id=s.id,
+        host=s.host,
         where=s.tmux_target or "-", cwd=s.cwd,
         note=render(RECIPIENT_NOTE, text="a permission dialog is open: it will be refused, not answered")
         if s.state == "permission" else Html("")) for s in sessions)
@@ -7015,7 +7903,8 @@ def broadcast_fragment(req: Request, broadcast_id: str) -> Html:
     deliveries = req.svc.list_deliveries(broadcast_id=broadcast_id)
     if not deliveries:
         raise NotFound(f"no broadcast {broadcast_id!r}; send one from /broadcast")
-    rows = join(render(DELIVERY_ROW, id=d.session_id[:SHORT_ID], host=d.host or "?", where=d.tmux_target or "-",
+    rows = join(render(DELIVERY_ROW, id=d.session_id[:SHORT_ID], full_id=d.session_id, host=d.host or "?",
+                       where=d.tmux_target or "-",
                        result=badge(d.result, DELIVERY_COLORS.get(d.result, "gray")), reason=d.reason or "—")
                 for d in deliveries)
     is_waiting = any(d.result == "queued" for d in deliveries)
@@ -7308,8 +8197,33 @@ def api_list_deliveries(req: Request) -> Response:
 
 
 def api_get_session(req: Request) -> Response:
-    """Return one session by id prefix."""
-    return json_response(req.svc.get_session(req.params["session"]))
+    """Return one session by id prefix, with its task, its history and the command that attaches to it."""
+    return json_response(req.svc.get_session_detail(req.params["session"],
+                                                    hosts=(req.config.settings or {}).get("hosts") or {}))
+
+
+def api_session_pane(req: Request) -> Response:
+    """Return the last lines of a session's pane, read by this host (its own sessions only); refused cross-site."""
+    check_same_origin(req.headers)
+    s = req.svc.get_session(req.params["session"])
+    lines = req.int_arg("lines", PANE_LINES, lo=1, hi=MAX_PANE_LINES)
+    return json_response(read_pane(req.db, s, lines=lines, now_ms=now_ms()))
+
+
+def api_session_transcript(req: Request) -> Response:
+    """Return the last entries of a session's transcript, read by this host (its own sessions only).
+
+    Refused cross-site, like the pane.
+    """
+    check_same_origin(req.headers)
+    s = req.svc.get_session(req.params["session"])
+    return json_response({"session_id": s.id, "host": s.host,
+                          "turns": read_turns(req.db, s, claude_dir=claude_home())})
+
+
+def api_list_needs(req: Request) -> Response:
+    """List the sessions that wait on a person: permission dialogs first, then the longest waiting."""
+    return json_response(req.svc.list_needs())
 
 
 def api_group_sessions(req: Request) -> Response:
@@ -7390,10 +8304,13 @@ def get_static(req: Request) -> Response:
     name = req.params["name"]
     kind = STATIC_TYPES.get(os.path.splitext(name)[1])
     path = os.path.join(STATIC_DIR, name)
-    if kind is None or not os.path.isfile(path):
+    if kind is not None and name in STATIC_MEMORY:
+        body = STATIC_MEMORY[name]
+    elif kind is None or not os.path.isfile(path):
         raise NotFound(f"no static file {name!r}")
-    with open(path, "rb") as f:
-        body = f.read()
+    else:
+        with open(path, "rb") as f:
+            body = f.read()
     return Response(200, body, kind, (("Cache-Control", "public, max-age=31536000, immutable"),))
 
 
@@ -7470,6 +8387,16 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
         "conflicts": {"type": "array", "items": {"type": "string"}},
         "rejected": {"type": "array", "items": {"type": "string"}}}},
     "ReplayResult": {"type": "object", "required": ["events"], "properties": {"events": {"type": "integer"}}},
+    "SessionDetail": {"allOf": [_ref("Session"), {"type": "object", "required": ["task", "history", "attach"],
+                                                  "properties": {"task": {"oneOf": [_ref("Task"), {"type": "null"}]},
+                                                                 "history": _array("Event"),
+                                                                 "attach": {"type": ["array", "null"],
+                                                                            "items": {"type": "string"}}}}]},
+    "Turns": {"type": "object", "required": ["session_id", "host", "turns"], "properties": {
+        "session_id": {"type": "string"}, "host": {"type": "string"}, "turns": {"type": "array", "items": {
+            "type": "object", "required": ["role", "text", "tools", "at"], "properties": {
+                "role": {"enum": ["user", "assistant", "tool"]}, "text": {"type": "string"},
+                "tools": {"type": "array", "items": {"type": "string"}}, "at": {"type": "string"}}}}}},
 }
 
 # (method, path) -> summary, query parameters, request body schema, success status, response schema
@@ -7511,7 +8438,15 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
     ("GET", "/api/v1/groups/{group}/sessions"): ("Sessions a group's patterns match now", ("all",), None, 200,
                                                  _array("Session")),
     ("GET", "/api/v1/sessions"): ("List Claude sessions of every host", ("host", "all"), None, 200, _array("Session")),
-    ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix", (), None, 200, _ref("Session")),
+    ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix, with its task, history and attach command",
+                                            (), None, 200, _ref("SessionDetail")),
+    ("GET", "/api/v1/sessions/{session}/pane"): ("The last lines of a session's pane, read by its own host (which "
+                                                 "answers at most once a second per session)", ("lines",), None, 200,
+                                                 _ref("PaneView")),
+    ("GET", "/api/v1/sessions/{session}/transcript"): ("The last entries of a session's transcript, read by its "
+                                                       "own host", (), None, 200, _ref("Turns")),
+    ("GET", "/api/v1/needs"): ("Sessions waiting on a person: permission first, then the longest waiting", (), None,
+                               200, _array("Session")),
     ("POST", "/api/v1/tasks/{task}/sessions"): ("Start a Claude session for a task on a host (in a new worktree)", (),
                                                 _body((), ("host", "is_worktree", "model"), is_worktree="boolean"),
                                                 201, _ref("Order")),
@@ -7615,7 +8550,7 @@ def openapi_document() -> dict[str, Any]:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
     schemas = {cls.__name__: json_schema(cls)
-               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order)}
+               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order, PaneView)}
     for name, base, extra in (("ProjectStatus", "Project",
                                {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
                               ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
@@ -7825,6 +8760,16 @@ class RemoteServices:
         """Return one session by id prefix."""
         return _build(Session, self.call("GET", f"/api/v1/sessions/{self._path(ref)}"))
 
+    def get_session_detail(self, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
+        """Return one session with its task and history; its attach command is the server's (from the server)."""
+        got = self.call("GET", f"/api/v1/sessions/{self._path(ref)}")
+        return SessionDetail(_build(Session, got), _build(Task, got["task"]) if got.get("task") else None,
+                             [_build(Event, e) for e in got.get("history", [])][-limit:], got.get("attach"))
+
+    def list_needs(self) -> list[Session]:
+        """Return the sessions that wait on a person, for triage."""
+        return [_build(Session, x) for x in self.call("GET", "/api/v1/needs")]
+
     def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
         """Return the sessions of every host."""
         query = {"host": host, "all": "1" if include_gone else None}
@@ -7850,8 +8795,12 @@ class RemoteServices:
         return [_build(Delivery, x) for x in self.call("GET", "/api/v1/deliveries", query=query)]
 
     def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
-                       confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
-        """Have the server type a text into a target's sessions (it waits for confirmations its own way)."""
+                       confirm_s: float = BROADCAST_CONFIRM_S,
+                       on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
+        """Have the server type a text into a target's sessions (it waits for confirmations its own way).
+
+        The server answers once every session is done: `on_delivery` is not called (no lines as they land).
+        """
         got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
         return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
                                [_build(Delivery, d) for d in got["deliveries"]])
@@ -7959,6 +8908,9 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/api/v1/sessions/" + _REF % "session" + "/resume", api_resume_session),
         ("POST", r"/api/v1/sessions/" + _REF % "session" + "/stop", api_stop_session),
         ("GET", r"/api/v1/orders", api_list_orders),
+        ("GET", r"/api/v1/sessions/" + _REF % "session" + "/pane", api_session_pane),
+        ("GET", r"/api/v1/sessions/" + _REF % "session" + "/transcript", api_session_transcript),
+        ("GET", r"/api/v1/needs", api_list_needs),
         ("GET", r"/api/v1/panes/ambiguous", api_ambiguous_panes),
         ("POST", r"/api/v1/broadcast", api_send_broadcast),
         ("GET", r"/api/v1/broadcast/recipients", api_broadcast_recipients),
@@ -7990,18 +8942,27 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/sessions", frag_start_session),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
         ("GET", r"/sessions", cached(page_sessions)),
+        ("GET", r"/sessions/" + _REF % "session", page_session),
+        ("POST", r"/sessions/" + _REF % "session" + "/task", frag_set_session_task),
+        ("GET", r"/needs", cached(page_needs)),
         ("GET", r"/broadcast", page_broadcast),
         ("POST", r"/broadcast", frag_send_broadcast),
         ("GET", r"/frag/broadcast/recipients", frag_broadcast_recipients),
         ("GET", r"/frag/broadcasts/(?P<broadcast>[0-9a-f]{32})", frag_broadcast),
         ("GET", r"/frag/attention", cached(frag_attention)),
         ("GET", r"/frag/fleet", cached(frag_fleet)),
+        ("GET", r"/frag/nav-needs", cached(frag_nav_needs)),
+        ("GET", r"/frag/sessions/" + _REF % "session", frag_session),
+        ("GET", r"/frag/sessions/" + _REF % "session" + "/pane", frag_session_pane),
+        ("GET", r"/frag/sessions/" + _REF % "session" + "/transcript", frag_session_turns),
+        ("GET", r"/frag/sessions/" + _REF % "session" + "/history", cached(frag_session_history)),
         ("GET", r"/frag/peers", frag_peers),
         ("GET", r"/frag/projects", cached(frag_projects)),
         ("GET", r"/frag/activity", cached(frag_activity)),
         ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", cached(frag_project_tasks)),
         ("GET", r"/frag/tasks/" + _REF % "task", cached(frag_task)),
         ("GET", r"/frag/tasks/" + _REF % "task" + "/updates", cached(frag_task_updates)),
+        ("GET", r"/frag/tasks/" + _REF % "task" + "/history", cached(frag_task_history)),
         ("GET", r"/static/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)", get_static),
         ("GET", r"/login", page_login),
     )
@@ -8918,7 +9879,14 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
-    """List the Claude sessions of every host, as last pulled, the one that needs a person most first."""
+    """List the Claude sessions of every host, as last pulled, the one that needs a person most first.
+
+    `sessions show ID` shows one.
+    """
+    if args.verb == "show":
+        return cmd_sessions_show(args, ctx)
+    if args.session is not None:
+        raise UsageError(f"unexpected {args.session!r}; to see one session: clare sessions show ID")
     sessions = by_urgency(ctx.svc.list_sessions(include_gone=args.all or args.state == "gone"))
     if args.state:
         sessions = [s for s in sessions if s.state == args.state]
@@ -8956,6 +9924,54 @@ def cmd_session_orders(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, orders, lambda: table(("ORDER", "WHEN", "ACTION", "SESSION", "HOST", "RESULT", "REASON"), (
         (o.id[:SHORT_ID], when_text(o.created_at), o.action, o.session_id[:SHORT_ID], o.host, o.result,
          short_text(o.reason, 90)) for o in orders)) if orders else "no session orders")
+def cmd_sessions_show(args: argparse.Namespace, ctx: Context) -> None:
+    """Show one session: state, what it asks, task, where, the command that attaches to it, history."""
+    if args.session is None:
+        raise UsageError("name the session: clare sessions show ID (ids: clare sessions)")
+    d = ctx.svc.get_session_detail(args.session, hosts=ctx.config.get("hosts") or {})
+    s, argv = d.session, d.attach
+
+    def text() -> str:
+        import shlex
+
+        now = now_ms()
+        facts = [("session", s.id), ("label", s.label or "-"),
+                 ("state", f"{SESSION_LABELS.get(s.state, s.state)} since {ago_text(s.state_at, now)}"),
+                 ("asks", f"{s.asked['tool']}: {s.asked['input']}" if s.state == "permission" and s.asked else "-"),
+                 ("task", f"{d.task.id[:SHORT_ID]} {d.task.project}: {d.task.title}" if d.task else "-"),
+                 ("host", s.host), ("cwd", s.cwd or "-"), ("tmux", s.tmux_target or "not in tmux"),
+                 ("active", ago_text(s.last_activity_at, now)), ("tokens", tokens_text(s.tokens)),
+                 ("attach", shlex.join(argv) if argv else "- (not in tmux)")]
+        lines = [f"{k:<8} {v}" for k, v in facts]
+        return "\n".join(lines + ["", "history:", format_history(d.history)])
+    emit(ctx, d, text)
+
+
+def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
+    """Attach this terminal to a session's tmux pane: switch-client inside tmux, attach outside, ssh to another host."""
+    s = ctx.svc.get_session(args.session)
+    argv = attach_command(s, here=ctx.db.machine_id, hosts=ctx.config.get("hosts") or {})
+    if argv is None:
+        raise ClareError(f"session {s.id[:SHORT_ID]} runs outside tmux: there is no pane to attach to")
+    if s.state == "gone":
+        raise ClareError(f"session {s.id[:SHORT_ID]} is gone; see live ones with: clare sessions")
+    env = dict(os.environ)
+    inside = (env.get("TMUX") or "").split(",")[0]
+    if argv[0] == "tmux":
+        argv[0] = tmux_binary()
+        if inside and os.path.realpath(inside) == os.path.realpath(s.tmux_socket or ""):
+            argv[3] = "switch-client"  # already in that server: move this client, never nest
+        elif inside:
+            env.pop("TMUX")  # another server: attach inside this pane, as tmux allows once TMUX is unset
+    if args.print:
+        emit(ctx, argv, lambda: " ".join(argv))
+        return 0
+    import subprocess
+
+    try:
+        return subprocess.run(argv, env=env).returncode  # the terminal is the user's: no capture, no timeout
+    except OSError as err:
+        raise ClareError(f"cannot run {argv[0]}: {err.strerror}; install it or attach by hand") from err
 
 
 def cmd_hook(args: argparse.Namespace, ctx: Context) -> int:
@@ -9279,6 +10295,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
         start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log)
         start_background_pull(ctx.paths.db, settings, stop=stop, log=log)
+        base_url = str((settings.get("notify") or {}).get("url") or server.url)
+        start_background_notify(ctx.paths.db, settings, base_url=base_url, stop=stop, log=log)
     try:
         run_server(server, on_start=started)
     finally:
@@ -9334,7 +10352,7 @@ _SERVE_ARGS = (
 # The one statement of what works on this host only (its database file, tmux, Claude hooks,
 # clare.toml): main() refuses these under --remote before they run. Only their handlers use
 # ctx.db (a test keeps that true); the others reach data through ctx.svc, local or remote.
-LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("hooks", "install"), ("hooks", "uninstall"),
+LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("attach",), ("hooks", "install"), ("hooks", "uninstall"),
                             ("hooks", "status"), ("serve",), ("web",), ("peer", "add"), ("peer", "rm"),
                             ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",),
                             ("setup",), ("doctor",)})
@@ -9430,9 +10448,12 @@ COMMANDS: list[Command] = [
     Command(("status",), cmd_status, "the roll-up: per project task counts and tokens, per session its task",
             "clare status --project alpha\n  clare status --group backend --json",
             (arg("--project", help="name or id prefix"), arg("--group", help="group name or id prefix"))),
-    Command(("sessions",), cmd_sessions, "list Claude sessions, most urgent first: host, tmux, state, activity, task",
-            "clare sessions\n  clare sessions --state waiting\n  clare sessions --all --json",
-            (arg("--all", action="store_true", help="also sessions that are gone"),
+    Command(("sessions",), cmd_sessions, "list sessions, most urgent first (host, tmux, state, task); or show one",
+            "clare sessions\n  clare sessions --state waiting\n  clare sessions --all --json"
+            "\n  clare sessions show 7c1e9b",
+            (arg("verb", nargs="?", choices=("show",), help="show: one session's page as text"),
+             arg("session", nargs="?", help="with show: session id or unique prefix"),
+             arg("--all", action="store_true", help="also sessions that are gone"),
              arg("--state", choices=SESSION_STATES, help="only sessions in this state"))),
     Command(("session", "start"), cmd_session_start, "start a Claude session for a task in a new tmux window",
             "clare session start 3f2a\n  clare session start 3f2a --host apricot --worktree --model sonnet",
@@ -9449,6 +10470,10 @@ COMMANDS: list[Command] = [
     Command(("session", "orders"), cmd_session_orders, "list session starts, resumes and stops with their results",
             "clare session orders\n  clare session orders --session 7c1e9b --json",
             (arg("--session", help="only this session's (full id)"),)),
+    Command(("attach",), cmd_attach, "attach this terminal to a session's tmux pane (over ssh for another host)",
+            "clare attach 7c1e9b\n  clare attach 7c1e9b --print",
+            (arg("session", help="session id or unique prefix"),
+             arg("--print", action="store_true", help="print the command instead of running it"))),
     Command(("pull",), cmd_pull, "look at this host's Claude sessions and record what changed",
             "clare pull\n  clare pull --tails --json",
             (arg("--tails", action="store_true",
