@@ -9545,13 +9545,15 @@ def unit_path(env: Mapping[str, str] | None = None) -> str:
     return os.path.join(config, "systemd", "user", "clare.service")
 
 
-def unit_text(*, home: str | None, host: str, port: int, env: Mapping[str, str] | None = None) -> str:
+def unit_text(*, home: str | None, host: str, port: int, db: str | None = None,
+              env: Mapping[str, str] | None = None) -> str:
     """Return the unit setup writes: this interpreter and clare.py by absolute path, bound to host:port."""
     import shutil  # only setup and doctor need it
 
     env = os.environ if env is None else env
     script = os.path.abspath(__file__)
-    argv = [sys.executable, script, *(("--home", home) if home else ()), "serve", "--host", host, "--port", str(port)]
+    places = [*(("--home", home) if home else ()), *(("--db", os.path.abspath(db)) if db else ())]
+    argv = [sys.executable, script, *places, "serve", "--host", host, "--port", str(port)]
     # The folders of the programs serve runs (tmux, Claude Code): a user service starts with a minimal PATH.
     found = [shutil.which(p, path=env.get("PATH")) for p in ("tmux", "claude")]
     folders = [os.path.dirname(os.path.abspath(p)) for p in found if p] + ["/usr/local/bin", "/usr/bin", "/bin"]
@@ -9611,7 +9613,7 @@ def setup_steps(ctx: Context, *, bind: str, port: int, peer_url: str | None, bin
                f"(runs clare.py with {sys.executable})")
 
     # 4. The systemd user unit.
-    path, text = unit_path(env), unit_text(home=home, host=bind, port=port, env=env)
+    path, text = unit_path(env), unit_text(home=home, host=bind, port=port, db=ctx.args.db, env=env)
     unit_changed = _read_text(path) != text
     if unit_changed and not is_dry_run:
         write_private(path, text)
