@@ -3887,9 +3887,12 @@ def open_window(session_name: str, cwd: str, argv: list[str], *, env: Mapping[st
 
 
 def wait_until_ready(socket: str, pane_id: str, *, timeout_s: float = START_READY_S) -> tuple[str, str]:
-    """Wait until the Claude in a new pane shows its composer; return ("ready", "") or why not.
+    """Wait until the Claude in a new pane shows its composer and can be told to be Claude; return ("ready", "")
+    or why not.
 
-    A trust or onboarding screen is never answered: Enter there would decide for the user.
+    A trust or onboarding screen is never answered: Enter there would decide for the user. The
+    composer can show before Claude registers and renames its process (the native binary starts
+    as claude.exe): until then nothing could be typed safely, so that is waited for too.
     """
     deadline = time.monotonic() + timeout_s
     screen = ""
@@ -3903,17 +3906,21 @@ def wait_until_ready(socket: str, pane_id: str, *, timeout_s: float = START_READ
         if any(rule.search(screen) for rule in TRUST_SCREEN):
             name = pane.target.rpartition(":")[0]
             return "needs trust", (f"Claude asks whether to trust {pane.cwd} in pane {pane_id} ({pane.target}); Clare "
-                                   f"never answers that: answer it there (tmux attach -t {name}), "
-                                   "then give it the task (clare broadcast session:ID), or trust the folder once by "
-                                   "running claude there")
+                                   f"never answers that: answer it in the pane (tmux attach -t {name}) and give "
+                                   "Claude the task there, or trust the folder once (run claude in it) and start again")
         if any(rule.search(screen) for rule in ONBOARDING_SCREEN):
             return "needs trust", (f"Claude shows its first-run setup in pane {pane_id} ({pane.target}); Clare never "
                                    "answers it: finish it once by running claude in a terminal on this host")
-        if not shows_permission_dialog(screen) and COMPOSER_SCREEN.search(screen):
+        if not shows_permission_dialog(screen) and COMPOSER_SCREEN.search(screen) and _runs_claude(pane):
             return "ready", ""
         if time.monotonic() > deadline:
             return "failed", f"Claude showed no composer in pane {pane_id} within {timeout_s:.0f} s; look at it there"
         time.sleep(0.1)
+
+
+def _runs_claude(pane: Pane) -> bool:
+    procs, children = process_tree()
+    return find_claude(pane.pid, children, proc_argv, registered=read_registry(claude_home(), procs)) is not None
 
 
 def carry_out_pending(db: Db, *, config: dict[str, Any], now_ms: int) -> list[Order]:
