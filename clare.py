@@ -2291,7 +2291,8 @@ def _default_host(db: Db, project: Project) -> str:
 def _place(db: Db, cur: sqlite3.Cursor, action: str, *, host: str, session_id: str, task_id: str | None,
            cwd: str, tmux_session: str, is_worktree: bool = False, model: str | None = None,
            is_force: bool = False, now_ms: int) -> str:
-    busy = [o for o in list_orders(db, session_id=session_id) if o.result in ("pending", "claimed")]
+    busy = [o for o in list_orders(db, session_id=session_id)
+            if o.result in ("pending", "claimed") and o.expires_at > iso_ms(now_ms)]  # same form: sorts as time
     if busy:
         raise Conflict(f"session {session_id[:SHORT_ID]} has a {busy[0].action} order still {busy[0].result} on "
                        f"{busy[0].host} (order {busy[0].id[:SHORT_ID]}); wait for it: clare session orders")
@@ -7739,7 +7740,7 @@ def cmd_session_stop(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_session_orders(args: argparse.Namespace, ctx: Context) -> None:
     """List the starts, resumes and stops ordered, with what came of each."""
-    orders = ctx.svc.list_orders(session_id=args.session)
+    orders = ctx.svc.list_orders(session_id=ctx.svc.get_session(args.session).id if args.session else None)
     emit(ctx, orders, lambda: table(("ORDER", "WHEN", "ACTION", "SESSION", "HOST", "RESULT", "REASON"), (
         (o.id[:SHORT_ID], when_text(o.created_at), o.action, o.session_id[:SHORT_ID], o.host, o.result,
          short_text(o.reason, 90)) for o in orders)) if orders else "no session orders")
@@ -8133,7 +8134,7 @@ COMMANDS: list[Command] = [
              arg("--force", action="store_true", help="send SIGTERM to Claude even while it works"))),
     Command(("session", "orders"), cmd_session_orders, "list session starts, resumes and stops with their results",
             "clare session orders\n  clare session orders --session 7c1e9b --json",
-            (arg("--session", help="only this session's (full id)"),)),
+            (arg("--session", help="only this session's (id or unique prefix)"),)),
     Command(("pull",), cmd_pull, "look at this host's Claude sessions and record what changed",
             "clare pull\n  clare pull --tails --json",
             (arg("--tails", action="store_true",
