@@ -2319,6 +2319,14 @@ def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: 
         if task.status == "done":
             raise Conflict(f"task {task.id[:SHORT_ID]} is done; reopen it first: "
                            f"clare task reopen {task.id[:SHORT_ID]}")
+        if task.session_id:
+            live = [s for s in find_sessions(db, prefix=task.session_id, include_gone=False) if s.id == task.session_id]
+            waiting = [o for o in list_orders(db, session_id=task.session_id)
+                       if o.result in ("pending", "claimed") and o.expires_at > iso_ms(now_ms)]
+            if live or waiting:
+                what = f"is {live[0].state} on {live[0].host}" if live else f"is being started on {waiting[0].host}"
+                raise Conflict(f"task {task.id[:SHORT_ID]} has session {task.session_id[:SHORT_ID]}, which {what}; "
+                               f"stop it first (clare session stop {task.session_id[:SHORT_ID]}) or unassign the task")
         project = get_project(db, task.project_id)
         machine = resolve_host(db, host) if host is not None else _default_host(db, project)
         folder = project.dirs.get(machine)

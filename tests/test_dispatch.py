@@ -144,6 +144,8 @@ def test_start_opens_a_window_binds_the_task_at_once_and_types_it_in(cli, fleet,
     sid = order["session_id"]
     task = cli("task", "show", task_id, "--json").json()
     assert task["session_id"] == sid and task["status"] == "in_progress"
+    r = cli("session", "start", task_id)
+    assert r.code == 1 and f"has session {sid[:8]}, which is waiting on testhost; stop it first" in r.err
     # a tmux session named after the project (the '.' a tmux target cannot hold replaced)
     assert order["outcome"]["tmux_target"].startswith("alpha_v2:")
     assert "alpha_v2" in fleet.run("list-sessions", "-F", "#{session_name}")
