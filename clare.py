@@ -35,6 +35,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# The first statement after the imports, so that every command (and `import clare`) on an older
+# Python says this in one line instead of a traceback. The lines above, and the grammar of this
+# whole file, must stay readable by Python 3.8 (tests/test_hosts.py parses it so).
+if sys.version_info < (3, 11):  # noqa: UP036 (ruff targets 3.11; this line is for the Pythons before it)
+    sys.exit(f"clare: error: Clare needs Python 3.11 or newer, this is Python {sys.version_info[0]}."
+             f"{sys.version_info[1]}; install python3.11 (e.g. apt install python3.11, or from python.org) "
+             "and run: python3.11 clare.py ...")
+
 __version__ = "0.1.0"
 
 
@@ -115,6 +123,27 @@ def load_config(path: str) -> dict[str, Any]:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
 
 
+def make_private_dir(folder: str) -> None:
+    """Create a folder (and missing parents) that only this user can enter (0700)."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+
+
+def write_private(path: str, text: str) -> None:
+    """Replace a file by `text` at once, readable by this user alone (0600), its folder made 0700 if new."""
+    make_private_dir(os.path.dirname(os.path.abspath(path)))
+    staging = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(staging, 0o600)  # O_CREAT's mode does not apply to a staging file left by a crash
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
+
+
 def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = None,
                   path: str = "clare.toml") -> str | None:
     """Return the bearer token: CLARE_TOKEN, else `token` in clare.toml, else None; refuse a weak one.
@@ -125,6 +154,29 @@ def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = Non
     if env.get("CLARE_TOKEN"):
         return check_token(env["CLARE_TOKEN"], where="$CLARE_TOKEN")
     return check_token(config.get("token") or None, where=f"'token' in {path}")
+
+
+def ensure_token(path: str, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str:
+    """Return the host's token; without CLARE_TOKEN or `token` in clare.toml, make one and write it there."""
+    token = resolve_token(config, env=env, path=path)
+    if token is not None:
+        return token
+    import secrets
+    import tomllib
+
+    token = secrets.token_urlsafe(32)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    # A top-level key must come before the first [table]: the token goes on the first line.
+    new_text = f"token = {json.dumps(token)}  # made by clare on first serve; the fleet may share one\n" + text
+    if tomllib.loads(new_text) != {**config, "token": token}:
+        raise ClareError(f"cannot add a token to {path} without changing its other settings; add a line "
+                         "token = \"...\" at its top (python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    write_private(path, new_text)
+    return token
 
 
 def check_token(token: object, *, where: str) -> str | None:
@@ -169,6 +221,9 @@ HLC_RE = re.compile(r"\A(\d{13})\.(\d{6})\.([a-z0-9][a-z0-9_-]{0,62})\Z")
 MAX_COUNTER = 999_999
 MAX_WALL_MS = 10**13 - 1
 MAX_OFFSET_MS = 5 * 60 * 1000  # how far a peer's clock may pull ours ahead of our wall clock
+MACHINE_SUFFIX_CHARS = 6  # hex digits after the host name in a machine id init makes
+MAX_LABEL_CHARS = 63 - 1 - MACHINE_SUFFIX_CHARS
+MADE_MACHINE_ID_RE = re.compile(r"\A(.+)-[0-9a-f]{6}\Z")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -198,11 +253,25 @@ def check_machine_id(machine_id: str) -> str:
     return machine_id
 
 
-def default_machine_id() -> str:
-    """Derive a machine id from the host name: its first label, lowercased, cleaned."""
+def host_label() -> str:
+    """Return this host's name as a machine id would spell it: its first label, lowercased, cleaned."""
     label = os.uname().nodename.split(".")[0].lower()
-    label = re.sub(r"[^a-z0-9_-]+", "-", label).strip("-_")[:63]
-    return label or "host-" + new_id()[:8]
+    return re.sub(r"[^a-z0-9_-]+", "-", label).strip("-_")[:MAX_LABEL_CHARS] or "host"
+
+
+def new_machine_id() -> str:
+    """Return a machine id unique by construction: the host name plus a random suffix (apricot-3f9a2c).
+
+    The host name alone collides: two homes on one machine, two containers, two hosts named
+    alike. Two Clares with one id mark each other's sessions gone at every sync.
+    """
+    return f"{host_label()}-{new_id()[:MACHINE_SUFFIX_CHARS]}"
+
+
+def machine_host_name(machine_id: str) -> str:
+    """Return the display name in a machine id: the host name of an id made by new_machine_id, else all of it."""
+    m = MADE_MACHINE_ID_RE.match(machine_id)
+    return m[1] if m else machine_id
 
 
 def tick(last: Hlc | None, *, machine_id: str, now_ms: int) -> Hlc:
@@ -232,8 +301,9 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
 UUID_RE = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 EVENT_KEYS = ("uuid", "hlc", "machine_id", "event_type", "payload", "created_at")
@@ -330,12 +400,13 @@ class PeerStatus:
 class Db:
     """One SQLite connection with the identity of the log it holds."""
 
-    __slots__ = ("conn", "path", "machine_id")
+    __slots__ = ("conn", "path", "machine_id", "refusal")
 
-    def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str):
+    def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str, *, refusal: str | None = None):
         self.conn = conn  # autocommit mode: write_txn() opens every write transaction
         self.path = path
         self.machine_id = machine_id  # stamps every event made here
+        self.refusal = refusal  # why writes are refused (a copy made elsewhere: see check_home), or None
 
     @property
     def db_id(self) -> str:
@@ -374,10 +445,11 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
         meta = _read_meta(conn)
         if meta.get("schema_version") != str(SCHEMA_VERSION) or "machine_id" not in meta:
             meta = _migrate(conn, meta, machine_id=machine_id)
+        refusal = None if path == ":memory:" else _check_home(conn, meta, path=os.path.realpath(path))
     except sqlite3.DatabaseError as err:
         raise ClareError(f"cannot open database {path}: {err}; check the path, or move a damaged "
                          "file aside and restore it from a peer with 'clare sync'") from err
-    return Db(conn, path, meta["machine_id"])
+    return Db(conn, path, meta["machine_id"], refusal=refusal)
 
 
 def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
@@ -402,7 +474,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
                     if statement.strip():
                         conn.execute(statement)
         fresh = {"schema_version": str(SCHEMA_VERSION),
-                 "machine_id": meta.get("machine_id") or check_machine_id(machine_id or default_machine_id()),
+                 "machine_id": meta.get("machine_id") or check_machine_id(machine_id or new_machine_id()),
                  "db_id": meta.get("db_id") or new_uuid()}
         conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", fresh.items())
         conn.execute("COMMIT")
@@ -415,9 +487,83 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
 _MIGRATIONS[1] = [EVENTS_SCHEMA, SYNC_SCHEMA]
 
 
+# --- where the database runs: a copy made elsewhere must not write under the same machine id ----
+
+def machine_key() -> str:
+    """Return what names this machine: /etc/machine-id (or D-Bus's copy of it), else the host name."""
+    for path in MACHINE_ID_FILES:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(path, encoding="ascii") as f:
+                text = f.read(200).strip()
+            if text:
+                return text
+    return "host:" + os.uname().nodename  # a container without a machine-id file: its own host name
+
+
+def check_home(recorded: tuple[str, str] | None, *, machine: str, path: str,
+               db_id: str, db_id_at: Callable[[str], str | None]) -> str | None:
+    """Return why a database is a copy made elsewhere, or None when it may write here.
+
+    `recorded` is the (machine, real path) the database last ran at. The rule:
+    - another machine (a cloned VM or disk, a copied home): a copy;
+    - the same machine, another path: a copy only while the recorded path still holds this
+      very log (same db_id), i.e. two live copies; otherwise the file was moved, and may write.
+    So a backup copied back over the same path, a moved home, and a test's fresh database in a
+    new temporary folder all write; `cp -r ~/.local/share/clare /elsewhere` does not.
+    """
+    if recorded is None or recorded == (machine, path):
+        return None
+    was_machine, was_path = recorded
+    if was_machine != machine:
+        return (f"{path} was set up on another machine (machine-id {was_machine[:12]}, here {machine[:12]}): "
+                "it is a copy")
+    if db_id_at(was_path) == db_id:
+        return f"{path} is a copy of {was_path}, which is still in use"
+    return None
+
+
+def _check_home(conn: sqlite3.Connection, meta: dict[str, str], *, path: str) -> str | None:
+    machine = machine_key()
+    recorded = (meta["home_machine"], meta["home_path"]) if "home_machine" in meta and "home_path" in meta else None
+    problem = check_home(recorded, machine=machine, path=path, db_id=meta["db_id"], db_id_at=_db_id_at)
+    if problem is not None:
+        return (f"{problem}; writes are refused so that two Clares never share one machine id "
+                f"({meta['machine_id']}): give this copy its own with: clare init --new-id (the log is kept)")
+    if recorded != (machine, path):  # a new or older database, or a moved one: remember where it runs now
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _set_home(conn.cursor(), machine=machine, path=path)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return None
+
+
+def _set_home(cur: sqlite3.Cursor, *, machine: str, path: str) -> None:
+    cur.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (("home_machine", machine), ("home_path", path)))
+
+
+def _db_id_at(path: str) -> str | None:
+    """Return the db_id of the Clare database at `path`, or None if there is none (moved, deleted)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            return _read_meta(conn).get("db_id")
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:  # not a database any more: the copy is the one in use
+        return None
+
+
 @contextlib.contextmanager
 def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
     """Run the block in one BEGIN IMMEDIATE transaction: all of it is stored, or none."""
+    if db.refusal is not None:
+        raise Conflict(db.refusal)
     cur = db.conn.cursor()
     try:
         cur.execute("BEGIN IMMEDIATE")
@@ -572,6 +718,23 @@ def list_events(db: Db, *, limit: int = 50) -> list[Event]:
     return [_event_from_row(r) for r in reversed(rows)]
 
 
+def list_own_events(db: Db, types: Iterable[str], *, before_rseq: int | None = None, limit: int = 50) -> list[Event]:
+    """Return this host's newest events of some types, newest first (by receipt, which for its own is creation)."""
+    types = tuple(types)
+    rows = db.conn.execute(
+        f"""SELECT {_EVENT_COLUMNS} FROM events WHERE machine_id = ? AND rseq < ?
+              AND event_type IN ({','.join('?' * len(types))}) ORDER BY rseq DESC LIMIT ?""",
+        (db.machine_id, before_rseq or 2**62, *types, limit)).fetchall()
+    return [_event_from_row(r) for r in rows]
+
+
+def list_undone(db: Db) -> set[str]:
+    """Return the uuids of events that this host's undo events name (payload `undoes`)."""
+    rows = db.conn.execute("""SELECT json_extract(payload, '$.undoes') FROM events
+                               WHERE machine_id = ? AND instr(payload, '"undoes":') > 0""", (db.machine_id,))
+    return {r[0] for r in rows if isinstance(r[0], str)}
+
+
 def iter_events(db: Db, *, after: int = 0, batch: int = 1000) -> Iterator[Event]:
     """Yield every event with rseq > after, in local receipt order, a page at a time."""
     cur = db.conn.cursor()
@@ -629,6 +792,25 @@ def renew_db_id(db: Db) -> str:
     return db_id
 
 
+def renew_identity(db: Db, *, machine_id: str | None = None) -> tuple[str, str]:
+    """Give this database a new machine id and db_id, keep its log, and record where it runs now.
+
+    The fix for a copy (check_home): events already made keep the id they were made under,
+    and peers read this log again from 0 under its new db_id.
+    """
+    machine_id = check_machine_id(machine_id or new_machine_id())
+    if machine_id == db.machine_id:
+        raise UsageError(f"{machine_id!r} is this database's machine id already; give another, or none")
+    db_id = new_uuid()
+    db.refusal = None  # the one write a copy may make: the one that makes it a host of its own
+    with write_txn(db) as cur:
+        for key, value in (("machine_id", machine_id), ("db_id", db_id)):
+            set_meta(cur, key, value)
+        _set_home(cur, machine=machine_key(), path=os.path.realpath(db.path))
+    db.machine_id = machine_id
+    return machine_id, db_id
+
+
 def restore_db(db: Db, backup_path: str) -> str:
     """Replace the whole database by a backup file of it under a new db_id; return that id.
 
@@ -639,6 +821,8 @@ def restore_db(db: Db, backup_path: str) -> str:
     Not a file rename: open connections (a running server's) would keep the old file, and a
     stale -wal beside the renamed file would corrupt it.
     """
+    if db.refusal is not None:
+        raise Conflict(db.refusal)
     staging = f"{db.path}.restore"
     _remove_db_files(staging)  # left by a restore that crashed; a stale journal would be rolled into the copy
     try:
@@ -652,6 +836,7 @@ def restore_db(db: Db, backup_path: str) -> str:
             src.backup(copy)
             db_id = new_uuid()
             set_meta(copy.cursor(), "db_id", db_id)
+            _set_home(copy.cursor(), machine=machine_key(), path=os.path.realpath(db.path))
             copy.backup(db.conn)
         finally:
             src.close()
@@ -801,14 +986,36 @@ CREATE TABLE event_refs (                       -- which events name which entit
     PRIMARY KEY (entity_id, hlc, uuid)
 ) WITHOUT ROWID;
 """
-PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs", "sessions", "broadcasts", "deliveries",
-                     "project_dirs", "orders")
+PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
+                     "deliveries", "project_dirs", "orders")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
 
+TAG_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:+-]{0,39}\Z")  # one word: backend, p1, ux:review
+MAX_TAGS = 20  # per task
+# Schema 2: removal and tags. A removed task keeps its row (history, `task list --all`, restore);
+# a tag is one row per (task, tag) whose `present` is last-writer-wins: an add/remove set that
+# merges per tag, so concurrent tags from two hosts both survive and a removal wins only if newer.
+TAGS_SCHEMA = """
+ALTER TABLE tasks ADD COLUMN removed_at TEXT;
+ALTER TABLE tasks ADD COLUMN removed_at_v TEXT;
+CREATE TABLE task_tags (
+    id TEXT PRIMARY KEY,                        -- task_id + ' ' + tag
+    task_id TEXT, task_id_v TEXT,
+    tag TEXT, tag_v TEXT,
+    present INTEGER, present_v TEXT             -- 1 tagged, 0 untagged: last writer wins per tag
+);
+CREATE INDEX task_tags_task ON task_tags (task_id, tag) WHERE present = 1;
+CREATE INDEX task_tags_tag ON task_tags (tag, task_id) WHERE present = 1;
+DROP INDEX tasks_counts;
+CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NOT NULL AND removed_at IS NULL
+"""
+_MIGRATIONS[2] = [TAGS_SCHEMA]
+
 SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
-                  "last_activity_at", "label", "tokens")
+                  "last_activity_at", "label", "tokens", "asked")
+MAX_ASKED_CHARS = 2000  # what a permission dialog asks, as kept with the session's state
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
 MAX_RECIPIENTS = 500
 # What a typed text must never hold: an ESC could end the bracketed paste ("\x1b[201~") and type
@@ -868,6 +1075,18 @@ CREATE TABLE hook_marks (                       -- the newest hook report per se
 );
 """
 _MIGRATIONS[1].append(FLEET_SCHEMA)
+# Schema 3: what a permission dialog asks is kept with the state; this host's notification marks.
+ASKED_SCHEMA = """
+-- asked: JSON {tool, input} while a permission dialog is open, else NULL
+ALTER TABLE sessions ADD COLUMN asked TEXT;
+ALTER TABLE sessions ADD COLUMN asked_v TEXT;
+CREATE TABLE notify_marks (                     -- this host's notifications per session: never synced
+    session_id TEXT PRIMARY KEY,
+    state TEXT,                                 -- the state last seen by the notifier
+    notified_ms INTEGER                         -- when the [notify] command last ran for it
+);
+"""
+_MIGRATIONS[4] = [ASKED_SCHEMA]
 
 ORDER_ACTIONS = ("start", "resume", "stop")
 # pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
@@ -903,7 +1122,7 @@ CREATE INDEX orders_session ON orders (session_id);
 """
 # Version 2 adds tables only. COMPAT: a version-1 peer stores and relays project.dir_set and the
 # order events without applying them; `clare replay` after the upgrade applies what it kept.
-_MIGRATIONS[2] = [DISPATCH_SCHEMA]
+_MIGRATIONS[3] = [DISPATCH_SCHEMA]
 
 
 @dataclass(frozen=True, slots=True)
@@ -934,6 +1153,8 @@ class Task:
     created_at: str
     session_id: str | None  # the assignment: one session ...
     group_id: str | None  # ... or one group, or neither
+    tags: tuple[str, ...] = ()  # sorted
+    removed_at: str | None = None  # set while the task is removed (task rm); it then leaves every list
 
     def to_json(self) -> dict[str, Any]:
         """Return the task as the JSON object the CLI and API print."""
@@ -986,6 +1207,9 @@ class Session:
     task_id: str | None  # the most urgent open task assigned to it (directly, else through a group)
     tokens: dict[str, int]  # usage summed over its transcript
     created_at: str  # first seen
+    task_ids: tuple[str, ...] = ()  # every open task it holds, most urgent first (task_id is the first)
+    group: str | None = None  # the name of the group that binds task_id to it, None when bound directly
+    asked: dict[str, str] | None = None  # {tool, input} of the open permission dialog, as its hook reported it
 
     @property
     def tmux_session(self) -> str:
@@ -1193,7 +1417,7 @@ def apply_project_created(cur: sqlite3.Cursor, ev: Event) -> None:
 
 
 @applies("project.updated", {"project_id": _is_id, "name?": _is_str, "goal?": _is_str, "owner?": _is_str,
-                             "status?": _is_one_of(PROJECT_STATUSES)})
+                             "status?": _is_one_of(PROJECT_STATUSES), "undoes?": _is_id})
 def apply_project_updated(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid): a late old edit never overwrites a newer one."""
     p = ev.payload  # {project_id, name?, goal?, owner?, status?}
@@ -1202,27 +1426,66 @@ def apply_project_updated(cur: sqlite3.Cursor, ev: Event) -> None:
         _lww(cur, "projects", p["project_id"], fields, ev)
 
 
+def _is_tag(v: Any) -> bool:
+    return isinstance(v, str) and TAG_RE.match(v) is not None
+
+
+def _is_tag_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_TAGS and all(map(_is_tag, v))
+
+
+def _is_tag_changes(v: Any) -> bool:
+    return isinstance(v, dict) and len(v) <= 2 * MAX_TAGS and all(
+        _is_tag(k) and isinstance(x, bool) for k, x in v.items())
+
+
+def _set_tags(cur: sqlite3.Cursor, task_id: str, changes: dict[str, bool], ev: Event) -> None:
+    for tag, is_present in changes.items():
+        _lww(cur, "task_tags", f"{task_id} {tag}", {"task_id": task_id, "tag": tag, "present": int(is_present)}, ev)
+
+
 @applies("task.created", {"task_id": _is_id, "project_id": _is_id, "title": _is_str, "description": _is_str,
-                          "priority": _is_priority, "status": _is_one_of(TASK_STATUSES)})
+                          "priority": _is_priority, "status": _is_one_of(TASK_STATUSES), "tags?": _is_tag_list})
 def apply_task_created(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Per-field last writer wins, by (hlc, uuid); the create sets every field."""
-    p = ev.payload  # {task_id, project_id, title, description, priority, status}
+    """Per-field last writer wins, by (hlc, uuid); the create sets every field and adds its tags."""
+    p = ev.payload  # {task_id, project_id, title, description, priority, status, tags?}
     _lww(cur, "tasks", p["task_id"], {
         "created_at": ev.created_at,
         **_pick(p, ("project_id", "title", "description", "priority", "status"))}, ev)
+    _set_tags(cur, p["task_id"], dict.fromkeys(p.get("tags", ()), True), ev)
 
 
 @applies("task.updated", {"task_id": _is_id, "title?": _is_str, "description?": _is_str,
-                          "priority?": _is_priority, "status?": _is_one_of(TASK_STATUSES)})
+                          "priority?": _is_priority, "status?": _is_one_of(TASK_STATUSES),
+                          "tags?": _is_tag_changes, "undoes?": _is_id})
 def apply_task_updated(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Per-field last writer wins, by (hlc, uuid): a title edit and a status change both survive."""
-    p = ev.payload  # {task_id, title?, description?, priority?, status?}
+    """Per-field last writer wins, by (hlc, uuid): a title edit and a status change both survive.
+
+    Tags are an add/remove set: `tags` maps a tag to true (add) or false (remove), and each tag
+    is its own last-writer-wins field, so two hosts tagging at once both keep their tags.
+    """
+    p = ev.payload  # {task_id, title?, description?, priority?, status?, tags?: {tag: bool}, undoes?}
     fields = _pick(p, ("title", "description", "priority", "status"))
     if fields:
         _lww(cur, "tasks", p["task_id"], fields, ev)
+    _set_tags(cur, p["task_id"], p.get("tags", {}), ev)
 
 
-@applies("task.assigned", {"task_id": _is_id, "session_id?": _is_opt_id, "group_id?": _is_opt_id},
+@applies("task.removed", {"task_id": _is_id, "undoes?": _is_id})
+def apply_task_removed(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Last writer wins per task with task.restored; edits meanwhile are kept and show on restore."""
+    p = ev.payload  # {task_id, undoes?}
+    _lww(cur, "tasks", p["task_id"], {"removed_at": ev.created_at}, ev)
+
+
+@applies("task.restored", {"task_id": _is_id, "undoes?": _is_id})
+def apply_task_restored(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Last writer wins per task with task.removed: the newer of the two decides."""
+    p = ev.payload  # {task_id, undoes?}
+    _lww(cur, "tasks", p["task_id"], {"removed_at": None}, ev)
+
+
+@applies("task.assigned", {"task_id": _is_id, "session_id?": _is_opt_id, "group_id?": _is_opt_id, "undoes?": _is_id},
          rules=(("must name exactly one of session_id and group_id",
                  lambda p: (p.get("session_id") is None) != (p.get("group_id") is None)),))
 def apply_task_assigned(cur: sqlite3.Cursor, ev: Event) -> None:
@@ -1236,7 +1499,7 @@ def apply_task_assigned(cur: sqlite3.Cursor, ev: Event) -> None:
     _lww(cur, "tasks", p["task_id"], {"assignee": target}, ev)
 
 
-@applies("task.unassigned", {"task_id": _is_id})
+@applies("task.unassigned", {"task_id": _is_id, "undoes?": _is_id})
 def apply_task_unassigned(cur: sqlite3.Cursor, ev: Event) -> None:
     """Last writer wins per task with task.assigned: the newer of the two decides."""
     p = ev.payload  # {task_id}
@@ -1252,7 +1515,7 @@ def apply_group_created(cur: sqlite3.Cursor, ev: Event) -> None:
          {"created_at": ev.created_at, **_pick(p, ("name", "cwd", "host", "tmux_name"))}, ev)
 
 
-@applies("group.removed", {"group_id": _is_id})
+@applies("group.removed", {"group_id": _is_id, "undoes?": _is_id})
 def apply_group_removed(cur: sqlite3.Cursor, ev: Event) -> None:
     """Removal wins over everything: a removed group never comes back (make a new one)."""
     p = ev.payload  # {group_id}
@@ -1275,6 +1538,8 @@ def _session_fields(p: dict[str, Any], ev: Event) -> dict[str, Any]:
     fields = _pick(p, SESSION_FIELDS)
     if "tokens" in fields:
         fields["tokens"] = canonical_json(fields["tokens"])
+    if "asked" in fields:
+        fields["asked"] = None if fields["asked"] is None else canonical_json(fields["asked"])
     if "state" in fields:
         fields["state_at"] = ev.created_at
     return fields
@@ -1288,10 +1553,15 @@ def _is_tokens(v: Any) -> bool:
     return isinstance(v, dict) and len(v) <= 8 and all(_is_id(k) and _is_opt_int(n) for k, n in v.items())
 
 
+def _is_asked(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and set(v) == {"tool", "input"} and all(
+        isinstance(x, str) and len(x) <= MAX_ASKED_CHARS for x in v.values()))
+
+
 _SESSION_PAYLOAD = {"session_id": _is_id, "host": _is_id, "cwd?": _is_str, "tmux_socket?": _is_opt_str,
                     "tmux_target?": _is_opt_str, "pane_id?": _is_opt_id, "pid?": _is_opt_int, "command?": _is_str,
                     "state?": _is_one_of(SESSION_STATES), "last_activity_at?": _is_opt_str, "label?": _is_str,
-                    "tokens?": _is_tokens}
+                    "tokens?": _is_tokens, "asked?": _is_asked}
 
 
 @applies("session.appeared", {**_SESSION_PAYLOAD, "cwd": _is_str, "state": _is_one_of(SESSION_STATES)})
@@ -1399,7 +1669,8 @@ _PROJECT_SELECT = """
 SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
        (SELECT json_group_object(status, n) FROM
            (SELECT t.status, count(*) AS n FROM tasks t
-             WHERE t.project_id = p.id AND t.created_at_v IS NOT NULL GROUP BY t.status)) AS counts,
+             WHERE t.project_id = p.id AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
+             GROUP BY t.status)) AS counts,
        (SELECT json_group_object(d.host, d.dir) FROM project_dirs d
          WHERE d.project_id = p.id AND d.dir IS NOT NULL) AS dirs
   FROM projects p
@@ -1439,7 +1710,10 @@ _TASK_SELECT = f"""
 SELECT t.id, t.project_id, coalesce(p.name, '') AS project, t.title, t.description, t.status,
        t.priority, t.created_at,
        CASE WHEN substr(t.assignee, 1, 6) = 'group:' AND NOT ({_LIVE_GROUP}) THEN NULL
-            ELSE t.assignee END AS assignee
+            ELSE t.assignee END AS assignee,
+       (SELECT group_concat(tag, ' ') FROM (SELECT x.tag FROM task_tags x
+         WHERE x.task_id = t.id AND x.present = 1 ORDER BY x.tag)) AS tags,
+       t.removed_at
   FROM tasks t LEFT JOIN projects p ON p.id = t.project_id
        LEFT JOIN groups g ON substr(t.assignee, 1, 6) = 'group:' AND g.id = substr(t.assignee, 7)
  WHERE t.created_at_v IS NOT NULL"""
@@ -1449,25 +1723,52 @@ def _task_from_row(row: sqlite3.Row) -> Task:
     kind, _, target = (row["assignee"] or "").partition(":")
     return Task(row["id"], row["project_id"], row["project"], row["title"], row["description"],
                 row["status"], row["priority"], row["created_at"],
-                target if kind == "session" else None, target if kind == "group" else None)
+                target if kind == "session" else None, target if kind == "group" else None,
+                tuple((row["tags"] or "").split()), row["removed_at"])
 
 
 def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = None,
-               session_id: str | None = None, group_id: str | None = None) -> list[Task]:
-    """Return tasks, most urgent first, filtered by project, status or assignee."""
+               session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
+               active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
+               priorities: tuple[int, int] | None = None, search: str | None = None,
+               include_removed: bool = False) -> list[Task]:
+    """Return tasks, most urgent first, filtered by project, status, assignee, tag, priority or text.
+
+    Removed tasks (task rm) are left out unless `include_removed`; `is_open` leaves out done
+    tasks and `active_projects` the tasks of paused and done projects.
+    """
     sql, params = _TASK_SELECT, []
+    if not include_removed:
+        sql += " AND t.removed_at IS NULL"
     if project_id:
         sql += " AND t.project_id = ?"
         params.append(project_id)
     if status:
         sql += " AND t.status = ?"
         params.append(status)
+    if is_open:
+        sql += " AND t.status != 'done'"
+    if active_projects:
+        sql += " AND p.status = 'active'"
     if session_id:
         sql += " AND t.assignee = ?"
         params.append(f"session:{session_id}")
     elif group_id:
         sql += f" AND t.assignee = ? AND {_LIVE_GROUP}"
         params.append(f"group:{group_id}")
+    if is_assigned is not None:
+        live = f"(t.assignee IS NOT NULL AND (substr(t.assignee, 1, 6) != 'group:' OR {_LIVE_GROUP}))"
+        sql += f" AND {'' if is_assigned else 'NOT '}{live}"
+    if tag:
+        sql += " AND EXISTS (SELECT 1 FROM task_tags x WHERE x.task_id = t.id AND x.tag = ? AND x.present = 1)"
+        params.append(tag)
+    if priorities is not None:
+        sql += " AND t.priority BETWEEN ? AND ?"
+        params += map(str, priorities)
+    if search:
+        # instr over lower(): a search text is literal, never a LIKE pattern (% and _ mean themselves)
+        sql += " AND (instr(lower(t.title), ?) > 0 OR instr(lower(t.description), ?) > 0)"
+        params += (search.lower(), search.lower())
     rows = db.conn.execute(sql + " ORDER BY t.priority, t.created_at_v", params).fetchall()
     return [_task_from_row(r) for r in rows]
 
@@ -1482,7 +1783,7 @@ def find_tasks(db: Db, prefix: str) -> list[Task]:
 def list_assigned_tasks(db: Db) -> list[Task]:
     """Return every task that is assigned to a session or a group."""
     rows = db.conn.execute(_TASK_SELECT + f" AND t.assignee IS NOT NULL AND (g.id IS NULL OR {_LIVE_GROUP})"
-                           " ORDER BY t.priority, t.created_at_v")
+                           " AND t.removed_at IS NULL ORDER BY t.priority, t.created_at_v")
     return [_task_from_row(r) for r in rows]
 
 
@@ -1522,13 +1823,17 @@ def list_updates(db: Db, *, task_ids: list[str] | None = None, update_id: str | 
 
 _SESSION_SELECT = """
 SELECT s.id, s.host, s.cwd, s.tmux_socket, s.tmux_target, s.pane_id, s.pid, s.command, s.state, s.state_at,
-       s.last_activity_at, s.label, s.tokens, s.created_at,
+       s.last_activity_at, s.label, s.tokens, s.created_at, s.asked,
        (SELECT max(json_extract(c.info, '$.last_activity_at')) FROM transcript_cache c WHERE c.session_id = s.id)
            AS fresh_activity_at,
        (SELECT json_extract(c.info, '$.tokens') FROM transcript_cache c WHERE c.session_id = s.id
          ORDER BY c.mtime_ns DESC LIMIT 1) AS fresh_tokens,
        (SELECT t.id FROM tasks t WHERE t.assignee = 'session:' || s.id AND t.status != 'done'
-           AND t.created_at_v IS NOT NULL ORDER BY t.priority, t.created_at_v LIMIT 1) AS task_id
+           AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL ORDER BY t.priority, t.created_at_v LIMIT 1)
+           AS task_id,
+       (SELECT group_concat(id, ' ') FROM (SELECT t.id FROM tasks t WHERE t.assignee = 'session:' || s.id
+           AND t.status != 'done' AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
+         ORDER BY t.priority, t.created_at_v)) AS task_ids
   FROM sessions s
  WHERE s.created_at_v IS NOT NULL"""
 
@@ -1540,7 +1845,8 @@ def _session_from_row(row: sqlite3.Row) -> Session:
     return Session(row["id"], row["host"], row["cwd"] or "", row["tmux_socket"], row["tmux_target"],
                    row["pane_id"], row["pid"], row["command"] or "", row["state"], row["state_at"], activity,
                    row["label"] or "", row["task_id"], {k: int(tokens.get(k, 0)) for k in TOKEN_KINDS},
-                   row["created_at"])
+                   row["created_at"], tuple((row["task_ids"] or "").split()),
+                   asked=json.loads(row["asked"]) if row["asked"] else None)
 
 
 def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
@@ -1564,7 +1870,7 @@ def list_group_tasks(db: Db) -> list[tuple[str, str]]:
     return [tuple(r) for r in db.conn.execute(
         f"""SELECT g.id, t.id FROM tasks t JOIN groups g ON g.id = substr(t.assignee, 7)
              WHERE t.assignee LIKE 'group:%' AND t.status != 'done' AND t.created_at_v IS NOT NULL
-               AND {_LIVE_GROUP} ORDER BY t.priority, t.created_at_v""")]
+               AND t.removed_at IS NULL AND {_LIVE_GROUP} ORDER BY t.priority, t.created_at_v""")]
 
 
 def get_transcript_cache(db: Db) -> dict[str, tuple[int, int, dict[str, Any]]]:
@@ -1609,6 +1915,18 @@ def save_hook_mark(cur: sqlite3.Cursor, session_id: str, mark: HookMark) -> None
              at_ms = excluded.at_ms
            WHERE excluded.at_ms >= at_ms""",
         (session_id, mark.tmux_socket, mark.pane_id, mark.state, mark.hook_event, mark.at_ms))
+
+
+def list_notify_marks(db: Db) -> dict[str, tuple[str | None, int | None]]:
+    """Return the notifier's marks on this host: session id -> (state last seen, when it last notified)."""
+    return {r[0]: (r[1], r[2]) for r in db.conn.execute("SELECT session_id, state, notified_ms FROM notify_marks")}
+
+
+def save_notify_marks(cur: sqlite3.Cursor, marks: dict[str, tuple[str | None, int | None]], *, after: int) -> None:
+    """Store the notifier's marks and how far into the log it has read. In a txn."""
+    cur.executemany("INSERT OR REPLACE INTO notify_marks (session_id, state, notified_ms) VALUES (?, ?, ?)",
+                    [(sid, state, at) for sid, (state, at) in marks.items()])
+    set_meta(cur, "notify_after", str(after))
 
 
 def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
@@ -1728,9 +2046,30 @@ def _check_priority(value: object) -> int:
     return value
 
 
+def parse_priority(text: str) -> int:
+    """Return the priority a word names (0 to 4, or P0 to P4); raise naming the range."""
+    word = text.strip().upper().removeprefix("P")
+    if not word.isdigit() or int(word) not in PRIORITIES:
+        shown = text if text.isdigit() else repr(text[:40])
+        raise UsageError(f"priority {shown} is outside 0-4; use a number from 0 (most urgent) to 4, e.g. --prio 1")
+    return int(word)
+
+
+def parse_priorities(text: str) -> tuple[int, int]:
+    """Return the (lowest, highest) priority numbers of 'N' or a range 'N-M'."""
+    low, _, high = text.partition("-")
+    lo, hi = parse_priority(low), parse_priority(high) if high else parse_priority(low)
+    return (lo, hi) if lo <= hi else (hi, lo)
+
+
+LIST_COMMANDS = {"task": "clare task list", "session": "clare sessions", "project": "clare project list",
+                 "group": "clare group list"}  # where a person finds the ids of each kind
+
+
 def _check_prefix(what: str, ref: object) -> str:
     if not isinstance(ref, str) or not ID_PREFIX_RE.match(ref):
-        raise UsageError(f"{what} id {ref!r} is not a hex id or prefix; copy one from the list")
+        raise UsageError(f"{what} id {str(ref)[:60]!r} is not a hex id or prefix; copy one from the list: "
+                         f"{LIST_COMMANDS.get(what, 'clare --help')}")
     return ref
 
 
@@ -1768,26 +2107,37 @@ def get_session(db: Db, ref: str) -> Session:
 
 
 def list_sessions(db: Db, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
-    """Return the sessions, with each one's task: its own, else its groups' most urgent one."""
+    """Return the sessions, with each one's tasks: its own, then its groups' (task_id: the most urgent)."""
     sessions = find_sessions(db, host=host, include_gone=include_gone)
     group_tasks = list_group_tasks(db)
-    if not group_tasks or all(s.task_id for s in sessions):
+    if not group_tasks:
         return sessions
     groups = {g.id: g for g in list_groups(db)}
     out = []
     for s in sessions:
-        if s.task_id is None:
-            task_id = next((t for g, t in group_tasks if g in groups and _in_group(s, groups[g])), None)
-            s = dataclasses.replace(s, task_id=task_id)
+        mine = [(g, t) for g, t in group_tasks if g in groups and _in_group(s, groups[g])]
+        if mine:
+            group = groups[mine[0][0]].name if s.task_id is None else None
+            s = dataclasses.replace(s, task_id=s.task_id or mine[0][1], group=group,
+                                    task_ids=tuple(dict.fromkeys([*s.task_ids, *(t for _, t in mine)])))
         out.append(s)
     return out
+
+
+URGENCY = {"permission": 0, "waiting": 1, "working": 2, "idle": 3, "gone": 4}  # who needs a person first
+
+
+def by_urgency(sessions: Iterable[Session]) -> list[Session]:
+    """Return sessions most urgent first: a permission dialog, then waiting longest, then working, idle, gone."""
+    return sorted(sessions, key=lambda s: (URGENCY.get(s.state, 5), s.state_at or "", s.host, s.tmux_target or "",
+                                           s.id))
 
 
 def _in_group(session: Session, group: Group) -> bool:
     import fnmatch  # only group matching needs it
 
     return ((group.cwd is None or group.cwd in session.cwd)
-            and (group.host is None or group.host == session.host)
+            and (group.host is None or group.host in (session.host, machine_host_name(session.host)))
             and (group.tmux_name is None or fnmatch.fnmatchcase(session.tmux_session, group.tmux_name)))
 
 
@@ -1902,23 +2252,36 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
 
 
 def create_task(db: Db, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                description: str = "", now_ms: int) -> Task:
+                description: str = "", tags: Iterable[str] = (), now_ms: int) -> Task:
     """Add a task to a project, status todo."""
     title = _check_text("title", title, limit=MAX_TITLE_CHARS, required=True)
     description = _check_text("description", description, limit=MAX_TEXT_CHARS)
     priority = _check_priority(priority)
+    tags = sorted(set(_check_tags(tags)))
     task_id = new_id()
     with write_txn(db) as cur:
         project = get_project(db, project_ref)
         record(db, cur, "task.created", {"task_id": task_id, "project_id": project.id, "title": title,
                                          "description": description, "priority": priority,
-                                         "status": "todo"}, now_ms=now_ms)
+                                         "status": "todo", **({"tags": tags} if tags else {})}, now_ms=now_ms)
     return get_task(db, task_id)
 
 
+def _check_tags(tags: Iterable[str]) -> list[str]:
+    tags = list(tags)
+    for tag in tags:
+        if not _is_tag(tag):
+            raise UsageError(f"tag {str(tag)[:60]!r} is not one word of letters, digits and _ . : + - "
+                             "(at most 40 characters); e.g. --tag backend")
+    if len(set(tags)) > MAX_TAGS:
+        raise UsageError(f"{len(set(tags))} tags; a task holds at most {MAX_TAGS}")
+    return tags
+
+
 def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | None = None,
-              priority: int | None = None, status: str | None = None, now_ms: int) -> Task:
-    """Change some fields of a task; fields equal to the current value are not recorded."""
+              priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
+              untags: Iterable[str] = (), now_ms: int) -> Task:
+    """Change some fields and tags of a task; what equals the current value is not recorded."""
     changes: dict[str, Any] = {}
     if title is not None:
         changes["title"] = _check_text("title", title, limit=MAX_TITLE_CHARS, required=True)
@@ -1928,11 +2291,39 @@ def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | 
         changes["priority"] = _check_priority(priority)
     if status is not None:
         changes["status"] = _check_choice("task status", status, TASK_STATUSES)
+    tag_changes = dict.fromkeys(_check_tags(untags), False) | dict.fromkeys(_check_tags(tags), True)
     with write_txn(db) as cur:
         task = get_task(db, ref)
         changes = {k: v for k, v in changes.items() if getattr(task, k) != v}
+        tag_changes = {k: v for k, v in tag_changes.items() if (k in task.tags) != v}
+        if len(set(task.tags) | {k for k, v in tag_changes.items() if v}) > MAX_TAGS:
+            raise UsageError(f"a task holds at most {MAX_TAGS} tags; remove some with --untag")
+        if tag_changes:
+            changes["tags"] = dict(sorted(tag_changes.items()))
         if changes:
             record(db, cur, "task.updated", {"task_id": task.id, **changes}, now_ms=now_ms)
+    return get_task(db, task.id)
+
+
+def remove_task(db: Db, ref: str, *, now_ms: int) -> Task:
+    """Remove a task: it leaves every list and the dashboard, keeps its history, and can be restored."""
+    with write_txn(db) as cur:
+        task = get_task(db, ref)
+        if task.removed_at is not None:
+            raise Conflict(f"task {task.id[:SHORT_ID]} is removed already; bring it back with: "
+                           f"clare task restore {task.id[:SHORT_ID]}")
+        record(db, cur, "task.removed", {"task_id": task.id}, now_ms=now_ms)
+    return get_task(db, task.id)
+
+
+def restore_task(db: Db, ref: str, *, now_ms: int) -> Task:
+    """Bring a removed task back, with every edit made meanwhile."""
+    with write_txn(db) as cur:
+        task = get_task(db, ref)
+        if task.removed_at is None:
+            raise Conflict(f"task {task.id[:SHORT_ID]} is not removed; remove it with: "
+                           f"clare task rm {task.id[:SHORT_ID]}")
+        record(db, cur, "task.restored", {"task_id": task.id}, now_ms=now_ms)
     return get_task(db, task.id)
 
 
@@ -1961,6 +2352,142 @@ def unassign_task(db: Db, ref: str, *, now_ms: int) -> Task:
         if task.session_id or task.group_id:
             record(db, cur, "task.unassigned", {"task_id": task.id}, now_ms=now_ms)
     return get_task(db, task.id)
+
+
+# What `clare undo` can take back. A change is every event one service call recorded (they share
+# the host and the wall-clock stamp); its undo records the inverse events, each naming the one it
+# undoes in `undoes`, so the log only grows and every host sees the undo as an ordinary change.
+CHANGE_TYPES = ("project.created", "project.updated", "task.created", "task.updated", "task.assigned",
+                "task.unassigned", "task.removed", "task.restored", "group.created", "group.removed",
+                "update.posted", "broadcast.sent")
+MAX_UNDO_HISTORY = 10_000  # events of one entity read to find the values a change replaced
+CANNOT_UNDO = {
+    "project.created": "Clare keeps every project; close it with: clare project set NAME --status done",
+    "group.removed": "a removed group never comes back; make it again with: clare group add NAME --cwd ...",
+    "update.posted": "a posted note stays; add a correction with: clare update TASK TEXT",
+    "broadcast.sent": "the text was typed into the sessions already; it cannot be taken back",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    events: list[Event]  # what one command recorded on this host, in order
+    description: str
+    refusal: str | None  # why it cannot be undone, or None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the change as the JSON object the CLI and API print."""
+        return {"events": [e.to_json() for e in self.events], "description": self.description,
+                "created_at": self.events[0].created_at, "can_undo": self.refusal is None, "refusal": self.refusal}
+
+
+@dataclass(frozen=True, slots=True)
+class UndoResult:
+    undone: Change
+    recorded: list[Event]  # the inverse events
+    n_kept: int  # fields another change has set since: left as they are
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the result as the JSON object the CLI and API print."""
+        return {**self.undone.to_json(), "recorded": [e.to_json() for e in self.recorded], "n_kept": self.n_kept}
+
+
+def list_changes(db: Db, *, limit: int = 10) -> list[Change]:
+    """Return this host's newest changes that are not undone yet, newest first: what undo takes next."""
+    undone, before = list_undone(db), None
+    changes: list[Change] = []
+    while len(changes) < limit:
+        events = list_own_events(db, CHANGE_TYPES, before_rseq=before, limit=200)
+        if not events:
+            break
+        before = events[-1].rseq
+        for ev in events:
+            if ev.uuid in undone or "undoes" in ev.payload:
+                continue
+            if changes and changes[-1].events[0].created_at == ev.created_at \
+                    and changes[-1].events[0].rseq - ev.rseq == 1:
+                changes[-1] = _change([ev, *changes[-1].events])
+            elif len(changes) < limit:
+                changes.append(_change([ev]))
+    return changes[:limit]
+
+
+def _change(events: list[Event]) -> Change:
+    refusal = next((CANNOT_UNDO[e.event_type] for e in events if e.event_type in CANNOT_UNDO), None)
+    return Change(events, "; ".join(describe_event(e) for e in events), refusal)
+
+
+def undo_change(db: Db, *, now_ms: int) -> UndoResult:
+    """Undo this host's newest change not undone yet by recording its inverse; never delete an event."""
+    with write_txn(db) as cur:
+        changes = list_changes(db, limit=1)
+        if not changes:
+            raise NotFound("nothing to undo: this host has made no change that is not undone yet; "
+                           "see what happened with: clare log")
+        change = changes[0]
+        if change.refusal is not None:
+            raise Conflict(f"cannot undo the last change ({change.description}): {change.refusal}")
+        recorded, n_kept = [], 0
+        for ev in reversed(change.events):
+            event_type, payload, kept = _inverse(db, ev)
+            n_kept += kept
+            recorded.append(record(db, cur, event_type, {**payload, "undoes": ev.uuid}, now_ms=now_ms))
+    return UndoResult(change, recorded, n_kept)
+
+
+_ENTITY_KEYS = {"project": "project_id", "task": "task_id", "group": "group_id"}
+
+
+def _field_values(ev: Event) -> dict[str, Any]:
+    """Return what an event sets on its entity, as field -> value (tags as 'tag:NAME' -> bool)."""
+    p, kind = ev.payload, ev.event_type
+    if kind in ("project.created", "project.updated", "task.created", "task.updated"):
+        out = {k: p[k] for k in ("name", "goal", "owner", "title", "description", "priority", "status") if k in p}
+        tags = dict.fromkeys(p.get("tags", ()), True) if kind == "task.created" else p.get("tags", {})
+        return out | {f"tag:{t}": v for t, v in tags.items()}
+    if kind == "task.assigned":
+        return {"assignee": {"session_id": p["session_id"]} if p.get("session_id") else {"group_id": p["group_id"]}}
+    if kind == "task.unassigned":
+        return {"assignee": None}
+    if kind in ("task.removed", "task.restored"):
+        return {"removed": kind == "task.removed"}
+    return {}
+
+
+def _inverse(db: Db, ev: Event) -> tuple[str, dict[str, Any], int]:
+    """Return (event type, payload, fields left alone) of the event that takes `ev` back.
+
+    A field that a later change (from any host) has set again keeps that newer value: undo
+    takes back this host's change, never someone else's.
+    """
+    kind, _, action = ev.event_type.partition(".")
+    key = _ENTITY_KEYS[kind]
+    head = {key: ev.payload[key]}
+    if ev.event_type == "task.created":
+        return "task.removed", head, 0
+    if ev.event_type == "group.created":
+        return "group.removed", head, 0
+    mine = sorted((e for e in list_history(db, [ev.payload[key]], limit=MAX_UNDO_HISTORY)
+                   if e.event_type.startswith(kind + ".") and e.payload.get(key) == ev.payload[key]),
+                  key=lambda e: (e.hlc, e.uuid))
+    before: dict[str, Any] = {}
+    now: dict[str, Any] = {}
+    for e in mine:
+        now.update(_field_values(e))
+        if (e.hlc, e.uuid) < (ev.hlc, ev.uuid):
+            before.update(_field_values(e))
+    undo = {f: before.get(f, False if f.startswith("tag:") or f == "removed" else None)
+            for f, v in _field_values(ev).items() if now.get(f) == v}
+    n_kept = len(_field_values(ev)) - len(undo)
+    if "removed" in undo:
+        return ("task.removed" if undo["removed"] else "task.restored"), head, n_kept
+    if "assignee" in undo:
+        return (("task.assigned", {**head, **undo["assignee"]}, n_kept) if undo["assignee"]
+                else ("task.unassigned", head, n_kept))
+    # What is left is an update; an empty one (all changed since) only marks the change as undone.
+    tags = {f[4:]: v for f, v in undo.items() if f.startswith("tag:")}
+    fields = {f: v for f, v in undo.items() if not f.startswith("tag:") and v is not None}
+    return f"{kind}.updated", {**head, **fields, **({"tags": tags} if tags else {})}, n_kept
 
 
 def create_group(db: Db, name: str, *, cwd: str | None = None, host: str | None = None,
@@ -2058,11 +2585,14 @@ _OBSERVED_KEYS = ("cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "comman
 
 
 def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
-                     keep_ids: Iterable[str] = (), now_ms: int) -> list[Event]:
+                     keep_ids: Iterable[str] = (), live_panes: Mapping[str, Iterable[str]] | None = None,
+                     now_ms: int) -> list[Event]:
     """Record how this host's sessions changed since the last look: appeared, changed, gone.
 
     A session of this host that is not seen is gone, unless its tmux server could not be asked
-    (keep_sockets) or other evidence says it lives (keep_ids). Nothing is written when nothing
+    (keep_sockets) or other evidence says it lives (keep_ids). That evidence loses to tmux itself:
+    when the session's tmux server answered (`live_panes`: socket -> its pane ids) without the
+    session's pane, the pane was killed and the session is gone now. Nothing is written when nothing
     changed: the log must not grow with polling. Last activity and tokens ride along with an
     event but never cause one.
     """
@@ -2083,27 +2613,37 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
                 events.append(record(db, cur, "session.appeared", {**payload, **extra}, now_ms=now_ms))
                 continue
             changed = {k: payload[k] for k in _OBSERVED_KEYS if getattr(old, k) != payload[k]}
+            if "state" in changed and ob.state != "permission" and old.asked is not None:
+                changed["asked"] = None  # the dialog is over: what it asked goes with it
             if changed:
                 events.append(record(db, cur, "session.changed", {"session_id": ob.session_id,
                                                                   "host": db.machine_id, **changed, **extra},
                                      now_ms=now_ms))
         seen_ids = {ob.session_id for ob in seen}
+        panes = {socket: set(ids) for socket, ids in (live_panes or {}).items()}
         for s in known.values():
-            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep and s.id not in keep_ids:
+            pane_gone = s.tmux_socket in panes and s.pane_id is not None and s.pane_id not in panes[s.tmux_socket]
+            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep and (
+                    s.id not in keep_ids or pane_gone):
+                reason = f"its tmux pane {s.pane_id} is gone" if pane_gone else "no longer running"
                 events.append(record(db, cur, "session.gone", {"session_id": s.id, "host": db.machine_id,
-                                                               "reason": "no longer running"}, now_ms=now_ms))
+                                                               "reason": reason}, now_ms=now_ms))
     return events
 
 
 def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
-                is_end: bool = False, now_ms: int) -> list[Event]:
+                is_end: bool = False, asked: dict[str, str] | None = None, now_ms: int) -> list[Event]:
     """Fold one hook report in: remember it, and record the session's new state at once.
 
     A report older than the one stored (a spooled report ingested late) is kept out of the state.
+    `asked` ({tool, input}) is what a PermissionRequest asks: kept with the state until it leaves
+    `permission`.
     """
     _check_prefix("session", session_id)
     if mark.state is not None:
         _check_choice("session state", mark.state, SESSION_STATES)
+    if not _is_asked(asked):
+        raise UsageError(f"asked must be {{tool, input}} texts of at most {MAX_ASKED_CHARS} characters")
     events: list[Event] = []
     with write_txn(db) as cur:
         save_hook_mark(cur, session_id, mark)
@@ -2119,11 +2659,16 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
             events.append(record(db, cur, "session.appeared", {
                 **head, "cwd": cwd, "tmux_socket": mark.tmux_socket, "tmux_target": tmux_target,
                 "pane_id": mark.pane_id, "pid": None, "command": "", "state": mark.state,
-                "last_activity_at": iso_ms(mark.at_ms), "label": "", "tokens": {}}, now_ms=now_ms))
+                "last_activity_at": iso_ms(mark.at_ms), "label": "", "tokens": {},
+                **({"asked": asked} if asked else {})}, now_ms=now_ms))
         elif old is not None and mark.state is not None:
-            changed = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
+            changed: dict[str, Any] = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
                                          ("tmux_socket", mark.tmux_socket), ("tmux_target", tmux_target))
                        if v is not None and getattr(old, k) != v}
+            if mark.state == "permission" and asked and old.asked != asked:
+                changed["asked"] = asked
+            elif mark.state != "permission" and old.asked is not None:
+                changed["asked"] = None  # the dialog is over: what it asked goes with it
             if changed:
                 events.append(record(db, cur, "session.changed", {
                     **head, **changed, "last_activity_at": iso_ms(mark.at_ms)}, now_ms=now_ms))
@@ -2181,7 +2726,51 @@ def get_status(db: Db, *, project_ref: str | None = None, group_ref: str | None 
     for p in projects:
         mine = [s for s in sessions if s.task_id in tasks and tasks[s.task_id].project_id == p.id]
         rollups.append(ProjectStatus(p, {k: sum(s.tokens.get(k, 0) for s in mine) for k in TOKEN_KINDS}, len(mine)))
-    return StatusReport(rollups, sessions, {s.task_id: tasks[s.task_id] for s in sessions if s.task_id in tasks})
+    return StatusReport(rollups, sessions, {t: tasks[t] for s in sessions for t in (s.task_id, *s.task_ids)
+                                            if t in tasks})
+
+
+NEEDS_PERSON = ("permission", "waiting")  # the states where a session waits on a person
+
+
+def list_needs(db: Db) -> list[Session]:
+    """Return the sessions that wait on a person, for triage: permission dialogs first, then the longest waiting."""
+    return [s for s in by_urgency(list_sessions(db)) if s.state in NEEDS_PERSON]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDetail:
+    session: Session
+    task: Task | None  # the task it works on now
+    history: list[Event]  # the newest events about it, oldest first
+    attach: list[str] | None  # the command that attaches a terminal here to its pane; None outside tmux
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the session's fields with its task, history and attach command, as the API and CLI print."""
+        return {**self.session.to_json(), "task": self.task.to_json() if self.task else None,
+                "history": [{**e.to_json(), "text": describe_event(e)} for e in self.history], "attach": self.attach}
+
+
+def get_session_detail(db: Db, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
+    """Return one session by id prefix with its task, its history and how to attach to it from this host."""
+    s = get_session(db, ref)
+    task = get_task(db, s.task_id) if s.task_id else None  # directly, or through a group
+    return SessionDetail(s, task, list_history(db, [s.id], limit=limit),
+                         attach_command(s, here=db.machine_id, hosts=hosts or {}))
+
+
+def attach_command(session: Session, *, here: str, hosts: dict[str, Any]) -> list[str] | None:
+    """Return the command that attaches a terminal to a session's pane, from host `here`; None outside tmux.
+
+    From another host it goes through ssh to `[hosts.NAME] ssh` of clare.toml (default: the host's name).
+    """
+    if not session.tmux_socket or not (session.tmux_target or session.pane_id):
+        return None
+    local = ["tmux", "-S", session.tmux_socket, "attach", "-t", session.tmux_target or session.pane_id or ""]
+    if session.host == here:
+        return local
+    dest = (hosts.get(session.host) or {}).get("ssh") if isinstance(hosts.get(session.host), dict) else None
+    return ["ssh", dest if isinstance(dest, str) and dest else session.host, "-t", *local]
 
 
 BROADCAST_TTL_MS = 15 * 60 * 1000  # an undelivered broadcast older than this expires instead of arriving late
@@ -2452,7 +3041,7 @@ def restore_backup(db: Db, backup_path: str) -> tuple[str, int]:
 
 def project_history(db: Db, project: Project, *, limit: int = 200) -> list[Event]:
     """Return the events about a project and its tasks, oldest first."""
-    ids = [project.id] + [t.id for t in list_tasks(db, project_id=project.id)]
+    ids = [project.id] + [t.id for t in list_tasks(db, project_id=project.id, include_removed=True)]
     return list_history(db, ids, limit=limit)
 
 
@@ -2462,7 +3051,8 @@ def describe_event(ev: Event) -> str:
     if describe is None:
         return f"{ev.event_type} (not known to this version)"
     try:
-        return describe(ev.payload)
+        undoes = ev.payload.get("undoes")
+        return ("undo: " if isinstance(undoes, str) else "") + describe(ev.payload)
     except (KeyError, TypeError, ValueError):
         return f"{ev.event_type} (malformed payload)"
 
@@ -2472,24 +3062,32 @@ def _n(count: int, noun: str) -> str:
 
 
 def _fields(p: dict[str, Any], skip: str) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in p.items() if k != skip)
+    text = [f"{k}={v!r}" for k, v in p.items() if k not in (skip, "tags", "undoes")]
+    if isinstance(p.get("tags"), dict):
+        text.append("tags " + " ".join(f"{'+' if v else '-'}{t}" for t, v in p["tags"].items()))
+    return ", ".join(text) or "nothing"
 
 
 DESCRIBE.update({
     "project.created": lambda p: f"created project {p['name']!r}",
     "project.updated": lambda p: f"changed project: {_fields(p, 'project_id')}",
-    "task.created": lambda p: f"added task {p['task_id'][:SHORT_ID]} {p['title']!r} (P{p['priority']})",
+    "task.created": lambda p: f"added task {p['task_id'][:SHORT_ID]} {p['title']!r} (P{p['priority']})"
+                              + "".join(f" #{t}" for t in p.get("tags", ())),
     "task.updated": lambda p: f"changed task {p['task_id'][:SHORT_ID]}: {_fields(p, 'task_id')}",
     "task.assigned": lambda p: f"assigned task {p['task_id'][:SHORT_ID]} to "
                                + (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
                                   else f"group {p['group_id'][:SHORT_ID]}"),
     "task.unassigned": lambda p: f"unassigned task {p['task_id'][:SHORT_ID]}",
+    "task.removed": lambda p: f"removed task {p['task_id'][:SHORT_ID]}",
+    "task.restored": lambda p: f"restored task {p['task_id'][:SHORT_ID]}",
     "group.created": lambda p: f"created group {p['name']!r}",
     "group.removed": lambda p: f"removed group {p['group_id'][:SHORT_ID]}",
     "session.appeared": lambda p: f"session {p['session_id'][:SHORT_ID]} appeared on {p['host']} "
                                   f"({p.get('tmux_target') or 'no tmux'}, {p['state']})",
     "session.changed": lambda p: f"session {p['session_id'][:SHORT_ID]}: "
-                                 + _fields({k: v for k, v in p.items() if k in _OBSERVED_KEYS}, "session_id"),
+                                 + _fields({k: v for k, v in p.items() if k in _OBSERVED_KEYS}, "session_id")
+                                 + (f"; asks {p['asked']['tool']}: {p['asked']['input'][:80]!r}"
+                                    if p.get("asked") else ""),
     "session.gone": lambda p: f"session {p['session_id'][:SHORT_ID]} is gone ({p.get('reason', '')})",
     "broadcast.sent": lambda p: f"broadcast to {p['target']} ({_n(len(p['session_ids']), 'session')}): "
                                 f"{p['text'][:60]!r}",
@@ -2534,9 +3132,11 @@ class Services:
 
 SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
     create_project, edit_project, get_project, list_projects, project_history,
-    create_task, edit_task, get_task, list_tasks, assign_task, unassign_task,
+    create_task, edit_task, get_task, list_tasks, assign_task, unassign_task, remove_task, restore_task,
+    list_changes, undo_change,
     create_group, remove_group, get_group, list_groups,
-    get_session, list_sessions, list_group_sessions, get_pane_session, observe_sessions, report_hook,
+    get_session, get_session_detail, list_needs, list_sessions, list_group_sessions, get_pane_session,
+    observe_sessions, report_hook,
     list_broadcast_recipients, list_deliveries, get_status,
     post_update, list_updates, list_history, list_events, import_events, replay, count_events,
     list_orders,
@@ -2586,12 +3186,28 @@ NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": 
 HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
 MAX_HOOK_INPUT_BYTES = 32 * 1024 * 1024  # a prompt can be long; a report cut short would be lost
 HOOK_TIMEOUT_S = 10
+# Which field of a tool's input says what a dialog asks: Bash's command, Edit's file, WebFetch's URL...
+ASKED_INPUT_KEYS = ("command", "file_path", "notebook_path", "url", "path", "pattern", "query", "prompt")
 HOOK_ALIVE_MS = 10 * 60 * 1000  # a session that sent a hook report this recently is not gone
 CLARE_HOOK_RE = re.compile(r"\bclare\b.*\shook\s*$")  # how uninstall knows Clare's hooks from the user's
 BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
 BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
 BROADCAST_ENTER_TRIES = 3
 DEFAULT_PULL_EVERY_S = 10  # how often `serve` looks at this host's sessions; [fleet] pull_every_s, 0 = never
+DEFAULT_TAILS_EVERY_S = 300  # ... and stores assigned panes' tails (when changed); [fleet] tails_every_s, 0 = never
+PANE_LINES = 60  # the live pane view shows this many last lines
+MAX_PANE_LINES = 200  # ... and never more, whoever asks
+MAX_PANE_CHARS = 32 * 1024  # one pane view's text at most (a peer's answer included)
+PANE_MIN_INTERVAL_S = 1.0  # one capture per session per second at most, however many pages watch it
+TURNS_TAIL_BYTES = 256 * 1024  # how much of a transcript's end the turns view reads
+MAX_TURNS = 12  # transcript entries shown on a session page
+TURN_CHARS = 300  # of each entry's text
+# Terminal escapes (CSI, OSC, DCS and the two-byte ones), and the control characters left after them.
+ESCAPE_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[PX^_][^\x1b]*\x1b\\|[@-Z\\-_]?)")
+PANE_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+DEFAULT_NOTIFY_GAP_S = 60  # [notify] min_gap_s: one session notifies at most this often (against flapping)
+DEFAULT_NOTIFY_TIMEOUT_S = 10  # [notify] timeout_s: the command is killed after this
+NOTIFY_EVERY_S = 1.0  # how often `serve` looks for sessions that started to need a person
 
 
 @dataclass(frozen=True, slots=True)
@@ -2723,6 +3339,57 @@ def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
     return any(rule.search(tail) for rule in PERMISSION_SCREEN)
+
+
+def clean_screen(screen: str, *, lines: int) -> str:
+    """Return a pane's last `lines` lines as plain text: newlines kept, escapes and control characters gone."""
+    text = PANE_CONTROL_RE.sub("", ESCAPE_RE.sub("", screen.replace("\r\n", "\n")))
+    rows = [row.rstrip() for row in text.split("\n")]
+    while rows and not rows[-1]:
+        rows.pop()
+    return "\n".join(rows[-lines:])[-MAX_PANE_CHARS:]
+
+
+@dataclass(frozen=True, slots=True)
+class PaneView:
+    session_id: str
+    host: str  # the host that captured it
+    text: str  # the last lines, plain text, newline-separated
+    lines: int  # how many lines were asked for
+    captured_at: str
+    error: str | None = None  # why there is no text (no pane, tmux failed, host unreachable)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the view as the JSON object the API sends."""
+        return _as_json(self)
+
+
+_PANE_CACHE: dict[tuple[str, str, int], tuple[float, PaneView]] = {}  # (db, session, lines) -> (taken at, view)
+
+
+def read_pane(db: Db, session: Session, *, lines: int = PANE_LINES, now_ms: int) -> PaneView:
+    """Capture a session of this host: its pane's last lines, at most once a second per session.
+
+    Read-only: nothing is ever typed. Sessions of other hosts are read by their own host.
+    """
+    if session.host != db.machine_id:
+        raise Conflict(f"session {session.id[:SHORT_ID]} runs on {session.host}; its pane is read there")
+    lines = max(1, min(int(lines), MAX_PANE_LINES))
+    key, now = (db.path, session.id, lines), time.monotonic()
+    hit = _PANE_CACHE.get(key)
+    if hit is not None and now - hit[0] < PANE_MIN_INTERVAL_S:
+        return hit[1]
+    if session.pane_id is None or session.tmux_socket is None or session.state == "gone":
+        view = PaneView(session.id, db.machine_id, "", lines, iso_ms(now_ms),
+                        "this session has no live tmux pane" if session.state != "gone" else "this session is gone")
+    else:
+        screen = capture_pane(session.tmux_socket, session.pane_id, lines=lines + 20)
+        view = PaneView(session.id, db.machine_id, clean_screen(screen or "", lines=lines), lines, iso_ms(now_ms),
+                        None if screen is not None else f"tmux cannot show pane {session.pane_id} now")
+    if len(_PANE_CACHE) > 512:
+        _PANE_CACHE.clear()
+    _PANE_CACHE[key] = (now, view)
+    return view
 
 
 def process_tree() -> tuple[dict[int, tuple[int, int]], dict[int, list[int]]]:
@@ -2985,6 +3652,53 @@ def read_transcript(path: str, cached: tuple[int, int, dict[str, Any]] | None
     return st.st_size, st.st_mtime_ns, info
 
 
+def parse_turns(lines: list[bytes], *, n: int = MAX_TURNS) -> list[dict[str, Any]]:
+    """Return the last entries of a transcript, oldest first: {role, text, tools, at}, short.
+
+    role is 'user' (a prompt, or an interrupt), 'assistant' (its text) or 'tool' (the tools it
+    called, by name). Sub-agent lines, local command output and tool results are left out.
+    """
+    turns: list[dict[str, Any]] = []
+    for raw in lines:
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict) or obj.get("isSidechain") or obj.get("isMeta"):
+            continue
+        message, at = obj.get("message"), obj.get("timestamp") if isinstance(obj.get("timestamp"), str) else ""
+        if not isinstance(message, dict) or obj.get("type") not in ("user", "assistant"):
+            continue
+        content = message.get("content")
+        text = " ".join(_text_of(content).split())
+        if obj["type"] == "user":
+            if text and not text.startswith(LOCAL_COMMAND_MARKS):
+                turns.append({"role": "user", "text": text[:TURN_CHARS], "tools": [], "at": at})
+            continue
+        tools = [str(b.get("name"))[:60] for b in content if isinstance(b, dict) and b.get("type") == "tool_use"] \
+            if isinstance(content, list) else []
+        if text:
+            turns.append({"role": "assistant", "text": text[:TURN_CHARS], "tools": [], "at": at})
+        if tools:
+            turns.append({"role": "tool", "text": ", ".join(tools), "tools": tools, "at": at})
+    return turns[-n:]
+
+
+def read_turns(db: Db, session: Session, *, claude_dir: str, n: int = MAX_TURNS) -> list[dict[str, Any]]:
+    """Return the last entries of a session's transcript on this host (see parse_turns)."""
+    if session.host != db.machine_id:
+        raise Conflict(f"session {session.id[:SHORT_ID]} runs on {session.host}; its transcript is read there")
+    path = find_transcript(claude_dir, session.cwd, session.id)
+    if path is None:
+        return []
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = max(0, size - TURNS_TAIL_BYTES)
+        f.seek(start)
+        lines = f.read(size - start).split(b"\n")
+    return parse_turns(lines[1:] if start else lines, n=n)
+
+
 def _read_tail(f: Any, size: int) -> dict[str, Any]:
     want = TAIL_BLOCK_BYTES
     while True:
@@ -3218,7 +3932,15 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
     alive = [sid for sid, m in list_hook_marks(db).items()
              if m.hook_event != "SessionEnd" and now_ms - m.at_ms < HOOK_ALIVE_MS]
-    events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, now_ms=now_ms)
+    # ... but not when its tmux server runs without its pane (killed, so no SessionEnd came): ask
+    # only the servers of such sessions, which this look did not find.
+    found = {ob.session_id for ob in observations}
+    sockets = {s.tmux_socket for s in find_sessions(db, host=db.machine_id, include_gone=False)
+               if s.id in alive and s.id not in found and s.tmux_socket and s.tmux_socket not in unreachable}
+    live_panes = {socket: [p.pane_id for p in panes] for socket in sockets
+                  if (panes := list_panes(socket)) is not None}
+    events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, live_panes=live_panes,
+                              now_ms=now_ms)
     deliver_pending(db, now_ms=now_ms)
     text = canonical_json([p.to_json() for p in ambiguous])
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
@@ -3268,10 +3990,17 @@ def _pull_loop(db_path: str, config: dict[str, Any], *, stop: Any, log: Callable
                every_s: float) -> None:
     db = open_db(db_path)
     last_error = ""
+    tails_every_s = config.get("fleet", {}).get("tails_every_s", DEFAULT_TAILS_EVERY_S)
+    if isinstance(tails_every_s, bool) or not isinstance(tails_every_s, int | float) or tails_every_s < 0:
+        log(f"fleet: [fleet] tails_every_s = {tails_every_s!r} is not a number of seconds; pane tails are off")
+        tails_every_s = 0
+    last_tails = -float("inf")
     try:
         while not stop.is_set():
             try:
-                result = pull_fleet(db, config=config, now_ms=now_ms())
+                is_tails = bool(tails_every_s) and time.monotonic() - last_tails >= tails_every_s
+                result = pull_fleet(db, config=config, now_ms=now_ms(), tails=is_tails)
+                last_tails = time.monotonic() if is_tails else last_tails
                 for warning in result.warnings:
                     log(f"fleet: warning: {warning}")
                 last_error = ""
@@ -3303,7 +4032,7 @@ def read_rclaude(section: dict[str, Any], *, machine_id: str, warnings: list[str
         return {}
     if p.returncode != 0:
         warnings.append(f"rclaude sessions_command exited {p.returncode}: {p.stderr.strip()[:200]}")
-    return parse_rclaude(p.stdout, hosts=(machine_id, default_machine_id()))
+    return parse_rclaude(p.stdout, hosts=(machine_id, machine_host_name(machine_id), host_label()))
 
 
 def parse_rclaude(text: str, *, hosts: tuple[str, ...]) -> dict[str, str]:
@@ -3356,6 +4085,140 @@ def run_triage(command: str | None, tail: str, *, warnings: list[str]) -> str | 
         warnings.append(f"triage command exited {p.returncode}: {p.stderr.strip()[:200]}")
         return None
     return p.stdout.strip()[:MAX_TEXT_CHARS] or None
+
+
+def notify_changes(db: Db, *, config: dict[str, Any], base_url: str, now_ms: int,
+                   log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run `[notify] command` once per session of this host that started to need a person; return what was sent.
+
+    Follows the log from where it stopped: a change into `permission`, or into `waiting` from
+    `working`, is one notification, unless that session notified less than `min_gap_s` ago (a
+    flapping session). Marks are stored before the commands run: a crash never repeats one. Only
+    the session's own host notifies. A failing command is logged and the next one runs anyway.
+    """
+    section = config.get("notify") or {}
+    command, gap_s, timeout_s = notify_settings(section)
+    marks = list_notify_marks(db)
+    after_text = get_meta(db.conn.cursor(), "notify_after")
+    if after_text is None:  # the first look starts from now: history is not news
+        with write_txn(db) as cur:
+            save_notify_marks(cur, {s.id: (s.state, None) for s in list_sessions(db, host=db.machine_id)},
+                              after=head_rseq(cur))
+        return []
+    events = list_events_after(db, after=int(after_text), limit=1000, max_chars=4 * 1024 * 1024)
+    due: dict[str, str] = {}
+    for ev in events:
+        p = ev.payload
+        is_mine = p.get("host") == db.machine_id and _is_id(p.get("session_id"))
+        if not ev.event_type.startswith("session.") or not is_mine:
+            continue
+        state = "gone" if ev.event_type == "session.gone" else p.get("state")
+        sid = p["session_id"]
+        old, notified = marks.get(sid, (None, None))
+        if state is None or state == old:
+            continue
+        if state == "permission" or (state == "waiting" and old == "working"):
+            if notified is None or now_ms - notified >= gap_s * 1000 or sid in due:
+                due[sid] = state
+                notified = now_ms
+        marks[sid] = (state, notified)
+    if not events:
+        return []
+    with write_txn(db) as cur:
+        save_notify_marks(cur, marks, after=max(ev.rseq for ev in events))
+    sent = []
+    for sid, state in due.items():
+        message = notify_message(db, sid, state, base_url=base_url)
+        if command:
+            error = run_notify(command, message, timeout_s=timeout_s)
+            if error:
+                log(f"notify: {error}")
+        sent.append(message)
+    return sent
+
+
+def notify_settings(section: dict[str, Any]) -> tuple[list[str] | None, float, float]:
+    """Return [notify]'s command (argv), min_gap_s and timeout_s; refuse values that do not fit."""
+    import shlex
+
+    command = section.get("command")
+    if isinstance(command, str):
+        try:
+            command = shlex.split(command)
+        except ValueError as err:
+            raise ClareError(f"clare.toml: [notify] command cannot be split into words ({err}); "
+                             "fix its quotes") from err
+    if command is not None and (not isinstance(command, list) or not command
+                                or not all(isinstance(w, str) for w in command)):
+        raise ClareError("clare.toml: [notify] command must be a command line or a list of words")
+    values = []
+    for name, default in (("min_gap_s", DEFAULT_NOTIFY_GAP_S), ("timeout_s", DEFAULT_NOTIFY_TIMEOUT_S)):
+        value = section.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ClareError(f"clare.toml: [notify] {name} = {value!r} is not a number of seconds; fix it")
+        values.append(float(value))
+    return command, values[0], values[1]
+
+
+def notify_message(db: Db, session_id: str, state: str, *, base_url: str) -> dict[str, Any]:
+    """Return the JSON object a notification carries: who needs you, where, for what, and the page's URL."""
+    s = next(x for x in find_sessions(db, prefix=session_id) if x.id == session_id)
+    task = next((t for t in list_tasks(db) if t.id == s.task_id), None) if s.task_id else None
+    return {"session": s.id, "label": s.label, "host": s.host, "state": state, "since": s.state_at,
+            "cwd": s.cwd, "tmux_target": s.tmux_target,
+            "task": {"id": task.id, "title": task.title} if task else None,
+            "project": {"id": task.project_id, "name": task.project} if task else None,
+            "asked": s.asked if state == "permission" else None,
+            "url": f"{base_url.rstrip('/')}/sessions/{s.id}"}
+
+
+def run_notify(command: list[str], message: dict[str, Any], *, timeout_s: float) -> str | None:
+    """Run the notify command (no shell) with the message as JSON on stdin; return why it failed, or None."""
+    import subprocess
+
+    try:
+        p = subprocess.run(command, input=json.dumps(message, ensure_ascii=False) + "\n", capture_output=True,
+                           text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"command {command[0]!r} did not finish within {timeout_s:g} s; it was stopped"
+    except OSError as err:
+        return f"command {command[0]!r} cannot run: {err.strerror or err}; fix [notify] command in clare.toml"
+    if p.returncode != 0:
+        first = (p.stderr.strip().splitlines() or [""])[0][:200]
+        return f"command {command[0]!r} exited {p.returncode}" + (f": {first}" if first else "")
+    return None
+
+
+def start_background_notify(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+                            log: Callable[[str], None]) -> Any:
+    """Start a daemon thread that runs notify_changes every second until `stop` is set; None without [notify]."""
+    import threading
+
+    if not config.get("notify"):
+        return None
+    notify_settings(config["notify"])  # a typo there stops `serve` at start, not later in a log line
+    thread = threading.Thread(target=_notify_loop, name="clare-notify", daemon=True, args=(db_path, config),
+                              kwargs={"base_url": base_url, "stop": stop, "log": log})
+    thread.start()
+    return thread
+
+
+def _notify_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+                 log: Callable[[str], None]) -> None:
+    db = open_db(db_path)
+    last_error = ""
+    try:
+        while not stop.is_set():
+            try:
+                notify_changes(db, config=config, base_url=base_url, now_ms=now_ms(), log=log)
+                last_error = ""
+            except Exception as err:  # the background loop is an edge: one bad look never ends it
+                if str(err) != last_error:
+                    log(f"notify: failed: {err}")
+                last_error = str(err)
+            stop.wait(NOTIFY_EVERY_S)
+    finally:
+        db.close()
 
 
 def list_ambiguous_panes(db: Db) -> list[Pane]:
@@ -3434,7 +4297,23 @@ def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]
                     pane if isinstance(pane, str) and pane.startswith("%") else None,
                     hook_state(p), event, int(report.get("at_ms") or now_ms))
     cwd = p["cwd"] if isinstance(p.get("cwd"), str) else ""
-    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", now_ms=now_ms)
+    asked = asked_of(p) if event == "PermissionRequest" else None
+    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", asked=asked, now_ms=now_ms)
+
+
+def asked_of(payload: dict[str, Any]) -> dict[str, str]:
+    """Return what a PermissionRequest asks, {tool, input}: the tool and its command, file or URL as text."""
+    # SECURITY: hook stdin; any JSON shape may come, so only text is kept, cut to size.
+    tool = payload.get("tool_name")
+    tool = tool[:100] if isinstance(tool, str) else "?"
+    tool_input = payload.get("tool_input")
+    if isinstance(tool_input, dict):
+        text = next((tool_input[k] for k in ASKED_INPUT_KEYS if isinstance(tool_input.get(k), str)), None)
+        if text is None:
+            text = json.dumps(tool_input, ensure_ascii=False, sort_keys=True)
+    else:
+        text = "" if tool_input is None else json.dumps(tool_input, ensure_ascii=False)
+    return {"tool": tool, "input": text[:MAX_ASKED_CHARS]}
 
 
 def ingest_spool(db: Db, *, now_ms: int) -> int:
@@ -3571,20 +4450,24 @@ def hooks_status(path: str, command: str) -> dict[str, str]:
 
 
 def send_broadcast(db: Db, target: str, text: str, *, now_ms: int, is_command: bool = False,
-                   confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
+                   confirm_s: float = BROADCAST_CONFIRM_S,
+                   on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
     """Send a text to every live session of a target; type it into this host's panes now.
 
     Sessions of other hosts get it when their host next pulls (DESIGN §5): queued until then.
-    Every result is recorded as a broadcast.delivered event, and returned.
+    Every result is recorded as a broadcast.delivered event, and returned; `on_delivery(session,
+    result, reason, n_done, n_here)` hears of each of this host's as it lands (each takes seconds).
     """
     with _delivery_lock(db):
         broadcast_id, text, recipients = start_broadcast(db, target, text, is_command=is_command, now_ms=now_ms)
         started = time.monotonic()
-        for s in recipients:
-            if s.host == db.machine_id:
-                result, reason = deliver_text(db, s, text, confirm_s=confirm_s)
-                record_delivery(db, broadcast_id, s.id, result=result, reason=reason,
-                                now_ms=now_ms + int((time.monotonic() - started) * 1000))
+        here = [s for s in recipients if s.host == db.machine_id]
+        for n, s in enumerate(here, 1):
+            result, reason = deliver_text(db, s, text, confirm_s=confirm_s)
+            record_delivery(db, broadcast_id, s.id, result=result, reason=reason,
+                            now_ms=now_ms + int((time.monotonic() - started) * 1000))
+            if on_delivery is not None:
+                on_delivery(s, result, reason, n, len(here))
     return BroadcastResult(broadcast_id, target, text, list_deliveries(db, broadcast_id=broadcast_id))
 
 
@@ -4086,6 +4969,8 @@ PROGRESS_MIN_EVENTS = 2000  # a transfer larger than this shows a progress line
 SYNC_INTERVAL_S = 30.0  # background sync: the pause between two good rounds with a peer
 MAX_BACKOFF_S = 900.0  # ... and the longest pause after failed ones
 PEER_TIMEOUT_S = 20.0  # one HTTP request to a peer
+PEEK_TIMEOUT_S = 3.0  # a peer's live pane or transcript view: a page waits this long at most
+MAX_PEEK_BYTES = 256 * 1024  # ... and takes an answer this large at most
 MAX_RESPONSE_BYTES = 512 * 1024 * 1024  # a peer answer larger than this is refused unread
 HTTP_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
 PEER_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
@@ -4199,6 +5084,9 @@ def sync_accept(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
     if len(body["events"]) > MAX_SYNC_BATCH:
         raise ClareError(f"a sync batch holds {len(body['events'])} events, over the limit of {MAX_SYNC_BATCH}; "
                          "send smaller batches")
+    sender = (body.get("machine_id"), body.get("db_id"))
+    if all(isinstance(v, str) for v in sender):
+        check_peer_identity(db, sender, where="the sending peer")  # type: ignore[arg-type]
     good, rejected = check_events(body["events"])
     with write_txn(db) as cur:
         db_id = get_meta(cur, "db_id")  # in the transaction: the log the batch went into
@@ -4313,8 +5201,7 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
         identity, head, next_after = _check_page(page, after=after)
-        if identity == (db.machine_id, db.db_id):
-            raise ClareError(f"{peer.url} is this very database; remove it from the peers in clare.toml")
+        check_peer_identity(db, identity, where=peer.url)
         if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
             known, n_restarts = identity, n_restarts + 1
             if n_restarts > 3:
@@ -4353,6 +5240,18 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
         if not page["has_more"]:
             return
         after = next_after
+
+
+def check_peer_identity(db: Db, identity: tuple[str, str], *, where: str) -> None:
+    """Refuse a peer that presents this host's own machine id: this very database, or a copy of it."""
+    machine_id, db_id = identity
+    if machine_id != db.machine_id:
+        return
+    if db_id == db.db_id:
+        raise Conflict(f"{where} is this very database (machine id {machine_id}): remove it from the peers in "
+                       "clare.toml; if it is another host, it is a copy of this one: run there clare init --new-id")
+    raise Conflict(f"{where} presents this host's own machine id {machine_id} with another db id: one of the two "
+                   "databases is a copy of the other; on the copy run: clare init --new-id")
 
 
 def _check_page(page: object, *, after: int) -> tuple[tuple[str, str], int, int]:
@@ -4527,7 +5426,8 @@ class HttpPeer(PeerTransport):
 
 
 def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, token: str | None = None,
-              timeout_s: float = PEER_TIMEOUT_S, hint_401: str = "", say_where: bool = True) -> Any:
+              timeout_s: float = PEER_TIMEOUT_S, hint_401: str = "", say_where: bool = True,
+              max_bytes: int = MAX_RESPONSE_BYTES) -> Any:
     """Send one JSON request to a Clare server, never through a proxy, and return its decoded answer.
 
     Every failure is one ClareError line: unreachable, truncated, too large or not JSON; an error status
@@ -4550,9 +5450,9 @@ def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, to
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=timeout_s) as response:
-            raw = response.read(MAX_RESPONSE_BYTES + 1)
+            raw = response.read(max_bytes + 1)
             length = response.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) != len(raw) and len(raw) <= MAX_RESPONSE_BYTES:
+            if length.isdigit() and int(length) != len(raw) and len(raw) <= max_bytes:
                 raise http.client.IncompleteRead(raw, int(length) - len(raw))  # read(n) returns a cut body as is
     except urllib.error.HTTPError as err:
         said = _error_body_message(err)
@@ -4574,8 +5474,8 @@ def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, to
                              "it may refuse bodies that large (413): run one Clare version on both") from err
         raise ClareError(f"cannot reach {base} ({str(reason)[:200]}); check that 'clare serve' runs there "
                          "and that the address is right") from err
-    if len(raw) > MAX_RESPONSE_BYTES:
-        raise ClareError(f"{base} sent more than {MAX_RESPONSE_BYTES} bytes; is it a Clare?")
+    if len(raw) > max_bytes:
+        raise ClareError(f"{base} sent more than {max_bytes} bytes; is it a Clare?")
     try:
         return json.loads(raw or b"null")  # a 204 has no body
     except (ValueError, RecursionError) as err:  # SECURITY: a server may nest '[' deeper than the stack
@@ -4861,6 +5761,65 @@ def stop_session(db: Db, session_ref: str, *, is_force: bool = False, config: di
 
 
 SERVICES.update({fn.__name__: fn for fn in (start_session, resume_session, stop_session)})
+def peer_of_host(db: Db, peers: Iterable[Peer], host: str) -> Peer | None:
+    """Return the configured peer whose last sync answered as machine `host`, or None (not a direct peer)."""
+    ids = {s.url: s.machine_id for s in list_peer_status(db)}
+    return next((p for p in peers if ids.get(p.url) == host), None)
+
+
+def view_pane(db: Db, session: Session, *, peers: Iterable[Peer], settings: dict[str, Any],
+              lines: int = PANE_LINES, now_ms: int) -> PaneView:
+    """Return a session's live pane from whichever host runs it: here by tmux, elsewhere from that peer.
+
+    Wire: GET PEER/api/v1/sessions/ID/pane?lines=N with the peer's bearer token, within
+    PEEK_TIMEOUT_S, an answer of at most MAX_PEEK_BYTES; at most one request per session per
+    PANE_MIN_INTERVAL_S from this host, however many pages watch. Never a key is sent.
+    """
+    if session.host == db.machine_id:
+        return read_pane(db, session, lines=lines, now_ms=now_ms)
+    lines = max(1, min(int(lines), MAX_PANE_LINES))
+    key, now = (db.path, session.id, -lines), time.monotonic()
+    hit = _PANE_CACHE.get(key)
+    if hit is not None and now - hit[0] < PANE_MIN_INTERVAL_S:
+        return hit[1]
+    try:
+        got = _peek(db, session, peers=peers, settings=settings, path=f"pane?lines={lines}")
+        # SECURITY: a peer's text is untrusted like any pane: cleaned again here, cut to size, escaped when shown.
+        if not isinstance(got, dict) or not isinstance(got.get("text"), str):
+            raise ClareError(f"{session.host} sent a pane view this Clare cannot read; run one Clare version")
+        error = got.get("error") if isinstance(got.get("error"), str) else None
+        view = PaneView(session.id, session.host, clean_screen(got["text"], lines=lines), lines, iso_ms(now_ms),
+                        error[:300] if error else None)
+    except ClareError as err:
+        view = PaneView(session.id, session.host, "", lines, iso_ms(now_ms), str(err)[:300])
+    _PANE_CACHE[key] = (now, view)
+    return view
+
+
+def view_turns(db: Db, session: Session, *, peers: Iterable[Peer], settings: dict[str, Any],
+               claude_dir: str) -> list[dict[str, Any]]:
+    """Return the last entries of a session's transcript from whichever host runs it (see parse_turns)."""
+    if session.host == db.machine_id:
+        return read_turns(db, session, claude_dir=claude_dir)
+    got = _peek(db, session, peers=peers, settings=settings, path="transcript")
+    turns = got.get("turns") if isinstance(got, dict) else None
+    if not isinstance(turns, list):
+        raise ClareError(f"{session.host} sent a transcript view this Clare cannot read; run one Clare version")
+    # SECURITY: from the network: only the known fields, as short text.
+    return [{"role": t["role"], "text": PANE_CONTROL_RE.sub("", t["text"])[:TURN_CHARS], "tools": [],
+             "at": str(t.get("at", ""))[:40]}
+            for t in turns[-MAX_TURNS:] if isinstance(t, dict) and t.get("role") in ("user", "assistant", "tool")
+            and isinstance(t.get("text"), str)]
+
+
+def _peek(db: Db, session: Session, *, peers: Iterable[Peer], settings: dict[str, Any], path: str) -> Any:
+    peer = peer_of_host(db, peers, session.host)
+    if peer is None:
+        raise ClareError(f"{session.host} is not a direct peer of this host; open the dashboard of "
+                         f"{session.host} (or of a host that syncs with it) to see this session live")
+    return http_json(peer.url, f"/api/v1/sessions/{session.id}/{path}", token=peer_token(peer, settings),
+                     timeout_s=PEEK_TIMEOUT_S, max_bytes=MAX_PEEK_BYTES, say_where=False,
+                     hint_401="set the peer's token: token_env in clare.toml, or CLARE_TOKEN")
 
 
 def skew_message(name: str, offset_ms: int) -> str:
@@ -4923,6 +5882,7 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both together
 HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"
+PANE_POLL_S = 2  # how often an open session page refreshes its live pane
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
@@ -4957,6 +5917,7 @@ class WebConfig:
     max_threads: int = MAX_HANDLER_THREADS
     peers: tuple[Peer, ...] = ()  # clare.toml's peers as read at start: a later typo there never breaks a poll
     config_path: str = ""  # clare.toml, read again where a service needs settings (starting a session)
+    settings: Any = None  # clare.toml as read at start: peer tokens, [hosts.NAME] ssh
 
     @property
     def has_token(self) -> bool:
@@ -5015,7 +5976,8 @@ def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: st
     finally:
         db.close()
     return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests,
-                     peers=tuple(load_peers(config, path=paths.config)), config_path=paths.config)
+                     peers=tuple(load_peers(config, path=paths.config)), config_path=paths.config,
+                     settings=config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -5178,6 +6140,16 @@ def check_origin(headers: dict[str, str]) -> None:
     if parts.scheme not in ("http", "https") or parts.netloc != own:
         raise HttpError(403, f"origin {origin[:80]!r} is not this server ({own}); "
                              "state changes must come from Clare's own pages or an API client")
+
+
+def check_same_origin(headers: dict[str, str]) -> None:
+    """Refuse a read of a pane or a transcript that a browser made for another site, even a same-site one."""
+    # SECURITY: a page on another port of this host is "same-site"; only our own pages (same-origin)
+    # and clients that are not browsers (no Sec-Fetch-Site, no Origin) may read what a session shows.
+    site = headers.get("sec-fetch-site", "").lower()
+    if site and site not in ("same-origin", "none"):
+        raise HttpError(403, f"a {site} request may not read a session's pane or transcript; open Clare's own page")
+    check_origin(headers)
 
 
 def check_auth(config: WebConfig, headers: dict[str, str]) -> None:
@@ -5611,11 +6583,165 @@ def redirect(url: str) -> Response:
     return Response(303, b"", "text/plain", (("Location", url),))
 
 
+# The page's own script, served from memory at /static/clare.js (CSP: script-src 'self', nothing inline).
+CLARE_JS = r"""// Clare's page script: keys, the tab title's count, opt-in browser notifications, copy buttons.
+// Everything here is a convenience: with JavaScript off every page reads and every form posts.
+(function () {
+  "use strict";
+  var baseTitle = document.title.replace(/^\(\d+\) /, "");
+  var seen = null;  // the needs-you keys known already: only new ones notify
+  var currentRow = null;  // the data-row (a URL) that j/k stand on, kept across polls
+
+  function byId(id) { return document.getElementById(id); }
+
+  function readNeeds() {
+    var el = byId("nav-needs");
+    if (!el) return;
+    var n = parseInt(el.getAttribute("data-count") || "0", 10);
+    document.title = (n > 0 ? "(" + n + ") " : "") + baseTitle;
+    var items = [];
+    try { items = JSON.parse(el.getAttribute("data-needs") || "[]"); } catch (err) { items = []; }
+    var keys = items.map(function (x) { return x.key; });
+    if (seen !== null && notifyOn()) {
+      items.forEach(function (x) {
+        if (seen.indexOf(x.key) >= 0) return;
+        var note = new Notification(x.title, {body: x.body, tag: x.key});
+        note.onclick = function () { window.focus(); location.href = x.url; };
+      });
+    }
+    seen = keys;
+  }
+
+  function notifyOn() {
+    return window.isSecureContext && "Notification" in window && Notification.permission === "granted" &&
+      localStorage.getItem("clare-notify") === "on";
+  }
+
+  function setupOptIn() {
+    var b = byId("notify-optin");
+    if (!b || !window.isSecureContext || !("Notification" in window)) return;
+    b.hidden = false;
+    b.textContent = notifyOn() ? "Browser notifications: on" : "Notify me in this browser";
+    b.addEventListener("click", function () {
+      if (notifyOn()) { localStorage.removeItem("clare-notify"); setupLabel(b); return; }
+      Notification.requestPermission().then(function (answer) {
+        if (answer === "granted") localStorage.setItem("clare-notify", "on");
+        setupLabel(b);
+      });
+    });
+  }
+
+  function setupLabel(b) {
+    b.textContent = notifyOn() ? "Browser notifications: on" : "Notify me in this browser";
+  }
+
+  function rows() {
+    return Array.prototype.slice.call(document.querySelectorAll("[data-row]")).filter(function (r) {
+      return !r.hidden && r.offsetParent !== null;
+    });
+  }
+
+  function mark() {
+    rows().forEach(function (r) { r.classList.toggle("is-current", r.getAttribute("data-row") === currentRow); });
+  }
+
+  function move(step) {
+    var rs = rows();
+    if (!rs.length) return;
+    var i = rs.map(function (r) { return r.getAttribute("data-row"); }).indexOf(currentRow);
+    i = i < 0 ? (step > 0 ? 0 : rs.length - 1) : Math.max(0, Math.min(rs.length - 1, i + step));
+    currentRow = rs[i].getAttribute("data-row");
+    mark();
+    rs[i].scrollIntoView({block: "nearest"});
+  }
+
+  function filter() {
+    var f = byId("filter");
+    if (!f) return;
+    var q = f.value.trim().toLowerCase();
+    document.querySelectorAll("[data-row]").forEach(function (r) {
+      r.hidden = q !== "" && r.textContent.toLowerCase().indexOf(q) < 0;
+    });
+  }
+
+  document.addEventListener("keydown", function (e) {
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    var t = e.target;
+    if (t && (t.isContentEditable || /^(input|textarea|select)$/i.test(t.tagName))) {
+      if (e.key === "Escape") t.blur();
+      return;
+    }
+    if (e.key === "j") move(1);
+    else if (e.key === "k") move(-1);
+    else if (e.key === "o" || (e.key === "Enter" && currentRow)) {
+      if (!currentRow) return;
+      location.href = currentRow;
+    } else if (e.key === "/") {
+      var f = byId("filter");
+      if (!f) return;
+      f.focus();
+      f.select();
+    } else if (e.key === "?") {
+      var k = byId("keys");
+      if (!k) return;
+      k.open = !k.open;
+      if (k.open) k.scrollIntoView({block: "nearest"});
+    } else return;
+    e.preventDefault();
+  });
+
+  document.addEventListener("input", function (e) { if (e.target && e.target.id === "filter") filter(); });
+
+  document.addEventListener("click", function (e) {
+    var b = e.target.closest ? e.target.closest("[data-copy]") : null;
+    if (b) {
+      var src = byId(b.getAttribute("data-copy"));
+      if (!src) return;
+      var selectIt = function () {
+        var range = document.createRange();
+        range.selectNodeContents(src);
+        var sel = window.getSelection();
+        sel.removeAllRanges();
+        sel.addRange(range);
+        b.textContent = "Selected: press Ctrl+C";
+      };
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(src.textContent).then(function () { b.textContent = "Copied"; }, selectIt);
+      } else selectIt();
+      return;
+    }
+    var flash = e.target.closest ? e.target.closest("#flash .flash") : null;
+    if (flash) flash.remove();
+  });
+
+  document.addEventListener("htmx:afterSettle", function () {
+    readNeeds();
+    filter();
+    mark();
+    var ok = document.querySelector("#flash .flash.ok");
+    if (ok) setTimeout(function () { if (ok.isConnected) ok.remove(); }, 5000);
+  });
+
+  readNeeds();
+  setupOptIn();
+})();
+"""
+STATIC_MEMORY = {"clare.js": CLARE_JS.encode()}  # files served from memory, by name
+
+
+def static_version(name: str) -> str:
+    """Return a short hash of a file served from memory: its URL changes whenever its text does."""
+    import hashlib
+
+    return hashlib.sha256(STATIC_MEMORY[name]).hexdigest()[:12]
+
+
 # htmx swaps 4xx bodies too, so a refused form shows its one-line reason in #flash.
 HTMX_CONFIG = {"includeIndicatorStyles": False, "defaultSwapStyle": "outerHTML", "historyCacheSize": 0,
                "responseHandling": [{"code": "204", "swap": False}, {"code": "[23]..", "swap": True},
                                     {"code": "[45]..", "swap": True, "error": False}]}
-NAV = (("/", "Dashboard"), ("/projects", "Projects"), ("/sessions", "Sessions"), ("/broadcast", "Broadcast"))
+NAV = (("/", "Dashboard"), ("/needs", "Needs you"), ("/projects", "Projects"), ("/sessions", "Sessions"),
+       ("/broadcast", "Broadcast"))
 
 PAGE = string.Template("""<!doctype html>
 <html lang="en">
@@ -5625,7 +6751,7 @@ PAGE = string.Template("""<!doctype html>
 <meta name="color-scheme" content="light dark">
 <meta name="htmx-config" content="$htmx_config">
 <link rel="icon" href="data:,">
-<title>$title · Clare</title>
+<title>$count$title · Clare</title>
 <style>
 :root{--bg:#f5f6f8;--fg:#1b2129;--muted:#5f6b78;--card:#fff;--line:#e1e5ea;--soft:#eef1f5;--accent:#3b5bdb;
 --on-accent:#fff;--gray:#6b7785;--blue:#1c7ed6;--orange:#e8590c;--green:#2f9e44;--amber:#e67700;--red:#e03131;
@@ -5707,6 +6833,28 @@ dl.facts dt{color:var(--muted);font-size:.85rem}dl.facts dd{margin:0;overflow-wr
 .flash.ok{background:color-mix(in srgb,var(--green) 12%,var(--card));border:1px solid var(--green)}
 .htmx-request{opacity:.65;transition:opacity .2s}
 footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
+#flash{position:fixed;left:0;right:0;bottom:.8rem;z-index:5;padding:0 .8rem}#flash .flash{margin:0 auto;cursor:pointer;
+box-shadow:0 4px 18px rgba(0,0,0,.18)}
+.count{display:inline-block;min-width:1.2rem;margin-left:.3rem;padding:0 .35rem;border-radius:999px;font-size:.74rem;
+text-align:center;background:var(--red);color:#fff}.count:empty{display:none}
+pre.pane{margin:0;padding:.6rem .7rem;background:#0e1115;color:#d8dee6;border-radius:8px;font:12px/1.35 ui-monospace,
+SFMono-Regular,Menlo,Consolas,monospace;white-space:pre;overflow:auto;max-height:70vh}
+pre.tail{white-space:pre-wrap;overflow-wrap:anywhere;font:12px/1.35 ui-monospace,Menlo,Consolas,monospace;
+margin:.2rem 0}
+.cmd{display:flex;flex-wrap:wrap;gap:.5rem;align-items:center}.cmd code{flex:1 1 16rem;overflow-wrap:anywhere;
+padding:.4rem .55rem;background:var(--soft);border-radius:7px;font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}
+[data-row].is-current{outline:2px solid var(--accent);outline-offset:-2px;border-radius:6px}
+ul.feed li[data-row]{padding-left:.4rem;padding-right:.4rem}
+.asked{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace;overflow-wrap:anywhere}.actions{display:flex;gap:.6rem;
+flex-wrap:wrap;margin-top:.2rem}.turn{display:grid;grid-template-columns:4.5rem 1fr;gap:.5rem}
+kbd{font:12px ui-monospace,Menlo,monospace;border:1px solid var(--line);border-radius:4px;padding:0 .3rem}
+details#keys{display:inline-block;margin-left:.6rem}
+details#keys[open]{display:block;max-width:20rem;margin:.6rem auto 0;
+text-align:left}button.small{font-size:.78rem;padding:.15rem .5rem}
+@media (max-width:40rem){table.cards thead{display:none}table.cards tr{display:block;padding:.45rem 0;
+border-bottom:1px solid var(--line)}table.cards tr:last-child{border-bottom:0}table.cards td{display:block;border:0;
+padding:.1rem .2rem}table.cards td.hide-sm{display:none}table.cards td.title{min-width:0}.scroll{overflow-x:visible}
+pre.pane{font-size:10.5px}}
 @media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
 .host{display:none}.hide-sm{display:none}.stats{grid-template-columns:repeat(3,1fr);gap:.5rem}
 .stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}
@@ -5714,6 +6862,7 @@ nav a{padding:.25rem .4rem;font-size:.93rem}
 .card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 </style>
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
+<script src="/static/clare.js?v=$js_version" defer></script>
 </head>
 <body hx-headers="$hx_headers">
 <header class="top"><a class="brand" href="/"><b>◆</b> Clare</a><nav>$nav</nav><span class="host">$host</span></header>
@@ -5721,11 +6870,18 @@ nav a{padding:.25rem .4rem;font-size:.93rem}
 <div id="flash" role="status" aria-live="polite"></div>
 $main
 </main>
-<footer>clare $version · parts of this page refresh every $poll_s s</footer>
+<footer>clare $version · parts of this page refresh every $poll_s s · <button type="button" class="ghost small"
+id="notify-optin" hidden>Notify me in this browser</button>
+<details id="keys"><summary>Keys</summary><dl class="facts keys">
+<dt><kbd>j</kbd> <kbd>k</kbd></dt><dd>next, previous row</dd>
+<dt><kbd>o</kbd></dt><dd>open the row</dd><dt><kbd>/</kbd></dt><dd>filter the list</dd>
+<dt><kbd>?</kbd></dt><dd>show these keys</dd></dl></details></footer>
 </body>
 </html>
 """)
-NAV_LINK = string.Template('<a href="$href"$current>$label</a>')
+NAV_LINK = string.Template('<a href="$href"$current>$label$count</a>')
+NAV_NEEDS = string.Template(
+    '<span id="nav-needs" class="count" $poll data-count="$n" data-needs="$needs">$label</span>')
 FLASH = string.Template('<div id="flash" role="status" aria-live="polite"$oob>$message</div>')
 FLASH_MESSAGE = string.Template('<p class="flash $kind">$text</p>')
 
@@ -5733,13 +6889,25 @@ FLASH_MESSAGE = string.Template('<p class="flash $kind">$text</p>')
 def page(req: Request, title: str, main: Html, *, status: int = 200) -> Response:
     """Return a full page: the shared head, styles, navigation and htmx setup around `main`."""
     current = "/" + req.path.split("/")[1] if req.path != "/" else "/"
-    nav = join(render(NAV_LINK, href=href, label=label,
+    needs = list_needs(req.db)
+    nav = join(render(NAV_LINK, href=href, label=label, count=nav_needs(needs) if href == "/needs" else Html(""),
                       current=Html(' aria-current="page"') if href == current else Html(""))
                for href, label in NAV)
     return html_response(render(
         PAGE, title=title, main=main, nav=nav, host=req.db.machine_id, version=__version__, poll_s=POLL_S,
-        htmx_version=HTMX_VERSION, htmx_config=json.dumps(HTMX_CONFIG),
+        htmx_version=HTMX_VERSION, htmx_config=json.dumps(HTMX_CONFIG), js_version=static_version("clare.js"),
+        count=f"({len(needs)}) " if needs else "",
         hx_headers=json.dumps({"X-CSRF-Token": req.config.csrf_token})), status=status)
+
+
+def nav_needs(needs: list[Session]) -> Html:
+    """Render the needs-you count of the navigation, polled; it carries the list the page script notifies from."""
+    items = [{"key": f"{s.id}:{s.state}:{s.state_at}", "url": f"/sessions/{s.id}",
+              "title": f"{SESSION_LABELS.get(s.state, s.state)}: {short_text(s.label or s.id[:SHORT_ID], 60)}",
+              "body": short_text(f"{s.asked['tool']}: {s.asked['input']}" if s.asked else f"{s.host} · {s.cwd}", 120)}
+             for s in needs]
+    return render(NAV_NEEDS, poll=poll_attrs("/frag/nav-needs"), n=len(needs), label=len(needs) or "",
+                  needs=json.dumps(items, ensure_ascii=False))
 
 
 def flash(text: str, *, kind: str = "error", oob: bool = False) -> Html:
@@ -5749,8 +6917,20 @@ def flash(text: str, *, kind: str = "error", oob: bool = False) -> Html:
 
 
 def error_page(status: int, message: str) -> Html:
-    """Return the full page shown for an HTTP error, without the database (it may be the problem)."""
-    return render(PAGE_ERROR, status=status, message=message)
+    """Return the full page shown for an HTTP error, without the database (it may be the problem).
+
+    A 401 page carries the login form: a link back to the dashboard would only answer 401 again.
+    """
+    return render(PAGE_ERROR, status=status, message=message,
+                  after=Html(LOGIN_FORM) if status == 401 else Html('<p><a href="/">Back to the dashboard</a></p>'))
+
+
+# The token goes in the URL exactly as in the login link `clare serve` prints; /login trades it for a cookie.
+LOGIN_FORM = """<form action="/login" method="get"><p><label for="token">Token</label><br>
+<input id="token" name="token" type="password" autocomplete="current-password" required size="40">
+<button type="submit">Log in</button></p></form>
+<p>The token is the one in this server's clare.toml (<code>token = ...</code>) or the CLARE_TOKEN it was started
+with; <code>clare serve</code> on a terminal prints a login link that holds it.</p>"""
 
 
 PAGE_ERROR = string.Template("""<!doctype html>
@@ -5758,7 +6938,7 @@ PAGE_ERROR = string.Template("""<!doctype html>
 <meta name="color-scheme" content="light dark"><link rel="icon" href="data:,"><title>$status · Clare</title>
 <style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
 @media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
-<body><h1>$status</h1><p>$message</p><p><a href="/">Back to the dashboard</a></p></body></html>
+<body><h1>$status</h1><p>$message</p>$after</body></html>
 """)
 
 
@@ -5902,11 +7082,11 @@ START_CARD = string.Template("""<section class="card" id="start-session"><h2>Sta
 PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
-TASKS_TABLE = string.Template("""<div class="scroll"><table>
+TASKS_TABLE = string.Template("""<div class="scroll"><table class="cards">
 <thead><tr><th>Pri</th><th>Task</th><th>Status</th><th>Assigned</th><th class="hide-sm">Id</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
 TASK_ROW = string.Template("""<tr><td><span class="badge c-$pri_color">P$priority</span></td>
-<td class="title"><a href="/tasks/$id">$title</a></td>
+<td class="title"><a href="/tasks/$id">$title</a>$tags</td>
 <td>$status_form</td><td>$assignee</td><td class="hide-sm mono muted">$short_id</td></tr>""")
 STATUS_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
 <select name="status" class="status" aria-label="task status">$options</select>
@@ -5929,23 +7109,24 @@ MAIN_TASK = string.Template("""<p class="muted small"><a href="/projects">Projec
 $task_card
 <section class="card"><h2>Assign</h2>
 <form class="row" $assign_attrs>$csrf<input type="hidden" name="view" value="task">
-<label>Session id<input name="session_id" placeholder="7c1e9b" autocomplete="off" list="session-ids"></label>
+$session_picker
 <label>or group<select name="group"><option value="">—</option>$group_options</select></label>
-<button type="submit">Assign</button></form>
-$session_list</section>
+<button type="submit">Assign</button></form></section>
 $start_card
 </div>
 <div class="grid">
 <section class="card"><h2>Updates</h2>
 $update_form
 $updates</section>
-<section class="card"><h2>History</h2>$history</section>
+$history
 </div>""")
+FRAG_HISTORY = string.Template("""<section class="card" id="frag-history" $poll$oob><h2>History</h2>$feed</section>""")
 FRAG_TASK = string.Template("""<section class="card" id="frag-task" $poll>
 <h2>Task</h2>
-<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
+$removed<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
 <dt>Assigned</dt><dd>$assignee $unassign</dd>
-<dt>Priority</dt><dd>P$priority</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl>
+<dt>Priority</dt><dd>P$priority</dd><dt>Tags</dt><dd>$tags</dd>
+<dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl>
 $description</section>""")
 UNASSIGN_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="task">
 <button class="ghost" type="submit">Unassign</button></form>""")
@@ -5954,7 +7135,12 @@ UPDATE_FORM = string.Template("""<form class="row" id="update-form" $attrs$oob>$
 <button type="submit">Post update</button></form>""")
 FRAG_UPDATES = string.Template("""<div id="frag-updates" $poll>$items</div>""")
 ASSIGNEE = string.Template('<span class="mono">$kind $id</span>')
+SESSION_ASSIGNEE = string.Template('<a class="mono" href="/sessions/$full_id">session $id</a>')
+REMOVED_NOTE = string.Template("""<p class="removed">$badge This task was removed $when; it shows in no list.
+Bring it back with <code>clare task restore $short_id</code>
+(or <code>clare undo</code> on the host that removed it).</p>""")
 DESCRIPTION = string.Template('<pre class="text">$text</pre>')
+TAIL = string.Template('<pre class="tail">$text</pre>')  # a pane tail: its lines are the point
 
 
 def badge(label: str, color: str) -> Html:
@@ -5996,7 +7182,7 @@ def order_text(o: Order) -> str:
 def assignee_text(task: Task) -> Html:
     """Return who a task is bound to, for a table cell."""
     if task.session_id:
-        return render(ASSIGNEE, kind="session", id=task.session_id[:SHORT_ID])
+        return render(SESSION_ASSIGNEE, full_id=task.session_id, id=task.session_id[:SHORT_ID])
     if task.group_id:
         return render(ASSIGNEE, kind="group", id=task.group_id[:SHORT_ID])
     return Html('<span class="muted">—</span>')
@@ -6084,13 +7270,16 @@ def tasks_fragment(req: Request, project: Project) -> Html:
         table_html = render(TASKS_TABLE, rows=join(render(
             TASK_ROW, id=t.id, short_id=t.id[:SHORT_ID], title=t.title, priority=t.priority,
             pri_color="red" if t.priority == 0 else "orange" if t.priority == 1 else "gray",
-            status_form=status_form(req, t, view="tasks"),
+            status_form=status_form(req, t, view="tasks"), tags=tag_badges(t),
             assignee=join([assignee_text(t), start_button(req, t, view="tasks")
                            if project.dirs and t.status != "done" and not t.session_id else Html("")]))
             for t in tasks))
     return render(FRAG_PROJECT_TASKS, poll=poll_attrs(f"/frag/projects/{project.id}/tasks"), table=table_html)
 
 
+def tag_badges(task: Task) -> Html:
+    """Return a task's tags as small badges, each after a space."""
+    return join(Html(f" {badge(f'#{tag}', 'gray')}") for tag in task.tags)
 def start_button(req: Request, task: Task, *, view: str) -> Html:
     """Render the button that starts a session for a task where its project's code lives."""
     return render(START_BUTTON, csrf=csrf_field(req), view=view,
@@ -6154,8 +7343,8 @@ def updates_list(updates: list[Update], *, empty: str) -> Html:
     if not updates:
         return render(EMPTY, text=empty)
     return render(FEED, items=join(
-        render(FEED_ITEM, text=u.text, at=u.created_at, when=when_text(u.created_at),
-               where=f"{u.source} · {u.machine_id}") for u in reversed(updates)))
+        render(FEED_ITEM, text=render(TAIL, text=u.text) if u.source == "pane-tail" else u.text, at=u.created_at,
+               when=when_text(u.created_at), where=f"{u.source} · {u.machine_id}") for u in reversed(updates)))
 
 
 def frag_project_tasks(req: Request) -> Response:
@@ -6196,7 +7385,10 @@ def task_fragment(req: Request, task: Task) -> Html:
     unassign = (render(UNASSIGN_FORM, csrf=csrf_field(req),
                        attrs=form_attrs(f"/tasks/{task.id}/unassign", target="#frag-task"))
                 if task.session_id or task.group_id else Html(""))
+    removed = (render(REMOVED_NOTE, badge=badge("removed", "orange"), when=when_text(task.removed_at),
+                      short_id=task.id[:SHORT_ID]) if task.removed_at else Html(""))
     return render(FRAG_TASK, poll=poll_attrs(f"/frag/tasks/{task.id}"), id=task.id, priority=task.priority,
+                  removed=removed, tags=tag_badges(task) or "—",
                   status_form=status_form(req, task, view="task"), assignee=assignee_text(task), unassign=unassign,
                   created=when_text(task.created_at),
                   description=render(DESCRIPTION, text=task.description) if task.description else Html(""))
@@ -6223,9 +7415,22 @@ def page_task(req: Request) -> Response:
         priority=t.priority, task_card=task_fragment(req, t), csrf=csrf_field(req),
         assign_attrs=form_attrs(f"/tasks/{t.id}/assignment", target="#frag-task"),
         group_options=options(((g.name, g.name) for g in svc.list_groups()), None),
-        session_list=session_datalist(req), start_card=start_card(req, t), update_form=update_form(req, t),
+        session_picker=session_picker(req, t.session_id), start_card=start_card(req, t),
+        update_form=update_form(req, t),
         updates=updates_fragment(req, t),
-        history=feed(svc.list_history([t.id], limit=50), empty="No history.")))
+        history=history_fragment(req, [t.id], url=f"/frag/tasks/{t.id}/history")))
+
+
+def history_fragment(req: Request, entity_ids: list[str], *, url: str, oob: bool = False) -> Html:
+    """Render the history card of a task or a session, polled in place (oob: beside another answer)."""
+    return render(FRAG_HISTORY, poll=poll_attrs(url), oob=Html(' hx-swap-oob="true"') if oob else Html(""),
+                  feed=feed(req.svc.list_history(entity_ids, limit=50), empty="No history."))
+
+
+def frag_task_history(req: Request) -> Response:
+    """Answer the history poll of a task."""
+    t = req.svc.get_task(req.params["task"])
+    return html_response(history_fragment(req, [t.id], url=f"/frag/tasks/{t.id}/history"))
 
 
 def frag_task(req: Request) -> Response:
@@ -6243,7 +7448,8 @@ def _after_task_change(req: Request, task: Task, message: str, *, kind: str = "o
     if not req.is_htmx:
         return redirect(f"/tasks/{task.id}" if view == "task" else f"/projects/{task.project_id}")
     if view == "task":
-        body = task_fragment(req, task)
+        body = join([task_fragment(req, task),
+                     history_fragment(req, [task.id], url=f"/frag/tasks/{task.id}/history", oob=True)])
     else:
         body = tasks_fragment(req, req.svc.get_project(task.project_id))
     return html_response(join([body, flash(message, kind=kind, oob=True)]))
@@ -6288,36 +7494,49 @@ def frag_post_update(req: Request) -> Response:
     if not req.is_htmx:
         return redirect(f"/tasks/{t.id}")
     return html_response(join([updates_fragment(req, t), update_form(req, t, oob=True),
+                               history_fragment(req, [t.id], url=f"/frag/tasks/{t.id}/history", oob=True),
                                flash("Update posted.", kind="ok", oob=True)]))
 
 
 SESSION_COLORS = {"working": "blue", "waiting": "amber", "permission": "red", "idle": "gray", "gone": "gray"}
 SESSION_LABELS = {"working": "working", "waiting": "waiting for you", "permission": "needs permission",
                   "idle": "idle", "gone": "gone"}
-NEEDS_PERSON = ("permission", "waiting")
 
 FRAG_ATTENTION = string.Template("""<section class="card attention" id="frag-attention" $poll>
 <h2>Needs you</h2>$body</section>""")
 ATTENTION_LIST = string.Template('<ul class="feed" hx-disable>$items</ul>')
-ATTENTION_ITEM = string.Template("""<li><div class="line">$state <b>$label</b> <span class="muted small">$since</span>
-</div>
-<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>
-$task</li>""")
-TASK_LINK = string.Template('<div class="small">task <a href="/tasks/$id">$title</a></div>')
+ATTENTION_ITEM = string.Template("""<li data-row="/sessions/$id"><div class="line">$state
+<a href="/sessions/$id"><b>$label</b></a>
+<span class="muted small">$since</span></div>$asked
+<div class="small">$project$task</div>
+<div class="muted small"><span class="mono">$short_id</span> · $host · <span class="mono">$where</span> · $cwd</div>
+<div class="actions small"><a href="/sessions/$id">Open</a><a href="/sessions/$id#attach">Attach</a></div></li>""")
+ASKED = string.Template('<div class="asked">$tool: $input</div>')
+TASK_LINK = string.Template('task <a href="/tasks/$id">$title</a>')
+PROJECT_LINK = string.Template('<a href="/projects/$id">$name</a> · ')
+FILTER_FORM = string.Template("""<form class="row" method="get" action="/needs" role="search">
+<label class="wide">Filter (press /)<input id="filter" name="q" value="$q" placeholder="project, task, host, folder"
+autocomplete="off"></label><noscript><button class="ghost">Filter</button></noscript></form>""")
+MAIN_NEEDS = string.Template("""<h1>Needs you</h1>
+<p class="sub">Permission dialogs first, then the sessions that have waited longest. <kbd>j</kbd>/<kbd>k</kbd> move,
+<kbd>o</kbd> opens, <kbd>/</kbd> filters, <kbd>?</kbd> lists the keys.</p>
+$filter
+$attention""")
 FRAG_FLEET = string.Template("""<section class="card" id="frag-fleet" $poll>
 <h2>Sessions</h2>$table</section>""")
-FLEET_TABLE = string.Template("""<div class="scroll"><table>
+FLEET_TABLE = string.Template("""<div class="scroll"><table class="cards">
 <thead><tr><th>State</th><th>Session</th><th>Where</th><th>Task</th><th>Active</th><th class="hide-sm">Tokens</th>
 </tr></thead>
 <tbody hx-disable>$rows</tbody></table></div>""")
-FLEET_ROW = string.Template("""<tr><td>$state</td>
-<td class="title"><b>$label</b><div class="mono muted small">$id</div></td>
+FLEET_ROW = string.Template("""<tr data-row="/sessions/$full_id"><td>$state</td>
+<td class="title"><a href="/sessions/$full_id"><b>$label</b></a><div class="mono muted small">$id</div></td>
 <td><span class="mono small">$host · $where</span><div class="muted small">$cwd</div></td>
 <td class="title">$task</td><td class="muted small">$active</td><td class="hide-sm mono small">$tokens</td></tr>""")
 TASK_CELL = string.Template('<a href="/tasks/$id">$title</a>')
 MAIN_SESSIONS = string.Template("""<h1>Sessions</h1>
-<p class="sub">Claude sessions on every host, as each host last saw them. Run <span class="mono">clare pull</span>
-on a host (or install its hooks) to refresh what it sees.</p>
+<p class="sub">Claude sessions on every host, as each host last saw them: a host's
+<span class="mono">clare serve</span> looks at its own sessions every few seconds and its hooks report at once,
+so there is nothing to run.</p>
 $attention
 $fleet
 $ambiguous""")
@@ -6326,7 +7545,7 @@ AMBIGUOUS = string.Template("""<section class="card"><h2>Panes Clare cannot tell
 AMBIGUOUS_ITEM = string.Template(
     '<li><span class="mono">$target</span> in <span class="mono">$cwd</span>: Claude runs here, but its session '
     'cannot be told apart from another in this folder</li>')
-DATALIST = string.Template('<datalist id="session-ids">$options</datalist>')
+SESSION_PICKER = string.Template("""<label class="wide">Session<select name="session_id">$options</select></label>""")
 
 
 def session_badge(session: Session) -> Html:
@@ -6334,21 +7553,43 @@ def session_badge(session: Session) -> Html:
     return badge(SESSION_LABELS.get(session.state, session.state), SESSION_COLORS.get(session.state, "gray"))
 
 
-def attention_fragment(req: Request) -> Html:
-    """Render the sessions that wait for a person, longest-waiting first."""
+def asked_text(session: Session) -> Html:
+    """Render what a session's permission dialog asks (tool and command), or nothing."""
+    if session.state != "permission" or not session.asked:
+        return Html("")
+    return render(ASKED, tool=session.asked["tool"], input=short_text(session.asked["input"], 300))
+
+
+def attention_fragment(req: Request, *, query: str = "") -> Html:
+    """Render the sessions that wait for a person, for triage: permission dialogs first, then the longest waiting."""
     now = now_ms()
-    report = req.svc.get_status()
-    sessions = sorted((s for s in report.sessions if s.state in NEEDS_PERSON),
-                      key=lambda s: (s.state_at or s.last_activity_at or "", s.id))
-    tasks = report.tasks
-    # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
+    svc = req.svc
+    sessions = svc.list_needs()
+    tasks = {t.id: t for t in svc.list_tasks()} if sessions else {}
+    if query:
+        q = query.lower()
+        sessions = [s for s in sessions if q in " ".join((
+            s.label, s.cwd, s.host, s.tmux_target or "", tasks[s.task_id].title if s.task_id in tasks else "",
+            tasks[s.task_id].project if s.task_id in tasks else "")).lower()]
+    # SECURITY: labels, cwds and what a dialog asks come from transcripts, hooks and panes: escaped, in hx-disable.
     body = render(ATTENTION_LIST, items=join(render(
         ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
-        since=ago_text(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
-        where=s.tmux_target or "-", cwd=s.cwd,
-        task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks else Html(""))
+        since=ago_text(s.state_at or s.last_activity_at, now), id=s.id, short_id=s.id[:SHORT_ID], host=s.host,
+        where=s.tmux_target or "-", cwd=s.cwd, asked=asked_text(s),
+        project=render(PROJECT_LINK, id=tasks[s.task_id].project_id, name=tasks[s.task_id].project)
+        if s.task_id in tasks else Html(""),
+        task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
+        else Html('<span class="muted">no task</span>'))
         for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
-    return render(FRAG_ATTENTION, poll=poll_attrs("/frag/attention"), body=body)
+    url = "/frag/attention" + (f"?q={quote_query(query)}" if query else "")
+    return render(FRAG_ATTENTION, poll=poll_attrs(url), body=body)
+
+
+def quote_query(text: str) -> str:
+    """Return text quoted for a URL's query string."""
+    from urllib.parse import quote
+
+    return quote(text, safe="")
 
 
 def fleet_fragment(req: Request) -> Html:
@@ -6357,10 +7598,12 @@ def fleet_fragment(req: Request) -> Html:
     report = req.svc.get_status()
     sessions, tasks = report.sessions, report.tasks
     if not sessions:
-        table_html = render(EMPTY, text="No Claude sessions seen yet; run 'clare pull' on each host.")
+        table_html = render(EMPTY, text="No Claude sessions seen yet. Each host's 'clare serve' finds the sessions "
+                                        "in its tmux panes by itself; start it on the hosts that run Claude.")
     else:
         table_html = render(FLEET_TABLE, rows=join(render(
-            FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
+            FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], full_id=s.id,
+            host=s.host,
             where=s.tmux_target or "-", cwd=s.cwd, active=ago_text(s.last_activity_at, now),
             tokens=tokens_text(s.tokens),
             task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
@@ -6368,10 +7611,29 @@ def fleet_fragment(req: Request) -> Html:
     return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
 
 
-def session_datalist(req: Request) -> Html:
-    """Render the known session ids for the assign form."""
-    return render(DATALIST, options=join(render(OPTION, value=s.id, label=f"{s.label or s.cwd} ({s.host})",
-                                                selected=Html("")) for s in req.svc.list_sessions()))
+def session_picker(req: Request, selected: str | None) -> Html:
+    """Render the live sessions to assign a task to: by label, project, host and folder, never by typed id."""
+    svc = req.svc
+    report = svc.get_status()
+
+    def label(s: Session) -> str:
+        project = report.tasks[s.task_id].project if s.task_id in report.tasks else "no project"
+        return (f"{short_text(s.label or '(no title yet)', 50)} · {project} · {s.host} · "
+                f"{short_text(s.cwd, 40)} · {SESSION_LABELS.get(s.state, s.state)}")
+    choices = [("", "— pick a live session —")] + [(s.id, label(s)) for s in report.sessions]
+    return render(SESSION_PICKER, options=options(choices, selected))
+
+
+def page_needs(req: Request) -> Response:
+    """Show who needs you, for triage, with a filter that also works without JavaScript."""
+    query = (req.arg("q") or "").strip()[:100]
+    return page(req, "Needs you", render(MAIN_NEEDS, filter=render(FILTER_FORM, q=query),
+                                         attention=attention_fragment(req, query=query)))
+
+
+def frag_nav_needs(req: Request) -> Response:
+    """Answer the poll of the navigation's needs-you count."""
+    return html_response(nav_needs(req.svc.list_needs()))
 
 
 def page_sessions(req: Request) -> Response:
@@ -6385,12 +7647,194 @@ def page_sessions(req: Request) -> Response:
 
 def frag_attention(req: Request) -> Response:
     """Answer the needs-you poll."""
-    return html_response(attention_fragment(req))
+    return html_response(attention_fragment(req, query=(req.arg("q") or "").strip()[:100]))
 
 
 def frag_fleet(req: Request) -> Response:
     """Answer the sessions poll."""
     return html_response(fleet_fragment(req))
+
+
+MAIN_SESSION = string.Template("""<p class="muted small"><a href="/sessions">Sessions</a> /</p>
+<h1 hx-disable>$label</h1>
+<p class="sub">$state $since · $host · <span class="mono">$where</span></p>
+<div class="grid">
+$facts
+<div>
+<section class="card" id="attach"><h2>Attach</h2>$attach</section>
+<section class="card" id="session-task"><h2>Task</h2>
+<form class="row" $task_attrs>$csrf
+<label class="wide">Work on<select name="task">$task_options</select></label>
+<button type="submit">Set task</button></form></section>
+</div>
+</div>
+$pane
+<div class="grid">
+$turns
+$history
+</div>""")
+FRAG_SESSION = string.Template("""<section class="card" id="frag-session" $poll>
+<h2>Session</h2>
+<div hx-disable>$asked
+<dl class="facts"><dt>State</dt><dd>$state <span class="muted small">since $since</span></dd>
+<dt>Task</dt><dd>$task</dd>
+<dt>Host</dt><dd>$host</dd><dt>Folder</dt><dd class="mono">$cwd</dd><dt>tmux</dt><dd class="mono">$where</dd>
+<dt>Active</dt><dd>$active</dd><dt>Tokens</dt><dd class="mono" title="$tokens_title">$tokens</dd>
+<dt>Command</dt><dd class="mono small">$command</dd><dt>Id</dt><dd class="mono">$id</dd></dl></div></section>""")
+ASKED_CARD = string.Template(
+    """<p class="flash error"><b>Asks permission</b> · $tool<br><span class="asked">$input</span></p>""")
+ATTACH = string.Template("""<p class="small muted">$where</p>
+<div class="cmd"><code id="attach-cmd">$command</code>
+<button type="button" class="ghost" data-copy="attach-cmd">Copy</button></div>
+<p class="small muted">Or, from any terminal with Clare: <span class="mono">clare attach $short_id</span>.
+This page only shows the pane; it never types into it.</p>""")
+FRAG_PANE = string.Template("""<section class="card" id="frag-pane" $poll>
+<h2>Pane <span class="muted">· $where · $when</span></h2>$body</section>""")
+PANE_TEXT = string.Template('<pre class="pane" hx-disable>$text</pre>')
+FRAG_TURNS = string.Template("""<section class="card" id="frag-turns" $poll><h2>Transcript</h2>$body</section>""")
+TURN_ITEM = string.Template(
+    '<li class="turn"><b class="small">$who</b><span>$text<time datetime="$at">$when</time></span></li>')
+TURN_WHO = {"user": "prompt", "assistant": "Claude", "tool": "tools"}
+
+
+def is_cross_site(headers: dict[str, str]) -> bool:
+    """Tell whether a browser sent this request for another site (a link from elsewhere included)."""
+    try:
+        check_same_origin(headers)
+    except HttpError:
+        return True
+    return False
+
+
+def session_fragment(req: Request, s: Session, task: Task | None) -> Html:
+    """Render a session's facts: state and since when, what a dialog asks, task, host, folder, pane, tokens."""
+    now = now_ms()
+    return render(
+        FRAG_SESSION, poll=poll_attrs(f"/frag/sessions/{s.id}"), state=session_badge(s),
+        since=ago_text(s.state_at, now), host=s.host, cwd=s.cwd or "—", where=s.tmux_target or "not in tmux",
+        active=ago_text(s.last_activity_at, now), tokens=tokens_text(s.tokens),
+        command=short_text(s.command, 200) or "—",
+        tokens_title=", ".join(f"{k} {v}" for k, v in s.tokens.items()), id=s.id,
+        asked=render(ASKED_CARD, tool=s.asked["tool"], input=s.asked["input"]) if s.state == "permission" and s.asked
+        else Html(""),
+        task=render(TASK_CELL, id=task.id, title=f"{task.project}: {task.title}") if task
+        else Html('<span class="muted">none</span>'))
+
+
+def attach_card(req: Request, s: Session, argv: list[str] | None) -> Html:
+    """Render the exact command that attaches a terminal to a session's pane, with a copy button."""
+    if argv is None:
+        return render(EMPTY, text="This session runs outside tmux: there is no pane to attach to.")
+    import shlex
+
+    where = ("In a terminal on this host:" if s.host == req.db.machine_id
+             else f"In a terminal here, through ssh to {s.host} ([hosts.{s.host}] ssh in clare.toml names it):")
+    return render(ATTACH, command=shlex.join(argv), where=where, short_id=s.id[:SHORT_ID])
+
+
+def pane_fragment(req: Request, s: Session, *, is_live: bool = True) -> Html:
+    """Render the live view of a session's pane (read from its host), refreshed while the page is open."""
+    poll = poll_attrs(f"/frag/sessions/{s.id}/pane", every_s=PANE_POLL_S) if s.state != "gone" else Html("")
+    if not is_live:
+        return render(FRAG_PANE, poll=poll, where=s.host, when="loading",
+                      body=render(EMPTY, text="The pane shows once this page loads from Clare itself."))
+    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings or {}, now_ms=now_ms())
+    body = render(PANE_TEXT, text=view.text) if view.text else render(EMPTY, text=view.error or "The pane is empty.")
+    return render(FRAG_PANE, poll=poll, where=f"{view.host} {s.tmux_target or ''}".strip(),
+                  when=f"{when_text(view.captured_at)} UTC", body=body)
+
+
+def turns_fragment(req: Request, s: Session, *, is_live: bool = True) -> Html:
+    """Render the last entries of a session's transcript: who said what, and the tools Claude called."""
+    poll = poll_attrs(f"/frag/sessions/{s.id}/transcript") if s.state != "gone" else Html("")
+    if not is_live:
+        return render(FRAG_TURNS, poll=poll, body=render(EMPTY, text="The transcript shows once this page loads."))
+    try:
+        turns = view_turns(req.db, s, peers=req.config.peers, settings=req.config.settings or {},
+                           claude_dir=claude_home())
+    except (ClareError, OSError) as err:
+        return render(FRAG_TURNS, poll=poll, body=render(EMPTY, text=f"The transcript cannot be read: {err}"))
+    if not turns:
+        return render(FRAG_TURNS, poll=poll, body=render(EMPTY, text="No transcript lines yet."))
+    # SECURITY: transcript text is untrusted: escaped, inside hx-disable.
+    items = join(render(TURN_ITEM, who=TURN_WHO.get(t["role"], t["role"]), text=t["text"], at=t["at"],
+                        when=when_text(t["at"]) if t["at"] else "") for t in reversed(turns))
+    return render(FRAG_TURNS, poll=poll, body=render(FEED, items=items))
+
+
+def task_choices(req: Request, s: Session) -> Html:
+    """Render the open tasks, by project, that a session can be set to work on."""
+    tasks = [t for t in req.svc.list_tasks() if t.status != "done"]
+    by_project: dict[str, list[tuple[str, str]]] = {}
+    for t in tasks:
+        elsewhere = t.session_id and t.session_id != s.id or t.group_id
+        by_project.setdefault(t.project, []).append(
+            (t.id, f"P{t.priority} {short_text(t.title, 60)}" + (" (assigned elsewhere)" if elsewhere else "")))
+    return join([render(OPTION, value="", label="— no task —", selected=Html("")),
+                 *(render(OPTGROUP, label=name, options=options(choices, s.task_id))
+                   for name, choices in sorted(by_project.items()))])
+
+
+def page_session(req: Request) -> Response:
+    """Show one session: state, what it asks, task, the way in, its live pane, transcript and history."""
+    d = req.svc.get_session_detail(req.params["session"], hosts=(req.config.settings or {}).get("hosts") or {})
+    s, now = d.session, now_ms()
+    is_live = not is_cross_site(req.headers)  # a link from elsewhere gets the page; the pane loads from here
+    return page(req, s.label or s.id[:SHORT_ID], render(
+        MAIN_SESSION, label=s.label or f"Session {s.id[:SHORT_ID]}", state=session_badge(s),
+        since=ago_text(s.state_at, now), host=s.host, where=s.tmux_target or "not in tmux",
+        facts=session_fragment(req, s, d.task), attach=attach_card(req, s, d.attach), csrf=csrf_field(req),
+        task_attrs=form_attrs(f"/sessions/{s.id}/task", target="#frag-session"), task_options=task_choices(req, s),
+        pane=pane_fragment(req, s, is_live=is_live), turns=turns_fragment(req, s, is_live=is_live),
+        history=history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history")))
+
+
+def frag_session(req: Request) -> Response:
+    """Answer the poll of a session's facts."""
+    d = req.svc.get_session_detail(req.params["session"])
+    return html_response(session_fragment(req, d.session, d.task))
+
+
+def frag_session_pane(req: Request) -> Response:
+    """Answer the poll of a session's live pane; refused cross-site."""
+    check_same_origin(req.headers)
+    return html_response(pane_fragment(req, req.svc.get_session(req.params["session"])))
+
+
+def frag_session_turns(req: Request) -> Response:
+    """Answer the poll of a session's transcript; refused cross-site."""
+    check_same_origin(req.headers)
+    return html_response(turns_fragment(req, req.svc.get_session(req.params["session"])))
+
+
+def frag_session_history(req: Request) -> Response:
+    """Answer the history poll of a session."""
+    s = req.svc.get_session(req.params["session"])
+    return html_response(history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history"))
+
+
+def frag_set_session_task(req: Request) -> Response:
+    """Set the task a session works on from the picker ("— no task —" ends its current one)."""
+    svc = req.svc
+    s = svc.get_session(req.params["session"])
+    task_ref = req.form().get("task", "").strip()
+    if task_ref:
+        t = svc.assign_task(task_ref, session_id=s.id)
+        message = f"{short_text(s.label or s.id[:SHORT_ID], 40)} now works on {t.title}."
+    elif s.task_id:
+        t = svc.get_task(s.task_id)
+        if t.session_id != s.id:
+            raise Conflict(f"{t.title} is assigned to a group, not to this session; change it on the task's page")
+        svc.unassign_task(t.id)
+        message = f"{t.title} is no longer assigned."
+    else:
+        raise UsageError("pick a task for this session to work on")
+    if not req.is_htmx:
+        return redirect(f"/sessions/{s.id}")
+    d = svc.get_session_detail(s.id)
+    return html_response(join([session_fragment(req, d.session, d.task),
+                               history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history", oob=True),
+                               flash(message, kind="ok", oob=True)]))
 
 
 DELIVERY_COLORS = {"delivered": "green", "queued": "blue", "refused": "orange", "failed": "red", "expired": "gray"}
@@ -6415,7 +7859,8 @@ $recipients
 $result""")
 FRAG_RECIPIENTS = string.Template("""<section class="card" id="frag-recipients">
 <h2>Recipients</h2>$body</section>""")
-RECIPIENT_ITEM = string.Template("""<li><div class="line">$state <b>$label</b></div>
+RECIPIENT_ITEM = string.Template("""<li><div class="line">$state
+<a href="/sessions/$full_id"><b>$label</b></a></div>
 <div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>
 $note</li>""")
 RECIPIENT_NOTE = string.Template('<div class="small muted">$text</div>')
@@ -6425,7 +7870,8 @@ FRAG_BROADCAST = string.Template("""<section class="card" id="broadcast-result" 
 DELIVERY_TABLE = string.Template("""<div class="scroll"><table>
 <thead><tr><th>Session</th><th>Where</th><th>Result</th><th>Why</th></tr></thead>
 <tbody hx-disable>$rows</tbody></table></div>""")
-DELIVERY_ROW = string.Template("""<tr><td class="mono">$id</td><td class="mono small">$host · $where</td>
+DELIVERY_ROW = string.Template("""<tr><td class="mono"><a href="/sessions/$full_id">$id</a></td>
+<td class="mono small">$host · $where</td>
 <td>$result</td><td class="small">$reason</td></tr>""")
 OPTGROUP = string.Template('<optgroup label="$label">$options</optgroup>')
 PREVIEW_ATTRS = string.Template('hx-get="$url" hx-trigger="change" hx-target="$target" hx-swap="outerHTML"')
@@ -6458,7 +7904,8 @@ def recipients_fragment(req: Request, target: str | None) -> Html:
         return render(FRAG_RECIPIENTS, body=render(EMPTY, text="No live session would get it."))
     # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
     items = join(render(
-        RECIPIENT_ITEM, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
+        RECIPIENT_ITEM, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], full_id=s.id,
+        host=s.host,
         where=s.tmux_target or "-", cwd=s.cwd,
         note=render(RECIPIENT_NOTE, text="a permission dialog is open: it will be refused, not answered")
         if s.state == "permission" else Html("")) for s in sessions)
@@ -6472,7 +7919,8 @@ def broadcast_fragment(req: Request, broadcast_id: str) -> Html:
     deliveries = req.svc.list_deliveries(broadcast_id=broadcast_id)
     if not deliveries:
         raise NotFound(f"no broadcast {broadcast_id!r}; send one from /broadcast")
-    rows = join(render(DELIVERY_ROW, id=d.session_id[:SHORT_ID], host=d.host or "?", where=d.tmux_target or "-",
+    rows = join(render(DELIVERY_ROW, id=d.session_id[:SHORT_ID], full_id=d.session_id, host=d.host or "?",
+                       where=d.tmux_target or "-",
                        result=badge(d.result, DELIVERY_COLORS.get(d.result, "gray")), reason=d.reason or "—")
                 for d in deliveries)
     is_waiting = any(d.result == "queued" for d in deliveries)
@@ -6596,19 +8044,55 @@ def api_project_history(req: Request) -> Response:
 
 
 def api_list_tasks(req: Request) -> Response:
-    """List tasks, most urgent first; ?project= ?status= ?session= ?group= filter."""
+    """List tasks, most urgent first; ?project= ?status= ?session= ?group= ?tag= ?search= ... filter."""
     svc = req.svc
-    project, group = req.arg("project"), req.arg("group")
-    return json_response(svc.list_tasks(project_id=svc.get_project(project).id if project else None,
-                                        status=req.arg("status"), session_id=req.arg("session"),
-                                        group_id=svc.get_group(group).id if group else None))
+    project, group, prio = req.arg("project"), req.arg("group"), req.arg("priority")
+    flag = {"1": True, "0": False, None: None}
+    assigned = req.arg("assigned")
+    if assigned not in flag:
+        raise UsageError(f"assigned={assigned!r} must be 1 or 0")
+    return json_response(svc.list_tasks(
+        project_id=svc.get_project(project).id if project else None, status=req.arg("status"),
+        session_id=req.arg("session"), group_id=svc.get_group(group).id if group else None,
+        is_open=req.arg("open") == "1", active_projects=req.arg("active") == "1", is_assigned=flag[assigned],
+        tag=req.arg("tag"), priorities=parse_priorities(prio) if prio else None, search=req.arg("search"),
+        include_removed=req.arg("removed") == "1"))
 
 
 def api_create_task(req: Request) -> Response:
-    """Add a task from {project, title, priority?, description?}."""
-    b = req.json(required=("project", "title"), optional=("priority", "description"))
+    """Add a task from {project, title, priority?, description?, tags?}."""
+    b = req.json(required=("project", "title"), optional=("priority", "description", "tags"))
     return json_response(req.svc.create_task(b["project"], b["title"], priority=b.get("priority", DEFAULT_PRIORITY),
-                                             description=b.get("description", "")), status=201)
+                                             description=b.get("description", ""), tags=_list_arg(b, "tags")),
+                         status=201)
+
+
+def _list_arg(body: dict[str, Any], name: str) -> list[str]:
+    value = body.get(name, [])
+    if not isinstance(value, list):
+        raise UsageError(f"{name} must be a list of strings")
+    return value
+
+
+def api_remove_task(req: Request) -> Response:
+    """Remove a task (it can be restored)."""
+    return json_response(req.svc.remove_task(req.params["task"]))
+
+
+def api_restore_task(req: Request) -> Response:
+    """Bring a removed task back."""
+    return json_response(req.svc.restore_task(req.params["task"]))
+
+
+def api_list_changes(req: Request) -> Response:
+    """Return this host's newest changes not undone yet, newest first."""
+    return json_response(req.svc.list_changes(limit=req.int_arg("limit", 10, lo=1, hi=100)))
+
+
+def api_undo_change(req: Request) -> Response:
+    """Undo this host's newest change by recording its inverse."""
+    req.json()
+    return json_response(req.svc.undo_change())
 
 
 def api_get_task(req: Request) -> Response:
@@ -6617,9 +8101,11 @@ def api_get_task(req: Request) -> Response:
 
 
 def api_edit_task(req: Request) -> Response:
-    """Change a task from {title?, description?, priority?, status?}."""
-    b = req.json(optional=("title", "description", "priority", "status"))
-    return json_response(req.svc.edit_task(req.params["task"], **b))
+    """Change a task from {title?, description?, priority?, status?, tags?, untags?}."""
+    b = req.json(optional=("title", "description", "priority", "status", "tags", "untags"))
+    tags, untags = _list_arg(b, "tags"), _list_arg(b, "untags")
+    b.pop("tags", None), b.pop("untags", None)
+    return json_response(req.svc.edit_task(req.params["task"], tags=tags, untags=untags, **b))
 
 
 def api_task_history(req: Request) -> Response:
@@ -6727,8 +8213,33 @@ def api_list_deliveries(req: Request) -> Response:
 
 
 def api_get_session(req: Request) -> Response:
-    """Return one session by id prefix."""
-    return json_response(req.svc.get_session(req.params["session"]))
+    """Return one session by id prefix, with its task, its history and the command that attaches to it."""
+    return json_response(req.svc.get_session_detail(req.params["session"],
+                                                    hosts=(req.config.settings or {}).get("hosts") or {}))
+
+
+def api_session_pane(req: Request) -> Response:
+    """Return the last lines of a session's pane, read by this host (its own sessions only); refused cross-site."""
+    check_same_origin(req.headers)
+    s = req.svc.get_session(req.params["session"])
+    lines = req.int_arg("lines", PANE_LINES, lo=1, hi=MAX_PANE_LINES)
+    return json_response(read_pane(req.db, s, lines=lines, now_ms=now_ms()))
+
+
+def api_session_transcript(req: Request) -> Response:
+    """Return the last entries of a session's transcript, read by this host (its own sessions only).
+
+    Refused cross-site, like the pane.
+    """
+    check_same_origin(req.headers)
+    s = req.svc.get_session(req.params["session"])
+    return json_response({"session_id": s.id, "host": s.host,
+                          "turns": read_turns(req.db, s, claude_dir=claude_home())})
+
+
+def api_list_needs(req: Request) -> Response:
+    """List the sessions that wait on a person: permission dialogs first, then the longest waiting."""
+    return json_response(req.svc.list_needs())
 
 
 def api_group_sessions(req: Request) -> Response:
@@ -6809,10 +8320,13 @@ def get_static(req: Request) -> Response:
     name = req.params["name"]
     kind = STATIC_TYPES.get(os.path.splitext(name)[1])
     path = os.path.join(STATIC_DIR, name)
-    if kind is None or not os.path.isfile(path):
+    if kind is not None and name in STATIC_MEMORY:
+        body = STATIC_MEMORY[name]
+    elif kind is None or not os.path.isfile(path):
         raise NotFound(f"no static file {name!r}")
-    with open(path, "rb") as f:
-        body = f.read()
+    else:
+        with open(path, "rb") as f:
+            body = f.read()
     return Response(200, body, kind, (("Cache-Control", "public, max-age=31536000, immutable"),))
 
 
@@ -6829,7 +8343,8 @@ def page_login(req: Request) -> Response:
 
 # --- OpenAPI --------------------------------------------------------------
 
-_PRIMITIVES = {str: "string", int: "integer", bool: "boolean", float: "number", dict: "object", list: "array"}
+_PRIMITIVES = {str: "string", int: "integer", bool: "boolean", float: "number", dict: "object", list: "array",
+               tuple: "array"}
 
 
 def json_schema(cls: type) -> dict[str, Any]:
@@ -6888,6 +8403,16 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
         "conflicts": {"type": "array", "items": {"type": "string"}},
         "rejected": {"type": "array", "items": {"type": "string"}}}},
     "ReplayResult": {"type": "object", "required": ["events"], "properties": {"events": {"type": "integer"}}},
+    "SessionDetail": {"allOf": [_ref("Session"), {"type": "object", "required": ["task", "history", "attach"],
+                                                  "properties": {"task": {"oneOf": [_ref("Task"), {"type": "null"}]},
+                                                                 "history": _array("Event"),
+                                                                 "attach": {"type": ["array", "null"],
+                                                                            "items": {"type": "string"}}}}]},
+    "Turns": {"type": "object", "required": ["session_id", "host", "turns"], "properties": {
+        "session_id": {"type": "string"}, "host": {"type": "string"}, "turns": {"type": "array", "items": {
+            "type": "object", "required": ["role", "text", "tools", "at"], "properties": {
+                "role": {"enum": ["user", "assistant", "tool"]}, "text": {"type": "string"},
+                "tools": {"type": "array", "items": {"type": "string"}}, "at": {"type": "string"}}}}}},
 }
 
 # (method, path) -> summary, query parameters, request body schema, success status, response schema
@@ -6901,13 +8426,22 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
                                               200, _ref("Project")),
     ("GET", "/api/v1/projects/{project}/history"): ("Events about a project and its tasks", ("limit",), None, 200,
                                                     _array("Event")),
-    ("GET", "/api/v1/tasks"): ("List tasks, most urgent first", ("project", "status", "session", "group"), None, 200,
-                               _array("Task")),
-    ("POST", "/api/v1/tasks"): ("Add a task", (), _body(("project", "title"), ("priority", "description"),
-                                                       priority="integer"), 201, _ref("Task")),
-    ("GET", "/api/v1/tasks/{task}"): ("Get a task by id prefix", (), None, 200, _ref("Task")),
-    ("PATCH", "/api/v1/tasks/{task}"): ("Change a task", (), _body((), ("title", "description", "priority", "status"),
-                                                                   priority="integer"), 200, _ref("Task")),
+    ("GET", "/api/v1/tasks"): ("List tasks, most urgent first (removed ones only with removed=1)",
+                               ("project", "status", "session", "group", "open", "active", "assigned", "tag",
+                                "priority", "search", "removed"), None, 200, _array("Task")),
+    ("POST", "/api/v1/tasks"): ("Add a task", (), _body(("project", "title"), ("priority", "description", "tags"),
+                                                       priority="integer", tags="array"), 201, _ref("Task")),
+    ("GET", "/api/v1/tasks/{task}"): ("Get a task by id prefix (removed ones too)", (), None, 200, _ref("Task")),
+    ("PATCH", "/api/v1/tasks/{task}"): ("Change a task; tags adds tags, untags removes them", (), _body(
+        (), ("title", "description", "priority", "status", "tags", "untags"), priority="integer", tags="array",
+        untags="array"), 200, _ref("Task")),
+    ("DELETE", "/api/v1/tasks/{task}"): ("Remove a task: it leaves every list, keeps its history, can be restored",
+                                         (), None, 200, _ref("Task")),
+    ("POST", "/api/v1/tasks/{task}/restore"): ("Bring a removed task back", (), None, 200, _ref("Task")),
+    ("GET", "/api/v1/undo"): ("This host's newest changes not undone yet, newest first", ("limit",), None, 200,
+                              {"type": "array", "items": _ref("Change")}),
+    ("POST", "/api/v1/undo"): ("Undo this host's newest change by recording its inverse", (), {"type": "object"},
+                               200, _ref("UndoResult")),
     ("GET", "/api/v1/tasks/{task}/history"): ("Events about a task", ("limit",), None, 200, _array("Event")),
     ("POST", "/api/v1/tasks/{task}/assignment"): ("Assign a task to a session or a group", (),
                                                   _body((), ("session_id", "group")), 200, _ref("Task")),
@@ -6920,7 +8454,15 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
     ("GET", "/api/v1/groups/{group}/sessions"): ("Sessions a group's patterns match now", ("all",), None, 200,
                                                  _array("Session")),
     ("GET", "/api/v1/sessions"): ("List Claude sessions of every host", ("host", "all"), None, 200, _array("Session")),
-    ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix", (), None, 200, _ref("Session")),
+    ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix, with its task, history and attach command",
+                                            (), None, 200, _ref("SessionDetail")),
+    ("GET", "/api/v1/sessions/{session}/pane"): ("The last lines of a session's pane, read by its own host (which "
+                                                 "answers at most once a second per session)", ("lines",), None, 200,
+                                                 _ref("PaneView")),
+    ("GET", "/api/v1/sessions/{session}/transcript"): ("The last entries of a session's transcript, read by its "
+                                                       "own host", (), None, 200, _ref("Turns")),
+    ("GET", "/api/v1/needs"): ("Sessions waiting on a person: permission first, then the longest waiting", (), None,
+                               200, _array("Session")),
     ("POST", "/api/v1/tasks/{task}/sessions"): ("Start a Claude session for a task on a host (in a new worktree)", (),
                                                 _body((), ("host", "is_worktree", "model"), is_worktree="boolean"),
                                                 201, _ref("Order")),
@@ -6965,7 +8507,11 @@ def _obj(**props: Any) -> dict[str, Any]:
 
 
 _SYNC_HEAD = {"machine_id": "string", "db_id": "string", "now_ms": "integer"}
+_CHANGE = {"events": _array("SyncEvent"), "description": "string", "created_at": "string", "can_undo": "boolean",
+           "refusal": ["string", "null"]}
 _OPEN_API_EXTRA_SCHEMAS.update({
+    "Change": _obj(**_CHANGE),
+    "UndoResult": _obj(**_CHANGE, recorded=_array("SyncEvent"), n_kept="integer"),
     "SyncEvent": _obj(uuid="string", hlc="string", machine_id="string", event_type="string", payload="object",
                       created_at="string"),
     "SyncPage": _obj(**_SYNC_HEAD, events=_array("SyncEvent"), next_after="integer", has_more="boolean",
@@ -7020,7 +8566,7 @@ def openapi_document() -> dict[str, Any]:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
     schemas = {cls.__name__: json_schema(cls)
-               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order)}
+               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order, PaneView)}
     for name, base, extra in (("ProjectStatus", "Project",
                                {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
                               ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
@@ -7090,6 +8636,10 @@ def _build(cls: type, obj: dict[str, Any]) -> Any:
     return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name in obj})
 
 
+def _change_from_json(obj: dict[str, Any]) -> Change:
+    return Change([_build(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
+
+
 class RemoteServices:
     """The services of Services, run by a remote Clare through its JSON API: same names, same values.
 
@@ -7116,7 +8666,8 @@ class RemoteServices:
                  for x in (v if isinstance(v, list) else [v])]
         path += "?" + urllib.parse.urlencode(pairs) if pairs else ""
         return http_json(self.url, path, method=method, body=body, token=self.token, timeout_s=REMOTE_TIMEOUT_S,
-                         say_where=False)
+                         say_where=False, hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
+                                                   "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
 
     @staticmethod
     def _path(ref: str) -> str:
@@ -7148,24 +8699,49 @@ class RemoteServices:
                                                     query={"limit": limit})]
 
     def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                    description: str = "") -> Task:
+                    description: str = "", tags: Iterable[str] = ()) -> Task:
         """Add a task to a project."""
         return _build(Task, self.call("POST", "/api/v1/tasks", body={
-            "project": project_ref, "title": title, "priority": priority, "description": description}))
+            "project": project_ref, "title": title, "priority": priority, "description": description,
+            **({"tags": list(tags)} if tags else {})}))
 
     def edit_task(self, ref: str, **changes: Any) -> Task:
-        """Change some fields of a task."""
-        body = {k: v for k, v in changes.items() if v is not None}
+        """Change some fields and tags of a task."""
+        body = {k: list(v) if k in ("tags", "untags") else v for k, v in changes.items() if v not in (None, (), [])}
         return _build(Task, self.call("PATCH", f"/api/v1/tasks/{self._path(ref)}", body=body))
+
+    def remove_task(self, ref: str) -> Task:
+        """Remove a task (it can be restored)."""
+        return _build(Task, self.call("DELETE", f"/api/v1/tasks/{self._path(ref)}"))
+
+    def restore_task(self, ref: str) -> Task:
+        """Bring a removed task back."""
+        return _build(Task, self.call("POST", f"/api/v1/tasks/{self._path(ref)}/restore", body={}))
+
+    def list_changes(self, *, limit: int = 10) -> list[Change]:
+        """Return the server host's newest changes not undone yet."""
+        return [_change_from_json(c) for c in self.call("GET", "/api/v1/undo", query={"limit": limit})]
+
+    def undo_change(self) -> UndoResult:
+        """Undo the server host's newest change."""
+        got = self.call("POST", "/api/v1/undo", body={})
+        return UndoResult(_change_from_json(got), [_build(Event, e) for e in got["recorded"]], got["n_kept"])
 
     def get_task(self, ref: str) -> Task:
         """Return one task by id prefix."""
         return _build(Task, self.call("GET", f"/api/v1/tasks/{self._path(ref)}"))
 
     def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
-                   session_id: str | None = None, group_id: str | None = None) -> list[Task]:
+                   session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
+                   active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
+                   priorities: tuple[int, int] | None = None, search: str | None = None,
+                   include_removed: bool = False) -> list[Task]:
         """Return tasks, most urgent first."""
-        query = {"project": project_id, "status": status, "session": session_id, "group": group_id}
+        query = {"project": project_id, "status": status, "session": session_id, "group": group_id,
+                 "open": "1" if is_open else None, "active": "1" if active_projects else None,
+                 "assigned": None if is_assigned is None else str(int(is_assigned)), "tag": tag,
+                 "priority": f"{priorities[0]}-{priorities[1]}" if priorities else None, "search": search,
+                 "removed": "1" if include_removed else None}
         return [_build(Task, t) for t in self.call("GET", "/api/v1/tasks", query=query)]
 
     def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
@@ -7200,6 +8776,16 @@ class RemoteServices:
         """Return one session by id prefix."""
         return _build(Session, self.call("GET", f"/api/v1/sessions/{self._path(ref)}"))
 
+    def get_session_detail(self, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
+        """Return one session with its task and history; its attach command is the server's (from the server)."""
+        got = self.call("GET", f"/api/v1/sessions/{self._path(ref)}")
+        return SessionDetail(_build(Session, got), _build(Task, got["task"]) if got.get("task") else None,
+                             [_build(Event, e) for e in got.get("history", [])][-limit:], got.get("attach"))
+
+    def list_needs(self) -> list[Session]:
+        """Return the sessions that wait on a person, for triage."""
+        return [_build(Session, x) for x in self.call("GET", "/api/v1/needs")]
+
     def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
         """Return the sessions of every host."""
         query = {"host": host, "all": "1" if include_gone else None}
@@ -7225,8 +8811,12 @@ class RemoteServices:
         return [_build(Delivery, x) for x in self.call("GET", "/api/v1/deliveries", query=query)]
 
     def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
-                       confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
-        """Have the server type a text into a target's sessions (it waits for confirmations its own way)."""
+                       confirm_s: float = BROADCAST_CONFIRM_S,
+                       on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
+        """Have the server type a text into a target's sessions (it waits for confirmations its own way).
+
+        The server answers once every session is done: `on_delivery` is not called (no lines as they land).
+        """
         got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
         return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
                                [_build(Delivery, d) for d in got["deliveries"]])
@@ -7316,6 +8906,10 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/api/v1/tasks", api_create_task),
         ("GET", r"/api/v1/tasks/" + _REF % "task", api_get_task),
         ("PATCH", r"/api/v1/tasks/" + _REF % "task", api_edit_task),
+        ("DELETE", r"/api/v1/tasks/" + _REF % "task", api_remove_task),
+        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/restore", api_restore_task),
+        ("GET", r"/api/v1/undo", api_list_changes),
+        ("POST", r"/api/v1/undo", api_undo_change),
         ("GET", r"/api/v1/tasks/" + _REF % "task" + "/history", api_task_history),
         ("POST", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_assign_task),
         ("DELETE", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_unassign_task),
@@ -7330,6 +8924,9 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/api/v1/sessions/" + _REF % "session" + "/resume", api_resume_session),
         ("POST", r"/api/v1/sessions/" + _REF % "session" + "/stop", api_stop_session),
         ("GET", r"/api/v1/orders", api_list_orders),
+        ("GET", r"/api/v1/sessions/" + _REF % "session" + "/pane", api_session_pane),
+        ("GET", r"/api/v1/sessions/" + _REF % "session" + "/transcript", api_session_transcript),
+        ("GET", r"/api/v1/needs", api_list_needs),
         ("GET", r"/api/v1/panes/ambiguous", api_ambiguous_panes),
         ("POST", r"/api/v1/broadcast", api_send_broadcast),
         ("GET", r"/api/v1/broadcast/recipients", api_broadcast_recipients),
@@ -7361,18 +8958,27 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/sessions", frag_start_session),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
         ("GET", r"/sessions", cached(page_sessions)),
+        ("GET", r"/sessions/" + _REF % "session", page_session),
+        ("POST", r"/sessions/" + _REF % "session" + "/task", frag_set_session_task),
+        ("GET", r"/needs", cached(page_needs)),
         ("GET", r"/broadcast", page_broadcast),
         ("POST", r"/broadcast", frag_send_broadcast),
         ("GET", r"/frag/broadcast/recipients", frag_broadcast_recipients),
         ("GET", r"/frag/broadcasts/(?P<broadcast>[0-9a-f]{32})", frag_broadcast),
         ("GET", r"/frag/attention", cached(frag_attention)),
         ("GET", r"/frag/fleet", cached(frag_fleet)),
+        ("GET", r"/frag/nav-needs", cached(frag_nav_needs)),
+        ("GET", r"/frag/sessions/" + _REF % "session", frag_session),
+        ("GET", r"/frag/sessions/" + _REF % "session" + "/pane", frag_session_pane),
+        ("GET", r"/frag/sessions/" + _REF % "session" + "/transcript", frag_session_turns),
+        ("GET", r"/frag/sessions/" + _REF % "session" + "/history", cached(frag_session_history)),
         ("GET", r"/frag/peers", frag_peers),
         ("GET", r"/frag/projects", cached(frag_projects)),
         ("GET", r"/frag/activity", cached(frag_activity)),
         ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", cached(frag_project_tasks)),
         ("GET", r"/frag/tasks/" + _REF % "task", cached(frag_task)),
         ("GET", r"/frag/tasks/" + _REF % "task" + "/updates", cached(frag_task_updates)),
+        ("GET", r"/frag/tasks/" + _REF % "task" + "/history", cached(frag_task_history)),
         ("GET", r"/static/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)", get_static),
         ("GET", r"/login", page_login),
     )
@@ -7383,6 +8989,46 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
 # 9. CLI: the argparse tree built from COMMANDS, handlers and text output.
 # ==========================================================================
 
+STEP_MARKS = {"ok": "ok", "changed": "done", "planned": "plan", "todo": "todo", "failed": "FAIL"}  # setup, doctor
+BIND_RE = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?\Z")  # a host name or IPv4 (IPv6: _is_ip)
+STEP_NAME_CHARS = 11  # the name column of setup's and doctor's lines
+JOIN_FILE = "join-command.txt"  # beside clare.toml: setup's command for the other side, without a terminal
+DOCTOR_TIMEOUT_S = 5.0  # per peer and for this host's own server
+MIN_FREE_BYTES = 256 * 2**20  # doctor fails below this much free space beside the database
+# The systemd user unit `clare setup` writes; clare.service in the repository is this, filled in with defaults.
+UNIT_TEMPLATE = string.Template("""\
+# systemd user unit for Clare: the dashboard, the JSON API and background peer sync.
+# Written by `clare setup` to ~/.config/systemd/user/clare.service (run setup again to change it).
+# Logs: journalctl --user -u clare    State: systemctl --user status clare    Check: clare doctor
+[Unit]
+Description=Clare: dashboard, JSON API and peer sync for a fleet of Claude Code sessions
+
+[Service]
+Type=simple
+# The interpreter setup ran with and clare.py, by absolute path; serve reads its token from clare.toml.
+ExecStart=$exec_start
+$environment
+Restart=on-failure
+RestartSec=5
+# SIGTERM lets serve finish in-flight writes before it exits.
+KillSignal=SIGTERM
+# Stopping or restarting Clare must never end the Claude sessions it started: only serve itself
+# gets the signal, not the tmux servers it launched (it also starts them in their own scope with
+# systemd-run --user --scope when a user bus is there).
+KillMode=process
+TimeoutStopSec=20
+# Hardening that keeps what Clare needs: no PrivateTmp (tmux's sockets live in /tmp), no ProtectHome
+# (~/.claude and the database live in the home), no PrivateUsers (the fleet reads Claude's /proc entries).
+NoNewPrivileges=yes
+LockPersonality=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+SystemCallArchitectures=native
+UMask=0077
+
+[Install]
+WantedBy=default.target
+""")
 
 @dataclass(frozen=True, slots=True)
 class Command:
@@ -7482,14 +9128,15 @@ def _assignee(task: Task) -> str:
     return ""
 
 
-def format_tasks(tasks: list[Task], *, with_project: bool = True) -> str:
-    """Return a task table, or a line saying there are none."""
+def format_tasks(tasks: list[Task], *, with_project: bool = True, empty: str = "no tasks") -> str:
+    """Return a task table (tags after the title, removed tasks marked), or a line saying there are none."""
     if not tasks:
-        return "no tasks"
+        return empty
     headers = ("ID", "PRI", "STATUS", *(("PROJECT",) if with_project else ()), "ASSIGNED", "TITLE")
-    return table(headers, ((t.id[:SHORT_ID], f"P{t.priority}", STATUS_LABEL[t.status],
+    return table(headers, ((t.id[:SHORT_ID], f"P{t.priority}",
+                            STATUS_LABEL[t.status] + (" (removed)" if t.removed_at else ""),
                             *((short_text(t.project, 20),) if with_project else ()), _assignee(t),
-                            short_text(t.title, 70)) for t in tasks))
+                            short_text(t.title, 70) + "".join(f" #{tag}" for tag in t.tags)) for t in tasks))
 
 
 def format_history(events: list[Event]) -> str:
@@ -7500,18 +9147,29 @@ def format_history(events: list[Event]) -> str:
 
 
 def cmd_init(args: argparse.Namespace, ctx: Context) -> None:
-    """Create the database (idempotent); report its identity."""
-    if args.machine_id:
-        check_machine_id(args.machine_id)
+    """Create the database (idempotent); report its identity; --new-id gives a copy one of its own."""
+    info = init_host(ctx, machine_id=args.machine_id, is_new_id=args.new_id)
+    verb = ("new identity for" if info["renewed"] else "initialized" if info["created"] else "already initialized")
+    emit(ctx, info, f"{verb} {info['db']}\nmachine id {info['machine_id']} (host {info['host_name']}), "
+                    f"db id {info['db_id']}")
+
+
+def init_host(ctx: Context, *, machine_id: str | None = None, is_new_id: bool = False) -> dict[str, Any]:
+    """Open or create the database and return its identity; with is_new_id give it a new one (log kept)."""
+    if machine_id:
+        check_machine_id(machine_id)
     existed = os.path.exists(ctx.paths.db)
-    db = open_db(ctx.paths.db, machine_id=args.machine_id)
+    db = open_db(ctx.paths.db, machine_id=None if is_new_id else machine_id)
     ctx._db = db
-    if args.machine_id and db.machine_id != args.machine_id:
+    if is_new_id and existed:
+        renew_identity(db, machine_id=machine_id)
+    elif db.refusal is not None:
+        raise Conflict(db.refusal)
+    elif machine_id and db.machine_id != machine_id:
         raise Conflict(f"{db.path} already has machine id {db.machine_id!r}; a database keeps its machine id "
-                       "(use another --home for another one)")
-    info = {"db": db.path, "machine_id": db.machine_id, "db_id": db.db_id, "created": not existed}
-    emit(ctx, info, f"{'initialized' if not existed else 'already initialized'} {db.path}\n"
-                    f"machine id {db.machine_id}, db id {db.db_id}")
+                       "(use another --home for another one, or init --new-id to change it)")
+    return {"db": db.path, "machine_id": db.machine_id, "host_name": machine_host_name(db.machine_id),
+            "db_id": db.db_id, "created": not existed, "renewed": is_new_id and existed}
 
 
 def launcher_text(python: str, folder: str) -> str:
@@ -7526,22 +9184,475 @@ def launcher_text(python: str, folder: str) -> str:
 
 def cmd_install(args: argparse.Namespace, ctx: Context) -> None:
     """Write a `clare` launcher that starts faster than `python3 clare.py`."""
+    path, _ = install_launcher(args.bin)
     folder = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.abspath(os.path.expanduser(args.bin)), "clare")
-    if os.path.abspath(path) == os.path.abspath(__file__):
-        raise UsageError(f"{path} is clare.py itself; pick another --bin folder")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(launcher_text(sys.executable, folder))
-        os.chmod(path + ".tmp", 0o755)
-        os.replace(path + ".tmp", path)
-    except OSError as err:
-        raise ClareError(f"cannot write {path}: {err.strerror}; pick a writable folder with --bin") from err
     on_path = os.path.dirname(path) in os.environ.get("PATH", "").split(os.pathsep)
     emit(ctx, {"launcher": path, "clare_py": os.path.join(folder, "clare.py"), "on_path": on_path},
          f"wrote {path} (runs {folder}/clare.py with {sys.executable})"
          + ("" if on_path else f"\n{os.path.dirname(path)} is not on PATH; add it, or run {path} by its full path"))
+
+
+def install_launcher(bin_dir: str, *, is_dry_run: bool = False) -> tuple[str, bool]:
+    """Write the `clare` launcher into bin_dir; return its path and whether it changed."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(os.path.abspath(os.path.expanduser(bin_dir)), "clare")
+    if os.path.abspath(path) == os.path.abspath(__file__):
+        raise UsageError(f"{path} is clare.py itself; pick another --bin folder")
+    text = launcher_text(sys.executable, folder)
+    if _read_text(path) == text or is_dry_run:
+        return path, _read_text(path) != text
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(path + ".tmp", 0o755)
+        os.replace(path + ".tmp", path)
+    except OSError as err:
+        raise ClareError(f"cannot write {path}: {err.strerror}; pick a writable folder with --bin") from err
+    return path, True
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+# --- setup and doctor: one host's installation, done in steps and checked in lines -------------
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    name: str  # what was set up or checked: "unit", "linger", "peer apricot"
+    state: str  # a value of STEP_STATES
+    detail: str  # one line: what was found or done
+    fix: str = ""  # the command or action that fixes a failure or a to-do
+
+    def to_json(self) -> dict[str, str]:
+        """Return the step as the JSON object setup and doctor print."""
+        return {"name": self.name, "state": self.state, "detail": self.detail, "fix": self.fix}
+
+
+def unit_path(env: Mapping[str, str] | None = None) -> str:
+    """Return where the systemd user unit lives: $XDG_CONFIG_HOME/systemd/user/clare.service."""
+    env = os.environ if env is None else env
+    config = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(config, "systemd", "user", "clare.service")
+
+
+def unit_text(*, home: str | None, host: str, port: int, env: Mapping[str, str] | None = None) -> str:
+    """Return the unit setup writes: this interpreter and clare.py by absolute path, bound to host:port."""
+    import shutil  # only setup and doctor need it
+
+    env = os.environ if env is None else env
+    script = os.path.abspath(__file__)
+    argv = [sys.executable, script, *(("--home", home) if home else ()), "serve", "--host", host, "--port", str(port)]
+    # The folders of the programs serve runs (tmux, Claude Code): a user service starts with a minimal PATH.
+    found = [shutil.which(p, path=env.get("PATH")) for p in ("tmux", "claude")]
+    folders = [os.path.dirname(os.path.abspath(p)) for p in found if p] + ["/usr/local/bin", "/usr/bin", "/bin"]
+    path = ":".join(dict.fromkeys(folders))
+    settings = [(k, env[k]) for k in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", CLAUDE_ENV_DIR) if env.get(k) and not home]
+    lines = [f"Environment={_unit_word(f'{k}={v}')}" for k, v in (("PATH", path), *settings)]
+    return UNIT_TEMPLATE.substitute(exec_start=" ".join(map(_unit_word, argv)), environment="\n".join(lines))
+
+
+def _unit_word(word: str) -> str:
+    """Quote one word of a unit line: systemd expands % specifiers and $ variables, and splits at spaces."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if re.fullmatch(r"[A-Za-z0-9_./:@+=,-]+", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def setup_steps(ctx: Context, *, bind: str, port: int, peer_url: str | None, bin_dir: str,
+                is_dry_run: bool, env: Mapping[str, str] | None = None) -> Iterator[Step]:
+    """Set this host up, one step at a time (each idempotent); yield what each step found or did.
+
+    Over 80 lines: one step after the other, in the order a user would do them by hand.
+    """
+    import shlex
+
+    env = os.environ if env is None else env
+    would = "would " if is_dry_run else ""
+    home = ctx.args.home or env.get("CLARE_HOME") or None
+    home = os.path.abspath(os.path.expanduser(home)) if home else None
+
+    # 1. The database, with a machine id unique by construction.
+    if is_dry_run:
+        yield _dry_init_step(ctx.paths.db)
+    else:
+        info = init_host(ctx)
+        yield Step("database", "changed" if info["created"] else "ok",
+                   f"{'created' if info['created'] else 'kept'} {info['db']}, machine id {info['machine_id']}")
+
+    # 2. The token every request and every peer needs, in clare.toml (0600).
+    given = env.get("CLARE_TOKEN") or None
+    if is_dry_run:
+        has = bool(load_config(ctx.paths.config).get("token"))
+        yield Step("token", "ok" if has else "changed",
+                   f"{'keep the' if has else would + ('store CLARE_TOKEN as the' if given else 'make a')} "
+                   f"token in {ctx.paths.config} (0600)")
+        token = "TOKEN"
+    else:
+        token, done = setup_token(ctx.paths.config, given=given)
+        yield Step("token", "ok" if done == "kept" else "changed",
+                   {"kept": "kept the", "stored": "stored CLARE_TOKEN as the", "made": "made a new"}[done]
+                   + f" token in {ctx.paths.config} (0600)")
+
+    # 3. The launcher.
+    launcher, changed = install_launcher(bin_dir, is_dry_run=is_dry_run)
+    yield Step("launcher", "changed" if changed else "ok",
+               f"{would + 'write' if changed and is_dry_run else 'wrote' if changed else 'kept'} {launcher} "
+               f"(runs clare.py with {sys.executable})")
+
+    # 4. The systemd user unit.
+    path, text = unit_path(env), unit_text(home=home, host=bind, port=port, env=env)
+    unit_changed = _read_text(path) != text
+    if unit_changed and not is_dry_run:
+        write_private(path, text)
+    yield Step("unit", "changed" if unit_changed else "ok",
+               f"{(would + 'write') if unit_changed and is_dry_run else 'wrote' if unit_changed else 'kept'} "
+               f"{path} (serve on {bind}:{port})")
+
+    # 5. systemd: reload, enable, start (restart when the unit changed).
+    start_cmd = shlex.join(_unit_argv(text))
+    systemd = _systemd_step(unit_changed=unit_changed, is_dry_run=is_dry_run, start_cmd=start_cmd)
+    yield systemd
+
+    # 6. Linger: without it a user unit stops at logout.
+    yield _linger_step(has_systemd=systemd.state != "todo")
+
+    # 7. Claude Code's hooks.
+    settings = settings_path(env)
+    if is_dry_run:
+        status = hooks_status(settings, hook_command(ctx.paths.db))
+        missing = [e for e, v in status.items() if v != "installed"]
+        yield Step("hooks", "changed" if missing else "ok",
+                   f"{would}install Clare's hooks for {len(missing)} events in {settings}" if missing
+                   else f"Clare's hooks are in {settings}")
+    else:
+        added = install_hooks(settings, hook_command(ctx.paths.db))
+        yield Step("hooks", "changed" if added else "ok",
+                   f"installed Clare's hooks for {len(added)} events in {settings}" if added
+                   else f"Clare's hooks are in {settings}")
+
+    # 8. The peer, and the command that joins the other side to this host.
+    if peer_url is not None:
+        yield _peer_step(ctx.paths.config, peer_url, is_dry_run=is_dry_run)
+    yield _join_step(ctx.paths.config, bind=bind, port=port, peer_url=peer_url, token=token,
+                     is_dry_run=is_dry_run)
+
+
+def setup_token(path: str, *, given: str | None) -> tuple[str, str]:
+    """Return the fleet's token and what was done: kept, stored (`given`: CLARE_TOKEN, from another host) or made.
+
+    clare.toml ends private (0600) either way: the unit's serve reads the token there.
+    """
+    config = load_config(path)
+    token = check_token(config.get("token") or None, where=f"'token' in {path}")
+    given = check_token(given, where="$CLARE_TOKEN")
+    if token is not None and given is not None and token != given:
+        raise Conflict(f"{path} holds another token than CLARE_TOKEN; a fleet shares one: unset CLARE_TOKEN to "
+                       "keep this host's, or delete the token line there to take CLARE_TOKEN's")
+    if token is not None:
+        os.chmod(path, 0o600)
+        return token, "kept"
+    if given is None:
+        return ensure_token(path, config, env={}), "made"
+    text = _read_text(path) or ""
+    # As ensure_token writes it: a top-level key goes before the first [table].
+    write_private(path, f"token = {json.dumps(given)}  # the fleet's, given to setup in CLARE_TOKEN\n" + text)
+    return given, "stored"
+
+
+def _unit_argv(text: str) -> list[str]:
+    """Return the command a unit's ExecStart runs, as words (for 'run this yourself')."""
+    import shlex
+
+    line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
+    return [w.replace("%%", "%").replace("$$", "$") for w in shlex.split(line[len("ExecStart="):])]
+
+
+def _dry_init_step(db_path: str) -> Step:
+    if not os.path.exists(db_path):
+        return Step("database", "changed", f"would create {db_path} with machine id {host_label()}-XXXXXX")
+    conn = sqlite3.connect(f"file:{os.path.abspath(db_path)}?mode=ro", uri=True)
+    try:
+        meta = _read_meta(conn)
+    finally:
+        conn.close()
+    return Step("database", "ok", f"keep {db_path}, machine id {meta.get('machine_id')}")
+
+
+def run_tool(argv: list[str], *, timeout_s: float = 30) -> tuple[int, str]:
+    """Run a system program (systemctl, loginctl); return its exit code and its output, or stderr's first line."""
+    import subprocess
+
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return 127, str(err)
+    if p.returncode != 0:
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        return p.returncode, lines[0] if lines else f"exit code {p.returncode}"
+    return 0, p.stdout.strip()
+
+
+def _systemd_step(*, unit_changed: bool, is_dry_run: bool, start_cmd: str) -> Step:
+    import shutil
+
+    systemctl = shutil.which("systemctl")
+    yourself = f"start Clare yourself (under your container's supervisor, or tmux) with: {start_cmd}"
+    if systemctl is None:
+        return Step("systemd", "todo", "no systemctl here, so no unit runs Clare", yourself)
+    if is_dry_run:
+        verb = "restart" if unit_changed else "enable --now"
+        return Step("systemd", "changed", f"would run systemctl --user daemon-reload and {verb} clare")
+    code, out = run_tool([systemctl, "--user", "daemon-reload"])
+    if code != 0:
+        return Step("systemd", "todo", f"no user systemd answers here ({out})", yourself)
+    runs = ([["enable", "clare"], ["restart", "clare"]] if unit_changed else [["enable", "--now", "clare"]])
+    for words in runs:
+        code, out = run_tool([systemctl, "--user", *words])
+        if code != 0:
+            return Step("systemd", "failed", f"systemctl --user {' '.join(words)} failed: {out}",
+                        "see why with: systemctl --user status clare; journalctl --user -u clare")
+    return Step("systemd", "changed" if unit_changed else "ok",
+                "clare.service " + ("enabled and (re)started" if unit_changed else "enabled and running"))
+
+
+def _user_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _linger_step(*, has_systemd: bool) -> Step:
+    import shutil
+
+    user = _user_name()
+    fix = f"sudo loginctl enable-linger {user}"
+    loginctl = shutil.which("loginctl")
+    if not has_systemd:
+        return Step("linger", "ok", "no user systemd here: linger does not apply")
+    if loginctl is None:
+        return Step("linger", "todo", "no loginctl here: cannot tell if the unit outlives your login", fix)
+    code, out = run_tool([loginctl, "show-user", user, "--property=Linger", "--value"])
+    if code != 0:
+        return Step("linger", "todo", f"cannot tell if the unit outlives your login ({out})", fix)
+    if out == "yes":
+        return Step("linger", "ok", f"linger is on for {user}: the unit runs without a login")
+    return Step("linger", "todo", f"linger is off for {user}: the unit stops when you log out", fix)
+
+
+def _peer_step(config_path: str, url: str, *, is_dry_run: bool) -> Step:
+    peer = check_peer(url)
+    configured = {p.url for p in load_peers(load_config(config_path), path=config_path)}
+    if peer.url in configured:
+        return Step(f"peer {peer.name}", "ok", f"{peer.url} is a peer already")
+    if not is_dry_run:
+        add_peer(config_path, peer.url, name=peer.name)
+    return Step(f"peer {peer.name}", "changed",
+                f"{'would add' if is_dry_run else 'added'} {peer.url} to {config_path}; serve syncs with it")
+
+
+def _join_step(config_path: str, *, bind: str, port: int, peer_url: str | None, token: str,
+               is_dry_run: bool) -> Step:
+    """Give the command that joins another host to this one, with the token: on a terminal only."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if is_loopback(bind):
+        return Step("join", "ok", f"bound to {bind}: other hosts cannot reach this one",
+                    "to join others, run setup again with --bind ADDRESS (this host's address on their network)")
+    here = socket.gethostname() if bind in WILDCARD_HOSTS else bind
+    url = f"http://{'[' + here + ']' if ':' in here else here}:{port}"
+    there = urlsplit(peer_url).hostname if peer_url else "THEIR_ADDRESS"
+    python = os.path.basename(sys.executable)  # python3.11 where python3 is older: the other host likely too
+    python = python if re.fullmatch(r"python3(\.\d+)?", python) else "python3"
+    line = f"CLARE_TOKEN={token} {python} clare.py setup --bind {there} --peer {url}"
+    who = "on that host" if peer_url else "on each other host (its own address)"
+    if is_dry_run:
+        return Step("join", "ok", f"would give the command to run {who}")
+    if sys.stdout.isatty():
+        # SECURITY: the token goes to a person's terminal only, never into a log or a pipe.
+        return Step("join", "todo", f"run {who}:", line)
+    path = os.path.join(os.path.dirname(os.path.abspath(config_path)), JOIN_FILE)
+    write_private(path, line + "\n")
+    return Step("join", "todo", f"the command to run {who} (with the token) is in {path} (0600)",
+                f"run what {path} holds {who}")
+
+
+def format_steps(steps: list[Step]) -> str:
+    """Return one line per step (and its fix), for setup and doctor."""
+    width = max([STEP_NAME_CHARS, *(len(s.name) for s in steps)])
+    lines = []
+    for s in steps:
+        lines.append(f"{STEP_MARKS[s.state]:<6} {s.name:<{width}}  {s.detail}")
+        if s.fix:
+            lines.append(f"{'':<6} {'':<{width}}  fix: {s.fix}" if s.state == "failed" else
+                         f"{'':<6} {'':<{width}}  -> {s.fix}")
+    return "\n".join(lines)
+
+
+def cmd_setup(args: argparse.Namespace, ctx: Context) -> int:
+    """Set this host up in one idempotent run: database, token, launcher, unit, systemd, linger, hooks, peer."""
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port} is not a port; give 1-65535 (default {DEFAULT_PORT})")
+    if not BIND_RE.match(args.bind) and not _is_ip(args.bind):
+        raise UsageError(f"--bind {args.bind[:80]!r} is not an address; give this host's IP address or name on "
+                         "the peers' network (a port goes in --port)")
+    if args.peer is not None:
+        check_peer(args.peer)
+    steps: list[Step] = []
+    for step in setup_steps(ctx, bind=args.bind, port=args.port, peer_url=args.peer, bin_dir=args.bin,
+                            is_dry_run=args.dry_run):
+        if args.dry_run and step.state == "changed":
+            step = dataclasses.replace(step, state="planned")
+        steps.append(step)
+        if not ctx.as_json:
+            print(format_steps([step]), flush=True)  # each step as it is done: a slow one shows where it is
+    n_todo = sum(s.state == "todo" for s in steps)
+    failed = [s for s in steps if s.state == "failed"]
+    summary = ("dry run: nothing was changed" if args.dry_run else
+               f"setup failed at {failed[0].name}" if failed else
+               f"set up; {n_todo} to do by hand (-> above), then check with: clare doctor" if n_todo else
+               "set up; check with: clare doctor")
+    emit(ctx, {"steps": steps, "dry_run": args.dry_run, "ok": not failed}, summary)
+    return 1 if failed else 0
+
+
+def doctor_checks(ctx: Context, *, env: Mapping[str, str] | None = None) -> Iterator[Step]:
+    """Check a host: unit, bind, token, peers, hooks, tmux, Claude Code, schema, fingerprint, disk space."""
+    import shutil
+
+    env = os.environ if env is None else env
+    unit = _read_text(unit_path(env))
+    argv = _unit_argv(unit) if unit else []
+    host, port = _arg_after(argv, "--host", DEFAULT_HOST), int(_arg_after(argv, "--port", str(DEFAULT_PORT)))
+    yield _unit_check(unit is not None, unit_path(env))
+    config, token, problem = _config_and_token(ctx)
+    db = ctx.db if os.path.exists(ctx.paths.db) else None
+    yield _bind_check(host, port, token=token, machine_id=db.machine_id if db else None)
+    yield (Step("token", "failed", problem.split("; ")[0], f"chmod 600 {ctx.paths.config}, or fix what it says")
+           if problem else _token_check(ctx.paths.config, token, host=host))
+    if db is None:
+        yield Step("database", "failed", f"no database at {ctx.paths.db}", "clare setup")
+        return
+    for peer in load_peers(config, path=ctx.paths.config):
+        yield _peer_check(db, peer, config)
+    status = hooks_status(settings_path(env), hook_command(ctx.paths.db))
+    missing = [e for e, v in status.items() if v != "installed"]
+    yield (Step("hooks", "failed", f"Clare's hooks are {'missing' if len(missing) == len(status) else 'not all'} "
+                f"in {settings_path(env)} ({', '.join(missing)})", "clare hooks install")
+           if missing else Step("hooks", "ok", f"installed in {settings_path(env)}"))
+    try:
+        yield Step("tmux", "ok", tmux_binary())
+    except ClareError as err:
+        yield Step("tmux", "failed", str(err).split(";")[0], "apt install tmux")
+    try:
+        yield Step("claude", "ok", claude_argv(config, env=env)[0])
+    except ClareError as err:
+        yield Step("claude", "failed", str(err).split(";")[0],
+                   'install Claude Code, or set [fleet] claude_command = "/full/path/to/claude" in clare.toml')
+    version = get_meta(db.conn.cursor(), "schema_version")
+    yield Step("schema", "ok" if version == str(SCHEMA_VERSION) else "failed",
+               f"schema {version}, this clare.py's is {SCHEMA_VERSION}", "" if version == str(SCHEMA_VERSION)
+               else "upgrade clare.py on this host")
+    yield (Step("fingerprint", "failed", db.refusal.split("; ")[0], "clare init --new-id (the log is kept)")
+           if db.refusal else Step("fingerprint", "ok", f"this database was made here ({db.machine_id})"))
+    usage = shutil.disk_usage(os.path.dirname(os.path.abspath(ctx.paths.db)))
+    free = f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB"
+    yield (Step("disk", "ok", f"{free} where the database is") if usage.free >= MIN_FREE_BYTES else
+           Step("disk", "failed", f"only {free} where the database is (under {MIN_FREE_BYTES // 2**20} MiB)",
+                f"free space on the disk of {ctx.paths.db}"))
+
+
+def _arg_after(argv: list[str], flag: str, default: str) -> str:
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else default
+
+
+def _config_and_token(ctx: Context) -> tuple[dict[str, Any], str | None, str | None]:
+    try:
+        config = ctx.config
+        return config, resolve_token(config, path=ctx.paths.config), None
+    except ClareError as err:
+        return {}, None, str(err)  # the token check says what is wrong
+
+
+def _unit_check(has_unit: bool, path: str) -> Step:
+    import shutil
+
+    systemctl = shutil.which("systemctl")
+    if not has_unit:
+        return Step("unit", "failed", f"no unit at {path}", "clare setup")
+    if systemctl is None:  # a container: serve runs under something else, and the bind check sees it
+        return Step("unit", "ok", "no systemd here: serve runs without the unit")
+    code, out = run_tool([systemctl, "--user", "is-active", "clare"])
+    if code == 0 and out == "active":
+        return Step("unit", "ok", "clare.service is active")
+    if out.startswith("Failed to connect"):
+        return Step("unit", "ok", f"no user systemd answers here ({out}): serve runs without the unit")
+    return Step("unit", "failed", f"clare.service is {out or 'not active'}",
+                "systemctl --user enable --now clare; see why: journalctl --user -u clare")
+
+
+def _bind_check(host: str, port: int, *, token: str | None, machine_id: str | None) -> Step:
+    where = f"{'127.0.0.1' if host in WILDCARD_HOSTS else host}:{port}"
+    try:
+        answer = http_json(f"http://{where}", "/api/v1/sync/events?after=0&limit=1", method="GET", body=None,
+                           token=token, timeout_s=DOCTOR_TIMEOUT_S, hint_401="the token in clare.toml is not the "
+                           "one serve uses: restart it (systemctl --user restart clare)")
+    except ClareError as err:
+        return Step("bind", "failed", f"nothing answers as Clare on {where}: {str(err).split(';')[0]}",
+                    "systemctl --user restart clare (or run: clare serve)")
+    if machine_id is not None and answer.get("machine_id") != machine_id:
+        return Step("bind", "failed", f"another Clare answers on {where} (machine id "
+                    f"{str(answer.get('machine_id'))[:63]}, this database's is {machine_id})",
+                    "stop the other one, or give this host another port: clare setup --port PORT")
+    return Step("bind", "ok", f"Clare answers on {where} (machine id {machine_id})")
+
+
+def _token_check(path: str, token: str | None, *, host: str) -> Step:
+    if token is None:
+        return Step("token", "ok" if is_loopback(host) else "failed", f"no token in {path}",
+                    "" if is_loopback(host) else "clare setup (it makes one)")
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o600
+    if mode & 0o077:
+        return Step("token", "failed", f"{path} holds the token and others may read it (mode {mode:o})",
+                    f"chmod 600 {path}")
+    return Step("token", "ok", f"set, {path} is private ({mode:o})")
+
+
+def _peer_check(db: Db, peer: Peer, config: dict[str, Any]) -> Step:
+    report = SyncReport(name=peer.name, url=peer.url)
+    try:
+        transport = HttpPeer(peer.url, token=peer_token(peer, config), timeout_s=DOCTOR_TIMEOUT_S)
+        page = _call_timed(transport.pull, report, now_ms, after=0, limit=1)
+        check_peer_identity(db, _check_page(page, after=0)[0], where=peer.url)
+    except ClareError as err:
+        fix = "clare init --new-id (on the copy)" if "init --new-id" in str(err) else \
+            f"check that clare serve runs on {peer.url} and shares this host's token"
+        return Step(f"peer {peer.name}", "failed", str(err).split(";")[0], fix)
+    offset = report.offset_ms or 0
+    if abs(offset) > MAX_OFFSET_MS:
+        return Step(f"peer {peer.name}", "failed", f"{peer.url} answers; {skew_message(peer.name, offset)}",
+                    "fix the clock (NTP) on whichever host is wrong")
+    return Step(f"peer {peer.name}", "ok", f"{peer.url} answers, clock {_offset(offset)}")
+
+
+def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
+    """Check this host, one line per check with the fix for each failure; exit 1 if any failed."""
+    steps: list[Step] = []
+    for step in doctor_checks(ctx):
+        steps.append(step)
+        if not ctx.as_json:
+            print(format_steps([step]), flush=True)  # a peer that times out shows which one it is
+    failed = [s for s in steps if s.state == "failed"]
+    emit(ctx, {"checks": steps, "ok": not failed},
+         f"{len(failed)} of {len(steps)} checks failed" if failed else f"all {len(steps)} checks passed")
+    return 1 if failed else 0
 
 
 def cmd_project_new(args: argparse.Namespace, ctx: Context) -> None:
@@ -7590,15 +9701,61 @@ def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
 
 def cmd_task_add(args: argparse.Namespace, ctx: Context) -> None:
     """Add a task to a project."""
-    t = ctx.svc.create_task(args.project, args.title, priority=args.prio, description=args.desc)
-    emit(ctx, t, f"added task {t.id[:SHORT_ID]} to {t.project}: {t.title} (P{t.priority})")
+    t = ctx.svc.create_task(args.project, args.title, priority=parse_priority(args.prio), description=args.desc,
+                            tags=args.tag)
+    emit(ctx, t, f"added task {t.id[:SHORT_ID]} to {t.project}: {t.title} (P{t.priority})"
+                 + "".join(f" #{tag}" for tag in t.tags))
 
 
 def cmd_task_list(args: argparse.Namespace, ctx: Context) -> None:
-    """List tasks, most urgent first."""
-    project_id = ctx.svc.get_project(args.project).id if args.project else None
-    tasks = ctx.svc.list_tasks(project_id=project_id, status=args.status)
-    emit(ctx, tasks, lambda: format_tasks(tasks, with_project=not args.project))
+    """List tasks, most urgent first: open tasks of active projects unless --all, --status or a project says."""
+    if args.project and args.project_opt and args.project != args.project_opt:
+        raise UsageError(f"two projects named: {args.project!r} and --project {args.project_opt!r}; give one")
+    project_ref = args.project or args.project_opt
+    if args.assigned and args.unassigned:
+        raise UsageError("give --assigned or --unassigned, not both")
+    svc = ctx.svc
+    project_id = svc.get_project(project_ref).id if project_ref else None
+    tasks = svc.list_tasks(
+        project_id=project_id, status=args.status, is_open=not (args.all or args.status),
+        active_projects=not (args.all or project_ref), is_assigned=True if args.assigned else False if args.unassigned
+        else None, session_id=svc.get_session(args.session).id if args.session else None,
+        group_id=svc.get_group(args.group).id if args.group else None, tag=args.tag,
+        priorities=parse_priorities(args.prio) if args.prio else None,
+        search=args.search, include_removed=args.all)
+    filtered = any((args.status, args.assigned, args.unassigned, args.session, args.group, args.tag, args.prio,
+                    args.search))
+    empty = ("no tasks match" if filtered else "no tasks" if args.all
+             else "no open tasks" + ("" if project_ref else " in active projects")
+             + "; see all with: clare task list --all")
+    emit(ctx, tasks, lambda: format_tasks(tasks, with_project=not project_ref, empty=empty))
+
+
+def cmd_task_rm(args: argparse.Namespace, ctx: Context) -> None:
+    """Remove a task: it leaves lists and the dashboard, keeps its history, and can be restored."""
+    t = ctx.svc.remove_task(args.task)
+    emit(ctx, t, f"removed task {t.id[:SHORT_ID]}: {t.title}\n"
+                 f"bring it back with: clare task restore {t.id[:SHORT_ID]} (or: clare undo)")
+
+
+def cmd_task_restore(args: argparse.Namespace, ctx: Context) -> None:
+    """Bring a removed task back."""
+    t = ctx.svc.restore_task(args.task)
+    emit(ctx, t, f"restored task {t.id[:SHORT_ID]}: {t.title} ({STATUS_LABEL[t.status]})")
+
+
+def cmd_undo(args: argparse.Namespace, ctx: Context) -> None:
+    """Undo this host's last change by recording its inverse, or list what undo would take back."""
+    if args.list:
+        changes = ctx.svc.list_changes(limit=args.limit)
+        emit(ctx, changes, lambda: table(("WHEN", "CHANGE"), (
+            (when_text(c.events[0].created_at), c.description + (f"  (cannot undo: {c.refusal})" if c.refusal else ""))
+            for c in changes)) if changes else "nothing to undo on this host")
+        return
+    result = ctx.svc.undo_change()
+    kept = (f"\n{_n(result.n_kept, 'field')} changed since by a newer change kept the newer value"
+            if result.n_kept else "")
+    emit(ctx, result, f"undid: {result.undone.description}{kept}")
 
 
 def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
@@ -7611,7 +9768,11 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
     def text() -> str:
         lines = [f"{t.title}", f"id:       {t.id}", f"project:  {t.project} ({t.project_id[:SHORT_ID]})",
                  f"status:   {STATUS_LABEL[t.status]}", f"priority: P{t.priority}",
-                 f"assigned: {_assignee(t) or '-'}", f"created:  {when_text(t.created_at)}"]
+                 f"assigned: {_assignee(t) or '-'}", f"tags:     {' '.join(f'#{x}' for x in t.tags) or '-'}",
+                 f"created:  {when_text(t.created_at)}"]
+        if t.removed_at:
+            lines.append(f"removed:  {when_text(t.removed_at)} "
+                         f"(bring it back with: clare task restore {t.id[:SHORT_ID]})")
         if t.description:
             lines += ["", t.description]
         if updates:
@@ -7631,17 +9792,23 @@ def _cmd_task_status(status: str, verb: str) -> Callable[[argparse.Namespace, Co
 
 
 def cmd_task_edit(args: argparse.Namespace, ctx: Context) -> None:
-    """Change a task's title, priority or description."""
-    if args.title is None and args.prio is None and args.desc is None:
-        raise UsageError("nothing to change; give --title, --prio or --desc")
-    t = ctx.svc.edit_task(args.task, title=args.title, priority=args.prio, description=args.desc)
-    emit(ctx, t, f"task {t.id[:SHORT_ID]}: {t.title} (P{t.priority}, {STATUS_LABEL[t.status]})")
+    """Change a task's title, priority, description or tags."""
+    if (args.title, args.prio, args.desc) == (None, None, None) and not args.tag and not args.untag:
+        raise UsageError("nothing to change; give --title, --prio, --desc, --tag or --untag")
+    priority = None if args.prio is None else parse_priority(args.prio)
+    t = ctx.svc.edit_task(args.task, title=args.title, priority=priority, description=args.desc,
+                          tags=args.tag, untags=args.untag)
+    emit(ctx, t, f"task {t.id[:SHORT_ID]}: {t.title} (P{t.priority}, {STATUS_LABEL[t.status]})"
+                 + "".join(f" #{tag}" for tag in t.tags))
 
 
 def cmd_assign(args: argparse.Namespace, ctx: Context) -> None:
-    """Assign a task to a session or a group."""
+    """Assign a task to a session or a group; say where it came from when it moved."""
+    before = ctx.svc.get_task(args.task)
     t = ctx.svc.assign_task(args.task, session_id=args.session, group_ref=args.group)
-    emit(ctx, t, f"task {t.id[:SHORT_ID]} assigned to {_assignee(t)}: {t.title}")
+    moved = (f" (moved from {_assignee(before)})" if (before.session_id or before.group_id)
+             and _assignee(before) != _assignee(t) else "")
+    emit(ctx, t, f"task {t.id[:SHORT_ID]} assigned to {_assignee(t)}{moved}: {t.title}")
 
 
 def cmd_unassign(args: argparse.Namespace, ctx: Context) -> None:
@@ -7674,6 +9841,9 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
     """Add a progress note to a task, or inside a Claude pane to that session's task; --done also finishes it."""
     if args.text is not None:
         u = ctx.svc.post_update(args.text, task_ref=args.task, is_done=args.done)
+    elif ID_PREFIX_RE.match(args.task) and len(args.task) >= 4:
+        raise UsageError(f"the update text is missing after the task id; e.g. clare update {args.task} "
+                         "\"parser done, tests next\"")
     else:
         pane_id = os.environ.get("TMUX_PANE")
         if not pane_id:
@@ -7690,11 +9860,16 @@ def format_sessions(sessions: list[Session], ambiguous: Sequence[Pane] = (), *,
     now = now_ms()
     lines = [table(("ID", "HOST", "TMUX", "STATE", "ACTIVE", "TASK", "CWD", "LABEL"), (
         (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
-         (s.task_id or "-")[:SHORT_ID], short_text(s.cwd, 40), short_text(s.label, 40)) for s in sessions))
+         _session_tasks(s), short_text(s.cwd, 40), short_text(s.label, 40)) for s in sessions))
         if sessions else empty]
     lines += [f"? pane {p.pane_id} ({p.target}) in {p.cwd}: Claude runs here, but its session cannot be told "
               "apart from another in this cwd" for p in ambiguous]
     return "\n".join(lines)
+
+
+def _session_tasks(s: Session) -> str:
+    ids = [t[:SHORT_ID] for t in dict.fromkeys(filter(None, (s.task_id, *s.task_ids)))]
+    return (", ".join(ids) or "-") + (f" (group {s.group})" if s.group else "")
 
 
 def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
@@ -7718,10 +9893,21 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
-    """List the Claude sessions of every host, as last pulled."""
-    sessions = ctx.svc.list_sessions(include_gone=args.all)
+    """List the Claude sessions of every host, as last pulled, the one that needs a person most first.
+
+    `sessions show ID` shows one.
+    """
+    if args.verb == "show":
+        return cmd_sessions_show(args, ctx)
+    if args.session is not None:
+        raise UsageError(f"unexpected {args.session!r}; to see one session: clare sessions show ID")
+    sessions = by_urgency(ctx.svc.list_sessions(include_gone=args.all or args.state == "gone"))
+    if args.state:
+        sessions = [s for s in sessions if s.state == args.state]
     ambiguous = ctx.svc.list_ambiguous_panes()
-    emit(ctx, sessions, lambda: format_sessions(sessions, ambiguous))
+    empty = f"no session is {args.state} now; see them all with: clare sessions" if args.state else \
+        "no Claude sessions seen; run 'clare pull' on each host (a running 'clare serve' pulls by itself)"
+    emit(ctx, sessions, lambda: format_sessions(sessions, ambiguous, empty=empty))
 
 
 def cmd_session_start(args: argparse.Namespace, ctx: Context) -> int:
@@ -7752,6 +9938,54 @@ def cmd_session_orders(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, orders, lambda: table(("ORDER", "WHEN", "ACTION", "SESSION", "HOST", "RESULT", "REASON"), (
         (o.id[:SHORT_ID], when_text(o.created_at), o.action, o.session_id[:SHORT_ID], o.host, o.result,
          short_text(o.reason, 90)) for o in orders)) if orders else "no session orders")
+def cmd_sessions_show(args: argparse.Namespace, ctx: Context) -> None:
+    """Show one session: state, what it asks, task, where, the command that attaches to it, history."""
+    if args.session is None:
+        raise UsageError("name the session: clare sessions show ID (ids: clare sessions)")
+    d = ctx.svc.get_session_detail(args.session, hosts=ctx.config.get("hosts") or {})
+    s, argv = d.session, d.attach
+
+    def text() -> str:
+        import shlex
+
+        now = now_ms()
+        facts = [("session", s.id), ("label", s.label or "-"),
+                 ("state", f"{SESSION_LABELS.get(s.state, s.state)} since {ago_text(s.state_at, now)}"),
+                 ("asks", f"{s.asked['tool']}: {s.asked['input']}" if s.state == "permission" and s.asked else "-"),
+                 ("task", f"{d.task.id[:SHORT_ID]} {d.task.project}: {d.task.title}" if d.task else "-"),
+                 ("host", s.host), ("cwd", s.cwd or "-"), ("tmux", s.tmux_target or "not in tmux"),
+                 ("active", ago_text(s.last_activity_at, now)), ("tokens", tokens_text(s.tokens)),
+                 ("attach", shlex.join(argv) if argv else "- (not in tmux)")]
+        lines = [f"{k:<8} {v}" for k, v in facts]
+        return "\n".join(lines + ["", "history:", format_history(d.history)])
+    emit(ctx, d, text)
+
+
+def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
+    """Attach this terminal to a session's tmux pane: switch-client inside tmux, attach outside, ssh to another host."""
+    s = ctx.svc.get_session(args.session)
+    argv = attach_command(s, here=ctx.db.machine_id, hosts=ctx.config.get("hosts") or {})
+    if argv is None:
+        raise ClareError(f"session {s.id[:SHORT_ID]} runs outside tmux: there is no pane to attach to")
+    if s.state == "gone":
+        raise ClareError(f"session {s.id[:SHORT_ID]} is gone; see live ones with: clare sessions")
+    env = dict(os.environ)
+    inside = (env.get("TMUX") or "").split(",")[0]
+    if argv[0] == "tmux":
+        argv[0] = tmux_binary()
+        if inside and os.path.realpath(inside) == os.path.realpath(s.tmux_socket or ""):
+            argv[3] = "switch-client"  # already in that server: move this client, never nest
+        elif inside:
+            env.pop("TMUX")  # another server: attach inside this pane, as tmux allows once TMUX is unset
+    if args.print:
+        emit(ctx, argv, lambda: " ".join(argv))
+        return 0
+    import subprocess
+
+    try:
+        return subprocess.run(argv, env=env).returncode  # the terminal is the user's: no capture, no timeout
+    except OSError as err:
+        raise ClareError(f"cannot run {argv[0]}: {err.strerror}; install it or attach by hand") from err
 
 
 def cmd_hook(args: argparse.Namespace, ctx: Context) -> int:
@@ -7803,29 +10037,89 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
         if input("send? [y/N] ").strip().lower() not in ("y", "yes"):
             print("not sent", file=sys.stderr)
             return 1
-    result = ctx.svc.send_broadcast(args.target, text, is_command=args.command)
-    emit(ctx, result, lambda: f"broadcast {result.broadcast_id[:SHORT_ID]} to {result.target}:\n" + table(
-        ("SESSION", "HOST", "TMUX", "RESULT", "REASON"),
-        ((d.session_id[:SHORT_ID], d.host, d.tmux_target or "-", d.result, d.reason) for d in result.deliveries)))
+    landed = BroadcastLines(as_json=ctx.as_json)
+    landed.start(args.target)
+    svc = ctx.svc
+    if isinstance(svc, Services):
+        result = svc.send_broadcast(args.target, text, is_command=args.command, on_delivery=landed)
+    else:  # a server answers once, with every result
+        result = svc.send_broadcast(args.target, text, is_command=args.command)
+    landed.close()
+    rest = [d for d in result.deliveries if d.session_id not in landed.shown]
+    counts = {r: sum(d.result == r for d in result.deliveries) for r in ("delivered", *DELIVERY_RESULTS)}
+    emit(ctx, result, lambda: "\n".join([*(landed.line(d.session_id, d.host, d.tmux_target, d.result, d.reason)
+                                           for d in rest),
+                                         f"broadcast {result.broadcast_id[:SHORT_ID]} to {result.target}: "
+                                         + ", ".join(f"{n} {r}" for r, n in counts.items() if n)]))
     return 0 if all(d.result in ("delivered", "queued") for d in result.deliveries) else 1
+
+
+class BroadcastLines:
+    """Print one line per session of a broadcast as it lands, with a progress line on a terminal."""
+
+    def __init__(self, *, as_json: bool, stream: Any = None):
+        self.as_json = as_json
+        self.stream = stream or sys.stderr
+        self.is_tty = self.stream.isatty()
+        self.shown: set[str] = set()  # session ids printed already
+
+    @staticmethod
+    def line(session_id: str, host: str | None, tmux_target: str | None, result: str, reason: str) -> str:
+        """Return one session's result as a line: session, host, tmux target, result, reason."""
+        return f"{session_id[:SHORT_ID]}  {host or '?':<12}  {tmux_target or '-':<14}  {result:<9}  {reason}".rstrip()
+
+    def __call__(self, s: Session, result: str, reason: str, n_done: int, n_total: int) -> None:
+        """Print the line of a session that was just typed into, then say how far the rest is."""
+        self.shown.add(s.id)
+        if self.is_tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+        if not self.as_json:
+            print(TERMINAL_CONTROL_RE.sub("?", self.line(s.id, s.host, s.tmux_target, result, reason)), flush=True)
+        if self.is_tty and n_done < n_total:
+            self.stream.write(f"typing into {n_done + 1} of {n_total} sessions on this host…")
+            self.stream.flush()
+
+    def start(self, target: str) -> None:
+        """Say on a terminal that the typing has begun (the first session takes seconds)."""
+        if self.is_tty:
+            self.stream.write(f"broadcasting to {TERMINAL_CONTROL_RE.sub('?', target)}…")
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Clear the progress line."""
+        if self.is_tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
 
 
 def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
     """Show the roll-up: per project task counts and tokens, per session its task and state."""
     report = ctx.svc.get_status(project_ref=args.project, group_ref=args.group)
 
+    def rows(sessions: list[Session], now: int) -> Iterator[tuple[str, ...]]:
+        for s in sessions:
+            ids: list[str | None] = [t for t in dict.fromkeys(filter(None, (s.task_id, *s.task_ids)))
+                                     if t in report.tasks]
+            for n, t in enumerate(ids or [None]):  # a session holding two tasks shows both, one line each
+                task = (f"{t[:SHORT_ID]} {short_text(report.tasks[t].title, 50)}"
+                        + (f" (group {s.group})" if s.group and t == s.task_id else "")) if t else "-"
+                yield ((s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.state_at, now),
+                        ago_text(s.last_activity_at, now), tokens_text(s.tokens), task) if n == 0
+                       else ("", "", "", "", "", "", "", task))
+
     def text() -> str:
         now = now_ms()
+        sessions = by_urgency(report.sessions)
+        heads = ("SESSION", "HOST", "TMUX", "STATE", "SINCE", "ACTIVE", "TOKENS", "TASK")
+        needy = [s for s in sessions if s.state in ("permission", "waiting")]
+        needs_you = ("needs you:\n" + table(heads, rows(needy, now)) if needy
+                     else "needs you: nothing (no session waits for an answer or a permission)")
         projects = table(("PROJECT", "STATUS", "TODO", "DOING", "BLOCKED", "DONE", "SESSIONS", "TOKENS"), (
             (r.project.name, r.project.status, *(r.project.task_counts[s] for s in TASK_STATUSES), r.n_sessions,
              tokens_text(r.tokens)) for r in report.projects)) if report.projects else "no projects"
-        sessions = table(("SESSION", "HOST", "TMUX", "STATE", "ACTIVE", "TOKENS", "TASK"), (
-            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
-             tokens_text(s.tokens),
-             f"{s.task_id[:SHORT_ID]} {short_text(report.tasks[s.task_id].title, 50)}"
-             if s.task_id is not None and s.task_id in report.tasks
-             else "-") for s in report.sessions)) if report.sessions else "no live sessions"
-        return f"{projects}\n\n{sessions}"
+        listed = table(heads, rows(sessions, now)) if sessions else "no live sessions"
+        return f"{needs_you}\n\n{projects}\n\n{listed}"
     emit(ctx, report, text)
 
 
@@ -7836,7 +10130,9 @@ def cmd_log(args: argparse.Namespace, ctx: Context) -> None:
                          "for the whole log use: clare export")
     events = ctx.svc.list_events(limit=args.limit)
     emit(ctx, events, lambda: "\n".join(
-        f"{ev.hlc}  {ev.event_type:<16}  {describe_event(ev)}" for ev in events) or "the log is empty")
+        f"{when_text(ev.created_at)}  {ev.machine_id:<12}  "
+        + (f"{ev.hlc}  {ev.event_type:<16}  " if args.verbose else "") + describe_event(ev) for ev in events)
+        or "the log is empty")
 
 
 def cmd_replay(args: argparse.Namespace, ctx: Context) -> None:
@@ -7991,6 +10287,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync and pull the fleet meanwhile."""
     import threading
 
+    if ctx.db.refusal is not None:  # a copy: everything serve does in the background writes
+        raise Conflict(ctx.db.refusal)
     settings = ctx.config
     config = web_config(ctx.paths, settings=settings, host=args.host, port=args.port, log_requests=args.log)
     peers = [] if args.no_sync else list(config.peers)
@@ -8011,6 +10309,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
         start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log)
         start_background_pull(ctx.paths.db, settings, stop=stop, log=log)
+        base_url = str((settings.get("notify") or {}).get("url") or server.url)
+        start_background_notify(ctx.paths.db, settings, base_url=base_url, stop=stop, log=log)
     try:
         run_server(server, on_start=started)
     finally:
@@ -8040,10 +10340,18 @@ GROUP_HELP = {
     "session": "start, resume and stop Claude sessions for tasks, on any host",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
+_GLOBAL_ARGS = (
+    arg("--home", metavar="DIR", help="folder of clare.db and clare.toml (env CLARE_HOME)"),
+    arg("--db", metavar="FILE", help="use this database file"),
+    arg("--json", action="store_true", help="print JSON instead of text"),
+    arg("--remote", metavar="URL", help="run the command on the Clare server at URL, e.g. http://apricot:8765 "
+                                        "(env CLARE_URL; token from CLARE_TOKEN)"),
+)
+# The same options after the verb (`clare task list --home /tmp/c2`): SUPPRESS keeps a value given before it.
+_LEAF_GLOBAL_ARGS = tuple((flags, {**options, "default": argparse.SUPPRESS}) for flags, options in _GLOBAL_ARGS)
 _DIR_ARG = arg("--dir", action="append", default=[], metavar="[HOST:]PATH",
                help="where the code lives: /PATH on this host, HOST:/PATH on another (machine id or unique peer "
                     "name), HOST: to forget it; repeat per host")
-_JSON = arg("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
 
 _SERVE_ARGS = (
     arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
@@ -8058,14 +10366,19 @@ _SERVE_ARGS = (
 # The one statement of what works on this host only (its database file, tmux, Claude hooks,
 # clare.toml): main() refuses these under --remote before they run. Only their handlers use
 # ctx.db (a test keeps that true); the others reach data through ctx.svc, local or remote.
-LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("hooks", "install"), ("hooks", "uninstall"),
+LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("attach",), ("hooks", "install"), ("hooks", "uninstall"),
                             ("hooks", "status"), ("serve",), ("web",), ("peer", "add"), ("peer", "rm"),
-                            ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",)})
+                            ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",),
+                            ("setup",), ("doctor",)})
 
 COMMANDS: list[Command] = [
     Command(("init",), cmd_init, "create the database and this host's machine id (idempotent)",
-            "clare init\n  clare --home /tmp/c2 init --machine-id apricot",
-            (arg("--machine-id", help="this host's id in every event (default: the host name)"),)),
+            "clare init\n  clare --home /tmp/c2 init --machine-id apricot\n  clare init --new-id   # on a copy",
+            (arg("--machine-id", help="this host's id in every event (default: the host name and a random "
+                 "suffix, e.g. apricot-3f9a2c; one you give must be unique in the fleet)"),
+             arg("--new-id", action="store_true",
+                 help="give this database a new machine id and db id, keeping its log: the fix for a copy "
+                      "(a cloned VM or a copied home)"))),
     Command(("project", "new"), cmd_project_new, "create a project",
             'clare project new alpha --goal "ship v1" --owner ana'
             '\n  clare project new api --dir /srv/api --dir apricot:/home/ana/api',
@@ -8083,13 +10396,27 @@ COMMANDS: list[Command] = [
             (arg("project", help="name or id prefix"), arg("--status", choices=PROJECT_STATUSES),
              arg("--goal"), arg("--owner"), arg("--name", help="rename it"), _DIR_ARG)),
     Command(("task", "add"), cmd_task_add, "add a task to a project",
-            'clare task add alpha "write the parser" --prio 1 --desc "tokens first"',
+            'clare task add alpha "write the parser" --prio 1 --desc "tokens first" --tag backend',
             (arg("project", help="name or id prefix"), arg("title"),
-             arg("--prio", type=int, default=DEFAULT_PRIORITY, metavar="0-4", help="0 is the most urgent (default 2)"),
-             arg("--desc", default="", help="description"))),
-    Command(("task", "list"), cmd_task_list, "list tasks, most urgent first",
-            "clare task list --project alpha --status todo",
-            (arg("--project", help="name or id prefix"), arg("--status", choices=TASK_STATUSES))),
+             arg("--prio", default=str(DEFAULT_PRIORITY), metavar="0-4",
+                 help="0 is the most urgent (default 2)"),
+             arg("--desc", default="", help="description"),
+             arg("--tag", action="append", default=[], metavar="TAG", help="a tag (repeat for more)"))),
+    Command(("task", "list"), cmd_task_list, "list open tasks of active projects, most urgent first",
+            "clare task list alpha\n  clare task list --tag backend --prio 0-1 --unassigned\n"
+            "  clare task list --all --search parser",
+            (arg("project", nargs="?", help="only this project (name or id prefix), whatever its status"),
+             arg("--project", dest="project_opt", metavar="PROJECT", help="the same as the positional PROJECT"),
+             arg("--all", action="store_true",
+                 help="also done and removed tasks, and tasks of paused or done projects"),
+             arg("--status", choices=TASK_STATUSES, help="only this status (done included)"),
+             arg("--assigned", action="store_true", help="only tasks bound to a session or group"),
+             arg("--unassigned", action="store_true", help="only tasks bound to nothing"),
+             arg("--session", metavar="ID", help="only the tasks of this session (id prefix)"),
+             arg("--group", metavar="G", help="only the tasks bound to this group"),
+             arg("--prio", metavar="N|N-M", help="only this priority or range, e.g. 0-1"),
+             arg("--tag", metavar="TAG", help="only tasks with this tag"),
+             arg("--search", metavar="TEXT", help="only tasks whose title or description holds TEXT (any case)"))),
     Command(("task", "show"), cmd_task_show, "show a task with its updates and history",
             "clare task show 3f2a", (_TASK_REF,)),
     Command(("task", "start"), _cmd_task_status("in_progress", "started"), "mark a task in progress",
@@ -8100,9 +10427,19 @@ COMMANDS: list[Command] = [
             "clare task done 3f2a", (_TASK_REF,)),
     Command(("task", "reopen"), _cmd_task_status("todo", "reopened"), "put a task back to todo",
             "clare task reopen 3f2a", (_TASK_REF,)),
-    Command(("task", "edit"), cmd_task_edit, "change a task's title, priority or description",
-            'clare task edit 3f2a --title "parse v2 files" --prio 0',
-            (_TASK_REF, arg("--title"), arg("--prio", type=int, metavar="0-4"), arg("--desc"))),
+    Command(("task", "edit"), cmd_task_edit, "change a task's title, priority, description or tags",
+            'clare task edit 3f2a --title "parse v2 files" --prio 0\n  clare task edit 3f2a --tag urgent --untag later',
+            (_TASK_REF, arg("--title"), arg("--prio", metavar="0-4"), arg("--desc"),
+             arg("--tag", action="append", default=[], metavar="TAG", help="add a tag (repeat for more)"),
+             arg("--untag", action="append", default=[], metavar="TAG", help="remove a tag (repeat for more)"))),
+    Command(("task", "rm"), cmd_task_rm, "remove a task (it keeps its history; task restore brings it back)",
+            "clare task rm 3f2a", (_TASK_REF,)),
+    Command(("task", "restore"), cmd_task_restore, "bring a removed task back",
+            "clare task restore 3f2a", (_TASK_REF,)),
+    Command(("undo",), cmd_undo, "undo this host's last change (by recording its inverse; nothing is deleted)",
+            "clare undo --list\n  clare undo",
+            (arg("--list", action="store_true", help="only show what undo would take back next, newest first"),
+             arg("--limit", type=int, default=10, help="how many changes --list shows (default 10)"))),
     Command(("assign",), cmd_assign, "assign a task to a Claude session or a group",
             "clare assign 3f2a 7c1e9b\n  clare assign 3f2a --group backend",
             (_TASK_REF, arg("session", nargs="?", help="session id or unique prefix"),
@@ -8125,9 +10462,13 @@ COMMANDS: list[Command] = [
     Command(("status",), cmd_status, "the roll-up: per project task counts and tokens, per session its task",
             "clare status --project alpha\n  clare status --group backend --json",
             (arg("--project", help="name or id prefix"), arg("--group", help="group name or id prefix"))),
-    Command(("sessions",), cmd_sessions, "list Claude sessions: host, tmux target, state, activity, task",
-            "clare sessions\n  clare sessions --all --json",
-            (arg("--all", action="store_true", help="also sessions that are gone"),)),
+    Command(("sessions",), cmd_sessions, "list sessions, most urgent first (host, tmux, state, task); or show one",
+            "clare sessions\n  clare sessions --state waiting\n  clare sessions --all --json"
+            "\n  clare sessions show 7c1e9b",
+            (arg("verb", nargs="?", choices=("show",), help="show: one session's page as text"),
+             arg("session", nargs="?", help="with show: session id or unique prefix"),
+             arg("--all", action="store_true", help="also sessions that are gone"),
+             arg("--state", choices=SESSION_STATES, help="only sessions in this state"))),
     Command(("session", "start"), cmd_session_start, "start a Claude session for a task in a new tmux window",
             "clare session start 3f2a\n  clare session start 3f2a --host apricot --worktree --model sonnet",
             (_TASK_REF, arg("--host", help="machine id or unique peer name (default: where the project's code is)"),
@@ -8143,6 +10484,10 @@ COMMANDS: list[Command] = [
     Command(("session", "orders"), cmd_session_orders, "list session starts, resumes and stops with their results",
             "clare session orders\n  clare session orders --session 7c1e9b --json",
             (arg("--session", help="only this session's (id or unique prefix)"),)),
+    Command(("attach",), cmd_attach, "attach this terminal to a session's tmux pane (over ssh for another host)",
+            "clare attach 7c1e9b\n  clare attach 7c1e9b --print",
+            (arg("session", help="session id or unique prefix"),
+             arg("--print", action="store_true", help="print the command instead of running it"))),
     Command(("pull",), cmd_pull, "look at this host's Claude sessions and record what changed",
             "clare pull\n  clare pull --tails --json",
             (arg("--tails", action="store_true",
@@ -8181,8 +10526,10 @@ COMMANDS: list[Command] = [
             (arg("peer", nargs="?", help="a configured peer's name or URL, or any peer's URL"),
              arg("--verify", action="store_true",
                  help="also compare per-day digests and fetch or send anything missing (anti-entropy)"))),
-    Command(("log",), cmd_log, "print the newest events, newest last", "clare log --limit 20",
-            (arg("--limit", type=int, default=50),)),
+    Command(("log",), cmd_log, "print the newest events, newest last: when, which host, what",
+            "clare log --limit 20\n  clare log --verbose      # with each event's HLC and type",
+            (arg("--limit", type=int, default=50),
+             arg("--verbose", "-v", action="store_true", help="also print each event's HLC and type"))),
     Command(("export",), cmd_export, "write the event log as JSON lines",
             "clare export backup.jsonl\n  clare export | gzip > backup.jsonl.gz",
             (arg("file", nargs="?", help="output file; '-' or none for stdout"),)),
@@ -8193,6 +10540,19 @@ COMMANDS: list[Command] = [
             "clare restore ~/backups/clare.db --yes",
             (arg("backup", help="a copy of this host's clare.db"),
              arg("--yes", action="store_true", help="really replace what the database holds now"))),
+    Command(("setup",), cmd_setup, "set this host up: database, token, launcher, systemd unit, hooks, peer "
+            "(idempotent)",
+            "python3 clare.py setup --bind 10.9.0.2\n  python3 clare.py setup --bind 10.9.0.3 --peer "
+            "http://10.9.0.2:8765\n  clare setup --dry-run",
+            (arg("--bind", default=DEFAULT_HOST, metavar="ADDR",
+                 help=f"the address serve listens on, this host's on the peers' network (default {DEFAULT_HOST}: "
+                      "no peer can reach it)"),
+             arg("--port", type=int, default=DEFAULT_PORT, help=f"its port (default {DEFAULT_PORT})"),
+             arg("--peer", metavar="URL", help="a host to sync with, e.g. http://10.9.0.2:8765"),
+             arg("--bin", default="~/.local/bin", help="folder for the launcher (default ~/.local/bin)"),
+             arg("--dry-run", action="store_true", help="print each step and change nothing"))),
+    Command(("doctor",), cmd_doctor, "check this host: unit, bind, token, peers, hooks, tmux, Claude Code, "
+            "database, disk", "clare doctor\n  clare doctor --json"),
     Command(("install",), cmd_install, "write a `clare` launcher that starts faster than python3 clare.py",
             "python3 clare.py install          # writes ~/.local/bin/clare\n  clare task list",
             (arg("--bin", default="~/.local/bin", help="folder for the launcher (default ~/.local/bin)"),)),
@@ -8213,12 +10573,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                "\n\nrun 'clare COMMAND --help' for the options of one command",
         formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"clare {__version__}")
-    parser.add_argument("--home", metavar="DIR", help="folder of clare.db and clare.toml (env CLARE_HOME)")
-    parser.add_argument("--db", metavar="FILE", help="use this database file")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("--remote", metavar="URL",
-                        help="run the command on the Clare server at URL, e.g. http://apricot:8765 (env CLARE_URL; "
-                             "token from CLARE_TOKEN)")
+    for flags, options in _GLOBAL_ARGS:
+        parser.add_argument(*flags, **options)
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {
         (): parser.add_subparsers(title="commands", metavar="COMMAND")}
     for cmd in COMMANDS:
@@ -8237,7 +10593,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         leaf = groups[cmd.path[:-1]].add_parser(
             cmd.path[-1], help=cmd.help, description=cmd.help[:1].upper() + cmd.help[1:] + ".",
             epilog=f"example:\n  {cmd.example}", formatter_class=_HelpFormatter)
-        for flags, options in (*cmd.args, _JSON):
+        for flags, options in (*cmd.args, *_LEAF_GLOBAL_ARGS):
             leaf.add_argument(*flags, **options)
         leaf.set_defaults(handler=cmd.handler, command_path=cmd.path)
     return parser
@@ -8248,6 +10604,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:
         """Print the problem as one line and exit 2, as argparse does after its usage block."""
+        typo = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)\Z", message)
+        if typo:  # a mistyped word: name the nearest choice
+            import difflib
+
+            what, word, choices = typo[1], typo[2], re.findall(r"'([^']*)'", typo[3])
+            near = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+            if what == "COMMAND":  # a verb: the nearest one says more than the list of all of them
+                message = f"unknown command {word!r}"
+            if near:
+                self.exit(2, f"clare: error: {message}; did you mean {near[0]!r}? see: {self.prog} --help\n")
         self.exit(2, f"clare: error: {message}; see: {self.prog} --help\n")
 
 

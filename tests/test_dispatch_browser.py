@@ -17,7 +17,7 @@ def test_start_buttons_on_the_project_and_task_pages(server, fleet, cli, tmp_pat
     project_id = cli("project", "show", "alpha.v2", "--json").json()["id"]
     pg.goto(f"{server.url}/projects/{project_id}")
     pg.wait_for_function("() => window.htmx !== undefined")
-    assert str(folder) in pg.locator("dl.facts").inner_text()
+    assert str(folder) in pg.locator("dl.facts", has_text="Code").inner_text()
     row = pg.locator("#frag-tasks tr", has_text="write the parser")
     row.locator("button", has_text="Start session").click()
     pg.locator("#flash", has_text="started").wait_for(timeout=30000)
