@@ -1656,10 +1656,11 @@ def apply_order_placed(cur: sqlite3.Cursor, ev: Event) -> None:
 
 
 @applies("order.carried_out", {"order_id": _is_id, "result": _is_one_of(ORDER_RESULTS[1:]), "reason": _is_str,
-                               "outcome": lambda v: isinstance(v, dict) and len(v) <= 16})
+                               "outcome": lambda v: isinstance(v, dict) and len(v) <= 16,
+                               "session_id?": _is_id, "task_id?": _is_opt_id})
 def apply_order_carried_out(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins per order: the newest receipt (claimed, then the result) is the result."""
-    p = ev.payload  # {order_id, result, reason, outcome}
+    p = ev.payload  # {order_id, result, reason, outcome, session_id?, task_id? (for history pages)}
     _lww(cur, "orders", p["order_id"], {"result": p["result"], "reason": p["reason"],
                                         "outcome": canonical_json(p["outcome"]), "by_host": ev.machine_id,
                                         "updated_at": ev.created_at}, ev)
@@ -2969,8 +2970,10 @@ def record_order_result(db: Db, order_id: str, *, result: str, reason: str = "",
     """Record this host's receipt for an order: claimed first, then what came of it."""
     _check_choice("order result", result, ORDER_RESULTS[1:])
     with write_txn(db) as cur:
+        placed = list_orders(db, order_id=order_id)[0]
         record(db, cur, "order.carried_out", {"order_id": order_id, "result": result, "reason": reason[:1000],
-                                              "outcome": outcome or {}}, now_ms=now_ms)
+                                              "outcome": outcome or {}, "session_id": placed.session_id,
+                                              "task_id": placed.task_id}, now_ms=now_ms)
         order = list_orders(db, order_id=order_id)[0]
         if order.action == "start" and result in ("refused", "expired") and order.task_id:
             task = get_task(db, order.task_id)
@@ -3103,7 +3106,8 @@ DESCRIBE.update({
                               + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else "")
                               + (" in a new worktree" if p.get("is_worktree") else "")
                               + (" (--force)" if p.get("is_force") else ""),
-    "order.carried_out": lambda p: f"order {p['order_id'][:SHORT_ID]}: {p['result']}"
+    "order.carried_out": lambda p: (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
+                                    else f"order {p['order_id'][:SHORT_ID]}") + f": {p['result']}"
                                    + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
 })
 
@@ -7072,13 +7076,19 @@ PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> '
                               '<span class="muted small">on $host</span></div>')
 START_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
 <button class="ghost" type="submit" title="start a Claude session for this task">Start session</button></form>""")
-START_CARD = string.Template("""<section class="card" id="start-session"><h2>Start a Claude session</h2>
-<form class="row" $attrs>$csrf<input type="hidden" name="view" value="task">
+START_CARD = string.Template("""<section class="card" id="start-session"><h2>Claude session</h2>
+$current
+<form class="row" $attrs>$csrf<input type="hidden" name="view" value="card">
 <label>Host<select name="host">$hosts</select></label>
 <label>Model<input name="model" placeholder="default" autocomplete="off" maxlength="100"></label>
 <label><input type="checkbox" name="worktree" value="1"> in a new git worktree</label>
 <button type="submit"$disabled>Start session</button></form>
 <p class="small muted">$note</p></section>""")
+SESSION_NOW = string.Template("""<div class="row"><p>Session <a class="mono" href="/sessions/$id">$short</a> is
+$state on $host.</p>$button</div>""")
+SESSION_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="card">$force
+<button class="ghost" type="submit">$label</button></form>""")
+FORCE_BOX = Html('<label class="small"><input type="checkbox" name="force" value="1"> even while it works</label>')
 PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
@@ -7288,14 +7298,26 @@ def start_button(req: Request, task: Task, *, view: str) -> Html:
 
 
 def start_card(req: Request, task: Task) -> Html:
-    """Render the form that starts a session for a task: host, model, worktree."""
+    """Render a task's session card: its session with Stop or Resume, and the form that starts a new one."""
     project = req.svc.get_project(task.project_id)
     here = req.db.machine_id
     hosts = sorted(project.dirs, key=lambda h: (h != here, h))
     note = (f"Claude runs in a new window of tmux session {tmux_session_name(project.name)} on that host, and gets "
             "the task as its first prompt." if hosts else
             f"Say where the code lives first: clare project set {project.name} --dir /PATH")
-    return render(START_CARD, csrf=csrf_field(req), attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#frag-task"),
+    found = [s for s in find_sessions(req.db, prefix=task.session_id) if s.id == task.session_id] \
+        if task.session_id else []
+    current = Html("")
+    if found:
+        s = found[0]
+        verb = "resume" if s.state == "gone" else "stop"
+        current = render(SESSION_NOW, id=s.id, short=s.id[:SHORT_ID], state=SESSION_LABELS.get(s.state, s.state),
+                         host=s.host, button=render(
+                             SESSION_BUTTON, csrf=csrf_field(req), label=verb.capitalize(),
+                             force=FORCE_BOX if verb == "stop" else Html(""),
+                             attrs=form_attrs(f"/sessions/{s.id}/{verb}", target="#start-session")))
+    return render(START_CARD, csrf=csrf_field(req), current=current,
+                  attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#start-session"),
                   hosts=options(((h, f"{h} · {project.dirs[h]}") for h in hosts), here),
                   disabled=Html("" if hosts and task.status != "done" else " disabled"), note=note)
 
@@ -7475,9 +7497,34 @@ def frag_start_session(req: Request) -> Response:
     f = req.form()
     order = req.svc.start_session(req.params["task"], host=f.get("host") or None, is_worktree=f.get("worktree") == "1",
                                   model=f.get("model", "").strip() or None, config=load_config(req.config.config_path))
-    ok = order.result in ("started", "pending")
-    return _after_task_change(req, req.svc.get_task(order.task_id or req.params["task"]), order_text(order),
-                              kind="ok" if ok else "error")
+    return _after_order(req, order, task_id=req.params["task"])
+
+
+def _after_order(req: Request, order: Order, *, task_id: str | None) -> Response:
+    """Answer a start, stop or resume: the task's session card (or task table) and a flash saying what came of it."""
+    kind = "ok" if order.result in ("started", "stopped", "pending") else "error"
+    task = req.svc.get_task(order.task_id or task_id) if (order.task_id or task_id) else None
+    if req.form().get("view") != "card" or task is None:
+        if task is None:
+            return redirect(f"/sessions/{order.session_id}") if not req.is_htmx else \
+                html_response(flash(order_text(order), kind=kind))
+        return _after_task_change(req, task, order_text(order), kind=kind)
+    if not req.is_htmx:
+        return redirect(f"/tasks/{task.id}")
+    return html_response(join([start_card(req, task), flash(order_text(order), kind=kind, oob=True)]))
+
+
+def frag_stop_session(req: Request) -> Response:
+    """Stop a task's session from its card: /exit, or SIGTERM when "even while it works" is ticked."""
+    order = req.svc.stop_session(req.params["session"], is_force=req.form().get("force") == "1",
+                                 config=load_config(req.config.config_path))
+    return _after_order(req, order, task_id=None)
+
+
+def frag_resume_session(req: Request) -> Response:
+    """Resume a task's gone session from its card."""
+    order = req.svc.resume_session(req.params["session"], config=load_config(req.config.config_path))
+    return _after_order(req, order, task_id=None)
 
 
 def frag_unassign_task(req: Request) -> Response:
@@ -8956,6 +9003,8 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/sessions", frag_start_session),
+        ("POST", r"/sessions/" + _REF % "session" + "/stop", frag_stop_session),
+        ("POST", r"/sessions/" + _REF % "session" + "/resume", frag_resume_session),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
         ("GET", r"/sessions", cached(page_sessions)),
         ("GET", r"/sessions/" + _REF % "session", page_session),
