@@ -4770,8 +4770,12 @@ def open_window(session_name: str, cwd: str, argv: list[str], *, env: Mapping[st
     # tmux ends a command at an argument ";": no argv word here is one (paths, a uuid, a checked model name).
     p = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt, "--", *argv)
     if p.returncode != 0:
-        made = _run(_outside_unit([tmux_binary(), "-S", socket, "new-session", "-d", "-s", session_name,
-                                   "-x", "200", "-y", "50", "-c", cwd, "-P", "-F", fmt, "--", *argv], env))
+        new_session = [tmux_binary(), "-S", socket, "new-session", "-d", "-s", session_name,
+                       "-x", "200", "-y", "50", "-c", cwd, "-P", "-F", fmt, "--", *argv]
+        wrapped = _outside_unit(new_session, env)
+        made = _run(wrapped)
+        if made.returncode != 0 and wrapped != new_session and "duplicate session" not in (made.stderr or ""):
+            made = _run(new_session)  # no user bus after all: KillMode=process in clare.service is the fallback
         if made.returncode != 0 and "duplicate session" in (made.stderr or ""):  # made meanwhile by another start
             made = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt,
                             "--", *argv)

@@ -437,3 +437,25 @@ def test_a_start_placed_on_one_host_is_carried_out_once_by_the_other(hosts, tmp_
     assert a.tmux("list-panes", "-a") == ""
     mine = a.cli("session", "orders", "--json").json()
     assert [(o["id"], o["result"], o["by_host"]) for o in mine] == [(order["id"], "started", "b")]
+
+
+@pytest.mark.parametrize("bus", ["up", "down"])
+def test_under_systemd_the_tmux_server_is_started_in_its_own_scope(cli, fleet, tmp_path, monkeypatch, bus):
+    """Inside a unit (INVOCATION_ID set) the server starts through systemd-run --user --scope, so stopping
+    the unit never reaches it; without a user bus the start still works (KillMode=process covers it)."""
+    log = tmp_path / "systemd-run.log"
+    fake = tmp_path / "sbin" / "systemd-run"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/bash\necho "$@" >> {log}\n'
+                    + ('while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n' if bus == "up"
+                       else 'echo "Failed to connect to bus: No medium found" >&2\nexit 1\n'))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    folder = tmp_path / "code"
+    folder.mkdir()
+    task_id = project_with_task(cli, folder)
+    r = cli("session", "start", task_id, "--json")
+    assert r.code == 0 and r.json()["result"] == "started", r.out + r.err
+    [line] = log.read_text().splitlines()
+    assert line.startswith("--user --scope --quiet --collect ") and " new-session -d -s alpha_v2 " in line
