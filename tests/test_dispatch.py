@@ -459,3 +459,24 @@ def test_under_systemd_the_tmux_server_is_started_in_its_own_scope(cli, fleet, t
     assert r.code == 0 and r.json()["result"] == "started", r.out + r.err
     [line] = log.read_text().splitlines()
     assert line.startswith("--user --scope --quiet --collect ") and " new-session -d -s alpha_v2 " in line
+
+
+def test_a_stop_placed_on_one_host_is_carried_out_by_the_sessions_host(hosts, tmp_path):
+    a, b = hosts("a"), hosts("b")
+    b.serve()
+    folder = tmp_path / "b-code"
+    folder.mkdir()
+    env = {"B_TOKEN": b.token}
+    assert a.cli("peer", "add", b.url, "--name", "bee", "--token-env", "B_TOKEN").code == 0
+    assert a.cli("sync", env=env).code == 0
+    assert a.cli("project", "new", "api", "--dir", f"b:{folder}").code == 0
+    task_id = a.cli("task", "add", "api", "parse", "--json").json()["id"]
+    sid = a.cli("session", "start", task_id, "--json", env=env).json()["session_id"]
+    wait_for(lambda: a.cli("sync", env=env) and [s for s in a.cli("sessions", "--json").json() if s["id"] == sid],
+             timeout=30, what="a to see the session b started")
+    r = a.cli("session", "stop", sid[:8], "--json", env=env)
+    assert r.code == 0 and r.json()["result"] == "pending", r.out + r.err
+    wait_for(lambda: [o for o in b.cli("session", "orders", "--json").json() if o["action"] == "stop"
+                      and o["result"] == "stopped"], timeout=30, what="b to stop the session")
+    assert [x["prompt"] for x in b.received() if "prompt" in x][-1] == "/exit"
+    assert b.tmux("list-panes", "-a") == ""
