@@ -1120,8 +1120,8 @@ CREATE TABLE orders (                           -- start, resume or stop a sessi
 CREATE INDEX orders_host ON orders (host, result);
 CREATE INDEX orders_session ON orders (session_id);
 """
-# Version 2 adds tables only. COMPAT: a version-1 peer stores and relays project.dir_set and the
-# order events without applying them; `clare replay` after the upgrade applies what it kept.
+# This version adds tables only. COMPAT: an older peer stores and relays project.dir_set and the
+# order events without applying them; `clare replay` after its upgrade applies what it kept.
 _MIGRATIONS[3] = [DISPATCH_SCHEMA]
 
 
