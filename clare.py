@@ -4885,8 +4885,9 @@ def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dic
     state, reason = wait_until_ready(socket, pane_id)
     if state != "ready" or order.action != "start" or task is None:
         return ("started" if state == "ready" else state), reason, outcome
-    session = Session(order.session_id, db.machine_id, folder, socket, target, pane_id, None, "", "waiting", None,
-                      None, "", task.id, {}, "")
+    session = Session(id=order.session_id, host=db.machine_id, cwd=folder, tmux_socket=socket, tmux_target=target,
+                      pane_id=pane_id, pid=None, command="", state="waiting", state_at=None, last_activity_at=None,
+                      label="", task_id=task.id, tokens={}, created_at="")  # not recorded yet: the pull after does
     result, why = deliver_text(db, session, first_prompt(task, launcher=launcher), confirm_s=BROADCAST_CONFIRM_S)
     if result != "delivered":
         return "failed", f"Claude started in pane {pane_id} ({target}) but the task was not typed in: {why}", outcome
