@@ -1122,8 +1122,8 @@ CREATE TABLE orders (                           -- start, resume or stop a sessi
 CREATE INDEX orders_host ON orders (host, result);
 CREATE INDEX orders_session ON orders (session_id);
 """
-# Version 2 adds tables only. COMPAT: a version-1 peer stores and relays project.dir_set and the
-# order events without applying them; `clare replay` after the upgrade applies what it kept.
+# This version adds tables only. COMPAT: an older peer stores and relays project.dir_set and the
+# order events without applying them; `clare replay` after its upgrade applies what it kept.
 _MIGRATIONS[3] = [DISPATCH_SCHEMA]
 
 
@@ -1662,10 +1662,11 @@ def apply_order_placed(cur: sqlite3.Cursor, ev: Event) -> None:
 
 
 @applies("order.carried_out", {"order_id": _is_id, "result": _is_one_of(ORDER_RESULTS[1:]), "reason": _is_str,
-                               "outcome": lambda v: isinstance(v, dict) and len(v) <= 16})
+                               "outcome": lambda v: isinstance(v, dict) and len(v) <= 16,
+                               "session_id?": _is_id, "task_id?": _is_opt_id})
 def apply_order_carried_out(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins per order: the newest receipt (claimed, then the result) is the result."""
-    p = ev.payload  # {order_id, result, reason, outcome}
+    p = ev.payload  # {order_id, result, reason, outcome, session_id?, task_id? (for history pages)}
     _lww(cur, "orders", p["order_id"], {"result": p["result"], "reason": p["reason"],
                                         "outcome": canonical_json(p["outcome"]), "by_host": ev.machine_id,
                                         "updated_at": ev.created_at}, ev)
@@ -2981,7 +2982,8 @@ def _default_host(db: Db, project: Project) -> str:
 def _place(db: Db, cur: sqlite3.Cursor, action: str, *, host: str, session_id: str, task_id: str | None,
            cwd: str, tmux_session: str, is_worktree: bool = False, model: str | None = None,
            is_force: bool = False, now_ms: int) -> str:
-    busy = [o for o in list_orders(db, session_id=session_id) if o.result in ("pending", "claimed")]
+    busy = [o for o in list_orders(db, session_id=session_id)
+            if o.result in ("pending", "claimed") and o.expires_at > iso_ms(now_ms)]  # same form: sorts as time
     if busy:
         raise Conflict(f"session {session_id[:SHORT_ID]} has a {busy[0].action} order still {busy[0].result} on "
                        f"{busy[0].host} (order {busy[0].id[:SHORT_ID]}); wait for it: clare session orders")
@@ -3008,6 +3010,14 @@ def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: 
         if task.status == "done":
             raise Conflict(f"task {task.id[:SHORT_ID]} is done; reopen it first: "
                            f"clare task reopen {task.id[:SHORT_ID]}")
+        if task.session_id:
+            live = [s for s in find_sessions(db, prefix=task.session_id, include_gone=False) if s.id == task.session_id]
+            waiting = [o for o in list_orders(db, session_id=task.session_id)
+                       if o.result in ("pending", "claimed") and o.expires_at > iso_ms(now_ms)]
+            if live or waiting:
+                what = f"is {live[0].state} on {live[0].host}" if live else f"is being started on {waiting[0].host}"
+                raise Conflict(f"task {task.id[:SHORT_ID]} has session {task.session_id[:SHORT_ID]}, which {what}; "
+                               f"stop it first (clare session stop {task.session_id[:SHORT_ID]}) or unassign the task")
         project = get_project(db, task.project_id)
         machine = resolve_host(db, host) if host is not None else _default_host(db, project)
         folder = project.dirs.get(machine)
@@ -3061,8 +3071,10 @@ def record_order_result(db: Db, order_id: str, *, result: str, reason: str = "",
     """Record this host's receipt for an order: claimed first, then what came of it."""
     _check_choice("order result", result, ORDER_RESULTS[1:])
     with write_txn(db) as cur:
+        placed = list_orders(db, order_id=order_id)[0]
         record(db, cur, "order.carried_out", {"order_id": order_id, "result": result, "reason": reason[:1000],
-                                              "outcome": outcome or {}}, now_ms=now_ms)
+                                              "outcome": outcome or {}, "session_id": placed.session_id,
+                                              "task_id": placed.task_id}, now_ms=now_ms)
         order = list_orders(db, order_id=order_id)[0]
         if order.action == "start" and result in ("refused", "expired") and order.task_id:
             task = get_task(db, order.task_id)
@@ -3195,7 +3207,8 @@ DESCRIBE.update({
                               + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else "")
                               + (" in a new worktree" if p.get("is_worktree") else "")
                               + (" (--force)" if p.get("is_force") else ""),
-    "order.carried_out": lambda p: f"order {p['order_id'][:SHORT_ID]}: {p['result']}"
+    "order.carried_out": lambda p: (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
+                                    else f"order {p['order_id'][:SHORT_ID]}") + f": {p['result']}"
                                    + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
 })
 
@@ -5051,8 +5064,12 @@ def open_window(session_name: str, cwd: str, argv: list[str], *, env: Mapping[st
     # tmux ends a command at an argument ";": no argv word here is one (paths, a uuid, a checked model name).
     p = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt, "--", *argv)
     if p.returncode != 0:
-        made = _run(_outside_unit([tmux_binary(), "-S", socket, "new-session", "-d", "-s", session_name,
-                                   "-x", "200", "-y", "50", "-c", cwd, "-P", "-F", fmt, "--", *argv], env))
+        new_session = [tmux_binary(), "-S", socket, "new-session", "-d", "-s", session_name,
+                       "-x", "200", "-y", "50", "-c", cwd, "-P", "-F", fmt, "--", *argv]
+        wrapped = _outside_unit(new_session, env)
+        made = _run(wrapped)
+        if made.returncode != 0 and wrapped != new_session and "duplicate session" not in (made.stderr or ""):
+            made = _run(new_session)  # no user bus after all: KillMode=process in clare.service is the fallback
         if made.returncode != 0 and "duplicate session" in (made.stderr or ""):  # made meanwhile by another start
             made = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt,
                             "--", *argv)
@@ -5064,9 +5081,12 @@ def open_window(session_name: str, cwd: str, argv: list[str], *, env: Mapping[st
 
 
 def wait_until_ready(socket: str, pane_id: str, *, timeout_s: float = START_READY_S) -> tuple[str, str]:
-    """Wait until the Claude in a new pane shows its composer; return ("ready", "") or why not.
+    """Wait until the Claude in a new pane shows its composer and can be told to be Claude; return ("ready", "")
+    or why not.
 
-    A trust or onboarding screen is never answered: Enter there would decide for the user.
+    A trust or onboarding screen is never answered: Enter there would decide for the user. The
+    composer can show before Claude registers and renames its process (the native binary starts
+    as claude.exe): until then nothing could be typed safely, so that is waited for too.
     """
     deadline = time.monotonic() + timeout_s
     screen = ""
@@ -5080,17 +5100,21 @@ def wait_until_ready(socket: str, pane_id: str, *, timeout_s: float = START_READ
         if any(rule.search(screen) for rule in TRUST_SCREEN):
             name = pane.target.rpartition(":")[0]
             return "needs trust", (f"Claude asks whether to trust {pane.cwd} in pane {pane_id} ({pane.target}); Clare "
-                                   f"never answers that: answer it there (tmux attach -t {name}), "
-                                   "then give it the task (clare broadcast session:ID), or trust the folder once by "
-                                   "running claude there")
+                                   f"never answers that: answer it in the pane (tmux attach -t {name}) and give "
+                                   "Claude the task there, or trust the folder once (run claude in it) and start again")
         if any(rule.search(screen) for rule in ONBOARDING_SCREEN):
             return "needs trust", (f"Claude shows its first-run setup in pane {pane_id} ({pane.target}); Clare never "
                                    "answers it: finish it once by running claude in a terminal on this host")
-        if not shows_permission_dialog(screen) and COMPOSER_SCREEN.search(screen):
+        if not shows_permission_dialog(screen) and COMPOSER_SCREEN.search(screen) and _runs_claude(pane):
             return "ready", ""
         if time.monotonic() > deadline:
             return "failed", f"Claude showed no composer in pane {pane_id} within {timeout_s:.0f} s; look at it there"
         time.sleep(0.1)
+
+
+def _runs_claude(pane: Pane) -> bool:
+    procs, children = process_tree()
+    return find_claude(pane.pid, children, proc_argv, registered=read_registry(claude_home(), procs)) is not None
 
 
 def carry_out_pending(db: Db, *, config: dict[str, Any], now_ms: int) -> list[Order]:
@@ -5155,8 +5179,9 @@ def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dic
     state, reason = wait_until_ready(socket, pane_id)
     if state != "ready" or order.action != "start" or task is None:
         return ("started" if state == "ready" else state), reason, outcome
-    session = Session(order.session_id, db.machine_id, folder, socket, target, pane_id, None, "", "waiting", None,
-                      None, "", task.id, {}, "")
+    session = Session(id=order.session_id, host=db.machine_id, cwd=folder, tmux_socket=socket, tmux_target=target,
+                      pane_id=pane_id, pid=None, command="", state="waiting", state_at=None, last_activity_at=None,
+                      label="", task_id=task.id, tokens={}, created_at="")  # not recorded yet: the pull after does
     result, why = deliver_text(db, session, first_prompt(task, launcher=launcher), confirm_s=BROADCAST_CONFIRM_S)
     if result != "delivered":
         return "failed", f"Claude started in pane {pane_id} ({target}) but the task was not typed in: {why}", outcome
@@ -7351,13 +7376,19 @@ PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> '
                               '<span class="muted small">on $host</span></div>')
 START_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
 <button class="ghost" type="submit" title="start a Claude session for this task">Start session</button></form>""")
-START_CARD = string.Template("""<section class="card" id="start-session"><h2>Start a Claude session</h2>
-<form class="row" $attrs>$csrf<input type="hidden" name="view" value="task">
+START_CARD = string.Template("""<section class="card" id="start-session"><h2>Claude session</h2>
+$current
+<form class="row" $attrs>$csrf<input type="hidden" name="view" value="card">
 <label>Host<select name="host">$hosts</select></label>
 <label>Model<input name="model" placeholder="default" autocomplete="off" maxlength="100"></label>
 <label><input type="checkbox" name="worktree" value="1"> in a new git worktree</label>
 <button type="submit"$disabled>Start session</button></form>
 <p class="small muted">$note</p></section>""")
+SESSION_NOW = string.Template("""<div class="row"><p>Session <a class="mono" href="/sessions/$id">$short</a> is
+$state on $host.</p>$button</div>""")
+SESSION_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="card">$force
+<button class="ghost" type="submit">$label</button></form>""")
+FORCE_BOX = Html('<label class="small"><input type="checkbox" name="force" value="1"> even while it works</label>')
 PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
@@ -7567,14 +7598,26 @@ def start_button(req: Request, task: Task, *, view: str) -> Html:
 
 
 def start_card(req: Request, task: Task) -> Html:
-    """Render the form that starts a session for a task: host, model, worktree."""
+    """Render a task's session card: its session with Stop or Resume, and the form that starts a new one."""
     project = req.svc.get_project(task.project_id)
     here = req.db.machine_id
     hosts = sorted(project.dirs, key=lambda h: (h != here, h))
     note = (f"Claude runs in a new window of tmux session {tmux_session_name(project.name)} on that host, and gets "
             "the task as its first prompt." if hosts else
             f"Say where the code lives first: clare project set {project.name} --dir /PATH")
-    return render(START_CARD, csrf=csrf_field(req), attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#frag-task"),
+    found = [s for s in find_sessions(req.db, prefix=task.session_id) if s.id == task.session_id] \
+        if task.session_id else []
+    current = Html("")
+    if found:
+        s = found[0]
+        verb = "resume" if s.state == "gone" else "stop"
+        current = render(SESSION_NOW, id=s.id, short=s.id[:SHORT_ID], state=SESSION_LABELS.get(s.state, s.state),
+                         host=s.host, button=render(
+                             SESSION_BUTTON, csrf=csrf_field(req), label=verb.capitalize(),
+                             force=FORCE_BOX if verb == "stop" else Html(""),
+                             attrs=form_attrs(f"/sessions/{s.id}/{verb}", target="#start-session")))
+    return render(START_CARD, csrf=csrf_field(req), current=current,
+                  attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#start-session"),
                   hosts=options(((h, f"{h} · {project.dirs[h]}") for h in hosts), here),
                   disabled=Html("" if hosts and task.status != "done" else " disabled"), note=note)
 
@@ -7754,9 +7797,34 @@ def frag_start_session(req: Request) -> Response:
     f = req.form()
     order = req.svc.start_session(req.params["task"], host=f.get("host") or None, is_worktree=f.get("worktree") == "1",
                                   model=f.get("model", "").strip() or None, config=load_config(req.config.config_path))
-    ok = order.result in ("started", "pending")
-    return _after_task_change(req, req.svc.get_task(order.task_id or req.params["task"]), order_text(order),
-                              kind="ok" if ok else "error")
+    return _after_order(req, order, task_id=req.params["task"])
+
+
+def _after_order(req: Request, order: Order, *, task_id: str | None) -> Response:
+    """Answer a start, stop or resume: the task's session card (or task table) and a flash saying what came of it."""
+    kind = "ok" if order.result in ("started", "stopped", "pending") else "error"
+    task = req.svc.get_task(order.task_id or task_id) if (order.task_id or task_id) else None
+    if req.form().get("view") != "card" or task is None:
+        if task is None:
+            return redirect(f"/sessions/{order.session_id}") if not req.is_htmx else \
+                html_response(flash(order_text(order), kind=kind))
+        return _after_task_change(req, task, order_text(order), kind=kind)
+    if not req.is_htmx:
+        return redirect(f"/tasks/{task.id}")
+    return html_response(join([start_card(req, task), flash(order_text(order), kind=kind, oob=True)]))
+
+
+def frag_stop_session(req: Request) -> Response:
+    """Stop a task's session from its card: /exit, or SIGTERM when "even while it works" is ticked."""
+    order = req.svc.stop_session(req.params["session"], is_force=req.form().get("force") == "1",
+                                 config=load_config(req.config.config_path))
+    return _after_order(req, order, task_id=None)
+
+
+def frag_resume_session(req: Request) -> Response:
+    """Resume a task's gone session from its card."""
+    order = req.svc.resume_session(req.params["session"], config=load_config(req.config.config_path))
+    return _after_order(req, order, task_id=None)
 
 
 def frag_unassign_task(req: Request) -> Response:
@@ -9260,6 +9328,8 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/sessions", frag_start_session),
+        ("POST", r"/sessions/" + _REF % "session" + "/stop", frag_stop_session),
+        ("POST", r"/sessions/" + _REF % "session" + "/resume", frag_resume_session),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
         ("GET", r"/sessions", cached(page_sessions)),
         ("GET", r"/sessions/" + _REF % "session", page_session),
@@ -10240,7 +10310,7 @@ def cmd_session_stop(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_session_orders(args: argparse.Namespace, ctx: Context) -> None:
     """List the starts, resumes and stops ordered, with what came of each."""
-    orders = ctx.svc.list_orders(session_id=args.session)
+    orders = ctx.svc.list_orders(session_id=ctx.svc.get_session(args.session).id if args.session else None)
     emit(ctx, orders, lambda: table(("ORDER", "WHEN", "ACTION", "SESSION", "HOST", "RESULT", "REASON"), (
         (o.id[:SHORT_ID], when_text(o.created_at), o.action, o.session_id[:SHORT_ID], o.host, o.result,
          short_text(o.reason, 90)) for o in orders)) if orders else "no session orders")
@@ -10797,7 +10867,7 @@ COMMANDS: list[Command] = [
              arg("--force", action="store_true", help="send SIGTERM to Claude even while it works"))),
     Command(("session", "orders"), cmd_session_orders, "list session starts, resumes and stops with their results",
             "clare session orders\n  clare session orders --session 7c1e9b --json",
-            (arg("--session", help="only this session's (full id)"),)),
+            (arg("--session", help="only this session's (id or unique prefix)"),)),
     Command(("attach",), cmd_attach, "attach this terminal to a session's tmux pane (over ssh for another host)",
             "clare attach 7c1e9b\n  clare attach 7c1e9b --print",
             (arg("session", help="session id or unique prefix"),

@@ -144,6 +144,8 @@ def test_start_opens_a_window_binds_the_task_at_once_and_types_it_in(cli, fleet,
     sid = order["session_id"]
     task = cli("task", "show", task_id, "--json").json()
     assert task["session_id"] == sid and task["status"] == "in_progress"
+    r = cli("session", "start", task_id)
+    assert r.code == 1 and f"has session {sid[:8]}, which is waiting on testhost; stop it first" in r.err
     # a tmux session named after the project (the '.' a tmux target cannot hold replaced)
     assert order["outcome"]["tmux_target"].startswith("alpha_v2:")
     assert "alpha_v2" in fleet.run("list-sessions", "-F", "#{session_name}")
@@ -435,3 +437,46 @@ def test_a_start_placed_on_one_host_is_carried_out_once_by_the_other(hosts, tmp_
     assert a.tmux("list-panes", "-a") == ""
     mine = a.cli("session", "orders", "--json").json()
     assert [(o["id"], o["result"], o["by_host"]) for o in mine] == [(order["id"], "started", "b")]
+
+
+@pytest.mark.parametrize("bus", ["up", "down"])
+def test_under_systemd_the_tmux_server_is_started_in_its_own_scope(cli, fleet, tmp_path, monkeypatch, bus):
+    """Inside a unit (INVOCATION_ID set) the server starts through systemd-run --user --scope, so stopping
+    the unit never reaches it; without a user bus the start still works (KillMode=process covers it)."""
+    log = tmp_path / "systemd-run.log"
+    fake = tmp_path / "sbin" / "systemd-run"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/bash\necho "$@" >> {log}\n'
+                    + ('while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n' if bus == "up"
+                       else 'echo "Failed to connect to bus: No medium found" >&2\nexit 1\n'))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    folder = tmp_path / "code"
+    folder.mkdir()
+    task_id = project_with_task(cli, folder)
+    r = cli("session", "start", task_id, "--json")
+    assert r.code == 0 and r.json()["result"] == "started", r.out + r.err
+    [line] = log.read_text().splitlines()
+    assert line.startswith("--user --scope --quiet --collect ") and " new-session -d -s alpha_v2 " in line
+
+
+def test_a_stop_placed_on_one_host_is_carried_out_by_the_sessions_host(hosts, tmp_path):
+    a, b = hosts("a"), hosts("b")
+    b.serve()
+    folder = tmp_path / "b-code"
+    folder.mkdir()
+    env = {"B_TOKEN": b.token}
+    assert a.cli("peer", "add", b.url, "--name", "bee", "--token-env", "B_TOKEN").code == 0
+    assert a.cli("sync", env=env).code == 0
+    assert a.cli("project", "new", "api", "--dir", f"b:{folder}").code == 0
+    task_id = a.cli("task", "add", "api", "parse", "--json").json()["id"]
+    sid = a.cli("session", "start", task_id, "--json", env=env).json()["session_id"]
+    wait_for(lambda: a.cli("sync", env=env) and [s for s in a.cli("sessions", "--json").json() if s["id"] == sid],
+             timeout=30, what="a to see the session b started")
+    r = a.cli("session", "stop", sid[:8], "--json", env=env)
+    assert r.code == 0 and r.json()["result"] == "pending", r.out + r.err
+    wait_for(lambda: [o for o in b.cli("session", "orders", "--json").json() if o["action"] == "stop"
+                      and o["result"] == "stopped"], timeout=30, what="b to stop the session")
+    assert [x["prompt"] for x in b.received() if "prompt" in x][-1] == "/exit"
+    assert b.tmux("list-panes", "-a") == ""
