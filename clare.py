@@ -141,6 +141,13 @@ def iso_ms(ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
+def _duration(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1000)):
+        if ms >= size:
+            return f"{ms / size:.1f} {unit}"
+    return f"{ms} ms"
+
+
 def new_id() -> str:
     """Return a fresh random id: 32 lowercase hex digits (a uuid4 without dashes)."""
     return new_uuid().replace("-", "")
@@ -228,7 +235,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
 UUID_RE = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
@@ -276,6 +283,17 @@ CREATE TABLE IF NOT EXISTS sync_peers (          -- what the last sync with each
     offset_ms    INTEGER,                         -- peer wall clock minus ours
     n_pulled     INTEGER NOT NULL DEFAULT 0,      -- events new to this host, all time
     n_pushed     INTEGER NOT NULL DEFAULT 0       -- events new to the peer, all time
+);
+"""
+DEFERRED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sync_deferred (       -- peer events held back: stamped beyond now + MAX_OFFSET_MS
+    peer_url   TEXT NOT NULL,                    -- where it is fetched from ('pull') or sent to ('push')
+    direction  TEXT NOT NULL,                    -- 'pull' or 'push'
+    uuid       TEXT NOT NULL,
+    hlc        TEXT NOT NULL,                    -- retried once its wall time is within the bound
+    reason     TEXT NOT NULL,
+    since_ms   INTEGER NOT NULL,
+    PRIMARY KEY (peer_url, direction, uuid)
 );
 """
 
@@ -326,12 +344,13 @@ class PeerStatus:
 class Db:
     """One SQLite connection with the identity of the log it holds."""
 
-    __slots__ = ("conn", "path", "machine_id")
+    __slots__ = ("conn", "path", "machine_id", "warnings")
 
     def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str):
         self.conn = conn  # autocommit mode: write_txn() opens every write transaction
         self.path = path
         self.machine_id = machine_id  # stamps every event made here
+        self.warnings: list[str] = []  # what a write here should tell its user (a clock one peer finds off)
 
     @property
     def db_id(self) -> str:
@@ -409,6 +428,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
 
 
 _MIGRATIONS[1] = [EVENTS_SCHEMA, SYNC_SCHEMA]
+_MIGRATIONS[2] = [DEFERRED_SCHEMA]
 
 
 @contextlib.contextmanager
@@ -736,6 +756,115 @@ def list_peer_status(db: Db) -> list[PeerStatus]:
     return [PeerStatus(*r) for r in rows]
 
 
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    peer_url: str
+    direction: str  # 'pull': fetch it from the peer once within the bound; 'push': send it again then
+    uuid: str
+    hlc: str
+    reason: str
+    since_ms: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the entry as the JSON object the CLI and API print."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def save_deferred(cur: sqlite3.Cursor, peer_url: str, direction: str, held: Iterable[tuple[Event, str]], *,
+                  now_ms: int) -> None:
+    """Remember events held back from or by a peer, with the reason, to retry them later. In a txn."""
+    cur.executemany(
+        """INSERT OR IGNORE INTO sync_deferred (peer_url, direction, uuid, hlc, reason, since_ms)
+           VALUES (?, ?, ?, ?, ?, ?)""", ((peer_url, direction, ev.uuid, ev.hlc, reason, now_ms) for ev, reason in held))
+
+
+def drop_deferred(cur: sqlite3.Cursor, peer_url: str, direction: str, uuids: Iterable[str]) -> None:
+    """Forget deferred entries that went through; and every 'pull' entry whose event is stored now. In a txn."""
+    cur.executemany("DELETE FROM sync_deferred WHERE peer_url = ? AND direction = ? AND uuid = ?",
+                    ((peer_url, direction, u) for u in uuids))
+    cur.execute("""DELETE FROM sync_deferred WHERE direction = 'pull'
+                    AND EXISTS (SELECT 1 FROM events WHERE events.uuid = sync_deferred.uuid)""")
+
+
+def list_deferred(db: Db, *, peer_url: str | None = None, direction: str | None = None,
+                  max_wall_ms: int | None = None) -> list[Deferred]:
+    """Return the deferred entries (of one peer, one direction, stamped up to max_wall_ms), oldest stamp first."""
+    rows = db.conn.execute(
+        """SELECT peer_url, direction, uuid, hlc, reason, since_ms FROM sync_deferred
+            WHERE (?1 IS NULL OR peer_url = ?1) AND (?2 IS NULL OR direction = ?2) AND (?3 IS NULL OR hlc < ?3)
+            ORDER BY hlc, uuid""",
+        (peer_url, direction, None if max_wall_ms is None else f"{max_wall_ms + 1:013d}"))
+    return [Deferred(*r) for r in rows]
+
+
+CLOCK_VOTE_MAX_AGE_MS = 15 * 60 * 1000  # a peer's clock offset measured longer ago than this no longer counts
+
+
+@dataclass(frozen=True, slots=True)
+class ClockCheck:
+    """What this host's peers say of its wall clock, and how far its stored HLC runs ahead of it."""
+
+    n_votes: int  # reachable peers: a round succeeded with each lately
+    ahead_of: tuple[str, ...]  # peers that find this clock ahead of theirs by more than MAX_OFFSET_MS
+    behind: tuple[str, ...]  # ... and behind theirs
+    offset_ms: int  # this clock minus the skewed peers' (their median), 0 when none is skewed
+    hlc_ahead_ms: int  # the stored HLC minus the wall clock, when over MAX_OFFSET_MS; else 0
+
+    @property
+    def is_refused(self) -> bool:
+        """Say whether user writes are refused: two or more reachable peers, a majority, agree it is off."""
+        n = max(len(self.ahead_of), len(self.behind))
+        return n >= 2 and 2 * n > self.n_votes
+
+    @property
+    def message(self) -> str | None:
+        """Return the one line that says what is off and the fix; None when all is well."""
+        peers = self.ahead_of if len(self.ahead_of) >= len(self.behind) else self.behind
+        if not peers:
+            return None
+        way = "ahead of" if self.offset_ms > 0 else "behind"
+        said = (f"this host's clock is {_duration(abs(self.offset_ms))} {way} {len(peers)} of its "
+                f"{self.n_votes} reachable peers ({', '.join(peers)}), more than the {MAX_OFFSET_MS // 60000} min "
+                "allowed")
+        if self.is_refused:
+            return (f"{said}: user writes are refused so they cannot win every conflict (nothing was written); "
+                    "fix this host's clock (timedatectl set-ntp true, or chronyc makestep) and retry")
+        return (f"{said}; one peer is not enough to refuse writes: check the clocks (timedatectl) of this host "
+                "and that peer")
+
+    @property
+    def hlc_message(self) -> str | None:
+        """Say that the stored HLC runs ahead of the wall clock (a clock that was ahead, then fixed)."""
+        if not self.hlc_ahead_ms:
+            return None
+        return (f"this host's stored clock (HLC) is {_duration(self.hlc_ahead_ms)} ahead of its wall clock, "
+                "as after a clock that ran ahead and was fixed: its new events carry that time, and peers hold "
+                "them back (deferred) until real time is within "
+                f"{MAX_OFFSET_MS // 60000} min of it; nothing is lost, it passes by itself")
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the check as the JSON object status prints."""
+        return {**{name: getattr(self, name) for name in self.__slots__}, "is_refused": self.is_refused,
+                "message": self.message, "hlc_message": self.hlc_message}
+
+
+def check_clock(cur: sqlite3.Cursor | sqlite3.Connection, *, machine_id: str, now_ms: int) -> ClockCheck:
+    """Return what the peers' last rounds say of this host's clock, and its stored HLC's lead."""
+    rows = cur.execute(
+        """SELECT name, offset_ms FROM sync_peers
+            WHERE offset_ms IS NOT NULL AND last_error IS NULL AND last_ok_ms BETWEEN ? AND ?
+            ORDER BY name""", (now_ms - CLOCK_VOTE_MAX_AGE_MS, now_ms + 60_000)).fetchall()
+    # A round measured before this clock was set back lies in the future: it is no vote on today's clock.
+    ahead_of = tuple(r[0] for r in rows if r[1] < -MAX_OFFSET_MS)
+    behind = tuple(r[0] for r in rows if r[1] > MAX_OFFSET_MS)
+    skewed = sorted(-r[1] for r in rows if abs(r[1]) > MAX_OFFSET_MS
+                    and (r[1] < 0) == (len(ahead_of) >= len(behind)))
+    text = get_meta(cur if isinstance(cur, sqlite3.Cursor) else cur.cursor(), "clock")
+    hlc_ahead = parse_hlc(text).wall_ms - now_ms if text else 0
+    return ClockCheck(len(rows), ahead_of, behind, skewed[len(skewed) // 2] if skewed else 0,
+                      hlc_ahead if hlc_ahead > MAX_OFFSET_MS else 0)
+
+
 # ==========================================================================
 # 4. Projections: the tables derived from the log, their appliers, replay and queries.
 # ==========================================================================
@@ -1052,10 +1181,29 @@ def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
 
 
 def record(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any], *, now_ms: int) -> Event:
-    """Append a new local event and apply it. Call inside write_txn."""
+    """Append a new local event and apply it. Call inside write_txn.
+
+    A user's write is refused while this host's peers agree its clock is off (see ClockCheck);
+    what the host observes (its sessions, hook reports, deliveries) is always recorded.
+    """
+    if not is_observation(event_type, payload):
+        clock = check_clock(cur, machine_id=db.machine_id, now_ms=now_ms)
+        if clock.is_refused:
+            raise ClareError(clock.message)
+        if clock.message and clock.message not in db.warnings:
+            db.warnings.append(clock.message)
     ev = make_event(db, cur, event_type, payload, now_ms=now_ms)
     apply_event(cur, check_payload(ev))
     return ev
+
+
+OBSERVED_EVENT_TYPES = frozenset({"session.appeared", "session.changed", "session.gone", "broadcast.delivered"})
+
+
+def is_observation(event_type: str, payload: dict[str, Any]) -> bool:
+    """Say whether an event records what this host saw (never refused) rather than what a user asked."""
+    return event_type in OBSERVED_EVENT_TYPES or (event_type == "update.posted"
+                                                  and payload.get("source") not in (None, "message"))
 
 
 def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: int) -> InsertResult:
@@ -3411,6 +3559,8 @@ class SyncReport:
     n_duplicates: int = 0  # events sent that the other side held already
     conflicts: list[str] = dataclasses.field(default_factory=list)  # same uuid, different content
     rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # malformed, with reasons
+    deferred: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # {uuid, reason}: held back, retried
+    n_deferred_stored: int = 0  # events held back earlier that went through in this round
     n_behind: int | None = None  # the peer's events not pulled yet, at the end of the round
     offset_ms: int | None = None  # the peer's wall clock minus ours
     verify: dict[str, Any] | None = None  # what the anti-entropy check found, with --verify
@@ -3490,6 +3640,7 @@ def sync_accept(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
         raise ClareError(f"a sync batch holds {len(body['events'])} events, over the limit of {MAX_SYNC_BATCH}; "
                          "send smaller batches")
     good, rejected = check_events(body["events"])
+    good, future = split_future(good, now_ms=now_ms)
     with write_txn(db) as cur:
         db_id = get_meta(cur, "db_id")  # in the transaction: the log the batch went into
         head_before = head_rseq(cur)
@@ -3499,7 +3650,27 @@ def sync_accept(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
     # own events back: nothing else can be stored inside this transaction.
     return {"machine_id": db.machine_id, "db_id": db_id, "now_ms": now_ms,
             "accepted": len(result.inserted), "duplicates": result.n_duplicates, "rejected": rejected,
-            "conflicts": result.conflicts, "head_before": head_before, "head_after": head_after}
+            "conflicts": result.conflicts, "head_before": head_before, "head_after": head_after,
+            "deferred": [{"uuid": ev.uuid, "reason": reason} for ev, reason in future]}
+
+
+def split_future(events: list[Event], *, now_ms: int) -> tuple[list[Event], list[tuple[Event, str]]]:
+    """Split received events into those to store and those stamped beyond now + MAX_OFFSET_MS, with a reason.
+
+    An event from a clock that runs ahead would win every last-writer-wins conflict until real
+    time passed it (one stamped in 2286 would freeze its fields for good); held back instead, it
+    is stored once real time comes within MAX_OFFSET_MS of its stamp.
+    """
+    bound = now_ms + MAX_OFFSET_MS
+    good, future = [], []
+    for ev in events:
+        wall = int(ev.hlc[:13])
+        if wall <= bound:
+            good.append(ev)
+        else:
+            future.append((ev, f"stamped {iso_ms(wall)}, {_duration(wall - now_ms)} ahead of this host's clock "
+                               f"(over the {MAX_OFFSET_MS // 60000} min allowed): held back, stored once within it"))
+    return good, future
 
 
 def check_events(items: list[object]) -> tuple[list[Event], list[dict[str, Any]]]:
@@ -3582,6 +3753,7 @@ def sync_with(db: Db, peer: PeerTransport, *, name: str, wall: Callable[[], int]
     try:
         pull_from(db, peer, report, wall=wall, progress=progress)
         push_to(db, peer, report, wall=wall, progress=progress)
+        retry_deferred(db, peer, report, wall=wall)
         if verify:
             verify_with(db, peer, report, wall=wall)
     except ClareError as err:
@@ -3626,9 +3798,12 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
         if not page["events"] and next_after == after:
             report.n_behind = head - after
             return  # nothing new: no transaction at all
+        now = wall()
+        events, future = split_future(events, now_ms=now)
         with write_txn(db) as cur:
             head_before = head_rseq(cur)
-            result = receive_events(db, cur, events, now_ms=wall())
+            result = receive_events(db, cur, events, now_ms=now)
+            save_deferred(cur, peer.url, "pull", future, now_ms=now)  # the cursor moves on: they are fetched by uuid
             save_cursor(cur, *identity, pulled_rseq=next_after)
             if get_cursor(db, *identity)[1] == head_before:
                 # The peer held all of ours before this page, and the page is all that was
@@ -3637,12 +3812,42 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
         report.n_pulled += len(result.inserted)
         report.n_duplicates += result.n_duplicates
         report.conflicts += result.conflicts
+        report.deferred += [{"uuid": ev.uuid, "reason": reason} for ev, reason in future]
         report.n_behind = head - next_after
         if progress and total > PROGRESS_MIN_EVENTS:
             progress("pulled", max(total - report.n_behind, 0), total)
         if not page["has_more"]:
             return
         after = next_after
+
+
+def retry_deferred(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms) -> None:
+    """Fetch by uuid the peer's events held back here, and send again ours it held back, once within the bound."""
+    now = wall()
+    wanted = [d.uuid for d in list_deferred(db, peer_url=peer.url, direction="pull", max_wall_ms=now + MAX_OFFSET_MS)]
+    for i in range(0, len(wanted), MAX_FETCH_UUIDS):
+        asked = wanted[i:i + MAX_FETCH_UUIDS]
+        events, rejected = check_events(_answer_field(peer.fetch(asked), "events", list))
+        report.rejected += rejected
+        events, future = split_future([ev for ev in events if ev.uuid in set(asked)], now_ms=now)
+        with write_txn(db) as cur:
+            result = receive_events(db, cur, events, now_ms=now)
+            drop_deferred(cur, peer.url, "pull", [ev.uuid for ev in events])
+        report.n_pulled += len(result.inserted)
+        report.n_deferred_stored += len(result.inserted)
+    # The peer's clock decides there: an event is sent again once within the bound by the peer's offset.
+    their_now = now + (report.offset_ms or 0)
+    ours = [d.uuid for d in list_deferred(db, peer_url=peer.url, direction="push",
+                                          max_wall_ms=their_now + MAX_OFFSET_MS)]
+    for batch in _batches(get_events_by_uuid(db, ours)):
+        answer = peer.push({"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
+                            "events": [ev.to_json() for ev in batch]})
+        before = report.n_pushed
+        held = _count_accept(answer, (report.machine_id, report.db_id), report)
+        report.deferred = [d for d in report.deferred if d["uuid"] not in held]  # still held: not news
+        with write_txn(db) as cur:
+            drop_deferred(cur, peer.url, "push", [ev.uuid for ev in batch if ev.uuid not in held])
+        report.n_deferred_stored += report.n_pushed - before
 
 
 def _check_page(page: object, *, after: int) -> tuple[tuple[str, str], int, int]:
@@ -3696,8 +3901,10 @@ def push_to(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[
         answer = _call_timed(peer.push, report, wall, {
             "machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
             "events": [ev.to_json() for ev in batch]})
-        _count_accept(answer, identity, report)
+        held = _count_accept(answer, identity, report)
         with write_txn(db) as cur:
+            save_deferred(cur, peer.url, "push", [(ev, held[ev.uuid]) for ev in batch if ev.uuid in held],
+                          now_ms=wall())
             save_cursor(cur, *identity, pushed_rseq=batch[-1].rseq)
             if get_cursor(db, *identity)[0] == answer["head_before"]:
                 save_cursor(cur, *identity, pulled_rseq=answer["head_after"])  # our own events: no need to pull back
@@ -3721,8 +3928,8 @@ def _batches(events: Iterable[Event]) -> Iterator[list[Event]]:
         yield batch
 
 
-def _count_accept(answer: object, identity: tuple[str, str], report: SyncReport) -> None:
-    """Check the answer to a push and add what it says to the report."""
+def _count_accept(answer: object, identity: tuple[str, str], report: SyncReport) -> dict[str, str]:
+    """Check the answer to a push and add what it says to the report; return the held back uuids and why."""
     # SECURITY: the answer comes from the network.
     try:
         if not isinstance(answer, dict):
@@ -3739,13 +3946,22 @@ def _count_accept(answer: object, identity: tuple[str, str], report: SyncReport)
     report.n_duplicates += counts[1]
     report.rejected += answer["rejected"]
     report.conflicts += [c for c in answer["conflicts"] if isinstance(c, str)]
+    # COMPAT: a peer of before the clock bound sends no "deferred" list.
+    held = {d["uuid"]: str(d.get("reason"))[:300] for d in answer.get("deferred", [])
+            if isinstance(answer.get("deferred"), list) and isinstance(d, dict) and isinstance(d.get("uuid"), str)
+            and UUID_RE.match(d["uuid"])}
+    report.deferred += [{"uuid": u, "reason": r} for u, r in held.items()]
+    return held
 
 
 def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms) -> None:
     """Compare per-day digests with the peer; fetch what we lack by uuid and push what it lacks."""
     theirs = _answer_field(_call_timed(peer.digest, report, wall), "days", dict)
     ours = sync_digest(db, now_ms=wall())["days"]
-    days = sorted(d for d in set(theirs) | set(ours) if theirs.get(d) != ours.get(d) and DAY_RE.match(d))
+    # A day that starts beyond now + MAX_OFFSET_MS holds only events that would be held back: not compared.
+    last_day = _day_name((wall() + MAX_OFFSET_MS) // DAY_MS)
+    days = sorted(d for d in set(theirs) | set(ours)
+                  if theirs.get(d) != ours.get(d) and DAY_RE.match(d) and d <= last_day)
     found = {"days": len(set(theirs) | set(ours)), "days_differ": days, "fetched": 0, "sent": 0}
     for day in days:
         their_uuids = {u for u in _answer_field(peer.day(day), "uuids", list) if isinstance(u, str)} \
@@ -3756,15 +3972,23 @@ def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callab
             events, rejected = check_events(_answer_field(peer.fetch(missing_here[i:i + MAX_FETCH_UUIDS]),
                                                           "events", list))
             report.rejected += rejected
+            now = wall()
+            events, future = split_future(events, now_ms=now)
+            report.deferred += [{"uuid": ev.uuid, "reason": reason} for ev, reason in future]
             with write_txn(db) as cur:
-                result = receive_events(db, cur, events, now_ms=wall())
+                result = receive_events(db, cur, events, now_ms=now)
+                save_deferred(cur, peer.url, "pull", future, now_ms=now)
             found["fetched"] += len(result.inserted)
             report.n_pulled += len(result.inserted)
         for batch in _batches(get_events_by_uuid(db, sorted(our_uuids - their_uuids))):
             answer = peer.push({"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
                                 "events": [ev.to_json() for ev in batch]})
             before = report.n_pushed
-            _count_accept(answer, (report.machine_id, report.db_id), report)
+            held = _count_accept(answer, (report.machine_id, report.db_id), report)
+            if held:
+                with write_txn(db) as cur:
+                    save_deferred(cur, peer.url, "push", [(ev, held[ev.uuid]) for ev in batch if ev.uuid in held],
+                                  now_ms=wall())
             found["sent"] += report.n_pushed - before
     report.verify = found
 
@@ -4007,6 +4231,11 @@ def list_peers(db: Db, peers: list[Peer]) -> list[dict[str, Any]]:
     rows = [{**p.to_json(), "is_configured": True, **_status_json(status.pop(p.url, None))} for p in peers]
     rows += [{"name": s.name, "url": s.url, "token_env": None, "is_configured": False, **_status_json(s)}
              for s in status.values()]
+    deferred = list_deferred(db)
+    for row in rows:
+        mine = [d for d in deferred if d.peer_url == row["url"]]
+        row["n_deferred"] = len(mine)  # events held back, both ways: each retried once within the bound
+        row["deferred_reason"] = mine[-1].reason if mine else None  # the furthest ahead says the most
     return rows
 
 
@@ -4102,13 +4331,6 @@ def skew_message(name: str, offset_ms: int) -> str:
     return (f"{name}'s clock is {_duration(abs(offset_ms))} {ahead} this host's, more than the "
             f"{MAX_OFFSET_MS // 60000} min allowed: its events keep their times but never move this "
             "host's clock past that limit; fix the clock (NTP) on whichever host is wrong")
-
-
-def _duration(ms: int) -> str:
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1000)):
-        if ms >= size:
-            return f"{ms / size:.1f} {unit}"
-    return f"{ms} ms"
 
 
 def _ago_ms(ms: int | None, now: int) -> str:
@@ -6068,14 +6290,16 @@ _OPEN_API_EXTRA_SCHEMAS.update({
                      head="integer"),
     "SyncAccepted": _obj(**_SYNC_HEAD, accepted="integer", duplicates="integer", rejected={
         "type": "array", "items": _obj(index="integer", uuid=["string", "null"], reason="string")},
-        conflicts={"type": "array", "items": {"type": "string"}}, head_before="integer", head_after="integer"),
+        conflicts={"type": "array", "items": {"type": "string"}}, head_before="integer", head_after="integer",
+        deferred={"type": "array", "items": _obj(uuid="string", reason="string")}),
     "SyncDigest": _obj(**_SYNC_HEAD, days={"type": "object", "additionalProperties": _obj(n="integer", hash="string")}),
     "SyncDay": _obj(**_SYNC_HEAD, day="string", uuids={"type": "array", "items": {"type": "string"}}),
     "SyncEvents": _obj(**_SYNC_HEAD, events=_array("SyncEvent")),
     "PeerStatus": _obj(name="string", url="string", token_env=["string", "null"], is_configured="boolean",
                        machine_id=["string", "null"], last_ok_ms=["integer", "null"], last_try_ms=["integer", "null"],
                        last_error=["string", "null"], n_failures="integer", n_behind=["integer", "null"],
-                       offset_ms=["integer", "null"], n_pulled="integer", n_pushed="integer", is_skewed="boolean"),
+                       offset_ms=["integer", "null"], n_pulled="integer", n_pushed="integer", is_skewed="boolean",
+                       n_deferred="integer", deferred_reason=["string", "null"]),
 })
 API_DOCS.update({
     ("GET", "/api/v1/sync/events"): ("Sync: the events stored after receipt number `after` (the cursor)",
