@@ -4248,6 +4248,26 @@ def _status_json(s: PeerStatus | None) -> dict[str, Any]:
         "is_skewed": s.offset_ms is not None and abs(s.offset_ms) > MAX_OFFSET_MS}
 
 
+def clock_status(db: Db, *, now_ms: int) -> dict[str, Any]:
+    """Return what `status` and the dashboard say of this host's clock and of the events held back."""
+    deferred = list_deferred(db)
+    check = check_clock(db.conn, machine_id=db.machine_id, now_ms=now_ms)
+    return {**check.to_json(), "n_deferred": len(deferred),
+            "n_deferred_pull": sum(d.direction == "pull" for d in deferred),
+            "n_deferred_push": sum(d.direction == "push" for d in deferred),
+            "deferred_reason": deferred[-1].reason if deferred else None}
+
+
+def clock_lines(clock: dict[str, Any]) -> list[str]:
+    """Return the sentences a person should read about the clock and deferred events; none when all is well."""
+    lines = [m for m in (clock["message"], clock["hlc_message"]) if m]
+    if clock["n_deferred"]:
+        lines.append(f"{clock['n_deferred']} events held back ({clock['n_deferred_pull']} from peers, "
+                     f"{clock['n_deferred_push']} by peers): the newest is {clock['deferred_reason']}; "
+                     "see: clare peer list")
+    return lines
+
+
 def backoff_s(n_failures: int, *, interval_s: float = SYNC_INTERVAL_S) -> float:
     """Return the pause before the next round with a peer: doubled per failure in a row, capped, jittered."""
     if n_failures <= 0:
@@ -5889,11 +5909,14 @@ def frag_send_broadcast(req: Request) -> Response:
 FRAG_PEERS = string.Template("""<section class="card" id="frag-peers" $poll>
 <h2>Peers</h2>$table</section>""")
 PEERS_TABLE = string.Template("""<div class="scroll"><table>
-<thead><tr><th>Sync</th><th>Peer</th><th>Last sync</th><th>Behind</th><th class="hide-sm">Clock</th></tr></thead>
+<thead><tr><th>Sync</th><th>Peer</th><th>Last sync</th><th>Behind</th><th class="hide-sm">Clock</th>
+<th>Deferred</th></tr></thead>
 <tbody hx-disable>$rows</tbody></table></div>""")
 PEER_ROW = string.Template("""<tr><td>$state</td>
 <td class="title"><b>$name</b><div class="mono muted small">$url</div><div class="muted small">$error</div></td>
-<td class="muted small">$last</td><td>$behind</td><td class="hide-sm mono small">$offset</td></tr>""")
+<td class="muted small">$last</td><td>$behind</td><td class="hide-sm mono small">$offset</td>
+<td>$deferred<div class="muted small">$deferred_reason</div></td></tr>""")
+CLOCK_NOTE = string.Template("""<p class="flash error" role="alert">$text</p>""")
 
 
 def peers_fragment(req: Request) -> Html:
@@ -5907,6 +5930,7 @@ def peers_fragment(req: Request) -> Html:
         if p["last_ok_ms"] is None:
             return badge("never synced", "gray")
         return badge("clock skewed", "amber") if p["is_skewed"] else badge("in sync", "green")
+    clock = join(render(CLOCK_NOTE, text=line) for line in clock_lines(clock_status(req.db, now_ms=now)))
     if not peers:
         table_html = render(EMPTY, text="No peers; add one with: clare peer add http://HOST:8765 --name NAME")
     else:
@@ -5914,8 +5938,9 @@ def peers_fragment(req: Request) -> Html:
         table_html = render(PEERS_TABLE, rows=join(render(
             PEER_ROW, state=state(p), name=p["name"], url=p["url"], error=(p["last_error"] or "")[:160],
             last=_ago_ms(p["last_ok_ms"], now), behind="—" if p["n_behind"] is None else p["n_behind"],
-            offset=_offset(p["offset_ms"])) for p in peers))
-    return render(FRAG_PEERS, poll=poll_attrs("/frag/peers"), table=table_html)
+            offset=_offset(p["offset_ms"]), deferred=p["n_deferred"] or "—",
+            deferred_reason=(p["deferred_reason"] or "")[:200]) for p in peers))
+    return render(FRAG_PEERS, poll=poll_attrs("/frag/peers"), table=join([clock, table_html]))
 
 
 def frag_peers(req: Request) -> Response:
@@ -6099,7 +6124,8 @@ def api_status(req: Request) -> Response:
     """Return the roll-up (?project= or ?group=): projects with counts and tokens, sessions, the log's size."""
     svc = req.svc
     report = svc.get_status(project_ref=req.arg("project"), group_ref=req.arg("group"))
-    return json_response({**report.to_json(), "n_events": svc.count_events(), "machine_id": req.db.machine_id})
+    return json_response({**report.to_json(), "n_events": svc.count_events(), "machine_id": req.db.machine_id,
+                          "clock": clock_status(req.db, now_ms=now_ms())})
 
 
 def api_list_events(req: Request) -> Response:
@@ -6211,7 +6237,9 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
     "Status": {"type": "object", "required": ["projects", "sessions", "tasks", "n_events", "machine_id"],
                "properties": {"projects": _array("ProjectStatus"), "sessions": _array("Session"),
                               "tasks": _array("TaskStatus"), "n_events": {"type": "integer"},
-                              "machine_id": {"type": "string"}}},
+                              "machine_id": {"type": "string"},
+                              "clock": {"type": "object", "description": "what peers say of this host's "
+                                        "clock, its stored HLC's lead, and the events held back (deferred)"}}},
     "EventPage": {"type": "object", "required": ["events", "next_after", "has_more"], "properties": {
         "events": _array("Event"), "next_after": {"type": "integer"}, "has_more": {"type": "boolean"}}},
     "ImportResult": {"type": "object", "required": ["inserted", "duplicates", "conflicts", "rejected"], "properties": {
@@ -6727,8 +6755,10 @@ class Context:
         return self._svc
 
     def close(self) -> None:
-        """Close what was opened."""
+        """Say what the writes of this command should tell the user (a clock one peer finds off); close."""
         if self._db is not None:
+            for warning in self._db.warnings:
+                print(f"clare: warning: {warning}", file=sys.stderr)
             self._db.close()
 
 
@@ -7080,8 +7110,11 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
              tokens_text(s.tokens),
              f"{s.task_id[:SHORT_ID]} {short_text(report.tasks[s.task_id].title, 50)}" if s.task_id in report.tasks
              else "-") for s in report.sessions)) if report.sessions else "no live sessions"
-        return f"{projects}\n\n{sessions}"
-    emit(ctx, report, text)
+        return "\n\n".join([projects, sessions] + ["\n".join(f"warning: {x}" for x in clock_lines(clock))
+                                                     if clock and clock_lines(clock) else ""]).rstrip()
+    clock = clock_status(ctx.db, now_ms=now_ms()) if ctx.remote_url is None else \
+        ctx.svc.call("GET", "/api/v1/status").get("clock")  # the server's clock, as its own status says it
+    emit(ctx, {**report.to_json(), "clock": clock}, text)
 
 
 def cmd_log(args: argparse.Namespace, ctx: Context) -> None:
@@ -7159,9 +7192,10 @@ def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
     """List peers with their last sync, lag, clock offset and last error."""
     rows = list_peers(ctx.db, load_peers(ctx.config, path=ctx.paths.config))
     now = now_ms()
-    emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "ERROR"), (
+    emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "DEFERRED", "ERROR"), (
         (r["name"] + ("" if r["is_configured"] else " (not in clare.toml)"), r["url"],
          _ago_ms(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
+         f"{r['n_deferred']}: {short_text(r['deferred_reason'], 70)}" if r["n_deferred"] else "",
          short_text(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
         for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
 
@@ -7207,6 +7241,10 @@ def format_sync_report(r: SyncReport) -> str:
         line += f", {len(r.conflicts)} conflicting (same uuid, other content; ours kept)"
     if r.rejected:
         line += f", {len(r.rejected)} refused as malformed"
+    if r.n_deferred_stored:
+        line += f", {r.n_deferred_stored} held back earlier went through"
+    if r.deferred:
+        line += f", {len(r.deferred)} held back (stamped too far ahead; see: clare peer list)"
     if r.verify is not None:
         v = r.verify
         line += (f"; verify: {v['days']} days compared, {len(v['days_differ'])} differed, "
