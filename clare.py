@@ -3522,7 +3522,9 @@ MAX_FETCH_UUIDS = 5000  # uuids asked for in one anti-entropy fetch
 DAY_MS = 86_400_000
 PROGRESS_MIN_EVENTS = 2000  # a transfer larger than this shows a progress line
 SYNC_INTERVAL_S = 30.0  # background sync: the pause between two good rounds with a peer
-MAX_BACKOFF_S = 900.0  # ... and the longest pause after failed ones
+MAX_BACKOFF_S = 120.0  # ... and the longest pause after failed ones (x1.25 jitter: a heal waits 150 s at most)
+CONTACT_POLL_S = 0.5  # how often a loop in backoff looks whether its peer contacted this server
+PEER_HEADER = "X-Clare-Peer"  # the machine id of the Clare that sends a sync request
 PEER_TIMEOUT_S = 20.0  # one HTTP request to a peer
 MAX_RESPONSE_BYTES = 512 * 1024 * 1024  # a peer answer larger than this is refused unread
 HTTP_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
@@ -4007,10 +4009,12 @@ def _answer_field(answer: object, key: str, kind: type) -> Any:
 class HttpPeer(PeerTransport):
     """A peer's sync endpoints over HTTP; urllib is imported on the first request."""
 
-    def __init__(self, url: str, *, token: str | None, timeout_s: float = PEER_TIMEOUT_S):
+    def __init__(self, url: str, *, token: str | None, timeout_s: float = PEER_TIMEOUT_S,
+                 machine_id: str | None = None):
         self.url = url.rstrip("/")
         self.token = token  # never printed: messages name the variable instead
         self.timeout_s = timeout_s
+        self.machine_id = machine_id  # sent as PEER_HEADER: the peer then ends its backoff toward us
 
     def pull(self, *, after: int, limit: int) -> dict[str, Any]:
         """GET /api/v1/sync/events."""
@@ -4034,11 +4038,13 @@ class HttpPeer(PeerTransport):
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         return http_json(self.url, path, method=method, body=body, token=self.token, timeout_s=self.timeout_s,
-                         hint_401="set the peer's token: token_env in clare.toml, or CLARE_TOKEN")
+                         hint_401="set the peer's token: token_env in clare.toml, or CLARE_TOKEN",
+                         headers={PEER_HEADER: self.machine_id} if self.machine_id else None)
 
 
 def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, token: str | None = None,
-              timeout_s: float = PEER_TIMEOUT_S, hint_401: str = "", say_where: bool = True) -> Any:
+              timeout_s: float = PEER_TIMEOUT_S, hint_401: str = "", say_where: bool = True,
+              headers: dict[str, str] | None = None) -> Any:
     """Send one JSON request to a Clare server, never through a proxy, and return its decoded answer.
 
     Every failure is one ClareError line: unreachable, truncated, too large or not JSON; an error status
@@ -4050,7 +4056,7 @@ def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, to
     import urllib.request
 
     data = None if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-    headers = {"Accept": "application/json", "User-Agent": f"clare/{__version__}"}
+    headers = {"Accept": "application/json", "User-Agent": f"clare/{__version__}", **(headers or {})}
     if data is not None:
         headers["Content-Type"] = "application/json"
     if token:
@@ -4292,8 +4298,8 @@ def sync_round(db: Db, peer: Peer, config: dict[str, Any], *, progress: Progress
     The per-peer edge: any failure leaves as a ClareError, recorded in the peer's status.
     """
     try:
-        return sync_with(db, HttpPeer(peer.url, token=peer_token(peer, config)), name=peer.name,
-                         progress=progress, verify=verify)
+        return sync_with(db, HttpPeer(peer.url, token=peer_token(peer, config), machine_id=db.machine_id),
+                         name=peer.name, progress=progress, verify=verify)
     except ClareError:
         raise
     except Exception as err:  # a bug or a broken database must not end the loop nor print a traceback
@@ -4303,8 +4309,27 @@ def sync_round(db: Db, peer: Peer, config: dict[str, Any], *, progress: Progress
                          "if it stays") from err
 
 
+class PeerContacts:
+    """The sync requests peers made to this server, by machine id: one ends the backoff toward that peer.
+
+    After a partition, the side whose backoff ends first reaches the other; that contact makes the
+    other side sync at once instead of waiting out its own backoff.
+    """
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}  # machine id -> requests served; bumped by the server's threads
+
+    def note(self, machine_id: str | None) -> None:
+        """Count one sync request from a peer (a bad or missing id is not counted)."""
+        if machine_id and MACHINE_ID_RE.match(machine_id) and len(self.seen) < 10_000:
+            self.seen[machine_id] = self.seen.get(machine_id, 0) + 1  # SECURITY: bounded, checked id
+
+
 def start_background_sync(db_path: str, peers: list[Peer], config: dict[str, Any], *, stop: Any,
-                          log: Callable[[str], None], interval_s: float = SYNC_INTERVAL_S) -> list[Any]:
+                          log: Callable[[str], None], interval_s: float = SYNC_INTERVAL_S,
+                          contacts: PeerContacts | None = None) -> list[Any]:
     """Start one daemon thread per peer that syncs until `stop` (a threading.Event) is set.
 
     One thread per peer, each with its own connection, so a dead peer that makes its thread
@@ -4316,15 +4341,16 @@ def start_background_sync(db_path: str, peers: list[Peer], config: dict[str, Any
     for peer in peers:
         thread = threading.Thread(target=_sync_loop, name=f"clare-sync-{peer.name}", daemon=True,
                                   args=(db_path, peer, config), kwargs={"stop": stop, "log": log,
-                                                                        "interval_s": interval_s})
+                                                                        "interval_s": interval_s,
+                                                                        "contacts": contacts})
         thread.start()
         threads.append(thread)
     return threads
 
 
 def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, log: Callable[[str], None],
-               interval_s: float) -> None:
-    """Sync with one peer until stopped, backing off while it fails."""
+               interval_s: float, contacts: PeerContacts | None = None) -> None:
+    """Sync with one peer until stopped, backing off while it fails; a contact from it ends the backoff."""
     db = open_db(db_path)
     n_failures, was_skewed = 0, False
     try:
@@ -4340,9 +4366,27 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
             except ClareError as err:  # one peer's failure never ends the thread
                 n_failures += 1
                 log(f"sync with {peer.name} failed ({n_failures} in a row): {err}")
-            stop.wait(backoff_s(n_failures, interval_s=interval_s))
+            if _wait_backoff(db, peer, stop=stop, seconds=backoff_s(n_failures, interval_s=interval_s),
+                             contacts=contacts if n_failures else None):
+                log(f"sync with {peer.name}: it contacted this host, trying again now")
+                n_failures = 0
     finally:
         db.close()
+
+
+def _wait_backoff(db: Db, peer: Peer, *, stop: Any, seconds: float, contacts: PeerContacts | None) -> bool:
+    """Wait `seconds` or until stopped; return True early when the peer contacted this server meanwhile."""
+    machine_id = next((s.machine_id for s in list_peer_status(db) if s.url == peer.url), None)
+    if contacts is None or machine_id is None:
+        stop.wait(seconds)
+        return False
+    seen = contacts.seen.get(machine_id, 0)
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and time.monotonic() < deadline:
+        if contacts.seen.get(machine_id, 0) != seen:
+            return True
+        stop.wait(min(CONTACT_POLL_S, max(deadline - time.monotonic(), 0)))
+    return False
 
 
 def skew_message(name: str, offset_ms: int) -> str:
@@ -4431,6 +4475,7 @@ class WebConfig:
     deadline_s: float = REQUEST_DEADLINE_S
     max_threads: int = MAX_HANDLER_THREADS
     peers: tuple[Peer, ...] = ()  # clare.toml's peers as read at start: a later typo there never breaks a poll
+    contacts: PeerContacts = dataclasses.field(default_factory=PeerContacts)  # sync requests from peers
 
     @property
     def has_token(self) -> bool:
@@ -6392,6 +6437,7 @@ def api_openapi(req: Request) -> Response:
 
 def sync_get_events(req: Request) -> Response:
     """Page through the log in receipt order for a peer: ?after=RSEQ&limit=N."""
+    req.config.contacts.note(req.headers.get(PEER_HEADER.lower()))
     return json_response(sync_page(req.db, after=req.arg("after", "0"), limit=req.arg("limit", str(SYNC_PAGE_LIMIT)),
                                    now_ms=now_ms()))
 
@@ -6399,6 +6445,7 @@ def sync_get_events(req: Request) -> Response:
 def sync_post_events(req: Request) -> Response:
     """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
     body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
+    req.config.contacts.note(req.headers.get(PEER_HEADER.lower()))
     return json_response(sync_accept(req.db, body, now_ms=now_ms()))
 
 
@@ -7302,7 +7349,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
             print(f"clare: log in once with {server.url}/login?token={token}", flush=True)
         if peers:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
-        start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log)
+        start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log,
+                              contacts=config.contacts)
         start_background_pull(ctx.paths.db, settings, stop=stop, log=log)
     try:
         run_server(server, on_start=started)
