@@ -389,10 +389,71 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
         meta = _read_meta(conn)
         if meta.get("schema_version") != str(SCHEMA_VERSION) or "machine_id" not in meta:
             meta = _migrate(conn, meta, machine_id=machine_id)
+        if path != ":memory:":
+            _check_served(conn, path, meta["db_id"])
     except sqlite3.DatabaseError as err:
         raise ClareError(f"cannot open database {path}: {err}; check the path, or move a damaged "
                          "file aside and restore it from a peer with 'clare sync'") from err
     return Db(conn, path, meta["machine_id"])
+
+
+SERVED_SUFFIX = ".served"  # beside the database: "DB_ID RSEQ", the highest receipt number peers were told of
+
+
+def _check_served(conn: sqlite3.Connection, path: str, db_id: str) -> None:
+    """Give the log a new db_id if it ends below a receipt number peers were told of (a lost -wal).
+
+    A -wal lost after kill -9 (or a power cut under synchronous=NORMAL) takes the newest events
+    with it, and the next events reuse their receipt numbers under the same db_id: a peer whose
+    cursor is past them would skip them for good. The mark lives outside the database, so
+    the loss cannot take it too; under a new db_id peers read this log again from 0.
+    """
+    served = read_served(path)
+    if served is None or served[0] != db_id:
+        return
+    head = conn.execute("SELECT coalesce(max(rseq), 0) FROM events").fetchone()[0]
+    if head < served[1]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()[0] == db_id:
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'db_id'", (new_uuid(),))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def read_served(path: str) -> tuple[str, int] | None:
+    """Return (db_id, rseq) of the served mark beside the database, None if there is none (or it is garbled)."""
+    try:
+        with open(path + SERVED_SUFFIX, encoding="ascii") as f:
+            db_id, rseq = f.read(200).split()
+        return db_id, int(rseq)
+    except (OSError, ValueError):
+        return None
+
+
+def note_served(db: Db, db_id: str, rseq: int) -> None:
+    """Raise the served mark to `rseq` before peers are told of it; written only when it grows.
+
+    Inside a write transaction, so two servers' threads never lower each other's mark; written
+    to a new file, synced and renamed, so a crash leaves the old mark or the new one.
+    """
+    served = read_served(db.path)
+    if db.path == ":memory:" or (served is not None and served[0] == db_id and served[1] >= rseq):
+        return
+    with write_txn(db):
+        served = read_served(db.path)
+        if served is not None and served[0] == db_id and served[1] >= rseq:
+            return
+        staging = f"{db.path}{SERVED_SUFFIX}.tmp"
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, f"{db_id} {rseq}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(staging, db.path + SERVED_SUFFIX)
 
 
 def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
@@ -3614,6 +3675,8 @@ def sync_page(db: Db, *, after: object, limit: object = SYNC_PAGE_LIMIT, now_ms:
         events = list_events_after(db, after=after, limit=limit, max_chars=SYNC_PAGE_CHARS)
         next_after = events[-1].rseq if events else after
         head = head_rseq(db.conn)
+    if events:
+        note_served(db, db_id, next_after)  # before the peer's cursor can reach it
     return {"machine_id": db.machine_id, "db_id": db_id, "now_ms": now_ms,
             "events": [ev.to_json() for ev in events], "next_after": next_after,
             "has_more": next_after < head, "head": head}
@@ -3648,6 +3711,7 @@ def sync_accept(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
         head_before = head_rseq(cur)
         result = receive_events(db, cur, good, now_ms=now_ms)
         head_after = head_rseq(cur)
+    note_served(db, db_id, head_after)  # the pusher may set its pull cursor to head_after
     # head_before/head_after let a sender that had pulled up to head_before skip pulling its
     # own events back: nothing else can be stored inside this transaction.
     return {"machine_id": db.machine_id, "db_id": db_id, "now_ms": now_ms,
