@@ -1873,6 +1873,21 @@ def create_project(db: Db, name: str, *, goal: str = "", owner: str = "", now_ms
     return get_project(db, project_id)
 
 
+def name_clashes(projects: Iterable[Project]) -> dict[str, list[Project]]:
+    """Return the names that several projects carry (made on two hosts while apart), each with its projects."""
+    by_name: dict[str, list[Project]] = {}
+    for p in projects:
+        by_name.setdefault(p.name, []).append(p)
+    return {name: found for name, found in sorted(by_name.items()) if len(found) > 1}
+
+
+def clash_message(name: str, projects: list[Project]) -> str:
+    """Say that several projects share a name, and how to end it."""
+    ids = ", ".join(p.id[:SHORT_ID] for p in projects)
+    return (f"{len(projects)} projects are named {name!r} ({ids}), made on hosts that were apart; a command "
+            f"given that name refuses it: rename one with: clare project rename {projects[-1].id[:SHORT_ID]} NEW")
+
+
 def _check_name(name: object) -> str:
     name = _check_text("project name", name, limit=MAX_NAME_CHARS, required=True)
     if ID_PREFIX_RE.match(name) and len(name) >= SHORT_ID:
@@ -5303,6 +5318,7 @@ $main
 NAV_LINK = string.Template('<a href="$href"$current>$label</a>')
 FLASH = string.Template('<div id="flash" role="status" aria-live="polite"$oob>$message</div>')
 FLASH_MESSAGE = string.Template('<p class="flash $kind">$text</p>')
+ALERT = string.Template('<p class="flash error" role="alert">$text</p>')  # a standing problem, in a card
 
 
 def page(req: Request, title: str, main: Html, *, status: int = 200) -> Response:
@@ -5410,7 +5426,7 @@ FEED_ITEM = string.Template('<li>$text<time datetime="$at">$when · $where</time
 
 FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
 <div class="stats">$stats</div>
-<section class="card"><h2>Projects</h2>$table</section>
+<section class="card"><h2>Projects</h2>$clashes$table</section>
 </div>""")
 PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
 <thead><tr><th>Project</th><th class="hide-sm">Status</th><th>Tasks</th><th class="hide-sm">Done</th><th class="hide-sm">Sessions</th>
@@ -5560,7 +5576,9 @@ def projects_fragment(req: Request) -> Html:
         table_html = render(EMPTY, text="No projects yet. Create one below, or: clare project new NAME")
     else:
         table_html = render(PROJECTS_TABLE, rows=join(map(_project_row, rollups)))
-    return render(FRAG_PROJECTS, poll=poll_attrs("/frag/projects"), stats=stats, table=table_html)
+    clashes = join(render(ALERT, text=clash_message(name, found))
+                   for name, found in name_clashes(projects).items())
+    return render(FRAG_PROJECTS, poll=poll_attrs("/frag/projects"), stats=stats, clashes=clashes, table=table_html)
 
 
 def _project_row(rollup: ProjectStatus) -> Html:
@@ -6025,7 +6043,6 @@ PEER_ROW = string.Template("""<tr><td>$state</td>
 <td class="title"><b>$name</b><div class="mono muted small">$url</div><div class="muted small">$error</div></td>
 <td class="muted small">$last</td><td>$behind</td><td class="hide-sm mono small">$offset</td>
 <td>$deferred<div class="muted small">$deferred_reason</div></td></tr>""")
-CLOCK_NOTE = string.Template("""<p class="flash error" role="alert">$text</p>""")
 
 
 def peers_fragment(req: Request) -> Html:
@@ -6039,7 +6056,7 @@ def peers_fragment(req: Request) -> Html:
         if p["last_ok_ms"] is None:
             return badge("never synced", "gray")
         return badge("clock skewed", "amber") if p["is_skewed"] else badge("in sync", "green")
-    clock = join(render(CLOCK_NOTE, text=line) for line in clock_lines(clock_status(req.db, now_ms=now)))
+    clock = join(render(ALERT, text=line) for line in clock_lines(clock_status(req.db, now_ms=now)))
     if not peers:
         table_html = render(EMPTY, text="No peers; add one with: clare peer add http://HOST:8765 --name NAME")
     else:
@@ -6985,6 +7002,8 @@ def cmd_project_new(args: argparse.Namespace, ctx: Context) -> None:
 def cmd_project_list(args: argparse.Namespace, ctx: Context) -> None:
     """List projects with their task counts."""
     projects = ctx.svc.list_projects(status=args.status)
+    for name, found in name_clashes(projects).items():
+        print(f"clare: warning: {clash_message(name, found)}", file=sys.stderr)
     emit(ctx, projects, lambda: table(
         ("ID", "NAME", "STATUS", "TODO", "DOING", "BLOCKED", "DONE", "OWNER", "GOAL"),
         ((p.id[:SHORT_ID], p.name, p.status, *(p.task_counts[s] for s in TASK_STATUSES), p.owner,
@@ -7006,6 +7025,12 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
             lines += ["", "history:", format_history(history)]
         return "\n".join(lines)
     emit(ctx, value, text)
+
+
+def cmd_project_rename(args: argparse.Namespace, ctx: Context) -> None:
+    """Give a project a new name (the way out of two projects of one name)."""
+    p = ctx.svc.edit_project(args.project, name=args.name)
+    emit(ctx, p, f"project {p.id[:SHORT_ID]} is now named {p.name}")
 
 
 def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
@@ -7336,6 +7361,8 @@ def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
         for r in report.rejected[:5]:
             print(f"clare: {peer.name}: event {r.get('uuid')} refused: {r.get('reason')}", file=sys.stderr)
         results.append(report)
+    for name, found in name_clashes(list_projects(ctx.db)).items():
+        print(f"clare: warning: {clash_message(name, found)}", file=sys.stderr)
     # A failure was said on stderr already; the summary repeats it only to place it among other peers.
     emit(ctx, results, lambda: "\n".join(
         f"{r['name']}: failed" if isinstance(r, dict) else format_sync_report(r) for r in results
@@ -7479,6 +7506,9 @@ COMMANDS: list[Command] = [
             "clare project set alpha --status paused",
             (arg("project", help="name or id prefix"), arg("--status", choices=PROJECT_STATUSES),
              arg("--goal"), arg("--owner"), arg("--name", help="rename it"))),
+    Command(("project", "rename"), cmd_project_rename, "give a project a new name (two of one name: rename one)",
+            "clare project rename 3f9a2c1b alpha-laptop",
+            (arg("project", help="id prefix (or the name, when only one project has it)"), arg("name"))),
     Command(("task", "add"), cmd_task_add, "add a task to a project",
             'clare task add alpha "write the parser" --prio 1 --desc "tokens first"',
             (arg("project", help="name or id prefix"), arg("title"),
