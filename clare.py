@@ -24,6 +24,7 @@ Sections (each uses only the ones above it):
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -75,6 +76,12 @@ class Conflict(ClareError):
 
 class Forbidden(ClareError):
     http_status = 403
+
+
+class DiskFull(ClareError):
+    """No room to write: nothing of the refused write was stored, and nothing stored was lost."""
+
+    http_status = 507
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,13 +351,14 @@ class PeerStatus:
 class Db:
     """One SQLite connection with the identity of the log it holds."""
 
-    __slots__ = ("conn", "path", "machine_id", "warnings")
+    __slots__ = ("conn", "path", "machine_id", "warnings", "full")
 
     def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str):
         self.conn = conn  # autocommit mode: write_txn() opens every write transaction
         self.path = path
         self.machine_id = machine_id  # stamps every event made here
         self.warnings: list[str] = []  # what a write here should tell its user (a clock one peer finds off)
+        self.full: DiskFull | None = None  # opened for reading only, as the disk was full: every write raises it
 
     @property
     def db_id(self) -> str:
@@ -392,6 +400,9 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
         if path != ":memory:":
             _check_served(conn, path, meta["db_id"])
     except sqlite3.DatabaseError as err:
+        full = storage_error(path, err)
+        if full is not None:
+            return _open_read_only(path, full)
         raise ClareError(f"cannot open database {path}: {err}; check the path, or move a damaged "
                          "file aside and restore it from a peer with 'clare sync'") from err
     return Db(conn, path, meta["machine_id"])
@@ -449,11 +460,64 @@ def note_served(db: Db, db_id: str, rseq: int) -> None:
         staging = f"{db.path}{SERVED_SUFFIX}.tmp"
         fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, f"{db_id} {rseq}\n".encode())
+            data = f"{db_id} {rseq}\n".encode()
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(staging, db.path + SERVED_SUFFIX)
+
+
+LOW_SPACE_BYTES = 1024 * 1024  # with less free than this, an I/O error while writing is a full disk
+
+
+def storage_error(path: str, err: BaseException) -> DiskFull | None:
+    """Return the plain error for a write that found no room (a full disk, or SQLite's size limit); else None.
+
+    A full disk used to read "disk I/O error ... move a damaged file aside": advice that throws
+    away an intact database and its unsynced writes.
+    """
+    code = getattr(err, "sqlite_errorcode", None)
+    is_full = code is not None and code & 0xFF == 13  # SQLITE_FULL
+    is_io = (code is not None and code & 0xFF == 10) or (isinstance(err, OSError) and err.errno == errno.ENOSPC)
+    free = free_bytes(path)
+    if not is_full and not (is_io and free is not None and free < LOW_SPACE_BYTES):
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    return DiskFull(f"the disk is full ({'?' if free is None else free} bytes free at {folder}); free space and "
+                    "retry — nothing was lost")
+
+
+def free_bytes(path: str) -> int | None:
+    """Return the bytes free for this user on the filesystem that holds `path`, None if unknown."""
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _open_read_only(path: str, full: DiskFull) -> "Db":
+    """Open a database the full disk keeps from opening for writing, for reading only, if SQLite can.
+
+    Without a -wal beside it the file holds every committed event, and an immutable read needs no
+    -shm (which a full disk cannot create); every write through it raises `full` again.
+    """
+    if os.path.exists(path + "-wal") and os.path.getsize(path + "-wal") > 0:
+        raise full  # its newest events are in the -wal: reading without it would show an older log
+    try:
+        conn = sqlite3.connect(f"file:{os.path.abspath(path)}?immutable=1", uri=True, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        meta = _read_meta(conn)
+    except sqlite3.DatabaseError as err:
+        raise full from err
+    if "machine_id" not in meta:
+        raise full
+    db = Db(conn, path, meta["machine_id"])
+    db.full = full
+    return db
 
 
 def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
@@ -494,19 +558,32 @@ _MIGRATIONS[2] = [DEFERRED_SCHEMA]
 
 @contextlib.contextmanager
 def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
-    """Run the block in one BEGIN IMMEDIATE transaction: all of it is stored, or none."""
+    """Run the block in one BEGIN IMMEDIATE transaction: all of it is stored, or none.
+
+    A write that finds no room (SQLITE_FULL, or an I/O error on a full disk) rolls back and
+    raises DiskFull: the database keeps everything committed before.
+    """
+    if db.full is not None:
+        raise db.full
     cur = db.conn.cursor()
     try:
         cur.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as err:
+        full = storage_error(db.path, err)
+        if full is not None:
+            raise full from err
         raise ClareError(f"database {db.path} is busy ({err}); another Clare holds it too long, "
                          "try again") from err
     try:
         yield cur
-    except BaseException:
-        cur.execute("ROLLBACK")
+        cur.execute("COMMIT")
+    except BaseException as err:
+        if db.conn.in_transaction:  # SQLite rolls back by itself after some SQLITE_FULL errors
+            cur.execute("ROLLBACK")
+        full = storage_error(db.path, err) if isinstance(err, (sqlite3.Error, OSError)) else None
+        if full is not None:
+            raise full from err
         raise
-    cur.execute("COMMIT")
 
 
 @contextlib.contextmanager

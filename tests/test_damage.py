@@ -1,9 +1,12 @@
 """A lost -wal, a full disk, a damaged file (issue #19): said plainly, nothing acknowledged lost."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
+
+import pytest
 
 import clare
 from conftest import CLARE_PY
@@ -56,3 +59,80 @@ def test_the_served_mark_is_written_when_a_page_is_served_not_on_every_commit(db
     db2 = clare.open_db(db.path)  # a log at or above the mark keeps its id
     assert db2.db_id == db.db_id
     db2.close()
+
+
+# --- a full disk: a real SQLITE_FULL from PRAGMA max_page_count --------------------------------
+
+BIG = "x" * 12_000  # a description that needs new pages: at the page limit it cannot be stored
+FULL_LINE = re.compile(r"\Aclare: error: the disk is full \(\d+ bytes free at [^)]+\); free space and retry — "
+                       r"nothing was lost\n\Z")
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every connection Clare opens from now on cannot grow its database file by a single page."""
+    real = clare.open_db
+
+    def opening(*args, **kw):
+        db = real(*args, **kw)
+        n_pages = db.conn.execute("PRAGMA page_count").fetchone()[0]
+        db.conn.execute(f"PRAGMA max_page_count = {n_pages}")
+        return db
+    monkeypatch.setattr(clare, "open_db", opening)
+    return real  # for the databases of other hosts, whose disks have room
+
+
+def _state(db: clare.Db) -> tuple:
+    return clare.count_events(db), clare.projection_digest(db), db.conn.execute(
+        "SELECT * FROM sync_cursors ORDER BY 1, 2").fetchall()
+
+
+def test_a_full_disk_refuses_a_write_in_one_plain_line_and_reads_still_work(db, cli, full_disk):
+    assert cli("project", "new", "alpha").code == 0
+    before = _state(db)
+    r = cli("task", "add", "alpha", "big", "--desc", BIG)
+    assert r.code == 1 and r.out == "" and FULL_LINE.match(r.err), r.err
+    assert "damaged" not in r.err and "Traceback" not in r.err
+    assert _state(db) == before  # nothing half-applied
+    for argv in (("task", "list"), ("project", "list"), ("status",), ("log",), ("peer", "list")):
+        assert cli(*argv).code == 0, argv
+    assert cli("replay").code == 0 and _state(db) == before
+
+
+def test_a_full_disk_during_sync_says_so_and_stores_no_part_of_the_page(db, cli, tmp_path, full_disk):
+    other = full_disk(str(tmp_path / "b.db"), machine_id="b")
+    clare.create_project(other, "alpha", goal=BIG, now_ms=clare.now_ms())
+    other.close()
+    before = _state(db)
+    url = _serve(tmp_path / "b.db", tmp_path)
+    try:
+        r = cli("sync", url)
+    finally:
+        url.stop()
+    assert r.code == 1 and "the disk is full (" in r.err and "nothing was lost" in r.err
+    assert "internal error" not in r.err and "Traceback" not in r.err
+    assert _state(db) == before
+
+
+def test_a_full_disk_answers_the_api_with_507_and_a_message_not_500(db, server, full_disk):
+    clare.create_project(db, "alpha", now_ms=clare.now_ms())
+    r = server.request("POST", "/api/v1/tasks", json_body={"project": "alpha", "title": "big", "description": BIG})
+    assert r.status == 507, r.body
+    assert "the disk is full (" in r.json()["error"]["message"]
+    assert server.request("GET", "/api/v1/tasks").status == 200
+
+
+class _Served(str):
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _serve(db_path, tmp_path) -> _Served:
+    import threading
+    paths = clare.Paths(db=str(db_path), config=str(tmp_path / "other.toml"))
+    server = clare.make_server(clare.web_config(paths, host="127.0.0.1", port=0, env={}))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = _Served(f"http://127.0.0.1:{server.config.port}")
+    url.server = server
+    return url
