@@ -1,20 +1,29 @@
-# Clare's developer entry points. `make test` is what CI runs (.ci/run).
+# Clare's developer entry points. `make test` is what CI runs (.ci/run): lint, then the whole suite.
 PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 
-.PHONY: test bench clean
+.PHONY: test test-fast lint bench clean
 
-test: $(VENV)/.installed
+test: lint
 	$(VPY) -m pytest -q
+
+# The edit-test loop: the suite without the tests marked slow (`make test` runs those too).
+test-fast: $(VENV)/.installed
+	$(VPY) -m pytest -q -m "not slow"
+
+# Dev-only tools (requirements-dev.txt); their settings are in pyproject.toml.
+lint: $(VENV)/.installed
+	$(VPY) -m ruff check .
+	$(VPY) -m mypy
 
 bench: $(VENV)/.installed
 	$(VPY) bench/run.py
 
 $(VENV)/.installed: requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
+	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis tests/artifacts
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache tests/artifacts

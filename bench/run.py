@@ -26,7 +26,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +150,7 @@ def time_cmd(argv: list[str], env: dict[str, str] | None) -> float:
 def time_interleaved(cmds: dict[str, tuple[list[str], dict[str, str] | None]], runs: int) -> dict[str, float]:
     """Return the median ms of each command, run in turn so drift hits them all alike."""
     times: dict[str, list[float]] = {name: [] for name in cmds}
-    for name, (argv, env) in cmds.items():  # warm the page cache and the interpreter's files
+    for argv, env in cmds.values():  # warm the page cache and the interpreter's files
         time_cmd(argv, env)
     for _ in range(runs):
         for name, (argv, env) in cmds.items():
@@ -361,8 +360,8 @@ def bare_replay(path: Path) -> float:
         conn.execute("DELETE FROM bench_bare")
         upsert = ("INSERT INTO bench_bare (id, event_type, v) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE "
                   "SET event_type = excluded.event_type, v = excluded.v")
-        for rseq, ev_uuid, hlc, event_type, payload in conn.execute(
-                "SELECT rseq, uuid, hlc, event_type, payload FROM events ORDER BY rseq"):
+        for ev_uuid, hlc, event_type, payload in conn.execute(
+                "SELECT uuid, hlc, event_type, payload FROM events ORDER BY rseq"):
             p = json.loads(payload)
             conn.execute(upsert, (p.get("task_id") or p.get("project_id"), event_type, f"{hlc} {ev_uuid}"))
         conn.execute("COMMIT")
@@ -482,14 +481,14 @@ def bench_sync(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
                               base_name="`clare import` of the same events")
         lines = work / "sync.jsonl"
         export_log(src / "clare.db", lines)
-        row.base = median_of(lambda: time_clare(work / "sync-import", "import", str(lines)), 3)
+        row.base = median_of(lambda lines=lines: time_clare(work / "sync-import", "import", str(lines)), 3)
         lines.unlink()
         if not is_ready:
             row.note = incremental.note = "n/a (needs `clare sync` and the sync routes of `clare serve`)"
             continue
         server = ClareServer(src)
         try:
-            row.clare = median_of(lambda: time_clare(work / "sync-dst", "sync", server.url), 3)
+            row.clare = median_of(lambda url=server.url: time_clare(work / "sync-dst", "sync", url), 3)
             if count_events(work / "sync-dst" / "clare.db") != n:
                 raise BenchError("the synced peer does not hold every event")
             if key == "sync.full":
@@ -864,7 +863,7 @@ def machine() -> str:
             p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
             first = (p.stdout or p.stderr).strip().splitlines()
             peers.append(f"{argv[0]} {first[0].split()[1] if argv[0] == 'wrk' else first[0]}" if first else argv[0])
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{when} · {os.cpu_count()} cores ({cpu}), load {load} · Python {platform.python_version()} "
             f"({os.path.realpath(PY)}) · SQLite {sqlite3.sqlite_version} · " + " · ".join(peers))

@@ -1,7 +1,8 @@
 """A stand-in for Claude Code in a tmux pane: registry entry, transcript, hooks, bracketed paste.
 
 Start it as `exec -a claude <python> fake_claude.py [--session-id ID] [--no-registry] [--greet]`
-under bash (FAKE_CLAUDE_SESSION_ID in the environment sets the id without a flag), so that argv[0] is `claude` as for the real program. It writes what it receives
+under bash (FAKE_CLAUDE_SESSION_ID in the environment sets the id without a flag), so that argv[0] is
+`claude` as for the real program. It writes what it receives
 (one JSON line per submitted prompt, and any Enter that would approve its permission dialog)
 to $CLAUDE_CONFIG_DIR (or ~/.claude)/fake-received.jsonl.
 

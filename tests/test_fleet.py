@@ -498,6 +498,7 @@ def test_broadcast_is_refused_while_a_permission_dialog_shows(tmux, cli, db, tmp
 def test_broadcast_is_refused_when_the_pane_no_longer_runs_claude(tmux, cli, tmp_path):
     import shlex
     import sys
+
     from conftest import FAKE_CLAUDE
     line = (f"(exec -a claude {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_CLAUDE))}); "
             "exec bash --norc --noprofile")
@@ -725,6 +726,7 @@ def test_claude_outside_tmux_is_seen_through_its_registry_entry(cli, db, home, t
     import signal
     import subprocess
     import sys
+
     from conftest import FAKE_CLAUDE
     master, slave = pty.openpty()
     (tmp_path / "proj").mkdir()
@@ -770,6 +772,7 @@ def test_serve_pulls_the_fleet_in_the_background(tmux, db, home, tmp_path):
     import signal
     import subprocess
     import sys
+
     from conftest import CLARE_PY
     (home / "clare.toml").write_text("[fleet]\npull_every_s = 0.2\n")
     pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
@@ -864,6 +867,7 @@ def test_fleet_events_in_any_order_give_the_tables_of_a_replay(seed, tmp_path):
 def test_a_registered_claude_is_found_whatever_its_argv0(tmux, cli, tmp_path):
     import shlex
     import sys
+
     from conftest import FAKE_CLAUDE
     line = f"exec -a 2.0.14 {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_CLAUDE))}"  # a versioned binary
     pane = tmux.spawn("bash", "-c", line, cwd=tmp_path / "proj", name="work")
