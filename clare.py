@@ -837,6 +837,59 @@ def restore_db(db: Db, backup_path: str) -> str:
     return db_id
 
 
+def is_unreadable(path: str) -> bool:
+    """Say whether the file at `path` exists but SQLite cannot read it as a database (damaged, or not one)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
+        try:
+            return conn.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok"
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return True
+
+
+def restore_in_place_of(path: str, backup_path: str) -> tuple[str, str | None]:
+    """Put a backup where an unreadable or missing database was, under a new db_id; return (db_id, damaged file).
+
+    Nothing is written until the backup has been read and checked; the damaged file is kept
+    beside under another name, never deleted: it may hold what no peer has.
+    """
+    staging = f"{path}.restore"
+    _remove_db_files(staging)
+    try:
+        src = sqlite3.connect(f"file:{os.path.abspath(backup_path)}?mode=ro", uri=True)
+        try:
+            meta = _read_meta(src)
+            if not meta.get("machine_id"):
+                raise ClareError(f"{backup_path} is not a Clare database (it has no machine id); give a copy "
+                                 "of clare.db made earlier")
+            copy = sqlite3.connect(staging, isolation_level=None)
+            try:
+                src.backup(copy)
+                db_id = new_uuid()
+                set_meta(copy.cursor(), "db_id", db_id)
+            finally:
+                copy.close()
+        finally:
+            src.close()
+    except BaseException as err:
+        _remove_db_files(staging)
+        if isinstance(err, sqlite3.DatabaseError):
+            raise ClareError(f"cannot read {backup_path} as a Clare database ({err}); check the path") from err
+        raise
+    aside = None
+    if os.path.exists(path):
+        aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if os.path.exists(path + suffix):
+                os.replace(path + suffix, aside + suffix)
+    os.replace(staging, path)
+    return db_id, aside
+
+
 def _remove_db_files(path: str) -> None:
     for suffix in ("", "-journal", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
@@ -934,7 +987,8 @@ def save_deferred(cur: sqlite3.Cursor, peer_url: str, direction: str, held: Iter
     """Remember events held back from or by a peer, with the reason, to retry them later. In a txn."""
     cur.executemany(
         """INSERT OR IGNORE INTO sync_deferred (peer_url, direction, uuid, hlc, reason, since_ms)
-           VALUES (?, ?, ?, ?, ?, ?)""", ((peer_url, direction, ev.uuid, ev.hlc, reason, now_ms) for ev, reason in held))
+           VALUES (?, ?, ?, ?, ?, ?)""",
+        ((peer_url, direction, ev.uuid, ev.hlc, reason, now_ms) for ev, reason in held))
 
 
 def drop_deferred(cur: sqlite3.Cursor, peer_url: str, direction: str, uuids: Iterable[str]) -> None:
@@ -2738,12 +2792,25 @@ def page_events(db: Db, *, after: int | None = None, limit: int = 50) -> EventPa
     return EventPage(events, max((e.rseq for e in events), default=after or 0), has_more)
 
 
-def restore_backup(db: Db, backup_path: str) -> tuple[str, int]:
-    """Replace the database by a backup copy of it, migrated to this version; return (new db id, n_events)."""
-    db_id = restore_db(db, backup_path)
-    restored = open_db(db.path)  # opening migrates an older backup
+def restore_backup(path: str, backup_path: str) -> tuple[str, int, str | None]:
+    """Replace the database at `path` by a backup copy of it, migrated to this version.
+
+    Return (new db id, n_events, where a damaged file was moved). A readable database is
+    replaced in place (a running server sees the restore); an unreadable or missing one is
+    replaced by the backup's file: the case a restore is most needed for.
+    """
+    aside = None
+    if os.path.exists(path) and not is_unreadable(path):
+        db = open_db(path)
+        try:
+            db_id = restore_db(db, backup_path)
+        finally:
+            db.close()
+    else:
+        db_id, aside = restore_in_place_of(path, backup_path)
+    restored = open_db(path)  # opening migrates an older backup
     try:
-        return db_id, count_events(restored)
+        return db_id, count_events(restored), aside
     finally:
         restored.close()
 
@@ -4157,7 +4224,7 @@ def sync_accept(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
     good, rejected = check_events(body["events"])
     good, future = split_future(good, now_ms=now_ms)
     with write_txn(db) as cur:
-        db_id = get_meta(cur, "db_id")  # in the transaction: the log the batch went into
+        db_id = get_meta(cur, "db_id") or ""  # in the transaction: the log the batch went into
         head_before = head_rseq(cur)
         result = receive_events(db, cur, good, now_ms=now_ms)
         head_after = head_rseq(cur)
@@ -4345,12 +4412,16 @@ def retry_deferred(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Cal
         asked = wanted[i:i + MAX_FETCH_UUIDS]
         events, rejected = check_events(_answer_field(peer.fetch(asked), "events", list))
         report.rejected += rejected
-        events, future = split_future([ev for ev in events if ev.uuid in set(asked)], now_ms=now)
+        is_asked = set(asked).__contains__
+        events, _ = split_future([ev for ev in events if is_asked(ev.uuid)], now_ms=now)  # still ahead: stays
         with write_txn(db) as cur:
             result = receive_events(db, cur, events, now_ms=now)
             drop_deferred(cur, peer.url, "pull", [ev.uuid for ev in events])
         report.n_pulled += len(result.inserted)
         report.n_deferred_stored += len(result.inserted)
+    if report.machine_id is None or report.db_id is None:
+        raise ClareError("retry before pull: the peer's identity is not known yet")
+    identity = (report.machine_id, report.db_id)
     # The peer's clock decides there: an event is sent again once within the bound by the peer's offset.
     their_now = now + (report.offset_ms or 0)
     ours = [d.uuid for d in list_deferred(db, peer_url=peer.url, direction="push",
@@ -4359,7 +4430,7 @@ def retry_deferred(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Cal
         answer = peer.push({"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
                             "events": [ev.to_json() for ev in batch]})
         before = report.n_pushed
-        held = _count_accept(answer, (report.machine_id, report.db_id), report)
+        held = _count_accept(answer, identity, report)
         report.deferred = [d for d in report.deferred if d["uuid"] not in held]  # still held: not news
         with write_txn(db) as cur:
             drop_deferred(cur, peer.url, "push", [ev.uuid for ev in batch if ev.uuid not in held])
@@ -8163,10 +8234,12 @@ def cmd_restore(args: argparse.Namespace, ctx: Context) -> None:
     if not args.yes:
         raise UsageError("restoring replaces everything in this database by the backup (events since then come "
                          "back only from peers); run again with --yes")
-    db_id, n_events = restore_backup(ctx.db, args.backup)
-    emit(ctx, {"db": ctx.db.path, "db_id": db_id, "n_events": n_events},
-         f"restored {ctx.db.path} from {args.backup}: {n_events} events, new db id {db_id}\n"
-         "get back what peers hold since the backup with: clare sync")
+    path = ctx.paths.db  # not ctx.db: opening would create a new empty database, or fail on a damaged one
+    db_id, n_events, aside = restore_backup(path, args.backup)
+    emit(ctx, {"db": path, "db_id": db_id, "n_events": n_events, "damaged_file": aside},
+         f"restored {path} from {args.backup}: {n_events} events, new db id {db_id}\n"
+         + (f"the unreadable file is kept as {aside}\n" if aside else "")
+         + "get back what peers hold since the backup with: clare sync")
 
 
 GROUP_HELP = {

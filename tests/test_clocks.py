@@ -4,12 +4,11 @@ Events stamped beyond the receiver's now + MAX_OFFSET are deferred, not stored, 
 uuid once within the bound; a host that two reachable peers find off refuses user writes.
 """
 
-import json
 
 import pytest
+from test_sync import Y2286_MS, Link, Node
 
 import clare
-from test_sync import START_MS, Y2286_MS, Link, Node
 
 HOUR_MS = 3_600_000
 

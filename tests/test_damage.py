@@ -3,14 +3,12 @@
 import os
 import re
 import signal
-import subprocess
-import sys
+import sqlite3
 
 import pytest
+from test_sync import Node, fleet  # noqa: F401  (real `clare serve` processes)
 
 import clare
-from conftest import CLARE_PY
-from test_sync import Node, fleet  # noqa: F401  (real `clare serve` processes)
 
 
 def _uuids(db: clare.Db) -> set[str]:
@@ -136,3 +134,45 @@ def _serve(db_path, tmp_path) -> _Served:
     url = _Served(f"http://127.0.0.1:{server.config.port}")
     url.server = server
     return url
+
+
+# --- restore when it is needed most --------------------------------------------------------------
+
+def test_restore_works_when_the_current_file_is_unreadable_and_keeps_it_aside(home, cli, tmp_path):
+    assert cli("project", "new", "alpha").code == 0
+    backup = tmp_path / "backup.db"
+    db = clare.open_db(str(home / "clare.db"))
+    db.conn.execute("VACUUM INTO ?", (str(backup),))
+    old_db_id = db.db_id
+    db.close()
+    assert cli("project", "new", "beta").code == 0
+    garbage = b"this is not a database, it was damaged " * 200
+    (home / "clare.db").write_bytes(garbage)
+    for suffix in ("-wal", "-shm"):
+        if (home / f"clare.db{suffix}").exists():
+            (home / f"clare.db{suffix}").unlink()
+    broken = cli("project", "list")
+    assert broken.code == 1 and "cannot open database" in broken.err
+    r = cli("restore", str(backup), "--yes")
+    assert r.code == 0, r.err
+    assert "the unreadable file is kept as" in r.out
+    [aside] = [p for p in home.iterdir() if ".damaged-" in p.name]
+    assert aside.read_bytes() == garbage
+    assert [p["name"] for p in cli("project", "list", "--json").json()] == ["alpha"]
+    db = clare.open_db(str(home / "clare.db"))
+    assert db.db_id != old_db_id  # peers read the restored log again from 0
+    db.close()
+
+
+def test_a_refused_restore_writes_nothing_not_even_an_empty_database(home, cli, tmp_path):
+    not_clare = tmp_path / "notes.db"
+    con = sqlite3.connect(not_clare)
+    con.execute("CREATE TABLE notes (x)")
+    con.commit()
+    con.close()
+    for argv in (("restore", str(not_clare), "--yes"), ("restore", str(not_clare)),
+                 ("restore", str(tmp_path / "missing.db"), "--yes")):
+        r = cli(*argv)
+        assert r.code in (1, 2) and len(r.err.strip().splitlines()) == 1, (argv, r.err)
+        assert sorted(p.name for p in home.iterdir()) == [], argv
+    assert "is not a Clare database" in cli("restore", str(not_clare), "--yes").err

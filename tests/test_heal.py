@@ -3,8 +3,9 @@
 import socket
 import time
 
-import clare
 from test_sync import fleet  # noqa: F401  (the fixture of three real `clare serve` processes)
+
+import clare
 
 
 def _free_port() -> int:
