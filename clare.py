@@ -396,7 +396,7 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous_mode()}")
         conn.row_factory = sqlite3.Row
         meta = _read_meta(conn)
         if meta.get("schema_version") != str(SCHEMA_VERSION) or "machine_id" not in meta:
@@ -410,6 +410,21 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
         raise ClareError(f"cannot open database {path}: {err}; check the path, or move a damaged "
                          "file aside and restore it from a peer with 'clare sync'") from err
     return Db(conn, path, meta["machine_id"])
+
+
+SYNCHRONOUS_MODES = ("FULL", "NORMAL")
+
+
+def synchronous_mode(env: dict[str, str] | None = None) -> str:
+    """Return SQLite's synchronous setting: FULL unless CLARE_SYNCHRONOUS=NORMAL (test suites, throwaway hosts).
+
+    FULL: an acknowledged write survives a power cut, not only kill -9. Measured on ext4 (2 cores):
+    +7 ms per write transaction, a CLI write ~10 % slower, an API write 0.6 -> 8 ms; durability wins.
+    """
+    value = (os.environ if env is None else env).get("CLARE_SYNCHRONOUS", "FULL").upper()
+    if value not in SYNCHRONOUS_MODES:
+        raise UsageError(f"CLARE_SYNCHRONOUS={value[:20]!r} is not FULL or NORMAL; unset it for FULL")
+    return value
 
 
 SERVED_SUFFIX = ".served"  # beside the database: "DB_ID RSEQ", the highest receipt number peers were told of

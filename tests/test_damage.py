@@ -176,3 +176,13 @@ def test_a_refused_restore_writes_nothing_not_even_an_empty_database(home, cli, 
         assert r.code in (1, 2) and len(r.err.strip().splitlines()) == 1, (argv, r.err)
         assert sorted(p.name for p in home.iterdir()) == [], argv
     assert "is not a Clare database" in cli("restore", str(not_clare), "--yes").err
+
+
+def test_an_acknowledged_write_is_synced_to_disk_by_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("CLARE_SYNCHRONOUS")
+    db = clare.open_db(str(tmp_path / "c.db"), machine_id="c")
+    assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: survives a power cut
+    db.close()
+    monkeypatch.setenv("CLARE_SYNCHRONOUS", "sometimes")
+    with pytest.raises(clare.UsageError, match="CLARE_SYNCHRONOUS='SOMETIMES' is not FULL or NORMAL"):
+        clare.open_db(str(tmp_path / "c.db"))
