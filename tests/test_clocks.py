@@ -156,3 +156,13 @@ def test_peer_list_status_and_dashboard_show_deferred_counts_and_why(db, cli, se
     assert "1 events held back (1 from peers, 0 by peers)" in cli("status").out
     html = server.request("GET", "/frag/peers").text
     assert "events held back" in html and "stamped 2286" in html
+
+
+def test_doctor_says_when_the_stored_clock_runs_ahead_of_the_fixed_wall_clock(home, cli):
+    db = clare.open_db(str(home / "clare.db"), machine_id="laptop")
+    clare.create_project(db, "alpha", now_ms=clare.now_ms() + 2 * HOUR_MS)  # made while the clock ran 2 h ahead
+    db.close()
+    r = cli("doctor", "--json")
+    [clock] = [c for c in r.json()["checks"] if c["name"] == "clock"]
+    assert clock["state"] == "failed" and "2.0 h ahead of its wall clock" in clock["detail"]
+    assert "2.0 h ahead of its wall clock" in cli("status").out
