@@ -1,5 +1,7 @@
 """Daily use (#22): task rm/restore, undo, task list filters, tags, and the CLI's habits, driven as a user would."""
 
+import pytest
+
 import clare
 
 T0 = 1_750_000_000_000
@@ -340,3 +342,31 @@ def test_broadcast_prints_each_session_as_it_lands_with_a_progress_line_on_a_ter
     assert "broadcasting to alpha…".encode() in err
     assert "typing into 2 of 2 sessions on this host…".encode() in err
     assert err.endswith(b"\r\x1b[K")  # the progress line is cleared at the end
+
+
+def test_undo_puts_an_assignment_back_where_it_was_and_removes_a_new_group():
+    from conftest import observe
+
+    db = clare.open_db(":memory:", machine_id="ash")
+    a, b = "a0000000-0000-4000-8000-000000000000", "b0000000-0000-4000-8000-000000000000"
+    observe(db, [a, b], now_ms=T0)
+    p = clare.create_project(db, "alpha", now_ms=T0 + 1)
+    t = clare.create_task(db, p.id, "first", now_ms=T0 + 2)
+    clare.assign_task(db, t.id, session_id=a, now_ms=T0 + 3)
+    clare.assign_task(db, t.id, session_id=b, now_ms=T0 + 4)
+    assert clare.undo_change(db, now_ms=T0 + 5).undone.description == f"assigned task {t.id[:8]} to session b0000000"
+    assert clare.get_task(db, t.id).session_id == a
+    clare.undo_change(db, now_ms=T0 + 6)
+    assert clare.get_task(db, t.id).session_id is None
+    g = clare.create_group(db, "web", cwd="/srv/web", now_ms=T0 + 7)
+    clare.assign_task(db, t.id, group_ref="web", now_ms=T0 + 8)
+    clare.unassign_task(db, t.id, now_ms=T0 + 9)
+    clare.undo_change(db, now_ms=T0 + 10)  # the unassign: bound to the group again
+    assert clare.get_task(db, t.id).group_id == g.id
+    clare.undo_change(db, now_ms=T0 + 11)  # the group assignment
+    clare.undo_change(db, now_ms=T0 + 12)  # the group itself
+    assert clare.list_groups(db) == []
+    clare.undo_change(db, now_ms=T0 + 13)  # the task's creation: removed
+    assert clare.list_tasks(db) == [] and clare.get_task(db, t.id).removed_at is not None
+    with pytest.raises(clare.Conflict, match=r"cannot undo the last change \(created project 'alpha'\)"):
+        clare.undo_change(db, now_ms=T0 + 14)
