@@ -6807,8 +6807,12 @@ class RemoteServices:
         return [_build(Delivery, x) for x in self.call("GET", "/api/v1/deliveries", query=query)]
 
     def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
-                       confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
-        """Have the server type a text into a target's sessions (it waits for confirmations its own way)."""
+                       confirm_s: float = BROADCAST_CONFIRM_S,
+                       on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
+        """Have the server type a text into a target's sessions (it waits for confirmations its own way).
+
+        The server answers once, with every result: `on_delivery` is not called.
+        """
         got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
         return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
                                [_build(Delivery, d) for d in got["deliveries"]])
@@ -7397,11 +7401,7 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
             return 1
     landed = BroadcastLines(as_json=ctx.as_json)
     landed.start(args.target)
-    svc = ctx.svc
-    if isinstance(svc, Services):
-        result = svc.send_broadcast(args.target, text, is_command=args.command, on_delivery=landed)
-    else:  # a server answers once, with every result
-        result = svc.send_broadcast(args.target, text, is_command=args.command)
+    result = ctx.svc.send_broadcast(args.target, text, is_command=args.command, on_delivery=landed)
     landed.close()
     rest = [d for d in result.deliveries if d.session_id not in landed.shown]
     counts = {r: sum(d.result == r for d in result.deliveries) for r in ("delivered", *DELIVERY_RESULTS)}
