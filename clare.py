@@ -903,13 +903,6 @@ def list_own_events(db: Db, types: Iterable[str], *, before_rseq: int | None = N
     return [_event_from_row(r) for r in rows]
 
 
-def list_undone(db: Db) -> set[str]:
-    """Return the uuids of events that this host's undo events name (payload `undoes`)."""
-    rows = db.conn.execute("""SELECT json_extract(payload, '$.undoes') FROM events
-                               WHERE machine_id = ? AND instr(payload, '"undoes":') > 0""", (db.machine_id,))
-    return {r[0] for r in rows if isinstance(r[0], str)}
-
-
 def iter_events(db: Db, *, after: int = 0, batch: int = 1000) -> Iterator[Event]:
     """Yield every event with rseq > after, in local receipt order, a page at a time."""
     cur = db.conn.cursor()
@@ -2800,7 +2793,10 @@ class UndoResult:
 
 def list_changes(db: Db, *, limit: int = 10) -> list[Change]:
     """Return this host's newest changes that are not undone yet, newest first: what undo takes next."""
-    undone, before = list_undone(db), None
+    # One walk back through this host's changes: an undo event comes after the one it takes back,
+    # so it is met first (no scan of the whole log for undo marks).
+    undone: set[str] = set()
+    before = None
     changes: list[Change] = []
     while len(changes) < limit:
         events = list_own_events(db, CHANGE_TYPES, before_rseq=before, limit=200)
@@ -2808,7 +2804,10 @@ def list_changes(db: Db, *, limit: int = 10) -> list[Change]:
             break
         before = events[-1].rseq
         for ev in events:
-            if ev.uuid in undone or "undoes" in ev.payload:
+            if isinstance(ev.payload.get("undoes"), str):
+                undone.add(ev.payload["undoes"])
+                continue
+            if ev.uuid in undone:
                 continue
             if changes and changes[-1].events[0].created_at == ev.created_at \
                     and changes[-1].events[0].rseq - ev.rseq == 1:
@@ -10991,11 +10990,7 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
             return 1
     landed = BroadcastLines(as_json=ctx.as_json)
     landed.start(args.target)
-    svc = ctx.svc
-    if isinstance(svc, Services):
-        result = svc.send_broadcast(args.target, text, is_command=args.command, on_delivery=landed)
-    else:  # a server answers once, with every result
-        result = svc.send_broadcast(args.target, text, is_command=args.command)
+    result = ctx.svc.send_broadcast(args.target, text, is_command=args.command, on_delivery=landed)
     landed.close()
     rest = [d for d in result.deliveries if d.session_id not in landed.shown]
     counts = {r: sum(d.result == r for d in result.deliveries) for r in ("delivered", *DELIVERY_RESULTS)}
