@@ -5551,12 +5551,15 @@ def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dic
     argv = check_launch(db, folder, config=config, branch=outcome.get("branch"))
     if outcome.get("branch"):
         folder = make_worktree(folder, outcome["branch"])
+    # SECURITY: the order may come from a peer: its words become argv and a tmux target, checked here again.
+    model = order.request.get("model")
+    if model is not None and not (isinstance(model, str) and MODEL_RE.match(model)):
+        raise ClareError(f"the order's model {str(model)[:40]!r} is not a model name")
     launcher = agent_launcher(db.path)
     argv += (["--session-id", order.session_id] if order.action == "start" else ["--resume", order.session_id])
-    if order.request.get("model"):
-        argv += ["--model", order.request["model"]]
+    argv += ["--model", model] if model else []
     argv += ["--allowedTools", f"Bash({launcher} update:*)"]  # reporting never opens a permission dialog
-    socket, pane_id, target = open_window(order.request["tmux_session"], folder, argv)
+    socket, pane_id, target = open_window(tmux_session_name(order.request["tmux_session"]), folder, argv)
     outcome |= {"tmux_socket": socket, "pane_id": pane_id, "tmux_target": target, "cwd": folder}
     state, reason = wait_until_ready(socket, pane_id)
     if state != "ready" or order.action != "start" or task is None:

@@ -480,3 +480,31 @@ def test_a_stop_placed_on_one_host_is_carried_out_by_the_sessions_host(hosts, tm
                       and o["result"] == "stopped"], timeout=30, what="b to stop the session")
     assert [x["prompt"] for x in b.received() if "prompt" in x][-1] == "/exit"
     assert b.tmux("list-panes", "-a") == ""
+
+
+def test_an_order_from_a_peer_is_checked_again_by_the_host(cli, fleet, db, tmp_path):
+    """A peer's order.placed passes the door on its form; the host still refuses a model that is a flag
+    and never lets a tmux session name reach another session's window."""
+    folder = tmp_path / "code"
+    folder.mkdir()
+    task_id = project_with_task(cli, folder)
+
+    def peer_order(**fields) -> None:
+        payload = {"order_id": uuid.uuid4().hex, "action": "start", "host": "testhost", "session_id": str(uuid.uuid4()),
+                   "task_id": task_id, "cwd": str(folder), "tmux_session": "alpha", "is_worktree": False,
+                   "model": None, "is_force": False, "expires_at": clare.iso_ms(clare.now_ms() + 60_000), **fields}
+        ev = clare.check_received({"uuid": str(uuid.uuid4()), "hlc": f"{clare.now_ms():013d}.000000.peer",
+                                   "machine_id": "peer", "event_type": "order.placed", "payload": payload,
+                                   "created_at": clare.iso_ms(clare.now_ms())})
+        with clare.write_txn(db) as cur:
+            clare.receive_events(db, cur, [ev], now_ms=clare.now_ms())
+
+    peer_order(model="--dangerously-skip-permissions")
+    cli("pull")
+    [refused] = clare.list_orders(db)
+    assert refused.result == "refused" and "is not a model name" in refused.reason
+    assert not (fleet.claude_dir / "fake-started.jsonl").exists()
+    peer_order(tmux_session="alpha:1.0")
+    cli("pull")
+    started = clare.list_orders(db)[-1]
+    assert started.result == "started" and started.outcome["tmux_target"].startswith("alpha_1_0:")
