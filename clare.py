@@ -2363,7 +2363,10 @@ def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None =
 
 
 def list_known_hosts(db: Db) -> dict[str, set[str]]:
-    """Return every host this log knows (machine id -> display names): event makers, peers, session and code hosts."""
+    """Return every host this log knows (machine id -> display names: its host name, peer names).
+
+    Known: the makers of events, peers that answered, the hosts of sessions and of project directories.
+    """
     hosts: dict[str, set[str]] = {db.machine_id: set()}
     for (machine_id,) in db.conn.execute("SELECT DISTINCT machine_id FROM events"):
         hosts.setdefault(machine_id, set())
@@ -2372,6 +2375,8 @@ def list_known_hosts(db: Db) -> dict[str, set[str]]:
         hosts.setdefault(machine_id, set())
     for name, machine_id in db.conn.execute("SELECT name, machine_id FROM sync_peers WHERE machine_id IS NOT NULL"):
         hosts.setdefault(machine_id, set()).add(name)
+    for machine_id, names in hosts.items():
+        names.add(machine_host_name(machine_id))  # apricot-3f9a2c is "apricot" to people
     return hosts
 
 
@@ -11318,8 +11323,8 @@ _GLOBAL_ARGS = (
 # The same options after the verb (`clare task list --home /tmp/c2`): SUPPRESS keeps a value given before it.
 _LEAF_GLOBAL_ARGS = tuple((flags, {**options, "default": argparse.SUPPRESS}) for flags, options in _GLOBAL_ARGS)
 _DIR_ARG = arg("--dir", action="append", default=[], metavar="[HOST:]PATH",
-               help="where the code lives: /PATH on this host, HOST:/PATH on another (machine id or unique peer "
-                    "name), HOST: to forget it; repeat per host")
+               help="where the code lives: /PATH on this host, HOST:/PATH on another (machine id, or a host or "
+                    "peer name only one host has), HOST: to forget it; repeat per host")
 
 _SERVE_ARGS = (
     arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
@@ -11442,7 +11447,8 @@ COMMANDS: list[Command] = [
              arg("--state", choices=SESSION_STATES, help="only sessions in this state"))),
     Command(("session", "start"), cmd_session_start, "start a Claude session for a task in a new tmux window",
             "clare session start 3f2a\n  clare session start 3f2a --host apricot --worktree --model sonnet",
-            (_TASK_REF, arg("--host", help="machine id or unique peer name (default: where the project's code is)"),
+            (_TASK_REF, arg("--host", help="machine id, or a host or peer name only one host has (default: where "
+                                           "the project's code is)"),
              arg("--worktree", action="store_true",
                  help="work in a new git worktree and branch clare/<id>-<title> beside the repository"),
              arg("--model", help="the model Claude uses (claude --model)"))),

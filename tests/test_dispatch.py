@@ -82,9 +82,14 @@ def test_project_dirs_per_host_are_set_shown_and_removed(cli, db, tmp_path):
     shown = cli("project", "show", "api").out
     assert "code:  /srv/api on m-apricot" in shown and f"code:  {tmp_path} on testhost" in shown
     r = cli("project", "set", "api", "--dir", "m-apricot:", "--dir", "m-one:/opt/api", "--json")
-    assert r.json()["dirs"] == {"m-one": "/opt/api", "testhost": str(tmp_path)}
+    assert r.json()["dirs"] == {"m-one": "/opt/api", "testhost": str(tmp_path)}  # m-apricot's entry forgotten
     r = cli("project", "set", "api", "--dir", "twin:/x")
     assert r.code == 1 and "host name 'twin' is ambiguous: machine ids m-one, m-two" in r.err
+    db.conn.execute("INSERT INTO sync_peers (url, name, machine_id) VALUES ('http://d:1', 'd', 'fig-3f9a2c'), "
+                    "('http://e:1', 'e', 'pear-3f9a2c'), ('http://f:1', 'f', 'pear-77aa00')")
+    assert cli("project", "set", "api", "--dir", "fig:/srv/fig", "--json").json()["dirs"]["fig-3f9a2c"] == "/srv/fig"
+    r = cli("project", "set", "api", "--dir", "pear:/x")
+    assert r.code == 1 and "host name 'pear' is ambiguous: machine ids pear-3f9a2c, pear-77aa00" in r.err
     r = cli("project", "set", "api", "--dir", "nowhere:/x")
     assert r.code == 1 and "no host 'nowhere' is known here" in r.err and "clare sync" in r.err
     r = cli("project", "set", "api", "--dir", "relative/path")
