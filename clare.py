@@ -8148,7 +8148,9 @@ def start_card(req: Request, task: Task) -> Html:
             f"Say where the code lives first: clare project set {project.name} --dir /PATH")
     found = [s for s in find_sessions(req.db, prefix=task.session_id) if s.id == task.session_id] \
         if task.session_id else []
-    current = Html("")
+    current, is_live = Html(""), bool(found) and found[0].state != "gone"
+    if is_live:
+        note = "One session per task: stop this one before starting another."
     if found:
         s = found[0]
         verb = "resume" if s.state == "gone" else "stop"
@@ -8160,7 +8162,7 @@ def start_card(req: Request, task: Task) -> Html:
     return render(START_CARD, csrf=csrf_field(req), current=current,
                   attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#start-session"),
                   hosts=options(((h, f"{h} · {project.dirs[h]}") for h in hosts), here),
-                  disabled=Html("" if hosts and task.status != "done" else " disabled"), note=note)
+                  disabled=Html("" if hosts and task.status != "done" and not is_live else " disabled"), note=note)
 
 
 def status_form(req: Request, task: Task, *, view: str) -> Html:
