@@ -6558,26 +6558,35 @@ def _wait_backoff(db: Db, peer: Peer, *, stop: Any, seconds: float, contacts: Pe
     return False
 
 
-def push_order(db: Db, order: Order, *, config: dict[str, Any]) -> list[str]:
-    """Sync now with the configured peers that are the order's host; return the names reached.
+ORDER_WAIT_S = START_READY_S + 15  # how long a start pushed to its host is followed for its receipt
 
-    None reached is fine: the order waits in the log for the host's next sync, until it expires.
+
+def push_order(db: Db, order: Order, *, config: dict[str, Any], wait_s: float = ORDER_WAIT_S) -> Order:
+    """Sync now with the configured peer that is the order's host, then follow it until its receipt comes back.
+
+    No such peer, or one that does not answer, is fine: the order waits in the log for the host's
+    next sync (pending), until it expires.
     """
     known = {s.url: s.machine_id for s in list_peer_status(db)}
-    reached = []
     for peer in load_peers(config):
-        if known.get(peer.url) == order.host:
-            with contextlib.suppress(ClareError):  # unreachable now: the periodic sync is the fallback
+        if known.get(peer.url) != order.host:
+            continue
+        deadline = time.monotonic() + wait_s
+        try:
+            sync_round(db, peer, config)  # the host carries it out as soon as the batch arrives
+            while list_orders(db, order_id=order.id)[0].result not in ORDER_FINAL and time.monotonic() < deadline:
+                time.sleep(0.5)
                 sync_round(db, peer, config)
-                reached.append(peer.name)
-    return reached
+        except ClareError:
+            continue  # unreachable now: the periodic sync is the fallback
+        break
+    return list_orders(db, order_id=order.id)[0]
 
 
 def _send_order(db: Db, order: Order, *, config: dict[str, Any], now_ms: int) -> Order:
-    if order.host == db.machine_id:
-        pull_fleet(db, config=config, now_ms=now_ms)  # carries it out, then sees the session
-    else:
-        push_order(db, order, config=config)
+    if order.host != db.machine_id:
+        return push_order(db, order, config=config)
+    pull_fleet(db, config=config, now_ms=now_ms)  # carries it out, then sees the session
     return list_orders(db, order_id=order.id)[0]
 
 
@@ -8023,8 +8032,8 @@ def order_text(o: Order) -> str:
     where = " in " + o.outcome["tmux_target"] if o.outcome.get("tmux_target") else ""
     branch = f" (branch {o.outcome['branch']})" if o.outcome.get("branch") else ""
     if o.result == "pending":
-        return (f"{what}: pending until {o.host} takes it (pushed at once when it is a reachable peer, else at its "
-                f"next sync; expires {when_text(o.expires_at)}); follow it with: clare session orders")
+        return (f"{what}: pending: {o.host} has not taken it yet (it gets the order when it next syncs with a host "
+                f"that has it; expires {when_text(o.expires_at)}); follow it with: clare session orders")
     return f"{what}{where}{branch}: {o.result}" + (f": {o.reason}" if o.reason else "")
 
 
