@@ -1486,6 +1486,7 @@ class Task:
     group_id: str | None  # ... or one group, or neither
     tags: tuple[str, ...] = ()  # sorted
     removed_at: str | None = None  # set while the task is removed (task rm); it then leaves every list
+    group: str | None = None  # the name of group_id's group, for display
 
     def to_json(self) -> dict[str, Any]:
         """Return the task as the JSON object the CLI and API print."""
@@ -2068,7 +2069,7 @@ SELECT t.id, t.project_id, coalesce(p.name, '') AS project, t.title, t.descripti
             ELSE t.assignee END AS assignee,
        (SELECT group_concat(tag, ' ') FROM (SELECT x.tag FROM task_tags x
          WHERE x.task_id = t.id AND x.present = 1 ORDER BY x.tag)) AS tags,
-       t.removed_at
+       t.removed_at, CASE WHEN {_LIVE_GROUP} THEN g.name END AS group_name
   FROM tasks t LEFT JOIN projects p ON p.id = t.project_id
        LEFT JOIN groups g ON substr(t.assignee, 1, 6) = 'group:' AND g.id = substr(t.assignee, 7)
  WHERE t.created_at_v IS NOT NULL"""
@@ -2079,7 +2080,7 @@ def _task_from_row(row: sqlite3.Row) -> Task:
     return Task(row["id"], row["project_id"], row["project"], row["title"], row["description"],
                 row["status"], row["priority"], row["created_at"],
                 target if kind == "session" else None, target if kind == "group" else None,
-                tuple((row["tags"] or "").split()), row["removed_at"])
+                tuple((row["tags"] or "").split()), row["removed_at"], row["group_name"] if kind == "group" else None)
 
 
 def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = None,
@@ -8042,7 +8043,7 @@ def assignee_text(task: Task) -> Html:
     if task.session_id:
         return render(SESSION_ASSIGNEE, full_id=task.session_id, id=task.session_id[:SHORT_ID])
     if task.group_id:
-        return render(ASSIGNEE, kind="group", id=task.group_id[:SHORT_ID])
+        return render(ASSIGNEE, kind="group", id=task.group or task.group_id[:SHORT_ID])
     return Html('<span class="muted">—</span>')
 
 
@@ -10067,7 +10068,7 @@ def _assignee(task: Task) -> str:
     if task.session_id:
         return f"session {task.session_id[:SHORT_ID]}"
     if task.group_id:
-        return f"group {task.group_id[:SHORT_ID]}"
+        return f"group {task.group or task.group_id[:SHORT_ID]}"
     return ""
 
 
