@@ -621,14 +621,6 @@ def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
     return cur.execute("SELECT coalesce(max(rseq), 0) FROM events").fetchone()[0]
 
 
-def renew_db_id(db: Db) -> str:
-    """Give this database a new db_id, as after a restore: peers then re-read it from 0."""
-    db_id = new_uuid()
-    with write_txn(db) as cur:
-        set_meta(cur, "db_id", db_id)
-    return db_id
-
-
 def restore_db(db: Db, backup_path: str) -> str:
     """Replace the whole database by a backup file of it under a new db_id; return that id.
 
@@ -1543,11 +1535,6 @@ def list_history(db: Db, entity_ids: list[str], *, limit: int = 200) -> list[Eve
              WHERE e.uuid IN (SELECT uuid FROM event_refs WHERE entity_id IN ({marks}))
              ORDER BY e.hlc DESC, e.uuid DESC LIMIT ?""", [*entity_ids, limit]).fetchall()
     return [_event_from_row(r) for r in reversed(rows)]
-
-
-def projection_digest(db: Db) -> dict[str, list[tuple]]:
-    """Return every projection table's rows, sorted: what 'the same state' means in tests and sync checks."""
-    return {t: sorted(tuple(r) for r in db.conn.execute(f"SELECT * FROM {t}")) for t in PROJECTION_TABLES}
 
 
 # ==========================================================================
@@ -4161,8 +4148,7 @@ ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                422: "invalid", 431: "headers_too_large", 500: "internal", 501: "not_implemented"}
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
-HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both together
-HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"
+HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both (and its test's hash)
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
@@ -4196,11 +4182,6 @@ class WebConfig:
     deadline_s: float = REQUEST_DEADLINE_S
     max_threads: int = MAX_HANDLER_THREADS
     peers: tuple[Peer, ...] = ()  # clare.toml's peers as read at start: a later typo there never breaks a poll
-
-    @property
-    def has_token(self) -> bool:
-        """Tell whether requests must authenticate."""
-        return self.token is not None
 
     @property
     def login_cookie(self) -> str:
@@ -6120,11 +6101,6 @@ API_DOCS.update({
         "properties": {"uuids": {"type": "array", "items": {"type": "string"}}}}, 200, _ref("SyncEvents")),
     ("GET", "/api/v1/sync/peers"): ("Sync: each peer and what its last sync did", (), None, 200, _array("PeerStatus")),
 })
-
-
-def openapi_path(pattern: "re.Pattern[str]") -> str:
-    """Return the OpenAPI path template of a route pattern: named groups become {name}."""
-    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern).replace("\\", "")
 
 
 def openapi_document() -> dict[str, Any]:
