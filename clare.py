@@ -970,8 +970,14 @@ def _as_json(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
 
 
+# COMPAT: an event written by a newer Clare (a new type, a new field, a new value of a known field)
+# passes the door on its form alone (check_event, then PAYLOADS: ids, types, sizes), is stored and
+# relayed, and is left out of the projections until a version that knows it replays the log.
+# Refusing it would stop every older peer from storing or relaying it, and the fleet would diverge.
 APPLIERS: dict[str, Callable[[sqlite3.Cursor, Event], None]] = {}
-PAYLOADS: dict[str, dict[str, Callable[[Any], bool]]] = {}  # event type -> field -> check; "name?" is optional
+PAYLOADS: dict[str, dict[str, Callable[[Any], bool]]] = {}  # event type -> field -> form check; "name?": optional
+# event type -> field -> the values this version knows (a field of the vocabulary: a status, a state)
+KNOWN_VALUES: dict[str, dict[str, Any]] = {}
 # event type -> (what a good payload does, check of the whole payload): rules across fields
 PAYLOAD_RULES: dict[str, tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...]] = {}
 
@@ -982,9 +988,23 @@ def applies(event_type: str, payload: dict[str, Callable[[Any], bool]], *,
     def register(fn: Callable[[sqlite3.Cursor, Event], None]) -> Callable:
         APPLIERS[event_type] = fn
         PAYLOADS[event_type] = payload
+        KNOWN_VALUES[event_type] = {key.rstrip("?"): check.choices for key, check in payload.items()
+                                    if isinstance(check, _OneOf)}
         PAYLOAD_RULES[event_type] = rules
         return fn
     return register
+
+
+class _OneOf:
+    """A field of the vocabulary: its form is checked at the door, its value only by the projections."""
+
+    __slots__ = ("choices", "form")
+
+    def __init__(self, choices: Sequence[Any], form: Callable[[Any], bool]):
+        self.choices, self.form = choices, form
+
+    def __call__(self, v: Any) -> bool:
+        return self.form(v)
 
 
 def _is_str(v: Any) -> bool:
@@ -1003,16 +1023,23 @@ def _is_opt_id(v: Any) -> bool:
     return v is None or _is_id(v)
 
 
-def _is_priority(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v in PRIORITIES
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_word(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS
 
 
 def _is_one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
-    return lambda v: v in choices
+    return _OneOf(choices, _is_word)
+
+
+_is_priority: Callable[[Any], bool] = _OneOf(PRIORITIES, _is_int)
 
 
 def check_payload(ev: Event) -> Event:
-    """Check the payload of a known event type field by field; unknown types pass (a newer Clare)."""
+    """Check the form of a known event type's payload field by field; unknown types pass (a newer Clare)."""
     for key, check in PAYLOADS.get(ev.event_type, {}).items():
         name = key.rstrip("?")
         if name not in ev.payload:
@@ -1021,10 +1048,21 @@ def check_payload(ev: Event) -> Event:
             raise ClareError(f"{ev.event_type} payload lacks {name}")
         if not check(ev.payload[name]):
             raise ClareError(f"{ev.event_type} payload has a bad {name}: {str(ev.payload[name])[:60]!r}")
-    for rule, check in PAYLOAD_RULES.get(ev.event_type, ()):
-        if not check(ev.payload):
-            raise ClareError(f"{ev.event_type} payload breaks a rule: it {rule}")
     return ev
+
+
+def not_understood(ev: Event) -> str | None:
+    """Say why this version's projections leave a stored event out (a value or rule it does not know), or None."""
+    if ev.event_type not in APPLIERS:
+        return f"{ev.event_type} is not an event type of Clare {__version__}"
+    for name, known in KNOWN_VALUES[ev.event_type].items():
+        if name in ev.payload and ev.payload[name] not in known:
+            return f"{ev.event_type} payload has a {name} Clare {__version__} does not know: " \
+                   f"{str(ev.payload[name])[:60]!r}"
+    for rule, check in PAYLOAD_RULES[ev.event_type]:
+        if not check(ev.payload):
+            return f"{ev.event_type} payload breaks a rule: it {rule}"
+    return None
 
 
 def check_received(obj: object) -> Event:
@@ -1033,21 +1071,23 @@ def check_received(obj: object) -> Event:
 
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Fold one stored event into the projections; unknown types only get history refs."""
+    """Fold one stored event into the projections; one they do not understand only gets history refs."""
     for key in REF_KEYS:  # replay() does the same in bulk: keep the two rules alike
         ref = ev.payload.get(key)
         if isinstance(ref, str):
             cur.execute("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
                         (ref, ev.hlc, ev.uuid))
-    applier = APPLIERS.get(ev.event_type)
-    if applier is not None:
-        applier(cur, ev)
+    if not_understood(ev) is None:
+        APPLIERS[ev.event_type](cur, ev)
 
 
 def record(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any], *, now_ms: int) -> Event:
     """Append a new local event and apply it. Call inside write_txn."""
     ev = make_event(db, cur, event_type, payload, now_ms=now_ms)
-    apply_event(cur, check_payload(ev))
+    reason = not_understood(check_payload(ev))
+    if reason is not None and event_type in APPLIERS:  # a bug in a service: its own events are understood
+        raise ClareError(reason)
+    apply_event(cur, ev)
     return ev
 
 
@@ -1076,9 +1116,8 @@ def replay(db: Db) -> int:
                              WHERE json_type(payload, '$.{key}') = 'text' ORDER BY 1, 2, 3""")
         appliers = APPLIERS
         for ev in iter_events(db, batch=5000):
-            applier = appliers.get(ev.event_type)
-            if applier is not None:
-                applier(cur, ev)
+            if not_understood(ev) is None:
+                appliers[ev.event_type](cur, ev)
             n_events += 1
     return n_events
 
