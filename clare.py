@@ -4193,8 +4193,8 @@ SECURITY_HEADERS = (
     ("X-Frame-Options", "DENY"),
     # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on our own form posts.
     ("Referrer-Policy", "same-origin"),
-    # Inline CSS lives in the page template; scripts only from /static, never inline.
-    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    # Scripts and styles only from /static, never inline (STYLESHEET is /static/clare.css).
+    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self'; "
                                 "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
 )
 
@@ -4876,16 +4876,9 @@ HTMX_CONFIG = {"includeIndicatorStyles": False, "defaultSwapStyle": "outerHTML",
                                     {"code": "[45]..", "swap": True, "error": False}]}
 NAV = (("/", "Dashboard"), ("/projects", "Projects"), ("/sessions", "Sessions"), ("/broadcast", "Broadcast"))
 
-PAGE = string.Template("""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark">
-<meta name="htmx-config" content="$htmx_config">
-<link rel="icon" href="data:,">
-<title>$title · Clare</title>
-<style>
+# The dashboard's one stylesheet, served from memory as /static/clare.css (no inline CSS: the
+# Content-Security-Policy has no 'unsafe-inline'). Its URL carries its hash, so it is cached for good.
+STYLESHEET = """
 :root{--bg:#f5f6f8;--fg:#1b2129;--muted:#5f6b78;--card:#fff;--line:#e1e5ea;--soft:#eef1f5;--accent:#3b5bdb;
 --on-accent:#fff;--gray:#6b7785;--blue:#1c7ed6;--orange:#e8590c;--green:#2f9e44;--amber:#e67700;--red:#e03131;
 --violet:#7048e8;color-scheme:light dark}
@@ -4971,7 +4964,19 @@ footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
 .stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}
 nav a{padding:.25rem .4rem;font-size:.93rem}
 .card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
-</style>
+body.bare{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
+"""
+
+PAGE = string.Template("""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="htmx-config" content="$htmx_config">
+<link rel="icon" href="data:,">
+<title>$title · Clare</title>
+<link rel="stylesheet" href="/static/clare.css?v=$css_version">
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
 </head>
 <body hx-headers="$hx_headers">
@@ -4997,8 +5002,20 @@ def page(req: Request, title: str, main: Html, *, status: int = 200) -> Response
                for href, label in NAV)
     return html_response(render(
         PAGE, title=title, main=main, nav=nav, host=req.db.machine_id, version=__version__, poll_s=POLL_S,
-        htmx_version=HTMX_VERSION, htmx_config=json.dumps(HTMX_CONFIG),
+        htmx_version=HTMX_VERSION, css_version=stylesheet_version(), htmx_config=json.dumps(HTMX_CONFIG),
         hx_headers=json.dumps({"X-CSRF-Token": req.config.csrf_token})), status=status)
+
+
+def stylesheet_version() -> str:
+    """Return the hash of STYLESHEET that its URL carries (computed once)."""
+    if not _STYLESHEET_VERSION:
+        import hashlib
+
+        _STYLESHEET_VERSION.append(hashlib.sha256(STYLESHEET.encode()).hexdigest()[:16])
+    return _STYLESHEET_VERSION[0]
+
+
+_STYLESHEET_VERSION: list[str] = []
 
 
 def flash(text: str, *, kind: str = "error", oob: bool = False) -> Html:
@@ -5009,15 +5026,14 @@ def flash(text: str, *, kind: str = "error", oob: bool = False) -> Html:
 
 def error_page(status: int, message: str) -> Html:
     """Return the full page shown for an HTTP error, without the database (it may be the problem)."""
-    return render(PAGE_ERROR, status=status, message=message)
+    return render(PAGE_ERROR, status=status, message=message, css_version=stylesheet_version())
 
 
 PAGE_ERROR = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark"><link rel="icon" href="data:,"><title>$status · Clare</title>
-<style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
-@media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
-<body><h1>$status</h1><p>$message</p><p><a href="/">Back to the dashboard</a></p></body></html>
+<link rel="stylesheet" href="/static/clare.css?v=$css_version"></head>
+<body class="bare"><h1>$status</h1><p>$message</p><p><a href="/">Back to the dashboard</a></p></body></html>
 """)
 
 
@@ -5961,14 +5977,17 @@ def api_replay(req: Request) -> Response:
 
 
 def get_static(req: Request) -> Response:
-    """Serve a vendored file from static/ with a year-long cache (the URL carries its version)."""
+    """Serve the stylesheet, or a vendored file from static/, with a year-long cache (the URL carries its version)."""
     name = req.params["name"]
     kind = STATIC_TYPES.get(os.path.splitext(name)[1])
     path = os.path.join(STATIC_DIR, name)
-    if kind is None or not os.path.isfile(path):
+    if kind is None or (name != "clare.css" and not os.path.isfile(path)):
         raise NotFound(f"no static file {name!r}")
-    with open(path, "rb") as f:
-        body = f.read()
+    if name == "clare.css":
+        body = STYLESHEET.encode()
+    else:
+        with open(path, "rb") as f:
+            body = f.read()
     return Response(200, body, kind, (("Cache-Control", "public, max-age=31536000, immutable"),))
 
 
