@@ -232,7 +232,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
 UUID_RE = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
@@ -572,6 +572,23 @@ def list_events(db: Db, *, limit: int = 50) -> list[Event]:
     return [_event_from_row(r) for r in reversed(rows)]
 
 
+def list_own_events(db: Db, types: Iterable[str], *, before_rseq: int | None = None, limit: int = 50) -> list[Event]:
+    """Return this host's newest events of some types, newest first (by receipt, which for its own is creation)."""
+    types = tuple(types)
+    rows = db.conn.execute(
+        f"""SELECT {_EVENT_COLUMNS} FROM events WHERE machine_id = ? AND rseq < ?
+              AND event_type IN ({','.join('?' * len(types))}) ORDER BY rseq DESC LIMIT ?""",
+        (db.machine_id, before_rseq or 2**62, *types, limit)).fetchall()
+    return [_event_from_row(r) for r in rows]
+
+
+def list_undone(db: Db) -> set[str]:
+    """Return the uuids of events that this host's undo events name (payload `undoes`)."""
+    rows = db.conn.execute("""SELECT json_extract(payload, '$.undoes') FROM events
+                               WHERE machine_id = ? AND instr(payload, '"undoes":') > 0""", (db.machine_id,))
+    return {r[0] for r in rows if isinstance(r[0], str)}
+
+
 def iter_events(db: Db, *, after: int = 0, batch: int = 1000) -> Iterator[Event]:
     """Yield every event with rseq > after, in local receipt order, a page at a time."""
     cur = db.conn.cursor()
@@ -793,10 +810,32 @@ CREATE TABLE event_refs (                       -- which events name which entit
     PRIMARY KEY (entity_id, hlc, uuid)
 ) WITHOUT ROWID;
 """
-PROJECTION_TABLES = ("projects", "tasks", "groups", "updates", "event_refs", "sessions", "broadcasts", "deliveries")
+PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
+                     "deliveries")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
+
+TAG_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:+-]{0,39}\Z")  # one word: backend, p1, ux:review
+MAX_TAGS = 20  # per task
+# Schema 2: removal and tags. A removed task keeps its row (history, `task list --all`, restore);
+# a tag is one row per (task, tag) whose `present` is last-writer-wins: an add/remove set that
+# merges per tag, so concurrent tags from two hosts both survive and a removal wins only if newer.
+TAGS_SCHEMA = """
+ALTER TABLE tasks ADD COLUMN removed_at TEXT;
+ALTER TABLE tasks ADD COLUMN removed_at_v TEXT;
+CREATE TABLE task_tags (
+    id TEXT PRIMARY KEY,                        -- task_id + ' ' + tag
+    task_id TEXT, task_id_v TEXT,
+    tag TEXT, tag_v TEXT,
+    present INTEGER, present_v TEXT             -- 1 tagged, 0 untagged: last writer wins per tag
+);
+CREATE INDEX task_tags_task ON task_tags (task_id, tag) WHERE present = 1;
+CREATE INDEX task_tags_tag ON task_tags (tag, task_id) WHERE present = 1;
+DROP INDEX tasks_counts;
+CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NOT NULL AND removed_at IS NULL
+"""
+_MIGRATIONS[2] = [TAGS_SCHEMA]
 
 SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
                   "last_activity_at", "label", "tokens")
@@ -888,6 +927,8 @@ class Task:
     created_at: str
     session_id: str | None  # the assignment: one session ...
     group_id: str | None  # ... or one group, or neither
+    tags: tuple[str, ...] = ()  # sorted
+    removed_at: str | None = None  # set while the task is removed (task rm); it then leaves every list
 
     def to_json(self) -> dict[str, Any]:
         """Return the task as the JSON object the CLI and API print."""
@@ -940,6 +981,8 @@ class Session:
     task_id: str | None  # the most urgent open task assigned to it (directly, else through a group)
     tokens: dict[str, int]  # usage summed over its transcript
     created_at: str  # first seen
+    task_ids: tuple[str, ...] = ()  # every open task it holds, most urgent first (task_id is the first)
+    group: str | None = None  # the name of the group that binds task_id to it, None when bound directly
 
     @property
     def tmux_session(self) -> str:
@@ -1163,7 +1206,7 @@ def apply_project_created(cur: sqlite3.Cursor, ev: Event) -> None:
 
 
 @applies("project.updated", {"project_id": _is_id, "name?": _is_str, "goal?": _is_str, "owner?": _is_str,
-                             "status?": _is_one_of(PROJECT_STATUSES)})
+                             "status?": _is_one_of(PROJECT_STATUSES), "undoes?": _is_id})
 def apply_project_updated(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid): a late old edit never overwrites a newer one."""
     p = ev.payload  # {project_id, name?, goal?, owner?, status?}
@@ -1172,27 +1215,66 @@ def apply_project_updated(cur: sqlite3.Cursor, ev: Event) -> None:
         _lww(cur, "projects", p["project_id"], fields, ev)
 
 
+def _is_tag(v: Any) -> bool:
+    return isinstance(v, str) and TAG_RE.match(v) is not None
+
+
+def _is_tag_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_TAGS and all(map(_is_tag, v))
+
+
+def _is_tag_changes(v: Any) -> bool:
+    return isinstance(v, dict) and len(v) <= 2 * MAX_TAGS and all(
+        _is_tag(k) and isinstance(x, bool) for k, x in v.items())
+
+
+def _set_tags(cur: sqlite3.Cursor, task_id: str, changes: dict[str, bool], ev: Event) -> None:
+    for tag, is_present in changes.items():
+        _lww(cur, "task_tags", f"{task_id} {tag}", {"task_id": task_id, "tag": tag, "present": int(is_present)}, ev)
+
+
 @applies("task.created", {"task_id": _is_id, "project_id": _is_id, "title": _is_str, "description": _is_str,
-                          "priority": _is_priority, "status": _is_one_of(TASK_STATUSES)})
+                          "priority": _is_priority, "status": _is_one_of(TASK_STATUSES), "tags?": _is_tag_list})
 def apply_task_created(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Per-field last writer wins, by (hlc, uuid); the create sets every field."""
-    p = ev.payload  # {task_id, project_id, title, description, priority, status}
+    """Per-field last writer wins, by (hlc, uuid); the create sets every field and adds its tags."""
+    p = ev.payload  # {task_id, project_id, title, description, priority, status, tags?}
     _lww(cur, "tasks", p["task_id"], {
         "created_at": ev.created_at,
         **_pick(p, ("project_id", "title", "description", "priority", "status"))}, ev)
+    _set_tags(cur, p["task_id"], dict.fromkeys(p.get("tags", ()), True), ev)
 
 
 @applies("task.updated", {"task_id": _is_id, "title?": _is_str, "description?": _is_str,
-                          "priority?": _is_priority, "status?": _is_one_of(TASK_STATUSES)})
+                          "priority?": _is_priority, "status?": _is_one_of(TASK_STATUSES),
+                          "tags?": _is_tag_changes, "undoes?": _is_id})
 def apply_task_updated(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Per-field last writer wins, by (hlc, uuid): a title edit and a status change both survive."""
-    p = ev.payload  # {task_id, title?, description?, priority?, status?}
+    """Per-field last writer wins, by (hlc, uuid): a title edit and a status change both survive.
+
+    Tags are an add/remove set: `tags` maps a tag to true (add) or false (remove), and each tag
+    is its own last-writer-wins field, so two hosts tagging at once both keep their tags.
+    """
+    p = ev.payload  # {task_id, title?, description?, priority?, status?, tags?: {tag: bool}, undoes?}
     fields = _pick(p, ("title", "description", "priority", "status"))
     if fields:
         _lww(cur, "tasks", p["task_id"], fields, ev)
+    _set_tags(cur, p["task_id"], p.get("tags", {}), ev)
 
 
-@applies("task.assigned", {"task_id": _is_id, "session_id?": _is_opt_id, "group_id?": _is_opt_id},
+@applies("task.removed", {"task_id": _is_id, "undoes?": _is_id})
+def apply_task_removed(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Last writer wins per task with task.restored; edits meanwhile are kept and show on restore."""
+    p = ev.payload  # {task_id, undoes?}
+    _lww(cur, "tasks", p["task_id"], {"removed_at": ev.created_at}, ev)
+
+
+@applies("task.restored", {"task_id": _is_id, "undoes?": _is_id})
+def apply_task_restored(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Last writer wins per task with task.removed: the newer of the two decides."""
+    p = ev.payload  # {task_id, undoes?}
+    _lww(cur, "tasks", p["task_id"], {"removed_at": None}, ev)
+
+
+@applies("task.assigned", {"task_id": _is_id, "session_id?": _is_opt_id, "group_id?": _is_opt_id, "undoes?": _is_id},
          rules=(("must name exactly one of session_id and group_id",
                  lambda p: (p.get("session_id") is None) != (p.get("group_id") is None)),))
 def apply_task_assigned(cur: sqlite3.Cursor, ev: Event) -> None:
@@ -1206,7 +1288,7 @@ def apply_task_assigned(cur: sqlite3.Cursor, ev: Event) -> None:
     _lww(cur, "tasks", p["task_id"], {"assignee": target}, ev)
 
 
-@applies("task.unassigned", {"task_id": _is_id})
+@applies("task.unassigned", {"task_id": _is_id, "undoes?": _is_id})
 def apply_task_unassigned(cur: sqlite3.Cursor, ev: Event) -> None:
     """Last writer wins per task with task.assigned: the newer of the two decides."""
     p = ev.payload  # {task_id}
@@ -1222,7 +1304,7 @@ def apply_group_created(cur: sqlite3.Cursor, ev: Event) -> None:
          {"created_at": ev.created_at, **_pick(p, ("name", "cwd", "host", "tmux_name"))}, ev)
 
 
-@applies("group.removed", {"group_id": _is_id})
+@applies("group.removed", {"group_id": _is_id, "undoes?": _is_id})
 def apply_group_removed(cur: sqlite3.Cursor, ev: Event) -> None:
     """Removal wins over everything: a removed group never comes back (make a new one)."""
     p = ev.payload  # {group_id}
@@ -1329,7 +1411,8 @@ _PROJECT_SELECT = """
 SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
        (SELECT json_group_object(status, n) FROM
            (SELECT t.status, count(*) AS n FROM tasks t
-             WHERE t.project_id = p.id AND t.created_at_v IS NOT NULL GROUP BY t.status)) AS counts
+             WHERE t.project_id = p.id AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
+             GROUP BY t.status)) AS counts
   FROM projects p
  WHERE p.created_at_v IS NOT NULL"""
 
@@ -1366,7 +1449,10 @@ _TASK_SELECT = f"""
 SELECT t.id, t.project_id, coalesce(p.name, '') AS project, t.title, t.description, t.status,
        t.priority, t.created_at,
        CASE WHEN substr(t.assignee, 1, 6) = 'group:' AND NOT ({_LIVE_GROUP}) THEN NULL
-            ELSE t.assignee END AS assignee
+            ELSE t.assignee END AS assignee,
+       (SELECT group_concat(tag, ' ') FROM (SELECT x.tag FROM task_tags x
+         WHERE x.task_id = t.id AND x.present = 1 ORDER BY x.tag)) AS tags,
+       t.removed_at
   FROM tasks t LEFT JOIN projects p ON p.id = t.project_id
        LEFT JOIN groups g ON substr(t.assignee, 1, 6) = 'group:' AND g.id = substr(t.assignee, 7)
  WHERE t.created_at_v IS NOT NULL"""
@@ -1376,25 +1462,52 @@ def _task_from_row(row: sqlite3.Row) -> Task:
     kind, _, target = (row["assignee"] or "").partition(":")
     return Task(row["id"], row["project_id"], row["project"], row["title"], row["description"],
                 row["status"], row["priority"], row["created_at"],
-                target if kind == "session" else None, target if kind == "group" else None)
+                target if kind == "session" else None, target if kind == "group" else None,
+                tuple((row["tags"] or "").split()), row["removed_at"])
 
 
 def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = None,
-               session_id: str | None = None, group_id: str | None = None) -> list[Task]:
-    """Return tasks, most urgent first, filtered by project, status or assignee."""
+               session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
+               active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
+               priorities: tuple[int, int] | None = None, search: str | None = None,
+               include_removed: bool = False) -> list[Task]:
+    """Return tasks, most urgent first, filtered by project, status, assignee, tag, priority or text.
+
+    Removed tasks (task rm) are left out unless `include_removed`; `is_open` leaves out done
+    tasks and `active_projects` the tasks of paused and done projects.
+    """
     sql, params = _TASK_SELECT, []
+    if not include_removed:
+        sql += " AND t.removed_at IS NULL"
     if project_id:
         sql += " AND t.project_id = ?"
         params.append(project_id)
     if status:
         sql += " AND t.status = ?"
         params.append(status)
+    if is_open:
+        sql += " AND t.status != 'done'"
+    if active_projects:
+        sql += " AND p.status = 'active'"
     if session_id:
         sql += " AND t.assignee = ?"
         params.append(f"session:{session_id}")
     elif group_id:
         sql += f" AND t.assignee = ? AND {_LIVE_GROUP}"
         params.append(f"group:{group_id}")
+    if is_assigned is not None:
+        live = f"(t.assignee IS NOT NULL AND (substr(t.assignee, 1, 6) != 'group:' OR {_LIVE_GROUP}))"
+        sql += f" AND {'' if is_assigned else 'NOT '}{live}"
+    if tag:
+        sql += " AND EXISTS (SELECT 1 FROM task_tags x WHERE x.task_id = t.id AND x.tag = ? AND x.present = 1)"
+        params.append(tag)
+    if priorities is not None:
+        sql += " AND t.priority BETWEEN ? AND ?"
+        params += map(str, priorities)
+    if search:
+        # instr over lower(): a search text is literal, never a LIKE pattern (% and _ mean themselves)
+        sql += " AND (instr(lower(t.title), ?) > 0 OR instr(lower(t.description), ?) > 0)"
+        params += (search.lower(), search.lower())
     rows = db.conn.execute(sql + " ORDER BY t.priority, t.created_at_v", params).fetchall()
     return [_task_from_row(r) for r in rows]
 
@@ -1409,7 +1522,7 @@ def find_tasks(db: Db, prefix: str) -> list[Task]:
 def list_assigned_tasks(db: Db) -> list[Task]:
     """Return every task that is assigned to a session or a group."""
     rows = db.conn.execute(_TASK_SELECT + f" AND t.assignee IS NOT NULL AND (g.id IS NULL OR {_LIVE_GROUP})"
-                           " ORDER BY t.priority, t.created_at_v")
+                           " AND t.removed_at IS NULL ORDER BY t.priority, t.created_at_v")
     return [_task_from_row(r) for r in rows]
 
 
@@ -1455,7 +1568,11 @@ SELECT s.id, s.host, s.cwd, s.tmux_socket, s.tmux_target, s.pane_id, s.pid, s.co
        (SELECT json_extract(c.info, '$.tokens') FROM transcript_cache c WHERE c.session_id = s.id
          ORDER BY c.mtime_ns DESC LIMIT 1) AS fresh_tokens,
        (SELECT t.id FROM tasks t WHERE t.assignee = 'session:' || s.id AND t.status != 'done'
-           AND t.created_at_v IS NOT NULL ORDER BY t.priority, t.created_at_v LIMIT 1) AS task_id
+           AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL ORDER BY t.priority, t.created_at_v LIMIT 1)
+           AS task_id,
+       (SELECT group_concat(id, ' ') FROM (SELECT t.id FROM tasks t WHERE t.assignee = 'session:' || s.id
+           AND t.status != 'done' AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
+         ORDER BY t.priority, t.created_at_v)) AS task_ids
   FROM sessions s
  WHERE s.created_at_v IS NOT NULL"""
 
@@ -1467,7 +1584,7 @@ def _session_from_row(row: sqlite3.Row) -> Session:
     return Session(row["id"], row["host"], row["cwd"] or "", row["tmux_socket"], row["tmux_target"],
                    row["pane_id"], row["pid"], row["command"] or "", row["state"], row["state_at"], activity,
                    row["label"] or "", row["task_id"], {k: int(tokens.get(k, 0)) for k in TOKEN_KINDS},
-                   row["created_at"])
+                   row["created_at"], tuple((row["task_ids"] or "").split()))
 
 
 def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
@@ -1491,7 +1608,7 @@ def list_group_tasks(db: Db) -> list[tuple[str, str]]:
     return [tuple(r) for r in db.conn.execute(
         f"""SELECT g.id, t.id FROM tasks t JOIN groups g ON g.id = substr(t.assignee, 7)
              WHERE t.assignee LIKE 'group:%' AND t.status != 'done' AND t.created_at_v IS NOT NULL
-               AND {_LIVE_GROUP} ORDER BY t.priority, t.created_at_v""")]
+               AND t.removed_at IS NULL AND {_LIVE_GROUP} ORDER BY t.priority, t.created_at_v""")]
 
 
 def get_transcript_cache(db: Db) -> dict[str, tuple[int, int, dict[str, Any]]]:
@@ -1609,9 +1726,30 @@ def _check_priority(value: object) -> int:
     return value
 
 
+def parse_priority(text: str) -> int:
+    """Return the priority a word names (0 to 4, or P0 to P4); raise naming the range."""
+    word = text.strip().upper().removeprefix("P")
+    if not word.isdigit() or int(word) not in PRIORITIES:
+        shown = text if text.isdigit() else repr(text[:40])
+        raise UsageError(f"priority {shown} is outside 0-4; use a number from 0 (most urgent) to 4, e.g. --prio 1")
+    return int(word)
+
+
+def parse_priorities(text: str) -> tuple[int, int]:
+    """Return the (lowest, highest) priority numbers of 'N' or a range 'N-M'."""
+    low, _, high = text.partition("-")
+    lo, hi = parse_priority(low), parse_priority(high) if high else parse_priority(low)
+    return (lo, hi) if lo <= hi else (hi, lo)
+
+
+LIST_COMMANDS = {"task": "clare task list", "session": "clare sessions", "project": "clare project list",
+                 "group": "clare group list"}  # where a person finds the ids of each kind
+
+
 def _check_prefix(what: str, ref: object) -> str:
     if not isinstance(ref, str) or not ID_PREFIX_RE.match(ref):
-        raise UsageError(f"{what} id {ref!r} is not a hex id or prefix; copy one from the list")
+        raise UsageError(f"{what} id {str(ref)[:60]!r} is not a hex id or prefix; copy one from the list: "
+                         f"{LIST_COMMANDS.get(what, 'clare --help')}")
     return ref
 
 
@@ -1649,19 +1787,30 @@ def get_session(db: Db, ref: str) -> Session:
 
 
 def list_sessions(db: Db, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
-    """Return the sessions, with each one's task: its own, else its groups' most urgent one."""
+    """Return the sessions, with each one's tasks: its own, then its groups' (task_id: the most urgent)."""
     sessions = find_sessions(db, host=host, include_gone=include_gone)
     group_tasks = list_group_tasks(db)
-    if not group_tasks or all(s.task_id for s in sessions):
+    if not group_tasks:
         return sessions
     groups = {g.id: g for g in list_groups(db)}
     out = []
     for s in sessions:
-        if s.task_id is None:
-            task_id = next((t for g, t in group_tasks if g in groups and _in_group(s, groups[g])), None)
-            s = dataclasses.replace(s, task_id=task_id)
+        mine = [(g, t) for g, t in group_tasks if g in groups and _in_group(s, groups[g])]
+        if mine:
+            group = groups[mine[0][0]].name if s.task_id is None else None
+            s = dataclasses.replace(s, task_id=s.task_id or mine[0][1], group=group,
+                                    task_ids=tuple(dict.fromkeys([*s.task_ids, *(t for _, t in mine)])))
         out.append(s)
     return out
+
+
+URGENCY = {"permission": 0, "waiting": 1, "working": 2, "idle": 3, "gone": 4}  # who needs a person first
+
+
+def by_urgency(sessions: Iterable[Session]) -> list[Session]:
+    """Return sessions most urgent first: a permission dialog, then waiting longest, then working, idle, gone."""
+    return sorted(sessions, key=lambda s: (URGENCY.get(s.state, 5), s.state_at or "", s.host, s.tmux_target or "",
+                                           s.id))
 
 
 def _in_group(session: Session, group: Group) -> bool:
@@ -1729,23 +1878,36 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
 
 
 def create_task(db: Db, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                description: str = "", now_ms: int) -> Task:
+                description: str = "", tags: Iterable[str] = (), now_ms: int) -> Task:
     """Add a task to a project, status todo."""
     title = _check_text("title", title, limit=MAX_TITLE_CHARS, required=True)
     description = _check_text("description", description, limit=MAX_TEXT_CHARS)
     priority = _check_priority(priority)
+    tags = sorted(set(_check_tags(tags)))
     task_id = new_id()
     with write_txn(db) as cur:
         project = get_project(db, project_ref)
         record(db, cur, "task.created", {"task_id": task_id, "project_id": project.id, "title": title,
                                          "description": description, "priority": priority,
-                                         "status": "todo"}, now_ms=now_ms)
+                                         "status": "todo", **({"tags": tags} if tags else {})}, now_ms=now_ms)
     return get_task(db, task_id)
 
 
+def _check_tags(tags: Iterable[str]) -> list[str]:
+    tags = list(tags)
+    for tag in tags:
+        if not _is_tag(tag):
+            raise UsageError(f"tag {str(tag)[:60]!r} is not one word of letters, digits and _ . : + - "
+                             "(at most 40 characters); e.g. --tag backend")
+    if len(set(tags)) > MAX_TAGS:
+        raise UsageError(f"{len(set(tags))} tags; a task holds at most {MAX_TAGS}")
+    return tags
+
+
 def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | None = None,
-              priority: int | None = None, status: str | None = None, now_ms: int) -> Task:
-    """Change some fields of a task; fields equal to the current value are not recorded."""
+              priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
+              untags: Iterable[str] = (), now_ms: int) -> Task:
+    """Change some fields and tags of a task; what equals the current value is not recorded."""
     changes: dict[str, Any] = {}
     if title is not None:
         changes["title"] = _check_text("title", title, limit=MAX_TITLE_CHARS, required=True)
@@ -1755,11 +1917,39 @@ def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | 
         changes["priority"] = _check_priority(priority)
     if status is not None:
         changes["status"] = _check_choice("task status", status, TASK_STATUSES)
+    tag_changes = dict.fromkeys(_check_tags(untags), False) | dict.fromkeys(_check_tags(tags), True)
     with write_txn(db) as cur:
         task = get_task(db, ref)
         changes = {k: v for k, v in changes.items() if getattr(task, k) != v}
+        tag_changes = {k: v for k, v in tag_changes.items() if (k in task.tags) != v}
+        if len(set(task.tags) | {k for k, v in tag_changes.items() if v}) > MAX_TAGS:
+            raise UsageError(f"a task holds at most {MAX_TAGS} tags; remove some with --untag")
+        if tag_changes:
+            changes["tags"] = dict(sorted(tag_changes.items()))
         if changes:
             record(db, cur, "task.updated", {"task_id": task.id, **changes}, now_ms=now_ms)
+    return get_task(db, task.id)
+
+
+def remove_task(db: Db, ref: str, *, now_ms: int) -> Task:
+    """Remove a task: it leaves every list and the dashboard, keeps its history, and can be restored."""
+    with write_txn(db) as cur:
+        task = get_task(db, ref)
+        if task.removed_at is not None:
+            raise Conflict(f"task {task.id[:SHORT_ID]} is removed already; bring it back with: "
+                           f"clare task restore {task.id[:SHORT_ID]}")
+        record(db, cur, "task.removed", {"task_id": task.id}, now_ms=now_ms)
+    return get_task(db, task.id)
+
+
+def restore_task(db: Db, ref: str, *, now_ms: int) -> Task:
+    """Bring a removed task back, with every edit made meanwhile."""
+    with write_txn(db) as cur:
+        task = get_task(db, ref)
+        if task.removed_at is None:
+            raise Conflict(f"task {task.id[:SHORT_ID]} is not removed; remove it with: "
+                           f"clare task rm {task.id[:SHORT_ID]}")
+        record(db, cur, "task.restored", {"task_id": task.id}, now_ms=now_ms)
     return get_task(db, task.id)
 
 
@@ -1788,6 +1978,142 @@ def unassign_task(db: Db, ref: str, *, now_ms: int) -> Task:
         if task.session_id or task.group_id:
             record(db, cur, "task.unassigned", {"task_id": task.id}, now_ms=now_ms)
     return get_task(db, task.id)
+
+
+# What `clare undo` can take back. A change is every event one service call recorded (they share
+# the host and the wall-clock stamp); its undo records the inverse events, each naming the one it
+# undoes in `undoes`, so the log only grows and every host sees the undo as an ordinary change.
+CHANGE_TYPES = ("project.created", "project.updated", "task.created", "task.updated", "task.assigned",
+                "task.unassigned", "task.removed", "task.restored", "group.created", "group.removed",
+                "update.posted", "broadcast.sent")
+MAX_UNDO_HISTORY = 10_000  # events of one entity read to find the values a change replaced
+CANNOT_UNDO = {
+    "project.created": "Clare keeps every project; close it with: clare project set NAME --status done",
+    "group.removed": "a removed group never comes back; make it again with: clare group add NAME --cwd ...",
+    "update.posted": "a posted note stays; add a correction with: clare update TASK TEXT",
+    "broadcast.sent": "the text was typed into the sessions already; it cannot be taken back",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    events: list[Event]  # what one command recorded on this host, in order
+    description: str
+    refusal: str | None  # why it cannot be undone, or None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the change as the JSON object the CLI and API print."""
+        return {"events": [e.to_json() for e in self.events], "description": self.description,
+                "created_at": self.events[0].created_at, "can_undo": self.refusal is None, "refusal": self.refusal}
+
+
+@dataclass(frozen=True, slots=True)
+class UndoResult:
+    undone: Change
+    recorded: list[Event]  # the inverse events
+    n_kept: int  # fields another change has set since: left as they are
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the result as the JSON object the CLI and API print."""
+        return {**self.undone.to_json(), "recorded": [e.to_json() for e in self.recorded], "n_kept": self.n_kept}
+
+
+def list_changes(db: Db, *, limit: int = 10) -> list[Change]:
+    """Return this host's newest changes that are not undone yet, newest first: what undo takes next."""
+    undone, before = list_undone(db), None
+    changes: list[Change] = []
+    while len(changes) < limit:
+        events = list_own_events(db, CHANGE_TYPES, before_rseq=before, limit=200)
+        if not events:
+            break
+        before = events[-1].rseq
+        for ev in events:
+            if ev.uuid in undone or "undoes" in ev.payload:
+                continue
+            if changes and changes[-1].events[0].created_at == ev.created_at \
+                    and changes[-1].events[0].rseq - ev.rseq == 1:
+                changes[-1] = _change([ev, *changes[-1].events])
+            elif len(changes) < limit:
+                changes.append(_change([ev]))
+    return changes[:limit]
+
+
+def _change(events: list[Event]) -> Change:
+    refusal = next((CANNOT_UNDO[e.event_type] for e in events if e.event_type in CANNOT_UNDO), None)
+    return Change(events, "; ".join(describe_event(e) for e in events), refusal)
+
+
+def undo_change(db: Db, *, now_ms: int) -> UndoResult:
+    """Undo this host's newest change not undone yet by recording its inverse; never delete an event."""
+    with write_txn(db) as cur:
+        changes = list_changes(db, limit=1)
+        if not changes:
+            raise NotFound("nothing to undo: this host has made no change that is not undone yet; "
+                           "see what happened with: clare log")
+        change = changes[0]
+        if change.refusal is not None:
+            raise Conflict(f"cannot undo the last change ({change.description}): {change.refusal}")
+        recorded, n_kept = [], 0
+        for ev in reversed(change.events):
+            event_type, payload, kept = _inverse(db, ev)
+            n_kept += kept
+            recorded.append(record(db, cur, event_type, {**payload, "undoes": ev.uuid}, now_ms=now_ms))
+    return UndoResult(change, recorded, n_kept)
+
+
+_ENTITY_KEYS = {"project": "project_id", "task": "task_id", "group": "group_id"}
+
+
+def _field_values(ev: Event) -> dict[str, Any]:
+    """Return what an event sets on its entity, as field -> value (tags as 'tag:NAME' -> bool)."""
+    p, kind = ev.payload, ev.event_type
+    if kind in ("project.created", "project.updated", "task.created", "task.updated"):
+        out = {k: p[k] for k in ("name", "goal", "owner", "title", "description", "priority", "status") if k in p}
+        tags = dict.fromkeys(p.get("tags", ()), True) if kind == "task.created" else p.get("tags", {})
+        return out | {f"tag:{t}": v for t, v in tags.items()}
+    if kind == "task.assigned":
+        return {"assignee": {"session_id": p["session_id"]} if p.get("session_id") else {"group_id": p["group_id"]}}
+    if kind == "task.unassigned":
+        return {"assignee": None}
+    if kind in ("task.removed", "task.restored"):
+        return {"removed": kind == "task.removed"}
+    return {}
+
+
+def _inverse(db: Db, ev: Event) -> tuple[str, dict[str, Any], int]:
+    """Return (event type, payload, fields left alone) of the event that takes `ev` back.
+
+    A field that a later change (from any host) has set again keeps that newer value: undo
+    takes back this host's change, never someone else's.
+    """
+    kind, _, action = ev.event_type.partition(".")
+    key = _ENTITY_KEYS[kind]
+    head = {key: ev.payload[key]}
+    if ev.event_type == "task.created":
+        return "task.removed", head, 0
+    if ev.event_type == "group.created":
+        return "group.removed", head, 0
+    mine = sorted((e for e in list_history(db, [ev.payload[key]], limit=MAX_UNDO_HISTORY)
+                   if e.event_type.startswith(kind + ".") and e.payload.get(key) == ev.payload[key]),
+                  key=lambda e: (e.hlc, e.uuid))
+    before: dict[str, Any] = {}
+    now: dict[str, Any] = {}
+    for e in mine:
+        now.update(_field_values(e))
+        if (e.hlc, e.uuid) < (ev.hlc, ev.uuid):
+            before.update(_field_values(e))
+    undo = {f: before.get(f, False if f.startswith("tag:") or f == "removed" else None)
+            for f, v in _field_values(ev).items() if now.get(f) == v}
+    n_kept = len(_field_values(ev)) - len(undo)
+    if "removed" in undo:
+        return ("task.removed" if undo["removed"] else "task.restored"), head, n_kept
+    if "assignee" in undo:
+        return (("task.assigned", {**head, **undo["assignee"]}, n_kept) if undo["assignee"]
+                else ("task.unassigned", head, n_kept))
+    # What is left is an update; an empty one (all changed since) only marks the change as undone.
+    tags = {f[4:]: v for f, v in undo.items() if f.startswith("tag:")}
+    fields = {f: v for f, v in undo.items() if not f.startswith("tag:") and v is not None}
+    return f"{kind}.updated", {**head, **fields, **({"tags": tags} if tags else {})}, n_kept
 
 
 def create_group(db: Db, name: str, *, cwd: str | None = None, host: str | None = None,
@@ -1880,11 +2206,14 @@ _OBSERVED_KEYS = ("cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "comman
 
 
 def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
-                     keep_ids: Iterable[str] = (), now_ms: int) -> list[Event]:
+                     keep_ids: Iterable[str] = (), live_panes: Mapping[str, Iterable[str]] | None = None,
+                     now_ms: int) -> list[Event]:
     """Record how this host's sessions changed since the last look: appeared, changed, gone.
 
     A session of this host that is not seen is gone, unless its tmux server could not be asked
-    (keep_sockets) or other evidence says it lives (keep_ids). Nothing is written when nothing
+    (keep_sockets) or other evidence says it lives (keep_ids). That evidence loses to tmux itself:
+    when the session's tmux server answered (`live_panes`: socket -> its pane ids) without the
+    session's pane, the pane was killed and the session is gone now. Nothing is written when nothing
     changed: the log must not grow with polling. Last activity and tokens ride along with an
     event but never cause one.
     """
@@ -1910,10 +2239,14 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
                                                                   "host": db.machine_id, **changed, **extra},
                                      now_ms=now_ms))
         seen_ids = {ob.session_id for ob in seen}
+        panes = {socket: set(ids) for socket, ids in (live_panes or {}).items()}
         for s in known.values():
-            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep and s.id not in keep_ids:
+            pane_gone = s.tmux_socket in panes and s.pane_id is not None and s.pane_id not in panes[s.tmux_socket]
+            if s.state != "gone" and s.id not in seen_ids and s.tmux_socket not in keep and (
+                    s.id not in keep_ids or pane_gone):
+                reason = f"its tmux pane {s.pane_id} is gone" if pane_gone else "no longer running"
                 events.append(record(db, cur, "session.gone", {"session_id": s.id, "host": db.machine_id,
-                                                               "reason": "no longer running"}, now_ms=now_ms))
+                                                               "reason": reason}, now_ms=now_ms))
     return events
 
 
@@ -2003,7 +2336,8 @@ def get_status(db: Db, *, project_ref: str | None = None, group_ref: str | None 
     for p in projects:
         mine = [s for s in sessions if s.task_id in tasks and tasks[s.task_id].project_id == p.id]
         rollups.append(ProjectStatus(p, {k: sum(s.tokens.get(k, 0) for s in mine) for k in TOKEN_KINDS}, len(mine)))
-    return StatusReport(rollups, sessions, {s.task_id: tasks[s.task_id] for s in sessions if s.task_id in tasks})
+    return StatusReport(rollups, sessions, {t: tasks[t] for s in sessions for t in (s.task_id, *s.task_ids)
+                                            if t in tasks})
 
 
 BROADCAST_TTL_MS = 15 * 60 * 1000  # an undelivered broadcast older than this expires instead of arriving late
@@ -2141,7 +2475,7 @@ def restore_backup(db: Db, backup_path: str) -> tuple[str, int]:
 
 def project_history(db: Db, project: Project, *, limit: int = 200) -> list[Event]:
     """Return the events about a project and its tasks, oldest first."""
-    ids = [project.id] + [t.id for t in list_tasks(db, project_id=project.id)]
+    ids = [project.id] + [t.id for t in list_tasks(db, project_id=project.id, include_removed=True)]
     return list_history(db, ids, limit=limit)
 
 
@@ -2151,7 +2485,8 @@ def describe_event(ev: Event) -> str:
     if describe is None:
         return f"{ev.event_type} (not known to this version)"
     try:
-        return describe(ev.payload)
+        undoes = ev.payload.get("undoes")
+        return ("undo: " if isinstance(undoes, str) else "") + describe(ev.payload)
     except (KeyError, TypeError, ValueError):
         return f"{ev.event_type} (malformed payload)"
 
@@ -2161,18 +2496,24 @@ def _n(count: int, noun: str) -> str:
 
 
 def _fields(p: dict[str, Any], skip: str) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in p.items() if k != skip)
+    text = [f"{k}={v!r}" for k, v in p.items() if k not in (skip, "tags", "undoes")]
+    if isinstance(p.get("tags"), dict):
+        text.append("tags " + " ".join(f"{'+' if v else '-'}{t}" for t, v in p["tags"].items()))
+    return ", ".join(text) or "nothing"
 
 
 DESCRIBE.update({
     "project.created": lambda p: f"created project {p['name']!r}",
     "project.updated": lambda p: f"changed project: {_fields(p, 'project_id')}",
-    "task.created": lambda p: f"added task {p['task_id'][:SHORT_ID]} {p['title']!r} (P{p['priority']})",
+    "task.created": lambda p: f"added task {p['task_id'][:SHORT_ID]} {p['title']!r} (P{p['priority']})"
+                              + "".join(f" #{t}" for t in p.get("tags", ())),
     "task.updated": lambda p: f"changed task {p['task_id'][:SHORT_ID]}: {_fields(p, 'task_id')}",
     "task.assigned": lambda p: f"assigned task {p['task_id'][:SHORT_ID]} to "
                                + (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
                                   else f"group {p['group_id'][:SHORT_ID]}"),
     "task.unassigned": lambda p: f"unassigned task {p['task_id'][:SHORT_ID]}",
+    "task.removed": lambda p: f"removed task {p['task_id'][:SHORT_ID]}",
+    "task.restored": lambda p: f"restored task {p['task_id'][:SHORT_ID]}",
     "group.created": lambda p: f"created group {p['name']!r}",
     "group.removed": lambda p: f"removed group {p['group_id'][:SHORT_ID]}",
     "session.appeared": lambda p: f"session {p['session_id'][:SHORT_ID]} appeared on {p['host']} "
@@ -2214,7 +2555,8 @@ class Services:
 
 SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
     create_project, edit_project, get_project, list_projects, project_history,
-    create_task, edit_task, get_task, list_tasks, assign_task, unassign_task,
+    create_task, edit_task, get_task, list_tasks, assign_task, unassign_task, remove_task, restore_task,
+    list_changes, undo_change,
     create_group, remove_group, get_group, list_groups,
     get_session, list_sessions, list_group_sessions, get_pane_session, observe_sessions, report_hook,
     list_broadcast_recipients, list_deliveries, get_status,
@@ -2895,7 +3237,15 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
     alive = [sid for sid, m in list_hook_marks(db).items()
              if m.hook_event != "SessionEnd" and now_ms - m.at_ms < HOOK_ALIVE_MS]
-    events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, now_ms=now_ms)
+    # ... but not when its tmux server runs without its pane (killed, so no SessionEnd came): ask
+    # only the servers of such sessions, which this look did not find.
+    found = {ob.session_id for ob in observations}
+    sockets = {s.tmux_socket for s in find_sessions(db, host=db.machine_id, include_gone=False)
+               if s.id in alive and s.id not in found and s.tmux_socket and s.tmux_socket not in unreachable}
+    live_panes = {socket: [p.pane_id for p in panes] for socket in sockets
+                  if (panes := list_panes(socket)) is not None}
+    events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, live_panes=live_panes,
+                              now_ms=now_ms)
     deliver_pending(db, now_ms=now_ms)
     text = canonical_json([p.to_json() for p in ambiguous])
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
@@ -3231,20 +3581,24 @@ def hooks_status(path: str, command: str) -> dict[str, str]:
 
 
 def send_broadcast(db: Db, target: str, text: str, *, now_ms: int, is_command: bool = False,
-                   confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
+                   confirm_s: float = BROADCAST_CONFIRM_S,
+                   on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
     """Send a text to every live session of a target; type it into this host's panes now.
 
     Sessions of other hosts get it when their host next pulls (DESIGN §5): queued until then.
-    Every result is recorded as a broadcast.delivered event, and returned.
+    Every result is recorded as a broadcast.delivered event, and returned; `on_delivery(session,
+    result, reason, n_done, n_here)` hears of each of this host's as it lands (each takes seconds).
     """
     with _delivery_lock(db):
         broadcast_id, text, recipients = start_broadcast(db, target, text, is_command=is_command, now_ms=now_ms)
         started = time.monotonic()
-        for s in recipients:
-            if s.host == db.machine_id:
-                result, reason = deliver_text(db, s, text, confirm_s=confirm_s)
-                record_delivery(db, broadcast_id, s.id, result=result, reason=reason,
-                                now_ms=now_ms + int((time.monotonic() - started) * 1000))
+        here = [s for s in recipients if s.host == db.machine_id]
+        for n, s in enumerate(here, 1):
+            result, reason = deliver_text(db, s, text, confirm_s=confirm_s)
+            record_delivery(db, broadcast_id, s.id, result=result, reason=reason,
+                            now_ms=now_ms + int((time.monotonic() - started) * 1000))
+            if on_delivery is not None:
+                on_delivery(s, result, reason, n, len(here))
     return BroadcastResult(broadcast_id, target, text, list_deliveries(db, broadcast_id=broadcast_id))
 
 
@@ -5025,15 +5379,27 @@ def flash(text: str, *, kind: str = "error", oob: bool = False) -> Html:
 
 
 def error_page(status: int, message: str) -> Html:
-    """Return the full page shown for an HTTP error, without the database (it may be the problem)."""
-    return render(PAGE_ERROR, status=status, message=message, css_version=stylesheet_version())
+    """Return the full page shown for an HTTP error, without the database (it may be the problem).
+
+    A 401 page carries the login form: a link back to the dashboard would only answer 401 again.
+    """
+    return render(PAGE_ERROR, status=status, message=message, css_version=stylesheet_version(),
+                  after=Html(LOGIN_FORM) if status == 401 else Html('<p><a href="/">Back to the dashboard</a></p>'))
+
+
+# The token goes in the URL exactly as in the login link `clare serve` prints; /login trades it for a cookie.
+LOGIN_FORM = """<form action="/login" method="get"><p><label for="token">Token</label><br>
+<input id="token" name="token" type="password" autocomplete="current-password" required size="40">
+<button type="submit">Log in</button></p></form>
+<p>The token is the one in this server's clare.toml (<code>token = ...</code>) or the CLARE_TOKEN it was started
+with; <code>clare serve</code> on a terminal prints a login link that holds it.</p>"""
 
 
 PAGE_ERROR = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark"><link rel="icon" href="data:,"><title>$status · Clare</title>
 <link rel="stylesheet" href="/static/clare.css?v=$css_version"></head>
-<body class="bare"><h1>$status</h1><p>$message</p><p><a href="/">Back to the dashboard</a></p></body></html>
+<body class="bare"><h1>$status</h1><p>$message</p>$after</body></html>
 """)
 
 
@@ -5169,7 +5535,7 @@ TASKS_TABLE = string.Template("""<div class="scroll"><table>
 <thead><tr><th>Pri</th><th>Task</th><th>Status</th><th>Assigned</th><th class="hide-sm">Id</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
 TASK_ROW = string.Template("""<tr><td><span class="badge c-$pri_color">P$priority</span></td>
-<td class="title"><a href="/tasks/$id">$title</a></td>
+<td class="title"><a href="/tasks/$id">$title</a>$tags</td>
 <td>$status_form</td><td>$assignee</td><td class="hide-sm mono muted">$short_id</td></tr>""")
 STATUS_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
 <select name="status" class="status" aria-label="task status">$options</select>
@@ -5205,9 +5571,10 @@ $updates</section>
 </div>""")
 FRAG_TASK = string.Template("""<section class="card" id="frag-task" $poll>
 <h2>Task</h2>
-<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
+$removed<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
 <dt>Assigned</dt><dd>$assignee $unassign</dd>
-<dt>Priority</dt><dd>P$priority</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl>
+<dt>Priority</dt><dd>P$priority</dd><dt>Tags</dt><dd>$tags</dd>
+<dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl>
 $description</section>""")
 UNASSIGN_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="task">
 <button class="ghost" type="submit">Unassign</button></form>""")
@@ -5216,6 +5583,9 @@ UPDATE_FORM = string.Template("""<form class="row" id="update-form" $attrs$oob>$
 <button type="submit">Post update</button></form>""")
 FRAG_UPDATES = string.Template("""<div id="frag-updates" $poll>$items</div>""")
 ASSIGNEE = string.Template('<span class="mono">$kind $id</span>')
+REMOVED_NOTE = string.Template("""<p class="removed">$badge This task was removed $when; it shows in no list.
+Bring it back with <code>clare task restore $short_id</code>
+(or <code>clare undo</code> on the host that removed it).</p>""")
 DESCRIPTION = string.Template('<pre class="text">$text</pre>')
 
 
@@ -5335,8 +5705,14 @@ def tasks_fragment(req: Request, project: Project) -> Html:
         table_html = render(TASKS_TABLE, rows=join(render(
             TASK_ROW, id=t.id, short_id=t.id[:SHORT_ID], title=t.title, priority=t.priority,
             pri_color="red" if t.priority == 0 else "orange" if t.priority == 1 else "gray",
-            status_form=status_form(req, t, view="tasks"), assignee=assignee_text(t)) for t in tasks))
+            status_form=status_form(req, t, view="tasks"), assignee=assignee_text(t), tags=tag_badges(t))
+            for t in tasks))
     return render(FRAG_PROJECT_TASKS, poll=poll_attrs(f"/frag/projects/{project.id}/tasks"), table=table_html)
+
+
+def tag_badges(task: Task) -> Html:
+    """Return a task's tags as small badges, each after a space."""
+    return join(Html(f" {badge(f'#{tag}', 'gray')}") for tag in task.tags)
 
 
 def status_form(req: Request, task: Task, *, view: str) -> Html:
@@ -5423,7 +5799,10 @@ def task_fragment(req: Request, task: Task) -> Html:
     unassign = (render(UNASSIGN_FORM, csrf=csrf_field(req),
                        attrs=form_attrs(f"/tasks/{task.id}/unassign", target="#frag-task"))
                 if task.session_id or task.group_id else Html(""))
+    removed = (render(REMOVED_NOTE, badge=badge("removed", "orange"), when=when_text(task.removed_at),
+                      short_id=task.id[:SHORT_ID]) if task.removed_at else Html(""))
     return render(FRAG_TASK, poll=poll_attrs(f"/frag/tasks/{task.id}"), id=task.id, priority=task.priority,
+                  removed=removed, tags=tag_badges(task) or "—",
                   status_form=status_form(req, task, view="task"), assignee=assignee_text(task), unassign=unassign,
                   created=when_text(task.created_at),
                   description=render(DESCRIPTION, text=task.description) if task.description else Html(""))
@@ -5531,8 +5910,9 @@ FLEET_ROW = string.Template("""<tr><td>$state</td>
 <td class="title">$task</td><td class="muted small">$active</td><td class="hide-sm mono small">$tokens</td></tr>""")
 TASK_CELL = string.Template('<a href="/tasks/$id">$title</a>')
 MAIN_SESSIONS = string.Template("""<h1>Sessions</h1>
-<p class="sub">Claude sessions on every host, as each host last saw them. Run <span class="mono">clare pull</span>
-on a host (or install its hooks) to refresh what it sees.</p>
+<p class="sub">Claude sessions on every host, as each host last saw them: a host's
+<span class="mono">clare serve</span> looks at its own sessions every few seconds and its hooks report at once,
+so there is nothing to run.</p>
 $attention
 $fleet
 $ambiguous""")
@@ -5572,7 +5952,8 @@ def fleet_fragment(req: Request) -> Html:
     report = req.svc.get_status()
     sessions, tasks = report.sessions, report.tasks
     if not sessions:
-        table_html = render(EMPTY, text="No Claude sessions seen yet; run 'clare pull' on each host.")
+        table_html = render(EMPTY, text="No Claude sessions seen yet. Each host's 'clare serve' finds the sessions "
+                                        "in its tmux panes by itself; start it on the hosts that run Claude.")
     else:
         table_html = render(FLEET_TABLE, rows=join(render(
             FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
@@ -5803,19 +6184,55 @@ def api_project_history(req: Request) -> Response:
 
 
 def api_list_tasks(req: Request) -> Response:
-    """List tasks, most urgent first; ?project= ?status= ?session= ?group= filter."""
+    """List tasks, most urgent first; ?project= ?status= ?session= ?group= ?tag= ?search= ... filter."""
     svc = req.svc
-    project, group = req.arg("project"), req.arg("group")
-    return json_response(svc.list_tasks(project_id=svc.get_project(project).id if project else None,
-                                        status=req.arg("status"), session_id=req.arg("session"),
-                                        group_id=svc.get_group(group).id if group else None))
+    project, group, prio = req.arg("project"), req.arg("group"), req.arg("priority")
+    flag = {"1": True, "0": False, None: None}
+    assigned = req.arg("assigned")
+    if assigned not in flag:
+        raise UsageError(f"assigned={assigned!r} must be 1 or 0")
+    return json_response(svc.list_tasks(
+        project_id=svc.get_project(project).id if project else None, status=req.arg("status"),
+        session_id=req.arg("session"), group_id=svc.get_group(group).id if group else None,
+        is_open=req.arg("open") == "1", active_projects=req.arg("active") == "1", is_assigned=flag[assigned],
+        tag=req.arg("tag"), priorities=parse_priorities(prio) if prio else None, search=req.arg("search"),
+        include_removed=req.arg("removed") == "1"))
 
 
 def api_create_task(req: Request) -> Response:
-    """Add a task from {project, title, priority?, description?}."""
-    b = req.json(required=("project", "title"), optional=("priority", "description"))
+    """Add a task from {project, title, priority?, description?, tags?}."""
+    b = req.json(required=("project", "title"), optional=("priority", "description", "tags"))
     return json_response(req.svc.create_task(b["project"], b["title"], priority=b.get("priority", DEFAULT_PRIORITY),
-                                             description=b.get("description", "")), status=201)
+                                             description=b.get("description", ""), tags=_list_arg(b, "tags")),
+                         status=201)
+
+
+def _list_arg(body: dict[str, Any], name: str) -> list[str]:
+    value = body.get(name, [])
+    if not isinstance(value, list):
+        raise UsageError(f"{name} must be a list of strings")
+    return value
+
+
+def api_remove_task(req: Request) -> Response:
+    """Remove a task (it can be restored)."""
+    return json_response(req.svc.remove_task(req.params["task"]))
+
+
+def api_restore_task(req: Request) -> Response:
+    """Bring a removed task back."""
+    return json_response(req.svc.restore_task(req.params["task"]))
+
+
+def api_list_changes(req: Request) -> Response:
+    """Return this host's newest changes not undone yet, newest first."""
+    return json_response(req.svc.list_changes(limit=req.int_arg("limit", 10, lo=1, hi=100)))
+
+
+def api_undo_change(req: Request) -> Response:
+    """Undo this host's newest change by recording its inverse."""
+    req.json()
+    return json_response(req.svc.undo_change())
 
 
 def api_get_task(req: Request) -> Response:
@@ -5824,9 +6241,11 @@ def api_get_task(req: Request) -> Response:
 
 
 def api_edit_task(req: Request) -> Response:
-    """Change a task from {title?, description?, priority?, status?}."""
-    b = req.json(optional=("title", "description", "priority", "status"))
-    return json_response(req.svc.edit_task(req.params["task"], **b))
+    """Change a task from {title?, description?, priority?, status?, tags?, untags?}."""
+    b = req.json(optional=("title", "description", "priority", "status", "tags", "untags"))
+    tags, untags = _list_arg(b, "tags"), _list_arg(b, "untags")
+    b.pop("tags", None), b.pop("untags", None)
+    return json_response(req.svc.edit_task(req.params["task"], tags=tags, untags=untags, **b))
 
 
 def api_task_history(req: Request) -> Response:
@@ -6004,7 +6423,8 @@ def page_login(req: Request) -> Response:
 
 # --- OpenAPI --------------------------------------------------------------
 
-_PRIMITIVES = {str: "string", int: "integer", bool: "boolean", float: "number", dict: "object", list: "array"}
+_PRIMITIVES = {str: "string", int: "integer", bool: "boolean", float: "number", dict: "object", list: "array",
+               tuple: "array"}
 
 
 def json_schema(cls: type) -> dict[str, Any]:
@@ -6074,13 +6494,22 @@ API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | Non
                                               200, _ref("Project")),
     ("GET", "/api/v1/projects/{project}/history"): ("Events about a project and its tasks", ("limit",), None, 200,
                                                     _array("Event")),
-    ("GET", "/api/v1/tasks"): ("List tasks, most urgent first", ("project", "status", "session", "group"), None, 200,
-                               _array("Task")),
-    ("POST", "/api/v1/tasks"): ("Add a task", (), _body(("project", "title"), ("priority", "description"),
-                                                       priority="integer"), 201, _ref("Task")),
-    ("GET", "/api/v1/tasks/{task}"): ("Get a task by id prefix", (), None, 200, _ref("Task")),
-    ("PATCH", "/api/v1/tasks/{task}"): ("Change a task", (), _body((), ("title", "description", "priority", "status"),
-                                                                   priority="integer"), 200, _ref("Task")),
+    ("GET", "/api/v1/tasks"): ("List tasks, most urgent first (removed ones only with removed=1)",
+                               ("project", "status", "session", "group", "open", "active", "assigned", "tag",
+                                "priority", "search", "removed"), None, 200, _array("Task")),
+    ("POST", "/api/v1/tasks"): ("Add a task", (), _body(("project", "title"), ("priority", "description", "tags"),
+                                                       priority="integer", tags="array"), 201, _ref("Task")),
+    ("GET", "/api/v1/tasks/{task}"): ("Get a task by id prefix (removed ones too)", (), None, 200, _ref("Task")),
+    ("PATCH", "/api/v1/tasks/{task}"): ("Change a task; tags adds tags, untags removes them", (), _body(
+        (), ("title", "description", "priority", "status", "tags", "untags"), priority="integer", tags="array",
+        untags="array"), 200, _ref("Task")),
+    ("DELETE", "/api/v1/tasks/{task}"): ("Remove a task: it leaves every list, keeps its history, can be restored",
+                                         (), None, 200, _ref("Task")),
+    ("POST", "/api/v1/tasks/{task}/restore"): ("Bring a removed task back", (), None, 200, _ref("Task")),
+    ("GET", "/api/v1/undo"): ("This host's newest changes not undone yet, newest first", ("limit",), None, 200,
+                              {"type": "array", "items": _ref("Change")}),
+    ("POST", "/api/v1/undo"): ("Undo this host's newest change by recording its inverse", (), {"type": "object"},
+                               200, _ref("UndoResult")),
     ("GET", "/api/v1/tasks/{task}/history"): ("Events about a task", ("limit",), None, 200, _array("Event")),
     ("POST", "/api/v1/tasks/{task}/assignment"): ("Assign a task to a session or a group", (),
                                                   _body((), ("session_id", "group")), 200, _ref("Task")),
@@ -6127,7 +6556,11 @@ def _obj(**props: Any) -> dict[str, Any]:
 
 
 _SYNC_HEAD = {"machine_id": "string", "db_id": "string", "now_ms": "integer"}
+_CHANGE = {"events": _array("SyncEvent"), "description": "string", "created_at": "string", "can_undo": "boolean",
+           "refusal": ["string", "null"]}
 _OPEN_API_EXTRA_SCHEMAS.update({
+    "Change": _obj(**_CHANGE),
+    "UndoResult": _obj(**_CHANGE, recorded=_array("SyncEvent"), n_kept="integer"),
     "SyncEvent": _obj(uuid="string", hlc="string", machine_id="string", event_type="string", payload="object",
                       created_at="string"),
     "SyncPage": _obj(**_SYNC_HEAD, events=_array("SyncEvent"), next_after="integer", has_more="boolean",
@@ -6244,6 +6677,10 @@ def _build(cls: type, obj: dict[str, Any]) -> Any:
     return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name in obj})
 
 
+def _change_from_json(obj: dict[str, Any]) -> Change:
+    return Change([_build(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
+
+
 class RemoteServices:
     """The services of Services, run by a remote Clare through its JSON API: same names, same values.
 
@@ -6270,7 +6707,8 @@ class RemoteServices:
                  for x in (v if isinstance(v, list) else [v])]
         path += "?" + urllib.parse.urlencode(pairs) if pairs else ""
         return http_json(self.url, path, method=method, body=body, token=self.token, timeout_s=REMOTE_TIMEOUT_S,
-                         say_where=False)
+                         say_where=False, hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
+                                                   "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
 
     @staticmethod
     def _path(ref: str) -> str:
@@ -6301,24 +6739,49 @@ class RemoteServices:
                                                     query={"limit": limit})]
 
     def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                    description: str = "") -> Task:
+                    description: str = "", tags: Iterable[str] = ()) -> Task:
         """Add a task to a project."""
         return _build(Task, self.call("POST", "/api/v1/tasks", body={
-            "project": project_ref, "title": title, "priority": priority, "description": description}))
+            "project": project_ref, "title": title, "priority": priority, "description": description,
+            **({"tags": list(tags)} if tags else {})}))
 
     def edit_task(self, ref: str, **changes: Any) -> Task:
-        """Change some fields of a task."""
-        body = {k: v for k, v in changes.items() if v is not None}
+        """Change some fields and tags of a task."""
+        body = {k: list(v) if k in ("tags", "untags") else v for k, v in changes.items() if v not in (None, (), [])}
         return _build(Task, self.call("PATCH", f"/api/v1/tasks/{self._path(ref)}", body=body))
+
+    def remove_task(self, ref: str) -> Task:
+        """Remove a task (it can be restored)."""
+        return _build(Task, self.call("DELETE", f"/api/v1/tasks/{self._path(ref)}"))
+
+    def restore_task(self, ref: str) -> Task:
+        """Bring a removed task back."""
+        return _build(Task, self.call("POST", f"/api/v1/tasks/{self._path(ref)}/restore", body={}))
+
+    def list_changes(self, *, limit: int = 10) -> list[Change]:
+        """Return the server host's newest changes not undone yet."""
+        return [_change_from_json(c) for c in self.call("GET", "/api/v1/undo", query={"limit": limit})]
+
+    def undo_change(self) -> UndoResult:
+        """Undo the server host's newest change."""
+        got = self.call("POST", "/api/v1/undo", body={})
+        return UndoResult(_change_from_json(got), [_build(Event, e) for e in got["recorded"]], got["n_kept"])
 
     def get_task(self, ref: str) -> Task:
         """Return one task by id prefix."""
         return _build(Task, self.call("GET", f"/api/v1/tasks/{self._path(ref)}"))
 
     def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
-                   session_id: str | None = None, group_id: str | None = None) -> list[Task]:
+                   session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
+                   active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
+                   priorities: tuple[int, int] | None = None, search: str | None = None,
+                   include_removed: bool = False) -> list[Task]:
         """Return tasks, most urgent first."""
-        query = {"project": project_id, "status": status, "session": session_id, "group": group_id}
+        query = {"project": project_id, "status": status, "session": session_id, "group": group_id,
+                 "open": "1" if is_open else None, "active": "1" if active_projects else None,
+                 "assigned": None if is_assigned is None else str(int(is_assigned)), "tag": tag,
+                 "priority": f"{priorities[0]}-{priorities[1]}" if priorities else None, "search": search,
+                 "removed": "1" if include_removed else None}
         return [_build(Task, t) for t in self.call("GET", "/api/v1/tasks", query=query)]
 
     def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
@@ -6446,6 +6909,10 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/api/v1/tasks", api_create_task),
         ("GET", r"/api/v1/tasks/" + _REF % "task", api_get_task),
         ("PATCH", r"/api/v1/tasks/" + _REF % "task", api_edit_task),
+        ("DELETE", r"/api/v1/tasks/" + _REF % "task", api_remove_task),
+        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/restore", api_restore_task),
+        ("GET", r"/api/v1/undo", api_list_changes),
+        ("POST", r"/api/v1/undo", api_undo_change),
         ("GET", r"/api/v1/tasks/" + _REF % "task" + "/history", api_task_history),
         ("POST", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_assign_task),
         ("DELETE", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_unassign_task),
@@ -6607,14 +7074,15 @@ def _assignee(task: Task) -> str:
     return ""
 
 
-def format_tasks(tasks: list[Task], *, with_project: bool = True) -> str:
-    """Return a task table, or a line saying there are none."""
+def format_tasks(tasks: list[Task], *, with_project: bool = True, empty: str = "no tasks") -> str:
+    """Return a task table (tags after the title, removed tasks marked), or a line saying there are none."""
     if not tasks:
-        return "no tasks"
+        return empty
     headers = ("ID", "PRI", "STATUS", *(("PROJECT",) if with_project else ()), "ASSIGNED", "TITLE")
-    return table(headers, ((t.id[:SHORT_ID], f"P{t.priority}", STATUS_LABEL[t.status],
+    return table(headers, ((t.id[:SHORT_ID], f"P{t.priority}",
+                            STATUS_LABEL[t.status] + (" (removed)" if t.removed_at else ""),
                             *((short_text(t.project, 20),) if with_project else ()), _assignee(t),
-                            short_text(t.title, 70)) for t in tasks))
+                            short_text(t.title, 70) + "".join(f" #{tag}" for tag in t.tags)) for t in tasks))
 
 
 def format_history(events: list[Event]) -> str:
@@ -6711,15 +7179,61 @@ def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
 
 def cmd_task_add(args: argparse.Namespace, ctx: Context) -> None:
     """Add a task to a project."""
-    t = ctx.svc.create_task(args.project, args.title, priority=args.prio, description=args.desc)
-    emit(ctx, t, f"added task {t.id[:SHORT_ID]} to {t.project}: {t.title} (P{t.priority})")
+    t = ctx.svc.create_task(args.project, args.title, priority=parse_priority(args.prio), description=args.desc,
+                            tags=args.tag)
+    emit(ctx, t, f"added task {t.id[:SHORT_ID]} to {t.project}: {t.title} (P{t.priority})"
+                 + "".join(f" #{tag}" for tag in t.tags))
 
 
 def cmd_task_list(args: argparse.Namespace, ctx: Context) -> None:
-    """List tasks, most urgent first."""
-    project_id = ctx.svc.get_project(args.project).id if args.project else None
-    tasks = ctx.svc.list_tasks(project_id=project_id, status=args.status)
-    emit(ctx, tasks, lambda: format_tasks(tasks, with_project=not args.project))
+    """List tasks, most urgent first: open tasks of active projects unless --all, --status or a project says."""
+    if args.project and args.project_opt and args.project != args.project_opt:
+        raise UsageError(f"two projects named: {args.project!r} and --project {args.project_opt!r}; give one")
+    project_ref = args.project or args.project_opt
+    if args.assigned and args.unassigned:
+        raise UsageError("give --assigned or --unassigned, not both")
+    svc = ctx.svc
+    project_id = svc.get_project(project_ref).id if project_ref else None
+    tasks = svc.list_tasks(
+        project_id=project_id, status=args.status, is_open=not (args.all or args.status),
+        active_projects=not (args.all or project_ref), is_assigned=True if args.assigned else False if args.unassigned
+        else None, session_id=svc.get_session(args.session).id if args.session else None,
+        group_id=svc.get_group(args.group).id if args.group else None, tag=args.tag,
+        priorities=parse_priorities(args.prio) if args.prio else None,
+        search=args.search, include_removed=args.all)
+    filtered = any((args.status, args.assigned, args.unassigned, args.session, args.group, args.tag, args.prio,
+                    args.search))
+    empty = ("no tasks match" if filtered else "no tasks" if args.all
+             else "no open tasks" + ("" if project_ref else " in active projects")
+             + "; see all with: clare task list --all")
+    emit(ctx, tasks, lambda: format_tasks(tasks, with_project=not project_ref, empty=empty))
+
+
+def cmd_task_rm(args: argparse.Namespace, ctx: Context) -> None:
+    """Remove a task: it leaves lists and the dashboard, keeps its history, and can be restored."""
+    t = ctx.svc.remove_task(args.task)
+    emit(ctx, t, f"removed task {t.id[:SHORT_ID]}: {t.title}\n"
+                 f"bring it back with: clare task restore {t.id[:SHORT_ID]} (or: clare undo)")
+
+
+def cmd_task_restore(args: argparse.Namespace, ctx: Context) -> None:
+    """Bring a removed task back."""
+    t = ctx.svc.restore_task(args.task)
+    emit(ctx, t, f"restored task {t.id[:SHORT_ID]}: {t.title} ({STATUS_LABEL[t.status]})")
+
+
+def cmd_undo(args: argparse.Namespace, ctx: Context) -> None:
+    """Undo this host's last change by recording its inverse, or list what undo would take back."""
+    if args.list:
+        changes = ctx.svc.list_changes(limit=args.limit)
+        emit(ctx, changes, lambda: table(("WHEN", "CHANGE"), (
+            (when_text(c.events[0].created_at), c.description + (f"  (cannot undo: {c.refusal})" if c.refusal else ""))
+            for c in changes)) if changes else "nothing to undo on this host")
+        return
+    result = ctx.svc.undo_change()
+    kept = (f"\n{_n(result.n_kept, 'field')} changed since by a newer change kept the newer value"
+            if result.n_kept else "")
+    emit(ctx, result, f"undid: {result.undone.description}{kept}")
 
 
 def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
@@ -6732,7 +7246,11 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
     def text() -> str:
         lines = [f"{t.title}", f"id:       {t.id}", f"project:  {t.project} ({t.project_id[:SHORT_ID]})",
                  f"status:   {STATUS_LABEL[t.status]}", f"priority: P{t.priority}",
-                 f"assigned: {_assignee(t) or '-'}", f"created:  {when_text(t.created_at)}"]
+                 f"assigned: {_assignee(t) or '-'}", f"tags:     {' '.join(f'#{x}' for x in t.tags) or '-'}",
+                 f"created:  {when_text(t.created_at)}"]
+        if t.removed_at:
+            lines.append(f"removed:  {when_text(t.removed_at)} "
+                         f"(bring it back with: clare task restore {t.id[:SHORT_ID]})")
         if t.description:
             lines += ["", t.description]
         if updates:
@@ -6752,17 +7270,23 @@ def _cmd_task_status(status: str, verb: str) -> Callable[[argparse.Namespace, Co
 
 
 def cmd_task_edit(args: argparse.Namespace, ctx: Context) -> None:
-    """Change a task's title, priority or description."""
-    if args.title is None and args.prio is None and args.desc is None:
-        raise UsageError("nothing to change; give --title, --prio or --desc")
-    t = ctx.svc.edit_task(args.task, title=args.title, priority=args.prio, description=args.desc)
-    emit(ctx, t, f"task {t.id[:SHORT_ID]}: {t.title} (P{t.priority}, {STATUS_LABEL[t.status]})")
+    """Change a task's title, priority, description or tags."""
+    if (args.title, args.prio, args.desc) == (None, None, None) and not args.tag and not args.untag:
+        raise UsageError("nothing to change; give --title, --prio, --desc, --tag or --untag")
+    priority = None if args.prio is None else parse_priority(args.prio)
+    t = ctx.svc.edit_task(args.task, title=args.title, priority=priority, description=args.desc,
+                          tags=args.tag, untags=args.untag)
+    emit(ctx, t, f"task {t.id[:SHORT_ID]}: {t.title} (P{t.priority}, {STATUS_LABEL[t.status]})"
+                 + "".join(f" #{tag}" for tag in t.tags))
 
 
 def cmd_assign(args: argparse.Namespace, ctx: Context) -> None:
-    """Assign a task to a session or a group."""
+    """Assign a task to a session or a group; say where it came from when it moved."""
+    before = ctx.svc.get_task(args.task)
     t = ctx.svc.assign_task(args.task, session_id=args.session, group_ref=args.group)
-    emit(ctx, t, f"task {t.id[:SHORT_ID]} assigned to {_assignee(t)}: {t.title}")
+    moved = (f" (moved from {_assignee(before)})" if (before.session_id or before.group_id)
+             and _assignee(before) != _assignee(t) else "")
+    emit(ctx, t, f"task {t.id[:SHORT_ID]} assigned to {_assignee(t)}{moved}: {t.title}")
 
 
 def cmd_unassign(args: argparse.Namespace, ctx: Context) -> None:
@@ -6795,6 +7319,9 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
     """Add a progress note to a task, or inside a Claude pane to that session's task."""
     if args.text is not None:
         u = ctx.svc.post_update(args.text, task_ref=args.task)
+    elif ID_PREFIX_RE.match(args.task) and len(args.task) >= 4:
+        raise UsageError(f"the update text is missing after the task id; e.g. clare update {args.task} "
+                         "\"parser done, tests next\"")
     else:
         pane_id = os.environ.get("TMUX_PANE")
         if not pane_id:
@@ -6810,11 +7337,16 @@ def format_sessions(sessions: list[Session], ambiguous: Sequence[Pane] = (), *,
     now = now_ms()
     lines = [table(("ID", "HOST", "TMUX", "STATE", "ACTIVE", "TASK", "CWD", "LABEL"), (
         (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
-         (s.task_id or "-")[:SHORT_ID], short_text(s.cwd, 40), short_text(s.label, 40)) for s in sessions))
+         _session_tasks(s), short_text(s.cwd, 40), short_text(s.label, 40)) for s in sessions))
         if sessions else empty]
     lines += [f"? pane {p.pane_id} ({p.target}) in {p.cwd}: Claude runs here, but its session cannot be told "
               "apart from another in this cwd" for p in ambiguous]
     return "\n".join(lines)
+
+
+def _session_tasks(s: Session) -> str:
+    ids = [t[:SHORT_ID] for t in dict.fromkeys(filter(None, (s.task_id, *s.task_ids)))]
+    return (", ".join(ids) or "-") + (f" (group {s.group})" if s.group else "")
 
 
 def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
@@ -6838,10 +7370,14 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
-    """List the Claude sessions of every host, as last pulled."""
-    sessions = ctx.svc.list_sessions(include_gone=args.all)
+    """List the Claude sessions of every host, as last pulled, the one that needs a person most first."""
+    sessions = by_urgency(ctx.svc.list_sessions(include_gone=args.all or args.state == "gone"))
+    if args.state:
+        sessions = [s for s in sessions if s.state == args.state]
     ambiguous = ctx.svc.list_ambiguous_panes()
-    emit(ctx, sessions, lambda: format_sessions(sessions, ambiguous))
+    empty = f"no session is {args.state} now; see them all with: clare sessions" if args.state else \
+        "no Claude sessions seen; run 'clare pull' on each host (a running 'clare serve' pulls by itself)"
+    emit(ctx, sessions, lambda: format_sessions(sessions, ambiguous, empty=empty))
 
 
 def cmd_hook(args: argparse.Namespace, ctx: Context) -> int:
@@ -6893,29 +7429,89 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
         if input("send? [y/N] ").strip().lower() not in ("y", "yes"):
             print("not sent", file=sys.stderr)
             return 1
-    result = ctx.svc.send_broadcast(args.target, text, is_command=args.command)
-    emit(ctx, result, lambda: f"broadcast {result.broadcast_id[:SHORT_ID]} to {result.target}:\n" + table(
-        ("SESSION", "HOST", "TMUX", "RESULT", "REASON"),
-        ((d.session_id[:SHORT_ID], d.host, d.tmux_target or "-", d.result, d.reason) for d in result.deliveries)))
+    landed = BroadcastLines(as_json=ctx.as_json)
+    landed.start(args.target)
+    svc = ctx.svc
+    if isinstance(svc, Services):
+        result = svc.send_broadcast(args.target, text, is_command=args.command, on_delivery=landed)
+    else:  # a server answers once, with every result
+        result = svc.send_broadcast(args.target, text, is_command=args.command)
+    landed.close()
+    rest = [d for d in result.deliveries if d.session_id not in landed.shown]
+    counts = {r: sum(d.result == r for d in result.deliveries) for r in ("delivered", *DELIVERY_RESULTS)}
+    emit(ctx, result, lambda: "\n".join([*(landed.line(d.session_id, d.host, d.tmux_target, d.result, d.reason)
+                                           for d in rest),
+                                         f"broadcast {result.broadcast_id[:SHORT_ID]} to {result.target}: "
+                                         + ", ".join(f"{n} {r}" for r, n in counts.items() if n)]))
     return 0 if all(d.result in ("delivered", "queued") for d in result.deliveries) else 1
+
+
+class BroadcastLines:
+    """Print one line per session of a broadcast as it lands, with a progress line on a terminal."""
+
+    def __init__(self, *, as_json: bool, stream: Any = None):
+        self.as_json = as_json
+        self.stream = stream or sys.stderr
+        self.is_tty = self.stream.isatty()
+        self.shown: set[str] = set()  # session ids printed already
+
+    @staticmethod
+    def line(session_id: str, host: str | None, tmux_target: str | None, result: str, reason: str) -> str:
+        """Return one session's result as a line: session, host, tmux target, result, reason."""
+        return f"{session_id[:SHORT_ID]}  {host or '?':<12}  {tmux_target or '-':<14}  {result:<9}  {reason}".rstrip()
+
+    def __call__(self, s: Session, result: str, reason: str, n_done: int, n_total: int) -> None:
+        """Print the line of a session that was just typed into, then say how far the rest is."""
+        self.shown.add(s.id)
+        if self.is_tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+        if not self.as_json:
+            print(TERMINAL_CONTROL_RE.sub("?", self.line(s.id, s.host, s.tmux_target, result, reason)), flush=True)
+        if self.is_tty and n_done < n_total:
+            self.stream.write(f"typing into {n_done + 1} of {n_total} sessions on this host…")
+            self.stream.flush()
+
+    def start(self, target: str) -> None:
+        """Say on a terminal that the typing has begun (the first session takes seconds)."""
+        if self.is_tty:
+            self.stream.write(f"broadcasting to {TERMINAL_CONTROL_RE.sub('?', target)}…")
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Clear the progress line."""
+        if self.is_tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
 
 
 def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
     """Show the roll-up: per project task counts and tokens, per session its task and state."""
     report = ctx.svc.get_status(project_ref=args.project, group_ref=args.group)
 
+    def rows(sessions: list[Session], now: int) -> Iterator[tuple[str, ...]]:
+        for s in sessions:
+            ids: list[str | None] = [t for t in dict.fromkeys(filter(None, (s.task_id, *s.task_ids)))
+                                     if t in report.tasks]
+            for n, t in enumerate(ids or [None]):  # a session holding two tasks shows both, one line each
+                task = (f"{t[:SHORT_ID]} {short_text(report.tasks[t].title, 50)}"
+                        + (f" (group {s.group})" if s.group and t == s.task_id else "")) if t else "-"
+                yield ((s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.state_at, now),
+                        ago_text(s.last_activity_at, now), tokens_text(s.tokens), task) if n == 0
+                       else ("", "", "", "", "", "", "", task))
+
     def text() -> str:
         now = now_ms()
+        sessions = by_urgency(report.sessions)
+        heads = ("SESSION", "HOST", "TMUX", "STATE", "SINCE", "ACTIVE", "TOKENS", "TASK")
+        needy = [s for s in sessions if s.state in ("permission", "waiting")]
+        needs_you = ("needs you:\n" + table(heads, rows(needy, now)) if needy
+                     else "needs you: nothing (no session waits for an answer or a permission)")
         projects = table(("PROJECT", "STATUS", "TODO", "DOING", "BLOCKED", "DONE", "SESSIONS", "TOKENS"), (
             (r.project.name, r.project.status, *(r.project.task_counts[s] for s in TASK_STATUSES), r.n_sessions,
              tokens_text(r.tokens)) for r in report.projects)) if report.projects else "no projects"
-        sessions = table(("SESSION", "HOST", "TMUX", "STATE", "ACTIVE", "TOKENS", "TASK"), (
-            (s.id[:SHORT_ID], s.host, s.tmux_target or "-", s.state, ago_text(s.last_activity_at, now),
-             tokens_text(s.tokens),
-             f"{s.task_id[:SHORT_ID]} {short_text(report.tasks[s.task_id].title, 50)}"
-             if s.task_id is not None and s.task_id in report.tasks
-             else "-") for s in report.sessions)) if report.sessions else "no live sessions"
-        return f"{projects}\n\n{sessions}"
+        listed = table(heads, rows(sessions, now)) if sessions else "no live sessions"
+        return f"{needs_you}\n\n{projects}\n\n{listed}"
     emit(ctx, report, text)
 
 
@@ -6926,7 +7522,9 @@ def cmd_log(args: argparse.Namespace, ctx: Context) -> None:
                          "for the whole log use: clare export")
     events = ctx.svc.list_events(limit=args.limit)
     emit(ctx, events, lambda: "\n".join(
-        f"{ev.hlc}  {ev.event_type:<16}  {describe_event(ev)}" for ev in events) or "the log is empty")
+        f"{when_text(ev.created_at)}  {ev.machine_id:<12}  "
+        + (f"{ev.hlc}  {ev.event_type:<16}  " if args.verbose else "") + describe_event(ev) for ev in events)
+        or "the log is empty")
 
 
 def cmd_replay(args: argparse.Namespace, ctx: Context) -> None:
@@ -7129,7 +7727,15 @@ GROUP_HELP = {
     "peer": "add, list and remove the hosts this one syncs with",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
-_JSON = arg("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
+_GLOBAL_ARGS = (
+    arg("--home", metavar="DIR", help="folder of clare.db and clare.toml (env CLARE_HOME)"),
+    arg("--db", metavar="FILE", help="use this database file"),
+    arg("--json", action="store_true", help="print JSON instead of text"),
+    arg("--remote", metavar="URL", help="run the command on the Clare server at URL, e.g. http://apricot:8765 "
+                                        "(env CLARE_URL; token from CLARE_TOKEN)"),
+)
+# The same options after the verb (`clare task list --home /tmp/c2`): SUPPRESS keeps a value given before it.
+_LEAF_GLOBAL_ARGS = tuple((flags, {**options, "default": argparse.SUPPRESS}) for flags, options in _GLOBAL_ARGS)
 
 _SERVE_ARGS = (
     arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
@@ -7168,13 +7774,27 @@ COMMANDS: list[Command] = [
             (arg("project", help="name or id prefix"), arg("--status", choices=PROJECT_STATUSES),
              arg("--goal"), arg("--owner"), arg("--name", help="rename it"))),
     Command(("task", "add"), cmd_task_add, "add a task to a project",
-            'clare task add alpha "write the parser" --prio 1 --desc "tokens first"',
+            'clare task add alpha "write the parser" --prio 1 --desc "tokens first" --tag backend',
             (arg("project", help="name or id prefix"), arg("title"),
-             arg("--prio", type=int, default=DEFAULT_PRIORITY, metavar="0-4", help="0 is the most urgent (default 2)"),
-             arg("--desc", default="", help="description"))),
-    Command(("task", "list"), cmd_task_list, "list tasks, most urgent first",
-            "clare task list --project alpha --status todo",
-            (arg("--project", help="name or id prefix"), arg("--status", choices=TASK_STATUSES))),
+             arg("--prio", default=str(DEFAULT_PRIORITY), metavar="0-4",
+                 help="0 is the most urgent (default 2)"),
+             arg("--desc", default="", help="description"),
+             arg("--tag", action="append", default=[], metavar="TAG", help="a tag (repeat for more)"))),
+    Command(("task", "list"), cmd_task_list, "list open tasks of active projects, most urgent first",
+            "clare task list alpha\n  clare task list --tag backend --prio 0-1 --unassigned\n"
+            "  clare task list --all --search parser",
+            (arg("project", nargs="?", help="only this project (name or id prefix), whatever its status"),
+             arg("--project", dest="project_opt", metavar="PROJECT", help="the same as the positional PROJECT"),
+             arg("--all", action="store_true",
+                 help="also done and removed tasks, and tasks of paused or done projects"),
+             arg("--status", choices=TASK_STATUSES, help="only this status (done included)"),
+             arg("--assigned", action="store_true", help="only tasks bound to a session or group"),
+             arg("--unassigned", action="store_true", help="only tasks bound to nothing"),
+             arg("--session", metavar="ID", help="only the tasks of this session (id prefix)"),
+             arg("--group", metavar="G", help="only the tasks bound to this group"),
+             arg("--prio", metavar="N|N-M", help="only this priority or range, e.g. 0-1"),
+             arg("--tag", metavar="TAG", help="only tasks with this tag"),
+             arg("--search", metavar="TEXT", help="only tasks whose title or description holds TEXT (any case)"))),
     Command(("task", "show"), cmd_task_show, "show a task with its updates and history",
             "clare task show 3f2a", (_TASK_REF,)),
     Command(("task", "start"), _cmd_task_status("in_progress", "started"), "mark a task in progress",
@@ -7185,9 +7805,19 @@ COMMANDS: list[Command] = [
             "clare task done 3f2a", (_TASK_REF,)),
     Command(("task", "reopen"), _cmd_task_status("todo", "reopened"), "put a task back to todo",
             "clare task reopen 3f2a", (_TASK_REF,)),
-    Command(("task", "edit"), cmd_task_edit, "change a task's title, priority or description",
-            'clare task edit 3f2a --title "parse v2 files" --prio 0',
-            (_TASK_REF, arg("--title"), arg("--prio", type=int, metavar="0-4"), arg("--desc"))),
+    Command(("task", "edit"), cmd_task_edit, "change a task's title, priority, description or tags",
+            'clare task edit 3f2a --title "parse v2 files" --prio 0\n  clare task edit 3f2a --tag urgent --untag later',
+            (_TASK_REF, arg("--title"), arg("--prio", metavar="0-4"), arg("--desc"),
+             arg("--tag", action="append", default=[], metavar="TAG", help="add a tag (repeat for more)"),
+             arg("--untag", action="append", default=[], metavar="TAG", help="remove a tag (repeat for more)"))),
+    Command(("task", "rm"), cmd_task_rm, "remove a task (it keeps its history; task restore brings it back)",
+            "clare task rm 3f2a", (_TASK_REF,)),
+    Command(("task", "restore"), cmd_task_restore, "bring a removed task back",
+            "clare task restore 3f2a", (_TASK_REF,)),
+    Command(("undo",), cmd_undo, "undo this host's last change (by recording its inverse; nothing is deleted)",
+            "clare undo --list\n  clare undo",
+            (arg("--list", action="store_true", help="only show what undo would take back next, newest first"),
+             arg("--limit", type=int, default=10, help="how many changes --list shows (default 10)"))),
     Command(("assign",), cmd_assign, "assign a task to a Claude session or a group",
             "clare assign 3f2a 7c1e9b\n  clare assign 3f2a --group backend",
             (_TASK_REF, arg("session", nargs="?", help="session id or unique prefix"),
@@ -7208,9 +7838,10 @@ COMMANDS: list[Command] = [
     Command(("status",), cmd_status, "the roll-up: per project task counts and tokens, per session its task",
             "clare status --project alpha\n  clare status --group backend --json",
             (arg("--project", help="name or id prefix"), arg("--group", help="group name or id prefix"))),
-    Command(("sessions",), cmd_sessions, "list Claude sessions: host, tmux target, state, activity, task",
-            "clare sessions\n  clare sessions --all --json",
-            (arg("--all", action="store_true", help="also sessions that are gone"),)),
+    Command(("sessions",), cmd_sessions, "list Claude sessions, most urgent first: host, tmux, state, activity, task",
+            "clare sessions\n  clare sessions --state waiting\n  clare sessions --all --json",
+            (arg("--all", action="store_true", help="also sessions that are gone"),
+             arg("--state", choices=SESSION_STATES, help="only sessions in this state"))),
     Command(("pull",), cmd_pull, "look at this host's Claude sessions and record what changed",
             "clare pull\n  clare pull --tails --json",
             (arg("--tails", action="store_true",
@@ -7249,8 +7880,10 @@ COMMANDS: list[Command] = [
             (arg("peer", nargs="?", help="a configured peer's name or URL, or any peer's URL"),
              arg("--verify", action="store_true",
                  help="also compare per-day digests and fetch or send anything missing (anti-entropy)"))),
-    Command(("log",), cmd_log, "print the newest events, newest last", "clare log --limit 20",
-            (arg("--limit", type=int, default=50),)),
+    Command(("log",), cmd_log, "print the newest events, newest last: when, which host, what",
+            "clare log --limit 20\n  clare log --verbose      # with each event's HLC and type",
+            (arg("--limit", type=int, default=50),
+             arg("--verbose", "-v", action="store_true", help="also print each event's HLC and type"))),
     Command(("export",), cmd_export, "write the event log as JSON lines",
             "clare export backup.jsonl\n  clare export | gzip > backup.jsonl.gz",
             (arg("file", nargs="?", help="output file; '-' or none for stdout"),)),
@@ -7281,12 +7914,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                "\n\nrun 'clare COMMAND --help' for the options of one command",
         formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"clare {__version__}")
-    parser.add_argument("--home", metavar="DIR", help="folder of clare.db and clare.toml (env CLARE_HOME)")
-    parser.add_argument("--db", metavar="FILE", help="use this database file")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("--remote", metavar="URL",
-                        help="run the command on the Clare server at URL, e.g. http://apricot:8765 (env CLARE_URL; "
-                             "token from CLARE_TOKEN)")
+    for flags, options in _GLOBAL_ARGS:
+        parser.add_argument(*flags, **options)
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {
         (): parser.add_subparsers(title="commands", metavar="COMMAND")}
     for cmd in COMMANDS:
@@ -7305,7 +7934,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         leaf = groups[cmd.path[:-1]].add_parser(
             cmd.path[-1], help=cmd.help, description=cmd.help[:1].upper() + cmd.help[1:] + ".",
             epilog=f"example:\n  {cmd.example}", formatter_class=_HelpFormatter)
-        for flags, options in (*cmd.args, _JSON):
+        for flags, options in (*cmd.args, *_LEAF_GLOBAL_ARGS):
             leaf.add_argument(*flags, **options)
         leaf.set_defaults(handler=cmd.handler, command_path=cmd.path)
     return parser
@@ -7316,6 +7945,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:
         """Print the problem as one line and exit 2, as argparse does after its usage block."""
+        typo = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)\Z", message)
+        if typo:  # a mistyped word: name the nearest choice
+            import difflib
+
+            what, word, choices = typo[1], typo[2], re.findall(r"'([^']*)'", typo[3])
+            near = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+            if what == "COMMAND":  # a verb: the nearest one says more than the list of all of them
+                message = f"unknown command {word!r}"
+            if near:
+                self.exit(2, f"clare: error: {message}; did you mean {near[0]!r}? see: {self.prog} --help\n")
         self.exit(2, f"clare: error: {message}; see: {self.prog} --help\n")
 
 

@@ -242,7 +242,10 @@ def test_fleet_shows_every_session_with_its_task(server, db):
 
 
 def test_no_sessions_says_how_to_see_them(server, db):
-    assert "clare pull" in get(server, "/frag/fleet") and "Nobody is waiting on you." in get(server, "/frag/attention")
+    # serve pulls by itself: the page names it, not a command the user need not run
+    fleet = get(server, "/frag/fleet")
+    assert "clare serve" in fleet and "clare pull" not in fleet and "clare pull" not in get(server, "/sessions")
+    assert "Nobody is waiting on you." in get(server, "/frag/attention")
 
 
 def test_text_from_transcripts_and_panes_renders_as_text(server, db):

@@ -492,11 +492,15 @@ def test_remote_cli_prints_what_the_local_cli_prints(server, cli, tmp_path):
             theirs.code, _normalized(theirs.out), _normalized(theirs.err)), argv
     # Then the verbs that name a task by id, each side with its own ids.
     for side in (local, remote):
-        task_id = cli(*side, "--json", "task", "list").json()[0]["id"][:6]
+        task_id = cli(*side, "--json", "task", "list", "alpha").json()[0]["id"][:6]
         outs = [cli(*side, *argv) for argv in (
             ("task", "start", task_id), ("assign", task_id, "7c1e9b"), ("update", task_id, "halfway"),
             ("unassign", task_id), ("assign", task_id, "--group", "backend"), ("task", "show", task_id),
-            ("task", "edit", task_id, "--title", "parse v2"), ("group", "rm", "backend"), ("log", "--limit", "3"))]
+            ("task", "edit", task_id, "--title", "parse v2"), ("group", "rm", "backend"), ("log", "--limit", "3"),
+            ("task", "edit", task_id, "--tag", "x", "--tag", "y"), ("task", "list", "alpha", "--tag", "x"),
+            ("task", "list", "--all", "--prio", "0-1", "--search", "PARSE"), ("task", "rm", task_id),
+            ("task", "list", "alpha"), ("task", "list", "--all"), ("undo", "--list"), ("undo",),
+            ("--json", "task", "list", "alpha", "--unassigned"), ("task", "restore", task_id))]
         if side is local:
             expected = [(r.code, _normalized(r.out), _normalized(r.err)) for r in outs]
         else:
