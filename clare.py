@@ -24,6 +24,7 @@ Sections (each uses only the ones above it):
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -33,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ MAX_NAME_CHARS = 100
 MAX_TITLE_CHARS = 300
 MAX_TEXT_CHARS = 20_000  # descriptions, goals, update texts
 MAX_PAYLOAD_BYTES = 64 * 1024  # one event's JSON payload, as stored
+MAX_EVENTS_PAGE = 1000  # events in one answer of the API or one page of an export
 ID_PREFIX_RE = re.compile(r"\A[0-9a-f][0-9a-f-]*\Z")
 SHORT_ID = 8  # characters of an id shown to people
 MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is refused wherever it is read
@@ -2531,39 +2533,6 @@ DESCRIBE.update({
 })
 
 
-class Services:
-    """The services and queries bound to one database and the wall clock: what the CLI calls.
-
-    A remote Clare offers the same names over HTTP, so a CLI handler never knows which it has.
-    """
-
-    __slots__ = ("db",)
-
-    def __init__(self, db: Db):
-        self.db = db
-
-    def __getattr__(self, name: str) -> Callable:
-        try:
-            fn = SERVICES[name]
-        except KeyError:
-            raise AttributeError(name) from None
-        code = fn.__code__
-        if "now_ms" in code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]:
-            return lambda *args, **kw: fn(self.db, *args, now_ms=now_ms(), **kw)
-        return lambda *args, **kw: fn(self.db, *args, **kw)
-
-
-SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
-    create_project, edit_project, get_project, list_projects, project_history,
-    create_task, edit_task, get_task, list_tasks, assign_task, unassign_task, remove_task, restore_task,
-    list_changes, undo_change,
-    create_group, remove_group, get_group, list_groups,
-    get_session, list_sessions, list_group_sessions, get_pane_session, observe_sessions, report_hook,
-    list_broadcast_recipients, list_deliveries, get_status,
-    post_update, list_updates, list_history, list_events, import_events, replay, count_events,
-)}
-
-
 # ==========================================================================
 # 6. Fleet: Claude Code sessions in tmux panes, their state, hooks, broadcast delivery.
 # ==========================================================================
@@ -3735,7 +3704,407 @@ def _transcript_has_prompt(path: str, text: str, *, since_ms: int) -> bool:
     return False
 
 
-SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes, send_broadcast)})
+# --- the services, each declared once ---------------------------------------------------------
+# A method of Services is a service's one declaration: its signature (what the CLI and pages call),
+# its HTTP form (@api: route, where each argument travels, the answer), or @here for what works on
+# this host only. The remote client (RemoteServices, section 7), the JSON handlers and the OpenAPI
+# document (section 8) are derived from it; nothing about a service is written out again elsewhere.
+
+_S = TypeVar("_S", bound="Services")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    """How one service travels over HTTP. Arguments are named as in the signature; "arg=wire" renames one."""
+
+    method: str
+    path: str  # "/api/v1/tasks/{task}": each {wire} takes the next leading positional argument
+    summary: str  # the OpenAPI summary
+    query: tuple[str, ...] = ()
+    body: tuple[str, ...] = ()
+    status: int = 200
+    resolve: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> getter: the server turns a ref into
+    # that object (or its id, for a *_id or *_ids argument)
+    here: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> why it cannot be sent (refused remotely)
+    not_sent: tuple[str, ...] = ()  # arguments a remote call leaves out (the server uses its own defaults)
+    max_int: int = MAX_EVENTS_PAGE  # integer query arguments are within 1..max_int
+    schema: str | None = None  # the OpenAPI answer, a component's name; None: from the return type
+    body_schema: dict[str, Any] | None = None  # the OpenAPI request body; None: from the body arguments
+    check: Callable[[dict[str, Any]], None] | None = None  # the server's extra check of a body
+    to_wire: Callable[[Any, Any], Any] | None = None  # (request, result) -> the JSON answer; None: the result
+    from_wire: Callable[[Any], Any] | None = None  # the JSON answer -> the result; None: from the return type
+    is_routed: bool = True  # False: the remote client asks a route that answers more (count_events)
+
+
+SERVICE_APIS: dict[str, tuple[Callable[..., Any], Api | None]] = {}  # service -> (function, HTTP form or None)
+
+
+def api(method: str, path: str, summary: str, **form: Any
+        ) -> Callable[[Callable[Concatenate[_S, _P], _R]], Callable[Concatenate[_S, _P], _R]]:
+    """Declare a Services method as a service offered over HTTP (see Api for the form)."""
+    return _declare(Api(method, path, summary, **form))
+
+
+def here(fn: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+    """Declare a Services method as a service of this host only: its tmux, its hooks, its files."""
+    return _declare(None)(fn)
+
+
+def _declare(spec: Api | None) -> Callable[[Callable[Concatenate[_S, _P], _R]], Callable[Concatenate[_S, _P], _R]]:
+    def register(fn: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+        SERVICE_APIS[fn.__name__] = (fn, spec)
+
+        @functools.wraps(fn)
+        def call(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            return self._run(fn, spec, args, kwargs)
+        return call
+    return register
+
+
+def from_json(cls: type, obj: dict[str, Any]) -> Any:
+    """Rebuild a dataclass from its JSON object (a JSON list back into a tuple field); added fields are ignored."""
+    import typing
+
+    return cls(**{f.name: tuple(obj[f.name]) if typing.get_origin(f.type) is tuple else obj[f.name]
+                  for f in dataclasses.fields(cls) if f.name in obj})
+
+
+def _change_from_json(obj: dict[str, Any]) -> Change:
+    return Change([from_json(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
+
+
+def _status_to_wire(req: Any, report: StatusReport) -> dict[str, Any]:
+    return {**report.to_json(), "n_events": req.svc.count_events(), "machine_id": req.db.machine_id}
+
+
+def _status_from_wire(got: dict[str, Any]) -> StatusReport:
+    return StatusReport([ProjectStatus(from_json(Project, p), p["tokens"], p["n_sessions"]) for p in got["projects"]],
+                        [from_json(Session, x) for x in got["sessions"]],
+                        {t["id"]: from_json(Task, t) for t in got["tasks"]})
+
+
+def _only_message_updates(body: dict[str, Any]) -> None:
+    # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
+    # client that could post them would put words in a session's or a hook's mouth.
+    if body.get("source", "message") != "message":
+        raise UsageError(f"update source {body['source']!r} is not allowed here; only 'message' may be posted "
+                         "(pane tails, triage and hook notes are written by 'clare pull')")
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """Where one argument of a declared service goes: its place, its name there and its kind of value."""
+
+    arg: str
+    where: str  # "path", "query", "body", "here" (refused remotely unless at its default) or "not_sent"
+    name: str  # in the path, query or body
+    kind: str  # "text", "int", "bool", "list", "range" (a (lo, hi) pair as "lo-hi") or "object" (a record)
+    is_optional: bool  # None is a value of it
+    is_required: bool  # it has no default
+    default: Any
+    resolver: str | None  # a getter the server turns the ref into the record (or its id) with
+
+
+_WIRES: dict[str, tuple[Wire, ...]] = {}
+
+
+def wire_args(name: str) -> tuple[Wire, ...]:
+    """Return where each argument of a declared service goes: path, query and body in their declared order."""
+    if name not in _WIRES:
+        import inspect
+        import types
+        import typing
+
+        fn, spec = SERVICE_APIS[name]
+        params = list(inspect.signature(fn).parameters.values())[1:]  # after self
+        spec = spec or Api("", "", "")
+        placed = dict(zip(re.findall(r"\{(\w+)\}", spec.path), (p.name for p in params), strict=False))
+        where = {arg: ("path", wire) for wire, arg in placed.items()}
+        for place, specs in (("query", spec.query), ("body", spec.body)):
+            for text in specs:
+                arg, _, wire = text.partition("=")
+                where[arg] = (place, wire or arg)
+        where.update({arg: ("here", arg) for arg in spec.here})
+        where.update({arg: ("not_sent", arg) for arg in spec.not_sent})
+        wires = []
+        for p in params:
+            if p.name not in where and SERVICE_APIS[name][1] is not None:
+                raise TypeError(f"{name}: argument {p.name} is not placed in the path, query or body of its @api")
+            ann = p.annotation
+            is_optional = isinstance(ann, types.UnionType) and type(None) in typing.get_args(ann)
+            base = next((a for a in typing.get_args(ann) if a is not type(None)), ann) if is_optional else ann
+            origin = typing.get_origin(base) or base
+            kind = {bool: "bool", int: "int", str: "text", list: "list", tuple: "range"}.get(origin) or \
+                ("list" if origin is Iterable else "object")
+            place, wire = where.get(p.name, ("here", p.name))
+            wires.append(Wire(p.name, place, wire, kind, is_optional, p.default is p.empty, p.default,
+                              spec.resolve.get(p.name)))
+        order = {"path": 0, "query": 1, "body": 2}
+        _WIRES[name] = tuple(sorted(wires, key=lambda w: order.get(w.where, 3)))  # stable: declared order kept
+    return _WIRES[name]
+
+
+class Services:
+    """The services and queries bound to one database and the wall clock: what the CLI and pages call.
+
+    RemoteServices offers the same methods over HTTP, so a caller never knows which it has.
+    """
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Db):
+        self.db = db
+
+    def _run(self, fn: Callable[..., _R], spec: Api | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _R:
+        return fn(self, *args, **kwargs)
+
+    @api("GET", "/api/v1/projects", "List projects with task counts", query=("status",))
+    def list_projects(self, *, status: str | None = None) -> list[Project]:
+        """Return the projects, with task counts."""
+        return list_projects(self.db, status=status)
+
+    @api("POST", "/api/v1/projects", "Create a project", body=("name", "goal", "owner"), status=201)
+    def create_project(self, name: str, *, goal: str = "", owner: str = "") -> Project:
+        """Create a project."""
+        return create_project(self.db, name, goal=goal, owner=owner, now_ms=now_ms())
+
+    @api("GET", "/api/v1/projects/{project}", "Get a project by name or id prefix")
+    def get_project(self, ref: str) -> Project:
+        """Return the project named `ref` or whose id starts with `ref`."""
+        return get_project(self.db, ref)
+
+    @api("PATCH", "/api/v1/projects/{project}", "Change a project", body=("name", "goal", "owner", "status"))
+    def edit_project(self, ref: str, *, name: str | None = None, goal: str | None = None,
+                     owner: str | None = None, status: str | None = None) -> Project:
+        """Change some fields of a project."""
+        return edit_project(self.db, ref, name=name, goal=goal, owner=owner, status=status, now_ms=now_ms())
+
+    @api("GET", "/api/v1/projects/{project}/history", "Events about a project and its tasks", query=("limit",),
+         resolve={"project": "get_project"})
+    def project_history(self, project: Project, *, limit: int = 200) -> list[Event]:
+        """Return the events about a project and its tasks, oldest first."""
+        return project_history(self.db, project, limit=limit)
+
+    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1)",
+         query=("project_id=project", "status", "session_id=session", "group_id=group", "is_open=open",
+                "active_projects=active", "is_assigned=assigned", "tag", "priorities=priority", "search",
+                "include_removed=removed"), resolve={"project_id": "get_project", "group_id": "get_group"})
+    def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
+                   session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
+                   active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
+                   priorities: tuple[int, int] | None = None, search: str | None = None,
+                   include_removed: bool = False) -> list[Task]:
+        """Return tasks, most urgent first."""
+        return list_tasks(self.db, project_id=project_id, status=status, session_id=session_id, group_id=group_id,
+                          is_open=is_open, active_projects=active_projects, is_assigned=is_assigned, tag=tag,
+                          priorities=priorities, search=search, include_removed=include_removed)
+
+    @api("POST", "/api/v1/tasks", "Add a task", body=("project_ref=project", "title", "priority", "description",
+                                                      "tags"), status=201)
+    def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
+                    description: str = "", tags: Iterable[str] = ()) -> Task:
+        """Add a task to a project."""
+        return create_task(self.db, project_ref, title, priority=priority, description=description, tags=tags,
+                           now_ms=now_ms())
+
+    @api("GET", "/api/v1/tasks/{task}", "Get a task by id prefix (removed ones too)")
+    def get_task(self, ref: str) -> Task:
+        """Return the task whose id starts with `ref`."""
+        return get_task(self.db, ref)
+
+    @api("PATCH", "/api/v1/tasks/{task}", "Change a task; tags adds tags, untags removes them",
+         body=("title", "description", "priority", "status", "tags", "untags"))
+    def edit_task(self, ref: str, *, title: str | None = None, description: str | None = None,
+                  priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
+                  untags: Iterable[str] = ()) -> Task:
+        """Change some fields and tags of a task."""
+        return edit_task(self.db, ref, title=title, description=description, priority=priority, status=status,
+                         tags=tags, untags=untags, now_ms=now_ms())
+
+    @api("DELETE", "/api/v1/tasks/{task}", "Remove a task: it leaves every list, keeps its history, can be restored")
+    def remove_task(self, ref: str) -> Task:
+        """Remove a task (it can be restored)."""
+        return remove_task(self.db, ref, now_ms=now_ms())
+
+    @api("POST", "/api/v1/tasks/{task}/restore", "Bring a removed task back")
+    def restore_task(self, ref: str) -> Task:
+        """Bring a removed task back."""
+        return restore_task(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/undo", "This host's newest changes not undone yet, newest first", query=("limit",),
+         max_int=100, from_wire=lambda got: [_change_from_json(c) for c in got])
+    def list_changes(self, *, limit: int = 10) -> list[Change]:
+        """Return this host's newest changes not undone yet, newest first."""
+        return list_changes(self.db, limit=limit)
+
+    @api("POST", "/api/v1/undo", "Undo this host's newest change by recording its inverse",
+         body_schema={"type": "object"},
+         from_wire=lambda got: UndoResult(_change_from_json(got), [from_json(Event, e) for e in got["recorded"]],
+                                          got["n_kept"]))
+    def undo_change(self) -> UndoResult:
+        """Undo this host's newest change by recording its inverse."""
+        return undo_change(self.db, now_ms=now_ms())
+
+    @api("POST", "/api/v1/tasks/{task}/assignment", "Assign a task to a session or a group",
+         body=("session_id", "group_ref=group"))
+    def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
+        """Bind a task to one session or one group, ending any previous binding."""
+        return assign_task(self.db, ref, session_id=session_id, group_ref=group_ref, now_ms=now_ms())
+
+    @api("DELETE", "/api/v1/tasks/{task}/assignment", "End a task's assignment")
+    def unassign_task(self, ref: str) -> Task:
+        """End a task's binding."""
+        return unassign_task(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups", "List groups")
+    def list_groups(self) -> list[Group]:
+        """Return the groups."""
+        return list_groups(self.db)
+
+    @api("POST", "/api/v1/groups", "Create a group", body=("name", "cwd", "host", "tmux_name"), status=201)
+    def create_group(self, name: str, *, cwd: str | None = None, host: str | None = None,
+                     tmux_name: str | None = None) -> Group:
+        """Create a group of sessions by cwd, host or tmux session name."""
+        return create_group(self.db, name, cwd=cwd, host=host, tmux_name=tmux_name, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups/{group}", "Get a group by name or id prefix")
+    def get_group(self, ref: str) -> Group:
+        """Return the group named `ref` or whose id starts with `ref`."""
+        return get_group(self.db, ref)
+
+    @api("DELETE", "/api/v1/groups/{group}", "Remove a group")
+    def remove_group(self, ref: str) -> Group:
+        """Remove a group; its tasks become unassigned."""
+        return remove_group(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups/{group}/sessions", "Sessions a group's patterns match now",
+         query=("include_gone=all",))
+    def list_group_sessions(self, group_ref: str, *, include_gone: bool = False) -> list[Session]:
+        """Return the sessions a group's patterns match now."""
+        return list_group_sessions(self.db, group_ref, include_gone=include_gone)
+
+    @api("GET", "/api/v1/sessions", "List Claude sessions of every host", query=("host", "include_gone=all"))
+    def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
+        """Return the sessions of every host."""
+        return list_sessions(self.db, host=host, include_gone=include_gone)
+
+    @api("GET", "/api/v1/sessions/{session}", "Get a session by id prefix")
+    def get_session(self, ref: str) -> Session:
+        """Return the session whose id starts with `ref` (gone ones too)."""
+        return get_session(self.db, ref)
+
+    @here
+    def get_pane_session(self, tmux_socket: str | None, pane_id: str) -> Session:
+        """Return the live session of this host in a tmux pane."""
+        return get_pane_session(self.db, tmux_socket, pane_id)
+
+    @here
+    def observe_sessions(self, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
+                         keep_ids: Iterable[str] = (), live_panes: Mapping[str, Iterable[str]] | None = None
+                         ) -> list[Event]:
+        """Record what a look at this host's sessions found."""
+        return observe_sessions(self.db, seen, keep_sockets=keep_sockets, keep_ids=keep_ids, live_panes=live_panes,
+                                now_ms=now_ms())
+
+    @here
+    def report_hook(self, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
+                    is_end: bool = False) -> list[Event]:
+        """Record what a Claude Code hook on this host reported."""
+        return report_hook(self.db, session_id, mark, cwd=cwd, tmux_target=tmux_target, is_end=is_end,
+                           now_ms=now_ms())
+
+    @here
+    def pull_fleet(self, *, config: dict[str, Any], tails: bool = False,
+                   env: Mapping[str, str] | None = None) -> PullResult:
+        """Look at this host's Claude sessions and record what changed."""
+        return pull_fleet(self.db, config=config, now_ms=now_ms(), tails=tails, env=env)
+
+    @api("GET", "/api/v1/panes/ambiguous", "Claude panes whose session cannot be told apart")
+    def list_ambiguous_panes(self) -> list[Pane]:
+        """Return the panes the last pull could not tie to one session."""
+        return list_ambiguous_panes(self.db)
+
+    @api("POST", "/api/v1/broadcast", "Type a text into every live session of a target (project, group:NAME, "
+         "session:ID)", body=("target", "text", "is_command"), not_sent=("confirm_s", "on_delivery"), status=201,
+         from_wire=lambda got: BroadcastResult(got["broadcast_id"], got["target"], got["text"],
+                                               [from_json(Delivery, d) for d in got["deliveries"]]))
+    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
+                       confirm_s: float = BROADCAST_CONFIRM_S,
+                       on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
+        """Send a text to every live session of a target (a server waits for confirmations its own way)."""
+        # SECURITY: this types into AI agents that run shell commands; the server's token and
+        # cross-site rules guard every POST, and the fleet refuses non-Claude panes and open dialogs.
+        return send_broadcast(self.db, target, text, now_ms=now_ms(), is_command=is_command, confirm_s=confirm_s,
+                              on_delivery=on_delivery)
+
+    @api("GET", "/api/v1/broadcast/recipients", "The live sessions a broadcast target reaches", query=("target",))
+    def list_broadcast_recipients(self, target: str) -> list[Session]:
+        """Return the live sessions a broadcast target (project, group:NAME or session:ID) names."""
+        return list_broadcast_recipients(self.db, target)
+
+    @api("GET", "/api/v1/deliveries", "Per-session results of a broadcast",
+         query=("broadcast_id=broadcast", "pending_on"))
+    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
+        """Return the per-session results of broadcasts."""
+        return list_deliveries(self.db, broadcast_id=broadcast_id, pending_on=pending_on)
+
+    @api("GET", "/api/v1/updates", "List updates, newest last", query=("task_ids=task", "update_id=id", "limit"),
+         resolve={"task_ids": "get_task"})
+    def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
+                     limit: int = 50) -> list[Update]:
+        """Return the newest updates, newest last."""
+        return list_updates(self.db, task_ids=task_ids, update_id=update_id, limit=limit)
+
+    @api("POST", "/api/v1/updates", "Post a progress note", body=("text", "task_ref=task", "source", "session_id"),
+         status=201, check=_only_message_updates,
+         here={"pane": "a note from inside a pane finds its task on this host; name the task "
+                       "(clare update TASK TEXT) or run without --remote"})
+    def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
+                    pane: tuple[str | None, str] | None = None, source: str = "message") -> Update:
+        """Add a progress note to a task and/or a session."""
+        return post_update(self.db, text, task_ref=task_ref, session_id=session_id, pane=pane, source=source,
+                           now_ms=now_ms())
+
+    @api("GET", "/api/v1/status", "The roll-up", query=("project_ref=project", "group_ref=group"),
+         schema="Status", to_wire=_status_to_wire, from_wire=_status_from_wire)
+    def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
+        """Return the roll-up: per project its counts and tokens, the live sessions and their tasks."""
+        return get_status(self.db, project_ref=project_ref, group_ref=group_ref)
+
+    @api("GET", "/api/v1/status", "", from_wire=lambda got: got["n_events"], is_routed=False)
+    def count_events(self) -> int:
+        """Return how many events the log holds."""
+        return count_events(self.db)
+
+    @api("GET", "/api/v1/events", "", query=("limit",), from_wire=lambda page: [
+         from_json(Event, e) for e in page["events"]], is_routed=False)
+    def list_events(self, *, limit: int = 50) -> list[Event]:
+        """Return the newest events, newest last."""
+        return list_events(self.db, limit=limit)
+
+    @api("GET", "/api/v1/history", "Events naming any of the given entity ids", query=("entity_ids=entity", "limit"))
+    def list_history(self, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
+        """Return the newest events naming any of these entities, oldest first."""
+        return list_history(self.db, entity_ids, limit=limit)
+
+    @api("POST", "/api/v1/import", "Store events given as JSON lines", body=("lines",), schema="ImportResult",
+         body_schema={"type": "object", "required": ["lines"], "properties": {
+             "lines": {"type": "array", "items": {"type": "string"}}}},
+         to_wire=lambda req, r: {"inserted": r[0].inserted, "duplicates": r[0].n_duplicates,
+                                 "conflicts": r[0].conflicts, "rejected": r[1]},
+         from_wire=lambda got: (InsertResult([from_json(Event, e) for e in got["inserted"]], got["duplicates"],
+                                             got["conflicts"]), got["rejected"]))
+    def import_events(self, lines: Iterable[str]) -> tuple[InsertResult, list[str]]:
+        """Store the events of JSON lines not yet here; return what happened and one reason per bad line."""
+        return import_events(self.db, lines, now_ms=now_ms())
+
+    @api("POST", "/api/v1/replay", "Rebuild every projection from the log", body_schema={"type": "object"},
+         schema="ReplayResult", to_wire=lambda req, n: {"events": n}, from_wire=lambda got: got["events"])
+    def replay(self) -> int:
+        """Rebuild every projection from the log; return how many events were applied."""
+        return replay(self.db)
 
 
 # ==========================================================================
@@ -4266,6 +4635,74 @@ def _error_body_message(err: Any) -> str | None:
         return None
 
 
+# --- the remote twin of Services: the same methods, over a Clare server's JSON API ----------------
+
+REMOTE_TIMEOUT_S = 30.0
+
+
+class RemoteServices(Services):
+    """The services of Services, run by a remote Clare: each call follows its service's @api declaration.
+
+    Raises the same error classes as a local call, with the server's message.
+    """
+
+    __slots__ = ("url", "token")
+
+    def __init__(self, url: str, *, token: str | None = None):
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def _run(self, fn: Callable[..., Any], spec: Api | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        import inspect
+        import urllib.parse
+
+        if spec is None:
+            raise UsageError(f"{fn.__name__} works on this host's own tmux and hooks; run the command on that host "
+                             "without --remote (and without CLARE_URL)")
+        signature = inspect.signature(fn)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        path, query, body = spec.path, [], {}
+        for w in wire_args(fn.__name__):
+            value = bound.arguments[w.arg]
+            if w.where == "here" and value != w.default:
+                raise UsageError(spec.here.get(w.arg) or f"{w.arg} works on this host only; run without --remote")
+            if w.where == "path":
+                ref = value.id if w.kind == "object" else value
+                path = path.replace(f"{{{w.name}}}", urllib.parse.quote(str(ref), safe=""))
+            elif w.where == "query":
+                if w.kind == "list" and value == []:
+                    return []  # no ids: nothing matches, as locally
+                query += _query_pairs(w, value, max_int=spec.max_int)
+            elif w.where == "body" and (w.is_required or value not in (None, (), [])):
+                body[w.name] = list(value) if w.kind == "list" else value
+        path += "?" + urllib.parse.urlencode(query) if query else ""
+        got = http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
+                        token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
+                        hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
+                                 "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
+        if spec.from_wire is not None:
+            return spec.from_wire(got)
+        answer = signature.return_annotation
+        if getattr(answer, "__origin__", None) is list:
+            return [from_json(answer.__args__[0], x) for x in got]
+        return from_json(answer, got)
+
+
+def _query_pairs(w: Wire, value: Any, *, max_int: int) -> list[tuple[str, str]]:
+    if value is None or (w.kind == "bool" and value is False and not w.is_optional):
+        return []
+    if w.kind == "bool":
+        return [(w.name, str(int(value)))]
+    if w.kind == "int":
+        return [(w.name, str(min(value, max_int)))]
+    if w.kind == "list":
+        return [(w.name, x) for x in value]
+    if w.kind == "range":
+        return [(w.name, f"{value[0]}-{value[1]}")]
+    return [(w.name, value)]
+
+
 def load_peers(config: dict[str, Any], *, path: str = "clare.toml") -> list[Peer]:
     """Return the peers of clare.toml's [[peers]] tables; raise naming a bad entry."""
     entries = config.get("peers", [])
@@ -4530,7 +4967,6 @@ BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/j
 LISTEN_BACKLOG = 128  # with the default 5, p99 latency under load is near a second (DESIGN §8)
 SHUTDOWN_GRACE_S = 10.0  # how long SIGTERM waits for requests in flight to finish
 POLL_S = 5  # how often htmx refreshes a polled fragment
-MAX_EVENTS_PAGE = 1000
 LOGIN_COOKIE = "clare_login"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -6145,107 +6581,87 @@ def frag_peers(req: Request) -> Response:
     return html_response(peers_fragment(req))
 
 
-# --- JSON API ------------------------------------------------------------
+# --- JSON API: the handlers of the services, derived from their declarations ---------------------
 
 
 def _event_json(ev: Event) -> dict[str, Any]:
     return {**ev.to_json(), "rseq": ev.rseq}
 
 
-def api_list_projects(req: Request) -> Response:
-    """List projects with task counts; ?status= filters."""
-    return json_response(req.svc.list_projects(status=req.arg("status")))
-
-
-def api_create_project(req: Request) -> Response:
-    """Create a project from {name, goal?, owner?}."""
-    b = req.json(required=("name",), optional=("goal", "owner"))
-    return json_response(req.svc.create_project(b["name"], goal=b.get("goal", ""), owner=b.get("owner", "")),
-                         status=201)
-
-
-def api_get_project(req: Request) -> Response:
-    """Return one project by name or id prefix."""
-    return json_response(req.svc.get_project(req.params["project"]))
-
-
-def api_edit_project(req: Request) -> Response:
-    """Change a project from {name?, goal?, owner?, status?}."""
-    b = req.json(optional=("name", "goal", "owner", "status"))
-    return json_response(req.svc.edit_project(req.params["project"], **b))
-
-
-def api_project_history(req: Request) -> Response:
-    """Return the events about a project and its tasks, oldest first."""
-    svc = req.svc
-    limit = req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE)
-    return json_response([_event_json(e) for e in svc.project_history(svc.get_project(req.params["project"]),
-                                                                        limit=limit)])
-
-
-def api_list_tasks(req: Request) -> Response:
-    """List tasks, most urgent first; ?project= ?status= ?session= ?group= ?tag= ?search= ... filter."""
-    svc = req.svc
-    project, group, prio = req.arg("project"), req.arg("group"), req.arg("priority")
-    flag = {"1": True, "0": False, None: None}
-    assigned = req.arg("assigned")
-    if assigned not in flag:
-        raise UsageError(f"assigned={assigned!r} must be 1 or 0")
-    return json_response(svc.list_tasks(
-        project_id=svc.get_project(project).id if project else None, status=req.arg("status"),
-        session_id=req.arg("session"), group_id=svc.get_group(group).id if group else None,
-        is_open=req.arg("open") == "1", active_projects=req.arg("active") == "1", is_assigned=flag[assigned],
-        tag=req.arg("tag"), priorities=parse_priorities(prio) if prio else None, search=req.arg("search"),
-        include_removed=req.arg("removed") == "1"))
-
-
-def api_create_task(req: Request) -> Response:
-    """Add a task from {project, title, priority?, description?, tags?}."""
-    b = req.json(required=("project", "title"), optional=("priority", "description", "tags"))
-    return json_response(req.svc.create_task(b["project"], b["title"], priority=b.get("priority", DEFAULT_PRIORITY),
-                                             description=b.get("description", ""), tags=_list_arg(b, "tags")),
-                         status=201)
-
-
-def _list_arg(body: dict[str, Any], name: str) -> list[str]:
-    value = body.get(name, [])
-    if not isinstance(value, list):
-        raise UsageError(f"{name} must be a list of strings")
+def _wire_value(value: Any) -> Any:
+    """Return a service's answer ready for json_response: an event also carries its receipt number."""
+    if isinstance(value, Event):
+        return _event_json(value)
+    if isinstance(value, list):
+        return [_wire_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _wire_value(v) for k, v in value.items()}
     return value
 
 
-def api_remove_task(req: Request) -> Response:
-    """Remove a task (it can be restored)."""
-    return json_response(req.svc.remove_task(req.params["task"]))
+def service_handler(name: str) -> Callable[[Request], Response]:
+    """Return the JSON handler of a declared service: its path, query and body become the call's arguments."""
+    spec = SERVICE_APIS[name][1]
+    if spec is None:
+        raise TypeError(f"{name} is a service of this host only: it has no route")
+
+    def handle(req: Request) -> Response:
+        wires = wire_args(name)
+        svc = req.svc
+        body_wires = [w for w in wires if w.where == "body"]
+        body: dict[str, Any] = {}
+        if body_wires or spec.body_schema is not None:
+            body = req.json(required=tuple(w.name for w in body_wires if w.is_required),
+                            optional=tuple(w.name for w in body_wires if not w.is_required))
+        if spec.check is not None:
+            spec.check(body)
+        kwargs = {w.arg: _request_value(req, svc, w, body, max_int=spec.max_int) for w in wires
+                  if w.where in ("path", "query") or (w.where == "body" and w.name in body)}
+        value = getattr(svc, name)(**kwargs)
+        return json_response(_wire_value(spec.to_wire(req, value) if spec.to_wire else value), status=spec.status)
+    handle.__name__, handle.__doc__ = f"api_{name}", spec.summary
+    return handle
 
 
-def api_restore_task(req: Request) -> Response:
-    """Bring a removed task back."""
-    return json_response(req.svc.restore_task(req.params["task"]))
-
-
-def api_list_changes(req: Request) -> Response:
-    """Return this host's newest changes not undone yet, newest first."""
-    return json_response(req.svc.list_changes(limit=req.int_arg("limit", 10, lo=1, hi=100)))
-
-
-def api_undo_change(req: Request) -> Response:
-    """Undo this host's newest change by recording its inverse."""
-    req.json()
-    return json_response(req.svc.undo_change())
-
-
-def api_get_task(req: Request) -> Response:
-    """Return one task by id prefix."""
-    return json_response(req.svc.get_task(req.params["task"]))
-
-
-def api_edit_task(req: Request) -> Response:
-    """Change a task from {title?, description?, priority?, status?, tags?, untags?}."""
-    b = req.json(optional=("title", "description", "priority", "status", "tags", "untags"))
-    tags, untags = _list_arg(b, "tags"), _list_arg(b, "untags")
-    b.pop("tags", None), b.pop("untags", None)
-    return json_response(req.svc.edit_task(req.params["task"], tags=tags, untags=untags, **b))
+def _request_value(req: Request, svc: Services, w: Wire, body: dict[str, Any], *, max_int: int) -> Any:
+    """Return one argument of a service call from the request, as the remote client sent it."""
+    if w.where == "path":
+        value: Any = req.params[w.name]
+    elif w.where == "body":
+        value = body[w.name]
+        if w.kind == "list" and not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+            raise UsageError(f"{w.name} must be a list of strings")
+        if w.kind == "bool" and not isinstance(value, bool):
+            raise UsageError(f"{w.name} must be true or false")
+        return value
+    elif w.kind == "bool" and not w.is_optional:
+        return req.arg(w.name) == "1"
+    elif w.kind == "bool":
+        flag = {"1": True, "0": False, None: None}
+        text = req.arg(w.name)
+        if text not in flag:
+            raise UsageError(f"{w.name}={text!r} must be 1 or 0")
+        return flag[text]
+    elif w.kind == "int":
+        return req.int_arg(w.name, w.default, lo=1, hi=max_int)
+    elif w.kind == "range":
+        text = req.arg(w.name)
+        return parse_priorities(text) if text else None
+    elif w.kind == "list":
+        value = req.query.get(w.name)
+        if w.is_required and (not value or len(value) > 100):
+            raise HttpError(400, f"give 1 to 100 {w.name} ids as ?{w.name}=ID&{w.name}=ID")
+        if value and w.resolver:
+            value = [getattr(svc, w.resolver)(x).id for x in value]
+        return value or None
+    else:
+        value = req.arg(w.name) or None
+        if value is None and w.is_required:
+            raise UsageError(f"give ?{w.name}=; it is required")
+    if value is not None and w.resolver:
+        found = getattr(svc, w.resolver)(value)
+        return found if w.kind == "object" else found.id
+    return value
 
 
 def api_task_history(req: Request) -> Response:
@@ -6256,112 +6672,6 @@ def api_task_history(req: Request) -> Response:
                                                                    limit=limit)])
 
 
-def api_assign_task(req: Request) -> Response:
-    """Assign a task from {session_id} or {group}."""
-    b = req.json(optional=("session_id", "group"))
-    return json_response(req.svc.assign_task(req.params["task"], session_id=b.get("session_id"),
-                                             group_ref=b.get("group")))
-
-
-def api_unassign_task(req: Request) -> Response:
-    """End a task's assignment."""
-    return json_response(req.svc.unassign_task(req.params["task"]))
-
-
-def api_list_groups(req: Request) -> Response:
-    """List the groups."""
-    return json_response(req.svc.list_groups())
-
-
-def api_create_group(req: Request) -> Response:
-    """Create a group from {name, cwd?, host?, tmux_name?}."""
-    b = req.json(required=("name",), optional=("cwd", "host", "tmux_name"))
-    return json_response(req.svc.create_group(b.pop("name"), **b), status=201)
-
-
-def api_get_group(req: Request) -> Response:
-    """Return one group by name or id prefix."""
-    return json_response(req.svc.get_group(req.params["group"]))
-
-
-def api_remove_group(req: Request) -> Response:
-    """Remove a group; its tasks become unassigned."""
-    return json_response(req.svc.remove_group(req.params["group"]))
-
-
-def api_list_sessions(req: Request) -> Response:
-    """List Claude sessions of every host; ?host= narrows, ?all=1 adds gone ones."""
-    return json_response(req.svc.list_sessions(host=req.arg("host") or None, include_gone=req.arg("all") == "1"))
-
-
-def api_broadcast_recipients(req: Request) -> Response:
-    """List the live sessions a broadcast to ?target= would reach (project, group:NAME or session:ID)."""
-    target = req.arg("target")
-    if not target:
-        raise UsageError("give ?target=PROJECT, group:NAME or session:ID")
-    return json_response(req.svc.list_broadcast_recipients(target))
-
-
-def api_send_broadcast(req: Request) -> Response:
-    """Type a text into the sessions of {target, text, is_command?}; answer each session's result."""
-    # SECURITY: this types into AI agents that run shell commands; the server's token and
-    # cross-site rules guard every POST, and the fleet refuses non-Claude panes and open dialogs.
-    b = req.json(required=("target", "text"), optional=("is_command",))
-    if not isinstance(b.get("is_command", False), bool):
-        raise UsageError("is_command must be true or false")
-    return json_response(req.svc.send_broadcast(b["target"], b["text"], is_command=b.get("is_command", False)),
-                         status=201)
-
-
-def api_list_deliveries(req: Request) -> Response:
-    """List broadcast deliveries; ?broadcast=ID for one broadcast, ?pending_on=HOST for those not tried yet."""
-    return json_response(req.svc.list_deliveries(broadcast_id=req.arg("broadcast") or None,
-                                                 pending_on=req.arg("pending_on") or None))
-
-
-def api_get_session(req: Request) -> Response:
-    """Return one session by id prefix."""
-    return json_response(req.svc.get_session(req.params["session"]))
-
-
-def api_group_sessions(req: Request) -> Response:
-    """List the sessions a group's patterns match now."""
-    return json_response(req.svc.list_group_sessions(req.params["group"], include_gone=req.arg("all") == "1"))
-
-
-def api_ambiguous_panes(req: Request) -> Response:
-    """List the Claude panes the last pull could not tie to one session."""
-    return json_response(req.svc.list_ambiguous_panes())
-
-
-def api_list_updates(req: Request) -> Response:
-    """Return the newest updates, newest last; ?task= (repeatable) or ?id= narrows them."""
-    svc = req.svc
-    tasks = req.query.get("task")
-    limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
-    return json_response(svc.list_updates(task_ids=[svc.get_task(t).id for t in tasks] if tasks else None,
-                                          update_id=req.arg("id"), limit=limit))
-
-
-def api_post_update(req: Request) -> Response:
-    """Post a progress note from {task, text, source?, session_id?}."""
-    b = req.json(required=("text",), optional=("task", "source", "session_id"))
-    # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
-    # client that could post them would put words in a session's or a hook's mouth.
-    if b.get("source", "message") != "message":
-        raise UsageError(f"update source {b['source']!r} is not allowed here; only 'message' may be posted "
-                         "(pane tails, triage and hook notes are written by 'clare pull')")
-    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id")),
-                         status=201)
-
-
-def api_status(req: Request) -> Response:
-    """Return the roll-up (?project= or ?group=): projects with counts and tokens, sessions, the log's size."""
-    svc = req.svc
-    report = svc.get_status(project_ref=req.arg("project"), group_ref=req.arg("group"))
-    return json_response({**report.to_json(), "n_events": svc.count_events(), "machine_id": req.db.machine_id})
-
-
 def api_list_events(req: Request) -> Response:
     """Page through the log: ?after=RSEQ in receipt order, or without it the newest, newest last."""
     limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
@@ -6369,30 +6679,6 @@ def api_list_events(req: Request) -> Response:
     page = page_events(req.db, after=None if after < 0 else after, limit=limit)
     return json_response({"events": [_event_json(e) for e in page.events], "next_after": page.next_after,
                           "has_more": page.has_more})
-
-
-def api_history(req: Request) -> Response:
-    """Return the newest events naming any ?entity= id, oldest first."""
-    ids = req.query.get("entity", [])
-    if not ids or len(ids) > 100:
-        raise HttpError(400, "give 1 to 100 entity ids as ?entity=ID&entity=ID")
-    return json_response([_event_json(e) for e in req.svc.list_history(
-        ids, limit=req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE))])
-
-
-def api_import_events(req: Request) -> Response:
-    """Store the events of {lines: [JSON text, ...]} not yet here; report what happened to each."""
-    lines = req.json(required=("lines",))["lines"]
-    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
-        raise UsageError("lines must be a list of JSON texts, one event each")
-    result, bad = req.svc.import_events(lines)
-    return json_response({"inserted": [_event_json(e) for e in result.inserted],
-                          "duplicates": result.n_duplicates, "conflicts": result.conflicts, "rejected": bad})
-
-
-def api_replay(req: Request) -> Response:
-    """Rebuild every projection from the log."""
-    return json_response({"events": req.svc.replay()})
 
 
 def get_static(req: Request) -> Response:
@@ -6485,67 +6771,12 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
     "ReplayResult": {"type": "object", "required": ["events"], "properties": {"events": {"type": "integer"}}},
 }
 
-# (method, path) -> summary, query parameters, request body schema, success status, response schema
+# (method, path) -> summary, query parameters, request body schema, success status, response schema: the
+# routes that are not services (those are described by their @api declarations: service_docs)
 API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]] = {
-    ("GET", "/api/v1/projects"): ("List projects with task counts", ("status",), None, 200, _array("Project")),
-    ("POST", "/api/v1/projects"): ("Create a project", (), _body(("name",), ("goal", "owner")), 201, _ref("Project")),
-    ("GET", "/api/v1/projects/{project}"): ("Get a project by name or id prefix", (), None, 200, _ref("Project")),
-    ("PATCH", "/api/v1/projects/{project}"): ("Change a project", (), _body((), ("name", "goal", "owner", "status")),
-                                              200, _ref("Project")),
-    ("GET", "/api/v1/projects/{project}/history"): ("Events about a project and its tasks", ("limit",), None, 200,
-                                                    _array("Event")),
-    ("GET", "/api/v1/tasks"): ("List tasks, most urgent first (removed ones only with removed=1)",
-                               ("project", "status", "session", "group", "open", "active", "assigned", "tag",
-                                "priority", "search", "removed"), None, 200, _array("Task")),
-    ("POST", "/api/v1/tasks"): ("Add a task", (), _body(("project", "title"), ("priority", "description", "tags"),
-                                                       priority="integer", tags="array"), 201, _ref("Task")),
-    ("GET", "/api/v1/tasks/{task}"): ("Get a task by id prefix (removed ones too)", (), None, 200, _ref("Task")),
-    ("PATCH", "/api/v1/tasks/{task}"): ("Change a task; tags adds tags, untags removes them", (), _body(
-        (), ("title", "description", "priority", "status", "tags", "untags"), priority="integer", tags="array",
-        untags="array"), 200, _ref("Task")),
-    ("DELETE", "/api/v1/tasks/{task}"): ("Remove a task: it leaves every list, keeps its history, can be restored",
-                                         (), None, 200, _ref("Task")),
-    ("POST", "/api/v1/tasks/{task}/restore"): ("Bring a removed task back", (), None, 200, _ref("Task")),
-    ("GET", "/api/v1/undo"): ("This host's newest changes not undone yet, newest first", ("limit",), None, 200,
-                              {"type": "array", "items": _ref("Change")}),
-    ("POST", "/api/v1/undo"): ("Undo this host's newest change by recording its inverse", (), {"type": "object"},
-                               200, _ref("UndoResult")),
     ("GET", "/api/v1/tasks/{task}/history"): ("Events about a task", ("limit",), None, 200, _array("Event")),
-    ("POST", "/api/v1/tasks/{task}/assignment"): ("Assign a task to a session or a group", (),
-                                                  _body((), ("session_id", "group")), 200, _ref("Task")),
-    ("DELETE", "/api/v1/tasks/{task}/assignment"): ("End a task's assignment", (), None, 200, _ref("Task")),
-    ("GET", "/api/v1/groups"): ("List groups", (), None, 200, _array("Group")),
-    ("POST", "/api/v1/groups"): ("Create a group", (), _body(("name",), ("cwd", "host", "tmux_name")), 201,
-                                 _ref("Group")),
-    ("GET", "/api/v1/groups/{group}"): ("Get a group by name or id prefix", (), None, 200, _ref("Group")),
-    ("DELETE", "/api/v1/groups/{group}"): ("Remove a group", (), None, 200, _ref("Group")),
-    ("GET", "/api/v1/groups/{group}/sessions"): ("Sessions a group's patterns match now", ("all",), None, 200,
-                                                 _array("Session")),
-    ("GET", "/api/v1/sessions"): ("List Claude sessions of every host", ("host", "all"), None, 200, _array("Session")),
-    ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix", (), None, 200, _ref("Session")),
-    ("GET", "/api/v1/panes/ambiguous"): ("Claude panes whose session cannot be told apart", (), None, 200,
-                                         _array("Pane")),
-    ("POST", "/api/v1/broadcast"): ("Type a text into every live session of a target (project, group:NAME, "
-                                    "session:ID)", (), _body(("target", "text"), ("is_command",), is_command="boolean"),
-                                    201, _ref("BroadcastResult")),
-    ("GET", "/api/v1/broadcast/recipients"): ("The live sessions a broadcast target reaches", ("target",), None, 200,
-                                              _array("Session")),
-    ("GET", "/api/v1/deliveries"): ("Per-session results of a broadcast", ("broadcast", "pending_on"), None, 200,
-                                    _array("Delivery")),
-    ("GET", "/api/v1/updates"): ("List updates, newest last", ("task", "id", "limit"), None, 200, _array("Update")),
-    ("POST", "/api/v1/updates"): ("Post a progress note", (), _body(("text",), ("task", "source", "session_id")), 201,
-                                  _ref("Update")),
-    ("GET", "/api/v1/status"): ("The roll-up", (), None, 200, _ref("Status")),
     ("GET", "/api/v1/events"): ("Page through the log by receipt order (after), or the newest (no after)",
                                 ("after", "limit"), None, 200, _ref("EventPage")),
-    ("GET", "/api/v1/history"): ("Events naming any of the given entity ids", ("entity", "limit"), None, 200,
-                                 _array("Event")),
-    ("POST", "/api/v1/import"): ("Store events given as JSON lines", (),
-                                 {"type": "object", "required": ["lines"], "properties": {
-                                     "lines": {"type": "array", "items": {"type": "string"}}}}, 200,
-                                 _ref("ImportResult")),
-    ("POST", "/api/v1/replay"): ("Rebuild every projection from the log", (), {"type": "object"}, 200,
-                                 _ref("ReplayResult")),
     ("GET", "/api/v1/openapi.json"): ("This document", (), None, 200, {"type": "object"}),
 }
 
@@ -6594,12 +6825,35 @@ API_DOCS.update({
 })
 
 
+def service_docs() -> dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]]:
+    """Return the OpenAPI entries of the declared services, as API_DOCS holds the others'."""
+    import inspect
+
+    docs = {}
+    for name, (fn, spec) in SERVICE_APIS.items():
+        if spec is None or not spec.is_routed:
+            continue
+        wires = wire_args(name)
+        body = [w for w in wires if w.where == "body"]
+        types = {w.name: {"int": "integer", "bool": "boolean", "list": "array"}[w.kind] for w in body
+                 if w.kind in ("int", "bool", "list")}
+        body_schema = spec.body_schema if spec.body_schema is not None else _body(
+            tuple(w.name for w in body if w.is_required), tuple(w.name for w in body if not w.is_required),
+            **types) if body else None
+        answer = inspect.signature(fn).return_annotation
+        schema = _ref(spec.schema) if spec.schema else _array(answer.__args__[0].__name__) \
+            if getattr(answer, "__origin__", None) is list else _ref(answer.__name__)
+        docs[(spec.method, spec.path)] = (spec.summary, tuple(w.name for w in wires if w.where == "query"),
+                                          body_schema, spec.status, schema)
+    return docs
+
+
 def openapi_document() -> dict[str, Any]:
     """Return the OpenAPI 3.1 description of every /api/ route."""
     errors = {str(code): {"description": ERROR_CODES[code], "content": {"application/json": {"schema": _ref("Error")}}}
               for code in (400, 401, 403, 404, 405, 409, 413, 415, 422)}
     paths: dict[str, dict[str, Any]] = {}
-    for (method, path), (summary, query, body, status, schema) in API_DOCS.items():
+    for (method, path), (summary, query, body, status, schema) in {**service_docs(), **API_DOCS}.items():
         op: dict[str, Any] = {"summary": summary, "parameters": [
             *({"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
               for name in re.findall(r"\{(\w+)\}", path)),
@@ -6666,274 +6920,13 @@ def sync_get_peers(req: Request) -> Response:
     return json_response(list_peers(req.db, req.config.peers))
 
 
-# --- the remote twin of Services ----------------------------------------
-
-REMOTE_TIMEOUT_S = 30.0
-LOCAL_ONLY_SERVICES = frozenset({"pull_fleet", "observe_sessions", "report_hook", "get_pane_session"})
-
-
-def _build(cls: type, obj: dict[str, Any]) -> Any:
-    """Rebuild a dataclass from its JSON object; fields the server added are ignored."""
-    return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name in obj})
-
-
-def _change_from_json(obj: dict[str, Any]) -> Change:
-    return Change([_build(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
-
-
-class RemoteServices:
-    """The services of Services, run by a remote Clare through its JSON API: same names, same values.
-
-    Raises the same error classes as a local call, with the server's message.
-    """
-
-    __slots__ = ("url", "token")
-
-    def __init__(self, url: str, *, token: str | None = None):
-        self.url = url.rstrip("/")
-        self.token = token
-
-    def __getattr__(self, name: str) -> Callable:
-        if name in LOCAL_ONLY_SERVICES:
-            raise UsageError(f"{name} works on this host's own tmux and hooks; run the command on that host "
-                             "without --remote (and without CLARE_URL)")
-        raise AttributeError(name)
-
-    def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
-        """Send one API request and return its decoded JSON; raise the server's error as a ClareError."""
-        import urllib.parse
-
-        pairs = [(k, x) for k, v in (query or {}).items() if v is not None
-                 for x in (v if isinstance(v, list) else [v])]
-        path += "?" + urllib.parse.urlencode(pairs) if pairs else ""
-        return http_json(self.url, path, method=method, body=body, token=self.token, timeout_s=REMOTE_TIMEOUT_S,
-                         say_where=False, hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
-                                                   "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
-
-    @staticmethod
-    def _path(ref: str) -> str:
-        from urllib.parse import quote
-
-        return quote(ref, safe="")
-
-    def create_project(self, name: str, *, goal: str = "", owner: str = "") -> Project:
-        """Create a project."""
-        return _build(Project, self.call("POST", "/api/v1/projects", body={"name": name, "goal": goal, "owner": owner}))
-
-    def edit_project(self, ref: str, **changes: Any) -> Project:
-        """Change some fields of a project."""
-        body = {k: v for k, v in changes.items() if v is not None}
-        return _build(Project, self.call("PATCH", f"/api/v1/projects/{self._path(ref)}", body=body))
-
-    def get_project(self, ref: str) -> Project:
-        """Return one project by name or id prefix."""
-        return _build(Project, self.call("GET", f"/api/v1/projects/{self._path(ref)}"))
-
-    def list_projects(self, *, status: str | None = None) -> list[Project]:
-        """Return the projects."""
-        return [_build(Project, p) for p in self.call("GET", "/api/v1/projects", query={"status": status})]
-
-    def project_history(self, project: Project, *, limit: int = 200) -> list[Event]:
-        """Return the events about a project and its tasks."""
-        return [_build(Event, e) for e in self.call("GET", f"/api/v1/projects/{project.id}/history",
-                                                    query={"limit": limit})]
-
-    def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                    description: str = "", tags: Iterable[str] = ()) -> Task:
-        """Add a task to a project."""
-        return _build(Task, self.call("POST", "/api/v1/tasks", body={
-            "project": project_ref, "title": title, "priority": priority, "description": description,
-            **({"tags": list(tags)} if tags else {})}))
-
-    def edit_task(self, ref: str, **changes: Any) -> Task:
-        """Change some fields and tags of a task."""
-        body = {k: list(v) if k in ("tags", "untags") else v for k, v in changes.items() if v not in (None, (), [])}
-        return _build(Task, self.call("PATCH", f"/api/v1/tasks/{self._path(ref)}", body=body))
-
-    def remove_task(self, ref: str) -> Task:
-        """Remove a task (it can be restored)."""
-        return _build(Task, self.call("DELETE", f"/api/v1/tasks/{self._path(ref)}"))
-
-    def restore_task(self, ref: str) -> Task:
-        """Bring a removed task back."""
-        return _build(Task, self.call("POST", f"/api/v1/tasks/{self._path(ref)}/restore", body={}))
-
-    def list_changes(self, *, limit: int = 10) -> list[Change]:
-        """Return the server host's newest changes not undone yet."""
-        return [_change_from_json(c) for c in self.call("GET", "/api/v1/undo", query={"limit": limit})]
-
-    def undo_change(self) -> UndoResult:
-        """Undo the server host's newest change."""
-        got = self.call("POST", "/api/v1/undo", body={})
-        return UndoResult(_change_from_json(got), [_build(Event, e) for e in got["recorded"]], got["n_kept"])
-
-    def get_task(self, ref: str) -> Task:
-        """Return one task by id prefix."""
-        return _build(Task, self.call("GET", f"/api/v1/tasks/{self._path(ref)}"))
-
-    def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
-                   session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
-                   active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
-                   priorities: tuple[int, int] | None = None, search: str | None = None,
-                   include_removed: bool = False) -> list[Task]:
-        """Return tasks, most urgent first."""
-        query = {"project": project_id, "status": status, "session": session_id, "group": group_id,
-                 "open": "1" if is_open else None, "active": "1" if active_projects else None,
-                 "assigned": None if is_assigned is None else str(int(is_assigned)), "tag": tag,
-                 "priority": f"{priorities[0]}-{priorities[1]}" if priorities else None, "search": search,
-                 "removed": "1" if include_removed else None}
-        return [_build(Task, t) for t in self.call("GET", "/api/v1/tasks", query=query)]
-
-    def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
-        """Bind a task to a session or a group."""
-        body = {k: v for k, v in (("session_id", session_id), ("group", group_ref)) if v is not None}
-        return _build(Task, self.call("POST", f"/api/v1/tasks/{self._path(ref)}/assignment", body=body))
-
-    def unassign_task(self, ref: str) -> Task:
-        """End a task's binding."""
-        return _build(Task, self.call("DELETE", f"/api/v1/tasks/{self._path(ref)}/assignment"))
-
-    def create_group(self, name: str, *, cwd: str | None = None, host: str | None = None,
-                     tmux_name: str | None = None) -> Group:
-        """Create a group of sessions."""
-        body = {k: v for k, v in (("name", name), ("cwd", cwd), ("host", host), ("tmux_name", tmux_name))
-                if v is not None}
-        return _build(Group, self.call("POST", "/api/v1/groups", body=body))
-
-    def remove_group(self, ref: str) -> Group:
-        """Remove a group."""
-        return _build(Group, self.call("DELETE", f"/api/v1/groups/{self._path(ref)}"))
-
-    def get_group(self, ref: str) -> Group:
-        """Return one group by name or id prefix."""
-        return _build(Group, self.call("GET", f"/api/v1/groups/{self._path(ref)}"))
-
-    def list_groups(self) -> list[Group]:
-        """Return the groups."""
-        return [_build(Group, g) for g in self.call("GET", "/api/v1/groups")]
-
-    def get_session(self, ref: str) -> Session:
-        """Return one session by id prefix."""
-        return _build(Session, self.call("GET", f"/api/v1/sessions/{self._path(ref)}"))
-
-    def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
-        """Return the sessions of every host."""
-        query = {"host": host, "all": "1" if include_gone else None}
-        return [_build(Session, x) for x in self.call("GET", "/api/v1/sessions", query=query)]
-
-    def list_group_sessions(self, group_ref: str, *, include_gone: bool = False) -> list[Session]:
-        """Return the sessions a group's patterns match now."""
-        query = {"all": "1" if include_gone else None}
-        return [_build(Session, x) for x in self.call("GET", f"/api/v1/groups/{self._path(group_ref)}/sessions",
-                                                      query=query)]
-
-    def list_ambiguous_panes(self) -> list[Pane]:
-        """Return the panes the server's last pull could not tie to one session."""
-        return [_build(Pane, x) for x in self.call("GET", "/api/v1/panes/ambiguous")]
-
-    def list_broadcast_recipients(self, target: str) -> list[Session]:
-        """Return the live sessions a broadcast target names."""
-        return [_build(Session, x) for x in self.call("GET", "/api/v1/broadcast/recipients", query={"target": target})]
-
-    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
-        """Return the per-session results of a broadcast."""
-        query = {"broadcast": broadcast_id, "pending_on": pending_on}
-        return [_build(Delivery, x) for x in self.call("GET", "/api/v1/deliveries", query=query)]
-
-    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
-                       confirm_s: float = BROADCAST_CONFIRM_S) -> BroadcastResult:
-        """Have the server type a text into a target's sessions (it waits for confirmations its own way)."""
-        got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
-        return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
-                               [_build(Delivery, d) for d in got["deliveries"]])
-
-    def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                    pane: tuple[str | None, str] | None = None, source: str = "message") -> Update:
-        """Post a progress note."""
-        if pane is not None and task_ref is None:
-            raise UsageError("a note from inside a pane finds its task on this host; name the task "
-                             "(clare update TASK TEXT) or run without --remote")
-        body = {k: v for k, v in (("text", text), ("task", task_ref), ("session_id", session_id),
-                                  ("source", source)) if v is not None}
-        return _build(Update, self.call("POST", "/api/v1/updates", body=body))
-
-    def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
-                     limit: int = 50) -> list[Update]:
-        """Return the newest updates, newest last."""
-        if task_ids == []:
-            return []
-        query = {"task": task_ids, "id": update_id, "limit": limit}
-        return [_build(Update, u) for u in self.call("GET", "/api/v1/updates", query=query)]
-
-    def list_history(self, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
-        """Return the events naming any of these entities, oldest first."""
-        return [_build(Event, e) for e in self.call("GET", "/api/v1/history",
-                                                    query={"entity": entity_ids, "limit": limit})]
-
-    def list_events(self, *, limit: int = 50) -> list[Event]:
-        """Return the newest events, newest last."""
-        page = self.call("GET", "/api/v1/events", query={"limit": min(limit, MAX_EVENTS_PAGE)})
-        return [_build(Event, e) for e in page["events"]]
-
-    def import_events(self, lines: Iterable[str]) -> tuple[InsertResult, list[str]]:
-        """Send JSON lines of events; return what the server stored and one reason per bad line."""
-        got = self.call("POST", "/api/v1/import", body={"lines": [x.rstrip("\n") for x in lines]})
-        return (InsertResult([_build(Event, e) for e in got["inserted"]], got["duplicates"], got["conflicts"]),
-                got["rejected"])
-
-    def replay(self) -> int:
-        """Rebuild the server's projections; return how many events it applied."""
-        return self.call("POST", "/api/v1/replay", body={})["events"]
-
-    def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
-        """Return the roll-up."""
-        got = self.call("GET", "/api/v1/status", query={"project": project_ref, "group": group_ref})
-        return StatusReport([ProjectStatus(_build(Project, p), p["tokens"], p["n_sessions"]) for p in got["projects"]],
-                            [_build(Session, x) for x in got["sessions"]],
-                            {t["id"]: _build(Task, t) for t in got["tasks"]})
-
-    def count_events(self) -> int:
-        """Return how many events the server's log holds."""
-        return self.call("GET", "/api/v1/status")["n_events"]
-
-
 _REF = r"(?P<%s>[^/]+)"
 ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
     (method, re.compile(pattern), handler) for method, pattern, handler in (
-        ("GET", r"/api/v1/projects", api_list_projects),
-        ("POST", r"/api/v1/projects", api_create_project),
-        ("GET", r"/api/v1/projects/" + _REF % "project", api_get_project),
-        ("PATCH", r"/api/v1/projects/" + _REF % "project", api_edit_project),
-        ("GET", r"/api/v1/projects/" + _REF % "project" + "/history", api_project_history),
-        ("GET", r"/api/v1/tasks", api_list_tasks),
-        ("POST", r"/api/v1/tasks", api_create_task),
-        ("GET", r"/api/v1/tasks/" + _REF % "task", api_get_task),
-        ("PATCH", r"/api/v1/tasks/" + _REF % "task", api_edit_task),
-        ("DELETE", r"/api/v1/tasks/" + _REF % "task", api_remove_task),
-        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/restore", api_restore_task),
-        ("GET", r"/api/v1/undo", api_list_changes),
-        ("POST", r"/api/v1/undo", api_undo_change),
+        *((spec.method, re.sub(r"\{(\w+)\}", lambda m: _REF % m[1], spec.path), service_handler(name))
+          for name, (_, spec) in SERVICE_APIS.items() if spec is not None and spec.is_routed),
         ("GET", r"/api/v1/tasks/" + _REF % "task" + "/history", api_task_history),
-        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_assign_task),
-        ("DELETE", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_unassign_task),
-        ("GET", r"/api/v1/groups", api_list_groups),
-        ("POST", r"/api/v1/groups", api_create_group),
-        ("GET", r"/api/v1/groups/" + _REF % "group", api_get_group),
-        ("DELETE", r"/api/v1/groups/" + _REF % "group", api_remove_group),
-        ("GET", r"/api/v1/groups/" + _REF % "group" + "/sessions", api_group_sessions),
-        ("GET", r"/api/v1/sessions", api_list_sessions),
-        ("GET", r"/api/v1/sessions/" + _REF % "session", api_get_session),
-        ("GET", r"/api/v1/panes/ambiguous", api_ambiguous_panes),
-        ("POST", r"/api/v1/broadcast", api_send_broadcast),
-        ("GET", r"/api/v1/broadcast/recipients", api_broadcast_recipients),
-        ("GET", r"/api/v1/deliveries", api_list_deliveries),
-        ("GET", r"/api/v1/updates", api_list_updates),
-        ("POST", r"/api/v1/updates", api_post_update),
-        ("GET", r"/api/v1/status", api_status),
         ("GET", r"/api/v1/events", api_list_events),
-        ("GET", r"/api/v1/history", api_history),
-        ("POST", r"/api/v1/import", api_import_events),
-        ("POST", r"/api/v1/replay", api_replay),
         ("GET", r"/api/v1/openapi\.json", api_openapi),
         ("GET", r"/api/v1/sync/events", sync_get_events),
         ("POST", r"/api/v1/sync/events", sync_post_events),
@@ -6999,7 +6992,7 @@ class Context:
         self.as_json = bool(getattr(args, "json", False))
         self.remote_url: str | None = getattr(args, "remote", None) or os.environ.get("CLARE_URL") or None
         self._db: Db | None = None
-        self._svc: Services | RemoteServices | None = None
+        self._svc: Services | None = None
         self._config: dict[str, Any] | None = None  # clare.toml, read on first use
 
     @property
@@ -7017,7 +7010,7 @@ class Context:
         return self._config
 
     @property
-    def svc(self) -> "Services | RemoteServices":
+    def svc(self) -> Services:
         """Return the services this command runs against: the local database, or --remote / CLARE_URL."""
         if self._svc is None:
             if self.remote_url is not None:
@@ -7431,11 +7424,8 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
             return 1
     landed = BroadcastLines(as_json=ctx.as_json)
     landed.start(args.target)
-    svc = ctx.svc
-    if isinstance(svc, Services):
-        result = svc.send_broadcast(args.target, text, is_command=args.command, on_delivery=landed)
-    else:  # a server answers once, with every result
-        result = svc.send_broadcast(args.target, text, is_command=args.command)
+    # A server answers once, with every result: on_delivery is not sent, and the rest prints below.
+    result = ctx.svc.send_broadcast(args.target, text, is_command=args.command, on_delivery=landed)
     landed.close()
     rest = [d for d in result.deliveries if d.session_id not in landed.shown]
     counts = {r: sum(d.result == r for d in result.deliveries) for r in ("delivered", *DELIVERY_RESULTS)}

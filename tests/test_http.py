@@ -535,23 +535,6 @@ def test_remote_that_is_down_or_malformed_is_one_clear_line(cli):
     assert r.code == 2 and "http://HOST:PORT" in r.err
 
 
-def test_remote_services_offer_every_service_with_the_same_signature():
-    import inspect
-
-    for name, fn in clare.SERVICES.items():
-        if name in clare.LOCAL_ONLY_SERVICES:
-            with pytest.raises(clare.UsageError, match="without --remote"):
-                getattr(clare.RemoteServices("http://x"), name)
-            continue
-        remote = getattr(clare.RemoteServices, name, None)
-        assert remote is not None, f"RemoteServices lacks {name}"
-        local = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("db", "now_ms")]
-        theirs = list(inspect.signature(remote).parameters.values())[1:]
-        if any(p.kind is p.VAR_KEYWORD for p in theirs):
-            continue  # edit_* take **changes: the server checks the names
-        assert [(p.name, p.kind, p.default) for p in local] == [(p.name, p.kind, p.default) for p in theirs], name
-
-
 # --- OpenAPI -------------------------------------------------------------------
 
 def _validate(value, schema, doc, where="$"):
