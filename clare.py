@@ -2475,6 +2475,15 @@ def restore_backup(db: Db, backup_path: str) -> tuple[str, int]:
         restored.close()
 
 
+def get_token(config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:
+    """Return this host's API token, the one its server and --remote clients use (see resolve_token)."""
+    token = resolve_token(config, env=env, path=path)
+    if token is None:
+        raise NotFound(f"this host has no API token: no CLARE_TOKEN and no 'token' in {path}; make one with: "
+                       "clare setup")
+    return token
+
+
 def project_history(db: Db, project: Project, *, limit: int = 200) -> list[Event]:
     """Return the events about a project and its tasks, oldest first."""
     ids = [project.id] + [t.id for t in list_tasks(db, project_id=project.id, include_removed=True)]
@@ -4016,6 +4025,11 @@ class Services:
                            now_ms=now_ms())
 
     @here
+    def get_token(self, config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:
+        """Return this host's API token."""
+        return get_token(config, path=path, env=env)
+
+    @here
     def pull_fleet(self, *, config: dict[str, Any], tails: bool = False,
                    env: Mapping[str, str] | None = None) -> PullResult:
         """Look at this host's Claude sessions and record what changed."""
@@ -4657,8 +4671,8 @@ class RemoteServices(Services):
         import urllib.parse
 
         if spec is None:
-            raise UsageError(f"{fn.__name__} works on this host's own tmux and hooks; run the command on that host "
-                             "without --remote (and without CLARE_URL)")
+            raise UsageError(f"{fn.__name__} works on this host only (its tmux, hooks and files); run the command "
+                             "on that host without --remote (and without CLARE_URL)")
         signature = inspect.signature(fn)
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
@@ -7578,6 +7592,16 @@ def cmd_peer_rm(args: argparse.Namespace, ctx: Context) -> None:
                     "a running 'clare serve' syncs with it until restarted")
 
 
+def cmd_token(args: argparse.Namespace, ctx: Context) -> None:
+    """Print this host's API token, to a terminal only."""
+    token = ctx.svc.get_token(ctx.config, path=ctx.paths.config)
+    # SECURITY: a token printed into a pipe or a file ends up in logs and shell histories.
+    if not sys.stdout.isatty():
+        raise UsageError(f"clare token prints the token to a terminal only; a script reads it where it lives: "
+                         f"CLARE_TOKEN, else 'token' in {ctx.paths.config}")
+    emit(ctx, {"token": token, "config": ctx.paths.config}, token)
+
+
 def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
     """List peers with their last sync, lag, clock offset and last error."""
     rows = list_peers(ctx.db, load_peers(ctx.config, path=ctx.paths.config))
@@ -7863,6 +7887,8 @@ COMMANDS: list[Command] = [
     Command(("peer", "rm"), cmd_peer_rm, "remove a peer from clare.toml",
             "clare peer rm apricot\n  clare peer rm http://10.9.0.2:8765 --json",
             (arg("peer", help="the name (or url) of a configured peer"),)),
+    Command(("token",), cmd_token, "print this host's API token (to a terminal only)",
+            "clare token\n  clare token --json"),
     Command(("peer", "list"), cmd_peer_list, "list peers: last sync, events behind, clock offset, last error",
             "clare peer list --json"),
     Command(("sync",), cmd_sync, "sync once with every peer, or one: pull, then push; print what moved",

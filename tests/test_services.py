@@ -48,7 +48,7 @@ def test_a_service_of_this_host_only_is_refused_remotely_in_one_line(name):
     remote = clare.RemoteServices("http://127.0.0.1:9")
     params = list(inspect.signature(getattr(clare.Services, name)).parameters.values())[1:]
     args = {p.name: None for p in params if p.default is p.empty}
-    with pytest.raises(clare.UsageError, match=f"^{name} works on this host's own .* without --remote"):
+    with pytest.raises(clare.UsageError, match=f"^{name} works on this host only .* without --remote"):
         getattr(remote, name)(**args)
 
 
