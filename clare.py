@@ -36,6 +36,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+# The first statement after the imports, so that every command (and `import clare`) on an older
+# Python says this in one line instead of a traceback. The lines above, and the grammar of this
+# whole file, must stay readable by Python 3.8 (tests/test_hosts.py parses it so).
+if sys.version_info < (3, 11):  # noqa: UP036 (ruff targets 3.11; this line is for the Pythons before it)
+    sys.exit(f"clare: error: Clare needs Python 3.11 or newer, this is Python {sys.version_info[0]}."
+             f"{sys.version_info[1]}; install python3.11 (e.g. apt install python3.11, or from python.org) "
+             "and run: python3.11 clare.py ...")
+
 __version__ = "0.1.0"
 
 
@@ -117,6 +125,27 @@ def load_config(path: str) -> dict[str, Any]:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
 
 
+def make_private_dir(folder: str) -> None:
+    """Create a folder (and missing parents) that only this user can enter (0700)."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+
+
+def write_private(path: str, text: str) -> None:
+    """Replace a file by `text` at once, readable by this user alone (0600), its folder made 0700 if new."""
+    make_private_dir(os.path.dirname(os.path.abspath(path)))
+    staging = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(staging, 0o600)  # O_CREAT's mode does not apply to a staging file left by a crash
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
+
+
 def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = None,
                   path: str = "clare.toml") -> str | None:
     """Return the bearer token: CLARE_TOKEN, else `token` in clare.toml, else None; refuse a weak one.
@@ -127,6 +156,29 @@ def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = Non
     if env.get("CLARE_TOKEN"):
         return check_token(env["CLARE_TOKEN"], where="$CLARE_TOKEN")
     return check_token(config.get("token") or None, where=f"'token' in {path}")
+
+
+def ensure_token(path: str, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str:
+    """Return the host's token; without CLARE_TOKEN or `token` in clare.toml, make one and write it there."""
+    token = resolve_token(config, env=env, path=path)
+    if token is not None:
+        return token
+    import secrets
+    import tomllib
+
+    token = secrets.token_urlsafe(32)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    # A top-level key must come before the first [table]: the token goes on the first line.
+    new_text = f"token = {json.dumps(token)}  # made by clare on first serve; the fleet may share one\n" + text
+    if tomllib.loads(new_text) != {**config, "token": token}:
+        raise ClareError(f"cannot add a token to {path} without changing its other settings; add a line "
+                         "token = \"...\" at its top (python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    write_private(path, new_text)
+    return token
 
 
 def check_token(token: object, *, where: str) -> str | None:
@@ -171,6 +223,9 @@ HLC_RE = re.compile(r"\A(\d{13})\.(\d{6})\.([a-z0-9][a-z0-9_-]{0,62})\Z")
 MAX_COUNTER = 999_999
 MAX_WALL_MS = 10**13 - 1
 MAX_OFFSET_MS = 5 * 60 * 1000  # how far a peer's clock may pull ours ahead of our wall clock
+MACHINE_SUFFIX_CHARS = 6  # hex digits after the host name in a machine id init makes
+MAX_LABEL_CHARS = 63 - 1 - MACHINE_SUFFIX_CHARS
+MADE_MACHINE_ID_RE = re.compile(r"\A(.+)-[0-9a-f]{6}\Z")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -200,11 +255,25 @@ def check_machine_id(machine_id: str) -> str:
     return machine_id
 
 
-def default_machine_id() -> str:
-    """Derive a machine id from the host name: its first label, lowercased, cleaned."""
+def host_label() -> str:
+    """Return this host's name as a machine id would spell it: its first label, lowercased, cleaned."""
     label = os.uname().nodename.split(".")[0].lower()
-    label = re.sub(r"[^a-z0-9_-]+", "-", label).strip("-_")[:63]
-    return label or "host-" + new_id()[:8]
+    return re.sub(r"[^a-z0-9_-]+", "-", label).strip("-_")[:MAX_LABEL_CHARS] or "host"
+
+
+def new_machine_id() -> str:
+    """Return a machine id unique by construction: the host name plus a random suffix (apricot-3f9a2c).
+
+    The host name alone collides: two homes on one machine, two containers, two hosts named
+    alike. Two Clares with one id mark each other's sessions gone at every sync.
+    """
+    return f"{host_label()}-{new_id()[:MACHINE_SUFFIX_CHARS]}"
+
+
+def machine_host_name(machine_id: str) -> str:
+    """Return the display name in a machine id: the host name of an id made by new_machine_id, else all of it."""
+    m = MADE_MACHINE_ID_RE.match(machine_id)
+    return m[1] if m else machine_id
 
 
 def tick(last: Hlc | None, *, machine_id: str, now_ms: int) -> Hlc:
@@ -234,8 +303,9 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
 UUID_RE = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 EVENT_KEYS = ("uuid", "hlc", "machine_id", "event_type", "payload", "created_at")
@@ -332,12 +402,13 @@ class PeerStatus:
 class Db:
     """One SQLite connection with the identity of the log it holds."""
 
-    __slots__ = ("conn", "path", "machine_id")
+    __slots__ = ("conn", "path", "machine_id", "refusal")
 
-    def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str):
+    def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str, *, refusal: str | None = None):
         self.conn = conn  # autocommit mode: write_txn() opens every write transaction
         self.path = path
         self.machine_id = machine_id  # stamps every event made here
+        self.refusal = refusal  # why writes are refused (a copy made elsewhere: see check_home), or None
 
     @property
     def db_id(self) -> str:
@@ -376,10 +447,11 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
         meta = _read_meta(conn)
         if meta.get("schema_version") != str(SCHEMA_VERSION) or "machine_id" not in meta:
             meta = _migrate(conn, meta, machine_id=machine_id)
+        refusal = None if path == ":memory:" else _check_home(conn, meta, path=os.path.realpath(path))
     except sqlite3.DatabaseError as err:
         raise ClareError(f"cannot open database {path}: {err}; check the path, or move a damaged "
                          "file aside and restore it from a peer with 'clare sync'") from err
-    return Db(conn, path, meta["machine_id"])
+    return Db(conn, path, meta["machine_id"], refusal=refusal)
 
 
 def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
@@ -404,7 +476,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
                     if statement.strip():
                         conn.execute(statement)
         fresh = {"schema_version": str(SCHEMA_VERSION),
-                 "machine_id": meta.get("machine_id") or check_machine_id(machine_id or default_machine_id()),
+                 "machine_id": meta.get("machine_id") or check_machine_id(machine_id or new_machine_id()),
                  "db_id": meta.get("db_id") or new_uuid()}
         conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", fresh.items())
         conn.execute("COMMIT")
@@ -417,9 +489,83 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
 _MIGRATIONS[1] = [EVENTS_SCHEMA, SYNC_SCHEMA]
 
 
+# --- where the database runs: a copy made elsewhere must not write under the same machine id ----
+
+def machine_key() -> str:
+    """Return what names this machine: /etc/machine-id (or D-Bus's copy of it), else the host name."""
+    for path in MACHINE_ID_FILES:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(path, encoding="ascii") as f:
+                text = f.read(200).strip()
+            if text:
+                return text
+    return "host:" + os.uname().nodename  # a container without a machine-id file: its own host name
+
+
+def check_home(recorded: tuple[str, str] | None, *, machine: str, path: str,
+               db_id: str, db_id_at: Callable[[str], str | None]) -> str | None:
+    """Return why a database is a copy made elsewhere, or None when it may write here.
+
+    `recorded` is the (machine, real path) the database last ran at. The rule:
+    - another machine (a cloned VM or disk, a copied home): a copy;
+    - the same machine, another path: a copy only while the recorded path still holds this
+      very log (same db_id), i.e. two live copies; otherwise the file was moved, and may write.
+    So a backup copied back over the same path, a moved home, and a test's fresh database in a
+    new temporary folder all write; `cp -r ~/.local/share/clare /elsewhere` does not.
+    """
+    if recorded is None or recorded == (machine, path):
+        return None
+    was_machine, was_path = recorded
+    if was_machine != machine:
+        return (f"{path} was set up on another machine (machine-id {was_machine[:12]}, here {machine[:12]}): "
+                "it is a copy")
+    if db_id_at(was_path) == db_id:
+        return f"{path} is a copy of {was_path}, which is still in use"
+    return None
+
+
+def _check_home(conn: sqlite3.Connection, meta: dict[str, str], *, path: str) -> str | None:
+    machine = machine_key()
+    recorded = (meta["home_machine"], meta["home_path"]) if "home_machine" in meta and "home_path" in meta else None
+    problem = check_home(recorded, machine=machine, path=path, db_id=meta["db_id"], db_id_at=_db_id_at)
+    if problem is not None:
+        return (f"{problem}; writes are refused so that two Clares never share one machine id "
+                f"({meta['machine_id']}): give this copy its own with: clare init --new-id (the log is kept)")
+    if recorded != (machine, path):  # a new or older database, or a moved one: remember where it runs now
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _set_home(conn.cursor(), machine=machine, path=path)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return None
+
+
+def _set_home(cur: sqlite3.Cursor, *, machine: str, path: str) -> None:
+    cur.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (("home_machine", machine), ("home_path", path)))
+
+
+def _db_id_at(path: str) -> str | None:
+    """Return the db_id of the Clare database at `path`, or None if there is none (moved, deleted)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            return _read_meta(conn).get("db_id")
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:  # not a database any more: the copy is the one in use
+        return None
+
+
 @contextlib.contextmanager
 def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
     """Run the block in one BEGIN IMMEDIATE transaction: all of it is stored, or none."""
+    if db.refusal is not None:
+        raise Conflict(db.refusal)
     cur = db.conn.cursor()
     try:
         cur.execute("BEGIN IMMEDIATE")
@@ -640,6 +786,25 @@ def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
     return cur.execute("SELECT coalesce(max(rseq), 0) FROM events").fetchone()[0]
 
 
+def renew_identity(db: Db, *, machine_id: str | None = None) -> tuple[str, str]:
+    """Give this database a new machine id and db_id, keep its log, and record where it runs now.
+
+    The fix for a copy (check_home): events already made keep the id they were made under,
+    and peers read this log again from 0 under its new db_id.
+    """
+    machine_id = check_machine_id(machine_id or new_machine_id())
+    if machine_id == db.machine_id:
+        raise UsageError(f"{machine_id!r} is this database's machine id already; give another, or none")
+    db_id = new_uuid()
+    db.refusal = None  # the one write a copy may make: the one that makes it a host of its own
+    with write_txn(db) as cur:
+        for key, value in (("machine_id", machine_id), ("db_id", db_id)):
+            set_meta(cur, key, value)
+        _set_home(cur, machine=machine_key(), path=os.path.realpath(db.path))
+    db.machine_id = machine_id
+    return machine_id, db_id
+
+
 def restore_db(db: Db, backup_path: str) -> str:
     """Replace the whole database by a backup file of it under a new db_id; return that id.
 
@@ -650,6 +815,8 @@ def restore_db(db: Db, backup_path: str) -> str:
     Not a file rename: open connections (a running server's) would keep the old file, and a
     stale -wal beside the renamed file would corrupt it.
     """
+    if db.refusal is not None:
+        raise Conflict(db.refusal)
     staging = f"{db.path}.restore"
     _remove_db_files(staging)  # left by a restore that crashed; a stale journal would be rolled into the copy
     try:
@@ -663,6 +830,7 @@ def restore_db(db: Db, backup_path: str) -> str:
             src.backup(copy)
             db_id = new_uuid()
             set_meta(copy.cursor(), "db_id", db_id)
+            _set_home(copy.cursor(), machine=machine_key(), path=os.path.realpath(db.path))
             copy.backup(db.conn)
         finally:
             src.close()
@@ -813,7 +981,7 @@ CREATE TABLE event_refs (                       -- which events name which entit
 ) WITHOUT ROWID;
 """
 PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
-                     "deliveries")
+                     "deliveries", "project_dirs", "orders")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
@@ -840,7 +1008,8 @@ CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NO
 _MIGRATIONS[2] = [TAGS_SCHEMA]
 
 SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
-                  "last_activity_at", "label", "tokens")
+                  "last_activity_at", "label", "tokens", "asked")
+MAX_ASKED_CHARS = 2000  # what a permission dialog asks, as kept with the session's state
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
 MAX_RECIPIENTS = 500
 # What a typed text must never hold: an ESC could end the bracketed paste ("\x1b[201~") and type
@@ -900,6 +1069,54 @@ CREATE TABLE hook_marks (                       -- the newest hook report per se
 );
 """
 _MIGRATIONS[1].append(FLEET_SCHEMA)
+# Schema 3: what a permission dialog asks is kept with the state; this host's notification marks.
+ASKED_SCHEMA = """
+-- asked: JSON {tool, input} while a permission dialog is open, else NULL
+ALTER TABLE sessions ADD COLUMN asked TEXT;
+ALTER TABLE sessions ADD COLUMN asked_v TEXT;
+CREATE TABLE notify_marks (                     -- this host's notifications per session: never synced
+    session_id TEXT PRIMARY KEY,
+    state TEXT,                                 -- the state last seen by the notifier
+    notified_ms INTEGER                         -- when the [notify] command last ran for it
+);
+"""
+_MIGRATIONS[4] = [ASKED_SCHEMA]
+
+ORDER_ACTIONS = ("start", "resume", "stop")
+# pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
+ORDER_RESULTS = ("pending", "claimed", "started", "needs trust", "stopped", "refused", "failed", "expired")
+ORDER_FINAL = ("started", "needs trust", "stopped", "refused", "failed", "expired")
+MAX_PATH_CHARS = 4096
+
+DISPATCH_SCHEMA = """
+CREATE TABLE project_dirs (                     -- where a project's code lives, per host
+    id TEXT PRIMARY KEY,                        -- project_id:host
+    project_id TEXT, project_id_v TEXT,
+    host TEXT, host_v TEXT,                     -- machine id
+    dir TEXT, dir_v TEXT                        -- absolute path on that host; NULL once removed
+);
+CREATE INDEX project_dirs_project ON project_dirs (project_id);
+CREATE TABLE orders (                           -- start, resume or stop a session, carried out by one host
+    id TEXT PRIMARY KEY,
+    created_at TEXT, created_at_v TEXT,
+    action TEXT, action_v TEXT,                 -- one of ORDER_ACTIONS
+    host TEXT, host_v TEXT,                     -- the host that carries it out
+    session_id TEXT, session_id_v TEXT,         -- for a start: the id Clare made and passes to Claude
+    task_id TEXT, task_id_v TEXT,
+    request TEXT, request_v TEXT,               -- JSON: the order.placed payload
+    expires_at TEXT, expires_at_v TEXT,
+    result TEXT, result_v TEXT,                 -- one of ORDER_RESULTS
+    reason TEXT, reason_v TEXT,
+    outcome TEXT, outcome_v TEXT,               -- JSON: pane, tmux target, cwd, branch of what was done
+    by_host TEXT, by_host_v TEXT,
+    updated_at TEXT, updated_at_v TEXT
+);
+CREATE INDEX orders_host ON orders (host, result);
+CREATE INDEX orders_session ON orders (session_id);
+"""
+# Version 2 adds tables only. COMPAT: a version-1 peer stores and relays project.dir_set and the
+# order events without applying them; `clare replay` after the upgrade applies what it kept.
+_MIGRATIONS[3] = [DISPATCH_SCHEMA]
 
 
 @dataclass(frozen=True, slots=True)
@@ -911,6 +1128,7 @@ class Project:
     status: str
     created_at: str
     task_counts: dict[str, int]  # status -> number of tasks
+    dirs: dict[str, str] = dataclasses.field(default_factory=dict)  # host (machine id) -> where its code lives
 
     def to_json(self) -> dict[str, Any]:
         """Return the project as the JSON object the CLI and API print."""
@@ -985,6 +1203,7 @@ class Session:
     created_at: str  # first seen
     task_ids: tuple[str, ...] = ()  # every open task it holds, most urgent first (task_id is the first)
     group: str | None = None  # the name of the group that binds task_id to it, None when bound directly
+    asked: dict[str, str] | None = None  # {tool, input} of the open permission dialog, as its hook reported it
 
     @property
     def tmux_session(self) -> str:
@@ -993,6 +1212,29 @@ class Session:
 
     def to_json(self) -> dict[str, Any]:
         """Return the session as the JSON object the CLI and API print."""
+        return _as_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """A start, resume or stop of a Claude session, placed anywhere and carried out once by its host."""
+
+    id: str
+    action: str  # one of ORDER_ACTIONS
+    host: str  # the machine id that carries it out
+    session_id: str
+    task_id: str | None
+    request: dict[str, Any]  # the order.placed payload: cwd, tmux_session, is_worktree, model, is_force ...
+    expires_at: str
+    result: str  # one of ORDER_RESULTS
+    reason: str  # why it was refused or failed, or what the user must do (needs trust)
+    outcome: dict[str, Any]  # what the host did: pane_id, tmux_target, tmux_socket, cwd, branch
+    by_host: str | None
+    created_at: str
+    updated_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the order as the JSON object the CLI and API print."""
         return _as_json(self)
 
 
@@ -1329,6 +1571,8 @@ def _session_fields(p: dict[str, Any], ev: Event) -> dict[str, Any]:
     fields = _pick(p, SESSION_FIELDS)
     if "tokens" in fields:
         fields["tokens"] = canonical_json(fields["tokens"])
+    if "asked" in fields:
+        fields["asked"] = None if fields["asked"] is None else canonical_json(fields["asked"])
     if "state" in fields:
         fields["state_at"] = ev.created_at
     return fields
@@ -1342,10 +1586,15 @@ def _is_tokens(v: Any) -> bool:
     return isinstance(v, dict) and len(v) <= 8 and all(_is_id(k) and _is_opt_int(n) for k, n in v.items())
 
 
+def _is_asked(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and set(v) == {"tool", "input"} and all(
+        isinstance(x, str) and len(x) <= MAX_ASKED_CHARS for x in v.values()))
+
+
 _SESSION_PAYLOAD = {"session_id": _is_id, "host": _is_id, "cwd?": _is_str, "tmux_socket?": _is_opt_str,
                     "tmux_target?": _is_opt_str, "pane_id?": _is_opt_id, "pid?": _is_opt_int, "command?": _is_str,
                     "state?": _is_one_of(SESSION_STATES), "last_activity_at?": _is_opt_str, "label?": _is_str,
-                    "tokens?": _is_tokens}
+                    "tokens?": _is_tokens, "asked?": _is_asked}
 
 
 @applies("session.appeared", {**_SESSION_PAYLOAD, "cwd": _is_str, "state": _is_one_of(SESSION_STATES)})
@@ -1409,19 +1658,62 @@ def apply_broadcast_delivered(cur: sqlite3.Cursor, ev: Event) -> None:
           "reason": p["reason"], "by_host": ev.machine_id, "updated_at": ev.created_at}, ev)
 
 
+@applies("project.dir_set", {"project_id": _is_id, "host": _is_id, "dir": _is_opt_str})
+def apply_project_dir_set(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Last writer wins per (project, host), by (hlc, uuid); a None dir removes that host's entry."""
+    p = ev.payload  # {project_id, host, dir | None}
+    _lww(cur, "project_dirs", f"{p['project_id']}:{p['host']}",
+         {"project_id": p["project_id"], "host": p["host"], "dir": p["dir"]}, ev)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+@applies("order.placed", {"order_id": _is_id, "action": _is_one_of(ORDER_ACTIONS), "host": _is_id,
+                          "session_id": lambda v: isinstance(v, str) and bool(UUID_RE.match(v)),
+                          "task_id": _is_opt_id, "cwd": _is_str, "tmux_session": _is_str, "expires_at": _is_str,
+                          "is_worktree": _is_bool, "model": _is_opt_str, "is_force": _is_bool})
+def apply_order_placed(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Immutable once placed; the result starts pending, a default that any receipt overrides.
+
+    As with broadcast receipts, a receipt is not always newer by HLC than its order (a placer's
+    clock ahead of the host's): pending must never win over a receipt.
+    """
+    p = ev.payload  # {order_id, action, host, session_id, task_id, cwd, tmux_session, expires_at, is_worktree, ...}
+    _lww(cur, "orders", p["order_id"], {
+        "created_at": ev.created_at, "action": p["action"], "host": p["host"], "session_id": p["session_id"],
+        "task_id": p["task_id"], "request": canonical_json(p), "expires_at": p["expires_at"]}, ev)
+    _lww(cur, "orders", p["order_id"], {"result": "pending", "reason": "", "outcome": "{}", "by_host": None,
+                                        "updated_at": ev.created_at}, ev, is_default=True)
+
+
+@applies("order.carried_out", {"order_id": _is_id, "result": _is_one_of(ORDER_RESULTS[1:]), "reason": _is_str,
+                               "outcome": lambda v: isinstance(v, dict) and len(v) <= 16})
+def apply_order_carried_out(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins per order: the newest receipt (claimed, then the result) is the result."""
+    p = ev.payload  # {order_id, result, reason, outcome}
+    _lww(cur, "orders", p["order_id"], {"result": p["result"], "reason": p["reason"],
+                                        "outcome": canonical_json(p["outcome"]), "by_host": ev.machine_id,
+                                        "updated_at": ev.created_at}, ev)
+
+
 _PROJECT_SELECT = """
 SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
        (SELECT json_group_object(status, n) FROM
            (SELECT t.status, count(*) AS n FROM tasks t
              WHERE t.project_id = p.id AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
-             GROUP BY t.status)) AS counts
+             GROUP BY t.status)) AS counts,
+       (SELECT json_group_object(d.host, d.dir) FROM project_dirs d
+         WHERE d.project_id = p.id AND d.dir IS NOT NULL) AS dirs
   FROM projects p
  WHERE p.created_at_v IS NOT NULL"""
 
 
 def _project_from_row(row: sqlite3.Row) -> Project:
     counts = dict.fromkeys(TASK_STATUSES, 0) | json.loads(row["counts"] or "{}")
-    return Project(row["id"], row["name"], row["goal"], row["owner"], row["status"], row["created_at"], counts)
+    return Project(row["id"], row["name"], row["goal"], row["owner"], row["status"], row["created_at"], counts,
+                   dict(sorted(json.loads(row["dirs"] or "{}").items())))
 
 
 def list_projects(db: Db, *, status: str | None = None) -> list[Project]:
@@ -1564,7 +1856,7 @@ def list_updates(db: Db, *, task_ids: list[str] | None = None, update_id: str | 
 
 _SESSION_SELECT = """
 SELECT s.id, s.host, s.cwd, s.tmux_socket, s.tmux_target, s.pane_id, s.pid, s.command, s.state, s.state_at,
-       s.last_activity_at, s.label, s.tokens, s.created_at,
+       s.last_activity_at, s.label, s.tokens, s.created_at, s.asked,
        (SELECT max(json_extract(c.info, '$.last_activity_at')) FROM transcript_cache c WHERE c.session_id = s.id)
            AS fresh_activity_at,
        (SELECT json_extract(c.info, '$.tokens') FROM transcript_cache c WHERE c.session_id = s.id
@@ -1586,7 +1878,8 @@ def _session_from_row(row: sqlite3.Row) -> Session:
     return Session(row["id"], row["host"], row["cwd"] or "", row["tmux_socket"], row["tmux_target"],
                    row["pane_id"], row["pid"], row["command"] or "", row["state"], row["state_at"], activity,
                    row["label"] or "", row["task_id"], {k: int(tokens.get(k, 0)) for k in TOKEN_KINDS},
-                   row["created_at"], tuple((row["task_ids"] or "").split()))
+                   row["created_at"], tuple((row["task_ids"] or "").split()),
+                   asked=json.loads(row["asked"]) if row["asked"] else None)
 
 
 def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
@@ -1657,6 +1950,18 @@ def save_hook_mark(cur: sqlite3.Cursor, session_id: str, mark: HookMark) -> None
         (session_id, mark.tmux_socket, mark.pane_id, mark.state, mark.hook_event, mark.at_ms))
 
 
+def list_notify_marks(db: Db) -> dict[str, tuple[str | None, int | None]]:
+    """Return the notifier's marks on this host: session id -> (state last seen, when it last notified)."""
+    return {r[0]: (r[1], r[2]) for r in db.conn.execute("SELECT session_id, state, notified_ms FROM notify_marks")}
+
+
+def save_notify_marks(cur: sqlite3.Cursor, marks: dict[str, tuple[str | None, int | None]], *, after: int) -> None:
+    """Store the notifier's marks and how far into the log it has read. In a txn."""
+    cur.executemany("INSERT OR REPLACE INTO notify_marks (session_id, state, notified_ms) VALUES (?, ?, ?)",
+                    [(sid, state, at) for sid, (state, at) in marks.items()])
+    set_meta(cur, "notify_after", str(after))
+
+
 def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
     """Return deliveries of one broadcast, or those no host has tried yet for sessions of host `pending_on`."""
     sql = """SELECT d.broadcast_id, d.session_id, s.host, s.tmux_target, d.result, d.reason, d.updated_at
@@ -1676,6 +1981,47 @@ def get_broadcast_text(db: Db, broadcast_id: str) -> tuple[str, str] | None:
     row = db.conn.execute("SELECT text, expires_at FROM broadcasts WHERE id = ? AND created_at_v IS NOT NULL",
                           (broadcast_id,)).fetchone()
     return (row[0], row[1]) if row else None
+
+
+_ORDER_SELECT = """
+SELECT id, action, host, session_id, task_id, request, expires_at, result, reason, outcome, by_host,
+       created_at, updated_at
+  FROM orders WHERE created_at_v IS NOT NULL"""
+
+
+def _order_from_row(row: sqlite3.Row) -> Order:
+    return Order(row["id"], row["action"], row["host"], row["session_id"], row["task_id"],
+                 json.loads(row["request"] or "{}"), row["expires_at"], row["result"], row["reason"] or "",
+                 json.loads(row["outcome"] or "{}"), row["by_host"], row["created_at"], row["updated_at"])
+
+
+def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None = None,
+                pending_on: str | None = None) -> list[Order]:
+    """Return orders, oldest first: one, a session's, or those still pending on one host."""
+    sql, params = _ORDER_SELECT, []
+    if order_id is not None:
+        sql += " AND id = ?"
+        params.append(order_id)
+    if session_id is not None:
+        sql += " AND session_id = ?"
+        params.append(session_id)
+    if pending_on is not None:
+        sql += " AND host = ? AND result = 'pending'"
+        params.append(pending_on)
+    return [_order_from_row(r) for r in db.conn.execute(sql + " ORDER BY created_at_v, id", params)]
+
+
+def list_known_hosts(db: Db) -> dict[str, set[str]]:
+    """Return every host this log knows (machine id -> display names): event makers, peers, session and code hosts."""
+    hosts: dict[str, set[str]] = {db.machine_id: set()}
+    for (machine_id,) in db.conn.execute("SELECT DISTINCT machine_id FROM events"):
+        hosts.setdefault(machine_id, set())
+    for (machine_id,) in db.conn.execute("""SELECT host FROM sessions WHERE host IS NOT NULL
+                                            UNION SELECT host FROM project_dirs WHERE dir IS NOT NULL"""):
+        hosts.setdefault(machine_id, set())
+    for name, machine_id in db.conn.execute("SELECT name, machine_id FROM sync_peers WHERE machine_id IS NOT NULL"):
+        hosts.setdefault(machine_id, set()).add(name)
+    return hosts
 
 
 def last_update_text(db: Db, *, session_id: str, source: str) -> str | None:
@@ -1819,7 +2165,7 @@ def _in_group(session: Session, group: Group) -> bool:
     import fnmatch  # only group matching needs it
 
     return ((group.cwd is None or group.cwd in session.cwd)
-            and (group.host is None or group.host == session.host)
+            and (group.host is None or group.host in (session.host, machine_host_name(session.host)))
             and (group.tmux_name is None or fnmatch.fnmatchcase(session.tmux_session, group.tmux_name)))
 
 
@@ -1829,17 +2175,65 @@ def list_group_sessions(db: Db, group_ref: str, *, include_gone: bool = False) -
     return [s for s in list_sessions(db, include_gone=include_gone) if _in_group(s, group)]
 
 
-def create_project(db: Db, name: str, *, goal: str = "", owner: str = "", now_ms: int) -> Project:
-    """Create a project; its name must not be taken here."""
+def create_project(db: Db, name: str, *, goal: str = "", owner: str = "", dirs: Sequence[str] = (),
+                   now_ms: int) -> Project:
+    """Create a project; its name must not be taken here. `dirs`: where its code lives (parse_dir_spec)."""
     name = _check_name(name)
     goal = _check_text("goal", goal, limit=MAX_TEXT_CHARS)
     owner = _check_text("owner", owner, limit=MAX_NAME_CHARS)
     project_id = new_id()
     with write_txn(db) as cur:
         _check_name_free(db, name)
+        placed = _project_dirs(db, dirs)
         record(db, cur, "project.created", {"project_id": project_id, "name": name, "goal": goal,
                                             "owner": owner, "status": "active"}, now_ms=now_ms)
+        for host, folder in placed.items():
+            record(db, cur, "project.dir_set", {"project_id": project_id, "host": host, "dir": folder}, now_ms=now_ms)
     return get_project(db, project_id)
+
+
+def resolve_host(db: Db, ref: str) -> str:
+    """Return the machine id a host reference names: a machine id, or a display name only one host has."""
+    ref = _check_text("host", ref, limit=MAX_NAME_CHARS, required=True)
+    hosts = list_known_hosts(db)
+    if ref in hosts:
+        return ref
+    named = sorted(m for m, names in hosts.items() if ref in names)
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise Conflict(f"host name {ref!r} is ambiguous: machine ids {', '.join(named)}; give the machine id")
+    raise NotFound(f"no host {ref!r} is known here (known: {', '.join(sorted(hosts))}); give a machine id or a "
+                   "peer name, after one sync with that host: clare sync")
+
+
+def parse_dir_spec(spec: str) -> tuple[str | None, str | None]:
+    """Split `--dir` text into (host or None for this host, absolute path or None to remove).
+
+    `/srv/api` is this host's; `apricot:/srv/api` is apricot's; `apricot:` removes apricot's entry.
+    """
+    spec = _check_text("--dir", spec, limit=MAX_PATH_CHARS)
+    host, colon, path = (None, "", spec) if spec.startswith(("/", "~")) else spec.partition(":")
+    if not colon:
+        host, path = None, spec
+    if path == "" and host:
+        return host, None
+    path = os.path.expanduser(path) if host is None else path
+    if not path.startswith("/"):
+        raise UsageError(f"--dir {spec!r} is not an absolute path; give /PATH (this host) or HOST:/PATH")
+    return host, os.path.normpath(path)
+
+
+def _project_dirs(db: Db, specs: Sequence[str]) -> dict[str, str | None]:
+    """Resolve `--dir` texts to machine id -> path (None removes); a host named twice is refused."""
+    dirs: dict[str, str | None] = {}
+    for spec in specs:
+        ref, path = parse_dir_spec(spec)
+        host = db.machine_id if ref is None else resolve_host(db, ref)
+        if host in dirs:
+            raise UsageError(f"--dir names host {host} twice; give one directory per host")
+        dirs[host] = path
+    return dirs
 
 
 def _check_name(name: object) -> str:
@@ -1858,8 +2252,9 @@ def _check_name_free(db: Db, name: str) -> None:
 
 
 def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None = None,
-                 owner: str | None = None, status: str | None = None, now_ms: int) -> Project:
-    """Change some fields of a project; fields equal to the current value are not recorded."""
+                 owner: str | None = None, status: str | None = None, dirs: Sequence[str] = (),
+                 now_ms: int) -> Project:
+    """Change some fields of a project (and where its code lives); values equal to the current ones are not recorded."""
     changes: dict[str, Any] = {}
     if name is not None:
         changes["name"] = _check_name(name)
@@ -1874,8 +2269,13 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
         changes = {k: v for k, v in changes.items() if getattr(project, k) != v}
         if "name" in changes:
             _check_name_free(db, changes["name"])
+        placed = _project_dirs(db, dirs)
         if changes:
             record(db, cur, "project.updated", {"project_id": project.id, **changes}, now_ms=now_ms)
+        for host, folder in placed.items():
+            if project.dirs.get(host) != folder:
+                record(db, cur, "project.dir_set", {"project_id": project.id, "host": host, "dir": folder},
+                       now_ms=now_ms)
     return get_project(db, project.id)
 
 
@@ -2147,11 +2547,12 @@ def remove_group(db: Db, ref: str, *, now_ms: int) -> Group:
 
 
 def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                pane: tuple[str | None, str] | None = None, source: str = "message", now_ms: int) -> Update:
+                pane: tuple[str | None, str] | None = None, source: str = "message", is_done: bool = False,
+                now_ms: int) -> Update:
     """Add a progress note (or pane tail, triage, hook note) to a task and/or a session.
 
     `pane` is (tmux socket or None, pane id) of the caller's pane: the note goes to the task of
-    the Claude session in that pane.
+    the Claude session in that pane. With `is_done` the note is the summary and the task is done.
     """
     text = _check_text("update text", text, limit=MAX_TEXT_CHARS, required=True)
     source = _check_choice("update source", source, UPDATE_SOURCES)
@@ -2169,9 +2570,13 @@ def post_update(db: Db, text: str, *, task_ref: str | None = None, session_id: s
             session_id, task_ref = session.id, session.task_id
         if session_id is not None:
             session_id = get_session(db, session_id).id
-        task_id = get_task(db, task_ref).id if task_ref is not None else None
-        record(db, cur, "update.posted", {"update_id": update_id, "task_id": task_id, "session_id": session_id,
-                                          "source": source, "text": text}, now_ms=now_ms)
+        task = get_task(db, task_ref) if task_ref is not None else None
+        if is_done and task is None:
+            raise UsageError("--done needs a task: name it (clare update TASK --done SUMMARY) or run inside its pane")
+        record(db, cur, "update.posted", {"update_id": update_id, "task_id": task and task.id,
+                                          "session_id": session_id, "source": source, "text": text}, now_ms=now_ms)
+        if is_done and task is not None and task.status != "done":
+            record(db, cur, "task.updated", {"task_id": task.id, "status": "done"}, now_ms=now_ms)
     return list_updates(db, update_id=update_id)[0]
 
 
@@ -2236,6 +2641,8 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
                 events.append(record(db, cur, "session.appeared", {**payload, **extra}, now_ms=now_ms))
                 continue
             changed = {k: payload[k] for k in _OBSERVED_KEYS if getattr(old, k) != payload[k]}
+            if "state" in changed and ob.state != "permission" and old.asked is not None:
+                changed["asked"] = None  # the dialog is over: what it asked goes with it
             if changed:
                 events.append(record(db, cur, "session.changed", {"session_id": ob.session_id,
                                                                   "host": db.machine_id, **changed, **extra},
@@ -2253,14 +2660,18 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
 
 
 def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
-                is_end: bool = False, now_ms: int) -> list[Event]:
+                is_end: bool = False, asked: dict[str, str] | None = None, now_ms: int) -> list[Event]:
     """Fold one hook report in: remember it, and record the session's new state at once.
 
     A report older than the one stored (a spooled report ingested late) is kept out of the state.
+    `asked` ({tool, input}) is what a PermissionRequest asks: kept with the state until it leaves
+    `permission`.
     """
     _check_prefix("session", session_id)
     if mark.state is not None:
         _check_choice("session state", mark.state, SESSION_STATES)
+    if not _is_asked(asked):
+        raise UsageError(f"asked must be {{tool, input}} texts of at most {MAX_ASKED_CHARS} characters")
     events: list[Event] = []
     with write_txn(db) as cur:
         save_hook_mark(cur, session_id, mark)
@@ -2276,11 +2687,16 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
             events.append(record(db, cur, "session.appeared", {
                 **head, "cwd": cwd, "tmux_socket": mark.tmux_socket, "tmux_target": tmux_target,
                 "pane_id": mark.pane_id, "pid": None, "command": "", "state": mark.state,
-                "last_activity_at": iso_ms(mark.at_ms), "label": "", "tokens": {}}, now_ms=now_ms))
+                "last_activity_at": iso_ms(mark.at_ms), "label": "", "tokens": {},
+                **({"asked": asked} if asked else {})}, now_ms=now_ms))
         elif old is not None and mark.state is not None:
-            changed = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
+            changed: dict[str, Any] = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
                                          ("tmux_socket", mark.tmux_socket), ("tmux_target", tmux_target))
                        if v is not None and getattr(old, k) != v}
+            if mark.state == "permission" and asked and old.asked != asked:
+                changed["asked"] = asked
+            elif mark.state != "permission" and old.asked is not None:
+                changed["asked"] = None  # the dialog is over: what it asked goes with it
             if changed:
                 events.append(record(db, cur, "session.changed", {
                     **head, **changed, "last_activity_at": iso_ms(mark.at_ms)}, now_ms=now_ms))
@@ -2340,6 +2756,49 @@ def get_status(db: Db, *, project_ref: str | None = None, group_ref: str | None 
         rollups.append(ProjectStatus(p, {k: sum(s.tokens.get(k, 0) for s in mine) for k in TOKEN_KINDS}, len(mine)))
     return StatusReport(rollups, sessions, {t: tasks[t] for s in sessions for t in (s.task_id, *s.task_ids)
                                             if t in tasks})
+
+
+NEEDS_PERSON = ("permission", "waiting")  # the states where a session waits on a person
+
+
+def list_needs(db: Db) -> list[Session]:
+    """Return the sessions that wait on a person, for triage: permission dialogs first, then the longest waiting."""
+    return [s for s in by_urgency(list_sessions(db)) if s.state in NEEDS_PERSON]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDetail:
+    session: Session
+    task: Task | None  # the task it works on now
+    history: list[Event]  # the newest events about it, oldest first
+    attach: list[str] | None  # the command that attaches a terminal here to its pane; None outside tmux
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the session's fields with its task, history and attach command, as the API and CLI print."""
+        return {**self.session.to_json(), "task": self.task.to_json() if self.task else None,
+                "history": [{**e.to_json(), "text": describe_event(e)} for e in self.history], "attach": self.attach}
+
+
+def get_session_detail(db: Db, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
+    """Return one session by id prefix with its task, its history and how to attach to it from this host."""
+    s = get_session(db, ref)
+    task = get_task(db, s.task_id) if s.task_id else None  # directly, or through a group
+    return SessionDetail(s, task, list_history(db, [s.id], limit=limit),
+                         attach_command(s, here=db.machine_id, hosts=hosts or {}))
+
+
+def attach_command(session: Session, *, here: str, hosts: dict[str, Any]) -> list[str] | None:
+    """Return the command that attaches a terminal to a session's pane, from host `here`; None outside tmux.
+
+    From another host it goes through ssh to `[hosts.NAME] ssh` of clare.toml (default: the host's name).
+    """
+    if not session.tmux_socket or not (session.tmux_target or session.pane_id):
+        return None
+    local = ["tmux", "-S", session.tmux_socket, "attach", "-t", session.tmux_target or session.pane_id or ""]
+    if session.host == here:
+        return local
+    dest = (hosts.get(session.host) or {}).get("ssh") if isinstance(hosts.get(session.host), dict) else None
+    return ["ssh", dest if isinstance(dest, str) and dest else session.host, "-t", *local]
 
 
 BROADCAST_TTL_MS = 15 * 60 * 1000  # an undelivered broadcast older than this expires instead of arriving late
@@ -2424,6 +2883,130 @@ def record_delivery(db: Db, broadcast_id: str, session_id: str, *, result: str, 
     with write_txn(db) as cur:
         return record(db, cur, "broadcast.delivered", {"broadcast_id": broadcast_id, "session_id": session_id,
                                                        "result": result, "reason": reason[:500]}, now_ms=now_ms)
+
+
+ORDER_TTL_MS = 15 * 60 * 1000  # an order its host has not taken by then expires instead of acting late
+MODEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:\[\]-]{0,99}\Z")
+
+
+def tmux_session_name(name: str) -> str:
+    """Return a project name as a tmux session name: tmux reads '.' and ':' in a target as separators."""
+    return re.sub(r"[.:\s]", "_", name)[:MAX_NAME_CHARS] or "clare"
+
+
+def _default_host(db: Db, project: Project) -> str:
+    if db.machine_id in project.dirs:
+        return db.machine_id
+    if len(project.dirs) == 1:
+        return next(iter(project.dirs))
+    if not project.dirs:
+        raise UsageError(f"project {project.name} does not say where its code lives; set it with: "
+                         f"clare project set {project.name} --dir /PATH (or --dir HOST:/PATH)")
+    raise UsageError(f"project {project.name} lives on several hosts ({', '.join(project.dirs)}); pick one with --host")
+
+
+def _place(db: Db, cur: sqlite3.Cursor, action: str, *, host: str, session_id: str, task_id: str | None,
+           cwd: str, tmux_session: str, is_worktree: bool = False, model: str | None = None,
+           is_force: bool = False, now_ms: int) -> str:
+    busy = [o for o in list_orders(db, session_id=session_id) if o.result in ("pending", "claimed")]
+    if busy:
+        raise Conflict(f"session {session_id[:SHORT_ID]} has a {busy[0].action} order still {busy[0].result} on "
+                       f"{busy[0].host} (order {busy[0].id[:SHORT_ID]}); wait for it: clare session orders")
+    order_id = new_id()
+    record(db, cur, "order.placed", {
+        "order_id": order_id, "action": action, "host": host, "session_id": session_id, "task_id": task_id,
+        "cwd": cwd, "tmux_session": tmux_session, "is_worktree": is_worktree, "model": model,
+        "is_force": is_force, "expires_at": iso_ms(now_ms + ORDER_TTL_MS)}, now_ms=now_ms)
+    return order_id
+
+
+def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
+                model: str | None = None, now_ms: int) -> Order:
+    """Order a new Claude session for a task on a host, with the task bound to its session id at once.
+
+    Clare makes the session id and passes it to Claude (--session-id), so the binding is part of
+    the start, never a guess. The host defaults to this one when the project's code lives here,
+    else the only host it lives on.
+    """
+    if model is not None and not MODEL_RE.match(model):
+        raise UsageError(f"--model {model[:40]!r} is not a model name; e.g. --model sonnet or --model claude-opus-4-1")
+    with write_txn(db) as cur:
+        task = get_task(db, task_ref)
+        if task.status == "done":
+            raise Conflict(f"task {task.id[:SHORT_ID]} is done; reopen it first: "
+                           f"clare task reopen {task.id[:SHORT_ID]}")
+        project = get_project(db, task.project_id)
+        machine = resolve_host(db, host) if host is not None else _default_host(db, project)
+        folder = project.dirs.get(machine)
+        if folder is None:
+            raise UsageError(f"project {project.name} has no directory on host {machine}; say where its code "
+                             f"lives there: clare project set {project.name} --dir {machine}:/PATH")
+        session_id = new_uuid()
+        order_id = _place(db, cur, "start", host=machine, session_id=session_id, task_id=task.id, cwd=folder,
+                          tmux_session=tmux_session_name(project.name), is_worktree=is_worktree, model=model,
+                          now_ms=now_ms)
+        record(db, cur, "task.assigned", {"task_id": task.id, "session_id": session_id}, now_ms=now_ms)
+        if task.status == "todo":
+            record(db, cur, "task.updated", {"task_id": task.id, "status": "in_progress"}, now_ms=now_ms)
+    return list_orders(db, order_id=order_id)[0]
+
+
+def place_resume(db: Db, session_ref: str, *, now_ms: int) -> Order:
+    """Order `claude --resume ID` for a gone session, on its host, in its cwd; its task stays bound."""
+    with write_txn(db) as cur:
+        session = get_session(db, session_ref)
+        if session.state != "gone":
+            raise Conflict(f"session {session.id[:SHORT_ID]} is {session.state} on {session.host} "
+                           f"({session.tmux_target or 'no tmux'}); only a gone session is resumed")
+        if not session.cwd:
+            raise UsageError(f"session {session.id[:SHORT_ID]} has no known directory to resume in; "
+                             "resume it by hand: claude --resume " + session.id)
+        task = get_task(db, session.task_id) if session.task_id else None
+        name = (tmux_session_name(task.project) if task else session.tmux_session) or "clare"
+        order_id = _place(db, cur, "resume", host=session.host, session_id=session.id,
+                          task_id=task.id if task else None, cwd=session.cwd, tmux_session=name, now_ms=now_ms)
+    return list_orders(db, order_id=order_id)[0]
+
+
+def place_stop(db: Db, session_ref: str, *, is_force: bool = False, now_ms: int) -> Order:
+    """Order a session to end: /exit typed while it waits; with `is_force`, SIGTERM to Claude even while it works."""
+    with write_txn(db) as cur:
+        session = get_session(db, session_ref)
+        if session.state == "gone":
+            raise Conflict(f"session {session.id[:SHORT_ID]} is gone already; nothing to stop")
+        if session.state in ("working", "permission") and not is_force:
+            what = "is working" if session.state == "working" else "shows a dialog"
+            raise Conflict(f"session {session.id[:SHORT_ID]} {what}; stop it once it waits, or now with --force "
+                           "(SIGTERM to Claude)")
+        order_id = _place(db, cur, "stop", host=session.host, session_id=session.id, task_id=session.task_id,
+                          cwd=session.cwd, tmux_session=session.tmux_session, is_force=is_force, now_ms=now_ms)
+    return list_orders(db, order_id=order_id)[0]
+
+
+def record_order_result(db: Db, order_id: str, *, result: str, reason: str = "",
+                        outcome: dict[str, Any] | None = None, now_ms: int) -> Order:
+    """Record this host's receipt for an order: claimed first, then what came of it."""
+    _check_choice("order result", result, ORDER_RESULTS[1:])
+    with write_txn(db) as cur:
+        record(db, cur, "order.carried_out", {"order_id": order_id, "result": result, "reason": reason[:1000],
+                                              "outcome": outcome or {}}, now_ms=now_ms)
+        order = list_orders(db, order_id=order_id)[0]
+        if order.action == "start" and result in ("refused", "expired") and order.task_id:
+            task = get_task(db, order.task_id)
+            if task.session_id == order.session_id:  # no Claude runs under that id: the task is free again
+                record(db, cur, "task.unassigned", {"task_id": task.id}, now_ms=now_ms)
+    return order
+
+
+def get_order(db: Db, ref: str) -> Order:
+    """Return the order whose id starts with `ref`."""
+    _check_prefix("order", ref)
+    found = [o for o in list_orders(db) if o.id.startswith(ref)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise NotFound(f"no order {ref!r}; list them with: clare session orders")
+    raise Conflict(f"order {ref!r} is ambiguous; give more of the id")
 
 
 def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertResult, list[str]]:
@@ -2530,7 +3113,9 @@ DESCRIBE.update({
     "session.appeared": lambda p: f"session {p['session_id'][:SHORT_ID]} appeared on {p['host']} "
                                   f"({p.get('tmux_target') or 'no tmux'}, {p['state']})",
     "session.changed": lambda p: f"session {p['session_id'][:SHORT_ID]}: "
-                                 + _fields({k: v for k, v in p.items() if k in _OBSERVED_KEYS}, "session_id"),
+                                 + _fields({k: v for k, v in p.items() if k in _OBSERVED_KEYS}, "session_id")
+                                 + (f"; asks {p['asked']['tool']}: {p['asked']['input'][:80]!r}"
+                                    if p.get("asked") else ""),
     "session.gone": lambda p: f"session {p['session_id'][:SHORT_ID]} is gone ({p.get('reason', '')})",
     "broadcast.sent": lambda p: f"broadcast to {p['target']} ({_n(len(p['session_ids']), 'session')}): "
                                 f"{p['text'][:60]!r}",
@@ -2539,6 +3124,15 @@ DESCRIBE.update({
                                      + (f" ({p['reason']})" if p.get("reason") else ""),
     "update.posted": lambda p: f"{p['source']} update" + (f" on task {p['task_id'][:SHORT_ID]}"
                                                          if p.get("task_id") else "") + f": {p['text'][:80]}",
+    "project.dir_set": lambda p: (f"project {p['project_id'][:SHORT_ID]} lives in {p['dir']} on {p['host']}"
+                                  if p.get("dir") else
+                                  f"project {p['project_id'][:SHORT_ID]}: no directory on {p['host']}"),
+    "order.placed": lambda p: f"{p['action']} session {p['session_id'][:SHORT_ID]} on {p['host']}"
+                              + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else "")
+                              + (" in a new worktree" if p.get("is_worktree") else "")
+                              + (" (--force)" if p.get("is_force") else ""),
+    "order.carried_out": lambda p: f"order {p['order_id'][:SHORT_ID]}: {p['result']}"
+                                   + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
 })
 
 
@@ -2585,12 +3179,28 @@ NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": 
 HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
 MAX_HOOK_INPUT_BYTES = 32 * 1024 * 1024  # a prompt can be long; a report cut short would be lost
 HOOK_TIMEOUT_S = 10
+# Which field of a tool's input says what a dialog asks: Bash's command, Edit's file, WebFetch's URL...
+ASKED_INPUT_KEYS = ("command", "file_path", "notebook_path", "url", "path", "pattern", "query", "prompt")
 HOOK_ALIVE_MS = 10 * 60 * 1000  # a session that sent a hook report this recently is not gone
 CLARE_HOOK_RE = re.compile(r"\bclare\b.*\shook\s*$")  # how uninstall knows Clare's hooks from the user's
 BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
 BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
 BROADCAST_ENTER_TRIES = 3
 DEFAULT_PULL_EVERY_S = 10  # how often `serve` looks at this host's sessions; [fleet] pull_every_s, 0 = never
+DEFAULT_TAILS_EVERY_S = 300  # ... and stores assigned panes' tails (when changed); [fleet] tails_every_s, 0 = never
+PANE_LINES = 60  # the live pane view shows this many last lines
+MAX_PANE_LINES = 200  # ... and never more, whoever asks
+MAX_PANE_CHARS = 32 * 1024  # one pane view's text at most (a peer's answer included)
+PANE_MIN_INTERVAL_S = 1.0  # one capture per session per second at most, however many pages watch it
+TURNS_TAIL_BYTES = 256 * 1024  # how much of a transcript's end the turns view reads
+MAX_TURNS = 12  # transcript entries shown on a session page
+TURN_CHARS = 300  # of each entry's text
+# Terminal escapes (CSI, OSC, DCS and the two-byte ones), and the control characters left after them.
+ESCAPE_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[PX^_][^\x1b]*\x1b\\|[@-Z\\-_]?)")
+PANE_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+DEFAULT_NOTIFY_GAP_S = 60  # [notify] min_gap_s: one session notifies at most this often (against flapping)
+DEFAULT_NOTIFY_TIMEOUT_S = 10  # [notify] timeout_s: the command is killed after this
+NOTIFY_EVERY_S = 1.0  # how often `serve` looks for sessions that started to need a person
 
 
 @dataclass(frozen=True, slots=True)
@@ -2722,6 +3332,57 @@ def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
     return any(rule.search(tail) for rule in PERMISSION_SCREEN)
+
+
+def clean_screen(screen: str, *, lines: int) -> str:
+    """Return a pane's last `lines` lines as plain text: newlines kept, escapes and control characters gone."""
+    text = PANE_CONTROL_RE.sub("", ESCAPE_RE.sub("", screen.replace("\r\n", "\n")))
+    rows = [row.rstrip() for row in text.split("\n")]
+    while rows and not rows[-1]:
+        rows.pop()
+    return "\n".join(rows[-lines:])[-MAX_PANE_CHARS:]
+
+
+@dataclass(frozen=True, slots=True)
+class PaneView:
+    session_id: str
+    host: str  # the host that captured it
+    text: str  # the last lines, plain text, newline-separated
+    lines: int  # how many lines were asked for
+    captured_at: str
+    error: str | None = None  # why there is no text (no pane, tmux failed, host unreachable)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the view as the JSON object the API sends."""
+        return _as_json(self)
+
+
+_PANE_CACHE: dict[tuple[str, str, int], tuple[float, PaneView]] = {}  # (db, session, lines) -> (taken at, view)
+
+
+def read_pane(db: Db, session: Session, *, lines: int = PANE_LINES, now_ms: int) -> PaneView:
+    """Capture a session of this host: its pane's last lines, at most once a second per session.
+
+    Read-only: nothing is ever typed. Sessions of other hosts are read by their own host.
+    """
+    if session.host != db.machine_id:
+        raise Conflict(f"session {session.id[:SHORT_ID]} runs on {session.host}; its pane is read there")
+    lines = max(1, min(int(lines), MAX_PANE_LINES))
+    key, now = (db.path, session.id, lines), time.monotonic()
+    hit = _PANE_CACHE.get(key)
+    if hit is not None and now - hit[0] < PANE_MIN_INTERVAL_S:
+        return hit[1]
+    if session.pane_id is None or session.tmux_socket is None or session.state == "gone":
+        view = PaneView(session.id, db.machine_id, "", lines, iso_ms(now_ms),
+                        "this session has no live tmux pane" if session.state != "gone" else "this session is gone")
+    else:
+        screen = capture_pane(session.tmux_socket, session.pane_id, lines=lines + 20)
+        view = PaneView(session.id, db.machine_id, clean_screen(screen or "", lines=lines), lines, iso_ms(now_ms),
+                        None if screen is not None else f"tmux cannot show pane {session.pane_id} now")
+    if len(_PANE_CACHE) > 512:
+        _PANE_CACHE.clear()
+    _PANE_CACHE[key] = (now, view)
+    return view
 
 
 def process_tree() -> tuple[dict[int, tuple[int, int]], dict[int, list[int]]]:
@@ -2984,6 +3645,53 @@ def read_transcript(path: str, cached: tuple[int, int, dict[str, Any]] | None
     return st.st_size, st.st_mtime_ns, info
 
 
+def parse_turns(lines: list[bytes], *, n: int = MAX_TURNS) -> list[dict[str, Any]]:
+    """Return the last entries of a transcript, oldest first: {role, text, tools, at}, short.
+
+    role is 'user' (a prompt, or an interrupt), 'assistant' (its text) or 'tool' (the tools it
+    called, by name). Sub-agent lines, local command output and tool results are left out.
+    """
+    turns: list[dict[str, Any]] = []
+    for raw in lines:
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict) or obj.get("isSidechain") or obj.get("isMeta"):
+            continue
+        message, at = obj.get("message"), obj.get("timestamp") if isinstance(obj.get("timestamp"), str) else ""
+        if not isinstance(message, dict) or obj.get("type") not in ("user", "assistant"):
+            continue
+        content = message.get("content")
+        text = " ".join(_text_of(content).split())
+        if obj["type"] == "user":
+            if text and not text.startswith(LOCAL_COMMAND_MARKS):
+                turns.append({"role": "user", "text": text[:TURN_CHARS], "tools": [], "at": at})
+            continue
+        tools = [str(b.get("name"))[:60] for b in content if isinstance(b, dict) and b.get("type") == "tool_use"] \
+            if isinstance(content, list) else []
+        if text:
+            turns.append({"role": "assistant", "text": text[:TURN_CHARS], "tools": [], "at": at})
+        if tools:
+            turns.append({"role": "tool", "text": ", ".join(tools), "tools": tools, "at": at})
+    return turns[-n:]
+
+
+def read_turns(db: Db, session: Session, *, claude_dir: str, n: int = MAX_TURNS) -> list[dict[str, Any]]:
+    """Return the last entries of a session's transcript on this host (see parse_turns)."""
+    if session.host != db.machine_id:
+        raise Conflict(f"session {session.id[:SHORT_ID]} runs on {session.host}; its transcript is read there")
+    path = find_transcript(claude_dir, session.cwd, session.id)
+    if path is None:
+        return []
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = max(0, size - TURNS_TAIL_BYTES)
+        f.seek(start)
+        lines = f.read(size - start).split(b"\n")
+    return parse_turns(lines[1:] if start else lines, n=n)
+
+
 def _read_tail(f: Any, size: int) -> dict[str, Any]:
     want = TAIL_BLOCK_BYTES
     while True:
@@ -3199,10 +3907,12 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
                env: Mapping[str, str] | None = None) -> PullResult:
     """Look at this host's Claude sessions and record what changed (nothing when nothing did).
 
-    Also: ingest spooled hook reports, deliver other hosts' broadcasts, and with `tails` store
+    Also: ingest spooled hook reports, carry out the orders placed for this host (start, resume,
+    stop), deliver other hosts' broadcasts, and with `tails` store
     each assigned pane's last lines (and the triage command's reading of them) when they changed.
     """
     ingest_spool(db, now_ms=now_ms)
+    carry_out_pending(db, config=config, now_ms=now_ms)  # first: this look then sees what it started or stopped
     idle_after_s = config.get("fleet", {}).get("idle_after_s", DEFAULT_IDLE_AFTER_S)
     if isinstance(idle_after_s, bool) or not isinstance(idle_after_s, int | float) or idle_after_s < 0:
         raise ClareError(f"clare.toml: [fleet] idle_after_s = {idle_after_s!r} is not a number of seconds; fix it")
@@ -3252,14 +3962,38 @@ def start_background_pull(db_path: str, config: dict[str, Any], *, stop: Any,
     return thread
 
 
+def carry_out_soon(db_path: str, config: dict[str, Any]) -> Any:
+    """Carry out this host's pending orders now, in a thread with its own connection (after a peer pushed one)."""
+    import threading
+
+    def run() -> None:
+        db = open_db(db_path)
+        try:
+            pull_fleet(db, config=config, now_ms=now_ms())
+        except ClareError:
+            pass  # the background pull tries again and logs what fails
+        finally:
+            db.close()
+    thread = threading.Thread(target=run, name="clare-orders", daemon=True)
+    thread.start()
+    return thread
+
+
 def _pull_loop(db_path: str, config: dict[str, Any], *, stop: Any, log: Callable[[str], None],
                every_s: float) -> None:
     db = open_db(db_path)
     last_error = ""
+    tails_every_s = config.get("fleet", {}).get("tails_every_s", DEFAULT_TAILS_EVERY_S)
+    if isinstance(tails_every_s, bool) or not isinstance(tails_every_s, int | float) or tails_every_s < 0:
+        log(f"fleet: [fleet] tails_every_s = {tails_every_s!r} is not a number of seconds; pane tails are off")
+        tails_every_s = 0
+    last_tails = -float("inf")
     try:
         while not stop.is_set():
             try:
-                result = pull_fleet(db, config=config, now_ms=now_ms())
+                is_tails = bool(tails_every_s) and time.monotonic() - last_tails >= tails_every_s
+                result = pull_fleet(db, config=config, now_ms=now_ms(), tails=is_tails)
+                last_tails = time.monotonic() if is_tails else last_tails
                 for warning in result.warnings:
                     log(f"fleet: warning: {warning}")
                 last_error = ""
@@ -3291,7 +4025,7 @@ def read_rclaude(section: dict[str, Any], *, machine_id: str, warnings: list[str
         return {}
     if p.returncode != 0:
         warnings.append(f"rclaude sessions_command exited {p.returncode}: {p.stderr.strip()[:200]}")
-    return parse_rclaude(p.stdout, hosts=(machine_id, default_machine_id()))
+    return parse_rclaude(p.stdout, hosts=(machine_id, machine_host_name(machine_id), host_label()))
 
 
 def parse_rclaude(text: str, *, hosts: tuple[str, ...]) -> dict[str, str]:
@@ -3344,6 +4078,140 @@ def run_triage(command: str | None, tail: str, *, warnings: list[str]) -> str | 
         warnings.append(f"triage command exited {p.returncode}: {p.stderr.strip()[:200]}")
         return None
     return p.stdout.strip()[:MAX_TEXT_CHARS] or None
+
+
+def notify_changes(db: Db, *, config: dict[str, Any], base_url: str, now_ms: int,
+                   log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run `[notify] command` once per session of this host that started to need a person; return what was sent.
+
+    Follows the log from where it stopped: a change into `permission`, or into `waiting` from
+    `working`, is one notification, unless that session notified less than `min_gap_s` ago (a
+    flapping session). Marks are stored before the commands run: a crash never repeats one. Only
+    the session's own host notifies. A failing command is logged and the next one runs anyway.
+    """
+    section = config.get("notify") or {}
+    command, gap_s, timeout_s = notify_settings(section)
+    marks = list_notify_marks(db)
+    after_text = get_meta(db.conn.cursor(), "notify_after")
+    if after_text is None:  # the first look starts from now: history is not news
+        with write_txn(db) as cur:
+            save_notify_marks(cur, {s.id: (s.state, None) for s in list_sessions(db, host=db.machine_id)},
+                              after=head_rseq(cur))
+        return []
+    events = list_events_after(db, after=int(after_text), limit=1000, max_chars=4 * 1024 * 1024)
+    due: dict[str, str] = {}
+    for ev in events:
+        p = ev.payload
+        is_mine = p.get("host") == db.machine_id and _is_id(p.get("session_id"))
+        if not ev.event_type.startswith("session.") or not is_mine:
+            continue
+        state = "gone" if ev.event_type == "session.gone" else p.get("state")
+        sid = p["session_id"]
+        old, notified = marks.get(sid, (None, None))
+        if state is None or state == old:
+            continue
+        if state == "permission" or (state == "waiting" and old == "working"):
+            if notified is None or now_ms - notified >= gap_s * 1000 or sid in due:
+                due[sid] = state
+                notified = now_ms
+        marks[sid] = (state, notified)
+    if not events:
+        return []
+    with write_txn(db) as cur:
+        save_notify_marks(cur, marks, after=max(ev.rseq for ev in events))
+    sent = []
+    for sid, state in due.items():
+        message = notify_message(db, sid, state, base_url=base_url)
+        if command:
+            error = run_notify(command, message, timeout_s=timeout_s)
+            if error:
+                log(f"notify: {error}")
+        sent.append(message)
+    return sent
+
+
+def notify_settings(section: dict[str, Any]) -> tuple[list[str] | None, float, float]:
+    """Return [notify]'s command (argv), min_gap_s and timeout_s; refuse values that do not fit."""
+    import shlex
+
+    command = section.get("command")
+    if isinstance(command, str):
+        try:
+            command = shlex.split(command)
+        except ValueError as err:
+            raise ClareError(f"clare.toml: [notify] command cannot be split into words ({err}); "
+                             "fix its quotes") from err
+    if command is not None and (not isinstance(command, list) or not command
+                                or not all(isinstance(w, str) for w in command)):
+        raise ClareError("clare.toml: [notify] command must be a command line or a list of words")
+    values = []
+    for name, default in (("min_gap_s", DEFAULT_NOTIFY_GAP_S), ("timeout_s", DEFAULT_NOTIFY_TIMEOUT_S)):
+        value = section.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ClareError(f"clare.toml: [notify] {name} = {value!r} is not a number of seconds; fix it")
+        values.append(float(value))
+    return command, values[0], values[1]
+
+
+def notify_message(db: Db, session_id: str, state: str, *, base_url: str) -> dict[str, Any]:
+    """Return the JSON object a notification carries: who needs you, where, for what, and the page's URL."""
+    s = next(x for x in find_sessions(db, prefix=session_id) if x.id == session_id)
+    task = next((t for t in list_tasks(db) if t.id == s.task_id), None) if s.task_id else None
+    return {"session": s.id, "label": s.label, "host": s.host, "state": state, "since": s.state_at,
+            "cwd": s.cwd, "tmux_target": s.tmux_target,
+            "task": {"id": task.id, "title": task.title} if task else None,
+            "project": {"id": task.project_id, "name": task.project} if task else None,
+            "asked": s.asked if state == "permission" else None,
+            "url": f"{base_url.rstrip('/')}/sessions/{s.id}"}
+
+
+def run_notify(command: list[str], message: dict[str, Any], *, timeout_s: float) -> str | None:
+    """Run the notify command (no shell) with the message as JSON on stdin; return why it failed, or None."""
+    import subprocess
+
+    try:
+        p = subprocess.run(command, input=json.dumps(message, ensure_ascii=False) + "\n", capture_output=True,
+                           text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"command {command[0]!r} did not finish within {timeout_s:g} s; it was stopped"
+    except OSError as err:
+        return f"command {command[0]!r} cannot run: {err.strerror or err}; fix [notify] command in clare.toml"
+    if p.returncode != 0:
+        first = (p.stderr.strip().splitlines() or [""])[0][:200]
+        return f"command {command[0]!r} exited {p.returncode}" + (f": {first}" if first else "")
+    return None
+
+
+def start_background_notify(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+                            log: Callable[[str], None]) -> Any:
+    """Start a daemon thread that runs notify_changes every second until `stop` is set; None without [notify]."""
+    import threading
+
+    if not config.get("notify"):
+        return None
+    notify_settings(config["notify"])  # a typo there stops `serve` at start, not later in a log line
+    thread = threading.Thread(target=_notify_loop, name="clare-notify", daemon=True, args=(db_path, config),
+                              kwargs={"base_url": base_url, "stop": stop, "log": log})
+    thread.start()
+    return thread
+
+
+def _notify_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+                 log: Callable[[str], None]) -> None:
+    db = open_db(db_path)
+    last_error = ""
+    try:
+        while not stop.is_set():
+            try:
+                notify_changes(db, config=config, base_url=base_url, now_ms=now_ms(), log=log)
+                last_error = ""
+            except Exception as err:  # the background loop is an edge: one bad look never ends it
+                if str(err) != last_error:
+                    log(f"notify: failed: {err}")
+                last_error = str(err)
+            stop.wait(NOTIFY_EVERY_S)
+    finally:
+        db.close()
 
 
 def list_ambiguous_panes(db: Db) -> list[Pane]:
@@ -3422,7 +4290,23 @@ def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]
                     pane if isinstance(pane, str) and pane.startswith("%") else None,
                     hook_state(p), event, int(report.get("at_ms") or now_ms))
     cwd = p["cwd"] if isinstance(p.get("cwd"), str) else ""
-    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", now_ms=now_ms)
+    asked = asked_of(p) if event == "PermissionRequest" else None
+    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", asked=asked, now_ms=now_ms)
+
+
+def asked_of(payload: dict[str, Any]) -> dict[str, str]:
+    """Return what a PermissionRequest asks, {tool, input}: the tool and its command, file or URL as text."""
+    # SECURITY: hook stdin; any JSON shape may come, so only text is kept, cut to size.
+    tool = payload.get("tool_name")
+    tool = tool[:100] if isinstance(tool, str) else "?"
+    tool_input = payload.get("tool_input")
+    if isinstance(tool_input, dict):
+        text = next((tool_input[k] for k in ASKED_INPUT_KEYS if isinstance(tool_input.get(k), str)), None)
+        if text is None:
+            text = json.dumps(tool_input, ensure_ascii=False, sort_keys=True)
+    else:
+        text = "" if tool_input is None else json.dumps(tool_input, ensure_ascii=False)
+    return {"tool": tool, "input": text[:MAX_ASKED_CHARS]}
 
 
 def ingest_spool(db: Db, *, now_ms: int) -> int:
@@ -3616,12 +4500,14 @@ def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_
     return dataclasses.replace(d, result=result, reason=reason)
 
 
-def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tuple[str, str]:
+def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float,
+                 is_done: Callable[[], bool] | None = None) -> tuple[str, str]:
     """Type a text into a session's tmux pane as one paste and an Enter; return (result, reason).
 
     Never into a pane that does not run Claude (a shell would run the text) and never while a
     permission dialog shows (Enter would approve it). The text goes through a tmux buffer loaded
-    from stdin, never through a shell, so it arrives literally.
+    from stdin, never through a shell, so it arrives literally. `is_done` tells when a command
+    (/exit) took effect, where no prompt is submitted to confirm it.
     """
     if session.state == "gone":
         return "refused", "the session is gone"
@@ -3658,11 +4544,22 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float) -> tu
             return "refused", refusal + "; the text waits in the composer"
         sent_ms = now_ms()
         run_tmux(pane.socket, "send-keys", "-t", pane.pane_id, "Enter")
-        if _wait_for_prompt(db, session, text, since_ms=sent_ms, timeout_s=confirm_s):
+        if is_done is not None and _wait_until(is_done, timeout_s=confirm_s):
+            return "delivered", ""
+        if is_done is None and _wait_for_prompt(db, session, text, since_ms=sent_ms, timeout_s=confirm_s):
             return "delivered", ""
         if was_working:
             return "queued", "Claude is busy; it takes the text after this turn"
     return "failed", f"Claude did not take the text after {BROADCAST_ENTER_TRIES} Enters"
+
+
+def _wait_until(predicate: Callable[[], bool], *, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _dialog_refusal(db: Db, session: Session, pane: Pane) -> str | None:
@@ -3713,412 +4610,327 @@ def _transcript_has_prompt(path: str, text: str, *, since_ms: int) -> bool:
     return False
 
 
-# --- the services, each declared once ---------------------------------------------------------
-# A method of Services is a service's one declaration: its signature (what the CLI and pages call),
-# its HTTP form (@api: route, where each argument travels, the answer), or @here for what works on
-# this host only. The remote client (RemoteServices, section 7), the JSON handlers and the OpenAPI
-# document (section 8) are derived from it; nothing about a service is written out again elsewhere.
+# --- starting, resuming and stopping sessions: the host's side of an order --------------------
 
-_S = TypeVar("_S", bound="Services")
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-@dataclass(frozen=True, slots=True)
-class Api:
-    """How one service travels over HTTP. Arguments are named as in the signature; "arg=wire" renames one."""
-
-    method: str
-    path: str  # "/api/v1/tasks/{task}": each {wire} takes the next leading positional argument
-    summary: str  # the OpenAPI summary
-    query: tuple[str, ...] = ()
-    body: tuple[str, ...] = ()
-    status: int = 200
-    resolve: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> getter: the server turns a ref into
-    # that object (or its id, for a *_id or *_ids argument)
-    here: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> why it cannot be sent (refused remotely)
-    not_sent: tuple[str, ...] = ()  # arguments a remote call leaves out (the server uses its own defaults)
-    max_int: int = MAX_EVENTS_PAGE  # integer query arguments are within 1..max_int
-    schema: str | None = None  # the OpenAPI answer, a component's name; None: from the return type
-    body_schema: dict[str, Any] | None = None  # the OpenAPI request body; None: from the body arguments
-    check: Callable[[dict[str, Any]], None] | None = None  # the server's extra check of a body
-    to_wire: Callable[[Any, Any], Any] | None = None  # (request, result) -> the JSON answer; None: the result
-    from_wire: Callable[[Any], Any] | None = None  # the JSON answer -> the result; None: from the return type
-    is_routed: bool = True  # False: the remote client asks a route that answers more (count_events)
+START_READY_S = 30.0  # how long a new Claude may take to show its composer (or a screen Clare never answers)
+STOP_WAIT_S = 10.0  # how long Claude may take to end after /exit or SIGTERM
+WORKTREE_SLUG_CHARS = 40
+# Screens where a typed prompt and Enter would answer for the user: data, not code. Clare never answers them.
+TRUST_SCREEN = (re.compile(r"Do you trust the files in this folder"), re.compile(r"Is this a project you created"),
+                re.compile(r"I trust this folder"), re.compile(r"Accessing workspace"))
+ONBOARDING_SCREEN = (re.compile(r"Choose the text style"), re.compile(r"Select login method"),
+                     re.compile(r"use this API key\?"), re.compile(r"Press Enter to continue"))
+COMPOSER_SCREEN = re.compile(r"^\s*[│|]?\s*[>❯](?:\s|$)", re.M)  # the prompt line of an empty composer
+CLAUDE_PLACES = ("~/.local/bin", "~/.claude/local", "~/.npm-global/bin", "/usr/local/bin", "/usr/bin",
+                 "/opt/homebrew/bin")
 
 
-SERVICE_APIS: dict[str, tuple[Callable[..., Any], Api | None]] = {}  # service -> (function, HTTP form or None)
+def default_tmux_socket(env: Mapping[str, str] | None = None) -> str:
+    """Return the socket of the user's default tmux server (where plain `tmux attach` looks)."""
+    env = os.environ if env is None else env
+    return os.path.join(env.get("TMUX_TMPDIR") or "/tmp", f"tmux-{os.getuid()}", "default")
 
 
-def api(method: str, path: str, summary: str, **form: Any
-        ) -> Callable[[Callable[Concatenate[_S, _P], _R]], Callable[Concatenate[_S, _P], _R]]:
-    """Declare a Services method as a service offered over HTTP (see Api for the form)."""
-    return _declare(Api(method, path, summary, **form))
+def claude_argv(config: dict[str, Any], *, env: Mapping[str, str] | None = None) -> list[str]:
+    """Return [fleet] claude_command as argv with an absolute program path; a systemd unit's PATH is short."""
+    import shlex
+    import shutil
+
+    text = config.get("fleet", {}).get("claude_command", "claude")
+    try:
+        argv = shlex.split(text) if isinstance(text, str) else []
+    except ValueError:
+        argv = []
+    if not argv:
+        raise ClareError(f"clare.toml: [fleet] claude_command = {text!r} is not a command; e.g. "
+                         'claude_command = "/home/me/.local/bin/claude"')
+    program = os.path.expanduser(argv[0])
+    if "/" in program:
+        found = program if os.path.isfile(program) and os.access(program, os.X_OK) else None
+    else:
+        env = os.environ if env is None else env
+        path = os.pathsep.join([env.get("PATH", ""), *map(os.path.expanduser, CLAUDE_PLACES)])
+        found = shutil.which(program, path=path)
+    if found is None:
+        raise ClareError(f"the claude command {argv[0]!r} is not found on this host; set its full path in "
+                         'clare.toml: [fleet] claude_command = "/full/path/to/claude" (see: which claude)')
+    return [os.path.abspath(found), *argv[1:]]
 
 
-def here(fn: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
-    """Declare a Services method as a service of this host only: its tmux, its hooks, its files."""
-    return _declare(None)(fn)
+def agent_launcher(db_path: str) -> str:
+    """Write (when missing or stale) the launcher Claude runs to report to this database; return its path.
 
-
-def _declare(spec: Api | None) -> Callable[[Callable[Concatenate[_S, _P], _R]], Callable[Concatenate[_S, _P], _R]]:
-    def register(fn: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
-        SERVICE_APIS[fn.__name__] = (fn, spec)
-
-        @functools.wraps(fn)
-        def call(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-            return self._run(fn, spec, args, kwargs)
-        return call
-    return register
-
-
-def from_json(cls: type, obj: dict[str, Any]) -> Any:
-    """Rebuild a dataclass from its JSON object (a JSON list back into a tuple field); added fields are ignored."""
-    import typing
-
-    return cls(**{f.name: tuple(obj[f.name]) if typing.get_origin(f.type) is tuple else obj[f.name]
-                  for f in dataclasses.fields(cls) if f.name in obj})
-
-
-def _change_from_json(obj: dict[str, Any]) -> Change:
-    return Change([from_json(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
-
-
-def _status_to_wire(req: Any, report: StatusReport) -> dict[str, Any]:
-    return {**report.to_json(), "n_events": req.svc.count_events(), "machine_id": req.db.machine_id}
-
-
-def _status_from_wire(got: dict[str, Any]) -> StatusReport:
-    return StatusReport([ProjectStatus(from_json(Project, p), p["tokens"], p["n_sessions"]) for p in got["projects"]],
-                        [from_json(Session, x) for x in got["sessions"]],
-                        {t["id"]: from_json(Task, t) for t in got["tasks"]})
-
-
-def _only_message_updates(body: dict[str, Any]) -> None:
-    # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
-    # client that could post them would put words in a session's or a hook's mouth.
-    if body.get("source", "message") != "message":
-        raise UsageError(f"update source {body['source']!r} is not allowed here; only 'message' may be posted "
-                         "(pane tails, triage and hook notes are written by 'clare pull')")
-
-
-@dataclass(frozen=True, slots=True)
-class Wire:
-    """Where one argument of a declared service goes: its place, its name there and its kind of value."""
-
-    arg: str
-    where: str  # "path", "query", "body", "here" (refused remotely unless at its default) or "not_sent"
-    name: str  # in the path, query or body
-    kind: str  # "text", "int", "bool", "list", "range" (a (lo, hi) pair as "lo-hi") or "object" (a record)
-    is_optional: bool  # None is a value of it
-    is_required: bool  # it has no default
-    default: Any
-    resolver: str | None  # a getter the server turns the ref into the record (or its id) with
-
-
-_WIRES: dict[str, tuple[Wire, ...]] = {}
-
-
-def wire_args(name: str) -> tuple[Wire, ...]:
-    """Return where each argument of a declared service goes: path, query and body in their declared order."""
-    if name not in _WIRES:
-        import inspect
-        import types
-        import typing
-
-        fn, spec = SERVICE_APIS[name]
-        params = list(inspect.signature(fn).parameters.values())[1:]  # after self
-        spec = spec or Api("", "", "")
-        placed = dict(zip(re.findall(r"\{(\w+)\}", spec.path), (p.name for p in params), strict=False))
-        where = {arg: ("path", wire) for wire, arg in placed.items()}
-        for place, specs in (("query", spec.query), ("body", spec.body)):
-            for text in specs:
-                arg, _, wire = text.partition("=")
-                where[arg] = (place, wire or arg)
-        where.update({arg: ("here", arg) for arg in spec.here})
-        where.update({arg: ("not_sent", arg) for arg in spec.not_sent})
-        wires = []
-        for p in params:
-            if p.name not in where and SERVICE_APIS[name][1] is not None:
-                raise TypeError(f"{name}: argument {p.name} is not placed in the path, query or body of its @api")
-            ann = p.annotation
-            is_optional = isinstance(ann, types.UnionType) and type(None) in typing.get_args(ann)
-            base = next((a for a in typing.get_args(ann) if a is not type(None)), ann) if is_optional else ann
-            origin = typing.get_origin(base) or base
-            kind = {bool: "bool", int: "int", str: "text", list: "list", tuple: "range"}.get(origin) or \
-                ("list" if origin is Iterable else "object")
-            place, wire = where.get(p.name, ("here", p.name))
-            wires.append(Wire(p.name, place, wire, kind, is_optional, p.default is p.empty, p.default,
-                              spec.resolve.get(p.name)))
-        order = {"path": 0, "query": 1, "body": 2}
-        _WIRES[name] = tuple(sorted(wires, key=lambda w: order.get(w.where, 3)))  # stable: declared order kept
-    return _WIRES[name]
-
-
-class Services:
-    """The services and queries bound to one database and the wall clock: what the CLI and pages call.
-
-    RemoteServices offers the same methods over HTTP, so a caller never knows which it has.
+    It sits beside the database, runs this clare.py with this interpreter, and ignores CLARE_URL:
+    an agent's `update --done` must reach the host that knows its pane.
     """
+    folder = os.path.dirname(os.path.abspath(db_path))
+    path = os.path.join(folder, "clare")
+    here = os.path.dirname(os.path.abspath(__file__))
+    text = (f"#!{sys.executable} -I\n# Written by Clare for the Claude sessions it starts: reports to one database.\n"
+            f"import os, sys\nos.environ.pop('CLARE_URL', None)\nsys.path.insert(0, {here!r})\nimport clare\n"
+            f"raise SystemExit(clare.main(['--db', {os.path.abspath(db_path)!r}, *sys.argv[1:]]))\n")
+    with contextlib.suppress(OSError), open(path, encoding="utf-8") as f:
+        if f.read() == text:
+            return path
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path + ".tmp", 0o700)
+    os.replace(path + ".tmp", path)
+    return path
 
-    __slots__ = ("db",)
 
-    def __init__(self, db: Db):
-        self.db = db
+def first_prompt(task: Task, *, launcher: str) -> str:
+    """Return what Clare types into a session it started: the task, and how to report on it."""
+    parts = [task.title, task.description.strip(),
+             f"(Task {task.id[:SHORT_ID]} of project {task.project}, from Clare.) Post progress notes with:\n"
+             f'  {launcher} update "what you did"\nWhen the task is finished, report it with:\n'
+             f'  {launcher} update --done "one-line summary"']
+    return broadcast_text("\n\n".join(p for p in parts if p))
 
-    def _run(self, fn: Callable[..., _R], spec: Api | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _R:
-        return fn(self, *args, **kwargs)
 
-    @api("GET", "/api/v1/projects", "List projects with task counts", query=("status",))
-    def list_projects(self, *, status: str | None = None) -> list[Project]:
-        """Return the projects, with task counts."""
-        return list_projects(self.db, status=status)
+def _run(argv: list[str], *, cwd: str | None = None) -> Any:
+    """Run a helper program (git, systemd-run); the caller checks the return code."""
+    import subprocess
 
-    @api("POST", "/api/v1/projects", "Create a project", body=("name", "goal", "owner"), status=201)
-    def create_project(self, name: str, *, goal: str = "", owner: str = "") -> Project:
-        """Create a project."""
-        return create_project(self.db, name, goal=goal, owner=owner, now_ms=now_ms())
+    try:
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return subprocess.CompletedProcess(argv, -1, "", str(err))
 
-    @api("GET", "/api/v1/projects/{project}", "Get a project by name or id prefix")
-    def get_project(self, ref: str) -> Project:
-        """Return the project named `ref` or whose id starts with `ref`."""
-        return get_project(self.db, ref)
 
-    @api("PATCH", "/api/v1/projects/{project}", "Change a project", body=("name", "goal", "owner", "status"))
-    def edit_project(self, ref: str, *, name: str | None = None, goal: str | None = None,
-                     owner: str | None = None, status: str | None = None) -> Project:
-        """Change some fields of a project."""
-        return edit_project(self.db, ref, name=name, goal=goal, owner=owner, status=status, now_ms=now_ms())
+def _first_line(p: Any) -> str:
+    return ((p.stderr or p.stdout or "").strip().splitlines() or ["failed"])[0][:300]
 
-    @api("GET", "/api/v1/projects/{project}/history", "Events about a project and its tasks", query=("limit",),
-         resolve={"project": "get_project"})
-    def project_history(self, project: Project, *, limit: int = 200) -> list[Event]:
-        """Return the events about a project and its tasks, oldest first."""
-        return project_history(self.db, project, limit=limit)
 
-    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1)",
-         query=("project_id=project", "status", "session_id=session", "group_id=group", "is_open=open",
-                "active_projects=active", "is_assigned=assigned", "tag", "priorities=priority", "search",
-                "include_removed=removed"), resolve={"project_id": "get_project", "group_id": "get_group"})
-    def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
-                   session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
-                   active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
-                   priorities: tuple[int, int] | None = None, search: str | None = None,
-                   include_removed: bool = False) -> list[Task]:
-        """Return tasks, most urgent first."""
-        return list_tasks(self.db, project_id=project_id, status=status, session_id=session_id, group_id=group_id,
-                          is_open=is_open, active_projects=active_projects, is_assigned=is_assigned, tag=tag,
-                          priorities=priorities, search=search, include_removed=include_removed)
+def worktree_branch(task: Task) -> str:
+    """Return the branch a task's worktree gets: clare/<short id>-<slug of the title>."""
+    slug = "-".join(re.findall(r"[a-z0-9]+", task.title.lower()))[:WORKTREE_SLUG_CHARS].strip("-")
+    return f"clare/{task.id[:SHORT_ID]}-{slug or 'task'}"
 
-    @api("POST", "/api/v1/tasks", "Add a task", body=("project_ref=project", "title", "priority", "description",
-                                                      "tags"), status=201)
-    def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                    description: str = "", tags: Iterable[str] = ()) -> Task:
-        """Add a task to a project."""
-        return create_task(self.db, project_ref, title, priority=priority, description=description, tags=tags,
-                           now_ms=now_ms())
 
-    @api("GET", "/api/v1/tasks/{task}", "Get a task by id prefix (removed ones too)")
-    def get_task(self, ref: str) -> Task:
-        """Return the task whose id starts with `ref`."""
-        return get_task(self.db, ref)
+def make_worktree(folder: str, branch: str, *, dry_run: bool = False) -> str:
+    """Make a git worktree and branch beside the repository holding `folder`; return the folder to work in.
 
-    @api("PATCH", "/api/v1/tasks/{task}", "Change a task; tags adds tags, untags removes them",
-         body=("title", "description", "priority", "status", "tags", "untags"))
-    def edit_task(self, ref: str, *, title: str | None = None, description: str | None = None,
-                  priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
-                  untags: Iterable[str] = ()) -> Task:
-        """Change some fields and tags of a task."""
-        return edit_task(self.db, ref, title=title, description=description, priority=priority, status=status,
-                         tags=tags, untags=untags, now_ms=now_ms())
+    Refused with the reason when `folder` is not in a git repository or the branch exists; with
+    `dry_run` only these checks run.
+    """
+    import shutil
 
-    @api("DELETE", "/api/v1/tasks/{task}", "Remove a task: it leaves every list, keeps its history, can be restored")
-    def remove_task(self, ref: str) -> Task:
-        """Remove a task (it can be restored)."""
-        return remove_task(self.db, ref, now_ms=now_ms())
+    git = shutil.which("git") or "/usr/bin/git"
+    top = _run([git, "-C", folder, "rev-parse", "--show-toplevel"])
+    if top.returncode != 0:
+        raise ClareError(f"{folder} is not a git repository, so --worktree cannot branch it; start without "
+                         "--worktree, or run 'git init' there")
+    root = top.stdout.strip()
+    if _run([git, "-C", root, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"]).returncode == 0:
+        raise ClareError(f"branch {branch} exists in {root}; delete it (git -C {root} branch -D {branch}) "
+                         "or start without --worktree")
+    path = os.path.join(os.path.dirname(root), f"{os.path.basename(root)}-{branch.removeprefix('clare/')}")
+    if os.path.exists(path):
+        raise ClareError(f"{path} exists already; move it away or start without --worktree")
+    if dry_run:
+        return path
+    made = _run([git, "-C", root, "worktree", "add", "-b", branch, path])
+    if made.returncode != 0:
+        raise ClareError(f"git worktree add {path} failed: {_first_line(made)}")
+    return os.path.normpath(os.path.join(path, os.path.relpath(os.path.realpath(folder), root)))
 
-    @api("POST", "/api/v1/tasks/{task}/restore", "Bring a removed task back")
-    def restore_task(self, ref: str) -> Task:
-        """Bring a removed task back."""
-        return restore_task(self.db, ref, now_ms=now_ms())
 
-    @api("GET", "/api/v1/undo", "This host's newest changes not undone yet, newest first", query=("limit",),
-         max_int=100, from_wire=lambda got: [_change_from_json(c) for c in got])
-    def list_changes(self, *, limit: int = 10) -> list[Change]:
-        """Return this host's newest changes not undone yet, newest first."""
-        return list_changes(self.db, limit=limit)
+def _outside_unit(argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """Wrap a command that may start the tmux server so that the server leaves this systemd unit's cgroup.
 
-    @api("POST", "/api/v1/undo", "Undo this host's newest change by recording its inverse",
-         body_schema={"type": "object"},
-         from_wire=lambda got: UndoResult(_change_from_json(got), [from_json(Event, e) for e in got["recorded"]],
-                                          got["n_kept"]))
-    def undo_change(self) -> UndoResult:
-        """Undo this host's newest change by recording its inverse."""
-        return undo_change(self.db, now_ms=now_ms())
+    A unit's stop kills its whole cgroup: a tmux server started from `clare serve` would take
+    every Claude session with it. clare.service also sets KillMode=process for hosts without a user bus.
+    """
+    import shutil
 
-    @api("POST", "/api/v1/tasks/{task}/assignment", "Assign a task to a session or a group",
-         body=("session_id", "group_ref=group"))
-    def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
-        """Bind a task to one session or one group, ending any previous binding."""
-        return assign_task(self.db, ref, session_id=session_id, group_ref=group_ref, now_ms=now_ms())
+    if env.get("INVOCATION_ID") and shutil.which("systemd-run"):
+        return ["systemd-run", "--user", "--scope", "--quiet", "--collect", *argv]
+    return argv
 
-    @api("DELETE", "/api/v1/tasks/{task}/assignment", "End a task's assignment")
-    def unassign_task(self, ref: str) -> Task:
-        """End a task's binding."""
-        return unassign_task(self.db, ref, now_ms=now_ms())
 
-    @api("GET", "/api/v1/groups", "List groups")
-    def list_groups(self) -> list[Group]:
-        """Return the groups."""
-        return list_groups(self.db)
+def open_window(session_name: str, cwd: str, argv: list[str], *, env: Mapping[str, str] | None = None
+                ) -> tuple[str, str, str]:
+    """Run argv in a new tmux window of session `session_name` (made when missing); return (socket, pane, target)."""
+    env = os.environ if env is None else env
+    socket = default_tmux_socket(env)
+    os.makedirs(os.path.dirname(socket), mode=0o700, exist_ok=True)
+    fmt = "#{pane_id}\t#{session_name}:#{window_index}.#{pane_index}"
+    # tmux ends a command at an argument ";": no argv word here is one (paths, a uuid, a checked model name).
+    p = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt, "--", *argv)
+    if p.returncode != 0:
+        made = _run(_outside_unit([tmux_binary(), "-S", socket, "new-session", "-d", "-s", session_name,
+                                   "-x", "200", "-y", "50", "-c", cwd, "-P", "-F", fmt, "--", *argv], env))
+        if made.returncode != 0 and "duplicate session" in (made.stderr or ""):  # made meanwhile by another start
+            made = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt,
+                            "--", *argv)
+        if made.returncode != 0:
+            raise ClareError(f"tmux could not open a window in session {session_name}: {_first_line(made)}")
+        p = made
+    pane_id, _, target = p.stdout.strip().partition("\t")
+    return socket, pane_id, target
 
-    @api("POST", "/api/v1/groups", "Create a group", body=("name", "cwd", "host", "tmux_name"), status=201)
-    def create_group(self, name: str, *, cwd: str | None = None, host: str | None = None,
-                     tmux_name: str | None = None) -> Group:
-        """Create a group of sessions by cwd, host or tmux session name."""
-        return create_group(self.db, name, cwd=cwd, host=host, tmux_name=tmux_name, now_ms=now_ms())
 
-    @api("GET", "/api/v1/groups/{group}", "Get a group by name or id prefix")
-    def get_group(self, ref: str) -> Group:
-        """Return the group named `ref` or whose id starts with `ref`."""
-        return get_group(self.db, ref)
+def wait_until_ready(socket: str, pane_id: str, *, timeout_s: float = START_READY_S) -> tuple[str, str]:
+    """Wait until the Claude in a new pane shows its composer; return ("ready", "") or why not.
 
-    @api("DELETE", "/api/v1/groups/{group}", "Remove a group")
-    def remove_group(self, ref: str) -> Group:
-        """Remove a group; its tasks become unassigned."""
-        return remove_group(self.db, ref, now_ms=now_ms())
+    A trust or onboarding screen is never answered: Enter there would decide for the user.
+    """
+    deadline = time.monotonic() + timeout_s
+    screen = ""
+    while True:
+        pane = next((x for x in list_panes(socket) or () if x.pane_id == pane_id), None)
+        if pane is None or pane.is_dead:
+            last = " | ".join(line.strip() for line in screen.strip().splitlines()[-3:] if line.strip())
+            said = f"; its screen said: {last[:300]}" if last else ""
+            return "failed", f"Claude ended at once in pane {pane_id}{said}"
+        screen = capture_pane(socket, pane_id) or ""
+        if any(rule.search(screen) for rule in TRUST_SCREEN):
+            name = pane.target.rpartition(":")[0]
+            return "needs trust", (f"Claude asks whether to trust {pane.cwd} in pane {pane_id} ({pane.target}); Clare "
+                                   f"never answers that: answer it there (tmux attach -t {name}), "
+                                   "then give it the task (clare broadcast session:ID), or trust the folder once by "
+                                   "running claude there")
+        if any(rule.search(screen) for rule in ONBOARDING_SCREEN):
+            return "needs trust", (f"Claude shows its first-run setup in pane {pane_id} ({pane.target}); Clare never "
+                                   "answers it: finish it once by running claude in a terminal on this host")
+        if not shows_permission_dialog(screen) and COMPOSER_SCREEN.search(screen):
+            return "ready", ""
+        if time.monotonic() > deadline:
+            return "failed", f"Claude showed no composer in pane {pane_id} within {timeout_s:.0f} s; look at it there"
+        time.sleep(0.1)
 
-    @api("GET", "/api/v1/groups/{group}/sessions", "Sessions a group's patterns match now",
-         query=("include_gone=all",))
-    def list_group_sessions(self, group_ref: str, *, include_gone: bool = False) -> list[Session]:
-        """Return the sessions a group's patterns match now."""
-        return list_group_sessions(self.db, group_ref, include_gone=include_gone)
 
-    @api("GET", "/api/v1/sessions", "List Claude sessions of every host", query=("host", "include_gone=all"))
-    def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
-        """Return the sessions of every host."""
-        return list_sessions(self.db, host=host, include_gone=include_gone)
+def carry_out_pending(db: Db, *, config: dict[str, Any], now_ms: int) -> list[Order]:
+    """Carry out the orders placed for this host that no one took yet, each once; expire the stale ones."""
+    if not list_orders(db, pending_on=db.machine_id):
+        return []
+    done = []
+    with _delivery_lock(db):  # one typist per host: a pull, a start and a broadcast never type at once
+        for order in list_orders(db, pending_on=db.machine_id):  # again, now that no one else acts
+            done.append(carry_out(db, order, config=config, now_ms=now_ms))
+    return done
 
-    @api("GET", "/api/v1/sessions/{session}", "Get a session by id prefix")
-    def get_session(self, ref: str) -> Session:
-        """Return the session whose id starts with `ref` (gone ones too)."""
-        return get_session(self.db, ref)
 
-    @here
-    def get_pane_session(self, tmux_socket: str | None, pane_id: str) -> Session:
-        """Return the live session of this host in a tmux pane."""
-        return get_pane_session(self.db, tmux_socket, pane_id)
+def carry_out(db: Db, order: Order, *, config: dict[str, Any], now_ms: int) -> Order:
+    """Carry out one order of this host and record its receipt; claimed first, so a crash never repeats it."""
+    if (_iso_to_ms(order.expires_at) or 0) < now_ms:
+        return record_order_result(db, order.id, result="expired", reason=f"not carried out before {order.expires_at}",
+                                   now_ms=now_ms)
+    record_order_result(db, order.id, result="claimed", now_ms=now_ms)
+    started = time.monotonic()
+    try:
+        result, reason, outcome = ORDER_HANDLERS[order.action](db, order, config)
+    except ClareError as err:
+        result, reason, outcome = "refused", str(err), {}
+    return record_order_result(db, order.id, result=result, reason=reason, outcome=outcome,
+                               now_ms=now_ms + int((time.monotonic() - started) * 1000))
 
-    @here
-    def observe_sessions(self, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
-                         keep_ids: Iterable[str] = (), live_panes: Mapping[str, Iterable[str]] | None = None
-                         ) -> list[Event]:
-        """Record what a look at this host's sessions found."""
-        return observe_sessions(self.db, seen, keep_sockets=keep_sockets, keep_ids=keep_ids, live_panes=live_panes,
-                                now_ms=now_ms())
 
-    @here
-    def report_hook(self, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
-                    is_end: bool = False) -> list[Event]:
-        """Record what a Claude Code hook on this host reported."""
-        return report_hook(self.db, session_id, mark, cwd=cwd, tmux_target=tmux_target, is_end=is_end,
-                           now_ms=now_ms())
+def check_launch(db: Db, folder: str, *, config: dict[str, Any], branch: str | None = None) -> list[str]:
+    """Check on this host what a start or resume needs; return Claude's argv. Raise the reason when it cannot.
 
-    @here
-    def get_token(self, config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:
-        """Return this host's API token."""
-        return get_token(config, path=path, env=env)
+    Run by the host before it acts, and before anything is recorded when the host is this one.
+    """
+    if not os.path.isdir(folder):
+        raise ClareError(f"directory {folder} does not exist on host {db.machine_id}; create it, or fix the "
+                         f"project's directory: clare project set PROJECT --dir {db.machine_id}:/PATH")
+    argv = claude_argv(config)
+    if branch is not None:
+        make_worktree(folder, branch, dry_run=True)
+    return argv
 
-    @here
-    def pull_fleet(self, *, config: dict[str, Any], tails: bool = False,
-                   env: Mapping[str, str] | None = None) -> PullResult:
-        """Look at this host's Claude sessions and record what changed."""
-        return pull_fleet(self.db, config=config, now_ms=now_ms(), tails=tails, env=env)
 
-    @api("GET", "/api/v1/panes/ambiguous", "Claude panes whose session cannot be told apart")
-    def list_ambiguous_panes(self) -> list[Pane]:
-        """Return the panes the last pull could not tie to one session."""
-        return list_ambiguous_panes(self.db)
+def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """Start (or resume) Claude for an order in a new tmux window; for a start, type the task in."""
+    folder = order.request["cwd"]
+    task = get_task(db, order.task_id) if order.task_id else None
+    outcome: dict[str, Any] = {}
+    if order.action == "start" and order.request.get("is_worktree"):
+        if task is None:
+            raise ClareError("a worktree is named after a task, and this order has none")
+        outcome["branch"] = worktree_branch(task)
+    argv = check_launch(db, folder, config=config, branch=outcome.get("branch"))
+    if outcome.get("branch"):
+        folder = make_worktree(folder, outcome["branch"])
+    launcher = agent_launcher(db.path)
+    argv += (["--session-id", order.session_id] if order.action == "start" else ["--resume", order.session_id])
+    if order.request.get("model"):
+        argv += ["--model", order.request["model"]]
+    argv += ["--allowedTools", f"Bash({launcher} update:*)"]  # reporting never opens a permission dialog
+    socket, pane_id, target = open_window(order.request["tmux_session"], folder, argv)
+    outcome |= {"tmux_socket": socket, "pane_id": pane_id, "tmux_target": target, "cwd": folder}
+    state, reason = wait_until_ready(socket, pane_id)
+    if state != "ready" or order.action != "start" or task is None:
+        return ("started" if state == "ready" else state), reason, outcome
+    session = Session(order.session_id, db.machine_id, folder, socket, target, pane_id, None, "", "waiting", None,
+                      None, "", task.id, {}, "")
+    result, why = deliver_text(db, session, first_prompt(task, launcher=launcher), confirm_s=BROADCAST_CONFIRM_S)
+    if result != "delivered":
+        return "failed", f"Claude started in pane {pane_id} ({target}) but the task was not typed in: {why}", outcome
+    return "started", "", outcome
 
-    @api("POST", "/api/v1/broadcast", "Type a text into every live session of a target (project, group:NAME, "
-         "session:ID)", body=("target", "text", "is_command"), not_sent=("confirm_s", "on_delivery"), status=201,
-         from_wire=lambda got: BroadcastResult(got["broadcast_id"], got["target"], got["text"],
-                                               [from_json(Delivery, d) for d in got["deliveries"]]))
-    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
-                       confirm_s: float = BROADCAST_CONFIRM_S,
-                       on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
-        """Send a text to every live session of a target (a server waits for confirmations its own way)."""
-        # SECURITY: this types into AI agents that run shell commands; the server's token and
-        # cross-site rules guard every POST, and the fleet refuses non-Claude panes and open dialogs.
-        return send_broadcast(self.db, target, text, now_ms=now_ms(), is_command=is_command, confirm_s=confirm_s,
-                              on_delivery=on_delivery)
 
-    @api("GET", "/api/v1/broadcast/recipients", "The live sessions a broadcast target reaches", query=("target",))
-    def list_broadcast_recipients(self, target: str) -> list[Session]:
-        """Return the live sessions a broadcast target (project, group:NAME or session:ID) names."""
-        return list_broadcast_recipients(self.db, target)
+def _stop(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """End a session: /exit typed while it waits, SIGTERM with --force; its pane goes only if Clare made it."""
+    import signal
 
-    @api("GET", "/api/v1/deliveries", "Per-session results of a broadcast",
-         query=("broadcast_id=broadcast", "pending_on"))
-    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
-        """Return the per-session results of broadcasts."""
-        return list_deliveries(self.db, broadcast_id=broadcast_id, pending_on=pending_on)
+    session = get_session(db, order.session_id)
+    if session.pane_id is None or session.tmux_socket is None:
+        raise ClareError(f"session {session.id[:SHORT_ID]} does not run in a tmux pane here; stop it where it runs")
+    pane = next((p for p in list_panes(session.tmux_socket) or () if p.pane_id == session.pane_id), None)
+    if pane is None:
+        raise ClareError(f"tmux pane {session.pane_id} is gone; the session ended already")
+    procs, children = process_tree()
+    registry = read_registry(claude_home(), procs)
+    pid = find_claude(pane.pid, children, proc_argv, registered=registry)
+    if pid is None:
+        raise ClareError(f"pane {pane.pane_id} does not run Claude now; nothing to stop there")
+    entry = registry.get(pid) or {}
+    if entry.get("sessionId") not in (None, session.id):
+        raise ClareError(f"pane {pane.pane_id} now runs another session ({entry['sessionId'][:SHORT_ID]})")
+    outcome = {"pane_id": pane.pane_id, "tmux_target": pane.target, "pid": pid}
+    if order.request.get("is_force"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        how = "SIGTERM"
+    else:
+        if entry.get("status") == "busy":
+            raise ClareError(f"session {session.id[:SHORT_ID]} is working; stop it once it waits, or now with "
+                             "--force (SIGTERM to Claude)")
+        result, why = deliver_text(db, dataclasses.replace(session, state="waiting"), "/exit", confirm_s=STOP_WAIT_S,
+                                   is_done=lambda: not _is_alive(pid, procs))
+        if result != "delivered":
+            return "failed", f"/exit was not taken: {why}", outcome
+        how = "/exit"
+    deadline = time.monotonic() + STOP_WAIT_S
+    while _is_alive(pid, procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _is_alive(pid, procs):
+        return "failed", f"Claude (pid {pid}) still runs {STOP_WAIT_S:.0f} s after {how}", outcome
+    ours = any(o.action in ("start", "resume") and o.outcome.get("pane_id") == pane.pane_id
+               and o.outcome.get("tmux_socket") == pane.socket for o in list_orders(db, session_id=session.id))
+    if ours:
+        run_tmux(pane.socket, "kill-pane", "-t", pane.pane_id)  # ours: nothing of the user's lives in it
+    return "stopped", f"ended by {how}" + ("; its pane was closed" if ours else "; the pane is left as it was"), outcome
 
-    @api("GET", "/api/v1/updates", "List updates, newest last", query=("task_ids=task", "update_id=id", "limit"),
-         resolve={"task_ids": "get_task"})
-    def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
-                     limit: int = 50) -> list[Update]:
-        """Return the newest updates, newest last."""
-        return list_updates(self.db, task_ids=task_ids, update_id=update_id, limit=limit)
 
-    @api("POST", "/api/v1/updates", "Post a progress note", body=("text", "task_ref=task", "source", "session_id"),
-         status=201, check=_only_message_updates,
-         here={"pane": "a note from inside a pane finds its task on this host; name the task "
-                       "(clare update TASK TEXT) or run without --remote"})
-    def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                    pane: tuple[str | None, str] | None = None, source: str = "message") -> Update:
-        """Add a progress note to a task and/or a session."""
-        return post_update(self.db, text, task_ref=task_ref, session_id=session_id, pane=pane, source=source,
-                           now_ms=now_ms())
+def _is_alive(pid: int, procs: dict[int, tuple[int, int]]) -> bool:
+    """Tell whether a process still runs as the same process (a reused pid has another start time)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    rest = stat[stat.rfind(b")") + 2:].split()
+    return rest[0] != b"Z" and int(rest[19]) == procs.get(pid, (0, int(rest[19])))[1]
 
-    @api("GET", "/api/v1/status", "The roll-up", query=("project_ref=project", "group_ref=group"),
-         schema="Status", to_wire=_status_to_wire, from_wire=_status_from_wire)
-    def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
-        """Return the roll-up: per project its counts and tokens, the live sessions and their tasks."""
-        return get_status(self.db, project_ref=project_ref, group_ref=group_ref)
 
-    @api("GET", "/api/v1/status", "", from_wire=lambda got: got["n_events"], is_routed=False)
-    def count_events(self) -> int:
-        """Return how many events the log holds."""
-        return count_events(self.db)
+ORDER_HANDLERS: dict[str, Callable[[Db, Order, dict[str, Any]], tuple[str, str, dict[str, Any]]]] = {
+    "start": _launch, "resume": _launch, "stop": _stop}
 
-    @api("GET", "/api/v1/events", "", query=("limit",), from_wire=lambda page: [
-         from_json(Event, e) for e in page["events"]], is_routed=False)
-    def list_events(self, *, limit: int = 50) -> list[Event]:
-        """Return the newest events, newest last."""
-        return list_events(self.db, limit=limit)
 
-    @api("GET", "/api/v1/history", "Events naming any of the given entity ids", query=("entity_ids=entity", "limit"))
-    def list_history(self, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
-        """Return the newest events naming any of these entities, oldest first."""
-        return list_history(self.db, entity_ids, limit=limit)
 
-    @api("POST", "/api/v1/import", "Store events given as JSON lines", body=("lines",), schema="ImportResult",
-         body_schema={"type": "object", "required": ["lines"], "properties": {
-             "lines": {"type": "array", "items": {"type": "string"}}}},
-         to_wire=lambda req, r: {"inserted": r[0].inserted, "duplicates": r[0].n_duplicates,
-                                 "conflicts": r[0].conflicts, "rejected": r[1]},
-         from_wire=lambda got: (InsertResult([from_json(Event, e) for e in got["inserted"]], got["duplicates"],
-                                             got["conflicts"]), got["rejected"]))
-    def import_events(self, lines: Iterable[str]) -> tuple[InsertResult, list[str]]:
-        """Store the events of JSON lines not yet here; return what happened and one reason per bad line."""
-        return import_events(self.db, lines, now_ms=now_ms())
-
-    @api("POST", "/api/v1/replay", "Rebuild every projection from the log", body_schema={"type": "object"},
-         schema="ReplayResult", to_wire=lambda req, n: {"events": n}, from_wire=lambda got: got["events"])
-    def replay(self) -> int:
-        """Rebuild every projection from the log; return how many events were applied."""
-        return replay(self.db)
 
 
 # ==========================================================================
@@ -4143,6 +4955,8 @@ PROGRESS_MIN_EVENTS = 2000  # a transfer larger than this shows a progress line
 SYNC_INTERVAL_S = 30.0  # background sync: the pause between two good rounds with a peer
 MAX_BACKOFF_S = 900.0  # ... and the longest pause after failed ones
 PEER_TIMEOUT_S = 20.0  # one HTTP request to a peer
+PEEK_TIMEOUT_S = 3.0  # a peer's live pane or transcript view: a page waits this long at most
+MAX_PEEK_BYTES = 256 * 1024  # ... and takes an answer this large at most
 MAX_RESPONSE_BYTES = 512 * 1024 * 1024  # a peer answer larger than this is refused unread
 HTTP_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
 PEER_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
@@ -4256,6 +5070,9 @@ def sync_accept(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
     if len(body["events"]) > MAX_SYNC_BATCH:
         raise ClareError(f"a sync batch holds {len(body['events'])} events, over the limit of {MAX_SYNC_BATCH}; "
                          "send smaller batches")
+    sender = (body.get("machine_id"), body.get("db_id"))
+    if all(isinstance(v, str) for v in sender):
+        check_peer_identity(db, sender, where="the sending peer")  # type: ignore[arg-type]
     good, rejected = check_events(body["events"])
     with write_txn(db) as cur:
         db_id = get_meta(cur, "db_id")  # in the transaction: the log the batch went into
@@ -4370,8 +5187,7 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
     while True:
         page = _call_timed(peer.pull, report, wall, after=after, limit=SYNC_PAGE_LIMIT)
         identity, head, next_after = _check_page(page, after=after)
-        if identity == (db.machine_id, db.db_id):
-            raise ClareError(f"{peer.url} is this very database; remove it from the peers in clare.toml")
+        check_peer_identity(db, identity, where=peer.url)
         if identity != known:  # first contact, or the peer was restored (new db_id) or replaced
             known, n_restarts = identity, n_restarts + 1
             if n_restarts > 3:
@@ -4410,6 +5226,18 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
         if not page["has_more"]:
             return
         after = next_after
+
+
+def check_peer_identity(db: Db, identity: tuple[str, str], *, where: str) -> None:
+    """Refuse a peer that presents this host's own machine id: this very database, or a copy of it."""
+    machine_id, db_id = identity
+    if machine_id != db.machine_id:
+        return
+    if db_id == db.db_id:
+        raise Conflict(f"{where} is this very database (machine id {machine_id}): remove it from the peers in "
+                       "clare.toml; if it is another host, it is a copy of this one: run there clare init --new-id")
+    raise Conflict(f"{where} presents this host's own machine id {machine_id} with another db id: one of the two "
+                   "databases is a copy of the other; on the copy run: clare init --new-id")
 
 
 def _check_page(page: object, *, after: int) -> tuple[tuple[str, str], int, int]:
@@ -4584,7 +5412,8 @@ class HttpPeer(PeerTransport):
 
 
 def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, token: str | None = None,
-              timeout_s: float = PEER_TIMEOUT_S, hint_401: str = "", say_where: bool = True) -> Any:
+              timeout_s: float = PEER_TIMEOUT_S, hint_401: str = "", say_where: bool = True,
+              max_bytes: int = MAX_RESPONSE_BYTES) -> Any:
     """Send one JSON request to a Clare server, never through a proxy, and return its decoded answer.
 
     Every failure is one ClareError line: unreachable, truncated, too large or not JSON; an error status
@@ -4607,9 +5436,9 @@ def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, to
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=timeout_s) as response:
-            raw = response.read(MAX_RESPONSE_BYTES + 1)
+            raw = response.read(max_bytes + 1)
             length = response.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) != len(raw) and len(raw) <= MAX_RESPONSE_BYTES:
+            if length.isdigit() and int(length) != len(raw) and len(raw) <= max_bytes:
                 raise http.client.IncompleteRead(raw, int(length) - len(raw))  # read(n) returns a cut body as is
     except urllib.error.HTTPError as err:
         said = _error_body_message(err)
@@ -4631,8 +5460,8 @@ def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, to
                              "it may refuse bodies that large (413): run one Clare version on both") from err
         raise ClareError(f"cannot reach {base} ({str(reason)[:200]}); check that 'clare serve' runs there "
                          "and that the address is right") from err
-    if len(raw) > MAX_RESPONSE_BYTES:
-        raise ClareError(f"{base} sent more than {MAX_RESPONSE_BYTES} bytes; is it a Clare?")
+    if len(raw) > max_bytes:
+        raise ClareError(f"{base} sent more than {max_bytes} bytes; is it a Clare?")
     try:
         return json.loads(raw or b"null")  # a 204 has no body
     except (ValueError, RecursionError) as err:  # SECURITY: a server may nest '[' deeper than the stack
@@ -4647,74 +5476,6 @@ def _error_body_message(err: Any) -> str | None:
         return str(json.loads(err.read(64 * 1024))["error"]["message"])[:500]
     except (ValueError, KeyError, TypeError, RecursionError, OSError, http.client.HTTPException):
         return None
-
-
-# --- the remote twin of Services: the same methods, over a Clare server's JSON API ----------------
-
-REMOTE_TIMEOUT_S = 30.0
-
-
-class RemoteServices(Services):
-    """The services of Services, run by a remote Clare: each call follows its service's @api declaration.
-
-    Raises the same error classes as a local call, with the server's message.
-    """
-
-    __slots__ = ("url", "token")
-
-    def __init__(self, url: str, *, token: str | None = None):
-        self.url = url.rstrip("/")
-        self.token = token
-
-    def _run(self, fn: Callable[..., Any], spec: Api | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        import inspect
-        import urllib.parse
-
-        if spec is None:
-            raise UsageError(f"{fn.__name__} works on this host only (its tmux, hooks and files); run the command "
-                             "on that host without --remote (and without CLARE_URL)")
-        signature = inspect.signature(fn)
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        path, query, body = spec.path, [], {}
-        for w in wire_args(fn.__name__):
-            value = bound.arguments[w.arg]
-            if w.where == "here" and value != w.default:
-                raise UsageError(spec.here.get(w.arg) or f"{w.arg} works on this host only; run without --remote")
-            if w.where == "path":
-                ref = value.id if w.kind == "object" else value
-                path = path.replace(f"{{{w.name}}}", urllib.parse.quote(str(ref), safe=""))
-            elif w.where == "query":
-                if w.kind == "list" and value == []:
-                    return []  # no ids: nothing matches, as locally
-                query += _query_pairs(w, value, max_int=spec.max_int)
-            elif w.where == "body" and (w.is_required or value not in (None, (), [])):
-                body[w.name] = list(value) if w.kind == "list" else value
-        path += "?" + urllib.parse.urlencode(query) if query else ""
-        got = http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
-                        token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
-                        hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
-                                 "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
-        if spec.from_wire is not None:
-            return spec.from_wire(got)
-        answer = signature.return_annotation
-        if getattr(answer, "__origin__", None) is list:
-            return [from_json(answer.__args__[0], x) for x in got]
-        return from_json(answer, got)
-
-
-def _query_pairs(w: Wire, value: Any, *, max_int: int) -> list[tuple[str, str]]:
-    if value is None or (w.kind == "bool" and value is False and not w.is_optional):
-        return []
-    if w.kind == "bool":
-        return [(w.name, str(int(value)))]
-    if w.kind == "int":
-        return [(w.name, str(min(value, max_int)))]
-    if w.kind == "list":
-        return [(w.name, x) for x in value]
-    if w.kind == "range":
-        return [(w.name, f"{value[0]}-{value[1]}")]
-    return [(w.name, value)]
 
 
 def load_peers(config: dict[str, Any], *, path: str = "clare.toml") -> list[Peer]:
@@ -4920,6 +5681,8 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
         while not stop.is_set():
             try:
                 report = sync_round(db, peer, config)
+                if report.n_pulled and list_orders(db, pending_on=db.machine_id):
+                    carry_out_soon(db_path, config)  # an order for this host came in: now, not at the next pull
                 if n_failures:
                     log(f"sync with {peer.name}: reachable again")
                 n_failures = 0
@@ -4932,6 +5695,116 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
             stop.wait(backoff_s(n_failures, interval_s=interval_s))
     finally:
         db.close()
+
+
+def push_order(db: Db, order: Order, *, config: dict[str, Any]) -> list[str]:
+    """Sync now with the configured peers that are the order's host; return the names reached.
+
+    None reached is fine: the order waits in the log for the host's next sync, until it expires.
+    """
+    known = {s.url: s.machine_id for s in list_peer_status(db)}
+    reached = []
+    for peer in load_peers(config):
+        if known.get(peer.url) == order.host:
+            with contextlib.suppress(ClareError):  # unreachable now: the periodic sync is the fallback
+                sync_round(db, peer, config)
+                reached.append(peer.name)
+    return reached
+
+
+def _send_order(db: Db, order: Order, *, config: dict[str, Any], now_ms: int) -> Order:
+    if order.host == db.machine_id:
+        pull_fleet(db, config=config, now_ms=now_ms)  # carries it out, then sees the session
+    else:
+        push_order(db, order, config=config)
+    return list_orders(db, order_id=order.id)[0]
+
+
+def start_session(db: Db, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
+                  model: str | None = None, config: dict[str, Any], now_ms: int) -> Order:
+    """Start a Claude session for a task: on this host at once, on another through the log, pushed there now."""
+    if host is None or resolve_host(db, host) == db.machine_id:  # checked here first: a refusal leaves no trace
+        task = get_task(db, task_ref)
+        folder = get_project(db, task.project_id).dirs.get(db.machine_id)
+        if folder is not None:
+            check_launch(db, folder, config=config, branch=worktree_branch(task) if is_worktree else None)
+    order = place_start(db, task_ref, host=host, is_worktree=is_worktree, model=model, now_ms=now_ms)
+    return _send_order(db, order, config=config, now_ms=now_ms)
+
+
+def resume_session(db: Db, session_ref: str, *, config: dict[str, Any], now_ms: int) -> Order:
+    """Resume a gone session (claude --resume) on its host, in its directory; its task stays bound."""
+    session = get_session(db, session_ref)
+    if session.host == db.machine_id and session.state == "gone" and session.cwd:
+        check_launch(db, session.cwd, config=config)  # here first: a refusal leaves no trace
+    return _send_order(db, place_resume(db, session_ref, now_ms=now_ms), config=config, now_ms=now_ms)
+
+
+def stop_session(db: Db, session_ref: str, *, is_force: bool = False, config: dict[str, Any], now_ms: int) -> Order:
+    """Stop a session on its host: /exit while it waits; --force sends SIGTERM even while it works."""
+    return _send_order(db, place_stop(db, session_ref, is_force=is_force, now_ms=now_ms), config=config,
+                       now_ms=now_ms)
+
+
+def peer_of_host(db: Db, peers: Iterable[Peer], host: str) -> Peer | None:
+    """Return the configured peer whose last sync answered as machine `host`, or None (not a direct peer)."""
+    ids = {s.url: s.machine_id for s in list_peer_status(db)}
+    return next((p for p in peers if ids.get(p.url) == host), None)
+
+
+def view_pane(db: Db, session: Session, *, peers: Iterable[Peer], settings: dict[str, Any],
+              lines: int = PANE_LINES, now_ms: int) -> PaneView:
+    """Return a session's live pane from whichever host runs it: here by tmux, elsewhere from that peer.
+
+    Wire: GET PEER/api/v1/sessions/ID/pane?lines=N with the peer's bearer token, within
+    PEEK_TIMEOUT_S, an answer of at most MAX_PEEK_BYTES; at most one request per session per
+    PANE_MIN_INTERVAL_S from this host, however many pages watch. Never a key is sent.
+    """
+    if session.host == db.machine_id:
+        return read_pane(db, session, lines=lines, now_ms=now_ms)
+    lines = max(1, min(int(lines), MAX_PANE_LINES))
+    key, now = (db.path, session.id, -lines), time.monotonic()
+    hit = _PANE_CACHE.get(key)
+    if hit is not None and now - hit[0] < PANE_MIN_INTERVAL_S:
+        return hit[1]
+    try:
+        got = _peek(db, session, peers=peers, settings=settings, path=f"pane?lines={lines}")
+        # SECURITY: a peer's text is untrusted like any pane: cleaned again here, cut to size, escaped when shown.
+        if not isinstance(got, dict) or not isinstance(got.get("text"), str):
+            raise ClareError(f"{session.host} sent a pane view this Clare cannot read; run one Clare version")
+        error = got.get("error") if isinstance(got.get("error"), str) else None
+        view = PaneView(session.id, session.host, clean_screen(got["text"], lines=lines), lines, iso_ms(now_ms),
+                        error[:300] if error else None)
+    except ClareError as err:
+        view = PaneView(session.id, session.host, "", lines, iso_ms(now_ms), str(err)[:300])
+    _PANE_CACHE[key] = (now, view)
+    return view
+
+
+def view_turns(db: Db, session: Session, *, peers: Iterable[Peer], settings: dict[str, Any],
+               claude_dir: str) -> list[dict[str, Any]]:
+    """Return the last entries of a session's transcript from whichever host runs it (see parse_turns)."""
+    if session.host == db.machine_id:
+        return read_turns(db, session, claude_dir=claude_dir)
+    got = _peek(db, session, peers=peers, settings=settings, path="transcript")
+    turns = got.get("turns") if isinstance(got, dict) else None
+    if not isinstance(turns, list):
+        raise ClareError(f"{session.host} sent a transcript view this Clare cannot read; run one Clare version")
+    # SECURITY: from the network: only the known fields, as short text.
+    return [{"role": t["role"], "text": PANE_CONTROL_RE.sub("", t["text"])[:TURN_CHARS], "tools": [],
+             "at": str(t.get("at", ""))[:40]}
+            for t in turns[-MAX_TURNS:] if isinstance(t, dict) and t.get("role") in ("user", "assistant", "tool")
+            and isinstance(t.get("text"), str)]
+
+
+def _peek(db: Db, session: Session, *, peers: Iterable[Peer], settings: dict[str, Any], path: str) -> Any:
+    peer = peer_of_host(db, peers, session.host)
+    if peer is None:
+        raise ClareError(f"{session.host} is not a direct peer of this host; open the dashboard of "
+                         f"{session.host} (or of a host that syncs with it) to see this session live")
+    return http_json(peer.url, f"/api/v1/sessions/{session.id}/{path}", token=peer_token(peer, settings),
+                     timeout_s=PEEK_TIMEOUT_S, max_bytes=MAX_PEEK_BYTES, say_where=False,
+                     hint_401="set the peer's token: token_env in clare.toml, or CLARE_TOKEN")
 
 
 def skew_message(name: str, offset_ms: int) -> str:
@@ -4960,6 +5833,535 @@ def _offset(ms: int | None) -> str:
         return ""
     text = ("+" if ms >= 0 else "-") + _duration(abs(ms))
     return text + " SKEWED" if abs(ms) > MAX_OFFSET_MS else text
+
+
+# --- the services, each declared once ---------------------------------------------------------
+# A method of Services is a service's one declaration: its signature (what the CLI and pages call),
+# its HTTP form (@api: route, where each argument travels, the answer), or @here for what works on
+# this host only. The remote client (RemoteServices, section 7), the JSON handlers and the OpenAPI
+# document (section 8) are derived from it; nothing about a service is written out again elsewhere.
+
+_S = TypeVar("_S", bound="Services")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    """How one service travels over HTTP. Arguments are named as in the signature; "arg=wire" renames one."""
+
+    method: str
+    path: str  # "/api/v1/tasks/{task}": each {wire} takes the next leading positional argument
+    summary: str  # the OpenAPI summary
+    query: tuple[str, ...] = ()
+    body: tuple[str, ...] = ()
+    status: int = 200
+    resolve: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> getter: the server turns a ref into
+    # that object (or its id, for a *_id or *_ids argument)
+    here: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> why it cannot be sent (refused remotely)
+    not_sent: tuple[str, ...] = ()  # arguments a remote call leaves out (the server uses its own defaults)
+    server: dict[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)  # arg -> what the server
+    # passes instead, from the request (its own settings); a remote call leaves it out
+    max_int: int = MAX_EVENTS_PAGE  # integer query arguments are within 1..max_int
+    schema: str | None = None  # the OpenAPI answer, a component's name; None: from the return type
+    body_schema: dict[str, Any] | None = None  # the OpenAPI request body; None: from the body arguments
+    check: Callable[[dict[str, Any]], None] | None = None  # the server's extra check of a body
+    to_wire: Callable[[Any, Any], Any] | None = None  # (request, result) -> the JSON answer; None: the result
+    from_wire: Callable[[Any], Any] | None = None  # the JSON answer -> the result; None: from the return type
+    is_routed: bool = True  # False: the remote client asks a route that answers more (count_events)
+
+
+SERVICE_APIS: dict[str, tuple[Callable[..., Any], Api | None]] = {}  # service -> (function, HTTP form or None)
+
+
+def api(method: str, path: str, summary: str, **form: Any
+        ) -> Callable[[Callable[Concatenate[_S, _P], _R]], Callable[Concatenate[_S, _P], _R]]:
+    """Declare a Services method as a service offered over HTTP (see Api for the form)."""
+    return _declare(Api(method, path, summary, **form))
+
+
+def here(fn: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+    """Declare a Services method as a service of this host only: its tmux, its hooks, its files."""
+    return _declare(None)(fn)
+
+
+def _declare(spec: Api | None) -> Callable[[Callable[Concatenate[_S, _P], _R]], Callable[Concatenate[_S, _P], _R]]:
+    def register(fn: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+        SERVICE_APIS[fn.__name__] = (fn, spec)
+
+        @functools.wraps(fn)
+        def call(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            return self._run(fn, spec, args, kwargs)
+        return call
+    return register
+
+
+def from_json(cls: type, obj: dict[str, Any]) -> Any:
+    """Rebuild a dataclass from its JSON object (a JSON list back into a tuple field); added fields are ignored."""
+    import typing
+
+    return cls(**{f.name: tuple(obj[f.name]) if typing.get_origin(f.type) is tuple else obj[f.name]
+                  for f in dataclasses.fields(cls) if f.name in obj})
+
+
+def _change_from_json(obj: dict[str, Any]) -> Change:
+    return Change([from_json(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
+
+
+def _status_to_wire(req: Any, report: StatusReport) -> dict[str, Any]:
+    return {**report.to_json(), "n_events": req.svc.count_events(), "machine_id": req.db.machine_id}
+
+
+def _status_from_wire(got: dict[str, Any]) -> StatusReport:
+    return StatusReport([ProjectStatus(from_json(Project, p), p["tokens"], p["n_sessions"]) for p in got["projects"]],
+                        [from_json(Session, x) for x in got["sessions"]],
+                        {t["id"]: from_json(Task, t) for t in got["tasks"]})
+
+
+def _server_config(req: Any) -> dict[str, Any]:
+    return load_config(req.config.config_path)  # the server's own clare.toml, read at each request
+
+
+def _only_message_updates(body: dict[str, Any]) -> None:
+    # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
+    # client that could post them would put words in a session's or a hook's mouth.
+    if body.get("source", "message") != "message":
+        raise UsageError(f"update source {body['source']!r} is not allowed here; only 'message' may be posted "
+                         "(pane tails, triage and hook notes are written by 'clare pull')")
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """Where one argument of a declared service goes: its place, its name there and its kind of value."""
+
+    arg: str
+    where: str  # "path", "query", "body", "here" (refused remotely unless at its default), "server" or "not_sent"
+    name: str  # in the path, query or body
+    kind: str  # "text", "int", "bool", "list", "range" (a (lo, hi) pair as "lo-hi") or "object" (a record)
+    is_optional: bool  # None is a value of it
+    is_required: bool  # it has no default
+    default: Any
+    resolver: str | None  # a getter the server turns the ref into the record (or its id) with
+
+
+_WIRES: dict[str, tuple[Wire, ...]] = {}
+
+
+def wire_args(name: str) -> tuple[Wire, ...]:
+    """Return where each argument of a declared service goes: path, query and body in their declared order."""
+    if name not in _WIRES:
+        import inspect
+        import types
+        import typing
+
+        fn, spec = SERVICE_APIS[name]
+        params = list(inspect.signature(fn).parameters.values())[1:]  # after self
+        spec = spec or Api("", "", "")
+        placed = dict(zip(re.findall(r"\{(\w+)\}", spec.path), (p.name for p in params), strict=False))
+        where = {arg: ("path", wire) for wire, arg in placed.items()}
+        for place, specs in (("query", spec.query), ("body", spec.body)):
+            for text in specs:
+                arg, _, wire = text.partition("=")
+                where[arg] = (place, wire or arg)
+        where.update({arg: ("here", arg) for arg in spec.here})
+        where.update({arg: ("not_sent", arg) for arg in spec.not_sent})
+        where.update({arg: ("server", arg) for arg in spec.server})
+        wires = []
+        for p in params:
+            if p.name not in where and SERVICE_APIS[name][1] is not None:
+                raise TypeError(f"{name}: argument {p.name} is not placed in the path, query or body of its @api")
+            ann = p.annotation
+            is_optional = isinstance(ann, types.UnionType) and type(None) in typing.get_args(ann)
+            base = next((a for a in typing.get_args(ann) if a is not type(None)), ann) if is_optional else ann
+            origin = typing.get_origin(base) or base
+            kind = {bool: "bool", int: "int", str: "text", list: "list", tuple: "range"}.get(origin) or \
+                ("list" if origin in (Iterable, Sequence) else "object")
+            place, wire = where.get(p.name, ("here", p.name))
+            wires.append(Wire(p.name, place, wire, kind, is_optional, p.default is p.empty, p.default,
+                              spec.resolve.get(p.name)))
+        order = {"path": 0, "query": 1, "body": 2}
+        _WIRES[name] = tuple(sorted(wires, key=lambda w: order.get(w.where, 3)))  # stable: declared order kept
+    return _WIRES[name]
+
+
+class Services:
+    """The services and queries bound to one database and the wall clock: what the CLI and pages call.
+
+    RemoteServices offers the same methods over HTTP, so a caller never knows which it has.
+    """
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Db):
+        self.db = db
+
+    def _run(self, fn: Callable[..., _R], spec: Api | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _R:
+        return fn(self, *args, **kwargs)
+
+    @api("GET", "/api/v1/projects", "List projects with task counts", query=("status",))
+    def list_projects(self, *, status: str | None = None) -> list[Project]:
+        """Return the projects, with task counts."""
+        return list_projects(self.db, status=status)
+
+    @api("POST", "/api/v1/projects", "Create a project", body=("name", "goal", "owner", "dirs"), status=201)
+    def create_project(self, name: str, *, goal: str = "", owner: str = "", dirs: Sequence[str] = ()) -> Project:
+        """Create a project (dirs: "/path" here, "HOST:/path" on another host)."""
+        return create_project(self.db, name, goal=goal, owner=owner, dirs=dirs, now_ms=now_ms())
+
+    @api("GET", "/api/v1/projects/{project}", "Get a project by name or id prefix")
+    def get_project(self, ref: str) -> Project:
+        """Return the project named `ref` or whose id starts with `ref`."""
+        return get_project(self.db, ref)
+
+    @api("PATCH", "/api/v1/projects/{project}", 'Change a project (dirs: "/path", "HOST:/path", "HOST:" removes)',
+         body=("name", "goal", "owner", "status", "dirs"))
+    def edit_project(self, ref: str, *, name: str | None = None, goal: str | None = None,
+                     owner: str | None = None, status: str | None = None, dirs: Sequence[str] = ()) -> Project:
+        """Change some fields of a project, and its directory per host."""
+        return edit_project(self.db, ref, name=name, goal=goal, owner=owner, status=status, dirs=dirs,
+                            now_ms=now_ms())
+
+    @api("GET", "/api/v1/projects/{project}/history", "Events about a project and its tasks", query=("limit",),
+         resolve={"project": "get_project"})
+    def project_history(self, project: Project, *, limit: int = 200) -> list[Event]:
+        """Return the events about a project and its tasks, oldest first."""
+        return project_history(self.db, project, limit=limit)
+
+    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1)",
+         query=("project_id=project", "status", "session_id=session", "group_id=group", "is_open=open",
+                "active_projects=active", "is_assigned=assigned", "tag", "priorities=priority", "search",
+                "include_removed=removed"), resolve={"project_id": "get_project", "group_id": "get_group"})
+    def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
+                   session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
+                   active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
+                   priorities: tuple[int, int] | None = None, search: str | None = None,
+                   include_removed: bool = False) -> list[Task]:
+        """Return tasks, most urgent first."""
+        return list_tasks(self.db, project_id=project_id, status=status, session_id=session_id, group_id=group_id,
+                          is_open=is_open, active_projects=active_projects, is_assigned=is_assigned, tag=tag,
+                          priorities=priorities, search=search, include_removed=include_removed)
+
+    @api("POST", "/api/v1/tasks", "Add a task", body=("project_ref=project", "title", "priority", "description",
+                                                      "tags"), status=201)
+    def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
+                    description: str = "", tags: Iterable[str] = ()) -> Task:
+        """Add a task to a project."""
+        return create_task(self.db, project_ref, title, priority=priority, description=description, tags=tags,
+                           now_ms=now_ms())
+
+    @api("GET", "/api/v1/tasks/{task}", "Get a task by id prefix (removed ones too)")
+    def get_task(self, ref: str) -> Task:
+        """Return the task whose id starts with `ref`."""
+        return get_task(self.db, ref)
+
+    @api("PATCH", "/api/v1/tasks/{task}", "Change a task; tags adds tags, untags removes them",
+         body=("title", "description", "priority", "status", "tags", "untags"))
+    def edit_task(self, ref: str, *, title: str | None = None, description: str | None = None,
+                  priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
+                  untags: Iterable[str] = ()) -> Task:
+        """Change some fields and tags of a task."""
+        return edit_task(self.db, ref, title=title, description=description, priority=priority, status=status,
+                         tags=tags, untags=untags, now_ms=now_ms())
+
+    @api("DELETE", "/api/v1/tasks/{task}", "Remove a task: it leaves every list, keeps its history, can be restored")
+    def remove_task(self, ref: str) -> Task:
+        """Remove a task (it can be restored)."""
+        return remove_task(self.db, ref, now_ms=now_ms())
+
+    @api("POST", "/api/v1/tasks/{task}/restore", "Bring a removed task back")
+    def restore_task(self, ref: str) -> Task:
+        """Bring a removed task back."""
+        return restore_task(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/undo", "This host's newest changes not undone yet, newest first", query=("limit",),
+         max_int=100, from_wire=lambda got: [_change_from_json(c) for c in got])
+    def list_changes(self, *, limit: int = 10) -> list[Change]:
+        """Return this host's newest changes not undone yet, newest first."""
+        return list_changes(self.db, limit=limit)
+
+    @api("POST", "/api/v1/undo", "Undo this host's newest change by recording its inverse",
+         body_schema={"type": "object"},
+         from_wire=lambda got: UndoResult(_change_from_json(got), [from_json(Event, e) for e in got["recorded"]],
+                                          got["n_kept"]))
+    def undo_change(self) -> UndoResult:
+        """Undo this host's newest change by recording its inverse."""
+        return undo_change(self.db, now_ms=now_ms())
+
+    @api("POST", "/api/v1/tasks/{task}/assignment", "Assign a task to a session or a group",
+         body=("session_id", "group_ref=group"))
+    def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
+        """Bind a task to one session or one group, ending any previous binding."""
+        return assign_task(self.db, ref, session_id=session_id, group_ref=group_ref, now_ms=now_ms())
+
+    @api("DELETE", "/api/v1/tasks/{task}/assignment", "End a task's assignment")
+    def unassign_task(self, ref: str) -> Task:
+        """End a task's binding."""
+        return unassign_task(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups", "List groups")
+    def list_groups(self) -> list[Group]:
+        """Return the groups."""
+        return list_groups(self.db)
+
+    @api("POST", "/api/v1/groups", "Create a group", body=("name", "cwd", "host", "tmux_name"), status=201)
+    def create_group(self, name: str, *, cwd: str | None = None, host: str | None = None,
+                     tmux_name: str | None = None) -> Group:
+        """Create a group of sessions by cwd, host or tmux session name."""
+        return create_group(self.db, name, cwd=cwd, host=host, tmux_name=tmux_name, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups/{group}", "Get a group by name or id prefix")
+    def get_group(self, ref: str) -> Group:
+        """Return the group named `ref` or whose id starts with `ref`."""
+        return get_group(self.db, ref)
+
+    @api("DELETE", "/api/v1/groups/{group}", "Remove a group")
+    def remove_group(self, ref: str) -> Group:
+        """Remove a group; its tasks become unassigned."""
+        return remove_group(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups/{group}/sessions", "Sessions a group's patterns match now",
+         query=("include_gone=all",))
+    def list_group_sessions(self, group_ref: str, *, include_gone: bool = False) -> list[Session]:
+        """Return the sessions a group's patterns match now."""
+        return list_group_sessions(self.db, group_ref, include_gone=include_gone)
+
+    @api("GET", "/api/v1/sessions", "List Claude sessions of every host", query=("host", "include_gone=all"))
+    def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
+        """Return the sessions of every host."""
+        return list_sessions(self.db, host=host, include_gone=include_gone)
+
+    @api("GET", "/api/v1/sessions/{session}", "", is_routed=False)  # the route answers get_session_detail
+    def get_session(self, ref: str) -> Session:
+        """Return the session whose id starts with `ref` (gone ones too)."""
+        return get_session(self.db, ref)
+
+    @api("GET", "/api/v1/sessions/{session}", "Get a session by id prefix, with its task, history and attach command",
+         query=("limit",), server={"hosts": lambda req: (req.config.settings or {}).get("hosts") or {}},
+         from_wire=lambda got: SessionDetail(
+             from_json(Session, got), from_json(Task, got["task"]) if got.get("task") else None,
+             [from_json(Event, e) for e in got.get("history", [])], got.get("attach")))
+    def get_session_detail(self, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
+        """Return a session with its task, its newest history and the command that attaches to its pane."""
+        return get_session_detail(self.db, ref, hosts=hosts, limit=limit)
+
+    @api("POST", "/api/v1/tasks/{task}/sessions", "Start a Claude session for a task on a host (in a new worktree)",
+         body=("host", "is_worktree", "model"), status=201, server={"config": _server_config})
+    def start_session(self, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
+                      model: str | None = None, config: dict[str, Any]) -> Order:
+        """Start a Claude session for a task, here or on another host (a server uses its own clare.toml)."""
+        # SECURITY: this runs a program and types into an AI agent: the token and cross-site rules guard it.
+        return start_session(self.db, task_ref, host=host, is_worktree=is_worktree, model=model, config=config,
+                             now_ms=now_ms())
+
+    @api("POST", "/api/v1/sessions/{session}/resume", "Resume a gone session on its host", status=201,
+         body_schema={"type": "object", "required": [], "properties": {}, "additionalProperties": False},
+         server={"config": _server_config})
+    def resume_session(self, session_ref: str, *, config: dict[str, Any]) -> Order:
+        """Resume a gone session (claude --resume) on its host, in its directory."""
+        return resume_session(self.db, session_ref, config=config, now_ms=now_ms())
+
+    @api("POST", "/api/v1/sessions/{session}/stop", "Stop a session: /exit while it waits, SIGTERM with is_force",
+         body=("is_force",), status=201, server={"config": _server_config})
+    def stop_session(self, session_ref: str, *, is_force: bool = False, config: dict[str, Any]) -> Order:
+        """Stop a session on its host: /exit while it waits; is_force sends SIGTERM even while it works."""
+        return stop_session(self.db, session_ref, is_force=is_force, config=config, now_ms=now_ms())
+
+    @api("GET", "/api/v1/orders", "Session orders (start, resume, stop) and their results",
+         query=("order_id=id", "session_id=session", "pending_on"))
+    def list_orders(self, *, order_id: str | None = None, session_id: str | None = None,
+                    pending_on: str | None = None) -> list[Order]:
+        """Return the session orders and their results."""
+        return list_orders(self.db, order_id=order_id, session_id=session_id, pending_on=pending_on)
+
+    @api("GET", "/api/v1/needs", "Sessions waiting on a person: permission first, then the longest waiting")
+    def list_needs(self) -> list[Session]:
+        """Return the sessions that wait on a person: permission dialogs first, then the longest waiting."""
+        return list_needs(self.db)
+
+    @here
+    def get_pane_session(self, tmux_socket: str | None, pane_id: str) -> Session:
+        """Return the live session of this host in a tmux pane."""
+        return get_pane_session(self.db, tmux_socket, pane_id)
+
+    @here
+    def observe_sessions(self, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
+                         keep_ids: Iterable[str] = (), live_panes: Mapping[str, Iterable[str]] | None = None
+                         ) -> list[Event]:
+        """Record what a look at this host's sessions found."""
+        return observe_sessions(self.db, seen, keep_sockets=keep_sockets, keep_ids=keep_ids, live_panes=live_panes,
+                                now_ms=now_ms())
+
+    @here
+    def report_hook(self, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
+                    is_end: bool = False, asked: dict[str, str] | None = None) -> list[Event]:
+        """Record what a Claude Code hook on this host reported (and what a dialog asks)."""
+        return report_hook(self.db, session_id, mark, cwd=cwd, tmux_target=tmux_target, is_end=is_end, asked=asked,
+                           now_ms=now_ms())
+
+    @here
+    def get_token(self, config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:
+        """Return this host's API token."""
+        return get_token(config, path=path, env=env)
+
+    @here
+    def pull_fleet(self, *, config: dict[str, Any], tails: bool = False,
+                   env: Mapping[str, str] | None = None) -> PullResult:
+        """Look at this host's Claude sessions and record what changed."""
+        return pull_fleet(self.db, config=config, now_ms=now_ms(), tails=tails, env=env)
+
+    @api("GET", "/api/v1/panes/ambiguous", "Claude panes whose session cannot be told apart")
+    def list_ambiguous_panes(self) -> list[Pane]:
+        """Return the panes the last pull could not tie to one session."""
+        return list_ambiguous_panes(self.db)
+
+    @api("POST", "/api/v1/broadcast", "Type a text into every live session of a target (project, group:NAME, "
+         "session:ID)", body=("target", "text", "is_command"), not_sent=("confirm_s", "on_delivery"), status=201,
+         from_wire=lambda got: BroadcastResult(got["broadcast_id"], got["target"], got["text"],
+                                               [from_json(Delivery, d) for d in got["deliveries"]]))
+    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
+                       confirm_s: float = BROADCAST_CONFIRM_S,
+                       on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
+        """Send a text to every live session of a target (a server waits for confirmations its own way)."""
+        # SECURITY: this types into AI agents that run shell commands; the server's token and
+        # cross-site rules guard every POST, and the fleet refuses non-Claude panes and open dialogs.
+        return send_broadcast(self.db, target, text, now_ms=now_ms(), is_command=is_command, confirm_s=confirm_s,
+                              on_delivery=on_delivery)
+
+    @api("GET", "/api/v1/broadcast/recipients", "The live sessions a broadcast target reaches", query=("target",))
+    def list_broadcast_recipients(self, target: str) -> list[Session]:
+        """Return the live sessions a broadcast target (project, group:NAME or session:ID) names."""
+        return list_broadcast_recipients(self.db, target)
+
+    @api("GET", "/api/v1/deliveries", "Per-session results of a broadcast",
+         query=("broadcast_id=broadcast", "pending_on"))
+    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
+        """Return the per-session results of broadcasts."""
+        return list_deliveries(self.db, broadcast_id=broadcast_id, pending_on=pending_on)
+
+    @api("GET", "/api/v1/updates", "List updates, newest last", query=("task_ids=task", "update_id=id", "limit"),
+         resolve={"task_ids": "get_task"})
+    def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
+                     limit: int = 50) -> list[Update]:
+        """Return the newest updates, newest last."""
+        return list_updates(self.db, task_ids=task_ids, update_id=update_id, limit=limit)
+
+    @api("POST", "/api/v1/updates", "Post a progress note (is_done: the task is done too)",
+         body=("text", "task_ref=task", "source", "session_id", "is_done"), status=201, check=_only_message_updates,
+         here={"pane": "a note from inside a pane finds its task on this host; name the task "
+                       "(clare update TASK TEXT) or run without --remote"})
+    def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
+                    pane: tuple[str | None, str] | None = None, source: str = "message",
+                    is_done: bool = False) -> Update:
+        """Add a progress note to a task and/or a session (is_done: the task is done too)."""
+        return post_update(self.db, text, task_ref=task_ref, session_id=session_id, pane=pane, source=source,
+                           is_done=is_done, now_ms=now_ms())
+
+    @api("GET", "/api/v1/status", "The roll-up", query=("project_ref=project", "group_ref=group"),
+         schema="Status", to_wire=_status_to_wire, from_wire=_status_from_wire)
+    def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
+        """Return the roll-up: per project its counts and tokens, the live sessions and their tasks."""
+        return get_status(self.db, project_ref=project_ref, group_ref=group_ref)
+
+    @api("GET", "/api/v1/status", "", from_wire=lambda got: got["n_events"], is_routed=False)
+    def count_events(self) -> int:
+        """Return how many events the log holds."""
+        return count_events(self.db)
+
+    @api("GET", "/api/v1/events", "", query=("limit",), from_wire=lambda page: [
+         from_json(Event, e) for e in page["events"]], is_routed=False)
+    def list_events(self, *, limit: int = 50) -> list[Event]:
+        """Return the newest events, newest last."""
+        return list_events(self.db, limit=limit)
+
+    @api("GET", "/api/v1/history", "Events naming any of the given entity ids", query=("entity_ids=entity", "limit"))
+    def list_history(self, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
+        """Return the newest events naming any of these entities, oldest first."""
+        return list_history(self.db, entity_ids, limit=limit)
+
+    @api("POST", "/api/v1/import", "Store events given as JSON lines", body=("lines",), schema="ImportResult",
+         body_schema={"type": "object", "required": ["lines"], "properties": {
+             "lines": {"type": "array", "items": {"type": "string"}}}},
+         to_wire=lambda req, r: {"inserted": r[0].inserted, "duplicates": r[0].n_duplicates,
+                                 "conflicts": r[0].conflicts, "rejected": r[1]},
+         from_wire=lambda got: (InsertResult([from_json(Event, e) for e in got["inserted"]], got["duplicates"],
+                                             got["conflicts"]), got["rejected"]))
+    def import_events(self, lines: Iterable[str]) -> tuple[InsertResult, list[str]]:
+        """Store the events of JSON lines not yet here; return what happened and one reason per bad line."""
+        return import_events(self.db, lines, now_ms=now_ms())
+
+    @api("POST", "/api/v1/replay", "Rebuild every projection from the log", body_schema={"type": "object"},
+         schema="ReplayResult", to_wire=lambda req, n: {"events": n}, from_wire=lambda got: got["events"])
+    def replay(self) -> int:
+        """Rebuild every projection from the log; return how many events were applied."""
+        return replay(self.db)
+
+
+# --- the remote twin of Services: the same methods, over a Clare server's JSON API ----------------
+
+REMOTE_TIMEOUT_S = 30.0
+
+
+class RemoteServices(Services):
+    """The services of Services, run by a remote Clare: each call follows its service's @api declaration.
+
+    Raises the same error classes as a local call, with the server's message.
+    """
+
+    __slots__ = ("url", "token")
+
+    def __init__(self, url: str, *, token: str | None = None):
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def _run(self, fn: Callable[..., Any], spec: Api | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        import inspect
+        import urllib.parse
+
+        if spec is None:
+            raise UsageError(f"{fn.__name__} works on this host only (its tmux, hooks and files); run the command "
+                             "on that host without --remote (and without CLARE_URL)")
+        signature = inspect.signature(fn)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        path, query, body = spec.path, [], {}
+        for w in wire_args(fn.__name__):
+            value = bound.arguments[w.arg]
+            if w.where == "here" and value != w.default:
+                raise UsageError(spec.here.get(w.arg) or f"{w.arg} works on this host only; run without --remote")
+            if w.where == "path":
+                ref = value.id if w.kind == "object" else value
+                path = path.replace(f"{{{w.name}}}", urllib.parse.quote(str(ref), safe=""))
+            elif w.where == "query":
+                if w.kind == "list" and value == []:
+                    return []  # no ids: nothing matches, as locally
+                query += _query_pairs(w, value, max_int=spec.max_int)
+            elif w.where == "body" and (w.is_required or value not in (None, (), [])):
+                body[w.name] = list(value) if w.kind == "list" else value
+        path += "?" + urllib.parse.urlencode(query) if query else ""
+        got = http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
+                        token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
+                        hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
+                                 "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
+        if spec.from_wire is not None:
+            return spec.from_wire(got)
+        answer = signature.return_annotation
+        if getattr(answer, "__origin__", None) is list:
+            return [from_json(answer.__args__[0], x) for x in got]
+        return from_json(answer, got)
+
+
+def _query_pairs(w: Wire, value: Any, *, max_int: int) -> list[tuple[str, str]]:
+    if value is None or (w.kind == "bool" and value is False and not w.is_optional):
+        return []
+    if w.kind == "bool":
+        return [(w.name, str(int(value)))]
+    if w.kind == "int":
+        return [(w.name, str(min(value, max_int)))]
+    if w.kind == "list":
+        return [(w.name, x) for x in value]
+    if w.kind == "range":
+        return [(w.name, f"{value[0]}-{value[1]}")]
+    return [(w.name, value)]
 
 
 # ==========================================================================
@@ -4992,6 +6394,7 @@ ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both (and its test's hash)
+PANE_POLL_S = 2  # how often an open session page refreshes its live pane
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
@@ -5025,6 +6428,8 @@ class WebConfig:
     deadline_s: float = REQUEST_DEADLINE_S
     max_threads: int = MAX_HANDLER_THREADS
     peers: tuple[Peer, ...] = ()  # clare.toml's peers as read at start: a later typo there never breaks a poll
+    config_path: str = ""  # clare.toml, read again where a service needs settings (starting a session)
+    settings: Any = None  # clare.toml as read at start: peer tokens, [hosts.NAME] ssh
 
     @property
     def login_cookie(self) -> str:
@@ -5078,7 +6483,8 @@ def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: st
     finally:
         db.close()
     return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests,
-                     peers=tuple(load_peers(config, path=paths.config)))
+                     peers=tuple(load_peers(config, path=paths.config)), config_path=paths.config,
+                     settings=config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -5241,6 +6647,16 @@ def check_origin(headers: dict[str, str]) -> None:
     if parts.scheme not in ("http", "https") or parts.netloc != own:
         raise HttpError(403, f"origin {origin[:80]!r} is not this server ({own}); "
                              "state changes must come from Clare's own pages or an API client")
+
+
+def check_same_origin(headers: dict[str, str]) -> None:
+    """Refuse a read of a pane or a transcript that a browser made for another site, even a same-site one."""
+    # SECURITY: a page on another port of this host is "same-site"; only our own pages (same-origin)
+    # and clients that are not browsers (no Sec-Fetch-Site, no Origin) may read what a session shows.
+    site = headers.get("sec-fetch-site", "").lower()
+    if site and site not in ("same-origin", "none"):
+        raise HttpError(403, f"a {site} request may not read a session's pane or transcript; open Clare's own page")
+    check_origin(headers)
 
 
 def check_auth(config: WebConfig, headers: dict[str, str]) -> None:
@@ -5674,11 +7090,164 @@ def redirect(url: str) -> Response:
     return Response(303, b"", "text/plain", (("Location", url),))
 
 
+# The page's own script, served from memory at /static/clare.js (CSP: script-src 'self', nothing inline).
+CLARE_JS = r"""// Clare's page script: keys, the tab title's count, opt-in browser notifications, copy buttons.
+// Everything here is a convenience: with JavaScript off every page reads and every form posts.
+(function () {
+  "use strict";
+  var baseTitle = document.title.replace(/^\(\d+\) /, "");
+  var seen = null;  // the needs-you keys known already: only new ones notify
+  var currentRow = null;  // the data-row (a URL) that j/k stand on, kept across polls
+
+  function byId(id) { return document.getElementById(id); }
+
+  function readNeeds() {
+    var el = byId("nav-needs");
+    if (!el) return;
+    var n = parseInt(el.getAttribute("data-count") || "0", 10);
+    document.title = (n > 0 ? "(" + n + ") " : "") + baseTitle;
+    var items = [];
+    try { items = JSON.parse(el.getAttribute("data-needs") || "[]"); } catch (err) { items = []; }
+    var keys = items.map(function (x) { return x.key; });
+    if (seen !== null && notifyOn()) {
+      items.forEach(function (x) {
+        if (seen.indexOf(x.key) >= 0) return;
+        var note = new Notification(x.title, {body: x.body, tag: x.key});
+        note.onclick = function () { window.focus(); location.href = x.url; };
+      });
+    }
+    seen = keys;
+  }
+
+  function notifyOn() {
+    return window.isSecureContext && "Notification" in window && Notification.permission === "granted" &&
+      localStorage.getItem("clare-notify") === "on";
+  }
+
+  function setupOptIn() {
+    var b = byId("notify-optin");
+    if (!b || !window.isSecureContext || !("Notification" in window)) return;
+    b.hidden = false;
+    b.textContent = notifyOn() ? "Browser notifications: on" : "Notify me in this browser";
+    b.addEventListener("click", function () {
+      if (notifyOn()) { localStorage.removeItem("clare-notify"); setupLabel(b); return; }
+      Notification.requestPermission().then(function (answer) {
+        if (answer === "granted") localStorage.setItem("clare-notify", "on");
+        setupLabel(b);
+      });
+    });
+  }
+
+  function setupLabel(b) {
+    b.textContent = notifyOn() ? "Browser notifications: on" : "Notify me in this browser";
+  }
+
+  function rows() {
+    return Array.prototype.slice.call(document.querySelectorAll("[data-row]")).filter(function (r) {
+      return !r.hidden && r.offsetParent !== null;
+    });
+  }
+
+  function mark() {
+    rows().forEach(function (r) { r.classList.toggle("is-current", r.getAttribute("data-row") === currentRow); });
+  }
+
+  function move(step) {
+    var rs = rows();
+    if (!rs.length) return;
+    var i = rs.map(function (r) { return r.getAttribute("data-row"); }).indexOf(currentRow);
+    i = i < 0 ? (step > 0 ? 0 : rs.length - 1) : Math.max(0, Math.min(rs.length - 1, i + step));
+    currentRow = rs[i].getAttribute("data-row");
+    mark();
+    rs[i].scrollIntoView({block: "nearest"});
+  }
+
+  function filter() {
+    var f = byId("filter");
+    if (!f) return;
+    var q = f.value.trim().toLowerCase();
+    document.querySelectorAll("[data-row]").forEach(function (r) {
+      r.hidden = q !== "" && r.textContent.toLowerCase().indexOf(q) < 0;
+    });
+  }
+
+  document.addEventListener("keydown", function (e) {
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    var t = e.target;
+    if (t && (t.isContentEditable || /^(input|textarea|select)$/i.test(t.tagName))) {
+      if (e.key === "Escape") t.blur();
+      return;
+    }
+    if (e.key === "j") move(1);
+    else if (e.key === "k") move(-1);
+    else if (e.key === "o" || (e.key === "Enter" && currentRow)) {
+      if (!currentRow) return;
+      location.href = currentRow;
+    } else if (e.key === "/") {
+      var f = byId("filter");
+      if (!f) return;
+      f.focus();
+      f.select();
+    } else if (e.key === "?") {
+      var k = byId("keys");
+      if (!k) return;
+      k.open = !k.open;
+      if (k.open) k.scrollIntoView({block: "nearest"});
+    } else return;
+    e.preventDefault();
+  });
+
+  document.addEventListener("input", function (e) { if (e.target && e.target.id === "filter") filter(); });
+
+  document.addEventListener("click", function (e) {
+    var b = e.target.closest ? e.target.closest("[data-copy]") : null;
+    if (b) {
+      var src = byId(b.getAttribute("data-copy"));
+      if (!src) return;
+      var selectIt = function () {
+        var range = document.createRange();
+        range.selectNodeContents(src);
+        var sel = window.getSelection();
+        sel.removeAllRanges();
+        sel.addRange(range);
+        b.textContent = "Selected: press Ctrl+C";
+      };
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(src.textContent).then(function () { b.textContent = "Copied"; }, selectIt);
+      } else selectIt();
+      return;
+    }
+    var flash = e.target.closest ? e.target.closest("#flash .flash") : null;
+    if (flash) flash.remove();
+  });
+
+  document.addEventListener("htmx:afterSettle", function () {
+    readNeeds();
+    filter();
+    mark();
+    var ok = document.querySelector("#flash .flash.ok");
+    if (ok) setTimeout(function () { if (ok.isConnected) ok.remove(); }, 5000);
+  });
+
+  readNeeds();
+  setupOptIn();
+})();
+"""
+
+
+def static_version(name: str) -> str:
+    """Return a short hash of a file served from memory: its URL changes whenever its text does."""
+    import hashlib
+
+    return hashlib.sha256(STATIC_MEMORY[name]).hexdigest()[:12]
+
+
 # htmx swaps 4xx bodies too, so a refused form shows its one-line reason in #flash.
 HTMX_CONFIG = {"includeIndicatorStyles": False, "defaultSwapStyle": "outerHTML", "historyCacheSize": 0,
                "responseHandling": [{"code": "204", "swap": False}, {"code": "[23]..", "swap": True},
                                     {"code": "[45]..", "swap": True, "error": False}]}
-NAV = (("/", "Dashboard"), ("/projects", "Projects"), ("/sessions", "Sessions"), ("/broadcast", "Broadcast"))
+NAV = (("/", "Dashboard"), ("/needs", "Needs you"), ("/projects", "Projects"), ("/sessions", "Sessions"),
+       ("/broadcast", "Broadcast"))
 
 # The dashboard's one stylesheet, served from memory as /static/clare.css (no inline CSS: the
 # Content-Security-Policy has no 'unsafe-inline'). Its URL carries its hash, so it is cached for good.
@@ -5763,6 +7332,28 @@ dl.facts dt{color:var(--muted);font-size:.85rem}dl.facts dd{margin:0;overflow-wr
 .flash.ok{background:color-mix(in srgb,var(--green) 12%,var(--card));border:1px solid var(--green)}
 .htmx-request{opacity:.65;transition:opacity .2s}
 footer{color:var(--muted);font-size:.78rem;text-align:center;padding:1rem}
+#flash{position:fixed;left:0;right:0;bottom:.8rem;z-index:5;padding:0 .8rem}#flash .flash{margin:0 auto;cursor:pointer;
+box-shadow:0 4px 18px rgba(0,0,0,.18)}
+.count{display:inline-block;min-width:1.2rem;margin-left:.3rem;padding:0 .35rem;border-radius:999px;font-size:.74rem;
+text-align:center;background:var(--red);color:#fff}.count:empty{display:none}
+pre.pane{margin:0;padding:.6rem .7rem;background:#0e1115;color:#d8dee6;border-radius:8px;font:12px/1.35 ui-monospace,
+SFMono-Regular,Menlo,Consolas,monospace;white-space:pre;overflow:auto;max-height:70vh}
+pre.tail{white-space:pre-wrap;overflow-wrap:anywhere;font:12px/1.35 ui-monospace,Menlo,Consolas,monospace;
+margin:.2rem 0}
+.cmd{display:flex;flex-wrap:wrap;gap:.5rem;align-items:center}.cmd code{flex:1 1 16rem;overflow-wrap:anywhere;
+padding:.4rem .55rem;background:var(--soft);border-radius:7px;font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}
+[data-row].is-current{outline:2px solid var(--accent);outline-offset:-2px;border-radius:6px}
+ul.feed li[data-row]{padding-left:.4rem;padding-right:.4rem}
+.asked{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace;overflow-wrap:anywhere}.actions{display:flex;gap:.6rem;
+flex-wrap:wrap;margin-top:.2rem}.turn{display:grid;grid-template-columns:4.5rem 1fr;gap:.5rem}
+kbd{font:12px ui-monospace,Menlo,monospace;border:1px solid var(--line);border-radius:4px;padding:0 .3rem}
+details#keys{display:inline-block;margin-left:.6rem}
+details#keys[open]{display:block;max-width:20rem;margin:.6rem auto 0;
+text-align:left}button.small{font-size:.78rem;padding:.15rem .5rem}
+@media (max-width:40rem){table.cards thead{display:none}table.cards tr{display:block;padding:.45rem 0;
+border-bottom:1px solid var(--line)}table.cards tr:last-child{border-bottom:0}table.cards td{display:block;border:0;
+padding:.1rem .2rem}table.cards td.hide-sm{display:none}table.cards td.title{min-width:0}.scroll{overflow-x:visible}
+pre.pane{font-size:10.5px}}
 @media (max-width:40rem){body{font-size:16px}main{padding:.8rem .7rem 1.5rem}header.top{padding:.55rem .75rem}
 .host{display:none}.hide-sm{display:none}.stats{grid-template-columns:repeat(3,1fr);gap:.5rem}
 .stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}
@@ -5770,6 +7361,7 @@ nav a{padding:.25rem .4rem;font-size:.93rem}
 .card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 body.bare{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
 """
+STATIC_MEMORY = {"clare.js": CLARE_JS.encode(), "clare.css": STYLESHEET.encode()}  # files served from memory, by name
 
 PAGE = string.Template("""<!doctype html>
 <html lang="en">
@@ -5779,9 +7371,10 @@ PAGE = string.Template("""<!doctype html>
 <meta name="color-scheme" content="light dark">
 <meta name="htmx-config" content="$htmx_config">
 <link rel="icon" href="data:,">
-<title>$title · Clare</title>
+<title>$count$title · Clare</title>
 <link rel="stylesheet" href="/static/clare.css?v=$css_version">
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
+<script src="/static/clare.js?v=$js_version" defer></script>
 </head>
 <body hx-headers="$hx_headers">
 <header class="top"><a class="brand" href="/"><b>◆</b> Clare</a><nav>$nav</nav><span class="host">$host</span></header>
@@ -5789,11 +7382,18 @@ PAGE = string.Template("""<!doctype html>
 <div id="flash" role="status" aria-live="polite"></div>
 $main
 </main>
-<footer>clare $version · parts of this page refresh every $poll_s s</footer>
+<footer>clare $version · parts of this page refresh every $poll_s s · <button type="button" class="ghost small"
+id="notify-optin" hidden>Notify me in this browser</button>
+<details id="keys"><summary>Keys</summary><dl class="facts keys">
+<dt><kbd>j</kbd> <kbd>k</kbd></dt><dd>next, previous row</dd>
+<dt><kbd>o</kbd></dt><dd>open the row</dd><dt><kbd>/</kbd></dt><dd>filter the list</dd>
+<dt><kbd>?</kbd></dt><dd>show these keys</dd></dl></details></footer>
 </body>
 </html>
 """)
-NAV_LINK = string.Template('<a href="$href"$current>$label</a>')
+NAV_LINK = string.Template('<a href="$href"$current>$label$count</a>')
+NAV_NEEDS = string.Template(
+    '<span id="nav-needs" class="count" $poll data-count="$n" data-needs="$needs">$label</span>')
 FLASH = string.Template('<div id="flash" role="status" aria-live="polite"$oob>$message</div>')
 FLASH_MESSAGE = string.Template('<p class="flash $kind">$text</p>')
 
@@ -5801,25 +7401,26 @@ FLASH_MESSAGE = string.Template('<p class="flash $kind">$text</p>')
 def page(req: Request, title: str, main: Html, *, status: int = 200) -> Response:
     """Return a full page: the shared head, styles, navigation and htmx setup around `main`."""
     current = "/" + req.path.split("/")[1] if req.path != "/" else "/"
-    nav = join(render(NAV_LINK, href=href, label=label,
+    needs = list_needs(req.db)
+    nav = join(render(NAV_LINK, href=href, label=label, count=nav_needs(needs) if href == "/needs" else Html(""),
                       current=Html(' aria-current="page"') if href == current else Html(""))
                for href, label in NAV)
     return html_response(render(
         PAGE, title=title, main=main, nav=nav, host=req.db.machine_id, version=__version__, poll_s=POLL_S,
-        htmx_version=HTMX_VERSION, css_version=stylesheet_version(), htmx_config=json.dumps(HTMX_CONFIG),
+        htmx_version=HTMX_VERSION, css_version=static_version("clare.css"), htmx_config=json.dumps(HTMX_CONFIG),
+        js_version=static_version("clare.js"),
+        count=f"({len(needs)}) " if needs else "",
         hx_headers=json.dumps({"X-CSRF-Token": req.config.csrf_token})), status=status)
 
 
-def stylesheet_version() -> str:
-    """Return the hash of STYLESHEET that its URL carries (computed once)."""
-    if not _STYLESHEET_VERSION:
-        import hashlib
-
-        _STYLESHEET_VERSION.append(hashlib.sha256(STYLESHEET.encode()).hexdigest()[:16])
-    return _STYLESHEET_VERSION[0]
-
-
-_STYLESHEET_VERSION: list[str] = []
+def nav_needs(needs: list[Session]) -> Html:
+    """Render the needs-you count of the navigation, polled; it carries the list the page script notifies from."""
+    items = [{"key": f"{s.id}:{s.state}:{s.state_at}", "url": f"/sessions/{s.id}",
+              "title": f"{SESSION_LABELS.get(s.state, s.state)}: {short_text(s.label or s.id[:SHORT_ID], 60)}",
+              "body": short_text(f"{s.asked['tool']}: {s.asked['input']}" if s.asked else f"{s.host} · {s.cwd}", 120)}
+             for s in needs]
+    return render(NAV_NEEDS, poll=poll_attrs("/frag/nav-needs"), n=len(needs), label=len(needs) or "",
+                  needs=json.dumps(items, ensure_ascii=False))
 
 
 def flash(text: str, *, kind: str = "error", oob: bool = False) -> Html:
@@ -5833,7 +7434,7 @@ def error_page(status: int, message: str) -> Html:
 
     A 401 page carries the login form: a link back to the dashboard would only answer 401 again.
     """
-    return render(PAGE_ERROR, status=status, message=message, css_version=stylesheet_version(),
+    return render(PAGE_ERROR, status=status, message=message, css_version=static_version("clare.css"),
                   after=Html(LOGIN_FORM) if status == 401 else Html('<p><a href="/">Back to the dashboard</a></p>'))
 
 
@@ -5972,16 +7573,28 @@ $task_form
 <dl class="facts"><dt>Status</dt><dd><form class="tight" $status_attrs>$csrf
 <select name="status" class="status" aria-label="project status">$status_options</select>
 <noscript><button class="ghost">Set</button></noscript></form></dd>
-<dt>Owner</dt><dd>$owner</dd><dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
+<dt>Owner</dt><dd>$owner</dd><dt>Code</dt><dd>$dirs</dd>
+<dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
 </div>
 <div class="grid">
 <section class="card"><h2>Recent updates</h2>$updates</section>
 <section class="card"><h2>History</h2>$history</section>
 </div>""")
+PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> '
+                              '<span class="muted small">on $host</span></div>')
+START_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
+<button class="ghost" type="submit" title="start a Claude session for this task">Start session</button></form>""")
+START_CARD = string.Template("""<section class="card" id="start-session"><h2>Start a Claude session</h2>
+<form class="row" $attrs>$csrf<input type="hidden" name="view" value="task">
+<label>Host<select name="host">$hosts</select></label>
+<label>Model<input name="model" placeholder="default" autocomplete="off" maxlength="100"></label>
+<label><input type="checkbox" name="worktree" value="1"> in a new git worktree</label>
+<button type="submit"$disabled>Start session</button></form>
+<p class="small muted">$note</p></section>""")
 PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
-TASKS_TABLE = string.Template("""<div class="scroll"><table>
+TASKS_TABLE = string.Template("""<div class="scroll"><table class="cards">
 <thead><tr><th>Pri</th><th>Task</th><th>Status</th><th>Assigned</th><th class="hide-sm">Id</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
 TASK_ROW = string.Template("""<tr><td><span class="badge c-$pri_color">P$priority</span></td>
@@ -6008,17 +7621,18 @@ MAIN_TASK = string.Template("""<p class="muted small"><a href="/projects">Projec
 $task_card
 <section class="card"><h2>Assign</h2>
 <form class="row" $assign_attrs>$csrf<input type="hidden" name="view" value="task">
-<label>Session id<input name="session_id" placeholder="7c1e9b" autocomplete="off" list="session-ids"></label>
+$session_picker
 <label>or group<select name="group"><option value="">—</option>$group_options</select></label>
-<button type="submit">Assign</button></form>
-$session_list</section>
+<button type="submit">Assign</button></form></section>
+$start_card
 </div>
 <div class="grid">
 <section class="card"><h2>Updates</h2>
 $update_form
 $updates</section>
-<section class="card"><h2>History</h2>$history</section>
+$history
 </div>""")
+FRAG_HISTORY = string.Template("""<section class="card" id="frag-history" $poll$oob><h2>History</h2>$feed</section>""")
 FRAG_TASK = string.Template("""<section class="card" id="frag-task" $poll>
 <h2>Task</h2>
 $removed<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
@@ -6033,10 +7647,12 @@ UPDATE_FORM = string.Template("""<form class="row" id="update-form" $attrs$oob>$
 <button type="submit">Post update</button></form>""")
 FRAG_UPDATES = string.Template("""<div id="frag-updates" $poll>$items</div>""")
 ASSIGNEE = string.Template('<span class="mono">$kind $id</span>')
+SESSION_ASSIGNEE = string.Template('<a class="mono" href="/sessions/$full_id">session $id</a>')
 REMOVED_NOTE = string.Template("""<p class="removed">$badge This task was removed $when; it shows in no list.
 Bring it back with <code>clare task restore $short_id</code>
 (or <code>clare undo</code> on the host that removed it).</p>""")
 DESCRIPTION = string.Template('<pre class="text">$text</pre>')
+TAIL = string.Template('<pre class="tail">$text</pre>')  # a pane tail: its lines are the point
 
 
 def badge(label: str, color: str) -> Html:
@@ -6064,10 +7680,21 @@ def feed(events: list[Event], *, empty: str) -> Html:
                where=ev.machine_id) for ev in reversed(events)))
 
 
+def order_text(o: Order) -> str:
+    """Return one line saying what came of an order, and the fix when it did not work."""
+    what = f"{o.action} session {o.session_id[:SHORT_ID]} on {o.host}"
+    where = " in " + o.outcome["tmux_target"] if o.outcome.get("tmux_target") else ""
+    branch = f" (branch {o.outcome['branch']})" if o.outcome.get("branch") else ""
+    if o.result == "pending":
+        return (f"{what}: pending until {o.host} takes it (pushed at once when it is a reachable peer, else at its "
+                f"next sync; expires {when_text(o.expires_at)}); follow it with: clare session orders")
+    return f"{what}{where}{branch}: {o.result}" + (f": {o.reason}" if o.reason else "")
+
+
 def assignee_text(task: Task) -> Html:
     """Return who a task is bound to, for a table cell."""
     if task.session_id:
-        return render(ASSIGNEE, kind="session", id=task.session_id[:SHORT_ID])
+        return render(SESSION_ASSIGNEE, full_id=task.session_id, id=task.session_id[:SHORT_ID])
     if task.group_id:
         return render(ASSIGNEE, kind="group", id=task.group_id[:SHORT_ID])
     return Html('<span class="muted">—</span>')
@@ -6155,7 +7782,9 @@ def tasks_fragment(req: Request, project: Project) -> Html:
         table_html = render(TASKS_TABLE, rows=join(render(
             TASK_ROW, id=t.id, short_id=t.id[:SHORT_ID], title=t.title, priority=t.priority,
             pri_color="red" if t.priority == 0 else "orange" if t.priority == 1 else "gray",
-            status_form=status_form(req, t, view="tasks"), assignee=assignee_text(t), tags=tag_badges(t))
+            status_form=status_form(req, t, view="tasks"), tags=tag_badges(t),
+            assignee=join([assignee_text(t), start_button(req, t, view="tasks")
+                           if project.dirs and t.status != "done" and not t.session_id else Html("")]))
             for t in tasks))
     return render(FRAG_PROJECT_TASKS, poll=poll_attrs(f"/frag/projects/{project.id}/tasks"), table=table_html)
 
@@ -6163,6 +7792,24 @@ def tasks_fragment(req: Request, project: Project) -> Html:
 def tag_badges(task: Task) -> Html:
     """Return a task's tags as small badges, each after a space."""
     return join(Html(f" {badge(f'#{tag}', 'gray')}") for tag in task.tags)
+def start_button(req: Request, task: Task, *, view: str) -> Html:
+    """Render the button that starts a session for a task where its project's code lives."""
+    return render(START_BUTTON, csrf=csrf_field(req), view=view,
+                  attrs=form_attrs(f"/tasks/{task.id}/sessions",
+                                   target="#frag-task" if view == "task" else "#frag-tasks"))
+
+
+def start_card(req: Request, task: Task) -> Html:
+    """Render the form that starts a session for a task: host, model, worktree."""
+    project = req.svc.get_project(task.project_id)
+    here = req.db.machine_id
+    hosts = sorted(project.dirs, key=lambda h: (h != here, h))
+    note = (f"Claude runs in a new window of tmux session {tmux_session_name(project.name)} on that host, and gets "
+            "the task as its first prompt." if hosts else
+            f"Say where the code lives first: clare project set {project.name} --dir /PATH")
+    return render(START_CARD, csrf=csrf_field(req), attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#frag-task"),
+                  hosts=options(((h, f"{h} · {project.dirs[h]}") for h in hosts), here),
+                  disabled=Html("" if hosts and task.status != "done" else " disabled"), note=note)
 
 
 def status_form(req: Request, task: Task, *, view: str) -> Html:
@@ -6191,6 +7838,7 @@ def page_project(req: Request) -> Response:
         head=project_head(p), csrf=csrf_field(req),
         status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
+        dirs=join(render(PROJECT_DIR, path=d, host=h) for h, d in p.dirs.items()) if p.dirs else Html("—"),
         tasks=tasks_fragment(req, p), task_form=task_form(req, p),
         updates=updates_list(updates, empty="No updates on these tasks yet."),
         history=feed(svc.project_history(p, limit=30), empty="No history.")))
@@ -6207,8 +7855,8 @@ def updates_list(updates: list[Update], *, empty: str) -> Html:
     if not updates:
         return render(EMPTY, text=empty)
     return render(FEED, items=join(
-        render(FEED_ITEM, text=u.text, at=u.created_at, when=when_text(u.created_at),
-               where=f"{u.source} · {u.machine_id}") for u in reversed(updates)))
+        render(FEED_ITEM, text=render(TAIL, text=u.text) if u.source == "pane-tail" else u.text, at=u.created_at,
+               when=when_text(u.created_at), where=f"{u.source} · {u.machine_id}") for u in reversed(updates)))
 
 
 def frag_project_tasks(req: Request) -> Response:
@@ -6279,8 +7927,22 @@ def page_task(req: Request) -> Response:
         priority=t.priority, task_card=task_fragment(req, t), csrf=csrf_field(req),
         assign_attrs=form_attrs(f"/tasks/{t.id}/assignment", target="#frag-task"),
         group_options=options(((g.name, g.name) for g in svc.list_groups()), None),
-        session_list=session_datalist(req), update_form=update_form(req, t), updates=updates_fragment(req, t),
-        history=feed(svc.list_history([t.id], limit=50), empty="No history.")))
+        session_picker=session_picker(req, t.session_id), start_card=start_card(req, t),
+        update_form=update_form(req, t),
+        updates=updates_fragment(req, t),
+        history=history_fragment(req, [t.id], url=f"/frag/tasks/{t.id}/history")))
+
+
+def history_fragment(req: Request, entity_ids: list[str], *, url: str, oob: bool = False) -> Html:
+    """Render the history card of a task or a session, polled in place (oob: beside another answer)."""
+    return render(FRAG_HISTORY, poll=poll_attrs(url), oob=Html(' hx-swap-oob="true"') if oob else Html(""),
+                  feed=feed(req.svc.list_history(entity_ids, limit=50), empty="No history."))
+
+
+def frag_task_history(req: Request) -> Response:
+    """Answer the history poll of a task."""
+    t = req.svc.get_task(req.params["task"])
+    return html_response(history_fragment(req, [t.id], url=f"/frag/tasks/{t.id}/history"))
 
 
 def frag_task(req: Request) -> Response:
@@ -6293,15 +7955,16 @@ def frag_task_updates(req: Request) -> Response:
     return html_response(updates_fragment(req, req.svc.get_task(req.params["task"])))
 
 
-def _after_task_change(req: Request, task: Task, message: str) -> Response:
+def _after_task_change(req: Request, task: Task, message: str, *, kind: str = "ok") -> Response:
     view = req.form().get("view")
     if not req.is_htmx:
         return redirect(f"/tasks/{task.id}" if view == "task" else f"/projects/{task.project_id}")
     if view == "task":
-        body = task_fragment(req, task)
+        body = join([task_fragment(req, task),
+                     history_fragment(req, [task.id], url=f"/frag/tasks/{task.id}/history", oob=True)])
     else:
         body = tasks_fragment(req, req.svc.get_project(task.project_id))
-    return html_response(join([body, flash(message, kind="ok", oob=True)]))
+    return html_response(join([body, flash(message, kind=kind, oob=True)]))
 
 
 def frag_set_task_status(req: Request) -> Response:
@@ -6318,6 +7981,17 @@ def frag_assign_task(req: Request) -> Response:
     return _after_task_change(req, t, f"{t.title}: assigned.")
 
 
+def frag_start_session(req: Request) -> Response:
+    """Start a session for a task from its button or form; the flash says what came of it."""
+    # SECURITY: this runs Claude and types into it: a POST under the token and the CSRF check.
+    f = req.form()
+    order = req.svc.start_session(req.params["task"], host=f.get("host") or None, is_worktree=f.get("worktree") == "1",
+                                  model=f.get("model", "").strip() or None, config=load_config(req.config.config_path))
+    ok = order.result in ("started", "pending")
+    return _after_task_change(req, req.svc.get_task(order.task_id or req.params["task"]), order_text(order),
+                              kind="ok" if ok else "error")
+
+
 def frag_unassign_task(req: Request) -> Response:
     """End a task's assignment."""
     t = req.svc.unassign_task(req.params["task"])
@@ -6332,30 +8006,42 @@ def frag_post_update(req: Request) -> Response:
     if not req.is_htmx:
         return redirect(f"/tasks/{t.id}")
     return html_response(join([updates_fragment(req, t), update_form(req, t, oob=True),
+                               history_fragment(req, [t.id], url=f"/frag/tasks/{t.id}/history", oob=True),
                                flash("Update posted.", kind="ok", oob=True)]))
 
 
 SESSION_COLORS = {"working": "blue", "waiting": "amber", "permission": "red", "idle": "gray", "gone": "gray"}
 SESSION_LABELS = {"working": "working", "waiting": "waiting for you", "permission": "needs permission",
                   "idle": "idle", "gone": "gone"}
-NEEDS_PERSON = ("permission", "waiting")
 
 FRAG_ATTENTION = string.Template("""<section class="card attention" id="frag-attention" $poll>
 <h2>Needs you</h2>$body</section>""")
 ATTENTION_LIST = string.Template('<ul class="feed" hx-disable>$items</ul>')
-ATTENTION_ITEM = string.Template("""<li><div class="line">$state <b>$label</b> <span class="muted small">$since</span>
-</div>
-<div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>
-$task</li>""")
-TASK_LINK = string.Template('<div class="small">task <a href="/tasks/$id">$title</a></div>')
+ATTENTION_ITEM = string.Template("""<li data-row="/sessions/$id"><div class="line">$state
+<a href="/sessions/$id"><b>$label</b></a>
+<span class="muted small">$since</span></div>$asked
+<div class="small">$project$task</div>
+<div class="muted small"><span class="mono">$short_id</span> · $host · <span class="mono">$where</span> · $cwd</div>
+<div class="actions small"><a href="/sessions/$id">Open</a><a href="/sessions/$id#attach">Attach</a></div></li>""")
+ASKED = string.Template('<div class="asked">$tool: $input</div>')
+TASK_LINK = string.Template('task <a href="/tasks/$id">$title</a>')
+PROJECT_LINK = string.Template('<a href="/projects/$id">$name</a> · ')
+FILTER_FORM = string.Template("""<form class="row" method="get" action="/needs" role="search">
+<label class="wide">Filter (press /)<input id="filter" name="q" value="$q" placeholder="project, task, host, folder"
+autocomplete="off"></label><noscript><button class="ghost">Filter</button></noscript></form>""")
+MAIN_NEEDS = string.Template("""<h1>Needs you</h1>
+<p class="sub">Permission dialogs first, then the sessions that have waited longest. <kbd>j</kbd>/<kbd>k</kbd> move,
+<kbd>o</kbd> opens, <kbd>/</kbd> filters, <kbd>?</kbd> lists the keys.</p>
+$filter
+$attention""")
 FRAG_FLEET = string.Template("""<section class="card" id="frag-fleet" $poll>
 <h2>Sessions</h2>$table</section>""")
-FLEET_TABLE = string.Template("""<div class="scroll"><table>
+FLEET_TABLE = string.Template("""<div class="scroll"><table class="cards">
 <thead><tr><th>State</th><th>Session</th><th>Where</th><th>Task</th><th>Active</th><th class="hide-sm">Tokens</th>
 </tr></thead>
 <tbody hx-disable>$rows</tbody></table></div>""")
-FLEET_ROW = string.Template("""<tr><td>$state</td>
-<td class="title"><b>$label</b><div class="mono muted small">$id</div></td>
+FLEET_ROW = string.Template("""<tr data-row="/sessions/$full_id"><td>$state</td>
+<td class="title"><a href="/sessions/$full_id"><b>$label</b></a><div class="mono muted small">$id</div></td>
 <td><span class="mono small">$host · $where</span><div class="muted small">$cwd</div></td>
 <td class="title">$task</td><td class="muted small">$active</td><td class="hide-sm mono small">$tokens</td></tr>""")
 TASK_CELL = string.Template('<a href="/tasks/$id">$title</a>')
@@ -6371,7 +8057,7 @@ AMBIGUOUS = string.Template("""<section class="card"><h2>Panes Clare cannot tell
 AMBIGUOUS_ITEM = string.Template(
     '<li><span class="mono">$target</span> in <span class="mono">$cwd</span>: Claude runs here, but its session '
     'cannot be told apart from another in this folder</li>')
-DATALIST = string.Template('<datalist id="session-ids">$options</datalist>')
+SESSION_PICKER = string.Template("""<label class="wide">Session<select name="session_id">$options</select></label>""")
 
 
 def session_badge(session: Session) -> Html:
@@ -6379,21 +8065,43 @@ def session_badge(session: Session) -> Html:
     return badge(SESSION_LABELS.get(session.state, session.state), SESSION_COLORS.get(session.state, "gray"))
 
 
-def attention_fragment(req: Request) -> Html:
-    """Render the sessions that wait for a person, longest-waiting first."""
+def asked_text(session: Session) -> Html:
+    """Render what a session's permission dialog asks (tool and command), or nothing."""
+    if session.state != "permission" or not session.asked:
+        return Html("")
+    return render(ASKED, tool=session.asked["tool"], input=short_text(session.asked["input"], 300))
+
+
+def attention_fragment(req: Request, *, query: str = "") -> Html:
+    """Render the sessions that wait for a person, for triage: permission dialogs first, then the longest waiting."""
     now = now_ms()
-    report = req.svc.get_status()
-    sessions = sorted((s for s in report.sessions if s.state in NEEDS_PERSON),
-                      key=lambda s: (s.state_at or s.last_activity_at or "", s.id))
-    tasks = report.tasks
-    # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
+    svc = req.svc
+    sessions = svc.list_needs()
+    tasks = {t.id: t for t in svc.list_tasks()} if sessions else {}
+    if query:
+        q = query.lower()
+        sessions = [s for s in sessions if q in " ".join((
+            s.label, s.cwd, s.host, s.tmux_target or "", tasks[s.task_id].title if s.task_id in tasks else "",
+            tasks[s.task_id].project if s.task_id in tasks else "")).lower()]
+    # SECURITY: labels, cwds and what a dialog asks come from transcripts, hooks and panes: escaped, in hx-disable.
     body = render(ATTENTION_LIST, items=join(render(
         ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
-        since=ago_text(s.state_at or s.last_activity_at, now), id=s.id[:SHORT_ID], host=s.host,
-        where=s.tmux_target or "-", cwd=s.cwd,
-        task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks else Html(""))
+        since=ago_text(s.state_at or s.last_activity_at, now), id=s.id, short_id=s.id[:SHORT_ID], host=s.host,
+        where=s.tmux_target or "-", cwd=s.cwd, asked=asked_text(s),
+        project=render(PROJECT_LINK, id=tasks[s.task_id].project_id, name=tasks[s.task_id].project)
+        if s.task_id in tasks else Html(""),
+        task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
+        else Html('<span class="muted">no task</span>'))
         for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
-    return render(FRAG_ATTENTION, poll=poll_attrs("/frag/attention"), body=body)
+    url = "/frag/attention" + (f"?q={quote_query(query)}" if query else "")
+    return render(FRAG_ATTENTION, poll=poll_attrs(url), body=body)
+
+
+def quote_query(text: str) -> str:
+    """Return text quoted for a URL's query string."""
+    from urllib.parse import quote
+
+    return quote(text, safe="")
 
 
 def fleet_fragment(req: Request) -> Html:
@@ -6406,7 +8114,8 @@ def fleet_fragment(req: Request) -> Html:
                                         "in its tmux panes by itself; start it on the hosts that run Claude.")
     else:
         table_html = render(FLEET_TABLE, rows=join(render(
-            FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
+            FLEET_ROW, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], full_id=s.id,
+            host=s.host,
             where=s.tmux_target or "-", cwd=s.cwd, active=ago_text(s.last_activity_at, now),
             tokens=tokens_text(s.tokens),
             task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
@@ -6414,10 +8123,29 @@ def fleet_fragment(req: Request) -> Html:
     return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
 
 
-def session_datalist(req: Request) -> Html:
-    """Render the known session ids for the assign form."""
-    return render(DATALIST, options=join(render(OPTION, value=s.id, label=f"{s.label or s.cwd} ({s.host})",
-                                                selected=Html("")) for s in req.svc.list_sessions()))
+def session_picker(req: Request, selected: str | None) -> Html:
+    """Render the live sessions to assign a task to: by label, project, host and folder, never by typed id."""
+    svc = req.svc
+    report = svc.get_status()
+
+    def label(s: Session) -> str:
+        project = report.tasks[s.task_id].project if s.task_id in report.tasks else "no project"
+        return (f"{short_text(s.label or '(no title yet)', 50)} · {project} · {s.host} · "
+                f"{short_text(s.cwd, 40)} · {SESSION_LABELS.get(s.state, s.state)}")
+    choices = [("", "— pick a live session —")] + [(s.id, label(s)) for s in report.sessions]
+    return render(SESSION_PICKER, options=options(choices, selected))
+
+
+def page_needs(req: Request) -> Response:
+    """Show who needs you, for triage, with a filter that also works without JavaScript."""
+    query = (req.arg("q") or "").strip()[:100]
+    return page(req, "Needs you", render(MAIN_NEEDS, filter=render(FILTER_FORM, q=query),
+                                         attention=attention_fragment(req, query=query)))
+
+
+def frag_nav_needs(req: Request) -> Response:
+    """Answer the poll of the navigation's needs-you count."""
+    return html_response(nav_needs(req.svc.list_needs()))
 
 
 def page_sessions(req: Request) -> Response:
@@ -6431,12 +8159,194 @@ def page_sessions(req: Request) -> Response:
 
 def frag_attention(req: Request) -> Response:
     """Answer the needs-you poll."""
-    return html_response(attention_fragment(req))
+    return html_response(attention_fragment(req, query=(req.arg("q") or "").strip()[:100]))
 
 
 def frag_fleet(req: Request) -> Response:
     """Answer the sessions poll."""
     return html_response(fleet_fragment(req))
+
+
+MAIN_SESSION = string.Template("""<p class="muted small"><a href="/sessions">Sessions</a> /</p>
+<h1 hx-disable>$label</h1>
+<p class="sub">$state $since · $host · <span class="mono">$where</span></p>
+<div class="grid">
+$facts
+<div>
+<section class="card" id="attach"><h2>Attach</h2>$attach</section>
+<section class="card" id="session-task"><h2>Task</h2>
+<form class="row" $task_attrs>$csrf
+<label class="wide">Work on<select name="task">$task_options</select></label>
+<button type="submit">Set task</button></form></section>
+</div>
+</div>
+$pane
+<div class="grid">
+$turns
+$history
+</div>""")
+FRAG_SESSION = string.Template("""<section class="card" id="frag-session" $poll>
+<h2>Session</h2>
+<div hx-disable>$asked
+<dl class="facts"><dt>State</dt><dd>$state <span class="muted small">since $since</span></dd>
+<dt>Task</dt><dd>$task</dd>
+<dt>Host</dt><dd>$host</dd><dt>Folder</dt><dd class="mono">$cwd</dd><dt>tmux</dt><dd class="mono">$where</dd>
+<dt>Active</dt><dd>$active</dd><dt>Tokens</dt><dd class="mono" title="$tokens_title">$tokens</dd>
+<dt>Command</dt><dd class="mono small">$command</dd><dt>Id</dt><dd class="mono">$id</dd></dl></div></section>""")
+ASKED_CARD = string.Template(
+    """<p class="flash error"><b>Asks permission</b> · $tool<br><span class="asked">$input</span></p>""")
+ATTACH = string.Template("""<p class="small muted">$where</p>
+<div class="cmd"><code id="attach-cmd">$command</code>
+<button type="button" class="ghost" data-copy="attach-cmd">Copy</button></div>
+<p class="small muted">Or, from any terminal with Clare: <span class="mono">clare attach $short_id</span>.
+This page only shows the pane; it never types into it.</p>""")
+FRAG_PANE = string.Template("""<section class="card" id="frag-pane" $poll>
+<h2>Pane <span class="muted">· $where · $when</span></h2>$body</section>""")
+PANE_TEXT = string.Template('<pre class="pane" hx-disable>$text</pre>')
+FRAG_TURNS = string.Template("""<section class="card" id="frag-turns" $poll><h2>Transcript</h2>$body</section>""")
+TURN_ITEM = string.Template(
+    '<li class="turn"><b class="small">$who</b><span>$text<time datetime="$at">$when</time></span></li>')
+TURN_WHO = {"user": "prompt", "assistant": "Claude", "tool": "tools"}
+
+
+def is_cross_site(headers: dict[str, str]) -> bool:
+    """Tell whether a browser sent this request for another site (a link from elsewhere included)."""
+    try:
+        check_same_origin(headers)
+    except HttpError:
+        return True
+    return False
+
+
+def session_fragment(req: Request, s: Session, task: Task | None) -> Html:
+    """Render a session's facts: state and since when, what a dialog asks, task, host, folder, pane, tokens."""
+    now = now_ms()
+    return render(
+        FRAG_SESSION, poll=poll_attrs(f"/frag/sessions/{s.id}"), state=session_badge(s),
+        since=ago_text(s.state_at, now), host=s.host, cwd=s.cwd or "—", where=s.tmux_target or "not in tmux",
+        active=ago_text(s.last_activity_at, now), tokens=tokens_text(s.tokens),
+        command=short_text(s.command, 200) or "—",
+        tokens_title=", ".join(f"{k} {v}" for k, v in s.tokens.items()), id=s.id,
+        asked=render(ASKED_CARD, tool=s.asked["tool"], input=s.asked["input"]) if s.state == "permission" and s.asked
+        else Html(""),
+        task=render(TASK_CELL, id=task.id, title=f"{task.project}: {task.title}") if task
+        else Html('<span class="muted">none</span>'))
+
+
+def attach_card(req: Request, s: Session, argv: list[str] | None) -> Html:
+    """Render the exact command that attaches a terminal to a session's pane, with a copy button."""
+    if argv is None:
+        return render(EMPTY, text="This session runs outside tmux: there is no pane to attach to.")
+    import shlex
+
+    where = ("In a terminal on this host:" if s.host == req.db.machine_id
+             else f"In a terminal here, through ssh to {s.host} ([hosts.{s.host}] ssh in clare.toml names it):")
+    return render(ATTACH, command=shlex.join(argv), where=where, short_id=s.id[:SHORT_ID])
+
+
+def pane_fragment(req: Request, s: Session, *, is_live: bool = True) -> Html:
+    """Render the live view of a session's pane (read from its host), refreshed while the page is open."""
+    poll = poll_attrs(f"/frag/sessions/{s.id}/pane", every_s=PANE_POLL_S) if s.state != "gone" else Html("")
+    if not is_live:
+        return render(FRAG_PANE, poll=poll, where=s.host, when="loading",
+                      body=render(EMPTY, text="The pane shows once this page loads from Clare itself."))
+    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings or {}, now_ms=now_ms())
+    body = render(PANE_TEXT, text=view.text) if view.text else render(EMPTY, text=view.error or "The pane is empty.")
+    return render(FRAG_PANE, poll=poll, where=f"{view.host} {s.tmux_target or ''}".strip(),
+                  when=f"{when_text(view.captured_at)} UTC", body=body)
+
+
+def turns_fragment(req: Request, s: Session, *, is_live: bool = True) -> Html:
+    """Render the last entries of a session's transcript: who said what, and the tools Claude called."""
+    poll = poll_attrs(f"/frag/sessions/{s.id}/transcript") if s.state != "gone" else Html("")
+    if not is_live:
+        return render(FRAG_TURNS, poll=poll, body=render(EMPTY, text="The transcript shows once this page loads."))
+    try:
+        turns = view_turns(req.db, s, peers=req.config.peers, settings=req.config.settings or {},
+                           claude_dir=claude_home())
+    except (ClareError, OSError) as err:
+        return render(FRAG_TURNS, poll=poll, body=render(EMPTY, text=f"The transcript cannot be read: {err}"))
+    if not turns:
+        return render(FRAG_TURNS, poll=poll, body=render(EMPTY, text="No transcript lines yet."))
+    # SECURITY: transcript text is untrusted: escaped, inside hx-disable.
+    items = join(render(TURN_ITEM, who=TURN_WHO.get(t["role"], t["role"]), text=t["text"], at=t["at"],
+                        when=when_text(t["at"]) if t["at"] else "") for t in reversed(turns))
+    return render(FRAG_TURNS, poll=poll, body=render(FEED, items=items))
+
+
+def task_choices(req: Request, s: Session) -> Html:
+    """Render the open tasks, by project, that a session can be set to work on."""
+    tasks = [t for t in req.svc.list_tasks() if t.status != "done"]
+    by_project: dict[str, list[tuple[str, str]]] = {}
+    for t in tasks:
+        elsewhere = t.session_id and t.session_id != s.id or t.group_id
+        by_project.setdefault(t.project, []).append(
+            (t.id, f"P{t.priority} {short_text(t.title, 60)}" + (" (assigned elsewhere)" if elsewhere else "")))
+    return join([render(OPTION, value="", label="— no task —", selected=Html("")),
+                 *(render(OPTGROUP, label=name, options=options(choices, s.task_id))
+                   for name, choices in sorted(by_project.items()))])
+
+
+def page_session(req: Request) -> Response:
+    """Show one session: state, what it asks, task, the way in, its live pane, transcript and history."""
+    d = req.svc.get_session_detail(req.params["session"], hosts=(req.config.settings or {}).get("hosts") or {})
+    s, now = d.session, now_ms()
+    is_live = not is_cross_site(req.headers)  # a link from elsewhere gets the page; the pane loads from here
+    return page(req, s.label or s.id[:SHORT_ID], render(
+        MAIN_SESSION, label=s.label or f"Session {s.id[:SHORT_ID]}", state=session_badge(s),
+        since=ago_text(s.state_at, now), host=s.host, where=s.tmux_target or "not in tmux",
+        facts=session_fragment(req, s, d.task), attach=attach_card(req, s, d.attach), csrf=csrf_field(req),
+        task_attrs=form_attrs(f"/sessions/{s.id}/task", target="#frag-session"), task_options=task_choices(req, s),
+        pane=pane_fragment(req, s, is_live=is_live), turns=turns_fragment(req, s, is_live=is_live),
+        history=history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history")))
+
+
+def frag_session(req: Request) -> Response:
+    """Answer the poll of a session's facts."""
+    d = req.svc.get_session_detail(req.params["session"])
+    return html_response(session_fragment(req, d.session, d.task))
+
+
+def frag_session_pane(req: Request) -> Response:
+    """Answer the poll of a session's live pane; refused cross-site."""
+    check_same_origin(req.headers)
+    return html_response(pane_fragment(req, req.svc.get_session(req.params["session"])))
+
+
+def frag_session_turns(req: Request) -> Response:
+    """Answer the poll of a session's transcript; refused cross-site."""
+    check_same_origin(req.headers)
+    return html_response(turns_fragment(req, req.svc.get_session(req.params["session"])))
+
+
+def frag_session_history(req: Request) -> Response:
+    """Answer the history poll of a session."""
+    s = req.svc.get_session(req.params["session"])
+    return html_response(history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history"))
+
+
+def frag_set_session_task(req: Request) -> Response:
+    """Set the task a session works on from the picker ("— no task —" ends its current one)."""
+    svc = req.svc
+    s = svc.get_session(req.params["session"])
+    task_ref = req.form().get("task", "").strip()
+    if task_ref:
+        t = svc.assign_task(task_ref, session_id=s.id)
+        message = f"{short_text(s.label or s.id[:SHORT_ID], 40)} now works on {t.title}."
+    elif s.task_id:
+        t = svc.get_task(s.task_id)
+        if t.session_id != s.id:
+            raise Conflict(f"{t.title} is assigned to a group, not to this session; change it on the task's page")
+        svc.unassign_task(t.id)
+        message = f"{t.title} is no longer assigned."
+    else:
+        raise UsageError("pick a task for this session to work on")
+    if not req.is_htmx:
+        return redirect(f"/sessions/{s.id}")
+    d = svc.get_session_detail(s.id)
+    return html_response(join([session_fragment(req, d.session, d.task),
+                               history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history", oob=True),
+                               flash(message, kind="ok", oob=True)]))
 
 
 DELIVERY_COLORS = {"delivered": "green", "queued": "blue", "refused": "orange", "failed": "red", "expired": "gray"}
@@ -6461,7 +8371,8 @@ $recipients
 $result""")
 FRAG_RECIPIENTS = string.Template("""<section class="card" id="frag-recipients">
 <h2>Recipients</h2>$body</section>""")
-RECIPIENT_ITEM = string.Template("""<li><div class="line">$state <b>$label</b></div>
+RECIPIENT_ITEM = string.Template("""<li><div class="line">$state
+<a href="/sessions/$full_id"><b>$label</b></a></div>
 <div class="muted small"><span class="mono">$id</span> · $host · <span class="mono">$where</span> · $cwd</div>
 $note</li>""")
 RECIPIENT_NOTE = string.Template('<div class="small muted">$text</div>')
@@ -6471,7 +8382,8 @@ FRAG_BROADCAST = string.Template("""<section class="card" id="broadcast-result" 
 DELIVERY_TABLE = string.Template("""<div class="scroll"><table>
 <thead><tr><th>Session</th><th>Where</th><th>Result</th><th>Why</th></tr></thead>
 <tbody hx-disable>$rows</tbody></table></div>""")
-DELIVERY_ROW = string.Template("""<tr><td class="mono">$id</td><td class="mono small">$host · $where</td>
+DELIVERY_ROW = string.Template("""<tr><td class="mono"><a href="/sessions/$full_id">$id</a></td>
+<td class="mono small">$host · $where</td>
 <td>$result</td><td class="small">$reason</td></tr>""")
 OPTGROUP = string.Template('<optgroup label="$label">$options</optgroup>')
 PREVIEW_ATTRS = string.Template('hx-get="$url" hx-trigger="change" hx-target="$target" hx-swap="outerHTML"')
@@ -6504,7 +8416,8 @@ def recipients_fragment(req: Request, target: str | None) -> Html:
         return render(FRAG_RECIPIENTS, body=render(EMPTY, text="No live session would get it."))
     # SECURITY: labels and cwds come from transcripts and panes: escaped, and hx-disable on the list.
     items = join(render(
-        RECIPIENT_ITEM, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], host=s.host,
+        RECIPIENT_ITEM, state=session_badge(s), label=s.label or "(no title yet)", id=s.id[:SHORT_ID], full_id=s.id,
+        host=s.host,
         where=s.tmux_target or "-", cwd=s.cwd,
         note=render(RECIPIENT_NOTE, text="a permission dialog is open: it will be refused, not answered")
         if s.state == "permission" else Html("")) for s in sessions)
@@ -6518,7 +8431,8 @@ def broadcast_fragment(req: Request, broadcast_id: str) -> Html:
     deliveries = req.svc.list_deliveries(broadcast_id=broadcast_id)
     if not deliveries:
         raise NotFound(f"no broadcast {broadcast_id!r}; send one from /broadcast")
-    rows = join(render(DELIVERY_ROW, id=d.session_id[:SHORT_ID], host=d.host or "?", where=d.tmux_target or "-",
+    rows = join(render(DELIVERY_ROW, id=d.session_id[:SHORT_ID], full_id=d.session_id, host=d.host or "?",
+                       where=d.tmux_target or "-",
                        result=badge(d.result, DELIVERY_COLORS.get(d.result, "gray")), reason=d.reason or "—")
                 for d in deliveries)
     is_waiting = any(d.result == "queued" for d in deliveries)
@@ -6631,6 +8545,7 @@ def service_handler(name: str) -> Callable[[Request], Response]:
             spec.check(body)
         kwargs = {w.arg: _request_value(req, svc, w, body, max_int=spec.max_int) for w in wires
                   if w.where in ("path", "query") or (w.where == "body" and w.name in body)}
+        kwargs.update({arg: fill(req) for arg, fill in spec.server.items()})
         value = getattr(svc, name)(**kwargs)
         return json_response(_wire_value(spec.to_wire(req, value) if spec.to_wire else value), status=spec.status)
     handle.__name__, handle.__doc__ = f"api_{name}", spec.summary
@@ -6686,6 +8601,25 @@ def api_task_history(req: Request) -> Response:
                                                                    limit=limit)])
 
 
+def api_session_pane(req: Request) -> Response:
+    """Return the last lines of a session's pane, read by this host (its own sessions only); refused cross-site."""
+    check_same_origin(req.headers)
+    s = req.svc.get_session(req.params["session"])
+    lines = req.int_arg("lines", PANE_LINES, lo=1, hi=MAX_PANE_LINES)
+    return json_response(read_pane(req.db, s, lines=lines, now_ms=now_ms()))
+
+
+def api_session_transcript(req: Request) -> Response:
+    """Return the last entries of a session's transcript, read by this host (its own sessions only).
+
+    Refused cross-site, like the pane.
+    """
+    check_same_origin(req.headers)
+    s = req.svc.get_session(req.params["session"])
+    return json_response({"session_id": s.id, "host": s.host,
+                          "turns": read_turns(req.db, s, claude_dir=claude_home())})
+
+
 def api_list_events(req: Request) -> Response:
     """Page through the log: ?after=RSEQ in receipt order, or without it the newest, newest last."""
     limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
@@ -6700,10 +8634,10 @@ def get_static(req: Request) -> Response:
     name = req.params["name"]
     kind = STATIC_TYPES.get(os.path.splitext(name)[1])
     path = os.path.join(STATIC_DIR, name)
-    if kind is None or (name != "clare.css" and not os.path.isfile(path)):
+    if kind is not None and name in STATIC_MEMORY:
+        body = STATIC_MEMORY[name]
+    elif kind is None or not os.path.isfile(path):
         raise NotFound(f"no static file {name!r}")
-    if name == "clare.css":
-        body = STYLESHEET.encode()
     else:
         with open(path, "rb") as f:
             body = f.read()
@@ -6783,12 +8717,27 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
         "conflicts": {"type": "array", "items": {"type": "string"}},
         "rejected": {"type": "array", "items": {"type": "string"}}}},
     "ReplayResult": {"type": "object", "required": ["events"], "properties": {"events": {"type": "integer"}}},
+    "SessionDetail": {"allOf": [_ref("Session"), {"type": "object", "required": ["task", "history", "attach"],
+                                                  "properties": {"task": {"oneOf": [_ref("Task"), {"type": "null"}]},
+                                                                 "history": _array("Event"),
+                                                                 "attach": {"type": ["array", "null"],
+                                                                            "items": {"type": "string"}}}}]},
+    "Turns": {"type": "object", "required": ["session_id", "host", "turns"], "properties": {
+        "session_id": {"type": "string"}, "host": {"type": "string"}, "turns": {"type": "array", "items": {
+            "type": "object", "required": ["role", "text", "tools", "at"], "properties": {
+                "role": {"enum": ["user", "assistant", "tool"]}, "text": {"type": "string"},
+                "tools": {"type": "array", "items": {"type": "string"}}, "at": {"type": "string"}}}}}},
 }
 
 # (method, path) -> summary, query parameters, request body schema, success status, response schema: the
 # routes that are not services (those are described by their @api declarations: service_docs)
 API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]] = {
     ("GET", "/api/v1/tasks/{task}/history"): ("Events about a task", ("limit",), None, 200, _array("Event")),
+    ("GET", "/api/v1/sessions/{session}/pane"): ("The last lines of a session's pane, read by its own host (which "
+                                                 "answers at most once a second per session)", ("lines",), None, 200,
+                                                 _ref("PaneView")),
+    ("GET", "/api/v1/sessions/{session}/transcript"): ("The last entries of a session's transcript, read by its "
+                                                       "own host", (), None, 200, _ref("Turns")),
     ("GET", "/api/v1/events"): ("Page through the log by receipt order (after), or the newest (no after)",
                                 ("after", "limit"), None, 200, _ref("EventPage")),
     ("GET", "/api/v1/openapi.json"): ("This document", (), None, 200, {"type": "object"}),
@@ -6878,7 +8827,7 @@ def openapi_document() -> dict[str, Any]:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
     schemas = {cls.__name__: json_schema(cls)
-               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery)}
+               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order, PaneView)}
     for name, base, extra in (("ProjectStatus", "Project",
                                {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
                               ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
@@ -6911,7 +8860,10 @@ def sync_get_events(req: Request) -> Response:
 def sync_post_events(req: Request) -> Response:
     """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
     body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
-    return json_response(sync_accept(req.db, body, now_ms=now_ms()))
+    answer = sync_accept(req.db, body, now_ms=now_ms())
+    if answer["accepted"] and list_orders(req.db, pending_on=req.db.machine_id):
+        carry_out_soon(req.config.db_path, load_config(req.config.config_path))  # pushed to us: act now
+    return json_response(answer)
 
 
 def sync_get_days(req: Request) -> Response:
@@ -6940,6 +8892,8 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         *((spec.method, re.sub(r"\{(\w+)\}", lambda m: _REF % m[1], spec.path), service_handler(name))
           for name, (_, spec) in SERVICE_APIS.items() if spec is not None and spec.is_routed),
         ("GET", r"/api/v1/tasks/" + _REF % "task" + "/history", api_task_history),
+        ("GET", r"/api/v1/sessions/" + _REF % "session" + "/pane", api_session_pane),
+        ("GET", r"/api/v1/sessions/" + _REF % "session" + "/transcript", api_session_transcript),
         ("GET", r"/api/v1/events", api_list_events),
         ("GET", r"/api/v1/openapi\.json", api_openapi),
         ("GET", r"/api/v1/sync/events", sync_get_events),
@@ -6958,20 +8912,30 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
+        ("POST", r"/tasks/" + _REF % "task" + "/sessions", frag_start_session),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
         ("GET", r"/sessions", cached(page_sessions)),
+        ("GET", r"/sessions/" + _REF % "session", page_session),
+        ("POST", r"/sessions/" + _REF % "session" + "/task", frag_set_session_task),
+        ("GET", r"/needs", cached(page_needs)),
         ("GET", r"/broadcast", page_broadcast),
         ("POST", r"/broadcast", frag_send_broadcast),
         ("GET", r"/frag/broadcast/recipients", frag_broadcast_recipients),
         ("GET", r"/frag/broadcasts/(?P<broadcast>[0-9a-f]{32})", frag_broadcast),
         ("GET", r"/frag/attention", cached(frag_attention)),
         ("GET", r"/frag/fleet", cached(frag_fleet)),
+        ("GET", r"/frag/nav-needs", cached(frag_nav_needs)),
+        ("GET", r"/frag/sessions/" + _REF % "session", frag_session),
+        ("GET", r"/frag/sessions/" + _REF % "session" + "/pane", frag_session_pane),
+        ("GET", r"/frag/sessions/" + _REF % "session" + "/transcript", frag_session_turns),
+        ("GET", r"/frag/sessions/" + _REF % "session" + "/history", cached(frag_session_history)),
         ("GET", r"/frag/peers", frag_peers),
         ("GET", r"/frag/projects", cached(frag_projects)),
         ("GET", r"/frag/activity", cached(frag_activity)),
         ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", cached(frag_project_tasks)),
         ("GET", r"/frag/tasks/" + _REF % "task", cached(frag_task)),
         ("GET", r"/frag/tasks/" + _REF % "task" + "/updates", cached(frag_task_updates)),
+        ("GET", r"/frag/tasks/" + _REF % "task" + "/history", cached(frag_task_history)),
         ("GET", r"/static/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)", get_static),
         ("GET", r"/login", page_login),
     )
@@ -6982,6 +8946,46 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
 # 9. CLI: the argparse tree built from COMMANDS, handlers and text output.
 # ==========================================================================
 
+STEP_MARKS = {"ok": "ok", "changed": "done", "planned": "plan", "todo": "todo", "failed": "FAIL"}  # setup, doctor
+BIND_RE = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?\Z")  # a host name or IPv4 (IPv6: _is_ip)
+STEP_NAME_CHARS = 11  # the name column of setup's and doctor's lines
+JOIN_FILE = "join-command.txt"  # beside clare.toml: setup's command for the other side, without a terminal
+DOCTOR_TIMEOUT_S = 5.0  # per peer and for this host's own server
+MIN_FREE_BYTES = 256 * 2**20  # doctor fails below this much free space beside the database
+# The systemd user unit `clare setup` writes; clare.service in the repository is this, filled in with defaults.
+UNIT_TEMPLATE = string.Template("""\
+# systemd user unit for Clare: the dashboard, the JSON API and background peer sync.
+# Written by `clare setup` to ~/.config/systemd/user/clare.service (run setup again to change it).
+# Logs: journalctl --user -u clare    State: systemctl --user status clare    Check: clare doctor
+[Unit]
+Description=Clare: dashboard, JSON API and peer sync for a fleet of Claude Code sessions
+
+[Service]
+Type=simple
+# The interpreter setup ran with and clare.py, by absolute path; serve reads its token from clare.toml.
+ExecStart=$exec_start
+$environment
+Restart=on-failure
+RestartSec=5
+# SIGTERM lets serve finish in-flight writes before it exits.
+KillSignal=SIGTERM
+# Stopping or restarting Clare must never end the Claude sessions it started: only serve itself
+# gets the signal, not the tmux servers it launched (it also starts them in their own scope with
+# systemd-run --user --scope when a user bus is there).
+KillMode=process
+TimeoutStopSec=20
+# Hardening that keeps what Clare needs: no PrivateTmp (tmux's sockets live in /tmp), no ProtectHome
+# (~/.claude and the database live in the home), no PrivateUsers (the fleet reads Claude's /proc entries).
+NoNewPrivileges=yes
+LockPersonality=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+SystemCallArchitectures=native
+UMask=0077
+
+[Install]
+WantedBy=default.target
+""")
 
 @dataclass(frozen=True, slots=True)
 class Command:
@@ -7100,18 +9104,29 @@ def format_history(events: list[Event]) -> str:
 
 
 def cmd_init(args: argparse.Namespace, ctx: Context) -> None:
-    """Create the database (idempotent); report its identity."""
-    if args.machine_id:
-        check_machine_id(args.machine_id)
+    """Create the database (idempotent); report its identity; --new-id gives a copy one of its own."""
+    info = init_host(ctx, machine_id=args.machine_id, is_new_id=args.new_id)
+    verb = ("new identity for" if info["renewed"] else "initialized" if info["created"] else "already initialized")
+    emit(ctx, info, f"{verb} {info['db']}\nmachine id {info['machine_id']} (host {info['host_name']}), "
+                    f"db id {info['db_id']}")
+
+
+def init_host(ctx: Context, *, machine_id: str | None = None, is_new_id: bool = False) -> dict[str, Any]:
+    """Open or create the database and return its identity; with is_new_id give it a new one (log kept)."""
+    if machine_id:
+        check_machine_id(machine_id)
     existed = os.path.exists(ctx.paths.db)
-    db = open_db(ctx.paths.db, machine_id=args.machine_id)
+    db = open_db(ctx.paths.db, machine_id=None if is_new_id else machine_id)
     ctx._db = db
-    if args.machine_id and db.machine_id != args.machine_id:
+    if is_new_id and existed:
+        renew_identity(db, machine_id=machine_id)
+    elif db.refusal is not None:
+        raise Conflict(db.refusal)
+    elif machine_id and db.machine_id != machine_id:
         raise Conflict(f"{db.path} already has machine id {db.machine_id!r}; a database keeps its machine id "
-                       "(use another --home for another one)")
-    info = {"db": db.path, "machine_id": db.machine_id, "db_id": db.db_id, "created": not existed}
-    emit(ctx, info, f"{'initialized' if not existed else 'already initialized'} {db.path}\n"
-                    f"machine id {db.machine_id}, db id {db.db_id}")
+                       "(use another --home for another one, or init --new-id to change it)")
+    return {"db": db.path, "machine_id": db.machine_id, "host_name": machine_host_name(db.machine_id),
+            "db_id": db.db_id, "created": not existed, "renewed": is_new_id and existed}
 
 
 def launcher_text(python: str, folder: str) -> str:
@@ -7126,28 +9141,482 @@ def launcher_text(python: str, folder: str) -> str:
 
 def cmd_install(args: argparse.Namespace, ctx: Context) -> None:
     """Write a `clare` launcher that starts faster than `python3 clare.py`."""
+    path, _ = install_launcher(args.bin)
     folder = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.abspath(os.path.expanduser(args.bin)), "clare")
-    if os.path.abspath(path) == os.path.abspath(__file__):
-        raise UsageError(f"{path} is clare.py itself; pick another --bin folder")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(launcher_text(sys.executable, folder))
-        os.chmod(path + ".tmp", 0o755)
-        os.replace(path + ".tmp", path)
-    except OSError as err:
-        raise ClareError(f"cannot write {path}: {err.strerror}; pick a writable folder with --bin") from err
     on_path = os.path.dirname(path) in os.environ.get("PATH", "").split(os.pathsep)
     emit(ctx, {"launcher": path, "clare_py": os.path.join(folder, "clare.py"), "on_path": on_path},
          f"wrote {path} (runs {folder}/clare.py with {sys.executable})"
          + ("" if on_path else f"\n{os.path.dirname(path)} is not on PATH; add it, or run {path} by its full path"))
 
 
+def install_launcher(bin_dir: str, *, is_dry_run: bool = False) -> tuple[str, bool]:
+    """Write the `clare` launcher into bin_dir; return its path and whether it changed."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(os.path.abspath(os.path.expanduser(bin_dir)), "clare")
+    if os.path.abspath(path) == os.path.abspath(__file__):
+        raise UsageError(f"{path} is clare.py itself; pick another --bin folder")
+    text = launcher_text(sys.executable, folder)
+    if _read_text(path) == text or is_dry_run:
+        return path, _read_text(path) != text
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(path + ".tmp", 0o755)
+        os.replace(path + ".tmp", path)
+    except OSError as err:
+        raise ClareError(f"cannot write {path}: {err.strerror}; pick a writable folder with --bin") from err
+    return path, True
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+# --- setup and doctor: one host's installation, done in steps and checked in lines -------------
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    name: str  # what was set up or checked: "unit", "linger", "peer apricot"
+    state: str  # a value of STEP_STATES
+    detail: str  # one line: what was found or done
+    fix: str = ""  # the command or action that fixes a failure or a to-do
+
+    def to_json(self) -> dict[str, str]:
+        """Return the step as the JSON object setup and doctor print."""
+        return {"name": self.name, "state": self.state, "detail": self.detail, "fix": self.fix}
+
+
+def unit_path(env: Mapping[str, str] | None = None) -> str:
+    """Return where the systemd user unit lives: $XDG_CONFIG_HOME/systemd/user/clare.service."""
+    env = os.environ if env is None else env
+    config = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(config, "systemd", "user", "clare.service")
+
+
+def unit_text(*, home: str | None, host: str, port: int, env: Mapping[str, str] | None = None) -> str:
+    """Return the unit setup writes: this interpreter and clare.py by absolute path, bound to host:port."""
+    import shutil  # only setup and doctor need it
+
+    env = os.environ if env is None else env
+    script = os.path.abspath(__file__)
+    argv = [sys.executable, script, *(("--home", home) if home else ()), "serve", "--host", host, "--port", str(port)]
+    # The folders of the programs serve runs (tmux, Claude Code): a user service starts with a minimal PATH.
+    found = [shutil.which(p, path=env.get("PATH")) for p in ("tmux", "claude")]
+    folders = [os.path.dirname(os.path.abspath(p)) for p in found if p] + ["/usr/local/bin", "/usr/bin", "/bin"]
+    path = ":".join(dict.fromkeys(folders))
+    settings = [(k, env[k]) for k in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", CLAUDE_ENV_DIR) if env.get(k) and not home]
+    lines = [f"Environment={_unit_word(f'{k}={v}')}" for k, v in (("PATH", path), *settings)]
+    return UNIT_TEMPLATE.substitute(exec_start=" ".join(map(_unit_word, argv)), environment="\n".join(lines))
+
+
+def _unit_word(word: str) -> str:
+    """Quote one word of a unit line: systemd expands % specifiers and $ variables, and splits at spaces."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if re.fullmatch(r"[A-Za-z0-9_./:@+=,-]+", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def setup_steps(ctx: Context, *, bind: str, port: int, peer_url: str | None, bin_dir: str,
+                is_dry_run: bool, env: Mapping[str, str] | None = None) -> Iterator[Step]:
+    """Set this host up, one step at a time (each idempotent); yield what each step found or did.
+
+    Over 80 lines: one step after the other, in the order a user would do them by hand.
+    """
+    import shlex
+
+    env = os.environ if env is None else env
+    would = "would " if is_dry_run else ""
+    home = ctx.args.home or env.get("CLARE_HOME") or None
+    home = os.path.abspath(os.path.expanduser(home)) if home else None
+
+    # 1. The database, with a machine id unique by construction.
+    if is_dry_run:
+        yield _dry_init_step(ctx.paths.db)
+    else:
+        info = init_host(ctx)
+        yield Step("database", "changed" if info["created"] else "ok",
+                   f"{'created' if info['created'] else 'kept'} {info['db']}, machine id {info['machine_id']}")
+
+    # 2. The token every request and every peer needs, in clare.toml (0600).
+    given = env.get("CLARE_TOKEN") or None
+    if is_dry_run:
+        has = bool(load_config(ctx.paths.config).get("token"))
+        yield Step("token", "ok" if has else "changed",
+                   f"{'keep the' if has else would + ('store CLARE_TOKEN as the' if given else 'make a')} "
+                   f"token in {ctx.paths.config} (0600)")
+        token = "TOKEN"
+    else:
+        token, done = setup_token(ctx.paths.config, given=given)
+        yield Step("token", "ok" if done == "kept" else "changed",
+                   {"kept": "kept the", "stored": "stored CLARE_TOKEN as the", "made": "made a new"}[done]
+                   + f" token in {ctx.paths.config} (0600)")
+
+    # 3. The launcher.
+    launcher, changed = install_launcher(bin_dir, is_dry_run=is_dry_run)
+    yield Step("launcher", "changed" if changed else "ok",
+               f"{would + 'write' if changed and is_dry_run else 'wrote' if changed else 'kept'} {launcher} "
+               f"(runs clare.py with {sys.executable})")
+
+    # 4. The systemd user unit.
+    path, text = unit_path(env), unit_text(home=home, host=bind, port=port, env=env)
+    unit_changed = _read_text(path) != text
+    if unit_changed and not is_dry_run:
+        write_private(path, text)
+    yield Step("unit", "changed" if unit_changed else "ok",
+               f"{(would + 'write') if unit_changed and is_dry_run else 'wrote' if unit_changed else 'kept'} "
+               f"{path} (serve on {bind}:{port})")
+
+    # 5. systemd: reload, enable, start (restart when the unit changed).
+    start_cmd = shlex.join(_unit_argv(text))
+    systemd = _systemd_step(unit_changed=unit_changed, is_dry_run=is_dry_run, start_cmd=start_cmd)
+    yield systemd
+
+    # 6. Linger: without it a user unit stops at logout.
+    yield _linger_step(has_systemd=systemd.state != "todo")
+
+    # 7. Claude Code's hooks.
+    settings = settings_path(env)
+    if is_dry_run:
+        status = hooks_status(settings, hook_command(ctx.paths.db))
+        missing = [e for e, v in status.items() if v != "installed"]
+        yield Step("hooks", "changed" if missing else "ok",
+                   f"{would}install Clare's hooks for {len(missing)} events in {settings}" if missing
+                   else f"Clare's hooks are in {settings}")
+    else:
+        added = install_hooks(settings, hook_command(ctx.paths.db))
+        yield Step("hooks", "changed" if added else "ok",
+                   f"installed Clare's hooks for {len(added)} events in {settings}" if added
+                   else f"Clare's hooks are in {settings}")
+
+    # 8. The peer, and the command that joins the other side to this host.
+    if peer_url is not None:
+        yield _peer_step(ctx.paths.config, peer_url, is_dry_run=is_dry_run)
+    yield _join_step(ctx.paths.config, bind=bind, port=port, peer_url=peer_url, token=token,
+                     is_dry_run=is_dry_run)
+
+
+def setup_token(path: str, *, given: str | None) -> tuple[str, str]:
+    """Return the fleet's token and what was done: kept, stored (`given`: CLARE_TOKEN, from another host) or made.
+
+    clare.toml ends private (0600) either way: the unit's serve reads the token there.
+    """
+    config = load_config(path)
+    token = check_token(config.get("token") or None, where=f"'token' in {path}")
+    given = check_token(given, where="$CLARE_TOKEN")
+    if token is not None and given is not None and token != given:
+        raise Conflict(f"{path} holds another token than CLARE_TOKEN; a fleet shares one: unset CLARE_TOKEN to "
+                       "keep this host's, or delete the token line there to take CLARE_TOKEN's")
+    if token is not None:
+        os.chmod(path, 0o600)
+        return token, "kept"
+    if given is None:
+        return ensure_token(path, config, env={}), "made"
+    text = _read_text(path) or ""
+    # As ensure_token writes it: a top-level key goes before the first [table].
+    write_private(path, f"token = {json.dumps(given)}  # the fleet's, given to setup in CLARE_TOKEN\n" + text)
+    return given, "stored"
+
+
+def _unit_argv(text: str) -> list[str]:
+    """Return the command a unit's ExecStart runs, as words (for 'run this yourself')."""
+    import shlex
+
+    line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
+    return [w.replace("%%", "%").replace("$$", "$") for w in shlex.split(line[len("ExecStart="):])]
+
+
+def _dry_init_step(db_path: str) -> Step:
+    if not os.path.exists(db_path):
+        return Step("database", "changed", f"would create {db_path} with machine id {host_label()}-XXXXXX")
+    conn = sqlite3.connect(f"file:{os.path.abspath(db_path)}?mode=ro", uri=True)
+    try:
+        meta = _read_meta(conn)
+    finally:
+        conn.close()
+    return Step("database", "ok", f"keep {db_path}, machine id {meta.get('machine_id')}")
+
+
+def run_tool(argv: list[str], *, timeout_s: float = 30) -> tuple[int, str]:
+    """Run a system program (systemctl, loginctl); return its exit code and its output, or stderr's first line."""
+    import subprocess
+
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return 127, str(err)
+    if p.returncode != 0:
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        return p.returncode, lines[0] if lines else f"exit code {p.returncode}"
+    return 0, p.stdout.strip()
+
+
+def _systemd_step(*, unit_changed: bool, is_dry_run: bool, start_cmd: str) -> Step:
+    import shutil
+
+    systemctl = shutil.which("systemctl")
+    yourself = f"start Clare yourself (under your container's supervisor, or tmux) with: {start_cmd}"
+    if systemctl is None:
+        return Step("systemd", "todo", "no systemctl here, so no unit runs Clare", yourself)
+    if is_dry_run:
+        verb = "restart" if unit_changed else "enable --now"
+        return Step("systemd", "changed", f"would run systemctl --user daemon-reload and {verb} clare")
+    code, out = run_tool([systemctl, "--user", "daemon-reload"])
+    if code != 0:
+        return Step("systemd", "todo", f"no user systemd answers here ({out})", yourself)
+    runs = ([["enable", "clare"], ["restart", "clare"]] if unit_changed else [["enable", "--now", "clare"]])
+    for words in runs:
+        code, out = run_tool([systemctl, "--user", *words])
+        if code != 0:
+            return Step("systemd", "failed", f"systemctl --user {' '.join(words)} failed: {out}",
+                        "see why with: systemctl --user status clare; journalctl --user -u clare")
+    return Step("systemd", "changed" if unit_changed else "ok",
+                "clare.service " + ("enabled and (re)started" if unit_changed else "enabled and running"))
+
+
+def _user_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _linger_step(*, has_systemd: bool) -> Step:
+    import shutil
+
+    user = _user_name()
+    fix = f"sudo loginctl enable-linger {user}"
+    loginctl = shutil.which("loginctl")
+    if not has_systemd:
+        return Step("linger", "ok", "no user systemd here: linger does not apply")
+    if loginctl is None:
+        return Step("linger", "todo", "no loginctl here: cannot tell if the unit outlives your login", fix)
+    code, out = run_tool([loginctl, "show-user", user, "--property=Linger", "--value"])
+    if code != 0:
+        return Step("linger", "todo", f"cannot tell if the unit outlives your login ({out})", fix)
+    if out == "yes":
+        return Step("linger", "ok", f"linger is on for {user}: the unit runs without a login")
+    return Step("linger", "todo", f"linger is off for {user}: the unit stops when you log out", fix)
+
+
+def _peer_step(config_path: str, url: str, *, is_dry_run: bool) -> Step:
+    peer = check_peer(url)
+    configured = {p.url for p in load_peers(load_config(config_path), path=config_path)}
+    if peer.url in configured:
+        return Step(f"peer {peer.name}", "ok", f"{peer.url} is a peer already")
+    if not is_dry_run:
+        add_peer(config_path, peer.url, name=peer.name)
+    return Step(f"peer {peer.name}", "changed",
+                f"{'would add' if is_dry_run else 'added'} {peer.url} to {config_path}; serve syncs with it")
+
+
+def _join_step(config_path: str, *, bind: str, port: int, peer_url: str | None, token: str,
+               is_dry_run: bool) -> Step:
+    """Give the command that joins another host to this one, with the token: on a terminal only."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if is_loopback(bind):
+        return Step("join", "ok", f"bound to {bind}: other hosts cannot reach this one",
+                    "to join others, run setup again with --bind ADDRESS (this host's address on their network)")
+    here = socket.gethostname() if bind in WILDCARD_HOSTS else bind
+    url = f"http://{'[' + here + ']' if ':' in here else here}:{port}"
+    there = urlsplit(peer_url).hostname if peer_url else "THEIR_ADDRESS"
+    python = os.path.basename(sys.executable)  # python3.11 where python3 is older: the other host likely too
+    python = python if re.fullmatch(r"python3(\.\d+)?", python) else "python3"
+    line = f"CLARE_TOKEN={token} {python} clare.py setup --bind {there} --peer {url}"
+    who = "on that host" if peer_url else "on each other host (its own address)"
+    if is_dry_run:
+        return Step("join", "ok", f"would give the command to run {who}")
+    if sys.stdout.isatty():
+        # SECURITY: the token goes to a person's terminal only, never into a log or a pipe.
+        return Step("join", "todo", f"run {who}:", line)
+    path = os.path.join(os.path.dirname(os.path.abspath(config_path)), JOIN_FILE)
+    write_private(path, line + "\n")
+    return Step("join", "todo", f"the command to run {who} (with the token) is in {path} (0600)",
+                f"run what {path} holds {who}")
+
+
+def format_steps(steps: list[Step]) -> str:
+    """Return one line per step (and its fix), for setup and doctor."""
+    width = max([STEP_NAME_CHARS, *(len(s.name) for s in steps)])
+    lines = []
+    for s in steps:
+        lines.append(f"{STEP_MARKS[s.state]:<6} {s.name:<{width}}  {s.detail}")
+        if s.fix:
+            lines.append(f"{'':<6} {'':<{width}}  fix: {s.fix}" if s.state == "failed" else
+                         f"{'':<6} {'':<{width}}  -> {s.fix}")
+    return "\n".join(lines)
+
+
+def cmd_setup(args: argparse.Namespace, ctx: Context) -> int:
+    """Set this host up in one idempotent run: database, token, launcher, unit, systemd, linger, hooks, peer."""
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port} is not a port; give 1-65535 (default {DEFAULT_PORT})")
+    if not BIND_RE.match(args.bind) and not _is_ip(args.bind):
+        raise UsageError(f"--bind {args.bind[:80]!r} is not an address; give this host's IP address or name on "
+                         "the peers' network (a port goes in --port)")
+    if args.peer is not None:
+        check_peer(args.peer)
+    steps: list[Step] = []
+    for step in setup_steps(ctx, bind=args.bind, port=args.port, peer_url=args.peer, bin_dir=args.bin,
+                            is_dry_run=args.dry_run):
+        if args.dry_run and step.state == "changed":
+            step = dataclasses.replace(step, state="planned")
+        steps.append(step)
+        if not ctx.as_json:
+            print(format_steps([step]), flush=True)  # each step as it is done: a slow one shows where it is
+    n_todo = sum(s.state == "todo" for s in steps)
+    failed = [s for s in steps if s.state == "failed"]
+    summary = ("dry run: nothing was changed" if args.dry_run else
+               f"setup failed at {failed[0].name}" if failed else
+               f"set up; {n_todo} to do by hand (-> above), then check with: clare doctor" if n_todo else
+               "set up; check with: clare doctor")
+    emit(ctx, {"steps": steps, "dry_run": args.dry_run, "ok": not failed}, summary)
+    return 1 if failed else 0
+
+
+def doctor_checks(ctx: Context, *, env: Mapping[str, str] | None = None) -> Iterator[Step]:
+    """Check a host: unit, bind, token, peers, hooks, tmux, Claude Code, schema, fingerprint, disk space."""
+    import shutil
+
+    env = os.environ if env is None else env
+    unit = _read_text(unit_path(env))
+    argv = _unit_argv(unit) if unit else []
+    host, port = _arg_after(argv, "--host", DEFAULT_HOST), int(_arg_after(argv, "--port", str(DEFAULT_PORT)))
+    yield _unit_check(unit is not None, unit_path(env))
+    config, token, problem = _config_and_token(ctx)
+    db = ctx.db if os.path.exists(ctx.paths.db) else None
+    yield _bind_check(host, port, token=token, machine_id=db.machine_id if db else None)
+    yield (Step("token", "failed", problem.split("; ")[0], f"chmod 600 {ctx.paths.config}, or fix what it says")
+           if problem else _token_check(ctx.paths.config, token, host=host))
+    if db is None:
+        yield Step("database", "failed", f"no database at {ctx.paths.db}", "clare setup")
+        return
+    for peer in load_peers(config, path=ctx.paths.config):
+        yield _peer_check(db, peer, config)
+    status = hooks_status(settings_path(env), hook_command(ctx.paths.db))
+    missing = [e for e, v in status.items() if v != "installed"]
+    yield (Step("hooks", "failed", f"Clare's hooks are {'missing' if len(missing) == len(status) else 'not all'} "
+                f"in {settings_path(env)} ({', '.join(missing)})", "clare hooks install")
+           if missing else Step("hooks", "ok", f"installed in {settings_path(env)}"))
+    try:
+        yield Step("tmux", "ok", tmux_binary())
+    except ClareError as err:
+        yield Step("tmux", "failed", str(err).split(";")[0], "apt install tmux")
+    try:
+        yield Step("claude", "ok", claude_argv(config, env=env)[0])
+    except ClareError as err:
+        yield Step("claude", "failed", str(err).split(";")[0],
+                   'install Claude Code, or set [fleet] claude_command = "/full/path/to/claude" in clare.toml')
+    version = get_meta(db.conn.cursor(), "schema_version")
+    yield Step("schema", "ok" if version == str(SCHEMA_VERSION) else "failed",
+               f"schema {version}, this clare.py's is {SCHEMA_VERSION}", "" if version == str(SCHEMA_VERSION)
+               else "upgrade clare.py on this host")
+    yield (Step("fingerprint", "failed", db.refusal.split("; ")[0], "clare init --new-id (the log is kept)")
+           if db.refusal else Step("fingerprint", "ok", f"this database was made here ({db.machine_id})"))
+    usage = shutil.disk_usage(os.path.dirname(os.path.abspath(ctx.paths.db)))
+    free = f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB"
+    yield (Step("disk", "ok", f"{free} where the database is") if usage.free >= MIN_FREE_BYTES else
+           Step("disk", "failed", f"only {free} where the database is (under {MIN_FREE_BYTES // 2**20} MiB)",
+                f"free space on the disk of {ctx.paths.db}"))
+
+
+def _arg_after(argv: list[str], flag: str, default: str) -> str:
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else default
+
+
+def _config_and_token(ctx: Context) -> tuple[dict[str, Any], str | None, str | None]:
+    try:
+        config = ctx.config
+        return config, resolve_token(config, path=ctx.paths.config), None
+    except ClareError as err:
+        return {}, None, str(err)  # the token check says what is wrong
+
+
+def _unit_check(has_unit: bool, path: str) -> Step:
+    import shutil
+
+    systemctl = shutil.which("systemctl")
+    if not has_unit:
+        return Step("unit", "failed", f"no unit at {path}", "clare setup")
+    if systemctl is None:  # a container: serve runs under something else, and the bind check sees it
+        return Step("unit", "ok", "no systemd here: serve runs without the unit")
+    code, out = run_tool([systemctl, "--user", "is-active", "clare"])
+    if code == 0 and out == "active":
+        return Step("unit", "ok", "clare.service is active")
+    if out.startswith("Failed to connect"):
+        return Step("unit", "ok", f"no user systemd answers here ({out}): serve runs without the unit")
+    return Step("unit", "failed", f"clare.service is {out or 'not active'}",
+                "systemctl --user enable --now clare; see why: journalctl --user -u clare")
+
+
+def _bind_check(host: str, port: int, *, token: str | None, machine_id: str | None) -> Step:
+    where = f"{'127.0.0.1' if host in WILDCARD_HOSTS else host}:{port}"
+    try:
+        answer = http_json(f"http://{where}", "/api/v1/sync/events?after=0&limit=1", method="GET", body=None,
+                           token=token, timeout_s=DOCTOR_TIMEOUT_S, hint_401="the token in clare.toml is not the "
+                           "one serve uses: restart it (systemctl --user restart clare)")
+    except ClareError as err:
+        return Step("bind", "failed", f"nothing answers as Clare on {where}: {str(err).split(';')[0]}",
+                    "systemctl --user restart clare (or run: clare serve)")
+    if machine_id is not None and answer.get("machine_id") != machine_id:
+        return Step("bind", "failed", f"another Clare answers on {where} (machine id "
+                    f"{str(answer.get('machine_id'))[:63]}, this database's is {machine_id})",
+                    "stop the other one, or give this host another port: clare setup --port PORT")
+    return Step("bind", "ok", f"Clare answers on {where} (machine id {machine_id})")
+
+
+def _token_check(path: str, token: str | None, *, host: str) -> Step:
+    if token is None:
+        return Step("token", "ok" if is_loopback(host) else "failed", f"no token in {path}",
+                    "" if is_loopback(host) else "clare setup (it makes one)")
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o600
+    if mode & 0o077:
+        return Step("token", "failed", f"{path} holds the token and others may read it (mode {mode:o})",
+                    f"chmod 600 {path}")
+    return Step("token", "ok", f"set, {path} is private ({mode:o})")
+
+
+def _peer_check(db: Db, peer: Peer, config: dict[str, Any]) -> Step:
+    report = SyncReport(name=peer.name, url=peer.url)
+    try:
+        transport = HttpPeer(peer.url, token=peer_token(peer, config), timeout_s=DOCTOR_TIMEOUT_S)
+        page = _call_timed(transport.pull, report, now_ms, after=0, limit=1)
+        check_peer_identity(db, _check_page(page, after=0)[0], where=peer.url)
+    except ClareError as err:
+        fix = "clare init --new-id (on the copy)" if "init --new-id" in str(err) else \
+            f"check that clare serve runs on {peer.url} and shares this host's token"
+        return Step(f"peer {peer.name}", "failed", str(err).split(";")[0], fix)
+    offset = report.offset_ms or 0
+    if abs(offset) > MAX_OFFSET_MS:
+        return Step(f"peer {peer.name}", "failed", f"{peer.url} answers; {skew_message(peer.name, offset)}",
+                    "fix the clock (NTP) on whichever host is wrong")
+    return Step(f"peer {peer.name}", "ok", f"{peer.url} answers, clock {_offset(offset)}")
+
+
+def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
+    """Check this host, one line per check with the fix for each failure; exit 1 if any failed."""
+    steps: list[Step] = []
+    for step in doctor_checks(ctx):
+        steps.append(step)
+        if not ctx.as_json:
+            print(format_steps([step]), flush=True)  # a peer that times out shows which one it is
+    failed = [s for s in steps if s.state == "failed"]
+    emit(ctx, {"checks": steps, "ok": not failed},
+         f"{len(failed)} of {len(steps)} checks failed" if failed else f"all {len(steps)} checks passed")
+    return 1 if failed else 0
+
+
 def cmd_project_new(args: argparse.Namespace, ctx: Context) -> None:
     """Create a project."""
-    p = ctx.svc.create_project(args.name, goal=args.goal, owner=args.owner)
-    emit(ctx, p, f"created project {p.name} ({p.id[:SHORT_ID]})")
+    p = ctx.svc.create_project(args.name, goal=args.goal, owner=args.owner, dirs=args.dir)
+    emit(ctx, p, f"created project {p.name} ({p.id[:SHORT_ID]})" + "".join(
+        f"\ncode on {host}: {folder}" for host, folder in p.dirs.items()))
 
 
 def cmd_project_list(args: argparse.Namespace, ctx: Context) -> None:
@@ -7169,6 +9638,7 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
 
     def text() -> str:
         lines = [f"{p.name}  ({p.id})  {p.status}", f"goal:  {p.goal or '-'}", f"owner: {p.owner or '-'}",
+                 *(f"code:  {folder} on {host}" for host, folder in p.dirs.items()),
                  f"tasks: {_counts(p.task_counts)}", "", format_tasks(tasks, with_project=False)]
         if history is not None:
             lines += ["", "history:", format_history(history)]
@@ -7178,10 +9648,12 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
 
 def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
     """Change a project's name, goal, owner or status."""
-    if (args.name, args.goal, args.owner, args.status) == (None, None, None, None):
-        raise UsageError("nothing to change; give --name, --goal, --owner or --status")
-    p = ctx.svc.edit_project(args.project, name=args.name, goal=args.goal, owner=args.owner, status=args.status)
-    emit(ctx, p, f"project {p.name} ({p.id[:SHORT_ID]}): {p.status}, owner {p.owner or '-'}, goal {p.goal or '-'}")
+    if (args.name, args.goal, args.owner, args.status, args.dir) == (None, None, None, None, []):
+        raise UsageError("nothing to change; give --name, --goal, --owner, --status or --dir")
+    p = ctx.svc.edit_project(args.project, name=args.name, goal=args.goal, owner=args.owner, status=args.status,
+                             dirs=args.dir)
+    emit(ctx, p, f"project {p.name} ({p.id[:SHORT_ID]}): {p.status}, owner {p.owner or '-'}, goal {p.goal or '-'}"
+         + "".join(f"\ncode on {host}: {folder}" for host, folder in p.dirs.items()))
 
 
 def cmd_task_add(args: argparse.Namespace, ctx: Context) -> None:
@@ -7323,9 +9795,9 @@ def cmd_group_rm(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
-    """Add a progress note to a task, or inside a Claude pane to that session's task."""
+    """Add a progress note to a task, or inside a Claude pane to that session's task; --done also finishes it."""
     if args.text is not None:
-        u = ctx.svc.post_update(args.text, task_ref=args.task)
+        u = ctx.svc.post_update(args.text, task_ref=args.task, is_done=args.done)
     elif ID_PREFIX_RE.match(args.task) and len(args.task) >= 4:
         raise UsageError(f"the update text is missing after the task id; e.g. clare update {args.task} "
                          "\"parser done, tests next\"")
@@ -7334,8 +9806,9 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
         if not pane_id:
             raise UsageError("not inside a tmux pane; name the task: clare update TASK TEXT")
         socket = os.environ.get("TMUX", "").split(",")[0] or None
-        u = ctx.svc.post_update(args.task, pane=(socket, pane_id))
-    emit(ctx, u, f"noted on task {(u.task_id or '-')[:SHORT_ID]}: {short_text(u.text, 70)}")
+        u = ctx.svc.post_update(args.task, pane=(socket, pane_id), is_done=args.done)
+    emit(ctx, u, f"{'done' if args.done else 'noted on'} task {(u.task_id or '-')[:SHORT_ID]}: "
+                 f"{short_text(u.text, 70)}")
 
 
 def format_sessions(sessions: list[Session], ambiguous: Sequence[Pane] = (), *,
@@ -7377,7 +9850,14 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
-    """List the Claude sessions of every host, as last pulled, the one that needs a person most first."""
+    """List the Claude sessions of every host, as last pulled, the one that needs a person most first.
+
+    `sessions show ID` shows one.
+    """
+    if args.verb == "show":
+        return cmd_sessions_show(args, ctx)
+    if args.session is not None:
+        raise UsageError(f"unexpected {args.session!r}; to see one session: clare sessions show ID")
     sessions = by_urgency(ctx.svc.list_sessions(include_gone=args.all or args.state == "gone"))
     if args.state:
         sessions = [s for s in sessions if s.state == args.state]
@@ -7385,6 +9865,84 @@ def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
     empty = f"no session is {args.state} now; see them all with: clare sessions" if args.state else \
         "no Claude sessions seen; run 'clare pull' on each host (a running 'clare serve' pulls by itself)"
     emit(ctx, sessions, lambda: format_sessions(sessions, ambiguous, empty=empty))
+
+
+def cmd_session_start(args: argparse.Namespace, ctx: Context) -> int:
+    """Start a Claude session for a task in a new tmux window, on this host or another."""
+    o = ctx.svc.start_session(args.task, host=args.host, is_worktree=args.worktree, model=args.model,
+                              config=ctx.config)
+    emit(ctx, o, order_text(o))
+    return 0 if o.result in ("started", "pending") else 1
+
+
+def cmd_session_resume(args: argparse.Namespace, ctx: Context) -> int:
+    """Resume a gone session (claude --resume) in a new tmux window of its host."""
+    o = ctx.svc.resume_session(args.session, config=ctx.config)
+    emit(ctx, o, order_text(o))
+    return 0 if o.result in ("started", "pending") else 1
+
+
+def cmd_session_stop(args: argparse.Namespace, ctx: Context) -> int:
+    """Stop a session: /exit while it waits; --force sends SIGTERM even while it works."""
+    o = ctx.svc.stop_session(args.session, is_force=args.force, config=ctx.config)
+    emit(ctx, o, order_text(o))
+    return 0 if o.result in ("stopped", "pending") else 1
+
+
+def cmd_session_orders(args: argparse.Namespace, ctx: Context) -> None:
+    """List the starts, resumes and stops ordered, with what came of each."""
+    orders = ctx.svc.list_orders(session_id=args.session)
+    emit(ctx, orders, lambda: table(("ORDER", "WHEN", "ACTION", "SESSION", "HOST", "RESULT", "REASON"), (
+        (o.id[:SHORT_ID], when_text(o.created_at), o.action, o.session_id[:SHORT_ID], o.host, o.result,
+         short_text(o.reason, 90)) for o in orders)) if orders else "no session orders")
+def cmd_sessions_show(args: argparse.Namespace, ctx: Context) -> None:
+    """Show one session: state, what it asks, task, where, the command that attaches to it, history."""
+    if args.session is None:
+        raise UsageError("name the session: clare sessions show ID (ids: clare sessions)")
+    d = ctx.svc.get_session_detail(args.session, hosts=ctx.config.get("hosts") or {})
+    s, argv = d.session, d.attach
+
+    def text() -> str:
+        import shlex
+
+        now = now_ms()
+        facts = [("session", s.id), ("label", s.label or "-"),
+                 ("state", f"{SESSION_LABELS.get(s.state, s.state)} since {ago_text(s.state_at, now)}"),
+                 ("asks", f"{s.asked['tool']}: {s.asked['input']}" if s.state == "permission" and s.asked else "-"),
+                 ("task", f"{d.task.id[:SHORT_ID]} {d.task.project}: {d.task.title}" if d.task else "-"),
+                 ("host", s.host), ("cwd", s.cwd or "-"), ("tmux", s.tmux_target or "not in tmux"),
+                 ("active", ago_text(s.last_activity_at, now)), ("tokens", tokens_text(s.tokens)),
+                 ("attach", shlex.join(argv) if argv else "- (not in tmux)")]
+        lines = [f"{k:<8} {v}" for k, v in facts]
+        return "\n".join(lines + ["", "history:", format_history(d.history)])
+    emit(ctx, d, text)
+
+
+def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
+    """Attach this terminal to a session's tmux pane: switch-client inside tmux, attach outside, ssh to another host."""
+    s = ctx.svc.get_session(args.session)
+    argv = attach_command(s, here=ctx.db.machine_id, hosts=ctx.config.get("hosts") or {})
+    if argv is None:
+        raise ClareError(f"session {s.id[:SHORT_ID]} runs outside tmux: there is no pane to attach to")
+    if s.state == "gone":
+        raise ClareError(f"session {s.id[:SHORT_ID]} is gone; see live ones with: clare sessions")
+    env = dict(os.environ)
+    inside = (env.get("TMUX") or "").split(",")[0]
+    if argv[0] == "tmux":
+        argv[0] = tmux_binary()
+        if inside and os.path.realpath(inside) == os.path.realpath(s.tmux_socket or ""):
+            argv[3] = "switch-client"  # already in that server: move this client, never nest
+        elif inside:
+            env.pop("TMUX")  # another server: attach inside this pane, as tmux allows once TMUX is unset
+    if args.print:
+        emit(ctx, argv, lambda: " ".join(argv))
+        return 0
+    import subprocess
+
+    try:
+        return subprocess.run(argv, env=env).returncode  # the terminal is the user's: no capture, no timeout
+    except OSError as err:
+        raise ClareError(f"cannot run {argv[0]}: {err.strerror}; install it or attach by hand") from err
 
 
 def cmd_hook(args: argparse.Namespace, ctx: Context) -> int:
@@ -7693,6 +10251,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync and pull the fleet meanwhile."""
     import threading
 
+    if ctx.db.refusal is not None:  # a copy: everything serve does in the background writes
+        raise Conflict(ctx.db.refusal)
     settings = ctx.config
     config = web_config(ctx.paths, settings=settings, host=args.host, port=args.port, log_requests=args.log)
     peers = [] if args.no_sync else list(config.peers)
@@ -7713,6 +10273,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
         start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log)
         start_background_pull(ctx.paths.db, settings, stop=stop, log=log)
+        base_url = str((settings.get("notify") or {}).get("url") or server.url)
+        start_background_notify(ctx.paths.db, settings, base_url=base_url, stop=stop, log=log)
     try:
         run_server(server, on_start=started)
     finally:
@@ -7739,6 +10301,7 @@ GROUP_HELP = {
     "group": "name groups of sessions by cwd, host or tmux session name",
     "hooks": "install, remove and check Clare's Claude Code hooks",
     "peer": "add, list and remove the hosts this one syncs with",
+    "session": "start, resume and stop Claude sessions for tasks, on any host",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
 _GLOBAL_ARGS = (
@@ -7750,6 +10313,9 @@ _GLOBAL_ARGS = (
 )
 # The same options after the verb (`clare task list --home /tmp/c2`): SUPPRESS keeps a value given before it.
 _LEAF_GLOBAL_ARGS = tuple((flags, {**options, "default": argparse.SUPPRESS}) for flags, options in _GLOBAL_ARGS)
+_DIR_ARG = arg("--dir", action="append", default=[], metavar="[HOST:]PATH",
+               help="where the code lives: /PATH on this host, HOST:/PATH on another (machine id or unique peer "
+                    "name), HOST: to forget it; repeat per host")
 
 _SERVE_ARGS = (
     arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
@@ -7764,18 +10330,24 @@ _SERVE_ARGS = (
 # The one statement of what works on this host only (its database file, tmux, Claude hooks,
 # clare.toml): main() refuses these under --remote before they run. Only their handlers use
 # ctx.db (a test keeps that true); the others reach data through ctx.svc, local or remote.
-LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("hooks", "install"), ("hooks", "uninstall"),
+LOCAL_COMMANDS = frozenset({("init",), ("pull",), ("attach",), ("hooks", "install"), ("hooks", "uninstall"),
                             ("hooks", "status"), ("serve",), ("web",), ("peer", "add"), ("peer", "rm"),
-                            ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",)})
+                            ("peer", "list"), ("sync",), ("export",), ("restore",), ("install",),
+                            ("setup",), ("doctor",)})
 
 COMMANDS: list[Command] = [
     Command(("init",), cmd_init, "create the database and this host's machine id (idempotent)",
-            "clare init\n  clare --home /tmp/c2 init --machine-id apricot",
-            (arg("--machine-id", help="this host's id in every event (default: the host name)"),)),
+            "clare init\n  clare --home /tmp/c2 init --machine-id apricot\n  clare init --new-id   # on a copy",
+            (arg("--machine-id", help="this host's id in every event (default: the host name and a random "
+                 "suffix, e.g. apricot-3f9a2c; one you give must be unique in the fleet)"),
+             arg("--new-id", action="store_true",
+                 help="give this database a new machine id and db id, keeping its log: the fix for a copy "
+                      "(a cloned VM or a copied home)"))),
     Command(("project", "new"), cmd_project_new, "create a project",
-            'clare project new alpha --goal "ship v1" --owner ana',
+            'clare project new alpha --goal "ship v1" --owner ana'
+            '\n  clare project new api --dir /srv/api --dir apricot:/home/ana/api',
             (arg("name"), arg("--goal", default="", help="what done looks like"),
-             arg("--owner", default="", help="who answers for it"))),
+             arg("--owner", default="", help="who answers for it"), _DIR_ARG)),
     Command(("project", "list"), cmd_project_list, "list projects with task counts",
             "clare project list --status active",
             (arg("--status", choices=PROJECT_STATUSES),)),
@@ -7784,9 +10356,9 @@ COMMANDS: list[Command] = [
             (arg("project", help="name or id prefix"), arg("--history", action="store_true",
                                                             help="also list what happened, oldest first"))),
     Command(("project", "set"), cmd_project_set, "change a project's name, goal, owner or status",
-            "clare project set alpha --status paused",
+            "clare project set alpha --status paused\n  clare project set alpha --dir apricot:/srv/api --dir fig:",
             (arg("project", help="name or id prefix"), arg("--status", choices=PROJECT_STATUSES),
-             arg("--goal"), arg("--owner"), arg("--name", help="rename it"))),
+             arg("--goal"), arg("--owner"), arg("--name", help="rename it"), _DIR_ARG)),
     Command(("task", "add"), cmd_task_add, "add a task to a project",
             'clare task add alpha "write the parser" --prio 1 --desc "tokens first" --tag backend',
             (arg("project", help="name or id prefix"), arg("title"),
@@ -7846,16 +10418,40 @@ COMMANDS: list[Command] = [
     Command(("group", "rm"), cmd_group_rm, "remove a group (its tasks become unassigned)",
             "clare group rm backend", (arg("group", help="name or id prefix"),)),
     Command(("update",), cmd_update, "add a progress note to a task (inside a Claude pane: to its task)",
-            'clare update "parser done, starting tests"\n  clare update 3f2a "blocked on review"',
+            'clare update "parser done, starting tests"\n  clare update 3f2a "blocked on review"'
+            '\n  clare update --done "parser and tests merged"',
             (arg("task", metavar="TASK|TEXT", help="task id or unique prefix; inside a Claude pane just the text"),
-             arg("text", nargs="?"))),
+             arg("text", nargs="?"),
+             arg("--done", action="store_true", help="the note is the summary and the task is done"))),
     Command(("status",), cmd_status, "the roll-up: per project task counts and tokens, per session its task",
             "clare status --project alpha\n  clare status --group backend --json",
             (arg("--project", help="name or id prefix"), arg("--group", help="group name or id prefix"))),
-    Command(("sessions",), cmd_sessions, "list Claude sessions, most urgent first: host, tmux, state, activity, task",
-            "clare sessions\n  clare sessions --state waiting\n  clare sessions --all --json",
-            (arg("--all", action="store_true", help="also sessions that are gone"),
+    Command(("sessions",), cmd_sessions, "list sessions, most urgent first (host, tmux, state, task); or show one",
+            "clare sessions\n  clare sessions --state waiting\n  clare sessions --all --json"
+            "\n  clare sessions show 7c1e9b",
+            (arg("verb", nargs="?", choices=("show",), help="show: one session's page as text"),
+             arg("session", nargs="?", help="with show: session id or unique prefix"),
+             arg("--all", action="store_true", help="also sessions that are gone"),
              arg("--state", choices=SESSION_STATES, help="only sessions in this state"))),
+    Command(("session", "start"), cmd_session_start, "start a Claude session for a task in a new tmux window",
+            "clare session start 3f2a\n  clare session start 3f2a --host apricot --worktree --model sonnet",
+            (_TASK_REF, arg("--host", help="machine id or unique peer name (default: where the project's code is)"),
+             arg("--worktree", action="store_true",
+                 help="work in a new git worktree and branch clare/<id>-<title> beside the repository"),
+             arg("--model", help="the model Claude uses (claude --model)"))),
+    Command(("session", "resume"), cmd_session_resume, "resume a gone session in a new tmux window of its host",
+            "clare session resume 7c1e9b", (arg("session", help="session id or unique prefix"),)),
+    Command(("session", "stop"), cmd_session_stop, "stop a session: /exit while it waits (--force: SIGTERM)",
+            "clare session stop 7c1e9b\n  clare session stop 7c1e9b --force",
+            (arg("session", help="session id or unique prefix"),
+             arg("--force", action="store_true", help="send SIGTERM to Claude even while it works"))),
+    Command(("session", "orders"), cmd_session_orders, "list session starts, resumes and stops with their results",
+            "clare session orders\n  clare session orders --session 7c1e9b --json",
+            (arg("--session", help="only this session's (full id)"),)),
+    Command(("attach",), cmd_attach, "attach this terminal to a session's tmux pane (over ssh for another host)",
+            "clare attach 7c1e9b\n  clare attach 7c1e9b --print",
+            (arg("session", help="session id or unique prefix"),
+             arg("--print", action="store_true", help="print the command instead of running it"))),
     Command(("pull",), cmd_pull, "look at this host's Claude sessions and record what changed",
             "clare pull\n  clare pull --tails --json",
             (arg("--tails", action="store_true",
@@ -7910,6 +10506,19 @@ COMMANDS: list[Command] = [
             "clare restore ~/backups/clare.db --yes",
             (arg("backup", help="a copy of this host's clare.db"),
              arg("--yes", action="store_true", help="really replace what the database holds now"))),
+    Command(("setup",), cmd_setup, "set this host up: database, token, launcher, systemd unit, hooks, peer "
+            "(idempotent)",
+            "python3 clare.py setup --bind 10.9.0.2\n  python3 clare.py setup --bind 10.9.0.3 --peer "
+            "http://10.9.0.2:8765\n  clare setup --dry-run",
+            (arg("--bind", default=DEFAULT_HOST, metavar="ADDR",
+                 help=f"the address serve listens on, this host's on the peers' network (default {DEFAULT_HOST}: "
+                      "no peer can reach it)"),
+             arg("--port", type=int, default=DEFAULT_PORT, help=f"its port (default {DEFAULT_PORT})"),
+             arg("--peer", metavar="URL", help="a host to sync with, e.g. http://10.9.0.2:8765"),
+             arg("--bin", default="~/.local/bin", help="folder for the launcher (default ~/.local/bin)"),
+             arg("--dry-run", action="store_true", help="print each step and change nothing"))),
+    Command(("doctor",), cmd_doctor, "check this host: unit, bind, token, peers, hooks, tmux, Claude Code, "
+            "database, disk", "clare doctor\n  clare doctor --json"),
     Command(("install",), cmd_install, "write a `clare` launcher that starts faster than python3 clare.py",
             "python3 clare.py install          # writes ~/.local/bin/clare\n  clare task list",
             (arg("--bin", default="~/.local/bin", help="folder for the launcher (default ~/.local/bin)"),)),

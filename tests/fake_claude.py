@@ -6,7 +6,10 @@ under bash (FAKE_CLAUDE_SESSION_ID in the environment sets the id without a flag
 (one JSON line per submitted prompt, and any Enter that would approve its permission dialog)
 to $CLAUDE_CONFIG_DIR (or ~/.claude)/fake-received.jsonl.
 
-Prompts it understands: `perm` opens a permission dialog (Enter would approve it; `2` or Esc
+`--resume ID` continues session ID; `--trust` first shows the trust-this-folder screen (Enter would
+trust it: recorded as {"trusted": true}); each start is recorded as {"session_id", "argv", "cwd"} in fake-started.jsonl.
+
+Prompts it understands: `/exit` ends the session, `perm` opens a permission dialog (Enter would approve it; `2` or Esc
 closes it), `work` starts a turn that runs a tool and stays working (prompts typed meanwhile are
 queued, as Claude does) until Esc interrupts it; anything else gets a one-line answer and ends
 the turn.
@@ -35,8 +38,10 @@ def iso_now() -> str:
 
 class Fake:
     def __init__(self, argv: list[str]):
-        self.session_id = (argv[argv.index("--session-id") + 1] if "--session-id" in argv
+        flag = next((f for f in ("--session-id", "--resume") if f in argv), None)  # --resume keeps the id
+        self.session_id = (argv[argv.index(flag) + 1] if flag
                            else os.environ.get("FAKE_CLAUDE_SESSION_ID") or str(uuid.uuid4()))
+        self.trusting = "--trust" in argv  # shows the trust-this-folder screen first, as for a new folder
         self.has_registry = "--no-registry" not in argv
         self.cwd = os.getcwd()
         slug = re.sub(r"[^A-Za-z0-9]", "-", self.cwd)
@@ -49,6 +54,8 @@ class Fake:
         self.buffer = b""
         self.n_msg = 0
         os.makedirs(os.path.dirname(self.transcript), exist_ok=True)
+        with open(os.path.join(ROOT, "fake-started.jsonl"), "a") as f:
+            f.write(json.dumps({"session_id": self.session_id, "argv": argv, "cwd": self.cwd}) + "\n")
         self.set_status("idle")
         self.hook("SessionStart", source="startup")
         if "--greet" in argv:
@@ -109,7 +116,10 @@ class Fake:
 
     def draw(self) -> None:
         out = "\x1b[2J\x1b[H" + f"* fake claude {self.session_id}\r\n"
-        if self.dialog:
+        if self.trusting:
+            out += (f"Accessing workspace:\r\n  {self.cwd}\r\nQuick safety check: Is this a project you created or "
+                    "one you trust?\r\n\u276f 1. Yes, I trust this folder\r\n  2. No, exit\r\n")
+        elif self.dialog:
             out += ("Bash command\r\n  rm -rf build\r\nDo you want to proceed?\r\n"
                     "\u276f 1. Yes\r\n  2. No, and tell Claude what to do differently (esc)\r\n")
         else:
@@ -123,6 +133,10 @@ class Fake:
 
     def handle(self, text: str) -> None:
         self.buffer = b""
+        if self.trusting:
+            self.record(trusted=True)  # Enter on the trust screen trusts the folder: a test asserts never
+            self.trusting = False
+            return
         if self.dialog:
             self.record(approved=True)  # Enter in a permission dialog approves it: a test asserts never
             self.dialog = False
@@ -131,6 +145,9 @@ class Fake:
             self.record(queued=text)  # Claude queues a prompt typed during a turn
             return
         self.record(prompt=text)
+        if text == "/exit":  # a local command: no prompt line, no UserPromptSubmit; the session ends
+            self.hook("SessionEnd", reason="prompt_input_exit")
+            raise SystemExit(0)
         self.line("user", {"role": "user", "content": text})
         self.hook("UserPromptSubmit", prompt=text)
         if text == "perm":

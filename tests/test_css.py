@@ -45,6 +45,6 @@ def test_the_stylesheet_is_served_from_memory_under_its_hash_for_a_year(server, 
     assert css.status == 200 and css.headers["content-type"] == "text/css; charset=utf-8"
     assert css.headers["cache-control"] == "public, max-age=31536000, immutable"
     assert css.body == clare.STYLESHEET.encode()
-    assert href == f"/static/clare.css?v={hashlib.sha256(css.body).hexdigest()[:16]}"
+    assert href == f"/static/clare.css?v={hashlib.sha256(css.body).hexdigest()[:12]}"
     error_page = server.request("GET", "/no/such/page")
     assert error_page.status == 404 and f'href="{href}"' in error_page.text
