@@ -24,6 +24,7 @@ Sections (each uses only the ones above it):
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -57,6 +58,8 @@ STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocke
 SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
 UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
+# The reason of a queued delivery that was not typed: its host tries again at each pull until it expires.
+DRAFT_WAIT_REASON = "the composer holds unsent text; the broadcast waits until the draft is sent or cleared"
 PRIORITIES = range(5)  # 0 is the most urgent, as in P0
 DEFAULT_PRIORITY = 2
 MAX_NAME_CHARS = 100
@@ -89,6 +92,12 @@ class Conflict(ClareError):
 
 class Forbidden(ClareError):
     http_status = 403
+
+
+class DiskFull(ClareError):
+    """No room to write: nothing of the refused write was stored, and nothing stored was lost."""
+
+    http_status = 507
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +208,13 @@ def iso_ms(ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
+def _duration(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1000)):
+        if ms >= size:
+            return f"{ms / size:.1f} {unit}"
+    return f"{ms} ms"
+
+
 def new_id() -> str:
     """Return a fresh random id: 32 lowercase hex digits (a uuid4 without dashes)."""
     return new_uuid().replace("-", "")
@@ -303,7 +319,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -354,6 +370,17 @@ CREATE TABLE IF NOT EXISTS sync_peers (          -- what the last sync with each
     n_pushed     INTEGER NOT NULL DEFAULT 0       -- events new to the peer, all time
 );
 """
+DEFERRED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sync_deferred (       -- peer events held back: stamped beyond now + MAX_OFFSET_MS
+    peer_url   TEXT NOT NULL,                    -- where it is fetched from ('pull') or sent to ('push')
+    direction  TEXT NOT NULL,                    -- 'pull' or 'push'
+    uuid       TEXT NOT NULL,
+    hlc        TEXT NOT NULL,                    -- retried once its wall time is within the bound
+    reason     TEXT NOT NULL,
+    since_ms   INTEGER NOT NULL,
+    PRIMARY KEY (peer_url, direction, uuid)
+);
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,13 +429,15 @@ class PeerStatus:
 class Db:
     """One SQLite connection with the identity of the log it holds."""
 
-    __slots__ = ("conn", "path", "machine_id", "refusal")
+    __slots__ = ("conn", "path", "machine_id", "refusal", "warnings", "full")
 
     def __init__(self, conn: sqlite3.Connection, path: str, machine_id: str, *, refusal: str | None = None):
         self.conn = conn  # autocommit mode: write_txn() opens every write transaction
         self.path = path
         self.machine_id = machine_id  # stamps every event made here
         self.refusal = refusal  # why writes are refused (a copy made elsewhere: see check_home), or None
+        self.warnings: list[str] = []  # what a write here should tell its user (a clock one peer finds off)
+        self.full: DiskFull | None = None  # opened for reading only, as the disk was full: every write raises it
 
     @property
     def db_id(self) -> str:
@@ -442,16 +471,148 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous_mode()}")
         conn.row_factory = sqlite3.Row
         meta = _read_meta(conn)
         if meta.get("schema_version") != str(SCHEMA_VERSION) or "machine_id" not in meta:
             meta = _migrate(conn, meta, machine_id=machine_id)
         refusal = None if path == ":memory:" else _check_home(conn, meta, path=os.path.realpath(path))
+        if path != ":memory:":
+            _check_served(conn, path, meta["db_id"])
     except sqlite3.DatabaseError as err:
+        full = storage_error(path, err)
+        if full is not None:
+            return _open_read_only(path, full)
         raise ClareError(f"cannot open database {path}: {err}; check the path, or move a damaged "
                          "file aside and restore it from a peer with 'clare sync'") from err
     return Db(conn, path, meta["machine_id"], refusal=refusal)
+
+
+SYNCHRONOUS_MODES = ("FULL", "NORMAL")
+
+
+def synchronous_mode(env: dict[str, str] | None = None) -> str:
+    """Return SQLite's synchronous setting: FULL unless CLARE_SYNCHRONOUS=NORMAL (test suites, throwaway hosts).
+
+    FULL: an acknowledged write survives a power cut, not only kill -9. Measured on ext4 (2 cores):
+    +7 ms per write transaction, a CLI write ~10 % slower, an API write 0.6 -> 8 ms; durability wins.
+    """
+    value = (os.environ if env is None else env).get("CLARE_SYNCHRONOUS", "FULL").upper()
+    if value not in SYNCHRONOUS_MODES:
+        raise UsageError(f"CLARE_SYNCHRONOUS={value[:20]!r} is not FULL or NORMAL; unset it for FULL")
+    return value
+
+
+SERVED_SUFFIX = ".served"  # beside the database: "DB_ID RSEQ", the highest receipt number peers were told of
+
+
+def _check_served(conn: sqlite3.Connection, path: str, db_id: str) -> None:
+    """Give the log a new db_id if it ends below a receipt number peers were told of (a lost -wal).
+
+    A -wal lost after kill -9 (or a power cut under synchronous=NORMAL) takes the newest events
+    with it, and the next events reuse their receipt numbers under the same db_id: a peer whose
+    cursor is past them would skip them for good. The mark lives outside the database, so
+    the loss cannot take it too; under a new db_id peers read this log again from 0.
+    """
+    served = read_served(path)
+    if served is None or served[0] != db_id:
+        return
+    head = conn.execute("SELECT coalesce(max(rseq), 0) FROM events").fetchone()[0]
+    if head < served[1]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()[0] == db_id:
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'db_id'", (new_uuid(),))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def read_served(path: str) -> tuple[str, int] | None:
+    """Return (db_id, rseq) of the served mark beside the database, None if there is none (or it is garbled)."""
+    try:
+        with open(path + SERVED_SUFFIX, encoding="ascii") as f:
+            db_id, rseq = f.read(200).split()
+        return db_id, int(rseq)
+    except (OSError, ValueError):
+        return None
+
+
+def note_served(db: Db, db_id: str, rseq: int) -> None:
+    """Raise the served mark to `rseq` before peers are told of it; written only when it grows.
+
+    Inside a write transaction, so two servers' threads never lower each other's mark; written
+    to a new file, synced and renamed, so a crash leaves the old mark or the new one.
+    """
+    served = read_served(db.path)
+    if db.path == ":memory:" or (served is not None and served[0] == db_id and served[1] >= rseq):
+        return
+    with write_txn(db):
+        served = read_served(db.path)
+        if served is not None and served[0] == db_id and served[1] >= rseq:
+            return
+        staging = f"{db.path}{SERVED_SUFFIX}.tmp"
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            data = f"{db_id} {rseq}\n".encode()
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(staging, db.path + SERVED_SUFFIX)
+
+
+LOW_SPACE_BYTES = 1024 * 1024  # with less free than this, an I/O error while writing is a full disk
+
+
+def storage_error(path: str, err: BaseException) -> DiskFull | None:
+    """Return the plain error for a write that found no room (a full disk, or SQLite's size limit); else None.
+
+    A full disk used to read "disk I/O error ... move a damaged file aside": advice that throws
+    away an intact database and its unsynced writes.
+    """
+    code = getattr(err, "sqlite_errorcode", None)
+    is_full = code is not None and code & 0xFF == 13  # SQLITE_FULL
+    is_io = (code is not None and code & 0xFF == 10) or (isinstance(err, OSError) and err.errno == errno.ENOSPC)
+    free = free_bytes(path)
+    if not is_full and not (is_io and free is not None and free < LOW_SPACE_BYTES):
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    return DiskFull(f"the disk is full ({'?' if free is None else free} bytes free at {folder}); free space and "
+                    "retry — nothing was lost")
+
+
+def free_bytes(path: str) -> int | None:
+    """Return the bytes free for this user on the filesystem that holds `path`, None if unknown."""
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _open_read_only(path: str, full: DiskFull) -> "Db":
+    """Open a database the full disk keeps from opening for writing, for reading only, if SQLite can.
+
+    Without a -wal beside it the file holds every committed event, and an immutable read needs no
+    -shm (which a full disk cannot create); every write through it raises `full` again.
+    """
+    if os.path.exists(path + "-wal") and os.path.getsize(path + "-wal") > 0:
+        raise full  # its newest events are in the -wal: reading without it would show an older log
+    try:
+        conn = sqlite3.connect(f"file:{os.path.abspath(path)}?immutable=1", uri=True, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        meta = _read_meta(conn)
+    except sqlite3.DatabaseError as err:
+        raise full from err
+    if "machine_id" not in meta:
+        raise full
+    db = Db(conn, path, meta["machine_id"])
+    db.full = full
+    return db
 
 
 def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
@@ -487,6 +648,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
 
 
 _MIGRATIONS[1] = [EVENTS_SCHEMA, SYNC_SCHEMA]
+_MIGRATIONS[5] = [DEFERRED_SCHEMA]
 
 
 # --- where the database runs: a copy made elsewhere must not write under the same machine id ----
@@ -563,21 +725,34 @@ def _db_id_at(path: str) -> str | None:
 
 @contextlib.contextmanager
 def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
-    """Run the block in one BEGIN IMMEDIATE transaction: all of it is stored, or none."""
+    """Run the block in one BEGIN IMMEDIATE transaction: all of it is stored, or none.
+
+    A write that finds no room (SQLITE_FULL, or an I/O error on a full disk) rolls back and
+    raises DiskFull: the database keeps everything committed before.
+    """
     if db.refusal is not None:
         raise Conflict(db.refusal)
+    if db.full is not None:
+        raise db.full
     cur = db.conn.cursor()
     try:
         cur.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as err:
+        full = storage_error(db.path, err)
+        if full is not None:
+            raise full from err
         raise ClareError(f"database {db.path} is busy ({err}); another Clare holds it too long, "
                          "try again") from err
     try:
         yield cur
-    except BaseException:
-        cur.execute("ROLLBACK")
+        cur.execute("COMMIT")
+    except BaseException as err:
+        if db.conn.in_transaction:  # SQLite rolls back by itself after some SQLITE_FULL errors
+            cur.execute("ROLLBACK")
+        full = storage_error(db.path, err) if isinstance(err, (sqlite3.Error, OSError)) else None
+        if full is not None:
+            raise full from err
         raise
-    cur.execute("COMMIT")
 
 
 @contextlib.contextmanager
@@ -730,13 +905,6 @@ def list_own_events(db: Db, types: Iterable[str], *, before_rseq: int | None = N
     return [_event_from_row(r) for r in rows]
 
 
-def list_undone(db: Db) -> set[str]:
-    """Return the uuids of events that this host's undo events name (payload `undoes`)."""
-    rows = db.conn.execute("""SELECT json_extract(payload, '$.undoes') FROM events
-                               WHERE machine_id = ? AND instr(payload, '"undoes":') > 0""", (db.machine_id,))
-    return {r[0] for r in rows if isinstance(r[0], str)}
-
-
 def iter_events(db: Db, *, after: int = 0, batch: int = 1000) -> Iterator[Event]:
     """Yield every event with rseq > after, in local receipt order, a page at a time."""
     cur = db.conn.cursor()
@@ -841,6 +1009,59 @@ def restore_db(db: Db, backup_path: str) -> str:
     return db_id
 
 
+def is_unreadable(path: str) -> bool:
+    """Say whether the file at `path` exists but SQLite cannot read it as a database (damaged, or not one)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
+        try:
+            return conn.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok"
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return True
+
+
+def restore_in_place_of(path: str, backup_path: str) -> tuple[str, str | None]:
+    """Put a backup where an unreadable or missing database was, under a new db_id; return (db_id, damaged file).
+
+    Nothing is written until the backup has been read and checked; the damaged file is kept
+    beside under another name, never deleted: it may hold what no peer has.
+    """
+    staging = f"{path}.restore"
+    _remove_db_files(staging)
+    try:
+        src = sqlite3.connect(f"file:{os.path.abspath(backup_path)}?mode=ro", uri=True)
+        try:
+            meta = _read_meta(src)
+            if not meta.get("machine_id"):
+                raise ClareError(f"{backup_path} is not a Clare database (it has no machine id); give a copy "
+                                 "of clare.db made earlier")
+            copy = sqlite3.connect(staging, isolation_level=None)
+            try:
+                src.backup(copy)
+                db_id = new_uuid()
+                set_meta(copy.cursor(), "db_id", db_id)
+            finally:
+                copy.close()
+        finally:
+            src.close()
+    except BaseException as err:
+        _remove_db_files(staging)
+        if isinstance(err, sqlite3.DatabaseError):
+            raise ClareError(f"cannot read {backup_path} as a Clare database ({err}); check the path") from err
+        raise
+    aside = None
+    if os.path.exists(path):
+        aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if os.path.exists(path + suffix):
+                os.replace(path + suffix, aside + suffix)
+    os.replace(staging, path)
+    return db_id, aside
+
+
 def _remove_db_files(path: str) -> None:
     for suffix in ("", "-journal", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
@@ -919,6 +1140,116 @@ def list_peer_status(db: Db) -> list[PeerStatus]:
     return [PeerStatus(*r) for r in rows]
 
 
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    peer_url: str
+    direction: str  # 'pull': fetch it from the peer once within the bound; 'push': send it again then
+    uuid: str
+    hlc: str
+    reason: str
+    since_ms: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the entry as the JSON object the CLI and API print."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def save_deferred(cur: sqlite3.Cursor, peer_url: str, direction: str, held: Iterable[tuple[Event, str]], *,
+                  now_ms: int) -> None:
+    """Remember events held back from or by a peer, with the reason, to retry them later. In a txn."""
+    cur.executemany(
+        """INSERT OR IGNORE INTO sync_deferred (peer_url, direction, uuid, hlc, reason, since_ms)
+           VALUES (?, ?, ?, ?, ?, ?)""",
+        ((peer_url, direction, ev.uuid, ev.hlc, reason, now_ms) for ev, reason in held))
+
+
+def drop_deferred(cur: sqlite3.Cursor, peer_url: str, direction: str, uuids: Iterable[str]) -> None:
+    """Forget deferred entries that went through; and every 'pull' entry whose event is stored now. In a txn."""
+    cur.executemany("DELETE FROM sync_deferred WHERE peer_url = ? AND direction = ? AND uuid = ?",
+                    ((peer_url, direction, u) for u in uuids))
+    cur.execute("""DELETE FROM sync_deferred WHERE direction = 'pull'
+                    AND EXISTS (SELECT 1 FROM events WHERE events.uuid = sync_deferred.uuid)""")
+
+
+def list_deferred(db: Db, *, peer_url: str | None = None, direction: str | None = None,
+                  max_wall_ms: int | None = None) -> list[Deferred]:
+    """Return the deferred entries (of one peer, one direction, stamped up to max_wall_ms), oldest stamp first."""
+    rows = db.conn.execute(
+        """SELECT peer_url, direction, uuid, hlc, reason, since_ms FROM sync_deferred
+            WHERE (?1 IS NULL OR peer_url = ?1) AND (?2 IS NULL OR direction = ?2) AND (?3 IS NULL OR hlc < ?3)
+            ORDER BY hlc, uuid""",
+        (peer_url, direction, None if max_wall_ms is None else f"{max_wall_ms + 1:013d}"))
+    return [Deferred(*r) for r in rows]
+
+
+CLOCK_VOTE_MAX_AGE_MS = 15 * 60 * 1000  # a peer's clock offset measured longer ago than this no longer counts
+
+
+@dataclass(frozen=True, slots=True)
+class ClockCheck:
+    """What this host's peers say of its wall clock, and how far its stored HLC runs ahead of it."""
+
+    n_votes: int  # reachable peers: a round succeeded with each lately
+    ahead_of: tuple[str, ...]  # peers that find this clock ahead of theirs by more than MAX_OFFSET_MS
+    behind: tuple[str, ...]  # ... and behind theirs
+    offset_ms: int  # this clock minus the skewed peers' (their median), 0 when none is skewed
+    hlc_ahead_ms: int  # the stored HLC minus the wall clock, when over MAX_OFFSET_MS; else 0
+
+    @property
+    def is_refused(self) -> bool:
+        """Say whether user writes are refused: two or more reachable peers, a majority, agree it is off."""
+        n = max(len(self.ahead_of), len(self.behind))
+        return n >= 2 and 2 * n > self.n_votes
+
+    @property
+    def message(self) -> str | None:
+        """Return the one line that says what is off and the fix; None when all is well."""
+        peers = self.ahead_of if len(self.ahead_of) >= len(self.behind) else self.behind
+        if not peers:
+            return None
+        way = "ahead of" if self.offset_ms > 0 else "behind"
+        said = (f"this host's clock is {_duration(abs(self.offset_ms))} {way} {len(peers)} of its "
+                f"{self.n_votes} reachable peers ({', '.join(peers)}), more than the {MAX_OFFSET_MS // 60000} min "
+                "allowed")
+        if self.is_refused:
+            return (f"{said}: user writes are refused so they cannot win every conflict (nothing was written); "
+                    "fix this host's clock (timedatectl set-ntp true, or chronyc makestep) and retry")
+        return (f"{said}; one peer is not enough to refuse writes: check the clocks (timedatectl) of this host "
+                "and that peer")
+
+    @property
+    def hlc_message(self) -> str | None:
+        """Say that the stored HLC runs ahead of the wall clock (a clock that was ahead, then fixed)."""
+        if not self.hlc_ahead_ms:
+            return None
+        return (f"this host's stored clock (HLC) is {_duration(self.hlc_ahead_ms)} ahead of its wall clock, "
+                "as after a clock that ran ahead and was fixed: its new events carry that time, and peers hold "
+                "them back (deferred) until real time is within "
+                f"{MAX_OFFSET_MS // 60000} min of it; nothing is lost, it passes by itself")
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the check as the JSON object status prints."""
+        return {**{name: getattr(self, name) for name in self.__slots__}, "is_refused": self.is_refused,
+                "message": self.message, "hlc_message": self.hlc_message}
+
+
+def check_clock(cur: sqlite3.Cursor | sqlite3.Connection, *, machine_id: str, now_ms: int) -> ClockCheck:
+    """Return what the peers' last rounds say of this host's clock, and its stored HLC's lead."""
+    rows = cur.execute(
+        """SELECT name, offset_ms FROM sync_peers
+            WHERE offset_ms IS NOT NULL AND last_error IS NULL AND last_ok_ms BETWEEN ? AND ?
+            ORDER BY name""", (now_ms - CLOCK_VOTE_MAX_AGE_MS, now_ms + 60_000)).fetchall()
+    # A round measured before this clock was set back lies in the future: it is no vote on today's clock.
+    ahead_of = tuple(r[0] for r in rows if r[1] < -MAX_OFFSET_MS)
+    behind = tuple(r[0] for r in rows if r[1] > MAX_OFFSET_MS)
+    skewed = sorted(-r[1] for r in rows if abs(r[1]) > MAX_OFFSET_MS
+                    and (r[1] < 0) == (len(ahead_of) >= len(behind)))
+    text = get_meta(cur if isinstance(cur, sqlite3.Cursor) else cur.cursor(), "clock")
+    hlc_ahead = parse_hlc(text).wall_ms - now_ms if text else 0
+    return ClockCheck(len(rows), ahead_of, behind, skewed[len(skewed) // 2] if skewed else 0,
+                      hlc_ahead if hlc_ahead > MAX_OFFSET_MS else 0)
+
+
 # ==========================================================================
 # 4. Projections: the tables derived from the log, their appliers, replay and queries.
 # ==========================================================================
@@ -982,7 +1313,7 @@ CREATE TABLE event_refs (                       -- which events name which entit
 """
 PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
                      "deliveries", "project_dirs", "orders")
-REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
+REF_KEYS = ("project_id", "task_id", "session_id", "group_id", "successor_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
 
@@ -1114,8 +1445,8 @@ CREATE TABLE orders (                           -- start, resume or stop a sessi
 CREATE INDEX orders_host ON orders (host, result);
 CREATE INDEX orders_session ON orders (session_id);
 """
-# Version 2 adds tables only. COMPAT: a version-1 peer stores and relays project.dir_set and the
-# order events without applying them; `clare replay` after the upgrade applies what it kept.
+# This version adds tables only. COMPAT: an older peer stores and relays project.dir_set and the
+# order events without applying them; `clare replay` after its upgrade applies what it kept.
 _MIGRATIONS[3] = [DISPATCH_SCHEMA]
 
 
@@ -1149,6 +1480,7 @@ class Task:
     group_id: str | None  # ... or one group, or neither
     tags: tuple[str, ...] = ()  # sorted
     removed_at: str | None = None  # set while the task is removed (task rm); it then leaves every list
+    group: str | None = None  # the name of group_id's group, for display
 
     def to_json(self) -> dict[str, Any]:
         """Return the task as the JSON object the CLI and API print."""
@@ -1369,13 +1701,32 @@ def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
 
 
 def record(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any], *, now_ms: int) -> Event:
-    """Append a new local event and apply it. Call inside write_txn."""
+    """Append a new local event and apply it. Call inside write_txn.
+
+    A user's write is refused while this host's peers agree its clock is off (see ClockCheck);
+    what the host observes (its sessions, hook reports, deliveries) is always recorded.
+    """
+    if not is_observation(event_type, payload):
+        clock = check_clock(cur, machine_id=db.machine_id, now_ms=now_ms)
+        if clock.is_refused:
+            raise ClareError(clock.message)
+        if clock.message and clock.message not in db.warnings:
+            db.warnings.append(clock.message)
     ev = make_event(db, cur, event_type, payload, now_ms=now_ms)
     reason = not_understood(check_payload(ev))
     if reason is not None and event_type in APPLIERS:  # a bug in a service: its own events are understood
         raise ClareError(reason)
     apply_event(cur, ev)
     return ev
+
+
+OBSERVED_EVENT_TYPES = frozenset({"session.appeared", "session.changed", "session.gone", "broadcast.delivered"})
+
+
+def is_observation(event_type: str, payload: dict[str, Any]) -> bool:
+    """Say whether an event records what this host saw (never refused) rather than what a user asked."""
+    return event_type in OBSERVED_EVENT_TYPES or (event_type == "update.posted"
+                                                  and payload.get("source") not in (None, "message"))
 
 
 def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: int) -> InsertResult:
@@ -1611,10 +1962,14 @@ def apply_session_changed(cur: sqlite3.Cursor, ev: Event) -> None:
     _lww(cur, "sessions", p["session_id"], _session_fields(p, ev), ev)
 
 
-@applies("session.gone", {"session_id": _is_id, "host": _is_id, "reason?": _is_str})
+@applies("session.gone", {"session_id": _is_id, "host": _is_id, "reason?": _is_str, "successor_id?": _is_id})
 def apply_session_gone(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Last writer wins on state: a newer sighting brings a gone session back (claude --resume)."""
-    p = ev.payload  # {session_id, host, reason}
+    """Last writer wins on state: a newer sighting brings a gone session back (claude --resume).
+
+    successor_id names the session that took over its process and pane (/clear); the history
+    of both links the two (REF_KEYS).
+    """
+    p = ev.payload  # {session_id, host, reason, successor_id?}
     _lww(cur, "sessions", p["session_id"], _session_fields({**p, "state": "gone"}, ev), ev)
 
 
@@ -1689,10 +2044,11 @@ def apply_order_placed(cur: sqlite3.Cursor, ev: Event) -> None:
 
 
 @applies("order.carried_out", {"order_id": _is_id, "result": _is_one_of(ORDER_RESULTS[1:]), "reason": _is_str,
-                               "outcome": lambda v: isinstance(v, dict) and len(v) <= 16})
+                               "outcome": lambda v: isinstance(v, dict) and len(v) <= 16,
+                               "session_id?": _is_id, "task_id?": _is_opt_id})
 def apply_order_carried_out(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins per order: the newest receipt (claimed, then the result) is the result."""
-    p = ev.payload  # {order_id, result, reason, outcome}
+    p = ev.payload  # {order_id, result, reason, outcome, session_id?, task_id? (for history pages)}
     _lww(cur, "orders", p["order_id"], {"result": p["result"], "reason": p["reason"],
                                         "outcome": canonical_json(p["outcome"]), "by_host": ev.machine_id,
                                         "updated_at": ev.created_at}, ev)
@@ -1746,7 +2102,7 @@ SELECT t.id, t.project_id, coalesce(p.name, '') AS project, t.title, t.descripti
             ELSE t.assignee END AS assignee,
        (SELECT group_concat(tag, ' ') FROM (SELECT x.tag FROM task_tags x
          WHERE x.task_id = t.id AND x.present = 1 ORDER BY x.tag)) AS tags,
-       t.removed_at
+       t.removed_at, CASE WHEN {_LIVE_GROUP} THEN g.name END AS group_name
   FROM tasks t LEFT JOIN projects p ON p.id = t.project_id
        LEFT JOIN groups g ON substr(t.assignee, 1, 6) = 'group:' AND g.id = substr(t.assignee, 7)
  WHERE t.created_at_v IS NOT NULL"""
@@ -1757,7 +2113,7 @@ def _task_from_row(row: sqlite3.Row) -> Task:
     return Task(row["id"], row["project_id"], row["project"], row["title"], row["description"],
                 row["status"], row["priority"], row["created_at"],
                 target if kind == "session" else None, target if kind == "group" else None,
-                tuple((row["tags"] or "").split()), row["removed_at"])
+                tuple((row["tags"] or "").split()), row["removed_at"], row["group_name"] if kind == "group" else None)
 
 
 def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = None,
@@ -1962,18 +2318,47 @@ def save_notify_marks(cur: sqlite3.Cursor, marks: dict[str, tuple[str | None, in
     set_meta(cur, "notify_after", str(after))
 
 
-def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
-    """Return deliveries of one broadcast, or those no host has tried yet for sessions of host `pending_on`."""
+def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None,
+                    ) -> list[Delivery]:
+    """Return deliveries of one broadcast (an id or a prefix), or those host `pending_on` has to try.
+
+    To try: those no host has tried yet, and those waiting for a draft to go.
+    """
+    return _list_deliveries(db, broadcast_id=broadcast_id, pending_on=pending_on)
+
+
+def list_unconfirmed_deliveries(db: Db, *, host: str) -> list[Delivery]:
+    """Return the deliveries Claude took (queued) in sessions of `host` that are not confirmed yet."""
+    return _list_deliveries(db, queued_on=host)
+
+
+def _list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None,
+                     queued_on: str | None = None) -> list[Delivery]:
     sql = """SELECT d.broadcast_id, d.session_id, s.host, s.tmux_target, d.result, d.reason, d.updated_at
                FROM deliveries d LEFT JOIN sessions s ON s.id = d.session_id WHERE 1"""
     params: list[Any] = []
     if broadcast_id is not None:
         sql += " AND d.broadcast_id = ?"
-        params.append(broadcast_id)
+        params.append(get_broadcast_id(db, broadcast_id))
     if pending_on is not None:
-        sql += " AND d.by_host IS NULL AND s.host = ?"
-        params.append(pending_on)
+        sql += " AND (d.by_host IS NULL OR (d.result = 'queued' AND d.reason = ?)) AND s.host = ?"
+        params += [DRAFT_WAIT_REASON, pending_on]
+    if queued_on is not None:
+        sql += " AND d.result = 'queued' AND d.reason != ? AND s.host = ?"
+        params += [DRAFT_WAIT_REASON, queued_on]
     return [Delivery(*r) for r in db.conn.execute(sql + " ORDER BY d.updated_at, d.id", params)]
+
+
+def get_broadcast_id(db: Db, ref: str) -> str:
+    """Return the id of the broadcast whose id starts with `ref` (the CLI prints 8 characters)."""
+    if not isinstance(ref, str) or not ID_PREFIX_RE.match(ref):
+        raise UsageError(f"broadcast id {ref!r} is not a hex id or prefix; copy one from the broadcast's output")
+    rows = db.conn.execute("SELECT id FROM broadcasts WHERE id LIKE ? AND created_at_v IS NOT NULL",
+                           (ref.lower() + "%",)).fetchall()
+    if len(rows) > 1:
+        raise UsageError(f"broadcast id {ref!r} is ambiguous ({len(rows)} broadcasts); give more characters")
+    # An unknown id is no error here: a receipt can arrive before its broadcast.sent event.
+    return rows[0][0] if rows else ref
 
 
 def get_broadcast_text(db: Db, broadcast_id: str) -> tuple[str, str] | None:
@@ -2012,7 +2397,10 @@ def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None =
 
 
 def list_known_hosts(db: Db) -> dict[str, set[str]]:
-    """Return every host this log knows (machine id -> display names): event makers, peers, session and code hosts."""
+    """Return every host this log knows (machine id -> display names: its host name, peer names).
+
+    Known: the makers of events, peers that answered, the hosts of sessions and of project directories.
+    """
     hosts: dict[str, set[str]] = {db.machine_id: set()}
     for (machine_id,) in db.conn.execute("SELECT DISTINCT machine_id FROM events"):
         hosts.setdefault(machine_id, set())
@@ -2021,6 +2409,8 @@ def list_known_hosts(db: Db) -> dict[str, set[str]]:
         hosts.setdefault(machine_id, set())
     for name, machine_id in db.conn.execute("SELECT name, machine_id FROM sync_peers WHERE machine_id IS NOT NULL"):
         hosts.setdefault(machine_id, set()).add(name)
+    for machine_id, names in hosts.items():
+        names.add(machine_host_name(machine_id))  # apricot-3f9a2c is "apricot" to people
     return hosts
 
 
@@ -2190,6 +2580,21 @@ def create_project(db: Db, name: str, *, goal: str = "", owner: str = "", dirs: 
         for host, folder in placed.items():
             record(db, cur, "project.dir_set", {"project_id": project_id, "host": host, "dir": folder}, now_ms=now_ms)
     return get_project(db, project_id)
+
+
+def name_clashes(projects: Iterable[Project]) -> dict[str, list[Project]]:
+    """Return the names that several projects carry (made on two hosts while apart), each with its projects."""
+    by_name: dict[str, list[Project]] = {}
+    for p in projects:
+        by_name.setdefault(p.name, []).append(p)
+    return {name: found for name, found in sorted(by_name.items()) if len(found) > 1}
+
+
+def clash_message(name: str, projects: list[Project]) -> str:
+    """Say that several projects share a name, and how to end it."""
+    ids = ", ".join(p.id[:SHORT_ID] for p in projects)
+    return (f"{len(projects)} projects are named {name!r} ({ids}), made on hosts that were apart; a command "
+            f"given that name refuses it: rename one with: clare project rename {projects[-1].id[:SHORT_ID]} NEW")
 
 
 def resolve_host(db: Db, ref: str) -> str:
@@ -2422,7 +2827,10 @@ class UndoResult:
 
 def list_changes(db: Db, *, limit: int = 10) -> list[Change]:
     """Return this host's newest changes that are not undone yet, newest first: what undo takes next."""
-    undone, before = list_undone(db), None
+    # One walk back through this host's changes: an undo event comes after the one it takes back,
+    # so it is met first (no scan of the whole log for undo marks).
+    undone: set[str] = set()
+    before = None
     changes: list[Change] = []
     while len(changes) < limit:
         events = list_own_events(db, CHANGE_TYPES, before_rseq=before, limit=200)
@@ -2430,7 +2838,10 @@ def list_changes(db: Db, *, limit: int = 10) -> list[Change]:
             break
         before = events[-1].rseq
         for ev in events:
-            if ev.uuid in undone or "undoes" in ev.payload:
+            if isinstance(ev.payload.get("undoes"), str):
+                undone.add(ev.payload["undoes"])
+                continue
+            if ev.uuid in undone:
                 continue
             if changes and changes[-1].events[0].created_at == ev.created_at \
                     and changes[-1].events[0].rseq - ev.rseq == 1:
@@ -2629,6 +3040,7 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
         _check_choice("session state", ob.state, SESSION_STATES)
     keep, keep_ids = set(keep_sockets), set(keep_ids)
     events = []
+    seen_ids = {ob.session_id for ob in seen}
     with write_txn(db) as cur:
         known = {s.id: s for s in find_sessions(db, host=db.machine_id)}
         for ob in seen:
@@ -2639,6 +3051,13 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
             old = known.get(ob.session_id)
             if old is None:
                 events.append(record(db, cur, "session.appeared", {**payload, **extra}, now_ms=now_ms))
+                # /clear (or /resume inside Claude) starts another session in the same process and pane.
+                before = next((s for s in known.values() if s.state != "gone" and s.id not in seen_ids
+                               and ob.pid is not None and s.pid == ob.pid and ob.pane_id is not None
+                               and (s.pane_id, s.tmux_socket) == (ob.pane_id, ob.tmux_socket)), None)
+                if before is not None:
+                    events += _hand_over(db, cur, before.id, ob.session_id, now_ms=now_ms)
+                    known[before.id] = dataclasses.replace(before, state="gone")
                 continue
             changed = {k: payload[k] for k in _OBSERVED_KEYS if getattr(old, k) != payload[k]}
             if "state" in changed and ob.state != "permission" and old.asked is not None:
@@ -2659,13 +3078,29 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
     return events
 
 
+def _hand_over(db: Db, cur: sqlite3.Cursor, old_id: str, new_id: str, *, now_ms: int) -> list[Event]:
+    """Record that a session's process went on as another session: the old one is gone, its tasks follow."""
+    events = [record(db, cur, "session.gone", {"session_id": old_id, "host": db.machine_id,
+                                               "reason": f"cleared: the same process and pane went on as "
+                                                         f"{new_id[:SHORT_ID]}", "successor_id": new_id},
+                     now_ms=now_ms)]
+    for task in list_tasks(db, session_id=old_id):
+        if task.status != "done":
+            events.append(record(db, cur, "task.assigned", {"task_id": task.id, "session_id": new_id},
+                                 now_ms=now_ms))
+    return events
+
+
 def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
-                is_end: bool = False, asked: dict[str, str] | None = None, now_ms: int) -> list[Event]:
+                is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
+                is_stale: bool = False, now_ms: int) -> list[Event]:
     """Fold one hook report in: remember it, and record the session's new state at once.
 
     A report older than the one stored (a spooled report ingested late) is kept out of the state.
     `asked` ({tool, input}) is what a PermissionRequest asks: kept with the state until it leaves
-    `permission`.
+    `permission`. `is_clear` (SessionStart after /clear) hands the session last seen in that pane
+    over to this one. An `is_stale` report (newer signals exist already) is remembered but
+    changes no state at once: the next pull weighs it against them.
     """
     _check_prefix("session", session_id)
     if mark.state is not None:
@@ -2676,7 +3111,7 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
     with write_txn(db) as cur:
         save_hook_mark(cur, session_id, mark)
         stored = list_hook_marks(db, session_id=session_id)[session_id]
-        if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event):
+        if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event) or is_stale:
             return events
         old = next((s for s in find_sessions(db, prefix=session_id) if s.id == session_id), None)
         head = {"session_id": session_id, "host": db.machine_id}
@@ -2689,6 +3124,16 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
                 "pane_id": mark.pane_id, "pid": None, "command": "", "state": mark.state,
                 "last_activity_at": iso_ms(mark.at_ms), "label": "", "tokens": {},
                 **({"asked": asked} if asked else {})}, now_ms=now_ms))
+            # The session that ended with reason clear in this pane (a pull may have called it gone
+            # meanwhile), else the one live session last seen there.
+            ended = {sid for sid, m in list_hook_marks(db).items() if m.hook_event == "SessionEnd"
+                     and m.pane_id == mark.pane_id and m.tmux_socket in (None, mark.tmux_socket)}
+            in_pane = [s for s in find_sessions(db, host=db.machine_id, include_gone=True) if is_clear
+                       and mark.pane_id and s.id != session_id and s.pane_id == mark.pane_id
+                       and (mark.tmux_socket is None or s.tmux_socket in (None, mark.tmux_socket))]
+            before = [s for s in in_pane if s.id in ended] or [s for s in in_pane if s.state != "gone"]
+            if len(before) == 1:
+                events += _hand_over(db, cur, before[0].id, session_id, now_ms=now_ms)
         elif old is not None and mark.state is not None:
             changed: dict[str, Any] = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
                                          ("tmux_socket", mark.tmux_socket), ("tmux_target", tmux_target))
@@ -2812,11 +3257,17 @@ class BroadcastResult:
     target: str
     text: str  # as delivered (normalised, maybe prefixed)
     deliveries: list[Delivery]
+    unreached: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # {task_id, title, session_id, reason}
 
     def to_json(self) -> dict[str, Any]:
         """Return the result as the JSON object the CLI and API print."""
         return {"broadcast_id": self.broadcast_id, "target": self.target, "text": self.text,
-                "deliveries": [d.to_json() for d in self.deliveries]}
+                "deliveries": [d.to_json() for d in self.deliveries], "unreached": self.unreached}
+
+    @property
+    def is_complete(self) -> bool:
+        """Tell whether every line is delivered or queued (the CLI's exit 0)."""
+        return not self.unreached and all(d.result in ("delivered", "queued") for d in self.deliveries)
 
 
 def list_broadcast_recipients(db: Db, target: str) -> list[Session]:
@@ -2841,6 +3292,32 @@ def list_broadcast_recipients(db: Db, target: str) -> list[Session]:
                 found += list_group_sessions(db, t.group_id)
     unique = {s.id: s for s in found if s.state != "gone"}
     return sorted(unique.values(), key=lambda s: (s.host, s.tmux_target or "", s.id))
+
+
+def list_unreached_tasks(db: Db, target: str) -> list[dict[str, Any]]:
+    """Return the open assigned tasks of a project target that no live session works on, each with why.
+
+    A broadcast reports them beside its deliveries (a line of the report, not a delivery in the log).
+    """
+    kind, colon, ref = target.partition(":")
+    if colon and kind in ("session", "group"):
+        return []
+    project = get_project(db, target)
+    sessions = {s.id: s for s in find_sessions(db)}
+    unreached: list[dict[str, Any]] = []
+    for t in list_tasks(db, project_id=project.id):
+        if t.status == "done":
+            continue
+        if t.session_id:
+            s = sessions.get(t.session_id)
+            if s is None or s.state == "gone":
+                unreached.append({"task_id": t.id, "title": t.title, "session_id": t.session_id,
+                                  "reason": f"no live session: {t.session_id[:SHORT_ID]} is "
+                                            f"{'gone' if s else 'not seen on any host'}"})
+        elif t.group_id and not list_group_sessions(db, t.group_id):
+            unreached.append({"task_id": t.id, "title": t.title, "session_id": None,
+                              "reason": "no live session: its group matches none now"})
+    return unreached
 
 
 def no_recipients_error(target: str) -> NotFound:
@@ -2908,7 +3385,8 @@ def _default_host(db: Db, project: Project) -> str:
 def _place(db: Db, cur: sqlite3.Cursor, action: str, *, host: str, session_id: str, task_id: str | None,
            cwd: str, tmux_session: str, is_worktree: bool = False, model: str | None = None,
            is_force: bool = False, now_ms: int) -> str:
-    busy = [o for o in list_orders(db, session_id=session_id) if o.result in ("pending", "claimed")]
+    busy = [o for o in list_orders(db, session_id=session_id)
+            if o.result in ("pending", "claimed") and o.expires_at > iso_ms(now_ms)]  # same form: sorts as time
     if busy:
         raise Conflict(f"session {session_id[:SHORT_ID]} has a {busy[0].action} order still {busy[0].result} on "
                        f"{busy[0].host} (order {busy[0].id[:SHORT_ID]}); wait for it: clare session orders")
@@ -2935,6 +3413,14 @@ def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: 
         if task.status == "done":
             raise Conflict(f"task {task.id[:SHORT_ID]} is done; reopen it first: "
                            f"clare task reopen {task.id[:SHORT_ID]}")
+        if task.session_id:
+            live = [s for s in find_sessions(db, prefix=task.session_id, include_gone=False) if s.id == task.session_id]
+            waiting = [o for o in list_orders(db, session_id=task.session_id)
+                       if o.result in ("pending", "claimed") and o.expires_at > iso_ms(now_ms)]
+            if live or waiting:
+                what = f"is {live[0].state} on {live[0].host}" if live else f"is being started on {waiting[0].host}"
+                raise Conflict(f"task {task.id[:SHORT_ID]} has session {task.session_id[:SHORT_ID]}, which {what}; "
+                               f"stop it first (clare session stop {task.session_id[:SHORT_ID]}) or unassign the task")
         project = get_project(db, task.project_id)
         machine = resolve_host(db, host) if host is not None else _default_host(db, project)
         folder = project.dirs.get(machine)
@@ -2988,8 +3474,10 @@ def record_order_result(db: Db, order_id: str, *, result: str, reason: str = "",
     """Record this host's receipt for an order: claimed first, then what came of it."""
     _check_choice("order result", result, ORDER_RESULTS[1:])
     with write_txn(db) as cur:
+        placed = list_orders(db, order_id=order_id)[0]
         record(db, cur, "order.carried_out", {"order_id": order_id, "result": result, "reason": reason[:1000],
-                                              "outcome": outcome or {}}, now_ms=now_ms)
+                                              "outcome": outcome or {}, "session_id": placed.session_id,
+                                              "task_id": placed.task_id}, now_ms=now_ms)
         order = list_orders(db, order_id=order_id)[0]
         if order.action == "start" and result in ("refused", "expired") and order.task_id:
             task = get_task(db, order.task_id)
@@ -3048,12 +3536,25 @@ def page_events(db: Db, *, after: int | None = None, limit: int = 50) -> EventPa
     return EventPage(events, max((e.rseq for e in events), default=after or 0), has_more)
 
 
-def restore_backup(db: Db, backup_path: str) -> tuple[str, int]:
-    """Replace the database by a backup copy of it, migrated to this version; return (new db id, n_events)."""
-    db_id = restore_db(db, backup_path)
-    restored = open_db(db.path)  # opening migrates an older backup
+def restore_backup(path: str, backup_path: str) -> tuple[str, int, str | None]:
+    """Replace the database at `path` by a backup copy of it, migrated to this version.
+
+    Return (new db id, n_events, where a damaged file was moved). A readable database is
+    replaced in place (a running server sees the restore); an unreadable or missing one is
+    replaced by the backup's file: the case a restore is most needed for.
+    """
+    aside = None
+    if os.path.exists(path) and not is_unreadable(path):
+        db = open_db(path)
+        try:
+            db_id = restore_db(db, backup_path)
+        finally:
+            db.close()
+    else:
+        db_id, aside = restore_in_place_of(path, backup_path)
+    restored = open_db(path)  # opening migrates an older backup
     try:
-        return db_id, count_events(restored)
+        return db_id, count_events(restored), aside
     finally:
         restored.close()
 
@@ -3131,7 +3632,8 @@ DESCRIBE.update({
                               + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else "")
                               + (" in a new worktree" if p.get("is_worktree") else "")
                               + (" (--force)" if p.get("is_force") else ""),
-    "order.carried_out": lambda p: f"order {p['order_id'][:SHORT_ID]}: {p['result']}"
+    "order.carried_out": lambda p: (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
+                                    else f"order {p['order_id'][:SHORT_ID]}") + f": {p['result']}"
                                    + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
 })
 
@@ -3153,18 +3655,26 @@ SCAN_BLOCK_BYTES = 1024 * 1024
 RECENT_IDS = 64  # message ids remembered across looks: one response spans several lines
 DEFAULT_IDLE_AFTER_S = 600
 SCREEN_LINES = 40
+CAPTURE_BATCH = 50  # panes captured per tmux run: 200 in one run is "command too long"
 MAX_COMMAND_CHARS = 500
 # Screen text of Claude Code's permission and choice dialogs, where Enter would approve: data, not code.
 PERMISSION_SCREEN = (
     re.compile(r"Do you want to (?:proceed|make this edit|create|overwrite|allow|run|fetch)"),
     re.compile(r"^\W*(?:❯|›|>)\s*1\.\s*Yes\b", re.M),
 )
+# Claude's composer on a `capture-pane -e` screen: a prompt glyph line between two rules (2.1.x).
+COMPOSER_GLYPHS = ("\u276f\xa0", "\u276f ", "> ")
+RULE_RE = re.compile(r"^\s*\u2500{20,}\s*$")
+ANSI_RE = re.compile(r"\x1b\[([0-9;:?<=>]*)([ -/]*[@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]")
+DRAFT_REFUSAL = "the composer holds unsent text; send or clear that draft, then broadcast again"
 INTERRUPT_MARK = "[Request interrupted by user"
 # User lines that a local slash command writes (/clear, /model …): no turn starts with them.
 LOCAL_COMMAND_MARKS = ("<command-name>", "<local-command-stdout>", "<local-command-caveat>", "<command-message>")
 SESSION_ID_FLAGS = ("--session-id", "--resume", "-r")
 # Registry status -> state; "waiting" is left out: it can mean a prompt or a dialog, the hook and screen tell.
 REGISTRY_STATES = {"busy": "working", "shell": "working", "idle": "waiting"}
+# The registry's waitingFor while a permission dialog is open (2.1.x: "permission prompt"): exact and cheap.
+REGISTRY_PERMISSION_RE = re.compile(r"permission", re.I)
 TITLE_TYPES = {"summary": "summary", "custom-title": "customTitle", "ai-title": "aiTitle"}
 RCLAUDE_TIMEOUT_S = 10
 TRIAGE_TIMEOUT_S = 60
@@ -3174,19 +3684,25 @@ HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PermissionRequ
 HOOK_STATES = {"SessionStart": "waiting", "UserPromptSubmit": "working", "PreToolUse": "working",
                "PostToolUse": "working", "PermissionRequest": "permission", "Stop": "waiting",
                "StopFailure": "waiting"}
-NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission",
-                       "idle_prompt": "waiting"}
+# idle_prompt (60 s after a turn) is not activity: it says what Stop said, and must not restart the idle clock.
+NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission"}
 HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
 MAX_HOOK_INPUT_BYTES = 32 * 1024 * 1024  # a prompt can be long; a report cut short would be lost
 HOOK_TIMEOUT_S = 10
 # Which field of a tool's input says what a dialog asks: Bash's command, Edit's file, WebFetch's URL...
 ASKED_INPUT_KEYS = ("command", "file_path", "notebook_path", "url", "path", "pattern", "query", "prompt")
+STALE_MARGIN_MS = 100  # Claude writes one event's transcript line and registry status within this of its hook
 HOOK_ALIVE_MS = 10 * 60 * 1000  # a session that sent a hook report this recently is not gone
-CLARE_HOOK_RE = re.compile(r"\bclare\b.*\shook\s*$")  # how uninstall knows Clare's hooks from the user's
+CLARE_HOOK_MARK = "# clare-hook"  # ends the -c code of the command only Clare writes: how it knows its own
+# The -c code of Clare's hook commands, the mark optional: entries written before the mark are Clare's too.
+CLARE_HOOK_CODE_RE = re.compile(r"import sys; sys\.path\.insert\(0, '[^']*'\); import clare; "
+                                r"raise SystemExit\(clare\.main\(\)\)(?:  # clare-hook)?")
 BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
 BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
 BROADCAST_ENTER_TRIES = 3
-DEFAULT_PULL_EVERY_S = 10  # how often `serve` looks at this host's sessions; [fleet] pull_every_s, 0 = never
+# How often `serve` looks at this host's sessions ([fleet] pull_every_s, 0 = never): with the
+# dashboard's FLEET_POLL_S, a change without hooks shows within 3 s; a pull that finds nothing changed is cheap.
+DEFAULT_PULL_EVERY_S = 1
 DEFAULT_TAILS_EVERY_S = 300  # ... and stores assigned panes' tails (when changed); [fleet] tails_every_s, 0 = never
 PANE_LINES = 60  # the live pane view shows this many last lines
 MAX_PANE_LINES = 200  # ... and never more, whoever asks
@@ -3310,18 +3826,25 @@ def list_panes(socket: str) -> list[Pane] | None:
     return parse_panes(p.stdout, socket=socket)
 
 
-def capture_pane(socket: str, pane_id: str, *, lines: int = SCREEN_LINES) -> str | None:
-    """Return the last lines of a pane's screen, or None when tmux cannot show it."""
-    p = run_tmux(socket, "capture-pane", "-p", "-J", "-t", pane_id, "-S", f"-{lines}")
+def capture_pane(socket: str, pane_id: str, *, lines: int | None = SCREEN_LINES) -> str | None:
+    """Return the last lines of a pane (its history too), or with lines=None its visible screen only."""
+    p = run_tmux(socket, "capture-pane", "-p", "-J", "-t", pane_id, *(("-S", f"-{lines}") if lines else ()))
     return p.stdout if p.returncode == 0 else None
 
 
-def capture_panes(socket: str, pane_ids: list[str], *, lines: int = SCREEN_LINES) -> dict[str, str]:
-    """Return the last lines of several panes of one server, asked in one tmux run."""
+def capture_panes(socket: str, pane_ids: list[str], *, lines: int | None = None) -> dict[str, str]:
+    """Return the visible screens (or the last lines) of several panes of one server, asked in one tmux run.
+
+    A dialog is judged on the visible screen only: one that closed may linger in the history.
+    """
+    if len(pane_ids) > CAPTURE_BATCH:  # tmux refuses a longer command line ("command too long")
+        return {k: v for n in range(0, len(pane_ids), CAPTURE_BATCH)
+                for k, v in capture_panes(socket, pane_ids[n:n + CAPTURE_BATCH], lines=lines).items()}
     mark = f"\x1eclare-{new_id()}"  # a line no screen shows: it separates the captures
     args: list[str] = []
     for pane_id in pane_ids:
-        args += ["capture-pane", "-p", "-J", "-t", pane_id, "-S", f"-{lines}", ";", "display-message", "-p", mark, ";"]
+        args += ["capture-pane", "-p", "-J", "-t", pane_id, *(("-S", f"-{lines}") if lines else ()), ";",
+                 "display-message", "-p", mark, ";"]
     p = run_tmux(socket, *args[:-1]) if args else None
     if p is None or p.returncode != 0:  # tmux stops at a failed command: one pane closed meanwhile
         return {i: screen for i in pane_ids if (screen := capture_pane(socket, i, lines=lines)) is not None}
@@ -3332,6 +3855,66 @@ def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
     return any(rule.search(tail) for rule in PERMISSION_SCREEN)
+
+
+def strip_ansi(text: str) -> str:
+    """Return a `capture-pane -e` screen without its escape sequences."""
+    return ANSI_RE.sub("", text)
+
+
+def composer_text(screen: str) -> str | None:
+    """Return what is typed in Claude's composer on a `capture-pane -e` screen; None when no composer shows.
+
+    Only typed text counts, not decoration: a placeholder is dim or grey and the cursor is a
+    reverse-video cell, so characters in those styles are left out (a refusal for a placeholder
+    would refuse every broadcast).
+    """
+    lines = screen.rstrip("\n").split("\n")
+    plain = [strip_ansi(line) for line in lines]
+    for i in range(len(plain) - 1, 0, -1):
+        if plain[i].startswith(COMPOSER_GLYPHS) and RULE_RE.match(plain[i - 1]):
+            end = next((j for j in range(i + 1, len(plain)) if RULE_RE.match(plain[j])), None)
+            if end is None:
+                continue
+            typed = "\n".join(_typed_chars(line) for line in lines[i:end])
+            for glyph in COMPOSER_GLYPHS:
+                typed = typed.removeprefix(glyph.rstrip()).removeprefix(glyph)
+            return typed.strip().replace("\xa0", " ")
+    return None
+
+
+def _typed_chars(line: str) -> str:
+    out, is_dim, is_grey, is_reverse, pos = [], False, False, False, 0
+    for m in ANSI_RE.finditer(line + "\x1b[0m"):
+        if not (is_dim or is_grey or is_reverse):
+            out.append(line[pos:m.start()])
+        pos = m.end()
+        if m.group(2) != "m":
+            continue
+        codes = (m.group(1) or "0").replace(":", ";").split(";")
+        k = 0
+        while k < len(codes):
+            c = codes[k]
+            if c in ("", "0"):
+                is_dim = is_grey = is_reverse = False
+            elif c in ("2", "22"):
+                is_dim = c == "2"
+            elif c in ("7", "27"):
+                is_reverse = c == "7"
+            elif c == "38" and k + 2 < len(codes) and codes[k + 1] == "5":
+                n = int(codes[k + 2] or 0)
+                is_grey, k = n == 8 or n >= 232, k + 2  # the grey ramp: placeholder colours
+            elif c == "38" and k + 4 < len(codes) and codes[k + 1] == "2":
+                is_grey, k = len(set(codes[k + 2:k + 5])) == 1, k + 4  # r = g = b: a grey
+            elif c.isdigit() and (30 <= int(c) <= 39 or 90 <= int(c) <= 97):
+                is_grey = c in ("30", "90")
+            k += 1
+    return "".join(out)
+
+
+def claude_text(text: str) -> str:
+    """Return a text as Claude Code stores a typed or pasted prompt: LF line ends, a TAB as 4 spaces."""
+    return text.replace("\r\n", "\n").replace("\t", "    ").strip()
 
 
 def clean_screen(screen: str, *, lines: int) -> str:
@@ -3753,13 +4336,15 @@ def _add_usage(line: bytes, totals: dict[str, int], recent: list[str]) -> None:
 
 def derive_state(*, turn: str | None, turn_ms: int | None, registry: str | None, registry_ms: int | None,
                  hook: str | None, hook_ms: int | None, shows_dialog: bool, now_ms: int,
-                 idle_after_ms: int) -> str:
-    """Combine the signals into one state: the newest signal wins, a dialog on screen beats all.
+                 idle_after_ms: int, waiting_for: str | None = None) -> str:
+    """Combine the signals into one state: the newest signal wins, a dialog open (screen or registry) beats all.
 
-    Each source has holes (no hook on an Esc interrupt, a transcript that lags the hook, a registry
-    only in newer versions), so none is trusted alone; waiting turns into idle after idle_after_ms.
+    Signals are ordered by when they happened (a hook report by its process's start, not when it
+    was recorded), so a late report never outranks a newer interrupt. Each source has holes (no
+    hook on an Esc interrupt, a transcript that lags the hook, a registry only in newer versions),
+    so none is trusted alone; waiting turns into idle after idle_after_ms.
     """
-    if shows_dialog:
+    if shows_dialog or (waiting_for and REGISTRY_PERMISSION_RE.search(waiting_for)):
         return "permission"
     signals = [(ms or 0, i, s) for i, (ms, s) in enumerate(
         ((turn_ms, turn), (registry_ms, REGISTRY_STATES.get(registry or "")), (hook_ms, hook))) if s]
@@ -3888,12 +4473,14 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         screen = screens.get((pane.socket, pane.pane_id)) if pane else None
         mark = marks.get(sid)
         registry_ms = entry.get("statusUpdatedAt")
+        waiting_for = entry.get("waitingFor")
         state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=str(entry.get("status")),
                              registry_ms=registry_ms if isinstance(registry_ms, int) else None,
                              hook=mark.state if mark else None,
                              hook_ms=mark.at_ms if mark else None,
                              shows_dialog=bool(screen and shows_permission_dialog(screen)), now_ms=now_ms,
-                             idle_after_ms=idle_after_ms)
+                             idle_after_ms=idle_after_ms,
+                             waiting_for=waiting_for if isinstance(waiting_for, str) else None)
         observations.append(Observation(
             sid, cwd, pane.socket if pane else None, pane.target if pane else None, pane.pane_id if pane else None,
             pid, " ".join(argv_of(pid))[:MAX_COMMAND_CHARS], state, info.get("last_activity_ms"),
@@ -3923,8 +4510,12 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
     # A session that reported through a hook lately lives even when this look cannot find it (an old
     # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
+    unsure = {(p.socket, p.pane_id) for p in ambiguous}
     alive = [sid for sid, m in list_hook_marks(db).items()
              if m.hook_event != "SessionEnd" and now_ms - m.at_ms < HOOK_ALIVE_MS]
+    # A pane that cannot be told apart from another still runs Claude: its session is not gone.
+    alive += [s.id for s in find_sessions(db, host=db.machine_id, include_gone=False)
+              if (s.tmux_socket, s.pane_id) in unsure]
     # ... but not when its tmux server runs without its pane (killed, so no SessionEnd came): ask
     # only the servers of such sessions, which this look did not find.
     found = {ob.session_id for ob in observations}
@@ -4229,14 +4820,28 @@ def hook_state(payload: dict[str, Any]) -> str | None:
     # COMPAT: versions before notification_type said it only in the message.
     if state is None and "permission" in message:
         return "permission"
-    if state is None and "waiting for your input" in message:
-        return "waiting"
     return state
 
 
 def spool_dir(db_path: str) -> str:
     """Return the folder where hook reports wait while the database cannot take them."""
     return os.path.join(os.path.dirname(os.path.abspath(db_path)), "spool")
+
+
+def process_started_ms(pid: int | str = "self") -> int | None:
+    """Return when a process started, in epoch ms, from the kernel's record (10 ms steps); None if unknown.
+
+    A hook report is stamped with this, not with the time Python got to read it: a loaded machine
+    takes a second or more to start Python, and async hooks start out of order (DESIGN §5).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rfind(b")") + 2:].split()[19])
+        age_s = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux: the caller uses the clock
+        return None
+    return now_ms() - max(0, int(age_s * 1000))
 
 
 def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> None:
@@ -4285,13 +4890,42 @@ def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]
     if not isinstance(sid, str) or not UUID_RE.match(sid) or p.get("agent_id"):
         return []
     event = str(p.get("hook_event_name", ""))[:64]
+    state = hook_state(p)
+    if state is None and event != "SessionEnd":
+        return []  # says nothing of the state (idle_prompt is not activity): the stored report stays newest
     pane, socket = report.get("tmux_pane"), report.get("tmux_socket")
     mark = HookMark(socket if isinstance(socket, str) else None,
                     pane if isinstance(pane, str) and pane.startswith("%") else None,
-                    hook_state(p), event, int(report.get("at_ms") or now_ms))
+                    state, event, int(report.get("at_ms") or now_ms))
     cwd = p["cwd"] if isinstance(p.get("cwd"), str) else ""
     asked = asked_of(p) if event == "PermissionRequest" else None
-    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", asked=asked, now_ms=now_ms)
+    # A permission report recorded late, after the user answered or pressed Esc, must not show (or
+    # notify) `permission` even for the second until the next pull.
+    is_stale = state == "permission" and _moved_on_since(sid, p.get("transcript_path"), mark.at_ms)
+    # /clear ends a session and starts another in the same process: the second report hands over.
+    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd" and p.get("reason") != "clear",
+                       is_clear=event == "SessionStart" and p.get("source") == "clear", asked=asked,
+                       is_stale=is_stale, now_ms=now_ms)
+
+
+def _moved_on_since(session_id: str, transcript_path: object, at_ms: int) -> bool:
+    """Tell whether the transcript or the registry moved on after a permission report (no dialog waits then)."""
+    # SECURITY: the path comes from the hook's stdin: only a transcript's metadata is read.
+    if isinstance(transcript_path, str) and transcript_path.endswith(".jsonl"):
+        with contextlib.suppress(OSError):
+            if os.stat(transcript_path).st_mtime_ns // 1_000_000 > at_ms + STALE_MARGIN_MS:
+                return True
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(os.path.join(claude_home(), "sessions")):
+            with contextlib.suppress(OSError, ValueError):
+                with open(entry.path, encoding="utf-8") as f:
+                    reg = json.load(f)
+                if isinstance(reg, dict) and reg.get("sessionId") == session_id:
+                    at = reg.get("statusUpdatedAt")
+                    waiting_for = reg.get("waitingFor")
+                    return (isinstance(at, int) and at > at_ms + STALE_MARGIN_MS
+                            and not (isinstance(waiting_for, str) and REGISTRY_PERMISSION_RE.search(waiting_for)))
+    return False
 
 
 def asked_of(payload: dict[str, Any]) -> dict[str, str]:
@@ -4351,7 +4985,7 @@ def hook_command(db_path: str) -> str:
     import shlex
 
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            "import clare; raise SystemExit(clare.main())")
+            f"import clare; raise SystemExit(clare.main())  {CLARE_HOOK_MARK}")
     return shlex.join([sys.executable, "-I", "-c", code, "--db", os.path.abspath(db_path), "hook"])
 
 
@@ -4377,7 +5011,20 @@ def _write_settings(path: str, settings: dict[str, Any]) -> None:
 
 
 def _is_clare_hook(h: object) -> bool:
-    return isinstance(h, dict) and isinstance(h.get("command"), str) and bool(CLARE_HOOK_RE.search(h["command"]))
+    """Tell whether a hook entry is one Clare wrote (now or from an older path or version): exactly, never by a word."""
+    import shlex
+
+    if not isinstance(h, dict) or not isinstance(h.get("command"), str):
+        return False
+    try:
+        argv = shlex.split(h["command"])
+    except ValueError:
+        return False
+    if len(argv) == 7 and argv[1:3] == ["-I", "-c"] and argv[4] == "--db" and argv[6] == "hook":
+        return bool(CLARE_HOOK_CODE_RE.fullmatch(argv[3]))
+    # COMPAT: the first hooks ran the script itself: python /path/clare.py [--db DB] hook.
+    return (len(argv) in (3, 5) and os.path.basename(argv[1]) == "clare.py" and argv[-1] == "hook"
+            and (len(argv) == 3 or argv[2] == "--db"))
 
 
 def _strip_clare_hooks(groups: list[Any]) -> bool:
@@ -4461,7 +5108,8 @@ def send_broadcast(db: Db, target: str, text: str, *, now_ms: int, is_command: b
                             now_ms=now_ms + int((time.monotonic() - started) * 1000))
             if on_delivery is not None:
                 on_delivery(s, result, reason, n, len(here))
-    return BroadcastResult(broadcast_id, target, text, list_deliveries(db, broadcast_id=broadcast_id))
+    return BroadcastResult(broadcast_id, target, text, list_deliveries(db, broadcast_id=broadcast_id),
+                           list_unreached_tasks(db, target))
 
 
 @contextlib.contextmanager
@@ -4476,8 +5124,13 @@ def _delivery_lock(db: Db) -> Iterator[None]:
 
 
 def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM_S) -> list[Delivery]:
-    """Deliver the broadcasts other hosts sent to this host's sessions; expire the stale ones."""
-    done: list[Delivery] = []
+    """Deliver the broadcasts other hosts sent to this host's sessions; expire the stale ones.
+
+    Also confirm the queued ones Claude has taken since: queued becomes delivered once the text is
+    in the session's transcript.
+    """
+    done = [c for d in list_unconfirmed_deliveries(db, host=db.machine_id)
+            if (c := _confirm_queued(db, d, now_ms=now_ms)) is not None]
     if not list_deliveries(db, pending_on=db.machine_id):
         return done
     with _delivery_lock(db):
@@ -4485,6 +5138,17 @@ def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM
         for d in list_deliveries(db, pending_on=db.machine_id):  # again, now that no one else delivers
             done.append(_deliver_one(db, d, sessions[d.session_id], now_ms=now_ms, confirm_s=confirm_s))
     return done
+
+
+def _confirm_queued(db: Db, d: Delivery, *, now_ms: int) -> Delivery | None:
+    """Record a queued delivery as delivered once its text is in the session's transcript."""
+    text = (get_broadcast_text(db, d.broadcast_id) or ("", ""))[0]
+    session = next((s for s in find_sessions(db, prefix=d.session_id) if s.id == d.session_id), None)
+    path = session and find_transcript(claude_home(), session.cwd, session.id)
+    if not text or not path or not _transcript_has_prompt(path, text, since_ms=(_iso_to_ms(d.updated_at) or 0) - 5000):
+        return None
+    record_delivery(db, d.broadcast_id, d.session_id, result="delivered", reason="", now_ms=now_ms)
+    return dataclasses.replace(d, result="delivered", reason="")
 
 
 def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_s: float) -> Delivery:
@@ -4496,6 +5160,11 @@ def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_
         result, reason = "expired", f"not delivered before {expires_at}"
     else:
         result, reason = deliver_text(db, session, text, confirm_s=confirm_s)
+    if (result, reason) == ("refused", DRAFT_REFUSAL):
+        # The sender is not at this keyboard: never submit the user's draft, wait until it is gone.
+        result, reason = "queued", DRAFT_WAIT_REASON
+        if (d.result, d.reason) == (result, reason):
+            return d  # still waiting: the log must not grow with polling
     record_delivery(db, d.broadcast_id, d.session_id, result=result, reason=reason, now_ms=now_ms)
     return dataclasses.replace(d, result=result, reason=reason)
 
@@ -4526,9 +5195,12 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float,
         return "refused", f"pane {pane.pane_id} now runs another session ({entry['sessionId'][:SHORT_ID]})"
     if pane.in_mode:
         run_tmux(pane.socket, "send-keys", "-t", pane.pane_id, "-X", "cancel")
-    refusal = _dialog_refusal(db, session, pane)
+    refusal = _dialog_refusal(db, session, pane, pid=claude_pid)
     if refusal:
         return "refused", refusal
+    # Never submit someone's unsent draft: a paste is appended to it and Enter sends both.
+    if composer_text(_capture_styled(pane) or ""):
+        return "refused", DRAFT_REFUSAL
     name = f"clare-{new_id()}"  # buffer names are server-wide
     for args, stdin in ((("load-buffer", "-b", name, "-"), text),
                         (("paste-buffer", "-p", "-r", "-d", "-b", name, "-t", pane.pane_id), None)):
@@ -4539,7 +5211,7 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float,
     was_working = session.state == "working"
     for _ in range(BROADCAST_ENTER_TRIES):
         time.sleep(BROADCAST_PAUSE_S)
-        refusal = _dialog_refusal(db, session, pane)
+        refusal = _dialog_refusal(db, session, pane, pid=claude_pid)
         if refusal:  # a dialog opened after the paste: leave the text in the composer
             return "refused", refusal + "; the text waits in the composer"
         sent_ms = now_ms()
@@ -4548,8 +5220,12 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float,
             return "delivered", ""
         if is_done is None and _wait_for_prompt(db, session, text, since_ms=sent_ms, timeout_s=confirm_s):
             return "delivered", ""
-        if was_working:
-            return "queued", "Claude is busy; it takes the text after this turn"
+        # Once the text left the composer Claude has it (sent, or queued after its turn): another
+        # Enter would send whatever the user types next.
+        left = composer_text(_capture_styled(pane) or "") if is_done is None else None
+        if was_working or left == "":
+            return "queued", ("Claude is busy; it takes the text after this turn" if was_working
+                              else "Claude took the text; it is not in the transcript yet")
     return "failed", f"Claude did not take the text after {BROADCAST_ENTER_TRIES} Enters"
 
 
@@ -4562,20 +5238,39 @@ def _wait_until(predicate: Callable[[], bool], *, timeout_s: float) -> bool:
     return True
 
 
-def _dialog_refusal(db: Db, session: Session, pane: Pane) -> str | None:
-    screen = capture_pane(pane.socket, pane.pane_id)
+def _capture_styled(pane: Pane) -> str | None:
+    p = run_tmux(pane.socket, "capture-pane", "-p", "-e", "-J", "-t", pane.pane_id)
+    return p.stdout if p.returncode == 0 else None
+
+
+def _dialog_refusal(db: Db, session: Session, pane: Pane, *, pid: int | None = None) -> str | None:
+    screen = capture_pane(pane.socket, pane.pane_id, lines=None)
     if screen is None:
         return f"cannot read pane {pane.pane_id}'s screen; not typing blind"
     if shows_permission_dialog(screen):
         return "needs permission: a dialog is open (Enter would approve it)"
+    entry = _registry_entry(pid) if pid else None
+    waiting_for = (entry or {}).get("waitingFor")
+    if isinstance(waiting_for, str) and REGISTRY_PERMISSION_RE.search(waiting_for):
+        return "needs permission: Claude's registry says a permission prompt is open"
     # The hook is the dependable signal when the screen text changes between versions: a
-    # permission report counts until the transcript moves on after it.
+    # permission report counts until the transcript or the registry moves on after it.
     mark = list_hook_marks(db, session_id=session.id).get(session.id)
     if mark and mark.state == "permission":
         path = find_transcript(claude_home(), session.cwd, session.id)
+        newer = [(entry or {}).get("statusUpdatedAt")]
         with contextlib.suppress(OSError):
-            if path is None or os.stat(path).st_mtime_ns // 1_000_000 < mark.at_ms:
-                return "needs permission: Claude asked for it and has not moved on since"
+            newer.append(os.stat(path).st_mtime_ns // 1_000_000 if path else None)
+        if not any(isinstance(t, int) and t > mark.at_ms for t in newer):
+            return "needs permission: Claude asked for it and has not moved on since"
+    return None
+
+
+def _registry_entry(pid: int) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(claude_home(), "sessions", f"{pid}.json"), encoding="utf-8") as f:
+            entry = json.load(f)
+        return entry if isinstance(entry, dict) else None
     return None
 
 
@@ -4605,7 +5300,7 @@ def _transcript_has_prompt(path: str, text: str, *, since_ms: int) -> bool:
         with contextlib.suppress(ValueError, AttributeError, TypeError):
             obj = json.loads(raw)
             if obj.get("type") == "user" and (_iso_to_ms(obj.get("timestamp")) or 0) >= since_ms:
-                if _text_of(obj["message"].get("content")).strip() == text.strip():
+                if claude_text(_text_of(obj["message"].get("content"))) == claude_text(text):
                     return True
     return False
 
@@ -4759,8 +5454,12 @@ def open_window(session_name: str, cwd: str, argv: list[str], *, env: Mapping[st
     # tmux ends a command at an argument ";": no argv word here is one (paths, a uuid, a checked model name).
     p = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt, "--", *argv)
     if p.returncode != 0:
-        made = _run(_outside_unit([tmux_binary(), "-S", socket, "new-session", "-d", "-s", session_name,
-                                   "-x", "200", "-y", "50", "-c", cwd, "-P", "-F", fmt, "--", *argv], env))
+        new_session = [tmux_binary(), "-S", socket, "new-session", "-d", "-s", session_name,
+                       "-x", "200", "-y", "50", "-c", cwd, "-P", "-F", fmt, "--", *argv]
+        wrapped = _outside_unit(new_session, env)
+        made = _run(wrapped)
+        if made.returncode != 0 and wrapped != new_session and "duplicate session" not in (made.stderr or ""):
+            made = _run(new_session)  # no user bus after all: KillMode=process in clare.service is the fallback
         if made.returncode != 0 and "duplicate session" in (made.stderr or ""):  # made meanwhile by another start
             made = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt,
                             "--", *argv)
@@ -4772,9 +5471,12 @@ def open_window(session_name: str, cwd: str, argv: list[str], *, env: Mapping[st
 
 
 def wait_until_ready(socket: str, pane_id: str, *, timeout_s: float = START_READY_S) -> tuple[str, str]:
-    """Wait until the Claude in a new pane shows its composer; return ("ready", "") or why not.
+    """Wait until the Claude in a new pane shows its composer and can be told to be Claude; return ("ready", "")
+    or why not.
 
-    A trust or onboarding screen is never answered: Enter there would decide for the user.
+    A trust or onboarding screen is never answered: Enter there would decide for the user. The
+    composer can show before Claude registers and renames its process (the native binary starts
+    as claude.exe): until then nothing could be typed safely, so that is waited for too.
     """
     deadline = time.monotonic() + timeout_s
     screen = ""
@@ -4788,17 +5490,21 @@ def wait_until_ready(socket: str, pane_id: str, *, timeout_s: float = START_READ
         if any(rule.search(screen) for rule in TRUST_SCREEN):
             name = pane.target.rpartition(":")[0]
             return "needs trust", (f"Claude asks whether to trust {pane.cwd} in pane {pane_id} ({pane.target}); Clare "
-                                   f"never answers that: answer it there (tmux attach -t {name}), "
-                                   "then give it the task (clare broadcast session:ID), or trust the folder once by "
-                                   "running claude there")
+                                   f"never answers that: answer it in the pane (tmux attach -t {name}) and give "
+                                   "Claude the task there, or trust the folder once (run claude in it) and start again")
         if any(rule.search(screen) for rule in ONBOARDING_SCREEN):
             return "needs trust", (f"Claude shows its first-run setup in pane {pane_id} ({pane.target}); Clare never "
                                    "answers it: finish it once by running claude in a terminal on this host")
-        if not shows_permission_dialog(screen) and COMPOSER_SCREEN.search(screen):
+        if not shows_permission_dialog(screen) and COMPOSER_SCREEN.search(screen) and _runs_claude(pane):
             return "ready", ""
         if time.monotonic() > deadline:
             return "failed", f"Claude showed no composer in pane {pane_id} within {timeout_s:.0f} s; look at it there"
         time.sleep(0.1)
+
+
+def _runs_claude(pane: Pane) -> bool:
+    procs, children = process_tree()
+    return find_claude(pane.pid, children, proc_argv, registered=read_registry(claude_home(), procs)) is not None
 
 
 def carry_out_pending(db: Db, *, config: dict[str, Any], now_ms: int) -> list[Order]:
@@ -4853,18 +5559,22 @@ def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dic
     argv = check_launch(db, folder, config=config, branch=outcome.get("branch"))
     if outcome.get("branch"):
         folder = make_worktree(folder, outcome["branch"])
+    # SECURITY: the order may come from a peer: its words become argv and a tmux target, checked here again.
+    model = order.request.get("model")
+    if model is not None and not (isinstance(model, str) and MODEL_RE.match(model)):
+        raise ClareError(f"the order's model {str(model)[:40]!r} is not a model name")
     launcher = agent_launcher(db.path)
     argv += (["--session-id", order.session_id] if order.action == "start" else ["--resume", order.session_id])
-    if order.request.get("model"):
-        argv += ["--model", order.request["model"]]
+    argv += ["--model", model] if model else []
     argv += ["--allowedTools", f"Bash({launcher} update:*)"]  # reporting never opens a permission dialog
-    socket, pane_id, target = open_window(order.request["tmux_session"], folder, argv)
+    socket, pane_id, target = open_window(tmux_session_name(order.request["tmux_session"]), folder, argv)
     outcome |= {"tmux_socket": socket, "pane_id": pane_id, "tmux_target": target, "cwd": folder}
     state, reason = wait_until_ready(socket, pane_id)
     if state != "ready" or order.action != "start" or task is None:
         return ("started" if state == "ready" else state), reason, outcome
-    session = Session(order.session_id, db.machine_id, folder, socket, target, pane_id, None, "", "waiting", None,
-                      None, "", task.id, {}, "")
+    session = Session(id=order.session_id, host=db.machine_id, cwd=folder, tmux_socket=socket, tmux_target=target,
+                      pane_id=pane_id, pid=None, command="", state="waiting", state_at=None, last_activity_at=None,
+                      label="", task_id=task.id, tokens={}, created_at="")  # not recorded yet: the pull after does
     result, why = deliver_text(db, session, first_prompt(task, launcher=launcher), confirm_s=BROADCAST_CONFIRM_S)
     if result != "delivered":
         return "failed", f"Claude started in pane {pane_id} ({target}) but the task was not typed in: {why}", outcome
@@ -4953,7 +5663,9 @@ MAX_FETCH_UUIDS = 5000  # uuids asked for in one anti-entropy fetch
 DAY_MS = 86_400_000
 PROGRESS_MIN_EVENTS = 2000  # a transfer larger than this shows a progress line
 SYNC_INTERVAL_S = 30.0  # background sync: the pause between two good rounds with a peer
-MAX_BACKOFF_S = 900.0  # ... and the longest pause after failed ones
+MAX_BACKOFF_S = 120.0  # ... and the longest pause after failed ones (x1.25 jitter: a heal waits 150 s at most)
+CONTACT_POLL_S = 0.5  # how often a loop in backoff looks whether its peer contacted this server
+PEER_HEADER = "X-Clare-Peer"  # the machine id of the Clare that sends a sync request
 PEER_TIMEOUT_S = 20.0  # one HTTP request to a peer
 PEEK_TIMEOUT_S = 3.0  # a peer's live pane or transcript view: a page waits this long at most
 MAX_PEEK_BYTES = 256 * 1024  # ... and takes an answer this large at most
@@ -4992,6 +5704,8 @@ class SyncReport:
     n_duplicates: int = 0  # events sent that the other side held already
     conflicts: list[str] = dataclasses.field(default_factory=list)  # same uuid, different content
     rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # malformed, with reasons
+    deferred: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # {uuid, reason}: held back, retried
+    n_deferred_stored: int = 0  # events held back earlier that went through in this round
     n_behind: int | None = None  # the peer's events not pulled yet, at the end of the round
     offset_ms: int | None = None  # the peer's wall clock minus ours
     verify: dict[str, Any] | None = None  # what the anti-entropy check found, with --verify
@@ -5043,6 +5757,8 @@ def sync_page(db: Db, *, after: object, limit: object = SYNC_PAGE_LIMIT, now_ms:
         events = list_events_after(db, after=after, limit=limit, max_chars=SYNC_PAGE_CHARS)
         next_after = events[-1].rseq if events else after
         head = head_rseq(db.conn)
+    if events:
+        note_served(db, db_id, next_after)  # before the peer's cursor can reach it
     return {"machine_id": db.machine_id, "db_id": db_id, "now_ms": now_ms,
             "events": [ev.to_json() for ev in events], "next_after": next_after,
             "has_more": next_after < head, "head": head}
@@ -5074,16 +5790,38 @@ def sync_accept(db: Db, body: object, *, now_ms: int) -> dict[str, Any]:
     if all(isinstance(v, str) for v in sender):
         check_peer_identity(db, sender, where="the sending peer")  # type: ignore[arg-type]
     good, rejected = check_events(body["events"])
+    good, future = split_future(good, now_ms=now_ms)
     with write_txn(db) as cur:
-        db_id = get_meta(cur, "db_id")  # in the transaction: the log the batch went into
+        db_id = get_meta(cur, "db_id") or ""  # in the transaction: the log the batch went into
         head_before = head_rseq(cur)
         result = receive_events(db, cur, good, now_ms=now_ms)
         head_after = head_rseq(cur)
+    note_served(db, db_id, head_after)  # the pusher may set its pull cursor to head_after
     # head_before/head_after let a sender that had pulled up to head_before skip pulling its
     # own events back: nothing else can be stored inside this transaction.
     return {"machine_id": db.machine_id, "db_id": db_id, "now_ms": now_ms,
             "accepted": len(result.inserted), "duplicates": result.n_duplicates, "rejected": rejected,
-            "conflicts": result.conflicts, "head_before": head_before, "head_after": head_after}
+            "conflicts": result.conflicts, "head_before": head_before, "head_after": head_after,
+            "deferred": [{"uuid": ev.uuid, "reason": reason} for ev, reason in future]}
+
+
+def split_future(events: list[Event], *, now_ms: int) -> tuple[list[Event], list[tuple[Event, str]]]:
+    """Split received events into those to store and those stamped beyond now + MAX_OFFSET_MS, with a reason.
+
+    An event from a clock that runs ahead would win every last-writer-wins conflict until real
+    time passed it (one stamped in 2286 would freeze its fields for good); held back instead, it
+    is stored once real time comes within MAX_OFFSET_MS of its stamp.
+    """
+    bound = now_ms + MAX_OFFSET_MS
+    good, future = [], []
+    for ev in events:
+        wall = int(ev.hlc[:13])
+        if wall <= bound:
+            good.append(ev)
+        else:
+            future.append((ev, f"stamped {iso_ms(wall)}, {_duration(wall - now_ms)} ahead of this host's clock "
+                               f"(over the {MAX_OFFSET_MS // 60000} min allowed): held back, stored once within it"))
+    return good, future
 
 
 def check_events(items: list[object]) -> tuple[list[Event], list[dict[str, Any]]]:
@@ -5166,6 +5904,7 @@ def sync_with(db: Db, peer: PeerTransport, *, name: str, wall: Callable[[], int]
     try:
         pull_from(db, peer, report, wall=wall, progress=progress)
         push_to(db, peer, report, wall=wall, progress=progress)
+        retry_deferred(db, peer, report, wall=wall)
         if verify:
             verify_with(db, peer, report, wall=wall)
     except ClareError as err:
@@ -5209,9 +5948,12 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
         if not page["events"] and next_after == after:
             report.n_behind = head - after
             return  # nothing new: no transaction at all
+        now = wall()
+        events, future = split_future(events, now_ms=now)
         with write_txn(db) as cur:
             head_before = head_rseq(cur)
-            result = receive_events(db, cur, events, now_ms=wall())
+            result = receive_events(db, cur, events, now_ms=now)
+            save_deferred(cur, peer.url, "pull", future, now_ms=now)  # the cursor moves on: they are fetched by uuid
             save_cursor(cur, *identity, pulled_rseq=next_after)
             if get_cursor(db, *identity)[1] == head_before:
                 # The peer held all of ours before this page, and the page is all that was
@@ -5220,12 +5962,46 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
         report.n_pulled += len(result.inserted)
         report.n_duplicates += result.n_duplicates
         report.conflicts += result.conflicts
+        report.deferred += [{"uuid": ev.uuid, "reason": reason} for ev, reason in future]
         report.n_behind = head - next_after
         if progress and total > PROGRESS_MIN_EVENTS:
             progress("pulled", max(total - report.n_behind, 0), total)
         if not page["has_more"]:
             return
         after = next_after
+
+
+def retry_deferred(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms) -> None:
+    """Fetch by uuid the peer's events held back here, and send again ours it held back, once within the bound."""
+    now = wall()
+    wanted = [d.uuid for d in list_deferred(db, peer_url=peer.url, direction="pull", max_wall_ms=now + MAX_OFFSET_MS)]
+    for i in range(0, len(wanted), MAX_FETCH_UUIDS):
+        asked = wanted[i:i + MAX_FETCH_UUIDS]
+        events, rejected = check_events(_answer_field(peer.fetch(asked), "events", list))
+        report.rejected += rejected
+        is_asked = set(asked).__contains__
+        events, _ = split_future([ev for ev in events if is_asked(ev.uuid)], now_ms=now)  # still ahead: stays
+        with write_txn(db) as cur:
+            result = receive_events(db, cur, events, now_ms=now)
+            drop_deferred(cur, peer.url, "pull", [ev.uuid for ev in events])
+        report.n_pulled += len(result.inserted)
+        report.n_deferred_stored += len(result.inserted)
+    if report.machine_id is None or report.db_id is None:
+        raise ClareError("retry before pull: the peer's identity is not known yet")
+    identity = (report.machine_id, report.db_id)
+    # The peer's clock decides there: an event is sent again once within the bound by the peer's offset.
+    their_now = now + (report.offset_ms or 0)
+    ours = [d.uuid for d in list_deferred(db, peer_url=peer.url, direction="push",
+                                          max_wall_ms=their_now + MAX_OFFSET_MS)]
+    for batch in _batches(get_events_by_uuid(db, ours)):
+        answer = peer.push({"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
+                            "events": [ev.to_json() for ev in batch]})
+        before = report.n_pushed
+        held = _count_accept(answer, identity, report)
+        report.deferred = [d for d in report.deferred if d["uuid"] not in held]  # still held: not news
+        with write_txn(db) as cur:
+            drop_deferred(cur, peer.url, "push", [ev.uuid for ev in batch if ev.uuid not in held])
+        report.n_deferred_stored += report.n_pushed - before
 
 
 def check_peer_identity(db: Db, identity: tuple[str, str], *, where: str) -> None:
@@ -5290,8 +6066,10 @@ def push_to(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[
         answer = _call_timed(peer.push, report, wall, {
             "machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
             "events": [ev.to_json() for ev in batch]})
-        _count_accept(answer, identity, report)
+        held = _count_accept(answer, identity, report)
         with write_txn(db) as cur:
+            save_deferred(cur, peer.url, "push", [(ev, held[ev.uuid]) for ev in batch if ev.uuid in held],
+                          now_ms=wall())
             save_cursor(cur, *identity, pushed_rseq=batch[-1].rseq)
             if get_cursor(db, *identity)[0] == answer["head_before"]:
                 save_cursor(cur, *identity, pulled_rseq=answer["head_after"])  # our own events: no need to pull back
@@ -5316,8 +6094,8 @@ def _batches(events: Iterable[Event]) -> Iterator[list[Event]]:
         yield batch
 
 
-def _count_accept(answer: object, identity: tuple[str, str], report: SyncReport) -> None:
-    """Check the answer to a push and add what it says to the report."""
+def _count_accept(answer: object, identity: tuple[str, str], report: SyncReport) -> dict[str, str]:
+    """Check the answer to a push and add what it says to the report; return the held back uuids and why."""
     # SECURITY: the answer comes from the network.
     try:
         if not isinstance(answer, dict):
@@ -5334,13 +6112,22 @@ def _count_accept(answer: object, identity: tuple[str, str], report: SyncReport)
     report.n_duplicates += counts[1]
     report.rejected += answer["rejected"]
     report.conflicts += [c for c in answer["conflicts"] if isinstance(c, str)]
+    # COMPAT: a peer of before the clock bound sends no "deferred" list.
+    held = {d["uuid"]: str(d.get("reason"))[:300] for d in answer.get("deferred", [])
+            if isinstance(answer.get("deferred"), list) and isinstance(d, dict) and isinstance(d.get("uuid"), str)
+            and UUID_RE.match(d["uuid"])}
+    report.deferred += [{"uuid": u, "reason": r} for u, r in held.items()]
+    return held
 
 
 def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[], int] = now_ms) -> None:
     """Compare per-day digests with the peer; fetch what we lack by uuid and push what it lacks."""
     theirs = _answer_field(_call_timed(peer.digest, report, wall), "days", dict)
     ours = sync_digest(db, now_ms=wall())["days"]
-    days = sorted(d for d in set(theirs) | set(ours) if theirs.get(d) != ours.get(d) and DAY_RE.match(d))
+    # A day that starts beyond now + MAX_OFFSET_MS holds only events that would be held back: not compared.
+    last_day = _day_name((wall() + MAX_OFFSET_MS) // DAY_MS)
+    days = sorted(d for d in set(theirs) | set(ours)
+                  if theirs.get(d) != ours.get(d) and DAY_RE.match(d) and d <= last_day)
     if report.machine_id is None or report.db_id is None:
         raise ClareError("verify before pull: the peer's identity is not known yet")
     identity = (report.machine_id, report.db_id)
@@ -5354,15 +6141,23 @@ def verify_with(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callab
             events, rejected = check_events(_answer_field(peer.fetch(missing_here[i:i + MAX_FETCH_UUIDS]),
                                                           "events", list))
             report.rejected += rejected
+            now = wall()
+            events, future = split_future(events, now_ms=now)
+            report.deferred += [{"uuid": ev.uuid, "reason": reason} for ev, reason in future]
             with write_txn(db) as cur:
-                result = receive_events(db, cur, events, now_ms=wall())
+                result = receive_events(db, cur, events, now_ms=now)
+                save_deferred(cur, peer.url, "pull", future, now_ms=now)
             found["fetched"] += len(result.inserted)
             report.n_pulled += len(result.inserted)
         for batch in _batches(get_events_by_uuid(db, sorted(our_uuids - their_uuids))):
             answer = peer.push({"machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
                                 "events": [ev.to_json() for ev in batch]})
             before = report.n_pushed
-            _count_accept(answer, identity, report)
+            held = _count_accept(answer, identity, report)
+            if held:
+                with write_txn(db) as cur:
+                    save_deferred(cur, peer.url, "push", [(ev, held[ev.uuid]) for ev in batch if ev.uuid in held],
+                                  now_ms=wall())
             found["sent"] += report.n_pushed - before
     report.verify = found
 
@@ -5381,10 +6176,12 @@ def _answer_field(answer: object, key: str, kind: type) -> Any:
 class HttpPeer(PeerTransport):
     """A peer's sync endpoints over HTTP; urllib is imported on the first request."""
 
-    def __init__(self, url: str, *, token: str | None, timeout_s: float = PEER_TIMEOUT_S):
+    def __init__(self, url: str, *, token: str | None, timeout_s: float = PEER_TIMEOUT_S,
+                 machine_id: str | None = None):
         self.url = url.rstrip("/")
         self.token = token  # never printed: messages name the variable instead
         self.timeout_s = timeout_s
+        self.machine_id = machine_id  # sent as PEER_HEADER: the peer then ends its backoff toward us
 
     def pull(self, *, after: int, limit: int) -> dict[str, Any]:
         """GET /api/v1/sync/events."""
@@ -5408,12 +6205,13 @@ class HttpPeer(PeerTransport):
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         return http_json(self.url, path, method=method, body=body, token=self.token, timeout_s=self.timeout_s,
-                         hint_401="set the peer's token: token_env in clare.toml, or CLARE_TOKEN")
+                         hint_401="set the peer's token: token_env in clare.toml, or CLARE_TOKEN",
+                         headers={PEER_HEADER: self.machine_id} if self.machine_id else None)
 
 
 def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, token: str | None = None,
               timeout_s: float = PEER_TIMEOUT_S, hint_401: str = "", say_where: bool = True,
-              max_bytes: int = MAX_RESPONSE_BYTES) -> Any:
+              max_bytes: int = MAX_RESPONSE_BYTES, headers: dict[str, str] | None = None) -> Any:
     """Send one JSON request to a Clare server, never through a proxy, and return its decoded answer.
 
     Every failure is one ClareError line: unreachable, truncated, too large or not JSON; an error status
@@ -5425,7 +6223,7 @@ def http_json(base: str, path: str, *, method: str = "GET", body: Any = None, to
     import urllib.request
 
     data = None if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-    headers = {"Accept": "application/json", "User-Agent": f"clare/{__version__}"}
+    headers = {"Accept": "application/json", "User-Agent": f"clare/{__version__}", **(headers or {})}
     if data is not None:
         headers["Content-Type"] = "application/json"
     if token:
@@ -5606,6 +6404,11 @@ def list_peers(db: Db, peers: Sequence[Peer]) -> list[dict[str, Any]]:
     rows = [{**p.to_json(), "is_configured": True, **_status_json(status.pop(p.url, None))} for p in peers]
     rows += [{"name": s.name, "url": s.url, "token_env": None, "is_configured": False, **_status_json(s)}
              for s in status.values()]
+    deferred = list_deferred(db)
+    for row in rows:
+        mine = [d for d in deferred if d.peer_url == row["url"]]
+        row["n_deferred"] = len(mine)  # events held back, both ways: each retried once within the bound
+        row["deferred_reason"] = mine[-1].reason if mine else None  # the furthest ahead says the most
     return rows
 
 
@@ -5616,6 +6419,27 @@ def _status_json(s: PeerStatus | None) -> dict[str, Any]:
         return {**dict.fromkeys(keys), "n_failures": 0, "n_pulled": 0, "n_pushed": 0, "is_skewed": False}
     return {k: getattr(s, k) for k in keys} | {
         "is_skewed": s.offset_ms is not None and abs(s.offset_ms) > MAX_OFFSET_MS}
+
+
+def clock_status(db: Db, *, now_ms: int) -> dict[str, Any]:
+    """Return what `status` and the dashboard say of this host's clock and of the events held back."""
+    deferred = list_deferred(db)
+    check = check_clock(db.conn, machine_id=db.machine_id, now_ms=now_ms)
+    return {**check.to_json(), "n_deferred": len(deferred),
+            "n_deferred_pull": sum(d.direction == "pull" for d in deferred),
+            "n_deferred_push": sum(d.direction == "push" for d in deferred),
+            "deferred_reason": deferred[-1].reason if deferred else None}
+
+
+
+def clock_lines(clock: dict[str, Any]) -> list[str]:
+    """Return the sentences a person should read about the clock and deferred events; none when all is well."""
+    lines = [m for m in (clock["message"], clock["hlc_message"]) if m]
+    if clock["n_deferred"]:
+        lines.append(f"{clock['n_deferred']} events held back ({clock['n_deferred_pull']} from peers, "
+                     f"{clock['n_deferred_push']} by peers): the newest is {clock['deferred_reason']}; "
+                     "see: clare peer list")
+    return lines
 
 
 def backoff_s(n_failures: int, *, interval_s: float = SYNC_INTERVAL_S) -> float:
@@ -5642,8 +6466,8 @@ def sync_round(db: Db, peer: Peer, config: dict[str, Any], *, progress: Progress
     The per-peer edge: any failure leaves as a ClareError, recorded in the peer's status.
     """
     try:
-        return sync_with(db, HttpPeer(peer.url, token=peer_token(peer, config)), name=peer.name,
-                         progress=progress, verify=verify)
+        return sync_with(db, HttpPeer(peer.url, token=peer_token(peer, config), machine_id=db.machine_id),
+                         name=peer.name, progress=progress, verify=verify)
     except ClareError:
         raise
     except Exception as err:  # a bug or a broken database must not end the loop nor print a traceback
@@ -5653,8 +6477,27 @@ def sync_round(db: Db, peer: Peer, config: dict[str, Any], *, progress: Progress
                          "if it stays") from err
 
 
+class PeerContacts:
+    """The sync requests peers made to this server, by machine id: one ends the backoff toward that peer.
+
+    After a partition, the side whose backoff ends first reaches the other; that contact makes the
+    other side sync at once instead of waiting out its own backoff.
+    """
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}  # machine id -> requests served; bumped by the server's threads
+
+    def note(self, machine_id: str | None) -> None:
+        """Count one sync request from a peer (a bad or missing id is not counted)."""
+        if machine_id and MACHINE_ID_RE.match(machine_id) and len(self.seen) < 10_000:
+            self.seen[machine_id] = self.seen.get(machine_id, 0) + 1  # SECURITY: bounded, checked id
+
+
 def start_background_sync(db_path: str, peers: list[Peer], config: dict[str, Any], *, stop: Any,
-                          log: Callable[[str], None], interval_s: float = SYNC_INTERVAL_S) -> list[Any]:
+                          log: Callable[[str], None], interval_s: float = SYNC_INTERVAL_S,
+                          contacts: PeerContacts | None = None) -> list[Any]:
     """Start one daemon thread per peer that syncs until `stop` (a threading.Event) is set.
 
     One thread per peer, each with its own connection, so a dead peer that makes its thread
@@ -5666,15 +6509,16 @@ def start_background_sync(db_path: str, peers: list[Peer], config: dict[str, Any
     for peer in peers:
         thread = threading.Thread(target=_sync_loop, name=f"clare-sync-{peer.name}", daemon=True,
                                   args=(db_path, peer, config), kwargs={"stop": stop, "log": log,
-                                                                        "interval_s": interval_s})
+                                                                        "interval_s": interval_s,
+                                                                        "contacts": contacts})
         thread.start()
         threads.append(thread)
     return threads
 
 
 def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, log: Callable[[str], None],
-               interval_s: float) -> None:
-    """Sync with one peer until stopped, backing off while it fails."""
+               interval_s: float, contacts: PeerContacts | None = None) -> None:
+    """Sync with one peer until stopped, backing off while it fails; a contact from it ends the backoff."""
     db = open_db(db_path)
     n_failures, was_skewed = 0, False
     try:
@@ -5692,31 +6536,58 @@ def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, l
             except ClareError as err:  # one peer's failure never ends the thread
                 n_failures += 1
                 log(f"sync with {peer.name} failed ({n_failures} in a row): {err}")
-            stop.wait(backoff_s(n_failures, interval_s=interval_s))
+            if _wait_backoff(db, peer, stop=stop, seconds=backoff_s(n_failures, interval_s=interval_s),
+                             contacts=contacts if n_failures else None):
+                log(f"sync with {peer.name}: it contacted this host, trying again now")
+                n_failures = 0
     finally:
         db.close()
 
 
-def push_order(db: Db, order: Order, *, config: dict[str, Any]) -> list[str]:
-    """Sync now with the configured peers that are the order's host; return the names reached.
+def _wait_backoff(db: Db, peer: Peer, *, stop: Any, seconds: float, contacts: PeerContacts | None) -> bool:
+    """Wait `seconds` or until stopped; return True early when the peer contacted this server meanwhile."""
+    machine_id = next((s.machine_id for s in list_peer_status(db) if s.url == peer.url), None)
+    if contacts is None or machine_id is None:
+        stop.wait(seconds)
+        return False
+    seen = contacts.seen.get(machine_id, 0)
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and time.monotonic() < deadline:
+        if contacts.seen.get(machine_id, 0) != seen:
+            return True
+        stop.wait(min(CONTACT_POLL_S, max(deadline - time.monotonic(), 0)))
+    return False
 
-    None reached is fine: the order waits in the log for the host's next sync, until it expires.
+
+ORDER_WAIT_S = START_READY_S + 15  # how long a start pushed to its host is followed for its receipt
+
+
+def push_order(db: Db, order: Order, *, config: dict[str, Any], wait_s: float = ORDER_WAIT_S) -> Order:
+    """Sync now with the configured peer that is the order's host, then follow it until its receipt comes back.
+
+    No such peer, or one that does not answer, is fine: the order waits in the log for the host's
+    next sync (pending), until it expires.
     """
     known = {s.url: s.machine_id for s in list_peer_status(db)}
-    reached = []
     for peer in load_peers(config):
-        if known.get(peer.url) == order.host:
-            with contextlib.suppress(ClareError):  # unreachable now: the periodic sync is the fallback
+        if known.get(peer.url) != order.host:
+            continue
+        deadline = time.monotonic() + wait_s
+        try:
+            sync_round(db, peer, config)  # the host carries it out as soon as the batch arrives
+            while list_orders(db, order_id=order.id)[0].result not in ORDER_FINAL and time.monotonic() < deadline:
+                time.sleep(0.5)
                 sync_round(db, peer, config)
-                reached.append(peer.name)
-    return reached
+        except ClareError:
+            continue  # unreachable now: the periodic sync is the fallback
+        break
+    return list_orders(db, order_id=order.id)[0]
 
 
 def _send_order(db: Db, order: Order, *, config: dict[str, Any], now_ms: int) -> Order:
-    if order.host == db.machine_id:
-        pull_fleet(db, config=config, now_ms=now_ms)  # carries it out, then sees the session
-    else:
-        push_order(db, order, config=config)
+    if order.host != db.machine_id:
+        return push_order(db, order, config=config)
+    pull_fleet(db, config=config, now_ms=now_ms)  # carries it out, then sees the session
     return list_orders(db, order_id=order.id)[0]
 
 
@@ -5815,13 +6686,6 @@ def skew_message(name: str, offset_ms: int) -> str:
             "host's clock past that limit; fix the clock (NTP) on whichever host is wrong")
 
 
-def _duration(ms: int) -> str:
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1000)):
-        if ms >= size:
-            return f"{ms / size:.1f} {unit}"
-    return f"{ms} ms"
-
-
 def _ago_ms(ms: int | None, now: int) -> str:
     if ms is None:
         return "never"
@@ -5909,7 +6773,8 @@ def _change_from_json(obj: dict[str, Any]) -> Change:
 
 
 def _status_to_wire(req: Any, report: StatusReport) -> dict[str, Any]:
-    return {**report.to_json(), "n_events": req.svc.count_events(), "machine_id": req.db.machine_id}
+    return {**report.to_json(), "n_events": req.svc.count_events(), "machine_id": req.db.machine_id,
+            "clock": req.svc.clock_status()}
 
 
 def _status_from_wire(got: dict[str, Any]) -> StatusReport:
@@ -6193,10 +7058,11 @@ class Services:
 
     @here
     def report_hook(self, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
-                    is_end: bool = False, asked: dict[str, str] | None = None) -> list[Event]:
+                    is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
+                    is_stale: bool = False) -> list[Event]:
         """Record what a Claude Code hook on this host reported (and what a dialog asks)."""
-        return report_hook(self.db, session_id, mark, cwd=cwd, tmux_target=tmux_target, is_end=is_end, asked=asked,
-                           now_ms=now_ms())
+        return report_hook(self.db, session_id, mark, cwd=cwd, tmux_target=tmux_target, is_end=is_end,
+                           is_clear=is_clear, asked=asked, is_stale=is_stale, now_ms=now_ms())
 
     @here
     def get_token(self, config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:
@@ -6217,7 +7083,8 @@ class Services:
     @api("POST", "/api/v1/broadcast", "Type a text into every live session of a target (project, group:NAME, "
          "session:ID)", body=("target", "text", "is_command"), not_sent=("confirm_s", "on_delivery"), status=201,
          from_wire=lambda got: BroadcastResult(got["broadcast_id"], got["target"], got["text"],
-                                               [from_json(Delivery, d) for d in got["deliveries"]]))
+                                               [from_json(Delivery, d) for d in got["deliveries"]],
+                                               list(got.get("unreached") or [])))
     def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
                        confirm_s: float = BROADCAST_CONFIRM_S,
                        on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
@@ -6261,6 +7128,11 @@ class Services:
     def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
         """Return the roll-up: per project its counts and tokens, the live sessions and their tasks."""
         return get_status(self.db, project_ref=project_ref, group_ref=group_ref)
+
+    @api("GET", "/api/v1/status", "", from_wire=lambda got: got["clock"], is_routed=False)
+    def clock_status(self) -> dict[str, Any]:
+        """Return what this host's peers say of its clock, and the events it holds back."""
+        return clock_status(self.db, now_ms=now_ms())
 
     @api("GET", "/api/v1/status", "", from_wire=lambda got: got["n_events"], is_routed=False)
     def count_events(self) -> int:
@@ -6395,6 +7267,7 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both (and its test's hash)
 PANE_POLL_S = 2  # how often an open session page refreshes its live pane
+FLEET_POLL_S = 2  # how often the dashboard's sessions refresh: a hook's report shows within 2.5 s
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
@@ -6430,6 +7303,7 @@ class WebConfig:
     peers: tuple[Peer, ...] = ()  # clare.toml's peers as read at start: a later typo there never breaks a poll
     config_path: str = ""  # clare.toml, read again where a service needs settings (starting a session)
     settings: Any = None  # clare.toml as read at start: peer tokens, [hosts.NAME] ssh
+    contacts: PeerContacts = dataclasses.field(default_factory=PeerContacts)  # sync requests from peers
 
     @property
     def login_cookie(self) -> str:
@@ -7396,6 +8270,7 @@ NAV_NEEDS = string.Template(
     '<span id="nav-needs" class="count" $poll data-count="$n" data-needs="$needs">$label</span>')
 FLASH = string.Template('<div id="flash" role="status" aria-live="polite"$oob>$message</div>')
 FLASH_MESSAGE = string.Template('<p class="flash $kind">$text</p>')
+ALERT = string.Template('<p class="flash error" role="alert">$text</p>')  # a standing problem, in a card
 
 
 def page(req: Request, title: str, main: Html, *, status: int = 200) -> Response:
@@ -7527,7 +8402,7 @@ FEED_ITEM = string.Template('<li>$text<time datetime="$at">$when · $where</time
 
 FRAG_PROJECTS = string.Template("""<div id="frag-projects" $poll>
 <div class="stats">$stats</div>
-<section class="card"><h2>Projects</h2>$table</section>
+<section class="card"><h2>Projects</h2>$clashes$table</section>
 </div>""")
 PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
 <thead><tr><th>Project</th><th class="hide-sm">Status</th><th>Tasks</th><th class="hide-sm">Done</th>
@@ -7584,13 +8459,19 @@ PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> '
                               '<span class="muted small">on $host</span></div>')
 START_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
 <button class="ghost" type="submit" title="start a Claude session for this task">Start session</button></form>""")
-START_CARD = string.Template("""<section class="card" id="start-session"><h2>Start a Claude session</h2>
-<form class="row" $attrs>$csrf<input type="hidden" name="view" value="task">
+START_CARD = string.Template("""<section class="card" id="start-session"><h2>Claude session</h2>
+$current
+<form class="row" $attrs>$csrf<input type="hidden" name="view" value="card">
 <label>Host<select name="host">$hosts</select></label>
 <label>Model<input name="model" placeholder="default" autocomplete="off" maxlength="100"></label>
 <label><input type="checkbox" name="worktree" value="1"> in a new git worktree</label>
 <button type="submit"$disabled>Start session</button></form>
 <p class="small muted">$note</p></section>""")
+SESSION_NOW = string.Template("""<div class="row"><p>Session <a class="mono" href="/sessions/$id">$short</a> is
+$state on $host.</p>$button</div>""")
+SESSION_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="card">$force
+<button class="ghost" type="submit">$label</button></form>""")
+FORCE_BOX = Html('<label class="small"><input type="checkbox" name="force" value="1"> even while it works</label>')
 PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
@@ -7686,8 +8567,8 @@ def order_text(o: Order) -> str:
     where = " in " + o.outcome["tmux_target"] if o.outcome.get("tmux_target") else ""
     branch = f" (branch {o.outcome['branch']})" if o.outcome.get("branch") else ""
     if o.result == "pending":
-        return (f"{what}: pending until {o.host} takes it (pushed at once when it is a reachable peer, else at its "
-                f"next sync; expires {when_text(o.expires_at)}); follow it with: clare session orders")
+        return (f"{what}: pending: {o.host} has not taken it yet (it gets the order when it next syncs with a host "
+                f"that has it; expires {when_text(o.expires_at)}); follow it with: clare session orders")
     return f"{what}{where}{branch}: {o.result}" + (f": {o.reason}" if o.reason else "")
 
 
@@ -7696,7 +8577,7 @@ def assignee_text(task: Task) -> Html:
     if task.session_id:
         return render(SESSION_ASSIGNEE, full_id=task.session_id, id=task.session_id[:SHORT_ID])
     if task.group_id:
-        return render(ASSIGNEE, kind="group", id=task.group_id[:SHORT_ID])
+        return render(ASSIGNEE, kind="group", id=task.group or task.group_id[:SHORT_ID])
     return Html('<span class="muted">—</span>')
 
 
@@ -7713,7 +8594,9 @@ def projects_fragment(req: Request) -> Html:
         table_html = render(EMPTY, text="No projects yet. Create one below, or: clare project new NAME")
     else:
         table_html = render(PROJECTS_TABLE, rows=join(map(_project_row, rollups)))
-    return render(FRAG_PROJECTS, poll=poll_attrs("/frag/projects"), stats=stats, table=table_html)
+    clashes = join(render(ALERT, text=clash_message(name, found))
+                   for name, found in name_clashes(projects).items())
+    return render(FRAG_PROJECTS, poll=poll_attrs("/frag/projects"), stats=stats, clashes=clashes, table=table_html)
 
 
 def _project_row(rollup: ProjectStatus) -> Html:
@@ -7800,16 +8683,30 @@ def start_button(req: Request, task: Task, *, view: str) -> Html:
 
 
 def start_card(req: Request, task: Task) -> Html:
-    """Render the form that starts a session for a task: host, model, worktree."""
+    """Render a task's session card: its session with Stop or Resume, and the form that starts a new one."""
     project = req.svc.get_project(task.project_id)
     here = req.db.machine_id
     hosts = sorted(project.dirs, key=lambda h: (h != here, h))
     note = (f"Claude runs in a new window of tmux session {tmux_session_name(project.name)} on that host, and gets "
             "the task as its first prompt." if hosts else
             f"Say where the code lives first: clare project set {project.name} --dir /PATH")
-    return render(START_CARD, csrf=csrf_field(req), attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#frag-task"),
+    found = [s for s in find_sessions(req.db, prefix=task.session_id) if s.id == task.session_id] \
+        if task.session_id else []
+    current, is_live = Html(""), bool(found) and found[0].state != "gone"
+    if is_live:
+        note = "One session per task: stop this one before starting another."
+    if found:
+        s = found[0]
+        verb = "resume" if s.state == "gone" else "stop"
+        current = render(SESSION_NOW, id=s.id, short=s.id[:SHORT_ID], state=SESSION_LABELS.get(s.state, s.state),
+                         host=s.host, button=render(
+                             SESSION_BUTTON, csrf=csrf_field(req), label=verb.capitalize(),
+                             force=FORCE_BOX if verb == "stop" else Html(""),
+                             attrs=form_attrs(f"/sessions/{s.id}/{verb}", target="#start-session")))
+    return render(START_CARD, csrf=csrf_field(req), current=current,
+                  attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#start-session"),
                   hosts=options(((h, f"{h} · {project.dirs[h]}") for h in hosts), here),
-                  disabled=Html("" if hosts and task.status != "done" else " disabled"), note=note)
+                  disabled=Html("" if hosts and task.status != "done" and not is_live else " disabled"), note=note)
 
 
 def status_form(req: Request, task: Task, *, view: str) -> Html:
@@ -7987,9 +8884,35 @@ def frag_start_session(req: Request) -> Response:
     f = req.form()
     order = req.svc.start_session(req.params["task"], host=f.get("host") or None, is_worktree=f.get("worktree") == "1",
                                   model=f.get("model", "").strip() or None, config=load_config(req.config.config_path))
-    ok = order.result in ("started", "pending")
-    return _after_task_change(req, req.svc.get_task(order.task_id or req.params["task"]), order_text(order),
-                              kind="ok" if ok else "error")
+    return _after_order(req, order, task_id=req.params["task"])
+
+
+def _after_order(req: Request, order: Order, *, task_id: str | None) -> Response:
+    """Answer a start, stop or resume: the task's session card (or task table) and a flash saying what came of it."""
+    kind = "ok" if order.result in ("started", "stopped", "pending") else "error"
+    ref = order.task_id or task_id
+    task = req.svc.get_task(ref) if ref else None
+    if req.form().get("view") != "card" or task is None:
+        if task is None:
+            return redirect(f"/sessions/{order.session_id}") if not req.is_htmx else \
+                html_response(flash(order_text(order), kind=kind))
+        return _after_task_change(req, task, order_text(order), kind=kind)
+    if not req.is_htmx:
+        return redirect(f"/tasks/{task.id}")
+    return html_response(join([start_card(req, task), flash(order_text(order), kind=kind, oob=True)]))
+
+
+def frag_stop_session(req: Request) -> Response:
+    """Stop a task's session from its card: /exit, or SIGTERM when "even while it works" is ticked."""
+    order = req.svc.stop_session(req.params["session"], is_force=req.form().get("force") == "1",
+                                 config=load_config(req.config.config_path))
+    return _after_order(req, order, task_id=None)
+
+
+def frag_resume_session(req: Request) -> Response:
+    """Resume a task's gone session from its card."""
+    order = req.svc.resume_session(req.params["session"], config=load_config(req.config.config_path))
+    return _after_order(req, order, task_id=None)
 
 
 def frag_unassign_task(req: Request) -> Response:
@@ -8120,7 +9043,7 @@ def fleet_fragment(req: Request) -> Html:
             tokens=tokens_text(s.tokens),
             task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
             else Html('<span class="muted">—</span>')) for s in sessions))
-    return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
+    return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet", every_s=FLEET_POLL_S), table=table_html)
 
 
 def session_picker(req: Request, selected: str | None) -> Html:
@@ -8170,6 +9093,7 @@ def frag_fleet(req: Request) -> Response:
 MAIN_SESSION = string.Template("""<p class="muted small"><a href="/sessions">Sessions</a> /</p>
 <h1 hx-disable>$label</h1>
 <p class="sub">$state $since · $host · <span class="mono">$where</span></p>
+$lineage
 <div class="grid">
 $facts
 <div>
@@ -8298,7 +9222,27 @@ def page_session(req: Request) -> Response:
         facts=session_fragment(req, s, d.task), attach=attach_card(req, s, d.attach), csrf=csrf_field(req),
         task_attrs=form_attrs(f"/sessions/{s.id}/task", target="#frag-session"), task_options=task_choices(req, s),
         pane=pane_fragment(req, s, is_live=is_live), turns=turns_fragment(req, s, is_live=is_live),
-        history=history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history")))
+        history=history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history"),
+        lineage=lineage_html(s.id, d.history)))
+
+
+SESSION_LINEAGE = string.Template("""<p class="sub">$what <a href="/sessions/$id" class="mono">$short</a>
+(the same Claude process and pane, after /clear)</p>""")
+
+
+def lineage_html(session_id: str, history: list[Event]) -> Html:
+    """Link a session to the one its process went on as after /clear, and to the one it went on from."""
+    links = []
+    for ev in history:
+        p = ev.payload
+        if ev.event_type == "session.gone" and p.get("successor_id"):
+            if p["session_id"] == session_id:
+                links.append(render(SESSION_LINEAGE, what="Continued as", id=p["successor_id"],
+                                    short=p["successor_id"][:SHORT_ID]))
+            elif p["successor_id"] == session_id:
+                links.append(render(SESSION_LINEAGE, what="Continues", id=p["session_id"],
+                                    short=p["session_id"][:SHORT_ID]))
+    return join(links)
 
 
 def frag_session(req: Request) -> Response:
@@ -8475,11 +9419,13 @@ def frag_send_broadcast(req: Request) -> Response:
 FRAG_PEERS = string.Template("""<section class="card" id="frag-peers" $poll>
 <h2>Peers</h2>$table</section>""")
 PEERS_TABLE = string.Template("""<div class="scroll"><table>
-<thead><tr><th>Sync</th><th>Peer</th><th>Last sync</th><th>Behind</th><th class="hide-sm">Clock</th></tr></thead>
+<thead><tr><th>Sync</th><th>Peer</th><th>Last sync</th><th>Behind</th><th class="hide-sm">Clock</th>
+<th>Deferred</th></tr></thead>
 <tbody hx-disable>$rows</tbody></table></div>""")
 PEER_ROW = string.Template("""<tr><td>$state</td>
 <td class="title"><b>$name</b><div class="mono muted small">$url</div><div class="muted small">$error</div></td>
-<td class="muted small">$last</td><td>$behind</td><td class="hide-sm mono small">$offset</td></tr>""")
+<td class="muted small">$last</td><td>$behind</td><td class="hide-sm mono small">$offset</td>
+<td>$deferred<div class="muted small">$deferred_reason</div></td></tr>""")
 
 
 def peers_fragment(req: Request) -> Html:
@@ -8493,6 +9439,7 @@ def peers_fragment(req: Request) -> Html:
         if p["last_ok_ms"] is None:
             return badge("never synced", "gray")
         return badge("clock skewed", "amber") if p["is_skewed"] else badge("in sync", "green")
+    clock = join(render(ALERT, text=line) for line in clock_lines(clock_status(req.db, now_ms=now)))
     if not peers:
         table_html = render(EMPTY, text="No peers; add one with: clare peer add http://HOST:8765 --name NAME")
     else:
@@ -8500,8 +9447,9 @@ def peers_fragment(req: Request) -> Html:
         table_html = render(PEERS_TABLE, rows=join(render(
             PEER_ROW, state=state(p), name=p["name"], url=p["url"], error=(p["last_error"] or "")[:160],
             last=_ago_ms(p["last_ok_ms"], now), behind="—" if p["n_behind"] is None else p["n_behind"],
-            offset=_offset(p["offset_ms"])) for p in peers))
-    return render(FRAG_PEERS, poll=poll_attrs("/frag/peers"), table=table_html)
+            offset=_offset(p["offset_ms"]), deferred=p["n_deferred"] or "—",
+            deferred_reason=(p["deferred_reason"] or "")[:200]) for p in peers))
+    return render(FRAG_PEERS, poll=poll_attrs("/frag/peers"), table=join([clock, table_html]))
 
 
 def frag_peers(req: Request) -> Response:
@@ -8702,14 +9650,20 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
                                 head_before="integer", head_after="integer"),
     "BroadcastResult": {"type": "object", "required": ["broadcast_id", "target", "text", "deliveries"], "properties": {
         "broadcast_id": {"type": "string"}, "target": {"type": "string"}, "text": {"type": "string"},
-        "deliveries": _array("Delivery")}},
+        "deliveries": _array("Delivery"),
+        "unreached": {"type": "array", "description": "open tasks of a project target that no live session works on",
+                      "items": {"type": "object", "properties": {
+                          "task_id": {"type": "string"}, "title": {"type": "string"},
+                          "session_id": {"type": ["string", "null"]}, "reason": {"type": "string"}}}}}},
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
     "Status": {"type": "object", "required": ["projects", "sessions", "tasks", "n_events", "machine_id"],
                "properties": {"projects": _array("ProjectStatus"), "sessions": _array("Session"),
                               "tasks": _array("TaskStatus"), "n_events": {"type": "integer"},
-                              "machine_id": {"type": "string"}}},
+                              "machine_id": {"type": "string"},
+                              "clock": {"type": "object", "description": "what peers say of this host's "
+                                        "clock, its stored HLC's lead, and the events held back (deferred)"}}},
     "EventPage": {"type": "object", "required": ["events", "next_after", "has_more"], "properties": {
         "events": _array("Event"), "next_after": {"type": "integer"}, "has_more": {"type": "boolean"}}},
     "ImportResult": {"type": "object", "required": ["inserted", "duplicates", "conflicts", "rejected"], "properties": {
@@ -8761,14 +9715,16 @@ _OPEN_API_EXTRA_SCHEMAS.update({
                      head="integer"),
     "SyncAccepted": _obj(**_SYNC_HEAD, accepted="integer", duplicates="integer", rejected={
         "type": "array", "items": _obj(index="integer", uuid=["string", "null"], reason="string")},
-        conflicts={"type": "array", "items": {"type": "string"}}, head_before="integer", head_after="integer"),
+        conflicts={"type": "array", "items": {"type": "string"}}, head_before="integer", head_after="integer",
+        deferred={"type": "array", "items": _obj(uuid="string", reason="string")}),
     "SyncDigest": _obj(**_SYNC_HEAD, days={"type": "object", "additionalProperties": _obj(n="integer", hash="string")}),
     "SyncDay": _obj(**_SYNC_HEAD, day="string", uuids={"type": "array", "items": {"type": "string"}}),
     "SyncEvents": _obj(**_SYNC_HEAD, events=_array("SyncEvent")),
     "PeerStatus": _obj(name="string", url="string", token_env=["string", "null"], is_configured="boolean",
                        machine_id=["string", "null"], last_ok_ms=["integer", "null"], last_try_ms=["integer", "null"],
                        last_error=["string", "null"], n_failures="integer", n_behind=["integer", "null"],
-                       offset_ms=["integer", "null"], n_pulled="integer", n_pushed="integer", is_skewed="boolean"),
+                       offset_ms=["integer", "null"], n_pulled="integer", n_pushed="integer", is_skewed="boolean",
+                       n_deferred="integer", deferred_reason=["string", "null"]),
 })
 API_DOCS.update({
     ("GET", "/api/v1/sync/events"): ("Sync: the events stored after receipt number `after` (the cursor)",
@@ -8853,6 +9809,7 @@ def api_openapi(req: Request) -> Response:
 
 def sync_get_events(req: Request) -> Response:
     """Page through the log in receipt order for a peer: ?after=RSEQ&limit=N."""
+    req.config.contacts.note(req.headers.get(PEER_HEADER.lower()))
     return json_response(sync_page(req.db, after=req.arg("after", "0"), limit=req.arg("limit", str(SYNC_PAGE_LIMIT)),
                                    now_ms=now_ms()))
 
@@ -8860,6 +9817,7 @@ def sync_get_events(req: Request) -> Response:
 def sync_post_events(req: Request) -> Response:
     """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
     body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
+    req.config.contacts.note(req.headers.get(PEER_HEADER.lower()))
     answer = sync_accept(req.db, body, now_ms=now_ms())
     if answer["accepted"] and list_orders(req.db, pending_on=req.db.machine_id):
         carry_out_soon(req.config.db_path, load_config(req.config.config_path))  # pushed to us: act now
@@ -8913,6 +9871,8 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/sessions", frag_start_session),
+        ("POST", r"/sessions/" + _REF % "session" + "/stop", frag_stop_session),
+        ("POST", r"/sessions/" + _REF % "session" + "/resume", frag_resume_session),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
         ("GET", r"/sessions", cached(page_sessions)),
         ("GET", r"/sessions/" + _REF % "session", page_session),
@@ -9039,8 +9999,10 @@ class Context:
         return self._svc
 
     def close(self) -> None:
-        """Close what was opened."""
+        """Say what the writes of this command should tell the user (a clock one peer finds off); close."""
         if self._db is not None:
+            for warning in self._db.warnings:
+                print(f"clare: warning: {warning}", file=sys.stderr)
             self._db.close()
 
 
@@ -9081,7 +10043,7 @@ def _assignee(task: Task) -> str:
     if task.session_id:
         return f"session {task.session_id[:SHORT_ID]}"
     if task.group_id:
-        return f"group {task.group_id[:SHORT_ID]}"
+        return f"group {task.group or task.group_id[:SHORT_ID]}"
     return ""
 
 
@@ -9198,13 +10160,15 @@ def unit_path(env: Mapping[str, str] | None = None) -> str:
     return os.path.join(config, "systemd", "user", "clare.service")
 
 
-def unit_text(*, home: str | None, host: str, port: int, env: Mapping[str, str] | None = None) -> str:
+def unit_text(*, home: str | None, host: str, port: int, db: str | None = None,
+              env: Mapping[str, str] | None = None) -> str:
     """Return the unit setup writes: this interpreter and clare.py by absolute path, bound to host:port."""
     import shutil  # only setup and doctor need it
 
     env = os.environ if env is None else env
     script = os.path.abspath(__file__)
-    argv = [sys.executable, script, *(("--home", home) if home else ()), "serve", "--host", host, "--port", str(port)]
+    places = [*(("--home", home) if home else ()), *(("--db", os.path.abspath(db)) if db else ())]
+    argv = [sys.executable, script, *places, "serve", "--host", host, "--port", str(port)]
     # The folders of the programs serve runs (tmux, Claude Code): a user service starts with a minimal PATH.
     found = [shutil.which(p, path=env.get("PATH")) for p in ("tmux", "claude")]
     folders = [os.path.dirname(os.path.abspath(p)) for p in found if p] + ["/usr/local/bin", "/usr/bin", "/bin"]
@@ -9264,7 +10228,7 @@ def setup_steps(ctx: Context, *, bind: str, port: int, peer_url: str | None, bin
                f"(runs clare.py with {sys.executable})")
 
     # 4. The systemd user unit.
-    path, text = unit_path(env), unit_text(home=home, host=bind, port=port, env=env)
+    path, text = unit_path(env), unit_text(home=home, host=bind, port=port, db=ctx.args.db, env=env)
     unit_changed = _read_text(path) != text
     if unit_changed and not is_dry_run:
         write_private(path, text)
@@ -9519,11 +10483,26 @@ def doctor_checks(ctx: Context, *, env: Mapping[str, str] | None = None) -> Iter
                else "upgrade clare.py on this host")
     yield (Step("fingerprint", "failed", db.refusal.split("; ")[0], "clare init --new-id (the log is kept)")
            if db.refusal else Step("fingerprint", "ok", f"this database was made here ({db.machine_id})"))
+    yield _clock_check(db)
     usage = shutil.disk_usage(os.path.dirname(os.path.abspath(ctx.paths.db)))
     free = f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB"
     yield (Step("disk", "ok", f"{free} where the database is") if usage.free >= MIN_FREE_BYTES else
            Step("disk", "failed", f"only {free} where the database is (under {MIN_FREE_BYTES // 2**20} MiB)",
                 f"free space on the disk of {ctx.paths.db}"))
+
+
+def _clock_check(db: Db) -> Step:
+    clock = clock_status(db, now_ms=now_ms())
+    if clock["is_refused"]:
+        return Step("clock", "failed", clock["message"].split(": user writes")[0] + ": user writes are refused",
+                    "timedatectl set-ntp true (or chronyc makestep), then: clare sync")
+    if clock["hlc_message"]:
+        return Step("clock", "failed", clock["hlc_message"].split(": ")[0],
+                    "nothing to do: it passes by itself once real time catches up; keep the clock on NTP")
+    if clock["n_deferred"]:
+        return Step("clock", "failed", f"{clock['n_deferred']} events held back: {clock['deferred_reason']}",
+                    "fix the clock (NTP) of the host that made them; see: clare peer list")
+    return Step("clock", "ok", clock["message"] or "no peer finds this clock off; no event is held back")
 
 
 def _arg_after(argv: list[str], flag: str, default: str) -> str:
@@ -9622,6 +10601,8 @@ def cmd_project_new(args: argparse.Namespace, ctx: Context) -> None:
 def cmd_project_list(args: argparse.Namespace, ctx: Context) -> None:
     """List projects with their task counts."""
     projects = ctx.svc.list_projects(status=args.status)
+    for name, found in name_clashes(projects).items():
+        print(f"clare: warning: {clash_message(name, found)}", file=sys.stderr)
     emit(ctx, projects, lambda: table(
         ("ID", "NAME", "STATUS", "TODO", "DOING", "BLOCKED", "DONE", "OWNER", "GOAL"),
         ((p.id[:SHORT_ID], p.name, p.status, *(p.task_counts[s] for s in TASK_STATUSES), p.owner,
@@ -9644,6 +10625,12 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
             lines += ["", "history:", format_history(history)]
         return "\n".join(lines)
     emit(ctx, value, text)
+
+
+def cmd_project_rename(args: argparse.Namespace, ctx: Context) -> None:
+    """Give a project a new name (the way out of two projects of one name)."""
+    p = ctx.svc.edit_project(args.project, name=args.name)
+    emit(ctx, p, f"project {p.id[:SHORT_ID]} is now named {p.name}")
 
 
 def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
@@ -9891,7 +10878,7 @@ def cmd_session_stop(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_session_orders(args: argparse.Namespace, ctx: Context) -> None:
     """List the starts, resumes and stops ordered, with what came of each."""
-    orders = ctx.svc.list_orders(session_id=args.session)
+    orders = ctx.svc.list_orders(session_id=ctx.svc.get_session(args.session).id if args.session else None)
     emit(ctx, orders, lambda: table(("ORDER", "WHEN", "ACTION", "SESSION", "HOST", "RESULT", "REASON"), (
         (o.id[:SHORT_ID], when_text(o.created_at), o.action, o.session_id[:SHORT_ID], o.host, o.result,
          short_text(o.reason, 90)) for o in orders)) if orders else "no session orders")
@@ -9947,7 +10934,8 @@ def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_hook(args: argparse.Namespace, ctx: Context) -> int:
     """Take one Claude Code hook report on stdin; print nothing and exit 0 whatever happens."""
-    run_hook(ctx.paths.db, sys.stdin.buffer.read(MAX_HOOK_INPUT_BYTES), env=dict(os.environ), at_ms=now_ms())
+    started_ms = process_started_ms() or now_ms()  # before anything else: when Claude started this hook
+    run_hook(ctx.paths.db, sys.stdin.buffer.read(MAX_HOOK_INPUT_BYTES), env=dict(os.environ), at_ms=started_ms)
     return 0
 
 
@@ -9956,8 +10944,9 @@ def cmd_hooks_install(args: argparse.Namespace, ctx: Context) -> None:
     path = settings_path()
     changed = install_hooks(path, hook_command(ctx.paths.db))
     emit(ctx, {"settings": path, "changed": changed},
-         f"installed Clare's hooks for {len(changed)} events in {path}; sessions started before now get them "
-         "only when restarted (pull still sees them)" if changed else f"Clare's hooks are already in {path}")
+         f"installed Clare's hooks for {len(changed)} events in {path}; Claude Code 2.1.x reloads this file, so "
+         "running sessions report from now on too (older versions only after a restart; pull sees them either way)"
+         if changed else f"Clare's hooks are already in {path}")
 
 
 def cmd_hooks_uninstall(args: argparse.Namespace, ctx: Context) -> None:
@@ -10001,11 +10990,17 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
     landed.close()
     rest = [d for d in result.deliveries if d.session_id not in landed.shown]
     counts = {r: sum(d.result == r for d in result.deliveries) for r in ("delivered", *DELIVERY_RESULTS)}
+    # Every open assigned task of a project target gets a line: those no live session works on too.
+    counts["no live session"] = len(result.unreached)
+    unreached = [TERMINAL_CONTROL_RE.sub("?", landed.line(
+        u["session_id"] or "-", "-", "-", "no live session",
+        f"task {u['task_id'][:SHORT_ID]} {u['title']!r}: " + u["reason"].removeprefix("no live session: ")))
+        for u in result.unreached]
     emit(ctx, result, lambda: "\n".join([*(landed.line(d.session_id, d.host, d.tmux_target, d.result, d.reason)
-                                           for d in rest),
+                                           for d in rest), *unreached,
                                          f"broadcast {result.broadcast_id[:SHORT_ID]} to {result.target}: "
                                          + ", ".join(f"{n} {r}" for r, n in counts.items() if n)]))
-    return 0 if all(d.result in ("delivered", "queued") for d in result.deliveries) else 1
+    return 0 if result.is_complete else 1
 
 
 class BroadcastLines:
@@ -10073,8 +11068,10 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> None:
             (r.project.name, r.project.status, *(r.project.task_counts[s] for s in TASK_STATUSES), r.n_sessions,
              tokens_text(r.tokens)) for r in report.projects)) if report.projects else "no projects"
         listed = table(heads, rows(sessions, now)) if sessions else "no live sessions"
-        return f"{needs_you}\n\n{projects}\n\n{listed}"
-    emit(ctx, report, text)
+        warnings = "\n".join(f"warning: {x}" for x in clock_lines(clock)) if clock else ""
+        return "\n\n".join(x for x in (needs_you, projects, listed, warnings) if x)
+    clock = ctx.svc.clock_status()
+    emit(ctx, {**report.to_json(), "clock": clock}, text)
 
 
 def cmd_log(args: argparse.Namespace, ctx: Context) -> None:
@@ -10164,9 +11161,10 @@ def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
     """List peers with their last sync, lag, clock offset and last error."""
     rows = list_peers(ctx.db, load_peers(ctx.config, path=ctx.paths.config))
     now = now_ms()
-    emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "ERROR"), (
+    emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "DEFERRED", "ERROR"), (
         (r["name"] + ("" if r["is_configured"] else " (not in clare.toml)"), r["url"],
          _ago_ms(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
+         f"{r['n_deferred']}: {short_text(r['deferred_reason'], 70)}" if r["n_deferred"] else "",
          short_text(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
         for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
 
@@ -10196,6 +11194,8 @@ def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
         for r in report.rejected[:5]:
             print(f"clare: {peer.name}: event {r.get('uuid')} refused: {r.get('reason')}", file=sys.stderr)
         results.append(report)
+    for name, found in name_clashes(list_projects(ctx.db)).items():
+        print(f"clare: warning: {clash_message(name, found)}", file=sys.stderr)
     # A failure was said on stderr already; the summary repeats it only to place it among other peers.
     emit(ctx, results, lambda: "\n".join(
         f"{r['name']}: failed" if isinstance(r, dict) else format_sync_report(r) for r in results
@@ -10212,6 +11212,10 @@ def format_sync_report(r: SyncReport) -> str:
         line += f", {len(r.conflicts)} conflicting (same uuid, other content; ours kept)"
     if r.rejected:
         line += f", {len(r.rejected)} refused as malformed"
+    if r.n_deferred_stored:
+        line += f", {r.n_deferred_stored} held back earlier went through"
+    if r.deferred:
+        line += f", {len(r.deferred)} held back (stamped too far ahead; see: clare peer list)"
     if r.verify is not None:
         v = r.verify
         line += (f"; verify: {v['days']} days compared, {len(v['days_differ'])} differed, "
@@ -10271,7 +11275,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
             print(f"clare: log in once with {server.url}/login?token={token}", flush=True)
         if peers:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
-        start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log)
+        start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log,
+                              contacts=config.contacts)
         start_background_pull(ctx.paths.db, settings, stop=stop, log=log)
         base_url = str((settings.get("notify") or {}).get("url") or server.url)
         start_background_notify(ctx.paths.db, settings, base_url=base_url, stop=stop, log=log)
@@ -10289,10 +11294,12 @@ def cmd_restore(args: argparse.Namespace, ctx: Context) -> None:
     if not args.yes:
         raise UsageError("restoring replaces everything in this database by the backup (events since then come "
                          "back only from peers); run again with --yes")
-    db_id, n_events = restore_backup(ctx.db, args.backup)
-    emit(ctx, {"db": ctx.db.path, "db_id": db_id, "n_events": n_events},
-         f"restored {ctx.db.path} from {args.backup}: {n_events} events, new db id {db_id}\n"
-         "get back what peers hold since the backup with: clare sync")
+    path = ctx.paths.db  # not ctx.db: opening would create a new empty database, or fail on a damaged one
+    db_id, n_events, aside = restore_backup(path, args.backup)
+    emit(ctx, {"db": path, "db_id": db_id, "n_events": n_events, "damaged_file": aside},
+         f"restored {path} from {args.backup}: {n_events} events, new db id {db_id}\n"
+         + (f"the unreadable file is kept as {aside}\n" if aside else "")
+         + "get back what peers hold since the backup with: clare sync")
 
 
 GROUP_HELP = {
@@ -10314,8 +11321,8 @@ _GLOBAL_ARGS = (
 # The same options after the verb (`clare task list --home /tmp/c2`): SUPPRESS keeps a value given before it.
 _LEAF_GLOBAL_ARGS = tuple((flags, {**options, "default": argparse.SUPPRESS}) for flags, options in _GLOBAL_ARGS)
 _DIR_ARG = arg("--dir", action="append", default=[], metavar="[HOST:]PATH",
-               help="where the code lives: /PATH on this host, HOST:/PATH on another (machine id or unique peer "
-                    "name), HOST: to forget it; repeat per host")
+               help="where the code lives: /PATH on this host, HOST:/PATH on another (machine id, or a host or "
+                    "peer name only one host has), HOST: to forget it; repeat per host")
 
 _SERVE_ARGS = (
     arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
@@ -10359,6 +11366,9 @@ COMMANDS: list[Command] = [
             "clare project set alpha --status paused\n  clare project set alpha --dir apricot:/srv/api --dir fig:",
             (arg("project", help="name or id prefix"), arg("--status", choices=PROJECT_STATUSES),
              arg("--goal"), arg("--owner"), arg("--name", help="rename it"), _DIR_ARG)),
+    Command(("project", "rename"), cmd_project_rename, "give a project a new name (two of one name: rename one)",
+            "clare project rename 3f9a2c1b alpha-laptop",
+            (arg("project", help="id prefix (or the name, when only one project has it)"), arg("name"))),
     Command(("task", "add"), cmd_task_add, "add a task to a project",
             'clare task add alpha "write the parser" --prio 1 --desc "tokens first" --tag backend',
             (arg("project", help="name or id prefix"), arg("title"),
@@ -10435,7 +11445,8 @@ COMMANDS: list[Command] = [
              arg("--state", choices=SESSION_STATES, help="only sessions in this state"))),
     Command(("session", "start"), cmd_session_start, "start a Claude session for a task in a new tmux window",
             "clare session start 3f2a\n  clare session start 3f2a --host apricot --worktree --model sonnet",
-            (_TASK_REF, arg("--host", help="machine id or unique peer name (default: where the project's code is)"),
+            (_TASK_REF, arg("--host", help="machine id, or a host or peer name only one host has (default: where "
+                                           "the project's code is)"),
              arg("--worktree", action="store_true",
                  help="work in a new git worktree and branch clare/<id>-<title> beside the repository"),
              arg("--model", help="the model Claude uses (claude --model)"))),
@@ -10447,7 +11458,7 @@ COMMANDS: list[Command] = [
              arg("--force", action="store_true", help="send SIGTERM to Claude even while it works"))),
     Command(("session", "orders"), cmd_session_orders, "list session starts, resumes and stops with their results",
             "clare session orders\n  clare session orders --session 7c1e9b --json",
-            (arg("--session", help="only this session's (full id)"),)),
+            (arg("--session", help="only this session's (id or unique prefix)"),)),
     Command(("attach",), cmd_attach, "attach this terminal to a session's tmux pane (over ssh for another host)",
             "clare attach 7c1e9b\n  clare attach 7c1e9b --print",
             (arg("session", help="session id or unique prefix"),

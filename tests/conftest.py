@@ -17,6 +17,9 @@ import clare
 # A loaded 2-core CI machine makes per-example deadlines flaky; a failure prints its reproduction blob.
 settings.register_profile("clare", deadline=None, print_blob=True)
 settings.load_profile("clare")
+# Clare fsyncs every write (synchronous=FULL, +7 ms each); the suite's thousands of small transactions
+# run under NORMAL. test_damage.py checks that FULL is the default.
+os.environ.setdefault("CLARE_SYNCHRONOUS", "NORMAL")
 
 ROOT = Path(__file__).resolve().parent.parent
 CLARE_PY = ROOT / "clare.py"

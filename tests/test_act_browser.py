@@ -49,6 +49,8 @@ def test_session_page_live_pane_refreshes_and_its_picker_sets_the_task(server, d
     attach = pg.locator("#attach-cmd").inner_text()
     assert attach == f"tmux -S {tmux.socket} attach -t work:0.0"
     pg.click("#attach button[data-copy]")
+    pg.wait_for_function("() => document.querySelector('#attach button[data-copy]').innerText !== 'Copy'",
+                         timeout=5000)  # the label changes after the clipboard call settles
     label = pg.locator("#attach button[data-copy]").inner_text()
     assert label in ("Copied", "Selected: press Ctrl+C")
     if label.startswith("Selected"):  # no clipboard here: the command is selected for Ctrl+C
