@@ -1,11 +1,11 @@
 """Act in a real browser: the session page and its live pane, pickers, needs-you keys, title count, notifications."""
 
 import pytest
-import test_browser
-from test_browser import ARTIFACTS, settle
 
 import clare
+import test_browser
 from conftest import observe
+from test_browser import ARTIFACTS, settle
 
 browser, page_of = test_browser.browser, test_browser.page_of  # the shared fixtures: Chromium, checked pages
 pytestmark = pytest.mark.browser
