@@ -51,6 +51,9 @@ MAX_TITLE_CHARS = 300
 MAX_TEXT_CHARS = 20_000  # descriptions, goals, update texts
 MAX_PAYLOAD_BYTES = 64 * 1024  # one event's JSON payload, as stored
 ID_PREFIX_RE = re.compile(r"\A[0-9a-f][0-9a-f-]*\Z")
+# Every id that enters from outside (sync, import, API): Clare's hex ids, Claude's uuids, tmux's %3,
+# machine ids. SECURITY: no space, slash, quote or control character can ride into a URL or a header.
+ID_RE = re.compile(r"\A[A-Za-z0-9%][A-Za-z0-9._:@%+-]{0,63}\Z")
 SHORT_ID = 8  # characters of an id shown to people
 MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is refused wherever it is read
 
@@ -99,16 +102,48 @@ def resolve_paths(*, home: str | None = None, db: str | None = None,
 
 
 def load_config(path: str) -> dict[str, Any]:
-    """Read clare.toml; a missing file is an empty config."""
+    """Read clare.toml; a missing file is an empty config; refuse one others may change that holds a secret."""
     import tomllib  # only the verbs that need settings pay for it
 
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            config = tomllib.load(f)
+            mode = os.fstat(f.fileno()).st_mode
     except FileNotFoundError:
         return {}
     except tomllib.TOMLDecodeError as err:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
+    # SECURITY: whoever can write a file holding a command (or the token) runs code as this user.
+    if mode & 0o022 and ("token" in config or _has_command(config)):
+        raise ClareError(f"{path} holds a token or a command Clare runs, and other users may change it; "
+                         f"make it yours alone: chmod 600 {path}")
+    return config
+
+
+def _has_command(table: dict[str, Any]) -> bool:
+    return any(key == "command" or key.endswith("_command") or (isinstance(value, dict) and _has_command(value))
+               for key, value in table.items())
+
+
+def make_private_dir(folder: str) -> None:
+    """Create a folder (and missing parents) that only this user can enter (0700)."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+
+
+def write_private(path: str, text: str) -> None:
+    """Replace a file by `text` at once, readable by this user alone (0600), its folder made 0700 if new."""
+    make_private_dir(os.path.dirname(os.path.abspath(path)))
+    staging = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(staging, 0o600)  # O_CREAT's mode does not apply to a staging file left by a crash
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
 
 
 def resolve_token(config: dict[str, Any], *, env: dict[str, str] | None = None,
@@ -123,12 +158,64 @@ def resolve_token(config: dict[str, Any], *, env: dict[str, str] | None = None,
     return check_token(config.get("token") or None, where=f"'token' in {path}")
 
 
+def ensure_token(path: str, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str:
+    """Return the host's token; without CLARE_TOKEN or `token` in clare.toml, make one and write it there."""
+    token = resolve_token(config, env=env, path=path)
+    if token is not None:
+        return token
+    import secrets
+    import tomllib
+
+    token = secrets.token_urlsafe(32)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    # A top-level key must come before the first [table]: the token goes on the first line.
+    new_text = f"token = {json.dumps(token)}  # made by clare on first serve; the fleet may share one\n" + text
+    if tomllib.loads(new_text) != {**config, "token": token}:
+        raise ClareError(f"cannot add a token to {path} without changing its other settings; add a line "
+                         "token = \"...\" at its top (python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    write_private(path, new_text)
+    return token
+
+
 def check_token(token: object, *, where: str) -> str | None:
     """Return the token if it is text of MIN_TOKEN_CHARS or more; None stays None."""
     if token is not None and (not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS):
         raise UsageError(f"the token in {where} is shorter than {MIN_TOKEN_CHARS} characters (or not text); make "
                          "one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
     return token
+
+
+def parse_json(data: str | bytes, *, is_lenient: bool = False) -> Any:
+    """Parse standard JSON: NaN, Infinity and lone surrogates are refused with a ValueError naming them.
+
+    `is_lenient` lets those through, for a batch whose items are checked one by one (check_event).
+    """
+    if is_lenient:
+        return json.loads(data)
+    if isinstance(data, str):
+        try:
+            data = data.encode()
+        except UnicodeEncodeError:
+            raise ValueError("the text holds a lone surrogate, which is not UTF-8; send UTF-8 text") from None
+    value = json.loads(data, parse_constant=_refuse_constant)
+    # SECURITY: "\ud800" parses to text that no UTF-8 encoder (SQLite's, a socket's) accepts.
+    if _SURROGATE_ESCAPE_RE.search(data):
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a lone surrogate (\\ud800-\\udfff) is not text; send UTF-8 text") from None
+    return value
+
+
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not standard JSON; send a number or null")
 
 
 def now_ms() -> int:
@@ -139,6 +226,21 @@ def now_ms() -> int:
 def iso_ms(ms: int) -> str:
     """Format epoch milliseconds as ISO-8601 UTC text with a Z."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def parse_iso_ms(text: object) -> int | None:
+    """Return the epoch milliseconds of ISO-8601 text (a Z or an offset; naive is UTC), None if it is not one."""
+    import datetime
+
+    if not isinstance(text, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return int(when.timestamp() * 1000)
 
 
 def new_id() -> str:
@@ -355,7 +457,10 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
     if path != ":memory:":
         folder = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(folder, exist_ok=True)
+            make_private_dir(folder)
+            # SECURITY: the log holds every prompt and broadcast; SQLite gives -wal and -shm this mode too.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError as err:
             raise ClareError(f"cannot create the folder {folder} for the database: {err.strerror}; "
                              "pick another --home or --db") from err
@@ -525,10 +630,22 @@ def check_event(obj: object) -> Event:
         raise ClareError(f"event_type {obj['event_type'][:60]!r} is not of the form noun.verb")
     if not isinstance(obj["payload"], dict):
         raise ClareError("event payload must be a JSON object")
-    if len(obj["created_at"]) > 40:
-        raise ClareError("event created_at is longer than 40 characters")
-    if len(canonical_json(obj["payload"]).encode()) > MAX_PAYLOAD_BYTES:
+    if len(obj["created_at"]) > 40 or not obj["created_at"].isprintable() or not obj["created_at"].isascii():
+        raise ClareError("event created_at is not ISO-8601 text of up to 40 characters")
+    try:
+        size = len(json.dumps(obj["payload"], ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode())
+    except ValueError as err:  # SECURITY: NaN/Infinity (allow_nan) and lone surrogates (UnicodeEncodeError)
+        what = "a lone surrogate, which is not UTF-8 text" if isinstance(err, UnicodeEncodeError) else \
+            "NaN or Infinity, which standard JSON lacks"
+        raise ClareError(f"event payload holds {what}; send standard JSON") from None
+    if size > MAX_PAYLOAD_BYTES:
         raise ClareError(f"event payload is over {MAX_PAYLOAD_BYTES} bytes")
+    for key, value in obj["payload"].items():  # SECURITY: ids end up in URLs and headers (Location)
+        ids = value if key.endswith("_ids") and isinstance(value, list) else [value] if key.endswith("_id") else []
+        for one in ids:
+            if isinstance(one, str) and not ID_RE.match(one):
+                raise ClareError(f"event payload {key} {one[:60]!r} is not an id: up to 64 letters, digits "
+                                 "and . _ : @ % + -")
     return Event(obj["uuid"], obj["hlc"], obj["machine_id"], obj["event_type"], obj["payload"],
                  obj["created_at"])
 
@@ -999,7 +1116,7 @@ def _is_str(v: Any) -> bool:
 
 
 def _is_id(v: Any) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= 64
+    return isinstance(v, str) and ID_RE.match(v) is not None
 
 
 def _is_opt_str(v: Any) -> bool:
@@ -1034,9 +1151,19 @@ def check_payload(ev: Event) -> Event:
     return ev
 
 
+MAX_BROADCAST_EXPIRY_MS = 3_600_000  # a received broadcast may wait this long past its HLC time, no longer
+
+
 def check_received(obj: object) -> Event:
     """Validate an event from outside (file, peer): its form and, for a known type, its payload."""
-    return check_payload(check_event(obj))
+    ev = check_payload(check_event(obj))
+    if ev.event_type == "broadcast.sent":
+        # SECURITY: a broadcast types into agents; a peer must not queue one to arrive in a year.
+        expires_ms = parse_iso_ms(ev.payload["expires_at"])
+        if expires_ms is None or expires_ms > parse_hlc(ev.hlc).wall_ms + MAX_BROADCAST_EXPIRY_MS:
+            raise ClareError(f"broadcast.sent expires_at {ev.payload['expires_at'][:40]!r} is not a time within "
+                             f"{MAX_BROADCAST_EXPIRY_MS // 60_000} min of the broadcast's own time")
+    return ev
 
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
@@ -1077,10 +1204,18 @@ def replay(db: Db) -> int:
         for table in PROJECTION_TABLES:
             cur.execute(f"DELETE FROM {table}")
         # apply_event's history refs, for all events at once: in C, and in index order.
+        # COMPAT: a log written before NaN was refused at the door may hold payloads SQLite's JSON
+        # functions reject ("malformed JSON"): CASE skips them there, and Python, which reads NaN
+        # as a float, takes their refs and applies them as it always did.
         for key in REF_KEYS:
             cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
                             SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
-                             WHERE json_type(payload, '$.{key}') = 'text' ORDER BY 1, 2, 3""")
+                             WHERE CASE WHEN json_valid(payload) THEN json_type(payload, '$.{key}') = 'text' END
+                             ORDER BY 1, 2, 3""")
+        for row in cur.execute("SELECT payload, hlc, uuid FROM events WHERE NOT json_valid(payload)").fetchall():
+            payload = json.loads(row[0])
+            cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
+                            [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
         appliers = APPLIERS
         for ev in iter_events(db, batch=5000):
             applier = appliers.get(ev.event_type)
@@ -2069,9 +2204,9 @@ def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertR
             continue
         try:
             line.encode()  # a file read with surrogateescape keeps bytes that are not UTF-8 visible here
-            good.append(check_received(json.loads(line)))
+            good.append(check_received(parse_json(line)))
         except UnicodeEncodeError:
-            bad.append(f"line {n}: not UTF-8 text")
+            bad.append(f"line {n}: not UTF-8 text (bytes that are not UTF-8, or a lone surrogate)")
         except RecursionError:
             bad.append(f"line {n}: JSON nested too deeply")
         except (ClareError, ValueError) as err:
@@ -2521,14 +2656,7 @@ def newest_transcript(claude_dir: str, cwd: str, *, since_ms: int) -> str | None
 
 
 def _iso_to_ms(text: object) -> int | None:
-    import datetime
-
-    if not isinstance(text, str):
-        return None
-    try:
-        return int(datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return None
+    return parse_iso_ms(text)
 
 
 def _text_of(content: object) -> str:
@@ -3020,9 +3148,9 @@ def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> No
     wrong while recording ends in the spool, and whatever goes wrong while spooling is dropped.
     """
     try:
-        payload = json.loads(raw)
-    except ValueError:
-        return  # not a report: nothing to keep
+        payload = parse_json(raw)
+    except (ValueError, RecursionError):
+        return  # not a report (or not standard JSON): nothing to keep
     if not isinstance(payload, dict):
         return
     report = {"payload": payload, "tmux_pane": env.get("TMUX_PANE") or None,
@@ -3043,7 +3171,7 @@ def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> No
 def spool_report(db_path: str, report: dict[str, Any]) -> str:
     """Write one hook report to the spool, atomically; return its path."""
     folder = spool_dir(db_path)
-    os.makedirs(folder, exist_ok=True)
+    make_private_dir(folder)  # reports hold prompts
     path = os.path.join(folder, f"{report['at_ms']:013d}-{os.getpid()}-{new_id()[:8]}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(report, f)
@@ -3932,11 +4060,13 @@ def add_peer(path: str, url: str, *, name: str | None = None, token_env: str | N
     lines = ["[[peers]]", f"name = {json.dumps(peer.name)}", f"url = {json.dumps(peer.url)}"]
     if peer.token_env:
         lines.append(f"token_env = {json.dumps(peer.token_env)}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as f:
-        f.seek(0)
-        text = f.read()
-        f.write(("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + "\n".join(lines) + "\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    write_private(path, text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "")
+                  + "\n".join(lines) + "\n")
     return peer
 
 
@@ -3969,11 +4099,7 @@ def remove_peer(path: str, ref: str) -> Peer:
     if text is None or tomllib.loads(text) != expected:
         raise ClareError(f"cannot remove peer {peers[index].name} from {path} without touching other settings; "
                          "delete its [[peers]] table there by hand")
-    staging = path + ".tmp"
-    with open(staging, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(staging, os.stat(path).st_mode & 0o777)  # clare.toml may hold a token: keep it private
-    os.replace(staging, path)
+    write_private(path, text)  # clare.toml may hold a token: private, whatever its mode was
     return peers[index]
 
 
@@ -4180,7 +4306,7 @@ class HttpError(ClareError):
 class WebConfig:
     host: str  # the address the server binds
     port: int  # 0 picks a free port; the server then knows the real one
-    token: str | None  # with a token, every non-public route needs it (bearer or login cookie)
+    token: str | None  # every route but /login and /static/ needs it (bearer or login cookie); None opens none
     allowed_hosts: frozenset[str]  # Host header names accepted (DNS rebinding defence)
     csrf_token: str  # per-install secret that every HTML form and htmx request carries
     db_path: str
@@ -4225,16 +4351,13 @@ def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: st
                port: int = DEFAULT_PORT, env: dict[str, str] | None = None, log_requests: bool = False) -> WebConfig:
     """Take token, allowed host names and peers from CLARE_TOKEN and clare.toml (`settings`, else read here).
 
-    Refuse an open bind without a token.
+    Every bind has a token: without CLARE_TOKEN or `token` in clare.toml, one is made and written there.
     """
     import socket
 
     config = load_config(paths.config) if settings is None else settings
-    token = resolve_token(config, env=env, path=paths.config)
-    if not is_loopback(host) and token is None:
-        raise UsageError(f"binding {host or '*'} exposes Clare to the network without a token; set CLARE_TOKEN "
-                         "or token = \"...\" in clare.toml (python3 -c 'import secrets; "
-                         "print(secrets.token_urlsafe(32))'), or bind 127.0.0.1")
+    # SECURITY: loopback is no trust boundary (DESIGN §6): other users and every local agent reach it.
+    token = ensure_token(paths.config, config, env=env)
     names = config.get("allowed_hosts", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise UsageError(f"{paths.config}: allowed_hosts must be a list of host names")
@@ -4284,10 +4407,14 @@ class Request:
             raise HttpError(400, f"query parameter {name}={value} is outside {lo}-{hi}")
         return value
 
-    def json(self, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Return the JSON object body holding the required fields and no unknown ones."""
+    def json(self, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+             is_lenient: bool = False) -> dict[str, Any]:
+        """Return the JSON object body holding the required fields and no unknown ones.
+
+        Standard JSON only, unless `is_lenient`: a batch whose items are checked one by one.
+        """
         try:
-            value = json.loads(self.body or b"{}")
+            value = parse_json(self.body or b"{}", is_lenient=is_lenient)
         except (ValueError, RecursionError) as err:  # SECURITY: '[[[[...' nested deeper than the stack
             raise HttpError(400, f"the body is not valid JSON ({str(err)[:100]}); send a JSON object") from err
         if not isinstance(value, dict):
@@ -4412,26 +4539,39 @@ def check_origin(headers: dict[str, str]) -> None:
                              "state changes must come from Clare's own pages or an API client")
 
 
-def check_auth(config: WebConfig, headers: dict[str, str]) -> None:
-    """Require the bearer token or the login cookie when the server has a token."""
-    if config.token is None:
-        return
-    auth = headers.get("authorization", "")
-    scheme, _, given = auth.partition(" ")
+def is_public(path: str) -> bool:
+    """Tell whether a path is open without the token: the login page and the vendored static files."""
+    return path == "/login" or path.startswith("/static/")
+
+
+def is_authenticated(config: WebConfig, headers: dict[str, str]) -> bool:
+    """Tell whether a request carries the bearer token or a valid login cookie."""
+    if config.token is None:  # no token, no way in: a server is never open by mistake
+        return False
+    scheme, _, given = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and same_secret(given.strip(), config.token):
-        return
-    if same_secret(_cookie(headers.get("cookie", ""), LOGIN_COOKIE), config.login_cookie):
-        return
-    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or open the login URL "
-                         "that 'clare serve' printed", headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
+        return True
+    # SECURITY: any page on localhost (another port) can set a second clare_login cookie; browsers
+    # send both, in an order it can influence. The valid one counts, wherever it stands.
+    return any(same_secret(value, config.login_cookie) for value in _cookies(headers.get("cookie", ""), LOGIN_COOKIE))
 
 
-def _cookie(header: str, name: str) -> str | None:
+def check_auth(config: WebConfig, path: str, headers: dict[str, str]) -> None:
+    """Require the bearer token or the login cookie on every path but the public ones."""
+    if is_public(path) or is_authenticated(config, headers):
+        return
+    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or log in once with the "
+                         "URL that 'clare serve' printed (the token is in clare.toml)",
+                    headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
+
+
+def _cookies(header: str, name: str) -> list[str]:
+    values = []
     for part in header.split(";"):
         key, sep, value = part.strip().partition("=")
         if sep and key == name:
-            return value
-    return None
+            values.append(value)
+    return values
 
 
 def check_media(config: WebConfig, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
@@ -4462,13 +4602,17 @@ def check_length(path: str, headers: dict[str, str], *, n_lengths: int = 1) -> i
     if n_lengths > 1:  # SECURITY: two lengths are how requests get smuggled past a proxy
         raise HttpError(400, "a request needs at most one Content-Length header")
     text = headers.get("content-length", "0").strip() or "0"
-    if not text.isdigit():
-        raise HttpError(400, f"bad Content-Length {text[:20]!r}")
+    if not _is_ascii_digits(text):  # SECURITY: '²'.isdigit() is True, and int('²') raises
+        raise HttpError(400, f"bad Content-Length {text[:20]!r}; send the body's size in ASCII digits")
     size = int(text)
     limit = MAX_SYNC_BODY_BYTES if path.startswith(SYNC_PATH_PREFIX) else MAX_BODY_BYTES
     if size > limit:
         raise HttpError(413, f"the body is {size} bytes, over the limit of {limit}; send less at a time")
     return size
+
+
+def _is_ascii_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) < 19
 
 
 def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response:
@@ -4477,6 +4621,8 @@ def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response
     status = err.http_status
     if is_api:
         return Response(status, error_json(status, str(err)), headers=extra)
+    if status == 401:  # a page without the login cookie: ask for the token (htmx follows HX-Redirect there)
+        return html_response(login_page(str(err)), status=status, headers=(*extra, ("HX-Redirect", "/login")))
     if is_htmx:  # htmx swaps it into the page's message box instead of the fragment it asked for
         return html_response(flash(str(err)), status=status,
                              headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
@@ -4501,7 +4647,7 @@ def _drain_refused_body(h: Any, headers: dict[str, str]) -> None:
     RST, and the client saw "broken pipe" instead of the limit.
     """
     text = headers.get("content-length", "").strip()
-    n_left = min(int(text), MAX_DRAIN_BYTES) if text.isdigit() else 0
+    n_left = min(int(text), MAX_DRAIN_BYTES) if _is_ascii_digits(text) else 0
     with contextlib.suppress(OSError):  # a client that stops sending times out like any slow one
         h.wfile.flush()
         while n_left > 0:
@@ -4509,10 +4655,6 @@ def _drain_refused_body(h: Any, headers: dict[str, str]) -> None:
             if not chunk:
                 return
             n_left -= len(chunk)
-
-
-def _is_public(handler: Callable) -> bool:
-    return handler in (page_login, get_static)
 
 
 def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
@@ -4533,9 +4675,9 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
             raise error
         check_host(config, message.get_all("Host") or [])
         size = h.body_size = check_length(path, headers, n_lengths=len(message.get_all("Content-Length") or []))
+        # SECURITY: the one door of the token, before routing: a route added later is guarded by default.
+        check_auth(config, path, headers)
         handler, params = _route(method, path)
-        if not _is_public(handler):
-            check_auth(config, headers)
         if method in STATE_CHANGING:
             check_origin(headers)
         body = h.rfile.read(size) if size else b""
@@ -4562,11 +4704,27 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     finally:
         if db is not None:
             server.give_db(db)
-    if resp.status >= 400 and not h.body_is_read and headers.get("content-length", "0") not in ("", "0"):
-        if not _discard_body(h):
-            h.close_connection = True  # the unread body would be parsed as the next request
+    # SECURITY: a body left unread (or of unknown length: chunked, a bad Content-Length) would be
+    # parsed as the next request on this connection: request smuggling. Drop it, or close.
+    # A stranger's body (401) is not worth reading: close instead.
+    if not h.body_is_read and (h.body_size is None or (h.body_size and (
+            resp.status == 401 or not _discard_body(h)))):
+        h.close_connection = True
     if server.is_stopping:
         h.close_connection = True
+    head = _response_head(resp, is_closing=h.close_connection)
+    if head is None:
+        resp = Response(500, error_json(500, "internal error; see the server's log"))
+        head = _response_head(resp, is_closing=h.close_connection)
+    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
+    if resp.status == 413 and not h.body_is_read:
+        _drain_refused_body(h, headers)
+    if config.log_requests:
+        h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+
+
+def _response_head(resp: Response, *, is_closing: bool) -> bytes | None:
+    """Return the status line and headers of a response; None if a header value holds a line break."""
     from http.server import BaseHTTPRequestHandler
 
     reason = BaseHTTPRequestHandler.responses.get(resp.status, ("",))[0]
@@ -4575,14 +4733,14 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     if not any(k.lower() == "cache-control" for k, _ in resp.headers):
         lines.append("Cache-Control: no-store")
     lines += [f"{k}: {v}" for k, v in resp.headers]
-    if h.close_connection:
+    if is_closing:
         lines.append("Connection: close")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
-    if resp.status == 413 and not h.body_is_read:
-        _drain_refused_body(h, headers)
-    if config.log_requests:
-        h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+    # SECURITY: the one place headers are written. A value with CR or LF (an id from an old log,
+    # a bug) would end the header and start another one (Set-Cookie...): refuse the whole answer.
+    if any("\r" in line or "\n" in line for line in lines):
+        print(f"clare: refused a {resp.status} answer: a header value holds a line break", file=sys.stderr)
+        return None
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
 
 _SERVER_CLASS: list[type] = []  # made on first use: http.server is too heavy for every CLI start
@@ -4984,6 +5142,24 @@ PAGE_ERROR = string.Template("""<!doctype html>
 @media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
 <body><h1>$status</h1><p>$message</p><p><a href="/">Back to the dashboard</a></p></body></html>
 """)
+PAGE_LOGIN = string.Template("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark"><link rel="icon" href="data:,"><title>Log in · Clare</title>
+<style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
+input,button{font:inherit;padding:.4rem .6rem}label{display:block;margin:0 0 .6rem}input{width:100%}
+@media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}input{background:#161a20;color:inherit}}
+</style></head>
+<body><h1>Log in</h1><p>$message</p>
+<p>Open the login URL that <code>clare serve</code> printed, or paste the token: the <code>token</code> line of
+clare.toml on the host that serves this page (or its CLARE_TOKEN). This browser then stays logged in.</p>
+<form method="get" action="/login"><label>Token <input name="token" type="password" required
+autocomplete="current-password" autofocus></label><button type="submit">Log in</button></form></body></html>
+""")
+
+
+def login_page(message: str) -> Html:
+    """Return the page that asks for the token, without the database (a stranger sees nothing of it)."""
+    return render(PAGE_LOGIN, message=message)
 
 
 # --- dashboard pages and their htmx fragments -----------------------------
@@ -5900,7 +6076,7 @@ def api_history(req: Request) -> Response:
 
 def api_import_events(req: Request) -> Response:
     """Store the events of {lines: [JSON text, ...]} not yet here; report what happened to each."""
-    lines = req.json(required=("lines",))["lines"]
+    lines = req.json(required=("lines",), is_lenient=True)["lines"]  # a bad line rejects that line only
     if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
         raise UsageError("lines must be a list of JSON texts, one event each")
     result, bad = req.svc.import_events(lines)
@@ -5926,14 +6102,15 @@ def get_static(req: Request) -> Response:
 
 
 def page_login(req: Request) -> Response:
-    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie, then go to the dashboard."""
+    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie; without one, ask for it."""
     config = req.config
-    if config.token is not None:
-        if not same_secret(req.arg("token"), config.token):
-            raise HttpError(401, "wrong or missing token; open the exact login URL that 'clare serve' printed")
-        cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
-        return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
-    return Response(303, b"", "text/plain", (("Location", "/"),))
+    given = req.arg("token")
+    if given is None:
+        return html_response(login_page("This Clare needs its token once per browser."))
+    if config.token is None or not same_secret(given, config.token):
+        raise HttpError(401, "wrong token; open the exact login URL that 'clare serve' printed")
+    cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
+    return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
 
 
 # --- OpenAPI --------------------------------------------------------------
@@ -6146,7 +6323,8 @@ def sync_get_events(req: Request) -> Response:
 
 def sync_post_events(req: Request) -> Response:
     """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
-    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
+    # Lenient: a NaN or a lone surrogate in one event rejects that event only (check_event).
+    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"), is_lenient=True)
     return json_response(sync_accept(req.db, body, now_ms=now_ms()))
 
 
@@ -6918,7 +7096,9 @@ def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
     """Add a peer to clare.toml."""
     peer = add_peer(ctx.paths.config, args.url, name=args.name, token_env=args.token_env)
-    token = f"its token is read from ${peer.token_env}" if peer.token_env else "its token is CLARE_TOKEN's"
+    token = (f"Clare sends it the token in ${peer.token_env}" if peer.token_env else
+             f"Clare sends it this host's own token ($CLARE_TOKEN, else the token line of {ctx.paths.config}); "
+             "give it --token-env VAR if it has another")
     emit(ctx, peer, f"added peer {peer.name} ({peer.url}) to {ctx.paths.config}; {token}\n"
                     f"sync now with: clare sync {peer.name}")
 
@@ -7022,8 +7202,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     """Serve the dashboard and the JSON API until SIGTERM or Ctrl-C; sync and pull the fleet meanwhile."""
     import threading
 
-    settings = ctx.config
-    config = web_config(ctx.paths, settings=settings, host=args.host, port=args.port, log_requests=args.log)
+    config = web_config(ctx.paths, settings=ctx.config, host=args.host, port=args.port, log_requests=args.log)
+    settings = {**ctx.config, "token": config.token}  # a token made just now goes to peers without token_env
     peers = [] if args.no_sync else list(config.peers)
     interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
@@ -7034,10 +7214,12 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
 
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
-        if config.token is not None:
-            # SECURITY: under systemd stdout is the journal; the token goes only to a person's terminal.
-            token = config.token if sys.stdout.isatty() else "YOUR_TOKEN"
-            print(f"clare: log in once with {server.url}/login?token={token}", flush=True)
+        # SECURITY: under systemd stdout is the journal; the token goes only to a person's terminal.
+        if sys.stdout.isatty():
+            print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
+        else:
+            print(f"clare: log in once with {server.url}/login?token=YOUR_TOKEN (the token line of "
+                  f"{ctx.paths.config}, or $CLARE_TOKEN)", flush=True)
         if peers:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
         start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log)

@@ -158,7 +158,7 @@ def serve(home, db):
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))
-        return Served(server, token)
+        return Served(server, server.config.token)  # every bind has a token: made on first serve unless given
 
     yield start
     for server, thread in started:
@@ -169,7 +169,7 @@ def serve(home, db):
 
 @pytest.fixture
 def server(serve) -> Served:
-    """A live Clare server without a token on 127.0.0.1."""
+    """A live Clare server on 127.0.0.1 with the token it made; requests send it unless auth=False."""
     return serve()
 
 

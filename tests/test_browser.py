@@ -27,9 +27,19 @@ def browser():
         b.close()
 
 
+def login_cookie(home) -> list[dict]:
+    """Return the login cookie of the test's servers (they share the token of the home's clare.toml)."""
+    token = clare.load_config(str(home / "clare.toml")).get("token")
+    if token is None:
+        return []
+    # Cookies are per host, not per port: one cookie logs in every server of the test.
+    return [{"name": clare.LOGIN_COOKIE, "value": clare.hmac_hex(token, "clare login cookie"),
+             "url": "http://127.0.0.1"}]
+
+
 @pytest.fixture
-def page_of(browser):
-    """Open pages that fail the test on any JavaScript error or console error (CSP violations included).
+def page_of(browser, home):
+    """Open pages, logged in, that fail the test on any JavaScript error or console error (CSP violations included).
 
     A refusal the test provokes on purpose is logged by Chromium as a failed load: list its status
     in `page_of.expected_statuses`.
@@ -37,7 +47,9 @@ def page_of(browser):
     pages, errors = [], []
 
     def open_page(**options):
-        pg = browser.new_page(**options)
+        context = browser.new_context(**options)
+        context.add_cookies(login_cookie(home))
+        pg = context.new_page()
         pg.on("pageerror", lambda err: errors.append(f"pageerror: {err}"))
         pg.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
         pages.append(pg)
@@ -46,7 +58,7 @@ def page_of(browser):
     open_page.expected_statuses = set()
     yield open_page
     for pg in pages:
-        pg.close()
+        pg.context.close()
     expected = {f"console: Failed to load resource: the server responded with a status of {s}"
                 for s in open_page.expected_statuses}
     assert [e for e in errors if not any(e.startswith(x) for x in expected)] == []
@@ -119,9 +131,10 @@ def test_forms_create_a_project_add_a_task_and_move_it_without_reload(server, db
     pg.screenshot(path=str(ARTIFACTS / "project.png"), full_page=True)
 
 
-def test_pages_read_fine_without_javascript(server, db, browser):
+def test_pages_read_fine_without_javascript(server, db, browser, home):
     clare.create_project(db, "alpha", now_ms=1)
     context = browser.new_context(java_script_enabled=False)
+    context.add_cookies(login_cookie(home))
     try:
         pg = context.new_page()
         pg.goto(server.url + "/")
