@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -11,14 +12,37 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+import clare
+
 # A loaded 2-core CI machine makes per-example deadlines flaky; a failure prints its reproduction blob.
 settings.register_profile("clare", deadline=None, print_blob=True)
 settings.load_profile("clare")
-
-import clare
+# Clare fsyncs every write (synchronous=FULL, +7 ms each); the suite's thousands of small transactions
+# run under NORMAL. test_damage.py checks that FULL is the default.
+os.environ.setdefault("CLARE_SYNCHRONOUS", "NORMAL")
 
 ROOT = Path(__file__).resolve().parent.parent
 CLARE_PY = ROOT / "clare.py"
+IS_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")  # CI=true: .ci/run's machine
+
+
+def require(is_present: bool, what: str, reason: str) -> None:
+    """Skip a test whose tool is missing here; under CI=true fail it instead, with the reason.
+
+    A CI run that skips the tests of a missing program would be green without testing anything.
+    """
+    if not is_present:
+        message = f"{what} is missing: {reason}"
+        if IS_CI:
+            pytest.fail(f"CI=true and {message}", pytrace=False)
+        pytest.skip(message)
+
+
+def require_program(name: str, reason: str) -> str:
+    """Return the path of a program (a name on PATH or an absolute path), or skip/fail as `require` does."""
+    path = name if os.path.isabs(name) and os.access(name, os.X_OK) else shutil.which(name)
+    require(path is not None, name, reason)
+    return str(path)
 
 
 @dataclass
@@ -75,7 +99,7 @@ def run_clare(home):
 
 
 def pytest_report_header(config):
-    return f"CLARE_SEED={os.environ.get('CLARE_SEED', '(random per test)')}"
+    return f"CLARE_SEED={os.environ.get('CLARE_SEED', '(unset: each randomized test runs its fixed seeds)')}"
 
 
 def seeds(n: int, salt: str) -> list[int]:
@@ -240,11 +264,9 @@ class TmuxServer:
 @pytest.fixture
 def tmux(home, monkeypatch):
     """A private tmux server; Clare finds it through TMUX_TMPDIR as tmux itself would."""
-    import shutil
     import tempfile
     import uuid
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed (CI installs it: .ci/run)")
+    require_program("tmux", "apt-get install tmux (.ci/run does it)")
     # A socket path must fit in 108 bytes: pytest's tmp_path can be longer.
     tmpdir = Path(tempfile.mkdtemp(prefix="clare-tmux-"))
     monkeypatch.setenv("TMUX_TMPDIR", str(tmpdir))

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH_PY = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
 
@@ -16,6 +18,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow  # ~47 s: `make test-fast` leaves it out
 def test_quick_bench_prints_every_row_with_a_figure_or_a_reason(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, str(BENCH_PY), "--quick", "--json", str(out)],

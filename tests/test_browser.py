@@ -1,26 +1,26 @@
 """The dashboard in a real browser: Playwright driving Debian's Chromium against a live server."""
 
-import os
 from pathlib import Path
 
 import pytest
 
 import clare
+from conftest import require, require_program
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"Debian's Chromium is not installed at {CHROMIUM} "
-                                                            "(apt-get install chromium; .ci/run does it)"),
-]
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: "
-                                                                "pip install -r requirements-dev.txt")
+    require_program(CHROMIUM, "Debian's Chromium (apt-get install chromium; .ci/run does it)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        sync_api = None
+    require(sync_api is not None, "playwright", "pip install -r requirements-dev.txt")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield b

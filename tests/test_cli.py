@@ -256,6 +256,6 @@ def test_peer_add_refuses_a_url_sync_could_not_use(cli, url):
 
 
 def test_argument_errors_are_one_line_pointing_at_the_help(run_clare):
-    r = run_clare("task", "add", "alpha", "x", "--prio", "abc")
-    assert r.code == 2 and r.err == ("clare: error: argument --prio: invalid int value: 'abc'; "
-                                     "see: clare task add --help\n")
+    r = run_clare("log", "--limit", "abc")
+    assert r.code == 2 and r.err == ("clare: error: argument --limit: invalid int value: 'abc'; "
+                                     "see: clare log --help\n")

@@ -10,12 +10,11 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 import clare
-from conftest import CLARE_PY, ROOT, wait_for
+from conftest import CLARE_PY, ROOT
 
 RELEASE_DB = ROOT / "tests" / "data" / "release-0.1.0.db"
 RELEASE_LOG = ROOT / "tests" / "data" / "release-0.1.0.jsonl"
@@ -256,8 +255,9 @@ def test_a_header_value_with_a_line_break_is_never_sent(server, db):
                        headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert r.status == 500 and "set-cookie" not in r.headers and "location" not in r.headers
     for value in ("/x\r\nSet-Cookie: a=b", "/x\nSet-Cookie: a=b", "/x\rSet-Cookie: a=b"):
-        assert clare._response_head(clare.redirect(value), is_closing=False) is None
-    assert clare._response_head(clare.redirect("/x"), is_closing=False).startswith(b"HTTP/1.1 303")
+        resp, head = clare._response_head(clare.redirect(value), is_closing=False)
+        assert resp.status == 500 and head.startswith(b"HTTP/1.1 500") and b"Set-Cookie" not in head
+    assert clare._response_head(clare.redirect("/x"), is_closing=False)[1].startswith(b"HTTP/1.1 303")
 
 
 # --- 4. NaN and Infinity ---------------------------------------------------------------------

@@ -202,7 +202,7 @@ def test_a_hostile_name_renders_as_text_everywhere(server, db):
         html = get(server, path)
         assert EVIL not in html and "alert(1)</" not in html, path
         assert EVIL_ESCAPED in html, path
-        assert html.count("<script") == (1 if path[:5] != "/frag" else 0), path
+        assert html.count("<script") == (2 if path[:5] != "/frag" else 0), path  # htmx and clare.js
     r = server.form("/projects", {"name": EVIL})
     assert r.status == 409 and EVIL not in r.text and EVIL_ESCAPED in r.text
 
@@ -221,7 +221,8 @@ def test_sessions_that_wait_come_first_longest_waiting_on_top(server, db):
                  {"session_id": S3, "label": "waits short", "state": "permission"}], now_ms=9000)
     frag = get(server, "/frag/attention")
     assert 'hx-get="/frag/attention"' in frag and "hx-disable" in frag
-    assert frag.index("waits long") < frag.index("waits short") and "busy one" not in frag
+    # Triage: a permission dialog first, then the longest waiting.
+    assert frag.index("waits short") < frag.index("waits long") and "busy one" not in frag
     assert "needs permission" in frag and "waiting for you" in frag
     html = get(server, "/")
     assert html.index('id="frag-attention"') < html.index('id="frag-projects"') < html.index('id="frag-fleet"')
@@ -237,12 +238,15 @@ def test_fleet_shows_every_session_with_its_task(server, db):
     assert ">working</span>" in frag and "<tbody hx-disable>" in frag
     html = get(server, "/sessions")
     assert "<h1>Sessions</h1>" in html and frag in html and 'id="frag-attention"' in html
-    assert f'<option value="{S1}">' in get(server, f"/tasks/{t.id}")  # the assign form offers it
+    assert f'<option value="{S1}" selected>' in get(server, f"/tasks/{t.id}")  # the assign picker offers it
     assert '<td class="hide-sm small">1 <span' in get(server, "/frag/projects")  # one session works on alpha
 
 
 def test_no_sessions_says_how_to_see_them(server, db):
-    assert "clare pull" in get(server, "/frag/fleet") and "Nobody is waiting on you." in get(server, "/frag/attention")
+    # serve pulls by itself: the page names it, not a command the user need not run
+    fleet = get(server, "/frag/fleet")
+    assert "clare serve" in fleet and "clare pull" not in fleet and "clare pull" not in get(server, "/sessions")
+    assert "Nobody is waiting on you." in get(server, "/frag/attention")
 
 
 def test_text_from_transcripts_and_panes_renders_as_text(server, db):

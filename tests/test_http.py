@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import clare
-from conftest import observe, CLARE_PY
+from conftest import CLARE_PY, observe
 
 
 def make_project(server, name="alpha", **extra):
@@ -234,7 +234,8 @@ def test_text_plain_post_is_415(server):
 
 def test_body_over_one_megabyte_is_413_before_it_is_read(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + server.token.encode() + b"\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Authorization: Bearer " + server.token.encode() + b"\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 2000000\r\n\r\n")
         head = _read_head(s)
     assert head.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in head
@@ -246,21 +247,24 @@ def test_sync_paths_accept_bodies_up_to_eight_megabytes(server):
                        headers={"Content-Type": "application/json"})
     assert r.status == 404
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /api/v1/sync/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + server.token.encode() + b"\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /api/v1/sync/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Authorization: Bearer " + server.token.encode() + b"\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(8 * 1024 * 1024 + 1).encode() + b"\r\n\r\n")
         assert _read_head(s).startswith(b"HTTP/1.1 413 ")
 
 
 def test_chunked_body_is_411(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + server.token.encode() + b"\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Authorization: Bearer " + server.token.encode() + b"\r\nContent-Type: application/json\r\n"
                   b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         assert _read_head(s).startswith(b"HTTP/1.1 411 ")
 
 
 def test_two_content_lengths_are_refused(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + server.token.encode() + b"\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Authorization: Bearer " + server.token.encode() + b"\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 2\r\nContent-Length: 14\r\n\r\n{}")
         assert _read_head(s).startswith(b"HTTP/1.1 400 ")
     assert server.request("GET", "/api/v1/projects").json() == []
@@ -350,7 +354,6 @@ def test_slow_client_is_cut_off(serve):
 
 def test_a_client_trickling_its_request_is_cut_off_at_the_deadline(serve):
     import select
-    import time
 
     s = serve(timeout_s=0.5, deadline_s=1.0)
     request = b"GET /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"a" * 400
@@ -497,11 +500,15 @@ def test_remote_cli_prints_what_the_local_cli_prints(server, cli, tmp_path):
             theirs.code, _normalized(theirs.out), _normalized(theirs.err)), argv
     # Then the verbs that name a task by id, each side with its own ids.
     for side in (local, remote):
-        task_id = cli(*side, "--json", "task", "list").json()[0]["id"][:6]
+        task_id = cli(*side, "--json", "task", "list", "alpha").json()[0]["id"][:6]
         outs = [cli(*side, *argv) for argv in (
             ("task", "start", task_id), ("assign", task_id, "7c1e9b"), ("update", task_id, "halfway"),
             ("unassign", task_id), ("assign", task_id, "--group", "backend"), ("task", "show", task_id),
-            ("task", "edit", task_id, "--title", "parse v2"), ("group", "rm", "backend"), ("log", "--limit", "3"))]
+            ("task", "edit", task_id, "--title", "parse v2"), ("group", "rm", "backend"), ("log", "--limit", "3"),
+            ("task", "edit", task_id, "--tag", "x", "--tag", "y"), ("task", "list", "alpha", "--tag", "x"),
+            ("task", "list", "--all", "--prio", "0-1", "--search", "PARSE"), ("task", "rm", task_id),
+            ("task", "list", "alpha"), ("task", "list", "--all"), ("undo", "--list"), ("undo",),
+            ("--json", "task", "list", "alpha", "--unassigned"), ("task", "restore", task_id))]
         if side is local:
             expected = [(r.code, _normalized(r.out), _normalized(r.err)) for r in outs]
         else:

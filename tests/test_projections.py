@@ -12,7 +12,8 @@ T0 = 1_750_000_000_000
 
 OP = st.tuples(
     st.sampled_from(["project", "project_set", "task", "task_edit", "task_status", "assign", "assign_group",
-                     "unassign", "group", "group_rm", "update", "sync", "sessions"]),
+                     "unassign", "group", "group_rm", "update", "sync", "sessions", "tag", "task_rm",
+                     "task_restore", "undo"]),
     st.integers(0, len(HOSTS) - 1),  # which host acts
     st.integers(0, 10**6),  # which entity / which value
     st.integers(-2_000, 5_000),  # how the acting host's wall clock moves
@@ -25,7 +26,7 @@ def _apply_op(dbs, clocks, op):
     db = dbs[h]
     clocks[h] = max(0, clocks[h] + step)
     now = T0 + clocks[h]
-    projects, tasks, groups = clare.list_projects(db), clare.list_tasks(db), clare.list_groups(db)
+    projects, tasks, groups = clare.list_projects(db), clare.list_tasks(db, include_removed=True), clare.list_groups(db)
     sessions = clare.list_sessions(db, include_gone=True)
     try:
         if kind == "project":
@@ -35,7 +36,8 @@ def _apply_op(dbs, clocks, op):
             clare.edit_project(db, p.id, goal=f"goal {pick}",
                                status=clare.PROJECT_STATUSES[pick % 3], now_ms=now)
         elif kind == "task" and projects:
-            clare.create_task(db, projects[pick % len(projects)].id, f"t{pick}", priority=pick % 5, now_ms=now)
+            clare.create_task(db, projects[pick % len(projects)].id, f"t{pick}", priority=pick % 5,
+                              tags=[f"t{pick % 4}"] if pick % 3 == 0 else [], now_ms=now)
         elif kind == "task_edit" and tasks:
             clare.edit_task(db, tasks[pick % len(tasks)].id, title=f"title {pick}", priority=pick % 5, now_ms=now)
         elif kind == "task_status" and tasks:
@@ -56,6 +58,16 @@ def _apply_op(dbs, clocks, op):
             clare.remove_group(db, groups[pick % len(groups)].id, now_ms=now)
         elif kind == "update" and tasks:
             clare.post_update(db, f"note {pick}", task_ref=tasks[pick % len(tasks)].id, now_ms=now)
+        elif kind == "tag" and tasks:  # a few tags from a small pool, some added and some removed
+            tags = [f"t{n}" for n in range(4) if pick >> n & 1]
+            untags = [f"t{n}" for n in range(4) if pick >> (n + 4) & 1 and f"t{n}" not in tags]
+            clare.edit_task(db, tasks[pick % len(tasks)].id, tags=tags, untags=untags, now_ms=now)
+        elif kind == "task_rm" and tasks:
+            clare.remove_task(db, tasks[pick % len(tasks)].id, now_ms=now)
+        elif kind == "task_restore" and tasks:
+            clare.restore_task(db, tasks[pick % len(tasks)].id, now_ms=now)
+        elif kind == "undo":
+            clare.undo_change(db, now_ms=now)
         elif kind == "sync":  # one host copies everything another has: partial, one-way
             src = dbs[pick % len(dbs)]
             with clare.write_txn(db) as cur:

@@ -4,7 +4,6 @@ import ast
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import clare
 from conftest import CLARE_PY
@@ -81,3 +80,101 @@ def test_every_event_type_made_has_an_applier_and_a_description():
 def test_file_ends_with_the_main_guard():
     assert SOURCE.rstrip().endswith('if __name__ == "__main__":\n    raise SystemExit(main())')
     assert SOURCE.startswith("#!/usr/bin/env python3\n")
+
+
+# --- layering: a name used in section N is defined in a section <= N ------------------------------
+
+_NEW_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
+               ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _module_level_loads(node):
+    """Yield (name, line) of the names a module-level statement reads in the module's own scope.
+
+    The bodies of functions, lambdas, classes and comprehensions are their own scopes (symtable
+    resolves those); what they evaluate at definition time (decorators, defaults, annotations,
+    bases, a comprehension's first iterable) is read here.
+    """
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        a = node.args
+        parts = [*a.defaults, *(d for d in a.kw_defaults if d is not None)]
+        if not isinstance(node, ast.Lambda):
+            parts += [*node.decorator_list, node.returns,
+                      *(x.annotation for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x)]
+        for part in parts:
+            if part is not None:
+                yield from _module_level_loads(part)
+    elif isinstance(node, ast.ClassDef):
+        for part in (*node.decorator_list, *node.bases, *(k.value for k in node.keywords)):
+            yield from _module_level_loads(part)
+    elif isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+        yield from _module_level_loads(node.generators[0].iter)
+    elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+        yield node.id, node.lineno
+    else:
+        for child in ast.iter_child_nodes(node):
+            yield from _module_level_loads(child)
+
+
+def upward_references(source: str) -> list[tuple[str, int, int, int]]:
+    """Return (name, line of use, section of use, section of definition) for each name used above its section.
+
+    Globals are told from locals, parameters and closures by symtable: a local that happens to
+    share a later global's name is not a reference to it.
+    """
+    import symtable
+
+    starts = [(source[:m.start()].count("\n") + 1, int(m[1])) for m in BANNER.finditer(source)]
+
+    def section(line: int) -> int:
+        return max((n for start, n in starts if start <= line), default=0)
+
+    tree = ast.parse(source)
+    defined: dict[str, int] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [(a.asname or a.name).split(".")[0] for a in node.names]
+        else:
+            names = []
+        for name in names:
+            defined.setdefault(name, node.lineno)
+    uses = [use for stmt in tree.body for use in _module_level_loads(stmt)]
+
+    def scope_uses(table):
+        for child in table.get_children():
+            uses.extend((s.get_name(), child.get_lineno()) for s in child.get_symbols()
+                        if s.is_referenced() and s.is_global())
+            scope_uses(child)
+    scope_uses(symtable.symtable(source, "clare.py", "exec"))
+    return sorted({(name, line, section(line), section(defined[name])) for name, line in uses
+                   if name in defined and section(defined[name]) > section(line)})
+
+
+def test_each_section_uses_only_names_of_the_sections_above_it_or_its_own():
+    assert upward_references(SOURCE) == []
+
+
+def test_the_layering_check_finds_upward_uses_and_ignores_locals():
+    source = "\n".join([
+        "# 1. Low: the bottom.", "def low(x):", "    total = 0", "    HIGH = 1", "    return HIGH + total",
+        "class Rec:", "    kind: 'str' = 'x'", "    size = HIGH_SIZE", "TABLE = [high() for _ in range(2)]",
+        "SQUARES = [HIGH for HIGH in range(3)]",
+        "def uses_later(): return high()",
+        "# 2. High: the top.", "HIGH = 2", "HIGH_SIZE = 3", "def high(): return low(HIGH)", ""])
+    found = {(name, used, defined) for name, _, used, defined in upward_references(source)}
+    assert found == {("HIGH_SIZE", 1, 2), ("high", 1, 2)}, found
+
+
+def test_only_local_commands_open_the_database_directly():
+    """LOCAL_COMMANDS is the one statement of what refuses --remote: a handler outside it never uses ctx.db."""
+    tree = ast.parse(SOURCE)
+    uses_db = {f.name for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.startswith("cmd_")
+               and any(isinstance(n, ast.Attribute) and n.attr == "db" and isinstance(n.value, ast.Name)
+                       and n.value.id == "ctx" for n in ast.walk(f))}
+    local = {c.handler.__name__ for c in clare.COMMANDS if c.path in clare.LOCAL_COMMANDS}
+    assert uses_db and uses_db <= local, uses_db - local

@@ -144,6 +144,9 @@ class Sim:
                       if self.is_serving[y]}
         self.crash_rate = 0.0
         self.log: list[str] = []
+        self.random_skews = True  # hosts' clocks jump at random during the run
+        self.restores = True  # hosts go back to old backups (what they held only there is lost, by design)
+        self.far_hosts: set[str] = set()  # hosts whose clock stamped events that no real time reaches in a test
 
     def pick_fault(self) -> str | None:
         if not self.faults_on or self.rng.random() > 0.25:
@@ -226,6 +229,8 @@ class Sim:
         elif r < 0.88:
             self.sync(*rng.choice(sorted(self.links)))
         elif r < 0.92:
+            if not self.random_skews:
+                return
             host = rng.choice(self.hosts)
             host.skew_ms = rng.choice([0, 0, -rng.randrange(10 * 60_000), rng.randrange(4 * 60_000),
                                        rng.randrange(20 * 60_000), YEAR_MS])
@@ -234,6 +239,8 @@ class Sim:
             with contextlib.suppress(clare.ClareError):
                 link.serve(handle, json.loads(text))
         elif r < 0.97:
+            if not self.restores:
+                return
             host = rng.choice(self.hosts)
             host.backup = f"{host.path}.bak"
             if os.path.exists(host.backup):
@@ -272,13 +279,23 @@ class Sim:
             self.crash_rate = rate
 
     def heal(self, *, verify: bool = False) -> int:
-        """Sync along every edge, both ways, without faults, until a whole pass moves nothing."""
+        """Sync along every edge, both ways, without faults, until a whole pass moves nothing.
+
+        Clocks are fixed first, and real time passes every stamp: what a clock ahead made was held
+        back (deferred) by the others, and comes through now.
+        """
         self.faults_on = False
         self.crash_rate = 0.0
         for link, handle, text in self.delayed:
             with contextlib.suppress(clare.ClareError):
                 link.serve(handle, json.loads(text))
         self.delayed.clear()
+        assert_bounded(self)
+        for host in self.hosts:
+            host.skew_ms = 0
+        newest = max((int(h.db.conn.execute("SELECT coalesce(max(hlc), '0') FROM events").fetchone()[0][:13])
+                      for h in self.hosts if h.name not in self.far_hosts), default=0)
+        self.t = max(self.t, newest + 1000)
         for n_pass in range(1, 3 * len(self.hosts) + 2):
             moved = 0
             for x, y in sorted(self.links):
@@ -294,6 +311,14 @@ class Sim:
 def event_set(db: clare.Db) -> set[tuple]:
     return {(e.uuid, e.hlc, e.machine_id, e.event_type, clare.canonical_json(e.payload), e.created_at)
             for e in clare.iter_events(db)}
+
+
+def assert_bounded(sim: Sim) -> None:
+    """No host stores an event stamped beyond the latest its wall clock read + MAX_OFFSET_MS."""
+    for host in sim.hosts:
+        newest = host.db.conn.execute("SELECT max(hlc) FROM events").fetchone()[0]
+        assert newest is None or int(newest[:13]) <= host.max_now_ms + clare.MAX_OFFSET_MS, \
+            f"{host.name} stored {newest}, beyond its clock's bound"
 
 
 def assert_converged(sim: Sim) -> None:
@@ -359,6 +384,70 @@ def test_anti_entropy_repairs_lost_pages_and_unmarked_restores(seed, tmp_path, m
     sim = run_sim(seed, tmp_path, monkeypatch, n_steps=120, needs_verify=True)
     sim.heal(verify=True)
     assert_converged(sim)
+    sim.close()
+
+
+Y2286_MS = 9_990_000_000_000  # 2286-07-26: near the largest wall time an HLC can hold
+
+
+def stored_keys(db: clare.Db) -> dict[str, str]:
+    return dict(db.conn.execute("SELECT uuid, hlc FROM events"))
+
+
+@pytest.mark.parametrize("seed", seeds(30, "sync-sim-clocks"), ids=lambda s: f"seed={s}")
+def test_a_clock_2h_ahead_and_a_peer_in_2286_are_bounded_and_lose_nothing(seed, tmp_path, monkeypatch):
+    """h0 runs 2 h ahead, then is fixed; the last host jumps to 2286, then is fixed (its HLC stays there).
+
+    No host stores another's event beyond its own now + MAX_OFFSET; after heal (real time past the
+    2 h) every event any host acknowledged is stored everywhere, except the 2286 ones: those stay
+    on their host and are deferred, with a reason, by its neighbours. Projections stay a function
+    of the stored events.
+    """
+    ids = random.Random(f"ids-{seed}")
+    monkeypatch.setattr(clare, "new_uuid", lambda: str(uuid.UUID(int=ids.getrandbits(128), version=4)))
+    sim = Sim(seed, tmp_path)
+    sim.random_skews = sim.restores = False
+    sim.crash_rate = 0.05
+    monkeypatch.setattr(clare, "save_cursor", _crashing(sim, clare.save_cursor,
+                                                        when=lambda kw: kw.get("pulled_rseq") is not None))
+    monkeypatch.setattr(clare, "receive_events", _crashing(sim, clare.receive_events, when=lambda kw: True))
+    ahead, far = sim.hosts[0], sim.hosts[-1]
+    sim.far_hosts = {far.name}
+    ahead.skew_ms = 2 * 3_600_000
+    acknowledged: dict[str, str] = {}
+    for step in range(160):
+        if step == 40:
+            far.skew_ms = Y2286_MS - sim.t
+        if step == 80:
+            far.skew_ms = ahead.skew_ms = 0  # both clocks fixed: their stored HLCs stay ahead
+            assert clare.check_clock(ahead.db.conn, machine_id=ahead.name, now_ms=ahead.now()).hlc_message
+        sim.step()
+        assert_bounded(sim)
+        for host in sim.hosts:
+            acknowledged.update(stored_keys(host.db))
+            if host is not far:
+                newest = max(stored_keys(host.db).values(), default="0")
+                assert int(newest[:13]) < Y2286_MS, f"{host.name} stored an event of 2286"
+    sim.heal()
+    bound = sim.t + clare.MAX_OFFSET_MS
+    future = {u for u, hlc in acknowledged.items() if int(hlc[:13]) > bound}
+    assert all(int(acknowledged[u][:13]) >= Y2286_MS for u in future)
+    near = set(acknowledged) - future
+    for host in sim.hosts:
+        held = set(stored_keys(host.db))
+        assert near <= held, f"{host.name} lacks {len(near - held)} acknowledged events"
+        assert held - near <= (future if host is far else set()), f"{host.name} stores events beyond the bound"
+    if future:
+        deferred = {d.uuid for h in sim.hosts for d in clare.list_deferred(h.db)}
+        assert future <= deferred, "an event beyond the bound is neither stored nor deferred"
+        assert all("ahead of this host's clock" in d.reason for h in sim.hosts for d in clare.list_deferred(h.db))
+    digest = clare.projection_digest(sim.hosts[0].db)
+    for host in sim.hosts:
+        if host is not far or not future:
+            assert clare.projection_digest(host.db) == digest, f"{host.name}'s projections differ"
+        before = clare.projection_digest(host.db)
+        clare.replay(host.db)
+        assert clare.projection_digest(host.db) == before, f"{host.name}: incremental != replay"
     sim.close()
 
 
@@ -571,8 +660,9 @@ def test_verify_finds_what_cursors_missed_in_both_directions(nodes):
 def test_a_long_sync_reports_progress_up_to_the_total(nodes):
     a, b = nodes("a"), nodes("b")
     with clare.write_txn(b.db) as cur:
+        now = b.now()  # one reading: b's clock must not run 7,000 s ahead of a's
         for i in range(7000):
-            clare.record(b.db, cur, "widget.spun", {"n": i}, now_ms=b.now())
+            clare.record(b.db, cur, "widget.spun", {"n": i}, now_ms=now)
     seen = []
     report = clare.sync_with(a.db, Link(b), name="b", wall=a.now, progress=lambda *p: seen.append(p))
     assert report.n_pulled == 7000 and report.n_behind == 0
@@ -942,6 +1032,7 @@ class Clare:
     def cli(self, *argv: str):
         import subprocess
         import sys
+
         from conftest import CLARE_PY, Ran
 
         p = subprocess.run([sys.executable, str(CLARE_PY), "--home", str(self.home), *argv], capture_output=True,
@@ -953,6 +1044,7 @@ class Clare:
         import subprocess
         import sys
         import time
+
         from conftest import CLARE_PY
 
         self.proc = subprocess.Popen(
@@ -1101,12 +1193,14 @@ def test_sync_answers_match_the_openapi_schemas(server):
     for path in ("/api/v1/sync/events", "/api/v1/sync/days", "/api/v1/sync/days/{day}", "/api/v1/sync/peers"):
         r = server.request("GET", path.replace("{day}", day))
         assert r.status == 200
-        _validate(r.json(), doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"], doc, path)
+        ok = doc["paths"][path]["get"]["responses"]["200"]
+        _validate(r.json(), ok["content"]["application/json"]["schema"], doc, path)
     uid = server.request("GET", "/api/v1/sync/events").json()["events"][0]["uuid"]
     for path, body in (("/api/v1/sync/fetch", {"uuids": [uid]}), ("/api/v1/sync/events", {"events": [{"x": 1}]})):
         r = server.request("POST", path, json_body=body)
         assert r.status == 200, r.body
-        _validate(r.json(), doc["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"], doc, path)
+        ok = doc["paths"][path]["post"]["responses"]["200"]
+        _validate(r.json(), ok["content"]["application/json"]["schema"], doc, path)
 
 
 def test_the_dashboard_shows_each_peer_and_how_its_last_sync_went(server, home, db):
