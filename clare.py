@@ -6794,7 +6794,12 @@ MAX_DRAIN_BYTES = 64 * 1024 * 1024  # of a body refused as too large, read and d
 SYNC_PATH_PREFIX = "/api/v1/sync/"
 REQUEST_TIMEOUT_S = 10.0  # per socket read or write: a slow or silent client loses its connection
 REQUEST_DEADLINE_S = 60.0  # a request's head and body, from its first byte: a trickling client is cut off
-MAX_HANDLER_THREADS = 128  # connections handled at once; one more gets a quick 503
+MAX_HANDLER_THREADS = 128  # requests handled at once; one more gets a quick 503
+RESERVED_THREADS_SHARE = 8  # one handler slot in 8 (at least one) is kept for requests that carry the token
+HEADER_DEADLINE_S = 2.0  # from a connection's first byte (or its accept) to the end of its request's head
+MAX_HEAD_BYTES = 64 * 1024 + 1024  # a head this long goes to a handler, which refuses it (414, 431)
+MAX_WAITING_CONNECTIONS = 4096  # connections waiting for a head; past it the oldest is closed
+BUSY_WAIT_S = 1.0  # a request whose head is here waits this long for a free handler slot, then gets 503
 BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                b"Connection: close\r\nContent-Length: 84\r\n\r\n"
                b'{"error": {"code": "busy", "message": "the server is busy; try again in a second"}}\n')  # past the cap
@@ -7171,8 +7176,8 @@ def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response
     status = err.http_status
     if is_api:
         return Response(status, error_json(status, str(err)), headers=extra)
-    if status == 401:  # a page without the login cookie: ask for the token (htmx follows HX-Redirect there)
-        return html_response(login_page(str(err)), status=status, headers=(*extra, ("HX-Redirect", "/login")))
+    if status == 401 and is_htmx:  # a poll after the login lapsed: the whole page goes to the login form
+        return html_response(flash(str(err)), status=status, headers=(*extra, ("HX-Redirect", "/login")))
     if is_htmx:  # htmx swaps it into the page's message box instead of the fragment it asked for
         return html_response(flash(str(err)), status=status,
                              headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
@@ -7305,37 +7310,70 @@ def make_server(config: WebConfig) -> Any:
                          "pick another --port or stop what holds it") from err
 
 
+def _head_is_authenticated(config: WebConfig, head: bytes) -> bool:
+    """Tell whether a request's raw head carries the token (bearer or login cookie), before it is parsed."""
+    headers: dict[str, str] = {}
+    for line in head.decode("latin-1").splitlines()[1:]:
+        name, sep, value = line.partition(":")
+        key = name.strip().lower()
+        if sep and key in ("authorization", "cookie"):
+            headers[key] = f"{headers[key]}; {value.strip()}" if key in headers else value.strip()
+    return is_authenticated(config, headers)
+
+
 def _define_server() -> type:
-    import io
+    import selectors
     import socket
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class DeadlineReader(io.RawIOBase):
-        """A socket's reads: each under timeout_s, and all of one request under one deadline."""
+    class RequestReader:
+        """A socket's reads for one request: the head the gate read first, then the socket, each read
+        under timeout_s and all of them under one deadline. What is left over goes back to the gate."""
 
-        def __init__(self, sock: socket.socket, *, timeout_s: float, deadline_s: float):
-            self.sock, self.timeout_s, self.deadline_s = sock, timeout_s, deadline_s
-            self.deadline: float | None = None  # set by the request's first byte; None between requests
+        def __init__(self, sock: socket.socket, head: bytes, *, timeout_s: float, deadline_s: float):
+            self.sock, self.timeout_s = sock, timeout_s
+            self.buf = bytearray(head)  # read from the socket, not yet taken by the handler
+            self.deadline = time.monotonic() + deadline_s  # the head has arrived: the clock runs
 
-        def readable(self) -> bool:
-            return True
-
-        def readinto(self, buf: Any) -> int:
+        def _fill(self) -> bool:
             # SECURITY: a per-read timeout alone lets a client that sends a byte every few seconds hold
             # its thread forever (slowloris).
-            if self.deadline is not None:
-                left = self.deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("the request took too long to arrive")
-                self.sock.settimeout(min(self.timeout_s, left))
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request took too long to arrive")
+            self.sock.settimeout(min(self.timeout_s, left))
             try:
-                n = self.sock.recv_into(buf)
+                chunk = self.sock.recv(65536)
             finally:
                 self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
-            if n and self.deadline is None:
-                self.deadline = time.monotonic() + self.deadline_s
-            return n
+            self.buf += chunk
+            return bool(chunk)
+
+        def readline(self, limit: int = -1) -> bytes:
+            while True:
+                end = self.buf.find(b"\n") + 1
+                if end and (limit < 0 or end <= limit):
+                    break
+                if 0 <= limit <= len(self.buf):
+                    end = limit
+                    break
+                if not self._fill():
+                    end = len(self.buf)
+                    break
+            line = bytes(self.buf[:end])
+            del self.buf[:end]
+            return line
+
+        def read(self, size: int = -1) -> bytes:
+            while (size < 0 or len(self.buf) < size) and self._fill():
+                pass
+            data = bytes(self.buf if size < 0 else self.buf[:size])
+            del self.buf[:len(data)]
+            return data
+
+        def close(self) -> None:
+            pass
 
     class Handler(BaseHTTPRequestHandler):
         server: "Server"  # the class below: its config, enter() and leave()
@@ -7345,18 +7383,21 @@ def _define_server() -> type:
 
         def setup(self) -> None:
             config = self.server.config
+            sock, head = self.request  # the gate hands over the connection with the head it read
+            self.request = sock
             # typeshed calls `timeout` a ClassVar, but setup() reads it from the instance: one value per server.
             self.timeout = config.timeout_s  # type: ignore[misc]  # every read and write on the socket
             super().setup()
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.rfile.close()  # its socket file would keep the socket open after the request
-            self.reader = DeadlineReader(self.connection, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
-            self.rfile = io.BufferedReader(self.reader)
+            self.reader = RequestReader(sock, head, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
+            self.rfile = self.reader  # type: ignore[assignment]  # readline() and read() are all http.server uses
 
         def handle(self) -> None:
+            """Answer one request; the gate waits for the next one on this connection, without a thread."""
+            self.close_connection = True
             try:
-                super().handle()
-            except ConnectionError:  # the client went away: nothing to answer
+                self.handle_one_request()
+            except (ConnectionError, TimeoutError):  # the client went away or is too slow: nothing to answer
                 self.close_connection = True
 
         def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -7369,7 +7410,6 @@ def _define_server() -> type:
 
         def handle_one_request(self) -> None:
             self.is_counted = False
-            self.reader.deadline = None  # a keep-alive connection's idle wait is not part of the next request
             try:
                 super().handle_one_request()
             finally:
@@ -7387,6 +7427,133 @@ def _define_server() -> type:
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_any
 
+    class Gate:
+        """The selectors loop in front of the handlers: a connection gets a handler thread only once
+        its request's head has arrived, and waits (idle, or sending its head) without one.
+
+        SECURITY: otherwise any local process holds every thread with idle connections, and on
+        loopback a per-address cap cannot tell the attacker from the browser (both 127.0.0.1).
+        """
+
+        def __init__(self, server: Any):  # the Server below
+            self.server = server
+            self.selector = selectors.DefaultSelector()
+            self.wake_r, self.wake_w = socket.socketpair()
+            self.wake_r.setblocking(False)
+            self.wake_w.setblocking(False)
+            self.selector.register(self.wake_r, selectors.EVENT_READ)
+            self.lock = threading.Lock()
+            self.arrived: list[tuple[Any, Any, bytes, float]] = []  # (sock, address, head, deadline) from other threads
+            self.waiting: dict[Any, list[Any]] = {}  # sock -> [address, head so far, deadline]; gate only
+            self.queued: list[tuple[Any, Any, bytes, float]] = []  # heads here, no slot yet: (..., give up at)
+            self.is_stopped = False
+            self.thread = threading.Thread(target=self.run, name="clare-gate", daemon=True)
+            self.thread.start()
+
+        def add(self, sock: socket.socket, address: Any, head: bytes, *, wait_s: float) -> None:
+            """Let the gate wait for the (rest of the) next request's head on a connection."""
+            with self.lock:
+                if self.is_stopped:
+                    sock.close()
+                    return
+                self.arrived.append((sock, address, head, time.monotonic() + wait_s))
+            self.wake()
+
+        def wake(self) -> None:
+            """Make the loop look again: a connection came, or a handler slot came free."""
+            with contextlib.suppress(BlockingIOError, OSError):
+                self.wake_w.send(b"x")
+
+        def run(self) -> None:
+            while not self.is_stopped:
+                now = time.monotonic()
+                timeout = min([w[2] for w in self.waiting.values()] + [q[3] for q in self.queued],
+                              default=now + 0.5) - now
+                for key, _ in self.selector.select(min(max(timeout, 0), 0.5)):
+                    if key.fileobj is self.wake_r:
+                        with contextlib.suppress(BlockingIOError, OSError):
+                            self.wake_r.recv(4096)
+                        self._take_arrived()
+                    else:
+                        self._read(key.fileobj)
+                now = time.monotonic()
+                for sock in [s for s, w in self.waiting.items() if w[2] <= now]:
+                    self._drop(sock)  # silent or too slow: hung up without an answer, as before a head
+                self._start_queued(now)
+
+        def _start_queued(self, now: float) -> None:
+            """Start the queued requests that get a slot now, first come first served; 503 those out of time."""
+            kept = []
+            for sock, address, head, give_up_at in self.queued:
+                if self.server.try_start_handler(sock, address, head):
+                    continue
+                if give_up_at <= now:
+                    self.server.refuse_busy(sock)
+                else:
+                    kept.append((sock, address, head, give_up_at))
+            self.queued = kept
+
+        def _take_arrived(self) -> None:
+            with self.lock:
+                taken = self.arrived
+                self.arrived = []
+            for sock, address, head, deadline in taken:
+                if len(self.waiting) >= MAX_WAITING_CONNECTIONS:
+                    self._drop(min(self.waiting, key=lambda s: self.waiting[s][2]))
+                sock.setblocking(False)
+                self.waiting[sock] = [address, head, deadline]
+                self.selector.register(sock, selectors.EVENT_READ)
+                if head:
+                    self._hand_over_if_complete(sock)
+
+        def _read(self, sock: Any) -> None:
+            entry = self.waiting[sock]
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._drop(sock)
+                return
+            if not entry[1]:  # the first byte of a request: its head must be complete soon
+                entry[2] = min(entry[2], time.monotonic() + min(HEADER_DEADLINE_S, self.server.config.deadline_s))
+            entry[1] += chunk
+            self._hand_over_if_complete(sock)
+
+        def _hand_over_if_complete(self, sock: socket.socket) -> None:
+            address, head, _ = self.waiting[sock]
+            if b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < MAX_HEAD_BYTES:
+                return
+            self.selector.unregister(sock)
+            del self.waiting[sock]
+            sock.setblocking(True)
+            self.queued.append((sock, address, head, time.monotonic() + BUSY_WAIT_S))
+            self._start_queued(time.monotonic())
+
+        def _drop(self, sock: socket.socket) -> None:
+            self.selector.unregister(sock)
+            del self.waiting[sock]
+            self.server.shutdown_request(sock)
+
+        def stop(self) -> None:
+            """Stop the loop and close every connection still waiting."""
+            with self.lock:
+                self.is_stopped = True
+                arrived = self.arrived
+                self.arrived = []
+            with contextlib.suppress(OSError):
+                self.wake_w.send(b"x")
+            self.thread.join(5)
+            for late in arrived + self.queued:
+                late[0].close()
+            for sock in list(self.waiting):
+                self._drop(sock)
+            self.selector.close()
+            self.wake_r.close()
+            self.wake_w.close()
+
     class Server(ThreadingHTTPServer):
         daemon_threads = True  # idle keep-alive connections must not hold up exit; see drain()
         request_queue_size = LISTEN_BACKLOG
@@ -7396,36 +7563,66 @@ def _define_server() -> type:
                 self.address_family = socket.AF_INET6
             self.config = config
             self.is_stopping = False
+            self._gate: Gate | None = None  # made once the socket is bound
             self._dbs: list[Db] = []  # idle connections: one per thread at a time, reused
             self._lock = threading.Lock()
             self._idle = threading.Condition(self._lock)
             self._n_busy = 0  # requests being handled now
-            self._slots = threading.BoundedSemaphore(config.max_threads)  # one per handler thread
+            n_reserved = max(1, config.max_threads // RESERVED_THREADS_SHARE) if config.max_threads > 1 else 0
+            self._slots = threading.BoundedSemaphore(config.max_threads - n_reserved)  # for any request
+            self._reserved = threading.BoundedSemaphore(max(n_reserved, 1))  # only for requests with the token
+            if not n_reserved:
+                self._reserved.acquire()
             super().__init__((config.host, config.port), Handler)
             self.config = dataclasses.replace(config, port=self.server_address[1])
+            self._gate = Gate(self)
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            if not self._slots.acquire(blocking=False):
-                # SECURITY: unlimited threads let idle connections exhaust memory. This canned answer is the
-                # one write outside _dispatch: there is no handler thread to dispatch on.
-                with contextlib.suppress(OSError):
-                    request.setblocking(False)
-                    with contextlib.suppress(BlockingIOError):
-                        request.recv(65536)  # unread data would turn our close into a reset that hides the 503
-                    request.send(BUSY_ANSWER)
-                self.shutdown_request(request)
-                return
-            try:
-                super().process_request(request, client_address)
-            except BaseException:
-                self._slots.release()
-                raise
+            """Give a new connection to the gate: it gets a thread once its request's head is here."""
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            assert self._gate is not None  # serve_forever runs only on a bound server
+            self._gate.add(request, client_address, b"",
+                           wait_s=min(HEADER_DEADLINE_S, self.config.deadline_s, self.config.timeout_s * 4))
 
-        def process_request_thread(self, request: Any, client_address: Any) -> None:
+        def try_start_handler(self, sock: socket.socket, address: Any, head: bytes) -> bool:
+            """Run one request whose head has arrived in a thread of its own; False if no slot is free."""
+            # SECURITY: strangers cannot take the reserved slots; a request with the token takes any.
+            slot = self._slots if self._slots.acquire(blocking=False) else None
+            if slot is None and _head_is_authenticated(self.config, head) and self._reserved.acquire(blocking=False):
+                slot = self._reserved
+            if slot is None:
+                return False
             try:
-                super().process_request_thread(request, client_address)
+                threading.Thread(target=self._handle, args=(sock, address, head, slot), daemon=True).start()
+            except BaseException:
+                slot.release()
+                self.shutdown_request(sock)
+                raise
+            return True
+
+        def refuse_busy(self, sock: socket.socket) -> None:
+            """Answer 503 to a request that found no free handler slot in time, and close."""
+            # This canned answer is the one write outside _dispatch: there is no handler thread to dispatch on.
+            with contextlib.suppress(OSError):
+                sock.settimeout(1)
+                sock.send(BUSY_ANSWER)
+            self.shutdown_request(sock)
+
+        def _handle(self, sock: socket.socket, address: Any, head: bytes, slot: Any) -> None:
+            is_kept, left = False, b""
+            try:
+                handler = Handler((sock, head), address, self)  # type: ignore[arg-type]  # setup() unpacks it
+                is_kept, left = not handler.close_connection and not self.is_stopping, bytes(handler.reader.buf)
+            except Exception:  # the edge of a handler thread: one connection lost, not the server
+                self.handle_error(sock, address)
             finally:
-                self._slots.release()
+                slot.release()
+                if self._gate is not None:
+                    self._gate.wake()  # a request may be queued for this slot
+            if is_kept and self._gate is not None:  # keep-alive: the next request waits in the gate, threadless
+                self._gate.add(sock, address, left, wait_s=self.config.timeout_s)
+            else:
+                self.shutdown_request(sock)
 
         def take_db(self) -> Db:
             """Borrow an open connection (a new connection per request costs ~4x, DESIGN §8)."""
@@ -7459,6 +7656,8 @@ def _define_server() -> type:
 
         def server_close(self) -> None:
             super().server_close()
+            if self._gate is not None:
+                self._gate.stop()
             with self._lock:
                 dbs, self._dbs = self._dbs, []
             for db in dbs:
@@ -7905,24 +8104,6 @@ PAGE_ERROR = string.Template("""<!doctype html>
 @media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
 <body><h1>$status</h1><p>$message</p>$after</body></html>
 """)
-PAGE_LOGIN = string.Template("""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark"><link rel="icon" href="data:,"><title>Log in · Clare</title>
-<style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
-input,button{font:inherit;padding:.4rem .6rem}label{display:block;margin:0 0 .6rem}input{width:100%}
-@media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}input{background:#161a20;color:inherit}}
-</style></head>
-<body><h1>Log in</h1><p>$message</p>
-<p>Open the login URL that <code>clare serve</code> printed, or paste the token: the <code>token</code> line of
-clare.toml on the host that serves this page (or its CLARE_TOKEN). This browser then stays logged in.</p>
-<form method="get" action="/login"><label>Token <input name="token" type="password" required
-autocomplete="current-password" autofocus></label><button type="submit">Log in</button></form></body></html>
-""")
-
-
-def login_page(message: str) -> Html:
-    """Return the page that asks for the token, without the database (a stranger sees nothing of it)."""
-    return render(PAGE_LOGIN, message=message)
 
 
 # --- dashboard pages and their htmx fragments -----------------------------
@@ -9390,10 +9571,9 @@ def page_login(req: Request) -> Response:
     """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie; without one, ask for it."""
     config = req.config
     given = req.arg("token")
-    if given is None:
-        return html_response(login_page("This Clare needs its token once per browser."))
-    if config.token is None or not same_secret(given, config.token):
-        raise HttpError(401, "wrong token; open the exact login URL that 'clare serve' printed")
+    if config.token is None or not same_secret(given, config.token):  # the 401 page carries the login form
+        raise HttpError(401, f"{'wrong' if given else 'this Clare needs its'} token; open the login URL that "
+                             "'clare serve' printed, or paste the token (the token line of clare.toml)")
     cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
     return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
 
@@ -11475,7 +11655,8 @@ _DIR_ARG = arg("--dir", action="append", default=[], metavar="[HOST:]PATH",
                     "peer name only one host has), HOST: to forget it; repeat per host")
 
 _SERVE_ARGS = (
-    arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
+    arg("--host", default=DEFAULT_HOST,
+        help=f"address to bind (default {DEFAULT_HOST}; every bind needs the token, made on first serve)"),
     arg("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"),
     arg("--log", action="store_true", help="print one line per request to stderr"),
     arg("--no-sync", action="store_true", help="do not sync with the peers of clare.toml in the background"),

@@ -182,8 +182,10 @@ def serve(home, db):
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))
-        return Served(server, server.config.token)  # every bind has a token: made on first serve unless given
+        start.served.append(Served(server, server.config.token))  # every bind has a token: made unless given
+        return start.served[-1]
 
+    start.served = []  # what the test started, newest last: the browser fixtures log in to them
     yield start
     for server, thread in started:
         server.shutdown()

@@ -27,18 +27,16 @@ def browser():
         b.close()
 
 
-def login_cookie(home) -> list[dict]:
-    """Return the login cookie of the test's servers (they share the token of the home's clare.toml)."""
-    token = clare.load_config(str(home / "clare.toml")).get("token")
-    if token is None:
+def login_cookie(served) -> list[dict]:
+    """Return the login cookie of a server, as its /login sets it; none before a server started."""
+    if served is None:
         return []
-    # Cookies are per host, not per port: one cookie logs in every server of the test.
-    return [{"name": clare.LOGIN_COOKIE, "value": clare.hmac_hex(token, "clare login cookie"),
-             "url": "http://127.0.0.1"}]
+    # Cookies are per host, not per port: it goes to every server of the test (they share the home's token).
+    return [{"name": clare.LOGIN_COOKIE, "value": served.config.login_cookie, "url": "http://127.0.0.1"}]
 
 
 @pytest.fixture
-def page_of(browser, home):
+def page_of(browser, serve):
     """Open pages, logged in, that fail the test on any JavaScript error or console error (CSP violations included).
 
     A refusal the test provokes on purpose is logged by Chromium as a failed load: list its status
@@ -46,9 +44,10 @@ def page_of(browser, home):
     """
     pages, errors = [], []
 
-    def open_page(**options):
+    def open_page(*, is_logged_in: bool = True, **options):
         context = browser.new_context(**options)
-        context.add_cookies(login_cookie(home))
+        if is_logged_in:
+            context.add_cookies(login_cookie(serve.served[-1] if serve.served else None))
         pg = context.new_page()
         pg.on("pageerror", lambda err: errors.append(f"pageerror: {err}"))
         pg.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
@@ -131,10 +130,10 @@ def test_forms_create_a_project_add_a_task_and_move_it_without_reload(server, db
     pg.screenshot(path=str(ARTIFACTS / "project.png"), full_page=True)
 
 
-def test_pages_read_fine_without_javascript(server, db, browser, home):
+def test_pages_read_fine_without_javascript(server, db, browser):
     clare.create_project(db, "alpha", now_ms=1)
     context = browser.new_context(java_script_enabled=False)
-    context.add_cookies(login_cookie(home))
+    context.add_cookies(login_cookie(server))
     try:
         pg = context.new_page()
         pg.goto(server.url + "/")

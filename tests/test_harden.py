@@ -14,7 +14,7 @@ import time
 import pytest
 
 import clare
-from conftest import CLARE_PY, ROOT
+from conftest import CLARE_PY, ROOT, wait_for
 
 RELEASE_DB = ROOT / "tests" / "data" / "release-0.1.0.db"
 RELEASE_LOG = ROOT / "tests" / "data" / "release-0.1.0.jsonl"
@@ -109,7 +109,8 @@ def test_a_page_without_the_login_cookie_asks_to_log_in_and_the_form_logs_in(ser
     s = serve()
     r = s.request("GET", "/projects", auth=False, headers={"Accept": "text/html"})
     assert r.status == 401 and 'action="/login"' in r.text and 'name="token"' in r.text
-    assert s.request("GET", "/login", auth=False).status == 200  # the form itself, without a token
+    r = s.request("GET", "/login", auth=False)  # the form itself, without a token
+    assert r.status == 401 and 'name="token"' in r.text
     r = s.request("GET", f"/login?token={s.token}", auth=False)
     assert r.status == 303
     cookie = r.headers["set-cookie"].split(";")[0]
@@ -410,3 +411,69 @@ def test_a_synced_broadcast_expiring_past_its_time_plus_an_hour_is_rejected(serv
     assert r.status == 200 and r.json()["accepted"] == 1
     assert [x["index"] for x in r.json()["rejected"]] == [0, 1]
     assert "expires_at" in r.json()["rejected"][0]["reason"]
+
+
+# --- 6. handler slots ------------------------------------------------------------------------
+
+def _hold_threads(s, n: int) -> list[socket.socket]:
+    """Open n requests with the token whose body never comes: each holds a handler thread."""
+    held = []
+    for _ in range(n):
+        c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        c.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + s.token.encode() + b"\r\nContent-Length: 100\r\n\r\n")
+        held.append(c)
+    return held
+
+
+def test_a_few_hundred_idle_connections_leave_a_real_client_served(server):
+    idle = []
+    try:
+        for i in range(300):  # more than MAX_HANDLER_THREADS: silent ones, and ones that stop mid-head
+            c = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            if i % 2:
+                c.sendall(b"GET /api/v1/pro")
+            idle.append(c)
+        r = server.request("GET", "/api/v1/projects", timeout=10)
+        assert r.status == 200
+        r = server.request("GET", "/static/htmx.min.js", auth=False, timeout=10)  # a stranger too
+        assert r.status == 200
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_requests_with_the_token_keep_reserved_slots(serve):
+    s = serve(max_threads=8)  # 7 slots for anyone, 1 kept for requests with the token
+    held = _hold_threads(s, 7)
+    try:
+        wait_for(lambda: s.server._slots._value == 0, what="the open slots taken")
+        r = s.request("GET", "/static/htmx.min.js", auth=False)
+        assert r.status == 503 and r.json()["error"]["code"] == "busy"
+        assert s.request("GET", "/api/v1/projects").status == 200
+        assert s.request("GET", "/api/v1/projects", auth=False,
+                         headers={"Cookie": f"clare_login={s.config.login_cookie}"}).status == 200
+    finally:
+        for c in held:
+            c.close()
+
+
+def test_keep_alive_connections_wait_without_a_thread_and_pipelined_requests_are_answered(serve):
+    s = serve(max_threads=2)
+    one = (b"GET /api/v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + s.token.encode()
+           + b"\r\n\r\n")
+    conns = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(5)]
+    try:
+        for c in conns:  # five keep-alive connections on two threads: each answered, each left open
+            c.sendall(one)
+            assert c.recv(65536).startswith(b"HTTP/1.1 200")
+        wait_for(lambda: s.server._slots._value + s.server._reserved._value == 2, what="threads given back")
+        conns[0].sendall(one * 3)  # pipelined: the leftover bytes go back to the gate with the connection
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 3:
+            chunk = conns[0].recv(65536)
+            assert chunk, data
+            data += chunk
+    finally:
+        for c in conns:
+            c.close()

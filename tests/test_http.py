@@ -379,17 +379,23 @@ def test_a_client_trickling_its_request_is_cut_off_at_the_deadline(serve):
 def test_connections_past_the_thread_cap_get_a_quick_503(serve):
     from conftest import wait_for
 
-    s = serve(max_threads=2)
-    idle = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(2)]
+    s = serve(max_threads=2)  # one slot for any request, one kept for requests with the token
+    held = []
     try:
-        for c in idle:
-            c.sendall(b"GET /api/v1/pro")
-        wait_for(lambda: s.server._slots._value == 0, what="both handler threads taken")
+        for _ in range(2):  # requests with the token whose body never comes: each holds a thread
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            c.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + s.token.encode() + b"\r\nContent-Length: 100\r\n\r\n")
+            held.append(c)
+        wait_for(lambda: s.server._slots._value == 0 and s.server._reserved._value == 0,
+                 what="both handler threads taken")
         with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            c.sendall(b"GET /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Authorization: Bearer " + s.token.encode() + b"\r\n\r\n")
             answer = _read_all(c)
         assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer and b'"busy"' in answer
     finally:
-        for c in idle:
+        for c in held:
             c.close()
     assert wait_for(lambda: s.request("GET", "/api/v1/projects").status == 200, what="a slot freed")
 
