@@ -68,6 +68,9 @@ MAX_TEXT_CHARS = 20_000  # descriptions, goals, update texts
 MAX_PAYLOAD_BYTES = 64 * 1024  # one event's JSON payload, as stored
 MAX_EVENTS_PAGE = 1000  # events in one answer of the API or one page of an export
 ID_PREFIX_RE = re.compile(r"\A[0-9a-f][0-9a-f-]*\Z")
+# Every id that enters from outside (sync, import, API): Clare's hex ids, Claude's uuids, tmux's %3,
+# machine ids. SECURITY: no space, slash, quote or control character can ride into a URL or a header.
+ID_RE = re.compile(r"\A[A-Za-z0-9%][A-Za-z0-9._:@%+-]{0,63}\Z")
 SHORT_ID = 8  # characters of an id shown to people
 MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is refused wherever it is read
 
@@ -122,16 +125,27 @@ def resolve_paths(*, home: str | None = None, db: str | None = None,
 
 
 def load_config(path: str) -> dict[str, Any]:
-    """Read clare.toml; a missing file is an empty config."""
+    """Read clare.toml; a missing file is an empty config; refuse one others may change that holds a secret."""
     import tomllib  # only the verbs that need settings pay for it
 
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            config = tomllib.load(f)
+            mode = os.fstat(f.fileno()).st_mode
     except FileNotFoundError:
         return {}
     except tomllib.TOMLDecodeError as err:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
+    # SECURITY: whoever can write a file holding a command (or the token) runs code as this user.
+    if mode & 0o022 and ("token" in config or _has_command(config)):
+        raise ClareError(f"{path} holds a token or a command Clare runs, and other users may change it; "
+                         f"make it yours alone: chmod 600 {path}")
+    return config
+
+
+def _has_command(table: dict[str, Any]) -> bool:
+    return any(key == "command" or key.endswith("_command") or (isinstance(value, dict) and _has_command(value))
+               for key, value in table.items())
 
 
 def make_private_dir(folder: str) -> None:
@@ -167,7 +181,7 @@ def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = Non
     return check_token(config.get("token") or None, where=f"'token' in {path}")
 
 
-def ensure_token(path: str, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str:
+def ensure_token(path: str, config: dict[str, Any], *, env: Mapping[str, str] | None = None) -> str:
     """Return the host's token; without CLARE_TOKEN or `token` in clare.toml, make one and write it there."""
     token = resolve_token(config, env=env, path=path)
     if token is not None:
@@ -198,6 +212,35 @@ def check_token(token: object, *, where: str) -> str | None:
     return token
 
 
+def parse_json(data: str | bytes, *, is_lenient: bool = False) -> Any:
+    """Parse standard JSON: NaN, Infinity and lone surrogates are refused with a ValueError naming them.
+
+    `is_lenient` lets those through, for a batch whose items are checked one by one (check_event).
+    """
+    if is_lenient:
+        return json.loads(data)
+    if isinstance(data, str):
+        try:
+            data = data.encode()
+        except UnicodeEncodeError:
+            raise ValueError("the text holds a lone surrogate, which is not UTF-8; send UTF-8 text") from None
+    value = json.loads(data, parse_constant=_refuse_constant)
+    # SECURITY: "\ud800" parses to text that no UTF-8 encoder (SQLite's, a socket's) accepts.
+    if _SURROGATE_ESCAPE_RE.search(data):
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a lone surrogate (\\ud800-\\udfff) is not text; send UTF-8 text") from None
+    return value
+
+
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not standard JSON; send a number or null")
+
+
 def now_ms() -> int:
     """Return the wall clock in integer milliseconds."""
     return time.time_ns() // 1_000_000
@@ -206,6 +249,21 @@ def now_ms() -> int:
 def iso_ms(ms: int) -> str:
     """Format epoch milliseconds as ISO-8601 UTC text with a Z."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def parse_iso_ms(text: object) -> int | None:
+    """Return the epoch milliseconds of ISO-8601 text (a Z or an offset; naive is UTC), None if it is not one."""
+    import datetime
+
+    if not isinstance(text, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp() * 1000)
 
 
 def _duration(ms: int) -> str:
@@ -461,7 +519,10 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
     if path != ":memory:":
         folder = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(folder, exist_ok=True)
+            make_private_dir(folder)
+            # SECURITY: the log holds every prompt and broadcast; SQLite gives -wal and -shm this mode too.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError as err:
             raise ClareError(f"cannot create the folder {folder} for the database: {err.strerror}; "
                              "pick another --home or --db") from err
@@ -852,10 +913,22 @@ def check_event(obj: object) -> Event:
         raise ClareError(f"event_type {obj['event_type'][:60]!r} is not of the form noun.verb")
     if not isinstance(obj["payload"], dict):
         raise ClareError("event payload must be a JSON object")
-    if len(obj["created_at"]) > 40:
-        raise ClareError("event created_at is longer than 40 characters")
-    if len(canonical_json(obj["payload"]).encode()) > MAX_PAYLOAD_BYTES:
+    if len(obj["created_at"]) > 40 or not obj["created_at"].isprintable() or not obj["created_at"].isascii():
+        raise ClareError("event created_at is not ISO-8601 text of up to 40 characters")
+    try:
+        size = len(json.dumps(obj["payload"], ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode())
+    except ValueError as err:  # SECURITY: NaN/Infinity (allow_nan) and lone surrogates (UnicodeEncodeError)
+        what = "a lone surrogate, which is not UTF-8 text" if isinstance(err, UnicodeEncodeError) else \
+            "NaN or Infinity, which standard JSON lacks"
+        raise ClareError(f"event payload holds {what}; send standard JSON") from None
+    if size > MAX_PAYLOAD_BYTES:
         raise ClareError(f"event payload is over {MAX_PAYLOAD_BYTES} bytes")
+    for key, value in obj["payload"].items():  # SECURITY: ids end up in URLs and headers (Location)
+        ids = value if key.endswith("_ids") and isinstance(value, list) else [value] if key.endswith("_id") else []
+        for one in ids:
+            if isinstance(one, str) and not ID_RE.match(one):
+                raise ClareError(f"event payload {key} {one[:60]!r} is not an id: up to 64 letters, digits "
+                                 "and . _ : @ % + -")
     return Event(obj["uuid"], obj["hlc"], obj["machine_id"], obj["event_type"], obj["payload"],
                  obj["created_at"])
 
@@ -1631,7 +1704,7 @@ def _is_str(v: Any) -> bool:
 
 
 def _is_id(v: Any) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= 64
+    return isinstance(v, str) and ID_RE.match(v) is not None
 
 
 def _is_opt_str(v: Any) -> bool:
@@ -1684,9 +1757,19 @@ def not_understood(ev: Event) -> str | None:
     return None
 
 
+MAX_BROADCAST_EXPIRY_MS = 3_600_000  # a received broadcast may wait this long past its HLC time, no longer
+
+
 def check_received(obj: object) -> Event:
     """Validate an event from outside (file, peer): its form and, for a known type, its payload."""
-    return check_payload(check_event(obj))
+    ev = check_payload(check_event(obj))
+    if ev.event_type == "broadcast.sent":
+        # SECURITY: a broadcast types into agents; a peer must not queue one to arrive in a year.
+        expires_ms = parse_iso_ms(ev.payload["expires_at"])
+        if expires_ms is None or expires_ms > parse_hlc(ev.hlc).wall_ms + MAX_BROADCAST_EXPIRY_MS:
+            raise ClareError(f"broadcast.sent expires_at {ev.payload['expires_at'][:40]!r} is not a time within "
+                             f"{MAX_BROADCAST_EXPIRY_MS // 60_000} min of the broadcast's own time")
+    return ev
 
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
@@ -1748,10 +1831,18 @@ def replay(db: Db) -> int:
         for table in PROJECTION_TABLES:
             cur.execute(f"DELETE FROM {table}")
         # apply_event's history refs, for all events at once: in C, and in index order.
+        # COMPAT: a log written before NaN was refused at the door may hold payloads SQLite's JSON
+        # functions reject ("malformed JSON"): CASE skips them there, and Python, which reads NaN
+        # as a float, takes their refs and applies them as it always did.
         for key in REF_KEYS:
             cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
                             SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
-                             WHERE json_type(payload, '$.{key}') = 'text' ORDER BY 1, 2, 3""")
+                             WHERE CASE WHEN json_valid(payload) THEN json_type(payload, '$.{key}') = 'text' END
+                             ORDER BY 1, 2, 3""")
+        for row in cur.execute("SELECT payload, hlc, uuid FROM events WHERE NOT json_valid(payload)").fetchall():
+            payload = json.loads(row[0])
+            cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
+                            [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
         appliers = APPLIERS
         for ev in iter_events(db, batch=5000):
             if not_understood(ev) is None:
@@ -3505,9 +3596,9 @@ def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertR
             continue
         try:
             line.encode()  # a file read with surrogateescape keeps bytes that are not UTF-8 visible here
-            good.append(check_received(json.loads(line)))
+            good.append(check_received(parse_json(line)))
         except UnicodeEncodeError:
-            bad.append(f"line {n}: not UTF-8 text")
+            bad.append(f"line {n}: not UTF-8 text (bytes that are not UTF-8, or a lone surrogate)")
         except RecursionError:
             bad.append(f"line {n}: JSON nested too deeply")
         except (ClareError, ValueError) as err:
@@ -4114,14 +4205,7 @@ def newest_transcript(claude_dir: str, cwd: str, *, since_ms: int) -> str | None
 
 
 def _iso_to_ms(text: object) -> int | None:
-    import datetime
-
-    if not isinstance(text, str):
-        return None
-    try:
-        return int(datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return None
+    return parse_iso_ms(text)
 
 
 def _text_of(content: object) -> str:
@@ -4851,9 +4935,9 @@ def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> No
     wrong while recording ends in the spool, and whatever goes wrong while spooling is dropped.
     """
     try:
-        payload = json.loads(raw)
-    except ValueError:
-        return  # not a report: nothing to keep
+        payload = parse_json(raw)
+    except (ValueError, RecursionError):
+        return  # not a report (or not standard JSON): nothing to keep
     if not isinstance(payload, dict):
         return
     report = {"payload": payload, "tmux_pane": env.get("TMUX_PANE") or None,
@@ -4874,7 +4958,7 @@ def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> No
 def spool_report(db_path: str, report: dict[str, Any]) -> str:
     """Write one hook report to the spool, atomically; return its path."""
     folder = spool_dir(db_path)
-    os.makedirs(folder, exist_ok=True)
+    make_private_dir(folder)  # reports hold prompts
     path = os.path.join(folder, f"{report['at_ms']:013d}-{os.getpid()}-{new_id()[:8]}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(report, f)
@@ -6329,11 +6413,13 @@ def add_peer(path: str, url: str, *, name: str | None = None, token_env: str | N
     lines = ["[[peers]]", f"name = {json.dumps(peer.name)}", f"url = {json.dumps(peer.url)}"]
     if peer.token_env:
         lines.append(f"token_env = {json.dumps(peer.token_env)}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as f:
-        f.seek(0)
-        text = f.read()
-        f.write(("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + "\n".join(lines) + "\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    write_private(path, text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "")
+                  + "\n".join(lines) + "\n")
     return peer
 
 
@@ -6366,11 +6452,7 @@ def remove_peer(path: str, ref: str) -> Peer:
     if text is None or tomllib.loads(text) != expected:
         raise ClareError(f"cannot remove peer {peers[index].name} from {path} without touching other settings; "
                          "delete its [[peers]] table there by hand")
-    staging = path + ".tmp"
-    with open(staging, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(staging, os.stat(path).st_mode & 0o777)  # clare.toml may hold a token: keep it private
-    os.replace(staging, path)
+    write_private(path, text)  # clare.toml may hold a token: private, whatever its mode was
     return peers[index]
 
 
@@ -6733,6 +6815,7 @@ class Api:
     to_wire: Callable[[Any, Any], Any] | None = None  # (request, result) -> the JSON answer; None: the result
     from_wire: Callable[[Any], Any] | None = None  # the JSON answer -> the result; None: from the return type
     is_routed: bool = True  # False: the remote client asks a route that answers more (count_events)
+    is_lenient: bool = False  # a batch whose items are checked one by one: a bad item rejects that item only
 
 
 SERVICE_APIS: dict[str, tuple[Callable[..., Any], Api | None]] = {}  # service -> (function, HTTP form or None)
@@ -7151,6 +7234,7 @@ class Services:
         return list_history(self.db, entity_ids, limit=limit)
 
     @api("POST", "/api/v1/import", "Store events given as JSON lines", body=("lines",), schema="ImportResult",
+         is_lenient=True,  # a bad line rejects that line only
          body_schema={"type": "object", "required": ["lines"], "properties": {
              "lines": {"type": "array", "items": {"type": "string"}}}},
          to_wire=lambda req, r: {"inserted": r[0].inserted, "duplicates": r[0].n_duplicates,
@@ -7248,7 +7332,12 @@ MAX_DRAIN_BYTES = 64 * 1024 * 1024  # of a body refused as too large, read and d
 SYNC_PATH_PREFIX = "/api/v1/sync/"
 REQUEST_TIMEOUT_S = 10.0  # per socket read or write: a slow or silent client loses its connection
 REQUEST_DEADLINE_S = 60.0  # a request's head and body, from its first byte: a trickling client is cut off
-MAX_HANDLER_THREADS = 128  # connections handled at once; one more gets a quick 503
+MAX_HANDLER_THREADS = 128  # requests handled at once; one more gets a quick 503
+RESERVED_THREADS_SHARE = 8  # one handler slot in 8 (at least one) is kept for requests that carry the token
+HEADER_DEADLINE_S = 2.0  # from a connection's first byte (or its accept) to the end of its request's head
+MAX_HEAD_BYTES = 64 * 1024 + 1024  # a head this long goes to a handler, which refuses it (414, 431)
+MAX_WAITING_CONNECTIONS = 4096  # connections waiting for a head; past it the oldest is closed
+BUSY_WAIT_S = 1.0  # a request whose head is here waits this long for a free handler slot, then gets 503
 BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                b"Connection: close\r\nContent-Length: 84\r\n\r\n"
                b'{"error": {"code": "busy", "message": "the server is busy; try again in a second"}}\n')  # past the cap
@@ -7292,7 +7381,7 @@ class HttpError(ClareError):
 class WebConfig:
     host: str  # the address the server binds
     port: int  # 0 picks a free port; the server then knows the real one
-    token: str | None  # with a token, every non-public route needs it (bearer or login cookie)
+    token: str | None  # every route but /login and /static/ needs it (bearer or login cookie); None opens none
     allowed_hosts: frozenset[str]  # Host header names accepted (DNS rebinding defence)
     csrf_token: str  # per-install secret that every HTML form and htmx request carries
     db_path: str
@@ -7335,16 +7424,13 @@ def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: st
                port: int = DEFAULT_PORT, env: Mapping[str, str] | None = None, log_requests: bool = False) -> WebConfig:
     """Take token, allowed host names and peers from CLARE_TOKEN and clare.toml (`settings`, else read here).
 
-    Refuse an open bind without a token.
+    Every bind has a token: without CLARE_TOKEN or `token` in clare.toml, one is made and written there.
     """
     import socket
 
     config = load_config(paths.config) if settings is None else settings
-    token = resolve_token(config, env=env, path=paths.config)
-    if not is_loopback(host) and token is None:
-        raise UsageError(f"binding {host or '*'} exposes Clare to the network without a token; set CLARE_TOKEN "
-                         "or token = \"...\" in clare.toml (python3 -c 'import secrets; "
-                         "print(secrets.token_urlsafe(32))'), or bind 127.0.0.1")
+    # SECURITY: loopback is no trust boundary (DESIGN §6): other users and every local agent reach it.
+    token = ensure_token(paths.config, config, env=env)
     names = config.get("allowed_hosts", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise UsageError(f"{paths.config}: allowed_hosts must be a list of host names")
@@ -7395,10 +7481,14 @@ class Request:
             raise HttpError(400, f"query parameter {name}={value} is outside {lo}-{hi}")
         return value
 
-    def json(self, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Return the JSON object body holding the required fields and no unknown ones."""
+    def json(self, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+             is_lenient: bool = False) -> dict[str, Any]:
+        """Return the JSON object body holding the required fields and no unknown ones.
+
+        Standard JSON only, unless `is_lenient`: a batch whose items are checked one by one.
+        """
         try:
-            value = json.loads(self.body or b"{}")
+            value = parse_json(self.body or b"{}", is_lenient=is_lenient)
         except (ValueError, RecursionError) as err:  # SECURITY: '[[[[...' nested deeper than the stack
             raise HttpError(400, f"the body is not valid JSON ({str(err)[:100]}); send a JSON object") from err
         if not isinstance(value, dict):
@@ -7533,26 +7623,39 @@ def check_same_origin(headers: dict[str, str]) -> None:
     check_origin(headers)
 
 
-def check_auth(config: WebConfig, headers: dict[str, str]) -> None:
-    """Require the bearer token or the login cookie when the server has a token."""
-    if config.token is None:
-        return
-    auth = headers.get("authorization", "")
-    scheme, _, given = auth.partition(" ")
+def is_public(path: str) -> bool:
+    """Tell whether a path is open without the token: the login page and the vendored static files."""
+    return path == "/login" or path.startswith("/static/")
+
+
+def is_authenticated(config: WebConfig, headers: dict[str, str]) -> bool:
+    """Tell whether a request carries the bearer token or a valid login cookie."""
+    if config.token is None:  # no token, no way in: a server is never open by mistake
+        return False
+    scheme, _, given = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and same_secret(given.strip(), config.token):
-        return
-    if same_secret(_cookie(headers.get("cookie", ""), LOGIN_COOKIE), config.login_cookie):
-        return
-    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or open the login URL "
-                         "that 'clare serve' printed", headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
+        return True
+    # SECURITY: any page on localhost (another port) can set a second clare_login cookie; browsers
+    # send both, in an order it can influence. The valid one counts, wherever it stands.
+    return any(same_secret(value, config.login_cookie) for value in _cookies(headers.get("cookie", ""), LOGIN_COOKIE))
 
 
-def _cookie(header: str, name: str) -> str | None:
+def check_auth(config: WebConfig, path: str, headers: dict[str, str]) -> None:
+    """Require the bearer token or the login cookie on every path but the public ones."""
+    if is_public(path) or is_authenticated(config, headers):
+        return
+    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or log in once with the "
+                         "URL that 'clare serve' printed (the token is in clare.toml)",
+                    headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
+
+
+def _cookies(header: str, name: str) -> list[str]:
+    values = []
     for part in header.split(";"):
         key, sep, value = part.strip().partition("=")
         if sep and key == name:
-            return value
-    return None
+            values.append(value)
+    return values
 
 
 def check_media(config: WebConfig, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
@@ -7585,13 +7688,17 @@ def check_length(path: str, headers: dict[str, str], *, n_lengths: int = 1) -> i
     if n_lengths > 1:  # SECURITY: two lengths are how requests get smuggled past a proxy
         raise HttpError(400, "a request needs at most one Content-Length header")
     text = headers.get("content-length", "0").strip() or "0"
-    if not text.isdigit():
-        raise HttpError(400, f"bad Content-Length {text[:20]!r}")
+    if not _is_ascii_digits(text):  # SECURITY: '²'.isdigit() is True, and int('²') raises
+        raise HttpError(400, f"bad Content-Length {text[:20]!r}; send the body's size in ASCII digits")
     size = int(text)
     limit = MAX_SYNC_BODY_BYTES if path.startswith(SYNC_PATH_PREFIX) else MAX_BODY_BYTES
     if size > limit:
         raise HttpError(413, f"the body is {size} bytes, over the limit of {limit}; send less at a time")
     return size
+
+
+def _is_ascii_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) < 19
 
 
 def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response:
@@ -7600,6 +7707,8 @@ def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response
     status = err.http_status
     if is_api:
         return Response(status, error_json(status, str(err)), headers=extra)
+    if status == 401 and is_htmx:  # a poll after the login lapsed: the whole page goes to the login form
+        return html_response(flash(str(err)), status=status, headers=(*extra, ("HX-Redirect", "/login")))
     if is_htmx:  # htmx swaps it into the page's message box instead of the fragment it asked for
         return html_response(flash(str(err)), status=status,
                              headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
@@ -7624,7 +7733,7 @@ def _drain_refused_body(h: Any, headers: dict[str, str]) -> None:
     RST, and the client saw "broken pipe" instead of the limit.
     """
     text = headers.get("content-length", "").strip()
-    n_left = min(int(text), MAX_DRAIN_BYTES) if text.isdigit() else 0
+    n_left = min(int(text), MAX_DRAIN_BYTES) if _is_ascii_digits(text) else 0
     with contextlib.suppress(OSError):  # a client that stops sending times out like any slow one
         h.wfile.flush()
         while n_left > 0:
@@ -7632,10 +7741,6 @@ def _drain_refused_body(h: Any, headers: dict[str, str]) -> None:
             if not chunk:
                 return
             n_left -= len(chunk)
-
-
-def _is_public(handler: Callable) -> bool:
-    return handler in (page_login, get_static)
 
 
 def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
@@ -7656,9 +7761,9 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
             raise error or HttpError(400, "the request cannot be read")
         check_host(config, message.get_all("Host") or [])
         size = h.body_size = check_length(path, headers, n_lengths=len(message.get_all("Content-Length") or []))
+        # SECURITY: the one door of the token, before routing: a route added later is guarded by default.
+        check_auth(config, path, headers)
         handler, params = _route(method, path)
-        if not _is_public(handler):
-            check_auth(config, headers)
         if method in STATE_CHANGING:
             check_origin(headers)
         body = h.rfile.read(size) if size else b""
@@ -7685,11 +7790,24 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     finally:
         if db is not None:
             server.give_db(db)
-    if resp.status >= 400 and not h.body_is_read and headers.get("content-length", "0") not in ("", "0"):
-        if not _discard_body(h):
-            h.close_connection = True  # the unread body would be parsed as the next request
+    # SECURITY: a body left unread (or of unknown length: chunked, a bad Content-Length) would be
+    # parsed as the next request on this connection: request smuggling. Drop it, or close.
+    # A stranger's body (401) is not worth reading: close instead.
+    if not h.body_is_read and (h.body_size is None or (h.body_size and (
+            resp.status == 401 or not _discard_body(h)))):
+        h.close_connection = True
     if server.is_stopping:
         h.close_connection = True
+    resp, head = _response_head(resp, is_closing=h.close_connection)
+    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
+    if resp.status == 413 and not h.body_is_read:
+        _drain_refused_body(h, headers)
+    if config.log_requests:
+        h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+
+
+def _response_head(resp: Response, *, is_closing: bool) -> tuple[Response, bytes]:
+    """Return the response and its status line and headers: a 500 instead if a header value holds a line break."""
     from http.server import BaseHTTPRequestHandler
 
     reason = BaseHTTPRequestHandler.responses.get(resp.status, ("",))[0]
@@ -7698,14 +7816,15 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     if not any(k.lower() == "cache-control" for k, _ in resp.headers):
         lines.append("Cache-Control: no-store")
     lines += [f"{k}: {v}" for k, v in resp.headers]
-    if h.close_connection:
+    if is_closing:
         lines.append("Connection: close")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
-    if resp.status == 413 and not h.body_is_read:
-        _drain_refused_body(h, headers)
-    if config.log_requests:
-        h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+    # SECURITY: the one place headers are written. A value with CR or LF (an id from an old log,
+    # a bug) would end the header and start another one (Set-Cookie...): refuse the whole answer.
+    if any("\r" in line or "\n" in line for line in lines):
+        print(f"clare: refused a {resp.status} answer: a header value holds a line break", file=sys.stderr)
+        return _response_head(Response(500, error_json(500, "internal error; see the server's log")),
+                              is_closing=is_closing)
+    return resp, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
 
 _SERVER_CLASS: list[type] = []  # made on first use: http.server is too heavy for every CLI start
@@ -7722,37 +7841,70 @@ def make_server(config: WebConfig) -> Any:
                          "pick another --port or stop what holds it") from err
 
 
+def _head_is_authenticated(config: WebConfig, head: bytes) -> bool:
+    """Tell whether a request's raw head carries the token (bearer or login cookie), before it is parsed."""
+    headers: dict[str, str] = {}
+    for line in head.decode("latin-1").splitlines()[1:]:
+        name, sep, value = line.partition(":")
+        key = name.strip().lower()
+        if sep and key in ("authorization", "cookie"):
+            headers[key] = f"{headers[key]}; {value.strip()}" if key in headers else value.strip()
+    return is_authenticated(config, headers)
+
+
 def _define_server() -> type:
-    import io
+    import selectors
     import socket
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class DeadlineReader(io.RawIOBase):
-        """A socket's reads: each under timeout_s, and all of one request under one deadline."""
+    class RequestReader:
+        """A socket's reads for one request: the head the gate read first, then the socket, each read
+        under timeout_s and all of them under one deadline. What is left over goes back to the gate."""
 
-        def __init__(self, sock: socket.socket, *, timeout_s: float, deadline_s: float):
-            self.sock, self.timeout_s, self.deadline_s = sock, timeout_s, deadline_s
-            self.deadline: float | None = None  # set by the request's first byte; None between requests
+        def __init__(self, sock: socket.socket, head: bytes, *, timeout_s: float, deadline_s: float):
+            self.sock, self.timeout_s = sock, timeout_s
+            self.buf = bytearray(head)  # read from the socket, not yet taken by the handler
+            self.deadline = time.monotonic() + deadline_s  # the head has arrived: the clock runs
 
-        def readable(self) -> bool:
-            return True
-
-        def readinto(self, buf: Any) -> int:
+        def _fill(self) -> bool:
             # SECURITY: a per-read timeout alone lets a client that sends a byte every few seconds hold
             # its thread forever (slowloris).
-            if self.deadline is not None:
-                left = self.deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("the request took too long to arrive")
-                self.sock.settimeout(min(self.timeout_s, left))
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request took too long to arrive")
+            self.sock.settimeout(min(self.timeout_s, left))
             try:
-                n = self.sock.recv_into(buf)
+                chunk = self.sock.recv(65536)
             finally:
                 self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
-            if n and self.deadline is None:
-                self.deadline = time.monotonic() + self.deadline_s
-            return n
+            self.buf += chunk
+            return bool(chunk)
+
+        def readline(self, limit: int = -1) -> bytes:
+            while True:
+                end = self.buf.find(b"\n") + 1
+                if end and (limit < 0 or end <= limit):
+                    break
+                if 0 <= limit <= len(self.buf):
+                    end = limit
+                    break
+                if not self._fill():
+                    end = len(self.buf)
+                    break
+            line = bytes(self.buf[:end])
+            del self.buf[:end]
+            return line
+
+        def read(self, size: int = -1) -> bytes:
+            while (size < 0 or len(self.buf) < size) and self._fill():
+                pass
+            data = bytes(self.buf if size < 0 else self.buf[:size])
+            del self.buf[:len(data)]
+            return data
+
+        def close(self) -> None:
+            pass
 
     class Handler(BaseHTTPRequestHandler):
         server: "Server"  # the class below: its config, enter() and leave()
@@ -7762,18 +7914,21 @@ def _define_server() -> type:
 
         def setup(self) -> None:
             config = self.server.config
+            sock, head = self.request  # the gate hands over the connection with the head it read
+            self.request = sock
             # typeshed calls `timeout` a ClassVar, but setup() reads it from the instance: one value per server.
             self.timeout = config.timeout_s  # type: ignore[misc]  # every read and write on the socket
             super().setup()
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.rfile.close()  # its socket file would keep the socket open after the request
-            self.reader = DeadlineReader(self.connection, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
-            self.rfile = io.BufferedReader(self.reader)
+            self.reader = RequestReader(sock, head, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
+            self.rfile = self.reader  # type: ignore[assignment]  # readline() and read() are all http.server uses
 
         def handle(self) -> None:
+            """Answer one request; the gate waits for the next one on this connection, without a thread."""
+            self.close_connection = True
             try:
-                super().handle()
-            except ConnectionError:  # the client went away: nothing to answer
+                self.handle_one_request()
+            except (ConnectionError, TimeoutError):  # the client went away or is too slow: nothing to answer
                 self.close_connection = True
 
         def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -7786,7 +7941,6 @@ def _define_server() -> type:
 
         def handle_one_request(self) -> None:
             self.is_counted = False
-            self.reader.deadline = None  # a keep-alive connection's idle wait is not part of the next request
             try:
                 super().handle_one_request()
             finally:
@@ -7804,6 +7958,133 @@ def _define_server() -> type:
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_any
 
+    class Gate:
+        """The selectors loop in front of the handlers: a connection gets a handler thread only once
+        its request's head has arrived, and waits (idle, or sending its head) without one.
+
+        SECURITY: otherwise any local process holds every thread with idle connections, and on
+        loopback a per-address cap cannot tell the attacker from the browser (both 127.0.0.1).
+        """
+
+        def __init__(self, server: Any):  # the Server below
+            self.server = server
+            self.selector = selectors.DefaultSelector()
+            self.wake_r, self.wake_w = socket.socketpair()
+            self.wake_r.setblocking(False)
+            self.wake_w.setblocking(False)
+            self.selector.register(self.wake_r, selectors.EVENT_READ)
+            self.lock = threading.Lock()
+            self.arrived: list[tuple[Any, Any, bytes, float]] = []  # (sock, address, head, deadline) from other threads
+            self.waiting: dict[Any, list[Any]] = {}  # sock -> [address, head so far, deadline]; gate only
+            self.queued: list[tuple[Any, Any, bytes, float]] = []  # heads here, no slot yet: (..., give up at)
+            self.is_stopped = False
+            self.thread = threading.Thread(target=self.run, name="clare-gate", daemon=True)
+            self.thread.start()
+
+        def add(self, sock: socket.socket, address: Any, head: bytes, *, wait_s: float) -> None:
+            """Let the gate wait for the (rest of the) next request's head on a connection."""
+            with self.lock:
+                if self.is_stopped:
+                    sock.close()
+                    return
+                self.arrived.append((sock, address, head, time.monotonic() + wait_s))
+            self.wake()
+
+        def wake(self) -> None:
+            """Make the loop look again: a connection came, or a handler slot came free."""
+            with contextlib.suppress(BlockingIOError, OSError):
+                self.wake_w.send(b"x")
+
+        def run(self) -> None:
+            while not self.is_stopped:
+                now = time.monotonic()
+                timeout = min([w[2] for w in self.waiting.values()] + [q[3] for q in self.queued],
+                              default=now + 0.5) - now
+                for key, _ in self.selector.select(min(max(timeout, 0), 0.5)):
+                    if key.fileobj is self.wake_r:
+                        with contextlib.suppress(BlockingIOError, OSError):
+                            self.wake_r.recv(4096)
+                        self._take_arrived()
+                    else:
+                        self._read(key.fileobj)
+                now = time.monotonic()
+                for sock in [s for s, w in self.waiting.items() if w[2] <= now]:
+                    self._drop(sock)  # silent or too slow: hung up without an answer, as before a head
+                self._start_queued(now)
+
+        def _start_queued(self, now: float) -> None:
+            """Start the queued requests that get a slot now, first come first served; 503 those out of time."""
+            kept = []
+            for sock, address, head, give_up_at in self.queued:
+                if self.server.try_start_handler(sock, address, head):
+                    continue
+                if give_up_at <= now:
+                    self.server.refuse_busy(sock)
+                else:
+                    kept.append((sock, address, head, give_up_at))
+            self.queued = kept
+
+        def _take_arrived(self) -> None:
+            with self.lock:
+                taken = self.arrived
+                self.arrived = []
+            for sock, address, head, deadline in taken:
+                if len(self.waiting) >= MAX_WAITING_CONNECTIONS:
+                    self._drop(min(self.waiting, key=lambda s: self.waiting[s][2]))
+                sock.setblocking(False)
+                self.waiting[sock] = [address, head, deadline]
+                self.selector.register(sock, selectors.EVENT_READ)
+                if head:
+                    self._hand_over_if_complete(sock)
+
+        def _read(self, sock: Any) -> None:
+            entry = self.waiting[sock]
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._drop(sock)
+                return
+            if not entry[1]:  # the first byte of a request: its head must be complete soon
+                entry[2] = min(entry[2], time.monotonic() + min(HEADER_DEADLINE_S, self.server.config.deadline_s))
+            entry[1] += chunk
+            self._hand_over_if_complete(sock)
+
+        def _hand_over_if_complete(self, sock: socket.socket) -> None:
+            address, head, _ = self.waiting[sock]
+            if b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < MAX_HEAD_BYTES:
+                return
+            self.selector.unregister(sock)
+            del self.waiting[sock]
+            sock.setblocking(True)
+            self.queued.append((sock, address, head, time.monotonic() + BUSY_WAIT_S))
+            self._start_queued(time.monotonic())
+
+        def _drop(self, sock: socket.socket) -> None:
+            self.selector.unregister(sock)
+            del self.waiting[sock]
+            self.server.shutdown_request(sock)
+
+        def stop(self) -> None:
+            """Stop the loop and close every connection still waiting."""
+            with self.lock:
+                self.is_stopped = True
+                arrived = self.arrived
+                self.arrived = []
+            with contextlib.suppress(OSError):
+                self.wake_w.send(b"x")
+            self.thread.join(5)
+            for late in arrived + self.queued:
+                late[0].close()
+            for sock in list(self.waiting):
+                self._drop(sock)
+            self.selector.close()
+            self.wake_r.close()
+            self.wake_w.close()
+
     class Server(ThreadingHTTPServer):
         daemon_threads = True  # idle keep-alive connections must not hold up exit; see drain()
         request_queue_size = LISTEN_BACKLOG
@@ -7813,36 +8094,66 @@ def _define_server() -> type:
                 self.address_family = socket.AF_INET6
             self.config = config
             self.is_stopping = False
+            self._gate: Gate | None = None  # made once the socket is bound
             self._dbs: list[Db] = []  # idle connections: one per thread at a time, reused
             self._lock = threading.Lock()
             self._idle = threading.Condition(self._lock)
             self._n_busy = 0  # requests being handled now
-            self._slots = threading.BoundedSemaphore(config.max_threads)  # one per handler thread
+            n_reserved = max(1, config.max_threads // RESERVED_THREADS_SHARE) if config.max_threads > 1 else 0
+            self._slots = threading.BoundedSemaphore(config.max_threads - n_reserved)  # for any request
+            self._reserved = threading.BoundedSemaphore(max(n_reserved, 1))  # only for requests with the token
+            if not n_reserved:
+                self._reserved.acquire()
             super().__init__((config.host, config.port), Handler)
             self.config = dataclasses.replace(config, port=self.server_address[1])
+            self._gate = Gate(self)
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            if not self._slots.acquire(blocking=False):
-                # SECURITY: unlimited threads let idle connections exhaust memory. This canned answer is the
-                # one write outside _dispatch: there is no handler thread to dispatch on.
-                with contextlib.suppress(OSError):
-                    request.setblocking(False)
-                    with contextlib.suppress(BlockingIOError):
-                        request.recv(65536)  # unread data would turn our close into a reset that hides the 503
-                    request.send(BUSY_ANSWER)
-                self.shutdown_request(request)
-                return
-            try:
-                super().process_request(request, client_address)
-            except BaseException:
-                self._slots.release()
-                raise
+            """Give a new connection to the gate: it gets a thread once its request's head is here."""
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            assert self._gate is not None  # serve_forever runs only on a bound server
+            self._gate.add(request, client_address, b"",
+                           wait_s=min(HEADER_DEADLINE_S, self.config.deadline_s, self.config.timeout_s * 4))
 
-        def process_request_thread(self, request: Any, client_address: Any) -> None:
+        def try_start_handler(self, sock: socket.socket, address: Any, head: bytes) -> bool:
+            """Run one request whose head has arrived in a thread of its own; False if no slot is free."""
+            # SECURITY: strangers cannot take the reserved slots; a request with the token takes any.
+            slot = self._slots if self._slots.acquire(blocking=False) else None
+            if slot is None and _head_is_authenticated(self.config, head) and self._reserved.acquire(blocking=False):
+                slot = self._reserved
+            if slot is None:
+                return False
             try:
-                super().process_request_thread(request, client_address)
+                threading.Thread(target=self._handle, args=(sock, address, head, slot), daemon=True).start()
+            except BaseException:
+                slot.release()
+                self.shutdown_request(sock)
+                raise
+            return True
+
+        def refuse_busy(self, sock: socket.socket) -> None:
+            """Answer 503 to a request that found no free handler slot in time, and close."""
+            # This canned answer is the one write outside _dispatch: there is no handler thread to dispatch on.
+            with contextlib.suppress(OSError):
+                sock.settimeout(1)
+                sock.send(BUSY_ANSWER)
+            self.shutdown_request(sock)
+
+        def _handle(self, sock: socket.socket, address: Any, head: bytes, slot: Any) -> None:
+            is_kept, left = False, b""
+            try:
+                handler = Handler((sock, head), address, self)  # type: ignore[arg-type]  # setup() unpacks it
+                is_kept, left = not handler.close_connection and not self.is_stopping, bytes(handler.reader.buf)
+            except Exception:  # the edge of a handler thread: one connection lost, not the server
+                self.handle_error(sock, address)
             finally:
-                self._slots.release()
+                slot.release()
+                if self._gate is not None:
+                    self._gate.wake()  # a request may be queued for this slot
+            if is_kept and self._gate is not None:  # keep-alive: the next request waits in the gate, threadless
+                self._gate.add(sock, address, left, wait_s=self.config.timeout_s)
+            else:
+                self.shutdown_request(sock)
 
         def take_db(self) -> Db:
             """Borrow an open connection (a new connection per request costs ~4x, DESIGN §8)."""
@@ -7876,6 +8187,8 @@ def _define_server() -> type:
 
         def server_close(self) -> None:
             super().server_close()
+            if self._gate is not None:
+                self._gate.stop()
             with self._lock:
                 dbs, self._dbs = self._dbs, []
             for db in dbs:
@@ -9488,7 +9801,8 @@ def service_handler(name: str) -> Callable[[Request], Response]:
         body: dict[str, Any] = {}
         if body_wires or spec.body_schema is not None:
             body = req.json(required=tuple(w.name for w in body_wires if w.is_required),
-                            optional=tuple(w.name for w in body_wires if not w.is_required))
+                            optional=tuple(w.name for w in body_wires if not w.is_required),
+                            is_lenient=spec.is_lenient)
         if spec.check is not None:
             spec.check(body)
         kwargs = {w.arg: _request_value(req, svc, w, body, max_int=spec.max_int) for w in wires
@@ -9593,14 +9907,14 @@ def get_static(req: Request) -> Response:
 
 
 def page_login(req: Request) -> Response:
-    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie, then go to the dashboard."""
+    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie; without one, ask for it."""
     config = req.config
-    if config.token is not None:
-        if not same_secret(req.arg("token"), config.token):
-            raise HttpError(401, "wrong or missing token; open the exact login URL that 'clare serve' printed")
-        cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
-        return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
-    return Response(303, b"", "text/plain", (("Location", "/"),))
+    given = req.arg("token")
+    if config.token is None or not same_secret(given, config.token):  # the 401 page carries the login form
+        raise HttpError(401, f"{'wrong' if given else 'this Clare needs its'} token; open the login URL that "
+                             "'clare serve' printed, or paste the token (the token line of clare.toml)")
+    cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
+    return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
 
 
 # --- OpenAPI --------------------------------------------------------------
@@ -9816,7 +10130,8 @@ def sync_get_events(req: Request) -> Response:
 
 def sync_post_events(req: Request) -> Response:
     """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
-    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
+    # Lenient: a NaN or a lone surrogate in one event rejects that event only (check_event).
+    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"), is_lenient=True)
     req.config.contacts.note(req.headers.get(PEER_HEADER.lower()))
     answer = sync_accept(req.db, body, now_ms=now_ms())
     if answer["accepted"] and list_orders(req.db, pending_on=req.db.machine_id):
@@ -11134,7 +11449,9 @@ def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
     """Add a peer to clare.toml."""
     peer = add_peer(ctx.paths.config, args.url, name=args.name, token_env=args.token_env)
-    token = f"its token is read from ${peer.token_env}" if peer.token_env else "its token is CLARE_TOKEN's"
+    token = (f"Clare sends it the token in ${peer.token_env}" if peer.token_env else
+             f"Clare sends it this host's own token ($CLARE_TOKEN, else the token line of {ctx.paths.config}); "
+             "give it --token-env VAR if it has another")
     emit(ctx, peer, f"added peer {peer.name} ({peer.url}) to {ctx.paths.config}; {token}\n"
                     f"sync now with: clare sync {peer.name}")
 
@@ -11257,8 +11574,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
 
     if ctx.db.refusal is not None:  # a copy: everything serve does in the background writes
         raise Conflict(ctx.db.refusal)
-    settings = ctx.config
-    config = web_config(ctx.paths, settings=settings, host=args.host, port=args.port, log_requests=args.log)
+    config = web_config(ctx.paths, settings=ctx.config, host=args.host, port=args.port, log_requests=args.log)
+    settings = {**ctx.config, "token": config.token}  # a token made just now goes to peers without token_env
     peers = [] if args.no_sync else list(config.peers)
     interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
@@ -11269,10 +11586,12 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
 
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
-        if config.token is not None:
-            # SECURITY: under systemd stdout is the journal; the token goes only to a person's terminal.
-            token = config.token if sys.stdout.isatty() else "YOUR_TOKEN"
-            print(f"clare: log in once with {server.url}/login?token={token}", flush=True)
+        # SECURITY: under systemd stdout is the journal; the token goes only to a person's terminal.
+        if sys.stdout.isatty():
+            print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
+        else:
+            print(f"clare: log in once with {server.url}/login?token=YOUR_TOKEN (the token line of "
+                  f"{ctx.paths.config}, or $CLARE_TOKEN)", flush=True)
         if peers:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
         start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log,
@@ -11325,7 +11644,8 @@ _DIR_ARG = arg("--dir", action="append", default=[], metavar="[HOST:]PATH",
                     "peer name only one host has), HOST: to forget it; repeat per host")
 
 _SERVE_ARGS = (
-    arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
+    arg("--host", default=DEFAULT_HOST,
+        help=f"address to bind (default {DEFAULT_HOST}; every bind needs the token, made on first serve)"),
     arg("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"),
     arg("--log", action="store_true", help="print one line per request to stderr"),
     arg("--no-sync", action="store_true", help="do not sync with the peers of clare.toml in the background"),
