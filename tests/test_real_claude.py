@@ -184,10 +184,12 @@ def real(request):
         api.stop()
         shutil.rmtree(base, ignore_errors=True)
         # Through the terminal reporter: printed by `make test` too, where output is captured.
-        reporter = request.config.pluginmanager.getplugin("terminalreporter")
+        plugins = request.config.pluginmanager
+        reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
         line = f"real Claude Code {VERSION} suite: {time.monotonic() - started:.1f} s (goal: <= 600 s on 2 cores)"
-        if reporter is not None:
-            reporter.write_line("\n" + line)
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line("\n" + line)
         else:
             print(line, file=sys.__stderr__)
 
