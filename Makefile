@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 
-.PHONY: test test-fast lint bench clean
+.PHONY: test test-fast lint bench stress clean
 
 test: lint
 	$(VPY) -m pytest -q
@@ -19,6 +19,10 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VPY) bench/run.py
+
+# The long fault cases (a 3-host cluster in network namespaces; root, iproute2, faketime): minutes.
+stress: $(VENV)/.installed
+	$(VPY) bench/stress.py
 
 $(VENV)/.installed: requirements-dev.txt
 	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
