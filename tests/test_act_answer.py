@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from test_act import TOKEN, get, hook, start_serve, stop_serve
 
 import clare
 from conftest import CLARE_PY, wait_for
+from test_act import TOKEN, get, hook, start_serve, stop_serve
 
 S1 = "aaaa0001-0000-4000-8000-000000000001"
 DIALOG = """ Bash command
