@@ -379,7 +379,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -1520,13 +1520,17 @@ CREATE TABLE tool_uses (                        -- this host's PreToolUse report
     is_asked INTEGER NOT NULL DEFAULT 0,        -- 1: a PermissionRequest took it; -1: a request waiting for it
     PRIMARY KEY (session_id, tool_use_id)
 );
+"""
+_MIGRATIONS[6] = [ANSWERS_SCHEMA]
+# Schema 7: what each session's newest PermissionRequest asked, kept even when the report changed no state.
+ASKS_SCHEMA = """
 CREATE TABLE asks (                             -- this host's newest PermissionRequest per session: never synced
     session_id TEXT PRIMARY KEY,
     asked TEXT NOT NULL,                        -- JSON {tool, input, tool_use_id?}
     at_ms INTEGER NOT NULL                      -- when its hook started
 );
 """
-_MIGRATIONS[6] = [ANSWERS_SCHEMA]
+_MIGRATIONS[7] = [ASKS_SCHEMA]
 
 ORDER_ACTIONS = ("start", "resume", "stop")
 # pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
@@ -7634,10 +7638,12 @@ class Services:
     @here
     def report_hook(self, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
                     is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
-                    is_stale: bool = False) -> list[Event]:
+                    is_stale: bool = False, tool_use_id: str | None = None, input_key: str | None = None
+                    ) -> list[Event]:
         """Record what a Claude Code hook on this host reported (and what a dialog asks)."""
         return report_hook(self.db, session_id, mark, cwd=cwd, tmux_target=tmux_target, is_end=is_end,
-                           is_clear=is_clear, asked=asked, is_stale=is_stale, now_ms=now_ms())
+                           is_clear=is_clear, asked=asked, is_stale=is_stale, tool_use_id=tool_use_id,
+                           input_key=input_key, now_ms=now_ms())
 
     @here
     def get_token(self, config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:

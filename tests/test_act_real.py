@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-import test_real_claude as harness
 from mock_messages_api import MockMessagesApi, _has_tool_result
 
 import clare
+import test_real_claude as harness
 
 pytestmark = pytest.mark.slow
 NAMES = ("approve", "deny", "terminal", "twice")
