@@ -379,7 +379,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -1517,11 +1517,20 @@ CREATE TABLE tool_uses (                        -- this host's PreToolUse report
     tool_use_id TEXT NOT NULL,
     input_key TEXT NOT NULL,                    -- a hash of the tool's input: how a PermissionRequest finds it
     at_ms INTEGER NOT NULL,
-    is_asked INTEGER NOT NULL DEFAULT 0,        -- a PermissionRequest took it already
+    is_asked INTEGER NOT NULL DEFAULT 0,        -- 1: a PermissionRequest took it; -1: a request waiting for it
     PRIMARY KEY (session_id, tool_use_id)
 );
 """
 _MIGRATIONS[6] = [ANSWERS_SCHEMA]
+# Schema 7: what each session's newest PermissionRequest asked, kept even when the report changed no state.
+ASKS_SCHEMA = """
+CREATE TABLE asks (                             -- this host's newest PermissionRequest per session: never synced
+    session_id TEXT PRIMARY KEY,
+    asked TEXT NOT NULL,                        -- JSON {tool, input, tool_use_id?}
+    at_ms INTEGER NOT NULL                      -- when its hook started
+);
+"""
+_MIGRATIONS[7] = [ASKS_SCHEMA]
 
 ORDER_ACTIONS = ("start", "resume", "stop")
 # pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
@@ -2551,6 +2560,41 @@ def take_tool_use(cur: sqlite3.Cursor, session_id: str, input_key: str) -> str |
     return str(row[0])
 
 
+def save_ask(cur: sqlite3.Cursor, session_id: str, asked: dict[str, str], *, at_ms: int) -> None:
+    """Remember what a session's newest PermissionRequest asked, even when it changed no state. In a txn."""
+    cur.execute("""INSERT INTO asks (session_id, asked, at_ms) VALUES (?, ?, ?)
+                   ON CONFLICT (session_id) DO UPDATE SET asked = excluded.asked, at_ms = excluded.at_ms
+                   WHERE excluded.at_ms >= at_ms""", (session_id, canonical_json(asked), at_ms))
+
+
+def get_ask(cur: sqlite3.Cursor, session_id: str) -> tuple[dict[str, str], int] | None:
+    """Return what a session's newest PermissionRequest asked and when, if no later signal ended it."""
+    row = cur.execute("SELECT asked, at_ms FROM asks WHERE session_id = ?", (session_id,)).fetchone()
+    return (json.loads(row[0]), int(row[1])) if row else None
+
+
+def drop_ask(cur: sqlite3.Cursor, session_id: str, *, before_ms: int) -> None:
+    """Forget a session's remembered ask older than a signal that says no dialog waits. In a txn."""
+    cur.execute("DELETE FROM asks WHERE session_id = ? AND at_ms < ?", (session_id, before_ms))
+
+
+def wait_for_tool_use(cur: sqlite3.Cursor, session_id: str, input_key: str, *, at_ms: int) -> None:
+    """Remember a PermissionRequest whose PreToolUse has not arrived yet (async hooks come out of order)."""
+    cur.execute("INSERT OR IGNORE INTO tool_uses (session_id, tool_use_id, input_key, at_ms, is_asked) "
+                "VALUES (?, ?, ?, ?, -1)", (session_id, f"?{at_ms}", input_key, at_ms))
+
+
+def claim_waiting_request(cur: sqlite3.Cursor, session_id: str, tool_use_id: str, input_key: str) -> bool:
+    """Tell whether a PermissionRequest waits for this PreToolUse; if so, the tool use is taken by it."""
+    row = cur.execute("""SELECT tool_use_id FROM tool_uses WHERE session_id = ? AND input_key = ? AND is_asked = -1
+                          ORDER BY at_ms LIMIT 1""", (session_id, input_key)).fetchone()
+    if row is None:
+        return False
+    cur.execute("DELETE FROM tool_uses WHERE session_id = ? AND tool_use_id = ?", (session_id, row[0]))
+    cur.execute("UPDATE tool_uses SET is_asked = 1 WHERE session_id = ? AND tool_use_id = ?", (session_id, tool_use_id))
+    return True
+
+
 def finish_tool_use(cur: sqlite3.Cursor, session_id: str, tool_use_id: str | None) -> None:
     """Forget a tool use that ran (PostToolUse), or every one of a session whose turn is over (tool_use_id None)."""
     if tool_use_id is None:
@@ -3303,6 +3347,8 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
             changed = {k: payload[k] for k in _OBSERVED_KEYS if getattr(old, k) != payload[k]}
             if "state" in changed and ob.state != "permission" and old.asked is not None:
                 changed["asked"] = None  # the dialog is over: what it asked goes with it
+            elif ob.state == "permission" and old.asked is None and (ask := get_ask(cur, ob.session_id)):
+                changed["asked"] = ask[0]  # its PermissionRequest changed no state at once: it names the dialog
             if changed:
                 events.append(record(db, cur, "session.changed", {"session_id": ob.session_id,
                                                                   "host": db.machine_id, **changed, **extra},
@@ -3356,13 +3402,33 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
     with write_txn(db) as cur:
         if mark.hook_event == "PreToolUse" and tool_use_id and input_key:
             save_tool_use(cur, session_id, tool_use_id, input_key, at_ms=mark.at_ms)
+            if claim_waiting_request(cur, session_id, tool_use_id, input_key):
+                # Its PermissionRequest came first (async hooks arrive out of order): name the dialog now.
+                ask = get_ask(cur, session_id)
+                if ask is not None and "tool_use_id" not in ask[0]:
+                    save_ask(cur, session_id, {**ask[0], "tool_use_id": tool_use_id}, at_ms=ask[1])
+                now = next((x for x in find_sessions(db, prefix=session_id) if x.id == session_id), None)
+                if now is not None and now.state == "permission" and now.asked and "tool_use_id" not in now.asked:
+                    events.append(record(db, cur, "session.changed", {
+                        "session_id": session_id, "host": db.machine_id,
+                        "asked": {**now.asked, "tool_use_id": tool_use_id}}, now_ms=now_ms))
         elif mark.hook_event == "PostToolUse" and tool_use_id:
             finish_tool_use(cur, session_id, tool_use_id)
         elif mark.hook_event in ("Stop", "StopFailure", "SessionEnd"):
             finish_tool_use(cur, session_id, None)
         elif asked and input_key and "tool_use_id" not in asked:
             taken = take_tool_use(cur, session_id, input_key)
+            if taken is None:
+                wait_for_tool_use(cur, session_id, input_key, at_ms=mark.at_ms)
             asked = {**asked, "tool_use_id": taken} if taken else asked
+        if asked:
+            save_ask(cur, session_id, asked, at_ms=mark.at_ms)
+        elif mark.state not in (None, "permission"):
+            drop_ask(cur, session_id, before_ms=mark.at_ms)
+        elif mark.state == "permission":
+            # A permission report without the ask (a Notification; or its PermissionRequest was judged
+            # stale and changed no state): the newest remembered ask is what this dialog asks.
+            asked = (get_ask(cur, session_id) or (None, 0))[0]
         save_hook_mark(cur, session_id, mark)
         stored = list_hook_marks(db, session_id=session_id)[session_id]
         if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event) or is_stale:
@@ -7572,10 +7638,12 @@ class Services:
     @here
     def report_hook(self, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
                     is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
-                    is_stale: bool = False) -> list[Event]:
+                    is_stale: bool = False, tool_use_id: str | None = None, input_key: str | None = None
+                    ) -> list[Event]:
         """Record what a Claude Code hook on this host reported (and what a dialog asks)."""
         return report_hook(self.db, session_id, mark, cwd=cwd, tmux_target=tmux_target, is_end=is_end,
-                           is_clear=is_clear, asked=asked, is_stale=is_stale, now_ms=now_ms())
+                           is_clear=is_clear, asked=asked, is_stale=is_stale, tool_use_id=tool_use_id,
+                           input_key=input_key, now_ms=now_ms())
 
     @here
     def get_token(self, config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:

@@ -51,6 +51,17 @@ def test_the_dialog_identity_is_the_tool_use_its_pre_tool_use_reported(db):
     assert "tool_use_id" not in clare.list_sessions(db)[0].asked
 
 
+def test_a_permission_request_ingested_before_its_pre_tool_use_is_named_when_that_comes(db):
+    """Async hooks arrive out of order (seen on the real CLI): the later PreToolUse still names the dialog."""
+    hook(db, S1, "SessionStart", at_ms=1000, source="startup")
+    cmd = {"command": "touch x", "description": "mock"}
+    hook(db, S1, "PermissionRequest", at_ms=3000, tool_name="Bash", tool_input=cmd)
+    assert "tool_use_id" not in clare.list_sessions(db)[0].asked
+    hook(db, S1, "PreToolUse", at_ms=2000, tool_name="Bash", tool_input=cmd, tool_use_id="toolu_late")
+    [s] = clare.list_sessions(db)
+    assert (s.state, s.asked) == ("permission", {"tool": "Bash", "input": "touch x", "tool_use_id": "toolu_late"})
+
+
 def test_every_refusal_says_why_and_leaves_no_trace(db):
     hook(db, S1, "SessionStart", at_ms=1000, source="startup")
     n_events = clare.count_events(db)
