@@ -5,6 +5,7 @@ import json
 import pytest
 
 import clare
+from conftest import projection_digest
 
 T0 = 1_750_000_000_000
 
@@ -104,7 +105,7 @@ def test_tags_merge_across_hosts_as_a_set_with_add_and_remove_per_tag():
     _copy(b, a, T0 + 20)
     for db in (a, b):  # both adds survive; for 'old' the newer (a's removal) wins; 'shared' was removed by b
         assert clare.get_task(db, t.id).tags == ("backend", "urgent")
-    assert clare.projection_digest(a) == clare.projection_digest(b)
+    assert projection_digest(a) == projection_digest(b)
     assert [x.id for x in clare.list_tasks(a, tag="urgent")] == [t.id]
 
 
@@ -401,3 +402,13 @@ def test_an_older_clare_stores_and_relays_removal_tags_and_undo_and_a_replay_aft
     got = clare.get_task(old, t.id)
     assert (got.tags, got.removed_at is not None) == (("backend", "urgent"), True)
     assert clare.list_tasks(old) == []
+
+
+def test_a_task_bound_to_a_group_shows_the_groups_name(run_clare):
+    run_clare("project", "new", "alpha")
+    task = _add(run_clare, "alpha", "api work")
+    run_clare("group", "add", "backend", "--cwd", "/srv/api")
+    r = run_clare("assign", task[:8], "--group", "backend")
+    assert r.out == f"task {task[:8]} assigned to group backend: api work\n"
+    assert "group backend" in run_clare("task", "list").out
+    assert run_clare("task", "show", task[:8], "--json").json()["group"] == "backend"
