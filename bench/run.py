@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import sqlite3
 import statistics
@@ -929,11 +930,13 @@ def fleet_latency(*, is_hooked: bool, n_tries: int = 5) -> float:
     try:
         server = ClareServer(fleet.base / "clare", env=fleet.env)
         sid, (pid, pane, cwd) = next(iter(fleet.sessions.items()))
+        # The command `clare hooks install` writes (it imports clare: cached bytecode, not a script compiled anew).
+        hook_argv = shlex.split(clare.hook_command(str(fleet.base / "clare" / "clare.db")))
         poll_s = getattr(clare, "FLEET_POLL_S", clare.POLL_S)
         label = clare.SESSION_LABELS
 
         def row_state() -> str:
-            with urllib.request.urlopen(server.url + "/frag/fleet", timeout=30) as reply:
+            with urllib.request.urlopen(authorized(server.url + "/frag/fleet"), timeout=30) as reply:
                 page = reply.read().decode()
             at = page.find(f'data-row="/sessions/{sid}"')
             row = page[at:page.find("</tr>", at)] if at >= 0 else ""
@@ -951,7 +954,7 @@ def fleet_latency(*, is_hooked: bool, n_tries: int = 5) -> float:
             if is_hooked:  # Claude starts its hook as the state changes; no registry change to find
                 changed = clare.now_ms()
                 event = "UserPromptSubmit" if want == "working" else "Stop"
-                run([PY, str(CLARE_PY), "hook"], env={**fleet.env, "TMUX_PANE": pane, "TMUX": f"{fleet.socket},1,0"},
+                run(hook_argv, env={**fleet.env, "TMUX_PANE": pane, "TMUX": f"{fleet.socket},1,0"},
                     stdin=json.dumps({"session_id": sid, "cwd": cwd, "hook_event_name": event}))
             else:
                 changed = fleet.write_registry(sid, status)
