@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import os
 import re
@@ -34,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 # The first statement after the imports, so that every command (and `import clare`) on an older
 # Python says this in one line instead of a traceback. The lines above, and the grammar of this
@@ -57,13 +58,21 @@ STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocke
 SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
 UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
+ANSWERS = ("approve", "deny", "option")  # what a person may answer to a permission dialog
+ANSWER_RESULTS = ("pending", "typed", "stale", "expired", "failed")  # what became of an answer
+# The reason of a queued delivery that was not typed: its host tries again at each pull until it expires.
+DRAFT_WAIT_REASON = "the composer holds unsent text; the broadcast waits until the draft is sent or cleared"
 PRIORITIES = range(5)  # 0 is the most urgent, as in P0
 DEFAULT_PRIORITY = 2
 MAX_NAME_CHARS = 100
 MAX_TITLE_CHARS = 300
 MAX_TEXT_CHARS = 20_000  # descriptions, goals, update texts
 MAX_PAYLOAD_BYTES = 64 * 1024  # one event's JSON payload, as stored
+MAX_EVENTS_PAGE = 1000  # events in one answer of the API or one page of an export
 ID_PREFIX_RE = re.compile(r"\A[0-9a-f][0-9a-f-]*\Z")
+# Every id that enters from outside (sync, import, API): Clare's hex ids, Claude's uuids, tmux's %3,
+# machine ids. SECURITY: no space, slash, quote or control character can ride into a URL or a header.
+ID_RE = re.compile(r"\A[A-Za-z0-9%][A-Za-z0-9._:@%+-]{0,63}\Z")
 SHORT_ID = 8  # characters of an id shown to people
 MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is refused wherever it is read
 
@@ -118,16 +127,27 @@ def resolve_paths(*, home: str | None = None, db: str | None = None,
 
 
 def load_config(path: str) -> dict[str, Any]:
-    """Read clare.toml; a missing file is an empty config."""
+    """Read clare.toml; a missing file is an empty config; refuse one others may change that holds a secret."""
     import tomllib  # only the verbs that need settings pay for it
 
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            config = tomllib.load(f)
+            mode = os.fstat(f.fileno()).st_mode
     except FileNotFoundError:
         return {}
     except tomllib.TOMLDecodeError as err:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
+    # SECURITY: whoever can write a file holding a command (or the token) runs code as this user.
+    if mode & 0o022 and ("token" in config or _has_command(config)):
+        raise ClareError(f"{path} holds a token or a command Clare runs, and other users may change it; "
+                         f"make it yours alone: chmod 600 {path}")
+    return config
+
+
+def _has_command(table: dict[str, Any]) -> bool:
+    return any(key == "command" or key.endswith("_command") or (isinstance(value, dict) and _has_command(value))
+               for key, value in table.items())
 
 
 def make_private_dir(folder: str) -> None:
@@ -163,7 +183,7 @@ def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = Non
     return check_token(config.get("token") or None, where=f"'token' in {path}")
 
 
-def ensure_token(path: str, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str:
+def ensure_token(path: str, config: dict[str, Any], *, env: Mapping[str, str] | None = None) -> str:
     """Return the host's token; without CLARE_TOKEN or `token` in clare.toml, make one and write it there."""
     token = resolve_token(config, env=env, path=path)
     if token is not None:
@@ -194,6 +214,35 @@ def check_token(token: object, *, where: str) -> str | None:
     return token
 
 
+def parse_json(data: str | bytes, *, is_lenient: bool = False) -> Any:
+    """Parse standard JSON: NaN, Infinity and lone surrogates are refused with a ValueError naming them.
+
+    `is_lenient` lets those through, for a batch whose items are checked one by one (check_event).
+    """
+    if is_lenient:
+        return json.loads(data)
+    if isinstance(data, str):
+        try:
+            data = data.encode()
+        except UnicodeEncodeError:
+            raise ValueError("the text holds a lone surrogate, which is not UTF-8; send UTF-8 text") from None
+    value = json.loads(data, parse_constant=_refuse_constant)
+    # SECURITY: "\ud800" parses to text that no UTF-8 encoder (SQLite's, a socket's) accepts.
+    if _SURROGATE_ESCAPE_RE.search(data):
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a lone surrogate (\\ud800-\\udfff) is not text; send UTF-8 text") from None
+    return value
+
+
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not standard JSON; send a number or null")
+
+
 def now_ms() -> int:
     """Return the wall clock in integer milliseconds."""
     return time.time_ns() // 1_000_000
@@ -202,6 +251,21 @@ def now_ms() -> int:
 def iso_ms(ms: int) -> str:
     """Format epoch milliseconds as ISO-8601 UTC text with a Z."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def parse_iso_ms(text: object) -> int | None:
+    """Return the epoch milliseconds of ISO-8601 text (a Z or an offset; naive is UTC), None if it is not one."""
+    import datetime
+
+    if not isinstance(text, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp() * 1000)
 
 
 def _duration(ms: int) -> str:
@@ -315,7 +379,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -457,7 +521,10 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
     if path != ":memory:":
         folder = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(folder, exist_ok=True)
+            make_private_dir(folder)
+            # SECURITY: the log holds every prompt and broadcast; SQLite gives -wal and -shm this mode too.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError as err:
             raise ClareError(f"cannot create the folder {folder} for the database: {err.strerror}; "
                              "pick another --home or --db") from err
@@ -848,10 +915,22 @@ def check_event(obj: object) -> Event:
         raise ClareError(f"event_type {obj['event_type'][:60]!r} is not of the form noun.verb")
     if not isinstance(obj["payload"], dict):
         raise ClareError("event payload must be a JSON object")
-    if len(obj["created_at"]) > 40:
-        raise ClareError("event created_at is longer than 40 characters")
-    if len(canonical_json(obj["payload"]).encode()) > MAX_PAYLOAD_BYTES:
+    if len(obj["created_at"]) > 40 or not obj["created_at"].isprintable() or not obj["created_at"].isascii():
+        raise ClareError("event created_at is not ISO-8601 text of up to 40 characters")
+    try:
+        size = len(json.dumps(obj["payload"], ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode())
+    except ValueError as err:  # SECURITY: NaN/Infinity (allow_nan) and lone surrogates (UnicodeEncodeError)
+        what = "a lone surrogate, which is not UTF-8 text" if isinstance(err, UnicodeEncodeError) else \
+            "NaN or Infinity, which standard JSON lacks"
+        raise ClareError(f"event payload holds {what}; send standard JSON") from None
+    if size > MAX_PAYLOAD_BYTES:
         raise ClareError(f"event payload is over {MAX_PAYLOAD_BYTES} bytes")
+    for key, value in obj["payload"].items():  # SECURITY: ids end up in URLs and headers (Location)
+        ids = value if key.endswith("_ids") and isinstance(value, list) else [value] if key.endswith("_id") else []
+        for one in ids:
+            if isinstance(one, str) and not ID_RE.match(one):
+                raise ClareError(f"event payload {key} {one[:60]!r} is not an id: up to 64 letters, digits "
+                                 "and . _ : @ % + -")
     return Event(obj["uuid"], obj["hlc"], obj["machine_id"], obj["event_type"], obj["payload"],
                  obj["created_at"])
 
@@ -901,13 +980,6 @@ def list_own_events(db: Db, types: Iterable[str], *, before_rseq: int | None = N
     return [_event_from_row(r) for r in rows]
 
 
-def list_undone(db: Db) -> set[str]:
-    """Return the uuids of events that this host's undo events name (payload `undoes`)."""
-    rows = db.conn.execute("""SELECT json_extract(payload, '$.undoes') FROM events
-                               WHERE machine_id = ? AND instr(payload, '"undoes":') > 0""", (db.machine_id,))
-    return {r[0] for r in rows if isinstance(r[0], str)}
-
-
 def iter_events(db: Db, *, after: int = 0, batch: int = 1000) -> Iterator[Event]:
     """Yield every event with rseq > after, in local receipt order, a page at a time."""
     cur = db.conn.cursor()
@@ -955,14 +1027,6 @@ def count_events(db: Db) -> int:
 def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
     """Return the receipt number of the newest stored event, 0 for an empty log."""
     return cur.execute("SELECT coalesce(max(rseq), 0) FROM events").fetchone()[0]
-
-
-def renew_db_id(db: Db) -> str:
-    """Give this database a new db_id, as after a restore: peers then re-read it from 0."""
-    db_id = new_uuid()
-    with write_txn(db) as cur:
-        set_meta(cur, "db_id", db_id)
-    return db_id
 
 
 def renew_identity(db: Db, *, machine_id: str | None = None) -> tuple[str, str]:
@@ -1323,8 +1387,8 @@ CREATE TABLE event_refs (                       -- which events name which entit
 ) WITHOUT ROWID;
 """
 PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
-                     "deliveries", "project_dirs", "orders")
-REF_KEYS = ("project_id", "task_id", "session_id", "group_id")
+                     "deliveries", "project_dirs", "orders", "answers")
+REF_KEYS = ("project_id", "task_id", "session_id", "group_id", "successor_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
 
@@ -1411,7 +1475,7 @@ CREATE TABLE hook_marks (                       -- the newest hook report per se
 );
 """
 _MIGRATIONS[1].append(FLEET_SCHEMA)
-# Schema 3: what a permission dialog asks is kept with the state; this host's notification marks.
+# Schema 4: what a permission dialog asks is kept with the state; this host's notification marks.
 ASKED_SCHEMA = """
 -- asked: JSON {tool, input} while a permission dialog is open, else NULL
 ALTER TABLE sessions ADD COLUMN asked TEXT;
@@ -1423,6 +1487,41 @@ CREATE TABLE notify_marks (                     -- this host's notifications per
 );
 """
 _MIGRATIONS[4] = [ASKED_SCHEMA]
+# Schema 6: answers to permission dialogs, when this host stored each, and the tool uses that name dialogs.
+ANSWERS_SCHEMA = """
+CREATE TABLE answers (                          -- answers to permission dialogs, one per answer made anywhere
+    id TEXT PRIMARY KEY,
+    created_at TEXT, created_at_v TEXT,
+    session_id TEXT, session_id_v TEXT,
+    host TEXT, host_v TEXT,                     -- the session's host: the one that acts on it
+    tool_use_id TEXT, tool_use_id_v TEXT,       -- the dialog's identity, when hooks told it
+    tool TEXT, tool_v TEXT,                     -- what was asked, as the person answering saw it
+    input TEXT, input_v TEXT,
+    answer TEXT, answer_v TEXT,                 -- one of ANSWERS
+    option INTEGER, option_v TEXT,              -- the dialog's option number, for answer 'option'
+    option_text TEXT, option_text_v TEXT,       -- ... and its exact wording, when the person saw it
+    reason TEXT, reason_v TEXT,                 -- with deny: what to tell Claude instead
+    by_host TEXT, by_host_v TEXT,
+    client TEXT, client_v TEXT,                 -- 'cli:user@host', 'dashboard' or 'api'
+    result TEXT, result_v TEXT,                 -- one of ANSWER_RESULTS; 'pending' until its host acted
+    result_reason TEXT, result_reason_v TEXT,
+    resolved_at TEXT, resolved_at_v TEXT
+);
+CREATE INDEX answers_session ON answers (session_id);
+CREATE TABLE answer_receipts (                  -- when this host stored each answer: its expiry clock, never synced
+    answer_id TEXT PRIMARY KEY,
+    received_ms INTEGER NOT NULL
+);
+CREATE TABLE tool_uses (                        -- this host's PreToolUse reports not yet done: never synced
+    session_id TEXT NOT NULL,
+    tool_use_id TEXT NOT NULL,
+    input_key TEXT NOT NULL,                    -- a hash of the tool's input: how a PermissionRequest finds it
+    at_ms INTEGER NOT NULL,
+    is_asked INTEGER NOT NULL DEFAULT 0,        -- a PermissionRequest took it already
+    PRIMARY KEY (session_id, tool_use_id)
+);
+"""
+_MIGRATIONS[6] = [ANSWERS_SCHEMA]
 
 ORDER_ACTIONS = ("start", "resume", "stop")
 # pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
@@ -1456,8 +1555,8 @@ CREATE TABLE orders (                           -- start, resume or stop a sessi
 CREATE INDEX orders_host ON orders (host, result);
 CREATE INDEX orders_session ON orders (session_id);
 """
-# Version 2 adds tables only. COMPAT: a version-1 peer stores and relays project.dir_set and the
-# order events without applying them; `clare replay` after the upgrade applies what it kept.
+# This version adds tables only. COMPAT: an older peer stores and relays project.dir_set and the
+# order events without applying them; `clare replay` after its upgrade applies what it kept.
 _MIGRATIONS[3] = [DISPATCH_SCHEMA]
 
 
@@ -1491,6 +1590,7 @@ class Task:
     group_id: str | None  # ... or one group, or neither
     tags: tuple[str, ...] = ()  # sorted
     removed_at: str | None = None  # set while the task is removed (task rm); it then leaves every list
+    group: str | None = None  # the name of group_id's group, for display
 
     def to_json(self) -> dict[str, Any]:
         """Return the task as the JSON object the CLI and API print."""
@@ -1595,12 +1695,42 @@ class Delivery:
         return _as_json(self)
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    id: str
+    session_id: str
+    host: str  # the session's host: the one that types it
+    tool_use_id: str | None  # the dialog's identity, when hooks told it
+    tool: str  # what was asked, as the person saw it
+    input: str
+    answer: str  # one of ANSWERS
+    option: int | None  # the option number for answer 'option'
+    option_text: str | None  # ... and its exact wording, when the person saw it
+    reason: str  # with deny: what Claude is told instead
+    by_host: str  # where it was made
+    client: str  # 'cli:user@host', 'dashboard' or 'api'
+    created_at: str
+    result: str  # one of ANSWER_RESULTS
+    result_reason: str
+    resolved_at: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the answer as the JSON object the CLI and API print."""
+        return _as_json(self)
+
+
 def _as_json(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
 
 
+# COMPAT: an event written by a newer Clare (a new type, a new field, a new value of a known field)
+# passes the door on its form alone (check_event, then PAYLOADS: ids, types, sizes), is stored and
+# relayed, and is left out of the projections until a version that knows it replays the log.
+# Refusing it would stop every older peer from storing or relaying it, and the fleet would diverge.
 APPLIERS: dict[str, Callable[[sqlite3.Cursor, Event], None]] = {}
-PAYLOADS: dict[str, dict[str, Callable[[Any], bool]]] = {}  # event type -> field -> check; "name?" is optional
+PAYLOADS: dict[str, dict[str, Callable[[Any], bool]]] = {}  # event type -> field -> form check; "name?": optional
+# event type -> field -> the values this version knows (a field of the vocabulary: a status, a state)
+KNOWN_VALUES: dict[str, dict[str, Any]] = {}
 # event type -> (what a good payload does, check of the whole payload): rules across fields
 PAYLOAD_RULES: dict[str, tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...]] = {}
 
@@ -1611,9 +1741,23 @@ def applies(event_type: str, payload: dict[str, Callable[[Any], bool]], *,
     def register(fn: Callable[[sqlite3.Cursor, Event], None]) -> Callable:
         APPLIERS[event_type] = fn
         PAYLOADS[event_type] = payload
+        KNOWN_VALUES[event_type] = {key.rstrip("?"): check.choices for key, check in payload.items()
+                                    if isinstance(check, _OneOf)}
         PAYLOAD_RULES[event_type] = rules
         return fn
     return register
+
+
+class _OneOf:
+    """A field of the vocabulary: its form is checked at the door, its value only by the projections."""
+
+    __slots__ = ("choices", "form")
+
+    def __init__(self, choices: Sequence[Any], form: Callable[[Any], bool]):
+        self.choices, self.form = choices, form
+
+    def __call__(self, v: Any) -> bool:
+        return self.form(v)
 
 
 def _is_str(v: Any) -> bool:
@@ -1621,7 +1765,7 @@ def _is_str(v: Any) -> bool:
 
 
 def _is_id(v: Any) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= 64
+    return isinstance(v, str) and ID_RE.match(v) is not None
 
 
 def _is_opt_str(v: Any) -> bool:
@@ -1632,16 +1776,23 @@ def _is_opt_id(v: Any) -> bool:
     return v is None or _is_id(v)
 
 
-def _is_priority(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v in PRIORITIES
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_word(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS
 
 
 def _is_one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
-    return lambda v: v in choices
+    return _OneOf(choices, _is_word)
+
+
+_is_priority: Callable[[Any], bool] = _OneOf(PRIORITIES, _is_int)
 
 
 def check_payload(ev: Event) -> Event:
-    """Check the payload of a known event type field by field; unknown types pass (a newer Clare)."""
+    """Check the form of a known event type's payload field by field; unknown types pass (a newer Clare)."""
     for key, check in PAYLOADS.get(ev.event_type, {}).items():
         name = key.rstrip("?")
         if name not in ev.payload:
@@ -1650,27 +1801,47 @@ def check_payload(ev: Event) -> Event:
             raise ClareError(f"{ev.event_type} payload lacks {name}")
         if not check(ev.payload[name]):
             raise ClareError(f"{ev.event_type} payload has a bad {name}: {str(ev.payload[name])[:60]!r}")
-    for rule, check in PAYLOAD_RULES.get(ev.event_type, ()):
-        if not check(ev.payload):
-            raise ClareError(f"{ev.event_type} payload breaks a rule: it {rule}")
     return ev
+
+
+def not_understood(ev: Event) -> str | None:
+    """Say why this version's projections leave a stored event out (a value or rule it does not know), or None."""
+    if ev.event_type not in APPLIERS:
+        return f"{ev.event_type} is not an event type of Clare {__version__}"
+    for name, known in KNOWN_VALUES[ev.event_type].items():
+        if name in ev.payload and ev.payload[name] not in known:
+            return f"{ev.event_type} payload has a {name} Clare {__version__} does not know: " \
+                   f"{str(ev.payload[name])[:60]!r}"
+    for rule, check in PAYLOAD_RULES[ev.event_type]:
+        if not check(ev.payload):
+            return f"{ev.event_type} payload breaks a rule: it {rule}"
+    return None
+
+
+MAX_BROADCAST_EXPIRY_MS = 3_600_000  # a received broadcast may wait this long past its HLC time, no longer
 
 
 def check_received(obj: object) -> Event:
     """Validate an event from outside (file, peer): its form and, for a known type, its payload."""
-    return check_payload(check_event(obj))
+    ev = check_payload(check_event(obj))
+    if ev.event_type == "broadcast.sent":
+        # SECURITY: a broadcast types into agents; a peer must not queue one to arrive in a year.
+        expires_ms = parse_iso_ms(ev.payload["expires_at"])
+        if expires_ms is None or expires_ms > parse_hlc(ev.hlc).wall_ms + MAX_BROADCAST_EXPIRY_MS:
+            raise ClareError(f"broadcast.sent expires_at {ev.payload['expires_at'][:40]!r} is not a time within "
+                             f"{MAX_BROADCAST_EXPIRY_MS // 60_000} min of the broadcast's own time")
+    return ev
 
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Fold one stored event into the projections; unknown types only get history refs."""
+    """Fold one stored event into the projections; one they do not understand only gets history refs."""
     for key in REF_KEYS:  # replay() does the same in bulk: keep the two rules alike
         ref = ev.payload.get(key)
         if isinstance(ref, str):
             cur.execute("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
                         (ref, ev.hlc, ev.uuid))
-    applier = APPLIERS.get(ev.event_type)
-    if applier is not None:
-        applier(cur, ev)
+    if not_understood(ev) is None:
+        APPLIERS[ev.event_type](cur, ev)
 
 
 def record(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any], *, now_ms: int) -> Event:
@@ -1686,11 +1857,24 @@ def record(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any]
         if clock.message and clock.message not in db.warnings:
             db.warnings.append(clock.message)
     ev = make_event(db, cur, event_type, payload, now_ms=now_ms)
-    apply_event(cur, check_payload(ev))
+    reason = not_understood(check_payload(ev))
+    if reason is not None and event_type in APPLIERS:  # a bug in a service: its own events are understood
+        raise ClareError(reason)
+    apply_event(cur, ev)
+    _note_receipts(cur, [ev], now_ms=now_ms)
     return ev
 
 
-OBSERVED_EVENT_TYPES = frozenset({"session.appeared", "session.changed", "session.gone", "broadcast.delivered"})
+def _note_receipts(cur: sqlite3.Cursor, events: list[Event], *, now_ms: int) -> None:
+    # An answer expires by the clock of the host that acts on it, counted from when that host stored
+    # it: a sender's clock, or a sync that brings it hours late, never makes a stale answer look fresh.
+    cur.executemany("INSERT OR IGNORE INTO answer_receipts (answer_id, received_ms) VALUES (?, ?)",
+                    [(ev.payload["answer_id"], now_ms) for ev in events if ev.event_type == "permission.answered"
+                     and isinstance(ev.payload.get("answer_id"), str)])
+
+
+OBSERVED_EVENT_TYPES = frozenset({"session.appeared", "session.changed", "session.gone", "broadcast.delivered",
+                                  "permission.resolved"})
 
 
 def is_observation(event_type: str, payload: dict[str, Any]) -> bool:
@@ -1708,6 +1892,7 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
         save_clock(cur, merge(clock, newest, machine_id=db.machine_id, now_ms=now_ms))
         for ev in result.inserted:
             apply_event(cur, ev)
+        _note_receipts(cur, result.inserted, now_ms=now_ms)
     return result
 
 
@@ -1718,15 +1903,22 @@ def replay(db: Db) -> int:
         for table in PROJECTION_TABLES:
             cur.execute(f"DELETE FROM {table}")
         # apply_event's history refs, for all events at once: in C, and in index order.
+        # COMPAT: a log written before NaN was refused at the door may hold payloads SQLite's JSON
+        # functions reject ("malformed JSON"): CASE skips them there, and Python, which reads NaN
+        # as a float, takes their refs and applies them as it always did.
         for key in REF_KEYS:
             cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
                             SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
-                             WHERE json_type(payload, '$.{key}') = 'text' ORDER BY 1, 2, 3""")
+                             WHERE CASE WHEN json_valid(payload) THEN json_type(payload, '$.{key}') = 'text' END
+                             ORDER BY 1, 2, 3""")
+        for row in cur.execute("SELECT payload, hlc, uuid FROM events WHERE NOT json_valid(payload)").fetchall():
+            payload = json.loads(row[0])
+            cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
+                            [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
         appliers = APPLIERS
         for ev in iter_events(db, batch=5000):
-            applier = appliers.get(ev.event_type)
-            if applier is not None:
-                applier(cur, ev)
+            if not_understood(ev) is None:
+                appliers[ev.event_type](cur, ev)
             n_events += 1
     return n_events
 
@@ -1909,8 +2101,8 @@ def _is_tokens(v: Any) -> bool:
 
 
 def _is_asked(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and set(v) == {"tool", "input"} and all(
-        isinstance(x, str) and len(x) <= MAX_ASKED_CHARS for x in v.values()))
+    return v is None or (isinstance(v, dict) and {"tool", "input"} <= set(v) <= {"tool", "input", "tool_use_id"}
+                         and all(isinstance(x, str) and len(x) <= MAX_ASKED_CHARS for x in v.values()))
 
 
 _SESSION_PAYLOAD = {"session_id": _is_id, "host": _is_id, "cwd?": _is_str, "tmux_socket?": _is_opt_str,
@@ -1933,10 +2125,14 @@ def apply_session_changed(cur: sqlite3.Cursor, ev: Event) -> None:
     _lww(cur, "sessions", p["session_id"], _session_fields(p, ev), ev)
 
 
-@applies("session.gone", {"session_id": _is_id, "host": _is_id, "reason?": _is_str})
+@applies("session.gone", {"session_id": _is_id, "host": _is_id, "reason?": _is_str, "successor_id?": _is_id})
 def apply_session_gone(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Last writer wins on state: a newer sighting brings a gone session back (claude --resume)."""
-    p = ev.payload  # {session_id, host, reason}
+    """Last writer wins on state: a newer sighting brings a gone session back (claude --resume).
+
+    successor_id names the session that took over its process and pane (/clear); the history
+    of both links the two (REF_KEYS).
+    """
+    p = ev.payload  # {session_id, host, reason, successor_id?}
     _lww(cur, "sessions", p["session_id"], _session_fields({**p, "state": "gone"}, ev), ev)
 
 
@@ -2011,13 +2207,43 @@ def apply_order_placed(cur: sqlite3.Cursor, ev: Event) -> None:
 
 
 @applies("order.carried_out", {"order_id": _is_id, "result": _is_one_of(ORDER_RESULTS[1:]), "reason": _is_str,
-                               "outcome": lambda v: isinstance(v, dict) and len(v) <= 16})
+                               "outcome": lambda v: isinstance(v, dict) and len(v) <= 16,
+                               "session_id?": _is_id, "task_id?": _is_opt_id})
 def apply_order_carried_out(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins per order: the newest receipt (claimed, then the result) is the result."""
-    p = ev.payload  # {order_id, result, reason, outcome}
+    p = ev.payload  # {order_id, result, reason, outcome, session_id?, task_id? (for history pages)}
     _lww(cur, "orders", p["order_id"], {"result": p["result"], "reason": p["reason"],
                                         "outcome": canonical_json(p["outcome"]), "by_host": ev.machine_id,
                                         "updated_at": ev.created_at}, ev)
+
+
+def _is_opt_option(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 9)
+
+
+@applies("permission.answered", {"answer_id": _is_id, "session_id": _is_id, "host": _is_id,
+                                 "tool_use_id?": _is_opt_str, "tool": _is_str, "input": _is_str,
+                                 "answer": _is_one_of(ANSWERS), "option?": _is_opt_option, "option_text?": _is_opt_str,
+                                 "reason": _is_typable, "client": _is_str, "task_id?": _is_opt_id})
+def apply_permission_answered(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins per answer; its result starts 'pending' below any real result's version."""
+    p = ev.payload  # {answer_id, session_id, host, tool_use_id, tool, input, answer, option, option_text, reason, ...}
+    _lww(cur, "answers", p["answer_id"], {
+        "created_at": ev.created_at, "session_id": p["session_id"], "host": p["host"],
+        "tool_use_id": p.get("tool_use_id"), "tool": p["tool"], "input": p["input"], "answer": p["answer"],
+        "option": p.get("option"), "option_text": p.get("option_text"), "reason": p["reason"],
+        "by_host": ev.machine_id, "client": p["client"]}, ev)
+    _lww(cur, "answers", p["answer_id"], {"result": "pending", "result_reason": "", "resolved_at": None}, ev,
+         is_default=True)
+
+
+@applies("permission.resolved", {"answer_id": _is_id, "session_id": _is_id, "result": _is_one_of(ANSWER_RESULTS),
+                                 "reason": _is_str, "task_id?": _is_opt_id})
+def apply_permission_resolved(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins per answer: what its host did with it (typed, stale, expired, failed)."""
+    p = ev.payload  # {answer_id, session_id, result, reason}
+    _lww(cur, "answers", p["answer_id"], {"result": p["result"], "result_reason": p["reason"],
+                                          "resolved_at": ev.created_at}, ev)
 
 
 _PROJECT_SELECT = """
@@ -2068,7 +2294,7 @@ SELECT t.id, t.project_id, coalesce(p.name, '') AS project, t.title, t.descripti
             ELSE t.assignee END AS assignee,
        (SELECT group_concat(tag, ' ') FROM (SELECT x.tag FROM task_tags x
          WHERE x.task_id = t.id AND x.present = 1 ORDER BY x.tag)) AS tags,
-       t.removed_at
+       t.removed_at, CASE WHEN {_LIVE_GROUP} THEN g.name END AS group_name
   FROM tasks t LEFT JOIN projects p ON p.id = t.project_id
        LEFT JOIN groups g ON substr(t.assignee, 1, 6) = 'group:' AND g.id = substr(t.assignee, 7)
  WHERE t.created_at_v IS NOT NULL"""
@@ -2079,7 +2305,7 @@ def _task_from_row(row: sqlite3.Row) -> Task:
     return Task(row["id"], row["project_id"], row["project"], row["title"], row["description"],
                 row["status"], row["priority"], row["created_at"],
                 target if kind == "session" else None, target if kind == "group" else None,
-                tuple((row["tags"] or "").split()), row["removed_at"])
+                tuple((row["tags"] or "").split()), row["removed_at"], row["group_name"] if kind == "group" else None)
 
 
 def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = None,
@@ -2284,18 +2510,96 @@ def save_notify_marks(cur: sqlite3.Cursor, marks: dict[str, tuple[str | None, in
     set_meta(cur, "notify_after", str(after))
 
 
-def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
-    """Return deliveries of one broadcast, or those no host has tried yet for sessions of host `pending_on`."""
+_ANSWER_COLUMNS = ("id, session_id, host, tool_use_id, tool, input, answer, option, option_text, reason, by_host, "
+                   "client, created_at, result, result_reason, resolved_at")
+
+
+def list_answers(db: Db, *, session_id: str | None = None, answer_id: str | None = None,
+                 pending_on: str | None = None, limit: int = 50) -> list[Answer]:
+    """Return answers to permission dialogs, oldest first: of a session, one by id, or those pending on a host."""
+    sql, params = f"SELECT {_ANSWER_COLUMNS} FROM answers WHERE created_at_v IS NOT NULL", list[Any]()
+    for column, value in (("session_id", session_id), ("id", answer_id), ("host", pending_on)):
+        if value is not None:
+            sql += f" AND {column} = ?"
+            params.append(value)
+    if pending_on is not None:
+        sql += " AND result = 'pending'"
+    rows = db.conn.execute(f"SELECT * FROM ({sql} ORDER BY created_at_v DESC LIMIT ?) ORDER BY created_at",
+                           [*params, limit]).fetchall()
+    return [Answer(*r) for r in rows]
+
+
+def answer_received_ms(db: Db, answer_id: str) -> int | None:
+    """Return when this host stored an answer, by its own clock."""
+    row = db.conn.execute("SELECT received_ms FROM answer_receipts WHERE answer_id = ?", (answer_id,)).fetchone()
+    return row[0] if row else None
+
+
+def save_tool_use(cur: sqlite3.Cursor, session_id: str, tool_use_id: str, input_key: str, *, at_ms: int) -> None:
+    """Remember a PreToolUse report: a PermissionRequest with the same input takes its id. In a txn."""
+    cur.execute("INSERT OR IGNORE INTO tool_uses (session_id, tool_use_id, input_key, at_ms) VALUES (?, ?, ?, ?)",
+                (session_id, tool_use_id, input_key, at_ms))
+
+
+def take_tool_use(cur: sqlite3.Cursor, session_id: str, input_key: str) -> str | None:
+    """Return the oldest tool use of a session with this input that no PermissionRequest took yet; take it."""
+    row = cur.execute("""SELECT tool_use_id FROM tool_uses WHERE session_id = ? AND input_key = ? AND is_asked = 0
+                          ORDER BY at_ms, tool_use_id LIMIT 1""", (session_id, input_key)).fetchone()
+    if row is None:
+        return None
+    cur.execute("UPDATE tool_uses SET is_asked = 1 WHERE session_id = ? AND tool_use_id = ?", (session_id, row[0]))
+    return str(row[0])
+
+
+def finish_tool_use(cur: sqlite3.Cursor, session_id: str, tool_use_id: str | None) -> None:
+    """Forget a tool use that ran (PostToolUse), or every one of a session whose turn is over (tool_use_id None)."""
+    if tool_use_id is None:
+        cur.execute("DELETE FROM tool_uses WHERE session_id = ?", (session_id,))
+    else:
+        cur.execute("DELETE FROM tool_uses WHERE session_id = ? AND tool_use_id = ?", (session_id, tool_use_id))
+
+
+def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None,
+                    ) -> list[Delivery]:
+    """Return deliveries of one broadcast (an id or a prefix), or those host `pending_on` has to try.
+
+    To try: those no host has tried yet, and those waiting for a draft to go.
+    """
+    return _list_deliveries(db, broadcast_id=broadcast_id, pending_on=pending_on)
+
+
+def list_unconfirmed_deliveries(db: Db, *, host: str) -> list[Delivery]:
+    """Return the deliveries Claude took (queued) in sessions of `host` that are not confirmed yet."""
+    return _list_deliveries(db, queued_on=host)
+
+
+def _list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None,
+                     queued_on: str | None = None) -> list[Delivery]:
     sql = """SELECT d.broadcast_id, d.session_id, s.host, s.tmux_target, d.result, d.reason, d.updated_at
                FROM deliveries d LEFT JOIN sessions s ON s.id = d.session_id WHERE 1"""
     params: list[Any] = []
     if broadcast_id is not None:
         sql += " AND d.broadcast_id = ?"
-        params.append(broadcast_id)
+        params.append(get_broadcast_id(db, broadcast_id))
     if pending_on is not None:
-        sql += " AND d.by_host IS NULL AND s.host = ?"
-        params.append(pending_on)
+        sql += " AND (d.by_host IS NULL OR (d.result = 'queued' AND d.reason = ?)) AND s.host = ?"
+        params += [DRAFT_WAIT_REASON, pending_on]
+    if queued_on is not None:
+        sql += " AND d.result = 'queued' AND d.reason != ? AND s.host = ?"
+        params += [DRAFT_WAIT_REASON, queued_on]
     return [Delivery(*r) for r in db.conn.execute(sql + " ORDER BY d.updated_at, d.id", params)]
+
+
+def get_broadcast_id(db: Db, ref: str) -> str:
+    """Return the id of the broadcast whose id starts with `ref` (the CLI prints 8 characters)."""
+    if not isinstance(ref, str) or not ID_PREFIX_RE.match(ref):
+        raise UsageError(f"broadcast id {ref!r} is not a hex id or prefix; copy one from the broadcast's output")
+    rows = db.conn.execute("SELECT id FROM broadcasts WHERE id LIKE ? AND created_at_v IS NOT NULL",
+                           (ref.lower() + "%",)).fetchall()
+    if len(rows) > 1:
+        raise UsageError(f"broadcast id {ref!r} is ambiguous ({len(rows)} broadcasts); give more characters")
+    # An unknown id is no error here: a receipt can arrive before its broadcast.sent event.
+    return rows[0][0] if rows else ref
 
 
 def get_broadcast_text(db: Db, broadcast_id: str) -> tuple[str, str] | None:
@@ -2334,7 +2638,10 @@ def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None =
 
 
 def list_known_hosts(db: Db) -> dict[str, set[str]]:
-    """Return every host this log knows (machine id -> display names): event makers, peers, session and code hosts."""
+    """Return every host this log knows (machine id -> display names: its host name, peer names).
+
+    Known: the makers of events, peers that answered, the hosts of sessions and of project directories.
+    """
     hosts: dict[str, set[str]] = {db.machine_id: set()}
     for (machine_id,) in db.conn.execute("SELECT DISTINCT machine_id FROM events"):
         hosts.setdefault(machine_id, set())
@@ -2343,6 +2650,8 @@ def list_known_hosts(db: Db) -> dict[str, set[str]]:
         hosts.setdefault(machine_id, set())
     for name, machine_id in db.conn.execute("SELECT name, machine_id FROM sync_peers WHERE machine_id IS NOT NULL"):
         hosts.setdefault(machine_id, set()).add(name)
+    for machine_id, names in hosts.items():
+        names.add(machine_host_name(machine_id))  # apricot-3f9a2c is "apricot" to people
     return hosts
 
 
@@ -2361,11 +2670,6 @@ def list_history(db: Db, entity_ids: list[str], *, limit: int = 200) -> list[Eve
              WHERE e.uuid IN (SELECT uuid FROM event_refs WHERE entity_id IN ({marks}))
              ORDER BY e.hlc DESC, e.uuid DESC LIMIT ?""", [*entity_ids, limit]).fetchall()
     return [_event_from_row(r) for r in reversed(rows)]
-
-
-def projection_digest(db: Db) -> dict[str, list[tuple]]:
-    """Return every projection table's rows, sorted: what 'the same state' means in tests and sync checks."""
-    return {t: sorted(tuple(r) for r in db.conn.execute(f"SELECT * FROM {t}")) for t in PROJECTION_TABLES}
 
 
 # ==========================================================================
@@ -2764,7 +3068,10 @@ class UndoResult:
 
 def list_changes(db: Db, *, limit: int = 10) -> list[Change]:
     """Return this host's newest changes that are not undone yet, newest first: what undo takes next."""
-    undone, before = list_undone(db), None
+    # One walk back through this host's changes: an undo event comes after the one it takes back,
+    # so it is met first (no scan of the whole log for undo marks).
+    undone: set[str] = set()
+    before = None
     changes: list[Change] = []
     while len(changes) < limit:
         events = list_own_events(db, CHANGE_TYPES, before_rseq=before, limit=200)
@@ -2772,7 +3079,10 @@ def list_changes(db: Db, *, limit: int = 10) -> list[Change]:
             break
         before = events[-1].rseq
         for ev in events:
-            if ev.uuid in undone or "undoes" in ev.payload:
+            if isinstance(ev.payload.get("undoes"), str):
+                undone.add(ev.payload["undoes"])
+                continue
+            if ev.uuid in undone:
                 continue
             if changes and changes[-1].events[0].created_at == ev.created_at \
                     and changes[-1].events[0].rseq - ev.rseq == 1:
@@ -2971,6 +3281,7 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
         _check_choice("session state", ob.state, SESSION_STATES)
     keep, keep_ids = set(keep_sockets), set(keep_ids)
     events = []
+    seen_ids = {ob.session_id for ob in seen}
     with write_txn(db) as cur:
         known = {s.id: s for s in find_sessions(db, host=db.machine_id)}
         for ob in seen:
@@ -2981,6 +3292,13 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
             old = known.get(ob.session_id)
             if old is None:
                 events.append(record(db, cur, "session.appeared", {**payload, **extra}, now_ms=now_ms))
+                # /clear (or /resume inside Claude) starts another session in the same process and pane.
+                before = next((s for s in known.values() if s.state != "gone" and s.id not in seen_ids
+                               and ob.pid is not None and s.pid == ob.pid and ob.pane_id is not None
+                               and (s.pane_id, s.tmux_socket) == (ob.pane_id, ob.tmux_socket)), None)
+                if before is not None:
+                    events += _hand_over(db, cur, before.id, ob.session_id, now_ms=now_ms)
+                    known[before.id] = dataclasses.replace(before, state="gone")
                 continue
             changed = {k: payload[k] for k in _OBSERVED_KEYS if getattr(old, k) != payload[k]}
             if "state" in changed and ob.state != "permission" and old.asked is not None:
@@ -3001,13 +3319,33 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
     return events
 
 
+def _hand_over(db: Db, cur: sqlite3.Cursor, old_id: str, new_id: str, *, now_ms: int) -> list[Event]:
+    """Record that a session's process went on as another session: the old one is gone, its tasks follow."""
+    events = [record(db, cur, "session.gone", {"session_id": old_id, "host": db.machine_id,
+                                               "reason": f"cleared: the same process and pane went on as "
+                                                         f"{new_id[:SHORT_ID]}", "successor_id": new_id},
+                     now_ms=now_ms)]
+    for task in list_tasks(db, session_id=old_id):
+        if task.status != "done":
+            events.append(record(db, cur, "task.assigned", {"task_id": task.id, "session_id": new_id},
+                                 now_ms=now_ms))
+    return events
+
+
 def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
-                is_end: bool = False, asked: dict[str, str] | None = None, now_ms: int) -> list[Event]:
+                is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
+                is_stale: bool = False, tool_use_id: str | None = None, input_key: str | None = None,
+                now_ms: int) -> list[Event]:
     """Fold one hook report in: remember it, and record the session's new state at once.
 
     A report older than the one stored (a spooled report ingested late) is kept out of the state.
     `asked` ({tool, input}) is what a PermissionRequest asks: kept with the state until it leaves
-    `permission`.
+    `permission`. `is_clear` (SessionStart after /clear) hands the session last seen in that pane
+    over to this one. An `is_stale` report (newer signals exist already) is remembered but
+    changes no state at once: the next pull weighs it against them. The dialog's identity is the
+    tool use it asks about: a PreToolUse report (`tool_use_id`, `input_key`) is remembered, and the
+    PermissionRequest with the same input key takes the oldest one not taken yet, so two identical
+    commands stay two dialogs.
     """
     _check_prefix("session", session_id)
     if mark.state is not None:
@@ -3016,9 +3354,18 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
         raise UsageError(f"asked must be {{tool, input}} texts of at most {MAX_ASKED_CHARS} characters")
     events: list[Event] = []
     with write_txn(db) as cur:
+        if mark.hook_event == "PreToolUse" and tool_use_id and input_key:
+            save_tool_use(cur, session_id, tool_use_id, input_key, at_ms=mark.at_ms)
+        elif mark.hook_event == "PostToolUse" and tool_use_id:
+            finish_tool_use(cur, session_id, tool_use_id)
+        elif mark.hook_event in ("Stop", "StopFailure", "SessionEnd"):
+            finish_tool_use(cur, session_id, None)
+        elif asked and input_key and "tool_use_id" not in asked:
+            taken = take_tool_use(cur, session_id, input_key)
+            asked = {**asked, "tool_use_id": taken} if taken else asked
         save_hook_mark(cur, session_id, mark)
         stored = list_hook_marks(db, session_id=session_id)[session_id]
-        if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event):
+        if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event) or is_stale:
             return events
         old = next((s for s in find_sessions(db, prefix=session_id) if s.id == session_id), None)
         head = {"session_id": session_id, "host": db.machine_id}
@@ -3031,6 +3378,16 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
                 "pane_id": mark.pane_id, "pid": None, "command": "", "state": mark.state,
                 "last_activity_at": iso_ms(mark.at_ms), "label": "", "tokens": {},
                 **({"asked": asked} if asked else {})}, now_ms=now_ms))
+            # The session that ended with reason clear in this pane (a pull may have called it gone
+            # meanwhile), else the one live session last seen there.
+            ended = {sid for sid, m in list_hook_marks(db).items() if m.hook_event == "SessionEnd"
+                     and m.pane_id == mark.pane_id and m.tmux_socket in (None, mark.tmux_socket)}
+            in_pane = [s for s in find_sessions(db, host=db.machine_id, include_gone=True) if is_clear
+                       and mark.pane_id and s.id != session_id and s.pane_id == mark.pane_id
+                       and (mark.tmux_socket is None or s.tmux_socket in (None, mark.tmux_socket))]
+            before = [s for s in in_pane if s.id in ended] or [s for s in in_pane if s.state != "gone"]
+            if len(before) == 1:
+                events += _hand_over(db, cur, before[0].id, session_id, now_ms=now_ms)
         elif old is not None and mark.state is not None:
             changed: dict[str, Any] = {k: v for k, v in (("state", mark.state), ("pane_id", mark.pane_id),
                                          ("tmux_socket", mark.tmux_socket), ("tmux_target", tmux_target))
@@ -3143,6 +3500,56 @@ def attach_command(session: Session, *, here: str, hosts: dict[str, Any]) -> lis
     return ["ssh", dest if isinstance(dest, str) and dest else session.host, "-t", *local]
 
 
+MAX_REASON_CHARS = 2000  # what a denial tells Claude instead
+
+
+def answer_permission(db: Db, session_ref: str, answer: str, *, option: int | None = None,
+                      option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
+                      client: str, now_ms: int) -> Answer:
+    """Record a person's answer to a session's open permission dialog; its own host types it (see deliver_answers).
+
+    `tool_use_id` is the dialog the person saw (from the page or the API); an answer for another
+    dialog than the one open now is refused here already. The answer is an event: a session of
+    another host gets it by push or sync, and that host re-checks everything before typing.
+    """
+    answer = _check_choice("answer", answer, ANSWERS)
+    reason = typable_text(_check_text("reason", reason, limit=MAX_REASON_CHARS))
+    if answer == "option" and (option is None or not _is_opt_option(option)):
+        raise UsageError("answer 'option' needs the option's number, 1-9, as the dialog shows it")
+    if answer != "option" and option is not None:
+        raise UsageError("an option number goes only with answer 'option'")
+    if reason and answer != "deny":
+        raise UsageError("a reason goes only with deny: it tells Claude what to do instead")
+    client = _check_text("client", client, limit=200, required=True)
+    s = get_session(db, session_ref)
+    if s.state != "permission" or not s.asked:
+        raise Conflict(f"session {s.id[:SHORT_ID]} asks nothing now (it is {s.state}); nothing was sent")
+    if tool_use_id and s.asked.get("tool_use_id") and tool_use_id != s.asked["tool_use_id"]:
+        raise Conflict(f"session {s.id[:SHORT_ID]} asks about another tool use now ({s.asked['tool']}: "
+                       f"{' '.join(s.asked['input'].split())[:60]}); nothing was sent, look again and answer that one")
+    answer_id = new_id()
+    task = s.task_id
+    with write_txn(db) as cur:
+        record(db, cur, "permission.answered", {
+            "answer_id": answer_id, "session_id": s.id, "host": s.host,
+            "tool_use_id": tool_use_id or s.asked.get("tool_use_id"), "tool": s.asked["tool"],
+            "input": s.asked["input"], "answer": answer, "option": option,
+            "option_text": option_text[:300] if option_text else None, "reason": reason, "client": client,
+            **({"task_id": task} if task else {})}, now_ms=now_ms)
+    return list_answers(db, answer_id=answer_id)[0]
+
+
+def resolve_answer(db: Db, answer: Answer, *, result: str, reason: str, now_ms: int) -> Answer:
+    """Record what this host did with an answer to one of its sessions: typed, stale, expired or failed."""
+    _check_choice("answer result", result, ANSWER_RESULTS[1:])
+    s = next((x for x in find_sessions(db, prefix=answer.session_id) if x.id == answer.session_id), None)
+    with write_txn(db) as cur:
+        record(db, cur, "permission.resolved", {
+            "answer_id": answer.id, "session_id": answer.session_id, "result": result, "reason": reason[:500],
+            **({"task_id": s.task_id} if s and s.task_id else {})}, now_ms=now_ms)
+    return list_answers(db, answer_id=answer.id)[0]
+
+
 BROADCAST_TTL_MS = 15 * 60 * 1000  # an undelivered broadcast older than this expires instead of arriving late
 COMMAND_PREFIX = "[clare] "  # keeps a text that starts like a command out of Claude's command modes
 COMMAND_CHARS = ("/", "!", "#", "@", "&")
@@ -3154,11 +3561,17 @@ class BroadcastResult:
     target: str
     text: str  # as delivered (normalised, maybe prefixed)
     deliveries: list[Delivery]
+    unreached: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # {task_id, title, session_id, reason}
 
     def to_json(self) -> dict[str, Any]:
         """Return the result as the JSON object the CLI and API print."""
         return {"broadcast_id": self.broadcast_id, "target": self.target, "text": self.text,
-                "deliveries": [d.to_json() for d in self.deliveries]}
+                "deliveries": [d.to_json() for d in self.deliveries], "unreached": self.unreached}
+
+    @property
+    def is_complete(self) -> bool:
+        """Tell whether every line is delivered or queued (the CLI's exit 0)."""
+        return not self.unreached and all(d.result in ("delivered", "queued") for d in self.deliveries)
 
 
 def list_broadcast_recipients(db: Db, target: str) -> list[Session]:
@@ -3183,6 +3596,32 @@ def list_broadcast_recipients(db: Db, target: str) -> list[Session]:
                 found += list_group_sessions(db, t.group_id)
     unique = {s.id: s for s in found if s.state != "gone"}
     return sorted(unique.values(), key=lambda s: (s.host, s.tmux_target or "", s.id))
+
+
+def list_unreached_tasks(db: Db, target: str) -> list[dict[str, Any]]:
+    """Return the open assigned tasks of a project target that no live session works on, each with why.
+
+    A broadcast reports them beside its deliveries (a line of the report, not a delivery in the log).
+    """
+    kind, colon, ref = target.partition(":")
+    if colon and kind in ("session", "group"):
+        return []
+    project = get_project(db, target)
+    sessions = {s.id: s for s in find_sessions(db)}
+    unreached: list[dict[str, Any]] = []
+    for t in list_tasks(db, project_id=project.id):
+        if t.status == "done":
+            continue
+        if t.session_id:
+            s = sessions.get(t.session_id)
+            if s is None or s.state == "gone":
+                unreached.append({"task_id": t.id, "title": t.title, "session_id": t.session_id,
+                                  "reason": f"no live session: {t.session_id[:SHORT_ID]} is "
+                                            f"{'gone' if s else 'not seen on any host'}"})
+        elif t.group_id and not list_group_sessions(db, t.group_id):
+            unreached.append({"task_id": t.id, "title": t.title, "session_id": None,
+                              "reason": "no live session: its group matches none now"})
+    return unreached
 
 
 def no_recipients_error(target: str) -> NotFound:
@@ -3250,7 +3689,8 @@ def _default_host(db: Db, project: Project) -> str:
 def _place(db: Db, cur: sqlite3.Cursor, action: str, *, host: str, session_id: str, task_id: str | None,
            cwd: str, tmux_session: str, is_worktree: bool = False, model: str | None = None,
            is_force: bool = False, now_ms: int) -> str:
-    busy = [o for o in list_orders(db, session_id=session_id) if o.result in ("pending", "claimed")]
+    busy = [o for o in list_orders(db, session_id=session_id)
+            if o.result in ("pending", "claimed") and o.expires_at > iso_ms(now_ms)]  # same form: sorts as time
     if busy:
         raise Conflict(f"session {session_id[:SHORT_ID]} has a {busy[0].action} order still {busy[0].result} on "
                        f"{busy[0].host} (order {busy[0].id[:SHORT_ID]}); wait for it: clare session orders")
@@ -3277,6 +3717,14 @@ def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: 
         if task.status == "done":
             raise Conflict(f"task {task.id[:SHORT_ID]} is done; reopen it first: "
                            f"clare task reopen {task.id[:SHORT_ID]}")
+        if task.session_id:
+            live = [s for s in find_sessions(db, prefix=task.session_id, include_gone=False) if s.id == task.session_id]
+            waiting = [o for o in list_orders(db, session_id=task.session_id)
+                       if o.result in ("pending", "claimed") and o.expires_at > iso_ms(now_ms)]
+            if live or waiting:
+                what = f"is {live[0].state} on {live[0].host}" if live else f"is being started on {waiting[0].host}"
+                raise Conflict(f"task {task.id[:SHORT_ID]} has session {task.session_id[:SHORT_ID]}, which {what}; "
+                               f"stop it first (clare session stop {task.session_id[:SHORT_ID]}) or unassign the task")
         project = get_project(db, task.project_id)
         machine = resolve_host(db, host) if host is not None else _default_host(db, project)
         folder = project.dirs.get(machine)
@@ -3330,8 +3778,10 @@ def record_order_result(db: Db, order_id: str, *, result: str, reason: str = "",
     """Record this host's receipt for an order: claimed first, then what came of it."""
     _check_choice("order result", result, ORDER_RESULTS[1:])
     with write_txn(db) as cur:
+        placed = list_orders(db, order_id=order_id)[0]
         record(db, cur, "order.carried_out", {"order_id": order_id, "result": result, "reason": reason[:1000],
-                                              "outcome": outcome or {}}, now_ms=now_ms)
+                                              "outcome": outcome or {}, "session_id": placed.session_id,
+                                              "task_id": placed.task_id}, now_ms=now_ms)
         order = list_orders(db, order_id=order_id)[0]
         if order.action == "start" and result in ("refused", "expired") and order.task_id:
             task = get_task(db, order.task_id)
@@ -3359,9 +3809,9 @@ def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertR
             continue
         try:
             line.encode()  # a file read with surrogateescape keeps bytes that are not UTF-8 visible here
-            good.append(check_received(json.loads(line)))
+            good.append(check_received(parse_json(line)))
         except UnicodeEncodeError:
-            bad.append(f"line {n}: not UTF-8 text")
+            bad.append(f"line {n}: not UTF-8 text (bytes that are not UTF-8, or a lone surrogate)")
         except RecursionError:
             bad.append(f"line {n}: JSON nested too deeply")
         except (ClareError, ValueError) as err:
@@ -3411,6 +3861,15 @@ def restore_backup(path: str, backup_path: str) -> tuple[str, int, str | None]:
         return db_id, count_events(restored), aside
     finally:
         restored.close()
+
+
+def get_token(config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:
+    """Return this host's API token, the one its server and --remote clients use (see resolve_token)."""
+    token = resolve_token(config, env=env, path=path)
+    if token is None:
+        raise NotFound(f"this host has no API token: no CLARE_TOKEN and no 'token' in {path}; make one with: "
+                       "clare setup")
+    return token
 
 
 def project_history(db: Db, project: Project, *, limit: int = 200) -> list[Event]:
@@ -3468,6 +3927,12 @@ DESCRIBE.update({
     "broadcast.delivered": lambda p: f"broadcast {p['broadcast_id'][:SHORT_ID]} to session "
                                      f"{p['session_id'][:SHORT_ID]}: {p['result']}"
                                      + (f" ({p['reason']})" if p.get("reason") else ""),
+    "permission.answered": lambda p: f"{p['client']} answered {p['answer']}"
+                                     + (f" {p['option']} ({p['option_text']})" if p.get("option") else "")
+                                     + f" to session {p['session_id'][:SHORT_ID]}'s {p['tool']}: {p['input'][:60]!r}"
+                                     + (f", saying {p['reason'][:60]!r}" if p.get("reason") else ""),
+    "permission.resolved": lambda p: f"answer {p['answer_id'][:SHORT_ID]} to session {p['session_id'][:SHORT_ID]}: "
+                                     f"{p['result']} ({p['reason']})",
     "update.posted": lambda p: f"{p['source']} update" + (f" on task {p['task_id'][:SHORT_ID]}"
                                                          if p.get("task_id") else "") + f": {p['text'][:80]}",
     "project.dir_set": lambda p: (f"project {p['project_id'][:SHORT_ID]} lives in {p['dir']} on {p['host']}"
@@ -3477,44 +3942,10 @@ DESCRIBE.update({
                               + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else "")
                               + (" in a new worktree" if p.get("is_worktree") else "")
                               + (" (--force)" if p.get("is_force") else ""),
-    "order.carried_out": lambda p: f"order {p['order_id'][:SHORT_ID]}: {p['result']}"
+    "order.carried_out": lambda p: (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
+                                    else f"order {p['order_id'][:SHORT_ID]}") + f": {p['result']}"
                                    + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
 })
-
-
-class Services:
-    """The services and queries bound to one database and the wall clock: what the CLI calls.
-
-    A remote Clare offers the same names over HTTP, so a CLI handler never knows which it has.
-    """
-
-    __slots__ = ("db",)
-
-    def __init__(self, db: Db):
-        self.db = db
-
-    def __getattr__(self, name: str) -> Callable:
-        try:
-            fn = SERVICES[name]
-        except KeyError:
-            raise AttributeError(name) from None
-        code = fn.__code__
-        if "now_ms" in code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]:
-            return lambda *args, **kw: fn(self.db, *args, now_ms=now_ms(), **kw)
-        return lambda *args, **kw: fn(self.db, *args, **kw)
-
-
-SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
-    create_project, edit_project, get_project, list_projects, project_history,
-    create_task, edit_task, get_task, list_tasks, assign_task, unassign_task, remove_task, restore_task,
-    list_changes, undo_change,
-    create_group, remove_group, get_group, list_groups,
-    get_session, get_session_detail, list_needs, list_sessions, list_group_sessions, get_pane_session,
-    observe_sessions, report_hook,
-    list_broadcast_recipients, list_deliveries, get_status,
-    post_update, list_updates, list_history, list_events, import_events, replay, count_events,
-    list_orders,
-)}
 
 
 # ==========================================================================
@@ -3534,18 +3965,26 @@ SCAN_BLOCK_BYTES = 1024 * 1024
 RECENT_IDS = 64  # message ids remembered across looks: one response spans several lines
 DEFAULT_IDLE_AFTER_S = 600
 SCREEN_LINES = 40
+CAPTURE_BATCH = 50  # panes captured per tmux run: 200 in one run is "command too long"
 MAX_COMMAND_CHARS = 500
 # Screen text of Claude Code's permission and choice dialogs, where Enter would approve: data, not code.
 PERMISSION_SCREEN = (
     re.compile(r"Do you want to (?:proceed|make this edit|create|overwrite|allow|run|fetch)"),
     re.compile(r"^\W*(?:❯|›|>)\s*1\.\s*Yes\b", re.M),
 )
+# Claude's composer on a `capture-pane -e` screen: a prompt glyph line between two rules (2.1.x).
+COMPOSER_GLYPHS = ("\u276f\xa0", "\u276f ", "> ")
+RULE_RE = re.compile(r"^\s*\u2500{20,}\s*$")
+ANSI_RE = re.compile(r"\x1b\[([0-9;:?<=>]*)([ -/]*[@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]")
+DRAFT_REFUSAL = "the composer holds unsent text; send or clear that draft, then broadcast again"
 INTERRUPT_MARK = "[Request interrupted by user"
 # User lines that a local slash command writes (/clear, /model …): no turn starts with them.
 LOCAL_COMMAND_MARKS = ("<command-name>", "<local-command-stdout>", "<local-command-caveat>", "<command-message>")
 SESSION_ID_FLAGS = ("--session-id", "--resume", "-r")
 # Registry status -> state; "waiting" is left out: it can mean a prompt or a dialog, the hook and screen tell.
 REGISTRY_STATES = {"busy": "working", "shell": "working", "idle": "waiting"}
+# The registry's waitingFor while a permission dialog is open (2.1.x: "permission prompt"): exact and cheap.
+REGISTRY_PERMISSION_RE = re.compile(r"permission", re.I)
 TITLE_TYPES = {"summary": "summary", "custom-title": "customTitle", "ai-title": "aiTitle"}
 RCLAUDE_TIMEOUT_S = 10
 TRIAGE_TIMEOUT_S = 60
@@ -3555,19 +3994,25 @@ HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PermissionRequ
 HOOK_STATES = {"SessionStart": "waiting", "UserPromptSubmit": "working", "PreToolUse": "working",
                "PostToolUse": "working", "PermissionRequest": "permission", "Stop": "waiting",
                "StopFailure": "waiting"}
-NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission",
-                       "idle_prompt": "waiting"}
+# idle_prompt (60 s after a turn) is not activity: it says what Stop said, and must not restart the idle clock.
+NOTIFICATION_STATES = {"permission_prompt": "permission", "elicitation_dialog": "permission"}
 HOOK_BUSY_TIMEOUT_MS = 250  # the hook waits this long for a busy database, then spools its report
 MAX_HOOK_INPUT_BYTES = 32 * 1024 * 1024  # a prompt can be long; a report cut short would be lost
 HOOK_TIMEOUT_S = 10
 # Which field of a tool's input says what a dialog asks: Bash's command, Edit's file, WebFetch's URL...
 ASKED_INPUT_KEYS = ("command", "file_path", "notebook_path", "url", "path", "pattern", "query", "prompt")
+STALE_MARGIN_MS = 100  # Claude writes one event's transcript line and registry status within this of its hook
 HOOK_ALIVE_MS = 10 * 60 * 1000  # a session that sent a hook report this recently is not gone
-CLARE_HOOK_RE = re.compile(r"\bclare\b.*\shook\s*$")  # how uninstall knows Clare's hooks from the user's
+CLARE_HOOK_MARK = "# clare-hook"  # ends the -c code of the command only Clare writes: how it knows its own
+# The -c code of Clare's hook commands, the mark optional: entries written before the mark are Clare's too.
+CLARE_HOOK_CODE_RE = re.compile(r"import sys; sys\.path\.insert\(0, '[^']*'\); import clare; "
+                                r"raise SystemExit\(clare\.main\(\)\)(?:  # clare-hook)?")
 BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
 BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
 BROADCAST_ENTER_TRIES = 3
-DEFAULT_PULL_EVERY_S = 10  # how often `serve` looks at this host's sessions; [fleet] pull_every_s, 0 = never
+# How often `serve` looks at this host's sessions ([fleet] pull_every_s, 0 = never): with the
+# dashboard's FLEET_POLL_S, a change without hooks shows within 3 s; a pull that finds nothing changed is cheap.
+DEFAULT_PULL_EVERY_S = 1
 DEFAULT_TAILS_EVERY_S = 300  # ... and stores assigned panes' tails (when changed); [fleet] tails_every_s, 0 = never
 PANE_LINES = 60  # the live pane view shows this many last lines
 MAX_PANE_LINES = 200  # ... and never more, whoever asks
@@ -3581,7 +4026,12 @@ ESCAPE_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\
 PANE_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 DEFAULT_NOTIFY_GAP_S = 60  # [notify] min_gap_s: one session notifies at most this often (against flapping)
 DEFAULT_NOTIFY_TIMEOUT_S = 10  # [notify] timeout_s: the command is killed after this
-NOTIFY_EVERY_S = 1.0  # how often `serve` looks for sessions that started to need a person
+NOTIFY_EVERY_S = 1.0  # how often `serve` acts on answers and looks for sessions that started to need a person
+ANSWER_TTL_MS = 2 * 60 * 1000  # an answer not typed this long after its session's host stored it expires
+ANSWER_CONFIRM_S = 3.0  # how long to wait for a dialog to close after its key was typed
+# A permission dialog on screen, as data: the question, then numbered options (the chosen one marked ❯).
+DIALOG_QUESTION_RE = re.compile(r"Do you want to [^\n]*")
+DIALOG_OPTION_RE = re.compile(r"\A[\W_]*?(?:[❯›>]\s*)?([1-9])\.\s+(.+?)[\s│|]*\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -3691,18 +4141,25 @@ def list_panes(socket: str) -> list[Pane] | None:
     return parse_panes(p.stdout, socket=socket)
 
 
-def capture_pane(socket: str, pane_id: str, *, lines: int = SCREEN_LINES) -> str | None:
-    """Return the last lines of a pane's screen, or None when tmux cannot show it."""
-    p = run_tmux(socket, "capture-pane", "-p", "-J", "-t", pane_id, "-S", f"-{lines}")
+def capture_pane(socket: str, pane_id: str, *, lines: int | None = SCREEN_LINES) -> str | None:
+    """Return the last lines of a pane (its history too), or with lines=None its visible screen only."""
+    p = run_tmux(socket, "capture-pane", "-p", "-J", "-t", pane_id, *(("-S", f"-{lines}") if lines else ()))
     return p.stdout if p.returncode == 0 else None
 
 
-def capture_panes(socket: str, pane_ids: list[str], *, lines: int = SCREEN_LINES) -> dict[str, str]:
-    """Return the last lines of several panes of one server, asked in one tmux run."""
+def capture_panes(socket: str, pane_ids: list[str], *, lines: int | None = None) -> dict[str, str]:
+    """Return the visible screens (or the last lines) of several panes of one server, asked in one tmux run.
+
+    A dialog is judged on the visible screen only: one that closed may linger in the history.
+    """
+    if len(pane_ids) > CAPTURE_BATCH:  # tmux refuses a longer command line ("command too long")
+        return {k: v for n in range(0, len(pane_ids), CAPTURE_BATCH)
+                for k, v in capture_panes(socket, pane_ids[n:n + CAPTURE_BATCH], lines=lines).items()}
     mark = f"\x1eclare-{new_id()}"  # a line no screen shows: it separates the captures
     args: list[str] = []
     for pane_id in pane_ids:
-        args += ["capture-pane", "-p", "-J", "-t", pane_id, "-S", f"-{lines}", ";", "display-message", "-p", mark, ";"]
+        args += ["capture-pane", "-p", "-J", "-t", pane_id, *(("-S", f"-{lines}") if lines else ()), ";",
+                 "display-message", "-p", mark, ";"]
     p = run_tmux(socket, *args[:-1]) if args else None
     if p is None or p.returncode != 0:  # tmux stops at a failed command: one pane closed meanwhile
         return {i: screen for i in pane_ids if (screen := capture_pane(socket, i, lines=lines)) is not None}
@@ -3713,6 +4170,93 @@ def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
     return any(rule.search(tail) for rule in PERMISSION_SCREEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Dialog:
+    question: str  # "Do you want to proceed?"
+    options: tuple[tuple[int, str], ...]  # (number, exact wording), as on screen
+    about: str  # the screen lines above the question: the tool and its command or file
+
+
+def parse_dialog(screen: str) -> Dialog | None:
+    """Return the permission dialog a pane's screen shows, with its options' exact wording, or None."""
+    rows = clean_screen(screen, lines=80).split("\n")
+    starts = [i for i, row in enumerate(rows) if DIALOG_QUESTION_RE.search(row)]
+    if not starts:
+        return None
+    i = starts[-1]
+    options: list[tuple[int, str]] = []
+    for row in rows[i + 1:]:
+        m = DIALOG_OPTION_RE.match(row.strip())
+        if m and int(m[1]) == len(options) + 1:
+            options.append((int(m[1]), m[2]))
+        elif options and row.strip(" │|"):
+            break
+    if len(options) < 2:
+        return None
+    question = DIALOG_QUESTION_RE.search(rows[i])
+    return Dialog(question[0].strip(" │|") if question else "", tuple(options), "\n".join(rows[max(0, i - 15):i]))
+
+
+def strip_ansi(text: str) -> str:
+    """Return a `capture-pane -e` screen without its escape sequences."""
+    return ANSI_RE.sub("", text)
+
+
+def composer_text(screen: str) -> str | None:
+    """Return what is typed in Claude's composer on a `capture-pane -e` screen; None when no composer shows.
+
+    Only typed text counts, not decoration: a placeholder is dim or grey and the cursor is a
+    reverse-video cell, so characters in those styles are left out (a refusal for a placeholder
+    would refuse every broadcast).
+    """
+    lines = screen.rstrip("\n").split("\n")
+    plain = [strip_ansi(line) for line in lines]
+    for i in range(len(plain) - 1, 0, -1):
+        if plain[i].startswith(COMPOSER_GLYPHS) and RULE_RE.match(plain[i - 1]):
+            end = next((j for j in range(i + 1, len(plain)) if RULE_RE.match(plain[j])), None)
+            if end is None:
+                continue
+            typed = "\n".join(_typed_chars(line) for line in lines[i:end])
+            for glyph in COMPOSER_GLYPHS:
+                typed = typed.removeprefix(glyph.rstrip()).removeprefix(glyph)
+            return typed.strip().replace("\xa0", " ")
+    return None
+
+
+def _typed_chars(line: str) -> str:
+    out, is_dim, is_grey, is_reverse, pos = [], False, False, False, 0
+    for m in ANSI_RE.finditer(line + "\x1b[0m"):
+        if not (is_dim or is_grey or is_reverse):
+            out.append(line[pos:m.start()])
+        pos = m.end()
+        if m.group(2) != "m":
+            continue
+        codes = (m.group(1) or "0").replace(":", ";").split(";")
+        k = 0
+        while k < len(codes):
+            c = codes[k]
+            if c in ("", "0"):
+                is_dim = is_grey = is_reverse = False
+            elif c in ("2", "22"):
+                is_dim = c == "2"
+            elif c in ("7", "27"):
+                is_reverse = c == "7"
+            elif c == "38" and k + 2 < len(codes) and codes[k + 1] == "5":
+                n = int(codes[k + 2] or 0)
+                is_grey, k = n == 8 or n >= 232, k + 2  # the grey ramp: placeholder colours
+            elif c == "38" and k + 4 < len(codes) and codes[k + 1] == "2":
+                is_grey, k = len(set(codes[k + 2:k + 5])) == 1, k + 4  # r = g = b: a grey
+            elif c.isdigit() and (30 <= int(c) <= 39 or 90 <= int(c) <= 97):
+                is_grey = c in ("30", "90")
+            k += 1
+    return "".join(out)
+
+
+def claude_text(text: str) -> str:
+    """Return a text as Claude Code stores a typed or pasted prompt: LF line ends, a TAB as 4 spaces."""
+    return text.replace("\r\n", "\n").replace("\t", "    ").strip()
 
 
 def clean_screen(screen: str, *, lines: int) -> str:
@@ -3912,14 +4456,7 @@ def newest_transcript(claude_dir: str, cwd: str, *, since_ms: int) -> str | None
 
 
 def _iso_to_ms(text: object) -> int | None:
-    import datetime
-
-    if not isinstance(text, str):
-        return None
-    try:
-        return int(datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return None
+    return parse_iso_ms(text)
 
 
 def _text_of(content: object) -> str:
@@ -4134,13 +4671,15 @@ def _add_usage(line: bytes, totals: dict[str, int], recent: list[str]) -> None:
 
 def derive_state(*, turn: str | None, turn_ms: int | None, registry: str | None, registry_ms: int | None,
                  hook: str | None, hook_ms: int | None, shows_dialog: bool, now_ms: int,
-                 idle_after_ms: int) -> str:
-    """Combine the signals into one state: the newest signal wins, a dialog on screen beats all.
+                 idle_after_ms: int, waiting_for: str | None = None) -> str:
+    """Combine the signals into one state: the newest signal wins, a dialog open (screen or registry) beats all.
 
-    Each source has holes (no hook on an Esc interrupt, a transcript that lags the hook, a registry
-    only in newer versions), so none is trusted alone; waiting turns into idle after idle_after_ms.
+    Signals are ordered by when they happened (a hook report by its process's start, not when it
+    was recorded), so a late report never outranks a newer interrupt. Each source has holes (no
+    hook on an Esc interrupt, a transcript that lags the hook, a registry only in newer versions),
+    so none is trusted alone; waiting turns into idle after idle_after_ms.
     """
-    if shows_dialog:
+    if shows_dialog or (waiting_for and REGISTRY_PERMISSION_RE.search(waiting_for)):
         return "permission"
     signals = [(ms or 0, i, s) for i, (ms, s) in enumerate(
         ((turn_ms, turn), (registry_ms, REGISTRY_STATES.get(registry or "")), (hook_ms, hook))) if s]
@@ -4269,12 +4808,14 @@ def _observe(db: Db, found: list[tuple[str, Pane | None, int]], *, registry: dic
         screen = screens.get((pane.socket, pane.pane_id)) if pane else None
         mark = marks.get(sid)
         registry_ms = entry.get("statusUpdatedAt")
+        waiting_for = entry.get("waitingFor")
         state = derive_state(turn=info.get("turn"), turn_ms=info.get("turn_ms"), registry=str(entry.get("status")),
                              registry_ms=registry_ms if isinstance(registry_ms, int) else None,
                              hook=mark.state if mark else None,
                              hook_ms=mark.at_ms if mark else None,
                              shows_dialog=bool(screen and shows_permission_dialog(screen)), now_ms=now_ms,
-                             idle_after_ms=idle_after_ms)
+                             idle_after_ms=idle_after_ms,
+                             waiting_for=waiting_for if isinstance(waiting_for, str) else None)
         observations.append(Observation(
             sid, cwd, pane.socket if pane else None, pane.target if pane else None, pane.pane_id if pane else None,
             pid, " ".join(argv_of(pid))[:MAX_COMMAND_CHARS], state, info.get("last_activity_ms"),
@@ -4304,8 +4845,12 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
     # A session that reported through a hook lately lives even when this look cannot find it (an old
     # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
+    unsure = {(p.socket, p.pane_id) for p in ambiguous}
     alive = [sid for sid, m in list_hook_marks(db).items()
              if m.hook_event != "SessionEnd" and now_ms - m.at_ms < HOOK_ALIVE_MS]
+    # A pane that cannot be told apart from another still runs Claude: its session is not gone.
+    alive += [s.id for s in find_sessions(db, host=db.machine_id, include_gone=False)
+              if (s.tmux_socket, s.pane_id) in unsure]
     # ... but not when its tmux server runs without its pane (killed, so no SessionEnd came): ask
     # only the servers of such sessions, which this look did not find.
     found = {ob.session_id for ob in observations}
@@ -4316,6 +4861,7 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, live_panes=live_panes,
                               now_ms=now_ms)
     deliver_pending(db, now_ms=now_ms)
+    deliver_answers(db, now_ms=now_ms, config=config)
     text = canonical_json([p.to_json() for p in ambiguous])
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
         with write_txn(db) as cur:
@@ -4563,28 +5109,33 @@ def run_notify(command: list[str], message: dict[str, Any], *, timeout_s: float)
     return None
 
 
-def start_background_notify(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
-                            log: Callable[[str], None]) -> Any:
-    """Start a daemon thread that runs notify_changes every second until `stop` is set; None without [notify]."""
+def start_background_act(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+                         log: Callable[[str], None]) -> Any:
+    """Start a daemon thread that, every second until `stop` is set, types the answers pending on this
+    host's sessions and (with [notify]) runs the notify command for sessions that started to need a person."""
     import threading
 
-    if not config.get("notify"):
-        return None
-    notify_settings(config["notify"])  # a typo there stops `serve` at start, not later in a log line
-    thread = threading.Thread(target=_notify_loop, name="clare-notify", daemon=True, args=(db_path, config),
+    if config.get("notify"):
+        notify_settings(config["notify"])  # a typo there stops `serve` at start, not later in a log line
+    answer_settings(config)
+    thread = threading.Thread(target=_act_loop, name="clare-act", daemon=True, args=(db_path, config),
                               kwargs={"base_url": base_url, "stop": stop, "log": log})
     thread.start()
     return thread
 
 
-def _notify_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
-                 log: Callable[[str], None]) -> None:
+def _act_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+              log: Callable[[str], None]) -> None:
     db = open_db(db_path)
     last_error = ""
     try:
         while not stop.is_set():
             try:
-                notify_changes(db, config=config, base_url=base_url, now_ms=now_ms(), log=log)
+                for a in deliver_answers(db, now_ms=now_ms(), config=config):
+                    log(f"answer {a.id[:SHORT_ID]} to session {a.session_id[:SHORT_ID]}: {a.result} "
+                        f"({a.result_reason})")
+                if config.get("notify"):
+                    notify_changes(db, config=config, base_url=base_url, now_ms=now_ms(), log=log)
                 last_error = ""
             except Exception as err:  # the background loop is an edge: one bad look never ends it
                 if str(err) != last_error:
@@ -4593,6 +5144,111 @@ def _notify_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: A
             stop.wait(NOTIFY_EVERY_S)
     finally:
         db.close()
+
+
+def answer_settings(config: dict[str, Any]) -> tuple[int, int]:
+    """Return [answers] ttl_s and clock_slack_s of clare.toml, in ms; refuse values that do not fit."""
+    section = config.get("answers") or {}
+    values = []
+    for name, default in (("ttl_s", ANSWER_TTL_MS / 1000), ("clock_slack_s", MAX_OFFSET_MS / 1000)):
+        value = section.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ClareError(f"clare.toml: [answers] {name} = {value!r} is not a number of seconds; fix it")
+        values.append(int(value * 1000))
+    return values[0], values[1]
+
+
+def deliver_answers(db: Db, *, now_ms: int, config: dict[str, Any] | None = None,
+                    confirm_s: float = ANSWER_CONFIRM_S) -> list[Answer]:
+    """Type the pending answers to this host's sessions' dialogs; record what became of each.
+
+    An answer expires `ttl_s` after this host stored it, by this host's clock; one whose maker's
+    clock says it is older than ttl_s + clock_slack_s (it came hours late by sync) expires too.
+    """
+    ttl_ms, slack_ms = answer_settings(config or {})
+    done = []
+    with _delivery_lock(db):
+        for a in list_answers(db, pending_on=db.machine_id):
+            result, reason = _act_on_answer(db, a, now_ms=now_ms, confirm_s=confirm_s, ttl_ms=ttl_ms,
+                                            slack_ms=slack_ms)
+            done.append(resolve_answer(db, a, result=result, reason=reason, now_ms=now_ms))
+    return done
+
+
+def _act_on_answer(db: Db, a: Answer, *, now_ms: int, confirm_s: float, ttl_ms: int,
+                   slack_ms: int) -> tuple[str, str]:
+    """Re-read the session's latest signals and its screen; type the answer's key only if its dialog is open.
+
+    Never Enter: a digit picks a dialog option and, if the dialog closed in between, lands as
+    one character in Claude's composer, never submitted.
+    """
+    received = answer_received_ms(db, a.id) or now_ms
+    if now_ms - received > ttl_ms:
+        return "expired", (f"stored here {(now_ms - received) // 1000} s ago; answers expire after "
+                           f"{ttl_ms // 1000} s, so nothing was typed")
+    made_ms = _iso_to_ms(a.created_at) or now_ms
+    if now_ms - made_ms > ttl_ms + slack_ms:
+        return "expired", (f"made {(now_ms - made_ms) // 1000} s ago on {a.by_host} (it came late); answers expire "
+                           f"after {ttl_ms // 1000} s, so nothing was typed")
+    s = next((x for x in find_sessions(db, prefix=a.session_id) if x.id == a.session_id), None)
+    if s is None or s.state == "gone":
+        return "stale", "the session is gone: nothing was typed"
+    if s.state != "permission" or not s.asked:
+        return "stale", f"the session asks nothing now (it is {s.state}; answered at the terminal?): nothing was typed"
+    if a.tool_use_id and s.asked.get("tool_use_id") and a.tool_use_id != s.asked["tool_use_id"]:
+        return "stale", "another dialog is open now (a new request): nothing was typed"
+    if (s.asked["tool"], s.asked["input"]) != (a.tool, a.input):
+        return "stale", f"the session asks about {s.asked['tool']} now, not this: nothing was typed"
+    if s.pane_id is None or s.tmux_socket is None:
+        return "failed", "the session has no tmux pane to type into"
+    # Only the visible screen: a dialog answered a moment ago still shows in the scrollback.
+    dialog = parse_dialog(capture_pane(s.tmux_socket, s.pane_id, lines=None) or "")
+    if dialog is None:
+        return "stale", "no dialog is on its screen now (answered at the terminal?): nothing was typed"
+    first = " ".join((a.input.strip().splitlines() or [""])[0].split())[:30]
+    if first and first not in " ".join(dialog.about.split()):
+        return "stale", f"the dialog on screen is not about {first!r}: nothing was typed"
+    key = _dialog_key(a, dialog)
+    if isinstance(key, str):
+        return "stale", key
+    n, wording = key
+    p = run_tmux(s.tmux_socket, "send-keys", "-t", s.pane_id, "-l", str(n))
+    if p.returncode != 0:
+        return "failed", f"tmux could not type into {s.pane_id}: {p.stderr.strip()[:200]}"
+    deadline = time.monotonic() + confirm_s
+    while True:
+        after = parse_dialog(capture_pane(s.tmux_socket, s.pane_id, lines=None) or "")
+        if after is None or after != dialog:
+            break
+        if time.monotonic() > deadline:
+            return "failed", f"typed {n} ({wording}), but the dialog is still open"
+        time.sleep(0.1)
+    said = f"typed {n} ({wording})"
+    # First-hand evidence that the dialog closed: an approved tool runs, a denied turn stops. Later hooks win.
+    state = "waiting" if wording.startswith("No") else "working"
+    report_hook(db, s.id, HookMark(s.tmux_socket, s.pane_id, state, "ClareAnswer", int(time.time() * 1000)),
+                cwd=s.cwd, now_ms=now_ms)
+    s = next(x for x in find_sessions(db, prefix=s.id) if x.id == s.id)
+    if a.answer == "deny" and a.reason:
+        result, why = deliver_text(db, s, a.reason, confirm_s=confirm_s)
+        said += f"; the reason was {result}" + (f" ({why})" if why else "")
+    return "typed", said
+
+
+def _dialog_key(a: Answer, dialog: Dialog) -> tuple[int, str] | str:
+    """Return the option (number, wording) an answer picks in this dialog, or why none fits."""
+    options = dict(dialog.options)
+    if a.answer == "approve":
+        found = [n for n, text in dialog.options if text == "Yes"]
+    elif a.answer == "deny":
+        found = [n for n, text in dialog.options if text.startswith("No")]
+    else:
+        found = [a.option] if a.option in options else []
+        if found and a.option_text and options[found[0]] != a.option_text:
+            return f"option {a.option} now reads {options[found[0]]!r}, not {a.option_text!r}: nothing was typed"
+    if not found:
+        return f"the dialog offers no option for {a.answer} ({'; '.join(t for _, t in dialog.options)})"
+    return found[0], options[found[0]]
 
 
 def list_ambiguous_panes(db: Db) -> list[Pane]:
@@ -4610,14 +5266,28 @@ def hook_state(payload: dict[str, Any]) -> str | None:
     # COMPAT: versions before notification_type said it only in the message.
     if state is None and "permission" in message:
         return "permission"
-    if state is None and "waiting for your input" in message:
-        return "waiting"
     return state
 
 
 def spool_dir(db_path: str) -> str:
     """Return the folder where hook reports wait while the database cannot take them."""
     return os.path.join(os.path.dirname(os.path.abspath(db_path)), "spool")
+
+
+def process_started_ms(pid: int | str = "self") -> int | None:
+    """Return when a process started, in epoch ms, from the kernel's record (10 ms steps); None if unknown.
+
+    A hook report is stamped with this, not with the time Python got to read it: a loaded machine
+    takes a second or more to start Python, and async hooks start out of order (DESIGN §5).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rfind(b")") + 2:].split()[19])
+        age_s = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux: the caller uses the clock
+        return None
+    return now_ms() - max(0, int(age_s * 1000))
 
 
 def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> None:
@@ -4627,9 +5297,9 @@ def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> No
     wrong while recording ends in the spool, and whatever goes wrong while spooling is dropped.
     """
     try:
-        payload = json.loads(raw)
-    except ValueError:
-        return  # not a report: nothing to keep
+        payload = parse_json(raw)
+    except (ValueError, RecursionError):
+        return  # not a report (or not standard JSON): nothing to keep
     if not isinstance(payload, dict):
         return
     report = {"payload": payload, "tmux_pane": env.get("TMUX_PANE") or None,
@@ -4650,7 +5320,7 @@ def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> No
 def spool_report(db_path: str, report: dict[str, Any]) -> str:
     """Write one hook report to the spool, atomically; return its path."""
     folder = spool_dir(db_path)
-    os.makedirs(folder, exist_ok=True)
+    make_private_dir(folder)  # reports hold prompts
     path = os.path.join(folder, f"{report['at_ms']:013d}-{os.getpid()}-{new_id()[:8]}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(report, f)
@@ -4666,13 +5336,51 @@ def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]
     if not isinstance(sid, str) or not UUID_RE.match(sid) or p.get("agent_id"):
         return []
     event = str(p.get("hook_event_name", ""))[:64]
+    state = hook_state(p)
+    if state is None and event != "SessionEnd":
+        return []  # says nothing of the state (idle_prompt is not activity): the stored report stays newest
     pane, socket = report.get("tmux_pane"), report.get("tmux_socket")
     mark = HookMark(socket if isinstance(socket, str) else None,
                     pane if isinstance(pane, str) and pane.startswith("%") else None,
-                    hook_state(p), event, int(report.get("at_ms") or now_ms))
+                    state, event, int(report.get("at_ms") or now_ms))
     cwd = p["cwd"] if isinstance(p.get("cwd"), str) else ""
     asked = asked_of(p) if event == "PermissionRequest" else None
-    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd", asked=asked, now_ms=now_ms)
+    # A permission report recorded late, after the user answered or pressed Esc, must not show (or
+    # notify) `permission` even for the second until the next pull.
+    is_stale = state == "permission" and _moved_on_since(sid, p.get("transcript_path"), mark.at_ms)
+    # /clear ends a session and starts another in the same process: the second report hands over.
+    tool_use_id = p["tool_use_id"][:100] if isinstance(p.get("tool_use_id"), str) else None
+    input_key = input_key_of(p.get("tool_input")) if event in ("PreToolUse", "PermissionRequest") else None
+    return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd" and p.get("reason") != "clear",
+                       is_clear=event == "SessionStart" and p.get("source") == "clear", asked=asked,
+                       is_stale=is_stale, tool_use_id=tool_use_id, input_key=input_key, now_ms=now_ms)
+
+
+def input_key_of(tool_input: object) -> str:
+    """Return a short fingerprint of a tool's input: equal inputs, equal keys (no secret involved)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(tool_input, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def _moved_on_since(session_id: str, transcript_path: object, at_ms: int) -> bool:
+    """Tell whether the transcript or the registry moved on after a permission report (no dialog waits then)."""
+    # SECURITY: the path comes from the hook's stdin: only a transcript's metadata is read.
+    if isinstance(transcript_path, str) and transcript_path.endswith(".jsonl"):
+        with contextlib.suppress(OSError):
+            if os.stat(transcript_path).st_mtime_ns // 1_000_000 > at_ms + STALE_MARGIN_MS:
+                return True
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(os.path.join(claude_home(), "sessions")):
+            with contextlib.suppress(OSError, ValueError):
+                with open(entry.path, encoding="utf-8") as f:
+                    reg = json.load(f)
+                if isinstance(reg, dict) and reg.get("sessionId") == session_id:
+                    at = reg.get("statusUpdatedAt")
+                    waiting_for = reg.get("waitingFor")
+                    return (isinstance(at, int) and at > at_ms + STALE_MARGIN_MS
+                            and not (isinstance(waiting_for, str) and REGISTRY_PERMISSION_RE.search(waiting_for)))
+    return False
 
 
 def asked_of(payload: dict[str, Any]) -> dict[str, str]:
@@ -4732,7 +5440,7 @@ def hook_command(db_path: str) -> str:
     import shlex
 
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            "import clare; raise SystemExit(clare.main())")
+            f"import clare; raise SystemExit(clare.main())  {CLARE_HOOK_MARK}")
     return shlex.join([sys.executable, "-I", "-c", code, "--db", os.path.abspath(db_path), "hook"])
 
 
@@ -4758,7 +5466,20 @@ def _write_settings(path: str, settings: dict[str, Any]) -> None:
 
 
 def _is_clare_hook(h: object) -> bool:
-    return isinstance(h, dict) and isinstance(h.get("command"), str) and bool(CLARE_HOOK_RE.search(h["command"]))
+    """Tell whether a hook entry is one Clare wrote (now or from an older path or version): exactly, never by a word."""
+    import shlex
+
+    if not isinstance(h, dict) or not isinstance(h.get("command"), str):
+        return False
+    try:
+        argv = shlex.split(h["command"])
+    except ValueError:
+        return False
+    if len(argv) == 7 and argv[1:3] == ["-I", "-c"] and argv[4] == "--db" and argv[6] == "hook":
+        return bool(CLARE_HOOK_CODE_RE.fullmatch(argv[3]))
+    # COMPAT: the first hooks ran the script itself: python /path/clare.py [--db DB] hook.
+    return (len(argv) in (3, 5) and os.path.basename(argv[1]) == "clare.py" and argv[-1] == "hook"
+            and (len(argv) == 3 or argv[2] == "--db"))
 
 
 def _strip_clare_hooks(groups: list[Any]) -> bool:
@@ -4842,7 +5563,8 @@ def send_broadcast(db: Db, target: str, text: str, *, now_ms: int, is_command: b
                             now_ms=now_ms + int((time.monotonic() - started) * 1000))
             if on_delivery is not None:
                 on_delivery(s, result, reason, n, len(here))
-    return BroadcastResult(broadcast_id, target, text, list_deliveries(db, broadcast_id=broadcast_id))
+    return BroadcastResult(broadcast_id, target, text, list_deliveries(db, broadcast_id=broadcast_id),
+                           list_unreached_tasks(db, target))
 
 
 @contextlib.contextmanager
@@ -4857,8 +5579,13 @@ def _delivery_lock(db: Db) -> Iterator[None]:
 
 
 def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM_S) -> list[Delivery]:
-    """Deliver the broadcasts other hosts sent to this host's sessions; expire the stale ones."""
-    done: list[Delivery] = []
+    """Deliver the broadcasts other hosts sent to this host's sessions; expire the stale ones.
+
+    Also confirm the queued ones Claude has taken since: queued becomes delivered once the text is
+    in the session's transcript.
+    """
+    done = [c for d in list_unconfirmed_deliveries(db, host=db.machine_id)
+            if (c := _confirm_queued(db, d, now_ms=now_ms)) is not None]
     if not list_deliveries(db, pending_on=db.machine_id):
         return done
     with _delivery_lock(db):
@@ -4866,6 +5593,17 @@ def deliver_pending(db: Db, *, now_ms: int, confirm_s: float = BROADCAST_CONFIRM
         for d in list_deliveries(db, pending_on=db.machine_id):  # again, now that no one else delivers
             done.append(_deliver_one(db, d, sessions[d.session_id], now_ms=now_ms, confirm_s=confirm_s))
     return done
+
+
+def _confirm_queued(db: Db, d: Delivery, *, now_ms: int) -> Delivery | None:
+    """Record a queued delivery as delivered once its text is in the session's transcript."""
+    text = (get_broadcast_text(db, d.broadcast_id) or ("", ""))[0]
+    session = next((s for s in find_sessions(db, prefix=d.session_id) if s.id == d.session_id), None)
+    path = session and find_transcript(claude_home(), session.cwd, session.id)
+    if not text or not path or not _transcript_has_prompt(path, text, since_ms=(_iso_to_ms(d.updated_at) or 0) - 5000):
+        return None
+    record_delivery(db, d.broadcast_id, d.session_id, result="delivered", reason="", now_ms=now_ms)
+    return dataclasses.replace(d, result="delivered", reason="")
 
 
 def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_s: float) -> Delivery:
@@ -4877,6 +5615,11 @@ def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_
         result, reason = "expired", f"not delivered before {expires_at}"
     else:
         result, reason = deliver_text(db, session, text, confirm_s=confirm_s)
+    if (result, reason) == ("refused", DRAFT_REFUSAL):
+        # The sender is not at this keyboard: never submit the user's draft, wait until it is gone.
+        result, reason = "queued", DRAFT_WAIT_REASON
+        if (d.result, d.reason) == (result, reason):
+            return d  # still waiting: the log must not grow with polling
     record_delivery(db, d.broadcast_id, d.session_id, result=result, reason=reason, now_ms=now_ms)
     return dataclasses.replace(d, result=result, reason=reason)
 
@@ -4907,9 +5650,12 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float,
         return "refused", f"pane {pane.pane_id} now runs another session ({entry['sessionId'][:SHORT_ID]})"
     if pane.in_mode:
         run_tmux(pane.socket, "send-keys", "-t", pane.pane_id, "-X", "cancel")
-    refusal = _dialog_refusal(db, session, pane)
+    refusal = _dialog_refusal(db, session, pane, pid=claude_pid)
     if refusal:
         return "refused", refusal
+    # Never submit someone's unsent draft: a paste is appended to it and Enter sends both.
+    if composer_text(_capture_styled(pane) or ""):
+        return "refused", DRAFT_REFUSAL
     name = f"clare-{new_id()}"  # buffer names are server-wide
     for args, stdin in ((("load-buffer", "-b", name, "-"), text),
                         (("paste-buffer", "-p", "-r", "-d", "-b", name, "-t", pane.pane_id), None)):
@@ -4920,7 +5666,7 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float,
     was_working = session.state == "working"
     for _ in range(BROADCAST_ENTER_TRIES):
         time.sleep(BROADCAST_PAUSE_S)
-        refusal = _dialog_refusal(db, session, pane)
+        refusal = _dialog_refusal(db, session, pane, pid=claude_pid)
         if refusal:  # a dialog opened after the paste: leave the text in the composer
             return "refused", refusal + "; the text waits in the composer"
         sent_ms = now_ms()
@@ -4929,8 +5675,12 @@ def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float,
             return "delivered", ""
         if is_done is None and _wait_for_prompt(db, session, text, since_ms=sent_ms, timeout_s=confirm_s):
             return "delivered", ""
-        if was_working:
-            return "queued", "Claude is busy; it takes the text after this turn"
+        # Once the text left the composer Claude has it (sent, or queued after its turn): another
+        # Enter would send whatever the user types next.
+        left = composer_text(_capture_styled(pane) or "") if is_done is None else None
+        if was_working or left == "":
+            return "queued", ("Claude is busy; it takes the text after this turn" if was_working
+                              else "Claude took the text; it is not in the transcript yet")
     return "failed", f"Claude did not take the text after {BROADCAST_ENTER_TRIES} Enters"
 
 
@@ -4943,20 +5693,39 @@ def _wait_until(predicate: Callable[[], bool], *, timeout_s: float) -> bool:
     return True
 
 
-def _dialog_refusal(db: Db, session: Session, pane: Pane) -> str | None:
-    screen = capture_pane(pane.socket, pane.pane_id)
+def _capture_styled(pane: Pane) -> str | None:
+    p = run_tmux(pane.socket, "capture-pane", "-p", "-e", "-J", "-t", pane.pane_id)
+    return p.stdout if p.returncode == 0 else None
+
+
+def _dialog_refusal(db: Db, session: Session, pane: Pane, *, pid: int | None = None) -> str | None:
+    screen = capture_pane(pane.socket, pane.pane_id, lines=None)
     if screen is None:
         return f"cannot read pane {pane.pane_id}'s screen; not typing blind"
     if shows_permission_dialog(screen):
         return "needs permission: a dialog is open (Enter would approve it)"
+    entry = _registry_entry(pid) if pid else None
+    waiting_for = (entry or {}).get("waitingFor")
+    if isinstance(waiting_for, str) and REGISTRY_PERMISSION_RE.search(waiting_for):
+        return "needs permission: Claude's registry says a permission prompt is open"
     # The hook is the dependable signal when the screen text changes between versions: a
-    # permission report counts until the transcript moves on after it.
+    # permission report counts until the transcript or the registry moves on after it.
     mark = list_hook_marks(db, session_id=session.id).get(session.id)
     if mark and mark.state == "permission":
         path = find_transcript(claude_home(), session.cwd, session.id)
+        newer = [(entry or {}).get("statusUpdatedAt")]
         with contextlib.suppress(OSError):
-            if path is None or os.stat(path).st_mtime_ns // 1_000_000 < mark.at_ms:
-                return "needs permission: Claude asked for it and has not moved on since"
+            newer.append(os.stat(path).st_mtime_ns // 1_000_000 if path else None)
+        if not any(isinstance(t, int) and t > mark.at_ms for t in newer):
+            return "needs permission: Claude asked for it and has not moved on since"
+    return None
+
+
+def _registry_entry(pid: int) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(claude_home(), "sessions", f"{pid}.json"), encoding="utf-8") as f:
+            entry = json.load(f)
+        return entry if isinstance(entry, dict) else None
     return None
 
 
@@ -4986,7 +5755,7 @@ def _transcript_has_prompt(path: str, text: str, *, since_ms: int) -> bool:
         with contextlib.suppress(ValueError, AttributeError, TypeError):
             obj = json.loads(raw)
             if obj.get("type") == "user" and (_iso_to_ms(obj.get("timestamp")) or 0) >= since_ms:
-                if _text_of(obj["message"].get("content")).strip() == text.strip():
+                if claude_text(_text_of(obj["message"].get("content"))) == claude_text(text):
                     return True
     return False
 
@@ -5140,8 +5909,12 @@ def open_window(session_name: str, cwd: str, argv: list[str], *, env: Mapping[st
     # tmux ends a command at an argument ";": no argv word here is one (paths, a uuid, a checked model name).
     p = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt, "--", *argv)
     if p.returncode != 0:
-        made = _run(_outside_unit([tmux_binary(), "-S", socket, "new-session", "-d", "-s", session_name,
-                                   "-x", "200", "-y", "50", "-c", cwd, "-P", "-F", fmt, "--", *argv], env))
+        new_session = [tmux_binary(), "-S", socket, "new-session", "-d", "-s", session_name,
+                       "-x", "200", "-y", "50", "-c", cwd, "-P", "-F", fmt, "--", *argv]
+        wrapped = _outside_unit(new_session, env)
+        made = _run(wrapped)
+        if made.returncode != 0 and wrapped != new_session and "duplicate session" not in (made.stderr or ""):
+            made = _run(new_session)  # no user bus after all: KillMode=process in clare.service is the fallback
         if made.returncode != 0 and "duplicate session" in (made.stderr or ""):  # made meanwhile by another start
             made = run_tmux(socket, "new-window", "-d", "-t", f"={session_name}:", "-c", cwd, "-P", "-F", fmt,
                             "--", *argv)
@@ -5153,9 +5926,12 @@ def open_window(session_name: str, cwd: str, argv: list[str], *, env: Mapping[st
 
 
 def wait_until_ready(socket: str, pane_id: str, *, timeout_s: float = START_READY_S) -> tuple[str, str]:
-    """Wait until the Claude in a new pane shows its composer; return ("ready", "") or why not.
+    """Wait until the Claude in a new pane shows its composer and can be told to be Claude; return ("ready", "")
+    or why not.
 
-    A trust or onboarding screen is never answered: Enter there would decide for the user.
+    A trust or onboarding screen is never answered: Enter there would decide for the user. The
+    composer can show before Claude registers and renames its process (the native binary starts
+    as claude.exe): until then nothing could be typed safely, so that is waited for too.
     """
     deadline = time.monotonic() + timeout_s
     screen = ""
@@ -5169,17 +5945,21 @@ def wait_until_ready(socket: str, pane_id: str, *, timeout_s: float = START_READ
         if any(rule.search(screen) for rule in TRUST_SCREEN):
             name = pane.target.rpartition(":")[0]
             return "needs trust", (f"Claude asks whether to trust {pane.cwd} in pane {pane_id} ({pane.target}); Clare "
-                                   f"never answers that: answer it there (tmux attach -t {name}), "
-                                   "then give it the task (clare broadcast session:ID), or trust the folder once by "
-                                   "running claude there")
+                                   f"never answers that: answer it in the pane (tmux attach -t {name}) and give "
+                                   "Claude the task there, or trust the folder once (run claude in it) and start again")
         if any(rule.search(screen) for rule in ONBOARDING_SCREEN):
             return "needs trust", (f"Claude shows its first-run setup in pane {pane_id} ({pane.target}); Clare never "
                                    "answers it: finish it once by running claude in a terminal on this host")
-        if not shows_permission_dialog(screen) and COMPOSER_SCREEN.search(screen):
+        if not shows_permission_dialog(screen) and COMPOSER_SCREEN.search(screen) and _runs_claude(pane):
             return "ready", ""
         if time.monotonic() > deadline:
             return "failed", f"Claude showed no composer in pane {pane_id} within {timeout_s:.0f} s; look at it there"
         time.sleep(0.1)
+
+
+def _runs_claude(pane: Pane) -> bool:
+    procs, children = process_tree()
+    return find_claude(pane.pid, children, proc_argv, registered=read_registry(claude_home(), procs)) is not None
 
 
 def carry_out_pending(db: Db, *, config: dict[str, Any], now_ms: int) -> list[Order]:
@@ -5234,18 +6014,22 @@ def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dic
     argv = check_launch(db, folder, config=config, branch=outcome.get("branch"))
     if outcome.get("branch"):
         folder = make_worktree(folder, outcome["branch"])
+    # SECURITY: the order may come from a peer: its words become argv and a tmux target, checked here again.
+    model = order.request.get("model")
+    if model is not None and not (isinstance(model, str) and MODEL_RE.match(model)):
+        raise ClareError(f"the order's model {str(model)[:40]!r} is not a model name")
     launcher = agent_launcher(db.path)
     argv += (["--session-id", order.session_id] if order.action == "start" else ["--resume", order.session_id])
-    if order.request.get("model"):
-        argv += ["--model", order.request["model"]]
+    argv += ["--model", model] if model else []
     argv += ["--allowedTools", f"Bash({launcher} update:*)"]  # reporting never opens a permission dialog
-    socket, pane_id, target = open_window(order.request["tmux_session"], folder, argv)
+    socket, pane_id, target = open_window(tmux_session_name(order.request["tmux_session"]), folder, argv)
     outcome |= {"tmux_socket": socket, "pane_id": pane_id, "tmux_target": target, "cwd": folder}
     state, reason = wait_until_ready(socket, pane_id)
     if state != "ready" or order.action != "start" or task is None:
         return ("started" if state == "ready" else state), reason, outcome
-    session = Session(order.session_id, db.machine_id, folder, socket, target, pane_id, None, "", "waiting", None,
-                      None, "", task.id, {}, "")
+    session = Session(id=order.session_id, host=db.machine_id, cwd=folder, tmux_socket=socket, tmux_target=target,
+                      pane_id=pane_id, pid=None, command="", state="waiting", state_at=None, last_activity_at=None,
+                      label="", task_id=task.id, tokens={}, created_at="")  # not recorded yet: the pull after does
     result, why = deliver_text(db, session, first_prompt(task, launcher=launcher), confirm_s=BROADCAST_CONFIRM_S)
     if result != "delivered":
         return "failed", f"Claude started in pane {pane_id} ({target}) but the task was not typed in: {why}", outcome
@@ -5311,7 +6095,7 @@ ORDER_HANDLERS: dict[str, Callable[[Db, Order, dict[str, Any]], tuple[str, str, 
     "start": _launch, "resume": _launch, "stop": _stop}
 
 
-SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes, send_broadcast)})
+
 
 
 # ==========================================================================
@@ -6000,11 +6784,13 @@ def add_peer(path: str, url: str, *, name: str | None = None, token_env: str | N
     lines = ["[[peers]]", f"name = {json.dumps(peer.name)}", f"url = {json.dumps(peer.url)}"]
     if peer.token_env:
         lines.append(f"token_env = {json.dumps(peer.token_env)}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as f:
-        f.seek(0)
-        text = f.read()
-        f.write(("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + "\n".join(lines) + "\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    write_private(path, text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "")
+                  + "\n".join(lines) + "\n")
     return peer
 
 
@@ -6037,11 +6823,7 @@ def remove_peer(path: str, ref: str) -> Peer:
     if text is None or tomllib.loads(text) != expected:
         raise ClareError(f"cannot remove peer {peers[index].name} from {path} without touching other settings; "
                          "delete its [[peers]] table there by hand")
-    staging = path + ".tmp"
-    with open(staging, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(staging, os.stat(path).st_mode & 0o777)  # clare.toml may hold a token: keep it private
-    os.replace(staging, path)
+    write_private(path, text)  # clare.toml may hold a token: private, whatever its mode was
     return peers[index]
 
 
@@ -6101,8 +6883,6 @@ def clock_status(db: Db, *, now_ms: int) -> dict[str, Any]:
             "n_deferred_push": sum(d.direction == "push" for d in deferred),
             "deferred_reason": deferred[-1].reason if deferred else None}
 
-
-SERVICES["clock_status"] = clock_status
 
 
 def clock_lines(clock: dict[str, Any]) -> list[str]:
@@ -6232,26 +7012,35 @@ def _wait_backoff(db: Db, peer: Peer, *, stop: Any, seconds: float, contacts: Pe
     return False
 
 
-def push_order(db: Db, order: Order, *, config: dict[str, Any]) -> list[str]:
-    """Sync now with the configured peers that are the order's host; return the names reached.
+ORDER_WAIT_S = START_READY_S + 15  # how long a start pushed to its host is followed for its receipt
 
-    None reached is fine: the order waits in the log for the host's next sync, until it expires.
+
+def push_order(db: Db, order: Order, *, config: dict[str, Any], wait_s: float = ORDER_WAIT_S) -> Order:
+    """Sync now with the configured peer that is the order's host, then follow it until its receipt comes back.
+
+    No such peer, or one that does not answer, is fine: the order waits in the log for the host's
+    next sync (pending), until it expires.
     """
     known = {s.url: s.machine_id for s in list_peer_status(db)}
-    reached = []
     for peer in load_peers(config):
-        if known.get(peer.url) == order.host:
-            with contextlib.suppress(ClareError):  # unreachable now: the periodic sync is the fallback
+        if known.get(peer.url) != order.host:
+            continue
+        deadline = time.monotonic() + wait_s
+        try:
+            sync_round(db, peer, config)  # the host carries it out as soon as the batch arrives
+            while list_orders(db, order_id=order.id)[0].result not in ORDER_FINAL and time.monotonic() < deadline:
+                time.sleep(0.5)
                 sync_round(db, peer, config)
-                reached.append(peer.name)
-    return reached
+        except ClareError:
+            continue  # unreachable now: the periodic sync is the fallback
+        break
+    return list_orders(db, order_id=order.id)[0]
 
 
 def _send_order(db: Db, order: Order, *, config: dict[str, Any], now_ms: int) -> Order:
-    if order.host == db.machine_id:
-        pull_fleet(db, config=config, now_ms=now_ms)  # carries it out, then sees the session
-    else:
-        push_order(db, order, config=config)
+    if order.host != db.machine_id:
+        return push_order(db, order, config=config)
+    pull_fleet(db, config=config, now_ms=now_ms)  # carries it out, then sees the session
     return list_orders(db, order_id=order.id)[0]
 
 
@@ -6281,7 +7070,6 @@ def stop_session(db: Db, session_ref: str, *, is_force: bool = False, config: di
                        now_ms=now_ms)
 
 
-SERVICES.update({fn.__name__: fn for fn in (start_session, resume_session, stop_session)})
 def peer_of_host(db: Db, peers: Iterable[Peer], host: str) -> Peer | None:
     """Return the configured peer whose last sync answered as machine `host`, or None (not a direct peer)."""
     ids = {s.url: s.machine_id for s in list_peer_status(db)}
@@ -6333,6 +7121,54 @@ def view_turns(db: Db, session: Session, *, peers: Iterable[Peer], settings: dic
             and isinstance(t.get("text"), str)]
 
 
+def push_answer(db: Db, answer: Answer, *, peers: Iterable[Peer], settings: dict[str, Any]) -> str:
+    """Push an answer made here to the host of its session at once; return what happens next, in one line.
+
+    The push is the answer's event alone (POST PEER/api/v1/sync/events, idempotent by uuid);
+    that host types it within a second. Periodic sync carries it too, should the push fail.
+    """
+    peer = peer_of_host(db, peers, answer.host)
+    if peer is None:
+        return (f"{answer.host} is not a direct peer of this host: the answer travels with sync and expires "
+                f"{ANSWER_TTL_MS // 60000} min after {answer.host} stores it; to answer at once open the dashboard "
+                f"of {answer.host}")
+    events = [ev for ev in list_history(db, [answer.session_id], limit=200)
+              if ev.event_type == "permission.answered" and ev.payload.get("answer_id") == answer.id]
+    try:
+        got = HttpPeer(peer.url, token=peer_token(peer, settings), timeout_s=PEEK_TIMEOUT_S).push({
+            "machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms(),
+            "events": [ev.to_json() for ev in events]})
+    except ClareError as err:
+        return f"sent to {peer.name} failed ({err}); sync will carry it, and it expires if it comes too late"
+    if not isinstance(got, dict) or got.get("rejected"):
+        return f"{peer.name} refused the answer: {str(got.get('rejected') if isinstance(got, dict) else got)[:200]}"
+    return f"sent to {peer.name}, which types it within a second if the same dialog is still open"
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerResult:
+    answer: Answer
+    note: str  # what happened, or what happens next, in one line
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the answer and the note, as the API and CLI print them."""
+        return {**self.answer.to_json(), "note": self.note}
+
+
+def answer_session(db: Db, session_ref: str, answer: str, *, option: int | None = None,
+                   option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
+                   client: str, peers: Iterable[Peer] = (), settings: dict[str, Any] | None = None,
+                   now_ms: int) -> AnswerResult:
+    """Answer a session's permission dialog from this host: typed here at once, or pushed to its host."""
+    a = answer_permission(db, session_ref, answer, option=option, option_text=option_text, reason=reason,
+                          tool_use_id=tool_use_id, client=client, now_ms=now_ms)
+    if a.host != db.machine_id:
+        return AnswerResult(a, push_answer(db, a, peers=peers, settings=settings or {}))
+    deliver_answers(db, now_ms=now_ms, config=settings)
+    a = list_answers(db, answer_id=a.id)[0]
+    return AnswerResult(a, f"{a.result}: {a.result_reason}")
+
+
 def _peek(db: Db, session: Session, *, peers: Iterable[Peer], settings: dict[str, Any], path: str) -> Any:
     peer = peer_of_host(db, peers, session.host)
     if peer is None:
@@ -6364,6 +7200,574 @@ def _offset(ms: int | None) -> str:
     return text + " SKEWED" if abs(ms) > MAX_OFFSET_MS else text
 
 
+# --- the services, each declared once ---------------------------------------------------------
+# A method of Services is a service's one declaration: its signature (what the CLI and pages call),
+# its HTTP form (@api: route, where each argument travels, the answer), or @here for what works on
+# this host only. The remote client (RemoteServices, section 7), the JSON handlers and the OpenAPI
+# document (section 8) are derived from it; nothing about a service is written out again elsewhere.
+
+_S = TypeVar("_S", bound="Services")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    """How one service travels over HTTP. Arguments are named as in the signature; "arg=wire" renames one."""
+
+    method: str
+    path: str  # "/api/v1/tasks/{task}": each {wire} takes the next leading positional argument
+    summary: str  # the OpenAPI summary
+    query: tuple[str, ...] = ()
+    body: tuple[str, ...] = ()
+    status: int = 200
+    resolve: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> getter: the server turns a ref into
+    # that object (or its id, for a *_id or *_ids argument)
+    here: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> why it cannot be sent (refused remotely)
+    not_sent: tuple[str, ...] = ()  # arguments a remote call leaves out (the server uses its own defaults)
+    server: dict[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)  # arg -> what the server
+    # passes instead, from the request (its own settings); a remote call leaves it out
+    max_int: int = MAX_EVENTS_PAGE  # integer query arguments are within 1..max_int
+    schema: str | None = None  # the OpenAPI answer, a component's name; None: from the return type
+    body_schema: dict[str, Any] | None = None  # the OpenAPI request body; None: from the body arguments
+    check: Callable[[dict[str, Any]], None] | None = None  # the server's extra check of a body
+    to_wire: Callable[[Any, Any], Any] | None = None  # (request, result) -> the JSON answer; None: the result
+    from_wire: Callable[[Any], Any] | None = None  # the JSON answer -> the result; None: from the return type
+    is_routed: bool = True  # False: the remote client asks a route that answers more (count_events)
+    is_lenient: bool = False  # a batch whose items are checked one by one: a bad item rejects that item only
+
+
+SERVICE_APIS: dict[str, tuple[Callable[..., Any], Api | None]] = {}  # service -> (function, HTTP form or None)
+
+
+def api(method: str, path: str, summary: str, **form: Any
+        ) -> Callable[[Callable[Concatenate[_S, _P], _R]], Callable[Concatenate[_S, _P], _R]]:
+    """Declare a Services method as a service offered over HTTP (see Api for the form)."""
+    return _declare(Api(method, path, summary, **form))
+
+
+def here(fn: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+    """Declare a Services method as a service of this host only: its tmux, its hooks, its files."""
+    return _declare(None)(fn)
+
+
+def _declare(spec: Api | None) -> Callable[[Callable[Concatenate[_S, _P], _R]], Callable[Concatenate[_S, _P], _R]]:
+    def register(fn: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+        SERVICE_APIS[fn.__name__] = (fn, spec)
+
+        @functools.wraps(fn)
+        def call(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            return self._run(fn, spec, args, kwargs)
+        return call
+    return register
+
+
+def from_json(cls: type, obj: dict[str, Any]) -> Any:
+    """Rebuild a dataclass from its JSON object (a JSON list back into a tuple field); added fields are ignored."""
+    import typing
+
+    return cls(**{f.name: tuple(obj[f.name]) if typing.get_origin(f.type) is tuple else obj[f.name]
+                  for f in dataclasses.fields(cls) if f.name in obj})
+
+
+def _change_from_json(obj: dict[str, Any]) -> Change:
+    return Change([from_json(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
+
+
+def _status_to_wire(req: Any, report: StatusReport) -> dict[str, Any]:
+    return {**report.to_json(), "n_events": req.svc.count_events(), "machine_id": req.db.machine_id,
+            "clock": req.svc.clock_status()}
+
+
+def _status_from_wire(got: dict[str, Any]) -> StatusReport:
+    return StatusReport([ProjectStatus(from_json(Project, p), p["tokens"], p["n_sessions"]) for p in got["projects"]],
+                        [from_json(Session, x) for x in got["sessions"]],
+                        {t["id"]: from_json(Task, t) for t in got["tasks"]})
+
+
+def _server_config(req: Any) -> dict[str, Any]:
+    return load_config(req.config.config_path)  # the server's own clare.toml, read at each request
+
+
+def _answer_body(body: dict[str, Any]) -> None:
+    for name, kind in (("option", int), ("option_text", str), ("reason", str), ("tool_use_id", str)):
+        if body.get(name) is not None and (not isinstance(body[name], kind) or isinstance(body[name], bool)):
+            raise UsageError(f"{name} must be {'an integer' if kind is int else 'text'}")
+    # The server names the client in the history: what the caller says it is, marked as come through the API.
+    said = body.get("client")
+    body["client"] = f"{said} via api"[:200] if isinstance(said, str) and said else "api"
+    if body.get("reason") is None:
+        body.pop("reason", None)
+
+
+def _only_message_updates(body: dict[str, Any]) -> None:
+    # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
+    # client that could post them would put words in a session's or a hook's mouth.
+    if body.get("source", "message") != "message":
+        raise UsageError(f"update source {body['source']!r} is not allowed here; only 'message' may be posted "
+                         "(pane tails, triage and hook notes are written by 'clare pull')")
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """Where one argument of a declared service goes: its place, its name there and its kind of value."""
+
+    arg: str
+    where: str  # "path", "query", "body", "here" (refused remotely unless at its default), "server" or "not_sent"
+    name: str  # in the path, query or body
+    kind: str  # "text", "int", "bool", "list", "range" (a (lo, hi) pair as "lo-hi") or "object" (a record)
+    is_optional: bool  # None is a value of it
+    is_required: bool  # it has no default
+    default: Any
+    resolver: str | None  # a getter the server turns the ref into the record (or its id) with
+
+
+_WIRES: dict[str, tuple[Wire, ...]] = {}
+
+
+def wire_args(name: str) -> tuple[Wire, ...]:
+    """Return where each argument of a declared service goes: path, query and body in their declared order."""
+    if name not in _WIRES:
+        import inspect
+        import types
+        import typing
+
+        fn, spec = SERVICE_APIS[name]
+        params = list(inspect.signature(fn).parameters.values())[1:]  # after self
+        spec = spec or Api("", "", "")
+        placed = dict(zip(re.findall(r"\{(\w+)\}", spec.path), (p.name for p in params), strict=False))
+        where = {arg: ("path", wire) for wire, arg in placed.items()}
+        for place, specs in (("query", spec.query), ("body", spec.body)):
+            for text in specs:
+                arg, _, wire = text.partition("=")
+                where[arg] = (place, wire or arg)
+        where.update({arg: ("here", arg) for arg in spec.here})
+        where.update({arg: ("not_sent", arg) for arg in spec.not_sent})
+        where.update({arg: ("server", arg) for arg in spec.server})
+        wires = []
+        for p in params:
+            if p.name not in where and SERVICE_APIS[name][1] is not None:
+                raise TypeError(f"{name}: argument {p.name} is not placed in the path, query or body of its @api")
+            ann = p.annotation
+            is_optional = isinstance(ann, types.UnionType) and type(None) in typing.get_args(ann)
+            base = next((a for a in typing.get_args(ann) if a is not type(None)), ann) if is_optional else ann
+            origin = typing.get_origin(base) or base
+            kind = {bool: "bool", int: "int", str: "text", list: "list", tuple: "range"}.get(origin) or \
+                ("list" if origin in (Iterable, Sequence) else "object")
+            place, wire = where.get(p.name, ("here", p.name))
+            wires.append(Wire(p.name, place, wire, kind, is_optional, p.default is p.empty, p.default,
+                              spec.resolve.get(p.name)))
+        order = {"path": 0, "query": 1, "body": 2}
+        _WIRES[name] = tuple(sorted(wires, key=lambda w: order.get(w.where, 3)))  # stable: declared order kept
+    return _WIRES[name]
+
+
+class Services:
+    """The services and queries bound to one database and the wall clock: what the CLI and pages call.
+
+    RemoteServices offers the same methods over HTTP, so a caller never knows which it has.
+    """
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Db):
+        self.db = db
+
+    def _run(self, fn: Callable[..., _R], spec: Api | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _R:
+        return fn(self, *args, **kwargs)
+
+    @api("GET", "/api/v1/projects", "List projects with task counts", query=("status",))
+    def list_projects(self, *, status: str | None = None) -> list[Project]:
+        """Return the projects, with task counts."""
+        return list_projects(self.db, status=status)
+
+    @api("POST", "/api/v1/projects", "Create a project", body=("name", "goal", "owner", "dirs"), status=201)
+    def create_project(self, name: str, *, goal: str = "", owner: str = "", dirs: Sequence[str] = ()) -> Project:
+        """Create a project (dirs: "/path" here, "HOST:/path" on another host)."""
+        return create_project(self.db, name, goal=goal, owner=owner, dirs=dirs, now_ms=now_ms())
+
+    @api("GET", "/api/v1/projects/{project}", "Get a project by name or id prefix")
+    def get_project(self, ref: str) -> Project:
+        """Return the project named `ref` or whose id starts with `ref`."""
+        return get_project(self.db, ref)
+
+    @api("PATCH", "/api/v1/projects/{project}", 'Change a project (dirs: "/path", "HOST:/path", "HOST:" removes)',
+         body=("name", "goal", "owner", "status", "dirs"))
+    def edit_project(self, ref: str, *, name: str | None = None, goal: str | None = None,
+                     owner: str | None = None, status: str | None = None, dirs: Sequence[str] = ()) -> Project:
+        """Change some fields of a project, and its directory per host."""
+        return edit_project(self.db, ref, name=name, goal=goal, owner=owner, status=status, dirs=dirs,
+                            now_ms=now_ms())
+
+    @api("GET", "/api/v1/projects/{project}/history", "Events about a project and its tasks", query=("limit",),
+         resolve={"project": "get_project"})
+    def project_history(self, project: Project, *, limit: int = 200) -> list[Event]:
+        """Return the events about a project and its tasks, oldest first."""
+        return project_history(self.db, project, limit=limit)
+
+    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1)",
+         query=("project_id=project", "status", "session_id=session", "group_id=group", "is_open=open",
+                "active_projects=active", "is_assigned=assigned", "tag", "priorities=priority", "search",
+                "include_removed=removed"), resolve={"project_id": "get_project", "group_id": "get_group"})
+    def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
+                   session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
+                   active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
+                   priorities: tuple[int, int] | None = None, search: str | None = None,
+                   include_removed: bool = False) -> list[Task]:
+        """Return tasks, most urgent first."""
+        return list_tasks(self.db, project_id=project_id, status=status, session_id=session_id, group_id=group_id,
+                          is_open=is_open, active_projects=active_projects, is_assigned=is_assigned, tag=tag,
+                          priorities=priorities, search=search, include_removed=include_removed)
+
+    @api("POST", "/api/v1/tasks", "Add a task", body=("project_ref=project", "title", "priority", "description",
+                                                      "tags"), status=201)
+    def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
+                    description: str = "", tags: Iterable[str] = ()) -> Task:
+        """Add a task to a project."""
+        return create_task(self.db, project_ref, title, priority=priority, description=description, tags=tags,
+                           now_ms=now_ms())
+
+    @api("GET", "/api/v1/tasks/{task}", "Get a task by id prefix (removed ones too)")
+    def get_task(self, ref: str) -> Task:
+        """Return the task whose id starts with `ref`."""
+        return get_task(self.db, ref)
+
+    @api("PATCH", "/api/v1/tasks/{task}", "Change a task; tags adds tags, untags removes them",
+         body=("title", "description", "priority", "status", "tags", "untags"))
+    def edit_task(self, ref: str, *, title: str | None = None, description: str | None = None,
+                  priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
+                  untags: Iterable[str] = ()) -> Task:
+        """Change some fields and tags of a task."""
+        return edit_task(self.db, ref, title=title, description=description, priority=priority, status=status,
+                         tags=tags, untags=untags, now_ms=now_ms())
+
+    @api("DELETE", "/api/v1/tasks/{task}", "Remove a task: it leaves every list, keeps its history, can be restored")
+    def remove_task(self, ref: str) -> Task:
+        """Remove a task (it can be restored)."""
+        return remove_task(self.db, ref, now_ms=now_ms())
+
+    @api("POST", "/api/v1/tasks/{task}/restore", "Bring a removed task back")
+    def restore_task(self, ref: str) -> Task:
+        """Bring a removed task back."""
+        return restore_task(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/undo", "This host's newest changes not undone yet, newest first", query=("limit",),
+         max_int=100, from_wire=lambda got: [_change_from_json(c) for c in got])
+    def list_changes(self, *, limit: int = 10) -> list[Change]:
+        """Return this host's newest changes not undone yet, newest first."""
+        return list_changes(self.db, limit=limit)
+
+    @api("POST", "/api/v1/undo", "Undo this host's newest change by recording its inverse",
+         body_schema={"type": "object"},
+         from_wire=lambda got: UndoResult(_change_from_json(got), [from_json(Event, e) for e in got["recorded"]],
+                                          got["n_kept"]))
+    def undo_change(self) -> UndoResult:
+        """Undo this host's newest change by recording its inverse."""
+        return undo_change(self.db, now_ms=now_ms())
+
+    @api("POST", "/api/v1/tasks/{task}/assignment", "Assign a task to a session or a group",
+         body=("session_id", "group_ref=group"))
+    def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
+        """Bind a task to one session or one group, ending any previous binding."""
+        return assign_task(self.db, ref, session_id=session_id, group_ref=group_ref, now_ms=now_ms())
+
+    @api("DELETE", "/api/v1/tasks/{task}/assignment", "End a task's assignment")
+    def unassign_task(self, ref: str) -> Task:
+        """End a task's binding."""
+        return unassign_task(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups", "List groups")
+    def list_groups(self) -> list[Group]:
+        """Return the groups."""
+        return list_groups(self.db)
+
+    @api("POST", "/api/v1/groups", "Create a group", body=("name", "cwd", "host", "tmux_name"), status=201)
+    def create_group(self, name: str, *, cwd: str | None = None, host: str | None = None,
+                     tmux_name: str | None = None) -> Group:
+        """Create a group of sessions by cwd, host or tmux session name."""
+        return create_group(self.db, name, cwd=cwd, host=host, tmux_name=tmux_name, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups/{group}", "Get a group by name or id prefix")
+    def get_group(self, ref: str) -> Group:
+        """Return the group named `ref` or whose id starts with `ref`."""
+        return get_group(self.db, ref)
+
+    @api("DELETE", "/api/v1/groups/{group}", "Remove a group")
+    def remove_group(self, ref: str) -> Group:
+        """Remove a group; its tasks become unassigned."""
+        return remove_group(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups/{group}/sessions", "Sessions a group's patterns match now",
+         query=("include_gone=all",))
+    def list_group_sessions(self, group_ref: str, *, include_gone: bool = False) -> list[Session]:
+        """Return the sessions a group's patterns match now."""
+        return list_group_sessions(self.db, group_ref, include_gone=include_gone)
+
+    @api("GET", "/api/v1/sessions", "List Claude sessions of every host", query=("host", "include_gone=all"))
+    def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
+        """Return the sessions of every host."""
+        return list_sessions(self.db, host=host, include_gone=include_gone)
+
+    @api("GET", "/api/v1/sessions/{session}", "", is_routed=False)  # the route answers get_session_detail
+    def get_session(self, ref: str) -> Session:
+        """Return the session whose id starts with `ref` (gone ones too)."""
+        return get_session(self.db, ref)
+
+    @api("GET", "/api/v1/sessions/{session}", "Get a session by id prefix, with its task, history and attach command",
+         query=("limit",), server={"hosts": lambda req: (req.config.settings or {}).get("hosts") or {}},
+         from_wire=lambda got: SessionDetail(
+             from_json(Session, got), from_json(Task, got["task"]) if got.get("task") else None,
+             [from_json(Event, e) for e in got.get("history", [])], got.get("attach")))
+    def get_session_detail(self, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
+        """Return a session with its task, its newest history and the command that attaches to its pane."""
+        return get_session_detail(self.db, ref, hosts=hosts, limit=limit)
+
+    @api("POST", "/api/v1/tasks/{task}/sessions", "Start a Claude session for a task on a host (in a new worktree)",
+         body=("host", "is_worktree", "model"), status=201, server={"config": _server_config})
+    def start_session(self, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
+                      model: str | None = None, config: dict[str, Any]) -> Order:
+        """Start a Claude session for a task, here or on another host (a server uses its own clare.toml)."""
+        # SECURITY: this runs a program and types into an AI agent: the token and cross-site rules guard it.
+        return start_session(self.db, task_ref, host=host, is_worktree=is_worktree, model=model, config=config,
+                             now_ms=now_ms())
+
+    @api("POST", "/api/v1/sessions/{session}/resume", "Resume a gone session on its host", status=201,
+         body_schema={"type": "object", "required": [], "properties": {}, "additionalProperties": False},
+         server={"config": _server_config})
+    def resume_session(self, session_ref: str, *, config: dict[str, Any]) -> Order:
+        """Resume a gone session (claude --resume) on its host, in its directory."""
+        return resume_session(self.db, session_ref, config=config, now_ms=now_ms())
+
+    @api("POST", "/api/v1/sessions/{session}/stop", "Stop a session: /exit while it waits, SIGTERM with is_force",
+         body=("is_force",), status=201, server={"config": _server_config})
+    def stop_session(self, session_ref: str, *, is_force: bool = False, config: dict[str, Any]) -> Order:
+        """Stop a session on its host: /exit while it waits; is_force sends SIGTERM even while it works."""
+        return stop_session(self.db, session_ref, is_force=is_force, config=config, now_ms=now_ms())
+
+    @api("GET", "/api/v1/orders", "Session orders (start, resume, stop) and their results",
+         query=("order_id=id", "session_id=session", "pending_on"))
+    def list_orders(self, *, order_id: str | None = None, session_id: str | None = None,
+                    pending_on: str | None = None) -> list[Order]:
+        """Return the session orders and their results."""
+        return list_orders(self.db, order_id=order_id, session_id=session_id, pending_on=pending_on)
+
+    @api("GET", "/api/v1/needs", "Sessions waiting on a person: permission first, then the longest waiting")
+    def list_needs(self) -> list[Session]:
+        """Return the sessions that wait on a person: permission dialogs first, then the longest waiting."""
+        return list_needs(self.db)
+
+    @here
+    def get_pane_session(self, tmux_socket: str | None, pane_id: str) -> Session:
+        """Return the live session of this host in a tmux pane."""
+        return get_pane_session(self.db, tmux_socket, pane_id)
+
+    @here
+    def observe_sessions(self, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
+                         keep_ids: Iterable[str] = (), live_panes: Mapping[str, Iterable[str]] | None = None
+                         ) -> list[Event]:
+        """Record what a look at this host's sessions found."""
+        return observe_sessions(self.db, seen, keep_sockets=keep_sockets, keep_ids=keep_ids, live_panes=live_panes,
+                                now_ms=now_ms())
+
+    @here
+    def report_hook(self, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
+                    is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
+                    is_stale: bool = False) -> list[Event]:
+        """Record what a Claude Code hook on this host reported (and what a dialog asks)."""
+        return report_hook(self.db, session_id, mark, cwd=cwd, tmux_target=tmux_target, is_end=is_end,
+                           is_clear=is_clear, asked=asked, is_stale=is_stale, now_ms=now_ms())
+
+    @here
+    def get_token(self, config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:
+        """Return this host's API token."""
+        return get_token(config, path=path, env=env)
+
+    @here
+    def pull_fleet(self, *, config: dict[str, Any], tails: bool = False,
+                   env: Mapping[str, str] | None = None) -> PullResult:
+        """Look at this host's Claude sessions and record what changed."""
+        return pull_fleet(self.db, config=config, now_ms=now_ms(), tails=tails, env=env)
+
+    @api("GET", "/api/v1/panes/ambiguous", "Claude panes whose session cannot be told apart")
+    def list_ambiguous_panes(self) -> list[Pane]:
+        """Return the panes the last pull could not tie to one session."""
+        return list_ambiguous_panes(self.db)
+
+    @api("POST", "/api/v1/sessions/{session}/answer",
+         "Answer a session's open permission dialog (approve, deny with a reason, or option N with its wording); "
+         "typed by the session's host only if the same dialog is still open",
+         body=("answer", "option", "option_text", "reason", "tool_use_id", "client"), status=201,
+         schema="AnswerResult", check=_answer_body,
+         server={"peers": lambda req: req.config.peers, "settings": lambda req: req.config.settings or {}},
+         from_wire=lambda got: AnswerResult(from_json(Answer, got), got.get("note", "")))
+    def answer_session(self, session_ref: str, answer: str, *, option: int | None = None,
+                       option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
+                       client: str, peers: Iterable[Peer] = (), settings: dict[str, Any] | None = None
+                       ) -> AnswerResult:
+        """Answer a session's permission dialog: typed here at once, or pushed to the session's host."""
+        # SECURITY: this types into an AI agent's dialog: the token and cross-site rules guard it, and
+        # the session's host types only if the same dialog is still open.
+        return answer_session(self.db, session_ref, answer, option=option, option_text=option_text, reason=reason,
+                              tool_use_id=tool_use_id, client=client, peers=peers, settings=settings,
+                              now_ms=now_ms())
+
+    @api("POST", "/api/v1/broadcast", "Type a text into every live session of a target (project, group:NAME, "
+         "session:ID)", body=("target", "text", "is_command"), not_sent=("confirm_s", "on_delivery"), status=201,
+         from_wire=lambda got: BroadcastResult(got["broadcast_id"], got["target"], got["text"],
+                                               [from_json(Delivery, d) for d in got["deliveries"]],
+                                               list(got.get("unreached") or [])))
+    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
+                       confirm_s: float = BROADCAST_CONFIRM_S,
+                       on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
+        """Send a text to every live session of a target (a server waits for confirmations its own way)."""
+        # SECURITY: this types into AI agents that run shell commands; the server's token and
+        # cross-site rules guard every POST, and the fleet refuses non-Claude panes and open dialogs.
+        return send_broadcast(self.db, target, text, now_ms=now_ms(), is_command=is_command, confirm_s=confirm_s,
+                              on_delivery=on_delivery)
+
+    @api("GET", "/api/v1/broadcast/recipients", "The live sessions a broadcast target reaches", query=("target",))
+    def list_broadcast_recipients(self, target: str) -> list[Session]:
+        """Return the live sessions a broadcast target (project, group:NAME or session:ID) names."""
+        return list_broadcast_recipients(self.db, target)
+
+    @api("GET", "/api/v1/deliveries", "Per-session results of a broadcast",
+         query=("broadcast_id=broadcast", "pending_on"))
+    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
+        """Return the per-session results of broadcasts."""
+        return list_deliveries(self.db, broadcast_id=broadcast_id, pending_on=pending_on)
+
+    @api("GET", "/api/v1/updates", "List updates, newest last", query=("task_ids=task", "update_id=id", "limit"),
+         resolve={"task_ids": "get_task"})
+    def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
+                     limit: int = 50) -> list[Update]:
+        """Return the newest updates, newest last."""
+        return list_updates(self.db, task_ids=task_ids, update_id=update_id, limit=limit)
+
+    @api("POST", "/api/v1/updates", "Post a progress note (is_done: the task is done too)",
+         body=("text", "task_ref=task", "source", "session_id", "is_done"), status=201, check=_only_message_updates,
+         here={"pane": "a note from inside a pane finds its task on this host; name the task "
+                       "(clare update TASK TEXT) or run without --remote"})
+    def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
+                    pane: tuple[str | None, str] | None = None, source: str = "message",
+                    is_done: bool = False) -> Update:
+        """Add a progress note to a task and/or a session (is_done: the task is done too)."""
+        return post_update(self.db, text, task_ref=task_ref, session_id=session_id, pane=pane, source=source,
+                           is_done=is_done, now_ms=now_ms())
+
+    @api("GET", "/api/v1/status", "The roll-up", query=("project_ref=project", "group_ref=group"),
+         schema="Status", to_wire=_status_to_wire, from_wire=_status_from_wire)
+    def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
+        """Return the roll-up: per project its counts and tokens, the live sessions and their tasks."""
+        return get_status(self.db, project_ref=project_ref, group_ref=group_ref)
+
+    @api("GET", "/api/v1/status", "", from_wire=lambda got: got["clock"], is_routed=False)
+    def clock_status(self) -> dict[str, Any]:
+        """Return what this host's peers say of its clock, and the events it holds back."""
+        return clock_status(self.db, now_ms=now_ms())
+
+    @api("GET", "/api/v1/status", "", from_wire=lambda got: got["n_events"], is_routed=False)
+    def count_events(self) -> int:
+        """Return how many events the log holds."""
+        return count_events(self.db)
+
+    @api("GET", "/api/v1/events", "", query=("limit",), from_wire=lambda page: [
+         from_json(Event, e) for e in page["events"]], is_routed=False)
+    def list_events(self, *, limit: int = 50) -> list[Event]:
+        """Return the newest events, newest last."""
+        return list_events(self.db, limit=limit)
+
+    @api("GET", "/api/v1/history", "Events naming any of the given entity ids", query=("entity_ids=entity", "limit"))
+    def list_history(self, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
+        """Return the newest events naming any of these entities, oldest first."""
+        return list_history(self.db, entity_ids, limit=limit)
+
+    @api("POST", "/api/v1/import", "Store events given as JSON lines", body=("lines",), schema="ImportResult",
+         is_lenient=True,  # a bad line rejects that line only
+         body_schema={"type": "object", "required": ["lines"], "properties": {
+             "lines": {"type": "array", "items": {"type": "string"}}}},
+         to_wire=lambda req, r: {"inserted": r[0].inserted, "duplicates": r[0].n_duplicates,
+                                 "conflicts": r[0].conflicts, "rejected": r[1]},
+         from_wire=lambda got: (InsertResult([from_json(Event, e) for e in got["inserted"]], got["duplicates"],
+                                             got["conflicts"]), got["rejected"]))
+    def import_events(self, lines: Iterable[str]) -> tuple[InsertResult, list[str]]:
+        """Store the events of JSON lines not yet here; return what happened and one reason per bad line."""
+        return import_events(self.db, lines, now_ms=now_ms())
+
+    @api("POST", "/api/v1/replay", "Rebuild every projection from the log", body_schema={"type": "object"},
+         schema="ReplayResult", to_wire=lambda req, n: {"events": n}, from_wire=lambda got: got["events"])
+    def replay(self) -> int:
+        """Rebuild every projection from the log; return how many events were applied."""
+        return replay(self.db)
+
+
+# --- the remote twin of Services: the same methods, over a Clare server's JSON API ----------------
+
+REMOTE_TIMEOUT_S = 30.0
+
+
+class RemoteServices(Services):
+    """The services of Services, run by a remote Clare: each call follows its service's @api declaration.
+
+    Raises the same error classes as a local call, with the server's message.
+    """
+
+    __slots__ = ("url", "token")
+
+    def __init__(self, url: str, *, token: str | None = None):
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def _run(self, fn: Callable[..., Any], spec: Api | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        import inspect
+        import urllib.parse
+
+        if spec is None:
+            raise UsageError(f"{fn.__name__} works on this host only (its tmux, hooks and files); run the command "
+                             "on that host without --remote (and without CLARE_URL)")
+        signature = inspect.signature(fn)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        path, query, body = spec.path, [], {}
+        for w in wire_args(fn.__name__):
+            value = bound.arguments[w.arg]
+            if w.where == "here" and value != w.default:
+                raise UsageError(spec.here.get(w.arg) or f"{w.arg} works on this host only; run without --remote")
+            if w.where == "path":
+                ref = value.id if w.kind == "object" else value
+                path = path.replace(f"{{{w.name}}}", urllib.parse.quote(str(ref), safe=""))
+            elif w.where == "query":
+                if w.kind == "list" and value == []:
+                    return []  # no ids: nothing matches, as locally
+                query += _query_pairs(w, value, max_int=spec.max_int)
+            elif w.where == "body" and (w.is_required or value not in (None, (), [])):
+                body[w.name] = list(value) if w.kind == "list" else value
+        path += "?" + urllib.parse.urlencode(query) if query else ""
+        got = http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
+                        token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
+                        hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
+                                 "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
+        if spec.from_wire is not None:
+            return spec.from_wire(got)
+        answer = signature.return_annotation
+        if getattr(answer, "__origin__", None) is list:
+            return [from_json(answer.__args__[0], x) for x in got]
+        return from_json(answer, got)
+
+
+def _query_pairs(w: Wire, value: Any, *, max_int: int) -> list[tuple[str, str]]:
+    if value is None or (w.kind == "bool" and value is False and not w.is_optional):
+        return []
+    if w.kind == "bool":
+        return [(w.name, str(int(value)))]
+    if w.kind == "int":
+        return [(w.name, str(min(value, max_int)))]
+    if w.kind == "list":
+        return [(w.name, x) for x in value]
+    if w.kind == "range":
+        return [(w.name, f"{value[0]}-{value[1]}")]
+    return [(w.name, value)]
+
+
 # ==========================================================================
 # 8. HTTP: routing table, HTML templates, JSON API and sync endpoints.
 # ==========================================================================
@@ -6376,14 +7780,18 @@ MAX_DRAIN_BYTES = 64 * 1024 * 1024  # of a body refused as too large, read and d
 SYNC_PATH_PREFIX = "/api/v1/sync/"
 REQUEST_TIMEOUT_S = 10.0  # per socket read or write: a slow or silent client loses its connection
 REQUEST_DEADLINE_S = 60.0  # a request's head and body, from its first byte: a trickling client is cut off
-MAX_HANDLER_THREADS = 128  # connections handled at once; one more gets a quick 503
+MAX_HANDLER_THREADS = 128  # requests handled at once; one more gets a quick 503
+RESERVED_THREADS_SHARE = 8  # one handler slot in 8 (at least one) is kept for requests that carry the token
+HEADER_DEADLINE_S = 2.0  # from a connection's first byte (or its accept) to the end of its request's head
+MAX_HEAD_BYTES = 64 * 1024 + 1024  # a head this long goes to a handler, which refuses it (414, 431)
+MAX_WAITING_CONNECTIONS = 4096  # connections waiting for a head; past it the oldest is closed
+BUSY_WAIT_S = 1.0  # a request whose head is here waits this long for a free handler slot, then gets 503
 BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                b"Connection: close\r\nContent-Length: 84\r\n\r\n"
                b'{"error": {"code": "busy", "message": "the server is busy; try again in a second"}}\n')  # past the cap
 LISTEN_BACKLOG = 128  # with the default 5, p99 latency under load is near a second (DESIGN §8)
 SHUTDOWN_GRACE_S = 10.0  # how long SIGTERM waits for requests in flight to finish
 POLL_S = 5  # how often htmx refreshes a polled fragment
-MAX_EVENTS_PAGE = 1000
 LOGIN_COOKIE = "clare_login"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -6394,16 +7802,16 @@ ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                422: "invalid", 431: "headers_too_large", 500: "internal", 501: "not_implemented"}
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
-HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both together
-HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"
+HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both (and its test's hash)
 PANE_POLL_S = 2  # how often an open session page refreshes its live pane
+FLEET_POLL_S = 2  # how often the dashboard's sessions refresh: a hook's report shows within 2.5 s
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
     # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on our own form posts.
     ("Referrer-Policy", "same-origin"),
-    # Inline CSS lives in the page template; scripts only from /static, never inline.
-    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    # Scripts and styles only from /static, never inline (STYLESHEET is /static/clare.css).
+    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self'; "
                                 "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
 )
 
@@ -6421,7 +7829,7 @@ class HttpError(ClareError):
 class WebConfig:
     host: str  # the address the server binds
     port: int  # 0 picks a free port; the server then knows the real one
-    token: str | None  # with a token, every non-public route needs it (bearer or login cookie)
+    token: str | None  # every route but /login and /static/ needs it (bearer or login cookie); None opens none
     allowed_hosts: frozenset[str]  # Host header names accepted (DNS rebinding defence)
     csrf_token: str  # per-install secret that every HTML form and htmx request carries
     db_path: str
@@ -6433,11 +7841,6 @@ class WebConfig:
     config_path: str = ""  # clare.toml, read again where a service needs settings (starting a session)
     settings: Any = None  # clare.toml as read at start: peer tokens, [hosts.NAME] ssh
     contacts: PeerContacts = dataclasses.field(default_factory=PeerContacts)  # sync requests from peers
-
-    @property
-    def has_token(self) -> bool:
-        """Tell whether requests must authenticate."""
-        return self.token is not None
 
     @property
     def login_cookie(self) -> str:
@@ -6469,16 +7872,13 @@ def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: st
                port: int = DEFAULT_PORT, env: Mapping[str, str] | None = None, log_requests: bool = False) -> WebConfig:
     """Take token, allowed host names and peers from CLARE_TOKEN and clare.toml (`settings`, else read here).
 
-    Refuse an open bind without a token.
+    Every bind has a token: without CLARE_TOKEN or `token` in clare.toml, one is made and written there.
     """
     import socket
 
     config = load_config(paths.config) if settings is None else settings
-    token = resolve_token(config, env=env, path=paths.config)
-    if not is_loopback(host) and token is None:
-        raise UsageError(f"binding {host or '*'} exposes Clare to the network without a token; set CLARE_TOKEN "
-                         "or token = \"...\" in clare.toml (python3 -c 'import secrets; "
-                         "print(secrets.token_urlsafe(32))'), or bind 127.0.0.1")
+    # SECURITY: loopback is no trust boundary (DESIGN §6): other users and every local agent reach it.
+    token = ensure_token(paths.config, config, env=env)
     names = config.get("allowed_hosts", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise UsageError(f"{paths.config}: allowed_hosts must be a list of host names")
@@ -6529,10 +7929,14 @@ class Request:
             raise HttpError(400, f"query parameter {name}={value} is outside {lo}-{hi}")
         return value
 
-    def json(self, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Return the JSON object body holding the required fields and no unknown ones."""
+    def json(self, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+             is_lenient: bool = False) -> dict[str, Any]:
+        """Return the JSON object body holding the required fields and no unknown ones.
+
+        Standard JSON only, unless `is_lenient`: a batch whose items are checked one by one.
+        """
         try:
-            value = json.loads(self.body or b"{}")
+            value = parse_json(self.body or b"{}", is_lenient=is_lenient)
         except (ValueError, RecursionError) as err:  # SECURITY: '[[[[...' nested deeper than the stack
             raise HttpError(400, f"the body is not valid JSON ({str(err)[:100]}); send a JSON object") from err
         if not isinstance(value, dict):
@@ -6667,26 +8071,39 @@ def check_same_origin(headers: dict[str, str]) -> None:
     check_origin(headers)
 
 
-def check_auth(config: WebConfig, headers: dict[str, str]) -> None:
-    """Require the bearer token or the login cookie when the server has a token."""
-    if config.token is None:
-        return
-    auth = headers.get("authorization", "")
-    scheme, _, given = auth.partition(" ")
+def is_public(path: str) -> bool:
+    """Tell whether a path is open without the token: the login page and the vendored static files."""
+    return path == "/login" or path.startswith("/static/")
+
+
+def is_authenticated(config: WebConfig, headers: dict[str, str]) -> bool:
+    """Tell whether a request carries the bearer token or a valid login cookie."""
+    if config.token is None:  # no token, no way in: a server is never open by mistake
+        return False
+    scheme, _, given = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and same_secret(given.strip(), config.token):
-        return
-    if same_secret(_cookie(headers.get("cookie", ""), LOGIN_COOKIE), config.login_cookie):
-        return
-    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or open the login URL "
-                         "that 'clare serve' printed", headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
+        return True
+    # SECURITY: any page on localhost (another port) can set a second clare_login cookie; browsers
+    # send both, in an order it can influence. The valid one counts, wherever it stands.
+    return any(same_secret(value, config.login_cookie) for value in _cookies(headers.get("cookie", ""), LOGIN_COOKIE))
 
 
-def _cookie(header: str, name: str) -> str | None:
+def check_auth(config: WebConfig, path: str, headers: dict[str, str]) -> None:
+    """Require the bearer token or the login cookie on every path but the public ones."""
+    if is_public(path) or is_authenticated(config, headers):
+        return
+    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or log in once with the "
+                         "URL that 'clare serve' printed (the token is in clare.toml)",
+                    headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
+
+
+def _cookies(header: str, name: str) -> list[str]:
+    values = []
     for part in header.split(";"):
         key, sep, value = part.strip().partition("=")
         if sep and key == name:
-            return value
-    return None
+            values.append(value)
+    return values
 
 
 def check_media(config: WebConfig, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
@@ -6719,13 +8136,17 @@ def check_length(path: str, headers: dict[str, str], *, n_lengths: int = 1) -> i
     if n_lengths > 1:  # SECURITY: two lengths are how requests get smuggled past a proxy
         raise HttpError(400, "a request needs at most one Content-Length header")
     text = headers.get("content-length", "0").strip() or "0"
-    if not text.isdigit():
-        raise HttpError(400, f"bad Content-Length {text[:20]!r}")
+    if not _is_ascii_digits(text):  # SECURITY: '²'.isdigit() is True, and int('²') raises
+        raise HttpError(400, f"bad Content-Length {text[:20]!r}; send the body's size in ASCII digits")
     size = int(text)
     limit = MAX_SYNC_BODY_BYTES if path.startswith(SYNC_PATH_PREFIX) else MAX_BODY_BYTES
     if size > limit:
         raise HttpError(413, f"the body is {size} bytes, over the limit of {limit}; send less at a time")
     return size
+
+
+def _is_ascii_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) < 19
 
 
 def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response:
@@ -6734,6 +8155,8 @@ def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response
     status = err.http_status
     if is_api:
         return Response(status, error_json(status, str(err)), headers=extra)
+    if status == 401 and is_htmx:  # a poll after the login lapsed: the whole page goes to the login form
+        return html_response(flash(str(err)), status=status, headers=(*extra, ("HX-Redirect", "/login")))
     if is_htmx:  # htmx swaps it into the page's message box instead of the fragment it asked for
         return html_response(flash(str(err)), status=status,
                              headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
@@ -6758,7 +8181,7 @@ def _drain_refused_body(h: Any, headers: dict[str, str]) -> None:
     RST, and the client saw "broken pipe" instead of the limit.
     """
     text = headers.get("content-length", "").strip()
-    n_left = min(int(text), MAX_DRAIN_BYTES) if text.isdigit() else 0
+    n_left = min(int(text), MAX_DRAIN_BYTES) if _is_ascii_digits(text) else 0
     with contextlib.suppress(OSError):  # a client that stops sending times out like any slow one
         h.wfile.flush()
         while n_left > 0:
@@ -6766,10 +8189,6 @@ def _drain_refused_body(h: Any, headers: dict[str, str]) -> None:
             if not chunk:
                 return
             n_left -= len(chunk)
-
-
-def _is_public(handler: Callable) -> bool:
-    return handler in (page_login, get_static)
 
 
 def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
@@ -6790,9 +8209,9 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
             raise error or HttpError(400, "the request cannot be read")
         check_host(config, message.get_all("Host") or [])
         size = h.body_size = check_length(path, headers, n_lengths=len(message.get_all("Content-Length") or []))
+        # SECURITY: the one door of the token, before routing: a route added later is guarded by default.
+        check_auth(config, path, headers)
         handler, params = _route(method, path)
-        if not _is_public(handler):
-            check_auth(config, headers)
         if method in STATE_CHANGING:
             check_origin(headers)
         body = h.rfile.read(size) if size else b""
@@ -6819,11 +8238,24 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     finally:
         if db is not None:
             server.give_db(db)
-    if resp.status >= 400 and not h.body_is_read and headers.get("content-length", "0") not in ("", "0"):
-        if not _discard_body(h):
-            h.close_connection = True  # the unread body would be parsed as the next request
+    # SECURITY: a body left unread (or of unknown length: chunked, a bad Content-Length) would be
+    # parsed as the next request on this connection: request smuggling. Drop it, or close.
+    # A stranger's body (401) is not worth reading: close instead.
+    if not h.body_is_read and (h.body_size is None or (h.body_size and (
+            resp.status == 401 or not _discard_body(h)))):
+        h.close_connection = True
     if server.is_stopping:
         h.close_connection = True
+    resp, head = _response_head(resp, is_closing=h.close_connection)
+    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
+    if resp.status == 413 and not h.body_is_read:
+        _drain_refused_body(h, headers)
+    if config.log_requests:
+        h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+
+
+def _response_head(resp: Response, *, is_closing: bool) -> tuple[Response, bytes]:
+    """Return the response and its status line and headers: a 500 instead if a header value holds a line break."""
     from http.server import BaseHTTPRequestHandler
 
     reason = BaseHTTPRequestHandler.responses.get(resp.status, ("",))[0]
@@ -6832,14 +8264,15 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     if not any(k.lower() == "cache-control" for k, _ in resp.headers):
         lines.append("Cache-Control: no-store")
     lines += [f"{k}: {v}" for k, v in resp.headers]
-    if h.close_connection:
+    if is_closing:
         lines.append("Connection: close")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
-    if resp.status == 413 and not h.body_is_read:
-        _drain_refused_body(h, headers)
-    if config.log_requests:
-        h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+    # SECURITY: the one place headers are written. A value with CR or LF (an id from an old log,
+    # a bug) would end the header and start another one (Set-Cookie...): refuse the whole answer.
+    if any("\r" in line or "\n" in line for line in lines):
+        print(f"clare: refused a {resp.status} answer: a header value holds a line break", file=sys.stderr)
+        return _response_head(Response(500, error_json(500, "internal error; see the server's log")),
+                              is_closing=is_closing)
+    return resp, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
 
 _SERVER_CLASS: list[type] = []  # made on first use: http.server is too heavy for every CLI start
@@ -6856,37 +8289,70 @@ def make_server(config: WebConfig) -> Any:
                          "pick another --port or stop what holds it") from err
 
 
+def _head_is_authenticated(config: WebConfig, head: bytes) -> bool:
+    """Tell whether a request's raw head carries the token (bearer or login cookie), before it is parsed."""
+    headers: dict[str, str] = {}
+    for line in head.decode("latin-1").splitlines()[1:]:
+        name, sep, value = line.partition(":")
+        key = name.strip().lower()
+        if sep and key in ("authorization", "cookie"):
+            headers[key] = f"{headers[key]}; {value.strip()}" if key in headers else value.strip()
+    return is_authenticated(config, headers)
+
+
 def _define_server() -> type:
-    import io
+    import selectors
     import socket
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class DeadlineReader(io.RawIOBase):
-        """A socket's reads: each under timeout_s, and all of one request under one deadline."""
+    class RequestReader:
+        """A socket's reads for one request: the head the gate read first, then the socket, each read
+        under timeout_s and all of them under one deadline. What is left over goes back to the gate."""
 
-        def __init__(self, sock: socket.socket, *, timeout_s: float, deadline_s: float):
-            self.sock, self.timeout_s, self.deadline_s = sock, timeout_s, deadline_s
-            self.deadline: float | None = None  # set by the request's first byte; None between requests
+        def __init__(self, sock: socket.socket, head: bytes, *, timeout_s: float, deadline_s: float):
+            self.sock, self.timeout_s = sock, timeout_s
+            self.buf = bytearray(head)  # read from the socket, not yet taken by the handler
+            self.deadline = time.monotonic() + deadline_s  # the head has arrived: the clock runs
 
-        def readable(self) -> bool:
-            return True
-
-        def readinto(self, buf: Any) -> int:
+        def _fill(self) -> bool:
             # SECURITY: a per-read timeout alone lets a client that sends a byte every few seconds hold
             # its thread forever (slowloris).
-            if self.deadline is not None:
-                left = self.deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("the request took too long to arrive")
-                self.sock.settimeout(min(self.timeout_s, left))
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request took too long to arrive")
+            self.sock.settimeout(min(self.timeout_s, left))
             try:
-                n = self.sock.recv_into(buf)
+                chunk = self.sock.recv(65536)
             finally:
                 self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
-            if n and self.deadline is None:
-                self.deadline = time.monotonic() + self.deadline_s
-            return n
+            self.buf += chunk
+            return bool(chunk)
+
+        def readline(self, limit: int = -1) -> bytes:
+            while True:
+                end = self.buf.find(b"\n") + 1
+                if end and (limit < 0 or end <= limit):
+                    break
+                if 0 <= limit <= len(self.buf):
+                    end = limit
+                    break
+                if not self._fill():
+                    end = len(self.buf)
+                    break
+            line = bytes(self.buf[:end])
+            del self.buf[:end]
+            return line
+
+        def read(self, size: int = -1) -> bytes:
+            while (size < 0 or len(self.buf) < size) and self._fill():
+                pass
+            data = bytes(self.buf if size < 0 else self.buf[:size])
+            del self.buf[:len(data)]
+            return data
+
+        def close(self) -> None:
+            pass
 
     class Handler(BaseHTTPRequestHandler):
         server: "Server"  # the class below: its config, enter() and leave()
@@ -6896,18 +8362,21 @@ def _define_server() -> type:
 
         def setup(self) -> None:
             config = self.server.config
+            sock, head = self.request  # the gate hands over the connection with the head it read
+            self.request = sock
             # typeshed calls `timeout` a ClassVar, but setup() reads it from the instance: one value per server.
             self.timeout = config.timeout_s  # type: ignore[misc]  # every read and write on the socket
             super().setup()
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.rfile.close()  # its socket file would keep the socket open after the request
-            self.reader = DeadlineReader(self.connection, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
-            self.rfile = io.BufferedReader(self.reader)
+            self.reader = RequestReader(sock, head, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
+            self.rfile = self.reader  # type: ignore[assignment]  # readline() and read() are all http.server uses
 
         def handle(self) -> None:
+            """Answer one request; the gate waits for the next one on this connection, without a thread."""
+            self.close_connection = True
             try:
-                super().handle()
-            except ConnectionError:  # the client went away: nothing to answer
+                self.handle_one_request()
+            except (ConnectionError, TimeoutError):  # the client went away or is too slow: nothing to answer
                 self.close_connection = True
 
         def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -6920,7 +8389,6 @@ def _define_server() -> type:
 
         def handle_one_request(self) -> None:
             self.is_counted = False
-            self.reader.deadline = None  # a keep-alive connection's idle wait is not part of the next request
             try:
                 super().handle_one_request()
             finally:
@@ -6938,6 +8406,133 @@ def _define_server() -> type:
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_any
 
+    class Gate:
+        """The selectors loop in front of the handlers: a connection gets a handler thread only once
+        its request's head has arrived, and waits (idle, or sending its head) without one.
+
+        SECURITY: otherwise any local process holds every thread with idle connections, and on
+        loopback a per-address cap cannot tell the attacker from the browser (both 127.0.0.1).
+        """
+
+        def __init__(self, server: Any):  # the Server below
+            self.server = server
+            self.selector = selectors.DefaultSelector()
+            self.wake_r, self.wake_w = socket.socketpair()
+            self.wake_r.setblocking(False)
+            self.wake_w.setblocking(False)
+            self.selector.register(self.wake_r, selectors.EVENT_READ)
+            self.lock = threading.Lock()
+            self.arrived: list[tuple[Any, Any, bytes, float]] = []  # (sock, address, head, deadline) from other threads
+            self.waiting: dict[Any, list[Any]] = {}  # sock -> [address, head so far, deadline]; gate only
+            self.queued: list[tuple[Any, Any, bytes, float]] = []  # heads here, no slot yet: (..., give up at)
+            self.is_stopped = False
+            self.thread = threading.Thread(target=self.run, name="clare-gate", daemon=True)
+            self.thread.start()
+
+        def add(self, sock: socket.socket, address: Any, head: bytes, *, wait_s: float) -> None:
+            """Let the gate wait for the (rest of the) next request's head on a connection."""
+            with self.lock:
+                if self.is_stopped:
+                    sock.close()
+                    return
+                self.arrived.append((sock, address, head, time.monotonic() + wait_s))
+            self.wake()
+
+        def wake(self) -> None:
+            """Make the loop look again: a connection came, or a handler slot came free."""
+            with contextlib.suppress(BlockingIOError, OSError):
+                self.wake_w.send(b"x")
+
+        def run(self) -> None:
+            while not self.is_stopped:
+                now = time.monotonic()
+                timeout = min([w[2] for w in self.waiting.values()] + [q[3] for q in self.queued],
+                              default=now + 0.5) - now
+                for key, _ in self.selector.select(min(max(timeout, 0), 0.5)):
+                    if key.fileobj is self.wake_r:
+                        with contextlib.suppress(BlockingIOError, OSError):
+                            self.wake_r.recv(4096)
+                        self._take_arrived()
+                    else:
+                        self._read(key.fileobj)
+                now = time.monotonic()
+                for sock in [s for s, w in self.waiting.items() if w[2] <= now]:
+                    self._drop(sock)  # silent or too slow: hung up without an answer, as before a head
+                self._start_queued(now)
+
+        def _start_queued(self, now: float) -> None:
+            """Start the queued requests that get a slot now, first come first served; 503 those out of time."""
+            kept = []
+            for sock, address, head, give_up_at in self.queued:
+                if self.server.try_start_handler(sock, address, head):
+                    continue
+                if give_up_at <= now:
+                    self.server.refuse_busy(sock)
+                else:
+                    kept.append((sock, address, head, give_up_at))
+            self.queued = kept
+
+        def _take_arrived(self) -> None:
+            with self.lock:
+                taken = self.arrived
+                self.arrived = []
+            for sock, address, head, deadline in taken:
+                if len(self.waiting) >= MAX_WAITING_CONNECTIONS:
+                    self._drop(min(self.waiting, key=lambda s: self.waiting[s][2]))
+                sock.setblocking(False)
+                self.waiting[sock] = [address, head, deadline]
+                self.selector.register(sock, selectors.EVENT_READ)
+                if head:
+                    self._hand_over_if_complete(sock)
+
+        def _read(self, sock: Any) -> None:
+            entry = self.waiting[sock]
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._drop(sock)
+                return
+            if not entry[1]:  # the first byte of a request: its head must be complete soon
+                entry[2] = min(entry[2], time.monotonic() + min(HEADER_DEADLINE_S, self.server.config.deadline_s))
+            entry[1] += chunk
+            self._hand_over_if_complete(sock)
+
+        def _hand_over_if_complete(self, sock: socket.socket) -> None:
+            address, head, _ = self.waiting[sock]
+            if b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < MAX_HEAD_BYTES:
+                return
+            self.selector.unregister(sock)
+            del self.waiting[sock]
+            sock.setblocking(True)
+            self.queued.append((sock, address, head, time.monotonic() + BUSY_WAIT_S))
+            self._start_queued(time.monotonic())
+
+        def _drop(self, sock: socket.socket) -> None:
+            self.selector.unregister(sock)
+            del self.waiting[sock]
+            self.server.shutdown_request(sock)
+
+        def stop(self) -> None:
+            """Stop the loop and close every connection still waiting."""
+            with self.lock:
+                self.is_stopped = True
+                arrived = self.arrived
+                self.arrived = []
+            with contextlib.suppress(OSError):
+                self.wake_w.send(b"x")
+            self.thread.join(5)
+            for late in arrived + self.queued:
+                late[0].close()
+            for sock in list(self.waiting):
+                self._drop(sock)
+            self.selector.close()
+            self.wake_r.close()
+            self.wake_w.close()
+
     class Server(ThreadingHTTPServer):
         daemon_threads = True  # idle keep-alive connections must not hold up exit; see drain()
         request_queue_size = LISTEN_BACKLOG
@@ -6947,36 +8542,66 @@ def _define_server() -> type:
                 self.address_family = socket.AF_INET6
             self.config = config
             self.is_stopping = False
+            self._gate: Gate | None = None  # made once the socket is bound
             self._dbs: list[Db] = []  # idle connections: one per thread at a time, reused
             self._lock = threading.Lock()
             self._idle = threading.Condition(self._lock)
             self._n_busy = 0  # requests being handled now
-            self._slots = threading.BoundedSemaphore(config.max_threads)  # one per handler thread
+            n_reserved = max(1, config.max_threads // RESERVED_THREADS_SHARE) if config.max_threads > 1 else 0
+            self._slots = threading.BoundedSemaphore(config.max_threads - n_reserved)  # for any request
+            self._reserved = threading.BoundedSemaphore(max(n_reserved, 1))  # only for requests with the token
+            if not n_reserved:
+                self._reserved.acquire()
             super().__init__((config.host, config.port), Handler)
             self.config = dataclasses.replace(config, port=self.server_address[1])
+            self._gate = Gate(self)
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            if not self._slots.acquire(blocking=False):
-                # SECURITY: unlimited threads let idle connections exhaust memory. This canned answer is the
-                # one write outside _dispatch: there is no handler thread to dispatch on.
-                with contextlib.suppress(OSError):
-                    request.setblocking(False)
-                    with contextlib.suppress(BlockingIOError):
-                        request.recv(65536)  # unread data would turn our close into a reset that hides the 503
-                    request.send(BUSY_ANSWER)
-                self.shutdown_request(request)
-                return
-            try:
-                super().process_request(request, client_address)
-            except BaseException:
-                self._slots.release()
-                raise
+            """Give a new connection to the gate: it gets a thread once its request's head is here."""
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            assert self._gate is not None  # serve_forever runs only on a bound server
+            self._gate.add(request, client_address, b"",
+                           wait_s=min(HEADER_DEADLINE_S, self.config.deadline_s, self.config.timeout_s * 4))
 
-        def process_request_thread(self, request: Any, client_address: Any) -> None:
+        def try_start_handler(self, sock: socket.socket, address: Any, head: bytes) -> bool:
+            """Run one request whose head has arrived in a thread of its own; False if no slot is free."""
+            # SECURITY: strangers cannot take the reserved slots; a request with the token takes any.
+            slot = self._slots if self._slots.acquire(blocking=False) else None
+            if slot is None and _head_is_authenticated(self.config, head) and self._reserved.acquire(blocking=False):
+                slot = self._reserved
+            if slot is None:
+                return False
             try:
-                super().process_request_thread(request, client_address)
+                threading.Thread(target=self._handle, args=(sock, address, head, slot), daemon=True).start()
+            except BaseException:
+                slot.release()
+                self.shutdown_request(sock)
+                raise
+            return True
+
+        def refuse_busy(self, sock: socket.socket) -> None:
+            """Answer 503 to a request that found no free handler slot in time, and close."""
+            # This canned answer is the one write outside _dispatch: there is no handler thread to dispatch on.
+            with contextlib.suppress(OSError):
+                sock.settimeout(1)
+                sock.send(BUSY_ANSWER)
+            self.shutdown_request(sock)
+
+        def _handle(self, sock: socket.socket, address: Any, head: bytes, slot: Any) -> None:
+            is_kept, left = False, b""
+            try:
+                handler = Handler((sock, head), address, self)  # type: ignore[arg-type]  # setup() unpacks it
+                is_kept, left = not handler.close_connection and not self.is_stopping, bytes(handler.reader.buf)
+            except Exception:  # the edge of a handler thread: one connection lost, not the server
+                self.handle_error(sock, address)
             finally:
-                self._slots.release()
+                slot.release()
+                if self._gate is not None:
+                    self._gate.wake()  # a request may be queued for this slot
+            if is_kept and self._gate is not None:  # keep-alive: the next request waits in the gate, threadless
+                self._gate.add(sock, address, left, wait_s=self.config.timeout_s)
+            else:
+                self.shutdown_request(sock)
 
         def take_db(self) -> Db:
             """Borrow an open connection (a new connection per request costs ~4x, DESIGN §8)."""
@@ -7010,6 +8635,8 @@ def _define_server() -> type:
 
         def server_close(self) -> None:
             super().server_close()
+            if self._gate is not None:
+                self._gate.stop()
             with self._lock:
                 dbs, self._dbs = self._dbs, []
             for db in dbs:
@@ -7241,7 +8868,6 @@ CLARE_JS = r"""// Clare's page script: keys, the tab title's count, opt-in brows
   setupOptIn();
 })();
 """
-STATIC_MEMORY = {"clare.js": CLARE_JS.encode()}  # files served from memory, by name
 
 
 def static_version(name: str) -> str:
@@ -7258,16 +8884,9 @@ HTMX_CONFIG = {"includeIndicatorStyles": False, "defaultSwapStyle": "outerHTML",
 NAV = (("/", "Dashboard"), ("/needs", "Needs you"), ("/projects", "Projects"), ("/sessions", "Sessions"),
        ("/broadcast", "Broadcast"))
 
-PAGE = string.Template("""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark">
-<meta name="htmx-config" content="$htmx_config">
-<link rel="icon" href="data:,">
-<title>$count$title · Clare</title>
-<style>
+# The dashboard's one stylesheet, served from memory as /static/clare.css (no inline CSS: the
+# Content-Security-Policy has no 'unsafe-inline'). Its URL carries its hash, so it is cached for good.
+STYLESHEET = """
 :root{--bg:#f5f6f8;--fg:#1b2129;--muted:#5f6b78;--card:#fff;--line:#e1e5ea;--soft:#eef1f5;--accent:#3b5bdb;
 --on-accent:#fff;--gray:#6b7785;--blue:#1c7ed6;--orange:#e8590c;--green:#2f9e44;--amber:#e67700;--red:#e03131;
 --violet:#7048e8;color-scheme:light dark}
@@ -7360,6 +8979,7 @@ margin:.2rem 0}
 padding:.4rem .55rem;background:var(--soft);border-radius:7px;font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}
 [data-row].is-current{outline:2px solid var(--accent);outline-offset:-2px;border-radius:6px}
 ul.feed li[data-row]{padding-left:.4rem;padding-right:.4rem}
+.answer{margin-top:.9rem;padding-top:.8rem;border-top:1px solid var(--line)}.answer input{min-width:12rem}
 .asked{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace;overflow-wrap:anywhere}.actions{display:flex;gap:.6rem;
 flex-wrap:wrap;margin-top:.2rem}.turn{display:grid;grid-template-columns:4.5rem 1fr;gap:.5rem}
 kbd{font:12px ui-monospace,Menlo,monospace;border:1px solid var(--line);border-radius:4px;padding:0 .3rem}
@@ -7375,7 +8995,20 @@ pre.pane{font-size:10.5px}}
 .stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}
 nav a{padding:.25rem .4rem;font-size:.93rem}
 .card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
-</style>
+body.bare{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
+"""
+STATIC_MEMORY = {"clare.js": CLARE_JS.encode(), "clare.css": STYLESHEET.encode()}  # files served from memory, by name
+
+PAGE = string.Template("""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="htmx-config" content="$htmx_config">
+<link rel="icon" href="data:,">
+<title>$count$title · Clare</title>
+<link rel="stylesheet" href="/static/clare.css?v=$css_version">
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
 <script src="/static/clare.js?v=$js_version" defer></script>
 </head>
@@ -7411,7 +9044,8 @@ def page(req: Request, title: str, main: Html, *, status: int = 200) -> Response
                for href, label in NAV)
     return html_response(render(
         PAGE, title=title, main=main, nav=nav, host=req.db.machine_id, version=__version__, poll_s=POLL_S,
-        htmx_version=HTMX_VERSION, htmx_config=json.dumps(HTMX_CONFIG), js_version=static_version("clare.js"),
+        htmx_version=HTMX_VERSION, css_version=static_version("clare.css"), htmx_config=json.dumps(HTMX_CONFIG),
+        js_version=static_version("clare.js"),
         count=f"({len(needs)}) " if needs else "",
         hx_headers=json.dumps({"X-CSRF-Token": req.config.csrf_token})), status=status)
 
@@ -7437,7 +9071,7 @@ def error_page(status: int, message: str) -> Html:
 
     A 401 page carries the login form: a link back to the dashboard would only answer 401 again.
     """
-    return render(PAGE_ERROR, status=status, message=message,
+    return render(PAGE_ERROR, status=status, message=message, css_version=static_version("clare.css"),
                   after=Html(LOGIN_FORM) if status == 401 else Html('<p><a href="/">Back to the dashboard</a></p>'))
 
 
@@ -7452,9 +9086,8 @@ with; <code>clare serve</code> on a terminal prints a login link that holds it.<
 PAGE_ERROR = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark"><link rel="icon" href="data:,"><title>$status · Clare</title>
-<style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
-@media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
-<body><h1>$status</h1><p>$message</p>$after</body></html>
+<link rel="stylesheet" href="/static/clare.css?v=$css_version"></head>
+<body class="bare"><h1>$status</h1><p>$message</p>$after</body></html>
 """)
 
 
@@ -7588,13 +9221,19 @@ PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> '
                               '<span class="muted small">on $host</span></div>')
 START_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
 <button class="ghost" type="submit" title="start a Claude session for this task">Start session</button></form>""")
-START_CARD = string.Template("""<section class="card" id="start-session"><h2>Start a Claude session</h2>
-<form class="row" $attrs>$csrf<input type="hidden" name="view" value="task">
+START_CARD = string.Template("""<section class="card" id="start-session"><h2>Claude session</h2>
+$current
+<form class="row" $attrs>$csrf<input type="hidden" name="view" value="card">
 <label>Host<select name="host">$hosts</select></label>
 <label>Model<input name="model" placeholder="default" autocomplete="off" maxlength="100"></label>
 <label><input type="checkbox" name="worktree" value="1"> in a new git worktree</label>
 <button type="submit"$disabled>Start session</button></form>
 <p class="small muted">$note</p></section>""")
+SESSION_NOW = string.Template("""<div class="row"><p>Session <a class="mono" href="/sessions/$id">$short</a> is
+$state on $host.</p>$button</div>""")
+SESSION_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="card">$force
+<button class="ghost" type="submit">$label</button></form>""")
+FORCE_BOX = Html('<label class="small"><input type="checkbox" name="force" value="1"> even while it works</label>')
 PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
@@ -7690,8 +9329,8 @@ def order_text(o: Order) -> str:
     where = " in " + o.outcome["tmux_target"] if o.outcome.get("tmux_target") else ""
     branch = f" (branch {o.outcome['branch']})" if o.outcome.get("branch") else ""
     if o.result == "pending":
-        return (f"{what}: pending until {o.host} takes it (pushed at once when it is a reachable peer, else at its "
-                f"next sync; expires {when_text(o.expires_at)}); follow it with: clare session orders")
+        return (f"{what}: pending: {o.host} has not taken it yet (it gets the order when it next syncs with a host "
+                f"that has it; expires {when_text(o.expires_at)}); follow it with: clare session orders")
     return f"{what}{where}{branch}: {o.result}" + (f": {o.reason}" if o.reason else "")
 
 
@@ -7700,7 +9339,7 @@ def assignee_text(task: Task) -> Html:
     if task.session_id:
         return render(SESSION_ASSIGNEE, full_id=task.session_id, id=task.session_id[:SHORT_ID])
     if task.group_id:
-        return render(ASSIGNEE, kind="group", id=task.group_id[:SHORT_ID])
+        return render(ASSIGNEE, kind="group", id=task.group or task.group_id[:SHORT_ID])
     return Html('<span class="muted">—</span>')
 
 
@@ -7806,16 +9445,30 @@ def start_button(req: Request, task: Task, *, view: str) -> Html:
 
 
 def start_card(req: Request, task: Task) -> Html:
-    """Render the form that starts a session for a task: host, model, worktree."""
+    """Render a task's session card: its session with Stop or Resume, and the form that starts a new one."""
     project = req.svc.get_project(task.project_id)
     here = req.db.machine_id
     hosts = sorted(project.dirs, key=lambda h: (h != here, h))
     note = (f"Claude runs in a new window of tmux session {tmux_session_name(project.name)} on that host, and gets "
             "the task as its first prompt." if hosts else
             f"Say where the code lives first: clare project set {project.name} --dir /PATH")
-    return render(START_CARD, csrf=csrf_field(req), attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#frag-task"),
+    found = [s for s in find_sessions(req.db, prefix=task.session_id) if s.id == task.session_id] \
+        if task.session_id else []
+    current, is_live = Html(""), bool(found) and found[0].state != "gone"
+    if is_live:
+        note = "One session per task: stop this one before starting another."
+    if found:
+        s = found[0]
+        verb = "resume" if s.state == "gone" else "stop"
+        current = render(SESSION_NOW, id=s.id, short=s.id[:SHORT_ID], state=SESSION_LABELS.get(s.state, s.state),
+                         host=s.host, button=render(
+                             SESSION_BUTTON, csrf=csrf_field(req), label=verb.capitalize(),
+                             force=FORCE_BOX if verb == "stop" else Html(""),
+                             attrs=form_attrs(f"/sessions/{s.id}/{verb}", target="#start-session")))
+    return render(START_CARD, csrf=csrf_field(req), current=current,
+                  attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#start-session"),
                   hosts=options(((h, f"{h} · {project.dirs[h]}") for h in hosts), here),
-                  disabled=Html("" if hosts and task.status != "done" else " disabled"), note=note)
+                  disabled=Html("" if hosts and task.status != "done" and not is_live else " disabled"), note=note)
 
 
 def status_form(req: Request, task: Task, *, view: str) -> Html:
@@ -7993,9 +9646,35 @@ def frag_start_session(req: Request) -> Response:
     f = req.form()
     order = req.svc.start_session(req.params["task"], host=f.get("host") or None, is_worktree=f.get("worktree") == "1",
                                   model=f.get("model", "").strip() or None, config=load_config(req.config.config_path))
-    ok = order.result in ("started", "pending")
-    return _after_task_change(req, req.svc.get_task(order.task_id or req.params["task"]), order_text(order),
-                              kind="ok" if ok else "error")
+    return _after_order(req, order, task_id=req.params["task"])
+
+
+def _after_order(req: Request, order: Order, *, task_id: str | None) -> Response:
+    """Answer a start, stop or resume: the task's session card (or task table) and a flash saying what came of it."""
+    kind = "ok" if order.result in ("started", "stopped", "pending") else "error"
+    ref = order.task_id or task_id
+    task = req.svc.get_task(ref) if ref else None
+    if req.form().get("view") != "card" or task is None:
+        if task is None:
+            return redirect(f"/sessions/{order.session_id}") if not req.is_htmx else \
+                html_response(flash(order_text(order), kind=kind))
+        return _after_task_change(req, task, order_text(order), kind=kind)
+    if not req.is_htmx:
+        return redirect(f"/tasks/{task.id}")
+    return html_response(join([start_card(req, task), flash(order_text(order), kind=kind, oob=True)]))
+
+
+def frag_stop_session(req: Request) -> Response:
+    """Stop a task's session from its card: /exit, or SIGTERM when "even while it works" is ticked."""
+    order = req.svc.stop_session(req.params["session"], is_force=req.form().get("force") == "1",
+                                 config=load_config(req.config.config_path))
+    return _after_order(req, order, task_id=None)
+
+
+def frag_resume_session(req: Request) -> Response:
+    """Resume a task's gone session from its card."""
+    order = req.svc.resume_session(req.params["session"], config=load_config(req.config.config_path))
+    return _after_order(req, order, task_id=None)
 
 
 def frag_unassign_task(req: Request) -> Response:
@@ -8023,12 +9702,14 @@ SESSION_LABELS = {"working": "working", "waiting": "waiting for you", "permissio
 FRAG_ATTENTION = string.Template("""<section class="card attention" id="frag-attention" $poll>
 <h2>Needs you</h2>$body</section>""")
 ATTENTION_LIST = string.Template('<ul class="feed" hx-disable>$items</ul>')
-ATTENTION_ITEM = string.Template("""<li data-row="/sessions/$id"><div class="line">$state
+NEEDS_LIST = string.Template('<ul class="feed">$items</ul>')  # each item's untrusted text sits under hx-disable
+ATTENTION_ITEM = string.Template("""<li data-row="/sessions/$id"><div hx-disable><div class="line">$state
 <a href="/sessions/$id"><b>$label</b></a>
 <span class="muted small">$since</span></div>$asked
 <div class="small">$project$task</div>
 <div class="muted small"><span class="mono">$short_id</span> · $host · <span class="mono">$where</span> · $cwd</div>
-<div class="actions small"><a href="/sessions/$id">Open</a><a href="/sessions/$id#attach">Attach</a></div></li>""")
+</div><div class="actions small"><a href="/sessions/$id">Open</a><a href="/sessions/$id#attach">Attach</a>$answers
+</div></li>""")
 ASKED = string.Template('<div class="asked">$tool: $input</div>')
 TASK_LINK = string.Template('task <a href="/tasks/$id">$title</a>')
 PROJECT_LINK = string.Template('<a href="/projects/$id">$name</a> · ')
@@ -8090,14 +9771,15 @@ def attention_fragment(req: Request, *, query: str = "") -> Html:
             s.label, s.cwd, s.host, s.tmux_target or "", tasks[s.task_id].title if s.task_id in tasks else "",
             tasks[s.task_id].project if s.task_id in tasks else "")).lower()]
     # SECURITY: labels, cwds and what a dialog asks come from transcripts, hooks and panes: escaped, in hx-disable.
-    body = render(ATTENTION_LIST, items=join(render(
+    body = render(NEEDS_LIST, items=join(render(
         ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
         since=ago_text(s.state_at or s.last_activity_at, now), id=s.id, short_id=s.id[:SHORT_ID], host=s.host,
         where=s.tmux_target or "-", cwd=s.cwd, asked=asked_text(s),
         project=render(PROJECT_LINK, id=tasks[s.task_id].project_id, name=tasks[s.task_id].project)
         if s.task_id in tasks else Html(""),
         task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
-        else Html('<span class="muted">no task</span>'))
+        else Html('<span class="muted">no task</span>'),
+        answers=answer_forms(req, s, view="needs") if s.state == "permission" and s.asked else Html(""))
         for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
     url = "/frag/attention" + (f"?q={quote_query(query)}" if query else "")
     return render(FRAG_ATTENTION, poll=poll_attrs(url), body=body)
@@ -8126,7 +9808,7 @@ def fleet_fragment(req: Request) -> Html:
             tokens=tokens_text(s.tokens),
             task=render(TASK_CELL, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
             else Html('<span class="muted">—</span>')) for s in sessions))
-    return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet"), table=table_html)
+    return render(FRAG_FLEET, poll=poll_attrs("/frag/fleet", every_s=FLEET_POLL_S), table=table_html)
 
 
 def session_picker(req: Request, selected: str | None) -> Html:
@@ -8176,6 +9858,7 @@ def frag_fleet(req: Request) -> Response:
 MAIN_SESSION = string.Template("""<p class="muted small"><a href="/sessions">Sessions</a> /</p>
 <h1 hx-disable>$label</h1>
 <p class="sub">$state $since · $host · <span class="mono">$where</span></p>
+$lineage
 <div class="grid">
 $facts
 <div>
@@ -8198,7 +9881,28 @@ FRAG_SESSION = string.Template("""<section class="card" id="frag-session" $poll>
 <dt>Task</dt><dd>$task</dd>
 <dt>Host</dt><dd>$host</dd><dt>Folder</dt><dd class="mono">$cwd</dd><dt>tmux</dt><dd class="mono">$where</dd>
 <dt>Active</dt><dd>$active</dd><dt>Tokens</dt><dd class="mono" title="$tokens_title">$tokens</dd>
-<dt>Command</dt><dd class="mono small">$command</dd><dt>Id</dt><dd class="mono">$id</dd></dl></div></section>""")
+<dt>Command</dt><dd class="mono small">$command</dd><dt>Id</dt><dd class="mono">$id</dd></dl></div>
+$answer</section>""")
+ANSWER_BOX = string.Template("""<div class="answer" id="answer"><h2>Answer</h2><div class="actions">$forms</div>
+<p class="small muted">Typed by $host only if this same dialog is still open there; expires after $ttl min.</p>
+</div>""")
+ANSWER_FORM = string.Template("""<form class="tight" $attrs $confirm>$csrf
+<input type="hidden" name="view" value="$view"><input type="hidden" name="answer" value="$answer">
+<input type="hidden" name="option" value="$option"><input type="hidden" name="option_text" value="$option_text">
+<input type="hidden" name="tool_use_id" value="$tool_use_id">
+$reason<button type="submit" class="$kind">$label</button></form>""")
+REASON_INPUT = string.Template(
+    '<input name="reason" maxlength="2000" placeholder="tell Claude instead (optional)" aria-label="reason">')
+CONFIRM_ATTRS = string.Template('hx-confirm="$question" hx-vals="$vals"')
+MAIN_CONFIRM = string.Template("""<p class="muted small"><a href="/sessions/$id">$label</a> /</p>
+<h1>Send this answer?</h1>
+<section class="card"><p hx-disable>$host asks: <span class="asked">$tool: $input</span></p>
+<p>Your answer: <b>$answer_text</b>. $host types it only if this same dialog is still open there.</p>
+<form class="row" method="post" action="/sessions/$id/answer">$csrf<input type="hidden" name="confirmed" value="1">
+<input type="hidden" name="view" value="$view"><input type="hidden" name="answer" value="$answer">
+<input type="hidden" name="option" value="$option"><input type="hidden" name="option_text" value="$option_text">
+<input type="hidden" name="tool_use_id" value="$tool_use_id"><input type="hidden" name="reason" value="$reason">
+<button type="submit">Yes, send it</button> <a href="/sessions/$id">Cancel</a></form></section>""")
 ASKED_CARD = string.Template(
     """<p class="flash error"><b>Asks permission</b> · $tool<br><span class="asked">$input</span></p>""")
 ATTACH = string.Template("""<p class="small muted">$where</p>
@@ -8232,11 +9936,76 @@ def session_fragment(req: Request, s: Session, task: Task | None) -> Html:
         since=ago_text(s.state_at, now), host=s.host, cwd=s.cwd or "—", where=s.tmux_target or "not in tmux",
         active=ago_text(s.last_activity_at, now), tokens=tokens_text(s.tokens),
         command=short_text(s.command, 200) or "—",
-        tokens_title=", ".join(f"{k} {v}" for k, v in s.tokens.items()), id=s.id,
+        tokens_title=", ".join(f"{k} {v}" for k, v in s.tokens.items()), id=s.id, answer=answer_box(req, s),
         asked=render(ASKED_CARD, tool=s.asked["tool"], input=s.asked["input"]) if s.state == "permission" and s.asked
         else Html(""),
         task=render(TASK_CELL, id=task.id, title=f"{task.project}: {task.title}") if task
         else Html('<span class="muted">none</span>'))
+
+
+def answer_forms(req: Request, s: Session, *, view: str, options: tuple[tuple[int, str], ...] = ()) -> Html:
+    """Render the buttons that answer a session's open dialog: approve, deny (with a reason), its other options."""
+    assert s.asked is not None
+    what = f"{s.asked['tool']}: {short_text(s.asked['input'], 80)}"
+    choices: list[tuple[str, int | None, str, str, str]] = [("approve", None, "", "Approve", ""),
+                                                           ("deny", None, "", "Deny", "ghost")]
+    choices += [("option", n, text, f"{n}. {short_text(text, 60)}", "ghost") for n, text in options
+                if text != "Yes" and not text.startswith("No")]
+
+    def one(answer: str, option: int | None, text: str, label: str, kind: str) -> Html:
+        question = f"{label} — {what}?" if answer != "option" else f"Answer '{text}' to {what}?"
+        target = "#frag-session" if view == "session" else "#frag-attention"
+        return render(ANSWER_FORM, attrs=form_attrs(f"/sessions/{s.id}/answer", target=target),
+                      confirm=render(CONFIRM_ATTRS, question=question, vals=json.dumps({"confirmed": "1"})),
+                      csrf=csrf_field(req), view=view, answer=answer, option="" if option is None else option,
+                      option_text=text, tool_use_id=s.asked.get("tool_use_id", "") if s.asked else "",
+                      reason=render(REASON_INPUT) if answer == "deny" and view == "session" else Html(""),
+                      kind=kind, label=label)
+    return join(one(*c) for c in choices)
+
+
+def answer_box(req: Request, s: Session) -> Html:
+    """Render the answer buttons of a session page while a dialog is open, with the options its screen shows."""
+    if s.state != "permission" or not s.asked:
+        return Html("")
+    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings or {}, now_ms=now_ms())
+    dialog = parse_dialog(view.text) if view.text else None
+    return render(ANSWER_BOX, forms=answer_forms(req, s, view="session", options=dialog.options if dialog else ()),
+                  host=s.host, ttl=ANSWER_TTL_MS // 60000)
+
+
+def frag_answer_session(req: Request) -> Response:
+    """Answer a session's dialog from a button: a confirm page first without JavaScript, then typed or pushed."""
+    f = req.form()
+    svc = req.svc
+    s = svc.get_session(req.params["session"])
+    option = _form_int(f["option"], "option") if f.get("option") else None
+    fields: dict[str, Any] = {"answer": f.get("answer", ""), "option": option,
+                              "option_text": f.get("option_text") or None, "reason": f.get("reason", ""),
+                              "tool_use_id": f.get("tool_use_id") or None}
+    view = "needs" if f.get("view") == "needs" else "session"
+    if f.get("confirmed") != "1":
+        asked = s.asked or {"tool": "?", "input": "nothing now"}
+        answer_text = fields["answer"] if fields["answer"] in ("approve", "deny") else \
+            f"option {option}: {fields['option_text'] or ''}"
+        return page(req, "Send this answer?", render(
+            MAIN_CONFIRM, id=s.id, label=s.label or s.id[:SHORT_ID], host=s.host, tool=asked["tool"],
+            input=asked["input"], answer_text=answer_text + (f" — {fields['reason']}" if fields["reason"] else ""),
+            csrf=csrf_field(req), view=view, answer=fields["answer"], option="" if option is None else option,
+            option_text=fields["option_text"] or "", tool_use_id=fields["tool_use_id"] or "", reason=fields["reason"]))
+    got = svc.answer_session(s.id, fields["answer"], option=option, option_text=fields["option_text"],
+                             reason=fields["reason"], tool_use_id=fields["tool_use_id"], client="dashboard",
+                             peers=req.config.peers, settings=req.config.settings or {})
+    if not req.is_htmx:
+        return redirect("/needs" if view == "needs" else f"/sessions/{s.id}")
+    is_ok = got.answer.result in ("typed", "pending")
+    message = f"Answer {got.answer.answer}: {got.note}"
+    if view == "needs":
+        return html_response(join([attention_fragment(req), flash(message, kind="ok" if is_ok else "error", oob=True)]))
+    d = svc.get_session_detail(s.id, hosts=(req.config.settings or {}).get("hosts") or {})
+    return html_response(join([session_fragment(req, d.session, d.task),
+                               history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history", oob=True),
+                               flash(message, kind="ok" if is_ok else "error", oob=True)]))
 
 
 def attach_card(req: Request, s: Session, argv: list[str] | None) -> Html:
@@ -8304,7 +10073,27 @@ def page_session(req: Request) -> Response:
         facts=session_fragment(req, s, d.task), attach=attach_card(req, s, d.attach), csrf=csrf_field(req),
         task_attrs=form_attrs(f"/sessions/{s.id}/task", target="#frag-session"), task_options=task_choices(req, s),
         pane=pane_fragment(req, s, is_live=is_live), turns=turns_fragment(req, s, is_live=is_live),
-        history=history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history")))
+        history=history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history"),
+        lineage=lineage_html(s.id, d.history)))
+
+
+SESSION_LINEAGE = string.Template("""<p class="sub">$what <a href="/sessions/$id" class="mono">$short</a>
+(the same Claude process and pane, after /clear)</p>""")
+
+
+def lineage_html(session_id: str, history: list[Event]) -> Html:
+    """Link a session to the one its process went on as after /clear, and to the one it went on from."""
+    links = []
+    for ev in history:
+        p = ev.payload
+        if ev.event_type == "session.gone" and p.get("successor_id"):
+            if p["session_id"] == session_id:
+                links.append(render(SESSION_LINEAGE, what="Continued as", id=p["successor_id"],
+                                    short=p["successor_id"][:SHORT_ID]))
+            elif p["successor_id"] == session_id:
+                links.append(render(SESSION_LINEAGE, what="Continues", id=p["session_id"],
+                                    short=p["session_id"][:SHORT_ID]))
+    return join(links)
 
 
 def frag_session(req: Request) -> Response:
@@ -8519,115 +10308,89 @@ def frag_peers(req: Request) -> Response:
     return html_response(peers_fragment(req))
 
 
-# --- JSON API ------------------------------------------------------------
+# --- JSON API: the handlers of the services, derived from their declarations ---------------------
 
 
 def _event_json(ev: Event) -> dict[str, Any]:
     return {**ev.to_json(), "rseq": ev.rseq}
 
 
-def api_list_projects(req: Request) -> Response:
-    """List projects with task counts; ?status= filters."""
-    return json_response(req.svc.list_projects(status=req.arg("status")))
-
-
-def api_create_project(req: Request) -> Response:
-    """Create a project from {name, goal?, owner?}."""
-    b = req.json(required=("name",), optional=("goal", "owner", "dirs"))
-    return json_response(req.svc.create_project(b["name"], goal=b.get("goal", ""), owner=b.get("owner", ""),
-                                                dirs=_text_list(b.get("dirs", []), "dirs")), status=201)
-
-
-def _text_list(value: object, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(x, str) for x in value) or len(value) > 100:
-        raise UsageError(f"{what} must be a list of texts, e.g. [\"/srv/api\", \"apricot:/srv/api\"]")
+def _wire_value(value: Any) -> Any:
+    """Return a service's answer ready for json_response: an event also carries its receipt number."""
+    if isinstance(value, Event):
+        return _event_json(value)
+    if isinstance(value, list):
+        return [_wire_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _wire_value(v) for k, v in value.items()}
     return value
 
 
-def api_get_project(req: Request) -> Response:
-    """Return one project by name or id prefix."""
-    return json_response(req.svc.get_project(req.params["project"]))
+def service_handler(name: str) -> Callable[[Request], Response]:
+    """Return the JSON handler of a declared service: its path, query and body become the call's arguments."""
+    spec = SERVICE_APIS[name][1]
+    if spec is None:
+        raise TypeError(f"{name} is a service of this host only: it has no route")
+
+    def handle(req: Request) -> Response:
+        wires = wire_args(name)
+        svc = req.svc
+        body_wires = [w for w in wires if w.where == "body"]
+        body: dict[str, Any] = {}
+        if body_wires or spec.body_schema is not None:
+            body = req.json(required=tuple(w.name for w in body_wires if w.is_required),
+                            optional=tuple(w.name for w in body_wires if not w.is_required),
+                            is_lenient=spec.is_lenient)
+        if spec.check is not None:
+            spec.check(body)
+        kwargs = {w.arg: _request_value(req, svc, w, body, max_int=spec.max_int) for w in wires
+                  if w.where in ("path", "query") or (w.where == "body" and w.name in body)}
+        kwargs.update({arg: fill(req) for arg, fill in spec.server.items()})
+        value = getattr(svc, name)(**kwargs)
+        return json_response(_wire_value(spec.to_wire(req, value) if spec.to_wire else value), status=spec.status)
+    handle.__name__, handle.__doc__ = f"api_{name}", spec.summary
+    return handle
 
 
-def api_edit_project(req: Request) -> Response:
-    """Change a project from {name?, goal?, owner?, status?, dirs?: ["/path" | "HOST:/path" | "HOST:"]}."""
-    b = req.json(optional=("name", "goal", "owner", "status", "dirs"))
-    if "dirs" in b:
-        b["dirs"] = _text_list(b["dirs"], "dirs")
-    return json_response(req.svc.edit_project(req.params["project"], **b))
-
-
-def api_project_history(req: Request) -> Response:
-    """Return the events about a project and its tasks, oldest first."""
-    svc = req.svc
-    limit = req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE)
-    return json_response([_event_json(e) for e in svc.project_history(svc.get_project(req.params["project"]),
-                                                                        limit=limit)])
-
-
-def api_list_tasks(req: Request) -> Response:
-    """List tasks, most urgent first; ?project= ?status= ?session= ?group= ?tag= ?search= ... filter."""
-    svc = req.svc
-    project, group, prio = req.arg("project"), req.arg("group"), req.arg("priority")
-    flag = {"1": True, "0": False, None: None}
-    assigned = req.arg("assigned")
-    if assigned not in flag:
-        raise UsageError(f"assigned={assigned!r} must be 1 or 0")
-    return json_response(svc.list_tasks(
-        project_id=svc.get_project(project).id if project else None, status=req.arg("status"),
-        session_id=req.arg("session"), group_id=svc.get_group(group).id if group else None,
-        is_open=req.arg("open") == "1", active_projects=req.arg("active") == "1", is_assigned=flag[assigned],
-        tag=req.arg("tag"), priorities=parse_priorities(prio) if prio else None, search=req.arg("search"),
-        include_removed=req.arg("removed") == "1"))
-
-
-def api_create_task(req: Request) -> Response:
-    """Add a task from {project, title, priority?, description?, tags?}."""
-    b = req.json(required=("project", "title"), optional=("priority", "description", "tags"))
-    return json_response(req.svc.create_task(b["project"], b["title"], priority=b.get("priority", DEFAULT_PRIORITY),
-                                             description=b.get("description", ""), tags=_list_arg(b, "tags")),
-                         status=201)
-
-
-def _list_arg(body: dict[str, Any], name: str) -> list[str]:
-    value = body.get(name, [])
-    if not isinstance(value, list):
-        raise UsageError(f"{name} must be a list of strings")
+def _request_value(req: Request, svc: Services, w: Wire, body: dict[str, Any], *, max_int: int) -> Any:
+    """Return one argument of a service call from the request, as the remote client sent it."""
+    if w.where == "path":
+        value: Any = req.params[w.name]
+    elif w.where == "body":
+        value = body[w.name]
+        if w.kind == "list" and not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+            raise UsageError(f"{w.name} must be a list of strings")
+        if w.kind == "bool" and not isinstance(value, bool):
+            raise UsageError(f"{w.name} must be true or false")
+        return value
+    elif w.kind == "bool" and not w.is_optional:
+        return req.arg(w.name) == "1"
+    elif w.kind == "bool":
+        flag = {"1": True, "0": False, None: None}
+        text = req.arg(w.name)
+        if text not in flag:
+            raise UsageError(f"{w.name}={text!r} must be 1 or 0")
+        return flag[text]
+    elif w.kind == "int":
+        return req.int_arg(w.name, w.default, lo=1, hi=max_int)
+    elif w.kind == "range":
+        text = req.arg(w.name)
+        return parse_priorities(text) if text else None
+    elif w.kind == "list":
+        value = req.query.get(w.name)
+        if w.is_required and (not value or len(value) > 100):
+            raise HttpError(400, f"give 1 to 100 {w.name} ids as ?{w.name}=ID&{w.name}=ID")
+        if value and w.resolver:
+            value = [getattr(svc, w.resolver)(x).id for x in value]
+        return value or None
+    else:
+        value = req.arg(w.name) or None
+        if value is None and w.is_required:
+            raise UsageError(f"give ?{w.name}=; it is required")
+    if value is not None and w.resolver:
+        found = getattr(svc, w.resolver)(value)
+        return found if w.kind == "object" else found.id
     return value
-
-
-def api_remove_task(req: Request) -> Response:
-    """Remove a task (it can be restored)."""
-    return json_response(req.svc.remove_task(req.params["task"]))
-
-
-def api_restore_task(req: Request) -> Response:
-    """Bring a removed task back."""
-    return json_response(req.svc.restore_task(req.params["task"]))
-
-
-def api_list_changes(req: Request) -> Response:
-    """Return this host's newest changes not undone yet, newest first."""
-    return json_response(req.svc.list_changes(limit=req.int_arg("limit", 10, lo=1, hi=100)))
-
-
-def api_undo_change(req: Request) -> Response:
-    """Undo this host's newest change by recording its inverse."""
-    req.json()
-    return json_response(req.svc.undo_change())
-
-
-def api_get_task(req: Request) -> Response:
-    """Return one task by id prefix."""
-    return json_response(req.svc.get_task(req.params["task"]))
-
-
-def api_edit_task(req: Request) -> Response:
-    """Change a task from {title?, description?, priority?, status?, tags?, untags?}."""
-    b = req.json(optional=("title", "description", "priority", "status", "tags", "untags"))
-    tags, untags = _list_arg(b, "tags"), _list_arg(b, "untags")
-    b.pop("tags", None), b.pop("untags", None)
-    return json_response(req.svc.edit_task(req.params["task"], tags=tags, untags=untags, **b))
 
 
 def api_task_history(req: Request) -> Response:
@@ -8636,108 +10399,6 @@ def api_task_history(req: Request) -> Response:
     limit = req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE)
     return json_response([_event_json(e) for e in svc.list_history([svc.get_task(req.params["task"]).id],
                                                                    limit=limit)])
-
-
-def api_assign_task(req: Request) -> Response:
-    """Assign a task from {session_id} or {group}."""
-    b = req.json(optional=("session_id", "group"))
-    return json_response(req.svc.assign_task(req.params["task"], session_id=b.get("session_id"),
-                                             group_ref=b.get("group")))
-
-
-def api_unassign_task(req: Request) -> Response:
-    """End a task's assignment."""
-    return json_response(req.svc.unassign_task(req.params["task"]))
-
-
-def api_list_groups(req: Request) -> Response:
-    """List the groups."""
-    return json_response(req.svc.list_groups())
-
-
-def api_create_group(req: Request) -> Response:
-    """Create a group from {name, cwd?, host?, tmux_name?}."""
-    b = req.json(required=("name",), optional=("cwd", "host", "tmux_name"))
-    return json_response(req.svc.create_group(b.pop("name"), **b), status=201)
-
-
-def api_get_group(req: Request) -> Response:
-    """Return one group by name or id prefix."""
-    return json_response(req.svc.get_group(req.params["group"]))
-
-
-def api_remove_group(req: Request) -> Response:
-    """Remove a group; its tasks become unassigned."""
-    return json_response(req.svc.remove_group(req.params["group"]))
-
-
-def api_list_sessions(req: Request) -> Response:
-    """List Claude sessions of every host; ?host= narrows, ?all=1 adds gone ones."""
-    return json_response(req.svc.list_sessions(host=req.arg("host") or None, include_gone=req.arg("all") == "1"))
-
-
-def api_broadcast_recipients(req: Request) -> Response:
-    """List the live sessions a broadcast to ?target= would reach (project, group:NAME or session:ID)."""
-    target = req.arg("target")
-    if not target:
-        raise UsageError("give ?target=PROJECT, group:NAME or session:ID")
-    return json_response(req.svc.list_broadcast_recipients(target))
-
-
-def api_send_broadcast(req: Request) -> Response:
-    """Type a text into the sessions of {target, text, is_command?}; answer each session's result."""
-    # SECURITY: this types into AI agents that run shell commands; the server's token and
-    # cross-site rules guard every POST, and the fleet refuses non-Claude panes and open dialogs.
-    b = req.json(required=("target", "text"), optional=("is_command",))
-    if not isinstance(b.get("is_command", False), bool):
-        raise UsageError("is_command must be true or false")
-    return json_response(req.svc.send_broadcast(b["target"], b["text"], is_command=b.get("is_command", False)),
-                         status=201)
-
-
-def api_start_session(req: Request) -> Response:
-    """Start a Claude session for a task from {host?, is_worktree?, model?}; answer the order and its result."""
-    # SECURITY: this runs a program and types into an AI agent: the token and cross-site rules guard it.
-    b = req.json(optional=("host", "is_worktree", "model"))
-    if not isinstance(b.get("is_worktree", False), bool):
-        raise UsageError("is_worktree must be true or false")
-    order = req.svc.start_session(req.params["task"], host=b.get("host") or None,
-                                  is_worktree=b.get("is_worktree", False), model=b.get("model") or None,
-                                  config=load_config(req.config.config_path))
-    return json_response(order, status=201)
-
-
-def api_resume_session(req: Request) -> Response:
-    """Resume a gone session on its host (claude --resume); answer the order."""
-    return json_response(req.svc.resume_session(req.params["session"], config=load_config(req.config.config_path)),
-                         status=201)
-
-
-def api_stop_session(req: Request) -> Response:
-    """Stop a session from {is_force?}: /exit while it waits, SIGTERM with is_force; answer the order."""
-    b = req.json(optional=("is_force",))
-    if not isinstance(b.get("is_force", False), bool):
-        raise UsageError("is_force must be true or false")
-    return json_response(req.svc.stop_session(req.params["session"], is_force=b.get("is_force", False),
-                                              config=load_config(req.config.config_path)), status=201)
-
-
-def api_list_orders(req: Request) -> Response:
-    """List session orders (start, resume, stop) with their results; ?id=, ?session= or ?pending_on=HOST."""
-    return json_response(req.svc.list_orders(order_id=req.arg("id") or None, session_id=req.arg("session") or None,
-                                             pending_on=req.arg("pending_on") or None))
-
-
-def api_list_deliveries(req: Request) -> Response:
-    """List broadcast deliveries; ?broadcast=ID for one broadcast, ?pending_on=HOST for those not tried yet."""
-    return json_response(req.svc.list_deliveries(broadcast_id=req.arg("broadcast") or None,
-                                                 pending_on=req.arg("pending_on") or None))
-
-
-def api_get_session(req: Request) -> Response:
-    """Return one session by id prefix, with its task, its history and the command that attaches to it."""
-    return json_response(req.svc.get_session_detail(req.params["session"],
-                                                    hosts=(req.config.settings or {}).get("hosts") or {}))
 
 
 def api_session_pane(req: Request) -> Response:
@@ -8759,52 +10420,6 @@ def api_session_transcript(req: Request) -> Response:
                           "turns": read_turns(req.db, s, claude_dir=claude_home())})
 
 
-def api_list_needs(req: Request) -> Response:
-    """List the sessions that wait on a person: permission dialogs first, then the longest waiting."""
-    return json_response(req.svc.list_needs())
-
-
-def api_group_sessions(req: Request) -> Response:
-    """List the sessions a group's patterns match now."""
-    return json_response(req.svc.list_group_sessions(req.params["group"], include_gone=req.arg("all") == "1"))
-
-
-def api_ambiguous_panes(req: Request) -> Response:
-    """List the Claude panes the last pull could not tie to one session."""
-    return json_response(req.svc.list_ambiguous_panes())
-
-
-def api_list_updates(req: Request) -> Response:
-    """Return the newest updates, newest last; ?task= (repeatable) or ?id= narrows them."""
-    svc = req.svc
-    tasks = req.query.get("task")
-    limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
-    return json_response(svc.list_updates(task_ids=[svc.get_task(t).id for t in tasks] if tasks else None,
-                                          update_id=req.arg("id"), limit=limit))
-
-
-def api_post_update(req: Request) -> Response:
-    """Post a progress note from {task, text, source?, session_id?, is_done?} (is_done: the task is done too)."""
-    b = req.json(required=("text",), optional=("task", "source", "session_id", "is_done"))
-    if not isinstance(b.get("is_done", False), bool):
-        raise UsageError("is_done must be true or false")
-    # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
-    # client that could post them would put words in a session's or a hook's mouth.
-    if b.get("source", "message") != "message":
-        raise UsageError(f"update source {b['source']!r} is not allowed here; only 'message' may be posted "
-                         "(pane tails, triage and hook notes are written by 'clare pull')")
-    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id"),
-                                             is_done=b.get("is_done", False)), status=201)
-
-
-def api_status(req: Request) -> Response:
-    """Return the roll-up (?project= or ?group=): projects with counts and tokens, sessions, the log's size."""
-    svc = req.svc
-    report = svc.get_status(project_ref=req.arg("project"), group_ref=req.arg("group"))
-    return json_response({**report.to_json(), "n_events": svc.count_events(), "machine_id": req.db.machine_id,
-                          "clock": clock_status(req.db, now_ms=now_ms())})
-
-
 def api_list_events(req: Request) -> Response:
     """Page through the log: ?after=RSEQ in receipt order, or without it the newest, newest last."""
     limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
@@ -8814,32 +10429,8 @@ def api_list_events(req: Request) -> Response:
                           "has_more": page.has_more})
 
 
-def api_history(req: Request) -> Response:
-    """Return the newest events naming any ?entity= id, oldest first."""
-    ids = req.query.get("entity", [])
-    if not ids or len(ids) > 100:
-        raise HttpError(400, "give 1 to 100 entity ids as ?entity=ID&entity=ID")
-    return json_response([_event_json(e) for e in req.svc.list_history(
-        ids, limit=req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE))])
-
-
-def api_import_events(req: Request) -> Response:
-    """Store the events of {lines: [JSON text, ...]} not yet here; report what happened to each."""
-    lines = req.json(required=("lines",))["lines"]
-    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
-        raise UsageError("lines must be a list of JSON texts, one event each")
-    result, bad = req.svc.import_events(lines)
-    return json_response({"inserted": [_event_json(e) for e in result.inserted],
-                          "duplicates": result.n_duplicates, "conflicts": result.conflicts, "rejected": bad})
-
-
-def api_replay(req: Request) -> Response:
-    """Rebuild every projection from the log."""
-    return json_response({"events": req.svc.replay()})
-
-
 def get_static(req: Request) -> Response:
-    """Serve a vendored file from static/ with a year-long cache (the URL carries its version)."""
+    """Serve the stylesheet, or a vendored file from static/, with a year-long cache (the URL carries its version)."""
     name = req.params["name"]
     kind = STATIC_TYPES.get(os.path.splitext(name)[1])
     path = os.path.join(STATIC_DIR, name)
@@ -8854,14 +10445,14 @@ def get_static(req: Request) -> Response:
 
 
 def page_login(req: Request) -> Response:
-    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie, then go to the dashboard."""
+    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie; without one, ask for it."""
     config = req.config
-    if config.token is not None:
-        if not same_secret(req.arg("token"), config.token):
-            raise HttpError(401, "wrong or missing token; open the exact login URL that 'clare serve' printed")
-        cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
-        return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
-    return Response(303, b"", "text/plain", (("Location", "/"),))
+    given = req.arg("token")
+    if config.token is None or not same_secret(given, config.token):  # the 401 page carries the login form
+        raise HttpError(401, f"{'wrong' if given else 'this Clare needs its'} token; open the login URL that "
+                             "'clare serve' printed, or paste the token (the token line of clare.toml)")
+    cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
+    return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
 
 
 # --- OpenAPI --------------------------------------------------------------
@@ -8911,7 +10502,11 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
                                 head_before="integer", head_after="integer"),
     "BroadcastResult": {"type": "object", "required": ["broadcast_id", "target", "text", "deliveries"], "properties": {
         "broadcast_id": {"type": "string"}, "target": {"type": "string"}, "text": {"type": "string"},
-        "deliveries": _array("Delivery")}},
+        "deliveries": _array("Delivery"),
+        "unreached": {"type": "array", "description": "open tasks of a project target that no live session works on",
+                      "items": {"type": "object", "properties": {
+                          "task_id": {"type": "string"}, "title": {"type": "string"},
+                          "session_id": {"type": ["string", "null"]}, "reason": {"type": "string"}}}}}},
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
@@ -8933,6 +10528,8 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
                                                                  "history": _array("Event"),
                                                                  "attach": {"type": ["array", "null"],
                                                                             "items": {"type": "string"}}}}]},
+    "AnswerResult": {"allOf": [_ref("Answer"), {"type": "object", "required": ["note"],
+                                                "properties": {"note": {"type": "string"}}}]},
     "Turns": {"type": "object", "required": ["session_id", "host", "turns"], "properties": {
         "session_id": {"type": "string"}, "host": {"type": "string"}, "turns": {"type": "array", "items": {
             "type": "object", "required": ["role", "text", "tools", "at"], "properties": {
@@ -8940,88 +10537,17 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
                 "tools": {"type": "array", "items": {"type": "string"}}, "at": {"type": "string"}}}}}},
 }
 
-# (method, path) -> summary, query parameters, request body schema, success status, response schema
+# (method, path) -> summary, query parameters, request body schema, success status, response schema: the
+# routes that are not services (those are described by their @api declarations: service_docs)
 API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]] = {
-    ("GET", "/api/v1/projects"): ("List projects with task counts", ("status",), None, 200, _array("Project")),
-    ("POST", "/api/v1/projects"): ("Create a project", (), _body(("name",), ("goal", "owner", "dirs"), dirs="array"),
-                                   201, _ref("Project")),
-    ("GET", "/api/v1/projects/{project}"): ("Get a project by name or id prefix", (), None, 200, _ref("Project")),
-    ("PATCH", "/api/v1/projects/{project}"): ("Change a project (dirs: \"/path\", \"HOST:/path\", \"HOST:\" removes)",
-                                              (), _body((), ("name", "goal", "owner", "status", "dirs"), dirs="array"),
-                                              200, _ref("Project")),
-    ("GET", "/api/v1/projects/{project}/history"): ("Events about a project and its tasks", ("limit",), None, 200,
-                                                    _array("Event")),
-    ("GET", "/api/v1/tasks"): ("List tasks, most urgent first (removed ones only with removed=1)",
-                               ("project", "status", "session", "group", "open", "active", "assigned", "tag",
-                                "priority", "search", "removed"), None, 200, _array("Task")),
-    ("POST", "/api/v1/tasks"): ("Add a task", (), _body(("project", "title"), ("priority", "description", "tags"),
-                                                       priority="integer", tags="array"), 201, _ref("Task")),
-    ("GET", "/api/v1/tasks/{task}"): ("Get a task by id prefix (removed ones too)", (), None, 200, _ref("Task")),
-    ("PATCH", "/api/v1/tasks/{task}"): ("Change a task; tags adds tags, untags removes them", (), _body(
-        (), ("title", "description", "priority", "status", "tags", "untags"), priority="integer", tags="array",
-        untags="array"), 200, _ref("Task")),
-    ("DELETE", "/api/v1/tasks/{task}"): ("Remove a task: it leaves every list, keeps its history, can be restored",
-                                         (), None, 200, _ref("Task")),
-    ("POST", "/api/v1/tasks/{task}/restore"): ("Bring a removed task back", (), None, 200, _ref("Task")),
-    ("GET", "/api/v1/undo"): ("This host's newest changes not undone yet, newest first", ("limit",), None, 200,
-                              {"type": "array", "items": _ref("Change")}),
-    ("POST", "/api/v1/undo"): ("Undo this host's newest change by recording its inverse", (), {"type": "object"},
-                               200, _ref("UndoResult")),
     ("GET", "/api/v1/tasks/{task}/history"): ("Events about a task", ("limit",), None, 200, _array("Event")),
-    ("POST", "/api/v1/tasks/{task}/assignment"): ("Assign a task to a session or a group", (),
-                                                  _body((), ("session_id", "group")), 200, _ref("Task")),
-    ("DELETE", "/api/v1/tasks/{task}/assignment"): ("End a task's assignment", (), None, 200, _ref("Task")),
-    ("GET", "/api/v1/groups"): ("List groups", (), None, 200, _array("Group")),
-    ("POST", "/api/v1/groups"): ("Create a group", (), _body(("name",), ("cwd", "host", "tmux_name")), 201,
-                                 _ref("Group")),
-    ("GET", "/api/v1/groups/{group}"): ("Get a group by name or id prefix", (), None, 200, _ref("Group")),
-    ("DELETE", "/api/v1/groups/{group}"): ("Remove a group", (), None, 200, _ref("Group")),
-    ("GET", "/api/v1/groups/{group}/sessions"): ("Sessions a group's patterns match now", ("all",), None, 200,
-                                                 _array("Session")),
-    ("GET", "/api/v1/sessions"): ("List Claude sessions of every host", ("host", "all"), None, 200, _array("Session")),
-    ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix, with its task, history and attach command",
-                                            (), None, 200, _ref("SessionDetail")),
     ("GET", "/api/v1/sessions/{session}/pane"): ("The last lines of a session's pane, read by its own host (which "
                                                  "answers at most once a second per session)", ("lines",), None, 200,
                                                  _ref("PaneView")),
     ("GET", "/api/v1/sessions/{session}/transcript"): ("The last entries of a session's transcript, read by its "
                                                        "own host", (), None, 200, _ref("Turns")),
-    ("GET", "/api/v1/needs"): ("Sessions waiting on a person: permission first, then the longest waiting", (), None,
-                               200, _array("Session")),
-    ("POST", "/api/v1/tasks/{task}/sessions"): ("Start a Claude session for a task on a host (in a new worktree)", (),
-                                                _body((), ("host", "is_worktree", "model"), is_worktree="boolean"),
-                                                201, _ref("Order")),
-    ("POST", "/api/v1/sessions/{session}/resume"): ("Resume a gone session on its host", (), _body((), ()), 201,
-                                                    _ref("Order")),
-    ("POST", "/api/v1/sessions/{session}/stop"): ("Stop a session: /exit while it waits, SIGTERM with is_force", (),
-                                                  _body((), ("is_force",), is_force="boolean"), 201, _ref("Order")),
-    ("GET", "/api/v1/orders"): ("Session orders (start, resume, stop) and their results",
-                                ("id", "session", "pending_on"), None, 200,
-                                _array("Order")),
-    ("GET", "/api/v1/panes/ambiguous"): ("Claude panes whose session cannot be told apart", (), None, 200,
-                                         _array("Pane")),
-    ("POST", "/api/v1/broadcast"): ("Type a text into every live session of a target (project, group:NAME, "
-                                    "session:ID)", (), _body(("target", "text"), ("is_command",), is_command="boolean"),
-                                    201, _ref("BroadcastResult")),
-    ("GET", "/api/v1/broadcast/recipients"): ("The live sessions a broadcast target reaches", ("target",), None, 200,
-                                              _array("Session")),
-    ("GET", "/api/v1/deliveries"): ("Per-session results of a broadcast", ("broadcast", "pending_on"), None, 200,
-                                    _array("Delivery")),
-    ("GET", "/api/v1/updates"): ("List updates, newest last", ("task", "id", "limit"), None, 200, _array("Update")),
-    ("POST", "/api/v1/updates"): ("Post a progress note (is_done: the task is done too)", (),
-                                  _body(("text",), ("task", "source", "session_id", "is_done"), is_done="boolean"), 201,
-                                  _ref("Update")),
-    ("GET", "/api/v1/status"): ("The roll-up", (), None, 200, _ref("Status")),
     ("GET", "/api/v1/events"): ("Page through the log by receipt order (after), or the newest (no after)",
                                 ("after", "limit"), None, 200, _ref("EventPage")),
-    ("GET", "/api/v1/history"): ("Events naming any of the given entity ids", ("entity", "limit"), None, 200,
-                                 _array("Event")),
-    ("POST", "/api/v1/import"): ("Store events given as JSON lines", (),
-                                 {"type": "object", "required": ["lines"], "properties": {
-                                     "lines": {"type": "array", "items": {"type": "string"}}}}, 200,
-                                 _ref("ImportResult")),
-    ("POST", "/api/v1/replay"): ("Rebuild every projection from the log", (), {"type": "object"}, 200,
-                                 _ref("ReplayResult")),
     ("GET", "/api/v1/openapi.json"): ("This document", (), None, 200, {"type": "object"}),
 }
 
@@ -9072,9 +10598,27 @@ API_DOCS.update({
 })
 
 
-def openapi_path(pattern: "re.Pattern[str]") -> str:
-    """Return the OpenAPI path template of a route pattern: named groups become {name}."""
-    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern).replace("\\", "")
+def service_docs() -> dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]]:
+    """Return the OpenAPI entries of the declared services, as API_DOCS holds the others'."""
+    import inspect
+
+    docs = {}
+    for name, (fn, spec) in SERVICE_APIS.items():
+        if spec is None or not spec.is_routed:
+            continue
+        wires = wire_args(name)
+        body = [w for w in wires if w.where == "body"]
+        types = {w.name: {"int": "integer", "bool": "boolean", "list": "array"}[w.kind] for w in body
+                 if w.kind in ("int", "bool", "list")}
+        body_schema = spec.body_schema if spec.body_schema is not None else _body(
+            tuple(w.name for w in body if w.is_required), tuple(w.name for w in body if not w.is_required),
+            **types) if body else None
+        answer = inspect.signature(fn).return_annotation
+        schema = _ref(spec.schema) if spec.schema else _array(answer.__args__[0].__name__) \
+            if getattr(answer, "__origin__", None) is list else _ref(answer.__name__)
+        docs[(spec.method, spec.path)] = (spec.summary, tuple(w.name for w in wires if w.where == "query"),
+                                          body_schema, spec.status, schema)
+    return docs
 
 
 def openapi_document() -> dict[str, Any]:
@@ -9082,7 +10626,7 @@ def openapi_document() -> dict[str, Any]:
     errors = {str(code): {"description": ERROR_CODES[code], "content": {"application/json": {"schema": _ref("Error")}}}
               for code in (400, 401, 403, 404, 405, 409, 413, 415, 422)}
     paths: dict[str, dict[str, Any]] = {}
-    for (method, path), (summary, query, body, status, schema) in API_DOCS.items():
+    for (method, path), (summary, query, body, status, schema) in {**service_docs(), **API_DOCS}.items():
         op: dict[str, Any] = {"summary": summary, "parameters": [
             *({"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
               for name in re.findall(r"\{(\w+)\}", path)),
@@ -9093,7 +10637,7 @@ def openapi_document() -> dict[str, Any]:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
     schemas = {cls.__name__: json_schema(cls)
-               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order, PaneView)}
+               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order, PaneView, Answer)}
     for name, base, extra in (("ProjectStatus", "Project",
                                {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
                               ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
@@ -9126,7 +10670,8 @@ def sync_get_events(req: Request) -> Response:
 
 def sync_post_events(req: Request) -> Response:
     """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
-    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
+    # Lenient: a NaN or a lone surrogate in one event rejects that event only (check_event).
+    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"), is_lenient=True)
     req.config.contacts.note(req.headers.get(PEER_HEADER.lower()))
     answer = sync_accept(req.db, body, now_ms=now_ms())
     if answer["accepted"] and list_orders(req.db, pending_on=req.db.machine_id):
@@ -9154,323 +10699,15 @@ def sync_get_peers(req: Request) -> Response:
     return json_response(list_peers(req.db, req.config.peers))
 
 
-# --- the remote twin of Services ----------------------------------------
-
-REMOTE_TIMEOUT_S = 30.0
-LOCAL_ONLY_SERVICES = frozenset({"pull_fleet", "observe_sessions", "report_hook", "get_pane_session"})
-
-
-def _build(cls: type, obj: dict[str, Any]) -> Any:
-    """Rebuild a dataclass from its JSON object; fields the server added are ignored."""
-    return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name in obj})
-
-
-def _change_from_json(obj: dict[str, Any]) -> Change:
-    return Change([_build(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
-
-
-class RemoteServices:
-    """The services of Services, run by a remote Clare through its JSON API: same names, same values.
-
-    Raises the same error classes as a local call, with the server's message.
-    """
-
-    __slots__ = ("url", "token")
-
-    def __init__(self, url: str, *, token: str | None = None):
-        self.url = url.rstrip("/")
-        self.token = token
-
-    def __getattr__(self, name: str) -> Callable:
-        if name in LOCAL_ONLY_SERVICES:
-            raise UsageError(f"{name} works on this host's own tmux and hooks; run the command on that host "
-                             "without --remote (and without CLARE_URL)")
-        raise AttributeError(name)
-
-    def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
-        """Send one API request and return its decoded JSON; raise the server's error as a ClareError."""
-        import urllib.parse
-
-        pairs = [(k, x) for k, v in (query or {}).items() if v is not None
-                 for x in (v if isinstance(v, list) else [v])]
-        path += "?" + urllib.parse.urlencode(pairs) if pairs else ""
-        return http_json(self.url, path, method=method, body=body, token=self.token, timeout_s=REMOTE_TIMEOUT_S,
-                         say_where=False, hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
-                                                   "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
-
-    @staticmethod
-    def _path(ref: str) -> str:
-        from urllib.parse import quote
-
-        return quote(ref, safe="")
-
-    def create_project(self, name: str, *, goal: str = "", owner: str = "", dirs: Sequence[str] = ()) -> Project:
-        """Create a project."""
-        return _build(Project, self.call("POST", "/api/v1/projects", body={"name": name, "goal": goal, "owner": owner,
-                                                                           "dirs": list(dirs)}))
-
-    def edit_project(self, ref: str, **changes: Any) -> Project:
-        """Change some fields of a project."""
-        body = {k: list(v) if k == "dirs" else v for k, v in changes.items() if v is not None and v != ()}
-        return _build(Project, self.call("PATCH", f"/api/v1/projects/{self._path(ref)}", body=body))
-
-    def get_project(self, ref: str) -> Project:
-        """Return one project by name or id prefix."""
-        return _build(Project, self.call("GET", f"/api/v1/projects/{self._path(ref)}"))
-
-    def list_projects(self, *, status: str | None = None) -> list[Project]:
-        """Return the projects."""
-        return [_build(Project, p) for p in self.call("GET", "/api/v1/projects", query={"status": status})]
-
-    def project_history(self, project: Project, *, limit: int = 200) -> list[Event]:
-        """Return the events about a project and its tasks."""
-        return [_build(Event, e) for e in self.call("GET", f"/api/v1/projects/{project.id}/history",
-                                                    query={"limit": limit})]
-
-    def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                    description: str = "", tags: Iterable[str] = ()) -> Task:
-        """Add a task to a project."""
-        return _build(Task, self.call("POST", "/api/v1/tasks", body={
-            "project": project_ref, "title": title, "priority": priority, "description": description,
-            **({"tags": list(tags)} if tags else {})}))
-
-    def edit_task(self, ref: str, **changes: Any) -> Task:
-        """Change some fields and tags of a task."""
-        body = {k: list(v) if k in ("tags", "untags") else v for k, v in changes.items() if v not in (None, (), [])}
-        return _build(Task, self.call("PATCH", f"/api/v1/tasks/{self._path(ref)}", body=body))
-
-    def remove_task(self, ref: str) -> Task:
-        """Remove a task (it can be restored)."""
-        return _build(Task, self.call("DELETE", f"/api/v1/tasks/{self._path(ref)}"))
-
-    def restore_task(self, ref: str) -> Task:
-        """Bring a removed task back."""
-        return _build(Task, self.call("POST", f"/api/v1/tasks/{self._path(ref)}/restore", body={}))
-
-    def list_changes(self, *, limit: int = 10) -> list[Change]:
-        """Return the server host's newest changes not undone yet."""
-        return [_change_from_json(c) for c in self.call("GET", "/api/v1/undo", query={"limit": limit})]
-
-    def undo_change(self) -> UndoResult:
-        """Undo the server host's newest change."""
-        got = self.call("POST", "/api/v1/undo", body={})
-        return UndoResult(_change_from_json(got), [_build(Event, e) for e in got["recorded"]], got["n_kept"])
-
-    def get_task(self, ref: str) -> Task:
-        """Return one task by id prefix."""
-        return _build(Task, self.call("GET", f"/api/v1/tasks/{self._path(ref)}"))
-
-    def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
-                   session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
-                   active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
-                   priorities: tuple[int, int] | None = None, search: str | None = None,
-                   include_removed: bool = False) -> list[Task]:
-        """Return tasks, most urgent first."""
-        query = {"project": project_id, "status": status, "session": session_id, "group": group_id,
-                 "open": "1" if is_open else None, "active": "1" if active_projects else None,
-                 "assigned": None if is_assigned is None else str(int(is_assigned)), "tag": tag,
-                 "priority": f"{priorities[0]}-{priorities[1]}" if priorities else None, "search": search,
-                 "removed": "1" if include_removed else None}
-        return [_build(Task, t) for t in self.call("GET", "/api/v1/tasks", query=query)]
-
-    def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
-        """Bind a task to a session or a group."""
-        body = {k: v for k, v in (("session_id", session_id), ("group", group_ref)) if v is not None}
-        return _build(Task, self.call("POST", f"/api/v1/tasks/{self._path(ref)}/assignment", body=body))
-
-    def unassign_task(self, ref: str) -> Task:
-        """End a task's binding."""
-        return _build(Task, self.call("DELETE", f"/api/v1/tasks/{self._path(ref)}/assignment"))
-
-    def create_group(self, name: str, *, cwd: str | None = None, host: str | None = None,
-                     tmux_name: str | None = None) -> Group:
-        """Create a group of sessions."""
-        body = {k: v for k, v in (("name", name), ("cwd", cwd), ("host", host), ("tmux_name", tmux_name))
-                if v is not None}
-        return _build(Group, self.call("POST", "/api/v1/groups", body=body))
-
-    def remove_group(self, ref: str) -> Group:
-        """Remove a group."""
-        return _build(Group, self.call("DELETE", f"/api/v1/groups/{self._path(ref)}"))
-
-    def get_group(self, ref: str) -> Group:
-        """Return one group by name or id prefix."""
-        return _build(Group, self.call("GET", f"/api/v1/groups/{self._path(ref)}"))
-
-    def list_groups(self) -> list[Group]:
-        """Return the groups."""
-        return [_build(Group, g) for g in self.call("GET", "/api/v1/groups")]
-
-    def get_session(self, ref: str) -> Session:
-        """Return one session by id prefix."""
-        return _build(Session, self.call("GET", f"/api/v1/sessions/{self._path(ref)}"))
-
-    def get_session_detail(self, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
-        """Return one session with its task and history; its attach command is the server's (from the server)."""
-        got = self.call("GET", f"/api/v1/sessions/{self._path(ref)}")
-        return SessionDetail(_build(Session, got), _build(Task, got["task"]) if got.get("task") else None,
-                             [_build(Event, e) for e in got.get("history", [])][-limit:], got.get("attach"))
-
-    def list_needs(self) -> list[Session]:
-        """Return the sessions that wait on a person, for triage."""
-        return [_build(Session, x) for x in self.call("GET", "/api/v1/needs")]
-
-    def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
-        """Return the sessions of every host."""
-        query = {"host": host, "all": "1" if include_gone else None}
-        return [_build(Session, x) for x in self.call("GET", "/api/v1/sessions", query=query)]
-
-    def list_group_sessions(self, group_ref: str, *, include_gone: bool = False) -> list[Session]:
-        """Return the sessions a group's patterns match now."""
-        query = {"all": "1" if include_gone else None}
-        return [_build(Session, x) for x in self.call("GET", f"/api/v1/groups/{self._path(group_ref)}/sessions",
-                                                      query=query)]
-
-    def list_ambiguous_panes(self) -> list[Pane]:
-        """Return the panes the server's last pull could not tie to one session."""
-        return [_build(Pane, x) for x in self.call("GET", "/api/v1/panes/ambiguous")]
-
-    def list_broadcast_recipients(self, target: str) -> list[Session]:
-        """Return the live sessions a broadcast target names."""
-        return [_build(Session, x) for x in self.call("GET", "/api/v1/broadcast/recipients", query={"target": target})]
-
-    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
-        """Return the per-session results of a broadcast."""
-        query = {"broadcast": broadcast_id, "pending_on": pending_on}
-        return [_build(Delivery, x) for x in self.call("GET", "/api/v1/deliveries", query=query)]
-
-    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
-                       confirm_s: float = BROADCAST_CONFIRM_S,
-                       on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
-        """Have the server type a text into a target's sessions (it waits for confirmations its own way).
-
-        The server answers once every session is done: `on_delivery` is not called (no lines as they land).
-        """
-        got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
-        return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
-                               [_build(Delivery, d) for d in got["deliveries"]])
-
-    def start_session(self, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
-                      model: str | None = None, config: dict[str, Any]) -> Order:
-        """Have the server start a session for a task (with its own clare.toml)."""
-        body = {"host": host, "is_worktree": is_worktree, "model": model}
-        return _build(Order, self.call("POST", f"/api/v1/tasks/{self._path(task_ref)}/sessions",
-                                       body={k: v for k, v in body.items() if v is not None}))
-
-    def resume_session(self, session_ref: str, *, config: dict[str, Any]) -> Order:
-        """Have the server resume a gone session on its host."""
-        return _build(Order, self.call("POST", f"/api/v1/sessions/{self._path(session_ref)}/resume", body={}))
-
-    def stop_session(self, session_ref: str, *, is_force: bool = False, config: dict[str, Any]) -> Order:
-        """Have the server stop a session on its host."""
-        return _build(Order, self.call("POST", f"/api/v1/sessions/{self._path(session_ref)}/stop",
-                                       body={"is_force": is_force}))
-
-    def list_orders(self, *, order_id: str | None = None, session_id: str | None = None,
-                    pending_on: str | None = None) -> list[Order]:
-        """Return the session orders and their results."""
-        query = {"id": order_id, "session": session_id, "pending_on": pending_on}
-        return [_build(Order, o) for o in self.call("GET", "/api/v1/orders", query=query)]
-
-    def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                    pane: tuple[str | None, str] | None = None, source: str = "message",
-                    is_done: bool = False) -> Update:
-        """Post a progress note."""
-        if pane is not None and task_ref is None:
-            raise UsageError("a note from inside a pane finds its task on this host; name the task "
-                             "(clare update TASK TEXT) or run without --remote")
-        body = {k: v for k, v in (("text", text), ("task", task_ref), ("session_id", session_id),
-                                  ("source", source), ("is_done", is_done or None)) if v is not None}
-        return _build(Update, self.call("POST", "/api/v1/updates", body=body))
-
-    def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
-                     limit: int = 50) -> list[Update]:
-        """Return the newest updates, newest last."""
-        if task_ids == []:
-            return []
-        query = {"task": task_ids, "id": update_id, "limit": limit}
-        return [_build(Update, u) for u in self.call("GET", "/api/v1/updates", query=query)]
-
-    def list_history(self, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
-        """Return the events naming any of these entities, oldest first."""
-        return [_build(Event, e) for e in self.call("GET", "/api/v1/history",
-                                                    query={"entity": entity_ids, "limit": limit})]
-
-    def list_events(self, *, limit: int = 50) -> list[Event]:
-        """Return the newest events, newest last."""
-        page = self.call("GET", "/api/v1/events", query={"limit": min(limit, MAX_EVENTS_PAGE)})
-        return [_build(Event, e) for e in page["events"]]
-
-    def import_events(self, lines: Iterable[str]) -> tuple[InsertResult, list[str]]:
-        """Send JSON lines of events; return what the server stored and one reason per bad line."""
-        got = self.call("POST", "/api/v1/import", body={"lines": [x.rstrip("\n") for x in lines]})
-        return (InsertResult([_build(Event, e) for e in got["inserted"]], got["duplicates"], got["conflicts"]),
-                got["rejected"])
-
-    def replay(self) -> int:
-        """Rebuild the server's projections; return how many events it applied."""
-        return self.call("POST", "/api/v1/replay", body={})["events"]
-
-    def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
-        """Return the roll-up."""
-        got = self.call("GET", "/api/v1/status", query={"project": project_ref, "group": group_ref})
-        return StatusReport([ProjectStatus(_build(Project, p), p["tokens"], p["n_sessions"]) for p in got["projects"]],
-                            [_build(Session, x) for x in got["sessions"]],
-                            {t["id"]: _build(Task, t) for t in got["tasks"]})
-
-    def clock_status(self) -> dict[str, Any]:
-        """Return what the server's peers say of its clock, and the events it holds back."""
-        return self.call("GET", "/api/v1/status")["clock"]
-
-    def count_events(self) -> int:
-        """Return how many events the server's log holds."""
-        return self.call("GET", "/api/v1/status")["n_events"]
-
-
 _REF = r"(?P<%s>[^/]+)"
 ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
     (method, re.compile(pattern), handler) for method, pattern, handler in (
-        ("GET", r"/api/v1/projects", api_list_projects),
-        ("POST", r"/api/v1/projects", api_create_project),
-        ("GET", r"/api/v1/projects/" + _REF % "project", api_get_project),
-        ("PATCH", r"/api/v1/projects/" + _REF % "project", api_edit_project),
-        ("GET", r"/api/v1/projects/" + _REF % "project" + "/history", api_project_history),
-        ("GET", r"/api/v1/tasks", api_list_tasks),
-        ("POST", r"/api/v1/tasks", api_create_task),
-        ("GET", r"/api/v1/tasks/" + _REF % "task", api_get_task),
-        ("PATCH", r"/api/v1/tasks/" + _REF % "task", api_edit_task),
-        ("DELETE", r"/api/v1/tasks/" + _REF % "task", api_remove_task),
-        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/restore", api_restore_task),
-        ("GET", r"/api/v1/undo", api_list_changes),
-        ("POST", r"/api/v1/undo", api_undo_change),
+        *((spec.method, re.sub(r"\{(\w+)\}", lambda m: _REF % m[1], spec.path), service_handler(name))
+          for name, (_, spec) in SERVICE_APIS.items() if spec is not None and spec.is_routed),
         ("GET", r"/api/v1/tasks/" + _REF % "task" + "/history", api_task_history),
-        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_assign_task),
-        ("DELETE", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_unassign_task),
-        ("GET", r"/api/v1/groups", api_list_groups),
-        ("POST", r"/api/v1/groups", api_create_group),
-        ("GET", r"/api/v1/groups/" + _REF % "group", api_get_group),
-        ("DELETE", r"/api/v1/groups/" + _REF % "group", api_remove_group),
-        ("GET", r"/api/v1/groups/" + _REF % "group" + "/sessions", api_group_sessions),
-        ("GET", r"/api/v1/sessions", api_list_sessions),
-        ("GET", r"/api/v1/sessions/" + _REF % "session", api_get_session),
-        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/sessions", api_start_session),
-        ("POST", r"/api/v1/sessions/" + _REF % "session" + "/resume", api_resume_session),
-        ("POST", r"/api/v1/sessions/" + _REF % "session" + "/stop", api_stop_session),
-        ("GET", r"/api/v1/orders", api_list_orders),
         ("GET", r"/api/v1/sessions/" + _REF % "session" + "/pane", api_session_pane),
         ("GET", r"/api/v1/sessions/" + _REF % "session" + "/transcript", api_session_transcript),
-        ("GET", r"/api/v1/needs", api_list_needs),
-        ("GET", r"/api/v1/panes/ambiguous", api_ambiguous_panes),
-        ("POST", r"/api/v1/broadcast", api_send_broadcast),
-        ("GET", r"/api/v1/broadcast/recipients", api_broadcast_recipients),
-        ("GET", r"/api/v1/deliveries", api_list_deliveries),
-        ("GET", r"/api/v1/updates", api_list_updates),
-        ("POST", r"/api/v1/updates", api_post_update),
-        ("GET", r"/api/v1/status", api_status),
         ("GET", r"/api/v1/events", api_list_events),
-        ("GET", r"/api/v1/history", api_history),
-        ("POST", r"/api/v1/import", api_import_events),
-        ("POST", r"/api/v1/replay", api_replay),
         ("GET", r"/api/v1/openapi\.json", api_openapi),
         ("GET", r"/api/v1/sync/events", sync_get_events),
         ("POST", r"/api/v1/sync/events", sync_post_events),
@@ -9489,10 +10726,13 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/sessions", frag_start_session),
+        ("POST", r"/sessions/" + _REF % "session" + "/stop", frag_stop_session),
+        ("POST", r"/sessions/" + _REF % "session" + "/resume", frag_resume_session),
         ("POST", r"/tasks/" + _REF % "task" + "/updates", frag_post_update),
         ("GET", r"/sessions", cached(page_sessions)),
         ("GET", r"/sessions/" + _REF % "session", page_session),
         ("POST", r"/sessions/" + _REF % "session" + "/task", frag_set_session_task),
+        ("POST", r"/sessions/" + _REF % "session" + "/answer", frag_answer_session),
         ("GET", r"/needs", cached(page_needs)),
         ("GET", r"/broadcast", page_broadcast),
         ("POST", r"/broadcast", frag_send_broadcast),
@@ -9586,7 +10826,7 @@ class Context:
         self.as_json = bool(getattr(args, "json", False))
         self.remote_url: str | None = getattr(args, "remote", None) or os.environ.get("CLARE_URL") or None
         self._db: Db | None = None
-        self._svc: Services | RemoteServices | None = None
+        self._svc: Services | None = None
         self._config: dict[str, Any] | None = None  # clare.toml, read on first use
 
     @property
@@ -9604,7 +10844,7 @@ class Context:
         return self._config
 
     @property
-    def svc(self) -> "Services | RemoteServices":
+    def svc(self) -> Services:
         """Return the services this command runs against: the local database, or --remote / CLARE_URL."""
         if self._svc is None:
             if self.remote_url is not None:
@@ -9659,7 +10899,7 @@ def _assignee(task: Task) -> str:
     if task.session_id:
         return f"session {task.session_id[:SHORT_ID]}"
     if task.group_id:
-        return f"group {task.group_id[:SHORT_ID]}"
+        return f"group {task.group or task.group_id[:SHORT_ID]}"
     return ""
 
 
@@ -9776,13 +11016,15 @@ def unit_path(env: Mapping[str, str] | None = None) -> str:
     return os.path.join(config, "systemd", "user", "clare.service")
 
 
-def unit_text(*, home: str | None, host: str, port: int, env: Mapping[str, str] | None = None) -> str:
+def unit_text(*, home: str | None, host: str, port: int, db: str | None = None,
+              env: Mapping[str, str] | None = None) -> str:
     """Return the unit setup writes: this interpreter and clare.py by absolute path, bound to host:port."""
     import shutil  # only setup and doctor need it
 
     env = os.environ if env is None else env
     script = os.path.abspath(__file__)
-    argv = [sys.executable, script, *(("--home", home) if home else ()), "serve", "--host", host, "--port", str(port)]
+    places = [*(("--home", home) if home else ()), *(("--db", os.path.abspath(db)) if db else ())]
+    argv = [sys.executable, script, *places, "serve", "--host", host, "--port", str(port)]
     # The folders of the programs serve runs (tmux, Claude Code): a user service starts with a minimal PATH.
     found = [shutil.which(p, path=env.get("PATH")) for p in ("tmux", "claude")]
     folders = [os.path.dirname(os.path.abspath(p)) for p in found if p] + ["/usr/local/bin", "/usr/bin", "/bin"]
@@ -9842,7 +11084,7 @@ def setup_steps(ctx: Context, *, bind: str, port: int, peer_url: str | None, bin
                f"(runs clare.py with {sys.executable})")
 
     # 4. The systemd user unit.
-    path, text = unit_path(env), unit_text(home=home, host=bind, port=port, env=env)
+    path, text = unit_path(env), unit_text(home=home, host=bind, port=port, db=ctx.args.db, env=env)
     unit_changed = _read_text(path) != text
     if unit_changed and not is_dry_run:
         write_private(path, text)
@@ -10492,7 +11734,7 @@ def cmd_session_stop(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_session_orders(args: argparse.Namespace, ctx: Context) -> None:
     """List the starts, resumes and stops ordered, with what came of each."""
-    orders = ctx.svc.list_orders(session_id=args.session)
+    orders = ctx.svc.list_orders(session_id=ctx.svc.get_session(args.session).id if args.session else None)
     emit(ctx, orders, lambda: table(("ORDER", "WHEN", "ACTION", "SESSION", "HOST", "RESULT", "REASON"), (
         (o.id[:SHORT_ID], when_text(o.created_at), o.action, o.session_id[:SHORT_ID], o.host, o.result,
          short_text(o.reason, 90)) for o in orders)) if orders else "no session orders")
@@ -10517,6 +11759,24 @@ def cmd_sessions_show(args: argparse.Namespace, ctx: Context) -> None:
         lines = [f"{k:<8} {v}" for k, v in facts]
         return "\n".join(lines + ["", "history:", format_history(d.history)])
     emit(ctx, d, text)
+
+
+def _cmd_answer(answer: str) -> Callable[[argparse.Namespace, Context], int]:
+    def handler(args: argparse.Namespace, ctx: Context) -> int:
+        import getpass
+
+        option = getattr(args, "option", None)
+        got = ctx.svc.answer_session(
+            args.session, "option" if option is not None else answer, option=option,
+            reason=getattr(args, "reason", None) or "", client=f"cli:{getpass.getuser()}@{os.uname().nodename}",
+            peers=() if ctx.remote_url else load_peers(ctx.config, path=ctx.paths.config), settings=ctx.config)
+        a = got.answer
+        emit(ctx, got, f"{answer} {a.tool}: {short_text(a.input, 60)} (session {a.session_id[:SHORT_ID]} on "
+                       f"{a.host}): {got.note}")
+        return 0 if a.result in ("typed", "pending") else 1
+    handler.__name__ = f"cmd_{answer}"
+    handler.__doc__ = f"{answer.capitalize()} a session's open permission dialog, if it is still the same one."
+    return handler
 
 
 def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
@@ -10548,7 +11808,8 @@ def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_hook(args: argparse.Namespace, ctx: Context) -> int:
     """Take one Claude Code hook report on stdin; print nothing and exit 0 whatever happens."""
-    run_hook(ctx.paths.db, sys.stdin.buffer.read(MAX_HOOK_INPUT_BYTES), env=dict(os.environ), at_ms=now_ms())
+    started_ms = process_started_ms() or now_ms()  # before anything else: when Claude started this hook
+    run_hook(ctx.paths.db, sys.stdin.buffer.read(MAX_HOOK_INPUT_BYTES), env=dict(os.environ), at_ms=started_ms)
     return 0
 
 
@@ -10557,8 +11818,9 @@ def cmd_hooks_install(args: argparse.Namespace, ctx: Context) -> None:
     path = settings_path()
     changed = install_hooks(path, hook_command(ctx.paths.db))
     emit(ctx, {"settings": path, "changed": changed},
-         f"installed Clare's hooks for {len(changed)} events in {path}; sessions started before now get them "
-         "only when restarted (pull still sees them)" if changed else f"Clare's hooks are already in {path}")
+         f"installed Clare's hooks for {len(changed)} events in {path}; Claude Code 2.1.x reloads this file, so "
+         "running sessions report from now on too (older versions only after a restart; pull sees them either way)"
+         if changed else f"Clare's hooks are already in {path}")
 
 
 def cmd_hooks_uninstall(args: argparse.Namespace, ctx: Context) -> None:
@@ -10597,19 +11859,22 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
             return 1
     landed = BroadcastLines(as_json=ctx.as_json)
     landed.start(args.target)
-    svc = ctx.svc
-    if isinstance(svc, Services):
-        result = svc.send_broadcast(args.target, text, is_command=args.command, on_delivery=landed)
-    else:  # a server answers once, with every result
-        result = svc.send_broadcast(args.target, text, is_command=args.command)
+    # A server answers once, with every result: on_delivery is not sent, and the rest prints below.
+    result = ctx.svc.send_broadcast(args.target, text, is_command=args.command, on_delivery=landed)
     landed.close()
     rest = [d for d in result.deliveries if d.session_id not in landed.shown]
     counts = {r: sum(d.result == r for d in result.deliveries) for r in ("delivered", *DELIVERY_RESULTS)}
+    # Every open assigned task of a project target gets a line: those no live session works on too.
+    counts["no live session"] = len(result.unreached)
+    unreached = [TERMINAL_CONTROL_RE.sub("?", landed.line(
+        u["session_id"] or "-", "-", "-", "no live session",
+        f"task {u['task_id'][:SHORT_ID]} {u['title']!r}: " + u["reason"].removeprefix("no live session: ")))
+        for u in result.unreached]
     emit(ctx, result, lambda: "\n".join([*(landed.line(d.session_id, d.host, d.tmux_target, d.result, d.reason)
-                                           for d in rest),
+                                           for d in rest), *unreached,
                                          f"broadcast {result.broadcast_id[:SHORT_ID]} to {result.target}: "
                                          + ", ".join(f"{n} {r}" for r, n in counts.items() if n)]))
-    return 0 if all(d.result in ("delivered", "queued") for d in result.deliveries) else 1
+    return 0 if result.is_complete else 1
 
 
 class BroadcastLines:
@@ -10743,7 +12008,9 @@ def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
     """Add a peer to clare.toml."""
     peer = add_peer(ctx.paths.config, args.url, name=args.name, token_env=args.token_env)
-    token = f"its token is read from ${peer.token_env}" if peer.token_env else "its token is CLARE_TOKEN's"
+    token = (f"Clare sends it the token in ${peer.token_env}" if peer.token_env else
+             f"Clare sends it this host's own token ($CLARE_TOKEN, else the token line of {ctx.paths.config}); "
+             "give it --token-env VAR if it has another")
     emit(ctx, peer, f"added peer {peer.name} ({peer.url}) to {ctx.paths.config}; {token}\n"
                     f"sync now with: clare sync {peer.name}")
 
@@ -10754,6 +12021,16 @@ def cmd_peer_rm(args: argparse.Namespace, ctx: Context) -> None:
     forget_peer_status(ctx.db, peer.url)
     emit(ctx, peer, f"removed peer {peer.name} ({peer.url}) from {ctx.paths.config}; "
                     "a running 'clare serve' syncs with it until restarted")
+
+
+def cmd_token(args: argparse.Namespace, ctx: Context) -> None:
+    """Print this host's API token, to a terminal only."""
+    token = ctx.svc.get_token(ctx.config, path=ctx.paths.config)
+    # SECURITY: a token printed into a pipe or a file ends up in logs and shell histories.
+    if not sys.stdout.isatty():
+        raise UsageError(f"clare token prints the token to a terminal only; a script reads it where it lives: "
+                         f"CLARE_TOKEN, else 'token' in {ctx.paths.config}")
+    emit(ctx, {"token": token, "config": ctx.paths.config}, token)
 
 
 def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
@@ -10856,8 +12133,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
 
     if ctx.db.refusal is not None:  # a copy: everything serve does in the background writes
         raise Conflict(ctx.db.refusal)
-    settings = ctx.config
-    config = web_config(ctx.paths, settings=settings, host=args.host, port=args.port, log_requests=args.log)
+    config = web_config(ctx.paths, settings=ctx.config, host=args.host, port=args.port, log_requests=args.log)
+    settings = {**ctx.config, "token": config.token}  # a token made just now goes to peers without token_env
     peers = [] if args.no_sync else list(config.peers)
     interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
@@ -10868,17 +12145,19 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
 
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
-        if config.token is not None:
-            # SECURITY: under systemd stdout is the journal; the token goes only to a person's terminal.
-            token = config.token if sys.stdout.isatty() else "YOUR_TOKEN"
-            print(f"clare: log in once with {server.url}/login?token={token}", flush=True)
+        # SECURITY: under systemd stdout is the journal; the token goes only to a person's terminal.
+        if sys.stdout.isatty():
+            print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
+        else:
+            print(f"clare: log in once with {server.url}/login?token=YOUR_TOKEN (the token line of "
+                  f"{ctx.paths.config}, or $CLARE_TOKEN)", flush=True)
         if peers:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
         start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log,
                               contacts=config.contacts)
         start_background_pull(ctx.paths.db, settings, stop=stop, log=log)
         base_url = str((settings.get("notify") or {}).get("url") or server.url)
-        start_background_notify(ctx.paths.db, settings, base_url=base_url, stop=stop, log=log)
+        start_background_act(ctx.paths.db, settings, base_url=base_url, stop=stop, log=log)
     try:
         run_server(server, on_start=started)
     finally:
@@ -10920,11 +12199,12 @@ _GLOBAL_ARGS = (
 # The same options after the verb (`clare task list --home /tmp/c2`): SUPPRESS keeps a value given before it.
 _LEAF_GLOBAL_ARGS = tuple((flags, {**options, "default": argparse.SUPPRESS}) for flags, options in _GLOBAL_ARGS)
 _DIR_ARG = arg("--dir", action="append", default=[], metavar="[HOST:]PATH",
-               help="where the code lives: /PATH on this host, HOST:/PATH on another (machine id or unique peer "
-                    "name), HOST: to forget it; repeat per host")
+               help="where the code lives: /PATH on this host, HOST:/PATH on another (machine id, or a host or "
+                    "peer name only one host has), HOST: to forget it; repeat per host")
 
 _SERVE_ARGS = (
-    arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
+    arg("--host", default=DEFAULT_HOST,
+        help=f"address to bind (default {DEFAULT_HOST}; every bind needs the token, made on first serve)"),
     arg("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"),
     arg("--log", action="store_true", help="print one line per request to stderr"),
     arg("--no-sync", action="store_true", help="do not sync with the peers of clare.toml in the background"),
@@ -11042,9 +12322,19 @@ COMMANDS: list[Command] = [
              arg("session", nargs="?", help="with show: session id or unique prefix"),
              arg("--all", action="store_true", help="also sessions that are gone"),
              arg("--state", choices=SESSION_STATES, help="only sessions in this state"))),
+    Command(("approve",), _cmd_answer("approve"), "approve a session's open permission dialog (typed only if "
+            "the same dialog is still open)",
+            "clare approve 7c1e9b\n  clare approve 7c1e9b --option 2   # e.g. 'Yes, and don't ask again for …'",
+            (arg("session", help="session id or unique prefix"),
+             arg("--option", type=int, metavar="N", help="pick the dialog's option N instead of Yes"))),
+    Command(("deny",), _cmd_answer("deny"), "deny a session's open permission dialog, optionally telling Claude why",
+            'clare deny 7c1e9b\n  clare deny 7c1e9b --reason "use make clean instead"',
+            (arg("session", help="session id or unique prefix"),
+             arg("--reason", help="what Claude should do instead (typed after the dialog closes)"))),
     Command(("session", "start"), cmd_session_start, "start a Claude session for a task in a new tmux window",
             "clare session start 3f2a\n  clare session start 3f2a --host apricot --worktree --model sonnet",
-            (_TASK_REF, arg("--host", help="machine id or unique peer name (default: where the project's code is)"),
+            (_TASK_REF, arg("--host", help="machine id, or a host or peer name only one host has (default: where "
+                                           "the project's code is)"),
              arg("--worktree", action="store_true",
                  help="work in a new git worktree and branch clare/<id>-<title> beside the repository"),
              arg("--model", help="the model Claude uses (claude --model)"))),
@@ -11056,7 +12346,7 @@ COMMANDS: list[Command] = [
              arg("--force", action="store_true", help="send SIGTERM to Claude even while it works"))),
     Command(("session", "orders"), cmd_session_orders, "list session starts, resumes and stops with their results",
             "clare session orders\n  clare session orders --session 7c1e9b --json",
-            (arg("--session", help="only this session's (full id)"),)),
+            (arg("--session", help="only this session's (id or unique prefix)"),)),
     Command(("attach",), cmd_attach, "attach this terminal to a session's tmux pane (over ssh for another host)",
             "clare attach 7c1e9b\n  clare attach 7c1e9b --print",
             (arg("session", help="session id or unique prefix"),
@@ -11092,6 +12382,8 @@ COMMANDS: list[Command] = [
     Command(("peer", "rm"), cmd_peer_rm, "remove a peer from clare.toml",
             "clare peer rm apricot\n  clare peer rm http://10.9.0.2:8765 --json",
             (arg("peer", help="the name (or url) of a configured peer"),)),
+    Command(("token",), cmd_token, "print this host's API token (to a terminal only)",
+            "clare token\n  clare token --json"),
     Command(("peer", "list"), cmd_peer_list, "list peers: last sync, events behind, clock offset, last error",
             "clare peer list --json"),
     Command(("sync",), cmd_sync, "sync once with every peer, or one: pull, then push; print what moved",

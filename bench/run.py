@@ -3,7 +3,7 @@
 
     make bench                                  # full sizes: about seven minutes on 2 cores
     CLARE_BENCH_QUICK=1 make bench              # tiny sizes, under a minute (tests/test_bench.py)
-    .venv/bin/python bench/run.py --only replay # one group: list replay append sync http pull serve
+    .venv/bin/python bench/run.py --only replay # one group: list replay append sync http pull fleet serve
     .venv/bin/python bench/run.py --json out.json
 
 A full run writes about 2 GB of transcripts and 1.5 GB of databases under $TMPDIR and
@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class Sizes:
     transcripts: int  # files for `clare pull`
     transcript_bytes: int  # their total size, written for real (make_transcripts)
     serve_events: int
+    panes: tuple[int, ...] = (20, 200)  # Claude panes for the fleet pull rows
 
 
 FULL = Sizes(tasks=(10, 100, 1_000, 10_000, 100_000), cli_runs=9, replay=(10_000, 100_000, 1_000_000),
@@ -70,7 +72,7 @@ FULL = Sizes(tasks=(10, 100, 1_000, 10_000, 100_000), cli_runs=9, replay=(10_000
              transcript_bytes=2 * 1024**3, serve_events=1_000_000)
 QUICK = Sizes(tasks=(2, 5, 10, 20, 40), cli_runs=3, replay=(200, 1_000, 3_000), replay_runs=3,
               append=300, sync=1_000, wrk_seconds=1, transcripts=20, transcript_bytes=20 * 256 * 1024,
-              serve_events=1_000)
+              serve_events=1_000, panes=(4, 8))
 
 # Every row the table has, in order: the test checks that a quick run prints each of them.
 ROW_KEYS = (
@@ -82,6 +84,7 @@ ROW_KEYS = (
     "sync.less", "sync.full", "sync.incremental",
     "http.rate", "http.p99", "http.less", "http.more",
     "pull.cold", "pull.warm",
+    "fleet.pull.0", "fleet.pull.1", "fleet.latency.nohooks", "fleet.latency.hooks",
     "serve.rss",
 )
 
@@ -526,7 +529,7 @@ def incremental_sync(src: Path, dst: Path, url: str, *, runs: int = 7) -> tuple[
     src_db, dst_db = clare.open_db(str(src)), clare.open_db(str(dst))
     svc = clare.Services(src_db)
     project = svc.list_projects()[0].id
-    peer = clare.HttpPeer(url, token=None)
+    peer = clare.HttpPeer(url, token=os.environ["CLARE_TOKEN"])
     sync_ms, trip_ms = [], []
     try:
         clare.sync_with(dst_db, peer, name="bench")  # up to date, cursor saved
@@ -540,7 +543,7 @@ def incremental_sync(src: Path, dst: Path, url: str, *, runs: int = 7) -> tuple[
                 raise BenchError(f"an incremental sync pulled {report.n_pulled} events, expected 10")
             head = clare.count_events(src_db)
             started = time.perf_counter()
-            with urllib.request.urlopen(f"{url}/api/v1/sync/events?after={head + 10**9}&limit=1000",
+            with urllib.request.urlopen(authorized(f"{url}/api/v1/sync/events?after={head + 10**9}&limit=1000"),
                                         timeout=30) as reply:
                 reply.read()
             trip_ms.append((time.perf_counter() - started) * 1000)
@@ -548,6 +551,11 @@ def incremental_sync(src: Path, dst: Path, url: str, *, runs: int = 7) -> tuple[
         src_db.close()
         dst_db.close()
     return statistics.median(sync_ms), statistics.median(trip_ms)
+
+
+def authorized(url: str) -> urllib.request.Request:
+    """Return a GET of `url` that carries this run's token."""
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {os.environ['CLARE_TOKEN']}"})
 
 
 class FixedPage(http.server.BaseHTTPRequestHandler):
@@ -596,9 +604,9 @@ def wrk(url: str, seconds: int) -> tuple[float, float]:
 class ClareServer:
     """`clare serve` on a free port, as a child process; stopped with SIGTERM."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, *, env: dict[str, str] | None = None):
         self.child = subprocess.Popen([PY, str(CLARE_PY), "--home", str(home), "serve", "--port", "0"],
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         line = self.child.stdout.readline()
         m = re.search(r"(http://[0-9.:]+)/", line)
         if not m:
@@ -610,7 +618,7 @@ class ClareServer:
         """GET a path; return the size of the body."""
         import urllib.request
 
-        with urllib.request.urlopen(self.url + path, timeout=120) as reply:
+        with urllib.request.urlopen(authorized(self.url + path), timeout=120) as reply:
             return len(reply.read())
 
     def peak_rss_mb(self) -> float:
@@ -792,6 +800,177 @@ def bench_pull(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     shutil.rmtree(work / "transcripts")
 
 
+FLEET_PULL_PASS = """
+import json, os, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+import clare
+db = clare.open_db(sys.argv[2], machine_id="bench")
+first = clare.pull_fleet(db, config={}, now_ms=clare.now_ms())
+times, n_events = [], 0
+for _ in range(int(sys.argv[3])):
+    t = time.perf_counter()
+    n_events += len(clare.pull_fleet(db, config={}, now_ms=clare.now_ms()).events)
+    times.append((time.perf_counter() - t) * 1000)
+print(json.dumps({"ms": statistics.median(times), "n_sessions": len(first.observations), "n_events": n_events}))
+"""
+
+
+class BenchFleet:
+    """Claude panes in a private tmux server: each a process named claude with its registry entry and transcript.
+
+    What a pull reads is real (tmux, /proc, the registry, transcripts); the processes are `sleep`
+    under the name claude, so 200 of them cost nothing while the pull is measured.
+    """
+
+    def __init__(self, n_panes: int):
+        self.base = Path(tempfile.mkdtemp(prefix="clare-bf-"))  # short: a socket path must fit in 108 bytes
+        self.claude_dir = self.base / "claude"
+        (self.claude_dir / "sessions").mkdir(parents=True)
+        (self.base / "t").mkdir()  # without it tmux falls back to /tmp: never the user's server
+        self.env = {**os.environ, "TMUX_TMPDIR": str(self.base / "t"), "CLAUDE_CONFIG_DIR": str(self.claude_dir),
+                    "CLARE_HOME": str(self.base / "clare")}
+        self.env.pop("TMUX", None)
+        self.socket = str(self.base / "t" / f"tmux-{os.getuid()}" / "bench")
+        self.sessions: dict[str, tuple[int, str, str]] = {}  # session id -> (pid, pane, cwd)
+        for i in range(n_panes):
+            cwd = self.base / "work" / f"p{i}"
+            cwd.mkdir(parents=True)
+            self.tmux("new-session", "-d", "-s", f"s{i}", "-x", "80", "-y", "24", "-c", str(cwd),
+                      "bash", "-c", "exec -a claude sleep 1000000")
+        for line in self.tmux("list-panes", "-a", "-F", "#{pane_id} #{pane_pid} #{session_name}").splitlines():
+            pane, pid, name = line.split(" ", 2)
+            cwd = str(self.base / "work" / f"p{name[1:]}")
+            sid = str(uuid.uuid4())
+            self.sessions[sid] = (int(pid), pane, cwd)
+            self.write_registry(sid, "idle")
+            transcript = self.claude_dir / "projects" / clare.cwd_slug(cwd) / f"{sid}.jsonl"
+            transcript.parent.mkdir(parents=True, exist_ok=True)
+            stamp = clare.iso_ms(clare.now_ms() - 5000)
+            transcript.write_text("".join(json.dumps(line) + "\n" for line in (
+                {"type": "user", "sessionId": sid, "cwd": cwd, "timestamp": stamp,
+                 "message": {"role": "user", "content": "hello"}},
+                {"type": "assistant", "sessionId": sid, "cwd": cwd, "timestamp": stamp,
+                 "message": {"id": f"msg_{sid[:8]}", "role": "assistant", "content": [{"type": "text", "text": "hi"}],
+                             "usage": {"input_tokens": 3, "output_tokens": 2}}},
+                {"type": "system", "subtype": "turn_duration", "durationMs": 10, "timestamp": stamp})))
+
+    def tmux(self, *args: str) -> str:
+        return run(["tmux", "-L", "bench", "-f", "/dev/null", *args], env=self.env).stdout
+
+    def write_registry(self, sid: str, status: str) -> int:
+        """Write a session's registry entry as Claude does when its status changes; return the time (ms)."""
+        pid, _, cwd = self.sessions[sid]
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        at = clare.now_ms()
+        entry = {"pid": pid, "procStart": stat[stat.rfind(b")") + 2:].split()[19].decode(), "sessionId": sid,
+                 "cwd": cwd, "status": status, "statusUpdatedAt": at, "version": "bench", "kind": "interactive"}
+        path = self.claude_dir / "sessions" / f"{pid}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(entry))
+        os.replace(path.with_suffix(".tmp"), path)
+        return at
+
+    def stop(self) -> None:
+        subprocess.run(["tmux", "-L", "bench", "-f", "/dev/null", "kill-server"], env=self.env, capture_output=True,
+                       timeout=30)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def time_list_panes(fleet: BenchFleet, runs: int = 7) -> float:
+    """Return the median time of the one `tmux list-panes -a` a pull must run per server, in ms."""
+    return median_of(lambda: time_cmd([clare.tmux_binary(), "-S", fleet.socket, "list-panes", "-a", "-F",
+                                       clare.PANE_FORMAT], fleet.env), runs)
+
+
+def bench_fleet(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
+    """A pull that finds nothing changed, at two fleet sizes; and a state change's latency to the dashboard."""
+    note = missing("tmux", "tmux")
+    for i, n in enumerate(sizes.panes):
+        rows[f"fleet.pull.{i}"] = Row(f"fleet.pull.{i}", f"`pull` finding nothing changed, {n} Claude panes "
+                                      "(in `serve`'s loop)", "<= 10x", base_name="one `tmux list-panes -a`",
+                                      note=note or "")
+    poll_ms = getattr(clare, "FLEET_POLL_S", clare.POLL_S) * 1000
+    lat = {key: Row(f"fleet.latency.{key}", f"state change to the dashboard's row, {what}, poll interval included "
+                    "(median of 5)", goal, note=note or "", base=poll_ms,
+                    base_name="the dashboard's poll interval: the most it adds")
+           for key, what, goal in (("nohooks", "without hooks", "<= 3000 ms"),
+                                   ("hooks", "with hooks", "<= 2500 ms"))}
+    rows.update({f"fleet.latency.{k}": r for k, r in lat.items()})
+    if note:
+        return
+    if not hasattr(clare, "pull_fleet"):
+        for r in (*lat.values(), *(rows[f"fleet.pull.{i}"] for i in range(len(sizes.panes)))):
+            r.note = "n/a (needs `clare pull`)"
+        return
+    for i, n in enumerate(sizes.panes):
+        fleet = BenchFleet(n)
+        try:
+            rows[f"fleet.pull.{i}"].base = time_list_panes(fleet)
+            out = json.loads(run([PY, "-c", FLEET_PULL_PASS, str(ROOT), str(fleet.base / "pull.db"), "7"],
+                                 env=fleet.env).stdout)
+            if out["n_sessions"] != n or out["n_events"]:
+                raise BenchError(f"the pull saw {out['n_sessions']} of {n} sessions and wrote {out['n_events']} "
+                                 "events where nothing changed")
+            rows[f"fleet.pull.{i}"].clare = out["ms"]
+        finally:
+            fleet.stop()
+    for key, r in lat.items():
+        r.clare = fleet_latency(is_hooked=key == "hooks")
+
+
+def fleet_latency(*, is_hooked: bool, n_tries: int = 5) -> float:
+    """Median ms from a session's state change to the dashboard's row showing it, as a browser polls it."""
+    import random
+    import urllib.request
+
+    fleet = BenchFleet(3)
+    (fleet.base / "clare").mkdir()
+    server = None
+    try:
+        server = ClareServer(fleet.base / "clare", env=fleet.env)
+        sid, (pid, pane, cwd) = next(iter(fleet.sessions.items()))
+        poll_s = getattr(clare, "FLEET_POLL_S", clare.POLL_S)
+        label = clare.SESSION_LABELS
+
+        def row_state() -> str:
+            with urllib.request.urlopen(server.url + "/frag/fleet", timeout=30) as reply:
+                page = reply.read().decode()
+            at = page.find(f'data-row="/sessions/{sid}"')
+            row = page[at:page.find("</tr>", at)] if at >= 0 else ""
+            return next((s for s, text in label.items() if f">{text}<" in row), "")
+
+        deadline = time.monotonic() + 30
+        while row_state() != "waiting":  # serve found the session
+            if time.monotonic() > deadline:
+                raise BenchError("serve did not show the bench session within 30 s")
+            time.sleep(0.2)
+        latencies = []
+        for n in range(n_tries):
+            status, want = ("busy", "working") if n % 2 == 0 else ("idle", "waiting")
+            time.sleep(random.uniform(0, poll_s))  # the browser's poll has its own phase
+            if is_hooked:  # Claude starts its hook as the state changes; no registry change to find
+                changed = clare.now_ms()
+                event = "UserPromptSubmit" if want == "working" else "Stop"
+                run([PY, str(CLARE_PY), "hook"], env={**fleet.env, "TMUX_PANE": pane, "TMUX": f"{fleet.socket},1,0"},
+                    stdin=json.dumps({"session_id": sid, "cwd": cwd, "hook_event_name": event}))
+            else:
+                changed = fleet.write_registry(sid, status)
+            next_poll = time.monotonic() + random.uniform(0, poll_s)
+            while True:
+                time.sleep(max(0.0, next_poll - time.monotonic()))
+                if row_state() == want:
+                    latencies.append(clare.now_ms() - changed)
+                    break
+                next_poll += poll_s
+                if clare.now_ms() - changed > 60_000:
+                    raise BenchError(f"the dashboard did not show {want} within 60 s")
+        return statistics.median(latencies)
+    finally:
+        if server is not None:
+            server.stop()
+        fleet.stop()
+
+
 SERVE_PATHS = ("/", "/projects", "/frag/projects", "/frag/activity", "/api/v1/status", "/api/v1/projects",
                "/api/v1/tasks", "/api/v1/events", "/api/v1/updates")
 
@@ -817,7 +996,7 @@ def bench_serve(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
 
 BENCHES: list[tuple[str, Callable[[dict[str, Row], Sizes, Path], None]]] = [
     ("list", bench_cli), ("replay", bench_replay), ("append", bench_append), ("sync", bench_sync),
-    ("http", bench_http), ("pull", bench_pull), ("serve", bench_serve),
+    ("http", bench_http), ("pull", bench_pull), ("fleet", bench_fleet), ("serve", bench_serve),
 ]
 
 
@@ -883,6 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
         serve_fixed_page()
         return 0
     sizes = QUICK if args.quick else FULL
+    # Every bind needs a token: one for the servers, `clare sync` and the in-process clients of this run.
+    os.environ["CLARE_TOKEN"] = os.environ.get("CLARE_TOKEN") or f"bench-{os.getpid()}-" + "t" * 16
     rows: dict[str, Row] = {}
     print(f"Clare bench{' (quick)' if args.quick else ''}: {machine()}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="clare-bench-") as tmp:

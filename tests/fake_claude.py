@@ -7,12 +7,22 @@ under bash (FAKE_CLAUDE_SESSION_ID in the environment sets the id without a flag
 to $CLAUDE_CONFIG_DIR (or ~/.claude)/fake-received.jsonl.
 
 `--resume ID` continues session ID; `--trust` first shows the trust-this-folder screen (Enter would
-trust it: recorded as {"trusted": true}); each start is recorded as {"session_id", "argv", "cwd"} in fake-started.jsonl.
+trust it: recorded as {"trusted": true}); each start is recorded as {"session_id", "argv", "cwd"} in
+fake-started.jsonl.
 
-Prompts it understands: `/exit` ends the session, `perm` opens a permission dialog (Enter would approve it; `2` or Esc
-closes it), `work` starts a turn that runs a tool and stays working (prompts typed meanwhile are
-queued, as Claude does) until Esc interrupts it; anything else gets a one-line answer and ends
-the turn.
+Prompts it understands: `/exit` ends the session, `perm` opens a permission dialog (Enter or `1`
+approves it, `2` or Esc denies it; each is recorded with the dialog's tool_use_id, which its
+PreToolUse hook reported), `work` starts a turn that runs a tool and stays working until
+Esc interrupts it, `/clear` starts a new session id in the same process; anything else gets a
+one-line answer and ends the turn.
+
+Where the real Claude Code 2.1.197 was seen to behave in a way Clare depends on, the fake does
+the same: a TAB becomes 4 spaces; a paste is appended to a half-typed draft; prompts typed while
+it works are queued and sent once, together, after the turn; the composer sits between two rules
+and shows a dim placeholder when empty; the registry has `status` and, while a dialog is open,
+`waitingFor: "permission prompt"`; the Notification `permission_prompt` comes
+FAKE_CLAUDE_NOTIFY_S (6) seconds after a dialog opens and `idle_prompt` FAKE_CLAUDE_IDLE_S (60)
+seconds after a turn ends.
 """
 
 import json
@@ -28,6 +38,9 @@ import tty
 import uuid
 
 ROOT = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".claude")
+NOTIFY_S = float(os.environ.get("FAKE_CLAUDE_NOTIFY_S", "6"))
+IDLE_S = float(os.environ.get("FAKE_CLAUDE_IDLE_S", "60"))
+RULE = "\u2500" * 60
 PASTE_START, PASTE_END = b"\x1b[200~", b"\x1b[201~"
 
 
@@ -50,9 +63,13 @@ class Fake:
         self.received = os.path.join(ROOT, "fake-received.jsonl")
         self.parent = None
         self.dialog = False
+        self.tool_use_id = None
+        self.n_tools = 0
         self.working = False
         self.buffer = b""
         self.n_msg = 0
+        self.queue: list[str] = []  # prompts typed while working: sent once, together, after the turn
+        self.timers: dict[str, float] = {}  # notification -> when it fires (time.monotonic())
         os.makedirs(os.path.dirname(self.transcript), exist_ok=True)
         with open(os.path.join(ROOT, "fake-started.jsonl"), "a") as f:
             f.write(json.dumps({"session_id": self.session_id, "argv": argv, "cwd": self.cwd}) + "\n")
@@ -62,7 +79,10 @@ class Fake:
             self.line("user", {"role": "user", "content": "hello"})
             self.answer("hello to you")
 
-    def set_status(self, status: str) -> None:
+    def set_status(self, status: str, waiting_for: str | None = None) -> None:
+        self.timers.pop("idle_prompt", None)
+        if status == "idle":
+            self.timers["idle_prompt"] = time.monotonic() + IDLE_S
         if not self.has_registry:
             return
         os.makedirs(os.path.dirname(self.registry), exist_ok=True)
@@ -70,7 +90,8 @@ class Fake:
             stat = f.read()
         entry = {"pid": os.getpid(), "procStart": stat[stat.rfind(b")") + 2:].split()[19].decode(),
                  "sessionId": self.session_id, "cwd": self.cwd, "status": status,
-                 "statusUpdatedAt": int(time.time() * 1000), "version": "2.0.0-fake", "kind": "interactive"}
+                 "statusUpdatedAt": int(time.time() * 1000), "version": "2.0.0-fake", "kind": "interactive",
+                 **({"waitingFor": waiting_for} if waiting_for else {})}
         with open(self.registry + ".tmp", "w") as f:
             json.dump(entry, f)
         os.replace(self.registry + ".tmp", self.registry)
@@ -123,7 +144,13 @@ class Fake:
             out += ("Bash command\r\n  rm -rf build\r\nDo you want to proceed?\r\n"
                     "\u276f 1. Yes\r\n  2. No, and tell Claude what to do differently (esc)\r\n")
         else:
-            out += "> " + self.buffer.decode(errors="replace").replace("\n", "\r\n  ")
+            for text in self.queue:
+                out += f"  queued: {text}\r\n"
+            # As Claude draws it: the composer between two rules; a dim placeholder when empty.
+            typed = self.buffer.decode(errors="replace").replace("\n", "\r\n  ")
+            out += f"\x1b[38;5;244m{RULE}\x1b[39m\r\n> "
+            out += (typed + "\x1b[7m \x1b[0m") if typed else '\x1b[7mT\x1b[0m\x1b[2mry "fix the tests"\x1b[0m'
+            out += f"\r\n\x1b[38;5;244m{RULE}\x1b[39m\r\n"
         os.write(1, out.encode())
 
     def submit(self) -> None:
@@ -143,6 +170,10 @@ class Fake:
             return
         if self.working:
             self.record(queued=text)  # Claude queues a prompt typed during a turn
+            self.queue.append(text)
+            return
+        if text == "/clear":
+            self.clear()
             return
         self.record(prompt=text)
         if text == "/exit":  # a local command: no prompt line, no UserPromptSubmit; the session ends
@@ -151,8 +182,13 @@ class Fake:
         self.line("user", {"role": "user", "content": text})
         self.hook("UserPromptSubmit", prompt=text)
         if text == "perm":
+            self.n_tools += 1
+            self.tool_use_id = f"toolu_fake_{self.n_tools:03d}"
+            self.hook("PreToolUse", tool_name="Bash", tool_input={"command": "rm -rf build"},
+                      tool_use_id=self.tool_use_id)
             self.dialog = True
-            self.set_status("waiting")
+            self.set_status("waiting", "permission prompt")
+            self.timers["permission_prompt"] = time.monotonic() + NOTIFY_S
             self.hook("PermissionRequest", tool_name="Bash", tool_input={"command": "rm -rf build"})
         elif text == "work":
             self.n_msg += 1
@@ -166,6 +202,31 @@ class Fake:
         else:
             self.answer(f"ok: {text[:60]}")
 
+    def clear(self) -> None:
+        """Start a new session id in this process, as /clear does."""
+        self.hook("SessionEnd", reason="clear")
+        self.session_id, self.parent = str(uuid.uuid4()), None
+        self.transcript = os.path.join(os.path.dirname(self.transcript), self.session_id + ".jsonl")
+        self.line("user", {"role": "user", "content": "<command-name>/clear</command-name>"})
+        self.set_status("idle")
+        self.hook("SessionStart", source="clear")
+
+    def turn_over(self) -> None:
+        """Send the prompts queued during the turn, once, as Claude does."""
+        if self.queue:
+            text, self.queue = "\n".join(self.queue), []
+            self.handle(text)
+
+    def tick(self) -> None:
+        """Fire the notifications whose time has come."""
+        for kind, at in list(self.timers.items()):
+            if time.monotonic() >= at:
+                del self.timers[kind]
+                if kind == "permission_prompt" and self.dialog:
+                    self.hook("Notification", notification_type=kind, message="Claude needs your permission")
+                elif kind == "idle_prompt" and not self.working and not self.dialog:
+                    self.hook("Notification", notification_type=kind, message="Claude is waiting for your input")
+
     def feed(self, data: bytes, *, flush: bool = False) -> None:
         self.buffer_raw = getattr(self, "buffer_raw", b"") + data
         while self.buffer_raw:
@@ -175,7 +236,7 @@ class Fake:
                 if end < 0:
                     self.buffer, self.buffer_raw = self.buffer + raw, b""
                     return
-                self.buffer += raw[:end]
+                self.buffer += raw[:end].replace(b"\t", b"    ")  # appended to a draft, a TAB as 4 spaces
                 self.buffer_raw, self.in_paste = raw[end + len(PASTE_END):], False
             elif raw.startswith(PASTE_START):
                 self.buffer_raw, self.in_paste = raw[len(PASTE_START):], True
@@ -191,10 +252,26 @@ class Fake:
                     self.line("user", {"role": "user", "content": [
                         {"type": "text", "text": "[Request interrupted by user]"}]})
                     self.set_status("idle")
+                    self.turn_over()
+                elif self.dialog and ch == b"1":
+                    self.record(approved=True, key="1", tool_use_id=self.tool_use_id)
+                    self.timers.pop("permission_prompt", None)
+                    self.dialog = False
+                    self.set_status("busy")  # the approved tool runs
+                    self.hook("PostToolUse", tool_name="Bash", tool_input={"command": "rm -rf build"},
+                              tool_use_id=self.tool_use_id)
                 elif ch == b"\x1b" or (self.dialog and ch == b"2"):
+                    if self.dialog:
+                        self.record(denied=True, key=ch.decode(), tool_use_id=self.tool_use_id)
+                        self.timers.pop("permission_prompt", None)
+                        self.line("user", {"role": "user", "content": [
+                            {"type": "text", "text": "[Request interrupted by user for tool use]"}]})
+                        self.set_status("idle")
                     self.dialog = False
                 elif ch == b"\x7f":
                     self.buffer = self.buffer[:-1]
+                elif ch == b"\t" and not self.dialog:
+                    self.buffer += b"    "
                 elif not self.dialog:
                     self.buffer += ch
 
@@ -206,7 +283,8 @@ class Fake:
             self.draw()
             while True:
                 pending = getattr(self, "buffer_raw", b"")
-                ready, _, _ = select.select([0], [], [], 0.05 if pending else 1.0)
+                ready, _, _ = select.select([0], [], [], 0.05 if pending or self.timers else 1.0)
+                self.tick()
                 if ready:
                     data = os.read(0, 65536)
                     if not data:

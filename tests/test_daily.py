@@ -1,6 +1,11 @@
 """Daily use (#22): task rm/restore, undo, task list filters, tags, and the CLI's habits, driven as a user would."""
 
+import json
+
+import pytest
+
 import clare
+from conftest import projection_digest
 
 T0 = 1_750_000_000_000
 
@@ -100,7 +105,7 @@ def test_tags_merge_across_hosts_as_a_set_with_add_and_remove_per_tag():
     _copy(b, a, T0 + 20)
     for db in (a, b):  # both adds survive; for 'old' the newer (a's removal) wins; 'shared' was removed by b
         assert clare.get_task(db, t.id).tags == ("backend", "urgent")
-    assert clare.projection_digest(a) == clare.projection_digest(b)
+    assert projection_digest(a) == projection_digest(b)
     assert [x.id for x in clare.list_tasks(a, tag="urgent")] == [t.id]
 
 
@@ -340,3 +345,70 @@ def test_broadcast_prints_each_session_as_it_lands_with_a_progress_line_on_a_ter
     assert "broadcasting to alpha…".encode() in err
     assert "typing into 2 of 2 sessions on this host…".encode() in err
     assert err.endswith(b"\r\x1b[K")  # the progress line is cleared at the end
+
+
+def test_undo_puts_an_assignment_back_where_it_was_and_removes_a_new_group():
+    from conftest import observe
+
+    db = clare.open_db(":memory:", machine_id="ash")
+    a, b = "a0000000-0000-4000-8000-000000000000", "b0000000-0000-4000-8000-000000000000"
+    observe(db, [a, b], now_ms=T0)
+    p = clare.create_project(db, "alpha", now_ms=T0 + 1)
+    t = clare.create_task(db, p.id, "first", now_ms=T0 + 2)
+    clare.assign_task(db, t.id, session_id=a, now_ms=T0 + 3)
+    clare.assign_task(db, t.id, session_id=b, now_ms=T0 + 4)
+    assert clare.undo_change(db, now_ms=T0 + 5).undone.description == f"assigned task {t.id[:8]} to session b0000000"
+    assert clare.get_task(db, t.id).session_id == a
+    clare.undo_change(db, now_ms=T0 + 6)
+    assert clare.get_task(db, t.id).session_id is None
+    g = clare.create_group(db, "web", cwd="/srv/web", now_ms=T0 + 7)
+    clare.assign_task(db, t.id, group_ref="web", now_ms=T0 + 8)
+    clare.unassign_task(db, t.id, now_ms=T0 + 9)
+    clare.undo_change(db, now_ms=T0 + 10)  # the unassign: bound to the group again
+    assert clare.get_task(db, t.id).group_id == g.id
+    clare.undo_change(db, now_ms=T0 + 11)  # the group assignment
+    clare.undo_change(db, now_ms=T0 + 12)  # the group itself
+    assert clare.list_groups(db) == []
+    clare.undo_change(db, now_ms=T0 + 13)  # the task's creation: removed
+    assert clare.list_tasks(db) == [] and clare.get_task(db, t.id).removed_at is not None
+    with pytest.raises(clare.Conflict, match=r"cannot undo the last change \(created project 'alpha'\)"):
+        clare.undo_change(db, now_ms=T0 + 14)
+
+
+def test_an_older_clare_stores_and_relays_removal_tags_and_undo_and_a_replay_after_upgrade_applies_them(
+        monkeypatch):
+    new = clare.open_db(":memory:", machine_id="ash")
+    p = clare.create_project(new, "alpha", now_ms=T0)
+    t = clare.create_task(new, p.id, "first", tags=["backend"], now_ms=T0 + 1)
+    clare.edit_task(new, t.id, tags=["urgent"], now_ms=T0 + 2)
+    clare.remove_task(new, t.id, now_ms=T0 + 3)
+    clare.undo_change(new, now_ms=T0 + 4)  # task.restored with undoes
+    clare.remove_task(new, t.id, now_ms=T0 + 5)
+    sent = [ev.to_json() for ev in clare.iter_events(new)]
+
+    old = clare.open_db(":memory:", machine_id="birch")
+    with monkeypatch.context() as m:  # this Clare as the one before #22: no removal types, no tags or undoes fields
+        for kind in ("task.removed", "task.restored"):
+            m.delitem(clare.APPLIERS, kind)
+            m.delitem(clare.PAYLOADS, kind)
+        for kind in ("task.created", "task.updated"):
+            m.setitem(clare.PAYLOADS, kind, {k: v for k, v in clare.PAYLOADS[kind].items()
+                                             if k not in ("tags?", "undoes?")})
+        result, bad = clare.import_events(old, [json.dumps(e) for e in sent], now_ms=T0 + 10)
+        assert bad == [] and len(result.inserted) == len(sent)  # stored, nothing refused
+        relayed = [ev.to_json() for ev in clare.iter_events(old)]
+        assert relayed == sent  # relayed byte for byte: nothing dropped from the payloads
+    clare.replay(old)  # what the upgraded version does with what it kept
+    got = clare.get_task(old, t.id)
+    assert (got.tags, got.removed_at is not None) == (("backend", "urgent"), True)
+    assert clare.list_tasks(old) == []
+
+
+def test_a_task_bound_to_a_group_shows_the_groups_name(run_clare):
+    run_clare("project", "new", "alpha")
+    task = _add(run_clare, "alpha", "api work")
+    run_clare("group", "add", "backend", "--cwd", "/srv/api")
+    r = run_clare("assign", task[:8], "--group", "backend")
+    assert r.out == f"task {task[:8]} assigned to group backend: api work\n"
+    assert "group backend" in run_clare("task", "list").out
+    assert run_clare("task", "show", task[:8], "--json").json()["group"] == "backend"

@@ -139,6 +139,8 @@ def test_a_group_by_host_name_matches_the_sessions_of_a_unique_machine_id(tmp_pa
 def test_the_release_database_keeps_its_machine_id(tmp_path, host):
     fixture = ROOT / "tests" / "data" / "release-0.1.0.db"
     before = _meta(fixture)
+    # Opened in place once, it would name tests/data as its home, and every copy of it would be refused.
+    assert "home_path" not in before, "tests/data/release-0.1.0.db was opened in place; git checkout it"
     copy = tmp_path / "release.db"
     shutil.copyfile(fixture, copy)
     ran = host.run("--db", copy, "project", "new", "after-upgrade")
@@ -305,6 +307,12 @@ def test_setup_sets_a_host_up_and_a_second_run_changes_nothing(host):
     assert host.calls("systemctl")[3:] == ["--user daemon-reload", "--user enable --now clare"]
 
 
+def test_the_unit_serves_the_database_setup_was_given(host, tmp_path):
+    assert host.run("--db", tmp_path / "elsewhere.db", "setup").code == 0
+    assert f"--home {host.home} --db {tmp_path / 'elsewhere.db'} serve" in host.unit.read_text()
+    assert (tmp_path / "elsewhere.db").exists()
+
+
 def test_setup_dry_run_prints_every_step_and_changes_nothing(host):
     ran = host.run("setup", "--bind", "10.9.0.2", "--peer", "http://10.9.0.3:8765", "--dry-run")
     assert ran.code == 0, ran.err
@@ -417,7 +425,7 @@ def test_doctor_checks_a_set_up_host_and_names_the_fix_of_each_failure(tmp_path)
         checks = {c["name"]: c for c in doctor.json()["checks"]}
         assert doctor.code == 0, checks
         assert set(checks) == {"unit", "bind", "token", f"peer 127.0.0.1-{port_b}", "hooks", "tmux", "claude",
-                               "schema", "fingerprint", "clock", "disk"}
+                               "schema", "fingerprint", "disk", "clock"}
         assert checks["claude"]["detail"] == str(a.bin / "claude")
         assert re.search(r"answers, clock [+-]\d", checks[f"peer 127.0.0.1-{port_b}"]["detail"])
         text = a.run("doctor")
