@@ -58,6 +58,8 @@ STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocke
 SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
 UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
+ANSWERS = ("approve", "deny", "option")  # what a person may answer to a permission dialog
+ANSWER_RESULTS = ("pending", "typed", "stale", "expired", "failed")  # what became of an answer
 # The reason of a queued delivery that was not typed: its host tries again at each pull until it expires.
 DRAFT_WAIT_REASON = "the composer holds unsent text; the broadcast waits until the draft is sent or cleared"
 PRIORITIES = range(5)  # 0 is the most urgent, as in P0
@@ -68,6 +70,9 @@ MAX_TEXT_CHARS = 20_000  # descriptions, goals, update texts
 MAX_PAYLOAD_BYTES = 64 * 1024  # one event's JSON payload, as stored
 MAX_EVENTS_PAGE = 1000  # events in one answer of the API or one page of an export
 ID_PREFIX_RE = re.compile(r"\A[0-9a-f][0-9a-f-]*\Z")
+# Every id that enters from outside (sync, import, API): Clare's hex ids, Claude's uuids, tmux's %3,
+# machine ids. SECURITY: no space, slash, quote or control character can ride into a URL or a header.
+ID_RE = re.compile(r"\A[A-Za-z0-9%][A-Za-z0-9._:@%+-]{0,63}\Z")
 SHORT_ID = 8  # characters of an id shown to people
 MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is refused wherever it is read
 
@@ -122,16 +127,27 @@ def resolve_paths(*, home: str | None = None, db: str | None = None,
 
 
 def load_config(path: str) -> dict[str, Any]:
-    """Read clare.toml; a missing file is an empty config."""
+    """Read clare.toml; a missing file is an empty config; refuse one others may change that holds a secret."""
     import tomllib  # only the verbs that need settings pay for it
 
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            config = tomllib.load(f)
+            mode = os.fstat(f.fileno()).st_mode
     except FileNotFoundError:
         return {}
     except tomllib.TOMLDecodeError as err:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
+    # SECURITY: whoever can write a file holding a command (or the token) runs code as this user.
+    if mode & 0o022 and ("token" in config or _has_command(config)):
+        raise ClareError(f"{path} holds a token or a command Clare runs, and other users may change it; "
+                         f"make it yours alone: chmod 600 {path}")
+    return config
+
+
+def _has_command(table: dict[str, Any]) -> bool:
+    return any(key == "command" or key.endswith("_command") or (isinstance(value, dict) and _has_command(value))
+               for key, value in table.items())
 
 
 def make_private_dir(folder: str) -> None:
@@ -167,7 +183,7 @@ def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = Non
     return check_token(config.get("token") or None, where=f"'token' in {path}")
 
 
-def ensure_token(path: str, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str:
+def ensure_token(path: str, config: dict[str, Any], *, env: Mapping[str, str] | None = None) -> str:
     """Return the host's token; without CLARE_TOKEN or `token` in clare.toml, make one and write it there."""
     token = resolve_token(config, env=env, path=path)
     if token is not None:
@@ -198,6 +214,35 @@ def check_token(token: object, *, where: str) -> str | None:
     return token
 
 
+def parse_json(data: str | bytes, *, is_lenient: bool = False) -> Any:
+    """Parse standard JSON: NaN, Infinity and lone surrogates are refused with a ValueError naming them.
+
+    `is_lenient` lets those through, for a batch whose items are checked one by one (check_event).
+    """
+    if is_lenient:
+        return json.loads(data)
+    if isinstance(data, str):
+        try:
+            data = data.encode()
+        except UnicodeEncodeError:
+            raise ValueError("the text holds a lone surrogate, which is not UTF-8; send UTF-8 text") from None
+    value = json.loads(data, parse_constant=_refuse_constant)
+    # SECURITY: "\ud800" parses to text that no UTF-8 encoder (SQLite's, a socket's) accepts.
+    if _SURROGATE_ESCAPE_RE.search(data):
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a lone surrogate (\\ud800-\\udfff) is not text; send UTF-8 text") from None
+    return value
+
+
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not standard JSON; send a number or null")
+
+
 def now_ms() -> int:
     """Return the wall clock in integer milliseconds."""
     return time.time_ns() // 1_000_000
@@ -206,6 +251,21 @@ def now_ms() -> int:
 def iso_ms(ms: int) -> str:
     """Format epoch milliseconds as ISO-8601 UTC text with a Z."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def parse_iso_ms(text: object) -> int | None:
+    """Return the epoch milliseconds of ISO-8601 text (a Z or an offset; naive is UTC), None if it is not one."""
+    import datetime
+
+    if not isinstance(text, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp() * 1000)
 
 
 def _duration(ms: int) -> str:
@@ -319,7 +379,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 7
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -461,7 +521,10 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
     if path != ":memory:":
         folder = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(folder, exist_ok=True)
+            make_private_dir(folder)
+            # SECURITY: the log holds every prompt and broadcast; SQLite gives -wal and -shm this mode too.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError as err:
             raise ClareError(f"cannot create the folder {folder} for the database: {err.strerror}; "
                              "pick another --home or --db") from err
@@ -852,10 +915,22 @@ def check_event(obj: object) -> Event:
         raise ClareError(f"event_type {obj['event_type'][:60]!r} is not of the form noun.verb")
     if not isinstance(obj["payload"], dict):
         raise ClareError("event payload must be a JSON object")
-    if len(obj["created_at"]) > 40:
-        raise ClareError("event created_at is longer than 40 characters")
-    if len(canonical_json(obj["payload"]).encode()) > MAX_PAYLOAD_BYTES:
+    if len(obj["created_at"]) > 40 or not obj["created_at"].isprintable() or not obj["created_at"].isascii():
+        raise ClareError("event created_at is not ISO-8601 text of up to 40 characters")
+    try:
+        size = len(json.dumps(obj["payload"], ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode())
+    except ValueError as err:  # SECURITY: NaN/Infinity (allow_nan) and lone surrogates (UnicodeEncodeError)
+        what = "a lone surrogate, which is not UTF-8 text" if isinstance(err, UnicodeEncodeError) else \
+            "NaN or Infinity, which standard JSON lacks"
+        raise ClareError(f"event payload holds {what}; send standard JSON") from None
+    if size > MAX_PAYLOAD_BYTES:
         raise ClareError(f"event payload is over {MAX_PAYLOAD_BYTES} bytes")
+    for key, value in obj["payload"].items():  # SECURITY: ids end up in URLs and headers (Location)
+        ids = value if key.endswith("_ids") and isinstance(value, list) else [value] if key.endswith("_id") else []
+        for one in ids:
+            if isinstance(one, str) and not ID_RE.match(one):
+                raise ClareError(f"event payload {key} {one[:60]!r} is not an id: up to 64 letters, digits "
+                                 "and . _ : @ % + -")
     return Event(obj["uuid"], obj["hlc"], obj["machine_id"], obj["event_type"], obj["payload"],
                  obj["created_at"])
 
@@ -1312,7 +1387,7 @@ CREATE TABLE event_refs (                       -- which events name which entit
 ) WITHOUT ROWID;
 """
 PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
-                     "deliveries", "project_dirs", "orders")
+                     "deliveries", "project_dirs", "orders", "answers")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id", "successor_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
@@ -1400,7 +1475,7 @@ CREATE TABLE hook_marks (                       -- the newest hook report per se
 );
 """
 _MIGRATIONS[1].append(FLEET_SCHEMA)
-# Schema 3: what a permission dialog asks is kept with the state; this host's notification marks.
+# Schema 4: what a permission dialog asks is kept with the state; this host's notification marks.
 ASKED_SCHEMA = """
 -- asked: JSON {tool, input} while a permission dialog is open, else NULL
 ALTER TABLE sessions ADD COLUMN asked TEXT;
@@ -1412,6 +1487,50 @@ CREATE TABLE notify_marks (                     -- this host's notifications per
 );
 """
 _MIGRATIONS[4] = [ASKED_SCHEMA]
+# Schema 6: answers to permission dialogs, when this host stored each, and the tool uses that name dialogs.
+ANSWERS_SCHEMA = """
+CREATE TABLE answers (                          -- answers to permission dialogs, one per answer made anywhere
+    id TEXT PRIMARY KEY,
+    created_at TEXT, created_at_v TEXT,
+    session_id TEXT, session_id_v TEXT,
+    host TEXT, host_v TEXT,                     -- the session's host: the one that acts on it
+    tool_use_id TEXT, tool_use_id_v TEXT,       -- the dialog's identity, when hooks told it
+    tool TEXT, tool_v TEXT,                     -- what was asked, as the person answering saw it
+    input TEXT, input_v TEXT,
+    answer TEXT, answer_v TEXT,                 -- one of ANSWERS
+    option INTEGER, option_v TEXT,              -- the dialog's option number, for answer 'option'
+    option_text TEXT, option_text_v TEXT,       -- ... and its exact wording, when the person saw it
+    reason TEXT, reason_v TEXT,                 -- with deny: what to tell Claude instead
+    by_host TEXT, by_host_v TEXT,
+    client TEXT, client_v TEXT,                 -- 'cli:user@host', 'dashboard' or 'api'
+    result TEXT, result_v TEXT,                 -- one of ANSWER_RESULTS; 'pending' until its host acted
+    result_reason TEXT, result_reason_v TEXT,
+    resolved_at TEXT, resolved_at_v TEXT
+);
+CREATE INDEX answers_session ON answers (session_id);
+CREATE TABLE answer_receipts (                  -- when this host stored each answer: its expiry clock, never synced
+    answer_id TEXT PRIMARY KEY,
+    received_ms INTEGER NOT NULL
+);
+CREATE TABLE tool_uses (                        -- this host's PreToolUse reports not yet done: never synced
+    session_id TEXT NOT NULL,
+    tool_use_id TEXT NOT NULL,
+    input_key TEXT NOT NULL,                    -- a hash of the tool's input: how a PermissionRequest finds it
+    at_ms INTEGER NOT NULL,
+    is_asked INTEGER NOT NULL DEFAULT 0,        -- 1: a PermissionRequest took it; -1: a request waiting for it
+    PRIMARY KEY (session_id, tool_use_id)
+);
+"""
+_MIGRATIONS[6] = [ANSWERS_SCHEMA]
+# Schema 7: what each session's newest PermissionRequest asked, kept even when the report changed no state.
+ASKS_SCHEMA = """
+CREATE TABLE asks (                             -- this host's newest PermissionRequest per session: never synced
+    session_id TEXT PRIMARY KEY,
+    asked TEXT NOT NULL,                        -- JSON {tool, input, tool_use_id?}
+    at_ms INTEGER NOT NULL                      -- when its hook started
+);
+"""
+_MIGRATIONS[7] = [ASKS_SCHEMA]
 
 ORDER_ACTIONS = ("start", "resume", "stop")
 # pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
@@ -1585,6 +1704,30 @@ class Delivery:
         return _as_json(self)
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    id: str
+    session_id: str
+    host: str  # the session's host: the one that types it
+    tool_use_id: str | None  # the dialog's identity, when hooks told it
+    tool: str  # what was asked, as the person saw it
+    input: str
+    answer: str  # one of ANSWERS
+    option: int | None  # the option number for answer 'option'
+    option_text: str | None  # ... and its exact wording, when the person saw it
+    reason: str  # with deny: what Claude is told instead
+    by_host: str  # where it was made
+    client: str  # 'cli:user@host', 'dashboard' or 'api'
+    created_at: str
+    result: str  # one of ANSWER_RESULTS
+    result_reason: str
+    resolved_at: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the answer as the JSON object the CLI and API print."""
+        return _as_json(self)
+
+
 def _as_json(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
 
@@ -1631,7 +1774,7 @@ def _is_str(v: Any) -> bool:
 
 
 def _is_id(v: Any) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= 64
+    return isinstance(v, str) and ID_RE.match(v) is not None
 
 
 def _is_opt_str(v: Any) -> bool:
@@ -1684,9 +1827,19 @@ def not_understood(ev: Event) -> str | None:
     return None
 
 
+MAX_BROADCAST_EXPIRY_MS = 3_600_000  # a received broadcast may wait this long past its HLC time, no longer
+
+
 def check_received(obj: object) -> Event:
     """Validate an event from outside (file, peer): its form and, for a known type, its payload."""
-    return check_payload(check_event(obj))
+    ev = check_payload(check_event(obj))
+    if ev.event_type == "broadcast.sent":
+        # SECURITY: a broadcast types into agents; a peer must not queue one to arrive in a year.
+        expires_ms = parse_iso_ms(ev.payload["expires_at"])
+        if expires_ms is None or expires_ms > parse_hlc(ev.hlc).wall_ms + MAX_BROADCAST_EXPIRY_MS:
+            raise ClareError(f"broadcast.sent expires_at {ev.payload['expires_at'][:40]!r} is not a time within "
+                             f"{MAX_BROADCAST_EXPIRY_MS // 60_000} min of the broadcast's own time")
+    return ev
 
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
@@ -1717,10 +1870,20 @@ def record(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any]
     if reason is not None and event_type in APPLIERS:  # a bug in a service: its own events are understood
         raise ClareError(reason)
     apply_event(cur, ev)
+    _note_receipts(cur, [ev], now_ms=now_ms)
     return ev
 
 
-OBSERVED_EVENT_TYPES = frozenset({"session.appeared", "session.changed", "session.gone", "broadcast.delivered"})
+def _note_receipts(cur: sqlite3.Cursor, events: list[Event], *, now_ms: int) -> None:
+    # An answer expires by the clock of the host that acts on it, counted from when that host stored
+    # it: a sender's clock, or a sync that brings it hours late, never makes a stale answer look fresh.
+    cur.executemany("INSERT OR IGNORE INTO answer_receipts (answer_id, received_ms) VALUES (?, ?)",
+                    [(ev.payload["answer_id"], now_ms) for ev in events if ev.event_type == "permission.answered"
+                     and isinstance(ev.payload.get("answer_id"), str)])
+
+
+OBSERVED_EVENT_TYPES = frozenset({"session.appeared", "session.changed", "session.gone", "broadcast.delivered",
+                                  "permission.resolved"})
 
 
 def is_observation(event_type: str, payload: dict[str, Any]) -> bool:
@@ -1738,6 +1901,7 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
         save_clock(cur, merge(clock, newest, machine_id=db.machine_id, now_ms=now_ms))
         for ev in result.inserted:
             apply_event(cur, ev)
+        _note_receipts(cur, result.inserted, now_ms=now_ms)
     return result
 
 
@@ -1748,10 +1912,18 @@ def replay(db: Db) -> int:
         for table in PROJECTION_TABLES:
             cur.execute(f"DELETE FROM {table}")
         # apply_event's history refs, for all events at once: in C, and in index order.
+        # COMPAT: a log written before NaN was refused at the door may hold payloads SQLite's JSON
+        # functions reject ("malformed JSON"): CASE skips them there, and Python, which reads NaN
+        # as a float, takes their refs and applies them as it always did.
         for key in REF_KEYS:
             cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
                             SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
-                             WHERE json_type(payload, '$.{key}') = 'text' ORDER BY 1, 2, 3""")
+                             WHERE CASE WHEN json_valid(payload) THEN json_type(payload, '$.{key}') = 'text' END
+                             ORDER BY 1, 2, 3""")
+        for row in cur.execute("SELECT payload, hlc, uuid FROM events WHERE NOT json_valid(payload)").fetchall():
+            payload = json.loads(row[0])
+            cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
+                            [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
         appliers = APPLIERS
         for ev in iter_events(db, batch=5000):
             if not_understood(ev) is None:
@@ -1938,8 +2110,8 @@ def _is_tokens(v: Any) -> bool:
 
 
 def _is_asked(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and set(v) == {"tool", "input"} and all(
-        isinstance(x, str) and len(x) <= MAX_ASKED_CHARS for x in v.values()))
+    return v is None or (isinstance(v, dict) and {"tool", "input"} <= set(v) <= {"tool", "input", "tool_use_id"}
+                         and all(isinstance(x, str) and len(x) <= MAX_ASKED_CHARS for x in v.values()))
 
 
 _SESSION_PAYLOAD = {"session_id": _is_id, "host": _is_id, "cwd?": _is_str, "tmux_socket?": _is_opt_str,
@@ -2052,6 +2224,35 @@ def apply_order_carried_out(cur: sqlite3.Cursor, ev: Event) -> None:
     _lww(cur, "orders", p["order_id"], {"result": p["result"], "reason": p["reason"],
                                         "outcome": canonical_json(p["outcome"]), "by_host": ev.machine_id,
                                         "updated_at": ev.created_at}, ev)
+
+
+def _is_opt_option(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 9)
+
+
+@applies("permission.answered", {"answer_id": _is_id, "session_id": _is_id, "host": _is_id,
+                                 "tool_use_id?": _is_opt_str, "tool": _is_str, "input": _is_str,
+                                 "answer": _is_one_of(ANSWERS), "option?": _is_opt_option, "option_text?": _is_opt_str,
+                                 "reason": _is_typable, "client": _is_str, "task_id?": _is_opt_id})
+def apply_permission_answered(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins per answer; its result starts 'pending' below any real result's version."""
+    p = ev.payload  # {answer_id, session_id, host, tool_use_id, tool, input, answer, option, option_text, reason, ...}
+    _lww(cur, "answers", p["answer_id"], {
+        "created_at": ev.created_at, "session_id": p["session_id"], "host": p["host"],
+        "tool_use_id": p.get("tool_use_id"), "tool": p["tool"], "input": p["input"], "answer": p["answer"],
+        "option": p.get("option"), "option_text": p.get("option_text"), "reason": p["reason"],
+        "by_host": ev.machine_id, "client": p["client"]}, ev)
+    _lww(cur, "answers", p["answer_id"], {"result": "pending", "result_reason": "", "resolved_at": None}, ev,
+         is_default=True)
+
+
+@applies("permission.resolved", {"answer_id": _is_id, "session_id": _is_id, "result": _is_one_of(ANSWER_RESULTS),
+                                 "reason": _is_str, "task_id?": _is_opt_id})
+def apply_permission_resolved(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins per answer: what its host did with it (typed, stale, expired, failed)."""
+    p = ev.payload  # {answer_id, session_id, result, reason}
+    _lww(cur, "answers", p["answer_id"], {"result": p["result"], "result_reason": p["reason"],
+                                          "resolved_at": ev.created_at}, ev)
 
 
 _PROJECT_SELECT = """
@@ -2316,6 +2517,90 @@ def save_notify_marks(cur: sqlite3.Cursor, marks: dict[str, tuple[str | None, in
     cur.executemany("INSERT OR REPLACE INTO notify_marks (session_id, state, notified_ms) VALUES (?, ?, ?)",
                     [(sid, state, at) for sid, (state, at) in marks.items()])
     set_meta(cur, "notify_after", str(after))
+
+
+_ANSWER_COLUMNS = ("id, session_id, host, tool_use_id, tool, input, answer, option, option_text, reason, by_host, "
+                   "client, created_at, result, result_reason, resolved_at")
+
+
+def list_answers(db: Db, *, session_id: str | None = None, answer_id: str | None = None,
+                 pending_on: str | None = None, limit: int = 50) -> list[Answer]:
+    """Return answers to permission dialogs, oldest first: of a session, one by id, or those pending on a host."""
+    sql, params = f"SELECT {_ANSWER_COLUMNS} FROM answers WHERE created_at_v IS NOT NULL", list[Any]()
+    for column, value in (("session_id", session_id), ("id", answer_id), ("host", pending_on)):
+        if value is not None:
+            sql += f" AND {column} = ?"
+            params.append(value)
+    if pending_on is not None:
+        sql += " AND result = 'pending'"
+    rows = db.conn.execute(f"SELECT * FROM ({sql} ORDER BY created_at_v DESC LIMIT ?) ORDER BY created_at",
+                           [*params, limit]).fetchall()
+    return [Answer(*r) for r in rows]
+
+
+def answer_received_ms(db: Db, answer_id: str) -> int | None:
+    """Return when this host stored an answer, by its own clock."""
+    row = db.conn.execute("SELECT received_ms FROM answer_receipts WHERE answer_id = ?", (answer_id,)).fetchone()
+    return row[0] if row else None
+
+
+def save_tool_use(cur: sqlite3.Cursor, session_id: str, tool_use_id: str, input_key: str, *, at_ms: int) -> None:
+    """Remember a PreToolUse report: a PermissionRequest with the same input takes its id. In a txn."""
+    cur.execute("INSERT OR IGNORE INTO tool_uses (session_id, tool_use_id, input_key, at_ms) VALUES (?, ?, ?, ?)",
+                (session_id, tool_use_id, input_key, at_ms))
+
+
+def take_tool_use(cur: sqlite3.Cursor, session_id: str, input_key: str) -> str | None:
+    """Return the oldest tool use of a session with this input that no PermissionRequest took yet; take it."""
+    row = cur.execute("""SELECT tool_use_id FROM tool_uses WHERE session_id = ? AND input_key = ? AND is_asked = 0
+                          ORDER BY at_ms, tool_use_id LIMIT 1""", (session_id, input_key)).fetchone()
+    if row is None:
+        return None
+    cur.execute("UPDATE tool_uses SET is_asked = 1 WHERE session_id = ? AND tool_use_id = ?", (session_id, row[0]))
+    return str(row[0])
+
+
+def save_ask(cur: sqlite3.Cursor, session_id: str, asked: dict[str, str], *, at_ms: int) -> None:
+    """Remember what a session's newest PermissionRequest asked, even when it changed no state. In a txn."""
+    cur.execute("""INSERT INTO asks (session_id, asked, at_ms) VALUES (?, ?, ?)
+                   ON CONFLICT (session_id) DO UPDATE SET asked = excluded.asked, at_ms = excluded.at_ms
+                   WHERE excluded.at_ms >= at_ms""", (session_id, canonical_json(asked), at_ms))
+
+
+def get_ask(cur: sqlite3.Cursor, session_id: str) -> tuple[dict[str, str], int] | None:
+    """Return what a session's newest PermissionRequest asked and when, if no later signal ended it."""
+    row = cur.execute("SELECT asked, at_ms FROM asks WHERE session_id = ?", (session_id,)).fetchone()
+    return (json.loads(row[0]), int(row[1])) if row else None
+
+
+def drop_ask(cur: sqlite3.Cursor, session_id: str, *, before_ms: int) -> None:
+    """Forget a session's remembered ask older than a signal that says no dialog waits. In a txn."""
+    cur.execute("DELETE FROM asks WHERE session_id = ? AND at_ms < ?", (session_id, before_ms))
+
+
+def wait_for_tool_use(cur: sqlite3.Cursor, session_id: str, input_key: str, *, at_ms: int) -> None:
+    """Remember a PermissionRequest whose PreToolUse has not arrived yet (async hooks come out of order)."""
+    cur.execute("INSERT OR IGNORE INTO tool_uses (session_id, tool_use_id, input_key, at_ms, is_asked) "
+                "VALUES (?, ?, ?, ?, -1)", (session_id, f"?{at_ms}", input_key, at_ms))
+
+
+def claim_waiting_request(cur: sqlite3.Cursor, session_id: str, tool_use_id: str, input_key: str) -> bool:
+    """Tell whether a PermissionRequest waits for this PreToolUse; if so, the tool use is taken by it."""
+    row = cur.execute("""SELECT tool_use_id FROM tool_uses WHERE session_id = ? AND input_key = ? AND is_asked = -1
+                          ORDER BY at_ms LIMIT 1""", (session_id, input_key)).fetchone()
+    if row is None:
+        return False
+    cur.execute("DELETE FROM tool_uses WHERE session_id = ? AND tool_use_id = ?", (session_id, row[0]))
+    cur.execute("UPDATE tool_uses SET is_asked = 1 WHERE session_id = ? AND tool_use_id = ?", (session_id, tool_use_id))
+    return True
+
+
+def finish_tool_use(cur: sqlite3.Cursor, session_id: str, tool_use_id: str | None) -> None:
+    """Forget a tool use that ran (PostToolUse), or every one of a session whose turn is over (tool_use_id None)."""
+    if tool_use_id is None:
+        cur.execute("DELETE FROM tool_uses WHERE session_id = ?", (session_id,))
+    else:
+        cur.execute("DELETE FROM tool_uses WHERE session_id = ? AND tool_use_id = ?", (session_id, tool_use_id))
 
 
 def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None,
@@ -3062,6 +3347,8 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
             changed = {k: payload[k] for k in _OBSERVED_KEYS if getattr(old, k) != payload[k]}
             if "state" in changed and ob.state != "permission" and old.asked is not None:
                 changed["asked"] = None  # the dialog is over: what it asked goes with it
+            elif ob.state == "permission" and old.asked is None and (ask := get_ask(cur, ob.session_id)):
+                changed["asked"] = ask[0]  # its PermissionRequest changed no state at once: it names the dialog
             if changed:
                 events.append(record(db, cur, "session.changed", {"session_id": ob.session_id,
                                                                   "host": db.machine_id, **changed, **extra},
@@ -3093,14 +3380,18 @@ def _hand_over(db: Db, cur: sqlite3.Cursor, old_id: str, new_id: str, *, now_ms:
 
 def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
                 is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
-                is_stale: bool = False, now_ms: int) -> list[Event]:
+                is_stale: bool = False, tool_use_id: str | None = None, input_key: str | None = None,
+                now_ms: int) -> list[Event]:
     """Fold one hook report in: remember it, and record the session's new state at once.
 
     A report older than the one stored (a spooled report ingested late) is kept out of the state.
     `asked` ({tool, input}) is what a PermissionRequest asks: kept with the state until it leaves
     `permission`. `is_clear` (SessionStart after /clear) hands the session last seen in that pane
     over to this one. An `is_stale` report (newer signals exist already) is remembered but
-    changes no state at once: the next pull weighs it against them.
+    changes no state at once: the next pull weighs it against them. The dialog's identity is the
+    tool use it asks about: a PreToolUse report (`tool_use_id`, `input_key`) is remembered, and the
+    PermissionRequest with the same input key takes the oldest one not taken yet, so two identical
+    commands stay two dialogs.
     """
     _check_prefix("session", session_id)
     if mark.state is not None:
@@ -3109,6 +3400,35 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
         raise UsageError(f"asked must be {{tool, input}} texts of at most {MAX_ASKED_CHARS} characters")
     events: list[Event] = []
     with write_txn(db) as cur:
+        if mark.hook_event == "PreToolUse" and tool_use_id and input_key:
+            save_tool_use(cur, session_id, tool_use_id, input_key, at_ms=mark.at_ms)
+            if claim_waiting_request(cur, session_id, tool_use_id, input_key):
+                # Its PermissionRequest came first (async hooks arrive out of order): name the dialog now.
+                ask = get_ask(cur, session_id)
+                if ask is not None and "tool_use_id" not in ask[0]:
+                    save_ask(cur, session_id, {**ask[0], "tool_use_id": tool_use_id}, at_ms=ask[1])
+                now = next((x for x in find_sessions(db, prefix=session_id) if x.id == session_id), None)
+                if now is not None and now.state == "permission" and now.asked and "tool_use_id" not in now.asked:
+                    events.append(record(db, cur, "session.changed", {
+                        "session_id": session_id, "host": db.machine_id,
+                        "asked": {**now.asked, "tool_use_id": tool_use_id}}, now_ms=now_ms))
+        elif mark.hook_event == "PostToolUse" and tool_use_id:
+            finish_tool_use(cur, session_id, tool_use_id)
+        elif mark.hook_event in ("Stop", "StopFailure", "SessionEnd"):
+            finish_tool_use(cur, session_id, None)
+        elif asked and input_key and "tool_use_id" not in asked:
+            taken = take_tool_use(cur, session_id, input_key)
+            if taken is None:
+                wait_for_tool_use(cur, session_id, input_key, at_ms=mark.at_ms)
+            asked = {**asked, "tool_use_id": taken} if taken else asked
+        if asked:
+            save_ask(cur, session_id, asked, at_ms=mark.at_ms)
+        elif mark.state not in (None, "permission"):
+            drop_ask(cur, session_id, before_ms=mark.at_ms)
+        elif mark.state == "permission":
+            # A permission report without the ask (a Notification; or its PermissionRequest was judged
+            # stale and changed no state): the newest remembered ask is what this dialog asks.
+            asked = (get_ask(cur, session_id) or (None, 0))[0]
         save_hook_mark(cur, session_id, mark)
         stored = list_hook_marks(db, session_id=session_id)[session_id]
         if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event) or is_stale:
@@ -3244,6 +3564,56 @@ def attach_command(session: Session, *, here: str, hosts: dict[str, Any]) -> lis
         return local
     dest = (hosts.get(session.host) or {}).get("ssh") if isinstance(hosts.get(session.host), dict) else None
     return ["ssh", dest if isinstance(dest, str) and dest else session.host, "-t", *local]
+
+
+MAX_REASON_CHARS = 2000  # what a denial tells Claude instead
+
+
+def answer_permission(db: Db, session_ref: str, answer: str, *, option: int | None = None,
+                      option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
+                      client: str, now_ms: int) -> Answer:
+    """Record a person's answer to a session's open permission dialog; its own host types it (see deliver_answers).
+
+    `tool_use_id` is the dialog the person saw (from the page or the API); an answer for another
+    dialog than the one open now is refused here already. The answer is an event: a session of
+    another host gets it by push or sync, and that host re-checks everything before typing.
+    """
+    answer = _check_choice("answer", answer, ANSWERS)
+    reason = typable_text(_check_text("reason", reason, limit=MAX_REASON_CHARS))
+    if answer == "option" and (option is None or not _is_opt_option(option)):
+        raise UsageError("answer 'option' needs the option's number, 1-9, as the dialog shows it")
+    if answer != "option" and option is not None:
+        raise UsageError("an option number goes only with answer 'option'")
+    if reason and answer != "deny":
+        raise UsageError("a reason goes only with deny: it tells Claude what to do instead")
+    client = _check_text("client", client, limit=200, required=True)
+    s = get_session(db, session_ref)
+    if s.state != "permission" or not s.asked:
+        raise Conflict(f"session {s.id[:SHORT_ID]} asks nothing now (it is {s.state}); nothing was sent")
+    if tool_use_id and s.asked.get("tool_use_id") and tool_use_id != s.asked["tool_use_id"]:
+        raise Conflict(f"session {s.id[:SHORT_ID]} asks about another tool use now ({s.asked['tool']}: "
+                       f"{' '.join(s.asked['input'].split())[:60]}); nothing was sent, look again and answer that one")
+    answer_id = new_id()
+    task = s.task_id
+    with write_txn(db) as cur:
+        record(db, cur, "permission.answered", {
+            "answer_id": answer_id, "session_id": s.id, "host": s.host,
+            "tool_use_id": tool_use_id or s.asked.get("tool_use_id"), "tool": s.asked["tool"],
+            "input": s.asked["input"], "answer": answer, "option": option,
+            "option_text": option_text[:300] if option_text else None, "reason": reason, "client": client,
+            **({"task_id": task} if task else {})}, now_ms=now_ms)
+    return list_answers(db, answer_id=answer_id)[0]
+
+
+def resolve_answer(db: Db, answer: Answer, *, result: str, reason: str, now_ms: int) -> Answer:
+    """Record what this host did with an answer to one of its sessions: typed, stale, expired or failed."""
+    _check_choice("answer result", result, ANSWER_RESULTS[1:])
+    s = next((x for x in find_sessions(db, prefix=answer.session_id) if x.id == answer.session_id), None)
+    with write_txn(db) as cur:
+        record(db, cur, "permission.resolved", {
+            "answer_id": answer.id, "session_id": answer.session_id, "result": result, "reason": reason[:500],
+            **({"task_id": s.task_id} if s and s.task_id else {})}, now_ms=now_ms)
+    return list_answers(db, answer_id=answer.id)[0]
 
 
 BROADCAST_TTL_MS = 15 * 60 * 1000  # an undelivered broadcast older than this expires instead of arriving late
@@ -3505,9 +3875,9 @@ def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertR
             continue
         try:
             line.encode()  # a file read with surrogateescape keeps bytes that are not UTF-8 visible here
-            good.append(check_received(json.loads(line)))
+            good.append(check_received(parse_json(line)))
         except UnicodeEncodeError:
-            bad.append(f"line {n}: not UTF-8 text")
+            bad.append(f"line {n}: not UTF-8 text (bytes that are not UTF-8, or a lone surrogate)")
         except RecursionError:
             bad.append(f"line {n}: JSON nested too deeply")
         except (ClareError, ValueError) as err:
@@ -3623,6 +3993,12 @@ DESCRIBE.update({
     "broadcast.delivered": lambda p: f"broadcast {p['broadcast_id'][:SHORT_ID]} to session "
                                      f"{p['session_id'][:SHORT_ID]}: {p['result']}"
                                      + (f" ({p['reason']})" if p.get("reason") else ""),
+    "permission.answered": lambda p: f"{p['client']} answered {p['answer']}"
+                                     + (f" {p['option']} ({p['option_text']})" if p.get("option") else "")
+                                     + f" to session {p['session_id'][:SHORT_ID]}'s {p['tool']}: {p['input'][:60]!r}"
+                                     + (f", saying {p['reason'][:60]!r}" if p.get("reason") else ""),
+    "permission.resolved": lambda p: f"answer {p['answer_id'][:SHORT_ID]} to session {p['session_id'][:SHORT_ID]}: "
+                                     f"{p['result']} ({p['reason']})",
     "update.posted": lambda p: f"{p['source']} update" + (f" on task {p['task_id'][:SHORT_ID]}"
                                                          if p.get("task_id") else "") + f": {p['text'][:80]}",
     "project.dir_set": lambda p: (f"project {p['project_id'][:SHORT_ID]} lives in {p['dir']} on {p['host']}"
@@ -3716,7 +4092,12 @@ ESCAPE_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\
 PANE_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 DEFAULT_NOTIFY_GAP_S = 60  # [notify] min_gap_s: one session notifies at most this often (against flapping)
 DEFAULT_NOTIFY_TIMEOUT_S = 10  # [notify] timeout_s: the command is killed after this
-NOTIFY_EVERY_S = 1.0  # how often `serve` looks for sessions that started to need a person
+NOTIFY_EVERY_S = 1.0  # how often `serve` acts on answers and looks for sessions that started to need a person
+ANSWER_TTL_MS = 2 * 60 * 1000  # an answer not typed this long after its session's host stored it expires
+ANSWER_CONFIRM_S = 3.0  # how long to wait for a dialog to close after its key was typed
+# A permission dialog on screen, as data: the question, then numbered options (the chosen one marked ❯).
+DIALOG_QUESTION_RE = re.compile(r"Do you want to [^\n]*")
+DIALOG_OPTION_RE = re.compile(r"\A[\W_]*?(?:[❯›>]\s*)?([1-9])\.\s+(.+?)[\s│|]*\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -3855,6 +4236,33 @@ def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
     return any(rule.search(tail) for rule in PERMISSION_SCREEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Dialog:
+    question: str  # "Do you want to proceed?"
+    options: tuple[tuple[int, str], ...]  # (number, exact wording), as on screen
+    about: str  # the screen lines above the question: the tool and its command or file
+
+
+def parse_dialog(screen: str) -> Dialog | None:
+    """Return the permission dialog a pane's screen shows, with its options' exact wording, or None."""
+    rows = clean_screen(screen, lines=80).split("\n")
+    starts = [i for i, row in enumerate(rows) if DIALOG_QUESTION_RE.search(row)]
+    if not starts:
+        return None
+    i = starts[-1]
+    options: list[tuple[int, str]] = []
+    for row in rows[i + 1:]:
+        m = DIALOG_OPTION_RE.match(row.strip())
+        if m and int(m[1]) == len(options) + 1:
+            options.append((int(m[1]), m[2]))
+        elif options and row.strip(" │|"):
+            break
+    if len(options) < 2:
+        return None
+    question = DIALOG_QUESTION_RE.search(rows[i])
+    return Dialog(question[0].strip(" │|") if question else "", tuple(options), "\n".join(rows[max(0, i - 15):i]))
 
 
 def strip_ansi(text: str) -> str:
@@ -4114,14 +4522,7 @@ def newest_transcript(claude_dir: str, cwd: str, *, since_ms: int) -> str | None
 
 
 def _iso_to_ms(text: object) -> int | None:
-    import datetime
-
-    if not isinstance(text, str):
-        return None
-    try:
-        return int(datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return None
+    return parse_iso_ms(text)
 
 
 def _text_of(content: object) -> str:
@@ -4526,6 +4927,7 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, live_panes=live_panes,
                               now_ms=now_ms)
     deliver_pending(db, now_ms=now_ms)
+    deliver_answers(db, now_ms=now_ms, config=config)
     text = canonical_json([p.to_json() for p in ambiguous])
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
         with write_txn(db) as cur:
@@ -4773,28 +5175,33 @@ def run_notify(command: list[str], message: dict[str, Any], *, timeout_s: float)
     return None
 
 
-def start_background_notify(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
-                            log: Callable[[str], None]) -> Any:
-    """Start a daemon thread that runs notify_changes every second until `stop` is set; None without [notify]."""
+def start_background_act(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+                         log: Callable[[str], None]) -> Any:
+    """Start a daemon thread that, every second until `stop` is set, types the answers pending on this
+    host's sessions and (with [notify]) runs the notify command for sessions that started to need a person."""
     import threading
 
-    if not config.get("notify"):
-        return None
-    notify_settings(config["notify"])  # a typo there stops `serve` at start, not later in a log line
-    thread = threading.Thread(target=_notify_loop, name="clare-notify", daemon=True, args=(db_path, config),
+    if config.get("notify"):
+        notify_settings(config["notify"])  # a typo there stops `serve` at start, not later in a log line
+    answer_settings(config)
+    thread = threading.Thread(target=_act_loop, name="clare-act", daemon=True, args=(db_path, config),
                               kwargs={"base_url": base_url, "stop": stop, "log": log})
     thread.start()
     return thread
 
 
-def _notify_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
-                 log: Callable[[str], None]) -> None:
+def _act_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+              log: Callable[[str], None]) -> None:
     db = open_db(db_path)
     last_error = ""
     try:
         while not stop.is_set():
             try:
-                notify_changes(db, config=config, base_url=base_url, now_ms=now_ms(), log=log)
+                for a in deliver_answers(db, now_ms=now_ms(), config=config):
+                    log(f"answer {a.id[:SHORT_ID]} to session {a.session_id[:SHORT_ID]}: {a.result} "
+                        f"({a.result_reason})")
+                if config.get("notify"):
+                    notify_changes(db, config=config, base_url=base_url, now_ms=now_ms(), log=log)
                 last_error = ""
             except Exception as err:  # the background loop is an edge: one bad look never ends it
                 if str(err) != last_error:
@@ -4803,6 +5210,111 @@ def _notify_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: A
             stop.wait(NOTIFY_EVERY_S)
     finally:
         db.close()
+
+
+def answer_settings(config: dict[str, Any]) -> tuple[int, int]:
+    """Return [answers] ttl_s and clock_slack_s of clare.toml, in ms; refuse values that do not fit."""
+    section = config.get("answers") or {}
+    values = []
+    for name, default in (("ttl_s", ANSWER_TTL_MS / 1000), ("clock_slack_s", MAX_OFFSET_MS / 1000)):
+        value = section.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ClareError(f"clare.toml: [answers] {name} = {value!r} is not a number of seconds; fix it")
+        values.append(int(value * 1000))
+    return values[0], values[1]
+
+
+def deliver_answers(db: Db, *, now_ms: int, config: dict[str, Any] | None = None,
+                    confirm_s: float = ANSWER_CONFIRM_S) -> list[Answer]:
+    """Type the pending answers to this host's sessions' dialogs; record what became of each.
+
+    An answer expires `ttl_s` after this host stored it, by this host's clock; one whose maker's
+    clock says it is older than ttl_s + clock_slack_s (it came hours late by sync) expires too.
+    """
+    ttl_ms, slack_ms = answer_settings(config or {})
+    done = []
+    with _delivery_lock(db):
+        for a in list_answers(db, pending_on=db.machine_id):
+            result, reason = _act_on_answer(db, a, now_ms=now_ms, confirm_s=confirm_s, ttl_ms=ttl_ms,
+                                            slack_ms=slack_ms)
+            done.append(resolve_answer(db, a, result=result, reason=reason, now_ms=now_ms))
+    return done
+
+
+def _act_on_answer(db: Db, a: Answer, *, now_ms: int, confirm_s: float, ttl_ms: int,
+                   slack_ms: int) -> tuple[str, str]:
+    """Re-read the session's latest signals and its screen; type the answer's key only if its dialog is open.
+
+    Never Enter: a digit picks a dialog option and, if the dialog closed in between, lands as
+    one character in Claude's composer, never submitted.
+    """
+    received = answer_received_ms(db, a.id) or now_ms
+    if now_ms - received > ttl_ms:
+        return "expired", (f"stored here {(now_ms - received) // 1000} s ago; answers expire after "
+                           f"{ttl_ms // 1000} s, so nothing was typed")
+    made_ms = _iso_to_ms(a.created_at) or now_ms
+    if now_ms - made_ms > ttl_ms + slack_ms:
+        return "expired", (f"made {(now_ms - made_ms) // 1000} s ago on {a.by_host} (it came late); answers expire "
+                           f"after {ttl_ms // 1000} s, so nothing was typed")
+    s = next((x for x in find_sessions(db, prefix=a.session_id) if x.id == a.session_id), None)
+    if s is None or s.state == "gone":
+        return "stale", "the session is gone: nothing was typed"
+    if s.state != "permission" or not s.asked:
+        return "stale", f"the session asks nothing now (it is {s.state}; answered at the terminal?): nothing was typed"
+    if a.tool_use_id and s.asked.get("tool_use_id") and a.tool_use_id != s.asked["tool_use_id"]:
+        return "stale", "another dialog is open now (a new request): nothing was typed"
+    if (s.asked["tool"], s.asked["input"]) != (a.tool, a.input):
+        return "stale", f"the session asks about {s.asked['tool']} now, not this: nothing was typed"
+    if s.pane_id is None or s.tmux_socket is None:
+        return "failed", "the session has no tmux pane to type into"
+    # Only the visible screen: a dialog answered a moment ago still shows in the scrollback.
+    dialog = parse_dialog(capture_pane(s.tmux_socket, s.pane_id, lines=None) or "")
+    if dialog is None:
+        return "stale", "no dialog is on its screen now (answered at the terminal?): nothing was typed"
+    first = " ".join((a.input.strip().splitlines() or [""])[0].split())[:30]
+    if first and first not in " ".join(dialog.about.split()):
+        return "stale", f"the dialog on screen is not about {first!r}: nothing was typed"
+    key = _dialog_key(a, dialog)
+    if isinstance(key, str):
+        return "stale", key
+    n, wording = key
+    p = run_tmux(s.tmux_socket, "send-keys", "-t", s.pane_id, "-l", str(n))
+    if p.returncode != 0:
+        return "failed", f"tmux could not type into {s.pane_id}: {p.stderr.strip()[:200]}"
+    deadline = time.monotonic() + confirm_s
+    while True:
+        after = parse_dialog(capture_pane(s.tmux_socket, s.pane_id, lines=None) or "")
+        if after is None or after != dialog:
+            break
+        if time.monotonic() > deadline:
+            return "failed", f"typed {n} ({wording}), but the dialog is still open"
+        time.sleep(0.1)
+    said = f"typed {n} ({wording})"
+    # First-hand evidence that the dialog closed: an approved tool runs, a denied turn stops. Later hooks win.
+    state = "waiting" if wording.startswith("No") else "working"
+    report_hook(db, s.id, HookMark(s.tmux_socket, s.pane_id, state, "ClareAnswer", int(time.time() * 1000)),
+                cwd=s.cwd, now_ms=now_ms)
+    s = next(x for x in find_sessions(db, prefix=s.id) if x.id == s.id)
+    if a.answer == "deny" and a.reason:
+        result, why = deliver_text(db, s, a.reason, confirm_s=confirm_s)
+        said += f"; the reason was {result}" + (f" ({why})" if why else "")
+    return "typed", said
+
+
+def _dialog_key(a: Answer, dialog: Dialog) -> tuple[int, str] | str:
+    """Return the option (number, wording) an answer picks in this dialog, or why none fits."""
+    options = dict(dialog.options)
+    if a.answer == "approve":
+        found = [n for n, text in dialog.options if text == "Yes"]
+    elif a.answer == "deny":
+        found = [n for n, text in dialog.options if text.startswith("No")]
+    else:
+        found = [a.option] if a.option in options else []
+        if found and a.option_text and options[found[0]] != a.option_text:
+            return f"option {a.option} now reads {options[found[0]]!r}, not {a.option_text!r}: nothing was typed"
+    if not found:
+        return f"the dialog offers no option for {a.answer} ({'; '.join(t for _, t in dialog.options)})"
+    return found[0], options[found[0]]
 
 
 def list_ambiguous_panes(db: Db) -> list[Pane]:
@@ -4851,9 +5363,9 @@ def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> No
     wrong while recording ends in the spool, and whatever goes wrong while spooling is dropped.
     """
     try:
-        payload = json.loads(raw)
-    except ValueError:
-        return  # not a report: nothing to keep
+        payload = parse_json(raw)
+    except (ValueError, RecursionError):
+        return  # not a report (or not standard JSON): nothing to keep
     if not isinstance(payload, dict):
         return
     report = {"payload": payload, "tmux_pane": env.get("TMUX_PANE") or None,
@@ -4874,7 +5386,7 @@ def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> No
 def spool_report(db_path: str, report: dict[str, Any]) -> str:
     """Write one hook report to the spool, atomically; return its path."""
     folder = spool_dir(db_path)
-    os.makedirs(folder, exist_ok=True)
+    make_private_dir(folder)  # reports hold prompts
     path = os.path.join(folder, f"{report['at_ms']:013d}-{os.getpid()}-{new_id()[:8]}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(report, f)
@@ -4903,9 +5415,18 @@ def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]
     # notify) `permission` even for the second until the next pull.
     is_stale = state == "permission" and _moved_on_since(sid, p.get("transcript_path"), mark.at_ms)
     # /clear ends a session and starts another in the same process: the second report hands over.
+    tool_use_id = p["tool_use_id"][:100] if isinstance(p.get("tool_use_id"), str) else None
+    input_key = input_key_of(p.get("tool_input")) if event in ("PreToolUse", "PermissionRequest") else None
     return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd" and p.get("reason") != "clear",
                        is_clear=event == "SessionStart" and p.get("source") == "clear", asked=asked,
-                       is_stale=is_stale, now_ms=now_ms)
+                       is_stale=is_stale, tool_use_id=tool_use_id, input_key=input_key, now_ms=now_ms)
+
+
+def input_key_of(tool_input: object) -> str:
+    """Return a short fingerprint of a tool's input: equal inputs, equal keys (no secret involved)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(tool_input, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
 def _moved_on_since(session_id: str, transcript_path: object, at_ms: int) -> bool:
@@ -6329,11 +6850,13 @@ def add_peer(path: str, url: str, *, name: str | None = None, token_env: str | N
     lines = ["[[peers]]", f"name = {json.dumps(peer.name)}", f"url = {json.dumps(peer.url)}"]
     if peer.token_env:
         lines.append(f"token_env = {json.dumps(peer.token_env)}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as f:
-        f.seek(0)
-        text = f.read()
-        f.write(("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + "\n".join(lines) + "\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    write_private(path, text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "")
+                  + "\n".join(lines) + "\n")
     return peer
 
 
@@ -6366,11 +6889,7 @@ def remove_peer(path: str, ref: str) -> Peer:
     if text is None or tomllib.loads(text) != expected:
         raise ClareError(f"cannot remove peer {peers[index].name} from {path} without touching other settings; "
                          "delete its [[peers]] table there by hand")
-    staging = path + ".tmp"
-    with open(staging, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(staging, os.stat(path).st_mode & 0o777)  # clare.toml may hold a token: keep it private
-    os.replace(staging, path)
+    write_private(path, text)  # clare.toml may hold a token: private, whatever its mode was
     return peers[index]
 
 
@@ -6668,6 +7187,54 @@ def view_turns(db: Db, session: Session, *, peers: Iterable[Peer], settings: dic
             and isinstance(t.get("text"), str)]
 
 
+def push_answer(db: Db, answer: Answer, *, peers: Iterable[Peer], settings: dict[str, Any]) -> str:
+    """Push an answer made here to the host of its session at once; return what happens next, in one line.
+
+    The push is the answer's event alone (POST PEER/api/v1/sync/events, idempotent by uuid);
+    that host types it within a second. Periodic sync carries it too, should the push fail.
+    """
+    peer = peer_of_host(db, peers, answer.host)
+    if peer is None:
+        return (f"{answer.host} is not a direct peer of this host: the answer travels with sync and expires "
+                f"{ANSWER_TTL_MS // 60000} min after {answer.host} stores it; to answer at once open the dashboard "
+                f"of {answer.host}")
+    events = [ev for ev in list_history(db, [answer.session_id], limit=200)
+              if ev.event_type == "permission.answered" and ev.payload.get("answer_id") == answer.id]
+    try:
+        got = HttpPeer(peer.url, token=peer_token(peer, settings), timeout_s=PEEK_TIMEOUT_S).push({
+            "machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms(),
+            "events": [ev.to_json() for ev in events]})
+    except ClareError as err:
+        return f"sent to {peer.name} failed ({err}); sync will carry it, and it expires if it comes too late"
+    if not isinstance(got, dict) or got.get("rejected"):
+        return f"{peer.name} refused the answer: {str(got.get('rejected') if isinstance(got, dict) else got)[:200]}"
+    return f"sent to {peer.name}, which types it within a second if the same dialog is still open"
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerResult:
+    answer: Answer
+    note: str  # what happened, or what happens next, in one line
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the answer and the note, as the API and CLI print them."""
+        return {**self.answer.to_json(), "note": self.note}
+
+
+def answer_session(db: Db, session_ref: str, answer: str, *, option: int | None = None,
+                   option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
+                   client: str, peers: Iterable[Peer] = (), settings: dict[str, Any] | None = None,
+                   now_ms: int) -> AnswerResult:
+    """Answer a session's permission dialog from this host: typed here at once, or pushed to its host."""
+    a = answer_permission(db, session_ref, answer, option=option, option_text=option_text, reason=reason,
+                          tool_use_id=tool_use_id, client=client, now_ms=now_ms)
+    if a.host != db.machine_id:
+        return AnswerResult(a, push_answer(db, a, peers=peers, settings=settings or {}))
+    deliver_answers(db, now_ms=now_ms, config=settings)
+    a = list_answers(db, answer_id=a.id)[0]
+    return AnswerResult(a, f"{a.result}: {a.result_reason}")
+
+
 def _peek(db: Db, session: Session, *, peers: Iterable[Peer], settings: dict[str, Any], path: str) -> Any:
     peer = peer_of_host(db, peers, session.host)
     if peer is None:
@@ -6733,6 +7300,7 @@ class Api:
     to_wire: Callable[[Any, Any], Any] | None = None  # (request, result) -> the JSON answer; None: the result
     from_wire: Callable[[Any], Any] | None = None  # the JSON answer -> the result; None: from the return type
     is_routed: bool = True  # False: the remote client asks a route that answers more (count_events)
+    is_lenient: bool = False  # a batch whose items are checked one by one: a bad item rejects that item only
 
 
 SERVICE_APIS: dict[str, tuple[Callable[..., Any], Api | None]] = {}  # service -> (function, HTTP form or None)
@@ -6785,6 +7353,17 @@ def _status_from_wire(got: dict[str, Any]) -> StatusReport:
 
 def _server_config(req: Any) -> dict[str, Any]:
     return load_config(req.config.config_path)  # the server's own clare.toml, read at each request
+
+
+def _answer_body(body: dict[str, Any]) -> None:
+    for name, kind in (("option", int), ("option_text", str), ("reason", str), ("tool_use_id", str)):
+        if body.get(name) is not None and (not isinstance(body[name], kind) or isinstance(body[name], bool)):
+            raise UsageError(f"{name} must be {'an integer' if kind is int else 'text'}")
+    # The server names the client in the history: what the caller says it is, marked as come through the API.
+    said = body.get("client")
+    body["client"] = f"{said} via api"[:200] if isinstance(said, str) and said else "api"
+    if body.get("reason") is None:
+        body.pop("reason", None)
 
 
 def _only_message_updates(body: dict[str, Any]) -> None:
@@ -7059,10 +7638,12 @@ class Services:
     @here
     def report_hook(self, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
                     is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
-                    is_stale: bool = False) -> list[Event]:
+                    is_stale: bool = False, tool_use_id: str | None = None, input_key: str | None = None
+                    ) -> list[Event]:
         """Record what a Claude Code hook on this host reported (and what a dialog asks)."""
         return report_hook(self.db, session_id, mark, cwd=cwd, tmux_target=tmux_target, is_end=is_end,
-                           is_clear=is_clear, asked=asked, is_stale=is_stale, now_ms=now_ms())
+                           is_clear=is_clear, asked=asked, is_stale=is_stale, tool_use_id=tool_use_id,
+                           input_key=input_key, now_ms=now_ms())
 
     @here
     def get_token(self, config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:
@@ -7079,6 +7660,24 @@ class Services:
     def list_ambiguous_panes(self) -> list[Pane]:
         """Return the panes the last pull could not tie to one session."""
         return list_ambiguous_panes(self.db)
+
+    @api("POST", "/api/v1/sessions/{session}/answer",
+         "Answer a session's open permission dialog (approve, deny with a reason, or option N with its wording); "
+         "typed by the session's host only if the same dialog is still open",
+         body=("answer", "option", "option_text", "reason", "tool_use_id", "client"), status=201,
+         schema="AnswerResult", check=_answer_body,
+         server={"peers": lambda req: req.config.peers, "settings": lambda req: req.config.settings or {}},
+         from_wire=lambda got: AnswerResult(from_json(Answer, got), got.get("note", "")))
+    def answer_session(self, session_ref: str, answer: str, *, option: int | None = None,
+                       option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
+                       client: str, peers: Iterable[Peer] = (), settings: dict[str, Any] | None = None
+                       ) -> AnswerResult:
+        """Answer a session's permission dialog: typed here at once, or pushed to the session's host."""
+        # SECURITY: this types into an AI agent's dialog: the token and cross-site rules guard it, and
+        # the session's host types only if the same dialog is still open.
+        return answer_session(self.db, session_ref, answer, option=option, option_text=option_text, reason=reason,
+                              tool_use_id=tool_use_id, client=client, peers=peers, settings=settings,
+                              now_ms=now_ms())
 
     @api("POST", "/api/v1/broadcast", "Type a text into every live session of a target (project, group:NAME, "
          "session:ID)", body=("target", "text", "is_command"), not_sent=("confirm_s", "on_delivery"), status=201,
@@ -7151,6 +7750,7 @@ class Services:
         return list_history(self.db, entity_ids, limit=limit)
 
     @api("POST", "/api/v1/import", "Store events given as JSON lines", body=("lines",), schema="ImportResult",
+         is_lenient=True,  # a bad line rejects that line only
          body_schema={"type": "object", "required": ["lines"], "properties": {
              "lines": {"type": "array", "items": {"type": "string"}}}},
          to_wire=lambda req, r: {"inserted": r[0].inserted, "duplicates": r[0].n_duplicates,
@@ -7248,7 +7848,12 @@ MAX_DRAIN_BYTES = 64 * 1024 * 1024  # of a body refused as too large, read and d
 SYNC_PATH_PREFIX = "/api/v1/sync/"
 REQUEST_TIMEOUT_S = 10.0  # per socket read or write: a slow or silent client loses its connection
 REQUEST_DEADLINE_S = 60.0  # a request's head and body, from its first byte: a trickling client is cut off
-MAX_HANDLER_THREADS = 128  # connections handled at once; one more gets a quick 503
+MAX_HANDLER_THREADS = 128  # requests handled at once; one more gets a quick 503
+RESERVED_THREADS_SHARE = 8  # one handler slot in 8 (at least one) is kept for requests that carry the token
+HEADER_DEADLINE_S = 2.0  # from a connection's first byte (or its accept) to the end of its request's head
+MAX_HEAD_BYTES = 64 * 1024 + 1024  # a head this long goes to a handler, which refuses it (414, 431)
+MAX_WAITING_CONNECTIONS = 4096  # connections waiting for a head; past it the oldest is closed
+BUSY_WAIT_S = 1.0  # a request whose head is here waits this long for a free handler slot, then gets 503
 BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                b"Connection: close\r\nContent-Length: 84\r\n\r\n"
                b'{"error": {"code": "busy", "message": "the server is busy; try again in a second"}}\n')  # past the cap
@@ -7292,7 +7897,7 @@ class HttpError(ClareError):
 class WebConfig:
     host: str  # the address the server binds
     port: int  # 0 picks a free port; the server then knows the real one
-    token: str | None  # with a token, every non-public route needs it (bearer or login cookie)
+    token: str | None  # every route but /login and /static/ needs it (bearer or login cookie); None opens none
     allowed_hosts: frozenset[str]  # Host header names accepted (DNS rebinding defence)
     csrf_token: str  # per-install secret that every HTML form and htmx request carries
     db_path: str
@@ -7335,16 +7940,13 @@ def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: st
                port: int = DEFAULT_PORT, env: Mapping[str, str] | None = None, log_requests: bool = False) -> WebConfig:
     """Take token, allowed host names and peers from CLARE_TOKEN and clare.toml (`settings`, else read here).
 
-    Refuse an open bind without a token.
+    Every bind has a token: without CLARE_TOKEN or `token` in clare.toml, one is made and written there.
     """
     import socket
 
     config = load_config(paths.config) if settings is None else settings
-    token = resolve_token(config, env=env, path=paths.config)
-    if not is_loopback(host) and token is None:
-        raise UsageError(f"binding {host or '*'} exposes Clare to the network without a token; set CLARE_TOKEN "
-                         "or token = \"...\" in clare.toml (python3 -c 'import secrets; "
-                         "print(secrets.token_urlsafe(32))'), or bind 127.0.0.1")
+    # SECURITY: loopback is no trust boundary (DESIGN §6): other users and every local agent reach it.
+    token = ensure_token(paths.config, config, env=env)
     names = config.get("allowed_hosts", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise UsageError(f"{paths.config}: allowed_hosts must be a list of host names")
@@ -7395,10 +7997,14 @@ class Request:
             raise HttpError(400, f"query parameter {name}={value} is outside {lo}-{hi}")
         return value
 
-    def json(self, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Return the JSON object body holding the required fields and no unknown ones."""
+    def json(self, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+             is_lenient: bool = False) -> dict[str, Any]:
+        """Return the JSON object body holding the required fields and no unknown ones.
+
+        Standard JSON only, unless `is_lenient`: a batch whose items are checked one by one.
+        """
         try:
-            value = json.loads(self.body or b"{}")
+            value = parse_json(self.body or b"{}", is_lenient=is_lenient)
         except (ValueError, RecursionError) as err:  # SECURITY: '[[[[...' nested deeper than the stack
             raise HttpError(400, f"the body is not valid JSON ({str(err)[:100]}); send a JSON object") from err
         if not isinstance(value, dict):
@@ -7533,26 +8139,39 @@ def check_same_origin(headers: dict[str, str]) -> None:
     check_origin(headers)
 
 
-def check_auth(config: WebConfig, headers: dict[str, str]) -> None:
-    """Require the bearer token or the login cookie when the server has a token."""
-    if config.token is None:
-        return
-    auth = headers.get("authorization", "")
-    scheme, _, given = auth.partition(" ")
+def is_public(path: str) -> bool:
+    """Tell whether a path is open without the token: the login page and the vendored static files."""
+    return path == "/login" or path.startswith("/static/")
+
+
+def is_authenticated(config: WebConfig, headers: dict[str, str]) -> bool:
+    """Tell whether a request carries the bearer token or a valid login cookie."""
+    if config.token is None:  # no token, no way in: a server is never open by mistake
+        return False
+    scheme, _, given = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and same_secret(given.strip(), config.token):
-        return
-    if same_secret(_cookie(headers.get("cookie", ""), LOGIN_COOKIE), config.login_cookie):
-        return
-    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or open the login URL "
-                         "that 'clare serve' printed", headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
+        return True
+    # SECURITY: any page on localhost (another port) can set a second clare_login cookie; browsers
+    # send both, in an order it can influence. The valid one counts, wherever it stands.
+    return any(same_secret(value, config.login_cookie) for value in _cookies(headers.get("cookie", ""), LOGIN_COOKIE))
 
 
-def _cookie(header: str, name: str) -> str | None:
+def check_auth(config: WebConfig, path: str, headers: dict[str, str]) -> None:
+    """Require the bearer token or the login cookie on every path but the public ones."""
+    if is_public(path) or is_authenticated(config, headers):
+        return
+    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or log in once with the "
+                         "URL that 'clare serve' printed (the token is in clare.toml)",
+                    headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
+
+
+def _cookies(header: str, name: str) -> list[str]:
+    values = []
     for part in header.split(";"):
         key, sep, value = part.strip().partition("=")
         if sep and key == name:
-            return value
-    return None
+            values.append(value)
+    return values
 
 
 def check_media(config: WebConfig, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
@@ -7585,13 +8204,17 @@ def check_length(path: str, headers: dict[str, str], *, n_lengths: int = 1) -> i
     if n_lengths > 1:  # SECURITY: two lengths are how requests get smuggled past a proxy
         raise HttpError(400, "a request needs at most one Content-Length header")
     text = headers.get("content-length", "0").strip() or "0"
-    if not text.isdigit():
-        raise HttpError(400, f"bad Content-Length {text[:20]!r}")
+    if not _is_ascii_digits(text):  # SECURITY: '²'.isdigit() is True, and int('²') raises
+        raise HttpError(400, f"bad Content-Length {text[:20]!r}; send the body's size in ASCII digits")
     size = int(text)
     limit = MAX_SYNC_BODY_BYTES if path.startswith(SYNC_PATH_PREFIX) else MAX_BODY_BYTES
     if size > limit:
         raise HttpError(413, f"the body is {size} bytes, over the limit of {limit}; send less at a time")
     return size
+
+
+def _is_ascii_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) < 19
 
 
 def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response:
@@ -7600,6 +8223,8 @@ def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response
     status = err.http_status
     if is_api:
         return Response(status, error_json(status, str(err)), headers=extra)
+    if status == 401 and is_htmx:  # a poll after the login lapsed: the whole page goes to the login form
+        return html_response(flash(str(err)), status=status, headers=(*extra, ("HX-Redirect", "/login")))
     if is_htmx:  # htmx swaps it into the page's message box instead of the fragment it asked for
         return html_response(flash(str(err)), status=status,
                              headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
@@ -7624,7 +8249,7 @@ def _drain_refused_body(h: Any, headers: dict[str, str]) -> None:
     RST, and the client saw "broken pipe" instead of the limit.
     """
     text = headers.get("content-length", "").strip()
-    n_left = min(int(text), MAX_DRAIN_BYTES) if text.isdigit() else 0
+    n_left = min(int(text), MAX_DRAIN_BYTES) if _is_ascii_digits(text) else 0
     with contextlib.suppress(OSError):  # a client that stops sending times out like any slow one
         h.wfile.flush()
         while n_left > 0:
@@ -7632,10 +8257,6 @@ def _drain_refused_body(h: Any, headers: dict[str, str]) -> None:
             if not chunk:
                 return
             n_left -= len(chunk)
-
-
-def _is_public(handler: Callable) -> bool:
-    return handler in (page_login, get_static)
 
 
 def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
@@ -7656,9 +8277,9 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
             raise error or HttpError(400, "the request cannot be read")
         check_host(config, message.get_all("Host") or [])
         size = h.body_size = check_length(path, headers, n_lengths=len(message.get_all("Content-Length") or []))
+        # SECURITY: the one door of the token, before routing: a route added later is guarded by default.
+        check_auth(config, path, headers)
         handler, params = _route(method, path)
-        if not _is_public(handler):
-            check_auth(config, headers)
         if method in STATE_CHANGING:
             check_origin(headers)
         body = h.rfile.read(size) if size else b""
@@ -7685,11 +8306,24 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     finally:
         if db is not None:
             server.give_db(db)
-    if resp.status >= 400 and not h.body_is_read and headers.get("content-length", "0") not in ("", "0"):
-        if not _discard_body(h):
-            h.close_connection = True  # the unread body would be parsed as the next request
+    # SECURITY: a body left unread (or of unknown length: chunked, a bad Content-Length) would be
+    # parsed as the next request on this connection: request smuggling. Drop it, or close.
+    # A stranger's body (401) is not worth reading: close instead.
+    if not h.body_is_read and (h.body_size is None or (h.body_size and (
+            resp.status == 401 or not _discard_body(h)))):
+        h.close_connection = True
     if server.is_stopping:
         h.close_connection = True
+    resp, head = _response_head(resp, is_closing=h.close_connection)
+    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
+    if resp.status == 413 and not h.body_is_read:
+        _drain_refused_body(h, headers)
+    if config.log_requests:
+        h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+
+
+def _response_head(resp: Response, *, is_closing: bool) -> tuple[Response, bytes]:
+    """Return the response and its status line and headers: a 500 instead if a header value holds a line break."""
     from http.server import BaseHTTPRequestHandler
 
     reason = BaseHTTPRequestHandler.responses.get(resp.status, ("",))[0]
@@ -7698,14 +8332,15 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     if not any(k.lower() == "cache-control" for k, _ in resp.headers):
         lines.append("Cache-Control: no-store")
     lines += [f"{k}: {v}" for k, v in resp.headers]
-    if h.close_connection:
+    if is_closing:
         lines.append("Connection: close")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
-    if resp.status == 413 and not h.body_is_read:
-        _drain_refused_body(h, headers)
-    if config.log_requests:
-        h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+    # SECURITY: the one place headers are written. A value with CR or LF (an id from an old log,
+    # a bug) would end the header and start another one (Set-Cookie...): refuse the whole answer.
+    if any("\r" in line or "\n" in line for line in lines):
+        print(f"clare: refused a {resp.status} answer: a header value holds a line break", file=sys.stderr)
+        return _response_head(Response(500, error_json(500, "internal error; see the server's log")),
+                              is_closing=is_closing)
+    return resp, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
 
 _SERVER_CLASS: list[type] = []  # made on first use: http.server is too heavy for every CLI start
@@ -7722,37 +8357,70 @@ def make_server(config: WebConfig) -> Any:
                          "pick another --port or stop what holds it") from err
 
 
+def _head_is_authenticated(config: WebConfig, head: bytes) -> bool:
+    """Tell whether a request's raw head carries the token (bearer or login cookie), before it is parsed."""
+    headers: dict[str, str] = {}
+    for line in head.decode("latin-1").splitlines()[1:]:
+        name, sep, value = line.partition(":")
+        key = name.strip().lower()
+        if sep and key in ("authorization", "cookie"):
+            headers[key] = f"{headers[key]}; {value.strip()}" if key in headers else value.strip()
+    return is_authenticated(config, headers)
+
+
 def _define_server() -> type:
-    import io
+    import selectors
     import socket
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class DeadlineReader(io.RawIOBase):
-        """A socket's reads: each under timeout_s, and all of one request under one deadline."""
+    class RequestReader:
+        """A socket's reads for one request: the head the gate read first, then the socket, each read
+        under timeout_s and all of them under one deadline. What is left over goes back to the gate."""
 
-        def __init__(self, sock: socket.socket, *, timeout_s: float, deadline_s: float):
-            self.sock, self.timeout_s, self.deadline_s = sock, timeout_s, deadline_s
-            self.deadline: float | None = None  # set by the request's first byte; None between requests
+        def __init__(self, sock: socket.socket, head: bytes, *, timeout_s: float, deadline_s: float):
+            self.sock, self.timeout_s = sock, timeout_s
+            self.buf = bytearray(head)  # read from the socket, not yet taken by the handler
+            self.deadline = time.monotonic() + deadline_s  # the head has arrived: the clock runs
 
-        def readable(self) -> bool:
-            return True
-
-        def readinto(self, buf: Any) -> int:
+        def _fill(self) -> bool:
             # SECURITY: a per-read timeout alone lets a client that sends a byte every few seconds hold
             # its thread forever (slowloris).
-            if self.deadline is not None:
-                left = self.deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("the request took too long to arrive")
-                self.sock.settimeout(min(self.timeout_s, left))
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request took too long to arrive")
+            self.sock.settimeout(min(self.timeout_s, left))
             try:
-                n = self.sock.recv_into(buf)
+                chunk = self.sock.recv(65536)
             finally:
                 self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
-            if n and self.deadline is None:
-                self.deadline = time.monotonic() + self.deadline_s
-            return n
+            self.buf += chunk
+            return bool(chunk)
+
+        def readline(self, limit: int = -1) -> bytes:
+            while True:
+                end = self.buf.find(b"\n") + 1
+                if end and (limit < 0 or end <= limit):
+                    break
+                if 0 <= limit <= len(self.buf):
+                    end = limit
+                    break
+                if not self._fill():
+                    end = len(self.buf)
+                    break
+            line = bytes(self.buf[:end])
+            del self.buf[:end]
+            return line
+
+        def read(self, size: int = -1) -> bytes:
+            while (size < 0 or len(self.buf) < size) and self._fill():
+                pass
+            data = bytes(self.buf if size < 0 else self.buf[:size])
+            del self.buf[:len(data)]
+            return data
+
+        def close(self) -> None:
+            pass
 
     class Handler(BaseHTTPRequestHandler):
         server: "Server"  # the class below: its config, enter() and leave()
@@ -7762,18 +8430,21 @@ def _define_server() -> type:
 
         def setup(self) -> None:
             config = self.server.config
+            sock, head = self.request  # the gate hands over the connection with the head it read
+            self.request = sock
             # typeshed calls `timeout` a ClassVar, but setup() reads it from the instance: one value per server.
             self.timeout = config.timeout_s  # type: ignore[misc]  # every read and write on the socket
             super().setup()
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.rfile.close()  # its socket file would keep the socket open after the request
-            self.reader = DeadlineReader(self.connection, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
-            self.rfile = io.BufferedReader(self.reader)
+            self.reader = RequestReader(sock, head, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
+            self.rfile = self.reader  # type: ignore[assignment]  # readline() and read() are all http.server uses
 
         def handle(self) -> None:
+            """Answer one request; the gate waits for the next one on this connection, without a thread."""
+            self.close_connection = True
             try:
-                super().handle()
-            except ConnectionError:  # the client went away: nothing to answer
+                self.handle_one_request()
+            except (ConnectionError, TimeoutError):  # the client went away or is too slow: nothing to answer
                 self.close_connection = True
 
         def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -7786,7 +8457,6 @@ def _define_server() -> type:
 
         def handle_one_request(self) -> None:
             self.is_counted = False
-            self.reader.deadline = None  # a keep-alive connection's idle wait is not part of the next request
             try:
                 super().handle_one_request()
             finally:
@@ -7804,6 +8474,133 @@ def _define_server() -> type:
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_any
 
+    class Gate:
+        """The selectors loop in front of the handlers: a connection gets a handler thread only once
+        its request's head has arrived, and waits (idle, or sending its head) without one.
+
+        SECURITY: otherwise any local process holds every thread with idle connections, and on
+        loopback a per-address cap cannot tell the attacker from the browser (both 127.0.0.1).
+        """
+
+        def __init__(self, server: Any):  # the Server below
+            self.server = server
+            self.selector = selectors.DefaultSelector()
+            self.wake_r, self.wake_w = socket.socketpair()
+            self.wake_r.setblocking(False)
+            self.wake_w.setblocking(False)
+            self.selector.register(self.wake_r, selectors.EVENT_READ)
+            self.lock = threading.Lock()
+            self.arrived: list[tuple[Any, Any, bytes, float]] = []  # (sock, address, head, deadline) from other threads
+            self.waiting: dict[Any, list[Any]] = {}  # sock -> [address, head so far, deadline]; gate only
+            self.queued: list[tuple[Any, Any, bytes, float]] = []  # heads here, no slot yet: (..., give up at)
+            self.is_stopped = False
+            self.thread = threading.Thread(target=self.run, name="clare-gate", daemon=True)
+            self.thread.start()
+
+        def add(self, sock: socket.socket, address: Any, head: bytes, *, wait_s: float) -> None:
+            """Let the gate wait for the (rest of the) next request's head on a connection."""
+            with self.lock:
+                if self.is_stopped:
+                    sock.close()
+                    return
+                self.arrived.append((sock, address, head, time.monotonic() + wait_s))
+            self.wake()
+
+        def wake(self) -> None:
+            """Make the loop look again: a connection came, or a handler slot came free."""
+            with contextlib.suppress(BlockingIOError, OSError):
+                self.wake_w.send(b"x")
+
+        def run(self) -> None:
+            while not self.is_stopped:
+                now = time.monotonic()
+                timeout = min([w[2] for w in self.waiting.values()] + [q[3] for q in self.queued],
+                              default=now + 0.5) - now
+                for key, _ in self.selector.select(min(max(timeout, 0), 0.5)):
+                    if key.fileobj is self.wake_r:
+                        with contextlib.suppress(BlockingIOError, OSError):
+                            self.wake_r.recv(4096)
+                        self._take_arrived()
+                    else:
+                        self._read(key.fileobj)
+                now = time.monotonic()
+                for sock in [s for s, w in self.waiting.items() if w[2] <= now]:
+                    self._drop(sock)  # silent or too slow: hung up without an answer, as before a head
+                self._start_queued(now)
+
+        def _start_queued(self, now: float) -> None:
+            """Start the queued requests that get a slot now, first come first served; 503 those out of time."""
+            kept = []
+            for sock, address, head, give_up_at in self.queued:
+                if self.server.try_start_handler(sock, address, head):
+                    continue
+                if give_up_at <= now:
+                    self.server.refuse_busy(sock)
+                else:
+                    kept.append((sock, address, head, give_up_at))
+            self.queued = kept
+
+        def _take_arrived(self) -> None:
+            with self.lock:
+                taken = self.arrived
+                self.arrived = []
+            for sock, address, head, deadline in taken:
+                if len(self.waiting) >= MAX_WAITING_CONNECTIONS:
+                    self._drop(min(self.waiting, key=lambda s: self.waiting[s][2]))
+                sock.setblocking(False)
+                self.waiting[sock] = [address, head, deadline]
+                self.selector.register(sock, selectors.EVENT_READ)
+                if head:
+                    self._hand_over_if_complete(sock)
+
+        def _read(self, sock: Any) -> None:
+            entry = self.waiting[sock]
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._drop(sock)
+                return
+            if not entry[1]:  # the first byte of a request: its head must be complete soon
+                entry[2] = min(entry[2], time.monotonic() + min(HEADER_DEADLINE_S, self.server.config.deadline_s))
+            entry[1] += chunk
+            self._hand_over_if_complete(sock)
+
+        def _hand_over_if_complete(self, sock: socket.socket) -> None:
+            address, head, _ = self.waiting[sock]
+            if b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < MAX_HEAD_BYTES:
+                return
+            self.selector.unregister(sock)
+            del self.waiting[sock]
+            sock.setblocking(True)
+            self.queued.append((sock, address, head, time.monotonic() + BUSY_WAIT_S))
+            self._start_queued(time.monotonic())
+
+        def _drop(self, sock: socket.socket) -> None:
+            self.selector.unregister(sock)
+            del self.waiting[sock]
+            self.server.shutdown_request(sock)
+
+        def stop(self) -> None:
+            """Stop the loop and close every connection still waiting."""
+            with self.lock:
+                self.is_stopped = True
+                arrived = self.arrived
+                self.arrived = []
+            with contextlib.suppress(OSError):
+                self.wake_w.send(b"x")
+            self.thread.join(5)
+            for late in arrived + self.queued:
+                late[0].close()
+            for sock in list(self.waiting):
+                self._drop(sock)
+            self.selector.close()
+            self.wake_r.close()
+            self.wake_w.close()
+
     class Server(ThreadingHTTPServer):
         daemon_threads = True  # idle keep-alive connections must not hold up exit; see drain()
         request_queue_size = LISTEN_BACKLOG
@@ -7813,36 +8610,66 @@ def _define_server() -> type:
                 self.address_family = socket.AF_INET6
             self.config = config
             self.is_stopping = False
+            self._gate: Gate | None = None  # made once the socket is bound
             self._dbs: list[Db] = []  # idle connections: one per thread at a time, reused
             self._lock = threading.Lock()
             self._idle = threading.Condition(self._lock)
             self._n_busy = 0  # requests being handled now
-            self._slots = threading.BoundedSemaphore(config.max_threads)  # one per handler thread
+            n_reserved = max(1, config.max_threads // RESERVED_THREADS_SHARE) if config.max_threads > 1 else 0
+            self._slots = threading.BoundedSemaphore(config.max_threads - n_reserved)  # for any request
+            self._reserved = threading.BoundedSemaphore(max(n_reserved, 1))  # only for requests with the token
+            if not n_reserved:
+                self._reserved.acquire()
             super().__init__((config.host, config.port), Handler)
             self.config = dataclasses.replace(config, port=self.server_address[1])
+            self._gate = Gate(self)
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            if not self._slots.acquire(blocking=False):
-                # SECURITY: unlimited threads let idle connections exhaust memory. This canned answer is the
-                # one write outside _dispatch: there is no handler thread to dispatch on.
-                with contextlib.suppress(OSError):
-                    request.setblocking(False)
-                    with contextlib.suppress(BlockingIOError):
-                        request.recv(65536)  # unread data would turn our close into a reset that hides the 503
-                    request.send(BUSY_ANSWER)
-                self.shutdown_request(request)
-                return
-            try:
-                super().process_request(request, client_address)
-            except BaseException:
-                self._slots.release()
-                raise
+            """Give a new connection to the gate: it gets a thread once its request's head is here."""
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            assert self._gate is not None  # serve_forever runs only on a bound server
+            self._gate.add(request, client_address, b"",
+                           wait_s=min(HEADER_DEADLINE_S, self.config.deadline_s, self.config.timeout_s * 4))
 
-        def process_request_thread(self, request: Any, client_address: Any) -> None:
+        def try_start_handler(self, sock: socket.socket, address: Any, head: bytes) -> bool:
+            """Run one request whose head has arrived in a thread of its own; False if no slot is free."""
+            # SECURITY: strangers cannot take the reserved slots; a request with the token takes any.
+            slot = self._slots if self._slots.acquire(blocking=False) else None
+            if slot is None and _head_is_authenticated(self.config, head) and self._reserved.acquire(blocking=False):
+                slot = self._reserved
+            if slot is None:
+                return False
             try:
-                super().process_request_thread(request, client_address)
+                threading.Thread(target=self._handle, args=(sock, address, head, slot), daemon=True).start()
+            except BaseException:
+                slot.release()
+                self.shutdown_request(sock)
+                raise
+            return True
+
+        def refuse_busy(self, sock: socket.socket) -> None:
+            """Answer 503 to a request that found no free handler slot in time, and close."""
+            # This canned answer is the one write outside _dispatch: there is no handler thread to dispatch on.
+            with contextlib.suppress(OSError):
+                sock.settimeout(1)
+                sock.send(BUSY_ANSWER)
+            self.shutdown_request(sock)
+
+        def _handle(self, sock: socket.socket, address: Any, head: bytes, slot: Any) -> None:
+            is_kept, left = False, b""
+            try:
+                handler = Handler((sock, head), address, self)  # type: ignore[arg-type]  # setup() unpacks it
+                is_kept, left = not handler.close_connection and not self.is_stopping, bytes(handler.reader.buf)
+            except Exception:  # the edge of a handler thread: one connection lost, not the server
+                self.handle_error(sock, address)
             finally:
-                self._slots.release()
+                slot.release()
+                if self._gate is not None:
+                    self._gate.wake()  # a request may be queued for this slot
+            if is_kept and self._gate is not None:  # keep-alive: the next request waits in the gate, threadless
+                self._gate.add(sock, address, left, wait_s=self.config.timeout_s)
+            else:
+                self.shutdown_request(sock)
 
         def take_db(self) -> Db:
             """Borrow an open connection (a new connection per request costs ~4x, DESIGN §8)."""
@@ -7876,6 +8703,8 @@ def _define_server() -> type:
 
         def server_close(self) -> None:
             super().server_close()
+            if self._gate is not None:
+                self._gate.stop()
             with self._lock:
                 dbs, self._dbs = self._dbs, []
             for db in dbs:
@@ -8218,6 +9047,7 @@ margin:.2rem 0}
 padding:.4rem .55rem;background:var(--soft);border-radius:7px;font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}
 [data-row].is-current{outline:2px solid var(--accent);outline-offset:-2px;border-radius:6px}
 ul.feed li[data-row]{padding-left:.4rem;padding-right:.4rem}
+.answer{margin-top:.9rem;padding-top:.8rem;border-top:1px solid var(--line)}.answer input{min-width:12rem}
 .asked{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace;overflow-wrap:anywhere}.actions{display:flex;gap:.6rem;
 flex-wrap:wrap;margin-top:.2rem}.turn{display:grid;grid-template-columns:4.5rem 1fr;gap:.5rem}
 kbd{font:12px ui-monospace,Menlo,monospace;border:1px solid var(--line);border-radius:4px;padding:0 .3rem}
@@ -8940,12 +9770,14 @@ SESSION_LABELS = {"working": "working", "waiting": "waiting for you", "permissio
 FRAG_ATTENTION = string.Template("""<section class="card attention" id="frag-attention" $poll>
 <h2>Needs you</h2>$body</section>""")
 ATTENTION_LIST = string.Template('<ul class="feed" hx-disable>$items</ul>')
-ATTENTION_ITEM = string.Template("""<li data-row="/sessions/$id"><div class="line">$state
+NEEDS_LIST = string.Template('<ul class="feed">$items</ul>')  # each item's untrusted text sits under hx-disable
+ATTENTION_ITEM = string.Template("""<li data-row="/sessions/$id"><div hx-disable><div class="line">$state
 <a href="/sessions/$id"><b>$label</b></a>
 <span class="muted small">$since</span></div>$asked
 <div class="small">$project$task</div>
 <div class="muted small"><span class="mono">$short_id</span> · $host · <span class="mono">$where</span> · $cwd</div>
-<div class="actions small"><a href="/sessions/$id">Open</a><a href="/sessions/$id#attach">Attach</a></div></li>""")
+</div><div class="actions small"><a href="/sessions/$id">Open</a><a href="/sessions/$id#attach">Attach</a>$answers
+</div></li>""")
 ASKED = string.Template('<div class="asked">$tool: $input</div>')
 TASK_LINK = string.Template('task <a href="/tasks/$id">$title</a>')
 PROJECT_LINK = string.Template('<a href="/projects/$id">$name</a> · ')
@@ -9007,14 +9839,15 @@ def attention_fragment(req: Request, *, query: str = "") -> Html:
             s.label, s.cwd, s.host, s.tmux_target or "", tasks[s.task_id].title if s.task_id in tasks else "",
             tasks[s.task_id].project if s.task_id in tasks else "")).lower()]
     # SECURITY: labels, cwds and what a dialog asks come from transcripts, hooks and panes: escaped, in hx-disable.
-    body = render(ATTENTION_LIST, items=join(render(
+    body = render(NEEDS_LIST, items=join(render(
         ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
         since=ago_text(s.state_at or s.last_activity_at, now), id=s.id, short_id=s.id[:SHORT_ID], host=s.host,
         where=s.tmux_target or "-", cwd=s.cwd, asked=asked_text(s),
         project=render(PROJECT_LINK, id=tasks[s.task_id].project_id, name=tasks[s.task_id].project)
         if s.task_id in tasks else Html(""),
         task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
-        else Html('<span class="muted">no task</span>'))
+        else Html('<span class="muted">no task</span>'),
+        answers=answer_forms(req, s, view="needs") if s.state == "permission" and s.asked else Html(""))
         for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
     url = "/frag/attention" + (f"?q={quote_query(query)}" if query else "")
     return render(FRAG_ATTENTION, poll=poll_attrs(url), body=body)
@@ -9116,7 +9949,28 @@ FRAG_SESSION = string.Template("""<section class="card" id="frag-session" $poll>
 <dt>Task</dt><dd>$task</dd>
 <dt>Host</dt><dd>$host</dd><dt>Folder</dt><dd class="mono">$cwd</dd><dt>tmux</dt><dd class="mono">$where</dd>
 <dt>Active</dt><dd>$active</dd><dt>Tokens</dt><dd class="mono" title="$tokens_title">$tokens</dd>
-<dt>Command</dt><dd class="mono small">$command</dd><dt>Id</dt><dd class="mono">$id</dd></dl></div></section>""")
+<dt>Command</dt><dd class="mono small">$command</dd><dt>Id</dt><dd class="mono">$id</dd></dl></div>
+$answer</section>""")
+ANSWER_BOX = string.Template("""<div class="answer" id="answer"><h2>Answer</h2><div class="actions">$forms</div>
+<p class="small muted">Typed by $host only if this same dialog is still open there; expires after $ttl min.</p>
+</div>""")
+ANSWER_FORM = string.Template("""<form class="tight" $attrs $confirm>$csrf
+<input type="hidden" name="view" value="$view"><input type="hidden" name="answer" value="$answer">
+<input type="hidden" name="option" value="$option"><input type="hidden" name="option_text" value="$option_text">
+<input type="hidden" name="tool_use_id" value="$tool_use_id">
+$reason<button type="submit" class="$kind">$label</button></form>""")
+REASON_INPUT = string.Template(
+    '<input name="reason" maxlength="2000" placeholder="tell Claude instead (optional)" aria-label="reason">')
+CONFIRM_ATTRS = string.Template('hx-confirm="$question" hx-vals="$vals"')
+MAIN_CONFIRM = string.Template("""<p class="muted small"><a href="/sessions/$id">$label</a> /</p>
+<h1>Send this answer?</h1>
+<section class="card"><p hx-disable>$host asks: <span class="asked">$tool: $input</span></p>
+<p>Your answer: <b>$answer_text</b>. $host types it only if this same dialog is still open there.</p>
+<form class="row" method="post" action="/sessions/$id/answer">$csrf<input type="hidden" name="confirmed" value="1">
+<input type="hidden" name="view" value="$view"><input type="hidden" name="answer" value="$answer">
+<input type="hidden" name="option" value="$option"><input type="hidden" name="option_text" value="$option_text">
+<input type="hidden" name="tool_use_id" value="$tool_use_id"><input type="hidden" name="reason" value="$reason">
+<button type="submit">Yes, send it</button> <a href="/sessions/$id">Cancel</a></form></section>""")
 ASKED_CARD = string.Template(
     """<p class="flash error"><b>Asks permission</b> · $tool<br><span class="asked">$input</span></p>""")
 ATTACH = string.Template("""<p class="small muted">$where</p>
@@ -9150,11 +10004,76 @@ def session_fragment(req: Request, s: Session, task: Task | None) -> Html:
         since=ago_text(s.state_at, now), host=s.host, cwd=s.cwd or "—", where=s.tmux_target or "not in tmux",
         active=ago_text(s.last_activity_at, now), tokens=tokens_text(s.tokens),
         command=short_text(s.command, 200) or "—",
-        tokens_title=", ".join(f"{k} {v}" for k, v in s.tokens.items()), id=s.id,
+        tokens_title=", ".join(f"{k} {v}" for k, v in s.tokens.items()), id=s.id, answer=answer_box(req, s),
         asked=render(ASKED_CARD, tool=s.asked["tool"], input=s.asked["input"]) if s.state == "permission" and s.asked
         else Html(""),
         task=render(TASK_CELL, id=task.id, title=f"{task.project}: {task.title}") if task
         else Html('<span class="muted">none</span>'))
+
+
+def answer_forms(req: Request, s: Session, *, view: str, options: tuple[tuple[int, str], ...] = ()) -> Html:
+    """Render the buttons that answer a session's open dialog: approve, deny (with a reason), its other options."""
+    assert s.asked is not None
+    what = f"{s.asked['tool']}: {short_text(s.asked['input'], 80)}"
+    choices: list[tuple[str, int | None, str, str, str]] = [("approve", None, "", "Approve", ""),
+                                                           ("deny", None, "", "Deny", "ghost")]
+    choices += [("option", n, text, f"{n}. {short_text(text, 60)}", "ghost") for n, text in options
+                if text != "Yes" and not text.startswith("No")]
+
+    def one(answer: str, option: int | None, text: str, label: str, kind: str) -> Html:
+        question = f"{label} — {what}?" if answer != "option" else f"Answer '{text}' to {what}?"
+        target = "#frag-session" if view == "session" else "#frag-attention"
+        return render(ANSWER_FORM, attrs=form_attrs(f"/sessions/{s.id}/answer", target=target),
+                      confirm=render(CONFIRM_ATTRS, question=question, vals=json.dumps({"confirmed": "1"})),
+                      csrf=csrf_field(req), view=view, answer=answer, option="" if option is None else option,
+                      option_text=text, tool_use_id=s.asked.get("tool_use_id", "") if s.asked else "",
+                      reason=render(REASON_INPUT) if answer == "deny" and view == "session" else Html(""),
+                      kind=kind, label=label)
+    return join(one(*c) for c in choices)
+
+
+def answer_box(req: Request, s: Session) -> Html:
+    """Render the answer buttons of a session page while a dialog is open, with the options its screen shows."""
+    if s.state != "permission" or not s.asked:
+        return Html("")
+    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings or {}, now_ms=now_ms())
+    dialog = parse_dialog(view.text) if view.text else None
+    return render(ANSWER_BOX, forms=answer_forms(req, s, view="session", options=dialog.options if dialog else ()),
+                  host=s.host, ttl=ANSWER_TTL_MS // 60000)
+
+
+def frag_answer_session(req: Request) -> Response:
+    """Answer a session's dialog from a button: a confirm page first without JavaScript, then typed or pushed."""
+    f = req.form()
+    svc = req.svc
+    s = svc.get_session(req.params["session"])
+    option = _form_int(f["option"], "option") if f.get("option") else None
+    fields: dict[str, Any] = {"answer": f.get("answer", ""), "option": option,
+                              "option_text": f.get("option_text") or None, "reason": f.get("reason", ""),
+                              "tool_use_id": f.get("tool_use_id") or None}
+    view = "needs" if f.get("view") == "needs" else "session"
+    if f.get("confirmed") != "1":
+        asked = s.asked or {"tool": "?", "input": "nothing now"}
+        answer_text = fields["answer"] if fields["answer"] in ("approve", "deny") else \
+            f"option {option}: {fields['option_text'] or ''}"
+        return page(req, "Send this answer?", render(
+            MAIN_CONFIRM, id=s.id, label=s.label or s.id[:SHORT_ID], host=s.host, tool=asked["tool"],
+            input=asked["input"], answer_text=answer_text + (f" — {fields['reason']}" if fields["reason"] else ""),
+            csrf=csrf_field(req), view=view, answer=fields["answer"], option="" if option is None else option,
+            option_text=fields["option_text"] or "", tool_use_id=fields["tool_use_id"] or "", reason=fields["reason"]))
+    got = svc.answer_session(s.id, fields["answer"], option=option, option_text=fields["option_text"],
+                             reason=fields["reason"], tool_use_id=fields["tool_use_id"], client="dashboard",
+                             peers=req.config.peers, settings=req.config.settings or {})
+    if not req.is_htmx:
+        return redirect("/needs" if view == "needs" else f"/sessions/{s.id}")
+    is_ok = got.answer.result in ("typed", "pending")
+    message = f"Answer {got.answer.answer}: {got.note}"
+    if view == "needs":
+        return html_response(join([attention_fragment(req), flash(message, kind="ok" if is_ok else "error", oob=True)]))
+    d = svc.get_session_detail(s.id, hosts=(req.config.settings or {}).get("hosts") or {})
+    return html_response(join([session_fragment(req, d.session, d.task),
+                               history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history", oob=True),
+                               flash(message, kind="ok" if is_ok else "error", oob=True)]))
 
 
 def attach_card(req: Request, s: Session, argv: list[str] | None) -> Html:
@@ -9488,7 +10407,8 @@ def service_handler(name: str) -> Callable[[Request], Response]:
         body: dict[str, Any] = {}
         if body_wires or spec.body_schema is not None:
             body = req.json(required=tuple(w.name for w in body_wires if w.is_required),
-                            optional=tuple(w.name for w in body_wires if not w.is_required))
+                            optional=tuple(w.name for w in body_wires if not w.is_required),
+                            is_lenient=spec.is_lenient)
         if spec.check is not None:
             spec.check(body)
         kwargs = {w.arg: _request_value(req, svc, w, body, max_int=spec.max_int) for w in wires
@@ -9593,14 +10513,14 @@ def get_static(req: Request) -> Response:
 
 
 def page_login(req: Request) -> Response:
-    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie, then go to the dashboard."""
+    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie; without one, ask for it."""
     config = req.config
-    if config.token is not None:
-        if not same_secret(req.arg("token"), config.token):
-            raise HttpError(401, "wrong or missing token; open the exact login URL that 'clare serve' printed")
-        cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
-        return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
-    return Response(303, b"", "text/plain", (("Location", "/"),))
+    given = req.arg("token")
+    if config.token is None or not same_secret(given, config.token):  # the 401 page carries the login form
+        raise HttpError(401, f"{'wrong' if given else 'this Clare needs its'} token; open the login URL that "
+                             "'clare serve' printed, or paste the token (the token line of clare.toml)")
+    cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
+    return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
 
 
 # --- OpenAPI --------------------------------------------------------------
@@ -9676,6 +10596,8 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
                                                                  "history": _array("Event"),
                                                                  "attach": {"type": ["array", "null"],
                                                                             "items": {"type": "string"}}}}]},
+    "AnswerResult": {"allOf": [_ref("Answer"), {"type": "object", "required": ["note"],
+                                                "properties": {"note": {"type": "string"}}}]},
     "Turns": {"type": "object", "required": ["session_id", "host", "turns"], "properties": {
         "session_id": {"type": "string"}, "host": {"type": "string"}, "turns": {"type": "array", "items": {
             "type": "object", "required": ["role", "text", "tools", "at"], "properties": {
@@ -9783,7 +10705,7 @@ def openapi_document() -> dict[str, Any]:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
     schemas = {cls.__name__: json_schema(cls)
-               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order, PaneView)}
+               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order, PaneView, Answer)}
     for name, base, extra in (("ProjectStatus", "Project",
                                {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
                               ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
@@ -9816,7 +10738,8 @@ def sync_get_events(req: Request) -> Response:
 
 def sync_post_events(req: Request) -> Response:
     """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
-    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
+    # Lenient: a NaN or a lone surrogate in one event rejects that event only (check_event).
+    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"), is_lenient=True)
     req.config.contacts.note(req.headers.get(PEER_HEADER.lower()))
     answer = sync_accept(req.db, body, now_ms=now_ms())
     if answer["accepted"] and list_orders(req.db, pending_on=req.db.machine_id):
@@ -9877,6 +10800,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/sessions", cached(page_sessions)),
         ("GET", r"/sessions/" + _REF % "session", page_session),
         ("POST", r"/sessions/" + _REF % "session" + "/task", frag_set_session_task),
+        ("POST", r"/sessions/" + _REF % "session" + "/answer", frag_answer_session),
         ("GET", r"/needs", cached(page_needs)),
         ("GET", r"/broadcast", page_broadcast),
         ("POST", r"/broadcast", frag_send_broadcast),
@@ -10905,6 +11829,24 @@ def cmd_sessions_show(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, d, text)
 
 
+def _cmd_answer(answer: str) -> Callable[[argparse.Namespace, Context], int]:
+    def handler(args: argparse.Namespace, ctx: Context) -> int:
+        import getpass
+
+        option = getattr(args, "option", None)
+        got = ctx.svc.answer_session(
+            args.session, "option" if option is not None else answer, option=option,
+            reason=getattr(args, "reason", None) or "", client=f"cli:{getpass.getuser()}@{os.uname().nodename}",
+            peers=() if ctx.remote_url else load_peers(ctx.config, path=ctx.paths.config), settings=ctx.config)
+        a = got.answer
+        emit(ctx, got, f"{answer} {a.tool}: {short_text(a.input, 60)} (session {a.session_id[:SHORT_ID]} on "
+                       f"{a.host}): {got.note}")
+        return 0 if a.result in ("typed", "pending") else 1
+    handler.__name__ = f"cmd_{answer}"
+    handler.__doc__ = f"{answer.capitalize()} a session's open permission dialog, if it is still the same one."
+    return handler
+
+
 def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
     """Attach this terminal to a session's tmux pane: switch-client inside tmux, attach outside, ssh to another host."""
     s = ctx.svc.get_session(args.session)
@@ -11134,7 +12076,9 @@ def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
     """Add a peer to clare.toml."""
     peer = add_peer(ctx.paths.config, args.url, name=args.name, token_env=args.token_env)
-    token = f"its token is read from ${peer.token_env}" if peer.token_env else "its token is CLARE_TOKEN's"
+    token = (f"Clare sends it the token in ${peer.token_env}" if peer.token_env else
+             f"Clare sends it this host's own token ($CLARE_TOKEN, else the token line of {ctx.paths.config}); "
+             "give it --token-env VAR if it has another")
     emit(ctx, peer, f"added peer {peer.name} ({peer.url}) to {ctx.paths.config}; {token}\n"
                     f"sync now with: clare sync {peer.name}")
 
@@ -11257,8 +12201,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
 
     if ctx.db.refusal is not None:  # a copy: everything serve does in the background writes
         raise Conflict(ctx.db.refusal)
-    settings = ctx.config
-    config = web_config(ctx.paths, settings=settings, host=args.host, port=args.port, log_requests=args.log)
+    config = web_config(ctx.paths, settings=ctx.config, host=args.host, port=args.port, log_requests=args.log)
+    settings = {**ctx.config, "token": config.token}  # a token made just now goes to peers without token_env
     peers = [] if args.no_sync else list(config.peers)
     interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
@@ -11269,17 +12213,19 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
 
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
-        if config.token is not None:
-            # SECURITY: under systemd stdout is the journal; the token goes only to a person's terminal.
-            token = config.token if sys.stdout.isatty() else "YOUR_TOKEN"
-            print(f"clare: log in once with {server.url}/login?token={token}", flush=True)
+        # SECURITY: under systemd stdout is the journal; the token goes only to a person's terminal.
+        if sys.stdout.isatty():
+            print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
+        else:
+            print(f"clare: log in once with {server.url}/login?token=YOUR_TOKEN (the token line of "
+                  f"{ctx.paths.config}, or $CLARE_TOKEN)", flush=True)
         if peers:
             print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
         start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log,
                               contacts=config.contacts)
         start_background_pull(ctx.paths.db, settings, stop=stop, log=log)
         base_url = str((settings.get("notify") or {}).get("url") or server.url)
-        start_background_notify(ctx.paths.db, settings, base_url=base_url, stop=stop, log=log)
+        start_background_act(ctx.paths.db, settings, base_url=base_url, stop=stop, log=log)
     try:
         run_server(server, on_start=started)
     finally:
@@ -11325,7 +12271,8 @@ _DIR_ARG = arg("--dir", action="append", default=[], metavar="[HOST:]PATH",
                     "peer name only one host has), HOST: to forget it; repeat per host")
 
 _SERVE_ARGS = (
-    arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
+    arg("--host", default=DEFAULT_HOST,
+        help=f"address to bind (default {DEFAULT_HOST}; every bind needs the token, made on first serve)"),
     arg("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"),
     arg("--log", action="store_true", help="print one line per request to stderr"),
     arg("--no-sync", action="store_true", help="do not sync with the peers of clare.toml in the background"),
@@ -11443,6 +12390,15 @@ COMMANDS: list[Command] = [
              arg("session", nargs="?", help="with show: session id or unique prefix"),
              arg("--all", action="store_true", help="also sessions that are gone"),
              arg("--state", choices=SESSION_STATES, help="only sessions in this state"))),
+    Command(("approve",), _cmd_answer("approve"), "approve a session's open permission dialog (typed only if "
+            "the same dialog is still open)",
+            "clare approve 7c1e9b\n  clare approve 7c1e9b --option 2   # e.g. 'Yes, and don't ask again for …'",
+            (arg("session", help="session id or unique prefix"),
+             arg("--option", type=int, metavar="N", help="pick the dialog's option N instead of Yes"))),
+    Command(("deny",), _cmd_answer("deny"), "deny a session's open permission dialog, optionally telling Claude why",
+            'clare deny 7c1e9b\n  clare deny 7c1e9b --reason "use make clean instead"',
+            (arg("session", help="session id or unique prefix"),
+             arg("--reason", help="what Claude should do instead (typed after the dialog closes)"))),
     Command(("session", "start"), cmd_session_start, "start a Claude session for a task in a new tmux window",
             "clare session start 3f2a\n  clare session start 3f2a --host apricot --worktree --model sonnet",
             (_TASK_REF, arg("--host", help="machine id, or a host or peer name only one host has (default: where "

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import sqlite3
 import statistics
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -528,7 +530,7 @@ def incremental_sync(src: Path, dst: Path, url: str, *, runs: int = 7) -> tuple[
     src_db, dst_db = clare.open_db(str(src)), clare.open_db(str(dst))
     svc = clare.Services(src_db)
     project = svc.list_projects()[0].id
-    peer = clare.HttpPeer(url, token=None)
+    peer = clare.HttpPeer(url, token=os.environ["CLARE_TOKEN"])
     sync_ms, trip_ms = [], []
     try:
         clare.sync_with(dst_db, peer, name="bench")  # up to date, cursor saved
@@ -542,7 +544,7 @@ def incremental_sync(src: Path, dst: Path, url: str, *, runs: int = 7) -> tuple[
                 raise BenchError(f"an incremental sync pulled {report.n_pulled} events, expected 10")
             head = clare.count_events(src_db)
             started = time.perf_counter()
-            with urllib.request.urlopen(f"{url}/api/v1/sync/events?after={head + 10**9}&limit=1000",
+            with urllib.request.urlopen(authorized(f"{url}/api/v1/sync/events?after={head + 10**9}&limit=1000"),
                                         timeout=30) as reply:
                 reply.read()
             trip_ms.append((time.perf_counter() - started) * 1000)
@@ -550,6 +552,11 @@ def incremental_sync(src: Path, dst: Path, url: str, *, runs: int = 7) -> tuple[
         src_db.close()
         dst_db.close()
     return statistics.median(sync_ms), statistics.median(trip_ms)
+
+
+def authorized(url: str) -> urllib.request.Request:
+    """Return a GET of `url` that carries this run's token."""
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {os.environ['CLARE_TOKEN']}"})
 
 
 class FixedPage(http.server.BaseHTTPRequestHandler):
@@ -612,7 +619,7 @@ class ClareServer:
         """GET a path; return the size of the body."""
         import urllib.request
 
-        with urllib.request.urlopen(self.url + path, timeout=120) as reply:
+        with urllib.request.urlopen(authorized(self.url + path), timeout=120) as reply:
             return len(reply.read())
 
     def peak_rss_mb(self) -> float:
@@ -883,8 +890,10 @@ def bench_fleet(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
         rows[f"fleet.pull.{i}"] = Row(f"fleet.pull.{i}", f"`pull` finding nothing changed, {n} Claude panes "
                                       "(in `serve`'s loop)", "<= 10x", base_name="one `tmux list-panes -a`",
                                       note=note or "")
+    poll_ms = getattr(clare, "FLEET_POLL_S", clare.POLL_S) * 1000
     lat = {key: Row(f"fleet.latency.{key}", f"state change to the dashboard's row, {what}, poll interval included "
-                    "(median of 5)", goal, note=note or "", base_name=f"the goal: {goal[3:]}")
+                    "(median of 5)", goal, note=note or "", base=poll_ms,
+                    base_name="the dashboard's poll interval: the most it adds")
            for key, what, goal in (("nohooks", "without hooks", "<= 3000 ms"),
                                    ("hooks", "with hooks", "<= 2500 ms"))}
     rows.update({f"fleet.latency.{k}": r for k, r in lat.items()})
@@ -908,7 +917,6 @@ def bench_fleet(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
             fleet.stop()
     for key, r in lat.items():
         r.clare = fleet_latency(is_hooked=key == "hooks")
-        r.base = None
 
 
 def fleet_latency(*, is_hooked: bool, n_tries: int = 5) -> float:
@@ -922,11 +930,13 @@ def fleet_latency(*, is_hooked: bool, n_tries: int = 5) -> float:
     try:
         server = ClareServer(fleet.base / "clare", env=fleet.env)
         sid, (pid, pane, cwd) = next(iter(fleet.sessions.items()))
+        # The command `clare hooks install` writes (it imports clare: cached bytecode, not a script compiled anew).
+        hook_argv = shlex.split(clare.hook_command(str(fleet.base / "clare" / "clare.db")))
         poll_s = getattr(clare, "FLEET_POLL_S", clare.POLL_S)
         label = clare.SESSION_LABELS
 
         def row_state() -> str:
-            with urllib.request.urlopen(server.url + "/frag/fleet", timeout=30) as reply:
+            with urllib.request.urlopen(authorized(server.url + "/frag/fleet"), timeout=30) as reply:
                 page = reply.read().decode()
             at = page.find(f'data-row="/sessions/{sid}"')
             row = page[at:page.find("</tr>", at)] if at >= 0 else ""
@@ -944,7 +954,7 @@ def fleet_latency(*, is_hooked: bool, n_tries: int = 5) -> float:
             if is_hooked:  # Claude starts its hook as the state changes; no registry change to find
                 changed = clare.now_ms()
                 event = "UserPromptSubmit" if want == "working" else "Stop"
-                run([PY, str(CLARE_PY), "hook"], env={**fleet.env, "TMUX_PANE": pane, "TMUX": f"{fleet.socket},1,0"},
+                run(hook_argv, env={**fleet.env, "TMUX_PANE": pane, "TMUX": f"{fleet.socket},1,0"},
                     stdin=json.dumps({"session_id": sid, "cwd": cwd, "hook_event_name": event}))
             else:
                 changed = fleet.write_registry(sid, status)
@@ -1055,6 +1065,8 @@ def main(argv: list[str] | None = None) -> int:
         serve_fixed_page()
         return 0
     sizes = QUICK if args.quick else FULL
+    # Every bind needs a token: one for the servers, `clare sync` and the in-process clients of this run.
+    os.environ["CLARE_TOKEN"] = os.environ.get("CLARE_TOKEN") or f"bench-{os.getpid()}-" + "t" * 16
     rows: dict[str, Row] = {}
     print(f"Clare bench{' (quick)' if args.quick else ''}: {machine()}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="clare-bench-") as tmp:

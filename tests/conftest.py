@@ -187,8 +187,10 @@ def serve(home, db):
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))
-        return Served(server, token)
+        start.served.append(Served(server, server.config.token))  # every bind has a token: made unless given
+        return start.served[-1]
 
+    start.served = []  # what the test started, newest last: the browser fixtures log in to them
     yield start
     for server, thread in started:
         server.shutdown()
@@ -198,7 +200,7 @@ def serve(home, db):
 
 @pytest.fixture
 def server(serve) -> Served:
-    """A live Clare server without a token on 127.0.0.1."""
+    """A live Clare server on 127.0.0.1 with the token it made; requests send it unless auth=False."""
     return serve()
 
 
