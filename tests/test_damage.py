@@ -8,6 +8,7 @@ import sqlite3
 import pytest
 
 import clare
+from conftest import projection_digest
 from test_sync import Node, fleet  # noqa: F401  (real `clare serve` processes)
 
 
@@ -81,7 +82,7 @@ def full_disk(monkeypatch):
 
 
 def _state(db: clare.Db) -> tuple:
-    return clare.count_events(db), clare.projection_digest(db), db.conn.execute(
+    return clare.count_events(db), projection_digest(db), db.conn.execute(
         "SELECT * FROM sync_cursors ORDER BY 1, 2").fetchall()
 
 
