@@ -932,7 +932,7 @@ def fleet_latency(*, is_hooked: bool, n_tries: int = 5) -> float:
         label = clare.SESSION_LABELS
 
         def row_state() -> str:
-            with urllib.request.urlopen(server.url + "/frag/fleet", timeout=30) as reply:
+            with urllib.request.urlopen(authorized(server.url + "/frag/fleet"), timeout=30) as reply:
                 page = reply.read().decode()
             at = page.find(f'data-row="/sessions/{sid}"')
             row = page[at:page.find("</tr>", at)] if at >= 0 else ""
