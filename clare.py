@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import os
 import re
@@ -34,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 # The first statement after the imports, so that every command (and `import clare`) on an older
 # Python says this in one line instead of a traceback. The lines above, and the grammar of this
@@ -57,6 +58,8 @@ STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocke
 SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
 UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
+ANSWERS = ("approve", "deny", "option")  # what a person may answer to a permission dialog
+ANSWER_RESULTS = ("pending", "typed", "stale", "expired", "failed")  # what became of an answer
 # The reason of a queued delivery that was not typed: its host tries again at each pull until it expires.
 DRAFT_WAIT_REASON = "the composer holds unsent text; the broadcast waits until the draft is sent or cleared"
 PRIORITIES = range(5)  # 0 is the most urgent, as in P0
@@ -65,6 +68,7 @@ MAX_NAME_CHARS = 100
 MAX_TITLE_CHARS = 300
 MAX_TEXT_CHARS = 20_000  # descriptions, goals, update texts
 MAX_PAYLOAD_BYTES = 64 * 1024  # one event's JSON payload, as stored
+MAX_EVENTS_PAGE = 1000  # events in one answer of the API or one page of an export
 ID_PREFIX_RE = re.compile(r"\A[0-9a-f][0-9a-f-]*\Z")
 # Every id that enters from outside (sync, import, API): Clare's hex ids, Claude's uuids, tmux's %3,
 # machine ids. SECURITY: no space, slash, quote or control character can ride into a URL or a header.
@@ -375,7 +379,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 7
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -1025,14 +1029,6 @@ def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
     return cur.execute("SELECT coalesce(max(rseq), 0) FROM events").fetchone()[0]
 
 
-def renew_db_id(db: Db) -> str:
-    """Give this database a new db_id, as after a restore: peers then re-read it from 0."""
-    db_id = new_uuid()
-    with write_txn(db) as cur:
-        set_meta(cur, "db_id", db_id)
-    return db_id
-
-
 def renew_identity(db: Db, *, machine_id: str | None = None) -> tuple[str, str]:
     """Give this database a new machine id and db_id, keep its log, and record where it runs now.
 
@@ -1391,7 +1387,7 @@ CREATE TABLE event_refs (                       -- which events name which entit
 ) WITHOUT ROWID;
 """
 PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
-                     "deliveries", "project_dirs", "orders")
+                     "deliveries", "project_dirs", "orders", "answers")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id", "successor_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
@@ -1479,7 +1475,7 @@ CREATE TABLE hook_marks (                       -- the newest hook report per se
 );
 """
 _MIGRATIONS[1].append(FLEET_SCHEMA)
-# Schema 3: what a permission dialog asks is kept with the state; this host's notification marks.
+# Schema 4: what a permission dialog asks is kept with the state; this host's notification marks.
 ASKED_SCHEMA = """
 -- asked: JSON {tool, input} while a permission dialog is open, else NULL
 ALTER TABLE sessions ADD COLUMN asked TEXT;
@@ -1491,6 +1487,50 @@ CREATE TABLE notify_marks (                     -- this host's notifications per
 );
 """
 _MIGRATIONS[4] = [ASKED_SCHEMA]
+# Schema 6: answers to permission dialogs, when this host stored each, and the tool uses that name dialogs.
+ANSWERS_SCHEMA = """
+CREATE TABLE answers (                          -- answers to permission dialogs, one per answer made anywhere
+    id TEXT PRIMARY KEY,
+    created_at TEXT, created_at_v TEXT,
+    session_id TEXT, session_id_v TEXT,
+    host TEXT, host_v TEXT,                     -- the session's host: the one that acts on it
+    tool_use_id TEXT, tool_use_id_v TEXT,       -- the dialog's identity, when hooks told it
+    tool TEXT, tool_v TEXT,                     -- what was asked, as the person answering saw it
+    input TEXT, input_v TEXT,
+    answer TEXT, answer_v TEXT,                 -- one of ANSWERS
+    option INTEGER, option_v TEXT,              -- the dialog's option number, for answer 'option'
+    option_text TEXT, option_text_v TEXT,       -- ... and its exact wording, when the person saw it
+    reason TEXT, reason_v TEXT,                 -- with deny: what to tell Claude instead
+    by_host TEXT, by_host_v TEXT,
+    client TEXT, client_v TEXT,                 -- 'cli:user@host', 'dashboard' or 'api'
+    result TEXT, result_v TEXT,                 -- one of ANSWER_RESULTS; 'pending' until its host acted
+    result_reason TEXT, result_reason_v TEXT,
+    resolved_at TEXT, resolved_at_v TEXT
+);
+CREATE INDEX answers_session ON answers (session_id);
+CREATE TABLE answer_receipts (                  -- when this host stored each answer: its expiry clock, never synced
+    answer_id TEXT PRIMARY KEY,
+    received_ms INTEGER NOT NULL
+);
+CREATE TABLE tool_uses (                        -- this host's PreToolUse reports not yet done: never synced
+    session_id TEXT NOT NULL,
+    tool_use_id TEXT NOT NULL,
+    input_key TEXT NOT NULL,                    -- a hash of the tool's input: how a PermissionRequest finds it
+    at_ms INTEGER NOT NULL,
+    is_asked INTEGER NOT NULL DEFAULT 0,        -- 1: a PermissionRequest took it; -1: a request waiting for it
+    PRIMARY KEY (session_id, tool_use_id)
+);
+"""
+_MIGRATIONS[6] = [ANSWERS_SCHEMA]
+# Schema 7: what each session's newest PermissionRequest asked, kept even when the report changed no state.
+ASKS_SCHEMA = """
+CREATE TABLE asks (                             -- this host's newest PermissionRequest per session: never synced
+    session_id TEXT PRIMARY KEY,
+    asked TEXT NOT NULL,                        -- JSON {tool, input, tool_use_id?}
+    at_ms INTEGER NOT NULL                      -- when its hook started
+);
+"""
+_MIGRATIONS[7] = [ASKS_SCHEMA]
 
 ORDER_ACTIONS = ("start", "resume", "stop")
 # pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
@@ -1664,12 +1704,42 @@ class Delivery:
         return _as_json(self)
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    id: str
+    session_id: str
+    host: str  # the session's host: the one that types it
+    tool_use_id: str | None  # the dialog's identity, when hooks told it
+    tool: str  # what was asked, as the person saw it
+    input: str
+    answer: str  # one of ANSWERS
+    option: int | None  # the option number for answer 'option'
+    option_text: str | None  # ... and its exact wording, when the person saw it
+    reason: str  # with deny: what Claude is told instead
+    by_host: str  # where it was made
+    client: str  # 'cli:user@host', 'dashboard' or 'api'
+    created_at: str
+    result: str  # one of ANSWER_RESULTS
+    result_reason: str
+    resolved_at: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the answer as the JSON object the CLI and API print."""
+        return _as_json(self)
+
+
 def _as_json(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
 
 
+# COMPAT: an event written by a newer Clare (a new type, a new field, a new value of a known field)
+# passes the door on its form alone (check_event, then PAYLOADS: ids, types, sizes), is stored and
+# relayed, and is left out of the projections until a version that knows it replays the log.
+# Refusing it would stop every older peer from storing or relaying it, and the fleet would diverge.
 APPLIERS: dict[str, Callable[[sqlite3.Cursor, Event], None]] = {}
-PAYLOADS: dict[str, dict[str, Callable[[Any], bool]]] = {}  # event type -> field -> check; "name?" is optional
+PAYLOADS: dict[str, dict[str, Callable[[Any], bool]]] = {}  # event type -> field -> form check; "name?": optional
+# event type -> field -> the values this version knows (a field of the vocabulary: a status, a state)
+KNOWN_VALUES: dict[str, dict[str, Any]] = {}
 # event type -> (what a good payload does, check of the whole payload): rules across fields
 PAYLOAD_RULES: dict[str, tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...]] = {}
 
@@ -1680,9 +1750,23 @@ def applies(event_type: str, payload: dict[str, Callable[[Any], bool]], *,
     def register(fn: Callable[[sqlite3.Cursor, Event], None]) -> Callable:
         APPLIERS[event_type] = fn
         PAYLOADS[event_type] = payload
+        KNOWN_VALUES[event_type] = {key.rstrip("?"): check.choices for key, check in payload.items()
+                                    if isinstance(check, _OneOf)}
         PAYLOAD_RULES[event_type] = rules
         return fn
     return register
+
+
+class _OneOf:
+    """A field of the vocabulary: its form is checked at the door, its value only by the projections."""
+
+    __slots__ = ("choices", "form")
+
+    def __init__(self, choices: Sequence[Any], form: Callable[[Any], bool]):
+        self.choices, self.form = choices, form
+
+    def __call__(self, v: Any) -> bool:
+        return self.form(v)
 
 
 def _is_str(v: Any) -> bool:
@@ -1701,16 +1785,23 @@ def _is_opt_id(v: Any) -> bool:
     return v is None or _is_id(v)
 
 
-def _is_priority(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v in PRIORITIES
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_word(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS
 
 
 def _is_one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
-    return lambda v: v in choices
+    return _OneOf(choices, _is_word)
+
+
+_is_priority: Callable[[Any], bool] = _OneOf(PRIORITIES, _is_int)
 
 
 def check_payload(ev: Event) -> Event:
-    """Check the payload of a known event type field by field; unknown types pass (a newer Clare)."""
+    """Check the form of a known event type's payload field by field; unknown types pass (a newer Clare)."""
     for key, check in PAYLOADS.get(ev.event_type, {}).items():
         name = key.rstrip("?")
         if name not in ev.payload:
@@ -1719,10 +1810,21 @@ def check_payload(ev: Event) -> Event:
             raise ClareError(f"{ev.event_type} payload lacks {name}")
         if not check(ev.payload[name]):
             raise ClareError(f"{ev.event_type} payload has a bad {name}: {str(ev.payload[name])[:60]!r}")
-    for rule, check in PAYLOAD_RULES.get(ev.event_type, ()):
-        if not check(ev.payload):
-            raise ClareError(f"{ev.event_type} payload breaks a rule: it {rule}")
     return ev
+
+
+def not_understood(ev: Event) -> str | None:
+    """Say why this version's projections leave a stored event out (a value or rule it does not know), or None."""
+    if ev.event_type not in APPLIERS:
+        return f"{ev.event_type} is not an event type of Clare {__version__}"
+    for name, known in KNOWN_VALUES[ev.event_type].items():
+        if name in ev.payload and ev.payload[name] not in known:
+            return f"{ev.event_type} payload has a {name} Clare {__version__} does not know: " \
+                   f"{str(ev.payload[name])[:60]!r}"
+    for rule, check in PAYLOAD_RULES[ev.event_type]:
+        if not check(ev.payload):
+            return f"{ev.event_type} payload breaks a rule: it {rule}"
+    return None
 
 
 MAX_BROADCAST_EXPIRY_MS = 3_600_000  # a received broadcast may wait this long past its HLC time, no longer
@@ -1741,15 +1843,14 @@ def check_received(obj: object) -> Event:
 
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Fold one stored event into the projections; unknown types only get history refs."""
+    """Fold one stored event into the projections; one they do not understand only gets history refs."""
     for key in REF_KEYS:  # replay() does the same in bulk: keep the two rules alike
         ref = ev.payload.get(key)
         if isinstance(ref, str):
             cur.execute("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
                         (ref, ev.hlc, ev.uuid))
-    applier = APPLIERS.get(ev.event_type)
-    if applier is not None:
-        applier(cur, ev)
+    if not_understood(ev) is None:
+        APPLIERS[ev.event_type](cur, ev)
 
 
 def record(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any], *, now_ms: int) -> Event:
@@ -1765,11 +1866,24 @@ def record(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any]
         if clock.message and clock.message not in db.warnings:
             db.warnings.append(clock.message)
     ev = make_event(db, cur, event_type, payload, now_ms=now_ms)
-    apply_event(cur, check_payload(ev))
+    reason = not_understood(check_payload(ev))
+    if reason is not None and event_type in APPLIERS:  # a bug in a service: its own events are understood
+        raise ClareError(reason)
+    apply_event(cur, ev)
+    _note_receipts(cur, [ev], now_ms=now_ms)
     return ev
 
 
-OBSERVED_EVENT_TYPES = frozenset({"session.appeared", "session.changed", "session.gone", "broadcast.delivered"})
+def _note_receipts(cur: sqlite3.Cursor, events: list[Event], *, now_ms: int) -> None:
+    # An answer expires by the clock of the host that acts on it, counted from when that host stored
+    # it: a sender's clock, or a sync that brings it hours late, never makes a stale answer look fresh.
+    cur.executemany("INSERT OR IGNORE INTO answer_receipts (answer_id, received_ms) VALUES (?, ?)",
+                    [(ev.payload["answer_id"], now_ms) for ev in events if ev.event_type == "permission.answered"
+                     and isinstance(ev.payload.get("answer_id"), str)])
+
+
+OBSERVED_EVENT_TYPES = frozenset({"session.appeared", "session.changed", "session.gone", "broadcast.delivered",
+                                  "permission.resolved"})
 
 
 def is_observation(event_type: str, payload: dict[str, Any]) -> bool:
@@ -1787,6 +1901,7 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
         save_clock(cur, merge(clock, newest, machine_id=db.machine_id, now_ms=now_ms))
         for ev in result.inserted:
             apply_event(cur, ev)
+        _note_receipts(cur, result.inserted, now_ms=now_ms)
     return result
 
 
@@ -1811,9 +1926,8 @@ def replay(db: Db) -> int:
                             [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
         appliers = APPLIERS
         for ev in iter_events(db, batch=5000):
-            applier = appliers.get(ev.event_type)
-            if applier is not None:
-                applier(cur, ev)
+            if not_understood(ev) is None:
+                appliers[ev.event_type](cur, ev)
             n_events += 1
     return n_events
 
@@ -1996,8 +2110,8 @@ def _is_tokens(v: Any) -> bool:
 
 
 def _is_asked(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and set(v) == {"tool", "input"} and all(
-        isinstance(x, str) and len(x) <= MAX_ASKED_CHARS for x in v.values()))
+    return v is None or (isinstance(v, dict) and {"tool", "input"} <= set(v) <= {"tool", "input", "tool_use_id"}
+                         and all(isinstance(x, str) and len(x) <= MAX_ASKED_CHARS for x in v.values()))
 
 
 _SESSION_PAYLOAD = {"session_id": _is_id, "host": _is_id, "cwd?": _is_str, "tmux_socket?": _is_opt_str,
@@ -2110,6 +2224,35 @@ def apply_order_carried_out(cur: sqlite3.Cursor, ev: Event) -> None:
     _lww(cur, "orders", p["order_id"], {"result": p["result"], "reason": p["reason"],
                                         "outcome": canonical_json(p["outcome"]), "by_host": ev.machine_id,
                                         "updated_at": ev.created_at}, ev)
+
+
+def _is_opt_option(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 9)
+
+
+@applies("permission.answered", {"answer_id": _is_id, "session_id": _is_id, "host": _is_id,
+                                 "tool_use_id?": _is_opt_str, "tool": _is_str, "input": _is_str,
+                                 "answer": _is_one_of(ANSWERS), "option?": _is_opt_option, "option_text?": _is_opt_str,
+                                 "reason": _is_typable, "client": _is_str, "task_id?": _is_opt_id})
+def apply_permission_answered(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins per answer; its result starts 'pending' below any real result's version."""
+    p = ev.payload  # {answer_id, session_id, host, tool_use_id, tool, input, answer, option, option_text, reason, ...}
+    _lww(cur, "answers", p["answer_id"], {
+        "created_at": ev.created_at, "session_id": p["session_id"], "host": p["host"],
+        "tool_use_id": p.get("tool_use_id"), "tool": p["tool"], "input": p["input"], "answer": p["answer"],
+        "option": p.get("option"), "option_text": p.get("option_text"), "reason": p["reason"],
+        "by_host": ev.machine_id, "client": p["client"]}, ev)
+    _lww(cur, "answers", p["answer_id"], {"result": "pending", "result_reason": "", "resolved_at": None}, ev,
+         is_default=True)
+
+
+@applies("permission.resolved", {"answer_id": _is_id, "session_id": _is_id, "result": _is_one_of(ANSWER_RESULTS),
+                                 "reason": _is_str, "task_id?": _is_opt_id})
+def apply_permission_resolved(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins per answer: what its host did with it (typed, stale, expired, failed)."""
+    p = ev.payload  # {answer_id, session_id, result, reason}
+    _lww(cur, "answers", p["answer_id"], {"result": p["result"], "result_reason": p["reason"],
+                                          "resolved_at": ev.created_at}, ev)
 
 
 _PROJECT_SELECT = """
@@ -2376,6 +2519,90 @@ def save_notify_marks(cur: sqlite3.Cursor, marks: dict[str, tuple[str | None, in
     set_meta(cur, "notify_after", str(after))
 
 
+_ANSWER_COLUMNS = ("id, session_id, host, tool_use_id, tool, input, answer, option, option_text, reason, by_host, "
+                   "client, created_at, result, result_reason, resolved_at")
+
+
+def list_answers(db: Db, *, session_id: str | None = None, answer_id: str | None = None,
+                 pending_on: str | None = None, limit: int = 50) -> list[Answer]:
+    """Return answers to permission dialogs, oldest first: of a session, one by id, or those pending on a host."""
+    sql, params = f"SELECT {_ANSWER_COLUMNS} FROM answers WHERE created_at_v IS NOT NULL", list[Any]()
+    for column, value in (("session_id", session_id), ("id", answer_id), ("host", pending_on)):
+        if value is not None:
+            sql += f" AND {column} = ?"
+            params.append(value)
+    if pending_on is not None:
+        sql += " AND result = 'pending'"
+    rows = db.conn.execute(f"SELECT * FROM ({sql} ORDER BY created_at_v DESC LIMIT ?) ORDER BY created_at",
+                           [*params, limit]).fetchall()
+    return [Answer(*r) for r in rows]
+
+
+def answer_received_ms(db: Db, answer_id: str) -> int | None:
+    """Return when this host stored an answer, by its own clock."""
+    row = db.conn.execute("SELECT received_ms FROM answer_receipts WHERE answer_id = ?", (answer_id,)).fetchone()
+    return row[0] if row else None
+
+
+def save_tool_use(cur: sqlite3.Cursor, session_id: str, tool_use_id: str, input_key: str, *, at_ms: int) -> None:
+    """Remember a PreToolUse report: a PermissionRequest with the same input takes its id. In a txn."""
+    cur.execute("INSERT OR IGNORE INTO tool_uses (session_id, tool_use_id, input_key, at_ms) VALUES (?, ?, ?, ?)",
+                (session_id, tool_use_id, input_key, at_ms))
+
+
+def take_tool_use(cur: sqlite3.Cursor, session_id: str, input_key: str) -> str | None:
+    """Return the oldest tool use of a session with this input that no PermissionRequest took yet; take it."""
+    row = cur.execute("""SELECT tool_use_id FROM tool_uses WHERE session_id = ? AND input_key = ? AND is_asked = 0
+                          ORDER BY at_ms, tool_use_id LIMIT 1""", (session_id, input_key)).fetchone()
+    if row is None:
+        return None
+    cur.execute("UPDATE tool_uses SET is_asked = 1 WHERE session_id = ? AND tool_use_id = ?", (session_id, row[0]))
+    return str(row[0])
+
+
+def save_ask(cur: sqlite3.Cursor, session_id: str, asked: dict[str, str], *, at_ms: int) -> None:
+    """Remember what a session's newest PermissionRequest asked, even when it changed no state. In a txn."""
+    cur.execute("""INSERT INTO asks (session_id, asked, at_ms) VALUES (?, ?, ?)
+                   ON CONFLICT (session_id) DO UPDATE SET asked = excluded.asked, at_ms = excluded.at_ms
+                   WHERE excluded.at_ms >= at_ms""", (session_id, canonical_json(asked), at_ms))
+
+
+def get_ask(cur: sqlite3.Cursor, session_id: str) -> tuple[dict[str, str], int] | None:
+    """Return what a session's newest PermissionRequest asked and when, if no later signal ended it."""
+    row = cur.execute("SELECT asked, at_ms FROM asks WHERE session_id = ?", (session_id,)).fetchone()
+    return (json.loads(row[0]), int(row[1])) if row else None
+
+
+def drop_ask(cur: sqlite3.Cursor, session_id: str, *, before_ms: int) -> None:
+    """Forget a session's remembered ask older than a signal that says no dialog waits. In a txn."""
+    cur.execute("DELETE FROM asks WHERE session_id = ? AND at_ms < ?", (session_id, before_ms))
+
+
+def wait_for_tool_use(cur: sqlite3.Cursor, session_id: str, input_key: str, *, at_ms: int) -> None:
+    """Remember a PermissionRequest whose PreToolUse has not arrived yet (async hooks come out of order)."""
+    cur.execute("INSERT OR IGNORE INTO tool_uses (session_id, tool_use_id, input_key, at_ms, is_asked) "
+                "VALUES (?, ?, ?, ?, -1)", (session_id, f"?{at_ms}", input_key, at_ms))
+
+
+def claim_waiting_request(cur: sqlite3.Cursor, session_id: str, tool_use_id: str, input_key: str) -> bool:
+    """Tell whether a PermissionRequest waits for this PreToolUse; if so, the tool use is taken by it."""
+    row = cur.execute("""SELECT tool_use_id FROM tool_uses WHERE session_id = ? AND input_key = ? AND is_asked = -1
+                          ORDER BY at_ms LIMIT 1""", (session_id, input_key)).fetchone()
+    if row is None:
+        return False
+    cur.execute("DELETE FROM tool_uses WHERE session_id = ? AND tool_use_id = ?", (session_id, row[0]))
+    cur.execute("UPDATE tool_uses SET is_asked = 1 WHERE session_id = ? AND tool_use_id = ?", (session_id, tool_use_id))
+    return True
+
+
+def finish_tool_use(cur: sqlite3.Cursor, session_id: str, tool_use_id: str | None) -> None:
+    """Forget a tool use that ran (PostToolUse), or every one of a session whose turn is over (tool_use_id None)."""
+    if tool_use_id is None:
+        cur.execute("DELETE FROM tool_uses WHERE session_id = ?", (session_id,))
+    else:
+        cur.execute("DELETE FROM tool_uses WHERE session_id = ? AND tool_use_id = ?", (session_id, tool_use_id))
+
+
 def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None,
                     ) -> list[Delivery]:
     """Return deliveries of one broadcast (an id or a prefix), or those host `pending_on` has to try.
@@ -2487,11 +2714,6 @@ def list_history(db: Db, entity_ids: list[str], *, limit: int = 200) -> list[Eve
              WHERE e.uuid IN (SELECT uuid FROM event_refs WHERE entity_id IN ({marks}))
              ORDER BY e.hlc DESC, e.uuid DESC LIMIT ?""", [*entity_ids, limit]).fetchall()
     return [_event_from_row(r) for r in reversed(rows)]
-
-
-def projection_digest(db: Db) -> dict[str, list[tuple]]:
-    """Return every projection table's rows, sorted: what 'the same state' means in tests and sync checks."""
-    return {t: sorted(tuple(r) for r in db.conn.execute(f"SELECT * FROM {t}")) for t in PROJECTION_TABLES}
 
 
 # ==========================================================================
@@ -3125,6 +3347,8 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
             changed = {k: payload[k] for k in _OBSERVED_KEYS if getattr(old, k) != payload[k]}
             if "state" in changed and ob.state != "permission" and old.asked is not None:
                 changed["asked"] = None  # the dialog is over: what it asked goes with it
+            elif ob.state == "permission" and old.asked is None and (ask := get_ask(cur, ob.session_id)):
+                changed["asked"] = ask[0]  # its PermissionRequest changed no state at once: it names the dialog
             if changed:
                 events.append(record(db, cur, "session.changed", {"session_id": ob.session_id,
                                                                   "host": db.machine_id, **changed, **extra},
@@ -3156,14 +3380,18 @@ def _hand_over(db: Db, cur: sqlite3.Cursor, old_id: str, new_id: str, *, now_ms:
 
 def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
                 is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
-                is_stale: bool = False, now_ms: int) -> list[Event]:
+                is_stale: bool = False, tool_use_id: str | None = None, input_key: str | None = None,
+                now_ms: int) -> list[Event]:
     """Fold one hook report in: remember it, and record the session's new state at once.
 
     A report older than the one stored (a spooled report ingested late) is kept out of the state.
     `asked` ({tool, input}) is what a PermissionRequest asks: kept with the state until it leaves
     `permission`. `is_clear` (SessionStart after /clear) hands the session last seen in that pane
     over to this one. An `is_stale` report (newer signals exist already) is remembered but
-    changes no state at once: the next pull weighs it against them.
+    changes no state at once: the next pull weighs it against them. The dialog's identity is the
+    tool use it asks about: a PreToolUse report (`tool_use_id`, `input_key`) is remembered, and the
+    PermissionRequest with the same input key takes the oldest one not taken yet, so two identical
+    commands stay two dialogs.
     """
     _check_prefix("session", session_id)
     if mark.state is not None:
@@ -3172,6 +3400,35 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
         raise UsageError(f"asked must be {{tool, input}} texts of at most {MAX_ASKED_CHARS} characters")
     events: list[Event] = []
     with write_txn(db) as cur:
+        if mark.hook_event == "PreToolUse" and tool_use_id and input_key:
+            save_tool_use(cur, session_id, tool_use_id, input_key, at_ms=mark.at_ms)
+            if claim_waiting_request(cur, session_id, tool_use_id, input_key):
+                # Its PermissionRequest came first (async hooks arrive out of order): name the dialog now.
+                ask = get_ask(cur, session_id)
+                if ask is not None and "tool_use_id" not in ask[0]:
+                    save_ask(cur, session_id, {**ask[0], "tool_use_id": tool_use_id}, at_ms=ask[1])
+                now = next((x for x in find_sessions(db, prefix=session_id) if x.id == session_id), None)
+                if now is not None and now.state == "permission" and now.asked and "tool_use_id" not in now.asked:
+                    events.append(record(db, cur, "session.changed", {
+                        "session_id": session_id, "host": db.machine_id,
+                        "asked": {**now.asked, "tool_use_id": tool_use_id}}, now_ms=now_ms))
+        elif mark.hook_event == "PostToolUse" and tool_use_id:
+            finish_tool_use(cur, session_id, tool_use_id)
+        elif mark.hook_event in ("Stop", "StopFailure", "SessionEnd"):
+            finish_tool_use(cur, session_id, None)
+        elif asked and input_key and "tool_use_id" not in asked:
+            taken = take_tool_use(cur, session_id, input_key)
+            if taken is None:
+                wait_for_tool_use(cur, session_id, input_key, at_ms=mark.at_ms)
+            asked = {**asked, "tool_use_id": taken} if taken else asked
+        if asked:
+            save_ask(cur, session_id, asked, at_ms=mark.at_ms)
+        elif mark.state not in (None, "permission"):
+            drop_ask(cur, session_id, before_ms=mark.at_ms)
+        elif mark.state == "permission":
+            # A permission report without the ask (a Notification; or its PermissionRequest was judged
+            # stale and changed no state): the newest remembered ask is what this dialog asks.
+            asked = (get_ask(cur, session_id) or (None, 0))[0]
         save_hook_mark(cur, session_id, mark)
         stored = list_hook_marks(db, session_id=session_id)[session_id]
         if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event) or is_stale:
@@ -3307,6 +3564,56 @@ def attach_command(session: Session, *, here: str, hosts: dict[str, Any]) -> lis
         return local
     dest = (hosts.get(session.host) or {}).get("ssh") if isinstance(hosts.get(session.host), dict) else None
     return ["ssh", dest if isinstance(dest, str) and dest else session.host, "-t", *local]
+
+
+MAX_REASON_CHARS = 2000  # what a denial tells Claude instead
+
+
+def answer_permission(db: Db, session_ref: str, answer: str, *, option: int | None = None,
+                      option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
+                      client: str, now_ms: int) -> Answer:
+    """Record a person's answer to a session's open permission dialog; its own host types it (see deliver_answers).
+
+    `tool_use_id` is the dialog the person saw (from the page or the API); an answer for another
+    dialog than the one open now is refused here already. The answer is an event: a session of
+    another host gets it by push or sync, and that host re-checks everything before typing.
+    """
+    answer = _check_choice("answer", answer, ANSWERS)
+    reason = typable_text(_check_text("reason", reason, limit=MAX_REASON_CHARS))
+    if answer == "option" and (option is None or not _is_opt_option(option)):
+        raise UsageError("answer 'option' needs the option's number, 1-9, as the dialog shows it")
+    if answer != "option" and option is not None:
+        raise UsageError("an option number goes only with answer 'option'")
+    if reason and answer != "deny":
+        raise UsageError("a reason goes only with deny: it tells Claude what to do instead")
+    client = _check_text("client", client, limit=200, required=True)
+    s = get_session(db, session_ref)
+    if s.state != "permission" or not s.asked:
+        raise Conflict(f"session {s.id[:SHORT_ID]} asks nothing now (it is {s.state}); nothing was sent")
+    if tool_use_id and s.asked.get("tool_use_id") and tool_use_id != s.asked["tool_use_id"]:
+        raise Conflict(f"session {s.id[:SHORT_ID]} asks about another tool use now ({s.asked['tool']}: "
+                       f"{' '.join(s.asked['input'].split())[:60]}); nothing was sent, look again and answer that one")
+    answer_id = new_id()
+    task = s.task_id
+    with write_txn(db) as cur:
+        record(db, cur, "permission.answered", {
+            "answer_id": answer_id, "session_id": s.id, "host": s.host,
+            "tool_use_id": tool_use_id or s.asked.get("tool_use_id"), "tool": s.asked["tool"],
+            "input": s.asked["input"], "answer": answer, "option": option,
+            "option_text": option_text[:300] if option_text else None, "reason": reason, "client": client,
+            **({"task_id": task} if task else {})}, now_ms=now_ms)
+    return list_answers(db, answer_id=answer_id)[0]
+
+
+def resolve_answer(db: Db, answer: Answer, *, result: str, reason: str, now_ms: int) -> Answer:
+    """Record what this host did with an answer to one of its sessions: typed, stale, expired or failed."""
+    _check_choice("answer result", result, ANSWER_RESULTS[1:])
+    s = next((x for x in find_sessions(db, prefix=answer.session_id) if x.id == answer.session_id), None)
+    with write_txn(db) as cur:
+        record(db, cur, "permission.resolved", {
+            "answer_id": answer.id, "session_id": answer.session_id, "result": result, "reason": reason[:500],
+            **({"task_id": s.task_id} if s and s.task_id else {})}, now_ms=now_ms)
+    return list_answers(db, answer_id=answer.id)[0]
 
 
 BROADCAST_TTL_MS = 15 * 60 * 1000  # an undelivered broadcast older than this expires instead of arriving late
@@ -3622,6 +3929,15 @@ def restore_backup(path: str, backup_path: str) -> tuple[str, int, str | None]:
         restored.close()
 
 
+def get_token(config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:
+    """Return this host's API token, the one its server and --remote clients use (see resolve_token)."""
+    token = resolve_token(config, env=env, path=path)
+    if token is None:
+        raise NotFound(f"this host has no API token: no CLARE_TOKEN and no 'token' in {path}; make one with: "
+                       "clare setup")
+    return token
+
+
 def project_history(db: Db, project: Project, *, limit: int = 200) -> list[Event]:
     """Return the events about a project and its tasks, oldest first."""
     ids = [project.id] + [t.id for t in list_tasks(db, project_id=project.id, include_removed=True)]
@@ -3677,6 +3993,12 @@ DESCRIBE.update({
     "broadcast.delivered": lambda p: f"broadcast {p['broadcast_id'][:SHORT_ID]} to session "
                                      f"{p['session_id'][:SHORT_ID]}: {p['result']}"
                                      + (f" ({p['reason']})" if p.get("reason") else ""),
+    "permission.answered": lambda p: f"{p['client']} answered {p['answer']}"
+                                     + (f" {p['option']} ({p['option_text']})" if p.get("option") else "")
+                                     + f" to session {p['session_id'][:SHORT_ID]}'s {p['tool']}: {p['input'][:60]!r}"
+                                     + (f", saying {p['reason'][:60]!r}" if p.get("reason") else ""),
+    "permission.resolved": lambda p: f"answer {p['answer_id'][:SHORT_ID]} to session {p['session_id'][:SHORT_ID]}: "
+                                     f"{p['result']} ({p['reason']})",
     "update.posted": lambda p: f"{p['source']} update" + (f" on task {p['task_id'][:SHORT_ID]}"
                                                          if p.get("task_id") else "") + f": {p['text'][:80]}",
     "project.dir_set": lambda p: (f"project {p['project_id'][:SHORT_ID]} lives in {p['dir']} on {p['host']}"
@@ -3690,41 +4012,6 @@ DESCRIBE.update({
                                     else f"order {p['order_id'][:SHORT_ID]}") + f": {p['result']}"
                                    + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
 })
-
-
-class Services:
-    """The services and queries bound to one database and the wall clock: what the CLI calls.
-
-    A remote Clare offers the same names over HTTP, so a CLI handler never knows which it has.
-    """
-
-    __slots__ = ("db",)
-
-    def __init__(self, db: Db):
-        self.db = db
-
-    def __getattr__(self, name: str) -> Callable:
-        try:
-            fn = SERVICES[name]
-        except KeyError:
-            raise AttributeError(name) from None
-        code = fn.__code__
-        if "now_ms" in code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]:
-            return lambda *args, **kw: fn(self.db, *args, now_ms=now_ms(), **kw)
-        return lambda *args, **kw: fn(self.db, *args, **kw)
-
-
-SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
-    create_project, edit_project, get_project, list_projects, project_history,
-    create_task, edit_task, get_task, list_tasks, assign_task, unassign_task, remove_task, restore_task,
-    list_changes, undo_change,
-    create_group, remove_group, get_group, list_groups,
-    get_session, get_session_detail, list_needs, list_sessions, list_group_sessions, get_pane_session,
-    observe_sessions, report_hook,
-    list_broadcast_recipients, list_deliveries, get_status,
-    post_update, list_updates, list_history, list_events, import_events, replay, count_events,
-    list_orders,
-)}
 
 
 # ==========================================================================
@@ -3805,7 +4092,12 @@ ESCAPE_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\
 PANE_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 DEFAULT_NOTIFY_GAP_S = 60  # [notify] min_gap_s: one session notifies at most this often (against flapping)
 DEFAULT_NOTIFY_TIMEOUT_S = 10  # [notify] timeout_s: the command is killed after this
-NOTIFY_EVERY_S = 1.0  # how often `serve` looks for sessions that started to need a person
+NOTIFY_EVERY_S = 1.0  # how often `serve` acts on answers and looks for sessions that started to need a person
+ANSWER_TTL_MS = 2 * 60 * 1000  # an answer not typed this long after its session's host stored it expires
+ANSWER_CONFIRM_S = 3.0  # how long to wait for a dialog to close after its key was typed
+# A permission dialog on screen, as data: the question, then numbered options (the chosen one marked ❯).
+DIALOG_QUESTION_RE = re.compile(r"Do you want to [^\n]*")
+DIALOG_OPTION_RE = re.compile(r"\A[\W_]*?(?:[❯›>]\s*)?([1-9])\.\s+(.+?)[\s│|]*\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -3944,6 +4236,33 @@ def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
     return any(rule.search(tail) for rule in PERMISSION_SCREEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Dialog:
+    question: str  # "Do you want to proceed?"
+    options: tuple[tuple[int, str], ...]  # (number, exact wording), as on screen
+    about: str  # the screen lines above the question: the tool and its command or file
+
+
+def parse_dialog(screen: str) -> Dialog | None:
+    """Return the permission dialog a pane's screen shows, with its options' exact wording, or None."""
+    rows = clean_screen(screen, lines=80).split("\n")
+    starts = [i for i, row in enumerate(rows) if DIALOG_QUESTION_RE.search(row)]
+    if not starts:
+        return None
+    i = starts[-1]
+    options: list[tuple[int, str]] = []
+    for row in rows[i + 1:]:
+        m = DIALOG_OPTION_RE.match(row.strip())
+        if m and int(m[1]) == len(options) + 1:
+            options.append((int(m[1]), m[2]))
+        elif options and row.strip(" │|"):
+            break
+    if len(options) < 2:
+        return None
+    question = DIALOG_QUESTION_RE.search(rows[i])
+    return Dialog(question[0].strip(" │|") if question else "", tuple(options), "\n".join(rows[max(0, i - 15):i]))
 
 
 def strip_ansi(text: str) -> str:
@@ -4608,6 +4927,7 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, live_panes=live_panes,
                               now_ms=now_ms)
     deliver_pending(db, now_ms=now_ms)
+    deliver_answers(db, now_ms=now_ms, config=config)
     text = canonical_json([p.to_json() for p in ambiguous])
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
         with write_txn(db) as cur:
@@ -4855,28 +5175,33 @@ def run_notify(command: list[str], message: dict[str, Any], *, timeout_s: float)
     return None
 
 
-def start_background_notify(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
-                            log: Callable[[str], None]) -> Any:
-    """Start a daemon thread that runs notify_changes every second until `stop` is set; None without [notify]."""
+def start_background_act(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+                         log: Callable[[str], None]) -> Any:
+    """Start a daemon thread that, every second until `stop` is set, types the answers pending on this
+    host's sessions and (with [notify]) runs the notify command for sessions that started to need a person."""
     import threading
 
-    if not config.get("notify"):
-        return None
-    notify_settings(config["notify"])  # a typo there stops `serve` at start, not later in a log line
-    thread = threading.Thread(target=_notify_loop, name="clare-notify", daemon=True, args=(db_path, config),
+    if config.get("notify"):
+        notify_settings(config["notify"])  # a typo there stops `serve` at start, not later in a log line
+    answer_settings(config)
+    thread = threading.Thread(target=_act_loop, name="clare-act", daemon=True, args=(db_path, config),
                               kwargs={"base_url": base_url, "stop": stop, "log": log})
     thread.start()
     return thread
 
 
-def _notify_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
-                 log: Callable[[str], None]) -> None:
+def _act_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+              log: Callable[[str], None]) -> None:
     db = open_db(db_path)
     last_error = ""
     try:
         while not stop.is_set():
             try:
-                notify_changes(db, config=config, base_url=base_url, now_ms=now_ms(), log=log)
+                for a in deliver_answers(db, now_ms=now_ms(), config=config):
+                    log(f"answer {a.id[:SHORT_ID]} to session {a.session_id[:SHORT_ID]}: {a.result} "
+                        f"({a.result_reason})")
+                if config.get("notify"):
+                    notify_changes(db, config=config, base_url=base_url, now_ms=now_ms(), log=log)
                 last_error = ""
             except Exception as err:  # the background loop is an edge: one bad look never ends it
                 if str(err) != last_error:
@@ -4885,6 +5210,111 @@ def _notify_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: A
             stop.wait(NOTIFY_EVERY_S)
     finally:
         db.close()
+
+
+def answer_settings(config: dict[str, Any]) -> tuple[int, int]:
+    """Return [answers] ttl_s and clock_slack_s of clare.toml, in ms; refuse values that do not fit."""
+    section = config.get("answers") or {}
+    values = []
+    for name, default in (("ttl_s", ANSWER_TTL_MS / 1000), ("clock_slack_s", MAX_OFFSET_MS / 1000)):
+        value = section.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ClareError(f"clare.toml: [answers] {name} = {value!r} is not a number of seconds; fix it")
+        values.append(int(value * 1000))
+    return values[0], values[1]
+
+
+def deliver_answers(db: Db, *, now_ms: int, config: dict[str, Any] | None = None,
+                    confirm_s: float = ANSWER_CONFIRM_S) -> list[Answer]:
+    """Type the pending answers to this host's sessions' dialogs; record what became of each.
+
+    An answer expires `ttl_s` after this host stored it, by this host's clock; one whose maker's
+    clock says it is older than ttl_s + clock_slack_s (it came hours late by sync) expires too.
+    """
+    ttl_ms, slack_ms = answer_settings(config or {})
+    done = []
+    with _delivery_lock(db):
+        for a in list_answers(db, pending_on=db.machine_id):
+            result, reason = _act_on_answer(db, a, now_ms=now_ms, confirm_s=confirm_s, ttl_ms=ttl_ms,
+                                            slack_ms=slack_ms)
+            done.append(resolve_answer(db, a, result=result, reason=reason, now_ms=now_ms))
+    return done
+
+
+def _act_on_answer(db: Db, a: Answer, *, now_ms: int, confirm_s: float, ttl_ms: int,
+                   slack_ms: int) -> tuple[str, str]:
+    """Re-read the session's latest signals and its screen; type the answer's key only if its dialog is open.
+
+    Never Enter: a digit picks a dialog option and, if the dialog closed in between, lands as
+    one character in Claude's composer, never submitted.
+    """
+    received = answer_received_ms(db, a.id) or now_ms
+    if now_ms - received > ttl_ms:
+        return "expired", (f"stored here {(now_ms - received) // 1000} s ago; answers expire after "
+                           f"{ttl_ms // 1000} s, so nothing was typed")
+    made_ms = _iso_to_ms(a.created_at) or now_ms
+    if now_ms - made_ms > ttl_ms + slack_ms:
+        return "expired", (f"made {(now_ms - made_ms) // 1000} s ago on {a.by_host} (it came late); answers expire "
+                           f"after {ttl_ms // 1000} s, so nothing was typed")
+    s = next((x for x in find_sessions(db, prefix=a.session_id) if x.id == a.session_id), None)
+    if s is None or s.state == "gone":
+        return "stale", "the session is gone: nothing was typed"
+    if s.state != "permission" or not s.asked:
+        return "stale", f"the session asks nothing now (it is {s.state}; answered at the terminal?): nothing was typed"
+    if a.tool_use_id and s.asked.get("tool_use_id") and a.tool_use_id != s.asked["tool_use_id"]:
+        return "stale", "another dialog is open now (a new request): nothing was typed"
+    if (s.asked["tool"], s.asked["input"]) != (a.tool, a.input):
+        return "stale", f"the session asks about {s.asked['tool']} now, not this: nothing was typed"
+    if s.pane_id is None or s.tmux_socket is None:
+        return "failed", "the session has no tmux pane to type into"
+    # Only the visible screen: a dialog answered a moment ago still shows in the scrollback.
+    dialog = parse_dialog(capture_pane(s.tmux_socket, s.pane_id, lines=None) or "")
+    if dialog is None:
+        return "stale", "no dialog is on its screen now (answered at the terminal?): nothing was typed"
+    first = " ".join((a.input.strip().splitlines() or [""])[0].split())[:30]
+    if first and first not in " ".join(dialog.about.split()):
+        return "stale", f"the dialog on screen is not about {first!r}: nothing was typed"
+    key = _dialog_key(a, dialog)
+    if isinstance(key, str):
+        return "stale", key
+    n, wording = key
+    p = run_tmux(s.tmux_socket, "send-keys", "-t", s.pane_id, "-l", str(n))
+    if p.returncode != 0:
+        return "failed", f"tmux could not type into {s.pane_id}: {p.stderr.strip()[:200]}"
+    deadline = time.monotonic() + confirm_s
+    while True:
+        after = parse_dialog(capture_pane(s.tmux_socket, s.pane_id, lines=None) or "")
+        if after is None or after != dialog:
+            break
+        if time.monotonic() > deadline:
+            return "failed", f"typed {n} ({wording}), but the dialog is still open"
+        time.sleep(0.1)
+    said = f"typed {n} ({wording})"
+    # First-hand evidence that the dialog closed: an approved tool runs, a denied turn stops. Later hooks win.
+    state = "waiting" if wording.startswith("No") else "working"
+    report_hook(db, s.id, HookMark(s.tmux_socket, s.pane_id, state, "ClareAnswer", int(time.time() * 1000)),
+                cwd=s.cwd, now_ms=now_ms)
+    s = next(x for x in find_sessions(db, prefix=s.id) if x.id == s.id)
+    if a.answer == "deny" and a.reason:
+        result, why = deliver_text(db, s, a.reason, confirm_s=confirm_s)
+        said += f"; the reason was {result}" + (f" ({why})" if why else "")
+    return "typed", said
+
+
+def _dialog_key(a: Answer, dialog: Dialog) -> tuple[int, str] | str:
+    """Return the option (number, wording) an answer picks in this dialog, or why none fits."""
+    options = dict(dialog.options)
+    if a.answer == "approve":
+        found = [n for n, text in dialog.options if text == "Yes"]
+    elif a.answer == "deny":
+        found = [n for n, text in dialog.options if text.startswith("No")]
+    else:
+        found = [a.option] if a.option in options else []
+        if found and a.option_text and options[found[0]] != a.option_text:
+            return f"option {a.option} now reads {options[found[0]]!r}, not {a.option_text!r}: nothing was typed"
+    if not found:
+        return f"the dialog offers no option for {a.answer} ({'; '.join(t for _, t in dialog.options)})"
+    return found[0], options[found[0]]
 
 
 def list_ambiguous_panes(db: Db) -> list[Pane]:
@@ -4985,9 +5415,18 @@ def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]
     # notify) `permission` even for the second until the next pull.
     is_stale = state == "permission" and _moved_on_since(sid, p.get("transcript_path"), mark.at_ms)
     # /clear ends a session and starts another in the same process: the second report hands over.
+    tool_use_id = p["tool_use_id"][:100] if isinstance(p.get("tool_use_id"), str) else None
+    input_key = input_key_of(p.get("tool_input")) if event in ("PreToolUse", "PermissionRequest") else None
     return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd" and p.get("reason") != "clear",
                        is_clear=event == "SessionStart" and p.get("source") == "clear", asked=asked,
-                       is_stale=is_stale, now_ms=now_ms)
+                       is_stale=is_stale, tool_use_id=tool_use_id, input_key=input_key, now_ms=now_ms)
+
+
+def input_key_of(tool_input: object) -> str:
+    """Return a short fingerprint of a tool's input: equal inputs, equal keys (no secret involved)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(tool_input, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
 def _moved_on_since(session_id: str, transcript_path: object, at_ms: int) -> bool:
@@ -5722,7 +6161,7 @@ ORDER_HANDLERS: dict[str, Callable[[Db, Order, dict[str, Any]], tuple[str, str, 
     "start": _launch, "resume": _launch, "stop": _stop}
 
 
-SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes, send_broadcast)})
+
 
 
 # ==========================================================================
@@ -6511,8 +6950,6 @@ def clock_status(db: Db, *, now_ms: int) -> dict[str, Any]:
             "deferred_reason": deferred[-1].reason if deferred else None}
 
 
-SERVICES["clock_status"] = clock_status
-
 
 def clock_lines(clock: dict[str, Any]) -> list[str]:
     """Return the sentences a person should read about the clock and deferred events; none when all is well."""
@@ -6699,7 +7136,6 @@ def stop_session(db: Db, session_ref: str, *, is_force: bool = False, config: di
                        now_ms=now_ms)
 
 
-SERVICES.update({fn.__name__: fn for fn in (start_session, resume_session, stop_session)})
 def peer_of_host(db: Db, peers: Iterable[Peer], host: str) -> Peer | None:
     """Return the configured peer whose last sync answered as machine `host`, or None (not a direct peer)."""
     ids = {s.url: s.machine_id for s in list_peer_status(db)}
@@ -6751,6 +7187,54 @@ def view_turns(db: Db, session: Session, *, peers: Iterable[Peer], settings: dic
             and isinstance(t.get("text"), str)]
 
 
+def push_answer(db: Db, answer: Answer, *, peers: Iterable[Peer], settings: dict[str, Any]) -> str:
+    """Push an answer made here to the host of its session at once; return what happens next, in one line.
+
+    The push is the answer's event alone (POST PEER/api/v1/sync/events, idempotent by uuid);
+    that host types it within a second. Periodic sync carries it too, should the push fail.
+    """
+    peer = peer_of_host(db, peers, answer.host)
+    if peer is None:
+        return (f"{answer.host} is not a direct peer of this host: the answer travels with sync and expires "
+                f"{ANSWER_TTL_MS // 60000} min after {answer.host} stores it; to answer at once open the dashboard "
+                f"of {answer.host}")
+    events = [ev for ev in list_history(db, [answer.session_id], limit=200)
+              if ev.event_type == "permission.answered" and ev.payload.get("answer_id") == answer.id]
+    try:
+        got = HttpPeer(peer.url, token=peer_token(peer, settings), timeout_s=PEEK_TIMEOUT_S).push({
+            "machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms(),
+            "events": [ev.to_json() for ev in events]})
+    except ClareError as err:
+        return f"sent to {peer.name} failed ({err}); sync will carry it, and it expires if it comes too late"
+    if not isinstance(got, dict) or got.get("rejected"):
+        return f"{peer.name} refused the answer: {str(got.get('rejected') if isinstance(got, dict) else got)[:200]}"
+    return f"sent to {peer.name}, which types it within a second if the same dialog is still open"
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerResult:
+    answer: Answer
+    note: str  # what happened, or what happens next, in one line
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the answer and the note, as the API and CLI print them."""
+        return {**self.answer.to_json(), "note": self.note}
+
+
+def answer_session(db: Db, session_ref: str, answer: str, *, option: int | None = None,
+                   option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
+                   client: str, peers: Iterable[Peer] = (), settings: dict[str, Any] | None = None,
+                   now_ms: int) -> AnswerResult:
+    """Answer a session's permission dialog from this host: typed here at once, or pushed to its host."""
+    a = answer_permission(db, session_ref, answer, option=option, option_text=option_text, reason=reason,
+                          tool_use_id=tool_use_id, client=client, now_ms=now_ms)
+    if a.host != db.machine_id:
+        return AnswerResult(a, push_answer(db, a, peers=peers, settings=settings or {}))
+    deliver_answers(db, now_ms=now_ms, config=settings)
+    a = list_answers(db, answer_id=a.id)[0]
+    return AnswerResult(a, f"{a.result}: {a.result_reason}")
+
+
 def _peek(db: Db, session: Session, *, peers: Iterable[Peer], settings: dict[str, Any], path: str) -> Any:
     peer = peer_of_host(db, peers, session.host)
     if peer is None:
@@ -6782,6 +7266,576 @@ def _offset(ms: int | None) -> str:
     return text + " SKEWED" if abs(ms) > MAX_OFFSET_MS else text
 
 
+# --- the services, each declared once ---------------------------------------------------------
+# A method of Services is a service's one declaration: its signature (what the CLI and pages call),
+# its HTTP form (@api: route, where each argument travels, the answer), or @here for what works on
+# this host only. The remote client (RemoteServices, section 7), the JSON handlers and the OpenAPI
+# document (section 8) are derived from it; nothing about a service is written out again elsewhere.
+
+_S = TypeVar("_S", bound="Services")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    """How one service travels over HTTP. Arguments are named as in the signature; "arg=wire" renames one."""
+
+    method: str
+    path: str  # "/api/v1/tasks/{task}": each {wire} takes the next leading positional argument
+    summary: str  # the OpenAPI summary
+    query: tuple[str, ...] = ()
+    body: tuple[str, ...] = ()
+    status: int = 200
+    resolve: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> getter: the server turns a ref into
+    # that object (or its id, for a *_id or *_ids argument)
+    here: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> why it cannot be sent (refused remotely)
+    not_sent: tuple[str, ...] = ()  # arguments a remote call leaves out (the server uses its own defaults)
+    server: dict[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)  # arg -> what the server
+    # passes instead, from the request (its own settings); a remote call leaves it out
+    max_int: int = MAX_EVENTS_PAGE  # integer query arguments are within 1..max_int
+    schema: str | None = None  # the OpenAPI answer, a component's name; None: from the return type
+    body_schema: dict[str, Any] | None = None  # the OpenAPI request body; None: from the body arguments
+    check: Callable[[dict[str, Any]], None] | None = None  # the server's extra check of a body
+    to_wire: Callable[[Any, Any], Any] | None = None  # (request, result) -> the JSON answer; None: the result
+    from_wire: Callable[[Any], Any] | None = None  # the JSON answer -> the result; None: from the return type
+    is_routed: bool = True  # False: the remote client asks a route that answers more (count_events)
+    is_lenient: bool = False  # a batch whose items are checked one by one: a bad item rejects that item only
+
+
+SERVICE_APIS: dict[str, tuple[Callable[..., Any], Api | None]] = {}  # service -> (function, HTTP form or None)
+
+
+def api(method: str, path: str, summary: str, **form: Any
+        ) -> Callable[[Callable[Concatenate[_S, _P], _R]], Callable[Concatenate[_S, _P], _R]]:
+    """Declare a Services method as a service offered over HTTP (see Api for the form)."""
+    return _declare(Api(method, path, summary, **form))
+
+
+def here(fn: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+    """Declare a Services method as a service of this host only: its tmux, its hooks, its files."""
+    return _declare(None)(fn)
+
+
+def _declare(spec: Api | None) -> Callable[[Callable[Concatenate[_S, _P], _R]], Callable[Concatenate[_S, _P], _R]]:
+    def register(fn: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+        SERVICE_APIS[fn.__name__] = (fn, spec)
+
+        @functools.wraps(fn)
+        def call(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            return self._run(fn, spec, args, kwargs)
+        return call
+    return register
+
+
+def from_json(cls: type, obj: dict[str, Any]) -> Any:
+    """Rebuild a dataclass from its JSON object (a JSON list back into a tuple field); added fields are ignored."""
+    import typing
+
+    return cls(**{f.name: tuple(obj[f.name]) if typing.get_origin(f.type) is tuple else obj[f.name]
+                  for f in dataclasses.fields(cls) if f.name in obj})
+
+
+def _change_from_json(obj: dict[str, Any]) -> Change:
+    return Change([from_json(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
+
+
+def _status_to_wire(req: Any, report: StatusReport) -> dict[str, Any]:
+    return {**report.to_json(), "n_events": req.svc.count_events(), "machine_id": req.db.machine_id,
+            "clock": req.svc.clock_status()}
+
+
+def _status_from_wire(got: dict[str, Any]) -> StatusReport:
+    return StatusReport([ProjectStatus(from_json(Project, p), p["tokens"], p["n_sessions"]) for p in got["projects"]],
+                        [from_json(Session, x) for x in got["sessions"]],
+                        {t["id"]: from_json(Task, t) for t in got["tasks"]})
+
+
+def _server_config(req: Any) -> dict[str, Any]:
+    return load_config(req.config.config_path)  # the server's own clare.toml, read at each request
+
+
+def _answer_body(body: dict[str, Any]) -> None:
+    for name, kind in (("option", int), ("option_text", str), ("reason", str), ("tool_use_id", str)):
+        if body.get(name) is not None and (not isinstance(body[name], kind) or isinstance(body[name], bool)):
+            raise UsageError(f"{name} must be {'an integer' if kind is int else 'text'}")
+    # The server names the client in the history: what the caller says it is, marked as come through the API.
+    said = body.get("client")
+    body["client"] = f"{said} via api"[:200] if isinstance(said, str) and said else "api"
+    if body.get("reason") is None:
+        body.pop("reason", None)
+
+
+def _only_message_updates(body: dict[str, Any]) -> None:
+    # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
+    # client that could post them would put words in a session's or a hook's mouth.
+    if body.get("source", "message") != "message":
+        raise UsageError(f"update source {body['source']!r} is not allowed here; only 'message' may be posted "
+                         "(pane tails, triage and hook notes are written by 'clare pull')")
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """Where one argument of a declared service goes: its place, its name there and its kind of value."""
+
+    arg: str
+    where: str  # "path", "query", "body", "here" (refused remotely unless at its default), "server" or "not_sent"
+    name: str  # in the path, query or body
+    kind: str  # "text", "int", "bool", "list", "range" (a (lo, hi) pair as "lo-hi") or "object" (a record)
+    is_optional: bool  # None is a value of it
+    is_required: bool  # it has no default
+    default: Any
+    resolver: str | None  # a getter the server turns the ref into the record (or its id) with
+
+
+_WIRES: dict[str, tuple[Wire, ...]] = {}
+
+
+def wire_args(name: str) -> tuple[Wire, ...]:
+    """Return where each argument of a declared service goes: path, query and body in their declared order."""
+    if name not in _WIRES:
+        import inspect
+        import types
+        import typing
+
+        fn, spec = SERVICE_APIS[name]
+        params = list(inspect.signature(fn).parameters.values())[1:]  # after self
+        spec = spec or Api("", "", "")
+        placed = dict(zip(re.findall(r"\{(\w+)\}", spec.path), (p.name for p in params), strict=False))
+        where = {arg: ("path", wire) for wire, arg in placed.items()}
+        for place, specs in (("query", spec.query), ("body", spec.body)):
+            for text in specs:
+                arg, _, wire = text.partition("=")
+                where[arg] = (place, wire or arg)
+        where.update({arg: ("here", arg) for arg in spec.here})
+        where.update({arg: ("not_sent", arg) for arg in spec.not_sent})
+        where.update({arg: ("server", arg) for arg in spec.server})
+        wires = []
+        for p in params:
+            if p.name not in where and SERVICE_APIS[name][1] is not None:
+                raise TypeError(f"{name}: argument {p.name} is not placed in the path, query or body of its @api")
+            ann = p.annotation
+            is_optional = isinstance(ann, types.UnionType) and type(None) in typing.get_args(ann)
+            base = next((a for a in typing.get_args(ann) if a is not type(None)), ann) if is_optional else ann
+            origin = typing.get_origin(base) or base
+            kind = {bool: "bool", int: "int", str: "text", list: "list", tuple: "range"}.get(origin) or \
+                ("list" if origin in (Iterable, Sequence) else "object")
+            place, wire = where.get(p.name, ("here", p.name))
+            wires.append(Wire(p.name, place, wire, kind, is_optional, p.default is p.empty, p.default,
+                              spec.resolve.get(p.name)))
+        order = {"path": 0, "query": 1, "body": 2}
+        _WIRES[name] = tuple(sorted(wires, key=lambda w: order.get(w.where, 3)))  # stable: declared order kept
+    return _WIRES[name]
+
+
+class Services:
+    """The services and queries bound to one database and the wall clock: what the CLI and pages call.
+
+    RemoteServices offers the same methods over HTTP, so a caller never knows which it has.
+    """
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Db):
+        self.db = db
+
+    def _run(self, fn: Callable[..., _R], spec: Api | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _R:
+        return fn(self, *args, **kwargs)
+
+    @api("GET", "/api/v1/projects", "List projects with task counts", query=("status",))
+    def list_projects(self, *, status: str | None = None) -> list[Project]:
+        """Return the projects, with task counts."""
+        return list_projects(self.db, status=status)
+
+    @api("POST", "/api/v1/projects", "Create a project", body=("name", "goal", "owner", "dirs"), status=201)
+    def create_project(self, name: str, *, goal: str = "", owner: str = "", dirs: Sequence[str] = ()) -> Project:
+        """Create a project (dirs: "/path" here, "HOST:/path" on another host)."""
+        return create_project(self.db, name, goal=goal, owner=owner, dirs=dirs, now_ms=now_ms())
+
+    @api("GET", "/api/v1/projects/{project}", "Get a project by name or id prefix")
+    def get_project(self, ref: str) -> Project:
+        """Return the project named `ref` or whose id starts with `ref`."""
+        return get_project(self.db, ref)
+
+    @api("PATCH", "/api/v1/projects/{project}", 'Change a project (dirs: "/path", "HOST:/path", "HOST:" removes)',
+         body=("name", "goal", "owner", "status", "dirs"))
+    def edit_project(self, ref: str, *, name: str | None = None, goal: str | None = None,
+                     owner: str | None = None, status: str | None = None, dirs: Sequence[str] = ()) -> Project:
+        """Change some fields of a project, and its directory per host."""
+        return edit_project(self.db, ref, name=name, goal=goal, owner=owner, status=status, dirs=dirs,
+                            now_ms=now_ms())
+
+    @api("GET", "/api/v1/projects/{project}/history", "Events about a project and its tasks", query=("limit",),
+         resolve={"project": "get_project"})
+    def project_history(self, project: Project, *, limit: int = 200) -> list[Event]:
+        """Return the events about a project and its tasks, oldest first."""
+        return project_history(self.db, project, limit=limit)
+
+    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1)",
+         query=("project_id=project", "status", "session_id=session", "group_id=group", "is_open=open",
+                "active_projects=active", "is_assigned=assigned", "tag", "priorities=priority", "search",
+                "include_removed=removed"), resolve={"project_id": "get_project", "group_id": "get_group"})
+    def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
+                   session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
+                   active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
+                   priorities: tuple[int, int] | None = None, search: str | None = None,
+                   include_removed: bool = False) -> list[Task]:
+        """Return tasks, most urgent first."""
+        return list_tasks(self.db, project_id=project_id, status=status, session_id=session_id, group_id=group_id,
+                          is_open=is_open, active_projects=active_projects, is_assigned=is_assigned, tag=tag,
+                          priorities=priorities, search=search, include_removed=include_removed)
+
+    @api("POST", "/api/v1/tasks", "Add a task", body=("project_ref=project", "title", "priority", "description",
+                                                      "tags"), status=201)
+    def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
+                    description: str = "", tags: Iterable[str] = ()) -> Task:
+        """Add a task to a project."""
+        return create_task(self.db, project_ref, title, priority=priority, description=description, tags=tags,
+                           now_ms=now_ms())
+
+    @api("GET", "/api/v1/tasks/{task}", "Get a task by id prefix (removed ones too)")
+    def get_task(self, ref: str) -> Task:
+        """Return the task whose id starts with `ref`."""
+        return get_task(self.db, ref)
+
+    @api("PATCH", "/api/v1/tasks/{task}", "Change a task; tags adds tags, untags removes them",
+         body=("title", "description", "priority", "status", "tags", "untags"))
+    def edit_task(self, ref: str, *, title: str | None = None, description: str | None = None,
+                  priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
+                  untags: Iterable[str] = ()) -> Task:
+        """Change some fields and tags of a task."""
+        return edit_task(self.db, ref, title=title, description=description, priority=priority, status=status,
+                         tags=tags, untags=untags, now_ms=now_ms())
+
+    @api("DELETE", "/api/v1/tasks/{task}", "Remove a task: it leaves every list, keeps its history, can be restored")
+    def remove_task(self, ref: str) -> Task:
+        """Remove a task (it can be restored)."""
+        return remove_task(self.db, ref, now_ms=now_ms())
+
+    @api("POST", "/api/v1/tasks/{task}/restore", "Bring a removed task back")
+    def restore_task(self, ref: str) -> Task:
+        """Bring a removed task back."""
+        return restore_task(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/undo", "This host's newest changes not undone yet, newest first", query=("limit",),
+         max_int=100, from_wire=lambda got: [_change_from_json(c) for c in got])
+    def list_changes(self, *, limit: int = 10) -> list[Change]:
+        """Return this host's newest changes not undone yet, newest first."""
+        return list_changes(self.db, limit=limit)
+
+    @api("POST", "/api/v1/undo", "Undo this host's newest change by recording its inverse",
+         body_schema={"type": "object"},
+         from_wire=lambda got: UndoResult(_change_from_json(got), [from_json(Event, e) for e in got["recorded"]],
+                                          got["n_kept"]))
+    def undo_change(self) -> UndoResult:
+        """Undo this host's newest change by recording its inverse."""
+        return undo_change(self.db, now_ms=now_ms())
+
+    @api("POST", "/api/v1/tasks/{task}/assignment", "Assign a task to a session or a group",
+         body=("session_id", "group_ref=group"))
+    def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
+        """Bind a task to one session or one group, ending any previous binding."""
+        return assign_task(self.db, ref, session_id=session_id, group_ref=group_ref, now_ms=now_ms())
+
+    @api("DELETE", "/api/v1/tasks/{task}/assignment", "End a task's assignment")
+    def unassign_task(self, ref: str) -> Task:
+        """End a task's binding."""
+        return unassign_task(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups", "List groups")
+    def list_groups(self) -> list[Group]:
+        """Return the groups."""
+        return list_groups(self.db)
+
+    @api("POST", "/api/v1/groups", "Create a group", body=("name", "cwd", "host", "tmux_name"), status=201)
+    def create_group(self, name: str, *, cwd: str | None = None, host: str | None = None,
+                     tmux_name: str | None = None) -> Group:
+        """Create a group of sessions by cwd, host or tmux session name."""
+        return create_group(self.db, name, cwd=cwd, host=host, tmux_name=tmux_name, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups/{group}", "Get a group by name or id prefix")
+    def get_group(self, ref: str) -> Group:
+        """Return the group named `ref` or whose id starts with `ref`."""
+        return get_group(self.db, ref)
+
+    @api("DELETE", "/api/v1/groups/{group}", "Remove a group")
+    def remove_group(self, ref: str) -> Group:
+        """Remove a group; its tasks become unassigned."""
+        return remove_group(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups/{group}/sessions", "Sessions a group's patterns match now",
+         query=("include_gone=all",))
+    def list_group_sessions(self, group_ref: str, *, include_gone: bool = False) -> list[Session]:
+        """Return the sessions a group's patterns match now."""
+        return list_group_sessions(self.db, group_ref, include_gone=include_gone)
+
+    @api("GET", "/api/v1/sessions", "List Claude sessions of every host", query=("host", "include_gone=all"))
+    def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
+        """Return the sessions of every host."""
+        return list_sessions(self.db, host=host, include_gone=include_gone)
+
+    @api("GET", "/api/v1/sessions/{session}", "", is_routed=False)  # the route answers get_session_detail
+    def get_session(self, ref: str) -> Session:
+        """Return the session whose id starts with `ref` (gone ones too)."""
+        return get_session(self.db, ref)
+
+    @api("GET", "/api/v1/sessions/{session}", "Get a session by id prefix, with its task, history and attach command",
+         query=("limit",), server={"hosts": lambda req: (req.config.settings or {}).get("hosts") or {}},
+         from_wire=lambda got: SessionDetail(
+             from_json(Session, got), from_json(Task, got["task"]) if got.get("task") else None,
+             [from_json(Event, e) for e in got.get("history", [])], got.get("attach")))
+    def get_session_detail(self, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
+        """Return a session with its task, its newest history and the command that attaches to its pane."""
+        return get_session_detail(self.db, ref, hosts=hosts, limit=limit)
+
+    @api("POST", "/api/v1/tasks/{task}/sessions", "Start a Claude session for a task on a host (in a new worktree)",
+         body=("host", "is_worktree", "model"), status=201, server={"config": _server_config})
+    def start_session(self, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
+                      model: str | None = None, config: dict[str, Any]) -> Order:
+        """Start a Claude session for a task, here or on another host (a server uses its own clare.toml)."""
+        # SECURITY: this runs a program and types into an AI agent: the token and cross-site rules guard it.
+        return start_session(self.db, task_ref, host=host, is_worktree=is_worktree, model=model, config=config,
+                             now_ms=now_ms())
+
+    @api("POST", "/api/v1/sessions/{session}/resume", "Resume a gone session on its host", status=201,
+         body_schema={"type": "object", "required": [], "properties": {}, "additionalProperties": False},
+         server={"config": _server_config})
+    def resume_session(self, session_ref: str, *, config: dict[str, Any]) -> Order:
+        """Resume a gone session (claude --resume) on its host, in its directory."""
+        return resume_session(self.db, session_ref, config=config, now_ms=now_ms())
+
+    @api("POST", "/api/v1/sessions/{session}/stop", "Stop a session: /exit while it waits, SIGTERM with is_force",
+         body=("is_force",), status=201, server={"config": _server_config})
+    def stop_session(self, session_ref: str, *, is_force: bool = False, config: dict[str, Any]) -> Order:
+        """Stop a session on its host: /exit while it waits; is_force sends SIGTERM even while it works."""
+        return stop_session(self.db, session_ref, is_force=is_force, config=config, now_ms=now_ms())
+
+    @api("GET", "/api/v1/orders", "Session orders (start, resume, stop) and their results",
+         query=("order_id=id", "session_id=session", "pending_on"))
+    def list_orders(self, *, order_id: str | None = None, session_id: str | None = None,
+                    pending_on: str | None = None) -> list[Order]:
+        """Return the session orders and their results."""
+        return list_orders(self.db, order_id=order_id, session_id=session_id, pending_on=pending_on)
+
+    @api("GET", "/api/v1/needs", "Sessions waiting on a person: permission first, then the longest waiting")
+    def list_needs(self) -> list[Session]:
+        """Return the sessions that wait on a person: permission dialogs first, then the longest waiting."""
+        return list_needs(self.db)
+
+    @here
+    def get_pane_session(self, tmux_socket: str | None, pane_id: str) -> Session:
+        """Return the live session of this host in a tmux pane."""
+        return get_pane_session(self.db, tmux_socket, pane_id)
+
+    @here
+    def observe_sessions(self, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
+                         keep_ids: Iterable[str] = (), live_panes: Mapping[str, Iterable[str]] | None = None
+                         ) -> list[Event]:
+        """Record what a look at this host's sessions found."""
+        return observe_sessions(self.db, seen, keep_sockets=keep_sockets, keep_ids=keep_ids, live_panes=live_panes,
+                                now_ms=now_ms())
+
+    @here
+    def report_hook(self, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
+                    is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
+                    is_stale: bool = False, tool_use_id: str | None = None, input_key: str | None = None
+                    ) -> list[Event]:
+        """Record what a Claude Code hook on this host reported (and what a dialog asks)."""
+        return report_hook(self.db, session_id, mark, cwd=cwd, tmux_target=tmux_target, is_end=is_end,
+                           is_clear=is_clear, asked=asked, is_stale=is_stale, tool_use_id=tool_use_id,
+                           input_key=input_key, now_ms=now_ms())
+
+    @here
+    def get_token(self, config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:
+        """Return this host's API token."""
+        return get_token(config, path=path, env=env)
+
+    @here
+    def pull_fleet(self, *, config: dict[str, Any], tails: bool = False,
+                   env: Mapping[str, str] | None = None) -> PullResult:
+        """Look at this host's Claude sessions and record what changed."""
+        return pull_fleet(self.db, config=config, now_ms=now_ms(), tails=tails, env=env)
+
+    @api("GET", "/api/v1/panes/ambiguous", "Claude panes whose session cannot be told apart")
+    def list_ambiguous_panes(self) -> list[Pane]:
+        """Return the panes the last pull could not tie to one session."""
+        return list_ambiguous_panes(self.db)
+
+    @api("POST", "/api/v1/sessions/{session}/answer",
+         "Answer a session's open permission dialog (approve, deny with a reason, or option N with its wording); "
+         "typed by the session's host only if the same dialog is still open",
+         body=("answer", "option", "option_text", "reason", "tool_use_id", "client"), status=201,
+         schema="AnswerResult", check=_answer_body,
+         server={"peers": lambda req: req.config.peers, "settings": lambda req: req.config.settings or {}},
+         from_wire=lambda got: AnswerResult(from_json(Answer, got), got.get("note", "")))
+    def answer_session(self, session_ref: str, answer: str, *, option: int | None = None,
+                       option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
+                       client: str, peers: Iterable[Peer] = (), settings: dict[str, Any] | None = None
+                       ) -> AnswerResult:
+        """Answer a session's permission dialog: typed here at once, or pushed to the session's host."""
+        # SECURITY: this types into an AI agent's dialog: the token and cross-site rules guard it, and
+        # the session's host types only if the same dialog is still open.
+        return answer_session(self.db, session_ref, answer, option=option, option_text=option_text, reason=reason,
+                              tool_use_id=tool_use_id, client=client, peers=peers, settings=settings,
+                              now_ms=now_ms())
+
+    @api("POST", "/api/v1/broadcast", "Type a text into every live session of a target (project, group:NAME, "
+         "session:ID)", body=("target", "text", "is_command"), not_sent=("confirm_s", "on_delivery"), status=201,
+         from_wire=lambda got: BroadcastResult(got["broadcast_id"], got["target"], got["text"],
+                                               [from_json(Delivery, d) for d in got["deliveries"]],
+                                               list(got.get("unreached") or [])))
+    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
+                       confirm_s: float = BROADCAST_CONFIRM_S,
+                       on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
+        """Send a text to every live session of a target (a server waits for confirmations its own way)."""
+        # SECURITY: this types into AI agents that run shell commands; the server's token and
+        # cross-site rules guard every POST, and the fleet refuses non-Claude panes and open dialogs.
+        return send_broadcast(self.db, target, text, now_ms=now_ms(), is_command=is_command, confirm_s=confirm_s,
+                              on_delivery=on_delivery)
+
+    @api("GET", "/api/v1/broadcast/recipients", "The live sessions a broadcast target reaches", query=("target",))
+    def list_broadcast_recipients(self, target: str) -> list[Session]:
+        """Return the live sessions a broadcast target (project, group:NAME or session:ID) names."""
+        return list_broadcast_recipients(self.db, target)
+
+    @api("GET", "/api/v1/deliveries", "Per-session results of a broadcast",
+         query=("broadcast_id=broadcast", "pending_on"))
+    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
+        """Return the per-session results of broadcasts."""
+        return list_deliveries(self.db, broadcast_id=broadcast_id, pending_on=pending_on)
+
+    @api("GET", "/api/v1/updates", "List updates, newest last", query=("task_ids=task", "update_id=id", "limit"),
+         resolve={"task_ids": "get_task"})
+    def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
+                     limit: int = 50) -> list[Update]:
+        """Return the newest updates, newest last."""
+        return list_updates(self.db, task_ids=task_ids, update_id=update_id, limit=limit)
+
+    @api("POST", "/api/v1/updates", "Post a progress note (is_done: the task is done too)",
+         body=("text", "task_ref=task", "source", "session_id", "is_done"), status=201, check=_only_message_updates,
+         here={"pane": "a note from inside a pane finds its task on this host; name the task "
+                       "(clare update TASK TEXT) or run without --remote"})
+    def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
+                    pane: tuple[str | None, str] | None = None, source: str = "message",
+                    is_done: bool = False) -> Update:
+        """Add a progress note to a task and/or a session (is_done: the task is done too)."""
+        return post_update(self.db, text, task_ref=task_ref, session_id=session_id, pane=pane, source=source,
+                           is_done=is_done, now_ms=now_ms())
+
+    @api("GET", "/api/v1/status", "The roll-up", query=("project_ref=project", "group_ref=group"),
+         schema="Status", to_wire=_status_to_wire, from_wire=_status_from_wire)
+    def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
+        """Return the roll-up: per project its counts and tokens, the live sessions and their tasks."""
+        return get_status(self.db, project_ref=project_ref, group_ref=group_ref)
+
+    @api("GET", "/api/v1/status", "", from_wire=lambda got: got["clock"], is_routed=False)
+    def clock_status(self) -> dict[str, Any]:
+        """Return what this host's peers say of its clock, and the events it holds back."""
+        return clock_status(self.db, now_ms=now_ms())
+
+    @api("GET", "/api/v1/status", "", from_wire=lambda got: got["n_events"], is_routed=False)
+    def count_events(self) -> int:
+        """Return how many events the log holds."""
+        return count_events(self.db)
+
+    @api("GET", "/api/v1/events", "", query=("limit",), from_wire=lambda page: [
+         from_json(Event, e) for e in page["events"]], is_routed=False)
+    def list_events(self, *, limit: int = 50) -> list[Event]:
+        """Return the newest events, newest last."""
+        return list_events(self.db, limit=limit)
+
+    @api("GET", "/api/v1/history", "Events naming any of the given entity ids", query=("entity_ids=entity", "limit"))
+    def list_history(self, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
+        """Return the newest events naming any of these entities, oldest first."""
+        return list_history(self.db, entity_ids, limit=limit)
+
+    @api("POST", "/api/v1/import", "Store events given as JSON lines", body=("lines",), schema="ImportResult",
+         is_lenient=True,  # a bad line rejects that line only
+         body_schema={"type": "object", "required": ["lines"], "properties": {
+             "lines": {"type": "array", "items": {"type": "string"}}}},
+         to_wire=lambda req, r: {"inserted": r[0].inserted, "duplicates": r[0].n_duplicates,
+                                 "conflicts": r[0].conflicts, "rejected": r[1]},
+         from_wire=lambda got: (InsertResult([from_json(Event, e) for e in got["inserted"]], got["duplicates"],
+                                             got["conflicts"]), got["rejected"]))
+    def import_events(self, lines: Iterable[str]) -> tuple[InsertResult, list[str]]:
+        """Store the events of JSON lines not yet here; return what happened and one reason per bad line."""
+        return import_events(self.db, lines, now_ms=now_ms())
+
+    @api("POST", "/api/v1/replay", "Rebuild every projection from the log", body_schema={"type": "object"},
+         schema="ReplayResult", to_wire=lambda req, n: {"events": n}, from_wire=lambda got: got["events"])
+    def replay(self) -> int:
+        """Rebuild every projection from the log; return how many events were applied."""
+        return replay(self.db)
+
+
+# --- the remote twin of Services: the same methods, over a Clare server's JSON API ----------------
+
+REMOTE_TIMEOUT_S = 30.0
+
+
+class RemoteServices(Services):
+    """The services of Services, run by a remote Clare: each call follows its service's @api declaration.
+
+    Raises the same error classes as a local call, with the server's message.
+    """
+
+    __slots__ = ("url", "token")
+
+    def __init__(self, url: str, *, token: str | None = None):
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def _run(self, fn: Callable[..., Any], spec: Api | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        import inspect
+        import urllib.parse
+
+        if spec is None:
+            raise UsageError(f"{fn.__name__} works on this host only (its tmux, hooks and files); run the command "
+                             "on that host without --remote (and without CLARE_URL)")
+        signature = inspect.signature(fn)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        path, query, body = spec.path, [], {}
+        for w in wire_args(fn.__name__):
+            value = bound.arguments[w.arg]
+            if w.where == "here" and value != w.default:
+                raise UsageError(spec.here.get(w.arg) or f"{w.arg} works on this host only; run without --remote")
+            if w.where == "path":
+                ref = value.id if w.kind == "object" else value
+                path = path.replace(f"{{{w.name}}}", urllib.parse.quote(str(ref), safe=""))
+            elif w.where == "query":
+                if w.kind == "list" and value == []:
+                    return []  # no ids: nothing matches, as locally
+                query += _query_pairs(w, value, max_int=spec.max_int)
+            elif w.where == "body" and (w.is_required or value not in (None, (), [])):
+                body[w.name] = list(value) if w.kind == "list" else value
+        path += "?" + urllib.parse.urlencode(query) if query else ""
+        got = http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
+                        token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
+                        hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
+                                 "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
+        if spec.from_wire is not None:
+            return spec.from_wire(got)
+        answer = signature.return_annotation
+        if getattr(answer, "__origin__", None) is list:
+            return [from_json(answer.__args__[0], x) for x in got]
+        return from_json(answer, got)
+
+
+def _query_pairs(w: Wire, value: Any, *, max_int: int) -> list[tuple[str, str]]:
+    if value is None or (w.kind == "bool" and value is False and not w.is_optional):
+        return []
+    if w.kind == "bool":
+        return [(w.name, str(int(value)))]
+    if w.kind == "int":
+        return [(w.name, str(min(value, max_int)))]
+    if w.kind == "list":
+        return [(w.name, x) for x in value]
+    if w.kind == "range":
+        return [(w.name, f"{value[0]}-{value[1]}")]
+    return [(w.name, value)]
+
+
 # ==========================================================================
 # 8. HTTP: routing table, HTML templates, JSON API and sync endpoints.
 # ==========================================================================
@@ -6806,7 +7860,6 @@ BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/j
 LISTEN_BACKLOG = 128  # with the default 5, p99 latency under load is near a second (DESIGN §8)
 SHUTDOWN_GRACE_S = 10.0  # how long SIGTERM waits for requests in flight to finish
 POLL_S = 5  # how often htmx refreshes a polled fragment
-MAX_EVENTS_PAGE = 1000
 LOGIN_COOKIE = "clare_login"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -6817,8 +7870,7 @@ ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                422: "invalid", 431: "headers_too_large", 500: "internal", 501: "not_implemented"}
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
-HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both together
-HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"
+HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both (and its test's hash)
 PANE_POLL_S = 2  # how often an open session page refreshes its live pane
 FLEET_POLL_S = 2  # how often the dashboard's sessions refresh: a hook's report shows within 2.5 s
 SECURITY_HEADERS = (
@@ -6826,8 +7878,8 @@ SECURITY_HEADERS = (
     ("X-Frame-Options", "DENY"),
     # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on our own form posts.
     ("Referrer-Policy", "same-origin"),
-    # Inline CSS lives in the page template; scripts only from /static, never inline.
-    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    # Scripts and styles only from /static, never inline (STYLESHEET is /static/clare.css).
+    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self'; "
                                 "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
 )
 
@@ -6857,11 +7909,6 @@ class WebConfig:
     config_path: str = ""  # clare.toml, read again where a service needs settings (starting a session)
     settings: Any = None  # clare.toml as read at start: peer tokens, [hosts.NAME] ssh
     contacts: PeerContacts = dataclasses.field(default_factory=PeerContacts)  # sync requests from peers
-
-    @property
-    def has_token(self) -> bool:
-        """Tell whether requests must authenticate."""
-        return self.token is not None
 
     @property
     def login_cookie(self) -> str:
@@ -7889,7 +8936,6 @@ CLARE_JS = r"""// Clare's page script: keys, the tab title's count, opt-in brows
   setupOptIn();
 })();
 """
-STATIC_MEMORY = {"clare.js": CLARE_JS.encode()}  # files served from memory, by name
 
 
 def static_version(name: str) -> str:
@@ -7906,16 +8952,9 @@ HTMX_CONFIG = {"includeIndicatorStyles": False, "defaultSwapStyle": "outerHTML",
 NAV = (("/", "Dashboard"), ("/needs", "Needs you"), ("/projects", "Projects"), ("/sessions", "Sessions"),
        ("/broadcast", "Broadcast"))
 
-PAGE = string.Template("""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark">
-<meta name="htmx-config" content="$htmx_config">
-<link rel="icon" href="data:,">
-<title>$count$title · Clare</title>
-<style>
+# The dashboard's one stylesheet, served from memory as /static/clare.css (no inline CSS: the
+# Content-Security-Policy has no 'unsafe-inline'). Its URL carries its hash, so it is cached for good.
+STYLESHEET = """
 :root{--bg:#f5f6f8;--fg:#1b2129;--muted:#5f6b78;--card:#fff;--line:#e1e5ea;--soft:#eef1f5;--accent:#3b5bdb;
 --on-accent:#fff;--gray:#6b7785;--blue:#1c7ed6;--orange:#e8590c;--green:#2f9e44;--amber:#e67700;--red:#e03131;
 --violet:#7048e8;color-scheme:light dark}
@@ -8008,6 +9047,7 @@ margin:.2rem 0}
 padding:.4rem .55rem;background:var(--soft);border-radius:7px;font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}
 [data-row].is-current{outline:2px solid var(--accent);outline-offset:-2px;border-radius:6px}
 ul.feed li[data-row]{padding-left:.4rem;padding-right:.4rem}
+.answer{margin-top:.9rem;padding-top:.8rem;border-top:1px solid var(--line)}.answer input{min-width:12rem}
 .asked{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace;overflow-wrap:anywhere}.actions{display:flex;gap:.6rem;
 flex-wrap:wrap;margin-top:.2rem}.turn{display:grid;grid-template-columns:4.5rem 1fr;gap:.5rem}
 kbd{font:12px ui-monospace,Menlo,monospace;border:1px solid var(--line);border-radius:4px;padding:0 .3rem}
@@ -8023,7 +9063,20 @@ pre.pane{font-size:10.5px}}
 .stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}
 nav a{padding:.25rem .4rem;font-size:.93rem}
 .card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
-</style>
+body.bare{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
+"""
+STATIC_MEMORY = {"clare.js": CLARE_JS.encode(), "clare.css": STYLESHEET.encode()}  # files served from memory, by name
+
+PAGE = string.Template("""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="htmx-config" content="$htmx_config">
+<link rel="icon" href="data:,">
+<title>$count$title · Clare</title>
+<link rel="stylesheet" href="/static/clare.css?v=$css_version">
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
 <script src="/static/clare.js?v=$js_version" defer></script>
 </head>
@@ -8059,7 +9112,8 @@ def page(req: Request, title: str, main: Html, *, status: int = 200) -> Response
                for href, label in NAV)
     return html_response(render(
         PAGE, title=title, main=main, nav=nav, host=req.db.machine_id, version=__version__, poll_s=POLL_S,
-        htmx_version=HTMX_VERSION, htmx_config=json.dumps(HTMX_CONFIG), js_version=static_version("clare.js"),
+        htmx_version=HTMX_VERSION, css_version=static_version("clare.css"), htmx_config=json.dumps(HTMX_CONFIG),
+        js_version=static_version("clare.js"),
         count=f"({len(needs)}) " if needs else "",
         hx_headers=json.dumps({"X-CSRF-Token": req.config.csrf_token})), status=status)
 
@@ -8085,7 +9139,7 @@ def error_page(status: int, message: str) -> Html:
 
     A 401 page carries the login form: a link back to the dashboard would only answer 401 again.
     """
-    return render(PAGE_ERROR, status=status, message=message,
+    return render(PAGE_ERROR, status=status, message=message, css_version=static_version("clare.css"),
                   after=Html(LOGIN_FORM) if status == 401 else Html('<p><a href="/">Back to the dashboard</a></p>'))
 
 
@@ -8100,9 +9154,8 @@ with; <code>clare serve</code> on a terminal prints a login link that holds it.<
 PAGE_ERROR = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark"><link rel="icon" href="data:,"><title>$status · Clare</title>
-<style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
-@media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
-<body><h1>$status</h1><p>$message</p>$after</body></html>
+<link rel="stylesheet" href="/static/clare.css?v=$css_version"></head>
+<body class="bare"><h1>$status</h1><p>$message</p>$after</body></html>
 """)
 
 
@@ -8667,7 +9720,8 @@ def frag_start_session(req: Request) -> Response:
 def _after_order(req: Request, order: Order, *, task_id: str | None) -> Response:
     """Answer a start, stop or resume: the task's session card (or task table) and a flash saying what came of it."""
     kind = "ok" if order.result in ("started", "stopped", "pending") else "error"
-    task = req.svc.get_task(order.task_id or task_id) if (order.task_id or task_id) else None
+    ref = order.task_id or task_id
+    task = req.svc.get_task(ref) if ref else None
     if req.form().get("view") != "card" or task is None:
         if task is None:
             return redirect(f"/sessions/{order.session_id}") if not req.is_htmx else \
@@ -8716,12 +9770,14 @@ SESSION_LABELS = {"working": "working", "waiting": "waiting for you", "permissio
 FRAG_ATTENTION = string.Template("""<section class="card attention" id="frag-attention" $poll>
 <h2>Needs you</h2>$body</section>""")
 ATTENTION_LIST = string.Template('<ul class="feed" hx-disable>$items</ul>')
-ATTENTION_ITEM = string.Template("""<li data-row="/sessions/$id"><div class="line">$state
+NEEDS_LIST = string.Template('<ul class="feed">$items</ul>')  # each item's untrusted text sits under hx-disable
+ATTENTION_ITEM = string.Template("""<li data-row="/sessions/$id"><div hx-disable><div class="line">$state
 <a href="/sessions/$id"><b>$label</b></a>
 <span class="muted small">$since</span></div>$asked
 <div class="small">$project$task</div>
 <div class="muted small"><span class="mono">$short_id</span> · $host · <span class="mono">$where</span> · $cwd</div>
-<div class="actions small"><a href="/sessions/$id">Open</a><a href="/sessions/$id#attach">Attach</a></div></li>""")
+</div><div class="actions small"><a href="/sessions/$id">Open</a><a href="/sessions/$id#attach">Attach</a>$answers
+</div></li>""")
 ASKED = string.Template('<div class="asked">$tool: $input</div>')
 TASK_LINK = string.Template('task <a href="/tasks/$id">$title</a>')
 PROJECT_LINK = string.Template('<a href="/projects/$id">$name</a> · ')
@@ -8783,14 +9839,15 @@ def attention_fragment(req: Request, *, query: str = "") -> Html:
             s.label, s.cwd, s.host, s.tmux_target or "", tasks[s.task_id].title if s.task_id in tasks else "",
             tasks[s.task_id].project if s.task_id in tasks else "")).lower()]
     # SECURITY: labels, cwds and what a dialog asks come from transcripts, hooks and panes: escaped, in hx-disable.
-    body = render(ATTENTION_LIST, items=join(render(
+    body = render(NEEDS_LIST, items=join(render(
         ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
         since=ago_text(s.state_at or s.last_activity_at, now), id=s.id, short_id=s.id[:SHORT_ID], host=s.host,
         where=s.tmux_target or "-", cwd=s.cwd, asked=asked_text(s),
         project=render(PROJECT_LINK, id=tasks[s.task_id].project_id, name=tasks[s.task_id].project)
         if s.task_id in tasks else Html(""),
         task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
-        else Html('<span class="muted">no task</span>'))
+        else Html('<span class="muted">no task</span>'),
+        answers=answer_forms(req, s, view="needs") if s.state == "permission" and s.asked else Html(""))
         for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
     url = "/frag/attention" + (f"?q={quote_query(query)}" if query else "")
     return render(FRAG_ATTENTION, poll=poll_attrs(url), body=body)
@@ -8892,7 +9949,28 @@ FRAG_SESSION = string.Template("""<section class="card" id="frag-session" $poll>
 <dt>Task</dt><dd>$task</dd>
 <dt>Host</dt><dd>$host</dd><dt>Folder</dt><dd class="mono">$cwd</dd><dt>tmux</dt><dd class="mono">$where</dd>
 <dt>Active</dt><dd>$active</dd><dt>Tokens</dt><dd class="mono" title="$tokens_title">$tokens</dd>
-<dt>Command</dt><dd class="mono small">$command</dd><dt>Id</dt><dd class="mono">$id</dd></dl></div></section>""")
+<dt>Command</dt><dd class="mono small">$command</dd><dt>Id</dt><dd class="mono">$id</dd></dl></div>
+$answer</section>""")
+ANSWER_BOX = string.Template("""<div class="answer" id="answer"><h2>Answer</h2><div class="actions">$forms</div>
+<p class="small muted">Typed by $host only if this same dialog is still open there; expires after $ttl min.</p>
+</div>""")
+ANSWER_FORM = string.Template("""<form class="tight" $attrs $confirm>$csrf
+<input type="hidden" name="view" value="$view"><input type="hidden" name="answer" value="$answer">
+<input type="hidden" name="option" value="$option"><input type="hidden" name="option_text" value="$option_text">
+<input type="hidden" name="tool_use_id" value="$tool_use_id">
+$reason<button type="submit" class="$kind">$label</button></form>""")
+REASON_INPUT = string.Template(
+    '<input name="reason" maxlength="2000" placeholder="tell Claude instead (optional)" aria-label="reason">')
+CONFIRM_ATTRS = string.Template('hx-confirm="$question" hx-vals="$vals"')
+MAIN_CONFIRM = string.Template("""<p class="muted small"><a href="/sessions/$id">$label</a> /</p>
+<h1>Send this answer?</h1>
+<section class="card"><p hx-disable>$host asks: <span class="asked">$tool: $input</span></p>
+<p>Your answer: <b>$answer_text</b>. $host types it only if this same dialog is still open there.</p>
+<form class="row" method="post" action="/sessions/$id/answer">$csrf<input type="hidden" name="confirmed" value="1">
+<input type="hidden" name="view" value="$view"><input type="hidden" name="answer" value="$answer">
+<input type="hidden" name="option" value="$option"><input type="hidden" name="option_text" value="$option_text">
+<input type="hidden" name="tool_use_id" value="$tool_use_id"><input type="hidden" name="reason" value="$reason">
+<button type="submit">Yes, send it</button> <a href="/sessions/$id">Cancel</a></form></section>""")
 ASKED_CARD = string.Template(
     """<p class="flash error"><b>Asks permission</b> · $tool<br><span class="asked">$input</span></p>""")
 ATTACH = string.Template("""<p class="small muted">$where</p>
@@ -8926,11 +10004,76 @@ def session_fragment(req: Request, s: Session, task: Task | None) -> Html:
         since=ago_text(s.state_at, now), host=s.host, cwd=s.cwd or "—", where=s.tmux_target or "not in tmux",
         active=ago_text(s.last_activity_at, now), tokens=tokens_text(s.tokens),
         command=short_text(s.command, 200) or "—",
-        tokens_title=", ".join(f"{k} {v}" for k, v in s.tokens.items()), id=s.id,
+        tokens_title=", ".join(f"{k} {v}" for k, v in s.tokens.items()), id=s.id, answer=answer_box(req, s),
         asked=render(ASKED_CARD, tool=s.asked["tool"], input=s.asked["input"]) if s.state == "permission" and s.asked
         else Html(""),
         task=render(TASK_CELL, id=task.id, title=f"{task.project}: {task.title}") if task
         else Html('<span class="muted">none</span>'))
+
+
+def answer_forms(req: Request, s: Session, *, view: str, options: tuple[tuple[int, str], ...] = ()) -> Html:
+    """Render the buttons that answer a session's open dialog: approve, deny (with a reason), its other options."""
+    assert s.asked is not None
+    what = f"{s.asked['tool']}: {short_text(s.asked['input'], 80)}"
+    choices: list[tuple[str, int | None, str, str, str]] = [("approve", None, "", "Approve", ""),
+                                                           ("deny", None, "", "Deny", "ghost")]
+    choices += [("option", n, text, f"{n}. {short_text(text, 60)}", "ghost") for n, text in options
+                if text != "Yes" and not text.startswith("No")]
+
+    def one(answer: str, option: int | None, text: str, label: str, kind: str) -> Html:
+        question = f"{label} — {what}?" if answer != "option" else f"Answer '{text}' to {what}?"
+        target = "#frag-session" if view == "session" else "#frag-attention"
+        return render(ANSWER_FORM, attrs=form_attrs(f"/sessions/{s.id}/answer", target=target),
+                      confirm=render(CONFIRM_ATTRS, question=question, vals=json.dumps({"confirmed": "1"})),
+                      csrf=csrf_field(req), view=view, answer=answer, option="" if option is None else option,
+                      option_text=text, tool_use_id=s.asked.get("tool_use_id", "") if s.asked else "",
+                      reason=render(REASON_INPUT) if answer == "deny" and view == "session" else Html(""),
+                      kind=kind, label=label)
+    return join(one(*c) for c in choices)
+
+
+def answer_box(req: Request, s: Session) -> Html:
+    """Render the answer buttons of a session page while a dialog is open, with the options its screen shows."""
+    if s.state != "permission" or not s.asked:
+        return Html("")
+    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings or {}, now_ms=now_ms())
+    dialog = parse_dialog(view.text) if view.text else None
+    return render(ANSWER_BOX, forms=answer_forms(req, s, view="session", options=dialog.options if dialog else ()),
+                  host=s.host, ttl=ANSWER_TTL_MS // 60000)
+
+
+def frag_answer_session(req: Request) -> Response:
+    """Answer a session's dialog from a button: a confirm page first without JavaScript, then typed or pushed."""
+    f = req.form()
+    svc = req.svc
+    s = svc.get_session(req.params["session"])
+    option = _form_int(f["option"], "option") if f.get("option") else None
+    fields: dict[str, Any] = {"answer": f.get("answer", ""), "option": option,
+                              "option_text": f.get("option_text") or None, "reason": f.get("reason", ""),
+                              "tool_use_id": f.get("tool_use_id") or None}
+    view = "needs" if f.get("view") == "needs" else "session"
+    if f.get("confirmed") != "1":
+        asked = s.asked or {"tool": "?", "input": "nothing now"}
+        answer_text = fields["answer"] if fields["answer"] in ("approve", "deny") else \
+            f"option {option}: {fields['option_text'] or ''}"
+        return page(req, "Send this answer?", render(
+            MAIN_CONFIRM, id=s.id, label=s.label or s.id[:SHORT_ID], host=s.host, tool=asked["tool"],
+            input=asked["input"], answer_text=answer_text + (f" — {fields['reason']}" if fields["reason"] else ""),
+            csrf=csrf_field(req), view=view, answer=fields["answer"], option="" if option is None else option,
+            option_text=fields["option_text"] or "", tool_use_id=fields["tool_use_id"] or "", reason=fields["reason"]))
+    got = svc.answer_session(s.id, fields["answer"], option=option, option_text=fields["option_text"],
+                             reason=fields["reason"], tool_use_id=fields["tool_use_id"], client="dashboard",
+                             peers=req.config.peers, settings=req.config.settings or {})
+    if not req.is_htmx:
+        return redirect("/needs" if view == "needs" else f"/sessions/{s.id}")
+    is_ok = got.answer.result in ("typed", "pending")
+    message = f"Answer {got.answer.answer}: {got.note}"
+    if view == "needs":
+        return html_response(join([attention_fragment(req), flash(message, kind="ok" if is_ok else "error", oob=True)]))
+    d = svc.get_session_detail(s.id, hosts=(req.config.settings or {}).get("hosts") or {})
+    return html_response(join([session_fragment(req, d.session, d.task),
+                               history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history", oob=True),
+                               flash(message, kind="ok" if is_ok else "error", oob=True)]))
 
 
 def attach_card(req: Request, s: Session, argv: list[str] | None) -> Html:
@@ -9233,115 +10376,89 @@ def frag_peers(req: Request) -> Response:
     return html_response(peers_fragment(req))
 
 
-# --- JSON API ------------------------------------------------------------
+# --- JSON API: the handlers of the services, derived from their declarations ---------------------
 
 
 def _event_json(ev: Event) -> dict[str, Any]:
     return {**ev.to_json(), "rseq": ev.rseq}
 
 
-def api_list_projects(req: Request) -> Response:
-    """List projects with task counts; ?status= filters."""
-    return json_response(req.svc.list_projects(status=req.arg("status")))
-
-
-def api_create_project(req: Request) -> Response:
-    """Create a project from {name, goal?, owner?}."""
-    b = req.json(required=("name",), optional=("goal", "owner", "dirs"))
-    return json_response(req.svc.create_project(b["name"], goal=b.get("goal", ""), owner=b.get("owner", ""),
-                                                dirs=_text_list(b.get("dirs", []), "dirs")), status=201)
-
-
-def _text_list(value: object, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(x, str) for x in value) or len(value) > 100:
-        raise UsageError(f"{what} must be a list of texts, e.g. [\"/srv/api\", \"apricot:/srv/api\"]")
+def _wire_value(value: Any) -> Any:
+    """Return a service's answer ready for json_response: an event also carries its receipt number."""
+    if isinstance(value, Event):
+        return _event_json(value)
+    if isinstance(value, list):
+        return [_wire_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _wire_value(v) for k, v in value.items()}
     return value
 
 
-def api_get_project(req: Request) -> Response:
-    """Return one project by name or id prefix."""
-    return json_response(req.svc.get_project(req.params["project"]))
+def service_handler(name: str) -> Callable[[Request], Response]:
+    """Return the JSON handler of a declared service: its path, query and body become the call's arguments."""
+    spec = SERVICE_APIS[name][1]
+    if spec is None:
+        raise TypeError(f"{name} is a service of this host only: it has no route")
+
+    def handle(req: Request) -> Response:
+        wires = wire_args(name)
+        svc = req.svc
+        body_wires = [w for w in wires if w.where == "body"]
+        body: dict[str, Any] = {}
+        if body_wires or spec.body_schema is not None:
+            body = req.json(required=tuple(w.name for w in body_wires if w.is_required),
+                            optional=tuple(w.name for w in body_wires if not w.is_required),
+                            is_lenient=spec.is_lenient)
+        if spec.check is not None:
+            spec.check(body)
+        kwargs = {w.arg: _request_value(req, svc, w, body, max_int=spec.max_int) for w in wires
+                  if w.where in ("path", "query") or (w.where == "body" and w.name in body)}
+        kwargs.update({arg: fill(req) for arg, fill in spec.server.items()})
+        value = getattr(svc, name)(**kwargs)
+        return json_response(_wire_value(spec.to_wire(req, value) if spec.to_wire else value), status=spec.status)
+    handle.__name__, handle.__doc__ = f"api_{name}", spec.summary
+    return handle
 
 
-def api_edit_project(req: Request) -> Response:
-    """Change a project from {name?, goal?, owner?, status?, dirs?: ["/path" | "HOST:/path" | "HOST:"]}."""
-    b = req.json(optional=("name", "goal", "owner", "status", "dirs"))
-    if "dirs" in b:
-        b["dirs"] = _text_list(b["dirs"], "dirs")
-    return json_response(req.svc.edit_project(req.params["project"], **b))
-
-
-def api_project_history(req: Request) -> Response:
-    """Return the events about a project and its tasks, oldest first."""
-    svc = req.svc
-    limit = req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE)
-    return json_response([_event_json(e) for e in svc.project_history(svc.get_project(req.params["project"]),
-                                                                        limit=limit)])
-
-
-def api_list_tasks(req: Request) -> Response:
-    """List tasks, most urgent first; ?project= ?status= ?session= ?group= ?tag= ?search= ... filter."""
-    svc = req.svc
-    project, group, prio = req.arg("project"), req.arg("group"), req.arg("priority")
-    flag = {"1": True, "0": False, None: None}
-    assigned = req.arg("assigned")
-    if assigned not in flag:
-        raise UsageError(f"assigned={assigned!r} must be 1 or 0")
-    return json_response(svc.list_tasks(
-        project_id=svc.get_project(project).id if project else None, status=req.arg("status"),
-        session_id=req.arg("session"), group_id=svc.get_group(group).id if group else None,
-        is_open=req.arg("open") == "1", active_projects=req.arg("active") == "1", is_assigned=flag[assigned],
-        tag=req.arg("tag"), priorities=parse_priorities(prio) if prio else None, search=req.arg("search"),
-        include_removed=req.arg("removed") == "1"))
-
-
-def api_create_task(req: Request) -> Response:
-    """Add a task from {project, title, priority?, description?, tags?}."""
-    b = req.json(required=("project", "title"), optional=("priority", "description", "tags"))
-    return json_response(req.svc.create_task(b["project"], b["title"], priority=b.get("priority", DEFAULT_PRIORITY),
-                                             description=b.get("description", ""), tags=_list_arg(b, "tags")),
-                         status=201)
-
-
-def _list_arg(body: dict[str, Any], name: str) -> list[str]:
-    value = body.get(name, [])
-    if not isinstance(value, list):
-        raise UsageError(f"{name} must be a list of strings")
+def _request_value(req: Request, svc: Services, w: Wire, body: dict[str, Any], *, max_int: int) -> Any:
+    """Return one argument of a service call from the request, as the remote client sent it."""
+    if w.where == "path":
+        value: Any = req.params[w.name]
+    elif w.where == "body":
+        value = body[w.name]
+        if w.kind == "list" and not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+            raise UsageError(f"{w.name} must be a list of strings")
+        if w.kind == "bool" and not isinstance(value, bool):
+            raise UsageError(f"{w.name} must be true or false")
+        return value
+    elif w.kind == "bool" and not w.is_optional:
+        return req.arg(w.name) == "1"
+    elif w.kind == "bool":
+        flag = {"1": True, "0": False, None: None}
+        text = req.arg(w.name)
+        if text not in flag:
+            raise UsageError(f"{w.name}={text!r} must be 1 or 0")
+        return flag[text]
+    elif w.kind == "int":
+        return req.int_arg(w.name, w.default, lo=1, hi=max_int)
+    elif w.kind == "range":
+        text = req.arg(w.name)
+        return parse_priorities(text) if text else None
+    elif w.kind == "list":
+        value = req.query.get(w.name)
+        if w.is_required and (not value or len(value) > 100):
+            raise HttpError(400, f"give 1 to 100 {w.name} ids as ?{w.name}=ID&{w.name}=ID")
+        if value and w.resolver:
+            value = [getattr(svc, w.resolver)(x).id for x in value]
+        return value or None
+    else:
+        value = req.arg(w.name) or None
+        if value is None and w.is_required:
+            raise UsageError(f"give ?{w.name}=; it is required")
+    if value is not None and w.resolver:
+        found = getattr(svc, w.resolver)(value)
+        return found if w.kind == "object" else found.id
     return value
-
-
-def api_remove_task(req: Request) -> Response:
-    """Remove a task (it can be restored)."""
-    return json_response(req.svc.remove_task(req.params["task"]))
-
-
-def api_restore_task(req: Request) -> Response:
-    """Bring a removed task back."""
-    return json_response(req.svc.restore_task(req.params["task"]))
-
-
-def api_list_changes(req: Request) -> Response:
-    """Return this host's newest changes not undone yet, newest first."""
-    return json_response(req.svc.list_changes(limit=req.int_arg("limit", 10, lo=1, hi=100)))
-
-
-def api_undo_change(req: Request) -> Response:
-    """Undo this host's newest change by recording its inverse."""
-    req.json()
-    return json_response(req.svc.undo_change())
-
-
-def api_get_task(req: Request) -> Response:
-    """Return one task by id prefix."""
-    return json_response(req.svc.get_task(req.params["task"]))
-
-
-def api_edit_task(req: Request) -> Response:
-    """Change a task from {title?, description?, priority?, status?, tags?, untags?}."""
-    b = req.json(optional=("title", "description", "priority", "status", "tags", "untags"))
-    tags, untags = _list_arg(b, "tags"), _list_arg(b, "untags")
-    b.pop("tags", None), b.pop("untags", None)
-    return json_response(req.svc.edit_task(req.params["task"], tags=tags, untags=untags, **b))
 
 
 def api_task_history(req: Request) -> Response:
@@ -9350,108 +10467,6 @@ def api_task_history(req: Request) -> Response:
     limit = req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE)
     return json_response([_event_json(e) for e in svc.list_history([svc.get_task(req.params["task"]).id],
                                                                    limit=limit)])
-
-
-def api_assign_task(req: Request) -> Response:
-    """Assign a task from {session_id} or {group}."""
-    b = req.json(optional=("session_id", "group"))
-    return json_response(req.svc.assign_task(req.params["task"], session_id=b.get("session_id"),
-                                             group_ref=b.get("group")))
-
-
-def api_unassign_task(req: Request) -> Response:
-    """End a task's assignment."""
-    return json_response(req.svc.unassign_task(req.params["task"]))
-
-
-def api_list_groups(req: Request) -> Response:
-    """List the groups."""
-    return json_response(req.svc.list_groups())
-
-
-def api_create_group(req: Request) -> Response:
-    """Create a group from {name, cwd?, host?, tmux_name?}."""
-    b = req.json(required=("name",), optional=("cwd", "host", "tmux_name"))
-    return json_response(req.svc.create_group(b.pop("name"), **b), status=201)
-
-
-def api_get_group(req: Request) -> Response:
-    """Return one group by name or id prefix."""
-    return json_response(req.svc.get_group(req.params["group"]))
-
-
-def api_remove_group(req: Request) -> Response:
-    """Remove a group; its tasks become unassigned."""
-    return json_response(req.svc.remove_group(req.params["group"]))
-
-
-def api_list_sessions(req: Request) -> Response:
-    """List Claude sessions of every host; ?host= narrows, ?all=1 adds gone ones."""
-    return json_response(req.svc.list_sessions(host=req.arg("host") or None, include_gone=req.arg("all") == "1"))
-
-
-def api_broadcast_recipients(req: Request) -> Response:
-    """List the live sessions a broadcast to ?target= would reach (project, group:NAME or session:ID)."""
-    target = req.arg("target")
-    if not target:
-        raise UsageError("give ?target=PROJECT, group:NAME or session:ID")
-    return json_response(req.svc.list_broadcast_recipients(target))
-
-
-def api_send_broadcast(req: Request) -> Response:
-    """Type a text into the sessions of {target, text, is_command?}; answer each session's result."""
-    # SECURITY: this types into AI agents that run shell commands; the server's token and
-    # cross-site rules guard every POST, and the fleet refuses non-Claude panes and open dialogs.
-    b = req.json(required=("target", "text"), optional=("is_command",))
-    if not isinstance(b.get("is_command", False), bool):
-        raise UsageError("is_command must be true or false")
-    return json_response(req.svc.send_broadcast(b["target"], b["text"], is_command=b.get("is_command", False)),
-                         status=201)
-
-
-def api_start_session(req: Request) -> Response:
-    """Start a Claude session for a task from {host?, is_worktree?, model?}; answer the order and its result."""
-    # SECURITY: this runs a program and types into an AI agent: the token and cross-site rules guard it.
-    b = req.json(optional=("host", "is_worktree", "model"))
-    if not isinstance(b.get("is_worktree", False), bool):
-        raise UsageError("is_worktree must be true or false")
-    order = req.svc.start_session(req.params["task"], host=b.get("host") or None,
-                                  is_worktree=b.get("is_worktree", False), model=b.get("model") or None,
-                                  config=load_config(req.config.config_path))
-    return json_response(order, status=201)
-
-
-def api_resume_session(req: Request) -> Response:
-    """Resume a gone session on its host (claude --resume); answer the order."""
-    return json_response(req.svc.resume_session(req.params["session"], config=load_config(req.config.config_path)),
-                         status=201)
-
-
-def api_stop_session(req: Request) -> Response:
-    """Stop a session from {is_force?}: /exit while it waits, SIGTERM with is_force; answer the order."""
-    b = req.json(optional=("is_force",))
-    if not isinstance(b.get("is_force", False), bool):
-        raise UsageError("is_force must be true or false")
-    return json_response(req.svc.stop_session(req.params["session"], is_force=b.get("is_force", False),
-                                              config=load_config(req.config.config_path)), status=201)
-
-
-def api_list_orders(req: Request) -> Response:
-    """List session orders (start, resume, stop) with their results; ?id=, ?session= or ?pending_on=HOST."""
-    return json_response(req.svc.list_orders(order_id=req.arg("id") or None, session_id=req.arg("session") or None,
-                                             pending_on=req.arg("pending_on") or None))
-
-
-def api_list_deliveries(req: Request) -> Response:
-    """List broadcast deliveries; ?broadcast=ID for one broadcast, ?pending_on=HOST for those not tried yet."""
-    return json_response(req.svc.list_deliveries(broadcast_id=req.arg("broadcast") or None,
-                                                 pending_on=req.arg("pending_on") or None))
-
-
-def api_get_session(req: Request) -> Response:
-    """Return one session by id prefix, with its task, its history and the command that attaches to it."""
-    return json_response(req.svc.get_session_detail(req.params["session"],
-                                                    hosts=(req.config.settings or {}).get("hosts") or {}))
 
 
 def api_session_pane(req: Request) -> Response:
@@ -9473,52 +10488,6 @@ def api_session_transcript(req: Request) -> Response:
                           "turns": read_turns(req.db, s, claude_dir=claude_home())})
 
 
-def api_list_needs(req: Request) -> Response:
-    """List the sessions that wait on a person: permission dialogs first, then the longest waiting."""
-    return json_response(req.svc.list_needs())
-
-
-def api_group_sessions(req: Request) -> Response:
-    """List the sessions a group's patterns match now."""
-    return json_response(req.svc.list_group_sessions(req.params["group"], include_gone=req.arg("all") == "1"))
-
-
-def api_ambiguous_panes(req: Request) -> Response:
-    """List the Claude panes the last pull could not tie to one session."""
-    return json_response(req.svc.list_ambiguous_panes())
-
-
-def api_list_updates(req: Request) -> Response:
-    """Return the newest updates, newest last; ?task= (repeatable) or ?id= narrows them."""
-    svc = req.svc
-    tasks = req.query.get("task")
-    limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
-    return json_response(svc.list_updates(task_ids=[svc.get_task(t).id for t in tasks] if tasks else None,
-                                          update_id=req.arg("id"), limit=limit))
-
-
-def api_post_update(req: Request) -> Response:
-    """Post a progress note from {task, text, source?, session_id?, is_done?} (is_done: the task is done too)."""
-    b = req.json(required=("text",), optional=("task", "source", "session_id", "is_done"))
-    if not isinstance(b.get("is_done", False), bool):
-        raise UsageError("is_done must be true or false")
-    # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
-    # client that could post them would put words in a session's or a hook's mouth.
-    if b.get("source", "message") != "message":
-        raise UsageError(f"update source {b['source']!r} is not allowed here; only 'message' may be posted "
-                         "(pane tails, triage and hook notes are written by 'clare pull')")
-    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id"),
-                                             is_done=b.get("is_done", False)), status=201)
-
-
-def api_status(req: Request) -> Response:
-    """Return the roll-up (?project= or ?group=): projects with counts and tokens, sessions, the log's size."""
-    svc = req.svc
-    report = svc.get_status(project_ref=req.arg("project"), group_ref=req.arg("group"))
-    return json_response({**report.to_json(), "n_events": svc.count_events(), "machine_id": req.db.machine_id,
-                          "clock": clock_status(req.db, now_ms=now_ms())})
-
-
 def api_list_events(req: Request) -> Response:
     """Page through the log: ?after=RSEQ in receipt order, or without it the newest, newest last."""
     limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
@@ -9528,32 +10497,8 @@ def api_list_events(req: Request) -> Response:
                           "has_more": page.has_more})
 
 
-def api_history(req: Request) -> Response:
-    """Return the newest events naming any ?entity= id, oldest first."""
-    ids = req.query.get("entity", [])
-    if not ids or len(ids) > 100:
-        raise HttpError(400, "give 1 to 100 entity ids as ?entity=ID&entity=ID")
-    return json_response([_event_json(e) for e in req.svc.list_history(
-        ids, limit=req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE))])
-
-
-def api_import_events(req: Request) -> Response:
-    """Store the events of {lines: [JSON text, ...]} not yet here; report what happened to each."""
-    lines = req.json(required=("lines",), is_lenient=True)["lines"]  # a bad line rejects that line only
-    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
-        raise UsageError("lines must be a list of JSON texts, one event each")
-    result, bad = req.svc.import_events(lines)
-    return json_response({"inserted": [_event_json(e) for e in result.inserted],
-                          "duplicates": result.n_duplicates, "conflicts": result.conflicts, "rejected": bad})
-
-
-def api_replay(req: Request) -> Response:
-    """Rebuild every projection from the log."""
-    return json_response({"events": req.svc.replay()})
-
-
 def get_static(req: Request) -> Response:
-    """Serve a vendored file from static/ with a year-long cache (the URL carries its version)."""
+    """Serve the stylesheet, or a vendored file from static/, with a year-long cache (the URL carries its version)."""
     name = req.params["name"]
     kind = STATIC_TYPES.get(os.path.splitext(name)[1])
     path = os.path.join(STATIC_DIR, name)
@@ -9651,6 +10596,8 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
                                                                  "history": _array("Event"),
                                                                  "attach": {"type": ["array", "null"],
                                                                             "items": {"type": "string"}}}}]},
+    "AnswerResult": {"allOf": [_ref("Answer"), {"type": "object", "required": ["note"],
+                                                "properties": {"note": {"type": "string"}}}]},
     "Turns": {"type": "object", "required": ["session_id", "host", "turns"], "properties": {
         "session_id": {"type": "string"}, "host": {"type": "string"}, "turns": {"type": "array", "items": {
             "type": "object", "required": ["role", "text", "tools", "at"], "properties": {
@@ -9658,88 +10605,17 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
                 "tools": {"type": "array", "items": {"type": "string"}}, "at": {"type": "string"}}}}}},
 }
 
-# (method, path) -> summary, query parameters, request body schema, success status, response schema
+# (method, path) -> summary, query parameters, request body schema, success status, response schema: the
+# routes that are not services (those are described by their @api declarations: service_docs)
 API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]] = {
-    ("GET", "/api/v1/projects"): ("List projects with task counts", ("status",), None, 200, _array("Project")),
-    ("POST", "/api/v1/projects"): ("Create a project", (), _body(("name",), ("goal", "owner", "dirs"), dirs="array"),
-                                   201, _ref("Project")),
-    ("GET", "/api/v1/projects/{project}"): ("Get a project by name or id prefix", (), None, 200, _ref("Project")),
-    ("PATCH", "/api/v1/projects/{project}"): ("Change a project (dirs: \"/path\", \"HOST:/path\", \"HOST:\" removes)",
-                                              (), _body((), ("name", "goal", "owner", "status", "dirs"), dirs="array"),
-                                              200, _ref("Project")),
-    ("GET", "/api/v1/projects/{project}/history"): ("Events about a project and its tasks", ("limit",), None, 200,
-                                                    _array("Event")),
-    ("GET", "/api/v1/tasks"): ("List tasks, most urgent first (removed ones only with removed=1)",
-                               ("project", "status", "session", "group", "open", "active", "assigned", "tag",
-                                "priority", "search", "removed"), None, 200, _array("Task")),
-    ("POST", "/api/v1/tasks"): ("Add a task", (), _body(("project", "title"), ("priority", "description", "tags"),
-                                                       priority="integer", tags="array"), 201, _ref("Task")),
-    ("GET", "/api/v1/tasks/{task}"): ("Get a task by id prefix (removed ones too)", (), None, 200, _ref("Task")),
-    ("PATCH", "/api/v1/tasks/{task}"): ("Change a task; tags adds tags, untags removes them", (), _body(
-        (), ("title", "description", "priority", "status", "tags", "untags"), priority="integer", tags="array",
-        untags="array"), 200, _ref("Task")),
-    ("DELETE", "/api/v1/tasks/{task}"): ("Remove a task: it leaves every list, keeps its history, can be restored",
-                                         (), None, 200, _ref("Task")),
-    ("POST", "/api/v1/tasks/{task}/restore"): ("Bring a removed task back", (), None, 200, _ref("Task")),
-    ("GET", "/api/v1/undo"): ("This host's newest changes not undone yet, newest first", ("limit",), None, 200,
-                              {"type": "array", "items": _ref("Change")}),
-    ("POST", "/api/v1/undo"): ("Undo this host's newest change by recording its inverse", (), {"type": "object"},
-                               200, _ref("UndoResult")),
     ("GET", "/api/v1/tasks/{task}/history"): ("Events about a task", ("limit",), None, 200, _array("Event")),
-    ("POST", "/api/v1/tasks/{task}/assignment"): ("Assign a task to a session or a group", (),
-                                                  _body((), ("session_id", "group")), 200, _ref("Task")),
-    ("DELETE", "/api/v1/tasks/{task}/assignment"): ("End a task's assignment", (), None, 200, _ref("Task")),
-    ("GET", "/api/v1/groups"): ("List groups", (), None, 200, _array("Group")),
-    ("POST", "/api/v1/groups"): ("Create a group", (), _body(("name",), ("cwd", "host", "tmux_name")), 201,
-                                 _ref("Group")),
-    ("GET", "/api/v1/groups/{group}"): ("Get a group by name or id prefix", (), None, 200, _ref("Group")),
-    ("DELETE", "/api/v1/groups/{group}"): ("Remove a group", (), None, 200, _ref("Group")),
-    ("GET", "/api/v1/groups/{group}/sessions"): ("Sessions a group's patterns match now", ("all",), None, 200,
-                                                 _array("Session")),
-    ("GET", "/api/v1/sessions"): ("List Claude sessions of every host", ("host", "all"), None, 200, _array("Session")),
-    ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix, with its task, history and attach command",
-                                            (), None, 200, _ref("SessionDetail")),
     ("GET", "/api/v1/sessions/{session}/pane"): ("The last lines of a session's pane, read by its own host (which "
                                                  "answers at most once a second per session)", ("lines",), None, 200,
                                                  _ref("PaneView")),
     ("GET", "/api/v1/sessions/{session}/transcript"): ("The last entries of a session's transcript, read by its "
                                                        "own host", (), None, 200, _ref("Turns")),
-    ("GET", "/api/v1/needs"): ("Sessions waiting on a person: permission first, then the longest waiting", (), None,
-                               200, _array("Session")),
-    ("POST", "/api/v1/tasks/{task}/sessions"): ("Start a Claude session for a task on a host (in a new worktree)", (),
-                                                _body((), ("host", "is_worktree", "model"), is_worktree="boolean"),
-                                                201, _ref("Order")),
-    ("POST", "/api/v1/sessions/{session}/resume"): ("Resume a gone session on its host", (), _body((), ()), 201,
-                                                    _ref("Order")),
-    ("POST", "/api/v1/sessions/{session}/stop"): ("Stop a session: /exit while it waits, SIGTERM with is_force", (),
-                                                  _body((), ("is_force",), is_force="boolean"), 201, _ref("Order")),
-    ("GET", "/api/v1/orders"): ("Session orders (start, resume, stop) and their results",
-                                ("id", "session", "pending_on"), None, 200,
-                                _array("Order")),
-    ("GET", "/api/v1/panes/ambiguous"): ("Claude panes whose session cannot be told apart", (), None, 200,
-                                         _array("Pane")),
-    ("POST", "/api/v1/broadcast"): ("Type a text into every live session of a target (project, group:NAME, "
-                                    "session:ID)", (), _body(("target", "text"), ("is_command",), is_command="boolean"),
-                                    201, _ref("BroadcastResult")),
-    ("GET", "/api/v1/broadcast/recipients"): ("The live sessions a broadcast target reaches", ("target",), None, 200,
-                                              _array("Session")),
-    ("GET", "/api/v1/deliveries"): ("Per-session results of a broadcast", ("broadcast", "pending_on"), None, 200,
-                                    _array("Delivery")),
-    ("GET", "/api/v1/updates"): ("List updates, newest last", ("task", "id", "limit"), None, 200, _array("Update")),
-    ("POST", "/api/v1/updates"): ("Post a progress note (is_done: the task is done too)", (),
-                                  _body(("text",), ("task", "source", "session_id", "is_done"), is_done="boolean"), 201,
-                                  _ref("Update")),
-    ("GET", "/api/v1/status"): ("The roll-up", (), None, 200, _ref("Status")),
     ("GET", "/api/v1/events"): ("Page through the log by receipt order (after), or the newest (no after)",
                                 ("after", "limit"), None, 200, _ref("EventPage")),
-    ("GET", "/api/v1/history"): ("Events naming any of the given entity ids", ("entity", "limit"), None, 200,
-                                 _array("Event")),
-    ("POST", "/api/v1/import"): ("Store events given as JSON lines", (),
-                                 {"type": "object", "required": ["lines"], "properties": {
-                                     "lines": {"type": "array", "items": {"type": "string"}}}}, 200,
-                                 _ref("ImportResult")),
-    ("POST", "/api/v1/replay"): ("Rebuild every projection from the log", (), {"type": "object"}, 200,
-                                 _ref("ReplayResult")),
     ("GET", "/api/v1/openapi.json"): ("This document", (), None, 200, {"type": "object"}),
 }
 
@@ -9790,9 +10666,27 @@ API_DOCS.update({
 })
 
 
-def openapi_path(pattern: "re.Pattern[str]") -> str:
-    """Return the OpenAPI path template of a route pattern: named groups become {name}."""
-    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern).replace("\\", "")
+def service_docs() -> dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]]:
+    """Return the OpenAPI entries of the declared services, as API_DOCS holds the others'."""
+    import inspect
+
+    docs = {}
+    for name, (fn, spec) in SERVICE_APIS.items():
+        if spec is None or not spec.is_routed:
+            continue
+        wires = wire_args(name)
+        body = [w for w in wires if w.where == "body"]
+        types = {w.name: {"int": "integer", "bool": "boolean", "list": "array"}[w.kind] for w in body
+                 if w.kind in ("int", "bool", "list")}
+        body_schema = spec.body_schema if spec.body_schema is not None else _body(
+            tuple(w.name for w in body if w.is_required), tuple(w.name for w in body if not w.is_required),
+            **types) if body else None
+        answer = inspect.signature(fn).return_annotation
+        schema = _ref(spec.schema) if spec.schema else _array(answer.__args__[0].__name__) \
+            if getattr(answer, "__origin__", None) is list else _ref(answer.__name__)
+        docs[(spec.method, spec.path)] = (spec.summary, tuple(w.name for w in wires if w.where == "query"),
+                                          body_schema, spec.status, schema)
+    return docs
 
 
 def openapi_document() -> dict[str, Any]:
@@ -9800,7 +10694,7 @@ def openapi_document() -> dict[str, Any]:
     errors = {str(code): {"description": ERROR_CODES[code], "content": {"application/json": {"schema": _ref("Error")}}}
               for code in (400, 401, 403, 404, 405, 409, 413, 415, 422)}
     paths: dict[str, dict[str, Any]] = {}
-    for (method, path), (summary, query, body, status, schema) in API_DOCS.items():
+    for (method, path), (summary, query, body, status, schema) in {**service_docs(), **API_DOCS}.items():
         op: dict[str, Any] = {"summary": summary, "parameters": [
             *({"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
               for name in re.findall(r"\{(\w+)\}", path)),
@@ -9811,7 +10705,7 @@ def openapi_document() -> dict[str, Any]:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
     schemas = {cls.__name__: json_schema(cls)
-               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order, PaneView)}
+               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order, PaneView, Answer)}
     for name, base, extra in (("ProjectStatus", "Project",
                                {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
                               ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
@@ -9873,323 +10767,15 @@ def sync_get_peers(req: Request) -> Response:
     return json_response(list_peers(req.db, req.config.peers))
 
 
-# --- the remote twin of Services ----------------------------------------
-
-REMOTE_TIMEOUT_S = 30.0
-LOCAL_ONLY_SERVICES = frozenset({"pull_fleet", "observe_sessions", "report_hook", "get_pane_session"})
-
-
-def _build(cls: type, obj: dict[str, Any]) -> Any:
-    """Rebuild a dataclass from its JSON object; fields the server added are ignored."""
-    return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name in obj})
-
-
-def _change_from_json(obj: dict[str, Any]) -> Change:
-    return Change([_build(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
-
-
-class RemoteServices:
-    """The services of Services, run by a remote Clare through its JSON API: same names, same values.
-
-    Raises the same error classes as a local call, with the server's message.
-    """
-
-    __slots__ = ("url", "token")
-
-    def __init__(self, url: str, *, token: str | None = None):
-        self.url = url.rstrip("/")
-        self.token = token
-
-    def __getattr__(self, name: str) -> Callable:
-        if name in LOCAL_ONLY_SERVICES:
-            raise UsageError(f"{name} works on this host's own tmux and hooks; run the command on that host "
-                             "without --remote (and without CLARE_URL)")
-        raise AttributeError(name)
-
-    def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
-        """Send one API request and return its decoded JSON; raise the server's error as a ClareError."""
-        import urllib.parse
-
-        pairs = [(k, x) for k, v in (query or {}).items() if v is not None
-                 for x in (v if isinstance(v, list) else [v])]
-        path += "?" + urllib.parse.urlencode(pairs) if pairs else ""
-        return http_json(self.url, path, method=method, body=body, token=self.token, timeout_s=REMOTE_TIMEOUT_S,
-                         say_where=False, hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
-                                                   "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
-
-    @staticmethod
-    def _path(ref: str) -> str:
-        from urllib.parse import quote
-
-        return quote(ref, safe="")
-
-    def create_project(self, name: str, *, goal: str = "", owner: str = "", dirs: Sequence[str] = ()) -> Project:
-        """Create a project."""
-        return _build(Project, self.call("POST", "/api/v1/projects", body={"name": name, "goal": goal, "owner": owner,
-                                                                           "dirs": list(dirs)}))
-
-    def edit_project(self, ref: str, **changes: Any) -> Project:
-        """Change some fields of a project."""
-        body = {k: list(v) if k == "dirs" else v for k, v in changes.items() if v is not None and v != ()}
-        return _build(Project, self.call("PATCH", f"/api/v1/projects/{self._path(ref)}", body=body))
-
-    def get_project(self, ref: str) -> Project:
-        """Return one project by name or id prefix."""
-        return _build(Project, self.call("GET", f"/api/v1/projects/{self._path(ref)}"))
-
-    def list_projects(self, *, status: str | None = None) -> list[Project]:
-        """Return the projects."""
-        return [_build(Project, p) for p in self.call("GET", "/api/v1/projects", query={"status": status})]
-
-    def project_history(self, project: Project, *, limit: int = 200) -> list[Event]:
-        """Return the events about a project and its tasks."""
-        return [_build(Event, e) for e in self.call("GET", f"/api/v1/projects/{project.id}/history",
-                                                    query={"limit": limit})]
-
-    def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                    description: str = "", tags: Iterable[str] = ()) -> Task:
-        """Add a task to a project."""
-        return _build(Task, self.call("POST", "/api/v1/tasks", body={
-            "project": project_ref, "title": title, "priority": priority, "description": description,
-            **({"tags": list(tags)} if tags else {})}))
-
-    def edit_task(self, ref: str, **changes: Any) -> Task:
-        """Change some fields and tags of a task."""
-        body = {k: list(v) if k in ("tags", "untags") else v for k, v in changes.items() if v not in (None, (), [])}
-        return _build(Task, self.call("PATCH", f"/api/v1/tasks/{self._path(ref)}", body=body))
-
-    def remove_task(self, ref: str) -> Task:
-        """Remove a task (it can be restored)."""
-        return _build(Task, self.call("DELETE", f"/api/v1/tasks/{self._path(ref)}"))
-
-    def restore_task(self, ref: str) -> Task:
-        """Bring a removed task back."""
-        return _build(Task, self.call("POST", f"/api/v1/tasks/{self._path(ref)}/restore", body={}))
-
-    def list_changes(self, *, limit: int = 10) -> list[Change]:
-        """Return the server host's newest changes not undone yet."""
-        return [_change_from_json(c) for c in self.call("GET", "/api/v1/undo", query={"limit": limit})]
-
-    def undo_change(self) -> UndoResult:
-        """Undo the server host's newest change."""
-        got = self.call("POST", "/api/v1/undo", body={})
-        return UndoResult(_change_from_json(got), [_build(Event, e) for e in got["recorded"]], got["n_kept"])
-
-    def get_task(self, ref: str) -> Task:
-        """Return one task by id prefix."""
-        return _build(Task, self.call("GET", f"/api/v1/tasks/{self._path(ref)}"))
-
-    def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
-                   session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
-                   active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
-                   priorities: tuple[int, int] | None = None, search: str | None = None,
-                   include_removed: bool = False) -> list[Task]:
-        """Return tasks, most urgent first."""
-        query = {"project": project_id, "status": status, "session": session_id, "group": group_id,
-                 "open": "1" if is_open else None, "active": "1" if active_projects else None,
-                 "assigned": None if is_assigned is None else str(int(is_assigned)), "tag": tag,
-                 "priority": f"{priorities[0]}-{priorities[1]}" if priorities else None, "search": search,
-                 "removed": "1" if include_removed else None}
-        return [_build(Task, t) for t in self.call("GET", "/api/v1/tasks", query=query)]
-
-    def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
-        """Bind a task to a session or a group."""
-        body = {k: v for k, v in (("session_id", session_id), ("group", group_ref)) if v is not None}
-        return _build(Task, self.call("POST", f"/api/v1/tasks/{self._path(ref)}/assignment", body=body))
-
-    def unassign_task(self, ref: str) -> Task:
-        """End a task's binding."""
-        return _build(Task, self.call("DELETE", f"/api/v1/tasks/{self._path(ref)}/assignment"))
-
-    def create_group(self, name: str, *, cwd: str | None = None, host: str | None = None,
-                     tmux_name: str | None = None) -> Group:
-        """Create a group of sessions."""
-        body = {k: v for k, v in (("name", name), ("cwd", cwd), ("host", host), ("tmux_name", tmux_name))
-                if v is not None}
-        return _build(Group, self.call("POST", "/api/v1/groups", body=body))
-
-    def remove_group(self, ref: str) -> Group:
-        """Remove a group."""
-        return _build(Group, self.call("DELETE", f"/api/v1/groups/{self._path(ref)}"))
-
-    def get_group(self, ref: str) -> Group:
-        """Return one group by name or id prefix."""
-        return _build(Group, self.call("GET", f"/api/v1/groups/{self._path(ref)}"))
-
-    def list_groups(self) -> list[Group]:
-        """Return the groups."""
-        return [_build(Group, g) for g in self.call("GET", "/api/v1/groups")]
-
-    def get_session(self, ref: str) -> Session:
-        """Return one session by id prefix."""
-        return _build(Session, self.call("GET", f"/api/v1/sessions/{self._path(ref)}"))
-
-    def get_session_detail(self, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
-        """Return one session with its task and history; its attach command is the server's (from the server)."""
-        got = self.call("GET", f"/api/v1/sessions/{self._path(ref)}")
-        return SessionDetail(_build(Session, got), _build(Task, got["task"]) if got.get("task") else None,
-                             [_build(Event, e) for e in got.get("history", [])][-limit:], got.get("attach"))
-
-    def list_needs(self) -> list[Session]:
-        """Return the sessions that wait on a person, for triage."""
-        return [_build(Session, x) for x in self.call("GET", "/api/v1/needs")]
-
-    def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
-        """Return the sessions of every host."""
-        query = {"host": host, "all": "1" if include_gone else None}
-        return [_build(Session, x) for x in self.call("GET", "/api/v1/sessions", query=query)]
-
-    def list_group_sessions(self, group_ref: str, *, include_gone: bool = False) -> list[Session]:
-        """Return the sessions a group's patterns match now."""
-        query = {"all": "1" if include_gone else None}
-        return [_build(Session, x) for x in self.call("GET", f"/api/v1/groups/{self._path(group_ref)}/sessions",
-                                                      query=query)]
-
-    def list_ambiguous_panes(self) -> list[Pane]:
-        """Return the panes the server's last pull could not tie to one session."""
-        return [_build(Pane, x) for x in self.call("GET", "/api/v1/panes/ambiguous")]
-
-    def list_broadcast_recipients(self, target: str) -> list[Session]:
-        """Return the live sessions a broadcast target names."""
-        return [_build(Session, x) for x in self.call("GET", "/api/v1/broadcast/recipients", query={"target": target})]
-
-    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
-        """Return the per-session results of a broadcast."""
-        query = {"broadcast": broadcast_id, "pending_on": pending_on}
-        return [_build(Delivery, x) for x in self.call("GET", "/api/v1/deliveries", query=query)]
-
-    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
-                       confirm_s: float = BROADCAST_CONFIRM_S,
-                       on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
-        """Have the server type a text into a target's sessions (it waits for confirmations its own way).
-
-        The server answers once every session is done: `on_delivery` is not called (no lines as they land).
-        """
-        got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
-        return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
-                               [_build(Delivery, d) for d in got["deliveries"]], list(got.get("unreached") or []))
-
-    def start_session(self, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
-                      model: str | None = None, config: dict[str, Any]) -> Order:
-        """Have the server start a session for a task (with its own clare.toml)."""
-        body = {"host": host, "is_worktree": is_worktree, "model": model}
-        return _build(Order, self.call("POST", f"/api/v1/tasks/{self._path(task_ref)}/sessions",
-                                       body={k: v for k, v in body.items() if v is not None}))
-
-    def resume_session(self, session_ref: str, *, config: dict[str, Any]) -> Order:
-        """Have the server resume a gone session on its host."""
-        return _build(Order, self.call("POST", f"/api/v1/sessions/{self._path(session_ref)}/resume", body={}))
-
-    def stop_session(self, session_ref: str, *, is_force: bool = False, config: dict[str, Any]) -> Order:
-        """Have the server stop a session on its host."""
-        return _build(Order, self.call("POST", f"/api/v1/sessions/{self._path(session_ref)}/stop",
-                                       body={"is_force": is_force}))
-
-    def list_orders(self, *, order_id: str | None = None, session_id: str | None = None,
-                    pending_on: str | None = None) -> list[Order]:
-        """Return the session orders and their results."""
-        query = {"id": order_id, "session": session_id, "pending_on": pending_on}
-        return [_build(Order, o) for o in self.call("GET", "/api/v1/orders", query=query)]
-
-    def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                    pane: tuple[str | None, str] | None = None, source: str = "message",
-                    is_done: bool = False) -> Update:
-        """Post a progress note."""
-        if pane is not None and task_ref is None:
-            raise UsageError("a note from inside a pane finds its task on this host; name the task "
-                             "(clare update TASK TEXT) or run without --remote")
-        body = {k: v for k, v in (("text", text), ("task", task_ref), ("session_id", session_id),
-                                  ("source", source), ("is_done", is_done or None)) if v is not None}
-        return _build(Update, self.call("POST", "/api/v1/updates", body=body))
-
-    def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
-                     limit: int = 50) -> list[Update]:
-        """Return the newest updates, newest last."""
-        if task_ids == []:
-            return []
-        query = {"task": task_ids, "id": update_id, "limit": limit}
-        return [_build(Update, u) for u in self.call("GET", "/api/v1/updates", query=query)]
-
-    def list_history(self, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
-        """Return the events naming any of these entities, oldest first."""
-        return [_build(Event, e) for e in self.call("GET", "/api/v1/history",
-                                                    query={"entity": entity_ids, "limit": limit})]
-
-    def list_events(self, *, limit: int = 50) -> list[Event]:
-        """Return the newest events, newest last."""
-        page = self.call("GET", "/api/v1/events", query={"limit": min(limit, MAX_EVENTS_PAGE)})
-        return [_build(Event, e) for e in page["events"]]
-
-    def import_events(self, lines: Iterable[str]) -> tuple[InsertResult, list[str]]:
-        """Send JSON lines of events; return what the server stored and one reason per bad line."""
-        got = self.call("POST", "/api/v1/import", body={"lines": [x.rstrip("\n") for x in lines]})
-        return (InsertResult([_build(Event, e) for e in got["inserted"]], got["duplicates"], got["conflicts"]),
-                got["rejected"])
-
-    def replay(self) -> int:
-        """Rebuild the server's projections; return how many events it applied."""
-        return self.call("POST", "/api/v1/replay", body={})["events"]
-
-    def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
-        """Return the roll-up."""
-        got = self.call("GET", "/api/v1/status", query={"project": project_ref, "group": group_ref})
-        return StatusReport([ProjectStatus(_build(Project, p), p["tokens"], p["n_sessions"]) for p in got["projects"]],
-                            [_build(Session, x) for x in got["sessions"]],
-                            {t["id"]: _build(Task, t) for t in got["tasks"]})
-
-    def clock_status(self) -> dict[str, Any]:
-        """Return what the server's peers say of its clock, and the events it holds back."""
-        return self.call("GET", "/api/v1/status")["clock"]
-
-    def count_events(self) -> int:
-        """Return how many events the server's log holds."""
-        return self.call("GET", "/api/v1/status")["n_events"]
-
-
 _REF = r"(?P<%s>[^/]+)"
 ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
     (method, re.compile(pattern), handler) for method, pattern, handler in (
-        ("GET", r"/api/v1/projects", api_list_projects),
-        ("POST", r"/api/v1/projects", api_create_project),
-        ("GET", r"/api/v1/projects/" + _REF % "project", api_get_project),
-        ("PATCH", r"/api/v1/projects/" + _REF % "project", api_edit_project),
-        ("GET", r"/api/v1/projects/" + _REF % "project" + "/history", api_project_history),
-        ("GET", r"/api/v1/tasks", api_list_tasks),
-        ("POST", r"/api/v1/tasks", api_create_task),
-        ("GET", r"/api/v1/tasks/" + _REF % "task", api_get_task),
-        ("PATCH", r"/api/v1/tasks/" + _REF % "task", api_edit_task),
-        ("DELETE", r"/api/v1/tasks/" + _REF % "task", api_remove_task),
-        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/restore", api_restore_task),
-        ("GET", r"/api/v1/undo", api_list_changes),
-        ("POST", r"/api/v1/undo", api_undo_change),
+        *((spec.method, re.sub(r"\{(\w+)\}", lambda m: _REF % m[1], spec.path), service_handler(name))
+          for name, (_, spec) in SERVICE_APIS.items() if spec is not None and spec.is_routed),
         ("GET", r"/api/v1/tasks/" + _REF % "task" + "/history", api_task_history),
-        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_assign_task),
-        ("DELETE", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_unassign_task),
-        ("GET", r"/api/v1/groups", api_list_groups),
-        ("POST", r"/api/v1/groups", api_create_group),
-        ("GET", r"/api/v1/groups/" + _REF % "group", api_get_group),
-        ("DELETE", r"/api/v1/groups/" + _REF % "group", api_remove_group),
-        ("GET", r"/api/v1/groups/" + _REF % "group" + "/sessions", api_group_sessions),
-        ("GET", r"/api/v1/sessions", api_list_sessions),
-        ("GET", r"/api/v1/sessions/" + _REF % "session", api_get_session),
-        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/sessions", api_start_session),
-        ("POST", r"/api/v1/sessions/" + _REF % "session" + "/resume", api_resume_session),
-        ("POST", r"/api/v1/sessions/" + _REF % "session" + "/stop", api_stop_session),
-        ("GET", r"/api/v1/orders", api_list_orders),
         ("GET", r"/api/v1/sessions/" + _REF % "session" + "/pane", api_session_pane),
         ("GET", r"/api/v1/sessions/" + _REF % "session" + "/transcript", api_session_transcript),
-        ("GET", r"/api/v1/needs", api_list_needs),
-        ("GET", r"/api/v1/panes/ambiguous", api_ambiguous_panes),
-        ("POST", r"/api/v1/broadcast", api_send_broadcast),
-        ("GET", r"/api/v1/broadcast/recipients", api_broadcast_recipients),
-        ("GET", r"/api/v1/deliveries", api_list_deliveries),
-        ("GET", r"/api/v1/updates", api_list_updates),
-        ("POST", r"/api/v1/updates", api_post_update),
-        ("GET", r"/api/v1/status", api_status),
         ("GET", r"/api/v1/events", api_list_events),
-        ("GET", r"/api/v1/history", api_history),
-        ("POST", r"/api/v1/import", api_import_events),
-        ("POST", r"/api/v1/replay", api_replay),
         ("GET", r"/api/v1/openapi\.json", api_openapi),
         ("GET", r"/api/v1/sync/events", sync_get_events),
         ("POST", r"/api/v1/sync/events", sync_post_events),
@@ -10214,6 +10800,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/sessions", cached(page_sessions)),
         ("GET", r"/sessions/" + _REF % "session", page_session),
         ("POST", r"/sessions/" + _REF % "session" + "/task", frag_set_session_task),
+        ("POST", r"/sessions/" + _REF % "session" + "/answer", frag_answer_session),
         ("GET", r"/needs", cached(page_needs)),
         ("GET", r"/broadcast", page_broadcast),
         ("POST", r"/broadcast", frag_send_broadcast),
@@ -10307,7 +10894,7 @@ class Context:
         self.as_json = bool(getattr(args, "json", False))
         self.remote_url: str | None = getattr(args, "remote", None) or os.environ.get("CLARE_URL") or None
         self._db: Db | None = None
-        self._svc: Services | RemoteServices | None = None
+        self._svc: Services | None = None
         self._config: dict[str, Any] | None = None  # clare.toml, read on first use
 
     @property
@@ -10325,7 +10912,7 @@ class Context:
         return self._config
 
     @property
-    def svc(self) -> "Services | RemoteServices":
+    def svc(self) -> Services:
         """Return the services this command runs against: the local database, or --remote / CLARE_URL."""
         if self._svc is None:
             if self.remote_url is not None:
@@ -11242,6 +11829,24 @@ def cmd_sessions_show(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, d, text)
 
 
+def _cmd_answer(answer: str) -> Callable[[argparse.Namespace, Context], int]:
+    def handler(args: argparse.Namespace, ctx: Context) -> int:
+        import getpass
+
+        option = getattr(args, "option", None)
+        got = ctx.svc.answer_session(
+            args.session, "option" if option is not None else answer, option=option,
+            reason=getattr(args, "reason", None) or "", client=f"cli:{getpass.getuser()}@{os.uname().nodename}",
+            peers=() if ctx.remote_url else load_peers(ctx.config, path=ctx.paths.config), settings=ctx.config)
+        a = got.answer
+        emit(ctx, got, f"{answer} {a.tool}: {short_text(a.input, 60)} (session {a.session_id[:SHORT_ID]} on "
+                       f"{a.host}): {got.note}")
+        return 0 if a.result in ("typed", "pending") else 1
+    handler.__name__ = f"cmd_{answer}"
+    handler.__doc__ = f"{answer.capitalize()} a session's open permission dialog, if it is still the same one."
+    return handler
+
+
 def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
     """Attach this terminal to a session's tmux pane: switch-client inside tmux, attach outside, ssh to another host."""
     s = ctx.svc.get_session(args.session)
@@ -11322,6 +11927,7 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
             return 1
     landed = BroadcastLines(as_json=ctx.as_json)
     landed.start(args.target)
+    # A server answers once, with every result: on_delivery is not sent, and the rest prints below.
     result = ctx.svc.send_broadcast(args.target, text, is_command=args.command, on_delivery=landed)
     landed.close()
     rest = [d for d in result.deliveries if d.session_id not in landed.shown]
@@ -11485,6 +12091,16 @@ def cmd_peer_rm(args: argparse.Namespace, ctx: Context) -> None:
                     "a running 'clare serve' syncs with it until restarted")
 
 
+def cmd_token(args: argparse.Namespace, ctx: Context) -> None:
+    """Print this host's API token, to a terminal only."""
+    token = ctx.svc.get_token(ctx.config, path=ctx.paths.config)
+    # SECURITY: a token printed into a pipe or a file ends up in logs and shell histories.
+    if not sys.stdout.isatty():
+        raise UsageError(f"clare token prints the token to a terminal only; a script reads it where it lives: "
+                         f"CLARE_TOKEN, else 'token' in {ctx.paths.config}")
+    emit(ctx, {"token": token, "config": ctx.paths.config}, token)
+
+
 def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
     """List peers with their last sync, lag, clock offset and last error."""
     rows = list_peers(ctx.db, load_peers(ctx.config, path=ctx.paths.config))
@@ -11609,7 +12225,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
                               contacts=config.contacts)
         start_background_pull(ctx.paths.db, settings, stop=stop, log=log)
         base_url = str((settings.get("notify") or {}).get("url") or server.url)
-        start_background_notify(ctx.paths.db, settings, base_url=base_url, stop=stop, log=log)
+        start_background_act(ctx.paths.db, settings, base_url=base_url, stop=stop, log=log)
     try:
         run_server(server, on_start=started)
     finally:
@@ -11774,6 +12390,15 @@ COMMANDS: list[Command] = [
              arg("session", nargs="?", help="with show: session id or unique prefix"),
              arg("--all", action="store_true", help="also sessions that are gone"),
              arg("--state", choices=SESSION_STATES, help="only sessions in this state"))),
+    Command(("approve",), _cmd_answer("approve"), "approve a session's open permission dialog (typed only if "
+            "the same dialog is still open)",
+            "clare approve 7c1e9b\n  clare approve 7c1e9b --option 2   # e.g. 'Yes, and don't ask again for …'",
+            (arg("session", help="session id or unique prefix"),
+             arg("--option", type=int, metavar="N", help="pick the dialog's option N instead of Yes"))),
+    Command(("deny",), _cmd_answer("deny"), "deny a session's open permission dialog, optionally telling Claude why",
+            'clare deny 7c1e9b\n  clare deny 7c1e9b --reason "use make clean instead"',
+            (arg("session", help="session id or unique prefix"),
+             arg("--reason", help="what Claude should do instead (typed after the dialog closes)"))),
     Command(("session", "start"), cmd_session_start, "start a Claude session for a task in a new tmux window",
             "clare session start 3f2a\n  clare session start 3f2a --host apricot --worktree --model sonnet",
             (_TASK_REF, arg("--host", help="machine id, or a host or peer name only one host has (default: where "
@@ -11825,6 +12450,8 @@ COMMANDS: list[Command] = [
     Command(("peer", "rm"), cmd_peer_rm, "remove a peer from clare.toml",
             "clare peer rm apricot\n  clare peer rm http://10.9.0.2:8765 --json",
             (arg("peer", help="the name (or url) of a configured peer"),)),
+    Command(("token",), cmd_token, "print this host's API token (to a terminal only)",
+            "clare token\n  clare token --json"),
     Command(("peer", "list"), cmd_peer_list, "list peers: last sync, events behind, clock offset, last error",
             "clare peer list --json"),
     Command(("sync",), cmd_sync, "sync once with every peer, or one: pull, then push; print what moved",

@@ -102,6 +102,11 @@ def pytest_report_header(config):
     return f"CLARE_SEED={os.environ.get('CLARE_SEED', '(unset: each randomized test runs its fixed seeds)')}"
 
 
+def projection_digest(db) -> dict[str, list[tuple]]:
+    """Return every projection table's rows, sorted: what 'the same state' means in these tests."""
+    return {t: sorted(tuple(r) for r in db.conn.execute(f"SELECT * FROM {t}")) for t in clare.PROJECTION_TABLES}
+
+
 def seeds(n: int, salt: str) -> list[int]:
     """Return the seeds of a randomized test: CLARE_SEED alone when set, else n fixed ones."""
     if os.environ.get("CLARE_SEED"):
