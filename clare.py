@@ -8176,8 +8176,8 @@ def check_auth(config: WebConfig, path: str, headers: dict[str, str]) -> None:
     """Require the bearer token or the login cookie on every path but the public ones."""
     if is_public(path) or is_authenticated(config, headers):
         return
-    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or log in once with the "
-                         "URL that 'clare serve' printed (the token is in clare.toml)",
+    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or open the login URL "
+                         "that 'clare serve' printed (the token is in clare.toml)",
                     headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
 
 

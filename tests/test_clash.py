@@ -10,12 +10,14 @@ from test_sync import Node
 
 @pytest.fixture
 def serve_file(tmp_path):
-    """Serve another host's database file on 127.0.0.1 (no token); return its URL."""
+    """Serve another host's database file on 127.0.0.1 with this home's token (a fleet shares one); return its URL."""
     started = []
 
     def start(db_path) -> str:
         paths = clare.Paths(db=str(db_path), config=str(tmp_path / "other.toml"))
-        server = clare.make_server(clare.web_config(paths, host="127.0.0.1", port=0, env={}))
+        mine = clare.resolve_paths().config  # the CLI's home: its `clare sync` sends this token
+        token = clare.ensure_token(mine, clare.load_config(mine))
+        server = clare.make_server(clare.web_config(paths, host="127.0.0.1", port=0, env={"CLARE_TOKEN": token}))
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))

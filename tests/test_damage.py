@@ -130,7 +130,9 @@ class _Served(str):
 def _serve(db_path, tmp_path) -> _Served:
     import threading
     paths = clare.Paths(db=str(db_path), config=str(tmp_path / "other.toml"))
-    server = clare.make_server(clare.web_config(paths, host="127.0.0.1", port=0, env={}))
+    mine = clare.resolve_paths().config  # the CLI's home: a fleet shares one token, its `clare sync` sends it
+    token = clare.ensure_token(mine, clare.load_config(mine))
+    server = clare.make_server(clare.web_config(paths, host="127.0.0.1", port=0, env={"CLARE_TOKEN": token}))
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     url = _Served(f"http://127.0.0.1:{server.config.port}")
     url.server = server
