@@ -6494,10 +6494,11 @@ def announce_host(db: Db, url: str, *, token: str | None, now_ms: int) -> Event 
     url = check_peer(url).url
     fp = token_fingerprint(token, machine_id=db.machine_id) if token else None
     said = next((h for h in list_announced_hosts(db) if h.host == db.machine_id), None)
-    if said is not None and (said.name, said.url, said.token_fp) == (host_label(), url, fp):
+    name = machine_host_name(db.machine_id)  # the host name it was set up under, as everywhere in Clare
+    if said is not None and (said.name, said.url, said.token_fp) == (name, url, fp):
         return None  # a restart writes nothing: the log does not grow with restarts
     with write_txn(db) as cur:
-        return record(db, cur, "host.announced", {"host": db.machine_id, "name": host_label(), "url": url,
+        return record(db, cur, "host.announced", {"host": db.machine_id, "name": name, "url": url,
                                                   "token_fp": fp}, now_ms=now_ms)
 
 
@@ -9722,7 +9723,8 @@ _OPEN_API_EXTRA_SCHEMAS.update({
                        machine_id=["string", "null"], last_ok_ms=["integer", "null"], last_try_ms=["integer", "null"],
                        last_error=["string", "null"], n_failures="integer", n_behind=["integer", "null"],
                        offset_ms=["integer", "null"], n_pulled="integer", n_pushed="integer", is_skewed="boolean",
-                       n_deferred="integer", deferred_reason=["string", "null"]),
+                       n_deferred="integer", deferred_reason=["string", "null"], n_to_push=["integer", "null"],
+                       host_name=["string", "null"]),
 })
 API_DOCS.update({
     ("GET", "/api/v1/sync/events"): ("Sync: the events stored after receipt number `after` (the cursor)",
@@ -11590,7 +11592,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
         url = announce_url(config.host, server.url, settings, path=ctx.paths.config)
         try:
             if url is not None and announce_host(ctx.db, url, token=config.token, now_ms=now_ms()) is not None:
-                log(f"announced {url} to the fleet as {host_label()}: peers of peers can now offer this host")
+                log(f"announced {url} to the fleet as {machine_host_name(ctx.db.machine_id)}: its peers' peers "
+                    "can now offer this host")
         except ClareError as err:  # serving matters more than being offered: the next start tries again
             log(f"{url} not announced: {err}")
         if not args.no_sync:

@@ -265,12 +265,12 @@ def test_four_hosts_on_a_network_one_on_the_previous_release(net, tmp_path):
             return all(s == sets[0] for s in sets)
         wait_for(converged, timeout=90, what="all four hosts to hold the same events")
         assert release <= set(alpha.events())  # the release database's events reached everyone
+        def nothing_to_move(host: NetHost) -> bool:
+            rows = [r for r in _peers(host) if r["is_configured"]]
+            return all((r["n_to_push"], r["n_behind"], r["last_error"]) == (0, 0, None) for r in rows)
         for host in hosts[:3]:
-            rows = {r["name"]: r for r in _peers(host) if r["is_configured"]}
-            assert all(r["n_to_push"] == 0 and r["n_behind"] == 0 for r in wait_for(
-                lambda: [r for r in _peers(host) if r["is_configured"]] if all(
-                    r["n_to_push"] == 0 and r["n_behind"] == 0 for r in _peers(host) if r["is_configured"])
-                else None, timeout=30, what=f"{host.name}'s peer list to show nothing left to move")), rows
+            wait_for(lambda h=host: nothing_to_move(h), timeout=30,
+                     what=f"{host.name}'s peer list to show nothing left to pull or push")
 
         # --- each host's fleet events never mark another host's sessions
         for host in (alpha, beta, gamma):
