@@ -1534,6 +1534,7 @@ class Task:
     group_id: str | None  # ... or one group, or neither
     tags: tuple[str, ...] = ()  # sorted
     removed_at: str | None = None  # set while the task is removed (task rm); it then leaves every list
+    group: str | None = None  # the name of group_id's group, for display
 
     def to_json(self) -> dict[str, Any]:
         """Return the task as the JSON object the CLI and API print."""
@@ -2138,7 +2139,7 @@ SELECT t.id, t.project_id, coalesce(p.name, '') AS project, t.title, t.descripti
             ELSE t.assignee END AS assignee,
        (SELECT group_concat(tag, ' ') FROM (SELECT x.tag FROM task_tags x
          WHERE x.task_id = t.id AND x.present = 1 ORDER BY x.tag)) AS tags,
-       t.removed_at
+       t.removed_at, CASE WHEN {_LIVE_GROUP} THEN g.name END AS group_name
   FROM tasks t LEFT JOIN projects p ON p.id = t.project_id
        LEFT JOIN groups g ON substr(t.assignee, 1, 6) = 'group:' AND g.id = substr(t.assignee, 7)
  WHERE t.created_at_v IS NOT NULL"""
@@ -2149,7 +2150,7 @@ def _task_from_row(row: sqlite3.Row) -> Task:
     return Task(row["id"], row["project_id"], row["project"], row["title"], row["description"],
                 row["status"], row["priority"], row["created_at"],
                 target if kind == "session" else None, target if kind == "group" else None,
-                tuple((row["tags"] or "").split()), row["removed_at"])
+                tuple((row["tags"] or "").split()), row["removed_at"], row["group_name"] if kind == "group" else None)
 
 
 def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = None,
@@ -2433,7 +2434,10 @@ def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None =
 
 
 def list_known_hosts(db: Db) -> dict[str, set[str]]:
-    """Return every host this log knows (machine id -> display names): event makers, peers, session and code hosts."""
+    """Return every host this log knows (machine id -> display names: its host name, peer names).
+
+    Known: the makers of events, peers that answered, the hosts of sessions and of project directories.
+    """
     hosts: dict[str, set[str]] = {db.machine_id: set()}
     for (machine_id,) in db.conn.execute("SELECT DISTINCT machine_id FROM events"):
         hosts.setdefault(machine_id, set())
@@ -2444,6 +2448,8 @@ def list_known_hosts(db: Db) -> dict[str, set[str]]:
         hosts.setdefault(machine_id, set()).add(name)
     for h in list_announced_hosts(db):
         hosts.setdefault(h.host, set()).add(h.name)
+    for machine_id, names in hosts.items():
+        names.add(machine_host_name(machine_id))  # apricot-3f9a2c is "apricot" to people
     return hosts
 
 
@@ -5643,12 +5649,15 @@ def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dic
     argv = check_launch(db, folder, config=config, branch=outcome.get("branch"))
     if outcome.get("branch"):
         folder = make_worktree(folder, outcome["branch"])
+    # SECURITY: the order may come from a peer: its words become argv and a tmux target, checked here again.
+    model = order.request.get("model")
+    if model is not None and not (isinstance(model, str) and MODEL_RE.match(model)):
+        raise ClareError(f"the order's model {str(model)[:40]!r} is not a model name")
     launcher = agent_launcher(db.path)
     argv += (["--session-id", order.session_id] if order.action == "start" else ["--resume", order.session_id])
-    if order.request.get("model"):
-        argv += ["--model", order.request["model"]]
+    argv += ["--model", model] if model else []
     argv += ["--allowedTools", f"Bash({launcher} update:*)"]  # reporting never opens a permission dialog
-    socket, pane_id, target = open_window(order.request["tmux_session"], folder, argv)
+    socket, pane_id, target = open_window(tmux_session_name(order.request["tmux_session"]), folder, argv)
     outcome |= {"tmux_socket": socket, "pane_id": pane_id, "tmux_target": target, "cwd": folder}
     state, reason = wait_until_ready(socket, pane_id)
     if state != "ready" or order.action != "start" or task is None:
@@ -6816,26 +6825,35 @@ def _wait_backoff(db: Db, peer: Peer, *, stop: Any, seconds: float, contacts: Pe
     return False
 
 
-def push_order(db: Db, order: Order, *, config: dict[str, Any]) -> list[str]:
-    """Sync now with the configured peers that are the order's host; return the names reached.
+ORDER_WAIT_S = START_READY_S + 15  # how long a start pushed to its host is followed for its receipt
 
-    None reached is fine: the order waits in the log for the host's next sync, until it expires.
+
+def push_order(db: Db, order: Order, *, config: dict[str, Any], wait_s: float = ORDER_WAIT_S) -> Order:
+    """Sync now with the configured peer that is the order's host, then follow it until its receipt comes back.
+
+    No such peer, or one that does not answer, is fine: the order waits in the log for the host's
+    next sync (pending), until it expires.
     """
     known = {s.url: s.machine_id for s in list_peer_status(db)}
-    reached = []
     for peer in load_peers(config):
-        if known.get(peer.url) == order.host:
-            with contextlib.suppress(ClareError):  # unreachable now: the periodic sync is the fallback
+        if known.get(peer.url) != order.host:
+            continue
+        deadline = time.monotonic() + wait_s
+        try:
+            sync_round(db, peer, config)  # the host carries it out as soon as the batch arrives
+            while list_orders(db, order_id=order.id)[0].result not in ORDER_FINAL and time.monotonic() < deadline:
+                time.sleep(0.5)
                 sync_round(db, peer, config)
-                reached.append(peer.name)
-    return reached
+        except ClareError:
+            continue  # unreachable now: the periodic sync is the fallback
+        break
+    return list_orders(db, order_id=order.id)[0]
 
 
 def _send_order(db: Db, order: Order, *, config: dict[str, Any], now_ms: int) -> Order:
-    if order.host == db.machine_id:
-        pull_fleet(db, config=config, now_ms=now_ms)  # carries it out, then sees the session
-    else:
-        push_order(db, order, config=config)
+    if order.host != db.machine_id:
+        return push_order(db, order, config=config)
+    pull_fleet(db, config=config, now_ms=now_ms)  # carries it out, then sees the session
     return list_orders(db, order_id=order.id)[0]
 
 
@@ -8299,8 +8317,8 @@ def order_text(o: Order) -> str:
     where = " in " + o.outcome["tmux_target"] if o.outcome.get("tmux_target") else ""
     branch = f" (branch {o.outcome['branch']})" if o.outcome.get("branch") else ""
     if o.result == "pending":
-        return (f"{what}: pending until {o.host} takes it (pushed at once when it is a reachable peer, else at its "
-                f"next sync; expires {when_text(o.expires_at)}); follow it with: clare session orders")
+        return (f"{what}: pending: {o.host} has not taken it yet (it gets the order when it next syncs with a host "
+                f"that has it; expires {when_text(o.expires_at)}); follow it with: clare session orders")
     return f"{what}{where}{branch}: {o.result}" + (f": {o.reason}" if o.reason else "")
 
 
@@ -8309,7 +8327,7 @@ def assignee_text(task: Task) -> Html:
     if task.session_id:
         return render(SESSION_ASSIGNEE, full_id=task.session_id, id=task.session_id[:SHORT_ID])
     if task.group_id:
-        return render(ASSIGNEE, kind="group", id=task.group_id[:SHORT_ID])
+        return render(ASSIGNEE, kind="group", id=task.group or task.group_id[:SHORT_ID])
     return Html('<span class="muted">—</span>')
 
 
@@ -8424,7 +8442,9 @@ def start_card(req: Request, task: Task) -> Html:
             f"Say where the code lives first: clare project set {project.name} --dir /PATH")
     found = [s for s in find_sessions(req.db, prefix=task.session_id) if s.id == task.session_id] \
         if task.session_id else []
-    current = Html("")
+    current, is_live = Html(""), bool(found) and found[0].state != "gone"
+    if is_live:
+        note = "One session per task: stop this one before starting another."
     if found:
         s = found[0]
         verb = "resume" if s.state == "gone" else "stop"
@@ -8436,7 +8456,7 @@ def start_card(req: Request, task: Task) -> Html:
     return render(START_CARD, csrf=csrf_field(req), current=current,
                   attrs=form_attrs(f"/tasks/{task.id}/sessions", target="#start-session"),
                   hosts=options(((h, f"{h} · {project.dirs[h]}") for h in hosts), here),
-                  disabled=Html("" if hosts and task.status != "done" else " disabled"), note=note)
+                  disabled=Html("" if hosts and task.status != "done" and not is_live else " disabled"), note=note)
 
 
 def status_form(req: Request, task: Task, *, view: str) -> Html:
@@ -10333,7 +10353,7 @@ def _assignee(task: Task) -> str:
     if task.session_id:
         return f"session {task.session_id[:SHORT_ID]}"
     if task.group_id:
-        return f"group {task.group_id[:SHORT_ID]}"
+        return f"group {task.group or task.group_id[:SHORT_ID]}"
     return ""
 
 
@@ -11645,8 +11665,8 @@ _GLOBAL_ARGS = (
 # The same options after the verb (`clare task list --home /tmp/c2`): SUPPRESS keeps a value given before it.
 _LEAF_GLOBAL_ARGS = tuple((flags, {**options, "default": argparse.SUPPRESS}) for flags, options in _GLOBAL_ARGS)
 _DIR_ARG = arg("--dir", action="append", default=[], metavar="[HOST:]PATH",
-               help="where the code lives: /PATH on this host, HOST:/PATH on another (machine id or unique peer "
-                    "name), HOST: to forget it; repeat per host")
+               help="where the code lives: /PATH on this host, HOST:/PATH on another (machine id, or a host or "
+                    "peer name only one host has), HOST: to forget it; repeat per host")
 
 _SERVE_ARGS = (
     arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
@@ -11769,7 +11789,8 @@ COMMANDS: list[Command] = [
              arg("--state", choices=SESSION_STATES, help="only sessions in this state"))),
     Command(("session", "start"), cmd_session_start, "start a Claude session for a task in a new tmux window",
             "clare session start 3f2a\n  clare session start 3f2a --host apricot --worktree --model sonnet",
-            (_TASK_REF, arg("--host", help="machine id or unique peer name (default: where the project's code is)"),
+            (_TASK_REF, arg("--host", help="machine id, or a host or peer name only one host has (default: where "
+                                           "the project's code is)"),
              arg("--worktree", action="store_true",
                  help="work in a new git worktree and branch clare/<id>-<title> beside the repository"),
              arg("--model", help="the model Claude uses (claude --model)"))),

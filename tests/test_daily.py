@@ -401,3 +401,13 @@ def test_an_older_clare_stores_and_relays_removal_tags_and_undo_and_a_replay_aft
     got = clare.get_task(old, t.id)
     assert (got.tags, got.removed_at is not None) == (("backend", "urgent"), True)
     assert clare.list_tasks(old) == []
+
+
+def test_a_task_bound_to_a_group_shows_the_groups_name(run_clare):
+    run_clare("project", "new", "alpha")
+    task = _add(run_clare, "alpha", "api work")
+    run_clare("group", "add", "backend", "--cwd", "/srv/api")
+    r = run_clare("assign", task[:8], "--group", "backend")
+    assert r.out == f"task {task[:8]} assigned to group backend: api work\n"
+    assert "group backend" in run_clare("task", "list").out
+    assert run_clare("task", "show", task[:8], "--json").json()["group"] == "backend"

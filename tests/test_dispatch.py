@@ -82,9 +82,14 @@ def test_project_dirs_per_host_are_set_shown_and_removed(cli, db, tmp_path):
     shown = cli("project", "show", "api").out
     assert "code:  /srv/api on m-apricot" in shown and f"code:  {tmp_path} on testhost" in shown
     r = cli("project", "set", "api", "--dir", "m-apricot:", "--dir", "m-one:/opt/api", "--json")
-    assert r.json()["dirs"] == {"m-one": "/opt/api", "testhost": str(tmp_path)}
+    assert r.json()["dirs"] == {"m-one": "/opt/api", "testhost": str(tmp_path)}  # m-apricot's entry forgotten
     r = cli("project", "set", "api", "--dir", "twin:/x")
     assert r.code == 1 and "host name 'twin' is ambiguous: machine ids m-one, m-two" in r.err
+    db.conn.execute("INSERT INTO sync_peers (url, name, machine_id) VALUES ('http://d:1', 'd', 'fig-3f9a2c'), "
+                    "('http://e:1', 'e', 'pear-3f9a2c'), ('http://f:1', 'f', 'pear-77aa00')")
+    assert cli("project", "set", "api", "--dir", "fig:/srv/fig", "--json").json()["dirs"]["fig-3f9a2c"] == "/srv/fig"
+    r = cli("project", "set", "api", "--dir", "pear:/x")
+    assert r.code == 1 and "host name 'pear' is ambiguous: machine ids pear-3f9a2c, pear-77aa00" in r.err
     r = cli("project", "set", "api", "--dir", "nowhere:/x")
     assert r.code == 1 and "no host 'nowhere' is known here" in r.err and "clare sync" in r.err
     r = cli("project", "set", "api", "--dir", "relative/path")
@@ -421,12 +426,11 @@ def test_a_start_placed_on_one_host_is_carried_out_once_by_the_other(hosts, tmp_
     r = a.cli("session", "start", task_id, "--json", env=env)
     assert r.code == 0, r.err
     order = r.json()
-    assert (order["host"], order["result"]) == ("b", "pending")
-    assert a.cli("task", "show", task_id, "--json").json()["session_id"] == order["session_id"]  # bound at once
-    # pushed to b at once: b carries it out without its own pull or sync running (both are off)
-    done = wait_for(lambda: [o for o in b.cli("session", "orders", "--json").json() if o["result"] == "started"],
-                    timeout=30, what="b to start the session")
-    assert done[0]["id"] == order["id"]
+    # pushed to b at once, carried out there at once (b's own pull and sync are off), its receipt followed back
+    assert (order["host"], order["result"], order["by_host"]) == ("b", "started", "b"), order
+    assert a.cli("task", "show", task_id, "--json").json()["session_id"] == order["session_id"]
+    [done] = b.cli("session", "orders", "--json").json()
+    assert (done["id"], done["result"]) == (order["id"], "started")
     assert [x["prompt"].split("\n")[0] for x in b.received() if "prompt" in x] == ["parse"]
     # later syncs and pulls on both sides never start it again
     for host in (b, a, b):
@@ -461,6 +465,25 @@ def test_under_systemd_the_tmux_server_is_started_in_its_own_scope(cli, fleet, t
     assert line.startswith("--user --scope --quiet --collect ") and " new-session -d -s alpha_v2 " in line
 
 
+def test_a_start_for_a_host_out_of_reach_waits_pending_in_the_log(hosts, tmp_path):
+    a, b = hosts("a"), hosts("b")
+    b.serve()
+    env = {"B_TOKEN": b.token}
+    assert a.cli("peer", "add", b.url, "--name", "bee", "--token-env", "B_TOKEN").code == 0
+    assert a.cli("sync", env=env).code == 0
+    assert a.cli("project", "new", "api", "--dir", f"b:{tmp_path}").code == 0
+    task_id = a.cli("task", "add", "api", "parse", "--json").json()["id"]
+    b.stop_group()
+    r = a.cli("session", "start", task_id, env=env)
+    assert r.code == 0 and "pending: b has not taken it yet" in r.out and "clare session orders" in r.out
+    b.serve()  # back: its next sync with a brings the order
+    assert a.cli("peer", "rm", "bee").code == 0
+    assert a.cli("peer", "add", b.url, "--name", "bee", "--token-env", "B_TOKEN").code == 0
+    assert a.cli("sync", env=env).code == 0
+    wait_for(lambda: [o for o in b.cli("session", "orders", "--json").json() if o["result"] == "started"],
+             timeout=30, what="b to start the session once it got the order")
+
+
 def test_a_stop_placed_on_one_host_is_carried_out_by_the_sessions_host(hosts, tmp_path):
     a, b = hosts("a"), hosts("b")
     b.serve()
@@ -475,8 +498,34 @@ def test_a_stop_placed_on_one_host_is_carried_out_by_the_sessions_host(hosts, tm
     wait_for(lambda: a.cli("sync", env=env) and [s for s in a.cli("sessions", "--json").json() if s["id"] == sid],
              timeout=30, what="a to see the session b started")
     r = a.cli("session", "stop", sid[:8], "--json", env=env)
-    assert r.code == 0 and r.json()["result"] == "pending", r.out + r.err
-    wait_for(lambda: [o for o in b.cli("session", "orders", "--json").json() if o["action"] == "stop"
-                      and o["result"] == "stopped"], timeout=30, what="b to stop the session")
+    assert r.code == 0 and r.json()["result"] == "stopped", r.out + r.err
     assert [x["prompt"] for x in b.received() if "prompt" in x][-1] == "/exit"
     assert b.tmux("list-panes", "-a") == ""
+
+
+def test_an_order_from_a_peer_is_checked_again_by_the_host(cli, fleet, db, tmp_path):
+    """A peer's order.placed passes the door on its form; the host still refuses a model that is a flag
+    and never lets a tmux session name reach another session's window."""
+    folder = tmp_path / "code"
+    folder.mkdir()
+    task_id = project_with_task(cli, folder)
+
+    def peer_order(**fields) -> None:
+        payload = {"order_id": uuid.uuid4().hex, "action": "start", "host": "testhost", "session_id": str(uuid.uuid4()),
+                   "task_id": task_id, "cwd": str(folder), "tmux_session": "alpha", "is_worktree": False,
+                   "model": None, "is_force": False, "expires_at": clare.iso_ms(clare.now_ms() + 60_000), **fields}
+        ev = clare.check_received({"uuid": str(uuid.uuid4()), "hlc": f"{clare.now_ms():013d}.000000.peer",
+                                   "machine_id": "peer", "event_type": "order.placed", "payload": payload,
+                                   "created_at": clare.iso_ms(clare.now_ms())})
+        with clare.write_txn(db) as cur:
+            clare.receive_events(db, cur, [ev], now_ms=clare.now_ms())
+
+    peer_order(model="--dangerously-skip-permissions")
+    cli("pull")
+    [refused] = clare.list_orders(db)
+    assert refused.result == "refused" and "is not a model name" in refused.reason
+    assert not (fleet.claude_dir / "fake-started.jsonl").exists()
+    peer_order(tmux_session="alpha:1.0")
+    cli("pull")
+    started = clare.list_orders(db)[-1]
+    assert started.result == "started" and started.outcome["tmux_target"].startswith("alpha_1_0:")
