@@ -473,9 +473,9 @@ class Db:
 
 
 _MIGRATIONS: dict[int, list[str]] = {}  # version -> SQL scripts; filled by sections 3-4 below
-# Run in the upgrade's transaction, after its migrations (section 4 adds the replay): copying a newer
-# clare.py over an older one is the whole upgrade, so what the older one stored unknown applies now.
-AFTER_UPGRADE: list[Callable[[sqlite3.Connection], None]] = []
+# Run once after an upgrade's migrations (section 4 adds the replay): copying a newer clare.py over
+# an older one is the whole upgrade, so what the older one stored without knowing it applies now.
+AFTER_UPGRADE: list[Callable[[Db], Any]] = []
 
 
 def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Db:
@@ -507,7 +507,18 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
             return _open_read_only(path, full)
         raise ClareError(f"cannot open database {path}: {err}; check the path, or move a damaged "
                          "file aside and restore it from a peer with 'clare sync'") from err
-    return Db(conn, path, meta["machine_id"], refusal=refusal)
+    db = Db(conn, path, meta["machine_id"], refusal=refusal)
+    if "needs_replay" in meta and refusal is None:
+        _finish_upgrade(db)
+    return db
+
+
+def _finish_upgrade(db: Db) -> None:
+    """Run what an upgrade leaves after its migrations, then forget it; a crash before the end runs it again."""
+    for after_upgrade in AFTER_UPGRADE:
+        after_upgrade(db)
+    with write_txn(db) as cur:
+        cur.execute("DELETE FROM meta WHERE key = 'needs_replay'")
 
 
 SYNCHRONOUS_MODES = ("FULL", "NORMAL")
@@ -658,12 +669,11 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
                 for statement in script.split(";\n"):
                     if statement.strip():
                         conn.execute(statement)
-        if 0 < version < SCHEMA_VERSION:
-            for after_upgrade in AFTER_UPGRADE:
-                after_upgrade(conn)
         fresh = {"schema_version": str(SCHEMA_VERSION),
                  "machine_id": meta.get("machine_id") or check_machine_id(machine_id or new_machine_id()),
                  "db_id": meta.get("db_id") or new_uuid()}
+        if 0 < version < SCHEMA_VERSION:
+            fresh["needs_replay"] = "1"  # in this transaction: a crash before the replay leaves it to do
         conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", fresh.items())
         conn.execute("COMMIT")
     except BaseException:
@@ -1757,35 +1767,25 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
 
 def replay(db: Db) -> int:
     """Rebuild every projection from the log; return how many events were applied."""
-    with write_txn(db) as cur:
-        return replay_in(db, cur)
-
-
-def replay_in(db: Db, cur: sqlite3.Cursor) -> int:
-    """Rebuild every projection inside the caller's transaction on db's connection; return the events applied."""
     n_events = 0
-    for table in PROJECTION_TABLES:
-        cur.execute(f"DELETE FROM {table}")
-    # apply_event's history refs, for all events at once: in C, and in index order.
-    for key in REF_KEYS:
-        cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
-                        SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
-                         WHERE json_type(payload, '$.{key}') = 'text' ORDER BY 1, 2, 3""")
-    appliers = APPLIERS
-    for ev in iter_events(db, batch=5000):
-        applier = appliers.get(ev.event_type)
-        if applier is not None:
-            applier(cur, ev)
-        n_events += 1
+    with write_txn(db) as cur:
+        for table in PROJECTION_TABLES:
+            cur.execute(f"DELETE FROM {table}")
+        # apply_event's history refs, for all events at once: in C, and in index order.
+        for key in REF_KEYS:
+            cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
+                            SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
+                             WHERE json_type(payload, '$.{key}') = 'text' ORDER BY 1, 2, 3""")
+        appliers = APPLIERS
+        for ev in iter_events(db, batch=5000):
+            applier = appliers.get(ev.event_type)
+            if applier is not None:
+                applier(cur, ev)
+            n_events += 1
     return n_events
 
 
-def _replay_after_upgrade(conn: sqlite3.Connection) -> None:
-    """Apply, at an upgrade, the events the older version stored without knowing them (tags, orders...)."""
-    replay_in(Db(conn, ":upgrade:", ""), conn.cursor())
-
-
-AFTER_UPGRADE.append(_replay_after_upgrade)
+AFTER_UPGRADE.append(replay)  # what the older version stored without knowing it (tags, orders...) applies now
 
 
 _LWW_SQL: dict[tuple[str, tuple[str, ...]], str] = {}
@@ -6581,12 +6581,13 @@ def list_peers(db: Db, peers: Sequence[Peer]) -> list[dict[str, Any]]:
     rows += [{"name": s.name, "url": s.url, "token_env": None, "is_configured": False, **_status_json(db, s)}
              for s in status.values()]
     deferred = list_deferred(db)
-    announced = {h.host: h for h in list_announced_hosts(db)}
+    hosts = list_announced_hosts(db)
+    announced = {h.host: h for h in hosts} | {h.url: h for h in hosts}  # by machine id; before a sync, by url
     for row in rows:
         mine = [d for d in deferred if d.peer_url == row["url"]]
         row["n_deferred"] = len(mine)  # events held back, both ways: each retried once within the bound
         row["deferred_reason"] = mine[-1].reason if mine else None  # the furthest ahead says the most
-        host = announced.get(row["machine_id"] or "")
+        host = announced.get(row["machine_id"] or row["url"])
         row["host_name"] = host.name if host else machine_host_name(row["machine_id"]) if row["machine_id"] else None
     return rows
 

@@ -126,3 +126,25 @@ def test_peer_list_counts_what_is_left_to_pull_and_to_push(tmp_path):
         assert project.name == "alpha"
     finally:
         here.close()
+
+
+def test_an_upgrade_rebuilds_the_projections_and_a_crash_before_that_does_it_at_the_next_open(tmp_path):
+    import shutil
+    import sqlite3
+
+    from conftest import ROOT
+
+    path = tmp_path / "clare.db"
+    shutil.copyfile(ROOT / "tests" / "data" / "release-0.1.0.db", path)
+    db = clare.open_db(str(path))  # schema 1 -> today's, then the replay
+    tasks = clare.list_tasks(db)
+    db.close()
+    conn = sqlite3.connect(path)  # as if the process died after the migration's commit, before the replay
+    conn.executescript("DELETE FROM tasks; INSERT INTO meta (key, value) VALUES ('needs_replay', '1');")
+    conn.close()
+    db = clare.open_db(str(path))
+    try:
+        assert clare.list_tasks(db) == tasks and len(tasks) == 3
+        assert db.conn.execute("SELECT count(*) FROM meta WHERE key = 'needs_replay'").fetchone()[0] == 0
+    finally:
+        db.close()
