@@ -3690,6 +3690,7 @@ DESCRIBE.update({
     "order.carried_out": lambda p: (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
                                     else f"order {p['order_id'][:SHORT_ID]}") + f": {p['result']}"
                                    + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
+    "host.announced": lambda p: f"host {p['name']} ({p['host']}) serves at {p['url']}",
 })
 
 
@@ -11447,16 +11448,17 @@ def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
         raise UsageError("--all-suggested adds every suggested peer under its own name: give no url or --name")
     if not args.all_suggested and not args.url:
         raise UsageError("give the peer's url (clare peer add http://HOST:8765) or --all-suggested")
-    suggested = _suggested(ctx)
     ref = None if args.all_suggested else args.url
-    is_suggested = ref is None or any(ref in (r["name"], r["url"], r["url"] + "/", r["host"]) for r in suggested)
+    is_suggested = ref is None or any(ref in (r["name"], r["url"], r["url"] + "/", r["host"])
+                                      for r in _suggested(ctx, has_token=False))
     if not is_suggested:
         peer = add_peer(ctx.paths.config, args.url, name=args.name, token_env=args.token_env)
         token = f"its token is read from ${peer.token_env}" if peer.token_env else "its token is CLARE_TOKEN's"
         emit(ctx, peer, f"added peer {peer.name} ({peer.url}) to {ctx.paths.config}; {token}\n"
                         f"a running 'clare serve' syncs with it within a second; now: clare sync {peer.name}")
         return
-    added, skipped = add_suggested_peers(ctx.paths.config, suggested, ref, name=args.name, token_env=args.token_env)
+    added, skipped = add_suggested_peers(ctx.paths.config, _suggested(ctx), ref, name=args.name,
+                                         token_env=args.token_env)
     lines = [f"added peer {p.name} ({p.url}) to {ctx.paths.config}" for p in added]
     lines += [f"not added: {r['reason']}" for r in skipped]
     if not added and not skipped:
@@ -11469,10 +11471,11 @@ def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, {"added": [p.to_json() for p in added], "skipped": skipped}, "\n".join(lines))
 
 
-def _suggested(ctx: Context) -> list[dict[str, Any]]:
+def _suggested(ctx: Context, *, has_token: bool = True) -> list[dict[str, Any]]:
+    """Return the suggested peers; without `has_token`, without reading the token (nor comparing it)."""
     config = ctx.config
     return list_suggested_peers(ctx.db, load_peers(config, path=ctx.paths.config),
-                                token=resolve_token(config, path=ctx.paths.config))
+                                token=resolve_token(config, path=ctx.paths.config) if has_token else None)
 
 
 def cmd_peer_rm(args: argparse.Namespace, ctx: Context) -> None:
