@@ -7,7 +7,7 @@ VPY    := $(VENV)/bin/python
 CLAUDE_CODE_VERSION := $(shell cat tests/claude_code_version.txt)
 CLAUDE_CODE_PREFIX  ?= $(or $(CLARE_TEST_CACHE),$(HOME)/.cache/clare-tests)/claude-code-$(CLAUDE_CODE_VERSION)
 
-.PHONY: test test-fast lint bench clean claude-code
+.PHONY: test test-fast lint bench stress clean claude-code
 
 test: lint
 	$(VPY) -m pytest -q
@@ -23,6 +23,10 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VPY) bench/run.py
+
+# A real client's latency while strangers misbehave (500 idle connections...): figures against goals.
+stress: $(VENV)/.installed
+	$(VPY) bench/stress.py
 
 $(VENV)/.installed: requirements-dev.txt
 	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import os
 import re
@@ -34,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 # The first statement after the imports, so that every command (and `import clare`) on an older
 # Python says this in one line instead of a traceback. The lines above, and the grammar of this
@@ -65,7 +66,11 @@ MAX_NAME_CHARS = 100
 MAX_TITLE_CHARS = 300
 MAX_TEXT_CHARS = 20_000  # descriptions, goals, update texts
 MAX_PAYLOAD_BYTES = 64 * 1024  # one event's JSON payload, as stored
+MAX_EVENTS_PAGE = 1000  # events in one answer of the API or one page of an export
 ID_PREFIX_RE = re.compile(r"\A[0-9a-f][0-9a-f-]*\Z")
+# Every id that enters from outside (sync, import, API): Clare's hex ids, Claude's uuids, tmux's %3,
+# machine ids. SECURITY: no space, slash, quote or control character can ride into a URL or a header.
+ID_RE = re.compile(r"\A[A-Za-z0-9%][A-Za-z0-9._:@%+-]{0,63}\Z")
 SHORT_ID = 8  # characters of an id shown to people
 MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is refused wherever it is read
 
@@ -120,16 +125,27 @@ def resolve_paths(*, home: str | None = None, db: str | None = None,
 
 
 def load_config(path: str) -> dict[str, Any]:
-    """Read clare.toml; a missing file is an empty config."""
+    """Read clare.toml; a missing file is an empty config; refuse one others may change that holds a secret."""
     import tomllib  # only the verbs that need settings pay for it
 
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            config = tomllib.load(f)
+            mode = os.fstat(f.fileno()).st_mode
     except FileNotFoundError:
         return {}
     except tomllib.TOMLDecodeError as err:
         raise ClareError(f"{path}: {err}; fix the TOML syntax there") from err
+    # SECURITY: whoever can write a file holding a command (or the token) runs code as this user.
+    if mode & 0o022 and ("token" in config or _has_command(config)):
+        raise ClareError(f"{path} holds a token or a command Clare runs, and other users may change it; "
+                         f"make it yours alone: chmod 600 {path}")
+    return config
+
+
+def _has_command(table: dict[str, Any]) -> bool:
+    return any(key == "command" or key.endswith("_command") or (isinstance(value, dict) and _has_command(value))
+               for key, value in table.items())
 
 
 def make_private_dir(folder: str) -> None:
@@ -165,7 +181,7 @@ def resolve_token(config: dict[str, Any], *, env: Mapping[str, str] | None = Non
     return check_token(config.get("token") or None, where=f"'token' in {path}")
 
 
-def ensure_token(path: str, config: dict[str, Any], *, env: dict[str, str] | None = None) -> str:
+def ensure_token(path: str, config: dict[str, Any], *, env: Mapping[str, str] | None = None) -> str:
     """Return the host's token; without CLARE_TOKEN or `token` in clare.toml, make one and write it there."""
     token = resolve_token(config, env=env, path=path)
     if token is not None:
@@ -211,6 +227,35 @@ def token_fingerprint(token: str, *, machine_id: str) -> str:
     return hashlib.pbkdf2_hmac("sha256", token.encode(), salt, TOKEN_FP_ROUNDS)[:8].hex()
 
 
+def parse_json(data: str | bytes, *, is_lenient: bool = False) -> Any:
+    """Parse standard JSON: NaN, Infinity and lone surrogates are refused with a ValueError naming them.
+
+    `is_lenient` lets those through, for a batch whose items are checked one by one (check_event).
+    """
+    if is_lenient:
+        return json.loads(data)
+    if isinstance(data, str):
+        try:
+            data = data.encode()
+        except UnicodeEncodeError:
+            raise ValueError("the text holds a lone surrogate, which is not UTF-8; send UTF-8 text") from None
+    value = json.loads(data, parse_constant=_refuse_constant)
+    # SECURITY: "\ud800" parses to text that no UTF-8 encoder (SQLite's, a socket's) accepts.
+    if _SURROGATE_ESCAPE_RE.search(data):
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a lone surrogate (\\ud800-\\udfff) is not text; send UTF-8 text") from None
+    return value
+
+
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not standard JSON; send a number or null")
+
+
 def now_ms() -> int:
     """Return the wall clock in integer milliseconds."""
     return time.time_ns() // 1_000_000
@@ -219,6 +264,21 @@ def now_ms() -> int:
 def iso_ms(ms: int) -> str:
     """Format epoch milliseconds as ISO-8601 UTC text with a Z."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def parse_iso_ms(text: object) -> int | None:
+    """Return the epoch milliseconds of ISO-8601 text (a Z or an offset; naive is UTC), None if it is not one."""
+    import datetime
+
+    if not isinstance(text, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp() * 1000)
 
 
 def _duration(ms: int) -> str:
@@ -483,7 +543,10 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
     if path != ":memory:":
         folder = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(folder, exist_ok=True)
+            make_private_dir(folder)
+            # SECURITY: the log holds every prompt and broadcast; SQLite gives -wal and -shm this mode too.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError as err:
             raise ClareError(f"cannot create the folder {folder} for the database: {err.strerror}; "
                              "pick another --home or --db") from err
@@ -888,10 +951,22 @@ def check_event(obj: object) -> Event:
         raise ClareError(f"event_type {obj['event_type'][:60]!r} is not of the form noun.verb")
     if not isinstance(obj["payload"], dict):
         raise ClareError("event payload must be a JSON object")
-    if len(obj["created_at"]) > 40:
-        raise ClareError("event created_at is longer than 40 characters")
-    if len(canonical_json(obj["payload"]).encode()) > MAX_PAYLOAD_BYTES:
+    if len(obj["created_at"]) > 40 or not obj["created_at"].isprintable() or not obj["created_at"].isascii():
+        raise ClareError("event created_at is not ISO-8601 text of up to 40 characters")
+    try:
+        size = len(json.dumps(obj["payload"], ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode())
+    except ValueError as err:  # SECURITY: NaN/Infinity (allow_nan) and lone surrogates (UnicodeEncodeError)
+        what = "a lone surrogate, which is not UTF-8 text" if isinstance(err, UnicodeEncodeError) else \
+            "NaN or Infinity, which standard JSON lacks"
+        raise ClareError(f"event payload holds {what}; send standard JSON") from None
+    if size > MAX_PAYLOAD_BYTES:
         raise ClareError(f"event payload is over {MAX_PAYLOAD_BYTES} bytes")
+    for key, value in obj["payload"].items():  # SECURITY: ids end up in URLs and headers (Location)
+        ids = value if key.endswith("_ids") and isinstance(value, list) else [value] if key.endswith("_id") else []
+        for one in ids:
+            if isinstance(one, str) and not ID_RE.match(one):
+                raise ClareError(f"event payload {key} {one[:60]!r} is not an id: up to 64 letters, digits "
+                                 "and . _ : @ % + -")
     return Event(obj["uuid"], obj["hlc"], obj["machine_id"], obj["event_type"], obj["payload"],
                  obj["created_at"])
 
@@ -988,14 +1063,6 @@ def count_events(db: Db) -> int:
 def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
     """Return the receipt number of the newest stored event, 0 for an empty log."""
     return cur.execute("SELECT coalesce(max(rseq), 0) FROM events").fetchone()[0]
-
-
-def renew_db_id(db: Db) -> str:
-    """Give this database a new db_id, as after a restore: peers then re-read it from 0."""
-    db_id = new_uuid()
-    with write_txn(db) as cur:
-        set_meta(cur, "db_id", db_id)
-    return db_id
 
 
 def renew_identity(db: Db, *, machine_id: str | None = None) -> tuple[str, str]:
@@ -1653,8 +1720,14 @@ def _as_json(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
 
 
+# COMPAT: an event written by a newer Clare (a new type, a new field, a new value of a known field)
+# passes the door on its form alone (check_event, then PAYLOADS: ids, types, sizes), is stored and
+# relayed, and is left out of the projections until a version that knows it replays the log.
+# Refusing it would stop every older peer from storing or relaying it, and the fleet would diverge.
 APPLIERS: dict[str, Callable[[sqlite3.Cursor, Event], None]] = {}
-PAYLOADS: dict[str, dict[str, Callable[[Any], bool]]] = {}  # event type -> field -> check; "name?" is optional
+PAYLOADS: dict[str, dict[str, Callable[[Any], bool]]] = {}  # event type -> field -> form check; "name?": optional
+# event type -> field -> the values this version knows (a field of the vocabulary: a status, a state)
+KNOWN_VALUES: dict[str, dict[str, Any]] = {}
 # event type -> (what a good payload does, check of the whole payload): rules across fields
 PAYLOAD_RULES: dict[str, tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...]] = {}
 
@@ -1665,9 +1738,23 @@ def applies(event_type: str, payload: dict[str, Callable[[Any], bool]], *,
     def register(fn: Callable[[sqlite3.Cursor, Event], None]) -> Callable:
         APPLIERS[event_type] = fn
         PAYLOADS[event_type] = payload
+        KNOWN_VALUES[event_type] = {key.rstrip("?"): check.choices for key, check in payload.items()
+                                    if isinstance(check, _OneOf)}
         PAYLOAD_RULES[event_type] = rules
         return fn
     return register
+
+
+class _OneOf:
+    """A field of the vocabulary: its form is checked at the door, its value only by the projections."""
+
+    __slots__ = ("choices", "form")
+
+    def __init__(self, choices: Sequence[Any], form: Callable[[Any], bool]):
+        self.choices, self.form = choices, form
+
+    def __call__(self, v: Any) -> bool:
+        return self.form(v)
 
 
 def _is_str(v: Any) -> bool:
@@ -1675,7 +1762,7 @@ def _is_str(v: Any) -> bool:
 
 
 def _is_id(v: Any) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= 64
+    return isinstance(v, str) and ID_RE.match(v) is not None
 
 
 def _is_opt_str(v: Any) -> bool:
@@ -1686,16 +1773,23 @@ def _is_opt_id(v: Any) -> bool:
     return v is None or _is_id(v)
 
 
-def _is_priority(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v in PRIORITIES
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_word(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS
 
 
 def _is_one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
-    return lambda v: v in choices
+    return _OneOf(choices, _is_word)
+
+
+_is_priority: Callable[[Any], bool] = _OneOf(PRIORITIES, _is_int)
 
 
 def check_payload(ev: Event) -> Event:
-    """Check the payload of a known event type field by field; unknown types pass (a newer Clare)."""
+    """Check the form of a known event type's payload field by field; unknown types pass (a newer Clare)."""
     for key, check in PAYLOADS.get(ev.event_type, {}).items():
         name = key.rstrip("?")
         if name not in ev.payload:
@@ -1704,27 +1798,47 @@ def check_payload(ev: Event) -> Event:
             raise ClareError(f"{ev.event_type} payload lacks {name}")
         if not check(ev.payload[name]):
             raise ClareError(f"{ev.event_type} payload has a bad {name}: {str(ev.payload[name])[:60]!r}")
-    for rule, check in PAYLOAD_RULES.get(ev.event_type, ()):
-        if not check(ev.payload):
-            raise ClareError(f"{ev.event_type} payload breaks a rule: it {rule}")
     return ev
+
+
+def not_understood(ev: Event) -> str | None:
+    """Say why this version's projections leave a stored event out (a value or rule it does not know), or None."""
+    if ev.event_type not in APPLIERS:
+        return f"{ev.event_type} is not an event type of Clare {__version__}"
+    for name, known in KNOWN_VALUES[ev.event_type].items():
+        if name in ev.payload and ev.payload[name] not in known:
+            return f"{ev.event_type} payload has a {name} Clare {__version__} does not know: " \
+                   f"{str(ev.payload[name])[:60]!r}"
+    for rule, check in PAYLOAD_RULES[ev.event_type]:
+        if not check(ev.payload):
+            return f"{ev.event_type} payload breaks a rule: it {rule}"
+    return None
+
+
+MAX_BROADCAST_EXPIRY_MS = 3_600_000  # a received broadcast may wait this long past its HLC time, no longer
 
 
 def check_received(obj: object) -> Event:
     """Validate an event from outside (file, peer): its form and, for a known type, its payload."""
-    return check_payload(check_event(obj))
+    ev = check_payload(check_event(obj))
+    if ev.event_type == "broadcast.sent":
+        # SECURITY: a broadcast types into agents; a peer must not queue one to arrive in a year.
+        expires_ms = parse_iso_ms(ev.payload["expires_at"])
+        if expires_ms is None or expires_ms > parse_hlc(ev.hlc).wall_ms + MAX_BROADCAST_EXPIRY_MS:
+            raise ClareError(f"broadcast.sent expires_at {ev.payload['expires_at'][:40]!r} is not a time within "
+                             f"{MAX_BROADCAST_EXPIRY_MS // 60_000} min of the broadcast's own time")
+    return ev
 
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Fold one stored event into the projections; unknown types only get history refs."""
+    """Fold one stored event into the projections; one they do not understand only gets history refs."""
     for key in REF_KEYS:  # replay() does the same in bulk: keep the two rules alike
         ref = ev.payload.get(key)
         if isinstance(ref, str):
             cur.execute("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
                         (ref, ev.hlc, ev.uuid))
-    applier = APPLIERS.get(ev.event_type)
-    if applier is not None:
-        applier(cur, ev)
+    if not_understood(ev) is None:
+        APPLIERS[ev.event_type](cur, ev)
 
 
 def record(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any], *, now_ms: int) -> Event:
@@ -1740,7 +1854,10 @@ def record(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any]
         if clock.message and clock.message not in db.warnings:
             db.warnings.append(clock.message)
     ev = make_event(db, cur, event_type, payload, now_ms=now_ms)
-    apply_event(cur, check_payload(ev))
+    reason = not_understood(check_payload(ev))
+    if reason is not None and event_type in APPLIERS:  # a bug in a service: its own events are understood
+        raise ClareError(reason)
+    apply_event(cur, ev)
     return ev
 
 
@@ -1772,15 +1889,22 @@ def replay(db: Db) -> int:
         for table in PROJECTION_TABLES:
             cur.execute(f"DELETE FROM {table}")
         # apply_event's history refs, for all events at once: in C, and in index order.
+        # COMPAT: a log written before NaN was refused at the door may hold payloads SQLite's JSON
+        # functions reject ("malformed JSON"): CASE skips them there, and Python, which reads NaN
+        # as a float, takes their refs and applies them as it always did.
         for key in REF_KEYS:
             cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
                             SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
-                             WHERE json_type(payload, '$.{key}') = 'text' ORDER BY 1, 2, 3""")
+                             WHERE CASE WHEN json_valid(payload) THEN json_type(payload, '$.{key}') = 'text' END
+                             ORDER BY 1, 2, 3""")
+        for row in cur.execute("SELECT payload, hlc, uuid FROM events WHERE NOT json_valid(payload)").fetchall():
+            payload = json.loads(row[0])
+            cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
+                            [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
         appliers = APPLIERS
         for ev in iter_events(db, batch=5000):
-            applier = appliers.get(ev.event_type)
-            if applier is not None:
-                applier(cur, ev)
+            if not_understood(ev) is None:
+                appliers[ev.event_type](cur, ev)
             n_events += 1
     return n_events
 
@@ -2488,11 +2612,6 @@ def list_history(db: Db, entity_ids: list[str], *, limit: int = 200) -> list[Eve
              WHERE e.uuid IN (SELECT uuid FROM event_refs WHERE entity_id IN ({marks}))
              ORDER BY e.hlc DESC, e.uuid DESC LIMIT ?""", [*entity_ids, limit]).fetchall()
     return [_event_from_row(r) for r in reversed(rows)]
-
-
-def projection_digest(db: Db) -> dict[str, list[tuple]]:
-    """Return every projection table's rows, sorted: what 'the same state' means in tests and sync checks."""
-    return {t: sorted(tuple(r) for r in db.conn.execute(f"SELECT * FROM {t}")) for t in PROJECTION_TABLES}
 
 
 # ==========================================================================
@@ -3569,9 +3688,9 @@ def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertR
             continue
         try:
             line.encode()  # a file read with surrogateescape keeps bytes that are not UTF-8 visible here
-            good.append(check_received(json.loads(line)))
+            good.append(check_received(parse_json(line)))
         except UnicodeEncodeError:
-            bad.append(f"line {n}: not UTF-8 text")
+            bad.append(f"line {n}: not UTF-8 text (bytes that are not UTF-8, or a lone surrogate)")
         except RecursionError:
             bad.append(f"line {n}: JSON nested too deeply")
         except (ClareError, ValueError) as err:
@@ -3621,6 +3740,15 @@ def restore_backup(path: str, backup_path: str) -> tuple[str, int, str | None]:
         return db_id, count_events(restored), aside
     finally:
         restored.close()
+
+
+def get_token(config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:
+    """Return this host's API token, the one its server and --remote clients use (see resolve_token)."""
+    token = resolve_token(config, env=env, path=path)
+    if token is None:
+        raise NotFound(f"this host has no API token: no CLARE_TOKEN and no 'token' in {path}; make one with: "
+                       "clare setup")
+    return token
 
 
 def project_history(db: Db, project: Project, *, limit: int = 200) -> list[Event]:
@@ -3692,41 +3820,6 @@ DESCRIBE.update({
                                    + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
     "host.announced": lambda p: f"host {p['name']} ({p['host']}) serves at {p['url']}",
 })
-
-
-class Services:
-    """The services and queries bound to one database and the wall clock: what the CLI calls.
-
-    A remote Clare offers the same names over HTTP, so a CLI handler never knows which it has.
-    """
-
-    __slots__ = ("db",)
-
-    def __init__(self, db: Db):
-        self.db = db
-
-    def __getattr__(self, name: str) -> Callable:
-        try:
-            fn = SERVICES[name]
-        except KeyError:
-            raise AttributeError(name) from None
-        code = fn.__code__
-        if "now_ms" in code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]:
-            return lambda *args, **kw: fn(self.db, *args, now_ms=now_ms(), **kw)
-        return lambda *args, **kw: fn(self.db, *args, **kw)
-
-
-SERVICES: dict[str, Callable] = {fn.__name__: fn for fn in (
-    create_project, edit_project, get_project, list_projects, project_history,
-    create_task, edit_task, get_task, list_tasks, assign_task, unassign_task, remove_task, restore_task,
-    list_changes, undo_change,
-    create_group, remove_group, get_group, list_groups,
-    get_session, get_session_detail, list_needs, list_sessions, list_group_sessions, get_pane_session,
-    observe_sessions, report_hook,
-    list_broadcast_recipients, list_deliveries, get_status,
-    post_update, list_updates, list_history, list_events, import_events, replay, count_events,
-    list_orders,
-)}
 
 
 # ==========================================================================
@@ -4205,14 +4298,7 @@ def newest_transcript(claude_dir: str, cwd: str, *, since_ms: int) -> str | None
 
 
 def _iso_to_ms(text: object) -> int | None:
-    import datetime
-
-    if not isinstance(text, str):
-        return None
-    try:
-        return int(datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return None
+    return parse_iso_ms(text)
 
 
 def _text_of(content: object) -> str:
@@ -4942,9 +5028,9 @@ def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> No
     wrong while recording ends in the spool, and whatever goes wrong while spooling is dropped.
     """
     try:
-        payload = json.loads(raw)
-    except ValueError:
-        return  # not a report: nothing to keep
+        payload = parse_json(raw)
+    except (ValueError, RecursionError):
+        return  # not a report (or not standard JSON): nothing to keep
     if not isinstance(payload, dict):
         return
     report = {"payload": payload, "tmux_pane": env.get("TMUX_PANE") or None,
@@ -4965,7 +5051,7 @@ def run_hook(db_path: str, raw: bytes, *, env: dict[str, str], at_ms: int) -> No
 def spool_report(db_path: str, report: dict[str, Any]) -> str:
     """Write one hook report to the spool, atomically; return its path."""
     folder = spool_dir(db_path)
-    os.makedirs(folder, exist_ok=True)
+    make_private_dir(folder)  # reports hold prompts
     path = os.path.join(folder, f"{report['at_ms']:013d}-{os.getpid()}-{new_id()[:8]}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(report, f)
@@ -5731,7 +5817,7 @@ ORDER_HANDLERS: dict[str, Callable[[Db, Order, dict[str, Any]], tuple[str, str, 
     "start": _launch, "resume": _launch, "stop": _stop}
 
 
-SERVICES.update({fn.__name__: fn for fn in (pull_fleet, list_ambiguous_panes, send_broadcast)})
+
 
 
 # ==========================================================================
@@ -6424,11 +6510,13 @@ def add_peer(path: str, url: str, *, name: str | None = None, token_env: str | N
     lines = ["[[peers]]", f"name = {json.dumps(peer.name)}", f"url = {json.dumps(peer.url)}"]
     if peer.token_env:
         lines.append(f"token_env = {json.dumps(peer.token_env)}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as f:
-        f.seek(0)
-        text = f.read()
-        f.write(("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + "\n".join(lines) + "\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    write_private(path, text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "")
+                  + "\n".join(lines) + "\n")
     return peer
 
 
@@ -6461,11 +6549,7 @@ def remove_peer(path: str, ref: str) -> Peer:
     if text is None or tomllib.loads(text) != expected:
         raise ClareError(f"cannot remove peer {peers[index].name} from {path} without touching other settings; "
                          "delete its [[peers]] table there by hand")
-    staging = path + ".tmp"
-    with open(staging, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(staging, os.stat(path).st_mode & 0o777)  # clare.toml may hold a token: keep it private
-    os.replace(staging, path)
+    write_private(path, text)  # clare.toml may hold a token: private, whatever its mode was
     return peers[index]
 
 
@@ -6625,8 +6709,6 @@ def clock_status(db: Db, *, now_ms: int) -> dict[str, Any]:
             "deferred_reason": deferred[-1].reason if deferred else None}
 
 
-SERVICES["clock_status"] = clock_status
-
 
 def clock_lines(clock: dict[str, Any]) -> list[str]:
     """Return the sentences a person should read about the clock and deferred events; none when all is well."""
@@ -6697,9 +6779,11 @@ class PeerBook(Sequence[Peer]):
     A bad edit (a TOML typo, a bad url) keeps the last good list; reload() says why, once per edit.
     """
 
-    def __init__(self, path: str, settings: dict[str, Any], peers: Sequence[Peer]):
+    def __init__(self, path: str, settings: dict[str, Any], peers: Sequence[Peer], *,
+                 overrides: dict[str, Any] | None = None):
         self.path = path  # clare.toml
-        self.settings = settings  # clare.toml as last read well: peer tokens
+        self.overrides = overrides or {}  # what serve set over the file (a token made at start), kept at reloads
+        self.settings = settings  # clare.toml as last read well, with the overrides: peer tokens
         self.peers = tuple(peers)  # ... and its peers; swapped whole, so a reader never sees half a list
         self.stamp = _file_stamp(path)  # the file as last read (well or not): a change means read again
 
@@ -6715,7 +6799,7 @@ class PeerBook(Sequence[Peer]):
         if stamp == self.stamp:
             return False
         self.stamp = stamp
-        settings = load_config(self.path)
+        settings = {**load_config(self.path), **self.overrides}
         peers = tuple(load_peers(settings, path=self.path))
         sync_interval_s(settings, path=self.path)
         self.settings, self.peers = settings, peers
@@ -6885,7 +6969,6 @@ def stop_session(db: Db, session_ref: str, *, is_force: bool = False, config: di
                        now_ms=now_ms)
 
 
-SERVICES.update({fn.__name__: fn for fn in (start_session, resume_session, stop_session)})
 def peer_of_host(db: Db, peers: Iterable[Peer], host: str) -> Peer | None:
     """Return the configured peer whose last sync answered as machine `host`, or None (not a direct peer)."""
     ids = {s.url: s.machine_id for s in list_peer_status(db)}
@@ -6968,6 +7051,545 @@ def _offset(ms: int | None) -> str:
     return text + " SKEWED" if abs(ms) > MAX_OFFSET_MS else text
 
 
+# --- the services, each declared once ---------------------------------------------------------
+# A method of Services is a service's one declaration: its signature (what the CLI and pages call),
+# its HTTP form (@api: route, where each argument travels, the answer), or @here for what works on
+# this host only. The remote client (RemoteServices, section 7), the JSON handlers and the OpenAPI
+# document (section 8) are derived from it; nothing about a service is written out again elsewhere.
+
+_S = TypeVar("_S", bound="Services")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    """How one service travels over HTTP. Arguments are named as in the signature; "arg=wire" renames one."""
+
+    method: str
+    path: str  # "/api/v1/tasks/{task}": each {wire} takes the next leading positional argument
+    summary: str  # the OpenAPI summary
+    query: tuple[str, ...] = ()
+    body: tuple[str, ...] = ()
+    status: int = 200
+    resolve: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> getter: the server turns a ref into
+    # that object (or its id, for a *_id or *_ids argument)
+    here: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> why it cannot be sent (refused remotely)
+    not_sent: tuple[str, ...] = ()  # arguments a remote call leaves out (the server uses its own defaults)
+    server: dict[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)  # arg -> what the server
+    # passes instead, from the request (its own settings); a remote call leaves it out
+    max_int: int = MAX_EVENTS_PAGE  # integer query arguments are within 1..max_int
+    schema: str | None = None  # the OpenAPI answer, a component's name; None: from the return type
+    body_schema: dict[str, Any] | None = None  # the OpenAPI request body; None: from the body arguments
+    check: Callable[[dict[str, Any]], None] | None = None  # the server's extra check of a body
+    to_wire: Callable[[Any, Any], Any] | None = None  # (request, result) -> the JSON answer; None: the result
+    from_wire: Callable[[Any], Any] | None = None  # the JSON answer -> the result; None: from the return type
+    is_routed: bool = True  # False: the remote client asks a route that answers more (count_events)
+    is_lenient: bool = False  # a batch whose items are checked one by one: a bad item rejects that item only
+
+
+SERVICE_APIS: dict[str, tuple[Callable[..., Any], Api | None]] = {}  # service -> (function, HTTP form or None)
+
+
+def api(method: str, path: str, summary: str, **form: Any
+        ) -> Callable[[Callable[Concatenate[_S, _P], _R]], Callable[Concatenate[_S, _P], _R]]:
+    """Declare a Services method as a service offered over HTTP (see Api for the form)."""
+    return _declare(Api(method, path, summary, **form))
+
+
+def here(fn: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+    """Declare a Services method as a service of this host only: its tmux, its hooks, its files."""
+    return _declare(None)(fn)
+
+
+def _declare(spec: Api | None) -> Callable[[Callable[Concatenate[_S, _P], _R]], Callable[Concatenate[_S, _P], _R]]:
+    def register(fn: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+        SERVICE_APIS[fn.__name__] = (fn, spec)
+
+        @functools.wraps(fn)
+        def call(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            return self._run(fn, spec, args, kwargs)
+        return call
+    return register
+
+
+def from_json(cls: type, obj: dict[str, Any]) -> Any:
+    """Rebuild a dataclass from its JSON object (a JSON list back into a tuple field); added fields are ignored."""
+    import typing
+
+    return cls(**{f.name: tuple(obj[f.name]) if typing.get_origin(f.type) is tuple else obj[f.name]
+                  for f in dataclasses.fields(cls) if f.name in obj})
+
+
+def _change_from_json(obj: dict[str, Any]) -> Change:
+    return Change([from_json(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
+
+
+def _status_to_wire(req: Any, report: StatusReport) -> dict[str, Any]:
+    return {**report.to_json(), "n_events": req.svc.count_events(), "machine_id": req.db.machine_id,
+            "clock": req.svc.clock_status()}
+
+
+def _status_from_wire(got: dict[str, Any]) -> StatusReport:
+    return StatusReport([ProjectStatus(from_json(Project, p), p["tokens"], p["n_sessions"]) for p in got["projects"]],
+                        [from_json(Session, x) for x in got["sessions"]],
+                        {t["id"]: from_json(Task, t) for t in got["tasks"]})
+
+
+def _server_config(req: Any) -> dict[str, Any]:
+    return load_config(req.config.config_path)  # the server's own clare.toml, read at each request
+
+
+def _only_message_updates(body: dict[str, Any]) -> None:
+    # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
+    # client that could post them would put words in a session's or a hook's mouth.
+    if body.get("source", "message") != "message":
+        raise UsageError(f"update source {body['source']!r} is not allowed here; only 'message' may be posted "
+                         "(pane tails, triage and hook notes are written by 'clare pull')")
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """Where one argument of a declared service goes: its place, its name there and its kind of value."""
+
+    arg: str
+    where: str  # "path", "query", "body", "here" (refused remotely unless at its default), "server" or "not_sent"
+    name: str  # in the path, query or body
+    kind: str  # "text", "int", "bool", "list", "range" (a (lo, hi) pair as "lo-hi") or "object" (a record)
+    is_optional: bool  # None is a value of it
+    is_required: bool  # it has no default
+    default: Any
+    resolver: str | None  # a getter the server turns the ref into the record (or its id) with
+
+
+_WIRES: dict[str, tuple[Wire, ...]] = {}
+
+
+def wire_args(name: str) -> tuple[Wire, ...]:
+    """Return where each argument of a declared service goes: path, query and body in their declared order."""
+    if name not in _WIRES:
+        import inspect
+        import types
+        import typing
+
+        fn, spec = SERVICE_APIS[name]
+        params = list(inspect.signature(fn).parameters.values())[1:]  # after self
+        spec = spec or Api("", "", "")
+        placed = dict(zip(re.findall(r"\{(\w+)\}", spec.path), (p.name for p in params), strict=False))
+        where = {arg: ("path", wire) for wire, arg in placed.items()}
+        for place, specs in (("query", spec.query), ("body", spec.body)):
+            for text in specs:
+                arg, _, wire = text.partition("=")
+                where[arg] = (place, wire or arg)
+        where.update({arg: ("here", arg) for arg in spec.here})
+        where.update({arg: ("not_sent", arg) for arg in spec.not_sent})
+        where.update({arg: ("server", arg) for arg in spec.server})
+        wires = []
+        for p in params:
+            if p.name not in where and SERVICE_APIS[name][1] is not None:
+                raise TypeError(f"{name}: argument {p.name} is not placed in the path, query or body of its @api")
+            ann = p.annotation
+            is_optional = isinstance(ann, types.UnionType) and type(None) in typing.get_args(ann)
+            base = next((a for a in typing.get_args(ann) if a is not type(None)), ann) if is_optional else ann
+            origin = typing.get_origin(base) or base
+            kind = {bool: "bool", int: "int", str: "text", list: "list", tuple: "range"}.get(origin) or \
+                ("list" if origin in (Iterable, Sequence) else "object")
+            place, wire = where.get(p.name, ("here", p.name))
+            wires.append(Wire(p.name, place, wire, kind, is_optional, p.default is p.empty, p.default,
+                              spec.resolve.get(p.name)))
+        order = {"path": 0, "query": 1, "body": 2}
+        _WIRES[name] = tuple(sorted(wires, key=lambda w: order.get(w.where, 3)))  # stable: declared order kept
+    return _WIRES[name]
+
+
+class Services:
+    """The services and queries bound to one database and the wall clock: what the CLI and pages call.
+
+    RemoteServices offers the same methods over HTTP, so a caller never knows which it has.
+    """
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Db):
+        self.db = db
+
+    def _run(self, fn: Callable[..., _R], spec: Api | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _R:
+        return fn(self, *args, **kwargs)
+
+    @api("GET", "/api/v1/projects", "List projects with task counts", query=("status",))
+    def list_projects(self, *, status: str | None = None) -> list[Project]:
+        """Return the projects, with task counts."""
+        return list_projects(self.db, status=status)
+
+    @api("POST", "/api/v1/projects", "Create a project", body=("name", "goal", "owner", "dirs"), status=201)
+    def create_project(self, name: str, *, goal: str = "", owner: str = "", dirs: Sequence[str] = ()) -> Project:
+        """Create a project (dirs: "/path" here, "HOST:/path" on another host)."""
+        return create_project(self.db, name, goal=goal, owner=owner, dirs=dirs, now_ms=now_ms())
+
+    @api("GET", "/api/v1/projects/{project}", "Get a project by name or id prefix")
+    def get_project(self, ref: str) -> Project:
+        """Return the project named `ref` or whose id starts with `ref`."""
+        return get_project(self.db, ref)
+
+    @api("PATCH", "/api/v1/projects/{project}", 'Change a project (dirs: "/path", "HOST:/path", "HOST:" removes)',
+         body=("name", "goal", "owner", "status", "dirs"))
+    def edit_project(self, ref: str, *, name: str | None = None, goal: str | None = None,
+                     owner: str | None = None, status: str | None = None, dirs: Sequence[str] = ()) -> Project:
+        """Change some fields of a project, and its directory per host."""
+        return edit_project(self.db, ref, name=name, goal=goal, owner=owner, status=status, dirs=dirs,
+                            now_ms=now_ms())
+
+    @api("GET", "/api/v1/projects/{project}/history", "Events about a project and its tasks", query=("limit",),
+         resolve={"project": "get_project"})
+    def project_history(self, project: Project, *, limit: int = 200) -> list[Event]:
+        """Return the events about a project and its tasks, oldest first."""
+        return project_history(self.db, project, limit=limit)
+
+    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1)",
+         query=("project_id=project", "status", "session_id=session", "group_id=group", "is_open=open",
+                "active_projects=active", "is_assigned=assigned", "tag", "priorities=priority", "search",
+                "include_removed=removed"), resolve={"project_id": "get_project", "group_id": "get_group"})
+    def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
+                   session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
+                   active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
+                   priorities: tuple[int, int] | None = None, search: str | None = None,
+                   include_removed: bool = False) -> list[Task]:
+        """Return tasks, most urgent first."""
+        return list_tasks(self.db, project_id=project_id, status=status, session_id=session_id, group_id=group_id,
+                          is_open=is_open, active_projects=active_projects, is_assigned=is_assigned, tag=tag,
+                          priorities=priorities, search=search, include_removed=include_removed)
+
+    @api("POST", "/api/v1/tasks", "Add a task", body=("project_ref=project", "title", "priority", "description",
+                                                      "tags"), status=201)
+    def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
+                    description: str = "", tags: Iterable[str] = ()) -> Task:
+        """Add a task to a project."""
+        return create_task(self.db, project_ref, title, priority=priority, description=description, tags=tags,
+                           now_ms=now_ms())
+
+    @api("GET", "/api/v1/tasks/{task}", "Get a task by id prefix (removed ones too)")
+    def get_task(self, ref: str) -> Task:
+        """Return the task whose id starts with `ref`."""
+        return get_task(self.db, ref)
+
+    @api("PATCH", "/api/v1/tasks/{task}", "Change a task; tags adds tags, untags removes them",
+         body=("title", "description", "priority", "status", "tags", "untags"))
+    def edit_task(self, ref: str, *, title: str | None = None, description: str | None = None,
+                  priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
+                  untags: Iterable[str] = ()) -> Task:
+        """Change some fields and tags of a task."""
+        return edit_task(self.db, ref, title=title, description=description, priority=priority, status=status,
+                         tags=tags, untags=untags, now_ms=now_ms())
+
+    @api("DELETE", "/api/v1/tasks/{task}", "Remove a task: it leaves every list, keeps its history, can be restored")
+    def remove_task(self, ref: str) -> Task:
+        """Remove a task (it can be restored)."""
+        return remove_task(self.db, ref, now_ms=now_ms())
+
+    @api("POST", "/api/v1/tasks/{task}/restore", "Bring a removed task back")
+    def restore_task(self, ref: str) -> Task:
+        """Bring a removed task back."""
+        return restore_task(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/undo", "This host's newest changes not undone yet, newest first", query=("limit",),
+         max_int=100, from_wire=lambda got: [_change_from_json(c) for c in got])
+    def list_changes(self, *, limit: int = 10) -> list[Change]:
+        """Return this host's newest changes not undone yet, newest first."""
+        return list_changes(self.db, limit=limit)
+
+    @api("POST", "/api/v1/undo", "Undo this host's newest change by recording its inverse",
+         body_schema={"type": "object"},
+         from_wire=lambda got: UndoResult(_change_from_json(got), [from_json(Event, e) for e in got["recorded"]],
+                                          got["n_kept"]))
+    def undo_change(self) -> UndoResult:
+        """Undo this host's newest change by recording its inverse."""
+        return undo_change(self.db, now_ms=now_ms())
+
+    @api("POST", "/api/v1/tasks/{task}/assignment", "Assign a task to a session or a group",
+         body=("session_id", "group_ref=group"))
+    def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
+        """Bind a task to one session or one group, ending any previous binding."""
+        return assign_task(self.db, ref, session_id=session_id, group_ref=group_ref, now_ms=now_ms())
+
+    @api("DELETE", "/api/v1/tasks/{task}/assignment", "End a task's assignment")
+    def unassign_task(self, ref: str) -> Task:
+        """End a task's binding."""
+        return unassign_task(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups", "List groups")
+    def list_groups(self) -> list[Group]:
+        """Return the groups."""
+        return list_groups(self.db)
+
+    @api("POST", "/api/v1/groups", "Create a group", body=("name", "cwd", "host", "tmux_name"), status=201)
+    def create_group(self, name: str, *, cwd: str | None = None, host: str | None = None,
+                     tmux_name: str | None = None) -> Group:
+        """Create a group of sessions by cwd, host or tmux session name."""
+        return create_group(self.db, name, cwd=cwd, host=host, tmux_name=tmux_name, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups/{group}", "Get a group by name or id prefix")
+    def get_group(self, ref: str) -> Group:
+        """Return the group named `ref` or whose id starts with `ref`."""
+        return get_group(self.db, ref)
+
+    @api("DELETE", "/api/v1/groups/{group}", "Remove a group")
+    def remove_group(self, ref: str) -> Group:
+        """Remove a group; its tasks become unassigned."""
+        return remove_group(self.db, ref, now_ms=now_ms())
+
+    @api("GET", "/api/v1/groups/{group}/sessions", "Sessions a group's patterns match now",
+         query=("include_gone=all",))
+    def list_group_sessions(self, group_ref: str, *, include_gone: bool = False) -> list[Session]:
+        """Return the sessions a group's patterns match now."""
+        return list_group_sessions(self.db, group_ref, include_gone=include_gone)
+
+    @api("GET", "/api/v1/sessions", "List Claude sessions of every host", query=("host", "include_gone=all"))
+    def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
+        """Return the sessions of every host."""
+        return list_sessions(self.db, host=host, include_gone=include_gone)
+
+    @api("GET", "/api/v1/sessions/{session}", "", is_routed=False)  # the route answers get_session_detail
+    def get_session(self, ref: str) -> Session:
+        """Return the session whose id starts with `ref` (gone ones too)."""
+        return get_session(self.db, ref)
+
+    @api("GET", "/api/v1/sessions/{session}", "Get a session by id prefix, with its task, history and attach command",
+         query=("limit",), server={"hosts": lambda req: (req.config.settings or {}).get("hosts") or {}},
+         from_wire=lambda got: SessionDetail(
+             from_json(Session, got), from_json(Task, got["task"]) if got.get("task") else None,
+             [from_json(Event, e) for e in got.get("history", [])], got.get("attach")))
+    def get_session_detail(self, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
+        """Return a session with its task, its newest history and the command that attaches to its pane."""
+        return get_session_detail(self.db, ref, hosts=hosts, limit=limit)
+
+    @api("POST", "/api/v1/tasks/{task}/sessions", "Start a Claude session for a task on a host (in a new worktree)",
+         body=("host", "is_worktree", "model"), status=201, server={"config": _server_config})
+    def start_session(self, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
+                      model: str | None = None, config: dict[str, Any]) -> Order:
+        """Start a Claude session for a task, here or on another host (a server uses its own clare.toml)."""
+        # SECURITY: this runs a program and types into an AI agent: the token and cross-site rules guard it.
+        return start_session(self.db, task_ref, host=host, is_worktree=is_worktree, model=model, config=config,
+                             now_ms=now_ms())
+
+    @api("POST", "/api/v1/sessions/{session}/resume", "Resume a gone session on its host", status=201,
+         body_schema={"type": "object", "required": [], "properties": {}, "additionalProperties": False},
+         server={"config": _server_config})
+    def resume_session(self, session_ref: str, *, config: dict[str, Any]) -> Order:
+        """Resume a gone session (claude --resume) on its host, in its directory."""
+        return resume_session(self.db, session_ref, config=config, now_ms=now_ms())
+
+    @api("POST", "/api/v1/sessions/{session}/stop", "Stop a session: /exit while it waits, SIGTERM with is_force",
+         body=("is_force",), status=201, server={"config": _server_config})
+    def stop_session(self, session_ref: str, *, is_force: bool = False, config: dict[str, Any]) -> Order:
+        """Stop a session on its host: /exit while it waits; is_force sends SIGTERM even while it works."""
+        return stop_session(self.db, session_ref, is_force=is_force, config=config, now_ms=now_ms())
+
+    @api("GET", "/api/v1/orders", "Session orders (start, resume, stop) and their results",
+         query=("order_id=id", "session_id=session", "pending_on"))
+    def list_orders(self, *, order_id: str | None = None, session_id: str | None = None,
+                    pending_on: str | None = None) -> list[Order]:
+        """Return the session orders and their results."""
+        return list_orders(self.db, order_id=order_id, session_id=session_id, pending_on=pending_on)
+
+    @api("GET", "/api/v1/needs", "Sessions waiting on a person: permission first, then the longest waiting")
+    def list_needs(self) -> list[Session]:
+        """Return the sessions that wait on a person: permission dialogs first, then the longest waiting."""
+        return list_needs(self.db)
+
+    @here
+    def get_pane_session(self, tmux_socket: str | None, pane_id: str) -> Session:
+        """Return the live session of this host in a tmux pane."""
+        return get_pane_session(self.db, tmux_socket, pane_id)
+
+    @here
+    def observe_sessions(self, seen: list[Observation], *, keep_sockets: Iterable[str] = (),
+                         keep_ids: Iterable[str] = (), live_panes: Mapping[str, Iterable[str]] | None = None
+                         ) -> list[Event]:
+        """Record what a look at this host's sessions found."""
+        return observe_sessions(self.db, seen, keep_sockets=keep_sockets, keep_ids=keep_ids, live_panes=live_panes,
+                                now_ms=now_ms())
+
+    @here
+    def report_hook(self, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
+                    is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
+                    is_stale: bool = False) -> list[Event]:
+        """Record what a Claude Code hook on this host reported (and what a dialog asks)."""
+        return report_hook(self.db, session_id, mark, cwd=cwd, tmux_target=tmux_target, is_end=is_end,
+                           is_clear=is_clear, asked=asked, is_stale=is_stale, now_ms=now_ms())
+
+    @here
+    def get_token(self, config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:
+        """Return this host's API token."""
+        return get_token(config, path=path, env=env)
+
+    @here
+    def pull_fleet(self, *, config: dict[str, Any], tails: bool = False,
+                   env: Mapping[str, str] | None = None) -> PullResult:
+        """Look at this host's Claude sessions and record what changed."""
+        return pull_fleet(self.db, config=config, now_ms=now_ms(), tails=tails, env=env)
+
+    @api("GET", "/api/v1/panes/ambiguous", "Claude panes whose session cannot be told apart")
+    def list_ambiguous_panes(self) -> list[Pane]:
+        """Return the panes the last pull could not tie to one session."""
+        return list_ambiguous_panes(self.db)
+
+    @api("POST", "/api/v1/broadcast", "Type a text into every live session of a target (project, group:NAME, "
+         "session:ID)", body=("target", "text", "is_command"), not_sent=("confirm_s", "on_delivery"), status=201,
+         from_wire=lambda got: BroadcastResult(got["broadcast_id"], got["target"], got["text"],
+                                               [from_json(Delivery, d) for d in got["deliveries"]],
+                                               list(got.get("unreached") or [])))
+    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
+                       confirm_s: float = BROADCAST_CONFIRM_S,
+                       on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
+        """Send a text to every live session of a target (a server waits for confirmations its own way)."""
+        # SECURITY: this types into AI agents that run shell commands; the server's token and
+        # cross-site rules guard every POST, and the fleet refuses non-Claude panes and open dialogs.
+        return send_broadcast(self.db, target, text, now_ms=now_ms(), is_command=is_command, confirm_s=confirm_s,
+                              on_delivery=on_delivery)
+
+    @api("GET", "/api/v1/broadcast/recipients", "The live sessions a broadcast target reaches", query=("target",))
+    def list_broadcast_recipients(self, target: str) -> list[Session]:
+        """Return the live sessions a broadcast target (project, group:NAME or session:ID) names."""
+        return list_broadcast_recipients(self.db, target)
+
+    @api("GET", "/api/v1/deliveries", "Per-session results of a broadcast",
+         query=("broadcast_id=broadcast", "pending_on"))
+    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
+        """Return the per-session results of broadcasts."""
+        return list_deliveries(self.db, broadcast_id=broadcast_id, pending_on=pending_on)
+
+    @api("GET", "/api/v1/updates", "List updates, newest last", query=("task_ids=task", "update_id=id", "limit"),
+         resolve={"task_ids": "get_task"})
+    def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
+                     limit: int = 50) -> list[Update]:
+        """Return the newest updates, newest last."""
+        return list_updates(self.db, task_ids=task_ids, update_id=update_id, limit=limit)
+
+    @api("POST", "/api/v1/updates", "Post a progress note (is_done: the task is done too)",
+         body=("text", "task_ref=task", "source", "session_id", "is_done"), status=201, check=_only_message_updates,
+         here={"pane": "a note from inside a pane finds its task on this host; name the task "
+                       "(clare update TASK TEXT) or run without --remote"})
+    def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
+                    pane: tuple[str | None, str] | None = None, source: str = "message",
+                    is_done: bool = False) -> Update:
+        """Add a progress note to a task and/or a session (is_done: the task is done too)."""
+        return post_update(self.db, text, task_ref=task_ref, session_id=session_id, pane=pane, source=source,
+                           is_done=is_done, now_ms=now_ms())
+
+    @api("GET", "/api/v1/status", "The roll-up", query=("project_ref=project", "group_ref=group"),
+         schema="Status", to_wire=_status_to_wire, from_wire=_status_from_wire)
+    def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
+        """Return the roll-up: per project its counts and tokens, the live sessions and their tasks."""
+        return get_status(self.db, project_ref=project_ref, group_ref=group_ref)
+
+    @api("GET", "/api/v1/status", "", from_wire=lambda got: got["clock"], is_routed=False)
+    def clock_status(self) -> dict[str, Any]:
+        """Return what this host's peers say of its clock, and the events it holds back."""
+        return clock_status(self.db, now_ms=now_ms())
+
+    @api("GET", "/api/v1/status", "", from_wire=lambda got: got["n_events"], is_routed=False)
+    def count_events(self) -> int:
+        """Return how many events the log holds."""
+        return count_events(self.db)
+
+    @api("GET", "/api/v1/events", "", query=("limit",), from_wire=lambda page: [
+         from_json(Event, e) for e in page["events"]], is_routed=False)
+    def list_events(self, *, limit: int = 50) -> list[Event]:
+        """Return the newest events, newest last."""
+        return list_events(self.db, limit=limit)
+
+    @api("GET", "/api/v1/history", "Events naming any of the given entity ids", query=("entity_ids=entity", "limit"))
+    def list_history(self, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
+        """Return the newest events naming any of these entities, oldest first."""
+        return list_history(self.db, entity_ids, limit=limit)
+
+    @api("POST", "/api/v1/import", "Store events given as JSON lines", body=("lines",), schema="ImportResult",
+         is_lenient=True,  # a bad line rejects that line only
+         body_schema={"type": "object", "required": ["lines"], "properties": {
+             "lines": {"type": "array", "items": {"type": "string"}}}},
+         to_wire=lambda req, r: {"inserted": r[0].inserted, "duplicates": r[0].n_duplicates,
+                                 "conflicts": r[0].conflicts, "rejected": r[1]},
+         from_wire=lambda got: (InsertResult([from_json(Event, e) for e in got["inserted"]], got["duplicates"],
+                                             got["conflicts"]), got["rejected"]))
+    def import_events(self, lines: Iterable[str]) -> tuple[InsertResult, list[str]]:
+        """Store the events of JSON lines not yet here; return what happened and one reason per bad line."""
+        return import_events(self.db, lines, now_ms=now_ms())
+
+    @api("POST", "/api/v1/replay", "Rebuild every projection from the log", body_schema={"type": "object"},
+         schema="ReplayResult", to_wire=lambda req, n: {"events": n}, from_wire=lambda got: got["events"])
+    def replay(self) -> int:
+        """Rebuild every projection from the log; return how many events were applied."""
+        return replay(self.db)
+
+
+# --- the remote twin of Services: the same methods, over a Clare server's JSON API ----------------
+
+REMOTE_TIMEOUT_S = 30.0
+
+
+class RemoteServices(Services):
+    """The services of Services, run by a remote Clare: each call follows its service's @api declaration.
+
+    Raises the same error classes as a local call, with the server's message.
+    """
+
+    __slots__ = ("url", "token")
+
+    def __init__(self, url: str, *, token: str | None = None):
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def _run(self, fn: Callable[..., Any], spec: Api | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        import inspect
+        import urllib.parse
+
+        if spec is None:
+            raise UsageError(f"{fn.__name__} works on this host only (its tmux, hooks and files); run the command "
+                             "on that host without --remote (and without CLARE_URL)")
+        signature = inspect.signature(fn)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        path, query, body = spec.path, [], {}
+        for w in wire_args(fn.__name__):
+            value = bound.arguments[w.arg]
+            if w.where == "here" and value != w.default:
+                raise UsageError(spec.here.get(w.arg) or f"{w.arg} works on this host only; run without --remote")
+            if w.where == "path":
+                ref = value.id if w.kind == "object" else value
+                path = path.replace(f"{{{w.name}}}", urllib.parse.quote(str(ref), safe=""))
+            elif w.where == "query":
+                if w.kind == "list" and value == []:
+                    return []  # no ids: nothing matches, as locally
+                query += _query_pairs(w, value, max_int=spec.max_int)
+            elif w.where == "body" and (w.is_required or value not in (None, (), [])):
+                body[w.name] = list(value) if w.kind == "list" else value
+        path += "?" + urllib.parse.urlencode(query) if query else ""
+        got = http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
+                        token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
+                        hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
+                                 "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
+        if spec.from_wire is not None:
+            return spec.from_wire(got)
+        answer = signature.return_annotation
+        if getattr(answer, "__origin__", None) is list:
+            return [from_json(answer.__args__[0], x) for x in got]
+        return from_json(answer, got)
+
+
+def _query_pairs(w: Wire, value: Any, *, max_int: int) -> list[tuple[str, str]]:
+    if value is None or (w.kind == "bool" and value is False and not w.is_optional):
+        return []
+    if w.kind == "bool":
+        return [(w.name, str(int(value)))]
+    if w.kind == "int":
+        return [(w.name, str(min(value, max_int)))]
+    if w.kind == "list":
+        return [(w.name, x) for x in value]
+    if w.kind == "range":
+        return [(w.name, f"{value[0]}-{value[1]}")]
+    return [(w.name, value)]
+
+
 # ==========================================================================
 # 8. HTTP: routing table, HTML templates, JSON API and sync endpoints.
 # ==========================================================================
@@ -6980,14 +7602,18 @@ MAX_DRAIN_BYTES = 64 * 1024 * 1024  # of a body refused as too large, read and d
 SYNC_PATH_PREFIX = "/api/v1/sync/"
 REQUEST_TIMEOUT_S = 10.0  # per socket read or write: a slow or silent client loses its connection
 REQUEST_DEADLINE_S = 60.0  # a request's head and body, from its first byte: a trickling client is cut off
-MAX_HANDLER_THREADS = 128  # connections handled at once; one more gets a quick 503
+MAX_HANDLER_THREADS = 128  # requests handled at once; one more gets a quick 503
+RESERVED_THREADS_SHARE = 8  # one handler slot in 8 (at least one) is kept for requests that carry the token
+HEADER_DEADLINE_S = 2.0  # from a connection's first byte (or its accept) to the end of its request's head
+MAX_HEAD_BYTES = 64 * 1024 + 1024  # a head this long goes to a handler, which refuses it (414, 431)
+MAX_WAITING_CONNECTIONS = 4096  # connections waiting for a head; past it the oldest is closed
+BUSY_WAIT_S = 1.0  # a request whose head is here waits this long for a free handler slot, then gets 503
 BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                b"Connection: close\r\nContent-Length: 84\r\n\r\n"
                b'{"error": {"code": "busy", "message": "the server is busy; try again in a second"}}\n')  # past the cap
 LISTEN_BACKLOG = 128  # with the default 5, p99 latency under load is near a second (DESIGN §8)
 SHUTDOWN_GRACE_S = 10.0  # how long SIGTERM waits for requests in flight to finish
 POLL_S = 5  # how often htmx refreshes a polled fragment
-MAX_EVENTS_PAGE = 1000
 LOGIN_COOKIE = "clare_login"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -6998,8 +7624,7 @@ ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                422: "invalid", 431: "headers_too_large", 500: "internal", 501: "not_implemented"}
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
-HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both together
-HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"
+HTMX_VERSION = "2.0.11"  # static/htmx.min.js, from the npm package htmx.org; bump both (and its test's hash)
 PANE_POLL_S = 2  # how often an open session page refreshes its live pane
 FLEET_POLL_S = 2  # how often the dashboard's sessions refresh: a hook's report shows within 2.5 s
 SECURITY_HEADERS = (
@@ -7007,8 +7632,8 @@ SECURITY_HEADERS = (
     ("X-Frame-Options", "DENY"),
     # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on our own form posts.
     ("Referrer-Policy", "same-origin"),
-    # Inline CSS lives in the page template; scripts only from /static, never inline.
-    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    # Scripts and styles only from /static, never inline (STYLESHEET is /static/clare.css).
+    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self'; "
                                 "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
 )
 
@@ -7026,7 +7651,7 @@ class HttpError(ClareError):
 class WebConfig:
     host: str  # the address the server binds
     port: int  # 0 picks a free port; the server then knows the real one
-    token: str | None  # with a token, every non-public route needs it (bearer or login cookie)
+    token: str | None  # every route but /login and /static/ needs it (bearer or login cookie); None opens none
     allowed_hosts: frozenset[str]  # Host header names accepted (DNS rebinding defence)
     csrf_token: str  # per-install secret that every HTML form and htmx request carries
     db_path: str
@@ -7038,11 +7663,6 @@ class WebConfig:
     config_path: str = ""  # clare.toml, read again where a service needs settings (starting a session)
     settings: Any = None  # clare.toml as read at start: peer tokens, [hosts.NAME] ssh
     contacts: PeerContacts = dataclasses.field(default_factory=PeerContacts)  # sync requests from peers
-
-    @property
-    def has_token(self) -> bool:
-        """Tell whether requests must authenticate."""
-        return self.token is not None
 
     @property
     def login_cookie(self) -> str:
@@ -7092,16 +7712,13 @@ def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: st
                port: int = DEFAULT_PORT, env: Mapping[str, str] | None = None, log_requests: bool = False) -> WebConfig:
     """Take token, allowed host names and peers from CLARE_TOKEN and clare.toml (`settings`, else read here).
 
-    Refuse an open bind without a token.
+    Every bind has a token: without CLARE_TOKEN or `token` in clare.toml, one is made and written there.
     """
     import socket
 
     config = load_config(paths.config) if settings is None else settings
-    token = resolve_token(config, env=env, path=paths.config)
-    if not is_loopback(host) and token is None:
-        raise UsageError(f"binding {host or '*'} exposes Clare to the network without a token; set CLARE_TOKEN "
-                         "or token = \"...\" in clare.toml (python3 -c 'import secrets; "
-                         "print(secrets.token_urlsafe(32))'), or bind 127.0.0.1")
+    # SECURITY: loopback is no trust boundary (DESIGN §6): other users and every local agent reach it.
+    token = ensure_token(paths.config, config, env=env)
     names = config.get("allowed_hosts", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise UsageError(f"{paths.config}: allowed_hosts must be a list of host names")
@@ -7152,10 +7769,14 @@ class Request:
             raise HttpError(400, f"query parameter {name}={value} is outside {lo}-{hi}")
         return value
 
-    def json(self, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Return the JSON object body holding the required fields and no unknown ones."""
+    def json(self, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+             is_lenient: bool = False) -> dict[str, Any]:
+        """Return the JSON object body holding the required fields and no unknown ones.
+
+        Standard JSON only, unless `is_lenient`: a batch whose items are checked one by one.
+        """
         try:
-            value = json.loads(self.body or b"{}")
+            value = parse_json(self.body or b"{}", is_lenient=is_lenient)
         except (ValueError, RecursionError) as err:  # SECURITY: '[[[[...' nested deeper than the stack
             raise HttpError(400, f"the body is not valid JSON ({str(err)[:100]}); send a JSON object") from err
         if not isinstance(value, dict):
@@ -7290,26 +7911,39 @@ def check_same_origin(headers: dict[str, str]) -> None:
     check_origin(headers)
 
 
-def check_auth(config: WebConfig, headers: dict[str, str]) -> None:
-    """Require the bearer token or the login cookie when the server has a token."""
-    if config.token is None:
-        return
-    auth = headers.get("authorization", "")
-    scheme, _, given = auth.partition(" ")
+def is_public(path: str) -> bool:
+    """Tell whether a path is open without the token: the login page and the vendored static files."""
+    return path == "/login" or path.startswith("/static/")
+
+
+def is_authenticated(config: WebConfig, headers: dict[str, str]) -> bool:
+    """Tell whether a request carries the bearer token or a valid login cookie."""
+    if config.token is None:  # no token, no way in: a server is never open by mistake
+        return False
+    scheme, _, given = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and same_secret(given.strip(), config.token):
-        return
-    if same_secret(_cookie(headers.get("cookie", ""), LOGIN_COOKIE), config.login_cookie):
-        return
-    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or open the login URL "
-                         "that 'clare serve' printed", headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
+        return True
+    # SECURITY: any page on localhost (another port) can set a second clare_login cookie; browsers
+    # send both, in an order it can influence. The valid one counts, wherever it stands.
+    return any(same_secret(value, config.login_cookie) for value in _cookies(headers.get("cookie", ""), LOGIN_COOKIE))
 
 
-def _cookie(header: str, name: str) -> str | None:
+def check_auth(config: WebConfig, path: str, headers: dict[str, str]) -> None:
+    """Require the bearer token or the login cookie on every path but the public ones."""
+    if is_public(path) or is_authenticated(config, headers):
+        return
+    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or log in once with the "
+                         "URL that 'clare serve' printed (the token is in clare.toml)",
+                    headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
+
+
+def _cookies(header: str, name: str) -> list[str]:
+    values = []
     for part in header.split(";"):
         key, sep, value = part.strip().partition("=")
         if sep and key == name:
-            return value
-    return None
+            values.append(value)
+    return values
 
 
 def check_media(config: WebConfig, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
@@ -7342,13 +7976,17 @@ def check_length(path: str, headers: dict[str, str], *, n_lengths: int = 1) -> i
     if n_lengths > 1:  # SECURITY: two lengths are how requests get smuggled past a proxy
         raise HttpError(400, "a request needs at most one Content-Length header")
     text = headers.get("content-length", "0").strip() or "0"
-    if not text.isdigit():
-        raise HttpError(400, f"bad Content-Length {text[:20]!r}")
+    if not _is_ascii_digits(text):  # SECURITY: '²'.isdigit() is True, and int('²') raises
+        raise HttpError(400, f"bad Content-Length {text[:20]!r}; send the body's size in ASCII digits")
     size = int(text)
     limit = MAX_SYNC_BODY_BYTES if path.startswith(SYNC_PATH_PREFIX) else MAX_BODY_BYTES
     if size > limit:
         raise HttpError(413, f"the body is {size} bytes, over the limit of {limit}; send less at a time")
     return size
+
+
+def _is_ascii_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) < 19
 
 
 def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response:
@@ -7357,6 +7995,8 @@ def _error_response(err: ClareError, *, is_api: bool, is_htmx: bool) -> Response
     status = err.http_status
     if is_api:
         return Response(status, error_json(status, str(err)), headers=extra)
+    if status == 401 and is_htmx:  # a poll after the login lapsed: the whole page goes to the login form
+        return html_response(flash(str(err)), status=status, headers=(*extra, ("HX-Redirect", "/login")))
     if is_htmx:  # htmx swaps it into the page's message box instead of the fragment it asked for
         return html_response(flash(str(err)), status=status,
                              headers=(*extra, ("HX-Retarget", "#flash"), ("HX-Reswap", "outerHTML")))
@@ -7381,7 +8021,7 @@ def _drain_refused_body(h: Any, headers: dict[str, str]) -> None:
     RST, and the client saw "broken pipe" instead of the limit.
     """
     text = headers.get("content-length", "").strip()
-    n_left = min(int(text), MAX_DRAIN_BYTES) if text.isdigit() else 0
+    n_left = min(int(text), MAX_DRAIN_BYTES) if _is_ascii_digits(text) else 0
     with contextlib.suppress(OSError):  # a client that stops sending times out like any slow one
         h.wfile.flush()
         while n_left > 0:
@@ -7389,10 +8029,6 @@ def _drain_refused_body(h: Any, headers: dict[str, str]) -> None:
             if not chunk:
                 return
             n_left -= len(chunk)
-
-
-def _is_public(handler: Callable) -> bool:
-    return handler in (page_login, get_static)
 
 
 def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
@@ -7413,9 +8049,9 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
             raise error or HttpError(400, "the request cannot be read")
         check_host(config, message.get_all("Host") or [])
         size = h.body_size = check_length(path, headers, n_lengths=len(message.get_all("Content-Length") or []))
+        # SECURITY: the one door of the token, before routing: a route added later is guarded by default.
+        check_auth(config, path, headers)
         handler, params = _route(method, path)
-        if not _is_public(handler):
-            check_auth(config, headers)
         if method in STATE_CHANGING:
             check_origin(headers)
         body = h.rfile.read(size) if size else b""
@@ -7442,11 +8078,24 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     finally:
         if db is not None:
             server.give_db(db)
-    if resp.status >= 400 and not h.body_is_read and headers.get("content-length", "0") not in ("", "0"):
-        if not _discard_body(h):
-            h.close_connection = True  # the unread body would be parsed as the next request
+    # SECURITY: a body left unread (or of unknown length: chunked, a bad Content-Length) would be
+    # parsed as the next request on this connection: request smuggling. Drop it, or close.
+    # A stranger's body (401) is not worth reading: close instead.
+    if not h.body_is_read and (h.body_size is None or (h.body_size and (
+            resp.status == 401 or not _discard_body(h)))):
+        h.close_connection = True
     if server.is_stopping:
         h.close_connection = True
+    resp, head = _response_head(resp, is_closing=h.close_connection)
+    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
+    if resp.status == 413 and not h.body_is_read:
+        _drain_refused_body(h, headers)
+    if config.log_requests:
+        h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+
+
+def _response_head(resp: Response, *, is_closing: bool) -> tuple[Response, bytes]:
+    """Return the response and its status line and headers: a 500 instead if a header value holds a line break."""
     from http.server import BaseHTTPRequestHandler
 
     reason = BaseHTTPRequestHandler.responses.get(resp.status, ("",))[0]
@@ -7455,14 +8104,15 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     if not any(k.lower() == "cache-control" for k, _ in resp.headers):
         lines.append("Cache-Control: no-store")
     lines += [f"{k}: {v}" for k, v in resp.headers]
-    if h.close_connection:
+    if is_closing:
         lines.append("Connection: close")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
-    if resp.status == 413 and not h.body_is_read:
-        _drain_refused_body(h, headers)
-    if config.log_requests:
-        h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+    # SECURITY: the one place headers are written. A value with CR or LF (an id from an old log,
+    # a bug) would end the header and start another one (Set-Cookie...): refuse the whole answer.
+    if any("\r" in line or "\n" in line for line in lines):
+        print(f"clare: refused a {resp.status} answer: a header value holds a line break", file=sys.stderr)
+        return _response_head(Response(500, error_json(500, "internal error; see the server's log")),
+                              is_closing=is_closing)
+    return resp, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
 
 _SERVER_CLASS: list[type] = []  # made on first use: http.server is too heavy for every CLI start
@@ -7479,37 +8129,70 @@ def make_server(config: WebConfig) -> Any:
                          "pick another --port or stop what holds it") from err
 
 
+def _head_is_authenticated(config: WebConfig, head: bytes) -> bool:
+    """Tell whether a request's raw head carries the token (bearer or login cookie), before it is parsed."""
+    headers: dict[str, str] = {}
+    for line in head.decode("latin-1").splitlines()[1:]:
+        name, sep, value = line.partition(":")
+        key = name.strip().lower()
+        if sep and key in ("authorization", "cookie"):
+            headers[key] = f"{headers[key]}; {value.strip()}" if key in headers else value.strip()
+    return is_authenticated(config, headers)
+
+
 def _define_server() -> type:
-    import io
+    import selectors
     import socket
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class DeadlineReader(io.RawIOBase):
-        """A socket's reads: each under timeout_s, and all of one request under one deadline."""
+    class RequestReader:
+        """A socket's reads for one request: the head the gate read first, then the socket, each read
+        under timeout_s and all of them under one deadline. What is left over goes back to the gate."""
 
-        def __init__(self, sock: socket.socket, *, timeout_s: float, deadline_s: float):
-            self.sock, self.timeout_s, self.deadline_s = sock, timeout_s, deadline_s
-            self.deadline: float | None = None  # set by the request's first byte; None between requests
+        def __init__(self, sock: socket.socket, head: bytes, *, timeout_s: float, deadline_s: float):
+            self.sock, self.timeout_s = sock, timeout_s
+            self.buf = bytearray(head)  # read from the socket, not yet taken by the handler
+            self.deadline = time.monotonic() + deadline_s  # the head has arrived: the clock runs
 
-        def readable(self) -> bool:
-            return True
-
-        def readinto(self, buf: Any) -> int:
+        def _fill(self) -> bool:
             # SECURITY: a per-read timeout alone lets a client that sends a byte every few seconds hold
             # its thread forever (slowloris).
-            if self.deadline is not None:
-                left = self.deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("the request took too long to arrive")
-                self.sock.settimeout(min(self.timeout_s, left))
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request took too long to arrive")
+            self.sock.settimeout(min(self.timeout_s, left))
             try:
-                n = self.sock.recv_into(buf)
+                chunk = self.sock.recv(65536)
             finally:
                 self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
-            if n and self.deadline is None:
-                self.deadline = time.monotonic() + self.deadline_s
-            return n
+            self.buf += chunk
+            return bool(chunk)
+
+        def readline(self, limit: int = -1) -> bytes:
+            while True:
+                end = self.buf.find(b"\n") + 1
+                if end and (limit < 0 or end <= limit):
+                    break
+                if 0 <= limit <= len(self.buf):
+                    end = limit
+                    break
+                if not self._fill():
+                    end = len(self.buf)
+                    break
+            line = bytes(self.buf[:end])
+            del self.buf[:end]
+            return line
+
+        def read(self, size: int = -1) -> bytes:
+            while (size < 0 or len(self.buf) < size) and self._fill():
+                pass
+            data = bytes(self.buf if size < 0 else self.buf[:size])
+            del self.buf[:len(data)]
+            return data
+
+        def close(self) -> None:
+            pass
 
     class Handler(BaseHTTPRequestHandler):
         server: "Server"  # the class below: its config, enter() and leave()
@@ -7519,18 +8202,21 @@ def _define_server() -> type:
 
         def setup(self) -> None:
             config = self.server.config
+            sock, head = self.request  # the gate hands over the connection with the head it read
+            self.request = sock
             # typeshed calls `timeout` a ClassVar, but setup() reads it from the instance: one value per server.
             self.timeout = config.timeout_s  # type: ignore[misc]  # every read and write on the socket
             super().setup()
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.rfile.close()  # its socket file would keep the socket open after the request
-            self.reader = DeadlineReader(self.connection, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
-            self.rfile = io.BufferedReader(self.reader)
+            self.reader = RequestReader(sock, head, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
+            self.rfile = self.reader  # type: ignore[assignment]  # readline() and read() are all http.server uses
 
         def handle(self) -> None:
+            """Answer one request; the gate waits for the next one on this connection, without a thread."""
+            self.close_connection = True
             try:
-                super().handle()
-            except ConnectionError:  # the client went away: nothing to answer
+                self.handle_one_request()
+            except (ConnectionError, TimeoutError):  # the client went away or is too slow: nothing to answer
                 self.close_connection = True
 
         def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -7543,7 +8229,6 @@ def _define_server() -> type:
 
         def handle_one_request(self) -> None:
             self.is_counted = False
-            self.reader.deadline = None  # a keep-alive connection's idle wait is not part of the next request
             try:
                 super().handle_one_request()
             finally:
@@ -7561,6 +8246,133 @@ def _define_server() -> type:
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_any
 
+    class Gate:
+        """The selectors loop in front of the handlers: a connection gets a handler thread only once
+        its request's head has arrived, and waits (idle, or sending its head) without one.
+
+        SECURITY: otherwise any local process holds every thread with idle connections, and on
+        loopback a per-address cap cannot tell the attacker from the browser (both 127.0.0.1).
+        """
+
+        def __init__(self, server: Any):  # the Server below
+            self.server = server
+            self.selector = selectors.DefaultSelector()
+            self.wake_r, self.wake_w = socket.socketpair()
+            self.wake_r.setblocking(False)
+            self.wake_w.setblocking(False)
+            self.selector.register(self.wake_r, selectors.EVENT_READ)
+            self.lock = threading.Lock()
+            self.arrived: list[tuple[Any, Any, bytes, float]] = []  # (sock, address, head, deadline) from other threads
+            self.waiting: dict[Any, list[Any]] = {}  # sock -> [address, head so far, deadline]; gate only
+            self.queued: list[tuple[Any, Any, bytes, float]] = []  # heads here, no slot yet: (..., give up at)
+            self.is_stopped = False
+            self.thread = threading.Thread(target=self.run, name="clare-gate", daemon=True)
+            self.thread.start()
+
+        def add(self, sock: socket.socket, address: Any, head: bytes, *, wait_s: float) -> None:
+            """Let the gate wait for the (rest of the) next request's head on a connection."""
+            with self.lock:
+                if self.is_stopped:
+                    sock.close()
+                    return
+                self.arrived.append((sock, address, head, time.monotonic() + wait_s))
+            self.wake()
+
+        def wake(self) -> None:
+            """Make the loop look again: a connection came, or a handler slot came free."""
+            with contextlib.suppress(BlockingIOError, OSError):
+                self.wake_w.send(b"x")
+
+        def run(self) -> None:
+            while not self.is_stopped:
+                now = time.monotonic()
+                timeout = min([w[2] for w in self.waiting.values()] + [q[3] for q in self.queued],
+                              default=now + 0.5) - now
+                for key, _ in self.selector.select(min(max(timeout, 0), 0.5)):
+                    if key.fileobj is self.wake_r:
+                        with contextlib.suppress(BlockingIOError, OSError):
+                            self.wake_r.recv(4096)
+                        self._take_arrived()
+                    else:
+                        self._read(key.fileobj)
+                now = time.monotonic()
+                for sock in [s for s, w in self.waiting.items() if w[2] <= now]:
+                    self._drop(sock)  # silent or too slow: hung up without an answer, as before a head
+                self._start_queued(now)
+
+        def _start_queued(self, now: float) -> None:
+            """Start the queued requests that get a slot now, first come first served; 503 those out of time."""
+            kept = []
+            for sock, address, head, give_up_at in self.queued:
+                if self.server.try_start_handler(sock, address, head):
+                    continue
+                if give_up_at <= now:
+                    self.server.refuse_busy(sock)
+                else:
+                    kept.append((sock, address, head, give_up_at))
+            self.queued = kept
+
+        def _take_arrived(self) -> None:
+            with self.lock:
+                taken = self.arrived
+                self.arrived = []
+            for sock, address, head, deadline in taken:
+                if len(self.waiting) >= MAX_WAITING_CONNECTIONS:
+                    self._drop(min(self.waiting, key=lambda s: self.waiting[s][2]))
+                sock.setblocking(False)
+                self.waiting[sock] = [address, head, deadline]
+                self.selector.register(sock, selectors.EVENT_READ)
+                if head:
+                    self._hand_over_if_complete(sock)
+
+        def _read(self, sock: Any) -> None:
+            entry = self.waiting[sock]
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._drop(sock)
+                return
+            if not entry[1]:  # the first byte of a request: its head must be complete soon
+                entry[2] = min(entry[2], time.monotonic() + min(HEADER_DEADLINE_S, self.server.config.deadline_s))
+            entry[1] += chunk
+            self._hand_over_if_complete(sock)
+
+        def _hand_over_if_complete(self, sock: socket.socket) -> None:
+            address, head, _ = self.waiting[sock]
+            if b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < MAX_HEAD_BYTES:
+                return
+            self.selector.unregister(sock)
+            del self.waiting[sock]
+            sock.setblocking(True)
+            self.queued.append((sock, address, head, time.monotonic() + BUSY_WAIT_S))
+            self._start_queued(time.monotonic())
+
+        def _drop(self, sock: socket.socket) -> None:
+            self.selector.unregister(sock)
+            del self.waiting[sock]
+            self.server.shutdown_request(sock)
+
+        def stop(self) -> None:
+            """Stop the loop and close every connection still waiting."""
+            with self.lock:
+                self.is_stopped = True
+                arrived = self.arrived
+                self.arrived = []
+            with contextlib.suppress(OSError):
+                self.wake_w.send(b"x")
+            self.thread.join(5)
+            for late in arrived + self.queued:
+                late[0].close()
+            for sock in list(self.waiting):
+                self._drop(sock)
+            self.selector.close()
+            self.wake_r.close()
+            self.wake_w.close()
+
     class Server(ThreadingHTTPServer):
         daemon_threads = True  # idle keep-alive connections must not hold up exit; see drain()
         request_queue_size = LISTEN_BACKLOG
@@ -7570,36 +8382,66 @@ def _define_server() -> type:
                 self.address_family = socket.AF_INET6
             self.config = config
             self.is_stopping = False
+            self._gate: Gate | None = None  # made once the socket is bound
             self._dbs: list[Db] = []  # idle connections: one per thread at a time, reused
             self._lock = threading.Lock()
             self._idle = threading.Condition(self._lock)
             self._n_busy = 0  # requests being handled now
-            self._slots = threading.BoundedSemaphore(config.max_threads)  # one per handler thread
+            n_reserved = max(1, config.max_threads // RESERVED_THREADS_SHARE) if config.max_threads > 1 else 0
+            self._slots = threading.BoundedSemaphore(config.max_threads - n_reserved)  # for any request
+            self._reserved = threading.BoundedSemaphore(max(n_reserved, 1))  # only for requests with the token
+            if not n_reserved:
+                self._reserved.acquire()
             super().__init__((config.host, config.port), Handler)
             self.config = dataclasses.replace(config, port=self.server_address[1])
+            self._gate = Gate(self)
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            if not self._slots.acquire(blocking=False):
-                # SECURITY: unlimited threads let idle connections exhaust memory. This canned answer is the
-                # one write outside _dispatch: there is no handler thread to dispatch on.
-                with contextlib.suppress(OSError):
-                    request.setblocking(False)
-                    with contextlib.suppress(BlockingIOError):
-                        request.recv(65536)  # unread data would turn our close into a reset that hides the 503
-                    request.send(BUSY_ANSWER)
-                self.shutdown_request(request)
-                return
-            try:
-                super().process_request(request, client_address)
-            except BaseException:
-                self._slots.release()
-                raise
+            """Give a new connection to the gate: it gets a thread once its request's head is here."""
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            assert self._gate is not None  # serve_forever runs only on a bound server
+            self._gate.add(request, client_address, b"",
+                           wait_s=min(HEADER_DEADLINE_S, self.config.deadline_s, self.config.timeout_s * 4))
 
-        def process_request_thread(self, request: Any, client_address: Any) -> None:
+        def try_start_handler(self, sock: socket.socket, address: Any, head: bytes) -> bool:
+            """Run one request whose head has arrived in a thread of its own; False if no slot is free."""
+            # SECURITY: strangers cannot take the reserved slots; a request with the token takes any.
+            slot = self._slots if self._slots.acquire(blocking=False) else None
+            if slot is None and _head_is_authenticated(self.config, head) and self._reserved.acquire(blocking=False):
+                slot = self._reserved
+            if slot is None:
+                return False
             try:
-                super().process_request_thread(request, client_address)
+                threading.Thread(target=self._handle, args=(sock, address, head, slot), daemon=True).start()
+            except BaseException:
+                slot.release()
+                self.shutdown_request(sock)
+                raise
+            return True
+
+        def refuse_busy(self, sock: socket.socket) -> None:
+            """Answer 503 to a request that found no free handler slot in time, and close."""
+            # This canned answer is the one write outside _dispatch: there is no handler thread to dispatch on.
+            with contextlib.suppress(OSError):
+                sock.settimeout(1)
+                sock.send(BUSY_ANSWER)
+            self.shutdown_request(sock)
+
+        def _handle(self, sock: socket.socket, address: Any, head: bytes, slot: Any) -> None:
+            is_kept, left = False, b""
+            try:
+                handler = Handler((sock, head), address, self)  # type: ignore[arg-type]  # setup() unpacks it
+                is_kept, left = not handler.close_connection and not self.is_stopping, bytes(handler.reader.buf)
+            except Exception:  # the edge of a handler thread: one connection lost, not the server
+                self.handle_error(sock, address)
             finally:
-                self._slots.release()
+                slot.release()
+                if self._gate is not None:
+                    self._gate.wake()  # a request may be queued for this slot
+            if is_kept and self._gate is not None:  # keep-alive: the next request waits in the gate, threadless
+                self._gate.add(sock, address, left, wait_s=self.config.timeout_s)
+            else:
+                self.shutdown_request(sock)
 
         def take_db(self) -> Db:
             """Borrow an open connection (a new connection per request costs ~4x, DESIGN §8)."""
@@ -7633,6 +8475,8 @@ def _define_server() -> type:
 
         def server_close(self) -> None:
             super().server_close()
+            if self._gate is not None:
+                self._gate.stop()
             with self._lock:
                 dbs, self._dbs = self._dbs, []
             for db in dbs:
@@ -7864,7 +8708,6 @@ CLARE_JS = r"""// Clare's page script: keys, the tab title's count, opt-in brows
   setupOptIn();
 })();
 """
-STATIC_MEMORY = {"clare.js": CLARE_JS.encode()}  # files served from memory, by name
 
 
 def static_version(name: str) -> str:
@@ -7881,16 +8724,9 @@ HTMX_CONFIG = {"includeIndicatorStyles": False, "defaultSwapStyle": "outerHTML",
 NAV = (("/", "Dashboard"), ("/needs", "Needs you"), ("/projects", "Projects"), ("/sessions", "Sessions"),
        ("/broadcast", "Broadcast"))
 
-PAGE = string.Template("""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark">
-<meta name="htmx-config" content="$htmx_config">
-<link rel="icon" href="data:,">
-<title>$count$title · Clare</title>
-<style>
+# The dashboard's one stylesheet, served from memory as /static/clare.css (no inline CSS: the
+# Content-Security-Policy has no 'unsafe-inline'). Its URL carries its hash, so it is cached for good.
+STYLESHEET = """
 :root{--bg:#f5f6f8;--fg:#1b2129;--muted:#5f6b78;--card:#fff;--line:#e1e5ea;--soft:#eef1f5;--accent:#3b5bdb;
 --on-accent:#fff;--gray:#6b7785;--blue:#1c7ed6;--orange:#e8590c;--green:#2f9e44;--amber:#e67700;--red:#e03131;
 --violet:#7048e8;color-scheme:light dark}
@@ -7998,7 +8834,20 @@ pre.pane{font-size:10.5px}}
 .stat{padding:.5rem .65rem}.stat b{font-size:1.25rem}header.top{gap:.3rem .8rem}
 nav a{padding:.25rem .4rem;font-size:.93rem}
 .card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
-</style>
+body.bare{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
+"""
+STATIC_MEMORY = {"clare.js": CLARE_JS.encode(), "clare.css": STYLESHEET.encode()}  # files served from memory, by name
+
+PAGE = string.Template("""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="htmx-config" content="$htmx_config">
+<link rel="icon" href="data:,">
+<title>$count$title · Clare</title>
+<link rel="stylesheet" href="/static/clare.css?v=$css_version">
 <script src="/static/htmx.min.js?v=$htmx_version" defer></script>
 <script src="/static/clare.js?v=$js_version" defer></script>
 </head>
@@ -8034,7 +8883,8 @@ def page(req: Request, title: str, main: Html, *, status: int = 200) -> Response
                for href, label in NAV)
     return html_response(render(
         PAGE, title=title, main=main, nav=nav, host=req.db.machine_id, version=__version__, poll_s=POLL_S,
-        htmx_version=HTMX_VERSION, htmx_config=json.dumps(HTMX_CONFIG), js_version=static_version("clare.js"),
+        htmx_version=HTMX_VERSION, css_version=static_version("clare.css"), htmx_config=json.dumps(HTMX_CONFIG),
+        js_version=static_version("clare.js"),
         count=f"({len(needs)}) " if needs else "",
         hx_headers=json.dumps({"X-CSRF-Token": req.config.csrf_token})), status=status)
 
@@ -8060,7 +8910,7 @@ def error_page(status: int, message: str) -> Html:
 
     A 401 page carries the login form: a link back to the dashboard would only answer 401 again.
     """
-    return render(PAGE_ERROR, status=status, message=message,
+    return render(PAGE_ERROR, status=status, message=message, css_version=static_version("clare.css"),
                   after=Html(LOGIN_FORM) if status == 401 else Html('<p><a href="/">Back to the dashboard</a></p>'))
 
 
@@ -8075,9 +8925,8 @@ with; <code>clare serve</code> on a terminal prints a login link that holds it.<
 PAGE_ERROR = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark"><link rel="icon" href="data:,"><title>$status · Clare</title>
-<style>body{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
-@media (prefers-color-scheme:dark){body{background:#0e1115;color:#e2e6eb}a{color:#7b93ff}}</style></head>
-<body><h1>$status</h1><p>$message</p>$after</body></html>
+<link rel="stylesheet" href="/static/clare.css?v=$css_version"></head>
+<body class="bare"><h1>$status</h1><p>$message</p>$after</body></html>
 """)
 
 
@@ -8642,7 +9491,8 @@ def frag_start_session(req: Request) -> Response:
 def _after_order(req: Request, order: Order, *, task_id: str | None) -> Response:
     """Answer a start, stop or resume: the task's session card (or task table) and a flash saying what came of it."""
     kind = "ok" if order.result in ("started", "stopped", "pending") else "error"
-    task = req.svc.get_task(order.task_id or task_id) if (order.task_id or task_id) else None
+    ref = order.task_id or task_id
+    task = req.svc.get_task(ref) if ref else None
     if req.form().get("view") != "card" or task is None:
         if task is None:
             return redirect(f"/sessions/{order.session_id}") if not req.is_htmx else \
@@ -9208,115 +10058,89 @@ def frag_peers(req: Request) -> Response:
     return html_response(peers_fragment(req))
 
 
-# --- JSON API ------------------------------------------------------------
+# --- JSON API: the handlers of the services, derived from their declarations ---------------------
 
 
 def _event_json(ev: Event) -> dict[str, Any]:
     return {**ev.to_json(), "rseq": ev.rseq}
 
 
-def api_list_projects(req: Request) -> Response:
-    """List projects with task counts; ?status= filters."""
-    return json_response(req.svc.list_projects(status=req.arg("status")))
-
-
-def api_create_project(req: Request) -> Response:
-    """Create a project from {name, goal?, owner?}."""
-    b = req.json(required=("name",), optional=("goal", "owner", "dirs"))
-    return json_response(req.svc.create_project(b["name"], goal=b.get("goal", ""), owner=b.get("owner", ""),
-                                                dirs=_text_list(b.get("dirs", []), "dirs")), status=201)
-
-
-def _text_list(value: object, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(x, str) for x in value) or len(value) > 100:
-        raise UsageError(f"{what} must be a list of texts, e.g. [\"/srv/api\", \"apricot:/srv/api\"]")
+def _wire_value(value: Any) -> Any:
+    """Return a service's answer ready for json_response: an event also carries its receipt number."""
+    if isinstance(value, Event):
+        return _event_json(value)
+    if isinstance(value, list):
+        return [_wire_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _wire_value(v) for k, v in value.items()}
     return value
 
 
-def api_get_project(req: Request) -> Response:
-    """Return one project by name or id prefix."""
-    return json_response(req.svc.get_project(req.params["project"]))
+def service_handler(name: str) -> Callable[[Request], Response]:
+    """Return the JSON handler of a declared service: its path, query and body become the call's arguments."""
+    spec = SERVICE_APIS[name][1]
+    if spec is None:
+        raise TypeError(f"{name} is a service of this host only: it has no route")
+
+    def handle(req: Request) -> Response:
+        wires = wire_args(name)
+        svc = req.svc
+        body_wires = [w for w in wires if w.where == "body"]
+        body: dict[str, Any] = {}
+        if body_wires or spec.body_schema is not None:
+            body = req.json(required=tuple(w.name for w in body_wires if w.is_required),
+                            optional=tuple(w.name for w in body_wires if not w.is_required),
+                            is_lenient=spec.is_lenient)
+        if spec.check is not None:
+            spec.check(body)
+        kwargs = {w.arg: _request_value(req, svc, w, body, max_int=spec.max_int) for w in wires
+                  if w.where in ("path", "query") or (w.where == "body" and w.name in body)}
+        kwargs.update({arg: fill(req) for arg, fill in spec.server.items()})
+        value = getattr(svc, name)(**kwargs)
+        return json_response(_wire_value(spec.to_wire(req, value) if spec.to_wire else value), status=spec.status)
+    handle.__name__, handle.__doc__ = f"api_{name}", spec.summary
+    return handle
 
 
-def api_edit_project(req: Request) -> Response:
-    """Change a project from {name?, goal?, owner?, status?, dirs?: ["/path" | "HOST:/path" | "HOST:"]}."""
-    b = req.json(optional=("name", "goal", "owner", "status", "dirs"))
-    if "dirs" in b:
-        b["dirs"] = _text_list(b["dirs"], "dirs")
-    return json_response(req.svc.edit_project(req.params["project"], **b))
-
-
-def api_project_history(req: Request) -> Response:
-    """Return the events about a project and its tasks, oldest first."""
-    svc = req.svc
-    limit = req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE)
-    return json_response([_event_json(e) for e in svc.project_history(svc.get_project(req.params["project"]),
-                                                                        limit=limit)])
-
-
-def api_list_tasks(req: Request) -> Response:
-    """List tasks, most urgent first; ?project= ?status= ?session= ?group= ?tag= ?search= ... filter."""
-    svc = req.svc
-    project, group, prio = req.arg("project"), req.arg("group"), req.arg("priority")
-    flag = {"1": True, "0": False, None: None}
-    assigned = req.arg("assigned")
-    if assigned not in flag:
-        raise UsageError(f"assigned={assigned!r} must be 1 or 0")
-    return json_response(svc.list_tasks(
-        project_id=svc.get_project(project).id if project else None, status=req.arg("status"),
-        session_id=req.arg("session"), group_id=svc.get_group(group).id if group else None,
-        is_open=req.arg("open") == "1", active_projects=req.arg("active") == "1", is_assigned=flag[assigned],
-        tag=req.arg("tag"), priorities=parse_priorities(prio) if prio else None, search=req.arg("search"),
-        include_removed=req.arg("removed") == "1"))
-
-
-def api_create_task(req: Request) -> Response:
-    """Add a task from {project, title, priority?, description?, tags?}."""
-    b = req.json(required=("project", "title"), optional=("priority", "description", "tags"))
-    return json_response(req.svc.create_task(b["project"], b["title"], priority=b.get("priority", DEFAULT_PRIORITY),
-                                             description=b.get("description", ""), tags=_list_arg(b, "tags")),
-                         status=201)
-
-
-def _list_arg(body: dict[str, Any], name: str) -> list[str]:
-    value = body.get(name, [])
-    if not isinstance(value, list):
-        raise UsageError(f"{name} must be a list of strings")
+def _request_value(req: Request, svc: Services, w: Wire, body: dict[str, Any], *, max_int: int) -> Any:
+    """Return one argument of a service call from the request, as the remote client sent it."""
+    if w.where == "path":
+        value: Any = req.params[w.name]
+    elif w.where == "body":
+        value = body[w.name]
+        if w.kind == "list" and not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+            raise UsageError(f"{w.name} must be a list of strings")
+        if w.kind == "bool" and not isinstance(value, bool):
+            raise UsageError(f"{w.name} must be true or false")
+        return value
+    elif w.kind == "bool" and not w.is_optional:
+        return req.arg(w.name) == "1"
+    elif w.kind == "bool":
+        flag = {"1": True, "0": False, None: None}
+        text = req.arg(w.name)
+        if text not in flag:
+            raise UsageError(f"{w.name}={text!r} must be 1 or 0")
+        return flag[text]
+    elif w.kind == "int":
+        return req.int_arg(w.name, w.default, lo=1, hi=max_int)
+    elif w.kind == "range":
+        text = req.arg(w.name)
+        return parse_priorities(text) if text else None
+    elif w.kind == "list":
+        value = req.query.get(w.name)
+        if w.is_required and (not value or len(value) > 100):
+            raise HttpError(400, f"give 1 to 100 {w.name} ids as ?{w.name}=ID&{w.name}=ID")
+        if value and w.resolver:
+            value = [getattr(svc, w.resolver)(x).id for x in value]
+        return value or None
+    else:
+        value = req.arg(w.name) or None
+        if value is None and w.is_required:
+            raise UsageError(f"give ?{w.name}=; it is required")
+    if value is not None and w.resolver:
+        found = getattr(svc, w.resolver)(value)
+        return found if w.kind == "object" else found.id
     return value
-
-
-def api_remove_task(req: Request) -> Response:
-    """Remove a task (it can be restored)."""
-    return json_response(req.svc.remove_task(req.params["task"]))
-
-
-def api_restore_task(req: Request) -> Response:
-    """Bring a removed task back."""
-    return json_response(req.svc.restore_task(req.params["task"]))
-
-
-def api_list_changes(req: Request) -> Response:
-    """Return this host's newest changes not undone yet, newest first."""
-    return json_response(req.svc.list_changes(limit=req.int_arg("limit", 10, lo=1, hi=100)))
-
-
-def api_undo_change(req: Request) -> Response:
-    """Undo this host's newest change by recording its inverse."""
-    req.json()
-    return json_response(req.svc.undo_change())
-
-
-def api_get_task(req: Request) -> Response:
-    """Return one task by id prefix."""
-    return json_response(req.svc.get_task(req.params["task"]))
-
-
-def api_edit_task(req: Request) -> Response:
-    """Change a task from {title?, description?, priority?, status?, tags?, untags?}."""
-    b = req.json(optional=("title", "description", "priority", "status", "tags", "untags"))
-    tags, untags = _list_arg(b, "tags"), _list_arg(b, "untags")
-    b.pop("tags", None), b.pop("untags", None)
-    return json_response(req.svc.edit_task(req.params["task"], tags=tags, untags=untags, **b))
 
 
 def api_task_history(req: Request) -> Response:
@@ -9325,108 +10149,6 @@ def api_task_history(req: Request) -> Response:
     limit = req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE)
     return json_response([_event_json(e) for e in svc.list_history([svc.get_task(req.params["task"]).id],
                                                                    limit=limit)])
-
-
-def api_assign_task(req: Request) -> Response:
-    """Assign a task from {session_id} or {group}."""
-    b = req.json(optional=("session_id", "group"))
-    return json_response(req.svc.assign_task(req.params["task"], session_id=b.get("session_id"),
-                                             group_ref=b.get("group")))
-
-
-def api_unassign_task(req: Request) -> Response:
-    """End a task's assignment."""
-    return json_response(req.svc.unassign_task(req.params["task"]))
-
-
-def api_list_groups(req: Request) -> Response:
-    """List the groups."""
-    return json_response(req.svc.list_groups())
-
-
-def api_create_group(req: Request) -> Response:
-    """Create a group from {name, cwd?, host?, tmux_name?}."""
-    b = req.json(required=("name",), optional=("cwd", "host", "tmux_name"))
-    return json_response(req.svc.create_group(b.pop("name"), **b), status=201)
-
-
-def api_get_group(req: Request) -> Response:
-    """Return one group by name or id prefix."""
-    return json_response(req.svc.get_group(req.params["group"]))
-
-
-def api_remove_group(req: Request) -> Response:
-    """Remove a group; its tasks become unassigned."""
-    return json_response(req.svc.remove_group(req.params["group"]))
-
-
-def api_list_sessions(req: Request) -> Response:
-    """List Claude sessions of every host; ?host= narrows, ?all=1 adds gone ones."""
-    return json_response(req.svc.list_sessions(host=req.arg("host") or None, include_gone=req.arg("all") == "1"))
-
-
-def api_broadcast_recipients(req: Request) -> Response:
-    """List the live sessions a broadcast to ?target= would reach (project, group:NAME or session:ID)."""
-    target = req.arg("target")
-    if not target:
-        raise UsageError("give ?target=PROJECT, group:NAME or session:ID")
-    return json_response(req.svc.list_broadcast_recipients(target))
-
-
-def api_send_broadcast(req: Request) -> Response:
-    """Type a text into the sessions of {target, text, is_command?}; answer each session's result."""
-    # SECURITY: this types into AI agents that run shell commands; the server's token and
-    # cross-site rules guard every POST, and the fleet refuses non-Claude panes and open dialogs.
-    b = req.json(required=("target", "text"), optional=("is_command",))
-    if not isinstance(b.get("is_command", False), bool):
-        raise UsageError("is_command must be true or false")
-    return json_response(req.svc.send_broadcast(b["target"], b["text"], is_command=b.get("is_command", False)),
-                         status=201)
-
-
-def api_start_session(req: Request) -> Response:
-    """Start a Claude session for a task from {host?, is_worktree?, model?}; answer the order and its result."""
-    # SECURITY: this runs a program and types into an AI agent: the token and cross-site rules guard it.
-    b = req.json(optional=("host", "is_worktree", "model"))
-    if not isinstance(b.get("is_worktree", False), bool):
-        raise UsageError("is_worktree must be true or false")
-    order = req.svc.start_session(req.params["task"], host=b.get("host") or None,
-                                  is_worktree=b.get("is_worktree", False), model=b.get("model") or None,
-                                  config=load_config(req.config.config_path))
-    return json_response(order, status=201)
-
-
-def api_resume_session(req: Request) -> Response:
-    """Resume a gone session on its host (claude --resume); answer the order."""
-    return json_response(req.svc.resume_session(req.params["session"], config=load_config(req.config.config_path)),
-                         status=201)
-
-
-def api_stop_session(req: Request) -> Response:
-    """Stop a session from {is_force?}: /exit while it waits, SIGTERM with is_force; answer the order."""
-    b = req.json(optional=("is_force",))
-    if not isinstance(b.get("is_force", False), bool):
-        raise UsageError("is_force must be true or false")
-    return json_response(req.svc.stop_session(req.params["session"], is_force=b.get("is_force", False),
-                                              config=load_config(req.config.config_path)), status=201)
-
-
-def api_list_orders(req: Request) -> Response:
-    """List session orders (start, resume, stop) with their results; ?id=, ?session= or ?pending_on=HOST."""
-    return json_response(req.svc.list_orders(order_id=req.arg("id") or None, session_id=req.arg("session") or None,
-                                             pending_on=req.arg("pending_on") or None))
-
-
-def api_list_deliveries(req: Request) -> Response:
-    """List broadcast deliveries; ?broadcast=ID for one broadcast, ?pending_on=HOST for those not tried yet."""
-    return json_response(req.svc.list_deliveries(broadcast_id=req.arg("broadcast") or None,
-                                                 pending_on=req.arg("pending_on") or None))
-
-
-def api_get_session(req: Request) -> Response:
-    """Return one session by id prefix, with its task, its history and the command that attaches to it."""
-    return json_response(req.svc.get_session_detail(req.params["session"],
-                                                    hosts=(req.config.settings or {}).get("hosts") or {}))
 
 
 def api_session_pane(req: Request) -> Response:
@@ -9448,52 +10170,6 @@ def api_session_transcript(req: Request) -> Response:
                           "turns": read_turns(req.db, s, claude_dir=claude_home())})
 
 
-def api_list_needs(req: Request) -> Response:
-    """List the sessions that wait on a person: permission dialogs first, then the longest waiting."""
-    return json_response(req.svc.list_needs())
-
-
-def api_group_sessions(req: Request) -> Response:
-    """List the sessions a group's patterns match now."""
-    return json_response(req.svc.list_group_sessions(req.params["group"], include_gone=req.arg("all") == "1"))
-
-
-def api_ambiguous_panes(req: Request) -> Response:
-    """List the Claude panes the last pull could not tie to one session."""
-    return json_response(req.svc.list_ambiguous_panes())
-
-
-def api_list_updates(req: Request) -> Response:
-    """Return the newest updates, newest last; ?task= (repeatable) or ?id= narrows them."""
-    svc = req.svc
-    tasks = req.query.get("task")
-    limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
-    return json_response(svc.list_updates(task_ids=[svc.get_task(t).id for t in tasks] if tasks else None,
-                                          update_id=req.arg("id"), limit=limit))
-
-
-def api_post_update(req: Request) -> Response:
-    """Post a progress note from {task, text, source?, session_id?, is_done?} (is_done: the task is done too)."""
-    b = req.json(required=("text",), optional=("task", "source", "session_id", "is_done"))
-    if not isinstance(b.get("is_done", False), bool):
-        raise UsageError("is_done must be true or false")
-    # SECURITY: pane tails, triage verdicts and hook notes come from this host's pulls only: a
-    # client that could post them would put words in a session's or a hook's mouth.
-    if b.get("source", "message") != "message":
-        raise UsageError(f"update source {b['source']!r} is not allowed here; only 'message' may be posted "
-                         "(pane tails, triage and hook notes are written by 'clare pull')")
-    return json_response(req.svc.post_update(b["text"], task_ref=b.get("task"), session_id=b.get("session_id"),
-                                             is_done=b.get("is_done", False)), status=201)
-
-
-def api_status(req: Request) -> Response:
-    """Return the roll-up (?project= or ?group=): projects with counts and tokens, sessions, the log's size."""
-    svc = req.svc
-    report = svc.get_status(project_ref=req.arg("project"), group_ref=req.arg("group"))
-    return json_response({**report.to_json(), "n_events": svc.count_events(), "machine_id": req.db.machine_id,
-                          "clock": clock_status(req.db, now_ms=now_ms())})
-
-
 def api_list_events(req: Request) -> Response:
     """Page through the log: ?after=RSEQ in receipt order, or without it the newest, newest last."""
     limit = req.int_arg("limit", 50, lo=1, hi=MAX_EVENTS_PAGE)
@@ -9503,32 +10179,8 @@ def api_list_events(req: Request) -> Response:
                           "has_more": page.has_more})
 
 
-def api_history(req: Request) -> Response:
-    """Return the newest events naming any ?entity= id, oldest first."""
-    ids = req.query.get("entity", [])
-    if not ids or len(ids) > 100:
-        raise HttpError(400, "give 1 to 100 entity ids as ?entity=ID&entity=ID")
-    return json_response([_event_json(e) for e in req.svc.list_history(
-        ids, limit=req.int_arg("limit", 200, lo=1, hi=MAX_EVENTS_PAGE))])
-
-
-def api_import_events(req: Request) -> Response:
-    """Store the events of {lines: [JSON text, ...]} not yet here; report what happened to each."""
-    lines = req.json(required=("lines",))["lines"]
-    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
-        raise UsageError("lines must be a list of JSON texts, one event each")
-    result, bad = req.svc.import_events(lines)
-    return json_response({"inserted": [_event_json(e) for e in result.inserted],
-                          "duplicates": result.n_duplicates, "conflicts": result.conflicts, "rejected": bad})
-
-
-def api_replay(req: Request) -> Response:
-    """Rebuild every projection from the log."""
-    return json_response({"events": req.svc.replay()})
-
-
 def get_static(req: Request) -> Response:
-    """Serve a vendored file from static/ with a year-long cache (the URL carries its version)."""
+    """Serve the stylesheet, or a vendored file from static/, with a year-long cache (the URL carries its version)."""
     name = req.params["name"]
     kind = STATIC_TYPES.get(os.path.splitext(name)[1])
     path = os.path.join(STATIC_DIR, name)
@@ -9543,14 +10195,14 @@ def get_static(req: Request) -> Response:
 
 
 def page_login(req: Request) -> Response:
-    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie, then go to the dashboard."""
+    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie; without one, ask for it."""
     config = req.config
-    if config.token is not None:
-        if not same_secret(req.arg("token"), config.token):
-            raise HttpError(401, "wrong or missing token; open the exact login URL that 'clare serve' printed")
-        cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
-        return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
-    return Response(303, b"", "text/plain", (("Location", "/"),))
+    given = req.arg("token")
+    if config.token is None or not same_secret(given, config.token):  # the 401 page carries the login form
+        raise HttpError(401, f"{'wrong' if given else 'this Clare needs its'} token; open the login URL that "
+                             "'clare serve' printed, or paste the token (the token line of clare.toml)")
+    cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
+    return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
 
 
 # --- OpenAPI --------------------------------------------------------------
@@ -9633,88 +10285,17 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
                 "tools": {"type": "array", "items": {"type": "string"}}, "at": {"type": "string"}}}}}},
 }
 
-# (method, path) -> summary, query parameters, request body schema, success status, response schema
+# (method, path) -> summary, query parameters, request body schema, success status, response schema: the
+# routes that are not services (those are described by their @api declarations: service_docs)
 API_DOCS: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]] = {
-    ("GET", "/api/v1/projects"): ("List projects with task counts", ("status",), None, 200, _array("Project")),
-    ("POST", "/api/v1/projects"): ("Create a project", (), _body(("name",), ("goal", "owner", "dirs"), dirs="array"),
-                                   201, _ref("Project")),
-    ("GET", "/api/v1/projects/{project}"): ("Get a project by name or id prefix", (), None, 200, _ref("Project")),
-    ("PATCH", "/api/v1/projects/{project}"): ("Change a project (dirs: \"/path\", \"HOST:/path\", \"HOST:\" removes)",
-                                              (), _body((), ("name", "goal", "owner", "status", "dirs"), dirs="array"),
-                                              200, _ref("Project")),
-    ("GET", "/api/v1/projects/{project}/history"): ("Events about a project and its tasks", ("limit",), None, 200,
-                                                    _array("Event")),
-    ("GET", "/api/v1/tasks"): ("List tasks, most urgent first (removed ones only with removed=1)",
-                               ("project", "status", "session", "group", "open", "active", "assigned", "tag",
-                                "priority", "search", "removed"), None, 200, _array("Task")),
-    ("POST", "/api/v1/tasks"): ("Add a task", (), _body(("project", "title"), ("priority", "description", "tags"),
-                                                       priority="integer", tags="array"), 201, _ref("Task")),
-    ("GET", "/api/v1/tasks/{task}"): ("Get a task by id prefix (removed ones too)", (), None, 200, _ref("Task")),
-    ("PATCH", "/api/v1/tasks/{task}"): ("Change a task; tags adds tags, untags removes them", (), _body(
-        (), ("title", "description", "priority", "status", "tags", "untags"), priority="integer", tags="array",
-        untags="array"), 200, _ref("Task")),
-    ("DELETE", "/api/v1/tasks/{task}"): ("Remove a task: it leaves every list, keeps its history, can be restored",
-                                         (), None, 200, _ref("Task")),
-    ("POST", "/api/v1/tasks/{task}/restore"): ("Bring a removed task back", (), None, 200, _ref("Task")),
-    ("GET", "/api/v1/undo"): ("This host's newest changes not undone yet, newest first", ("limit",), None, 200,
-                              {"type": "array", "items": _ref("Change")}),
-    ("POST", "/api/v1/undo"): ("Undo this host's newest change by recording its inverse", (), {"type": "object"},
-                               200, _ref("UndoResult")),
     ("GET", "/api/v1/tasks/{task}/history"): ("Events about a task", ("limit",), None, 200, _array("Event")),
-    ("POST", "/api/v1/tasks/{task}/assignment"): ("Assign a task to a session or a group", (),
-                                                  _body((), ("session_id", "group")), 200, _ref("Task")),
-    ("DELETE", "/api/v1/tasks/{task}/assignment"): ("End a task's assignment", (), None, 200, _ref("Task")),
-    ("GET", "/api/v1/groups"): ("List groups", (), None, 200, _array("Group")),
-    ("POST", "/api/v1/groups"): ("Create a group", (), _body(("name",), ("cwd", "host", "tmux_name")), 201,
-                                 _ref("Group")),
-    ("GET", "/api/v1/groups/{group}"): ("Get a group by name or id prefix", (), None, 200, _ref("Group")),
-    ("DELETE", "/api/v1/groups/{group}"): ("Remove a group", (), None, 200, _ref("Group")),
-    ("GET", "/api/v1/groups/{group}/sessions"): ("Sessions a group's patterns match now", ("all",), None, 200,
-                                                 _array("Session")),
-    ("GET", "/api/v1/sessions"): ("List Claude sessions of every host", ("host", "all"), None, 200, _array("Session")),
-    ("GET", "/api/v1/sessions/{session}"): ("Get a session by id prefix, with its task, history and attach command",
-                                            (), None, 200, _ref("SessionDetail")),
     ("GET", "/api/v1/sessions/{session}/pane"): ("The last lines of a session's pane, read by its own host (which "
                                                  "answers at most once a second per session)", ("lines",), None, 200,
                                                  _ref("PaneView")),
     ("GET", "/api/v1/sessions/{session}/transcript"): ("The last entries of a session's transcript, read by its "
                                                        "own host", (), None, 200, _ref("Turns")),
-    ("GET", "/api/v1/needs"): ("Sessions waiting on a person: permission first, then the longest waiting", (), None,
-                               200, _array("Session")),
-    ("POST", "/api/v1/tasks/{task}/sessions"): ("Start a Claude session for a task on a host (in a new worktree)", (),
-                                                _body((), ("host", "is_worktree", "model"), is_worktree="boolean"),
-                                                201, _ref("Order")),
-    ("POST", "/api/v1/sessions/{session}/resume"): ("Resume a gone session on its host", (), _body((), ()), 201,
-                                                    _ref("Order")),
-    ("POST", "/api/v1/sessions/{session}/stop"): ("Stop a session: /exit while it waits, SIGTERM with is_force", (),
-                                                  _body((), ("is_force",), is_force="boolean"), 201, _ref("Order")),
-    ("GET", "/api/v1/orders"): ("Session orders (start, resume, stop) and their results",
-                                ("id", "session", "pending_on"), None, 200,
-                                _array("Order")),
-    ("GET", "/api/v1/panes/ambiguous"): ("Claude panes whose session cannot be told apart", (), None, 200,
-                                         _array("Pane")),
-    ("POST", "/api/v1/broadcast"): ("Type a text into every live session of a target (project, group:NAME, "
-                                    "session:ID)", (), _body(("target", "text"), ("is_command",), is_command="boolean"),
-                                    201, _ref("BroadcastResult")),
-    ("GET", "/api/v1/broadcast/recipients"): ("The live sessions a broadcast target reaches", ("target",), None, 200,
-                                              _array("Session")),
-    ("GET", "/api/v1/deliveries"): ("Per-session results of a broadcast", ("broadcast", "pending_on"), None, 200,
-                                    _array("Delivery")),
-    ("GET", "/api/v1/updates"): ("List updates, newest last", ("task", "id", "limit"), None, 200, _array("Update")),
-    ("POST", "/api/v1/updates"): ("Post a progress note (is_done: the task is done too)", (),
-                                  _body(("text",), ("task", "source", "session_id", "is_done"), is_done="boolean"), 201,
-                                  _ref("Update")),
-    ("GET", "/api/v1/status"): ("The roll-up", (), None, 200, _ref("Status")),
     ("GET", "/api/v1/events"): ("Page through the log by receipt order (after), or the newest (no after)",
                                 ("after", "limit"), None, 200, _ref("EventPage")),
-    ("GET", "/api/v1/history"): ("Events naming any of the given entity ids", ("entity", "limit"), None, 200,
-                                 _array("Event")),
-    ("POST", "/api/v1/import"): ("Store events given as JSON lines", (),
-                                 {"type": "object", "required": ["lines"], "properties": {
-                                     "lines": {"type": "array", "items": {"type": "string"}}}}, 200,
-                                 _ref("ImportResult")),
-    ("POST", "/api/v1/replay"): ("Rebuild every projection from the log", (), {"type": "object"}, 200,
-                                 _ref("ReplayResult")),
     ("GET", "/api/v1/openapi.json"): ("This document", (), None, 200, {"type": "object"}),
 }
 
@@ -9766,9 +10347,27 @@ API_DOCS.update({
 })
 
 
-def openapi_path(pattern: "re.Pattern[str]") -> str:
-    """Return the OpenAPI path template of a route pattern: named groups become {name}."""
-    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern).replace("\\", "")
+def service_docs() -> dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any] | None, int, dict[str, Any]]]:
+    """Return the OpenAPI entries of the declared services, as API_DOCS holds the others'."""
+    import inspect
+
+    docs = {}
+    for name, (fn, spec) in SERVICE_APIS.items():
+        if spec is None or not spec.is_routed:
+            continue
+        wires = wire_args(name)
+        body = [w for w in wires if w.where == "body"]
+        types = {w.name: {"int": "integer", "bool": "boolean", "list": "array"}[w.kind] for w in body
+                 if w.kind in ("int", "bool", "list")}
+        body_schema = spec.body_schema if spec.body_schema is not None else _body(
+            tuple(w.name for w in body if w.is_required), tuple(w.name for w in body if not w.is_required),
+            **types) if body else None
+        answer = inspect.signature(fn).return_annotation
+        schema = _ref(spec.schema) if spec.schema else _array(answer.__args__[0].__name__) \
+            if getattr(answer, "__origin__", None) is list else _ref(answer.__name__)
+        docs[(spec.method, spec.path)] = (spec.summary, tuple(w.name for w in wires if w.where == "query"),
+                                          body_schema, spec.status, schema)
+    return docs
 
 
 def openapi_document() -> dict[str, Any]:
@@ -9776,7 +10375,7 @@ def openapi_document() -> dict[str, Any]:
     errors = {str(code): {"description": ERROR_CODES[code], "content": {"application/json": {"schema": _ref("Error")}}}
               for code in (400, 401, 403, 404, 405, 409, 413, 415, 422)}
     paths: dict[str, dict[str, Any]] = {}
-    for (method, path), (summary, query, body, status, schema) in API_DOCS.items():
+    for (method, path), (summary, query, body, status, schema) in {**service_docs(), **API_DOCS}.items():
         op: dict[str, Any] = {"summary": summary, "parameters": [
             *({"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
               for name in re.findall(r"\{(\w+)\}", path)),
@@ -9820,7 +10419,8 @@ def sync_get_events(req: Request) -> Response:
 
 def sync_post_events(req: Request) -> Response:
     """Store a batch of events a peer pushed: {events: [...], machine_id?, db_id?, now_ms?}."""
-    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"))
+    # Lenient: a NaN or a lone surrogate in one event rejects that event only (check_event).
+    body = req.json(required=("events",), optional=("machine_id", "db_id", "now_ms"), is_lenient=True)
     req.config.contacts.note(req.headers.get(PEER_HEADER.lower()))
     answer = sync_accept(req.db, body, now_ms=now_ms())
     if answer["accepted"] and list_orders(req.db, pending_on=req.db.machine_id):
@@ -9848,323 +10448,15 @@ def sync_get_peers(req: Request) -> Response:
     return json_response(list_peers(req.db, req.config.peers))
 
 
-# --- the remote twin of Services ----------------------------------------
-
-REMOTE_TIMEOUT_S = 30.0
-LOCAL_ONLY_SERVICES = frozenset({"pull_fleet", "observe_sessions", "report_hook", "get_pane_session"})
-
-
-def _build(cls: type, obj: dict[str, Any]) -> Any:
-    """Rebuild a dataclass from its JSON object; fields the server added are ignored."""
-    return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name in obj})
-
-
-def _change_from_json(obj: dict[str, Any]) -> Change:
-    return Change([_build(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
-
-
-class RemoteServices:
-    """The services of Services, run by a remote Clare through its JSON API: same names, same values.
-
-    Raises the same error classes as a local call, with the server's message.
-    """
-
-    __slots__ = ("url", "token")
-
-    def __init__(self, url: str, *, token: str | None = None):
-        self.url = url.rstrip("/")
-        self.token = token
-
-    def __getattr__(self, name: str) -> Callable:
-        if name in LOCAL_ONLY_SERVICES:
-            raise UsageError(f"{name} works on this host's own tmux and hooks; run the command on that host "
-                             "without --remote (and without CLARE_URL)")
-        raise AttributeError(name)
-
-    def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
-        """Send one API request and return its decoded JSON; raise the server's error as a ClareError."""
-        import urllib.parse
-
-        pairs = [(k, x) for k, v in (query or {}).items() if v is not None
-                 for x in (v if isinstance(v, list) else [v])]
-        path += "?" + urllib.parse.urlencode(pairs) if pairs else ""
-        return http_json(self.url, path, method=method, body=body, token=self.token, timeout_s=REMOTE_TIMEOUT_S,
-                         say_where=False, hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
-                                                   "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
-
-    @staticmethod
-    def _path(ref: str) -> str:
-        from urllib.parse import quote
-
-        return quote(ref, safe="")
-
-    def create_project(self, name: str, *, goal: str = "", owner: str = "", dirs: Sequence[str] = ()) -> Project:
-        """Create a project."""
-        return _build(Project, self.call("POST", "/api/v1/projects", body={"name": name, "goal": goal, "owner": owner,
-                                                                           "dirs": list(dirs)}))
-
-    def edit_project(self, ref: str, **changes: Any) -> Project:
-        """Change some fields of a project."""
-        body = {k: list(v) if k == "dirs" else v for k, v in changes.items() if v is not None and v != ()}
-        return _build(Project, self.call("PATCH", f"/api/v1/projects/{self._path(ref)}", body=body))
-
-    def get_project(self, ref: str) -> Project:
-        """Return one project by name or id prefix."""
-        return _build(Project, self.call("GET", f"/api/v1/projects/{self._path(ref)}"))
-
-    def list_projects(self, *, status: str | None = None) -> list[Project]:
-        """Return the projects."""
-        return [_build(Project, p) for p in self.call("GET", "/api/v1/projects", query={"status": status})]
-
-    def project_history(self, project: Project, *, limit: int = 200) -> list[Event]:
-        """Return the events about a project and its tasks."""
-        return [_build(Event, e) for e in self.call("GET", f"/api/v1/projects/{project.id}/history",
-                                                    query={"limit": limit})]
-
-    def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                    description: str = "", tags: Iterable[str] = ()) -> Task:
-        """Add a task to a project."""
-        return _build(Task, self.call("POST", "/api/v1/tasks", body={
-            "project": project_ref, "title": title, "priority": priority, "description": description,
-            **({"tags": list(tags)} if tags else {})}))
-
-    def edit_task(self, ref: str, **changes: Any) -> Task:
-        """Change some fields and tags of a task."""
-        body = {k: list(v) if k in ("tags", "untags") else v for k, v in changes.items() if v not in (None, (), [])}
-        return _build(Task, self.call("PATCH", f"/api/v1/tasks/{self._path(ref)}", body=body))
-
-    def remove_task(self, ref: str) -> Task:
-        """Remove a task (it can be restored)."""
-        return _build(Task, self.call("DELETE", f"/api/v1/tasks/{self._path(ref)}"))
-
-    def restore_task(self, ref: str) -> Task:
-        """Bring a removed task back."""
-        return _build(Task, self.call("POST", f"/api/v1/tasks/{self._path(ref)}/restore", body={}))
-
-    def list_changes(self, *, limit: int = 10) -> list[Change]:
-        """Return the server host's newest changes not undone yet."""
-        return [_change_from_json(c) for c in self.call("GET", "/api/v1/undo", query={"limit": limit})]
-
-    def undo_change(self) -> UndoResult:
-        """Undo the server host's newest change."""
-        got = self.call("POST", "/api/v1/undo", body={})
-        return UndoResult(_change_from_json(got), [_build(Event, e) for e in got["recorded"]], got["n_kept"])
-
-    def get_task(self, ref: str) -> Task:
-        """Return one task by id prefix."""
-        return _build(Task, self.call("GET", f"/api/v1/tasks/{self._path(ref)}"))
-
-    def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
-                   session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
-                   active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
-                   priorities: tuple[int, int] | None = None, search: str | None = None,
-                   include_removed: bool = False) -> list[Task]:
-        """Return tasks, most urgent first."""
-        query = {"project": project_id, "status": status, "session": session_id, "group": group_id,
-                 "open": "1" if is_open else None, "active": "1" if active_projects else None,
-                 "assigned": None if is_assigned is None else str(int(is_assigned)), "tag": tag,
-                 "priority": f"{priorities[0]}-{priorities[1]}" if priorities else None, "search": search,
-                 "removed": "1" if include_removed else None}
-        return [_build(Task, t) for t in self.call("GET", "/api/v1/tasks", query=query)]
-
-    def assign_task(self, ref: str, *, session_id: str | None = None, group_ref: str | None = None) -> Task:
-        """Bind a task to a session or a group."""
-        body = {k: v for k, v in (("session_id", session_id), ("group", group_ref)) if v is not None}
-        return _build(Task, self.call("POST", f"/api/v1/tasks/{self._path(ref)}/assignment", body=body))
-
-    def unassign_task(self, ref: str) -> Task:
-        """End a task's binding."""
-        return _build(Task, self.call("DELETE", f"/api/v1/tasks/{self._path(ref)}/assignment"))
-
-    def create_group(self, name: str, *, cwd: str | None = None, host: str | None = None,
-                     tmux_name: str | None = None) -> Group:
-        """Create a group of sessions."""
-        body = {k: v for k, v in (("name", name), ("cwd", cwd), ("host", host), ("tmux_name", tmux_name))
-                if v is not None}
-        return _build(Group, self.call("POST", "/api/v1/groups", body=body))
-
-    def remove_group(self, ref: str) -> Group:
-        """Remove a group."""
-        return _build(Group, self.call("DELETE", f"/api/v1/groups/{self._path(ref)}"))
-
-    def get_group(self, ref: str) -> Group:
-        """Return one group by name or id prefix."""
-        return _build(Group, self.call("GET", f"/api/v1/groups/{self._path(ref)}"))
-
-    def list_groups(self) -> list[Group]:
-        """Return the groups."""
-        return [_build(Group, g) for g in self.call("GET", "/api/v1/groups")]
-
-    def get_session(self, ref: str) -> Session:
-        """Return one session by id prefix."""
-        return _build(Session, self.call("GET", f"/api/v1/sessions/{self._path(ref)}"))
-
-    def get_session_detail(self, ref: str, *, hosts: dict[str, Any] | None = None, limit: int = 50) -> SessionDetail:
-        """Return one session with its task and history; its attach command is the server's (from the server)."""
-        got = self.call("GET", f"/api/v1/sessions/{self._path(ref)}")
-        return SessionDetail(_build(Session, got), _build(Task, got["task"]) if got.get("task") else None,
-                             [_build(Event, e) for e in got.get("history", [])][-limit:], got.get("attach"))
-
-    def list_needs(self) -> list[Session]:
-        """Return the sessions that wait on a person, for triage."""
-        return [_build(Session, x) for x in self.call("GET", "/api/v1/needs")]
-
-    def list_sessions(self, *, host: str | None = None, include_gone: bool = False) -> list[Session]:
-        """Return the sessions of every host."""
-        query = {"host": host, "all": "1" if include_gone else None}
-        return [_build(Session, x) for x in self.call("GET", "/api/v1/sessions", query=query)]
-
-    def list_group_sessions(self, group_ref: str, *, include_gone: bool = False) -> list[Session]:
-        """Return the sessions a group's patterns match now."""
-        query = {"all": "1" if include_gone else None}
-        return [_build(Session, x) for x in self.call("GET", f"/api/v1/groups/{self._path(group_ref)}/sessions",
-                                                      query=query)]
-
-    def list_ambiguous_panes(self) -> list[Pane]:
-        """Return the panes the server's last pull could not tie to one session."""
-        return [_build(Pane, x) for x in self.call("GET", "/api/v1/panes/ambiguous")]
-
-    def list_broadcast_recipients(self, target: str) -> list[Session]:
-        """Return the live sessions a broadcast target names."""
-        return [_build(Session, x) for x in self.call("GET", "/api/v1/broadcast/recipients", query={"target": target})]
-
-    def list_deliveries(self, *, broadcast_id: str | None = None, pending_on: str | None = None) -> list[Delivery]:
-        """Return the per-session results of a broadcast."""
-        query = {"broadcast": broadcast_id, "pending_on": pending_on}
-        return [_build(Delivery, x) for x in self.call("GET", "/api/v1/deliveries", query=query)]
-
-    def send_broadcast(self, target: str, text: str, *, is_command: bool = False,
-                       confirm_s: float = BROADCAST_CONFIRM_S,
-                       on_delivery: Callable[[Session, str, str, int, int], None] | None = None) -> BroadcastResult:
-        """Have the server type a text into a target's sessions (it waits for confirmations its own way).
-
-        The server answers once every session is done: `on_delivery` is not called (no lines as they land).
-        """
-        got = self.call("POST", "/api/v1/broadcast", body={"target": target, "text": text, "is_command": is_command})
-        return BroadcastResult(got["broadcast_id"], got["target"], got["text"],
-                               [_build(Delivery, d) for d in got["deliveries"]], list(got.get("unreached") or []))
-
-    def start_session(self, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
-                      model: str | None = None, config: dict[str, Any]) -> Order:
-        """Have the server start a session for a task (with its own clare.toml)."""
-        body = {"host": host, "is_worktree": is_worktree, "model": model}
-        return _build(Order, self.call("POST", f"/api/v1/tasks/{self._path(task_ref)}/sessions",
-                                       body={k: v for k, v in body.items() if v is not None}))
-
-    def resume_session(self, session_ref: str, *, config: dict[str, Any]) -> Order:
-        """Have the server resume a gone session on its host."""
-        return _build(Order, self.call("POST", f"/api/v1/sessions/{self._path(session_ref)}/resume", body={}))
-
-    def stop_session(self, session_ref: str, *, is_force: bool = False, config: dict[str, Any]) -> Order:
-        """Have the server stop a session on its host."""
-        return _build(Order, self.call("POST", f"/api/v1/sessions/{self._path(session_ref)}/stop",
-                                       body={"is_force": is_force}))
-
-    def list_orders(self, *, order_id: str | None = None, session_id: str | None = None,
-                    pending_on: str | None = None) -> list[Order]:
-        """Return the session orders and their results."""
-        query = {"id": order_id, "session": session_id, "pending_on": pending_on}
-        return [_build(Order, o) for o in self.call("GET", "/api/v1/orders", query=query)]
-
-    def post_update(self, text: str, *, task_ref: str | None = None, session_id: str | None = None,
-                    pane: tuple[str | None, str] | None = None, source: str = "message",
-                    is_done: bool = False) -> Update:
-        """Post a progress note."""
-        if pane is not None and task_ref is None:
-            raise UsageError("a note from inside a pane finds its task on this host; name the task "
-                             "(clare update TASK TEXT) or run without --remote")
-        body = {k: v for k, v in (("text", text), ("task", task_ref), ("session_id", session_id),
-                                  ("source", source), ("is_done", is_done or None)) if v is not None}
-        return _build(Update, self.call("POST", "/api/v1/updates", body=body))
-
-    def list_updates(self, *, task_ids: list[str] | None = None, update_id: str | None = None,
-                     limit: int = 50) -> list[Update]:
-        """Return the newest updates, newest last."""
-        if task_ids == []:
-            return []
-        query = {"task": task_ids, "id": update_id, "limit": limit}
-        return [_build(Update, u) for u in self.call("GET", "/api/v1/updates", query=query)]
-
-    def list_history(self, entity_ids: list[str], *, limit: int = 200) -> list[Event]:
-        """Return the events naming any of these entities, oldest first."""
-        return [_build(Event, e) for e in self.call("GET", "/api/v1/history",
-                                                    query={"entity": entity_ids, "limit": limit})]
-
-    def list_events(self, *, limit: int = 50) -> list[Event]:
-        """Return the newest events, newest last."""
-        page = self.call("GET", "/api/v1/events", query={"limit": min(limit, MAX_EVENTS_PAGE)})
-        return [_build(Event, e) for e in page["events"]]
-
-    def import_events(self, lines: Iterable[str]) -> tuple[InsertResult, list[str]]:
-        """Send JSON lines of events; return what the server stored and one reason per bad line."""
-        got = self.call("POST", "/api/v1/import", body={"lines": [x.rstrip("\n") for x in lines]})
-        return (InsertResult([_build(Event, e) for e in got["inserted"]], got["duplicates"], got["conflicts"]),
-                got["rejected"])
-
-    def replay(self) -> int:
-        """Rebuild the server's projections; return how many events it applied."""
-        return self.call("POST", "/api/v1/replay", body={})["events"]
-
-    def get_status(self, *, project_ref: str | None = None, group_ref: str | None = None) -> StatusReport:
-        """Return the roll-up."""
-        got = self.call("GET", "/api/v1/status", query={"project": project_ref, "group": group_ref})
-        return StatusReport([ProjectStatus(_build(Project, p), p["tokens"], p["n_sessions"]) for p in got["projects"]],
-                            [_build(Session, x) for x in got["sessions"]],
-                            {t["id"]: _build(Task, t) for t in got["tasks"]})
-
-    def clock_status(self) -> dict[str, Any]:
-        """Return what the server's peers say of its clock, and the events it holds back."""
-        return self.call("GET", "/api/v1/status")["clock"]
-
-    def count_events(self) -> int:
-        """Return how many events the server's log holds."""
-        return self.call("GET", "/api/v1/status")["n_events"]
-
-
 _REF = r"(?P<%s>[^/]+)"
 ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
     (method, re.compile(pattern), handler) for method, pattern, handler in (
-        ("GET", r"/api/v1/projects", api_list_projects),
-        ("POST", r"/api/v1/projects", api_create_project),
-        ("GET", r"/api/v1/projects/" + _REF % "project", api_get_project),
-        ("PATCH", r"/api/v1/projects/" + _REF % "project", api_edit_project),
-        ("GET", r"/api/v1/projects/" + _REF % "project" + "/history", api_project_history),
-        ("GET", r"/api/v1/tasks", api_list_tasks),
-        ("POST", r"/api/v1/tasks", api_create_task),
-        ("GET", r"/api/v1/tasks/" + _REF % "task", api_get_task),
-        ("PATCH", r"/api/v1/tasks/" + _REF % "task", api_edit_task),
-        ("DELETE", r"/api/v1/tasks/" + _REF % "task", api_remove_task),
-        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/restore", api_restore_task),
-        ("GET", r"/api/v1/undo", api_list_changes),
-        ("POST", r"/api/v1/undo", api_undo_change),
+        *((spec.method, re.sub(r"\{(\w+)\}", lambda m: _REF % m[1], spec.path), service_handler(name))
+          for name, (_, spec) in SERVICE_APIS.items() if spec is not None and spec.is_routed),
         ("GET", r"/api/v1/tasks/" + _REF % "task" + "/history", api_task_history),
-        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_assign_task),
-        ("DELETE", r"/api/v1/tasks/" + _REF % "task" + "/assignment", api_unassign_task),
-        ("GET", r"/api/v1/groups", api_list_groups),
-        ("POST", r"/api/v1/groups", api_create_group),
-        ("GET", r"/api/v1/groups/" + _REF % "group", api_get_group),
-        ("DELETE", r"/api/v1/groups/" + _REF % "group", api_remove_group),
-        ("GET", r"/api/v1/groups/" + _REF % "group" + "/sessions", api_group_sessions),
-        ("GET", r"/api/v1/sessions", api_list_sessions),
-        ("GET", r"/api/v1/sessions/" + _REF % "session", api_get_session),
-        ("POST", r"/api/v1/tasks/" + _REF % "task" + "/sessions", api_start_session),
-        ("POST", r"/api/v1/sessions/" + _REF % "session" + "/resume", api_resume_session),
-        ("POST", r"/api/v1/sessions/" + _REF % "session" + "/stop", api_stop_session),
-        ("GET", r"/api/v1/orders", api_list_orders),
         ("GET", r"/api/v1/sessions/" + _REF % "session" + "/pane", api_session_pane),
         ("GET", r"/api/v1/sessions/" + _REF % "session" + "/transcript", api_session_transcript),
-        ("GET", r"/api/v1/needs", api_list_needs),
-        ("GET", r"/api/v1/panes/ambiguous", api_ambiguous_panes),
-        ("POST", r"/api/v1/broadcast", api_send_broadcast),
-        ("GET", r"/api/v1/broadcast/recipients", api_broadcast_recipients),
-        ("GET", r"/api/v1/deliveries", api_list_deliveries),
-        ("GET", r"/api/v1/updates", api_list_updates),
-        ("POST", r"/api/v1/updates", api_post_update),
-        ("GET", r"/api/v1/status", api_status),
         ("GET", r"/api/v1/events", api_list_events),
-        ("GET", r"/api/v1/history", api_history),
-        ("POST", r"/api/v1/import", api_import_events),
-        ("POST", r"/api/v1/replay", api_replay),
         ("GET", r"/api/v1/openapi\.json", api_openapi),
         ("GET", r"/api/v1/sync/events", sync_get_events),
         ("POST", r"/api/v1/sync/events", sync_post_events),
@@ -10282,7 +10574,7 @@ class Context:
         self.as_json = bool(getattr(args, "json", False))
         self.remote_url: str | None = getattr(args, "remote", None) or os.environ.get("CLARE_URL") or None
         self._db: Db | None = None
-        self._svc: Services | RemoteServices | None = None
+        self._svc: Services | None = None
         self._config: dict[str, Any] | None = None  # clare.toml, read on first use
 
     @property
@@ -10300,7 +10592,7 @@ class Context:
         return self._config
 
     @property
-    def svc(self) -> "Services | RemoteServices":
+    def svc(self) -> Services:
         """Return the services this command runs against: the local database, or --remote / CLARE_URL."""
         if self._svc is None:
             if self.remote_url is not None:
@@ -11297,6 +11589,7 @@ def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
             return 1
     landed = BroadcastLines(as_json=ctx.as_json)
     landed.start(args.target)
+    # A server answers once, with every result: on_delivery is not sent, and the rest prints below.
     result = ctx.svc.send_broadcast(args.target, text, is_command=args.command, on_delivery=landed)
     landed.close()
     rest = [d for d in result.deliveries if d.session_id not in landed.shown]
@@ -11453,7 +11746,9 @@ def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
                                       for r in _suggested(ctx, has_token=False))
     if not is_suggested:
         peer = add_peer(ctx.paths.config, args.url, name=args.name, token_env=args.token_env)
-        token = f"its token is read from ${peer.token_env}" if peer.token_env else "its token is CLARE_TOKEN's"
+        token = (f"Clare sends it the token in ${peer.token_env}" if peer.token_env else
+                 f"Clare sends it this host's own token ($CLARE_TOKEN, else the token line of {ctx.paths.config}); "
+                 "give it --token-env VAR if it has another")
         emit(ctx, peer, f"added peer {peer.name} ({peer.url}) to {ctx.paths.config}; {token}\n"
                         f"a running 'clare serve' syncs with it within a second; now: clare sync {peer.name}")
         return
@@ -11484,6 +11779,16 @@ def cmd_peer_rm(args: argparse.Namespace, ctx: Context) -> None:
     forget_peer_status(ctx.db, peer.url)
     emit(ctx, peer, f"removed peer {peer.name} ({peer.url}) from {ctx.paths.config}; "
                     "a running 'clare serve' stops syncing with it within a second")
+
+
+def cmd_token(args: argparse.Namespace, ctx: Context) -> None:
+    """Print this host's API token, to a terminal only."""
+    token = ctx.svc.get_token(ctx.config, path=ctx.paths.config)
+    # SECURITY: a token printed into a pipe or a file ends up in logs and shell histories.
+    if not sys.stdout.isatty():
+        raise UsageError(f"clare token prints the token to a terminal only; a script reads it where it lives: "
+                         f"CLARE_TOKEN, else 'token' in {ctx.paths.config}")
+    emit(ctx, {"token": token, "config": ctx.paths.config}, token)
 
 
 def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
@@ -11596,9 +11901,9 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
 
     if ctx.db.refusal is not None:  # a copy: everything serve does in the background writes
         raise Conflict(ctx.db.refusal)
-    settings = ctx.config
-    config = web_config(ctx.paths, settings=settings, host=args.host, port=args.port, log_requests=args.log)
-    book = PeerBook(ctx.paths.config, settings, config.peers)
+    config = web_config(ctx.paths, settings=ctx.config, host=args.host, port=args.port, log_requests=args.log)
+    settings = {**ctx.config, "token": config.token}  # a token made just now goes to peers without token_env
+    book = PeerBook(ctx.paths.config, settings, config.peers, overrides={"token": config.token})
     config = dataclasses.replace(config, peers=book)  # the dashboard's peers follow clare.toml too
     interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
@@ -11609,10 +11914,12 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
 
     def started() -> None:
         print(f"clare: serving {server.url}/ (Ctrl-C stops)", flush=True)
-        if config.token is not None:
-            # SECURITY: under systemd stdout is the journal; the token goes only to a person's terminal.
-            token = config.token if sys.stdout.isatty() else "YOUR_TOKEN"
-            print(f"clare: log in once with {server.url}/login?token={token}", flush=True)
+        # SECURITY: under systemd stdout is the journal; the token goes only to a person's terminal.
+        if sys.stdout.isatty():
+            print(f"clare: log in once with {server.url}/login?token={config.token}", flush=True)
+        else:
+            print(f"clare: log in once with {server.url}/login?token=YOUR_TOKEN (the token line of "
+                  f"{ctx.paths.config}, or $CLARE_TOKEN)", flush=True)
         url = announce_url(config.host, server.url, settings, path=ctx.paths.config)
         try:
             if url is not None and announce_host(ctx.db, url, token=config.token, now_ms=now_ms()) is not None:
@@ -11673,7 +11980,8 @@ _DIR_ARG = arg("--dir", action="append", default=[], metavar="[HOST:]PATH",
                     "peer name only one host has), HOST: to forget it; repeat per host")
 
 _SERVE_ARGS = (
-    arg("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; others need a token)"),
+    arg("--host", default=DEFAULT_HOST,
+        help=f"address to bind (default {DEFAULT_HOST}; every bind needs the token, made on first serve)"),
     arg("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"),
     arg("--log", action="store_true", help="print one line per request to stderr"),
     arg("--no-sync", action="store_true", help="do not sync with the peers of clare.toml in the background"),
@@ -11846,6 +12154,8 @@ COMMANDS: list[Command] = [
     Command(("peer", "rm"), cmd_peer_rm, "remove a peer from clare.toml",
             "clare peer rm apricot\n  clare peer rm http://10.9.0.2:8765 --json",
             (arg("peer", help="the name (or url) of a configured peer"),)),
+    Command(("token",), cmd_token, "print this host's API token (to a terminal only)",
+            "clare token\n  clare token --json"),
     Command(("peer", "list"), cmd_peer_list,
             "list peers: last sync, events to pull and to push, clock offset, deferred events, last error",
             "clare peer list --json\n  clare peer list --suggested   # hosts announced in the log, not peers yet",

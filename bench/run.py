@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -528,7 +529,7 @@ def incremental_sync(src: Path, dst: Path, url: str, *, runs: int = 7) -> tuple[
     src_db, dst_db = clare.open_db(str(src)), clare.open_db(str(dst))
     svc = clare.Services(src_db)
     project = svc.list_projects()[0].id
-    peer = clare.HttpPeer(url, token=None)
+    peer = clare.HttpPeer(url, token=os.environ["CLARE_TOKEN"])
     sync_ms, trip_ms = [], []
     try:
         clare.sync_with(dst_db, peer, name="bench")  # up to date, cursor saved
@@ -542,7 +543,7 @@ def incremental_sync(src: Path, dst: Path, url: str, *, runs: int = 7) -> tuple[
                 raise BenchError(f"an incremental sync pulled {report.n_pulled} events, expected 10")
             head = clare.count_events(src_db)
             started = time.perf_counter()
-            with urllib.request.urlopen(f"{url}/api/v1/sync/events?after={head + 10**9}&limit=1000",
+            with urllib.request.urlopen(authorized(f"{url}/api/v1/sync/events?after={head + 10**9}&limit=1000"),
                                         timeout=30) as reply:
                 reply.read()
             trip_ms.append((time.perf_counter() - started) * 1000)
@@ -550,6 +551,11 @@ def incremental_sync(src: Path, dst: Path, url: str, *, runs: int = 7) -> tuple[
         src_db.close()
         dst_db.close()
     return statistics.median(sync_ms), statistics.median(trip_ms)
+
+
+def authorized(url: str) -> urllib.request.Request:
+    """Return a GET of `url` that carries this run's token."""
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {os.environ['CLARE_TOKEN']}"})
 
 
 class FixedPage(http.server.BaseHTTPRequestHandler):
@@ -612,7 +618,7 @@ class ClareServer:
         """GET a path; return the size of the body."""
         import urllib.request
 
-        with urllib.request.urlopen(self.url + path, timeout=120) as reply:
+        with urllib.request.urlopen(authorized(self.url + path), timeout=120) as reply:
             return len(reply.read())
 
     def peak_rss_mb(self) -> float:
@@ -908,7 +914,7 @@ def bench_fleet(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
             fleet.stop()
     for key, r in lat.items():
         r.clare = fleet_latency(is_hooked=key == "hooks")
-        r.base = None
+        r.base, r.note = None, "an absolute goal: no baseline to compare with"
 
 
 def fleet_latency(*, is_hooked: bool, n_tries: int = 5) -> float:
@@ -1055,6 +1061,8 @@ def main(argv: list[str] | None = None) -> int:
         serve_fixed_page()
         return 0
     sizes = QUICK if args.quick else FULL
+    # Every bind needs a token: one for the servers, `clare sync` and the in-process clients of this run.
+    os.environ["CLARE_TOKEN"] = os.environ.get("CLARE_TOKEN") or f"bench-{os.getpid()}-" + "t" * 16
     rows: dict[str, Row] = {}
     print(f"Clare bench{' (quick)' if args.quick else ''}: {machine()}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="clare-bench-") as tmp:

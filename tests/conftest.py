@@ -102,6 +102,11 @@ def pytest_report_header(config):
     return f"CLARE_SEED={os.environ.get('CLARE_SEED', '(unset: each randomized test runs its fixed seeds)')}"
 
 
+def projection_digest(db) -> dict[str, list[tuple]]:
+    """Return every projection table's rows, sorted: what 'the same state' means in these tests."""
+    return {t: sorted(tuple(r) for r in db.conn.execute(f"SELECT * FROM {t}")) for t in clare.PROJECTION_TABLES}
+
+
 def seeds(n: int, salt: str) -> list[int]:
     """Return the seeds of a randomized test: CLARE_SEED alone when set, else n fixed ones."""
     if os.environ.get("CLARE_SEED"):
@@ -182,8 +187,10 @@ def serve(home, db):
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))
-        return Served(server, token)
+        start.served.append(Served(server, server.config.token))  # every bind has a token: made unless given
+        return start.served[-1]
 
+    start.served = []  # what the test started, newest last: the browser fixtures log in to them
     yield start
     for server, thread in started:
         server.shutdown()
@@ -193,7 +200,7 @@ def serve(home, db):
 
 @pytest.fixture
 def server(serve) -> Served:
-    """A live Clare server without a token on 127.0.0.1."""
+    """A live Clare server on 127.0.0.1 with the token it made; requests send it unless auth=False."""
     return serve()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import clare
-from conftest import CLARE_PY, observe, wait_for
+from conftest import CLARE_PY, observe, projection_digest, wait_for
 
 S1, S2, S3 = ("aaaa0001-0000-4000-8000-000000000001", "bbbb0002-0000-4000-8000-000000000002",
               "cccc0003-0000-4000-8000-000000000003")
@@ -45,9 +45,9 @@ def test_permission_request_keeps_what_it_asks_with_the_state_until_the_dialog_e
     assert (s.state, s.asked) == ("working", None)
     hook(db, S1, "PermissionRequest", at_ms=4000, tool_name="Edit", tool_input={"file_path": "/srv/app/x.py"})
     assert clare.list_sessions(db)[0].asked == {"tool": "Edit", "input": "/srv/app/x.py"}
-    before = clare.projection_digest(db)
+    before = projection_digest(db)
     clare.replay(db)
-    assert clare.projection_digest(db) == before  # the asked field replays like every other
+    assert projection_digest(db) == before  # the asked field replays like every other
     assert "asks Edit: '/srv/app/x.py'" in clare.format_history(clare.list_history(db, [S1]))
 
 

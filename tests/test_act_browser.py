@@ -1,11 +1,11 @@
 """Act in a real browser: the session page and its live pane, pickers, needs-you keys, title count, notifications."""
 
 import pytest
-import test_browser
-from test_browser import ARTIFACTS, settle
 
 import clare
+import test_browser
 from conftest import observe
+from test_browser import ARTIFACTS, settle
 
 browser, page_of = test_browser.browser, test_browser.page_of  # the shared fixtures: Chromium, checked pages
 pytestmark = pytest.mark.browser
@@ -113,6 +113,7 @@ def test_needs_you_is_ordered_for_triage_with_keys_and_a_title_count(server, db,
 def test_browser_notifications_are_opt_in_and_fire_once_per_new_need(browser, server, db):
     observe(db, [{"session_id": S1, "state": "working", "label": "busy"}], now_ms=1000)
     context = browser.new_context(viewport=WIDTHS["desktop"])
+    context.add_cookies(test_browser.login_cookie(server))
     # Headless Chromium shows no desktop notifications: record what the page asks for instead.
     context.add_init_script("""window.__notes = [];
         window.Notification = function (title, options) { window.__notes.push([title, options.body, options.tag]); };
@@ -196,6 +197,7 @@ def test_session_page_reads_and_its_picker_works_without_javascript(browser, ser
     clare.create_project(db, "alpha", now_ms=1)
     t = clare.create_task(db, "alpha", "write the parser", now_ms=2)
     context = browser.new_context(java_script_enabled=False)
+    context.add_cookies(test_browser.login_cookie(server))
     try:
         pg = context.new_page()
         pg.goto(server.url + f"/sessions/{S1}")

@@ -27,17 +27,28 @@ def browser():
         b.close()
 
 
+def login_cookie(served) -> list[dict]:
+    """Return the login cookie of a server, as its /login sets it; none before a server started."""
+    if served is None:
+        return []
+    # Cookies are per host, not per port: it goes to every server of the test (they share the home's token).
+    return [{"name": clare.LOGIN_COOKIE, "value": served.config.login_cookie, "url": "http://127.0.0.1"}]
+
+
 @pytest.fixture
-def page_of(browser):
-    """Open pages that fail the test on any JavaScript error or console error (CSP violations included).
+def page_of(browser, serve):
+    """Open pages, logged in, that fail the test on any JavaScript error or console error (CSP violations included).
 
     A refusal the test provokes on purpose is logged by Chromium as a failed load: list its status
     in `page_of.expected_statuses`.
     """
     pages, errors = [], []
 
-    def open_page(**options):
-        pg = browser.new_page(**options)
+    def open_page(*, is_logged_in: bool = True, **options):
+        context = browser.new_context(**options)
+        if is_logged_in:
+            context.add_cookies(login_cookie(serve.served[-1] if serve.served else None))
+        pg = context.new_page()
         pg.on("pageerror", lambda err: errors.append(f"pageerror: {err}"))
         pg.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
         pages.append(pg)
@@ -46,7 +57,7 @@ def page_of(browser):
     open_page.expected_statuses = set()
     yield open_page
     for pg in pages:
-        pg.close()
+        pg.context.close()
     expected = {f"console: Failed to load resource: the server responded with a status of {s}"
                 for s in open_page.expected_statuses}
     assert [e for e in errors if not any(e.startswith(x) for x in expected)] == []
@@ -122,6 +133,7 @@ def test_forms_create_a_project_add_a_task_and_move_it_without_reload(server, db
 def test_pages_read_fine_without_javascript(server, db, browser):
     clare.create_project(db, "alpha", now_ms=1)
     context = browser.new_context(java_script_enabled=False)
+    context.add_cookies(login_cookie(server))
     try:
         pg = context.new_page()
         pg.goto(server.url + "/")

@@ -3,9 +3,9 @@
 import threading
 
 import pytest
-from test_sync import Node
 
 import clare
+from test_sync import Node
 
 
 @pytest.fixture

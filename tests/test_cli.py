@@ -5,6 +5,7 @@ import json
 import pytest
 
 import clare
+from conftest import projection_digest
 
 
 def test_the_readme_tour_works_end_to_end(cli):
@@ -86,10 +87,10 @@ def test_replay_rebuilds_the_same_tables(cli):
     cli("project", "new", "alpha")
     cli("task", "add", "alpha", "x")
     db = clare.open_db(clare.resolve_paths().db)
-    before = clare.projection_digest(db)
+    before = projection_digest(db)
     r = cli("replay")
     assert r.code == 0 and r.out.startswith("replayed 2 events")
-    assert clare.projection_digest(db) == before
+    assert projection_digest(db) == before
 
 
 def test_every_command_has_help_with_an_example(capsys):

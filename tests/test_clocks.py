@@ -6,9 +6,9 @@ uuid once within the bound; a host that two reachable peers find off refuses use
 
 
 import pytest
-from test_sync import Y2286_MS, Link, Node
 
 import clare
+from test_sync import Y2286_MS, Link, Node
 
 HOUR_MS = 3_600_000
 

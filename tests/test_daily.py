@@ -5,6 +5,7 @@ import json
 import pytest
 
 import clare
+from conftest import projection_digest
 
 T0 = 1_750_000_000_000
 
@@ -104,7 +105,7 @@ def test_tags_merge_across_hosts_as_a_set_with_add_and_remove_per_tag():
     _copy(b, a, T0 + 20)
     for db in (a, b):  # both adds survive; for 'old' the newer (a's removal) wins; 'shared' was removed by b
         assert clare.get_task(db, t.id).tags == ("backend", "urgent")
-    assert clare.projection_digest(a) == clare.projection_digest(b)
+    assert projection_digest(a) == projection_digest(b)
     assert [x.id for x in clare.list_tasks(a, tag="urgent")] == [t.id]
 
 

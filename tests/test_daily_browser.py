@@ -34,7 +34,7 @@ def test_the_401_page_has_a_token_field_that_logs_in(serve, page_of):  # noqa: F
     token = "t0ken-for-the-daily-browser-test"
     server = serve(token=token)
     page_of.expected_statuses = {401}
-    pg = page_of(viewport={"width": 390, "height": 844}, color_scheme="dark")
+    pg = page_of(viewport={"width": 390, "height": 844}, color_scheme="dark", is_logged_in=False)
     answer = pg.goto(server.url + "/")
     assert answer.status == 401
     assert pg.locator("a", has_text="Back to the dashboard").count() == 0  # it would only answer 401 again

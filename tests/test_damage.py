@@ -6,9 +6,9 @@ import signal
 import sqlite3
 
 import pytest
-from test_sync import Node, fleet  # noqa: F401  (real `clare serve` processes)
 
 import clare
+from test_sync import Node, fleet  # noqa: F401  (real `clare serve` processes)
 
 
 def _uuids(db: clare.Db) -> set[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import clare
-from conftest import FAKE_CLAUDE, TmuxServer, require_program, wait_for
+from conftest import FAKE_CLAUDE, TmuxServer, projection_digest, require_program, wait_for
 
 
 def _require(program: str) -> None:
@@ -119,7 +119,7 @@ def test_dirs_orders_and_receipts_in_any_order_give_the_tables_of_a_replay(db, t
         with clare.write_txn(db) as cur:
             clare.receive_events(db, cur, [ev], now_ms=at)
     clare.replay(db)
-    want = clare.projection_digest(db)
+    want = projection_digest(db)
     assert clare.get_project(db, "api").dirs == {"other": "/d2"}
     assert [(o.result, o.by_host) for o in clare.list_orders(db)] == [("started", "other")]
     for seed in range(8):
@@ -130,7 +130,7 @@ def test_dirs_orders_and_receipts_in_any_order_give_the_tables_of_a_replay(db, t
         for ev in shuffled:
             with clare.write_txn(other) as cur:
                 clare.receive_events(other, cur, [ev], now_ms=5000)
-        got = clare.projection_digest(other)
+        got = projection_digest(other)
         assert {k: got[k] for k in ("project_dirs", "orders", "tasks")} == \
                {k: want[k] for k in ("project_dirs", "orders", "tasks")}, seed
         other.close()

@@ -1,6 +1,7 @@
 """Starting sessions from the dashboard in a real browser (Playwright driving Debian's Chromium)."""
 
 import pytest
+
 from test_browser import ARTIFACTS, CHROMIUM, browser, page_of, settle  # noqa: F401 (fixtures)
 from test_dispatch import fleet, project_with_task, received  # noqa: F401 (fixture)
 

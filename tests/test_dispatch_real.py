@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from mock_messages_api import MockMessagesApi
-from test_real_claude import API_KEY, _claude_binary
 
 from conftest import CLARE_PY, Ran
+from test_real_claude import API_KEY, _claude_binary
 
 pytestmark = pytest.mark.slow
 

@@ -3,9 +3,8 @@
 import socket
 import time
 
-from test_sync import fleet  # noqa: F401  (the fixture of three real `clare serve` processes)
-
 import clare
+from test_sync import fleet  # noqa: F401  (the fixture of three real `clare serve` processes)
 
 
 def _free_port() -> int:

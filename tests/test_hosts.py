@@ -425,7 +425,7 @@ def test_doctor_checks_a_set_up_host_and_names_the_fix_of_each_failure(tmp_path)
         checks = {c["name"]: c for c in doctor.json()["checks"]}
         assert doctor.code == 0, checks
         assert set(checks) == {"unit", "bind", "token", f"peer 127.0.0.1-{port_b}", "hooks", "tmux", "claude",
-                               "schema", "fingerprint", "disk"}
+                               "schema", "fingerprint", "disk", "clock"}
         assert checks["claude"]["detail"] == str(a.bin / "claude")
         assert re.search(r"answers, clock [+-]\d", checks[f"peer 127.0.0.1-{port_b}"]["detail"])
         text = a.run("doctor")

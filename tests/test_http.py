@@ -234,7 +234,8 @@ def test_text_plain_post_is_415(server):
 
 def test_body_over_one_megabyte_is_413_before_it_is_read(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Authorization: Bearer " + server.token.encode() + b"\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 2000000\r\n\r\n")
         head = _read_head(s)
     assert head.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in head
@@ -246,21 +247,24 @@ def test_sync_paths_accept_bodies_up_to_eight_megabytes(server):
                        headers={"Content-Type": "application/json"})
     assert r.status == 404
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /api/v1/sync/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n" % (8 * 1024 * 1024 + 1))
+        s.sendall(b"POST /api/v1/sync/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Authorization: Bearer " + server.token.encode() + b"\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(8 * 1024 * 1024 + 1).encode() + b"\r\n\r\n")
         assert _read_head(s).startswith(b"HTTP/1.1 413 ")
 
 
 def test_chunked_body_is_411(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Authorization: Bearer " + server.token.encode() + b"\r\nContent-Type: application/json\r\n"
                   b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         assert _read_head(s).startswith(b"HTTP/1.1 411 ")
 
 
 def test_two_content_lengths_are_refused(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Authorization: Bearer " + server.token.encode() + b"\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 2\r\nContent-Length: 14\r\n\r\n{}")
         assert _read_head(s).startswith(b"HTTP/1.1 400 ")
     assert server.request("GET", "/api/v1/projects").json() == []
@@ -325,9 +329,9 @@ def test_login_url_sets_a_strict_httponly_cookie_that_opens_the_api(serve):
     assert s.request("GET", "/api/v1/projects", auth=False, headers={"Cookie": value + "0"}).status == 401
 
 
-def test_binding_beyond_loopback_without_a_token_refuses_to_start(run_clare):
-    r = run_clare("serve", "--host", "0.0.0.0", "--port", "0")
-    assert r.code == 2 and "CLARE_TOKEN" in r.err and r.err.count("\n") == 1
+def test_binding_beyond_loopback_without_a_token_makes_one_as_every_bind_does(home, db):
+    config = clare.web_config(clare.resolve_paths(), host="0.0.0.0", port=0, env={})
+    assert config.token == clare.load_config(str(home / "clare.toml"))["token"]
 
 
 def test_a_short_token_is_refused(run_clare):
@@ -342,6 +346,7 @@ def test_slow_client_is_cut_off(serve):
         assert _read_all(c) == b""  # the server hung up without answering
     with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
         c.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + s.token.encode() + b"\r\n"
                   b"Content-Length: 100\r\n\r\n{")  # the body never ends
         assert _read_all(c) == b""
     assert s.request("GET", "/api/v1/projects").json() == []
@@ -374,17 +379,23 @@ def test_a_client_trickling_its_request_is_cut_off_at_the_deadline(serve):
 def test_connections_past_the_thread_cap_get_a_quick_503(serve):
     from conftest import wait_for
 
-    s = serve(max_threads=2)
-    idle = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(2)]
+    s = serve(max_threads=2)  # one slot for any request, one kept for requests with the token
+    held = []
     try:
-        for c in idle:
-            c.sendall(b"GET /api/v1/pro")
-        wait_for(lambda: s.server._slots._value == 0, what="both handler threads taken")
+        for _ in range(2):  # requests with the token whose body never comes: each holds a thread
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            c.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + s.token.encode() + b"\r\nContent-Length: 100\r\n\r\n")
+            held.append(c)
+        wait_for(lambda: s.server._slots._value == 0 and s.server._reserved._value == 0,
+                 what="both handler threads taken")
         with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            c.sendall(b"GET /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Authorization: Bearer " + s.token.encode() + b"\r\n\r\n")
             answer = _read_all(c)
         assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer and b'"busy"' in answer
     finally:
-        for c in idle:
+        for c in held:
             c.close()
     assert wait_for(lambda: s.request("GET", "/api/v1/projects").status == 200, what="a slot freed")
 
@@ -407,12 +418,13 @@ def test_keep_alive_serves_several_requests_on_one_connection(server):
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    auth = {"Authorization": f"Bearer {server.token}"}
     try:
         for _ in range(3):
-            conn.request("GET", "/api/v1/status")
+            conn.request("GET", "/api/v1/status", headers=auth)
             assert conn.getresponse().read()
         sock = conn.sock
-        conn.request("GET", "/api/v1/projects")
+        conn.request("GET", "/api/v1/projects", headers=auth)
         assert conn.getresponse().status == 200 and conn.sock is sock
     finally:
         conn.close()
@@ -425,8 +437,10 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(home, db):
         line = proc.stdout.readline()
         port = int(line.split("127.0.0.1:")[1].split("/")[0])
         body = json.dumps({"name": "late"}).encode()
+        token = clare.load_config(str(home / "clare.toml"))["token"]  # made by this first serve
         with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
             c.sendall(b"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + token.encode() + b"\r\n"
                       b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
             assert _read_head(c).startswith(b"HTTP/1.1 100 ")  # the server holds the request now
             proc.send_signal(signal.SIGTERM)
@@ -535,23 +549,6 @@ def test_remote_that_is_down_or_malformed_is_one_clear_line(cli):
     assert r.code == 2 and "http://HOST:PORT" in r.err
 
 
-def test_remote_services_offer_every_service_with_the_same_signature():
-    import inspect
-
-    for name, fn in clare.SERVICES.items():
-        if name in clare.LOCAL_ONLY_SERVICES:
-            with pytest.raises(clare.UsageError, match="without --remote"):
-                getattr(clare.RemoteServices("http://x"), name)
-            continue
-        remote = getattr(clare.RemoteServices, name, None)
-        assert remote is not None, f"RemoteServices lacks {name}"
-        local = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("db", "now_ms")]
-        theirs = list(inspect.signature(remote).parameters.values())[1:]
-        if any(p.kind is p.VAR_KEYWORD for p in theirs):
-            continue  # edit_* take **changes: the server checks the names
-        assert [(p.name, p.kind, p.default) for p in local] == [(p.name, p.kind, p.default) for p in theirs], name
-
-
 # --- OpenAPI -------------------------------------------------------------------
 
 def _validate(value, schema, doc, where="$"):
@@ -579,11 +576,16 @@ def _validate(value, schema, doc, where="$"):
             _validate(item, schema["items"], doc, f"{where}[{i}]")
 
 
+def openapi_path(pattern) -> str:
+    """Return the OpenAPI path template of a route pattern: named groups become {name}."""
+    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern).replace("\\", "")
+
+
 def test_openapi_document_lists_exactly_the_api_routes(server):
     doc = server.request("GET", "/api/v1/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-    routed = {(m, clare.openapi_path(rx)) for m, rx, _ in clare.ROUTES if rx.pattern.startswith("/api/")}
+    routed = {(m, openapi_path(rx)) for m, rx, _ in clare.ROUTES if rx.pattern.startswith("/api/")}
     assert documented == routed
 
 
@@ -641,11 +643,14 @@ def test_remote_sessions_print_what_local_sessions_print(server, db, cli):
     assert r.code == 2 and "without --remote" in r.err
 
 
+HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"  # of clare.HTMX_VERSION
+
+
 def test_vendored_htmx_is_the_pinned_release():
     import hashlib
 
     data = (Path(clare.STATIC_DIR) / "htmx.min.js").read_bytes()
-    assert hashlib.sha256(data).hexdigest() == clare.HTMX_SHA256
+    assert hashlib.sha256(data).hexdigest() == HTMX_SHA256
     assert f'version:"{clare.HTMX_VERSION}"'.encode() in data
 
 

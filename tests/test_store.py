@@ -134,9 +134,9 @@ def test_import_keeps_good_lines_and_names_the_bad_ones(cli, tmp_path):
 
 @pytest.mark.parametrize("payload, reason", [
     ({"title": "x"}, "task.created payload lacks task_id"),
-    ({"task_id": "ab", "project_id": "cd", "title": "x", "description": "", "priority": 9, "status": "todo"},
+    ({"task_id": "ab", "project_id": "cd", "title": "x", "description": "", "priority": "9", "status": "todo"},
      "bad priority"),
-    ({"task_id": "ab", "project_id": "cd", "title": "x", "description": "", "priority": 1, "status": "zzz"},
+    ({"task_id": "ab", "project_id": "cd", "title": "x", "description": "", "priority": 1, "status": 7},
      "bad status"),
     ({"task_id": ["ab"], "project_id": "cd", "title": "x", "description": "", "priority": 1, "status": "todo"},
      "bad task_id"),
@@ -148,7 +148,7 @@ def test_a_known_event_type_with_a_malformed_payload_is_refused(payload, reason)
 
 @pytest.mark.parametrize("binding", [{}, {"session_id": None, "group_id": None},
                                      {"session_id": "5e55", "group_id": "96a1"}], ids=["neither", "nulls", "both"])
-def test_an_assignment_naming_neither_or_both_a_session_and_a_group_is_refused(cli, tmp_path, binding):
+def test_an_assignment_naming_neither_or_both_a_session_and_a_group_is_stored_and_ignored(cli, tmp_path, binding):
     import uuid
     cli("project", "new", "alpha")
     task = cli("--json", "task", "add", "alpha", "one").json()["id"]
@@ -156,7 +156,9 @@ def test_an_assignment_naming_neither_or_both_a_session_and_a_group_is_refused(c
                  payload={"task_id": task, **binding})
     f = tmp_path / "bad.jsonl"
     f.write_text(json.dumps(bad) + "\n")
-    r = cli("import", f)
-    assert r.code == 1 and "line 1: task.assigned payload breaks a rule: it must name exactly one" in r.err
+    r = cli("import", f)  # a newer Clare may bind tasks to something else: it passes the door, stays unapplied
+    assert r.code == 0 and "imported 1 events" in r.out, r.err
+    assert clare.not_understood(clare.check_received(bad)).endswith("it must name exactly one of session_id and "
+                                                                  "group_id")
     [t] = cli("--json", "task", "list").json()
     assert (t["session_id"], t["group_id"]) == (None, None)

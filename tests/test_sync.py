@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 import clare
-from conftest import ROOT, seeds
+from conftest import ROOT, projection_digest, seeds
 
 START_MS = 1_780_000_000_000  # 2026-05-28, a fixed start so runs are reproducible
 YEAR_MS = 365 * 86_400_000
@@ -258,15 +258,16 @@ class Sim:
             host.db.close()
 
     def restore(self, host: Host, *, renew: bool) -> None:
-        """Put an old backup in place of the host's file; a proper restore gives it a new db_id."""
+        """Put an old backup in place of the host's file: `clare restore` (a new db_id), or a copy by hand."""
+        if renew:
+            clare.restore_db(host.db, host.backup)
+            return
         host.db.close()
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(host.path + suffix):
                 os.remove(host.path + suffix)
         shutil.copyfile(host.backup, host.path)
         host.db = clare.open_db(host.path)
-        if renew:
-            clare.renew_db_id(host.db)
 
     def skip_cursor(self, host: Host) -> None:
         """Move a pull cursor past events never stored: a lost page only anti-entropy can find."""
@@ -324,13 +325,13 @@ def assert_bounded(sim: Sim) -> None:
 def assert_converged(sim: Sim) -> None:
     first = sim.hosts[0]
     events = event_set(first.db)
-    digest = clare.projection_digest(first.db)
+    digest = projection_digest(first.db)
     for host in sim.hosts:
         assert event_set(host.db) == events, f"{host.name} holds other events than {first.name}"
-        assert clare.projection_digest(host.db) == digest, f"{host.name}'s projections differ from {first.name}'s"
+        assert projection_digest(host.db) == digest, f"{host.name}'s projections differ from {first.name}'s"
     for host in sim.hosts:
         clare.replay(host.db)
-        assert clare.projection_digest(host.db) == digest, f"{host.name}: incremental != replay"
+        assert projection_digest(host.db) == digest, f"{host.name}: incremental != replay"
         clock = clare.load_clock(host.db.conn.cursor(), machine_id=host.name, now_ms=host.now())
         assert clock is None or clock.wall_ms <= host.max_now_ms + clare.MAX_OFFSET_MS, \
             f"{host.name}'s clock was dragged past its now + MAX_OFFSET"
@@ -603,14 +604,8 @@ def test_a_restored_peer_with_a_new_db_id_is_read_again_from_zero(nodes, tmp_pat
     b.db.conn.execute("VACUUM INTO ?", (backup,))
     clare.create_project(b.db, "beta", now_ms=b.now())
     a.sync(b)
-    b.db.close()
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(str(tmp_path / "b.db") + suffix):
-            os.remove(str(tmp_path / "b.db") + suffix)
-    shutil.copyfile(backup, tmp_path / "b.db")
-    b.db = clare.open_db(str(tmp_path / "b.db"))
     old_id = b.db.db_id
-    assert clare.renew_db_id(b.db) != old_id
+    assert clare.restore_db(b.db, backup) != old_id
     clare.create_project(b.db, "gamma", now_ms=b.now())  # reuses the receipt number beta had
     report = a.sync(b)
     assert report.db_id == b.db.db_id and report.n_pulled == 1 and report.n_pushed == 1  # gamma in, beta back
@@ -653,7 +648,7 @@ def test_verify_finds_what_cursors_missed_in_both_directions(nodes):
     assert (a.sync(b).n_pulled, a.sync(b).n_pushed) == (0, 0)
     report = a.sync(b, verify=True)
     assert report.verify["fetched"] == 1 and report.verify["sent"] == 1 and report.verify["days_differ"]
-    assert clare.projection_digest(a.db) == clare.projection_digest(b.db)
+    assert projection_digest(a.db) == projection_digest(b.db)
     assert a.sync(b, verify=True).verify["days_differ"] == []
 
 
@@ -1171,7 +1166,7 @@ def test_restore_from_a_backup_gets_a_new_db_id_and_peers_give_back_the_rest(hom
     clare.create_project(a.db, "gamma", now_ms=a.now())
     report = b.sync(a)  # b reads the restored log from 0 under its new db_id, and pushes it all back
     assert (report.n_pulled, report.n_pushed) == (1, 1)  # gamma in, beta back
-    assert clare.projection_digest(a.db) == clare.projection_digest(b.db)
+    assert projection_digest(a.db) == projection_digest(b.db)
     other = nodes("other")
     ran = cli("restore", other.db.path, "--yes")
     assert ran.code == 1 and "not a backup of this database" in ran.err
