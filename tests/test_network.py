@@ -74,6 +74,8 @@ def net():
     try:
         if os.geteuid() != 0:
             raise OSError("not root")
+        if shutil.which("unshare") is None:
+            raise OSError("no unshare (util-linux) for the hosts' own host names")
         network.create(4)
     except (OSError, subprocess.SubprocessError) as err:
         network.destroy()
@@ -177,7 +179,6 @@ def _peers(host: NetHost, *extra: str) -> list[dict]:
 
 
 def test_four_hosts_on_a_network_one_on_the_previous_release(net, tmp_path):
-    started = time.monotonic()
     old_py = tmp_path / "release" / "clare.py"
     old_py.parent.mkdir()
     old_py.write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{RELEASE_COMMIT}:clare.py"],
@@ -296,7 +297,6 @@ def test_four_hosts_on_a_network_one_on_the_previous_release(net, tmp_path):
             if host.proc is not None:
                 host.proc.kill()
                 host.stop()
-    assert time.monotonic() - started < 150
 
 
 def _token(host: NetHost) -> str:
