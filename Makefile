@@ -24,9 +24,11 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VPY) bench/run.py
 
-# A real client's latency while strangers misbehave (500 idle connections...): figures against goals.
+# The long fault cases (a 3-host cluster in network namespaces; root, iproute2, faketime): minutes;
+# then a real client's latency while strangers misbehave (500 idle connections...) against goals.
 stress: $(VENV)/.installed
 	$(VPY) bench/stress.py
+	$(VPY) bench/stress_slots.py
 
 $(VENV)/.installed: requirements-dev.txt
 	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)

@@ -58,6 +58,8 @@ STATUS_LABEL = {"todo": "todo", "in_progress": "in progress", "blocked": "blocke
 SESSION_STATES = ("working", "waiting", "permission", "idle", "gone")
 UPDATE_SOURCES = ("message", "pane-tail", "triage", "hook")
 DELIVERY_RESULTS = ("queued", "delivered", "refused", "failed", "expired")
+ANSWERS = ("approve", "deny", "option")  # what a person may answer to a permission dialog
+ANSWER_RESULTS = ("pending", "typed", "stale", "expired", "failed")  # what became of an answer
 # The reason of a queued delivery that was not typed: its host tries again at each pull until it expires.
 DRAFT_WAIT_REASON = "the composer holds unsent text; the broadcast waits until the draft is sent or cleared"
 PRIORITIES = range(5)  # 0 is the most urgent, as in P0
@@ -392,7 +394,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -454,7 +456,7 @@ CREATE TABLE IF NOT EXISTS sync_deferred (       -- peer events held back: stamp
     PRIMARY KEY (peer_url, direction, uuid)
 );
 """
-# Schema 6: the peer's head as its last answer said it, so `peer list` tells what is still to pull.
+# Schema 8: the peer's head as its last answer said it, so `peer list` tells what is still to pull.
 # (A comment after ADD COLUMN ends up inside the stored CREATE TABLE and breaks it: none here.)
 PEER_HEAD_SCHEMA = """
 ALTER TABLE sync_peers ADD COLUMN peer_head INTEGER
@@ -747,7 +749,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
 
 _MIGRATIONS[1] = [EVENTS_SCHEMA, SYNC_SCHEMA]
 _MIGRATIONS[5] = [DEFERRED_SCHEMA]
-_MIGRATIONS[6] = [PEER_HEAD_SCHEMA]  # section 4 adds the hosts table
+_MIGRATIONS[8] = [PEER_HEAD_SCHEMA]  # section 4 adds the hosts table
 
 
 # --- where the database runs: a copy made elsewhere must not write under the same machine id ----
@@ -1430,7 +1432,7 @@ CREATE TABLE event_refs (                       -- which events name which entit
 ) WITHOUT ROWID;
 """
 PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
-                     "deliveries", "project_dirs", "orders", "hosts")
+                     "deliveries", "project_dirs", "orders", "answers", "hosts")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id", "successor_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
@@ -1518,7 +1520,7 @@ CREATE TABLE hook_marks (                       -- the newest hook report per se
 );
 """
 _MIGRATIONS[1].append(FLEET_SCHEMA)
-# Schema 3: what a permission dialog asks is kept with the state; this host's notification marks.
+# Schema 4: what a permission dialog asks is kept with the state; this host's notification marks.
 ASKED_SCHEMA = """
 -- asked: JSON {tool, input} while a permission dialog is open, else NULL
 ALTER TABLE sessions ADD COLUMN asked TEXT;
@@ -1530,6 +1532,50 @@ CREATE TABLE notify_marks (                     -- this host's notifications per
 );
 """
 _MIGRATIONS[4] = [ASKED_SCHEMA]
+# Schema 6: answers to permission dialogs, when this host stored each, and the tool uses that name dialogs.
+ANSWERS_SCHEMA = """
+CREATE TABLE answers (                          -- answers to permission dialogs, one per answer made anywhere
+    id TEXT PRIMARY KEY,
+    created_at TEXT, created_at_v TEXT,
+    session_id TEXT, session_id_v TEXT,
+    host TEXT, host_v TEXT,                     -- the session's host: the one that acts on it
+    tool_use_id TEXT, tool_use_id_v TEXT,       -- the dialog's identity, when hooks told it
+    tool TEXT, tool_v TEXT,                     -- what was asked, as the person answering saw it
+    input TEXT, input_v TEXT,
+    answer TEXT, answer_v TEXT,                 -- one of ANSWERS
+    option INTEGER, option_v TEXT,              -- the dialog's option number, for answer 'option'
+    option_text TEXT, option_text_v TEXT,       -- ... and its exact wording, when the person saw it
+    reason TEXT, reason_v TEXT,                 -- with deny: what to tell Claude instead
+    by_host TEXT, by_host_v TEXT,
+    client TEXT, client_v TEXT,                 -- 'cli:user@host', 'dashboard' or 'api'
+    result TEXT, result_v TEXT,                 -- one of ANSWER_RESULTS; 'pending' until its host acted
+    result_reason TEXT, result_reason_v TEXT,
+    resolved_at TEXT, resolved_at_v TEXT
+);
+CREATE INDEX answers_session ON answers (session_id);
+CREATE TABLE answer_receipts (                  -- when this host stored each answer: its expiry clock, never synced
+    answer_id TEXT PRIMARY KEY,
+    received_ms INTEGER NOT NULL
+);
+CREATE TABLE tool_uses (                        -- this host's PreToolUse reports not yet done: never synced
+    session_id TEXT NOT NULL,
+    tool_use_id TEXT NOT NULL,
+    input_key TEXT NOT NULL,                    -- a hash of the tool's input: how a PermissionRequest finds it
+    at_ms INTEGER NOT NULL,
+    is_asked INTEGER NOT NULL DEFAULT 0,        -- 1: a PermissionRequest took it; -1: a request waiting for it
+    PRIMARY KEY (session_id, tool_use_id)
+);
+"""
+_MIGRATIONS[6] = [ANSWERS_SCHEMA]
+# Schema 7: what each session's newest PermissionRequest asked, kept even when the report changed no state.
+ASKS_SCHEMA = """
+CREATE TABLE asks (                             -- this host's newest PermissionRequest per session: never synced
+    session_id TEXT PRIMARY KEY,
+    asked TEXT NOT NULL,                        -- JSON {tool, input, tool_use_id?}
+    at_ms INTEGER NOT NULL                      -- when its hook started
+);
+"""
+_MIGRATIONS[7] = [ASKS_SCHEMA]
 
 ORDER_ACTIONS = ("start", "resume", "stop")
 # pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
@@ -1567,7 +1613,7 @@ CREATE INDEX orders_session ON orders (session_id);
 # order events without applying them; `clare replay` after its upgrade applies what it kept.
 _MIGRATIONS[3] = [DISPATCH_SCHEMA]
 
-# Schema 6: where each host's `clare serve` answers, as that host announced it (host.announced), so
+# Schema 8: where each host's `clare serve` answers, as that host announced it (host.announced), so
 # a host that knows one peer learns the others. COMPAT: an older peer stores and relays the event.
 HOSTS_SCHEMA = """
 CREATE TABLE hosts (
@@ -1578,7 +1624,7 @@ CREATE TABLE hosts (
     announced_at TEXT, announced_at_v TEXT
 )
 """
-_MIGRATIONS[6].append(HOSTS_SCHEMA)
+_MIGRATIONS[8].append(HOSTS_SCHEMA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1713,6 +1759,30 @@ class Delivery:
 
     def to_json(self) -> dict[str, Any]:
         """Return the delivery as the JSON object the CLI and API print."""
+        return _as_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    id: str
+    session_id: str
+    host: str  # the session's host: the one that types it
+    tool_use_id: str | None  # the dialog's identity, when hooks told it
+    tool: str  # what was asked, as the person saw it
+    input: str
+    answer: str  # one of ANSWERS
+    option: int | None  # the option number for answer 'option'
+    option_text: str | None  # ... and its exact wording, when the person saw it
+    reason: str  # with deny: what Claude is told instead
+    by_host: str  # where it was made
+    client: str  # 'cli:user@host', 'dashboard' or 'api'
+    created_at: str
+    result: str  # one of ANSWER_RESULTS
+    result_reason: str
+    resolved_at: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the answer as the JSON object the CLI and API print."""
         return _as_json(self)
 
 
@@ -1858,10 +1928,20 @@ def record(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any]
     if reason is not None and event_type in APPLIERS:  # a bug in a service: its own events are understood
         raise ClareError(reason)
     apply_event(cur, ev)
+    _note_receipts(cur, [ev], now_ms=now_ms)
     return ev
 
 
-OBSERVED_EVENT_TYPES = frozenset({"session.appeared", "session.changed", "session.gone", "broadcast.delivered"})
+def _note_receipts(cur: sqlite3.Cursor, events: list[Event], *, now_ms: int) -> None:
+    # An answer expires by the clock of the host that acts on it, counted from when that host stored
+    # it: a sender's clock, or a sync that brings it hours late, never makes a stale answer look fresh.
+    cur.executemany("INSERT OR IGNORE INTO answer_receipts (answer_id, received_ms) VALUES (?, ?)",
+                    [(ev.payload["answer_id"], now_ms) for ev in events if ev.event_type == "permission.answered"
+                     and isinstance(ev.payload.get("answer_id"), str)])
+
+
+OBSERVED_EVENT_TYPES = frozenset({"session.appeared", "session.changed", "session.gone", "broadcast.delivered",
+                                  "permission.resolved"})
 
 
 def is_observation(event_type: str, payload: dict[str, Any]) -> bool:
@@ -1879,6 +1959,7 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
         save_clock(cur, merge(clock, newest, machine_id=db.machine_id, now_ms=now_ms))
         for ev in result.inserted:
             apply_event(cur, ev)
+        _note_receipts(cur, result.inserted, now_ms=now_ms)
     return result
 
 
@@ -2090,8 +2171,8 @@ def _is_tokens(v: Any) -> bool:
 
 
 def _is_asked(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and set(v) == {"tool", "input"} and all(
-        isinstance(x, str) and len(x) <= MAX_ASKED_CHARS for x in v.values()))
+    return v is None or (isinstance(v, dict) and {"tool", "input"} <= set(v) <= {"tool", "input", "tool_use_id"}
+                         and all(isinstance(x, str) and len(x) <= MAX_ASKED_CHARS for x in v.values()))
 
 
 _SESSION_PAYLOAD = {"session_id": _is_id, "host": _is_id, "cwd?": _is_str, "tmux_socket?": _is_opt_str,
@@ -2204,6 +2285,35 @@ def apply_order_carried_out(cur: sqlite3.Cursor, ev: Event) -> None:
     _lww(cur, "orders", p["order_id"], {"result": p["result"], "reason": p["reason"],
                                         "outcome": canonical_json(p["outcome"]), "by_host": ev.machine_id,
                                         "updated_at": ev.created_at}, ev)
+
+
+def _is_opt_option(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 9)
+
+
+@applies("permission.answered", {"answer_id": _is_id, "session_id": _is_id, "host": _is_id,
+                                 "tool_use_id?": _is_opt_str, "tool": _is_str, "input": _is_str,
+                                 "answer": _is_one_of(ANSWERS), "option?": _is_opt_option, "option_text?": _is_opt_str,
+                                 "reason": _is_typable, "client": _is_str, "task_id?": _is_opt_id})
+def apply_permission_answered(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins per answer; its result starts 'pending' below any real result's version."""
+    p = ev.payload  # {answer_id, session_id, host, tool_use_id, tool, input, answer, option, option_text, reason, ...}
+    _lww(cur, "answers", p["answer_id"], {
+        "created_at": ev.created_at, "session_id": p["session_id"], "host": p["host"],
+        "tool_use_id": p.get("tool_use_id"), "tool": p["tool"], "input": p["input"], "answer": p["answer"],
+        "option": p.get("option"), "option_text": p.get("option_text"), "reason": p["reason"],
+        "by_host": ev.machine_id, "client": p["client"]}, ev)
+    _lww(cur, "answers", p["answer_id"], {"result": "pending", "result_reason": "", "resolved_at": None}, ev,
+         is_default=True)
+
+
+@applies("permission.resolved", {"answer_id": _is_id, "session_id": _is_id, "result": _is_one_of(ANSWER_RESULTS),
+                                 "reason": _is_str, "task_id?": _is_opt_id})
+def apply_permission_resolved(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Per-field last writer wins per answer: what its host did with it (typed, stale, expired, failed)."""
+    p = ev.payload  # {answer_id, session_id, result, reason}
+    _lww(cur, "answers", p["answer_id"], {"result": p["result"], "result_reason": p["reason"],
+                                          "resolved_at": ev.created_at}, ev)
 
 
 @applies("host.announced", {"host": _is_id, "name": _is_id, "url": _is_str, "token_fp": _is_opt_id})
@@ -2477,6 +2587,90 @@ def save_notify_marks(cur: sqlite3.Cursor, marks: dict[str, tuple[str | None, in
     cur.executemany("INSERT OR REPLACE INTO notify_marks (session_id, state, notified_ms) VALUES (?, ?, ?)",
                     [(sid, state, at) for sid, (state, at) in marks.items()])
     set_meta(cur, "notify_after", str(after))
+
+
+_ANSWER_COLUMNS = ("id, session_id, host, tool_use_id, tool, input, answer, option, option_text, reason, by_host, "
+                   "client, created_at, result, result_reason, resolved_at")
+
+
+def list_answers(db: Db, *, session_id: str | None = None, answer_id: str | None = None,
+                 pending_on: str | None = None, limit: int = 50) -> list[Answer]:
+    """Return answers to permission dialogs, oldest first: of a session, one by id, or those pending on a host."""
+    sql, params = f"SELECT {_ANSWER_COLUMNS} FROM answers WHERE created_at_v IS NOT NULL", list[Any]()
+    for column, value in (("session_id", session_id), ("id", answer_id), ("host", pending_on)):
+        if value is not None:
+            sql += f" AND {column} = ?"
+            params.append(value)
+    if pending_on is not None:
+        sql += " AND result = 'pending'"
+    rows = db.conn.execute(f"SELECT * FROM ({sql} ORDER BY created_at_v DESC LIMIT ?) ORDER BY created_at",
+                           [*params, limit]).fetchall()
+    return [Answer(*r) for r in rows]
+
+
+def answer_received_ms(db: Db, answer_id: str) -> int | None:
+    """Return when this host stored an answer, by its own clock."""
+    row = db.conn.execute("SELECT received_ms FROM answer_receipts WHERE answer_id = ?", (answer_id,)).fetchone()
+    return row[0] if row else None
+
+
+def save_tool_use(cur: sqlite3.Cursor, session_id: str, tool_use_id: str, input_key: str, *, at_ms: int) -> None:
+    """Remember a PreToolUse report: a PermissionRequest with the same input takes its id. In a txn."""
+    cur.execute("INSERT OR IGNORE INTO tool_uses (session_id, tool_use_id, input_key, at_ms) VALUES (?, ?, ?, ?)",
+                (session_id, tool_use_id, input_key, at_ms))
+
+
+def take_tool_use(cur: sqlite3.Cursor, session_id: str, input_key: str) -> str | None:
+    """Return the oldest tool use of a session with this input that no PermissionRequest took yet; take it."""
+    row = cur.execute("""SELECT tool_use_id FROM tool_uses WHERE session_id = ? AND input_key = ? AND is_asked = 0
+                          ORDER BY at_ms, tool_use_id LIMIT 1""", (session_id, input_key)).fetchone()
+    if row is None:
+        return None
+    cur.execute("UPDATE tool_uses SET is_asked = 1 WHERE session_id = ? AND tool_use_id = ?", (session_id, row[0]))
+    return str(row[0])
+
+
+def save_ask(cur: sqlite3.Cursor, session_id: str, asked: dict[str, str], *, at_ms: int) -> None:
+    """Remember what a session's newest PermissionRequest asked, even when it changed no state. In a txn."""
+    cur.execute("""INSERT INTO asks (session_id, asked, at_ms) VALUES (?, ?, ?)
+                   ON CONFLICT (session_id) DO UPDATE SET asked = excluded.asked, at_ms = excluded.at_ms
+                   WHERE excluded.at_ms >= at_ms""", (session_id, canonical_json(asked), at_ms))
+
+
+def get_ask(cur: sqlite3.Cursor, session_id: str) -> tuple[dict[str, str], int] | None:
+    """Return what a session's newest PermissionRequest asked and when, if no later signal ended it."""
+    row = cur.execute("SELECT asked, at_ms FROM asks WHERE session_id = ?", (session_id,)).fetchone()
+    return (json.loads(row[0]), int(row[1])) if row else None
+
+
+def drop_ask(cur: sqlite3.Cursor, session_id: str, *, before_ms: int) -> None:
+    """Forget a session's remembered ask older than a signal that says no dialog waits. In a txn."""
+    cur.execute("DELETE FROM asks WHERE session_id = ? AND at_ms < ?", (session_id, before_ms))
+
+
+def wait_for_tool_use(cur: sqlite3.Cursor, session_id: str, input_key: str, *, at_ms: int) -> None:
+    """Remember a PermissionRequest whose PreToolUse has not arrived yet (async hooks come out of order)."""
+    cur.execute("INSERT OR IGNORE INTO tool_uses (session_id, tool_use_id, input_key, at_ms, is_asked) "
+                "VALUES (?, ?, ?, ?, -1)", (session_id, f"?{at_ms}", input_key, at_ms))
+
+
+def claim_waiting_request(cur: sqlite3.Cursor, session_id: str, tool_use_id: str, input_key: str) -> bool:
+    """Tell whether a PermissionRequest waits for this PreToolUse; if so, the tool use is taken by it."""
+    row = cur.execute("""SELECT tool_use_id FROM tool_uses WHERE session_id = ? AND input_key = ? AND is_asked = -1
+                          ORDER BY at_ms LIMIT 1""", (session_id, input_key)).fetchone()
+    if row is None:
+        return False
+    cur.execute("DELETE FROM tool_uses WHERE session_id = ? AND tool_use_id = ?", (session_id, row[0]))
+    cur.execute("UPDATE tool_uses SET is_asked = 1 WHERE session_id = ? AND tool_use_id = ?", (session_id, tool_use_id))
+    return True
+
+
+def finish_tool_use(cur: sqlite3.Cursor, session_id: str, tool_use_id: str | None) -> None:
+    """Forget a tool use that ran (PostToolUse), or every one of a session whose turn is over (tool_use_id None)."""
+    if tool_use_id is None:
+        cur.execute("DELETE FROM tool_uses WHERE session_id = ?", (session_id,))
+    else:
+        cur.execute("DELETE FROM tool_uses WHERE session_id = ? AND tool_use_id = ?", (session_id, tool_use_id))
 
 
 def list_deliveries(db: Db, *, broadcast_id: str | None = None, pending_on: str | None = None,
@@ -3245,6 +3439,8 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
             changed = {k: payload[k] for k in _OBSERVED_KEYS if getattr(old, k) != payload[k]}
             if "state" in changed and ob.state != "permission" and old.asked is not None:
                 changed["asked"] = None  # the dialog is over: what it asked goes with it
+            elif ob.state == "permission" and old.asked is None and (ask := get_ask(cur, ob.session_id)):
+                changed["asked"] = ask[0]  # its PermissionRequest changed no state at once: it names the dialog
             if changed:
                 events.append(record(db, cur, "session.changed", {"session_id": ob.session_id,
                                                                   "host": db.machine_id, **changed, **extra},
@@ -3276,14 +3472,18 @@ def _hand_over(db: Db, cur: sqlite3.Cursor, old_id: str, new_id: str, *, now_ms:
 
 def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
                 is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
-                is_stale: bool = False, now_ms: int) -> list[Event]:
+                is_stale: bool = False, tool_use_id: str | None = None, input_key: str | None = None,
+                now_ms: int) -> list[Event]:
     """Fold one hook report in: remember it, and record the session's new state at once.
 
     A report older than the one stored (a spooled report ingested late) is kept out of the state.
     `asked` ({tool, input}) is what a PermissionRequest asks: kept with the state until it leaves
     `permission`. `is_clear` (SessionStart after /clear) hands the session last seen in that pane
     over to this one. An `is_stale` report (newer signals exist already) is remembered but
-    changes no state at once: the next pull weighs it against them.
+    changes no state at once: the next pull weighs it against them. The dialog's identity is the
+    tool use it asks about: a PreToolUse report (`tool_use_id`, `input_key`) is remembered, and the
+    PermissionRequest with the same input key takes the oldest one not taken yet, so two identical
+    commands stay two dialogs.
     """
     _check_prefix("session", session_id)
     if mark.state is not None:
@@ -3292,6 +3492,35 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
         raise UsageError(f"asked must be {{tool, input}} texts of at most {MAX_ASKED_CHARS} characters")
     events: list[Event] = []
     with write_txn(db) as cur:
+        if mark.hook_event == "PreToolUse" and tool_use_id and input_key:
+            save_tool_use(cur, session_id, tool_use_id, input_key, at_ms=mark.at_ms)
+            if claim_waiting_request(cur, session_id, tool_use_id, input_key):
+                # Its PermissionRequest came first (async hooks arrive out of order): name the dialog now.
+                ask = get_ask(cur, session_id)
+                if ask is not None and "tool_use_id" not in ask[0]:
+                    save_ask(cur, session_id, {**ask[0], "tool_use_id": tool_use_id}, at_ms=ask[1])
+                now = next((x for x in find_sessions(db, prefix=session_id) if x.id == session_id), None)
+                if now is not None and now.state == "permission" and now.asked and "tool_use_id" not in now.asked:
+                    events.append(record(db, cur, "session.changed", {
+                        "session_id": session_id, "host": db.machine_id,
+                        "asked": {**now.asked, "tool_use_id": tool_use_id}}, now_ms=now_ms))
+        elif mark.hook_event == "PostToolUse" and tool_use_id:
+            finish_tool_use(cur, session_id, tool_use_id)
+        elif mark.hook_event in ("Stop", "StopFailure", "SessionEnd"):
+            finish_tool_use(cur, session_id, None)
+        elif asked and input_key and "tool_use_id" not in asked:
+            taken = take_tool_use(cur, session_id, input_key)
+            if taken is None:
+                wait_for_tool_use(cur, session_id, input_key, at_ms=mark.at_ms)
+            asked = {**asked, "tool_use_id": taken} if taken else asked
+        if asked:
+            save_ask(cur, session_id, asked, at_ms=mark.at_ms)
+        elif mark.state not in (None, "permission"):
+            drop_ask(cur, session_id, before_ms=mark.at_ms)
+        elif mark.state == "permission":
+            # A permission report without the ask (a Notification; or its PermissionRequest was judged
+            # stale and changed no state): the newest remembered ask is what this dialog asks.
+            asked = (get_ask(cur, session_id) or (None, 0))[0]
         save_hook_mark(cur, session_id, mark)
         stored = list_hook_marks(db, session_id=session_id)[session_id]
         if (stored.at_ms, stored.hook_event) != (mark.at_ms, mark.hook_event) or is_stale:
@@ -3427,6 +3656,56 @@ def attach_command(session: Session, *, here: str, hosts: dict[str, Any]) -> lis
         return local
     dest = (hosts.get(session.host) or {}).get("ssh") if isinstance(hosts.get(session.host), dict) else None
     return ["ssh", dest if isinstance(dest, str) and dest else session.host, "-t", *local]
+
+
+MAX_REASON_CHARS = 2000  # what a denial tells Claude instead
+
+
+def answer_permission(db: Db, session_ref: str, answer: str, *, option: int | None = None,
+                      option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
+                      client: str, now_ms: int) -> Answer:
+    """Record a person's answer to a session's open permission dialog; its own host types it (see deliver_answers).
+
+    `tool_use_id` is the dialog the person saw (from the page or the API); an answer for another
+    dialog than the one open now is refused here already. The answer is an event: a session of
+    another host gets it by push or sync, and that host re-checks everything before typing.
+    """
+    answer = _check_choice("answer", answer, ANSWERS)
+    reason = typable_text(_check_text("reason", reason, limit=MAX_REASON_CHARS))
+    if answer == "option" and (option is None or not _is_opt_option(option)):
+        raise UsageError("answer 'option' needs the option's number, 1-9, as the dialog shows it")
+    if answer != "option" and option is not None:
+        raise UsageError("an option number goes only with answer 'option'")
+    if reason and answer != "deny":
+        raise UsageError("a reason goes only with deny: it tells Claude what to do instead")
+    client = _check_text("client", client, limit=200, required=True)
+    s = get_session(db, session_ref)
+    if s.state != "permission" or not s.asked:
+        raise Conflict(f"session {s.id[:SHORT_ID]} asks nothing now (it is {s.state}); nothing was sent")
+    if tool_use_id and s.asked.get("tool_use_id") and tool_use_id != s.asked["tool_use_id"]:
+        raise Conflict(f"session {s.id[:SHORT_ID]} asks about another tool use now ({s.asked['tool']}: "
+                       f"{' '.join(s.asked['input'].split())[:60]}); nothing was sent, look again and answer that one")
+    answer_id = new_id()
+    task = s.task_id
+    with write_txn(db) as cur:
+        record(db, cur, "permission.answered", {
+            "answer_id": answer_id, "session_id": s.id, "host": s.host,
+            "tool_use_id": tool_use_id or s.asked.get("tool_use_id"), "tool": s.asked["tool"],
+            "input": s.asked["input"], "answer": answer, "option": option,
+            "option_text": option_text[:300] if option_text else None, "reason": reason, "client": client,
+            **({"task_id": task} if task else {})}, now_ms=now_ms)
+    return list_answers(db, answer_id=answer_id)[0]
+
+
+def resolve_answer(db: Db, answer: Answer, *, result: str, reason: str, now_ms: int) -> Answer:
+    """Record what this host did with an answer to one of its sessions: typed, stale, expired or failed."""
+    _check_choice("answer result", result, ANSWER_RESULTS[1:])
+    s = next((x for x in find_sessions(db, prefix=answer.session_id) if x.id == answer.session_id), None)
+    with write_txn(db) as cur:
+        record(db, cur, "permission.resolved", {
+            "answer_id": answer.id, "session_id": answer.session_id, "result": result, "reason": reason[:500],
+            **({"task_id": s.task_id} if s and s.task_id else {})}, now_ms=now_ms)
+    return list_answers(db, answer_id=answer.id)[0]
 
 
 BROADCAST_TTL_MS = 15 * 60 * 1000  # an undelivered broadcast older than this expires instead of arriving late
@@ -3806,6 +4085,12 @@ DESCRIBE.update({
     "broadcast.delivered": lambda p: f"broadcast {p['broadcast_id'][:SHORT_ID]} to session "
                                      f"{p['session_id'][:SHORT_ID]}: {p['result']}"
                                      + (f" ({p['reason']})" if p.get("reason") else ""),
+    "permission.answered": lambda p: f"{p['client']} answered {p['answer']}"
+                                     + (f" {p['option']} ({p['option_text']})" if p.get("option") else "")
+                                     + f" to session {p['session_id'][:SHORT_ID]}'s {p['tool']}: {p['input'][:60]!r}"
+                                     + (f", saying {p['reason'][:60]!r}" if p.get("reason") else ""),
+    "permission.resolved": lambda p: f"answer {p['answer_id'][:SHORT_ID]} to session {p['session_id'][:SHORT_ID]}: "
+                                     f"{p['result']} ({p['reason']})",
     "update.posted": lambda p: f"{p['source']} update" + (f" on task {p['task_id'][:SHORT_ID]}"
                                                          if p.get("task_id") else "") + f": {p['text'][:80]}",
     "project.dir_set": lambda p: (f"project {p['project_id'][:SHORT_ID]} lives in {p['dir']} on {p['host']}"
@@ -3900,7 +4185,12 @@ ESCAPE_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\
 PANE_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 DEFAULT_NOTIFY_GAP_S = 60  # [notify] min_gap_s: one session notifies at most this often (against flapping)
 DEFAULT_NOTIFY_TIMEOUT_S = 10  # [notify] timeout_s: the command is killed after this
-NOTIFY_EVERY_S = 1.0  # how often `serve` looks for sessions that started to need a person
+NOTIFY_EVERY_S = 1.0  # how often `serve` acts on answers and looks for sessions that started to need a person
+ANSWER_TTL_MS = 2 * 60 * 1000  # an answer not typed this long after its session's host stored it expires
+ANSWER_CONFIRM_S = 3.0  # how long to wait for a dialog to close after its key was typed
+# A permission dialog on screen, as data: the question, then numbered options (the chosen one marked ❯).
+DIALOG_QUESTION_RE = re.compile(r"Do you want to [^\n]*")
+DIALOG_OPTION_RE = re.compile(r"\A[\W_]*?(?:[❯›>]\s*)?([1-9])\.\s+(.+?)[\s│|]*\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -4039,6 +4329,33 @@ def shows_permission_dialog(screen: str) -> bool:
     """Tell whether a pane's screen shows a permission or choice dialog (Enter would approve it)."""
     tail = "\n".join(screen.rstrip("\n").splitlines()[-25:])
     return any(rule.search(tail) for rule in PERMISSION_SCREEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Dialog:
+    question: str  # "Do you want to proceed?"
+    options: tuple[tuple[int, str], ...]  # (number, exact wording), as on screen
+    about: str  # the screen lines above the question: the tool and its command or file
+
+
+def parse_dialog(screen: str) -> Dialog | None:
+    """Return the permission dialog a pane's screen shows, with its options' exact wording, or None."""
+    rows = clean_screen(screen, lines=80).split("\n")
+    starts = [i for i, row in enumerate(rows) if DIALOG_QUESTION_RE.search(row)]
+    if not starts:
+        return None
+    i = starts[-1]
+    options: list[tuple[int, str]] = []
+    for row in rows[i + 1:]:
+        m = DIALOG_OPTION_RE.match(row.strip())
+        if m and int(m[1]) == len(options) + 1:
+            options.append((int(m[1]), m[2]))
+        elif options and row.strip(" │|"):
+            break
+    if len(options) < 2:
+        return None
+    question = DIALOG_QUESTION_RE.search(rows[i])
+    return Dialog(question[0].strip(" │|") if question else "", tuple(options), "\n".join(rows[max(0, i - 15):i]))
 
 
 def strip_ansi(text: str) -> str:
@@ -4703,6 +5020,7 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, live_panes=live_panes,
                               now_ms=now_ms)
     deliver_pending(db, now_ms=now_ms)
+    deliver_answers(db, now_ms=now_ms, config=config)
     text = canonical_json([p.to_json() for p in ambiguous])
     if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
         with write_txn(db) as cur:
@@ -4950,28 +5268,33 @@ def run_notify(command: list[str], message: dict[str, Any], *, timeout_s: float)
     return None
 
 
-def start_background_notify(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
-                            log: Callable[[str], None]) -> Any:
-    """Start a daemon thread that runs notify_changes every second until `stop` is set; None without [notify]."""
+def start_background_act(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+                         log: Callable[[str], None]) -> Any:
+    """Start a daemon thread that, every second until `stop` is set, types the answers pending on this
+    host's sessions and (with [notify]) runs the notify command for sessions that started to need a person."""
     import threading
 
-    if not config.get("notify"):
-        return None
-    notify_settings(config["notify"])  # a typo there stops `serve` at start, not later in a log line
-    thread = threading.Thread(target=_notify_loop, name="clare-notify", daemon=True, args=(db_path, config),
+    if config.get("notify"):
+        notify_settings(config["notify"])  # a typo there stops `serve` at start, not later in a log line
+    answer_settings(config)
+    thread = threading.Thread(target=_act_loop, name="clare-act", daemon=True, args=(db_path, config),
                               kwargs={"base_url": base_url, "stop": stop, "log": log})
     thread.start()
     return thread
 
 
-def _notify_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
-                 log: Callable[[str], None]) -> None:
+def _act_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: Any,
+              log: Callable[[str], None]) -> None:
     db = open_db(db_path)
     last_error = ""
     try:
         while not stop.is_set():
             try:
-                notify_changes(db, config=config, base_url=base_url, now_ms=now_ms(), log=log)
+                for a in deliver_answers(db, now_ms=now_ms(), config=config):
+                    log(f"answer {a.id[:SHORT_ID]} to session {a.session_id[:SHORT_ID]}: {a.result} "
+                        f"({a.result_reason})")
+                if config.get("notify"):
+                    notify_changes(db, config=config, base_url=base_url, now_ms=now_ms(), log=log)
                 last_error = ""
             except Exception as err:  # the background loop is an edge: one bad look never ends it
                 if str(err) != last_error:
@@ -4980,6 +5303,111 @@ def _notify_loop(db_path: str, config: dict[str, Any], *, base_url: str, stop: A
             stop.wait(NOTIFY_EVERY_S)
     finally:
         db.close()
+
+
+def answer_settings(config: dict[str, Any]) -> tuple[int, int]:
+    """Return [answers] ttl_s and clock_slack_s of clare.toml, in ms; refuse values that do not fit."""
+    section = config.get("answers") or {}
+    values = []
+    for name, default in (("ttl_s", ANSWER_TTL_MS / 1000), ("clock_slack_s", MAX_OFFSET_MS / 1000)):
+        value = section.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ClareError(f"clare.toml: [answers] {name} = {value!r} is not a number of seconds; fix it")
+        values.append(int(value * 1000))
+    return values[0], values[1]
+
+
+def deliver_answers(db: Db, *, now_ms: int, config: dict[str, Any] | None = None,
+                    confirm_s: float = ANSWER_CONFIRM_S) -> list[Answer]:
+    """Type the pending answers to this host's sessions' dialogs; record what became of each.
+
+    An answer expires `ttl_s` after this host stored it, by this host's clock; one whose maker's
+    clock says it is older than ttl_s + clock_slack_s (it came hours late by sync) expires too.
+    """
+    ttl_ms, slack_ms = answer_settings(config or {})
+    done = []
+    with _delivery_lock(db):
+        for a in list_answers(db, pending_on=db.machine_id):
+            result, reason = _act_on_answer(db, a, now_ms=now_ms, confirm_s=confirm_s, ttl_ms=ttl_ms,
+                                            slack_ms=slack_ms)
+            done.append(resolve_answer(db, a, result=result, reason=reason, now_ms=now_ms))
+    return done
+
+
+def _act_on_answer(db: Db, a: Answer, *, now_ms: int, confirm_s: float, ttl_ms: int,
+                   slack_ms: int) -> tuple[str, str]:
+    """Re-read the session's latest signals and its screen; type the answer's key only if its dialog is open.
+
+    Never Enter: a digit picks a dialog option and, if the dialog closed in between, lands as
+    one character in Claude's composer, never submitted.
+    """
+    received = answer_received_ms(db, a.id) or now_ms
+    if now_ms - received > ttl_ms:
+        return "expired", (f"stored here {(now_ms - received) // 1000} s ago; answers expire after "
+                           f"{ttl_ms // 1000} s, so nothing was typed")
+    made_ms = _iso_to_ms(a.created_at) or now_ms
+    if now_ms - made_ms > ttl_ms + slack_ms:
+        return "expired", (f"made {(now_ms - made_ms) // 1000} s ago on {a.by_host} (it came late); answers expire "
+                           f"after {ttl_ms // 1000} s, so nothing was typed")
+    s = next((x for x in find_sessions(db, prefix=a.session_id) if x.id == a.session_id), None)
+    if s is None or s.state == "gone":
+        return "stale", "the session is gone: nothing was typed"
+    if s.state != "permission" or not s.asked:
+        return "stale", f"the session asks nothing now (it is {s.state}; answered at the terminal?): nothing was typed"
+    if a.tool_use_id and s.asked.get("tool_use_id") and a.tool_use_id != s.asked["tool_use_id"]:
+        return "stale", "another dialog is open now (a new request): nothing was typed"
+    if (s.asked["tool"], s.asked["input"]) != (a.tool, a.input):
+        return "stale", f"the session asks about {s.asked['tool']} now, not this: nothing was typed"
+    if s.pane_id is None or s.tmux_socket is None:
+        return "failed", "the session has no tmux pane to type into"
+    # Only the visible screen: a dialog answered a moment ago still shows in the scrollback.
+    dialog = parse_dialog(capture_pane(s.tmux_socket, s.pane_id, lines=None) or "")
+    if dialog is None:
+        return "stale", "no dialog is on its screen now (answered at the terminal?): nothing was typed"
+    first = " ".join((a.input.strip().splitlines() or [""])[0].split())[:30]
+    if first and first not in " ".join(dialog.about.split()):
+        return "stale", f"the dialog on screen is not about {first!r}: nothing was typed"
+    key = _dialog_key(a, dialog)
+    if isinstance(key, str):
+        return "stale", key
+    n, wording = key
+    p = run_tmux(s.tmux_socket, "send-keys", "-t", s.pane_id, "-l", str(n))
+    if p.returncode != 0:
+        return "failed", f"tmux could not type into {s.pane_id}: {p.stderr.strip()[:200]}"
+    deadline = time.monotonic() + confirm_s
+    while True:
+        after = parse_dialog(capture_pane(s.tmux_socket, s.pane_id, lines=None) or "")
+        if after is None or after != dialog:
+            break
+        if time.monotonic() > deadline:
+            return "failed", f"typed {n} ({wording}), but the dialog is still open"
+        time.sleep(0.1)
+    said = f"typed {n} ({wording})"
+    # First-hand evidence that the dialog closed: an approved tool runs, a denied turn stops. Later hooks win.
+    state = "waiting" if wording.startswith("No") else "working"
+    report_hook(db, s.id, HookMark(s.tmux_socket, s.pane_id, state, "ClareAnswer", int(time.time() * 1000)),
+                cwd=s.cwd, now_ms=now_ms)
+    s = next(x for x in find_sessions(db, prefix=s.id) if x.id == s.id)
+    if a.answer == "deny" and a.reason:
+        result, why = deliver_text(db, s, a.reason, confirm_s=confirm_s)
+        said += f"; the reason was {result}" + (f" ({why})" if why else "")
+    return "typed", said
+
+
+def _dialog_key(a: Answer, dialog: Dialog) -> tuple[int, str] | str:
+    """Return the option (number, wording) an answer picks in this dialog, or why none fits."""
+    options = dict(dialog.options)
+    if a.answer == "approve":
+        found = [n for n, text in dialog.options if text == "Yes"]
+    elif a.answer == "deny":
+        found = [n for n, text in dialog.options if text.startswith("No")]
+    else:
+        found = [a.option] if a.option in options else []
+        if found and a.option_text and options[found[0]] != a.option_text:
+            return f"option {a.option} now reads {options[found[0]]!r}, not {a.option_text!r}: nothing was typed"
+    if not found:
+        return f"the dialog offers no option for {a.answer} ({'; '.join(t for _, t in dialog.options)})"
+    return found[0], options[found[0]]
 
 
 def list_ambiguous_panes(db: Db) -> list[Pane]:
@@ -5080,9 +5508,18 @@ def ingest_report(db: Db, report: dict[str, Any], *, now_ms: int) -> list[Event]
     # notify) `permission` even for the second until the next pull.
     is_stale = state == "permission" and _moved_on_since(sid, p.get("transcript_path"), mark.at_ms)
     # /clear ends a session and starts another in the same process: the second report hands over.
+    tool_use_id = p["tool_use_id"][:100] if isinstance(p.get("tool_use_id"), str) else None
+    input_key = input_key_of(p.get("tool_input")) if event in ("PreToolUse", "PermissionRequest") else None
     return report_hook(db, sid, mark, cwd=cwd[:4096], is_end=event == "SessionEnd" and p.get("reason") != "clear",
                        is_clear=event == "SessionStart" and p.get("source") == "clear", asked=asked,
-                       is_stale=is_stale, now_ms=now_ms)
+                       is_stale=is_stale, tool_use_id=tool_use_id, input_key=input_key, now_ms=now_ms)
+
+
+def input_key_of(tool_input: object) -> str:
+    """Return a short fingerprint of a tool's input: equal inputs, equal keys (no secret involved)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(tool_input, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
 def _moved_on_since(session_id: str, transcript_path: object, at_ms: int) -> bool:
@@ -7020,6 +7457,54 @@ def view_turns(db: Db, session: Session, *, peers: Iterable[Peer], settings: dic
             and isinstance(t.get("text"), str)]
 
 
+def push_answer(db: Db, answer: Answer, *, peers: Iterable[Peer], settings: dict[str, Any]) -> str:
+    """Push an answer made here to the host of its session at once; return what happens next, in one line.
+
+    The push is the answer's event alone (POST PEER/api/v1/sync/events, idempotent by uuid);
+    that host types it within a second. Periodic sync carries it too, should the push fail.
+    """
+    peer = peer_of_host(db, peers, answer.host)
+    if peer is None:
+        return (f"{answer.host} is not a direct peer of this host: the answer travels with sync and expires "
+                f"{ANSWER_TTL_MS // 60000} min after {answer.host} stores it; to answer at once open the dashboard "
+                f"of {answer.host}")
+    events = [ev for ev in list_history(db, [answer.session_id], limit=200)
+              if ev.event_type == "permission.answered" and ev.payload.get("answer_id") == answer.id]
+    try:
+        got = HttpPeer(peer.url, token=peer_token(peer, settings), timeout_s=PEEK_TIMEOUT_S).push({
+            "machine_id": db.machine_id, "db_id": db.db_id, "now_ms": now_ms(),
+            "events": [ev.to_json() for ev in events]})
+    except ClareError as err:
+        return f"sent to {peer.name} failed ({err}); sync will carry it, and it expires if it comes too late"
+    if not isinstance(got, dict) or got.get("rejected"):
+        return f"{peer.name} refused the answer: {str(got.get('rejected') if isinstance(got, dict) else got)[:200]}"
+    return f"sent to {peer.name}, which types it within a second if the same dialog is still open"
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerResult:
+    answer: Answer
+    note: str  # what happened, or what happens next, in one line
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the answer and the note, as the API and CLI print them."""
+        return {**self.answer.to_json(), "note": self.note}
+
+
+def answer_session(db: Db, session_ref: str, answer: str, *, option: int | None = None,
+                   option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
+                   client: str, peers: Iterable[Peer] = (), settings: dict[str, Any] | None = None,
+                   now_ms: int) -> AnswerResult:
+    """Answer a session's permission dialog from this host: typed here at once, or pushed to its host."""
+    a = answer_permission(db, session_ref, answer, option=option, option_text=option_text, reason=reason,
+                          tool_use_id=tool_use_id, client=client, now_ms=now_ms)
+    if a.host != db.machine_id:
+        return AnswerResult(a, push_answer(db, a, peers=peers, settings=settings or {}))
+    deliver_answers(db, now_ms=now_ms, config=settings)
+    a = list_answers(db, answer_id=a.id)[0]
+    return AnswerResult(a, f"{a.result}: {a.result_reason}")
+
+
 def _peek(db: Db, session: Session, *, peers: Iterable[Peer], settings: dict[str, Any], path: str) -> Any:
     peer = peer_of_host(db, peers, session.host)
     if peer is None:
@@ -7138,6 +7623,17 @@ def _status_from_wire(got: dict[str, Any]) -> StatusReport:
 
 def _server_config(req: Any) -> dict[str, Any]:
     return load_config(req.config.config_path)  # the server's own clare.toml, read at each request
+
+
+def _answer_body(body: dict[str, Any]) -> None:
+    for name, kind in (("option", int), ("option_text", str), ("reason", str), ("tool_use_id", str)):
+        if body.get(name) is not None and (not isinstance(body[name], kind) or isinstance(body[name], bool)):
+            raise UsageError(f"{name} must be {'an integer' if kind is int else 'text'}")
+    # The server names the client in the history: what the caller says it is, marked as come through the API.
+    said = body.get("client")
+    body["client"] = f"{said} via api"[:200] if isinstance(said, str) and said else "api"
+    if body.get("reason") is None:
+        body.pop("reason", None)
 
 
 def _only_message_updates(body: dict[str, Any]) -> None:
@@ -7412,10 +7908,12 @@ class Services:
     @here
     def report_hook(self, session_id: str, mark: HookMark, *, cwd: str, tmux_target: str | None = None,
                     is_end: bool = False, is_clear: bool = False, asked: dict[str, str] | None = None,
-                    is_stale: bool = False) -> list[Event]:
+                    is_stale: bool = False, tool_use_id: str | None = None, input_key: str | None = None
+                    ) -> list[Event]:
         """Record what a Claude Code hook on this host reported (and what a dialog asks)."""
         return report_hook(self.db, session_id, mark, cwd=cwd, tmux_target=tmux_target, is_end=is_end,
-                           is_clear=is_clear, asked=asked, is_stale=is_stale, now_ms=now_ms())
+                           is_clear=is_clear, asked=asked, is_stale=is_stale, tool_use_id=tool_use_id,
+                           input_key=input_key, now_ms=now_ms())
 
     @here
     def get_token(self, config: dict[str, Any], *, path: str, env: Mapping[str, str] | None = None) -> str:
@@ -7432,6 +7930,24 @@ class Services:
     def list_ambiguous_panes(self) -> list[Pane]:
         """Return the panes the last pull could not tie to one session."""
         return list_ambiguous_panes(self.db)
+
+    @api("POST", "/api/v1/sessions/{session}/answer",
+         "Answer a session's open permission dialog (approve, deny with a reason, or option N with its wording); "
+         "typed by the session's host only if the same dialog is still open",
+         body=("answer", "option", "option_text", "reason", "tool_use_id", "client"), status=201,
+         schema="AnswerResult", check=_answer_body,
+         server={"peers": lambda req: req.config.peers, "settings": lambda req: req.config.settings or {}},
+         from_wire=lambda got: AnswerResult(from_json(Answer, got), got.get("note", "")))
+    def answer_session(self, session_ref: str, answer: str, *, option: int | None = None,
+                       option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
+                       client: str, peers: Iterable[Peer] = (), settings: dict[str, Any] | None = None
+                       ) -> AnswerResult:
+        """Answer a session's permission dialog: typed here at once, or pushed to the session's host."""
+        # SECURITY: this types into an AI agent's dialog: the token and cross-site rules guard it, and
+        # the session's host types only if the same dialog is still open.
+        return answer_session(self.db, session_ref, answer, option=option, option_text=option_text, reason=reason,
+                              tool_use_id=tool_use_id, client=client, peers=peers, settings=settings,
+                              now_ms=now_ms())
 
     @api("POST", "/api/v1/broadcast", "Type a text into every live session of a target (project, group:NAME, "
          "session:ID)", body=("target", "text", "is_command"), not_sent=("confirm_s", "on_delivery"), status=201,
@@ -8819,6 +9335,7 @@ margin:.2rem 0}
 padding:.4rem .55rem;background:var(--soft);border-radius:7px;font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}
 [data-row].is-current{outline:2px solid var(--accent);outline-offset:-2px;border-radius:6px}
 ul.feed li[data-row]{padding-left:.4rem;padding-right:.4rem}
+.answer{margin-top:.9rem;padding-top:.8rem;border-top:1px solid var(--line)}.answer input{min-width:12rem}
 .asked{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace;overflow-wrap:anywhere}.actions{display:flex;gap:.6rem;
 flex-wrap:wrap;margin-top:.2rem}.turn{display:grid;grid-template-columns:4.5rem 1fr;gap:.5rem}
 kbd{font:12px ui-monospace,Menlo,monospace;border:1px solid var(--line);border-radius:4px;padding:0 .3rem}
@@ -9541,12 +10058,14 @@ SESSION_LABELS = {"working": "working", "waiting": "waiting for you", "permissio
 FRAG_ATTENTION = string.Template("""<section class="card attention" id="frag-attention" $poll>
 <h2>Needs you</h2>$body</section>""")
 ATTENTION_LIST = string.Template('<ul class="feed" hx-disable>$items</ul>')
-ATTENTION_ITEM = string.Template("""<li data-row="/sessions/$id"><div class="line">$state
+NEEDS_LIST = string.Template('<ul class="feed">$items</ul>')  # each item's untrusted text sits under hx-disable
+ATTENTION_ITEM = string.Template("""<li data-row="/sessions/$id"><div hx-disable><div class="line">$state
 <a href="/sessions/$id"><b>$label</b></a>
 <span class="muted small">$since</span></div>$asked
 <div class="small">$project$task</div>
 <div class="muted small"><span class="mono">$short_id</span> · $host · <span class="mono">$where</span> · $cwd</div>
-<div class="actions small"><a href="/sessions/$id">Open</a><a href="/sessions/$id#attach">Attach</a></div></li>""")
+</div><div class="actions small"><a href="/sessions/$id">Open</a><a href="/sessions/$id#attach">Attach</a>$answers
+</div></li>""")
 ASKED = string.Template('<div class="asked">$tool: $input</div>')
 TASK_LINK = string.Template('task <a href="/tasks/$id">$title</a>')
 PROJECT_LINK = string.Template('<a href="/projects/$id">$name</a> · ')
@@ -9608,14 +10127,15 @@ def attention_fragment(req: Request, *, query: str = "") -> Html:
             s.label, s.cwd, s.host, s.tmux_target or "", tasks[s.task_id].title if s.task_id in tasks else "",
             tasks[s.task_id].project if s.task_id in tasks else "")).lower()]
     # SECURITY: labels, cwds and what a dialog asks come from transcripts, hooks and panes: escaped, in hx-disable.
-    body = render(ATTENTION_LIST, items=join(render(
+    body = render(NEEDS_LIST, items=join(render(
         ATTENTION_ITEM, state=session_badge(s), label=s.label or s.tmux_target or s.id[:SHORT_ID],
         since=ago_text(s.state_at or s.last_activity_at, now), id=s.id, short_id=s.id[:SHORT_ID], host=s.host,
         where=s.tmux_target or "-", cwd=s.cwd, asked=asked_text(s),
         project=render(PROJECT_LINK, id=tasks[s.task_id].project_id, name=tasks[s.task_id].project)
         if s.task_id in tasks else Html(""),
         task=render(TASK_LINK, id=s.task_id, title=tasks[s.task_id].title) if s.task_id in tasks
-        else Html('<span class="muted">no task</span>'))
+        else Html('<span class="muted">no task</span>'),
+        answers=answer_forms(req, s, view="needs") if s.state == "permission" and s.asked else Html(""))
         for s in sessions)) if sessions else render(EMPTY, text="Nobody is waiting on you.")
     url = "/frag/attention" + (f"?q={quote_query(query)}" if query else "")
     return render(FRAG_ATTENTION, poll=poll_attrs(url), body=body)
@@ -9717,7 +10237,28 @@ FRAG_SESSION = string.Template("""<section class="card" id="frag-session" $poll>
 <dt>Task</dt><dd>$task</dd>
 <dt>Host</dt><dd>$host</dd><dt>Folder</dt><dd class="mono">$cwd</dd><dt>tmux</dt><dd class="mono">$where</dd>
 <dt>Active</dt><dd>$active</dd><dt>Tokens</dt><dd class="mono" title="$tokens_title">$tokens</dd>
-<dt>Command</dt><dd class="mono small">$command</dd><dt>Id</dt><dd class="mono">$id</dd></dl></div></section>""")
+<dt>Command</dt><dd class="mono small">$command</dd><dt>Id</dt><dd class="mono">$id</dd></dl></div>
+$answer</section>""")
+ANSWER_BOX = string.Template("""<div class="answer" id="answer"><h2>Answer</h2><div class="actions">$forms</div>
+<p class="small muted">Typed by $host only if this same dialog is still open there; expires after $ttl min.</p>
+</div>""")
+ANSWER_FORM = string.Template("""<form class="tight" $attrs $confirm>$csrf
+<input type="hidden" name="view" value="$view"><input type="hidden" name="answer" value="$answer">
+<input type="hidden" name="option" value="$option"><input type="hidden" name="option_text" value="$option_text">
+<input type="hidden" name="tool_use_id" value="$tool_use_id">
+$reason<button type="submit" class="$kind">$label</button></form>""")
+REASON_INPUT = string.Template(
+    '<input name="reason" maxlength="2000" placeholder="tell Claude instead (optional)" aria-label="reason">')
+CONFIRM_ATTRS = string.Template('hx-confirm="$question" hx-vals="$vals"')
+MAIN_CONFIRM = string.Template("""<p class="muted small"><a href="/sessions/$id">$label</a> /</p>
+<h1>Send this answer?</h1>
+<section class="card"><p hx-disable>$host asks: <span class="asked">$tool: $input</span></p>
+<p>Your answer: <b>$answer_text</b>. $host types it only if this same dialog is still open there.</p>
+<form class="row" method="post" action="/sessions/$id/answer">$csrf<input type="hidden" name="confirmed" value="1">
+<input type="hidden" name="view" value="$view"><input type="hidden" name="answer" value="$answer">
+<input type="hidden" name="option" value="$option"><input type="hidden" name="option_text" value="$option_text">
+<input type="hidden" name="tool_use_id" value="$tool_use_id"><input type="hidden" name="reason" value="$reason">
+<button type="submit">Yes, send it</button> <a href="/sessions/$id">Cancel</a></form></section>""")
 ASKED_CARD = string.Template(
     """<p class="flash error"><b>Asks permission</b> · $tool<br><span class="asked">$input</span></p>""")
 ATTACH = string.Template("""<p class="small muted">$where</p>
@@ -9751,11 +10292,76 @@ def session_fragment(req: Request, s: Session, task: Task | None) -> Html:
         since=ago_text(s.state_at, now), host=s.host, cwd=s.cwd or "—", where=s.tmux_target or "not in tmux",
         active=ago_text(s.last_activity_at, now), tokens=tokens_text(s.tokens),
         command=short_text(s.command, 200) or "—",
-        tokens_title=", ".join(f"{k} {v}" for k, v in s.tokens.items()), id=s.id,
+        tokens_title=", ".join(f"{k} {v}" for k, v in s.tokens.items()), id=s.id, answer=answer_box(req, s),
         asked=render(ASKED_CARD, tool=s.asked["tool"], input=s.asked["input"]) if s.state == "permission" and s.asked
         else Html(""),
         task=render(TASK_CELL, id=task.id, title=f"{task.project}: {task.title}") if task
         else Html('<span class="muted">none</span>'))
+
+
+def answer_forms(req: Request, s: Session, *, view: str, options: tuple[tuple[int, str], ...] = ()) -> Html:
+    """Render the buttons that answer a session's open dialog: approve, deny (with a reason), its other options."""
+    assert s.asked is not None
+    what = f"{s.asked['tool']}: {short_text(s.asked['input'], 80)}"
+    choices: list[tuple[str, int | None, str, str, str]] = [("approve", None, "", "Approve", ""),
+                                                           ("deny", None, "", "Deny", "ghost")]
+    choices += [("option", n, text, f"{n}. {short_text(text, 60)}", "ghost") for n, text in options
+                if text != "Yes" and not text.startswith("No")]
+
+    def one(answer: str, option: int | None, text: str, label: str, kind: str) -> Html:
+        question = f"{label} — {what}?" if answer != "option" else f"Answer '{text}' to {what}?"
+        target = "#frag-session" if view == "session" else "#frag-attention"
+        return render(ANSWER_FORM, attrs=form_attrs(f"/sessions/{s.id}/answer", target=target),
+                      confirm=render(CONFIRM_ATTRS, question=question, vals=json.dumps({"confirmed": "1"})),
+                      csrf=csrf_field(req), view=view, answer=answer, option="" if option is None else option,
+                      option_text=text, tool_use_id=s.asked.get("tool_use_id", "") if s.asked else "",
+                      reason=render(REASON_INPUT) if answer == "deny" and view == "session" else Html(""),
+                      kind=kind, label=label)
+    return join(one(*c) for c in choices)
+
+
+def answer_box(req: Request, s: Session) -> Html:
+    """Render the answer buttons of a session page while a dialog is open, with the options its screen shows."""
+    if s.state != "permission" or not s.asked:
+        return Html("")
+    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings or {}, now_ms=now_ms())
+    dialog = parse_dialog(view.text) if view.text else None
+    return render(ANSWER_BOX, forms=answer_forms(req, s, view="session", options=dialog.options if dialog else ()),
+                  host=s.host, ttl=ANSWER_TTL_MS // 60000)
+
+
+def frag_answer_session(req: Request) -> Response:
+    """Answer a session's dialog from a button: a confirm page first without JavaScript, then typed or pushed."""
+    f = req.form()
+    svc = req.svc
+    s = svc.get_session(req.params["session"])
+    option = _form_int(f["option"], "option") if f.get("option") else None
+    fields: dict[str, Any] = {"answer": f.get("answer", ""), "option": option,
+                              "option_text": f.get("option_text") or None, "reason": f.get("reason", ""),
+                              "tool_use_id": f.get("tool_use_id") or None}
+    view = "needs" if f.get("view") == "needs" else "session"
+    if f.get("confirmed") != "1":
+        asked = s.asked or {"tool": "?", "input": "nothing now"}
+        answer_text = fields["answer"] if fields["answer"] in ("approve", "deny") else \
+            f"option {option}: {fields['option_text'] or ''}"
+        return page(req, "Send this answer?", render(
+            MAIN_CONFIRM, id=s.id, label=s.label or s.id[:SHORT_ID], host=s.host, tool=asked["tool"],
+            input=asked["input"], answer_text=answer_text + (f" — {fields['reason']}" if fields["reason"] else ""),
+            csrf=csrf_field(req), view=view, answer=fields["answer"], option="" if option is None else option,
+            option_text=fields["option_text"] or "", tool_use_id=fields["tool_use_id"] or "", reason=fields["reason"]))
+    got = svc.answer_session(s.id, fields["answer"], option=option, option_text=fields["option_text"],
+                             reason=fields["reason"], tool_use_id=fields["tool_use_id"], client="dashboard",
+                             peers=req.config.peers, settings=req.config.settings or {})
+    if not req.is_htmx:
+        return redirect("/needs" if view == "needs" else f"/sessions/{s.id}")
+    is_ok = got.answer.result in ("typed", "pending")
+    message = f"Answer {got.answer.answer}: {got.note}"
+    if view == "needs":
+        return html_response(join([attention_fragment(req), flash(message, kind="ok" if is_ok else "error", oob=True)]))
+    d = svc.get_session_detail(s.id, hosts=(req.config.settings or {}).get("hosts") or {})
+    return html_response(join([session_fragment(req, d.session, d.task),
+                               history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history", oob=True),
+                               flash(message, kind="ok" if is_ok else "error", oob=True)]))
 
 
 def attach_card(req: Request, s: Session, argv: list[str] | None) -> Html:
@@ -10278,6 +10884,8 @@ _OPEN_API_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
                                                                  "history": _array("Event"),
                                                                  "attach": {"type": ["array", "null"],
                                                                             "items": {"type": "string"}}}}]},
+    "AnswerResult": {"allOf": [_ref("Answer"), {"type": "object", "required": ["note"],
+                                                "properties": {"note": {"type": "string"}}}]},
     "Turns": {"type": "object", "required": ["session_id", "host", "turns"], "properties": {
         "session_id": {"type": "string"}, "host": {"type": "string"}, "turns": {"type": "array", "items": {
             "type": "object", "required": ["role", "text", "tools", "at"], "properties": {
@@ -10386,7 +10994,7 @@ def openapi_document() -> dict[str, Any]:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         paths.setdefault(path, {})[method.lower()] = op
     schemas = {cls.__name__: json_schema(cls)
-               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order, PaneView)}
+               for cls in (Project, Task, Group, Update, Event, Session, Pane, Delivery, Order, PaneView, Answer)}
     for name, base, extra in (("ProjectStatus", "Project",
                                {"tokens": {"type": "object"}, "n_sessions": {"type": "integer"}}),
                               ("TaskStatus", "Task", {"tokens": {"type": "object"}})):  # the roll-up's additions
@@ -10481,6 +11089,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/sessions", cached(page_sessions)),
         ("GET", r"/sessions/" + _REF % "session", page_session),
         ("POST", r"/sessions/" + _REF % "session" + "/task", frag_set_session_task),
+        ("POST", r"/sessions/" + _REF % "session" + "/answer", frag_answer_session),
         ("GET", r"/needs", cached(page_needs)),
         ("GET", r"/broadcast", page_broadcast),
         ("POST", r"/broadcast", frag_send_broadcast),
@@ -11509,6 +12118,24 @@ def cmd_sessions_show(args: argparse.Namespace, ctx: Context) -> None:
     emit(ctx, d, text)
 
 
+def _cmd_answer(answer: str) -> Callable[[argparse.Namespace, Context], int]:
+    def handler(args: argparse.Namespace, ctx: Context) -> int:
+        import getpass
+
+        option = getattr(args, "option", None)
+        got = ctx.svc.answer_session(
+            args.session, "option" if option is not None else answer, option=option,
+            reason=getattr(args, "reason", None) or "", client=f"cli:{getpass.getuser()}@{os.uname().nodename}",
+            peers=() if ctx.remote_url else load_peers(ctx.config, path=ctx.paths.config), settings=ctx.config)
+        a = got.answer
+        emit(ctx, got, f"{answer} {a.tool}: {short_text(a.input, 60)} (session {a.session_id[:SHORT_ID]} on "
+                       f"{a.host}): {got.note}")
+        return 0 if a.result in ("typed", "pending") else 1
+    handler.__name__ = f"cmd_{answer}"
+    handler.__doc__ = f"{answer.capitalize()} a session's open permission dialog, if it is still the same one."
+    return handler
+
+
 def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
     """Attach this terminal to a session's tmux pane: switch-client inside tmux, attach outside, ssh to another host."""
     s = ctx.svc.get_session(args.session)
@@ -11934,7 +12561,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
                                   contacts=config.contacts)
         start_background_pull(ctx.paths.db, settings, stop=stop, log=log)
         base_url = str((settings.get("notify") or {}).get("url") or server.url)
-        start_background_notify(ctx.paths.db, settings, base_url=base_url, stop=stop, log=log)
+        start_background_act(ctx.paths.db, settings, base_url=base_url, stop=stop, log=log)
     try:
         run_server(server, on_start=started)
     finally:
@@ -12099,6 +12726,15 @@ COMMANDS: list[Command] = [
              arg("session", nargs="?", help="with show: session id or unique prefix"),
              arg("--all", action="store_true", help="also sessions that are gone"),
              arg("--state", choices=SESSION_STATES, help="only sessions in this state"))),
+    Command(("approve",), _cmd_answer("approve"), "approve a session's open permission dialog (typed only if "
+            "the same dialog is still open)",
+            "clare approve 7c1e9b\n  clare approve 7c1e9b --option 2   # e.g. 'Yes, and don't ask again for …'",
+            (arg("session", help="session id or unique prefix"),
+             arg("--option", type=int, metavar="N", help="pick the dialog's option N instead of Yes"))),
+    Command(("deny",), _cmd_answer("deny"), "deny a session's open permission dialog, optionally telling Claude why",
+            'clare deny 7c1e9b\n  clare deny 7c1e9b --reason "use make clean instead"',
+            (arg("session", help="session id or unique prefix"),
+             arg("--reason", help="what Claude should do instead (typed after the dialog closes)"))),
     Command(("session", "start"), cmd_session_start, "start a Claude session for a task in a new tmux window",
             "clare session start 3f2a\n  clare session start 3f2a --host apricot --worktree --model sonnet",
             (_TASK_REF, arg("--host", help="machine id, or a host or peer name only one host has (default: where "

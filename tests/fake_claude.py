@@ -7,10 +7,12 @@ under bash (FAKE_CLAUDE_SESSION_ID in the environment sets the id without a flag
 to $CLAUDE_CONFIG_DIR (or ~/.claude)/fake-received.jsonl.
 
 `--resume ID` continues session ID; `--trust` first shows the trust-this-folder screen (Enter would
-trust it: recorded as {"trusted": true}); each start is recorded as {"session_id", "argv", "cwd"} in fake-started.jsonl.
+trust it: recorded as {"trusted": true}); each start is recorded as {"session_id", "argv", "cwd"} in
+fake-started.jsonl.
 
-Prompts it understands: `/exit` ends the session, `perm` opens a permission dialog (Enter would
-approve it; `2` or Esc closes it), `work` starts a turn that runs a tool and stays working until
+Prompts it understands: `/exit` ends the session, `perm` opens a permission dialog (Enter or `1`
+approves it, `2` or Esc denies it; each is recorded with the dialog's tool_use_id, which its
+PreToolUse hook reported), `work` starts a turn that runs a tool and stays working until
 Esc interrupts it, `/clear` starts a new session id in the same process; anything else gets a
 one-line answer and ends the turn.
 
@@ -61,6 +63,8 @@ class Fake:
         self.received = os.path.join(ROOT, "fake-received.jsonl")
         self.parent = None
         self.dialog = False
+        self.tool_use_id = None
+        self.n_tools = 0
         self.working = False
         self.buffer = b""
         self.n_msg = 0
@@ -178,6 +182,10 @@ class Fake:
         self.line("user", {"role": "user", "content": text})
         self.hook("UserPromptSubmit", prompt=text)
         if text == "perm":
+            self.n_tools += 1
+            self.tool_use_id = f"toolu_fake_{self.n_tools:03d}"
+            self.hook("PreToolUse", tool_name="Bash", tool_input={"command": "rm -rf build"},
+                      tool_use_id=self.tool_use_id)
             self.dialog = True
             self.set_status("waiting", "permission prompt")
             self.timers["permission_prompt"] = time.monotonic() + NOTIFY_S
@@ -245,8 +253,16 @@ class Fake:
                         {"type": "text", "text": "[Request interrupted by user]"}]})
                     self.set_status("idle")
                     self.turn_over()
+                elif self.dialog and ch == b"1":
+                    self.record(approved=True, key="1", tool_use_id=self.tool_use_id)
+                    self.timers.pop("permission_prompt", None)
+                    self.dialog = False
+                    self.set_status("busy")  # the approved tool runs
+                    self.hook("PostToolUse", tool_name="Bash", tool_input={"command": "rm -rf build"},
+                              tool_use_id=self.tool_use_id)
                 elif ch == b"\x1b" or (self.dialog and ch == b"2"):
                     if self.dialog:
+                        self.record(denied=True, key=ch.decode(), tool_use_id=self.tool_use_id)
                         self.timers.pop("permission_prompt", None)
                         self.line("user", {"role": "user", "content": [
                             {"type": "text", "text": "[Request interrupted by user for tool use]"}]})

@@ -124,7 +124,8 @@ def test_session_page_shows_state_ask_pane_transcript_attach_and_history(tmux, c
     frag = get(server, f"/frag/sessions/{s.id}/pane")
     assert frag.startswith('<section class="card" id="frag-pane"') and "\u276f 1. Yes\n" in frag
     got = server.request("GET", f"/api/v1/sessions/{s.id}").json()
-    assert got["asked"] == {"tool": "Bash", "input": "rm -rf build"} and got["attach"][:3] == ["tmux", "-S", socket]
+    assert got["asked"] == {"tool": "Bash", "input": "rm -rf build", "tool_use_id": "toolu_fake_001"}
+    assert got["attach"][:3] == ["tmux", "-S", socket]
     assert got["task"] is None and any("appeared" in e["text"] for e in got["history"])
     view = server.request("GET", f"/api/v1/sessions/{s.id}/pane?lines=3").json()
     assert view["text"].count("\n") <= 2 and view["host"] == "testhost" and view["error"] is None

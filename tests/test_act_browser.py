@@ -4,7 +4,7 @@ import pytest
 
 import clare
 import test_browser
-from conftest import observe
+from conftest import observe, wait_for
 from test_browser import ARTIFACTS, settle
 
 browser, page_of = test_browser.browser, test_browser.page_of  # the shared fixtures: Chromium, checked pages
@@ -213,3 +213,35 @@ def test_session_page_reads_and_its_picker_works_without_javascript(browser, ser
         assert pg.locator("#frag-attention li").count() == 1
     finally:
         context.close()
+
+
+def test_answering_a_dialog_from_the_session_page_and_from_needs_you_on_a_phone(server, db, tmux, cli, tmp_path,
+                                                                                 page_of):
+    cli("hooks", "install")
+    pane = tmux.spawn_claude(cwd=tmp_path / "proj", name="work")
+    tmux.type_prompt(pane, "perm")
+    wait_for(lambda: (clare.list_sessions(db) or [None])[0] and clare.list_sessions(db)[0].asked, what="the dialog")
+    assert cli("pull").code == 0
+    [s] = clare.list_sessions(db)
+    pg = page_of(viewport=WIDTHS["desktop"])
+    asked = []
+    pg.on("dialog", lambda d: (asked.append(d.message), d.accept()))
+    pg.goto(server.url + f"/sessions/{s.id}")
+    ready(pg)
+    shot(pg, "answer-desktop-light")
+    pg.click("#answer button:has-text('Approve')")
+    pg.locator("#flash .ok", has_text="typed 1 (Yes)").wait_for(timeout=8000)
+    assert asked == ["Approve — Bash: rm -rf build?"]  # confirmed first
+    assert [x.get("key") for x in tmux.received() if "prompt" not in x] == ["1"]
+    pg.locator("#frag-history", has_text="dashboard answered approve").wait_for(timeout=5000)
+    tmux.type_prompt(pane, "perm")  # a second dialog, answered from the needs-you list on a phone
+    wait_for(lambda: (clare.list_sessions(db)[0].asked or {}).get("tool_use_id") == "toolu_fake_002",
+             what="the second dialog")
+    phone = page_of(viewport=WIDTHS["phone"], color_scheme="dark")
+    phone.on("dialog", lambda d: d.accept())
+    phone.goto(server.url + "/needs")
+    ready(phone)
+    shot(phone, "answer-needs-phone-dark")
+    phone.click("#frag-attention button:has-text('Deny')")
+    phone.locator("#flash .ok", has_text="typed 2").wait_for(timeout=8000)
+    assert [x.get("key") for x in tmux.received() if "prompt" not in x] == ["1", "2"]

@@ -158,7 +158,7 @@ class RealFleet:
 
 
 @pytest.fixture(scope="module")
-def real():
+def real(request):
     binary = _claude_binary()
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="clare-real-"))  # short: a tmux socket path must fit in 108 bytes
@@ -183,7 +183,15 @@ def real():
         fleet.tmux("kill-server", check=False)
         api.stop()
         shutil.rmtree(base, ignore_errors=True)
-        print(f"\nreal Claude Code {VERSION} suite: {time.monotonic() - started:.1f} s", file=sys.__stderr__)
+        # Through the terminal reporter: printed by `make test` too, where output is captured.
+        plugins = request.config.pluginmanager
+        reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
+        line = f"real Claude Code {VERSION} suite: {time.monotonic() - started:.1f} s (goal: <= 600 s on 2 cores)"
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line("\n" + line)
+        else:
+            print(line, file=sys.__stderr__)
 
 
 def test_real_esc_right_after_the_permission_notification_never_sticks(real):
