@@ -429,7 +429,7 @@ def test_doctor_checks_a_set_up_host_and_names_the_fix_of_each_failure(tmp_path)
         assert checks["claude"]["detail"] == str(a.bin / "claude")
         assert re.search(r"answers, clock [+-]\d", checks[f"peer 127.0.0.1-{port_b}"]["detail"])
         text = a.run("doctor")
-        assert text.code == 0 and len(text.out.splitlines()) == 11 and "all 10 checks passed" in text.out
+        assert text.code == 0 and len(text.out.splitlines()) == 12 and "all 11 checks passed" in text.out
 
         servers.pop().terminate()  # b stops: its peer check fails, with what to do
         a.config.chmod(0o644)
