@@ -7,6 +7,8 @@ import pytest
 import clare
 from test_sync import Node
 
+TOKEN = "token-of-the-other-host-" + "t" * 16
+
 
 @pytest.fixture
 def serve_file(tmp_path):
@@ -15,9 +17,7 @@ def serve_file(tmp_path):
 
     def start(db_path) -> str:
         paths = clare.Paths(db=str(db_path), config=str(tmp_path / "other.toml"))
-        mine = clare.resolve_paths().config  # the CLI's home: its `clare sync` sends this token
-        token = clare.ensure_token(mine, clare.load_config(mine))
-        server = clare.make_server(clare.web_config(paths, host="127.0.0.1", port=0, env={"CLARE_TOKEN": token}))
+        server = clare.make_server(clare.web_config(paths, host="127.0.0.1", port=0, env={"CLARE_TOKEN": TOKEN}))
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))
@@ -56,7 +56,8 @@ def test_a_name_made_on_two_hosts_is_reported_by_project_list_and_the_dashboard_
     a.db.close()
 
 
-def test_sync_says_so_when_a_round_brings_a_second_project_of_one_name(home, cli, tmp_path, serve_file):
+def test_sync_says_so_when_a_round_brings_a_second_project_of_one_name(home, cli, tmp_path, serve_file, monkeypatch):
+    monkeypatch.setenv("CLARE_TOKEN", TOKEN)  # the other host's token, which this CLI sends
     assert cli("project", "new", "alpha").code == 0
     b = clare.open_db(str(tmp_path / "b.db"), machine_id="b")
     clare.create_project(b, "alpha", now_ms=clare.now_ms())
