@@ -25,7 +25,7 @@ bench: $(VENV)/.installed
 	$(VPY) bench/run.py
 
 # The long fault cases (a 3-host cluster in network namespaces; root, iproute2, faketime): minutes;
-# then a real client's latency while strangers misbehave (500 idle connections...).
+# then a real client's latency while strangers misbehave (500 idle connections...) against goals.
 stress: $(VENV)/.installed
 	$(VPY) bench/stress.py
 	$(VPY) bench/stress_slots.py

@@ -8,17 +8,31 @@ converge to the same state.
 
     python3 clare.py --help
 
-Sections (each uses only the ones above it):
+Sections, top to bottom. Each uses only the names of the sections above it and its own
+(tests/test_shape.py checks that with symtable). Each section opens with a banner: # N. Title: what it owns.
     1. Constants and errors
+         the vocabulary (statuses, states, sources, results), the limits, the error family, paths, the token
     2. HLC
+         hybrid logical clock values, their text form, tick and merge
     3. Event store
+         schema, migrations, append, query: the only code that writes `events`; SQL lives in 3 and 4 only
     4. Projections
+         the tables derived from the log, their appliers (APPLIERS), replay and queries
     5. Services
+         every business rule: validate, then one transaction; get_ / list_ queries
     6. Fleet
+         Claude Code in tmux panes: discovery, states, hooks, broadcast delivery
     7. Sync
+         the peer protocol and client, orders to other hosts; then the services declared once
+         (class Services: each method's @api or @here) and their remote twin, RemoteServices
     8. HTTP
+         8.1 the server (requests, the security checks, _dispatch); 8.2 the HTML kit (render, the page,
+         the stylesheet and script); 8.3 the pages and their htmx fragments; 8.4 the JSON API (derived
+         from the declared services) and OpenAPI; 8.5 the sync endpoints; then ROUTES
     9. CLI
+         the argparse tree built from COMMANDS, handlers and text output
     10. main
+         parse, dispatch, and turn errors into one line and an exit code
 """
 
 import argparse
@@ -214,6 +228,21 @@ def check_token(token: object, *, where: str) -> str | None:
     return token
 
 
+TOKEN_FP_ROUNDS = 100_000  # PBKDF2 rounds of a token fingerprint: ~70 ms here, once per announcement
+
+
+def token_fingerprint(token: str, *, machine_id: str) -> str:
+    """Return what a host's announcement tells of its token: enough to see a shared one, too little to guess it.
+
+    The log goes to every peer: salted with the announcing host's machine id, slow, and cut to
+    64 bits, so a short token cannot be looked up or cheaply searched from it.
+    """
+    import hashlib
+
+    salt = f"clare token of {machine_id}".encode()
+    return hashlib.pbkdf2_hmac("sha256", token.encode(), salt, TOKEN_FP_ROUNDS)[:8].hex()
+
+
 def parse_json(data: str | bytes, *, is_lenient: bool = False) -> Any:
     """Parse standard JSON: NaN, Infinity and lone surrogates are refused with a ValueError naming them.
 
@@ -379,7 +408,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -441,6 +470,11 @@ CREATE TABLE IF NOT EXISTS sync_deferred (       -- peer events held back: stamp
     PRIMARY KEY (peer_url, direction, uuid)
 );
 """
+# Schema 8: the peer's head as its last answer said it, so `peer list` tells what is still to pull.
+# (A comment after ADD COLUMN ends up inside the stored CREATE TABLE and breaks it: none here.)
+PEER_HEAD_SCHEMA = """
+ALTER TABLE sync_peers ADD COLUMN peer_head INTEGER
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,6 +514,7 @@ class PeerStatus:
     offset_ms: int | None  # the peer's wall clock minus ours
     n_pulled: int
     n_pushed: int
+    peer_head: int | None = None  # the peer's newest receipt number (on the db_id above), as of its last answer
 
     def to_json(self) -> dict[str, Any]:
         """Return the status as the JSON object the CLI and API print."""
@@ -514,6 +549,9 @@ class Db:
 
 
 _MIGRATIONS: dict[int, list[str]] = {}  # version -> SQL scripts; filled by sections 3-4 below
+# Run once after an upgrade's migrations (section 4 adds the replay): copying a newer clare.py over
+# an older one is the whole upgrade, so what the older one stored without knowing it applies now.
+AFTER_UPGRADE: list[Callable[[Db], Any]] = []
 
 
 def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Db:
@@ -548,7 +586,18 @@ def open_db(path: str, *, machine_id: str | None = None, busy_timeout_ms: int = 
             return _open_read_only(path, full)
         raise ClareError(f"cannot open database {path}: {err}; check the path, or move a damaged "
                          "file aside and restore it from a peer with 'clare sync'") from err
-    return Db(conn, path, meta["machine_id"], refusal=refusal)
+    db = Db(conn, path, meta["machine_id"], refusal=refusal)
+    if "needs_replay" in meta and refusal is None:
+        _finish_upgrade(db)
+    return db
+
+
+def _finish_upgrade(db: Db) -> None:
+    """Run what an upgrade leaves after its migrations, then forget it; a crash before the end runs it again."""
+    for after_upgrade in AFTER_UPGRADE:
+        after_upgrade(db)
+    with write_txn(db) as cur:
+        cur.execute("DELETE FROM meta WHERE key = 'needs_replay'")
 
 
 SYNCHRONOUS_MODES = ("FULL", "NORMAL")
@@ -702,6 +751,8 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
         fresh = {"schema_version": str(SCHEMA_VERSION),
                  "machine_id": meta.get("machine_id") or check_machine_id(machine_id or new_machine_id()),
                  "db_id": meta.get("db_id") or new_uuid()}
+        if 0 < version < SCHEMA_VERSION:
+            fresh["needs_replay"] = "1"  # in this transaction: a crash before the replay leaves it to do
         conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", fresh.items())
         conn.execute("COMMIT")
     except BaseException:
@@ -712,6 +763,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
 
 _MIGRATIONS[1] = [EVENTS_SCHEMA, SYNC_SCHEMA]
 _MIGRATIONS[5] = [DEFERRED_SCHEMA]
+_MIGRATIONS[8] = [PEER_HEAD_SCHEMA]  # section 4 adds the hosts table
 
 
 # --- where the database runs: a copy made elsewhere must not write under the same machine id ----
@@ -1183,7 +1235,8 @@ def list_uuids_between(db: Db, *, start_ms: int, end_ms: int) -> list[str]:
 
 def save_peer_status(db: Db, url: str, *, name: str, now_ms: int, error: str | None = None,
                      machine_id: str | None = None, db_id: str | None = None, n_behind: int | None = None,
-                     offset_ms: int | None = None, n_pulled: int = 0, n_pushed: int = 0) -> None:
+                     offset_ms: int | None = None, n_pulled: int = 0, n_pushed: int = 0,
+                     peer_head: int | None = None) -> None:
     """Record how a round with one peer ended: its identity and lag on success, the message on failure."""
     with write_txn(db) as cur:
         cur.execute("INSERT OR IGNORE INTO sync_peers (url, name) VALUES (?, ?)", (url, name))
@@ -1191,9 +1244,9 @@ def save_peer_status(db: Db, url: str, *, name: str, now_ms: int, error: str | N
             cur.execute(
                 """UPDATE sync_peers SET name = ?, machine_id = ?, db_id = ?, last_ok_ms = ?, last_try_ms = ?,
                           last_error = NULL, n_failures = 0, n_behind = ?, offset_ms = ?,
-                          n_pulled = n_pulled + ?, n_pushed = n_pushed + ?
+                          n_pulled = n_pulled + ?, n_pushed = n_pushed + ?, peer_head = ?
                     WHERE url = ?""",
-                (name, machine_id, db_id, now_ms, now_ms, n_behind, offset_ms, n_pulled, n_pushed, url))
+                (name, machine_id, db_id, now_ms, now_ms, n_behind, offset_ms, n_pulled, n_pushed, peer_head, url))
         else:
             cur.execute(
                 """UPDATE sync_peers SET name = ?, last_error = ?, last_try_ms = ?, n_failures = n_failures + 1,
@@ -1211,8 +1264,14 @@ def list_peer_status(db: Db) -> list[PeerStatus]:
     """Return what the last round with each peer did, by name."""
     rows = db.conn.execute(
         """SELECT url, name, machine_id, db_id, last_ok_ms, last_error, last_try_ms, n_failures, n_behind,
-                  offset_ms, n_pulled, n_pushed FROM sync_peers ORDER BY name, url""")
+                  offset_ms, n_pulled, n_pushed, peer_head FROM sync_peers ORDER BY name, url""")
     return [PeerStatus(*r) for r in rows]
+
+
+def count_unsent(db: Db, *, after: int, peer_machine_id: str) -> int:
+    """Return how many events past receipt number `after` are still to send to a peer (not its own ones)."""
+    return db.conn.execute("SELECT count(*) FROM events WHERE rseq > ? AND machine_id != ?",
+                           (after, peer_machine_id)).fetchone()[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -1387,7 +1446,7 @@ CREATE TABLE event_refs (                       -- which events name which entit
 ) WITHOUT ROWID;
 """
 PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
-                     "deliveries", "project_dirs", "orders", "answers")
+                     "deliveries", "project_dirs", "orders", "answers", "hosts")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id", "successor_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
@@ -1567,6 +1626,19 @@ CREATE INDEX orders_session ON orders (session_id);
 # This version adds tables only. COMPAT: an older peer stores and relays project.dir_set and the
 # order events without applying them; `clare replay` after its upgrade applies what it kept.
 _MIGRATIONS[3] = [DISPATCH_SCHEMA]
+
+# Schema 8: where each host's `clare serve` answers, as that host announced it (host.announced), so
+# a host that knows one peer learns the others. COMPAT: an older peer stores and relays the event.
+HOSTS_SCHEMA = """
+CREATE TABLE hosts (
+    id TEXT PRIMARY KEY,                        -- the host's machine id
+    name TEXT, name_v TEXT,                     -- its display name (host name)
+    url TEXT, url_v TEXT,                       -- where its serve answers; unchecked: checked where offered
+    token_fp TEXT, token_fp_v TEXT,             -- token_fingerprint of its token, to tell a shared one
+    announced_at TEXT, announced_at_v TEXT
+)
+"""
+_MIGRATIONS[8].append(HOSTS_SCHEMA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1932,6 +2004,9 @@ def replay(db: Db) -> int:
     return n_events
 
 
+AFTER_UPGRADE.append(replay)  # what the older version stored without knowing it (tags, orders...) applies now
+
+
 _LWW_SQL: dict[tuple[str, tuple[str, ...]], str] = {}
 
 
@@ -2253,6 +2328,15 @@ def apply_permission_resolved(cur: sqlite3.Cursor, ev: Event) -> None:
     p = ev.payload  # {answer_id, session_id, result, reason}
     _lww(cur, "answers", p["answer_id"], {"result": p["result"], "result_reason": p["reason"],
                                           "resolved_at": ev.created_at}, ev)
+
+
+@applies("host.announced", {"host": _is_id, "name": _is_id, "url": _is_str, "token_fp": _is_opt_id})
+def apply_host_announced(cur: sqlite3.Cursor, ev: Event) -> None:
+    """Last writer wins per host, by (hlc, uuid); a host speaks for itself only (host is the event's maker)."""
+    p = ev.payload  # {host, name, url, token_fp | None}
+    if p["host"] == ev.machine_id:  # SECURITY: no host can announce another's address
+        _lww(cur, "hosts", p["host"], {"name": p["name"], "url": p["url"], "token_fp": p["token_fp"],
+                                       "announced_at": ev.created_at}, ev)
 
 
 _PROJECT_SELECT = """
@@ -2694,9 +2778,31 @@ def list_known_hosts(db: Db) -> dict[str, set[str]]:
         hosts.setdefault(machine_id, set())
     for name, machine_id in db.conn.execute("SELECT name, machine_id FROM sync_peers WHERE machine_id IS NOT NULL"):
         hosts.setdefault(machine_id, set()).add(name)
+    for h in list_announced_hosts(db):
+        hosts.setdefault(h.host, set()).add(h.name)
     for machine_id, names in hosts.items():
         names.add(machine_host_name(machine_id))  # apricot-3f9a2c is "apricot" to people
     return hosts
+
+
+@dataclass(frozen=True, slots=True)
+class AnnouncedHost:
+    host: str  # machine id
+    name: str  # display name
+    url: str  # as announced: untrusted text until check_peer accepts it
+    token_fp: str | None
+    announced_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the announcement as the JSON object the CLI and API print."""
+        return _as_json(self)
+
+
+def list_announced_hosts(db: Db) -> list[AnnouncedHost]:
+    """Return each host's newest announcement of where its serve answers, by name."""
+    rows = db.conn.execute("""SELECT id, name, url, token_fp, announced_at FROM hosts
+                               WHERE url_v IS NOT NULL ORDER BY name, id""")
+    return [AnnouncedHost(*r) for r in rows]
 
 
 def last_update_text(db: Db, *, session_id: str, source: str) -> str | None:
@@ -4011,6 +4117,7 @@ DESCRIBE.update({
     "order.carried_out": lambda p: (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
                                     else f"order {p['order_id'][:SHORT_ID]}") + f": {p['result']}"
                                    + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
+    "host.announced": lambda p: f"host {p['name']} ({p['host']}) serves at {p['url']}",
 })
 
 
@@ -6186,6 +6293,7 @@ PROGRESS_MIN_EVENTS = 2000  # a transfer larger than this shows a progress line
 SYNC_INTERVAL_S = 30.0  # background sync: the pause between two good rounds with a peer
 MAX_BACKOFF_S = 120.0  # ... and the longest pause after failed ones (x1.25 jitter: a heal waits 150 s at most)
 CONTACT_POLL_S = 0.5  # how often a loop in backoff looks whether its peer contacted this server
+PEERS_RELOAD_S = 1.0  # how often a running serve looks whether clare.toml changed (a stat: cheap)
 PEER_HEADER = "X-Clare-Peer"  # the machine id of the Clare that sends a sync request
 PEER_TIMEOUT_S = 20.0  # one HTTP request to a peer
 PEEK_TIMEOUT_S = 3.0  # a peer's live pane or transcript view: a page waits this long at most
@@ -6228,6 +6336,7 @@ class SyncReport:
     deferred: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # {uuid, reason}: held back, retried
     n_deferred_stored: int = 0  # events held back earlier that went through in this round
     n_behind: int | None = None  # the peer's events not pulled yet, at the end of the round
+    peer_head: int | None = None  # the peer's newest receipt number, as its last answer said
     offset_ms: int | None = None  # the peer's wall clock minus ours
     verify: dict[str, Any] | None = None  # what the anti-entropy check found, with --verify
 
@@ -6434,7 +6543,7 @@ def sync_with(db: Db, peer: PeerTransport, *, name: str, wall: Callable[[], int]
         raise
     save_peer_status(db, peer.url, name=name, now_ms=wall(), machine_id=report.machine_id, db_id=report.db_id,
                      n_behind=report.n_behind, offset_ms=report.offset_ms,
-                     n_pulled=report.n_pulled, n_pushed=report.n_pushed)
+                     n_pulled=report.n_pulled, n_pushed=report.n_pushed, peer_head=report.peer_head)
     return report
 
 
@@ -6463,6 +6572,7 @@ def pull_from(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable
             after = 0
             continue
         report.machine_id, report.db_id = identity
+        report.peer_head = head
         total = head - after if total is None else total
         events, rejected = check_events(page["events"])
         report.rejected += rejected
@@ -6588,6 +6698,7 @@ def push_to(db: Db, peer: PeerTransport, report: SyncReport, *, wall: Callable[[
             "machine_id": db.machine_id, "db_id": db.db_id, "now_ms": wall(),
             "events": [ev.to_json() for ev in batch]})
         held = _count_accept(answer, identity, report)
+        report.peer_head = max(report.peer_head or 0, answer["head_after"])
         with write_txn(db) as cur:
             save_deferred(cur, peer.url, "push", [(ev, held[ev.uuid]) for ev in batch if ev.uuid in held],
                           now_ms=wall())
@@ -6917,27 +7028,126 @@ def peer_token(peer: Peer, config: dict[str, Any], *, env: Mapping[str, str] | N
     return resolve_token(config, env=env)
 
 
+# --- discovery: each host announces where its serve answers; the others offer it ----------------
+
+def announce_host(db: Db, url: str, *, token: str | None, now_ms: int) -> Event | None:
+    """Record where this host's serve answers (host.announced), unless the log says so already.
+
+    With the announcement goes a fingerprint of the token, so that a host that learns of this
+    one can tell whether the fleet shares one token before it ever sends its own there.
+    """
+    url = check_peer(url).url
+    fp = token_fingerprint(token, machine_id=db.machine_id) if token else None
+    said = next((h for h in list_announced_hosts(db) if h.host == db.machine_id), None)
+    name = machine_host_name(db.machine_id)  # the host name it was set up under, as everywhere in Clare
+    if said is not None and (said.name, said.url, said.token_fp) == (name, url, fp):
+        return None  # a restart writes nothing: the log does not grow with restarts
+    with write_txn(db) as cur:
+        return record(db, cur, "host.announced", {"host": db.machine_id, "name": name, "url": url,
+                                                  "token_fp": fp}, now_ms=now_ms)
+
+
+def list_suggested_peers(db: Db, peers: Sequence[Peer], *, token: str | None) -> list[dict[str, Any]]:
+    """Return the hosts announced in the log that are not peers here yet, and whether they take this host's token.
+
+    is_token_shared: True when the host announced the fingerprint of this host's own token,
+    False when another, None when it announced none or this host has no token.
+    """
+    status = {s.url: s.machine_id for s in list_peer_status(db)}
+    peer_hosts = {status.get(p.url) for p in peers}
+    urls, names = {p.url for p in peers}, {p.name for p in peers}
+    rows = []
+    for h in list_announced_hosts(db):
+        if h.host == db.machine_id or h.host in peer_hosts:
+            continue
+        try:
+            url = check_peer(h.url).url  # SECURITY: an announced url is text from the log: offered only if sound
+        except ClareError:
+            continue
+        if url in urls:
+            continue
+        name = h.name if PEER_NAME_RE.match(h.name) and h.name not in names else h.host
+        names.add(name)
+        shared = None if token is None or h.token_fp is None else \
+            h.token_fp == token_fingerprint(token, machine_id=h.host)
+        rows.append({"name": name, "url": url, "host": h.host, "announced_by": h.host,
+                     "announced_at": h.announced_at, "is_token_shared": shared})
+    return rows
+
+
+def check_suggested_token(row: dict[str, Any]) -> None:
+    """Refuse to send this host's token to a suggested peer that did not announce that very token."""
+    if row["is_token_shared"]:
+        return
+    why = ("announced a token other than this host's" if row["is_token_shared"] is False
+           else "did not say which token it takes")
+    var = re.sub(r"[^A-Z0-9_]", "_", row["name"].upper()) + "_TOKEN"
+    raise Forbidden(f"{row['name']} ({row['url']}) {why}, so this host's token is not sent there; give it its own: "
+                    f"export {var}=ITS_TOKEN; clare peer add {row['name']} --token-env {var}")
+
+
+def add_suggested_peers(path: str, rows: list[dict[str, Any]], ref: str | None, *, name: str | None = None,
+                        token_env: str | None = None) -> tuple[list[Peer], list[dict[str, Any]]]:
+    """Add one suggested peer (by name or url; None: all of them) to clare.toml; return (added, skipped with why).
+
+    Never one silently: each is added on the user's word. Without --token-env, only those that
+    take this host's own token are added; the others are skipped with the command that adds them.
+    """
+    if ref is not None:
+        rows = [r for r in rows if ref in (r["name"], r["url"], r["url"] + "/", r["host"])]
+        if not rows:
+            raise NotFound(f"no suggested peer {ref!r}; see them with: clare peer list --suggested")
+    added, skipped = [], []
+    for row in rows:
+        try:
+            if token_env is None:
+                check_suggested_token(row)
+            added.append(add_peer(path, row["url"], name=name or row["name"], token_env=token_env))
+        except (Forbidden, Conflict) as err:
+            if ref is not None:
+                raise
+            skipped.append({**row, "reason": str(err)})
+    return added, skipped
+
+
 def list_peers(db: Db, peers: Sequence[Peer]) -> list[dict[str, Any]]:
     """Return each configured peer with what its last sync did, then peers synced by URL only."""
     status = {s.url: s for s in list_peer_status(db)}
-    rows = [{**p.to_json(), "is_configured": True, **_status_json(status.pop(p.url, None))} for p in peers]
-    rows += [{"name": s.name, "url": s.url, "token_env": None, "is_configured": False, **_status_json(s)}
+    rows = [{**p.to_json(), "is_configured": True, **_status_json(db, status.pop(p.url, None))} for p in peers]
+    rows += [{"name": s.name, "url": s.url, "token_env": None, "is_configured": False, **_status_json(db, s)}
              for s in status.values()]
     deferred = list_deferred(db)
+    hosts = list_announced_hosts(db)
+    announced = {h.host: h for h in hosts} | {h.url: h for h in hosts}  # by machine id; before a sync, by url
     for row in rows:
         mine = [d for d in deferred if d.peer_url == row["url"]]
         row["n_deferred"] = len(mine)  # events held back, both ways: each retried once within the bound
         row["deferred_reason"] = mine[-1].reason if mine else None  # the furthest ahead says the most
+        host = announced.get(row["machine_id"] or row["url"])
+        row["host_name"] = host.name if host else machine_host_name(row["machine_id"]) if row["machine_id"] else None
     return rows
 
 
-def _status_json(s: PeerStatus | None) -> dict[str, Any]:
+def _status_json(db: Db, s: PeerStatus | None) -> dict[str, Any]:
+    """Return what the last round with a peer said, with what is still to move both ways counted now.
+
+    To pull: the peer's head as its last answer said, minus our cursor on its log (events it
+    pushed to us since move nothing here: they count until the next round). To push: our events
+    past the push cursor that the peer did not make itself, counted now.
+    """
     keys = ("machine_id", "last_ok_ms", "last_try_ms", "last_error", "n_failures", "n_behind", "offset_ms",
             "n_pulled", "n_pushed")
     if s is None:
-        return {**dict.fromkeys(keys), "n_failures": 0, "n_pulled": 0, "n_pushed": 0, "is_skewed": False}
-    return {k: getattr(s, k) for k in keys} | {
-        "is_skewed": s.offset_ms is not None and abs(s.offset_ms) > MAX_OFFSET_MS}
+        return {**dict.fromkeys(keys), "n_failures": 0, "n_pulled": 0, "n_pushed": 0, "is_skewed": False,
+                "n_to_push": None}
+    row = {k: getattr(s, k) for k in keys} | {
+        "is_skewed": s.offset_ms is not None and abs(s.offset_ms) > MAX_OFFSET_MS, "n_to_push": None}
+    if s.machine_id and s.db_id:
+        pulled, pushed = get_cursor(db, s.machine_id, s.db_id)
+        if s.peer_head is not None:
+            row["n_behind"] = max(s.peer_head - pulled, 0)
+        row["n_to_push"] = count_unsent(db, after=pushed, peer_machine_id=s.machine_id)
+    return row
 
 
 def clock_status(db: Db, *, now_ms: int) -> dict[str, Any]:
@@ -7014,25 +7224,99 @@ class PeerContacts:
             self.seen[machine_id] = self.seen.get(machine_id, 0) + 1  # SECURITY: bounded, checked id
 
 
-def start_background_sync(db_path: str, peers: list[Peer], config: dict[str, Any], *, stop: Any,
-                          log: Callable[[str], None], interval_s: float = SYNC_INTERVAL_S,
-                          contacts: PeerContacts | None = None) -> list[Any]:
-    """Start one daemon thread per peer that syncs until `stop` (a threading.Event) is set.
+class PeerBook(Sequence[Peer]):
+    """clare.toml's peers as a running server uses them: read again when the file changes.
+
+    A bad edit (a TOML typo, a bad url) keeps the last good list; reload() says why, once per edit.
+    """
+
+    def __init__(self, path: str, settings: dict[str, Any], peers: Sequence[Peer], *,
+                 overrides: dict[str, Any] | None = None):
+        self.path = path  # clare.toml
+        self.overrides = overrides or {}  # what serve set over the file (a token made at start), kept at reloads
+        self.settings = settings  # clare.toml as last read well, with the overrides: peer tokens
+        self.peers = tuple(peers)  # ... and its peers; swapped whole, so a reader never sees half a list
+        self.stamp = _file_stamp(path)  # the file as last read (well or not): a change means read again
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.peers[index]
+
+    def __len__(self) -> int:
+        return len(self.peers)
+
+    def reload(self) -> bool:
+        """Read clare.toml again if it changed; return True if it did. A bad edit raises and keeps the old list."""
+        stamp = _file_stamp(self.path)
+        if stamp == self.stamp:
+            return False
+        self.stamp = stamp
+        settings = {**load_config(self.path), **self.overrides}
+        peers = tuple(load_peers(settings, path=self.path))
+        sync_interval_s(settings, path=self.path)
+        self.settings, self.peers = settings, peers
+        return True
+
+
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino  # peer rm renames a new file into place: a new inode
+
+
+def start_background_sync(db_path: str, book: PeerBook, *, stop: Any, log: Callable[[str], None],
+                          interval_s: float = SYNC_INTERVAL_S, contacts: PeerContacts | None = None) -> Any:
+    """Start the thread that runs one sync thread per peer of `book` until `stop` (a threading.Event) is set.
 
     One thread per peer, each with its own connection, so a dead peer that makes its thread
-    wait for timeouts never delays the others or the server.
+    wait for timeouts never delays the others or the server. `peer add` and `peer rm` take
+    effect within PEERS_RELOAD_S, without a restart.
     """
     import threading
 
-    threads = []
-    for peer in peers:
-        thread = threading.Thread(target=_sync_loop, name=f"clare-sync-{peer.name}", daemon=True,
-                                  args=(db_path, peer, config), kwargs={"stop": stop, "log": log,
-                                                                        "interval_s": interval_s,
-                                                                        "contacts": contacts})
-        thread.start()
-        threads.append(thread)
-    return threads
+    thread = threading.Thread(target=_keep_peers, name="clare-peers", daemon=True, args=(db_path, book),
+                              kwargs={"stop": stop, "log": log, "interval_s": interval_s, "contacts": contacts})
+    thread.start()
+    return thread
+
+
+def _keep_peers(db_path: str, book: PeerBook, *, stop: Any, log: Callable[[str], None], interval_s: float,
+                contacts: PeerContacts | None) -> None:
+    """Keep a sync thread per peer of clare.toml: start new peers' and stop removed ones' as the file changes."""
+    import threading
+
+    running: dict[Peer, Any] = {}  # peer -> the Event that stops its thread
+    settings = book.settings
+
+    def start(peer: Peer) -> None:
+        running[peer] = own = threading.Event()
+        threading.Thread(target=_sync_loop, name=f"clare-sync-{peer.name}", daemon=True,
+                         args=(db_path, peer, settings), kwargs={"stop": own, "log": log, "interval_s": interval_s,
+                                                                 "contacts": contacts}).start()
+
+    for peer in book.peers:
+        start(peer)
+    while not stop.wait(PEERS_RELOAD_S):
+        try:
+            if not book.reload():
+                continue
+        except ClareError as err:  # a typo never stops the syncs: the last good list stays
+            names = ", ".join(p.name for p in running) or "none"
+            log(f"{err}; still syncing with the peers read before ({names})")
+            continue
+        is_new_settings = {**book.settings, "peers": None} != {**settings, "peers": None}
+        settings = book.settings
+        for peer in [p for p in running if p not in book.peers or is_new_settings]:
+            running.pop(peer).set()
+            if peer not in book.peers:
+                log(f"sync with {peer.name}: stopped, it is no longer in {book.path}")
+        for peer in book.peers:
+            if peer not in running:
+                start(peer)
+                log(f"sync with {peer.name} ({peer.url}): started, as {book.path} says; every {interval_s:g} s")
+    for own in running.values():
+        own.set()
 
 
 def _sync_loop(db_path: str, peer: Peer, config: dict[str, Any], *, stop: Any, log: Callable[[str], None],
@@ -7837,8 +8121,10 @@ def _query_pairs(w: Wire, value: Any, *, max_int: int) -> list[tuple[str, str]]:
 
 
 # ==========================================================================
-# 8. HTTP: routing table, HTML templates, JSON API and sync endpoints.
+# 8. HTTP: the server, the HTML kit, the pages, the JSON API and OpenAPI, the sync endpoints, ROUTES.
 # ==========================================================================
+
+# --- 8.1 The server: requests and responses, the security checks, _dispatch, the threaded server --------
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -7905,7 +8191,7 @@ class WebConfig:
     timeout_s: float = REQUEST_TIMEOUT_S
     deadline_s: float = REQUEST_DEADLINE_S
     max_threads: int = MAX_HANDLER_THREADS
-    peers: tuple[Peer, ...] = ()  # clare.toml's peers as read at start: a later typo there never breaks a poll
+    peers: Sequence[Peer] = ()  # clare.toml's peers: under serve a PeerBook, read again as the file changes
     config_path: str = ""  # clare.toml, read again where a service needs settings (starting a session)
     settings: Any = None  # clare.toml as read at start: peer tokens, [hosts.NAME] ssh
     contacts: PeerContacts = dataclasses.field(default_factory=PeerContacts)  # sync requests from peers
@@ -7934,6 +8220,24 @@ def same_secret(given: str | None, expected: str) -> bool:
 def is_loopback(host: str) -> bool:
     """Tell whether binding `host` keeps the server on this machine."""
     return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def announce_url(bind_host: str, url: str, settings: dict[str, Any], *, path: str = "clare.toml") -> str | None:
+    """Return the URL to announce: announce_url in clare.toml, else the bound one; None for loopback or all addresses.
+
+    A loopback URL would name each reader's own host, and 0.0.0.0 names no host at all.
+    """
+    said = settings.get("announce_url")
+    if said is not None:
+        if said == "":
+            return None  # announce_url = "": announce nothing
+        try:
+            return check_peer(said).url
+        except ClareError as err:
+            raise UsageError(f"{path}: announce_url: {err}") from err
+    if is_loopback(bind_host) or bind_host in WILDCARD_HOSTS:
+        return None
+    return url
 
 
 def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: str = DEFAULT_HOST,
@@ -8160,8 +8464,8 @@ def check_auth(config: WebConfig, path: str, headers: dict[str, str]) -> None:
     """Require the bearer token or the login cookie on every path but the public ones."""
     if is_public(path) or is_authenticated(config, headers):
         return
-    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or log in once with the "
-                         "URL that 'clare serve' printed (the token is in clare.toml)",
+    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or open the login URL "
+                         "that 'clare serve' printed (the token is in clare.toml)",
                     headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
 
 
@@ -8369,6 +8673,9 @@ def _head_is_authenticated(config: WebConfig, head: bytes) -> bool:
 
 
 def _define_server() -> type:
+    # One piece on purpose (165 lines): its three classes subclass http.server's, which is imported here
+    # only, on the first bind (an import of 15 ms that no CLI command should pay), and they share the
+    # server's state (connection pool, busy count, thread slots). Split, they would each re-import it.
     import selectors
     import socket
     import threading
@@ -8742,7 +9049,18 @@ def run_server(server: Any, *, on_start: Callable[[], None] | None = None) -> No
         server.server_close()
 
 
-# --- HTML building blocks -------------------------------------------------
+def page_login(req: Request) -> Response:
+    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie; without one, ask for it."""
+    config = req.config
+    given = req.arg("token")
+    if config.token is None or not same_secret(given, config.token):  # the 401 page carries the login form
+        raise HttpError(401, f"{'wrong' if given else 'this Clare needs its'} token; open the login URL that "
+                             "'clare serve' printed, or paste the token (the token line of clare.toml)")
+    cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
+    return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
+
+
+# --- 8.2 The HTML kit: render and Html, the page around every view, the stylesheet, the script -------
 
 _ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"})
 
@@ -9159,8 +9477,6 @@ PAGE_ERROR = string.Template("""<!doctype html>
 """)
 
 
-# --- dashboard pages and their htmx fragments -----------------------------
-
 PAGE_CACHE_TTL_S = 2.0  # "5m ago" and transcript activity move without events: serve a page this long at most
 MAX_CACHED_PAGES = 256  # by URL; a flood of distinct query strings empties the cache, never grows it
 _PAGE_CACHE: dict[tuple[str, str], tuple[int, float, Response]] = {}  # (db, url) -> (log head, built at, page)
@@ -9195,7 +9511,7 @@ def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Respon
     return answer
 
 
-# --- text formatters, shared by the dashboard and the CLI ----------------------------------
+# Text formatters, shared by the dashboard and the CLI.
 
 def short_text(text: str, width: int) -> str:
     """Return text on one line, cut to `width` characters with an ellipsis."""
@@ -9218,6 +9534,23 @@ def ago_text(at: str | None, now: int) -> str:
     """Say how long ago an ISO time was ('2.0 min ago', 'just now'), or 'never' when unknown."""
     return _ago_ms(_iso_to_ms(at), now)
 
+
+def get_static(req: Request) -> Response:
+    """Serve the stylesheet, or a vendored file from static/, with a year-long cache (the URL carries its version)."""
+    name = req.params["name"]
+    kind = STATIC_TYPES.get(os.path.splitext(name)[1])
+    path = os.path.join(STATIC_DIR, name)
+    if kind is not None and name in STATIC_MEMORY:
+        body = STATIC_MEMORY[name]
+    elif kind is None or not os.path.isfile(path):
+        raise NotFound(f"no static file {name!r}")
+    else:
+        with open(path, "rb") as f:
+            body = f.read()
+    return Response(200, body, kind, (("Cache-Control", "public, max-age=31536000, immutable"),))
+
+
+# --- 8.3 The pages and their htmx fragments: dashboard, projects, tasks, needs, sessions, broadcast, peers ---
 
 TASK_COLORS = {"todo": "gray", "in_progress": "blue", "blocked": "orange", "done": "green"}
 PROJECT_COLORS = {"active": "blue", "paused": "amber", "done": "green"}
@@ -10376,7 +10709,7 @@ def frag_peers(req: Request) -> Response:
     return html_response(peers_fragment(req))
 
 
-# --- JSON API: the handlers of the services, derived from their declarations ---------------------
+# --- 8.4 The JSON API: the handlers derived from the declared services, a few others, OpenAPI ---------
 
 
 def _event_json(ev: Event) -> dict[str, Any]:
@@ -10497,33 +10830,7 @@ def api_list_events(req: Request) -> Response:
                           "has_more": page.has_more})
 
 
-def get_static(req: Request) -> Response:
-    """Serve the stylesheet, or a vendored file from static/, with a year-long cache (the URL carries its version)."""
-    name = req.params["name"]
-    kind = STATIC_TYPES.get(os.path.splitext(name)[1])
-    path = os.path.join(STATIC_DIR, name)
-    if kind is not None and name in STATIC_MEMORY:
-        body = STATIC_MEMORY[name]
-    elif kind is None or not os.path.isfile(path):
-        raise NotFound(f"no static file {name!r}")
-    else:
-        with open(path, "rb") as f:
-            body = f.read()
-    return Response(200, body, kind, (("Cache-Control", "public, max-age=31536000, immutable"),))
-
-
-def page_login(req: Request) -> Response:
-    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie; without one, ask for it."""
-    config = req.config
-    given = req.arg("token")
-    if config.token is None or not same_secret(given, config.token):  # the 401 page carries the login form
-        raise HttpError(401, f"{'wrong' if given else 'this Clare needs its'} token; open the login URL that "
-                             "'clare serve' printed, or paste the token (the token line of clare.toml)")
-    cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
-    return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
-
-
-# --- OpenAPI --------------------------------------------------------------
+# The OpenAPI document.
 
 _PRIMITIVES = {str: "string", int: "integer", bool: "boolean", float: "number", dict: "object", list: "array",
                tuple: "array"}
@@ -10646,7 +10953,8 @@ _OPEN_API_EXTRA_SCHEMAS.update({
                        machine_id=["string", "null"], last_ok_ms=["integer", "null"], last_try_ms=["integer", "null"],
                        last_error=["string", "null"], n_failures="integer", n_behind=["integer", "null"],
                        offset_ms=["integer", "null"], n_pulled="integer", n_pushed="integer", is_skewed="boolean",
-                       n_deferred="integer", deferred_reason=["string", "null"]),
+                       n_deferred="integer", deferred_reason=["string", "null"], n_to_push=["integer", "null"],
+                       host_name=["string", "null"]),
 })
 API_DOCS.update({
     ("GET", "/api/v1/sync/events"): ("Sync: the events stored after receipt number `after` (the cursor)",
@@ -10727,7 +11035,7 @@ def api_openapi(req: Request) -> Response:
     return json_response(openapi_document())
 
 
-# --- sync endpoints: thin wrappers over section 7 ---------------------------
+# --- 8.5 The sync endpoints: thin wrappers over section 7 ------------------------------------------------
 
 def sync_get_events(req: Request) -> Response:
     """Page through the log in receipt order for a peer: ?after=RSEQ&limit=N."""
@@ -10767,6 +11075,7 @@ def sync_get_peers(req: Request) -> Response:
     return json_response(list_peers(req.db, req.config.peers))
 
 
+# The routing table: the declared services' routes first, then the others.
 _REF = r"(?P<%s>[^/]+)"
 ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
     (method, re.compile(pattern), handler) for method, pattern, handler in (
@@ -12074,13 +12383,41 @@ def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
-    """Add a peer to clare.toml."""
-    peer = add_peer(ctx.paths.config, args.url, name=args.name, token_env=args.token_env)
-    token = (f"Clare sends it the token in ${peer.token_env}" if peer.token_env else
-             f"Clare sends it this host's own token ($CLARE_TOKEN, else the token line of {ctx.paths.config}); "
-             "give it --token-env VAR if it has another")
-    emit(ctx, peer, f"added peer {peer.name} ({peer.url}) to {ctx.paths.config}; {token}\n"
-                    f"sync now with: clare sync {peer.name}")
+    """Add a peer to clare.toml: a URL, a suggested peer, or every suggested one that takes this host's token."""
+    if args.all_suggested and (args.url or args.name):
+        raise UsageError("--all-suggested adds every suggested peer under its own name: give no url or --name")
+    if not args.all_suggested and not args.url:
+        raise UsageError("give the peer's url (clare peer add http://HOST:8765) or --all-suggested")
+    ref = None if args.all_suggested else args.url
+    is_suggested = ref is None or any(ref in (r["name"], r["url"], r["url"] + "/", r["host"])
+                                      for r in _suggested(ctx, has_token=False))
+    if not is_suggested:
+        peer = add_peer(ctx.paths.config, args.url, name=args.name, token_env=args.token_env)
+        token = (f"Clare sends it the token in ${peer.token_env}" if peer.token_env else
+                 f"Clare sends it this host's own token ($CLARE_TOKEN, else the token line of {ctx.paths.config}); "
+                 "give it --token-env VAR if it has another")
+        emit(ctx, peer, f"added peer {peer.name} ({peer.url}) to {ctx.paths.config}; {token}\n"
+                        f"a running 'clare serve' syncs with it within a second; now: clare sync {peer.name}")
+        return
+    added, skipped = add_suggested_peers(ctx.paths.config, _suggested(ctx), ref, name=args.name,
+                                         token_env=args.token_env)
+    lines = [f"added peer {p.name} ({p.url}) to {ctx.paths.config}" for p in added]
+    lines += [f"not added: {r['reason']}" for r in skipped]
+    if not added and not skipped:
+        lines = ["no suggested peers: every host announced in the log is a peer already (clare peer list)"]
+    elif added:
+        lines.append("a running 'clare serve' syncs with them within a second")
+    if ctx.as_json and ref is not None and added:
+        emit(ctx, added[0], "")
+        return
+    emit(ctx, {"added": [p.to_json() for p in added], "skipped": skipped}, "\n".join(lines))
+
+
+def _suggested(ctx: Context, *, has_token: bool = True) -> list[dict[str, Any]]:
+    """Return the suggested peers; without `has_token`, without reading the token (nor comparing it)."""
+    config = ctx.config
+    return list_suggested_peers(ctx.db, load_peers(config, path=ctx.paths.config),
+                                token=resolve_token(config, path=ctx.paths.config) if has_token else None)
 
 
 def cmd_peer_rm(args: argparse.Namespace, ctx: Context) -> None:
@@ -12088,7 +12425,7 @@ def cmd_peer_rm(args: argparse.Namespace, ctx: Context) -> None:
     peer = remove_peer(ctx.paths.config, args.peer)
     forget_peer_status(ctx.db, peer.url)
     emit(ctx, peer, f"removed peer {peer.name} ({peer.url}) from {ctx.paths.config}; "
-                    "a running 'clare serve' syncs with it until restarted")
+                    "a running 'clare serve' stops syncing with it within a second")
 
 
 def cmd_token(args: argparse.Namespace, ctx: Context) -> None:
@@ -12102,12 +12439,22 @@ def cmd_token(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_peer_list(args: argparse.Namespace, ctx: Context) -> None:
-    """List peers with their last sync, lag, clock offset and last error."""
+    """List peers with their last sync, events to pull and push, clock offset and last error; or suggested peers."""
+    if args.suggested:
+        rows = _suggested(ctx)
+        token = {True: "this host's", False: "its own", None: "unknown"}
+        emit(ctx, rows, lambda: table(("NAME", "URL", "ANNOUNCED BY", "TOKEN"), (
+            (r["name"], r["url"], f"{r['announced_by']} at {r['announced_at'][:19]}", token[r["is_token_shared"]])
+            for r in rows)) + "\nadd them with: clare peer add NAME (or --all-suggested)" if rows else
+             "no suggested peers: every host announced in the log is a peer already")
+        return
     rows = list_peers(ctx.db, load_peers(ctx.config, path=ctx.paths.config))
     now = now_ms()
-    emit(ctx, rows, lambda: table(("NAME", "URL", "LAST SYNC", "BEHIND", "CLOCK", "DEFERRED", "ERROR"), (
-        (r["name"] + ("" if r["is_configured"] else " (not in clare.toml)"), r["url"],
-         _ago_ms(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"], _offset(r["offset_ms"]),
+    emit(ctx, rows, lambda: table(("NAME", "HOST", "URL", "LAST SYNC", "TO PULL", "TO PUSH", "CLOCK", "DEFERRED",
+                                   "ERROR"), (
+        (r["name"] + ("" if r["is_configured"] else " (not in clare.toml)"), r["host_name"] or "", r["url"],
+         _ago_ms(r["last_ok_ms"], now), "" if r["n_behind"] is None else r["n_behind"],
+         "" if r["n_to_push"] is None else r["n_to_push"], _offset(r["offset_ms"]),
          f"{r['n_deferred']}: {short_text(r['deferred_reason'], 70)}" if r["n_deferred"] else "",
          short_text(r["last_error"], 80) + f" ({r['n_failures']} in a row)" if r["last_error"] else "")
         for r in rows)) if rows else "no peers; add one with: clare peer add http://HOST:8765 --name NAME")
@@ -12203,7 +12550,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
         raise Conflict(ctx.db.refusal)
     config = web_config(ctx.paths, settings=ctx.config, host=args.host, port=args.port, log_requests=args.log)
     settings = {**ctx.config, "token": config.token}  # a token made just now goes to peers without token_env
-    peers = [] if args.no_sync else list(config.peers)
+    book = PeerBook(ctx.paths.config, settings, config.peers, overrides={"token": config.token})
+    config = dataclasses.replace(config, peers=book)  # the dashboard's peers follow clare.toml too
     interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
     stop = threading.Event()
@@ -12219,10 +12567,18 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
         else:
             print(f"clare: log in once with {server.url}/login?token=YOUR_TOKEN (the token line of "
                   f"{ctx.paths.config}, or $CLARE_TOKEN)", flush=True)
-        if peers:
-            print(f"clare: syncing with {', '.join(p.name for p in peers)} every {interval_s:g} s", flush=True)
-        start_background_sync(ctx.paths.db, peers, settings, stop=stop, interval_s=interval_s, log=log,
-                              contacts=config.contacts)
+        url = announce_url(config.host, server.url, settings, path=ctx.paths.config)
+        try:
+            if url is not None and announce_host(ctx.db, url, token=config.token, now_ms=now_ms()) is not None:
+                log(f"announced {url} to the fleet as {machine_host_name(ctx.db.machine_id)}: its peers' peers "
+                    "can now offer this host")
+        except ClareError as err:  # serving matters more than being offered: the next start tries again
+            log(f"{url} not announced: {err}")
+        if not args.no_sync:
+            names = ", ".join(p.name for p in book) or "no peer yet (clare peer add URL: used within a second)"
+            print(f"clare: syncing with {names} every {interval_s:g} s", flush=True)
+            start_background_sync(ctx.paths.db, book, stop=stop, interval_s=interval_s, log=log,
+                                  contacts=config.contacts)
         start_background_pull(ctx.paths.db, settings, stop=stop, log=log)
         base_url = str((settings.get("notify") or {}).get("url") or server.url)
         start_background_act(ctx.paths.db, settings, base_url=base_url, stop=stop, log=log)
@@ -12442,18 +12798,25 @@ COMMANDS: list[Command] = [
     Command(("serve",), cmd_serve, "serve the dashboard and the JSON API (alias: web)",
             "clare serve\n  CLARE_TOKEN=$(cat ~/.clare-token) clare serve --host 0.0.0.0 --port 8765", _SERVE_ARGS),
     Command(("web",), cmd_serve, "the same as serve", "clare web --port 9000", _SERVE_ARGS),
-    Command(("peer", "add"), cmd_peer_add, "add a peer to clare.toml",
-            "clare peer add http://10.9.0.2:8765 --name apricot --token-env APRICOT_TOKEN",
-            (arg("url", help="where the peer's 'clare serve' answers"),
-             arg("--name", help="what to call it (default: from the URL's host)"),
-             arg("--token-env", help="environment variable holding its token (default: CLARE_TOKEN)"))),
+    Command(("peer", "add"), cmd_peer_add, "add a peer to clare.toml (a running serve uses it within a second)",
+            "clare peer add http://10.9.0.2:8765 --name apricot --token-env APRICOT_TOKEN\n"
+            "  clare peer add fig            # a suggested peer: see clare peer list --suggested\n"
+            "  clare peer add --all-suggested",
+            (arg("url", nargs="?", help="where the peer's 'clare serve' answers, or a suggested peer's name"),
+             arg("--name", help="what to call it (default: the name it announced, else from the URL's host)"),
+             arg("--token-env", help="environment variable holding its token (default: CLARE_TOKEN)"),
+             arg("--all-suggested", action="store_true",
+                 help="add every suggested peer that takes this host's token (the others are listed, not added)"))),
     Command(("peer", "rm"), cmd_peer_rm, "remove a peer from clare.toml",
             "clare peer rm apricot\n  clare peer rm http://10.9.0.2:8765 --json",
             (arg("peer", help="the name (or url) of a configured peer"),)),
     Command(("token",), cmd_token, "print this host's API token (to a terminal only)",
             "clare token\n  clare token --json"),
-    Command(("peer", "list"), cmd_peer_list, "list peers: last sync, events behind, clock offset, last error",
-            "clare peer list --json"),
+    Command(("peer", "list"), cmd_peer_list,
+            "list peers: last sync, events to pull and to push, clock offset, deferred events, last error",
+            "clare peer list --json\n  clare peer list --suggested   # hosts announced in the log, not peers yet",
+            (arg("--suggested", action="store_true",
+                 help="list the hosts that announced themselves in the log and are not peers here yet"),)),
     Command(("sync",), cmd_sync, "sync once with every peer, or one: pull, then push; print what moved",
             "clare sync\n  clare sync apricot\n  clare sync http://10.9.0.2:8765 --verify",
             (arg("peer", nargs="?", help="a configured peer's name or URL, or any peer's URL"),
