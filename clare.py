@@ -9466,7 +9466,7 @@ LOGIN_FORM = """<form action="/login" method="get"><p><label for="token">Token</
 <input id="token" name="token" type="password" autocomplete="current-password" required size="40">
 <button type="submit">Log in</button></p></form>
 <p>The token is the one in this server's clare.toml (<code>token = ...</code>) or the CLARE_TOKEN it was started
-with; <code>clare serve</code> on a terminal prints a login link that holds it.</p>"""
+with; <code>clare serve</code> on a terminal prints a login URL that holds it.</p>"""
 
 
 PAGE_ERROR = string.Template("""<!doctype html>
