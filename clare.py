@@ -7223,6 +7223,7 @@ class PeerBook(Sequence[Peer]):
         self.settings = settings  # clare.toml as last read well, with the overrides: peer tokens
         self.peers = tuple(peers)  # ... and its peers; swapped whole, so a reader never sees half a list
         self.stamp = _file_stamp(path)  # the file as last read (well or not): a change means read again
+        self.pending: tuple[int, int, int] | None = None  # a change seen once: read when the next look agrees
 
     def __getitem__(self, index: Any) -> Any:
         return self.peers[index]
@@ -7231,9 +7232,12 @@ class PeerBook(Sequence[Peer]):
         return len(self.peers)
 
     def reload(self) -> bool:
-        """Read clare.toml again if it changed; return True if it did. A bad edit raises and keeps the old list."""
+        """Read clare.toml again once a change holds for two looks; return True then. A bad edit raises."""
         stamp = _file_stamp(self.path)
         if stamp == self.stamp:
+            return False
+        if stamp != self.pending:  # maybe caught mid-write (an editor truncates, then writes): look again first
+            self.pending = stamp
             return False
         self.stamp = stamp
         settings = {**load_config(self.path), **self.overrides}
