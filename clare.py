@@ -12381,7 +12381,7 @@ def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
                  f"Clare sends it this host's own token ($CLARE_TOKEN, else the token line of {ctx.paths.config}); "
                  "give it --token-env VAR if it has another")
         emit(ctx, peer, f"added peer {peer.name} ({peer.url}) to {ctx.paths.config}; {token}\n"
-                        f"a running 'clare serve' syncs with it within a second; now: clare sync {peer.name}")
+                        f"a running 'clare serve' syncs with it within two seconds; now: clare sync {peer.name}")
         return
     added, skipped = add_suggested_peers(ctx.paths.config, _suggested(ctx), ref, name=args.name,
                                          token_env=args.token_env)
@@ -12390,7 +12390,7 @@ def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
     if not added and not skipped:
         lines = ["no suggested peers: every host announced in the log is a peer already (clare peer list)"]
     elif added:
-        lines.append("a running 'clare serve' syncs with them within a second")
+        lines.append("a running 'clare serve' syncs with them within two seconds")
     if ctx.as_json and ref is not None and added:
         emit(ctx, added[0], "")
         return
@@ -12409,7 +12409,7 @@ def cmd_peer_rm(args: argparse.Namespace, ctx: Context) -> None:
     peer = remove_peer(ctx.paths.config, args.peer)
     forget_peer_status(ctx.db, peer.url)
     emit(ctx, peer, f"removed peer {peer.name} ({peer.url}) from {ctx.paths.config}; "
-                    "a running 'clare serve' stops syncing with it within a second")
+                    "a running 'clare serve' stops syncing with it within two seconds")
 
 
 def cmd_token(args: argparse.Namespace, ctx: Context) -> None:
@@ -12559,7 +12559,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
         except ClareError as err:  # serving matters more than being offered: the next start tries again
             log(f"{url} not announced: {err}")
         if not args.no_sync:
-            names = ", ".join(p.name for p in book) or "no peer yet (clare peer add URL: used within a second)"
+            names = ", ".join(p.name for p in book) or "no peer yet (clare peer add URL: used within two seconds)"
             print(f"clare: syncing with {names} every {interval_s:g} s", flush=True)
             start_background_sync(ctx.paths.db, book, stop=stop, interval_s=interval_s, log=log,
                                   contacts=config.contacts)
@@ -12782,7 +12782,7 @@ COMMANDS: list[Command] = [
     Command(("serve",), cmd_serve, "serve the dashboard and the JSON API (alias: web)",
             "clare serve\n  CLARE_TOKEN=$(cat ~/.clare-token) clare serve --host 0.0.0.0 --port 8765", _SERVE_ARGS),
     Command(("web",), cmd_serve, "the same as serve", "clare web --port 9000", _SERVE_ARGS),
-    Command(("peer", "add"), cmd_peer_add, "add a peer to clare.toml (a running serve uses it within a second)",
+    Command(("peer", "add"), cmd_peer_add, "add a peer to clare.toml (a running serve uses it within two seconds)",
             "clare peer add http://10.9.0.2:8765 --name apricot --token-env APRICOT_TOKEN\n"
             "  clare peer add fig            # a suggested peer: see clare peer list --suggested\n"
             "  clare peer add --all-suggested",
