@@ -8,17 +8,31 @@ converge to the same state.
 
     python3 clare.py --help
 
-Sections (each uses only the ones above it):
+Sections, top to bottom. Each uses only the names of the sections above it and its own
+(tests/test_shape.py checks that with symtable). Each section opens with a banner: # N. Title: what it owns.
     1. Constants and errors
+         the vocabulary (statuses, states, sources, results), the limits, the error family, paths, the token
     2. HLC
+         hybrid logical clock values, their text form, tick and merge
     3. Event store
+         schema, migrations, append, query: the only code that writes `events`; SQL lives in 3 and 4 only
     4. Projections
+         the tables derived from the log, their appliers (APPLIERS), replay and queries
     5. Services
+         every business rule: validate, then one transaction; get_ / list_ queries
     6. Fleet
+         Claude Code in tmux panes: discovery, states, hooks, broadcast delivery
     7. Sync
+         the peer protocol and client, orders to other hosts; then the services declared once
+         (class Services: each method's @api or @here) and their remote twin, RemoteServices
     8. HTTP
+         8.1 the server (requests, the security checks, _dispatch); 8.2 the HTML kit (render, the page,
+         the stylesheet and script); 8.3 the pages and their htmx fragments; 8.4 the JSON API (derived
+         from the declared services) and OpenAPI; 8.5 the sync endpoints; then ROUTES
     9. CLI
+         the argparse tree built from COMMANDS, handlers and text output
     10. main
+         parse, dispatch, and turn errors into one line and an exit code
 """
 
 import argparse
@@ -8111,8 +8125,10 @@ def _query_pairs(w: Wire, value: Any, *, max_int: int) -> list[tuple[str, str]]:
 
 
 # ==========================================================================
-# 8. HTTP: routing table, HTML templates, JSON API and sync endpoints.
+# 8. HTTP: the server, the HTML kit, the pages, the JSON API and OpenAPI, the sync endpoints, ROUTES.
 # ==========================================================================
+
+# --- 8.1 The server: requests and responses, the security checks, _dispatch, the threaded server --------
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -8452,8 +8468,8 @@ def check_auth(config: WebConfig, path: str, headers: dict[str, str]) -> None:
     """Require the bearer token or the login cookie on every path but the public ones."""
     if is_public(path) or is_authenticated(config, headers):
         return
-    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or log in once with the "
-                         "URL that 'clare serve' printed (the token is in clare.toml)",
+    raise HttpError(401, "missing or wrong token; send 'Authorization: Bearer TOKEN', or open the login URL "
+                         "that 'clare serve' printed (the token is in clare.toml)",
                     headers=(("WWW-Authenticate", 'Bearer realm="clare"'),))
 
 
@@ -8661,6 +8677,9 @@ def _head_is_authenticated(config: WebConfig, head: bytes) -> bool:
 
 
 def _define_server() -> type:
+    # One piece on purpose (165 lines): its three classes subclass http.server's, which is imported here
+    # only, on the first bind (an import of 15 ms that no CLI command should pay), and they share the
+    # server's state (connection pool, busy count, thread slots). Split, they would each re-import it.
     import selectors
     import socket
     import threading
@@ -9034,7 +9053,18 @@ def run_server(server: Any, *, on_start: Callable[[], None] | None = None) -> No
         server.server_close()
 
 
-# --- HTML building blocks -------------------------------------------------
+def page_login(req: Request) -> Response:
+    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie; without one, ask for it."""
+    config = req.config
+    given = req.arg("token")
+    if config.token is None or not same_secret(given, config.token):  # the 401 page carries the login form
+        raise HttpError(401, f"{'wrong' if given else 'this Clare needs its'} token; open the login URL that "
+                             "'clare serve' printed, or paste the token (the token line of clare.toml)")
+    cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
+    return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
+
+
+# --- 8.2 The HTML kit: render and Html, the page around every view, the stylesheet, the script -------
 
 _ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"})
 
@@ -9451,8 +9481,6 @@ PAGE_ERROR = string.Template("""<!doctype html>
 """)
 
 
-# --- dashboard pages and their htmx fragments -----------------------------
-
 PAGE_CACHE_TTL_S = 2.0  # "5m ago" and transcript activity move without events: serve a page this long at most
 MAX_CACHED_PAGES = 256  # by URL; a flood of distinct query strings empties the cache, never grows it
 _PAGE_CACHE: dict[tuple[str, str], tuple[int, float, Response]] = {}  # (db, url) -> (log head, built at, page)
@@ -9487,7 +9515,7 @@ def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Respon
     return answer
 
 
-# --- text formatters, shared by the dashboard and the CLI ----------------------------------
+# Text formatters, shared by the dashboard and the CLI.
 
 def short_text(text: str, width: int) -> str:
     """Return text on one line, cut to `width` characters with an ellipsis."""
@@ -9510,6 +9538,23 @@ def ago_text(at: str | None, now: int) -> str:
     """Say how long ago an ISO time was ('2.0 min ago', 'just now'), or 'never' when unknown."""
     return _ago_ms(_iso_to_ms(at), now)
 
+
+def get_static(req: Request) -> Response:
+    """Serve the stylesheet, or a vendored file from static/, with a year-long cache (the URL carries its version)."""
+    name = req.params["name"]
+    kind = STATIC_TYPES.get(os.path.splitext(name)[1])
+    path = os.path.join(STATIC_DIR, name)
+    if kind is not None and name in STATIC_MEMORY:
+        body = STATIC_MEMORY[name]
+    elif kind is None or not os.path.isfile(path):
+        raise NotFound(f"no static file {name!r}")
+    else:
+        with open(path, "rb") as f:
+            body = f.read()
+    return Response(200, body, kind, (("Cache-Control", "public, max-age=31536000, immutable"),))
+
+
+# --- 8.3 The pages and their htmx fragments: dashboard, projects, tasks, needs, sessions, broadcast, peers ---
 
 TASK_COLORS = {"todo": "gray", "in_progress": "blue", "blocked": "orange", "done": "green"}
 PROJECT_COLORS = {"active": "blue", "paused": "amber", "done": "green"}
@@ -10668,7 +10713,7 @@ def frag_peers(req: Request) -> Response:
     return html_response(peers_fragment(req))
 
 
-# --- JSON API: the handlers of the services, derived from their declarations ---------------------
+# --- 8.4 The JSON API: the handlers derived from the declared services, a few others, OpenAPI ---------
 
 
 def _event_json(ev: Event) -> dict[str, Any]:
@@ -10789,33 +10834,7 @@ def api_list_events(req: Request) -> Response:
                           "has_more": page.has_more})
 
 
-def get_static(req: Request) -> Response:
-    """Serve the stylesheet, or a vendored file from static/, with a year-long cache (the URL carries its version)."""
-    name = req.params["name"]
-    kind = STATIC_TYPES.get(os.path.splitext(name)[1])
-    path = os.path.join(STATIC_DIR, name)
-    if kind is not None and name in STATIC_MEMORY:
-        body = STATIC_MEMORY[name]
-    elif kind is None or not os.path.isfile(path):
-        raise NotFound(f"no static file {name!r}")
-    else:
-        with open(path, "rb") as f:
-            body = f.read()
-    return Response(200, body, kind, (("Cache-Control", "public, max-age=31536000, immutable"),))
-
-
-def page_login(req: Request) -> Response:
-    """Trade the token in ?token= for an HttpOnly, SameSite=Strict login cookie; without one, ask for it."""
-    config = req.config
-    given = req.arg("token")
-    if config.token is None or not same_secret(given, config.token):  # the 401 page carries the login form
-        raise HttpError(401, f"{'wrong' if given else 'this Clare needs its'} token; open the login URL that "
-                             "'clare serve' printed, or paste the token (the token line of clare.toml)")
-    cookie = f"{LOGIN_COOKIE}={config.login_cookie}; HttpOnly; SameSite=Strict; Path=/; Max-Age=31536000"
-    return Response(303, b"", "text/plain", (("Location", "/"), ("Set-Cookie", cookie)))
-
-
-# --- OpenAPI --------------------------------------------------------------
+# The OpenAPI document.
 
 _PRIMITIVES = {str: "string", int: "integer", bool: "boolean", float: "number", dict: "object", list: "array",
                tuple: "array"}
@@ -11020,7 +11039,7 @@ def api_openapi(req: Request) -> Response:
     return json_response(openapi_document())
 
 
-# --- sync endpoints: thin wrappers over section 7 ---------------------------
+# --- 8.5 The sync endpoints: thin wrappers over section 7 ------------------------------------------------
 
 def sync_get_events(req: Request) -> Response:
     """Page through the log in receipt order for a peer: ?after=RSEQ&limit=N."""
@@ -11060,6 +11079,7 @@ def sync_get_peers(req: Request) -> Response:
     return json_response(list_peers(req.db, req.config.peers))
 
 
+# The routing table: the declared services' routes first, then the others.
 _REF = r"(?P<%s>[^/]+)"
 ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
     (method, re.compile(pattern), handler) for method, pattern, handler in (

@@ -7,15 +7,17 @@ import pytest
 import clare
 from test_sync import Node
 
+TOKEN = "token-of-the-other-host-" + "t" * 16
+
 
 @pytest.fixture
 def serve_file(tmp_path):
-    """Serve another host's database file on 127.0.0.1 (no token); return its URL."""
+    """Serve another host's database file on 127.0.0.1 with this home's token (a fleet shares one); return its URL."""
     started = []
 
     def start(db_path) -> str:
         paths = clare.Paths(db=str(db_path), config=str(tmp_path / "other.toml"))
-        server = clare.make_server(clare.web_config(paths, host="127.0.0.1", port=0, env={}))
+        server = clare.make_server(clare.web_config(paths, host="127.0.0.1", port=0, env={"CLARE_TOKEN": TOKEN}))
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))
@@ -54,7 +56,8 @@ def test_a_name_made_on_two_hosts_is_reported_by_project_list_and_the_dashboard_
     a.db.close()
 
 
-def test_sync_says_so_when_a_round_brings_a_second_project_of_one_name(home, cli, tmp_path, serve_file):
+def test_sync_says_so_when_a_round_brings_a_second_project_of_one_name(home, cli, tmp_path, serve_file, monkeypatch):
+    monkeypatch.setenv("CLARE_TOKEN", TOKEN)  # the other host's token, which this CLI sends
     assert cli("project", "new", "alpha").code == 0
     b = clare.open_db(str(tmp_path / "b.db"), machine_id="b")
     clare.create_project(b, "alpha", now_ms=clare.now_ms())

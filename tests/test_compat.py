@@ -60,11 +60,14 @@ PROJECT_ID = "9788d74f72974a4da6c862b42c10c759"  # alpha
 SESSION_ID = "f764e834-e6e9-4521-80e4-37089ed05fa8"
 
 
+NOW_MS = clare.now_ms()  # the future events are of a newer version, not of a later time (the clock bounds those)
+
+
 def _future(n: int, event_type: str, payload: dict) -> dict:
     """An event stamped by a newer Clare on host 'tomorrow', after everything in the release log."""
-    return {"uuid": f"f0000000-0000-4000-8000-{n:012d}", "hlc": f"{1_896_281_600_000 + n:013d}.000000.tomorrow",
+    return {"uuid": f"f0000000-0000-4000-8000-{n:012d}", "hlc": f"{NOW_MS - 60_000 + n:013d}.000000.tomorrow",
             "machine_id": "tomorrow", "event_type": event_type, "payload": payload,
-            "created_at": "2030-02-01T00:00:00.000Z"}
+            "created_at": clare.iso_ms(NOW_MS - 60_000 + n)}
 
 
 FUTURE = [

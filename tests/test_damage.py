@@ -8,6 +8,7 @@ import sqlite3
 import pytest
 
 import clare
+from conftest import projection_digest
 from test_sync import Node, fleet  # noqa: F401  (real `clare serve` processes)
 
 
@@ -61,6 +62,7 @@ def test_the_served_mark_is_written_when_a_page_is_served_not_on_every_commit(db
 
 # --- a full disk: a real SQLITE_FULL from PRAGMA max_page_count --------------------------------
 
+TOKEN = "token-of-the-other-host-" + "t" * 16
 BIG = "x" * 12_000  # a description that needs new pages: at the page limit it cannot be stored
 FULL_LINE = re.compile(r"\Aclare: error: the disk is full \(\d+ bytes free at [^)]+\); free space and retry — "
                        r"nothing was lost\n\Z")
@@ -81,7 +83,7 @@ def full_disk(monkeypatch):
 
 
 def _state(db: clare.Db) -> tuple:
-    return clare.count_events(db), clare.projection_digest(db), db.conn.execute(
+    return clare.count_events(db), projection_digest(db), db.conn.execute(
         "SELECT * FROM sync_cursors ORDER BY 1, 2").fetchall()
 
 
@@ -97,7 +99,8 @@ def test_a_full_disk_refuses_a_write_in_one_plain_line_and_reads_still_work(db, 
     assert cli("replay").code == 0 and _state(db) == before
 
 
-def test_a_full_disk_during_sync_says_so_and_stores_no_part_of_the_page(db, cli, tmp_path, full_disk):
+def test_a_full_disk_during_sync_says_so_and_stores_no_part_of_the_page(db, cli, tmp_path, full_disk, monkeypatch):
+    monkeypatch.setenv("CLARE_TOKEN", TOKEN)  # the other host's token, which this CLI sends
     other = full_disk(str(tmp_path / "b.db"), machine_id="b")
     clare.create_project(other, "alpha", goal=BIG, now_ms=clare.now_ms())
     other.close()
@@ -129,7 +132,7 @@ class _Served(str):
 def _serve(db_path, tmp_path) -> _Served:
     import threading
     paths = clare.Paths(db=str(db_path), config=str(tmp_path / "other.toml"))
-    server = clare.make_server(clare.web_config(paths, host="127.0.0.1", port=0, env={}))
+    server = clare.make_server(clare.web_config(paths, host="127.0.0.1", port=0, env={"CLARE_TOKEN": TOKEN}))
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     url = _Served(f"http://127.0.0.1:{server.config.port}")
     url.server = server

@@ -3,6 +3,8 @@
 import socket
 import time
 
+import pytest
+
 import clare
 from test_sync import fleet  # noqa: F401  (the fixture of three real `clare serve` processes)
 
@@ -27,23 +29,24 @@ def _wait(predicate, *, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+@pytest.mark.slow
 def test_a_peer_that_contacts_us_again_ends_our_backoff_toward_it(fleet):  # noqa: F811
     a, b = fleet("a", "b")
     port = _free_port()
     b.serve("--no-sync", "--port", str(port))
-    (a.home / "clare.toml").write_text("[sync]\ninterval_s = 3\n")
+    (a.home / "clare.toml").write_text("[sync]\ninterval_s = 10\n")
     a.add_peer(b, token_env="B_TOKEN")
     a.serve()
     _wait(lambda: _peer(a, "b")["last_ok_ms"], timeout=20, what="a's first round with b")
-    b.stop()  # the partition: a fails, and backs off 4.5-7.5 s, then 9-15 s
-    _wait(lambda: _peer(a, "b")["n_failures"] >= 2, timeout=30, what="two failed rounds")
+    b.stop()  # the partition: a's next round fails, and it backs off 15-25 s
+    _wait(lambda: _peer(a, "b")["n_failures"] >= 1, timeout=30, what="a failed round")
     b.proc = b.url = None
     (b.home / "clare.toml").write_text("[sync]\ninterval_s = 0.3\n")
     b.add_peer(a, token_env="A_TOKEN")
     started = time.monotonic()
     b.serve("--port", str(port))  # b is back and syncs with a at once
-    _wait(lambda: _peer(a, "b")["n_failures"] == 0, timeout=6, what="a's own round with b, before its backoff ends")
-    assert time.monotonic() - started < 6
+    _wait(lambda: _peer(a, "b")["n_failures"] == 0, timeout=10, what="a's own round with b, before its backoff ends")
+    assert time.monotonic() - started < 10
     assert "sync with b: it contacted this host, trying again now" in a.stop()
     b.stop()
 

@@ -54,7 +54,7 @@ def test_a_service_of_this_host_only_is_refused_remotely_in_one_line(name):
 
 def test_a_routed_service_answers_over_http_exactly_what_it_returns_locally(serve, db):
     server = serve()
-    remote = clare.RemoteServices(server.url)
+    remote = clare.RemoteServices(server.url, token=server.token)
     local = clare.Services(db)
     project = remote.create_project("alpha", goal="ship")
     task = remote.create_task("alpha", "parse", priority=1, tags=["lexer"])
