@@ -7237,6 +7237,7 @@ class PeerBook(Sequence[Peer]):
         self.settings = settings  # clare.toml as last read well, with the overrides: peer tokens
         self.peers = tuple(peers)  # ... and its peers; swapped whole, so a reader never sees half a list
         self.stamp = _file_stamp(path)  # the file as last read (well or not): a change means read again
+        self.pending: tuple[int, int, int] | None = None  # a change seen once: read when the next look agrees
 
     def __getitem__(self, index: Any) -> Any:
         return self.peers[index]
@@ -7245,9 +7246,12 @@ class PeerBook(Sequence[Peer]):
         return len(self.peers)
 
     def reload(self) -> bool:
-        """Read clare.toml again if it changed; return True if it did. A bad edit raises and keeps the old list."""
+        """Read clare.toml again once a change holds for two looks; return True then. A bad edit raises."""
         stamp = _file_stamp(self.path)
         if stamp == self.stamp:
+            return False
+        if stamp != self.pending:  # maybe caught mid-write (an editor truncates, then writes): look again first
+            self.pending = stamp
             return False
         self.stamp = stamp
         settings = {**load_config(self.path), **self.overrides}
@@ -12397,7 +12401,7 @@ def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
                  f"Clare sends it this host's own token ($CLARE_TOKEN, else the token line of {ctx.paths.config}); "
                  "give it --token-env VAR if it has another")
         emit(ctx, peer, f"added peer {peer.name} ({peer.url}) to {ctx.paths.config}; {token}\n"
-                        f"a running 'clare serve' syncs with it within a second; now: clare sync {peer.name}")
+                        f"a running 'clare serve' syncs with it within two seconds; now: clare sync {peer.name}")
         return
     added, skipped = add_suggested_peers(ctx.paths.config, _suggested(ctx), ref, name=args.name,
                                          token_env=args.token_env)
@@ -12406,7 +12410,7 @@ def cmd_peer_add(args: argparse.Namespace, ctx: Context) -> None:
     if not added and not skipped:
         lines = ["no suggested peers: every host announced in the log is a peer already (clare peer list)"]
     elif added:
-        lines.append("a running 'clare serve' syncs with them within a second")
+        lines.append("a running 'clare serve' syncs with them within two seconds")
     if ctx.as_json and ref is not None and added:
         emit(ctx, added[0], "")
         return
@@ -12425,7 +12429,7 @@ def cmd_peer_rm(args: argparse.Namespace, ctx: Context) -> None:
     peer = remove_peer(ctx.paths.config, args.peer)
     forget_peer_status(ctx.db, peer.url)
     emit(ctx, peer, f"removed peer {peer.name} ({peer.url}) from {ctx.paths.config}; "
-                    "a running 'clare serve' stops syncing with it within a second")
+                    "a running 'clare serve' stops syncing with it within two seconds")
 
 
 def cmd_token(args: argparse.Namespace, ctx: Context) -> None:
@@ -12575,7 +12579,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
         except ClareError as err:  # serving matters more than being offered: the next start tries again
             log(f"{url} not announced: {err}")
         if not args.no_sync:
-            names = ", ".join(p.name for p in book) or "no peer yet (clare peer add URL: used within a second)"
+            names = ", ".join(p.name for p in book) or "no peer yet (clare peer add URL: used within two seconds)"
             print(f"clare: syncing with {names} every {interval_s:g} s", flush=True)
             start_background_sync(ctx.paths.db, book, stop=stop, interval_s=interval_s, log=log,
                                   contacts=config.contacts)
@@ -12798,7 +12802,7 @@ COMMANDS: list[Command] = [
     Command(("serve",), cmd_serve, "serve the dashboard and the JSON API (alias: web)",
             "clare serve\n  CLARE_TOKEN=$(cat ~/.clare-token) clare serve --host 0.0.0.0 --port 8765", _SERVE_ARGS),
     Command(("web",), cmd_serve, "the same as serve", "clare web --port 9000", _SERVE_ARGS),
-    Command(("peer", "add"), cmd_peer_add, "add a peer to clare.toml (a running serve uses it within a second)",
+    Command(("peer", "add"), cmd_peer_add, "add a peer to clare.toml (a running serve uses it within two seconds)",
             "clare peer add http://10.9.0.2:8765 --name apricot --token-env APRICOT_TOKEN\n"
             "  clare peer add fig            # a suggested peer: see clare peer list --suggested\n"
             "  clare peer add --all-suggested",

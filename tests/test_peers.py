@@ -148,3 +148,4 @@ def test_an_upgrade_rebuilds_the_projections_and_a_crash_before_that_does_it_at_
         assert db.conn.execute("SELECT count(*) FROM meta WHERE key = 'needs_replay'").fetchone()[0] == 0
     finally:
         db.close()
+
