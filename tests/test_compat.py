@@ -62,9 +62,11 @@ SESSION_ID = "f764e834-e6e9-4521-80e4-37089ed05fa8"
 
 def _future(n: int, event_type: str, payload: dict) -> dict:
     """An event stamped by a newer Clare on host 'tomorrow', after everything in the release log."""
-    return {"uuid": f"f0000000-0000-4000-8000-{n:012d}", "hlc": f"{1_896_281_600_000 + n:013d}.000000.tomorrow",
+    # Just after the release log's last event, not years ahead: a peer holds back (defers) an event
+    # stamped beyond its now + MAX_OFFSET (#19), and this test is about unknown types, not clocks.
+    return {"uuid": f"f0000000-0000-4000-8000-{n:012d}", "hlc": f"{1_796_281_600_000 + n:013d}.000000.tomorrow",
             "machine_id": "tomorrow", "event_type": event_type, "payload": payload,
-            "created_at": "2030-02-01T00:00:00.000Z"}
+            "created_at": "2026-12-03T06:26:40.000Z"}
 
 
 FUTURE = [
