@@ -49,3 +49,12 @@ def test_make_test_fast_leaves_out_the_slow_tests_and_make_test_lints_first():
                         "-m", "not slow", "tests/test_bench.py"], capture_output=True, text=True, timeout=120,
                        cwd=ROOT)
     assert "1 deselected" in p.stdout, p.stdout
+
+
+def test_the_ci_entry_parses_and_no_tracked_file_holds_a_merge_conflict():
+    assert subprocess.run(["bash", "-n", str(ROOT / ".ci" / "run")], capture_output=True).returncode == 0
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    marked = [f for f in files if (ROOT / f).suffix not in (".db", ".png")
+              and any(line.startswith(("<<<<<<< ", ">>>>>>> ")) for line in
+                      (ROOT / f).read_text(errors="replace").splitlines())]
+    assert marked == []
