@@ -12029,7 +12029,11 @@ def cmd_update(args: argparse.Namespace, ctx: Context) -> None:
         if not pane_id:
             raise UsageError("not inside a tmux pane; name the task: clare update TASK TEXT")
         socket = os.environ.get("TMUX", "").split(",")[0] or None
-        u = ctx.svc.post_update(args.task, pane=(socket, pane_id), is_done=args.done)
+        try:
+            u = ctx.svc.post_update(args.task, pane=(socket, pane_id), is_done=args.done)
+        except NotFound:  # Claude runs here before any pull saw it (a session just started): look once, ask again
+            ctx.svc.pull_fleet(config=ctx.config)
+            u = ctx.svc.post_update(args.task, pane=(socket, pane_id), is_done=args.done)
     emit(ctx, u, f"{'done' if args.done else 'noted on'} task {(u.task_id or '-')[:SHORT_ID]}: "
                  f"{short_text(u.text, 70)}")
 
