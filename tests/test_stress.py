@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, require
 
 STRESS_PY = ROOT / "bench" / "stress.py"
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
@@ -19,10 +19,7 @@ FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 def _needs(case: str) -> None:
     missing = {"diskfull": "root (a tmpfs)" if os.geteuid() != 0 else None,
                "clock": "libfaketime (apt-get install faketime)" if not os.path.exists(FAKETIME_LIB) else None}
-    if missing.get(case):
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the {case} stress case needs {missing[case]}")
-        pytest.skip(f"needs {missing[case]}")
+    require(not missing.get(case), f"what the {case} stress case needs", str(missing.get(case)))
 
 
 @pytest.mark.slow
