@@ -4,14 +4,18 @@ With the fake Claude in a real private tmux server (the `fleet` fixture of test_
 seeded multi-host simulation of test_sync's links, and the project page in Chromium.
 """
 
+import contextlib
 import json
 import os
+import random
 import subprocess
+import uuid
 
 import pytest
 
 import clare
-from conftest import wait_for
+from conftest import seeds, wait_for
+from test_sync import Sim, _crashing, assert_converged
 from test_dispatch import fleet, received, set_config, write_claude  # noqa: F401  (fixtures and helpers)
 
 
@@ -162,3 +166,143 @@ def test_only_the_dispatcher_host_dispatches(cli, fleet, home, db, tmp_path):  #
     cli("pull")
     assert clare.list_orders(db) == []
     assert not (fleet.claude_dir / "fake-started.jsonl").exists()
+
+
+# --- decided once: the seeded multi-host simulation -----------------------------------------------------
+
+class DispatchSim(Sim):
+    """Hosts that add tasks, run the dispatch round, carry out their orders and finish tasks, over lossy links.
+
+    Each host's Claude sessions are simulated at the process boundary Clare observes (observe_sessions);
+    carrying out an order records what carry_out would (claimed, then typed / started / refused).
+    """
+
+    def __init__(self, seed: int, tmp, *, changes_dispatcher: bool):
+        super().__init__(seed, tmp)
+        self.random_skews = False  # clocks are test_sync's subject; here: loss, duplication, delay, crashes
+        self.restores = False  # a dispatcher restored from an old backup forgets its dispatches (README: a limit)
+        self.changes_dispatcher = changes_dispatcher
+        self.n_changes = 0
+        self.live: dict[str, dict[str, str]] = {h.name: {} for h in self.hosts}  # host -> session id -> state
+        first, code_host = self.hosts[0], self.hosts[-1]
+        project = clare.create_project(first.db, "api", now_ms=first.now())
+        with clare.write_txn(first.db) as cur:
+            clare.record(first.db, cur, "project.dir_set", {"project_id": project.id, "host": code_host.name,
+                                                            "dir": "/srv/api"}, now_ms=first.now())
+        clare.edit_project(first.db, project.id, dispatch=True, max_sessions=self.rng.randint(1, 3),
+                           now_ms=first.now())
+        self.project_id = project.id
+        self.heal()
+        self.faults_on = True
+
+    def local_op(self, host) -> None:
+        rng, now = self.rng, host.now()
+        op = rng.choice(["task", "task", "dispatch", "dispatch", "carry", "carry", "finish", "finish", "finish"]
+                        + (["dispatcher"] if self.changes_dispatcher else []))
+        try:
+            if op == "task":
+                clare.create_task(host.db, self.project_id, f"t{rng.randrange(1000)}", priority=rng.randrange(5),
+                                  now_ms=now)
+            elif op == "dispatch":
+                clare.dispatch_round(host.db, config={}, now_ms=now)
+            elif op == "carry":
+                self.carry_out(host, now)
+            elif op == "finish":
+                self.finish(host, now)
+            elif op == "dispatcher":
+                with clare.write_txn(host.db) as cur:
+                    clare.record(host.db, cur, "project.updated", {
+                        "project_id": self.project_id, "dispatcher": rng.choice(self.hosts).name}, now_ms=now)
+                self.n_changes += 1
+        except clare.ClareError:
+            pass  # a refusal (a task no longer ready, say) is a normal outcome and leaves no trace
+
+    def observe(self, host, now: int) -> None:
+        clare.observe_sessions(host.db, [clare.Observation(
+            sid, "/srv/api", None, f"api:{k}", f"%{k}", None, "claude", state, now, "", {})
+            for k, (sid, state) in enumerate(sorted(self.live[host.name].items()))], now_ms=now)
+
+    def carry_out(self, host, now: int) -> None:
+        live = self.live[host.name]
+        for order in clare.list_orders(host.db, pending_on=host.name):
+            clare.record_order_result(host.db, order.id, result="claimed", now_ms=now)
+            if order.action == "start":
+                live[order.session_id] = "working"
+                result, reason = "started", ""
+            elif live.get(order.session_id) == "waiting" and self.rng.random() < 0.8:
+                live[order.session_id] = "working"
+                result, reason = "typed", ""
+            else:
+                result, reason = "refused", "composer holds a draft; not typed"
+            clare.record_order_result(host.db, order.id, result=result, reason=reason, now_ms=now)
+        self.observe(host, now)
+
+    def finish(self, host, now: int) -> None:
+        live = self.live[host.name]
+        for sid in [s for s, state in sorted(live.items()) if state == "working"][:1]:
+            for task in clare.list_tasks(host.db, session_id=sid, is_open=True):
+                clare.post_update(host.db, "done", task_ref=task.id, is_done=True, now_ms=now)
+            live[sid] = "waiting"
+        self.observe(host, now)
+
+    def step(self) -> None:
+        rng = self.rng
+        self.t += rng.randrange(0, 4000)
+        r = rng.random()
+        if r < 0.45:
+            self.local_op(rng.choice(self.hosts))
+        elif r < 0.95:
+            self.sync(*rng.choice(sorted(self.links)))
+        elif self.delayed:
+            link, handle, text = self.delayed.pop(rng.randrange(len(self.delayed)))
+            with contextlib.suppress(clare.ClareError):
+                link.serve(handle, json.loads(text))
+
+
+def carried_out_dispatches(db) -> dict[str, list[tuple[str, str]]]:
+    """Return task id -> (placing host, order id) of each dispatch or dispatched start that was carried out."""
+    placed_by = {e.payload["order_id"]: e.machine_id for e in clare.iter_events(db) if e.event_type == "order.placed"}
+    out: dict[str, list[tuple[str, str]]] = {}
+    for o in clare.list_orders(db):
+        if o.request.get("is_dispatch") and o.result in ("typed", "started"):
+            out.setdefault(o.task_id, []).append((placed_by[o.id], o.id))
+    return out
+
+
+def run_dispatch_sim(seed: int, tmp, monkeypatch, *, changes_dispatcher: bool) -> DispatchSim:
+    ids = random.Random(f"ids-{seed}")  # ids from the seed too, so CLARE_SEED replays a run exactly
+    monkeypatch.setattr(clare, "new_uuid", lambda: str(uuid.UUID(int=ids.getrandbits(128), version=4)))
+    sim = DispatchSim(seed, tmp, changes_dispatcher=changes_dispatcher)
+    sim.crash_rate = 0.05  # deaths in the middle of storing a batch
+    monkeypatch.setattr(clare, "receive_events", _crashing(sim, clare.receive_events, when=lambda kw: True))
+    for _ in range(160):
+        sim.step()
+    for _ in range(3):  # after heal every host runs its round and carries out what is left, then heal again
+        sim.heal()
+        for host in sim.hosts:
+            clare.dispatch_round(host.db, config={}, now_ms=host.now())
+        sim.heal()
+        for host in sim.hosts:
+            sim.carry_out(host, host.now())
+    sim.heal()
+    assert_converged(sim)
+    return sim
+
+
+@pytest.mark.parametrize("seed", seeds(30, "dispatch-sim"), ids=lambda s: f"seed={s}")
+def test_at_most_one_carried_out_dispatch_per_task_after_heal_under_loss_and_duplication(seed, tmp_path, monkeypatch):
+    sim = run_dispatch_sim(seed, tmp_path, monkeypatch, changes_dispatcher=False)
+    for host in sim.hosts:
+        twice = {t: d for t, d in carried_out_dispatches(host.db).items() if len(d) > 1}
+        assert not twice, f"{host.name}: tasks dispatched twice: {twice}"
+    assert sum(map(len, carried_out_dispatches(sim.hosts[0].db).values())), "the run dispatched nothing"
+    sim.close()
+
+
+@pytest.mark.parametrize("seed", seeds(30, "dispatch-sim-changes"), ids=lambda s: f"seed={s}")
+def test_a_task_dispatched_twice_only_by_two_hosts_while_the_dispatcher_changed(seed, tmp_path, monkeypatch):
+    sim = run_dispatch_sim(seed, tmp_path, monkeypatch, changes_dispatcher=True)
+    for task_id, done in carried_out_dispatches(sim.hosts[0].db).items():
+        if len(done) > 1:  # the stated exception: each was placed by a host that was the dispatcher it knew of
+            assert sim.n_changes and len({host for host, _ in done}) == len(done), (task_id, done)
+    sim.close()
