@@ -9819,7 +9819,7 @@ PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
 <th class="hide-sm">Sessions</th>
 <th class="hide-sm">Owner</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
-PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a>
+PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a>$dispatch
 <div class="muted small">$goal</div></td>
 <td class="hide-sm">$status</td><td><div class="counts">$counts</div></td>
 <td class="hide-sm"><progress value="$n_done" max="$n_total"
@@ -9862,9 +9862,19 @@ $task_form
 <dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
 </div>
 <div class="grid">
+$dispatch
 <section class="card"><h2>Recent updates</h2>$updates</section>
 <section class="card"><h2>History</h2>$history</section>
 </div>""")
+DISPATCH_CARD = string.Template("""<section class="card" id="dispatch-card"><h2>Dispatch</h2>
+<p>$state</p>
+<form class="row" $attrs>$csrf
+<label class="check wide"><span><input type="checkbox" name="dispatch" value="on"$checked> feed waiting sessions the next
+ready task</span></label>
+<label>Sessions, at most<input type="number" name="max_sessions" min="1" max="$max" value="$n" required></label>
+<label>Dispatcher host<select name="dispatcher">$hosts</select></label>
+<button type="submit">Save</button></form>
+<p class="small muted">$note</p></section>""")
 PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> '
                               '<span class="muted small">on $host</span></div>')
 START_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
@@ -10012,6 +10022,7 @@ def projects_fragment(req: Request) -> Html:
 def _project_row(rollup: ProjectStatus) -> Html:
     p = rollup.project
     return render(PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
+                  dispatch=join([Html(" "), badge("dispatch on", "violet")]) if p.is_dispatching else Html(""),
                   status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
                   counts=join(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
                               for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
@@ -10146,9 +10157,40 @@ def page_project(req: Request) -> Response:
         status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
         dirs=join(render(PROJECT_DIR, path=d, host=h) for h, d in p.dirs.items()) if p.dirs else Html("—"),
-        tasks=tasks_fragment(req, p), task_form=task_form(req, p),
+        tasks=tasks_fragment(req, p), task_form=task_form(req, p), dispatch=dispatch_card(req, p),
         updates=updates_list(updates, empty="No updates on these tasks yet."),
         history=feed(svc.project_history(p, limit=30), empty="No history.")))
+
+
+def dispatch_card(req: Request, project: Project) -> Html:
+    """Render a project's dispatch switch: on or off, how many sessions, and the one host that decides."""
+    here = req.db.machine_id
+    hosts = sorted(set(list_known_hosts(req.db)) | {project.dispatcher or here}, key=lambda h: (h != here, h))
+    if project.is_dispatching:
+        state = (f"On: as a session of {project.name} finishes its task and waits, {project.dispatcher} types the "
+                 f"next ready task into it, and starts sessions while fewer than {project.max_sessions} run.")
+    else:
+        state = "Off: sessions that finish a task wait for you."
+    note = ("Only the dispatcher host dispatches (its clare serve does, every pull). Name another host while that "
+            "one is away; two hosts that each changed it while apart may both dispatch until they sync.")
+    return render(DISPATCH_CARD, state=state, csrf=csrf_field(req), note=note,
+                  attrs=form_attrs(f"/projects/{project.id}/dispatch", target="#dispatch-card"),
+                  checked=Html(" checked" if project.is_dispatching else ""), max=MAX_DISPATCH_SESSIONS,
+                  n=project.max_sessions, hosts=options(((h, h + (" (this host)" if h == here else ""))
+                                                         for h in hosts), project.dispatcher or here))
+
+
+def frag_set_project_dispatch(req: Request) -> Response:
+    """Turn a project's dispatch on or off, with its maximum and dispatcher host, from its card."""
+    f = req.form()
+    p = req.svc.edit_project(req.params["project"], dispatch=f.get("dispatch") == "on",
+                             max_sessions=_form_int(f.get("max_sessions", ""), "at most ... sessions"),
+                             dispatcher=f.get("dispatcher") or None)
+    if not req.is_htmx:
+        return redirect(f"/projects/{p.id}")
+    return html_response(join([dispatch_card(req, p), flash(
+        f"Dispatch for {p.name} is {'on, decided by ' + str(p.dispatcher) if p.is_dispatching else 'off'}.",
+        kind="ok", oob=True)]))
 
 
 def project_head(project: Project, *, oob: bool = False) -> Html:
@@ -11345,6 +11387,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/projects/" + _REF % "project", cached(page_project)),
         ("POST", r"/projects/" + _REF % "project" + "/tasks", frag_add_task),
         ("POST", r"/projects/" + _REF % "project" + "/status", frag_set_project_status),
+        ("POST", r"/projects/" + _REF % "project" + "/dispatch", frag_set_project_dispatch),
         ("GET", r"/tasks/" + _REF % "task", cached(page_task)),
         ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
