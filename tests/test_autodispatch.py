@@ -306,3 +306,46 @@ def test_a_task_dispatched_twice_only_by_two_hosts_while_the_dispatcher_changed(
         if len(done) > 1:  # the stated exception: each was placed by a host that was the dispatcher it knew of
             assert sim.n_changes and len({host for host, _ in done}) == len(done), (task_id, done)
     sim.close()
+
+
+# --- one end-to-end run with the real Claude Code ------------------------------------------------------
+
+@pytest.mark.slow
+def test_real_claude_reports_a_task_done_from_its_pane_and_gets_the_next_one_typed_in():
+    """The real Claude Code 2.1.197 against the mock Messages API: started for the first ready task by
+    dispatch, it runs the `update --done` its description asks for (no dialog: the launcher is allowed),
+    waits, and the next ready task is typed into the same session."""
+    import time
+
+    from test_dispatch_real import RealHost
+
+    host = RealHost(is_trusted=True)
+    try:
+        launcher = host.clare_home / "clare"
+        first, second = (host.clare("task", "add", "real", title, "--prio", prio, "--desc",
+                                    f'BASH:{launcher} update --done "{title}: done"', "--json").json()["id"]
+                         for title, prio in (("make the parser", "1"), ("make the printer", "2")))
+        assert host.clare("project", "set", "real", "--dispatch", "on").code == 0
+        r = host.clare("pull")
+        assert r.code == 0, r.err
+        [start] = json.loads(host.clare("session", "orders", "--json").out)
+        assert (start["action"], start["result"], start["task_id"]) == ("start", "started", first), start
+        sid = start["session_id"]
+        deadline = time.monotonic() + 120
+        while len(host.api.prompts()) < 2 or host.clare("task", "show", second, "--json").json()["status"] != "done":
+            assert time.monotonic() < deadline, "prompts so far: " + repr(host.api.prompts())
+            host.clare("pull")  # serve's loop does this every second
+            time.sleep(0.5)
+        prompts = host.api.prompts()
+        assert prompts[0].startswith("make the parser\n\nBASH:")
+        assert prompts[1].startswith("make the printer\n\nBASH:")  # typed in after the first was done
+        orders = json.loads(host.clare("session", "orders", "--json").out)
+        dispatch = next(o for o in orders if o["action"] == "dispatch")
+        assert (dispatch["result"], dispatch["session_id"], dispatch["task_id"]) == ("typed", sid, second), dispatch
+        for task_id, title in ((first, "make the parser"), (second, "make the printer")):
+            shown = host.clare("task", "show", task_id, "--json").json()
+            assert (shown["status"], shown["session_id"]) == ("done", sid)
+            assert [u["text"] for u in shown["updates"]] == [f"{title}: done"]
+        assert "needs permission" not in host.clare("sessions", "show", sid).out
+    finally:
+        host.close()
