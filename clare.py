@@ -408,7 +408,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -1445,8 +1445,8 @@ CREATE TABLE event_refs (                       -- which events name which entit
     PRIMARY KEY (entity_id, hlc, uuid)
 ) WITHOUT ROWID;
 """
-PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
-                     "deliveries", "project_dirs", "orders", "answers", "hosts")
+PROJECTION_TABLES = ("projects", "tasks", "task_tags", "task_after", "groups", "updates", "event_refs", "sessions",
+                     "broadcasts", "deliveries", "project_dirs", "orders", "answers", "hosts")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id", "successor_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
@@ -1471,6 +1471,23 @@ DROP INDEX tasks_counts;
 CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NOT NULL AND removed_at IS NULL
 """
 _MIGRATIONS[2] = [TAGS_SCHEMA]
+
+MAX_AFTER = 50  # tasks one task waits on
+# Schema 9: dependencies. "T waits on D" is one row per (T, D) whose `present` is last-writer-wins,
+# the add/remove set of tags: two hosts adding edges at once both keep them, a removal wins only if
+# newer. Nothing here forbids a cycle (two hosts apart can each close one): readiness reads it.
+# COMPAT: an older peer stores and relays the `after` field without applying it; replay does after its upgrade.
+AFTER_SCHEMA = """
+CREATE TABLE task_after (
+    id TEXT PRIMARY KEY,                        -- task_id + ' ' + after_id
+    task_id TEXT, task_id_v TEXT,               -- the task that waits ...
+    after_id TEXT, after_id_v TEXT,             -- ... on this one
+    present INTEGER, present_v TEXT             -- 1 waits, 0 no longer: last writer wins per edge
+);
+CREATE INDEX task_after_task ON task_after (task_id, after_id) WHERE present = 1;
+CREATE INDEX task_after_after ON task_after (after_id, task_id) WHERE present = 1
+"""
+_MIGRATIONS[9] = [AFTER_SCHEMA]
 
 SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
                   "last_activity_at", "label", "tokens", "asked")
@@ -1672,6 +1689,7 @@ class Task:
     tags: tuple[str, ...] = ()  # sorted
     removed_at: str | None = None  # set while the task is removed (task rm); it then leaves every list
     group: str | None = None  # the name of group_id's group, for display
+    after: tuple[str, ...] = ()  # the ids of the tasks it waits on, sorted (last: keeps older JSON keys in place)
 
     def to_json(self) -> dict[str, Any]:
         """Return the task as the JSON object the CLI and API print."""
@@ -2075,31 +2093,50 @@ def _set_tags(cur: sqlite3.Cursor, task_id: str, changes: dict[str, bool], ev: E
         _lww(cur, "task_tags", f"{task_id} {tag}", {"task_id": task_id, "tag": tag, "present": int(is_present)}, ev)
 
 
+def _is_after_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_AFTER and all(map(_is_id, v))
+
+
+def _is_after_changes(v: Any) -> bool:
+    return isinstance(v, dict) and len(v) <= 2 * MAX_AFTER and all(
+        _is_id(k) and isinstance(x, bool) for k, x in v.items())
+
+
+def _set_after(cur: sqlite3.Cursor, task_id: str, changes: dict[str, bool], ev: Event) -> None:
+    for after_id, is_present in changes.items():
+        _lww(cur, "task_after", f"{task_id} {after_id}",
+             {"task_id": task_id, "after_id": after_id, "present": int(is_present)}, ev)
+
+
 @applies("task.created", {"task_id": _is_id, "project_id": _is_id, "title": _is_str, "description": _is_str,
-                          "priority": _is_priority, "status": _is_one_of(TASK_STATUSES), "tags?": _is_tag_list})
+                          "priority": _is_priority, "status": _is_one_of(TASK_STATUSES), "tags?": _is_tag_list,
+                          "after?": _is_after_list})
 def apply_task_created(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Per-field last writer wins, by (hlc, uuid); the create sets every field and adds its tags."""
-    p = ev.payload  # {task_id, project_id, title, description, priority, status, tags?}
+    """Per-field last writer wins, by (hlc, uuid); the create sets every field, adds its tags and its waits."""
+    p = ev.payload  # {task_id, project_id, title, description, priority, status, tags?, after?: [task_id]}
     _lww(cur, "tasks", p["task_id"], {
         "created_at": ev.created_at,
         **_pick(p, ("project_id", "title", "description", "priority", "status"))}, ev)
     _set_tags(cur, p["task_id"], dict.fromkeys(p.get("tags", ()), True), ev)
+    _set_after(cur, p["task_id"], dict.fromkeys(p.get("after", ()), True), ev)
 
 
 @applies("task.updated", {"task_id": _is_id, "title?": _is_str, "description?": _is_str,
                           "priority?": _is_priority, "status?": _is_one_of(TASK_STATUSES),
-                          "tags?": _is_tag_changes, "undoes?": _is_id})
+                          "tags?": _is_tag_changes, "after?": _is_after_changes, "undoes?": _is_id})
 def apply_task_updated(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid): a title edit and a status change both survive.
 
     Tags are an add/remove set: `tags` maps a tag to true (add) or false (remove), and each tag
     is its own last-writer-wins field, so two hosts tagging at once both keep their tags.
+    `after` (the tasks this one waits on) is a set of the same kind, per edge.
     """
-    p = ev.payload  # {task_id, title?, description?, priority?, status?, tags?: {tag: bool}, undoes?}
+    p = ev.payload  # {task_id, title?, description?, priority?, status?, tags?: {tag: bool}, after?: {id: bool}, ...}
     fields = _pick(p, ("title", "description", "priority", "status"))
     if fields:
         _lww(cur, "tasks", p["task_id"], fields, ev)
     _set_tags(cur, p["task_id"], p.get("tags", {}), ev)
+    _set_after(cur, p["task_id"], p.get("after", {}), ev)
 
 
 @applies("task.removed", {"task_id": _is_id, "undoes?": _is_id})
@@ -2387,7 +2424,9 @@ SELECT t.id, t.project_id, coalesce(p.name, '') AS project, t.title, t.descripti
             ELSE t.assignee END AS assignee,
        (SELECT group_concat(tag, ' ') FROM (SELECT x.tag FROM task_tags x
          WHERE x.task_id = t.id AND x.present = 1 ORDER BY x.tag)) AS tags,
-       t.removed_at, CASE WHEN {_LIVE_GROUP} THEN g.name END AS group_name
+       t.removed_at, CASE WHEN {_LIVE_GROUP} THEN g.name END AS group_name,
+       (SELECT group_concat(after_id, ' ') FROM (SELECT a.after_id FROM task_after a
+         WHERE a.task_id = t.id AND a.present = 1 ORDER BY a.after_id)) AS after_ids
   FROM tasks t LEFT JOIN projects p ON p.id = t.project_id
        LEFT JOIN groups g ON substr(t.assignee, 1, 6) = 'group:' AND g.id = substr(t.assignee, 7)
  WHERE t.created_at_v IS NOT NULL"""
@@ -2398,7 +2437,8 @@ def _task_from_row(row: sqlite3.Row) -> Task:
     return Task(row["id"], row["project_id"], row["project"], row["title"], row["description"],
                 row["status"], row["priority"], row["created_at"],
                 target if kind == "session" else None, target if kind == "group" else None,
-                tuple((row["tags"] or "").split()), row["removed_at"], row["group_name"] if kind == "group" else None)
+                tuple((row["tags"] or "").split()), row["removed_at"], row["group_name"] if kind == "group" else None,
+                tuple((row["after_ids"] or "").split()))
 
 
 def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = None,
@@ -2459,6 +2499,104 @@ def list_assigned_tasks(db: Db) -> list[Task]:
     rows = db.conn.execute(_TASK_SELECT + f" AND t.assignee IS NOT NULL AND (g.id IS NULL OR {_LIVE_GROUP})"
                            " AND t.removed_at IS NULL ORDER BY t.priority, t.created_at_v")
     return [_task_from_row(r) for r in rows]
+
+
+# Readiness is read from the tables, never stored: a task is ready when it is todo, not removed,
+# of an active project, bound to no session or live group, waits on no task that is neither done
+# nor removed (one not known here yet blocks), and is on no cycle of waits. The tables are the same
+# after any arrival order, so readiness is too.
+_READY_WHERE = f"""
+   AND t.status = 'todo' AND t.removed_at IS NULL AND p.status = 'active'
+   AND NOT (t.assignee IS NOT NULL AND (substr(t.assignee, 1, 6) != 'group:' OR {_LIVE_GROUP}))
+   AND NOT EXISTS (SELECT 1 FROM task_after a LEFT JOIN tasks d ON d.id = a.after_id
+                    WHERE a.task_id = t.id AND a.present = 1
+                      AND NOT (d.created_at_v IS NOT NULL AND (d.status = 'done' OR d.removed_at IS NOT NULL)))"""
+
+
+def list_ready_tasks(db: Db, *, project_id: str | None = None) -> list[Task]:
+    """Return the tasks ready to hand out, most urgent first, then oldest first."""
+    sql, params = _TASK_SELECT + _READY_WHERE, []
+    if project_id:
+        sql += " AND t.project_id = ?"
+        params.append(project_id)
+    tasks = [_task_from_row(r) for r in db.conn.execute(sql + " ORDER BY t.priority, t.created_at_v", params)]
+    if any(t.after for t in tasks):  # only a task that waits on done tasks can still be on a cycle
+        on_cycle = cycle_members(list_after_edges(db))
+        tasks = [t for t in tasks if t.id not in on_cycle]
+    return tasks
+
+
+def list_after_edges(db: Db) -> dict[str, tuple[str, ...]]:
+    """Return every wait: task id -> the ids of the tasks it waits on, sorted (removed tasks' too)."""
+    graph: dict[str, list[str]] = {}
+    for task_id, after_id in db.conn.execute(
+            "SELECT task_id, after_id FROM task_after WHERE present = 1 ORDER BY task_id, after_id"):
+        graph.setdefault(task_id, []).append(after_id)
+    return {k: tuple(v) for k, v in graph.items()}
+
+
+def list_blocked_by(db: Db, task_id: str) -> list[str]:
+    """Return the ids of the tasks that wait on `task_id`, sorted."""
+    return [r[0] for r in db.conn.execute(
+        "SELECT task_id FROM task_after WHERE after_id = ? AND present = 1 ORDER BY task_id", (task_id,))]
+
+
+def find_cycle(graph: Mapping[str, Sequence[str]], start: str) -> list[str]:
+    """Return a shortest cycle of waits through `start` as [start, ..., start], or [] if it is on none."""
+    came_from: dict[str, str] = {}
+    queue = [start]
+    for node in queue:  # breadth first: the list grows while it is walked
+        for nxt in graph.get(node, ()):
+            if nxt == start:
+                path = [node]
+                while path[-1] != start:
+                    path.append(came_from[path[-1]])
+                return [start, *reversed(path[:-1]), start] if node != start else [start, start]
+            if nxt not in came_from:
+                came_from[nxt] = node
+                queue.append(nxt)
+    return []
+
+
+def cycle_members(graph: Mapping[str, Sequence[str]]) -> set[str]:
+    """Return the ids of the tasks on some cycle of waits (Tarjan's strongly connected components)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    members: set[str] = set()
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(graph.get(root, ())))]  # iterative: a long chain of waits must not hit the recursion limit
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is None:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1 or node in graph.get(node, ()):
+                        members.update(component)
+            elif child not in index:
+                index[child] = low[child] = len(index)
+                stack.append(child)
+                on_stack.add(child)
+                work.append((child, iter(graph.get(child, ()))))
+            elif child in on_stack:
+                low[node] = min(low[node], index[child])
+    return members
 
 
 _GROUP_SELECT = """
@@ -3076,19 +3214,59 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
 
 
 def create_task(db: Db, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                description: str = "", tags: Iterable[str] = (), now_ms: int) -> Task:
-    """Add a task to a project, status todo."""
+                description: str = "", tags: Iterable[str] = (), after: Iterable[str] = (), now_ms: int) -> Task:
+    """Add a task to a project, status todo; `after`: the tasks (id prefixes) it waits on."""
     title = _check_text("title", title, limit=MAX_TITLE_CHARS, required=True)
     description = _check_text("description", description, limit=MAX_TEXT_CHARS)
     priority = _check_priority(priority)
     tags = sorted(set(_check_tags(tags)))
+    after = [_check_prefix("task", ref) for ref in after]
     task_id = new_id()
     with write_txn(db) as cur:
         project = get_project(db, project_ref)
+        waits = sorted(_resolve_waits(db, after))
+        if len(waits) > MAX_AFTER:
+            raise UsageError(f"a task waits on at most {MAX_AFTER} tasks; give fewer --after")
         record(db, cur, "task.created", {"task_id": task_id, "project_id": project.id, "title": title,
                                          "description": description, "priority": priority,
-                                         "status": "todo", **({"tags": tags} if tags else {})}, now_ms=now_ms)
+                                         "status": "todo", **({"tags": tags} if tags else {}),
+                                         **({"after": waits} if waits else {})}, now_ms=now_ms)
     return get_task(db, task_id)
+
+
+def ready_tasks(db: Db, project: str | None = None) -> list[Task]:
+    """Return the tasks ready to hand out (of one project, by name or id prefix), most urgent then oldest first."""
+    return list_ready_tasks(db, project_id=get_project(db, project).id if project else None)
+
+
+def _resolve_waits(db: Db, refs: Iterable[str], *, waiter: str | None = None) -> set[str]:
+    """Return the ids of the tasks `refs` name for a wait; one removed, or the waiter itself, is refused."""
+    ids = set()
+    for ref in refs:
+        task = get_task(db, ref)
+        if task.id == waiter:
+            raise UsageError(f"task {task.id[:SHORT_ID]} may not wait on itself; give another task to --after")
+        if task.removed_at is not None:
+            raise Conflict(f"task {task.id[:SHORT_ID]} is removed, so nothing waits on it; give another task "
+                           f"to --after, or bring it back with: clare task restore {task.id[:SHORT_ID]}")
+        ids.add(task.id)
+    return ids
+
+
+def cycle_text(cycle: Sequence[str]) -> str:
+    """Return a cycle of waits as people read it: 3f2a0b1c → 91bc22d0 → 3f2a0b1c."""
+    return " → ".join(x[:SHORT_ID] for x in cycle)
+
+
+def _refuse_cycles(db: Db, task_id: str, added: Iterable[str]) -> None:
+    """Refuse new waits of `task_id` that would close a cycle, naming it and a wait to drop."""
+    graph = list_after_edges(db)
+    for after_id in sorted(added):
+        # with the new wait as its only way out, a cycle through the task is one the wait closes
+        cycle = find_cycle({**graph, task_id: (after_id,)}, task_id)
+        if cycle:
+            raise Conflict(f"task {task_id[:SHORT_ID]} would wait on itself: {cycle_text(cycle)}; drop one "
+                           f"wait first with: clare task edit {cycle[1][:SHORT_ID]} --no-after {cycle[2][:SHORT_ID]}")
 
 
 def _check_tags(tags: Iterable[str]) -> list[str]:
@@ -3104,8 +3282,13 @@ def _check_tags(tags: Iterable[str]) -> list[str]:
 
 def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | None = None,
               priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
-              untags: Iterable[str] = (), now_ms: int) -> Task:
-    """Change some fields and tags of a task; what equals the current value is not recorded."""
+              untags: Iterable[str] = (), after: Iterable[str] = (), no_after: Iterable[str] = (),
+              now_ms: int) -> Task:
+    """Change some fields, tags and waits of a task; what equals the current value is not recorded.
+
+    `after` adds tasks it waits on, `no_after` drops some (id prefixes); a wait that would close a
+    cycle is refused here (cycles that two hosts close apart are read as never ready).
+    """
     changes: dict[str, Any] = {}
     if title is not None:
         changes["title"] = _check_text("title", title, limit=MAX_TITLE_CHARS, required=True)
@@ -3116,6 +3299,7 @@ def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | 
     if status is not None:
         changes["status"] = _check_choice("task status", status, TASK_STATUSES)
     tag_changes = dict.fromkeys(_check_tags(untags), False) | dict.fromkeys(_check_tags(tags), True)
+    after, no_after = [_check_prefix("task", r) for r in after], [_check_prefix("task", r) for r in no_after]
     with write_txn(db) as cur:
         task = get_task(db, ref)
         changes = {k: v for k, v in changes.items() if getattr(task, k) != v}
@@ -3124,9 +3308,32 @@ def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | 
             raise UsageError(f"a task holds at most {MAX_TAGS} tags; remove some with --untag")
         if tag_changes:
             changes["tags"] = dict(sorted(tag_changes.items()))
+        added = _resolve_waits(db, after, waiter=task.id) - set(task.after)
+        dropped = _dropped_waits(db, task, no_after) - added
+        if len((set(task.after) - dropped) | added) > MAX_AFTER:
+            raise UsageError(f"a task waits on at most {MAX_AFTER} tasks; drop some with --no-after")
+        _refuse_cycles(db, task.id, added)
+        if added or dropped:
+            changes["after"] = dict(sorted({**dict.fromkeys(dropped, False), **dict.fromkeys(added, True)}.items()))
         if changes:
             record(db, cur, "task.updated", {"task_id": task.id, **changes}, now_ms=now_ms)
     return get_task(db, task.id)
+
+
+def _dropped_waits(db: Db, task: Task, refs: Iterable[str]) -> set[str]:
+    """Return the waits of `task` that `refs` name; a known task it does not wait on names none."""
+    dropped = set()
+    for ref in refs:
+        # matched among the waits first: one may name a task removed since, or one not known here yet
+        hits = [x for x in task.after if x.startswith(ref)]
+        if len(hits) > 1:
+            raise Conflict(f"--no-after {ref!r} is ambiguous: task {task.id[:SHORT_ID]} waits on "
+                           f"{', '.join(h[:SHORT_ID + 4] for h in hits)}; give more of the id")
+        if hits:
+            dropped.add(hits[0])
+        else:
+            get_task(db, ref)  # an unknown id is an error; a known task not waited on is nothing to drop
+    return dropped
 
 
 def remove_task(db: Db, ref: str, *, now_ms: int) -> Task:
@@ -3274,7 +3481,8 @@ def _field_values(ev: Event) -> dict[str, Any]:
     if kind in ("project.created", "project.updated", "task.created", "task.updated"):
         out = {k: p[k] for k in ("name", "goal", "owner", "title", "description", "priority", "status") if k in p}
         tags = dict.fromkeys(p.get("tags", ()), True) if kind == "task.created" else p.get("tags", {})
-        return out | {f"tag:{t}": v for t, v in tags.items()}
+        waits = dict.fromkeys(p.get("after", ()), True) if kind == "task.created" else p.get("after", {})
+        return out | {f"tag:{t}": v for t, v in tags.items()} | {f"after:{t}": v for t, v in waits.items()}
     if kind == "task.assigned":
         return {"assignee": {"session_id": p["session_id"]} if p.get("session_id") else {"group_id": p["group_id"]}}
     if kind == "task.unassigned":
@@ -3306,7 +3514,7 @@ def _inverse(db: Db, ev: Event) -> tuple[str, dict[str, Any], int]:
         now.update(_field_values(e))
         if (e.hlc, e.uuid) < (ev.hlc, ev.uuid):
             before.update(_field_values(e))
-    undo = {f: before.get(f, False if f.startswith("tag:") or f == "removed" else None)
+    undo = {f: before.get(f, False if f.startswith(("tag:", "after:")) or f == "removed" else None)
             for f, v in _field_values(ev).items() if now.get(f) == v}
     n_kept = len(_field_values(ev)) - len(undo)
     if "removed" in undo:
@@ -3316,8 +3524,10 @@ def _inverse(db: Db, ev: Event) -> tuple[str, dict[str, Any], int]:
                 else ("task.unassigned", head, n_kept))
     # What is left is an update; an empty one (all changed since) only marks the change as undone.
     tags = {f[4:]: v for f, v in undo.items() if f.startswith("tag:")}
-    fields = {f: v for f, v in undo.items() if not f.startswith("tag:") and v is not None}
-    return f"{kind}.updated", {**head, **fields, **({"tags": tags} if tags else {})}, n_kept
+    waits = {f[6:]: v for f, v in undo.items() if f.startswith("after:")}
+    fields = {f: v for f, v in undo.items() if not f.startswith(("tag:", "after:")) and v is not None}
+    return f"{kind}.updated", {**head, **fields, **({"tags": tags} if tags else {}),
+                               **({"after": waits} if waits else {})}, n_kept
 
 
 def create_group(db: Db, name: str, *, cwd: str | None = None, host: str | None = None,
@@ -4067,9 +4277,11 @@ def _n(count: int, noun: str) -> str:
 
 
 def _fields(p: dict[str, Any], skip: str) -> str:
-    text = [f"{k}={v!r}" for k, v in p.items() if k not in (skip, "tags", "undoes")]
+    text = [f"{k}={v!r}" for k, v in p.items() if k not in (skip, "tags", "after", "undoes")]
     if isinstance(p.get("tags"), dict):
         text.append("tags " + " ".join(f"{'+' if v else '-'}{t}" for t, v in p["tags"].items()))
+    if isinstance(p.get("after"), dict):
+        text.append("waits " + " ".join(f"{'+' if v else '-'}{t[:SHORT_ID]}" for t, v in p["after"].items()))
     return ", ".join(text) or "nothing"
 
 
@@ -4077,7 +4289,8 @@ DESCRIBE.update({
     "project.created": lambda p: f"created project {p['name']!r}",
     "project.updated": lambda p: f"changed project: {_fields(p, 'project_id')}",
     "task.created": lambda p: f"added task {p['task_id'][:SHORT_ID]} {p['title']!r} (P{p['priority']})"
-                              + "".join(f" #{t}" for t in p.get("tags", ())),
+                              + "".join(f" #{t}" for t in p.get("tags", ()))
+                              + "".join(f" after {t[:SHORT_ID]}" for t in p.get("after", ())),
     "task.updated": lambda p: f"changed task {p['task_id'][:SHORT_ID]}: {_fields(p, 'task_id')}",
     "task.assigned": lambda p: f"assigned task {p['task_id'][:SHORT_ID]} to "
                                + (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
@@ -7773,27 +7986,34 @@ class Services:
                           is_open=is_open, active_projects=active_projects, is_assigned=is_assigned, tag=tag,
                           priorities=priorities, search=search, include_removed=include_removed)
 
-    @api("POST", "/api/v1/tasks", "Add a task", body=("project_ref=project", "title", "priority", "description",
-                                                      "tags"), status=201)
+    @api("POST", "/api/v1/tasks", "Add a task (after: the tasks it waits on)",
+         body=("project_ref=project", "title", "priority", "description", "tags", "after"), status=201)
     def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                    description: str = "", tags: Iterable[str] = ()) -> Task:
+                    description: str = "", tags: Iterable[str] = (), after: Iterable[str] = ()) -> Task:
         """Add a task to a project."""
         return create_task(self.db, project_ref, title, priority=priority, description=description, tags=tags,
-                           now_ms=now_ms())
+                           after=after, now_ms=now_ms())
+
+    @api("GET", "/api/v1/ready", "Tasks ready to hand out: todo, unassigned, waiting on nothing undone; "
+         "most urgent, then oldest, first", query=("project",))
+    def ready_tasks(self, project: str | None = None) -> list[Task]:
+        """Return the tasks ready to hand out (of one project, by name or id prefix), most urgent then oldest first."""
+        return ready_tasks(self.db, project)
 
     @api("GET", "/api/v1/tasks/{task}", "Get a task by id prefix (removed ones too)")
     def get_task(self, ref: str) -> Task:
         """Return the task whose id starts with `ref`."""
         return get_task(self.db, ref)
 
-    @api("PATCH", "/api/v1/tasks/{task}", "Change a task; tags adds tags, untags removes them",
-         body=("title", "description", "priority", "status", "tags", "untags"))
+    @api("PATCH", "/api/v1/tasks/{task}", "Change a task; tags adds tags, untags removes them; after adds "
+         "tasks it waits on, no_after drops some",
+         body=("title", "description", "priority", "status", "tags", "untags", "after", "no_after"))
     def edit_task(self, ref: str, *, title: str | None = None, description: str | None = None,
                   priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
-                  untags: Iterable[str] = ()) -> Task:
-        """Change some fields and tags of a task."""
+                  untags: Iterable[str] = (), after: Iterable[str] = (), no_after: Iterable[str] = ()) -> Task:
+        """Change some fields, tags and waits of a task."""
         return edit_task(self.db, ref, title=title, description=description, priority=priority, status=status,
-                         tags=tags, untags=untags, now_ms=now_ms())
+                         tags=tags, untags=untags, after=after, no_after=no_after, now_ms=now_ms())
 
     @api("DELETE", "/api/v1/tasks/{task}", "Remove a task: it leaves every list, keeps its history, can be restored")
     def remove_task(self, ref: str) -> Task:
