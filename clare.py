@@ -2526,6 +2526,39 @@ def list_ready_tasks(db: Db, *, project_id: str | None = None) -> list[Task]:
     return tasks
 
 
+@dataclass(frozen=True, slots=True)
+class TaskWaits:
+    """One task's place among the waits: what it waits on, what waits on it, a cycle it is on."""
+
+    task_id: str
+    waits_on: list[Task]  # the tasks it waits on that are known here, most urgent first (done and removed too)
+    unknown: list[str]  # ids it waits on whose task has not reached this host yet (they block)
+    blocks: list[Task]  # the tasks that wait on it (removed ones left out), most urgent first
+    cycle: list[str]  # a shortest cycle of waits through it, [id, ..., id]: then it is never ready; or []
+    is_ready: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the waits as the JSON object the CLI and API print."""
+        return {"task_id": self.task_id, "waits_on": [t.to_json() for t in self.waits_on], "unknown": self.unknown,
+                "blocks": [t.to_json() for t in self.blocks], "cycle": self.cycle, "is_ready": self.is_ready}
+
+
+def read_task_waits(db: Db, task: Task, *, graph: Mapping[str, Sequence[str]] | None = None) -> TaskWaits:
+    """Return what `task` waits on, what waits on it, and the cycle of waits it is on, if any."""
+    graph = list_after_edges(db) if graph is None else graph
+    marks = ",".join("?" * len(task.after))
+    waits_on = [_task_from_row(r) for r in db.conn.execute(
+        _TASK_SELECT + f" AND t.id IN ({marks}) ORDER BY t.priority, t.created_at_v", task.after)]
+    blocks = [_task_from_row(r) for r in db.conn.execute(
+        _TASK_SELECT + """ AND t.removed_at IS NULL AND t.id IN
+            (SELECT task_id FROM task_after WHERE after_id = ? AND present = 1)
+          ORDER BY t.priority, t.created_at_v""", (task.id,))]
+    known = {t.id for t in waits_on}
+    is_ready = task.id in {t.id for t in list_ready_tasks(db, project_id=task.project_id)}
+    return TaskWaits(task.id, waits_on, [x for x in task.after if x not in known], blocks,
+                     find_cycle(graph, task.id), is_ready)
+
+
 def list_after_edges(db: Db) -> dict[str, tuple[str, ...]]:
     """Return every wait: task id -> the ids of the tasks it waits on, sorted (removed tasks' too)."""
     graph: dict[str, list[str]] = {}
@@ -3237,6 +3270,42 @@ def create_task(db: Db, project_ref: str, title: str, *, priority: int = DEFAULT
 def ready_tasks(db: Db, project: str | None = None) -> list[Task]:
     """Return the tasks ready to hand out (of one project, by name or id prefix), most urgent then oldest first."""
     return list_ready_tasks(db, project_id=get_project(db, project).id if project else None)
+
+
+def get_task_waits(db: Db, ref: str) -> TaskWaits:
+    """Return what a task waits on, what waits on it, and the cycle of waits it is on, if any."""
+    return read_task_waits(db, get_task(db, ref))
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """A project's queue: what is ready, what waits on what, and the cycles that keep tasks from ever being ready."""
+
+    project_id: str
+    ready: list[Task]  # ready to hand out, most urgent then oldest first
+    waiting: list[TaskWaits]  # its open tasks that wait on some task, most urgent first
+    cycles: list[list[str]]  # cycles of waits through its tasks, each [id, ..., id]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the queue as the JSON object the CLI and API print."""
+        return {"project_id": self.project_id, "ready": [t.to_json() for t in self.ready],
+                "waiting": [w.to_json() for w in self.waiting], "cycles": self.cycles}
+
+
+def get_queue(db: Db, project: str) -> Queue:
+    """Return a project's queue: its ready tasks, its open tasks that wait (with what on), its cycles of waits."""
+    p = get_project(db, project)
+    graph = list_after_edges(db)
+    tasks = list_tasks(db, project_id=p.id, include_removed=True)
+    waiting = [read_task_waits(db, t, graph=graph) for t in tasks
+               if t.after and t.status != "done" and t.removed_at is None]
+    cycles: list[list[str]] = []
+    seen: set[str] = set()
+    for task_id in sorted(cycle_members(graph) & {t.id for t in tasks}):
+        if task_id not in seen:
+            cycles.append(find_cycle(graph, task_id))
+            seen.update(cycles[-1])
+    return Queue(p.id, list_ready_tasks(db, project_id=p.id), waiting, cycles)
 
 
 def _resolve_waits(db: Db, refs: Iterable[str], *, waiter: str | None = None) -> set[str]:
@@ -7841,6 +7910,16 @@ def _change_from_json(obj: dict[str, Any]) -> Change:
     return Change([from_json(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
 
 
+def _waits_from_json(obj: dict[str, Any]) -> TaskWaits:
+    return TaskWaits(obj["task_id"], [from_json(Task, t) for t in obj["waits_on"]], obj["unknown"],
+                     [from_json(Task, t) for t in obj["blocks"]], obj["cycle"], obj["is_ready"])
+
+
+def _queue_from_json(obj: dict[str, Any]) -> Queue:
+    return Queue(obj["project_id"], [from_json(Task, t) for t in obj["ready"]],
+                 [_waits_from_json(w) for w in obj["waiting"]], obj["cycles"])
+
+
 def _status_to_wire(req: Any, report: StatusReport) -> dict[str, Any]:
     return {**report.to_json(), "n_events": req.svc.count_events(), "machine_id": req.db.machine_id,
             "clock": req.svc.clock_status()}
@@ -7999,6 +8078,18 @@ class Services:
     def ready_tasks(self, project: str | None = None) -> list[Task]:
         """Return the tasks ready to hand out (of one project, by name or id prefix), most urgent then oldest first."""
         return ready_tasks(self.db, project)
+
+    @api("GET", "/api/v1/projects/{project}/queue", "A project's queue: ready tasks, open tasks that wait "
+         "(on what), cycles of waits", schema="Queue", from_wire=lambda got: _queue_from_json(got))
+    def get_queue(self, project: str) -> Queue:
+        """Return a project's ready tasks, its open tasks that wait and on what, and its cycles of waits."""
+        return get_queue(self.db, project)
+
+    @api("GET", "/api/v1/tasks/{task}/waits", "What a task waits on, what waits on it, the cycle it is on",
+         schema="TaskWaits", from_wire=lambda got: _waits_from_json(got))
+    def get_task_waits(self, ref: str) -> TaskWaits:
+        """Return what a task waits on, what waits on it, and the cycle of waits it is on, if any."""
+        return get_task_waits(self.db, ref)
 
     @api("GET", "/api/v1/tasks/{task}", "Get a task by id prefix (removed ones too)")
     def get_task(self, ref: str) -> Task:
@@ -11156,6 +11247,13 @@ def _obj(**props: Any) -> dict[str, Any]:
         k: v if isinstance(v, dict) else {"type": v} for k, v in props.items()}}
 
 
+_WAITS = {"task_id": "string", "waits_on": _array("Task"), "unknown": {"type": "array", "items": {"type": "string"}},
+          "blocks": _array("Task"), "cycle": {"type": "array", "items": {"type": "string"}}, "is_ready": "boolean"}
+_OPEN_API_EXTRA_SCHEMAS.update({
+    "TaskWaits": _obj(**_WAITS),
+    "Queue": _obj(project_id="string", ready=_array("Task"), waiting=_array("TaskWaits"), cycles={
+        "type": "array", "items": {"type": "array", "items": {"type": "string"}}}),
+})
 _SYNC_HEAD = {"machine_id": "string", "db_id": "string", "now_ms": "integer"}
 _CHANGE = {"events": _array("SyncEvent"), "description": "string", "created_at": "string", "can_undo": "boolean",
            "refusal": ["string", "null"]}
@@ -12102,9 +12200,21 @@ def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
 def cmd_task_add(args: argparse.Namespace, ctx: Context) -> None:
     """Add a task to a project."""
     t = ctx.svc.create_task(args.project, args.title, priority=parse_priority(args.prio), description=args.desc,
-                            tags=args.tag)
+                            tags=args.tag, after=args.after)
     emit(ctx, t, f"added task {t.id[:SHORT_ID]} to {t.project}: {t.title} (P{t.priority})"
-                 + "".join(f" #{tag}" for tag in t.tags))
+                 + "".join(f" #{tag}" for tag in t.tags) + _after_text(t))
+
+
+def _after_text(task: Task) -> str:
+    return f", waits on {', '.join(x[:SHORT_ID] for x in task.after)}" if task.after else ""
+
+
+def cmd_next(args: argparse.Namespace, ctx: Context) -> None:
+    """List the tasks ready to hand out, most urgent first, then oldest first."""
+    tasks = ctx.svc.ready_tasks(args.project)
+    empty = ("no task is ready" + (f" in {args.project}" if args.project else "")
+             + ": each open task waits, is assigned, or its project is paused; see them with: clare task list")
+    emit(ctx, tasks, lambda: format_tasks(tasks, with_project=not args.project, empty=empty))
 
 
 def cmd_task_list(args: argparse.Namespace, ctx: Context) -> None:
@@ -12163,7 +12273,9 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
     t = ctx.svc.get_task(args.task)
     updates = ctx.svc.list_updates(task_ids=[t.id])
     history = ctx.svc.list_history([t.id])
-    value = {**t.to_json(), "updates": updates, "history": history}
+    waits = ctx.svc.get_task_waits(t.id)
+    value = {**t.to_json(), "updates": updates, "history": history,
+             **{k: v for k, v in waits.to_json().items() if k != "task_id"}}
 
     def text() -> str:
         lines = [f"{t.title}", f"id:       {t.id}", f"project:  {t.project} ({t.project_id[:SHORT_ID]})",
@@ -12173,6 +12285,7 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
         if t.removed_at:
             lines.append(f"removed:  {when_text(t.removed_at)} "
                          f"(bring it back with: clare task restore {t.id[:SHORT_ID]})")
+        lines += _waits_lines(waits)
         if t.description:
             lines += ["", t.description]
         if updates:
@@ -12180,6 +12293,21 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
         lines += ["", "history:", format_history(history)]
         return "\n".join(lines)
     emit(ctx, value, text)
+
+
+def _waits_lines(waits: TaskWaits) -> list[str]:
+    """Return task show's lines on waits: what it waits on, what it blocks, its cycle, whether it is ready."""
+    def one(t: Task) -> str:
+        state = "removed" if t.removed_at else STATUS_LABEL[t.status]
+        return f"{t.id[:SHORT_ID]} ({state}) {short_text(t.title, 50)}"
+    lines = [f"waits on: {x}" if i == 0 else f"          {x}" for i, x in enumerate(
+        [one(t) for t in waits.waits_on] + [f"{x[:SHORT_ID]} (not known here yet)" for x in waits.unknown])]
+    lines += [f"blocks:   {x}" if i == 0 else f"          {x}" for i, x in enumerate(map(one, waits.blocks))]
+    if waits.cycle:
+        lines.append(f"cycle:    {cycle_text(waits.cycle)}: never ready; drop one wait with: "
+                     f"clare task edit {waits.cycle[0][:SHORT_ID]} --no-after {waits.cycle[1][:SHORT_ID]}")
+    lines.append(f"ready:    {'yes' if waits.is_ready else 'no'}")
+    return lines
 
 
 def _cmd_task_status(status: str, verb: str) -> Callable[[argparse.Namespace, Context], None]:
@@ -12192,14 +12320,15 @@ def _cmd_task_status(status: str, verb: str) -> Callable[[argparse.Namespace, Co
 
 
 def cmd_task_edit(args: argparse.Namespace, ctx: Context) -> None:
-    """Change a task's title, priority, description or tags."""
-    if (args.title, args.prio, args.desc) == (None, None, None) and not args.tag and not args.untag:
-        raise UsageError("nothing to change; give --title, --prio, --desc, --tag or --untag")
+    """Change a task's title, priority, description, tags or the tasks it waits on."""
+    if (args.title, args.prio, args.desc) == (None, None, None) and not any(
+            (args.tag, args.untag, args.after, args.no_after)):
+        raise UsageError("nothing to change; give --title, --prio, --desc, --tag, --untag, --after or --no-after")
     priority = None if args.prio is None else parse_priority(args.prio)
     t = ctx.svc.edit_task(args.task, title=args.title, priority=priority, description=args.desc,
-                          tags=args.tag, untags=args.untag)
+                          tags=args.tag, untags=args.untag, after=args.after, no_after=args.no_after)
     emit(ctx, t, f"task {t.id[:SHORT_ID]}: {t.title} (P{t.priority}, {STATUS_LABEL[t.status]})"
-                 + "".join(f" #{tag}" for tag in t.tags))
+                 + "".join(f" #{tag}" for tag in t.tags) + _after_text(t))
 
 
 def cmd_assign(args: argparse.Namespace, ctx: Context) -> None:
@@ -12840,6 +12969,8 @@ GROUP_HELP = {
     "session": "start, resume and stop Claude sessions for tasks, on any host",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
+_AFTER_ARG = arg("--after", action="append", default=[], metavar="ID",
+                 help="wait on this task: ready only once it is done (id prefix; repeat for more)")
 _GLOBAL_ARGS = (
     arg("--home", metavar="DIR", help="folder of clare.db and clare.toml (env CLARE_HOME)"),
     arg("--db", metavar="FILE", help="use this database file"),
@@ -12900,12 +13031,14 @@ COMMANDS: list[Command] = [
             "clare project rename 3f9a2c1b alpha-laptop",
             (arg("project", help="id prefix (or the name, when only one project has it)"), arg("name"))),
     Command(("task", "add"), cmd_task_add, "add a task to a project",
-            'clare task add alpha "write the parser" --prio 1 --desc "tokens first" --tag backend',
+            'clare task add alpha "write the parser" --prio 1 --desc "tokens first" --tag backend'
+            '\n  clare task add alpha "ship it" --after 3f2a --after 91bc   # ready once both are done',
             (arg("project", help="name or id prefix"), arg("title"),
              arg("--prio", default=str(DEFAULT_PRIORITY), metavar="0-4",
                  help="0 is the most urgent (default 2)"),
              arg("--desc", default="", help="description"),
-             arg("--tag", action="append", default=[], metavar="TAG", help="a tag (repeat for more)"))),
+             arg("--tag", action="append", default=[], metavar="TAG", help="a tag (repeat for more)"),
+             _AFTER_ARG)),
     Command(("task", "list"), cmd_task_list, "list open tasks of active projects, most urgent first",
             "clare task list alpha\n  clare task list --tag backend --prio 0-1 --unassigned\n"
             "  clare task list --all --search parser",
@@ -12921,7 +13054,10 @@ COMMANDS: list[Command] = [
              arg("--prio", metavar="N|N-M", help="only this priority or range, e.g. 0-1"),
              arg("--tag", metavar="TAG", help="only tasks with this tag"),
              arg("--search", metavar="TEXT", help="only tasks whose title or description holds TEXT (any case)"))),
-    Command(("task", "show"), cmd_task_show, "show a task with its updates and history",
+    Command(("next",), cmd_next, "list the tasks ready to hand out: todo, unassigned, waiting on nothing undone",
+            "clare next\n  clare next --project alpha --json",
+            (arg("--project", help="only this project (name or id prefix)"),)),
+    Command(("task", "show"), cmd_task_show, "show a task with its updates, waits and history",
             "clare task show 3f2a", (_TASK_REF,)),
     Command(("task", "start"), _cmd_task_status("in_progress", "started"), "mark a task in progress",
             "clare task start 3f2a", (_TASK_REF,)),
@@ -12931,11 +13067,15 @@ COMMANDS: list[Command] = [
             "clare task done 3f2a", (_TASK_REF,)),
     Command(("task", "reopen"), _cmd_task_status("todo", "reopened"), "put a task back to todo",
             "clare task reopen 3f2a", (_TASK_REF,)),
-    Command(("task", "edit"), cmd_task_edit, "change a task's title, priority, description or tags",
-            'clare task edit 3f2a --title "parse v2 files" --prio 0\n  clare task edit 3f2a --tag urgent --untag later',
+    Command(("task", "edit"), cmd_task_edit, "change a task's title, priority, description, tags or waits",
+            'clare task edit 3f2a --title "parse v2 files" --prio 0\n  clare task edit 3f2a --tag urgent --untag later'
+            '\n  clare task edit 3f2a --after 91bc --no-after 7c1e',
             (_TASK_REF, arg("--title"), arg("--prio", metavar="0-4"), arg("--desc"),
              arg("--tag", action="append", default=[], metavar="TAG", help="add a tag (repeat for more)"),
-             arg("--untag", action="append", default=[], metavar="TAG", help="remove a tag (repeat for more)"))),
+             arg("--untag", action="append", default=[], metavar="TAG", help="remove a tag (repeat for more)"),
+             _AFTER_ARG,
+             arg("--no-after", action="append", default=[], metavar="ID",
+                 help="no longer wait on this task (id prefix; repeat for more)"))),
     Command(("task", "rm"), cmd_task_rm, "remove a task (it keeps its history; task restore brings it back)",
             "clare task rm 3f2a", (_TASK_REF,)),
     Command(("task", "restore"), cmd_task_restore, "bring a removed task back",

@@ -98,3 +98,62 @@ def test_the_release_database_upgrades_to_waits_and_applies_waits_an_older_clare
         assert {t: db.conn.execute(f"SELECT * FROM {t}").fetchall() for t in ("tasks", "task_after")} == before
     finally:
         db.close()
+
+
+# --- the CLI, as a process ---------------------------------------------------------------------------
+
+def _add(run_clare, *argv) -> str:
+    r = run_clare("task", "add", *argv, "--json")
+    assert r.code == 0, r.err
+    return r.json()["id"]
+
+
+def test_after_next_and_task_show_through_the_cli(run_clare):
+    assert run_clare("project", "new", "alpha").code == 0
+    schema = _add(run_clare, "alpha", "design schema", "--prio", "1")
+    api = _add(run_clare, "alpha", "write api", "--after", schema[:4])
+    r = run_clare("task", "add", "alpha", "ship", "--prio", "0", "--after", api[:6], "--after", schema[:6])
+    assert r.code == 0 and r.out.endswith(f"(P0), waits on {', '.join(sorted([api[:8], schema[:8]]))}\n"), r.out
+    ship = run_clare("task", "list", "--json").json()[0]
+    assert list(ship)[-1] == "after" and ship["after"] == sorted([api, schema])  # a new key, last
+
+    r = run_clare("next")
+    assert r.code == 0 and r.out.splitlines()[1].split() == [schema[:8], "P1", "todo", "alpha", "design", "schema"]
+    assert len(r.out.splitlines()) == 2
+    assert [t["id"] for t in run_clare("next", "--project", "alpha", "--json").json()] == [schema]
+
+    shown = run_clare("task", "show", api[:8])
+    assert f"waits on: {schema[:8]} (todo) design schema\n" in shown.out
+    assert f"blocks:   {ship['id'][:8]} (todo) ship\n" in shown.out and "ready:    no\n" in shown.out
+    as_json = run_clare("task", "show", api[:8], "--json").json()
+    assert [t["id"] for t in as_json["waits_on"]] == [schema] and as_json["cycle"] == []
+    assert as_json["is_ready"] is False
+
+    refused = run_clare("task", "edit", schema[:8], "--after", ship["id"][:8])
+    chain = " → ".join(x[:8] for x in (schema, ship["id"], schema))  # the shortest: ship waits on schema too
+    assert refused.code == 1 and refused.err == (
+        f"clare: error: task {schema[:8]} would wait on itself: {chain}; drop one wait first with: "
+        f"clare task edit {ship['id'][:8]} --no-after {schema[:8]}\n")
+    itself = run_clare("task", "edit", schema[:8], "--after", schema[:8])
+    assert itself.code == 2 and itself.err == (f"clare: error: task {schema[:8]} may not wait on itself; "
+                                               "give another task to --after\n")
+    unknown = run_clare("task", "add", "alpha", "x", "--after", "abcdef")
+    assert unknown.code == 1 and unknown.err == "clare: error: no task 'abcdef'; list them with: clare task list\n"
+    assert len(run_clare("task", "list", "--json").json()) == 3  # the refused add left nothing
+
+    assert run_clare("task", "done", schema[:8]).code == 0
+    assert [t["id"] for t in run_clare("next", "--json").json()] == [api]
+    r = run_clare("task", "edit", ship["id"][:8], "--no-after", api[:5])
+    assert r.code == 0 and r.out.endswith(f", waits on {schema[:8]}\n")
+    assert [t["id"] for t in run_clare("next", "--json").json()] == [ship["id"], api]
+    assert run_clare("task", "edit", ship["id"][:8], "--no-after", api[:8]).code == 0  # nothing to drop: fine
+    assert "waits -" in run_clare("log").out
+    r = run_clare("undo")  # the dropped wait comes back
+    assert r.code == 0 and f"waits -{api[:8]}" in r.out
+    assert [t["id"] for t in run_clare("next", "--json").json()] == [api]
+    empty = run_clare("next", "--project", "alpha")
+    assert empty.code == 0
+    help_text = run_clare("next", "--help").out
+    assert "clare next --project alpha --json" in help_text
+    assert "--after ID" in run_clare("task", "add", "--help").out
+    assert "--no-after ID" in run_clare("task", "edit", "--help").out
