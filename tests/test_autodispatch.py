@@ -15,8 +15,8 @@ import pytest
 
 import clare
 from conftest import seeds, wait_for
-from test_sync import Sim, _crashing, assert_converged
 from test_dispatch import fleet, received, set_config, write_claude  # noqa: F401  (fixtures and helpers)
+from test_sync import Sim, _crashing, assert_converged
 
 
 def dispatching_project(cli, folder, *titles: str, max_sessions: int = 1) -> list[str]:
