@@ -4613,6 +4613,7 @@ class PullResult:
     unreachable: list[str]  # tmux sockets that did not answer: their sessions are kept as they were
     updates: list[Update]  # pane tails and triage notes stored by this pull
     warnings: list[str]  # adapters and commands that failed; the pull went on without them
+    dispatched: list[Order] = dataclasses.field(default_factory=list)  # what dispatch decided, as carried out here
 
 
 def claude_home(env: Mapping[str, str] | None = None) -> str:
@@ -5389,8 +5390,8 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     """
     ingest_spool(db, now_ms=now_ms)
     warnings: list[str] = []
-    dispatch_round(db, config=config, now_ms=now_ms, warnings=warnings)  # on the last look: its orders are next
-    carry_out_pending(db, config=config, now_ms=now_ms)  # first: this look then sees what it started or stopped
+    placed = dispatch_round(db, config=config, now_ms=now_ms, warnings=warnings)  # on the last look; carried out now
+    carried = {o.id: o for o in carry_out_pending(db, config=config, now_ms=now_ms)}  # first: this look sees them
     idle_after_s = config.get("fleet", {}).get("idle_after_s", DEFAULT_IDLE_AFTER_S)
     if isinstance(idle_after_s, bool) or not isinstance(idle_after_s, int | float) or idle_after_s < 0:
         raise ClareError(f"clare.toml: [fleet] idle_after_s = {idle_after_s!r} is not a number of seconds; fix it")
@@ -5422,7 +5423,8 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
         with write_txn(db) as cur:
             set_meta(cur, "ambiguous_panes", text)
     updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
-    return PullResult(observations, events, ambiguous, unreachable, updates, warnings)
+    return PullResult(observations, events, ambiguous, unreachable, updates, warnings,
+                      [carried.get(o.id, o) for o in placed])
 
 
 def start_background_pull(db_path: str, config: dict[str, Any], *, stop: Any,
@@ -12709,7 +12711,8 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
     sessions = ctx.svc.list_sessions(host=ctx.db.machine_id)
     counts = {t: sum(ev.event_type == f"session.{t}" for ev in result.events) for t in ("appeared", "changed", "gone")}
     value = {"sessions": sessions, "events": len(result.events), **counts, "ambiguous": result.ambiguous,
-             "unreachable": result.unreachable, "updates": result.updates, "warnings": result.warnings}
+             "unreachable": result.unreachable, "updates": result.updates, "warnings": result.warnings,
+             "dispatched": result.dispatched}
     for warning in result.warnings:
         print(f"clare: warning: {warning}", file=sys.stderr)
 
@@ -12718,9 +12721,20 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
                 f"{counts['changed']} changed, {counts['gone']} gone")
         warn = [f"tmux server {s} did not answer; its sessions keep their last state" for s in result.unreachable]
         notes = [f"stored {len(result.updates)} pane tails and triage notes"] if args.tails else []
+        notes += map(dispatch_text, result.dispatched)
         return "\n".join([head, *warn, *notes, format_sessions(
             sessions, result.ambiguous, empty="no Claude session runs in this host's tmux servers now")])
     emit(ctx, value, text)
+
+
+def dispatch_text(o: Order) -> str:
+    """Return one line on what a dispatch did: typed in or started, or why not, and why it was made."""
+    task = (o.task_id or "")[:SHORT_ID]
+    what = (f"task {task} typed into session {o.session_id[:SHORT_ID]}" if o.action == "dispatch"
+            else f"session {o.session_id[:SHORT_ID]} started for task {task}")
+    if o.result not in ("typed", "started"):
+        what = f"{what}: {o.result}" + (f" ({o.reason})" if o.reason else "")
+    return f"dispatch on {o.host}: {what}; why: {o.request.get('reason', '')}"
 
 
 def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:

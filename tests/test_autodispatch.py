@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import subprocess
 import uuid
 
@@ -349,3 +350,92 @@ def test_real_claude_reports_a_task_done_from_its_pane_and_gets_the_next_one_typ
         assert "needs permission" not in host.clare("sessions", "show", sid).out
     finally:
         host.close()
+
+
+# --- the upgrade: schema 10 from the release database ----------------------------------------------
+
+def test_the_release_database_upgrades_to_dispatch_settings_off_and_replays_them(tmp_path):
+    import shutil
+
+    from conftest import ROOT, projection_digest
+
+    path = tmp_path / "clare.db"
+    shutil.copyfile(ROOT / "tests" / "data" / "release-0.1.0.db", path)
+    db = clare.open_db(str(path))
+    try:
+        assert db.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "10"
+        assert {(p.name, p.is_dispatching, p.max_sessions, p.dispatcher) for p in clare.list_projects(db)} == {
+            ("alpha", False, 1, None), ("beta", False, 1, None)}
+        assert clare.dispatch_round(db, config={}, now_ms=clare.now_ms()) == []  # off: nothing happens
+        p = clare.edit_project(db, "alpha", dispatch=True, max_sessions=2, now_ms=clare.now_ms())
+        assert (p.is_dispatching, p.max_sessions, p.dispatcher) == (True, 2, "release-0-1-0")
+        before = projection_digest(db)
+        clare.replay(db)
+        assert projection_digest(db) == before
+    finally:
+        db.close()
+
+
+# --- the README's dispatch section, run as written ----------------------------------------------------
+
+README_HEADING = "Dispatch: waiting sessions fed the next ready task"
+
+
+def console_steps(heading: str) -> list[tuple[str, list[str]]]:
+    """Return the `$ ` commands of the console blocks under one README heading, each with the lines it prints."""
+    from conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n### {heading}\n")
+    body = text[start:text.index("\n### ", start + 1)]
+    steps: list[tuple[str, list[str]]] = []
+    for block in re.findall(r"```console\n(.*?)```", body, flags=re.S):
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                steps.append((line[2:], []))
+            elif steps and line.strip():
+                steps[-1][1].append(line)
+    return steps
+
+
+def test_the_readme_dispatch_section_runs_as_written(tmux, monkeypatch):
+    """On a host named apricot whose claude_command is the fake Claude, in a private tmux server."""
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from conftest import CLARE_PY
+    from test_readme import _learn, _substitute
+
+    short = Path(tempfile.mkdtemp(prefix="u"))
+    home = short / "home"
+    (home / "src" / "api").mkdir(parents=True)
+    env = {**os.environ, "HOME": str(home), "CLARE_HOME": str(short / "clare"), "TMUX_TMPDIR": str(tmux.tmpdir),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("TMUX", None)
+    (home / "bin").mkdir()
+    (home / "bin" / "clare").write_text(f"#!/bin/bash\nexec {sys.executable} {CLARE_PY} \"$@\"\n")
+    (home / "bin" / "clare").chmod(0o755)
+    env["PATH"] = f"{home / 'bin'}{os.pathsep}{env['PATH']}"
+    subprocess.run(["clare", "init", "--machine-id", "apricot"], env=env, check=True, capture_output=True)
+    (short / "clare" / "clare.toml").write_text(
+        f'[fleet]\nclaude_command = "{write_claude(short / "claude-bin")}"\npull_every_s = 0\n')
+    ids: dict[str, str] = {}
+    try:
+        for command, expected in console_steps(README_HEADING):
+            line = _substitute(command, ids)
+            p = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env, cwd=home, timeout=60)
+            assert p.returncode == 0, f"README line {command!r} ran as {line!r} and failed: {p.stderr}"
+            printed = (p.stdout + p.stderr).replace(str(home), "~").splitlines()
+            at = 0
+            for want in expected:
+                while at < len(printed) and not _learn(want, printed[at], ids):
+                    at += 1
+                assert at < len(printed), f"README line {command!r}: {want!r} is not in:\n" + "\n".join(printed)
+                at += 1
+        assert len(ids) >= 4  # the project, two tasks and the session were all matched
+    finally:
+        subprocess.run(["tmux", "-S", str(tmux.tmpdir / f"tmux-{os.getuid()}" / "default"), "kill-server"],
+                       capture_output=True, timeout=10)
+        shutil.rmtree(short, ignore_errors=True)
