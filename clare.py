@@ -6731,7 +6731,12 @@ def dispatch_round(db: Db, *, config: dict[str, Any], now_ms: int, warnings: lis
     projects = [p for p in list_projects(db, status="active") if p.is_dispatching and p.dispatcher == db.machine_id]
     if not projects:
         return []
-    template, is_clear = dispatch_settings(config)
+    try:
+        template, is_clear = dispatch_settings(config)
+    except ClareError as err:  # a typo in clare.toml stops dispatch, never the pull
+        if warnings is not None:
+            warnings.append(f"dispatch is stopped: {err}")
+        return []
     placed: list[Order] = []
     with _dispatch_lock(db):
         orders = list_orders(db)

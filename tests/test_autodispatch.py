@@ -73,6 +73,22 @@ def test_dispatch_is_off_by_default_and_set_shown_and_undone_per_field(cli, db):
     assert "changed project: dispatcher='m-apricot'" in history
 
 
+def test_the_dispatch_settings_go_through_the_json_api_and_its_openapi_document(server, db, cli):
+    assert cli("project", "new", "api").code == 0
+    r = server.request("PATCH", "/api/v1/projects/api", json_body={"dispatch": True, "max_sessions": 4})
+    assert r.status == 200, r.body
+    got = json.loads(r.body)
+    assert (got["is_dispatching"], got["max_sessions"], got["dispatcher"]) == (True, 4, "testhost")
+    r = server.request("PATCH", "/api/v1/projects/api", json_body={"max_sessions": 99})
+    assert r.status == 422 and b"outside 1-50" in r.body
+    r = server.request("PATCH", "/api/v1/projects/api", json_body={"dispatch": "yes"})
+    assert r.status in (400, 422) and b"dispatch" in r.body
+    assert clare.get_project(db, "api").max_sessions == 4
+    spec = json.loads(server.request("GET", "/api/v1/openapi.json").body)
+    body = json.dumps(spec["paths"]["/api/v1/projects/{project}"]["patch"])
+    assert all(name in body for name in ("dispatch", "max_sessions", "dispatcher"))
+
+
 def test_a_bad_dispatch_template_is_refused_with_the_names_it_may_use():
     with pytest.raises(clare.ClareError, match=r"uses \$name; it may use \$title, \$description"):
         clare.dispatch_settings({"dispatch": {"template": "do $name"}})
@@ -86,7 +102,8 @@ def test_a_bad_dispatch_template_is_refused_with_the_names_it_may_use():
 
 # --- feeding waiting sessions, with the fake Claude in tmux ------------------------------------------------
 
-def test_finishing_a_task_types_the_next_ready_one_into_the_same_session(cli, fleet, home, db, tmp_path):  # noqa: F811
+def test_finishing_a_task_types_the_next_ready_one_into_the_same_session(cli, fleet, home, db, tmp_path,  # noqa: F811
+                                                                         server):
     first, second = dispatching_project(cli, tmp_path / "code", "write the parser", "write the printer")
     assert cli("pull").code == 0  # no session on the project and 0 of 1 run: one is started for the first task
     [order] = clare.list_orders(db)
@@ -108,8 +125,9 @@ def test_finishing_a_task_types_the_next_ready_one_into_the_same_session(cli, fl
     said = f"dispatch task {second[:8]} to session {sid[:8]} on testhost: session {sid[:8]} finished its task"
     assert said in cli("task", "show", second).out
     assert said in cli("log").out
-    page = cli("sessions", "show", sid).out
-    assert f"dispatch task {second[:8]}" in page
+    assert f"dispatch task {second[:8]}" in cli("sessions", "show", sid).out
+    for path in (f"/sessions/{sid}", f"/tasks/{second}"):  # the session's and the task's pages say it too
+        assert said in server.request("GET", path).body.decode(), path
     done_from_pane(home, fleet, pane, "printer written")
     assert cli("pull").code == 0  # nothing ready any more: nothing happens
     assert len(clare.list_orders(db)) == 2
@@ -439,3 +457,34 @@ def test_the_readme_dispatch_section_runs_as_written(tmux, monkeypatch):
         subprocess.run(["tmux", "-S", str(tmux.tmpdir / f"tmux-{os.getuid()}" / "default"), "kill-server"],
                        capture_output=True, timeout=10)
         shutil.rmtree(short, ignore_errors=True)
+
+
+def test_a_bad_template_stops_dispatch_with_a_warning_and_never_the_pull(cli, fleet, home, db, tmp_path):  # noqa: F811
+    set_config(home, write_claude(fleet.bin), '[dispatch]\ntemplate = "do $what"\n')
+    dispatching_project(cli, tmp_path / "code", "one")
+    r = cli("pull")
+    assert r.code == 0 and "dispatch is stopped: clare.toml: [dispatch] template uses $what" in r.err
+    assert clare.list_orders(db) == []
+
+
+def test_a_start_dispatch_cannot_place_is_said_once_per_change_and_leaves_the_task_ready(cli, db):
+    assert cli("project", "new", "api").code == 0
+    task_id = cli("task", "add", "api", "one", "--json").json()["id"]
+    cli("project", "set", "api", "--dispatch", "on")
+    r = cli("pull")
+    assert r.code == 0
+    assert "dispatch for project api: project api does not say where its code lives; set it with: clare project " \
+           "set api --dir /PATH" in r.err
+    assert clare.list_orders(db) == [] and [t.id for t in clare.list_ready_tasks(db)] == [task_id]
+    warnings: list[str] = []
+    for _ in range(2):  # in one process (serve's loop): said once, by the pull above, not at every pull
+        clare.dispatch_round(db, config={}, now_ms=clare.now_ms(), warnings=warnings)
+    assert warnings == []
+    cli("project", "set", "api", "--dir", "/nonexistent/api")  # another reason: said again (a refused start)
+    clare.dispatch_round(db, config={}, now_ms=clare.now_ms(), warnings=warnings)
+    assert warnings == [] and clare.list_orders(db)[0].action == "start"  # placed: the host refuses it
+    cli("pull")  # this host carries its start out: refused, and the task is ready again
+    [order] = clare.list_orders(db)
+    assert order.result == "refused" and "directory /nonexistent/api does not exist" in order.reason
+    assert [t.id for t in clare.list_ready_tasks(db)] == [task_id]
+    assert "refused (directory /nonexistent/api does not exist" in cli("log").out
