@@ -488,3 +488,63 @@ def test_a_start_dispatch_cannot_place_is_said_once_per_change_and_leaves_the_ta
     assert order.result == "refused" and "directory /nonexistent/api does not exist" in order.reason
     assert [t.id for t in clare.list_ready_tasks(db)] == [task_id]
     assert "refused (directory /nonexistent/api does not exist" in cli("log").out
+
+
+# --- two real `clare serve` processes: the dispatcher decides, the host of the code carries out ------------
+
+@pytest.mark.slow
+def test_serve_on_the_dispatcher_host_starts_and_feeds_a_session_on_the_host_of_the_code(tmp_path, home):
+    """a decides (its serve's pull loop), b runs the sessions: a start and a dispatch travel as orders,
+    each carried out once by b; no `clare pull` is typed by anyone."""
+    import time
+
+    from test_dispatch import Host
+
+    claude = write_claude(tmp_path / "bin")
+    a, b = Host(tmp_path, "a", claude), Host(tmp_path, "b", claude)
+    try:
+        for h in (a, b):
+            (h.home / "clare.toml").write_text(f'[fleet]\nclaude_command = "{claude}"\npull_every_s = 1\n'
+                                               "[sync]\ninterval_s = 1\n")
+        b.serve()
+        env = {"B_TOKEN": b.token}
+        a.env["B_TOKEN"] = b.token
+        assert a.cli("peer", "add", b.url, "--name", "bee", "--token-env", "B_TOKEN").code == 0
+        assert a.cli("sync").code == 0  # a learns b's machine id
+        folder = tmp_path / "b-code"
+        folder.mkdir()
+        assert a.cli("project", "new", "api", "--dir", f"bee:{folder}").code == 0
+        one, two = (a.cli("task", "add", "api", title, "--prio", prio, "--json").json()["id"]
+                    for title, prio in (("one", "1"), ("two", "2")))
+        assert a.cli("project", "set", "api", "--dispatch", "on").code == 0
+        a.serve()
+
+        def prompts() -> list[tuple[str, str]]:
+            return [(x["session_id"], x["prompt"].split("\n")[0]) for x in b.received() if "prompt" in x]
+        deadline = time.monotonic() + 60
+        while not prompts():
+            assert time.monotonic() < deadline, a.cli("session", "orders").out
+            time.sleep(0.3)
+        [(sid, first)] = prompts()
+        assert first == "one"
+        pane = b.cli("sessions", "--json").json()[0]["pane_id"]
+        p = subprocess.run([str(b.home / "clare"), "update", "--done", "one is done"], capture_output=True,
+                           text=True, timeout=30, env={**b.env, "TMUX": f"{b.tmux_dir},1,0", "TMUX_PANE": pane})
+        assert p.returncode == 0, p.stderr
+        while len(prompts()) < 2:
+            assert time.monotonic() < deadline + 30, a.cli("session", "orders").out
+            time.sleep(0.3)
+        assert prompts() == [(sid, "one"), (sid, "two")]  # the same session, fed by a, typed in by b
+        orders = {o["action"]: o for o in a.cli("session", "orders", "--json", env=env).json()}
+        assert set(orders) == {"start", "dispatch"}
+        assert all(o["host"] == "b" for o in orders.values())
+        deadline = time.monotonic() + 30
+        while a.cli("task", "show", two, "--json").json()["session_id"] != sid:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert len(b.received("fake-started.jsonl")) == 1  # one session, started once
+        placed = [ln for ln in a.cli("log").out.splitlines() if "dispatch task" in ln or "start session" in ln]
+        assert len(placed) == 2 and all(" a " in f" {ln} " for ln in placed), placed  # both decided by a
+    finally:
+        a.close()
+        b.close()
