@@ -5385,19 +5385,44 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     """Look at this host's Claude sessions and record what changed (nothing when nothing did).
 
     Also: ingest spooled hook reports, carry out the orders placed for this host (start, resume,
-    stop), deliver other hosts' broadcasts, and with `tails` store
+    stop), dispatch on what it saw (dispatch_round; what it places here is carried out and looked
+    at again at once), deliver other hosts' broadcasts, and with `tails` store
     each assigned pane's last lines (and the triage command's reading of them) when they changed.
     """
     ingest_spool(db, now_ms=now_ms)
-    warnings: list[str] = []
-    placed = dispatch_round(db, config=config, now_ms=now_ms, warnings=warnings)  # on the last look; carried out now
-    carried = {o.id: o for o in carry_out_pending(db, config=config, now_ms=now_ms)}  # first: this look sees them
+    carry_out_pending(db, config=config, now_ms=now_ms)  # first: this look then sees what it started or stopped
     idle_after_s = config.get("fleet", {}).get("idle_after_s", DEFAULT_IDLE_AFTER_S)
     if isinstance(idle_after_s, bool) or not isinstance(idle_after_s, int | float) or idle_after_s < 0:
         raise ClareError(f"clare.toml: [fleet] idle_after_s = {idle_after_s!r} is not a number of seconds; fix it")
     idle_after_ms = int(idle_after_s * 1000)
+    warnings: list[str] = []
     rclaude = read_rclaude(config.get("rclaude", {}), machine_id=db.machine_id, warnings=warnings)
-    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env), rclaude=rclaude,
+    observations, ambiguous, unreachable, events = _look(db, claude_dir=claude_home(env), rclaude=rclaude,
+                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
+    started = time.monotonic()
+    placed = dispatch_round(db, config=config, now_ms=now_ms, warnings=warnings)  # on what this look saw
+    carried: dict[str, Order] = {}
+    if any(o.host == db.machine_id for o in placed):  # carried out now, then looked at again
+        carried = {o.id: o for o in carry_out_pending(db, config=config, now_ms=now_ms)}
+        observations, ambiguous, unreachable, again = _look(
+            db, claude_dir=claude_home(env), rclaude=rclaude, idle_after_ms=idle_after_ms,
+            now_ms=now_ms + int((time.monotonic() - started) * 1000))
+        events += again
+    deliver_pending(db, now_ms=now_ms)
+    deliver_answers(db, now_ms=now_ms, config=config)
+    text = canonical_json([p.to_json() for p in ambiguous])
+    if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
+        with write_txn(db) as cur:
+            set_meta(cur, "ambiguous_panes", text)
+    updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
+    return PullResult(observations, events, ambiguous, unreachable, updates, warnings,
+                      [carried.get(o.id, o) for o in placed])
+
+
+def _look(db: Db, *, claude_dir: str, rclaude: dict[str, str], idle_after_ms: int,
+          now_ms: int) -> tuple[list[Observation], list[Pane], list[str], list[Event]]:
+    """Look at this host's sessions once and record what changed: (observations, ambiguous, unreachable, events)."""
+    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_dir, rclaude=rclaude,
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
     # A session that reported through a hook lately lives even when this look cannot find it (an old
     # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
@@ -5416,15 +5441,7 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
                   if (panes := list_panes(socket)) is not None}
     events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, live_panes=live_panes,
                               now_ms=now_ms)
-    deliver_pending(db, now_ms=now_ms)
-    deliver_answers(db, now_ms=now_ms, config=config)
-    text = canonical_json([p.to_json() for p in ambiguous])
-    if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
-        with write_txn(db) as cur:
-            set_meta(cur, "ambiguous_panes", text)
-    updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
-    return PullResult(observations, events, ambiguous, unreachable, updates, warnings,
-                      [carried.get(o.id, o) for o in placed])
+    return observations, ambiguous, unreachable, events
 
 
 def start_background_pull(db_path: str, config: dict[str, Any], *, stop: Any,
@@ -6699,8 +6716,8 @@ def _type_task(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, 
 
 def _clear(db: Db, session: Session) -> tuple[str | None, str]:
     """Type /clear into a session and hand its tasks to the session id Claude goes on with; return that id."""
-    pid = session.pid
-    if pid is None:
+    pid, socket = session.pid, session.tmux_socket
+    if pid is None or socket is None:
         return None, f"cannot tell which process runs session {session.id[:SHORT_ID]}; not clearing blind"
 
     def new_id() -> str | None:
@@ -6711,8 +6728,12 @@ def _clear(db: Db, session: Session) -> tuple[str | None, str]:
     successor = new_id()
     if result != "delivered" or successor is None:
         return None, f"/clear was not taken: {why or 'Claude went on under the same session id'}"
+    pane = next((p for p in list_panes(socket) or () if p.pane_id == session.pane_id), None)
+    if pane is not None:  # the new conversation's composer shows once Claude redrew: type into that, not before
+        _wait_until(lambda: composer_text(_capture_styled(pane) or "") == "", timeout_s=STOP_WAIT_S)
     with write_txn(db) as cur:  # as a pull would on seeing the new id in the same process and pane
-        _hand_over(db, cur, session.id, successor, now_ms=now_ms())
+        if list_tasks(db, session_id=session.id, is_open=True):  # else the SessionStart hook handed them over
+            _hand_over(db, cur, session.id, successor, now_ms=now_ms())
     return successor, ""
 
 

@@ -151,11 +151,16 @@ def test_a_draft_in_the_composer_fails_the_dispatch_and_leaves_the_task_ready(cl
     assert len(clare.list_orders(db)) == 2
 
 
-def test_with_clear_between_the_task_goes_to_the_new_session_id_after_clear(cli, fleet, home, db, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("hooks", ["without hooks", "with hooks"])
+def test_with_clear_between_the_task_goes_to_the_new_session_id_after_clear(cli, fleet, home, db, tmp_path,  # noqa: F811
+                                                                            hooks):
     set_config(home, write_claude(fleet.bin), "[dispatch]\nclear_between = true\n")
+    if hooks == "with hooks":  # then the SessionStart hook of /clear hands the task over too: once in all
+        assert cli("hooks", "install").code == 0
     first, second = dispatching_project(cli, tmp_path / "code", "write the parser", "write the printer")
     cli("pull")
     [order] = clare.list_orders(db)
+    fleet.wait_settled(1)  # the fake redraws its composer after its hooks ran (the real one at once)
     done_from_pane(home, fleet, order.outcome["pane_id"], "parser written")
     cli("pull")
     dispatch = next(o for o in clare.list_orders(db) if o.action == "dispatch")
@@ -165,6 +170,11 @@ def test_with_clear_between_the_task_goes_to_the_new_session_id_after_clear(cli,
     assert received(fleet, new_id, "prompt")[0].startswith("write the printer")
     assert cli("task", "show", second, "--json").json()["session_id"] == new_id
     assert cli("task", "show", first, "--json").json()["session_id"] == order.session_id  # done: it stays
+    cli("pull")
+    gone = [e for e in clare.list_history(db, [order.session_id]) if e.event_type == "session.gone"]
+    assert [e.payload.get("successor_id") for e in gone] == [new_id]
+    handed = [e for e in clare.list_history(db, [second]) if e.event_type == "task.assigned"]
+    assert [e.payload["session_id"] for e in handed] == [order.session_id, new_id]
 
 
 def test_a_new_session_is_started_when_none_waits_up_to_the_maximum(cli, fleet, home, db, tmp_path):  # noqa: F811
