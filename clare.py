@@ -2435,6 +2435,14 @@ def list_projects(db: Db, *, status: str | None = None) -> list[Project]:
     return [_project_from_row(r) for r in rows]
 
 
+def list_dispatched_projects(db: Db, host: str) -> list[Project]:
+    """Return the active projects that dispatch with `host` as their dispatcher (one cheap look per pull)."""
+    ids = [r[0] for r in db.conn.execute(
+        """SELECT id FROM projects WHERE dispatch = 1 AND dispatcher = ? AND status = 'active'
+            AND created_at_v IS NOT NULL ORDER BY name, id""", (host,))]
+    return [p for pid in ids for p in find_projects(db, pid) if p.id == pid]
+
+
 def find_projects(db: Db, ref: str) -> list[Project]:
     """Return the projects named `ref`, or else those whose id starts with `ref`."""
     rows = db.conn.execute(_PROJECT_SELECT + " AND p.name = ? ORDER BY p.id", (ref,)).fetchall()
@@ -2964,9 +2972,13 @@ def _order_from_row(row: sqlite3.Row) -> Order:
 
 
 def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None = None,
-                pending_on: str | None = None) -> list[Order]:
-    """Return orders, oldest first: one, a session's, or those still pending on one host."""
+                pending_on: str | None = None, since_at: str | None = None) -> list[Order]:
+    """Return orders, oldest first: one, a session's, those still pending on one host, or those open or
+    changed since a time."""
     sql, params = _ORDER_SELECT, []
+    if since_at is not None:
+        sql += " AND (updated_at >= ? OR result IN ('pending', 'claimed'))"
+        params.append(since_at)
     if order_id is not None:
         sql += " AND id = ?"
         params.append(order_id)
@@ -6749,7 +6761,7 @@ def dispatch_round(db: Db, *, config: dict[str, Any], now_ms: int, warnings: lis
     Runs in every pull of this host (serve's background loop, `clare pull`); only the project's
     dispatcher host acts, so one host decides. Orders for this host are carried out by the same pull.
     """
-    projects = [p for p in list_projects(db, status="active") if p.is_dispatching and p.dispatcher == db.machine_id]
+    projects = list_dispatched_projects(db, db.machine_id)
     if not projects:
         return []
     try:
@@ -6760,7 +6772,7 @@ def dispatch_round(db: Db, *, config: dict[str, Any], now_ms: int, warnings: lis
         return []
     placed: list[Order] = []
     with _dispatch_lock(db):
-        orders = list_orders(db)
+        orders = list_orders(db, since_at=iso_ms(now_ms - ORDER_TTL_MS))  # all that can still matter
         for project in projects:
             try:
                 placed += _dispatch_project(db, project, orders, template=template, is_clear=is_clear, now_ms=now_ms)
@@ -6790,13 +6802,13 @@ def _dispatch_project(db: Db, project: Project, orders: list[Order], *, template
     in_flight = {o.session_id for o in orders if o.result in ("pending", "claimed") and o.expires_at > now_at}
     failed = [o for o in orders if o.request.get("is_dispatch") and o.result in ("refused", "failed", "expired")
               and o.updated_at > retry_at]
-    sessions = {s.id: s for s in find_sessions(db, include_gone=True)}
-    mine = [sessions[sid] for sid in list_project_session_ids(db, project.id)
-            if sid in sessions and sessions[sid].state != "gone"]
-    task_ids = {t.id for t in list_tasks(db, project_id=project.id)}
-    # Starts placed but not seen yet as sessions count too: a start is seen at the pull after it.
-    n_starting = sum(1 for o in orders if o.action == "start" and o.task_id in task_ids and o.session_id not in sessions
-                     and o.result in ("pending", "claimed", "started", "needs trust") and o.expires_at > now_at)
+    sessions = {s.id: s for s in find_sessions(db, include_gone=False)}
+    mine = [sessions[sid] for sid in list_project_session_ids(db, project.id) if sid in sessions]
+    # Starts placed but not seen yet as sessions count too (one on another host is seen after a sync).
+    n_starting = sum(1 for o in orders if o.action == "start" and o.task_id and o.expires_at > now_at
+                     and o.result in ("pending", "claimed", "started", "needs trust")
+                     and not find_sessions(db, prefix=o.session_id)
+                     and any(t.project_id == project.id for t in find_tasks(db, o.task_id)))
     idle = sorted((s for s in mine if s.state in ("waiting", "idle") and s.task_id is None and s.id not in in_flight
                    and s.id not in {o.session_id for o in failed}), key=lambda s: (s.state_at or "", s.id))
     skip = {o.task_id for o in failed}

@@ -1197,6 +1197,48 @@ def bench_serve(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
     row.base_name = f"none; measured after GET of {len(SERVE_PATHS)} pages and lists"
 
 
+@group("dispatch", "dispatch.off", "dispatch.on")
+def bench_dispatch(rows: dict[str, Row], sizes: Sizes, work: Path) -> None:
+    """The dispatch round every pull runs (issue #16), beside the readiness query it needs anyway."""
+    n = sizes.tasks[-2]
+    db = clare.open_db(str(work / "dispatch.db"), machine_id="bench")
+    try:
+        now = clare.now_ms()
+        projects = [clare.create_project(db, f"p{i}", now_ms=now) for i in range(50)]
+        with clare.write_txn(db) as cur:  # tasks in bulk: one transaction
+            for i in range(n):
+                clare.record(db, cur, "task.created", {"task_id": clare.new_id(), "project_id": projects[i % 50].id,
+                                                       "title": f"t{i}", "description": "", "priority": i % 5,
+                                                       "status": "todo"}, now_ms=now + i)
+
+        def per_call_ms(fn: Callable[[], object], runs: int = 200) -> tuple[float, float]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(runs):
+                fn()
+            return (time.perf_counter() - wall) * 1000 / runs, (time.process_time() - cpu) * 1000 / runs
+
+        def round_() -> object:
+            return clare.dispatch_round(db, config={}, now_ms=now)
+
+        def ready() -> object:
+            return clare.list_ready_tasks(db, project_id=projects[0].id)
+
+        for key, label in (("dispatch.off", "no project dispatching here"),
+                           ("dispatch.on", "one project dispatching, all its tasks bound")):
+            if key == "dispatch.on":
+                clare.edit_project(db, "p0", dispatch=True, max_sessions=1, now_ms=now)
+                with clare.write_txn(db) as cur:  # nothing ready: the round looks and places nothing
+                    for t in clare.list_tasks(db, project_id=projects[0].id):
+                        clare.record(db, cur, "task.updated", {"task_id": t.id, "status": "in_progress"}, now_ms=now)
+            (wall, cpu), (base_wall, base_cpu) = per_call_ms(round_), per_call_ms(ready)
+            rows[key] = Row(key, f"dispatch round in each pull (every second under serve), {label}, {n:,} tasks",
+                            "<= 1 ms" if key == "dispatch.off" else "<= 5 ms", clare=wall, base=base_wall,
+                            base_name="the project's ready-task query alone", cpu=cpu_text(cpu, wall),
+                            base_cpu=cpu_text(base_cpu, base_wall))
+    finally:
+        db.close()
+
+
 ROW_KEYS = tuple(key for _, _, keys in GROUPS for key in keys)  # every row of the table, in order
 
 
