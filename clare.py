@@ -2973,8 +2973,7 @@ def _order_from_row(row: sqlite3.Row) -> Order:
 
 def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None = None,
                 pending_on: str | None = None, since_at: str | None = None) -> list[Order]:
-    """Return orders, oldest first: one, a session's, those still pending on one host, or those open or
-    changed since a time."""
+    """Return orders, oldest first: one, a session's, those pending on a host, or those open or changed since."""
     sql, params = _ORDER_SELECT, []
     if since_at is not None:
         sql += " AND (updated_at >= ? OR result IN ('pending', 'claimed'))"
