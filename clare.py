@@ -9697,6 +9697,9 @@ pre.pane{font-size:10.5px}}
 nav a{padding:.25rem .4rem;font-size:.93rem}
 .card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 body.bare{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
+h3{font-size:.85rem;margin:.9rem 0 .4rem}ol.queue,ul.waits{margin:0;padding-left:1.4rem}
+ol.queue li,ul.waits li{padding:.25rem 0;overflow-wrap:anywhere}.dep{display:inline-block;margin-right:.6rem}
+.dep.over a{text-decoration:line-through;color:var(--muted)}
 """
 STATIC_MEMORY = {"clare.js": CLARE_JS.encode(), "clare.css": STYLESHEET.encode()}  # files served from memory, by name
 
@@ -9894,6 +9897,8 @@ PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$
 title="$n_done of $n_total done">$n_done/$n_total</progress></td>
 <td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td>
 <td class="hide-sm muted">$owner</td></tr>""")
+READY_BADGE = string.Template('<span class="badge c-violet" title="todo, unassigned, waiting on nothing undone: '
+                              'clare next">$n ready</span>')
 FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
 <h2>Recent activity</h2>$body</section>""")
 PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
@@ -9919,6 +9924,7 @@ $projects""")
 MAIN_PROJECT = string.Template("""<p class="muted small"><a href="/projects">Projects</a> /</p>
 <h1>$name</h1>
 $head
+$queue
 $tasks
 <div class="grid">
 $task_form
@@ -9951,6 +9957,21 @@ SESSION_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type=
 <button class="ghost" type="submit">$label</button></form>""")
 FORCE_BOX = Html('<label class="small"><input type="checkbox" name="force" value="1"> even while it works</label>')
 PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
+FRAG_PROJECT_QUEUE = string.Template("""<section class="card" id="frag-queue" $poll>
+<h2>Queue</h2>$cycles
+<h3>Ready to hand out <span class="muted">$n_ready</span></h3>$ready
+<h3>Waiting on other tasks</h3>$waiting</section>""")
+QUEUE_LIST = string.Template('<ol class="queue">$items</ol>')
+QUEUE_ITEM = string.Template("""<li><span class="badge c-$pri_color">P$priority</span>
+<a href="/tasks/$id">$title</a> <span class="mono muted small">$short_id</span>$tags</li>""")
+WAITS_LIST = string.Template('<ul class="waits">$items</ul>')
+WAITS_ITEM = string.Template("""<li><a href="/tasks/$id">$title</a> <span class="mono muted small">$short_id</span>
+<span class="muted small">waits on</span> $deps</li>""")
+WAIT_DEP = string.Template('<span class="dep$done_class"><a href="/tasks/$id">$title</a> $state</span>')
+WAIT_UNKNOWN = string.Template('<span class="dep"><span class="mono">$short_id</span> '
+                               '<span class="muted small">not here yet</span></span>')
+CYCLE_ALERT = string.Template('<p class="flash error" role="alert">Cycle of waits: $chain. These tasks are never '
+                              'ready; drop one wait with <code>$fix</code></p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
 TASKS_TABLE = string.Template("""<div class="scroll"><table class="cards">
@@ -9968,6 +9989,7 @@ TASK_FORM = string.Template("""<section class="card" id="task-form"$oob>
 <label class="wide">Title<input name="title" required maxlength="300" placeholder="write the parser"
 autocomplete="off"></label>
 <label>Priority<select name="priority">$priorities</select></label>
+<label>Waits on<input name="after" placeholder="task ids, e.g. 3f2a 91bc" autocomplete="off" maxlength="2000"></label>
 <label class="wide">Description<textarea name="description" maxlength="20000"></textarea></label>
 <button type="submit">Add task</button>
 </form></section>""")
@@ -9997,8 +10019,13 @@ FRAG_TASK = string.Template("""<section class="card" id="frag-task" $poll>
 $removed<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
 <dt>Assigned</dt><dd>$assignee $unassign</dd>
 <dt>Priority</dt><dd>P$priority</dd><dt>Tags</dt><dd>$tags</dd>
+<dt>Waits on</dt><dd>$waits_on</dd><dt>Blocks</dt><dd>$blocks</dd>
 <dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl>
-$description</section>""")
+$cycle$description
+<form class="row waits-form" $waits_attrs>$csrf<input type="hidden" name="view" value="task">
+<label>Wait on<input name="after" placeholder="task id, e.g. 3f2a" autocomplete="off" maxlength="2000"></label>
+<label>Stop waiting on<input name="no_after" placeholder="task id" autocomplete="off" maxlength="2000"></label>
+<button class="ghost" type="submit">Change waits</button></form></section>""")
 UNASSIGN_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="task">
 <button class="ghost" type="submit">Unassign</button></form>""")
 UPDATE_FORM = string.Template("""<form class="row" id="update-form" $attrs$oob>$csrf
@@ -10071,18 +10098,24 @@ def projects_fragment(req: Request) -> Html:
     if not projects:
         table_html = render(EMPTY, text="No projects yet. Create one below, or: clare project new NAME")
     else:
-        table_html = render(PROJECTS_TABLE, rows=join(map(_project_row, rollups)))
+        ready: dict[str, int] = {}
+        for t in req.svc.ready_tasks():
+            ready[t.project_id] = ready.get(t.project_id, 0) + 1
+        table_html = render(PROJECTS_TABLE, rows=join(_project_row(r, n_ready=ready.get(r.project.id, 0))
+                                                      for r in rollups))
     clashes = join(render(ALERT, text=clash_message(name, found))
                    for name, found in name_clashes(projects).items())
     return render(FRAG_PROJECTS, poll=poll_attrs("/frag/projects"), stats=stats, clashes=clashes, table=table_html)
 
 
-def _project_row(rollup: ProjectStatus) -> Html:
+def _project_row(rollup: ProjectStatus, *, n_ready: int = 0) -> Html:
     p = rollup.project
+    ready = [render(READY_BADGE, n=n_ready)] if n_ready else []  # the ready queue's length: what dispatch takes
     return render(PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
                   status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
-                  counts=join(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
-                              for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
+                  counts=join([*ready, *(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
+                                         for s in TASK_STATUSES if p.task_counts[s])])
+                  or Html('<span class="muted">none</span>'),
                   n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1,
                   n_sessions=rollup.n_sessions or "—",
                   tokens=tokens_text(rollup.tokens) if rollup.n_sessions else "")
@@ -10202,6 +10235,42 @@ def task_form(req: Request, project: Project, *, oob: bool = False) -> Html:
                   priorities=options(((str(n), f"P{n}") for n in PRIORITIES), str(DEFAULT_PRIORITY)))
 
 
+def queue_fragment(req: Request, project: Project) -> Html:
+    """Render a project's queue: its ready tasks in order, what each waiting task waits on, its cycles; polled."""
+    queue = req.svc.get_queue(project.id)
+    titles = {t.id: t.title for w in queue.waiting for t in [*w.waits_on, *w.blocks]}
+    titles.update((t.id, t.title) for t in req.svc.list_tasks(project_id=project.id, include_removed=True))
+
+    def named(task_id: str) -> str:
+        return f"{titles[task_id]} ({task_id[:SHORT_ID]})" if task_id in titles else task_id[:SHORT_ID]
+    cycles = join(render(CYCLE_ALERT, chain=" → ".join(map(named, c)),
+                         fix=f"clare task edit {c[0][:SHORT_ID]} --no-after {c[1][:SHORT_ID]}") for c in queue.cycles)
+    ready = render(QUEUE_LIST, items=join(render(
+        QUEUE_ITEM, id=t.id, short_id=t.id[:SHORT_ID], title=t.title, priority=t.priority, tags=tag_badges(t),
+        pri_color="red" if t.priority == 0 else "orange" if t.priority == 1 else "gray") for t in queue.ready)) \
+        if queue.ready else render(EMPTY, text="No task is ready: each open task waits, is assigned, or is not todo.")
+    waiting = render(WAITS_LIST, items=join(render(
+        WAITS_ITEM, id=w.task_id, short_id=w.task_id[:SHORT_ID], title=titles.get(w.task_id, ""),
+        deps=join([*(_wait_dep(t) for t in w.waits_on),
+                   *(render(WAIT_UNKNOWN, short_id=x[:SHORT_ID]) for x in w.unknown)]))
+        for w in queue.waiting)) if queue.waiting else render(EMPTY, text="No open task waits on another.")
+    return render(FRAG_PROJECT_QUEUE, poll=poll_attrs(f"/frag/projects/{project.id}/queue"), cycles=cycles,
+                  n_ready=str(len(queue.ready)), ready=ready, waiting=waiting)
+
+
+def _wait_dep(task: Task) -> Html:
+    """Render one task waited on: struck through once done (or removed), else with its status."""
+    is_over = task.status == "done" or task.removed_at is not None
+    state = badge("removed" if task.removed_at else STATUS_LABEL[task.status],
+                  "gray" if task.removed_at else TASK_COLORS[task.status])
+    return render(WAIT_DEP, id=task.id, title=task.title, state=state, done_class=Html(" over" if is_over else ""))
+
+
+def frag_project_queue(req: Request) -> Response:
+    """Answer the queue poll of a project."""
+    return html_response(queue_fragment(req, req.svc.get_project(req.params["project"])))
+
+
 def page_project(req: Request) -> Response:
     """Show a project: its tasks, a form to add one, its updates and history."""
     svc = req.svc
@@ -10214,7 +10283,7 @@ def page_project(req: Request) -> Response:
         status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
         dirs=join(render(PROJECT_DIR, path=d, host=h) for h, d in p.dirs.items()) if p.dirs else Html("—"),
-        tasks=tasks_fragment(req, p), task_form=task_form(req, p),
+        queue=queue_fragment(req, p), tasks=tasks_fragment(req, p), task_form=task_form(req, p),
         updates=updates_list(updates, empty="No updates on these tasks yet."),
         history=feed(svc.project_history(p, limit=30), empty="No history.")))
 
@@ -10243,7 +10312,8 @@ def frag_add_task(req: Request) -> Response:
     """Add a task from the form; htmx gets the refreshed task table."""
     f = req.form()
     t = req.svc.create_task(req.params["project"], f.get("title", ""), description=f.get("description", ""),
-                            priority=_form_int(f.get("priority", str(DEFAULT_PRIORITY)), "priority"))
+                            priority=_form_int(f.get("priority", str(DEFAULT_PRIORITY)), "priority"),
+                            after=_id_words(f.get("after", "")))
     if not req.is_htmx:
         return redirect(f"/projects/{t.project_id}")
     p = req.svc.get_project(t.project_id)
@@ -10274,7 +10344,15 @@ def task_fragment(req: Request, task: Task) -> Html:
                 if task.session_id or task.group_id else Html(""))
     removed = (render(REMOVED_NOTE, badge=badge("removed", "orange"), when=when_text(task.removed_at),
                       short_id=task.id[:SHORT_ID]) if task.removed_at else Html(""))
+    waits = req.svc.get_task_waits(task.id)
+    waits_on = join([*map(_wait_dep, waits.waits_on), *(render(WAIT_UNKNOWN, short_id=x[:SHORT_ID])
+                                                         for x in waits.unknown)])
+    cycle = render(CYCLE_ALERT, chain=cycle_text(waits.cycle),
+                   fix=f"clare task edit {waits.cycle[0][:SHORT_ID]} --no-after {waits.cycle[1][:SHORT_ID]}") \
+        if waits.cycle else Html("")
     return render(FRAG_TASK, poll=poll_attrs(f"/frag/tasks/{task.id}"), id=task.id, priority=task.priority,
+                  waits_on=waits_on or "—", blocks=join(map(_wait_dep, waits.blocks)) or "—", cycle=cycle,
+                  csrf=csrf_field(req), waits_attrs=form_attrs(f"/tasks/{task.id}/waits", target="#frag-task"),
                   removed=removed, tags=tag_badges(task) or "—",
                   status_form=status_form(req, task, view="task"), assignee=assignee_text(task), unassign=unassign,
                   created=when_text(task.created_at),
@@ -10346,6 +10424,18 @@ def frag_set_task_status(req: Request) -> Response:
     """Change a task's status from its select."""
     t = req.svc.edit_task(req.params["task"], status=req.form().get("status", ""))
     return _after_task_change(req, t, f"{t.title}: {STATUS_LABEL[t.status]}.")
+
+
+def frag_set_task_waits(req: Request) -> Response:
+    """Add and drop the tasks a task waits on, from its card's form (ids or prefixes, by spaces or commas)."""
+    f = req.form()
+    t = req.svc.edit_task(req.params["task"], after=_id_words(f.get("after", "")),
+                          no_after=_id_words(f.get("no_after", "")))
+    return _after_task_change(req, t, f"{t.title}: waits on {len(t.after)} task{'' if len(t.after) == 1 else 's'}.")
+
+
+def _id_words(text: str) -> list[str]:
+    return text.replace(",", " ").split()
 
 
 def frag_assign_task(req: Request) -> Response:
@@ -11422,6 +11512,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("POST", r"/projects/" + _REF % "project" + "/status", frag_set_project_status),
         ("GET", r"/tasks/" + _REF % "task", cached(page_task)),
         ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
+        ("POST", r"/tasks/" + _REF % "task" + "/waits", frag_set_task_waits),
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/sessions", frag_start_session),
@@ -11448,6 +11539,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/frag/projects", cached(frag_projects)),
         ("GET", r"/frag/activity", cached(frag_activity)),
         ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", cached(frag_project_tasks)),
+        ("GET", r"/frag/projects/" + _REF % "project" + "/queue", cached(frag_project_queue)),
         ("GET", r"/frag/tasks/" + _REF % "task", cached(frag_task)),
         ("GET", r"/frag/tasks/" + _REF % "task" + "/updates", cached(frag_task_updates)),
         ("GET", r"/frag/tasks/" + _REF % "task" + "/history", cached(frag_task_history)),

@@ -157,3 +157,42 @@ def test_after_next_and_task_show_through_the_cli(run_clare):
     assert "clare next --project alpha --json" in help_text
     assert "--after ID" in run_clare("task", "add", "--help").out
     assert "--no-after ID" in run_clare("task", "edit", "--help").out
+
+
+# --- a cycle closed by two hosts apart, through real `clare serve` processes -------------------------
+
+def test_two_hosts_apart_close_a_cycle_through_sync_and_its_tasks_are_never_ready(tmp_path, home):
+    import os
+
+    from test_sync import Clare
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CLARE_TOKEN", "CLARE_HOME", "CLARE_URL")}
+    a, b = Clare(tmp_path, "ash", env), Clare(tmp_path, "birch", env)
+    env["BIRCH_TOKEN"] = b.token
+    try:
+        b.serve("--no-sync")
+        a.add_peer(b, token_env="BIRCH_TOKEN")
+        assert a.cli("project", "new", "alpha").code == 0
+        x = a.cli("task", "add", "alpha", "lexer", "--json").json()["id"]
+        y = a.cli("task", "add", "alpha", "parser", "--json").json()["id"]
+        assert a.cli("sync").code == 0
+        # apart: each host adds one wait; neither closes a cycle on its own log
+        assert a.cli("task", "edit", x[:8], "--after", y[:8]).code == 0
+        assert b.cli("task", "edit", y[:8], "--after", x[:8]).code == 0
+        assert a.cli("sync").code == 0
+        for host in (a, b):
+            assert host.cli("next", "--json").json() == [], host.name
+            shown = host.cli("task", "show", x[:8])
+            assert f"cycle:    {x[:8]} → {y[:8]} → {x[:8]}: never ready" in shown.out, host.name
+            assert host.cli("task", "show", y[:8], "--json").json()["cycle"] == [y, x, y]
+        import urllib.request
+        req = urllib.request.Request(f"{b.url}/projects/alpha", headers={"Authorization": f"Bearer {b.token}"})
+        html = urllib.request.urlopen(req, timeout=10).read().decode()
+        assert "never ready" in html and f"{x[:8]}" in html
+        # a wait dropped on one host frees the other task everywhere once synced
+        assert b.cli("task", "edit", y[:8], "--no-after", x[:8]).code == 0
+        assert a.cli("sync").code == 0
+        for host in (a, b):
+            assert [t["id"] for t in host.cli("next", "--json").json()] == [y], host.name
+    finally:
+        b.stop()
