@@ -9699,7 +9699,7 @@ nav a{padding:.25rem .4rem;font-size:.93rem}
 body.bare{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
 h3{font-size:.85rem;margin:.9rem 0 .4rem}ol.queue,ul.waits{margin:0;padding-left:1.4rem}
 ol.queue li,ul.waits li{padding:.25rem 0;overflow-wrap:anywhere}.dep{display:inline-block;margin-right:.6rem}
-.dep.over a{text-decoration:line-through;color:var(--muted)}
+.dep.over a{text-decoration:line-through;color:var(--muted)}form.waits-form{margin:.9rem 0 0}
 """
 STATIC_MEMORY = {"clare.js": CLARE_JS.encode(), "clare.css": STYLESHEET.encode()}  # files served from memory, by name
 
@@ -9960,13 +9960,13 @@ PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $go
 FRAG_PROJECT_QUEUE = string.Template("""<section class="card" id="frag-queue" $poll>
 <h2>Queue</h2>$cycles
 <h3>Ready to hand out <span class="muted">$n_ready</span></h3>$ready
-<h3>Waiting on other tasks</h3>$waiting</section>""")
+<h3>Who waits on what</h3>$waiting</section>""")
 QUEUE_LIST = string.Template('<ol class="queue">$items</ol>')
 QUEUE_ITEM = string.Template("""<li><span class="badge c-$pri_color">P$priority</span>
 <a href="/tasks/$id">$title</a> <span class="mono muted small">$short_id</span>$tags</li>""")
 WAITS_LIST = string.Template('<ul class="waits">$items</ul>')
 WAITS_ITEM = string.Template("""<li><a href="/tasks/$id">$title</a> <span class="mono muted small">$short_id</span>
-<span class="muted small">waits on</span> $deps</li>""")
+$ready<span class="muted small">waits on</span> $deps</li>""")
 WAIT_DEP = string.Template('<span class="dep$done_class"><a href="/tasks/$id">$title</a> $state</span>')
 WAIT_UNKNOWN = string.Template('<span class="dep"><span class="mono">$short_id</span> '
                                '<span class="muted small">not here yet</span></span>')
@@ -10251,6 +10251,7 @@ def queue_fragment(req: Request, project: Project) -> Html:
         if queue.ready else render(EMPTY, text="No task is ready: each open task waits, is assigned, or is not todo.")
     waiting = render(WAITS_LIST, items=join(render(
         WAITS_ITEM, id=w.task_id, short_id=w.task_id[:SHORT_ID], title=titles.get(w.task_id, ""),
+        ready=join([badge("ready", "violet"), Html(" ")]) if w.is_ready else Html(""),
         deps=join([*(_wait_dep(t) for t in w.waits_on),
                    *(render(WAIT_UNKNOWN, short_id=x[:SHORT_ID]) for x in w.unknown)]))
         for w in queue.waiting)) if queue.waiting else render(EMPTY, text="No open task waits on another.")
