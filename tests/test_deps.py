@@ -196,3 +196,66 @@ def test_two_hosts_apart_close_a_cycle_through_sync_and_its_tasks_are_never_read
             assert [t["id"] for t in host.cli("next", "--json").json()] == [y], host.name
     finally:
         b.stop()
+
+
+# --- the API and the remote client: one declaration, the same answers --------------------------------
+
+def test_waits_over_the_api_and_the_remote_client_answer_what_the_services_do(serve, db):
+    server = serve()
+    remote, local = clare.RemoteServices(server.url, token=server.token), clare.Services(db)
+    remote.create_project("alpha")
+    first = remote.create_task("alpha", "first")
+    made = server.request("POST", "/api/v1/tasks", json_body={"project": "alpha", "title": "then",
+                                                              "after": [first.id[:6]]})
+    assert made.status == 201 and made.json()["after"] == [first.id]
+    then = made.json()["id"]
+    for name, args in (("ready_tasks", ()), ("ready_tasks", ("alpha",)), ("get_task_waits", (then,)),
+                       ("get_task_waits", (first.id,)), ("get_queue", ("alpha",))):
+        assert getattr(remote, name)(*args) == getattr(local, name)(*args), name
+    waits = server.request("GET", f"/api/v1/tasks/{first.id[:8]}/waits").json()
+    assert [t["id"] for t in waits["blocks"]] == [then] and waits["is_ready"] is True
+    loop = server.request("PATCH", f"/api/v1/tasks/{first.id[:8]}", json_body={"after": [then]})
+    assert loop.status == 409 and "would wait on itself" in loop.json()["error"]["message"]
+    bad = server.request("PATCH", f"/api/v1/tasks/{then}", json_body={"no_after": "x"})
+    assert bad.status == 422
+    dropped = server.request("PATCH", f"/api/v1/tasks/{then}", json_body={"no_after": [first.id[:8]]})
+    assert dropped.status == 200 and dropped.json()["after"] == []
+    queue = server.request("GET", "/api/v1/projects/alpha/queue").json()
+    assert [t["title"] for t in queue["ready"]] == ["first", "then"] and queue["cycles"] == []
+    spec = server.request("GET", "/api/v1/openapi.json").json()
+    assert {"/api/v1/ready", "/api/v1/projects/{project}/queue", "/api/v1/tasks/{task}/waits"} <= set(spec["paths"])
+    assert "after" in spec["components"]["schemas"]["Task"]["properties"]
+
+
+# --- what a peer may send: checked at the door; a self-wait is a cycle ----------------------------------
+
+def _peer_event(n: int, event_type: str, payload: dict) -> dict:
+    now = clare.now_ms()
+    return {"uuid": f"d0000000-0000-4000-8000-{n:012d}", "hlc": f"{now:013d}.000000.peer", "machine_id": "peer",
+            "event_type": event_type, "payload": payload, "created_at": clare.iso_ms(now)}
+
+
+def test_a_malformed_wait_from_a_peer_is_refused_and_a_wait_on_itself_is_a_cycle():
+    import pytest
+
+    for bad in ("x", {"a b": True}, {"f" * 32: "yes"}, {f"{n:032x}": True for n in range(101)}):
+        with pytest.raises(clare.ClareError, match="bad after"):
+            clare.check_received(_peer_event(1, "task.updated", {"task_id": "a" * 32, "after": bad}))
+    db = _db()
+    clare.create_project(db, "alpha", now_ms=clare.now_ms())
+    t = clare.create_task(db, "alpha", "selfish", now_ms=clare.now_ms())
+    other = clare.create_task(db, "alpha", "waits on one not here yet", after=[t.id], now_ms=clare.now_ms())
+    ev = clare.check_received(_peer_event(2, "task.updated", {"task_id": t.id, "after": {t.id: True,
+                                                                                          "e" * 32: False}}))
+    with clare.write_txn(db) as cur:
+        clare.receive_events(db, cur, [ev], now_ms=clare.now_ms())
+    assert clare.list_ready_tasks(db) == []
+    waits = clare.get_task_waits(db, t.id[:8])
+    assert waits.cycle == [t.id, t.id] and not waits.is_ready
+    assert [x.id for x in waits.blocks] == [t.id, other.id]  # it blocks itself too
+    later = clare.check_received(_peer_event(3, "task.updated", {"task_id": other.id, "after": {"c" * 32: True}}))
+    with clare.write_txn(db) as cur:
+        clare.receive_events(db, cur, [later], now_ms=clare.now_ms())
+    assert clare.get_task_waits(db, other.id).unknown == ["c" * 32]  # its task has not arrived: it blocks
+    clare.edit_task(db, other.id, no_after=["c" * 8, t.id[:8]], now_ms=clare.now_ms())
+    assert [x.id for x in clare.list_ready_tasks(db)] == [other.id]
