@@ -12262,12 +12262,19 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
     p = ctx.svc.get_project(args.project)
     tasks = ctx.svc.list_tasks(project_id=p.id)
     history = ctx.svc.project_history(p) if args.history else None
-    value = {**p.to_json(), "tasks": tasks, **({"history": history} if history is not None else {})}
+    queue = ctx.svc.get_queue(p.id)
+    value = {**p.to_json(), "tasks": tasks, **({"history": history} if history is not None else {}),
+             "ready": [t.id for t in queue.ready], "cycles": queue.cycles}
 
     def text() -> str:
         lines = [f"{p.name}  ({p.id})  {p.status}", f"goal:  {p.goal or '-'}", f"owner: {p.owner or '-'}",
                  *(f"code:  {folder} on {host}" for host, folder in p.dirs.items()),
-                 f"tasks: {_counts(p.task_counts)}", "", format_tasks(tasks, with_project=False)]
+                 f"tasks: {_counts(p.task_counts)}",
+                 f"ready: {len(queue.ready)}" + (f" (see them with: clare next --project {p.name})"
+                                                 if queue.ready else ""),
+                 *(f"cycle: {cycle_text(c)}: never ready; drop one wait with: clare task edit {c[0][:SHORT_ID]} "
+                   f"--no-after {c[1][:SHORT_ID]}" for c in queue.cycles),
+                 "", format_tasks(tasks, with_project=False)]
         if history is not None:
             lines += ["", "history:", format_history(history)]
         return "\n".join(lines)

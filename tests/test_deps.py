@@ -121,6 +121,8 @@ def test_after_next_and_task_show_through_the_cli(run_clare):
     assert r.code == 0 and r.out.splitlines()[1].split() == [schema[:8], "P1", "todo", "alpha", "design", "schema"]
     assert len(r.out.splitlines()) == 2
     assert [t["id"] for t in run_clare("next", "--project", "alpha", "--json").json()] == [schema]
+    assert "\nready: 1 (see them with: clare next --project alpha)\n" in run_clare("project", "show", "alpha").out
+    assert run_clare("project", "show", "alpha", "--json").json()["ready"] == [schema]
 
     shown = run_clare("task", "show", api[:8])
     assert f"waits on: {schema[:8]} (todo) design schema\n" in shown.out
@@ -185,6 +187,11 @@ def test_two_hosts_apart_close_a_cycle_through_sync_and_its_tasks_are_never_read
             shown = host.cli("task", "show", x[:8])
             assert f"cycle:    {x[:8]} → {y[:8]} → {x[:8]}: never ready" in shown.out, host.name
             assert host.cli("task", "show", y[:8], "--json").json()["cycle"] == [y, x, y]
+            first, then = sorted([x, y])
+            project = host.cli("project", "show", "alpha")
+            assert f"ready: 0\ncycle: {first[:8]} → {then[:8]} → {first[:8]}: never ready; drop one wait with: " \
+                   f"clare task edit {first[:8]} --no-after {then[:8]}\n" in project.out, host.name
+            assert host.cli("project", "show", "alpha", "--json").json()["cycles"] == [[first, then, first]]
         import urllib.request
         req = urllib.request.Request(f"{b.url}/projects/alpha", headers={"Authorization": f"Bearer {b.token}"})
         html = urllib.request.urlopen(req, timeout=10).read().decode()
