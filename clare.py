@@ -3377,8 +3377,9 @@ def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | 
             raise UsageError(f"a task holds at most {MAX_TAGS} tags; remove some with --untag")
         if tag_changes:
             changes["tags"] = dict(sorted(tag_changes.items()))
-        added = _resolve_waits(db, after, waiter=task.id) - set(task.after)
-        dropped = _dropped_waits(db, task, no_after) - added
+        wanted = _resolve_waits(db, after, waiter=task.id)
+        added = wanted - set(task.after)
+        dropped = _dropped_waits(db, task, no_after) - wanted  # named in both: --after wins, as --tag does
         if len((set(task.after) - dropped) | added) > MAX_AFTER:
             raise UsageError(f"a task waits on at most {MAX_AFTER} tasks; drop some with --no-after")
         _refuse_cycles(db, task.id, added)

@@ -266,3 +266,40 @@ def test_a_malformed_wait_from_a_peer_is_refused_and_a_wait_on_itself_is_a_cycle
     assert clare.get_task_waits(db, other.id).unknown == ["c" * 32]  # its task has not arrived: it blocks
     clare.edit_task(db, other.id, no_after=["c" * 8, t.id[:8]], now_ms=clare.now_ms())
     assert [x.id for x in clare.list_ready_tasks(db)] == [other.id]
+
+
+# --- waits merge per edge, like tags ---------------------------------------------------------------
+
+def _sync(a, b, *, now_ms):
+    for src, dst in ((a, b), (b, a)):
+        with clare.write_txn(dst) as cur:
+            clare.receive_events(dst, cur, list(clare.iter_events(src)), now_ms=now_ms)
+
+
+def test_waits_added_apart_both_stay_and_the_newer_add_or_drop_of_one_wait_wins():
+    a, b = _db("ash"), _db("birch")
+    clare.create_project(a, "alpha", now_ms=T0)
+    x, y, z = (clare.create_task(a, "alpha", n, now_ms=T0 + i) for i, n in enumerate("xyz", 1))
+    _sync(a, b, now_ms=T0 + 5)
+    clare.edit_task(a, z.id, after=[x.id], now_ms=T0 + 10)
+    clare.edit_task(b, z.id, after=[y.id], now_ms=T0 + 11)
+    _sync(a, b, now_ms=T0 + 12)
+    for db in (a, b):
+        assert clare.get_task(db, z.id).after == tuple(sorted([x.id, y.id]))
+    clare.edit_task(a, z.id, no_after=[y.id], now_ms=T0 + 30)  # newer than b's re-add below
+    clare.edit_task(b, z.id, after=[x.id], no_after=[x.id], now_ms=T0 + 20)  # --after wins: nothing changes
+    assert x.id in clare.get_task(b, z.id).after
+    clare.edit_task(b, z.id, no_after=[x.id], now_ms=T0 + 21)
+    clare.edit_task(b, z.id, after=[x.id], now_ms=T0 + 22)
+    _sync(a, b, now_ms=T0 + 40)
+    for db in (a, b):
+        assert clare.get_task(db, z.id).after == (x.id,)
+        assert [t.id for t in clare.list_ready_tasks(db)] == [x.id, y.id]
+    events = [e for e in clare.iter_events(a)]
+    for order in (events, list(reversed(events))):
+        c = _db("cedar")
+        for ev in order:
+            with clare.write_txn(c) as cur:
+                clare.receive_events(c, cur, [ev], now_ms=T0 + 50)
+        assert clare.get_task(c, z.id).after == (x.id,)
+        assert [t.id for t in clare.list_ready_tasks(c)] == [x.id, y.id]
