@@ -4360,7 +4360,8 @@ DESCRIBE.update({
     "project.updated": lambda p: f"changed project: {_fields(p, 'project_id')}",
     "task.created": lambda p: f"added task {p['task_id'][:SHORT_ID]} {p['title']!r} (P{p['priority']})"
                               + "".join(f" #{t}" for t in p.get("tags", ()))
-                              + "".join(f" after {t[:SHORT_ID]}" for t in p.get("after", ())),
+                              + (", waits on " + ", ".join(t[:SHORT_ID] for t in p["after"]) if p.get("after")
+                                 else ""),
     "task.updated": lambda p: f"changed task {p['task_id'][:SHORT_ID]}: {_fields(p, 'task_id')}",
     "task.assigned": lambda p: f"assigned task {p['task_id'][:SHORT_ID]} to "
                                + (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
