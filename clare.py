@@ -408,7 +408,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -1608,10 +1608,12 @@ CREATE TABLE asks (                             -- this host's newest Permission
 """
 _MIGRATIONS[7] = [ASKS_SCHEMA]
 
-ORDER_ACTIONS = ("start", "resume", "stop")
+DEFAULT_DISPATCH_SESSIONS = 1  # project set --max-sessions, until set
+MAX_DISPATCH_SESSIONS = 50
+ORDER_ACTIONS = ("start", "resume", "stop", "dispatch")  # dispatch: type a task into a session that waits
 # pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
-ORDER_RESULTS = ("pending", "claimed", "started", "needs trust", "stopped", "refused", "failed", "expired")
-ORDER_FINAL = ("started", "needs trust", "stopped", "refused", "failed", "expired")
+ORDER_RESULTS = ("pending", "claimed", "started", "needs trust", "stopped", "refused", "failed", "expired", "typed")
+ORDER_FINAL = ("started", "needs trust", "stopped", "refused", "failed", "expired", "typed")
 MAX_PATH_CHARS = 4096
 
 DISPATCH_SCHEMA = """
@@ -1657,6 +1659,19 @@ CREATE TABLE hosts (
 """
 _MIGRATIONS[8].append(HOSTS_SCHEMA)
 
+# Schema 10: dispatch per project (project set --dispatch/--max-sessions/--dispatcher), each field
+# last-writer-wins. COMPAT: an older peer stores and relays the new project.updated fields and the
+# dispatch orders without applying them; `clare replay` after its upgrade applies what it kept.
+PROJECT_DISPATCH_SCHEMA = """
+ALTER TABLE projects ADD COLUMN dispatch INTEGER;
+ALTER TABLE projects ADD COLUMN dispatch_v TEXT;
+ALTER TABLE projects ADD COLUMN max_sessions INTEGER;
+ALTER TABLE projects ADD COLUMN max_sessions_v TEXT;
+ALTER TABLE projects ADD COLUMN dispatcher TEXT;
+ALTER TABLE projects ADD COLUMN dispatcher_v TEXT
+"""  # dispatch: 1 feeds idle sessions the next ready task; max_sessions: how many it keeps; dispatcher: machine id
+_MIGRATIONS[10] = [PROJECT_DISPATCH_SCHEMA]
+
 
 @dataclass(frozen=True, slots=True)
 class Project:
@@ -1668,6 +1683,9 @@ class Project:
     created_at: str
     task_counts: dict[str, int]  # status -> number of tasks
     dirs: dict[str, str] = dataclasses.field(default_factory=dict)  # host (machine id) -> where its code lives
+    is_dispatching: bool = False  # its idle sessions are fed the next ready task (project set --dispatch on)
+    max_sessions: int = DEFAULT_DISPATCH_SESSIONS  # ... by at most this many sessions
+    dispatcher: str | None = None  # the one host (machine id) that dispatches for it
 
     def to_json(self) -> dict[str, Any]:
         """Return the project as the JSON object the CLI and API print."""
@@ -1879,6 +1897,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
 def _is_word(v: Any) -> bool:
     return isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS
 
@@ -2065,12 +2087,22 @@ def apply_project_created(cur: sqlite3.Cursor, ev: Event) -> None:
          {"created_at": ev.created_at, **_pick(p, ("name", "goal", "owner", "status"))}, ev)
 
 
+def _is_max_sessions(v: Any) -> bool:
+    return _is_int(v) and 1 <= v <= MAX_DISPATCH_SESSIONS
+
+
 @applies("project.updated", {"project_id": _is_id, "name?": _is_str, "goal?": _is_str, "owner?": _is_str,
-                             "status?": _is_one_of(PROJECT_STATUSES), "undoes?": _is_id})
+                             "status?": _is_one_of(PROJECT_STATUSES), "undoes?": _is_id, "dispatch?": _is_bool,
+                             "max_sessions?": _is_max_sessions,
+                             "dispatcher?": lambda v: isinstance(v, str) and MACHINE_ID_RE.match(v) is not None})
 def apply_project_updated(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Per-field last writer wins, by (hlc, uuid): a late old edit never overwrites a newer one."""
-    p = ev.payload  # {project_id, name?, goal?, owner?, status?}
-    fields = _pick(p, ("name", "goal", "owner", "status"))
+    """Per-field last writer wins, by (hlc, uuid): a late old edit never overwrites a newer one.
+
+    The dispatcher field too: two hosts that set it while apart both dispatch until each hears
+    of the newer value (the README's stated limit of "decided once").
+    """
+    p = ev.payload  # {project_id, name?, goal?, owner?, status?, dispatch?, max_sessions?, dispatcher?}
+    fields = _pick(p, ("name", "goal", "owner", "status", "dispatch", "max_sessions", "dispatcher"))
     if fields:
         _lww(cur, "projects", p["project_id"], fields, ev)
 
@@ -2305,14 +2337,12 @@ def apply_project_dir_set(cur: sqlite3.Cursor, ev: Event) -> None:
          {"project_id": p["project_id"], "host": p["host"], "dir": p["dir"]}, ev)
 
 
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
 @applies("order.placed", {"order_id": _is_id, "action": _is_one_of(ORDER_ACTIONS), "host": _is_id,
                           "session_id": lambda v: isinstance(v, str) and bool(UUID_RE.match(v)),
                           "task_id": _is_opt_id, "cwd": _is_str, "tmux_session": _is_str, "expires_at": _is_str,
-                          "is_worktree": _is_bool, "model": _is_opt_str, "is_force": _is_bool})
+                          "is_worktree": _is_bool, "model": _is_opt_str, "is_force": _is_bool,
+                          "template?": _is_typable, "reason?": _is_str, "is_clear?": _is_bool,
+                          "is_dispatch?": _is_bool})
 def apply_order_placed(cur: sqlite3.Cursor, ev: Event) -> None:
     """Immutable once placed; the result starts pending, a default that any receipt overrides.
 
@@ -2377,7 +2407,7 @@ def apply_host_announced(cur: sqlite3.Cursor, ev: Event) -> None:
 
 
 _PROJECT_SELECT = """
-SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
+SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at, p.dispatch, p.max_sessions, p.dispatcher,
        (SELECT json_group_object(status, n) FROM
            (SELECT t.status, count(*) AS n FROM tasks t
              WHERE t.project_id = p.id AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
@@ -2391,7 +2421,8 @@ SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
 def _project_from_row(row: sqlite3.Row) -> Project:
     counts = dict.fromkeys(TASK_STATUSES, 0) | json.loads(row["counts"] or "{}")
     return Project(row["id"], row["name"], row["goal"], row["owner"], row["status"], row["created_at"], counts,
-                   dict(sorted(json.loads(row["dirs"] or "{}").items())))
+                   dict(sorted(json.loads(row["dirs"] or "{}").items())), bool(row["dispatch"]),
+                   row["max_sessions"] or DEFAULT_DISPATCH_SESSIONS, row["dispatcher"])
 
 
 def list_projects(db: Db, *, status: str | None = None) -> list[Project]:
@@ -2708,6 +2739,18 @@ def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
         sql += " AND s.state != 'gone'"
     rows = db.conn.execute(sql + " ORDER BY s.host, s.tmux_target, s.id", params).fetchall()
     return [_session_from_row(r) for r in rows]
+
+
+def list_project_session_ids(db: Db, project_id: str) -> list[str]:
+    """Return the sessions whose newest task binding is to a task of a project (done or not): its sessions.
+
+    Dispatch counts them against --max-sessions and feeds those that wait with no open task.
+    """
+    # SQLite: a bare column beside max() comes from the row that holds the max.
+    return [r[0] for r in db.conn.execute(
+        """SELECT substr(t.assignee, 9), t.project_id, max(t.assignee_v) FROM tasks t
+            WHERE t.assignee LIKE 'session:%' AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
+            GROUP BY t.assignee""") if r[1] == project_id]
 
 
 def list_group_tasks(db: Db) -> list[tuple[str, str]]:
@@ -3220,9 +3263,24 @@ def _check_name_free(db: Db, name: str) -> None:
 
 def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None = None,
                  owner: str | None = None, status: str | None = None, dirs: Sequence[str] = (),
+                 dispatch: bool | None = None, max_sessions: int | None = None, dispatcher: str | None = None,
                  now_ms: int) -> Project:
-    """Change some fields of a project (and where its code lives); values equal to the current ones are not recorded."""
+    """Change some fields of a project (and where its code lives); values equal to the current ones are not recorded.
+
+    Turning dispatch on makes this host the dispatcher unless one is named or already set.
+    """
     changes: dict[str, Any] = {}
+    if dispatch is not None and not isinstance(dispatch, bool):
+        raise UsageError(f"dispatch {str(dispatch)[:20]!r} is not on or off; give --dispatch on or --dispatch off")
+    if max_sessions is not None and not _is_max_sessions(max_sessions):
+        raise UsageError(f"--max-sessions {str(max_sessions)[:20]} is outside 1-{MAX_DISPATCH_SESSIONS}; "
+                         "give how many sessions dispatch may keep on the project, e.g. --max-sessions 3")
+    if dispatch is not None:
+        changes["dispatch"] = dispatch
+    if max_sessions is not None:
+        changes["max_sessions"] = max_sessions
+    if dispatcher is not None:
+        changes["dispatcher"] = resolve_host(db, dispatcher)
     if name is not None:
         changes["name"] = _check_name(name)
     if goal is not None:
@@ -3233,7 +3291,9 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
         changes["status"] = _check_choice("project status", status, PROJECT_STATUSES)
     with write_txn(db) as cur:
         project = get_project(db, ref)
-        changes = {k: v for k, v in changes.items() if getattr(project, k) != v}
+        if dispatch and not project.dispatcher and "dispatcher" not in changes:
+            changes["dispatcher"] = db.machine_id  # the host that turned dispatch on, until someone names another
+        changes = {k: v for k, v in changes.items() if getattr(project, _PROJECT_FIELDS.get(k, k)) != v}
         if "name" in changes:
             _check_name_free(db, changes["name"])
         placed = _project_dirs(db, dirs)
@@ -3244,6 +3304,9 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
                 record(db, cur, "project.dir_set", {"project_id": project.id, "host": host, "dir": folder},
                        now_ms=now_ms)
     return get_project(db, project.id)
+
+
+_PROJECT_FIELDS = {"dispatch": "is_dispatching"}  # a project.updated field -> the Project attribute it sets
 
 
 def create_task(db: Db, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
@@ -3549,7 +3612,8 @@ def _field_values(ev: Event) -> dict[str, Any]:
     """Return what an event sets on its entity, as field -> value (tags as 'tag:NAME' -> bool)."""
     p, kind = ev.payload, ev.event_type
     if kind in ("project.created", "project.updated", "task.created", "task.updated"):
-        out = {k: p[k] for k in ("name", "goal", "owner", "title", "description", "priority", "status") if k in p}
+        out = {k: p[k] for k in ("name", "goal", "owner", "title", "description", "priority", "status", "dispatch",
+                                 "max_sessions", "dispatcher") if k in p}
         tags = dict.fromkeys(p.get("tags", ()), True) if kind == "task.created" else p.get("tags", {})
         waits = dict.fromkeys(p.get("after", ()), True) if kind == "task.created" else p.get("after", {})
         return out | {f"tag:{t}": v for t, v in tags.items()} | {f"after:{t}": v for t, v in waits.items()}
@@ -3584,7 +3648,7 @@ def _inverse(db: Db, ev: Event) -> tuple[str, dict[str, Any], int]:
         now.update(_field_values(e))
         if (e.hlc, e.uuid) < (ev.hlc, ev.uuid):
             before.update(_field_values(e))
-    undo = {f: before.get(f, False if f.startswith(("tag:", "after:")) or f == "removed" else None)
+    undo = {f: before.get(f, False if f.startswith(("tag:", "after:")) or f in ("removed", "dispatch") else None)
             for f, v in _field_values(ev).items() if now.get(f) == v}
     n_kept = len(_field_values(ev)) - len(undo)
     if "removed" in undo:
@@ -4140,7 +4204,7 @@ def _default_host(db: Db, project: Project) -> str:
 
 def _place(db: Db, cur: sqlite3.Cursor, action: str, *, host: str, session_id: str, task_id: str | None,
            cwd: str, tmux_session: str, is_worktree: bool = False, model: str | None = None,
-           is_force: bool = False, now_ms: int) -> str:
+           is_force: bool = False, extra: dict[str, Any] | None = None, now_ms: int) -> str:
     busy = [o for o in list_orders(db, session_id=session_id)
             if o.result in ("pending", "claimed") and o.expires_at > iso_ms(now_ms)]  # same form: sorts as time
     if busy:
@@ -4150,17 +4214,18 @@ def _place(db: Db, cur: sqlite3.Cursor, action: str, *, host: str, session_id: s
     record(db, cur, "order.placed", {
         "order_id": order_id, "action": action, "host": host, "session_id": session_id, "task_id": task_id,
         "cwd": cwd, "tmux_session": tmux_session, "is_worktree": is_worktree, "model": model,
-        "is_force": is_force, "expires_at": iso_ms(now_ms + ORDER_TTL_MS)}, now_ms=now_ms)
+        "is_force": is_force, "expires_at": iso_ms(now_ms + ORDER_TTL_MS), **(extra or {})}, now_ms=now_ms)
     return order_id
 
 
 def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
-                model: str | None = None, now_ms: int) -> Order:
+                model: str | None = None, reason: str | None = None, template: str | None = None,
+                now_ms: int) -> Order:
     """Order a new Claude session for a task on a host, with the task bound to its session id at once.
 
     Clare makes the session id and passes it to Claude (--session-id), so the binding is part of
     the start, never a guess. The host defaults to this one when the project's code lives here,
-    else the only host it lives on.
+    else the only host it lives on. A `reason` marks a start dispatch placed (see dispatch_round).
     """
     if model is not None and not MODEL_RE.match(model):
         raise UsageError(f"--model {model[:40]!r} is not a model name; e.g. --model sonnet or --model claude-opus-4-1")
@@ -4186,10 +4251,35 @@ def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: 
         session_id = new_uuid()
         order_id = _place(db, cur, "start", host=machine, session_id=session_id, task_id=task.id, cwd=folder,
                           tmux_session=tmux_session_name(project.name), is_worktree=is_worktree, model=model,
+                          extra={"reason": reason[:500], "is_dispatch": True, "template": template} if reason else None,
                           now_ms=now_ms)
         record(db, cur, "task.assigned", {"task_id": task.id, "session_id": session_id}, now_ms=now_ms)
         if task.status == "todo":
             record(db, cur, "task.updated", {"task_id": task.id, "status": "in_progress"}, now_ms=now_ms)
+    return list_orders(db, order_id=order_id)[0]
+
+
+def place_dispatch(db: Db, task_id: str, session: Session, *, template: str, reason: str, is_clear: bool = False,
+                   now_ms: int) -> Order:
+    """Order the host of a waiting session to type a ready task in, with the task bound to it at once.
+
+    Placed only by the project's dispatcher host (dispatch_round). The host fills the template in
+    (its own launcher path goes in). A dispatch its host cannot carry out (pane gone, dialog open,
+    a draft in the composer) frees the task again (record_order_result).
+    """
+    template = _check_text("[dispatch] template", typable_text(template), limit=MAX_TEXT_CHARS, required=True)
+    with write_txn(db) as cur:
+        task = get_task(db, task_id)
+        if task.status != "todo" or task.session_id or task.group_id or task.removed_at:
+            raise Conflict(f"task {task.id[:SHORT_ID]} is not ready any more ({task.status}"
+                           f"{', assigned' if task.session_id or task.group_id else ''}); nothing was dispatched")
+        order_id = _place(db, cur, "dispatch", host=session.host, session_id=session.id, task_id=task.id,
+                          cwd=session.cwd, tmux_session=session.tmux_session,
+                          extra={"template": template, "reason": reason[:500], "is_clear": is_clear,
+                                 "is_dispatch": True},
+                          now_ms=now_ms)
+        record(db, cur, "task.assigned", {"task_id": task.id, "session_id": session.id}, now_ms=now_ms)
+        record(db, cur, "task.updated", {"task_id": task.id, "status": "in_progress"}, now_ms=now_ms)
     return list_orders(db, order_id=order_id)[0]
 
 
@@ -4235,10 +4325,15 @@ def record_order_result(db: Db, order_id: str, *, result: str, reason: str = "",
                                               "outcome": outcome or {}, "session_id": placed.session_id,
                                               "task_id": placed.task_id}, now_ms=now_ms)
         order = list_orders(db, order_id=order_id)[0]
-        if order.action == "start" and result in ("refused", "expired") and order.task_id:
+        is_dispatch = bool(order.request.get("is_dispatch"))
+        if order.task_id and (order.action == "start" and result in ("refused", "expired")
+                              or is_dispatch and result in ("refused", "failed", "expired")):
             task = get_task(db, order.task_id)
-            if task.session_id == order.session_id:  # no Claude runs under that id: the task is free again
+            # No Claude runs under that id, or it did not get the task: the task is free (and ready) again.
+            if task.session_id in (order.session_id, order.outcome.get("session_id")):
                 record(db, cur, "task.unassigned", {"task_id": task.id}, now_ms=now_ms)
+                if is_dispatch and task.status == "in_progress":
+                    record(db, cur, "task.updated", {"task_id": task.id, "status": "todo"}, now_ms=now_ms)
     return order
 
 
@@ -4394,10 +4489,14 @@ DESCRIBE.update({
     "project.dir_set": lambda p: (f"project {p['project_id'][:SHORT_ID]} lives in {p['dir']} on {p['host']}"
                                   if p.get("dir") else
                                   f"project {p['project_id'][:SHORT_ID]}: no directory on {p['host']}"),
-    "order.placed": lambda p: f"{p['action']} session {p['session_id'][:SHORT_ID]} on {p['host']}"
-                              + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else "")
+    "order.placed": lambda p: (f"dispatch task {str(p.get('task_id'))[:SHORT_ID]} to session "
+                               f"{p['session_id'][:SHORT_ID]} on {p['host']}" if p["action"] == "dispatch" else
+                               f"{p['action']} session {p['session_id'][:SHORT_ID]} on {p['host']}"
+                               + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else ""))
+                              + (" after /clear" if p.get("is_clear") else "")
                               + (" in a new worktree" if p.get("is_worktree") else "")
-                              + (" (--force)" if p.get("is_force") else ""),
+                              + (" (--force)" if p.get("is_force") else "")
+                              + (f": {p['reason'][:200]}" if p.get("reason") else ""),
     "order.carried_out": lambda p: (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
                                     else f"order {p['order_id'][:SHORT_ID]}") + f": {p['result']}"
                                    + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
@@ -4516,6 +4615,7 @@ class PullResult:
     unreachable: list[str]  # tmux sockets that did not answer: their sessions are kept as they were
     updates: list[Update]  # pane tails and triage notes stored by this pull
     warnings: list[str]  # adapters and commands that failed; the pull went on without them
+    dispatched: list[Order] = dataclasses.field(default_factory=list)  # what dispatch decided, as carried out here
 
 
 def claude_home(env: Mapping[str, str] | None = None) -> str:
@@ -5287,7 +5387,8 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     """Look at this host's Claude sessions and record what changed (nothing when nothing did).
 
     Also: ingest spooled hook reports, carry out the orders placed for this host (start, resume,
-    stop), deliver other hosts' broadcasts, and with `tails` store
+    stop), dispatch on what it saw (dispatch_round; what it places here is carried out and looked
+    at again at once), deliver other hosts' broadcasts, and with `tails` store
     each assigned pane's last lines (and the triage command's reading of them) when they changed.
     """
     ingest_spool(db, now_ms=now_ms)
@@ -5298,7 +5399,32 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     idle_after_ms = int(idle_after_s * 1000)
     warnings: list[str] = []
     rclaude = read_rclaude(config.get("rclaude", {}), machine_id=db.machine_id, warnings=warnings)
-    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env), rclaude=rclaude,
+    observations, ambiguous, unreachable, events = _look(db, claude_dir=claude_home(env), rclaude=rclaude,
+                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
+    started = time.monotonic()
+    placed = dispatch_round(db, config=config, now_ms=now_ms, warnings=warnings)  # on what this look saw
+    carried: dict[str, Order] = {}
+    if any(o.host == db.machine_id for o in placed):  # carried out now, then looked at again
+        carried = {o.id: o for o in carry_out_pending(db, config=config, now_ms=now_ms)}
+        observations, ambiguous, unreachable, again = _look(
+            db, claude_dir=claude_home(env), rclaude=rclaude, idle_after_ms=idle_after_ms,
+            now_ms=now_ms + int((time.monotonic() - started) * 1000))
+        events += again
+    deliver_pending(db, now_ms=now_ms)
+    deliver_answers(db, now_ms=now_ms, config=config)
+    text = canonical_json([p.to_json() for p in ambiguous])
+    if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
+        with write_txn(db) as cur:
+            set_meta(cur, "ambiguous_panes", text)
+    updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
+    return PullResult(observations, events, ambiguous, unreachable, updates, warnings,
+                      [carried.get(o.id, o) for o in placed])
+
+
+def _look(db: Db, *, claude_dir: str, rclaude: dict[str, str], idle_after_ms: int,
+          now_ms: int) -> tuple[list[Observation], list[Pane], list[str], list[Event]]:
+    """Look at this host's sessions once and record what changed: (observations, ambiguous, unreachable, events)."""
+    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_dir, rclaude=rclaude,
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
     # A session that reported through a hook lately lives even when this look cannot find it (an old
     # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
@@ -5317,14 +5443,7 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
                   if (panes := list_panes(socket)) is not None}
     events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, live_panes=live_panes,
                               now_ms=now_ms)
-    deliver_pending(db, now_ms=now_ms)
-    deliver_answers(db, now_ms=now_ms, config=config)
-    text = canonical_json([p.to_json() for p in ambiguous])
-    if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
-        with write_txn(db) as cur:
-            set_meta(cur, "ambiguous_panes", text)
-    updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
-    return PullResult(observations, events, ambiguous, unreachable, updates, warnings)
+    return observations, ambiguous, unreachable, events
 
 
 def start_background_pull(db_path: str, config: dict[str, Any], *, stop: Any,
@@ -6286,13 +6405,39 @@ def agent_launcher(db_path: str) -> str:
     return path
 
 
-def first_prompt(task: Task, *, launcher: str) -> str:
-    """Return what Clare types into a session it started: the task, and how to report on it."""
-    parts = [task.title, task.description.strip(),
-             f"(Task {task.id[:SHORT_ID]} of project {task.project}, from Clare.) Post progress notes with:\n"
-             f'  {launcher} update "what you did"\nWhen the task is finished, report it with:\n'
-             f'  {launcher} update --done "one-line summary"']
-    return broadcast_text("\n\n".join(p for p in parts if p))
+DISPATCH_TEMPLATE = ("$title\n\n$description\n\n(Task $task_id of project $project, from Clare.) Post progress notes "
+                     'with:\n  $clare update "what you did"\nWhen the task is finished, report it with:\n'
+                     '  $clare update --done "one-line summary"')  # [dispatch] template in clare.toml replaces it
+TEMPLATE_KEYS = ("title", "description", "task_id", "project", "priority", "clare")
+
+
+def dispatch_settings(config: dict[str, Any], *, path: str = "clare.toml") -> tuple[str, bool]:
+    """Return clare.toml's [dispatch] template and clear_between, checked; the defaults when unset."""
+    section = config.get("dispatch", {})
+    if not isinstance(section, dict):
+        raise ClareError(f"{path}: [dispatch] must be a table; e.g. [dispatch] clear_between = true")
+    template, is_clear = section.get("template", DISPATCH_TEMPLATE), section.get("clear_between", False)
+    if not isinstance(is_clear, bool):
+        raise ClareError(f"{path}: [dispatch] clear_between = {is_clear!r} is not true or false; fix it")
+    if not isinstance(template, str) or not template.strip() or len(template) > MAX_TEXT_CHARS:
+        raise ClareError(f"{path}: [dispatch] template must be non-empty text of at most {MAX_TEXT_CHARS} characters")
+    t = string.Template(template)
+    unknown = sorted(set(t.get_identifiers()) - set(TEMPLATE_KEYS))
+    if not t.is_valid() or unknown:
+        raise ClareError(f"{path}: [dispatch] template uses {', '.join('$' + u for u in unknown) or 'a lone $'}; "
+                         f"it may use {', '.join('$' + k for k in TEMPLATE_KEYS)} (write $$ for a dollar sign)")
+    return template, is_clear
+
+
+def first_prompt(task: Task, *, launcher: str, template: str | None = None) -> str:
+    """Return the text typed into a session for a task: the dispatch template filled in."""
+    try:
+        text = string.Template(template or DISPATCH_TEMPLATE).substitute(
+            title=task.title, description=task.description.strip(), task_id=task.id[:SHORT_ID], project=task.project,
+            priority=f"P{task.priority}", clare=launcher)
+    except (KeyError, ValueError) as err:  # a template from a peer's clare.toml, checked there only
+        raise ClareError(f"the dispatch template cannot be filled in ({err}); fix [dispatch] template") from None
+    return broadcast_text(re.sub(r"\n{3,}", "\n\n", text).strip())
 
 
 def _run(argv: list[str], *, cwd: str | None = None) -> Any:
@@ -6487,7 +6632,9 @@ def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dic
     session = Session(id=order.session_id, host=db.machine_id, cwd=folder, tmux_socket=socket, tmux_target=target,
                       pane_id=pane_id, pid=None, command="", state="waiting", state_at=None, last_activity_at=None,
                       label="", task_id=task.id, tokens={}, created_at="")  # not recorded yet: the pull after does
-    result, why = deliver_text(db, session, first_prompt(task, launcher=launcher), confirm_s=BROADCAST_CONFIRM_S)
+    template = order.request.get("template") or dispatch_settings(config)[0]  # a dispatched start: the dispatcher's
+    result, why = deliver_text(db, session, first_prompt(task, launcher=launcher, template=template),
+                               confirm_s=BROADCAST_CONFIRM_S)
     if result != "delivered":
         return "failed", f"Claude started in pane {pane_id} ({target}) but the task was not typed in: {why}", outcome
     return "started", "", outcome
@@ -6548,8 +6695,129 @@ def _is_alive(pid: int, procs: dict[int, tuple[int, int]]) -> bool:
     return rest[0] != b"Z" and int(rest[19]) == procs.get(pid, (0, int(rest[19])))[1]
 
 
+def _type_task(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """Type a dispatched task into its waiting session, after /clear when the order says; 'typed' once Claude has it."""
+    session = get_session(db, order.session_id)
+    task = get_task(db, order.task_id) if order.task_id else None
+    if task is None or task.session_id != session.id or task.status == "done":
+        raise ClareError("the task is no longer bound to this session (someone changed it meanwhile); not typed")
+    if session.state not in ("waiting", "idle"):
+        raise ClareError(f"session {session.id[:SHORT_ID]} is {session.state} now, no longer waiting; not typed")
+    # SECURITY: the template may come from a peer: checked at the door, filled in with this host's launcher.
+    text = first_prompt(task, launcher=agent_launcher(db.path), template=order.request.get("template"))
+    outcome: dict[str, Any] = {"pane_id": session.pane_id, "tmux_target": session.tmux_target}
+    if order.request.get("is_clear"):
+        new_id, why = _clear(db, session)
+        if new_id is None:
+            return "failed", why, outcome
+        session = dataclasses.replace(session, id=new_id, state="waiting")
+        outcome["session_id"] = new_id  # the task followed it (the /clear hand-over)
+    result, why = deliver_text(db, session, text, confirm_s=BROADCAST_CONFIRM_S)
+    return ("typed" if result in ("delivered", "queued") else result), why, outcome
+
+
+def _clear(db: Db, session: Session) -> tuple[str | None, str]:
+    """Type /clear into a session and hand its tasks to the session id Claude goes on with; return that id."""
+    pid, socket = session.pid, session.tmux_socket
+    if pid is None or socket is None:
+        return None, f"cannot tell which process runs session {session.id[:SHORT_ID]}; not clearing blind"
+
+    def new_id() -> str | None:
+        sid = (_registry_entry(pid) or {}).get("sessionId")
+        return sid if isinstance(sid, str) and sid != session.id and UUID_RE.match(sid) else None
+
+    result, why = deliver_text(db, session, "/clear", confirm_s=STOP_WAIT_S, is_done=lambda: new_id() is not None)
+    successor = new_id()
+    if result != "delivered" or successor is None:
+        return None, f"/clear was not taken: {why or 'Claude went on under the same session id'}"
+    pane = next((p for p in list_panes(socket) or () if p.pane_id == session.pane_id), None)
+    if pane is not None:  # the new conversation's composer shows once Claude redrew: type into that, not before
+        _wait_until(lambda: composer_text(_capture_styled(pane) or "") == "", timeout_s=STOP_WAIT_S)
+    with write_txn(db) as cur:  # as a pull would on seeing the new id in the same process and pane
+        if list_tasks(db, session_id=session.id, is_open=True):  # else the SessionStart hook handed them over
+            _hand_over(db, cur, session.id, successor, now_ms=now_ms())
+    return successor, ""
+
+
 ORDER_HANDLERS: dict[str, Callable[[Db, Order, dict[str, Any]], tuple[str, str, dict[str, Any]]]] = {
-    "start": _launch, "resume": _launch, "stop": _stop}
+    "start": _launch, "resume": _launch, "stop": _stop, "dispatch": _type_task}
+DISPATCH_RETRY_MS = 60_000  # a session or task whose dispatch failed is left alone this long (no retry storm)
+_DISPATCH_SAID: dict[tuple[str, str], str] = {}  # (database, project id) -> the last warning given: said once
+
+
+def dispatch_round(db: Db, *, config: dict[str, Any], now_ms: int, warnings: list[str] | None = None) -> list[Order]:
+    """Feed the waiting sessions of the projects this host dispatches for, and start sessions up to their maximum.
+
+    Runs in every pull of this host (serve's background loop, `clare pull`); only the project's
+    dispatcher host acts, so one host decides. Orders for this host are carried out by the same pull.
+    """
+    projects = [p for p in list_projects(db, status="active") if p.is_dispatching and p.dispatcher == db.machine_id]
+    if not projects:
+        return []
+    try:
+        template, is_clear = dispatch_settings(config)
+    except ClareError as err:  # a typo in clare.toml stops dispatch, never the pull
+        if warnings is not None:
+            warnings.append(f"dispatch is stopped: {err}")
+        return []
+    placed: list[Order] = []
+    with _dispatch_lock(db):
+        orders = list_orders(db)
+        for project in projects:
+            try:
+                placed += _dispatch_project(db, project, orders, template=template, is_clear=is_clear, now_ms=now_ms)
+                said = ""
+            except ClareError as err:
+                said = f"dispatch for project {project.name}: {err}"
+            if said != _DISPATCH_SAID.get((db.path, project.id), "") and warnings is not None and said:
+                warnings.append(said)
+            _DISPATCH_SAID[(db.path, project.id)] = said
+    return placed
+
+
+@contextlib.contextmanager
+def _dispatch_lock(db: Db) -> Iterator[None]:
+    """Hold this database's dispatch lock: a CLI pull and serve's loop never decide at once (one task, one order)."""
+    import fcntl
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(db.path)), "dispatch.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _dispatch_project(db: Db, project: Project, orders: list[Order], *, template: str, is_clear: bool,
+                      now_ms: int) -> list[Order]:
+    """Place the dispatches and starts one project needs now; a start that cannot be placed raises why."""
+    now_at, retry_at = iso_ms(now_ms), iso_ms(now_ms - DISPATCH_RETRY_MS)
+    in_flight = {o.session_id for o in orders if o.result in ("pending", "claimed") and o.expires_at > now_at}
+    failed = [o for o in orders if o.request.get("is_dispatch") and o.result in ("refused", "failed", "expired")
+              and o.updated_at > retry_at]
+    sessions = {s.id: s for s in find_sessions(db, include_gone=True)}
+    mine = [sessions[sid] for sid in list_project_session_ids(db, project.id)
+            if sid in sessions and sessions[sid].state != "gone"]
+    task_ids = {t.id for t in list_tasks(db, project_id=project.id)}
+    # Starts placed but not seen yet as sessions count too: a start is seen at the pull after it.
+    n_starting = sum(1 for o in orders if o.action == "start" and o.task_id in task_ids and o.session_id not in sessions
+                     and o.result in ("pending", "claimed", "started", "needs trust") and o.expires_at > now_at)
+    idle = sorted((s for s in mine if s.state in ("waiting", "idle") and s.task_id is None and s.id not in in_flight
+                   and s.id not in {o.session_id for o in failed}), key=lambda s: (s.state_at or "", s.id))
+    skip = {o.task_id for o in failed}
+    ready = [t for t in list_ready_tasks(db, project_id=project.id) if t.id not in skip]
+    placed = []
+    for session, task in zip(idle, ready, strict=False):
+        reason = (f"session {session.id[:SHORT_ID]} finished its task and waits; {task.id[:SHORT_ID]} is the next "
+                  f"ready task of {project.name} (P{task.priority})")
+        placed.append(place_dispatch(db, task.id, session, template=template, reason=reason, is_clear=is_clear,
+                                     now_ms=now_ms))
+    n_sessions = len(mine) + n_starting
+    for task in ready[len(placed):]:
+        if n_sessions >= project.max_sessions:
+            break
+        reason = (f"no session of {project.name} waits and {n_sessions} of at most {project.max_sessions} run; "
+                  f"a new one for the next ready task {task.id[:SHORT_ID]} (P{task.priority})")
+        placed.append(place_start(db, task.id, reason=reason, template=template, now_ms=now_ms))
+        n_sessions += 1
+    return placed
 
 
 
@@ -8039,13 +8307,16 @@ class Services:
         """Return the project named `ref` or whose id starts with `ref`."""
         return get_project(self.db, ref)
 
-    @api("PATCH", "/api/v1/projects/{project}", 'Change a project (dirs: "/path", "HOST:/path", "HOST:" removes)',
-         body=("name", "goal", "owner", "status", "dirs"))
+    @api("PATCH", "/api/v1/projects/{project}", 'Change a project (dirs: "/path", "HOST:/path", "HOST:" removes; '
+         'dispatch on/off, max_sessions, dispatcher host)',
+         body=("name", "goal", "owner", "status", "dirs", "dispatch", "max_sessions", "dispatcher"))
     def edit_project(self, ref: str, *, name: str | None = None, goal: str | None = None,
-                     owner: str | None = None, status: str | None = None, dirs: Sequence[str] = ()) -> Project:
-        """Change some fields of a project, and its directory per host."""
+                     owner: str | None = None, status: str | None = None, dirs: Sequence[str] = (),
+                     dispatch: bool | None = None, max_sessions: int | None = None,
+                     dispatcher: str | None = None) -> Project:
+        """Change some fields of a project, its directory per host, and its dispatch settings."""
         return edit_project(self.db, ref, name=name, goal=goal, owner=owner, status=status, dirs=dirs,
-                            now_ms=now_ms())
+                            dispatch=dispatch, max_sessions=max_sessions, dispatcher=dispatcher, now_ms=now_ms())
 
     @api("GET", "/api/v1/projects/{project}/history", "Events about a project and its tasks", query=("limit",),
          resolve={"project": "get_project"})
@@ -9892,7 +10163,7 @@ PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
 <th class="hide-sm">Sessions</th>
 <th class="hide-sm">Owner</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
-PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a>
+PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a>$dispatch
 <div class="muted small">$goal</div></td>
 <td class="hide-sm">$status</td><td><div class="counts">$counts</div></td>
 <td class="hide-sm"><progress value="$n_done" max="$n_total"
@@ -9938,9 +10209,19 @@ $task_form
 <dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
 </div>
 <div class="grid">
+$dispatch
 <section class="card"><h2>Recent updates</h2>$updates</section>
 <section class="card"><h2>History</h2>$history</section>
 </div>""")
+DISPATCH_CARD = string.Template("""<section class="card" id="dispatch-card"><h2>Dispatch</h2>
+<p>$state</p>
+<form class="row" $attrs>$csrf
+<label class="check wide"><span><input type="checkbox" name="dispatch" value="on"$checked> feed waiting sessions
+the next ready task</span></label>
+<label>Sessions, at most<input type="number" name="max_sessions" min="1" max="$max" value="$n" required></label>
+<label>Dispatcher host<select name="dispatcher">$hosts</select></label>
+<button type="submit">Save</button></form>
+<p class="small muted">$note</p></section>""")
 PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> '
                               '<span class="muted small">on $host</span></div>')
 START_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
@@ -10114,6 +10395,7 @@ def _project_row(rollup: ProjectStatus, *, n_ready: int = 0) -> Html:
     p = rollup.project
     ready = [render(READY_BADGE, n=n_ready)] if n_ready else []  # the ready queue's length: what dispatch takes
     return render(PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
+                  dispatch=join([Html(" "), badge("dispatch on", "violet")]) if p.is_dispatching else Html(""),
                   status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
                   counts=join([*ready, *(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
                                          for s in TASK_STATUSES if p.task_counts[s])])
@@ -10287,8 +10569,40 @@ def page_project(req: Request) -> Response:
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
         dirs=join(render(PROJECT_DIR, path=d, host=h) for h, d in p.dirs.items()) if p.dirs else Html("—"),
         queue=queue_fragment(req, p), tasks=tasks_fragment(req, p), task_form=task_form(req, p),
+        dispatch=dispatch_card(req, p),
         updates=updates_list(updates, empty="No updates on these tasks yet."),
         history=feed(svc.project_history(p, limit=30), empty="No history.")))
+
+
+def dispatch_card(req: Request, project: Project) -> Html:
+    """Render a project's dispatch switch: on or off, how many sessions, and the one host that decides."""
+    here = req.db.machine_id
+    hosts = sorted(set(list_known_hosts(req.db)) | {project.dispatcher or here}, key=lambda h: (h != here, h))
+    if project.is_dispatching:
+        state = (f"On: as a session of {project.name} finishes its task and waits, {project.dispatcher} types the "
+                 f"next ready task into it, and starts sessions while fewer than {project.max_sessions} run.")
+    else:
+        state = "Off: sessions that finish a task wait for you."
+    note = ("Only the dispatcher host dispatches (its clare serve does, every pull). Name another host while that "
+            "one is away; two hosts that each changed it while apart may both dispatch until they sync.")
+    return render(DISPATCH_CARD, state=state, csrf=csrf_field(req), note=note,
+                  attrs=form_attrs(f"/projects/{project.id}/dispatch", target="#dispatch-card"),
+                  checked=Html(" checked" if project.is_dispatching else ""), max=MAX_DISPATCH_SESSIONS,
+                  n=project.max_sessions, hosts=options(((h, h + (" (this host)" if h == here else ""))
+                                                         for h in hosts), project.dispatcher or here))
+
+
+def frag_set_project_dispatch(req: Request) -> Response:
+    """Turn a project's dispatch on or off, with its maximum and dispatcher host, from its card."""
+    f = req.form()
+    p = req.svc.edit_project(req.params["project"], dispatch=f.get("dispatch") == "on",
+                             max_sessions=_form_int(f.get("max_sessions", ""), "at most ... sessions"),
+                             dispatcher=f.get("dispatcher") or None)
+    if not req.is_htmx:
+        return redirect(f"/projects/{p.id}")
+    return html_response(join([dispatch_card(req, p), flash(
+        f"Dispatch for {p.name} is {'on, decided by ' + str(p.dispatcher) if p.is_dispatching else 'off'}.",
+        kind="ok", oob=True)]))
 
 
 def project_head(project: Project, *, oob: bool = False) -> Html:
@@ -11513,6 +11827,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/projects/" + _REF % "project", cached(page_project)),
         ("POST", r"/projects/" + _REF % "project" + "/tasks", frag_add_task),
         ("POST", r"/projects/" + _REF % "project" + "/status", frag_set_project_status),
+        ("POST", r"/projects/" + _REF % "project" + "/dispatch", frag_set_project_dispatch),
         ("GET", r"/tasks/" + _REF % "task", cached(page_task)),
         ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
         ("POST", r"/tasks/" + _REF % "task" + "/waits", frag_set_task_waits),
@@ -12270,7 +12585,7 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
 
     def text() -> str:
         lines = [f"{p.name}  ({p.id})  {p.status}", f"goal:  {p.goal or '-'}", f"owner: {p.owner or '-'}",
-                 *(f"code:  {folder} on {host}" for host, folder in p.dirs.items()),
+                 *(f"code:  {folder} on {host}" for host, folder in p.dirs.items()), dispatch_line(p),
                  f"tasks: {_counts(p.task_counts)}",
                  f"ready: {len(queue.ready)}" + (f" (see them with: clare next --project {p.name})"
                                                  if queue.ready else ""),
@@ -12290,13 +12605,25 @@ def cmd_project_rename(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
-    """Change a project's name, goal, owner or status."""
-    if (args.name, args.goal, args.owner, args.status, args.dir) == (None, None, None, None, []):
-        raise UsageError("nothing to change; give --name, --goal, --owner, --status or --dir")
+    """Change a project's name, goal, owner, status, directories or dispatch settings."""
+    given = (args.name, args.goal, args.owner, args.status, args.dispatch, args.max_sessions, args.dispatcher)
+    if given == (None,) * len(given) and not args.dir:
+        raise UsageError("nothing to change; give --name, --goal, --owner, --status, --dir, --dispatch, "
+                         "--max-sessions or --dispatcher")
     p = ctx.svc.edit_project(args.project, name=args.name, goal=args.goal, owner=args.owner, status=args.status,
-                             dirs=args.dir)
+                             dirs=args.dir, dispatch=None if args.dispatch is None else args.dispatch == "on",
+                             max_sessions=args.max_sessions, dispatcher=args.dispatcher)
     emit(ctx, p, f"project {p.name} ({p.id[:SHORT_ID]}): {p.status}, owner {p.owner or '-'}, goal {p.goal or '-'}"
-         + "".join(f"\ncode on {host}: {folder}" for host, folder in p.dirs.items()))
+         + "".join(f"\ncode on {host}: {folder}" for host, folder in p.dirs.items())
+         + (f"\n{dispatch_line(p)}" if p.is_dispatching or args.dispatch else ""))
+
+
+def dispatch_line(p: Project) -> str:
+    """Return one line on a project's dispatch: on or off, how many sessions, which host decides."""
+    if not p.is_dispatching:
+        return f"dispatch: off (turn it on with: clare project set {p.name} --dispatch on)"
+    return (f"dispatch: on, up to {p.max_sessions} session{'s' if p.max_sessions != 1 else ''}, "
+            f"decided by {p.dispatcher}")
 
 
 def cmd_task_add(args: argparse.Namespace, ctx: Context) -> None:
@@ -12513,7 +12840,8 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
     sessions = ctx.svc.list_sessions(host=ctx.db.machine_id)
     counts = {t: sum(ev.event_type == f"session.{t}" for ev in result.events) for t in ("appeared", "changed", "gone")}
     value = {"sessions": sessions, "events": len(result.events), **counts, "ambiguous": result.ambiguous,
-             "unreachable": result.unreachable, "updates": result.updates, "warnings": result.warnings}
+             "unreachable": result.unreachable, "updates": result.updates, "warnings": result.warnings,
+             "dispatched": result.dispatched}
     for warning in result.warnings:
         print(f"clare: warning: {warning}", file=sys.stderr)
 
@@ -12522,9 +12850,20 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
                 f"{counts['changed']} changed, {counts['gone']} gone")
         warn = [f"tmux server {s} did not answer; its sessions keep their last state" for s in result.unreachable]
         notes = [f"stored {len(result.updates)} pane tails and triage notes"] if args.tails else []
+        notes += map(dispatch_text, result.dispatched)
         return "\n".join([head, *warn, *notes, format_sessions(
             sessions, result.ambiguous, empty="no Claude session runs in this host's tmux servers now")])
     emit(ctx, value, text)
+
+
+def dispatch_text(o: Order) -> str:
+    """Return one line on what a dispatch did: typed in or started, or why not, and why it was made."""
+    task = (o.task_id or "")[:SHORT_ID]
+    what = (f"task {task} typed into session {o.session_id[:SHORT_ID]}" if o.action == "dispatch"
+            else f"session {o.session_id[:SHORT_ID]} started for task {task}")
+    if o.result not in ("typed", "started"):
+        what = f"{what}: {o.result}" + (f" ({o.reason})" if o.reason else "")
+    return f"dispatch on {o.host}: {what}; why: {o.request.get('reason', '')}"
 
 
 def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
@@ -13125,10 +13464,18 @@ COMMANDS: list[Command] = [
             "clare project show alpha --history",
             (arg("project", help="name or id prefix"), arg("--history", action="store_true",
                                                             help="also list what happened, oldest first"))),
-    Command(("project", "set"), cmd_project_set, "change a project's name, goal, owner or status",
-            "clare project set alpha --status paused\n  clare project set alpha --dir apricot:/srv/api --dir fig:",
+    Command(("project", "set"), cmd_project_set, "change a project's name, goal, owner, status, dirs or dispatch",
+            "clare project set alpha --status paused\n  clare project set alpha --dir apricot:/srv/api --dir fig:"
+            "\n  clare project set alpha --dispatch on --max-sessions 3 --dispatcher apricot",
             (arg("project", help="name or id prefix"), arg("--status", choices=PROJECT_STATUSES),
-             arg("--goal"), arg("--owner"), arg("--name", help="rename it"), _DIR_ARG)),
+             arg("--goal"), arg("--owner"), arg("--name", help="rename it"), _DIR_ARG,
+             arg("--dispatch", choices=("on", "off"),
+                 help="feed the project's sessions the next ready task as they finish one (off by default)"),
+             arg("--max-sessions", type=int, metavar="N",
+                 help=f"start sessions for ready tasks while fewer than N work on it (default "
+                      f"{DEFAULT_DISPATCH_SESSIONS})"),
+             arg("--dispatcher", metavar="HOST", help="the one host that dispatches (default: the host that "
+                                                      "turned dispatch on)"))),
     Command(("project", "rename"), cmd_project_rename, "give a project a new name (two of one name: rename one)",
             "clare project rename 3f9a2c1b alpha-laptop",
             (arg("project", help="id prefix (or the name, when only one project has it)"), arg("name"))),
