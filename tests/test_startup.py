@@ -127,7 +127,8 @@ def populate(db) -> None:
 
 
 FILTERS = ([], ["--all"], ["alpha"], ["--project", "beta"], ["--status", "done"], ["--status", "todo"],
-           ["--assigned"], ["--unassigned"], ["--group", "web"], ["--session", "5e55a1a1-0000-4000-8000-000000000001"], ["--tag", "p1"],
+           ["--assigned"], ["--unassigned"], ["--group", "web"], ["--session", "5e55a1a1-0000-4000-8000-000000000001"],
+           ["--tag", "p1"],
            ["--prio", "0-2"], ["--search", "ÜNÏ"], ["--search", "nothing like it"], ["gamma", "--all"])
 
 
