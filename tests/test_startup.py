@@ -179,3 +179,27 @@ def test_every_task_field_has_its_sqlite_json_expression():
     assert [f.name for f in clare.record_fields(clare.Task)] == [
         name for name in clare._TASK_JSON_FIELDS if name in {f.name for f in clare.record_fields(clare.Task)}]
     assert {f.name for f in clare.record_fields(clare.Task)} == clare._TASK_JSON_FIELDS.keys()
+
+
+# Schema 11: the list's order as an index, from the release database on.
+
+def test_the_release_database_gets_the_task_order_index_and_lists_the_same(tmp_path):
+    import json
+    import shutil
+
+    data = ROOT / "tests" / "data"
+    shutil.copyfile(data / "release-0.1.0.db", tmp_path / "clare.db")
+    db = clare.open_db(str(tmp_path / "clare.db"))
+    try:
+        assert db.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(
+            clare.SCHEMA_VERSION)
+        assert db.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'tasks_order'").fetchone()
+        plan = " ".join(r[3] for r in db.conn.execute(
+            "EXPLAIN QUERY PLAN " + clare._TASK_SELECT + clare._task_filters(include_removed=True)[0]))
+        assert "USING INDEX tasks_order" in plan and "TEMP B-TREE FOR ORDER BY" not in plan, plan
+        for filters in ({"include_removed": True}, {"is_open": True, "active_projects": True}):
+            objects = json.dumps([t.to_json() for t in clare.list_tasks(db, **filters)], ensure_ascii=False)
+            assert ordered(clare.list_tasks_json(db, **filters)) == ordered(objects)
+        assert len(json.loads(clare.list_tasks_json(db, include_removed=True))) == 3
+    finally:
+        db.close()
