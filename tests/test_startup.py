@@ -203,3 +203,30 @@ def test_the_release_database_gets_the_task_order_index_and_lists_the_same(tmp_p
         assert len(json.loads(clare.list_tasks_json(db, include_removed=True))) == 3
     finally:
         db.close()
+
+
+# `task add` run as a program: no checkpoint on close, no teardown; in-process main(argv) closes as before.
+
+def test_a_cli_write_run_as_a_program_leaves_the_checkpoint_to_sqlite_and_prints_everything(home, run_clare, cli):
+    assert cli("project", "new", "alpha").code == 0  # in-process: closes, and so checkpoints
+    wal = home / "clare.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    for i in range(3):
+        ran = run_clare("task", "add", "alpha", f"task {i} " + "x" * 250)
+        assert ran.code == 0, ran.err  # what it printed sat in Python's buffer until exit_now flushed it
+        assert ran.out.startswith("added task ") and ran.out.endswith(f"task {i} " + "x" * 250 + " (P2)\n")
+    assert wal.stat().st_size > 0  # the commits are in the WAL: nobody checkpointed on close
+    listed = run_clare("task", "list", "--json")
+    assert listed.code == 0 and len(listed.out) > 750  # all of it reached the pipe before os._exit
+    assert [t["title"][:6] for t in __import__("json").loads(listed.out)] == ["task 0", "task 1", "task 2"]
+    bad = run_clare("task", "add", "nosuch", "x")
+    assert bad.code == 1 and bad.err.startswith("clare: error: ")  # errors keep their exit code and line
+
+
+def test_event_hashes_from_the_built_in_sha256_are_hashlib_ones():
+    import hashlib
+
+    ev = clare.Event("u-1", "1700000000000.000000.m", "m", "task.created", {"a": "ü"}, "2023-11-14T22:13:20.000Z")
+    text = "\x1f".join((ev.uuid, ev.hlc, ev.machine_id, ev.event_type, '{"a":"ü"}', ev.created_at))
+    assert clare.event_hash(ev, '{"a":"ü"}') == hashlib.sha256(text.encode()).hexdigest()
+    assert clare._builtin_sha256().__module__ in ("_sha256", "_sha2", "_hashlib")
