@@ -112,6 +112,9 @@ def populate(db) -> None:
                             tags=[("backend", "p1", "ux:review", "a.b+c-d")[j] for j in range(i % 5)])
         made.append(t)
     for i, t in enumerate(made):
+        if i % 4 == 1:  # waits on one or two earlier tasks (task list --json prints them as `after`)
+            svc.edit_task(t.id, after=[made[i - 1].id, made[0].id][: 1 + i % 2])
+    for i, t in enumerate(made):
         if i % 7 == 0:
             svc.assign_task(t.id, session_id="5e55a1a1-0000-4000-8000-000000000001")
         elif i % 7 == 1:
@@ -160,7 +163,8 @@ def test_task_list_json_from_sqlite_prints_what_the_task_objects_printed(db, cli
             group_id=svc.get_group(args.group).id if args.group else None, tag=args.tag,
             priorities=clare.parse_priorities(args.prio) if args.prio else None, search=args.search,
             include_removed=args.all)), ensure_ascii=False)
-        assert ordered(ran.out) == ordered(before), extra
+        assert ordered(ran.out) == ordered(before), extra  # keys, order, values
+        assert ran.out == before + "\n", extra  # and the very bytes: json_quote escapes as json.dumps does
         n_seen += len(json.loads(ran.out))
     assert n_seen > 100  # the filters saw tasks, not only empty lists
 
@@ -172,6 +176,7 @@ def test_task_list_json_is_the_same_locally_and_through_the_api(db, cli, server)
         remote = cli("--remote", server.url, "task", "list", "--json", *extra)
         assert local.code == remote.code == 0, (local.err, remote.err)
         assert ordered(local.out) == ordered(remote.out), extra
+        assert local.out == remote.out, extra
 
 
 def test_every_task_field_has_its_sqlite_json_expression():
