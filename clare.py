@@ -838,6 +838,9 @@ def _db_id_at(path: str) -> str | None:
         return None
 
 
+_RECENT_HEADS: dict[str, tuple[int, float]] = {}  # db path -> (head, monotonic time it was read); see recent_head
+
+
 @contextlib.contextmanager
 def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
     """Run the block in one BEGIN IMMEDIATE transaction: all of it is stored, or none.
@@ -861,6 +864,7 @@ def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
     try:
         yield cur
         cur.execute("COMMIT")
+        _RECENT_HEADS.pop(db.path, None)  # a reader of recent_head (below) sees this write at once
     except BaseException as err:
         if db.conn.in_transaction:  # SQLite rolls back by itself after some SQLITE_FULL errors
             cur.execute("ROLLBACK")
@@ -1079,6 +1083,24 @@ def count_events(db: Db) -> int:
 def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
     """Return the receipt number of the newest stored event, 0 for an empty log."""
     return cur.execute("SELECT coalesce(max(rseq), 0) FROM events").fetchone()[0]
+
+
+HEAD_MAX_AGE_S = 0.005  # recent_head reads the log's head at most this often per database
+
+
+def recent_head(db: Db) -> int:
+    """Return head_rseq as read at most HEAD_MAX_AGE_S ago: a page cache asks it on every request.
+
+    A write through this process forgets it (write_txn), so a client never misses its own
+    write; another process's write is seen within HEAD_MAX_AGE_S.
+    """
+    now = time.monotonic()
+    seen = _RECENT_HEADS.get(db.path)
+    if seen is not None and now - seen[1] < HEAD_MAX_AGE_S:
+        return seen[0]
+    head = head_rseq(db.conn)
+    _RECENT_HEADS[db.path] = (head, now)
+    return head
 
 
 def renew_identity(db: Db, *, machine_id: str | None = None) -> tuple[str, str]:
@@ -8368,8 +8390,15 @@ def error_json(status: int, message: str) -> bytes:
     return json.dumps({"error": {"code": ERROR_CODES.get(status, "error"), "message": message}}).encode()
 
 
+_LITERAL_ROUTES: dict[tuple[str, str], Callable[[Request], Response]] = {}  # (method, path) -> handler, for the
+# routes without parameters ("/", "/frag/fleet"): found by the scan once, then by one dict lookup (a page poll's path)
+
+
 def _route(method: str, path: str) -> tuple[Callable[[Request], Response], dict[str, str]]:
     """Find the handler of a path and method; 404 when no path matches, 405 with Allow when no method does."""
+    known = _LITERAL_ROUTES.get((method, path))
+    if known is not None:
+        return known, {}
     from urllib.parse import unquote
 
     allowed = []
@@ -8378,6 +8407,8 @@ def _route(method: str, path: str) -> tuple[Callable[[Request], Response], dict[
         if m is None:
             continue
         if route_method == method or (method == "HEAD" and route_method == "GET"):
+            if not pattern.groups and re.sub(r"\\(.)", r"\1", pattern.pattern) == path:  # one key per route
+                _LITERAL_ROUTES[(method, path)] = handler
             return handler, {k: unquote(v) for k, v in m.groupdict().items()}
         allowed.append(route_method)
     if allowed:
@@ -8623,11 +8654,21 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     if server.is_stopping:
         h.close_connection = True
     resp, head = _response_head(resp, is_closing=h.close_connection)
-    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
+    _send(h.connection, head, b"" if method == "HEAD" else resp.body)
     if resp.status == 413 and not h.body_is_read:
         _drain_refused_body(h, headers)
     if config.log_requests:
         h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+
+
+def _send(sock: Any, head: bytes, body: bytes) -> None:
+    """Write a response's head and body in one system call where the socket takes both: no copy, no Nagle stall."""
+    n_sent = sock.sendmsg([head, body]) if body else 0  # a dashboard is ~200 KB: head + body would copy it
+    if n_sent < len(head):
+        sock.sendall(memoryview(head)[n_sent:])
+        n_sent = len(head)
+    if n_sent - len(head) < len(body):
+        sock.sendall(memoryview(body)[n_sent - len(head):])
 
 
 def _response_head(resp: Response, *, is_closing: bool) -> tuple[Response, bytes]:
@@ -8682,6 +8723,7 @@ def _define_server() -> type:
     # server's state (connection pool, busy count, thread slots). Split, they would each re-import it.
     import selectors
     import socket
+    import socketserver
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -8700,11 +8742,14 @@ def _define_server() -> type:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("the request took too long to arrive")
-            self.sock.settimeout(min(self.timeout_s, left))
-            try:
+            if left >= self.timeout_s:  # the socket has the per-read timeout (the gate set it): no syscall
                 chunk = self.sock.recv(65536)
-            finally:
-                self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
+            else:
+                self.sock.settimeout(left)
+                try:
+                    chunk = self.sock.recv(65536)
+                finally:
+                    self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
             self.buf += chunk
             return bool(chunk)
 
@@ -8740,15 +8785,14 @@ def _define_server() -> type:
         sys_version = ""
 
         def setup(self) -> None:
+            # StreamRequestHandler.setup without its socket files and settimeout (a syscall per request):
+            # the gate gave the socket its per-read and per-write timeout when it handed it over.
             config = self.server.config
             sock, head = self.request  # the gate hands over the connection with the head it read
-            self.request = sock
-            # typeshed calls `timeout` a ClassVar, but setup() reads it from the instance: one value per server.
-            self.timeout = config.timeout_s  # type: ignore[misc]  # every read and write on the socket
-            super().setup()
-            self.rfile.close()  # its socket file would keep the socket open after the request
+            self.request = self.connection = sock
             self.reader = RequestReader(sock, head, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
             self.rfile = self.reader  # type: ignore[assignment]  # readline() and read() are all http.server uses
+            self.wfile = socketserver._SocketWriter(sock)  # type: ignore[attr-defined]  # what wbufsize 0 gives
 
         def handle(self) -> None:
             """Answer one request; the gate waits for the next one on this connection, without a thread."""
@@ -8886,7 +8930,7 @@ def _define_server() -> type:
                 return
             self.selector.unregister(sock)
             del self.waiting[sock]
-            sock.setblocking(True)
+            sock.settimeout(self.server.config.timeout_s)  # every read and write of its handler
             self.queued.append((sock, address, head, time.monotonic() + BUSY_WAIT_S))
             self._start_queued(time.monotonic())
 
@@ -9482,34 +9526,52 @@ PAGE_ERROR = string.Template("""<!doctype html>
 
 
 PAGE_CACHE_TTL_S = 2.0  # "5m ago" and transcript activity move without events: serve a page this long at most
+PAGE_MAX_STALE_S = 1.0  # while one thread rebuilds a page, others get the previous one if it is this young
+PAGE_BUILD_WAIT_S = 30.0  # a request that may not have the previous page waits this long for the rebuild
 MAX_CACHED_PAGES = 256  # by URL; a flood of distinct query strings empties the cache, never grows it
 _PAGE_CACHE: dict[tuple[str, str], tuple[int, float, Response]] = {}  # (db, url) -> (log head, built at, page)
-_PAGE_BUILDERS: dict[tuple[str, str], object] = {}  # pages being rebuilt now; setdefault claims one atomically
+_PAGE_BUILDERS: dict[tuple[str, str], Any] = {}  # (db, url) -> threading.Event set when its rebuild ends;
+# setdefault claims a rebuild atomically, so one thread rebuilds a page at a time
 
 
 def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
     """Wrap a GET page or fragment: answer from memory while the log has not grown, for up to 2 s.
 
     Every browser tab polls every fragment every 5 s; a dashboard of 200 sessions and 5,000
-    tasks costs ~45 ms of CPU to build, and the projections change only when an event lands.
+    tasks costs ~12 ms of CPU to build, and the projections change only when an event lands.
+    When one does (a fleet with hooks writes several a second), exactly one thread rebuilds the
+    page; the others answer the previous page meanwhile, if it was built less than
+    PAGE_MAX_STALE_S ago, else they wait for the rebuild. So a change is on every answer
+    started PAGE_MAX_STALE_S (+ HEAD_MAX_AGE_S) after it, and a busy log costs one build at a time.
     """
     def answer(req: Request) -> Response:
-        key = (req.config.db_path, req.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(req.query.items())))
-        head, now = head_rseq(req.db.conn), time.monotonic()
+        query = req.query
+        key = (req.config.db_path, req.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(query.items()))
+               if query else req.path)
+        head, now = recent_head(req.db), time.monotonic()
         hit = _PAGE_CACHE.get(key)
-        if hit is not None and hit[0] == head:
-            if now - hit[1] < PAGE_CACHE_TTL_S:
-                return hit[2]
-            token = object()
-            if _PAGE_BUILDERS.setdefault(key, token) is not token:
-                return hit[2]  # only older by the clock, and another thread rebuilds it: no stampede
+        if hit is not None and hit[0] == head and now - hit[1] < PAGE_CACHE_TTL_S:
+            return hit[2]
+        import threading
+
+        mine = threading.Event()
+        building = _PAGE_BUILDERS.setdefault(key, mine)
+        if building is not mine:  # another thread rebuilds it now
+            if hit is not None and (hit[0] == head or now - hit[1] < PAGE_MAX_STALE_S):
+                return hit[2]  # only older by the clock, or young enough: no stampede, bounded staleness
+            if building.wait(PAGE_BUILD_WAIT_S):
+                fresh = _PAGE_CACHE.get(key)
+                if fresh is not None and now - fresh[1] < PAGE_MAX_STALE_S:
+                    return fresh[2]
+            return handler(req)  # the rebuild failed or is stuck: build this one alone, uncached
         try:
             resp = handler(req)
+            if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
+                _PAGE_CACHE.clear()
+            _PAGE_CACHE[key] = (head, now, resp)
         finally:
-            _PAGE_BUILDERS.pop(key, None)
-        if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
-            _PAGE_CACHE.clear()
-        _PAGE_CACHE[key] = (head, now, resp)
+            del _PAGE_BUILDERS[key]
+            mine.set()
         return resp
     answer.__name__, answer.__doc__ = handler.__name__, handler.__doc__
     return answer
