@@ -47,7 +47,7 @@ import sqlite3
 import string
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -2427,13 +2427,14 @@ def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = No
                session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
                active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
                priorities: tuple[int, int] | None = None, search: str | None = None,
-               include_removed: bool = False) -> list[Task]:
+               include_removed: bool = False, after: str | None = None, limit: int | None = None) -> list[Task]:
     """Return tasks, most urgent first, filtered by project, status, assignee, tag, priority or text.
 
     Removed tasks (task rm) are left out unless `include_removed`; `is_open` leaves out done
-    tasks and `active_projects` the tasks of paused and done projects.
+    tasks and `active_projects` the tasks of paused and done projects. `after` (a task_cursor)
+    and `limit` read the list a page at a time.
     """
-    sql, params = _TASK_SELECT, []
+    sql, params = _TASK_SELECT, list[Any]()
     if not include_removed:
         sql += " AND t.removed_at IS NULL"
     if project_id:
@@ -2465,8 +2466,34 @@ def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = No
         # instr over lower(): a search text is literal, never a LIKE pattern (% and _ mean themselves)
         sql += " AND (instr(lower(t.title), ?) > 0 OR instr(lower(t.description), ?) > 0)"
         params += (search.lower(), search.lower())
-    rows = db.conn.execute(sql + " ORDER BY t.priority, t.created_at_v", params).fetchall()
+    if after is not None:
+        sql += " AND (t.priority, t.created_at_v, t.id) > (?, ?, ?)"
+        params += parse_task_cursor(after)
+    sql += " ORDER BY t.priority, t.created_at_v, t.id"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    rows = db.conn.execute(sql, params).fetchall()
     return [_task_from_row(r) for r in rows]
+
+
+def task_cursor(db: Db, task_id: str) -> str:
+    """Return where a task stands in the order of list_tasks, as the text of `after` that reads on past it."""
+    priority, version = db.conn.execute("SELECT priority, created_at_v FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    return f"{priority}~{version.replace(' ', '~')}~{task_id}"  # no part holds a ~, nor need it in a URL
+
+
+def parse_task_cursor(text: str) -> tuple[int, str, str]:
+    """Return (priority, version, task_id) of a task_cursor text; UsageError if it is not one."""
+    # SECURITY: it comes from a query string; its parts are checked, then only travel as SQL parameters.
+    parts = text.split("~")
+    is_default = len(parts) == 5 and parts[1] == ""  # a version below every real one starts with a space
+    if is_default:
+        del parts[1]
+    if len(parts) != 4 or not re.fullmatch(r"-?\d{1,9}", parts[0]) or not HLC_RE.match(parts[1]) or \
+            not UUID_RE.match(parts[2]) or not ID_RE.match(parts[3]):
+        raise UsageError(f"after={text[:80]!r} is not a task cursor; pass the next_after of the previous page")
+    return int(parts[0]), f"{' ' * is_default}{parts[1]} {parts[2]}", parts[3]
 
 
 def find_tasks(db: Db, prefix: str) -> list[Task]:
@@ -7611,6 +7638,9 @@ class Api:
     from_wire: Callable[[Any], Any] | None = None  # the JSON answer -> the result; None: from the return type
     is_routed: bool = True  # False: the remote client asks a route that answers more (count_events)
     is_lenient: bool = False  # a batch whose items are checked one by one: a bad item rejects that item only
+    cursor: Callable[[Any, Any], str] | None = None  # a list that comes in pages: (db, last item) -> the `after`
+    # that reads on past it. With ?limit=N the route answers {<last path word>: [...], next_after, has_more};
+    # without, the whole list, streamed a page at a time; the remote client follows the pages.
 
 
 SERVICE_APIS: dict[str, tuple[Callable[..., Any], Api | None]] = {}  # service -> (function, HTTP form or None)
@@ -7781,19 +7811,22 @@ class Services:
         """Return the events about a project and its tasks, oldest first."""
         return project_history(self.db, project, limit=limit)
 
-    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1)",
+    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1); "
+         "limit=N gives a page, after=its next_after the next one",
          query=("project_id=project", "status", "session_id=session", "group_id=group", "is_open=open",
                 "active_projects=active", "is_assigned=assigned", "tag", "priorities=priority", "search",
-                "include_removed=removed"), resolve={"project_id": "get_project", "group_id": "get_group"})
+                "include_removed=removed", "after", "limit"),
+         resolve={"project_id": "get_project", "group_id": "get_group"}, cursor=lambda db, t: task_cursor(db, t.id))
     def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
                    session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
                    active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
                    priorities: tuple[int, int] | None = None, search: str | None = None,
-                   include_removed: bool = False) -> list[Task]:
-        """Return tasks, most urgent first."""
+                   include_removed: bool = False, after: str | None = None, limit: int | None = None) -> list[Task]:
+        """Return tasks, most urgent first; `limit` of them past the cursor `after` (a task_cursor)."""
         return list_tasks(self.db, project_id=project_id, status=status, session_id=session_id, group_id=group_id,
                           is_open=is_open, active_projects=active_projects, is_assigned=is_assigned, tag=tag,
-                          priorities=priorities, search=search, include_removed=include_removed)
+                          priorities=priorities, search=search, include_removed=include_removed, after=after,
+                          limit=limit)
 
     @api("POST", "/api/v1/tasks", "Add a task", body=("project_ref=project", "title", "priority", "description",
                                                       "tags"), status=201)
@@ -8119,17 +8152,38 @@ class RemoteServices(Services):
                 query += _query_pairs(w, value, max_int=spec.max_int)
             elif w.where == "body" and (w.is_required or value not in (None, (), [])):
                 body[w.name] = list(value) if w.kind == "list" else value
+        if spec.cursor is not None:
+            return self._follow_pages(signature, spec, path, query)
         path += "?" + urllib.parse.urlencode(query) if query else ""
-        got = http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
-                        token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
-                        hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
-                                 "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
+        got = self._ask(spec, path, body)
         if spec.from_wire is not None:
             return spec.from_wire(got)
         answer = signature.return_annotation
         if getattr(answer, "__origin__", None) is list:
             return [from_json(answer.__args__[0], x) for x in got]
         return from_json(answer, got)
+
+
+    def _ask(self, spec: Api, path: str, body: dict[str, Any]) -> Any:
+        return http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
+                         token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
+                         hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
+                                  "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
+
+    def _follow_pages(self, signature: Any, spec: Api, path: str, query: list[tuple[str, str]]) -> list[Any]:
+        """Return a paged list: the one page a limit asks for, else every page in turn (each one answer's worth)."""
+        import urllib.parse
+
+        item_type, key = signature.return_annotation.__args__[0], spec.path.rsplit("/", 1)[1]
+        is_one_page = any(name == "limit" for name, _ in query)
+        query = [*query, ("limit", str(spec.max_int))] if not is_one_page else query
+        items: list[Any] = []
+        while True:
+            got = self._ask(spec, f"{path}?{urllib.parse.urlencode(query)}", {})
+            items += (from_json(item_type, x) for x in got[key])
+            if is_one_page or not got["has_more"]:
+                return items
+            query = [(name, value) for name, value in query if name != "after"] + [("after", got["next_after"])]
 
 
 def _query_pairs(w: Wire, value: Any, *, max_int: int) -> list[tuple[str, str]]:
@@ -8368,6 +8422,7 @@ class Response:
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    chunks: Generator[bytes, None, None] | None = None  # instead of body: sent as made (chunked), never held whole
 
 
 def _jsonable(value: Any) -> Any:
@@ -8609,7 +8664,7 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     message = getattr(h, "headers", None)  # absent when the request line itself was bad
     headers = {k.lower(): v for k, v in message.items()} if message is not None else {}
     is_api = path.startswith("/api/") or error is not None  # a broken request gets the plain JSON error
-    db = None
+    db, resp = None, None
     h.body_is_read, h.body_size = False, None
     try:
         if error is not None or message is None:
@@ -8643,8 +8698,9 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         traceback.print_exc(file=sys.stderr)
         resp = Response(500, error_json(500, "internal error; see the server's log"))
     finally:
-        if db is not None:
+        if db is not None and (resp is None or resp.chunks is None):  # a stream reads on while it is sent
             server.give_db(db)
+            db = None
     # SECURITY: a body left unread (or of unknown length: chunked, a bad Content-Length) would be
     # parsed as the next request on this connection: request smuggling. Drop it, or close.
     # A stranger's body (401) is not worth reading: close instead.
@@ -8653,22 +8709,44 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         h.close_connection = True
     if server.is_stopping:
         h.close_connection = True
+    stream = resp.chunks
     resp, head = _response_head(resp, is_closing=h.close_connection)
-    _send(h.connection, head, b"" if method == "HEAD" else resp.body)
+    try:
+        if resp.chunks is None:
+            _send(h.connection, head, b"" if method == "HEAD" else resp.body)
+        else:
+            _send(h.connection, head)
+            for chunk in resp.chunks if method != "HEAD" else ():
+                if chunk:
+                    _send(h.connection, b"%x\r\n" % len(chunk), chunk, b"\r\n")
+            _send(h.connection, b"0\r\n\r\n")
+    except (TimeoutError, ConnectionError):
+        h.close_connection = True
+    except Exception:  # a stream failed after its status went out: end the connection short, the answer cut
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        h.close_connection = True
+    finally:
+        if stream is not None:
+            stream.close()  # ends the stream's read transaction before its connection is lent again
+        if db is not None:
+            server.give_db(db)
     if resp.status == 413 and not h.body_is_read:
         _drain_refused_body(h, headers)
     if config.log_requests:
         h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
 
 
-def _send(sock: Any, head: bytes, body: bytes) -> None:
-    """Write a response's head and body in one system call where the socket takes both: no copy, no Nagle stall."""
-    n_sent = sock.sendmsg([head, body]) if body else 0  # a dashboard is ~200 KB: head + body would copy it
-    if n_sent < len(head):
-        sock.sendall(memoryview(head)[n_sent:])
-        n_sent = len(head)
-    if n_sent - len(head) < len(body):
-        sock.sendall(memoryview(body)[n_sent - len(head):])
+def _send(sock: Any, *parts: bytes) -> None:
+    """Write a response's parts (head, body) in one system call where the socket takes them: no copy, no Nagle stall."""
+    n_sent = sock.sendmsg(parts)  # a dashboard is ~200 KB: head + body would copy it
+    for part in parts:
+        if n_sent >= len(part):
+            n_sent -= len(part)
+            continue
+        sock.sendall(memoryview(part)[n_sent:])
+        n_sent = 0
 
 
 def _response_head(resp: Response, *, is_closing: bool) -> tuple[Response, bytes]:
@@ -8677,7 +8755,8 @@ def _response_head(resp: Response, *, is_closing: bool) -> tuple[Response, bytes
 
     reason = BaseHTTPRequestHandler.responses.get(resp.status, ("",))[0]
     lines = [f"HTTP/1.1 {resp.status} {reason}", f"Content-Type: {resp.content_type}",
-             f"Content-Length: {len(resp.body)}", *(f"{k}: {v}" for k, v in SECURITY_HEADERS)]
+             "Transfer-Encoding: chunked" if resp.chunks is not None else f"Content-Length: {len(resp.body)}",
+             *(f"{k}: {v}" for k, v in SECURITY_HEADERS)]
     if not any(k.lower() == "cache-control" for k, _ in resp.headers):
         lines.append("Cache-Control: no-store")
     lines += [f"{k}: {v}" for k, v in resp.headers]
@@ -10813,10 +10892,54 @@ def service_handler(name: str) -> Callable[[Request], Response]:
         kwargs = {w.arg: _request_value(req, svc, w, body, max_int=spec.max_int) for w in wires
                   if w.where in ("path", "query") or (w.where == "body" and w.name in body)}
         kwargs.update({arg: fill(req) for arg, fill in spec.server.items()})
+        if spec.cursor is not None:
+            return _page_response(req, getattr(svc, name), spec, kwargs)
         value = getattr(svc, name)(**kwargs)
         return json_response(_wire_value(spec.to_wire(req, value) if spec.to_wire else value), status=spec.status)
     handle.__name__, handle.__doc__ = f"api_{name}", spec.summary
     return handle
+
+
+STREAM_PAGE_ITEMS = 500  # items per page of a streamed list: its chunk, and the most of it held at once
+
+
+def _page_response(req: Request, call: Callable[..., list[Any]], spec: Api, kwargs: dict[str, Any]) -> Response:
+    """Answer a list that comes in pages: one page with ?limit=N, else the whole list, streamed a page at a time."""
+    cursor = spec.cursor
+    assert cursor is not None  # only lists declared with a cursor come here
+    limit = kwargs.pop("limit", None)
+    if limit is not None:
+        with read_txn(req.db):  # the page and its cursor from one snapshot
+            items = call(**kwargs, limit=limit + 1)
+            page = items[:limit]
+            after = cursor(req.db, page[-1]) if page else kwargs.get("after")
+        return json_response({spec.path.rsplit("/", 1)[1]: _wire_value(page), "next_after": after,
+                              "has_more": len(items) > limit})
+
+    def chunks() -> Generator[bytes, None, None]:
+        with read_txn(req.db):  # one snapshot for the whole list, as a single query would give
+            after, sep = kwargs.pop("after", None), b"["
+            while True:
+                items = call(**kwargs, after=after, limit=STREAM_PAGE_ITEMS)
+                text = json.dumps(_jsonable(_wire_value(items)), ensure_ascii=False)[1:-1].encode()
+                if text or sep == b"[":  # the first page always: it opens the list
+                    yield sep + text
+                    sep = b"," if text else b""
+                if len(items) < STREAM_PAGE_ITEMS:
+                    break
+                after = cursor(req.db, items[-1])
+            yield b"]"
+
+    stream = chunks()
+    first = next(stream)  # the first page is read here: a bad argument is a 400, before any byte is sent
+
+    def sent() -> Generator[bytes, None, None]:
+        try:
+            yield first
+            yield from stream
+        finally:
+            stream.close()
+    return Response(spec.status, chunks=sent())
 
 
 def _request_value(req: Request, svc: Services, w: Wire, body: dict[str, Any], *, max_int: int) -> Any:
@@ -11058,6 +11181,10 @@ def service_docs() -> dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str
         answer = inspect.signature(fn).return_annotation
         schema = _ref(spec.schema) if spec.schema else _array(answer.__args__[0].__name__) \
             if getattr(answer, "__origin__", None) is list else _ref(answer.__name__)
+        if spec.cursor is not None:  # with ?limit=N, one page of the list
+            key = spec.path.rsplit("/", 1)[1]
+            schema = {"oneOf": [schema, {"type": "object", "required": [key, "next_after", "has_more"], "properties": {
+                key: schema, "next_after": {"type": ["string", "null"]}, "has_more": {"type": "boolean"}}}]}
         docs[(spec.method, spec.path)] = (spec.summary, tuple(w.name for w in wires if w.where == "query"),
                                           body_schema, spec.status, schema)
     return docs
