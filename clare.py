@@ -408,7 +408,7 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
 EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -1467,8 +1467,8 @@ CREATE TABLE event_refs (                       -- which events name which entit
     PRIMARY KEY (entity_id, hlc, uuid)
 ) WITHOUT ROWID;
 """
-PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
-                     "deliveries", "project_dirs", "orders", "answers", "hosts")
+PROJECTION_TABLES = ("projects", "tasks", "task_tags", "task_after", "groups", "updates", "event_refs", "sessions",
+                     "broadcasts", "deliveries", "project_dirs", "orders", "answers", "hosts")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id", "successor_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
@@ -1493,6 +1493,23 @@ DROP INDEX tasks_counts;
 CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NOT NULL AND removed_at IS NULL
 """
 _MIGRATIONS[2] = [TAGS_SCHEMA]
+
+MAX_AFTER = 50  # tasks one task waits on
+# Schema 9: dependencies. "T waits on D" is one row per (T, D) whose `present` is last-writer-wins,
+# the add/remove set of tags: two hosts adding edges at once both keep them, a removal wins only if
+# newer. Nothing here forbids a cycle (two hosts apart can each close one): readiness reads it.
+# COMPAT: an older peer stores and relays the `after` field without applying it; replay does after its upgrade.
+AFTER_SCHEMA = """
+CREATE TABLE task_after (
+    id TEXT PRIMARY KEY,                        -- task_id + ' ' + after_id
+    task_id TEXT, task_id_v TEXT,               -- the task that waits ...
+    after_id TEXT, after_id_v TEXT,             -- ... on this one
+    present INTEGER, present_v TEXT             -- 1 waits, 0 no longer: last writer wins per edge
+);
+CREATE INDEX task_after_task ON task_after (task_id, after_id) WHERE present = 1;
+CREATE INDEX task_after_after ON task_after (after_id, task_id) WHERE present = 1
+"""
+_MIGRATIONS[9] = [AFTER_SCHEMA]
 
 SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
                   "last_activity_at", "label", "tokens", "asked")
@@ -1694,6 +1711,7 @@ class Task:
     tags: tuple[str, ...] = ()  # sorted
     removed_at: str | None = None  # set while the task is removed (task rm); it then leaves every list
     group: str | None = None  # the name of group_id's group, for display
+    after: tuple[str, ...] = ()  # the ids of the tasks it waits on, sorted (last: keeps older JSON keys in place)
 
     def to_json(self) -> dict[str, Any]:
         """Return the task as the JSON object the CLI and API print."""
@@ -2097,31 +2115,50 @@ def _set_tags(cur: sqlite3.Cursor, task_id: str, changes: dict[str, bool], ev: E
         _lww(cur, "task_tags", f"{task_id} {tag}", {"task_id": task_id, "tag": tag, "present": int(is_present)}, ev)
 
 
+def _is_after_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_AFTER and all(map(_is_id, v))
+
+
+def _is_after_changes(v: Any) -> bool:
+    return isinstance(v, dict) and len(v) <= 2 * MAX_AFTER and all(
+        _is_id(k) and isinstance(x, bool) for k, x in v.items())
+
+
+def _set_after(cur: sqlite3.Cursor, task_id: str, changes: dict[str, bool], ev: Event) -> None:
+    for after_id, is_present in changes.items():
+        _lww(cur, "task_after", f"{task_id} {after_id}",
+             {"task_id": task_id, "after_id": after_id, "present": int(is_present)}, ev)
+
+
 @applies("task.created", {"task_id": _is_id, "project_id": _is_id, "title": _is_str, "description": _is_str,
-                          "priority": _is_priority, "status": _is_one_of(TASK_STATUSES), "tags?": _is_tag_list})
+                          "priority": _is_priority, "status": _is_one_of(TASK_STATUSES), "tags?": _is_tag_list,
+                          "after?": _is_after_list})
 def apply_task_created(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Per-field last writer wins, by (hlc, uuid); the create sets every field and adds its tags."""
-    p = ev.payload  # {task_id, project_id, title, description, priority, status, tags?}
+    """Per-field last writer wins, by (hlc, uuid); the create sets every field, adds its tags and its waits."""
+    p = ev.payload  # {task_id, project_id, title, description, priority, status, tags?, after?: [task_id]}
     _lww(cur, "tasks", p["task_id"], {
         "created_at": ev.created_at,
         **_pick(p, ("project_id", "title", "description", "priority", "status"))}, ev)
     _set_tags(cur, p["task_id"], dict.fromkeys(p.get("tags", ()), True), ev)
+    _set_after(cur, p["task_id"], dict.fromkeys(p.get("after", ()), True), ev)
 
 
 @applies("task.updated", {"task_id": _is_id, "title?": _is_str, "description?": _is_str,
                           "priority?": _is_priority, "status?": _is_one_of(TASK_STATUSES),
-                          "tags?": _is_tag_changes, "undoes?": _is_id})
+                          "tags?": _is_tag_changes, "after?": _is_after_changes, "undoes?": _is_id})
 def apply_task_updated(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid): a title edit and a status change both survive.
 
     Tags are an add/remove set: `tags` maps a tag to true (add) or false (remove), and each tag
     is its own last-writer-wins field, so two hosts tagging at once both keep their tags.
+    `after` (the tasks this one waits on) is a set of the same kind, per edge.
     """
-    p = ev.payload  # {task_id, title?, description?, priority?, status?, tags?: {tag: bool}, undoes?}
+    p = ev.payload  # {task_id, title?, description?, priority?, status?, tags?: {tag: bool}, after?: {id: bool}, ...}
     fields = _pick(p, ("title", "description", "priority", "status"))
     if fields:
         _lww(cur, "tasks", p["task_id"], fields, ev)
     _set_tags(cur, p["task_id"], p.get("tags", {}), ev)
+    _set_after(cur, p["task_id"], p.get("after", {}), ev)
 
 
 @applies("task.removed", {"task_id": _is_id, "undoes?": _is_id})
@@ -2409,7 +2446,9 @@ SELECT t.id, t.project_id, coalesce(p.name, '') AS project, t.title, t.descripti
             ELSE t.assignee END AS assignee,
        (SELECT group_concat(tag, ' ') FROM (SELECT x.tag FROM task_tags x
          WHERE x.task_id = t.id AND x.present = 1 ORDER BY x.tag)) AS tags,
-       t.removed_at, CASE WHEN {_LIVE_GROUP} THEN g.name END AS group_name
+       t.removed_at, CASE WHEN {_LIVE_GROUP} THEN g.name END AS group_name,
+       (SELECT group_concat(after_id, ' ') FROM (SELECT a.after_id FROM task_after a
+         WHERE a.task_id = t.id AND a.present = 1 ORDER BY a.after_id)) AS after_ids
   FROM tasks t LEFT JOIN projects p ON p.id = t.project_id
        LEFT JOIN groups g ON substr(t.assignee, 1, 6) = 'group:' AND g.id = substr(t.assignee, 7)
  WHERE t.created_at_v IS NOT NULL"""
@@ -2420,7 +2459,8 @@ def _task_from_row(row: sqlite3.Row) -> Task:
     return Task(row["id"], row["project_id"], row["project"], row["title"], row["description"],
                 row["status"], row["priority"], row["created_at"],
                 target if kind == "session" else None, target if kind == "group" else None,
-                tuple((row["tags"] or "").split()), row["removed_at"], row["group_name"] if kind == "group" else None)
+                tuple((row["tags"] or "").split()), row["removed_at"], row["group_name"] if kind == "group" else None,
+                tuple((row["after_ids"] or "").split()))
 
 
 def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = None,
@@ -2508,6 +2548,137 @@ def list_assigned_tasks(db: Db) -> list[Task]:
     rows = db.conn.execute(_TASK_SELECT + f" AND t.assignee IS NOT NULL AND (g.id IS NULL OR {_LIVE_GROUP})"
                            " AND t.removed_at IS NULL ORDER BY t.priority, t.created_at_v")
     return [_task_from_row(r) for r in rows]
+
+
+# Readiness is read from the tables, never stored: a task is ready when it is todo, not removed,
+# of an active project, bound to no session or live group, waits on no task that is neither done
+# nor removed (one not known here yet blocks), and is on no cycle of waits. The tables are the same
+# after any arrival order, so readiness is too.
+_READY_WHERE = f"""
+   AND t.status = 'todo' AND t.removed_at IS NULL AND p.status = 'active'
+   AND NOT (t.assignee IS NOT NULL AND (substr(t.assignee, 1, 6) != 'group:' OR {_LIVE_GROUP}))
+   AND NOT EXISTS (SELECT 1 FROM task_after a LEFT JOIN tasks d ON d.id = a.after_id
+                    WHERE a.task_id = t.id AND a.present = 1
+                      AND NOT (d.created_at_v IS NOT NULL AND (d.status = 'done' OR d.removed_at IS NOT NULL)))"""
+
+
+def list_ready_tasks(db: Db, *, project_id: str | None = None) -> list[Task]:
+    """Return the tasks ready to hand out, most urgent first, then oldest first."""
+    sql, params = _TASK_SELECT + _READY_WHERE, []
+    if project_id:
+        sql += " AND t.project_id = ?"
+        params.append(project_id)
+    tasks = [_task_from_row(r) for r in db.conn.execute(sql + " ORDER BY t.priority, t.created_at_v", params)]
+    if any(t.after for t in tasks):  # only a task that waits on done tasks can still be on a cycle
+        on_cycle = cycle_members(list_after_edges(db))
+        tasks = [t for t in tasks if t.id not in on_cycle]
+    return tasks
+
+
+@dataclass(frozen=True, slots=True)
+class TaskWaits:
+    """One task's place among the waits: what it waits on, what waits on it, a cycle it is on."""
+
+    task_id: str
+    waits_on: list[Task]  # the tasks it waits on that are known here, most urgent first (done and removed too)
+    unknown: list[str]  # ids it waits on whose task has not reached this host yet (they block)
+    blocks: list[Task]  # the tasks that wait on it (removed ones left out), most urgent first
+    cycle: list[str]  # a shortest cycle of waits through it, [id, ..., id]: then it is never ready; or []
+    is_ready: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the waits as the JSON object the CLI and API print."""
+        return {"task_id": self.task_id, "waits_on": [t.to_json() for t in self.waits_on], "unknown": self.unknown,
+                "blocks": [t.to_json() for t in self.blocks], "cycle": self.cycle, "is_ready": self.is_ready}
+
+
+def read_task_waits(db: Db, task: Task, *, graph: Mapping[str, Sequence[str]] | None = None) -> TaskWaits:
+    """Return what `task` waits on, what waits on it, and the cycle of waits it is on, if any."""
+    graph = list_after_edges(db) if graph is None else graph
+    marks = ",".join("?" * len(task.after))
+    waits_on = [_task_from_row(r) for r in db.conn.execute(
+        _TASK_SELECT + f" AND t.id IN ({marks}) ORDER BY t.priority, t.created_at_v", task.after)]
+    blocks = [_task_from_row(r) for r in db.conn.execute(
+        _TASK_SELECT + """ AND t.removed_at IS NULL AND t.id IN
+            (SELECT task_id FROM task_after WHERE after_id = ? AND present = 1)
+          ORDER BY t.priority, t.created_at_v""", (task.id,))]
+    known = {t.id for t in waits_on}
+    is_ready = task.id in {t.id for t in list_ready_tasks(db, project_id=task.project_id)}
+    return TaskWaits(task.id, waits_on, [x for x in task.after if x not in known], blocks,
+                     find_cycle(graph, task.id), is_ready)
+
+
+def list_after_edges(db: Db) -> dict[str, tuple[str, ...]]:
+    """Return every wait: task id -> the ids of the tasks it waits on, sorted (removed tasks' too)."""
+    graph: dict[str, list[str]] = {}
+    for task_id, after_id in db.conn.execute(
+            "SELECT task_id, after_id FROM task_after WHERE present = 1 ORDER BY task_id, after_id"):
+        graph.setdefault(task_id, []).append(after_id)
+    return {k: tuple(v) for k, v in graph.items()}
+
+
+def list_blocked_by(db: Db, task_id: str) -> list[str]:
+    """Return the ids of the tasks that wait on `task_id`, sorted."""
+    return [r[0] for r in db.conn.execute(
+        "SELECT task_id FROM task_after WHERE after_id = ? AND present = 1 ORDER BY task_id", (task_id,))]
+
+
+def find_cycle(graph: Mapping[str, Sequence[str]], start: str) -> list[str]:
+    """Return a shortest cycle of waits through `start` as [start, ..., start], or [] if it is on none."""
+    came_from: dict[str, str] = {}
+    queue = [start]
+    for node in queue:  # breadth first: the list grows while it is walked
+        for nxt in graph.get(node, ()):
+            if nxt == start:
+                path = [node]
+                while path[-1] != start:
+                    path.append(came_from[path[-1]])
+                return [start, *reversed(path[:-1]), start] if node != start else [start, start]
+            if nxt not in came_from:
+                came_from[nxt] = node
+                queue.append(nxt)
+    return []
+
+
+def cycle_members(graph: Mapping[str, Sequence[str]]) -> set[str]:
+    """Return the ids of the tasks on some cycle of waits (Tarjan's strongly connected components)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    members: set[str] = set()
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(graph.get(root, ())))]  # iterative: a long chain of waits must not hit the recursion limit
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is None:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1 or node in graph.get(node, ()):
+                        members.update(component)
+            elif child not in index:
+                index[child] = low[child] = len(index)
+                stack.append(child)
+                on_stack.add(child)
+                work.append((child, iter(graph.get(child, ()))))
+            elif child in on_stack:
+                low[node] = min(low[node], index[child])
+    return members
 
 
 _GROUP_SELECT = """
@@ -3125,19 +3296,95 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
 
 
 def create_task(db: Db, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                description: str = "", tags: Iterable[str] = (), now_ms: int) -> Task:
-    """Add a task to a project, status todo."""
+                description: str = "", tags: Iterable[str] = (), after: Iterable[str] = (), now_ms: int) -> Task:
+    """Add a task to a project, status todo; `after`: the tasks (id prefixes) it waits on."""
     title = _check_text("title", title, limit=MAX_TITLE_CHARS, required=True)
     description = _check_text("description", description, limit=MAX_TEXT_CHARS)
     priority = _check_priority(priority)
     tags = sorted(set(_check_tags(tags)))
+    after = [_check_prefix("task", ref) for ref in after]
     task_id = new_id()
     with write_txn(db) as cur:
         project = get_project(db, project_ref)
+        waits = sorted(_resolve_waits(db, after))
+        if len(waits) > MAX_AFTER:
+            raise UsageError(f"a task waits on at most {MAX_AFTER} tasks; give fewer --after")
         record(db, cur, "task.created", {"task_id": task_id, "project_id": project.id, "title": title,
                                          "description": description, "priority": priority,
-                                         "status": "todo", **({"tags": tags} if tags else {})}, now_ms=now_ms)
+                                         "status": "todo", **({"tags": tags} if tags else {}),
+                                         **({"after": waits} if waits else {})}, now_ms=now_ms)
     return get_task(db, task_id)
+
+
+def ready_tasks(db: Db, project: str | None = None) -> list[Task]:
+    """Return the tasks ready to hand out (of one project, by name or id prefix), most urgent then oldest first."""
+    return list_ready_tasks(db, project_id=get_project(db, project).id if project else None)
+
+
+def get_task_waits(db: Db, ref: str) -> TaskWaits:
+    """Return what a task waits on, what waits on it, and the cycle of waits it is on, if any."""
+    return read_task_waits(db, get_task(db, ref))
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """A project's queue: what is ready, what waits on what, and the cycles that keep tasks from ever being ready."""
+
+    project_id: str
+    ready: list[Task]  # ready to hand out, most urgent then oldest first
+    waiting: list[TaskWaits]  # its open tasks that wait on some task, most urgent first
+    cycles: list[list[str]]  # cycles of waits through its tasks, each [id, ..., id]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the queue as the JSON object the CLI and API print."""
+        return {"project_id": self.project_id, "ready": [t.to_json() for t in self.ready],
+                "waiting": [w.to_json() for w in self.waiting], "cycles": self.cycles}
+
+
+def get_queue(db: Db, project: str) -> Queue:
+    """Return a project's queue: its ready tasks, its open tasks that wait (with what on), its cycles of waits."""
+    p = get_project(db, project)
+    graph = list_after_edges(db)
+    tasks = list_tasks(db, project_id=p.id, include_removed=True)
+    waiting = [read_task_waits(db, t, graph=graph) for t in tasks
+               if t.after and t.status != "done" and t.removed_at is None]
+    cycles: list[list[str]] = []
+    seen: set[str] = set()
+    for task_id in sorted(cycle_members(graph) & {t.id for t in tasks}):
+        if task_id not in seen:
+            cycles.append(find_cycle(graph, task_id))
+            seen.update(cycles[-1])
+    return Queue(p.id, list_ready_tasks(db, project_id=p.id), waiting, cycles)
+
+
+def _resolve_waits(db: Db, refs: Iterable[str], *, waiter: str | None = None) -> set[str]:
+    """Return the ids of the tasks `refs` name for a wait; one removed, or the waiter itself, is refused."""
+    ids = set()
+    for ref in refs:
+        task = get_task(db, ref)
+        if task.id == waiter:
+            raise UsageError(f"task {task.id[:SHORT_ID]} may not wait on itself; give another task to --after")
+        if task.removed_at is not None:
+            raise Conflict(f"task {task.id[:SHORT_ID]} is removed, so nothing waits on it; give another task "
+                           f"to --after, or bring it back with: clare task restore {task.id[:SHORT_ID]}")
+        ids.add(task.id)
+    return ids
+
+
+def cycle_text(cycle: Sequence[str]) -> str:
+    """Return a cycle of waits as people read it: 3f2a0b1c → 91bc22d0 → 3f2a0b1c."""
+    return " → ".join(x[:SHORT_ID] for x in cycle)
+
+
+def _refuse_cycles(db: Db, task_id: str, added: Iterable[str]) -> None:
+    """Refuse new waits of `task_id` that would close a cycle, naming it and a wait to drop."""
+    graph = list_after_edges(db)
+    for after_id in sorted(added):
+        # with the new wait as its only way out, a cycle through the task is one the wait closes
+        cycle = find_cycle({**graph, task_id: (after_id,)}, task_id)
+        if cycle:
+            raise Conflict(f"task {task_id[:SHORT_ID]} would wait on itself: {cycle_text(cycle)}; drop one "
+                           f"wait first with: clare task edit {cycle[1][:SHORT_ID]} --no-after {cycle[2][:SHORT_ID]}")
 
 
 def _check_tags(tags: Iterable[str]) -> list[str]:
@@ -3153,8 +3400,13 @@ def _check_tags(tags: Iterable[str]) -> list[str]:
 
 def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | None = None,
               priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
-              untags: Iterable[str] = (), now_ms: int) -> Task:
-    """Change some fields and tags of a task; what equals the current value is not recorded."""
+              untags: Iterable[str] = (), after: Iterable[str] = (), no_after: Iterable[str] = (),
+              now_ms: int) -> Task:
+    """Change some fields, tags and waits of a task; what equals the current value is not recorded.
+
+    `after` adds tasks it waits on, `no_after` drops some (id prefixes); a wait that would close a
+    cycle is refused here (cycles that two hosts close apart are read as never ready).
+    """
     changes: dict[str, Any] = {}
     if title is not None:
         changes["title"] = _check_text("title", title, limit=MAX_TITLE_CHARS, required=True)
@@ -3165,6 +3417,7 @@ def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | 
     if status is not None:
         changes["status"] = _check_choice("task status", status, TASK_STATUSES)
     tag_changes = dict.fromkeys(_check_tags(untags), False) | dict.fromkeys(_check_tags(tags), True)
+    after, no_after = [_check_prefix("task", r) for r in after], [_check_prefix("task", r) for r in no_after]
     with write_txn(db) as cur:
         task = get_task(db, ref)
         changes = {k: v for k, v in changes.items() if getattr(task, k) != v}
@@ -3173,9 +3426,32 @@ def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | 
             raise UsageError(f"a task holds at most {MAX_TAGS} tags; remove some with --untag")
         if tag_changes:
             changes["tags"] = dict(sorted(tag_changes.items()))
+        added = _resolve_waits(db, after, waiter=task.id) - set(task.after)
+        dropped = _dropped_waits(db, task, no_after) - added
+        if len((set(task.after) - dropped) | added) > MAX_AFTER:
+            raise UsageError(f"a task waits on at most {MAX_AFTER} tasks; drop some with --no-after")
+        _refuse_cycles(db, task.id, added)
+        if added or dropped:
+            changes["after"] = dict(sorted({**dict.fromkeys(dropped, False), **dict.fromkeys(added, True)}.items()))
         if changes:
             record(db, cur, "task.updated", {"task_id": task.id, **changes}, now_ms=now_ms)
     return get_task(db, task.id)
+
+
+def _dropped_waits(db: Db, task: Task, refs: Iterable[str]) -> set[str]:
+    """Return the waits of `task` that `refs` name; a known task it does not wait on names none."""
+    dropped = set()
+    for ref in refs:
+        # matched among the waits first: one may name a task removed since, or one not known here yet
+        hits = [x for x in task.after if x.startswith(ref)]
+        if len(hits) > 1:
+            raise Conflict(f"--no-after {ref!r} is ambiguous: task {task.id[:SHORT_ID]} waits on "
+                           f"{', '.join(h[:SHORT_ID + 4] for h in hits)}; give more of the id")
+        if hits:
+            dropped.add(hits[0])
+        else:
+            get_task(db, ref)  # an unknown id is an error; a known task not waited on is nothing to drop
+    return dropped
 
 
 def remove_task(db: Db, ref: str, *, now_ms: int) -> Task:
@@ -3323,7 +3599,8 @@ def _field_values(ev: Event) -> dict[str, Any]:
     if kind in ("project.created", "project.updated", "task.created", "task.updated"):
         out = {k: p[k] for k in ("name", "goal", "owner", "title", "description", "priority", "status") if k in p}
         tags = dict.fromkeys(p.get("tags", ()), True) if kind == "task.created" else p.get("tags", {})
-        return out | {f"tag:{t}": v for t, v in tags.items()}
+        waits = dict.fromkeys(p.get("after", ()), True) if kind == "task.created" else p.get("after", {})
+        return out | {f"tag:{t}": v for t, v in tags.items()} | {f"after:{t}": v for t, v in waits.items()}
     if kind == "task.assigned":
         return {"assignee": {"session_id": p["session_id"]} if p.get("session_id") else {"group_id": p["group_id"]}}
     if kind == "task.unassigned":
@@ -3355,7 +3632,7 @@ def _inverse(db: Db, ev: Event) -> tuple[str, dict[str, Any], int]:
         now.update(_field_values(e))
         if (e.hlc, e.uuid) < (ev.hlc, ev.uuid):
             before.update(_field_values(e))
-    undo = {f: before.get(f, False if f.startswith("tag:") or f == "removed" else None)
+    undo = {f: before.get(f, False if f.startswith(("tag:", "after:")) or f == "removed" else None)
             for f, v in _field_values(ev).items() if now.get(f) == v}
     n_kept = len(_field_values(ev)) - len(undo)
     if "removed" in undo:
@@ -3365,8 +3642,10 @@ def _inverse(db: Db, ev: Event) -> tuple[str, dict[str, Any], int]:
                 else ("task.unassigned", head, n_kept))
     # What is left is an update; an empty one (all changed since) only marks the change as undone.
     tags = {f[4:]: v for f, v in undo.items() if f.startswith("tag:")}
-    fields = {f: v for f, v in undo.items() if not f.startswith("tag:") and v is not None}
-    return f"{kind}.updated", {**head, **fields, **({"tags": tags} if tags else {})}, n_kept
+    waits = {f[6:]: v for f, v in undo.items() if f.startswith("after:")}
+    fields = {f: v for f, v in undo.items() if not f.startswith(("tag:", "after:")) and v is not None}
+    return f"{kind}.updated", {**head, **fields, **({"tags": tags} if tags else {}),
+                               **({"after": waits} if waits else {})}, n_kept
 
 
 def create_group(db: Db, name: str, *, cwd: str | None = None, host: str | None = None,
@@ -4116,9 +4395,11 @@ def _n(count: int, noun: str) -> str:
 
 
 def _fields(p: dict[str, Any], skip: str) -> str:
-    text = [f"{k}={v!r}" for k, v in p.items() if k not in (skip, "tags", "undoes")]
+    text = [f"{k}={v!r}" for k, v in p.items() if k not in (skip, "tags", "after", "undoes")]
     if isinstance(p.get("tags"), dict):
         text.append("tags " + " ".join(f"{'+' if v else '-'}{t}" for t, v in p["tags"].items()))
+    if isinstance(p.get("after"), dict):
+        text.append("waits " + " ".join(f"{'+' if v else '-'}{t[:SHORT_ID]}" for t, v in p["after"].items()))
     return ", ".join(text) or "nothing"
 
 
@@ -4126,7 +4407,8 @@ DESCRIBE.update({
     "project.created": lambda p: f"created project {p['name']!r}",
     "project.updated": lambda p: f"changed project: {_fields(p, 'project_id')}",
     "task.created": lambda p: f"added task {p['task_id'][:SHORT_ID]} {p['title']!r} (P{p['priority']})"
-                              + "".join(f" #{t}" for t in p.get("tags", ())),
+                              + "".join(f" #{t}" for t in p.get("tags", ()))
+                              + "".join(f" after {t[:SHORT_ID]}" for t in p.get("after", ())),
     "task.updated": lambda p: f"changed task {p['task_id'][:SHORT_ID]}: {_fields(p, 'task_id')}",
     "task.assigned": lambda p: f"assigned task {p['task_id'][:SHORT_ID]} to "
                                + (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
@@ -7680,6 +7962,16 @@ def _change_from_json(obj: dict[str, Any]) -> Change:
     return Change([from_json(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
 
 
+def _waits_from_json(obj: dict[str, Any]) -> TaskWaits:
+    return TaskWaits(obj["task_id"], [from_json(Task, t) for t in obj["waits_on"]], obj["unknown"],
+                     [from_json(Task, t) for t in obj["blocks"]], obj["cycle"], obj["is_ready"])
+
+
+def _queue_from_json(obj: dict[str, Any]) -> Queue:
+    return Queue(obj["project_id"], [from_json(Task, t) for t in obj["ready"]],
+                 [_waits_from_json(w) for w in obj["waiting"]], obj["cycles"])
+
+
 def _status_to_wire(req: Any, report: StatusReport) -> dict[str, Any]:
     return {**report.to_json(), "n_events": req.svc.count_events(), "machine_id": req.db.machine_id,
             "clock": req.svc.clock_status()}
@@ -7828,27 +8120,46 @@ class Services:
                           priorities=priorities, search=search, include_removed=include_removed, after=after,
                           limit=limit)
 
-    @api("POST", "/api/v1/tasks", "Add a task", body=("project_ref=project", "title", "priority", "description",
-                                                      "tags"), status=201)
+    @api("POST", "/api/v1/tasks", "Add a task (after: the tasks it waits on)",
+         body=("project_ref=project", "title", "priority", "description", "tags", "after"), status=201)
     def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                    description: str = "", tags: Iterable[str] = ()) -> Task:
+                    description: str = "", tags: Iterable[str] = (), after: Iterable[str] = ()) -> Task:
         """Add a task to a project."""
         return create_task(self.db, project_ref, title, priority=priority, description=description, tags=tags,
-                           now_ms=now_ms())
+                           after=after, now_ms=now_ms())
+
+    @api("GET", "/api/v1/ready", "Tasks ready to hand out: todo, unassigned, waiting on nothing undone; "
+         "most urgent, then oldest, first", query=("project",))
+    def ready_tasks(self, project: str | None = None) -> list[Task]:
+        """Return the tasks ready to hand out (of one project, by name or id prefix), most urgent then oldest first."""
+        return ready_tasks(self.db, project)
+
+    @api("GET", "/api/v1/projects/{project}/queue", "A project's queue: ready tasks, open tasks that wait "
+         "(on what), cycles of waits", schema="Queue", from_wire=lambda got: _queue_from_json(got))
+    def get_queue(self, project: str) -> Queue:
+        """Return a project's ready tasks, its open tasks that wait and on what, and its cycles of waits."""
+        return get_queue(self.db, project)
+
+    @api("GET", "/api/v1/tasks/{task}/waits", "What a task waits on, what waits on it, the cycle it is on",
+         schema="TaskWaits", from_wire=lambda got: _waits_from_json(got))
+    def get_task_waits(self, ref: str) -> TaskWaits:
+        """Return what a task waits on, what waits on it, and the cycle of waits it is on, if any."""
+        return get_task_waits(self.db, ref)
 
     @api("GET", "/api/v1/tasks/{task}", "Get a task by id prefix (removed ones too)")
     def get_task(self, ref: str) -> Task:
         """Return the task whose id starts with `ref`."""
         return get_task(self.db, ref)
 
-    @api("PATCH", "/api/v1/tasks/{task}", "Change a task; tags adds tags, untags removes them",
-         body=("title", "description", "priority", "status", "tags", "untags"))
+    @api("PATCH", "/api/v1/tasks/{task}", "Change a task; tags adds tags, untags removes them; after adds "
+         "tasks it waits on, no_after drops some",
+         body=("title", "description", "priority", "status", "tags", "untags", "after", "no_after"))
     def edit_task(self, ref: str, *, title: str | None = None, description: str | None = None,
                   priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
-                  untags: Iterable[str] = ()) -> Task:
-        """Change some fields and tags of a task."""
+                  untags: Iterable[str] = (), after: Iterable[str] = (), no_after: Iterable[str] = ()) -> Task:
+        """Change some fields, tags and waits of a task."""
         return edit_task(self.db, ref, title=title, description=description, priority=priority, status=status,
-                         tags=tags, untags=untags, now_ms=now_ms())
+                         tags=tags, untags=untags, after=after, no_after=no_after, now_ms=now_ms())
 
     @api("DELETE", "/api/v1/tasks/{task}", "Remove a task: it leaves every list, keeps its history, can be restored")
     def remove_task(self, ref: str) -> Task:
@@ -11121,6 +11432,13 @@ def _obj(**props: Any) -> dict[str, Any]:
         k: v if isinstance(v, dict) else {"type": v} for k, v in props.items()}}
 
 
+_WAITS = {"task_id": "string", "waits_on": _array("Task"), "unknown": {"type": "array", "items": {"type": "string"}},
+          "blocks": _array("Task"), "cycle": {"type": "array", "items": {"type": "string"}}, "is_ready": "boolean"}
+_OPEN_API_EXTRA_SCHEMAS.update({
+    "TaskWaits": _obj(**_WAITS),
+    "Queue": _obj(project_id="string", ready=_array("Task"), waiting=_array("TaskWaits"), cycles={
+        "type": "array", "items": {"type": "array", "items": {"type": "string"}}}),
+})
 _SYNC_HEAD = {"machine_id": "string", "db_id": "string", "now_ms": "integer"}
 _CHANGE = {"events": _array("SyncEvent"), "description": "string", "created_at": "string", "can_undo": "boolean",
            "refusal": ["string", "null"]}
@@ -12071,9 +12389,21 @@ def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
 def cmd_task_add(args: argparse.Namespace, ctx: Context) -> None:
     """Add a task to a project."""
     t = ctx.svc.create_task(args.project, args.title, priority=parse_priority(args.prio), description=args.desc,
-                            tags=args.tag)
+                            tags=args.tag, after=args.after)
     emit(ctx, t, f"added task {t.id[:SHORT_ID]} to {t.project}: {t.title} (P{t.priority})"
-                 + "".join(f" #{tag}" for tag in t.tags))
+                 + "".join(f" #{tag}" for tag in t.tags) + _after_text(t))
+
+
+def _after_text(task: Task) -> str:
+    return f", waits on {', '.join(x[:SHORT_ID] for x in task.after)}" if task.after else ""
+
+
+def cmd_next(args: argparse.Namespace, ctx: Context) -> None:
+    """List the tasks ready to hand out, most urgent first, then oldest first."""
+    tasks = ctx.svc.ready_tasks(args.project)
+    empty = ("no task is ready" + (f" in {args.project}" if args.project else "")
+             + ": each open task waits, is assigned, or its project is paused; see them with: clare task list")
+    emit(ctx, tasks, lambda: format_tasks(tasks, with_project=not args.project, empty=empty))
 
 
 def cmd_task_list(args: argparse.Namespace, ctx: Context) -> None:
@@ -12132,7 +12462,9 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
     t = ctx.svc.get_task(args.task)
     updates = ctx.svc.list_updates(task_ids=[t.id])
     history = ctx.svc.list_history([t.id])
-    value = {**t.to_json(), "updates": updates, "history": history}
+    waits = ctx.svc.get_task_waits(t.id)
+    value = {**t.to_json(), "updates": updates, "history": history,
+             **{k: v for k, v in waits.to_json().items() if k != "task_id"}}
 
     def text() -> str:
         lines = [f"{t.title}", f"id:       {t.id}", f"project:  {t.project} ({t.project_id[:SHORT_ID]})",
@@ -12142,6 +12474,7 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
         if t.removed_at:
             lines.append(f"removed:  {when_text(t.removed_at)} "
                          f"(bring it back with: clare task restore {t.id[:SHORT_ID]})")
+        lines += _waits_lines(waits)
         if t.description:
             lines += ["", t.description]
         if updates:
@@ -12149,6 +12482,21 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
         lines += ["", "history:", format_history(history)]
         return "\n".join(lines)
     emit(ctx, value, text)
+
+
+def _waits_lines(waits: TaskWaits) -> list[str]:
+    """Return task show's lines on waits: what it waits on, what it blocks, its cycle, whether it is ready."""
+    def one(t: Task) -> str:
+        state = "removed" if t.removed_at else STATUS_LABEL[t.status]
+        return f"{t.id[:SHORT_ID]} ({state}) {short_text(t.title, 50)}"
+    lines = [f"waits on: {x}" if i == 0 else f"          {x}" for i, x in enumerate(
+        [one(t) for t in waits.waits_on] + [f"{x[:SHORT_ID]} (not known here yet)" for x in waits.unknown])]
+    lines += [f"blocks:   {x}" if i == 0 else f"          {x}" for i, x in enumerate(map(one, waits.blocks))]
+    if waits.cycle:
+        lines.append(f"cycle:    {cycle_text(waits.cycle)}: never ready; drop one wait with: "
+                     f"clare task edit {waits.cycle[0][:SHORT_ID]} --no-after {waits.cycle[1][:SHORT_ID]}")
+    lines.append(f"ready:    {'yes' if waits.is_ready else 'no'}")
+    return lines
 
 
 def _cmd_task_status(status: str, verb: str) -> Callable[[argparse.Namespace, Context], None]:
@@ -12161,14 +12509,15 @@ def _cmd_task_status(status: str, verb: str) -> Callable[[argparse.Namespace, Co
 
 
 def cmd_task_edit(args: argparse.Namespace, ctx: Context) -> None:
-    """Change a task's title, priority, description or tags."""
-    if (args.title, args.prio, args.desc) == (None, None, None) and not args.tag and not args.untag:
-        raise UsageError("nothing to change; give --title, --prio, --desc, --tag or --untag")
+    """Change a task's title, priority, description, tags or the tasks it waits on."""
+    if (args.title, args.prio, args.desc) == (None, None, None) and not any(
+            (args.tag, args.untag, args.after, args.no_after)):
+        raise UsageError("nothing to change; give --title, --prio, --desc, --tag, --untag, --after or --no-after")
     priority = None if args.prio is None else parse_priority(args.prio)
     t = ctx.svc.edit_task(args.task, title=args.title, priority=priority, description=args.desc,
-                          tags=args.tag, untags=args.untag)
+                          tags=args.tag, untags=args.untag, after=args.after, no_after=args.no_after)
     emit(ctx, t, f"task {t.id[:SHORT_ID]}: {t.title} (P{t.priority}, {STATUS_LABEL[t.status]})"
-                 + "".join(f" #{tag}" for tag in t.tags))
+                 + "".join(f" #{tag}" for tag in t.tags) + _after_text(t))
 
 
 def cmd_assign(args: argparse.Namespace, ctx: Context) -> None:
@@ -12809,6 +13158,8 @@ GROUP_HELP = {
     "session": "start, resume and stop Claude sessions for tasks, on any host",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
+_AFTER_ARG = arg("--after", action="append", default=[], metavar="ID",
+                 help="wait on this task: ready only once it is done (id prefix; repeat for more)")
 _GLOBAL_ARGS = (
     arg("--home", metavar="DIR", help="folder of clare.db and clare.toml (env CLARE_HOME)"),
     arg("--db", metavar="FILE", help="use this database file"),
@@ -12869,12 +13220,14 @@ COMMANDS: list[Command] = [
             "clare project rename 3f9a2c1b alpha-laptop",
             (arg("project", help="id prefix (or the name, when only one project has it)"), arg("name"))),
     Command(("task", "add"), cmd_task_add, "add a task to a project",
-            'clare task add alpha "write the parser" --prio 1 --desc "tokens first" --tag backend',
+            'clare task add alpha "write the parser" --prio 1 --desc "tokens first" --tag backend'
+            '\n  clare task add alpha "ship it" --after 3f2a --after 91bc   # ready once both are done',
             (arg("project", help="name or id prefix"), arg("title"),
              arg("--prio", default=str(DEFAULT_PRIORITY), metavar="0-4",
                  help="0 is the most urgent (default 2)"),
              arg("--desc", default="", help="description"),
-             arg("--tag", action="append", default=[], metavar="TAG", help="a tag (repeat for more)"))),
+             arg("--tag", action="append", default=[], metavar="TAG", help="a tag (repeat for more)"),
+             _AFTER_ARG)),
     Command(("task", "list"), cmd_task_list, "list open tasks of active projects, most urgent first",
             "clare task list alpha\n  clare task list --tag backend --prio 0-1 --unassigned\n"
             "  clare task list --all --search parser",
@@ -12890,7 +13243,10 @@ COMMANDS: list[Command] = [
              arg("--prio", metavar="N|N-M", help="only this priority or range, e.g. 0-1"),
              arg("--tag", metavar="TAG", help="only tasks with this tag"),
              arg("--search", metavar="TEXT", help="only tasks whose title or description holds TEXT (any case)"))),
-    Command(("task", "show"), cmd_task_show, "show a task with its updates and history",
+    Command(("next",), cmd_next, "list the tasks ready to hand out: todo, unassigned, waiting on nothing undone",
+            "clare next\n  clare next --project alpha --json",
+            (arg("--project", help="only this project (name or id prefix)"),)),
+    Command(("task", "show"), cmd_task_show, "show a task with its updates, waits and history",
             "clare task show 3f2a", (_TASK_REF,)),
     Command(("task", "start"), _cmd_task_status("in_progress", "started"), "mark a task in progress",
             "clare task start 3f2a", (_TASK_REF,)),
@@ -12900,11 +13256,15 @@ COMMANDS: list[Command] = [
             "clare task done 3f2a", (_TASK_REF,)),
     Command(("task", "reopen"), _cmd_task_status("todo", "reopened"), "put a task back to todo",
             "clare task reopen 3f2a", (_TASK_REF,)),
-    Command(("task", "edit"), cmd_task_edit, "change a task's title, priority, description or tags",
-            'clare task edit 3f2a --title "parse v2 files" --prio 0\n  clare task edit 3f2a --tag urgent --untag later',
+    Command(("task", "edit"), cmd_task_edit, "change a task's title, priority, description, tags or waits",
+            'clare task edit 3f2a --title "parse v2 files" --prio 0\n  clare task edit 3f2a --tag urgent --untag later'
+            '\n  clare task edit 3f2a --after 91bc --no-after 7c1e',
             (_TASK_REF, arg("--title"), arg("--prio", metavar="0-4"), arg("--desc"),
              arg("--tag", action="append", default=[], metavar="TAG", help="add a tag (repeat for more)"),
-             arg("--untag", action="append", default=[], metavar="TAG", help="remove a tag (repeat for more)"))),
+             arg("--untag", action="append", default=[], metavar="TAG", help="remove a tag (repeat for more)"),
+             _AFTER_ARG,
+             arg("--no-after", action="append", default=[], metavar="ID",
+                 help="no longer wait on this task (id prefix; repeat for more)"))),
     Command(("task", "rm"), cmd_task_rm, "remove a task (it keeps its history; task restore brings it back)",
             "clare task rm 3f2a", (_TASK_REF,)),
     Command(("task", "restore"), cmd_task_restore, "bring a removed task back",
