@@ -1013,7 +1013,23 @@ def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
 
 def _event_from_row(row: Sequence[Any]) -> Event:
     rseq, uuid_, hlc, machine_id, event_type, payload, created_at = row  # as in _EVENT_COLUMNS
-    return Event(uuid_, hlc, machine_id, event_type, json.loads(payload), created_at, rseq)
+    return Event(uuid_, hlc, machine_id, event_type, _load_payload(payload), created_at, rseq)
+
+
+_SCAN_JSON: list[Callable[[str, int], tuple[Any, int]]] = []  # json's C scanner, made on first use
+
+
+def _load_payload(text: str) -> Any:
+    """Return a stored payload parsed: its text is canonical (no blanks), so json's C scanner alone reads it."""
+    # json.loads would first match the leading and trailing blanks with two regular expressions: a replay
+    # of a million events spends a tenth of its time there.
+    if not _SCAN_JSON:
+        _SCAN_JSON.append(json.JSONDecoder().scan_once)  # type: ignore[attr-defined]  # the C scanner json.loads uses
+    try:
+        value, end = _SCAN_JSON[0](text, 0)
+    except StopIteration:
+        return json.loads(text)  # not JSON: json.loads says what is wrong
+    return value if end == len(text) else json.loads(text)
 
 
 _EVENT_COLUMNS = "rseq, uuid, hlc, machine_id, event_type, payload, created_at"
@@ -1956,7 +1972,7 @@ def check_received(obj: object) -> Event:
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
     """Fold one stored event into the projections; one they do not understand only gets history refs."""
-    for key in REF_KEYS:  # replay() does the same in bulk: keep the two rules alike
+    for key in REF_KEYS:  # _rebuild_refs() does the same in bulk (an upgrade): keep the two rules alike
         ref = ev.payload.get(key)
         if isinstance(ref, str):
             cur.execute("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
@@ -2017,34 +2033,53 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
     return result
 
 
-def replay(db: Db) -> int:
-    """Rebuild every projection from the log; return how many events were applied."""
+def replay(db: Db, *, with_refs: bool = False) -> int:
+    """Rebuild every projection from the log; return how many events were applied.
+
+    event_refs is a function of the log alone, kept by apply_event as each event is stored:
+    only an upgrade rebuilds it (with_refs). The secondary indexes of the tables are dropped
+    for the fold and made again after it: one sorted build each instead of an update per row.
+    """
     n_events = 0
+    tables = [t for t in PROJECTION_TABLES if with_refs or t != "event_refs"]
     with write_txn(db) as cur:
-        for table in PROJECTION_TABLES:
+        for table in tables:
             cur.execute(f"DELETE FROM {table}")
-        # apply_event's history refs, for all events at once: in C, and in index order.
-        # COMPAT: a log written before NaN was refused at the door may hold payloads SQLite's JSON
-        # functions reject ("malformed JSON"): CASE skips them there, and Python, which reads NaN
-        # as a float, takes their refs and applies them as it always did.
-        for key in REF_KEYS:
-            cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
-                            SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
-                             WHERE CASE WHEN json_valid(payload) THEN json_type(payload, '$.{key}') = 'text' END
-                             ORDER BY 1, 2, 3""")
-        for row in cur.execute("SELECT payload, hlc, uuid FROM events WHERE NOT json_valid(payload)").fetchall():
-            payload = json.loads(row[0])
-            cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
-                            [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
-        appliers = APPLIERS
+        if with_refs:
+            _rebuild_refs(cur)
+        indexes = cur.execute(f"""SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL
+                                     AND tbl_name IN ({','.join('?' * len(tables))})""", tables).fetchall()
+        for name, _ in indexes:
+            cur.execute(f'DROP INDEX "{name}"')
+        appliers, fold = APPLIERS, LwwFold(db.conn)
         for ev in iter_events(db, batch=5000):
             if not_understood(ev) is None:
-                appliers[ev.event_type](cur, ev)
+                appliers[ev.event_type](fold, ev)
             n_events += 1
+        fold.flush()
+        for _, sql in indexes:
+            cur.execute(sql)
     return n_events
 
 
-AFTER_UPGRADE.append(replay)  # what the older version stored without knowing it (tags, orders...) applies now
+def _rebuild_refs(cur: sqlite3.Cursor) -> None:
+    """Make apply_event's history refs of every event at once: in C, and in index order."""
+    # COMPAT: a log written before NaN was refused at the door may hold payloads SQLite's JSON
+    # functions reject ("malformed JSON"): CASE skips them there, and Python, which reads NaN
+    # as a float, takes their refs as it always did.
+    for key in REF_KEYS:
+        cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
+                        SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
+                         WHERE CASE WHEN json_valid(payload) THEN json_type(payload, '$.{key}') = 'text' END
+                         ORDER BY 1, 2, 3""")
+    for row in cur.execute("SELECT payload, hlc, uuid FROM events WHERE NOT json_valid(payload)").fetchall():
+        payload = json.loads(row[0])
+        cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
+                        [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
+
+
+# What the older version stored without knowing it (tags, orders...) applies now; its refs are made anew too.
+AFTER_UPGRADE.append(functools.partial(replay, with_refs=True))
 
 
 _LWW_SQL: dict[tuple[str, tuple[str, ...]], str] = {}
@@ -2057,7 +2092,18 @@ def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], e
     With `is_default` the fields get a version below every real one (a leading space sorts before
     any digit): a value that any event about the row overrides, whatever its HLC.
     """
-    names = tuple(fields)
+    version = f"{' ' if is_default else ''}{ev.hlc} {ev.uuid}"
+    if type(cur) is LwwFold:
+        cur.hold(table, row_id, fields, version)
+        return
+    params = [row_id]
+    for value in fields.values():
+        params += (value, version)
+    cur.execute(_lww_sql(table, tuple(fields)), params)
+
+
+def _lww_sql(table: str, names: tuple[str, ...]) -> str:
+    """Return the upsert of some fields of a row, each with its own version: a field changes only for a newer one."""
     sql = _LWW_SQL.get((table, names))
     if sql is None:
         cols = "".join(f", {n}, {n}_v" for n in names)
@@ -2067,11 +2113,48 @@ def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], e
         sql = (f"INSERT INTO {table} (id{cols}) VALUES (?{', ?, ?' * len(names)}) "
                f"ON CONFLICT (id) DO UPDATE SET {sets}")
         _LWW_SQL[(table, names)] = sql
-    version = f"{' ' if is_default else ''}{ev.hlc} {ev.uuid}"
-    params = [row_id]
-    for value in fields.values():
-        params += (value, version)
-    cur.execute(sql, params)
+    return sql
+
+
+class LwwFold(sqlite3.Cursor):
+    """A cursor that holds _lww's writes in memory, per row and field, the newest version kept; flush() writes
+    each row once. A batch (a replay, an import) sets a task's fields ~10 times: folded, one upsert.
+
+    The rule is _lww's own (a field takes a value only with a newer version, rows made in the order
+    first touched), so the tables come out the same; the appliers' other writes go straight through.
+    """
+
+    def __init__(self, conn: sqlite3.Connection):
+        super().__init__(conn)
+        self.rows: dict[tuple[str, str], dict[str, tuple[Any, str]]] = {}  # (table, id) -> field -> (value, version)
+
+    def hold(self, table: str, row_id: str, fields: dict[str, Any], version: str) -> None:
+        """Fold one _lww write into the rows held."""
+        row = self.rows.get((table, row_id))
+        if row is None:
+            row = self.rows[(table, row_id)] = {}
+        for name, value in fields.items():
+            held = row.get(name)
+            if held is None or held[1] < version:
+                row[name] = (value, version)
+        if len(self.rows) >= MAX_FOLDED_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the rows held, one upsert each (runs of the same fields as one executemany)."""
+        import itertools
+
+        def params(item: tuple[tuple[str, str], dict[str, tuple[Any, str]]]) -> list[Any]:
+            out = [item[0][1]]
+            for pair in item[1].values():
+                out += pair
+            return out
+        for (table, names), run in itertools.groupby(self.rows.items(), lambda it: (it[0][0], tuple(it[1]))):
+            self.executemany(_lww_sql(table, names), map(params, run))
+        self.rows = {}
+
+
+MAX_FOLDED_ROWS = 50_000  # rows an LwwFold holds before it writes them: its memory stays bounded
 
 
 def _pick(payload: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
