@@ -46,7 +46,7 @@ import sqlite3
 import string
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 # The first statement after the imports, so that every command (and `import clare`) on an older
@@ -981,6 +981,9 @@ def _db_id_at(path: str) -> str | None:
         return None
 
 
+_RECENT_HEADS: dict[str, tuple[int, float]] = {}  # db path -> (head, monotonic time it was read); see recent_head
+
+
 @contextlib.contextmanager
 def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
     """Run the block in one BEGIN IMMEDIATE transaction: all of it is stored, or none.
@@ -1004,6 +1007,7 @@ def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
     try:
         yield cur
         cur.execute("COMMIT")
+        _RECENT_HEADS.pop(db.path, None)  # a reader of recent_head (below) sees this write at once
     except BaseException as err:
         if db.conn.in_transaction:  # SQLite rolls back by itself after some SQLITE_FULL errors
             cur.execute("ROLLBACK")
@@ -1160,7 +1164,23 @@ def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
 
 def _event_from_row(row: Sequence[Any]) -> Event:
     rseq, uuid_, hlc, machine_id, event_type, payload, created_at = row  # as in _EVENT_COLUMNS
-    return Event(uuid_, hlc, machine_id, event_type, json.loads(payload), created_at, rseq)
+    return Event(uuid_, hlc, machine_id, event_type, _load_payload(payload), created_at, rseq)
+
+
+_SCAN_JSON: list[Callable[[str, int], tuple[Any, int]]] = []  # json's C scanner, made on first use
+
+
+def _load_payload(text: str) -> Any:
+    """Return a stored payload parsed: its text is canonical (no blanks), so json's C scanner alone reads it."""
+    # json.loads would first match the leading and trailing blanks with two regular expressions: a replay
+    # of a million events spends a tenth of its time there.
+    if not _SCAN_JSON:
+        _SCAN_JSON.append(json.JSONDecoder().scan_once)  # type: ignore[attr-defined]  # the C scanner json.loads uses
+    try:
+        value, end = _SCAN_JSON[0](text, 0)
+    except StopIteration:
+        return json.loads(text)  # not JSON: json.loads says what is wrong
+    return value if end == len(text) else json.loads(text)
 
 
 _EVENT_COLUMNS = "rseq, uuid, hlc, machine_id, event_type, payload, created_at"
@@ -1230,6 +1250,24 @@ def count_events(db: Db) -> int:
 def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
     """Return the receipt number of the newest stored event, 0 for an empty log."""
     return cur.execute("SELECT coalesce(max(rseq), 0) FROM events").fetchone()[0]
+
+
+HEAD_MAX_AGE_S = 0.005  # recent_head reads the log's head at most this often per database
+
+
+def recent_head(db: Db) -> int:
+    """Return head_rseq as read at most HEAD_MAX_AGE_S ago: a page cache asks it on every request.
+
+    A write through this process forgets it (write_txn), so a client never misses its own
+    write; another process's write is seen within HEAD_MAX_AGE_S.
+    """
+    now = time.monotonic()
+    seen = _RECENT_HEADS.get(db.path)
+    if seen is not None and now - seen[1] < HEAD_MAX_AGE_S:
+        return seen[0]
+    head = head_rseq(db.conn)
+    _RECENT_HEADS[db.path] = (head, now)
+    return head
 
 
 def renew_identity(db: Db, *, machine_id: str | None = None) -> tuple[str, str]:
@@ -2113,7 +2151,7 @@ def check_received(obj: object) -> Event:
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
     """Fold one stored event into the projections; one they do not understand only gets history refs."""
-    for key in REF_KEYS:  # replay() does the same in bulk: keep the two rules alike
+    for key in REF_KEYS:  # _rebuild_refs() does the same in bulk (an upgrade): keep the two rules alike
         ref = ev.payload.get(key)
         if isinstance(ref, str):
             cur.execute("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
@@ -2174,34 +2212,53 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
     return result
 
 
-def replay(db: Db) -> int:
-    """Rebuild every projection from the log; return how many events were applied."""
+def replay(db: Db, *, with_refs: bool = False) -> int:
+    """Rebuild every projection from the log; return how many events were applied.
+
+    event_refs is a function of the log alone, kept by apply_event as each event is stored:
+    only an upgrade rebuilds it (with_refs). The secondary indexes of the tables are dropped
+    for the fold and made again after it: one sorted build each instead of an update per row.
+    """
     n_events = 0
+    tables = [t for t in PROJECTION_TABLES if with_refs or t != "event_refs"]
     with write_txn(db) as cur:
-        for table in PROJECTION_TABLES:
+        for table in tables:
             cur.execute(f"DELETE FROM {table}")
-        # apply_event's history refs, for all events at once: in C, and in index order.
-        # COMPAT: a log written before NaN was refused at the door may hold payloads SQLite's JSON
-        # functions reject ("malformed JSON"): CASE skips them there, and Python, which reads NaN
-        # as a float, takes their refs and applies them as it always did.
-        for key in REF_KEYS:
-            cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
-                            SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
-                             WHERE CASE WHEN json_valid(payload) THEN json_type(payload, '$.{key}') = 'text' END
-                             ORDER BY 1, 2, 3""")
-        for row in cur.execute("SELECT payload, hlc, uuid FROM events WHERE NOT json_valid(payload)").fetchall():
-            payload = json.loads(row[0])
-            cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
-                            [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
-        appliers = APPLIERS
+        if with_refs:
+            _rebuild_refs(cur)
+        indexes = cur.execute(f"""SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL
+                                     AND tbl_name IN ({','.join('?' * len(tables))})""", tables).fetchall()
+        for name, _ in indexes:
+            cur.execute(f'DROP INDEX "{name}"')
+        appliers, fold = APPLIERS, LwwFold(db.conn)
         for ev in iter_events(db, batch=5000):
             if not_understood(ev) is None:
-                appliers[ev.event_type](cur, ev)
+                appliers[ev.event_type](fold, ev)
             n_events += 1
+        fold.flush()
+        for _, sql in indexes:
+            cur.execute(sql)
     return n_events
 
 
-AFTER_UPGRADE.append(replay)  # what the older version stored without knowing it (tags, orders...) applies now
+def _rebuild_refs(cur: sqlite3.Cursor) -> None:
+    """Make apply_event's history refs of every event at once: in C, and in index order."""
+    # COMPAT: a log written before NaN was refused at the door may hold payloads SQLite's JSON
+    # functions reject ("malformed JSON"): CASE skips them there, and Python, which reads NaN
+    # as a float, takes their refs as it always did.
+    for key in REF_KEYS:
+        cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
+                        SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
+                         WHERE CASE WHEN json_valid(payload) THEN json_type(payload, '$.{key}') = 'text' END
+                         ORDER BY 1, 2, 3""")
+    for row in cur.execute("SELECT payload, hlc, uuid FROM events WHERE NOT json_valid(payload)").fetchall():
+        payload = json.loads(row[0])
+        cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
+                        [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
+
+
+# What the older version stored without knowing it (tags, orders...) applies now; its refs are made anew too.
+AFTER_UPGRADE.append(functools.partial(replay, with_refs=True))
 
 
 _LWW_SQL: dict[tuple[str, tuple[str, ...]], str] = {}
@@ -2214,7 +2271,18 @@ def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], e
     With `is_default` the fields get a version below every real one (a leading space sorts before
     any digit): a value that any event about the row overrides, whatever its HLC.
     """
-    names = tuple(fields)
+    version = f"{' ' if is_default else ''}{ev.hlc} {ev.uuid}"
+    if type(cur) is LwwFold:
+        cur.hold(table, row_id, fields, version)
+        return
+    params = [row_id]
+    for value in fields.values():
+        params += (value, version)
+    cur.execute(_lww_sql(table, tuple(fields)), params)
+
+
+def _lww_sql(table: str, names: tuple[str, ...]) -> str:
+    """Return the upsert of some fields of a row, each with its own version: a field changes only for a newer one."""
     sql = _LWW_SQL.get((table, names))
     if sql is None:
         cols = "".join(f", {n}, {n}_v" for n in names)
@@ -2224,11 +2292,48 @@ def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], e
         sql = (f"INSERT INTO {table} (id{cols}) VALUES (?{', ?, ?' * len(names)}) "
                f"ON CONFLICT (id) DO UPDATE SET {sets}")
         _LWW_SQL[(table, names)] = sql
-    version = f"{' ' if is_default else ''}{ev.hlc} {ev.uuid}"
-    params = [row_id]
-    for value in fields.values():
-        params += (value, version)
-    cur.execute(sql, params)
+    return sql
+
+
+class LwwFold(sqlite3.Cursor):
+    """A cursor that holds _lww's writes in memory, per row and field, the newest version kept; flush() writes
+    each row once. A batch (a replay, an import) sets a task's fields ~10 times: folded, one upsert.
+
+    The rule is _lww's own (a field takes a value only with a newer version, rows made in the order
+    first touched), so the tables come out the same; the appliers' other writes go straight through.
+    """
+
+    def __init__(self, conn: sqlite3.Connection):
+        super().__init__(conn)
+        self.rows: dict[tuple[str, str], dict[str, tuple[Any, str]]] = {}  # (table, id) -> field -> (value, version)
+
+    def hold(self, table: str, row_id: str, fields: dict[str, Any], version: str) -> None:
+        """Fold one _lww write into the rows held."""
+        row = self.rows.get((table, row_id))
+        if row is None:
+            row = self.rows[(table, row_id)] = {}
+        for name, value in fields.items():
+            held = row.get(name)
+            if held is None or held[1] < version:
+                row[name] = (value, version)
+        if len(self.rows) >= MAX_FOLDED_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the rows held, one upsert each (runs of the same fields as one executemany)."""
+        import itertools
+
+        def params(item: tuple[tuple[str, str], dict[str, tuple[Any, str]]]) -> list[Any]:
+            out = [item[0][1]]
+            for pair in item[1].values():
+                out += pair
+            return out
+        for (table, names), run in itertools.groupby(self.rows.items(), lambda it: (it[0][0], tuple(it[1]))):
+            self.executemany(_lww_sql(table, names), map(params, run))
+        self.rows = {}
+
+
+MAX_FOLDED_ROWS = 50_000  # rows an LwwFold holds before it writes them: its memory stays bounded
 
 
 def _pick(payload: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
@@ -2633,16 +2738,17 @@ def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = No
                session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
                active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
                priorities: tuple[int, int] | None = None, search: str | None = None,
-               include_removed: bool = False) -> list[Task]:
+               include_removed: bool = False, after: str | None = None, limit: int | None = None) -> list[Task]:
     """Return tasks, most urgent first, filtered by project, status, assignee, tag, priority or text.
 
     Removed tasks (task rm) are left out unless `include_removed`; `is_open` leaves out done
-    tasks and `active_projects` the tasks of paused and done projects.
+    tasks and `active_projects` the tasks of paused and done projects. `after` (a task_cursor)
+    and `limit` read the list a page at a time.
     """
     sql, params = _task_filters(
         project_id=project_id, status=status, session_id=session_id, group_id=group_id, is_open=is_open,
         active_projects=active_projects, is_assigned=is_assigned, tag=tag, priorities=priorities, search=search,
-        include_removed=include_removed)
+        include_removed=include_removed, after=after, limit=limit)
     return [_task_from_row(r) for r in db.conn.execute(_TASK_SELECT + sql, params)]
 
 
@@ -2688,9 +2794,10 @@ def list_tasks_json(db: Db, **filters: Any) -> str:
 def _task_filters(*, project_id: str | None = None, status: str | None = None, session_id: str | None = None,
                   group_id: str | None = None, is_open: bool = False, active_projects: bool = False,
                   is_assigned: bool | None = None, tag: str | None = None, priorities: tuple[int, int] | None = None,
-                  search: str | None = None, include_removed: bool = False) -> tuple[str, list[str]]:
-    """Return the WHERE terms and ORDER BY that follow _TASK_SELECT for list_tasks' filters, and their parameters."""
-    sql, params = "", []
+                  search: str | None = None, include_removed: bool = False, after: str | None = None,
+                  limit: int | None = None) -> tuple[str, list[Any]]:
+    """Return the WHERE terms, ORDER BY and LIMIT that follow _TASK_SELECT for list_tasks' filters, and parameters."""
+    sql, params = "", list[Any]()
     if not include_removed:
         sql += " AND t.removed_at IS NULL"
     if project_id:
@@ -2722,7 +2829,33 @@ def _task_filters(*, project_id: str | None = None, status: str | None = None, s
         # instr over lower(): a search text is literal, never a LIKE pattern (% and _ mean themselves)
         sql += " AND (instr(lower(t.title), ?) > 0 OR instr(lower(t.description), ?) > 0)"
         params += (search.lower(), search.lower())
-    return sql + " ORDER BY t.priority, t.created_at_v", params
+    if after is not None:
+        sql += " AND (t.priority, t.created_at_v, t.id) > (?, ?, ?)"
+        params += parse_task_cursor(after)
+    sql += " ORDER BY t.priority, t.created_at_v, t.id"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return sql, params
+
+
+def task_cursor(db: Db, task_id: str) -> str:
+    """Return where a task stands in the order of list_tasks, as the text of `after` that reads on past it."""
+    priority, version = db.conn.execute("SELECT priority, created_at_v FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    return f"{priority}~{version.replace(' ', '~')}~{task_id}"  # no part holds a ~, nor need it in a URL
+
+
+def parse_task_cursor(text: str) -> tuple[int, str, str]:
+    """Return (priority, version, task_id) of a task_cursor text; UsageError if it is not one."""
+    # SECURITY: it comes from a query string; its parts are checked, then only travel as SQL parameters.
+    parts = text.split("~")
+    is_default = len(parts) == 5 and parts[1] == ""  # a version below every real one starts with a space
+    if is_default:
+        del parts[1]
+    if len(parts) != 4 or not re.fullmatch(r"-?\d{1,9}", parts[0]) or not HLC_RE.match(parts[1]) or \
+            not UUID_RE.match(parts[2]) or not ID_RE.match(parts[3]):
+        raise UsageError(f"after={text[:80]!r} is not a task cursor; pass the next_after of the previous page")
+    return int(parts[0]), f"{' ' * is_default}{parts[1]} {parts[2]}", parts[3]
 
 
 def find_tasks(db: Db, prefix: str) -> list[Task]:
@@ -8348,6 +8481,9 @@ class Api:
     from_wire: Callable[[Any], Any] | None = None  # the JSON answer -> the result; None: from the return type
     is_routed: bool = True  # False: the remote client asks a route that answers more (count_events)
     is_lenient: bool = False  # a batch whose items are checked one by one: a bad item rejects that item only
+    cursor: Callable[[Any, Any], str] | None = None  # a list that comes in pages: (db, last item) -> the `after`
+    # that reads on past it. With ?limit=N the route answers {<last path word>: [...], next_after, has_more};
+    # without, the whole list, streamed a page at a time; the remote client follows the pages.
 
 
 SERVICE_APIS: dict[str, tuple[Callable[..., Any], Api | None]] = {}  # service -> (function, HTTP form or None)
@@ -8531,19 +8667,22 @@ class Services:
         """Return the events about a project and its tasks, oldest first."""
         return project_history(self.db, project, limit=limit)
 
-    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1)",
+    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1); "
+         "limit=N gives a page, after=its next_after the next one",
          query=("project_id=project", "status", "session_id=session", "group_id=group", "is_open=open",
                 "active_projects=active", "is_assigned=assigned", "tag", "priorities=priority", "search",
-                "include_removed=removed"), resolve={"project_id": "get_project", "group_id": "get_group"})
+                "include_removed=removed", "after", "limit"),
+         resolve={"project_id": "get_project", "group_id": "get_group"}, cursor=lambda db, t: task_cursor(db, t.id))
     def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
                    session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
                    active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
                    priorities: tuple[int, int] | None = None, search: str | None = None,
-                   include_removed: bool = False) -> list[Task]:
-        """Return tasks, most urgent first."""
+                   include_removed: bool = False, after: str | None = None, limit: int | None = None) -> list[Task]:
+        """Return tasks, most urgent first; `limit` of them past the cursor `after` (a task_cursor)."""
         return list_tasks(self.db, project_id=project_id, status=status, session_id=session_id, group_id=group_id,
                           is_open=is_open, active_projects=active_projects, is_assigned=is_assigned, tag=tag,
-                          priorities=priorities, search=search, include_removed=include_removed)
+                          priorities=priorities, search=search, include_removed=include_removed, after=after,
+                          limit=limit)
 
     @here
     def list_tasks_json(self, **filters: Any) -> str:
@@ -8893,17 +9032,38 @@ class RemoteServices(Services):
                 query += _query_pairs(w, value, max_int=spec.max_int)
             elif w.where == "body" and (w.is_required or value not in (None, (), [])):
                 body[w.name] = list(value) if w.kind == "list" else value
+        if spec.cursor is not None:
+            return self._follow_pages(signature, spec, path, query)
         path += "?" + urllib.parse.urlencode(query) if query else ""
-        got = http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
-                        token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
-                        hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
-                                 "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
+        got = self._ask(spec, path, body)
         if spec.from_wire is not None:
             return spec.from_wire(got)
         answer = signature.return_annotation
         if getattr(answer, "__origin__", None) is list:
             return [from_json(answer.__args__[0], x) for x in got]
         return from_json(answer, got)
+
+
+    def _ask(self, spec: Api, path: str, body: dict[str, Any]) -> Any:
+        return http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
+                         token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
+                         hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
+                                  "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
+
+    def _follow_pages(self, signature: Any, spec: Api, path: str, query: list[tuple[str, str]]) -> list[Any]:
+        """Return a paged list: the one page a limit asks for, else every page in turn (each one answer's worth)."""
+        import urllib.parse
+
+        item_type, key = signature.return_annotation.__args__[0], spec.path.rsplit("/", 1)[1]
+        is_one_page = any(name == "limit" for name, _ in query)
+        query = [*query, ("limit", str(spec.max_int))] if not is_one_page else query
+        items: list[Any] = []
+        while True:
+            got = self._ask(spec, f"{path}?{urllib.parse.urlencode(query)}", {})
+            items += (from_json(item_type, x) for x in got[key])
+            if is_one_page or not got["has_more"]:
+                return items
+            query = [(name, value) for name, value in query if name != "after"] + [("after", got["next_after"])]
 
 
 def _query_pairs(w: Wire, value: Any, *, max_int: int) -> list[tuple[str, str]]:
@@ -9142,6 +9302,7 @@ class Response:
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    chunks: Generator[bytes, None, None] | None = None  # instead of body: sent as made (chunked), never held whole
 
 
 def _jsonable(value: Any) -> Any:
@@ -9164,8 +9325,15 @@ def error_json(status: int, message: str) -> bytes:
     return json.dumps({"error": {"code": ERROR_CODES.get(status, "error"), "message": message}}).encode()
 
 
+_LITERAL_ROUTES: dict[tuple[str, str], Callable[[Request], Response]] = {}  # (method, path) -> handler, for the
+# routes without parameters ("/", "/frag/fleet"): found by the scan once, then by one dict lookup (a page poll's path)
+
+
 def _route(method: str, path: str) -> tuple[Callable[[Request], Response], dict[str, str]]:
     """Find the handler of a path and method; 404 when no path matches, 405 with Allow when no method does."""
+    known = _LITERAL_ROUTES.get((method, path))
+    if known is not None:
+        return known, {}
     from urllib.parse import unquote
 
     allowed = []
@@ -9174,6 +9342,8 @@ def _route(method: str, path: str) -> tuple[Callable[[Request], Response], dict[
         if m is None:
             continue
         if route_method == method or (method == "HEAD" and route_method == "GET"):
+            if not pattern.groups and re.sub(r"\\(.)", r"\1", pattern.pattern) == path:  # one key per route
+                _LITERAL_ROUTES[(method, path)] = handler
             return handler, {k: unquote(v) for k, v in m.groupdict().items()}
         allowed.append(route_method)
     if allowed:
@@ -9374,7 +9544,7 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     message = getattr(h, "headers", None)  # absent when the request line itself was bad
     headers = {k.lower(): v for k, v in message.items()} if message is not None else {}
     is_api = path.startswith("/api/") or error is not None  # a broken request gets the plain JSON error
-    db = None
+    db, resp = None, None
     h.body_is_read, h.body_size = False, None
     try:
         if error is not None or message is None:
@@ -9408,8 +9578,9 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         traceback.print_exc(file=sys.stderr)
         resp = Response(500, error_json(500, "internal error; see the server's log"))
     finally:
-        if db is not None:
+        if db is not None and (resp is None or resp.chunks is None):  # a stream reads on while it is sent
             server.give_db(db)
+            db = None
     # SECURITY: a body left unread (or of unknown length: chunked, a bad Content-Length) would be
     # parsed as the next request on this connection: request smuggling. Drop it, or close.
     # A stranger's body (401) is not worth reading: close instead.
@@ -9418,12 +9589,44 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         h.close_connection = True
     if server.is_stopping:
         h.close_connection = True
+    stream = resp.chunks
     resp, head = _response_head(resp, is_closing=h.close_connection)
-    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
+    try:
+        if resp.chunks is None:
+            _send(h.connection, head, b"" if method == "HEAD" else resp.body)
+        else:
+            _send(h.connection, head)
+            for chunk in resp.chunks if method != "HEAD" else ():
+                if chunk:
+                    _send(h.connection, b"%x\r\n" % len(chunk), chunk, b"\r\n")
+            _send(h.connection, b"0\r\n\r\n")
+    except (TimeoutError, ConnectionError):
+        h.close_connection = True
+    except Exception:  # a stream failed after its status went out: end the connection short, the answer cut
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        h.close_connection = True
+    finally:
+        if stream is not None:
+            stream.close()  # ends the stream's read transaction before its connection is lent again
+        if db is not None:
+            server.give_db(db)
     if resp.status == 413 and not h.body_is_read:
         _drain_refused_body(h, headers)
     if config.log_requests:
         h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+
+
+def _send(sock: Any, *parts: bytes) -> None:
+    """Write a response's parts (head, body) in one system call where the socket takes them: no copy, no Nagle stall."""
+    n_sent = sock.sendmsg(parts)  # a dashboard is ~200 KB: head + body would copy it
+    for part in parts:
+        if n_sent >= len(part):
+            n_sent -= len(part)
+            continue
+        sock.sendall(memoryview(part)[n_sent:])
+        n_sent = 0
 
 
 def _response_head(resp: Response, *, is_closing: bool) -> tuple[Response, bytes]:
@@ -9432,7 +9635,8 @@ def _response_head(resp: Response, *, is_closing: bool) -> tuple[Response, bytes
 
     reason = BaseHTTPRequestHandler.responses.get(resp.status, ("",))[0]
     lines = [f"HTTP/1.1 {resp.status} {reason}", f"Content-Type: {resp.content_type}",
-             f"Content-Length: {len(resp.body)}", *(f"{k}: {v}" for k, v in SECURITY_HEADERS)]
+             "Transfer-Encoding: chunked" if resp.chunks is not None else f"Content-Length: {len(resp.body)}",
+             *(f"{k}: {v}" for k, v in SECURITY_HEADERS)]
     if not any(k.lower() == "cache-control" for k, _ in resp.headers):
         lines.append("Cache-Control: no-store")
     lines += [f"{k}: {v}" for k, v in resp.headers]
@@ -9478,6 +9682,7 @@ def _define_server() -> type:
     # server's state (connection pool, busy count, thread slots). Split, they would each re-import it.
     import selectors
     import socket
+    import socketserver
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -9496,11 +9701,14 @@ def _define_server() -> type:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("the request took too long to arrive")
-            self.sock.settimeout(min(self.timeout_s, left))
-            try:
+            if left >= self.timeout_s:  # the socket has the per-read timeout (the gate set it): no syscall
                 chunk = self.sock.recv(65536)
-            finally:
-                self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
+            else:
+                self.sock.settimeout(left)
+                try:
+                    chunk = self.sock.recv(65536)
+                finally:
+                    self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
             self.buf += chunk
             return bool(chunk)
 
@@ -9536,15 +9744,14 @@ def _define_server() -> type:
         sys_version = ""
 
         def setup(self) -> None:
+            # StreamRequestHandler.setup without its socket files and settimeout (a syscall per request):
+            # the gate gave the socket its per-read and per-write timeout when it handed it over.
             config = self.server.config
             sock, head = self.request  # the gate hands over the connection with the head it read
-            self.request = sock
-            # typeshed calls `timeout` a ClassVar, but setup() reads it from the instance: one value per server.
-            self.timeout = config.timeout_s  # type: ignore[misc]  # every read and write on the socket
-            super().setup()
-            self.rfile.close()  # its socket file would keep the socket open after the request
+            self.request = self.connection = sock
             self.reader = RequestReader(sock, head, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
             self.rfile = self.reader  # type: ignore[assignment]  # readline() and read() are all http.server uses
+            self.wfile = socketserver._SocketWriter(sock)  # type: ignore[attr-defined]  # what wbufsize 0 gives
 
         def handle(self) -> None:
             """Answer one request; the gate waits for the next one on this connection, without a thread."""
@@ -9682,7 +9889,7 @@ def _define_server() -> type:
                 return
             self.selector.unregister(sock)
             del self.waiting[sock]
-            sock.setblocking(True)
+            sock.settimeout(self.server.config.timeout_s)  # every read and write of its handler
             self.queued.append((sock, address, head, time.monotonic() + BUSY_WAIT_S))
             self._start_queued(time.monotonic())
 
@@ -10281,34 +10488,52 @@ PAGE_ERROR = string.Template("""<!doctype html>
 
 
 PAGE_CACHE_TTL_S = 2.0  # "5m ago" and transcript activity move without events: serve a page this long at most
+PAGE_MAX_STALE_S = 1.0  # while one thread rebuilds a page, others get the previous one if it is this young
+PAGE_BUILD_WAIT_S = 30.0  # a request that may not have the previous page waits this long for the rebuild
 MAX_CACHED_PAGES = 256  # by URL; a flood of distinct query strings empties the cache, never grows it
 _PAGE_CACHE: dict[tuple[str, str], tuple[int, float, Response]] = {}  # (db, url) -> (log head, built at, page)
-_PAGE_BUILDERS: dict[tuple[str, str], object] = {}  # pages being rebuilt now; setdefault claims one atomically
+_PAGE_BUILDERS: dict[tuple[str, str], Any] = {}  # (db, url) -> threading.Event set when its rebuild ends;
+# setdefault claims a rebuild atomically, so one thread rebuilds a page at a time
 
 
 def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
     """Wrap a GET page or fragment: answer from memory while the log has not grown, for up to 2 s.
 
     Every browser tab polls every fragment every 5 s; a dashboard of 200 sessions and 5,000
-    tasks costs ~45 ms of CPU to build, and the projections change only when an event lands.
+    tasks costs ~12 ms of CPU to build, and the projections change only when an event lands.
+    When one does (a fleet with hooks writes several a second), exactly one thread rebuilds the
+    page; the others answer the previous page meanwhile, if it was built less than
+    PAGE_MAX_STALE_S ago, else they wait for the rebuild. So a change is on every answer
+    started PAGE_MAX_STALE_S (+ HEAD_MAX_AGE_S) after it, and a busy log costs one build at a time.
     """
     def answer(req: Request) -> Response:
-        key = (req.config.db_path, req.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(req.query.items())))
-        head, now = head_rseq(req.db.conn), time.monotonic()
+        query = req.query
+        key = (req.config.db_path, req.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(query.items()))
+               if query else req.path)
+        head, now = recent_head(req.db), time.monotonic()
         hit = _PAGE_CACHE.get(key)
-        if hit is not None and hit[0] == head:
-            if now - hit[1] < PAGE_CACHE_TTL_S:
-                return hit[2]
-            token = object()
-            if _PAGE_BUILDERS.setdefault(key, token) is not token:
-                return hit[2]  # only older by the clock, and another thread rebuilds it: no stampede
+        if hit is not None and hit[0] == head and now - hit[1] < PAGE_CACHE_TTL_S:
+            return hit[2]
+        import threading
+
+        mine = threading.Event()
+        building = _PAGE_BUILDERS.setdefault(key, mine)
+        if building is not mine:  # another thread rebuilds it now
+            if hit is not None and (hit[0] == head or now - hit[1] < PAGE_MAX_STALE_S):
+                return hit[2]  # only older by the clock, or young enough: no stampede, bounded staleness
+            if building.wait(PAGE_BUILD_WAIT_S):
+                fresh = _PAGE_CACHE.get(key)
+                if fresh is not None and now - fresh[1] < PAGE_MAX_STALE_S:
+                    return fresh[2]
+            return handler(req)  # the rebuild failed or is stuck: build this one alone, uncached
         try:
             resp = handler(req)
+            if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
+                _PAGE_CACHE.clear()
+            _PAGE_CACHE[key] = (head, now, resp)
         finally:
-            _PAGE_BUILDERS.pop(key, None)
-        if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
-            _PAGE_CACHE.clear()
-        _PAGE_CACHE[key] = (head, now, resp)
+            del _PAGE_BUILDERS[key]
+            mine.set()
         return resp
     answer.__name__, answer.__doc__ = handler.__name__, handler.__doc__
     return answer
@@ -11681,10 +11906,54 @@ def service_handler(name: str) -> Callable[[Request], Response]:
         kwargs = {w.arg: _request_value(req, svc, w, body, max_int=spec.max_int) for w in wires
                   if w.where in ("path", "query") or (w.where == "body" and w.name in body)}
         kwargs.update({arg: fill(req) for arg, fill in spec.server.items()})
+        if spec.cursor is not None:
+            return _page_response(req, getattr(svc, name), spec, kwargs)
         value = getattr(svc, name)(**kwargs)
         return json_response(_wire_value(spec.to_wire(req, value) if spec.to_wire else value), status=spec.status)
     handle.__name__, handle.__doc__ = f"api_{name}", spec.summary
     return handle
+
+
+STREAM_PAGE_ITEMS = 500  # items per page of a streamed list: its chunk, and the most of it held at once
+
+
+def _page_response(req: Request, call: Callable[..., list[Any]], spec: Api, kwargs: dict[str, Any]) -> Response:
+    """Answer a list that comes in pages: one page with ?limit=N, else the whole list, streamed a page at a time."""
+    cursor = spec.cursor
+    assert cursor is not None  # only lists declared with a cursor come here
+    limit = kwargs.pop("limit", None)
+    if limit is not None:
+        with read_txn(req.db):  # the page and its cursor from one snapshot
+            items = call(**kwargs, limit=limit + 1)
+            page = items[:limit]
+            after = cursor(req.db, page[-1]) if page else kwargs.get("after")
+        return json_response({spec.path.rsplit("/", 1)[1]: _wire_value(page), "next_after": after,
+                              "has_more": len(items) > limit})
+
+    def chunks() -> Generator[bytes, None, None]:
+        with read_txn(req.db):  # one snapshot for the whole list, as a single query would give
+            after, sep = kwargs.pop("after", None), b"["
+            while True:
+                items = call(**kwargs, after=after, limit=STREAM_PAGE_ITEMS)
+                text = json.dumps(_jsonable(_wire_value(items)), ensure_ascii=False)[1:-1].encode()
+                if text or sep == b"[":  # the first page always: it opens the list
+                    yield sep + text
+                    sep = b"," if text else b""
+                if len(items) < STREAM_PAGE_ITEMS:
+                    break
+                after = cursor(req.db, items[-1])
+            yield b"]"
+
+    stream = chunks()
+    first = next(stream)  # the first page is read here: a bad argument is a 400, before any byte is sent
+
+    def sent() -> Generator[bytes, None, None]:
+        try:
+            yield first
+            yield from stream
+        finally:
+            stream.close()
+    return Response(spec.status, chunks=sent())
 
 
 def _request_value(req: Request, svc: Services, w: Wire, body: dict[str, Any], *, max_int: int) -> Any:
@@ -11933,6 +12202,10 @@ def service_docs() -> dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str
         answer = inspect.signature(fn).return_annotation
         schema = _ref(spec.schema) if spec.schema else _array(answer.__args__[0].__name__) \
             if getattr(answer, "__origin__", None) is list else _ref(answer.__name__)
+        if spec.cursor is not None:  # with ?limit=N, one page of the list
+            key = spec.path.rsplit("/", 1)[1]
+            schema = {"oneOf": [schema, {"type": "object", "required": [key, "next_after", "has_more"], "properties": {
+                key: schema, "next_after": {"type": ["string", "null"]}, "has_more": {"type": "boolean"}}}]}
         docs[(spec.method, spec.path)] = (spec.summary, tuple(w.name for w in wires if w.where == "query"),
                                           body_schema, spec.status, schema)
     return docs
