@@ -3312,12 +3312,9 @@ def _order_from_row(row: sqlite3.Row) -> Order:
 
 
 def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None = None,
-                pending_on: str | None = None, since_at: str | None = None) -> list[Order]:
-    """Return orders, oldest first: one, a session's, those pending on a host, or those open or changed since."""
+                pending_on: str | None = None) -> list[Order]:
+    """Return orders, oldest first: one, a session's, or those still pending on one host."""
     sql, params = _ORDER_SELECT, []
-    if since_at is not None:
-        sql += " AND (updated_at >= ? OR result IN ('pending', 'claimed'))"
-        params.append(since_at)
     if order_id is not None:
         sql += " AND id = ?"
         params.append(order_id)
@@ -3328,6 +3325,13 @@ def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None =
         sql += " AND host = ? AND result = 'pending'"
         params.append(pending_on)
     return [_order_from_row(r) for r in db.conn.execute(sql + " ORDER BY created_at_v, id", params)]
+
+
+def list_recent_orders(db: Db, *, since_at: str) -> list[Order]:
+    """Return the orders still open (pending, claimed) or changed since a time, oldest first: dispatch's view."""
+    return [_order_from_row(r) for r in db.conn.execute(
+        _ORDER_SELECT + " AND (updated_at >= ? OR result IN ('pending', 'claimed')) ORDER BY created_at_v, id",
+        (since_at,))]
 
 
 def list_known_hosts(db: Db) -> dict[str, set[str]]:
@@ -7113,7 +7117,7 @@ def dispatch_round(db: Db, *, config: dict[str, Any], now_ms: int, warnings: lis
         return []
     placed: list[Order] = []
     with _dispatch_lock(db):
-        orders = list_orders(db, since_at=iso_ms(now_ms - ORDER_TTL_MS))  # all that can still matter
+        orders = list_recent_orders(db, since_at=iso_ms(now_ms - ORDER_TTL_MS))  # all that can still matter
         for project in projects:
             try:
                 placed += _dispatch_project(db, project, orders, template=template, is_clear=is_clear, now_ms=now_ms)
