@@ -7062,7 +7062,7 @@ def _type_task(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, 
     if task is None or task.session_id != session.id or task.status == "done":
         raise ClareError("the task is no longer bound to this session (someone changed it meanwhile); not typed")
     if session.state not in ("waiting", "idle"):
-        raise ClareError(f"session {session.id[:SHORT_ID]} is {session.state} now, no longer waiting; not typed")
+        raise ClareError(f"session {session.id[:SHORT_ID]} no longer waits (it is {session.state} now); not typed")
     # SECURITY: the template may come from a peer: checked at the door, filled in with this host's launcher.
     text = first_prompt(task, launcher=agent_launcher(db.path), template=order.request.get("template"))
     outcome: dict[str, Any] = {"pane_id": session.pane_id, "tmux_target": session.tmux_target}

@@ -497,3 +497,30 @@ def test_serve_on_the_dispatcher_host_starts_and_feeds_a_session_on_the_host_of_
     finally:
         a.close()
         b.close()
+
+
+def test_a_dialog_opened_after_the_decision_refuses_the_dispatch_and_frees_the_task(cli, fleet, home, db,  # noqa: F811
+                                                                                     tmp_path):
+    """The dispatcher decided on a look where the session waited (on another host, say); a permission dialog
+    opened since: the host does not type (Enter would approve it), records why, and the task is ready again."""
+    first, second = dispatching_project(cli, tmp_path / "code", "write the parser", "write the printer")
+    cli("project", "set", "api", "--dispatch", "off")
+    cli("session", "start", first)
+    [order] = clare.list_orders(db)
+    fleet.wait_settled(1)
+    done_from_pane(home, fleet, order.outcome["pane_id"], "parser written")
+    cli("pull")
+    waiting = clare.get_session(db, order.session_id)
+    assert waiting.state == "waiting"
+    fleet.type_prompt(order.outcome["pane_id"], "perm")  # the user asks for something that opens a dialog
+    wait_for(lambda: "Do you want to proceed?" in fleet.capture(order.outcome["pane_id"]), what="the dialog")
+    placed = clare.place_dispatch(db, second, waiting, template=clare.DISPATCH_TEMPLATE, reason="a test: stale view",
+                                  now_ms=clare.now_ms())
+    assert clare.get_task(db, second).session_id == waiting.id
+    cli("pull")  # carries the order out before it looks again
+    [done] = clare.list_orders(db, order_id=placed.id)
+    assert done.result == "refused" and "needs permission" in done.reason, done
+    task = clare.get_task(db, second)
+    assert (task.session_id, task.status) == (None, "todo")
+    assert [t.id for t in clare.list_ready_tasks(db)] == [second]
+    assert not any(r.get("approved") for r in fleet.received())  # no Enter reached the dialog
