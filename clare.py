@@ -37,7 +37,6 @@ Sections, top to bottom. Each uses only the names of the sections above it and i
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import functools
 import json
@@ -47,9 +46,8 @@ import sqlite3
 import string
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 # The first statement after the imports, so that every command (and `import clare`) on an older
 # Python says this in one line instead of a traceback. The lines above, and the grammar of this
@@ -65,6 +63,25 @@ __version__ = "0.1.0"
 # ==========================================================================
 # 1. Constants and errors: the vocabulary, the limits, the error family, paths.
 # ==========================================================================
+
+class _LazyPattern:
+    """A regex compiled at its first use: most commands never use most of Clare's ~100 patterns
+    (the routes matter only to `serve`), and compiling them all at import cost ~5 ms of every start."""
+
+    def __init__(self, pattern: str, flags: int = 0):
+        self.pattern, self.flags = pattern, flags
+
+    def __getattr__(self, name: str) -> Any:  # only for what is not set yet: the first use
+        compiled = re.compile(self.pattern, self.flags)
+        for method in ("match", "fullmatch", "search", "sub", "subn", "split", "findall", "finditer", "groupindex"):
+            setattr(self, method, getattr(compiled, method))  # plain attributes from now on: no detour per call
+        return getattr(compiled, name)
+
+
+def lazy_re(pattern: str, flags: int = 0) -> "re.Pattern[str]":
+    """Return a regex that compiles at its first use; it reads as a compiled one."""
+    return _LazyPattern(pattern, flags)  # type: ignore[return-value]  # it answers as re.Pattern does
+
 
 PROJECT_STATUSES = ("active", "paused", "done")
 TASK_STATUSES = ("todo", "in_progress", "blocked", "done")
@@ -83,10 +100,10 @@ MAX_TITLE_CHARS = 300
 MAX_TEXT_CHARS = 20_000  # descriptions, goals, update texts
 MAX_PAYLOAD_BYTES = 64 * 1024  # one event's JSON payload, as stored
 MAX_EVENTS_PAGE = 1000  # events in one answer of the API or one page of an export
-ID_PREFIX_RE = re.compile(r"\A[0-9a-f][0-9a-f-]*\Z")
+ID_PREFIX_RE = lazy_re(r"\A[0-9a-f][0-9a-f-]*\Z")
 # Every id that enters from outside (sync, import, API): Clare's hex ids, Claude's uuids, tmux's %3,
 # machine ids. SECURITY: no space, slash, quote or control character can ride into a URL or a header.
-ID_RE = re.compile(r"\A[A-Za-z0-9%][A-Za-z0-9._:@%+-]{0,63}\Z")
+ID_RE = lazy_re(r"\A[A-Za-z0-9%][A-Za-z0-9._:@%+-]{0,63}\Z")
 SHORT_ID = 8  # characters of an id shown to people
 MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is refused wherever it is read
 
@@ -118,8 +135,134 @@ class DiskFull(ClareError):
 
     http_status = 507
 
+# Records: the immutable values that cross sections. Clare's own helper instead of dataclasses:
+# `import dataclasses` loads inspect and ast (≈ 10 ms) and each class costs ≈ 0.4 ms (one exec
+# per method); a record class gets its methods from one exec when its first record is made, so
+# a command pays only for the classes it uses. The type checker reads `record_type` as a dataclass
+# decorator (dataclass_transform), so every field and constructor call is still checked.
+_T = TypeVar("_T")
 
-@dataclass(frozen=True, slots=True)
+
+class FrozenRecordError(AttributeError):
+    """An assignment to a field of a frozen record."""
+
+
+class RecordField:
+    """One field of a record: its name and annotated type (what dataclasses.fields gives)."""
+
+    __slots__ = ("name", "type")
+
+    def __init__(self, name: str, tp: Any):
+        self.name, self.type = name, tp
+
+
+class _Factory:
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], Any]):
+        self.make = make
+
+
+def record_field(*, default_factory: Callable[[], _T]) -> _T:
+    """Declare a record field whose default is made anew for each record (a list, a dict)."""
+    return _Factory(default_factory)  # type: ignore[return-value]  # what the type checker sees is the value
+
+
+def record_fields(record_or_class: Any) -> tuple[RecordField, ...]:
+    """Return the fields of a record class (or record), in order."""
+    return record_or_class.__record_fields__
+
+
+def record_replace(obj: _T, /, **changes: Any) -> _T:
+    """Return a copy of a record with some fields changed."""
+    return type(obj)(**{**{name: getattr(obj, name) for name in obj.__slots__}, **changes})  # type: ignore[attr-defined]
+
+
+_MISSING = object()  # a field_factory field the caller left out
+
+
+def _record_class(cls: type, *, frozen: bool, order: bool) -> type:
+    """Return cls rebuilt with slots; its dataclass methods are made when the first record is (_first_init)."""
+    ann = cls.__dict__.get("__annotations__", {})
+    names = tuple(ann)
+    ns = {k: v for k, v in cls.__dict__.items() if k not in names and k not in ("__dict__", "__weakref__")}
+    ns["__slots__"] = names
+    new = type(cls)(cls.__name__, cls.__bases__, ns)
+    new.__qualname__ = cls.__qualname__
+    new.__init__ = _first_init  # type: ignore[misc]
+    if not frozen:
+        new.__hash__ = None  # type: ignore[assignment]  # mutable and compared by value: unhashable, as dataclasses
+    new.__match_args__ = names  # type: ignore[misc, attr-defined]
+    new.__record_fields__ = tuple(RecordField(n, ann[n]) for n in names)  # type: ignore[attr-defined]
+    new.__record_spec__ = (frozen, order, {n: cls.__dict__[n] for n in names if n in cls.__dict__})  # type: ignore[attr-defined]
+    return new
+
+
+def _first_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    """Make the class's methods (most record classes are never made by a given command), then init."""
+    cls = type(self)
+    _add_record_methods(cls, *cls.__record_spec__)
+    cls.__init__(self, *args, **kwargs)
+
+
+def _add_record_methods(cls: type, frozen: bool, order: bool, defaults: dict[str, Any]) -> None:
+    """Give a record class __init__, __repr__, __eq__ (and __hash__, __setattr__, order) from one exec."""
+    names = cls.__slots__  # type: ignore[attr-defined]
+    glb: dict[str, Any] = {"_MISSING": _MISSING, "_Frozen": FrozenRecordError, "_name": cls.__qualname__}
+    params, body = [], []
+    for i, name in enumerate(names):
+        default = defaults.get(name, _MISSING)
+        glb[f"_s{i}"] = cls.__dict__[name].__set__  # the slot's own setter: frozen records use it in __init__
+        value = name
+        if isinstance(default, _Factory):
+            glb[f"_f{i}"] = default.make
+            params.append(f"{name}=_MISSING")
+            value = f"_f{i}() if {name} is _MISSING else {name}"
+        elif default is not _MISSING:
+            glb[f"_d{i}"] = default
+            params.append(f"{name}=_d{i}")
+        else:
+            params.append(name)
+        body.append(f"    _s{i}(self, {value})")
+    own = "(" + "".join(f"self.{n}," for n in names) + ")"
+    other = "(" + "".join(f"other.{n}," for n in names) + ")"
+    src = [f"def __init__(self, {', '.join(params)}):", *(body or ["    pass"]),
+           "def __repr__(self):",
+           "    return f'{_name}(" + ", ".join(f"{n}={{self.{n}!r}}" for n in names) + ")'",
+           "def __eq__(self, other):",
+           f"    return {own} == {other} if other.__class__ is self.__class__ else NotImplemented"]
+    if frozen:
+        src += [f"def __hash__(self):\n    return hash({own})",
+                "def __setattr__(self, name, value):\n    raise _Frozen(f'cannot assign to field {name!r}')",
+                "def __delattr__(self, name):\n    raise _Frozen(f'cannot delete field {name!r}')"]
+    for op, method in (("<", "__lt__"), ("<=", "__le__"), (">", "__gt__"), (">=", "__ge__")) if order else ():
+        src.append(f"def {method}(self, other):\n"
+                   f"    return {own} {op} {other} if other.__class__ is self.__class__ else NotImplemented")
+    methods: dict[str, Any] = {}
+    exec("\n".join(src), glb, methods)  # one exec for every method of the class
+    for method_name, fn in methods.items():
+        fn.__qualname__ = f"{cls.__qualname__}.{method_name}"
+        setattr(cls, method_name, fn)
+
+
+if TYPE_CHECKING:
+    from typing import dataclass_transform
+else:
+    def dataclass_transform(**_: Any) -> Callable[[_T], _T]:
+        return lambda fn: fn
+
+
+@dataclass_transform(field_specifiers=(record_field,))
+def record_type(cls: type | None = None, /, *, frozen: bool = False, slots: bool = True, order: bool = False) -> Any:
+    """Make a class a record (a slotted dataclass): `@record_type(frozen=True, slots=True)` above its fields."""
+    if not slots:
+        raise TypeError("records always have slots; leave out slots=False")
+    if cls is None:
+        return lambda c: _record_class(c, frozen=frozen, order=order)
+    return _record_class(cls, frozen=frozen, order=order)
+
+
+@record_type(frozen=True, slots=True)
 class Paths:
     db: str  # the SQLite file that holds the log and its projections
     config: str  # clare.toml
@@ -323,17 +466,17 @@ def new_uuid() -> str:
 # 2. HLC: hybrid logical clock values, their text form, tick and merge.
 # ==========================================================================
 
-MACHINE_ID_RE = re.compile(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")
-HLC_RE = re.compile(r"\A(\d{13})\.(\d{6})\.([a-z0-9][a-z0-9_-]{0,62})\Z")
+MACHINE_ID_RE = lazy_re(r"\A[a-z0-9][a-z0-9_-]{0,62}\Z")
+HLC_RE = lazy_re(r"\A(\d{13})\.(\d{6})\.([a-z0-9][a-z0-9_-]{0,62})\Z")
 MAX_COUNTER = 999_999
 MAX_WALL_MS = 10**13 - 1
 MAX_OFFSET_MS = 5 * 60 * 1000  # how far a peer's clock may pull ours ahead of our wall clock
 MACHINE_SUFFIX_CHARS = 6  # hex digits after the host name in a machine id init makes
 MAX_LABEL_CHARS = 63 - 1 - MACHINE_SUFFIX_CHARS
-MADE_MACHINE_ID_RE = re.compile(r"\A(.+)-[0-9a-f]{6}\Z")
+MADE_MACHINE_ID_RE = lazy_re(r"\A(.+)-[0-9a-f]{6}\Z")
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@record_type(frozen=True, slots=True, order=True)
 class Hlc:
     wall_ms: int
     counter: int
@@ -408,11 +551,11 @@ def merge(last: Hlc | None, remote: Hlc, *, machine_id: str, now_ms: int) -> Hlc
 # 3. Event store: schema, migrations, append, query. The only code that writes `events`.
 # ==========================================================================
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 11
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another before giving up
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")  # systemd's, then D-Bus's copy
-EVENT_TYPE_RE = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
-UUID_RE = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+EVENT_TYPE_RE = lazy_re(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
+UUID_RE = lazy_re(r"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 EVENT_KEYS = ("uuid", "hlc", "machine_id", "event_type", "payload", "created_at")
 
 EVENTS_SCHEMA = """
@@ -477,7 +620,7 @@ ALTER TABLE sync_peers ADD COLUMN peer_head INTEGER
 """
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Event:
     uuid: str
     hlc: str
@@ -493,14 +636,14 @@ class Event:
                 "event_type": self.event_type, "payload": self.payload, "created_at": self.created_at}
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class InsertResult:
     inserted: list[Event]  # new to this host, in the order given
     n_duplicates: int  # already here, same content
     conflicts: list[str]  # uuids already here with different content (the stored one is kept)
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class PeerStatus:
     url: str
     name: str
@@ -744,7 +887,7 @@ def _migrate(conn: sqlite3.Connection, meta: dict[str, str], *, machine_id: str 
             raise ClareError(f"this database has schema version {version}, newer than this clare.py "
                              f"({__version__}, schema {SCHEMA_VERSION}) understands; upgrade clare.py")
         for v in range(version + 1, SCHEMA_VERSION + 1):
-            for script in _MIGRATIONS[v]:
+            for script in _MIGRATIONS.get(v, ()):  # a version may bring no SQL of its own
                 for statement in script.split(";\n"):
                     if statement.strip():
                         conn.execute(statement)
@@ -838,6 +981,9 @@ def _db_id_at(path: str) -> str | None:
         return None
 
 
+_RECENT_HEADS: dict[str, tuple[int, float]] = {}  # db path -> (head, monotonic time it was read); see recent_head
+
+
 @contextlib.contextmanager
 def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
     """Run the block in one BEGIN IMMEDIATE transaction: all of it is stored, or none.
@@ -861,6 +1007,7 @@ def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
     try:
         yield cur
         cur.execute("COMMIT")
+        _RECENT_HEADS.pop(db.path, None)  # a reader of recent_head (below) sees this write at once
     except BaseException as err:
         if db.conn.in_transaction:  # SQLite rolls back by itself after some SQLITE_FULL errors
             cur.execute("ROLLBACK")
@@ -932,9 +1079,17 @@ def canonical_json(value: Any) -> str:
 def event_hash(ev: Event, payload_text: str) -> str:
     """Return the content hash of an event (everything but the local rseq)."""
     text = "\x1f".join((ev.uuid, ev.hlc, ev.machine_id, ev.event_type, payload_text, ev.created_at))
-    import hashlib  # loads OpenSSL (2 ms): commands that only read never pay for it
+    return _builtin_sha256()(text.encode()).hexdigest()
 
-    return hashlib.sha256(text.encode()).hexdigest()
+
+def _builtin_sha256() -> Callable[[bytes], Any]:
+    """Return Python's built-in SHA-256: hashlib's first use loads OpenSSL (≈ 9 ms of a `task add`)."""
+    for name in ("_sha256", "_sha2"):  # its module in Python 3.11, and from 3.12 on
+        with contextlib.suppress(ImportError):
+            return __import__(name).sha256
+    import hashlib  # pragma: no cover  # a build without the built-in one: the same digest, from OpenSSL
+
+    return hashlib.sha256  # pragma: no cover
 
 
 def make_event(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any], *,
@@ -1009,7 +1164,23 @@ def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
 
 def _event_from_row(row: Sequence[Any]) -> Event:
     rseq, uuid_, hlc, machine_id, event_type, payload, created_at = row  # as in _EVENT_COLUMNS
-    return Event(uuid_, hlc, machine_id, event_type, json.loads(payload), created_at, rseq)
+    return Event(uuid_, hlc, machine_id, event_type, _load_payload(payload), created_at, rseq)
+
+
+_SCAN_JSON: list[Callable[[str, int], tuple[Any, int]]] = []  # json's C scanner, made on first use
+
+
+def _load_payload(text: str) -> Any:
+    """Return a stored payload parsed: its text is canonical (no blanks), so json's C scanner alone reads it."""
+    # json.loads would first match the leading and trailing blanks with two regular expressions: a replay
+    # of a million events spends a tenth of its time there.
+    if not _SCAN_JSON:
+        _SCAN_JSON.append(json.JSONDecoder().scan_once)  # type: ignore[attr-defined]  # the C scanner json.loads uses
+    try:
+        value, end = _SCAN_JSON[0](text, 0)
+    except StopIteration:
+        return json.loads(text)  # not JSON: json.loads says what is wrong
+    return value if end == len(text) else json.loads(text)
 
 
 _EVENT_COLUMNS = "rseq, uuid, hlc, machine_id, event_type, payload, created_at"
@@ -1079,6 +1250,24 @@ def count_events(db: Db) -> int:
 def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
     """Return the receipt number of the newest stored event, 0 for an empty log."""
     return cur.execute("SELECT coalesce(max(rseq), 0) FROM events").fetchone()[0]
+
+
+HEAD_MAX_AGE_S = 0.005  # recent_head reads the log's head at most this often per database
+
+
+def recent_head(db: Db) -> int:
+    """Return head_rseq as read at most HEAD_MAX_AGE_S ago: a page cache asks it on every request.
+
+    A write through this process forgets it (write_txn), so a client never misses its own
+    write; another process's write is seen within HEAD_MAX_AGE_S.
+    """
+    now = time.monotonic()
+    seen = _RECENT_HEADS.get(db.path)
+    if seen is not None and now - seen[1] < HEAD_MAX_AGE_S:
+        return seen[0]
+    head = head_rseq(db.conn)
+    _RECENT_HEADS[db.path] = (head, now)
+    return head
 
 
 def renew_identity(db: Db, *, machine_id: str | None = None) -> tuple[str, str]:
@@ -1274,7 +1463,7 @@ def count_unsent(db: Db, *, after: int, peer_machine_id: str) -> int:
                            (after, peer_machine_id)).fetchone()[0]
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Deferred:
     peer_url: str
     direction: str  # 'pull': fetch it from the peer once within the bound; 'push': send it again then
@@ -1319,7 +1508,7 @@ def list_deferred(db: Db, *, peer_url: str | None = None, direction: str | None 
 CLOCK_VOTE_MAX_AGE_MS = 15 * 60 * 1000  # a peer's clock offset measured longer ago than this no longer counts
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class ClockCheck:
     """What this host's peers say of its wall clock, and how far its stored HLC runs ahead of it."""
 
@@ -1445,13 +1634,19 @@ CREATE TABLE event_refs (                       -- which events name which entit
     PRIMARY KEY (entity_id, hlc, uuid)
 ) WITHOUT ROWID;
 """
-PROJECTION_TABLES = ("projects", "tasks", "task_tags", "groups", "updates", "event_refs", "sessions", "broadcasts",
-                     "deliveries", "project_dirs", "orders", "answers", "hosts")
+PROJECTION_TABLES = ("projects", "tasks", "task_tags", "task_after", "groups", "updates", "event_refs", "sessions",
+                     "broadcasts", "deliveries", "project_dirs", "orders", "answers", "hosts")
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id", "successor_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
+# Schema 11: the task list's order as an index, so a list reads in order instead of sorting every
+# task (1.5x faster at 10,000 tasks); it serves list_tasks, `task list --json` and the pages alike.
+TASK_ORDER_SCHEMA = """
+CREATE INDEX tasks_order ON tasks (priority, created_at_v) WHERE created_at_v IS NOT NULL
+"""
+_MIGRATIONS[11] = [TASK_ORDER_SCHEMA]
 
-TAG_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:+-]{0,39}\Z")  # one word: backend, p1, ux:review
+TAG_RE = lazy_re(r"\A[A-Za-z0-9][A-Za-z0-9_.:+-]{0,39}\Z")  # one word: backend, p1, ux:review
 MAX_TAGS = 20  # per task
 # Schema 2: removal and tags. A removed task keeps its row (history, `task list --all`, restore);
 # a tag is one row per (task, tag) whose `present` is last-writer-wins: an add/remove set that
@@ -1472,6 +1667,23 @@ CREATE INDEX tasks_counts ON tasks (project_id, status) WHERE created_at_v IS NO
 """
 _MIGRATIONS[2] = [TAGS_SCHEMA]
 
+MAX_AFTER = 50  # tasks one task waits on
+# Schema 9: dependencies. "T waits on D" is one row per (T, D) whose `present` is last-writer-wins,
+# the add/remove set of tags: two hosts adding edges at once both keep them, a removal wins only if
+# newer. Nothing here forbids a cycle (two hosts apart can each close one): readiness reads it.
+# COMPAT: an older peer stores and relays the `after` field without applying it; replay does after its upgrade.
+AFTER_SCHEMA = """
+CREATE TABLE task_after (
+    id TEXT PRIMARY KEY,                        -- task_id + ' ' + after_id
+    task_id TEXT, task_id_v TEXT,               -- the task that waits ...
+    after_id TEXT, after_id_v TEXT,             -- ... on this one
+    present INTEGER, present_v TEXT             -- 1 waits, 0 no longer: last writer wins per edge
+);
+CREATE INDEX task_after_task ON task_after (task_id, after_id) WHERE present = 1;
+CREATE INDEX task_after_after ON task_after (after_id, task_id) WHERE present = 1
+"""
+_MIGRATIONS[9] = [AFTER_SCHEMA]
+
 SESSION_FIELDS = ("host", "cwd", "tmux_socket", "tmux_target", "pane_id", "pid", "command", "state",
                   "last_activity_at", "label", "tokens", "asked")
 MAX_ASKED_CHARS = 2000  # what a permission dialog asks, as kept with the session's state
@@ -1479,7 +1691,7 @@ TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
 MAX_RECIPIENTS = 500
 # What a typed text must never hold: an ESC could end the bracketed paste ("\x1b[201~") and type
 # the rest as keys; C1 codes are escapes to some terminals. Newline and tab stay.
-CONTROL_CHARS_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+CONTROL_CHARS_RE = lazy_re(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 FLEET_SCHEMA = """
 CREATE TABLE sessions (
@@ -1591,10 +1803,12 @@ CREATE TABLE asks (                             -- this host's newest Permission
 """
 _MIGRATIONS[7] = [ASKS_SCHEMA]
 
-ORDER_ACTIONS = ("start", "resume", "stop")
+DEFAULT_DISPATCH_SESSIONS = 1  # project set --max-sessions, until set
+MAX_DISPATCH_SESSIONS = 50
+ORDER_ACTIONS = ("start", "resume", "stop", "dispatch")  # dispatch: type a task into a session that waits
 # pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
-ORDER_RESULTS = ("pending", "claimed", "started", "needs trust", "stopped", "refused", "failed", "expired")
-ORDER_FINAL = ("started", "needs trust", "stopped", "refused", "failed", "expired")
+ORDER_RESULTS = ("pending", "claimed", "started", "needs trust", "stopped", "refused", "failed", "expired", "typed")
+ORDER_FINAL = ("started", "needs trust", "stopped", "refused", "failed", "expired", "typed")
 MAX_PATH_CHARS = 4096
 
 DISPATCH_SCHEMA = """
@@ -1640,8 +1854,21 @@ CREATE TABLE hosts (
 """
 _MIGRATIONS[8].append(HOSTS_SCHEMA)
 
+# Schema 10: dispatch per project (project set --dispatch/--max-sessions/--dispatcher), each field
+# last-writer-wins. COMPAT: an older peer stores and relays the new project.updated fields and the
+# dispatch orders without applying them; `clare replay` after its upgrade applies what it kept.
+PROJECT_DISPATCH_SCHEMA = """
+ALTER TABLE projects ADD COLUMN dispatch INTEGER;
+ALTER TABLE projects ADD COLUMN dispatch_v TEXT;
+ALTER TABLE projects ADD COLUMN max_sessions INTEGER;
+ALTER TABLE projects ADD COLUMN max_sessions_v TEXT;
+ALTER TABLE projects ADD COLUMN dispatcher TEXT;
+ALTER TABLE projects ADD COLUMN dispatcher_v TEXT
+"""  # dispatch: 1 feeds idle sessions the next ready task; max_sessions: how many it keeps; dispatcher: machine id
+_MIGRATIONS[10] = [PROJECT_DISPATCH_SCHEMA]
 
-@dataclass(frozen=True, slots=True)
+
+@record_type(frozen=True, slots=True)
 class Project:
     id: str
     name: str
@@ -1650,14 +1877,17 @@ class Project:
     status: str
     created_at: str
     task_counts: dict[str, int]  # status -> number of tasks
-    dirs: dict[str, str] = dataclasses.field(default_factory=dict)  # host (machine id) -> where its code lives
+    dirs: dict[str, str] = record_field(default_factory=dict)  # host (machine id) -> where its code lives
+    is_dispatching: bool = False  # its idle sessions are fed the next ready task (project set --dispatch on)
+    max_sessions: int = DEFAULT_DISPATCH_SESSIONS  # ... by at most this many sessions
+    dispatcher: str | None = None  # the one host (machine id) that dispatches for it
 
     def to_json(self) -> dict[str, Any]:
         """Return the project as the JSON object the CLI and API print."""
         return _as_json(self)
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Task:
     id: str
     project_id: str
@@ -1672,13 +1902,14 @@ class Task:
     tags: tuple[str, ...] = ()  # sorted
     removed_at: str | None = None  # set while the task is removed (task rm); it then leaves every list
     group: str | None = None  # the name of group_id's group, for display
+    after: tuple[str, ...] = ()  # the ids of the tasks it waits on, sorted (last: keeps older JSON keys in place)
 
     def to_json(self) -> dict[str, Any]:
         """Return the task as the JSON object the CLI and API print."""
         return _as_json(self)
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Group:
     id: str
     name: str
@@ -1692,7 +1923,7 @@ class Group:
         return _as_json(self)
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Update:
     id: str
     task_id: str | None
@@ -1707,7 +1938,7 @@ class Update:
         return _as_json(self)
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Session:
     id: str  # Claude's own session uuid
     host: str  # machine id of the host that runs it (only that host observes it)
@@ -1738,7 +1969,7 @@ class Session:
         return _as_json(self)
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Order:
     """A start, resume or stop of a Claude session, placed anywhere and carried out once by its host."""
 
@@ -1761,7 +1992,7 @@ class Order:
         return _as_json(self)
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Delivery:
     broadcast_id: str
     session_id: str
@@ -1776,7 +2007,7 @@ class Delivery:
         return _as_json(self)
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Answer:
     id: str
     session_id: str
@@ -1861,6 +2092,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
 def _is_word(v: Any) -> bool:
     return isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS
 
@@ -1916,7 +2151,7 @@ def check_received(obj: object) -> Event:
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
     """Fold one stored event into the projections; one they do not understand only gets history refs."""
-    for key in REF_KEYS:  # replay() does the same in bulk: keep the two rules alike
+    for key in REF_KEYS:  # _rebuild_refs() does the same in bulk (an upgrade): keep the two rules alike
         ref = ev.payload.get(key)
         if isinstance(ref, str):
             cur.execute("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
@@ -1977,34 +2212,53 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
     return result
 
 
-def replay(db: Db) -> int:
-    """Rebuild every projection from the log; return how many events were applied."""
+def replay(db: Db, *, with_refs: bool = False) -> int:
+    """Rebuild every projection from the log; return how many events were applied.
+
+    event_refs is a function of the log alone, kept by apply_event as each event is stored:
+    only an upgrade rebuilds it (with_refs). The secondary indexes of the tables are dropped
+    for the fold and made again after it: one sorted build each instead of an update per row.
+    """
     n_events = 0
+    tables = [t for t in PROJECTION_TABLES if with_refs or t != "event_refs"]
     with write_txn(db) as cur:
-        for table in PROJECTION_TABLES:
+        for table in tables:
             cur.execute(f"DELETE FROM {table}")
-        # apply_event's history refs, for all events at once: in C, and in index order.
-        # COMPAT: a log written before NaN was refused at the door may hold payloads SQLite's JSON
-        # functions reject ("malformed JSON"): CASE skips them there, and Python, which reads NaN
-        # as a float, takes their refs and applies them as it always did.
-        for key in REF_KEYS:
-            cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
-                            SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
-                             WHERE CASE WHEN json_valid(payload) THEN json_type(payload, '$.{key}') = 'text' END
-                             ORDER BY 1, 2, 3""")
-        for row in cur.execute("SELECT payload, hlc, uuid FROM events WHERE NOT json_valid(payload)").fetchall():
-            payload = json.loads(row[0])
-            cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
-                            [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
-        appliers = APPLIERS
+        if with_refs:
+            _rebuild_refs(cur)
+        indexes = cur.execute(f"""SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL
+                                     AND tbl_name IN ({','.join('?' * len(tables))})""", tables).fetchall()
+        for name, _ in indexes:
+            cur.execute(f'DROP INDEX "{name}"')
+        appliers, fold = APPLIERS, LwwFold(db.conn)
         for ev in iter_events(db, batch=5000):
             if not_understood(ev) is None:
-                appliers[ev.event_type](cur, ev)
+                appliers[ev.event_type](fold, ev)
             n_events += 1
+        fold.flush()
+        for _, sql in indexes:
+            cur.execute(sql)
     return n_events
 
 
-AFTER_UPGRADE.append(replay)  # what the older version stored without knowing it (tags, orders...) applies now
+def _rebuild_refs(cur: sqlite3.Cursor) -> None:
+    """Make apply_event's history refs of every event at once: in C, and in index order."""
+    # COMPAT: a log written before NaN was refused at the door may hold payloads SQLite's JSON
+    # functions reject ("malformed JSON"): CASE skips them there, and Python, which reads NaN
+    # as a float, takes their refs as it always did.
+    for key in REF_KEYS:
+        cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
+                        SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
+                         WHERE CASE WHEN json_valid(payload) THEN json_type(payload, '$.{key}') = 'text' END
+                         ORDER BY 1, 2, 3""")
+    for row in cur.execute("SELECT payload, hlc, uuid FROM events WHERE NOT json_valid(payload)").fetchall():
+        payload = json.loads(row[0])
+        cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
+                        [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
+
+
+# What the older version stored without knowing it (tags, orders...) applies now; its refs are made anew too.
+AFTER_UPGRADE.append(functools.partial(replay, with_refs=True))
 
 
 _LWW_SQL: dict[tuple[str, tuple[str, ...]], str] = {}
@@ -2017,7 +2271,18 @@ def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], e
     With `is_default` the fields get a version below every real one (a leading space sorts before
     any digit): a value that any event about the row overrides, whatever its HLC.
     """
-    names = tuple(fields)
+    version = f"{' ' if is_default else ''}{ev.hlc} {ev.uuid}"
+    if type(cur) is LwwFold:
+        cur.hold(table, row_id, fields, version)
+        return
+    params = [row_id]
+    for value in fields.values():
+        params += (value, version)
+    cur.execute(_lww_sql(table, tuple(fields)), params)
+
+
+def _lww_sql(table: str, names: tuple[str, ...]) -> str:
+    """Return the upsert of some fields of a row, each with its own version: a field changes only for a newer one."""
     sql = _LWW_SQL.get((table, names))
     if sql is None:
         cols = "".join(f", {n}, {n}_v" for n in names)
@@ -2027,11 +2292,48 @@ def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], e
         sql = (f"INSERT INTO {table} (id{cols}) VALUES (?{', ?, ?' * len(names)}) "
                f"ON CONFLICT (id) DO UPDATE SET {sets}")
         _LWW_SQL[(table, names)] = sql
-    version = f"{' ' if is_default else ''}{ev.hlc} {ev.uuid}"
-    params = [row_id]
-    for value in fields.values():
-        params += (value, version)
-    cur.execute(sql, params)
+    return sql
+
+
+class LwwFold(sqlite3.Cursor):
+    """A cursor that holds _lww's writes in memory, per row and field, the newest version kept; flush() writes
+    each row once. A batch (a replay, an import) sets a task's fields ~10 times: folded, one upsert.
+
+    The rule is _lww's own (a field takes a value only with a newer version, rows made in the order
+    first touched), so the tables come out the same; the appliers' other writes go straight through.
+    """
+
+    def __init__(self, conn: sqlite3.Connection):
+        super().__init__(conn)
+        self.rows: dict[tuple[str, str], dict[str, tuple[Any, str]]] = {}  # (table, id) -> field -> (value, version)
+
+    def hold(self, table: str, row_id: str, fields: dict[str, Any], version: str) -> None:
+        """Fold one _lww write into the rows held."""
+        row = self.rows.get((table, row_id))
+        if row is None:
+            row = self.rows[(table, row_id)] = {}
+        for name, value in fields.items():
+            held = row.get(name)
+            if held is None or held[1] < version:
+                row[name] = (value, version)
+        if len(self.rows) >= MAX_FOLDED_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the rows held, one upsert each (runs of the same fields as one executemany)."""
+        import itertools
+
+        def params(item: tuple[tuple[str, str], dict[str, tuple[Any, str]]]) -> list[Any]:
+            out = [item[0][1]]
+            for pair in item[1].values():
+                out += pair
+            return out
+        for (table, names), run in itertools.groupby(self.rows.items(), lambda it: (it[0][0], tuple(it[1]))):
+            self.executemany(_lww_sql(table, names), map(params, run))
+        self.rows = {}
+
+
+MAX_FOLDED_ROWS = 50_000  # rows an LwwFold holds before it writes them: its memory stays bounded
 
 
 def _pick(payload: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
@@ -2047,12 +2349,22 @@ def apply_project_created(cur: sqlite3.Cursor, ev: Event) -> None:
          {"created_at": ev.created_at, **_pick(p, ("name", "goal", "owner", "status"))}, ev)
 
 
+def _is_max_sessions(v: Any) -> bool:
+    return _is_int(v) and 1 <= v <= MAX_DISPATCH_SESSIONS
+
+
 @applies("project.updated", {"project_id": _is_id, "name?": _is_str, "goal?": _is_str, "owner?": _is_str,
-                             "status?": _is_one_of(PROJECT_STATUSES), "undoes?": _is_id})
+                             "status?": _is_one_of(PROJECT_STATUSES), "undoes?": _is_id, "dispatch?": _is_bool,
+                             "max_sessions?": _is_max_sessions,
+                             "dispatcher?": lambda v: isinstance(v, str) and MACHINE_ID_RE.match(v) is not None})
 def apply_project_updated(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Per-field last writer wins, by (hlc, uuid): a late old edit never overwrites a newer one."""
-    p = ev.payload  # {project_id, name?, goal?, owner?, status?}
-    fields = _pick(p, ("name", "goal", "owner", "status"))
+    """Per-field last writer wins, by (hlc, uuid): a late old edit never overwrites a newer one.
+
+    The dispatcher field too: two hosts that set it while apart both dispatch until each hears
+    of the newer value (the README's stated limit of "decided once").
+    """
+    p = ev.payload  # {project_id, name?, goal?, owner?, status?, dispatch?, max_sessions?, dispatcher?}
+    fields = _pick(p, ("name", "goal", "owner", "status", "dispatch", "max_sessions", "dispatcher"))
     if fields:
         _lww(cur, "projects", p["project_id"], fields, ev)
 
@@ -2075,31 +2387,50 @@ def _set_tags(cur: sqlite3.Cursor, task_id: str, changes: dict[str, bool], ev: E
         _lww(cur, "task_tags", f"{task_id} {tag}", {"task_id": task_id, "tag": tag, "present": int(is_present)}, ev)
 
 
+def _is_after_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_AFTER and all(map(_is_id, v))
+
+
+def _is_after_changes(v: Any) -> bool:
+    return isinstance(v, dict) and len(v) <= 2 * MAX_AFTER and all(
+        _is_id(k) and isinstance(x, bool) for k, x in v.items())
+
+
+def _set_after(cur: sqlite3.Cursor, task_id: str, changes: dict[str, bool], ev: Event) -> None:
+    for after_id, is_present in changes.items():
+        _lww(cur, "task_after", f"{task_id} {after_id}",
+             {"task_id": task_id, "after_id": after_id, "present": int(is_present)}, ev)
+
+
 @applies("task.created", {"task_id": _is_id, "project_id": _is_id, "title": _is_str, "description": _is_str,
-                          "priority": _is_priority, "status": _is_one_of(TASK_STATUSES), "tags?": _is_tag_list})
+                          "priority": _is_priority, "status": _is_one_of(TASK_STATUSES), "tags?": _is_tag_list,
+                          "after?": _is_after_list})
 def apply_task_created(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Per-field last writer wins, by (hlc, uuid); the create sets every field and adds its tags."""
-    p = ev.payload  # {task_id, project_id, title, description, priority, status, tags?}
+    """Per-field last writer wins, by (hlc, uuid); the create sets every field, adds its tags and its waits."""
+    p = ev.payload  # {task_id, project_id, title, description, priority, status, tags?, after?: [task_id]}
     _lww(cur, "tasks", p["task_id"], {
         "created_at": ev.created_at,
         **_pick(p, ("project_id", "title", "description", "priority", "status"))}, ev)
     _set_tags(cur, p["task_id"], dict.fromkeys(p.get("tags", ()), True), ev)
+    _set_after(cur, p["task_id"], dict.fromkeys(p.get("after", ()), True), ev)
 
 
 @applies("task.updated", {"task_id": _is_id, "title?": _is_str, "description?": _is_str,
                           "priority?": _is_priority, "status?": _is_one_of(TASK_STATUSES),
-                          "tags?": _is_tag_changes, "undoes?": _is_id})
+                          "tags?": _is_tag_changes, "after?": _is_after_changes, "undoes?": _is_id})
 def apply_task_updated(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid): a title edit and a status change both survive.
 
     Tags are an add/remove set: `tags` maps a tag to true (add) or false (remove), and each tag
     is its own last-writer-wins field, so two hosts tagging at once both keep their tags.
+    `after` (the tasks this one waits on) is a set of the same kind, per edge.
     """
-    p = ev.payload  # {task_id, title?, description?, priority?, status?, tags?: {tag: bool}, undoes?}
+    p = ev.payload  # {task_id, title?, description?, priority?, status?, tags?: {tag: bool}, after?: {id: bool}, ...}
     fields = _pick(p, ("title", "description", "priority", "status"))
     if fields:
         _lww(cur, "tasks", p["task_id"], fields, ev)
     _set_tags(cur, p["task_id"], p.get("tags", {}), ev)
+    _set_after(cur, p["task_id"], p.get("after", {}), ev)
 
 
 @applies("task.removed", {"task_id": _is_id, "undoes?": _is_id})
@@ -2268,14 +2599,12 @@ def apply_project_dir_set(cur: sqlite3.Cursor, ev: Event) -> None:
          {"project_id": p["project_id"], "host": p["host"], "dir": p["dir"]}, ev)
 
 
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
 @applies("order.placed", {"order_id": _is_id, "action": _is_one_of(ORDER_ACTIONS), "host": _is_id,
                           "session_id": lambda v: isinstance(v, str) and bool(UUID_RE.match(v)),
                           "task_id": _is_opt_id, "cwd": _is_str, "tmux_session": _is_str, "expires_at": _is_str,
-                          "is_worktree": _is_bool, "model": _is_opt_str, "is_force": _is_bool})
+                          "is_worktree": _is_bool, "model": _is_opt_str, "is_force": _is_bool,
+                          "template?": _is_typable, "reason?": _is_str, "is_clear?": _is_bool,
+                          "is_dispatch?": _is_bool})
 def apply_order_placed(cur: sqlite3.Cursor, ev: Event) -> None:
     """Immutable once placed; the result starts pending, a default that any receipt overrides.
 
@@ -2340,7 +2669,7 @@ def apply_host_announced(cur: sqlite3.Cursor, ev: Event) -> None:
 
 
 _PROJECT_SELECT = """
-SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
+SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at, p.dispatch, p.max_sessions, p.dispatcher,
        (SELECT json_group_object(status, n) FROM
            (SELECT t.status, count(*) AS n FROM tasks t
              WHERE t.project_id = p.id AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
@@ -2354,7 +2683,8 @@ SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
 def _project_from_row(row: sqlite3.Row) -> Project:
     counts = dict.fromkeys(TASK_STATUSES, 0) | json.loads(row["counts"] or "{}")
     return Project(row["id"], row["name"], row["goal"], row["owner"], row["status"], row["created_at"], counts,
-                   dict(sorted(json.loads(row["dirs"] or "{}").items())))
+                   dict(sorted(json.loads(row["dirs"] or "{}").items())), bool(row["dispatch"]),
+                   row["max_sessions"] or DEFAULT_DISPATCH_SESSIONS, row["dispatcher"])
 
 
 def list_projects(db: Db, *, status: str | None = None) -> list[Project]:
@@ -2387,7 +2717,9 @@ SELECT t.id, t.project_id, coalesce(p.name, '') AS project, t.title, t.descripti
             ELSE t.assignee END AS assignee,
        (SELECT group_concat(tag, ' ') FROM (SELECT x.tag FROM task_tags x
          WHERE x.task_id = t.id AND x.present = 1 ORDER BY x.tag)) AS tags,
-       t.removed_at, CASE WHEN {_LIVE_GROUP} THEN g.name END AS group_name
+       t.removed_at, CASE WHEN {_LIVE_GROUP} THEN g.name END AS group_name,
+       (SELECT group_concat(after_id, ' ') FROM (SELECT a.after_id FROM task_after a
+         WHERE a.task_id = t.id AND a.present = 1 ORDER BY a.after_id)) AS after_ids
   FROM tasks t LEFT JOIN projects p ON p.id = t.project_id
        LEFT JOIN groups g ON substr(t.assignee, 1, 6) = 'group:' AND g.id = substr(t.assignee, 7)
  WHERE t.created_at_v IS NOT NULL"""
@@ -2398,20 +2730,74 @@ def _task_from_row(row: sqlite3.Row) -> Task:
     return Task(row["id"], row["project_id"], row["project"], row["title"], row["description"],
                 row["status"], row["priority"], row["created_at"],
                 target if kind == "session" else None, target if kind == "group" else None,
-                tuple((row["tags"] or "").split()), row["removed_at"], row["group_name"] if kind == "group" else None)
+                tuple((row["tags"] or "").split()), row["removed_at"], row["group_name"] if kind == "group" else None,
+                tuple((row["after_ids"] or "").split()))
 
 
 def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = None,
                session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
                active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
                priorities: tuple[int, int] | None = None, search: str | None = None,
-               include_removed: bool = False) -> list[Task]:
+               include_removed: bool = False, after: str | None = None, limit: int | None = None) -> list[Task]:
     """Return tasks, most urgent first, filtered by project, status, assignee, tag, priority or text.
 
     Removed tasks (task rm) are left out unless `include_removed`; `is_open` leaves out done
-    tasks and `active_projects` the tasks of paused and done projects.
+    tasks and `active_projects` the tasks of paused and done projects. `after` (a task_cursor)
+    and `limit` read the list a page at a time.
     """
-    sql, params = _TASK_SELECT, []
+    sql, params = _task_filters(
+        project_id=project_id, status=status, session_id=session_id, group_id=group_id, is_open=is_open,
+        active_projects=active_projects, is_assigned=is_assigned, tag=tag, priorities=priorities, search=search,
+        include_removed=include_removed, after=after, limit=limit)
+    return [_task_from_row(r) for r in db.conn.execute(_TASK_SELECT + sql, params)]
+
+
+# `task list --json` without a Python object per task: SQLite writes each task's JSON text, the
+# same bytes json.dumps(ensure_ascii=False) writes for Task.to_json() (json_quote escapes as it
+# does; the spacing is json.dumps' own), and Python joins them: 1.4x faster at 10,000 tasks.
+# One expression per Task field, over the tables of _TASK_SELECT; a field missing here sends
+# the list through Task objects (same output, slower).
+_TASK_JSON_FIELDS = {
+    "id": "t.id", "project_id": "t.project_id", "project": "coalesce(p.name, '')", "title": "t.title",
+    "description": "t.description", "status": "t.status", "priority": "t.priority", "created_at": "t.created_at",
+    "session_id": "CASE WHEN substr(t.assignee, 1, 8) = 'session:' THEN substr(t.assignee, 9) END",
+    "group_id": f"CASE WHEN substr(t.assignee, 1, 6) = 'group:' AND {_LIVE_GROUP} THEN substr(t.assignee, 7) END",
+    "tags": "[SELECT x.tag FROM task_tags x WHERE x.task_id = t.id AND x.present = 1 ORDER BY x.tag]",
+    "removed_at": "t.removed_at",
+    "group": f"CASE WHEN substr(t.assignee, 1, 6) = 'group:' AND {_LIVE_GROUP} THEN g.name END",
+    "after": "[SELECT a.after_id FROM task_after a WHERE a.task_id = t.id AND a.present = 1 ORDER BY a.after_id]",
+}
+
+
+def _json_text_sql(name: str, expr: str) -> str:
+    """Return SQL for `"name": value` as json.dumps spaces it; "[SELECT ...]" is a JSON list of its rows."""
+    if expr.startswith("[SELECT ") and expr.endswith("]"):
+        column, _, rest = expr[8:-1].partition(" FROM ")
+        value = (f"coalesce('[' || (SELECT group_concat(v, ', ') FROM (SELECT json_quote({column}) AS v "
+                 f"FROM {rest})) || ']', '[]')")
+    else:
+        value = f"json_quote({expr})"
+    return f"'\"{name}\": ' || {value}"
+
+
+def list_tasks_json(db: Db, **filters: Any) -> str:
+    """Return list_tasks(**filters) as the JSON text json.dumps writes for their to_json() objects."""
+    names = [f.name for f in record_fields(Task)]
+    if not set(names) <= _TASK_JSON_FIELDS.keys():  # a new field: correct first, fast once it is mapped
+        return json.dumps([t.to_json() for t in list_tasks(db, **filters)], ensure_ascii=False)
+    sql, params = _task_filters(**filters)
+    text = " || ', ' || ".join(_json_text_sql(name, _TASK_JSON_FIELDS[name]) for name in names)
+    select = _TASK_SELECT.replace(_TASK_SELECT[:_TASK_SELECT.index("\n  FROM ")], f"SELECT '{{' || {text} || '}}'")
+    return "[" + ", ".join(row[0] for row in db.conn.execute(select + sql, params)) + "]"
+
+
+def _task_filters(*, project_id: str | None = None, status: str | None = None, session_id: str | None = None,
+                  group_id: str | None = None, is_open: bool = False, active_projects: bool = False,
+                  is_assigned: bool | None = None, tag: str | None = None, priorities: tuple[int, int] | None = None,
+                  search: str | None = None, include_removed: bool = False, after: str | None = None,
+                  limit: int | None = None) -> tuple[str, list[Any]]:
+    """Return the WHERE terms, ORDER BY and LIMIT that follow _TASK_SELECT for list_tasks' filters, and parameters."""
+    sql, params = "", list[Any]()
     if not include_removed:
         sql += " AND t.removed_at IS NULL"
     if project_id:
@@ -2443,8 +2829,33 @@ def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = No
         # instr over lower(): a search text is literal, never a LIKE pattern (% and _ mean themselves)
         sql += " AND (instr(lower(t.title), ?) > 0 OR instr(lower(t.description), ?) > 0)"
         params += (search.lower(), search.lower())
-    rows = db.conn.execute(sql + " ORDER BY t.priority, t.created_at_v", params).fetchall()
-    return [_task_from_row(r) for r in rows]
+    if after is not None:
+        sql += " AND (t.priority, t.created_at_v, t.id) > (?, ?, ?)"
+        params += parse_task_cursor(after)
+    sql += " ORDER BY t.priority, t.created_at_v, t.id"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return sql, params
+
+
+def task_cursor(db: Db, task_id: str) -> str:
+    """Return where a task stands in the order of list_tasks, as the text of `after` that reads on past it."""
+    priority, version = db.conn.execute("SELECT priority, created_at_v FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    return f"{priority}~{version.replace(' ', '~')}~{task_id}"  # no part holds a ~, nor need it in a URL
+
+
+def parse_task_cursor(text: str) -> tuple[int, str, str]:
+    """Return (priority, version, task_id) of a task_cursor text; UsageError if it is not one."""
+    # SECURITY: it comes from a query string; its parts are checked, then only travel as SQL parameters.
+    parts = text.split("~")
+    is_default = len(parts) == 5 and parts[1] == ""  # a version below every real one starts with a space
+    if is_default:
+        del parts[1]
+    if len(parts) != 4 or not re.fullmatch(r"-?\d{1,9}", parts[0]) or not HLC_RE.match(parts[1]) or \
+            not UUID_RE.match(parts[2]) or not ID_RE.match(parts[3]):
+        raise UsageError(f"after={text[:80]!r} is not a task cursor; pass the next_after of the previous page")
+    return int(parts[0]), f"{' ' * is_default}{parts[1]} {parts[2]}", parts[3]
 
 
 def find_tasks(db: Db, prefix: str) -> list[Task]:
@@ -2459,6 +2870,137 @@ def list_assigned_tasks(db: Db) -> list[Task]:
     rows = db.conn.execute(_TASK_SELECT + f" AND t.assignee IS NOT NULL AND (g.id IS NULL OR {_LIVE_GROUP})"
                            " AND t.removed_at IS NULL ORDER BY t.priority, t.created_at_v")
     return [_task_from_row(r) for r in rows]
+
+
+# Readiness is read from the tables, never stored: a task is ready when it is todo, not removed,
+# of an active project, bound to no session or live group, waits on no task that is neither done
+# nor removed (one not known here yet blocks), and is on no cycle of waits. The tables are the same
+# after any arrival order, so readiness is too.
+_READY_WHERE = f"""
+   AND t.status = 'todo' AND t.removed_at IS NULL AND p.status = 'active'
+   AND NOT (t.assignee IS NOT NULL AND (substr(t.assignee, 1, 6) != 'group:' OR {_LIVE_GROUP}))
+   AND NOT EXISTS (SELECT 1 FROM task_after a LEFT JOIN tasks d ON d.id = a.after_id
+                    WHERE a.task_id = t.id AND a.present = 1
+                      AND NOT (d.created_at_v IS NOT NULL AND (d.status = 'done' OR d.removed_at IS NOT NULL)))"""
+
+
+def list_ready_tasks(db: Db, *, project_id: str | None = None) -> list[Task]:
+    """Return the tasks ready to hand out, most urgent first, then oldest first."""
+    sql, params = _TASK_SELECT + _READY_WHERE, []
+    if project_id:
+        sql += " AND t.project_id = ?"
+        params.append(project_id)
+    tasks = [_task_from_row(r) for r in db.conn.execute(sql + " ORDER BY t.priority, t.created_at_v", params)]
+    if any(t.after for t in tasks):  # only a task that waits on done tasks can still be on a cycle
+        on_cycle = cycle_members(list_after_edges(db))
+        tasks = [t for t in tasks if t.id not in on_cycle]
+    return tasks
+
+
+@record_type(frozen=True, slots=True)
+class TaskWaits:
+    """One task's place among the waits: what it waits on, what waits on it, a cycle it is on."""
+
+    task_id: str
+    waits_on: list[Task]  # the tasks it waits on that are known here, most urgent first (done and removed too)
+    unknown: list[str]  # ids it waits on whose task has not reached this host yet (they block)
+    blocks: list[Task]  # the tasks that wait on it (removed ones left out), most urgent first
+    cycle: list[str]  # a shortest cycle of waits through it, [id, ..., id]: then it is never ready; or []
+    is_ready: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the waits as the JSON object the CLI and API print."""
+        return {"task_id": self.task_id, "waits_on": [t.to_json() for t in self.waits_on], "unknown": self.unknown,
+                "blocks": [t.to_json() for t in self.blocks], "cycle": self.cycle, "is_ready": self.is_ready}
+
+
+def read_task_waits(db: Db, task: Task, *, graph: Mapping[str, Sequence[str]] | None = None) -> TaskWaits:
+    """Return what `task` waits on, what waits on it, and the cycle of waits it is on, if any."""
+    graph = list_after_edges(db) if graph is None else graph
+    marks = ",".join("?" * len(task.after))
+    waits_on = [_task_from_row(r) for r in db.conn.execute(
+        _TASK_SELECT + f" AND t.id IN ({marks}) ORDER BY t.priority, t.created_at_v", task.after)]
+    blocks = [_task_from_row(r) for r in db.conn.execute(
+        _TASK_SELECT + """ AND t.removed_at IS NULL AND t.id IN
+            (SELECT task_id FROM task_after WHERE after_id = ? AND present = 1)
+          ORDER BY t.priority, t.created_at_v""", (task.id,))]
+    known = {t.id for t in waits_on}
+    is_ready = task.id in {t.id for t in list_ready_tasks(db, project_id=task.project_id)}
+    return TaskWaits(task.id, waits_on, [x for x in task.after if x not in known], blocks,
+                     find_cycle(graph, task.id), is_ready)
+
+
+def list_after_edges(db: Db) -> dict[str, tuple[str, ...]]:
+    """Return every wait: task id -> the ids of the tasks it waits on, sorted (removed tasks' too)."""
+    graph: dict[str, list[str]] = {}
+    for task_id, after_id in db.conn.execute(
+            "SELECT task_id, after_id FROM task_after WHERE present = 1 ORDER BY task_id, after_id"):
+        graph.setdefault(task_id, []).append(after_id)
+    return {k: tuple(v) for k, v in graph.items()}
+
+
+def list_blocked_by(db: Db, task_id: str) -> list[str]:
+    """Return the ids of the tasks that wait on `task_id`, sorted."""
+    return [r[0] for r in db.conn.execute(
+        "SELECT task_id FROM task_after WHERE after_id = ? AND present = 1 ORDER BY task_id", (task_id,))]
+
+
+def find_cycle(graph: Mapping[str, Sequence[str]], start: str) -> list[str]:
+    """Return a shortest cycle of waits through `start` as [start, ..., start], or [] if it is on none."""
+    came_from: dict[str, str] = {}
+    queue = [start]
+    for node in queue:  # breadth first: the list grows while it is walked
+        for nxt in graph.get(node, ()):
+            if nxt == start:
+                path = [node]
+                while path[-1] != start:
+                    path.append(came_from[path[-1]])
+                return [start, *reversed(path[:-1]), start] if node != start else [start, start]
+            if nxt not in came_from:
+                came_from[nxt] = node
+                queue.append(nxt)
+    return []
+
+
+def cycle_members(graph: Mapping[str, Sequence[str]]) -> set[str]:
+    """Return the ids of the tasks on some cycle of waits (Tarjan's strongly connected components)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    members: set[str] = set()
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(graph.get(root, ())))]  # iterative: a long chain of waits must not hit the recursion limit
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is None:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1 or node in graph.get(node, ()):
+                        members.update(component)
+            elif child not in index:
+                index[child] = low[child] = len(index)
+                stack.append(child)
+                on_stack.add(child)
+                work.append((child, iter(graph.get(child, ()))))
+            elif child in on_stack:
+                low[node] = min(low[node], index[child])
+    return members
 
 
 _GROUP_SELECT = """
@@ -2539,6 +3081,18 @@ def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
     return [_session_from_row(r) for r in rows]
 
 
+def list_project_session_ids(db: Db, project_id: str) -> list[str]:
+    """Return the sessions whose newest task binding is to a task of a project (done or not): its sessions.
+
+    Dispatch counts them against --max-sessions and feeds those that wait with no open task.
+    """
+    # SQLite: a bare column beside max() comes from the row that holds the max.
+    return [r[0] for r in db.conn.execute(
+        """SELECT substr(t.assignee, 9), t.project_id, max(t.assignee_v) FROM tasks t
+            WHERE t.assignee LIKE 'session:%' AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
+            GROUP BY t.assignee""") if r[1] == project_id]
+
+
 def list_group_tasks(db: Db) -> list[tuple[str, str]]:
     """Return (group id, task id) of open group assignments, most urgent task first."""
     return [tuple(r) for r in db.conn.execute(
@@ -2560,7 +3114,7 @@ def save_transcript_cache(db: Db, rows: list[tuple[str, str | None, int, int, di
                         "VALUES (?, ?, ?, ?, ?)", [(*r[:4], canonical_json(r[4])) for r in rows])
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class HookMark:
     tmux_socket: str | None
     pane_id: str | None
@@ -2785,7 +3339,7 @@ def list_known_hosts(db: Db) -> dict[str, set[str]]:
     return hosts
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class AnnouncedHost:
     host: str  # machine id
     name: str  # display name
@@ -2927,7 +3481,7 @@ def list_sessions(db: Db, *, host: str | None = None, include_gone: bool = False
         mine = [(g, t) for g, t in group_tasks if g in groups and _in_group(s, groups[g])]
         if mine:
             group = groups[mine[0][0]].name if s.task_id is None else None
-            s = dataclasses.replace(s, task_id=s.task_id or mine[0][1], group=group,
+            s = record_replace(s, task_id=s.task_id or mine[0][1], group=group,
                                     task_ids=tuple(dict.fromkeys([*s.task_ids, *(t for _, t in mine)])))
         out.append(s)
     return out
@@ -3049,9 +3603,24 @@ def _check_name_free(db: Db, name: str) -> None:
 
 def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None = None,
                  owner: str | None = None, status: str | None = None, dirs: Sequence[str] = (),
+                 dispatch: bool | None = None, max_sessions: int | None = None, dispatcher: str | None = None,
                  now_ms: int) -> Project:
-    """Change some fields of a project (and where its code lives); values equal to the current ones are not recorded."""
+    """Change some fields of a project (and where its code lives); values equal to the current ones are not recorded.
+
+    Turning dispatch on makes this host the dispatcher unless one is named or already set.
+    """
     changes: dict[str, Any] = {}
+    if dispatch is not None and not isinstance(dispatch, bool):
+        raise UsageError(f"dispatch {str(dispatch)[:20]!r} is not on or off; give --dispatch on or --dispatch off")
+    if max_sessions is not None and not _is_max_sessions(max_sessions):
+        raise UsageError(f"--max-sessions {str(max_sessions)[:20]} is outside 1-{MAX_DISPATCH_SESSIONS}; "
+                         "give how many sessions dispatch may keep on the project, e.g. --max-sessions 3")
+    if dispatch is not None:
+        changes["dispatch"] = dispatch
+    if max_sessions is not None:
+        changes["max_sessions"] = max_sessions
+    if dispatcher is not None:
+        changes["dispatcher"] = resolve_host(db, dispatcher)
     if name is not None:
         changes["name"] = _check_name(name)
     if goal is not None:
@@ -3062,7 +3631,9 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
         changes["status"] = _check_choice("project status", status, PROJECT_STATUSES)
     with write_txn(db) as cur:
         project = get_project(db, ref)
-        changes = {k: v for k, v in changes.items() if getattr(project, k) != v}
+        if dispatch and not project.dispatcher and "dispatcher" not in changes:
+            changes["dispatcher"] = db.machine_id  # the host that turned dispatch on, until someone names another
+        changes = {k: v for k, v in changes.items() if getattr(project, _PROJECT_FIELDS.get(k, k)) != v}
         if "name" in changes:
             _check_name_free(db, changes["name"])
         placed = _project_dirs(db, dirs)
@@ -3075,20 +3646,99 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
     return get_project(db, project.id)
 
 
+_PROJECT_FIELDS = {"dispatch": "is_dispatching"}  # a project.updated field -> the Project attribute it sets
+
+
 def create_task(db: Db, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                description: str = "", tags: Iterable[str] = (), now_ms: int) -> Task:
-    """Add a task to a project, status todo."""
+                description: str = "", tags: Iterable[str] = (), after: Iterable[str] = (), now_ms: int) -> Task:
+    """Add a task to a project, status todo; `after`: the tasks (id prefixes) it waits on."""
     title = _check_text("title", title, limit=MAX_TITLE_CHARS, required=True)
     description = _check_text("description", description, limit=MAX_TEXT_CHARS)
     priority = _check_priority(priority)
     tags = sorted(set(_check_tags(tags)))
+    after = [_check_prefix("task", ref) for ref in after]
     task_id = new_id()
     with write_txn(db) as cur:
         project = get_project(db, project_ref)
+        waits = sorted(_resolve_waits(db, after))
+        if len(waits) > MAX_AFTER:
+            raise UsageError(f"a task waits on at most {MAX_AFTER} tasks; give fewer --after")
         record(db, cur, "task.created", {"task_id": task_id, "project_id": project.id, "title": title,
                                          "description": description, "priority": priority,
-                                         "status": "todo", **({"tags": tags} if tags else {})}, now_ms=now_ms)
+                                         "status": "todo", **({"tags": tags} if tags else {}),
+                                         **({"after": waits} if waits else {})}, now_ms=now_ms)
     return get_task(db, task_id)
+
+
+def ready_tasks(db: Db, project: str | None = None) -> list[Task]:
+    """Return the tasks ready to hand out (of one project, by name or id prefix), most urgent then oldest first."""
+    return list_ready_tasks(db, project_id=get_project(db, project).id if project else None)
+
+
+def get_task_waits(db: Db, ref: str) -> TaskWaits:
+    """Return what a task waits on, what waits on it, and the cycle of waits it is on, if any."""
+    return read_task_waits(db, get_task(db, ref))
+
+
+@record_type(frozen=True, slots=True)
+class Queue:
+    """A project's queue: what is ready, what waits on what, and the cycles that keep tasks from ever being ready."""
+
+    project_id: str
+    ready: list[Task]  # ready to hand out, most urgent then oldest first
+    waiting: list[TaskWaits]  # its open tasks that wait on some task, most urgent first
+    cycles: list[list[str]]  # cycles of waits through its tasks, each [id, ..., id]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the queue as the JSON object the CLI and API print."""
+        return {"project_id": self.project_id, "ready": [t.to_json() for t in self.ready],
+                "waiting": [w.to_json() for w in self.waiting], "cycles": self.cycles}
+
+
+def get_queue(db: Db, project: str) -> Queue:
+    """Return a project's queue: its ready tasks, its open tasks that wait (with what on), its cycles of waits."""
+    p = get_project(db, project)
+    graph = list_after_edges(db)
+    tasks = list_tasks(db, project_id=p.id, include_removed=True)
+    waiting = [read_task_waits(db, t, graph=graph) for t in tasks
+               if t.after and t.status != "done" and t.removed_at is None]
+    cycles: list[list[str]] = []
+    seen: set[str] = set()
+    for task_id in sorted(cycle_members(graph) & {t.id for t in tasks}):
+        if task_id not in seen:
+            cycles.append(find_cycle(graph, task_id))
+            seen.update(cycles[-1])
+    return Queue(p.id, list_ready_tasks(db, project_id=p.id), waiting, cycles)
+
+
+def _resolve_waits(db: Db, refs: Iterable[str], *, waiter: str | None = None) -> set[str]:
+    """Return the ids of the tasks `refs` name for a wait; one removed, or the waiter itself, is refused."""
+    ids = set()
+    for ref in refs:
+        task = get_task(db, ref)
+        if task.id == waiter:
+            raise UsageError(f"task {task.id[:SHORT_ID]} may not wait on itself; give another task to --after")
+        if task.removed_at is not None:
+            raise Conflict(f"task {task.id[:SHORT_ID]} is removed, so nothing waits on it; give another task "
+                           f"to --after, or bring it back with: clare task restore {task.id[:SHORT_ID]}")
+        ids.add(task.id)
+    return ids
+
+
+def cycle_text(cycle: Sequence[str]) -> str:
+    """Return a cycle of waits as people read it: 3f2a0b1c → 91bc22d0 → 3f2a0b1c."""
+    return " → ".join(x[:SHORT_ID] for x in cycle)
+
+
+def _refuse_cycles(db: Db, task_id: str, added: Iterable[str]) -> None:
+    """Refuse new waits of `task_id` that would close a cycle, naming it and a wait to drop."""
+    graph = list_after_edges(db)
+    for after_id in sorted(added):
+        # with the new wait as its only way out, a cycle through the task is one the wait closes
+        cycle = find_cycle({**graph, task_id: (after_id,)}, task_id)
+        if cycle:
+            raise Conflict(f"task {task_id[:SHORT_ID]} would wait on itself: {cycle_text(cycle)}; drop one "
+                           f"wait first with: clare task edit {cycle[1][:SHORT_ID]} --no-after {cycle[2][:SHORT_ID]}")
 
 
 def _check_tags(tags: Iterable[str]) -> list[str]:
@@ -3104,8 +3754,13 @@ def _check_tags(tags: Iterable[str]) -> list[str]:
 
 def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | None = None,
               priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
-              untags: Iterable[str] = (), now_ms: int) -> Task:
-    """Change some fields and tags of a task; what equals the current value is not recorded."""
+              untags: Iterable[str] = (), after: Iterable[str] = (), no_after: Iterable[str] = (),
+              now_ms: int) -> Task:
+    """Change some fields, tags and waits of a task; what equals the current value is not recorded.
+
+    `after` adds tasks it waits on, `no_after` drops some (id prefixes); a wait that would close a
+    cycle is refused here (cycles that two hosts close apart are read as never ready).
+    """
     changes: dict[str, Any] = {}
     if title is not None:
         changes["title"] = _check_text("title", title, limit=MAX_TITLE_CHARS, required=True)
@@ -3116,6 +3771,7 @@ def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | 
     if status is not None:
         changes["status"] = _check_choice("task status", status, TASK_STATUSES)
     tag_changes = dict.fromkeys(_check_tags(untags), False) | dict.fromkeys(_check_tags(tags), True)
+    after, no_after = [_check_prefix("task", r) for r in after], [_check_prefix("task", r) for r in no_after]
     with write_txn(db) as cur:
         task = get_task(db, ref)
         changes = {k: v for k, v in changes.items() if getattr(task, k) != v}
@@ -3124,9 +3780,33 @@ def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | 
             raise UsageError(f"a task holds at most {MAX_TAGS} tags; remove some with --untag")
         if tag_changes:
             changes["tags"] = dict(sorted(tag_changes.items()))
+        wanted = _resolve_waits(db, after, waiter=task.id)
+        added = wanted - set(task.after)
+        dropped = _dropped_waits(db, task, no_after) - wanted  # named in both: --after wins, as --tag does
+        if len((set(task.after) - dropped) | added) > MAX_AFTER:
+            raise UsageError(f"a task waits on at most {MAX_AFTER} tasks; drop some with --no-after")
+        _refuse_cycles(db, task.id, added)
+        if added or dropped:
+            changes["after"] = dict(sorted({**dict.fromkeys(dropped, False), **dict.fromkeys(added, True)}.items()))
         if changes:
             record(db, cur, "task.updated", {"task_id": task.id, **changes}, now_ms=now_ms)
     return get_task(db, task.id)
+
+
+def _dropped_waits(db: Db, task: Task, refs: Iterable[str]) -> set[str]:
+    """Return the waits of `task` that `refs` name; a known task it does not wait on names none."""
+    dropped = set()
+    for ref in refs:
+        # matched among the waits first: one may name a task removed since, or one not known here yet
+        hits = [x for x in task.after if x.startswith(ref)]
+        if len(hits) > 1:
+            raise Conflict(f"--no-after {ref!r} is ambiguous: task {task.id[:SHORT_ID]} waits on "
+                           f"{', '.join(h[:SHORT_ID + 4] for h in hits)}; give more of the id")
+        if hits:
+            dropped.add(hits[0])
+        else:
+            get_task(db, ref)  # an unknown id is an error; a known task not waited on is nothing to drop
+    return dropped
 
 
 def remove_task(db: Db, ref: str, *, now_ms: int) -> Task:
@@ -3193,7 +3873,7 @@ CANNOT_UNDO = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Change:
     events: list[Event]  # what one command recorded on this host, in order
     description: str
@@ -3205,7 +3885,7 @@ class Change:
                 "created_at": self.events[0].created_at, "can_undo": self.refusal is None, "refusal": self.refusal}
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class UndoResult:
     undone: Change
     recorded: list[Event]  # the inverse events
@@ -3272,9 +3952,11 @@ def _field_values(ev: Event) -> dict[str, Any]:
     """Return what an event sets on its entity, as field -> value (tags as 'tag:NAME' -> bool)."""
     p, kind = ev.payload, ev.event_type
     if kind in ("project.created", "project.updated", "task.created", "task.updated"):
-        out = {k: p[k] for k in ("name", "goal", "owner", "title", "description", "priority", "status") if k in p}
+        out = {k: p[k] for k in ("name", "goal", "owner", "title", "description", "priority", "status", "dispatch",
+                                 "max_sessions", "dispatcher") if k in p}
         tags = dict.fromkeys(p.get("tags", ()), True) if kind == "task.created" else p.get("tags", {})
-        return out | {f"tag:{t}": v for t, v in tags.items()}
+        waits = dict.fromkeys(p.get("after", ()), True) if kind == "task.created" else p.get("after", {})
+        return out | {f"tag:{t}": v for t, v in tags.items()} | {f"after:{t}": v for t, v in waits.items()}
     if kind == "task.assigned":
         return {"assignee": {"session_id": p["session_id"]} if p.get("session_id") else {"group_id": p["group_id"]}}
     if kind == "task.unassigned":
@@ -3306,7 +3988,7 @@ def _inverse(db: Db, ev: Event) -> tuple[str, dict[str, Any], int]:
         now.update(_field_values(e))
         if (e.hlc, e.uuid) < (ev.hlc, ev.uuid):
             before.update(_field_values(e))
-    undo = {f: before.get(f, False if f.startswith("tag:") or f == "removed" else None)
+    undo = {f: before.get(f, False if f.startswith(("tag:", "after:")) or f in ("removed", "dispatch") else None)
             for f, v in _field_values(ev).items() if now.get(f) == v}
     n_kept = len(_field_values(ev)) - len(undo)
     if "removed" in undo:
@@ -3316,8 +3998,10 @@ def _inverse(db: Db, ev: Event) -> tuple[str, dict[str, Any], int]:
                 else ("task.unassigned", head, n_kept))
     # What is left is an update; an empty one (all changed since) only marks the change as undone.
     tags = {f[4:]: v for f, v in undo.items() if f.startswith("tag:")}
-    fields = {f: v for f, v in undo.items() if not f.startswith("tag:") and v is not None}
-    return f"{kind}.updated", {**head, **fields, **({"tags": tags} if tags else {})}, n_kept
+    waits = {f[6:]: v for f, v in undo.items() if f.startswith("after:")}
+    fields = {f: v for f, v in undo.items() if not f.startswith(("tag:", "after:")) and v is not None}
+    return f"{kind}.updated", {**head, **fields, **({"tags": tags} if tags else {}),
+                               **({"after": waits} if waits else {})}, n_kept
 
 
 def create_group(db: Db, name: str, *, cwd: str | None = None, host: str | None = None,
@@ -3394,7 +4078,7 @@ def get_pane_session(db: Db, tmux_socket: str | None, pane_id: str) -> Session:
     return max(found, key=lambda s: s.state_at or "")
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Observation:
     """What one look at this host says about one of its Claude sessions."""
 
@@ -3448,7 +4132,7 @@ def observe_sessions(db: Db, seen: list[Observation], *, keep_sockets: Iterable[
                                and (s.pane_id, s.tmux_socket) == (ob.pane_id, ob.tmux_socket)), None)
                 if before is not None:
                     events += _hand_over(db, cur, before.id, ob.session_id, now_ms=now_ms)
-                    known[before.id] = dataclasses.replace(before, state="gone")
+                    known[before.id] = record_replace(before, state="gone")
                 continue
             changed = {k: payload[k] for k in _OBSERVED_KEYS if getattr(old, k) != payload[k]}
             if "state" in changed and ob.state != "permission" and old.asked is not None:
@@ -3574,7 +4258,7 @@ def report_hook(db: Db, session_id: str, mark: HookMark, *, cwd: str, tmux_targe
     return events
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class ProjectStatus:
     project: Project
     tokens: dict[str, int]  # usage of the sessions working on its open tasks, summed
@@ -3585,7 +4269,7 @@ class ProjectStatus:
         return {**self.project.to_json(), "tokens": self.tokens, "n_sessions": self.n_sessions}
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class StatusReport:
     projects: list[ProjectStatus]
     sessions: list[Session]
@@ -3637,7 +4321,7 @@ def list_needs(db: Db) -> list[Session]:
     return [s for s in by_urgency(list_sessions(db)) if s.state in NEEDS_PERSON]
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class SessionDetail:
     session: Session
     task: Task | None  # the task it works on now
@@ -3727,13 +4411,13 @@ COMMAND_PREFIX = "[clare] "  # keeps a text that starts like a command out of Cl
 COMMAND_CHARS = ("/", "!", "#", "@", "&")
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class BroadcastResult:
     broadcast_id: str
     target: str
     text: str  # as delivered (normalised, maybe prefixed)
     deliveries: list[Delivery]
-    unreached: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # {task_id, title, session_id, reason}
+    unreached: list[dict[str, Any]] = record_field(default_factory=list)  # {task_id, title, session_id, reason}
 
     def to_json(self) -> dict[str, Any]:
         """Return the result as the JSON object the CLI and API print."""
@@ -3839,7 +4523,7 @@ def record_delivery(db: Db, broadcast_id: str, session_id: str, *, result: str, 
 
 
 ORDER_TTL_MS = 15 * 60 * 1000  # an order its host has not taken by then expires instead of acting late
-MODEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:\[\]-]{0,99}\Z")
+MODEL_RE = lazy_re(r"\A[A-Za-z0-9][A-Za-z0-9._:\[\]-]{0,99}\Z")
 
 
 def tmux_session_name(name: str) -> str:
@@ -3860,7 +4544,7 @@ def _default_host(db: Db, project: Project) -> str:
 
 def _place(db: Db, cur: sqlite3.Cursor, action: str, *, host: str, session_id: str, task_id: str | None,
            cwd: str, tmux_session: str, is_worktree: bool = False, model: str | None = None,
-           is_force: bool = False, now_ms: int) -> str:
+           is_force: bool = False, extra: dict[str, Any] | None = None, now_ms: int) -> str:
     busy = [o for o in list_orders(db, session_id=session_id)
             if o.result in ("pending", "claimed") and o.expires_at > iso_ms(now_ms)]  # same form: sorts as time
     if busy:
@@ -3870,17 +4554,18 @@ def _place(db: Db, cur: sqlite3.Cursor, action: str, *, host: str, session_id: s
     record(db, cur, "order.placed", {
         "order_id": order_id, "action": action, "host": host, "session_id": session_id, "task_id": task_id,
         "cwd": cwd, "tmux_session": tmux_session, "is_worktree": is_worktree, "model": model,
-        "is_force": is_force, "expires_at": iso_ms(now_ms + ORDER_TTL_MS)}, now_ms=now_ms)
+        "is_force": is_force, "expires_at": iso_ms(now_ms + ORDER_TTL_MS), **(extra or {})}, now_ms=now_ms)
     return order_id
 
 
 def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
-                model: str | None = None, now_ms: int) -> Order:
+                model: str | None = None, reason: str | None = None, template: str | None = None,
+                now_ms: int) -> Order:
     """Order a new Claude session for a task on a host, with the task bound to its session id at once.
 
     Clare makes the session id and passes it to Claude (--session-id), so the binding is part of
     the start, never a guess. The host defaults to this one when the project's code lives here,
-    else the only host it lives on.
+    else the only host it lives on. A `reason` marks a start dispatch placed (see dispatch_round).
     """
     if model is not None and not MODEL_RE.match(model):
         raise UsageError(f"--model {model[:40]!r} is not a model name; e.g. --model sonnet or --model claude-opus-4-1")
@@ -3906,10 +4591,35 @@ def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: 
         session_id = new_uuid()
         order_id = _place(db, cur, "start", host=machine, session_id=session_id, task_id=task.id, cwd=folder,
                           tmux_session=tmux_session_name(project.name), is_worktree=is_worktree, model=model,
+                          extra={"reason": reason[:500], "is_dispatch": True, "template": template} if reason else None,
                           now_ms=now_ms)
         record(db, cur, "task.assigned", {"task_id": task.id, "session_id": session_id}, now_ms=now_ms)
         if task.status == "todo":
             record(db, cur, "task.updated", {"task_id": task.id, "status": "in_progress"}, now_ms=now_ms)
+    return list_orders(db, order_id=order_id)[0]
+
+
+def place_dispatch(db: Db, task_id: str, session: Session, *, template: str, reason: str, is_clear: bool = False,
+                   now_ms: int) -> Order:
+    """Order the host of a waiting session to type a ready task in, with the task bound to it at once.
+
+    Placed only by the project's dispatcher host (dispatch_round). The host fills the template in
+    (its own launcher path goes in). A dispatch its host cannot carry out (pane gone, dialog open,
+    a draft in the composer) frees the task again (record_order_result).
+    """
+    template = _check_text("[dispatch] template", typable_text(template), limit=MAX_TEXT_CHARS, required=True)
+    with write_txn(db) as cur:
+        task = get_task(db, task_id)
+        if task.status != "todo" or task.session_id or task.group_id or task.removed_at:
+            raise Conflict(f"task {task.id[:SHORT_ID]} is not ready any more ({task.status}"
+                           f"{', assigned' if task.session_id or task.group_id else ''}); nothing was dispatched")
+        order_id = _place(db, cur, "dispatch", host=session.host, session_id=session.id, task_id=task.id,
+                          cwd=session.cwd, tmux_session=session.tmux_session,
+                          extra={"template": template, "reason": reason[:500], "is_clear": is_clear,
+                                 "is_dispatch": True},
+                          now_ms=now_ms)
+        record(db, cur, "task.assigned", {"task_id": task.id, "session_id": session.id}, now_ms=now_ms)
+        record(db, cur, "task.updated", {"task_id": task.id, "status": "in_progress"}, now_ms=now_ms)
     return list_orders(db, order_id=order_id)[0]
 
 
@@ -3955,10 +4665,15 @@ def record_order_result(db: Db, order_id: str, *, result: str, reason: str = "",
                                               "outcome": outcome or {}, "session_id": placed.session_id,
                                               "task_id": placed.task_id}, now_ms=now_ms)
         order = list_orders(db, order_id=order_id)[0]
-        if order.action == "start" and result in ("refused", "expired") and order.task_id:
+        is_dispatch = bool(order.request.get("is_dispatch"))
+        if order.task_id and (order.action == "start" and result in ("refused", "expired")
+                              or is_dispatch and result in ("refused", "failed", "expired")):
             task = get_task(db, order.task_id)
-            if task.session_id == order.session_id:  # no Claude runs under that id: the task is free again
+            # No Claude runs under that id, or it did not get the task: the task is free (and ready) again.
+            if task.session_id in (order.session_id, order.outcome.get("session_id")):
                 record(db, cur, "task.unassigned", {"task_id": task.id}, now_ms=now_ms)
+                if is_dispatch and task.status == "in_progress":
+                    record(db, cur, "task.updated", {"task_id": task.id, "status": "todo"}, now_ms=now_ms)
     return order
 
 
@@ -3993,7 +4708,7 @@ def import_events(db: Db, lines: Iterable[str], *, now_ms: int) -> tuple[InsertR
     return result, bad
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class EventPage:
     events: list[Event]  # in receipt order (rseq), or the newest in (hlc, uuid) order when paged from the end
     next_after: int  # the `after` that reads on from here
@@ -4067,9 +4782,11 @@ def _n(count: int, noun: str) -> str:
 
 
 def _fields(p: dict[str, Any], skip: str) -> str:
-    text = [f"{k}={v!r}" for k, v in p.items() if k not in (skip, "tags", "undoes")]
+    text = [f"{k}={v!r}" for k, v in p.items() if k not in (skip, "tags", "after", "undoes")]
     if isinstance(p.get("tags"), dict):
         text.append("tags " + " ".join(f"{'+' if v else '-'}{t}" for t, v in p["tags"].items()))
+    if isinstance(p.get("after"), dict):
+        text.append("waits " + " ".join(f"{'+' if v else '-'}{t[:SHORT_ID]}" for t, v in p["after"].items()))
     return ", ".join(text) or "nothing"
 
 
@@ -4077,7 +4794,9 @@ DESCRIBE.update({
     "project.created": lambda p: f"created project {p['name']!r}",
     "project.updated": lambda p: f"changed project: {_fields(p, 'project_id')}",
     "task.created": lambda p: f"added task {p['task_id'][:SHORT_ID]} {p['title']!r} (P{p['priority']})"
-                              + "".join(f" #{t}" for t in p.get("tags", ())),
+                              + "".join(f" #{t}" for t in p.get("tags", ()))
+                              + (", waits on " + ", ".join(t[:SHORT_ID] for t in p["after"]) if p.get("after")
+                                 else ""),
     "task.updated": lambda p: f"changed task {p['task_id'][:SHORT_ID]}: {_fields(p, 'task_id')}",
     "task.assigned": lambda p: f"assigned task {p['task_id'][:SHORT_ID]} to "
                                + (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
@@ -4110,10 +4829,14 @@ DESCRIBE.update({
     "project.dir_set": lambda p: (f"project {p['project_id'][:SHORT_ID]} lives in {p['dir']} on {p['host']}"
                                   if p.get("dir") else
                                   f"project {p['project_id'][:SHORT_ID]}: no directory on {p['host']}"),
-    "order.placed": lambda p: f"{p['action']} session {p['session_id'][:SHORT_ID]} on {p['host']}"
-                              + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else "")
+    "order.placed": lambda p: (f"dispatch task {str(p.get('task_id'))[:SHORT_ID]} to session "
+                               f"{p['session_id'][:SHORT_ID]} on {p['host']}" if p["action"] == "dispatch" else
+                               f"{p['action']} session {p['session_id'][:SHORT_ID]} on {p['host']}"
+                               + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else ""))
+                              + (" after /clear" if p.get("is_clear") else "")
                               + (" in a new worktree" if p.get("is_worktree") else "")
-                              + (" (--force)" if p.get("is_force") else ""),
+                              + (" (--force)" if p.get("is_force") else "")
+                              + (f": {p['reason'][:200]}" if p.get("reason") else ""),
     "order.carried_out": lambda p: (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
                                     else f"order {p['order_id'][:SHORT_ID]}") + f": {p['result']}"
                                    + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
@@ -4142,13 +4865,13 @@ CAPTURE_BATCH = 50  # panes captured per tmux run: 200 in one run is "command to
 MAX_COMMAND_CHARS = 500
 # Screen text of Claude Code's permission and choice dialogs, where Enter would approve: data, not code.
 PERMISSION_SCREEN = (
-    re.compile(r"Do you want to (?:proceed|make this edit|create|overwrite|allow|run|fetch)"),
-    re.compile(r"^\W*(?:❯|›|>)\s*1\.\s*Yes\b", re.M),
+    lazy_re(r"Do you want to (?:proceed|make this edit|create|overwrite|allow|run|fetch)"),
+    lazy_re(r"^\W*(?:❯|›|>)\s*1\.\s*Yes\b", re.M),
 )
 # Claude's composer on a `capture-pane -e` screen: a prompt glyph line between two rules (2.1.x).
 COMPOSER_GLYPHS = ("\u276f\xa0", "\u276f ", "> ")
-RULE_RE = re.compile(r"^\s*\u2500{20,}\s*$")
-ANSI_RE = re.compile(r"\x1b\[([0-9;:?<=>]*)([ -/]*[@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]")
+RULE_RE = lazy_re(r"^\s*\u2500{20,}\s*$")
+ANSI_RE = lazy_re(r"\x1b\[([0-9;:?<=>]*)([ -/]*[@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]")
 DRAFT_REFUSAL = "the composer holds unsent text; send or clear that draft, then broadcast again"
 INTERRUPT_MARK = "[Request interrupted by user"
 # User lines that a local slash command writes (/clear, /model …): no turn starts with them.
@@ -4157,7 +4880,7 @@ SESSION_ID_FLAGS = ("--session-id", "--resume", "-r")
 # Registry status -> state; "waiting" is left out: it can mean a prompt or a dialog, the hook and screen tell.
 REGISTRY_STATES = {"busy": "working", "shell": "working", "idle": "waiting"}
 # The registry's waitingFor while a permission dialog is open (2.1.x: "permission prompt"): exact and cheap.
-REGISTRY_PERMISSION_RE = re.compile(r"permission", re.I)
+REGISTRY_PERMISSION_RE = lazy_re(r"permission", re.I)
 TITLE_TYPES = {"summary": "summary", "custom-title": "customTitle", "ai-title": "aiTitle"}
 RCLAUDE_TIMEOUT_S = 10
 TRIAGE_TIMEOUT_S = 60
@@ -4178,7 +4901,7 @@ STALE_MARGIN_MS = 100  # Claude writes one event's transcript line and registry 
 HOOK_ALIVE_MS = 10 * 60 * 1000  # a session that sent a hook report this recently is not gone
 CLARE_HOOK_MARK = "# clare-hook"  # ends the -c code of the command only Clare writes: how it knows its own
 # The -c code of Clare's hook commands, the mark optional: entries written before the mark are Clare's too.
-CLARE_HOOK_CODE_RE = re.compile(r"import sys; sys\.path\.insert\(0, '[^']*'\); import clare; "
+CLARE_HOOK_CODE_RE = lazy_re(r"import sys; sys\.path\.insert\(0, '[^']*'\); import clare; "
                                 r"raise SystemExit\(clare\.main\(\)\)(?:  # clare-hook)?")
 BROADCAST_PAUSE_S = 0.3  # between the paste and its Enter: an Enter in the same burst is swallowed
 BROADCAST_CONFIRM_S = 3.0  # how long to wait for Claude to take the prompt after each Enter
@@ -4195,19 +4918,19 @@ TURNS_TAIL_BYTES = 256 * 1024  # how much of a transcript's end the turns view r
 MAX_TURNS = 12  # transcript entries shown on a session page
 TURN_CHARS = 300  # of each entry's text
 # Terminal escapes (CSI, OSC, DCS and the two-byte ones), and the control characters left after them.
-ESCAPE_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[PX^_][^\x1b]*\x1b\\|[@-Z\\-_]?)")
-PANE_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+ESCAPE_RE = lazy_re(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[PX^_][^\x1b]*\x1b\\|[@-Z\\-_]?)")
+PANE_CONTROL_RE = lazy_re(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 DEFAULT_NOTIFY_GAP_S = 60  # [notify] min_gap_s: one session notifies at most this often (against flapping)
 DEFAULT_NOTIFY_TIMEOUT_S = 10  # [notify] timeout_s: the command is killed after this
 NOTIFY_EVERY_S = 1.0  # how often `serve` acts on answers and looks for sessions that started to need a person
 ANSWER_TTL_MS = 2 * 60 * 1000  # an answer not typed this long after its session's host stored it expires
 ANSWER_CONFIRM_S = 3.0  # how long to wait for a dialog to close after its key was typed
 # A permission dialog on screen, as data: the question, then numbered options (the chosen one marked ❯).
-DIALOG_QUESTION_RE = re.compile(r"Do you want to [^\n]*")
-DIALOG_OPTION_RE = re.compile(r"\A[\W_]*?(?:[❯›>]\s*)?([1-9])\.\s+(.+?)[\s│|]*\Z")
+DIALOG_QUESTION_RE = lazy_re(r"Do you want to [^\n]*")
+DIALOG_OPTION_RE = lazy_re(r"\A[\W_]*?(?:[❯›>]\s*)?([1-9])\.\s+(.+?)[\s│|]*\Z")
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Pane:
     socket: str  # the tmux server's socket path
     pane_id: str
@@ -4224,7 +4947,7 @@ class Pane:
         return _as_json(self)
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class PullResult:
     observations: list[Observation]
     events: list[Event]  # what changed, as recorded
@@ -4232,6 +4955,7 @@ class PullResult:
     unreachable: list[str]  # tmux sockets that did not answer: their sessions are kept as they were
     updates: list[Update]  # pane tails and triage notes stored by this pull
     warnings: list[str]  # adapters and commands that failed; the pull went on without them
+    dispatched: list[Order] = record_field(default_factory=list)  # what dispatch decided, as carried out here
 
 
 def claude_home(env: Mapping[str, str] | None = None) -> str:
@@ -4345,7 +5069,7 @@ def shows_permission_dialog(screen: str) -> bool:
     return any(rule.search(tail) for rule in PERMISSION_SCREEN)
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Dialog:
     question: str  # "Do you want to proceed?"
     options: tuple[tuple[int, str], ...]  # (number, exact wording), as on screen
@@ -4441,7 +5165,7 @@ def clean_screen(screen: str, *, lines: int) -> str:
     return "\n".join(rows[-lines:])[-MAX_PANE_CHARS:]
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class PaneView:
     session_id: str
     host: str  # the host that captured it
@@ -5003,7 +5727,8 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     """Look at this host's Claude sessions and record what changed (nothing when nothing did).
 
     Also: ingest spooled hook reports, carry out the orders placed for this host (start, resume,
-    stop), deliver other hosts' broadcasts, and with `tails` store
+    stop), dispatch on what it saw (dispatch_round; what it places here is carried out and looked
+    at again at once), deliver other hosts' broadcasts, and with `tails` store
     each assigned pane's last lines (and the triage command's reading of them) when they changed.
     """
     ingest_spool(db, now_ms=now_ms)
@@ -5014,7 +5739,32 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     idle_after_ms = int(idle_after_s * 1000)
     warnings: list[str] = []
     rclaude = read_rclaude(config.get("rclaude", {}), machine_id=db.machine_id, warnings=warnings)
-    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env), rclaude=rclaude,
+    observations, ambiguous, unreachable, events = _look(db, claude_dir=claude_home(env), rclaude=rclaude,
+                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
+    started = time.monotonic()
+    placed = dispatch_round(db, config=config, now_ms=now_ms, warnings=warnings)  # on what this look saw
+    carried: dict[str, Order] = {}
+    if any(o.host == db.machine_id for o in placed):  # carried out now, then looked at again
+        carried = {o.id: o for o in carry_out_pending(db, config=config, now_ms=now_ms)}
+        observations, ambiguous, unreachable, again = _look(
+            db, claude_dir=claude_home(env), rclaude=rclaude, idle_after_ms=idle_after_ms,
+            now_ms=now_ms + int((time.monotonic() - started) * 1000))
+        events += again
+    deliver_pending(db, now_ms=now_ms)
+    deliver_answers(db, now_ms=now_ms, config=config)
+    text = canonical_json([p.to_json() for p in ambiguous])
+    if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
+        with write_txn(db) as cur:
+            set_meta(cur, "ambiguous_panes", text)
+    updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
+    return PullResult(observations, events, ambiguous, unreachable, updates, warnings,
+                      [carried.get(o.id, o) for o in placed])
+
+
+def _look(db: Db, *, claude_dir: str, rclaude: dict[str, str], idle_after_ms: int,
+          now_ms: int) -> tuple[list[Observation], list[Pane], list[str], list[Event]]:
+    """Look at this host's sessions once and record what changed: (observations, ambiguous, unreachable, events)."""
+    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_dir, rclaude=rclaude,
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
     # A session that reported through a hook lately lives even when this look cannot find it (an old
     # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
@@ -5033,14 +5783,7 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
                   if (panes := list_panes(socket)) is not None}
     events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, live_panes=live_panes,
                               now_ms=now_ms)
-    deliver_pending(db, now_ms=now_ms)
-    deliver_answers(db, now_ms=now_ms, config=config)
-    text = canonical_json([p.to_json() for p in ambiguous])
-    if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
-        with write_txn(db) as cur:
-            set_meta(cur, "ambiguous_panes", text)
-    updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
-    return PullResult(observations, events, ambiguous, unreachable, updates, warnings)
+    return observations, ambiguous, unreachable, events
 
 
 def start_background_pull(db_path: str, config: dict[str, Any], *, stop: Any,
@@ -5776,7 +6519,7 @@ def _confirm_queued(db: Db, d: Delivery, *, now_ms: int) -> Delivery | None:
     if not text or not path or not _transcript_has_prompt(path, text, since_ms=(_iso_to_ms(d.updated_at) or 0) - 5000):
         return None
     record_delivery(db, d.broadcast_id, d.session_id, result="delivered", reason="", now_ms=now_ms)
-    return dataclasses.replace(d, result="delivered", reason="")
+    return record_replace(d, result="delivered", reason="")
 
 
 def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_s: float) -> Delivery:
@@ -5794,7 +6537,7 @@ def _deliver_one(db: Db, d: Delivery, session: Session, *, now_ms: int, confirm_
         if (d.result, d.reason) == (result, reason):
             return d  # still waiting: the log must not grow with polling
     record_delivery(db, d.broadcast_id, d.session_id, result=result, reason=reason, now_ms=now_ms)
-    return dataclasses.replace(d, result=result, reason=reason)
+    return record_replace(d, result=result, reason=reason)
 
 
 def deliver_text(db: Db, session: Session, text: str, *, confirm_s: float,
@@ -5939,11 +6682,11 @@ START_READY_S = 30.0  # how long a new Claude may take to show its composer (or 
 STOP_WAIT_S = 10.0  # how long Claude may take to end after /exit or SIGTERM
 WORKTREE_SLUG_CHARS = 40
 # Screens where a typed prompt and Enter would answer for the user: data, not code. Clare never answers them.
-TRUST_SCREEN = (re.compile(r"Do you trust the files in this folder"), re.compile(r"Is this a project you created"),
-                re.compile(r"I trust this folder"), re.compile(r"Accessing workspace"))
-ONBOARDING_SCREEN = (re.compile(r"Choose the text style"), re.compile(r"Select login method"),
-                     re.compile(r"use this API key\?"), re.compile(r"Press Enter to continue"))
-COMPOSER_SCREEN = re.compile(r"^\s*[│|]?\s*[>❯](?:\s|$)", re.M)  # the prompt line of an empty composer
+TRUST_SCREEN = (lazy_re(r"Do you trust the files in this folder"), lazy_re(r"Is this a project you created"),
+                lazy_re(r"I trust this folder"), lazy_re(r"Accessing workspace"))
+ONBOARDING_SCREEN = (lazy_re(r"Choose the text style"), lazy_re(r"Select login method"),
+                     lazy_re(r"use this API key\?"), lazy_re(r"Press Enter to continue"))
+COMPOSER_SCREEN = lazy_re(r"^\s*[│|]?\s*[>❯](?:\s|$)", re.M)  # the prompt line of an empty composer
 CLAUDE_PLACES = ("~/.local/bin", "~/.claude/local", "~/.npm-global/bin", "/usr/local/bin", "/usr/bin",
                  "/opt/homebrew/bin")
 
@@ -6002,13 +6745,39 @@ def agent_launcher(db_path: str) -> str:
     return path
 
 
-def first_prompt(task: Task, *, launcher: str) -> str:
-    """Return what Clare types into a session it started: the task, and how to report on it."""
-    parts = [task.title, task.description.strip(),
-             f"(Task {task.id[:SHORT_ID]} of project {task.project}, from Clare.) Post progress notes with:\n"
-             f'  {launcher} update "what you did"\nWhen the task is finished, report it with:\n'
-             f'  {launcher} update --done "one-line summary"']
-    return broadcast_text("\n\n".join(p for p in parts if p))
+DISPATCH_TEMPLATE = ("$title\n\n$description\n\n(Task $task_id of project $project, from Clare.) Post progress notes "
+                     'with:\n  $clare update "what you did"\nWhen the task is finished, report it with:\n'
+                     '  $clare update --done "one-line summary"')  # [dispatch] template in clare.toml replaces it
+TEMPLATE_KEYS = ("title", "description", "task_id", "project", "priority", "clare")
+
+
+def dispatch_settings(config: dict[str, Any], *, path: str = "clare.toml") -> tuple[str, bool]:
+    """Return clare.toml's [dispatch] template and clear_between, checked; the defaults when unset."""
+    section = config.get("dispatch", {})
+    if not isinstance(section, dict):
+        raise ClareError(f"{path}: [dispatch] must be a table; e.g. [dispatch] clear_between = true")
+    template, is_clear = section.get("template", DISPATCH_TEMPLATE), section.get("clear_between", False)
+    if not isinstance(is_clear, bool):
+        raise ClareError(f"{path}: [dispatch] clear_between = {is_clear!r} is not true or false; fix it")
+    if not isinstance(template, str) or not template.strip() or len(template) > MAX_TEXT_CHARS:
+        raise ClareError(f"{path}: [dispatch] template must be non-empty text of at most {MAX_TEXT_CHARS} characters")
+    t = string.Template(template)
+    unknown = sorted(set(t.get_identifiers()) - set(TEMPLATE_KEYS))
+    if not t.is_valid() or unknown:
+        raise ClareError(f"{path}: [dispatch] template uses {', '.join('$' + u for u in unknown) or 'a lone $'}; "
+                         f"it may use {', '.join('$' + k for k in TEMPLATE_KEYS)} (write $$ for a dollar sign)")
+    return template, is_clear
+
+
+def first_prompt(task: Task, *, launcher: str, template: str | None = None) -> str:
+    """Return the text typed into a session for a task: the dispatch template filled in."""
+    try:
+        text = string.Template(template or DISPATCH_TEMPLATE).substitute(
+            title=task.title, description=task.description.strip(), task_id=task.id[:SHORT_ID], project=task.project,
+            priority=f"P{task.priority}", clare=launcher)
+    except (KeyError, ValueError) as err:  # a template from a peer's clare.toml, checked there only
+        raise ClareError(f"the dispatch template cannot be filled in ({err}); fix [dispatch] template") from None
+    return broadcast_text(re.sub(r"\n{3,}", "\n\n", text).strip())
 
 
 def _run(argv: list[str], *, cwd: str | None = None) -> Any:
@@ -6203,7 +6972,9 @@ def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dic
     session = Session(id=order.session_id, host=db.machine_id, cwd=folder, tmux_socket=socket, tmux_target=target,
                       pane_id=pane_id, pid=None, command="", state="waiting", state_at=None, last_activity_at=None,
                       label="", task_id=task.id, tokens={}, created_at="")  # not recorded yet: the pull after does
-    result, why = deliver_text(db, session, first_prompt(task, launcher=launcher), confirm_s=BROADCAST_CONFIRM_S)
+    template = order.request.get("template") or dispatch_settings(config)[0]  # a dispatched start: the dispatcher's
+    result, why = deliver_text(db, session, first_prompt(task, launcher=launcher, template=template),
+                               confirm_s=BROADCAST_CONFIRM_S)
     if result != "delivered":
         return "failed", f"Claude started in pane {pane_id} ({target}) but the task was not typed in: {why}", outcome
     return "started", "", outcome
@@ -6236,7 +7007,7 @@ def _stop(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dict[
         if entry.get("status") == "busy":
             raise ClareError(f"session {session.id[:SHORT_ID]} is working; stop it once it waits, or now with "
                              "--force (SIGTERM to Claude)")
-        result, why = deliver_text(db, dataclasses.replace(session, state="waiting"), "/exit", confirm_s=STOP_WAIT_S,
+        result, why = deliver_text(db, record_replace(session, state="waiting"), "/exit", confirm_s=STOP_WAIT_S,
                                    is_done=lambda: not _is_alive(pid, procs))
         if result != "delivered":
             return "failed", f"/exit was not taken: {why}", outcome
@@ -6264,8 +7035,129 @@ def _is_alive(pid: int, procs: dict[int, tuple[int, int]]) -> bool:
     return rest[0] != b"Z" and int(rest[19]) == procs.get(pid, (0, int(rest[19])))[1]
 
 
+def _type_task(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """Type a dispatched task into its waiting session, after /clear when the order says; 'typed' once Claude has it."""
+    session = get_session(db, order.session_id)
+    task = get_task(db, order.task_id) if order.task_id else None
+    if task is None or task.session_id != session.id or task.status == "done":
+        raise ClareError("the task is no longer bound to this session (someone changed it meanwhile); not typed")
+    if session.state not in ("waiting", "idle"):
+        raise ClareError(f"session {session.id[:SHORT_ID]} is {session.state} now, no longer waiting; not typed")
+    # SECURITY: the template may come from a peer: checked at the door, filled in with this host's launcher.
+    text = first_prompt(task, launcher=agent_launcher(db.path), template=order.request.get("template"))
+    outcome: dict[str, Any] = {"pane_id": session.pane_id, "tmux_target": session.tmux_target}
+    if order.request.get("is_clear"):
+        new_id, why = _clear(db, session)
+        if new_id is None:
+            return "failed", why, outcome
+        session = record_replace(session, id=new_id, state="waiting")
+        outcome["session_id"] = new_id  # the task followed it (the /clear hand-over)
+    result, why = deliver_text(db, session, text, confirm_s=BROADCAST_CONFIRM_S)
+    return ("typed" if result in ("delivered", "queued") else result), why, outcome
+
+
+def _clear(db: Db, session: Session) -> tuple[str | None, str]:
+    """Type /clear into a session and hand its tasks to the session id Claude goes on with; return that id."""
+    pid, socket = session.pid, session.tmux_socket
+    if pid is None or socket is None:
+        return None, f"cannot tell which process runs session {session.id[:SHORT_ID]}; not clearing blind"
+
+    def new_id() -> str | None:
+        sid = (_registry_entry(pid) or {}).get("sessionId")
+        return sid if isinstance(sid, str) and sid != session.id and UUID_RE.match(sid) else None
+
+    result, why = deliver_text(db, session, "/clear", confirm_s=STOP_WAIT_S, is_done=lambda: new_id() is not None)
+    successor = new_id()
+    if result != "delivered" or successor is None:
+        return None, f"/clear was not taken: {why or 'Claude went on under the same session id'}"
+    pane = next((p for p in list_panes(socket) or () if p.pane_id == session.pane_id), None)
+    if pane is not None:  # the new conversation's composer shows once Claude redrew: type into that, not before
+        _wait_until(lambda: composer_text(_capture_styled(pane) or "") == "", timeout_s=STOP_WAIT_S)
+    with write_txn(db) as cur:  # as a pull would on seeing the new id in the same process and pane
+        if list_tasks(db, session_id=session.id, is_open=True):  # else the SessionStart hook handed them over
+            _hand_over(db, cur, session.id, successor, now_ms=now_ms())
+    return successor, ""
+
+
 ORDER_HANDLERS: dict[str, Callable[[Db, Order, dict[str, Any]], tuple[str, str, dict[str, Any]]]] = {
-    "start": _launch, "resume": _launch, "stop": _stop}
+    "start": _launch, "resume": _launch, "stop": _stop, "dispatch": _type_task}
+DISPATCH_RETRY_MS = 60_000  # a session or task whose dispatch failed is left alone this long (no retry storm)
+_DISPATCH_SAID: dict[tuple[str, str], str] = {}  # (database, project id) -> the last warning given: said once
+
+
+def dispatch_round(db: Db, *, config: dict[str, Any], now_ms: int, warnings: list[str] | None = None) -> list[Order]:
+    """Feed the waiting sessions of the projects this host dispatches for, and start sessions up to their maximum.
+
+    Runs in every pull of this host (serve's background loop, `clare pull`); only the project's
+    dispatcher host acts, so one host decides. Orders for this host are carried out by the same pull.
+    """
+    projects = [p for p in list_projects(db, status="active") if p.is_dispatching and p.dispatcher == db.machine_id]
+    if not projects:
+        return []
+    try:
+        template, is_clear = dispatch_settings(config)
+    except ClareError as err:  # a typo in clare.toml stops dispatch, never the pull
+        if warnings is not None:
+            warnings.append(f"dispatch is stopped: {err}")
+        return []
+    placed: list[Order] = []
+    with _dispatch_lock(db):
+        orders = list_orders(db)
+        for project in projects:
+            try:
+                placed += _dispatch_project(db, project, orders, template=template, is_clear=is_clear, now_ms=now_ms)
+                said = ""
+            except ClareError as err:
+                said = f"dispatch for project {project.name}: {err}"
+            if said != _DISPATCH_SAID.get((db.path, project.id), "") and warnings is not None and said:
+                warnings.append(said)
+            _DISPATCH_SAID[(db.path, project.id)] = said
+    return placed
+
+
+@contextlib.contextmanager
+def _dispatch_lock(db: Db) -> Iterator[None]:
+    """Hold this database's dispatch lock: a CLI pull and serve's loop never decide at once (one task, one order)."""
+    import fcntl
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(db.path)), "dispatch.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _dispatch_project(db: Db, project: Project, orders: list[Order], *, template: str, is_clear: bool,
+                      now_ms: int) -> list[Order]:
+    """Place the dispatches and starts one project needs now; a start that cannot be placed raises why."""
+    now_at, retry_at = iso_ms(now_ms), iso_ms(now_ms - DISPATCH_RETRY_MS)
+    in_flight = {o.session_id for o in orders if o.result in ("pending", "claimed") and o.expires_at > now_at}
+    failed = [o for o in orders if o.request.get("is_dispatch") and o.result in ("refused", "failed", "expired")
+              and o.updated_at > retry_at]
+    sessions = {s.id: s for s in find_sessions(db, include_gone=True)}
+    mine = [sessions[sid] for sid in list_project_session_ids(db, project.id)
+            if sid in sessions and sessions[sid].state != "gone"]
+    task_ids = {t.id for t in list_tasks(db, project_id=project.id)}
+    # Starts placed but not seen yet as sessions count too: a start is seen at the pull after it.
+    n_starting = sum(1 for o in orders if o.action == "start" and o.task_id in task_ids and o.session_id not in sessions
+                     and o.result in ("pending", "claimed", "started", "needs trust") and o.expires_at > now_at)
+    idle = sorted((s for s in mine if s.state in ("waiting", "idle") and s.task_id is None and s.id not in in_flight
+                   and s.id not in {o.session_id for o in failed}), key=lambda s: (s.state_at or "", s.id))
+    skip = {o.task_id for o in failed}
+    ready = [t for t in list_ready_tasks(db, project_id=project.id) if t.id not in skip]
+    placed = []
+    for session, task in zip(idle, ready, strict=False):
+        reason = (f"session {session.id[:SHORT_ID]} finished its task and waits; {task.id[:SHORT_ID]} is the next "
+                  f"ready task of {project.name} (P{task.priority})")
+        placed.append(place_dispatch(db, task.id, session, template=template, reason=reason, is_clear=is_clear,
+                                     now_ms=now_ms))
+    n_sessions = len(mine) + n_starting
+    for task in ready[len(placed):]:
+        if n_sessions >= project.max_sessions:
+            break
+        reason = (f"no session of {project.name} waits and {n_sessions} of at most {project.max_sessions} run; "
+                  f"a new one for the next ready task {task.id[:SHORT_ID]} (P{task.priority})")
+        placed.append(place_start(db, task.id, reason=reason, template=template, now_ms=now_ms))
+        n_sessions += 1
+    return placed
 
 
 
@@ -6300,15 +7192,15 @@ PEEK_TIMEOUT_S = 3.0  # a peer's live pane or transcript view: a page waits this
 MAX_PEEK_BYTES = 256 * 1024  # ... and takes an answer this large at most
 MAX_RESPONSE_BYTES = 512 * 1024 * 1024  # a peer answer larger than this is refused unread
 HTTP_ERRORS: dict[int, type[ClareError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 422: UsageError}
-PEER_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
-ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
-PEER_URL_RE = re.compile(r"\Ahttps?://[^\s/?#]+(/[^\s?#]*)?\Z")
-DAY_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}\Z")
+PEER_NAME_RE = lazy_re(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+ENV_NAME_RE = lazy_re(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+PEER_URL_RE = lazy_re(r"\Ahttps?://[^\s/?#]+(/[^\s?#]*)?\Z")
+DAY_RE = lazy_re(r"\A\d{4}-\d{2}-\d{2}\Z")
 
 Progress = Callable[[str, int, int], None]  # (what moves, events moved, events to move)
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Peer:
     name: str  # what people call it in `peer list` and `sync NAME`
     url: str  # where its `clare serve` answers, without a trailing slash
@@ -6319,7 +7211,7 @@ class Peer:
         return {"name": self.name, "url": self.url, "token_env": self.token_env}
 
 
-@dataclass(slots=True)
+@record_type(slots=True)
 class SyncReport:
     """What one round with one peer moved; mutable because it fills while the round runs,
     so a round that fails half-way still says what it stored."""
@@ -6331,9 +7223,9 @@ class SyncReport:
     n_pulled: int = 0  # events new to this host
     n_pushed: int = 0  # events new to the peer
     n_duplicates: int = 0  # events sent that the other side held already
-    conflicts: list[str] = dataclasses.field(default_factory=list)  # same uuid, different content
-    rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # malformed, with reasons
-    deferred: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # {uuid, reason}: held back, retried
+    conflicts: list[str] = record_field(default_factory=list)  # same uuid, different content
+    rejected: list[dict[str, Any]] = record_field(default_factory=list)  # malformed, with reasons
+    deferred: list[dict[str, Any]] = record_field(default_factory=list)  # {uuid, reason}: held back, retried
     n_deferred_stored: int = 0  # events held back earlier that went through in this round
     n_behind: int | None = None  # the peer's events not pulled yet, at the end of the round
     peer_head: int | None = None  # the peer's newest receipt number, as its last answer said
@@ -7004,7 +7896,7 @@ def remove_peer(path: str, ref: str) -> Peer:
     return peers[index]
 
 
-_PEERS_HEADER_RE = re.compile(r"\A\s*\[\[\s*peers\s*\]\]\s*(#.*)?\Z", re.S)
+_PEERS_HEADER_RE = lazy_re(r"\A\s*\[\[\s*peers\s*\]\]\s*(#.*)?\Z", re.S)
 
 
 def find_peer(peers: list[Peer], ref: str) -> Peer:
@@ -7499,7 +8391,7 @@ def push_answer(db: Db, answer: Answer, *, peers: Iterable[Peer], settings: dict
     return f"sent to {peer.name}, which types it within a second if the same dialog is still open"
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class AnswerResult:
     answer: Answer
     note: str  # what happened, or what happens next, in one line
@@ -7565,7 +8457,7 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Api:
     """How one service travels over HTTP. Arguments are named as in the signature; "arg=wire" renames one."""
 
@@ -7575,11 +8467,11 @@ class Api:
     query: tuple[str, ...] = ()
     body: tuple[str, ...] = ()
     status: int = 200
-    resolve: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> getter: the server turns a ref into
+    resolve: dict[str, str] = record_field(default_factory=dict)  # arg -> getter: the server turns a ref into
     # that object (or its id, for a *_id or *_ids argument)
-    here: dict[str, str] = dataclasses.field(default_factory=dict)  # arg -> why it cannot be sent (refused remotely)
+    here: dict[str, str] = record_field(default_factory=dict)  # arg -> why it cannot be sent (refused remotely)
     not_sent: tuple[str, ...] = ()  # arguments a remote call leaves out (the server uses its own defaults)
-    server: dict[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)  # arg -> what the server
+    server: dict[str, Callable[[Any], Any]] = record_field(default_factory=dict)  # arg -> what the server
     # passes instead, from the request (its own settings); a remote call leaves it out
     max_int: int = MAX_EVENTS_PAGE  # integer query arguments are within 1..max_int
     schema: str | None = None  # the OpenAPI answer, a component's name; None: from the return type
@@ -7589,6 +8481,9 @@ class Api:
     from_wire: Callable[[Any], Any] | None = None  # the JSON answer -> the result; None: from the return type
     is_routed: bool = True  # False: the remote client asks a route that answers more (count_events)
     is_lenient: bool = False  # a batch whose items are checked one by one: a bad item rejects that item only
+    cursor: Callable[[Any, Any], str] | None = None  # a list that comes in pages: (db, last item) -> the `after`
+    # that reads on past it. With ?limit=N the route answers {<last path word>: [...], next_after, has_more};
+    # without, the whole list, streamed a page at a time; the remote client follows the pages.
 
 
 SERVICE_APIS: dict[str, tuple[Callable[..., Any], Api | None]] = {}  # service -> (function, HTTP form or None)
@@ -7621,11 +8516,21 @@ def from_json(cls: type, obj: dict[str, Any]) -> Any:
     import typing
 
     return cls(**{f.name: tuple(obj[f.name]) if typing.get_origin(f.type) is tuple else obj[f.name]
-                  for f in dataclasses.fields(cls) if f.name in obj})
+                  for f in record_fields(cls) if f.name in obj})
 
 
 def _change_from_json(obj: dict[str, Any]) -> Change:
     return Change([from_json(Event, e) for e in obj["events"]], obj["description"], obj["refusal"])
+
+
+def _waits_from_json(obj: dict[str, Any]) -> TaskWaits:
+    return TaskWaits(obj["task_id"], [from_json(Task, t) for t in obj["waits_on"]], obj["unknown"],
+                     [from_json(Task, t) for t in obj["blocks"]], obj["cycle"], obj["is_ready"])
+
+
+def _queue_from_json(obj: dict[str, Any]) -> Queue:
+    return Queue(obj["project_id"], [from_json(Task, t) for t in obj["ready"]],
+                 [_waits_from_json(w) for w in obj["waiting"]], obj["cycles"])
 
 
 def _status_to_wire(req: Any, report: StatusReport) -> dict[str, Any]:
@@ -7662,7 +8567,7 @@ def _only_message_updates(body: dict[str, Any]) -> None:
                          "(pane tails, triage and hook notes are written by 'clare pull')")
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Wire:
     """Where one argument of a declared service goes: its place, its name there and its kind of value."""
 
@@ -7745,13 +8650,16 @@ class Services:
         """Return the project named `ref` or whose id starts with `ref`."""
         return get_project(self.db, ref)
 
-    @api("PATCH", "/api/v1/projects/{project}", 'Change a project (dirs: "/path", "HOST:/path", "HOST:" removes)',
-         body=("name", "goal", "owner", "status", "dirs"))
+    @api("PATCH", "/api/v1/projects/{project}", 'Change a project (dirs: "/path", "HOST:/path", "HOST:" removes; '
+         'dispatch on/off, max_sessions, dispatcher host)',
+         body=("name", "goal", "owner", "status", "dirs", "dispatch", "max_sessions", "dispatcher"))
     def edit_project(self, ref: str, *, name: str | None = None, goal: str | None = None,
-                     owner: str | None = None, status: str | None = None, dirs: Sequence[str] = ()) -> Project:
-        """Change some fields of a project, and its directory per host."""
+                     owner: str | None = None, status: str | None = None, dirs: Sequence[str] = (),
+                     dispatch: bool | None = None, max_sessions: int | None = None,
+                     dispatcher: str | None = None) -> Project:
+        """Change some fields of a project, its directory per host, and its dispatch settings."""
         return edit_project(self.db, ref, name=name, goal=goal, owner=owner, status=status, dirs=dirs,
-                            now_ms=now_ms())
+                            dispatch=dispatch, max_sessions=max_sessions, dispatcher=dispatcher, now_ms=now_ms())
 
     @api("GET", "/api/v1/projects/{project}/history", "Events about a project and its tasks", query=("limit",),
          resolve={"project": "get_project"})
@@ -7759,41 +8667,68 @@ class Services:
         """Return the events about a project and its tasks, oldest first."""
         return project_history(self.db, project, limit=limit)
 
-    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1)",
+    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1); "
+         "limit=N gives a page, after=its next_after the next one",
          query=("project_id=project", "status", "session_id=session", "group_id=group", "is_open=open",
                 "active_projects=active", "is_assigned=assigned", "tag", "priorities=priority", "search",
-                "include_removed=removed"), resolve={"project_id": "get_project", "group_id": "get_group"})
+                "include_removed=removed", "after", "limit"),
+         resolve={"project_id": "get_project", "group_id": "get_group"}, cursor=lambda db, t: task_cursor(db, t.id))
     def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
                    session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
                    active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
                    priorities: tuple[int, int] | None = None, search: str | None = None,
-                   include_removed: bool = False) -> list[Task]:
-        """Return tasks, most urgent first."""
+                   include_removed: bool = False, after: str | None = None, limit: int | None = None) -> list[Task]:
+        """Return tasks, most urgent first; `limit` of them past the cursor `after` (a task_cursor)."""
         return list_tasks(self.db, project_id=project_id, status=status, session_id=session_id, group_id=group_id,
                           is_open=is_open, active_projects=active_projects, is_assigned=is_assigned, tag=tag,
-                          priorities=priorities, search=search, include_removed=include_removed)
+                          priorities=priorities, search=search, include_removed=include_removed, after=after,
+                          limit=limit)
 
-    @api("POST", "/api/v1/tasks", "Add a task", body=("project_ref=project", "title", "priority", "description",
-                                                      "tags"), status=201)
+    @here
+    def list_tasks_json(self, **filters: Any) -> str:
+        """Return list_tasks(**filters) as JSON text that SQLite writes: `task list --json` on this host."""
+        return list_tasks_json(self.db, **filters)
+
+    @api("POST", "/api/v1/tasks", "Add a task (after: the tasks it waits on)",
+         body=("project_ref=project", "title", "priority", "description", "tags", "after"), status=201)
     def create_task(self, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
-                    description: str = "", tags: Iterable[str] = ()) -> Task:
+                    description: str = "", tags: Iterable[str] = (), after: Iterable[str] = ()) -> Task:
         """Add a task to a project."""
         return create_task(self.db, project_ref, title, priority=priority, description=description, tags=tags,
-                           now_ms=now_ms())
+                           after=after, now_ms=now_ms())
+
+    @api("GET", "/api/v1/ready", "Tasks ready to hand out: todo, unassigned, waiting on nothing undone; "
+         "most urgent, then oldest, first", query=("project",))
+    def ready_tasks(self, project: str | None = None) -> list[Task]:
+        """Return the tasks ready to hand out (of one project, by name or id prefix), most urgent then oldest first."""
+        return ready_tasks(self.db, project)
+
+    @api("GET", "/api/v1/projects/{project}/queue", "A project's queue: ready tasks, open tasks that wait "
+         "(on what), cycles of waits", schema="Queue", from_wire=lambda got: _queue_from_json(got))
+    def get_queue(self, project: str) -> Queue:
+        """Return a project's ready tasks, its open tasks that wait and on what, and its cycles of waits."""
+        return get_queue(self.db, project)
+
+    @api("GET", "/api/v1/tasks/{task}/waits", "What a task waits on, what waits on it, the cycle it is on",
+         schema="TaskWaits", from_wire=lambda got: _waits_from_json(got))
+    def get_task_waits(self, ref: str) -> TaskWaits:
+        """Return what a task waits on, what waits on it, and the cycle of waits it is on, if any."""
+        return get_task_waits(self.db, ref)
 
     @api("GET", "/api/v1/tasks/{task}", "Get a task by id prefix (removed ones too)")
     def get_task(self, ref: str) -> Task:
         """Return the task whose id starts with `ref`."""
         return get_task(self.db, ref)
 
-    @api("PATCH", "/api/v1/tasks/{task}", "Change a task; tags adds tags, untags removes them",
-         body=("title", "description", "priority", "status", "tags", "untags"))
+    @api("PATCH", "/api/v1/tasks/{task}", "Change a task; tags adds tags, untags removes them; after adds "
+         "tasks it waits on, no_after drops some",
+         body=("title", "description", "priority", "status", "tags", "untags", "after", "no_after"))
     def edit_task(self, ref: str, *, title: str | None = None, description: str | None = None,
                   priority: int | None = None, status: str | None = None, tags: Iterable[str] = (),
-                  untags: Iterable[str] = ()) -> Task:
-        """Change some fields and tags of a task."""
+                  untags: Iterable[str] = (), after: Iterable[str] = (), no_after: Iterable[str] = ()) -> Task:
+        """Change some fields, tags and waits of a task."""
         return edit_task(self.db, ref, title=title, description=description, priority=priority, status=status,
-                         tags=tags, untags=untags, now_ms=now_ms())
+                         tags=tags, untags=untags, after=after, no_after=no_after, now_ms=now_ms())
 
     @api("DELETE", "/api/v1/tasks/{task}", "Remove a task: it leaves every list, keeps its history, can be restored")
     def remove_task(self, ref: str) -> Task:
@@ -8097,17 +9032,38 @@ class RemoteServices(Services):
                 query += _query_pairs(w, value, max_int=spec.max_int)
             elif w.where == "body" and (w.is_required or value not in (None, (), [])):
                 body[w.name] = list(value) if w.kind == "list" else value
+        if spec.cursor is not None:
+            return self._follow_pages(signature, spec, path, query)
         path += "?" + urllib.parse.urlencode(query) if query else ""
-        got = http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
-                        token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
-                        hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
-                                 "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
+        got = self._ask(spec, path, body)
         if spec.from_wire is not None:
             return spec.from_wire(got)
         answer = signature.return_annotation
         if getattr(answer, "__origin__", None) is list:
             return [from_json(answer.__args__[0], x) for x in got]
         return from_json(answer, got)
+
+
+    def _ask(self, spec: Api, path: str, body: dict[str, Any]) -> Any:
+        return http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
+                         token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
+                         hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
+                                  "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
+
+    def _follow_pages(self, signature: Any, spec: Api, path: str, query: list[tuple[str, str]]) -> list[Any]:
+        """Return a paged list: the one page a limit asks for, else every page in turn (each one answer's worth)."""
+        import urllib.parse
+
+        item_type, key = signature.return_annotation.__args__[0], spec.path.rsplit("/", 1)[1]
+        is_one_page = any(name == "limit" for name, _ in query)
+        query = [*query, ("limit", str(spec.max_int))] if not is_one_page else query
+        items: list[Any] = []
+        while True:
+            got = self._ask(spec, f"{path}?{urllib.parse.urlencode(query)}", {})
+            items += (from_json(item_type, x) for x in got[key])
+            if is_one_page or not got["has_more"]:
+                return items
+            query = [(name, value) for name, value in query if name != "after"] + [("after", got["next_after"])]
 
 
 def _query_pairs(w: Wire, value: Any, *, max_int: int) -> list[tuple[str, str]]:
@@ -8183,7 +9139,7 @@ class HttpError(ClareError):
         self.headers = headers
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class WebConfig:
     host: str  # the address the server binds
     port: int  # 0 picks a free port; the server then knows the real one
@@ -8198,7 +9154,7 @@ class WebConfig:
     peers: Sequence[Peer] = ()  # clare.toml's peers: under serve a PeerBook, read again as the file changes
     config_path: str = ""  # clare.toml, read again where a service needs settings (starting a session)
     settings: Any = None  # clare.toml as read at start: peer tokens, [hosts.NAME] ssh
-    contacts: PeerContacts = dataclasses.field(default_factory=PeerContacts)  # sync requests from peers
+    contacts: PeerContacts = record_field(default_factory=PeerContacts)  # sync requests from peers
 
     @property
     def login_cookie(self) -> str:
@@ -8271,7 +9227,7 @@ def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: st
                      settings=config)
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Request:
     method: str
     path: str  # the raw (percent-encoded) path, without the query
@@ -8340,12 +9296,13 @@ class Request:
         return self.headers.get("hx-request") == "true"
 
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Response:
     status: int = 200
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    chunks: Generator[bytes, None, None] | None = None  # instead of body: sent as made (chunked), never held whole
 
 
 def _jsonable(value: Any) -> Any:
@@ -8368,8 +9325,15 @@ def error_json(status: int, message: str) -> bytes:
     return json.dumps({"error": {"code": ERROR_CODES.get(status, "error"), "message": message}}).encode()
 
 
+_LITERAL_ROUTES: dict[tuple[str, str], Callable[[Request], Response]] = {}  # (method, path) -> handler, for the
+# routes without parameters ("/", "/frag/fleet"): found by the scan once, then by one dict lookup (a page poll's path)
+
+
 def _route(method: str, path: str) -> tuple[Callable[[Request], Response], dict[str, str]]:
     """Find the handler of a path and method; 404 when no path matches, 405 with Allow when no method does."""
+    known = _LITERAL_ROUTES.get((method, path))
+    if known is not None:
+        return known, {}
     from urllib.parse import unquote
 
     allowed = []
@@ -8378,6 +9342,8 @@ def _route(method: str, path: str) -> tuple[Callable[[Request], Response], dict[
         if m is None:
             continue
         if route_method == method or (method == "HEAD" and route_method == "GET"):
+            if not pattern.groups and re.sub(r"\\(.)", r"\1", pattern.pattern) == path:  # one key per route
+                _LITERAL_ROUTES[(method, path)] = handler
             return handler, {k: unquote(v) for k, v in m.groupdict().items()}
         allowed.append(route_method)
     if allowed:
@@ -8578,7 +9544,7 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     message = getattr(h, "headers", None)  # absent when the request line itself was bad
     headers = {k.lower(): v for k, v in message.items()} if message is not None else {}
     is_api = path.startswith("/api/") or error is not None  # a broken request gets the plain JSON error
-    db = None
+    db, resp = None, None
     h.body_is_read, h.body_size = False, None
     try:
         if error is not None or message is None:
@@ -8612,8 +9578,9 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         traceback.print_exc(file=sys.stderr)
         resp = Response(500, error_json(500, "internal error; see the server's log"))
     finally:
-        if db is not None:
+        if db is not None and (resp is None or resp.chunks is None):  # a stream reads on while it is sent
             server.give_db(db)
+            db = None
     # SECURITY: a body left unread (or of unknown length: chunked, a bad Content-Length) would be
     # parsed as the next request on this connection: request smuggling. Drop it, or close.
     # A stranger's body (401) is not worth reading: close instead.
@@ -8622,12 +9589,44 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         h.close_connection = True
     if server.is_stopping:
         h.close_connection = True
+    stream = resp.chunks
     resp, head = _response_head(resp, is_closing=h.close_connection)
-    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
+    try:
+        if resp.chunks is None:
+            _send(h.connection, head, b"" if method == "HEAD" else resp.body)
+        else:
+            _send(h.connection, head)
+            for chunk in resp.chunks if method != "HEAD" else ():
+                if chunk:
+                    _send(h.connection, b"%x\r\n" % len(chunk), chunk, b"\r\n")
+            _send(h.connection, b"0\r\n\r\n")
+    except (TimeoutError, ConnectionError):
+        h.close_connection = True
+    except Exception:  # a stream failed after its status went out: end the connection short, the answer cut
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        h.close_connection = True
+    finally:
+        if stream is not None:
+            stream.close()  # ends the stream's read transaction before its connection is lent again
+        if db is not None:
+            server.give_db(db)
     if resp.status == 413 and not h.body_is_read:
         _drain_refused_body(h, headers)
     if config.log_requests:
         h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+
+
+def _send(sock: Any, *parts: bytes) -> None:
+    """Write a response's parts (head, body) in one system call where the socket takes them: no copy, no Nagle stall."""
+    n_sent = sock.sendmsg(parts)  # a dashboard is ~200 KB: head + body would copy it
+    for part in parts:
+        if n_sent >= len(part):
+            n_sent -= len(part)
+            continue
+        sock.sendall(memoryview(part)[n_sent:])
+        n_sent = 0
 
 
 def _response_head(resp: Response, *, is_closing: bool) -> tuple[Response, bytes]:
@@ -8636,7 +9635,8 @@ def _response_head(resp: Response, *, is_closing: bool) -> tuple[Response, bytes
 
     reason = BaseHTTPRequestHandler.responses.get(resp.status, ("",))[0]
     lines = [f"HTTP/1.1 {resp.status} {reason}", f"Content-Type: {resp.content_type}",
-             f"Content-Length: {len(resp.body)}", *(f"{k}: {v}" for k, v in SECURITY_HEADERS)]
+             "Transfer-Encoding: chunked" if resp.chunks is not None else f"Content-Length: {len(resp.body)}",
+             *(f"{k}: {v}" for k, v in SECURITY_HEADERS)]
     if not any(k.lower() == "cache-control" for k, _ in resp.headers):
         lines.append("Cache-Control: no-store")
     lines += [f"{k}: {v}" for k, v in resp.headers]
@@ -8682,6 +9682,7 @@ def _define_server() -> type:
     # server's state (connection pool, busy count, thread slots). Split, they would each re-import it.
     import selectors
     import socket
+    import socketserver
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -8700,11 +9701,14 @@ def _define_server() -> type:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("the request took too long to arrive")
-            self.sock.settimeout(min(self.timeout_s, left))
-            try:
+            if left >= self.timeout_s:  # the socket has the per-read timeout (the gate set it): no syscall
                 chunk = self.sock.recv(65536)
-            finally:
-                self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
+            else:
+                self.sock.settimeout(left)
+                try:
+                    chunk = self.sock.recv(65536)
+                finally:
+                    self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
             self.buf += chunk
             return bool(chunk)
 
@@ -8740,15 +9744,14 @@ def _define_server() -> type:
         sys_version = ""
 
         def setup(self) -> None:
+            # StreamRequestHandler.setup without its socket files and settimeout (a syscall per request):
+            # the gate gave the socket its per-read and per-write timeout when it handed it over.
             config = self.server.config
             sock, head = self.request  # the gate hands over the connection with the head it read
-            self.request = sock
-            # typeshed calls `timeout` a ClassVar, but setup() reads it from the instance: one value per server.
-            self.timeout = config.timeout_s  # type: ignore[misc]  # every read and write on the socket
-            super().setup()
-            self.rfile.close()  # its socket file would keep the socket open after the request
+            self.request = self.connection = sock
             self.reader = RequestReader(sock, head, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
             self.rfile = self.reader  # type: ignore[assignment]  # readline() and read() are all http.server uses
+            self.wfile = socketserver._SocketWriter(sock)  # type: ignore[attr-defined]  # what wbufsize 0 gives
 
         def handle(self) -> None:
             """Answer one request; the gate waits for the next one on this connection, without a thread."""
@@ -8886,7 +9889,7 @@ def _define_server() -> type:
                 return
             self.selector.unregister(sock)
             del self.waiting[sock]
-            sock.setblocking(True)
+            sock.settimeout(self.server.config.timeout_s)  # every read and write of its handler
             self.queued.append((sock, address, head, time.monotonic() + BUSY_WAIT_S))
             self._start_queued(time.monotonic())
 
@@ -8932,7 +9935,7 @@ def _define_server() -> type:
             if not n_reserved:
                 self._reserved.acquire()
             super().__init__((config.host, config.port), Handler)
-            self.config = dataclasses.replace(config, port=self.server_address[1])
+            self.config = record_replace(config, port=self.server_address[1])
             self._gate = Gate(self)
 
         def process_request(self, request: Any, client_address: Any) -> None:
@@ -9386,6 +10389,9 @@ pre.pane{font-size:10.5px}}
 nav a{padding:.25rem .4rem;font-size:.93rem}
 .card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 body.bare{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
+h3{font-size:.85rem;margin:.9rem 0 .4rem}ol.queue,ul.waits{margin:0;padding-left:1.4rem}
+ol.queue li,ul.waits li{padding:.25rem 0;overflow-wrap:anywhere}.dep{display:inline-block;margin-right:.6rem}
+.dep.over a{text-decoration:line-through;color:var(--muted)}form.waits-form{margin:.9rem 0 0}
 """
 STATIC_MEMORY = {"clare.js": CLARE_JS.encode(), "clare.css": STYLESHEET.encode()}  # files served from memory, by name
 
@@ -9482,34 +10488,52 @@ PAGE_ERROR = string.Template("""<!doctype html>
 
 
 PAGE_CACHE_TTL_S = 2.0  # "5m ago" and transcript activity move without events: serve a page this long at most
+PAGE_MAX_STALE_S = 1.0  # while one thread rebuilds a page, others get the previous one if it is this young
+PAGE_BUILD_WAIT_S = 30.0  # a request that may not have the previous page waits this long for the rebuild
 MAX_CACHED_PAGES = 256  # by URL; a flood of distinct query strings empties the cache, never grows it
 _PAGE_CACHE: dict[tuple[str, str], tuple[int, float, Response]] = {}  # (db, url) -> (log head, built at, page)
-_PAGE_BUILDERS: dict[tuple[str, str], object] = {}  # pages being rebuilt now; setdefault claims one atomically
+_PAGE_BUILDERS: dict[tuple[str, str], Any] = {}  # (db, url) -> threading.Event set when its rebuild ends;
+# setdefault claims a rebuild atomically, so one thread rebuilds a page at a time
 
 
 def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
     """Wrap a GET page or fragment: answer from memory while the log has not grown, for up to 2 s.
 
     Every browser tab polls every fragment every 5 s; a dashboard of 200 sessions and 5,000
-    tasks costs ~45 ms of CPU to build, and the projections change only when an event lands.
+    tasks costs ~12 ms of CPU to build, and the projections change only when an event lands.
+    When one does (a fleet with hooks writes several a second), exactly one thread rebuilds the
+    page; the others answer the previous page meanwhile, if it was built less than
+    PAGE_MAX_STALE_S ago, else they wait for the rebuild. So a change is on every answer
+    started PAGE_MAX_STALE_S (+ HEAD_MAX_AGE_S) after it, and a busy log costs one build at a time.
     """
     def answer(req: Request) -> Response:
-        key = (req.config.db_path, req.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(req.query.items())))
-        head, now = head_rseq(req.db.conn), time.monotonic()
+        query = req.query
+        key = (req.config.db_path, req.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(query.items()))
+               if query else req.path)
+        head, now = recent_head(req.db), time.monotonic()
         hit = _PAGE_CACHE.get(key)
-        if hit is not None and hit[0] == head:
-            if now - hit[1] < PAGE_CACHE_TTL_S:
-                return hit[2]
-            token = object()
-            if _PAGE_BUILDERS.setdefault(key, token) is not token:
-                return hit[2]  # only older by the clock, and another thread rebuilds it: no stampede
+        if hit is not None and hit[0] == head and now - hit[1] < PAGE_CACHE_TTL_S:
+            return hit[2]
+        import threading
+
+        mine = threading.Event()
+        building = _PAGE_BUILDERS.setdefault(key, mine)
+        if building is not mine:  # another thread rebuilds it now
+            if hit is not None and (hit[0] == head or now - hit[1] < PAGE_MAX_STALE_S):
+                return hit[2]  # only older by the clock, or young enough: no stampede, bounded staleness
+            if building.wait(PAGE_BUILD_WAIT_S):
+                fresh = _PAGE_CACHE.get(key)
+                if fresh is not None and now - fresh[1] < PAGE_MAX_STALE_S:
+                    return fresh[2]
+            return handler(req)  # the rebuild failed or is stuck: build this one alone, uncached
         try:
             resp = handler(req)
+            if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
+                _PAGE_CACHE.clear()
+            _PAGE_CACHE[key] = (head, now, resp)
         finally:
-            _PAGE_BUILDERS.pop(key, None)
-        if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
-            _PAGE_CACHE.clear()
-        _PAGE_CACHE[key] = (head, now, resp)
+            del _PAGE_BUILDERS[key]
+            mine.set()
         return resp
     answer.__name__, answer.__doc__ = handler.__name__, handler.__doc__
     return answer
@@ -9576,13 +10600,15 @@ PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
 <th class="hide-sm">Sessions</th>
 <th class="hide-sm">Owner</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
-PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a>
+PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a>$dispatch
 <div class="muted small">$goal</div></td>
 <td class="hide-sm">$status</td><td><div class="counts">$counts</div></td>
 <td class="hide-sm"><progress value="$n_done" max="$n_total"
 title="$n_done of $n_total done">$n_done/$n_total</progress></td>
 <td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td>
 <td class="hide-sm muted">$owner</td></tr>""")
+READY_BADGE = string.Template('<span class="badge c-violet" title="todo, unassigned, waiting on nothing undone: '
+                              'clare next">$n ready</span>')
 FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
 <h2>Recent activity</h2>$body</section>""")
 PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
@@ -9608,6 +10634,7 @@ $projects""")
 MAIN_PROJECT = string.Template("""<p class="muted small"><a href="/projects">Projects</a> /</p>
 <h1>$name</h1>
 $head
+$queue
 $tasks
 <div class="grid">
 $task_form
@@ -9619,9 +10646,19 @@ $task_form
 <dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
 </div>
 <div class="grid">
+$dispatch
 <section class="card"><h2>Recent updates</h2>$updates</section>
 <section class="card"><h2>History</h2>$history</section>
 </div>""")
+DISPATCH_CARD = string.Template("""<section class="card" id="dispatch-card"><h2>Dispatch</h2>
+<p>$state</p>
+<form class="row" $attrs>$csrf
+<label class="check wide"><span><input type="checkbox" name="dispatch" value="on"$checked> feed waiting sessions
+the next ready task</span></label>
+<label>Sessions, at most<input type="number" name="max_sessions" min="1" max="$max" value="$n" required></label>
+<label>Dispatcher host<select name="dispatcher">$hosts</select></label>
+<button type="submit">Save</button></form>
+<p class="small muted">$note</p></section>""")
 PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> '
                               '<span class="muted small">on $host</span></div>')
 START_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
@@ -9640,6 +10677,21 @@ SESSION_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type=
 <button class="ghost" type="submit">$label</button></form>""")
 FORCE_BOX = Html('<label class="small"><input type="checkbox" name="force" value="1"> even while it works</label>')
 PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
+FRAG_PROJECT_QUEUE = string.Template("""<section class="card" id="frag-queue" $poll>
+<h2>Queue</h2>$cycles
+<h3>Ready to hand out <span class="muted">$n_ready</span></h3>$ready
+<h3>Who waits on what</h3>$waiting</section>""")
+QUEUE_LIST = string.Template('<ol class="queue">$items</ol>')
+QUEUE_ITEM = string.Template("""<li><span class="badge c-$pri_color">P$priority</span>
+<a href="/tasks/$id">$title</a> <span class="mono muted small">$short_id</span>$tags</li>""")
+WAITS_LIST = string.Template('<ul class="waits">$items</ul>')
+WAITS_ITEM = string.Template("""<li><a href="/tasks/$id">$title</a> <span class="mono muted small">$short_id</span>
+$ready<span class="muted small">waits on</span> $deps</li>""")
+WAIT_DEP = string.Template('<span class="dep$done_class"><a href="/tasks/$id">$title</a> $state</span>')
+WAIT_UNKNOWN = string.Template('<span class="dep"><span class="mono">$short_id</span> '
+                               '<span class="muted small">not here yet</span></span>')
+CYCLE_ALERT = string.Template('<p class="flash error" role="alert">Cycle of waits: $chain. These tasks are never '
+                              'ready; drop one wait with <code>$fix</code></p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
 TASKS_TABLE = string.Template("""<div class="scroll"><table class="cards">
@@ -9657,6 +10709,7 @@ TASK_FORM = string.Template("""<section class="card" id="task-form"$oob>
 <label class="wide">Title<input name="title" required maxlength="300" placeholder="write the parser"
 autocomplete="off"></label>
 <label>Priority<select name="priority">$priorities</select></label>
+<label>Waits on<input name="after" placeholder="task ids, e.g. 3f2a 91bc" autocomplete="off" maxlength="2000"></label>
 <label class="wide">Description<textarea name="description" maxlength="20000"></textarea></label>
 <button type="submit">Add task</button>
 </form></section>""")
@@ -9686,8 +10739,13 @@ FRAG_TASK = string.Template("""<section class="card" id="frag-task" $poll>
 $removed<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
 <dt>Assigned</dt><dd>$assignee $unassign</dd>
 <dt>Priority</dt><dd>P$priority</dd><dt>Tags</dt><dd>$tags</dd>
+<dt>Waits on</dt><dd>$waits_on</dd><dt>Blocks</dt><dd>$blocks</dd>
 <dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl>
-$description</section>""")
+$cycle$description
+<form class="row waits-form" $waits_attrs>$csrf<input type="hidden" name="view" value="task">
+<label>Wait on<input name="after" placeholder="task id, e.g. 3f2a" autocomplete="off" maxlength="2000"></label>
+<label>Stop waiting on<input name="no_after" placeholder="task id" autocomplete="off" maxlength="2000"></label>
+<button class="ghost" type="submit">Change waits</button></form></section>""")
 UNASSIGN_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="task">
 <button class="ghost" type="submit">Unassign</button></form>""")
 UPDATE_FORM = string.Template("""<form class="row" id="update-form" $attrs$oob>$csrf
@@ -9760,18 +10818,25 @@ def projects_fragment(req: Request) -> Html:
     if not projects:
         table_html = render(EMPTY, text="No projects yet. Create one below, or: clare project new NAME")
     else:
-        table_html = render(PROJECTS_TABLE, rows=join(map(_project_row, rollups)))
+        ready: dict[str, int] = {}
+        for t in req.svc.ready_tasks():
+            ready[t.project_id] = ready.get(t.project_id, 0) + 1
+        table_html = render(PROJECTS_TABLE, rows=join(_project_row(r, n_ready=ready.get(r.project.id, 0))
+                                                      for r in rollups))
     clashes = join(render(ALERT, text=clash_message(name, found))
                    for name, found in name_clashes(projects).items())
     return render(FRAG_PROJECTS, poll=poll_attrs("/frag/projects"), stats=stats, clashes=clashes, table=table_html)
 
 
-def _project_row(rollup: ProjectStatus) -> Html:
+def _project_row(rollup: ProjectStatus, *, n_ready: int = 0) -> Html:
     p = rollup.project
+    ready = [render(READY_BADGE, n=n_ready)] if n_ready else []  # the ready queue's length: what dispatch takes
     return render(PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
+                  dispatch=join([Html(" "), badge("dispatch on", "violet")]) if p.is_dispatching else Html(""),
                   status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
-                  counts=join(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
-                              for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
+                  counts=join([*ready, *(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
+                                         for s in TASK_STATUSES if p.task_counts[s])])
+                  or Html('<span class="muted">none</span>'),
                   n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1,
                   n_sessions=rollup.n_sessions or "—",
                   tokens=tokens_text(rollup.tokens) if rollup.n_sessions else "")
@@ -9891,6 +10956,43 @@ def task_form(req: Request, project: Project, *, oob: bool = False) -> Html:
                   priorities=options(((str(n), f"P{n}") for n in PRIORITIES), str(DEFAULT_PRIORITY)))
 
 
+def queue_fragment(req: Request, project: Project) -> Html:
+    """Render a project's queue: its ready tasks in order, what each waiting task waits on, its cycles; polled."""
+    queue = req.svc.get_queue(project.id)
+    titles = {t.id: t.title for w in queue.waiting for t in [*w.waits_on, *w.blocks]}
+    titles.update((t.id, t.title) for t in req.svc.list_tasks(project_id=project.id, include_removed=True))
+
+    def named(task_id: str) -> str:
+        return f"{titles[task_id]} ({task_id[:SHORT_ID]})" if task_id in titles else task_id[:SHORT_ID]
+    cycles = join(render(CYCLE_ALERT, chain=" → ".join(map(named, c)),
+                         fix=f"clare task edit {c[0][:SHORT_ID]} --no-after {c[1][:SHORT_ID]}") for c in queue.cycles)
+    ready = render(QUEUE_LIST, items=join(render(
+        QUEUE_ITEM, id=t.id, short_id=t.id[:SHORT_ID], title=t.title, priority=t.priority, tags=tag_badges(t),
+        pri_color="red" if t.priority == 0 else "orange" if t.priority == 1 else "gray") for t in queue.ready)) \
+        if queue.ready else render(EMPTY, text="No task is ready: each open task waits, is assigned, or is not todo.")
+    waiting = render(WAITS_LIST, items=join(render(
+        WAITS_ITEM, id=w.task_id, short_id=w.task_id[:SHORT_ID], title=titles.get(w.task_id, ""),
+        ready=join([badge("ready", "violet"), Html(" ")]) if w.is_ready else Html(""),
+        deps=join([*(_wait_dep(t) for t in w.waits_on),
+                   *(render(WAIT_UNKNOWN, short_id=x[:SHORT_ID]) for x in w.unknown)]))
+        for w in queue.waiting)) if queue.waiting else render(EMPTY, text="No open task waits on another.")
+    return render(FRAG_PROJECT_QUEUE, poll=poll_attrs(f"/frag/projects/{project.id}/queue"), cycles=cycles,
+                  n_ready=str(len(queue.ready)), ready=ready, waiting=waiting)
+
+
+def _wait_dep(task: Task) -> Html:
+    """Render one task waited on: struck through once done (or removed), else with its status."""
+    is_over = task.status == "done" or task.removed_at is not None
+    state = badge("removed" if task.removed_at else STATUS_LABEL[task.status],
+                  "gray" if task.removed_at else TASK_COLORS[task.status])
+    return render(WAIT_DEP, id=task.id, title=task.title, state=state, done_class=Html(" over" if is_over else ""))
+
+
+def frag_project_queue(req: Request) -> Response:
+    """Answer the queue poll of a project."""
+    return html_response(queue_fragment(req, req.svc.get_project(req.params["project"])))
+
+
 def page_project(req: Request) -> Response:
     """Show a project: its tasks, a form to add one, its updates and history."""
     svc = req.svc
@@ -9903,9 +11005,41 @@ def page_project(req: Request) -> Response:
         status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
         dirs=join(render(PROJECT_DIR, path=d, host=h) for h, d in p.dirs.items()) if p.dirs else Html("—"),
-        tasks=tasks_fragment(req, p), task_form=task_form(req, p),
+        queue=queue_fragment(req, p), tasks=tasks_fragment(req, p), task_form=task_form(req, p),
+        dispatch=dispatch_card(req, p),
         updates=updates_list(updates, empty="No updates on these tasks yet."),
         history=feed(svc.project_history(p, limit=30), empty="No history.")))
+
+
+def dispatch_card(req: Request, project: Project) -> Html:
+    """Render a project's dispatch switch: on or off, how many sessions, and the one host that decides."""
+    here = req.db.machine_id
+    hosts = sorted(set(list_known_hosts(req.db)) | {project.dispatcher or here}, key=lambda h: (h != here, h))
+    if project.is_dispatching:
+        state = (f"On: as a session of {project.name} finishes its task and waits, {project.dispatcher} types the "
+                 f"next ready task into it, and starts sessions while fewer than {project.max_sessions} run.")
+    else:
+        state = "Off: sessions that finish a task wait for you."
+    note = ("Only the dispatcher host dispatches (its clare serve does, every pull). Name another host while that "
+            "one is away; two hosts that each changed it while apart may both dispatch until they sync.")
+    return render(DISPATCH_CARD, state=state, csrf=csrf_field(req), note=note,
+                  attrs=form_attrs(f"/projects/{project.id}/dispatch", target="#dispatch-card"),
+                  checked=Html(" checked" if project.is_dispatching else ""), max=MAX_DISPATCH_SESSIONS,
+                  n=project.max_sessions, hosts=options(((h, h + (" (this host)" if h == here else ""))
+                                                         for h in hosts), project.dispatcher or here))
+
+
+def frag_set_project_dispatch(req: Request) -> Response:
+    """Turn a project's dispatch on or off, with its maximum and dispatcher host, from its card."""
+    f = req.form()
+    p = req.svc.edit_project(req.params["project"], dispatch=f.get("dispatch") == "on",
+                             max_sessions=_form_int(f.get("max_sessions", ""), "at most ... sessions"),
+                             dispatcher=f.get("dispatcher") or None)
+    if not req.is_htmx:
+        return redirect(f"/projects/{p.id}")
+    return html_response(join([dispatch_card(req, p), flash(
+        f"Dispatch for {p.name} is {'on, decided by ' + str(p.dispatcher) if p.is_dispatching else 'off'}.",
+        kind="ok", oob=True)]))
 
 
 def project_head(project: Project, *, oob: bool = False) -> Html:
@@ -9932,7 +11066,8 @@ def frag_add_task(req: Request) -> Response:
     """Add a task from the form; htmx gets the refreshed task table."""
     f = req.form()
     t = req.svc.create_task(req.params["project"], f.get("title", ""), description=f.get("description", ""),
-                            priority=_form_int(f.get("priority", str(DEFAULT_PRIORITY)), "priority"))
+                            priority=_form_int(f.get("priority", str(DEFAULT_PRIORITY)), "priority"),
+                            after=_id_words(f.get("after", "")))
     if not req.is_htmx:
         return redirect(f"/projects/{t.project_id}")
     p = req.svc.get_project(t.project_id)
@@ -9963,7 +11098,15 @@ def task_fragment(req: Request, task: Task) -> Html:
                 if task.session_id or task.group_id else Html(""))
     removed = (render(REMOVED_NOTE, badge=badge("removed", "orange"), when=when_text(task.removed_at),
                       short_id=task.id[:SHORT_ID]) if task.removed_at else Html(""))
+    waits = req.svc.get_task_waits(task.id)
+    waits_on = join([*map(_wait_dep, waits.waits_on), *(render(WAIT_UNKNOWN, short_id=x[:SHORT_ID])
+                                                         for x in waits.unknown)])
+    cycle = render(CYCLE_ALERT, chain=cycle_text(waits.cycle),
+                   fix=f"clare task edit {waits.cycle[0][:SHORT_ID]} --no-after {waits.cycle[1][:SHORT_ID]}") \
+        if waits.cycle else Html("")
     return render(FRAG_TASK, poll=poll_attrs(f"/frag/tasks/{task.id}"), id=task.id, priority=task.priority,
+                  waits_on=waits_on or "—", blocks=join(map(_wait_dep, waits.blocks)) or "—", cycle=cycle,
+                  csrf=csrf_field(req), waits_attrs=form_attrs(f"/tasks/{task.id}/waits", target="#frag-task"),
                   removed=removed, tags=tag_badges(task) or "—",
                   status_form=status_form(req, task, view="task"), assignee=assignee_text(task), unassign=unassign,
                   created=when_text(task.created_at),
@@ -10035,6 +11178,18 @@ def frag_set_task_status(req: Request) -> Response:
     """Change a task's status from its select."""
     t = req.svc.edit_task(req.params["task"], status=req.form().get("status", ""))
     return _after_task_change(req, t, f"{t.title}: {STATUS_LABEL[t.status]}.")
+
+
+def frag_set_task_waits(req: Request) -> Response:
+    """Add and drop the tasks a task waits on, from its card's form (ids or prefixes, by spaces or commas)."""
+    f = req.form()
+    t = req.svc.edit_task(req.params["task"], after=_id_words(f.get("after", "")),
+                          no_after=_id_words(f.get("no_after", "")))
+    return _after_task_change(req, t, f"{t.title}: waits on {len(t.after)} task{'' if len(t.after) == 1 else 's'}.")
+
+
+def _id_words(text: str) -> list[str]:
+    return text.replace(",", " ").split()
 
 
 def frag_assign_task(req: Request) -> Response:
@@ -10751,10 +11906,54 @@ def service_handler(name: str) -> Callable[[Request], Response]:
         kwargs = {w.arg: _request_value(req, svc, w, body, max_int=spec.max_int) for w in wires
                   if w.where in ("path", "query") or (w.where == "body" and w.name in body)}
         kwargs.update({arg: fill(req) for arg, fill in spec.server.items()})
+        if spec.cursor is not None:
+            return _page_response(req, getattr(svc, name), spec, kwargs)
         value = getattr(svc, name)(**kwargs)
         return json_response(_wire_value(spec.to_wire(req, value) if spec.to_wire else value), status=spec.status)
     handle.__name__, handle.__doc__ = f"api_{name}", spec.summary
     return handle
+
+
+STREAM_PAGE_ITEMS = 500  # items per page of a streamed list: its chunk, and the most of it held at once
+
+
+def _page_response(req: Request, call: Callable[..., list[Any]], spec: Api, kwargs: dict[str, Any]) -> Response:
+    """Answer a list that comes in pages: one page with ?limit=N, else the whole list, streamed a page at a time."""
+    cursor = spec.cursor
+    assert cursor is not None  # only lists declared with a cursor come here
+    limit = kwargs.pop("limit", None)
+    if limit is not None:
+        with read_txn(req.db):  # the page and its cursor from one snapshot
+            items = call(**kwargs, limit=limit + 1)
+            page = items[:limit]
+            after = cursor(req.db, page[-1]) if page else kwargs.get("after")
+        return json_response({spec.path.rsplit("/", 1)[1]: _wire_value(page), "next_after": after,
+                              "has_more": len(items) > limit})
+
+    def chunks() -> Generator[bytes, None, None]:
+        with read_txn(req.db):  # one snapshot for the whole list, as a single query would give
+            after, sep = kwargs.pop("after", None), b"["
+            while True:
+                items = call(**kwargs, after=after, limit=STREAM_PAGE_ITEMS)
+                text = json.dumps(_jsonable(_wire_value(items)), ensure_ascii=False)[1:-1].encode()
+                if text or sep == b"[":  # the first page always: it opens the list
+                    yield sep + text
+                    sep = b"," if text else b""
+                if len(items) < STREAM_PAGE_ITEMS:
+                    break
+                after = cursor(req.db, items[-1])
+            yield b"]"
+
+    stream = chunks()
+    first = next(stream)  # the first page is read here: a bad argument is a 400, before any byte is sent
+
+    def sent() -> Generator[bytes, None, None]:
+        try:
+            yield first
+            yield from stream
+        finally:
+            stream.close()
+    return Response(spec.status, chunks=sent())
 
 
 def _request_value(req: Request, svc: Services, w: Wire, body: dict[str, Any], *, max_int: int) -> Any:
@@ -10852,9 +12051,9 @@ def json_schema(cls: type) -> dict[str, Any]:
             return {"type": "null"}
         return {"type": _PRIMITIVES[typing.get_origin(tp) or tp]}
 
-    fields = dataclasses.fields(cls)
-    return {"type": "object", "required": [f.name for f in fields],
-            "properties": {f.name: one(f.type) for f in fields}}
+    found = record_fields(cls)
+    return {"type": "object", "required": [f.name for f in found],
+            "properties": {f.name: one(f.type) for f in found}}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -10936,6 +12135,13 @@ def _obj(**props: Any) -> dict[str, Any]:
         k: v if isinstance(v, dict) else {"type": v} for k, v in props.items()}}
 
 
+_WAITS = {"task_id": "string", "waits_on": _array("Task"), "unknown": {"type": "array", "items": {"type": "string"}},
+          "blocks": _array("Task"), "cycle": {"type": "array", "items": {"type": "string"}}, "is_ready": "boolean"}
+_OPEN_API_EXTRA_SCHEMAS.update({
+    "TaskWaits": _obj(**_WAITS),
+    "Queue": _obj(project_id="string", ready=_array("Task"), waiting=_array("TaskWaits"), cycles={
+        "type": "array", "items": {"type": "array", "items": {"type": "string"}}}),
+})
 _SYNC_HEAD = {"machine_id": "string", "db_id": "string", "now_ms": "integer"}
 _CHANGE = {"events": _array("SyncEvent"), "description": "string", "created_at": "string", "can_undo": "boolean",
            "refusal": ["string", "null"]}
@@ -10996,6 +12202,10 @@ def service_docs() -> dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str
         answer = inspect.signature(fn).return_annotation
         schema = _ref(spec.schema) if spec.schema else _array(answer.__args__[0].__name__) \
             if getattr(answer, "__origin__", None) is list else _ref(answer.__name__)
+        if spec.cursor is not None:  # with ?limit=N, one page of the list
+            key = spec.path.rsplit("/", 1)[1]
+            schema = {"oneOf": [schema, {"type": "object", "required": [key, "next_after", "has_more"], "properties": {
+                key: schema, "next_after": {"type": ["string", "null"]}, "has_more": {"type": "boolean"}}}]}
         docs[(spec.method, spec.path)] = (spec.summary, tuple(w.name for w in wires if w.where == "query"),
                                           body_schema, spec.status, schema)
     return docs
@@ -11082,7 +12292,7 @@ def sync_get_peers(req: Request) -> Response:
 # The routing table: the declared services' routes first, then the others.
 _REF = r"(?P<%s>[^/]+)"
 ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
-    (method, re.compile(pattern), handler) for method, pattern, handler in (
+    (method, lazy_re(pattern), handler) for method, pattern, handler in (
         *((spec.method, re.sub(r"\{(\w+)\}", lambda m: _REF % m[1], spec.path), service_handler(name))
           for name, (_, spec) in SERVICE_APIS.items() if spec is not None and spec.is_routed),
         ("GET", r"/api/v1/tasks/" + _REF % "task" + "/history", api_task_history),
@@ -11102,8 +12312,10 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/projects/" + _REF % "project", cached(page_project)),
         ("POST", r"/projects/" + _REF % "project" + "/tasks", frag_add_task),
         ("POST", r"/projects/" + _REF % "project" + "/status", frag_set_project_status),
+        ("POST", r"/projects/" + _REF % "project" + "/dispatch", frag_set_project_dispatch),
         ("GET", r"/tasks/" + _REF % "task", cached(page_task)),
         ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
+        ("POST", r"/tasks/" + _REF % "task" + "/waits", frag_set_task_waits),
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/sessions", frag_start_session),
@@ -11130,6 +12342,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/frag/projects", cached(frag_projects)),
         ("GET", r"/frag/activity", cached(frag_activity)),
         ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", cached(frag_project_tasks)),
+        ("GET", r"/frag/projects/" + _REF % "project" + "/queue", cached(frag_project_queue)),
         ("GET", r"/frag/tasks/" + _REF % "task", cached(frag_task)),
         ("GET", r"/frag/tasks/" + _REF % "task" + "/updates", cached(frag_task_updates)),
         ("GET", r"/frag/tasks/" + _REF % "task" + "/history", cached(frag_task_history)),
@@ -11144,7 +12357,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
 # ==========================================================================
 
 STEP_MARKS = {"ok": "ok", "changed": "done", "planned": "plan", "todo": "todo", "failed": "FAIL"}  # setup, doctor
-BIND_RE = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?\Z")  # a host name or IPv4 (IPv6: _is_ip)
+BIND_RE = lazy_re(r"\A[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?\Z")  # a host name or IPv4 (IPv6: _is_ip)
 STEP_NAME_CHARS = 11  # the name column of setup's and doctor's lines
 JOIN_FILE = "join-command.txt"  # beside clare.toml: setup's command for the other side, without a terminal
 DOCTOR_TIMEOUT_S = 5.0  # per peer and for this host's own server
@@ -11184,7 +12397,7 @@ UMask=0077
 WantedBy=default.target
 """)
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Command:
     path: tuple[str, ...]  # ("task", "add") is `clare task add`
     handler: Callable[[argparse.Namespace, "Context"], int | None]
@@ -11235,12 +12448,18 @@ class Context:
                 self._svc = Services(self.db)
         return self._svc
 
-    def close(self) -> None:
-        """Say what the writes of this command should tell the user (a clock one peer finds off); close."""
+    def close(self, *, is_exiting: bool = False) -> None:
+        """Say what the writes of this command should tell the user (a clock one peer finds off); close.
+
+        is_exiting: the process ends right after (exit_now) and the connection is left open: closing
+        the last connection checkpoints the WAL (≈ 11 ms), which SQLite's autocheckpoint does at a
+        later commit anyway; every commit is already durable in the WAL.
+        """
         if self._db is not None:
             for warning in self._db.warnings:
                 print(f"clare: warning: {warning}", file=sys.stderr)
-            self._db.close()
+            if not is_exiting:
+                self._db.close()
 
 
 def _check_url(url: str) -> str:
@@ -11250,7 +12469,7 @@ def _check_url(url: str) -> str:
     return url
 
 
-TERMINAL_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+TERMINAL_CONTROL_RE = lazy_re(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def emit(ctx: Context, value: Any, text: str | Callable[[], str]) -> None:
@@ -11378,7 +12597,7 @@ def _read_text(path: str) -> str | None:
 
 # --- setup and doctor: one host's installation, done in steps and checked in lines -------------
 
-@dataclass(frozen=True, slots=True)
+@record_type(frozen=True, slots=True)
 class Step:
     name: str  # what was set up or checked: "unit", "linger", "peer apricot"
     state: str  # a value of STEP_STATES
@@ -11667,7 +12886,7 @@ def cmd_setup(args: argparse.Namespace, ctx: Context) -> int:
     for step in setup_steps(ctx, bind=args.bind, port=args.port, peer_url=args.peer, bin_dir=args.bin,
                             is_dry_run=args.dry_run):
         if args.dry_run and step.state == "changed":
-            step = dataclasses.replace(step, state="planned")
+            step = record_replace(step, state="planned")
         steps.append(step)
         if not ctx.as_json:
             print(format_steps([step]), flush=True)  # each step as it is done: a slow one shows where it is
@@ -11851,12 +13070,19 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
     p = ctx.svc.get_project(args.project)
     tasks = ctx.svc.list_tasks(project_id=p.id)
     history = ctx.svc.project_history(p) if args.history else None
-    value = {**p.to_json(), "tasks": tasks, **({"history": history} if history is not None else {})}
+    queue = ctx.svc.get_queue(p.id)
+    value = {**p.to_json(), "tasks": tasks, **({"history": history} if history is not None else {}),
+             "ready": [t.id for t in queue.ready], "cycles": queue.cycles}
 
     def text() -> str:
         lines = [f"{p.name}  ({p.id})  {p.status}", f"goal:  {p.goal or '-'}", f"owner: {p.owner or '-'}",
-                 *(f"code:  {folder} on {host}" for host, folder in p.dirs.items()),
-                 f"tasks: {_counts(p.task_counts)}", "", format_tasks(tasks, with_project=False)]
+                 *(f"code:  {folder} on {host}" for host, folder in p.dirs.items()), dispatch_line(p),
+                 f"tasks: {_counts(p.task_counts)}",
+                 f"ready: {len(queue.ready)}" + (f" (see them with: clare next --project {p.name})"
+                                                 if queue.ready else ""),
+                 *(f"cycle: {cycle_text(c)}: never ready; drop one wait with: clare task edit {c[0][:SHORT_ID]} "
+                   f"--no-after {c[1][:SHORT_ID]}" for c in queue.cycles),
+                 "", format_tasks(tasks, with_project=False)]
         if history is not None:
             lines += ["", "history:", format_history(history)]
         return "\n".join(lines)
@@ -11870,21 +13096,45 @@ def cmd_project_rename(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
-    """Change a project's name, goal, owner or status."""
-    if (args.name, args.goal, args.owner, args.status, args.dir) == (None, None, None, None, []):
-        raise UsageError("nothing to change; give --name, --goal, --owner, --status or --dir")
+    """Change a project's name, goal, owner, status, directories or dispatch settings."""
+    given = (args.name, args.goal, args.owner, args.status, args.dispatch, args.max_sessions, args.dispatcher)
+    if given == (None,) * len(given) and not args.dir:
+        raise UsageError("nothing to change; give --name, --goal, --owner, --status, --dir, --dispatch, "
+                         "--max-sessions or --dispatcher")
     p = ctx.svc.edit_project(args.project, name=args.name, goal=args.goal, owner=args.owner, status=args.status,
-                             dirs=args.dir)
+                             dirs=args.dir, dispatch=None if args.dispatch is None else args.dispatch == "on",
+                             max_sessions=args.max_sessions, dispatcher=args.dispatcher)
     emit(ctx, p, f"project {p.name} ({p.id[:SHORT_ID]}): {p.status}, owner {p.owner or '-'}, goal {p.goal or '-'}"
-         + "".join(f"\ncode on {host}: {folder}" for host, folder in p.dirs.items()))
+         + "".join(f"\ncode on {host}: {folder}" for host, folder in p.dirs.items())
+         + (f"\n{dispatch_line(p)}" if p.is_dispatching or args.dispatch else ""))
+
+
+def dispatch_line(p: Project) -> str:
+    """Return one line on a project's dispatch: on or off, how many sessions, which host decides."""
+    if not p.is_dispatching:
+        return f"dispatch: off (turn it on with: clare project set {p.name} --dispatch on)"
+    return (f"dispatch: on, up to {p.max_sessions} session{'s' if p.max_sessions != 1 else ''}, "
+            f"decided by {p.dispatcher}")
 
 
 def cmd_task_add(args: argparse.Namespace, ctx: Context) -> None:
     """Add a task to a project."""
     t = ctx.svc.create_task(args.project, args.title, priority=parse_priority(args.prio), description=args.desc,
-                            tags=args.tag)
+                            tags=args.tag, after=args.after)
     emit(ctx, t, f"added task {t.id[:SHORT_ID]} to {t.project}: {t.title} (P{t.priority})"
-                 + "".join(f" #{tag}" for tag in t.tags))
+                 + "".join(f" #{tag}" for tag in t.tags) + _after_text(t))
+
+
+def _after_text(task: Task) -> str:
+    return f", waits on {', '.join(x[:SHORT_ID] for x in task.after)}" if task.after else ""
+
+
+def cmd_next(args: argparse.Namespace, ctx: Context) -> None:
+    """List the tasks ready to hand out, most urgent first, then oldest first."""
+    tasks = ctx.svc.ready_tasks(args.project)
+    empty = ("no task is ready" + (f" in {args.project}" if args.project else "")
+             + ": each open task waits, is assigned, or its project is paused; see them with: clare task list")
+    emit(ctx, tasks, lambda: format_tasks(tasks, with_project=not args.project, empty=empty))
 
 
 def cmd_task_list(args: argparse.Namespace, ctx: Context) -> None:
@@ -11896,13 +13146,17 @@ def cmd_task_list(args: argparse.Namespace, ctx: Context) -> None:
         raise UsageError("give --assigned or --unassigned, not both")
     svc = ctx.svc
     project_id = svc.get_project(project_ref).id if project_ref else None
-    tasks = svc.list_tasks(
+    filters: dict[str, Any] = dict(
         project_id=project_id, status=args.status, is_open=not (args.all or args.status),
         active_projects=not (args.all or project_ref), is_assigned=True if args.assigned else False if args.unassigned
         else None, session_id=svc.get_session(args.session).id if args.session else None,
         group_id=svc.get_group(args.group).id if args.group else None, tag=args.tag,
         priorities=parse_priorities(args.prio) if args.prio else None,
         search=args.search, include_removed=args.all)
+    if ctx.as_json and ctx.remote_url is None:  # SQLite writes the JSON: the same objects, no Task per row
+        print(svc.list_tasks_json(**filters))
+        return
+    tasks = svc.list_tasks(**filters)
     filtered = any((args.status, args.assigned, args.unassigned, args.session, args.group, args.tag, args.prio,
                     args.search))
     empty = ("no tasks match" if filtered else "no tasks" if args.all
@@ -11943,7 +13197,9 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
     t = ctx.svc.get_task(args.task)
     updates = ctx.svc.list_updates(task_ids=[t.id])
     history = ctx.svc.list_history([t.id])
-    value = {**t.to_json(), "updates": updates, "history": history}
+    waits = ctx.svc.get_task_waits(t.id)
+    value = {**t.to_json(), "updates": updates, "history": history,
+             **{k: v for k, v in waits.to_json().items() if k != "task_id"}}
 
     def text() -> str:
         lines = [f"{t.title}", f"id:       {t.id}", f"project:  {t.project} ({t.project_id[:SHORT_ID]})",
@@ -11953,6 +13209,7 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
         if t.removed_at:
             lines.append(f"removed:  {when_text(t.removed_at)} "
                          f"(bring it back with: clare task restore {t.id[:SHORT_ID]})")
+        lines += _waits_lines(waits)
         if t.description:
             lines += ["", t.description]
         if updates:
@@ -11960,6 +13217,21 @@ def cmd_task_show(args: argparse.Namespace, ctx: Context) -> None:
         lines += ["", "history:", format_history(history)]
         return "\n".join(lines)
     emit(ctx, value, text)
+
+
+def _waits_lines(waits: TaskWaits) -> list[str]:
+    """Return task show's lines on waits: what it waits on, what it blocks, its cycle, whether it is ready."""
+    def one(t: Task) -> str:
+        state = "removed" if t.removed_at else STATUS_LABEL[t.status]
+        return f"{t.id[:SHORT_ID]} ({state}) {short_text(t.title, 50)}"
+    lines = [f"waits on: {x}" if i == 0 else f"          {x}" for i, x in enumerate(
+        [one(t) for t in waits.waits_on] + [f"{x[:SHORT_ID]} (not known here yet)" for x in waits.unknown])]
+    lines += [f"blocks:   {x}" if i == 0 else f"          {x}" for i, x in enumerate(map(one, waits.blocks))]
+    if waits.cycle:
+        lines.append(f"cycle:    {cycle_text(waits.cycle)}: never ready; drop one wait with: "
+                     f"clare task edit {waits.cycle[0][:SHORT_ID]} --no-after {waits.cycle[1][:SHORT_ID]}")
+    lines.append(f"ready:    {'yes' if waits.is_ready else 'no'}")
+    return lines
 
 
 def _cmd_task_status(status: str, verb: str) -> Callable[[argparse.Namespace, Context], None]:
@@ -11972,14 +13244,15 @@ def _cmd_task_status(status: str, verb: str) -> Callable[[argparse.Namespace, Co
 
 
 def cmd_task_edit(args: argparse.Namespace, ctx: Context) -> None:
-    """Change a task's title, priority, description or tags."""
-    if (args.title, args.prio, args.desc) == (None, None, None) and not args.tag and not args.untag:
-        raise UsageError("nothing to change; give --title, --prio, --desc, --tag or --untag")
+    """Change a task's title, priority, description, tags or the tasks it waits on."""
+    if (args.title, args.prio, args.desc) == (None, None, None) and not any(
+            (args.tag, args.untag, args.after, args.no_after)):
+        raise UsageError("nothing to change; give --title, --prio, --desc, --tag, --untag, --after or --no-after")
     priority = None if args.prio is None else parse_priority(args.prio)
     t = ctx.svc.edit_task(args.task, title=args.title, priority=priority, description=args.desc,
-                          tags=args.tag, untags=args.untag)
+                          tags=args.tag, untags=args.untag, after=args.after, no_after=args.no_after)
     emit(ctx, t, f"task {t.id[:SHORT_ID]}: {t.title} (P{t.priority}, {STATUS_LABEL[t.status]})"
-                 + "".join(f" #{tag}" for tag in t.tags))
+                 + "".join(f" #{tag}" for tag in t.tags) + _after_text(t))
 
 
 def cmd_assign(args: argparse.Namespace, ctx: Context) -> None:
@@ -12062,7 +13335,8 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
     sessions = ctx.svc.list_sessions(host=ctx.db.machine_id)
     counts = {t: sum(ev.event_type == f"session.{t}" for ev in result.events) for t in ("appeared", "changed", "gone")}
     value = {"sessions": sessions, "events": len(result.events), **counts, "ambiguous": result.ambiguous,
-             "unreachable": result.unreachable, "updates": result.updates, "warnings": result.warnings}
+             "unreachable": result.unreachable, "updates": result.updates, "warnings": result.warnings,
+             "dispatched": result.dispatched}
     for warning in result.warnings:
         print(f"clare: warning: {warning}", file=sys.stderr)
 
@@ -12071,9 +13345,20 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
                 f"{counts['changed']} changed, {counts['gone']} gone")
         warn = [f"tmux server {s} did not answer; its sessions keep their last state" for s in result.unreachable]
         notes = [f"stored {len(result.updates)} pane tails and triage notes"] if args.tails else []
+        notes += map(dispatch_text, result.dispatched)
         return "\n".join([head, *warn, *notes, format_sessions(
             sessions, result.ambiguous, empty="no Claude session runs in this host's tmux servers now")])
     emit(ctx, value, text)
+
+
+def dispatch_text(o: Order) -> str:
+    """Return one line on what a dispatch did: typed in or started, or why not, and why it was made."""
+    task = (o.task_id or "")[:SHORT_ID]
+    what = (f"task {task} typed into session {o.session_id[:SHORT_ID]}" if o.action == "dispatch"
+            else f"session {o.session_id[:SHORT_ID]} started for task {task}")
+    if o.result not in ("typed", "started"):
+        what = f"{what}: {o.result}" + (f" ({o.reason})" if o.reason else "")
+    return f"dispatch on {o.host}: {what}; why: {o.request.get('reason', '')}"
 
 
 def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
@@ -12558,7 +13843,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> None:
     config = web_config(ctx.paths, settings=ctx.config, host=args.host, port=args.port, log_requests=args.log)
     settings = {**ctx.config, "token": config.token}  # a token made just now goes to peers without token_env
     book = PeerBook(ctx.paths.config, settings, config.peers, overrides={"token": config.token})
-    config = dataclasses.replace(config, peers=book)  # the dashboard's peers follow clare.toml too
+    config = record_replace(config, peers=book)  # the dashboard's peers follow clare.toml too
     interval_s = sync_interval_s(settings, path=ctx.paths.config)
     server = make_server(config)
     stop = threading.Event()
@@ -12620,6 +13905,8 @@ GROUP_HELP = {
     "session": "start, resume and stop Claude sessions for tasks, on any host",
 }
 _TASK_REF = arg("task", help="task id or unique prefix")
+_AFTER_ARG = arg("--after", action="append", default=[], metavar="ID",
+                 help="wait on this task: ready only once it is done (id prefix; repeat for more)")
 _GLOBAL_ARGS = (
     arg("--home", metavar="DIR", help="folder of clare.db and clare.toml (env CLARE_HOME)"),
     arg("--db", metavar="FILE", help="use this database file"),
@@ -12672,20 +13959,30 @@ COMMANDS: list[Command] = [
             "clare project show alpha --history",
             (arg("project", help="name or id prefix"), arg("--history", action="store_true",
                                                             help="also list what happened, oldest first"))),
-    Command(("project", "set"), cmd_project_set, "change a project's name, goal, owner or status",
-            "clare project set alpha --status paused\n  clare project set alpha --dir apricot:/srv/api --dir fig:",
+    Command(("project", "set"), cmd_project_set, "change a project's name, goal, owner, status, dirs or dispatch",
+            "clare project set alpha --status paused\n  clare project set alpha --dir apricot:/srv/api --dir fig:"
+            "\n  clare project set alpha --dispatch on --max-sessions 3 --dispatcher apricot",
             (arg("project", help="name or id prefix"), arg("--status", choices=PROJECT_STATUSES),
-             arg("--goal"), arg("--owner"), arg("--name", help="rename it"), _DIR_ARG)),
+             arg("--goal"), arg("--owner"), arg("--name", help="rename it"), _DIR_ARG,
+             arg("--dispatch", choices=("on", "off"),
+                 help="feed the project's sessions the next ready task as they finish one (off by default)"),
+             arg("--max-sessions", type=int, metavar="N",
+                 help=f"start sessions for ready tasks while fewer than N work on it (default "
+                      f"{DEFAULT_DISPATCH_SESSIONS})"),
+             arg("--dispatcher", metavar="HOST", help="the one host that dispatches (default: the host that "
+                                                      "turned dispatch on)"))),
     Command(("project", "rename"), cmd_project_rename, "give a project a new name (two of one name: rename one)",
             "clare project rename 3f9a2c1b alpha-laptop",
             (arg("project", help="id prefix (or the name, when only one project has it)"), arg("name"))),
     Command(("task", "add"), cmd_task_add, "add a task to a project",
-            'clare task add alpha "write the parser" --prio 1 --desc "tokens first" --tag backend',
+            'clare task add alpha "write the parser" --prio 1 --desc "tokens first" --tag backend'
+            '\n  clare task add alpha "ship it" --after 3f2a --after 91bc   # ready once both are done',
             (arg("project", help="name or id prefix"), arg("title"),
              arg("--prio", default=str(DEFAULT_PRIORITY), metavar="0-4",
                  help="0 is the most urgent (default 2)"),
              arg("--desc", default="", help="description"),
-             arg("--tag", action="append", default=[], metavar="TAG", help="a tag (repeat for more)"))),
+             arg("--tag", action="append", default=[], metavar="TAG", help="a tag (repeat for more)"),
+             _AFTER_ARG)),
     Command(("task", "list"), cmd_task_list, "list open tasks of active projects, most urgent first",
             "clare task list alpha\n  clare task list --tag backend --prio 0-1 --unassigned\n"
             "  clare task list --all --search parser",
@@ -12701,7 +13998,10 @@ COMMANDS: list[Command] = [
              arg("--prio", metavar="N|N-M", help="only this priority or range, e.g. 0-1"),
              arg("--tag", metavar="TAG", help="only tasks with this tag"),
              arg("--search", metavar="TEXT", help="only tasks whose title or description holds TEXT (any case)"))),
-    Command(("task", "show"), cmd_task_show, "show a task with its updates and history",
+    Command(("next",), cmd_next, "list the tasks ready to hand out: todo, unassigned, waiting on nothing undone",
+            "clare next\n  clare next --project alpha --json",
+            (arg("--project", help="only this project (name or id prefix)"),)),
+    Command(("task", "show"), cmd_task_show, "show a task with its updates, waits and history",
             "clare task show 3f2a", (_TASK_REF,)),
     Command(("task", "start"), _cmd_task_status("in_progress", "started"), "mark a task in progress",
             "clare task start 3f2a", (_TASK_REF,)),
@@ -12711,11 +14011,15 @@ COMMANDS: list[Command] = [
             "clare task done 3f2a", (_TASK_REF,)),
     Command(("task", "reopen"), _cmd_task_status("todo", "reopened"), "put a task back to todo",
             "clare task reopen 3f2a", (_TASK_REF,)),
-    Command(("task", "edit"), cmd_task_edit, "change a task's title, priority, description or tags",
-            'clare task edit 3f2a --title "parse v2 files" --prio 0\n  clare task edit 3f2a --tag urgent --untag later',
+    Command(("task", "edit"), cmd_task_edit, "change a task's title, priority, description, tags or waits",
+            'clare task edit 3f2a --title "parse v2 files" --prio 0\n  clare task edit 3f2a --tag urgent --untag later'
+            '\n  clare task edit 3f2a --after 91bc --no-after 7c1e',
             (_TASK_REF, arg("--title"), arg("--prio", metavar="0-4"), arg("--desc"),
              arg("--tag", action="append", default=[], metavar="TAG", help="add a tag (repeat for more)"),
-             arg("--untag", action="append", default=[], metavar="TAG", help="remove a tag (repeat for more)"))),
+             arg("--untag", action="append", default=[], metavar="TAG", help="remove a tag (repeat for more)"),
+             _AFTER_ARG,
+             arg("--no-after", action="append", default=[], metavar="ID",
+                 help="no longer wait on this task (id prefix; repeat for more)"))),
     Command(("task", "rm"), cmd_task_rm, "remove a task (it keeps its history; task restore brings it back)",
             "clare task rm 3f2a", (_TASK_REF,)),
     Command(("task", "restore"), cmd_task_restore, "bring a removed task back",
@@ -12862,6 +14166,19 @@ COMMANDS: list[Command] = [
 ]
 
 
+def _skip_missing_translations() -> None:
+    """Spare argparse its translation lookups when there is no catalog to find: the text is the answer.
+
+    argparse asks gettext for each of its messages, and gettext searches the locale folders anew
+    every time (os.stat per language): ~0.1 ms a message, dozens per command. Where the search
+    finds no catalog, each answer would be the message itself, so the output stays the same.
+    """
+    import gettext
+
+    if gettext.find("messages") is None:
+        vars(argparse).update(_=str, ngettext=lambda singular, plural, n: singular if n == 1 else plural)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """Build the argparse tree from COMMANDS: all of it, or only the command that argv names.
 
@@ -12869,6 +14186,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     command builds just that branch; help, errors and anything unrecognised get the full tree.
     """
     wanted = _named_command(argv) if argv is not None else None
+    _skip_missing_translations()
     parser = _Parser(
         prog="clare", description="Clare: projects and tasks for a fleet of Claude Code sessions.",
         epilog="example:\n  clare project new alpha --goal 'ship v1'\n  clare task add alpha 'write the parser'"
@@ -12971,7 +14289,8 @@ def _group_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one CLI command; return its exit code."""
+    """Run one CLI command; return its exit code. Run as a program (no argv given), end the process there."""
+    is_program = argv is None  # the __main__ path, the launcher, a hook; tests pass argv and keep running
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     args = parser.parse_args(argv)
@@ -12979,6 +14298,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     ctx = Context(args)
+    try:
+        code = _run_command(args, ctx)
+    finally:
+        ctx.close(is_exiting=is_program)
+    if is_program:
+        exit_now(code)
+    return code
+
+
+def _run_command(args: argparse.Namespace, ctx: Context) -> int:
     try:
         if ctx.remote_url is not None and getattr(args, "command_path", ()) in LOCAL_COMMANDS:
             raise UsageError(f"clare {' '.join(args.command_path)} works on this host's own files, tmux or "
@@ -12993,8 +14322,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clare: interrupted; what was committed before Ctrl-C is kept", file=sys.stderr)
         return 130
-    finally:
-        ctx.close()
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a CLI process: flush what it printed, then skip the interpreter's teardown (≈ 5 ms of module GC).
+
+    A thread still running gets the ordinary exit, which waits for it.
+    """
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
+        raise SystemExit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the reader left (a closed pipe), or main closed stderr for it
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ T0 = 1_750_000_000_000
 OP = st.tuples(
     st.sampled_from(["project", "project_set", "task", "task_edit", "task_status", "assign", "assign_group",
                      "unassign", "group", "group_rm", "update", "sync", "sessions", "tag", "task_rm",
-                     "task_restore", "undo"]),
+                     "task_restore", "undo", "after"]),
     st.integers(0, len(HOSTS) - 1),  # which host acts
     st.integers(0, 10**6),  # which entity / which value
     st.integers(-2_000, 5_000),  # how the acting host's wall clock moves
@@ -66,13 +66,18 @@ def _apply_op(dbs, clocks, op):
             clare.remove_task(db, tasks[pick % len(tasks)].id, now_ms=now)
         elif kind == "task_restore" and tasks:
             clare.restore_task(db, tasks[pick % len(tasks)].id, now_ms=now)
+        elif kind == "after" and len(tasks) > 1:  # waits added and dropped; local cycles are refused
+            task = tasks[pick % len(tasks)]
+            after = [x.id for n, x in enumerate(tasks) if pick >> (n % 12) & 1 and x.id != task.id][:3]
+            no_after = [x for n, x in enumerate(task.after) if pick >> (n + 12) & 1 and x not in after]
+            clare.edit_task(db, task.id, after=after, no_after=no_after, now_ms=now)
         elif kind == "undo":
             clare.undo_change(db, now_ms=now)
         elif kind == "sync":  # one host copies everything another has: partial, one-way
             src = dbs[pick % len(dbs)]
             with clare.write_txn(db) as cur:
                 clare.receive_events(db, cur, list(clare.iter_events(src)), now_ms=now)
-    except (clare.Conflict, clare.NotFound):
+    except (clare.Conflict, clare.NotFound):  # a wait that would close a cycle, on a removed task ...
         pass
 
 
@@ -98,9 +103,12 @@ def test_any_arrival_order_gives_the_tables_of_a_replay(ops, data):
     with clare.write_txn(batch) as cur:
         clare.receive_events(batch, cur, [events[u] for u in reversed(order)], now_ms=T0)
     expected = projection_digest(incremental)
+    ready = [t.id for t in clare.list_ready_tasks(incremental)]  # readiness reads the tables: the same too
     assert projection_digest(batch) == expected
+    assert [t.id for t in clare.list_ready_tasks(batch)] == ready
     clare.replay(incremental)
     assert projection_digest(incremental) == expected
+    assert [t.id for t in clare.list_ready_tasks(incremental)] == ready
 
 
 def test_a_late_old_title_edit_does_not_overwrite_a_newer_one():
