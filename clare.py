@@ -2212,8 +2212,13 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
     return result
 
 
-def replay(db: Db, *, with_refs: bool = False) -> int:
-    """Rebuild every projection from the log; return how many events were applied.
+def replay(db: Db) -> int:
+    """Rebuild every projection from the log; return how many events were applied."""
+    return _replay(db, with_refs=False)
+
+
+def _replay(db: Db, *, with_refs: bool) -> int:
+    """Rebuild the projections; event_refs too only `with_refs`.
 
     event_refs is a function of the log alone, kept by apply_event as each event is stored:
     only an upgrade rebuilds it (with_refs). The secondary indexes of the tables are dropped
@@ -2258,7 +2263,7 @@ def _rebuild_refs(cur: sqlite3.Cursor) -> None:
 
 
 # What the older version stored without knowing it (tags, orders...) applies now; its refs are made anew too.
-AFTER_UPGRADE.append(functools.partial(replay, with_refs=True))
+AFTER_UPGRADE.append(functools.partial(_replay, with_refs=True))
 
 
 _LWW_SQL: dict[tuple[str, tuple[str, ...]], str] = {}
