@@ -4488,7 +4488,8 @@ def list_unreached_tasks(db: Db, target: str) -> list[dict[str, Any]]:
 def no_recipients_error(target: str) -> NotFound:
     """Return the error for a broadcast target that reaches no live session."""
     return NotFound(f"broadcast target {target!r} reaches no live session; run 'clare pull' on the sessions' "
-                    "hosts, or assign a task to a session (clare assign TASK SESSION), then check: clare sessions")
+                    "hosts (a running 'clare serve' pulls by itself), or assign a task to a session "
+                    "(clare assign TASK SESSION), then check: clare sessions")
 
 
 def broadcast_text(text: str, *, is_command: bool = False) -> str:
@@ -13516,7 +13517,8 @@ def cmd_hooks_status(args: argparse.Namespace, ctx: Context) -> None:
     n_spooled = len([n for n in os.listdir(folder) if n.endswith(".json")]) if os.path.isdir(folder) else 0
     emit(ctx, {"settings": path, "events": status, "spooled": n_spooled}, lambda: "\n".join([
         f"settings: {path}", table(("EVENT", "CLARE HOOK"), status.items()),
-        f"{n_spooled} reports wait in {folder} for the next 'clare pull'" if n_spooled else "spool: empty"]))
+        f"{n_spooled} reports wait in {folder} for the next pull ('clare pull', or a running 'clare serve' by "
+        "itself)" if n_spooled else "spool: empty"]))
 
 
 def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
