@@ -4503,7 +4503,8 @@ def list_unreached_tasks(db: Db, target: str) -> list[dict[str, Any]]:
 def no_recipients_error(target: str) -> NotFound:
     """Return the error for a broadcast target that reaches no live session."""
     return NotFound(f"broadcast target {target!r} reaches no live session; run 'clare pull' on the sessions' "
-                    "hosts, or assign a task to a session (clare assign TASK SESSION), then check: clare sessions")
+                    "hosts (a running 'clare serve' pulls by itself), or assign a task to a session "
+                    "(clare assign TASK SESSION), then check: clare sessions")
 
 
 def broadcast_text(text: str, *, is_command: bool = False) -> str:
@@ -8565,7 +8566,7 @@ def _status_from_wire(got: dict[str, Any]) -> StatusReport:
 
 
 def _server_config(req: Any) -> dict[str, Any]:
-    return load_config(req.config.config_path)  # the server's own clare.toml, read at each request
+    return req.config.settings  # the server's own clare.toml, read at each request
 
 
 def _answer_body(body: dict[str, Any]) -> None:
@@ -8823,7 +8824,7 @@ class Services:
         return get_session(self.db, ref)
 
     @api("GET", "/api/v1/sessions/{session}", "Get a session by id prefix, with its task, history and attach command",
-         query=("limit",), server={"hosts": lambda req: (req.config.settings or {}).get("hosts") or {}},
+         query=("limit",), server={"hosts": lambda req: req.config.settings.get("hosts") or {}},
          from_wire=lambda got: SessionDetail(
              from_json(Session, got), from_json(Task, got["task"]) if got.get("task") else None,
              [from_json(Event, e) for e in got.get("history", [])], got.get("attach")))
@@ -8909,7 +8910,7 @@ class Services:
          "typed by the session's host only if the same dialog is still open",
          body=("answer", "option", "option_text", "reason", "tool_use_id", "client"), status=201,
          schema="AnswerResult", check=_answer_body,
-         server={"peers": lambda req: req.config.peers, "settings": lambda req: req.config.settings or {}},
+         server={"peers": lambda req: req.config.peers, "settings": lambda req: req.config.settings},
          from_wire=lambda got: AnswerResult(from_json(Answer, got), got.get("note", "")))
     def answer_session(self, session_ref: str, answer: str, *, option: int | None = None,
                        option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
@@ -9172,9 +9173,13 @@ class WebConfig:
     deadline_s: float = REQUEST_DEADLINE_S
     max_threads: int = MAX_HANDLER_THREADS
     peers: Sequence[Peer] = ()  # clare.toml's peers: under serve a PeerBook, read again as the file changes
-    config_path: str = ""  # clare.toml, read again where a service needs settings (starting a session)
-    settings: Any = None  # clare.toml as read at start: peer tokens, [hosts.NAME] ssh
+    config_path: str = ""  # clare.toml: read where a request needs settings (see `settings`)
     contacts: PeerContacts = record_field(default_factory=PeerContacts)  # sync requests from peers
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Return clare.toml as it is now (peer tokens, [hosts.NAME] ssh, [fleet]): an edit needs no restart."""
+        return load_config(self.config_path) if self.config_path else {}
 
     @property
     def login_cookie(self) -> str:
@@ -9243,8 +9248,7 @@ def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: st
     finally:
         db.close()
     return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests,
-                     peers=tuple(load_peers(config, path=paths.config)), config_path=paths.config,
-                     settings=config)
+                     peers=tuple(load_peers(config, path=paths.config)), config_path=paths.config)
 
 
 @record_type(frozen=True, slots=True)
@@ -11225,7 +11229,7 @@ def frag_start_session(req: Request) -> Response:
     # SECURITY: this runs Claude and types into it: a POST under the token and the CSRF check.
     f = req.form()
     order = req.svc.start_session(req.params["task"], host=f.get("host") or None, is_worktree=f.get("worktree") == "1",
-                                  model=f.get("model", "").strip() or None, config=load_config(req.config.config_path))
+                                  model=f.get("model", "").strip() or None, config=req.config.settings)
     return _after_order(req, order, task_id=req.params["task"])
 
 
@@ -11247,13 +11251,13 @@ def _after_order(req: Request, order: Order, *, task_id: str | None) -> Response
 def frag_stop_session(req: Request) -> Response:
     """Stop a task's session from its card: /exit, or SIGTERM when "even while it works" is ticked."""
     order = req.svc.stop_session(req.params["session"], is_force=req.form().get("force") == "1",
-                                 config=load_config(req.config.config_path))
+                                 config=req.config.settings)
     return _after_order(req, order, task_id=None)
 
 
 def frag_resume_session(req: Request) -> Response:
     """Resume a task's gone session from its card."""
-    order = req.svc.resume_session(req.params["session"], config=load_config(req.config.config_path))
+    order = req.svc.resume_session(req.params["session"], config=req.config.settings)
     return _after_order(req, order, task_id=None)
 
 
@@ -11548,7 +11552,7 @@ def answer_box(req: Request, s: Session) -> Html:
     """Render the answer buttons of a session page while a dialog is open, with the options its screen shows."""
     if s.state != "permission" or not s.asked:
         return Html("")
-    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings or {}, now_ms=now_ms())
+    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings, now_ms=now_ms())
     dialog = parse_dialog(view.text) if view.text else None
     return render(ANSWER_BOX, forms=answer_forms(req, s, view="session", options=dialog.options if dialog else ()),
                   host=s.host, ttl=ANSWER_TTL_MS // 60000)
@@ -11575,14 +11579,14 @@ def frag_answer_session(req: Request) -> Response:
             option_text=fields["option_text"] or "", tool_use_id=fields["tool_use_id"] or "", reason=fields["reason"]))
     got = svc.answer_session(s.id, fields["answer"], option=option, option_text=fields["option_text"],
                              reason=fields["reason"], tool_use_id=fields["tool_use_id"], client="dashboard",
-                             peers=req.config.peers, settings=req.config.settings or {})
+                             peers=req.config.peers, settings=req.config.settings)
     if not req.is_htmx:
         return redirect("/needs" if view == "needs" else f"/sessions/{s.id}")
     is_ok = got.answer.result in ("typed", "pending")
     message = f"Answer {got.answer.answer}: {got.note}"
     if view == "needs":
         return html_response(join([attention_fragment(req), flash(message, kind="ok" if is_ok else "error", oob=True)]))
-    d = svc.get_session_detail(s.id, hosts=(req.config.settings or {}).get("hosts") or {})
+    d = svc.get_session_detail(s.id, hosts=req.config.settings.get("hosts") or {})
     return html_response(join([session_fragment(req, d.session, d.task),
                                history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history", oob=True),
                                flash(message, kind="ok" if is_ok else "error", oob=True)]))
@@ -11605,7 +11609,7 @@ def pane_fragment(req: Request, s: Session, *, is_live: bool = True) -> Html:
     if not is_live:
         return render(FRAG_PANE, poll=poll, where=s.host, when="loading",
                       body=render(EMPTY, text="The pane shows once this page loads from Clare itself."))
-    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings or {}, now_ms=now_ms())
+    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings, now_ms=now_ms())
     body = render(PANE_TEXT, text=view.text) if view.text else render(EMPTY, text=view.error or "The pane is empty.")
     return render(FRAG_PANE, poll=poll, where=f"{view.host} {s.tmux_target or ''}".strip(),
                   when=f"{when_text(view.captured_at)} UTC", body=body)
@@ -11617,7 +11621,7 @@ def turns_fragment(req: Request, s: Session, *, is_live: bool = True) -> Html:
     if not is_live:
         return render(FRAG_TURNS, poll=poll, body=render(EMPTY, text="The transcript shows once this page loads."))
     try:
-        turns = view_turns(req.db, s, peers=req.config.peers, settings=req.config.settings or {},
+        turns = view_turns(req.db, s, peers=req.config.peers, settings=req.config.settings,
                            claude_dir=claude_home())
     except (ClareError, OSError) as err:
         return render(FRAG_TURNS, poll=poll, body=render(EMPTY, text=f"The transcript cannot be read: {err}"))
@@ -11644,7 +11648,7 @@ def task_choices(req: Request, s: Session) -> Html:
 
 def page_session(req: Request) -> Response:
     """Show one session: state, what it asks, task, the way in, its live pane, transcript and history."""
-    d = req.svc.get_session_detail(req.params["session"], hosts=(req.config.settings or {}).get("hosts") or {})
+    d = req.svc.get_session_detail(req.params["session"], hosts=req.config.settings.get("hosts") or {})
     s, now = d.session, now_ms()
     is_live = not is_cross_site(req.headers)  # a link from elsewhere gets the page; the pane loads from here
     return page(req, s.label or s.id[:SHORT_ID], render(
@@ -12285,7 +12289,7 @@ def sync_post_events(req: Request) -> Response:
     req.config.contacts.note(req.headers.get(PEER_HEADER.lower()))
     answer = sync_accept(req.db, body, now_ms=now_ms())
     if answer["accepted"] and list_orders(req.db, pending_on=req.db.machine_id):
-        carry_out_soon(req.config.db_path, load_config(req.config.config_path))  # pushed to us: act now
+        carry_out_soon(req.config.db_path, req.config.settings)  # pushed to us: act now
     return json_response(answer)
 
 
@@ -13528,7 +13532,8 @@ def cmd_hooks_status(args: argparse.Namespace, ctx: Context) -> None:
     n_spooled = len([n for n in os.listdir(folder) if n.endswith(".json")]) if os.path.isdir(folder) else 0
     emit(ctx, {"settings": path, "events": status, "spooled": n_spooled}, lambda: "\n".join([
         f"settings: {path}", table(("EVENT", "CLARE HOOK"), status.items()),
-        f"{n_spooled} reports wait in {folder} for the next 'clare pull'" if n_spooled else "spool: empty"]))
+        f"{n_spooled} reports wait in {folder} for the next pull ('clare pull', or a running 'clare serve' by "
+        "itself)" if n_spooled else "spool: empty"]))
 
 
 def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:
