@@ -8049,7 +8049,10 @@ def _offset(ms: int | None) -> str:
 # this host only. The remote client (RemoteServices, section 7), the JSON handlers and the OpenAPI
 # document (section 8) are derived from it; nothing about a service is written out again elsewhere.
 
-_S = TypeVar("_S", bound="Services")
+if TYPE_CHECKING:
+    _S = TypeVar("_S", bound="Services")
+else:  # a string bound costs typing a compile() at import (≈ 1 ms of every start); only mypy reads it
+    _S = TypeVar("_S")
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 

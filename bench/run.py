@@ -213,9 +213,14 @@ def median_of(fn: Callable[[], float], runs: int) -> float:
 # Data: written through Clare's own functions, one transaction per data set
 # --------------------------------------------------------------------------
 
+# A user's environment: PYTHONDONTWRITEBYTECODE (set in some dev shells) would make `python3 -m clare`
+# compile 700 KB on every run; the launcher runs with -I, which ignores it anyway.
+USER_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def clare_env(home: Path) -> dict[str, str]:
     """Return the environment of a clare.py process on `home`."""
-    return {**os.environ, "CLARE_HOME": str(home)}
+    return {**USER_ENV, "CLARE_HOME": str(home)}
 
 
 def make_tasks_home(home: Path, n_tasks: int, *, n_sessions: int = 0) -> None:
