@@ -698,8 +698,9 @@ def wrk(url: str, seconds: int) -> tuple[float, float]:
     """Return req/s and p99 latency in ms of wrk at 16 connections against url, pinned to the load core."""
     threads = "-t1" if CAN_PIN else "-t2"  # one core: one thread
     auth = f"Authorization: Bearer {os.environ['CLARE_TOKEN']}"  # the page itself, not the 401 of a stranger
-    out = run(pinned(["wrk", threads, "-c16", f"-d{seconds}s", "--latency", "-H", auth, url], LOAD_CORE),
-              timeout=seconds + 60).stdout
+    # --timeout: a slow answer counts with its latency (wrk's default 2 s would drop it as a timeout)
+    out = run(pinned(["wrk", threads, "-c16", f"-d{seconds}s", "--timeout", "30s", "--latency", "-H", auth, url],
+                     LOAD_CORE), timeout=seconds + 90).stdout
     rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", out)[1])
     if rate == 0:
         raise BenchError(f"wrk completed no request in {seconds} s at {url}: each takes longer")
