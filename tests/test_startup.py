@@ -162,9 +162,9 @@ def test_task_list_json_from_sqlite_prints_what_the_task_objects_printed(db, cli
             session_id=svc.get_session(args.session).id if args.session else None,
             group_id=svc.get_group(args.group).id if args.group else None, tag=args.tag,
             priorities=clare.parse_priorities(args.prio) if args.prio else None, search=args.search,
-            include_removed=args.all)), ensure_ascii=False)
+            include_removed=args.all)), ensure_ascii=False, separators=(",", ":"))
         assert ordered(ran.out) == ordered(before), extra  # keys, order, values
-        assert ran.out == before + "\n", extra  # and the very bytes: json_quote escapes as json.dumps does
+        assert ran.out == before + "\n", extra  # and the very bytes: SQLite escapes as json.dumps does
         n_seen += len(json.loads(ran.out))
     assert n_seen > 100  # the filters saw tasks, not only empty lists
 
