@@ -46,7 +46,7 @@ import sqlite3
 import string
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 # The first statement after the imports, so that every command (and `import clare`) on an older
@@ -982,6 +982,9 @@ def _db_id_at(path: str) -> str | None:
         return None
 
 
+_RECENT_HEADS: dict[str, tuple[int, float]] = {}  # db path -> (head, monotonic time it was read); see recent_head
+
+
 @contextlib.contextmanager
 def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
     """Run the block in one BEGIN IMMEDIATE transaction: all of it is stored, or none.
@@ -1005,6 +1008,7 @@ def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
     try:
         yield cur
         cur.execute("COMMIT")
+        _RECENT_HEADS.pop(db.path, None)  # a reader of recent_head (below) sees this write at once
     except BaseException as err:
         if db.conn.in_transaction:  # SQLite rolls back by itself after some SQLITE_FULL errors
             cur.execute("ROLLBACK")
@@ -1161,7 +1165,23 @@ def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
 
 def _event_from_row(row: Sequence[Any]) -> Event:
     rseq, uuid_, hlc, machine_id, event_type, payload, created_at = row  # as in _EVENT_COLUMNS
-    return Event(uuid_, hlc, machine_id, event_type, json.loads(payload), created_at, rseq)
+    return Event(uuid_, hlc, machine_id, event_type, _load_payload(payload), created_at, rseq)
+
+
+_SCAN_JSON: list[Callable[[str, int], tuple[Any, int]]] = []  # json's C scanner, made on first use
+
+
+def _load_payload(text: str) -> Any:
+    """Return a stored payload parsed: its text is canonical (no blanks), so json's C scanner alone reads it."""
+    # json.loads would first match the leading and trailing blanks with two regular expressions: a replay
+    # of a million events spends a tenth of its time there.
+    if not _SCAN_JSON:
+        _SCAN_JSON.append(json.JSONDecoder().scan_once)  # type: ignore[attr-defined]  # the C scanner json.loads uses
+    try:
+        value, end = _SCAN_JSON[0](text, 0)
+    except StopIteration:
+        return json.loads(text)  # not JSON: json.loads says what is wrong
+    return value if end == len(text) else json.loads(text)
 
 
 _EVENT_COLUMNS = "rseq, uuid, hlc, machine_id, event_type, payload, created_at"
@@ -1231,6 +1251,24 @@ def count_events(db: Db) -> int:
 def head_rseq(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
     """Return the receipt number of the newest stored event, 0 for an empty log."""
     return cur.execute("SELECT coalesce(max(rseq), 0) FROM events").fetchone()[0]
+
+
+HEAD_MAX_AGE_S = 0.005  # recent_head reads the log's head at most this often per database
+
+
+def recent_head(db: Db) -> int:
+    """Return head_rseq as read at most HEAD_MAX_AGE_S ago: a page cache asks it on every request.
+
+    A write through this process forgets it (write_txn), so a client never misses its own
+    write; another process's write is seen within HEAD_MAX_AGE_S.
+    """
+    now = time.monotonic()
+    seen = _RECENT_HEADS.get(db.path)
+    if seen is not None and now - seen[1] < HEAD_MAX_AGE_S:
+        return seen[0]
+    head = head_rseq(db.conn)
+    _RECENT_HEADS[db.path] = (head, now)
+    return head
 
 
 def renew_identity(db: Db, *, machine_id: str | None = None) -> tuple[str, str]:
@@ -1766,10 +1804,12 @@ CREATE TABLE asks (                             -- this host's newest Permission
 """
 _MIGRATIONS[7] = [ASKS_SCHEMA]
 
-ORDER_ACTIONS = ("start", "resume", "stop")
+DEFAULT_DISPATCH_SESSIONS = 1  # project set --max-sessions, until set
+MAX_DISPATCH_SESSIONS = 50
+ORDER_ACTIONS = ("start", "resume", "stop", "dispatch")  # dispatch: type a task into a session that waits
 # pending until the host takes it; claimed while it acts (a crash then leaves it claimed: at most once)
-ORDER_RESULTS = ("pending", "claimed", "started", "needs trust", "stopped", "refused", "failed", "expired")
-ORDER_FINAL = ("started", "needs trust", "stopped", "refused", "failed", "expired")
+ORDER_RESULTS = ("pending", "claimed", "started", "needs trust", "stopped", "refused", "failed", "expired", "typed")
+ORDER_FINAL = ("started", "needs trust", "stopped", "refused", "failed", "expired", "typed")
 MAX_PATH_CHARS = 4096
 
 DISPATCH_SCHEMA = """
@@ -1815,6 +1855,19 @@ CREATE TABLE hosts (
 """
 _MIGRATIONS[8].append(HOSTS_SCHEMA)
 
+# Schema 10: dispatch per project (project set --dispatch/--max-sessions/--dispatcher), each field
+# last-writer-wins. COMPAT: an older peer stores and relays the new project.updated fields and the
+# dispatch orders without applying them; `clare replay` after its upgrade applies what it kept.
+PROJECT_DISPATCH_SCHEMA = """
+ALTER TABLE projects ADD COLUMN dispatch INTEGER;
+ALTER TABLE projects ADD COLUMN dispatch_v TEXT;
+ALTER TABLE projects ADD COLUMN max_sessions INTEGER;
+ALTER TABLE projects ADD COLUMN max_sessions_v TEXT;
+ALTER TABLE projects ADD COLUMN dispatcher TEXT;
+ALTER TABLE projects ADD COLUMN dispatcher_v TEXT
+"""  # dispatch: 1 feeds idle sessions the next ready task; max_sessions: how many it keeps; dispatcher: machine id
+_MIGRATIONS[10] = [PROJECT_DISPATCH_SCHEMA]
+
 
 @record_type(frozen=True, slots=True)
 class Project:
@@ -1826,6 +1879,9 @@ class Project:
     created_at: str
     task_counts: dict[str, int]  # status -> number of tasks
     dirs: dict[str, str] = record_field(default_factory=dict)  # host (machine id) -> where its code lives
+    is_dispatching: bool = False  # its idle sessions are fed the next ready task (project set --dispatch on)
+    max_sessions: int = DEFAULT_DISPATCH_SESSIONS  # ... by at most this many sessions
+    dispatcher: str | None = None  # the one host (machine id) that dispatches for it
 
     def to_json(self) -> dict[str, Any]:
         """Return the project as the JSON object the CLI and API print."""
@@ -2037,6 +2093,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
 def _is_word(v: Any) -> bool:
     return isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS
 
@@ -2092,7 +2152,7 @@ def check_received(obj: object) -> Event:
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
     """Fold one stored event into the projections; one they do not understand only gets history refs."""
-    for key in REF_KEYS:  # replay() does the same in bulk: keep the two rules alike
+    for key in REF_KEYS:  # _rebuild_refs() does the same in bulk (an upgrade): keep the two rules alike
         ref = ev.payload.get(key)
         if isinstance(ref, str):
             cur.execute("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
@@ -2155,32 +2215,56 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
 
 def replay(db: Db) -> int:
     """Rebuild every projection from the log; return how many events were applied."""
+    return _replay(db, with_refs=False)
+
+
+def _replay(db: Db, *, with_refs: bool) -> int:
+    """Rebuild the projections; event_refs too only `with_refs`.
+
+    event_refs is a function of the log alone, kept by apply_event as each event is stored:
+    only an upgrade rebuilds it (with_refs). The secondary indexes of the tables are dropped
+    for the fold and made again after it: one sorted build each instead of an update per row.
+    """
     n_events = 0
+    tables = [t for t in PROJECTION_TABLES if with_refs or t != "event_refs"]
     with write_txn(db) as cur:
-        for table in PROJECTION_TABLES:
+        for table in tables:
             cur.execute(f"DELETE FROM {table}")
-        # apply_event's history refs, for all events at once: in C, and in index order.
-        # COMPAT: a log written before NaN was refused at the door may hold payloads SQLite's JSON
-        # functions reject ("malformed JSON"): CASE skips them there, and Python, which reads NaN
-        # as a float, takes their refs and applies them as it always did.
-        for key in REF_KEYS:
-            cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
-                            SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
-                             WHERE CASE WHEN json_valid(payload) THEN json_type(payload, '$.{key}') = 'text' END
-                             ORDER BY 1, 2, 3""")
-        for row in cur.execute("SELECT payload, hlc, uuid FROM events WHERE NOT json_valid(payload)").fetchall():
-            payload = json.loads(row[0])
-            cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
-                            [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
-        appliers = APPLIERS
+        if with_refs:
+            _rebuild_refs(cur)
+        indexes = cur.execute(f"""SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL
+                                     AND tbl_name IN ({','.join('?' * len(tables))})""", tables).fetchall()
+        for name, _ in indexes:
+            cur.execute(f'DROP INDEX "{name}"')
+        appliers, fold = APPLIERS, LwwFold(db.conn)
         for ev in iter_events(db, batch=5000):
             if not_understood(ev) is None:
-                appliers[ev.event_type](cur, ev)
+                appliers[ev.event_type](fold, ev)
             n_events += 1
+        fold.flush()
+        for _, sql in indexes:
+            cur.execute(sql)
     return n_events
 
 
-AFTER_UPGRADE.append(replay)  # what the older version stored without knowing it (tags, orders...) applies now
+def _rebuild_refs(cur: sqlite3.Cursor) -> None:
+    """Make apply_event's history refs of every event at once: in C, and in index order."""
+    # COMPAT: a log written before NaN was refused at the door may hold payloads SQLite's JSON
+    # functions reject ("malformed JSON"): CASE skips them there, and Python, which reads NaN
+    # as a float, takes their refs as it always did.
+    for key in REF_KEYS:
+        cur.execute(f"""INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid)
+                        SELECT json_extract(payload, '$.{key}'), hlc, uuid FROM events
+                         WHERE CASE WHEN json_valid(payload) THEN json_type(payload, '$.{key}') = 'text' END
+                         ORDER BY 1, 2, 3""")
+    for row in cur.execute("SELECT payload, hlc, uuid FROM events WHERE NOT json_valid(payload)").fetchall():
+        payload = json.loads(row[0])
+        cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
+                        [(payload[k], row[1], row[2]) for k in REF_KEYS if isinstance(payload.get(k), str)])
+
+
+# What the older version stored without knowing it (tags, orders...) applies now; its refs are made anew too.
+AFTER_UPGRADE.append(functools.partial(_replay, with_refs=True))
 
 
 _LWW_SQL: dict[tuple[str, tuple[str, ...]], str] = {}
@@ -2193,7 +2277,18 @@ def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], e
     With `is_default` the fields get a version below every real one (a leading space sorts before
     any digit): a value that any event about the row overrides, whatever its HLC.
     """
-    names = tuple(fields)
+    version = f"{' ' if is_default else ''}{ev.hlc} {ev.uuid}"
+    if type(cur) is LwwFold:
+        cur.hold(table, row_id, fields, version)
+        return
+    params = [row_id]
+    for value in fields.values():
+        params += (value, version)
+    cur.execute(_lww_sql(table, tuple(fields)), params)
+
+
+def _lww_sql(table: str, names: tuple[str, ...]) -> str:
+    """Return the upsert of some fields of a row, each with its own version: a field changes only for a newer one."""
     sql = _LWW_SQL.get((table, names))
     if sql is None:
         cols = "".join(f", {n}, {n}_v" for n in names)
@@ -2203,11 +2298,48 @@ def _lww(cur: sqlite3.Cursor, table: str, row_id: str, fields: dict[str, Any], e
         sql = (f"INSERT INTO {table} (id{cols}) VALUES (?{', ?, ?' * len(names)}) "
                f"ON CONFLICT (id) DO UPDATE SET {sets}")
         _LWW_SQL[(table, names)] = sql
-    version = f"{' ' if is_default else ''}{ev.hlc} {ev.uuid}"
-    params = [row_id]
-    for value in fields.values():
-        params += (value, version)
-    cur.execute(sql, params)
+    return sql
+
+
+class LwwFold(sqlite3.Cursor):
+    """A cursor that holds _lww's writes in memory, per row and field, the newest version kept; flush() writes
+    each row once. A batch (a replay, an import) sets a task's fields ~10 times: folded, one upsert.
+
+    The rule is _lww's own (a field takes a value only with a newer version, rows made in the order
+    first touched), so the tables come out the same; the appliers' other writes go straight through.
+    """
+
+    def __init__(self, conn: sqlite3.Connection):
+        super().__init__(conn)
+        self.rows: dict[tuple[str, str], dict[str, tuple[Any, str]]] = {}  # (table, id) -> field -> (value, version)
+
+    def hold(self, table: str, row_id: str, fields: dict[str, Any], version: str) -> None:
+        """Fold one _lww write into the rows held."""
+        row = self.rows.get((table, row_id))
+        if row is None:
+            row = self.rows[(table, row_id)] = {}
+        for name, value in fields.items():
+            held = row.get(name)
+            if held is None or held[1] < version:
+                row[name] = (value, version)
+        if len(self.rows) >= MAX_FOLDED_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the rows held, one upsert each (runs of the same fields as one executemany)."""
+        import itertools
+
+        def params(item: tuple[tuple[str, str], dict[str, tuple[Any, str]]]) -> list[Any]:
+            out = [item[0][1]]
+            for pair in item[1].values():
+                out += pair
+            return out
+        for (table, names), run in itertools.groupby(self.rows.items(), lambda it: (it[0][0], tuple(it[1]))):
+            self.executemany(_lww_sql(table, names), map(params, run))
+        self.rows = {}
+
+
+MAX_FOLDED_ROWS = 50_000  # rows an LwwFold holds before it writes them: its memory stays bounded
 
 
 def _pick(payload: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
@@ -2223,12 +2355,22 @@ def apply_project_created(cur: sqlite3.Cursor, ev: Event) -> None:
          {"created_at": ev.created_at, **_pick(p, ("name", "goal", "owner", "status"))}, ev)
 
 
+def _is_max_sessions(v: Any) -> bool:
+    return _is_int(v) and 1 <= v <= MAX_DISPATCH_SESSIONS
+
+
 @applies("project.updated", {"project_id": _is_id, "name?": _is_str, "goal?": _is_str, "owner?": _is_str,
-                             "status?": _is_one_of(PROJECT_STATUSES), "undoes?": _is_id})
+                             "status?": _is_one_of(PROJECT_STATUSES), "undoes?": _is_id, "dispatch?": _is_bool,
+                             "max_sessions?": _is_max_sessions,
+                             "dispatcher?": lambda v: isinstance(v, str) and MACHINE_ID_RE.match(v) is not None})
 def apply_project_updated(cur: sqlite3.Cursor, ev: Event) -> None:
-    """Per-field last writer wins, by (hlc, uuid): a late old edit never overwrites a newer one."""
-    p = ev.payload  # {project_id, name?, goal?, owner?, status?}
-    fields = _pick(p, ("name", "goal", "owner", "status"))
+    """Per-field last writer wins, by (hlc, uuid): a late old edit never overwrites a newer one.
+
+    The dispatcher field too: two hosts that set it while apart both dispatch until each hears
+    of the newer value (the README's stated limit of "decided once").
+    """
+    p = ev.payload  # {project_id, name?, goal?, owner?, status?, dispatch?, max_sessions?, dispatcher?}
+    fields = _pick(p, ("name", "goal", "owner", "status", "dispatch", "max_sessions", "dispatcher"))
     if fields:
         _lww(cur, "projects", p["project_id"], fields, ev)
 
@@ -2463,14 +2605,12 @@ def apply_project_dir_set(cur: sqlite3.Cursor, ev: Event) -> None:
          {"project_id": p["project_id"], "host": p["host"], "dir": p["dir"]}, ev)
 
 
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
 @applies("order.placed", {"order_id": _is_id, "action": _is_one_of(ORDER_ACTIONS), "host": _is_id,
                           "session_id": lambda v: isinstance(v, str) and bool(UUID_RE.match(v)),
                           "task_id": _is_opt_id, "cwd": _is_str, "tmux_session": _is_str, "expires_at": _is_str,
-                          "is_worktree": _is_bool, "model": _is_opt_str, "is_force": _is_bool})
+                          "is_worktree": _is_bool, "model": _is_opt_str, "is_force": _is_bool,
+                          "template?": _is_typable, "reason?": _is_str, "is_clear?": _is_bool,
+                          "is_dispatch?": _is_bool})
 def apply_order_placed(cur: sqlite3.Cursor, ev: Event) -> None:
     """Immutable once placed; the result starts pending, a default that any receipt overrides.
 
@@ -2535,7 +2675,7 @@ def apply_host_announced(cur: sqlite3.Cursor, ev: Event) -> None:
 
 
 _PROJECT_SELECT = """
-SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
+SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at, p.dispatch, p.max_sessions, p.dispatcher,
        (SELECT json_group_object(status, n) FROM
            (SELECT t.status, count(*) AS n FROM tasks t
              WHERE t.project_id = p.id AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
@@ -2549,7 +2689,8 @@ SELECT p.id, p.name, p.goal, p.owner, p.status, p.created_at,
 def _project_from_row(row: sqlite3.Row) -> Project:
     counts = dict.fromkeys(TASK_STATUSES, 0) | json.loads(row["counts"] or "{}")
     return Project(row["id"], row["name"], row["goal"], row["owner"], row["status"], row["created_at"], counts,
-                   dict(sorted(json.loads(row["dirs"] or "{}").items())))
+                   dict(sorted(json.loads(row["dirs"] or "{}").items())), bool(row["dispatch"]),
+                   row["max_sessions"] or DEFAULT_DISPATCH_SESSIONS, row["dispatcher"])
 
 
 def list_projects(db: Db, *, status: str | None = None) -> list[Project]:
@@ -2603,16 +2744,17 @@ def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = No
                session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
                active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
                priorities: tuple[int, int] | None = None, search: str | None = None,
-               include_removed: bool = False) -> list[Task]:
+               include_removed: bool = False, after: str | None = None, limit: int | None = None) -> list[Task]:
     """Return tasks, most urgent first, filtered by project, status, assignee, tag, priority or text.
 
     Removed tasks (task rm) are left out unless `include_removed`; `is_open` leaves out done
-    tasks and `active_projects` the tasks of paused and done projects.
+    tasks and `active_projects` the tasks of paused and done projects. `after` (a task_cursor)
+    and `limit` read the list a page at a time.
     """
     sql, params = _task_filters(
         project_id=project_id, status=status, session_id=session_id, group_id=group_id, is_open=is_open,
         active_projects=active_projects, is_assigned=is_assigned, tag=tag, priorities=priorities, search=search,
-        include_removed=include_removed)
+        include_removed=include_removed, after=after, limit=limit)
     return [_task_from_row(r) for r in db.conn.execute(_TASK_SELECT + sql, params)]
 
 
@@ -2657,9 +2799,10 @@ def list_tasks_json(db: Db, **filters: Any) -> str:
 def _task_filters(*, project_id: str | None = None, status: str | None = None, session_id: str | None = None,
                   group_id: str | None = None, is_open: bool = False, active_projects: bool = False,
                   is_assigned: bool | None = None, tag: str | None = None, priorities: tuple[int, int] | None = None,
-                  search: str | None = None, include_removed: bool = False) -> tuple[str, list[str]]:
-    """Return the WHERE terms and ORDER BY that follow _TASK_SELECT for list_tasks' filters, and their parameters."""
-    sql, params = "", []
+                  search: str | None = None, include_removed: bool = False, after: str | None = None,
+                  limit: int | None = None) -> tuple[str, list[Any]]:
+    """Return the WHERE terms, ORDER BY and LIMIT that follow _TASK_SELECT for list_tasks' filters, and parameters."""
+    sql, params = "", list[Any]()
     if not include_removed:
         sql += " AND t.removed_at IS NULL"
     if project_id:
@@ -2691,7 +2834,33 @@ def _task_filters(*, project_id: str | None = None, status: str | None = None, s
         # instr over lower(): a search text is literal, never a LIKE pattern (% and _ mean themselves)
         sql += " AND (instr(lower(t.title), ?) > 0 OR instr(lower(t.description), ?) > 0)"
         params += (search.lower(), search.lower())
-    return sql + " ORDER BY t.priority, t.created_at_v", params
+    if after is not None:
+        sql += " AND (t.priority, t.created_at_v, t.id) > (?, ?, ?)"
+        params += parse_task_cursor(after)
+    sql += " ORDER BY t.priority, t.created_at_v, t.id"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return sql, params
+
+
+def task_cursor(db: Db, task_id: str) -> str:
+    """Return where a task stands in the order of list_tasks, as the text of `after` that reads on past it."""
+    priority, version = db.conn.execute("SELECT priority, created_at_v FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    return f"{priority}~{version.replace(' ', '~')}~{task_id}"  # no part holds a ~, nor need it in a URL
+
+
+def parse_task_cursor(text: str) -> tuple[int, str, str]:
+    """Return (priority, version, task_id) of a task_cursor text; UsageError if it is not one."""
+    # SECURITY: it comes from a query string; its parts are checked, then only travel as SQL parameters.
+    parts = text.split("~")
+    is_default = len(parts) == 5 and parts[1] == ""  # a version below every real one starts with a space
+    if is_default:
+        del parts[1]
+    if len(parts) != 4 or not re.fullmatch(r"-?\d{1,9}", parts[0]) or not HLC_RE.match(parts[1]) or \
+            not UUID_RE.match(parts[2]) or not ID_RE.match(parts[3]):
+        raise UsageError(f"after={text[:80]!r} is not a task cursor; pass the next_after of the previous page")
+    return int(parts[0]), f"{' ' * is_default}{parts[1]} {parts[2]}", parts[3]
 
 
 def find_tasks(db: Db, prefix: str) -> list[Task]:
@@ -2915,6 +3084,18 @@ def find_sessions(db: Db, *, prefix: str | None = None, host: str | None = None,
         sql += " AND s.state != 'gone'"
     rows = db.conn.execute(sql + " ORDER BY s.host, s.tmux_target, s.id", params).fetchall()
     return [_session_from_row(r) for r in rows]
+
+
+def list_project_session_ids(db: Db, project_id: str) -> list[str]:
+    """Return the sessions whose newest task binding is to a task of a project (done or not): its sessions.
+
+    Dispatch counts them against --max-sessions and feeds those that wait with no open task.
+    """
+    # SQLite: a bare column beside max() comes from the row that holds the max.
+    return [r[0] for r in db.conn.execute(
+        """SELECT substr(t.assignee, 9), t.project_id, max(t.assignee_v) FROM tasks t
+            WHERE t.assignee LIKE 'session:%' AND t.created_at_v IS NOT NULL AND t.removed_at IS NULL
+            GROUP BY t.assignee""") if r[1] == project_id]
 
 
 def list_group_tasks(db: Db) -> list[tuple[str, str]]:
@@ -3427,9 +3608,24 @@ def _check_name_free(db: Db, name: str) -> None:
 
 def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None = None,
                  owner: str | None = None, status: str | None = None, dirs: Sequence[str] = (),
+                 dispatch: bool | None = None, max_sessions: int | None = None, dispatcher: str | None = None,
                  now_ms: int) -> Project:
-    """Change some fields of a project (and where its code lives); values equal to the current ones are not recorded."""
+    """Change some fields of a project (and where its code lives); values equal to the current ones are not recorded.
+
+    Turning dispatch on makes this host the dispatcher unless one is named or already set.
+    """
     changes: dict[str, Any] = {}
+    if dispatch is not None and not isinstance(dispatch, bool):
+        raise UsageError(f"dispatch {str(dispatch)[:20]!r} is not on or off; give --dispatch on or --dispatch off")
+    if max_sessions is not None and not _is_max_sessions(max_sessions):
+        raise UsageError(f"--max-sessions {str(max_sessions)[:20]} is outside 1-{MAX_DISPATCH_SESSIONS}; "
+                         "give how many sessions dispatch may keep on the project, e.g. --max-sessions 3")
+    if dispatch is not None:
+        changes["dispatch"] = dispatch
+    if max_sessions is not None:
+        changes["max_sessions"] = max_sessions
+    if dispatcher is not None:
+        changes["dispatcher"] = resolve_host(db, dispatcher)
     if name is not None:
         changes["name"] = _check_name(name)
     if goal is not None:
@@ -3440,7 +3636,9 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
         changes["status"] = _check_choice("project status", status, PROJECT_STATUSES)
     with write_txn(db) as cur:
         project = get_project(db, ref)
-        changes = {k: v for k, v in changes.items() if getattr(project, k) != v}
+        if dispatch and not project.dispatcher and "dispatcher" not in changes:
+            changes["dispatcher"] = db.machine_id  # the host that turned dispatch on, until someone names another
+        changes = {k: v for k, v in changes.items() if getattr(project, _PROJECT_FIELDS.get(k, k)) != v}
         if "name" in changes:
             _check_name_free(db, changes["name"])
         placed = _project_dirs(db, dirs)
@@ -3451,6 +3649,9 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
                 record(db, cur, "project.dir_set", {"project_id": project.id, "host": host, "dir": folder},
                        now_ms=now_ms)
     return get_project(db, project.id)
+
+
+_PROJECT_FIELDS = {"dispatch": "is_dispatching"}  # a project.updated field -> the Project attribute it sets
 
 
 def create_task(db: Db, project_ref: str, title: str, *, priority: int = DEFAULT_PRIORITY,
@@ -3584,8 +3785,9 @@ def edit_task(db: Db, ref: str, *, title: str | None = None, description: str | 
             raise UsageError(f"a task holds at most {MAX_TAGS} tags; remove some with --untag")
         if tag_changes:
             changes["tags"] = dict(sorted(tag_changes.items()))
-        added = _resolve_waits(db, after, waiter=task.id) - set(task.after)
-        dropped = _dropped_waits(db, task, no_after) - added
+        wanted = _resolve_waits(db, after, waiter=task.id)
+        added = wanted - set(task.after)
+        dropped = _dropped_waits(db, task, no_after) - wanted  # named in both: --after wins, as --tag does
         if len((set(task.after) - dropped) | added) > MAX_AFTER:
             raise UsageError(f"a task waits on at most {MAX_AFTER} tasks; drop some with --no-after")
         _refuse_cycles(db, task.id, added)
@@ -3755,7 +3957,8 @@ def _field_values(ev: Event) -> dict[str, Any]:
     """Return what an event sets on its entity, as field -> value (tags as 'tag:NAME' -> bool)."""
     p, kind = ev.payload, ev.event_type
     if kind in ("project.created", "project.updated", "task.created", "task.updated"):
-        out = {k: p[k] for k in ("name", "goal", "owner", "title", "description", "priority", "status") if k in p}
+        out = {k: p[k] for k in ("name", "goal", "owner", "title", "description", "priority", "status", "dispatch",
+                                 "max_sessions", "dispatcher") if k in p}
         tags = dict.fromkeys(p.get("tags", ()), True) if kind == "task.created" else p.get("tags", {})
         waits = dict.fromkeys(p.get("after", ()), True) if kind == "task.created" else p.get("after", {})
         return out | {f"tag:{t}": v for t, v in tags.items()} | {f"after:{t}": v for t, v in waits.items()}
@@ -3790,7 +3993,7 @@ def _inverse(db: Db, ev: Event) -> tuple[str, dict[str, Any], int]:
         now.update(_field_values(e))
         if (e.hlc, e.uuid) < (ev.hlc, ev.uuid):
             before.update(_field_values(e))
-    undo = {f: before.get(f, False if f.startswith(("tag:", "after:")) or f == "removed" else None)
+    undo = {f: before.get(f, False if f.startswith(("tag:", "after:")) or f in ("removed", "dispatch") else None)
             for f, v in _field_values(ev).items() if now.get(f) == v}
     n_kept = len(_field_values(ev)) - len(undo)
     if "removed" in undo:
@@ -4346,7 +4549,7 @@ def _default_host(db: Db, project: Project) -> str:
 
 def _place(db: Db, cur: sqlite3.Cursor, action: str, *, host: str, session_id: str, task_id: str | None,
            cwd: str, tmux_session: str, is_worktree: bool = False, model: str | None = None,
-           is_force: bool = False, now_ms: int) -> str:
+           is_force: bool = False, extra: dict[str, Any] | None = None, now_ms: int) -> str:
     busy = [o for o in list_orders(db, session_id=session_id)
             if o.result in ("pending", "claimed") and o.expires_at > iso_ms(now_ms)]  # same form: sorts as time
     if busy:
@@ -4356,17 +4559,18 @@ def _place(db: Db, cur: sqlite3.Cursor, action: str, *, host: str, session_id: s
     record(db, cur, "order.placed", {
         "order_id": order_id, "action": action, "host": host, "session_id": session_id, "task_id": task_id,
         "cwd": cwd, "tmux_session": tmux_session, "is_worktree": is_worktree, "model": model,
-        "is_force": is_force, "expires_at": iso_ms(now_ms + ORDER_TTL_MS)}, now_ms=now_ms)
+        "is_force": is_force, "expires_at": iso_ms(now_ms + ORDER_TTL_MS), **(extra or {})}, now_ms=now_ms)
     return order_id
 
 
 def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: bool = False,
-                model: str | None = None, now_ms: int) -> Order:
+                model: str | None = None, reason: str | None = None, template: str | None = None,
+                now_ms: int) -> Order:
     """Order a new Claude session for a task on a host, with the task bound to its session id at once.
 
     Clare makes the session id and passes it to Claude (--session-id), so the binding is part of
     the start, never a guess. The host defaults to this one when the project's code lives here,
-    else the only host it lives on.
+    else the only host it lives on. A `reason` marks a start dispatch placed (see dispatch_round).
     """
     if model is not None and not MODEL_RE.match(model):
         raise UsageError(f"--model {model[:40]!r} is not a model name; e.g. --model sonnet or --model claude-opus-4-1")
@@ -4392,10 +4596,35 @@ def place_start(db: Db, task_ref: str, *, host: str | None = None, is_worktree: 
         session_id = new_uuid()
         order_id = _place(db, cur, "start", host=machine, session_id=session_id, task_id=task.id, cwd=folder,
                           tmux_session=tmux_session_name(project.name), is_worktree=is_worktree, model=model,
+                          extra={"reason": reason[:500], "is_dispatch": True, "template": template} if reason else None,
                           now_ms=now_ms)
         record(db, cur, "task.assigned", {"task_id": task.id, "session_id": session_id}, now_ms=now_ms)
         if task.status == "todo":
             record(db, cur, "task.updated", {"task_id": task.id, "status": "in_progress"}, now_ms=now_ms)
+    return list_orders(db, order_id=order_id)[0]
+
+
+def place_dispatch(db: Db, task_id: str, session: Session, *, template: str, reason: str, is_clear: bool = False,
+                   now_ms: int) -> Order:
+    """Order the host of a waiting session to type a ready task in, with the task bound to it at once.
+
+    Placed only by the project's dispatcher host (dispatch_round). The host fills the template in
+    (its own launcher path goes in). A dispatch its host cannot carry out (pane gone, dialog open,
+    a draft in the composer) frees the task again (record_order_result).
+    """
+    template = _check_text("[dispatch] template", typable_text(template), limit=MAX_TEXT_CHARS, required=True)
+    with write_txn(db) as cur:
+        task = get_task(db, task_id)
+        if task.status != "todo" or task.session_id or task.group_id or task.removed_at:
+            raise Conflict(f"task {task.id[:SHORT_ID]} is not ready any more ({task.status}"
+                           f"{', assigned' if task.session_id or task.group_id else ''}); nothing was dispatched")
+        order_id = _place(db, cur, "dispatch", host=session.host, session_id=session.id, task_id=task.id,
+                          cwd=session.cwd, tmux_session=session.tmux_session,
+                          extra={"template": template, "reason": reason[:500], "is_clear": is_clear,
+                                 "is_dispatch": True},
+                          now_ms=now_ms)
+        record(db, cur, "task.assigned", {"task_id": task.id, "session_id": session.id}, now_ms=now_ms)
+        record(db, cur, "task.updated", {"task_id": task.id, "status": "in_progress"}, now_ms=now_ms)
     return list_orders(db, order_id=order_id)[0]
 
 
@@ -4441,10 +4670,15 @@ def record_order_result(db: Db, order_id: str, *, result: str, reason: str = "",
                                               "outcome": outcome or {}, "session_id": placed.session_id,
                                               "task_id": placed.task_id}, now_ms=now_ms)
         order = list_orders(db, order_id=order_id)[0]
-        if order.action == "start" and result in ("refused", "expired") and order.task_id:
+        is_dispatch = bool(order.request.get("is_dispatch"))
+        if order.task_id and (order.action == "start" and result in ("refused", "expired")
+                              or is_dispatch and result in ("refused", "failed", "expired")):
             task = get_task(db, order.task_id)
-            if task.session_id == order.session_id:  # no Claude runs under that id: the task is free again
+            # No Claude runs under that id, or it did not get the task: the task is free (and ready) again.
+            if task.session_id in (order.session_id, order.outcome.get("session_id")):
                 record(db, cur, "task.unassigned", {"task_id": task.id}, now_ms=now_ms)
+                if is_dispatch and task.status == "in_progress":
+                    record(db, cur, "task.updated", {"task_id": task.id, "status": "todo"}, now_ms=now_ms)
     return order
 
 
@@ -4566,7 +4800,8 @@ DESCRIBE.update({
     "project.updated": lambda p: f"changed project: {_fields(p, 'project_id')}",
     "task.created": lambda p: f"added task {p['task_id'][:SHORT_ID]} {p['title']!r} (P{p['priority']})"
                               + "".join(f" #{t}" for t in p.get("tags", ()))
-                              + "".join(f" after {t[:SHORT_ID]}" for t in p.get("after", ())),
+                              + (", waits on " + ", ".join(t[:SHORT_ID] for t in p["after"]) if p.get("after")
+                                 else ""),
     "task.updated": lambda p: f"changed task {p['task_id'][:SHORT_ID]}: {_fields(p, 'task_id')}",
     "task.assigned": lambda p: f"assigned task {p['task_id'][:SHORT_ID]} to "
                                + (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
@@ -4599,10 +4834,14 @@ DESCRIBE.update({
     "project.dir_set": lambda p: (f"project {p['project_id'][:SHORT_ID]} lives in {p['dir']} on {p['host']}"
                                   if p.get("dir") else
                                   f"project {p['project_id'][:SHORT_ID]}: no directory on {p['host']}"),
-    "order.placed": lambda p: f"{p['action']} session {p['session_id'][:SHORT_ID]} on {p['host']}"
-                              + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else "")
+    "order.placed": lambda p: (f"dispatch task {str(p.get('task_id'))[:SHORT_ID]} to session "
+                               f"{p['session_id'][:SHORT_ID]} on {p['host']}" if p["action"] == "dispatch" else
+                               f"{p['action']} session {p['session_id'][:SHORT_ID]} on {p['host']}"
+                               + (f" for task {p['task_id'][:SHORT_ID]}" if p.get("task_id") else ""))
+                              + (" after /clear" if p.get("is_clear") else "")
                               + (" in a new worktree" if p.get("is_worktree") else "")
-                              + (" (--force)" if p.get("is_force") else ""),
+                              + (" (--force)" if p.get("is_force") else "")
+                              + (f": {p['reason'][:200]}" if p.get("reason") else ""),
     "order.carried_out": lambda p: (f"session {p['session_id'][:SHORT_ID]}" if p.get("session_id")
                                     else f"order {p['order_id'][:SHORT_ID]}") + f": {p['result']}"
                                    + (f" ({p['reason'][:120]})" if p.get("reason") else ""),
@@ -4721,6 +4960,7 @@ class PullResult:
     unreachable: list[str]  # tmux sockets that did not answer: their sessions are kept as they were
     updates: list[Update]  # pane tails and triage notes stored by this pull
     warnings: list[str]  # adapters and commands that failed; the pull went on without them
+    dispatched: list[Order] = record_field(default_factory=list)  # what dispatch decided, as carried out here
 
 
 def claude_home(env: Mapping[str, str] | None = None) -> str:
@@ -5492,7 +5732,8 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     """Look at this host's Claude sessions and record what changed (nothing when nothing did).
 
     Also: ingest spooled hook reports, carry out the orders placed for this host (start, resume,
-    stop), deliver other hosts' broadcasts, and with `tails` store
+    stop), dispatch on what it saw (dispatch_round; what it places here is carried out and looked
+    at again at once), deliver other hosts' broadcasts, and with `tails` store
     each assigned pane's last lines (and the triage command's reading of them) when they changed.
     """
     ingest_spool(db, now_ms=now_ms)
@@ -5503,7 +5744,32 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
     idle_after_ms = int(idle_after_s * 1000)
     warnings: list[str] = []
     rclaude = read_rclaude(config.get("rclaude", {}), machine_id=db.machine_id, warnings=warnings)
-    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_home(env), rclaude=rclaude,
+    observations, ambiguous, unreachable, events = _look(db, claude_dir=claude_home(env), rclaude=rclaude,
+                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
+    started = time.monotonic()
+    placed = dispatch_round(db, config=config, now_ms=now_ms, warnings=warnings)  # on what this look saw
+    carried: dict[str, Order] = {}
+    if any(o.host == db.machine_id for o in placed):  # carried out now, then looked at again
+        carried = {o.id: o for o in carry_out_pending(db, config=config, now_ms=now_ms)}
+        observations, ambiguous, unreachable, again = _look(
+            db, claude_dir=claude_home(env), rclaude=rclaude, idle_after_ms=idle_after_ms,
+            now_ms=now_ms + int((time.monotonic() - started) * 1000))
+        events += again
+    deliver_pending(db, now_ms=now_ms)
+    deliver_answers(db, now_ms=now_ms, config=config)
+    text = canonical_json([p.to_json() for p in ambiguous])
+    if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
+        with write_txn(db) as cur:
+            set_meta(cur, "ambiguous_panes", text)
+    updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
+    return PullResult(observations, events, ambiguous, unreachable, updates, warnings,
+                      [carried.get(o.id, o) for o in placed])
+
+
+def _look(db: Db, *, claude_dir: str, rclaude: dict[str, str], idle_after_ms: int,
+          now_ms: int) -> tuple[list[Observation], list[Pane], list[str], list[Event]]:
+    """Look at this host's sessions once and record what changed: (observations, ambiguous, unreachable, events)."""
+    observations, ambiguous, unreachable = observe_host(db, claude_dir=claude_dir, rclaude=rclaude,
                                                         idle_after_ms=idle_after_ms, now_ms=now_ms)
     # A session that reported through a hook lately lives even when this look cannot find it (an old
     # Claude outside tmux has no registry entry): marking it gone would flap at every hook.
@@ -5522,14 +5788,7 @@ def pull_fleet(db: Db, *, config: dict[str, Any], now_ms: int, tails: bool = Fal
                   if (panes := list_panes(socket)) is not None}
     events = observe_sessions(db, observations, keep_sockets=unreachable, keep_ids=alive, live_panes=live_panes,
                               now_ms=now_ms)
-    deliver_pending(db, now_ms=now_ms)
-    deliver_answers(db, now_ms=now_ms, config=config)
-    text = canonical_json([p.to_json() for p in ambiguous])
-    if get_meta(db.conn.cursor(), "ambiguous_panes") != text:
-        with write_txn(db) as cur:
-            set_meta(cur, "ambiguous_panes", text)
-    updates = post_pane_tails(db, triage=config.get("triage", {}), now_ms=now_ms, warnings=warnings) if tails else []
-    return PullResult(observations, events, ambiguous, unreachable, updates, warnings)
+    return observations, ambiguous, unreachable, events
 
 
 def start_background_pull(db_path: str, config: dict[str, Any], *, stop: Any,
@@ -6491,13 +6750,39 @@ def agent_launcher(db_path: str) -> str:
     return path
 
 
-def first_prompt(task: Task, *, launcher: str) -> str:
-    """Return what Clare types into a session it started: the task, and how to report on it."""
-    parts = [task.title, task.description.strip(),
-             f"(Task {task.id[:SHORT_ID]} of project {task.project}, from Clare.) Post progress notes with:\n"
-             f'  {launcher} update "what you did"\nWhen the task is finished, report it with:\n'
-             f'  {launcher} update --done "one-line summary"']
-    return broadcast_text("\n\n".join(p for p in parts if p))
+DISPATCH_TEMPLATE = ("$title\n\n$description\n\n(Task $task_id of project $project, from Clare.) Post progress notes "
+                     'with:\n  $clare update "what you did"\nWhen the task is finished, report it with:\n'
+                     '  $clare update --done "one-line summary"')  # [dispatch] template in clare.toml replaces it
+TEMPLATE_KEYS = ("title", "description", "task_id", "project", "priority", "clare")
+
+
+def dispatch_settings(config: dict[str, Any], *, path: str = "clare.toml") -> tuple[str, bool]:
+    """Return clare.toml's [dispatch] template and clear_between, checked; the defaults when unset."""
+    section = config.get("dispatch", {})
+    if not isinstance(section, dict):
+        raise ClareError(f"{path}: [dispatch] must be a table; e.g. [dispatch] clear_between = true")
+    template, is_clear = section.get("template", DISPATCH_TEMPLATE), section.get("clear_between", False)
+    if not isinstance(is_clear, bool):
+        raise ClareError(f"{path}: [dispatch] clear_between = {is_clear!r} is not true or false; fix it")
+    if not isinstance(template, str) or not template.strip() or len(template) > MAX_TEXT_CHARS:
+        raise ClareError(f"{path}: [dispatch] template must be non-empty text of at most {MAX_TEXT_CHARS} characters")
+    t = string.Template(template)
+    unknown = sorted(set(t.get_identifiers()) - set(TEMPLATE_KEYS))
+    if not t.is_valid() or unknown:
+        raise ClareError(f"{path}: [dispatch] template uses {', '.join('$' + u for u in unknown) or 'a lone $'}; "
+                         f"it may use {', '.join('$' + k for k in TEMPLATE_KEYS)} (write $$ for a dollar sign)")
+    return template, is_clear
+
+
+def first_prompt(task: Task, *, launcher: str, template: str | None = None) -> str:
+    """Return the text typed into a session for a task: the dispatch template filled in."""
+    try:
+        text = string.Template(template or DISPATCH_TEMPLATE).substitute(
+            title=task.title, description=task.description.strip(), task_id=task.id[:SHORT_ID], project=task.project,
+            priority=f"P{task.priority}", clare=launcher)
+    except (KeyError, ValueError) as err:  # a template from a peer's clare.toml, checked there only
+        raise ClareError(f"the dispatch template cannot be filled in ({err}); fix [dispatch] template") from None
+    return broadcast_text(re.sub(r"\n{3,}", "\n\n", text).strip())
 
 
 def _run(argv: list[str], *, cwd: str | None = None) -> Any:
@@ -6692,7 +6977,9 @@ def _launch(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dic
     session = Session(id=order.session_id, host=db.machine_id, cwd=folder, tmux_socket=socket, tmux_target=target,
                       pane_id=pane_id, pid=None, command="", state="waiting", state_at=None, last_activity_at=None,
                       label="", task_id=task.id, tokens={}, created_at="")  # not recorded yet: the pull after does
-    result, why = deliver_text(db, session, first_prompt(task, launcher=launcher), confirm_s=BROADCAST_CONFIRM_S)
+    template = order.request.get("template") or dispatch_settings(config)[0]  # a dispatched start: the dispatcher's
+    result, why = deliver_text(db, session, first_prompt(task, launcher=launcher, template=template),
+                               confirm_s=BROADCAST_CONFIRM_S)
     if result != "delivered":
         return "failed", f"Claude started in pane {pane_id} ({target}) but the task was not typed in: {why}", outcome
     return "started", "", outcome
@@ -6753,8 +7040,129 @@ def _is_alive(pid: int, procs: dict[int, tuple[int, int]]) -> bool:
     return rest[0] != b"Z" and int(rest[19]) == procs.get(pid, (0, int(rest[19])))[1]
 
 
+def _type_task(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """Type a dispatched task into its waiting session, after /clear when the order says; 'typed' once Claude has it."""
+    session = get_session(db, order.session_id)
+    task = get_task(db, order.task_id) if order.task_id else None
+    if task is None or task.session_id != session.id or task.status == "done":
+        raise ClareError("the task is no longer bound to this session (someone changed it meanwhile); not typed")
+    if session.state not in ("waiting", "idle"):
+        raise ClareError(f"session {session.id[:SHORT_ID]} is {session.state} now, no longer waiting; not typed")
+    # SECURITY: the template may come from a peer: checked at the door, filled in with this host's launcher.
+    text = first_prompt(task, launcher=agent_launcher(db.path), template=order.request.get("template"))
+    outcome: dict[str, Any] = {"pane_id": session.pane_id, "tmux_target": session.tmux_target}
+    if order.request.get("is_clear"):
+        new_id, why = _clear(db, session)
+        if new_id is None:
+            return "failed", why, outcome
+        session = record_replace(session, id=new_id, state="waiting")
+        outcome["session_id"] = new_id  # the task followed it (the /clear hand-over)
+    result, why = deliver_text(db, session, text, confirm_s=BROADCAST_CONFIRM_S)
+    return ("typed" if result in ("delivered", "queued") else result), why, outcome
+
+
+def _clear(db: Db, session: Session) -> tuple[str | None, str]:
+    """Type /clear into a session and hand its tasks to the session id Claude goes on with; return that id."""
+    pid, socket = session.pid, session.tmux_socket
+    if pid is None or socket is None:
+        return None, f"cannot tell which process runs session {session.id[:SHORT_ID]}; not clearing blind"
+
+    def new_id() -> str | None:
+        sid = (_registry_entry(pid) or {}).get("sessionId")
+        return sid if isinstance(sid, str) and sid != session.id and UUID_RE.match(sid) else None
+
+    result, why = deliver_text(db, session, "/clear", confirm_s=STOP_WAIT_S, is_done=lambda: new_id() is not None)
+    successor = new_id()
+    if result != "delivered" or successor is None:
+        return None, f"/clear was not taken: {why or 'Claude went on under the same session id'}"
+    pane = next((p for p in list_panes(socket) or () if p.pane_id == session.pane_id), None)
+    if pane is not None:  # the new conversation's composer shows once Claude redrew: type into that, not before
+        _wait_until(lambda: composer_text(_capture_styled(pane) or "") == "", timeout_s=STOP_WAIT_S)
+    with write_txn(db) as cur:  # as a pull would on seeing the new id in the same process and pane
+        if list_tasks(db, session_id=session.id, is_open=True):  # else the SessionStart hook handed them over
+            _hand_over(db, cur, session.id, successor, now_ms=now_ms())
+    return successor, ""
+
+
 ORDER_HANDLERS: dict[str, Callable[[Db, Order, dict[str, Any]], tuple[str, str, dict[str, Any]]]] = {
-    "start": _launch, "resume": _launch, "stop": _stop}
+    "start": _launch, "resume": _launch, "stop": _stop, "dispatch": _type_task}
+DISPATCH_RETRY_MS = 60_000  # a session or task whose dispatch failed is left alone this long (no retry storm)
+_DISPATCH_SAID: dict[tuple[str, str], str] = {}  # (database, project id) -> the last warning given: said once
+
+
+def dispatch_round(db: Db, *, config: dict[str, Any], now_ms: int, warnings: list[str] | None = None) -> list[Order]:
+    """Feed the waiting sessions of the projects this host dispatches for, and start sessions up to their maximum.
+
+    Runs in every pull of this host (serve's background loop, `clare pull`); only the project's
+    dispatcher host acts, so one host decides. Orders for this host are carried out by the same pull.
+    """
+    projects = [p for p in list_projects(db, status="active") if p.is_dispatching and p.dispatcher == db.machine_id]
+    if not projects:
+        return []
+    try:
+        template, is_clear = dispatch_settings(config)
+    except ClareError as err:  # a typo in clare.toml stops dispatch, never the pull
+        if warnings is not None:
+            warnings.append(f"dispatch is stopped: {err}")
+        return []
+    placed: list[Order] = []
+    with _dispatch_lock(db):
+        orders = list_orders(db)
+        for project in projects:
+            try:
+                placed += _dispatch_project(db, project, orders, template=template, is_clear=is_clear, now_ms=now_ms)
+                said = ""
+            except ClareError as err:
+                said = f"dispatch for project {project.name}: {err}"
+            if said != _DISPATCH_SAID.get((db.path, project.id), "") and warnings is not None and said:
+                warnings.append(said)
+            _DISPATCH_SAID[(db.path, project.id)] = said
+    return placed
+
+
+@contextlib.contextmanager
+def _dispatch_lock(db: Db) -> Iterator[None]:
+    """Hold this database's dispatch lock: a CLI pull and serve's loop never decide at once (one task, one order)."""
+    import fcntl
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(db.path)), "dispatch.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _dispatch_project(db: Db, project: Project, orders: list[Order], *, template: str, is_clear: bool,
+                      now_ms: int) -> list[Order]:
+    """Place the dispatches and starts one project needs now; a start that cannot be placed raises why."""
+    now_at, retry_at = iso_ms(now_ms), iso_ms(now_ms - DISPATCH_RETRY_MS)
+    in_flight = {o.session_id for o in orders if o.result in ("pending", "claimed") and o.expires_at > now_at}
+    failed = [o for o in orders if o.request.get("is_dispatch") and o.result in ("refused", "failed", "expired")
+              and o.updated_at > retry_at]
+    sessions = {s.id: s for s in find_sessions(db, include_gone=True)}
+    mine = [sessions[sid] for sid in list_project_session_ids(db, project.id)
+            if sid in sessions and sessions[sid].state != "gone"]
+    task_ids = {t.id for t in list_tasks(db, project_id=project.id)}
+    # Starts placed but not seen yet as sessions count too: a start is seen at the pull after it.
+    n_starting = sum(1 for o in orders if o.action == "start" and o.task_id in task_ids and o.session_id not in sessions
+                     and o.result in ("pending", "claimed", "started", "needs trust") and o.expires_at > now_at)
+    idle = sorted((s for s in mine if s.state in ("waiting", "idle") and s.task_id is None and s.id not in in_flight
+                   and s.id not in {o.session_id for o in failed}), key=lambda s: (s.state_at or "", s.id))
+    skip = {o.task_id for o in failed}
+    ready = [t for t in list_ready_tasks(db, project_id=project.id) if t.id not in skip]
+    placed = []
+    for session, task in zip(idle, ready, strict=False):
+        reason = (f"session {session.id[:SHORT_ID]} finished its task and waits; {task.id[:SHORT_ID]} is the next "
+                  f"ready task of {project.name} (P{task.priority})")
+        placed.append(place_dispatch(db, task.id, session, template=template, reason=reason, is_clear=is_clear,
+                                     now_ms=now_ms))
+    n_sessions = len(mine) + n_starting
+    for task in ready[len(placed):]:
+        if n_sessions >= project.max_sessions:
+            break
+        reason = (f"no session of {project.name} waits and {n_sessions} of at most {project.max_sessions} run; "
+                  f"a new one for the next ready task {task.id[:SHORT_ID]} (P{task.priority})")
+        placed.append(place_start(db, task.id, reason=reason, template=template, now_ms=now_ms))
+        n_sessions += 1
+    return placed
 
 
 
@@ -8081,6 +8489,9 @@ class Api:
     from_wire: Callable[[Any], Any] | None = None  # the JSON answer -> the result; None: from the return type
     is_routed: bool = True  # False: the remote client asks a route that answers more (count_events)
     is_lenient: bool = False  # a batch whose items are checked one by one: a bad item rejects that item only
+    cursor: Callable[[Any, Any], str] | None = None  # a list that comes in pages: (db, last item) -> the `after`
+    # that reads on past it. With ?limit=N the route answers {<last path word>: [...], next_after, has_more};
+    # without, the whole list, streamed a page at a time; the remote client follows the pages.
 
 
 SERVICE_APIS: dict[str, tuple[Callable[..., Any], Api | None]] = {}  # service -> (function, HTTP form or None)
@@ -8247,13 +8658,16 @@ class Services:
         """Return the project named `ref` or whose id starts with `ref`."""
         return get_project(self.db, ref)
 
-    @api("PATCH", "/api/v1/projects/{project}", 'Change a project (dirs: "/path", "HOST:/path", "HOST:" removes)',
-         body=("name", "goal", "owner", "status", "dirs"))
+    @api("PATCH", "/api/v1/projects/{project}", 'Change a project (dirs: "/path", "HOST:/path", "HOST:" removes; '
+         'dispatch on/off, max_sessions, dispatcher host)',
+         body=("name", "goal", "owner", "status", "dirs", "dispatch", "max_sessions", "dispatcher"))
     def edit_project(self, ref: str, *, name: str | None = None, goal: str | None = None,
-                     owner: str | None = None, status: str | None = None, dirs: Sequence[str] = ()) -> Project:
-        """Change some fields of a project, and its directory per host."""
+                     owner: str | None = None, status: str | None = None, dirs: Sequence[str] = (),
+                     dispatch: bool | None = None, max_sessions: int | None = None,
+                     dispatcher: str | None = None) -> Project:
+        """Change some fields of a project, its directory per host, and its dispatch settings."""
         return edit_project(self.db, ref, name=name, goal=goal, owner=owner, status=status, dirs=dirs,
-                            now_ms=now_ms())
+                            dispatch=dispatch, max_sessions=max_sessions, dispatcher=dispatcher, now_ms=now_ms())
 
     @api("GET", "/api/v1/projects/{project}/history", "Events about a project and its tasks", query=("limit",),
          resolve={"project": "get_project"})
@@ -8261,19 +8675,22 @@ class Services:
         """Return the events about a project and its tasks, oldest first."""
         return project_history(self.db, project, limit=limit)
 
-    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1)",
+    @api("GET", "/api/v1/tasks", "List tasks, most urgent first (removed ones only with removed=1); "
+         "limit=N gives a page, after=its next_after the next one",
          query=("project_id=project", "status", "session_id=session", "group_id=group", "is_open=open",
                 "active_projects=active", "is_assigned=assigned", "tag", "priorities=priority", "search",
-                "include_removed=removed"), resolve={"project_id": "get_project", "group_id": "get_group"})
+                "include_removed=removed", "after", "limit"),
+         resolve={"project_id": "get_project", "group_id": "get_group"}, cursor=lambda db, t: task_cursor(db, t.id))
     def list_tasks(self, *, project_id: str | None = None, status: str | None = None,
                    session_id: str | None = None, group_id: str | None = None, is_open: bool = False,
                    active_projects: bool = False, is_assigned: bool | None = None, tag: str | None = None,
                    priorities: tuple[int, int] | None = None, search: str | None = None,
-                   include_removed: bool = False) -> list[Task]:
-        """Return tasks, most urgent first."""
+                   include_removed: bool = False, after: str | None = None, limit: int | None = None) -> list[Task]:
+        """Return tasks, most urgent first; `limit` of them past the cursor `after` (a task_cursor)."""
         return list_tasks(self.db, project_id=project_id, status=status, session_id=session_id, group_id=group_id,
                           is_open=is_open, active_projects=active_projects, is_assigned=is_assigned, tag=tag,
-                          priorities=priorities, search=search, include_removed=include_removed)
+                          priorities=priorities, search=search, include_removed=include_removed, after=after,
+                          limit=limit)
 
     @here
     def list_tasks_json(self, **filters: Any) -> str:
@@ -8623,17 +9040,38 @@ class RemoteServices(Services):
                 query += _query_pairs(w, value, max_int=spec.max_int)
             elif w.where == "body" and (w.is_required or value not in (None, (), [])):
                 body[w.name] = list(value) if w.kind == "list" else value
+        if spec.cursor is not None:
+            return self._follow_pages(signature, spec, path, query)
         path += "?" + urllib.parse.urlencode(query) if query else ""
-        got = http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
-                        token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
-                        hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
-                                 "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
+        got = self._ask(spec, path, body)
         if spec.from_wire is not None:
             return spec.from_wire(got)
         answer = signature.return_annotation
         if getattr(answer, "__origin__", None) is list:
             return [from_json(answer.__args__[0], x) for x in got]
         return from_json(answer, got)
+
+
+    def _ask(self, spec: Api, path: str, body: dict[str, Any]) -> Any:
+        return http_json(self.url, path, method=spec.method, body=body if spec.method in ("POST", "PATCH") else None,
+                         token=self.token, timeout_s=REMOTE_TIMEOUT_S, say_where=False,
+                         hint_401=f"set CLARE_TOKEN to the token of the Clare at {self.url}: "
+                                  "the 'token' in its clare.toml, or the CLARE_TOKEN it runs with")
+
+    def _follow_pages(self, signature: Any, spec: Api, path: str, query: list[tuple[str, str]]) -> list[Any]:
+        """Return a paged list: the one page a limit asks for, else every page in turn (each one answer's worth)."""
+        import urllib.parse
+
+        item_type, key = signature.return_annotation.__args__[0], spec.path.rsplit("/", 1)[1]
+        is_one_page = any(name == "limit" for name, _ in query)
+        query = [*query, ("limit", str(spec.max_int))] if not is_one_page else query
+        items: list[Any] = []
+        while True:
+            got = self._ask(spec, f"{path}?{urllib.parse.urlencode(query)}", {})
+            items += (from_json(item_type, x) for x in got[key])
+            if is_one_page or not got["has_more"]:
+                return items
+            query = [(name, value) for name, value in query if name != "after"] + [("after", got["next_after"])]
 
 
 def _query_pairs(w: Wire, value: Any, *, max_int: int) -> list[tuple[str, str]]:
@@ -8872,6 +9310,7 @@ class Response:
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    chunks: Generator[bytes, None, None] | None = None  # instead of body: sent as made (chunked), never held whole
 
 
 def _jsonable(value: Any) -> Any:
@@ -8894,8 +9333,15 @@ def error_json(status: int, message: str) -> bytes:
     return json.dumps({"error": {"code": ERROR_CODES.get(status, "error"), "message": message}}).encode()
 
 
+_LITERAL_ROUTES: dict[tuple[str, str], Callable[[Request], Response]] = {}  # (method, path) -> handler, for the
+# routes without parameters ("/", "/frag/fleet"): found by the scan once, then by one dict lookup (a page poll's path)
+
+
 def _route(method: str, path: str) -> tuple[Callable[[Request], Response], dict[str, str]]:
     """Find the handler of a path and method; 404 when no path matches, 405 with Allow when no method does."""
+    known = _LITERAL_ROUTES.get((method, path))
+    if known is not None:
+        return known, {}
     from urllib.parse import unquote
 
     allowed = []
@@ -8904,6 +9350,8 @@ def _route(method: str, path: str) -> tuple[Callable[[Request], Response], dict[
         if m is None:
             continue
         if route_method == method or (method == "HEAD" and route_method == "GET"):
+            if not pattern.groups and re.sub(r"\\(.)", r"\1", pattern.pattern) == path:  # one key per route
+                _LITERAL_ROUTES[(method, path)] = handler
             return handler, {k: unquote(v) for k, v in m.groupdict().items()}
         allowed.append(route_method)
     if allowed:
@@ -9104,7 +9552,7 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
     message = getattr(h, "headers", None)  # absent when the request line itself was bad
     headers = {k.lower(): v for k, v in message.items()} if message is not None else {}
     is_api = path.startswith("/api/") or error is not None  # a broken request gets the plain JSON error
-    db = None
+    db, resp = None, None
     h.body_is_read, h.body_size = False, None
     try:
         if error is not None or message is None:
@@ -9138,8 +9586,9 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         traceback.print_exc(file=sys.stderr)
         resp = Response(500, error_json(500, "internal error; see the server's log"))
     finally:
-        if db is not None:
+        if db is not None and (resp is None or resp.chunks is None):  # a stream reads on while it is sent
             server.give_db(db)
+            db = None
     # SECURITY: a body left unread (or of unknown length: chunked, a bad Content-Length) would be
     # parsed as the next request on this connection: request smuggling. Drop it, or close.
     # A stranger's body (401) is not worth reading: close instead.
@@ -9148,12 +9597,44 @@ def _dispatch(h: Any, *, error: HttpError | None = None) -> None:
         h.close_connection = True
     if server.is_stopping:
         h.close_connection = True
+    stream = resp.chunks
     resp, head = _response_head(resp, is_closing=h.close_connection)
-    h.wfile.write(head + (b"" if method == "HEAD" else resp.body))  # one buffer: no Nagle stall
+    try:
+        if resp.chunks is None:
+            _send(h.connection, head, b"" if method == "HEAD" else resp.body)
+        else:
+            _send(h.connection, head)
+            for chunk in resp.chunks if method != "HEAD" else ():
+                if chunk:
+                    _send(h.connection, b"%x\r\n" % len(chunk), chunk, b"\r\n")
+            _send(h.connection, b"0\r\n\r\n")
+    except (TimeoutError, ConnectionError):
+        h.close_connection = True
+    except Exception:  # a stream failed after its status went out: end the connection short, the answer cut
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        h.close_connection = True
+    finally:
+        if stream is not None:
+            stream.close()  # ends the stream's read transaction before its connection is lent again
+        if db is not None:
+            server.give_db(db)
     if resp.status == 413 and not h.body_is_read:
         _drain_refused_body(h, headers)
     if config.log_requests:
         h.log_message('"%s %s" %d %.1f ms', method, path, resp.status, (time.perf_counter() - started) * 1000)
+
+
+def _send(sock: Any, *parts: bytes) -> None:
+    """Write a response's parts (head, body) in one system call where the socket takes them: no copy, no Nagle stall."""
+    n_sent = sock.sendmsg(parts)  # a dashboard is ~200 KB: head + body would copy it
+    for part in parts:
+        if n_sent >= len(part):
+            n_sent -= len(part)
+            continue
+        sock.sendall(memoryview(part)[n_sent:])
+        n_sent = 0
 
 
 def _response_head(resp: Response, *, is_closing: bool) -> tuple[Response, bytes]:
@@ -9162,7 +9643,8 @@ def _response_head(resp: Response, *, is_closing: bool) -> tuple[Response, bytes
 
     reason = BaseHTTPRequestHandler.responses.get(resp.status, ("",))[0]
     lines = [f"HTTP/1.1 {resp.status} {reason}", f"Content-Type: {resp.content_type}",
-             f"Content-Length: {len(resp.body)}", *(f"{k}: {v}" for k, v in SECURITY_HEADERS)]
+             "Transfer-Encoding: chunked" if resp.chunks is not None else f"Content-Length: {len(resp.body)}",
+             *(f"{k}: {v}" for k, v in SECURITY_HEADERS)]
     if not any(k.lower() == "cache-control" for k, _ in resp.headers):
         lines.append("Cache-Control: no-store")
     lines += [f"{k}: {v}" for k, v in resp.headers]
@@ -9208,6 +9690,7 @@ def _define_server() -> type:
     # server's state (connection pool, busy count, thread slots). Split, they would each re-import it.
     import selectors
     import socket
+    import socketserver
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -9226,11 +9709,14 @@ def _define_server() -> type:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("the request took too long to arrive")
-            self.sock.settimeout(min(self.timeout_s, left))
-            try:
+            if left >= self.timeout_s:  # the socket has the per-read timeout (the gate set it): no syscall
                 chunk = self.sock.recv(65536)
-            finally:
-                self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
+            else:
+                self.sock.settimeout(left)
+                try:
+                    chunk = self.sock.recv(65536)
+                finally:
+                    self.sock.settimeout(self.timeout_s)  # writes keep the plain per-write timeout
             self.buf += chunk
             return bool(chunk)
 
@@ -9266,15 +9752,14 @@ def _define_server() -> type:
         sys_version = ""
 
         def setup(self) -> None:
+            # StreamRequestHandler.setup without its socket files and settimeout (a syscall per request):
+            # the gate gave the socket its per-read and per-write timeout when it handed it over.
             config = self.server.config
             sock, head = self.request  # the gate hands over the connection with the head it read
-            self.request = sock
-            # typeshed calls `timeout` a ClassVar, but setup() reads it from the instance: one value per server.
-            self.timeout = config.timeout_s  # type: ignore[misc]  # every read and write on the socket
-            super().setup()
-            self.rfile.close()  # its socket file would keep the socket open after the request
+            self.request = self.connection = sock
             self.reader = RequestReader(sock, head, timeout_s=config.timeout_s, deadline_s=config.deadline_s)
             self.rfile = self.reader  # type: ignore[assignment]  # readline() and read() are all http.server uses
+            self.wfile = socketserver._SocketWriter(sock)  # type: ignore[attr-defined]  # what wbufsize 0 gives
 
         def handle(self) -> None:
             """Answer one request; the gate waits for the next one on this connection, without a thread."""
@@ -9412,7 +9897,7 @@ def _define_server() -> type:
                 return
             self.selector.unregister(sock)
             del self.waiting[sock]
-            sock.setblocking(True)
+            sock.settimeout(self.server.config.timeout_s)  # every read and write of its handler
             self.queued.append((sock, address, head, time.monotonic() + BUSY_WAIT_S))
             self._start_queued(time.monotonic())
 
@@ -9912,6 +10397,9 @@ pre.pane{font-size:10.5px}}
 nav a{padding:.25rem .4rem;font-size:.93rem}
 .card{padding:.85rem .8rem;border-radius:10px}td,th{padding:.45rem .3rem}}
 body.bare{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}
+h3{font-size:.85rem;margin:.9rem 0 .4rem}ol.queue,ul.waits{margin:0;padding-left:1.4rem}
+ol.queue li,ul.waits li{padding:.25rem 0;overflow-wrap:anywhere}.dep{display:inline-block;margin-right:.6rem}
+.dep.over a{text-decoration:line-through;color:var(--muted)}form.waits-form{margin:.9rem 0 0}
 """
 STATIC_MEMORY = {"clare.js": CLARE_JS.encode(), "clare.css": STYLESHEET.encode()}  # files served from memory, by name
 
@@ -10008,34 +10496,52 @@ PAGE_ERROR = string.Template("""<!doctype html>
 
 
 PAGE_CACHE_TTL_S = 2.0  # "5m ago" and transcript activity move without events: serve a page this long at most
+PAGE_MAX_STALE_S = 1.0  # while one thread rebuilds a page, others get the previous one if it is this young
+PAGE_BUILD_WAIT_S = 30.0  # a request that may not have the previous page waits this long for the rebuild
 MAX_CACHED_PAGES = 256  # by URL; a flood of distinct query strings empties the cache, never grows it
 _PAGE_CACHE: dict[tuple[str, str], tuple[int, float, Response]] = {}  # (db, url) -> (log head, built at, page)
-_PAGE_BUILDERS: dict[tuple[str, str], object] = {}  # pages being rebuilt now; setdefault claims one atomically
+_PAGE_BUILDERS: dict[tuple[str, str], Any] = {}  # (db, url) -> threading.Event set when its rebuild ends;
+# setdefault claims a rebuild atomically, so one thread rebuilds a page at a time
 
 
 def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
     """Wrap a GET page or fragment: answer from memory while the log has not grown, for up to 2 s.
 
     Every browser tab polls every fragment every 5 s; a dashboard of 200 sessions and 5,000
-    tasks costs ~45 ms of CPU to build, and the projections change only when an event lands.
+    tasks costs ~12 ms of CPU to build, and the projections change only when an event lands.
+    When one does (a fleet with hooks writes several a second), exactly one thread rebuilds the
+    page; the others answer the previous page meanwhile, if it was built less than
+    PAGE_MAX_STALE_S ago, else they wait for the rebuild. So a change is on every answer
+    started PAGE_MAX_STALE_S (+ HEAD_MAX_AGE_S) after it, and a busy log costs one build at a time.
     """
     def answer(req: Request) -> Response:
-        key = (req.config.db_path, req.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(req.query.items())))
-        head, now = head_rseq(req.db.conn), time.monotonic()
+        query = req.query
+        key = (req.config.db_path, req.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(query.items()))
+               if query else req.path)
+        head, now = recent_head(req.db), time.monotonic()
         hit = _PAGE_CACHE.get(key)
-        if hit is not None and hit[0] == head:
-            if now - hit[1] < PAGE_CACHE_TTL_S:
-                return hit[2]
-            token = object()
-            if _PAGE_BUILDERS.setdefault(key, token) is not token:
-                return hit[2]  # only older by the clock, and another thread rebuilds it: no stampede
+        if hit is not None and hit[0] == head and now - hit[1] < PAGE_CACHE_TTL_S:
+            return hit[2]
+        import threading
+
+        mine = threading.Event()
+        building = _PAGE_BUILDERS.setdefault(key, mine)
+        if building is not mine:  # another thread rebuilds it now
+            if hit is not None and (hit[0] == head or now - hit[1] < PAGE_MAX_STALE_S):
+                return hit[2]  # only older by the clock, or young enough: no stampede, bounded staleness
+            if building.wait(PAGE_BUILD_WAIT_S):
+                fresh = _PAGE_CACHE.get(key)
+                if fresh is not None and now - fresh[1] < PAGE_MAX_STALE_S:
+                    return fresh[2]
+            return handler(req)  # the rebuild failed or is stuck: build this one alone, uncached
         try:
             resp = handler(req)
+            if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
+                _PAGE_CACHE.clear()
+            _PAGE_CACHE[key] = (head, now, resp)
         finally:
-            _PAGE_BUILDERS.pop(key, None)
-        if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
-            _PAGE_CACHE.clear()
-        _PAGE_CACHE[key] = (head, now, resp)
+            del _PAGE_BUILDERS[key]
+            mine.set()
         return resp
     answer.__name__, answer.__doc__ = handler.__name__, handler.__doc__
     return answer
@@ -10102,13 +10608,15 @@ PROJECTS_TABLE = string.Template("""<div class="scroll"><table>
 <th class="hide-sm">Sessions</th>
 <th class="hide-sm">Owner</th></tr></thead>
 <tbody>$rows</tbody></table></div>""")
-PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a>
+PROJECT_ROW = string.Template("""<tr><td class="title"><a href="/projects/$id">$name</a>$dispatch
 <div class="muted small">$goal</div></td>
 <td class="hide-sm">$status</td><td><div class="counts">$counts</div></td>
 <td class="hide-sm"><progress value="$n_done" max="$n_total"
 title="$n_done of $n_total done">$n_done/$n_total</progress></td>
 <td class="hide-sm small">$n_sessions <span class="muted mono">$tokens</span></td>
 <td class="hide-sm muted">$owner</td></tr>""")
+READY_BADGE = string.Template('<span class="badge c-violet" title="todo, unassigned, waiting on nothing undone: '
+                              'clare next">$n ready</span>')
 FRAG_ACTIVITY = string.Template("""<section class="card" id="frag-activity" $poll>
 <h2>Recent activity</h2>$body</section>""")
 PROJECT_FORM = string.Template("""<section class="card" id="project-form"$oob>
@@ -10134,6 +10642,7 @@ $projects""")
 MAIN_PROJECT = string.Template("""<p class="muted small"><a href="/projects">Projects</a> /</p>
 <h1>$name</h1>
 $head
+$queue
 $tasks
 <div class="grid">
 $task_form
@@ -10145,9 +10654,19 @@ $task_form
 <dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl></section>
 </div>
 <div class="grid">
+$dispatch
 <section class="card"><h2>Recent updates</h2>$updates</section>
 <section class="card"><h2>History</h2>$history</section>
 </div>""")
+DISPATCH_CARD = string.Template("""<section class="card" id="dispatch-card"><h2>Dispatch</h2>
+<p>$state</p>
+<form class="row" $attrs>$csrf
+<label class="check wide"><span><input type="checkbox" name="dispatch" value="on"$checked> feed waiting sessions
+the next ready task</span></label>
+<label>Sessions, at most<input type="number" name="max_sessions" min="1" max="$max" value="$n" required></label>
+<label>Dispatcher host<select name="dispatcher">$hosts</select></label>
+<button type="submit">Save</button></form>
+<p class="small muted">$note</p></section>""")
 PROJECT_DIR = string.Template('<div><span class="mono small">$path</span> '
                               '<span class="muted small">on $host</span></div>')
 START_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="$view">
@@ -10166,6 +10685,21 @@ SESSION_BUTTON = string.Template("""<form class="tight" $attrs>$csrf<input type=
 <button class="ghost" type="submit">$label</button></form>""")
 FORCE_BOX = Html('<label class="small"><input type="checkbox" name="force" value="1"> even while it works</label>')
 PROJECT_HEAD = string.Template('<p class="sub" id="project-head"$oob>$status $goal</p>')
+FRAG_PROJECT_QUEUE = string.Template("""<section class="card" id="frag-queue" $poll>
+<h2>Queue</h2>$cycles
+<h3>Ready to hand out <span class="muted">$n_ready</span></h3>$ready
+<h3>Who waits on what</h3>$waiting</section>""")
+QUEUE_LIST = string.Template('<ol class="queue">$items</ol>')
+QUEUE_ITEM = string.Template("""<li><span class="badge c-$pri_color">P$priority</span>
+<a href="/tasks/$id">$title</a> <span class="mono muted small">$short_id</span>$tags</li>""")
+WAITS_LIST = string.Template('<ul class="waits">$items</ul>')
+WAITS_ITEM = string.Template("""<li><a href="/tasks/$id">$title</a> <span class="mono muted small">$short_id</span>
+$ready<span class="muted small">waits on</span> $deps</li>""")
+WAIT_DEP = string.Template('<span class="dep$done_class"><a href="/tasks/$id">$title</a> $state</span>')
+WAIT_UNKNOWN = string.Template('<span class="dep"><span class="mono">$short_id</span> '
+                               '<span class="muted small">not here yet</span></span>')
+CYCLE_ALERT = string.Template('<p class="flash error" role="alert">Cycle of waits: $chain. These tasks are never '
+                              'ready; drop one wait with <code>$fix</code></p>')
 FRAG_PROJECT_TASKS = string.Template("""<section class="card" id="frag-tasks" $poll>
 <h2>Tasks</h2>$table</section>""")
 TASKS_TABLE = string.Template("""<div class="scroll"><table class="cards">
@@ -10183,6 +10717,7 @@ TASK_FORM = string.Template("""<section class="card" id="task-form"$oob>
 <label class="wide">Title<input name="title" required maxlength="300" placeholder="write the parser"
 autocomplete="off"></label>
 <label>Priority<select name="priority">$priorities</select></label>
+<label>Waits on<input name="after" placeholder="task ids, e.g. 3f2a 91bc" autocomplete="off" maxlength="2000"></label>
 <label class="wide">Description<textarea name="description" maxlength="20000"></textarea></label>
 <button type="submit">Add task</button>
 </form></section>""")
@@ -10212,8 +10747,13 @@ FRAG_TASK = string.Template("""<section class="card" id="frag-task" $poll>
 $removed<dl class="facts"><dt>Status</dt><dd>$status_form</dd>
 <dt>Assigned</dt><dd>$assignee $unassign</dd>
 <dt>Priority</dt><dd>P$priority</dd><dt>Tags</dt><dd>$tags</dd>
+<dt>Waits on</dt><dd>$waits_on</dd><dt>Blocks</dt><dd>$blocks</dd>
 <dt>Created</dt><dd>$created</dd><dt>Id</dt><dd class="mono">$id</dd></dl>
-$description</section>""")
+$cycle$description
+<form class="row waits-form" $waits_attrs>$csrf<input type="hidden" name="view" value="task">
+<label>Wait on<input name="after" placeholder="task id, e.g. 3f2a" autocomplete="off" maxlength="2000"></label>
+<label>Stop waiting on<input name="no_after" placeholder="task id" autocomplete="off" maxlength="2000"></label>
+<button class="ghost" type="submit">Change waits</button></form></section>""")
 UNASSIGN_FORM = string.Template("""<form class="tight" $attrs>$csrf<input type="hidden" name="view" value="task">
 <button class="ghost" type="submit">Unassign</button></form>""")
 UPDATE_FORM = string.Template("""<form class="row" id="update-form" $attrs$oob>$csrf
@@ -10286,18 +10826,25 @@ def projects_fragment(req: Request) -> Html:
     if not projects:
         table_html = render(EMPTY, text="No projects yet. Create one below, or: clare project new NAME")
     else:
-        table_html = render(PROJECTS_TABLE, rows=join(map(_project_row, rollups)))
+        ready: dict[str, int] = {}
+        for t in req.svc.ready_tasks():
+            ready[t.project_id] = ready.get(t.project_id, 0) + 1
+        table_html = render(PROJECTS_TABLE, rows=join(_project_row(r, n_ready=ready.get(r.project.id, 0))
+                                                      for r in rollups))
     clashes = join(render(ALERT, text=clash_message(name, found))
                    for name, found in name_clashes(projects).items())
     return render(FRAG_PROJECTS, poll=poll_attrs("/frag/projects"), stats=stats, clashes=clashes, table=table_html)
 
 
-def _project_row(rollup: ProjectStatus) -> Html:
+def _project_row(rollup: ProjectStatus, *, n_ready: int = 0) -> Html:
     p = rollup.project
+    ready = [render(READY_BADGE, n=n_ready)] if n_ready else []  # the ready queue's length: what dispatch takes
     return render(PROJECT_ROW, id=p.id, name=p.name, goal=p.goal, owner=p.owner or "—",
+                  dispatch=join([Html(" "), badge("dispatch on", "violet")]) if p.is_dispatching else Html(""),
                   status=badge(p.status, PROJECT_COLORS.get(p.status, "gray")),
-                  counts=join(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
-                              for s in TASK_STATUSES if p.task_counts[s]) or Html('<span class="muted">none</span>'),
+                  counts=join([*ready, *(badge(f"{p.task_counts[s]} {STATUS_LABEL[s]}", TASK_COLORS[s])
+                                         for s in TASK_STATUSES if p.task_counts[s])])
+                  or Html('<span class="muted">none</span>'),
                   n_done=p.task_counts["done"], n_total=sum(p.task_counts.values()) or 1,
                   n_sessions=rollup.n_sessions or "—",
                   tokens=tokens_text(rollup.tokens) if rollup.n_sessions else "")
@@ -10417,6 +10964,43 @@ def task_form(req: Request, project: Project, *, oob: bool = False) -> Html:
                   priorities=options(((str(n), f"P{n}") for n in PRIORITIES), str(DEFAULT_PRIORITY)))
 
 
+def queue_fragment(req: Request, project: Project) -> Html:
+    """Render a project's queue: its ready tasks in order, what each waiting task waits on, its cycles; polled."""
+    queue = req.svc.get_queue(project.id)
+    titles = {t.id: t.title for w in queue.waiting for t in [*w.waits_on, *w.blocks]}
+    titles.update((t.id, t.title) for t in req.svc.list_tasks(project_id=project.id, include_removed=True))
+
+    def named(task_id: str) -> str:
+        return f"{titles[task_id]} ({task_id[:SHORT_ID]})" if task_id in titles else task_id[:SHORT_ID]
+    cycles = join(render(CYCLE_ALERT, chain=" → ".join(map(named, c)),
+                         fix=f"clare task edit {c[0][:SHORT_ID]} --no-after {c[1][:SHORT_ID]}") for c in queue.cycles)
+    ready = render(QUEUE_LIST, items=join(render(
+        QUEUE_ITEM, id=t.id, short_id=t.id[:SHORT_ID], title=t.title, priority=t.priority, tags=tag_badges(t),
+        pri_color="red" if t.priority == 0 else "orange" if t.priority == 1 else "gray") for t in queue.ready)) \
+        if queue.ready else render(EMPTY, text="No task is ready: each open task waits, is assigned, or is not todo.")
+    waiting = render(WAITS_LIST, items=join(render(
+        WAITS_ITEM, id=w.task_id, short_id=w.task_id[:SHORT_ID], title=titles.get(w.task_id, ""),
+        ready=join([badge("ready", "violet"), Html(" ")]) if w.is_ready else Html(""),
+        deps=join([*(_wait_dep(t) for t in w.waits_on),
+                   *(render(WAIT_UNKNOWN, short_id=x[:SHORT_ID]) for x in w.unknown)]))
+        for w in queue.waiting)) if queue.waiting else render(EMPTY, text="No open task waits on another.")
+    return render(FRAG_PROJECT_QUEUE, poll=poll_attrs(f"/frag/projects/{project.id}/queue"), cycles=cycles,
+                  n_ready=str(len(queue.ready)), ready=ready, waiting=waiting)
+
+
+def _wait_dep(task: Task) -> Html:
+    """Render one task waited on: struck through once done (or removed), else with its status."""
+    is_over = task.status == "done" or task.removed_at is not None
+    state = badge("removed" if task.removed_at else STATUS_LABEL[task.status],
+                  "gray" if task.removed_at else TASK_COLORS[task.status])
+    return render(WAIT_DEP, id=task.id, title=task.title, state=state, done_class=Html(" over" if is_over else ""))
+
+
+def frag_project_queue(req: Request) -> Response:
+    """Answer the queue poll of a project."""
+    return html_response(queue_fragment(req, req.svc.get_project(req.params["project"])))
+
+
 def page_project(req: Request) -> Response:
     """Show a project: its tasks, a form to add one, its updates and history."""
     svc = req.svc
@@ -10429,9 +11013,41 @@ def page_project(req: Request) -> Response:
         status_attrs=form_attrs(f"/projects/{p.id}/status", target="body", swap="none", trigger="change"),
         status_options=options(((s, s) for s in PROJECT_STATUSES), p.status),
         dirs=join(render(PROJECT_DIR, path=d, host=h) for h, d in p.dirs.items()) if p.dirs else Html("—"),
-        tasks=tasks_fragment(req, p), task_form=task_form(req, p),
+        queue=queue_fragment(req, p), tasks=tasks_fragment(req, p), task_form=task_form(req, p),
+        dispatch=dispatch_card(req, p),
         updates=updates_list(updates, empty="No updates on these tasks yet."),
         history=feed(svc.project_history(p, limit=30), empty="No history.")))
+
+
+def dispatch_card(req: Request, project: Project) -> Html:
+    """Render a project's dispatch switch: on or off, how many sessions, and the one host that decides."""
+    here = req.db.machine_id
+    hosts = sorted(set(list_known_hosts(req.db)) | {project.dispatcher or here}, key=lambda h: (h != here, h))
+    if project.is_dispatching:
+        state = (f"On: as a session of {project.name} finishes its task and waits, {project.dispatcher} types the "
+                 f"next ready task into it, and starts sessions while fewer than {project.max_sessions} run.")
+    else:
+        state = "Off: sessions that finish a task wait for you."
+    note = ("Only the dispatcher host dispatches (its clare serve does, every pull). Name another host while that "
+            "one is away; two hosts that each changed it while apart may both dispatch until they sync.")
+    return render(DISPATCH_CARD, state=state, csrf=csrf_field(req), note=note,
+                  attrs=form_attrs(f"/projects/{project.id}/dispatch", target="#dispatch-card"),
+                  checked=Html(" checked" if project.is_dispatching else ""), max=MAX_DISPATCH_SESSIONS,
+                  n=project.max_sessions, hosts=options(((h, h + (" (this host)" if h == here else ""))
+                                                         for h in hosts), project.dispatcher or here))
+
+
+def frag_set_project_dispatch(req: Request) -> Response:
+    """Turn a project's dispatch on or off, with its maximum and dispatcher host, from its card."""
+    f = req.form()
+    p = req.svc.edit_project(req.params["project"], dispatch=f.get("dispatch") == "on",
+                             max_sessions=_form_int(f.get("max_sessions", ""), "at most ... sessions"),
+                             dispatcher=f.get("dispatcher") or None)
+    if not req.is_htmx:
+        return redirect(f"/projects/{p.id}")
+    return html_response(join([dispatch_card(req, p), flash(
+        f"Dispatch for {p.name} is {'on, decided by ' + str(p.dispatcher) if p.is_dispatching else 'off'}.",
+        kind="ok", oob=True)]))
 
 
 def project_head(project: Project, *, oob: bool = False) -> Html:
@@ -10458,7 +11074,8 @@ def frag_add_task(req: Request) -> Response:
     """Add a task from the form; htmx gets the refreshed task table."""
     f = req.form()
     t = req.svc.create_task(req.params["project"], f.get("title", ""), description=f.get("description", ""),
-                            priority=_form_int(f.get("priority", str(DEFAULT_PRIORITY)), "priority"))
+                            priority=_form_int(f.get("priority", str(DEFAULT_PRIORITY)), "priority"),
+                            after=_id_words(f.get("after", "")))
     if not req.is_htmx:
         return redirect(f"/projects/{t.project_id}")
     p = req.svc.get_project(t.project_id)
@@ -10489,7 +11106,15 @@ def task_fragment(req: Request, task: Task) -> Html:
                 if task.session_id or task.group_id else Html(""))
     removed = (render(REMOVED_NOTE, badge=badge("removed", "orange"), when=when_text(task.removed_at),
                       short_id=task.id[:SHORT_ID]) if task.removed_at else Html(""))
+    waits = req.svc.get_task_waits(task.id)
+    waits_on = join([*map(_wait_dep, waits.waits_on), *(render(WAIT_UNKNOWN, short_id=x[:SHORT_ID])
+                                                         for x in waits.unknown)])
+    cycle = render(CYCLE_ALERT, chain=cycle_text(waits.cycle),
+                   fix=f"clare task edit {waits.cycle[0][:SHORT_ID]} --no-after {waits.cycle[1][:SHORT_ID]}") \
+        if waits.cycle else Html("")
     return render(FRAG_TASK, poll=poll_attrs(f"/frag/tasks/{task.id}"), id=task.id, priority=task.priority,
+                  waits_on=waits_on or "—", blocks=join(map(_wait_dep, waits.blocks)) or "—", cycle=cycle,
+                  csrf=csrf_field(req), waits_attrs=form_attrs(f"/tasks/{task.id}/waits", target="#frag-task"),
                   removed=removed, tags=tag_badges(task) or "—",
                   status_form=status_form(req, task, view="task"), assignee=assignee_text(task), unassign=unassign,
                   created=when_text(task.created_at),
@@ -10561,6 +11186,18 @@ def frag_set_task_status(req: Request) -> Response:
     """Change a task's status from its select."""
     t = req.svc.edit_task(req.params["task"], status=req.form().get("status", ""))
     return _after_task_change(req, t, f"{t.title}: {STATUS_LABEL[t.status]}.")
+
+
+def frag_set_task_waits(req: Request) -> Response:
+    """Add and drop the tasks a task waits on, from its card's form (ids or prefixes, by spaces or commas)."""
+    f = req.form()
+    t = req.svc.edit_task(req.params["task"], after=_id_words(f.get("after", "")),
+                          no_after=_id_words(f.get("no_after", "")))
+    return _after_task_change(req, t, f"{t.title}: waits on {len(t.after)} task{'' if len(t.after) == 1 else 's'}.")
+
+
+def _id_words(text: str) -> list[str]:
+    return text.replace(",", " ").split()
 
 
 def frag_assign_task(req: Request) -> Response:
@@ -11277,10 +11914,54 @@ def service_handler(name: str) -> Callable[[Request], Response]:
         kwargs = {w.arg: _request_value(req, svc, w, body, max_int=spec.max_int) for w in wires
                   if w.where in ("path", "query") or (w.where == "body" and w.name in body)}
         kwargs.update({arg: fill(req) for arg, fill in spec.server.items()})
+        if spec.cursor is not None:
+            return _page_response(req, getattr(svc, name), spec, kwargs)
         value = getattr(svc, name)(**kwargs)
         return json_response(_wire_value(spec.to_wire(req, value) if spec.to_wire else value), status=spec.status)
     handle.__name__, handle.__doc__ = f"api_{name}", spec.summary
     return handle
+
+
+STREAM_PAGE_ITEMS = 500  # items per page of a streamed list: its chunk, and the most of it held at once
+
+
+def _page_response(req: Request, call: Callable[..., list[Any]], spec: Api, kwargs: dict[str, Any]) -> Response:
+    """Answer a list that comes in pages: one page with ?limit=N, else the whole list, streamed a page at a time."""
+    cursor = spec.cursor
+    assert cursor is not None  # only lists declared with a cursor come here
+    limit = kwargs.pop("limit", None)
+    if limit is not None:
+        with read_txn(req.db):  # the page and its cursor from one snapshot
+            items = call(**kwargs, limit=limit + 1)
+            page = items[:limit]
+            after = cursor(req.db, page[-1]) if page else kwargs.get("after")
+        return json_response({spec.path.rsplit("/", 1)[1]: _wire_value(page), "next_after": after,
+                              "has_more": len(items) > limit})
+
+    def chunks() -> Generator[bytes, None, None]:
+        with read_txn(req.db):  # one snapshot for the whole list, as a single query would give
+            after, sep = kwargs.pop("after", None), b"["
+            while True:
+                items = call(**kwargs, after=after, limit=STREAM_PAGE_ITEMS)
+                text = json.dumps(_jsonable(_wire_value(items)), ensure_ascii=False)[1:-1].encode()
+                if text or sep == b"[":  # the first page always: it opens the list
+                    yield sep + text
+                    sep = b"," if text else b""
+                if len(items) < STREAM_PAGE_ITEMS:
+                    break
+                after = cursor(req.db, items[-1])
+            yield b"]"
+
+    stream = chunks()
+    first = next(stream)  # the first page is read here: a bad argument is a 400, before any byte is sent
+
+    def sent() -> Generator[bytes, None, None]:
+        try:
+            yield first
+            yield from stream
+        finally:
+            stream.close()
+    return Response(spec.status, chunks=sent())
 
 
 def _request_value(req: Request, svc: Services, w: Wire, body: dict[str, Any], *, max_int: int) -> Any:
@@ -11529,6 +12210,10 @@ def service_docs() -> dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str
         answer = inspect.signature(fn).return_annotation
         schema = _ref(spec.schema) if spec.schema else _array(answer.__args__[0].__name__) \
             if getattr(answer, "__origin__", None) is list else _ref(answer.__name__)
+        if spec.cursor is not None:  # with ?limit=N, one page of the list
+            key = spec.path.rsplit("/", 1)[1]
+            schema = {"oneOf": [schema, {"type": "object", "required": [key, "next_after", "has_more"], "properties": {
+                key: schema, "next_after": {"type": ["string", "null"]}, "has_more": {"type": "boolean"}}}]}
         docs[(spec.method, spec.path)] = (spec.summary, tuple(w.name for w in wires if w.where == "query"),
                                           body_schema, spec.status, schema)
     return docs
@@ -11635,8 +12320,10 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/projects/" + _REF % "project", cached(page_project)),
         ("POST", r"/projects/" + _REF % "project" + "/tasks", frag_add_task),
         ("POST", r"/projects/" + _REF % "project" + "/status", frag_set_project_status),
+        ("POST", r"/projects/" + _REF % "project" + "/dispatch", frag_set_project_dispatch),
         ("GET", r"/tasks/" + _REF % "task", cached(page_task)),
         ("POST", r"/tasks/" + _REF % "task" + "/status", frag_set_task_status),
+        ("POST", r"/tasks/" + _REF % "task" + "/waits", frag_set_task_waits),
         ("POST", r"/tasks/" + _REF % "task" + "/assignment", frag_assign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/unassign", frag_unassign_task),
         ("POST", r"/tasks/" + _REF % "task" + "/sessions", frag_start_session),
@@ -11663,6 +12350,7 @@ ROUTES: list[tuple[str, "re.Pattern[str]", Callable[[Request], Response]]] = [
         ("GET", r"/frag/projects", cached(frag_projects)),
         ("GET", r"/frag/activity", cached(frag_activity)),
         ("GET", r"/frag/projects/" + _REF % "project" + "/tasks", cached(frag_project_tasks)),
+        ("GET", r"/frag/projects/" + _REF % "project" + "/queue", cached(frag_project_queue)),
         ("GET", r"/frag/tasks/" + _REF % "task", cached(frag_task)),
         ("GET", r"/frag/tasks/" + _REF % "task" + "/updates", cached(frag_task_updates)),
         ("GET", r"/frag/tasks/" + _REF % "task" + "/history", cached(frag_task_history)),
@@ -12391,12 +13079,19 @@ def cmd_project_show(args: argparse.Namespace, ctx: Context) -> None:
     p = ctx.svc.get_project(args.project)
     tasks = ctx.svc.list_tasks(project_id=p.id)
     history = ctx.svc.project_history(p) if args.history else None
-    value = {**p.to_json(), "tasks": tasks, **({"history": history} if history is not None else {})}
+    queue = ctx.svc.get_queue(p.id)
+    value = {**p.to_json(), "tasks": tasks, **({"history": history} if history is not None else {}),
+             "ready": [t.id for t in queue.ready], "cycles": queue.cycles}
 
     def text() -> str:
         lines = [f"{p.name}  ({p.id})  {p.status}", f"goal:  {p.goal or '-'}", f"owner: {p.owner or '-'}",
-                 *(f"code:  {folder} on {host}" for host, folder in p.dirs.items()),
-                 f"tasks: {_counts(p.task_counts)}", "", format_tasks(tasks, with_project=False)]
+                 *(f"code:  {folder} on {host}" for host, folder in p.dirs.items()), dispatch_line(p),
+                 f"tasks: {_counts(p.task_counts)}",
+                 f"ready: {len(queue.ready)}" + (f" (see them with: clare next --project {p.name})"
+                                                 if queue.ready else ""),
+                 *(f"cycle: {cycle_text(c)}: never ready; drop one wait with: clare task edit {c[0][:SHORT_ID]} "
+                   f"--no-after {c[1][:SHORT_ID]}" for c in queue.cycles),
+                 "", format_tasks(tasks, with_project=False)]
         if history is not None:
             lines += ["", "history:", format_history(history)]
         return "\n".join(lines)
@@ -12410,13 +13105,25 @@ def cmd_project_rename(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def cmd_project_set(args: argparse.Namespace, ctx: Context) -> None:
-    """Change a project's name, goal, owner or status."""
-    if (args.name, args.goal, args.owner, args.status, args.dir) == (None, None, None, None, []):
-        raise UsageError("nothing to change; give --name, --goal, --owner, --status or --dir")
+    """Change a project's name, goal, owner, status, directories or dispatch settings."""
+    given = (args.name, args.goal, args.owner, args.status, args.dispatch, args.max_sessions, args.dispatcher)
+    if given == (None,) * len(given) and not args.dir:
+        raise UsageError("nothing to change; give --name, --goal, --owner, --status, --dir, --dispatch, "
+                         "--max-sessions or --dispatcher")
     p = ctx.svc.edit_project(args.project, name=args.name, goal=args.goal, owner=args.owner, status=args.status,
-                             dirs=args.dir)
+                             dirs=args.dir, dispatch=None if args.dispatch is None else args.dispatch == "on",
+                             max_sessions=args.max_sessions, dispatcher=args.dispatcher)
     emit(ctx, p, f"project {p.name} ({p.id[:SHORT_ID]}): {p.status}, owner {p.owner or '-'}, goal {p.goal or '-'}"
-         + "".join(f"\ncode on {host}: {folder}" for host, folder in p.dirs.items()))
+         + "".join(f"\ncode on {host}: {folder}" for host, folder in p.dirs.items())
+         + (f"\n{dispatch_line(p)}" if p.is_dispatching or args.dispatch else ""))
+
+
+def dispatch_line(p: Project) -> str:
+    """Return one line on a project's dispatch: on or off, how many sessions, which host decides."""
+    if not p.is_dispatching:
+        return f"dispatch: off (turn it on with: clare project set {p.name} --dispatch on)"
+    return (f"dispatch: on, up to {p.max_sessions} session{'s' if p.max_sessions != 1 else ''}, "
+            f"decided by {p.dispatcher}")
 
 
 def cmd_task_add(args: argparse.Namespace, ctx: Context) -> None:
@@ -12637,7 +13344,8 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
     sessions = ctx.svc.list_sessions(host=ctx.db.machine_id)
     counts = {t: sum(ev.event_type == f"session.{t}" for ev in result.events) for t in ("appeared", "changed", "gone")}
     value = {"sessions": sessions, "events": len(result.events), **counts, "ambiguous": result.ambiguous,
-             "unreachable": result.unreachable, "updates": result.updates, "warnings": result.warnings}
+             "unreachable": result.unreachable, "updates": result.updates, "warnings": result.warnings,
+             "dispatched": result.dispatched}
     for warning in result.warnings:
         print(f"clare: warning: {warning}", file=sys.stderr)
 
@@ -12646,9 +13354,20 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> None:
                 f"{counts['changed']} changed, {counts['gone']} gone")
         warn = [f"tmux server {s} did not answer; its sessions keep their last state" for s in result.unreachable]
         notes = [f"stored {len(result.updates)} pane tails and triage notes"] if args.tails else []
+        notes += map(dispatch_text, result.dispatched)
         return "\n".join([head, *warn, *notes, format_sessions(
             sessions, result.ambiguous, empty="no Claude session runs in this host's tmux servers now")])
     emit(ctx, value, text)
+
+
+def dispatch_text(o: Order) -> str:
+    """Return one line on what a dispatch did: typed in or started, or why not, and why it was made."""
+    task = (o.task_id or "")[:SHORT_ID]
+    what = (f"task {task} typed into session {o.session_id[:SHORT_ID]}" if o.action == "dispatch"
+            else f"session {o.session_id[:SHORT_ID]} started for task {task}")
+    if o.result not in ("typed", "started"):
+        what = f"{what}: {o.result}" + (f" ({o.reason})" if o.reason else "")
+    return f"dispatch on {o.host}: {what}; why: {o.request.get('reason', '')}"
 
 
 def cmd_sessions(args: argparse.Namespace, ctx: Context) -> None:
@@ -13249,10 +13968,18 @@ COMMANDS: list[Command] = [
             "clare project show alpha --history",
             (arg("project", help="name or id prefix"), arg("--history", action="store_true",
                                                             help="also list what happened, oldest first"))),
-    Command(("project", "set"), cmd_project_set, "change a project's name, goal, owner or status",
-            "clare project set alpha --status paused\n  clare project set alpha --dir apricot:/srv/api --dir fig:",
+    Command(("project", "set"), cmd_project_set, "change a project's name, goal, owner, status, dirs or dispatch",
+            "clare project set alpha --status paused\n  clare project set alpha --dir apricot:/srv/api --dir fig:"
+            "\n  clare project set alpha --dispatch on --max-sessions 3 --dispatcher apricot",
             (arg("project", help="name or id prefix"), arg("--status", choices=PROJECT_STATUSES),
-             arg("--goal"), arg("--owner"), arg("--name", help="rename it"), _DIR_ARG)),
+             arg("--goal"), arg("--owner"), arg("--name", help="rename it"), _DIR_ARG,
+             arg("--dispatch", choices=("on", "off"),
+                 help="feed the project's sessions the next ready task as they finish one (off by default)"),
+             arg("--max-sessions", type=int, metavar="N",
+                 help=f"start sessions for ready tasks while fewer than N work on it (default "
+                      f"{DEFAULT_DISPATCH_SESSIONS})"),
+             arg("--dispatcher", metavar="HOST", help="the one host that dispatches (default: the host that "
+                                                      "turned dispatch on)"))),
     Command(("project", "rename"), cmd_project_rename, "give a project a new name (two of one name: rename one)",
             "clare project rename 3f9a2c1b alpha-laptop",
             (arg("project", help="id prefix (or the name, when only one project has it)"), arg("name"))),
