@@ -1640,10 +1640,11 @@ PROJECTION_TABLES = ("projects", "tasks", "task_tags", "task_after", "groups", "
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id", "successor_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
-# Schema 11: the task list's order as an index, so a list reads in order instead of sorting every
-# task (1.5x faster at 10,000 tasks); it serves list_tasks, `task list --json` and the pages alike.
+# Schema 11: the task list's order (priority, created_at_v, id) as an index, so a list reads in order
+# instead of sorting every task (1.5x faster at 10,000 tasks), and a page of /api/v1/tasks seeks to
+# its cursor; it serves list_tasks, `task list --json` and the pages alike.
 TASK_ORDER_SCHEMA = """
-CREATE INDEX tasks_order ON tasks (priority, created_at_v) WHERE created_at_v IS NOT NULL
+CREATE INDEX tasks_order ON tasks (priority, created_at_v, id) WHERE created_at_v IS NOT NULL
 """
 _MIGRATIONS[11] = [TASK_ORDER_SCHEMA]
 
