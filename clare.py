@@ -1641,10 +1641,12 @@ REF_KEYS = ("project_id", "task_id", "session_id", "group_id", "successor_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
 # Schema 11: the task list's order (priority, created_at_v, id) as an index, so a list reads in order
-# instead of sorting every task (1.5x faster at 10,000 tasks), and a page of /api/v1/tasks seeks to
-# its cursor; it serves list_tasks, `task list --json` and the pages alike.
+# instead of sorting every task, and a page of /api/v1/tasks seeks to its cursor. It also covers
+# every column a list reads, so a list never reads the wide rows (each LWW field carries its
+# 67-character version): `task list --json` at 10,000 tasks, 44 -> 31 ms for the order, -> 21 ms covered.
 TASK_ORDER_SCHEMA = """
-CREATE INDEX tasks_order ON tasks (priority, created_at_v, id) WHERE created_at_v IS NOT NULL
+CREATE INDEX tasks_order ON tasks (priority, created_at_v, id, status, removed_at, project_id, assignee,
+                                   created_at, title, description) WHERE created_at_v IS NOT NULL
 """
 _MIGRATIONS[11] = [TASK_ORDER_SCHEMA]
 
