@@ -18,7 +18,7 @@ Standard library only; the peers are Taskwarrior (Debian `taskwarrior`) and wrk 
 Honest by construction:
 - every row prints its goal (a ratio against its baseline: "<= 1.5x", ">= 0.33x"; or an absolute
   "<= 100 MB" where there is no baseline) and "yes" / "**no**"; a row shown only to say how a cost
-  grows says so ("none (growth)");
+  grows, or what something costs, says "none (shows growth or cost)";
 - the HTTP baseline is the tuned trivial server: one prebuilt buffer (head + a body of the same size
   as Clare's page), one write, keep-alive, TCP_NODELAY; it runs interleaved with Clare, and every
   server is pinned to one core and wrk to the other (`taskset`, util-linux; without it the bench says
