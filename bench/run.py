@@ -18,7 +18,7 @@ Standard library only; the peers are Taskwarrior (Debian `taskwarrior`) and wrk 
 Honest by construction:
 - every row prints its goal (a ratio against its baseline: "<= 1.5x", ">= 0.33x"; or an absolute
   "<= 100 MB" where there is no baseline) and "yes" / "**no**"; a row shown only to say how a cost
-  grows says so ("none (growth)");
+  grows, or what something costs, says "none (shows growth or cost)";
 - the HTTP baseline is the tuned trivial server: one prebuilt buffer (head + a body of the same size
   as Clare's page), one write, keep-alive, TCP_NODELAY; it runs interleaved with Clare, and every
   server is pinned to one core and wrk to the other (`taskset`, util-linux; without it the bench says
@@ -213,9 +213,14 @@ def median_of(fn: Callable[[], float], runs: int) -> float:
 # Data: written through Clare's own functions, one transaction per data set
 # --------------------------------------------------------------------------
 
+# A user's environment: PYTHONDONTWRITEBYTECODE (set in some dev shells) would make `python3 -m clare`
+# compile 700 KB on every run; the launcher runs with -I, which ignores it anyway.
+USER_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def clare_env(home: Path) -> dict[str, str]:
     """Return the environment of a clare.py process on `home`."""
-    return {**os.environ, "CLARE_HOME": str(home)}
+    return {**USER_ENV, "CLARE_HOME": str(home)}
 
 
 def make_tasks_home(home: Path, n_tasks: int, *, n_sessions: int = 0) -> None:
@@ -693,8 +698,9 @@ def wrk(url: str, seconds: int) -> tuple[float, float]:
     """Return req/s and p99 latency in ms of wrk at 16 connections against url, pinned to the load core."""
     threads = "-t1" if CAN_PIN else "-t2"  # one core: one thread
     auth = f"Authorization: Bearer {os.environ['CLARE_TOKEN']}"  # the page itself, not the 401 of a stranger
-    out = run(pinned(["wrk", threads, "-c16", f"-d{seconds}s", "--latency", "-H", auth, url], LOAD_CORE),
-              timeout=seconds + 60).stdout
+    # --timeout: a slow answer counts with its latency (wrk's default 2 s would drop it as a timeout)
+    out = run(pinned(["wrk", threads, "-c16", f"-d{seconds}s", "--timeout", "30s", "--latency", "-H", auth, url],
+                     LOAD_CORE), timeout=seconds + 90).stdout
     rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", out)[1])
     if rate == 0:
         raise BenchError(f"wrk completed no request in {seconds} s at {url}: each takes longer")

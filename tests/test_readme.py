@@ -25,6 +25,8 @@ HEX_ID = re.compile(r"\b[0-9a-f]{8}(?:[0-9a-f]{24}|-[0-9a-f]{4}-[0-9a-f]{4}-[0-9
 NOT_RUN = {  # README commands no test runs, and why
     "make test": "it runs this very suite (CI runs it: .ci/run)",
     "make test-fast": "it runs this very suite, less the slow tests",
+    "python3 -m clare serve": "it serves on port 8765 until stopped: tests/test_startup.py runs it from the "
+                              "folder of clare.py with --port 0",
 }
 VOLATILE = [  # what differs between runs and is not an id: compared by kind
     (re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+Z)?"), "TIME"),
