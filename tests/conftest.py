@@ -182,8 +182,8 @@ def serve(home, db):
             (home / "clare.toml").write_text(f"allowed_hosts = {json.dumps(list(allowed_hosts))}\n")
         config = clare.web_config(clare.resolve_paths(), host="127.0.0.1", port=0,
                                   env={"CLARE_TOKEN": token} if token else {})
-        server = clare.make_server(clare.dataclasses.replace(config, timeout_s=timeout_s, deadline_s=deadline_s,
-                                                             max_threads=max_threads))
+        server = clare.make_server(clare.record_replace(config, timeout_s=timeout_s, deadline_s=deadline_s,
+                                                        max_threads=max_threads))
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))

@@ -174,7 +174,7 @@ def test_attach_command_local_remote_and_configured_ssh_destination():
     assert clare.attach_command(s, here="fig", hosts={})[:3] == ["ssh", "apricot", "-t"]
     assert clare.attach_command(s, here="fig", hosts={"apricot": {"ssh": "ana@apricot.lan"}})[:2] == [
         "ssh", "ana@apricot.lan"]
-    outside = clare.dataclasses.replace(s, tmux_socket=None, tmux_target=None, pane_id=None)
+    outside = clare.record_replace(s, tmux_socket=None, tmux_target=None, pane_id=None)
     assert clare.attach_command(outside, here="apricot", hosts={}) is None
 
 

@@ -83,7 +83,8 @@ def test_the_release_database_upgrades_to_waits_and_applies_waits_an_older_clare
     shutil.copyfile(ROOT / "tests" / "data" / "release-0.1.0.db", path)
     db = clare.open_db(str(path))
     try:
-        assert db.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "9"
+        version = db.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        assert int(version) == clare.SCHEMA_VERSION >= 9
         tasks = {t.title: t for t in clare.list_tasks(db)}
         assert all(t.after == () for t in tasks.values())
         todo = next(t for t in tasks.values() if t.status == "todo")
@@ -121,6 +122,8 @@ def test_after_next_and_task_show_through_the_cli(run_clare):
     assert r.code == 0 and r.out.splitlines()[1].split() == [schema[:8], "P1", "todo", "alpha", "design", "schema"]
     assert len(r.out.splitlines()) == 2
     assert [t["id"] for t in run_clare("next", "--project", "alpha", "--json").json()] == [schema]
+    assert "\nready: 1 (see them with: clare next --project alpha)\n" in run_clare("project", "show", "alpha").out
+    assert run_clare("project", "show", "alpha", "--json").json()["ready"] == [schema]
 
     shown = run_clare("task", "show", api[:8])
     assert f"waits on: {schema[:8]} (todo) design schema\n" in shown.out
@@ -157,3 +160,147 @@ def test_after_next_and_task_show_through_the_cli(run_clare):
     assert "clare next --project alpha --json" in help_text
     assert "--after ID" in run_clare("task", "add", "--help").out
     assert "--no-after ID" in run_clare("task", "edit", "--help").out
+
+
+# --- a cycle closed by two hosts apart, through real `clare serve` processes -------------------------
+
+def test_two_hosts_apart_close_a_cycle_through_sync_and_its_tasks_are_never_ready(tmp_path, home):
+    import os
+
+    from test_sync import Clare
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CLARE_TOKEN", "CLARE_HOME", "CLARE_URL")}
+    a, b = Clare(tmp_path, "ash", env), Clare(tmp_path, "birch", env)
+    env["BIRCH_TOKEN"] = b.token
+    try:
+        b.serve("--no-sync")
+        a.add_peer(b, token_env="BIRCH_TOKEN")
+        assert a.cli("project", "new", "alpha").code == 0
+        x = a.cli("task", "add", "alpha", "lexer", "--json").json()["id"]
+        y = a.cli("task", "add", "alpha", "parser", "--json").json()["id"]
+        assert a.cli("sync").code == 0
+        # apart: each host adds one wait; neither closes a cycle on its own log
+        assert a.cli("task", "edit", x[:8], "--after", y[:8]).code == 0
+        assert b.cli("task", "edit", y[:8], "--after", x[:8]).code == 0
+        assert a.cli("sync").code == 0
+        for host in (a, b):
+            assert host.cli("next", "--json").json() == [], host.name
+            shown = host.cli("task", "show", x[:8])
+            assert f"cycle:    {x[:8]} → {y[:8]} → {x[:8]}: never ready" in shown.out, host.name
+            assert host.cli("task", "show", y[:8], "--json").json()["cycle"] == [y, x, y]
+            first, then = sorted([x, y])
+            project = host.cli("project", "show", "alpha")
+            assert f"ready: 0\ncycle: {first[:8]} → {then[:8]} → {first[:8]}: never ready; drop one wait with: " \
+                   f"clare task edit {first[:8]} --no-after {then[:8]}\n" in project.out, host.name
+            assert host.cli("project", "show", "alpha", "--json").json()["cycles"] == [[first, then, first]]
+        import urllib.request
+        req = urllib.request.Request(f"{b.url}/projects/alpha", headers={"Authorization": f"Bearer {b.token}"})
+        html = urllib.request.urlopen(req, timeout=10).read().decode()
+        assert "never ready" in html and f"{x[:8]}" in html
+        # a wait dropped on one host frees the other task everywhere once synced
+        assert b.cli("task", "edit", y[:8], "--no-after", x[:8]).code == 0
+        assert a.cli("sync").code == 0
+        for host in (a, b):
+            assert [t["id"] for t in host.cli("next", "--json").json()] == [y], host.name
+    finally:
+        b.stop()
+
+
+# --- the API and the remote client: one declaration, the same answers --------------------------------
+
+def test_waits_over_the_api_and_the_remote_client_answer_what_the_services_do(serve, db):
+    server = serve()
+    remote, local = clare.RemoteServices(server.url, token=server.token), clare.Services(db)
+    remote.create_project("alpha")
+    first = remote.create_task("alpha", "first")
+    made = server.request("POST", "/api/v1/tasks", json_body={"project": "alpha", "title": "then",
+                                                              "after": [first.id[:6]]})
+    assert made.status == 201 and made.json()["after"] == [first.id]
+    then = made.json()["id"]
+    for name, args in (("ready_tasks", ()), ("ready_tasks", ("alpha",)), ("get_task_waits", (then,)),
+                       ("get_task_waits", (first.id,)), ("get_queue", ("alpha",))):
+        assert getattr(remote, name)(*args) == getattr(local, name)(*args), name
+    waits = server.request("GET", f"/api/v1/tasks/{first.id[:8]}/waits").json()
+    assert [t["id"] for t in waits["blocks"]] == [then] and waits["is_ready"] is True
+    loop = server.request("PATCH", f"/api/v1/tasks/{first.id[:8]}", json_body={"after": [then]})
+    assert loop.status == 409 and "would wait on itself" in loop.json()["error"]["message"]
+    bad = server.request("PATCH", f"/api/v1/tasks/{then}", json_body={"no_after": "x"})
+    assert bad.status == 422
+    dropped = server.request("PATCH", f"/api/v1/tasks/{then}", json_body={"no_after": [first.id[:8]]})
+    assert dropped.status == 200 and dropped.json()["after"] == []
+    queue = server.request("GET", "/api/v1/projects/alpha/queue").json()
+    assert [t["title"] for t in queue["ready"]] == ["first", "then"] and queue["cycles"] == []
+    spec = server.request("GET", "/api/v1/openapi.json").json()
+    assert {"/api/v1/ready", "/api/v1/projects/{project}/queue", "/api/v1/tasks/{task}/waits"} <= set(spec["paths"])
+    assert "after" in spec["components"]["schemas"]["Task"]["properties"]
+
+
+# --- what a peer may send: checked at the door; a self-wait is a cycle ----------------------------------
+
+def _peer_event(n: int, event_type: str, payload: dict) -> dict:
+    now = clare.now_ms()
+    return {"uuid": f"d0000000-0000-4000-8000-{n:012d}", "hlc": f"{now:013d}.000000.peer", "machine_id": "peer",
+            "event_type": event_type, "payload": payload, "created_at": clare.iso_ms(now)}
+
+
+def test_a_malformed_wait_from_a_peer_is_refused_and_a_wait_on_itself_is_a_cycle():
+    import pytest
+
+    for bad in ("x", {"a b": True}, {"f" * 32: "yes"}, {f"{n:032x}": True for n in range(101)}):
+        with pytest.raises(clare.ClareError, match="bad after"):
+            clare.check_received(_peer_event(1, "task.updated", {"task_id": "a" * 32, "after": bad}))
+    db = _db()
+    clare.create_project(db, "alpha", now_ms=clare.now_ms())
+    t = clare.create_task(db, "alpha", "selfish", now_ms=clare.now_ms())
+    other = clare.create_task(db, "alpha", "waits on one not here yet", after=[t.id], now_ms=clare.now_ms())
+    ev = clare.check_received(_peer_event(2, "task.updated", {"task_id": t.id, "after": {t.id: True,
+                                                                                          "e" * 32: False}}))
+    with clare.write_txn(db) as cur:
+        clare.receive_events(db, cur, [ev], now_ms=clare.now_ms())
+    assert clare.list_ready_tasks(db) == []
+    waits = clare.get_task_waits(db, t.id[:8])
+    assert waits.cycle == [t.id, t.id] and not waits.is_ready
+    assert [x.id for x in waits.blocks] == [t.id, other.id]  # it blocks itself too
+    later = clare.check_received(_peer_event(3, "task.updated", {"task_id": other.id, "after": {"c" * 32: True}}))
+    with clare.write_txn(db) as cur:
+        clare.receive_events(db, cur, [later], now_ms=clare.now_ms())
+    assert clare.get_task_waits(db, other.id).unknown == ["c" * 32]  # its task has not arrived: it blocks
+    clare.edit_task(db, other.id, no_after=["c" * 8, t.id[:8]], now_ms=clare.now_ms())
+    assert [x.id for x in clare.list_ready_tasks(db)] == [other.id]
+
+
+# --- waits merge per edge, like tags ---------------------------------------------------------------
+
+def _sync(a, b, *, now_ms):
+    for src, dst in ((a, b), (b, a)):
+        with clare.write_txn(dst) as cur:
+            clare.receive_events(dst, cur, list(clare.iter_events(src)), now_ms=now_ms)
+
+
+def test_waits_added_apart_both_stay_and_the_newer_add_or_drop_of_one_wait_wins():
+    a, b = _db("ash"), _db("birch")
+    clare.create_project(a, "alpha", now_ms=T0)
+    x, y, z = (clare.create_task(a, "alpha", n, now_ms=T0 + i) for i, n in enumerate("xyz", 1))
+    _sync(a, b, now_ms=T0 + 5)
+    clare.edit_task(a, z.id, after=[x.id], now_ms=T0 + 10)
+    clare.edit_task(b, z.id, after=[y.id], now_ms=T0 + 11)
+    _sync(a, b, now_ms=T0 + 12)
+    for db in (a, b):
+        assert clare.get_task(db, z.id).after == tuple(sorted([x.id, y.id]))
+    clare.edit_task(a, z.id, no_after=[y.id], now_ms=T0 + 30)  # newer than b's re-add below
+    clare.edit_task(b, z.id, after=[x.id], no_after=[x.id], now_ms=T0 + 20)  # --after wins: nothing changes
+    assert x.id in clare.get_task(b, z.id).after
+    clare.edit_task(b, z.id, no_after=[x.id], now_ms=T0 + 21)
+    clare.edit_task(b, z.id, after=[x.id], now_ms=T0 + 22)
+    _sync(a, b, now_ms=T0 + 40)
+    for db in (a, b):
+        assert clare.get_task(db, z.id).after == (x.id,)
+        assert [t.id for t in clare.list_ready_tasks(db)] == [x.id, y.id]
+    events = [e for e in clare.iter_events(a)]
+    for order in (events, list(reversed(events))):
+        c = _db("cedar")
+        for ev in order:
+            with clare.write_txn(c) as cur:
+                clare.receive_events(c, cur, [ev], now_ms=T0 + 50)
+        assert clare.get_task(c, z.id).after == (x.id,)
+        assert [t.id for t in clare.list_ready_tasks(c)] == [x.id, y.id]

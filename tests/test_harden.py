@@ -289,7 +289,7 @@ def test_a_database_already_holding_nan_still_replays(server, db, cli):
         result = clare.insert_events(cur, [clare.Event(obj["uuid"], obj["hlc"], obj["machine_id"],
                                                        obj["event_type"], obj["payload"], obj["created_at"])])
         clare.apply_event(cur, result.inserted[0])
-    clare.replay(db, with_refs=True)  # as an upgrade does: the refs made anew, the NaN one by Python
+    clare._replay(db, with_refs=True)  # as an upgrade does: the refs made anew, the NaN one by Python
     assert db.conn.execute("SELECT count(*) FROM event_refs WHERE uuid = ?", (obj["uuid"],)).fetchone()[0] == 1
     assert cli("replay").code == 0
     r = server.request("POST", "/api/v1/replay", json_body={})

@@ -17,6 +17,7 @@ import pytest
 
 import clare
 from conftest import CLARE_PY, ROOT, Ran, require_program, wait_for
+from readme import commands
 
 # A stand-in for systemctl / loginctl: records its arguments, answers like the real one, fails on demand.
 # FAIL_<NAME>="WORD" makes a call whose arguments contain WORD fail as a missing user bus does.
@@ -477,11 +478,8 @@ README_LINE = re.compile(r"\Ascp -r clare.py static (\w+): && ssh -t (\w+) (.+)\
 
 
 def _readme_setup_lines() -> list[tuple[str, str]]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Three hosts in ten minutes", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
-    lines = [README_LINE.match(line) for line in block.splitlines() if line.strip()]
-    assert all(lines) and len(lines) == 3, block
+    lines = [README_LINE.match(line) for line in commands("Three hosts in ten minutes")]
+    assert all(lines) and len(lines) == 3, lines
     assert all(m[1] == m[2] for m in lines)
     return [(m[1], m[3]) for m in lines]
 
