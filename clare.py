@@ -394,14 +394,20 @@ def parse_json(data: str | bytes, *, is_lenient: bool = False) -> Any:
     """
     if is_lenient:
         return json.loads(data)
+    if not _STRICT_JSON:
+        _STRICT_JSON.append(json.JSONDecoder(parse_constant=_refuse_constant).decode)  # one, not one per call
     if isinstance(data, str):
         try:
-            data = data.encode()
+            data.encode()
         except UnicodeEncodeError:
             raise ValueError("the text holds a lone surrogate, which is not UTF-8; send UTF-8 text") from None
-    value = json.loads(data, parse_constant=_refuse_constant)
+        value = _STRICT_JSON[0](data)  # a line of an import: as json.loads would read its UTF-8
+        escaped = _SURROGATE_ESCAPE_TEXT_RE.search(data) is not None
+    else:
+        value = json.loads(data, parse_constant=_refuse_constant)
+        escaped = _SURROGATE_ESCAPE_RE.search(data) is not None
     # SECURITY: "\ud800" parses to text that no UTF-8 encoder (SQLite's, a socket's) accepts.
-    if _SURROGATE_ESCAPE_RE.search(data):
+    if escaped:
         try:
             json.dumps(value, ensure_ascii=False).encode()
         except UnicodeEncodeError:
@@ -410,6 +416,8 @@ def parse_json(data: str | bytes, *, is_lenient: bool = False) -> Any:
 
 
 _SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_TEXT_RE = re.compile(r"\\u[dD][89a-fA-F]")
+_STRICT_JSON: list[Callable[[str], Any]] = []  # the decoder that refuses NaN and Infinity, made on first use
 
 
 def _refuse_constant(name: str) -> Any:
@@ -1080,7 +1088,12 @@ def canonical_json(value: Any) -> str:
 def event_hash(ev: Event, payload_text: str) -> str:
     """Return the content hash of an event (everything but the local rseq)."""
     text = "\x1f".join((ev.uuid, ev.hlc, ev.machine_id, ev.event_type, payload_text, ev.created_at))
-    return _builtin_sha256()(text.encode()).hexdigest()
+    if not _SHA256:
+        _SHA256.append(_builtin_sha256())
+    return _SHA256[0](text.encode()).hexdigest()
+
+
+_SHA256: list[Callable[[bytes], Any]] = []  # _builtin_sha256(), found once: a batch hashes every event
 
 
 def _builtin_sha256() -> Callable[[bytes], Any]:
@@ -1125,8 +1138,12 @@ def check_event(obj: object) -> Event:
         raise ClareError("event payload must be a JSON object")
     if len(obj["created_at"]) > 40 or not obj["created_at"].isprintable() or not obj["created_at"].isascii():
         raise ClareError("event created_at is not ISO-8601 text of up to 40 characters")
-    try:
-        size = len(json.dumps(obj["payload"], ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode())
+    if not _ENCODE_PAYLOAD:
+        _ENCODE_PAYLOAD.append(json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                                allow_nan=False).encode)
+    try:  # canonical_json's text (NaN refused), made once: insert_events stores it
+        text = _ENCODE_PAYLOAD[0](obj["payload"])
+        size = len(text.encode())
     except ValueError as err:  # SECURITY: NaN/Infinity (allow_nan) and lone surrogates (UnicodeEncodeError)
         what = "a lone surrogate, which is not UTF-8 text" if isinstance(err, UnicodeEncodeError) else \
             "NaN or Infinity, which standard JSON lacks"
@@ -1139,27 +1156,53 @@ def check_event(obj: object) -> Event:
             if isinstance(one, str) and not ID_RE.match(one):
                 raise ClareError(f"event payload {key} {one[:60]!r} is not an id: up to 64 letters, digits "
                                  "and . _ : @ % + -")
-    return Event(obj["uuid"], obj["hlc"], obj["machine_id"], obj["event_type"], obj["payload"],
-                 obj["created_at"])
+    payload = CheckedPayload(obj["payload"])
+    payload.text = text
+    return Event(obj["uuid"], obj["hlc"], obj["machine_id"], obj["event_type"], payload, obj["created_at"])
+
+
+_ENCODE_PAYLOAD: list[Callable[[Any], str]] = []  # canonical_json's encoder, refusing NaN: made once
+
+
+class CheckedPayload(dict[str, Any]):
+    """A payload as check_event let it in, with its canonical JSON text: a batch encodes each event once."""
+
+    __slots__ = ("text",)
+    text: str  # json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False): what canonical_json makes
 
 
 def insert_events(cur: sqlite3.Cursor, events: Iterable[Event]) -> InsertResult:
-    """Store events not yet here (by uuid); report duplicates and same-uuid conflicts. In a txn."""
-    inserted, conflicts, n_duplicates = [], [], 0
+    """Store events not yet here (by uuid); report duplicates and same-uuid conflicts. In a txn.
+
+    A batch at once: written by one executemany, the receipt numbers of the new ones read back,
+    and only the uuids that were here already looked up.
+    """
+    events = list(events)
+    rows = []
     for ev in events:
-        payload_text = canonical_json(ev.payload)
-        digest = event_hash(ev, payload_text)
-        cur.execute(
-            """INSERT OR IGNORE INTO events (uuid, hlc, machine_id, event_type, payload, created_at, hash)
-               VALUES (?, ?, ?, ?, ?, ?, ?)""",
-            (ev.uuid, ev.hlc, ev.machine_id, ev.event_type, payload_text, ev.created_at, digest))
-        if cur.rowcount == 1:
-            inserted.append(Event(ev.uuid, ev.hlc, ev.machine_id, ev.event_type, ev.payload, ev.created_at,
-                                  cur.lastrowid or 0))  # dataclasses.replace costs 3x as much
-        elif cur.execute("SELECT hash FROM events WHERE uuid = ?", (ev.uuid,)).fetchone()[0] == digest:
-            n_duplicates += 1
-        else:
-            conflicts.append(ev.uuid)
+        text = ev.payload.text if type(ev.payload) is CheckedPayload else canonical_json(ev.payload)
+        rows.append((ev.uuid, ev.hlc, ev.machine_id, ev.event_type, text, ev.created_at, event_hash(ev, text)))
+    head = head_rseq(cur)  # AUTOINCREMENT: every new rseq is past it, in the order inserted
+    cur.executemany("""INSERT OR IGNORE INTO events (uuid, hlc, machine_id, event_type, payload, created_at, hash)
+                       VALUES (?, ?, ?, ?, ?, ?, ?)""", rows)
+    new = {r[1]: r[0] for r in cur.execute("SELECT rseq, uuid FROM events WHERE rseq > ?", (head,))}
+    inserted, left = [], []
+    for ev, row in zip(events, rows, strict=True):
+        rseq = new.pop(ev.uuid, None)  # popped: a second copy in the batch was ignored, like one stored before
+        if rseq is None:
+            left.append((ev.uuid, row[-1]))
+        else:  # dataclasses.replace costs 3x as much
+            inserted.append(Event(ev.uuid, ev.hlc, ev.machine_id, ev.event_type, ev.payload, ev.created_at, rseq))
+    conflicts, n_duplicates = [], 0
+    for i in range(0, len(left), 500):  # stay under SQLite's host-parameter limit
+        chunk = left[i:i + 500]
+        stored = dict((r[0], r[1]) for r in cur.execute(
+            f"SELECT uuid, hash FROM events WHERE uuid IN ({','.join('?' * len(chunk))})", [u for u, _ in chunk]))
+        for uuid_, digest in chunk:
+            if stored[uuid_] == digest:
+                n_duplicates += 1
+            else:
+                conflicts.append(uuid_)
     return InsertResult(inserted, n_duplicates, conflicts)
 
 
@@ -2111,12 +2154,18 @@ def _is_one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
 _is_priority: Callable[[Any], bool] = _OneOf(PRIORITIES, _is_int)
 
 
+_PAYLOAD_FIELDS: dict[str, list[tuple[str, bool, Callable[[Any], bool]]]] = {}  # PAYLOADS as check_payload reads
+
+
 def check_payload(ev: Event) -> Event:
     """Check the form of a known event type's payload field by field; unknown types pass (a newer Clare)."""
-    for key, check in PAYLOADS.get(ev.event_type, {}).items():
-        name = key.rstrip("?")
+    fields = _PAYLOAD_FIELDS.get(ev.event_type)
+    if fields is None:
+        fields = _PAYLOAD_FIELDS[ev.event_type] = [(key.rstrip("?"), key.endswith("?"), check)
+                                                   for key, check in PAYLOADS.get(ev.event_type, {}).items()]
+    for name, is_optional, check in fields:
         if name not in ev.payload:
-            if key.endswith("?"):
+            if is_optional:
                 continue
             raise ClareError(f"{ev.event_type} payload lacks {name}")
         if not check(ev.payload[name]):
@@ -2155,13 +2204,20 @@ def check_received(obj: object) -> Event:
 
 def apply_event(cur: sqlite3.Cursor, ev: Event) -> None:
     """Fold one stored event into the projections; one they do not understand only gets history refs."""
-    for key in REF_KEYS:  # _rebuild_refs() does the same in bulk (an upgrade): keep the two rules alike
-        ref = ev.payload.get(key)
-        if isinstance(ref, str):
-            cur.execute("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
-                        (ref, ev.hlc, ev.uuid))
-    if not_understood(ev) is None:
-        APPLIERS[ev.event_type](cur, ev)
+    apply_events(cur, [ev])
+
+
+def apply_events(cur: sqlite3.Cursor, events: list[Event]) -> None:
+    """Fold stored events into the projections, in order: each row's fields folded first, then one upsert per row."""
+    cur.executemany("INSERT OR IGNORE INTO event_refs (entity_id, hlc, uuid) VALUES (?, ?, ?)",
+                    [(ev.payload[key], ev.hlc, ev.uuid) for ev in events for key in REF_KEYS
+                     if isinstance(ev.payload.get(key), str)])  # _rebuild_refs() does the same in bulk: alike
+    fold = LwwFold(cur.connection) if len(events) > 1 else cur
+    for ev in events:
+        if not_understood(ev) is None:
+            APPLIERS[ev.event_type](fold, ev)
+    if isinstance(fold, LwwFold):
+        fold.flush()
 
 
 def record(db: Db, cur: sqlite3.Cursor, event_type: str, payload: dict[str, Any], *, now_ms: int) -> Event:
@@ -2210,8 +2266,7 @@ def receive_events(db: Db, cur: sqlite3.Cursor, events: list[Event], *, now_ms: 
         newest = parse_hlc(max(ev.hlc for ev in result.inserted))  # the text sorts like the clock
         clock = load_clock(cur, machine_id=db.machine_id, now_ms=now_ms)
         save_clock(cur, merge(clock, newest, machine_id=db.machine_id, now_ms=now_ms))
-        for ev in result.inserted:
-            apply_event(cur, ev)
+        apply_events(cur, result.inserted)
         _note_receipts(cur, result.inserted, now_ms=now_ms)
     return result
 
