@@ -3690,6 +3690,9 @@ def edit_project(db: Db, ref: str, *, name: str | None = None, goal: str | None 
     changes: dict[str, Any] = {}
     if dispatch is not None and not isinstance(dispatch, bool):
         raise UsageError(f"dispatch {str(dispatch)[:20]!r} is not on or off; give --dispatch on or --dispatch off")
+    if max_sessions is not None and not _is_int(max_sessions):
+        raise UsageError(f"max_sessions must be a whole number from 1 to {MAX_DISPATCH_SESSIONS}, not "
+                         f"{json.dumps(max_sessions)[:20]}; give how many sessions dispatch may keep on it, e.g. 3")
     if max_sessions is not None and not _is_max_sessions(max_sessions):
         raise UsageError(f"--max-sessions {str(max_sessions)[:20]} is outside 1-{MAX_DISPATCH_SESSIONS}; "
                          "give how many sessions dispatch may keep on the project, e.g. --max-sessions 3")
@@ -11103,6 +11106,8 @@ def dispatch_card(req: Request, project: Project) -> Html:
     if project.is_dispatching:
         state = (f"On: as a session of {project.name} finishes its task and waits, {project.dispatcher} types the "
                  f"next ready task into it, and starts sessions while fewer than {project.max_sessions} run.")
+        if not project.dirs:
+            state += f" But {_NO_DIR_DISPATCH}: clare project set {project.name} --dir /PATH"
     else:
         state = "Off: sessions that finish a task wait for you."
     note = ("Only the dispatcher host dispatches (its clare serve does, every pull). Name another host while that "
@@ -13200,7 +13205,11 @@ def dispatch_line(p: Project) -> str:
     if not p.is_dispatching:
         return f"dispatch: off (turn it on with: clare project set {p.name} --dispatch on)"
     return (f"dispatch: on, up to {p.max_sessions} session{'s' if p.max_sessions != 1 else ''}, "
-            f"decided by {p.dispatcher}")
+            f"decided by {p.dispatcher}"
+            + ("" if p.dirs else f"; {_NO_DIR_DISPATCH}: clare project set {p.name} --dir /PATH"))
+
+
+_NO_DIR_DISPATCH = "it cannot start sessions until the project says where its code lives"
 
 
 def cmd_task_add(args: argparse.Namespace, ctx: Context) -> None:
@@ -14263,7 +14272,9 @@ def _skip_missing_translations() -> None:
     import gettext
 
     if gettext.find("messages") is None:
-        vars(argparse).update(_=str, ngettext=lambda singular, plural, n: singular if n == 1 else plural)
+        # identity, not str: argparse asks for _(None) too (a group without a description), and must get None back
+        vars(argparse).update(_=lambda message: message,
+                              ngettext=lambda singular, plural, n: singular if n == 1 else plural)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
