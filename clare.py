@@ -11123,7 +11123,7 @@ def frag_set_project_dispatch(req: Request) -> Response:
     """Turn a project's dispatch on or off, with its maximum and dispatcher host, from its card."""
     f = req.form()
     p = req.svc.edit_project(req.params["project"], dispatch=f.get("dispatch") == "on",
-                             max_sessions=_form_int(f.get("max_sessions", ""), "at most ... sessions"),
+                             max_sessions=_form_int(f.get("max_sessions", ""), "Sessions, at most"),
                              dispatcher=f.get("dispatcher") or None)
     if not req.is_htmx:
         return redirect(f"/projects/{p.id}")
@@ -11169,7 +11169,7 @@ def _form_int(text: str, what: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise UsageError(f"{what} {text[:20]!r} is not a whole number") from None
+        raise UsageError(f"{what} {text[:20]!r} is not a whole number; type one in digits, e.g. 3") from None
 
 
 def frag_set_project_status(req: Request) -> Response:

@@ -1,6 +1,9 @@
 """What a demanding new user found trying issue #16 (task waits, `clare next`, dispatch) and the faster CLI."""
 
+import html
 import json
+
+import clare
 
 
 def test_help_lists_its_commands_without_a_stray_none_line(run_clare):
@@ -34,3 +37,15 @@ def test_a_max_sessions_that_is_not_a_number_is_named_so_by_the_json_api(cli, se
         message = json.loads(r.body)["error"]["message"]
         assert "max_sessions must be a whole number from 1 to 50" in message, message
         assert "outside" not in message
+
+
+def test_the_dispatch_card_names_its_own_field_when_the_number_is_not_one(cli, server, db):
+    assert cli("project", "new", "api", "--dir", "/tmp").code == 0
+    project = cli("project", "show", "api", "--json").json()["id"]
+    before = clare.count_events(db)
+    for typed in ("abc", ""):
+        r = server.form(f"/projects/{project}/dispatch", {"dispatch": "on", "max_sessions": typed})
+        assert r.status == 422, r.body
+        said = html.unescape(r.body.decode())
+        assert f"Sessions, at most {typed!r} is not a whole number; type one in digits, e.g. 3" in said, said
+    assert clare.count_events(db) == before
