@@ -105,6 +105,7 @@ ID_PREFIX_RE = lazy_re(r"\A[0-9a-f][0-9a-f-]*\Z")
 # machine ids. SECURITY: no space, slash, quote or control character can ride into a URL or a header.
 ID_RE = lazy_re(r"\A[A-Za-z0-9%][A-Za-z0-9._:@%+-]{0,63}\Z")
 SHORT_ID = 8  # characters of an id shown to people
+JSON_LIST_SEPARATORS = (",", ":")  # --json prints a list compact: the bytes SQLite's json_object writes
 MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is refused wherever it is read
 
 
@@ -1684,10 +1685,13 @@ PROJECTION_TABLES = ("projects", "tasks", "task_tags", "task_after", "groups", "
 REF_KEYS = ("project_id", "task_id", "session_id", "group_id", "successor_id")
 
 _MIGRATIONS[1].append(PROJECTIONS_SCHEMA)
-# Schema 11: the task list's order as an index, so a list reads in order instead of sorting every
-# task (1.5x faster at 10,000 tasks); it serves list_tasks, `task list --json` and the pages alike.
+# Schema 11: the task list's order (priority, created_at_v, id) as an index, so a list reads in order
+# instead of sorting every task, and a page of /api/v1/tasks seeks to its cursor. It also covers
+# every column a list reads, so a list never reads the wide rows (each LWW field carries its
+# 67-character version): `task list --json` at 10,000 tasks, 44 -> 31 ms for the order, -> 21 ms covered.
 TASK_ORDER_SCHEMA = """
-CREATE INDEX tasks_order ON tasks (priority, created_at_v) WHERE created_at_v IS NOT NULL
+CREATE INDEX tasks_order ON tasks (priority, created_at_v, id, status, removed_at, project_id, assignee,
+                                   created_at, title, description) WHERE created_at_v IS NOT NULL
 """
 _MIGRATIONS[11] = [TASK_ORDER_SCHEMA]
 
@@ -2759,6 +2763,14 @@ def list_projects(db: Db, *, status: str | None = None) -> list[Project]:
     return [_project_from_row(r) for r in rows]
 
 
+def list_dispatched_projects(db: Db, host: str) -> list[Project]:
+    """Return the active projects that dispatch with `host` as their dispatcher (one cheap look per pull)."""
+    ids = [r[0] for r in db.conn.execute(
+        """SELECT id FROM projects WHERE dispatch = 1 AND dispatcher = ? AND status = 'active'
+            AND created_at_v IS NOT NULL ORDER BY name, id""", (host,))]
+    return [p for pid in ids for p in find_projects(db, pid) if p.id == pid]
+
+
 def find_projects(db: Db, ref: str) -> list[Project]:
     """Return the projects named `ref`, or else those whose id starts with `ref`."""
     rows = db.conn.execute(_PROJECT_SELECT + " AND p.name = ? ORDER BY p.id", (ref,)).fetchall()
@@ -2814,11 +2826,11 @@ def list_tasks(db: Db, *, project_id: str | None = None, status: str | None = No
     return [_task_from_row(r) for r in db.conn.execute(_TASK_SELECT + sql, params)]
 
 
-# `task list --json` without a Python object per task: SQLite writes each task's JSON text, the
-# same bytes json.dumps(ensure_ascii=False) writes for Task.to_json() (json_quote escapes as it
-# does; the spacing is json.dumps' own), and Python joins them: 1.4x faster at 10,000 tasks.
-# One expression per Task field, over the tables of _TASK_SELECT; a field missing here sends
-# the list through Task objects (same output, slower).
+# `task list --json` without a Python object per task: SQLite writes each task's JSON object
+# (json_object), the same bytes json.dumps(ensure_ascii=False) writes for Task.to_json() with
+# emit's compact separators, and Python joins them: 1.4x faster at 10,000 tasks. One expression
+# per Task field, over the tables of _TASK_SELECT ("[SELECT col FROM ...]": a JSON list of the
+# rows); a field missing here sends the list through Task objects (same output, slower).
 _TASK_JSON_FIELDS = {
     "id": "t.id", "project_id": "t.project_id", "project": "coalesce(p.name, '')", "title": "t.title",
     "description": "t.description", "status": "t.status", "priority": "t.priority", "created_at": "t.created_at",
@@ -2831,26 +2843,25 @@ _TASK_JSON_FIELDS = {
 }
 
 
-def _json_text_sql(name: str, expr: str) -> str:
-    """Return SQL for `"name": value` as json.dumps spaces it; "[SELECT ...]" is a JSON list of its rows."""
-    if expr.startswith("[SELECT ") and expr.endswith("]"):
-        column, _, rest = expr[8:-1].partition(" FROM ")
-        value = (f"coalesce('[' || (SELECT group_concat(v, ', ') FROM (SELECT json_quote({column}) AS v "
-                 f"FROM {rest})) || ']', '[]')")
-    else:
-        value = f"json_quote({expr})"
-    return f"'\"{name}\": ' || {value}"
+def _json_value_sql(expr: str) -> str:
+    """Return SQL for one JSON value of json_object: "[SELECT col FROM ...]" becomes the JSON list of its rows."""
+    if not (expr.startswith("[SELECT ") and expr.endswith("]")):
+        return expr
+    column, _, rest = expr[8:-1].partition(" FROM ")
+    # json(): a scalar subquery drops the JSON subtype, and json_object would quote the list as text
+    return f"json((SELECT json_group_array(v) FROM (SELECT {column} AS v FROM {rest})))"
 
 
 def list_tasks_json(db: Db, **filters: Any) -> str:
-    """Return list_tasks(**filters) as the JSON text json.dumps writes for their to_json() objects."""
+    """Return list_tasks(**filters) as the JSON text emit prints for their to_json() objects."""
     names = [f.name for f in record_fields(Task)]
     if not set(names) <= _TASK_JSON_FIELDS.keys():  # a new field: correct first, fast once it is mapped
-        return json.dumps([t.to_json() for t in list_tasks(db, **filters)], ensure_ascii=False)
+        return json.dumps([t.to_json() for t in list_tasks(db, **filters)], ensure_ascii=False,
+                          separators=JSON_LIST_SEPARATORS)
     sql, params = _task_filters(**filters)
-    text = " || ', ' || ".join(_json_text_sql(name, _TASK_JSON_FIELDS[name]) for name in names)
-    select = _TASK_SELECT.replace(_TASK_SELECT[:_TASK_SELECT.index("\n  FROM ")], f"SELECT '{{' || {text} || '}}'")
-    return "[" + ", ".join(row[0] for row in db.conn.execute(select + sql, params)) + "]"
+    fields = ", ".join(f"'{name}', {_json_value_sql(_TASK_JSON_FIELDS[name])}" for name in names)
+    select = _TASK_SELECT.replace(_TASK_SELECT[:_TASK_SELECT.index("\n  FROM ")], f"SELECT json_object({fields})")
+    return "[" + ",".join(row[0] for row in db.conn.execute(select + sql, params)) + "]"
 
 
 def _task_filters(*, project_id: str | None = None, status: str | None = None, session_id: str | None = None,
@@ -3379,6 +3390,13 @@ def list_orders(db: Db, *, order_id: str | None = None, session_id: str | None =
         sql += " AND host = ? AND result = 'pending'"
         params.append(pending_on)
     return [_order_from_row(r) for r in db.conn.execute(sql + " ORDER BY created_at_v, id", params)]
+
+
+def list_recent_orders(db: Db, *, since_at: str) -> list[Order]:
+    """Return the orders still open (pending, claimed) or changed since a time, oldest first: dispatch's view."""
+    return [_order_from_row(r) for r in db.conn.execute(
+        _ORDER_SELECT + " AND (updated_at >= ? OR result IN ('pending', 'claimed')) ORDER BY created_at_v, id",
+        (since_at,))]
 
 
 def list_known_hosts(db: Db) -> dict[str, set[str]]:
@@ -4545,7 +4563,8 @@ def list_unreached_tasks(db: Db, target: str) -> list[dict[str, Any]]:
 def no_recipients_error(target: str) -> NotFound:
     """Return the error for a broadcast target that reaches no live session."""
     return NotFound(f"broadcast target {target!r} reaches no live session; run 'clare pull' on the sessions' "
-                    "hosts, or assign a task to a session (clare assign TASK SESSION), then check: clare sessions")
+                    "hosts (a running 'clare serve' pulls by itself), or assign a task to a session "
+                    "(clare assign TASK SESSION), then check: clare sessions")
 
 
 def broadcast_text(text: str, *, is_command: bool = False) -> str:
@@ -7104,7 +7123,7 @@ def _type_task(db: Db, order: Order, config: dict[str, Any]) -> tuple[str, str, 
     if task is None or task.session_id != session.id or task.status == "done":
         raise ClareError("the task is no longer bound to this session (someone changed it meanwhile); not typed")
     if session.state not in ("waiting", "idle"):
-        raise ClareError(f"session {session.id[:SHORT_ID]} is {session.state} now, no longer waiting; not typed")
+        raise ClareError(f"session {session.id[:SHORT_ID]} no longer waits (it is {session.state} now); not typed")
     # SECURITY: the template may come from a peer: checked at the door, filled in with this host's launcher.
     text = first_prompt(task, launcher=agent_launcher(db.path), template=order.request.get("template"))
     outcome: dict[str, Any] = {"pane_id": session.pane_id, "tmux_target": session.tmux_target}
@@ -7153,7 +7172,7 @@ def dispatch_round(db: Db, *, config: dict[str, Any], now_ms: int, warnings: lis
     Runs in every pull of this host (serve's background loop, `clare pull`); only the project's
     dispatcher host acts, so one host decides. Orders for this host are carried out by the same pull.
     """
-    projects = [p for p in list_projects(db, status="active") if p.is_dispatching and p.dispatcher == db.machine_id]
+    projects = list_dispatched_projects(db, db.machine_id)
     if not projects:
         return []
     try:
@@ -7164,7 +7183,7 @@ def dispatch_round(db: Db, *, config: dict[str, Any], now_ms: int, warnings: lis
         return []
     placed: list[Order] = []
     with _dispatch_lock(db):
-        orders = list_orders(db)
+        orders = list_recent_orders(db, since_at=iso_ms(now_ms - ORDER_TTL_MS))  # all that can still matter
         for project in projects:
             try:
                 placed += _dispatch_project(db, project, orders, template=template, is_clear=is_clear, now_ms=now_ms)
@@ -7194,13 +7213,13 @@ def _dispatch_project(db: Db, project: Project, orders: list[Order], *, template
     in_flight = {o.session_id for o in orders if o.result in ("pending", "claimed") and o.expires_at > now_at}
     failed = [o for o in orders if o.request.get("is_dispatch") and o.result in ("refused", "failed", "expired")
               and o.updated_at > retry_at]
-    sessions = {s.id: s for s in find_sessions(db, include_gone=True)}
-    mine = [sessions[sid] for sid in list_project_session_ids(db, project.id)
-            if sid in sessions and sessions[sid].state != "gone"]
-    task_ids = {t.id for t in list_tasks(db, project_id=project.id)}
-    # Starts placed but not seen yet as sessions count too: a start is seen at the pull after it.
-    n_starting = sum(1 for o in orders if o.action == "start" and o.task_id in task_ids and o.session_id not in sessions
-                     and o.result in ("pending", "claimed", "started", "needs trust") and o.expires_at > now_at)
+    sessions = {s.id: s for s in find_sessions(db, include_gone=False)}
+    mine = [sessions[sid] for sid in list_project_session_ids(db, project.id) if sid in sessions]
+    # Starts placed but not seen yet as sessions count too (one on another host is seen after a sync).
+    n_starting = sum(1 for o in orders if o.action == "start" and o.task_id and o.expires_at > now_at
+                     and o.result in ("pending", "claimed", "started", "needs trust")
+                     and not find_sessions(db, prefix=o.session_id)
+                     and any(t.project_id == project.id for t in find_tasks(db, o.task_id)))
     idle = sorted((s for s in mine if s.state in ("waiting", "idle") and s.task_id is None and s.id not in in_flight
                    and s.id not in {o.session_id for o in failed}), key=lambda s: (s.state_at or "", s.id))
     skip = {o.task_id for o in failed}
@@ -8514,7 +8533,10 @@ def _offset(ms: int | None) -> str:
 # this host only. The remote client (RemoteServices, section 7), the JSON handlers and the OpenAPI
 # document (section 8) are derived from it; nothing about a service is written out again elsewhere.
 
-_S = TypeVar("_S", bound="Services")
+if TYPE_CHECKING:
+    _S = TypeVar("_S", bound="Services")
+else:  # a string bound costs typing a compile() at import (≈ 1 ms of every start); only mypy reads it
+    _S = TypeVar("_S")
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -8607,7 +8629,7 @@ def _status_from_wire(got: dict[str, Any]) -> StatusReport:
 
 
 def _server_config(req: Any) -> dict[str, Any]:
-    return load_config(req.config.config_path)  # the server's own clare.toml, read at each request
+    return req.config.settings  # the server's own clare.toml, read at each request
 
 
 def _answer_body(body: dict[str, Any]) -> None:
@@ -8865,7 +8887,7 @@ class Services:
         return get_session(self.db, ref)
 
     @api("GET", "/api/v1/sessions/{session}", "Get a session by id prefix, with its task, history and attach command",
-         query=("limit",), server={"hosts": lambda req: (req.config.settings or {}).get("hosts") or {}},
+         query=("limit",), server={"hosts": lambda req: req.config.settings.get("hosts") or {}},
          from_wire=lambda got: SessionDetail(
              from_json(Session, got), from_json(Task, got["task"]) if got.get("task") else None,
              [from_json(Event, e) for e in got.get("history", [])], got.get("attach")))
@@ -8951,7 +8973,7 @@ class Services:
          "typed by the session's host only if the same dialog is still open",
          body=("answer", "option", "option_text", "reason", "tool_use_id", "client"), status=201,
          schema="AnswerResult", check=_answer_body,
-         server={"peers": lambda req: req.config.peers, "settings": lambda req: req.config.settings or {}},
+         server={"peers": lambda req: req.config.peers, "settings": lambda req: req.config.settings},
          from_wire=lambda got: AnswerResult(from_json(Answer, got), got.get("note", "")))
     def answer_session(self, session_ref: str, answer: str, *, option: int | None = None,
                        option_text: str | None = None, reason: str = "", tool_use_id: str | None = None,
@@ -9214,9 +9236,13 @@ class WebConfig:
     deadline_s: float = REQUEST_DEADLINE_S
     max_threads: int = MAX_HANDLER_THREADS
     peers: Sequence[Peer] = ()  # clare.toml's peers: under serve a PeerBook, read again as the file changes
-    config_path: str = ""  # clare.toml, read again where a service needs settings (starting a session)
-    settings: Any = None  # clare.toml as read at start: peer tokens, [hosts.NAME] ssh
+    config_path: str = ""  # clare.toml: read where a request needs settings (see `settings`)
     contacts: PeerContacts = record_field(default_factory=PeerContacts)  # sync requests from peers
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Return clare.toml as it is now (peer tokens, [hosts.NAME] ssh, [fleet]): an edit needs no restart."""
+        return load_config(self.config_path) if self.config_path else {}
 
     @property
     def login_cookie(self) -> str:
@@ -9285,8 +9311,7 @@ def web_config(paths: Paths, *, settings: dict[str, Any] | None = None, host: st
     finally:
         db.close()
     return WebConfig(host, port, token, frozenset(allowed), csrf, paths.db, log_requests,
-                     peers=tuple(load_peers(config, path=paths.config)), config_path=paths.config,
-                     settings=config)
+                     peers=tuple(load_peers(config, path=paths.config)), config_path=paths.config)
 
 
 @record_type(frozen=True, slots=True)
@@ -11296,7 +11321,7 @@ def frag_start_session(req: Request) -> Response:
     # SECURITY: this runs Claude and types into it: a POST under the token and the CSRF check.
     f = req.form()
     order = req.svc.start_session(req.params["task"], host=f.get("host") or None, is_worktree=f.get("worktree") == "1",
-                                  model=f.get("model", "").strip() or None, config=load_config(req.config.config_path))
+                                  model=f.get("model", "").strip() or None, config=req.config.settings)
     return _after_order(req, order, task_id=req.params["task"])
 
 
@@ -11318,13 +11343,13 @@ def _after_order(req: Request, order: Order, *, task_id: str | None) -> Response
 def frag_stop_session(req: Request) -> Response:
     """Stop a task's session from its card: /exit, or SIGTERM when "even while it works" is ticked."""
     order = req.svc.stop_session(req.params["session"], is_force=req.form().get("force") == "1",
-                                 config=load_config(req.config.config_path))
+                                 config=req.config.settings)
     return _after_order(req, order, task_id=None)
 
 
 def frag_resume_session(req: Request) -> Response:
     """Resume a task's gone session from its card."""
-    order = req.svc.resume_session(req.params["session"], config=load_config(req.config.config_path))
+    order = req.svc.resume_session(req.params["session"], config=req.config.settings)
     return _after_order(req, order, task_id=None)
 
 
@@ -11619,7 +11644,7 @@ def answer_box(req: Request, s: Session) -> Html:
     """Render the answer buttons of a session page while a dialog is open, with the options its screen shows."""
     if s.state != "permission" or not s.asked:
         return Html("")
-    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings or {}, now_ms=now_ms())
+    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings, now_ms=now_ms())
     dialog = parse_dialog(view.text) if view.text else None
     return render(ANSWER_BOX, forms=answer_forms(req, s, view="session", options=dialog.options if dialog else ()),
                   host=s.host, ttl=ANSWER_TTL_MS // 60000)
@@ -11646,14 +11671,14 @@ def frag_answer_session(req: Request) -> Response:
             option_text=fields["option_text"] or "", tool_use_id=fields["tool_use_id"] or "", reason=fields["reason"]))
     got = svc.answer_session(s.id, fields["answer"], option=option, option_text=fields["option_text"],
                              reason=fields["reason"], tool_use_id=fields["tool_use_id"], client="dashboard",
-                             peers=req.config.peers, settings=req.config.settings or {})
+                             peers=req.config.peers, settings=req.config.settings)
     if not req.is_htmx:
         return redirect("/needs" if view == "needs" else f"/sessions/{s.id}")
     is_ok = got.answer.result in ("typed", "pending")
     message = f"Answer {got.answer.answer}: {got.note}"
     if view == "needs":
         return html_response(join([attention_fragment(req), flash(message, kind="ok" if is_ok else "error", oob=True)]))
-    d = svc.get_session_detail(s.id, hosts=(req.config.settings or {}).get("hosts") or {})
+    d = svc.get_session_detail(s.id, hosts=req.config.settings.get("hosts") or {})
     return html_response(join([session_fragment(req, d.session, d.task),
                                history_fragment(req, [s.id], url=f"/frag/sessions/{s.id}/history", oob=True),
                                flash(message, kind="ok" if is_ok else "error", oob=True)]))
@@ -11676,7 +11701,7 @@ def pane_fragment(req: Request, s: Session, *, is_live: bool = True) -> Html:
     if not is_live:
         return render(FRAG_PANE, poll=poll, where=s.host, when="loading",
                       body=render(EMPTY, text="The pane shows once this page loads from Clare itself."))
-    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings or {}, now_ms=now_ms())
+    view = view_pane(req.db, s, peers=req.config.peers, settings=req.config.settings, now_ms=now_ms())
     body = render(PANE_TEXT, text=view.text) if view.text else render(EMPTY, text=view.error or "The pane is empty.")
     return render(FRAG_PANE, poll=poll, where=f"{view.host} {s.tmux_target or ''}".strip(),
                   when=f"{when_text(view.captured_at)} UTC", body=body)
@@ -11688,7 +11713,7 @@ def turns_fragment(req: Request, s: Session, *, is_live: bool = True) -> Html:
     if not is_live:
         return render(FRAG_TURNS, poll=poll, body=render(EMPTY, text="The transcript shows once this page loads."))
     try:
-        turns = view_turns(req.db, s, peers=req.config.peers, settings=req.config.settings or {},
+        turns = view_turns(req.db, s, peers=req.config.peers, settings=req.config.settings,
                            claude_dir=claude_home())
     except (ClareError, OSError) as err:
         return render(FRAG_TURNS, poll=poll, body=render(EMPTY, text=f"The transcript cannot be read: {err}"))
@@ -11715,7 +11740,7 @@ def task_choices(req: Request, s: Session) -> Html:
 
 def page_session(req: Request) -> Response:
     """Show one session: state, what it asks, task, the way in, its live pane, transcript and history."""
-    d = req.svc.get_session_detail(req.params["session"], hosts=(req.config.settings or {}).get("hosts") or {})
+    d = req.svc.get_session_detail(req.params["session"], hosts=req.config.settings.get("hosts") or {})
     s, now = d.session, now_ms()
     is_live = not is_cross_site(req.headers)  # a link from elsewhere gets the page; the pane loads from here
     return page(req, s.label or s.id[:SHORT_ID], render(
@@ -12356,7 +12381,7 @@ def sync_post_events(req: Request) -> Response:
     req.config.contacts.note(req.headers.get(PEER_HEADER.lower()))
     answer = sync_accept(req.db, body, now_ms=now_ms())
     if answer["accepted"] and list_orders(req.db, pending_on=req.db.machine_id):
-        carry_out_soon(req.config.db_path, load_config(req.config.config_path))  # pushed to us: act now
+        carry_out_soon(req.config.db_path, req.config.settings)  # pushed to us: act now
     return json_response(answer)
 
 
@@ -12566,7 +12591,8 @@ TERMINAL_CONTROL_RE = lazy_re(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 def emit(ctx: Context, value: Any, text: str | Callable[[], str]) -> None:
     """Print `value` as JSON with --json, else the text (or what the callable returns)."""
     if ctx.as_json:
-        print(json.dumps(_jsonable(value), ensure_ascii=False, indent=None if isinstance(value, list) else 2))
+        print(json.dumps(_jsonable(value), ensure_ascii=False, indent=None if isinstance(value, list) else 2,
+                         separators=JSON_LIST_SEPARATORS if isinstance(value, list) else None))
     else:
         out = text() if callable(text) else text
         if out:
@@ -13599,7 +13625,8 @@ def cmd_hooks_status(args: argparse.Namespace, ctx: Context) -> None:
     n_spooled = len([n for n in os.listdir(folder) if n.endswith(".json")]) if os.path.isdir(folder) else 0
     emit(ctx, {"settings": path, "events": status, "spooled": n_spooled}, lambda: "\n".join([
         f"settings: {path}", table(("EVENT", "CLARE HOOK"), status.items()),
-        f"{n_spooled} reports wait in {folder} for the next 'clare pull'" if n_spooled else "spool: empty"]))
+        f"{n_spooled} reports wait in {folder} for the next pull ('clare pull', or a running 'clare serve' by "
+        "itself)" if n_spooled else "spool: empty"]))
 
 
 def cmd_broadcast(args: argparse.Namespace, ctx: Context) -> int:

@@ -207,8 +207,24 @@ def server(serve) -> Served:
 FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
 
 
-def wait_for(predicate, *, timeout: float = 10.0, what: str = "a condition"):
-    """Poll `predicate` until it returns a truthy value (returned) or the deadline passes (fail)."""
+@pytest.fixture
+def nodes(tmp_path):
+    """Make simulated hosts on demand (test_sync's Node: a real SQLite file, a clock of its own); close them after."""
+    from test_sync import Node
+
+    made = []
+
+    def make(name: str, **kw) -> Node:
+        made.append(Node(tmp_path, name, **kw))
+        return made[-1]
+    yield make
+    for n in made:
+        n.db.close()
+
+
+def wait_for(predicate, *, timeout: float = 10.0, what: str = "a condition", explain=None):
+    """Poll `predicate` until it returns a truthy value (returned) or the deadline passes (fail; with
+    `explain()`'s text, what the test can show of why, such as the screens)."""
     import time
     deadline = time.monotonic() + timeout
     while True:
@@ -216,8 +232,25 @@ def wait_for(predicate, *, timeout: float = 10.0, what: str = "a condition"):
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+            pytest.fail(f"timed out after {timeout} s waiting for {what}" + (f"; {explain()}" if explain else ""))
         time.sleep(0.05)
+
+
+def serving_url(proc: subprocess.Popen, name: str, *, timeout: float = 20) -> str:
+    """Read a starting `clare serve`'s stdout until it says where it serves; return that URL."""
+    import selectors
+    import time
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sel.select(timeout=deadline - time.monotonic()):
+            line = proc.stdout.readline()
+            assert line, f"clare serve of {name} exited: {proc.stderr.read()}"
+            if line.startswith("clare: serving "):
+                return line.split()[2].rstrip("/")
+    pytest.fail(f"clare serve of {name} did not start in time")
 
 
 class TmuxServer:

@@ -56,10 +56,7 @@ def ask(real, name: str, command: str) -> dict:
         seen[:] = [s and (s["state"], s.get("asked")), {k: (m.hook_event, m.state, m.at_ms)
                                                          for k, m in real.marks().items()}]
         return s and s["state"] == "permission" and (s.get("asked") or {}).get("tool_use_id") and s
-    try:
-        return real.wait(named, f"{name}'s dialog in Clare", timeout=30)
-    except AssertionError:
-        raise AssertionError(f"Clare saw {seen}") from None
+    return real.wait(named, f"{name}'s dialog in Clare", timeout=30, explain=lambda: f"Clare saw {seen}")
 
 
 def tool_results(real) -> list[dict]:

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import subprocess
 import uuid
 
@@ -407,26 +406,6 @@ def test_the_release_database_upgrades_to_dispatch_settings_off_and_replays_them
 
 # --- the README's dispatch section, run as written ----------------------------------------------------
 
-README_HEADING = "Dispatch: waiting sessions fed the next ready task"
-
-
-def console_steps(heading: str) -> list[tuple[str, list[str]]]:
-    """Return the `$ ` commands of the console blocks under one README heading, each with the lines it prints."""
-    from conftest import ROOT
-
-    text = (ROOT / "README.md").read_text()
-    start = text.index(f"\n### {heading}\n")
-    body = text[start:text.index("\n### ", start + 1)]
-    steps: list[tuple[str, list[str]]] = []
-    for block in re.findall(r"```console\n(.*?)```", body, flags=re.S):
-        for line in block.splitlines():
-            if line.startswith("$ "):
-                steps.append((line[2:], []))
-            elif steps and line.strip():
-                steps[-1][1].append(line)
-    return steps
-
-
 def test_the_readme_dispatch_section_runs_as_written(tmux, monkeypatch):
     """On a host named apricot whose claude_command is the fake Claude, in a private tmux server."""
     import shutil
@@ -435,70 +414,29 @@ def test_the_readme_dispatch_section_runs_as_written(tmux, monkeypatch):
     from pathlib import Path
 
     from conftest import CLARE_PY
-    from test_readme import _learn, _substitute
+    from test_readme import run_page
 
     short = Path(tempfile.mkdtemp(prefix="u"))
     home = short / "home"
     (home / "src" / "api").mkdir(parents=True)
-    env = {**os.environ, "HOME": str(home), "CLARE_HOME": str(short / "clare"), "TMUX_TMPDIR": str(tmux.tmpdir),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("TMUX", None)
     (home / "bin").mkdir()
     (home / "bin" / "clare").write_text(f"#!/bin/bash\nexec {sys.executable} {CLARE_PY} \"$@\"\n")
     (home / "bin" / "clare").chmod(0o755)
-    env["PATH"] = f"{home / 'bin'}{os.pathsep}{env['PATH']}"
+    env = {**os.environ, "HOME": str(home), "CLARE_HOME": str(short / "clare"), "TMUX_TMPDIR": str(tmux.tmpdir),
+           "PATH": f"{home / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("TMUX", None)
     subprocess.run(["clare", "init", "--machine-id", "apricot"], env=env, check=True, capture_output=True)
     (short / "clare" / "clare.toml").write_text(
         f'[fleet]\nclaude_command = "{write_claude(short / "claude-bin")}"\npull_every_s = 0\n')
-    ids: dict[str, str] = {}
     try:
-        for command, expected in console_steps(README_HEADING):
-            line = _substitute(command, ids)
-            p = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env, cwd=home, timeout=60)
-            assert p.returncode == 0, f"README line {command!r} ran as {line!r} and failed: {p.stderr}"
-            printed = (p.stdout + p.stderr).replace(str(home), "~").splitlines()
-            at = 0
-            for want in expected:
-                while at < len(printed) and not _learn(want, printed[at], ids):
-                    at += 1
-                assert at < len(printed), f"README line {command!r}: {want!r} is not in:\n" + "\n".join(printed)
-                at += 1
-        assert len(ids) >= 4  # the project, two tasks and the session were all matched
+        run_page("Dispatch: waiting sessions fed the next ready task", env, home)
+        orders = json.loads(subprocess.run(["clare", "session", "orders", "--json"], env=env, capture_output=True,
+                                           text=True, check=True).stdout)
+        assert [(o["action"], o["result"]) for o in orders] == [("start", "started"), ("dispatch", "typed")]
     finally:
         subprocess.run(["tmux", "-S", str(tmux.tmpdir / f"tmux-{os.getuid()}" / "default"), "kill-server"],
                        capture_output=True, timeout=10)
         shutil.rmtree(short, ignore_errors=True)
-
-
-def test_a_bad_template_stops_dispatch_with_a_warning_and_never_the_pull(cli, fleet, home, db, tmp_path):  # noqa: F811
-    set_config(home, write_claude(fleet.bin), '[dispatch]\ntemplate = "do $what"\n')
-    dispatching_project(cli, tmp_path / "code", "one")
-    r = cli("pull")
-    assert r.code == 0 and "dispatch is stopped: clare.toml: [dispatch] template uses $what" in r.err
-    assert clare.list_orders(db) == []
-
-
-def test_a_start_dispatch_cannot_place_is_said_once_per_change_and_leaves_the_task_ready(cli, db):
-    assert cli("project", "new", "api").code == 0
-    task_id = cli("task", "add", "api", "one", "--json").json()["id"]
-    cli("project", "set", "api", "--dispatch", "on")
-    r = cli("pull")
-    assert r.code == 0
-    assert "dispatch for project api: project api does not say where its code lives; set it with: clare project " \
-           "set api --dir /PATH" in r.err
-    assert clare.list_orders(db) == [] and [t.id for t in clare.list_ready_tasks(db)] == [task_id]
-    warnings: list[str] = []
-    for _ in range(2):  # in one process (serve's loop): said once, by the pull above, not at every pull
-        clare.dispatch_round(db, config={}, now_ms=clare.now_ms(), warnings=warnings)
-    assert warnings == []
-    cli("project", "set", "api", "--dir", "/nonexistent/api")  # another reason: said again (a refused start)
-    clare.dispatch_round(db, config={}, now_ms=clare.now_ms(), warnings=warnings)
-    assert warnings == [] and clare.list_orders(db)[0].action == "start"  # placed: the host refuses it
-    cli("pull")  # this host carries its start out: refused, and the task is ready again
-    [order] = clare.list_orders(db)
-    assert order.result == "refused" and "directory /nonexistent/api does not exist" in order.reason
-    assert [t.id for t in clare.list_ready_tasks(db)] == [task_id]
-    assert "refused (directory /nonexistent/api does not exist" in cli("log").out
 
 
 # --- two real `clare serve` processes: the dispatcher decides, the host of the code carries out ------------
@@ -559,3 +497,30 @@ def test_serve_on_the_dispatcher_host_starts_and_feeds_a_session_on_the_host_of_
     finally:
         a.close()
         b.close()
+
+
+def test_a_dialog_opened_after_the_decision_refuses_the_dispatch_and_frees_the_task(cli, fleet, home, db,  # noqa: F811
+                                                                                     tmp_path):
+    """The dispatcher decided on a look where the session waited (on another host, say); a permission dialog
+    opened since: the host does not type (Enter would approve it), records why, and the task is ready again."""
+    first, second = dispatching_project(cli, tmp_path / "code", "write the parser", "write the printer")
+    cli("project", "set", "api", "--dispatch", "off")
+    cli("session", "start", first)
+    [order] = clare.list_orders(db)
+    fleet.wait_settled(1)
+    done_from_pane(home, fleet, order.outcome["pane_id"], "parser written")
+    cli("pull")
+    waiting = clare.get_session(db, order.session_id)
+    assert waiting.state == "waiting"
+    fleet.type_prompt(order.outcome["pane_id"], "perm")  # the user asks for something that opens a dialog
+    wait_for(lambda: "Do you want to proceed?" in fleet.capture(order.outcome["pane_id"]), what="the dialog")
+    placed = clare.place_dispatch(db, second, waiting, template=clare.DISPATCH_TEMPLATE, reason="a test: stale view",
+                                  now_ms=clare.now_ms())
+    assert clare.get_task(db, second).session_id == waiting.id
+    cli("pull")  # carries the order out before it looks again
+    [done] = clare.list_orders(db, order_id=placed.id)
+    assert done.result == "refused" and "needs permission" in done.reason, done
+    task = clare.get_task(db, second)
+    assert (task.session_id, task.status) == (None, "todo")
+    assert [t.id for t in clare.list_ready_tasks(db)] == [second]
+    assert not any(r.get("approved") for r in fleet.received())  # no Enter reached the dialog

@@ -5,24 +5,11 @@ uuid once within the bound; a host that two reachable peers find off refuses use
 """
 
 
-import pytest
 
 import clare
 from test_sync import Y2286_MS, Link, Node
 
 HOUR_MS = 3_600_000
-
-
-@pytest.fixture
-def nodes(tmp_path):
-    made = []
-
-    def make(name: str, **kw) -> Node:
-        made.append(Node(tmp_path, name, **kw))
-        return made[-1]
-    yield make
-    for n in made:
-        n.db.close()
 
 
 def _title(node: Node, task_id: str) -> str:

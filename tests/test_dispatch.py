@@ -336,25 +336,13 @@ class Host:
         return Ran(p.returncode, p.stdout, p.stderr)
 
     def serve(self) -> None:
-        import selectors
-        import time
-
-        from conftest import CLARE_PY
+        from conftest import CLARE_PY, serving_url
 
         # its own process group: stopping it the way systemd stops a unit reaches every process it made
         self.proc = subprocess.Popen([sys.executable, str(CLARE_PY), "serve", "--port", "0"], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True,
                                      env={**self.env, "CLARE_TOKEN": self.token})
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline, self.url = time.monotonic() + 20, None
-        while self.url is None and time.monotonic() < deadline:
-            if sel.select(timeout=deadline - time.monotonic()):
-                line = self.proc.stdout.readline()
-                assert line, f"clare serve of {self.name} exited: {self.proc.stderr.read()}"
-                if line.startswith("clare: serving "):
-                    self.url = line.split()[2].rstrip("/")
-        assert self.url, f"clare serve of {self.name} did not start in time"
+        self.url = serving_url(self.proc, self.name)
 
     def stop_group(self) -> None:
         """SIGTERM to serve's whole process group, and wait for serve to end."""
@@ -413,16 +401,22 @@ def test_sessions_clare_started_survive_a_restart_of_serve(hosts, tmp_path):
     assert [(x["id"], x["state"], x["task_id"]) for x in s] == [(order["session_id"], "waiting", task_id)]
 
 
-def test_a_start_placed_on_one_host_is_carried_out_once_by_the_other(hosts, tmp_path):
+def a_task_for_b(hosts, folder: Path, *, where: str, desc: str = "") -> tuple[Host, Host, dict[str, str], str]:
+    """Hosts a and b, b serving and a's peer `bee`; on a, project api whose code is in `folder` on b (the host
+    named `where`: its machine id or its peer name), and a task of it. Return a, b, the env with its token, the task."""
     a, b = hosts("a"), hosts("b")
     b.serve()
-    folder = tmp_path / "b-code"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     env = {"B_TOKEN": b.token}
     assert a.cli("peer", "add", b.url, "--name", "bee", "--token-env", "B_TOKEN").code == 0
     assert a.cli("sync", env=env).code == 0  # a learns b's machine id
-    assert a.cli("project", "new", "api", "--dir", f"bee:{folder}").code == 0
-    task_id = a.cli("task", "add", "api", "parse", "--desc", "on b", "--json").json()["id"]
+    assert a.cli("project", "new", "api", "--dir", f"{where}:{folder}").code == 0
+    task_id = a.cli("task", "add", "api", "parse", *(["--desc", desc] if desc else []), "--json").json()["id"]
+    return a, b, env, task_id
+
+
+def test_a_start_placed_on_one_host_is_carried_out_once_by_the_other(hosts, tmp_path):
+    a, b, env, task_id = a_task_for_b(hosts, tmp_path / "b-code", where="bee", desc="on b")
     r = a.cli("session", "start", task_id, "--json", env=env)
     assert r.code == 0, r.err
     order = r.json()
@@ -466,13 +460,7 @@ def test_under_systemd_the_tmux_server_is_started_in_its_own_scope(cli, fleet, t
 
 
 def test_a_start_for_a_host_out_of_reach_waits_pending_in_the_log(hosts, tmp_path):
-    a, b = hosts("a"), hosts("b")
-    b.serve()
-    env = {"B_TOKEN": b.token}
-    assert a.cli("peer", "add", b.url, "--name", "bee", "--token-env", "B_TOKEN").code == 0
-    assert a.cli("sync", env=env).code == 0
-    assert a.cli("project", "new", "api", "--dir", f"b:{tmp_path}").code == 0
-    task_id = a.cli("task", "add", "api", "parse", "--json").json()["id"]
+    a, b, env, task_id = a_task_for_b(hosts, tmp_path, where="b")
     b.stop_group()
     r = a.cli("session", "start", task_id, env=env)
     assert r.code == 0 and "pending: b has not taken it yet" in r.out and "clare session orders" in r.out
@@ -485,15 +473,7 @@ def test_a_start_for_a_host_out_of_reach_waits_pending_in_the_log(hosts, tmp_pat
 
 
 def test_a_stop_placed_on_one_host_is_carried_out_by_the_sessions_host(hosts, tmp_path):
-    a, b = hosts("a"), hosts("b")
-    b.serve()
-    folder = tmp_path / "b-code"
-    folder.mkdir()
-    env = {"B_TOKEN": b.token}
-    assert a.cli("peer", "add", b.url, "--name", "bee", "--token-env", "B_TOKEN").code == 0
-    assert a.cli("sync", env=env).code == 0
-    assert a.cli("project", "new", "api", "--dir", f"b:{folder}").code == 0
-    task_id = a.cli("task", "add", "api", "parse", "--json").json()["id"]
+    a, b, env, task_id = a_task_for_b(hosts, tmp_path / "b-code", where="b")
     sid = a.cli("session", "start", task_id, "--json", env=env).json()["session_id"]
     wait_for(lambda: a.cli("sync", env=env) and [s for s in a.cli("sessions", "--json").json() if s["id"] == sid],
              timeout=30, what="a to see the session b started")

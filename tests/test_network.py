@@ -6,6 +6,7 @@ kill -9, heal, convergence, and the upgrade by copying clare.py over the old one
 Needs root (network namespaces). Under CI=true a failure to create them fails the run with the reason.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import clare
-from conftest import CLARE_PY, IS_CI, ROOT, Ran, wait_for
+from conftest import CLARE_PY, ROOT, Ran, require, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +38,8 @@ def _ip(*argv: str) -> None:
 class Net:
     """Network namespaces: a switch (a bridge) and one namespace per host, joined by veth pairs."""
 
-    def __init__(self, tag: str):
-        self.tag = tag
+    def __init__(self, tag: str, subnet: str = "10.77.0"):
+        self.tag, self.subnet = tag, subnet
         self.switch = f"{tag}sw"
         self.spaces: list[str] = []
 
@@ -54,7 +55,7 @@ class Net:
             _ip("-n", self.switch, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0", "netns", space)
             _ip("-n", self.switch, "link", "set", f"p{i}", "master", "br0")
             _ip("-n", self.switch, "link", "set", f"p{i}", "up")
-            _ip("-n", space, "addr", "add", f"10.77.0.{i}/24", "dev", "eth0")
+            _ip("-n", space, "addr", "add", f"{self.subnet}.{i}/24", "dev", "eth0")
             _ip("-n", space, "link", "set", "eth0", "up")
             _ip("-n", space, "link", "set", "lo", "up")
 
@@ -67,26 +68,31 @@ class Net:
             subprocess.run(["ip", "netns", "del", space], capture_output=True, timeout=20)
 
 
-@pytest.fixture
-def net():
-    tag = f"cl{os.getpid() % 100000}"
-    network = Net(tag)
+@contextlib.contextmanager
+def namespaces(tag: str, n_hosts: int, subnet: str = "10.77.0"):
+    """A Net of n_hosts hosts, removed afterwards; skipped where namespaces cannot be made (failed under CI)."""
+    network = Net(tag, subnet)
     try:
         if os.geteuid() != 0:
             raise OSError("not root")
         if shutil.which("unshare") is None:
             raise OSError("no unshare (util-linux) for the hosts' own host names")
-        network.create(4)
+        network.create(n_hosts)
     except (OSError, subprocess.SubprocessError) as err:
         network.destroy()
-        message = f"network namespaces cannot be made here ({err}); run as root with iproute2"
-        if IS_CI:
-            pytest.fail(f"CI=true and {message}", pytrace=False)
-        pytest.skip(message)
-    yield network
-    network.destroy()
+        require(False, "network namespaces", f"they cannot be made here ({err}); run as root with iproute2")
+    try:
+        yield network
+    finally:
+        network.destroy()
     assert not [s for s in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
                 if s.startswith(tag)]
+
+
+@pytest.fixture
+def net():
+    with namespaces(f"cl{os.getpid() % 100000}", 4) as network:
+        yield network
 
 
 class NetHost:
@@ -94,7 +100,7 @@ class NetHost:
 
     def __init__(self, root: Path, net: Net, i: int, name: str, *, script: Path = CLARE_PY):
         self.i, self.name, self.space, self.script = i, name, f"{net.tag}h{i}", script
-        self.addr, self.url = f"10.77.0.{i}", f"http://10.77.0.{i}:{PORT}"
+        self.addr, self.url = f"{net.subnet}.{i}", f"http://{net.subnet}.{i}:{PORT}"
         self.user = root / name
         self.home = self.user / ".config" / "clare"
         self.user.mkdir(parents=True)

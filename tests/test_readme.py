@@ -25,6 +25,8 @@ HEX_ID = re.compile(r"\b[0-9a-f]{8}(?:[0-9a-f]{24}|-[0-9a-f]{4}-[0-9a-f]{4}-[0-9
 NOT_RUN = {  # README commands no test runs, and why
     "make test": "it runs this very suite (CI runs it: .ci/run)",
     "make test-fast": "it runs this very suite, less the slow tests",
+    "python3 -m clare serve": "it serves on port 8765 until stopped: tests/test_startup.py runs it from the "
+                              "folder of clare.py with --port 0",
 }
 VOLATILE = [  # what differs between runs and is not an id: compared by kind
     (re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+Z)?"), "TIME"),
@@ -206,22 +208,26 @@ def test_the_runner_fails_on_a_line_that_is_not_printed():
 
 # --- the guard: every command of the README is run by some test -----------------------------------
 
+READERS = ("commands", "console_steps", "run_page")  # a test that runs README commands gets them through these
+
 def claimed_headings() -> dict[str, str]:
     """Return the headings whose commands a test runs (heading -> test file): the first argument of every
-    call of tests/readme.py's `commands`, `console_steps`, or this file's `run_page`, in tests/*.py."""
+    call of `commands`, `console_steps` or `run_page` in tests/*.py, a string or a module's string constant."""
     import ast
 
     claimed = {}
     for path in sorted((ROOT / "tests").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        constants = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                     and isinstance(node.value, ast.Constant) for t in node.targets if isinstance(t, ast.Name)}
+        for node in ast.walk(tree):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name | ast.Attribute)
-                    and getattr(node.func, "id", getattr(node.func, "attr", None)) in READERS
-                    and node.args and isinstance(node.args[0], ast.Constant)):
-                claimed[node.args[0].value] = path.name
+                    and getattr(node.func, "id", getattr(node.func, "attr", None)) in READERS and node.args):
+                arg = node.args[0]
+                heading = arg.value if isinstance(arg, ast.Constant) else constants.get(getattr(arg, "id", None))
+                if isinstance(heading, str):
+                    claimed[heading] = path.name
     return claimed
-
-
-READERS = ("commands", "console_steps", "run_page")
 
 
 def test_every_command_of_the_readme_is_run_by_a_test():

@@ -25,7 +25,7 @@ import pytest
 from mock_messages_api import MockMessagesApi
 
 import clare
-from conftest import CLARE_PY, ROOT, Ran, require, require_program
+from conftest import CLARE_PY, ROOT, Ran, require, require_program, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -101,16 +101,9 @@ class RealFleet:
     def screen(self, name: str, *, styled: bool = False) -> str:
         return self.tmux("capture-pane", "-p", *(["-e"] if styled else []), "-t", self.panes[name], check=False)
 
-    def wait(self, predicate, what: str, timeout: float = 90):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}; screens:\n" +
-                                     "\n---\n".join(f"{n}:\n{self.screen(n)}" for n in self.panes))
-            time.sleep(0.1)
+    def wait(self, predicate, what: str, timeout: float = 90, explain=lambda: ""):
+        return wait_for(predicate, timeout=timeout, what=what, explain=lambda: explain() + "; screens:\n" + "\n---\n"
+                        .join(f"{n}:\n{self.screen(n)}" for n in self.panes))
 
     def wait_ready(self, name: str) -> dict:
         """Wait until Claude draws its composer and registers; return its registry entry."""

@@ -162,9 +162,9 @@ def test_task_list_json_from_sqlite_prints_what_the_task_objects_printed(db, cli
             session_id=svc.get_session(args.session).id if args.session else None,
             group_id=svc.get_group(args.group).id if args.group else None, tag=args.tag,
             priorities=clare.parse_priorities(args.prio) if args.prio else None, search=args.search,
-            include_removed=args.all)), ensure_ascii=False)
+            include_removed=args.all)), ensure_ascii=False, separators=(",", ":"))
         assert ordered(ran.out) == ordered(before), extra  # keys, order, values
-        assert ran.out == before + "\n", extra  # and the very bytes: json_quote escapes as json.dumps does
+        assert ran.out == before + "\n", extra  # and the very bytes: SQLite escapes as json.dumps does
         n_seen += len(json.loads(ran.out))
     assert n_seen > 100  # the filters saw tasks, not only empty lists
 
@@ -201,7 +201,8 @@ def test_the_release_database_gets_the_task_order_index_and_lists_the_same(tmp_p
         assert db.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'tasks_order'").fetchone()
         plan = " ".join(r[3] for r in db.conn.execute(
             "EXPLAIN QUERY PLAN " + clare._TASK_SELECT + clare._task_filters(include_removed=True)[0]))
-        assert "USING INDEX tasks_order" in plan and "TEMP B-TREE FOR ORDER BY" not in plan, plan
+        assert "USING COVERING INDEX tasks_order" in plan, plan  # no row of tasks is read ...
+        assert "TEMP B-TREE" not in plan, plan  # ... and nothing is sorted, not even in part
         for filters in ({"include_removed": True}, {"is_open": True, "active_projects": True}):
             objects = json.dumps([t.to_json() for t in clare.list_tasks(db, **filters)], ensure_ascii=False)
             assert ordered(clare.list_tasks_json(db, **filters)) == ordered(objects)
@@ -235,3 +236,35 @@ def test_event_hashes_from_the_built_in_sha256_are_hashlib_ones():
     text = "\x1f".join((ev.uuid, ev.hlc, ev.machine_id, ev.event_type, '{"a":"ü"}', ev.created_at))
     assert clare.event_hash(ev, '{"a":"ü"}') == hashlib.sha256(text.encode()).hexdigest()
     assert clare._builtin_sha256().__module__ in ("_sha256", "_sha2", "_hashlib")
+
+
+# The README's first command runs Clare as `python3 -m clare` from its folder (cached bytecode).
+
+def test_python_m_clare_from_its_folder_serves_and_lists_as_the_script_does(home, run_clare):
+    import json
+    import re
+    import signal
+
+    env = {**__import__("os").environ, "CLARE_HOME": str(home)}
+    env.pop("PYTHONPATH", None)
+    assert run_clare("project", "new", "alpha").code == 0
+    assert run_clare("task", "add", "alpha", "write the parser").code == 0
+    as_module = subprocess.run([sys.executable, "-m", "clare", "task", "list", "--json"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=60)
+    assert as_module.returncode == 0, as_module.stderr
+    assert as_module.stdout == run_clare("task", "list", "--json").out
+    assert [t["title"] for t in json.loads(as_module.stdout)] == ["write the parser"]
+    serving = subprocess.Popen([sys.executable, "-m", "clare", "serve", "--port", "0", "--no-sync"], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"http://127\.0\.0\.1:\d+/", serving.stdout.readline())[0]
+        import urllib.request
+
+        token = clare.resolve_token(clare.load_config(str(home / "clare.toml")), env={})  # serve made it
+        request = urllib.request.Request(url + "api/v1/tasks", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert [t["title"] for t in json.loads(reply.read())] == ["write the parser"]
+    finally:
+        serving.send_signal(signal.SIGTERM)
+        out, err = serving.communicate(timeout=30)
+    assert serving.returncode == 0, err

@@ -498,18 +498,6 @@ class Node:
         return clare.sync_with(self.db, Link(other), name=other.db.machine_id, wall=self.now, **kw)
 
 
-@pytest.fixture
-def nodes(tmp_path):
-    made = []
-
-    def make(name: str, **kw) -> Node:
-        made.append(Node(tmp_path, name, **kw))
-        return made[-1]
-    yield make
-    for n in made:
-        n.db.close()
-
-
 def test_relay_delivers_an_older_hlc_that_reached_the_relay_after_the_last_pull(nodes):
     a, b, c = nodes("a"), nodes("b"), nodes("c", skew_ms=-120_000)  # c's clock runs 2 min late
     clare.create_project(b.db, "alpha", now_ms=b.now())
@@ -1035,26 +1023,15 @@ class Clare:
         return Ran(p.returncode, p.stdout, p.stderr)
 
     def serve(self, *extra: str) -> None:
-        import selectors
         import subprocess
         import sys
-        import time
 
-        from conftest import CLARE_PY
+        from conftest import CLARE_PY, serving_url
 
         self.proc = subprocess.Popen(
             [sys.executable, str(CLARE_PY), "--home", str(self.home), "serve", "--port", "0", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**self.env, "CLARE_TOKEN": self.token})
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + 20
-        while self.url is None and time.monotonic() < deadline:
-            if sel.select(timeout=deadline - time.monotonic()):
-                line = self.proc.stdout.readline()
-                assert line, f"clare serve of {self.name} exited: {self.proc.stderr.read()}"
-                if line.startswith("clare: serving "):
-                    self.url = line.split()[2].rstrip("/")
-        assert self.url, f"clare serve of {self.name} did not start in time"
+        self.url = serving_url(self.proc, self.name)
 
     def add_peer(self, other: "Clare", *, token_env: str) -> None:
         assert self.cli("peer", "add", other.url, "--name", other.name, "--token-env", token_env).code == 0
