@@ -991,6 +991,7 @@ def _db_id_at(path: str) -> str | None:
 
 
 _RECENT_HEADS: dict[str, tuple[int, float]] = {}  # db path -> (head, monotonic time it was read); see recent_head
+_WRITTEN_AT: dict[str, float] = {}  # db path -> when this process last committed a write to it
 
 
 @contextlib.contextmanager
@@ -1017,6 +1018,7 @@ def write_txn(db: Db) -> Iterator[sqlite3.Cursor]:
         yield cur
         cur.execute("COMMIT")
         _RECENT_HEADS.pop(db.path, None)  # a reader of recent_head (below) sees this write at once
+        _WRITTEN_AT[db.path] = time.monotonic()
     except BaseException as err:
         if db.conn.in_transaction:  # SQLite rolls back by itself after some SQLITE_FULL errors
             cur.execute("ROLLBACK")
@@ -10590,41 +10592,70 @@ def cached(handler: Callable[[Request], Response]) -> Callable[[Request], Respon
     Every browser tab polls every fragment every 5 s; a dashboard of 200 sessions and 5,000
     tasks costs ~12 ms of CPU to build, and the projections change only when an event lands.
     When one does (a fleet with hooks writes several a second), exactly one thread rebuilds the
-    page; the others answer the previous page meanwhile, if it was built less than
-    PAGE_MAX_STALE_S ago, else they wait for the rebuild. So a change is on every answer
-    started PAGE_MAX_STALE_S (+ HEAD_MAX_AGE_S) after it, and a busy log costs one build at a time.
+    page: in the background when another process wrote (a hook, a peer's sync), so no request
+    waits for it; in the request when this process wrote since the page was built (its own
+    client must see its write). The others answer the previous page meanwhile, if it was built
+    less than PAGE_MAX_STALE_S ago, else they wait for the rebuild. So a change is on every
+    answer started PAGE_MAX_STALE_S (+ HEAD_MAX_AGE_S) after it, and a busy log costs one build at a time.
     """
     def answer(req: Request) -> Response:
+        import threading
+
         query = req.query
         key = (req.config.db_path, req.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(query.items()))
                if query else req.path)
-        head, now = recent_head(req.db), time.monotonic()
-        hit = _PAGE_CACHE.get(key)
-        if hit is not None and hit[0] == head and now - hit[1] < PAGE_CACHE_TTL_S:
+        while True:
+            head, now = recent_head(req.db), time.monotonic()
+            hit = _PAGE_CACHE.get(key)
+            if hit is not None and hit[0] == head and now - hit[1] < PAGE_CACHE_TTL_S:
+                return hit[2]
+            # Only older by the clock, or young enough: the previous page may answer while it is rebuilt.
+            is_usable = hit is not None and (hit[0] == head or now - hit[1] < PAGE_MAX_STALE_S)
+            mine = threading.Event()
+            building = _PAGE_BUILDERS.setdefault(key, mine)
+            if building is mine:
+                break
+            if hit is not None and is_usable:
+                return hit[2]  # another thread rebuilds it now: no stampede, bounded staleness
+            if not building.wait(PAGE_BUILD_WAIT_S):
+                return handler(req)  # the rebuild is stuck: build this one alone, uncached
+        if hit is not None and is_usable and hit[1] > _WRITTEN_AT.get(req.db.path, 0.0):
+            threading.Thread(target=_rebuild_page, args=(key, handler, req, mine), daemon=True,
+                             name="clare-page").start()
             return hit[2]
-        import threading
-
-        mine = threading.Event()
-        building = _PAGE_BUILDERS.setdefault(key, mine)
-        if building is not mine:  # another thread rebuilds it now
-            if hit is not None and (hit[0] == head or now - hit[1] < PAGE_MAX_STALE_S):
-                return hit[2]  # only older by the clock, or young enough: no stampede, bounded staleness
-            if building.wait(PAGE_BUILD_WAIT_S):
-                fresh = _PAGE_CACHE.get(key)
-                if fresh is not None and now - fresh[1] < PAGE_MAX_STALE_S:
-                    return fresh[2]
-            return handler(req)  # the rebuild failed or is stuck: build this one alone, uncached
-        try:
-            resp = handler(req)
-            if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
-                _PAGE_CACHE.clear()
-            _PAGE_CACHE[key] = (head, now, resp)
-        finally:
-            del _PAGE_BUILDERS[key]
-            mine.set()
-        return resp
+        return _build_page(key, handler, req, mine, head=head, now=now)
     answer.__name__, answer.__doc__ = handler.__name__, handler.__doc__
     return answer
+
+
+def _build_page(key: tuple[str, str], handler: Callable[[Request], Response], req: Request, mine: Any, *,
+                head: int, now: float) -> Response:
+    """Build a page and keep it; then let the requests waiting for it go (mine: the claim's threading.Event)."""
+    try:
+        resp = handler(req)
+        if len(_PAGE_CACHE) >= MAX_CACHED_PAGES:
+            _PAGE_CACHE.clear()
+        _PAGE_CACHE[key] = (head, now, resp)
+    finally:
+        del _PAGE_BUILDERS[key]
+        mine.set()
+    return resp
+
+
+def _rebuild_page(key: tuple[str, str], handler: Callable[[Request], Response], req: Request, mine: Any) -> None:
+    """Build a page in a thread of its own, on a connection of its own (the request's goes back to the pool)."""
+    try:
+        db = open_db(req.config.db_path)
+    except BaseException:
+        del _PAGE_BUILDERS[key]
+        mine.set()
+        raise
+    try:
+        head, now = head_rseq(db.conn), time.monotonic()
+        with contextlib.suppress(ClareError):  # a page that now refuses (a task gone) is answered by its next request
+            _build_page(key, handler, record_replace(req, db=db), mine, head=head, now=now)
+    finally:
+        db.close()
 
 
 # Text formatters, shared by the dashboard and the CLI.
