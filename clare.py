@@ -7166,6 +7166,7 @@ def _clear(db: Db, session: Session) -> tuple[str | None, str]:
 ORDER_HANDLERS: dict[str, Callable[[Db, Order, dict[str, Any]], tuple[str, str, dict[str, Any]]]] = {
     "start": _launch, "resume": _launch, "stop": _stop, "dispatch": _type_task}
 DISPATCH_RETRY_MS = 60_000  # a session or task whose dispatch failed is left alone this long (no retry storm)
+NO_DIR_DISPATCH = "it cannot start sessions until the project says where its code lives"  # said by CLI and page
 _DISPATCH_SAID: dict[tuple[str, str], str] = {}  # (database, project id) -> the last warning given: said once
 
 
@@ -11138,7 +11139,7 @@ def dispatch_card(req: Request, project: Project) -> Html:
         state = (f"On: as a session of {project.name} finishes its task and waits, {project.dispatcher} types the "
                  f"next ready task into it, and starts sessions while fewer than {project.max_sessions} run.")
         if not project.dirs:
-            state += f" But {_NO_DIR_DISPATCH}: clare project set {project.name} --dir /PATH"
+            state += f" But {NO_DIR_DISPATCH}: clare project set {project.name} --dir /PATH"
     else:
         state = "Off: sessions that finish a task wait for you."
     note = ("Only the dispatcher host dispatches (its clare serve does, every pull). Name another host while that "
@@ -13237,10 +13238,7 @@ def dispatch_line(p: Project) -> str:
         return f"dispatch: off (turn it on with: clare project set {p.name} --dispatch on)"
     return (f"dispatch: on, up to {p.max_sessions} session{'s' if p.max_sessions != 1 else ''}, "
             f"decided by {p.dispatcher}"
-            + ("" if p.dirs else f"; {_NO_DIR_DISPATCH}: clare project set {p.name} --dir /PATH"))
-
-
-_NO_DIR_DISPATCH = "it cannot start sessions until the project says where its code lives"
+            + ("" if p.dirs else f"; {NO_DIR_DISPATCH}: clare project set {p.name} --dir /PATH"))
 
 
 def cmd_task_add(args: argparse.Namespace, ctx: Context) -> None:
