@@ -2439,51 +2439,41 @@ def _is_tag(v: Any) -> bool:
     return isinstance(v, str) and TAG_RE.match(v) is not None
 
 
-def _is_tag_list(v: Any) -> bool:
-    return isinstance(v, list) and len(v) <= MAX_TAGS and all(map(_is_tag, v))
+def _is_set_of(is_member: Callable[[Any], bool], limit: int) -> Callable[[Any], bool]:
+    """A checker of a set field as an event carries it: a list of members when made, at most `limit`."""
+    return lambda v: isinstance(v, list) and len(v) <= limit and all(map(is_member, v))
 
 
-def _is_tag_changes(v: Any) -> bool:
-    return isinstance(v, dict) and len(v) <= 2 * MAX_TAGS and all(
-        _is_tag(k) and isinstance(x, bool) for k, x in v.items())
+def _is_set_changes_of(is_member: Callable[[Any], bool], limit: int) -> Callable[[Any], bool]:
+    """A checker of a set field's changes: member -> true (added) or false (removed), at most 2 * `limit`."""
+    return lambda v: isinstance(v, dict) and len(v) <= 2 * limit and all(
+        is_member(k) and isinstance(x, bool) for k, x in v.items())
 
 
-def _set_tags(cur: sqlite3.Cursor, task_id: str, changes: dict[str, bool], ev: Event) -> None:
-    for tag, is_present in changes.items():
-        _lww(cur, "task_tags", f"{task_id} {tag}", {"task_id": task_id, "tag": tag, "present": int(is_present)}, ev)
-
-
-def _is_after_list(v: Any) -> bool:
-    return isinstance(v, list) and len(v) <= MAX_AFTER and all(map(_is_id, v))
-
-
-def _is_after_changes(v: Any) -> bool:
-    return isinstance(v, dict) and len(v) <= 2 * MAX_AFTER and all(
-        _is_id(k) and isinstance(x, bool) for k, x in v.items())
-
-
-def _set_after(cur: sqlite3.Cursor, task_id: str, changes: dict[str, bool], ev: Event) -> None:
-    for after_id, is_present in changes.items():
-        _lww(cur, "task_after", f"{task_id} {after_id}",
-             {"task_id": task_id, "after_id": after_id, "present": int(is_present)}, ev)
+def _set_members(cur: sqlite3.Cursor, table: str, column: str, task_id: str, changes: dict[str, bool],
+                 ev: Event) -> None:
+    """Apply a set field's changes to a task: one last-writer-wins row per member (tags, waits)."""
+    for member, is_present in changes.items():
+        _lww(cur, table, f"{task_id} {member}", {"task_id": task_id, column: member, "present": int(is_present)}, ev)
 
 
 @applies("task.created", {"task_id": _is_id, "project_id": _is_id, "title": _is_str, "description": _is_str,
-                          "priority": _is_priority, "status": _is_one_of(TASK_STATUSES), "tags?": _is_tag_list,
-                          "after?": _is_after_list})
+                          "priority": _is_priority, "status": _is_one_of(TASK_STATUSES),
+                          "tags?": _is_set_of(_is_tag, MAX_TAGS), "after?": _is_set_of(_is_id, MAX_AFTER)})
 def apply_task_created(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid); the create sets every field, adds its tags and its waits."""
     p = ev.payload  # {task_id, project_id, title, description, priority, status, tags?, after?: [task_id]}
     _lww(cur, "tasks", p["task_id"], {
         "created_at": ev.created_at,
         **_pick(p, ("project_id", "title", "description", "priority", "status"))}, ev)
-    _set_tags(cur, p["task_id"], dict.fromkeys(p.get("tags", ()), True), ev)
-    _set_after(cur, p["task_id"], dict.fromkeys(p.get("after", ()), True), ev)
+    _set_members(cur, "task_tags", "tag", p["task_id"], dict.fromkeys(p.get("tags", ()), True), ev)
+    _set_members(cur, "task_after", "after_id", p["task_id"], dict.fromkeys(p.get("after", ()), True), ev)
 
 
 @applies("task.updated", {"task_id": _is_id, "title?": _is_str, "description?": _is_str,
                           "priority?": _is_priority, "status?": _is_one_of(TASK_STATUSES),
-                          "tags?": _is_tag_changes, "after?": _is_after_changes, "undoes?": _is_id})
+                          "tags?": _is_set_changes_of(_is_tag, MAX_TAGS),
+                          "after?": _is_set_changes_of(_is_id, MAX_AFTER), "undoes?": _is_id})
 def apply_task_updated(cur: sqlite3.Cursor, ev: Event) -> None:
     """Per-field last writer wins, by (hlc, uuid): a title edit and a status change both survive.
 
@@ -2495,8 +2485,8 @@ def apply_task_updated(cur: sqlite3.Cursor, ev: Event) -> None:
     fields = _pick(p, ("title", "description", "priority", "status"))
     if fields:
         _lww(cur, "tasks", p["task_id"], fields, ev)
-    _set_tags(cur, p["task_id"], p.get("tags", {}), ev)
-    _set_after(cur, p["task_id"], p.get("after", {}), ev)
+    _set_members(cur, "task_tags", "tag", p["task_id"], p.get("tags", {}), ev)
+    _set_members(cur, "task_after", "after_id", p["task_id"], p.get("after", {}), ev)
 
 
 @applies("task.removed", {"task_id": _is_id, "undoes?": _is_id})
